@@ -1,0 +1,86 @@
+//! `modelmeter`: analytic metrics of the DeepSeek-V2 decoder layers.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use modelmeter::cli::WorkloadArgs;
+use modelmeter::report::analyze;
+use modelmeter::Dtype;
+
+#[derive(Parser)]
+#[command(
+    name = "modelmeter",
+    version,
+    about = "Exact analytic FLOPs, bytes and memory of the DeepSeek-V2 decoder (DeepSeek-OCR's language model)",
+    after_help = "Examples:
+  modelmeter analyze                                  # DeepSeek-OCR, dsocr-standard-v1 prefill (B=1, S=512, bf16)
+  modelmeter analyze --phase decode --context-len 1024
+  modelmeter analyze --config config.json --batch 4 --seq-len 2048 --json
+  modelmeter analyze --new-tokens 512                 # prefill + 512 greedy decode steps"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the metrics of every decoder layer and of the whole stack for one workload
+    Analyze(AnalyzeArgs),
+}
+
+#[derive(clap::Args)]
+struct AnalyzeArgs {
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// Also report a whole generation: the prefill plus N decode steps
+    #[arg(long, value_name = "N")]
+    new_tokens: Option<u64>,
+    /// Print one modelmeter.analyze/1 JSON object instead of tables
+    #[arg(long)]
+    json: bool,
+    /// Levels of each layer's breakdown in the tables (0: summary only)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    depth: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Analyze(args) = cli.command;
+    match run(&args) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("modelmeter: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
+    let config = args.workload.model_config()?;
+    let workload = args.workload.workload(Dtype::Bf16)?;
+    if args.new_tokens.is_some() && args.workload.phase != "prefill" {
+        return Err(modelmeter::Error::invalid(
+            "--new-tokens",
+            args.new_tokens.unwrap_or_default(),
+            "no value with --phase decode (a generation starts with a prefill)",
+        ));
+    }
+    let report = analyze(
+        &config,
+        &workload,
+        args.workload.attention()?,
+        args.new_tokens,
+    )?;
+    Ok(if args.json {
+        let mut text =
+            serde_json::to_string_pretty(&report.to_json()).expect("JSON values serialize");
+        text.push('\n');
+        text
+    } else {
+        report.to_text(args.depth)
+    })
+}

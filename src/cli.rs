@@ -1,0 +1,146 @@
+//! Command-line options shared by `modelmeter analyze` and `verify-decoder`: which
+//! model config, which workload, which attention implementation.
+
+use std::path::PathBuf;
+
+use crate::config::ModelConfig;
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::layers::AttentionImpl;
+use crate::workload::{Phase, Workload, DSOCR_STANDARD_V1};
+
+/// Model and workload options (clap `Args`, flattened into each binary's options).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct WorkloadArgs {
+    /// Hugging Face config.json of a DeepSeek-V2-family model [default: built-in
+    /// DeepSeek-OCR language model, deepseek-ocr-v1-base]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Sequences per call [default: 1, from dsocr-standard-v1]
+    #[arg(long, value_name = "B")]
+    pub batch: Option<u64>,
+    /// Prompt tokens of a prefill [default: 512, from dsocr-standard-v1]
+    #[arg(long, value_name = "S")]
+    pub seq_len: Option<u64>,
+    /// prefill (S_q = S_kv = seq-len) or decode (one token after context-len cached ones)
+    #[arg(long, value_name = "PHASE", default_value = "prefill", value_parser = ["prefill", "decode"])]
+    pub phase: String,
+    /// Cached tokens before the decode step; the step attends over context-len + 1 keys
+    /// [default: 512]
+    #[arg(long, value_name = "C")]
+    pub context_len: Option<u64>,
+    /// Model dtype: bf16, fp16 or fp32
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+    /// Let fp32 GEMMs use TF32 tensor cores (PyTorch's default is off)
+    #[arg(long)]
+    pub allow_tf32: bool,
+    /// Attention core: sdpa (fused, LlamaFlashAttention2) or eager (LlamaAttention)
+    #[arg(long, value_name = "IMPL", default_value = "sdpa", value_parser = ["sdpa", "eager"])]
+    pub attn: String,
+}
+
+impl WorkloadArgs {
+    /// The model config these options name.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        match &self.config {
+            Some(path) => ModelConfig::from_file(path),
+            None => Ok(ModelConfig::deepseek_ocr()),
+        }
+    }
+
+    /// The workload these options describe; `default_dtype` when `--dtype` is absent.
+    pub fn workload(&self, default_dtype: Dtype) -> Result<Workload> {
+        let batch = self.batch.unwrap_or(DSOCR_STANDARD_V1.batch);
+        let phase = match self.phase.as_str() {
+            "decode" => {
+                if self.seq_len.is_some() {
+                    return Err(Error::invalid(
+                        "--seq-len",
+                        self.seq_len.unwrap_or_default(),
+                        "no value with --phase decode (use --context-len for the cached tokens)",
+                    ));
+                }
+                Phase::Decode {
+                    context_len: self.context_len.unwrap_or(DSOCR_STANDARD_V1.prefill_len),
+                }
+            }
+            _ => {
+                if let Some(c) = self.context_len {
+                    return Err(Error::invalid(
+                        "--context-len",
+                        c,
+                        "no value with --phase prefill (add --phase decode, or use --seq-len)",
+                    ));
+                }
+                Phase::Prefill {
+                    seq_len: self.seq_len.unwrap_or(DSOCR_STANDARD_V1.prefill_len),
+                }
+            }
+        };
+        let dtype = match &self.dtype {
+            Some(text) => Dtype::parse_model("--dtype", text)?,
+            None => default_dtype,
+        };
+        Ok(Workload::new(batch, phase, dtype)?.with_tf32(self.allow_tf32))
+    }
+
+    /// The attention implementation.
+    pub fn attention(&self) -> Result<AttentionImpl> {
+        AttentionImpl::parse(&self.attn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_standard_profile_prefill() {
+        let w = WorkloadArgs {
+            phase: "prefill".into(),
+            attn: "sdpa".into(),
+            ..WorkloadArgs::default()
+        }
+        .workload(Dtype::Bf16)
+        .unwrap();
+        assert_eq!(w, Workload::prefill(1, 512).unwrap());
+    }
+
+    #[test]
+    fn phase_specific_flags_are_checked() {
+        let args = WorkloadArgs {
+            phase: "decode".into(),
+            seq_len: Some(4),
+            ..WorkloadArgs::default()
+        };
+        assert!(args
+            .workload(Dtype::Bf16)
+            .unwrap_err()
+            .to_string()
+            .contains("--context-len"));
+        let args = WorkloadArgs {
+            phase: "prefill".into(),
+            context_len: Some(4),
+            ..WorkloadArgs::default()
+        };
+        assert!(args
+            .workload(Dtype::Bf16)
+            .unwrap_err()
+            .to_string()
+            .contains("--phase decode"));
+        let args = WorkloadArgs {
+            phase: "decode".into(),
+            context_len: Some(9),
+            dtype: Some("fp32".into()),
+            ..WorkloadArgs::default()
+        };
+        assert_eq!(
+            args.workload(Dtype::Bf16).unwrap(),
+            Workload::decode(1, 9)
+                .unwrap()
+                .with_dtype(Dtype::F32)
+                .unwrap()
+        );
+    }
+}

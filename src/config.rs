@@ -1,0 +1,753 @@
+//! Model configuration: a Hugging Face `config.json` of the DeepSeek-V2 family,
+//! parsed and validated.
+//!
+//! Real checkpoints spell some keys differently; all of these are accepted:
+//! - `n_routed_experts` or `num_experts`;
+//! - `head_dim` explicit, or `hidden_size / num_attention_heads`;
+//! - `first_k_dense_replace` + `moe_layer_freq`, or `mlp_layer_types` (`dense`/`sparse`);
+//! - `num_key_value_heads` absent means equal to `num_attention_heads`;
+//! - the language-model config nested under `language_config` or `text_config`
+//!   (DeepSeek-OCR's checkpoint nests it);
+//! - `rope_theta`, or `rope_parameters.rope_theta` (transformers 5);
+//! - `torch_dtype` or `dtype`.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::path::Path;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// The DeepSeek-OCR checkpoint's `config.json` (HF `deepseek-ai/DeepSeek-OCR`).
+pub const DEEPSEEK_OCR_CONFIG_JSON: &str = include_str!("../fixtures/deepseek-ocr/config.json");
+/// The name of the built-in default configuration.
+pub const DEEPSEEK_OCR_NAME: &str = "deepseek-ocr-v1-base";
+
+/// Which feed-forward block a decoder layer has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MlpKind {
+    /// `DeepseekV2MLP` of width `intermediate_size`.
+    Dense,
+    /// `DeepseekV2MoE`.
+    Moe,
+}
+
+/// Mixture-of-experts settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MoeConfig {
+    /// E: routed experts.
+    pub n_routed_experts: u64,
+    /// k: experts each token is routed to.
+    pub num_experts_per_tok: u64,
+    /// m: width of each expert MLP.
+    pub moe_intermediate_size: u64,
+    /// Shared experts, run as one MLP of width `m · n_shared_experts` (0: none).
+    pub n_shared_experts: u64,
+    /// Renormalise the top-k weights (only when k > 1).
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f64,
+}
+
+/// A validated DeepSeek-V2-family language-model configuration (multi-head attention).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelConfig {
+    /// Where the config came from (`deepseek-ocr-v1-base` or a file path).
+    pub name: String,
+    /// h
+    pub hidden_size: u64,
+    /// i: width of the dense MLP.
+    pub intermediate_size: u64,
+    /// `None` when the model has no routed experts.
+    pub moe: Option<MoeConfig>,
+    /// H
+    pub num_attention_heads: u64,
+    /// H_kv
+    pub num_key_value_heads: u64,
+    /// d
+    pub head_dim: u64,
+    pub num_hidden_layers: u64,
+    /// The feed-forward kind of each layer, by index.
+    pub layer_kinds: Vec<MlpKind>,
+    /// V
+    pub vocab_size: u64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: Option<u64>,
+    /// q/k/v/o projections carry biases.
+    pub attention_bias: bool,
+    /// lm_head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// The checkpoint's dtype (`torch_dtype`).
+    pub dtype: Dtype,
+}
+
+impl ModelConfig {
+    /// The built-in DeepSeek-OCR language-model configuration (`deepseek-ocr-v1-base`).
+    pub fn deepseek_ocr() -> ModelConfig {
+        ModelConfig::from_json_str(DEEPSEEK_OCR_NAME, DEEPSEEK_OCR_CONFIG_JSON)
+            .expect("the built-in DeepSeek-OCR config is valid (checked by tests)")
+    }
+
+    /// Reads and validates a `config.json` file.
+    pub fn from_file(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        ModelConfig::from_json_str(&path.display().to_string(), &text)
+    }
+
+    /// Parses and validates `config.json` text; `name` says where it came from.
+    pub fn from_json_str(name: &str, text: &str) -> Result<ModelConfig> {
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::Parse {
+            source_name: name.to_string(),
+            message: e.to_string(),
+        })?;
+        ModelConfig::from_json_value(name, &value)
+    }
+
+    /// Validates an already parsed `config.json`.
+    pub fn from_json_value(name: &str, value: &Value) -> Result<ModelConfig> {
+        let root = value.as_object().ok_or_else(|| Error::Parse {
+            source_name: name.to_string(),
+            message: "the top level is not a JSON object".to_string(),
+        })?;
+        let nested = ["language_config", "text_config"]
+            .iter()
+            .find_map(|k| root.get(*k).and_then(Value::as_object));
+        let cfg = Fields {
+            obj: nested.unwrap_or(root),
+        };
+
+        check_attention_kind(&cfg)?;
+        let hidden_act = cfg.string("hidden_act")?.unwrap_or_else(|| "silu".into());
+        if hidden_act != "silu" {
+            return Err(unsupported(
+                "hidden_act",
+                &hidden_act,
+                "only silu (the DeepSeek-V2 activation) is modelled",
+            ));
+        }
+
+        let hidden_size = cfg.required_size("hidden_size")?;
+        let num_hidden_layers = cfg.required_size("num_hidden_layers")?;
+        let intermediate_size = cfg.required_size("intermediate_size")?;
+        let vocab_size = cfg.required_size("vocab_size")?;
+        let (num_attention_heads, num_key_value_heads, head_dim) =
+            attention_shape(&cfg, hidden_size)?;
+        let moe = moe_config(&cfg)?;
+        let layer_kinds = layer_kinds(&cfg, num_hidden_layers, moe.is_some())?;
+        let rope_theta = rope_theta(&cfg)?;
+        let rms_norm_eps = cfg.positive_float("rms_norm_eps")?.unwrap_or(1e-6);
+        let dtype_text = ["torch_dtype", "dtype"].iter().find_map(|k| {
+            cfg.obj
+                .get(*k)
+                .or_else(|| root.get(*k))
+                .and_then(Value::as_str)
+                .map(|s| (*k, s))
+        });
+        let dtype = match dtype_text {
+            Some((field, text)) => Dtype::parse_model(field, text)?,
+            None => Dtype::Bf16,
+        };
+        Ok(ModelConfig {
+            name: name.to_string(),
+            hidden_size,
+            intermediate_size,
+            moe,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            num_hidden_layers,
+            layer_kinds,
+            vocab_size,
+            rms_norm_eps,
+            rope_theta,
+            max_position_embeddings: cfg.size("max_position_embeddings")?,
+            attention_bias: cfg.boolean("attention_bias")?.unwrap_or(false),
+            tie_word_embeddings: cfg.boolean("tie_word_embeddings")?.unwrap_or(false),
+            dtype,
+        })
+    }
+
+    /// The feed-forward kind of layer `index`.
+    pub fn layer_kind(&self, index: u64) -> Result<MlpKind> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.layer_kinds.get(i).copied())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "layer index",
+                    index,
+                    &format!(
+                        "0 ..= {} (num_hidden_layers - 1)",
+                        self.num_hidden_layers - 1
+                    ),
+                )
+            })
+    }
+
+    /// The first layer index with feed-forward kind `kind`, if any.
+    pub fn first_layer_of(&self, kind: MlpKind) -> Option<u64> {
+        self.layer_kinds
+            .iter()
+            .position(|k| *k == kind)
+            .map(|i| i as u64)
+    }
+
+    /// The MoE settings, or an error saying this config has no routed experts.
+    pub fn moe(&self) -> Result<&MoeConfig> {
+        self.moe.as_ref().ok_or_else(|| Error::Missing {
+            field: "n_routed_experts".into(),
+            expected: "an MoE layer needs routed experts (n_routed_experts or num_experts ≥ 1)"
+                .into(),
+        })
+    }
+
+    /// Copy with the checkpoint's dense and MoE sizes intact but a new name.
+    pub fn named(mut self, name: &str) -> ModelConfig {
+        self.name = name.to_string();
+        self
+    }
+}
+
+fn unsupported(field: &str, value: &str, reason: &str) -> Error {
+    Error::Unsupported {
+        field: field.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Typed access to the fields of one JSON object, with errors that name the field.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    /// A non-negative integer; `min` is the smallest valid value.
+    fn integer(&self, key: &str, min: u64) -> Result<Option<u64>> {
+        let Some(v) = self.present(key) else {
+            return Ok(None);
+        };
+        let expected = format!("an integer ≥ {min}");
+        match v.as_u64() {
+            Some(n) if n >= min => Ok(Some(n)),
+            _ => Err(Error::invalid(key, v, &expected)),
+        }
+    }
+
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        self.integer(key, 1)
+    }
+
+    fn count(&self, key: &str) -> Result<Option<u64>> {
+        self.integer(key, 0)
+    }
+
+    fn required_size(&self, key: &str) -> Result<u64> {
+        self.size(key)?.ok_or_else(|| Error::Missing {
+            field: key.into(),
+            expected: "an integer ≥ 1".into(),
+        })
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(Error::invalid(key, v, "true or false")),
+        }
+    }
+
+    fn positive_float(&self, key: &str) -> Result<Option<f64>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                _ => Err(Error::invalid(key, v, "a finite number > 0")),
+            },
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(Error::invalid(key, v, "a string")),
+        }
+    }
+}
+
+/// `use_mla: true` (or an MLA checkpoint without the key) is not modelled.
+fn check_attention_kind(cfg: &Fields) -> Result<()> {
+    const REASON: &str =
+        "Multi-head Latent Attention (MLA) is not modelled yet; modelmeter models the \
+         multi-head attention that DeepSeek-OCR uses (use_mla: false)";
+    match cfg.boolean("use_mla")? {
+        Some(true) => Err(unsupported("use_mla", "true", REASON)),
+        Some(false) => Ok(()),
+        None => match cfg.present("kv_lora_rank") {
+            Some(rank) => Err(unsupported("kv_lora_rank", &rank.to_string(), REASON)),
+            None => Ok(()),
+        },
+    }
+}
+
+fn attention_shape(cfg: &Fields, hidden_size: u64) -> Result<(u64, u64, u64)> {
+    let heads = cfg.required_size("num_attention_heads")?;
+    let kv_heads = cfg.size("num_key_value_heads")?.unwrap_or(heads);
+    if heads % kv_heads != 0 {
+        let divisors: Vec<String> = (1..=heads)
+            .filter(|d| heads % d == 0)
+            .map(|d| d.to_string())
+            .collect();
+        return Err(Error::invalid(
+            "num_key_value_heads",
+            kv_heads,
+            &format!(
+                "a divisor of num_attention_heads ({heads}): {}",
+                divisors.join(", ")
+            ),
+        ));
+    }
+    let head_dim = match cfg.size("head_dim")? {
+        Some(d) => d,
+        None if hidden_size % heads == 0 => hidden_size / heads,
+        None => {
+            return Err(Error::invalid(
+                "hidden_size",
+                hidden_size,
+                &format!("a multiple of num_attention_heads ({heads}) when head_dim is not given"),
+            ))
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(Error::invalid(
+            "head_dim",
+            head_dim,
+            "an even number (rotary embedding rotates pairs of dimensions)",
+        ));
+    }
+    Ok((heads, kv_heads, head_dim))
+}
+
+fn moe_config(cfg: &Fields) -> Result<Option<MoeConfig>> {
+    let routed = cfg.count("n_routed_experts")?;
+    let alias = cfg.count("num_experts")?;
+    let experts = match (routed, alias) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(Error::invalid(
+                "num_experts",
+                b,
+                &format!("the same value as n_routed_experts ({a}) when both are given"),
+            ))
+        }
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => 0,
+    };
+    if experts == 0 {
+        return Ok(None);
+    }
+    let k = cfg.required_size("num_experts_per_tok")?;
+    if k > experts {
+        return Err(Error::invalid(
+            "num_experts_per_tok",
+            k,
+            &format!("1 ..= n_routed_experts ({experts})"),
+        ));
+    }
+    let method = cfg
+        .string("topk_method")?
+        .unwrap_or_else(|| "greedy".into());
+    if method != "greedy" {
+        return Err(unsupported(
+            "topk_method",
+            &method,
+            "only greedy top-k routing (DeepSeek-OCR's) is modelled",
+        ));
+    }
+    let scoring = cfg
+        .string("scoring_func")?
+        .unwrap_or_else(|| "softmax".into());
+    if scoring != "softmax" {
+        return Err(unsupported(
+            "scoring_func",
+            &scoring,
+            "only softmax gate scores (DeepSeek-V2's) are modelled",
+        ));
+    }
+    Ok(Some(MoeConfig {
+        n_routed_experts: experts,
+        num_experts_per_tok: k,
+        moe_intermediate_size: cfg.required_size("moe_intermediate_size")?,
+        n_shared_experts: cfg.count("n_shared_experts")?.unwrap_or(0),
+        norm_topk_prob: cfg.boolean("norm_topk_prob")?.unwrap_or(false),
+        routed_scaling_factor: cfg.positive_float("routed_scaling_factor")?.unwrap_or(1.0),
+    }))
+}
+
+fn layer_kinds(cfg: &Fields, layers: u64, has_moe: bool) -> Result<Vec<MlpKind>> {
+    if let Some(types) = cfg.present("mlp_layer_types") {
+        let list = types.as_array().ok_or_else(|| {
+            Error::invalid(
+                "mlp_layer_types",
+                types,
+                "a list of \"dense\" or \"sparse\"",
+            )
+        })?;
+        if list.len() as u64 != layers {
+            return Err(Error::invalid(
+                "mlp_layer_types",
+                format!("a list of {} entries", list.len()),
+                &format!("one entry per layer (num_hidden_layers = {layers})"),
+            ));
+        }
+        return list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v.as_str() {
+                Some("dense") => Ok(MlpKind::Dense),
+                Some("sparse") if has_moe => Ok(MlpKind::Moe),
+                Some("sparse") => Err(Error::invalid(
+                    &format!("mlp_layer_types[{i}]"),
+                    v,
+                    "\"dense\" (this config has no routed experts)",
+                )),
+                _ => Err(Error::invalid(
+                    &format!("mlp_layer_types[{i}]"),
+                    v,
+                    "\"dense\" or \"sparse\"",
+                )),
+            })
+            .collect();
+    }
+    let first_dense = cfg.count("first_k_dense_replace")?.unwrap_or(0);
+    let freq = cfg.size("moe_layer_freq")?.unwrap_or(1);
+    Ok((0..layers)
+        .map(|i| {
+            if has_moe && i >= first_dense && i % freq == 0 {
+                MlpKind::Moe
+            } else {
+                MlpKind::Dense
+            }
+        })
+        .collect())
+}
+
+fn rope_theta(cfg: &Fields) -> Result<f64> {
+    if let Some(scaling) = cfg.present("rope_scaling") {
+        return Err(unsupported(
+            "rope_scaling",
+            &scaling.to_string(),
+            "scaled RoPE (linear, dynamic, yarn) is not modelled; only plain rotary embedding",
+        ));
+    }
+    if let Some(params) = cfg.present("rope_parameters") {
+        let p = params
+            .as_object()
+            .ok_or_else(|| Error::invalid("rope_parameters", params, "an object"))?;
+        let nested = Fields { obj: p };
+        if let Some(kind) = nested.string("rope_type")? {
+            if kind != "default" {
+                return Err(unsupported(
+                    "rope_parameters.rope_type",
+                    &kind,
+                    "only the default rotary embedding is modelled",
+                ));
+            }
+        }
+        if let Some(theta) = nested.positive_float("rope_theta")? {
+            return Ok(theta);
+        }
+    }
+    Ok(cfg.positive_float("rope_theta")?.unwrap_or(10_000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({
+            "hidden_size": 1280,
+            "intermediate_size": 6848,
+            "moe_intermediate_size": 896,
+            "n_routed_experts": 64,
+            "n_shared_experts": 2,
+            "num_experts_per_tok": 6,
+            "num_attention_heads": 10,
+            "num_key_value_heads": 10,
+            "num_hidden_layers": 12,
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": 1,
+            "vocab_size": 129280,
+            "use_mla": false,
+            "topk_method": "greedy",
+            "torch_dtype": "bfloat16"
+        })
+    }
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json_value("test", &v)
+    }
+
+    fn with(key: &str, value: Value) -> Value {
+        let mut v = base();
+        v[key] = value;
+        v
+    }
+
+    fn without(key: &str) -> Value {
+        let mut v = base();
+        v.as_object_mut().unwrap().remove(key);
+        v
+    }
+
+    fn err(v: Value) -> String {
+        parse(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn builtin_deepseek_ocr_matches_the_facts() {
+        let c = ModelConfig::deepseek_ocr();
+        assert_eq!(c.name, "deepseek-ocr-v1-base");
+        assert_eq!((c.hidden_size, c.intermediate_size), (1280, 6848));
+        let moe = c.moe.as_ref().unwrap();
+        assert_eq!(
+            (
+                moe.n_routed_experts,
+                moe.n_shared_experts,
+                moe.num_experts_per_tok,
+                moe.moe_intermediate_size
+            ),
+            (64, 2, 6, 896)
+        );
+        assert!(!moe.norm_topk_prob);
+        assert_eq!(moe.routed_scaling_factor, 1.0);
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (10, 10, 128)
+        );
+        assert_eq!(c.num_hidden_layers, 12);
+        assert_eq!(c.layer_kinds[0], MlpKind::Dense);
+        assert!(c.layer_kinds[1..].iter().all(|k| *k == MlpKind::Moe));
+        assert_eq!(c.vocab_size, 129280);
+        assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-6, 10000.0));
+        assert_eq!(c.max_position_embeddings, Some(8192));
+        assert_eq!(c.dtype, Dtype::Bf16);
+        assert!(!c.attention_bias && !c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn flat_and_nested_forms_agree() {
+        let flat = parse(base()).unwrap();
+        for key in ["language_config", "text_config"] {
+            let nested = parse(json!({ "model_type": "deepseek_vl_v2", key: base() })).unwrap();
+            assert_eq!(flat, nested, "{key}");
+        }
+    }
+
+    #[test]
+    fn num_experts_spelling() {
+        let mut v = without("n_routed_experts");
+        v["num_experts"] = json!(64);
+        assert_eq!(parse(v).unwrap().moe, parse(base()).unwrap().moe);
+        let mut both = base();
+        both["num_experts"] = json!(32);
+        assert!(err(both).contains("num_experts"));
+        let dense = parse(with("n_routed_experts", Value::Null)).unwrap();
+        assert!(dense.moe.is_none());
+        assert!(dense.layer_kinds.iter().all(|k| *k == MlpKind::Dense));
+    }
+
+    #[test]
+    fn head_dim_explicit_or_derived() {
+        assert_eq!(parse(base()).unwrap().head_dim, 128);
+        let explicit = parse(with("head_dim", json!(64))).unwrap();
+        assert_eq!(explicit.head_dim, 64);
+        let mut odd_hidden = with("hidden_size", json!(1285));
+        assert!(err(odd_hidden.clone()).contains("multiple of num_attention_heads"));
+        odd_hidden["head_dim"] = json!(128);
+        assert_eq!(
+            parse(odd_hidden).unwrap().head_dim,
+            128,
+            "explicit head_dim lifts the rule"
+        );
+        assert!(err(with("head_dim", json!(127))).contains("even"));
+    }
+
+    #[test]
+    fn mlp_layer_types_spelling() {
+        let mut v = without("first_k_dense_replace");
+        v.as_object_mut().unwrap().remove("moe_layer_freq");
+        let mut types = vec![json!("dense")];
+        types.extend(std::iter::repeat(json!("sparse")).take(11));
+        v["mlp_layer_types"] = json!(types);
+        assert_eq!(
+            parse(v.clone()).unwrap().layer_kinds,
+            parse(base()).unwrap().layer_kinds
+        );
+        v["mlp_layer_types"] = json!(["dense", "sparse"]);
+        assert!(err(v.clone()).contains("one entry per layer"));
+        let mut bad: Vec<Value> = vec![json!("dense"); 12];
+        bad[3] = json!("moe");
+        v["mlp_layer_types"] = json!(bad);
+        assert!(err(v).contains("mlp_layer_types[3]"));
+    }
+
+    #[test]
+    fn moe_layer_freq_places_moe_layers() {
+        let mut v = with("moe_layer_freq", json!(2));
+        v["first_k_dense_replace"] = json!(3);
+        let kinds = parse(v).unwrap().layer_kinds;
+        let moe: Vec<usize> = kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == MlpKind::Moe)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(moe, vec![4, 6, 8, 10]);
+        assert!(err(with("moe_layer_freq", json!(0))).contains("moe_layer_freq"));
+    }
+
+    #[test]
+    fn kv_heads_default_to_heads() {
+        assert_eq!(
+            parse(without("num_key_value_heads"))
+                .unwrap()
+                .num_key_value_heads,
+            10
+        );
+        assert_eq!(
+            parse(with("num_key_value_heads", json!(5)))
+                .unwrap()
+                .num_key_value_heads,
+            5
+        );
+    }
+
+    #[test]
+    fn bad_sizes_name_the_field_and_the_range() {
+        for key in [
+            "hidden_size",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+            "num_hidden_layers",
+        ] {
+            for bad in [json!(0), json!(-4), json!(2.5), json!("big")] {
+                let e = err(with(key, bad.clone()));
+                assert!(
+                    e.contains(key) && e.contains("integer ≥ 1"),
+                    "{key}={bad}: {e}"
+                );
+            }
+        }
+        let e = err(without("hidden_size"));
+        assert!(e.contains("hidden_size is missing"), "{e}");
+    }
+
+    #[test]
+    fn hidden_not_divisible_by_heads() {
+        let mut v = with("num_attention_heads", json!(7));
+        v.as_object_mut().unwrap().remove("num_key_value_heads");
+        let e = err(v);
+        assert!(
+            e.contains("hidden_size = 1280") && e.contains("multiple of num_attention_heads (7)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn heads_not_divisible_by_kv_heads() {
+        let e = err(with("num_key_value_heads", json!(3)));
+        assert!(
+            e.contains("num_key_value_heads = 3") && e.contains("1, 2, 5, 10"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn k_larger_than_experts() {
+        let e = err(with("num_experts_per_tok", json!(65)));
+        assert!(
+            e.contains("num_experts_per_tok = 65") && e.contains("1 ..= n_routed_experts (64)"),
+            "{e}"
+        );
+        assert!(err(with("num_experts_per_tok", json!(0))).contains("num_experts_per_tok"));
+    }
+
+    #[test]
+    fn mla_is_refused_plainly() {
+        let e = err(with("use_mla", json!(true)));
+        assert!(
+            e.contains("use_mla = true is not supported") && e.contains("MLA"),
+            "{e}"
+        );
+        let mut v = without("use_mla");
+        v["kv_lora_rank"] = json!(512);
+        assert!(err(v).contains("kv_lora_rank"));
+        // DeepSeek-OCR writes kv_lora_rank: null with use_mla: false.
+        assert!(parse(with("kv_lora_rank", Value::Null)).is_ok());
+    }
+
+    #[test]
+    fn unknown_dtype_is_refused() {
+        let e = err(with("torch_dtype", json!("int4")));
+        assert!(
+            e.contains("torch_dtype = int4") && e.contains("bf16"),
+            "{e}"
+        );
+        let mut v = without("torch_dtype");
+        v["dtype"] = json!("float32");
+        assert_eq!(parse(v).unwrap().dtype, Dtype::F32);
+    }
+
+    #[test]
+    fn unmodelled_variants_are_refused() {
+        assert!(err(with("hidden_act", json!("gelu"))).contains("hidden_act"));
+        assert!(err(with("topk_method", json!("noaux_tc"))).contains("topk_method"));
+        assert!(err(with("scoring_func", json!("sigmoid"))).contains("scoring_func"));
+        assert!(
+            err(with("rope_scaling", json!({"type": "yarn", "factor": 40})))
+                .contains("rope_scaling")
+        );
+        assert!(err(with("rms_norm_eps", json!(-1))).contains("rms_norm_eps"));
+    }
+
+    #[test]
+    fn rope_parameters_spelling() {
+        let v = with(
+            "rope_parameters",
+            json!({"rope_type": "default", "rope_theta": 500000.0}),
+        );
+        assert_eq!(parse(v).unwrap().rope_theta, 500000.0);
+    }
+
+    #[test]
+    fn not_json_or_not_an_object() {
+        assert!(ModelConfig::from_json_str("x.json", "{ nope")
+            .unwrap_err()
+            .to_string()
+            .contains("x.json"));
+        assert!(ModelConfig::from_json_str("x.json", "[1, 2]")
+            .unwrap_err()
+            .to_string()
+            .contains("not a JSON object"));
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = ModelConfig::from_file(Path::new("/no/such/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/no/such/config.json"), "{e}");
+    }
+}

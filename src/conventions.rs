@@ -1,0 +1,1116 @@
+//! The conventions table: how many FLOPs each ATen op costs, on which engine, and
+//! whether it moves data.
+//!
+//! This is the one place where an op's FLOP rule lives. The analytic layers describe
+//! the vendor code as a sequence of ATen op calls and cost each call here; the
+//! measured side (crate `modelmeter-reference`) observes the ops libtorch really
+//! dispatches and costs each of them here too. So wherever analytic model and executed
+//! ops follow the same conventions, they agree to the FLOP.
+//!
+//! The rules, in words (also echoed into every JSON report by [`conventions_json`]):
+//! - FLOPs are 2 per multiply-accumulate. GEMM-like ops use PyTorch
+//!   `FlopCounterMode`'s formulas (torch 2.11 registry); bias adds, which
+//!   FlopCounterMode ignores, are counted as elementwise work (1 per output element).
+//! - Attention cores are the full `S_q × S_kv` rectangle: causal masking is never
+//!   discounted (as FlopCounterMode counts them).
+//! - Fused attention kernels (SDPA flash/efficient/cuDNN/CPU) also do softmax work
+//!   inside the kernel: 6 elementwise FLOPs per score in forward (scale 1 + softmax 5),
+//!   8 in backward (recomputed scale and softmax 6 + softmax gradient 2).
+//! - Elementwise ops and reductions cost `flops_per_element` per element of the
+//!   broadcast shape of their tensor inputs (the output for elementwise ops, the input
+//!   for reductions, softmax and top-k). Ops whose first tensor input is an integer or
+//!   boolean tensor are index bookkeeping and cost 0.
+//! - Copies, casts, gathers, scatters, sorts and allocations cost 0 FLOPs but move
+//!   bytes; views move nothing.
+//! - Engines: GEMMs whose first operand is bf16, fp16 or fp8 run on tensor cores; fp32
+//!   GEMMs run on CUDA cores unless TF32 is allowed (PyTorch's default is off); all
+//!   other dtypes and all elementwise work run on CUDA cores.
+//! - In-place variants (`aten::mul_`) follow the rule of their op (`aten::mul`).
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use crate::checked::{product, sum};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// Shape and element type of a tensor argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorMeta {
+    pub shape: Vec<u64>,
+    pub dtype: Dtype,
+}
+
+impl TensorMeta {
+    /// A tensor of `shape` and `dtype`.
+    pub fn new(shape: &[u64], dtype: Dtype) -> TensorMeta {
+        TensorMeta {
+            shape: shape.to_vec(),
+            dtype,
+        }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> Result<u64> {
+        product("tensor element count", &self.shape)
+    }
+
+    /// Bytes of the tensor's elements.
+    pub fn bytes(&self) -> Result<u64> {
+        let size = self.dtype.size_bytes().ok_or_else(|| {
+            Error::op_shape("tensor", format!("no byte size for dtype {}", self.dtype))
+        })?;
+        product("tensor bytes", &[self.numel()?, size])
+    }
+}
+
+/// One argument of an op call, as the dispatcher boxes it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arg {
+    Tensor(TensorMeta),
+    List(Vec<Arg>),
+    Int(i64),
+    IntList(Vec<i64>),
+    Float(f64),
+    Bool(bool),
+    BoolList(Vec<bool>),
+    Str(String),
+    /// `None`, or an undefined tensor.
+    None,
+    /// Anything else (devices, generators, complex scalars …), by kind.
+    Other(String),
+}
+
+/// The engine that executes FLOPs on an NVIDIA GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    TensorCore,
+    CudaCore,
+}
+
+/// The engine a GEMM with first operand `dtype` runs on.
+pub fn matmul_engine(dtype: Dtype, allow_tf32: bool) -> Engine {
+    match dtype {
+        Dtype::Bf16 | Dtype::F16 | Dtype::F8 => Engine::TensorCore,
+        Dtype::F32 if allow_tf32 => Engine::TensorCore,
+        _ => Engine::CudaCore,
+    }
+}
+
+/// GEMM-like formulas (FlopCounterMode's, plus the CPU SDPA kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gemm {
+    /// `mm(a[m,k], b[k,n])` = 2mkn; `_scaled_mm` too.
+    Mm,
+    /// `addmm(bias, a, b)` = 2mkn, bias add as elementwise.
+    Addmm,
+    /// `bmm(a[b,m,k], b[b,k,n])` = 2bmkn.
+    Bmm,
+    /// `baddbmm(bias, a, b)` = 2bmkn, bias add as elementwise.
+    Baddbmm,
+    /// A forward convolution; the fields give argument positions.
+    Convolution(ConvArgs),
+    /// `convolution_backward`, FlopCounterMode's formula.
+    ConvolutionBackward,
+    /// Fused attention with `[B, H, S, D]` inputs at positions 0, 1, 2 (forward).
+    AttentionForward,
+    /// Fused attention backward with `[B, H, S, D]` q, k, v at positions 1, 2, 3.
+    AttentionBackward,
+    /// The inner flash/efficient kernels: `[B, S, H, D]` q, k, v at 0, 1, 2.
+    AttentionForwardBshd,
+    /// Their backwards: `[B, S, H, D]` q, k, v at 1, 2, 3.
+    AttentionBackwardBshd,
+}
+
+/// Where a forward convolution keeps its arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvArgs {
+    pub bias: Option<usize>,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: Option<usize>,
+    pub transposed: Option<usize>,
+}
+
+/// Argument layout of `aten::convolution` and the ops that share it.
+const CONVOLUTION: ConvArgs = ConvArgs {
+    bias: Some(2),
+    stride: 3,
+    padding: 4,
+    dilation: Some(5),
+    transposed: Some(6),
+};
+
+/// How an op is costed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// GEMM-like work.
+    Matmul(Gemm),
+    /// Elementwise or reduction work, per element of the broadcast of the tensor inputs.
+    Elementwise { flops_per_element: u64 },
+    /// Moves, copies or allocates data: 0 FLOPs.
+    Copy,
+    /// Reinterprets metadata only: 0 FLOPs and 0 bytes.
+    View,
+    /// Decomposes into the ops it dispatches, which are costed one by one.
+    Composite,
+}
+
+/// One row of the conventions table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpConvention {
+    /// The ATen op name as the dispatcher reports it, without overload (`aten::mm`).
+    pub op: &'static str,
+    pub rule: Rule,
+    /// True when torch 2.11's `FlopCounterMode` registry has this op.
+    pub flop_counter_mode: bool,
+}
+
+/// Elementwise FLOPs per score of a fused attention kernel, forward: scale 1 + softmax 5.
+pub const FUSED_ATTENTION_FORWARD_FLOPS_PER_SCORE: u64 = 6;
+/// Elementwise FLOPs per score of a fused attention kernel, backward.
+pub const FUSED_ATTENTION_BACKWARD_FLOPS_PER_SCORE: u64 = 8;
+
+const fn ew(op: &'static str, flops_per_element: u64) -> OpConvention {
+    OpConvention {
+        op,
+        rule: Rule::Elementwise { flops_per_element },
+        flop_counter_mode: false,
+    }
+}
+const fn copy(op: &'static str) -> OpConvention {
+    OpConvention {
+        op,
+        rule: Rule::Copy,
+        flop_counter_mode: false,
+    }
+}
+const fn view(op: &'static str) -> OpConvention {
+    OpConvention {
+        op,
+        rule: Rule::View,
+        flop_counter_mode: false,
+    }
+}
+const fn composite(op: &'static str) -> OpConvention {
+    OpConvention {
+        op,
+        rule: Rule::Composite,
+        flop_counter_mode: false,
+    }
+}
+const fn gemm(op: &'static str, formula: Gemm, flop_counter_mode: bool) -> OpConvention {
+    OpConvention {
+        op,
+        rule: Rule::Matmul(formula),
+        flop_counter_mode,
+    }
+}
+
+/// The table. Ops absent from it are reported by name wherever they are executed.
+pub const OPS: &[OpConvention] = &[
+    // GEMM-like: FlopCounterMode's torch 2.11 registry, plus the CPU SDPA kernel.
+    gemm("aten::mm", Gemm::Mm, true),
+    gemm("aten::addmm", Gemm::Addmm, true),
+    gemm("aten::bmm", Gemm::Bmm, true),
+    gemm("aten::baddbmm", Gemm::Baddbmm, true),
+    gemm("aten::_scaled_mm", Gemm::Mm, true),
+    gemm("aten::convolution", Gemm::Convolution(CONVOLUTION), true),
+    gemm("aten::_convolution", Gemm::Convolution(CONVOLUTION), true),
+    gemm(
+        "aten::convolution_overrideable",
+        Gemm::Convolution(CONVOLUTION),
+        true,
+    ),
+    gemm(
+        "aten::cudnn_convolution",
+        Gemm::Convolution(ConvArgs {
+            bias: None,
+            stride: 3,
+            padding: 2,
+            dilation: Some(4),
+            transposed: None,
+        }),
+        true,
+    ),
+    gemm(
+        "aten::_slow_conv2d_forward",
+        Gemm::Convolution(ConvArgs {
+            bias: Some(3),
+            stride: 4,
+            padding: 5,
+            dilation: None,
+            transposed: None,
+        }),
+        true,
+    ),
+    gemm(
+        "aten::convolution_backward",
+        Gemm::ConvolutionBackward,
+        true,
+    ),
+    gemm(
+        "aten::_scaled_dot_product_flash_attention",
+        Gemm::AttentionForward,
+        true,
+    ),
+    gemm(
+        "aten::_scaled_dot_product_efficient_attention",
+        Gemm::AttentionForward,
+        true,
+    ),
+    gemm(
+        "aten::_scaled_dot_product_cudnn_attention",
+        Gemm::AttentionForward,
+        true,
+    ),
+    gemm(
+        "aten::_scaled_dot_product_flash_attention_backward",
+        Gemm::AttentionBackward,
+        true,
+    ),
+    gemm(
+        "aten::_scaled_dot_product_efficient_attention_backward",
+        Gemm::AttentionBackward,
+        true,
+    ),
+    gemm(
+        "aten::_scaled_dot_product_cudnn_attention_backward",
+        Gemm::AttentionBackward,
+        true,
+    ),
+    gemm(
+        "aten::_flash_attention_forward",
+        Gemm::AttentionForwardBshd,
+        true,
+    ),
+    gemm(
+        "aten::_efficient_attention_forward",
+        Gemm::AttentionForwardBshd,
+        true,
+    ),
+    gemm(
+        "aten::_flash_attention_backward",
+        Gemm::AttentionBackwardBshd,
+        true,
+    ),
+    gemm(
+        "aten::_efficient_attention_backward",
+        Gemm::AttentionBackwardBshd,
+        true,
+    ),
+    gemm(
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        Gemm::AttentionForward,
+        false,
+    ),
+    gemm(
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+        Gemm::AttentionBackward,
+        false,
+    ),
+    // Elementwise arithmetic: FLOPs per output element.
+    ew("aten::add", 1),
+    ew("aten::sub", 1),
+    ew("aten::rsub", 1),
+    ew("aten::mul", 1),
+    ew("aten::div", 1),
+    ew("aten::floor_divide", 1),
+    ew("aten::remainder", 1),
+    ew("aten::neg", 1),
+    ew("aten::reciprocal", 1),
+    ew("aten::abs", 1),
+    ew("aten::pow", 1),
+    ew("aten::square", 1),
+    ew("aten::sqrt", 1),
+    ew("aten::rsqrt", 1),
+    ew("aten::exp", 1),
+    ew("aten::log", 1),
+    ew("aten::cos", 1),
+    ew("aten::sin", 1),
+    ew("aten::tanh", 1),
+    ew("aten::relu", 1),
+    ew("aten::clamp", 1),
+    ew("aten::maximum", 1),
+    ew("aten::minimum", 1),
+    ew("aten::eq", 1),
+    ew("aten::ne", 1),
+    ew("aten::gt", 1),
+    ew("aten::ge", 1),
+    ew("aten::lt", 1),
+    ew("aten::le", 1),
+    ew("aten::addcmul", 2),
+    // silu(x) = x / (1 + exp(-x)): negate, exp, add, divide.
+    ew("aten::silu", 4),
+    // sigmoid(x) = 1 / (1 + exp(-x)): negate, exp, add, divide.
+    ew("aten::sigmoid", 4),
+    // Reductions, softmax and top-k: FLOPs per input element.
+    ew("aten::sum", 1),
+    ew("aten::mean", 1),
+    ew("aten::amax", 1),
+    ew("aten::max", 1),
+    ew("aten::cumsum", 1),
+    // softmax: max, subtract, exp, sum, divide.
+    ew("aten::softmax", 5),
+    ew("aten::_softmax", 5),
+    ew("aten::log_softmax", 5),
+    ew("aten::_log_softmax", 5),
+    // top-k: one comparison per input element.
+    ew("aten::topk", 1),
+    // Data movement: 0 FLOPs.
+    copy("aten::to"),
+    copy("aten::_to_copy"),
+    copy("aten::type_as"),
+    copy("aten::copy_"),
+    copy("aten::clone"),
+    copy("aten::contiguous"),
+    copy("aten::cat"),
+    copy("aten::stack"),
+    copy("aten::index"),
+    copy("aten::index_select"),
+    copy("aten::gather"),
+    copy("aten::scatter"),
+    copy("aten::index_put"),
+    copy("aten::_index_put_impl"),
+    copy("aten::masked_fill"),
+    copy("aten::where"),
+    copy("aten::embedding"),
+    copy("aten::sort"),
+    copy("aten::argsort"),
+    copy("aten::repeat"),
+    copy("aten::repeat_interleave"),
+    copy("aten::one_hot"),
+    copy("aten::bincount"),
+    copy("aten::nonzero"),
+    copy("aten::triu"),
+    copy("aten::tril"),
+    copy("aten::flip"),
+    copy("aten::empty"),
+    copy("aten::empty_like"),
+    copy("aten::empty_strided"),
+    copy("aten::new_empty"),
+    copy("aten::new_empty_strided"),
+    copy("aten::zeros"),
+    copy("aten::zeros_like"),
+    copy("aten::new_zeros"),
+    copy("aten::ones"),
+    copy("aten::ones_like"),
+    copy("aten::new_ones"),
+    copy("aten::full"),
+    copy("aten::full_like"),
+    copy("aten::fill"),
+    copy("aten::zero"),
+    copy("aten::arange"),
+    copy("aten::resize"),
+    copy("aten::_local_scalar_dense"),
+    copy("aten::item"),
+    // Views: metadata only.
+    view("aten::view"),
+    view("aten::_unsafe_view"),
+    view("aten::_reshape_alias"),
+    view("aten::view_as"),
+    view("aten::as_strided"),
+    view("aten::t"),
+    view("aten::transpose"),
+    view("aten::permute"),
+    view("aten::expand"),
+    view("aten::expand_as"),
+    view("aten::unsqueeze"),
+    view("aten::squeeze"),
+    view("aten::slice"),
+    view("aten::select"),
+    view("aten::narrow"),
+    view("aten::split"),
+    view("aten::split_with_sizes"),
+    view("aten::chunk"),
+    view("aten::unbind"),
+    view("aten::detach"),
+    view("aten::alias"),
+    view("aten::lift_fresh"),
+    view("aten::resolve_conj"),
+    view("aten::resolve_neg"),
+    // Dropout in eval mode returns its input.
+    view("aten::dropout"),
+    // Composite ops: costed through the ops they dispatch.
+    composite("aten::linear"),
+    composite("aten::matmul"),
+    composite("aten::einsum"),
+    composite("aten::reshape"),
+    composite("aten::flatten"),
+    composite("aten::scaled_dot_product_attention"),
+    composite("aten::_scaled_dot_product_attention_math"),
+    composite("aten::conv1d"),
+    composite("aten::conv2d"),
+    composite("aten::conv3d"),
+    composite("aten::conv_transpose1d"),
+    composite("aten::conv_transpose2d"),
+    composite("aten::conv_transpose3d"),
+    composite("aten::_convolution_mode"),
+];
+
+/// The convention for `op`; in-place variants (`aten::mul_`) fall back to their op.
+pub fn convention(op: &str) -> Option<&'static OpConvention> {
+    static INDEX: OnceLock<HashMap<&'static str, &'static OpConvention>> = OnceLock::new();
+    let index = INDEX.get_or_init(|| OPS.iter().map(|c| (c.op, c)).collect());
+    index
+        .get(op)
+        .or_else(|| op.strip_suffix('_').and_then(|base| index.get(base)))
+        .copied()
+}
+
+/// What one op call costs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpCost {
+    /// GEMM-like FLOPs (the extended counter: registry ops and the CPU SDPA kernel).
+    pub matmul_flops: u64,
+    /// Elementwise, reduction, softmax and top-k FLOPs.
+    pub elementwise_flops: u64,
+    /// What `FlopCounterMode` counts for this op (0 for ops outside its registry).
+    pub flop_counter_mode_flops: u64,
+    pub tensor_core_flops: u64,
+    pub cuda_core_flops: u64,
+}
+
+impl OpConvention {
+    /// Costs one call of this op with `args`. Composite ops, views and copies cost 0.
+    pub fn cost(&self, args: &[Arg], allow_tf32: bool) -> Result<OpCost> {
+        match self.rule {
+            Rule::View | Rule::Copy | Rule::Composite => Ok(OpCost::default()),
+            Rule::Elementwise { flops_per_element } => {
+                let flops = elementwise_flops(self.op, args, flops_per_element)?;
+                Ok(OpCost {
+                    elementwise_flops: flops,
+                    cuda_core_flops: flops,
+                    ..OpCost::default()
+                })
+            }
+            Rule::Matmul(formula) => {
+                let (matmul, elementwise, dtype) = gemm_flops(self.op, formula, args)?;
+                let fcm = if self.flop_counter_mode { matmul } else { 0 };
+                let (tensor, cuda) = match matmul_engine(dtype, allow_tf32) {
+                    Engine::TensorCore => (matmul, elementwise),
+                    Engine::CudaCore => (0, sum(self.op, &[matmul, elementwise])?),
+                };
+                Ok(OpCost {
+                    matmul_flops: matmul,
+                    elementwise_flops: elementwise,
+                    flop_counter_mode_flops: fcm,
+                    tensor_core_flops: tensor,
+                    cuda_core_flops: cuda,
+                })
+            }
+        }
+    }
+}
+
+fn tensor_at<'a>(op: &str, args: &'a [Arg], index: usize) -> Result<&'a TensorMeta> {
+    match args.get(index) {
+        Some(Arg::Tensor(t)) => Ok(t),
+        other => Err(Error::op_shape(
+            op,
+            format!("argument {index} should be a tensor, found {other:?}"),
+        )),
+    }
+}
+
+fn ints_at(op: &str, args: &[Arg], index: usize) -> Result<Vec<i64>> {
+    match args.get(index) {
+        Some(Arg::IntList(v)) => Ok(v.clone()),
+        Some(Arg::Int(v)) => Ok(vec![*v]),
+        other => Err(Error::op_shape(
+            op,
+            format!("argument {index} should be an int list, found {other:?}"),
+        )),
+    }
+}
+
+fn dims<const N: usize>(op: &str, t: &TensorMeta) -> Result<[u64; N]> {
+    <[u64; N]>::try_from(t.shape.as_slice()).map_err(|_| {
+        Error::op_shape(
+            op,
+            format!("expected a {N}-d tensor, found shape {:?}", t.shape),
+        )
+    })
+}
+
+/// Broadcast of two shapes, right-aligned, as PyTorch does it.
+pub fn broadcast(a: &[u64], b: &[u64]) -> Option<Vec<u64>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let x = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let y = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
+        *slot = match (x, y) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
+fn elementwise_flops(op: &str, args: &[Arg], per_element: u64) -> Result<u64> {
+    let tensors: Vec<&TensorMeta> = args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Tensor(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    let Some(first) = tensors.first() else {
+        return Err(Error::op_shape(op, "no tensor argument"));
+    };
+    if !first.dtype.is_floating() {
+        return Ok(0);
+    }
+    let mut shape = first.shape.clone();
+    for t in &tensors[1..] {
+        shape = broadcast(&shape, &t.shape).ok_or_else(|| {
+            Error::op_shape(
+                op,
+                format!("shapes {:?} and {:?} do not broadcast", shape, t.shape),
+            )
+        })?;
+    }
+    let mut factors = shape;
+    factors.push(per_element);
+    product(op, &factors)
+}
+
+/// (matmul FLOPs, elementwise FLOPs inside the op, dtype that picks the engine).
+fn gemm_flops(op: &str, formula: Gemm, args: &[Arg]) -> Result<(u64, u64, Dtype)> {
+    match formula {
+        Gemm::Mm => {
+            let (a, b) = (tensor_at(op, args, 0)?, tensor_at(op, args, 1)?);
+            Ok((mm_flops(op, a, b)?, 0, a.dtype))
+        }
+        Gemm::Addmm => {
+            let (a, b) = (tensor_at(op, args, 1)?, tensor_at(op, args, 2)?);
+            let flops = mm_flops(op, a, b)?;
+            let [m, _] = dims::<2>(op, a)?;
+            let [_, n] = dims::<2>(op, b)?;
+            Ok((flops, product(op, &[m, n])?, a.dtype))
+        }
+        Gemm::Bmm => {
+            let (a, b) = (tensor_at(op, args, 0)?, tensor_at(op, args, 1)?);
+            Ok((bmm_flops(op, a, b)?, 0, a.dtype))
+        }
+        Gemm::Baddbmm => {
+            let (a, b) = (tensor_at(op, args, 1)?, tensor_at(op, args, 2)?);
+            let flops = bmm_flops(op, a, b)?;
+            let [batch, m, _] = dims::<3>(op, a)?;
+            let [_, _, n] = dims::<3>(op, b)?;
+            Ok((flops, product(op, &[batch, m, n])?, a.dtype))
+        }
+        Gemm::Convolution(layout) => convolution_flops(op, layout, args),
+        Gemm::ConvolutionBackward => {
+            let grad_out = tensor_at(op, args, 0)?;
+            let x = tensor_at(op, args, 1)?;
+            let w = tensor_at(op, args, 2)?;
+            let transposed = matches!(args.get(7), Some(Arg::Bool(true)));
+            let mask = match args.get(10) {
+                Some(Arg::BoolList(m)) if m.len() == 3 => [m[0], m[1], m[2]],
+                other => {
+                    return Err(Error::op_shape(
+                        op,
+                        format!("argument 10 should be output_mask[3], found {other:?}"),
+                    ))
+                }
+            };
+            let swap = |s: &[u64]| -> Vec<u64> {
+                let mut v = s.to_vec();
+                if v.len() >= 2 {
+                    v.swap(0, 1);
+                }
+                v
+            };
+            let mut flops = 0;
+            if mask[0] {
+                let f = conv_flop_count(op, &grad_out.shape, &w.shape, &x.shape, !transposed)?;
+                flops = sum(op, &[flops, f])?;
+            }
+            if mask[1] {
+                let f = if transposed {
+                    conv_flop_count(
+                        op,
+                        &swap(&grad_out.shape),
+                        &swap(&x.shape),
+                        &swap(&w.shape),
+                        false,
+                    )?
+                } else {
+                    conv_flop_count(
+                        op,
+                        &swap(&x.shape),
+                        &swap(&grad_out.shape),
+                        &swap(&w.shape),
+                        false,
+                    )?
+                };
+                flops = sum(op, &[flops, f])?;
+            }
+            Ok((flops, 0, grad_out.dtype))
+        }
+        Gemm::AttentionForward | Gemm::AttentionBackward => {
+            let first = usize::from(formula == Gemm::AttentionBackward);
+            let q = dims::<4>(op, tensor_at(op, args, first)?)?;
+            let k = dims::<4>(op, tensor_at(op, args, first + 1)?)?;
+            let v = dims::<4>(op, tensor_at(op, args, first + 2)?)?;
+            let dtype = tensor_at(op, args, first)?.dtype;
+            attention_flops(op, formula == Gemm::AttentionBackward, q, k, v, dtype)
+        }
+        Gemm::AttentionForwardBshd | Gemm::AttentionBackwardBshd => {
+            let backward = formula == Gemm::AttentionBackwardBshd;
+            let first = usize::from(backward);
+            // Varlen (cumulative sequence lengths) calls pack sequences; not modelled.
+            let cum_seq = if backward { 6 } else { 3 };
+            if let Some(Arg::Tensor(_)) = args.get(cum_seq) {
+                return Err(Error::op_shape(
+                    op,
+                    "variable-length (cum_seq) attention is not modelled",
+                ));
+            }
+            let bshd = |t: &TensorMeta| -> Result<[u64; 4]> {
+                let [b, s, h, d] = dims::<4>(op, t)?;
+                Ok([b, h, s, d])
+            };
+            let q = bshd(tensor_at(op, args, first)?)?;
+            let k = bshd(tensor_at(op, args, first + 1)?)?;
+            let v = bshd(tensor_at(op, args, first + 2)?)?;
+            let dtype = tensor_at(op, args, first)?.dtype;
+            attention_flops(op, backward, q, k, v, dtype)
+        }
+    }
+}
+
+fn mm_flops(op: &str, a: &TensorMeta, b: &TensorMeta) -> Result<u64> {
+    let [m, k] = dims::<2>(op, a)?;
+    let [k2, n] = dims::<2>(op, b)?;
+    if k != k2 {
+        return Err(Error::op_shape(
+            op,
+            format!("inner dims {k} and {k2} differ"),
+        ));
+    }
+    product(op, &[2, m, k, n])
+}
+
+fn bmm_flops(op: &str, a: &TensorMeta, b: &TensorMeta) -> Result<u64> {
+    let [batch, m, k] = dims::<3>(op, a)?;
+    let [batch2, k2, n] = dims::<3>(op, b)?;
+    if k != k2 || batch != batch2 {
+        return Err(Error::op_shape(
+            op,
+            format!("shapes {:?} and {:?} do not multiply", a.shape, b.shape),
+        ));
+    }
+    product(op, &[2, batch, m, k, n])
+}
+
+/// FlopCounterMode's `sdpa_flop_count` (forward) and `sdpa_backward_flop_count`,
+/// `[B, H, S, D]` shapes, plus the fused kernel's softmax work as elementwise FLOPs.
+fn attention_flops(
+    op: &str,
+    backward: bool,
+    q: [u64; 4],
+    k: [u64; 4],
+    v: [u64; 4],
+    dtype: Dtype,
+) -> Result<(u64, u64, Dtype)> {
+    let [b, h, sq, dq] = q;
+    let [_, _, sk, dk] = k;
+    let [_, _, sv, dv] = v;
+    if dq != dk || sk != sv {
+        return Err(Error::op_shape(
+            op,
+            format!("query {q:?}, key {k:?} and value {v:?} do not match"),
+        ));
+    }
+    let scores = product(op, &[b, h, sq, sk])?;
+    let (head_factor, per_score) = if backward {
+        (
+            sum(op, &[product(op, &[3, dq])?, product(op, &[2, dv])?])?,
+            FUSED_ATTENTION_BACKWARD_FLOPS_PER_SCORE,
+        )
+    } else {
+        (sum(op, &[dq, dv])?, FUSED_ATTENTION_FORWARD_FLOPS_PER_SCORE)
+    };
+    Ok((
+        product(op, &[2, scores, head_factor])?,
+        product(op, &[scores, per_score])?,
+        dtype,
+    ))
+}
+
+/// FlopCounterMode's `conv_flop_count`.
+fn conv_flop_count(op: &str, x: &[u64], w: &[u64], out: &[u64], transposed: bool) -> Result<u64> {
+    if x.len() < 2 || w.len() < 2 {
+        return Err(Error::op_shape(
+            op,
+            format!("convolution shapes {x:?}, {w:?}"),
+        ));
+    }
+    let spatial = if transposed {
+        &x[2..]
+    } else {
+        out.get(2..).unwrap_or(&[])
+    };
+    let mut factors = vec![2, x[0], w[0], w[1]];
+    factors.extend_from_slice(&w[2..]);
+    factors.extend_from_slice(spatial);
+    product(op, &factors)
+}
+
+fn convolution_flops(op: &str, layout: ConvArgs, args: &[Arg]) -> Result<(u64, u64, Dtype)> {
+    let x = tensor_at(op, args, 0)?;
+    let w = tensor_at(op, args, 1)?;
+    let transposed = layout
+        .transposed
+        .is_some_and(|i| matches!(args.get(i), Some(Arg::Bool(true))));
+    let spatial_dims = x.shape.len().saturating_sub(2);
+    let expand = |v: Vec<i64>, default: i64| -> Vec<i64> {
+        match v.len() {
+            0 => vec![default; spatial_dims],
+            1 => vec![v[0]; spatial_dims],
+            _ => v,
+        }
+    };
+    let stride = expand(ints_at(op, args, layout.stride)?, 1);
+    let padding = expand(ints_at(op, args, layout.padding)?, 0);
+    let dilation = match layout.dilation {
+        Some(i) => expand(ints_at(op, args, i)?, 1),
+        None => vec![1; spatial_dims],
+    };
+    if stride.len() != spatial_dims
+        || padding.len() != spatial_dims
+        || dilation.len() != spatial_dims
+    {
+        return Err(Error::op_shape(
+            op,
+            "stride/padding/dilation do not match the input rank",
+        ));
+    }
+    let mut out = vec![x.shape[0], w.shape[0]];
+    for i in 0..spatial_dims {
+        let kernel = *w
+            .shape
+            .get(2 + i)
+            .ok_or_else(|| Error::op_shape(op, "weight rank"))? as i64;
+        let size = x.shape[2 + i] as i64 + 2 * padding[i] - dilation[i] * (kernel - 1) - 1;
+        if stride[i] <= 0 || size < 0 {
+            return Err(Error::op_shape(
+                op,
+                format!("invalid convolution geometry at dim {i}"),
+            ));
+        }
+        out.push((size / stride[i] + 1) as u64);
+    }
+    let flops = conv_flop_count(op, &x.shape, &w.shape, &out, transposed)?;
+    let bias = match layout.bias.and_then(|i| args.get(i)) {
+        Some(Arg::Tensor(_)) if !transposed => product(op, &out)?,
+        _ => 0,
+    };
+    Ok((flops, bias, x.dtype))
+}
+
+/// The conventions as JSON, echoed into every report so a reader knows what was counted.
+pub fn conventions_json() -> Value {
+    let ops: Vec<Value> = OPS
+        .iter()
+        .map(|c| {
+            let (rule, detail) = match c.rule {
+                Rule::Matmul(g) => ("matmul", json!(format!("{g:?}"))),
+                Rule::Elementwise { flops_per_element } => {
+                    ("elementwise", json!(flops_per_element))
+                }
+                Rule::Copy => ("copy", Value::Null),
+                Rule::View => ("view", Value::Null),
+                Rule::Composite => ("composite", Value::Null),
+            };
+            let mut row =
+                json!({ "op": c.op, "rule": rule, "flop_counter_mode": c.flop_counter_mode });
+            match c.rule {
+                Rule::Matmul(_) => row["formula"] = detail,
+                Rule::Elementwise { .. } => row["flops_per_element"] = detail,
+                _ => {}
+            }
+            row
+        })
+        .collect();
+    json!({
+        "flop": "2 FLOPs per multiply-accumulate",
+        "matmul": "FlopCounterMode (torch 2.11) formulas; addmm/baddbmm/convolution bias adds are elementwise FLOPs (1 per output element)",
+        "attention": "full S_q x S_kv rectangle, causal masking never discounted",
+        "fused_attention_elementwise_per_score": {
+            "forward": FUSED_ATTENTION_FORWARD_FLOPS_PER_SCORE,
+            "backward": FUSED_ATTENTION_BACKWARD_FLOPS_PER_SCORE,
+        },
+        "elementwise": "flops_per_element x elements of the broadcast of the tensor inputs; 0 when the first tensor input is an integer or boolean tensor",
+        "engines": "bf16/fp16/fp8 GEMMs on tensor cores; fp32 GEMMs on CUDA cores unless TF32 is allowed; everything else on CUDA cores",
+        "in_place": "op_ follows the rule of op",
+        "ops": ops,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: &[u64], dtype: Dtype) -> Arg {
+        Arg::Tensor(TensorMeta::new(shape, dtype))
+    }
+
+    fn cost(op: &str, args: &[Arg]) -> OpCost {
+        convention(op)
+            .unwrap_or_else(|| panic!("{op} missing"))
+            .cost(args, false)
+            .unwrap()
+    }
+
+    #[test]
+    fn table_has_no_duplicates_and_every_fcm_registry_op() {
+        let mut names: Vec<&str> = OPS.iter().map(|c| c.op).collect();
+        names.sort();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "duplicate op in the table");
+        // torch 2.11's FlopCounterMode registry (flop_counter.py): 21 op packets.
+        let registry = [
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::baddbmm",
+            "aten::_scaled_mm",
+            "aten::convolution",
+            "aten::_convolution",
+            "aten::cudnn_convolution",
+            "aten::convolution_overrideable",
+            "aten::_slow_conv2d_forward",
+            "aten::convolution_backward",
+            "aten::_scaled_dot_product_efficient_attention",
+            "aten::_scaled_dot_product_flash_attention",
+            "aten::_scaled_dot_product_cudnn_attention",
+            "aten::_scaled_dot_product_efficient_attention_backward",
+            "aten::_scaled_dot_product_flash_attention_backward",
+            "aten::_scaled_dot_product_cudnn_attention_backward",
+            "aten::_flash_attention_forward",
+            "aten::_efficient_attention_forward",
+            "aten::_flash_attention_backward",
+            "aten::_efficient_attention_backward",
+        ];
+        assert_eq!(registry.len(), 21);
+        for op in registry {
+            assert!(convention(op).unwrap().flop_counter_mode, "{op}");
+        }
+        let fcm = OPS.iter().filter(|c| c.flop_counter_mode).count();
+        assert_eq!(fcm, 21, "only registry ops are FlopCounterMode-visible");
+    }
+
+    #[test]
+    fn in_place_variants_follow_their_op() {
+        assert_eq!(convention("aten::mul_").unwrap().op, "aten::mul");
+        assert_eq!(
+            convention("aten::index_put_").unwrap().op,
+            "aten::index_put"
+        );
+        assert!(convention("aten::no_such_op").is_none());
+        assert!(convention("aten::no_such_op_").is_none());
+    }
+
+    #[test]
+    fn gemm_formulas_match_flop_counter_mode() {
+        let c = cost(
+            "aten::mm",
+            &[t(&[512, 1280], Dtype::Bf16), t(&[1280, 6848], Dtype::Bf16)],
+        );
+        assert_eq!(c.matmul_flops, 2 * 512 * 1280 * 6848);
+        assert_eq!(c.flop_counter_mode_flops, c.matmul_flops);
+        assert_eq!(c.tensor_core_flops, c.matmul_flops);
+        let c = cost(
+            "aten::addmm",
+            &[
+                t(&[32], Dtype::F32),
+                t(&[10, 16], Dtype::F32),
+                t(&[16, 32], Dtype::F32),
+            ],
+        );
+        assert_eq!(c.matmul_flops, 10240);
+        assert_eq!(c.elementwise_flops, 320, "bias add is elementwise");
+        assert_eq!(
+            c.flop_counter_mode_flops, 10240,
+            "FlopCounterMode ignores the bias"
+        );
+        assert_eq!(
+            c.cuda_core_flops,
+            10240 + 320,
+            "fp32 without TF32 is CUDA-core work"
+        );
+        let c = cost(
+            "aten::bmm",
+            &[t(&[4, 8, 16], Dtype::F32), t(&[4, 16, 2], Dtype::F32)],
+        );
+        assert_eq!(c.matmul_flops, 2 * 4 * 8 * 16 * 2);
+        let c = cost(
+            "aten::baddbmm",
+            &[
+                t(&[4, 8, 2], Dtype::F32),
+                t(&[4, 8, 16], Dtype::F32),
+                t(&[4, 16, 2], Dtype::F32),
+            ],
+        );
+        assert_eq!(
+            (c.matmul_flops, c.elementwise_flops),
+            (2 * 4 * 8 * 16 * 2, 4 * 8 * 2)
+        );
+    }
+
+    #[test]
+    fn attention_is_the_full_rectangle_plus_fused_softmax() {
+        let (b, h, s, d) = (1, 10, 512, 128);
+        let q = t(&[b, h, s, d], Dtype::Bf16);
+        let c = cost(
+            "aten::_scaled_dot_product_cudnn_attention",
+            &[q.clone(), q.clone(), q.clone()],
+        );
+        assert_eq!(
+            c.matmul_flops, 1_342_177_280,
+            "4·B·H·S²·d from deepseek-ocr-facts"
+        );
+        assert_eq!(c.elementwise_flops, 6 * b * h * s * s);
+        assert_eq!(c.flop_counter_mode_flops, c.matmul_flops);
+        let cpu = cost(
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            &[q.clone(), q.clone(), q.clone()],
+        );
+        assert_eq!(cpu.matmul_flops, 1_342_177_280);
+        assert_eq!(
+            cpu.flop_counter_mode_flops, 0,
+            "invisible to FlopCounterMode"
+        );
+        // MLA shape from flop-counter.md: dq = 192, dv = 128, B = 2, H = 16, S = 512.
+        let q = t(&[2, 16, 512, 192], Dtype::Bf16);
+        let v = t(&[2, 16, 512, 128], Dtype::Bf16);
+        let fwd = cost(
+            "aten::_scaled_dot_product_cudnn_attention",
+            &[q.clone(), q.clone(), v.clone()],
+        );
+        assert_eq!(fwd.matmul_flops, 5_368_709_120);
+        let bwd = cost(
+            "aten::_scaled_dot_product_cudnn_attention_backward",
+            &[t(&[2, 16, 512, 128], Dtype::Bf16), q.clone(), q, v],
+        );
+        assert_eq!(bwd.matmul_flops, 13_958_643_712);
+    }
+
+    #[test]
+    fn bshd_inner_kernels_are_transposed_before_counting() {
+        // flop-counter.md 1.8.1: B=2, S=512, H=16, D=128 is 4,294,967,296, not 134,217,728.
+        let q = t(&[2, 512, 16, 128], Dtype::F32);
+        let c = cost(
+            "aten::_efficient_attention_forward",
+            &[q.clone(), q.clone(), q],
+        );
+        assert_eq!(c.matmul_flops, 4_294_967_296);
+    }
+
+    #[test]
+    fn elementwise_counts_per_broadcast_element_and_skips_integers() {
+        let c = cost(
+            "aten::mul",
+            &[t(&[512, 1280], Dtype::F32), t(&[512, 1], Dtype::F32)],
+        );
+        assert_eq!(c.elementwise_flops, 512 * 1280);
+        assert_eq!(c.cuda_core_flops, 512 * 1280);
+        let c = cost("aten::silu", &[t(&[3, 7], Dtype::Bf16)]);
+        assert_eq!(c.elementwise_flops, 4 * 21);
+        let c = cost(
+            "aten::softmax",
+            &[
+                t(&[512, 64], Dtype::F32),
+                Arg::Int(-1),
+                Arg::Other("ScalarType".into()),
+            ],
+        );
+        assert_eq!(c.elementwise_flops, 5 * 512 * 64);
+        let c = cost(
+            "aten::sum",
+            &[t(&[512, 64], Dtype::I64), Arg::IntList(vec![0])],
+        );
+        assert_eq!(c.elementwise_flops, 0, "integer bookkeeping");
+        assert!(convention("aten::mul")
+            .unwrap()
+            .cost(&[t(&[2, 3], Dtype::F32), t(&[4], Dtype::F32)], false)
+            .is_err());
+    }
+
+    #[test]
+    fn tf32_moves_fp32_gemms_to_tensor_cores() {
+        let args = [t(&[8, 8], Dtype::F32), t(&[8, 8], Dtype::F32)];
+        let conv = convention("aten::mm").unwrap();
+        assert_eq!(conv.cost(&args, false).unwrap().tensor_core_flops, 0);
+        assert_eq!(conv.cost(&args, true).unwrap().tensor_core_flops, 1024);
+    }
+
+    #[test]
+    fn convolution_forward_and_backward_follow_flop_counter_mode() {
+        // Conv2d(3→8, k=3, stride 1, pad 1) on [2,3,16,16]: 2·2·8·3·9·16·16.
+        let args = [
+            t(&[2, 3, 16, 16], Dtype::F32),
+            t(&[8, 3, 3, 3], Dtype::F32),
+            Arg::None,
+            Arg::IntList(vec![1, 1]),
+            Arg::IntList(vec![1, 1]),
+            Arg::IntList(vec![1, 1]),
+            Arg::Bool(false),
+            Arg::IntList(vec![0, 0]),
+            Arg::Int(1),
+        ];
+        let fwd = cost("aten::convolution", &args);
+        assert_eq!(fwd.matmul_flops, 2 * 2 * 8 * 3 * 9 * 16 * 16);
+        let bwd = cost(
+            "aten::convolution_backward",
+            &[
+                t(&[2, 8, 16, 16], Dtype::F32),
+                t(&[2, 3, 16, 16], Dtype::F32),
+                t(&[8, 3, 3, 3], Dtype::F32),
+                Arg::IntList(vec![8]),
+                Arg::IntList(vec![1, 1]),
+                Arg::IntList(vec![1, 1]),
+                Arg::IntList(vec![1, 1]),
+                Arg::Bool(false),
+                Arg::IntList(vec![0, 0]),
+                Arg::Int(1),
+                Arg::BoolList(vec![true, true, false]),
+            ],
+        );
+        assert_eq!(
+            bwd.matmul_flops,
+            2 * fwd.matmul_flops,
+            "grad input + grad weight"
+        );
+    }
+
+    #[test]
+    fn broadcast_follows_pytorch() {
+        assert_eq!(broadcast(&[2, 1, 4], &[3, 1]), Some(vec![2, 3, 4]));
+        assert_eq!(broadcast(&[], &[5]), Some(vec![5]));
+        assert_eq!(broadcast(&[2], &[3]), None);
+    }
+
+    #[test]
+    fn json_echo_lists_every_op() {
+        let j = conventions_json();
+        assert_eq!(j["ops"].as_array().unwrap().len(), OPS.len());
+        assert_eq!(j["fused_attention_elementwise_per_score"]["forward"], 6);
+    }
+}

@@ -1,0 +1,76 @@
+//! The one error type of the analytic library.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building or evaluating an analytic model.
+///
+/// Every variant names the offending value and what would be valid, so that a
+/// command-line front end can print it as a one-line error and exit with code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration or workload value is outside its valid range.
+    #[error("{field} = {value} is invalid: expected {expected}")]
+    Invalid {
+        field: String,
+        value: String,
+        expected: String,
+    },
+    /// A valid Hugging Face setting that modelmeter does not model (yet).
+    #[error("{field} = {value} is not supported: {reason}")]
+    Unsupported {
+        field: String,
+        value: String,
+        reason: String,
+    },
+    /// A required field is absent from the configuration.
+    #[error("{field} is missing from the config: {expected}")]
+    Missing { field: String, expected: String },
+    /// The configuration text is not JSON, or not a JSON object.
+    #[error("cannot parse config {source_name}: {message}")]
+    Parse {
+        source_name: String,
+        message: String,
+    },
+    /// A configuration file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An exact integer metric does not fit in 64 bits.
+    #[error(
+        "{what} overflows 64-bit integers; reduce the sizes (batch, sequence, hidden …) of the workload"
+    )]
+    Overflow { what: String },
+    /// An op record the conventions cannot cost (wrong arity, shapes that do not match).
+    #[error("cannot cost {op}: {message}")]
+    OpShape { op: String, message: String },
+}
+
+impl Error {
+    /// Shorthand for [`Error::Invalid`].
+    pub fn invalid(field: &str, value: impl ToString, expected: &str) -> Error {
+        Error::Invalid {
+            field: field.to_string(),
+            value: value.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// Shorthand for [`Error::Overflow`].
+    pub fn overflow(what: impl Into<String>) -> Error {
+        Error::Overflow { what: what.into() }
+    }
+
+    /// Shorthand for [`Error::OpShape`].
+    pub fn op_shape(op: &str, message: impl Into<String>) -> Error {
+        Error::OpShape {
+            op: op.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,217 @@
+//! The whole decoder stack (`DeepseekV2ForCausalLM`): token embedding, every decoder
+//! layer, the final norm and `lm_head`, for a prefill or one decode step; and a
+//! [`Generation`]: a prefill followed by greedy decode steps.
+
+use serde::Serialize;
+
+use crate::checked::product;
+use crate::config::ModelConfig;
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::layers::attention::AttentionImpl;
+use crate::layers::decoder_layer::DeepseekV2DecoderLayer;
+use crate::layers::rms_norm::DeepseekV2RMSNorm;
+use crate::layers::vendor_ops::{bytes_of, t};
+use crate::layers::Layer;
+use crate::metrics::{Cost, CostBuilder, Metrics};
+use crate::workload::{Phase, Workload};
+
+/// `DeepseekV2ForCausalLM` for one forward call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeepseekV2Decoder {
+    config: ModelConfig,
+    workload: Workload,
+    attention: AttentionImpl,
+}
+
+impl DeepseekV2Decoder {
+    /// The stack for `workload` (a prefill, or one decode step).
+    pub fn new(
+        config: &ModelConfig,
+        workload: &Workload,
+        attention: AttentionImpl,
+    ) -> DeepseekV2Decoder {
+        DeepseekV2Decoder {
+            config: config.clone(),
+            workload: *workload,
+            attention,
+        }
+    }
+}
+
+impl Layer for DeepseekV2Decoder {
+    fn name(&self) -> String {
+        "DeepseekV2ForCausalLM".into()
+    }
+
+    fn cost(&self) -> Result<Cost> {
+        let (c, w) = (&self.config, &self.workload);
+        let (batch, sq, h, vocab) = (w.batch, w.query_len(), c.hidden_size, c.vocab_size);
+        let mut b = CostBuilder::new(self.name(), w.allow_tf32);
+
+        let mut embed = CostBuilder::new("embed_tokens", w.allow_tf32);
+        let ids = t(&[batch, sq], Dtype::I64);
+        let rows = t(&[batch, sq, h], w.dtype);
+        // A gather reads the rows it writes (and the ids), not the whole table.
+        embed.copy(
+            "embedding(input_ids)",
+            "aten::embedding",
+            &[&ids, &rows],
+            rows.clone(),
+        )?;
+        let table = product("embedding parameters", &[vocab, h])?;
+        embed.weights(bytes_of("embedding", table, w.dtype)?)?;
+        b.child(embed.finish())?;
+
+        for index in 0..c.num_hidden_layers {
+            let layer = DeepseekV2DecoderLayer::new(c, w, index, self.attention)?;
+            let mut cost = layer.cost()?;
+            cost.name = format!("layers.{index} ({})", cost.name);
+            b.child(cost)?;
+        }
+        b.child(DeepseekV2RMSNorm::new(c, w).cost_as("norm")?)?;
+
+        let mut head = CostBuilder::new("lm_head", w.allow_tf32);
+        let logits = head.linear("lm_head", &rows, vocab, false)?;
+        head.cast("logits.float()", &logits, Dtype::F32)?;
+        if !c.tie_word_embeddings {
+            head.weights(bytes_of("lm_head", table, w.dtype)?)?;
+        }
+        b.child(head.finish())?;
+        Ok(b.finish())
+    }
+}
+
+/// A prefill of `prefill_len` tokens followed by `new_tokens` greedy decode steps
+/// (step t attends over `prefill_len + t + 1` keys).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    pub config: ModelConfig,
+    pub batch: u64,
+    pub prefill_len: u64,
+    pub new_tokens: u64,
+    pub dtype: Dtype,
+    pub allow_tf32: bool,
+    pub attention: AttentionImpl,
+}
+
+/// Metrics of a whole generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct GenerationMetrics {
+    pub prefill: Metrics,
+    /// All decode steps: FLOPs and bytes moved summed; weights, peak activation and the
+    /// KV cache as after the last step.
+    pub decode: Metrics,
+    /// Prefill and decode together, with the same rules.
+    pub total: Metrics,
+}
+
+impl Generation {
+    /// The metrics of the prefill, the decode steps and both.
+    pub fn metrics(&self) -> Result<GenerationMetrics> {
+        let stack = |workload: Workload| {
+            DeepseekV2Decoder::new(
+                &self.config,
+                &workload.with_tf32(self.allow_tf32),
+                self.attention,
+            )
+            .metrics()
+        };
+        let prefill = stack(Workload::new(
+            self.batch,
+            Phase::Prefill {
+                seq_len: self.prefill_len,
+            },
+            self.dtype,
+        )?)?;
+        let mut decode: Option<Metrics> = None;
+        for step in 0..self.new_tokens {
+            let context_len = crate::checked::sum("decode context", &[self.prefill_len, step])?;
+            let m = stack(Workload::new(
+                self.batch,
+                Phase::Decode { context_len },
+                self.dtype,
+            )?)?;
+            decode = Some(match decode {
+                None => m,
+                Some(acc) => accumulate(&acc, &m)?,
+            });
+        }
+        let decode = decode.unwrap_or_default();
+        let total = if self.new_tokens == 0 {
+            prefill
+        } else {
+            accumulate(&prefill, &decode)?
+        };
+        Ok(GenerationMetrics {
+            prefill,
+            decode,
+            total,
+        })
+    }
+}
+
+/// Two successive calls: work adds up, state (weights, KV cache) is the later one's,
+/// activation memory is the larger peak.
+fn accumulate(earlier: &Metrics, later: &Metrics) -> Result<Metrics> {
+    let work = earlier.checked_add(later)?;
+    Ok(Metrics {
+        weight_bytes: later.weight_bytes,
+        kv_cache_bytes: later.kv_cache_bytes,
+        activation_bytes: earlier.activation_bytes.max(later.activation_bytes),
+        ..work
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stack_sums_layers_norm_and_head() {
+        let c = ModelConfig::deepseek_ocr();
+        let w = Workload::prefill(1, 512).unwrap();
+        let stack = DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa)
+            .cost()
+            .unwrap();
+        assert_eq!(stack.children.len(), 1 + 12 + 1 + 1);
+        let dense = 34_980_495_360 + 65_536;
+        let moe = 36_322_672_640 + 65_536;
+        let head = 2 * 512 * 1280 * 129_280;
+        assert_eq!(stack.metrics.matmul_flops, dense + 11 * moe + head);
+        // KV cache: 61,440 bytes per token over the 12 layers (bf16).
+        assert_eq!(stack.metrics.kv_cache_bytes, 61_440 * 512);
+        // Parameters: embedding + lm_head + 1 dense + 11 MoE layers + 25 norms' worth.
+        let params = 2 * 165_478_400 + 32_852_480 + 11 * 233_720_320 + 1280;
+        assert_eq!(stack.metrics.weight_bytes, params * 2);
+    }
+
+    #[test]
+    fn generation_adds_decode_steps_over_growing_context() {
+        let c = ModelConfig::deepseek_ocr();
+        let g = Generation {
+            config: c.clone(),
+            batch: 1,
+            prefill_len: 8,
+            new_tokens: 3,
+            dtype: Dtype::Bf16,
+            allow_tf32: false,
+            attention: AttentionImpl::Sdpa,
+        };
+        let m = g.metrics().unwrap();
+        let step = |ctx| {
+            DeepseekV2Decoder::new(&c, &Workload::decode(1, ctx).unwrap(), AttentionImpl::Sdpa)
+                .metrics()
+                .unwrap()
+        };
+        let steps: u64 = [8, 9, 10].iter().map(|ctx| step(*ctx).matmul_flops).sum();
+        assert_eq!(m.decode.matmul_flops, steps);
+        assert_eq!(m.total.matmul_flops, m.prefill.matmul_flops + steps);
+        assert_eq!(
+            m.total.kv_cache_bytes,
+            61_440 * 11,
+            "8 + 3 tokens cached, not summed"
+        );
+        assert_eq!(m.total.weight_bytes, m.prefill.weight_bytes);
+    }
+}

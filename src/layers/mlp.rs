@@ -1,0 +1,101 @@
+//! `DeepseekV2MLP`: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`, three bias-free
+//! linears h→w, h→w, w→h with SiLU.
+//!
+//! Over N rows: matmul FLOPs = 6·N·h·w; elementwise = 5·N·w (SiLU 4 + multiply 1).
+//! The same module is the dense MLP (w = i), each routed expert (w = m) and the shared
+//! experts (w = m · n_shared).
+
+use crate::checked::product;
+use crate::config::ModelConfig;
+use crate::conventions::TensorMeta;
+use crate::error::Result;
+use crate::layers::vendor_ops::{bytes_of, t};
+use crate::layers::Layer;
+use crate::metrics::{Cost, CostBuilder};
+use crate::workload::Workload;
+
+/// `DeepseekV2MLP` of width `intermediate` over `input` (`[.., h]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeepseekV2MLP {
+    input: TensorMeta,
+    intermediate: u64,
+    instances: u64,
+    allow_tf32: bool,
+}
+
+impl DeepseekV2MLP {
+    /// The dense MLP of a decoder layer (width `intermediate_size`).
+    pub fn new(config: &ModelConfig, workload: &Workload) -> DeepseekV2MLP {
+        let input = t(
+            &[workload.batch, workload.query_len(), config.hidden_size],
+            workload.dtype,
+        );
+        DeepseekV2MLP::over(input, config.intermediate_size, workload.allow_tf32)
+    }
+
+    /// An MLP of width `intermediate` over `input`.
+    pub fn over(input: TensorMeta, intermediate: u64, allow_tf32: bool) -> DeepseekV2MLP {
+        DeepseekV2MLP {
+            input,
+            intermediate,
+            instances: 1,
+            allow_tf32,
+        }
+    }
+
+    /// The same work spread over `count` MLPs of identical shape (the routed experts:
+    /// N·k rows in all over E experts); only the parameters are multiplied.
+    pub fn instances(mut self, count: u64) -> DeepseekV2MLP {
+        self.instances = count;
+        self
+    }
+
+    /// The MLP's cost under another name (`shared_experts`, `experts` …).
+    pub fn cost_as(&self, name: &str) -> Result<Cost> {
+        let x = &self.input;
+        let hidden = *x.shape.last().unwrap_or(&1);
+        let mut b = CostBuilder::new(name, self.allow_tf32);
+        let gate = b.linear("gate_proj", x, self.intermediate, false)?;
+        let act = b.elementwise("act_fn (silu)", "aten::silu", &[&gate], x.dtype)?;
+        let up = b.linear("up_proj", x, self.intermediate, false)?;
+        let prod = b.elementwise("act * up", "aten::mul", &[&act, &up], x.dtype)?;
+        b.linear("down_proj", &prod, hidden, false)?;
+        let params = product(
+            "MLP parameters",
+            &[self.instances, 3, hidden, self.intermediate],
+        )?;
+        b.weights(bytes_of("MLP weights", params, x.dtype)?)?;
+        Ok(b.finish())
+    }
+}
+
+impl Layer for DeepseekV2MLP {
+    fn name(&self) -> String {
+        "DeepseekV2MLP".into()
+    }
+
+    fn cost(&self) -> Result<Cost> {
+        self.cost_as(&self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_mlp_matches_the_reference_measurement() {
+        let c = ModelConfig::deepseek_ocr();
+        let m = DeepseekV2MLP::new(&c, &Workload::prefill(1, 512).unwrap())
+            .metrics()
+            .unwrap();
+        assert_eq!(
+            m.matmul_flops, 26_927_431_680,
+            "FlopCounterMode, deepseek-ocr-facts.md"
+        );
+        assert_eq!(m.elementwise_flops, 5 * 512 * 6848);
+        assert_eq!(m.weight_bytes, 26_296_320 * 2, "26,296,320 bf16 parameters");
+        assert_eq!(m.tensor_core_flops, m.matmul_flops);
+        assert_eq!(m.cuda_core_flops, m.elementwise_flops);
+    }
+}

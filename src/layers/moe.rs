@@ -1,0 +1,230 @@
+//! `DeepseekV2MoE`, inference path (`moe_infer`).
+//!
+//! Vendor code, after `topk_idx, topk_weight = self.gate(x)`:
+//! ```python
+//! cnts = topk_ids.new_zeros((N, E)); cnts.scatter_(1, topk_ids, 1)
+//! tokens_per_expert = cnts.sum(dim=0)
+//! idxs = topk_ids.view(-1).argsort()
+//! sorted_tokens = x[idxs // topk_ids.shape[1]]
+//! for each expert i with tokens: outputs.append(expert(sorted_tokens[start:end]))
+//! outs = torch.cat(outputs, dim=0)
+//! new_x = torch.empty_like(outs); new_x[idxs] = outs
+//! final_out = new_x.view(N, k, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(-1))
+//!                  .sum(dim=1).type(new_x.dtype)
+//! y = final_out.view(orig_shape) + self.shared_experts(identity)
+//! ```
+//! The routed experts' GEMM rows add up to exactly N·k whatever the routing, so the
+//! experts cost the same as one MLP of width m over N·k rows: 6·N·k·h·m matmul FLOPs.
+//! Matmul total = 2·N·h·E + 6·N·k·h·m + 6·N·h·(m·n_shared).
+
+use crate::checked::product;
+use crate::config::{ModelConfig, MoeConfig};
+use crate::conventions::{Arg, TensorMeta};
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::layers::mlp::DeepseekV2MLP;
+use crate::layers::moe_gate::MoEGate;
+use crate::layers::vendor_ops::{arg, t};
+use crate::layers::Layer;
+use crate::metrics::{Cost, CostBuilder};
+use crate::workload::Workload;
+
+/// `DeepseekV2MoE` over an input of shape `[B, S_q, h]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeepseekV2MoE {
+    input: TensorMeta,
+    moe: MoeConfig,
+    allow_tf32: bool,
+}
+
+impl DeepseekV2MoE {
+    /// The MoE block of a decoder layer; errors when the config has no routed experts.
+    pub fn new(config: &ModelConfig, workload: &Workload) -> Result<DeepseekV2MoE> {
+        Ok(DeepseekV2MoE {
+            input: t(
+                &[workload.batch, workload.query_len(), config.hidden_size],
+                workload.dtype,
+            ),
+            moe: config.moe()?.clone(),
+            allow_tf32: workload.allow_tf32,
+        })
+    }
+}
+
+impl Layer for DeepseekV2MoE {
+    fn name(&self) -> String {
+        "DeepseekV2MoE".into()
+    }
+
+    fn cost(&self) -> Result<Cost> {
+        let x = &self.input;
+        let dtype = x.dtype;
+        let hidden = *x.shape.last().unwrap_or(&1);
+        let tokens = product("MoE tokens", &x.shape[..x.shape.len().saturating_sub(1)])?;
+        let (experts, k, m) = (
+            self.moe.n_routed_experts,
+            self.moe.num_experts_per_tok,
+            self.moe.moe_intermediate_size,
+        );
+        let routed_rows = product("routed rows (N·k)", &[tokens, k])?;
+        let mut b = CostBuilder::new(self.name(), self.allow_tf32);
+
+        b.child(MoEGate::over(x.clone(), self.moe.clone(), self.allow_tf32).cost()?)?;
+
+        // Dispatch: count tokens per expert, sort the (token, slot) pairs by expert, gather.
+        let ids = t(&[tokens, k], Dtype::I64);
+        let counts = t(&[tokens, experts], Dtype::I64);
+        b.copy(
+            "cnts = new_zeros(N, E)",
+            "aten::new_zeros",
+            &[&ids],
+            counts.clone(),
+        )?;
+        b.copy(
+            "cnts.scatter_(1, topk_ids, 1)",
+            "aten::scatter_",
+            &[&counts, &ids],
+            counts.clone(),
+        )?;
+        let per_expert = t(&[experts], Dtype::I64);
+        b.op(
+            "tokens_per_expert = cnts.sum(0)",
+            "aten::sum",
+            &[
+                arg(&counts),
+                Arg::IntList(vec![0]),
+                Arg::Bool(false),
+                Arg::None,
+            ],
+            &[per_expert],
+        )?;
+        let flat_ids = t(&[routed_rows], Dtype::I64);
+        b.copy(
+            "idxs = argsort",
+            "aten::argsort",
+            &[&flat_ids],
+            flat_ids.clone(),
+        )?;
+        b.elementwise("idxs // k", "aten::floor_divide", &[&flat_ids], Dtype::I64)?;
+        let flat_x = t(&[tokens, hidden], dtype);
+        let sorted = t(&[routed_rows, hidden], dtype);
+        b.copy(
+            "sorted_tokens = x[idxs // k]",
+            "aten::index",
+            &[&flat_x, &flat_ids],
+            sorted.clone(),
+        )?;
+
+        // Experts that received tokens, one after another over contiguous slices:
+        // together exactly N·k rows of a width-m MLP.
+        b.child(
+            DeepseekV2MLP::over(sorted.clone(), m, self.allow_tf32)
+                .instances(experts)
+                .cost_as("experts")?,
+        )?;
+
+        // Combine: cat, unsort, weight in fp32, sum over k, back to the model dtype.
+        let outs = b.copy(
+            "outs = cat(outputs)",
+            "aten::cat",
+            &[&sorted],
+            sorted.clone(),
+        )?;
+        b.copy(
+            "new_x = empty_like(outs)",
+            "aten::empty_like",
+            &[&outs],
+            outs.clone(),
+        )?;
+        b.copy(
+            "new_x[idxs] = outs",
+            "aten::index_put_",
+            &[&flat_ids, &outs],
+            outs.clone(),
+        )?;
+        let viewed = t(&[tokens, k, hidden], dtype);
+        let as_f32 = b.cast("type(topk_weight.dtype)", &viewed, Dtype::F32)?;
+        let weights = t(&[tokens, k, 1], Dtype::F32);
+        let weighted = b.elementwise(
+            "mul_(topk_weight)",
+            "aten::mul_",
+            &[&as_f32, &weights],
+            Dtype::F32,
+        )?;
+        let combined = t(&[tokens, hidden], Dtype::F32);
+        b.op(
+            "sum(dim=1)",
+            "aten::sum",
+            &[
+                arg(&weighted),
+                Arg::IntList(vec![1]),
+                Arg::Bool(false),
+                Arg::None,
+            ],
+            std::slice::from_ref(&combined),
+        )?;
+        b.cast("type(new_x.dtype)", &combined, dtype)?;
+
+        if self.moe.n_shared_experts > 0 {
+            let width = product("shared expert width", &[m, self.moe.n_shared_experts])?;
+            b.child(
+                DeepseekV2MLP::over(x.clone(), width, self.allow_tf32).cost_as("shared_experts")?,
+            )?;
+            b.elementwise("y + shared_experts(identity)", "aten::add", &[x, x], dtype)?;
+        }
+        Ok(b.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn moe(workload: &Workload) -> Metrics {
+        DeepseekV2MoE::new(&ModelConfig::deepseek_ocr(), workload)
+            .unwrap()
+            .metrics()
+            .unwrap()
+    }
+
+    #[test]
+    fn moe_matches_the_reference_measurement() {
+        let m = moe(&Workload::prefill(1, 512).unwrap());
+        assert_eq!(
+            m.matmul_flops, 28_269_608_960,
+            "FlopCounterMode, deepseek-ocr-facts.md"
+        );
+        assert_eq!(
+            m.weight_bytes,
+            227_164_160 * 2,
+            "227,164,160 bf16 parameters"
+        );
+        let (n, h, e, k, mi, shared) = (512u64, 1280u64, 64u64, 6u64, 896u64, 1792u64);
+        let gate = 6 * n * e + n * k;
+        let routed = 5 * n * k * mi;
+        let combine = 2 * n * k * h;
+        let shared_mlp = 5 * n * shared;
+        assert_eq!(
+            m.elementwise_flops,
+            gate + routed + combine + shared_mlp + n * h
+        );
+        // The gate's fp32 GEMM is the only CUDA-core matmul.
+        assert_eq!(m.tensor_core_flops, m.matmul_flops - 2 * n * h * e);
+    }
+
+    #[test]
+    fn no_shared_experts_means_no_shared_mlp() {
+        let mut c = ModelConfig::deepseek_ocr();
+        c.moe.as_mut().unwrap().n_shared_experts = 0;
+        let cost = DeepseekV2MoE::new(&c, &Workload::prefill(1, 8).unwrap())
+            .unwrap()
+            .cost()
+            .unwrap();
+        assert!(cost.child("shared_experts").is_none());
+        assert_eq!(
+            cost.metrics.matmul_flops,
+            2 * 8 * 1280 * 64 + 6 * 8 * 6 * 1280 * 896
+        );
+    }
+}

@@ -1,0 +1,109 @@
+//! The ATen calls that recur across the vendor modules, each written once.
+
+use crate::checked::product;
+use crate::conventions::{broadcast, Arg, TensorMeta};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::metrics::CostBuilder;
+
+/// A tensor of `shape` and `dtype`.
+pub(crate) fn t(shape: &[u64], dtype: Dtype) -> TensorMeta {
+    TensorMeta::new(shape, dtype)
+}
+
+/// A tensor argument.
+pub(crate) fn arg(x: &TensorMeta) -> Arg {
+    Arg::Tensor(x.clone())
+}
+
+/// `x` with its last dimension replaced by `last`.
+pub(crate) fn with_last(x: &TensorMeta, last: u64) -> TensorMeta {
+    let mut shape = x.shape.clone();
+    if let Some(l) = shape.last_mut() {
+        *l = last;
+    }
+    t(&shape, x.dtype)
+}
+
+/// Bytes of `count` elements of `dtype`.
+pub(crate) fn bytes_of(what: &str, count: u64, dtype: Dtype) -> Result<u64> {
+    let size = dtype
+        .size_bytes()
+        .ok_or_else(|| Error::invalid("dtype", dtype, crate::dtype::MODEL_DTYPE_SPELLINGS))?;
+    product(what, &[count, size])
+}
+
+impl CostBuilder {
+    /// `F.linear(x, W[out, in], b)` as libtorch dispatches it for contiguous inputs of
+    /// at most 3 dimensions: `mm(x₂ᴅ, Wᵀ)` without bias, `addmm(b, x₂ᴅ, Wᵀ)` with one.
+    pub(crate) fn linear(
+        &mut self,
+        role: &str,
+        x: &TensorMeta,
+        out_features: u64,
+        bias: bool,
+    ) -> Result<TensorMeta> {
+        let (&in_features, rows) = x
+            .shape
+            .split_last()
+            .ok_or_else(|| Error::op_shape("aten::linear", "a 0-d input"))?;
+        let rows = product("linear rows", rows)?;
+        let x2 = t(&[rows, in_features], x.dtype);
+        let weight_t = t(&[in_features, out_features], x.dtype);
+        let out2 = t(&[rows, out_features], x.dtype);
+        if bias {
+            let b = t(&[out_features], x.dtype);
+            self.op(
+                role,
+                "aten::addmm",
+                &[arg(&b), arg(&x2), arg(&weight_t)],
+                &[out2],
+            )?;
+        } else {
+            self.op(role, "aten::mm", &[arg(&x2), arg(&weight_t)], &[out2])?;
+        }
+        Ok(with_last(x, out_features))
+    }
+
+    /// `x.to(dtype)`: a copy when the dtype changes, nothing when it does not.
+    pub(crate) fn cast(&mut self, role: &str, x: &TensorMeta, dtype: Dtype) -> Result<TensorMeta> {
+        let out = t(&x.shape, dtype);
+        if x.dtype != dtype {
+            self.op(role, "aten::to", &[arg(x)], std::slice::from_ref(&out))?;
+        }
+        Ok(out)
+    }
+
+    /// An elementwise op over `inputs` (tensors broadcast together) plus any scalars;
+    /// the result has the broadcast shape and `out_dtype`.
+    pub(crate) fn elementwise(
+        &mut self,
+        role: &str,
+        op: &'static str,
+        inputs: &[&TensorMeta],
+        out_dtype: Dtype,
+    ) -> Result<TensorMeta> {
+        let mut shape: Vec<u64> = Vec::new();
+        for x in inputs {
+            shape = broadcast(&shape, &x.shape)
+                .ok_or_else(|| Error::op_shape(op, format!("{:?} does not broadcast", x.shape)))?;
+        }
+        let out = t(&shape, out_dtype);
+        let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
+        self.op(role, op, &args, std::slice::from_ref(&out))?;
+        Ok(out)
+    }
+
+    /// A data-movement op (`aten::cat`, `aten::index` …) reading `inputs` and writing `out`.
+    pub(crate) fn copy(
+        &mut self,
+        role: &str,
+        op: &'static str,
+        inputs: &[&TensorMeta],
+        out: TensorMeta,
+    ) -> Result<TensorMeta> {
+        let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
+        self.op(role, op, &args, std::slice::from_ref(&out))?;
+        Ok(out)
+    }
+}

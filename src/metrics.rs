@@ -1,0 +1,325 @@
+//! Exact per-call metrics and the cost tree that composite layers are made of.
+
+use serde::Serialize;
+
+use crate::checked::sum;
+use crate::conventions::{convention, Arg, OpCost, Rule, TensorMeta};
+use crate::error::{Error, Result};
+
+/// The metrics of one layer call, exact integers in base units (FLOPs and bytes).
+///
+/// Two views of the same FLOPs: by op class (`matmul_flops + elementwise_flops`) and by
+/// the engine that executes them (`tensor_core_flops + cuda_core_flops`); the totals of
+/// the two views are always equal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Metrics {
+    /// GEMM-like FLOPs (mm, addmm, bmm, baddbmm, convolutions, attention cores).
+    pub matmul_flops: u64,
+    /// Elementwise, reduction, softmax and top-k FLOPs.
+    pub elementwise_flops: u64,
+    /// FLOPs of GEMMs that run on tensor cores (bf16/fp16, or fp32 with TF32 allowed).
+    pub tensor_core_flops: u64,
+    /// FLOPs on CUDA cores: fp32 GEMMs without TF32 and all elementwise work.
+    pub cuda_core_flops: u64,
+    /// Bytes read plus bytes written by the layer's ops, unfused.
+    pub io_bytes: u64,
+    /// Bytes of the layer's parameters.
+    pub weight_bytes: u64,
+    /// Bytes of every tensor the layer's ops allocate, without reuse: an upper bound
+    /// on the transient activation memory of one call.
+    pub activation_bytes: u64,
+    /// Bytes held in the KV cache after the call.
+    pub kv_cache_bytes: u64,
+}
+
+/// The names of the metric fields, in report order.
+pub const METRIC_NAMES: [&str; 8] = [
+    "matmul_flops",
+    "elementwise_flops",
+    "tensor_core_flops",
+    "cuda_core_flops",
+    "io_bytes",
+    "weight_bytes",
+    "activation_bytes",
+    "kv_cache_bytes",
+];
+
+impl Metrics {
+    /// All FLOPs of the call.
+    pub fn total_flops(&self) -> Result<u64> {
+        sum("total FLOPs", &[self.matmul_flops, self.elementwise_flops])
+    }
+
+    /// The value of the metric called `name` (one of [`METRIC_NAMES`]).
+    pub fn get(&self, name: &str) -> Option<u64> {
+        Some(match name {
+            "matmul_flops" => self.matmul_flops,
+            "elementwise_flops" => self.elementwise_flops,
+            "tensor_core_flops" => self.tensor_core_flops,
+            "cuda_core_flops" => self.cuda_core_flops,
+            "io_bytes" => self.io_bytes,
+            "weight_bytes" => self.weight_bytes,
+            "activation_bytes" => self.activation_bytes,
+            "kv_cache_bytes" => self.kv_cache_bytes,
+            _ => return None,
+        })
+    }
+
+    /// Field-wise checked sum.
+    pub fn checked_add(&self, other: &Metrics) -> Result<Metrics> {
+        let add = |what: &str, a: u64, b: u64| {
+            a.checked_add(b)
+                .ok_or_else(|| Error::overflow(format!("{what} of a composite layer")))
+        };
+        Ok(Metrics {
+            matmul_flops: add("matmul_flops", self.matmul_flops, other.matmul_flops)?,
+            elementwise_flops: add(
+                "elementwise_flops",
+                self.elementwise_flops,
+                other.elementwise_flops,
+            )?,
+            tensor_core_flops: add(
+                "tensor_core_flops",
+                self.tensor_core_flops,
+                other.tensor_core_flops,
+            )?,
+            cuda_core_flops: add(
+                "cuda_core_flops",
+                self.cuda_core_flops,
+                other.cuda_core_flops,
+            )?,
+            io_bytes: add("io_bytes", self.io_bytes, other.io_bytes)?,
+            weight_bytes: add("weight_bytes", self.weight_bytes, other.weight_bytes)?,
+            activation_bytes: add(
+                "activation_bytes",
+                self.activation_bytes,
+                other.activation_bytes,
+            )?,
+            kv_cache_bytes: add("kv_cache_bytes", self.kv_cache_bytes, other.kv_cache_bytes)?,
+        })
+    }
+
+    /// The metrics of `count` identical calls of FLOP- and byte-moving work; weights
+    /// and the KV cache are state, not work, and are not multiplied.
+    pub fn repeated(&self, count: u64) -> Result<Metrics> {
+        let mul = |what: &str, v: u64| {
+            v.checked_mul(count)
+                .ok_or_else(|| Error::overflow(format!("{what} over {count} calls")))
+        };
+        Ok(Metrics {
+            matmul_flops: mul("matmul_flops", self.matmul_flops)?,
+            elementwise_flops: mul("elementwise_flops", self.elementwise_flops)?,
+            tensor_core_flops: mul("tensor_core_flops", self.tensor_core_flops)?,
+            cuda_core_flops: mul("cuda_core_flops", self.cuda_core_flops)?,
+            io_bytes: mul("io_bytes", self.io_bytes)?,
+            activation_bytes: mul("activation_bytes", self.activation_bytes)?,
+            ..*self
+        })
+    }
+}
+
+/// A node of a layer's cost tree: a layer, a sub-layer or one ATen op call.
+///
+/// A node's metrics are the sum of its children's plus its own parameters (and KV
+/// cache); leaves are op calls costed by the conventions table.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Cost {
+    /// Vendor class name for layers (`DeepseekV2MLP`), role for op calls (`gate_proj`).
+    pub name: String,
+    /// The ATen op of a leaf (`aten::mm`); `None` for layers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op: Option<&'static str>,
+    pub metrics: Metrics,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<Cost>,
+}
+
+impl Cost {
+    /// Depth-first iterator over the op-call leaves.
+    pub fn ops(&self) -> Vec<&Cost> {
+        let mut out = Vec::new();
+        fn walk<'a>(c: &'a Cost, out: &mut Vec<&'a Cost>) {
+            if c.op.is_some() {
+                out.push(c);
+            }
+            for child in &c.children {
+                walk(child, out);
+            }
+        }
+        walk(self, &mut out);
+        out
+    }
+
+    /// The child called `name`, if any.
+    pub fn child(&self, name: &str) -> Option<&Cost> {
+        self.children.iter().find(|c| c.name == name)
+    }
+}
+
+/// Builds a [`Cost`] node op by op, in the order the vendor code runs them.
+#[derive(Debug)]
+pub struct CostBuilder {
+    node: Cost,
+    allow_tf32: bool,
+}
+
+impl CostBuilder {
+    /// A new node called `name`; `allow_tf32` picks the engine of fp32 GEMMs.
+    pub fn new(name: impl Into<String>, allow_tf32: bool) -> CostBuilder {
+        CostBuilder {
+            node: Cost {
+                name: name.into(),
+                op: None,
+                metrics: Metrics::default(),
+                children: Vec::new(),
+            },
+            allow_tf32,
+        }
+    }
+
+    /// Records one ATen op call: `inputs` as the dispatcher sees them, `outputs` the
+    /// tensors it allocates (for byte metrics). FLOPs come from the conventions table.
+    pub fn op(
+        &mut self,
+        role: &str,
+        op: &'static str,
+        inputs: &[Arg],
+        outputs: &[TensorMeta],
+    ) -> Result<()> {
+        let conv =
+            convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+        let OpCost {
+            matmul_flops,
+            elementwise_flops,
+            tensor_core_flops,
+            cuda_core_flops,
+            ..
+        } = conv.cost(inputs, self.allow_tf32)?;
+        let (io_bytes, activation_bytes) = match conv.rule {
+            Rule::View | Rule::Composite => (0, 0),
+            _ => {
+                let mut read = 0;
+                for arg in inputs {
+                    if let Arg::Tensor(t) = arg {
+                        read = sum("io_bytes", &[read, t.bytes()?])?;
+                    }
+                }
+                let mut written = 0;
+                for t in outputs {
+                    written = sum("activation_bytes", &[written, t.bytes()?])?;
+                }
+                (sum("io_bytes", &[read, written])?, written)
+            }
+        };
+        self.push(Cost {
+            name: role.to_string(),
+            op: Some(conv.op),
+            metrics: Metrics {
+                matmul_flops,
+                elementwise_flops,
+                tensor_core_flops,
+                cuda_core_flops,
+                io_bytes,
+                activation_bytes,
+                ..Metrics::default()
+            },
+            children: Vec::new(),
+        })
+    }
+
+    /// Adds a sub-layer.
+    pub fn child(&mut self, child: Cost) -> Result<()> {
+        self.push(child)
+    }
+
+    /// Adds parameters of `bytes` owned by this node itself (not by a child).
+    pub fn weights(&mut self, bytes: u64) -> Result<()> {
+        self.node.metrics.weight_bytes =
+            sum("weight_bytes", &[self.node.metrics.weight_bytes, bytes])?;
+        Ok(())
+    }
+
+    /// Adds KV-cache bytes held by this node itself.
+    pub fn kv_cache(&mut self, bytes: u64) -> Result<()> {
+        self.node.metrics.kv_cache_bytes =
+            sum("kv_cache_bytes", &[self.node.metrics.kv_cache_bytes, bytes])?;
+        Ok(())
+    }
+
+    fn push(&mut self, child: Cost) -> Result<()> {
+        self.node.metrics = self.node.metrics.checked_add(&child.metrics)?;
+        self.node.children.push(child);
+        Ok(())
+    }
+
+    /// The finished node.
+    pub fn finish(self) -> Cost {
+        self.node
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::Dtype;
+
+    fn t(shape: &[u64], dtype: Dtype) -> TensorMeta {
+        TensorMeta::new(shape, dtype)
+    }
+
+    #[test]
+    fn builder_sums_children_and_costs_bytes() {
+        let mut b = CostBuilder::new("demo", false);
+        let x = t(&[4, 8], Dtype::Bf16);
+        let w = t(&[8, 16], Dtype::Bf16);
+        let y = t(&[4, 16], Dtype::Bf16);
+        b.op(
+            "proj",
+            "aten::mm",
+            &[Arg::Tensor(x.clone()), Arg::Tensor(w.clone())],
+            std::slice::from_ref(&y),
+        )
+        .unwrap();
+        b.op(
+            "act",
+            "aten::silu",
+            &[Arg::Tensor(y.clone())],
+            std::slice::from_ref(&y),
+        )
+        .unwrap();
+        b.op(
+            "view",
+            "aten::view",
+            &[Arg::Tensor(y.clone())],
+            std::slice::from_ref(&y),
+        )
+        .unwrap();
+        b.weights(256).unwrap();
+        let c = b.finish();
+        assert_eq!(c.metrics.matmul_flops, 2 * 4 * 8 * 16);
+        assert_eq!(c.metrics.elementwise_flops, 4 * 64);
+        assert_eq!(c.metrics.tensor_core_flops, 2 * 4 * 8 * 16);
+        assert_eq!(c.metrics.cuda_core_flops, 4 * 64);
+        // mm reads 64 + 256 bytes and writes 128; silu reads 128 and writes 128; views move nothing.
+        assert_eq!(c.metrics.io_bytes, 64 + 256 + 128 + 128 + 128);
+        assert_eq!(c.metrics.activation_bytes, 128 + 128);
+        assert_eq!(c.metrics.weight_bytes, 256);
+        assert_eq!(c.ops().len(), 3);
+    }
+
+    #[test]
+    fn unknown_ops_are_errors_not_zeros() {
+        let mut b = CostBuilder::new("demo", false);
+        assert!(b.op("x", "aten::made_up", &[], &[]).is_err());
+    }
+
+    #[test]
+    fn checked_add_reports_overflow() {
+        let big = Metrics {
+            matmul_flops: u64::MAX,
+            ..Metrics::default()
+        };
+        assert!(big.checked_add(&big).is_err());
+        assert!(big.repeated(2).is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! The `modelmeter analyze` report: every layer of one workload, as a human table or as
+//! `modelmeter.analyze/1` JSON.
+
+use serde_json::{json, Value};
+
+use crate::config::{MlpKind, ModelConfig};
+use crate::error::Result;
+use crate::layers::GenerationMetrics;
+use crate::layers::{
+    AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MLP, DeepseekV2MoE,
+    DeepseekV2RMSNorm, Generation, Layer, LlamaAttention, MoEGate,
+};
+use crate::metrics::{Cost, Metrics};
+use crate::units;
+use crate::workload::{Phase, Workload};
+
+/// The JSON schema tag of [`AnalyzeReport::to_json`].
+pub const ANALYZE_SCHEMA: &str = "modelmeter.analyze/1";
+
+/// Every analytic layer of a config for one workload, plus the whole stack.
+#[derive(Clone, Debug)]
+pub struct AnalyzeReport {
+    pub config: ModelConfig,
+    pub workload: Workload,
+    pub attention: AttentionImpl,
+    /// In report order: RMSNorm, MLP, gate, MoE, attention, dense layer, MoE layer
+    /// (layers the config does not have are left out).
+    pub layers: Vec<Cost>,
+    pub stack: Cost,
+    /// Prefill plus `new_tokens` decode steps, when asked for.
+    pub generation: Option<(u64, GenerationMetrics)>,
+}
+
+/// The analytic layers of `config` for `workload`, in report order.
+pub fn layers(
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+) -> Result<Vec<Box<dyn Layer>>> {
+    let mut out: Vec<Box<dyn Layer>> = vec![
+        Box::new(DeepseekV2RMSNorm::new(config, workload)),
+        Box::new(DeepseekV2MLP::new(config, workload)),
+    ];
+    if config.moe.is_some() {
+        out.push(Box::new(MoEGate::new(config, workload)?));
+        out.push(Box::new(DeepseekV2MoE::new(config, workload)?));
+    }
+    out.push(Box::new(LlamaAttention::new(config, workload, attention)));
+    for kind in [MlpKind::Dense, MlpKind::Moe] {
+        if let Some(index) = config.first_layer_of(kind) {
+            out.push(Box::new(DeepseekV2DecoderLayer::new(
+                config, workload, index, attention,
+            )?));
+        }
+    }
+    Ok(out)
+}
+
+/// Builds the report; `new_tokens` adds a generation summary (prefill workloads only).
+pub fn analyze(
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    new_tokens: Option<u64>,
+) -> Result<AnalyzeReport> {
+    let costs = layers(config, workload, attention)?
+        .iter()
+        .map(|l| l.cost())
+        .collect::<Result<Vec<_>>>()?;
+    let stack = DeepseekV2Decoder::new(config, workload, attention).cost()?;
+    let generation = match (new_tokens, workload.phase) {
+        (Some(n), Phase::Prefill { seq_len }) => {
+            let g = Generation {
+                config: config.clone(),
+                batch: workload.batch,
+                prefill_len: seq_len,
+                new_tokens: n,
+                dtype: workload.dtype,
+                allow_tf32: workload.allow_tf32,
+                attention,
+            };
+            Some((n, g.metrics()?))
+        }
+        _ => None,
+    };
+    Ok(AnalyzeReport {
+        config: config.clone(),
+        workload: *workload,
+        attention,
+        layers: costs,
+        stack,
+        generation,
+    })
+}
+
+impl AnalyzeReport {
+    /// The `modelmeter.analyze/1` JSON object; every count is an exact integer.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "schema": ANALYZE_SCHEMA,
+            "config": self.config,
+            "workload": self.workload,
+            "attention": self.attention,
+            "layers": self.layers,
+            "stack": self.stack,
+        });
+        if let Some((new_tokens, g)) = &self.generation {
+            v["generation"] = json!({ "new_tokens": new_tokens, "prefill": g.prefill, "decode": g.decode, "total": g.total });
+        }
+        v["conventions"] = crate::conventions::conventions_json();
+        v
+    }
+
+    /// Human tables: one summary row per layer, then each layer's breakdown to `depth`.
+    pub fn to_text(&self, depth: usize) -> String {
+        let mut out = format!(
+            "modelmeter analyze — {} — {} — attention {}\n\n",
+            self.config.name,
+            self.workload.describe(),
+            self.attention.class_name()
+        );
+        let mut rows = vec![header("layer")];
+        for c in self.layers.iter().chain(std::iter::once(&self.stack)) {
+            rows.push(row(&c.name, &c.metrics));
+        }
+        out.push_str(&units::table(&rows, &RIGHT));
+        for c in self.layers.iter().chain(std::iter::once(&self.stack)) {
+            if depth == 0 {
+                break;
+            }
+            out.push_str(&format!("\n{}\n", c.name));
+            let mut rows = vec![header("part")];
+            breakdown(c, 1, depth, &mut rows);
+            out.push_str(&units::table(&rows, &RIGHT));
+        }
+        if let Some((n, g)) = &self.generation {
+            out.push_str(&format!("\ngeneration: prefill + {n} decode steps\n"));
+            let rows = vec![
+                header("stage"),
+                row("prefill", &g.prefill),
+                row("decode (all steps)", &g.decode),
+                row("total", &g.total),
+            ];
+            out.push_str(&units::table(&rows, &RIGHT));
+        }
+        out
+    }
+}
+
+const RIGHT: [bool; 9] = [false, true, true, true, true, true, true, true, true];
+
+fn header(first: &str) -> Vec<String> {
+    [
+        first,
+        "matmul",
+        "elementwise",
+        "tensor core",
+        "CUDA core",
+        "io",
+        "weights",
+        "activations",
+        "KV cache",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn row(name: &str, m: &Metrics) -> Vec<String> {
+    vec![
+        name.to_string(),
+        units::flops(m.matmul_flops),
+        units::flops(m.elementwise_flops),
+        units::flops(m.tensor_core_flops),
+        units::flops(m.cuda_core_flops),
+        units::bytes(m.io_bytes),
+        units::bytes(m.weight_bytes),
+        units::bytes(m.activation_bytes),
+        units::bytes(m.kv_cache_bytes),
+    ]
+}
+
+fn breakdown(c: &Cost, level: usize, depth: usize, rows: &mut Vec<Vec<String>>) {
+    for child in &c.children {
+        let label = match child.op {
+            Some(op) => format!("{}{} [{op}]", "  ".repeat(level - 1), child.name),
+            None => format!("{}{}", "  ".repeat(level - 1), child.name),
+        };
+        rows.push(row(&label, &child.metrics));
+        if level < depth {
+            breakdown(child, level + 1, depth, rows);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_names_every_layer_and_keeps_integers_exact() {
+        let r = analyze(
+            &ModelConfig::deepseek_ocr(),
+            &Workload::prefill(1, 512).unwrap(),
+            AttentionImpl::Sdpa,
+            None,
+        )
+        .unwrap();
+        let j = r.to_json();
+        assert_eq!(j["schema"], ANALYZE_SCHEMA);
+        let names: Vec<&str> = j["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "DeepseekV2RMSNorm",
+                "DeepseekV2MLP",
+                "MoEGate",
+                "DeepseekV2MoE",
+                "LlamaFlashAttention2",
+                "DeepseekV2DecoderLayer_dense",
+                "DeepseekV2DecoderLayer_moe"
+            ]
+        );
+        assert_eq!(
+            j["layers"][1]["metrics"]["matmul_flops"].as_u64(),
+            Some(26_927_431_680)
+        );
+        assert!(j["stack"]["metrics"]["kv_cache_bytes"].is_u64());
+        let text = serde_json::to_string(&j).unwrap();
+        assert!(!text.contains("e+"), "no float notation for counts");
+    }
+
+    #[test]
+    fn dense_only_configs_leave_out_moe_layers() {
+        let mut c = ModelConfig::deepseek_ocr();
+        c.moe = None;
+        c.layer_kinds = vec![MlpKind::Dense; 12];
+        let r = analyze(
+            &c,
+            &Workload::prefill(1, 4).unwrap(),
+            AttentionImpl::Eager,
+            None,
+        )
+        .unwrap();
+        let names: Vec<&str> = r.layers.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "DeepseekV2RMSNorm",
+                "DeepseekV2MLP",
+                "LlamaAttention",
+                "DeepseekV2DecoderLayer_dense"
+            ]
+        );
+    }
+
+    #[test]
+    fn text_has_a_row_per_layer() {
+        let r = analyze(
+            &ModelConfig::deepseek_ocr(),
+            &Workload::prefill(1, 512).unwrap(),
+            AttentionImpl::Sdpa,
+            Some(2),
+        )
+        .unwrap();
+        let text = r.to_text(1);
+        assert!(text.contains("DeepseekV2MoE"));
+        assert!(text.contains("26.93 GFLOP"));
+        assert!(text.contains("generation: prefill + 2 decode steps"));
+    }
+}

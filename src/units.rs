@@ -1,0 +1,121 @@
+//! Human-readable units for reports. The library computes in base units; only reports
+//! format, and they all format here.
+
+/// FLOPs in the largest decimal unit that keeps at least one integer digit
+/// (`26.927 GFLOP`).
+pub fn flops(value: u64) -> String {
+    scaled(
+        value,
+        1000.0,
+        &["FLOP", "kFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP", "EFLOP"],
+    )
+}
+
+/// Bytes in binary units (`50.2 MiB`).
+pub fn bytes(value: u64) -> String {
+    scaled(
+        value,
+        1024.0,
+        &["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"],
+    )
+}
+
+fn scaled(value: u64, base: f64, units: &[&str]) -> String {
+    if value < base as u64 {
+        return format!("{value} {}", units[0]);
+    }
+    let mut v = value as f64;
+    let mut unit = 0;
+    while v >= base && unit + 1 < units.len() {
+        v /= base;
+        unit += 1;
+    }
+    let digits = if v >= 100.0 {
+        1
+    } else if v >= 10.0 {
+        2
+    } else {
+        3
+    };
+    format!("{v:.digits$} {}", units[unit])
+}
+
+/// A relative difference as a percentage with enough digits to show small ones.
+pub fn percent(rel: f64) -> String {
+    if rel == 0.0 {
+        "0%".into()
+    } else if rel.is_infinite() {
+        "inf".into()
+    } else if rel >= 0.01 {
+        format!("{:.2}%", rel * 100.0)
+    } else {
+        format!("{:.2e}%", rel * 100.0)
+    }
+}
+
+/// Left-aligned text columns: `rows` of cells, the first row a header.
+pub fn table(rows: &[Vec<String>], right_aligned: &[bool]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| {
+                let pad = width[c] - cell.chars().count();
+                if right_aligned.get(c).copied().unwrap_or(false) {
+                    format!("{}{cell}", " ".repeat(pad))
+                } else {
+                    format!("{cell}{}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        if i == 0 {
+            let rule: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&rule.join("  "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_scale_readably() {
+        assert_eq!(flops(999), "999 FLOP");
+        assert_eq!(flops(26_927_431_680), "26.93 GFLOP");
+        assert_eq!(flops(1_342_177_280), "1.342 GFLOP");
+        assert_eq!(bytes(2560), "2.500 KiB");
+        assert_eq!(bytes(52_592_640), "50.16 MiB");
+        assert_eq!(bytes(u64::MAX), "16.00 EiB");
+        assert_eq!(percent(0.0), "0%");
+        assert_eq!(percent(0.05), "5.00%");
+        assert_eq!(percent(0.000521), "5.21e-2%");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &[
+                vec!["a".into(), "bb".into()],
+                vec!["ccc".into(), "d".into()],
+            ],
+            &[false, true],
+        );
+        assert_eq!(t, "a    bb\n---  --\nccc   d\n");
+    }
+}

@@ -1,0 +1,250 @@
+//! Workloads: batch, phase (prefill or one decode step) and dtype.
+
+use serde::Serialize;
+
+use crate::checked::{product, sum};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// Which forward pass a layer call belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "phase", rename_all = "lowercase")]
+pub enum Phase {
+    /// A prompt of `seq_len` tokens: `S_q = S_kv = seq_len`.
+    Prefill { seq_len: u64 },
+    /// One generated token after `context_len` cached tokens: `S_q = 1`, and the vendor
+    /// code attends over `S_kv = context_len + 1` keys (the new token included).
+    Decode { context_len: u64 },
+}
+
+/// A workload: what one layer call processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub batch: u64,
+    #[serde(flatten)]
+    pub phase: Phase,
+    /// The model dtype (weights and activations); the gate and rotary tables run in fp32.
+    pub dtype: Dtype,
+    /// Whether fp32 GEMMs may use TF32 tensor cores (PyTorch's default: false).
+    pub allow_tf32: bool,
+}
+
+impl Workload {
+    /// A prefill of `seq_len` tokens in bf16 with TF32 off.
+    pub fn prefill(batch: u64, seq_len: u64) -> Result<Workload> {
+        Workload::new(batch, Phase::Prefill { seq_len }, Dtype::Bf16)
+    }
+
+    /// One decode step after `context_len` tokens, in bf16 with TF32 off.
+    pub fn decode(batch: u64, context_len: u64) -> Result<Workload> {
+        Workload::new(batch, Phase::Decode { context_len }, Dtype::Bf16)
+    }
+
+    /// A validated workload.
+    pub fn new(batch: u64, phase: Phase, dtype: Dtype) -> Result<Workload> {
+        if batch == 0 {
+            return Err(Error::invalid("batch", batch, "an integer ≥ 1"));
+        }
+        match phase {
+            Phase::Prefill { seq_len: 0 } => {
+                return Err(Error::invalid("seq_len", 0, "an integer ≥ 1"))
+            }
+            Phase::Decode { context_len: 0 } => {
+                return Err(Error::invalid(
+                    "context_len",
+                    0,
+                    "an integer ≥ 1 (the decode step follows a prefill of that many tokens)",
+                ))
+            }
+            _ => {}
+        }
+        if !dtype.is_model_dtype() {
+            return Err(Error::invalid(
+                "dtype",
+                dtype,
+                crate::dtype::MODEL_DTYPE_SPELLINGS,
+            ));
+        }
+        let w = Workload {
+            batch,
+            phase,
+            dtype,
+            allow_tf32: false,
+        };
+        // Every size derived below must fit in 64 bits.
+        product("tokens of the workload", &[batch, w.query_len()])?;
+        sum(
+            "keys of the workload",
+            &[w.query_len(), w.key_len_unchecked()],
+        )?;
+        Ok(w)
+    }
+
+    /// The same workload with TF32 allowed or not for fp32 GEMMs.
+    pub fn with_tf32(mut self, allow: bool) -> Workload {
+        self.allow_tf32 = allow;
+        self
+    }
+
+    /// The same workload in another model dtype.
+    pub fn with_dtype(self, dtype: Dtype) -> Result<Workload> {
+        Workload::new(self.batch, self.phase, dtype).map(|w| w.with_tf32(self.allow_tf32))
+    }
+
+    /// S_q: query positions per sequence in this call.
+    pub fn query_len(&self) -> u64 {
+        match self.phase {
+            Phase::Prefill { seq_len } => seq_len,
+            Phase::Decode { .. } => 1,
+        }
+    }
+
+    fn key_len_unchecked(&self) -> u64 {
+        match self.phase {
+            Phase::Prefill { seq_len } => seq_len,
+            Phase::Decode { context_len } => context_len.saturating_add(1),
+        }
+    }
+
+    /// S_kv: keys each query attends over (cached tokens plus this call's).
+    pub fn key_len(&self) -> Result<u64> {
+        match self.phase {
+            Phase::Prefill { seq_len } => Ok(seq_len),
+            Phase::Decode { context_len } => sum("context_len + 1", &[context_len, 1]),
+        }
+    }
+
+    /// Position of the first query token (0 in prefill, `context_len` in decode).
+    pub fn first_position(&self) -> u64 {
+        match self.phase {
+            Phase::Prefill { .. } => 0,
+            Phase::Decode { context_len } => context_len,
+        }
+    }
+
+    /// N = B · S_q: token rows of this call.
+    pub fn tokens(&self) -> Result<u64> {
+        product(
+            "tokens (batch × query length)",
+            &[self.batch, self.query_len()],
+        )
+    }
+
+    /// A one-line description (`B=1 prefill S=512 bf16`).
+    pub fn describe(&self) -> String {
+        let phase = match self.phase {
+            Phase::Prefill { seq_len } => format!("prefill S={seq_len}"),
+            Phase::Decode { context_len } => format!("decode C={context_len}"),
+        };
+        let tf32 = if self.allow_tf32 { " tf32" } else { "" };
+        format!("B={} {phase} {}{tf32}", self.batch, self.dtype)
+    }
+}
+
+/// A named workload profile: a prefill followed by greedy decoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    pub name: &'static str,
+    pub batch: u64,
+    pub prefill_len: u64,
+    pub new_tokens: u64,
+}
+
+/// DeepSeek-OCR's standard profile: one page, batch 1, 512 prompt tokens, 512 new tokens.
+pub const DSOCR_STANDARD_V1: Profile = Profile {
+    name: "dsocr-standard-v1",
+    batch: 1,
+    prefill_len: 512,
+    new_tokens: 512,
+};
+
+/// All built-in profiles.
+pub const PROFILES: &[Profile] = &[DSOCR_STANDARD_V1];
+
+impl Profile {
+    /// A built-in profile by name.
+    pub fn by_name(name: &str) -> Result<Profile> {
+        PROFILES
+            .iter()
+            .find(|p| p.name == name)
+            .copied()
+            .ok_or_else(|| {
+                let names: Vec<&str> = PROFILES.iter().map(|p| p.name).collect();
+                Error::invalid("profile", name, &names.join(", "))
+            })
+    }
+
+    /// The profile's prefill.
+    pub fn prefill(&self, dtype: Dtype) -> Result<Workload> {
+        Workload::new(
+            self.batch,
+            Phase::Prefill {
+                seq_len: self.prefill_len,
+            },
+            dtype,
+        )
+    }
+
+    /// Decode step `t` (0-based): attends over `prefill_len + t + 1` keys.
+    pub fn decode_step(&self, t: u64, dtype: Dtype) -> Result<Workload> {
+        let context_len = sum("decode context", &[self.prefill_len, t])?;
+        Workload::new(self.batch, Phase::Decode { context_len }, dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_profile_is_batch_1_prefill_512_then_512_tokens() {
+        let p = Profile::by_name("dsocr-standard-v1").unwrap();
+        assert_eq!((p.batch, p.prefill_len, p.new_tokens), (1, 512, 512));
+        let w = p.prefill(Dtype::Bf16).unwrap();
+        assert_eq!((w.tokens().unwrap(), w.key_len().unwrap()), (512, 512));
+        let d = p.decode_step(0, Dtype::Bf16).unwrap();
+        assert_eq!(
+            (
+                d.tokens().unwrap(),
+                d.key_len().unwrap(),
+                d.first_position()
+            ),
+            (1, 513, 512)
+        );
+        assert!(Profile::by_name("nope")
+            .unwrap_err()
+            .to_string()
+            .contains("dsocr-standard-v1"));
+    }
+
+    #[test]
+    fn invalid_workloads_name_the_value() {
+        assert!(Workload::prefill(0, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("batch = 0"));
+        assert!(Workload::prefill(1, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("seq_len = 0"));
+        assert!(Workload::decode(1, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("context_len = 0"));
+        assert!(Workload::new(1, Phase::Prefill { seq_len: 4 }, Dtype::I64).is_err());
+        assert!(Workload::prefill(u64::MAX, 2)
+            .unwrap_err()
+            .to_string()
+            .contains("overflows"));
+        assert!(Workload::decode(1, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn json_has_the_phase_inline() {
+        let w = Workload::decode(2, 7).unwrap();
+        let j = serde_json::to_value(w).unwrap();
+        assert_eq!(j["phase"], "decode");
+        assert_eq!(j["context_len"], 7);
+        assert_eq!(j["dtype"], "bf16");
+    }
+}

@@ -1,0 +1,150 @@
+//! `modelmeter analyze`, driven as a user runs it.
+
+use std::process::{Command, Output};
+
+fn analyze(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_modelmeter"))
+        .arg("analyze")
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn json_report_has_the_schema_layers_and_exact_integers() {
+    let o = analyze(&["--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["schema"], "modelmeter.analyze/1");
+    assert_eq!(j["config"]["name"], "deepseek-ocr-v1-base");
+    assert_eq!(j["workload"]["phase"], "prefill");
+    assert_eq!(j["workload"]["seq_len"], 512);
+    let layers = j["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 7);
+    for layer in layers {
+        for key in [
+            "matmul_flops",
+            "elementwise_flops",
+            "tensor_core_flops",
+            "cuda_core_flops",
+            "io_bytes",
+            "weight_bytes",
+            "activation_bytes",
+            "kv_cache_bytes",
+        ] {
+            assert!(layer["metrics"][key].is_u64(), "{} {key}", layer["name"]);
+        }
+        assert!(!layer["children"].as_array().unwrap().is_empty());
+    }
+    let gate = layers.iter().find(|l| l["name"] == "MoEGate").unwrap();
+    assert_eq!(gate["metrics"]["tensor_core_flops"], 0);
+    assert_eq!(gate["metrics"]["matmul_flops"], 83_886_080u64);
+    assert!(j["stack"]["metrics"]["matmul_flops"].is_u64());
+    assert!(j["conventions"]["ops"].is_array());
+}
+
+#[test]
+fn decode_and_config_file_options() {
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/deepseek-ocr/config.json"
+    );
+    let o = analyze(&[
+        "--config",
+        config,
+        "--phase",
+        "decode",
+        "--context-len",
+        "100",
+        "--batch",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["workload"]["context_len"], 100);
+    let attn = j["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "LlamaFlashAttention2")
+        .unwrap();
+    let core = attn["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "attention core")
+        .unwrap();
+    assert_eq!(core["metrics"]["matmul_flops"], 4u64 * 2 * 10 * 101 * 128);
+}
+
+#[test]
+fn human_tables_use_readable_units() {
+    let o = analyze(&["--new-tokens", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.contains("GFLOP") && text.contains("MiB"), "{text}");
+    assert!(text.contains("DeepseekV2DecoderLayer_moe"));
+    assert!(text.contains("generation: prefill + 4 decode steps"));
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--config", "/no/such/config.json"],
+            "/no/such/config.json",
+        ),
+        (&["--batch", "0"], "batch = 0"),
+        (&["--dtype", "int4"], "--dtype = int4"),
+        (
+            &["--phase", "decode", "--context-len", "0"],
+            "context_len = 0",
+        ),
+        (
+            &["--phase", "prefill", "--context-len", "3"],
+            "--context-len",
+        ),
+        (&["--phase", "sideways"], "sideways"),
+        (&["--batch", "-3"], "-3"),
+    ];
+    for (args, needle) in cases {
+        let o = analyze(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+        assert!(o.stdout.is_empty(), "{args:?}: nothing half-written");
+    }
+}
+
+#[test]
+fn invalid_config_file_is_refused_with_its_field() {
+    let dir = std::env::temp_dir().join(format!("modelmeter-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mla.json");
+    std::fs::write(&path, r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5, "use_mla": true}"#).unwrap();
+    let o = analyze(&["--config", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("use_mla = true is not supported"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn help_shows_examples() {
+    let o = Command::new(env!("CARGO_BIN_EXE_modelmeter"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.contains("Examples:") && text.contains("modelmeter analyze --phase decode"),
+        "{text}"
+    );
+}

@@ -1,0 +1,329 @@
+//! Properties of the analytic layers over generated configurations and workloads.
+
+use modelmeter::layers::{
+    AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MoE, Layer, LlamaAttention,
+    MoEGate, ATTENTION_CORE_ROLE,
+};
+use modelmeter::{Cost, Dtype, ModelConfig, Phase, Workload};
+use proptest::prelude::*;
+use serde_json::json;
+
+#[derive(Clone, Debug)]
+struct Dims {
+    hidden: u64,
+    heads: u64,
+    kv_heads: u64,
+    head_dim: u64,
+    intermediate: u64,
+    moe_intermediate: u64,
+    experts: u64,
+    k: u64,
+    shared: u64,
+    layers: u64,
+    bias: bool,
+}
+
+fn dims() -> impl Strategy<Value = Dims> {
+    (
+        1u64..=8,
+        prop::sample::select(vec![2u64, 4, 8, 16, 32]),
+        1u64..=64,
+        1u64..=96,
+        1u64..=48,
+        1u64..=16,
+        0u64..=3,
+        1u64..=4,
+        any::<bool>(),
+        any::<prop::sample::Index>(),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(
+            |(
+                heads,
+                head_dim,
+                hidden_mul,
+                i,
+                m,
+                experts,
+                shared,
+                layers,
+                bias,
+                kv_pick,
+                k_pick,
+            )| {
+                let divisors: Vec<u64> = (1..=heads).filter(|d| heads % d == 0).collect();
+                Dims {
+                    hidden: hidden_mul * 8,
+                    heads,
+                    kv_heads: *kv_pick.get(&divisors),
+                    head_dim,
+                    intermediate: i,
+                    moe_intermediate: m,
+                    experts,
+                    k: 1 + k_pick.index(experts as usize) as u64,
+                    shared,
+                    layers,
+                    bias,
+                }
+            },
+        )
+}
+
+fn config(d: &Dims) -> ModelConfig {
+    ModelConfig::from_json_value(
+        "generated",
+        &json!({
+            "hidden_size": d.hidden,
+            "num_attention_heads": d.heads,
+            "num_key_value_heads": d.kv_heads,
+            "head_dim": d.head_dim,
+            "intermediate_size": d.intermediate,
+            "moe_intermediate_size": d.moe_intermediate,
+            "n_routed_experts": d.experts,
+            "num_experts_per_tok": d.k,
+            "n_shared_experts": d.shared,
+            "num_hidden_layers": d.layers,
+            "first_k_dense_replace": 1,
+            "vocab_size": 97,
+            "attention_bias": d.bias,
+        }),
+    )
+    .expect("generated configs are valid")
+}
+
+fn workloads() -> impl Strategy<Value = (u64, Phase, Dtype)> {
+    (
+        1u64..=4,
+        prop_oneof![
+            (1u64..=64).prop_map(|s| Phase::Prefill { seq_len: s }),
+            (1u64..=64).prop_map(|c| Phase::Decode { context_len: c }),
+        ],
+        prop::sample::select(vec![Dtype::Bf16, Dtype::F16, Dtype::F32]),
+    )
+}
+
+fn workload(batch: u64, phase: Phase, dtype: Dtype) -> Workload {
+    Workload::new(batch, phase, dtype).unwrap()
+}
+
+fn all_layers(c: &ModelConfig, w: &Workload, attn: AttentionImpl) -> Vec<Cost> {
+    let mut out: Vec<Cost> = modelmeter::report::layers(c, w, attn)
+        .unwrap()
+        .iter()
+        .map(|l| l.cost().unwrap())
+        .collect();
+    out.push(DeepseekV2Decoder::new(c, w, attn).cost().unwrap());
+    out
+}
+
+fn assert_sums(c: &Cost) {
+    if c.children.is_empty() {
+        return;
+    }
+    let mut total = modelmeter::Metrics::default();
+    for child in &c.children {
+        assert_sums(child);
+        total = total.checked_add(&child.metrics).unwrap();
+    }
+    // A node adds only its own parameters and KV cache to its children's sum.
+    assert_eq!(c.metrics.matmul_flops, total.matmul_flops, "{}", c.name);
+    assert_eq!(
+        c.metrics.elementwise_flops, total.elementwise_flops,
+        "{}",
+        c.name
+    );
+    assert_eq!(
+        c.metrics.tensor_core_flops, total.tensor_core_flops,
+        "{}",
+        c.name
+    );
+    assert_eq!(
+        c.metrics.cuda_core_flops, total.cuda_core_flops,
+        "{}",
+        c.name
+    );
+    assert_eq!(c.metrics.io_bytes, total.io_bytes, "{}", c.name);
+    assert_eq!(
+        c.metrics.activation_bytes, total.activation_bytes,
+        "{}",
+        c.name
+    );
+    assert!(c.metrics.weight_bytes >= total.weight_bytes, "{}", c.name);
+    assert!(
+        c.metrics.kv_cache_bytes >= total.kv_cache_bytes,
+        "{}",
+        c.name
+    );
+}
+
+fn projections(c: &Cost) -> u64 {
+    ["q_proj", "k_proj", "v_proj", "o_proj"]
+        .iter()
+        .map(|n| c.child(n).unwrap().metrics.matmul_flops)
+        .sum()
+}
+
+fn core(c: &Cost) -> u64 {
+    c.child(ATTENTION_CORE_ROLE).unwrap().metrics.matmul_flops
+}
+
+/// Matmul FLOPs of the fp32 GEMMs (MoE gate, rotary table) in a cost tree.
+fn fp32_gemm_flops(c: &Cost) -> u64 {
+    c.ops()
+        .iter()
+        .filter(|op| {
+            op.op
+                .is_some_and(|name| name == "aten::mm" || name == "aten::bmm")
+                && (op.name.starts_with("logits") || op.name.starts_with("inv_freq"))
+        })
+        .map(|op| op.metrics.matmul_flops)
+        .sum()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn composites_sum_children_and_flop_views_agree(d in dims(), (b, phase, dtype) in workloads(), eager in any::<bool>()) {
+        let c = config(&d);
+        let w = workload(b, phase, dtype);
+        let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
+        for cost in all_layers(&c, &w, attn) {
+            assert_sums(&cost);
+            let m = cost.metrics;
+            prop_assert_eq!(m.matmul_flops + m.elementwise_flops, m.tensor_core_flops + m.cuda_core_flops, "{}", cost.name);
+        }
+    }
+
+    #[test]
+    fn projections_are_linear_in_tokens(d in dims(), b in 1u64..=4, s in 1u64..=64, dtype in prop::sample::select(vec![Dtype::Bf16, Dtype::F32])) {
+        let c = config(&d);
+        let one = LlamaAttention::new(&c, &workload(b, Phase::Prefill { seq_len: s }, dtype), AttentionImpl::Sdpa).cost().unwrap();
+        let twice_s = LlamaAttention::new(&c, &workload(b, Phase::Prefill { seq_len: 2 * s }, dtype), AttentionImpl::Sdpa).cost().unwrap();
+        let twice_b = LlamaAttention::new(&c, &workload(2 * b, Phase::Prefill { seq_len: s }, dtype), AttentionImpl::Sdpa).cost().unwrap();
+        prop_assert_eq!(projections(&twice_s), 2 * projections(&one));
+        prop_assert_eq!(projections(&twice_b), 2 * projections(&one));
+        let n = b * s;
+        let (h, hd, kvd) = (d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim);
+        prop_assert_eq!(projections(&one), 2 * n * h * hd + 2 * 2 * n * h * kvd + 2 * n * hd * h);
+    }
+
+    #[test]
+    fn prefill_core_is_quadratic_in_s(d in dims(), b in 1u64..=4, s in 1u64..=64, eager in any::<bool>()) {
+        let c = config(&d);
+        let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
+        let at = |s| core(&LlamaAttention::new(&c, &workload(b, Phase::Prefill { seq_len: s }, Dtype::Bf16), attn).cost().unwrap());
+        prop_assert_eq!(at(2 * s), 4 * at(s));
+        prop_assert_eq!(at(s), 4 * b * d.heads * s * s * d.head_dim);
+    }
+
+    #[test]
+    fn decode_core_is_linear_in_context(d in dims(), b in 1u64..=4, ctx in 1u64..=256) {
+        let c = config(&d);
+        let at = |ctx| core(&LlamaAttention::new(&c, &workload(b, Phase::Decode { context_len: ctx }, Dtype::Bf16), AttentionImpl::Sdpa).cost().unwrap());
+        prop_assert_eq!(at(ctx + 1) - at(ctx), 4 * b * d.heads * d.head_dim, "one more key");
+        prop_assert_eq!(at(ctx), 4 * b * d.heads * (ctx + 1) * d.head_dim);
+    }
+
+    #[test]
+    fn routed_experts_scale_with_k_not_e(d in dims(), b in 1u64..=4, s in 1u64..=32, extra_experts in 1u64..=8) {
+        let w = workload(b, Phase::Prefill { seq_len: s }, Dtype::Bf16);
+        let routed = |d: &Dims| {
+            let cost = DeepseekV2MoE::new(&config(d), &w).unwrap().cost().unwrap();
+            cost.child("experts").unwrap().metrics
+        };
+        let base = routed(&d);
+        let n = b * s;
+        prop_assert_eq!(base.matmul_flops, 6 * n * d.k * d.hidden * d.moe_intermediate);
+        let more = Dims { experts: d.experts + extra_experts, ..d.clone() };
+        let with_more = routed(&more);
+        prop_assert_eq!(with_more.matmul_flops, base.matmul_flops, "independent of E");
+        prop_assert!(with_more.weight_bytes > base.weight_bytes, "weights grow with E");
+        let moe_weights = |d: &Dims| DeepseekV2MoE::new(&config(d), &w).unwrap().metrics().unwrap().weight_bytes;
+        prop_assert!(moe_weights(&more) > moe_weights(&d));
+        if d.k < d.experts {
+            let more_k = Dims { k: d.k + 1, ..d.clone() };
+            prop_assert_eq!(routed(&more_k).matmul_flops * d.k, base.matmul_flops * (d.k + 1), "∝ k");
+        }
+    }
+
+    #[test]
+    fn engines_follow_the_dtype_rule(d in dims(), (b, phase, _) in workloads(), eager in any::<bool>()) {
+        let c = config(&d);
+        let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
+        let bf16 = all_layers(&c, &workload(b, phase, Dtype::Bf16), attn);
+        let fp32 = all_layers(&c, &workload(b, phase, Dtype::F32), attn);
+        let fp32_tf32 = all_layers(&c, &workload(b, phase, Dtype::F32).with_tf32(true), attn);
+        let bf16_tf32 = all_layers(&c, &workload(b, phase, Dtype::Bf16).with_tf32(true), attn);
+        for (((x, y), z), t) in bf16.iter().zip(&fp32).zip(&fp32_tf32).zip(&bf16_tf32) {
+            let (mb, mf, mz, mt) = (x.metrics, y.metrics, z.metrics, t.metrics);
+            // The same ops run in both dtypes: the FLOPs by class do not change.
+            prop_assert_eq!(mb.matmul_flops, mf.matmul_flops, "{}", x.name);
+            prop_assert_eq!(mb.elementwise_flops, mf.elementwise_flops, "{}", x.name);
+            // bf16: every GEMM but the fp32 gate and rotary ones on tensor cores.
+            let fp32_gemms = fp32_gemm_flops(x);
+            prop_assert_eq!(mb.tensor_core_flops, mb.matmul_flops - fp32_gemms, "{}", x.name);
+            prop_assert_eq!(mb.cuda_core_flops, mb.elementwise_flops + fp32_gemms, "{}", x.name);
+            // fp32 with TF32 off: all on CUDA cores.
+            prop_assert_eq!(mf.tensor_core_flops, 0, "{}", x.name);
+            prop_assert_eq!(mf.cuda_core_flops, mf.matmul_flops + mf.elementwise_flops, "{}", x.name);
+            // TF32 allowed: every GEMM on tensor cores, elementwise on CUDA cores.
+            prop_assert_eq!(mz.tensor_core_flops, mz.matmul_flops, "{}", x.name);
+            prop_assert_eq!(mt.tensor_core_flops, mt.matmul_flops, "{}", x.name);
+            prop_assert_eq!(mt.cuda_core_flops, mt.elementwise_flops, "{}", x.name);
+        }
+    }
+
+    #[test]
+    fn gate_is_never_tensor_core_work_in_bf16(d in dims(), (b, phase, _) in workloads()) {
+        let c = config(&d);
+        let m = MoEGate::new(&c, &workload(b, phase, Dtype::Bf16)).unwrap().metrics().unwrap();
+        prop_assert_eq!(m.tensor_core_flops, 0);
+        prop_assert_eq!(m.matmul_flops, 2 * b * (match phase { Phase::Prefill { seq_len } => seq_len, _ => 1 }) * d.hidden * d.experts);
+    }
+}
+
+#[test]
+fn huge_sizes_are_errors_not_panics() {
+    let c = ModelConfig::from_json_value(
+        "huge",
+        &json!({
+            "hidden_size": u64::MAX / 2,
+            "num_attention_heads": 2,
+            "intermediate_size": u64::MAX / 3,
+            "moe_intermediate_size": 7,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "num_hidden_layers": 3,
+            "vocab_size": u64::MAX,
+        }),
+    );
+    // hidden/heads is odd → rejected before any arithmetic; use an even head_dim instead.
+    assert!(c.is_err());
+    let c = ModelConfig::from_json_value(
+        "huge",
+        &json!({
+            "hidden_size": 1u64 << 40,
+            "num_attention_heads": 2,
+            "intermediate_size": 1u64 << 40,
+            "moe_intermediate_size": 7,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "num_hidden_layers": 3,
+            "vocab_size": 1u64 << 40,
+        }),
+    )
+    .unwrap();
+    let w = Workload::prefill(1u64 << 20, 1u64 << 20).unwrap();
+    for layer in modelmeter::report::layers(&c, &w, AttentionImpl::Sdpa).unwrap() {
+        let e = layer.metrics().unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{}: {e}", layer.name());
+    }
+    assert!(DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa)
+        .metrics()
+        .is_err());
+    assert!(DeepseekV2DecoderLayer::new(&c, &w, 1, AttentionImpl::Eager)
+        .unwrap()
+        .metrics()
+        .is_err());
+}
