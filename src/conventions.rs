@@ -20,8 +20,8 @@
 //!   broadcast shape of their tensor inputs (the output for elementwise ops, the input
 //!   for reductions, softmax and top-k). Ops whose first tensor input is an integer or
 //!   boolean tensor are index bookkeeping and cost 0.
-//! - Copies, casts, gathers, scatters, sorts and allocations cost 0 FLOPs but move
-//!   bytes; views move nothing.
+//! - Copies, casts, gathers, scatters, sorts, allocations and random fills cost 0
+//!   FLOPs but move bytes; views move nothing.
 //! - Engines: GEMMs whose first operand is bf16, fp16 or fp8 run on tensor cores; fp32
 //!   GEMMs run on CUDA cores unless TF32 is allowed (PyTorch's default is off); all
 //!   other dtypes and all elementwise work run on CUDA cores.
@@ -402,6 +402,13 @@ pub const OPS: &[OpConvention] = &[
     copy("aten::fill"),
     copy("aten::zero"),
     copy("aten::arange"),
+    // Random fills: generated data, not arithmetic on data.
+    copy("aten::rand"),
+    copy("aten::randn"),
+    copy("aten::randint"),
+    copy("aten::randperm"),
+    copy("aten::normal"),
+    copy("aten::uniform"),
     copy("aten::resize"),
     copy("aten::_local_scalar_dense"),
     copy("aten::item"),

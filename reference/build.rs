@@ -1,0 +1,27 @@
+//! Compiles the C++ op observer against the libtorch torch-sys found, and links this
+//! crate's tests and examples to libtorch (CUDA included).
+
+fn main() {
+    let lib = modelmeter_libtorch_build::link_libtorch();
+    let include = lib
+        .parent()
+        .expect("libtorch lib folder has a parent")
+        .join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    println!("cargo:rerun-if-changed=csrc/op_observer.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        // libtorch is a release build; at::RecordFunction has a debug-only field, so the
+        // shim must see the same layout.
+        .define("NDEBUG", None)
+        .file("csrc/op_observer.cpp")
+        .compile("modelmeter_op_observer");
+}

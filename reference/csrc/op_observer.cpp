@@ -1,0 +1,282 @@
+// The smallest shim the FLOP hook needs: a libtorch RecordFunction callback that writes
+// down every ATen op the dispatcher runs inside a counted region (name, nesting depth,
+// thread, scope and boxed inputs) as text lines. All costing happens in Rust
+// (src/counter.rs) with the conventions table of the analytic crate.
+//
+// Line format, one per op start:
+//   <thread>\t<depth>\t<F|B>\t<name>\t<arg>;<arg>;...\n
+// where an arg is N (None or undefined tensor), T<dtype>@<device>[d0,d1,...],
+// i<int>, f<double>, b0|b1, s<hex bytes>, I[<int>,...], B[<0|1>,...], L[<arg>;...]
+// or ?<kind>. A callback failure writes X\t<message>\n instead: counts are never lost
+// silently, and no C++ exception ever reaches Rust.
+
+#include <ATen/Context.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <ATen/record_function.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+std::mutex g_mutex;  // guards g_log and g_handle
+std::string g_log;
+at::CallbackHandle g_handle = 0;
+std::atomic<bool> g_armed{false};
+std::atomic<uint64_t> g_generation{0};
+std::atomic<uint64_t> g_owner{0};
+
+// Per-thread stack of open ops: whether each belongs to the counted region. Reset when
+// a new region starts (ops left open by an earlier one never get their end callback).
+struct ThreadFrames {
+  uint64_t generation = ~uint64_t{0};
+  std::vector<char> in_region;
+};
+thread_local ThreadFrames t_frames;
+
+void append_error(const std::string& message) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_armed.load()) return;
+  g_log += "X\t";
+  for (char c : message) g_log += (c == '\n' || c == '\t') ? ' ' : c;
+  g_log += '\n';
+}
+
+void encode_ints(std::string& out, c10::IntArrayRef values) {
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i) out += ',';
+    out += std::to_string(values[i]);
+  }
+}
+
+void encode_tensor(std::string& out, const at::Tensor& t) {
+  if (!t.defined()) {
+    out += 'N';
+    return;
+  }
+  out += 'T';
+  out += c10::toString(t.scalar_type());
+  out += '@';
+  out += t.device().str();
+  out += '[';
+  encode_ints(out, t.sizes());
+  out += ']';
+}
+
+void encode(std::string& out, const c10::IValue& v) {
+  static const char* hex = "0123456789abcdef";
+  if (v.isNone()) {
+    out += 'N';
+  } else if (v.isTensor()) {
+    encode_tensor(out, v.toTensor());
+  } else if (v.isInt()) {
+    out += 'i';
+    out += std::to_string(v.toInt());
+  } else if (v.isSymInt()) {
+    out += 'i';
+    out += std::to_string(v.toSymInt().guard_int(__FILE__, __LINE__));
+  } else if (v.isDouble()) {
+    char buf[40];
+    std::snprintf(buf, sizeof(buf), "f%.17g", v.toDouble());
+    out += buf;
+  } else if (v.isBool()) {
+    out += v.toBool() ? "b1" : "b0";
+  } else if (v.isString()) {
+    out += 's';
+    for (unsigned char c : v.toStringRef()) {
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  } else if (v.isIntList()) {
+    out += "I[";
+    encode_ints(out, v.toIntVector());
+    out += ']';
+  } else if (v.isBoolList()) {
+    out += "B[";
+    auto list = v.toBoolList();
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (i) out += ',';
+      out += list.get(i) ? '1' : '0';
+    }
+    out += ']';
+  } else if (v.isTensorList()) {
+    out += "L[";
+    auto list = v.toTensorVector();
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (i) out += ';';
+      encode_tensor(out, list[i]);
+    }
+    out += ']';
+  } else if (v.isList()) {
+    out += "L[";
+    auto list = v.toListRef();
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (i) out += ';';
+      encode(out, list[i]);
+    }
+    out += ']';
+  } else {
+    out += '?';
+    out += v.tagKind();
+  }
+}
+
+std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
+  try {
+    const uint64_t generation = g_generation.load();
+    if (t_frames.generation != generation) {
+      t_frames.generation = generation;
+      t_frames.in_region.clear();
+    }
+    const uint64_t owner = g_owner.load();
+    const bool backward = fn.scope() == at::RecordScope::BACKWARD_FUNCTION;
+    const bool parent = !t_frames.in_region.empty() && t_frames.in_region.back();
+    // The region is the arming thread plus the backward nodes its forward ops created,
+    // which the autograd engine may run on its own threads.
+    const bool in = parent || fn.threadId() == owner || (backward && fn.forwardThreadId() == owner);
+    const size_t depth = t_frames.in_region.size();
+    t_frames.in_region.push_back(in ? 1 : 0);
+    if (!in || !g_armed.load()) return nullptr;
+
+    std::string line = std::to_string(fn.threadId());
+    line += '\t';
+    line += std::to_string(depth);
+    line += backward ? "\tB\t" : "\tF\t";
+    line += fn.name();
+    line += '\t';
+    if (fn.needsInputs()) {
+      auto inputs = fn.inputs();
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        if (i) line += ';';
+        encode(line, inputs[i]);
+      }
+    }
+    line += '\n';
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (g_armed.load()) g_log += line;
+  } catch (const std::exception& e) {
+    append_error(std::string(fn.name()) + ": " + e.what());
+  } catch (...) {
+    append_error(std::string(fn.name()) + ": unknown exception");
+  }
+  return nullptr;
+}
+
+void on_end(const at::RecordFunction&, at::ObserverContext*) {
+  if (t_frames.generation == g_generation.load() && !t_frames.in_region.empty()) {
+    t_frames.in_region.pop_back();
+  }
+}
+
+void write_error(char* err, size_t len, const char* message) {
+  if (err && len) {
+    std::strncpy(err, message, len - 1);
+    err[len - 1] = '\0';
+  }
+}
+
+char* copy_out(const std::string& s, size_t* len) {
+  char* buf = static_cast<char*>(std::malloc(s.size() + 1));
+  if (!buf) return nullptr;
+  std::memcpy(buf, s.data(), s.size());
+  buf[s.size()] = '\0';
+  *len = s.size();
+  return buf;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Arms the callback for ops of the calling thread (and its backward). 0 on success.
+int mm_observer_start(char* err, size_t err_len) {
+  try {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (g_handle != 0) {
+      write_error(err, err_len, "a counted region is already open");
+      return 1;
+    }
+    g_log.clear();
+    g_owner.store(at::RecordFunction::currentThreadId());
+    g_generation.fetch_add(1);
+    g_armed.store(true);
+    g_handle = at::addGlobalCallback(
+        at::RecordFunctionCallback(&on_start, &on_end)
+            .needsInputs(true)
+            .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
+    return 0;
+  } catch (const std::exception& e) {
+    g_armed.store(false);
+    write_error(err, err_len, e.what());
+  } catch (...) {
+    g_armed.store(false);
+    write_error(err, err_len, "unknown exception while arming the op observer");
+  }
+  return 1;
+}
+
+// Disarms the callback and hands over the log (free it with mm_free). 0 on success.
+int mm_observer_stop(char** out, size_t* out_len, char* err, size_t err_len) {
+  try {
+    at::CallbackHandle handle = 0;
+    {
+      std::lock_guard<std::mutex> lock(g_mutex);
+      handle = g_handle;
+      g_handle = 0;
+      g_armed.store(false);
+    }
+    if (handle != 0) at::removeCallback(handle);
+    std::lock_guard<std::mutex> lock(g_mutex);
+    *out = copy_out(g_log, out_len);
+    g_log.clear();
+    g_log.shrink_to_fit();
+    if (!*out) {
+      write_error(err, err_len, "out of memory copying the op log");
+      return 1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+  } catch (...) {
+    write_error(err, err_len, "unknown exception while disarming the op observer");
+  }
+  return 1;
+}
+
+// libtorch's build configuration (at::show_config()), with its version. Free with mm_free.
+char* mm_libtorch_config(size_t* out_len) {
+  try {
+    return copy_out(at::show_config(), out_len);
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// Whether fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32).
+int mm_tf32_matmul_allowed() {
+  try {
+    return at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Sets it; 0 on success.
+int mm_set_tf32_matmul_allowed(int allowed) {
+  try {
+    at::globalContext().setAllowTF32CuBLAS(allowed != 0);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+void mm_free(char* p) { std::free(p); }
+
+}  // extern "C"

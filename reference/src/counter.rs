@@ -1,0 +1,404 @@
+//! The dispatcher-level FLOP counter: arm it around some libtorch work, get back every
+//! counted op with its FLOPs, costed by the analytic crate's conventions table.
+//!
+//! ```
+//! # fn main() -> modelmeter_reference::Result<()> {
+//! use modelmeter_reference::FlopCounter;
+//! let a = tch::Tensor::ones([64, 32], (tch::Kind::Float, tch::Device::Cpu));
+//! let region = FlopCounter::start()?;
+//! let _c = a.f_mm(&a.f_transpose(0, 1)?)?;
+//! let counts = region.finish()?;
+//! assert_eq!(counts.matmul_flops, 2 * 64 * 32 * 64);
+//! # Ok(()) }
+//! ```
+//!
+//! Counting rule: an op is counted when it has a non-composite rule in the conventions
+//! table and no enclosing op on its thread has one (composite ops such as
+//! `aten::linear` are counted through the ops they dispatch; a kernel's inner ops are
+//! covered by its own rule). This is what makes the matmul totals equal PyTorch's
+//! `FlopCounterMode`, which never sees composite ops nor ops inside a kernel.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use modelmeter::conventions::{convention, Arg, Gemm, OpCost, Rule};
+use modelmeter::Dtype;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::observer;
+use crate::op_log::{self, OpEvent};
+
+/// One region at a time per process: regions on other threads wait.
+static REGION: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static REGION_OPEN_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Entry point of the counter.
+pub struct FlopCounter;
+
+impl FlopCounter {
+    /// Arms the counter for the ops of the calling thread (and the backward they
+    /// create, whatever thread the autograd engine runs it on). Waits while another
+    /// thread has a region open; an error if this thread already has one.
+    pub fn start() -> Result<Region> {
+        if REGION_OPEN_HERE.with(Cell::get) {
+            return Err(Error::Observer(
+                "a counted region is already open on this thread".into(),
+            ));
+        }
+        let guard = REGION
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let allow_tf32 = observer::tf32_matmul_allowed().unwrap_or(false);
+        observer::start()?;
+        REGION_OPEN_HERE.with(|c| c.set(true));
+        Ok(Region {
+            _guard: guard,
+            allow_tf32,
+            finished: false,
+        })
+    }
+}
+
+/// An armed counting region; [`Region::finish`] disarms it and returns the counts.
+/// Dropping it unfinished disarms it too.
+pub struct Region {
+    _guard: MutexGuard<'static, ()>,
+    allow_tf32: bool,
+    finished: bool,
+}
+
+impl Region {
+    /// Disarms the counter and costs every op seen since [`FlopCounter::start`].
+    pub fn finish(mut self) -> Result<Counts> {
+        self.finished = true;
+        REGION_OPEN_HERE.with(|c| c.set(false));
+        let log = observer::stop()?;
+        Ok(Counts::from_log(&op_log::parse(&log), self.allow_tf32))
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        if !self.finished {
+            REGION_OPEN_HERE.with(|c| c.set(false));
+            let _ = observer::stop();
+        }
+    }
+}
+
+/// Which engine the FLOPs of a counted op are booked to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Booking {
+    TensorCore,
+    CudaCore,
+    /// Matmul part on tensor cores, elementwise part on CUDA cores.
+    Split,
+    /// No FLOPs.
+    None,
+}
+
+/// A counted op: the outermost op with a rule on its thread.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OpRecord {
+    pub name: String,
+    pub thread: u64,
+    /// Ran inside an autograd node (backward pass).
+    pub backward: bool,
+    pub device: Option<String>,
+    /// Shapes of the tensor arguments, in order.
+    pub shapes: Vec<Vec<u64>>,
+    /// Dtypes of the tensor arguments, in order.
+    pub dtypes: Vec<Dtype>,
+    pub matmul_flops: u64,
+    pub elementwise_flops: u64,
+    /// What `FlopCounterMode` counts for it (0 outside its registry).
+    pub flop_counter_mode_flops: u64,
+    pub tensor_core_flops: u64,
+    pub cuda_core_flops: u64,
+    pub engine: Booking,
+}
+
+/// Totals and records of one counted region.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Counts {
+    /// GEMM-like FLOPs: FlopCounterMode's registry ops plus the CPU SDPA kernel.
+    pub matmul_flops: u64,
+    /// Elementwise, reduction, softmax and top-k FLOPs (conventions table).
+    pub elementwise_flops: u64,
+    /// The `FlopCounterMode`-compatible total: registry ops only, matmul FLOPs only.
+    pub flop_counter_mode_flops: u64,
+    pub tensor_core_flops: u64,
+    pub cuda_core_flops: u64,
+    /// Whether libtorch allowed TF32 for fp32 matmuls (it picks their engine).
+    pub tf32_allowed: bool,
+    /// Counted ops, in the order they ran (per thread).
+    pub records: Vec<OpRecord>,
+    /// Ops with no rule in the conventions table, by name and calls; their FLOPs are
+    /// unknown, so any comparison must treat the totals as incomplete.
+    pub unknown_ops: BTreeMap<String, usize>,
+    /// Observer or costing failures; like unknown ops they make the totals incomplete.
+    pub errors: Vec<String>,
+    /// Every op start the observer saw (counted, nested, views …).
+    pub events_seen: usize,
+}
+
+/// The per-thread open frames while walking the log: (depth, covered by a rule).
+type Frames = Vec<(usize, bool)>;
+
+impl Counts {
+    fn from_log(log: &op_log::OpLog, allow_tf32: bool) -> Counts {
+        let mut counts = Counts {
+            tf32_allowed: allow_tf32,
+            errors: log.errors.clone(),
+            events_seen: log.events.len(),
+            ..Counts::default()
+        };
+        let mut frames: BTreeMap<u64, Frames> = BTreeMap::new();
+        let mut backward_depth: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for event in &log.events {
+            let stack = frames.entry(event.thread).or_default();
+            while stack.last().is_some_and(|(d, _)| *d >= event.depth) {
+                stack.pop();
+            }
+            let nodes = backward_depth.entry(event.thread).or_default();
+            while nodes.last().is_some_and(|d| *d >= event.depth) {
+                nodes.pop();
+            }
+            let covered = stack.last().is_some_and(|(_, c)| *c);
+            let ruled = counts.visit(event, covered, !nodes.is_empty(), allow_tf32);
+            if event.backward {
+                nodes.push(event.depth);
+            }
+            stack.push((event.depth, covered || ruled));
+        }
+        counts
+    }
+
+    /// Costs one event; true when it has a (non-composite) rule covering its children.
+    fn visit(
+        &mut self,
+        event: &OpEvent,
+        covered: bool,
+        in_backward: bool,
+        allow_tf32: bool,
+    ) -> bool {
+        if event.backward || event.name.starts_with("autograd::") {
+            return false; // autograd bookkeeping frames, not ops
+        }
+        if !event.name.starts_with("aten::") {
+            if !covered {
+                *self.unknown_ops.entry(event.name.clone()).or_default() += 1;
+            }
+            return false;
+        }
+        let Some(conv) = convention(&event.name) else {
+            if !covered {
+                *self.unknown_ops.entry(event.name.clone()).or_default() += 1;
+            }
+            return false;
+        };
+        if conv.rule == Rule::Composite {
+            return false;
+        }
+        if covered {
+            return true;
+        }
+        match conv.cost(&event.args, allow_tf32) {
+            Ok(cost) => self.record(event, in_backward, cost),
+            Err(e) => self.errors.push(e.to_string()),
+        }
+        true
+    }
+
+    fn record(&mut self, event: &OpEvent, backward: bool, cost: OpCost) {
+        if cost == OpCost::default() {
+            return; // zero-cost copies and views are not worth a record
+        }
+        let add = |total: &mut u64, v: u64| *total = total.saturating_add(v);
+        add(&mut self.matmul_flops, cost.matmul_flops);
+        add(&mut self.elementwise_flops, cost.elementwise_flops);
+        add(
+            &mut self.flop_counter_mode_flops,
+            cost.flop_counter_mode_flops,
+        );
+        add(&mut self.tensor_core_flops, cost.tensor_core_flops);
+        add(&mut self.cuda_core_flops, cost.cuda_core_flops);
+        let (shapes, dtypes) = event
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::Tensor(t) => Some((t.shape.clone(), t.dtype)),
+                _ => None,
+            })
+            .unzip();
+        let engine = match (cost.tensor_core_flops, cost.cuda_core_flops) {
+            (0, 0) => Booking::None,
+            (_, 0) => Booking::TensorCore,
+            (0, _) => Booking::CudaCore,
+            _ => Booking::Split,
+        };
+        self.records.push(OpRecord {
+            name: event.name.clone(),
+            thread: event.thread,
+            backward,
+            device: event.device.clone(),
+            shapes,
+            dtypes,
+            matmul_flops: cost.matmul_flops,
+            elementwise_flops: cost.elementwise_flops,
+            flop_counter_mode_flops: cost.flop_counter_mode_flops,
+            tensor_core_flops: cost.tensor_core_flops,
+            cuda_core_flops: cost.cuda_core_flops,
+            engine,
+        });
+    }
+
+    /// All counted FLOPs.
+    pub fn total_flops(&self) -> u64 {
+        self.matmul_flops.saturating_add(self.elementwise_flops)
+    }
+
+    /// True when every op had a rule and nothing failed: the totals are complete.
+    pub fn is_complete(&self) -> bool {
+        self.unknown_ops.is_empty() && self.errors.is_empty()
+    }
+
+    /// Per op name: calls and summed FLOPs, for reports.
+    pub fn by_op(&self) -> Vec<OpSummary> {
+        let mut map: BTreeMap<&str, OpSummary> = BTreeMap::new();
+        for r in &self.records {
+            let s = map.entry(&r.name).or_insert_with(|| OpSummary {
+                name: r.name.clone(),
+                ..OpSummary::default()
+            });
+            s.calls += 1;
+            s.matmul_flops += r.matmul_flops;
+            s.elementwise_flops += r.elementwise_flops;
+            s.flop_counter_mode_flops += r.flop_counter_mode_flops;
+            s.tensor_core_flops += r.tensor_core_flops;
+            s.cuda_core_flops += r.cuda_core_flops;
+            for d in &r.dtypes {
+                if !s.dtypes.contains(d) {
+                    s.dtypes.push(*d);
+                }
+            }
+            if let Some(dev) = &r.device {
+                if !s.devices.contains(dev) {
+                    s.devices.push(dev.clone());
+                }
+            }
+        }
+        map.into_values().collect()
+    }
+
+    /// Names of the fused attention kernels that ran (the SDPA kernel libtorch chose).
+    pub fn attention_kernels(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .records
+            .iter()
+            .filter(|r| {
+                convention(&r.name).is_some_and(|c| {
+                    matches!(
+                        c.rule,
+                        Rule::Matmul(
+                            Gemm::AttentionForward
+                                | Gemm::AttentionBackward
+                                | Gemm::AttentionForwardBshd
+                                | Gemm::AttentionBackwardBshd
+                        )
+                    )
+                })
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        names.dedup();
+        names
+    }
+
+    /// Matmul and elementwise FLOPs of counted ops named `name`.
+    pub fn flops_of(&self, name: &str) -> (u64, u64) {
+        self.records
+            .iter()
+            .filter(|r| r.name == name)
+            .fold((0, 0), |(m, e), r| {
+                (m + r.matmul_flops, e + r.elementwise_flops)
+            })
+    }
+}
+
+/// Counted calls and FLOPs of one op name.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct OpSummary {
+    pub name: String,
+    pub calls: usize,
+    pub matmul_flops: u64,
+    pub elementwise_flops: u64,
+    pub flop_counter_mode_flops: u64,
+    pub tensor_core_flops: u64,
+    pub cuda_core_flops: u64,
+    pub dtypes: Vec<Dtype>,
+    pub devices: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(log: &str) -> Counts {
+        Counts::from_log(&op_log::parse(log), false)
+    }
+
+    #[test]
+    fn outermost_ruled_op_counts_and_composites_pass_through() {
+        // linear → matmul → mm; the mm's own children are not visited for counting.
+        let c = counts(
+            "1\t0\tF\taten::linear\tTFloat@cpu[2,5,16];TFloat@cpu[32,16];N\n\
+             1\t1\tF\taten::t\tTFloat@cpu[32,16]\n\
+             1\t2\tF\taten::transpose\tTFloat@cpu[32,16];i0;i1\n\
+             1\t1\tF\taten::matmul\tTFloat@cpu[2,5,16];TFloat@cpu[16,32]\n\
+             1\t2\tF\taten::view\tTFloat@cpu[2,5,16];I[10,16]\n\
+             1\t2\tF\taten::mm\tTFloat@cpu[10,16];TFloat@cpu[16,32]\n\
+             1\t3\tF\taten::mm\tTFloat@cpu[10,16];TFloat@cpu[16,32]\n\
+             1\t2\tF\taten::_unsafe_view\tTFloat@cpu[10,32];I[2,5,32]\n",
+        );
+        assert_eq!(c.matmul_flops, 10240);
+        assert_eq!(c.flop_counter_mode_flops, 10240);
+        assert_eq!(c.records.len(), 1);
+        assert!(c.is_complete());
+    }
+
+    #[test]
+    fn unknown_ops_are_listed_unless_covered() {
+        let c = counts(
+            "1\t0\tF\taten::frobnicate\tTFloat@cpu[4]\n\
+             1\t0\tF\taten::mul\tTFloat@cpu[4];TFloat@cpu[4]\n\
+             1\t1\tF\taten::frobnicate\tTFloat@cpu[4]\n\
+             1\t0\tF\tprim::Weird\t\n",
+        );
+        assert_eq!(c.elementwise_flops, 4);
+        assert_eq!(c.unknown_ops.get("aten::frobnicate"), Some(&1));
+        assert_eq!(c.unknown_ops.get("prim::Weird"), Some(&1));
+        assert!(!c.is_complete());
+    }
+
+    #[test]
+    fn threads_nest_independently_and_backward_is_marked() {
+        let c = counts(
+            "1\t0\tF\taten::mm\tTFloat@cpu[2,2];TFloat@cpu[2,2]\n\
+             2\t0\tF\tautograd::engine::evaluate_function: MmBackward0\t\n\
+             2\t1\tB\tMmBackward0\tTFloat@cpu[2,2]\n\
+             2\t2\tF\taten::mm\tTFloat@cpu[2,2];TFloat@cpu[2,2]\n\
+             1\t1\tF\taten::mm\tTFloat@cpu[2,2];TFloat@cpu[2,2]\n",
+        );
+        assert_eq!(c.records.len(), 2, "the nested thread-1 mm is covered");
+        assert!(!c.records[0].backward);
+        assert!(c.records[1].backward);
+        assert_eq!(c.records[1].thread, 2);
+    }
+}

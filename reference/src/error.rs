@@ -1,0 +1,43 @@
+//! Errors of the reference side: libtorch failures, observer failures, model errors.
+
+/// Everything that can go wrong while running a reference module under the counter.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// libtorch refused an op (bad shape, out of memory, no such device …).
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The op observer could not be armed or read.
+    #[error("op observer: {0}")]
+    Observer(String),
+    /// A config, workload or costing error from the analytic crate.
+    #[error(transparent)]
+    Model(#[from] modelmeter::Error),
+    /// Reading or writing a file (parity exports).
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The parity check against Hugging Face transformers did not run or did not pass.
+    #[error("parity check: {0}")]
+    Parity(String),
+}
+
+impl Error {
+    /// True when libtorch reported an out-of-memory condition.
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            Error::Torch(e) => {
+                let text = e.to_string();
+                text.contains("out of memory")
+                    || text.contains("OutOfMemory")
+                    || text.contains("DefaultCPUAllocator: can't allocate")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Result alias of the reference crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

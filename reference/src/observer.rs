@@ -1,0 +1,93 @@
+//! The only unsafe code of the crate: the C ABI of `csrc/op_observer.cpp`, wrapped in
+//! safe functions that turn every failure into an error.
+
+use std::ffi::{c_char, c_int, CStr};
+
+use crate::error::{Error, Result};
+
+extern "C" {
+    fn mm_observer_start(err: *mut c_char, err_len: usize) -> c_int;
+    fn mm_observer_stop(
+        out: *mut *mut c_char,
+        out_len: *mut usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn mm_libtorch_config(out_len: *mut usize) -> *mut c_char;
+    fn mm_tf32_matmul_allowed() -> c_int;
+    fn mm_set_tf32_matmul_allowed(allowed: c_int) -> c_int;
+    fn mm_free(p: *mut c_char);
+}
+
+const ERR_LEN: usize = 512;
+
+fn message(buf: &[c_char; ERR_LEN]) -> String {
+    // SAFETY: the shim writes a NUL-terminated string into the buffer (or leaves it zeroed).
+    unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Takes ownership of a malloc'd buffer of `len` bytes from the shim.
+fn take(ptr: *mut c_char, len: usize) -> String {
+    if ptr.is_null() {
+        return String::new();
+    }
+    // SAFETY: the shim returned `len` initialised bytes at `ptr`, which we free once.
+    let text = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+    let text = String::from_utf8_lossy(text).into_owned();
+    // SAFETY: `ptr` came from the shim's malloc and is not used again.
+    unsafe { mm_free(ptr) };
+    text
+}
+
+/// Arms the RecordFunction callback for ops of the calling thread and its backward.
+pub(crate) fn start() -> Result<()> {
+    let mut err = [0 as c_char; ERR_LEN];
+    // SAFETY: `err` is a writable buffer of ERR_LEN bytes.
+    match unsafe { mm_observer_start(err.as_mut_ptr(), ERR_LEN) } {
+        0 => Ok(()),
+        _ => Err(Error::Observer(message(&err))),
+    }
+}
+
+/// Disarms the callback and returns the op log written since [`start`].
+pub(crate) fn stop() -> Result<String> {
+    let mut err = [0 as c_char; ERR_LEN];
+    let mut out: *mut c_char = std::ptr::null_mut();
+    let mut len = 0usize;
+    // SAFETY: all pointers point to live locals; the shim fills `out`/`len` on success.
+    let rc = unsafe { mm_observer_stop(&mut out, &mut len, err.as_mut_ptr(), ERR_LEN) };
+    let log = take(out, len);
+    match rc {
+        0 => Ok(log),
+        _ => Err(Error::Observer(message(&err))),
+    }
+}
+
+/// libtorch's build configuration (`at::show_config()`), if it could be read.
+pub fn libtorch_config() -> Option<String> {
+    let mut len = 0usize;
+    // SAFETY: `len` is a live local; the result is a malloc'd buffer or null.
+    let ptr = unsafe { mm_libtorch_config(&mut len) };
+    (!ptr.is_null()).then(|| take(ptr, len))
+}
+
+/// Whether libtorch lets fp32 matmuls use TF32 tensor cores.
+pub fn tf32_matmul_allowed() -> Option<bool> {
+    // SAFETY: no arguments; the shim catches all exceptions.
+    match unsafe { mm_tf32_matmul_allowed() } {
+        0 => Some(false),
+        1 => Some(true),
+        _ => None,
+    }
+}
+
+/// Allows or forbids TF32 for fp32 matmuls (process-wide, like PyTorch's flag).
+pub fn set_tf32_matmul_allowed(allowed: bool) -> Result<()> {
+    // SAFETY: plain integer argument; the shim catches all exceptions.
+    match unsafe { mm_set_tf32_matmul_allowed(c_int::from(allowed)) } {
+        0 => Ok(()),
+        _ => Err(Error::Observer("could not set libtorch's TF32 flag".into())),
+    }
+}

@@ -1,0 +1,227 @@
+//! Parses the op observer's text log (format in `csrc/op_observer.cpp`) into events.
+
+use modelmeter::conventions::{Arg, TensorMeta};
+use modelmeter::Dtype;
+
+/// One op start the observer saw.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpEvent {
+    /// libtorch's logical id of the thread that ran the op.
+    pub thread: u64,
+    /// Open ops on that thread when this one started.
+    pub depth: usize,
+    /// An autograd node (`RecordScope::BACKWARD_FUNCTION`), e.g. `MmBackward0`.
+    pub backward: bool,
+    /// `aten::mm`, `MmBackward0`, `autograd::engine::evaluate_function: …`.
+    pub name: String,
+    pub args: Vec<Arg>,
+    /// The device of the first tensor argument (`cpu`, `cuda:0`), if any.
+    pub device: Option<String>,
+}
+
+/// The events of a log and the callback errors it reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OpLog {
+    pub events: Vec<OpEvent>,
+    pub errors: Vec<String>,
+}
+
+/// Parses a whole log; malformed lines become errors, never silently dropped.
+pub fn parse(log: &str) -> OpLog {
+    let mut out = OpLog::default();
+    for line in log.lines().filter(|l| !l.is_empty()) {
+        if let Some(message) = line.strip_prefix("X\t") {
+            out.errors.push(message.to_string());
+            continue;
+        }
+        match parse_line(line) {
+            Some(event) => out.events.push(event),
+            None => out.errors.push(format!("unparsable observer line: {line}")),
+        }
+    }
+    out
+}
+
+fn parse_line(line: &str) -> Option<OpEvent> {
+    let mut fields = line.splitn(5, '\t');
+    let thread = fields.next()?.parse().ok()?;
+    let depth = fields.next()?.parse().ok()?;
+    let backward = match fields.next()? {
+        "B" => true,
+        "F" => false,
+        _ => return None,
+    };
+    let name = fields.next()?.to_string();
+    let mut parser = Parser {
+        text: fields.next()?.as_bytes(),
+        pos: 0,
+        device: None,
+    };
+    let mut args = Vec::new();
+    if !parser.text.is_empty() {
+        loop {
+            args.push(parser.arg()?);
+            if !parser.eat(b';') {
+                break;
+            }
+        }
+    }
+    (parser.pos == parser.text.len()).then_some(OpEvent {
+        thread,
+        depth,
+        backward,
+        name,
+        args,
+        device: parser.device,
+    })
+}
+
+struct Parser<'a> {
+    text: &'a [u8],
+    pos: usize,
+    device: Option<String>,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.pos).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        if self.peek() == Some(c) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn until(&mut self, stop: &[u8]) -> &str {
+        let start = self.pos;
+        while self.peek().is_some_and(|c| !stop.contains(&c)) {
+            self.pos += 1;
+        }
+        std::str::from_utf8(&self.text[start..self.pos]).unwrap_or("")
+    }
+
+    fn ints(&mut self) -> Option<Vec<i64>> {
+        let body = self.until(b"]");
+        let values = if body.is_empty() {
+            Vec::new()
+        } else {
+            body.split(',')
+                .map(|v| v.parse().ok())
+                .collect::<Option<Vec<i64>>>()?
+        };
+        self.eat(b']').then_some(values)
+    }
+
+    fn arg(&mut self) -> Option<Arg> {
+        let tag = self.peek()?;
+        self.pos += 1;
+        Some(match tag {
+            b'N' => Arg::None,
+            b'T' => {
+                let dtype = Dtype::from_libtorch_name(self.until(b"@"));
+                self.eat(b'@').then_some(())?;
+                let device = self.until(b"[").to_string();
+                self.eat(b'[').then_some(())?;
+                let shape = self
+                    .ints()?
+                    .into_iter()
+                    .map(|d| u64::try_from(d).ok())
+                    .collect::<Option<Vec<_>>>()?;
+                if self.device.is_none() {
+                    self.device = Some(device);
+                }
+                Arg::Tensor(TensorMeta { shape, dtype })
+            }
+            b'i' => Arg::Int(self.until(b";]").parse().ok()?),
+            b'f' => Arg::Float(self.until(b";]").parse().ok()?),
+            b'b' => Arg::Bool(self.until(b";]") == "1"),
+            b's' => {
+                let hex = self.until(b";]");
+                let bytes = (0..hex.len() / 2)
+                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                    .collect::<Option<Vec<u8>>>()?;
+                Arg::Str(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            b'I' => {
+                self.eat(b'[').then_some(())?;
+                Arg::IntList(self.ints()?)
+            }
+            b'B' => {
+                self.eat(b'[').then_some(())?;
+                Arg::BoolList(self.ints()?.into_iter().map(|v| v != 0).collect())
+            }
+            b'L' => {
+                self.eat(b'[').then_some(())?;
+                let mut items = Vec::new();
+                if !self.eat(b']') {
+                    loop {
+                        items.push(self.arg()?);
+                        if self.eat(b']') {
+                            break;
+                        }
+                        self.eat(b';').then_some(())?;
+                    }
+                }
+                Arg::List(items)
+            }
+            b'?' => Arg::Other(self.until(b";]").to_string()),
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_argument_kind() {
+        let log =
+            "7\t2\tF\taten::index_put_\tTFloat@cpu[4,8];L[TLong@cpu[3];N];TBFloat16@cuda:0[];b0\n\
+                   7\t0\tB\tMmBackward0\t\n\
+                   9\t1\tF\taten::conv\tI[1,1];I[];B[1,0,1];i-3;f0.5;s6162;?Device\n\
+                   X\taten::foo: boom\n";
+        let out = parse(log);
+        assert_eq!(out.errors, vec!["aten::foo: boom".to_string()]);
+        assert_eq!(out.events.len(), 3);
+        let e = &out.events[0];
+        assert_eq!((e.thread, e.depth, e.backward), (7, 2, false));
+        assert_eq!(e.device.as_deref(), Some("cpu"));
+        assert_eq!(
+            e.args,
+            vec![
+                Arg::Tensor(TensorMeta::new(&[4, 8], Dtype::F32)),
+                Arg::List(vec![
+                    Arg::Tensor(TensorMeta::new(&[3], Dtype::I64)),
+                    Arg::None
+                ]),
+                Arg::Tensor(TensorMeta::new(&[], Dtype::Bf16)),
+                Arg::Bool(false),
+            ]
+        );
+        assert!(out.events[1].backward && out.events[1].args.is_empty());
+        assert_eq!(
+            out.events[2].args,
+            vec![
+                Arg::IntList(vec![1, 1]),
+                Arg::IntList(vec![]),
+                Arg::BoolList(vec![true, false, true]),
+                Arg::Int(-3),
+                Arg::Float(0.5),
+                Arg::Str("ab".into()),
+                Arg::Other("Device".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_lines_are_errors() {
+        let out = parse("1\t0\tF\taten::mm\tT?\nnot a line\n");
+        assert_eq!(out.events.len(), 0);
+        assert_eq!(out.errors.len(), 2);
+    }
+}

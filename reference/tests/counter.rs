@@ -1,0 +1,275 @@
+//! The FLOP counter on real libtorch ops (CPU), against hand formulas and the
+//! conventions table.
+
+use modelmeter_reference::{Counts, FlopCounter};
+use tch::{Device, Kind, Tensor};
+
+const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+fn count<T>(f: impl FnOnce() -> T) -> (T, Counts) {
+    let region = FlopCounter::start().unwrap();
+    let out = f();
+    (out, region.finish().unwrap())
+}
+
+fn randn(shape: &[i64]) -> Tensor {
+    Tensor::randn(shape, CPU)
+}
+
+fn assert_complete(c: &Counts) {
+    assert!(
+        c.is_complete(),
+        "unknown ops {:?}, errors {:?}",
+        c.unknown_ops,
+        c.errors
+    );
+}
+
+#[test]
+fn matmul_family_matches_hand_formulas() {
+    let (a, b) = (randn(&[8, 16]), randn(&[16, 4]));
+    let (_, c) = count(|| a.mm(&b));
+    assert_eq!(c.matmul_flops, 2 * 8 * 16 * 4);
+    assert_eq!(c.flop_counter_mode_flops, c.matmul_flops);
+    assert_eq!(c.elementwise_flops, 0);
+
+    let bias = randn(&[4]);
+    let (_, c) = count(|| bias.addmm(&a, &b));
+    assert_eq!(c.matmul_flops, 2 * 8 * 16 * 4);
+    assert_eq!(
+        c.flop_counter_mode_flops,
+        2 * 8 * 16 * 4,
+        "FlopCounterMode ignores the bias"
+    );
+    assert_eq!(
+        c.elementwise_flops,
+        8 * 4,
+        "the bias add is elementwise work"
+    );
+
+    let (x, y) = (randn(&[3, 8, 16]), randn(&[3, 16, 4]));
+    let (_, c) = count(|| x.bmm(&y));
+    assert_eq!(c.matmul_flops, 2 * 3 * 8 * 16 * 4);
+    let z = randn(&[3, 8, 4]);
+    let (_, c) = count(|| z.baddbmm(&x, &y, 1.0, 1.0));
+    assert_eq!(c.matmul_flops, 2 * 3 * 8 * 16 * 4);
+    assert_eq!(c.elementwise_flops, 3 * 8 * 4);
+    assert_complete(&c);
+}
+
+#[test]
+fn bias_free_3d_linear_is_one_mm() {
+    let x = randn(&[2, 5, 16]);
+    let w = randn(&[32, 16]);
+    let (_, c) = count(|| x.linear::<Tensor>(&w, None));
+    assert_eq!(
+        c.matmul_flops, 10_240,
+        "FlopCounterMode's value for nn.Linear(16, 32) on [2,5,16]"
+    );
+    assert_eq!(c.records.len(), 1);
+    assert_eq!(c.records[0].name, "aten::mm");
+    assert_complete(&c);
+}
+
+#[test]
+fn batched_4d_matmul_is_one_bmm() {
+    let (q, k) = (randn(&[2, 3, 8, 16]), randn(&[2, 3, 16, 8]));
+    let (_, c) = count(|| q.matmul(&k));
+    assert_eq!(c.matmul_flops, 2 * 2 * 3 * 8 * 16 * 8);
+    let names: Vec<&str> = c.records.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["aten::bmm"]);
+}
+
+#[test]
+fn cpu_sdpa_is_counted_though_flop_counter_mode_cannot_see_it() {
+    let (b, h, s, d) = (2i64, 4i64, 32i64, 16i64);
+    let q = randn(&[b, h, s, d]);
+    for causal in [false, true] {
+        let (_, c) = count(|| {
+            Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &q, &q, None, 0.0, causal, None, false,
+            )
+        });
+        let scores = (b * h * s * s) as u64;
+        assert_eq!(
+            c.matmul_flops,
+            4 * scores * d as u64,
+            "causal={causal}: full rectangle"
+        );
+        assert_eq!(
+            c.elementwise_flops,
+            6 * scores,
+            "scale + softmax inside the kernel"
+        );
+        assert_eq!(
+            c.flop_counter_mode_flops, 0,
+            "FlopCounterMode misses the CPU kernel"
+        );
+        assert_eq!(
+            c.attention_kernels(),
+            ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+        );
+        assert_complete(&c);
+    }
+}
+
+#[test]
+fn convolution_is_counted_once_through_its_nested_chain() {
+    let x = randn(&[2, 3, 16, 16]);
+    let w = randn(&[8, 3, 3, 3]);
+    let (_, c) = count(|| x.conv2d::<Tensor>(&w, None, [1, 1], [1, 1], [1, 1], 1));
+    assert_eq!(c.matmul_flops, 2 * 2 * 8 * 3 * 9 * 16 * 16);
+    assert_eq!(c.records.len(), 1);
+    assert_eq!(c.records[0].name, "aten::convolution");
+    assert!(
+        c.events_seen > 2,
+        "the nested chain was observed ({} events)",
+        c.events_seen
+    );
+}
+
+#[test]
+fn linear_backward_counts_grad_input_and_grad_weight() {
+    let x = randn(&[4, 8]).set_requires_grad(true);
+    let w = randn(&[16, 8]).set_requires_grad(true);
+    let y = x.linear::<Tensor>(&w, None);
+    let loss = y.sum(Kind::Float);
+    let (_, c) = count(|| loss.backward());
+    let backward_mm: u64 = c
+        .records
+        .iter()
+        .filter(|r| r.backward && r.name == "aten::mm")
+        .map(|r| r.matmul_flops)
+        .sum();
+    assert_eq!(
+        backward_mm,
+        2 * (2 * 4 * 8 * 16),
+        "grad input [4,16]@[16,8] + grad weight [16,4]@[4,8]"
+    );
+    assert_eq!(c.flop_counter_mode_flops, backward_mm);
+    assert!(c
+        .records
+        .iter()
+        .filter(|r| r.name == "aten::mm")
+        .all(|r| r.backward));
+}
+
+#[test]
+fn elementwise_ops_follow_the_conventions_table() {
+    let x = randn(&[6, 10]);
+    let y = randn(&[6, 10]);
+    let column = randn(&[6, 1]);
+    let n = 60u64;
+    type Case<'a> = (&'a str, Box<dyn Fn() -> Tensor + 'a>, u64);
+    let cases: Vec<Case> = vec![
+        ("add", Box::new(|| &x + &y), n),
+        ("mul", Box::new(|| &x * &y), n),
+        ("silu", Box::new(|| x.silu()), 4 * n),
+        ("softmax", Box::new(|| x.softmax(-1, Kind::Float)), 5 * n),
+        ("rsqrt", Box::new(|| x.abs().rsqrt()), n + n),
+        ("pow", Box::new(|| x.pow_tensor_scalar(2)), n),
+        (
+            "mean",
+            Box::new(|| x.mean_dim(&[-1i64][..], true, Kind::Float)),
+            n,
+        ),
+        ("topk", Box::new(|| x.topk(3, -1, true, false).0), n),
+        ("add scalar", Box::new(|| &x + 1e-6), n),
+        ("broadcast mul", Box::new(|| &x * &column), n),
+    ];
+    for (label, f, want) in cases {
+        let (_, c) = count(f);
+        assert_eq!(c.elementwise_flops, want, "{label}");
+        assert_eq!(
+            c.cuda_core_flops, want,
+            "{label}: elementwise work is CUDA-core work"
+        );
+        assert_eq!(c.matmul_flops + c.flop_counter_mode_flops, 0, "{label}");
+        assert_complete(&c);
+    }
+}
+
+#[test]
+fn views_copies_and_integer_bookkeeping_cost_nothing() {
+    let x = randn(&[4, 6]);
+    let idx = Tensor::from_slice(&[3i64, 1, 0]);
+    let (_, c) = count(|| {
+        let v = x.view([6, 4]).transpose(0, 1).unsqueeze(0).contiguous();
+        let _ = v.to_kind(Kind::BFloat16);
+        let _ = x.index_select(0, &idx);
+        let _ = Tensor::cat(&[&x, &x], 0);
+        let _ = idx.argsort(0, false);
+        let _ = (&idx + 1).sum(Kind::Int64);
+        v
+    });
+    assert_eq!(c.total_flops(), 0);
+    assert!(c.records.is_empty());
+    assert_complete(&c);
+}
+
+#[test]
+fn regions_do_not_leak_and_outside_ops_are_not_counted() {
+    let (a, b) = (randn(&[8, 8]), randn(&[8, 8]));
+    let _before = a.mm(&b);
+    let (_, first) = count(|| a.mm(&b));
+    let _between = a.mm(&b);
+    let (_, second) = count(|| (a.mm(&b), a.mm(&b)));
+    let _after = a.mm(&b);
+    assert_eq!(first.matmul_flops, 1024);
+    assert_eq!(second.matmul_flops, 2048);
+    // Dropping a region without finishing disarms it: the next one starts clean.
+    {
+        let _region = FlopCounter::start().unwrap();
+        let _ = a.mm(&b);
+    }
+    let (_, third) = count(|| a.mm(&b));
+    assert_eq!(third.matmul_flops, 1024);
+}
+
+#[test]
+fn ops_of_other_threads_are_not_counted() {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (a, b) = (randn(&[16, 16]), randn(&[16, 16]));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = a.mm(&b);
+            }
+        })
+    };
+    let (a, b) = (randn(&[8, 8]), randn(&[8, 8]));
+    for _ in 0..20 {
+        let (_, c) = count(|| a.mm(&b));
+        assert_eq!(c.matmul_flops, 1024);
+        assert_eq!(c.records.len(), 1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    worker.join().unwrap();
+}
+
+#[test]
+fn a_second_region_on_the_same_thread_is_an_error() {
+    let region = FlopCounter::start().unwrap();
+    assert!(FlopCounter::start().is_err());
+    region.finish().unwrap();
+}
+
+#[test]
+fn records_carry_shapes_dtypes_device_and_engine() {
+    let a = Tensor::randn([4, 8], (Kind::BFloat16, Device::Cpu));
+    let b = Tensor::randn([8, 2], (Kind::BFloat16, Device::Cpu));
+    let (_, c) = count(|| a.mm(&b));
+    let r = &c.records[0];
+    assert_eq!(r.shapes, vec![vec![4, 8], vec![8, 2]]);
+    assert_eq!(r.dtypes, vec![modelmeter::Dtype::Bf16; 2]);
+    assert_eq!(r.device.as_deref(), Some("cpu"));
+    assert_eq!(r.tensor_core_flops, 128, "bf16 GEMMs are tensor-core work");
+    let (a, b) = (randn(&[4, 8]), randn(&[8, 2]));
+    let (_, c) = count(|| a.mm(&b));
+    assert_eq!(
+        c.records[0].cuda_core_flops, 128,
+        "fp32 GEMMs with TF32 off are CUDA-core work"
+    );
+    assert!(!c.tf32_allowed);
+}
