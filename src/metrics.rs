@@ -213,7 +213,7 @@ impl CostBuilder {
         };
         self.push(Cost {
             name: role.to_string(),
-            op: Some(conv.op),
+            op: Some(op),
             metrics: Metrics {
                 matmul_flops,
                 elementwise_flops,

@@ -1,0 +1,105 @@
+//! `RefDeepseekV2DecoderLayer`: the vendor pre-norm decoder layer, dense or MoE by index.
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{MlpKind, ModelConfig};
+use tch::Tensor;
+
+use crate::attention::{KvCache, RefLlamaAttention};
+use crate::error::Result;
+use crate::mlp::RefDeepseekV2MLP;
+use crate::moe::RefDeepseekV2MoE;
+use crate::rms_norm::RefDeepseekV2RMSNorm;
+use crate::weights::Init;
+use crate::{prefixed, Parameters};
+
+/// The feed-forward block of a decoder layer.
+#[derive(Debug)]
+pub enum FeedForward {
+    Dense(RefDeepseekV2MLP),
+    Moe(RefDeepseekV2MoE),
+}
+
+/// ```python
+/// residual = hidden_states
+/// hidden_states = self.input_layernorm(hidden_states)
+/// hidden_states, _, _ = self.self_attn(hidden_states, attention_mask, position_ids, past_key_value, ...)
+/// hidden_states = residual + hidden_states
+/// residual = hidden_states
+/// hidden_states = self.post_attention_layernorm(hidden_states)
+/// hidden_states = self.mlp(hidden_states)
+/// hidden_states = residual + hidden_states
+/// ```
+#[derive(Debug)]
+pub struct RefDeepseekV2DecoderLayer {
+    input_layernorm: RefDeepseekV2RMSNorm,
+    self_attn: RefLlamaAttention,
+    post_attention_layernorm: RefDeepseekV2RMSNorm,
+    mlp: FeedForward,
+}
+
+impl RefDeepseekV2DecoderLayer {
+    pub(crate) fn new(
+        config: &ModelConfig,
+        index: u64,
+        init: &Init,
+        attention: AttentionImpl,
+    ) -> Result<RefDeepseekV2DecoderLayer> {
+        let mlp = match config.layer_kind(index)? {
+            MlpKind::Dense => FeedForward::Dense(RefDeepseekV2MLP::new(
+                config.hidden_size,
+                config.intermediate_size,
+                &init.sub("mlp"),
+            )?),
+            MlpKind::Moe => FeedForward::Moe(RefDeepseekV2MoE::new(config, &init.sub("mlp"))?),
+        };
+        Ok(RefDeepseekV2DecoderLayer {
+            input_layernorm: RefDeepseekV2RMSNorm::new(config, &init.sub("input_layernorm"))?,
+            self_attn: RefLlamaAttention::new(config, &init.sub("self_attn"), attention)?,
+            post_attention_layernorm: RefDeepseekV2RMSNorm::new(
+                config,
+                &init.sub("post_attention_layernorm"),
+            )?,
+            mlp,
+        })
+    }
+
+    /// One forward call; the layer's KV cache is `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let residual = x;
+        let h = self.input_layernorm.forward(x)?;
+        let h = self.self_attn.forward(&h, position_ids, cache, mask)?;
+        let h = residual.f_add(&h)?;
+        let residual = &h;
+        let out = self.post_attention_layernorm.forward(&h)?;
+        let out = match &self.mlp {
+            FeedForward::Dense(mlp) => mlp.forward(&out)?,
+            FeedForward::Moe(moe) => moe.forward(&out)?,
+        };
+        Ok(residual.f_add(&out)?)
+    }
+}
+
+impl Parameters for RefDeepseekV2DecoderLayer {
+    fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = prefixed("input_layernorm", self.input_layernorm.parameters());
+        out.extend(prefixed("self_attn", self.self_attn.parameters()));
+        out.extend(prefixed(
+            "post_attention_layernorm",
+            self.post_attention_layernorm.parameters(),
+        ));
+        out.extend(prefixed(
+            "mlp",
+            match &self.mlp {
+                FeedForward::Dense(m) => m.parameters(),
+                FeedForward::Moe(m) => m.parameters(),
+            },
+        ));
+        out
+    }
+}

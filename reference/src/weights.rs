@@ -1,0 +1,151 @@
+//! Seeded parameters: where modules live (device, dtype) and how their weights are drawn.
+//!
+//! Every parameter is drawn on the CPU in fp32 from libtorch's generator seeded with a
+//! hash of the run seed and the parameter's vendor name, then moved to the device and
+//! dtype. So a parameter's values do not depend on creation order or device, and two
+//! runs with the same seed build identical modules.
+
+use std::sync::Mutex;
+
+use modelmeter::Dtype;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Serialises the reseeding of libtorch's global CPU generator.
+static GENERATOR: Mutex<()> = Mutex::new(());
+
+/// Where and how reference modules are built.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Setup {
+    pub device: Device,
+    /// The model dtype (weights and activations).
+    pub dtype: Dtype,
+    pub seed: u64,
+}
+
+impl Setup {
+    /// The libtorch kind of the model dtype.
+    pub fn kind(&self) -> Result<Kind> {
+        kind_of(self.dtype)
+    }
+}
+
+/// The libtorch kind of a model dtype.
+pub fn kind_of(dtype: Dtype) -> Result<Kind> {
+    match dtype {
+        Dtype::Bf16 => Ok(Kind::BFloat16),
+        Dtype::F16 => Ok(Kind::Half),
+        Dtype::F32 => Ok(Kind::Float),
+        other => Err(Error::Model(modelmeter::Error::invalid(
+            "dtype",
+            other,
+            modelmeter::dtype::MODEL_DTYPE_SPELLINGS,
+        ))),
+    }
+}
+
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
+}
+
+/// FNV-1a of the seed and a name: an independent stream per parameter.
+fn stream(seed: u64, name: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 1) as i64
+}
+
+/// Standard-normal values for `name`, on the CPU in fp32.
+pub fn seeded_normal(seed: u64, name: &str, shape: &[i64]) -> Result<Tensor> {
+    let _lock = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(stream(seed, name));
+    Ok(Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?)
+}
+
+/// Draws the parameters of one module, named by their vendor path (`mlp.gate_proj.weight`).
+#[derive(Clone, Debug)]
+pub(crate) struct Init {
+    setup: Setup,
+    prefix: String,
+}
+
+impl Init {
+    pub(crate) fn new(setup: &Setup) -> Init {
+        Init {
+            setup: *setup,
+            prefix: String::new(),
+        }
+    }
+
+    /// The initialiser of a sub-module called `name`.
+    pub(crate) fn sub(&self, name: &str) -> Init {
+        Init {
+            setup: self.setup,
+            prefix: format!("{}{name}.", self.prefix),
+        }
+    }
+
+    fn place(&self, t: Tensor) -> Result<Tensor> {
+        Ok(t.f_to_device(self.setup.device)?
+            .f_to_kind(self.setup.kind()?)?)
+    }
+
+    /// A linear weight `[out, in]` with standard deviation 1/√in, so that activations
+    /// keep unit scale through the layers (and the gate's logits spread the routing).
+    pub(crate) fn linear(&self, name: &str, out_features: i64, in_features: i64) -> Result<Tensor> {
+        let t = seeded_normal(
+            self.setup.seed,
+            &format!("{}{name}", self.prefix),
+            &[out_features, in_features],
+        )?;
+        self.place(t.f_mul_scalar(1.0 / (in_features as f64).sqrt())?)
+    }
+
+    /// A bias `[n]` with standard deviation 0.1.
+    pub(crate) fn bias(&self, name: &str, n: i64) -> Result<Tensor> {
+        let t = seeded_normal(self.setup.seed, &format!("{}{name}", self.prefix), &[n])?;
+        self.place(t.f_mul_scalar(0.1)?)
+    }
+
+    /// A norm weight `[n]` near 1 (1 + 0.1·N(0,1)), so the parity check sees it applied.
+    pub(crate) fn norm(&self, name: &str, n: i64) -> Result<Tensor> {
+        let t = seeded_normal(self.setup.seed, &format!("{}{name}", self.prefix), &[n])?;
+        self.place(t.f_mul_scalar(0.1)?.f_add_scalar(1.0)?)
+    }
+
+    pub(crate) fn setup(&self) -> &Setup {
+        &self.setup
+    }
+}
+
+/// `F.linear(x, weight, bias)`.
+pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    Ok(x.f_linear(weight, bias)?)
+}
+
+/// Converts a model size to the `i64` libtorch takes.
+pub(crate) fn dim(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value)
+        .map_err(|_| Error::Model(modelmeter::Error::invalid(what, value, "a size below 2^63")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_name_same_values_other_name_other_values() {
+        let a = seeded_normal(7, "mlp.gate_proj.weight", &[4, 4]).unwrap();
+        let b = seeded_normal(7, "mlp.gate_proj.weight", &[4, 4]).unwrap();
+        let c = seeded_normal(7, "mlp.up_proj.weight", &[4, 4]).unwrap();
+        let d = seeded_normal(8, "mlp.gate_proj.weight", &[4, 4]).unwrap();
+        assert!(a.equal(&b));
+        assert!(!a.equal(&c));
+        assert!(!a.equal(&d));
+    }
+}
