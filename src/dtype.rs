@@ -9,8 +9,7 @@ use crate::error::Error;
 ///
 /// The model dtypes a workload may choose are [`Dtype::Bf16`], [`Dtype::F16`] and
 /// [`Dtype::F32`]; the others appear in measured op records (index tensors, masks).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {
     Bf16,
     F16,
@@ -102,6 +101,13 @@ impl Dtype {
             Dtype::F8 => "fp8",
             Dtype::Other => "other",
         }
+    }
+}
+
+/// Serialised as its short name (`"bf16"`, `"fp32"` …), as on the command line.
+impl Serialize for Dtype {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 

@@ -452,8 +452,6 @@ def attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra):
             raise CaseError(
                 f"past_key {tuple(pk.shape)} / past_value {tuple(pv.shape)} should be [B, H_kv, C, d] = {want}"
             )
-        if s_q != 1:
-            raise CaseError(f"decode case has S_q = {s_q}, expected 1")
         cache.update(pk, pv, layer_idx)  # lazily creates empty layers 0..layer_idx-1
         past_len = pk.shape[2]
     if cache.get_seq_length(layer_idx) != past_len:
@@ -478,7 +476,7 @@ def check_cache_after(cache, layer_idx, past_len, s_q, tensors):
 
 def run_attention(cfg, tensors, adapters, phase, attn):
     layer_idx = cget(cfg, "layer_idx", int, 0)
-    tc = text_config(cfg, attn, layer_idx, mlp_kind="dense" if "intermediate_size" in cfg else None)
+    tc = text_config(cfg, attn, layer_idx, mlp_kind=None)
     extra = {}
     x, pos, cache, mask, pe, past_len = attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra)
     m = build(lambda: DeepseekOcr2TextAttention(tc, layer_idx=layer_idx))
@@ -542,6 +540,22 @@ def run_case(case_dir):
     return rec
 
 
+def peek_module(case_dir):
+    """Best-effort module kind for the JSON line of a case that failed to load."""
+    try:
+        with open(os.path.join(case_dir, "case.json")) as f:
+            kind = json.load(f).get("module")
+        return kind if isinstance(kind, str) else None
+    except Exception:
+        return None
+
+
+def error_line(case_dir, msg):
+    print(f"parity.py: case {case_dir}: {msg}", file=sys.stderr)
+    print(json.dumps({"case": case_dir, "module": peek_module(case_dir), "rel_err": None, "ok": False, "error": msg}),
+          flush=True)
+
+
 def main(argv):
     if len(argv) < 1:
         _die_usage("no case directories given")
@@ -561,15 +575,11 @@ def main(argv):
         try:
             rec = run_case(case_dir)
         except CaseError as e:
-            print(f"parity.py: case {case_dir}: {e}", file=sys.stderr)
-            print(json.dumps({"case": case_dir, "module": None, "rel_err": None, "ok": False, "error": str(e)}))
+            error_line(case_dir, str(e))
             status = 2
             continue
         except Exception as e:  # a transformers/torch failure while running the module
-            print(f"parity.py: case {case_dir}: running the HF module failed: {type(e).__name__}: {e}",
-                  file=sys.stderr)
-            print(json.dumps({"case": case_dir, "module": None, "rel_err": None, "ok": False,
-                              "error": f"{type(e).__name__}: {e}"}))
+            error_line(case_dir, f"running the HF module failed: {type(e).__name__}: {e}")
             status = 2
             continue
         print(json.dumps(rec), flush=True)

@@ -348,6 +348,11 @@ impl Prepared {
         })
     }
 
+    /// The forward call without the counter: the output and, for MoE, tokens per expert.
+    pub fn forward(&mut self) -> Result<(Tensor, Option<Vec<i64>>)> {
+        self.module.forward(&self.inputs, &mut self.cache)
+    }
+
     /// The counted forward call.
     pub fn run(mut self) -> Result<LayerRun> {
         let weight_bytes = self.module.weight_bytes();

@@ -1,2 +1,177 @@
 //! Parity with Hugging Face transformers: exports a reference module's weights, inputs
-//! and output (safetensors + a JSON description) and runs `reference/parity/parity.py`.
+//! and output (`case.safetensors` + `case.json`, format in `reference/parity/README.md`)
+//! and runs `reference/parity/parity.py`, which loads them into the independent
+//! transformers DeepSeek-V2 / DeepSeek-OCR-2 modules and compares outputs in fp32.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{Dtype, MlpKind, ModelConfig, Phase, Workload};
+use serde::Deserialize;
+use serde_json::json;
+use tch::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::harness::{LayerKind, Prepared, RefModule};
+use crate::weights::Setup;
+use crate::Parameters;
+
+/// The parity script, in the source tree.
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/parity.py")
+}
+
+/// The Python with transformers: `MODELMETER_PYTHON` (set by `.cargo/config.toml`), or
+/// the repository's `.venv/bin/python`.
+pub fn python() -> PathBuf {
+    std::env::var_os("MODELMETER_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
+}
+
+fn module_name(kind: LayerKind) -> &'static str {
+    match kind {
+        LayerKind::RmsNorm => "rms_norm",
+        LayerKind::Mlp => "mlp",
+        LayerKind::MoEGate => "moe_gate",
+        LayerKind::MoE => "moe",
+        LayerKind::Attention => "attention",
+        LayerKind::DecoderDense | LayerKind::DecoderMoe => "decoder_layer",
+    }
+}
+
+/// Writes the case of `kind` (fp32, CPU) for `config` and `workload` into `dir`.
+pub fn export_case(
+    dir: &Path,
+    kind: LayerKind,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    seed: u64,
+) -> Result<()> {
+    let workload = workload.with_dtype(Dtype::F32)?;
+    let setup = Setup {
+        device: Device::Cpu,
+        dtype: Dtype::F32,
+        seed,
+    };
+    let mut prepared = Prepared::new(kind, config, &workload, attention, &setup)?;
+    let _no_grad = tch::no_grad_guard();
+    let mut tensors: Vec<(String, Tensor)> = prepared.module.parameters();
+    tensors.push(("input".into(), prepared.inputs.hidden.shallow_clone()));
+    if let RefModule::Attention(_) | RefModule::Decoder(_) = prepared.module {
+        tensors.push((
+            "position_ids".into(),
+            prepared.inputs.position_ids.shallow_clone(),
+        ));
+        if let Some(mask) = &prepared.inputs.mask {
+            tensors.push(("attention_mask".into(), mask.shallow_clone()));
+        }
+        if let Some((k, v)) = prepared.cache.contents() {
+            tensors.push(("past_key".into(), k.copy()));
+            tensors.push(("past_value".into(), v.copy()));
+        }
+    }
+    match &prepared.module {
+        RefModule::MoEGate(gate) => {
+            let routing = gate.forward(&prepared.inputs.hidden)?;
+            tensors.push(("topk_idx".into(), routing.topk_idx));
+            tensors.push(("topk_weight".into(), routing.topk_weight));
+        }
+        _ => {
+            let (output, _) = prepared.forward()?;
+            tensors.push(("output".into(), output));
+        }
+    }
+    let tensors: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.f_contiguous()?)))
+        .collect::<Result<_>>()?;
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Tensor::write_safetensors(&tensors, dir.join("case.safetensors"))?;
+
+    let layer_idx = kind.layer_index(config).unwrap_or(0);
+    let moe = config.moe.clone();
+    let description = json!({
+        "module": module_name(kind),
+        "phase": match workload.phase { Phase::Prefill { .. } => "prefill", Phase::Decode { .. } => "decode" },
+        "attn": match attention { AttentionImpl::Sdpa => "sdpa", AttentionImpl::Eager => "eager" },
+        "config": {
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "mlp_width": config.intermediate_size,
+            "moe_intermediate_size": moe.as_ref().map(|m| m.moe_intermediate_size),
+            "n_routed_experts": moe.as_ref().map(|m| m.n_routed_experts),
+            "num_experts_per_tok": moe.as_ref().map(|m| m.num_experts_per_tok),
+            "n_shared_experts": moe.as_ref().map(|m| m.n_shared_experts),
+            "norm_topk_prob": moe.as_ref().is_some_and(|m| m.norm_topk_prob),
+            "routed_scaling_factor": moe.as_ref().map_or(1.0, |m| m.routed_scaling_factor),
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "rms_norm_eps": config.rms_norm_eps,
+            "rope_theta": config.rope_theta,
+            "attention_bias": config.attention_bias,
+            "mlp_kind": match config.layer_kind(layer_idx)? { MlpKind::Dense => "dense", MlpKind::Moe => "sparse" },
+            "layer_idx": layer_idx,
+        },
+    });
+    let path = dir.join("case.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&description).unwrap_or_default(),
+    )
+    .map_err(|source| Error::Io { path, source })
+}
+
+/// The verdict of the parity script on one case.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct ParityResult {
+    pub case: String,
+    pub module: Option<String>,
+    /// ‖out − ref‖ / ‖ref‖ in fp32 (null when the case could not run).
+    pub rel_err: Option<f64>,
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Runs the parity script over `dirs`; one result per case. An error when the script
+/// cannot start or reports a usage error.
+pub fn run_parity(dirs: &[PathBuf]) -> Result<Vec<ParityResult>> {
+    let python = python();
+    let out = Command::new(&python)
+        .arg(script())
+        .args(dirs)
+        .output()
+        .map_err(|e| {
+            Error::Parity(format!(
+                "cannot run {}: {e}; run scripts/setup-libtorch",
+                python.display()
+            ))
+        })?;
+    let results: Vec<ParityResult> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::Parity(format!("unreadable result line {l}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    if results.len() != dirs.len()
+        || out.status.code() == Some(2) && results.iter().all(|r| r.error.is_none())
+    {
+        return Err(Error::Parity(format!(
+            "parity.py exited with {} and {} results for {} cases: {}",
+            out.status,
+            results.len(),
+            dirs.len(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(results)
+}

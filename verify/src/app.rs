@@ -1,0 +1,389 @@
+//! The `verify-decoder` command: options, checks before anything runs, the run or sweep,
+//! and the reports. Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage
+//! or setup (nothing ran).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use modelmeter::cli::WorkloadArgs;
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{units, Dtype, Workload};
+use modelmeter_reference::harness::LayerKind;
+use modelmeter_reference::observer;
+
+use crate::device::{DeviceInfo, DeviceSpec};
+use crate::environment::Environment;
+use crate::report::{self, Case, Report};
+use crate::runner::{self, applicable_layers, Plan, Progress, Summary};
+use crate::sweep;
+
+const EXAMPLES: &str = "Examples:
+  verify-decoder                                   # every layer, DeepSeek-OCR, B=1 S=512 (cuda:0 if present, else cpu)
+  verify-decoder --device cuda:0 --accept-rel-diff 0.1
+  verify-decoder --device cpu --dtype bf16 --seq-len 64 --layers DeepseekV2MoE,MoEGate
+  verify-decoder --phase decode --context-len 1024 --attn eager
+  verify-decoder --config config.json --json report.json --junit report.xml
+  verify-decoder --sweep 50 --seed 7               # 50 random configs and workloads
+
+Statuses: pass (rel diff <= tolerance), fail, known_gap (measured 0 where the counter is
+known to be blind: RMSNorm under FlopCounterMode), error (the layer could not run).
+Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
+
+/// Command-line options of `verify-decoder`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "verify-decoder",
+    version,
+    about = "Verify modelmeter's analytic DeepSeek-V2 decoder layers against reference modules run under a dispatcher-level FLOP counter",
+    after_help = EXAMPLES
+)]
+pub struct Args {
+    /// cpu, cuda or cuda:N [default: cuda:0 when libtorch sees a GPU, else cpu]
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// Largest accepted |analytic − measured| / |measured| per metric (0.05 = 5%)
+    #[arg(
+        long,
+        value_name = "REL",
+        default_value = "0.05",
+        allow_hyphen_values = true
+    )]
+    pub accept_rel_diff: String,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Comma-separated layers to verify [default: all the config has]: DeepseekV2MLP,
+    /// MoEGate, DeepseekV2MoE, DeepseekV2RMSNorm, DeepseekV2DecoderLayer_dense,
+    /// DeepseekV2DecoderLayer_moe, LlamaFlashAttention2 (or LlamaAttention)
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub layers: Vec<String>,
+    /// Seed of the random weights and inputs (FLOPs do not depend on it; routing does)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+    /// Verify N random configurations and workloads instead (with --seed)
+    #[arg(long, value_name = "N")]
+    pub sweep: Option<usize>,
+    /// Write the modelmeter.verify/1 JSON report to FILE
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write a JUnit XML report (one test case per layer and metric) to FILE
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Print only the summary line (and errors)
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// A checked invocation, ready to run.
+struct Ready {
+    spec: DeviceSpec,
+    info: DeviceInfo,
+    plan: Plan,
+}
+
+fn usage(message: impl Into<String>) -> String {
+    message.into()
+}
+
+/// Parses, checks and runs; never panics on bad input.
+pub fn run(args: &Args) -> ExitCode {
+    let ready = match prepare(args) {
+        Ok(r) => r,
+        Err(message) => {
+            eprintln!("verify-decoder: error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match args.sweep {
+        Some(n) => run_sweep(args, &ready, n),
+        None => run_single(args, &ready),
+    };
+    let text = report::to_table(&report);
+    if args.quiet {
+        println!("{}", text.lines().last().unwrap_or_default());
+    } else {
+        print!("{text}");
+    }
+    if let Err(message) = write_reports(args, &report) {
+        eprintln!("verify-decoder: error: {message}");
+        return ExitCode::from(2);
+    }
+    if report.summary().ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn prepare(args: &Args) -> Result<Ready, String> {
+    let tolerance: f64 = args.accept_rel_diff.trim().parse().map_err(|_| {
+        format!(
+            "--accept-rel-diff = {} is invalid: expected a finite number ≥ 0 (0.05 = 5%)",
+            args.accept_rel_diff
+        )
+    })?;
+    if !tolerance.is_finite() || tolerance < 0.0 {
+        return Err(format!(
+            "--accept-rel-diff = {} is invalid: expected a finite number ≥ 0 (0.05 = 5%)",
+            args.accept_rel_diff
+        ));
+    }
+    for (option, path) in [("--json", &args.json), ("--junit", &args.junit)] {
+        if let Some(p) = path {
+            report::check_writable(option, p)?;
+        }
+    }
+    let (spec, why) = match &args.device {
+        Some(text) => (DeviceSpec::parse(text)?, "as asked"),
+        None => DeviceSpec::default_choice(),
+    };
+    let device = spec.open()?;
+    let info = spec.describe();
+    if !args.quiet {
+        eprintln!("device: {spec} ({why}): {}", info.name);
+    }
+    let default_dtype = match spec {
+        DeviceSpec::Cpu => Dtype::F32,
+        DeviceSpec::Cuda(_) => Dtype::Bf16,
+    };
+    let attention = args.workload.attention().map_err(|e| e.to_string())?;
+    let (config, workload) = if args.sweep.is_some() {
+        check_sweep_options(args)?;
+        // Placeholders: every case brings its own config and workload.
+        let w = args
+            .workload
+            .workload(default_dtype)
+            .map_err(|e| e.to_string())?;
+        (modelmeter::ModelConfig::deepseek_ocr(), w)
+    } else {
+        let config = args.workload.model_config().map_err(|e| e.to_string())?;
+        let workload = args
+            .workload
+            .workload(default_dtype)
+            .map_err(|e| e.to_string())?;
+        (config, workload)
+    };
+    let layers = select_layers(&args.layers, &config, attention, args.sweep.is_some())?;
+    observer::set_tf32_matmul_allowed(workload.allow_tf32).map_err(|e| e.to_string())?;
+    let plan = Plan {
+        config,
+        workload,
+        attention,
+        device,
+        tolerance,
+        layers,
+        seed: args.seed,
+    };
+    if args.sweep.is_none() {
+        check_memory(&plan, spec, &info)?;
+    }
+    Ok(Ready { spec, info, plan })
+}
+
+fn check_sweep_options(args: &Args) -> Result<(), String> {
+    if args.sweep == Some(0) {
+        return Err(usage(
+            "--sweep = 0 is invalid: expected a number of configurations ≥ 1",
+        ));
+    }
+    let w = &args.workload;
+    let fixed = [
+        ("--config", w.config.is_some()),
+        ("--batch", w.batch.is_some()),
+        ("--seq-len", w.seq_len.is_some()),
+        ("--context-len", w.context_len.is_some()),
+        ("--phase", w.phase != "prefill"),
+        ("--attn", w.attn != "sdpa"),
+    ];
+    if let Some((option, _)) = fixed.iter().find(|(_, given)| *given) {
+        return Err(format!(
+            "{option} does not apply with --sweep (each case draws its own config, batch, phase and attention); \
+             keep --device, --dtype, --allow-tf32, --layers, --seed and --accept-rel-diff"
+        ));
+    }
+    Ok(())
+}
+
+fn select_layers(
+    names: &[String],
+    config: &modelmeter::ModelConfig,
+    attention: AttentionImpl,
+    sweep: bool,
+) -> Result<Vec<LayerKind>, String> {
+    let available = if sweep {
+        LayerKind::ALL.to_vec()
+    } else {
+        applicable_layers(config)
+    };
+    if names.is_empty() {
+        return Ok(available);
+    }
+    let valid: Vec<&str> = LayerKind::ALL.iter().map(|k| k.name(attention)).collect();
+    let mut out = Vec::new();
+    for name in names {
+        let kind = LayerKind::parse(name.trim()).ok_or_else(|| {
+            format!(
+                "--layers: unknown layer {name}; valid: {}",
+                valid.join(", ")
+            )
+        })?;
+        if !available.contains(&kind) {
+            return Err(format!(
+                "--layers: {name} does not exist in config {} (it has no routed experts)",
+                config.name
+            ));
+        }
+        if !out.contains(&kind) {
+            out.push(kind);
+        }
+    }
+    Ok(out)
+}
+
+fn check_memory(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), String> {
+    let Some(available) = info.memory_bytes else {
+        return Ok(());
+    };
+    let (need, layer) = runner::memory_estimate(plan)?;
+    if need > available {
+        return Err(format!(
+            "the workload ({}) needs about {} for {layer} (weights + activations + KV cache, from the analytic model) \
+             but {spec} has {}; lower --batch, --seq-len or --context-len",
+            plan.workload.describe(),
+            units::bytes(need),
+            units::bytes(available)
+        ));
+    }
+    Ok(())
+}
+
+fn progress_printer(quiet: bool, prefix: String) -> impl FnMut(Progress) {
+    move |p| {
+        if quiet {
+            return;
+        }
+        match p {
+            Progress::Started { index, total, name } => {
+                eprint!("{prefix}[{}/{total}] {name} ... ", index + 1);
+            }
+            Progress::Finished { result, .. } => {
+                eprintln!("{} ({:.2} s)", result.status.as_str(), result.seconds);
+            }
+        }
+    }
+}
+
+fn case_from(
+    plan: &Plan,
+    layers: Vec<runner::LayerResult>,
+    index: Option<usize>,
+    replay: Option<String>,
+    env: &mut Environment,
+) -> Case {
+    for l in &layers {
+        env.saw_kernels(&l.attention_kernels);
+    }
+    Case {
+        index,
+        config: plan.config.clone(),
+        workload: plan.workload,
+        attention: plan.attention,
+        summary: Summary::of(&layers),
+        layers,
+        replay,
+    }
+}
+
+fn run_single(args: &Args, ready: &Ready) -> Report {
+    let plan = &ready.plan;
+    let mut env = Environment::collect(
+        ready.spec,
+        &ready.info,
+        plan.workload.dtype,
+        plan.attention,
+        plan.seed,
+    );
+    let layers = runner::verify(plan, &mut progress_printer(args.quiet, String::new()));
+    let case = case_from(plan, layers, None, None, &mut env);
+    Report {
+        environment: env,
+        tolerance: plan.tolerance,
+        cases: vec![case],
+        sweep: None,
+    }
+}
+
+fn run_sweep(args: &Args, ready: &Ready, n: usize) -> Report {
+    let base = &ready.plan;
+    let mut env = Environment::collect(
+        ready.spec,
+        &ready.info,
+        base.workload.dtype,
+        base.attention,
+        base.seed,
+    );
+    let mut cases = Vec::with_capacity(n);
+    for index in 0..n {
+        let generated = sweep::generate(
+            base.seed,
+            index,
+            base.workload.dtype,
+            base.workload.allow_tf32,
+        );
+        let plan = Plan {
+            config: generated.config.clone(),
+            workload: Workload {
+                ..generated.workload
+            },
+            attention: generated.attention,
+            ..base.clone()
+        };
+        let layers = runner::verify(&plan, &mut |_| {});
+        let summary = Summary::of(&layers);
+        let replay = (!summary.ok()).then(|| {
+            let path = std::env::temp_dir().join(format!(
+                "modelmeter-sweep-{}-{}.json",
+                base.seed,
+                index + 1
+            ));
+            let text = serde_json::to_string_pretty(&generated.config_json).unwrap_or_default();
+            let written =
+                report::write_atomically(&path, &text).map(|_| path.display().to_string());
+            let shown =
+                written.unwrap_or_else(|e| format!("<could not write {}: {e}>", path.display()));
+            sweep::replay_command(
+                &generated,
+                &shown,
+                &ready.spec.to_string(),
+                base.seed,
+                base.tolerance,
+            )
+        });
+        let case = case_from(&plan, layers, Some(index), replay, &mut env);
+        if !args.quiet {
+            eprintln!("{}", report::case_line(&case, n));
+        }
+        cases.push(case);
+    }
+    Report {
+        environment: env,
+        tolerance: base.tolerance,
+        cases,
+        sweep: Some((base.seed, n)),
+    }
+}
+
+fn write_reports(args: &Args, report: &Report) -> Result<(), String> {
+    if let Some(path) = &args.json {
+        let mut text =
+            serde_json::to_string_pretty(&report::to_json(report)).map_err(|e| e.to_string())?;
+        text.push('\n');
+        report::write_atomically(path, &text)
+            .map_err(|e| format!("cannot write --json {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.junit {
+        report::write_atomically(path, &report::to_junit(report))
+            .map_err(|e| format!("cannot write --junit {}: {e}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Devices: what the user may name, whether libtorch can use it, and what it is.
+
+use std::fmt;
+use std::process::Command;
+
+use tch::Device;
+
+/// A device as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Parses `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+    pub fn parse(text: &str) -> Result<DeviceSpec, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => lower
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| {
+                    format!("--device = {text} is invalid: expected cpu, cuda or cuda:N")
+                }),
+        }
+    }
+
+    /// `cuda:0` when libtorch sees a GPU, else `cpu`, with the reason.
+    pub fn default_choice() -> (DeviceSpec, &'static str) {
+        if tch::Cuda::is_available() {
+            (DeviceSpec::Cuda(0), "default: CUDA is available")
+        } else {
+            (
+                DeviceSpec::Cpu,
+                "default: no CUDA device is visible to libtorch",
+            )
+        }
+    }
+
+    /// The libtorch device, or why it cannot be used.
+    pub fn open(self) -> Result<Device, String> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(i) => {
+                let count = tch::Cuda::device_count();
+                if count <= 0 {
+                    Err(format!(
+                        "--device {self}: no CUDA device is visible to libtorch on this machine; \
+                         run with --device cpu, or on a machine with an NVIDIA GPU"
+                    ))
+                } else if i as i64 >= count {
+                    Err(format!(
+                        "--device {self}: only {count} CUDA device(s) visible (cuda:0 .. cuda:{})",
+                        count - 1
+                    ))
+                } else {
+                    Ok(Device::Cuda(i))
+                }
+            }
+        }
+    }
+
+    /// The device's name and the memory a run may use, as far as they can be read.
+    pub fn describe(self) -> DeviceInfo {
+        match self {
+            DeviceSpec::Cpu => DeviceInfo {
+                name: cpu_name().unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+                memory_bytes: cpu_available_memory(),
+            },
+            DeviceSpec::Cuda(i) => gpu_info(i).unwrap_or(DeviceInfo {
+                name: "NVIDIA GPU (nvidia-smi unavailable)".into(),
+                memory_bytes: None,
+            }),
+        }
+    }
+}
+
+/// Name and usable memory of a device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceInfo {
+    pub name: String,
+    /// Available host memory for the CPU; total memory for a GPU.
+    pub memory_bytes: Option<u64>,
+}
+
+fn cpu_name() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let model = text.lines().find_map(|l| {
+        l.strip_prefix("model name")
+            .and_then(|r| r.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    })?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    Some(format!("{model} ({cores} threads)"))
+}
+
+fn cpu_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Name and total memory of the i-th visible GPU, from `nvidia-smi` (honours
+/// `CUDA_VISIBLE_DEVICES`, as libtorch does).
+fn gpu_info(index: usize) -> Option<DeviceInfo> {
+    let id = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').nth(index)?.trim().to_string(),
+        _ => index.to_string(),
+    };
+    let out = Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,memory.total",
+            "--format=csv,noheader,nounits",
+            "-i",
+            &id,
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (name, mib) = text.lines().next()?.rsplit_once(',')?;
+    Some(DeviceInfo {
+        name: name.trim().to_string(),
+        memory_bytes: mib
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|m| m.checked_mul(1 << 20)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_spellings() {
+        assert_eq!(DeviceSpec::parse("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse("cuda"), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse("cuda:3"), Ok(DeviceSpec::Cuda(3)));
+        let e = DeviceSpec::parse("tpu").unwrap_err();
+        assert!(
+            e.contains("tpu") && e.contains("cpu, cuda or cuda:N"),
+            "{e}"
+        );
+        assert!(DeviceSpec::parse("cuda:-1").is_err());
+        assert!(DeviceSpec::parse("cuda:x").is_err());
+    }
+
+    #[test]
+    fn cpu_is_described() {
+        let info = DeviceSpec::Cpu.describe();
+        assert!(!info.name.is_empty());
+        assert!(info.memory_bytes.unwrap_or(1) > 0);
+    }
+}

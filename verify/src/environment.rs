@@ -1,0 +1,78 @@
+//! What a verification ran on, for the report header and the JSON `environment`.
+
+use serde::Serialize;
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::Dtype;
+use modelmeter_reference::observer;
+
+use crate::device::{DeviceInfo, DeviceSpec};
+
+/// The environment block of a report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Environment {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub device_name: String,
+    /// Memory the run may use (host available memory, or GPU total), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_memory_bytes: Option<u64>,
+    pub libtorch_version: String,
+    /// The CUDA and cuDNN versions libtorch was built with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cudnn_version: Option<String>,
+    pub dtype: Dtype,
+    pub attention: AttentionImpl,
+    /// The fused attention kernels libtorch dispatched to (the SDPA kernel that ran).
+    pub sdpa_kernels: Vec<String>,
+    /// Whether libtorch allowed TF32 for fp32 matmuls.
+    pub tf32_allowed: bool,
+    pub seed: u64,
+    pub threads: i32,
+    pub modelmeter_version: &'static str,
+}
+
+impl Environment {
+    /// Reads libtorch's build settings and the device description.
+    pub fn collect(
+        spec: DeviceSpec,
+        info: &DeviceInfo,
+        dtype: Dtype,
+        attention: AttentionImpl,
+        seed: u64,
+    ) -> Environment {
+        let config = observer::libtorch_config().unwrap_or_default();
+        let setting = |key: &str| {
+            config
+                .split([',', '\n'])
+                .find_map(|item| item.trim().strip_prefix(key).map(|v| v.trim().to_string()))
+                .filter(|v| !v.is_empty())
+        };
+        Environment {
+            device: spec.to_string(),
+            device_name: info.name.clone(),
+            device_memory_bytes: info.memory_bytes,
+            libtorch_version: setting("TORCH_VERSION=").unwrap_or_else(|| "unknown".into()),
+            cuda_version: setting("CUDA_VERSION="),
+            cudnn_version: setting("CUDNN_VERSION="),
+            dtype,
+            attention,
+            sdpa_kernels: Vec::new(),
+            tf32_allowed: observer::tf32_matmul_allowed().unwrap_or(false),
+            seed,
+            threads: tch::get_num_threads(),
+            modelmeter_version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// Adds the attention kernels seen in a run.
+    pub fn saw_kernels<'a>(&mut self, kernels: impl IntoIterator<Item = &'a String>) {
+        for k in kernels {
+            if !self.sdpa_kernels.contains(k) {
+                self.sdpa_kernels.push(k.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Reports of a verification: a table for people, `modelmeter.verify/1` JSON and JUnit
+//! XML for machines. Files are written whole or not at all.
+
+mod json;
+mod junit;
+mod table;
+mod write;
+
+pub use json::{to_json, SCHEMA, SWEEP_SCHEMA};
+pub use junit::to_junit;
+pub use table::{case_line, to_table};
+pub use write::{check_writable, write_atomically};
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{ModelConfig, Workload};
+
+use crate::environment::Environment;
+use crate::runner::{LayerResult, Summary};
+
+/// One configuration and workload that was verified.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// The case number in a sweep.
+    pub index: Option<usize>,
+    pub config: ModelConfig,
+    pub workload: Workload,
+    pub attention: AttentionImpl,
+    pub layers: Vec<LayerResult>,
+    pub summary: Summary,
+    /// The command that reruns this case with plain options (sweeps).
+    pub replay: Option<String>,
+}
+
+/// Everything a report shows.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub environment: Environment,
+    pub tolerance: f64,
+    pub cases: Vec<Case>,
+    /// `(seed, cases)` of a sweep; `None` for a single run.
+    pub sweep: Option<(u64, usize)>,
+}
+
+impl Report {
+    /// Layer statuses over all cases.
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary::default();
+        for c in &self.cases {
+            s.merge(&c.summary);
+        }
+        s
+    }
+}

@@ -1,0 +1,169 @@
+//! The human table: one row per layer and metric, readable units, one summary line.
+
+use modelmeter::units;
+
+use super::{Case, Report};
+use crate::compare::{MetricRow, Status};
+use crate::runner::LayerResult;
+
+fn value(metric: &str, v: u64) -> String {
+    match metric {
+        "weight_bytes" => units::bytes(v),
+        "uncounted_ops" => v.to_string(),
+        _ => units::flops(v),
+    }
+}
+
+fn rel(row: &MetricRow) -> String {
+    match row.rel_diff {
+        Some(r) => units::percent(r),
+        None => "inf".into(),
+    }
+}
+
+/// Rows of one layer: its metrics, or its error.
+fn layer_rows(layer: &LayerResult, rows: &mut Vec<Vec<String>>, notes: &mut Vec<String>) {
+    if let Some(cause) = &layer.error {
+        rows.push(vec![
+            layer.name.clone(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            Status::Error.as_str().into(),
+        ]);
+        notes.push(format!("{}: error: {cause}", layer.name));
+        return;
+    }
+    for (i, m) in layer.metrics.iter().enumerate() {
+        let name = if i == 0 {
+            layer.name.clone()
+        } else {
+            String::new()
+        };
+        rows.push(vec![
+            name,
+            m.metric.into(),
+            value(m.metric, m.analytic),
+            value(m.metric, m.measured),
+            rel(m),
+            m.status.as_str().into(),
+        ]);
+        if let Some(note) = &m.note {
+            notes.push(format!("{} {}: {note}", layer.name, m.metric));
+        }
+    }
+}
+
+/// The table of a single case (header, rows, notes, summary line).
+fn case_table(case: &Case, out: &mut String) {
+    let mut rows = vec![[
+        "layer", "metric", "analytic", "measured", "rel diff", "status",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    let mut notes = Vec::new();
+    for layer in &case.layers {
+        layer_rows(layer, &mut rows, &mut notes);
+    }
+    out.push_str(&units::table(
+        &rows,
+        &[false, false, true, true, true, false],
+    ));
+    if !notes.is_empty() {
+        out.push_str("\nnotes:\n");
+        for n in notes {
+            out.push_str(&format!("  {n}\n"));
+        }
+    }
+}
+
+/// The one-line summary of a sweep case.
+pub fn case_line(case: &Case, total: usize) -> String {
+    let status = if case.summary.ok() {
+        "pass"
+    } else {
+        case.layers
+            .iter()
+            .map(|l| l.status)
+            .max()
+            .unwrap_or(Status::Pass)
+            .as_str()
+    };
+    let c = &case.config;
+    let moe = c
+        .moe
+        .as_ref()
+        .map(|m| {
+            format!(
+                " E={} k={} m={} shared={}",
+                m.n_routed_experts,
+                m.num_experts_per_tok,
+                m.moe_intermediate_size,
+                m.n_shared_experts
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "[{:>w$}/{total}] {:<5} h={} H={}/{} d={} i={}{moe} bias={} | {} {}",
+        case.index.map_or(0, |i| i + 1),
+        status,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.attention_bias,
+        case.workload.describe(),
+        case.attention.class_name(),
+        w = total.to_string().len(),
+    )
+}
+
+/// The whole human report.
+pub fn to_table(report: &Report) -> String {
+    let env = &report.environment;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "device: {} ({}), libtorch {}, tolerance {}, seed {}\n",
+        env.device,
+        env.device_name,
+        env.libtorch_version,
+        units::percent(report.tolerance),
+        env.seed
+    ));
+    match report.sweep {
+        None => {
+            if let Some(case) = report.cases.first() {
+                out.push_str(&format!(
+                    "config: {}, workload: {}, attention: {}\n\n",
+                    case.config.name,
+                    case.workload.describe(),
+                    case.attention.class_name()
+                ));
+                case_table(case, &mut out);
+            }
+            out.push('\n');
+            out.push_str(&report.summary().line("layers"));
+        }
+        Some((seed, n)) => {
+            let failing: Vec<&Case> = report.cases.iter().filter(|c| !c.summary.ok()).collect();
+            for case in &failing {
+                out.push_str(&format!("\n{}\n", case_line(case, n)));
+                if let Some(replay) = &case.replay {
+                    out.push_str(&format!("replay: {replay}\n"));
+                }
+                case_table(case, &mut out);
+            }
+            let ok = report.cases.len() - failing.len();
+            out.push_str(&format!(
+                "\nsweep seed {seed}: {ok} of {} configurations pass; {}",
+                report.cases.len(),
+                report.summary().line("layers")
+            ));
+        }
+    }
+    out.push('\n');
+    out
+}

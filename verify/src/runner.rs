@@ -1,0 +1,430 @@
+//! Runs each selected layer as a reference module under the FLOP counter, costs the
+//! matching analytic layer, and compares them metric by metric. A layer that fails to
+//! run is an `error` with its cause; the other layers still run.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+use modelmeter::conventions::convention;
+use modelmeter::layers::{AttentionImpl, ATTENTION_CORE_ROLE};
+use modelmeter::{Cost, ModelConfig, Phase, Workload};
+use modelmeter_reference::harness::{run_layer, LayerKind, LayerRun};
+use modelmeter_reference::{OpSummary, Setup};
+use serde::Serialize;
+use tch::Device;
+
+use crate::compare::{compare, worst, MetricRow, Status};
+
+/// What one verification run checks.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub config: ModelConfig,
+    pub workload: Workload,
+    pub attention: AttentionImpl,
+    pub device: Device,
+    pub tolerance: f64,
+    pub layers: Vec<LayerKind>,
+    pub seed: u64,
+}
+
+/// The verification of one layer.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerResult {
+    pub name: String,
+    pub status: Status,
+    /// Why the layer could not run (status `error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub metrics: Vec<MetricRow>,
+    /// Measured op records, summarised by op name.
+    pub ops: Vec<OpSummary>,
+    /// Executed ops with no rule in the conventions table.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown_ops: BTreeMap<String, usize>,
+    /// The fused attention kernels libtorch dispatched to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attention_kernels: Vec<String>,
+    /// MoE layers: how many routed experts received tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts_used: Option<usize>,
+    #[serde(skip)]
+    pub seconds: f64,
+}
+
+/// Layer counts per status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub pass: usize,
+    pub known_gap: usize,
+    pub fail: usize,
+    pub error: usize,
+}
+
+impl Summary {
+    /// Counts the statuses of `layers`.
+    pub fn of(layers: &[LayerResult]) -> Summary {
+        let mut s = Summary::default();
+        for l in layers {
+            s.add(l.status);
+        }
+        s
+    }
+
+    fn add(&mut self, status: Status) {
+        match status {
+            Status::Pass => self.pass += 1,
+            Status::KnownGap => self.known_gap += 1,
+            Status::Fail => self.fail += 1,
+            Status::Error => self.error += 1,
+        }
+    }
+
+    /// Adds another summary.
+    pub fn merge(&mut self, other: &Summary) {
+        self.pass += other.pass;
+        self.known_gap += other.known_gap;
+        self.fail += other.fail;
+        self.error += other.error;
+    }
+
+    /// True when nothing failed or errored.
+    pub fn ok(&self) -> bool {
+        self.fail == 0 && self.error == 0
+    }
+
+    /// `7 layers: 6 pass, 1 known_gap, 0 fail, 0 error`.
+    pub fn line(&self, what: &str) -> String {
+        let total = self.pass + self.known_gap + self.fail + self.error;
+        format!(
+            "{total} {what}: {} pass, {} known_gap, {} fail, {} error",
+            self.pass, self.known_gap, self.fail, self.error
+        )
+    }
+}
+
+/// Progress events for a front end (printing is not this module's job).
+pub enum Progress<'a> {
+    Started {
+        index: usize,
+        total: usize,
+        name: &'a str,
+    },
+    Finished {
+        index: usize,
+        total: usize,
+        result: &'a LayerResult,
+    },
+}
+
+/// The layers of `config` that the runner can check, in report order.
+pub fn applicable_layers(config: &ModelConfig) -> Vec<LayerKind> {
+    LayerKind::ALL
+        .into_iter()
+        .filter(|k| k.layer_index(config).is_some())
+        .collect()
+}
+
+/// Verifies every layer of the plan.
+pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
+    let total = plan.layers.len();
+    let mut results = Vec::with_capacity(total);
+    for (index, kind) in plan.layers.iter().enumerate() {
+        let name = kind.name(plan.attention);
+        progress(Progress::Started { index, total, name });
+        let start = Instant::now();
+        let mut result = verify_layer(*kind, plan);
+        result.seconds = start.elapsed().as_secs_f64();
+        progress(Progress::Finished {
+            index,
+            total,
+            result: &result,
+        });
+        results.push(result);
+    }
+    results
+}
+
+fn verify_layer(kind: LayerKind, plan: &Plan) -> LayerResult {
+    let name = kind.name(plan.attention).to_string();
+    let analytic = kind
+        .analytic(&plan.config, &plan.workload, plan.attention)
+        .and_then(|layer| Ok(layer.cost()?));
+    let analytic = match analytic {
+        Ok(cost) => cost,
+        Err(e) => return error_result(name, format!("analytic model: {e}")),
+    };
+    let setup = Setup {
+        device: plan.device,
+        dtype: plan.workload.dtype,
+        seed: plan.seed,
+    };
+    let run = catch_unwind(AssertUnwindSafe(|| {
+        injected_error(&name)?;
+        run_layer(kind, &plan.config, &plan.workload, plan.attention, &setup)
+    }));
+    match run {
+        Ok(Ok(run)) => compare_layer(&name, &analytic, &run, plan.tolerance),
+        Ok(Err(e)) if e.is_out_of_memory() => {
+            error_result(name, format!("out of memory on {:?}: {e}", plan.device))
+        }
+        Ok(Err(e)) => error_result(name, e.to_string()),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            error_result(name, format!("the reference module panicked: {message}"))
+        }
+    }
+}
+
+fn error_result(name: String, cause: String) -> LayerResult {
+    LayerResult {
+        name,
+        status: Status::Error,
+        error: Some(cause),
+        metrics: Vec::new(),
+        ops: Vec::new(),
+        unknown_ops: BTreeMap::new(),
+        attention_kernels: Vec::new(),
+        experts_used: None,
+        seconds: 0.0,
+    }
+}
+
+/// Every node of `cost` called `name`.
+fn nodes<'a>(cost: &'a Cost, name: &str, out: &mut Vec<&'a Cost>) {
+    if cost.name == name {
+        out.push(cost);
+    }
+    for child in &cost.children {
+        nodes(child, name, out);
+    }
+}
+
+/// The analytic FLOPs that `FlopCounterMode` cannot see in this run: the attention core
+/// when libtorch ran it as a fused kernel outside FlopCounterMode's registry (the CPU
+/// SDPA kernel). Returns the FLOPs and the kernel names.
+fn invisible_to_flop_counter_mode(analytic: &Cost, run: &LayerRun) -> (u64, Vec<String>) {
+    let kernels = run.counts.attention_kernels();
+    let invisible: Vec<String> = kernels
+        .iter()
+        .filter(|k| convention(k).is_some_and(|c| !c.flop_counter_mode))
+        .cloned()
+        .collect();
+    if invisible.is_empty() {
+        return (0, invisible);
+    }
+    let mut cores = Vec::new();
+    nodes(analytic, ATTENTION_CORE_ROLE, &mut cores);
+    let flops = cores
+        .iter()
+        .map(|c| c.metrics.total_flops().unwrap_or(u64::MAX))
+        .fold(0u64, u64::saturating_add);
+    (flops, invisible)
+}
+
+fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) -> LayerResult {
+    let a = perturbed(name, analytic.metrics);
+    let c = &run.counts;
+    let (invisible, kernels) = invisible_to_flop_counter_mode(analytic, run);
+    let total = a.total_flops().unwrap_or(u64::MAX);
+    let mut flops = compare(
+        name,
+        "flops",
+        total.saturating_sub(invisible),
+        c.flop_counter_mode_flops,
+        tolerance,
+    );
+    if invisible > 0 {
+        flops.note = Some(format!(
+            "analytic total less the attention core FlopCounterMode cannot see ({})",
+            kernels.join(", ")
+        ));
+    }
+    let mut metrics = vec![
+        flops,
+        compare(
+            name,
+            "matmul_flops",
+            a.matmul_flops,
+            c.matmul_flops,
+            tolerance,
+        ),
+        compare(
+            name,
+            "elementwise_flops",
+            a.elementwise_flops,
+            c.elementwise_flops,
+            tolerance,
+        ),
+        compare(
+            name,
+            "tensor_core_flops",
+            a.tensor_core_flops,
+            c.tensor_core_flops,
+            tolerance,
+        ),
+        compare(
+            name,
+            "cuda_core_flops",
+            a.cuda_core_flops,
+            c.cuda_core_flops,
+            tolerance,
+        ),
+        compare(
+            name,
+            "weight_bytes",
+            a.weight_bytes,
+            run.weight_bytes,
+            tolerance,
+        ),
+    ];
+    if !c.is_complete() {
+        let unknown: usize = c.unknown_ops.values().sum::<usize>() + c.errors.len();
+        let mut what: Vec<String> = c.unknown_ops.keys().cloned().collect();
+        what.extend(c.errors.iter().cloned());
+        metrics.push(MetricRow {
+            metric: "uncounted_ops",
+            analytic: 0,
+            measured: unknown as u64,
+            rel_diff: None,
+            status: Status::Fail,
+            note: Some(format!(
+                "executed ops the conventions table cannot cost, so the measured totals are incomplete: {}",
+                what.join(", ")
+            )),
+        });
+    }
+    LayerResult {
+        name: name.to_string(),
+        status: worst(&metrics),
+        error: None,
+        metrics,
+        ops: c.by_op(),
+        unknown_ops: c.unknown_ops.clone(),
+        attention_kernels: c.attention_kernels(),
+        experts_used: run
+            .tokens_per_expert
+            .as_ref()
+            .map(|t| t.iter().filter(|n| **n > 0).count()),
+        seconds: 0.0,
+    }
+}
+
+/// The environment variable of the test hook that perturbs analytic values.
+pub const PERTURB_ENV: &str = "MODELMETER_VERIFY_PERTURB";
+
+/// Test builds only: `MODELMETER_VERIFY_PERTURB=Layer:metric:delta` adds `delta` to one
+/// analytic metric, so tests can force a mismatch. Release builds ignore it.
+fn perturbed(layer: &str, mut metrics: modelmeter::Metrics) -> modelmeter::Metrics {
+    if !cfg!(debug_assertions) {
+        return metrics;
+    }
+    let Ok(spec) = std::env::var(PERTURB_ENV) else {
+        return metrics;
+    };
+    let mut parts = spec.splitn(3, ':');
+    let (Some(l), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
+        return metrics;
+    };
+    let Ok(delta) = d.trim_start_matches('+').parse::<u64>() else {
+        return metrics;
+    };
+    if l == layer {
+        let field = match m {
+            "matmul_flops" => &mut metrics.matmul_flops,
+            "elementwise_flops" => &mut metrics.elementwise_flops,
+            "tensor_core_flops" => &mut metrics.tensor_core_flops,
+            "cuda_core_flops" => &mut metrics.cuda_core_flops,
+            "weight_bytes" => &mut metrics.weight_bytes,
+            _ => return metrics,
+        };
+        *field = field.saturating_add(delta);
+    }
+    metrics
+}
+
+/// The environment variable of the test hook that makes one layer fail to run.
+pub const INJECT_ERROR_ENV: &str = "MODELMETER_VERIFY_INJECT_ERROR";
+
+/// Test builds only: `MODELMETER_VERIFY_INJECT_ERROR=Layer` makes that layer fail as if
+/// libtorch had refused it, so tests can check error isolation. Release builds ignore it.
+fn injected_error(layer: &str) -> modelmeter_reference::Result<()> {
+    if cfg!(debug_assertions) && std::env::var(INJECT_ERROR_ENV).is_ok_and(|l| l == layer) {
+        return Err(modelmeter_reference::Error::Observer(format!(
+            "{INJECT_ERROR_ENV} made {layer} fail"
+        )));
+    }
+    Ok(())
+}
+
+/// The largest memory one layer of the plan needs, estimated from the analytic model
+/// (weights + activations + KV cache; for a decode step also the prefill that fills
+/// the cache), with the layer's name. An error when the analytic model itself cannot
+/// represent the workload (its counts overflow 64 bits).
+pub fn memory_estimate(plan: &Plan) -> Result<(u64, String), String> {
+    let mut worst = (0u64, String::new());
+    let mut workloads = vec![plan.workload];
+    if let Phase::Decode { context_len } = plan.workload.phase {
+        let prefill = Workload::new(
+            plan.workload.batch,
+            Phase::Prefill {
+                seq_len: context_len,
+            },
+            plan.workload.dtype,
+        )
+        .map_err(|e| e.to_string())?;
+        workloads.push(prefill);
+    }
+    for kind in &plan.layers {
+        let name = kind.name(plan.attention);
+        for w in &workloads {
+            let m = kind
+                .analytic(&plan.config, w, plan.attention)
+                .map_err(|e| e.to_string())?
+                .metrics()
+                .map_err(|e| format!("{name} at {}: {e}", w.describe()))?;
+            let need = m
+                .weight_bytes
+                .saturating_add(m.activation_bytes)
+                .saturating_add(m.kv_cache_bytes);
+            if need > worst.0 {
+                worst = (need, name.to_string());
+            }
+        }
+    }
+    Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_and_line() {
+        let mut s = Summary::default();
+        s.add(Status::Pass);
+        s.add(Status::KnownGap);
+        s.add(Status::Fail);
+        assert!(!s.ok());
+        assert_eq!(
+            s.line("layers"),
+            "3 layers: 1 pass, 1 known_gap, 1 fail, 0 error"
+        );
+    }
+
+    #[test]
+    fn dense_only_configs_skip_moe_layers() {
+        let mut c = ModelConfig::deepseek_ocr();
+        c.moe = None;
+        c.layer_kinds = vec![modelmeter::MlpKind::Dense; 12];
+        let kinds = applicable_layers(&c);
+        assert!(!kinds.contains(&LayerKind::MoE));
+        assert!(!kinds.contains(&LayerKind::DecoderMoe));
+        assert!(kinds.contains(&LayerKind::Attention));
+        assert_eq!(applicable_layers(&ModelConfig::deepseek_ocr()).len(), 7);
+    }
+}

@@ -1,0 +1,177 @@
+//! `--sweep N`: random valid configurations and workloads, small enough for any device,
+//! each replayable with the plain options.
+
+use serde_json::{json, Value};
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{Dtype, ModelConfig, Phase, Workload};
+
+/// splitmix64: a tiny, seedable, dependency-free generator.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo ..= hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    pub fn chance(&mut self, one_in: u64) -> bool {
+        self.next_u64() % one_in == 0
+    }
+}
+
+/// One generated case.
+#[derive(Clone, Debug)]
+pub struct SweepCase {
+    pub index: usize,
+    /// The Hugging Face `config.json` of the case (written out for replays).
+    pub config_json: Value,
+    pub config: ModelConfig,
+    pub workload: Workload,
+    pub attention: AttentionImpl,
+}
+
+/// Case `index` of the sweep with `seed`: the same (seed, index) always gives the same case.
+pub fn generate(seed: u64, index: usize, dtype: Dtype, allow_tf32: bool) -> SweepCase {
+    let mut r = Rng::new(seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f));
+    let head_dim = if r.chance(2) { 64 } else { 128 };
+    let heads = r.range(1, 8);
+    let divisors: Vec<u64> = (1..=heads).filter(|d| heads % d == 0).collect();
+    let kv_heads = divisors[r.range(0, divisors.len() as u64 - 1) as usize];
+    let hidden = 64 * r.range(2, 8);
+    let experts = r.range(2, 16);
+    let k = r.range(1, experts.min(6));
+    let config_json = json!({
+        "model_type": "deepseek_v2",
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": r.range(32, 1024),
+        "moe_intermediate_size": r.range(16, 256),
+        "n_routed_experts": experts,
+        "num_experts_per_tok": k,
+        "n_shared_experts": r.range(0, 2),
+        "norm_topk_prob": r.chance(3),
+        "routed_scaling_factor": 1.0,
+        "num_hidden_layers": 2,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "vocab_size": 1000,
+        "attention_bias": r.chance(4),
+        "use_mla": false,
+        "torch_dtype": "bfloat16",
+    });
+    let config = ModelConfig::from_json_value(
+        &format!("sweep seed {seed} case {}", index + 1),
+        &config_json,
+    )
+    .expect("generated configs are valid");
+    let batch = r.range(1, 3);
+    let phase = if r.chance(2) {
+        Phase::Prefill {
+            seq_len: r.range(1, 48),
+        }
+    } else {
+        Phase::Decode {
+            context_len: r.range(1, 48),
+        }
+    };
+    let workload = Workload::new(batch, phase, dtype)
+        .expect("generated workloads are valid")
+        .with_tf32(allow_tf32);
+    let attention = if r.chance(2) {
+        AttentionImpl::Sdpa
+    } else {
+        AttentionImpl::Eager
+    };
+    SweepCase {
+        index,
+        config_json,
+        config,
+        workload,
+        attention,
+    }
+}
+
+/// The plain command line that reruns a case whose config was written to `config_path`.
+pub fn replay_command(
+    case: &SweepCase,
+    config_path: &str,
+    device: &str,
+    seed: u64,
+    tolerance: f64,
+) -> String {
+    let w = &case.workload;
+    let phase = match w.phase {
+        Phase::Prefill { seq_len } => format!("--seq-len {seq_len}"),
+        Phase::Decode { context_len } => format!("--phase decode --context-len {context_len}"),
+    };
+    let attn = match case.attention {
+        AttentionImpl::Sdpa => "sdpa",
+        AttentionImpl::Eager => "eager",
+    };
+    let tf32 = if w.allow_tf32 { " --allow-tf32" } else { "" };
+    format!(
+        "cargo run --bin verify-decoder -- --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}",
+        w.batch, w.dtype
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_are_valid_varied_and_reproducible() {
+        let cases: Vec<SweepCase> = (0..200)
+            .map(|i| generate(7, i, Dtype::F32, false))
+            .collect();
+        let again = generate(7, 13, Dtype::F32, false);
+        assert_eq!(again.config, cases[13].config);
+        assert_eq!(again.workload, cases[13].workload);
+        assert!(cases
+            .iter()
+            .any(|c| matches!(c.workload.phase, Phase::Decode { .. })));
+        assert!(cases.iter().any(|c| c.attention == AttentionImpl::Eager));
+        assert!(cases
+            .iter()
+            .any(|c| c.config.num_key_value_heads < c.config.num_attention_heads));
+        assert!(cases.iter().any(|c| c.config.attention_bias));
+        for c in &cases {
+            assert_eq!(
+                c.config.layer_kinds,
+                vec![modelmeter::MlpKind::Dense, modelmeter::MlpKind::Moe]
+            );
+        }
+        assert_ne!(
+            generate(8, 13, Dtype::F32, false).config_json,
+            cases[13].config_json
+        );
+    }
+
+    #[test]
+    fn replay_uses_plain_options() {
+        let c = generate(1, 0, Dtype::F32, false);
+        let cmd = replay_command(&c, "/tmp/x.json", "cpu", 1, 0.05);
+        assert!(
+            cmd.contains("--config /tmp/x.json")
+                && cmd.contains("--dtype fp32")
+                && cmd.contains("--device cpu"),
+            "{cmd}"
+        );
+    }
+}

@@ -1,0 +1,496 @@
+//! `verify-decoder` driven as users and CI call it (CPU).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const EXACT: [&str; 5] = [
+    "matmul_flops",
+    "elementwise_flops",
+    "tensor_core_flops",
+    "cuda_core_flops",
+    "weight_bytes",
+];
+
+fn verify(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
+    cmd.args(args)
+        .env_remove("MODELMETER_VERIFY_PERTURB")
+        .env_remove("MODELMETER_VERIFY_INJECT_ERROR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("verify-decoder runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("mm-verify-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Every exact row has rel_diff exactly 0 and status pass; the flops row passes except
+/// RMSNorm's, which is the known gap.
+fn assert_exact(layers: &Value) {
+    for layer in layers.as_array().unwrap() {
+        let name = layer["name"].as_str().unwrap();
+        for m in layer["metrics"].as_array().unwrap() {
+            let metric = m["metric"].as_str().unwrap();
+            if EXACT.contains(&metric) {
+                assert_eq!(m["rel_diff"], 0.0, "{name} {metric}: {m}");
+                assert_eq!(m["analytic"], m["measured"], "{name} {metric}");
+                assert_eq!(m["status"], "pass", "{name} {metric}");
+            } else if metric == "flops" && name == "DeepseekV2RMSNorm" {
+                assert_eq!(m["status"], "known_gap", "{m}");
+                assert_eq!(m["measured"], 0);
+            } else {
+                assert_eq!(m["status"], "pass", "{name} {metric}: {m}");
+            }
+        }
+        assert_eq!(
+            layer["metrics"].as_array().unwrap().len(),
+            6,
+            "{name}: no uncounted ops"
+        );
+    }
+}
+
+#[test]
+fn default_workload_on_cpu_passes_with_exact_rows_and_valid_reports() {
+    let dir = TempDir::new("default");
+    let (json, junit) = (dir.path("r.json"), dir.path("r.xml"));
+    let o = verify(
+        &[
+            "--device",
+            "cpu",
+            "--json",
+            json.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("7 layers: 6 pass, 1 known_gap, 0 fail, 0 error"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("GFLOP") && stdout.contains("MiB"),
+        "readable units: {stdout}"
+    );
+
+    let j = read_json(&json);
+    assert_eq!(j["schema"], "modelmeter.verify/1");
+    for key in [
+        "device",
+        "device_name",
+        "libtorch_version",
+        "dtype",
+        "sdpa_kernels",
+        "seed",
+        "tf32_allowed",
+    ] {
+        assert!(!j["environment"][key].is_null(), "environment.{key}");
+    }
+    assert_eq!(j["environment"]["device"], "cpu");
+    assert_eq!(j["environment"]["dtype"], "fp32");
+    assert_eq!(j["environment"]["libtorch_version"], "2.11.0");
+    assert_eq!(
+        j["environment"]["sdpa_kernels"][0],
+        "aten::_scaled_dot_product_flash_attention_for_cpu"
+    );
+    assert_eq!(j["config"]["name"], "deepseek-ocr-v1-base");
+    assert_eq!(j["workload"]["seq_len"], 512);
+    assert_eq!(j["tolerance"], 0.05);
+    assert!(j["conventions"]["ops"].as_array().unwrap().len() > 50);
+    assert_eq!(
+        j["summary"],
+        serde_json::json!({"pass": 6, "known_gap": 1, "fail": 0, "error": 0})
+    );
+    let names: Vec<&str> = j["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "DeepseekV2MLP",
+            "MoEGate",
+            "DeepseekV2MoE",
+            "DeepseekV2RMSNorm",
+            "DeepseekV2DecoderLayer_dense",
+            "DeepseekV2DecoderLayer_moe",
+            "LlamaFlashAttention2"
+        ]
+    );
+    assert_exact(&j["layers"]);
+    let mlp = &j["layers"][0];
+    assert_eq!(mlp["metrics"][1]["measured"], 26_927_431_680u64);
+    assert!(mlp["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|op| op["name"] == "aten::mm" && op["calls"] == 3));
+    let moe = &j["layers"][2];
+    assert!(moe["experts_used"].as_u64().unwrap() >= 32);
+
+    // JUnit: valid XML, one test case per layer and metric, the known gap skipped.
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let mut reader = quick_xml::Reader::from_str(&xml);
+    let (mut testcases, mut skipped, mut failures) = (0, 0, 0);
+    loop {
+        match reader.read_event().expect("well-formed XML") {
+            quick_xml::events::Event::Eof => break,
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
+                match e.name().as_ref() {
+                    b"testcase" => testcases += 1,
+                    b"skipped" => skipped += 1,
+                    b"failure" | b"error" => failures += 1,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((testcases, skipped, failures), (7 * 6, 1, 0));
+}
+
+#[test]
+fn bf16_on_cpu_splits_engines_exactly() {
+    let dir = TempDir::new("bf16");
+    let json = dir.path("r.json");
+    let o = verify(
+        &[
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--seq-len",
+            "32",
+            "--json",
+            json.to_str().unwrap(),
+            "-q",
+        ],
+        &[],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let j = read_json(&json);
+    assert_eq!(j["environment"]["dtype"], "bf16");
+    assert_exact(&j["layers"]);
+    let metric = |layer: usize, name: &str| -> u64 {
+        j["layers"][layer]["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["metric"] == name)
+            .unwrap()["measured"]
+            .as_u64()
+            .unwrap()
+    };
+    // The MLP's bf16 GEMMs are tensor-core work; the gate's fp32 GEMM is not.
+    assert_eq!(metric(0, "tensor_core_flops"), metric(0, "matmul_flops"));
+    assert_eq!(metric(1, "tensor_core_flops"), 0);
+    assert!(
+        metric(2, "tensor_core_flops") > 0
+            && metric(2, "cuda_core_flops") > metric(2, "elementwise_flops")
+    );
+}
+
+#[test]
+fn decode_and_eager_pass_exactly() {
+    let dir = TempDir::new("decode");
+    let json = dir.path("r.json");
+    let o = verify(
+        &[
+            "--device",
+            "cpu",
+            "--phase",
+            "decode",
+            "--context-len",
+            "40",
+            "--batch",
+            "2",
+            "--attn",
+            "eager",
+            "--json",
+            json.to_str().unwrap(),
+            "-q",
+        ],
+        &[],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let j = read_json(&json);
+    assert_eq!(j["workload"]["context_len"], 40);
+    assert_eq!(j["layers"][6]["name"], "LlamaAttention");
+    assert_exact(&j["layers"]);
+}
+
+#[test]
+fn sweep_of_50_passes_with_exact_rows() {
+    let dir = TempDir::new("sweep");
+    let json = dir.path("r.json");
+    let o = verify(
+        &[
+            "--device",
+            "cpu",
+            "--sweep",
+            "50",
+            "--seed",
+            "3",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert_eq!(
+        text(&o.stderr)
+            .lines()
+            .filter(|l| l.starts_with('['))
+            .count(),
+        50,
+        "one line per configuration"
+    );
+    assert!(text(&o.stdout).contains("50 of 50 configurations pass"));
+    let j = read_json(&json);
+    assert_eq!(j["schema"], "modelmeter.verify-sweep/1");
+    let cases = j["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 50);
+    for case in cases {
+        assert_exact(&case["layers"]);
+    }
+}
+
+#[test]
+fn tolerance_zero_fails_the_inexact_flops_row() {
+    let o = verify(
+        &[
+            "--device",
+            "cpu",
+            "--seq-len",
+            "8",
+            "--layers",
+            "DeepseekV2MLP",
+            "--accept-rel-diff",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stdout));
+    let stdout = text(&o.stdout);
+    assert!(stdout.contains("fail"), "{stdout}");
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("1 layers: 0 pass, 0 known_gap, 1 fail, 0 error"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_perturbed_analytic_value_fails_an_exact_row() {
+    let dir = TempDir::new("perturb");
+    let (json, junit) = (dir.path("r.json"), dir.path("r.xml"));
+    let o = verify(
+        &[
+            "--device",
+            "cpu",
+            "--seq-len",
+            "8",
+            "--layers",
+            "DeepseekV2MLP,MoEGate",
+            "--accept-rel-diff",
+            "0",
+            "--json",
+            json.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+        &[("MODELMETER_VERIFY_PERTURB", "MoEGate:matmul_flops:+1")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let j = read_json(&json);
+    let gate = &j["layers"][1];
+    assert_eq!(gate["status"], "fail");
+    let row = gate["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == "matmul_flops")
+        .unwrap();
+    assert_eq!(row["status"], "fail");
+    assert_eq!(
+        row["analytic"].as_u64().unwrap(),
+        row["measured"].as_u64().unwrap() + 1
+    );
+    assert!(std::fs::read_to_string(&junit)
+        .unwrap()
+        .contains("<failure"));
+}
+
+#[test]
+fn a_layer_that_cannot_run_is_an_error_and_the_others_still_run() {
+    let dir = TempDir::new("error");
+    let json = dir.path("r.json");
+    let o = verify(
+        &[
+            "--device",
+            "cpu",
+            "--seq-len",
+            "8",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[("MODELMETER_VERIFY_INJECT_ERROR", "DeepseekV2MoE")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let j = read_json(&json);
+    assert_eq!(j["summary"]["error"], 1);
+    assert_eq!(j["summary"]["pass"], 5);
+    let moe = &j["layers"][2];
+    assert_eq!(moe["status"], "error");
+    assert!(moe["error"].as_str().unwrap().contains("DeepseekV2MoE"));
+    assert!(text(&o.stdout).contains("DeepseekV2MoE: error:"));
+}
+
+#[test]
+fn bad_input_is_one_line_exit_2_and_nothing_written() {
+    let dir = TempDir::new("bad");
+    let json = dir.path("r.json");
+    let bad_config = dir.path("bad.json");
+    std::fs::write(&bad_config, r#"{"hidden_size": 64, "num_attention_heads": 3, "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5}"#).unwrap();
+    let mla = dir.path("mla.json");
+    std::fs::write(&mla, r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5, "use_mla": true}"#).unwrap();
+    let not_json = dir.path("x.json");
+    std::fs::write(&not_json, "{ nope").unwrap();
+    let j = json.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--device", "tpu"],
+            "--device = tpu is invalid: expected cpu, cuda or cuda:N",
+        ),
+        (vec!["--device", "cuda:0"], "no CUDA device is visible"),
+        (
+            vec!["--accept-rel-diff", "-0.1"],
+            "--accept-rel-diff = -0.1 is invalid",
+        ),
+        (
+            vec!["--accept-rel-diff", "NaN"],
+            "--accept-rel-diff = NaN is invalid",
+        ),
+        (
+            vec!["--accept-rel-diff", "inf"],
+            "--accept-rel-diff = inf is invalid",
+        ),
+        (
+            vec!["--config", "/no/such/config.json"],
+            "/no/such/config.json",
+        ),
+        (
+            vec!["--config", bad_config.to_str().unwrap()],
+            "hidden_size = 64 is invalid",
+        ),
+        (
+            vec!["--config", mla.to_str().unwrap()],
+            "use_mla = true is not supported",
+        ),
+        (
+            vec!["--config", not_json.to_str().unwrap()],
+            "cannot parse config",
+        ),
+        (vec!["--seq-len", "4000000"], "needs about"),
+        (vec!["--batch", "0"], "batch = 0"),
+        (vec!["--layers", "Nope"], "unknown layer Nope"),
+        (vec!["--sweep", "0"], "--sweep = 0"),
+        (vec!["--json", "/no/such/dir/r.json"], "/no/such/dir"),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["--device", "cpu", "--json", j];
+        if args[0] == "--device" || args[0] == "--json" {
+            all = vec!["--json", j];
+        }
+        if args[0] == "--json" {
+            all.clear();
+        }
+        all.extend(&args);
+        let o = verify(&all, &[]);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(
+            err.lines().filter(|l| l.contains("error")).count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{args:?}: nothing ran");
+        assert!(!json.exists(), "{args:?}: no report written");
+    }
+}
+
+#[test]
+fn help_shows_examples_and_statuses() {
+    let o = verify(&["--help"], &[]);
+    let help = text(&o.stdout);
+    assert!(
+        help.contains("Examples:") && help.contains("--device cuda:0 --accept-rel-diff 0.1"),
+        "{help}"
+    );
+    assert!(
+        help.contains("known_gap") && help.contains("Exit codes"),
+        "{help}"
+    );
+}
