@@ -1,10 +1,27 @@
-//! The FLOP counter on real libtorch ops (CPU), against hand formulas and the
-//! conventions table.
+//! The FLOP counter on real libtorch ops, against hand formulas and the conventions
+//! table. On the CPU in fp32 by default; `MODELMETER_TEST_DEVICE=cuda:0` and
+//! `MODELMETER_TEST_DTYPE=bf16` run the same checks on a GPU (scripts/device-check).
 
 use modelmeter_reference::{Counts, FlopCounter};
 use tch::{Device, Kind, Tensor};
 
-const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
+fn device() -> Device {
+    match std::env::var("MODELMETER_TEST_DEVICE").as_deref() {
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => Device::Cuda(other.trim_start_matches("cuda:").parse().expect("MODELMETER_TEST_DEVICE=cpu|cuda:N")),
+    }
+}
+
+fn kind() -> Kind {
+    match std::env::var("MODELMETER_TEST_DTYPE").as_deref() {
+        Ok("bf16") => Kind::BFloat16,
+        _ => Kind::Float,
+    }
+}
+
+fn opts() -> (Kind, Device) {
+    (kind(), device())
+}
 
 fn count<T>(f: impl FnOnce() -> T) -> (T, Counts) {
     let region = FlopCounter::start().unwrap();
@@ -13,7 +30,7 @@ fn count<T>(f: impl FnOnce() -> T) -> (T, Counts) {
 }
 
 fn randn(shape: &[i64]) -> Tensor {
-    Tensor::randn(shape, CPU)
+    Tensor::randn(shape, opts())
 }
 
 fn assert_complete(c: &Counts) {
@@ -81,34 +98,24 @@ fn batched_4d_matmul_is_one_bmm() {
 }
 
 #[test]
-fn cpu_sdpa_is_counted_though_flop_counter_mode_cannot_see_it() {
+fn sdpa_is_counted_even_where_flop_counter_mode_cannot_see_it() {
     let (b, h, s, d) = (2i64, 4i64, 32i64, 16i64);
     let q = randn(&[b, h, s, d]);
     for causal in [false, true] {
         let (_, c) = count(|| {
-            Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &q, &q, None, 0.0, causal, None, false,
-            )
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &q, &q, None, 0.0, causal, None, false)
         });
         let scores = (b * h * s * s) as u64;
-        assert_eq!(
-            c.matmul_flops,
-            4 * scores * d as u64,
-            "causal={causal}: full rectangle"
-        );
-        assert_eq!(
-            c.elementwise_flops,
-            6 * scores,
-            "scale + softmax inside the kernel"
-        );
-        assert_eq!(
-            c.flop_counter_mode_flops, 0,
-            "FlopCounterMode misses the CPU kernel"
-        );
-        assert_eq!(
-            c.attention_kernels(),
-            ["aten::_scaled_dot_product_flash_attention_for_cpu"]
-        );
+        assert_eq!(c.matmul_flops, 4 * scores * d as u64, "causal={causal}: full rectangle");
+        assert_eq!(c.elementwise_flops, 6 * scores, "scale + softmax inside the kernel");
+        let kernels = c.attention_kernels();
+        assert_eq!(kernels.len(), 1, "{kernels:?}");
+        if device() == Device::Cpu {
+            assert_eq!(kernels[0], "aten::_scaled_dot_product_flash_attention_for_cpu");
+            assert_eq!(c.flop_counter_mode_flops, 0, "FlopCounterMode misses the CPU kernel");
+        } else {
+            assert_eq!(c.flop_counter_mode_flops, c.matmul_flops, "{kernels:?} is in the registry");
+        }
         assert_complete(&c);
     }
 }
@@ -192,7 +199,7 @@ fn elementwise_ops_follow_the_conventions_table() {
 #[test]
 fn views_copies_and_integer_bookkeeping_cost_nothing() {
     let x = randn(&[4, 6]);
-    let idx = Tensor::from_slice(&[3i64, 1, 0]);
+    let idx = Tensor::from_slice(&[3i64, 1, 0]).to_device(device());
     let (_, c) = count(|| {
         let v = x.view([6, 4]).transpose(0, 1).unsqueeze(0).contiguous();
         let _ = v.to_kind(Kind::BFloat16);
@@ -257,15 +264,20 @@ fn a_second_region_on_the_same_thread_is_an_error() {
 
 #[test]
 fn records_carry_shapes_dtypes_device_and_engine() {
-    let a = Tensor::randn([4, 8], (Kind::BFloat16, Device::Cpu));
-    let b = Tensor::randn([8, 2], (Kind::BFloat16, Device::Cpu));
+    let a = Tensor::randn([4, 8], (Kind::BFloat16, device()));
+    let b = Tensor::randn([8, 2], (Kind::BFloat16, device()));
     let (_, c) = count(|| a.mm(&b));
     let r = &c.records[0];
     assert_eq!(r.shapes, vec![vec![4, 8], vec![8, 2]]);
     assert_eq!(r.dtypes, vec![modelmeter::Dtype::Bf16; 2]);
-    assert_eq!(r.device.as_deref(), Some("cpu"));
+    let want = match device() {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    };
+    assert_eq!(r.device.as_deref(), Some(want.as_str()));
     assert_eq!(r.tensor_core_flops, 128, "bf16 GEMMs are tensor-core work");
-    let (a, b) = (randn(&[4, 8]), randn(&[8, 2]));
+    let a = Tensor::randn([4, 8], (Kind::Float, device()));
+    let b = Tensor::randn([8, 2], (Kind::Float, device()));
     let (_, c) = count(|| a.mm(&b));
     assert_eq!(
         c.records[0].cuda_core_flops, 128,
