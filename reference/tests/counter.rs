@@ -8,7 +8,12 @@ use tch::{Device, Kind, Tensor};
 fn device() -> Device {
     match std::env::var("MODELMETER_TEST_DEVICE").as_deref() {
         Ok("cpu") | Err(_) => Device::Cpu,
-        Ok(other) => Device::Cuda(other.trim_start_matches("cuda:").parse().expect("MODELMETER_TEST_DEVICE=cpu|cuda:N")),
+        Ok(other) => Device::Cuda(
+            other
+                .trim_start_matches("cuda:")
+                .parse()
+                .expect("MODELMETER_TEST_DEVICE=cpu|cuda:N"),
+        ),
     }
 }
 
@@ -103,18 +108,37 @@ fn sdpa_is_counted_even_where_flop_counter_mode_cannot_see_it() {
     let q = randn(&[b, h, s, d]);
     for causal in [false, true] {
         let (_, c) = count(|| {
-            Tensor::scaled_dot_product_attention::<Tensor>(&q, &q, &q, None, 0.0, causal, None, false)
+            Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &q, &q, None, 0.0, causal, None, false,
+            )
         });
         let scores = (b * h * s * s) as u64;
-        assert_eq!(c.matmul_flops, 4 * scores * d as u64, "causal={causal}: full rectangle");
-        assert_eq!(c.elementwise_flops, 6 * scores, "scale + softmax inside the kernel");
+        assert_eq!(
+            c.matmul_flops,
+            4 * scores * d as u64,
+            "causal={causal}: full rectangle"
+        );
+        assert_eq!(
+            c.elementwise_flops,
+            6 * scores,
+            "scale + softmax inside the kernel"
+        );
         let kernels = c.attention_kernels();
         assert_eq!(kernels.len(), 1, "{kernels:?}");
         if device() == Device::Cpu {
-            assert_eq!(kernels[0], "aten::_scaled_dot_product_flash_attention_for_cpu");
-            assert_eq!(c.flop_counter_mode_flops, 0, "FlopCounterMode misses the CPU kernel");
+            assert_eq!(
+                kernels[0],
+                "aten::_scaled_dot_product_flash_attention_for_cpu"
+            );
+            assert_eq!(
+                c.flop_counter_mode_flops, 0,
+                "FlopCounterMode misses the CPU kernel"
+            );
         } else {
-            assert_eq!(c.flop_counter_mode_flops, c.matmul_flops, "{kernels:?} is in the registry");
+            assert_eq!(
+                c.flop_counter_mode_flops, c.matmul_flops,
+                "{kernels:?} is in the registry"
+            );
         }
         assert_complete(&c);
     }
