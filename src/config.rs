@@ -23,6 +23,9 @@ pub const DEEPSEEK_OCR_CONFIG_JSON: &str = include_str!("../fixtures/deepseek-oc
 /// The name of the built-in default configuration.
 pub const DEEPSEEK_OCR_NAME: &str = "deepseek-ocr-v1-base";
 
+/// The most decoder layers a config may have (DeepSeek-V2-family models have tens).
+pub const MAX_LAYERS: u64 = 4096;
+
 /// Which feed-forward block a decoder layer has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -132,6 +135,13 @@ impl ModelConfig {
 
         let hidden_size = cfg.required_size("hidden_size")?;
         let num_hidden_layers = cfg.required_size("num_hidden_layers")?;
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(Error::invalid(
+                "num_hidden_layers",
+                num_hidden_layers,
+                &format!("1 ..= {MAX_LAYERS} (the stack is costed layer by layer)"),
+            ));
+        }
         let intermediate_size = cfg.required_size("intermediate_size")?;
         let vocab_size = cfg.required_size("vocab_size")?;
         let (num_attention_heads, num_key_value_heads, head_dim) =
@@ -303,18 +313,19 @@ fn attention_shape(cfg: &Fields, hidden_size: u64) -> Result<(u64, u64, u64)> {
     let heads = cfg.required_size("num_attention_heads")?;
     let kv_heads = cfg.size("num_key_value_heads")?.unwrap_or(heads);
     if heads % kv_heads != 0 {
-        let divisors: Vec<String> = (1..=heads)
-            .filter(|d| heads % d == 0)
-            .map(|d| d.to_string())
-            .collect();
-        return Err(Error::invalid(
-            "num_key_value_heads",
-            kv_heads,
-            &format!(
+        let expected = if heads <= 4096 {
+            let divisors: Vec<String> = (1..=heads)
+                .filter(|d| heads % d == 0)
+                .map(|d| d.to_string())
+                .collect();
+            format!(
                 "a divisor of num_attention_heads ({heads}): {}",
                 divisors.join(", ")
-            ),
-        ));
+            )
+        } else {
+            format!("a divisor of num_attention_heads ({heads})")
+        };
+        return Err(Error::invalid("num_key_value_heads", kv_heads, &expected));
     }
     let head_dim = match cfg.size("head_dim")? {
         Some(d) => d,
@@ -393,51 +404,61 @@ fn moe_config(cfg: &Fields) -> Result<Option<MoeConfig>> {
 }
 
 fn layer_kinds(cfg: &Fields, layers: u64, has_moe: bool) -> Result<Vec<MlpKind>> {
-    if let Some(types) = cfg.present("mlp_layer_types") {
-        let list = types.as_array().ok_or_else(|| {
-            Error::invalid(
-                "mlp_layer_types",
-                types,
-                "a list of \"dense\" or \"sparse\"",
-            )
-        })?;
-        if list.len() as u64 != layers {
-            return Err(Error::invalid(
-                "mlp_layer_types",
-                format!("a list of {} entries", list.len()),
-                &format!("one entry per layer (num_hidden_layers = {layers})"),
-            ));
-        }
-        return list
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v.as_str() {
-                Some("dense") => Ok(MlpKind::Dense),
-                Some("sparse") if has_moe => Ok(MlpKind::Moe),
-                Some("sparse") => Err(Error::invalid(
-                    &format!("mlp_layer_types[{i}]"),
-                    v,
-                    "\"dense\" (this config has no routed experts)",
-                )),
-                _ => Err(Error::invalid(
-                    &format!("mlp_layer_types[{i}]"),
-                    v,
-                    "\"dense\" or \"sparse\"",
-                )),
-            })
-            .collect();
-    }
-    let first_dense = cfg.count("first_k_dense_replace")?.unwrap_or(0);
-    let freq = cfg.size("moe_layer_freq")?.unwrap_or(1);
-    Ok((0..layers)
+    let first_dense = cfg.count("first_k_dense_replace")?;
+    let freq = cfg.size("moe_layer_freq")?;
+    let by_rule = (0..layers)
         .map(|i| {
-            if has_moe && i >= first_dense && i % freq == 0 {
+            if has_moe && i >= first_dense.unwrap_or(0) && i % freq.unwrap_or(1) == 0 {
                 MlpKind::Moe
             } else {
                 MlpKind::Dense
             }
         })
-        .collect())
+        .collect::<Vec<_>>();
+    let Some(types) = cfg.present("mlp_layer_types") else {
+        return Ok(by_rule);
+    };
+    let list = types.as_array().ok_or_else(|| {
+        Error::invalid(
+            "mlp_layer_types",
+            types,
+            "a list of \"dense\" or \"sparse\"",
+        )
+    })?;
+    if list.len() as u64 != layers {
+        return Err(Error::invalid(
+            "mlp_layer_types",
+            format!("a list of {} entries", list.len()),
+            &format!("one entry per layer (num_hidden_layers = {layers})"),
+        ));
+    }
+    let kinds = list
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v.as_str() {
+            Some("dense") => Ok(MlpKind::Dense),
+            Some("sparse") if has_moe => Ok(MlpKind::Moe),
+            Some("sparse") => Err(Error::invalid(
+                &format!("mlp_layer_types[{i}]"),
+                v,
+                "\"dense\" (this config has no routed experts)",
+            )),
+            _ => Err(Error::invalid(
+                &format!("mlp_layer_types[{i}]"),
+                v,
+                "\"dense\" or \"sparse\"",
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Both spellings given: they must describe the same layers.
+    if (first_dense.is_some() || freq.is_some()) && kinds != by_rule {
+        return Err(Error::invalid(
+            "mlp_layer_types",
+            types,
+            "the layers that first_k_dense_replace and moe_layer_freq describe (or give only one of the two spellings)",
+        ));
+    }
+    Ok(kinds)
 }
 
 fn rope_theta(cfg: &Fields) -> Result<f64> {
@@ -600,6 +621,30 @@ mod tests {
         bad[3] = json!("moe");
         v["mlp_layer_types"] = json!(bad);
         assert!(err(v).contains("mlp_layer_types[3]"));
+    }
+
+    #[test]
+    fn both_layer_spellings_must_agree() {
+        let mut v = base();
+        let mut types = vec![json!("dense")];
+        types.extend(std::iter::repeat_n(json!("sparse"), 11));
+        v["mlp_layer_types"] = json!(types);
+        assert!(parse(v.clone()).is_ok(), "agreeing spellings are fine");
+        v["first_k_dense_replace"] = json!(3);
+        assert!(err(v).contains("first_k_dense_replace and moe_layer_freq"));
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_quickly() {
+        let e = err(with("num_hidden_layers", json!(1_000_000_000_000_000u64)));
+        assert!(
+            e.contains("num_hidden_layers") && e.contains("1 ..= 4096"),
+            "{e}"
+        );
+        let mut v = with("num_attention_heads", json!(1_000_000_000_000_000u64));
+        v["head_dim"] = json!(128);
+        v["num_key_value_heads"] = json!(3);
+        assert!(err(v).contains("a divisor of num_attention_heads (1000000000000000)"));
     }
 
     #[test]

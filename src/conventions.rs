@@ -117,10 +117,9 @@ pub enum Gemm {
     AttentionForward,
     /// Fused attention backward with `[B, H, S, D]` q, k, v at positions 1, 2, 3.
     AttentionBackward,
-    /// The inner flash/efficient kernels: `[B, S, H, D]` q, k, v at 0, 1, 2.
-    AttentionForwardBshd,
-    /// Their backwards: `[B, S, H, D]` q, k, v at 1, 2, 3.
-    AttentionBackwardBshd,
+    /// The inner flash/efficient kernels, `[B, S, H, D]` q, k, v at 0, 1, 2 (forward) or
+    /// 1, 2, 3 (backward); `cum_seq` is where their variable-length sequence offsets are.
+    AttentionBshd { backward: bool, cum_seq: usize },
 }
 
 /// Where a forward convolution keeps its arguments.
@@ -282,22 +281,34 @@ pub const OPS: &[OpConvention] = &[
     ),
     gemm(
         "aten::_flash_attention_forward",
-        Gemm::AttentionForwardBshd,
+        Gemm::AttentionBshd {
+            backward: false,
+            cum_seq: 3,
+        },
         true,
     ),
     gemm(
         "aten::_efficient_attention_forward",
-        Gemm::AttentionForwardBshd,
+        Gemm::AttentionBshd {
+            backward: false,
+            cum_seq: 4,
+        },
         true,
     ),
     gemm(
         "aten::_flash_attention_backward",
-        Gemm::AttentionBackwardBshd,
+        Gemm::AttentionBshd {
+            backward: true,
+            cum_seq: 6,
+        },
         true,
     ),
     gemm(
         "aten::_efficient_attention_backward",
-        Gemm::AttentionBackwardBshd,
+        Gemm::AttentionBshd {
+            backward: true,
+            cum_seq: 6,
+        },
         true,
     ),
     gemm(
@@ -437,8 +448,8 @@ pub const OPS: &[OpConvention] = &[
     view("aten::lift_fresh"),
     view("aten::resolve_conj"),
     view("aten::resolve_neg"),
-    // Dropout in eval mode returns its input.
-    view("aten::dropout"),
+    // Dropout: in eval mode it dispatches nothing; in training its kernels are costed.
+    composite("aten::dropout"),
     // Composite ops: costed through the ops they dispatch.
     composite("aten::linear"),
     composite("aten::matmul"),
@@ -676,11 +687,9 @@ fn gemm_flops(op: &str, formula: Gemm, args: &[Arg]) -> Result<(u64, u64, Dtype)
             let dtype = tensor_at(op, args, first)?.dtype;
             attention_flops(op, formula == Gemm::AttentionBackward, q, k, v, dtype)
         }
-        Gemm::AttentionForwardBshd | Gemm::AttentionBackwardBshd => {
-            let backward = formula == Gemm::AttentionBackwardBshd;
+        Gemm::AttentionBshd { backward, cum_seq } => {
             let first = usize::from(backward);
             // Varlen (cumulative sequence lengths) calls pack sequences; not modelled.
-            let cum_seq = if backward { 6 } else { 3 };
             if let Some(Arg::Tensor(_)) = args.get(cum_seq) {
                 return Err(Error::op_shape(
                     op,
@@ -807,20 +816,40 @@ fn convolution_flops(op: &str, layout: ConvArgs, args: &[Arg]) -> Result<(u64, u
             "stride/padding/dilation do not match the input rank",
         ));
     }
+    if x.shape.len() < 3 || w.shape.len() != x.shape.len() {
+        return Err(Error::op_shape(
+            op,
+            format!(
+                "input {:?} and weight {:?} are not a convolution's",
+                x.shape, w.shape
+            ),
+        ));
+    }
+    // FlopCounterMode's formula uses the output's spatial size for a forward convolution
+    // (and the input's for a transposed one, so no output size is needed then).
     let mut out = vec![x.shape[0], w.shape[0]];
-    for i in 0..spatial_dims {
-        let kernel = *w
-            .shape
-            .get(2 + i)
-            .ok_or_else(|| Error::op_shape(op, "weight rank"))? as i64;
-        let size = x.shape[2 + i] as i64 + 2 * padding[i] - dilation[i] * (kernel - 1) - 1;
-        if stride[i] <= 0 || size < 0 {
-            return Err(Error::op_shape(
-                op,
-                format!("invalid convolution geometry at dim {i}"),
-            ));
+    if !transposed {
+        let geometry = |i: usize| -> Option<u64> {
+            let input = i64::try_from(x.shape[2 + i]).ok()?;
+            let kernel = i64::try_from(w.shape[2 + i]).ok()?;
+            let reach = dilation[i].checked_mul(kernel.checked_sub(1)?)?;
+            let size = input
+                .checked_add(padding[i].checked_mul(2)?)?
+                .checked_sub(reach)?
+                .checked_sub(1)?;
+            if stride[i] <= 0 || size < 0 {
+                return None;
+            }
+            u64::try_from(size / stride[i] + 1).ok()
+        };
+        for i in 0..spatial_dims {
+            out.push(geometry(i).ok_or_else(|| {
+                Error::op_shape(
+                    op,
+                    format!("invalid convolution geometry at spatial dim {i}"),
+                )
+            })?);
         }
-        out.push((size / stride[i] + 1) as u64);
     }
     let flops = conv_flop_count(op, &x.shape, &w.shape, &out, transposed)?;
     let bias = match layout.bias.and_then(|i| args.get(i)) {
@@ -1105,6 +1134,65 @@ mod tests {
             2 * fwd.matmul_flops,
             "grad input + grad weight"
         );
+    }
+
+    #[test]
+    fn malformed_convolutions_are_errors_not_panics() {
+        let conv = convention("aten::convolution").unwrap();
+        let args = |x: &[u64], w: &[u64], padding: i64, transposed: bool| {
+            vec![
+                t(x, Dtype::F32),
+                t(w, Dtype::F32),
+                Arg::None,
+                Arg::IntList(vec![1]),
+                Arg::IntList(vec![padding]),
+                Arg::IntList(vec![1]),
+                Arg::Bool(transposed),
+                Arg::IntList(vec![0]),
+                Arg::Int(1),
+            ]
+        };
+        assert!(conv
+            .cost(&args(&[1, 3, 8, 8], &[], 0, false), false)
+            .is_err());
+        assert!(conv
+            .cost(&args(&[1, 3, 8, 8], &[8, 3, 3], 0, false), false)
+            .is_err());
+        assert!(conv
+            .cost(&args(&[1, 3, 8, 8], &[8, 3, 3, 3], i64::MAX, false), false)
+            .is_err());
+        assert!(conv
+            .cost(&args(&[1, 3, 1, 1], &[8, 3, 3, 3], 0, false), false)
+            .is_err());
+        // A transposed convolution of a 1×1 input is valid; its FLOPs use the input size.
+        let c = conv
+            .cost(&args(&[1, 3, 1, 1], &[3, 8, 3, 3], 0, true), false)
+            .unwrap();
+        assert_eq!(c.matmul_flops, 2 * 3 * 8 * 9);
+    }
+
+    #[test]
+    fn efficient_attention_bias_is_not_mistaken_for_varlen() {
+        let q = t(&[1, 8, 2, 16], Dtype::F32);
+        let bias = t(&[1, 2, 8, 8], Dtype::F32);
+        let c = cost(
+            "aten::_efficient_attention_forward",
+            &[q.clone(), q.clone(), q.clone(), bias, Arg::None],
+        );
+        assert_eq!(c.matmul_flops, 2 * 2 * 8 * 8 * 32);
+        let varlen = convention("aten::_efficient_attention_forward")
+            .unwrap()
+            .cost(
+                &[
+                    q.clone(),
+                    q.clone(),
+                    q.clone(),
+                    Arg::None,
+                    t(&[2], Dtype::I32),
+                ],
+                false,
+            );
+        assert!(varlen.is_err());
     }
 
     #[test]

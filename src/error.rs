@@ -40,7 +40,7 @@ pub enum Error {
     },
     /// An exact integer metric does not fit in 64 bits.
     #[error(
-        "{what} overflows 64-bit integers; reduce the sizes (batch, sequence, hidden …) of the workload"
+        "{what} overflows 64-bit integers; reduce the workload (batch, sequence, context, new tokens) or the model sizes"
     )]
     Overflow { what: String },
     /// An op record the conventions cannot cost (wrong arity, shapes that do not match).

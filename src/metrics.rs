@@ -65,6 +65,22 @@ impl Metrics {
         })
     }
 
+    /// Sets the metric called `name` (one of [`METRIC_NAMES`]); other names are ignored.
+    pub fn set(&mut self, name: &str, value: u64) {
+        let field = match name {
+            "matmul_flops" => &mut self.matmul_flops,
+            "elementwise_flops" => &mut self.elementwise_flops,
+            "tensor_core_flops" => &mut self.tensor_core_flops,
+            "cuda_core_flops" => &mut self.cuda_core_flops,
+            "io_bytes" => &mut self.io_bytes,
+            "weight_bytes" => &mut self.weight_bytes,
+            "activation_bytes" => &mut self.activation_bytes,
+            "kv_cache_bytes" => &mut self.kv_cache_bytes,
+            _ => return,
+        };
+        *field = value;
+    }
+
     /// Field-wise checked sum.
     pub fn checked_add(&self, other: &Metrics) -> Result<Metrics> {
         let add = |what: &str, a: u64, b: u64| {

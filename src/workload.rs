@@ -72,11 +72,28 @@ impl Workload {
             allow_tf32: false,
         };
         // Every size derived below must fit in 64 bits.
-        product("tokens of the workload", &[batch, w.query_len()])?;
-        sum(
-            "keys of the workload",
-            &[w.query_len(), w.key_len_unchecked()],
-        )?;
+        let q = w.query_len();
+        if batch.checked_mul(q).is_none() {
+            let what = match phase {
+                Phase::Prefill { .. } => "batch × seq_len",
+                Phase::Decode { .. } => "batch",
+            };
+            return Err(Error::invalid(
+                what,
+                format!("{batch} × {q}"),
+                "a product below 2^64",
+            ));
+        }
+        if let Phase::Decode {
+            context_len: u64::MAX,
+        } = phase
+        {
+            return Err(Error::invalid(
+                "context_len",
+                u64::MAX,
+                "below 2^64 − 1 (the step attends over context_len + 1 keys)",
+            ));
+        }
         Ok(w)
     }
 
@@ -96,13 +113,6 @@ impl Workload {
         match self.phase {
             Phase::Prefill { seq_len } => seq_len,
             Phase::Decode { .. } => 1,
-        }
-    }
-
-    fn key_len_unchecked(&self) -> u64 {
-        match self.phase {
-            Phase::Prefill { seq_len } => seq_len,
-            Phase::Decode { context_len } => context_len.saturating_add(1),
         }
     }
 
@@ -232,10 +242,11 @@ mod tests {
             .to_string()
             .contains("context_len = 0"));
         assert!(Workload::new(1, Phase::Prefill { seq_len: 4 }, Dtype::I64).is_err());
-        assert!(Workload::prefill(u64::MAX, 2)
-            .unwrap_err()
-            .to_string()
-            .contains("overflows"));
+        let e = Workload::prefill(u64::MAX, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("batch × seq_len = 18446744073709551615 × 2"),
+            "{e}"
+        );
         assert!(Workload::decode(1, u64::MAX).is_err());
     }
 

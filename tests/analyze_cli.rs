@@ -111,6 +111,11 @@ fn bad_input_is_one_line_and_exit_2() {
         ),
         (&["--phase", "sideways"], "sideways"),
         (&["--batch", "-3"], "-3"),
+        (
+            &["--batch", "18446744073709551615"],
+            "batch × seq_len = 18446744073709551615 × 512",
+        ),
+        (&["--new-tokens", "18446744073709551615"], "overflows"),
     ];
     for (args, needle) in cases {
         let o = analyze(args);

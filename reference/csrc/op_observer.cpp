@@ -34,11 +34,18 @@ std::atomic<uint64_t> g_owner{0};
 
 // Per-thread stack of open ops: whether each belongs to the counted region. Reset when
 // a new region starts (ops left open by an earlier one never get their end callback).
+// Reached through a trivially destructible thread_local pointer and never freed, so a
+// callback that runs while its thread is being torn down never touches a destroyed object.
 struct ThreadFrames {
   uint64_t generation = ~uint64_t{0};
   std::vector<char> in_region;
 };
-thread_local ThreadFrames t_frames;
+thread_local ThreadFrames* t_frames_ptr = nullptr;
+
+ThreadFrames& frames() {
+  if (t_frames_ptr == nullptr) t_frames_ptr = new ThreadFrames();
+  return *t_frames_ptr;
+}
 
 void append_error(const std::string& message) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -130,6 +137,7 @@ void encode(std::string& out, const c10::IValue& v) {
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   try {
     const uint64_t generation = g_generation.load();
+    ThreadFrames& t_frames = frames();
     if (t_frames.generation != generation) {
       t_frames.generation = generation;
       t_frames.in_region.clear();
@@ -159,7 +167,8 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     }
     line += '\n';
     std::lock_guard<std::mutex> lock(g_mutex);
-    if (g_armed.load()) g_log += line;
+    // Only the region this op was judged against may receive it.
+    if (g_armed.load() && g_generation.load() == generation) g_log += line;
   } catch (const std::exception& e) {
     append_error(std::string(fn.name()) + ": " + e.what());
   } catch (...) {
@@ -169,8 +178,12 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
 }
 
 void on_end(const at::RecordFunction&, at::ObserverContext*) {
-  if (t_frames.generation == g_generation.load() && !t_frames.in_region.empty()) {
-    t_frames.in_region.pop_back();
+  try {
+    ThreadFrames& t_frames = frames();
+    if (t_frames.generation == g_generation.load() && !t_frames.in_region.empty()) {
+      t_frames.in_region.pop_back();
+    }
+  } catch (...) {
   }
 }
 

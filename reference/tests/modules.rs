@@ -68,9 +68,14 @@ fn assert_same_ops(run: &LayerRun, workload: &Workload, attention: AttentionImpl
             op.0 = "aten::_scaled_dot_product_flash_attention_for_cpu".into();
         }
     }
-    // Experts: the analytic side has one MLP over N·k rows, the measured one per expert.
+    // Experts: the analytic side has one MLP over N·k rows, the measured one MLP per
+    // expert that received tokens; only layers with experts are compared per op name.
+    let has_experts = matches!(run.kind, LayerKind::MoE | LayerKind::DecoderMoe);
     let merge = |ops: &mut Vec<(String, u64, u64)>| {
         ops.sort();
+        if !has_experts {
+            return;
+        }
         let mut merged: Vec<(String, u64, u64)> = Vec::new();
         for (name, m, e) in ops.drain(..) {
             match merged.last_mut() {

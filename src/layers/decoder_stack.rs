@@ -7,13 +7,14 @@ use serde::Serialize;
 use crate::checked::product;
 use crate::config::ModelConfig;
 use crate::dtype::Dtype;
+use crate::error::Error;
 use crate::error::Result;
 use crate::layers::attention::AttentionImpl;
 use crate::layers::decoder_layer::DeepseekV2DecoderLayer;
 use crate::layers::rms_norm::DeepseekV2RMSNorm;
 use crate::layers::vendor_ops::{bytes_of, t};
 use crate::layers::Layer;
-use crate::metrics::{Cost, CostBuilder, Metrics};
+use crate::metrics::{Cost, CostBuilder, Metrics, METRIC_NAMES};
 use crate::workload::{Phase, Workload};
 
 /// `DeepseekV2ForCausalLM` for one forward call.
@@ -107,42 +108,68 @@ pub struct GenerationMetrics {
 }
 
 impl Generation {
+    fn stack(&self, phase: Phase) -> Result<Metrics> {
+        let workload = Workload::new(self.batch, phase, self.dtype)?.with_tf32(self.allow_tf32);
+        DeepseekV2Decoder::new(&self.config, &workload, self.attention).metrics()
+    }
+
     /// The metrics of the prefill, the decode steps and both.
+    ///
+    /// A decode step's metrics are affine in its context length (only the attention core,
+    /// the KV cache and its concatenation grow with it), so the steps are summed in closed
+    /// form — checked, not assumed: three consecutive steps must differ by the same amount.
     pub fn metrics(&self) -> Result<GenerationMetrics> {
-        let stack = |workload: Workload| {
-            DeepseekV2Decoder::new(
-                &self.config,
-                &workload.with_tf32(self.allow_tf32),
-                self.attention,
-            )
-            .metrics()
-        };
-        let prefill = stack(Workload::new(
-            self.batch,
-            Phase::Prefill {
-                seq_len: self.prefill_len,
-            },
-            self.dtype,
-        )?)?;
-        let mut decode: Option<Metrics> = None;
-        for step in 0..self.new_tokens {
-            let context_len = crate::checked::sum("decode context", &[self.prefill_len, step])?;
-            let m = stack(Workload::new(
-                self.batch,
-                Phase::Decode { context_len },
-                self.dtype,
-            )?)?;
-            decode = Some(match decode {
-                None => m,
-                Some(acc) => accumulate(&acc, &m)?,
+        let prefill = self.stack(Phase::Prefill {
+            seq_len: self.prefill_len,
+        })?;
+        let n = self.new_tokens;
+        if n == 0 {
+            return Ok(GenerationMetrics {
+                prefill,
+                decode: Metrics::default(),
+                total: prefill,
             });
         }
-        let decode = decode.unwrap_or_default();
-        let total = if self.new_tokens == 0 {
-            prefill
-        } else {
-            accumulate(&prefill, &decode)?
+        let step = |t: u64| -> Result<Metrics> {
+            let context_len = crate::checked::sum("decode context", &[self.prefill_len, t])?;
+            self.stack(Phase::Decode { context_len })
         };
+        let (m0, m1, m2) = (step(0)?, step(1)?, step(2)?);
+        let mut decode = Metrics::default();
+        let mut last = Metrics::default();
+        for name in METRIC_NAMES {
+            let (a, b, c) = (m0.get(name), m1.get(name), m2.get(name));
+            let (Some(a), Some(b), Some(c)) = (a, b, c) else {
+                continue;
+            };
+            let growth = b
+                .checked_sub(a)
+                .filter(|g| c.checked_sub(b) == Some(*g))
+                .ok_or_else(|| {
+                    Error::op_shape(
+                        "decode steps",
+                        format!("{name} is not affine in the context length"),
+                    )
+                })?;
+            // Σ_{t<n} (a + t·growth) = n·a + growth·n(n−1)/2; the last step is a + (n−1)·growth.
+            let pairs = if n % 2 == 0 {
+                product(name, &[n / 2, n - 1])?
+            } else {
+                product(name, &[n, (n - 1) / 2])?
+            };
+            let summed = crate::checked::sum(
+                name,
+                &[product(name, &[n, a])?, product(name, &[growth, pairs])?],
+            )?;
+            let final_step = crate::checked::sum(name, &[a, product(name, &[growth, n - 1])?])?;
+            decode.set(name, summed);
+            last.set(name, final_step);
+        }
+        // State is what the last step leaves; the activation peak is the largest call's.
+        decode.weight_bytes = last.weight_bytes;
+        decode.kv_cache_bytes = last.kv_cache_bytes;
+        decode.activation_bytes = last.activation_bytes;
+        let total = accumulate(&prefill, &decode)?;
         Ok(GenerationMetrics {
             prefill,
             decode,
@@ -213,5 +240,26 @@ mod tests {
             "8 + 3 tokens cached, not summed"
         );
         assert_eq!(m.total.weight_bytes, m.prefill.weight_bytes);
+        // Every metric of the closed form equals the step-by-step sum.
+        let steps: Vec<Metrics> = [8, 9, 10].iter().map(|ctx| step(*ctx)).collect();
+        let mut looped = steps[0];
+        for s in &steps[1..] {
+            looped = accumulate(&looped, s).unwrap();
+        }
+        assert_eq!(m.decode, looped);
+    }
+
+    #[test]
+    fn absurd_generations_are_errors_not_hangs() {
+        let g = Generation {
+            config: ModelConfig::deepseek_ocr(),
+            batch: 1,
+            prefill_len: 8,
+            new_tokens: u64::MAX,
+            dtype: Dtype::Bf16,
+            allow_tf32: false,
+            attention: AttentionImpl::Sdpa,
+        };
+        assert!(g.metrics().unwrap_err().to_string().contains("overflows"));
     }
 }

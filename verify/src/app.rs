@@ -30,6 +30,9 @@ Statuses: pass (rel diff <= tolerance), fail, known_gap (measured 0 where the co
 known to be blind: RMSNorm under FlopCounterMode), error (the layer could not run).
 Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
 
+/// The most configurations one sweep may verify.
+pub const MAX_SWEEP: usize = 100_000;
+
 /// Command-line options of `verify-decoder`.
 #[derive(Parser, Debug)]
 #[command(
@@ -77,12 +80,9 @@ pub struct Args {
 /// A checked invocation, ready to run.
 struct Ready {
     spec: DeviceSpec,
+    why: &'static str,
     info: DeviceInfo,
     plan: Plan,
-}
-
-fn usage(message: impl Into<String>) -> String {
-    message.into()
 }
 
 /// Parses, checks and runs; never panics on bad input.
@@ -94,6 +94,15 @@ pub fn run(args: &Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !args.quiet {
+        eprintln!(
+            "device: {} ({}): {}",
+            ready.spec, ready.why, ready.info.name
+        );
+    }
+    for hook in runner::active_test_hooks() {
+        eprintln!("verify-decoder: warning: test hook {hook} is active (debug build): results are altered");
+    }
     let report = match args.sweep {
         Some(n) => run_sweep(args, &ready, n),
         None => run_single(args, &ready),
@@ -118,13 +127,13 @@ pub fn run(args: &Args) -> ExitCode {
 fn prepare(args: &Args) -> Result<Ready, String> {
     let tolerance: f64 = args.accept_rel_diff.trim().parse().map_err(|_| {
         format!(
-            "--accept-rel-diff = {} is invalid: expected a finite number ≥ 0 (0.05 = 5%)",
+            "--accept-rel-diff = {} is invalid: expected a number in [0, 1) (0.05 = 5%)",
             args.accept_rel_diff
         )
     })?;
-    if !tolerance.is_finite() || tolerance < 0.0 {
+    if !tolerance.is_finite() || !(0.0..1.0).contains(&tolerance) {
         return Err(format!(
-            "--accept-rel-diff = {} is invalid: expected a finite number ≥ 0 (0.05 = 5%)",
+            "--accept-rel-diff = {} is invalid: expected a number in [0, 1) (0.05 = 5%; at 1 an analytic 0 would pass any measurement)",
             args.accept_rel_diff
         ));
     }
@@ -139,9 +148,6 @@ fn prepare(args: &Args) -> Result<Ready, String> {
     };
     let device = spec.open()?;
     let info = spec.describe();
-    if !args.quiet {
-        eprintln!("device: {spec} ({why}): {}", info.name);
-    }
     let default_dtype = match spec {
         DeviceSpec::Cpu => Dtype::F32,
         DeviceSpec::Cuda(_) => Dtype::Bf16,
@@ -177,13 +183,18 @@ fn prepare(args: &Args) -> Result<Ready, String> {
     if args.sweep.is_none() {
         check_memory(&plan, spec, &info)?;
     }
-    Ok(Ready { spec, info, plan })
+    Ok(Ready {
+        spec,
+        why,
+        info,
+        plan,
+    })
 }
 
 fn check_sweep_options(args: &Args) -> Result<(), String> {
-    if args.sweep == Some(0) {
-        return Err(usage(
-            "--sweep = 0 is invalid: expected a number of configurations ≥ 1",
+    if let Some(n) = args.sweep.filter(|n| !(1..=MAX_SWEEP).contains(n)) {
+        return Err(format!(
+            "--sweep = {n} is invalid: expected a number of configurations in 1 ..= {MAX_SWEEP}"
         ));
     }
     let w = &args.workload;
@@ -215,13 +226,18 @@ fn select_layers(
     } else {
         applicable_layers(config)
     };
+    let names: Vec<&str> = names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .collect();
     if names.is_empty() {
         return Ok(available);
     }
     let valid: Vec<&str> = LayerKind::ALL.iter().map(|k| k.name(attention)).collect();
     let mut out = Vec::new();
     for name in names {
-        let kind = LayerKind::parse(name.trim()).ok_or_else(|| {
+        let kind = LayerKind::parse(name).ok_or_else(|| {
             format!(
                 "--layers: unknown layer {name}; valid: {}",
                 valid.join(", ")
@@ -322,7 +338,7 @@ fn run_sweep(args: &Args, ready: &Ready, n: usize) -> Report {
         base.attention,
         base.seed,
     );
-    let mut cases = Vec::with_capacity(n);
+    let mut cases = Vec::new();
     for index in 0..n {
         let generated = sweep::generate(
             base.seed,
@@ -351,12 +367,18 @@ fn run_sweep(args: &Args, ready: &Ready, n: usize) -> Report {
                 report::write_atomically(&path, &text).map(|_| path.display().to_string());
             let shown =
                 written.unwrap_or_else(|e| format!("<could not write {}: {e}>", path.display()));
+            let names: Vec<&str> = base
+                .layers
+                .iter()
+                .map(|k| k.name(generated.attention))
+                .collect();
             sweep::replay_command(
                 &generated,
                 &shown,
                 &ready.spec.to_string(),
                 base.seed,
                 base.tolerance,
+                &names,
             )
         });
         let case = case_from(&plan, layers, Some(index), replay, &mut env);
@@ -374,16 +396,20 @@ fn run_sweep(args: &Args, ready: &Ready, n: usize) -> Report {
 }
 
 fn write_reports(args: &Args, report: &Report) -> Result<(), String> {
+    // Render everything first, so a rendering failure writes nothing.
+    let mut files = Vec::new();
     if let Some(path) = &args.json {
         let mut text =
             serde_json::to_string_pretty(&report::to_json(report)).map_err(|e| e.to_string())?;
         text.push('\n');
-        report::write_atomically(path, &text)
-            .map_err(|e| format!("cannot write --json {}: {e}", path.display()))?;
+        files.push(("--json", path, text));
     }
     if let Some(path) = &args.junit {
-        report::write_atomically(path, &report::to_junit(report))
-            .map_err(|e| format!("cannot write --junit {}: {e}", path.display()))?;
+        files.push(("--junit", path, report::to_junit(report)));
+    }
+    for (option, path, text) in files {
+        report::write_atomically(path, &text)
+            .map_err(|e| format!("cannot write {option} {}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -32,6 +32,9 @@ pub struct Environment {
     pub seed: u64,
     pub threads: i32,
     pub modelmeter_version: &'static str,
+    /// Test hooks that changed this run (debug builds only); empty in real runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub test_hooks: Vec<String>,
 }
 
 impl Environment {
@@ -64,6 +67,7 @@ impl Environment {
             seed,
             threads: tch::get_num_threads(),
             modelmeter_version: env!("CARGO_PKG_VERSION"),
+            test_hooks: crate::runner::active_test_hooks(),
         }
     }
 

@@ -318,7 +318,8 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) ->
 pub const PERTURB_ENV: &str = "MODELMETER_VERIFY_PERTURB";
 
 /// Test builds only: `MODELMETER_VERIFY_PERTURB=Layer:metric:delta` adds `delta` to one
-/// analytic metric, so tests can force a mismatch. Release builds ignore it.
+/// analytic metric, so tests can force a mismatch. Release builds ignore it; when it is
+/// active, [`active_test_hooks`] says so and the report shows it.
 fn perturbed(layer: &str, mut metrics: modelmeter::Metrics) -> modelmeter::Metrics {
     if !cfg!(debug_assertions) {
         return metrics;
@@ -327,24 +328,27 @@ fn perturbed(layer: &str, mut metrics: modelmeter::Metrics) -> modelmeter::Metri
         return metrics;
     };
     let mut parts = spec.splitn(3, ':');
-    let (Some(l), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
-        return metrics;
-    };
-    let Ok(delta) = d.trim_start_matches('+').parse::<u64>() else {
-        return metrics;
-    };
-    if l == layer {
-        let field = match m {
-            "matmul_flops" => &mut metrics.matmul_flops,
-            "elementwise_flops" => &mut metrics.elementwise_flops,
-            "tensor_core_flops" => &mut metrics.tensor_core_flops,
-            "cuda_core_flops" => &mut metrics.cuda_core_flops,
-            "weight_bytes" => &mut metrics.weight_bytes,
-            _ => return metrics,
-        };
-        *field = field.saturating_add(delta);
+    if let (Some(l), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) {
+        if let (true, Some(value), Ok(delta)) = (
+            l == layer,
+            metrics.get(m),
+            d.trim_start_matches('+').parse::<u64>(),
+        ) {
+            metrics.set(m, value.saturating_add(delta));
+        }
     }
     metrics
+}
+
+/// The test hooks set in the environment that this build honours (debug builds only).
+pub fn active_test_hooks() -> Vec<String> {
+    if !cfg!(debug_assertions) {
+        return Vec::new();
+    }
+    [PERTURB_ENV, INJECT_ERROR_ENV]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok().map(|v| format!("{name}={v}")))
+        .collect()
 }
 
 /// The environment variable of the test hook that makes one layer fail to run.

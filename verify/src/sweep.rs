@@ -114,6 +114,7 @@ pub fn replay_command(
     device: &str,
     seed: u64,
     tolerance: f64,
+    layers: &[&str],
 ) -> String {
     let w = &case.workload;
     let phase = match w.phase {
@@ -125,8 +126,14 @@ pub fn replay_command(
         AttentionImpl::Eager => "eager",
     };
     let tf32 = if w.allow_tf32 { " --allow-tf32" } else { "" };
+    let all = crate::runner::applicable_layers(&case.config).len();
+    let layers = if layers.is_empty() || layers.len() >= all {
+        String::new()
+    } else {
+        format!(" --layers {}", layers.join(","))
+    };
     format!(
-        "cargo run --bin verify-decoder -- --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}",
+        "cargo run --bin verify-decoder -- --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{layers}",
         w.batch, w.dtype
     )
 }
@@ -166,12 +173,22 @@ mod tests {
     #[test]
     fn replay_uses_plain_options() {
         let c = generate(1, 0, Dtype::F32, false);
-        let cmd = replay_command(&c, "/tmp/x.json", "cpu", 1, 0.05);
+        let cmd = replay_command(&c, "/tmp/x.json", "cpu", 1, 0.05, &[]);
         assert!(
             cmd.contains("--config /tmp/x.json")
                 && cmd.contains("--dtype fp32")
                 && cmd.contains("--device cpu"),
             "{cmd}"
         );
+        assert!(!cmd.contains("--layers"));
+        let cmd = replay_command(
+            &c,
+            "/tmp/x.json",
+            "cpu",
+            1,
+            0.05,
+            &["MoEGate", "DeepseekV2MLP"],
+        );
+        assert!(cmd.ends_with("--layers MoEGate,DeepseekV2MLP"), "{cmd}");
     }
 }

@@ -24,7 +24,21 @@ pub fn check_writable(option: &str, path: &Path) -> Result<(), String> {
             dir.display()
         ));
     }
-    Ok(())
+    // Probe with a temporary file beside the target: a run should not end in a write error.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let probe = dir.join(format!(".{name}.probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            format!(
+                "{option} {}: cannot write in {}: {e}",
+                path.display(),
+                dir.display()
+            )
+        })
 }
 
 /// Writes `text` to `path` atomically.
