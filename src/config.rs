@@ -214,12 +214,6 @@ impl ModelConfig {
                 .into(),
         })
     }
-
-    /// Copy with the checkpoint's dense and MoE sizes intact but a new name.
-    pub fn named(mut self, name: &str) -> ModelConfig {
-        self.name = name.to_string();
-        self
-    }
 }
 
 fn unsupported(field: &str, value: &str, reason: &str) -> Error {

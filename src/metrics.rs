@@ -114,24 +114,6 @@ impl Metrics {
             kv_cache_bytes: add("kv_cache_bytes", self.kv_cache_bytes, other.kv_cache_bytes)?,
         })
     }
-
-    /// The metrics of `count` identical calls of FLOP- and byte-moving work; weights
-    /// and the KV cache are state, not work, and are not multiplied.
-    pub fn repeated(&self, count: u64) -> Result<Metrics> {
-        let mul = |what: &str, v: u64| {
-            v.checked_mul(count)
-                .ok_or_else(|| Error::overflow(format!("{what} over {count} calls")))
-        };
-        Ok(Metrics {
-            matmul_flops: mul("matmul_flops", self.matmul_flops)?,
-            elementwise_flops: mul("elementwise_flops", self.elementwise_flops)?,
-            tensor_core_flops: mul("tensor_core_flops", self.tensor_core_flops)?,
-            cuda_core_flops: mul("cuda_core_flops", self.cuda_core_flops)?,
-            io_bytes: mul("io_bytes", self.io_bytes)?,
-            activation_bytes: mul("activation_bytes", self.activation_bytes)?,
-            ..*self
-        })
-    }
 }
 
 /// A node of a layer's cost tree: a layer, a sub-layer or one ATen op call.
@@ -336,6 +318,5 @@ mod tests {
             ..Metrics::default()
         };
         assert!(big.checked_add(&big).is_err());
-        assert!(big.repeated(2).is_err());
     }
 }

@@ -104,11 +104,6 @@ impl RefLlamaAttention {
         })
     }
 
-    /// The implementation of the attention core.
-    pub fn implementation(&self) -> AttentionImpl {
-        self.implementation
-    }
-
     /// One forward call over `x` `[B, S_q, h]` at `position_ids` `[B, S_q]`; `mask` is the
     /// additive causal mask `[B, 1, S_q, S_kv]` of the eager path (built by the caller, as
     /// the vendor model builds it outside the layer).

@@ -193,13 +193,13 @@ impl Counts {
         if event.backward || event.name.starts_with("autograd::") {
             return false; // autograd bookkeeping frames, not ops
         }
-        if !event.name.starts_with("aten::") {
-            if !covered {
-                *self.unknown_ops.entry(event.name.clone()).or_default() += 1;
-            }
-            return false;
-        }
-        let Some(conv) = convention(&event.name) else {
+        // Only ATen ops have rules; anything else that runs is an unknown op too.
+        let conv = event
+            .name
+            .starts_with("aten::")
+            .then(|| convention(&event.name))
+            .flatten();
+        let Some(conv) = conv else {
             if !covered {
                 *self.unknown_ops.entry(event.name.clone()).or_default() += 1;
             }
@@ -337,16 +337,6 @@ impl Counts {
             .collect();
         names.dedup();
         names
-    }
-
-    /// Matmul and elementwise FLOPs of counted ops named `name`.
-    pub fn flops_of(&self, name: &str) -> (u64, u64) {
-        self.records
-            .iter()
-            .filter(|r| r.name == name)
-            .fold((0, 0), |(m, e), r| {
-                (m + r.matmul_flops, e + r.elementwise_flops)
-            })
     }
 }
 

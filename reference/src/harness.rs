@@ -2,10 +2,7 @@
 //! for a config and workload, the forward call under the FLOP counter, and the analytic
 //! layer it is compared with.
 
-use modelmeter::layers::{
-    AttentionImpl, DeepseekV2DecoderLayer, DeepseekV2MLP, DeepseekV2MoE, DeepseekV2RMSNorm, Layer,
-    LlamaAttention, MoEGate,
-};
+use modelmeter::layers::{AttentionImpl, Layer};
 use modelmeter::{MlpKind, ModelConfig, Phase, Workload};
 use tch::{Kind, Tensor};
 
@@ -84,28 +81,17 @@ impl LayerKind {
         workload: &Workload,
         attention: AttentionImpl,
     ) -> Result<Box<dyn Layer>> {
-        let missing = || {
-            Error::Model(modelmeter::Error::Missing {
-                field: "n_routed_experts".into(),
-                expected: format!(
-                    "{} needs a config with routed experts",
-                    self.name(attention)
-                ),
+        // The analytic crate decides which layers a config has; take this one from it.
+        let name = self.name(attention);
+        modelmeter::report::layers(config, workload, attention)?
+            .into_iter()
+            .find(|layer| layer.name() == name)
+            .ok_or_else(|| {
+                Error::Model(modelmeter::Error::Missing {
+                    field: "n_routed_experts".into(),
+                    expected: format!("{name} needs a config with routed experts"),
+                })
             })
-        };
-        Ok(match self {
-            LayerKind::Mlp => Box::new(DeepseekV2MLP::new(config, workload)),
-            LayerKind::MoEGate => Box::new(MoEGate::new(config, workload)?),
-            LayerKind::MoE => Box::new(DeepseekV2MoE::new(config, workload)?),
-            LayerKind::RmsNorm => Box::new(DeepseekV2RMSNorm::new(config, workload)),
-            LayerKind::Attention => Box::new(LlamaAttention::new(config, workload, attention)),
-            LayerKind::DecoderDense | LayerKind::DecoderMoe => {
-                let index = self.layer_index(config).ok_or_else(missing)?;
-                Box::new(DeepseekV2DecoderLayer::new(
-                    config, workload, index, attention,
-                )?)
-            }
-        })
     }
 }
 

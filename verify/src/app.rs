@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use modelmeter::cli::WorkloadArgs;
 use modelmeter::layers::AttentionImpl;
-use modelmeter::{units, Dtype, Workload};
+use modelmeter::{units, Dtype};
 use modelmeter_reference::harness::LayerKind;
 use modelmeter_reference::observer;
 
@@ -121,6 +121,14 @@ pub fn run(args: &Args) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+impl Ready {
+    /// The report's environment block for this device and plan.
+    fn environment(&self) -> Environment {
+        let p = &self.plan;
+        Environment::collect(self.spec, &self.info, p.workload.dtype, p.attention, p.seed)
     }
 }
 
@@ -273,14 +281,14 @@ fn check_memory(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), 
     Ok(())
 }
 
-fn progress_printer(quiet: bool, prefix: String) -> impl FnMut(Progress) {
+fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
     move |p| {
         if quiet {
             return;
         }
         match p {
             Progress::Started { index, total, name } => {
-                eprint!("{prefix}[{}/{total}] {name} ... ", index + 1);
+                eprint!("[{}/{total}] {name} ... ", index + 1);
             }
             Progress::Finished { result, .. } => {
                 eprintln!("{} ({:.2} s)", result.status.as_str(), result.seconds);
@@ -312,14 +320,8 @@ fn case_from(
 
 fn run_single(args: &Args, ready: &Ready) -> Report {
     let plan = &ready.plan;
-    let mut env = Environment::collect(
-        ready.spec,
-        &ready.info,
-        plan.workload.dtype,
-        plan.attention,
-        plan.seed,
-    );
-    let layers = runner::verify(plan, &mut progress_printer(args.quiet, String::new()));
+    let mut env = ready.environment();
+    let layers = runner::verify(plan, &mut progress_printer(args.quiet));
     let case = case_from(plan, layers, None, None, &mut env);
     Report {
         environment: env,
@@ -331,13 +333,7 @@ fn run_single(args: &Args, ready: &Ready) -> Report {
 
 fn run_sweep(args: &Args, ready: &Ready, n: usize) -> Report {
     let base = &ready.plan;
-    let mut env = Environment::collect(
-        ready.spec,
-        &ready.info,
-        base.workload.dtype,
-        base.attention,
-        base.seed,
-    );
+    let mut env = ready.environment();
     let mut cases = Vec::new();
     for index in 0..n {
         let generated = sweep::generate(
@@ -348,9 +344,7 @@ fn run_sweep(args: &Args, ready: &Ready, n: usize) -> Report {
         );
         let plan = Plan {
             config: generated.config.clone(),
-            workload: Workload {
-                ..generated.workload
-            },
+            workload: generated.workload,
             attention: generated.attention,
             ..base.clone()
         };
