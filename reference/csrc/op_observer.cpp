@@ -14,7 +14,10 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/record_function.h>
+
+#include <dlfcn.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -280,7 +283,16 @@ int mm_tf32_matmul_allowed() {
   }
 }
 
-// Sets it; 0 on success.
+// Whether fp32 cuDNN convolutions may use TF32 (torch.backends.cudnn.allow_tf32).
+int mm_tf32_cudnn_allowed() {
+  try {
+    return at::globalContext().allowTF32CuDNN() ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Sets the matmul switch; 0 on success.
 int mm_set_tf32_matmul_allowed(int allowed) {
   try {
     at::globalContext().setAllowTF32CuBLAS(allowed != 0);
@@ -288,6 +300,54 @@ int mm_set_tf32_matmul_allowed(int allowed) {
   } catch (...) {
     return 1;
   }
+}
+
+// Waits for all work queued on CUDA device `index` and reports an asynchronous CUDA
+// error (a failed kernel, an illegal address) as an error message. 0 on success.
+int mm_cuda_synchronize(int index, char* err, size_t err_len) {
+  try {
+    at::detail::getCUDAHooks().deviceSynchronize(static_cast<c10::DeviceIndex>(index));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+  } catch (...) {
+    write_error(err, err_len, "unknown exception while synchronising the CUDA device");
+  }
+  return 1;
+}
+
+// Free and total memory of CUDA device `index`, from the CUDA runtime that libtorch
+// loaded (cudaMemGetInfo, looked up at run time: the shim needs no CUDA headers).
+// 0 on success.
+int mm_cuda_mem_info(int index, size_t* free_bytes, size_t* total_bytes, char* err,
+                     size_t err_len) {
+  try {
+    using GetDevice = int (*)(int*);
+    using SetDevice = int (*)(int);
+    using MemGetInfo = int (*)(size_t*, size_t*);
+    auto get_device = reinterpret_cast<GetDevice>(dlsym(RTLD_DEFAULT, "cudaGetDevice"));
+    auto set_device = reinterpret_cast<SetDevice>(dlsym(RTLD_DEFAULT, "cudaSetDevice"));
+    auto mem_get_info = reinterpret_cast<MemGetInfo>(dlsym(RTLD_DEFAULT, "cudaMemGetInfo"));
+    if (!get_device || !set_device || !mem_get_info) {
+      write_error(err, err_len, "the CUDA runtime (cudaMemGetInfo) is not loaded");
+      return 1;
+    }
+    int previous = 0;
+    if (get_device(&previous) != 0 || set_device(index) != 0) {
+      write_error(err, err_len, "cudaSetDevice failed");
+      return 1;
+    }
+    int rc = mem_get_info(free_bytes, total_bytes);
+    set_device(previous);
+    if (rc != 0) {
+      write_error(err, err_len, "cudaMemGetInfo failed");
+      return 1;
+    }
+    return 0;
+  } catch (...) {
+    write_error(err, err_len, "unknown exception while reading CUDA memory");
+  }
+  return 1;
 }
 
 void mm_free(char* p) { std::free(p); }

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::mlp::RefDeepseekV2MLP;
 use crate::moe::RefDeepseekV2MoE;
 use crate::moe_gate::RefMoEGate;
+use crate::observer;
 use crate::rms_norm::RefDeepseekV2RMSNorm;
 use crate::weights::{dim, seeded_normal, Init, Setup};
 use crate::Parameters;
@@ -339,11 +340,20 @@ impl Prepared {
         self.module.forward(&self.inputs, &mut self.cache)
     }
 
-    /// The counted forward call.
+    /// The counted forward call. On CUDA the device is synchronised before counting
+    /// (so the uncounted preparation is finished) and after it, outside the counted
+    /// region and also when the forward failed, so an asynchronous CUDA error is charged
+    /// to this layer.
     pub fn run(mut self) -> Result<LayerRun> {
         let weight_bytes = self.module.weight_bytes();
-        let ((output, tokens_per_expert), counts) =
-            measure(|| self.module.forward(&self.inputs, &mut self.cache))?;
+        let device = self.inputs.hidden.device();
+        observer::synchronize(device)?;
+        let measured = measure(|| self.module.forward(&self.inputs, &mut self.cache));
+        let synced = observer::synchronize(device);
+        let ((output, tokens_per_expert), counts) = match (measured, synced) {
+            (Ok(m), Ok(())) => m,
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+        };
         Ok(LayerRun {
             kind: self.kind,
             name: self.name,

@@ -15,7 +15,16 @@ extern "C" {
     ) -> c_int;
     fn mm_libtorch_config(out_len: *mut usize) -> *mut c_char;
     fn mm_tf32_matmul_allowed() -> c_int;
+    fn mm_tf32_cudnn_allowed() -> c_int;
     fn mm_set_tf32_matmul_allowed(allowed: c_int) -> c_int;
+    fn mm_cuda_synchronize(index: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn mm_cuda_mem_info(
+        index: c_int,
+        free_bytes: *mut usize,
+        total_bytes: *mut usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn mm_free(p: *mut c_char);
 }
 
@@ -83,11 +92,78 @@ pub fn tf32_matmul_allowed() -> Option<bool> {
     }
 }
 
+/// Whether libtorch lets fp32 cuDNN convolutions use TF32 tensor cores (PyTorch: on).
+pub fn tf32_cudnn_allowed() -> Option<bool> {
+    // SAFETY: no arguments; the shim catches all exceptions.
+    match unsafe { mm_tf32_cudnn_allowed() } {
+        0 => Some(false),
+        1 => Some(true),
+        _ => None,
+    }
+}
+
+/// Both TF32 switches, or an error naming the one libtorch could not report (the
+/// engine of fp32 work would be unknown).
+pub fn tf32() -> Result<modelmeter::conventions::Tf32> {
+    let unknown = |which: &str| {
+        Error::Observer(format!(
+            "libtorch could not say whether {which} may use TF32, so their engine is unknown"
+        ))
+    };
+    Ok(modelmeter::conventions::Tf32 {
+        matmul: tf32_matmul_allowed().ok_or_else(|| unknown("fp32 matmuls"))?,
+        cudnn: tf32_cudnn_allowed().ok_or_else(|| unknown("fp32 cuDNN convolutions"))?,
+    })
+}
+
 /// Allows or forbids TF32 for fp32 matmuls (process-wide, like PyTorch's flag).
 pub fn set_tf32_matmul_allowed(allowed: bool) -> Result<()> {
     // SAFETY: plain integer argument; the shim catches all exceptions.
     match unsafe { mm_set_tf32_matmul_allowed(c_int::from(allowed)) } {
         0 => Ok(()),
         _ => Err(Error::Observer("could not set libtorch's TF32 flag".into())),
+    }
+}
+
+/// Waits until CUDA device `index` has finished all queued work. An asynchronous CUDA
+/// error of that work (a failed kernel) comes back here as an error, so it is charged to
+/// the layer that caused it, not to a later one.
+pub fn cuda_synchronize(index: usize) -> Result<()> {
+    let index = c_int::try_from(index)
+        .map_err(|_| Error::Observer(format!("CUDA device index {index} is out of range")))?;
+    let mut err = [0 as c_char; ERR_LEN];
+    // SAFETY: `err` is a writable buffer of ERR_LEN bytes; the shim catches all exceptions.
+    match unsafe { mm_cuda_synchronize(index, err.as_mut_ptr(), ERR_LEN) } {
+        0 => Ok(()),
+        _ => Err(Error::Observer(format!(
+            "CUDA error surfaced at synchronisation: {}",
+            message(&err)
+        ))),
+    }
+}
+
+/// [`cuda_synchronize`] for a libtorch device; nothing to wait for on the CPU.
+pub fn synchronize(device: tch::Device) -> Result<()> {
+    match device {
+        tch::Device::Cuda(index) => cuda_synchronize(index),
+        _ => Ok(()),
+    }
+}
+
+/// Free and total bytes of CUDA device `index`, as the CUDA runtime reports them (what a
+/// run can still allocate, unlike `nvidia-smi`'s total).
+pub fn cuda_memory(index: usize) -> Result<(u64, u64)> {
+    let index = c_int::try_from(index)
+        .map_err(|_| Error::Observer(format!("CUDA device index {index} is out of range")))?;
+    let (mut free, mut total) = (0usize, 0usize);
+    let mut err = [0 as c_char; ERR_LEN];
+    // SAFETY: all pointers point to live locals; the shim catches all exceptions.
+    let rc = unsafe { mm_cuda_mem_info(index, &mut free, &mut total, err.as_mut_ptr(), ERR_LEN) };
+    match rc {
+        0 => Ok((free as u64, total as u64)),
+        _ => Err(Error::Observer(format!(
+            "could not read the memory of cuda:{index}: {}",
+            message(&err)
+        ))),
     }
 }

@@ -78,12 +78,15 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => DeviceInfo {
                 name: cpu_name().unwrap_or_else(|| std::env::consts::ARCH.to_string()),
-                memory_bytes: cpu_available_memory(),
+                memory_bytes: cpu_available_memory()
+                    .ok_or_else(|| "MemAvailable could not be read from /proc/meminfo".into()),
             },
-            DeviceSpec::Cuda(i) => gpu_info(i).unwrap_or(DeviceInfo {
-                name: "NVIDIA GPU (nvidia-smi unavailable)".into(),
-                memory_bytes: None,
-            }),
+            DeviceSpec::Cuda(i) => DeviceInfo {
+                name: gpu_name(i).unwrap_or_else(|| "NVIDIA GPU (nvidia-smi unavailable)".into()),
+                memory_bytes: modelmeter_reference::observer::cuda_memory(i)
+                    .map(|(free, _total)| free)
+                    .map_err(|e| e.to_string()),
+            },
         }
     }
 }
@@ -92,8 +95,9 @@ impl DeviceSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceInfo {
     pub name: String,
-    /// Available host memory for the CPU; total memory for a GPU.
-    pub memory_bytes: Option<u64>,
+    /// Available host memory for the CPU; free memory for a GPU (from the CUDA runtime);
+    /// why it could not be read otherwise.
+    pub memory_bytes: Result<u64, String>,
 }
 
 fn cpu_name() -> Option<String> {
@@ -122,35 +126,22 @@ fn cpu_available_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Name and total memory of the i-th visible GPU, from `nvidia-smi` (honours
-/// `CUDA_VISIBLE_DEVICES`, as libtorch does).
-fn gpu_info(index: usize) -> Option<DeviceInfo> {
+/// Name of the i-th visible GPU, from `nvidia-smi` (honours `CUDA_VISIBLE_DEVICES`, as
+/// libtorch does).
+fn gpu_name(index: usize) -> Option<String> {
     let id = match std::env::var("CUDA_VISIBLE_DEVICES") {
         Ok(list) if !list.trim().is_empty() => list.split(',').nth(index)?.trim().to_string(),
         _ => index.to_string(),
     };
     let out = Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name,memory.total",
-            "--format=csv,noheader,nounits",
-            "-i",
-            &id,
-        ])
+        .args(["--query-gpu=name", "--format=csv,noheader", "-i", &id])
         .output()
         .ok()?;
     if !out.status.success() {
         return None;
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let (name, mib) = text.lines().next()?.rsplit_once(',')?;
-    Some(DeviceInfo {
-        name: name.trim().to_string(),
-        memory_bytes: mib
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .and_then(|m| m.checked_mul(1 << 20)),
-    })
+    Some(text.lines().next()?.trim().to_string()).filter(|n| !n.is_empty())
 }
 
 #[cfg(test)]
@@ -175,6 +166,6 @@ mod tests {
     fn cpu_is_described() {
         let info = DeviceSpec::Cpu.describe();
         assert!(!info.name.is_empty());
-        assert!(info.memory_bytes.unwrap_or(1) > 0);
+        assert!(*info.memory_bytes.as_ref().unwrap() > 0);
     }
 }

@@ -14,7 +14,7 @@ pub struct Environment {
     /// `cpu` or `cuda:N`.
     pub device: String,
     pub device_name: String,
-    /// Memory the run may use (host available memory, or GPU total), if known.
+    /// Memory the run may use (host available memory, or GPU free memory), if known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_memory_bytes: Option<u64>,
     pub libtorch_version: String,
@@ -56,7 +56,7 @@ impl Environment {
         Environment {
             device: spec.to_string(),
             device_name: info.name.clone(),
-            device_memory_bytes: info.memory_bytes,
+            device_memory_bytes: info.memory_bytes.as_ref().ok().copied(),
             libtorch_version: setting("TORCH_VERSION=").unwrap_or_else(|| "unknown".into()),
             cuda_version: setting("CUDA_VERSION="),
             cudnn_version: setting("CUDNN_VERSION="),
