@@ -22,9 +22,14 @@
 //!   boolean tensor are index bookkeeping and cost 0.
 //! - Copies, casts, gathers, scatters, sorts, allocations and random fills cost 0
 //!   FLOPs but move bytes; views move nothing.
-//! - Engines: GEMMs whose first operand is bf16, fp16 or fp8 run on tensor cores; fp32
-//!   GEMMs run on CUDA cores unless TF32 is allowed (PyTorch's default is off); all
-//!   other dtypes and all elementwise work run on CUDA cores.
+//! - Engines (of an NVIDIA GPU, sm80 or newer): GEMMs whose first operand is bf16, fp16
+//!   or fp8 run on tensor cores; fp32 cuBLAS GEMMs run on CUDA cores unless matmul TF32
+//!   is allowed (PyTorch's default is off); fp32 cuDNN convolutions follow cuDNN's own
+//!   TF32 switch (PyTorch's default is ON); the memory-efficient attention kernels
+//!   compute fp32 on tensor cores whatever the switches say ("fast fp32", 3×TF32:
+//!   `OpMultiplyAddFastF32` in torch's `mem_eff_attention/gemm_kernel_utils.h`; an H200's
+//!   counters show TF32 tensor ops and no FFMA work). All other dtypes and all
+//!   elementwise work run on CUDA cores.
 //! - In-place variants (`aten::mul_`) follow the rule of their op (`aten::mul`).
 
 use serde_json::{json, Value};
@@ -164,6 +169,49 @@ pub struct OpConvention {
     pub rule: Rule,
     /// True when torch 2.11's `FlopCounterMode` registry has this op.
     pub flop_counter_mode: bool,
+    /// Where its fp32 matmul work runs (bf16/fp16/fp8 work always runs on tensor cores).
+    pub fp32_engine: Fp32Engine,
+}
+
+/// Which switch decides the engine of an op's fp32 matmul work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp32Engine {
+    /// cuBLAS GEMMs: tensor cores only when `torch.backends.cuda.matmul.allow_tf32`.
+    MatmulTf32Flag,
+    /// cuDNN convolutions: tensor cores when `torch.backends.cudnn.allow_tf32`, which
+    /// PyTorch turns ON by default.
+    CudnnTf32Flag,
+    /// Always tensor cores: the memory-efficient attention kernels compute fp32 as
+    /// "fast fp32" (3×TF32, `OpMultiplyAddFastF32`) whatever the flags say.
+    TensorCores,
+}
+
+/// PyTorch's two TF32 switches, which decide where fp32 matmul work runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tf32 {
+    /// `torch.backends.cuda.matmul.allow_tf32` (cuBLAS; PyTorch's default: off).
+    pub matmul: bool,
+    /// `torch.backends.cudnn.allow_tf32` (cuDNN convolutions; PyTorch's default: on).
+    pub cudnn: bool,
+}
+
+impl Tf32 {
+    /// The matmul switch as given, the cuDNN switch at PyTorch's default (on).
+    pub fn matmul(allow: bool) -> Tf32 {
+        Tf32 {
+            matmul: allow,
+            cudnn: true,
+        }
+    }
+
+    /// Whether fp32 work of an op with `engine` runs on tensor cores.
+    pub fn fp32_on_tensor_cores(self, engine: Fp32Engine) -> bool {
+        match engine {
+            Fp32Engine::MatmulTf32Flag => self.matmul,
+            Fp32Engine::CudnnTf32Flag => self.cudnn,
+            Fp32Engine::TensorCores => true,
+        }
+    }
 }
 
 /// Elementwise FLOPs per score of a fused attention kernel, forward: scale 1 + softmax 5.
@@ -176,6 +224,7 @@ const fn ew(op: &'static str, flops_per_element: u64) -> OpConvention {
         op,
         rule: Rule::Elementwise { flops_per_element },
         flop_counter_mode: false,
+        fp32_engine: Fp32Engine::MatmulTf32Flag,
     }
 }
 const fn copy(op: &'static str) -> OpConvention {
@@ -183,6 +232,7 @@ const fn copy(op: &'static str) -> OpConvention {
         op,
         rule: Rule::Copy,
         flop_counter_mode: false,
+        fp32_engine: Fp32Engine::MatmulTf32Flag,
     }
 }
 const fn view(op: &'static str) -> OpConvention {
@@ -190,6 +240,7 @@ const fn view(op: &'static str) -> OpConvention {
         op,
         rule: Rule::View,
         flop_counter_mode: false,
+        fp32_engine: Fp32Engine::MatmulTf32Flag,
     }
 }
 const fn composite(op: &'static str) -> OpConvention {
@@ -197,6 +248,7 @@ const fn composite(op: &'static str) -> OpConvention {
         op,
         rule: Rule::Composite,
         flop_counter_mode: false,
+        fp32_engine: Fp32Engine::MatmulTf32Flag,
     }
 }
 const fn gemm(op: &'static str, formula: Gemm, flop_counter_mode: bool) -> OpConvention {
@@ -204,6 +256,26 @@ const fn gemm(op: &'static str, formula: Gemm, flop_counter_mode: bool) -> OpCon
         op,
         rule: Rule::Matmul(formula),
         flop_counter_mode,
+        fp32_engine: Fp32Engine::MatmulTf32Flag,
+    }
+}
+/// A convolution: cuDNN decides its fp32 engine by its own TF32 switch (on by default).
+const fn conv(op: &'static str, formula: Gemm) -> OpConvention {
+    OpConvention {
+        op,
+        rule: Rule::Matmul(formula),
+        flop_counter_mode: true,
+        fp32_engine: Fp32Engine::CudnnTf32Flag,
+    }
+}
+/// A GEMM-like kernel that runs fp32 on tensor cores ("fast fp32", 3×TF32) regardless of
+/// the TF32 flag: the memory-efficient attention kernels (sm80+).
+const fn fast_fp32_gemm(op: &'static str, formula: Gemm) -> OpConvention {
+    OpConvention {
+        op,
+        rule: Rule::Matmul(formula),
+        flop_counter_mode: true,
+        fp32_engine: Fp32Engine::TensorCores,
     }
 }
 
@@ -215,14 +287,13 @@ pub const OPS: &[OpConvention] = &[
     gemm("aten::bmm", Gemm::Bmm, true),
     gemm("aten::baddbmm", Gemm::Baddbmm, true),
     gemm("aten::_scaled_mm", Gemm::Mm, true),
-    gemm("aten::convolution", Gemm::Convolution(CONVOLUTION), true),
-    gemm("aten::_convolution", Gemm::Convolution(CONVOLUTION), true),
-    gemm(
+    conv("aten::convolution", Gemm::Convolution(CONVOLUTION)),
+    conv("aten::_convolution", Gemm::Convolution(CONVOLUTION)),
+    conv(
         "aten::convolution_overrideable",
         Gemm::Convolution(CONVOLUTION),
-        true,
     ),
-    gemm(
+    conv(
         "aten::cudnn_convolution",
         Gemm::Convolution(ConvArgs {
             bias: None,
@@ -231,7 +302,6 @@ pub const OPS: &[OpConvention] = &[
             dilation: Some(4),
             transposed: None,
         }),
-        true,
     ),
     gemm(
         "aten::_slow_conv2d_forward",
@@ -244,20 +314,15 @@ pub const OPS: &[OpConvention] = &[
         }),
         true,
     ),
-    gemm(
-        "aten::convolution_backward",
-        Gemm::ConvolutionBackward,
-        true,
-    ),
+    conv("aten::convolution_backward", Gemm::ConvolutionBackward),
     gemm(
         "aten::_scaled_dot_product_flash_attention",
         Gemm::AttentionForward,
         true,
     ),
-    gemm(
+    fast_fp32_gemm(
         "aten::_scaled_dot_product_efficient_attention",
         Gemm::AttentionForward,
-        true,
     ),
     gemm(
         "aten::_scaled_dot_product_cudnn_attention",
@@ -269,10 +334,9 @@ pub const OPS: &[OpConvention] = &[
         Gemm::AttentionBackward,
         true,
     ),
-    gemm(
+    fast_fp32_gemm(
         "aten::_scaled_dot_product_efficient_attention_backward",
         Gemm::AttentionBackward,
-        true,
     ),
     gemm(
         "aten::_scaled_dot_product_cudnn_attention_backward",
@@ -287,13 +351,12 @@ pub const OPS: &[OpConvention] = &[
         },
         true,
     ),
-    gemm(
+    fast_fp32_gemm(
         "aten::_efficient_attention_forward",
         Gemm::AttentionBshd {
             backward: false,
             cum_seq: 4,
         },
-        true,
     ),
     gemm(
         "aten::_flash_attention_backward",
@@ -303,13 +366,12 @@ pub const OPS: &[OpConvention] = &[
         },
         true,
     ),
-    gemm(
+    fast_fp32_gemm(
         "aten::_efficient_attention_backward",
         Gemm::AttentionBshd {
             backward: true,
             cum_seq: 6,
         },
-        true,
     ),
     gemm(
         "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -351,6 +413,13 @@ pub const OPS: &[OpConvention] = &[
     ew("aten::ge", 1),
     ew("aten::lt", 1),
     ew("aten::le", 1),
+    ew("aten::isneginf", 1),
+    ew("aten::isposinf", 1),
+    ew("aten::isinf", 1),
+    ew("aten::isnan", 1),
+    ew("aten::logical_not", 1),
+    ew("aten::logical_and", 1),
+    ew("aten::logical_or", 1),
     ew("aten::addcmul", 2),
     // silu(x) = x / (1 + exp(-x)): negate, exp, add, divide.
     ew("aten::silu", 4),
@@ -362,6 +431,10 @@ pub const OPS: &[OpConvention] = &[
     ew("aten::amax", 1),
     ew("aten::max", 1),
     ew("aten::cumsum", 1),
+    // all/any over a boolean tensor (the math attention's fully-masked-row test) are
+    // bookkeeping and cost 0 by the integer rule; over floats, 1 per input element.
+    ew("aten::all", 1),
+    ew("aten::any", 1),
     // softmax: max, subtract, exp, sum, divide.
     ew("aten::softmax", 5),
     ew("aten::_softmax", 5),
@@ -413,6 +486,9 @@ pub const OPS: &[OpConvention] = &[
     copy("aten::fill"),
     copy("aten::zero"),
     copy("aten::arange"),
+    copy("aten::scalar_tensor"),
+    // Padding copies into a larger tensor (the CUDA flash kernel pads the head dim).
+    copy("aten::constant_pad_nd"),
     // Random fills: generated data, not arithmetic on data.
     copy("aten::rand"),
     copy("aten::randn"),
@@ -458,6 +534,10 @@ pub const OPS: &[OpConvention] = &[
     composite("aten::flatten"),
     composite("aten::scaled_dot_product_attention"),
     composite("aten::_scaled_dot_product_attention_math"),
+    // softmax, then zeroes rows that were fully masked (isneginf, all, where).
+    composite("aten::_safe_softmax"),
+    composite("aten::pad"),
+    composite("aten::_pad_enum"),
     composite("aten::conv1d"),
     composite("aten::conv2d"),
     composite("aten::conv3d"),
@@ -477,6 +557,19 @@ pub fn convention(op: &str) -> Option<&'static OpConvention> {
         .copied()
 }
 
+/// True when `op` is a fused attention kernel (SDPA's flash, efficient, cuDNN or CPU
+/// kernels, their inner kernels and backwards): the ops that say which kernel ran.
+pub fn is_fused_attention(op: &str) -> bool {
+    convention(op).is_some_and(|c| {
+        matches!(
+            c.rule,
+            Rule::Matmul(
+                Gemm::AttentionForward | Gemm::AttentionBackward | Gemm::AttentionBshd { .. }
+            )
+        )
+    })
+}
+
 /// What one op call costs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OpCost {
@@ -491,8 +584,9 @@ pub struct OpCost {
 }
 
 impl OpConvention {
-    /// Costs one call of this op with `args`. Composite ops, views and copies cost 0.
-    pub fn cost(&self, args: &[Arg], allow_tf32: bool) -> Result<OpCost> {
+    /// Costs one call of this op with `args` under the TF32 switches `tf32`. Composite
+    /// ops, views and copies cost 0.
+    pub fn cost(&self, args: &[Arg], tf32: Tf32) -> Result<OpCost> {
         match self.rule {
             Rule::View | Rule::Copy | Rule::Composite => Ok(OpCost::default()),
             Rule::Elementwise { flops_per_element } => {
@@ -506,7 +600,8 @@ impl OpConvention {
             Rule::Matmul(formula) => {
                 let (matmul, elementwise, dtype) = gemm_flops(self.op, formula, args)?;
                 let fcm = if self.flop_counter_mode { matmul } else { 0 };
-                let (tensor, cuda) = match matmul_engine(dtype, allow_tf32) {
+                let engine = matmul_engine(dtype, tf32.fp32_on_tensor_cores(self.fp32_engine));
+                let (tensor, cuda) = match engine {
                     Engine::TensorCore => (matmul, elementwise),
                     Engine::CudaCore => (0, sum(self.op, &[matmul, elementwise])?),
                 };
@@ -875,6 +970,14 @@ pub fn conventions_json() -> Value {
             };
             let mut row =
                 json!({ "op": c.op, "rule": rule, "flop_counter_mode": c.flop_counter_mode });
+            if let Rule::Matmul(_) = c.rule {
+                row["fp32_engine"] = json!(match c.fp32_engine {
+                    Fp32Engine::MatmulTf32Flag => "tensor cores if matmul TF32 is allowed",
+                    Fp32Engine::CudnnTf32Flag =>
+                        "tensor cores if cuDNN TF32 is allowed (PyTorch default: on)",
+                    Fp32Engine::TensorCores => "tensor cores (3xTF32) always",
+                });
+            }
             match c.rule {
                 Rule::Matmul(_) => row["formula"] = detail,
                 Rule::Elementwise { .. } => row["flops_per_element"] = detail,
@@ -892,7 +995,7 @@ pub fn conventions_json() -> Value {
             "backward": FUSED_ATTENTION_BACKWARD_FLOPS_PER_SCORE,
         },
         "elementwise": "flops_per_element x elements of the broadcast of the tensor inputs; 0 when the first tensor input is an integer or boolean tensor",
-        "engines": "bf16/fp16/fp8 GEMMs on tensor cores; fp32 GEMMs on CUDA cores unless TF32 is allowed; everything else on CUDA cores",
+        "engines": "NVIDIA sm80+: bf16/fp16/fp8 matmul work on tensor cores; fp32 matmul work by each op's fp32_engine (cuBLAS GEMMs: tensor cores only if matmul TF32 is allowed; cuDNN convolutions: if cuDNN TF32 is allowed, PyTorch's default; memory-efficient attention: always, 3xTF32); everything else on CUDA cores",
         "in_place": "op_ follows the rule of op",
         "ops": ops,
     })
@@ -909,7 +1012,7 @@ mod tests {
     fn cost(op: &str, args: &[Arg]) -> OpCost {
         convention(op)
             .unwrap_or_else(|| panic!("{op} missing"))
-            .cost(args, false)
+            .cost(args, Tf32::matmul(false))
             .unwrap()
     }
 
@@ -1085,7 +1188,10 @@ mod tests {
         assert_eq!(c.elementwise_flops, 0, "integer bookkeeping");
         assert!(convention("aten::mul")
             .unwrap()
-            .cost(&[t(&[2, 3], Dtype::F32), t(&[4], Dtype::F32)], false)
+            .cost(
+                &[t(&[2, 3], Dtype::F32), t(&[4], Dtype::F32)],
+                Tf32::matmul(false)
+            )
             .is_err());
     }
 
@@ -1093,8 +1199,118 @@ mod tests {
     fn tf32_moves_fp32_gemms_to_tensor_cores() {
         let args = [t(&[8, 8], Dtype::F32), t(&[8, 8], Dtype::F32)];
         let conv = convention("aten::mm").unwrap();
-        assert_eq!(conv.cost(&args, false).unwrap().tensor_core_flops, 0);
-        assert_eq!(conv.cost(&args, true).unwrap().tensor_core_flops, 1024);
+        assert_eq!(
+            conv.cost(&args, Tf32::matmul(false))
+                .unwrap()
+                .tensor_core_flops,
+            0
+        );
+        assert_eq!(
+            conv.cost(&args, Tf32::matmul(true))
+                .unwrap()
+                .tensor_core_flops,
+            1024
+        );
+    }
+
+    #[test]
+    fn fp32_convolutions_follow_cudnns_tf32_switch_not_the_matmul_one() {
+        // Conv2d(3→8, k=1) on [1,3,2,2] fp32: 2·1·8·3·1·2·2 = 192 FLOPs.
+        let args = [
+            t(&[1, 3, 2, 2], Dtype::F32),
+            t(&[8, 3, 1, 1], Dtype::F32),
+            Arg::None,
+            Arg::IntList(vec![1, 1]),
+            Arg::IntList(vec![0, 0]),
+            Arg::IntList(vec![1, 1]),
+            Arg::Bool(false),
+        ];
+        let conv = convention("aten::convolution").unwrap();
+        assert_eq!(conv.fp32_engine, Fp32Engine::CudnnTf32Flag);
+        // PyTorch's defaults: matmul TF32 off, cuDNN TF32 on → tensor cores.
+        assert_eq!(
+            conv.cost(&args, Tf32::matmul(false))
+                .unwrap()
+                .tensor_core_flops,
+            192
+        );
+        let off = Tf32 {
+            matmul: true,
+            cudnn: false,
+        };
+        assert_eq!(conv.cost(&args, off).unwrap().tensor_core_flops, 0);
+    }
+
+    #[test]
+    fn fp32_efficient_attention_runs_on_tensor_cores_whatever_the_tf32_flag() {
+        // [B=1, H=2, S=4, d=8] fp32: 4·1·2·4·4·8 = 1024 matmul FLOPs, 6 per score.
+        let qkv = t(&[1, 2, 4, 8], Dtype::F32);
+        let args = [qkv.clone(), qkv.clone(), qkv, Arg::Bool(false)];
+        for op in [
+            "aten::_scaled_dot_product_efficient_attention",
+            "aten::_scaled_dot_product_efficient_attention_backward",
+        ] {
+            assert_eq!(
+                convention(op).unwrap().fp32_engine,
+                Fp32Engine::TensorCores,
+                "{op}"
+            );
+        }
+        let eff = convention("aten::_scaled_dot_product_efficient_attention").unwrap();
+        for tf32 in [false, true] {
+            let c = eff
+                .cost(
+                    &args,
+                    Tf32 {
+                        matmul: tf32,
+                        cudnn: tf32,
+                    },
+                )
+                .unwrap();
+            assert_eq!(c.matmul_flops, 1024);
+            assert_eq!(c.tensor_core_flops, 1024, "tf32 = {tf32}");
+            assert_eq!(
+                c.cuda_core_flops,
+                6 * 2 * 4 * 4,
+                "its softmax stays on CUDA cores"
+            );
+        }
+        // The same inputs through the CPU flash kernel or a plain fp32 GEMM follow the flag.
+        let cpu = convention("aten::_scaled_dot_product_flash_attention_for_cpu").unwrap();
+        assert_eq!(cpu.fp32_engine, Fp32Engine::MatmulTf32Flag);
+        assert_eq!(
+            cpu.cost(&args, Tf32::matmul(false))
+                .unwrap()
+                .tensor_core_flops,
+            0
+        );
+        let mm = convention("aten::mm").unwrap();
+        assert_eq!(mm.fp32_engine, Fp32Engine::MatmulTf32Flag);
+    }
+
+    #[test]
+    fn padding_and_math_attention_ops_are_costed() {
+        // The flash kernel's head-dim padding moves data only.
+        let pad = convention("aten::constant_pad_nd").unwrap();
+        assert_eq!(pad.rule, Rule::Copy);
+        assert_eq!(convention("aten::pad").unwrap().rule, Rule::Composite);
+        assert_eq!(convention("aten::_pad_enum").unwrap().rule, Rule::Composite);
+        assert_eq!(
+            convention("aten::_safe_softmax").unwrap().rule,
+            Rule::Composite
+        );
+        assert_eq!(convention("aten::scalar_tensor").unwrap().rule, Rule::Copy);
+        // isneginf over fp32 scores: 1 per element; all over its boolean result: 0.
+        let scores = t(&[2, 3, 5], Dtype::F32);
+        assert_eq!(cost("aten::isneginf", &[scores]).elementwise_flops, 30);
+        let mask = t(&[2, 3, 5], Dtype::Bool);
+        assert_eq!(
+            cost("aten::all", &[mask.clone(), Arg::Int(-1)]).elementwise_flops,
+            0
+        );
+        assert_eq!(cost("aten::logical_not", &[mask]).elementwise_flops, 0);
+        let floats = t(&[2, 3, 5], Dtype::F32);
+        assert_eq!(cost("aten::all", &[floats]).elementwise_flops, 30);
     }
 
     #[test]
@@ -1153,20 +1369,32 @@ mod tests {
             ]
         };
         assert!(conv
-            .cost(&args(&[1, 3, 8, 8], &[], 0, false), false)
+            .cost(&args(&[1, 3, 8, 8], &[], 0, false), Tf32::matmul(false))
             .is_err());
         assert!(conv
-            .cost(&args(&[1, 3, 8, 8], &[8, 3, 3], 0, false), false)
+            .cost(
+                &args(&[1, 3, 8, 8], &[8, 3, 3], 0, false),
+                Tf32::matmul(false)
+            )
             .is_err());
         assert!(conv
-            .cost(&args(&[1, 3, 8, 8], &[8, 3, 3, 3], i64::MAX, false), false)
+            .cost(
+                &args(&[1, 3, 8, 8], &[8, 3, 3, 3], i64::MAX, false),
+                Tf32::matmul(false)
+            )
             .is_err());
         assert!(conv
-            .cost(&args(&[1, 3, 1, 1], &[8, 3, 3, 3], 0, false), false)
+            .cost(
+                &args(&[1, 3, 1, 1], &[8, 3, 3, 3], 0, false),
+                Tf32::matmul(false)
+            )
             .is_err());
         // A transposed convolution of a 1×1 input is valid; its FLOPs use the input size.
         let c = conv
-            .cost(&args(&[1, 3, 1, 1], &[3, 8, 3, 3], 0, true), false)
+            .cost(
+                &args(&[1, 3, 1, 1], &[3, 8, 3, 3], 0, true),
+                Tf32::matmul(false),
+            )
             .unwrap();
         assert_eq!(c.matmul_flops, 2 * 3 * 8 * 9);
     }
@@ -1190,7 +1418,7 @@ mod tests {
                     Arg::None,
                     t(&[2], Dtype::I32),
                 ],
-                false,
+                Tf32::matmul(false),
             );
         assert!(varlen.is_err());
     }

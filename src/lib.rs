@@ -37,4 +37,4 @@ pub use config::{MlpKind, ModelConfig, MoeConfig};
 pub use dtype::Dtype;
 pub use error::{Error, Result};
 pub use metrics::{Cost, Metrics};
-pub use workload::{Phase, Profile, Workload};
+pub use workload::{Phase, Platform, Profile, Workload};

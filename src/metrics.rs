@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::checked::sum;
-use crate::conventions::{convention, Arg, OpCost, Rule, TensorMeta};
+use crate::conventions::{convention, Arg, OpCost, Rule, TensorMeta, Tf32};
 use crate::error::{Error, Result};
 
 /// The metrics of one layer call, exact integers in base units (FLOPs and bytes).
@@ -192,7 +192,7 @@ impl CostBuilder {
             tensor_core_flops,
             cuda_core_flops,
             ..
-        } = conv.cost(inputs, self.allow_tf32)?;
+        } = conv.cost(inputs, Tf32::matmul(self.allow_tf32))?;
         let (io_bytes, activation_bytes) = match conv.rule {
             Rule::View | Rule::Composite => (0, 0),
             _ => {

@@ -77,6 +77,7 @@ pub fn analyze(
                 new_tokens: n,
                 dtype: workload.dtype,
                 allow_tf32: workload.allow_tf32,
+                platform: workload.platform,
                 attention,
             };
             Some((n, g.metrics()?))

@@ -1,4 +1,5 @@
-//! Workloads: batch, phase (prefill or one decode step) and dtype.
+//! Workloads: batch, phase (prefill or one decode step), dtype and the platform whose
+//! kernels run them.
 
 use serde::Serialize;
 
@@ -17,6 +18,47 @@ pub enum Phase {
     Decode { context_len: u64 },
 }
 
+/// Which libtorch backend runs the layer. It decides which kernels libtorch dispatches to
+/// (the fused attention kernel, whether it pads the head dim or falls back to the math
+/// path), and with them some FLOPs and engines. Engines are always those of an NVIDIA GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    /// libtorch on an NVIDIA GPU, sm80 or newer (A100, H100, H200): what the analytic
+    /// model estimates by default.
+    #[default]
+    Cuda,
+    /// libtorch on the CPU (what `verify-decoder --device cpu` runs).
+    Cpu,
+}
+
+impl Platform {
+    /// Parses `cuda` (also `gpu`, `cuda:N`) or `cpu`.
+    pub fn parse(text: &str) -> Result<Platform> {
+        let lower = text.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "cpu" => Ok(Platform::Cpu),
+            "cuda" | "gpu" => Ok(Platform::Cuda),
+            _ if lower
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<u32>().is_ok()) =>
+            {
+                Ok(Platform::Cuda)
+            }
+            _ => Err(Error::invalid("--device", text, "cuda, cuda:N or cpu")),
+        }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Platform::Cuda => "cuda",
+            Platform::Cpu => "cpu",
+        })
+    }
+}
+
 /// A workload: what one layer call processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
@@ -27,15 +69,17 @@ pub struct Workload {
     pub dtype: Dtype,
     /// Whether fp32 GEMMs may use TF32 tensor cores (PyTorch's default: false).
     pub allow_tf32: bool,
+    /// The backend whose kernels run it (default: CUDA).
+    pub platform: Platform,
 }
 
 impl Workload {
-    /// A prefill of `seq_len` tokens in bf16 with TF32 off.
+    /// A prefill of `seq_len` tokens in bf16 with TF32 off, on CUDA.
     pub fn prefill(batch: u64, seq_len: u64) -> Result<Workload> {
         Workload::new(batch, Phase::Prefill { seq_len }, Dtype::Bf16)
     }
 
-    /// One decode step after `context_len` tokens, in bf16 with TF32 off.
+    /// One decode step after `context_len` tokens, in bf16 with TF32 off, on CUDA.
     pub fn decode(batch: u64, context_len: u64) -> Result<Workload> {
         Workload::new(batch, Phase::Decode { context_len }, Dtype::Bf16)
     }
@@ -70,6 +114,7 @@ impl Workload {
             phase,
             dtype,
             allow_tf32: false,
+            platform: Platform::default(),
         };
         // Every size derived below must fit in 64 bits.
         let q = w.query_len();
@@ -103,9 +148,16 @@ impl Workload {
         self
     }
 
+    /// The same workload run by `platform`'s kernels.
+    pub fn on(mut self, platform: Platform) -> Workload {
+        self.platform = platform;
+        self
+    }
+
     /// The same workload in another model dtype.
     pub fn with_dtype(self, dtype: Dtype) -> Result<Workload> {
-        Workload::new(self.batch, self.phase, dtype).map(|w| w.with_tf32(self.allow_tf32))
+        Workload::new(self.batch, self.phase, dtype)
+            .map(|w| w.with_tf32(self.allow_tf32).on(self.platform))
     }
 
     /// S_q: query positions per sequence in this call.

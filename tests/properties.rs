@@ -4,7 +4,7 @@ use modelmeter::layers::{
     AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MoE, Layer, LlamaAttention,
     MoEGate, ATTENTION_CORE_ROLE,
 };
-use modelmeter::{Cost, Dtype, ModelConfig, Phase, Workload};
+use modelmeter::{Cost, Dtype, ModelConfig, Phase, Platform, Workload};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -102,8 +102,12 @@ fn workloads() -> impl Strategy<Value = (u64, Phase, Dtype)> {
     )
 }
 
+/// A workload run by the CPU's kernels: one SDPA kernel for every dtype and head dim,
+/// so the plain formulas below hold. CUDA's kernel choices have their own property.
 fn workload(batch: u64, phase: Phase, dtype: Dtype) -> Workload {
-    Workload::new(batch, phase, dtype).unwrap()
+    Workload::new(batch, phase, dtype)
+        .unwrap()
+        .on(Platform::Cpu)
 }
 
 fn all_layers(c: &ModelConfig, w: &Workload, attn: AttentionImpl) -> Vec<Cost> {
@@ -272,6 +276,29 @@ proptest! {
             prop_assert_eq!(mt.tensor_core_flops, mt.matmul_flops, "{}", x.name);
             prop_assert_eq!(mt.cuda_core_flops, mt.elementwise_flops, "{}", x.name);
         }
+    }
+
+    #[test]
+    fn cuda_attention_core_follows_the_kernel_that_runs(d in dims(), (b, phase, dtype) in workloads()) {
+        let c = config(&d);
+        let w = Workload::new(b, phase, dtype).unwrap();
+        let cost = LlamaAttention::new(&c, &w, AttentionImpl::Sdpa).cost().unwrap();
+        let core_node = cost.child(ATTENTION_CORE_ROLE).unwrap();
+        let (sq, skv) = match phase {
+            Phase::Prefill { seq_len } => (seq_len, seq_len),
+            Phase::Decode { context_len } => (1, context_len + 1),
+        };
+        let half = matches!(dtype, Dtype::Bf16 | Dtype::F16);
+        // bf16/fp16: flash pads d to a multiple of 8 where cuDNN refuses it (d % 8 != 0,
+        // or a single key); fp32: the efficient kernel (3×TF32 tensor cores) when
+        // d % 4 == 0, else the math path.
+        let computed = if half { d.head_dim.div_ceil(8) * 8 } else { d.head_dim };
+        let rectangle = 4 * b * d.heads * sq * skv * computed;
+        prop_assert_eq!(core_node.metrics.matmul_flops, rectangle);
+        let fused = core_node.ops().iter().any(|o| o.op.is_some_and(modelmeter::conventions::is_fused_attention));
+        prop_assert_eq!(fused, half || d.head_dim % 4 == 0);
+        let expected_tensor = if half || d.head_dim % 4 == 0 { rectangle } else { 0 };
+        prop_assert_eq!(core_node.metrics.tensor_core_flops, expected_tensor);
     }
 
     #[test]

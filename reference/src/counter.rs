@@ -22,7 +22,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use modelmeter::conventions::{convention, Arg, Gemm, OpCost, Rule};
+use modelmeter::conventions::{convention, is_fused_attention, Arg, OpCost, Rule, Tf32};
 use modelmeter::Dtype;
 use serde::Serialize;
 
@@ -53,12 +53,12 @@ impl FlopCounter {
         let guard = REGION
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let allow_tf32 = observer::tf32_matmul_allowed().unwrap_or(false);
+        let tf32 = observer::tf32()?;
         observer::start()?;
         REGION_OPEN_HERE.with(|c| c.set(true));
         Ok(Region {
             _guard: guard,
-            allow_tf32,
+            tf32,
             finished: false,
         })
     }
@@ -68,7 +68,7 @@ impl FlopCounter {
 /// Dropping it unfinished disarms it too.
 pub struct Region {
     _guard: MutexGuard<'static, ()>,
-    allow_tf32: bool,
+    tf32: Tf32,
     finished: bool,
 }
 
@@ -78,7 +78,7 @@ impl Region {
         self.finished = true;
         REGION_OPEN_HERE.with(|c| c.set(false));
         let log = observer::stop()?;
-        Ok(Counts::from_log(&op_log::parse(&log), self.allow_tf32))
+        Ok(Counts::from_log(&op_log::parse(&log), self.tf32))
     }
 }
 
@@ -139,6 +139,8 @@ pub struct Counts {
     pub cuda_core_flops: u64,
     /// Whether libtorch allowed TF32 for fp32 matmuls (it picks their engine).
     pub tf32_allowed: bool,
+    /// Whether libtorch allowed TF32 for fp32 cuDNN convolutions (PyTorch's default).
+    pub tf32_cudnn_allowed: bool,
     /// Counted ops, in the order they ran (per thread).
     pub records: Vec<OpRecord>,
     /// Ops with no rule in the conventions table, by name and calls; their FLOPs are
@@ -154,9 +156,10 @@ pub struct Counts {
 type Frames = Vec<(usize, bool)>;
 
 impl Counts {
-    fn from_log(log: &op_log::OpLog, allow_tf32: bool) -> Counts {
+    fn from_log(log: &op_log::OpLog, tf32: Tf32) -> Counts {
         let mut counts = Counts {
-            tf32_allowed: allow_tf32,
+            tf32_allowed: tf32.matmul,
+            tf32_cudnn_allowed: tf32.cudnn,
             errors: log.errors.clone(),
             events_seen: log.events.len(),
             ..Counts::default()
@@ -173,7 +176,7 @@ impl Counts {
                 nodes.pop();
             }
             let covered = stack.last().is_some_and(|(_, c)| *c);
-            let ruled = counts.visit(event, covered, !nodes.is_empty(), allow_tf32);
+            let ruled = counts.visit(event, covered, !nodes.is_empty(), tf32);
             if event.backward {
                 nodes.push(event.depth);
             }
@@ -183,13 +186,7 @@ impl Counts {
     }
 
     /// Costs one event; true when it has a (non-composite) rule covering its children.
-    fn visit(
-        &mut self,
-        event: &OpEvent,
-        covered: bool,
-        in_backward: bool,
-        allow_tf32: bool,
-    ) -> bool {
+    fn visit(&mut self, event: &OpEvent, covered: bool, in_backward: bool, tf32: Tf32) -> bool {
         if event.backward || event.name.starts_with("autograd::") {
             return false; // autograd bookkeeping frames, not ops
         }
@@ -211,7 +208,7 @@ impl Counts {
         if covered {
             return true;
         }
-        match conv.cost(&event.args, allow_tf32) {
+        match conv.cost(&event.args, tf32) {
             Ok(cost) => self.record(event, in_backward, cost),
             Err(e) => self.errors.push(e.to_string()),
         }
@@ -321,18 +318,7 @@ impl Counts {
         let mut names: Vec<String> = self
             .records
             .iter()
-            .filter(|r| {
-                convention(&r.name).is_some_and(|c| {
-                    matches!(
-                        c.rule,
-                        Rule::Matmul(
-                            Gemm::AttentionForward
-                                | Gemm::AttentionBackward
-                                | Gemm::AttentionBshd { .. }
-                        )
-                    )
-                })
-            })
+            .filter(|r| is_fused_attention(&r.name))
             .map(|r| r.name.clone())
             .collect();
         names.dedup();
@@ -359,7 +345,7 @@ mod tests {
     use super::*;
 
     fn counts(log: &str) -> Counts {
-        Counts::from_log(&op_log::parse(log), false)
+        Counts::from_log(&op_log::parse(log), Tf32::matmul(false))
     }
 
     #[test]

@@ -152,6 +152,11 @@ fn convolution_is_counted_once_through_its_nested_chain() {
     assert_eq!(c.matmul_flops, 2 * 2 * 8 * 3 * 9 * 16 * 16);
     assert_eq!(c.records.len(), 1);
     assert_eq!(c.records[0].name, "aten::convolution");
+    // cuDNN's TF32 switch is on by default in libtorch, so an fp32 convolution is booked
+    // to tensor cores (bf16 always is); the matmul switch (off) does not apply to it.
+    assert!(c.tf32_cudnn_allowed, "libtorch's default");
+    assert!(!c.tf32_allowed, "libtorch's default");
+    assert_eq!(c.tensor_core_flops, c.matmul_flops);
     assert!(
         c.events_seen > 2,
         "the nested chain was observed ({} events)",

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use modelmeter::cli::WorkloadArgs;
 use modelmeter::report::analyze;
-use modelmeter::Dtype;
+use modelmeter::{Dtype, Platform};
 
 #[derive(Parser)]
 #[command(
@@ -16,7 +16,8 @@ use modelmeter::Dtype;
   modelmeter analyze                                  # DeepSeek-OCR, dsocr-standard-v1 prefill (B=1, S=512, bf16)
   modelmeter analyze --phase decode --context-len 1024
   modelmeter analyze --config config.json --batch 4 --seq-len 2048 --json
-  modelmeter analyze --new-tokens 512                 # prefill + 512 greedy decode steps"
+  modelmeter analyze --new-tokens 512                 # prefill + 512 greedy decode steps
+  modelmeter analyze --device cpu --dtype fp32        # the kernels libtorch runs on a CPU"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +34,10 @@ enum Command {
 struct AnalyzeArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
+    /// Whose kernels to model: cuda (an NVIDIA GPU, sm80+) or cpu. It picks the fused
+    /// attention kernel (head-dim padding, math fallback); engines are always the GPU's
+    #[arg(long, value_name = "DEVICE", default_value = "cuda")]
+    device: String,
     /// Also report a whole generation: the prefill plus N decode steps
     #[arg(long, value_name = "N")]
     new_tokens: Option<u64>,
@@ -61,7 +66,10 @@ fn main() -> ExitCode {
 
 fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
     let config = args.workload.model_config()?;
-    let workload = args.workload.workload(Dtype::Bf16)?;
+    let workload = args
+        .workload
+        .workload(Dtype::Bf16)?
+        .on(Platform::parse(&args.device)?);
     if args.new_tokens.is_some() && args.workload.phase != "prefill" {
         return Err(modelmeter::Error::invalid(
             "--new-tokens",

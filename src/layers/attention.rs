@@ -12,9 +12,10 @@
 //! - KV cache: 2·B·H_kv·S_kv·d elements after the call.
 //!
 //! The fused variant stands for `LlamaFlashAttention2`: libtorch has no `flash_attn`
-//! library call, so the reference runs `scaled_dot_product_attention`, which dispatches
-//! to a fused kernel with the same FLOP formula (cuDNN or efficient attention on CUDA,
-//! the flash kernel on CPU).
+//! library call, so the reference runs `scaled_dot_product_attention`. Which kernel that
+//! dispatches to depends on the platform, dtype and head dim ([`SdpaKernel`]): the fused
+//! kernels share one FLOP formula (the CUDA flash kernel on a head dim padded to a
+//! multiple of 8), and where none accepts the inputs the math path is costed op by op.
 
 use serde::Serialize;
 
@@ -24,10 +25,17 @@ use crate::conventions::{Arg, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::rotary_embedding::LlamaRotaryEmbedding;
-use crate::layers::vendor_ops::{arg, bytes_of, t};
+use crate::layers::sdpa_kernel::SdpaKernel;
+use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::{Phase, Workload};
+
+/// `kᵀ`: `[B, H, S, d]` → `[B, H, d, S]` (a view).
+fn kt(k: &TensorMeta) -> TensorMeta {
+    let s = &k.shape;
+    t(&[s[0], s[1], s[3], s[2]], k.dtype)
+}
 
 /// The role of the attention-core node in the cost tree (verify looks it up).
 pub const ATTENTION_CORE_ROLE: &str = "attention core";
@@ -155,6 +163,144 @@ impl LlamaAttention {
         )
     }
 
+    /// A fused SDPA kernel. The CUDA flash kernel computes with the head dim padded to a
+    /// multiple of 8 (q, k and v are padded first; the output is sliced back, a view).
+    fn fused_core(
+        &self,
+        b: &mut CostBuilder,
+        kernel: SdpaKernel,
+        op: &'static str,
+        q: &TensorMeta,
+        k: &TensorMeta,
+        v: &TensorMeta,
+    ) -> Result<()> {
+        let w = &self.workload;
+        let (batch, heads, sq, d) = (w.batch, self.heads, w.query_len(), self.head_dim);
+        let padded = kernel.computed_head_dim(d);
+        let pad = |b: &mut CostBuilder, name: &str, x: &TensorMeta| -> Result<TensorMeta> {
+            if padded == d {
+                return Ok(x.clone());
+            }
+            b.copy(
+                &format!("pad {name} to head dim {padded}"),
+                "aten::constant_pad_nd",
+                &[x],
+                with_last(x, padded),
+            )
+        };
+        let (q, k, v) = (pad(b, "q", q)?, pad(b, "k", k)?, pad(b, "v", v)?);
+        b.op(
+            &format!("scaled_dot_product_attention ({})", kernel.label()),
+            op,
+            &[
+                arg(&q),
+                arg(&k),
+                arg(&v),
+                Arg::Float(0.0),
+                Arg::Bool(sq > 1),
+            ],
+            &[
+                t(&[batch, heads, sq, padded], w.dtype),
+                t(&[batch, heads, sq], Dtype::F32),
+            ],
+        )
+    }
+
+    /// `_scaled_dot_product_attention_math` (libtorch 2.11), where no fused kernel takes
+    /// the inputs: q and kᵀ scaled by √scale each, `q @ kᵀ`, the causal mask built from a
+    /// boolean `tril` and added in prefill, `_safe_softmax` (softmax, then rows that were
+    /// fully masked set to 0: `isneginf`, `all`, `where`), `attn @ v`.
+    fn math_core(
+        &self,
+        b: &mut CostBuilder,
+        q: &TensorMeta,
+        k: &TensorMeta,
+        v: &TensorMeta,
+    ) -> Result<()> {
+        let w = &self.workload;
+        let dtype = w.dtype;
+        let (batch, heads, sq, d) = (w.batch, self.heads, w.query_len(), self.head_dim);
+        let skv = k.shape[2];
+        let bh = product("batch × heads", &[batch, heads])?;
+        let scores = t(&[batch, heads, sq, skv], dtype);
+        let mask = if sq > 1 {
+            let ones = t(&[sq, skv], Dtype::Bool);
+            let lower = b.copy("causal: ones(S_q, S_kv)", "aten::ones", &[], ones)?;
+            let lower = b.copy("causal: tril", "aten::tril", &[&lower], lower.clone())?;
+            let blocked = b.elementwise(
+                "causal: logical_not",
+                "aten::logical_not",
+                &[&lower],
+                Dtype::Bool,
+            )?;
+            let zero = b.copy(
+                "scalar_tensor(0)",
+                "aten::scalar_tensor",
+                &[],
+                t(&[], dtype),
+            )?;
+            Some(b.copy(
+                "causal: where(blocked, -inf, 0)",
+                "aten::where",
+                &[&blocked, &zero],
+                t(&[sq, skv], dtype),
+            )?)
+        } else {
+            None
+        };
+        b.elementwise("q * √scale", "aten::mul", &[q], dtype)?;
+        b.elementwise("kᵀ * √scale", "aten::mul", &[&kt(k)], dtype)?;
+        b.op(
+            "q @ kᵀ",
+            "aten::bmm",
+            &[arg(&t(&[bh, sq, d], dtype)), arg(&t(&[bh, d, skv], dtype))],
+            &[t(&[bh, sq, skv], dtype)],
+        )?;
+        if let Some(mask) = mask {
+            b.elementwise("+= causal mask", "aten::add", &[&scores, &mask], dtype)?;
+        }
+        b.op(
+            "_safe_softmax: softmax",
+            "aten::softmax",
+            &[arg(&scores), Arg::Int(-1)],
+            std::slice::from_ref(&scores),
+        )?;
+        let neg_inf = b.elementwise(
+            "_safe_softmax: isneginf",
+            "aten::isneginf",
+            &[&scores],
+            Dtype::Bool,
+        )?;
+        let all_masked = t(&[batch, heads, sq, 1], Dtype::Bool);
+        b.op(
+            "_safe_softmax: all(-1)",
+            "aten::all",
+            &[arg(&neg_inf), Arg::Int(-1), Arg::Bool(true)],
+            std::slice::from_ref(&all_masked),
+        )?;
+        let zero = b.copy(
+            "scalar_tensor(0)",
+            "aten::scalar_tensor",
+            &[],
+            t(&[], dtype),
+        )?;
+        b.copy(
+            "_safe_softmax: where(all masked, 0, probs)",
+            "aten::where",
+            &[&all_masked, &zero, &scores],
+            scores.clone(),
+        )?;
+        b.op(
+            "attn @ v",
+            "aten::bmm",
+            &[
+                arg(&t(&[bh, sq, skv], dtype)),
+                arg(&t(&[bh, skv, v.shape[3]], dtype)),
+            ],
+            &[t(&[bh, sq, d], dtype)],
+        )
+    }
+
     fn core(&self, q: &TensorMeta, k: &TensorMeta, v: &TensorMeta) -> Result<Cost> {
         let w = &self.workload;
         let dtype = w.dtype;
@@ -163,13 +309,11 @@ impl LlamaAttention {
         let mut b = CostBuilder::new(ATTENTION_CORE_ROLE, w.allow_tf32);
         match self.implementation {
             AttentionImpl::Sdpa => {
-                let out = t(&[batch, heads, sq, d], dtype);
-                b.op(
-                    "scaled_dot_product_attention (fused)",
-                    "aten::_scaled_dot_product_flash_attention",
-                    &[arg(q), arg(k), arg(v), Arg::Float(0.0), Arg::Bool(sq > 1)],
-                    &[out, t(&[batch, heads, sq], Dtype::F32)],
-                )?;
+                let kernel = SdpaKernel::select(w.platform, dtype, d, skv);
+                match kernel.op() {
+                    Some(op) => self.fused_core(&mut b, kernel, op, q, k, v)?,
+                    None => self.math_core(&mut b, q, k, v)?,
+                }
             }
             AttentionImpl::Eager => {
                 let bh = product("batch × heads", &[batch, heads])?;
@@ -325,5 +469,92 @@ mod tests {
         let core = c.child(ATTENTION_CORE_ROLE).unwrap();
         assert_eq!(core.metrics.matmul_flops, 4 * 10 * 513 * 128);
         assert_eq!(c.metrics.kv_cache_bytes, 2 * 10 * 513 * 128 * 2);
+    }
+
+    /// A small config with head dim `d` (hidden 256, `heads` query and `kv` key heads).
+    fn small(d: u64, heads: u64, kv: u64) -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "deepseek_v2", "hidden_size": 256, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": d, "intermediate_size": 512,
+            "moe_intermediate_size": 128, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "n_shared_experts": 1, "num_hidden_layers": 2, "first_k_dense_replace": 1,
+            "vocab_size": 1000, "use_mla": false,
+        });
+        ModelConfig::from_json_value("small", &json).unwrap()
+    }
+
+    fn sdpa_cost(config: &ModelConfig, w: &Workload) -> Cost {
+        LlamaAttention::new(config, w, AttentionImpl::Sdpa)
+            .cost()
+            .unwrap()
+    }
+
+    #[test]
+    fn cuda_flash_computes_on_the_padded_head_dim() {
+        // Measured on an H200 (docs/results/2026-11-27-h200, verify-d20-bf16): d = 20,
+        // H = 4, B = 1, S = 40: the flash kernel booked 614,400 matmul and 38,400
+        // elementwise FLOPs (d padded to 24), the layer 5,530,400 matmul FLOPs.
+        let w = Workload::prefill(1, 40).unwrap();
+        let c = sdpa_cost(&small(20, 4, 2), &w);
+        let core = c.child(ATTENTION_CORE_ROLE).unwrap();
+        let flash: Vec<&Cost> = core
+            .ops()
+            .into_iter()
+            .filter(|o| o.op == Some("aten::_scaled_dot_product_flash_attention"))
+            .collect();
+        assert_eq!(flash.len(), 1);
+        assert_eq!(flash[0].metrics.matmul_flops, 614_400);
+        assert_eq!(flash[0].metrics.elementwise_flops, 38_400);
+        assert_eq!(c.metrics.matmul_flops, 5_530_400);
+        let pads = core
+            .ops()
+            .iter()
+            .filter(|o| o.op == Some("aten::constant_pad_nd"))
+            .count();
+        assert_eq!(pads, 3, "q, k and v are padded");
+        // On the CPU the same layer runs unpadded: 4·B·H·S²·d with d = 20.
+        let cpu = sdpa_cost(&small(20, 4, 2), &w.on(crate::Platform::Cpu));
+        let cpu_core = cpu.child(ATTENTION_CORE_ROLE).unwrap();
+        assert_eq!(cpu_core.metrics.matmul_flops, 4 * 4 * 40 * 40 * 20);
+    }
+
+    #[test]
+    fn fp32_with_head_dim_not_a_multiple_of_four_runs_the_math_path() {
+        // Measured on an H200 (verify-d6-fp32): d = 6, H = 4, B = 1, S = 40, fp32: the
+        // layer's matmuls were 2,119,920 FLOPs (3 bmm incl. the rotary table), its
+        // elementwise FLOPs 48,000 without `isneginf`, which costs 1 per score (6,400).
+        let w = Workload::prefill(1, 40)
+            .unwrap()
+            .with_dtype(Dtype::F32)
+            .unwrap();
+        let c = sdpa_cost(&small(6, 4, 4), &w);
+        assert_eq!(c.metrics.matmul_flops, 2_119_920);
+        assert_eq!(c.metrics.elementwise_flops, 48_000 + 6_400);
+        assert_eq!(c.metrics.tensor_core_flops, 0, "fp32 math path, TF32 off");
+        let core = c.child(ATTENTION_CORE_ROLE).unwrap();
+        assert!(core
+            .ops()
+            .iter()
+            .all(|o| !o.op.is_some_and(crate::conventions::is_fused_attention)));
+    }
+
+    #[test]
+    fn fp32_efficient_attention_is_booked_to_tensor_cores() {
+        let w = Workload::prefill(1, 512)
+            .unwrap()
+            .with_dtype(Dtype::F32)
+            .unwrap();
+        let cuda = attention(&w, AttentionImpl::Sdpa);
+        let core = cuda.child(ATTENTION_CORE_ROLE).unwrap();
+        assert_eq!(
+            core.ops()[0].op,
+            Some("aten::_scaled_dot_product_efficient_attention")
+        );
+        assert_eq!(core.metrics.tensor_core_flops, 1_342_177_280);
+        // The same workload on the CPU: its flash kernel, fp32 on CUDA cores.
+        let cpu = attention(&w.on(crate::Platform::Cpu), AttentionImpl::Sdpa);
+        let core = cpu.child(ATTENTION_CORE_ROLE).unwrap();
+        assert_eq!(core.metrics.tensor_core_flops, 0);
+        assert_eq!(core.metrics.matmul_flops, 1_342_177_280);
     }
 }

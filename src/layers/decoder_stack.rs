@@ -15,7 +15,7 @@ use crate::layers::rms_norm::DeepseekV2RMSNorm;
 use crate::layers::vendor_ops::{bytes_of, t};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder, Metrics, METRIC_NAMES};
-use crate::workload::{Phase, Workload};
+use crate::workload::{Phase, Platform, Workload};
 
 /// `DeepseekV2ForCausalLM` for one forward call.
 #[derive(Clone, Debug, PartialEq)]
@@ -93,6 +93,8 @@ pub struct Generation {
     pub new_tokens: u64,
     pub dtype: Dtype,
     pub allow_tf32: bool,
+    /// The backend whose kernels run it.
+    pub platform: Platform,
     pub attention: AttentionImpl,
 }
 
@@ -109,7 +111,9 @@ pub struct GenerationMetrics {
 
 impl Generation {
     fn stack(&self, phase: Phase) -> Result<Metrics> {
-        let workload = Workload::new(self.batch, phase, self.dtype)?.with_tf32(self.allow_tf32);
+        let workload = Workload::new(self.batch, phase, self.dtype)?
+            .with_tf32(self.allow_tf32)
+            .on(self.platform);
         DeepseekV2Decoder::new(&self.config, &workload, self.attention).metrics()
     }
 
@@ -223,6 +227,7 @@ mod tests {
             new_tokens: 3,
             dtype: Dtype::Bf16,
             allow_tf32: false,
+            platform: Platform::Cuda,
             attention: AttentionImpl::Sdpa,
         };
         let m = g.metrics().unwrap();
@@ -258,6 +263,7 @@ mod tests {
             new_tokens: u64::MAX,
             dtype: Dtype::Bf16,
             allow_tf32: false,
+            platform: Platform::Cuda,
             attention: AttentionImpl::Sdpa,
         };
         assert!(g.metrics().unwrap_err().to_string().contains("overflows"));

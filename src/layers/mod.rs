@@ -14,6 +14,7 @@ mod moe;
 mod moe_gate;
 mod rms_norm;
 mod rotary_embedding;
+mod sdpa_kernel;
 mod vendor_ops;
 
 pub use attention::{AttentionImpl, LlamaAttention, ATTENTION_CORE_ROLE};
@@ -24,6 +25,7 @@ pub use moe::DeepseekV2MoE;
 pub use moe_gate::MoEGate;
 pub use rms_norm::DeepseekV2RMSNorm;
 pub use rotary_embedding::LlamaRotaryEmbedding;
+pub use sdpa_kernel::SdpaKernel;
 
 use crate::error::Result;
 use crate::metrics::{Cost, Metrics};

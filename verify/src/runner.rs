@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
-use modelmeter::conventions::convention;
+use modelmeter::conventions::{convention, is_fused_attention};
 use modelmeter::layers::{AttentionImpl, ATTENTION_CORE_ROLE};
 use modelmeter::{Cost, ModelConfig, Phase, Workload};
 use modelmeter_reference::harness::{run_layer, LayerKind, LayerRun};
@@ -282,6 +282,9 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) ->
             tolerance,
         ),
     ];
+    if let Some(row) = attention_kernel_row(analytic, run) {
+        metrics.push(row);
+    }
     if !c.is_complete() {
         let unknown: usize = c.unknown_ops.values().sum::<usize>() + c.errors.len();
         let mut what: Vec<String> = c.unknown_ops.keys().cloned().collect();
@@ -312,6 +315,43 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) ->
             .map(|t| t.iter().filter(|n| **n > 0).count()),
         seconds: 0.0,
     }
+}
+
+/// A failing `attention_kernel` row when the fused attention kernel the analytic model
+/// predicts (from the platform, dtype and head dim) is not the one libtorch ran; `None`
+/// when they agree (also when neither ran one: eager, or the math path).
+fn attention_kernel_row(analytic: &Cost, run: &LayerRun) -> Option<MetricRow> {
+    let mut predicted: Vec<String> = analytic
+        .ops()
+        .into_iter()
+        .filter_map(|c| c.op)
+        .filter(|op| is_fused_attention(op))
+        .map(str::to_string)
+        .collect();
+    predicted.dedup();
+    let ran = run.counts.attention_kernels();
+    if predicted == ran {
+        return None;
+    }
+    let describe = |names: &[String]| {
+        if names.is_empty() {
+            "no fused kernel (the math path or eager ops)".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    Some(MetricRow {
+        metric: "attention_kernel",
+        analytic: predicted.len() as u64,
+        measured: ran.len() as u64,
+        rel_diff: None,
+        status: Status::Fail,
+        note: Some(format!(
+            "the analytic model predicts {}, libtorch ran {}: the kernel choice (SdpaKernel::select) is wrong for this platform, dtype and head dim",
+            describe(&predicted),
+            describe(&ran)
+        )),
+    })
 }
 
 /// The environment variable of the test hook that perturbs analytic values.
@@ -380,7 +420,9 @@ pub fn memory_estimate(plan: &Plan) -> Result<(u64, String), String> {
             },
             plan.workload.dtype,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_tf32(plan.workload.allow_tf32)
+        .on(plan.workload.platform);
         workloads.push(prefill);
     }
     for kind in &plan.layers {
@@ -418,6 +460,69 @@ mod tests {
             s.line("layers"),
             "3 layers: 1 pass, 1 known_gap, 1 fail, 0 error"
         );
+    }
+
+    /// A measured run whose only counted op is the attention kernel `kernel`.
+    fn run_with_kernel(kernel: &str) -> LayerRun {
+        use modelmeter_reference::counter::{Booking, Counts, OpRecord};
+        let record = OpRecord {
+            name: kernel.to_string(),
+            thread: 1,
+            backward: false,
+            device: None,
+            shapes: Vec::new(),
+            dtypes: Vec::new(),
+            matmul_flops: 0,
+            elementwise_flops: 0,
+            flop_counter_mode_flops: 0,
+            tensor_core_flops: 0,
+            cuda_core_flops: 0,
+            engine: Booking::None,
+        };
+        LayerRun {
+            kind: LayerKind::Attention,
+            name: "LlamaFlashAttention2".into(),
+            output: tch::Tensor::from(0.0f32),
+            counts: Counts {
+                records: vec![record],
+                ..Counts::default()
+            },
+            weight_bytes: 0,
+            tokens_per_expert: None,
+        }
+    }
+
+    #[test]
+    fn a_wrong_kernel_prediction_is_a_failing_row_that_names_both() {
+        let config = ModelConfig::deepseek_ocr();
+        let cost = |platform| {
+            let w = Workload::prefill(1, 16).unwrap().on(platform);
+            LayerKind::Attention
+                .analytic(&config, &w, AttentionImpl::Sdpa)
+                .unwrap()
+                .cost()
+                .unwrap()
+        };
+        let cpu_kernel = run_with_kernel("aten::_scaled_dot_product_flash_attention_for_cpu");
+        assert!(attention_kernel_row(&cost(modelmeter::Platform::Cpu), &cpu_kernel).is_none());
+        // The CUDA model predicts cuDNN for bf16, d = 128; the CPU kernel ran instead.
+        let row = attention_kernel_row(&cost(modelmeter::Platform::Cuda), &cpu_kernel).unwrap();
+        assert_eq!(row.status, Status::Fail);
+        let note = row.note.unwrap();
+        assert!(
+            note.contains("aten::_scaled_dot_product_cudnn_attention")
+                && note.contains("aten::_scaled_dot_product_flash_attention_for_cpu"),
+            "{note}"
+        );
+        // Eager: no fused kernel on either side.
+        let w = Workload::prefill(1, 16).unwrap();
+        let eager = LayerKind::Attention
+            .analytic(&config, &w, AttentionImpl::Eager)
+            .unwrap()
+            .cost()
+            .unwrap();
+        let bmm = run_with_kernel("aten::bmm");
+        assert!(attention_kernel_row(&eager, &bmm).is_none());
     }
 
     #[test]

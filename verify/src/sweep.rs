@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use modelmeter::layers::AttentionImpl;
-use modelmeter::{Dtype, ModelConfig, Phase, Workload};
+use modelmeter::{ModelConfig, Phase, Workload};
 
 /// splitmix64: a tiny, seedable, dependency-free generator.
 #[derive(Clone, Debug)]
@@ -44,10 +44,22 @@ pub struct SweepCase {
     pub attention: AttentionImpl,
 }
 
-/// Case `index` of the sweep with `seed`: the same (seed, index) always gives the same case.
-pub fn generate(seed: u64, index: usize, dtype: Dtype, allow_tf32: bool) -> SweepCase {
+/// Head dims a sweep draws from half of the time (else 64 or 128): ones that CUDA
+/// attention kernels treat specially: d % 8 != 0 (cuDNN refuses, flash pads), d % 4 != 0
+/// (fp32 memory-efficient attention refuses: the math path runs), d > 128.
+pub const UNUSUAL_HEAD_DIMS: [u64; 8] = [6, 20, 36, 40, 96, 160, 192, 256];
+
+/// Case `index` of the sweep with `seed`: the same (seed, index) always gives the same
+/// case. `base` gives the dtype, the TF32 setting and the platform of every case.
+pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
     let mut r = Rng::new(seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f));
-    let head_dim = if r.chance(2) { 64 } else { 128 };
+    let head_dim = if r.chance(2) {
+        UNUSUAL_HEAD_DIMS[r.range(0, UNUSUAL_HEAD_DIMS.len() as u64 - 1) as usize]
+    } else if r.chance(2) {
+        64
+    } else {
+        128
+    };
     let heads = r.range(1, 8);
     let divisors: Vec<u64> = (1..=heads).filter(|d| heads % d == 0).collect();
     let kv_heads = divisors[r.range(0, divisors.len() as u64 - 1) as usize];
@@ -90,9 +102,10 @@ pub fn generate(seed: u64, index: usize, dtype: Dtype, allow_tf32: bool) -> Swee
             context_len: r.range(1, 48),
         }
     };
-    let workload = Workload::new(batch, phase, dtype)
+    let workload = Workload::new(batch, phase, base.dtype)
         .expect("generated workloads are valid")
-        .with_tf32(allow_tf32);
+        .with_tf32(base.allow_tf32)
+        .on(base.platform);
     let attention = if r.chance(2) {
         AttentionImpl::Sdpa
     } else {
@@ -142,12 +155,17 @@ pub fn replay_command(
 mod tests {
     use super::*;
 
+    fn fp32() -> Workload {
+        Workload::prefill(1, 1)
+            .unwrap()
+            .with_dtype(modelmeter::Dtype::F32)
+            .unwrap()
+    }
+
     #[test]
     fn cases_are_valid_varied_and_reproducible() {
-        let cases: Vec<SweepCase> = (0..200)
-            .map(|i| generate(7, i, Dtype::F32, false))
-            .collect();
-        let again = generate(7, 13, Dtype::F32, false);
+        let cases: Vec<SweepCase> = (0..200).map(|i| generate(7, i, &fp32())).collect();
+        let again = generate(7, 13, &fp32());
         assert_eq!(again.config, cases[13].config);
         assert_eq!(again.workload, cases[13].workload);
         assert!(cases
@@ -164,15 +182,21 @@ mod tests {
                 vec![modelmeter::MlpKind::Dense, modelmeter::MlpKind::Moe]
             );
         }
-        assert_ne!(
-            generate(8, 13, Dtype::F32, false).config_json,
-            cases[13].config_json
-        );
+        assert_ne!(generate(8, 13, &fp32()).config_json, cases[13].config_json);
+        for d in UNUSUAL_HEAD_DIMS.into_iter().chain([64, 128]) {
+            assert!(
+                cases.iter().any(|c| c.config.head_dim == d),
+                "no case with head dim {d}"
+            );
+        }
+        assert!(cases
+            .iter()
+            .all(|c| c.workload.dtype == modelmeter::Dtype::F32));
     }
 
     #[test]
     fn replay_uses_plain_options() {
-        let c = generate(1, 0, Dtype::F32, false);
+        let c = generate(1, 0, &fp32());
         let cmd = replay_command(&c, "/tmp/x.json", "cpu", 1, 0.05, &[]);
         assert!(
             cmd.contains("--config /tmp/x.json")

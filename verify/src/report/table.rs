@@ -9,7 +9,7 @@ use crate::runner::LayerResult;
 fn value(metric: &str, v: u64) -> String {
     match metric {
         "weight_bytes" => units::bytes(v),
-        "uncounted_ops" => v.to_string(),
+        "uncounted_ops" | "attention_kernel" => v.to_string(),
         _ => units::flops(v),
     }
 }

@@ -1,0 +1,151 @@
+//! Which kernel `scaled_dot_product_attention` dispatches to, as libtorch 2.11 decides it
+//! for the inputs the DeepSeek-V2 attention passes (contiguous `[B, H, S, d]` q, k, v
+//! after `repeat_kv`, no explicit mask, causal in prefill, no dropout, no grad).
+//!
+//! The choice changes what executes: the CUDA flash kernel pads the head dim to a
+//! multiple of 8 (so its FLOPs are those of the padded d), and where no fused kernel
+//! accepts the inputs the math path runs op by op.
+//!
+//! The CUDA rules are those of libtorch 2.11 on Hopper (sm90: H100, H200) with cuDNN ≥
+//! 9.10 (torch 2.11.0+cu130 ships 9.19), from `sdp_utils.cpp` (`check_cudnn_tensor_shapes`:
+//! d % 8 == 0, d ≤ 256 on sm90, S_kv ≠ 1) and checked on an NVIDIA H200
+//! (docs/results/2026-11-27-h200): bf16/fp16 with d ∈ {40, 64, 96, 128, 160, 192, 256}
+//! ran cuDNN, with d ∈ {6, 20, 36} or S_kv = 1 the flash kernel (padded inputs); fp32
+//! with d % 4 == 0 (20 … 256) ran the memory-efficient kernel, with d = 6 the math path.
+//! On the CPU the CPU flash kernel ran for every head dim. Head dims above 256 are
+//! predicted but were never run. `verify-decoder` checks each prediction against the
+//! kernel that ran and fails the layer when they differ.
+
+use serde::Serialize;
+
+use crate::dtype::Dtype;
+use crate::workload::Platform;
+
+/// A kernel behind `scaled_dot_product_attention`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SdpaKernel {
+    /// `_scaled_dot_product_flash_attention_for_cpu`: any head dim.
+    CpuFlash,
+    /// `_scaled_dot_product_cudnn_attention`: bf16/fp16, d % 8 == 0, d ≤ 256, S_kv > 1.
+    Cudnn,
+    /// `_scaled_dot_product_flash_attention`: bf16/fp16 that cuDNN refuses, d ≤ 256; q, k
+    /// and v are padded to a multiple of 8 first (`aten::pad` → `constant_pad_nd`) and
+    /// the output sliced.
+    Flash,
+    /// `_scaled_dot_product_efficient_attention`: fp32 with d % 4 == 0 (cuDNN and flash
+    /// take no fp32), and (never run here) bf16/fp16 with d > 256, d % 8 == 0.
+    Efficient,
+    /// `_scaled_dot_product_attention_math`: no fused kernel accepts the inputs; it runs
+    /// as scale, `bmm`, mask add, `_safe_softmax`, `bmm`.
+    Math,
+}
+
+impl SdpaKernel {
+    /// The kernel libtorch picks on `platform` for `dtype`, head dim `d` and `key_len`
+    /// keys per query.
+    pub fn select(platform: Platform, dtype: Dtype, head_dim: u64, key_len: u64) -> SdpaKernel {
+        match (platform, dtype) {
+            (Platform::Cpu, _) => SdpaKernel::CpuFlash,
+            (Platform::Cuda, Dtype::Bf16 | Dtype::F16) => {
+                if head_dim % 8 == 0 && head_dim <= 256 && key_len != 1 {
+                    SdpaKernel::Cudnn
+                } else if head_dim <= 256 {
+                    SdpaKernel::Flash
+                } else if head_dim % 8 == 0 {
+                    SdpaKernel::Efficient
+                } else {
+                    SdpaKernel::Math
+                }
+            }
+            (Platform::Cuda, _) => {
+                if head_dim % 4 == 0 {
+                    SdpaKernel::Efficient
+                } else {
+                    SdpaKernel::Math
+                }
+            }
+        }
+    }
+
+    /// The ATen op of the fused kernel (`None` for the math path, which is composite).
+    pub fn op(self) -> Option<&'static str> {
+        match self {
+            SdpaKernel::CpuFlash => Some("aten::_scaled_dot_product_flash_attention_for_cpu"),
+            SdpaKernel::Cudnn => Some("aten::_scaled_dot_product_cudnn_attention"),
+            SdpaKernel::Flash => Some("aten::_scaled_dot_product_flash_attention"),
+            SdpaKernel::Efficient => Some("aten::_scaled_dot_product_efficient_attention"),
+            SdpaKernel::Math => None,
+        }
+    }
+
+    /// The head dim the kernel computes with: flash pads d to a multiple of 8.
+    pub fn computed_head_dim(self, head_dim: u64) -> u64 {
+        match self {
+            SdpaKernel::Flash => head_dim.div_ceil(8) * 8,
+            _ => head_dim,
+        }
+    }
+
+    /// How reports name it: the op, or `math` for the math path.
+    pub fn label(self) -> &'static str {
+        self.op()
+            .unwrap_or("aten::_scaled_dot_product_attention_math")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_always_runs_its_flash_kernel() {
+        for d in [6, 20, 64, 128, 300] {
+            for dtype in [Dtype::F32, Dtype::Bf16] {
+                assert_eq!(
+                    SdpaKernel::select(Platform::Cpu, dtype, d, 1),
+                    SdpaKernel::CpuFlash
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cuda_choices_follow_what_an_h200_ran() {
+        use SdpaKernel::*;
+        let cuda = |dtype, d| SdpaKernel::select(Platform::Cuda, dtype, d, 40);
+        assert_eq!(cuda(Dtype::Bf16, 128), Cudnn);
+        assert_eq!(cuda(Dtype::F16, 128), Cudnn);
+        for d in [40, 64, 96, 160, 192, 256] {
+            assert_eq!(cuda(Dtype::Bf16, d), Cudnn, "d = {d}");
+        }
+        // cuDNN takes no single key: a one-token prefill ran flash.
+        assert_eq!(
+            SdpaKernel::select(Platform::Cuda, Dtype::Bf16, 128, 1),
+            Flash
+        );
+        assert_eq!(
+            SdpaKernel::select(Platform::Cuda, Dtype::Bf16, 128, 2),
+            Cudnn
+        );
+        for d in [160, 256] {
+            assert_eq!(cuda(Dtype::F32, d), Efficient, "d = {d}");
+        }
+        assert_eq!(cuda(Dtype::Bf16, 20), Flash);
+        assert_eq!(cuda(Dtype::Bf16, 36), Flash);
+        assert_eq!(cuda(Dtype::Bf16, 6), Flash);
+        assert_eq!(cuda(Dtype::F32, 128), Efficient);
+        assert_eq!(cuda(Dtype::F32, 20), Efficient);
+        assert_eq!(cuda(Dtype::F32, 36), Efficient);
+        assert_eq!(cuda(Dtype::F32, 6), Math);
+    }
+
+    #[test]
+    fn flash_pads_to_a_multiple_of_eight() {
+        assert_eq!(SdpaKernel::Flash.computed_head_dim(6), 8);
+        assert_eq!(SdpaKernel::Flash.computed_head_dim(20), 24);
+        assert_eq!(SdpaKernel::Flash.computed_head_dim(24), 24);
+        assert_eq!(SdpaKernel::Cudnn.computed_head_dim(20), 20);
+        assert_eq!(SdpaKernel::Math.op(), None);
+    }
+}
