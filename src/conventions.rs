@@ -32,6 +32,7 @@
 //!   elementwise work run on CUDA cores.
 //! - In-place variants (`aten::mul_`) follow the rule of their op (`aten::mul`).
 
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -570,8 +571,10 @@ pub fn is_fused_attention(op: &str) -> bool {
     })
 }
 
-/// What one op call costs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// FLOP counts in both views (by op class, by engine) plus what `FlopCounterMode` sees:
+/// what one op call costs, and the one struct every sum of counted ops uses (the
+/// counter's totals, its op records and per-op summaries).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct OpCost {
     /// GEMM-like FLOPs (the extended counter: registry ops and the CPU SDPA kernel).
     pub matmul_flops: u64,
@@ -579,8 +582,34 @@ pub struct OpCost {
     pub elementwise_flops: u64,
     /// What `FlopCounterMode` counts for this op (0 for ops outside its registry).
     pub flop_counter_mode_flops: u64,
+    /// FLOPs on tensor cores.
     pub tensor_core_flops: u64,
+    /// FLOPs on CUDA cores.
     pub cuda_core_flops: u64,
+}
+
+impl OpCost {
+    /// Field-wise sum; `None` when any field overflows 64 bits.
+    pub fn checked_add(&self, other: &OpCost) -> Option<OpCost> {
+        Some(OpCost {
+            matmul_flops: self.matmul_flops.checked_add(other.matmul_flops)?,
+            elementwise_flops: self
+                .elementwise_flops
+                .checked_add(other.elementwise_flops)?,
+            flop_counter_mode_flops: self
+                .flop_counter_mode_flops
+                .checked_add(other.flop_counter_mode_flops)?,
+            tensor_core_flops: self
+                .tensor_core_flops
+                .checked_add(other.tensor_core_flops)?,
+            cuda_core_flops: self.cuda_core_flops.checked_add(other.cuda_core_flops)?,
+        })
+    }
+
+    /// All FLOPs (`matmul + elementwise`), saturating.
+    pub fn total(&self) -> u64 {
+        self.matmul_flops.saturating_add(self.elementwise_flops)
+    }
 }
 
 impl OpConvention {

@@ -36,5 +36,5 @@ pub mod workload;
 pub use config::{MlpKind, ModelConfig, MoeConfig};
 pub use dtype::Dtype;
 pub use error::{Error, Result};
-pub use metrics::{Cost, Metrics};
+pub use metrics::{Cost, Metric, Metrics, Unit};
 pub use workload::{Phase, Platform, Profile, Workload};

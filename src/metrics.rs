@@ -32,17 +32,97 @@ pub struct Metrics {
     pub kv_cache_bytes: u64,
 }
 
-/// The names of the metric fields, in report order.
-pub const METRIC_NAMES: [&str; 8] = [
-    "matmul_flops",
-    "elementwise_flops",
-    "tensor_core_flops",
-    "cuda_core_flops",
-    "io_bytes",
-    "weight_bytes",
-    "activation_bytes",
-    "kv_cache_bytes",
-];
+/// The unit a metric counts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    /// Floating-point operations (2 per multiply-accumulate).
+    Flop,
+    /// Bytes.
+    Byte,
+}
+
+/// One metric of [`Metrics`]: its name, its unit and where it lives. Code that lists,
+/// compares or prints metrics iterates [`Metric::ALL`] instead of naming fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    MatmulFlops,
+    ElementwiseFlops,
+    TensorCoreFlops,
+    CudaCoreFlops,
+    IoBytes,
+    WeightBytes,
+    ActivationBytes,
+    KvCacheBytes,
+}
+
+impl Metric {
+    /// Every metric, in report order.
+    pub const ALL: [Metric; 8] = [
+        Metric::MatmulFlops,
+        Metric::ElementwiseFlops,
+        Metric::TensorCoreFlops,
+        Metric::CudaCoreFlops,
+        Metric::IoBytes,
+        Metric::WeightBytes,
+        Metric::ActivationBytes,
+        Metric::KvCacheBytes,
+    ];
+
+    /// The field name, as reports spell it (`matmul_flops`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::MatmulFlops => "matmul_flops",
+            Metric::ElementwiseFlops => "elementwise_flops",
+            Metric::TensorCoreFlops => "tensor_core_flops",
+            Metric::CudaCoreFlops => "cuda_core_flops",
+            Metric::IoBytes => "io_bytes",
+            Metric::WeightBytes => "weight_bytes",
+            Metric::ActivationBytes => "activation_bytes",
+            Metric::KvCacheBytes => "kv_cache_bytes",
+        }
+    }
+
+    /// The metric called `name`, if any.
+    pub fn parse(name: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// What it counts.
+    pub fn unit(self) -> Unit {
+        match self {
+            Metric::MatmulFlops
+            | Metric::ElementwiseFlops
+            | Metric::TensorCoreFlops
+            | Metric::CudaCoreFlops => Unit::Flop,
+            _ => Unit::Byte,
+        }
+    }
+
+    /// Its value in `m`.
+    pub fn get(self, m: &Metrics) -> u64 {
+        *self.field(&mut m.clone())
+    }
+
+    /// Sets its value in `m`.
+    pub fn set(self, m: &mut Metrics, value: u64) {
+        *self.field(m) = value;
+    }
+
+    fn field(self, m: &mut Metrics) -> &mut u64 {
+        match self {
+            Metric::MatmulFlops => &mut m.matmul_flops,
+            Metric::ElementwiseFlops => &mut m.elementwise_flops,
+            Metric::TensorCoreFlops => &mut m.tensor_core_flops,
+            Metric::CudaCoreFlops => &mut m.cuda_core_flops,
+            Metric::IoBytes => &mut m.io_bytes,
+            Metric::WeightBytes => &mut m.weight_bytes,
+            Metric::ActivationBytes => &mut m.activation_bytes,
+            Metric::KvCacheBytes => &mut m.kv_cache_bytes,
+        }
+    }
+}
 
 impl Metrics {
     /// All FLOPs of the call.
@@ -50,69 +130,19 @@ impl Metrics {
         sum("total FLOPs", &[self.matmul_flops, self.elementwise_flops])
     }
 
-    /// The value of the metric called `name` (one of [`METRIC_NAMES`]).
-    pub fn get(&self, name: &str) -> Option<u64> {
-        Some(match name {
-            "matmul_flops" => self.matmul_flops,
-            "elementwise_flops" => self.elementwise_flops,
-            "tensor_core_flops" => self.tensor_core_flops,
-            "cuda_core_flops" => self.cuda_core_flops,
-            "io_bytes" => self.io_bytes,
-            "weight_bytes" => self.weight_bytes,
-            "activation_bytes" => self.activation_bytes,
-            "kv_cache_bytes" => self.kv_cache_bytes,
-            _ => return None,
-        })
-    }
-
-    /// Sets the metric called `name` (one of [`METRIC_NAMES`]); other names are ignored.
-    pub fn set(&mut self, name: &str, value: u64) {
-        let field = match name {
-            "matmul_flops" => &mut self.matmul_flops,
-            "elementwise_flops" => &mut self.elementwise_flops,
-            "tensor_core_flops" => &mut self.tensor_core_flops,
-            "cuda_core_flops" => &mut self.cuda_core_flops,
-            "io_bytes" => &mut self.io_bytes,
-            "weight_bytes" => &mut self.weight_bytes,
-            "activation_bytes" => &mut self.activation_bytes,
-            "kv_cache_bytes" => &mut self.kv_cache_bytes,
-            _ => return,
-        };
-        *field = value;
-    }
-
     /// Field-wise checked sum.
     pub fn checked_add(&self, other: &Metrics) -> Result<Metrics> {
-        let add = |what: &str, a: u64, b: u64| {
-            a.checked_add(b)
-                .ok_or_else(|| Error::overflow(format!("{what} of a composite layer")))
-        };
-        Ok(Metrics {
-            matmul_flops: add("matmul_flops", self.matmul_flops, other.matmul_flops)?,
-            elementwise_flops: add(
-                "elementwise_flops",
-                self.elementwise_flops,
-                other.elementwise_flops,
-            )?,
-            tensor_core_flops: add(
-                "tensor_core_flops",
-                self.tensor_core_flops,
-                other.tensor_core_flops,
-            )?,
-            cuda_core_flops: add(
-                "cuda_core_flops",
-                self.cuda_core_flops,
-                other.cuda_core_flops,
-            )?,
-            io_bytes: add("io_bytes", self.io_bytes, other.io_bytes)?,
-            weight_bytes: add("weight_bytes", self.weight_bytes, other.weight_bytes)?,
-            activation_bytes: add(
-                "activation_bytes",
-                self.activation_bytes,
-                other.activation_bytes,
-            )?,
-            kv_cache_bytes: add("kv_cache_bytes", self.kv_cache_bytes, other.kv_cache_bytes)?,
-        })
+        let mut out = Metrics::default();
+        for metric in Metric::ALL {
+            let value = metric
+                .get(self)
+                .checked_add(metric.get(other))
+                .ok_or_else(|| {
+                    Error::overflow(format!("{} of a composite layer", metric.name()))
+                })?;
+            metric.set(&mut out, value);
+        }
+        Ok(out)
     }
 }
 

@@ -3,13 +3,10 @@
 
 use serde_json::{json, Value};
 
-use crate::config::{MlpKind, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::GenerationMetrics;
-use crate::layers::{
-    AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MLP, DeepseekV2MoE,
-    DeepseekV2RMSNorm, Generation, Layer, LlamaAttention, MoEGate,
-};
+use crate::layers::{layers_of, AttentionImpl, DeepseekV2Decoder, Generation, Layer};
 use crate::metrics::{Cost, Metrics};
 use crate::units;
 use crate::workload::{Phase, Workload};
@@ -31,31 +28,6 @@ pub struct AnalyzeReport {
     pub generation: Option<(u64, GenerationMetrics)>,
 }
 
-/// The analytic layers of `config` for `workload`, in report order.
-pub fn layers(
-    config: &ModelConfig,
-    workload: &Workload,
-    attention: AttentionImpl,
-) -> Result<Vec<Box<dyn Layer>>> {
-    let mut out: Vec<Box<dyn Layer>> = vec![
-        Box::new(DeepseekV2RMSNorm::new(config, workload)),
-        Box::new(DeepseekV2MLP::new(config, workload)),
-    ];
-    if config.moe.is_some() {
-        out.push(Box::new(MoEGate::new(config, workload)?));
-        out.push(Box::new(DeepseekV2MoE::new(config, workload)?));
-    }
-    out.push(Box::new(LlamaAttention::new(config, workload, attention)));
-    for kind in [MlpKind::Dense, MlpKind::Moe] {
-        if let Some(index) = config.first_layer_of(kind) {
-            out.push(Box::new(DeepseekV2DecoderLayer::new(
-                config, workload, index, attention,
-            )?));
-        }
-    }
-    Ok(out)
-}
-
 /// Builds the report; `new_tokens` adds a generation summary (prefill workloads only).
 pub fn analyze(
     config: &ModelConfig,
@@ -63,7 +35,7 @@ pub fn analyze(
     attention: AttentionImpl,
     new_tokens: Option<u64>,
 ) -> Result<AnalyzeReport> {
-    let costs = layers(config, workload, attention)?
+    let costs = layers_of(config, workload, attention)?
         .iter()
         .map(|l| l.cost())
         .collect::<Result<Vec<_>>>()?;
@@ -197,6 +169,7 @@ fn breakdown(c: &Cost, level: usize, depth: usize, rows: &mut Vec<Vec<String>>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MlpKind;
 
     #[test]
     fn json_names_every_layer_and_keeps_integers_exact() {

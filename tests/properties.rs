@@ -111,7 +111,7 @@ fn workload(batch: u64, phase: Phase, dtype: Dtype) -> Workload {
 }
 
 fn all_layers(c: &ModelConfig, w: &Workload, attn: AttentionImpl) -> Vec<Cost> {
-    let mut out: Vec<Cost> = modelmeter::report::layers(c, w, attn)
+    let mut out: Vec<Cost> = modelmeter::layers::layers_of(c, w, attn)
         .unwrap()
         .iter()
         .map(|l| l.cost().unwrap())
@@ -342,7 +342,7 @@ fn huge_sizes_are_errors_not_panics() {
     )
     .unwrap();
     let w = Workload::prefill(1u64 << 20, 1u64 << 20).unwrap();
-    for layer in modelmeter::report::layers(&c, &w, AttentionImpl::Sdpa).unwrap() {
+    for layer in modelmeter::layers::layers_of(&c, &w, AttentionImpl::Sdpa).unwrap() {
         let e = layer.metrics().unwrap_err();
         assert!(e.to_string().contains("overflows"), "{}: {e}", layer.name());
     }

@@ -8,7 +8,7 @@
 //! let region = FlopCounter::start()?;
 //! let _c = a.f_mm(&a.f_transpose(0, 1)?)?;
 //! let counts = region.finish()?;
-//! assert_eq!(counts.matmul_flops, 2 * 64 * 32 * 64);
+//! assert_eq!(counts.flops.matmul_flops, 2 * 64 * 32 * 64);
 //! # Ok(()) }
 //! ```
 //!
@@ -115,28 +115,23 @@ pub struct OpRecord {
     pub shapes: Vec<Vec<u64>>,
     /// Dtypes of the tensor arguments, in order.
     pub dtypes: Vec<Dtype>,
-    pub matmul_flops: u64,
-    pub elementwise_flops: u64,
-    /// Its FLOPs by `FlopCounterMode`'s registry formula (0 outside the registry). For a
-    /// direct call of the inner `[B, S, H, D]` attention kernels this is the correct
-    /// count; FlopCounterMode itself misreads their layout (docs/conventions.md).
-    pub flop_counter_mode_flops: u64,
-    pub tensor_core_flops: u64,
-    pub cuda_core_flops: u64,
+    /// Its FLOPs. `flop_counter_mode_flops` is by FlopCounterMode's registry formula (0
+    /// outside the registry); for a direct call of the inner `[B, S, H, D]` attention
+    /// kernels this is the correct count, which FlopCounterMode itself misreads
+    /// (docs/conventions.md).
+    #[serde(flatten)]
+    pub flops: OpCost,
     pub engine: Booking,
 }
 
 /// Totals and records of one counted region.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Counts {
-    /// GEMM-like FLOPs: FlopCounterMode's registry ops plus the CPU SDPA kernel.
-    pub matmul_flops: u64,
-    /// Elementwise, reduction, softmax and top-k FLOPs (conventions table).
-    pub elementwise_flops: u64,
-    /// The `FlopCounterMode`-compatible total: registry ops only, matmul FLOPs only.
-    pub flop_counter_mode_flops: u64,
-    pub tensor_core_flops: u64,
-    pub cuda_core_flops: u64,
+    /// The totals: `matmul_flops` are FlopCounterMode's registry ops plus the CPU SDPA
+    /// kernel; `flop_counter_mode_flops` the FlopCounterMode-compatible total (registry
+    /// ops only, matmul FLOPs only); elementwise work under the conventions table.
+    #[serde(flatten)]
+    pub flops: OpCost,
     /// Whether libtorch allowed TF32 for fp32 matmuls (it picks their engine).
     pub tf32_allowed: bool,
     /// Whether libtorch allowed TF32 for fp32 cuDNN convolutions (PyTorch's default).
@@ -219,28 +214,12 @@ impl Counts {
         if cost == OpCost::default() {
             return; // zero-cost copies and views are not worth a record
         }
-        let totals = [
-            (&mut self.matmul_flops, cost.matmul_flops),
-            (&mut self.elementwise_flops, cost.elementwise_flops),
-            (
-                &mut self.flop_counter_mode_flops,
-                cost.flop_counter_mode_flops,
-            ),
-            (&mut self.tensor_core_flops, cost.tensor_core_flops),
-            (&mut self.cuda_core_flops, cost.cuda_core_flops),
-        ];
-        let mut overflow = false;
-        for (total, v) in totals {
-            match total.checked_add(v) {
-                Some(t) => *total = t,
-                None => overflow = true,
-            }
-        }
-        if overflow {
-            self.errors.push(format!(
+        match self.flops.checked_add(&cost) {
+            Some(total) => self.flops = total,
+            None => self.errors.push(format!(
                 "{}: the counted totals overflow 64-bit integers",
                 event.name
-            ));
+            )),
         }
         let (shapes, dtypes) = event
             .args
@@ -263,18 +242,14 @@ impl Counts {
             device: event.device.clone(),
             shapes,
             dtypes,
-            matmul_flops: cost.matmul_flops,
-            elementwise_flops: cost.elementwise_flops,
-            flop_counter_mode_flops: cost.flop_counter_mode_flops,
-            tensor_core_flops: cost.tensor_core_flops,
-            cuda_core_flops: cost.cuda_core_flops,
+            flops: cost,
             engine,
         });
     }
 
     /// All counted FLOPs.
     pub fn total_flops(&self) -> u64 {
-        self.matmul_flops.saturating_add(self.elementwise_flops)
+        self.flops.total()
     }
 
     /// True when every op had a rule and nothing failed: the totals are complete.
@@ -290,15 +265,15 @@ impl Counts {
                 name: r.name.clone(),
                 ..OpSummary::default()
             });
-            // A display summary: the totals above already report any overflow.
             s.calls += 1;
-            s.matmul_flops = s.matmul_flops.saturating_add(r.matmul_flops);
-            s.elementwise_flops = s.elementwise_flops.saturating_add(r.elementwise_flops);
-            s.flop_counter_mode_flops = s
-                .flop_counter_mode_flops
-                .saturating_add(r.flop_counter_mode_flops);
-            s.tensor_core_flops = s.tensor_core_flops.saturating_add(r.tensor_core_flops);
-            s.cuda_core_flops = s.cuda_core_flops.saturating_add(r.cuda_core_flops);
+            // The region's totals report any overflow; a summary saturates at the top.
+            s.flops = s.flops.checked_add(&r.flops).unwrap_or(OpCost {
+                matmul_flops: u64::MAX,
+                elementwise_flops: u64::MAX,
+                flop_counter_mode_flops: u64::MAX,
+                tensor_core_flops: u64::MAX,
+                cuda_core_flops: u64::MAX,
+            });
             for d in &r.dtypes {
                 if !s.dtypes.contains(d) {
                     s.dtypes.push(*d);
@@ -331,11 +306,8 @@ impl Counts {
 pub struct OpSummary {
     pub name: String,
     pub calls: usize,
-    pub matmul_flops: u64,
-    pub elementwise_flops: u64,
-    pub flop_counter_mode_flops: u64,
-    pub tensor_core_flops: u64,
-    pub cuda_core_flops: u64,
+    #[serde(flatten)]
+    pub flops: OpCost,
     pub dtypes: Vec<Dtype>,
     pub devices: Vec<String>,
 }
@@ -361,8 +333,8 @@ mod tests {
              1\t3\tF\taten::mm\tTFloat@cpu[10,16];TFloat@cpu[16,32]\n\
              1\t2\tF\taten::_unsafe_view\tTFloat@cpu[10,32];I[2,5,32]\n",
         );
-        assert_eq!(c.matmul_flops, 10240);
-        assert_eq!(c.flop_counter_mode_flops, 10240);
+        assert_eq!(c.flops.matmul_flops, 10240);
+        assert_eq!(c.flops.flop_counter_mode_flops, 10240);
         assert_eq!(c.records.len(), 1);
         assert!(c.is_complete());
     }
@@ -375,7 +347,7 @@ mod tests {
              1\t1\tF\taten::frobnicate\tTFloat@cpu[4]\n\
              1\t0\tF\tprim::Weird\t\n",
         );
-        assert_eq!(c.elementwise_flops, 4);
+        assert_eq!(c.flops.elementwise_flops, 4);
         assert_eq!(c.unknown_ops.get("aten::frobnicate"), Some(&1));
         assert_eq!(c.unknown_ops.get("prim::Weird"), Some(&1));
         assert!(!c.is_complete());

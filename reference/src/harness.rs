@@ -2,8 +2,8 @@
 //! for a config and workload, the forward call under the FLOP counter, and the analytic
 //! layer it is compared with.
 
-use modelmeter::layers::{AttentionImpl, Layer};
-use modelmeter::{MlpKind, ModelConfig, Phase, Workload};
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{Dtype, MlpKind, ModelConfig, Phase, Workload};
 use tch::{Kind, Tensor};
 
 use crate::attention::{KvCache, RefLlamaAttention};
@@ -15,84 +15,44 @@ use crate::moe::RefDeepseekV2MoE;
 use crate::moe_gate::RefMoEGate;
 use crate::observer;
 use crate::rms_norm::RefDeepseekV2RMSNorm;
-use crate::weights::{dim, seeded_normal, Init, Setup};
+use crate::weights::{dim, kind_of, seeded_normal, Init, Setup};
 use crate::Parameters;
 
-/// The layers of the original ModelMeter verification, plus the attention.
+/// The reference modules this crate builds. Which analytic layer each is compared with
+/// is verify's business (verify/src/pairing.rs), not this crate's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LayerKind {
+pub enum ModuleKind {
+    RmsNorm,
     Mlp,
     MoEGate,
     MoE,
-    RmsNorm,
-    DecoderDense,
-    DecoderMoe,
     Attention,
+    /// The decoder layer at this index of the config (dense or MoE as the config says).
+    DecoderLayer(u64),
 }
 
-impl LayerKind {
-    /// In report order.
-    pub const ALL: [LayerKind; 7] = [
-        LayerKind::Mlp,
-        LayerKind::MoEGate,
-        LayerKind::MoE,
-        LayerKind::RmsNorm,
-        LayerKind::DecoderDense,
-        LayerKind::DecoderMoe,
-        LayerKind::Attention,
-    ];
-
-    /// The report name (the vendor class; the attention's depends on the implementation).
-    pub fn name(self, attention: AttentionImpl) -> &'static str {
+impl ModuleKind {
+    /// A short name for messages and parity cases (`decoder_layer[1]`).
+    pub fn label(self) -> String {
         match self {
-            LayerKind::Mlp => "DeepseekV2MLP",
-            LayerKind::MoEGate => "MoEGate",
-            LayerKind::MoE => "DeepseekV2MoE",
-            LayerKind::RmsNorm => "DeepseekV2RMSNorm",
-            LayerKind::DecoderDense => "DeepseekV2DecoderLayer_dense",
-            LayerKind::DecoderMoe => "DeepseekV2DecoderLayer_moe",
-            LayerKind::Attention => attention.class_name(),
+            ModuleKind::RmsNorm => "rms_norm".into(),
+            ModuleKind::Mlp => "mlp".into(),
+            ModuleKind::MoEGate => "moe_gate".into(),
+            ModuleKind::MoE => "moe".into(),
+            ModuleKind::Attention => "attention".into(),
+            ModuleKind::DecoderLayer(i) => format!("decoder_layer[{i}]"),
         }
     }
 
-    /// Parses a report name (either attention class name selects the attention).
-    pub fn parse(name: &str) -> Option<LayerKind> {
-        match name {
-            "LlamaFlashAttention2" | "LlamaAttention" => Some(LayerKind::Attention),
-            _ => LayerKind::ALL
-                .into_iter()
-                .find(|k| k.name(AttentionImpl::Sdpa) == name),
-        }
-    }
-
-    /// The config's layer index this kind runs as (attention and norms: layer 0).
-    pub fn layer_index(self, config: &ModelConfig) -> Option<u64> {
+    /// True for the modules whose routing is reported (tokens per expert).
+    pub fn has_experts(self, config: &ModelConfig) -> bool {
         match self {
-            LayerKind::DecoderDense => config.first_layer_of(MlpKind::Dense),
-            LayerKind::DecoderMoe => config.first_layer_of(MlpKind::Moe),
-            LayerKind::MoEGate | LayerKind::MoE => config.moe.as_ref().map(|_| 0),
-            _ => Some(0),
+            ModuleKind::MoE => true,
+            ModuleKind::DecoderLayer(i) => {
+                config.layer_kinds.get(i as usize) == Some(&MlpKind::Moe)
+            }
+            _ => false,
         }
-    }
-
-    /// The analytic layer this reference layer is compared with.
-    pub fn analytic(
-        self,
-        config: &ModelConfig,
-        workload: &Workload,
-        attention: AttentionImpl,
-    ) -> Result<Box<dyn Layer>> {
-        // The analytic crate decides which layers a config has; take this one from it.
-        let name = self.name(attention);
-        modelmeter::report::layers(config, workload, attention)?
-            .into_iter()
-            .find(|layer| layer.name() == name)
-            .ok_or_else(|| {
-                Error::Model(modelmeter::Error::Missing {
-                    field: "n_routed_experts".into(),
-                    expected: format!("{name} needs a config with routed experts"),
-                })
-            })
     }
 }
 
@@ -108,34 +68,35 @@ pub enum RefModule {
 }
 
 impl RefModule {
-    /// Builds the module of `kind` for `config` with seeded weights.
+    /// Builds the module of `kind` for `config` with seeded weights in `dtype`.
     pub fn build(
-        kind: LayerKind,
+        kind: ModuleKind,
         config: &ModelConfig,
         attention: AttentionImpl,
+        dtype: Dtype,
         setup: &Setup,
     ) -> Result<RefModule> {
-        let init = Init::new(setup);
+        let init = Init::new(setup, dtype)?;
         Ok(match kind {
-            LayerKind::RmsNorm => RefModule::RmsNorm(RefDeepseekV2RMSNorm::new(config, &init)?),
-            LayerKind::Mlp => RefModule::Mlp(RefDeepseekV2MLP::new(
+            ModuleKind::RmsNorm => RefModule::RmsNorm(RefDeepseekV2RMSNorm::new(config, &init)?),
+            ModuleKind::Mlp => RefModule::Mlp(RefDeepseekV2MLP::new(
                 config.hidden_size,
                 config.intermediate_size,
                 &init,
             )?),
-            LayerKind::MoEGate => RefModule::MoEGate(RefMoEGate::new(config, &init)?),
-            LayerKind::MoE => RefModule::MoE(RefDeepseekV2MoE::new(config, &init)?),
-            LayerKind::Attention => {
+            ModuleKind::MoEGate => RefModule::MoEGate(RefMoEGate::new(config, &init)?),
+            ModuleKind::MoE => RefModule::MoE(RefDeepseekV2MoE::new(config, &init)?),
+            ModuleKind::Attention => {
                 RefModule::Attention(RefLlamaAttention::new(config, &init, attention)?)
             }
-            LayerKind::DecoderDense | LayerKind::DecoderMoe => {
-                let index = kind.layer_index(config).ok_or_else(|| {
-                    Error::Model(modelmeter::Error::invalid(
-                        "layer",
-                        kind.name(attention),
-                        "a layer kind the config has",
-                    ))
-                })?;
+            ModuleKind::DecoderLayer(index) => {
+                if index >= config.layer_kinds.len() as u64 {
+                    return Err(Error::Model(modelmeter::Error::invalid(
+                        "decoder layer index",
+                        index,
+                        &format!("below num_hidden_layers = {}", config.layer_kinds.len()),
+                    )));
+                }
                 RefModule::Decoder(RefDeepseekV2DecoderLayer::new(
                     config, index, &init, attention,
                 )?)
@@ -204,16 +165,18 @@ pub struct StepInputs {
 
 /// Seeded inputs for `batch` sequences of `len` tokens starting at position `start`,
 /// attending over `start + len` keys.
+#[allow(clippy::too_many_arguments)]
 pub fn step_inputs(
     config: &ModelConfig,
     setup: &Setup,
+    dtype: Dtype,
     name: &str,
     batch: u64,
     start: u64,
     len: u64,
     eager_mask: bool,
 ) -> Result<StepInputs> {
-    let kind = setup.kind()?;
+    let kind = kind_of(dtype)?;
     let (b, s0, s) = (
         dim(batch, "batch")?,
         dim(start, "context_len")?,
@@ -258,7 +221,7 @@ pub fn step_inputs(
 /// A reference layer that ran under the counter.
 #[derive(Debug)]
 pub struct LayerRun {
-    pub kind: LayerKind,
+    pub kind: ModuleKind,
     pub name: String,
     /// The module's output (the gate: its top-k weights).
     pub output: Tensor,
@@ -281,33 +244,35 @@ pub fn measure<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Counts)> {
 /// A module with its inputs prepared (and, for a decode step, its KV cache filled by an
 /// uncounted prefill of `context_len` tokens).
 pub struct Prepared {
-    pub kind: LayerKind,
+    pub kind: ModuleKind,
     pub name: String,
     pub module: RefModule,
     pub inputs: StepInputs,
     pub cache: KvCache,
+    /// The workload's TF32 setting, applied to libtorch before the counted forward.
+    pub allow_tf32: bool,
 }
 
 impl Prepared {
-    /// Builds the module and its inputs for `workload`.
+    /// Builds the module and its inputs for `workload`, in the workload's dtype (the one
+    /// source of the dtype: `setup` only says where and with which seed).
     pub fn new(
-        kind: LayerKind,
+        kind: ModuleKind,
         config: &ModelConfig,
         workload: &Workload,
         attention: AttentionImpl,
         setup: &Setup,
     ) -> Result<Prepared> {
-        let setup = Setup {
-            dtype: workload.dtype,
-            ..*setup
-        };
-        let module = RefModule::build(kind, config, attention, &setup)?;
+        let setup = *setup;
+        let dtype = workload.dtype;
+        let module = RefModule::build(kind, config, attention, dtype, &setup)?;
         let eager = attention == AttentionImpl::Eager && module.uses_positions();
         let mut cache = KvCache::new();
         if let (Phase::Decode { context_len }, true) = (workload.phase, module.uses_positions()) {
             let prefill = step_inputs(
                 config,
                 &setup,
+                dtype,
                 "context",
                 workload.batch,
                 0,
@@ -320,6 +285,7 @@ impl Prepared {
         let inputs = step_inputs(
             config,
             &setup,
+            dtype,
             "input",
             workload.batch,
             workload.first_position(),
@@ -328,10 +294,11 @@ impl Prepared {
         )?;
         Ok(Prepared {
             kind,
-            name: kind.name(attention).to_string(),
+            name: kind.label(),
             module,
             inputs,
             cache,
+            allow_tf32: workload.allow_tf32,
         })
     }
 
@@ -345,6 +312,9 @@ impl Prepared {
     /// region and also when the forward failed, so an asynchronous CUDA error is charged
     /// to this layer.
     pub fn run(mut self) -> Result<LayerRun> {
+        // The workload decides TF32; libtorch's process-wide switch is set from it, and
+        // the counter reports the switch it saw.
+        observer::set_tf32_matmul_allowed(self.allow_tf32)?;
         let weight_bytes = self.module.weight_bytes();
         let device = self.inputs.hidden.device();
         observer::synchronize(device)?;
@@ -365,9 +335,10 @@ impl Prepared {
     }
 }
 
-/// Builds, prepares and runs one layer under the counter.
+/// Builds, prepares and runs one module under the counter, in the workload's dtype and
+/// TF32 setting.
 pub fn run_layer(
-    kind: LayerKind,
+    kind: ModuleKind,
     config: &ModelConfig,
     workload: &Workload,
     attention: AttentionImpl,

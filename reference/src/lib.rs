@@ -27,7 +27,7 @@ pub mod weights;
 
 pub use counter::{Counts, FlopCounter, OpRecord, OpSummary, Region};
 pub use error::{Error, Result};
-pub use harness::{run_layer, LayerKind, LayerRun};
+pub use harness::{run_layer, LayerRun, ModuleKind};
 pub use weights::Setup;
 
 use tch::Tensor;

@@ -13,7 +13,7 @@ use serde_json::json;
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::harness::{LayerKind, Prepared, RefModule};
+use crate::harness::{ModuleKind, Prepared, RefModule};
 use crate::weights::Setup;
 use crate::Parameters;
 
@@ -30,21 +30,21 @@ pub fn python() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
 }
 
-fn module_name(kind: LayerKind) -> &'static str {
+fn module_name(kind: ModuleKind) -> &'static str {
     match kind {
-        LayerKind::RmsNorm => "rms_norm",
-        LayerKind::Mlp => "mlp",
-        LayerKind::MoEGate => "moe_gate",
-        LayerKind::MoE => "moe",
-        LayerKind::Attention => "attention",
-        LayerKind::DecoderDense | LayerKind::DecoderMoe => "decoder_layer",
+        ModuleKind::RmsNorm => "rms_norm",
+        ModuleKind::Mlp => "mlp",
+        ModuleKind::MoEGate => "moe_gate",
+        ModuleKind::MoE => "moe",
+        ModuleKind::Attention => "attention",
+        ModuleKind::DecoderLayer(_) => "decoder_layer",
     }
 }
 
 /// Writes the case of `kind` (fp32, CPU) for `config` and `workload` into `dir`.
 pub fn export_case(
     dir: &Path,
-    kind: LayerKind,
+    kind: ModuleKind,
     config: &ModelConfig,
     workload: &Workload,
     attention: AttentionImpl,
@@ -53,7 +53,6 @@ pub fn export_case(
     let workload = workload.with_dtype(Dtype::F32)?;
     let setup = Setup {
         device: Device::Cpu,
-        dtype: Dtype::F32,
         seed,
     };
     let mut prepared = Prepared::new(kind, config, &workload, attention, &setup)?;
@@ -94,7 +93,10 @@ pub fn export_case(
     })?;
     Tensor::write_safetensors(&tensors, dir.join("case.safetensors"))?;
 
-    let layer_idx = kind.layer_index(config).unwrap_or(0);
+    let layer_idx = match kind {
+        ModuleKind::DecoderLayer(i) => i,
+        _ => 0,
+    };
     let moe = config.moe.clone();
     let description = json!({
         "module": module_name(kind),

@@ -1,4 +1,5 @@
-//! Seeded parameters: where modules live (device, dtype) and how their weights are drawn.
+//! Seeded parameters: where modules live (device; the dtype is the workload's) and how
+//! their weights are drawn.
 //!
 //! Every parameter is drawn on the CPU in fp32 from libtorch's generator seeded with a
 //! hash of the run seed and the parameter's vendor name, then moved to the device and
@@ -15,20 +16,12 @@ use crate::error::{Error, Result};
 /// Serialises the reseeding of libtorch's global CPU generator.
 static GENERATOR: Mutex<()> = Mutex::new(());
 
-/// Where and how reference modules are built.
+/// Where reference modules are built and with which seed. The dtype is the workload's
+/// (`Workload::dtype`), never a second setting here.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Setup {
     pub device: Device,
-    /// The model dtype (weights and activations).
-    pub dtype: Dtype,
     pub seed: u64,
-}
-
-impl Setup {
-    /// The libtorch kind of the model dtype.
-    pub fn kind(&self) -> Result<Kind> {
-        kind_of(self.dtype)
-    }
 }
 
 /// The libtorch kind of a model dtype.
@@ -71,28 +64,31 @@ pub fn seeded_normal(seed: u64, name: &str, shape: &[i64]) -> Result<Tensor> {
 #[derive(Clone, Debug)]
 pub(crate) struct Init {
     setup: Setup,
+    kind: Kind,
     prefix: String,
 }
 
 impl Init {
-    pub(crate) fn new(setup: &Setup) -> Init {
-        Init {
+    /// Parameters on `setup.device` in the model dtype `dtype`.
+    pub(crate) fn new(setup: &Setup, dtype: Dtype) -> Result<Init> {
+        Ok(Init {
             setup: *setup,
+            kind: kind_of(dtype)?,
             prefix: String::new(),
-        }
+        })
     }
 
     /// The initialiser of a sub-module called `name`.
     pub(crate) fn sub(&self, name: &str) -> Init {
         Init {
             setup: self.setup,
+            kind: self.kind,
             prefix: format!("{}{name}.", self.prefix),
         }
     }
 
     fn place(&self, t: Tensor) -> Result<Tensor> {
-        Ok(t.f_to_device(self.setup.device)?
-            .f_to_kind(self.setup.kind()?)?)
+        Ok(t.f_to_device(self.setup.device)?.f_to_kind(self.kind)?)
     }
 
     /// A linear weight `[out, in]` with standard deviation 1/√in, so that activations

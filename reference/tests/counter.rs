@@ -51,31 +51,31 @@ fn assert_complete(c: &Counts) {
 fn matmul_family_matches_hand_formulas() {
     let (a, b) = (randn(&[8, 16]), randn(&[16, 4]));
     let (_, c) = count(|| a.mm(&b));
-    assert_eq!(c.matmul_flops, 2 * 8 * 16 * 4);
-    assert_eq!(c.flop_counter_mode_flops, c.matmul_flops);
-    assert_eq!(c.elementwise_flops, 0);
+    assert_eq!(c.flops.matmul_flops, 2 * 8 * 16 * 4);
+    assert_eq!(c.flops.flop_counter_mode_flops, c.flops.matmul_flops);
+    assert_eq!(c.flops.elementwise_flops, 0);
 
     let bias = randn(&[4]);
     let (_, c) = count(|| bias.addmm(&a, &b));
-    assert_eq!(c.matmul_flops, 2 * 8 * 16 * 4);
+    assert_eq!(c.flops.matmul_flops, 2 * 8 * 16 * 4);
     assert_eq!(
-        c.flop_counter_mode_flops,
+        c.flops.flop_counter_mode_flops,
         2 * 8 * 16 * 4,
         "FlopCounterMode ignores the bias"
     );
     assert_eq!(
-        c.elementwise_flops,
+        c.flops.elementwise_flops,
         8 * 4,
         "the bias add is elementwise work"
     );
 
     let (x, y) = (randn(&[3, 8, 16]), randn(&[3, 16, 4]));
     let (_, c) = count(|| x.bmm(&y));
-    assert_eq!(c.matmul_flops, 2 * 3 * 8 * 16 * 4);
+    assert_eq!(c.flops.matmul_flops, 2 * 3 * 8 * 16 * 4);
     let z = randn(&[3, 8, 4]);
     let (_, c) = count(|| z.baddbmm(&x, &y, 1.0, 1.0));
-    assert_eq!(c.matmul_flops, 2 * 3 * 8 * 16 * 4);
-    assert_eq!(c.elementwise_flops, 3 * 8 * 4);
+    assert_eq!(c.flops.matmul_flops, 2 * 3 * 8 * 16 * 4);
+    assert_eq!(c.flops.elementwise_flops, 3 * 8 * 4);
     assert_complete(&c);
 }
 
@@ -85,7 +85,7 @@ fn bias_free_3d_linear_is_one_mm() {
     let w = randn(&[32, 16]);
     let (_, c) = count(|| x.linear::<Tensor>(&w, None));
     assert_eq!(
-        c.matmul_flops, 10_240,
+        c.flops.matmul_flops, 10_240,
         "FlopCounterMode's value for nn.Linear(16, 32) on [2,5,16]"
     );
     assert_eq!(c.records.len(), 1);
@@ -97,7 +97,7 @@ fn bias_free_3d_linear_is_one_mm() {
 fn batched_4d_matmul_is_one_bmm() {
     let (q, k) = (randn(&[2, 3, 8, 16]), randn(&[2, 3, 16, 8]));
     let (_, c) = count(|| q.matmul(&k));
-    assert_eq!(c.matmul_flops, 2 * 2 * 3 * 8 * 16 * 8);
+    assert_eq!(c.flops.matmul_flops, 2 * 2 * 3 * 8 * 16 * 8);
     let names: Vec<&str> = c.records.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["aten::bmm"]);
 }
@@ -114,12 +114,12 @@ fn sdpa_is_counted_even_where_flop_counter_mode_cannot_see_it() {
         });
         let scores = (b * h * s * s) as u64;
         assert_eq!(
-            c.matmul_flops,
+            c.flops.matmul_flops,
             4 * scores * d as u64,
             "causal={causal}: full rectangle"
         );
         assert_eq!(
-            c.elementwise_flops,
+            c.flops.elementwise_flops,
             6 * scores,
             "scale + softmax inside the kernel"
         );
@@ -131,12 +131,12 @@ fn sdpa_is_counted_even_where_flop_counter_mode_cannot_see_it() {
                 "aten::_scaled_dot_product_flash_attention_for_cpu"
             );
             assert_eq!(
-                c.flop_counter_mode_flops, 0,
+                c.flops.flop_counter_mode_flops, 0,
                 "FlopCounterMode misses the CPU kernel"
             );
         } else {
             assert_eq!(
-                c.flop_counter_mode_flops, c.matmul_flops,
+                c.flops.flop_counter_mode_flops, c.flops.matmul_flops,
                 "{kernels:?} is in the registry"
             );
         }
@@ -149,14 +149,14 @@ fn convolution_is_counted_once_through_its_nested_chain() {
     let x = randn(&[2, 3, 16, 16]);
     let w = randn(&[8, 3, 3, 3]);
     let (_, c) = count(|| x.conv2d::<Tensor>(&w, None, [1, 1], [1, 1], [1, 1], 1));
-    assert_eq!(c.matmul_flops, 2 * 2 * 8 * 3 * 9 * 16 * 16);
+    assert_eq!(c.flops.matmul_flops, 2 * 2 * 8 * 3 * 9 * 16 * 16);
     assert_eq!(c.records.len(), 1);
     assert_eq!(c.records[0].name, "aten::convolution");
     // cuDNN's TF32 switch is on by default in libtorch, so an fp32 convolution is booked
     // to tensor cores (bf16 always is); the matmul switch (off) does not apply to it.
     assert!(c.tf32_cudnn_allowed, "libtorch's default");
     assert!(!c.tf32_allowed, "libtorch's default");
-    assert_eq!(c.tensor_core_flops, c.matmul_flops);
+    assert_eq!(c.flops.tensor_core_flops, c.flops.matmul_flops);
     assert!(
         c.events_seen > 2,
         "the nested chain was observed ({} events)",
@@ -175,14 +175,14 @@ fn linear_backward_counts_grad_input_and_grad_weight() {
         .records
         .iter()
         .filter(|r| r.backward && r.name == "aten::mm")
-        .map(|r| r.matmul_flops)
+        .map(|r| r.flops.matmul_flops)
         .sum();
     assert_eq!(
         backward_mm,
         2 * (2 * 4 * 8 * 16),
         "grad input [4,16]@[16,8] + grad weight [16,4]@[4,8]"
     );
-    assert_eq!(c.flop_counter_mode_flops, backward_mm);
+    assert_eq!(c.flops.flop_counter_mode_flops, backward_mm);
     assert!(c
         .records
         .iter()
@@ -215,12 +215,16 @@ fn elementwise_ops_follow_the_conventions_table() {
     ];
     for (label, f, want) in cases {
         let (_, c) = count(f);
-        assert_eq!(c.elementwise_flops, want, "{label}");
+        assert_eq!(c.flops.elementwise_flops, want, "{label}");
         assert_eq!(
-            c.cuda_core_flops, want,
+            c.flops.cuda_core_flops, want,
             "{label}: elementwise work is CUDA-core work"
         );
-        assert_eq!(c.matmul_flops + c.flop_counter_mode_flops, 0, "{label}");
+        assert_eq!(
+            c.flops.matmul_flops + c.flops.flop_counter_mode_flops,
+            0,
+            "{label}"
+        );
         assert_complete(&c);
     }
 }
@@ -251,15 +255,15 @@ fn regions_do_not_leak_and_outside_ops_are_not_counted() {
     let _between = a.mm(&b);
     let (_, second) = count(|| (a.mm(&b), a.mm(&b)));
     let _after = a.mm(&b);
-    assert_eq!(first.matmul_flops, 1024);
-    assert_eq!(second.matmul_flops, 2048);
+    assert_eq!(first.flops.matmul_flops, 1024);
+    assert_eq!(second.flops.matmul_flops, 2048);
     // Dropping a region without finishing disarms it: the next one starts clean.
     {
         let _region = FlopCounter::start().unwrap();
         let _ = a.mm(&b);
     }
     let (_, third) = count(|| a.mm(&b));
-    assert_eq!(third.matmul_flops, 1024);
+    assert_eq!(third.flops.matmul_flops, 1024);
 }
 
 #[test]
@@ -277,7 +281,7 @@ fn ops_of_other_threads_are_not_counted() {
     let (a, b) = (randn(&[8, 8]), randn(&[8, 8]));
     for _ in 0..20 {
         let (_, c) = count(|| a.mm(&b));
-        assert_eq!(c.matmul_flops, 1024);
+        assert_eq!(c.flops.matmul_flops, 1024);
         assert_eq!(c.records.len(), 1);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -304,12 +308,15 @@ fn records_carry_shapes_dtypes_device_and_engine() {
         _ => "cpu".to_string(),
     };
     assert_eq!(r.device.as_deref(), Some(want.as_str()));
-    assert_eq!(r.tensor_core_flops, 128, "bf16 GEMMs are tensor-core work");
+    assert_eq!(
+        r.flops.tensor_core_flops, 128,
+        "bf16 GEMMs are tensor-core work"
+    );
     let a = Tensor::randn([4, 8], (Kind::Float, device()));
     let b = Tensor::randn([8, 2], (Kind::Float, device()));
     let (_, c) = count(|| a.mm(&b));
     assert_eq!(
-        c.records[0].cuda_core_flops, 128,
+        c.records[0].flops.cuda_core_flops, 128,
         "fp32 GEMMs with TF32 off are CUDA-core work"
     );
     assert!(!c.tf32_allowed);

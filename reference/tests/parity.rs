@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use modelmeter::layers::AttentionImpl;
+use modelmeter::MlpKind;
 use modelmeter::{ModelConfig, Workload};
-use modelmeter_reference::harness::LayerKind;
+use modelmeter_reference::harness::ModuleKind;
 use modelmeter_reference::parity::{export_case, run_parity};
 use serde_json::json;
 
@@ -48,7 +49,7 @@ impl Cases {
 
     fn add(
         &mut self,
-        kind: LayerKind,
+        kind: ModuleKind,
         config: &ModelConfig,
         workload: Workload,
         attention: AttentionImpl,
@@ -66,6 +67,16 @@ impl Drop for Cases {
     }
 }
 
+/// The first dense decoder layer of `config`.
+fn dense(config: &ModelConfig) -> ModuleKind {
+    ModuleKind::DecoderLayer(config.first_layer_of(MlpKind::Dense).unwrap())
+}
+
+/// The first MoE decoder layer of `config`.
+fn moe(config: &ModelConfig) -> ModuleKind {
+    ModuleKind::DecoderLayer(config.first_layer_of(MlpKind::Moe).unwrap())
+}
+
 #[test]
 fn every_module_matches_transformers_in_fp32() {
     let mut cases = Cases::new("ok");
@@ -73,19 +84,19 @@ fn every_module_matches_transformers_in_fp32() {
     let decode = Workload::decode(2, 9).unwrap();
     let ocr = ModelConfig::deepseek_ocr();
     for kind in [
-        LayerKind::RmsNorm,
-        LayerKind::Mlp,
-        LayerKind::MoEGate,
-        LayerKind::Attention,
-        LayerKind::DecoderDense,
+        ModuleKind::RmsNorm,
+        ModuleKind::Mlp,
+        ModuleKind::MoEGate,
+        ModuleKind::Attention,
+        dense(&ocr),
     ] {
         cases.add(kind, &ocr, prefill, AttentionImpl::Sdpa);
     }
     let ocr8 = ocr_eight_experts();
-    cases.add(LayerKind::MoE, &ocr8, prefill, AttentionImpl::Sdpa);
-    cases.add(LayerKind::DecoderMoe, &ocr8, prefill, AttentionImpl::Eager);
-    cases.add(LayerKind::Attention, &ocr, decode, AttentionImpl::Sdpa);
-    cases.add(LayerKind::DecoderMoe, &ocr8, decode, AttentionImpl::Sdpa);
+    cases.add(ModuleKind::MoE, &ocr8, prefill, AttentionImpl::Sdpa);
+    cases.add(moe(&ocr8), &ocr8, prefill, AttentionImpl::Eager);
+    cases.add(ModuleKind::Attention, &ocr, decode, AttentionImpl::Sdpa);
+    cases.add(moe(&ocr8), &ocr8, decode, AttentionImpl::Sdpa);
     // Variants: grouped KV heads, biases, renormalised top-k, no shared experts, eager.
     for config in [
         small(2, true, false, 2),
@@ -93,16 +104,16 @@ fn every_module_matches_transformers_in_fp32() {
         small(1, false, false, 1),
     ] {
         for kind in [
-            LayerKind::MoEGate,
-            LayerKind::MoE,
-            LayerKind::Attention,
-            LayerKind::DecoderDense,
-            LayerKind::DecoderMoe,
+            ModuleKind::MoEGate,
+            ModuleKind::MoE,
+            ModuleKind::Attention,
+            dense(&config),
+            moe(&config),
         ] {
             cases.add(kind, &config, prefill, AttentionImpl::Eager);
         }
-        cases.add(LayerKind::Attention, &config, decode, AttentionImpl::Eager);
-        cases.add(LayerKind::DecoderMoe, &config, decode, AttentionImpl::Sdpa);
+        cases.add(ModuleKind::Attention, &config, decode, AttentionImpl::Eager);
+        cases.add(moe(&config), &config, decode, AttentionImpl::Sdpa);
     }
     let results = run_parity(&cases.dirs).unwrap();
     assert_eq!(results.len(), cases.dirs.len());
@@ -116,7 +127,7 @@ fn every_module_matches_transformers_in_fp32() {
 fn a_wrong_output_fails_the_parity_check() {
     let mut cases = Cases::new("bad");
     let dir = cases.add(
-        LayerKind::Mlp,
+        ModuleKind::Mlp,
         &small(2, false, false, 1),
         Workload::prefill(1, 4).unwrap(),
         AttentionImpl::Sdpa,

@@ -14,7 +14,7 @@ use crate::layers::decoder_layer::DeepseekV2DecoderLayer;
 use crate::layers::rms_norm::DeepseekV2RMSNorm;
 use crate::layers::vendor_ops::{bytes_of, t};
 use crate::layers::Layer;
-use crate::metrics::{Cost, CostBuilder, Metrics, METRIC_NAMES};
+use crate::metrics::{Cost, CostBuilder, Metric, Metrics};
 use crate::workload::{Phase, Platform, Workload};
 
 /// `DeepseekV2ForCausalLM` for one forward call.
@@ -141,11 +141,9 @@ impl Generation {
         let (m0, m1, m2) = (step(0)?, step(1)?, step(2)?);
         let mut decode = Metrics::default();
         let mut last = Metrics::default();
-        for name in METRIC_NAMES {
-            let (a, b, c) = (m0.get(name), m1.get(name), m2.get(name));
-            let (Some(a), Some(b), Some(c)) = (a, b, c) else {
-                continue;
-            };
+        for metric in Metric::ALL {
+            let name = metric.name();
+            let (a, b, c) = (metric.get(&m0), metric.get(&m1), metric.get(&m2));
             let growth = b
                 .checked_sub(a)
                 .filter(|g| c.checked_sub(b) == Some(*g))
@@ -166,8 +164,8 @@ impl Generation {
                 &[product(name, &[n, a])?, product(name, &[growth, pairs])?],
             )?;
             let final_step = crate::checked::sum(name, &[a, product(name, &[growth, n - 1])?])?;
-            decode.set(name, summed);
-            last.set(name, final_step);
+            metric.set(&mut decode, summed);
+            metric.set(&mut last, final_step);
         }
         // State is what the last step leaves; the activation peak is the largest call's.
         decode.weight_bytes = last.weight_bytes;

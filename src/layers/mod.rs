@@ -7,6 +7,7 @@
 //! the same code reproduces to the FLOP.
 
 mod attention;
+mod catalog;
 mod decoder_layer;
 mod decoder_stack;
 mod mlp;
@@ -18,6 +19,7 @@ mod sdpa_kernel;
 mod vendor_ops;
 
 pub use attention::{AttentionImpl, LlamaAttention, ATTENTION_CORE_ROLE};
+pub use catalog::{layers_of, LayerId};
 pub use decoder_layer::{DecoderLayerDims, DeepseekV2DecoderLayer};
 pub use decoder_stack::{DeepseekV2Decoder, Generation, GenerationMetrics};
 pub use mlp::DeepseekV2MLP;

@@ -9,13 +9,12 @@ use clap::Parser;
 use modelmeter::cli::WorkloadArgs;
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{units, Dtype, Platform};
-use modelmeter_reference::harness::LayerKind;
-use modelmeter_reference::observer;
 
 use crate::device::{DeviceInfo, DeviceSpec};
 use crate::environment::Environment;
+use crate::pairing::{self, Pairing, REGISTRY};
 use crate::report::{self, Case, Report};
-use crate::runner::{self, applicable_layers, Plan, Progress, Summary};
+use crate::runner::{self, Plan, Progress, Summary};
 use crate::sweep;
 
 const EXAMPLES: &str = "Examples:
@@ -128,7 +127,7 @@ impl Ready {
     /// The report's environment block for this device and plan.
     fn environment(&self) -> Environment {
         let p = &self.plan;
-        Environment::collect(self.spec, &self.info, p.workload.dtype, p.attention, p.seed)
+        Environment::collect(self.spec, &self.info, &p.workload, p.attention, p.seed)
     }
 }
 
@@ -180,7 +179,6 @@ fn prepare(args: &Args) -> Result<Ready, String> {
         (config, workload)
     };
     let layers = select_layers(&args.layers, &config, attention, args.sweep.is_some())?;
-    observer::set_tf32_matmul_allowed(workload.allow_tf32).map_err(|e| e.to_string())?;
     let plan = Plan {
         config,
         workload,
@@ -230,40 +228,13 @@ fn select_layers(
     config: &modelmeter::ModelConfig,
     attention: AttentionImpl,
     sweep: bool,
-) -> Result<Vec<LayerKind>, String> {
-    let available = if sweep {
-        LayerKind::ALL.to_vec()
-    } else {
-        applicable_layers(config)
-    };
+) -> Result<Vec<Pairing>, String> {
     let names: Vec<&str> = names
         .iter()
         .map(|n| n.trim())
         .filter(|n| !n.is_empty())
         .collect();
-    if names.is_empty() {
-        return Ok(available);
-    }
-    let valid: Vec<&str> = LayerKind::ALL.iter().map(|k| k.name(attention)).collect();
-    let mut out = Vec::new();
-    for name in names {
-        let kind = LayerKind::parse(name).ok_or_else(|| {
-            format!(
-                "--layers: unknown layer {name}; valid: {}",
-                valid.join(", ")
-            )
-        })?;
-        if !available.contains(&kind) {
-            return Err(format!(
-                "--layers: {name} does not exist in config {} (it has no routed experts)",
-                config.name
-            ));
-        }
-        if !out.contains(&kind) {
-            out.push(kind);
-        }
-    }
-    Ok(out)
+    pairing::select(&REGISTRY, &names, config, attention, sweep)
 }
 
 fn check_memory(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), String> {

@@ -7,6 +7,8 @@
 
 use serde::Serialize;
 
+use crate::check::Check;
+
 /// The status of a metric or a layer, ordered from best to worst.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,7 +53,7 @@ pub fn known_gap(layer: &str, metric: &str) -> Option<&'static str> {
 /// One compared metric.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MetricRow {
-    pub metric: &'static str,
+    pub metric: Check,
     pub analytic: u64,
     pub measured: u64,
     /// `None` when M = 0 < A (infinite).
@@ -75,7 +77,7 @@ pub fn rel_diff(analytic: u64, measured: u64) -> Option<f64> {
 /// Compares one metric of `layer`.
 pub fn compare(
     layer: &str,
-    metric: &'static str,
+    metric: Check,
     analytic: u64,
     measured: u64,
     tolerance: f64,
@@ -84,7 +86,7 @@ pub fn compare(
     let (status, note) = match rel {
         Some(r) if r <= tolerance => (Status::Pass, None),
         Some(_) => (Status::Fail, None),
-        None => match known_gap(layer, metric) {
+        None => match known_gap(layer, metric.name()) {
             Some(why) => (Status::KnownGap, Some(format!("measured 0: {why}"))),
             None => (
                 Status::Fail,
@@ -110,27 +112,31 @@ pub fn worst(rows: &[MetricRow]) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelmeter::Metric;
+
+    const FLOPS: Check = Check::Flops;
+    const ELEMENTWISE: Check = Check::Exact(Metric::ElementwiseFlops);
 
     #[test]
     fn statuses_follow_the_design() {
-        assert_eq!(compare("X", "flops", 100, 100, 0.0).status, Status::Pass);
-        assert_eq!(compare("X", "flops", 0, 0, 0.0).rel_diff, Some(0.0));
-        assert_eq!(compare("X", "flops", 104, 100, 0.05).status, Status::Pass);
-        assert_eq!(compare("X", "flops", 106, 100, 0.05).status, Status::Fail);
-        assert_eq!(compare("X", "flops", 94, 100, 0.05).status, Status::Fail);
-        let gap = compare("DeepseekV2RMSNorm", "flops", 10, 0, 0.05);
+        assert_eq!(compare("X", FLOPS, 100, 100, 0.0).status, Status::Pass);
+        assert_eq!(compare("X", FLOPS, 0, 0, 0.0).rel_diff, Some(0.0));
+        assert_eq!(compare("X", FLOPS, 104, 100, 0.05).status, Status::Pass);
+        assert_eq!(compare("X", FLOPS, 106, 100, 0.05).status, Status::Fail);
+        assert_eq!(compare("X", FLOPS, 94, 100, 0.05).status, Status::Fail);
+        let gap = compare("DeepseekV2RMSNorm", FLOPS, 10, 0, 0.05);
         assert_eq!((gap.status, gap.rel_diff), (Status::KnownGap, None));
         assert!(gap.note.unwrap().contains("FlopCounterMode"));
         assert_eq!(
-            compare("DeepseekV2RMSNorm", "elementwise_flops", 10, 0, 0.05).status,
+            compare("DeepseekV2RMSNorm", ELEMENTWISE, 10, 0, 0.05).status,
             Status::Fail
         );
         assert_eq!(
-            compare("DeepseekV2MLP", "flops", 10, 0, 0.05).status,
+            compare("DeepseekV2MLP", FLOPS, 10, 0, 0.05).status,
             Status::Fail
         );
         assert_eq!(
-            compare("DeepseekV2RMSNorm", "flops", 0, 0, 0.0).status,
+            compare("DeepseekV2RMSNorm", FLOPS, 0, 0, 0.0).status,
             Status::Pass
         );
     }
@@ -138,8 +144,8 @@ mod tests {
     #[test]
     fn a_layer_is_its_worst_metric() {
         let rows = [
-            compare("X", "a", 1, 1, 0.0),
-            compare("DeepseekV2RMSNorm", "flops", 1, 0, 0.0),
+            compare("X", ELEMENTWISE, 1, 1, 0.0),
+            compare("DeepseekV2RMSNorm", FLOPS, 1, 0, 0.0),
         ];
         assert_eq!(worst(&rows), Status::KnownGap);
         assert_eq!(worst(&[]), Status::Pass);

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use modelmeter::layers::AttentionImpl;
-use modelmeter::Dtype;
+use modelmeter::{Dtype, Workload};
 use modelmeter_reference::observer;
 
 use crate::device::{DeviceInfo, DeviceSpec};
@@ -42,7 +42,7 @@ impl Environment {
     pub fn collect(
         spec: DeviceSpec,
         info: &DeviceInfo,
-        dtype: Dtype,
+        workload: &Workload,
         attention: AttentionImpl,
         seed: u64,
     ) -> Environment {
@@ -60,10 +60,12 @@ impl Environment {
             libtorch_version: setting("TORCH_VERSION=").unwrap_or_else(|| "unknown".into()),
             cuda_version: setting("CUDA_VERSION="),
             cudnn_version: setting("CUDNN_VERSION="),
-            dtype,
+            dtype: workload.dtype,
             attention,
             sdpa_kernels: Vec::new(),
-            tf32_allowed: observer::tf32_matmul_allowed().unwrap_or(false),
+            // The workload decides; each layer's run sets libtorch's switch from it and
+            // the runner checks that the counter saw the same.
+            tf32_allowed: workload.allow_tf32,
             seed,
             threads: tch::get_num_threads(),
             modelmeter_version: env!("CARGO_PKG_VERSION"),

@@ -7,9 +7,11 @@
 //! ([`report`]) are library code.
 
 pub mod app;
+pub mod check;
 pub mod compare;
 pub mod device;
 pub mod environment;
+pub mod pairing;
 pub mod report;
 pub mod runner;
 pub mod sweep;

@@ -9,12 +9,14 @@ use std::time::Instant;
 use modelmeter::conventions::{convention, is_fused_attention};
 use modelmeter::layers::{AttentionImpl, ATTENTION_CORE_ROLE};
 use modelmeter::{Cost, ModelConfig, Phase, Workload};
-use modelmeter_reference::harness::{run_layer, LayerKind, LayerRun};
+use modelmeter_reference::harness::{run_layer, LayerRun};
 use modelmeter_reference::{OpSummary, Setup};
 use serde::Serialize;
 use tch::Device;
 
+use crate::check::{self, Check, EXACT};
 use crate::compare::{compare, worst, MetricRow, Status};
+use crate::pairing::{self, Pairing, REGISTRY};
 
 /// What one verification run checks.
 #[derive(Clone, Debug)]
@@ -24,7 +26,7 @@ pub struct Plan {
     pub attention: AttentionImpl,
     pub device: Device,
     pub tolerance: f64,
-    pub layers: Vec<LayerKind>,
+    pub layers: Vec<Pairing>,
     pub seed: u64,
 }
 
@@ -118,22 +120,19 @@ pub enum Progress<'a> {
 }
 
 /// The layers of `config` that the runner can check, in report order.
-pub fn applicable_layers(config: &ModelConfig) -> Vec<LayerKind> {
-    LayerKind::ALL
-        .into_iter()
-        .filter(|k| k.layer_index(config).is_some())
-        .collect()
+pub fn applicable_layers(config: &ModelConfig) -> Vec<Pairing> {
+    pairing::present(&REGISTRY, config)
 }
 
 /// Verifies every layer of the plan.
 pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
     let total = plan.layers.len();
     let mut results = Vec::with_capacity(total);
-    for (index, kind) in plan.layers.iter().enumerate() {
-        let name = kind.name(plan.attention);
+    for (index, pairing) in plan.layers.iter().enumerate() {
+        let name = pairing.name(plan.attention);
         progress(Progress::Started { index, total, name });
         let start = Instant::now();
-        let mut result = verify_layer(*kind, plan);
+        let mut result = verify_layer(*pairing, plan);
         result.seconds = start.elapsed().as_secs_f64();
         progress(Progress::Finished {
             index,
@@ -145,25 +144,35 @@ pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResul
     results
 }
 
-fn verify_layer(kind: LayerKind, plan: &Plan) -> LayerResult {
-    let name = kind.name(plan.attention).to_string();
-    let analytic = kind
+fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
+    let name = pairing.name(plan.attention).to_string();
+    let analytic = pairing
         .analytic(&plan.config, &plan.workload, plan.attention)
-        .and_then(|layer| Ok(layer.cost()?));
+        .and_then(|layer| layer.cost());
     let analytic = match analytic {
         Ok(cost) => cost,
         Err(e) => return error_result(name, format!("analytic model: {e}")),
     };
+    let module = match pairing.module(&plan.config) {
+        Ok(module) => module,
+        Err(why) => return error_result(name, why),
+    };
     let setup = Setup {
         device: plan.device,
-        dtype: plan.workload.dtype,
         seed: plan.seed,
     };
     let run = catch_unwind(AssertUnwindSafe(|| {
         injected_error(&name)?;
-        run_layer(kind, &plan.config, &plan.workload, plan.attention, &setup)
+        run_layer(module, &plan.config, &plan.workload, plan.attention, &setup)
     }));
     match run {
+        Ok(Ok(run)) if run.counts.tf32_allowed != plan.workload.allow_tf32 => error_result(
+            name,
+            format!(
+                "libtorch's TF32 switch was {} during the run, the workload says {}",
+                run.counts.tf32_allowed, plan.workload.allow_tf32
+            ),
+        ),
         Ok(Ok(run)) => compare_layer(&name, &analytic, &run, plan.tolerance),
         Ok(Err(e)) if e.is_out_of_memory() => {
             error_result(name, format!("out of memory on {:?}: {e}", plan.device))
@@ -233,9 +242,9 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) ->
     let total = a.total_flops().unwrap_or(u64::MAX);
     let mut flops = compare(
         name,
-        "flops",
+        Check::Flops,
         total.saturating_sub(invisible),
-        c.flop_counter_mode_flops,
+        c.flops.flop_counter_mode_flops,
         tolerance,
     );
     if invisible > 0 {
@@ -244,44 +253,17 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) ->
             kernels.join(", ")
         ));
     }
-    let mut metrics = vec![
-        flops,
-        compare(
+    let mut metrics = vec![flops];
+    for metric in EXACT {
+        let measured = check::measured(metric, run).unwrap_or_default();
+        metrics.push(compare(
             name,
-            "matmul_flops",
-            a.matmul_flops,
-            c.matmul_flops,
+            Check::Exact(metric),
+            metric.get(&a),
+            measured,
             tolerance,
-        ),
-        compare(
-            name,
-            "elementwise_flops",
-            a.elementwise_flops,
-            c.elementwise_flops,
-            tolerance,
-        ),
-        compare(
-            name,
-            "tensor_core_flops",
-            a.tensor_core_flops,
-            c.tensor_core_flops,
-            tolerance,
-        ),
-        compare(
-            name,
-            "cuda_core_flops",
-            a.cuda_core_flops,
-            c.cuda_core_flops,
-            tolerance,
-        ),
-        compare(
-            name,
-            "weight_bytes",
-            a.weight_bytes,
-            run.weight_bytes,
-            tolerance,
-        ),
-    ];
+        ));
+    }
     if let Some(row) = attention_kernel_row(analytic, run) {
         metrics.push(row);
     }
@@ -290,7 +272,7 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) ->
         let mut what: Vec<String> = c.unknown_ops.keys().cloned().collect();
         what.extend(c.errors.iter().cloned());
         metrics.push(MetricRow {
-            metric: "uncounted_ops",
+            metric: Check::UncountedOps,
             analytic: 0,
             measured: unknown as u64,
             rel_diff: None,
@@ -341,7 +323,7 @@ fn attention_kernel_row(analytic: &Cost, run: &LayerRun) -> Option<MetricRow> {
         }
     };
     Some(MetricRow {
-        metric: "attention_kernel",
+        metric: Check::AttentionKernel,
         analytic: predicted.len() as u64,
         measured: ran.len() as u64,
         rel_diff: None,
@@ -369,12 +351,13 @@ fn perturbed(layer: &str, mut metrics: modelmeter::Metrics) -> modelmeter::Metri
     };
     let mut parts = spec.splitn(3, ':');
     if let (Some(l), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) {
-        if let (true, Some(value), Ok(delta)) = (
+        if let (true, Some(metric), Ok(delta)) = (
             l == layer,
-            metrics.get(m),
+            modelmeter::Metric::parse(m),
             d.trim_start_matches('+').parse::<u64>(),
         ) {
-            metrics.set(m, value.saturating_add(delta));
+            let value = metric.get(&metrics);
+            metric.set(&mut metrics, value.saturating_add(delta));
         }
     }
     metrics
@@ -425,10 +408,10 @@ pub fn memory_estimate(plan: &Plan) -> Result<(u64, String), String> {
         .on(plan.workload.platform);
         workloads.push(prefill);
     }
-    for kind in &plan.layers {
-        let name = kind.name(plan.attention);
+    for pairing in &plan.layers {
+        let name = pairing.name(plan.attention);
         for w in &workloads {
-            let m = kind
+            let m = pairing
                 .analytic(&plan.config, w, plan.attention)
                 .map_err(|e| e.to_string())?
                 .metrics()
@@ -472,15 +455,11 @@ mod tests {
             device: None,
             shapes: Vec::new(),
             dtypes: Vec::new(),
-            matmul_flops: 0,
-            elementwise_flops: 0,
-            flop_counter_mode_flops: 0,
-            tensor_core_flops: 0,
-            cuda_core_flops: 0,
+            flops: Default::default(),
             engine: Booking::None,
         };
         LayerRun {
-            kind: LayerKind::Attention,
+            kind: modelmeter_reference::ModuleKind::Attention,
             name: "LlamaFlashAttention2".into(),
             output: tch::Tensor::from(0.0f32),
             counts: Counts {
@@ -497,8 +476,8 @@ mod tests {
         let config = ModelConfig::deepseek_ocr();
         let cost = |platform| {
             let w = Workload::prefill(1, 16).unwrap().on(platform);
-            LayerKind::Attention
-                .analytic(&config, &w, AttentionImpl::Sdpa)
+            modelmeter::layers::LayerId::Attention
+                .build(&config, &w, AttentionImpl::Sdpa)
                 .unwrap()
                 .cost()
                 .unwrap()
@@ -516,8 +495,8 @@ mod tests {
         );
         // Eager: no fused kernel on either side.
         let w = Workload::prefill(1, 16).unwrap();
-        let eager = LayerKind::Attention
-            .analytic(&config, &w, AttentionImpl::Eager)
+        let eager = modelmeter::layers::LayerId::Attention
+            .build(&config, &w, AttentionImpl::Eager)
             .unwrap()
             .cost()
             .unwrap();
@@ -530,10 +509,11 @@ mod tests {
         let mut c = ModelConfig::deepseek_ocr();
         c.moe = None;
         c.layer_kinds = vec![modelmeter::MlpKind::Dense; 12];
-        let kinds = applicable_layers(&c);
-        assert!(!kinds.contains(&LayerKind::MoE));
-        assert!(!kinds.contains(&LayerKind::DecoderMoe));
-        assert!(kinds.contains(&LayerKind::Attention));
+        use modelmeter::layers::LayerId;
+        let kinds: Vec<LayerId> = applicable_layers(&c).iter().map(|p| p.layer).collect();
+        assert!(!kinds.contains(&LayerId::MoE));
+        assert!(!kinds.contains(&LayerId::DecoderMoe));
+        assert!(kinds.contains(&LayerId::Attention));
         assert_eq!(applicable_layers(&ModelConfig::deepseek_ocr()).len(), 7);
     }
 }

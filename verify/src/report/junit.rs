@@ -20,16 +20,6 @@ fn escape(text: &str) -> String {
     out
 }
 
-/// The metrics every layer reports (the test cases of a layer that could not run).
-const METRICS: [&str; 6] = [
-    "flops",
-    "matmul_flops",
-    "elementwise_flops",
-    "tensor_core_flops",
-    "cuda_core_flops",
-    "weight_bytes",
-];
-
 /// The report as a JUnit XML document.
 pub fn to_junit(report: &Report) -> String {
     let mut cases = String::new();
@@ -42,7 +32,7 @@ pub fn to_junit(report: &Report) -> String {
         for layer in &case.layers {
             let class = escape(&format!("{prefix}{}", layer.name));
             if let Some(cause) = &layer.error {
-                for metric in METRICS {
+                for metric in crate::check::reported() {
                     tests += 1;
                     errors += 1;
                     cases.push_str(&format!(

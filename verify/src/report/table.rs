@@ -3,14 +3,15 @@
 use modelmeter::units;
 
 use super::{Case, Report};
+use crate::check::{Check, RowUnit};
 use crate::compare::{MetricRow, Status};
 use crate::runner::LayerResult;
 
-fn value(metric: &str, v: u64) -> String {
-    match metric {
-        "weight_bytes" => units::bytes(v),
-        "uncounted_ops" | "attention_kernel" => v.to_string(),
-        _ => units::flops(v),
+fn value(metric: Check, v: u64) -> String {
+    match metric.unit() {
+        RowUnit::Byte => units::bytes(v),
+        RowUnit::Count => v.to_string(),
+        RowUnit::Flop => units::flops(v),
     }
 }
 
@@ -43,7 +44,7 @@ fn layer_rows(layer: &LayerResult, rows: &mut Vec<Vec<String>>, notes: &mut Vec<
         };
         rows.push(vec![
             name,
-            m.metric.into(),
+            m.metric.name().into(),
             value(m.metric, m.analytic),
             value(m.metric, m.measured),
             rel(m),

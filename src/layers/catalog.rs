@@ -1,0 +1,194 @@
+//! The catalogue of analytic layers: which layers a config has (and, when it lacks one,
+//! the true reason), their report names and their constructors. The one place that
+//! decides "which layers does this config have": `modelmeter analyze` lists them, and
+//! `verify-decoder` pairs each with its reference module (verify/src/pairing.rs).
+
+use serde::Serialize;
+
+use crate::config::{MlpKind, ModelConfig};
+use crate::error::Result;
+use crate::layers::{
+    AttentionImpl, DeepseekV2DecoderLayer, DeepseekV2MLP, DeepseekV2MoE, DeepseekV2RMSNorm, Layer,
+    LlamaAttention, MoEGate,
+};
+use crate::workload::Workload;
+
+/// One analytic layer of a DeepSeek-V2 decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum LayerId {
+    RmsNorm,
+    Mlp,
+    MoEGate,
+    MoE,
+    Attention,
+    /// The first decoder layer with a dense MLP.
+    DecoderDense,
+    /// The first decoder layer with a MoE MLP.
+    DecoderMoe,
+}
+
+impl LayerId {
+    /// Every layer, in report order.
+    pub const ALL: [LayerId; 7] = [
+        LayerId::RmsNorm,
+        LayerId::Mlp,
+        LayerId::MoEGate,
+        LayerId::MoE,
+        LayerId::Attention,
+        LayerId::DecoderDense,
+        LayerId::DecoderMoe,
+    ];
+
+    /// The report name: the vendor class (the attention's depends on the implementation;
+    /// the decoder layers carry their MLP kind).
+    pub fn name(self, attention: AttentionImpl) -> &'static str {
+        match self {
+            LayerId::RmsNorm => "DeepseekV2RMSNorm",
+            LayerId::Mlp => "DeepseekV2MLP",
+            LayerId::MoEGate => "MoEGate",
+            LayerId::MoE => "DeepseekV2MoE",
+            LayerId::Attention => attention.class_name(),
+            LayerId::DecoderDense => "DeepseekV2DecoderLayer_dense",
+            LayerId::DecoderMoe => "DeepseekV2DecoderLayer_moe",
+        }
+    }
+
+    /// The layer called `name` (either attention class name selects the attention).
+    pub fn parse(name: &str) -> Option<LayerId> {
+        let attention = [AttentionImpl::Sdpa, AttentionImpl::Eager];
+        LayerId::ALL
+            .into_iter()
+            .find(|id| attention.iter().any(|a| id.name(*a) == name))
+    }
+
+    /// The config's layer index this layer runs as: the first decoder layer of its MLP
+    /// kind for the decoder layers, 0 for the others. `Err` with the true reason when the
+    /// config has no such layer.
+    pub fn layer_index(self, config: &ModelConfig) -> std::result::Result<u64, String> {
+        let first = |kind: MlpKind, what: &str| {
+            config.first_layer_of(kind).ok_or_else(|| {
+                format!(
+                    "config {} has no {what} decoder layer (its {} layers are all {})",
+                    config.name,
+                    config.layer_kinds.len(),
+                    match kind {
+                        MlpKind::Dense => "MoE: first_k_dense_replace = 0",
+                        MlpKind::Moe => "dense: no routed experts",
+                    }
+                )
+            })
+        };
+        match self {
+            LayerId::DecoderDense => first(MlpKind::Dense, "dense"),
+            LayerId::DecoderMoe => first(MlpKind::Moe, "MoE"),
+            LayerId::MoEGate | LayerId::MoE if config.moe.is_none() => Err(format!(
+                "config {} has no routed experts (n_routed_experts is absent or 0)",
+                config.name
+            )),
+            _ => Ok(0),
+        }
+    }
+
+    /// Whether `config` has this layer.
+    pub fn is_in(self, config: &ModelConfig) -> bool {
+        self.layer_index(config).is_ok()
+    }
+
+    /// The analytic layer for `workload`.
+    pub fn build(
+        self,
+        config: &ModelConfig,
+        workload: &Workload,
+        attention: AttentionImpl,
+    ) -> Result<Box<dyn Layer>> {
+        let absent = |why: String| crate::Error::invalid("layer", self.name(attention), &why);
+        let index = self.layer_index(config).map_err(absent)?;
+        Ok(match self {
+            LayerId::RmsNorm => Box::new(DeepseekV2RMSNorm::new(config, workload)),
+            LayerId::Mlp => Box::new(DeepseekV2MLP::new(config, workload)),
+            LayerId::MoEGate => Box::new(MoEGate::new(config, workload)?),
+            LayerId::MoE => Box::new(DeepseekV2MoE::new(config, workload)?),
+            LayerId::Attention => Box::new(LlamaAttention::new(config, workload, attention)),
+            LayerId::DecoderDense | LayerId::DecoderMoe => Box::new(DeepseekV2DecoderLayer::new(
+                config, workload, index, attention,
+            )?),
+        })
+    }
+}
+
+/// The analytic layers `config` has, in report order.
+pub fn layers_of(
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+) -> Result<Vec<Box<dyn Layer>>> {
+    LayerId::ALL
+        .into_iter()
+        .filter(|id| id.is_in(config))
+        .map(|id| id.build(config, workload, attention))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_match_the_layers_built() {
+        let c = ModelConfig::deepseek_ocr();
+        let w = Workload::prefill(1, 4).unwrap();
+        for attention in [AttentionImpl::Sdpa, AttentionImpl::Eager] {
+            for id in LayerId::ALL {
+                assert_eq!(LayerId::parse(id.name(attention)), Some(id));
+                assert_eq!(
+                    id.build(&c, &w, attention).unwrap().name(),
+                    id.name(attention)
+                );
+            }
+        }
+        assert_eq!(LayerId::parse("DeepseekV2Mlp"), None);
+    }
+
+    #[test]
+    fn absent_layers_give_the_true_reason() {
+        let mut all_moe = ModelConfig::deepseek_ocr();
+        all_moe.layer_kinds = vec![MlpKind::Moe; 12];
+        let why = LayerId::DecoderDense.layer_index(&all_moe).unwrap_err();
+        assert!(
+            why.contains("no dense decoder layer") && why.contains("all MoE"),
+            "{why}"
+        );
+        assert!(LayerId::MoEGate.is_in(&all_moe));
+
+        let mut dense = ModelConfig::deepseek_ocr();
+        dense.moe = None;
+        dense.layer_kinds = vec![MlpKind::Dense; 12];
+        for id in [LayerId::MoEGate, LayerId::MoE, LayerId::DecoderMoe] {
+            assert!(!id.is_in(&dense), "{id:?}");
+        }
+        let why = LayerId::MoE.layer_index(&dense).unwrap_err();
+        assert!(why.contains("no routed experts"), "{why}");
+        let w = Workload::prefill(1, 4).unwrap();
+        let names: Vec<String> = layers_of(&dense, &w, AttentionImpl::Sdpa)
+            .unwrap()
+            .iter()
+            .map(|l| l.name())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "DeepseekV2RMSNorm",
+                "DeepseekV2MLP",
+                "LlamaFlashAttention2",
+                "DeepseekV2DecoderLayer_dense"
+            ]
+        );
+    }
+
+    #[test]
+    fn decoder_layers_run_at_their_first_index() {
+        let c = ModelConfig::deepseek_ocr();
+        assert_eq!(LayerId::DecoderDense.layer_index(&c), Ok(0));
+        assert_eq!(LayerId::DecoderMoe.layer_index(&c), Ok(1));
+    }
+}

@@ -1,0 +1,126 @@
+//! The rows `verify-decoder` checks per layer, as one typed list: the approximate
+//! FlopCounterMode-compatible total, the exact metrics, and the two completeness rows.
+//! The compare loop, the table (units), JSON and JUnit all iterate [`EXACT`] or name a
+//! [`Check`]; adding a verified metric means a [`Metric`] in the analytic crate, its
+//! measured source in [`measured`], and an entry in [`EXACT`].
+
+use modelmeter::{Metric, Unit};
+use modelmeter_reference::LayerRun;
+use serde::{Serialize, Serializer};
+
+/// One row of a layer's verification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Check {
+    /// The analytic total against the FlopCounterMode-compatible total (approximate by
+    /// nature: FlopCounterMode sees no elementwise work).
+    Flops,
+    /// An exact metric: analytic and measured must agree to the FLOP or byte.
+    Exact(Metric),
+    /// Executed ops the conventions table cannot cost (a failing row when any ran).
+    UncountedOps,
+    /// The fused attention kernel predicted vs the one that ran (a failing row when they
+    /// differ).
+    AttentionKernel,
+}
+
+/// What a row counts, for printing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowUnit {
+    Flop,
+    Byte,
+    /// A plain count (ops, kernels).
+    Count,
+}
+
+/// The exact metrics a layer is checked on, in report order.
+pub const EXACT: [Metric; 5] = [
+    Metric::MatmulFlops,
+    Metric::ElementwiseFlops,
+    Metric::TensorCoreFlops,
+    Metric::CudaCoreFlops,
+    Metric::WeightBytes,
+];
+
+/// Every row a layer that ran reports (the completeness rows only when they fail), in
+/// report order.
+pub fn reported() -> impl Iterator<Item = Check> {
+    std::iter::once(Check::Flops).chain(EXACT.into_iter().map(Check::Exact))
+}
+
+impl Check {
+    /// The row's name in reports (`flops`, `matmul_flops`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::Flops => "flops",
+            Check::Exact(m) => m.name(),
+            Check::UncountedOps => "uncounted_ops",
+            Check::AttentionKernel => "attention_kernel",
+        }
+    }
+
+    /// What the row's values count.
+    pub fn unit(self) -> RowUnit {
+        match self {
+            Check::Flops => RowUnit::Flop,
+            Check::Exact(m) => match m.unit() {
+                Unit::Flop => RowUnit::Flop,
+                Unit::Byte => RowUnit::Byte,
+            },
+            Check::UncountedOps | Check::AttentionKernel => RowUnit::Count,
+        }
+    }
+}
+
+impl Serialize for Check {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The measured value of an exact metric in `run`, or `None` where nothing measures it
+/// yet (bytes moved, activations and the KV cache are analytic only).
+pub fn measured(metric: Metric, run: &LayerRun) -> Option<u64> {
+    let flops = &run.counts.flops;
+    match metric {
+        Metric::MatmulFlops => Some(flops.matmul_flops),
+        Metric::ElementwiseFlops => Some(flops.elementwise_flops),
+        Metric::TensorCoreFlops => Some(flops.tensor_core_flops),
+        Metric::CudaCoreFlops => Some(flops.cuda_core_flops),
+        Metric::WeightBytes => Some(run.weight_bytes),
+        Metric::IoBytes | Metric::ActivationBytes | Metric::KvCacheBytes => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_have_names_and_units() {
+        let names: Vec<&str> = reported().map(Check::name).collect();
+        assert_eq!(
+            names,
+            [
+                "flops",
+                "matmul_flops",
+                "elementwise_flops",
+                "tensor_core_flops",
+                "cuda_core_flops",
+                "weight_bytes"
+            ]
+        );
+        assert_eq!(Check::Exact(Metric::WeightBytes).unit(), RowUnit::Byte);
+        assert_eq!(Check::Flops.unit(), RowUnit::Flop);
+        assert_eq!(Check::AttentionKernel.unit(), RowUnit::Count);
+        assert_eq!(
+            serde_json::to_string(&Check::UncountedOps).unwrap(),
+            "\"uncounted_ops\""
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! The join, op for op, on the CPU: for every pairing of the registry, the ops the
+//! reference module really dispatched and the op leaves of its analytic layer are the
+//! same multiset of (op, matmul FLOPs, elementwise FLOPs), and the weights agree to the
+//! byte. Also: the workload is the one source of the dtype and the TF32 setting.
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{Dtype, ModelConfig, Platform, Workload};
+use modelmeter_reference::harness::{run_layer, LayerRun};
+use modelmeter_reference::Setup;
+use modelmeter_verify::pairing::{Pairing, REGISTRY};
+use tch::{Device, Kind};
+
+const SETUP: Setup = Setup {
+    device: Device::Cpu,
+    seed: 3,
+};
+
+fn run(p: Pairing, config: &ModelConfig, w: &Workload, attention: AttentionImpl) -> LayerRun {
+    let module = p.module(config).unwrap();
+    let run = run_layer(module, config, w, attention, &SETUP).unwrap();
+    assert!(
+        run.counts.is_complete(),
+        "{}: unknown ops {:?}, errors {:?}",
+        run.name,
+        run.counts.unknown_ops,
+        run.counts.errors
+    );
+    run
+}
+
+/// (op, matmul FLOPs, elementwise FLOPs) of each FLOP-bearing op, sorted; ops of the same
+/// name merged where the module has routed experts (the analytic side has one MLP over
+/// N·k rows, the measured one MLP per expert that received tokens).
+fn multiset(mut ops: Vec<(String, u64, u64)>, merge: bool) -> Vec<(String, u64, u64)> {
+    ops.sort();
+    if !merge {
+        return ops;
+    }
+    let mut merged: Vec<(String, u64, u64)> = Vec::new();
+    for (name, m, e) in ops {
+        match merged.last_mut() {
+            Some(last) if last.0 == name => {
+                last.1 += m;
+                last.2 += e;
+            }
+            _ => merged.push((name, m, e)),
+        }
+    }
+    merged
+}
+
+fn assert_same_ops(p: Pairing, config: &ModelConfig, w: &Workload, attention: AttentionImpl) {
+    // The analytic model of what libtorch runs on the CPU (its CPU flash kernel).
+    let w = &w.on(Platform::Cpu);
+    let run = run(p, config, w, attention);
+    let analytic = p.analytic(config, w, attention).unwrap().cost().unwrap();
+    let experts = run.kind.has_experts(config);
+    let expected = multiset(
+        analytic
+            .ops()
+            .iter()
+            .filter(|o| o.metrics.matmul_flops + o.metrics.elementwise_flops > 0)
+            .map(|o| {
+                (
+                    o.op.unwrap().to_string(),
+                    o.metrics.matmul_flops,
+                    o.metrics.elementwise_flops,
+                )
+            })
+            .collect(),
+        experts,
+    );
+    let measured = multiset(
+        run.counts
+            .records
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.flops.matmul_flops,
+                    r.flops.elementwise_flops,
+                )
+            })
+            .collect(),
+        experts,
+    );
+    assert_eq!(measured, expected, "{}", p.name(attention));
+    assert_eq!(
+        run.weight_bytes,
+        analytic.metrics.weight_bytes,
+        "{} weight bytes",
+        p.name(attention)
+    );
+}
+
+#[test]
+fn every_pairing_agrees_op_for_op_at_the_default_workload() {
+    let config = ModelConfig::deepseek_ocr();
+    let w = Workload::prefill(1, 512)
+        .unwrap()
+        .with_dtype(Dtype::F32)
+        .unwrap();
+    for p in REGISTRY {
+        assert_same_ops(p, &config, &w, AttentionImpl::Sdpa);
+    }
+}
+
+#[test]
+fn every_pairing_agrees_op_for_op_in_bf16_decode_and_eager() {
+    let config = ModelConfig::deepseek_ocr();
+    for (w, attention) in [
+        (Workload::prefill(2, 9).unwrap(), AttentionImpl::Eager),
+        (Workload::decode(2, 11).unwrap(), AttentionImpl::Sdpa),
+        (
+            Workload::decode(1, 5)
+                .unwrap()
+                .with_dtype(Dtype::F32)
+                .unwrap(),
+            AttentionImpl::Eager,
+        ),
+    ] {
+        for p in REGISTRY {
+            assert_same_ops(p, &config, &w, attention);
+        }
+    }
+}
+
+#[test]
+fn the_workload_decides_dtype_and_tf32_and_the_counter_reports_the_switch() {
+    // Issue 8's case: a bf16-looking setup with an fp32 + TF32 workload. Setup has no
+    // dtype any more, so the module runs in the workload's fp32, libtorch's switch is set
+    // from the workload, and both sides book the same tensor-core FLOPs.
+    let config = ModelConfig::deepseek_ocr();
+    let mlp = REGISTRY[0];
+    for tf32 in [true, false] {
+        let w = Workload::prefill(1, 16)
+            .unwrap()
+            .with_dtype(Dtype::F32)
+            .unwrap()
+            .with_tf32(tf32)
+            .on(Platform::Cpu);
+        let run = run(mlp, &config, &w, AttentionImpl::Sdpa);
+        assert_eq!(run.output.kind(), Kind::Float, "the workload's dtype");
+        assert_eq!(run.counts.tf32_allowed, tf32, "the switch the counter saw");
+        let analytic = mlp
+            .analytic(&config, &w, AttentionImpl::Sdpa)
+            .unwrap()
+            .metrics()
+            .unwrap();
+        assert_eq!(
+            run.counts.flops.tensor_core_flops,
+            analytic.tensor_core_flops
+        );
+        let mm = 2 * 16 * 1280 * 6848 * 3;
+        assert_eq!(analytic.tensor_core_flops, if tf32 { mm } else { 0 });
+    }
+    // And bf16 from the workload: the module's output is bf16.
+    let w = Workload::prefill(1, 4).unwrap().on(Platform::Cpu);
+    assert_eq!(
+        run(mlp, &config, &w, AttentionImpl::Sdpa).output.kind(),
+        Kind::BFloat16
+    );
+}
