@@ -9,13 +9,20 @@ fn main() {
         .join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     println!("cargo:rerun-if-changed=csrc/op_observer.cpp");
+    println!("cargo:rerun-if-changed=csrc/op_observer.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    // libtorch's headers are system includes, so their warnings stay quiet while the
+    // shim's own are on (and errors).
+    let system = |dir: &std::path::Path| format!("-isystem{}", dir.display());
     cc::Build::new()
         .cpp(true)
         .pic(true)
-        .warnings(false)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
+        .warnings(true)
+        .extra_warnings(true)
+        .warnings_into_errors(true)
+        .include("csrc")
+        .flag(system(&include))
+        .flag(system(&include.join("torch/csrc/api/include")))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

@@ -1,7 +1,14 @@
 // The smallest shim the FLOP hook needs: a libtorch RecordFunction callback that writes
 // down every ATen op the dispatcher runs inside a counted region (name, nesting depth,
-// thread, scope and boxed inputs) as text lines. All costing happens in Rust
-// (src/counter.rs) with the conventions table of the analytic crate.
+// thread, scope and boxed inputs) as text lines, plus the few libtorch/CUDA settings the
+// counter must read. All costing happens in Rust (src/counter.rs) with the conventions
+// table of the analytic crate; the C ABI is declared in op_observer.h and wrapped by
+// src/ffi.rs.
+//
+// Why the callback is global (at::addGlobalCallback), not thread-local: backward ops of
+// the counted forward run on the autograd engine's own threads, which a thread-local
+// callback would never see. The callback is registered only while a region is open and
+// filters by thread itself (the arming thread, and backward nodes whose forward ran there).
 //
 // Line format, one per op start:
 //   <thread>\t<depth>\t<F|B>\t<name>\t<arg>;<arg>;...\n
@@ -9,6 +16,8 @@
 // i<int>, f<double>, b0|b1, s<hex bytes>, I[<int>,...], B[<0|1>,...], L[<arg>;...]
 // or ?<kind>. A callback failure writes X\t<message>\n instead: counts are never lost
 // silently, and no C++ exception ever reaches Rust.
+
+#include "op_observer.h"
 
 #include <ATen/Context.h>
 #include <ATen/Version.h>
@@ -50,12 +59,28 @@ ThreadFrames& frames() {
   return *t_frames_ptr;
 }
 
-void append_error(const std::string& message) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  if (!g_armed.load()) return;
-  g_log += "X\t";
-  for (char c : message) g_log += (c == '\n' || c == '\t') ? ' ' : c;
-  g_log += '\n';
+// What on_start hands to on_end for one op: the region generation whose frame stack it
+// pushed onto. An op that starts in one region and ends in the next (or after a region
+// was re-armed) must not pop a frame of the newer region.
+struct FrameContext : at::ObserverContext {
+  explicit FrameContext(uint64_t g) : generation(g) {}
+  uint64_t generation;
+};
+
+// Records a callback failure in the log. Never throws: it runs inside catch handlers.
+void append_error(const char* op, const char* message) noexcept {
+  try {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (!g_armed.load()) return;
+    g_log += "X\t";
+    for (const char* p : {op, ": ", message}) {
+      for (; *p; ++p) g_log += (*p == '\n' || *p == '\t') ? ' ' : *p;
+    }
+    g_log += '\n';
+  } catch (...) {
+    // Out of memory while reporting: the op is lost, and so is its error line. The
+    // region's totals then miss it; nothing better can be done without throwing.
+  }
 }
 
 void encode_ints(std::string& out, c10::IntArrayRef values) {
@@ -138,6 +163,7 @@ void encode(std::string& out, const c10::IValue& v) {
 }
 
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
+  std::unique_ptr<at::ObserverContext> context;
   try {
     const uint64_t generation = g_generation.load();
     ThreadFrames& t_frames = frames();
@@ -153,7 +179,8 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     const bool in = parent || fn.threadId() == owner || (backward && fn.forwardThreadId() == owner);
     const size_t depth = t_frames.in_region.size();
     t_frames.in_region.push_back(in ? 1 : 0);
-    if (!in || !g_armed.load()) return nullptr;
+    context = std::make_unique<FrameContext>(generation);
+    if (!in || !g_armed.load()) return context;
 
     std::string line = std::to_string(fn.threadId());
     line += '\t';
@@ -173,20 +200,21 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     // Only the region this op was judged against may receive it.
     if (g_armed.load() && g_generation.load() == generation) g_log += line;
   } catch (const std::exception& e) {
-    append_error(std::string(fn.name()) + ": " + e.what());
+    append_error(fn.name(), e.what());
   } catch (...) {
-    append_error(std::string(fn.name()) + ": unknown exception");
+    append_error(fn.name(), "unknown exception");
   }
-  return nullptr;
+  return context;
 }
 
-void on_end(const at::RecordFunction&, at::ObserverContext*) {
-  try {
-    ThreadFrames& t_frames = frames();
-    if (t_frames.generation == g_generation.load() && !t_frames.in_region.empty()) {
-      t_frames.in_region.pop_back();
-    }
-  } catch (...) {
+void on_end(const at::RecordFunction&, at::ObserverContext* context) {
+  // Pop only the frame this op pushed: same thread stack, same region generation. An op
+  // whose start failed before pushing has no context and pops nothing.
+  const auto* frame = static_cast<const FrameContext*>(context);
+  if (frame == nullptr || t_frames_ptr == nullptr) return;
+  ThreadFrames& t_frames = *t_frames_ptr;
+  if (t_frames.generation == frame->generation && !t_frames.in_region.empty()) {
+    t_frames.in_region.pop_back();
   }
 }
 
@@ -211,7 +239,7 @@ char* copy_out(const std::string& s, size_t* len) {
 extern "C" {
 
 // Arms the callback for ops of the calling thread (and its backward). 0 on success.
-int mm_observer_start(char* err, size_t err_len) {
+int mmeter_observer_start(char* err, size_t err_len) {
   try {
     std::lock_guard<std::mutex> lock(g_mutex);
     if (g_handle != 0) {
@@ -237,8 +265,8 @@ int mm_observer_start(char* err, size_t err_len) {
   return 1;
 }
 
-// Disarms the callback and hands over the log (free it with mm_free). 0 on success.
-int mm_observer_stop(char** out, size_t* out_len, char* err, size_t err_len) {
+// Disarms the callback and hands over the log (free it with mmeter_free). 0 on success.
+int mmeter_observer_stop(char** out, size_t* out_len, char* err, size_t err_len) {
   try {
     at::CallbackHandle handle = 0;
     {
@@ -247,6 +275,10 @@ int mm_observer_stop(char** out, size_t* out_len, char* err, size_t err_len) {
       g_handle = 0;
       g_armed.store(false);
     }
+    // g_mutex guards only this file's state and is never held across a call into
+    // libtorch: removeCallback takes libtorch's own callback-registry lock, and holding
+    // g_mutex around it would order the two locks against callbacks that take g_mutex
+    // (on_start's logging) — an avoidable lock-order dependency.
     if (handle != 0) at::removeCallback(handle);
     std::lock_guard<std::mutex> lock(g_mutex);
     *out = copy_out(g_log, out_len);
@@ -265,8 +297,8 @@ int mm_observer_stop(char** out, size_t* out_len, char* err, size_t err_len) {
   return 1;
 }
 
-// libtorch's build configuration (at::show_config()), with its version. Free with mm_free.
-char* mm_libtorch_config(size_t* out_len) {
+// libtorch's build configuration (at::show_config()), with its version. Free with mmeter_free.
+char* mmeter_libtorch_config(size_t* out_len) {
   try {
     return copy_out(at::show_config(), out_len);
   } catch (...) {
@@ -275,7 +307,7 @@ char* mm_libtorch_config(size_t* out_len) {
 }
 
 // Whether fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32).
-int mm_tf32_matmul_allowed() {
+int mmeter_tf32_matmul_allowed() {
   try {
     return at::globalContext().allowTF32CuBLAS() ? 1 : 0;
   } catch (...) {
@@ -284,7 +316,7 @@ int mm_tf32_matmul_allowed() {
 }
 
 // Whether fp32 cuDNN convolutions may use TF32 (torch.backends.cudnn.allow_tf32).
-int mm_tf32_cudnn_allowed() {
+int mmeter_tf32_cudnn_allowed() {
   try {
     return at::globalContext().allowTF32CuDNN() ? 1 : 0;
   } catch (...) {
@@ -293,7 +325,7 @@ int mm_tf32_cudnn_allowed() {
 }
 
 // Sets the matmul switch; 0 on success.
-int mm_set_tf32_matmul_allowed(int allowed) {
+int mmeter_set_tf32_matmul_allowed(int allowed) {
   try {
     at::globalContext().setAllowTF32CuBLAS(allowed != 0);
     return 0;
@@ -304,7 +336,7 @@ int mm_set_tf32_matmul_allowed(int allowed) {
 
 // Waits for all work queued on CUDA device `index` and reports an asynchronous CUDA
 // error (a failed kernel, an illegal address) as an error message. 0 on success.
-int mm_cuda_synchronize(int index, char* err, size_t err_len) {
+int mmeter_cuda_synchronize(int index, char* err, size_t err_len) {
   try {
     at::detail::getCUDAHooks().deviceSynchronize(static_cast<c10::DeviceIndex>(index));
     return 0;
@@ -319,7 +351,7 @@ int mm_cuda_synchronize(int index, char* err, size_t err_len) {
 // Free and total memory of CUDA device `index`, from the CUDA runtime that libtorch
 // loaded (cudaMemGetInfo, looked up at run time: the shim needs no CUDA headers).
 // 0 on success.
-int mm_cuda_mem_info(int index, size_t* free_bytes, size_t* total_bytes, char* err,
+int mmeter_cuda_mem_info(int index, size_t* free_bytes, size_t* total_bytes, char* err,
                      size_t err_len) {
   try {
     using GetDevice = int (*)(int*);
@@ -350,6 +382,6 @@ int mm_cuda_mem_info(int index, size_t* free_bytes, size_t* total_bytes, char* e
   return 1;
 }
 
-void mm_free(char* p) { std::free(p); }
+void mmeter_free(char* p) { std::free(p); }
 
 }  // extern "C"

@@ -27,7 +27,7 @@ use modelmeter::Dtype;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::observer;
+use crate::ffi;
 use crate::op_log::{self, OpEvent};
 
 /// One region at a time per process: regions on other threads wait.
@@ -53,8 +53,8 @@ impl FlopCounter {
         let guard = REGION
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let tf32 = observer::tf32()?;
-        observer::start()?;
+        let tf32 = ffi::tf32()?;
+        ffi::start()?;
         REGION_OPEN_HERE.with(|c| c.set(true));
         Ok(Region {
             _guard: guard,
@@ -77,7 +77,7 @@ impl Region {
     pub fn finish(mut self) -> Result<Counts> {
         self.finished = true;
         REGION_OPEN_HERE.with(|c| c.set(false));
-        let log = observer::stop()?;
+        let log = ffi::stop()?;
         Ok(Counts::from_log(&op_log::parse(&log), self.tf32))
     }
 }
@@ -86,7 +86,7 @@ impl Drop for Region {
     fn drop(&mut self) {
         if !self.finished {
             REGION_OPEN_HERE.with(|c| c.set(false));
-            let _ = observer::stop();
+            let _ = ffi::stop();
         }
     }
 }
@@ -136,7 +136,8 @@ pub struct Counts {
     pub tf32_allowed: bool,
     /// Whether libtorch allowed TF32 for fp32 cuDNN convolutions (PyTorch's default).
     pub tf32_cudnn_allowed: bool,
-    /// Counted ops, in the order they ran (per thread).
+    /// Counted ops that cost FLOPs, in the order they ran (per thread); zero-cost copies
+    /// and views are counted but not recorded.
     pub records: Vec<OpRecord>,
     /// Ops with no rule in the conventions table, by name and calls; their FLOPs are
     /// unknown, so any comparison must treat the totals as incomplete.

@@ -10,10 +10,10 @@ use crate::attention::{KvCache, RefLlamaAttention};
 use crate::counter::{Counts, FlopCounter};
 use crate::decoder_layer::RefDeepseekV2DecoderLayer;
 use crate::error::{Error, Result};
+use crate::ffi;
 use crate::mlp::RefDeepseekV2MLP;
 use crate::moe::RefDeepseekV2MoE;
 use crate::moe_gate::RefMoEGate;
-use crate::observer;
 use crate::rms_norm::RefDeepseekV2RMSNorm;
 use crate::weights::{dim, kind_of, seeded_normal, Init, Setup};
 use crate::Parameters;
@@ -314,12 +314,12 @@ impl Prepared {
     pub fn run(mut self) -> Result<LayerRun> {
         // The workload decides TF32; libtorch's process-wide switch is set from it, and
         // the counter reports the switch it saw.
-        observer::set_tf32_matmul_allowed(self.allow_tf32)?;
+        ffi::set_tf32_matmul_allowed(self.allow_tf32)?;
         let weight_bytes = self.module.weight_bytes();
         let device = self.inputs.hidden.device();
-        observer::synchronize(device)?;
+        ffi::synchronize(device)?;
         let measured = measure(|| self.module.forward(&self.inputs, &mut self.cache));
-        let synced = observer::synchronize(device);
+        let synced = ffi::synchronize(device);
         let ((output, tokens_per_expert), counts) = match (measured, synced) {
             (Ok(m), Ok(())) => m,
             (Err(e), _) | (Ok(_), Err(e)) => return Err(e),

@@ -27,7 +27,7 @@ impl DeviceSpec {
         let lower = text.trim().to_ascii_lowercase();
         match lower.as_str() {
             "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
             _ => lower
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
@@ -83,7 +83,7 @@ impl DeviceSpec {
             },
             DeviceSpec::Cuda(i) => DeviceInfo {
                 name: gpu_name(i).unwrap_or_else(|| "NVIDIA GPU (nvidia-smi unavailable)".into()),
-                memory_bytes: modelmeter_reference::observer::cuda_memory(i)
+                memory_bytes: modelmeter_reference::ffi::cuda_memory(i)
                     .map(|(free, _total)| free)
                     .map_err(|e| e.to_string()),
             },
@@ -101,21 +101,29 @@ pub struct DeviceInfo {
 }
 
 fn cpu_name() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let model = text.lines().find_map(|l| {
-        l.strip_prefix("model name")
-            .and_then(|r| r.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-    })?;
+    let model = model_name(&std::fs::read_to_string("/proc/cpuinfo").ok()?)?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     Some(format!("{model} ({cores} threads)"))
 }
 
+/// The first `model name` of a `/proc/cpuinfo` text.
+fn model_name(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|l| {
+        l.strip_prefix("model name")
+            .and_then(|r| r.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    })
+}
+
 fn cpu_available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = text
+    mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let kib: u64 = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))?
         .trim()
@@ -163,9 +171,20 @@ mod tests {
     }
 
     #[test]
-    fn cpu_is_described() {
-        let info = DeviceSpec::Cpu.describe();
-        assert!(!info.name.is_empty());
-        assert!(*info.memory_bytes.as_ref().unwrap() > 0);
+    fn proc_files_are_read_as_the_kernel_writes_them() {
+        let cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\nflags\t\t: fpu\n\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(
+            model_name(cpuinfo).as_deref(),
+            Some("AMD EPYC 9654 96-Core Processor")
+        );
+        assert_eq!(model_name("processor\t: 0\n"), None);
+        let meminfo =
+            "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   23000000 kB\n";
+        assert_eq!(mem_available(meminfo), Some(23_000_000 * 1024));
+        assert_eq!(mem_available("MemAvailable:   lots kB\n"), None);
+        assert_eq!(
+            mem_available("MemAvailable: 18446744073709551615 kB\n"),
+            None
+        );
     }
 }

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, Workload};
-use modelmeter_reference::observer;
+use modelmeter_reference::ffi;
 
 use crate::device::{DeviceInfo, DeviceSpec};
 
@@ -46,7 +46,7 @@ impl Environment {
         attention: AttentionImpl,
         seed: u64,
     ) -> Environment {
-        let config = observer::libtorch_config().unwrap_or_default();
+        let config = ffi::libtorch_config().unwrap_or_default();
         let setting = |key: &str| {
             config
                 .split([',', '\n'])

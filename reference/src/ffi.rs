@@ -1,31 +1,32 @@
-//! The only unsafe code of the crate: the C ABI of `csrc/op_observer.cpp`, wrapped in
-//! safe functions that turn every failure into an error.
+//! The FFI surface, and the only unsafe code of the crate: the C ABI of
+//! `csrc/op_observer.cpp` (declared in `csrc/op_observer.h`), wrapped in safe functions
+//! that turn every failure into an error.
 
 use std::ffi::{c_char, c_int, CStr};
 
 use crate::error::{Error, Result};
 
 extern "C" {
-    fn mm_observer_start(err: *mut c_char, err_len: usize) -> c_int;
-    fn mm_observer_stop(
+    fn mmeter_observer_start(err: *mut c_char, err_len: usize) -> c_int;
+    fn mmeter_observer_stop(
         out: *mut *mut c_char,
         out_len: *mut usize,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
-    fn mm_libtorch_config(out_len: *mut usize) -> *mut c_char;
-    fn mm_tf32_matmul_allowed() -> c_int;
-    fn mm_tf32_cudnn_allowed() -> c_int;
-    fn mm_set_tf32_matmul_allowed(allowed: c_int) -> c_int;
-    fn mm_cuda_synchronize(index: c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn mm_cuda_mem_info(
+    fn mmeter_libtorch_config(out_len: *mut usize) -> *mut c_char;
+    fn mmeter_tf32_matmul_allowed() -> c_int;
+    fn mmeter_tf32_cudnn_allowed() -> c_int;
+    fn mmeter_set_tf32_matmul_allowed(allowed: c_int) -> c_int;
+    fn mmeter_cuda_synchronize(index: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn mmeter_cuda_mem_info(
         index: c_int,
         free_bytes: *mut usize,
         total_bytes: *mut usize,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
-    fn mm_free(p: *mut c_char);
+    fn mmeter_free(p: *mut c_char);
 }
 
 const ERR_LEN: usize = 512;
@@ -46,7 +47,7 @@ fn take(ptr: *mut c_char, len: usize) -> String {
     let text = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
     let text = String::from_utf8_lossy(text).into_owned();
     // SAFETY: `ptr` came from the shim's malloc and is not used again.
-    unsafe { mm_free(ptr) };
+    unsafe { mmeter_free(ptr) };
     text
 }
 
@@ -54,7 +55,7 @@ fn take(ptr: *mut c_char, len: usize) -> String {
 pub(crate) fn start() -> Result<()> {
     let mut err = [0 as c_char; ERR_LEN];
     // SAFETY: `err` is a writable buffer of ERR_LEN bytes.
-    match unsafe { mm_observer_start(err.as_mut_ptr(), ERR_LEN) } {
+    match unsafe { mmeter_observer_start(err.as_mut_ptr(), ERR_LEN) } {
         0 => Ok(()),
         _ => Err(Error::Observer(message(&err))),
     }
@@ -66,7 +67,7 @@ pub(crate) fn stop() -> Result<String> {
     let mut out: *mut c_char = std::ptr::null_mut();
     let mut len = 0usize;
     // SAFETY: all pointers point to live locals; the shim fills `out`/`len` on success.
-    let rc = unsafe { mm_observer_stop(&mut out, &mut len, err.as_mut_ptr(), ERR_LEN) };
+    let rc = unsafe { mmeter_observer_stop(&mut out, &mut len, err.as_mut_ptr(), ERR_LEN) };
     let log = take(out, len);
     match rc {
         0 => Ok(log),
@@ -78,14 +79,14 @@ pub(crate) fn stop() -> Result<String> {
 pub fn libtorch_config() -> Option<String> {
     let mut len = 0usize;
     // SAFETY: `len` is a live local; the result is a malloc'd buffer or null.
-    let ptr = unsafe { mm_libtorch_config(&mut len) };
+    let ptr = unsafe { mmeter_libtorch_config(&mut len) };
     (!ptr.is_null()).then(|| take(ptr, len))
 }
 
 /// Whether libtorch lets fp32 matmuls use TF32 tensor cores.
 pub fn tf32_matmul_allowed() -> Option<bool> {
     // SAFETY: no arguments; the shim catches all exceptions.
-    match unsafe { mm_tf32_matmul_allowed() } {
+    match unsafe { mmeter_tf32_matmul_allowed() } {
         0 => Some(false),
         1 => Some(true),
         _ => None,
@@ -95,7 +96,7 @@ pub fn tf32_matmul_allowed() -> Option<bool> {
 /// Whether libtorch lets fp32 cuDNN convolutions use TF32 tensor cores (PyTorch: on).
 pub fn tf32_cudnn_allowed() -> Option<bool> {
     // SAFETY: no arguments; the shim catches all exceptions.
-    match unsafe { mm_tf32_cudnn_allowed() } {
+    match unsafe { mmeter_tf32_cudnn_allowed() } {
         0 => Some(false),
         1 => Some(true),
         _ => None,
@@ -119,7 +120,7 @@ pub fn tf32() -> Result<modelmeter::conventions::Tf32> {
 /// Allows or forbids TF32 for fp32 matmuls (process-wide, like PyTorch's flag).
 pub fn set_tf32_matmul_allowed(allowed: bool) -> Result<()> {
     // SAFETY: plain integer argument; the shim catches all exceptions.
-    match unsafe { mm_set_tf32_matmul_allowed(c_int::from(allowed)) } {
+    match unsafe { mmeter_set_tf32_matmul_allowed(c_int::from(allowed)) } {
         0 => Ok(()),
         _ => Err(Error::Observer("could not set libtorch's TF32 flag".into())),
     }
@@ -133,7 +134,7 @@ pub fn cuda_synchronize(index: usize) -> Result<()> {
         .map_err(|_| Error::Observer(format!("CUDA device index {index} is out of range")))?;
     let mut err = [0 as c_char; ERR_LEN];
     // SAFETY: `err` is a writable buffer of ERR_LEN bytes; the shim catches all exceptions.
-    match unsafe { mm_cuda_synchronize(index, err.as_mut_ptr(), ERR_LEN) } {
+    match unsafe { mmeter_cuda_synchronize(index, err.as_mut_ptr(), ERR_LEN) } {
         0 => Ok(()),
         _ => Err(Error::Observer(format!(
             "CUDA error surfaced at synchronisation: {}",
@@ -158,7 +159,8 @@ pub fn cuda_memory(index: usize) -> Result<(u64, u64)> {
     let (mut free, mut total) = (0usize, 0usize);
     let mut err = [0 as c_char; ERR_LEN];
     // SAFETY: all pointers point to live locals; the shim catches all exceptions.
-    let rc = unsafe { mm_cuda_mem_info(index, &mut free, &mut total, err.as_mut_ptr(), ERR_LEN) };
+    let rc =
+        unsafe { mmeter_cuda_mem_info(index, &mut free, &mut total, err.as_mut_ptr(), ERR_LEN) };
     match rc {
         0 => Ok((free as u64, total as u64)),
         _ => Err(Error::Observer(format!(
