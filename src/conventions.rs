@@ -1152,7 +1152,7 @@ mod tests {
         );
         assert_eq!(
             c.matmul_flops, 1_342_177_280,
-            "4·B·H·S²·d from deepseek-ocr-facts"
+            "4·B·H·S²·d, docs/deepseek-ocr.md"
         );
         assert_eq!(c.elementwise_flops, 6 * b * h * s * s);
         assert_eq!(c.flop_counter_mode_flops, c.matmul_flops);
@@ -1460,9 +1460,35 @@ mod tests {
     }
 
     #[test]
-    fn json_echo_lists_every_op() {
+    fn json_echo_states_the_rules_a_reader_needs() {
+        // Spot checks against the numbers docs/conventions.md states, written out here.
         let j = conventions_json();
-        assert_eq!(j["ops"].as_array().unwrap().len(), OPS.len());
+        let row = |op: &str| {
+            j["ops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["op"] == op)
+                .unwrap_or_else(|| panic!("{op} is not echoed"))
+                .clone()
+        };
+        assert_eq!(row("aten::silu")["flops_per_element"], 4);
+        assert_eq!(row("aten::softmax")["flops_per_element"], 5);
+        assert_eq!(row("aten::mm")["rule"], "matmul");
+        assert_eq!(row("aten::mm")["flop_counter_mode"], true);
+        assert_eq!(
+            row("aten::_scaled_dot_product_flash_attention_for_cpu")["flop_counter_mode"],
+            false
+        );
+        assert_eq!(row("aten::view")["rule"], "view");
+        assert_eq!(row("aten::linear")["rule"], "composite");
+        assert!(
+            row("aten::_scaled_dot_product_efficient_attention")["fp32_engine"]
+                .as_str()
+                .unwrap()
+                .contains("always")
+        );
         assert_eq!(j["fused_attention_elementwise_per_score"]["forward"], 6);
+        assert_eq!(j["fused_attention_elementwise_per_score"]["backward"], 8);
     }
 }

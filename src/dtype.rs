@@ -23,7 +23,7 @@ pub enum Dtype {
     Bool,
     /// Any of libtorch's 8-bit float formats (e4m3fn, e5m2 …): tensor-core GEMM inputs.
     F8,
-    /// A type libtorch has and modelmeter does not model (complex, float8, quantized …).
+    /// A type libtorch has and modelmeter does not model (complex, quantized …).
     Other,
 }
 

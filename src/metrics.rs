@@ -163,7 +163,7 @@ pub struct Cost {
 }
 
 impl Cost {
-    /// Depth-first iterator over the op-call leaves.
+    /// The op-call leaves, depth first.
     pub fn ops(&self) -> Vec<&Cost> {
         let mut out = Vec::new();
         fn walk<'a>(c: &'a Cost, out: &mut Vec<&'a Cost>) {

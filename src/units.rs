@@ -1,8 +1,8 @@
 //! Human-readable units for reports. The library computes in base units; only reports
 //! format, and they all format here.
 
-/// FLOPs in the largest decimal unit that keeps at least one integer digit
-/// (`26.927 GFLOP`).
+/// FLOPs in the largest decimal unit that keeps at least one integer digit, with four
+/// significant digits (`26.93 GFLOP`, `813 FLOP`).
 pub fn flops(value: u64) -> String {
     scaled(
         value,
@@ -11,7 +11,7 @@ pub fn flops(value: u64) -> String {
     )
 }
 
-/// Bytes in binary units (`50.2 MiB`).
+/// Bytes in binary units with four significant digits (`50.20 MiB`, `512 B`).
 pub fn bytes(value: u64) -> String {
     scaled(
         value,
@@ -53,7 +53,8 @@ pub fn percent(rel: f64) -> String {
     }
 }
 
-/// Left-aligned text columns: `rows` of cells, the first row a header.
+/// Text columns two spaces apart: `rows` of cells, the first row a header underlined
+/// with dashes; column `c` is right-aligned when `right_aligned[c]`, else left-aligned.
 pub fn table(rows: &[Vec<String>], right_aligned: &[bool]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let width: Vec<usize> = (0..columns)

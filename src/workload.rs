@@ -33,12 +33,12 @@ pub enum Platform {
 }
 
 impl Platform {
-    /// Parses `cuda` (also `gpu`, `cuda:N`) or `cpu`.
+    /// Parses `cuda`, `cuda:N` or `cpu` (the spellings of `--device`).
     pub fn parse(text: &str) -> Result<Platform> {
         let lower = text.trim().to_ascii_lowercase();
         match lower.as_str() {
             "cpu" => Ok(Platform::Cpu),
-            "cuda" | "gpu" => Ok(Platform::Cuda),
+            "cuda" => Ok(Platform::Cuda),
             _ if lower
                 .strip_prefix("cuda:")
                 .is_some_and(|n| n.parse::<u32>().is_ok()) =>

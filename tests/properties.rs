@@ -124,37 +124,71 @@ fn assert_sums(c: &Cost) {
     if c.children.is_empty() {
         return;
     }
-    let mut total = modelmeter::Metrics::default();
+    // The oracle adds the fields by hand (u128, no overflow possible), independently of
+    // the library's `Metrics::checked_add` that the cost builder uses.
+    #[derive(Default)]
+    struct Sums {
+        matmul_flops: u128,
+        elementwise_flops: u128,
+        tensor_core_flops: u128,
+        cuda_core_flops: u128,
+        io_bytes: u128,
+        activation_bytes: u128,
+        weight_bytes: u128,
+        kv_cache_bytes: u128,
+    }
+    let mut total = Sums::default();
     for child in &c.children {
         assert_sums(child);
-        total = total.checked_add(&child.metrics).unwrap();
+        let m = &child.metrics;
+        total.matmul_flops += u128::from(m.matmul_flops);
+        total.elementwise_flops += u128::from(m.elementwise_flops);
+        total.tensor_core_flops += u128::from(m.tensor_core_flops);
+        total.cuda_core_flops += u128::from(m.cuda_core_flops);
+        total.io_bytes += u128::from(m.io_bytes);
+        total.activation_bytes += u128::from(m.activation_bytes);
+        total.weight_bytes += u128::from(m.weight_bytes);
+        total.kv_cache_bytes += u128::from(m.kv_cache_bytes);
     }
     // A node adds only its own parameters and KV cache to its children's sum.
-    assert_eq!(c.metrics.matmul_flops, total.matmul_flops, "{}", c.name);
     assert_eq!(
-        c.metrics.elementwise_flops, total.elementwise_flops,
+        u128::from(c.metrics.matmul_flops),
+        total.matmul_flops,
         "{}",
         c.name
     );
     assert_eq!(
-        c.metrics.tensor_core_flops, total.tensor_core_flops,
+        u128::from(c.metrics.elementwise_flops),
+        total.elementwise_flops,
         "{}",
         c.name
     );
     assert_eq!(
-        c.metrics.cuda_core_flops, total.cuda_core_flops,
+        u128::from(c.metrics.tensor_core_flops),
+        total.tensor_core_flops,
         "{}",
         c.name
     );
-    assert_eq!(c.metrics.io_bytes, total.io_bytes, "{}", c.name);
     assert_eq!(
-        c.metrics.activation_bytes, total.activation_bytes,
+        u128::from(c.metrics.cuda_core_flops),
+        total.cuda_core_flops,
         "{}",
         c.name
     );
-    assert!(c.metrics.weight_bytes >= total.weight_bytes, "{}", c.name);
+    assert_eq!(u128::from(c.metrics.io_bytes), total.io_bytes, "{}", c.name);
+    assert_eq!(
+        u128::from(c.metrics.activation_bytes),
+        total.activation_bytes,
+        "{}",
+        c.name
+    );
     assert!(
-        c.metrics.kv_cache_bytes >= total.kv_cache_bytes,
+        u128::from(c.metrics.weight_bytes) >= total.weight_bytes,
+        "{}",
+        c.name
+    );
+    assert!(
+        u128::from(c.metrics.kv_cache_bytes) >= total.kv_cache_bytes,
         "{}",
         c.name
     );

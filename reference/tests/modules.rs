@@ -1,4 +1,4 @@
-//! The reference modules on CPU: FLOPs against deepseek-ocr-facts.md, routing, decode
+//! The reference modules on CPU: FLOPs against docs/deepseek-ocr.md, routing, decode
 //! and determinism. (Their op-for-op agreement with the analytic layers is verify's
 //! business: verify/tests/op_for_op.rs.)
 

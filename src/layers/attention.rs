@@ -54,7 +54,7 @@ impl AttentionImpl {
     /// Parses `sdpa` or `eager`.
     pub fn parse(text: &str) -> Result<AttentionImpl> {
         match text {
-            "sdpa" | "flash" | "flash_attention_2" => Ok(AttentionImpl::Sdpa),
+            "sdpa" => Ok(AttentionImpl::Sdpa),
             "eager" => Ok(AttentionImpl::Eager),
             _ => Err(Error::invalid(
                 "attention implementation",

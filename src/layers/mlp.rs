@@ -91,11 +91,29 @@ mod tests {
             .unwrap();
         assert_eq!(
             m.matmul_flops, 26_927_431_680,
-            "FlopCounterMode, deepseek-ocr-facts.md"
+            "FlopCounterMode, docs/deepseek-ocr.md"
         );
         assert_eq!(m.elementwise_flops, 5 * 512 * 6848);
         assert_eq!(m.weight_bytes, 26_296_320 * 2, "26,296,320 bf16 parameters");
         assert_eq!(m.tensor_core_flops, m.matmul_flops);
         assert_eq!(m.cuda_core_flops, m.elementwise_flops);
+    }
+
+    #[test]
+    fn bytes_moved_and_allocated_by_hand() {
+        // bf16, N = 4 rows, h = 1280, i = 6848. Per op, bytes read + written (unfused):
+        //   gate_proj, up_proj: x 4·1280·2 = 10,240 + Wᵀ 1280·6848·2 = 17,530,880
+        //                       + out 4·6848·2 = 54,784            → 17,595,904 each
+        //   silu: 54,784 read + 54,784 written                     →    109,568
+        //   act * up: 2·54,784 read + 54,784 written               →    164,352
+        //   down_proj: 54,784 + 17,530,880 read + 10,240 written   → 17,595,904
+        // Allocated outputs: four [4, 6848] tensors and one [4, 1280]: 229,376.
+        let c = ModelConfig::deepseek_ocr();
+        let m = DeepseekV2MLP::new(&c, &Workload::prefill(1, 4).unwrap())
+            .metrics()
+            .unwrap();
+        assert_eq!(m.io_bytes, 3 * 17_595_904 + 109_568 + 164_352);
+        assert_eq!(m.activation_bytes, 4 * 54_784 + 10_240);
+        assert_eq!(m.kv_cache_bytes, 0);
     }
 }

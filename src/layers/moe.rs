@@ -193,7 +193,7 @@ mod tests {
         let m = moe(&Workload::prefill(1, 512).unwrap());
         assert_eq!(
             m.matmul_flops, 28_269_608_960,
-            "FlopCounterMode, deepseek-ocr-facts.md"
+            "FlopCounterMode, docs/deepseek-ocr.md"
         );
         assert_eq!(
             m.weight_bytes,

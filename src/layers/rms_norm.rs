@@ -115,4 +115,23 @@ mod tests {
             fp32.metrics.elementwise_flops
         );
     }
+
+    #[test]
+    fn bytes_moved_and_allocated_by_hand() {
+        // bf16 x [4, 1280] = 10,240 B; fp32 [4, 1280] = 20,480 B; fp32 [4, 1] = 16 B;
+        // weight [1280] bf16 = 2,560 B. Per op, read + written:
+        //   to(fp32) 10,240 + 20,480; pow 2·20,480; mean 20,480 + 16; + eps 2·16;
+        //   rsqrt 2·16; x * rsqrt 20,480 + 16 + 20,480; to(bf16) 20,480 + 10,240;
+        //   weight * 2,560 + 10,240 + 10,240.
+        let w = Workload::prefill(1, 4).unwrap();
+        let m = DeepseekV2RMSNorm::new(&ModelConfig::deepseek_ocr(), &w)
+            .metrics()
+            .unwrap();
+        assert_eq!(
+            m.io_bytes,
+            30_720 + 40_960 + 20_496 + 32 + 32 + 40_976 + 30_720 + 23_040
+        );
+        // Outputs allocated: three fp32 [4, 1280], three fp32 [4, 1], two bf16 [4, 1280].
+        assert_eq!(m.activation_bytes, 3 * 20_480 + 3 * 16 + 2 * 10_240);
+    }
 }

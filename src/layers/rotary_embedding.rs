@@ -92,7 +92,7 @@ mod tests {
             allow_tf32: false,
         };
         let m = r.metrics().unwrap();
-        assert_eq!(m.matmul_flops, 65_536, "B·S·d from deepseek-ocr-facts.md");
+        assert_eq!(m.matmul_flops, 65_536, "B·S·d, docs/deepseek-ocr.md");
         assert_eq!(m.elementwise_flops, 4 * 512 * 128);
         assert_eq!(m.tensor_core_flops, 0);
     }
