@@ -9,6 +9,37 @@ use crate::error::{Error, Result};
 use crate::layers::AttentionImpl;
 use crate::workload::{Phase, Workload, DSOCR_STANDARD_V1};
 
+/// `--phase`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PhaseArg {
+    /// S_q = S_kv = --seq-len.
+    #[default]
+    Prefill,
+    /// One token after --context-len cached ones.
+    Decode,
+}
+
+/// `--dtype`: the model dtypes, as users and Hugging Face configs spell them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    #[value(alias = "bfloat16")]
+    Bf16,
+    #[value(alias = "float16", alias = "half", alias = "f16")]
+    Fp16,
+    #[value(alias = "float32", alias = "float", alias = "f32")]
+    Fp32,
+}
+
+impl From<DtypeArg> for Dtype {
+    fn from(d: DtypeArg) -> Dtype {
+        match d {
+            DtypeArg::Bf16 => Dtype::Bf16,
+            DtypeArg::Fp16 => Dtype::F16,
+            DtypeArg::Fp32 => Dtype::F32,
+        }
+    }
+}
+
 /// Model and workload options (clap `Args`, flattened into each binary's options).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct WorkloadArgs {
@@ -23,21 +54,21 @@ pub struct WorkloadArgs {
     #[arg(long, value_name = "S")]
     pub seq_len: Option<u64>,
     /// prefill (S_q = S_kv = seq-len) or decode (one token after context-len cached ones)
-    #[arg(long, value_name = "PHASE", default_value = "prefill", value_parser = ["prefill", "decode"])]
-    pub phase: String,
+    #[arg(long, value_name = "PHASE", value_enum, default_value_t = PhaseArg::Prefill)]
+    pub phase: PhaseArg,
     /// Cached tokens before the decode step; the step attends over context-len + 1 keys
     /// [default: 512]
     #[arg(long, value_name = "C")]
     pub context_len: Option<u64>,
-    /// Model dtype: bf16, fp16 or fp32
-    #[arg(long, value_name = "DTYPE")]
-    pub dtype: Option<String>,
+    /// Model dtype
+    #[arg(long, value_name = "DTYPE", value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// Let fp32 GEMMs use TF32 tensor cores (PyTorch's default is off)
     #[arg(long)]
     pub allow_tf32: bool,
     /// Attention core: sdpa (fused, LlamaFlashAttention2) or eager (LlamaAttention)
-    #[arg(long, value_name = "IMPL", default_value = "sdpa", value_parser = ["sdpa", "eager"])]
-    pub attn: String,
+    #[arg(long, value_name = "IMPL", value_enum, default_value_t = AttentionImpl::Sdpa)]
+    pub attn: AttentionImpl,
 }
 
 impl WorkloadArgs {
@@ -52,8 +83,8 @@ impl WorkloadArgs {
     /// The workload these options describe; `default_dtype` when `--dtype` is absent.
     pub fn workload(&self, default_dtype: Dtype) -> Result<Workload> {
         let batch = self.batch.unwrap_or(DSOCR_STANDARD_V1.batch);
-        let phase = match self.phase.as_str() {
-            "decode" => {
+        let phase = match self.phase {
+            PhaseArg::Decode => {
                 if self.seq_len.is_some() {
                     return Err(Error::invalid(
                         "--seq-len",
@@ -65,7 +96,7 @@ impl WorkloadArgs {
                     context_len: self.context_len.unwrap_or(DSOCR_STANDARD_V1.prefill_len),
                 }
             }
-            _ => {
+            PhaseArg::Prefill => {
                 if let Some(c) = self.context_len {
                     return Err(Error::invalid(
                         "--context-len",
@@ -78,16 +109,13 @@ impl WorkloadArgs {
                 }
             }
         };
-        let dtype = match &self.dtype {
-            Some(text) => Dtype::parse_model("--dtype", text)?,
-            None => default_dtype,
-        };
+        let dtype = self.dtype.map_or(default_dtype, Dtype::from);
         Ok(Workload::new(batch, phase, dtype)?.with_tf32(self.allow_tf32))
     }
 
     /// The attention implementation.
-    pub fn attention(&self) -> Result<AttentionImpl> {
-        AttentionImpl::parse(&self.attn)
+    pub fn attention(&self) -> AttentionImpl {
+        self.attn
     }
 }
 
@@ -98,8 +126,8 @@ mod tests {
     #[test]
     fn defaults_are_the_standard_profile_prefill() {
         let w = WorkloadArgs {
-            phase: "prefill".into(),
-            attn: "sdpa".into(),
+            phase: PhaseArg::Prefill,
+            attn: AttentionImpl::Sdpa,
             ..WorkloadArgs::default()
         }
         .workload(Dtype::Bf16)
@@ -110,7 +138,7 @@ mod tests {
     #[test]
     fn phase_specific_flags_are_checked() {
         let args = WorkloadArgs {
-            phase: "decode".into(),
+            phase: PhaseArg::Decode,
             seq_len: Some(4),
             ..WorkloadArgs::default()
         };
@@ -120,7 +148,7 @@ mod tests {
             .to_string()
             .contains("--context-len"));
         let args = WorkloadArgs {
-            phase: "prefill".into(),
+            phase: PhaseArg::Prefill,
             context_len: Some(4),
             ..WorkloadArgs::default()
         };
@@ -130,9 +158,9 @@ mod tests {
             .to_string()
             .contains("--phase decode"));
         let args = WorkloadArgs {
-            phase: "decode".into(),
+            phase: PhaseArg::Decode,
             context_len: Some(9),
-            dtype: Some("fp32".into()),
+            dtype: Some(DtypeArg::Fp32),
             ..WorkloadArgs::default()
         };
         assert_eq!(

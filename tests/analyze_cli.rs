@@ -100,7 +100,7 @@ fn bad_input_is_one_line_and_exit_2() {
             "/no/such/config.json",
         ),
         (&["--batch", "0"], "batch = 0"),
-        (&["--dtype", "int4"], "--dtype = int4"),
+        (&["--dtype", "int4"], "int4"),
         (
             &["--phase", "decode", "--context-len", "0"],
             "context_len = 0",

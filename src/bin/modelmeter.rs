@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use modelmeter::cli::WorkloadArgs;
+use modelmeter::cli::{PhaseArg, WorkloadArgs};
 use modelmeter::report::analyze;
 use modelmeter::{Dtype, Platform};
 
@@ -70,7 +70,7 @@ fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
         .workload
         .workload(Dtype::Bf16)?
         .on(Platform::parse(&args.device)?);
-    if args.new_tokens.is_some() && args.workload.phase != "prefill" {
+    if args.new_tokens.is_some() && args.workload.phase != PhaseArg::Prefill {
         return Err(modelmeter::Error::invalid(
             "--new-tokens",
             args.new_tokens.unwrap_or_default(),
@@ -80,7 +80,7 @@ fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
     let report = analyze(
         &config,
         &workload,
-        args.workload.attention()?,
+        args.workload.attention(),
         args.new_tokens,
     )?;
     Ok(if args.json {

@@ -41,10 +41,12 @@ fn kt(k: &TensorMeta) -> TensorMeta {
 pub const ATTENTION_CORE_ROLE: &str = "attention core";
 
 /// How the attention core runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionImpl {
     /// One fused kernel (`scaled_dot_product_attention`): `LlamaFlashAttention2`.
+    #[default]
     Sdpa,
     /// matmul → scale → mask → softmax → matmul: `LlamaAttention`.
     Eager,

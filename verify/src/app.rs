@@ -159,7 +159,7 @@ fn prepare(args: &Args) -> Result<Ready, String> {
         DeviceSpec::Cpu => (Dtype::F32, Platform::Cpu),
         DeviceSpec::Cuda(_) => (Dtype::Bf16, Platform::Cuda),
     };
-    let attention = args.workload.attention().map_err(|e| e.to_string())?;
+    let attention = args.workload.attention();
     let (config, workload) = if args.sweep.is_some() {
         check_sweep_options(args)?;
         // Placeholders: every case brings its own config and workload.
@@ -211,8 +211,8 @@ fn check_sweep_options(args: &Args) -> Result<(), String> {
         ("--batch", w.batch.is_some()),
         ("--seq-len", w.seq_len.is_some()),
         ("--context-len", w.context_len.is_some()),
-        ("--phase", w.phase != "prefill"),
-        ("--attn", w.attn != "sdpa"),
+        ("--phase", w.phase != modelmeter::cli::PhaseArg::Prefill),
+        ("--attn", w.attn != AttentionImpl::Sdpa),
     ];
     if let Some((option, _)) = fixed.iter().find(|(_, given)| *given) {
         return Err(format!(
