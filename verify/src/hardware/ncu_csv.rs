@@ -28,11 +28,12 @@ use std::collections::HashMap;
 
 /// The column that holds the range's name under `ncu --replay-mode range`.
 ///
-/// Under range replay ncu reports one result per range, and the result's name (the NVTX
-/// range's name, or ncu's own name for a range opened by `cudaProfilerStart`) stands in the
-/// column that names the kernel under kernel replay. This is the column
-/// [`ParseOptions::range_replay`] uses; other layouts (an NVTX column beside per-kernel
-/// rows, a different ncu version) can name theirs with [`ParseOptions::ranges_from`].
+/// Under range replay ncu reports one result per range, and the range's name (an NVTX
+/// range's name, or ncu's name for a `cudaProfilerStart`/`Stop` range) stands in the column
+/// that names the kernel under kernel replay. No range-replay export has been checked here
+/// yet (the fixtures are per-kernel), which is why the column is an option:
+/// [`ParseOptions::range_replay`] uses this one, and [`ParseOptions::ranges_from`] names any
+/// other (an NVTX column beside per-kernel rows, another ncu version's layout).
 pub const RANGE_REPLAY_NAME_COLUMN: &str = "Kernel Name";
 
 /// How to read a CSV: which column, if any, names the range a row belongs to.
