@@ -1,9 +1,10 @@
 //! `modelmeter`: analytic metrics of the DeepSeek-V2 decoder layers.
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::process::ExitCode;
 
-use modelmeter::cli::WorkloadArgs;
+use modelmeter::cli::{one_line, print_stdout, WorkloadArgs};
 use modelmeter::report::analyze;
 use modelmeter::{Dtype, Platform};
 
@@ -52,16 +53,25 @@ struct AnalyzeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Command::Analyze(args) = cli.command;
-    match run(&args) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("modelmeter: error: {e}");
-            ExitCode::from(2)
-        }
+    let text = match run(&args) {
+        Ok(text) => text,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    // A closed pipe (`| head`) ends quietly; a full disk is a one-line error.
+    match print_stdout(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("cannot write to standard output: {e}"), 1),
     }
+}
+
+/// Prints `message` as one line on standard error (never panicking) and returns `code`.
+fn fail(message: &str, code: u8) -> ExitCode {
+    let _ = writeln!(
+        std::io::stderr(),
+        "modelmeter: error: {}",
+        one_line(message)
+    );
+    ExitCode::from(code)
 }
 
 fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {

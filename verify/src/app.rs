@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use modelmeter::cli::WorkloadArgs;
+use modelmeter::cli::{one_line, WorkloadArgs};
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{units, Dtype, Platform};
 use modelmeter_reference::harness::LayerKind;
@@ -66,10 +66,12 @@ pub struct Args {
     /// Verify N random configurations and workloads instead (with --seed)
     #[arg(long, value_name = "N")]
     pub sweep: Option<usize>,
-    /// Write the modelmeter.verify/1 JSON report to FILE
+    /// Write the modelmeter.verify/1 JSON report to FILE (- for standard output; the
+    /// table then goes to standard error)
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Write a JUnit XML report (one test case per layer and metric) to FILE
+    /// Write a JUnit XML report (one test case per layer and metric) to FILE (- for
+    /// standard output)
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
     /// Print only the summary line (and errors)
@@ -90,7 +92,7 @@ pub fn run(args: &Args) -> ExitCode {
     let ready = match prepare(args) {
         Ok(r) => r,
         Err(message) => {
-            eprintln!("verify-decoder: error: {message}");
+            eprintln!("verify-decoder: error: {}", one_line(&message));
             return ExitCode::from(2);
         }
     };
@@ -107,21 +109,35 @@ pub fn run(args: &Args) -> ExitCode {
         Some(n) => run_sweep(args, &ready, n),
         None => run_single(args, &ready),
     };
-    let text = report::to_table(&report);
+    // Reports first: a table that cannot be printed (a full disk, a closed pipe) must
+    // not cost the reports.
+    let written = write_reports(args, &report);
+    let printed = print_table(args, &report);
+    let mut code = if report.summary().ok() { 0 } else { 1 };
+    for message in [written.err(), printed.err()].into_iter().flatten() {
+        eprintln!("verify-decoder: error: {}", one_line(&message));
+        code = 1;
+    }
+    ExitCode::from(code)
+}
+
+/// Prints the table (or with `--quiet` its summary line) to standard output, or to
+/// standard error when a report goes to standard output.
+fn print_table(args: &Args, report: &Report) -> Result<(), String> {
+    let mut text = report::to_table(report);
     if args.quiet {
-        println!("{}", text.lines().last().unwrap_or_default());
-    } else {
-        print!("{text}");
+        text = format!("{}\n", text.lines().last().unwrap_or_default());
     }
-    if let Err(message) = write_reports(args, &report) {
-        eprintln!("verify-decoder: error: {message}");
-        return ExitCode::from(2);
+    let report_on_stdout = [&args.json, &args.junit]
+        .into_iter()
+        .flatten()
+        .any(|p| report::goes_to_stdout(p));
+    if report_on_stdout {
+        eprint!("{text}");
+        return Ok(());
     }
-    if report.summary().ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    modelmeter::cli::print_stdout(&text)
+        .map_err(|e| format!("cannot write the table to standard output: {e}"))
 }
 
 impl Ready {
@@ -145,11 +161,14 @@ fn prepare(args: &Args) -> Result<Ready, String> {
             args.accept_rel_diff
         ));
     }
-    for (option, path) in [("--json", &args.json), ("--junit", &args.junit)] {
-        if let Some(p) = path {
-            report::check_writable(option, p)?;
-        }
+    let reports: Vec<(&str, &std::path::Path)> = [("--json", &args.json), ("--junit", &args.junit)]
+        .into_iter()
+        .filter_map(|(option, path)| Some((option, path.as_deref()?)))
+        .collect();
+    for (option, path) in &reports {
+        report::check_writable(option, path)?;
     }
+    report::check_distinct(&reports, args.workload.config.as_deref())?;
     let (spec, why) = match &args.device {
         Some(text) => (DeviceSpec::parse(text)?, "as asked"),
         None => DeviceSpec::default_choice(),
@@ -403,9 +422,19 @@ fn write_reports(args: &Args, report: &Report) -> Result<(), String> {
     if let Some(path) = &args.junit {
         files.push(("--junit", path, report::to_junit(report)));
     }
-    for (option, path, text) in files {
-        report::write_atomically(path, &text)
-            .map_err(|e| format!("cannot write {option} {}: {e}", path.display()))?;
+    // One report that cannot be written does not keep the other from being written.
+    let failed: Vec<String> = files
+        .into_iter()
+        .filter_map(|(option, path, text)| {
+            let result = report::write_report(path, &text);
+            result
+                .err()
+                .map(|e| format!("cannot write {option} {}: {e}", path.display()))
+        })
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
     }
-    Ok(())
 }
