@@ -24,6 +24,7 @@ pub mod checked;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+mod config_reader;
 pub mod conventions;
 pub mod dtype;
 pub mod error;

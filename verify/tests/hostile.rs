@@ -342,3 +342,37 @@ fn one_path_for_two_roles_is_refused() {
         "the config is untouched"
     );
 }
+
+// Items 3, 7 and 9 (config): bounded reads, wrong JSON types, nested configs, odd paths.
+
+#[test]
+fn configs_that_are_endless_ill_typed_or_oddly_named_are_refused() {
+    let dir = TempDir::new("config");
+    let fixture = include_str!("../../fixtures/deepseek-ocr/config.json");
+    let body = fixture.trim_end().strip_suffix('}').unwrap();
+    let typed = dir.path("typed.json");
+    std::fs::write(&typed, format!("{body}, \"torch_dtype\": 16}}")).unwrap();
+    let nested = dir.path("nested.json");
+    std::fs::write(&nested, "{\"language_config\": 5}").unwrap();
+    let newline = dir.path("a\nb.json");
+    std::fs::write(&newline, "{ nope").unwrap();
+    let cases: [(&str, &str); 5] = [
+        ("/dev/zero", "larger than 16 MiB"),
+        ("/dev/urandom", "larger than 16 MiB"),
+        (
+            typed.to_str().unwrap(),
+            "torch_dtype = 16 is invalid: expected a string",
+        ),
+        (
+            nested.to_str().unwrap(),
+            "language_config = 5 is invalid: expected an object",
+        ),
+        (newline.to_str().unwrap(), "a\\nb.json"),
+    ];
+    for (config, needle) in cases {
+        let start = Instant::now();
+        let o = verify(&["--device", "cpu", "--config", config]);
+        assert_refused(&o, needle);
+        assert!(start.elapsed() < Duration::from_secs(30), "{config}: quick");
+    }
+}
