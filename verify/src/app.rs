@@ -77,6 +77,10 @@ pub struct Args {
     /// Print only the summary line (and errors)
     #[arg(long, short)]
     pub quiet: bool,
+    /// Add a `host` object with facts that change from run to run (free device memory)
+    /// to the JSON report; without it, the same seed and inputs give byte-identical reports
+    #[arg(long)]
+    pub report_host_details: bool,
 }
 
 /// A checked invocation, ready to run.
@@ -85,6 +89,8 @@ struct Ready {
     why: &'static str,
     info: DeviceInfo,
     plan: Plan,
+    /// `--report-host-details`.
+    host_details: bool,
 }
 
 /// Parses, checks and runs; never panics on bad input.
@@ -97,8 +103,13 @@ pub fn run(args: &Args) -> ExitCode {
         }
     };
     if !args.quiet {
+        // Free memory is shown here, not in the reports: it changes from run to run.
+        let free = match &ready.info.memory_bytes {
+            Ok(bytes) => format!(", {} free", units::bytes(*bytes)),
+            Err(_) => String::new(),
+        };
         eprintln!(
-            "device: {} ({}): {}",
+            "device: {} ({}): {}{free}",
             ready.spec, ready.why, ready.info.name
         );
     }
@@ -144,7 +155,10 @@ impl Ready {
     /// The report's environment block for this device and plan.
     fn environment(&self) -> Environment {
         let p = &self.plan;
-        Environment::collect(self.spec, &self.info, p.workload.dtype, p.attention, p.seed)
+        let mut env =
+            Environment::collect(self.spec, &self.info, p.workload.dtype, p.attention, p.seed);
+        env.include_host_details = self.host_details;
+        env
     }
 }
 
@@ -217,6 +231,7 @@ fn prepare(args: &Args) -> Result<Ready, String> {
         why,
         info,
         plan,
+        host_details: args.report_host_details,
     })
 }
 

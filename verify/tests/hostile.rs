@@ -376,3 +376,52 @@ fn configs_that_are_endless_ill_typed_or_oddly_named_are_refused() {
         assert!(start.elapsed() < Duration::from_secs(30), "{config}: quick");
     }
 }
+
+// Item 8: the same seed and inputs give byte-identical reports.
+
+#[test]
+fn the_same_seed_writes_byte_identical_json_and_junit() {
+    let dir = TempDir::new("same-seed");
+    let run = |tag: &str| {
+        let (json, junit) = (
+            dir.str(&format!("{tag}.json")),
+            dir.str(&format!("{tag}.xml")),
+        );
+        let o = verify(&[
+            "--device",
+            "cpu",
+            "--seq-len",
+            "32",
+            "--json",
+            &json,
+            "--junit",
+            &junit,
+            "-q",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        (std::fs::read(json).unwrap(), std::fs::read(junit).unwrap())
+    };
+    let (a, b) = (run("a"), run("b"));
+    assert!(
+        a.0 == b.0,
+        "JSON differs between two runs with the same seed"
+    );
+    assert!(
+        a.1 == b.1,
+        "JUnit differs between two runs with the same seed"
+    );
+    let j: Value = serde_json::from_slice(&a.0).unwrap();
+    assert!(j["environment"].get("device_memory_bytes").is_none());
+    assert!(j.get("host").is_none(), "no volatile host facts by default");
+    // Volatile facts only on request, in their own object.
+    let json = dir.str("host.json");
+    let o = quick(&["--json", &json, "--report-host-details"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let j = read_json(Path::new(&json));
+    assert!(
+        j["host"]["device_memory_bytes"].as_u64().unwrap() > 0,
+        "{}",
+        j["host"]
+    );
+    assert!(j["environment"].get("device_memory_bytes").is_none());
+}

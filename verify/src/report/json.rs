@@ -41,6 +41,9 @@ pub fn to_json(report: &Report) -> Value {
         "conventions": modelmeter::conventions::conventions_json(),
         "known_gaps": known_gaps,
     });
+    if report.environment.include_host_details {
+        v["host"] = report.environment.host_details();
+    }
     match report.sweep {
         None => {
             if let (Some(case), Value::Object(map)) = (report.cases.first(), &mut v) {
