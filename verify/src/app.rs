@@ -26,8 +26,9 @@ const EXAMPLES: &str = "Examples:
   verify-decoder --config config.json --json report.json --junit report.xml
   verify-decoder --sweep 50 --seed 7               # 50 random configs and workloads
 
-Statuses: pass (rel diff <= tolerance), fail, known_gap (measured 0 where the counter is
-known to be blind: RMSNorm under FlopCounterMode), error (the layer could not run).
+Statuses: pass (rel diff <= tolerance), fail, known_gap (a flops row off by exactly the
+elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's), error
+(the layer could not run).
 Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
 
 /// The most configurations one sweep may verify.

@@ -425,3 +425,99 @@ fn the_same_seed_writes_byte_identical_json_and_junit() {
     );
     assert!(j["environment"].get("device_memory_bytes").is_none());
 }
+
+// Item 10: the flops row's known gap is the exact blind work, at any size.
+
+/// A small valid config whose MoEGate flops row is more than 5 % off: all of it the
+/// elementwise work (softmax, top-k, renormalisation) that FlopCounterMode cannot see.
+const SMALL: &str = r#"{"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+  "n_routed_experts": 64, "num_experts_per_tok": 16, "norm_topk_prob": true,
+  "n_shared_experts": 1, "num_attention_heads": 4, "num_hidden_layers": 2,
+  "first_k_dense_replace": 1, "vocab_size": 100}"#;
+
+fn flops_row(layer: &Value) -> &Value {
+    &layer["metrics"][0]
+}
+
+#[test]
+fn a_flops_row_off_by_exactly_the_blind_work_is_a_known_gap_at_small_sizes() {
+    let dir = TempDir::new("small");
+    let config = dir.str("small.json");
+    std::fs::write(&config, SMALL).unwrap();
+    let json = dir.str("r.json");
+    let run = |perturb: Option<&str>| {
+        let mut cmd = command(&[
+            "--device",
+            "cpu",
+            "--config",
+            &config,
+            "--seq-len",
+            "16",
+            "--json",
+            &json,
+            "-q",
+        ]);
+        if let Some(p) = perturb {
+            cmd.env("MODELMETER_VERIFY_PERTURB", p);
+        }
+        let o = no_panic(cmd.output().unwrap());
+        (o, read_json(Path::new(&json)))
+    };
+    let (o, j) = run(None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stdout));
+    for layer in j["layers"].as_array().unwrap() {
+        let flops = flops_row(layer);
+        let metrics = layer["metrics"].as_array().unwrap();
+        assert!(
+            metrics[1..].iter().all(|m| m["status"] == "pass"),
+            "{layer}"
+        );
+        let (analytic, measured) = (
+            flops["analytic"].as_u64().unwrap(),
+            flops["measured"].as_u64().unwrap(),
+        );
+        if flops["status"] == "known_gap" {
+            let note = flops["note"].as_str().unwrap();
+            assert!(
+                note.contains("exactly the analytic elementwise FLOPs"),
+                "{note}"
+            );
+            assert!(
+                note.contains(&format!("the difference, {} FLOP", analytic - measured)),
+                "{note}"
+            );
+        }
+    }
+    let gate = &j["layers"][1];
+    assert_eq!(gate["name"], "MoEGate");
+    assert_eq!(flops_row(gate)["status"], "known_gap");
+    assert!(flops_row(gate)["rel_diff"].as_f64().unwrap() > 0.05);
+    let gate_elementwise = gate["metrics"][2]["analytic"].as_u64().unwrap();
+    assert_eq!(
+        flops_row(gate)["analytic"].as_u64().unwrap()
+            - flops_row(gate)["measured"].as_u64().unwrap(),
+        gate_elementwise
+    );
+    assert_eq!(
+        flops_row(&j["layers"][3])["status"],
+        "known_gap",
+        "RMSNorm: the 100 % case"
+    );
+    assert!(j["known_gaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["layer"] == "*"));
+
+    // A difference of any other size fails: one FLOP more, on the gate and on RMSNorm.
+    for (layer, index) in [("MoEGate", 1), ("DeepseekV2RMSNorm", 3)] {
+        let (o, j) = run(Some(&format!("{layer}:flops:+1")));
+        assert_eq!(o.status.code(), Some(1), "{layer}");
+        let row = flops_row(&j["layers"][index]);
+        assert_eq!(row["status"], "fail", "{layer}: {row}");
+        assert!(
+            row["note"].as_str().unwrap().contains("is not the"),
+            "{row}"
+        );
+    }
+}
