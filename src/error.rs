@@ -43,6 +43,14 @@ pub enum Error {
         "{what} overflows 64-bit integers; reduce the workload (batch, sequence, context, new tokens) or the model sizes"
     )]
     Overflow { what: String },
+    /// An [`Error::Overflow`] with the inputs that cause it (see
+    /// [`crate::overflow::explain`]): `inputs` names them with their values.
+    #[error("{inputs}: {what} overflows 64-bit integers; lower {names}")]
+    OverflowFrom {
+        inputs: String,
+        what: String,
+        names: String,
+    },
     /// An op record the conventions cannot cost (wrong arity, shapes that do not match).
     #[error("cannot cost {op}: {message}")]
     OpShape { op: String, message: String },

@@ -30,6 +30,7 @@ pub mod dtype;
 pub mod error;
 pub mod layers;
 pub mod metrics;
+pub mod overflow;
 pub mod report;
 pub mod units;
 pub mod workload;

@@ -189,3 +189,64 @@ fn wrong_json_types_and_odd_paths_are_one_line_errors() {
     let missing = format!("{}/no\nsuch.json", dir.0.display());
     assert_refused(&analyze(&["--config", &missing]), &["no\\nsuch.json"]);
 }
+
+// Item 9: overflows name the option or config field; a huge decode context is costed.
+
+#[test]
+fn overflows_name_the_option_or_field() {
+    let dir = TempDir::new("overflow");
+    let hidden = dir.file(
+        "hidden.json",
+        r#"{"hidden_size": 1000000000000000, "num_attention_heads": 4, "head_dim": 2,
+            "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5}"#,
+    );
+    let vocab = dir.file(
+        "vocab.json",
+        r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 8,
+            "num_hidden_layers": 1, "vocab_size": 18446744073709551615}"#,
+    );
+    let cases: [(&[&str], &str, &str); 5] = [
+        (
+            &["--config", &hidden],
+            "hidden_size = 1000000000000000 (config ",
+            "lower hidden_size",
+        ),
+        (
+            &["--config", &vocab],
+            "vocab_size = 18446744073709551615 (config ",
+            "lower vocab_size",
+        ),
+        (
+            &["--seq-len", "10000000000"],
+            "--seq-len = 10000000000 is too large: ",
+            "lower --seq-len",
+        ),
+        (
+            &["--new-tokens", "1000000000"],
+            "--new-tokens = 1000000000 is too large: ",
+            "lower --new-tokens",
+        ),
+        (
+            &["--batch", "100000000000"],
+            "--batch = 100000000000 is too large: ",
+            "lower --batch",
+        ),
+    ];
+    for (args, start, end) in cases {
+        let o = analyze(args);
+        assert_refused(&o, &[start, "overflows 64-bit integers", end]);
+    }
+}
+
+#[test]
+fn a_decode_step_with_a_huge_context_is_costed() {
+    // verify-decoder agrees that these counts fit; it refuses the run only for memory
+    // (verify/tests/hostile.rs).
+    let o = analyze(&["--phase", "decode", "--context-len", "100000000", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["workload"]["context_len"], 100_000_000);
+    let kv = j["stack"]["metrics"]["kv_cache_bytes"].as_u64().unwrap();
+    // 12 layers × K and V × (C + 1) × 10 heads × 128 × 2 bytes (bf16).
+    assert_eq!(kv, 12 * 2 * 100_000_001 * 10 * 128 * 2);
+}

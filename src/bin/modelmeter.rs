@@ -5,6 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use modelmeter::cli::{one_line, print_stdout, WorkloadArgs};
+use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
 use modelmeter::{Dtype, Platform};
 
@@ -87,12 +88,18 @@ fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
             "no value with --phase decode (a generation starts with a prefill)",
         ));
     }
-    let report = analyze(
-        &config,
-        &workload,
-        args.workload.attention()?,
-        args.new_tokens,
-    )?;
+    let attention = args.workload.attention()?;
+    let report = analyze(&config, &workload, attention, args.new_tokens).map_err(|e| {
+        // Name the option or config field that overflowed, not only the op.
+        let inputs = Inputs {
+            config: config.clone(),
+            workload,
+            new_tokens: args.new_tokens,
+        };
+        overflow::explain(e, &inputs, |i| {
+            analyze(&i.config, &i.workload, attention, i.new_tokens).is_err()
+        })
+    })?;
     Ok(if args.json {
         let mut text =
             serde_json::to_string_pretty(&report.to_json()).expect("JSON values serialize");

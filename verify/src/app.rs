@@ -271,15 +271,19 @@ fn select_layers(
     } else {
         applicable_layers(config)
     };
-    let names: Vec<&str> = names
-        .iter()
-        .map(|n| n.trim())
-        .filter(|n| !n.is_empty())
-        .collect();
+    let valid: Vec<&str> = LayerKind::ALL.iter().map(|k| k.name(attention)).collect();
     if names.is_empty() {
         return Ok(available);
     }
-    let valid: Vec<&str> = LayerKind::ALL.iter().map(|k| k.name(attention)).collect();
+    // Given but empty (`--layers ''`, `--layers A,,B`) is a mistake, not "all layers".
+    if names.iter().any(|n| n.trim().is_empty()) {
+        return Err(format!(
+            "--layers = {:?} has an empty layer name; give comma-separated names (leave --layers out for all layers): {}",
+            names.join(","),
+            valid.join(", ")
+        ));
+    }
+    let names: Vec<&str> = names.iter().map(|n| n.trim()).collect();
     let mut out = Vec::new();
     for name in names {
         let kind = LayerKind::parse(name).ok_or_else(|| {
@@ -302,25 +306,7 @@ fn select_layers(
 }
 
 fn check_memory(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), String> {
-    let available = match &info.memory_bytes {
-        Ok(bytes) => *bytes,
-        Err(why) => {
-            // Not silent: the run goes on, and says that nothing was checked.
-            eprintln!("verify-decoder: warning: memory pre-check skipped on {spec}: {why}");
-            return Ok(());
-        }
-    };
-    let (need, layer) = runner::memory_estimate(plan)?;
-    if need > available {
-        return Err(format!(
-            "the workload ({}) needs about {} for {layer} (weights + activations + KV cache, from the analytic model) \
-             but {spec} has {} free; lower --batch, --seq-len or --context-len",
-            plan.workload.describe(),
-            units::bytes(need),
-            units::bytes(available)
-        ));
-    }
-    Ok(())
+    crate::memory::check(plan, spec, info)
 }
 
 fn progress_printer(quiet: bool) -> impl FnMut(Progress) {

@@ -29,6 +29,7 @@ pub mod app;
 pub mod compare;
 pub mod device;
 pub mod environment;
+pub mod memory;
 pub mod report;
 pub mod runner;
 pub mod sweep;

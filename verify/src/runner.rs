@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use modelmeter::conventions::{convention, is_fused_attention};
 use modelmeter::layers::{AttentionImpl, ATTENTION_CORE_ROLE};
-use modelmeter::{Cost, ModelConfig, Phase, Workload};
+use modelmeter::{Cost, ModelConfig, Workload};
 use modelmeter_reference::harness::{run_layer, LayerKind, LayerRun};
 use modelmeter_reference::{OpSummary, Setup};
 use serde::Serialize;
@@ -416,42 +416,9 @@ fn injected_error(layer: &str) -> modelmeter_reference::Result<()> {
 
 /// The largest memory one layer of the plan needs, estimated from the analytic model
 /// (weights + activations + KV cache; for a decode step also the prefill that fills
-/// the cache), with the layer's name. An error when the analytic model itself cannot
-/// represent the workload (its counts overflow 64 bits).
+/// the cache), with the layer's name. See [`crate::memory::estimate`].
 pub fn memory_estimate(plan: &Plan) -> Result<(u64, String), String> {
-    let mut worst = (0u64, String::new());
-    let mut workloads = vec![plan.workload];
-    if let Phase::Decode { context_len } = plan.workload.phase {
-        let prefill = Workload::new(
-            plan.workload.batch,
-            Phase::Prefill {
-                seq_len: context_len,
-            },
-            plan.workload.dtype,
-        )
-        .map_err(|e| e.to_string())?
-        .with_tf32(plan.workload.allow_tf32)
-        .on(plan.workload.platform);
-        workloads.push(prefill);
-    }
-    for kind in &plan.layers {
-        let name = kind.name(plan.attention);
-        for w in &workloads {
-            let m = kind
-                .analytic(&plan.config, w, plan.attention)
-                .map_err(|e| e.to_string())?
-                .metrics()
-                .map_err(|e| format!("{name} at {}: {e}", w.describe()))?;
-            let need = m
-                .weight_bytes
-                .saturating_add(m.activation_bytes)
-                .saturating_add(m.kv_cache_bytes);
-            if need > worst.0 {
-                worst = (need, name.to_string());
-            }
-        }
-    }
-    Ok(worst)
+    crate::memory::estimate(plan)
 }
 
 #[cfg(test)]

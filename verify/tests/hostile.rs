@@ -521,3 +521,61 @@ fn a_flops_row_off_by_exactly_the_blind_work_is_a_known_gap_at_small_sizes() {
         );
     }
 }
+
+// Item 9: messages that name what is wrong.
+
+#[test]
+fn overflows_name_the_option_or_field_and_empty_layer_lists_are_errors() {
+    let dir = TempDir::new("messages");
+    let huge = dir.path("huge.json");
+    std::fs::write(
+        &huge,
+        r#"{"hidden_size": 1000000000000000, "num_attention_heads": 4, "head_dim": 2,
+            "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5}"#,
+    )
+    .unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--seq-len", "10000000000"],
+            "--seq-len = 10000000000 is too large: ",
+        ),
+        (
+            &["--batch", "100000000000"],
+            "--batch = 100000000000 is too large: ",
+        ),
+        (
+            &["--config", huge.to_str().unwrap()],
+            "hidden_size = 1000000000000000 (config ",
+        ),
+        (&["--layers", ""], "--layers = \"\" has an empty layer name"),
+        (&["--layers", "MoEGate,,"], "has an empty layer name"),
+    ];
+    for (args, needle) in cases {
+        let o = verify(&[&["--device", "cpu"], args].concat());
+        assert_refused(&o, needle);
+    }
+}
+
+#[test]
+fn a_decode_step_with_a_huge_context_is_refused_for_memory_not_as_an_overflow() {
+    // `modelmeter analyze` costs this decode step (tests/analyze_hostile.rs); verify-decoder
+    // agrees the counts fit, and refuses only because it cannot fit in memory.
+    let o = verify(&[
+        "--device",
+        "cpu",
+        "--phase",
+        "decode",
+        "--context-len",
+        "100000000",
+    ]);
+    assert_refused(&o, "(B=1 decode C=100000000 fp32) needs at least");
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("overflow") && !err.contains("prefill S="),
+        "{err}"
+    );
+    assert!(
+        err.trim_end().ends_with("lower --batch or --context-len"),
+        "{err}"
+    );
+}
