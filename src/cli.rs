@@ -1,6 +1,7 @@
 //! Command-line options shared by `modelmeter analyze` and `verify-decoder`: which
 //! model config, which workload, which attention implementation.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use crate::config::ModelConfig;
@@ -119,6 +120,31 @@ impl WorkloadArgs {
     }
 }
 
+/// Writes `text` to standard output and flushes it, without panicking. A reader that
+/// went away (a closed pipe, as in `| head`) is not an error: the output ends quietly, as
+/// in other Unix tools. Any other failure (a full disk) is returned for a one-line error.
+pub fn print_stdout(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result,
+    }
+}
+
+/// `text` on one line: line breaks and other control characters (from a file name, say)
+/// are written as escapes (`\n`), so an error message stays one line.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +196,10 @@ mod tests {
                 .with_dtype(Dtype::F32)
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn messages_stay_on_one_line() {
+        assert_eq!(one_line("a\nb\tc é"), "a\\nb\\tc é");
     }
 }

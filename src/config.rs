@@ -10,13 +10,19 @@
 //!   (DeepSeek-OCR's checkpoint nests it);
 //! - `rope_theta`, or `rope_parameters.rope_theta` (transformers 5);
 //! - `torch_dtype` or `dtype`.
+//!
+//! A file is read up to [`MAX_CONFIG_BYTES`], and only the fields above are parsed into
+//! values; everything else is skipped unbuilt.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::path::Path;
 
-use crate::dtype::Dtype;
+use crate::config_reader::{self, FIELDS, NESTED_KEYS};
+use crate::dtype::{Dtype, MODEL_DTYPE_SPELLINGS};
 use crate::error::{Error, Result};
+
+pub use crate::config_reader::{MAX_CONFIG_BYTES, MAX_FIELD_BYTES};
 
 /// The DeepSeek-OCR checkpoint's `config.json` (HF `deepseek-ai/DeepSeek-OCR`).
 pub const DEEPSEEK_OCR_CONFIG_JSON: &str = include_str!("../fixtures/deepseek-ocr/config.json");
@@ -92,21 +98,18 @@ impl ModelConfig {
             .expect("the built-in DeepSeek-OCR config is valid (checked by tests)")
     }
 
-    /// Reads and validates a `config.json` file.
+    /// Reads and validates a `config.json` file: at most [`MAX_CONFIG_BYTES`] are read,
+    /// and only the fields modelmeter uses are parsed into values.
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        ModelConfig::from_json_str(&path.display().to_string(), &text)
+        let text = config_reader::read(path)?;
+        let name = path.display().to_string();
+        ModelConfig::from_json_value(&name, &config_reader::parse(&name, &text)?)
     }
 
-    /// Parses and validates `config.json` text; `name` says where it came from.
+    /// Parses and validates `config.json` text; `name` says where it came from. Fields
+    /// modelmeter does not use are skipped without being built.
     pub fn from_json_str(name: &str, text: &str) -> Result<ModelConfig> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::Parse {
-            source_name: name.to_string(),
-            message: e.to_string(),
-        })?;
+        let value = config_reader::parse(name, text.as_bytes())?;
         ModelConfig::from_json_value(name, &value)
     }
 
@@ -116,12 +119,21 @@ impl ModelConfig {
             source_name: name.to_string(),
             message: "the top level is not a JSON object".to_string(),
         })?;
-        let nested = ["language_config", "text_config"]
+        let nested = NESTED_KEYS
             .iter()
-            .find_map(|k| root.get(*k).and_then(Value::as_object));
-        let cfg = Fields {
-            obj: nested.unwrap_or(root),
+            .find_map(|k| root.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
+        let obj = match nested {
+            None => root,
+            Some((_, Value::Object(obj))) => obj,
+            Some((key, v)) => {
+                return Err(Error::invalid(
+                    key,
+                    v,
+                    "an object (the language model's nested config)",
+                ))
+            }
         };
+        let cfg = Fields { obj };
 
         check_attention_kind(&cfg)?;
         let hidden_act = cfg.string("hidden_act")?.unwrap_or_else(|| "silu".into());
@@ -150,17 +162,7 @@ impl ModelConfig {
         let layer_kinds = layer_kinds(&cfg, num_hidden_layers, moe.is_some())?;
         let rope_theta = rope_theta(&cfg)?;
         let rms_norm_eps = cfg.positive_float("rms_norm_eps")?.unwrap_or(1e-6);
-        let dtype_text = ["torch_dtype", "dtype"].iter().find_map(|k| {
-            cfg.obj
-                .get(*k)
-                .or_else(|| root.get(*k))
-                .and_then(Value::as_str)
-                .map(|s| (*k, s))
-        });
-        let dtype = match dtype_text {
-            Some((field, text)) => Dtype::parse_model(field, text)?,
-            None => Dtype::Bf16,
-        };
+        let dtype = model_dtype(&cfg, root)?;
         Ok(ModelConfig {
             name: name.to_string(),
             hidden_size,
@@ -216,6 +218,32 @@ impl ModelConfig {
     }
 }
 
+/// The checkpoint dtype: `torch_dtype`, else `dtype`, in the language model's config or at
+/// the top level; bf16 when neither is given. Every one given must be a string; the
+/// first is used.
+fn model_dtype(cfg: &Fields, root: &Map<String, Value>) -> Result<Dtype> {
+    let mut found = None;
+    for key in ["torch_dtype", "dtype"] {
+        let values = [cfg.present(key), root.get(key).filter(|v| !v.is_null())];
+        for value in values.into_iter().flatten() {
+            match value {
+                Value::String(text) => found = found.or(Some((key, text))),
+                v => {
+                    return Err(Error::invalid(
+                        key,
+                        v,
+                        &format!("a string: {MODEL_DTYPE_SPELLINGS}"),
+                    ))
+                }
+            }
+        }
+    }
+    match found {
+        Some((key, text)) => Dtype::parse_model(key, text),
+        None => Ok(Dtype::Bf16),
+    }
+}
+
 fn unsupported(field: &str, value: &str, reason: &str) -> Error {
     Error::Unsupported {
         field: field.into(),
@@ -231,6 +259,10 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn present(&self, key: &str) -> Option<&Value> {
+        debug_assert!(
+            FIELDS.contains(&key),
+            "{key} must be listed in config_reader::FIELDS, or files will never supply it"
+        );
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
@@ -747,6 +779,43 @@ mod tests {
         let mut v = without("torch_dtype");
         v["dtype"] = json!("float32");
         assert_eq!(parse(v).unwrap().dtype, Dtype::F32);
+    }
+
+    #[test]
+    fn values_of_the_wrong_json_type_name_the_field() {
+        let e = err(with("torch_dtype", json!(16)));
+        assert!(
+            e.contains("torch_dtype = 16 is invalid: expected a string"),
+            "{e}"
+        );
+        let mut v = without("torch_dtype");
+        v["dtype"] = json!(true);
+        assert!(err(v).contains("dtype = true is invalid"));
+        for key in ["language_config", "text_config"] {
+            let e = err(json!({ key: 5 }));
+            assert!(
+                e.contains(&format!("{key} = 5 is invalid: expected an object")),
+                "{e}"
+            );
+        }
+        let e = err(with("hidden_size", json!(vec![0; 10_000])));
+        assert!(e.contains("hidden_size") && e.len() < 200, "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_known_ones_read_from_text() {
+        let mut v = base();
+        v["vision_config"] = json!({"layers": vec![0; 1000]});
+        let text = serde_json::to_string(&v).unwrap();
+        assert_eq!(
+            ModelConfig::from_json_str("test", &text).unwrap(),
+            parse(base()).unwrap()
+        );
+        let text = serde_json::to_string(&with("torch_dtype", json!(16))).unwrap();
+        assert!(ModelConfig::from_json_str("test", &text)
+            .unwrap_err()
+            .to_string()
+            .contains("torch_dtype = 16"));
     }
 
     #[test]

@@ -43,17 +43,26 @@ pub enum Error {
         "{what} overflows 64-bit integers; reduce the workload (batch, sequence, context, new tokens) or the model sizes"
     )]
     Overflow { what: String },
+    /// An [`Error::Overflow`] with the inputs that cause it (see
+    /// [`crate::overflow::explain`]): `inputs` names them with their values.
+    #[error("{inputs}: {what} overflows 64-bit integers; lower {names}")]
+    OverflowFrom {
+        inputs: String,
+        what: String,
+        names: String,
+    },
     /// An op record the conventions cannot cost (wrong arity, shapes that do not match).
     #[error("cannot cost {op}: {message}")]
     OpShape { op: String, message: String },
 }
 
 impl Error {
-    /// Shorthand for [`Error::Invalid`].
+    /// Shorthand for [`Error::Invalid`]; a long value (a huge JSON array) is shortened
+    /// so that the message stays readable.
     pub fn invalid(field: &str, value: impl ToString, expected: &str) -> Error {
         Error::Invalid {
             field: field.to_string(),
-            value: value.to_string(),
+            value: abbreviate(value.to_string()),
             expected: expected.to_string(),
         }
     }
@@ -72,5 +81,30 @@ impl Error {
     }
 }
 
+/// The most characters of a value an error message shows.
+const MAX_SHOWN_VALUE: usize = 80;
+
+/// `text` when short; else its start, an ellipsis and its length.
+fn abbreviate(text: String) -> String {
+    if text.chars().count() <= MAX_SHOWN_VALUE {
+        return text;
+    }
+    let head: String = text.chars().take(MAX_SHOWN_VALUE - 20).collect();
+    format!("{head}… ({} bytes)", text.len())
+}
+
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_values_are_shortened() {
+        let short = Error::invalid("x", "[1, 2]", "y").to_string();
+        assert_eq!(short, "x = [1, 2] is invalid: expected y");
+        let long = Error::invalid("x", "0,".repeat(1000), "y").to_string();
+        assert!(long.len() < 120 && long.contains("(2000 bytes)"), "{long}");
+    }
+}

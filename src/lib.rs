@@ -24,11 +24,13 @@ pub mod checked;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+mod config_reader;
 pub mod conventions;
 pub mod dtype;
 pub mod error;
 pub mod layers;
 pub mod metrics;
+pub mod overflow;
 pub mod report;
 pub mod units;
 pub mod workload;

@@ -1,9 +1,11 @@
 //! `modelmeter`: analytic metrics of the DeepSeek-V2 decoder layers.
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::process::ExitCode;
 
-use modelmeter::cli::{PhaseArg, WorkloadArgs};
+use modelmeter::cli::{one_line, print_stdout, PhaseArg, WorkloadArgs};
+use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
 use modelmeter::{Dtype, Platform};
 
@@ -52,16 +54,25 @@ struct AnalyzeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Command::Analyze(args) = cli.command;
-    match run(&args) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("modelmeter: error: {e}");
-            ExitCode::from(2)
-        }
+    let text = match run(&args) {
+        Ok(text) => text,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    // A closed pipe (`| head`) ends quietly; a full disk is a one-line error.
+    match print_stdout(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("cannot write to standard output: {e}"), 1),
     }
+}
+
+/// Prints `message` as one line on standard error (never panicking) and returns `code`.
+fn fail(message: &str, code: u8) -> ExitCode {
+    let _ = writeln!(
+        std::io::stderr(),
+        "modelmeter: error: {}",
+        one_line(message)
+    );
+    ExitCode::from(code)
 }
 
 fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
@@ -77,12 +88,18 @@ fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
             "no value with --phase decode (a generation starts with a prefill)",
         ));
     }
-    let report = analyze(
-        &config,
-        &workload,
-        args.workload.attention(),
-        args.new_tokens,
-    )?;
+    let attention = args.workload.attention();
+    let report = analyze(&config, &workload, attention, args.new_tokens).map_err(|e| {
+        // Name the option or config field that overflowed, not only the op.
+        let inputs = Inputs {
+            config: config.clone(),
+            workload,
+            new_tokens: args.new_tokens,
+        };
+        overflow::explain(e, &inputs, |i| {
+            analyze(&i.config, &i.workload, attention, i.new_tokens).is_err()
+        })
+    })?;
     Ok(if args.json {
         let mut text =
             serde_json::to_string_pretty(&report.to_json()).expect("JSON values serialize");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use modelmeter::cli::WorkloadArgs;
+use modelmeter::cli::{one_line, WorkloadArgs};
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{units, Dtype, Platform};
 
@@ -25,8 +25,9 @@ const EXAMPLES: &str = "Examples:
   verify-decoder --config config.json --json report.json --junit report.xml
   verify-decoder --sweep 50 --seed 7               # 50 random configs and workloads
 
-Statuses: pass (rel diff <= tolerance), fail, known_gap (measured 0 where the counter is
-known to be blind: RMSNorm under FlopCounterMode), error (the layer could not run).
+Statuses: pass (rel diff <= tolerance), fail, known_gap (a flops row off by exactly the
+elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's), error
+(the layer could not run).
 Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
 
 /// The most configurations one sweep may verify.
@@ -65,15 +66,21 @@ pub struct Args {
     /// Verify N random configurations and workloads instead (with --seed)
     #[arg(long, value_name = "N")]
     pub sweep: Option<usize>,
-    /// Write the modelmeter.verify/1 JSON report to FILE
+    /// Write the modelmeter.verify/1 JSON report to FILE (- for standard output; the
+    /// table then goes to standard error)
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Write a JUnit XML report (one test case per layer and metric) to FILE
+    /// Write a JUnit XML report (one test case per layer and metric) to FILE (- for
+    /// standard output)
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
     /// Print only the summary line (and errors)
     #[arg(long, short)]
     pub quiet: bool,
+    /// Add a `host` object with facts that change from run to run (free device memory)
+    /// to the JSON report; without it, the same seed and inputs give byte-identical reports
+    #[arg(long)]
+    pub report_host_details: bool,
 }
 
 /// A checked invocation, ready to run.
@@ -82,6 +89,8 @@ struct Ready {
     why: &'static str,
     info: DeviceInfo,
     plan: Plan,
+    /// `--report-host-details`.
+    host_details: bool,
 }
 
 /// Parses, checks and runs; never panics on bad input.
@@ -89,13 +98,18 @@ pub fn run(args: &Args) -> ExitCode {
     let ready = match prepare(args) {
         Ok(r) => r,
         Err(message) => {
-            eprintln!("verify-decoder: error: {message}");
+            eprintln!("verify-decoder: error: {}", one_line(&message));
             return ExitCode::from(2);
         }
     };
     if !args.quiet {
+        // Free memory is shown here, not in the reports: it changes from run to run.
+        let free = match &ready.info.memory_bytes {
+            Ok(bytes) => format!(", {} free", units::bytes(*bytes)),
+            Err(_) => String::new(),
+        };
         eprintln!(
-            "device: {} ({}): {}",
+            "device: {} ({}): {}{free}",
             ready.spec, ready.why, ready.info.name
         );
     }
@@ -106,28 +120,44 @@ pub fn run(args: &Args) -> ExitCode {
         Some(n) => run_sweep(args, &ready, n),
         None => run_single(args, &ready),
     };
-    let text = report::to_table(&report);
+    // Reports first: a table that cannot be printed (a full disk, a closed pipe) must
+    // not cost the reports.
+    let written = write_reports(args, &report);
+    let printed = print_table(args, &report);
+    let mut code = if report.summary().ok() { 0 } else { 1 };
+    for message in [written.err(), printed.err()].into_iter().flatten() {
+        eprintln!("verify-decoder: error: {}", one_line(&message));
+        code = 1;
+    }
+    ExitCode::from(code)
+}
+
+/// Prints the table (or with `--quiet` its summary line) to standard output, or to
+/// standard error when a report goes to standard output.
+fn print_table(args: &Args, report: &Report) -> Result<(), String> {
+    let mut text = report::to_table(report);
     if args.quiet {
-        println!("{}", text.lines().last().unwrap_or_default());
-    } else {
-        print!("{text}");
+        text = format!("{}\n", text.lines().last().unwrap_or_default());
     }
-    if let Err(message) = write_reports(args, &report) {
-        eprintln!("verify-decoder: error: {message}");
-        return ExitCode::from(2);
+    let report_on_stdout = [&args.json, &args.junit]
+        .into_iter()
+        .flatten()
+        .any(|p| report::goes_to_stdout(p));
+    if report_on_stdout {
+        eprint!("{text}");
+        return Ok(());
     }
-    if report.summary().ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    modelmeter::cli::print_stdout(&text)
+        .map_err(|e| format!("cannot write the table to standard output: {e}"))
 }
 
 impl Ready {
     /// The report's environment block for this device and plan.
     fn environment(&self) -> Environment {
         let p = &self.plan;
-        Environment::collect(self.spec, &self.info, &p.workload, p.attention, p.seed)
+        let mut env = Environment::collect(self.spec, &self.info, &p.workload, p.attention, p.seed);
+        env.include_host_details = self.host_details;
+        env
     }
 }
 
@@ -144,11 +174,14 @@ fn prepare(args: &Args) -> Result<Ready, String> {
             args.accept_rel_diff
         ));
     }
-    for (option, path) in [("--json", &args.json), ("--junit", &args.junit)] {
-        if let Some(p) = path {
-            report::check_writable(option, p)?;
-        }
+    let reports: Vec<(&str, &std::path::Path)> = [("--json", &args.json), ("--junit", &args.junit)]
+        .into_iter()
+        .filter_map(|(option, path)| Some((option, path.as_deref()?)))
+        .collect();
+    for (option, path) in &reports {
+        report::check_writable(option, path)?;
     }
+    report::check_distinct(&reports, args.workload.config.as_deref())?;
     let (spec, why) = match &args.device {
         Some(text) => (DeviceSpec::parse(text)?, "as asked"),
         None => DeviceSpec::default_choice(),
@@ -196,6 +229,7 @@ fn prepare(args: &Args) -> Result<Ready, String> {
         why,
         info,
         plan,
+        host_details: args.report_host_details,
     })
 }
 
@@ -229,34 +263,21 @@ fn select_layers(
     attention: AttentionImpl,
     sweep: bool,
 ) -> Result<Vec<Pairing>, String> {
-    let names: Vec<&str> = names
-        .iter()
-        .map(|n| n.trim())
-        .filter(|n| !n.is_empty())
-        .collect();
+    // Given but empty (`--layers ''`, `--layers A,,B`) is a mistake, not "all layers".
+    if names.iter().any(|n| n.trim().is_empty()) {
+        let valid: Vec<&str> = REGISTRY.iter().map(|p| p.name(attention)).collect();
+        return Err(format!(
+            "--layers = {:?} has an empty layer name; give comma-separated names (leave --layers out for all layers): {}",
+            names.join(","),
+            valid.join(", ")
+        ));
+    }
+    let names: Vec<&str> = names.iter().map(|n| n.trim()).collect();
     pairing::select(&REGISTRY, &names, config, attention, sweep)
 }
 
 fn check_memory(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), String> {
-    let available = match &info.memory_bytes {
-        Ok(bytes) => *bytes,
-        Err(why) => {
-            // Not silent: the run goes on, and says that nothing was checked.
-            eprintln!("verify-decoder: warning: memory pre-check skipped on {spec}: {why}");
-            return Ok(());
-        }
-    };
-    let (need, layer) = runner::memory_estimate(plan)?;
-    if need > available {
-        return Err(format!(
-            "the workload ({}) needs about {} for {layer} (weights + activations + KV cache, from the analytic model) \
-             but {spec} has {} free; lower --batch, --seq-len or --context-len",
-            plan.workload.describe(),
-            units::bytes(need),
-            units::bytes(available)
-        ));
-    }
-    Ok(())
+    crate::memory::check(plan, spec, info)
 }
 
 fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
@@ -374,9 +395,19 @@ fn write_reports(args: &Args, report: &Report) -> Result<(), String> {
     if let Some(path) = &args.junit {
         files.push(("--junit", path, report::to_junit(report)));
     }
-    for (option, path, text) in files {
-        report::write_atomically(path, &text)
-            .map_err(|e| format!("cannot write {option} {}: {e}", path.display()))?;
+    // One report that cannot be written does not keep the other from being written.
+    let failed: Vec<String> = files
+        .into_iter()
+        .filter_map(|(option, path, text)| {
+            let result = report::write_report(path, &text);
+            result
+                .err()
+                .map(|e| format!("cannot write {option} {}: {e}", path.display()))
+        })
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
     }
-    Ok(())
 }

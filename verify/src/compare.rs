@@ -4,6 +4,12 @@
 //! `fail` when above, or when M = 0 < A for anything not on the known-gap list;
 //! `known_gap` when M = 0 where the instrumentation is known to be blind; `error` when
 //! the layer could not run. A layer's status is its worst metric.
+//!
+//! The `flops` row ([`compare_flops`]) compares with FlopCounterMode's total, which is
+//! blind to elementwise work (and to attention kernels outside its registry). Beyond the
+//! tolerance it is `known_gap` only when the difference is exactly the analytic work the
+//! counter cannot see and the matmul rows are exact; any other difference is a `fail`.
+//! RMSNorm, measured 0, is the case where that blind work is all of the layer.
 
 use serde::Serialize;
 
@@ -48,6 +54,88 @@ pub fn known_gap(layer: &str, metric: &str) -> Option<&'static str> {
         .iter()
         .find(|(l, m, _)| *l == layer && *m == metric)
         .map(|(_, _, why)| *why)
+}
+
+/// Why a `flops` row may be a known gap, for the JSON report's list.
+pub const FLOPS_BLIND_SPOT: &str = "FlopCounterMode counts matmuls only, not elementwise work (nor attention kernels outside its registry, such as the CPU SDPA kernel): a flops row beyond the tolerance is known_gap when its difference is exactly the analytic elementwise FLOPs outside such kernels and the matmul rows are exact; any other difference fails";
+
+/// What the FlopCounterMode-compatible counter cannot see in one layer run, from the
+/// analytic model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterBlindSpot {
+    /// Analytic elementwise FLOPs outside the attention cores below (FlopCounterMode
+    /// counts no elementwise op).
+    pub elementwise_flops: u64,
+    /// Analytic FLOPs of attention cores that ran in kernels outside FlopCounterMode's
+    /// registry (the CPU SDPA kernel); 0 when there were none.
+    pub attention_core_flops: u64,
+    /// Those kernels.
+    pub kernels: Vec<String>,
+}
+
+/// The `flops` row: the analytic total less the attention cores the counter cannot see,
+/// against the FlopCounterMode-compatible total `measured`. `pass` within `tolerance`;
+/// beyond it `known_gap` when analytic − measured is exactly `blind.elementwise_flops`
+/// and `matmul_exact` (the matmul row's analytic and measured values are equal), with
+/// a note that says so; any other difference is a `fail`.
+pub fn compare_flops(
+    layer: &str,
+    analytic_total: u64,
+    measured: u64,
+    blind: &CounterBlindSpot,
+    matmul_exact: bool,
+    tolerance: f64,
+) -> MetricRow {
+    let analytic = analytic_total.saturating_sub(blind.attention_core_flops);
+    let mut row = compare(layer, Check::Flops, analytic, measured, tolerance);
+    let core_note = (!blind.kernels.is_empty()).then(|| {
+        format!(
+            "analytic total less the attention core FlopCounterMode cannot see ({})",
+            blind.kernels.join(", ")
+        )
+    });
+    let outside = if blind.kernels.is_empty() {
+        ""
+    } else {
+        " outside that core"
+    };
+    let note = if row.status == Status::Pass {
+        core_note
+    } else {
+        let difference = analytic.checked_sub(measured);
+        let explained = matmul_exact && difference == Some(blind.elementwise_flops);
+        let why = if explained {
+            row.status = Status::KnownGap;
+            let all = if measured == 0 {
+                ": the layer is only elementwise work"
+            } else {
+                ""
+            };
+            format!(
+                "the difference, {} FLOP, is exactly the analytic elementwise FLOPs{outside}, which FlopCounterMode does not count{all}; the matmul rows are exact",
+                blind.elementwise_flops
+            )
+        } else {
+            row.status = Status::Fail;
+            let difference =
+                difference.map_or_else(|| format!("−{}", measured - analytic), |d| d.to_string());
+            let matmul = if matmul_exact {
+                ""
+            } else {
+                " (and the matmul rows are not exact)"
+            };
+            format!(
+                "the difference, {difference} FLOP, is not the {} elementwise FLOP{outside} that FlopCounterMode cannot see{matmul}",
+                blind.elementwise_flops
+            )
+        };
+        Some(match core_note {
+            Some(core) => format!("{core}; {why}"),
+            None => why,
+        })
+    };
+    row.note = note;
+    row
 }
 
 /// One compared metric.
@@ -139,6 +227,76 @@ mod tests {
             compare("DeepseekV2RMSNorm", FLOPS, 0, 0, 0.0).status,
             Status::Pass
         );
+    }
+
+    fn blind(elementwise_flops: u64) -> CounterBlindSpot {
+        CounterBlindSpot {
+            elementwise_flops,
+            ..CounterBlindSpot::default()
+        }
+    }
+
+    #[test]
+    fn a_flops_difference_of_exactly_the_blind_work_is_a_known_gap() {
+        // Within the tolerance: pass, whatever the difference.
+        let row = compare_flops("MoEGate", 1050, 1000, &blind(50), true, 0.05);
+        assert_eq!((row.status, row.note), (Status::Pass, None));
+        // Beyond it: known_gap only for exactly the elementwise work, matmul exact.
+        let row = compare_flops("MoEGate", 1060, 1000, &blind(60), true, 0.05);
+        assert_eq!(row.status, Status::KnownGap);
+        assert!(row
+            .note
+            .unwrap()
+            .contains("exactly the analytic elementwise FLOPs"));
+        for (total, elementwise, matmul_exact) in [
+            (1061, 60, true),
+            (1059, 60, true),
+            (1060, 60, false),
+            (900, 60, true),
+        ] {
+            let row = compare_flops(
+                "MoEGate",
+                total,
+                1000,
+                &blind(elementwise),
+                matmul_exact,
+                0.05,
+            );
+            assert_eq!(
+                row.status,
+                Status::Fail,
+                "{total} {elementwise} {matmul_exact}"
+            );
+            assert!(row.note.unwrap().contains("is not the 60 elementwise FLOP"));
+        }
+    }
+
+    #[test]
+    fn rmsnorm_is_the_all_elementwise_case_of_the_same_rule() {
+        let row = compare_flops("DeepseekV2RMSNorm", 4128, 0, &blind(4128), true, 0.05);
+        assert_eq!((row.status, row.rel_diff), (Status::KnownGap, None));
+        assert!(row.note.unwrap().contains("only elementwise work"));
+        // A different amount fails, although RMSNorm is on the measured-0 list.
+        let row = compare_flops("DeepseekV2RMSNorm", 4129, 0, &blind(4128), true, 0.05);
+        assert_eq!(row.status, Status::Fail);
+    }
+
+    #[test]
+    fn an_invisible_attention_core_is_left_out_of_both_sides() {
+        let spot = CounterBlindSpot {
+            elementwise_flops: 100,
+            attention_core_flops: 500,
+            kernels: vec!["aten::_scaled_dot_product_flash_attention_for_cpu".into()],
+        };
+        let row = compare_flops("LlamaFlashAttention2", 1600, 1000, &spot, true, 0.05);
+        assert_eq!((row.analytic, row.status), (1100, Status::KnownGap));
+        let note = row.note.unwrap();
+        assert!(
+            note.contains("attention core") && note.contains("outside that core"),
+            "{note}"
+        );
+        let row = compare_flops("LlamaFlashAttention2", 1510, 1000, &spot, true, 0.05);
+        assert_eq!((row.status, row.analytic), (Status::Pass, 1010));
     }
 
     #[test]

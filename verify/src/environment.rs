@@ -15,7 +15,9 @@ pub struct Environment {
     pub device: String,
     pub device_name: String,
     /// Memory the run may use (host available memory, or GPU free memory), if known.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Volatile (it changes from run to run), so not part of the environment block: the
+    /// JSON report has it in a separate `host` object only with `--report-host-details`.
+    #[serde(skip)]
     pub device_memory_bytes: Option<u64>,
     pub libtorch_version: String,
     /// The CUDA and cuDNN versions libtorch was built with.
@@ -35,6 +37,11 @@ pub struct Environment {
     /// Test hooks that changed this run (debug builds only); empty in real runs.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub test_hooks: Vec<String>,
+    /// Whether the JSON report carries the volatile [`Environment::host_details`]
+    /// (`--report-host-details`); off by default, so that the same seed and inputs give
+    /// byte-identical reports.
+    #[serde(skip)]
+    pub include_host_details: bool,
 }
 
 impl Environment {
@@ -70,7 +77,14 @@ impl Environment {
             threads: tch::get_num_threads(),
             modelmeter_version: env!("CARGO_PKG_VERSION"),
             test_hooks: crate::runner::active_test_hooks(),
+            include_host_details: false,
         }
+    }
+
+    /// Facts about the host that change from run to run (free memory), for the JSON
+    /// report's separate `host` object.
+    pub fn host_details(&self) -> serde_json::Value {
+        serde_json::json!({ "device_memory_bytes": self.device_memory_bytes })
     }
 
     /// Adds the attention kernels seen in a run.

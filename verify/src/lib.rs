@@ -6,12 +6,32 @@
 //! comparison ([`compare`]), running ([`runner`]), sweeps ([`sweep`]) and reports
 //! ([`report`]) are library code. [`hardware`] reads Nsight Compute's hardware counters.
 
+/// This crate's `eprint!`: like the standard one, but a failed write to standard error
+/// (`2>/dev/full`, a closed pipe) is ignored instead of panicking, since there is nowhere
+/// left to report it. Defined before the modules, so it replaces the standard macro in
+/// all of them.
+macro_rules! eprint {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// This crate's `eprintln!`: see [`eprint!`]; never panics.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod app;
 pub mod check;
 pub mod compare;
 pub mod device;
 pub mod environment;
 pub mod hardware;
+pub mod memory;
 pub mod pairing;
 pub mod report;
 pub mod runner;

@@ -8,14 +8,14 @@ use std::time::Instant;
 
 use modelmeter::conventions::{convention, is_fused_attention};
 use modelmeter::layers::{AttentionImpl, ATTENTION_CORE_ROLE};
-use modelmeter::{Cost, ModelConfig, Phase, Workload};
+use modelmeter::{Cost, ModelConfig, Workload};
 use modelmeter_reference::harness::{run_layer, LayerRun};
 use modelmeter_reference::{OpSummary, Setup};
 use serde::Serialize;
 use tch::Device;
 
 use crate::check::{self, Check, EXACT};
-use crate::compare::{compare, worst, MetricRow, Status};
+use crate::compare::{compare, compare_flops, worst, CounterBlindSpot, MetricRow, Status};
 use crate::pairing::{self, Pairing, REGISTRY};
 
 /// What one verification run checks.
@@ -213,46 +213,52 @@ fn nodes<'a>(cost: &'a Cost, name: &str, out: &mut Vec<&'a Cost>) {
     }
 }
 
-/// The analytic FLOPs that `FlopCounterMode` cannot see in this run: the attention core
-/// when libtorch ran it as a fused kernel outside FlopCounterMode's registry (the CPU
-/// SDPA kernel). Returns the FLOPs and the kernel names.
-fn invisible_to_flop_counter_mode(analytic: &Cost, run: &LayerRun) -> (u64, Vec<String>) {
-    let kernels = run.counts.attention_kernels();
-    let invisible: Vec<String> = kernels
-        .iter()
+/// What `FlopCounterMode` cannot see in this run: the elementwise FLOPs (given, from the
+/// analytic metrics), and the attention core when libtorch ran it as a fused kernel
+/// outside FlopCounterMode's registry (the CPU SDPA kernel), with the kernel names.
+fn invisible_to_flop_counter_mode(
+    analytic: &Cost,
+    elementwise_flops: u64,
+    run: &LayerRun,
+) -> CounterBlindSpot {
+    let kernels: Vec<String> = run
+        .counts
+        .attention_kernels()
+        .into_iter()
         .filter(|k| convention(k).is_some_and(|c| !c.flop_counter_mode))
-        .cloned()
         .collect();
-    if invisible.is_empty() {
-        return (0, invisible);
+    if kernels.is_empty() {
+        return CounterBlindSpot {
+            elementwise_flops,
+            ..CounterBlindSpot::default()
+        };
     }
     let mut cores = Vec::new();
     nodes(analytic, ATTENTION_CORE_ROLE, &mut cores);
-    let flops = cores
-        .iter()
-        .map(|c| c.metrics.total_flops().unwrap_or(u64::MAX))
-        .fold(0u64, u64::saturating_add);
-    (flops, invisible)
+    let sum = |f: &dyn Fn(&Cost) -> u64| cores.iter().map(|c| f(c)).fold(0u64, u64::saturating_add);
+    CounterBlindSpot {
+        elementwise_flops: elementwise_flops.saturating_sub(sum(&|c| c.metrics.elementwise_flops)),
+        attention_core_flops: sum(&|c| c.metrics.total_flops().unwrap_or(u64::MAX)),
+        kernels,
+    }
 }
 
 fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) -> LayerResult {
     let a = perturbed(name, analytic.metrics);
     let c = &run.counts;
-    let (invisible, kernels) = invisible_to_flop_counter_mode(analytic, run);
-    let total = a.total_flops().unwrap_or(u64::MAX);
-    let mut flops = compare(
+    let blind = invisible_to_flop_counter_mode(analytic, a.elementwise_flops, run);
+    let total = a
+        .total_flops()
+        .unwrap_or(u64::MAX)
+        .saturating_add(perturbation(name, "flops").unwrap_or(0));
+    let flops = compare_flops(
         name,
-        Check::Flops,
-        total.saturating_sub(invisible),
+        total,
         c.flops.flop_counter_mode_flops,
+        &blind,
+        a.matmul_flops == c.flops.matmul_flops,
         tolerance,
     );
-    if invisible > 0 {
-        flops.note = Some(format!(
-            "analytic total less the attention core FlopCounterMode cannot see ({})",
-            kernels.join(", ")
-        ));
-    }
     let mut metrics = vec![flops];
     for metric in EXACT {
         let measured = check::measured(metric, run).unwrap_or_default();
@@ -340,27 +346,30 @@ fn attention_kernel_row(analytic: &Cost, run: &LayerRun) -> Option<MetricRow> {
 pub const PERTURB_ENV: &str = "MODELMETER_VERIFY_PERTURB";
 
 /// Test builds only: `MODELMETER_VERIFY_PERTURB=Layer:metric:delta` adds `delta` to one
-/// analytic metric, so tests can force a mismatch. Release builds ignore it; when it is
-/// active, [`active_test_hooks`] says so and the report shows it.
+/// analytic metric (or, for `flops`, to the `flops` row's analytic total), so tests can
+/// force a mismatch. Release builds ignore it; when it is active, [`active_test_hooks`]
+/// says so and the report shows it.
 fn perturbed(layer: &str, mut metrics: modelmeter::Metrics) -> modelmeter::Metrics {
-    if !cfg!(debug_assertions) {
-        return metrics;
-    }
-    let Ok(spec) = std::env::var(PERTURB_ENV) else {
-        return metrics;
-    };
-    let mut parts = spec.splitn(3, ':');
-    if let (Some(l), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) {
-        if let (true, Some(metric), Ok(delta)) = (
-            l == layer,
-            modelmeter::Metric::parse(m),
-            d.trim_start_matches('+').parse::<u64>(),
-        ) {
+    for metric in modelmeter::Metric::ALL {
+        if let Some(delta) = perturbation(layer, metric.name()) {
             let value = metric.get(&metrics);
             metric.set(&mut metrics, value.saturating_add(delta));
         }
     }
     metrics
+}
+
+/// The delta the perturbation hook adds to `layer`'s `metric`, if any (debug builds).
+fn perturbation(layer: &str, metric: &str) -> Option<u64> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let spec = std::env::var(PERTURB_ENV).ok()?;
+    let mut parts = spec.splitn(3, ':');
+    let (l, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    (l == layer && m == metric)
+        .then(|| d.trim_start_matches('+').parse::<u64>().ok())
+        .flatten()
 }
 
 /// The test hooks set in the environment that this build honours (debug builds only).
@@ -390,42 +399,9 @@ fn injected_error(layer: &str) -> modelmeter_reference::Result<()> {
 
 /// The largest memory one layer of the plan needs, estimated from the analytic model
 /// (weights + activations + KV cache; for a decode step also the prefill that fills
-/// the cache), with the layer's name. An error when the analytic model itself cannot
-/// represent the workload (its counts overflow 64 bits).
+/// the cache), with the layer's name. See [`crate::memory::estimate`].
 pub fn memory_estimate(plan: &Plan) -> Result<(u64, String), String> {
-    let mut worst = (0u64, String::new());
-    let mut workloads = vec![plan.workload];
-    if let Phase::Decode { context_len } = plan.workload.phase {
-        let prefill = Workload::new(
-            plan.workload.batch,
-            Phase::Prefill {
-                seq_len: context_len,
-            },
-            plan.workload.dtype,
-        )
-        .map_err(|e| e.to_string())?
-        .with_tf32(plan.workload.allow_tf32)
-        .on(plan.workload.platform);
-        workloads.push(prefill);
-    }
-    for pairing in &plan.layers {
-        let name = pairing.name(plan.attention);
-        for w in &workloads {
-            let m = pairing
-                .analytic(&plan.config, w, plan.attention)
-                .map_err(|e| e.to_string())?
-                .metrics()
-                .map_err(|e| format!("{name} at {}: {e}", w.describe()))?;
-            let need = m
-                .weight_bytes
-                .saturating_add(m.activation_bytes)
-                .saturating_add(m.kv_cache_bytes);
-            if need > worst.0 {
-                worst = (need, name.to_string());
-            }
-        }
-    }
-    Ok(worst)
+    crate::memory::estimate(plan)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use super::{Case, Report};
-use crate::compare::KNOWN_GAPS;
+use crate::compare::{FLOPS_BLIND_SPOT, KNOWN_GAPS};
 
 /// Schema tag of a single verification.
 pub const SCHEMA: &str = "modelmeter.verify/1";
@@ -30,10 +30,11 @@ fn case_json(case: &Case) -> Value {
 
 /// The report as one JSON object.
 pub fn to_json(report: &Report) -> Value {
-    let known_gaps: Vec<Value> = KNOWN_GAPS
+    let mut known_gaps: Vec<Value> = KNOWN_GAPS
         .iter()
         .map(|(layer, metric, why)| json!({"layer": layer, "metric": metric, "reason": why}))
         .collect();
+    known_gaps.push(json!({"layer": "*", "metric": "flops", "reason": FLOPS_BLIND_SPOT}));
     let mut v = json!({
         "schema": if report.sweep.is_some() { SWEEP_SCHEMA } else { SCHEMA },
         "environment": report.environment,
@@ -41,6 +42,9 @@ pub fn to_json(report: &Report) -> Value {
         "conventions": modelmeter::conventions::conventions_json(),
         "known_gaps": known_gaps,
     });
+    if report.environment.include_host_details {
+        v["host"] = report.environment.host_details();
+    }
     match report.sweep {
         None => {
             if let (Some(case), Value::Object(map)) = (report.cases.first(), &mut v) {

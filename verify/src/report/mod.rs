@@ -1,15 +1,18 @@
 //! Reports of a verification: a table for people, `modelmeter.verify/1` JSON and JUnit
-//! XML for machines. Files are written whole or not at all.
+//! XML for machines. Files are written whole or not at all; standard output, devices,
+//! FIFOs and symlinks as [`Destination`] says.
 
+mod destination;
 mod json;
 mod junit;
 mod table;
 mod write;
 
+pub use destination::{check_distinct, Destination};
 pub use json::{to_json, SCHEMA, SWEEP_SCHEMA};
 pub use junit::to_junit;
 pub use table::{case_line, to_table};
-pub use write::{check_writable, write_atomically};
+pub use write::{check_writable, goes_to_stdout, write_atomically, write_report};
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{ModelConfig, Workload};

@@ -1,67 +1,31 @@
-//! Report files are written whole or not at all: to a temporary file beside the target,
-//! then renamed over it.
+//! Report files are written whole or not at all, and only where a report belongs: see
+//! [`Destination`](super::Destination) for how `-`, devices, FIFOs, symlinks and regular
+//! files are written.
 
-use std::io::Write;
 use std::path::Path;
 
-/// Checks before anything runs that `path` can be written (its folder exists and is a
-/// folder); the message names the option and the path.
+pub use super::destination::write_atomically;
+use super::destination::Destination;
+
+/// Checks before anything runs that a report can be written at `path` (see
+/// [`Destination`]); the message names the option and the path.
 pub fn check_writable(option: &str, path: &Path) -> Result<(), String> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if path.is_dir() {
-        return Err(format!(
-            "{option} {}: is a directory; give a file path",
-            path.display()
-        ));
-    }
-    if !dir.is_dir() {
-        return Err(format!(
-            "{option} {}: folder {} does not exist",
-            path.display(),
-            dir.display()
-        ));
-    }
-    // Probe with a temporary file beside the target: a run should not end in a write error.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let probe = dir.join(format!(".{name}.probe-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|e| {
-            format!(
-                "{option} {}: cannot write in {}: {e}",
-                path.display(),
-                dir.display()
-            )
-        })
+    Destination::resolve(path)
+        .and_then(|d| d.check())
+        .map_err(|e| format!("{option} {}: {e}", path.display()))
 }
 
-/// Writes `text` to `path` atomically.
-pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+/// Writes a report to `path`: standard output for `-`, devices and FIFOs directly, a
+/// symlink's target, regular files atomically.
+pub fn write_report(path: &Path, text: &str) -> std::io::Result<()> {
+    Destination::resolve(path)
+        .map_err(std::io::Error::other)?
+        .write(text)
+}
+
+/// True when the report at `path` goes to standard output (`-`, `/dev/stdout`).
+pub fn goes_to_stdout(path: &Path) -> bool {
+    Destination::resolve(path).is_ok_and(|d| d.is_stdout())
 }
 
 #[cfg(test)]
@@ -73,7 +37,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mm-write-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("r.json");
-        write_atomically(&path, "{}").unwrap();
+        write_report(&path, "{}").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}");
         assert!(check_writable("--json", &path).is_ok());
         let e = check_writable("--json", &dir.join("nope/r.json")).unwrap_err();
@@ -81,12 +45,15 @@ mod tests {
         assert!(check_writable("--junit", &dir)
             .unwrap_err()
             .contains("is a directory"));
-        assert!(write_atomically(&dir.join("nope/r.json"), "x").is_err());
+        let e = check_writable("--json", Path::new("out.json/")).unwrap_err();
+        assert!(e.contains("--json out.json/: names a folder"), "{e}");
+        assert!(write_report(&dir.join("nope/r.json"), "x").is_err());
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
             1,
             "no temporary file left behind"
         );
+        assert!(goes_to_stdout(Path::new("-")) && !goes_to_stdout(&path));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

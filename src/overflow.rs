@@ -1,0 +1,344 @@
+//! Which input made an exact count overflow: an overflow deep in a layer ("aten::mm
+//! overflows 64-bit integers") does not say whether `hidden_size`, `--seq-len` or
+//! `--new-tokens` is to blame. [`explain`] finds out by lowering inputs: it lowers every
+//! size the analysis takes to a small valid value, then raises them back one at a time;
+//! those that cannot be raised without the overflow returning are named. The inputs
+//! named are a minimal set whose lowering removes the overflow.
+//!
+//! Workload inputs are named as the command-line options both binaries share
+//! (`--batch`, `--seq-len`, `--context-len`, `--new-tokens`); config inputs by their
+//! `config.json` field.
+
+use crate::config::{MlpKind, ModelConfig};
+use crate::error::Error;
+use crate::workload::{Phase, Workload};
+
+/// What an analysis is computed from.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    pub config: ModelConfig,
+    pub workload: Workload,
+    /// Decode steps of a whole generation (`--new-tokens`), if asked for.
+    pub new_tokens: Option<u64>,
+}
+
+/// One input that can be lowered: its name, a typical value (DeepSeek-OCR's, or the
+/// `dsocr-standard-v1` workload's), its value (`None` when it does not apply) and how to
+/// lower it.
+struct Knob {
+    name: &'static str,
+    reference: u64,
+    option: bool,
+    value: fn(&Inputs) -> Option<u64>,
+    lower: fn(&mut Inputs),
+}
+
+fn moe_value(inputs: &Inputs, f: fn(&crate::config::MoeConfig) -> u64) -> Option<u64> {
+    inputs.config.moe.as_ref().map(f)
+}
+
+fn lower_moe(inputs: &mut Inputs, f: fn(&mut crate::config::MoeConfig)) {
+    if let Some(moe) = inputs.config.moe.as_mut() {
+        f(moe);
+    }
+}
+
+/// The knobs, lowered in this order: where one's lowest value depends on another's
+/// (heads on KV heads, experts on experts per token), the dependency comes first.
+const KNOBS: &[Knob] = &[
+    Knob {
+        name: "num_key_value_heads",
+        reference: 10,
+        option: false,
+        value: |i| Some(i.config.num_key_value_heads),
+        lower: |i| i.config.num_key_value_heads = 1,
+    },
+    Knob {
+        name: "num_attention_heads",
+        reference: 10,
+        option: false,
+        value: |i| Some(i.config.num_attention_heads),
+        lower: |i| i.config.num_attention_heads = i.config.num_key_value_heads,
+    },
+    Knob {
+        name: "hidden_size",
+        reference: 1280,
+        option: false,
+        value: |i| Some(i.config.hidden_size),
+        lower: |i| i.config.hidden_size = 1,
+    },
+    Knob {
+        name: "head_dim",
+        reference: 128,
+        option: false,
+        value: |i| Some(i.config.head_dim),
+        lower: |i| i.config.head_dim = 2,
+    },
+    Knob {
+        name: "intermediate_size",
+        reference: 6848,
+        option: false,
+        value: |i| Some(i.config.intermediate_size),
+        lower: |i| i.config.intermediate_size = 1,
+    },
+    Knob {
+        name: "vocab_size",
+        reference: 129280,
+        option: false,
+        value: |i| Some(i.config.vocab_size),
+        lower: |i| i.config.vocab_size = 1,
+    },
+    Knob {
+        name: "num_hidden_layers",
+        reference: 12,
+        option: false,
+        value: |i| Some(i.config.num_hidden_layers),
+        lower: |i| {
+            // One layer of each feed-forward kind the config has, in its order.
+            let mut kinds: Vec<MlpKind> = Vec::new();
+            for k in &i.config.layer_kinds {
+                if !kinds.contains(k) {
+                    kinds.push(*k);
+                }
+            }
+            i.config.num_hidden_layers = kinds.len() as u64;
+            i.config.layer_kinds = kinds;
+        },
+    },
+    Knob {
+        name: "num_experts_per_tok",
+        reference: 6,
+        option: false,
+        value: |i| moe_value(i, |m| m.num_experts_per_tok),
+        lower: |i| lower_moe(i, |m| m.num_experts_per_tok = 1),
+    },
+    Knob {
+        name: "n_routed_experts",
+        reference: 64,
+        option: false,
+        value: |i| moe_value(i, |m| m.n_routed_experts),
+        lower: |i| lower_moe(i, |m| m.n_routed_experts = m.num_experts_per_tok),
+    },
+    Knob {
+        name: "moe_intermediate_size",
+        reference: 896,
+        option: false,
+        value: |i| moe_value(i, |m| m.moe_intermediate_size),
+        lower: |i| lower_moe(i, |m| m.moe_intermediate_size = 1),
+    },
+    Knob {
+        name: "n_shared_experts",
+        reference: 2,
+        option: false,
+        value: |i| moe_value(i, |m| m.n_shared_experts),
+        lower: |i| lower_moe(i, |m| m.n_shared_experts = m.n_shared_experts.min(1)),
+    },
+    Knob {
+        name: "--batch",
+        reference: 1,
+        option: true,
+        value: |i| Some(i.workload.batch),
+        lower: |i| i.workload.batch = 1,
+    },
+    Knob {
+        name: "--seq-len",
+        reference: 512,
+        option: true,
+        value: |i| match i.workload.phase {
+            Phase::Prefill { seq_len } => Some(seq_len),
+            Phase::Decode { .. } => None,
+        },
+        lower: |i| {
+            if let Phase::Prefill { seq_len } = &mut i.workload.phase {
+                *seq_len = 1;
+            }
+        },
+    },
+    Knob {
+        name: "--context-len",
+        reference: 512,
+        option: true,
+        value: |i| match i.workload.phase {
+            Phase::Decode { context_len } => Some(context_len),
+            Phase::Prefill { .. } => None,
+        },
+        lower: |i| {
+            if let Phase::Decode { context_len } = &mut i.workload.phase {
+                *context_len = 1;
+            }
+        },
+    },
+    Knob {
+        name: "--new-tokens",
+        reference: 512,
+        option: true,
+        value: |i| i.new_tokens,
+        lower: |i| i.new_tokens = i.new_tokens.map(|n| n.min(1)),
+    },
+];
+
+/// `inputs` with the knobs marked in `lowered` lowered, in [`KNOBS`] order.
+fn with_lowered(inputs: &Inputs, knobs: &[&Knob], lowered: &[bool]) -> Inputs {
+    let mut out = inputs.clone();
+    for (knob, low) in knobs.iter().zip(lowered) {
+        if *low {
+            (knob.lower)(&mut out);
+        }
+    }
+    out
+}
+
+/// The inputs that make `fails` true: a minimal set whose lowering makes it false, as
+/// `(name, value, is an option)`; `None` when lowering everything does not help (the
+/// failure is not a matter of sizes).
+///
+/// Inputs are raised back from the most ordinary (closest to its typical value) to the
+/// most extreme, so that of two inputs that overflow only together, the extreme one is
+/// named (`hidden_size = 10^15`, not the default `--seq-len = 512`). When the overflow
+/// is within one layer, the probes run with one layer of each kind (fast, whatever
+/// `num_hidden_layers` is), and the layer count is not named.
+pub fn culprits(
+    inputs: &Inputs,
+    mut fails: impl FnMut(&Inputs) -> bool,
+) -> Option<Vec<(&'static str, u64, bool)>> {
+    // Only knobs that apply and that lowering changes.
+    let knobs: Vec<&Knob> = KNOBS
+        .iter()
+        .filter(|k| {
+            let mut low = inputs.clone();
+            (k.lower)(&mut low);
+            (k.value)(inputs).is_some() && (k.value)(inputs) != (k.value)(&low)
+        })
+        .collect();
+    let excess = |k: &Knob| (k.value)(inputs).unwrap_or(0) as f64 / k.reference.max(1) as f64;
+    let mut order: Vec<usize> = (0..knobs.len()).collect();
+    order.sort_by(|a, b| excess(knobs[*a]).total_cmp(&excess(knobs[*b])));
+    // The layer count, kept lowered when one layer of each kind already overflows.
+    let layers = knobs.iter().position(|k| k.name == "num_hidden_layers");
+    let pinned = layers.filter(|&i| {
+        let only = (0..knobs.len()).map(|j| j == i).collect::<Vec<_>>();
+        fails(&with_lowered(inputs, &knobs, &only))
+    });
+    let mut lowered = vec![true; knobs.len()];
+    if fails(&with_lowered(inputs, &knobs, &lowered)) {
+        return None;
+    }
+    for i in order.into_iter().filter(|i| Some(*i) != pinned) {
+        lowered[i] = false;
+        if fails(&with_lowered(inputs, &knobs, &lowered)) {
+            lowered[i] = true;
+        }
+    }
+    let named: Vec<(&'static str, u64, bool)> = (0..knobs.len())
+        .filter(|i| lowered[*i] && Some(*i) != pinned)
+        .filter_map(|i| Some((knobs[i].name, (knobs[i].value)(inputs)?, knobs[i].option)))
+        .collect();
+    (!named.is_empty()).then_some(named)
+}
+
+/// `error` with the inputs that cause it named, when it is an overflow and lowering
+/// sizes removes it (see [`culprits`]); any other error is returned as it is. `fails`
+/// reruns the analysis on other inputs and says whether it still fails.
+pub fn explain(error: Error, inputs: &Inputs, fails: impl FnMut(&Inputs) -> bool) -> Error {
+    let Error::Overflow { what } = &error else {
+        return error;
+    };
+    let Some(named) = culprits(inputs, fails) else {
+        return error;
+    };
+    let shown: Vec<String> = named
+        .iter()
+        .map(|(name, value, _)| format!("{name} = {value}"))
+        .collect();
+    let from_config = named.iter().any(|(_, _, option)| !option);
+    let source = if from_config {
+        format!(" (config {})", inputs.config.name)
+    } else {
+        String::new()
+    };
+    let verb = if named.len() == 1 { "is" } else { "are" };
+    let names: Vec<&str> = named.iter().map(|(name, _, _)| *name).collect();
+    Error::OverflowFrom {
+        inputs: format!("{}{source} {verb} too large", shown.join(" and ")),
+        what: what.clone(),
+        names: names.join(" and "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::AttentionImpl;
+    use crate::report::analyze;
+
+    fn analysis(inputs: &Inputs) -> crate::Result<()> {
+        analyze(
+            &inputs.config,
+            &inputs.workload,
+            AttentionImpl::Sdpa,
+            inputs.new_tokens,
+        )
+        .map(drop)
+    }
+
+    fn explained(inputs: &Inputs) -> String {
+        let e = analysis(inputs).unwrap_err();
+        explain(e, inputs, |i| analysis(i).is_err()).to_string()
+    }
+
+    fn inputs(workload: Workload) -> Inputs {
+        Inputs {
+            config: ModelConfig::deepseek_ocr(),
+            workload,
+            new_tokens: None,
+        }
+    }
+
+    #[test]
+    fn the_option_or_field_that_overflows_is_named() {
+        let e = explained(&inputs(Workload::prefill(1, 10_000_000_000).unwrap()));
+        assert!(
+            e.starts_with("--seq-len = 10000000000 is too large: ")
+                && e.ends_with("lower --seq-len"),
+            "{e}"
+        );
+        let e = explained(&inputs(Workload::prefill(100_000_000_000, 512).unwrap()));
+        assert!(e.starts_with("--batch = 100000000000 is too large"), "{e}");
+        let mut i = inputs(Workload::prefill(1, 512).unwrap());
+        i.new_tokens = Some(1_000_000_000);
+        let e = explained(&i);
+        assert!(
+            e.starts_with("--new-tokens = 1000000000 is too large"),
+            "{e}"
+        );
+        let mut i = inputs(Workload::prefill(1, 512).unwrap());
+        i.config.vocab_size = u64::MAX;
+        let e = explained(&i);
+        assert!(
+            e.starts_with(
+                "vocab_size = 18446744073709551615 (config deepseek-ocr-v1-base) is too large"
+            ),
+            "{e}"
+        );
+        // Overflowing only with the default --seq-len: the extreme input is named.
+        let mut i = inputs(Workload::prefill(1, 512).unwrap());
+        i.config.hidden_size = 1_000_000_000_000_000;
+        i.config.head_dim = 2;
+        let e = explained(&i);
+        assert!(
+            e.starts_with(
+                "hidden_size = 1000000000000000 (config deepseek-ocr-v1-base) is too large"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn other_errors_are_left_alone() {
+        let i = inputs(Workload::prefill(1, 512).unwrap());
+        let e = explain(Error::invalid("x", 1, "y"), &i, |_| true);
+        assert_eq!(e.to_string(), "x = 1 is invalid: expected y");
+        let e = explain(Error::overflow("z"), &i, |_| true);
+        assert!(e.to_string().starts_with("z overflows"), "{e}");
+    }
+}

@@ -1,0 +1,252 @@
+//! `modelmeter analyze` against hostile inputs (issue 9): an output that cannot be
+//! written, oversized and ill-typed configs, and messages that name what is wrong.
+//! Every run checks that nothing panicked.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelmeter"));
+    cmd.arg("analyze").args(args);
+    cmd
+}
+
+fn analyze(args: &[&str]) -> Output {
+    no_panic(command(args).output().expect("the binary runs"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// No panic, no backtrace, no exit 101, whatever the input.
+fn no_panic(o: Output) -> Output {
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("panicked")
+            && !err.contains("stack backtrace")
+            && o.status.code() != Some(101),
+        "{:?}: {err}",
+        o.status
+    );
+    o
+}
+
+/// A refusal: exit 2, one line on standard error that contains every needle, nothing on
+/// standard output.
+fn assert_refused(o: &Output, needles: &[&str]) {
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} in {err}");
+    }
+    assert!(o.stdout.is_empty(), "nothing printed");
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("mm-analyze-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// Writes `body` to `name` and returns its path as text.
+    fn file(&self, name: &str, body: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, body).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The DeepSeek-OCR config with `extra` JSON text (`"key": value` pairs) appended.
+fn fixture_with(extra: &str) -> String {
+    let fixture = include_str!("../fixtures/deepseek-ocr/config.json");
+    let body = fixture.trim_end().strip_suffix('}').expect("an object");
+    format!("{body}, {extra}}}")
+}
+
+// Item 2: standard output that cannot be written.
+
+#[test]
+fn a_full_standard_output_is_a_one_line_error() {
+    for json in [false, true] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let args: &[&str] = if json { &["--json"] } else { &[] };
+        let o = no_panic(command(args).stdout(full).output().unwrap());
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("modelmeter: error: cannot write to standard output")
+                && err.contains("No space left"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    for args in [&["--json"][..], &[]] {
+        let mut child = command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = no_panic(child.wait_with_output().unwrap());
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
+    }
+}
+
+// Item 3: config files are read up to a bound, and parsed without huge values.
+
+#[test]
+fn endless_devices_and_huge_files_are_refused_after_a_bounded_read() {
+    let dir = TempDir::new("huge");
+    let huge = dir.file("huge.json", &" ".repeat(17 << 20));
+    for path in ["/dev/zero", "/dev/urandom", huge.as_str()] {
+        let start = Instant::now();
+        let o = analyze(&["--config", path]);
+        assert_refused(&o, &[path, "larger than 16 MiB"]);
+        assert!(start.elapsed() < Duration::from_secs(10), "{path}: quick");
+    }
+}
+
+#[test]
+fn a_large_config_parses_in_little_memory() {
+    let dir = TempDir::new("memory");
+    // About 14 MiB, nearly all of it in a field modelmeter does not read.
+    let zeros = "0,".repeat(7 << 20);
+    let big = dir.file("big.json", &fixture_with(&format!("\"junk\": [{zeros}0]")));
+    let capped = |args: &str| {
+        no_panic(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("ulimit -v 262144 && exec \"$0\" analyze {args}"))
+                .arg(env!("CARGO_BIN_EXE_modelmeter"))
+                .output()
+                .unwrap(),
+        )
+    };
+    let o = capped(&format!("--json --config '{big}'"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["config"]["hidden_size"], 1280);
+    // The same bulk in a field it does read is refused by size, still in bounded memory.
+    let known = dir.file(
+        "known.json",
+        &fixture_with(&format!("\"mlp_layer_types\": [{zeros}0]")),
+    );
+    let o = capped(&format!("--config '{known}'"));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("field mlp_layer_types holds"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+// Item 7 and 9: wrong JSON types, nested configs that are not objects, odd paths.
+
+#[test]
+fn wrong_json_types_and_odd_paths_are_one_line_errors() {
+    let dir = TempDir::new("types");
+    let cases = [
+        (
+            fixture_with("\"torch_dtype\": 16"),
+            "torch_dtype = 16 is invalid: expected a string",
+        ),
+        (
+            "{\"language_config\": 5}".to_string(),
+            "language_config = 5 is invalid: expected an object",
+        ),
+        (
+            "[0, 0, 0]".to_string(),
+            "the top level is not a JSON object",
+        ),
+    ];
+    for (i, (body, needle)) in cases.iter().enumerate() {
+        let path = dir.file(&format!("c{i}.json"), body);
+        assert_refused(&analyze(&["--config", &path]), &[needle]);
+    }
+    let newline = dir.file("a\nb.json", "{ nope");
+    assert_refused(&analyze(&["--config", &newline]), &["a\\nb.json"]);
+    let missing = format!("{}/no\nsuch.json", dir.0.display());
+    assert_refused(&analyze(&["--config", &missing]), &["no\\nsuch.json"]);
+}
+
+// Item 9: overflows name the option or config field; a huge decode context is costed.
+
+#[test]
+fn overflows_name_the_option_or_field() {
+    let dir = TempDir::new("overflow");
+    let hidden = dir.file(
+        "hidden.json",
+        r#"{"hidden_size": 1000000000000000, "num_attention_heads": 4, "head_dim": 2,
+            "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5}"#,
+    );
+    let vocab = dir.file(
+        "vocab.json",
+        r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 8,
+            "num_hidden_layers": 1, "vocab_size": 18446744073709551615}"#,
+    );
+    let cases: [(&[&str], &str, &str); 5] = [
+        (
+            &["--config", &hidden],
+            "hidden_size = 1000000000000000 (config ",
+            "lower hidden_size",
+        ),
+        (
+            &["--config", &vocab],
+            "vocab_size = 18446744073709551615 (config ",
+            "lower vocab_size",
+        ),
+        (
+            &["--seq-len", "10000000000"],
+            "--seq-len = 10000000000 is too large: ",
+            "lower --seq-len",
+        ),
+        (
+            &["--new-tokens", "1000000000"],
+            "--new-tokens = 1000000000 is too large: ",
+            "lower --new-tokens",
+        ),
+        (
+            &["--batch", "100000000000"],
+            "--batch = 100000000000 is too large: ",
+            "lower --batch",
+        ),
+    ];
+    for (args, start, end) in cases {
+        let o = analyze(args);
+        assert_refused(&o, &[start, "overflows 64-bit integers", end]);
+    }
+}
+
+#[test]
+fn a_decode_step_with_a_huge_context_is_costed() {
+    // verify-decoder agrees that these counts fit; it refuses the run only for memory
+    // (verify/tests/hostile.rs).
+    let o = analyze(&["--phase", "decode", "--context-len", "100000000", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["workload"]["context_len"], 100_000_000);
+    let kv = j["stack"]["metrics"]["kv_cache_bytes"].as_u64().unwrap();
+    // 12 layers × K and V × (C + 1) × 10 heads × 128 × 2 bytes (bf16).
+    assert_eq!(kv, 12 * 2 * 100_000_001 * 10 * 128 * 2);
+}

@@ -1,0 +1,222 @@
+//! The memory pre-check, before anything runs: by the analytic model, the largest layer
+//! of the plan (weights + activations + KV cache) must fit in the device's free memory.
+//! A decode step's KV cache is filled by an uncounted prefill of `context_len` tokens
+//! that verify-decoder runs first, so that prefill must fit too.
+//!
+//! An overflow names the option or config field that causes it, like `modelmeter
+//! analyze` does ([`modelmeter::overflow::explain`]), so the two tools give the same
+//! verdict on the same workload: a decode step that `analyze` costs is never refused
+//! here as an overflow because of the prefill that fills its cache.
+
+use modelmeter::overflow::{self, Inputs};
+use modelmeter::{units, Phase, Workload};
+use modelmeter_reference::Error;
+
+use crate::device::{DeviceInfo, DeviceSpec};
+use crate::runner::Plan;
+
+/// The largest need of the plan's layers at `workload`, in bytes, and that layer's name.
+fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
+    let mut worst = (0u64, String::new());
+    for kind in &plan.layers {
+        let m = kind
+            .analytic(&plan.config, workload, plan.attention)?
+            .metrics()?;
+        let bytes = m
+            .weight_bytes
+            .saturating_add(m.activation_bytes)
+            .saturating_add(m.kv_cache_bytes);
+        if bytes > worst.0 {
+            worst = (bytes, kind.name(plan.attention).to_string());
+        }
+    }
+    Ok(worst)
+}
+
+/// The prefill that fills a decode step's KV cache, if the plan is a decode step.
+fn cache_prefill(workload: &Workload) -> Option<Result<Workload, String>> {
+    let Phase::Decode { context_len } = workload.phase else {
+        return None;
+    };
+    let prefill = Workload::new(
+        workload.batch,
+        Phase::Prefill {
+            seq_len: context_len,
+        },
+        workload.dtype,
+    )
+    .map(|w| w.with_tf32(workload.allow_tf32).on(workload.platform))
+    .map_err(|e| e.to_string());
+    Some(prefill)
+}
+
+/// `error` with the input that overflowed named, when it is an overflow.
+fn explained(error: Error, plan: &Plan) -> String {
+    let Error::Model(error) = error else {
+        return error.to_string();
+    };
+    let inputs = Inputs {
+        config: plan.config.clone(),
+        workload: plan.workload,
+        new_tokens: None,
+    };
+    let error = overflow::explain(error, &inputs, |i| {
+        let probe = Plan {
+            config: i.config.clone(),
+            workload: i.workload,
+            ..plan.clone()
+        };
+        need(&probe, &probe.workload).is_err()
+    });
+    error.to_string()
+}
+
+/// The options that make the workload smaller.
+fn smaller(workload: &Workload) -> &'static str {
+    match workload.phase {
+        Phase::Prefill { .. } => "lower --batch or --seq-len",
+        Phase::Decode { .. } => "lower --batch or --context-len",
+    }
+}
+
+/// What the plan needs: the largest layer's bytes and name, and why the prefill that
+/// fills a decode step's cache could not be costed, if it could not.
+struct Estimate {
+    bytes: u64,
+    layer: String,
+    prefill_overflow: Option<String>,
+}
+
+fn estimate_plan(plan: &Plan) -> Result<Estimate, String> {
+    let w = &plan.workload;
+    let (bytes, layer) = need(plan, w).map_err(|e| explained(e, plan))?;
+    let mut estimate = Estimate {
+        bytes,
+        layer,
+        prefill_overflow: None,
+    };
+    // The prefill that fills the cache: its own counts may overflow where the decode
+    // step's do not (its attention scores grow with the square of the context).
+    if let Some(prefill) = cache_prefill(w) {
+        match need(plan, &prefill?) {
+            Ok((bytes, layer)) if bytes > estimate.bytes => {
+                (estimate.bytes, estimate.layer) = (bytes, layer);
+            }
+            Ok(_) => {}
+            Err(Error::Model(e)) => estimate.prefill_overflow = Some(e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(estimate)
+}
+
+/// The largest memory one layer of the plan needs, estimated from the analytic model
+/// (weights + activations + KV cache; for a decode step also the prefill that fills the
+/// cache, where that prefill can be costed), with the layer's name. An error, naming the
+/// input to lower, when the plan's own counts overflow 64 bits.
+pub fn estimate(plan: &Plan) -> Result<(u64, String), String> {
+    estimate_plan(plan).map(|e| (e.bytes, e.layer))
+}
+
+/// Checks that the plan can run on the device: its analytic counts fit in 64 bits (an
+/// overflow names its cause) and its largest layer fits in free memory. Without a
+/// memory figure for the device, the memory part is skipped with a warning.
+pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), String> {
+    let w = &plan.workload;
+    let estimate = estimate_plan(plan)?;
+    let fits = match &info.memory_bytes {
+        Ok(available) if estimate.bytes > *available => Err(*available),
+        Ok(_) => Ok(()),
+        Err(why) => {
+            // Not silent: the run goes on, and says that nothing was checked.
+            eprintln!("verify-decoder: warning: memory pre-check skipped on {spec}: {why}");
+            Ok(())
+        }
+    };
+    if let Err(available) = fits {
+        // Without the prefill, the decode step's own need is a lower bound.
+        let about = if estimate.prefill_overflow.is_some() {
+            "at least"
+        } else {
+            "about"
+        };
+        return Err(format!(
+            "the workload ({}) needs {about} {} for {} (weights + activations + KV cache, from the analytic model) \
+             but {spec} has {} free; {}",
+            w.describe(),
+            units::bytes(estimate.bytes),
+            estimate.layer,
+            units::bytes(available),
+            smaller(w)
+        ));
+    }
+    if let (Some(why), Phase::Decode { context_len }) = (estimate.prefill_overflow, w.phase) {
+        return Err(format!(
+            "--context-len = {context_len} is too large to verify: verify-decoder fills the KV cache by running a prefill of {context_len} tokens first, and costing that prefill fails ({why}); lower --context-len (modelmeter analyze costs the decode step alone)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use modelmeter::layers::AttentionImpl;
+    use modelmeter::layers::LayerId;
+    use modelmeter::ModelConfig;
+
+    /// A tiny attention layer: the decode step's cache stays small while the prefill
+    /// that fills it (scores grow with the square of the context) overflows.
+    fn plan(context_len: u64) -> Plan {
+        let config = ModelConfig::from_json_str(
+            "tiny",
+            r#"{"hidden_size": 2, "num_attention_heads": 1, "head_dim": 2,
+                "intermediate_size": 2, "num_hidden_layers": 1, "vocab_size": 2}"#,
+        )
+        .unwrap();
+        Plan {
+            config,
+            workload: Workload::decode(1, context_len).unwrap(),
+            attention: AttentionImpl::Eager,
+            device: tch::Device::Cpu,
+            tolerance: 0.05,
+            layers: vec![crate::pairing::Pairing {
+                layer: LayerId::Attention,
+            }],
+            seed: 0,
+        }
+    }
+
+    fn device(memory_bytes: u64) -> DeviceInfo {
+        DeviceInfo {
+            name: "test".into(),
+            memory_bytes: Ok(memory_bytes),
+        }
+    }
+
+    #[test]
+    fn a_prefill_that_cannot_be_costed_is_named_not_called_an_overflow_of_the_step() {
+        let p = plan(5_000_000_000);
+        assert!(estimate(&p).is_ok(), "the decode step itself is costed");
+        let e = check(&p, DeviceSpec::Cpu, &device(u64::MAX)).unwrap_err();
+        assert!(
+            e.starts_with("--context-len = 5000000000 is too large to verify")
+                && e.contains("prefill of 5000000000 tokens")
+                && e.contains("modelmeter analyze costs the decode step alone"),
+            "{e}"
+        );
+        let e = check(&p, DeviceSpec::Cpu, &device(1 << 30)).unwrap_err();
+        assert!(
+            e.contains("needs at least") && e.ends_with("lower --batch or --context-len"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_workload_that_fits_passes_and_one_that_does_not_is_refused() {
+        let p = plan(64);
+        assert!(check(&p, DeviceSpec::Cpu, &device(1 << 30)).is_ok());
+        let e = check(&p, DeviceSpec::Cpu, &device(16)).unwrap_err();
+        assert!(e.contains("needs about") && e.contains("16 B free"), "{e}");
+    }
+}

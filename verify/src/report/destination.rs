@@ -1,0 +1,419 @@
+//! Where a report goes. A report path names one of four things, decided before anything
+//! runs and again when the report is written:
+//!
+//! - standard output (`-`, `/dev/stdout`, `/dev/fd/1`, `/proc/self/fd/1`) or standard
+//!   error (`/dev/stderr`, `/dev/fd/2`, `/proc/self/fd/2`): written to the process's own
+//!   stream, never reopened, so `--json - | jq` and `> out.json` both work;
+//! - a character device or a FIFO (`/dev/null`, a named pipe, a `/dev/fd/N` pipe from
+//!   process substitution): opened and written directly, never replaced;
+//! - a regular file, or a new path: written whole or not at all (a temporary file beside
+//!   it, then renamed over it);
+//! - a symlink: followed to its final target, which is then one of the above; the link
+//!   itself is never replaced.
+//!
+//! Anything else (a folder, a path ending in `/`, a block device, a socket, a folder that
+//! does not exist or cannot be written) is refused with a one-line reason.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The most symlinks followed from a report path (Linux's own limit is 40).
+const MAX_SYMLINKS: usize = 40;
+
+/// Where one report is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// The process's standard output.
+    Stdout,
+    /// The process's standard error.
+    Stderr,
+    /// A character device or FIFO, opened and written directly.
+    Stream(PathBuf),
+    /// A regular file (existing or new), replaced atomically; symlinks already followed.
+    File(PathBuf),
+}
+
+/// What a destination is, for telling two roles apart: two roles may not share one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Identity {
+    Stdout,
+    Stderr,
+    /// An existing file: device and inode.
+    Inode(u64, u64),
+    /// A path that does not exist yet: its folder's device and inode, and its name.
+    New(u64, u64, std::ffi::OsString),
+}
+
+impl Destination {
+    /// Decides where `path` goes. The error says why the path cannot take a report (it
+    /// does not name the option; the caller adds it).
+    pub fn resolve(path: &Path) -> Result<Destination, String> {
+        let text = path.as_os_str().as_encoded_bytes();
+        if text.is_empty() {
+            return Err("is empty; give a file path, or - for standard output".into());
+        }
+        match text {
+            b"-" | b"/dev/stdout" | b"/dev/fd/1" | b"/proc/self/fd/1" => {
+                return Ok(Destination::Stdout)
+            }
+            b"/dev/stderr" | b"/dev/fd/2" | b"/proc/self/fd/2" => return Ok(Destination::Stderr),
+            _ => {}
+        }
+        let folder_like = text.ends_with(b"/")
+            || text.ends_with(b"/.")
+            || text.ends_with(b"/..")
+            || text == b"."
+            || text == b"..";
+        if folder_like || path.file_name().is_none() {
+            return Err("names a folder (it ends in /, . or ..); give a file path".into());
+        }
+        match fs::metadata(path) {
+            Ok(meta) => Destination::existing(path, &meta),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Destination::new_file(path),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// An existing target (symlinks followed by `metadata`).
+    fn existing(path: &Path, meta: &fs::Metadata) -> Result<Destination, String> {
+        let kind = meta.file_type();
+        if kind.is_file() {
+            // Rename over the final target, never over a symlink to it.
+            let target = fs::canonicalize(path).map_err(|e| e.to_string())?;
+            Ok(Destination::File(target))
+        } else if kind.is_dir() {
+            Err("is a directory; give a file path".into())
+        } else if kind.is_char_device() || kind.is_fifo() {
+            Ok(Destination::Stream(path.to_path_buf()))
+        } else {
+            let what = if kind.is_block_device() {
+                "a block device"
+            } else if kind.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            };
+            Err(format!(
+                "is {what}; give a file path, a character device, a FIFO or - for standard output"
+            ))
+        }
+    }
+
+    /// A path that does not exist: a new file at the end of its symlinks, if any.
+    fn new_file(path: &Path) -> Result<Destination, String> {
+        let mut target = path.to_path_buf();
+        for _ in 0..MAX_SYMLINKS {
+            match fs::symlink_metadata(&target) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    let link = fs::read_link(&target).map_err(|e| e.to_string())?;
+                    target = match target.parent() {
+                        Some(dir) if link.is_relative() => dir.join(link),
+                        _ => link,
+                    };
+                }
+                Ok(_) => return Err(format!("{} changed while it was checked", target.display())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if target.file_name().is_none() {
+                        return Err(format!(
+                            "links to {}, which is not a file path",
+                            target.display()
+                        ));
+                    }
+                    let dir = folder_of(&target);
+                    if !dir.is_dir() {
+                        return Err(format!("folder {} does not exist", dir.display()));
+                    }
+                    return Ok(Destination::File(target));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err(format!("more than {MAX_SYMLINKS} symlinks to follow"))
+    }
+
+    /// Checks, before anything runs, that the report can be written here: a file's folder
+    /// takes a new file; a character device opens for writing. Nothing is left behind.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Destination::Stdout | Destination::Stderr => Ok(()),
+            Destination::Stream(path) => {
+                let is_fifo = fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+                if is_fifo {
+                    // Opening a FIFO waits for a reader; that wait belongs to the write.
+                    return Ok(());
+                }
+                OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map(drop)
+                    .map_err(|e| format!("cannot open for writing: {e}"))
+            }
+            Destination::File(path) => {
+                let dir = folder_of(path);
+                let probe = temporary_name(dir);
+                File::create(&probe)
+                    .and_then(|_| fs::remove_file(&probe))
+                    .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
+            }
+        }
+    }
+
+    /// Writes `text` here: whole files atomically, streams directly. A reader that closed
+    /// standard output early is not an error (the report ends quietly, as in other Unix
+    /// tools).
+    pub fn write(&self, text: &str) -> io::Result<()> {
+        match self {
+            Destination::Stdout => modelmeter::cli::print_stdout(text),
+            Destination::Stderr => {
+                let mut err = io::stderr().lock();
+                err.write_all(text.as_bytes())?;
+                err.flush()
+            }
+            Destination::Stream(path) => {
+                let mut f = OpenOptions::new().write(true).open(path)?;
+                f.write_all(text.as_bytes())?;
+                f.flush()
+            }
+            Destination::File(path) => write_atomically(path, text),
+        }
+    }
+
+    /// True for standard output.
+    pub fn is_stdout(&self) -> bool {
+        *self == Destination::Stdout
+    }
+
+    /// What this destination is, or `None` where two roles may share it (a character
+    /// device other than standard output and error, such as `/dev/null`).
+    fn identity(&self) -> Option<Identity> {
+        match self {
+            Destination::Stdout => Some(Identity::Stdout),
+            Destination::Stderr => Some(Identity::Stderr),
+            Destination::Stream(path) => {
+                let meta = fs::metadata(path).ok()?;
+                if meta.file_type().is_char_device() {
+                    None
+                } else {
+                    Some(Identity::Inode(meta.dev(), meta.ino()))
+                }
+            }
+            Destination::File(path) => match fs::metadata(path) {
+                Ok(meta) => Some(Identity::Inode(meta.dev(), meta.ino())),
+                Err(_) => {
+                    let dir = fs::metadata(folder_of(path)).ok()?;
+                    let name = path.file_name()?.to_os_string();
+                    Some(Identity::New(dir.dev(), dir.ino(), name))
+                }
+            },
+        }
+    }
+}
+
+/// Refuses, before anything runs, two reports with one destination (the second would
+/// replace the first) and a report over the input `config` file.
+/// `reports` pairs each report option with its path.
+pub fn check_distinct(reports: &[(&str, &Path)], config: Option<&Path>) -> Result<(), String> {
+    let mut seen: Vec<(&str, &Path, Identity)> = Vec::new();
+    for (option, path) in reports {
+        let Some(id) = Destination::resolve(path).ok().and_then(|d| d.identity()) else {
+            continue;
+        };
+        if let Some((first, first_path, _)) = seen.iter().find(|(_, _, i)| *i == id) {
+            return Err(format!(
+                "{first} {} and {option} {} are the same destination, so one report would replace the other; give each report its own path",
+                first_path.display(),
+                path.display()
+            ));
+        }
+        seen.push((option, path, id));
+    }
+    let config_id = config
+        .and_then(|p| fs::metadata(p).ok())
+        .filter(|m| m.file_type().is_file())
+        .map(|m| Identity::Inode(m.dev(), m.ino()));
+    if let (Some(config_id), Some(config)) = (config_id, config) {
+        if let Some((option, path, _)) = seen.iter().find(|(_, _, i)| *i == config_id) {
+            return Err(format!(
+                "{option} {} is the --config file {}: the report would overwrite the model config; give the report another path",
+                path.display(),
+                config.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The folder a file path is in (`.` for a bare name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// A short temporary file name in `dir`, unique in this process: short so that it fits
+/// wherever the target's own name fits (a file name may have at most 255 bytes).
+fn temporary_name(dir: &Path) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".modelmeter-{}-{n}.tmp", std::process::id()))
+}
+
+/// Writes `text` to the regular file `path` atomically: a temporary file in the same
+/// folder, synced, then renamed over `path` (keeping an existing file's permissions).
+/// On any error the temporary file is removed and `path` is untouched.
+pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
+    let tmp = temporary_name(folder_of(path));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        if let Ok(old) = fs::metadata(path) {
+            f.set_permissions(old.permissions())?;
+        }
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mm-dest-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn special_names_are_the_process_streams() {
+        for name in ["-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"] {
+            assert_eq!(
+                Destination::resolve(Path::new(name)),
+                Ok(Destination::Stdout)
+            );
+        }
+        assert_eq!(
+            Destination::resolve(Path::new("/dev/stderr")),
+            Ok(Destination::Stderr)
+        );
+        assert_eq!(
+            Destination::resolve(Path::new("/dev/null")),
+            Ok(Destination::Stream("/dev/null".into()))
+        );
+        assert!(Destination::resolve(Path::new("/dev/null"))
+            .unwrap()
+            .check()
+            .is_ok());
+    }
+
+    #[test]
+    fn folders_and_missing_folders_are_refused() {
+        let dir = temp_dir("folders");
+        for bad in ["out.json/", "/tmp/.", ".."] {
+            let e = Destination::resolve(Path::new(bad)).unwrap_err();
+            assert!(e.contains("names a folder"), "{bad}: {e}");
+        }
+        assert!(Destination::resolve(&dir)
+            .unwrap_err()
+            .contains("is a directory"));
+        let e = Destination::resolve(&dir.join("nope/r.json")).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+        assert!(Destination::resolve(Path::new(""))
+            .unwrap_err()
+            .contains("empty"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn symlinks_are_followed_and_never_replaced() {
+        let dir = temp_dir("links");
+        let target = dir.join("target.json");
+        fs::write(&target, "old").unwrap();
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink("target.json", &link).unwrap();
+        let d = Destination::resolve(&link).unwrap();
+        assert_eq!(d, Destination::File(fs::canonicalize(&target).unwrap()));
+        d.check().unwrap();
+        d.write("new").unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read_to_string(&target).unwrap(), "new");
+        // A dangling link: the new file is made at its target.
+        let dangling = dir.join("dangling.json");
+        std::os::unix::fs::symlink("made.json", &dangling).unwrap();
+        Destination::resolve(&dangling).unwrap().write("x").unwrap();
+        assert_eq!(fs::read_to_string(dir.join("made.json")).unwrap(), "x");
+        assert!(fs::symlink_metadata(&dangling)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // A loop is refused.
+        let a = dir.join("a.json");
+        std::os::unix::fs::symlink("b.json", &a).unwrap();
+        std::os::unix::fs::symlink("a.json", dir.join("b.json")).unwrap();
+        assert!(Destination::resolve(&a).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn long_names_that_fit_are_accepted_and_written() {
+        let dir = temp_dir("long");
+        let name = format!("{}.json", "r".repeat(245));
+        assert_eq!(name.len(), 250);
+        let d = Destination::resolve(&dir.join(&name)).unwrap();
+        d.check().unwrap();
+        d.write("{}").unwrap();
+        assert_eq!(fs::read_to_string(dir.join(&name)).unwrap(), "{}");
+        let too_long = dir.join("r".repeat(256));
+        assert!(Destination::resolve(&too_long).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn writes_whole_files_and_leaves_no_temporary_file() {
+        let dir = temp_dir("whole");
+        let path = dir.join("r.json");
+        write_atomically(&path, "{}").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{}");
+        assert!(write_atomically(&dir.join("nope/r.json"), "x").is_err());
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_destination_per_role() {
+        let dir = temp_dir("distinct");
+        let (a, b) = (dir.join("a.json"), dir.join("b.xml"));
+        assert!(check_distinct(&[("--json", &a), ("--junit", &b)], None).is_ok());
+        let e = check_distinct(&[("--json", &a), ("--junit", &a)], None).unwrap_err();
+        assert!(e.contains("--json") && e.contains("--junit"), "{e}");
+        let e = check_distinct(
+            &[
+                ("--json", Path::new("-")),
+                ("--junit", Path::new("/dev/stdout")),
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("same destination"), "{e}");
+        let null = Path::new("/dev/null");
+        assert!(check_distinct(&[("--json", null), ("--junit", null)], None).is_ok());
+        fs::write(&a, "{}").unwrap();
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        let e = check_distinct(&[("--json", &link)], Some(&a)).unwrap_err();
+        assert!(e.contains("--config"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,581 @@
+//! `verify-decoder` against hostile inputs (issue 9): special report paths, an output
+//! that cannot be written, oversized and ill-typed configs, one path for two roles,
+//! reproducible reports, messages and the `flops` row's known gap. Every run checks
+//! that nothing panicked.
+
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A quick run: one small layer at a short sequence.
+const QUICK: [&str; 6] = ["--device", "cpu", "--seq-len", "8", "--layers", "MoEGate"];
+
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
+    cmd.args(args)
+        .env_remove("MODELMETER_VERIFY_PERTURB")
+        .env_remove("MODELMETER_VERIFY_INJECT_ERROR");
+    cmd
+}
+
+fn verify(args: &[&str]) -> Output {
+    no_panic(command(args).output().expect("verify-decoder runs"))
+}
+
+fn quick(extra: &[&str]) -> Output {
+    let mut args = QUICK.to_vec();
+    args.extend(extra);
+    verify(&args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// No panic, no backtrace, no exit 101, whatever the input.
+fn no_panic(o: Output) -> Output {
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("panicked")
+            && !err.contains("stack backtrace")
+            && o.status.code() != Some(101),
+        "{:?}: {err}",
+        o.status
+    );
+    o
+}
+
+/// A refusal: exit 2, one line on standard error that contains `needle`, nothing on
+/// standard output, no layer run.
+fn assert_refused(o: &Output, needle: &str) {
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{needle:?} in {err}");
+    assert!(o.stdout.is_empty(), "nothing ran: {}", text(&o.stdout));
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("mm-hostile-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn str(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+// Item 1: reports go where the path says, and special files are never replaced.
+
+#[test]
+fn character_devices_made_with_mknod_are_written_not_replaced() {
+    if !is_root() {
+        eprintln!("skipped: mknod needs root");
+        return;
+    }
+    let dir = TempDir::new("mknod");
+    let (null, full) = (dir.str("null"), dir.str("full"));
+    for (path, minor) in [(&null, "3"), (&full, "7")] {
+        let made = Command::new("mknod").args([path, "c", "1", minor]).status();
+        assert!(made.unwrap().success(), "mknod {path}");
+    }
+    let o = quick(&["--json", &null, "--junit", &null]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let kind = std::fs::metadata(&null).unwrap().file_type();
+    assert!(kind.is_char_device(), "the device is still a device");
+    // A write error on a device is a one-line error after the run, not a panic.
+    let o = quick(&["--json", &full]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("cannot write --json") && err.contains("No space left"),
+        "{err}"
+    );
+    assert!(std::fs::metadata(&full)
+        .unwrap()
+        .file_type()
+        .is_char_device());
+}
+
+#[test]
+fn a_fifo_is_written_directly() {
+    let dir = TempDir::new("fifo");
+    let fifo = dir.str("report.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            std::fs::File::open(&fifo)
+                .unwrap()
+                .read_to_string(&mut s)
+                .unwrap();
+            s
+        })
+    };
+    let o = quick(&["--json", &fifo]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let j: Value = serde_json::from_str(&reader.join().unwrap()).unwrap();
+    assert_eq!(j["schema"], "modelmeter.verify/1");
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+}
+
+#[test]
+fn a_symlink_is_followed_and_kept() {
+    let dir = TempDir::new("symlink");
+    let target = dir.path("target.json");
+    std::fs::write(&target, "old").unwrap();
+    let link = dir.path("link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let dangling = dir.path("dangling.xml");
+    std::os::unix::fs::symlink("made.xml", &dangling).unwrap();
+    let o = quick(&[
+        "--json",
+        link.to_str().unwrap(),
+        "--junit",
+        dangling.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(read_json(&target)["schema"], "modelmeter.verify/1");
+    assert!(std::fs::read_to_string(dir.path("made.xml"))
+        .unwrap()
+        .contains("<testsuites"));
+}
+
+#[test]
+fn dash_and_dev_stdout_write_the_report_to_standard_output() {
+    for (option, path) in [
+        ("--json", "-"),
+        ("--json", "/dev/stdout"),
+        ("--junit", "/dev/stdout"),
+    ] {
+        let o = quick(&[option, path]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        let out = text(&o.stdout);
+        if option == "--json" {
+            let j: Value = serde_json::from_str(&out).expect("standard output is the report alone");
+            assert_eq!(j["schema"], "modelmeter.verify/1");
+        } else {
+            assert!(
+                out.starts_with("<?xml") && out.trim_end().ends_with("</testsuites>"),
+                "{out}"
+            );
+        }
+        assert!(
+            text(&o.stderr).contains("1 layers: 1 pass"),
+            "the table goes to standard error: {}",
+            text(&o.stderr)
+        );
+    }
+}
+
+// Item 2: standard output that cannot be written.
+
+#[test]
+fn a_full_standard_output_is_one_line_after_the_reports_are_written() {
+    let dir = TempDir::new("full");
+    let (json, junit) = (dir.str("r.json"), dir.str("r.xml"));
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = no_panic(
+        command(&[&QUICK[..], &["--json", &json, "--junit", &junit]].concat())
+            .stdout(full)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("verify-decoder: error: cannot write the table to standard output")
+            && last.contains("No space left"),
+        "{err}"
+    );
+    assert_eq!(read_json(Path::new(&json))["summary"]["pass"], 1);
+    assert!(std::fs::read_to_string(&junit)
+        .unwrap()
+        .contains("<testsuites"));
+}
+
+#[test]
+fn a_closed_pipe_ends_quietly_and_the_reports_are_written() {
+    let dir = TempDir::new("pipe");
+    let (json, junit) = (dir.str("r.json"), dir.str("r.xml"));
+    let mut child = command(&[&QUICK[..], &["--json", &json, "--junit", &junit]].concat())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before anything is printed
+    let o = no_panic(child.wait_with_output().unwrap());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(!text(&o.stderr).contains("error"), "{}", text(&o.stderr));
+    assert_eq!(read_json(Path::new(&json))["summary"]["pass"], 1);
+    assert!(std::fs::read_to_string(&junit)
+        .unwrap()
+        .contains("<testsuites"));
+    // Standard error closed too (`2>&1 | true`): still no panic.
+    let mut child = command(&QUICK)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+// Item 4: a bad report path is refused before anything runs.
+
+#[test]
+fn a_folder_like_report_path_is_refused_before_anything_runs() {
+    let dir = TempDir::new("folder");
+    for path in [
+        format!("{}/out.json/", dir.0.display()),
+        "out.json/".to_string(),
+    ] {
+        let start = Instant::now();
+        let o = quick(&["--json", &path]);
+        assert_refused(&o, "names a folder");
+        assert!(!text(&o.stderr).contains("[1/"), "no layer ran");
+        assert!(start.elapsed() < Duration::from_secs(30));
+    }
+    let o = quick(&["--junit", dir.0.to_str().unwrap()]);
+    assert_refused(&o, "is a directory");
+    assert_eq!(
+        std::fs::read_dir(&dir.0).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}
+
+// Item 5: the pre-check accepts every name the write accepts.
+
+#[test]
+fn a_250_byte_report_name_is_written() {
+    let dir = TempDir::new("long");
+    let name = format!("{}.json", "r".repeat(245));
+    assert_eq!(name.len(), 250);
+    let o = quick(&["--json", &dir.str(&name)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(read_json(&dir.path(&name))["schema"], "modelmeter.verify/1");
+    assert_eq!(
+        std::fs::read_dir(&dir.0).unwrap().count(),
+        1,
+        "no probe left"
+    );
+    let o = quick(&["--json", &dir.str(&"r".repeat(256))]);
+    assert_refused(&o, "--json");
+}
+
+// Item 6: one path for two roles.
+
+#[test]
+fn one_path_for_two_roles_is_refused() {
+    let dir = TempDir::new("roles");
+    let same = dir.str("same");
+    let o = quick(&["--json", &same, "--junit", &same]);
+    assert_refused(&o, "same destination");
+    let o = quick(&["--json", "-", "--junit", "/dev/stdout"]);
+    assert_refused(&o, "same destination");
+    let config = dir.path("cfg.json");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/deepseek-ocr/config.json"
+    );
+    std::fs::copy(fixture, &config).unwrap();
+    let before = std::fs::read(&config).unwrap();
+    let link = dir.path("link.json");
+    std::os::unix::fs::symlink(&config, &link).unwrap();
+    for report in [&config, &link] {
+        let o = verify(&[
+            "--device",
+            "cpu",
+            "--config",
+            config.to_str().unwrap(),
+            "--json",
+            report.to_str().unwrap(),
+        ]);
+        assert_refused(&o, "is the --config file");
+    }
+    assert_eq!(
+        std::fs::read(&config).unwrap(),
+        before,
+        "the config is untouched"
+    );
+}
+
+// Items 3, 7 and 9 (config): bounded reads, wrong JSON types, nested configs, odd paths.
+
+#[test]
+fn configs_that_are_endless_ill_typed_or_oddly_named_are_refused() {
+    let dir = TempDir::new("config");
+    let fixture = include_str!("../../fixtures/deepseek-ocr/config.json");
+    let body = fixture.trim_end().strip_suffix('}').unwrap();
+    let typed = dir.path("typed.json");
+    std::fs::write(&typed, format!("{body}, \"torch_dtype\": 16}}")).unwrap();
+    let nested = dir.path("nested.json");
+    std::fs::write(&nested, "{\"language_config\": 5}").unwrap();
+    let newline = dir.path("a\nb.json");
+    std::fs::write(&newline, "{ nope").unwrap();
+    let cases: [(&str, &str); 5] = [
+        ("/dev/zero", "larger than 16 MiB"),
+        ("/dev/urandom", "larger than 16 MiB"),
+        (
+            typed.to_str().unwrap(),
+            "torch_dtype = 16 is invalid: expected a string",
+        ),
+        (
+            nested.to_str().unwrap(),
+            "language_config = 5 is invalid: expected an object",
+        ),
+        (newline.to_str().unwrap(), "a\\nb.json"),
+    ];
+    for (config, needle) in cases {
+        let start = Instant::now();
+        let o = verify(&["--device", "cpu", "--config", config]);
+        assert_refused(&o, needle);
+        assert!(start.elapsed() < Duration::from_secs(30), "{config}: quick");
+    }
+}
+
+// Item 8: the same seed and inputs give byte-identical reports.
+
+#[test]
+fn the_same_seed_writes_byte_identical_json_and_junit() {
+    let dir = TempDir::new("same-seed");
+    let run = |tag: &str| {
+        let (json, junit) = (
+            dir.str(&format!("{tag}.json")),
+            dir.str(&format!("{tag}.xml")),
+        );
+        let o = verify(&[
+            "--device",
+            "cpu",
+            "--seq-len",
+            "32",
+            "--json",
+            &json,
+            "--junit",
+            &junit,
+            "-q",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        (std::fs::read(json).unwrap(), std::fs::read(junit).unwrap())
+    };
+    let (a, b) = (run("a"), run("b"));
+    assert!(
+        a.0 == b.0,
+        "JSON differs between two runs with the same seed"
+    );
+    assert!(
+        a.1 == b.1,
+        "JUnit differs between two runs with the same seed"
+    );
+    let j: Value = serde_json::from_slice(&a.0).unwrap();
+    assert!(j["environment"].get("device_memory_bytes").is_none());
+    assert!(j.get("host").is_none(), "no volatile host facts by default");
+    // Volatile facts only on request, in their own object.
+    let json = dir.str("host.json");
+    let o = quick(&["--json", &json, "--report-host-details"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let j = read_json(Path::new(&json));
+    assert!(
+        j["host"]["device_memory_bytes"].as_u64().unwrap() > 0,
+        "{}",
+        j["host"]
+    );
+    assert!(j["environment"].get("device_memory_bytes").is_none());
+}
+
+// Item 10: the flops row's known gap is the exact blind work, at any size.
+
+/// A small valid config whose MoEGate flops row is more than 5 % off: all of it the
+/// elementwise work (softmax, top-k, renormalisation) that FlopCounterMode cannot see.
+const SMALL: &str = r#"{"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+  "n_routed_experts": 64, "num_experts_per_tok": 16, "norm_topk_prob": true,
+  "n_shared_experts": 1, "num_attention_heads": 4, "num_hidden_layers": 2,
+  "first_k_dense_replace": 1, "vocab_size": 100}"#;
+
+fn flops_row(layer: &Value) -> &Value {
+    &layer["metrics"][0]
+}
+
+#[test]
+fn a_flops_row_off_by_exactly_the_blind_work_is_a_known_gap_at_small_sizes() {
+    let dir = TempDir::new("small");
+    let config = dir.str("small.json");
+    std::fs::write(&config, SMALL).unwrap();
+    let json = dir.str("r.json");
+    let run = |perturb: Option<&str>| {
+        let mut cmd = command(&[
+            "--device",
+            "cpu",
+            "--config",
+            &config,
+            "--seq-len",
+            "16",
+            "--json",
+            &json,
+            "-q",
+        ]);
+        if let Some(p) = perturb {
+            cmd.env("MODELMETER_VERIFY_PERTURB", p);
+        }
+        let o = no_panic(cmd.output().unwrap());
+        (o, read_json(Path::new(&json)))
+    };
+    let (o, j) = run(None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stdout));
+    for layer in j["layers"].as_array().unwrap() {
+        let flops = flops_row(layer);
+        let metrics = layer["metrics"].as_array().unwrap();
+        assert!(
+            metrics[1..].iter().all(|m| m["status"] == "pass"),
+            "{layer}"
+        );
+        let (analytic, measured) = (
+            flops["analytic"].as_u64().unwrap(),
+            flops["measured"].as_u64().unwrap(),
+        );
+        if flops["status"] == "known_gap" {
+            let note = flops["note"].as_str().unwrap();
+            assert!(
+                note.contains("exactly the analytic elementwise FLOPs"),
+                "{note}"
+            );
+            assert!(
+                note.contains(&format!("the difference, {} FLOP", analytic - measured)),
+                "{note}"
+            );
+        }
+    }
+    let gate = &j["layers"][1];
+    assert_eq!(gate["name"], "MoEGate");
+    assert_eq!(flops_row(gate)["status"], "known_gap");
+    assert!(flops_row(gate)["rel_diff"].as_f64().unwrap() > 0.05);
+    let gate_elementwise = gate["metrics"][2]["analytic"].as_u64().unwrap();
+    assert_eq!(
+        flops_row(gate)["analytic"].as_u64().unwrap()
+            - flops_row(gate)["measured"].as_u64().unwrap(),
+        gate_elementwise
+    );
+    assert_eq!(
+        flops_row(&j["layers"][3])["status"],
+        "known_gap",
+        "RMSNorm: the 100 % case"
+    );
+    assert!(j["known_gaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["layer"] == "*"));
+
+    // A difference of any other size fails: one FLOP more, on the gate and on RMSNorm.
+    for (layer, index) in [("MoEGate", 1), ("DeepseekV2RMSNorm", 3)] {
+        let (o, j) = run(Some(&format!("{layer}:flops:+1")));
+        assert_eq!(o.status.code(), Some(1), "{layer}");
+        let row = flops_row(&j["layers"][index]);
+        assert_eq!(row["status"], "fail", "{layer}: {row}");
+        assert!(
+            row["note"].as_str().unwrap().contains("is not the"),
+            "{row}"
+        );
+    }
+}
+
+// Item 9: messages that name what is wrong.
+
+#[test]
+fn overflows_name_the_option_or_field_and_empty_layer_lists_are_errors() {
+    let dir = TempDir::new("messages");
+    let huge = dir.path("huge.json");
+    std::fs::write(
+        &huge,
+        r#"{"hidden_size": 1000000000000000, "num_attention_heads": 4, "head_dim": 2,
+            "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5}"#,
+    )
+    .unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--seq-len", "10000000000"],
+            "--seq-len = 10000000000 is too large: ",
+        ),
+        (
+            &["--batch", "100000000000"],
+            "--batch = 100000000000 is too large: ",
+        ),
+        (
+            &["--config", huge.to_str().unwrap()],
+            "hidden_size = 1000000000000000 (config ",
+        ),
+        (&["--layers", ""], "--layers = \"\" has an empty layer name"),
+        (&["--layers", "MoEGate,,"], "has an empty layer name"),
+    ];
+    for (args, needle) in cases {
+        let o = verify(&[&["--device", "cpu"], args].concat());
+        assert_refused(&o, needle);
+    }
+}
+
+#[test]
+fn a_decode_step_with_a_huge_context_is_refused_for_memory_not_as_an_overflow() {
+    // `modelmeter analyze` costs this decode step (tests/analyze_hostile.rs); verify-decoder
+    // agrees the counts fit, and refuses only because it cannot fit in memory.
+    let o = verify(&[
+        "--device",
+        "cpu",
+        "--phase",
+        "decode",
+        "--context-len",
+        "100000000",
+    ]);
+    assert_refused(&o, "(B=1 decode C=100000000 fp32) needs at least");
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("overflow") && !err.contains("prefill S="),
+        "{err}"
+    );
+    assert!(
+        err.trim_end().ends_with("lower --batch or --context-len"),
+        "{err}"
+    );
+}
