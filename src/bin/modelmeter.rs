@@ -1,5 +1,6 @@
 //! `modelmeter`: analytic metrics of the DeepSeek-V2 decoder layers.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::process::ExitCode;
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
     let Command::Analyze(args) = cli.command;
     let text = match run(&args) {
         Ok(text) => text,
-        Err(e) => return fail(&e.to_string(), 2),
+        Err(e) => return fail(&format!("{e:#}"), 2),
     };
     // A closed pipe (`| head`) ends quietly; a full disk is a one-line error.
     match print_stdout(&text) {
@@ -75,7 +76,7 @@ fn fail(message: &str, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
+fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
     let config = args.workload.model_config()?;
     let workload = args
         .workload
@@ -86,7 +87,8 @@ fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
             "--new-tokens",
             args.new_tokens.unwrap_or_default(),
             "no value with --phase decode (a generation starts with a prefill)",
-        ));
+        )
+        .into());
     }
     let attention = args.workload.attention();
     let report = analyze(&config, &workload, attention, args.new_tokens).map_err(|e| {
@@ -101,8 +103,8 @@ fn run(args: &AnalyzeArgs) -> modelmeter::Result<String> {
         })
     })?;
     Ok(if args.json {
-        let mut text =
-            serde_json::to_string_pretty(&report.to_json()).expect("JSON values serialize");
+        let mut text = serde_json::to_string_pretty(&report.to_json())
+            .context("rendering the modelmeter.analyze/1 JSON")?;
         text.push('\n');
         text
     } else {

@@ -1,10 +1,11 @@
-//! The `verify-decoder` command: options, checks before anything runs, the run or sweep,
-//! and the reports. Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage
-//! or setup (nothing ran).
+//! The `verify-decoder` command: options, the checks before anything runs ([`prepare`]),
+//! the run or sweep ([`report_of`]), and the reports. Exit codes: 0 all pass/known_gap,
+//! 1 any fail or error, 2 bad usage or setup (nothing ran).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use modelmeter::cli::{one_line, WorkloadArgs};
 use modelmeter::layers::AttentionImpl;
@@ -12,10 +13,12 @@ use modelmeter::{units, Dtype, Platform};
 
 use crate::device::{DeviceInfo, DeviceSpec};
 use crate::environment::Environment;
+use crate::hooks::TestHooks;
 use crate::pairing::{self, Pairing, REGISTRY};
+use crate::plan::Plan;
 use crate::report::{self, Case, Report};
-use crate::runner::{self, Plan, Progress, Summary};
-use crate::sweep;
+use crate::results::Progress;
+use crate::{runner, sweep};
 
 const EXAMPLES: &str = "Examples:
   verify-decoder                                   # every layer, DeepSeek-OCR, B=1 S=512 (cuda:0 if present, else cpu)
@@ -84,21 +87,22 @@ pub struct Args {
 }
 
 /// A checked invocation, ready to run.
-struct Ready {
-    spec: DeviceSpec,
-    why: &'static str,
-    info: DeviceInfo,
-    plan: Plan,
+pub struct Ready {
+    pub spec: DeviceSpec,
+    /// Why this device (`as asked`, or the default's reason).
+    pub why: &'static str,
+    pub info: DeviceInfo,
+    pub plan: Plan,
     /// `--report-host-details`.
-    host_details: bool,
+    pub host_details: bool,
 }
 
 /// Parses, checks and runs; never panics on bad input.
 pub fn run(args: &Args) -> ExitCode {
     let ready = match prepare(args) {
         Ok(r) => r,
-        Err(message) => {
-            eprintln!("verify-decoder: error: {}", one_line(&message));
+        Err(e) => {
+            eprintln!("verify-decoder: error: {}", one_line(&format!("{e:#}")));
             return ExitCode::from(2);
         }
     };
@@ -113,13 +117,7 @@ pub fn run(args: &Args) -> ExitCode {
             ready.spec, ready.why, ready.info.name
         );
     }
-    for hook in runner::active_test_hooks() {
-        eprintln!("verify-decoder: warning: test hook {hook} is active (debug build): results are altered");
-    }
-    let report = match args.sweep {
-        Some(n) => run_sweep(args, &ready, n),
-        None => run_single(args, &ready),
-    };
+    let report = report_of(args, &ready);
     // Reports first: a table that cannot be printed (a full disk, a closed pipe) must
     // not cost the reports.
     let written = write_reports(args, &report);
@@ -153,40 +151,83 @@ fn print_table(args: &Args, report: &Report) -> Result<(), String> {
 
 impl Ready {
     /// The report's environment block for this device and plan.
-    fn environment(&self) -> Environment {
+    pub fn environment(&self) -> Environment {
         let p = &self.plan;
         let mut env = Environment::collect(self.spec, &self.info, &p.workload, p.attention, p.seed);
         env.include_host_details = self.host_details;
+        env.test_hooks = p.hooks.describe();
         env
     }
 }
 
-fn prepare(args: &Args) -> Result<Ready, String> {
+/// Runs the checked invocation (one case, or `--sweep N`), printing progress unless
+/// `--quiet`; nothing is written.
+pub fn report_of(args: &Args, ready: &Ready) -> Report {
+    for hook in ready.plan.hooks.describe() {
+        eprintln!("verify-decoder: warning: test hook {hook} is active: results are altered");
+    }
+    match args.sweep {
+        Some(n) => {
+            let quiet = args.quiet;
+            sweep::run(
+                &ready.plan,
+                &ready.spec.to_string(),
+                n,
+                ready.environment(),
+                &mut |case, n| {
+                    if !quiet {
+                        eprintln!("{}", report::case_line(case, n));
+                    }
+                },
+            )
+        }
+        None => {
+            let plan = &ready.plan;
+            let mut env = ready.environment();
+            let layers = runner::verify(plan, &mut progress_printer(args.quiet));
+            let case = Case::of(plan, layers, None, None, &mut env);
+            Report {
+                environment: env,
+                tolerance: plan.tolerance,
+                cases: vec![case],
+                sweep: None,
+            }
+        }
+    }
+}
+
+/// Checks every option and the device before anything runs, and builds the plan. An
+/// error is one line naming the value and what would be valid (exit 2 in [`run`]).
+pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     let tolerance: f64 = args.accept_rel_diff.trim().parse().map_err(|_| {
-        format!(
+        anyhow!(
             "--accept-rel-diff = {} is invalid: expected a number in [0, 1) (0.05 = 5%)",
             args.accept_rel_diff
         )
     })?;
     if !tolerance.is_finite() || !(0.0..1.0).contains(&tolerance) {
-        return Err(format!(
+        bail!(
             "--accept-rel-diff = {} is invalid: expected a number in [0, 1) (0.05 = 5%; at 1 an analytic 0 would pass any measurement)",
             args.accept_rel_diff
-        ));
+        );
     }
     let reports: Vec<(&str, &std::path::Path)> = [("--json", &args.json), ("--junit", &args.junit)]
         .into_iter()
         .filter_map(|(option, path)| Some((option, path.as_deref()?)))
         .collect();
     for (option, path) in &reports {
-        report::check_writable(option, path)?;
+        report::check_writable(option, path).map_err(anyhow::Error::msg)?;
     }
-    report::check_distinct(&reports, args.workload.config.as_deref())?;
+    report::check_distinct(&reports, args.workload.config.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let (spec, why) = match &args.device {
-        Some(text) => (DeviceSpec::parse(text)?, "as asked"),
+        Some(text) => (
+            DeviceSpec::parse(text).map_err(anyhow::Error::msg)?,
+            "as asked",
+        ),
         None => DeviceSpec::default_choice(),
     };
-    let device = spec.open()?;
+    let device = spec.open().map_err(anyhow::Error::msg)?;
     let info = spec.describe();
     let (default_dtype, platform) = match spec {
         DeviceSpec::Cpu => (Dtype::F32, Platform::Cpu),
@@ -194,24 +235,17 @@ fn prepare(args: &Args) -> Result<Ready, String> {
     };
     let attention = args.workload.attention();
     let (config, workload) = if args.sweep.is_some() {
-        check_sweep_options(args)?;
+        check_sweep_options(args).map_err(anyhow::Error::msg)?;
         // Placeholders: every case brings its own config and workload.
-        let w = args
-            .workload
-            .workload(default_dtype)
-            .map_err(|e| e.to_string())?
-            .on(platform);
+        let w = args.workload.workload(default_dtype)?.on(platform);
         (modelmeter::ModelConfig::deepseek_ocr(), w)
     } else {
-        let config = args.workload.model_config().map_err(|e| e.to_string())?;
-        let workload = args
-            .workload
-            .workload(default_dtype)
-            .map_err(|e| e.to_string())?
-            .on(platform);
+        let config = args.workload.model_config()?;
+        let workload = args.workload.workload(default_dtype)?.on(platform);
         (config, workload)
     };
-    let layers = select_layers(&args.layers, &config, attention, args.sweep.is_some())?;
+    let layers = select_layers(&args.layers, &config, attention, args.sweep.is_some())
+        .map_err(anyhow::Error::msg)?;
     let plan = Plan {
         config,
         workload,
@@ -220,9 +254,12 @@ fn prepare(args: &Args) -> Result<Ready, String> {
         tolerance,
         layers,
         seed: args.seed,
+        hooks: TestHooks::default(),
     };
     if args.sweep.is_none() {
-        check_memory(&plan, spec, &info)?;
+        crate::memory::check(&plan, spec, &info)
+            .map_err(anyhow::Error::msg)
+            .context("memory pre-check")?;
     }
     Ok(Ready {
         spec,
@@ -276,10 +313,6 @@ fn select_layers(
     pairing::select(&REGISTRY, &names, config, attention, sweep)
 }
 
-fn check_memory(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), String> {
-    crate::memory::check(plan, spec, info)
-}
-
 fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
     move |p| {
         if quiet {
@@ -293,93 +326,6 @@ fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
                 eprintln!("{} ({:.2} s)", result.status.as_str(), result.seconds);
             }
         }
-    }
-}
-
-fn case_from(
-    plan: &Plan,
-    layers: Vec<runner::LayerResult>,
-    index: Option<usize>,
-    replay: Option<String>,
-    env: &mut Environment,
-) -> Case {
-    for l in &layers {
-        env.saw_kernels(&l.attention_kernels);
-    }
-    Case {
-        index,
-        config: plan.config.clone(),
-        workload: plan.workload,
-        attention: plan.attention,
-        summary: Summary::of(&layers),
-        layers,
-        replay,
-    }
-}
-
-fn run_single(args: &Args, ready: &Ready) -> Report {
-    let plan = &ready.plan;
-    let mut env = ready.environment();
-    let layers = runner::verify(plan, &mut progress_printer(args.quiet));
-    let case = case_from(plan, layers, None, None, &mut env);
-    Report {
-        environment: env,
-        tolerance: plan.tolerance,
-        cases: vec![case],
-        sweep: None,
-    }
-}
-
-fn run_sweep(args: &Args, ready: &Ready, n: usize) -> Report {
-    let base = &ready.plan;
-    let mut env = ready.environment();
-    let mut cases = Vec::new();
-    for index in 0..n {
-        let generated = sweep::generate(base.seed, index, &base.workload);
-        let plan = Plan {
-            config: generated.config.clone(),
-            workload: generated.workload,
-            attention: generated.attention,
-            ..base.clone()
-        };
-        let layers = runner::verify(&plan, &mut |_| {});
-        let summary = Summary::of(&layers);
-        let replay = (!summary.ok()).then(|| {
-            let path = std::env::temp_dir().join(format!(
-                "modelmeter-sweep-{}-{}.json",
-                base.seed,
-                index + 1
-            ));
-            let text = serde_json::to_string_pretty(&generated.config_json).unwrap_or_default();
-            let written =
-                report::write_atomically(&path, &text).map(|_| path.display().to_string());
-            let shown =
-                written.unwrap_or_else(|e| format!("<could not write {}: {e}>", path.display()));
-            let names: Vec<&str> = base
-                .layers
-                .iter()
-                .map(|k| k.name(generated.attention))
-                .collect();
-            sweep::replay_command(
-                &generated,
-                &shown,
-                &ready.spec.to_string(),
-                base.seed,
-                base.tolerance,
-                &names,
-            )
-        });
-        let case = case_from(&plan, layers, Some(index), replay, &mut env);
-        if !args.quiet {
-            eprintln!("{}", report::case_line(&case, n));
-        }
-        cases.push(case);
-    }
-    Report {
-        environment: env,
-        tolerance: base.tolerance,
-        cases,
-        sweep: Some((base.seed, n)),
     }
 }
 

@@ -206,6 +206,18 @@ mod tests {
     const ELEMENTWISE: Check = Check::Exact(Metric::ElementwiseFlops);
 
     #[test]
+    fn rel_diff_edge_cases() {
+        use approx::assert_relative_eq;
+        assert_eq!(rel_diff(0, 0), Some(0.0));
+        assert_eq!(rel_diff(5, 0), None, "measured 0 < analytic: infinite");
+        assert_relative_eq!(rel_diff(106, 100).unwrap(), 0.06, max_relative = 1e-12);
+        assert_relative_eq!(rel_diff(94, 100).unwrap(), 0.06, max_relative = 1e-12);
+        assert_relative_eq!(rel_diff(0, 100).unwrap(), 1.0);
+        // Far apart and huge: still finite, no overflow in |A − M|.
+        assert_relative_eq!(rel_diff(u64::MAX, 1).unwrap(), u64::MAX as f64 - 1.0);
+    }
+
+    #[test]
     fn statuses_follow_the_design() {
         assert_eq!(compare("X", FLOPS, 100, 100, 0.0).status, Status::Pass);
         assert_eq!(compare("X", FLOPS, 0, 0, 0.0).rel_diff, Some(0.0));

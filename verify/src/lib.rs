@@ -2,9 +2,13 @@
 //!
 //! Compares modelmeter's analytic layers with reference modules run under the FLOP
 //! counter, layer by layer and metric by metric, and reports pass/fail in forms CI can
-//! gate on. The binary `verify-decoder` only parses options and calls [`app::run`];
-//! comparison ([`compare`]), running ([`runner`]), sweeps ([`sweep`]) and reports
-//! ([`report`]) are library code. [`hardware`] reads Nsight Compute's hardware counters.
+//! gate on. The binary `verify-decoder` only parses options and calls [`app::run`]
+//! ([`app::prepare`] checks everything before anything runs, [`app::report_of`] runs).
+//! The rest is library code, one responsibility a module: the join ([`pairing`]), the
+//! rows ([`check`]) and their statuses ([`compare`]), the plan ([`plan`], with test-only
+//! [`hooks`]), the run loop ([`runner`]), results ([`results`]), the memory pre-check
+//! ([`memory`]), sweeps ([`sweep`]) and reports ([`report`]). [`hardware`] reads Nsight
+//! Compute's hardware counters.
 
 /// This crate's `eprint!`: like the standard one, but a failed write to standard error
 /// (`2>/dev/full`, a closed pipe) is ignored instead of panicking, since there is nowhere
@@ -31,8 +35,11 @@ pub mod compare;
 pub mod device;
 pub mod environment;
 pub mod hardware;
+pub mod hooks;
 pub mod memory;
 pub mod pairing;
+pub mod plan;
 pub mod report;
+pub mod results;
 pub mod runner;
 pub mod sweep;

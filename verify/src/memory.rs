@@ -13,7 +13,7 @@ use modelmeter::{units, Phase, Workload};
 use modelmeter_reference::Error;
 
 use crate::device::{DeviceInfo, DeviceSpec};
-use crate::runner::Plan;
+use crate::plan::Plan;
 
 /// The largest need of the plan's layers at `workload`, in bytes, and that layer's name.
 fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
@@ -184,6 +184,7 @@ mod tests {
                 layer: LayerId::Attention,
             }],
             seed: 0,
+            hooks: Default::default(),
         }
     }
 

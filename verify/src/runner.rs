@@ -1,5 +1,5 @@
-//! Runs each selected layer as a reference module under the FLOP counter, costs the
-//! matching analytic layer, and compares them metric by metric. A layer that fails to
+//! The run loop: runs each layer of a plan as a reference module under the FLOP counter,
+//! costs the paired analytic layer, and compares them row by row. A layer that fails to
 //! run is an `error` with its cause; the other layers still run.
 
 use std::collections::BTreeMap;
@@ -7,122 +7,17 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
 use modelmeter::conventions::{convention, is_fused_attention};
-use modelmeter::layers::{AttentionImpl, ATTENTION_CORE_ROLE};
-use modelmeter::{Cost, ModelConfig, Workload};
+use modelmeter::layers::ATTENTION_CORE_ROLE;
+use modelmeter::Cost;
 use modelmeter_reference::harness::{run_layer, LayerRun};
-use modelmeter_reference::{OpSummary, Setup};
-use serde::Serialize;
-use tch::Device;
+use modelmeter_reference::Setup;
 
 use crate::check::{self, Check, EXACT};
 use crate::compare::{compare, compare_flops, worst, CounterBlindSpot, MetricRow, Status};
-use crate::pairing::{self, Pairing, REGISTRY};
-
-/// What one verification run checks.
-#[derive(Clone, Debug)]
-pub struct Plan {
-    pub config: ModelConfig,
-    pub workload: Workload,
-    pub attention: AttentionImpl,
-    pub device: Device,
-    pub tolerance: f64,
-    pub layers: Vec<Pairing>,
-    pub seed: u64,
-}
-
-/// The verification of one layer.
-#[derive(Clone, Debug, Serialize)]
-pub struct LayerResult {
-    pub name: String,
-    pub status: Status,
-    /// Why the layer could not run (status `error`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub metrics: Vec<MetricRow>,
-    /// Measured op records, summarised by op name.
-    pub ops: Vec<OpSummary>,
-    /// Executed ops with no rule in the conventions table.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub unknown_ops: BTreeMap<String, usize>,
-    /// The fused attention kernels libtorch dispatched to.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub attention_kernels: Vec<String>,
-    /// MoE layers: how many routed experts received tokens.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub experts_used: Option<usize>,
-    #[serde(skip)]
-    pub seconds: f64,
-}
-
-/// Layer counts per status.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Summary {
-    pub pass: usize,
-    pub known_gap: usize,
-    pub fail: usize,
-    pub error: usize,
-}
-
-impl Summary {
-    /// Counts the statuses of `layers`.
-    pub fn of(layers: &[LayerResult]) -> Summary {
-        let mut s = Summary::default();
-        for l in layers {
-            s.add(l.status);
-        }
-        s
-    }
-
-    fn add(&mut self, status: Status) {
-        match status {
-            Status::Pass => self.pass += 1,
-            Status::KnownGap => self.known_gap += 1,
-            Status::Fail => self.fail += 1,
-            Status::Error => self.error += 1,
-        }
-    }
-
-    /// Adds another summary.
-    pub fn merge(&mut self, other: &Summary) {
-        self.pass += other.pass;
-        self.known_gap += other.known_gap;
-        self.fail += other.fail;
-        self.error += other.error;
-    }
-
-    /// True when nothing failed or errored.
-    pub fn ok(&self) -> bool {
-        self.fail == 0 && self.error == 0
-    }
-
-    /// `7 layers: 6 pass, 1 known_gap, 0 fail, 0 error`.
-    pub fn line(&self, what: &str) -> String {
-        let total = self.pass + self.known_gap + self.fail + self.error;
-        format!(
-            "{total} {what}: {} pass, {} known_gap, {} fail, {} error",
-            self.pass, self.known_gap, self.fail, self.error
-        )
-    }
-}
-
-/// Progress events for a front end (printing is not this module's job).
-pub enum Progress<'a> {
-    Started {
-        index: usize,
-        total: usize,
-        name: &'a str,
-    },
-    Finished {
-        index: usize,
-        total: usize,
-        result: &'a LayerResult,
-    },
-}
-
-/// The layers of `config` that the runner can check, in report order.
-pub fn applicable_layers(config: &ModelConfig) -> Vec<Pairing> {
-    pairing::present(&REGISTRY, config)
-}
+use crate::hooks::TestHooks;
+use crate::pairing::Pairing;
+use crate::plan::Plan;
+use crate::results::{LayerResult, Progress};
 
 /// Verifies every layer of the plan.
 pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
@@ -162,7 +57,7 @@ fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
         seed: plan.seed,
     };
     let run = catch_unwind(AssertUnwindSafe(|| {
-        injected_error(&name)?;
+        plan.hooks.injected_error(&name)?;
         run_layer(module, &plan.config, &plan.workload, plan.attention, &setup)
     }));
     match run {
@@ -173,7 +68,7 @@ fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
                 run.counts.tf32_allowed, plan.workload.allow_tf32
             ),
         ),
-        Ok(Ok(run)) => compare_layer(&name, &analytic, &run, plan.tolerance),
+        Ok(Ok(run)) => compare_layer(&name, &analytic, &run, plan),
         Ok(Err(e)) if e.is_out_of_memory() => {
             error_result(name, format!("out of memory on {:?}: {e}", plan.device))
         }
@@ -243,14 +138,15 @@ fn invisible_to_flop_counter_mode(
     }
 }
 
-fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, tolerance: f64) -> LayerResult {
-    let a = perturbed(name, analytic.metrics);
+fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, plan: &Plan) -> LayerResult {
+    let tolerance = plan.tolerance;
+    let a = perturbed(&plan.hooks, name, analytic.metrics);
     let c = &run.counts;
     let blind = invisible_to_flop_counter_mode(analytic, a.elementwise_flops, run);
     let total = a
         .total_flops()
         .unwrap_or(u64::MAX)
-        .saturating_add(perturbation(name, "flops").unwrap_or(0));
+        .saturating_add(plan.hooks.perturbation(name, "flops").unwrap_or(0));
     let flops = compare_flops(
         name,
         total,
@@ -342,16 +238,14 @@ fn attention_kernel_row(analytic: &Cost, run: &LayerRun) -> Option<MetricRow> {
     })
 }
 
-/// The environment variable of the test hook that perturbs analytic values.
-pub const PERTURB_ENV: &str = "MODELMETER_VERIFY_PERTURB";
-
-/// Test builds only: `MODELMETER_VERIFY_PERTURB=Layer:metric:delta` adds `delta` to one
-/// analytic metric (or, for `flops`, to the `flops` row's analytic total), so tests can
-/// force a mismatch. Release builds ignore it; when it is active, [`active_test_hooks`]
-/// says so and the report shows it.
-fn perturbed(layer: &str, mut metrics: modelmeter::Metrics) -> modelmeter::Metrics {
+/// The analytic metrics of `layer` with the plan's test perturbation applied.
+fn perturbed(
+    hooks: &TestHooks,
+    layer: &str,
+    mut metrics: modelmeter::Metrics,
+) -> modelmeter::Metrics {
     for metric in modelmeter::Metric::ALL {
-        if let Some(delta) = perturbation(layer, metric.name()) {
+        if let Some(delta) = hooks.perturbation(layer, metric.name()) {
             let value = metric.get(&metrics);
             metric.set(&mut metrics, value.saturating_add(delta));
         }
@@ -359,67 +253,11 @@ fn perturbed(layer: &str, mut metrics: modelmeter::Metrics) -> modelmeter::Metri
     metrics
 }
 
-/// The delta the perturbation hook adds to `layer`'s `metric`, if any (debug builds).
-fn perturbation(layer: &str, metric: &str) -> Option<u64> {
-    if !cfg!(debug_assertions) {
-        return None;
-    }
-    let spec = std::env::var(PERTURB_ENV).ok()?;
-    let mut parts = spec.splitn(3, ':');
-    let (l, m, d) = (parts.next()?, parts.next()?, parts.next()?);
-    (l == layer && m == metric)
-        .then(|| d.trim_start_matches('+').parse::<u64>().ok())
-        .flatten()
-}
-
-/// The test hooks set in the environment that this build honours (debug builds only).
-pub fn active_test_hooks() -> Vec<String> {
-    if !cfg!(debug_assertions) {
-        return Vec::new();
-    }
-    [PERTURB_ENV, INJECT_ERROR_ENV]
-        .iter()
-        .filter_map(|name| std::env::var(name).ok().map(|v| format!("{name}={v}")))
-        .collect()
-}
-
-/// The environment variable of the test hook that makes one layer fail to run.
-pub const INJECT_ERROR_ENV: &str = "MODELMETER_VERIFY_INJECT_ERROR";
-
-/// Test builds only: `MODELMETER_VERIFY_INJECT_ERROR=Layer` makes that layer fail as if
-/// libtorch had refused it, so tests can check error isolation. Release builds ignore it.
-fn injected_error(layer: &str) -> modelmeter_reference::Result<()> {
-    if cfg!(debug_assertions) && std::env::var(INJECT_ERROR_ENV).is_ok_and(|l| l == layer) {
-        return Err(modelmeter_reference::Error::Observer(format!(
-            "{INJECT_ERROR_ENV} made {layer} fail"
-        )));
-    }
-    Ok(())
-}
-
-/// The largest memory one layer of the plan needs, estimated from the analytic model
-/// (weights + activations + KV cache; for a decode step also the prefill that fills
-/// the cache), with the layer's name. See [`crate::memory::estimate`].
-pub fn memory_estimate(plan: &Plan) -> Result<(u64, String), String> {
-    crate::memory::estimate(plan)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn summary_counts_and_line() {
-        let mut s = Summary::default();
-        s.add(Status::Pass);
-        s.add(Status::KnownGap);
-        s.add(Status::Fail);
-        assert!(!s.ok());
-        assert_eq!(
-            s.line("layers"),
-            "3 layers: 1 pass, 1 known_gap, 1 fail, 0 error"
-        );
-    }
+    use modelmeter::layers::AttentionImpl;
+    use modelmeter::{ModelConfig, Workload};
 
     /// A measured run whose only counted op is the attention kernel `kernel`.
     fn run_with_kernel(kernel: &str) -> LayerRun {
@@ -478,18 +316,5 @@ mod tests {
             .unwrap();
         let bmm = run_with_kernel("aten::bmm");
         assert!(attention_kernel_row(&eager, &bmm).is_none());
-    }
-
-    #[test]
-    fn dense_only_configs_skip_moe_layers() {
-        let mut c = ModelConfig::deepseek_ocr();
-        c.moe = None;
-        c.layer_kinds = vec![modelmeter::MlpKind::Dense; 12];
-        use modelmeter::layers::LayerId;
-        let kinds: Vec<LayerId> = applicable_layers(&c).iter().map(|p| p.layer).collect();
-        assert!(!kinds.contains(&LayerId::MoE));
-        assert!(!kinds.contains(&LayerId::DecoderMoe));
-        assert!(kinds.contains(&LayerId::Attention));
-        assert_eq!(applicable_layers(&ModelConfig::deepseek_ocr()).len(), 7);
     }
 }

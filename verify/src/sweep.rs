@@ -3,6 +3,11 @@
 
 use serde_json::{json, Value};
 
+use crate::environment::Environment;
+use crate::plan::Plan;
+use crate::report::{self, Case, Report};
+use crate::results::Summary;
+
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{ModelConfig, Phase, Workload};
 
@@ -139,7 +144,7 @@ pub fn replay_command(
         AttentionImpl::Eager => "eager",
     };
     let tf32 = if w.allow_tf32 { " --allow-tf32" } else { "" };
-    let all = crate::runner::applicable_layers(&case.config).len();
+    let all = crate::plan::applicable_layers(&case.config).len();
     let layers = if layers.is_empty() || layers.len() >= all {
         String::new()
     } else {
@@ -149,6 +154,64 @@ pub fn replay_command(
         "cargo run --bin verify-decoder -- --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{layers}",
         w.batch, w.dtype
     )
+}
+
+/// Verifies `n` generated cases on the base plan's device, dtype, TF32 setting, layers,
+/// tolerance and seed; `device` is how the replay commands name the device. A failing
+/// case's config is written to the temporary folder and its replay command recorded.
+/// `progress` sees each case as it finishes.
+pub fn run(
+    base: &Plan,
+    device: &str,
+    n: usize,
+    mut env: Environment,
+    progress: &mut dyn FnMut(&Case, usize),
+) -> Report {
+    let mut cases = Vec::new();
+    for index in 0..n {
+        let generated = generate(base.seed, index, &base.workload);
+        let plan = Plan {
+            config: generated.config.clone(),
+            workload: generated.workload,
+            attention: generated.attention,
+            ..base.clone()
+        };
+        let layers = crate::runner::verify(&plan, &mut |_| {});
+        let replay = (!Summary::of(&layers).ok()).then(|| {
+            let path = std::env::temp_dir().join(format!(
+                "modelmeter-sweep-{}-{}.json",
+                base.seed,
+                index + 1
+            ));
+            let text = serde_json::to_string_pretty(&generated.config_json).unwrap_or_default();
+            let written =
+                report::write_atomically(&path, &text).map(|_| path.display().to_string());
+            let shown =
+                written.unwrap_or_else(|e| format!("<could not write {}: {e}>", path.display()));
+            let names: Vec<&str> = base
+                .layers
+                .iter()
+                .map(|k| k.name(generated.attention))
+                .collect();
+            replay_command(
+                &generated,
+                &shown,
+                device,
+                base.seed,
+                base.tolerance,
+                &names,
+            )
+        });
+        let case = Case::of(&plan, layers, Some(index), replay, &mut env);
+        progress(&case, n);
+        cases.push(case);
+    }
+    Report {
+        environment: env,
+        tolerance: base.tolerance,
+        cases,
+        sweep: Some((base.seed, n)),
+    }
 }
 
 #[cfg(test)]

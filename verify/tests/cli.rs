@@ -15,9 +15,7 @@ const EXACT: [&str; 5] = [
 
 fn verify(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
-    cmd.args(args)
-        .env_remove("MODELMETER_VERIFY_PERTURB")
-        .env_remove("MODELMETER_VERIFY_INJECT_ERROR");
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -342,84 +340,7 @@ fn tolerance_zero_leaves_only_the_exactly_explained_flops_gap() {
         stdout.contains("exactly the analytic elementwise FLOPs"),
         "{stdout}"
     );
-    let o = verify(
-        &args,
-        &[("MODELMETER_VERIFY_PERTURB", "DeepseekV2MLP:flops:+1")],
-    );
-    let stdout = text(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{stdout}");
-    assert!(
-        stdout
-            .trim_end()
-            .ends_with("1 layers: 0 pass, 0 known_gap, 1 fail, 0 error"),
-        "{stdout}"
-    );
-}
-
-#[test]
-fn a_perturbed_analytic_value_fails_an_exact_row() {
-    let dir = TempDir::new("perturb");
-    let (json, junit) = (dir.path("r.json"), dir.path("r.xml"));
-    let o = verify(
-        &[
-            "--device",
-            "cpu",
-            "--seq-len",
-            "8",
-            "--layers",
-            "DeepseekV2MLP,MoEGate",
-            "--accept-rel-diff",
-            "0",
-            "--json",
-            json.to_str().unwrap(),
-            "--junit",
-            junit.to_str().unwrap(),
-        ],
-        &[("MODELMETER_VERIFY_PERTURB", "MoEGate:matmul_flops:+1")],
-    );
-    assert_eq!(o.status.code(), Some(1));
-    let j = read_json(&json);
-    let gate = &j["layers"][1];
-    assert_eq!(gate["status"], "fail");
-    let row = gate["metrics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["metric"] == "matmul_flops")
-        .unwrap();
-    assert_eq!(row["status"], "fail");
-    assert_eq!(
-        row["analytic"].as_u64().unwrap(),
-        row["measured"].as_u64().unwrap() + 1
-    );
-    assert!(std::fs::read_to_string(&junit)
-        .unwrap()
-        .contains("<failure"));
-}
-
-#[test]
-fn a_layer_that_cannot_run_is_an_error_and_the_others_still_run() {
-    let dir = TempDir::new("error");
-    let json = dir.path("r.json");
-    let o = verify(
-        &[
-            "--device",
-            "cpu",
-            "--seq-len",
-            "8",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        &[("MODELMETER_VERIFY_INJECT_ERROR", "DeepseekV2MoE")],
-    );
-    assert_eq!(o.status.code(), Some(1));
-    let j = read_json(&json);
-    assert_eq!(j["summary"]["error"], 1);
-    assert_eq!(j["summary"]["pass"], 5);
-    let moe = &j["layers"][2];
-    assert_eq!(moe["status"], "error");
-    assert!(moe["error"].as_str().unwrap().contains("DeepseekV2MoE"));
-    assert!(text(&o.stdout).contains("DeepseekV2MoE: error:"));
+    // One FLOP off the blind work fails: verify/tests/hooks.rs.
 }
 
 #[test]

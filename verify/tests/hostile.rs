@@ -16,9 +16,7 @@ const QUICK: [&str; 6] = ["--device", "cpu", "--seq-len", "8", "--layers", "MoEG
 
 fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
-    cmd.args(args)
-        .env_remove("MODELMETER_VERIFY_PERTURB")
-        .env_remove("MODELMETER_VERIFY_INJECT_ERROR");
+    cmd.args(args);
     cmd
 }
 
@@ -445,8 +443,8 @@ fn a_flops_row_off_by_exactly_the_blind_work_is_a_known_gap_at_small_sizes() {
     let config = dir.str("small.json");
     std::fs::write(&config, SMALL).unwrap();
     let json = dir.str("r.json");
-    let run = |perturb: Option<&str>| {
-        let mut cmd = command(&[
+    let run = || {
+        let cmd = command(&[
             "--device",
             "cpu",
             "--config",
@@ -457,13 +455,11 @@ fn a_flops_row_off_by_exactly_the_blind_work_is_a_known_gap_at_small_sizes() {
             &json,
             "-q",
         ]);
-        if let Some(p) = perturb {
-            cmd.env("MODELMETER_VERIFY_PERTURB", p);
-        }
+        let mut cmd = cmd;
         let o = no_panic(cmd.output().unwrap());
         (o, read_json(Path::new(&json)))
     };
-    let (o, j) = run(None);
+    let (o, j) = run();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stdout));
     for layer in j["layers"].as_array().unwrap() {
         let flops = flops_row(layer);
@@ -508,18 +504,7 @@ fn a_flops_row_off_by_exactly_the_blind_work_is_a_known_gap_at_small_sizes() {
         .unwrap()
         .iter()
         .any(|g| g["layer"] == "*"));
-
-    // A difference of any other size fails: one FLOP more, on the gate and on RMSNorm.
-    for (layer, index) in [("MoEGate", 1), ("DeepseekV2RMSNorm", 3)] {
-        let (o, j) = run(Some(&format!("{layer}:flops:+1")));
-        assert_eq!(o.status.code(), Some(1), "{layer}");
-        let row = flops_row(&j["layers"][index]);
-        assert_eq!(row["status"], "fail", "{layer}: {row}");
-        assert!(
-            row["note"].as_str().unwrap().contains("is not the"),
-            "{row}"
-        );
-    }
+    // A difference of any other size fails: verify/tests/hooks.rs perturbs it by one FLOP.
 }
 
 // Item 9: messages that name what is wrong.

@@ -18,7 +18,8 @@ use modelmeter::layers::AttentionImpl;
 use modelmeter::{ModelConfig, Workload};
 
 use crate::environment::Environment;
-use crate::runner::{LayerResult, Summary};
+use crate::plan::Plan;
+use crate::results::{LayerResult, Summary};
 
 /// One configuration and workload that was verified.
 #[derive(Clone, Debug)]
@@ -32,6 +33,31 @@ pub struct Case {
     pub summary: Summary,
     /// The command that reruns this case with plain options (sweeps).
     pub replay: Option<String>,
+}
+
+impl Case {
+    /// The case of `plan`'s run with these layer results; the attention kernels that ran
+    /// are added to the report's environment.
+    pub fn of(
+        plan: &Plan,
+        layers: Vec<LayerResult>,
+        index: Option<usize>,
+        replay: Option<String>,
+        env: &mut Environment,
+    ) -> Case {
+        for l in &layers {
+            env.saw_kernels(&l.attention_kernels);
+        }
+        Case {
+            index,
+            config: plan.config.clone(),
+            workload: plan.workload,
+            attention: plan.attention,
+            summary: Summary::of(&layers),
+            layers,
+            replay,
+        }
+    }
 }
 
 /// Everything a report shows.

@@ -5,7 +5,7 @@ use modelmeter::units;
 use super::{Case, Report};
 use crate::check::{Check, RowUnit};
 use crate::compare::{MetricRow, Status};
-use crate::runner::LayerResult;
+use crate::results::LayerResult;
 
 fn value(metric: Check, v: u64) -> String {
     match metric.unit() {

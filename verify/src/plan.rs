@@ -1,0 +1,46 @@
+//! What one verification run checks: the config, the workload, the layers (pairings),
+//! the device, the tolerance and the seed.
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{ModelConfig, Workload};
+use tch::Device;
+
+use crate::hooks::TestHooks;
+use crate::pairing::{self, Pairing, REGISTRY};
+
+/// What one verification run checks.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub config: ModelConfig,
+    pub workload: Workload,
+    pub attention: AttentionImpl,
+    pub device: Device,
+    pub tolerance: f64,
+    pub layers: Vec<Pairing>,
+    pub seed: u64,
+    /// Test-only alterations (none unless a test sets them; the binary never does).
+    pub hooks: TestHooks,
+}
+
+/// The layers of `config` that the runner can check, in report order.
+pub fn applicable_layers(config: &ModelConfig) -> Vec<Pairing> {
+    pairing::present(&REGISTRY, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_only_configs_skip_moe_layers() {
+        let mut c = ModelConfig::deepseek_ocr();
+        c.moe = None;
+        c.layer_kinds = vec![modelmeter::MlpKind::Dense; 12];
+        use modelmeter::layers::LayerId;
+        let kinds: Vec<LayerId> = applicable_layers(&c).iter().map(|p| p.layer).collect();
+        assert!(!kinds.contains(&LayerId::MoE));
+        assert!(!kinds.contains(&LayerId::DecoderMoe));
+        assert!(kinds.contains(&LayerId::Attention));
+        assert_eq!(applicable_layers(&ModelConfig::deepseek_ocr()).len(), 7);
+    }
+}

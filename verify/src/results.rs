@@ -1,0 +1,116 @@
+//! The results of a verification: per layer, the compared rows and what was measured;
+//! counts per status; progress events for a front end.
+
+use std::collections::BTreeMap;
+
+use modelmeter_reference::OpSummary;
+use serde::Serialize;
+
+use crate::compare::{MetricRow, Status};
+
+/// The verification of one layer.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerResult {
+    pub name: String,
+    pub status: Status,
+    /// Why the layer could not run (status `error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub metrics: Vec<MetricRow>,
+    /// Measured op records, summarised by op name.
+    pub ops: Vec<OpSummary>,
+    /// Executed ops with no rule in the conventions table.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown_ops: BTreeMap<String, usize>,
+    /// The fused attention kernels libtorch dispatched to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attention_kernels: Vec<String>,
+    /// MoE layers: how many routed experts received tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts_used: Option<usize>,
+    #[serde(skip)]
+    pub seconds: f64,
+}
+
+/// Layer counts per status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub pass: usize,
+    pub known_gap: usize,
+    pub fail: usize,
+    pub error: usize,
+}
+
+impl Summary {
+    /// Counts the statuses of `layers`.
+    pub fn of(layers: &[LayerResult]) -> Summary {
+        let mut s = Summary::default();
+        for l in layers {
+            s.add(l.status);
+        }
+        s
+    }
+
+    fn add(&mut self, status: Status) {
+        match status {
+            Status::Pass => self.pass += 1,
+            Status::KnownGap => self.known_gap += 1,
+            Status::Fail => self.fail += 1,
+            Status::Error => self.error += 1,
+        }
+    }
+
+    /// Adds another summary.
+    pub fn merge(&mut self, other: &Summary) {
+        self.pass += other.pass;
+        self.known_gap += other.known_gap;
+        self.fail += other.fail;
+        self.error += other.error;
+    }
+
+    /// True when nothing failed or errored.
+    pub fn ok(&self) -> bool {
+        self.fail == 0 && self.error == 0
+    }
+
+    /// `7 layers: 6 pass, 1 known_gap, 0 fail, 0 error`.
+    pub fn line(&self, what: &str) -> String {
+        let total = self.pass + self.known_gap + self.fail + self.error;
+        format!(
+            "{total} {what}: {} pass, {} known_gap, {} fail, {} error",
+            self.pass, self.known_gap, self.fail, self.error
+        )
+    }
+}
+
+/// Progress events for a front end (printing is not this module's job).
+pub enum Progress<'a> {
+    Started {
+        index: usize,
+        total: usize,
+        name: &'a str,
+    },
+    Finished {
+        index: usize,
+        total: usize,
+        result: &'a LayerResult,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_and_line() {
+        let mut s = Summary::default();
+        s.add(Status::Pass);
+        s.add(Status::KnownGap);
+        s.add(Status::Fail);
+        assert!(!s.ok());
+        assert_eq!(
+            s.line("layers"),
+            "3 layers: 1 pass, 1 known_gap, 1 fail, 0 error"
+        );
+    }
+}

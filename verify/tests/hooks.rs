@@ -1,0 +1,141 @@
+//! What verify-decoder does with a wrong analytic value or a layer that cannot run,
+//! forced through the library's test hooks (`Plan::hooks`; the binary has none and reads
+//! nothing from the environment): the row fails, the reports say so, the other layers
+//! still run.
+
+use approx::assert_relative_eq;
+use clap::Parser;
+use modelmeter_verify::app::{prepare, report_of, Args};
+use modelmeter_verify::hooks::{Perturbation, TestHooks};
+use modelmeter_verify::report::{self, Report};
+use serde_json::Value;
+
+fn run(args: &[&str], hooks: TestHooks) -> (Report, Value) {
+    let mut argv = vec!["verify-decoder", "--device", "cpu", "--quiet"];
+    argv.extend_from_slice(args);
+    let args = Args::try_parse_from(argv).expect("valid options");
+    let mut ready = prepare(&args).expect("the invocation checks out");
+    ready.plan.hooks = hooks;
+    let report = report_of(&args, &ready);
+    let json = report::to_json(&report);
+    (report, json)
+}
+
+fn perturb(layer: &str, metric: &str, delta: u64) -> TestHooks {
+    TestHooks {
+        perturb: Some(Perturbation {
+            layer: layer.into(),
+            metric: metric.into(),
+            delta,
+        }),
+        fail_layer: None,
+    }
+}
+
+fn row<'a>(layer: &'a Value, metric: &str) -> &'a Value {
+    layer["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == metric)
+        .unwrap_or_else(|| panic!("no {metric} row in {layer}"))
+}
+
+#[test]
+fn a_perturbed_exact_metric_fails_and_every_report_says_so() {
+    let args = [
+        "--seq-len",
+        "8",
+        "--layers",
+        "DeepseekV2MLP,MoEGate",
+        "--accept-rel-diff",
+        "0",
+    ];
+    let (clean, _) = run(&args, TestHooks::default());
+    assert!(clean.summary().ok());
+    let (report, j) = run(&args, perturb("MoEGate", "matmul_flops", 1));
+    assert!(!report.summary().ok(), "exit code 1");
+    let gate = &j["layers"][1];
+    assert_eq!(gate["status"], "fail");
+    let r = row(gate, "matmul_flops");
+    assert_eq!(r["status"], "fail");
+    assert_eq!(
+        r["analytic"].as_u64().unwrap(),
+        r["measured"].as_u64().unwrap() + 1
+    );
+    assert_relative_eq!(
+        r["rel_diff"].as_f64().unwrap(),
+        1.0 / r["measured"].as_u64().unwrap() as f64,
+        max_relative = 1e-12
+    );
+    assert_eq!(
+        j["layers"][0]["status"], "known_gap",
+        "the MLP is untouched"
+    );
+    assert!(report::to_junit(&report).contains("<failure"));
+    let hooks = j["environment"]["test_hooks"].as_array().unwrap();
+    assert!(hooks[0]
+        .as_str()
+        .unwrap()
+        .contains("MoEGate:matmul_flops:+1"));
+}
+
+#[test]
+fn a_layer_that_cannot_run_is_an_error_and_the_others_still_run() {
+    let hooks = TestHooks {
+        perturb: None,
+        fail_layer: Some("DeepseekV2MoE".into()),
+    };
+    let (report, j) = run(&["--seq-len", "8"], hooks);
+    assert!(!report.summary().ok());
+    assert_eq!(j["summary"]["error"], 1);
+    assert_eq!(j["summary"]["pass"], 5);
+    let moe = &j["layers"][2];
+    assert_eq!(moe["status"], "error");
+    assert!(moe["error"].as_str().unwrap().contains("DeepseekV2MoE"));
+    assert!(report::to_table(&report).contains("DeepseekV2MoE: error:"));
+}
+
+/// A small valid config whose MoEGate `flops` row is off by more than 5 %: exactly its
+/// elementwise work, which FlopCounterMode cannot see.
+const SMALL: &str = r#"{"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+  "n_routed_experts": 64, "num_experts_per_tok": 16, "norm_topk_prob": true,
+  "n_shared_experts": 1, "num_attention_heads": 4, "num_hidden_layers": 2,
+  "first_k_dense_replace": 1, "vocab_size": 100}"#;
+
+#[test]
+fn a_flops_row_off_by_anything_but_the_blind_work_fails() {
+    let dir = std::env::temp_dir().join(format!("mm-hooks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("small.json");
+    std::fs::write(&config, SMALL).unwrap();
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--layers",
+        "MoEGate,DeepseekV2RMSNorm,DeepseekV2MLP",
+        "--accept-rel-diff",
+        "0",
+    ];
+    let (clean, j) = run(&args, TestHooks::default());
+    assert!(clean.summary().ok(), "{j}");
+    for layer in j["layers"].as_array().unwrap() {
+        assert_eq!(row(layer, "flops")["status"], "known_gap", "{layer}");
+    }
+    for layer in ["MoEGate", "DeepseekV2RMSNorm", "DeepseekV2MLP"] {
+        let (report, j) = run(&args, perturb(layer, "flops", 1));
+        assert!(!report.summary().ok(), "{layer}");
+        let l = j["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == layer)
+            .unwrap();
+        let r = row(l, "flops");
+        assert_eq!(r["status"], "fail", "{layer}: {r}");
+        assert!(r["note"].as_str().unwrap().contains("is not the"), "{r}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
