@@ -558,6 +558,43 @@ pub fn convention(op: &str) -> Option<&'static OpConvention> {
         .copied()
 }
 
+/// A scratch copy of the table for tests of the independent witnesses: inside
+/// [`with_scaled_matmul`] one GEMM op's FLOPs are multiplied by a factor, for both the
+/// analytic layers and the counter (which cost ops through this table on the calling
+/// thread). Both sides then still agree with each other; only a witness that does not use
+/// this table (torch's own FlopCounterMode, the `--oracle`) can notice. Never used by the
+/// binaries.
+pub mod scratch {
+    use std::cell::Cell;
+
+    use crate::error::{Error, Result};
+
+    thread_local! {
+        static SCALED: Cell<Option<(&'static str, u64)>> = const { Cell::new(None) };
+    }
+
+    /// Runs `f` with `op`'s matmul FLOPs multiplied by `factor` on this thread.
+    pub fn with_scaled_matmul<T>(op: &'static str, factor: u64, f: impl FnOnce() -> T) -> T {
+        struct Restore(Option<(&'static str, u64)>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SCALED.with(|s| s.set(self.0));
+            }
+        }
+        let _restore = Restore(SCALED.with(|s| s.replace(Some((op, factor)))));
+        f()
+    }
+
+    pub(super) fn scaled(op: &str, flops: u64) -> Result<u64> {
+        match SCALED.with(Cell::get) {
+            Some((scaled_op, factor)) if scaled_op == op => flops
+                .checked_mul(factor)
+                .ok_or_else(|| Error::overflow(format!("{op} scaled by {factor}"))),
+            _ => Ok(flops),
+        }
+    }
+}
+
 /// True when `op` is a fused attention kernel (SDPA's flash, efficient, cuDNN or CPU
 /// kernels, their inner kernels and backwards): the ops that say which kernel ran.
 pub fn is_fused_attention(op: &str) -> bool {
@@ -628,6 +665,7 @@ impl OpConvention {
             }
             Rule::Matmul(formula) => {
                 let (matmul, elementwise, dtype) = gemm_flops(self.op, formula, args)?;
+                let matmul = scratch::scaled(self.op, matmul)?;
                 let fcm = if self.flop_counter_mode { matmul } else { 0 };
                 let engine = matmul_engine(dtype, tf32.fp32_on_tensor_cores(self.fp32_engine));
                 let (tensor, cuda) = match engine {

@@ -2,6 +2,13 @@
 """Independent parity check of modelmeter-reference cases against Hugging Face transformers.
 
 Usage: parity.py CASE_DIR [CASE_DIR ...]
+       parity.py --oracle DEVICE DTYPE CASE_DIR [CASE_DIR ...]
+
+With --oracle (cpu, cuda or cuda:N; fp32, bf16 or fp16) each case runs on that device in that
+dtype under torch.utils.flop_counter.FlopCounterMode, and its line also carries "fcm_total"
+(FlopCounterMode's total) and "fcm_ops" ({"aten::mm": FLOPs, ...}); "ok" is then left to the
+caller, which knows the bound for the dtype. The rotary table of attention and decoder cases is
+computed inside the counted region (the vendor code computes it inside the attention).
 
 Each CASE_DIR holds `case.json` and `case.safetensors` written by the Rust reference crate
 (format: see README.md next to this file). For every case this script builds the matching
@@ -35,6 +42,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 TOL = 1e-5
+# (device, dtype) in --oracle mode; None otherwise.
+ORACLE = None
+# FlopCounterMode's counts of the last counted region (--oracle mode).
+FCM = {}
 KINDS = ("rms_norm", "mlp", "moe_gate", "moe", "attention", "decoder_layer")
 # Case tensors that are inputs/references rather than module parameters.
 IO_KEYS = {"input", "output", "topk_idx", "topk_weight", "position_ids", "attention_mask", "past_key", "past_value"}
@@ -169,6 +180,46 @@ def need(tensors, name, ndim=None):
     if ndim is not None and t.dim() != ndim:
         raise CaseError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {ndim} dims")
     return t
+
+
+def place(t):
+    """A case tensor on the oracle's device (floats also in its dtype); as is otherwise."""
+    if ORACLE is None:
+        return t
+    device, dtype = ORACLE
+    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+
+
+def place_module(m):
+    if ORACLE is None:
+        return m
+    device, dtype = ORACLE
+    return m.to(device=device, dtype=dtype)
+
+
+class counting:
+    """The counted region: FlopCounterMode in --oracle mode (its counts go to FCM), nothing
+    otherwise."""
+
+    def __enter__(self):
+        self.mode = None
+        if ORACLE is not None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.mode = FlopCounterMode(display=False)
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode is None:
+            return False
+        self.mode.__exit__(*exc)
+        if exc[0] is None:
+            FCM.clear()
+            FCM["total"] = int(self.mode.get_total_flops())
+            ops = self.mode.get_flop_counts().get("Global", {})
+            FCM["ops"] = {str(op).replace("aten.", "aten::", 1): int(n) for op, n in ops.items()}
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +396,7 @@ def apply_norm_topk_adapter(router, top_k, norm_topk_prob, rsf, adapters):
 def rel_err(out, ref):
     if tuple(out.shape) != tuple(ref.shape):
         raise CaseError(f"HF output shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
-    o, r = out.double(), ref.double()
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
     num = torch.linalg.vector_norm(o - r).item()
     den = torch.linalg.vector_norm(r).item()
     if den == 0.0:
@@ -368,8 +419,11 @@ def run_rms_norm(cfg, tensors, adapters):
     h = cget(cfg, "hidden_size", int)
     eps = cget(cfg, "rms_norm_eps", float)
     m = build(lambda: DeepseekV2RMSNorm(h, eps=eps))
-    load_module(m, split(tensors), "DeepseekV2RMSNorm")
-    return m(need(tensors, "input")), need(tensors, "output"), {}
+    m = place_module(load_module(m, split(tensors), "DeepseekV2RMSNorm"))
+    x = place(need(tensors, "input"))
+    with counting():
+        out = m(x)
+    return out, need(tensors, "output"), {}
 
 
 def run_mlp(cfg, tensors, adapters):
@@ -378,17 +432,22 @@ def run_mlp(cfg, tensors, adapters):
     if width is None:
         width = cget(cfg, "intermediate_size", int)
     m = build(lambda: DeepseekV2MLP(c, intermediate_size=width))
-    load_module(m, split(tensors), "DeepseekV2MLP")
-    return m(need(tensors, "input")), need(tensors, "output"), {}
+    m = place_module(load_module(m, split(tensors), "DeepseekV2MLP"))
+    x = place(need(tensors, "input"))
+    with counting():
+        out = m(x)
+    return out, need(tensors, "output"), {}
 
 
 def run_moe_gate(cfg, tensors, adapters):
     c = v2_config(cfg, moe=True)
     m = build(lambda: DeepseekV2TopkRouter(c))
-    load_module(m, split(tensors), "DeepseekV2TopkRouter")
+    m = place_module(load_module(m, split(tensors), "DeepseekV2TopkRouter"))
     apply_norm_topk_adapter(m, c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor, adapters)
-    x = need(tensors, "input")
-    _, w, idx = m(x)
+    x = place(need(tensors, "input"))
+    with counting():
+        _, w, idx = m(x)
+    w, idx = w.float().cpu(), idx.cpu()
     ref_idx, ref_w = need(tensors, "topk_idx", 2), need(tensors, "topk_weight", 2)
     if tuple(idx.shape) != tuple(ref_idx.shape) or tuple(ref_w.shape) != tuple(ref_idx.shape):
         raise CaseError(
@@ -407,10 +466,13 @@ def run_moe(cfg, tensors, adapters):
     c = v2_config(cfg, moe=True)
     m = build(lambda: DeepseekV2Moe(c))
     state = fuse_experts(split(tensors), "", c.n_routed_experts, c.n_shared_experts, c.hidden_size)
-    load_module(m, state, "DeepseekV2Moe")
+    m = place_module(load_module(m, state, "DeepseekV2Moe"))
     assert m.experts.config._experts_implementation == "eager"
     apply_norm_topk_adapter(m.gate, c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor, adapters)
-    return m(need(tensors, "input")), need(tensors, "output"), {}
+    x = place(need(tensors, "input"))
+    with counting():
+        out = m(x)
+    return out, need(tensors, "output"), {}
 
 
 def mask_pattern_check(case_mask, hf_mask, extra):
@@ -438,8 +500,8 @@ def mask_pattern_check(case_mask, hf_mask, extra):
 def attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra):
     """Rotary (computed outside the attention module in HF), the DynamicCache pre-filled for
     `layer_idx`, and HF's own causal mask, exactly as DeepseekOcr2TextModel.forward builds them."""
-    x = need(tensors, "input", 3)
-    pos = need(tensors, "position_ids", 2)
+    x = place(need(tensors, "input", 3))
+    pos = place(need(tensors, "position_ids", 2))
     b, s_q, _ = x.shape
     if tuple(pos.shape) != (b, s_q):
         raise CaseError(f"position_ids shape {tuple(pos.shape)} != [B, S_q] = {(b, s_q)}")
@@ -452,7 +514,7 @@ def attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra):
             raise CaseError(
                 f"past_key {tuple(pk.shape)} / past_value {tuple(pv.shape)} should be [B, H_kv, C, d] = {want}"
             )
-        cache.update(pk, pv, layer_idx)  # lazily creates empty layers 0..layer_idx-1
+        cache.update(place(pk), place(pv), layer_idx)  # lazily creates empty layers 0..layer_idx-1
         past_len = pk.shape[2]
     if cache.get_seq_length(layer_idx) != past_len:
         raise CaseError("internal: cache pre-fill landed on the wrong layer")
@@ -462,15 +524,16 @@ def attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra):
     if attn == "eager":
         extra["mask_match"] = mask_pattern_check(tensors.get("attention_mask"), mask, extra)
     rotary = DeepseekOcr2TextRotaryEmbedding(tc)
-    position_embeddings = rotary(x, pos)
-    return x, pos, cache, mask, position_embeddings, past_len
+    if ORACLE is not None:
+        rotary = rotary.to(device=ORACLE[0])
+    return x, pos, cache, mask, rotary, past_len
 
 
 def check_cache_after(cache, layer_idx, past_len, s_q, tensors):
     keys = cache.layers[layer_idx].keys
     if keys is None or keys.shape[-2] != past_len + s_q:
         raise CaseError("internal: KV cache was not updated at layer_idx")
-    if past_len and not torch.equal(keys[:, :, :past_len], tensors["past_key"]):
+    if past_len and not torch.equal(keys[:, :, :past_len], place(tensors["past_key"])):
         raise CaseError("internal: KV cache past keys were altered")
 
 
@@ -478,10 +541,12 @@ def run_attention(cfg, tensors, adapters, phase, attn):
     layer_idx = cget(cfg, "layer_idx", int, 0)
     tc = text_config(cfg, attn, layer_idx, mlp_kind=None)
     extra = {}
-    x, pos, cache, mask, pe, past_len = attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra)
+    x, pos, cache, mask, rotary, past_len = attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra)
     m = build(lambda: DeepseekOcr2TextAttention(tc, layer_idx=layer_idx))
-    load_module(m, split(tensors), "DeepseekOcr2TextAttention")
-    out, _ = m(hidden_states=x, position_embeddings=pe, attention_mask=mask, cache=cache, position_ids=pos)
+    m = place_module(load_module(m, split(tensors), "DeepseekOcr2TextAttention"))
+    with counting():
+        pe = rotary(x, pos)
+        out, _ = m(hidden_states=x, position_embeddings=pe, attention_mask=mask, cache=cache, position_ids=pos)
     check_cache_after(cache, layer_idx, past_len, x.shape[1], tensors)
     return out, need(tensors, "output"), extra
 
@@ -493,12 +558,12 @@ def run_decoder_layer(cfg, tensors, adapters, phase, attn):
         raise CaseError(f"mlp_kind must be 'dense' or 'sparse', got {kind!r}")
     tc = text_config(cfg, attn, layer_idx, mlp_kind=kind)
     extra = {}
-    x, pos, cache, mask, pe, past_len = attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra)
+    x, pos, cache, mask, rotary, past_len = attention_setup(cfg, tensors, phase, attn, layer_idx, tc, extra)
     m = build(lambda: DeepseekOcr2TextDecoderLayer(tc, layer_idx=layer_idx))
     state = split(tensors)
     if kind == "sparse":
         state = fuse_experts(state, "mlp.", tc.n_routed_experts, tc.n_shared_experts, tc.hidden_size)
-    load_module(m, state, "DeepseekOcr2TextDecoderLayer")
+    m = place_module(load_module(m, state, "DeepseekOcr2TextDecoderLayer"))
     if kind == "sparse":
         assert m.mlp.experts.config._experts_implementation == "eager"
         apply_norm_topk_adapter(
@@ -508,19 +573,22 @@ def run_decoder_layer(cfg, tensors, adapters, phase, attn):
             tc.routed_scaling_factor,
             adapters,
         )
-    out = m(
-        x,
-        attention_mask=mask,
-        position_ids=pos,
-        cache=cache,
-        use_cache=True,
-        position_embeddings=pe,
-    )
+    with counting():
+        pe = rotary(x, pos)
+        out = m(
+            x,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            position_embeddings=pe,
+        )
     check_cache_after(cache, layer_idx, past_len, x.shape[1], tensors)
     return out, need(tensors, "output"), extra
 
 
 def run_case(case_dir):
+    FCM.clear()
     kind, phase, attn, cfg, tensors = load_case(case_dir)
     adapters = []
     if kind in ("attention", "decoder_layer"):
@@ -533,7 +601,15 @@ def run_case(case_dir):
     ok = err < TOL and extra.get("idx_match", True) and extra.get("mask_match", True)
     rec = {"case": case_dir, "module": kind, "rel_err": finite_or_none(err), "ok": bool(ok)}
     rec.update(phase=phase, attn=attn if kind in ("attention", "decoder_layer") else None)
-    rec["max_abs_err"] = finite_or_none((out.double() - ref.double()).abs().max().item() if out.numel() else 0.0)
+    rec["max_abs_err"] = finite_or_none(
+        (out.detach().double().cpu() - ref.double()).abs().max().item() if out.numel() else 0.0
+    )
+    if ORACLE is not None:
+        if "total" not in FCM:
+            raise CaseError("internal: the module ran outside the counted region")
+        rec["fcm_total"] = FCM["total"]
+        rec["fcm_ops"] = FCM["ops"]
+        rec["device"], rec["dtype"] = str(ORACLE[0]), str(ORACLE[1]).replace("torch.", "")
     if adapters:
         rec["adapters"] = adapters
     rec.update(extra)
@@ -562,6 +638,13 @@ def main(argv):
     if argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    oracle = None
+    if argv[0] == "--oracle":
+        if len(argv) < 4:
+            _die_usage("--oracle needs DEVICE DTYPE and at least one case directory")
+        oracle, argv = (argv[1], argv[2]), argv[3:]
+        if oracle[1] not in ("fp32", "bf16", "fp16"):
+            _die_usage(f"--oracle dtype {oracle[1]!r}: expected fp32, bf16 or fp16")
     for a in argv:
         if a.startswith("-"):
             _die_usage(f"unknown option {a!r}")
@@ -570,6 +653,16 @@ def main(argv):
     except Exception as e:
         print(f"parity.py: cannot set up torch/transformers: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    if oracle is not None:
+        global ORACLE
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[oracle[1]]
+        try:
+            device = torch.device(oracle[0])
+            torch.empty(1, device=device)
+        except Exception as e:
+            print(f"parity.py: --oracle device {oracle[0]!r} is unusable: {e}", file=sys.stderr)
+            return 2
+        ORACLE = (device, dtype)
     status = 0
     for case_dir in argv:
         try:

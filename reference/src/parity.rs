@@ -17,9 +17,12 @@ use crate::harness::{ModuleKind, Prepared, RefModule};
 use crate::weights::Setup;
 use crate::Parameters;
 
-/// The parity script, in the source tree.
+/// The parity script: `MODELMETER_PARITY_SCRIPT` when set (a binary run away from its
+/// source tree, as the GPU bundle is), else the one in the source tree.
 pub fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/parity.py")
+    std::env::var_os("MODELMETER_PARITY_SCRIPT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("parity/parity.py"))
 }
 
 /// The Python with transformers: `MODELMETER_PYTHON` (set by `.cargo/config.toml`), or
@@ -55,7 +58,21 @@ pub fn export_case(
         device: Device::Cpu,
         seed,
     };
-    let mut prepared = Prepared::new(kind, config, &workload, attention, &setup)?;
+    export_case_on(dir, kind, config, &workload, attention, &setup)
+}
+
+/// Writes the case of `kind` as the module runs on `setup.device` in the workload's
+/// dtype: weights, inputs and the reference output, stored as fp32 on the CPU (exact for
+/// bf16 and fp16 values), so the oracle can rebuild the same module on that device.
+pub fn export_case_on(
+    dir: &Path,
+    kind: ModuleKind,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    setup: &Setup,
+) -> Result<()> {
+    let mut prepared = Prepared::new(kind, config, workload, attention, setup)?;
     let _no_grad = tch::no_grad_guard();
     let mut tensors: Vec<(String, Tensor)> = prepared.module.parameters();
     tensors.push(("input".into(), prepared.inputs.hidden.shallow_clone()));
@@ -85,7 +102,15 @@ pub fn export_case(
     }
     let tensors: Vec<(String, Tensor)> = tensors
         .into_iter()
-        .map(|(n, t)| Ok((n, t.f_contiguous()?)))
+        .map(|(n, t)| {
+            let t = t.f_to_device(Device::Cpu)?;
+            let t = if t.is_floating_point() {
+                t.f_to_kind(tch::Kind::Float)?
+            } else {
+                t
+            };
+            Ok((n, t.f_contiguous()?))
+        })
         .collect::<Result<_>>()?;
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
@@ -173,6 +198,65 @@ pub fn run_parity(dirs: &[PathBuf]) -> Result<Vec<ParityResult>> {
             results.len(),
             dirs.len(),
             String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(results)
+}
+
+/// What torch's own `FlopCounterMode` reported for one case run by the independent
+/// transformers module on the oracle's device and dtype, and how far its output is from
+/// the reference module's.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct OracleResult {
+    pub case: String,
+    pub module: Option<String>,
+    /// ‖out − ref‖ / ‖ref‖ (null when the case could not run).
+    pub rel_err: Option<f64>,
+    /// MoE gate cases: whether the selected experts match.
+    #[serde(default)]
+    pub idx_match: Option<bool>,
+    /// FlopCounterMode's total.
+    #[serde(default)]
+    pub fcm_total: Option<u64>,
+    /// FlopCounterMode's FLOPs per op (`aten::mm` …).
+    #[serde(default)]
+    pub fcm_ops: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Runs the parity script in oracle mode with `python` over `dirs` on `device` (`cpu`,
+/// `cuda:N`) in `dtype` (`fp32`, `bf16`, `fp16`); one result per case, in order. An
+/// error when the script cannot start or does not answer for every case.
+pub fn run_oracle(
+    python: &Path,
+    device: &str,
+    dtype: &str,
+    dirs: &[PathBuf],
+) -> Result<Vec<OracleResult>> {
+    let out = Command::new(python)
+        .arg(script())
+        .args(["--oracle", device, dtype])
+        .args(dirs)
+        .output()
+        .map_err(|e| Error::Parity(format!("cannot run {}: {e}", python.display())))?;
+    let results: Vec<OracleResult> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::Parity(format!("unreadable oracle line {l}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    if results.len() != dirs.len() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Parity(format!(
+            "the oracle ({}) exited with {} and answered {} of {} cases: {}",
+            python.display(),
+            out.status,
+            results.len(),
+            dirs.len(),
+            stderr.lines().last().unwrap_or_default()
         )));
     }
     Ok(results)

@@ -14,6 +14,7 @@ use modelmeter::{units, Dtype, Platform};
 use crate::device::{DeviceInfo, DeviceSpec};
 use crate::environment::Environment;
 use crate::hooks::TestHooks;
+use crate::oracle::{self, Oracle};
 use crate::pairing::{self, Pairing, REGISTRY};
 use crate::plan::Plan;
 use crate::report::{self, Case, Report};
@@ -80,6 +81,11 @@ pub struct Args {
     /// Print only the summary line (and errors)
     #[arg(long, short)]
     pub quiet: bool,
+    /// Also check each layer against an independent witness: transformers' modules run
+    /// under torch's own FlopCounterMode on the same device and dtype, with this Python
+    /// (python = the project's .venv, else python3; or python=PATH)
+    #[arg(long, value_name = "python[=PATH]", num_args = 0..=1, default_missing_value = "python")]
+    pub oracle: Option<String>,
     /// Add a `host` object with facts that change from run to run (free device memory)
     /// to the JSON report; without it, the same seed and inputs give byte-identical reports
     #[arg(long)]
@@ -95,6 +101,8 @@ pub struct Ready {
     pub plan: Plan,
     /// `--report-host-details`.
     pub host_details: bool,
+    /// `--oracle`, checked.
+    pub oracle: Option<Oracle>,
 }
 
 /// Parses, checks and runs; never panics on bad input.
@@ -184,7 +192,13 @@ pub fn report_of(args: &Args, ready: &Ready) -> Report {
         None => {
             let plan = &ready.plan;
             let mut env = ready.environment();
-            let layers = runner::verify(plan, &mut progress_printer(args.quiet));
+            let mut layers = runner::verify(plan, &mut progress_printer(args.quiet));
+            if let Some(oracle) = &ready.oracle {
+                if !args.quiet {
+                    eprintln!("oracle: transformers under torch's FlopCounterMode ...");
+                }
+                oracle::apply(plan, &mut layers, oracle);
+            }
             let case = Case::of(plan, layers, None, None, &mut env);
             Report {
                 environment: env,
@@ -220,6 +234,17 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     }
     report::check_distinct(&reports, args.workload.config.as_deref())
         .map_err(anyhow::Error::msg)?;
+    let oracle = match &args.oracle {
+        Some(spec) => {
+            if args.sweep.is_some() {
+                bail!("--oracle does not apply with --sweep (the transformers modules need head_dim = hidden_size / heads, which sweep configs do not keep); run it on single configs");
+            }
+            let oracle = Oracle::parse(spec).map_err(anyhow::Error::msg)?;
+            oracle.check().map_err(anyhow::Error::msg)?;
+            Some(oracle)
+        }
+        None => None,
+    };
     let (spec, why) = match &args.device {
         Some(text) => (
             DeviceSpec::parse(text).map_err(anyhow::Error::msg)?,
@@ -267,6 +292,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         info,
         plan,
         host_details: args.report_host_details,
+        oracle,
     })
 }
 

@@ -21,6 +21,12 @@ pub enum Check {
     /// The fused attention kernel predicted vs the one that ran (a failing row when they
     /// differ).
     AttentionKernel,
+    /// `--oracle`: torch's FlopCounterMode on the transformers module vs this project's
+    /// FlopCounterMode-compatible count (exact).
+    OracleFlops,
+    /// `--oracle`: the relative error between the transformers module's output and the
+    /// reference module's (in `rel_diff`).
+    OracleOutput,
 }
 
 /// What a row counts, for printing.
@@ -55,18 +61,20 @@ impl Check {
             Check::Exact(m) => m.name(),
             Check::UncountedOps => "uncounted_ops",
             Check::AttentionKernel => "attention_kernel",
+            Check::OracleFlops => "oracle_flops",
+            Check::OracleOutput => "oracle_output",
         }
     }
 
     /// What the row's values count.
     pub fn unit(self) -> RowUnit {
         match self {
-            Check::Flops => RowUnit::Flop,
+            Check::Flops | Check::OracleFlops => RowUnit::Flop,
             Check::Exact(m) => match m.unit() {
                 Unit::Flop => RowUnit::Flop,
                 Unit::Byte => RowUnit::Byte,
             },
-            Check::UncountedOps | Check::AttentionKernel => RowUnit::Count,
+            Check::UncountedOps | Check::AttentionKernel | Check::OracleOutput => RowUnit::Count,
         }
     }
 }

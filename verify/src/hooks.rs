@@ -12,6 +12,10 @@ pub struct TestHooks {
     pub perturb: Option<Perturbation>,
     /// Makes this layer fail to run.
     pub fail_layer: Option<String>,
+    /// Multiplies one GEMM op's FLOPs by a factor in the conventions table, for the
+    /// analytic side and the counter alike (`modelmeter::conventions::scratch`): both
+    /// still agree; only an independent witness (`--oracle`) can notice.
+    pub scaled_matmul: Option<(&'static str, u64)>,
 }
 
 /// One perturbed analytic value.
@@ -50,6 +54,9 @@ impl TestHooks {
         if let Some(l) = &self.fail_layer {
             out.push(format!("fail_layer {l}"));
         }
+        if let Some((op, factor)) = self.scaled_matmul {
+            out.push(format!("scaled_matmul {op} x{factor}"));
+        }
         out
     }
 }
@@ -71,6 +78,7 @@ mod tests {
                 delta: 1,
             }),
             fail_layer: Some("DeepseekV2MoE".into()),
+            scaled_matmul: None,
         };
         assert_eq!(hooks.perturbation("MoEGate", "matmul_flops"), Some(1));
         assert_eq!(hooks.perturbation("MoEGate", "flops"), None);

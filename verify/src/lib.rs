@@ -37,6 +37,7 @@ pub mod environment;
 pub mod hardware;
 pub mod hooks;
 pub mod memory;
+pub mod oracle;
 pub mod pairing;
 pub mod plan;
 pub mod report;

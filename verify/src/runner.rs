@@ -21,6 +21,18 @@ use crate::results::{LayerResult, Progress};
 
 /// Verifies every layer of the plan.
 pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
+    if let Some((op, factor)) = plan.hooks.scaled_matmul {
+        let unscaled = Plan {
+            hooks: TestHooks {
+                scaled_matmul: None,
+                ..plan.hooks.clone()
+            },
+            ..plan.clone()
+        };
+        return modelmeter::conventions::scratch::with_scaled_matmul(op, factor, || {
+            verify(&unscaled, progress)
+        });
+    }
     let total = plan.layers.len();
     let mut results = Vec::with_capacity(total);
     for (index, pairing) in plan.layers.iter().enumerate() {

@@ -29,6 +29,7 @@ fn perturb(layer: &str, metric: &str, delta: u64) -> TestHooks {
             delta,
         }),
         fail_layer: None,
+        scaled_matmul: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn a_layer_that_cannot_run_is_an_error_and_the_others_still_run() {
     let hooks = TestHooks {
         perturb: None,
         fail_layer: Some("DeepseekV2MoE".into()),
+        scaled_matmul: None,
     };
     let (report, j) = run(&["--seq-len", "8"], hooks);
     assert!(!report.summary().ok());

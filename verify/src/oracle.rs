@@ -1,0 +1,357 @@
+//! `--oracle python[=PATH]`: an independent witness for the FLOP counts and the outputs.
+//!
+//! For each layer that ran, the reference module's weights, inputs and output are
+//! exported (as the parity check does, but from the run's device and dtype), and
+//! `reference/parity/parity.py --oracle` loads them into Hugging Face transformers'
+//! DeepSeek-V2 / DeepSeek-OCR text modules on the same device and dtype and runs them
+//! under `torch.utils.flop_counter.FlopCounterMode`. Two rows per layer:
+//! - `oracle_flops`: torch's FlopCounterMode total on the independent module (in the
+//!   `analytic` column) against this project's FlopCounterMode-compatible measured total
+//!   (`measured`). Exact or `fail`, never a tolerance; ops that only one side saw, or saw
+//!   with other FLOPs, are named in the note.
+//! - `oracle_output`: ‖out − ref‖/‖ref‖ of the two outputs (as `rel_diff`) within a bound
+//!   for the dtype ([`output_bound`]); for the MoE gate the selected experts must match.
+//!
+//! Structural differences between the vendor code the reference mirrors and transformers
+//! are named adjustments in the row's note, never a tolerance: transformers computes the
+//! rotary angles elementwise (`position_ids[..., None] * inv_freq`), the vendor code as a
+//! B·S·d fp32 matmul (`inv_freq @ position_ids`), so those `aten::bmm` FLOPs (the analytic
+//! model's `inv_freq @ position_ids` op) are taken off this project's side.
+//!
+//! What it proves: the matmul counts (FlopCounterMode's registry and formulas) and the
+//! modules' numerics, by code this project did not write. What it does not: elementwise
+//! FLOPs are conventions (FlopCounterMode sees none), and hardware is Nsight Compute's
+//! business (`hardware`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use modelmeter::Dtype;
+use modelmeter_reference::parity::{export_case_on, run_oracle, OracleResult};
+use modelmeter_reference::Setup;
+use tch::Device;
+
+use crate::check::Check;
+use crate::compare::{worst, MetricRow, Status};
+use crate::plan::Plan;
+use crate::results::LayerResult;
+
+/// The Python that runs the oracle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Oracle {
+    pub python: PathBuf,
+}
+
+/// The interpreter `--oracle python` means: the project's `.venv` when there is one,
+/// else `python3`.
+pub fn default_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+impl Oracle {
+    /// Parses `python` or `python=PATH`.
+    pub fn parse(spec: &str) -> Result<Oracle, String> {
+        match spec.split_once('=') {
+            None if spec == "python" => Ok(Oracle {
+                python: default_python(),
+            }),
+            Some(("python", path)) if !path.is_empty() => Ok(Oracle {
+                python: PathBuf::from(path),
+            }),
+            _ => Err(format!(
+                "--oracle = {spec} is invalid: expected python or python=PATH (an interpreter with torch 2.11 and transformers)"
+            )),
+        }
+    }
+
+    /// Checks, before anything runs, that the interpreter has torch 2.11, transformers
+    /// and safetensors; returns their versions.
+    pub fn check(&self) -> Result<String, String> {
+        let probe = "import torch, transformers, safetensors; print(torch.__version__, transformers.__version__)";
+        let out = Command::new(&self.python)
+            .args(["-c", probe])
+            .output()
+            .map_err(|e| {
+                format!(
+                    "--oracle: cannot run {}: {e}; run scripts/setup-libtorch or give --oracle python=PATH",
+                    self.python.display()
+                )
+            })?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!(
+                "--oracle: {} cannot import torch, transformers and safetensors ({}); install torch==2.11.0 transformers safetensors into it (scripts/setup-libtorch does, into .venv)",
+                self.python.display(),
+                err.lines().last().unwrap_or("no message")
+            ));
+        }
+        let versions = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !versions.starts_with("2.11.") {
+            return Err(format!(
+                "--oracle: {} has torch {versions}; the oracle needs torch 2.11 (the libtorch this build counts with)",
+                self.python.display()
+            ));
+        }
+        Ok(versions)
+    }
+}
+
+/// The largest accepted ‖out − ref‖/‖ref‖ between the reference module and the
+/// transformers module in `dtype`: fp32 agrees to rounding; bf16 and fp16 differ by the
+/// order of their roundings (8 and 11 mantissa bits through a few matmuls): bf16 on the
+/// CPU measured up to 1.3e-3 (the MoE layers, whose experts transformers fuses).
+pub fn output_bound(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::Bf16 => 2e-2,
+        Dtype::F16 => 1e-2,
+        _ => 1e-5,
+    }
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// Runs the oracle for every layer of `results` that ran and adds its two rows (or an
+/// error row when the oracle could not run it); the layer's status is then its worst row.
+pub fn apply(plan: &Plan, results: &mut [LayerResult], oracle: &Oracle) {
+    let root = std::env::temp_dir().join(format!("modelmeter-oracle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let setup = Setup {
+        device: plan.device,
+        seed: plan.seed,
+    };
+    let mut cases: Vec<(usize, PathBuf, u64)> = Vec::new();
+    for (i, (pairing, result)) in plan.layers.iter().zip(results.iter_mut()).enumerate() {
+        if result.status == Status::Error {
+            continue;
+        }
+        let exported = pairing
+            .module(&plan.config)
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                let dir = root.join(format!("{i:02}-{}", result.name));
+                export_case_on(
+                    &dir,
+                    m,
+                    &plan.config,
+                    &plan.workload,
+                    plan.attention,
+                    &setup,
+                )
+                .map(|_| dir)
+                .map_err(|e| e.to_string())
+            });
+        match exported {
+            Ok(dir) => cases.push((i, dir, rotary_matmul_flops(plan, *pairing))),
+            Err(e) => add_rows(result, vec![oracle_error(format!("export: {e}"))]),
+        }
+    }
+    if !cases.is_empty() {
+        let dirs: Vec<PathBuf> = cases.iter().map(|(_, d, _)| d.clone()).collect();
+        let dtype = plan.workload.dtype.to_string();
+        match run_oracle(&oracle.python, &device_name(plan.device), &dtype, &dirs) {
+            Ok(answers) => {
+                for ((i, _, rotary), answer) in cases.iter().zip(answers) {
+                    let result = &mut results[*i];
+                    let rows = rows(result, &answer, plan.workload.dtype, *rotary);
+                    add_rows(result, rows);
+                }
+            }
+            Err(e) => {
+                for (i, _, _) in &cases {
+                    add_rows(&mut results[*i], vec![oracle_error(e.to_string())]);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn add_rows(result: &mut LayerResult, rows: Vec<MetricRow>) {
+    result.metrics.extend(rows);
+    result.status = worst(&result.metrics);
+}
+
+fn oracle_error(message: String) -> MetricRow {
+    MetricRow {
+        metric: Check::OracleFlops,
+        analytic: 0,
+        measured: 0,
+        rel_diff: None,
+        status: Status::Fail,
+        note: Some(format!("the oracle could not check this layer: {message}")),
+    }
+}
+
+/// The role of the vendor rotary-angle matmul in the analytic cost tree.
+const ROTARY_MATMUL_ROLE: &str = "inv_freq @ position_ids";
+
+/// FLOPs of the vendor's rotary-angle matmul in `pairing`'s analytic layer (0 without
+/// attention).
+fn rotary_matmul_flops(plan: &Plan, pairing: crate::pairing::Pairing) -> u64 {
+    pairing
+        .analytic(&plan.config, &plan.workload, plan.attention)
+        .and_then(|layer| layer.cost())
+        .map(|cost| {
+            cost.ops()
+                .iter()
+                .filter(|op| op.name == ROTARY_MATMUL_ROLE)
+                .map(|op| op.metrics.matmul_flops)
+                .fold(0u64, u64::saturating_add)
+        })
+        .unwrap_or(0)
+}
+
+/// The FlopCounterMode-visible ops of a measured layer: FLOPs per op name.
+fn measured_fcm_ops(result: &LayerResult) -> BTreeMap<String, u64> {
+    let mut ops = BTreeMap::new();
+    for op in &result.ops {
+        if op.flops.flop_counter_mode_flops > 0 {
+            *ops.entry(op.name.clone()).or_insert(0u64) += op.flops.flop_counter_mode_flops;
+        }
+    }
+    ops
+}
+
+/// Op-by-op differences between the two FlopCounterMode views, in words.
+fn op_differences(ours: &BTreeMap<String, u64>, theirs: &BTreeMap<String, u64>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (op, n) in ours {
+        match theirs.get(op) {
+            None => out.push(format!("{op} only here ({n})")),
+            Some(m) if m != n => out.push(format!("{op} {n} here, {m} in torch")),
+            _ => {}
+        }
+    }
+    for (op, m) in theirs {
+        if !ours.contains_key(op) {
+            out.push(format!("{op} only in torch ({m})"));
+        }
+    }
+    out
+}
+
+fn rows(result: &LayerResult, answer: &OracleResult, dtype: Dtype, rotary: u64) -> Vec<MetricRow> {
+    let (Some(total), Some(err)) = (answer.fcm_total, answer.rel_err) else {
+        let why = answer
+            .error
+            .clone()
+            .unwrap_or_else(|| "no FlopCounterMode total or output error in its answer".into());
+        return vec![oracle_error(why)];
+    };
+    let mut ours = measured_fcm_ops(result);
+    let mut adjustments = Vec::new();
+    if rotary > 0 {
+        if let Some(bmm) = ours.get_mut("aten::bmm") {
+            *bmm = bmm.saturating_sub(rotary);
+            if *bmm == 0 {
+                ours.remove("aten::bmm");
+            }
+            adjustments.push(format!(
+                "adjusted: −{rotary} aten::bmm FLOPs here, the rotary-angle matmul that transformers computes elementwise"
+            ));
+        }
+    }
+    let measured: u64 = ours.values().fold(0, |a, b| a.saturating_add(*b));
+    let differences = op_differences(&ours, &answer.fcm_ops);
+    let flops = MetricRow {
+        metric: Check::OracleFlops,
+        analytic: total,
+        measured,
+        rel_diff: crate::compare::rel_diff(total, measured),
+        status: if total == measured && differences.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail
+        },
+        note: Some({
+            let mut note = if differences.is_empty() {
+                "analytic column: torch's FlopCounterMode on the transformers module; measured: this project's FlopCounterMode-compatible count".to_string()
+            } else {
+                format!(
+                    "torch's FlopCounterMode on the transformers module disagrees: {}",
+                    differences.join("; ")
+                )
+            };
+            for a in &adjustments {
+                note.push_str("; ");
+                note.push_str(a);
+            }
+            note
+        }),
+    };
+    let bound = output_bound(dtype);
+    let experts_match = answer.idx_match.unwrap_or(true);
+    let output = MetricRow {
+        metric: Check::OracleOutput,
+        analytic: 0,
+        measured: 0,
+        rel_diff: Some(err),
+        status: if err <= bound && experts_match {
+            Status::Pass
+        } else {
+            Status::Fail
+        },
+        note: Some(format!(
+            "‖out − ref‖/‖ref‖ = {err:.3e} against the transformers module (bound {bound:e} in {dtype}){}",
+            if experts_match {
+                ""
+            } else {
+                "; the selected experts differ"
+            }
+        )),
+    };
+    vec![flops, output]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_option_names_an_interpreter() {
+        assert_eq!(
+            Oracle::parse("python=/opt/py/bin/python3").unwrap().python,
+            PathBuf::from("/opt/py/bin/python3")
+        );
+        assert!(Oracle::parse("python").is_ok());
+        let e = Oracle::parse("ruby").unwrap_err();
+        assert!(e.contains("ruby") && e.contains("python=PATH"), "{e}");
+        assert!(Oracle::parse("python=").is_err());
+    }
+
+    #[test]
+    fn a_missing_interpreter_is_a_clear_error() {
+        let e = Oracle {
+            python: PathBuf::from("/no/such/python"),
+        }
+        .check()
+        .unwrap_err();
+        assert!(
+            e.contains("/no/such/python") && e.contains("setup-libtorch"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn op_differences_name_both_sides() {
+        let ours = BTreeMap::from([("aten::mm".to_string(), 10), ("aten::bmm".to_string(), 4)]);
+        let theirs = BTreeMap::from([("aten::mm".to_string(), 10), ("aten::addmm".to_string(), 2)]);
+        let d = op_differences(&ours, &theirs);
+        assert_eq!(
+            d,
+            ["aten::bmm only here (4)", "aten::addmm only in torch (2)"]
+        );
+        assert!(op_differences(&ours, &ours).is_empty());
+    }
+}

@@ -1,0 +1,130 @@
+//! `--oracle python`: torch's own FlopCounterMode on Hugging Face transformers' modules,
+//! live, on the CPU (the .venv that scripts/setup-libtorch installs has transformers).
+
+use std::process::Command;
+
+use clap::Parser;
+use modelmeter_verify::app::{prepare, report_of, Args};
+use modelmeter_verify::hooks::TestHooks;
+use modelmeter_verify::report;
+use serde_json::Value;
+
+fn verify(args: &[&str]) -> (Option<i32>, Value, String) {
+    let dir = std::env::temp_dir().join(format!("mm-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join(format!("r-{}.json", args.join("_").replace(['/', '-'], "")));
+    let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
+        .args(["--device", "cpu", "--oracle", "--quiet", "--json"])
+        .arg(&json)
+        .args(args)
+        .output()
+        .expect("verify-decoder runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let j = std::fs::read_to_string(&json)
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap_or(Value::Null);
+    let _ = std::fs::remove_file(&json);
+    (out.status.code(), j, stderr)
+}
+
+fn row<'a>(layer: &'a Value, metric: &str) -> &'a Value {
+    layer["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == metric)
+        .unwrap_or_else(|| panic!("no {metric} row in {}", layer["name"]))
+}
+
+/// Every layer: `oracle_flops` exact (torch's FlopCounterMode on the transformers module
+/// equals this project's count), `oracle_output` within its bound.
+fn assert_oracle_agrees(args: &[&str]) {
+    let (code, j, stderr) = verify(args);
+    assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    for layer in j["layers"].as_array().unwrap() {
+        let flops = row(layer, "oracle_flops");
+        assert_eq!(flops["status"], "pass", "{args:?}: {flops}");
+        assert_eq!(flops["analytic"], flops["measured"], "{args:?}: {flops}");
+        let output = row(layer, "oracle_output");
+        assert_eq!(output["status"], "pass", "{args:?}: {output}");
+    }
+    // The layers with matmuls were really counted by torch (not 0 = 0).
+    let mlp = &j["layers"][0];
+    assert!(row(mlp, "oracle_flops")["analytic"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn the_default_workload_agrees_with_torchs_flop_counter_exactly() {
+    assert_oracle_agrees(&[]);
+}
+
+#[test]
+fn other_shapes_agree_too() {
+    assert_oracle_agrees(&[
+        "--phase",
+        "decode",
+        "--context-len",
+        "9",
+        "--batch",
+        "2",
+        "--attn",
+        "eager",
+    ]);
+    assert_oracle_agrees(&["--dtype", "bf16", "--seq-len", "8", "--batch", "3"]);
+}
+
+#[test]
+fn a_wrong_formula_shared_by_both_sides_is_caught_only_by_the_oracle() {
+    // aten::mm counted twice in a scratch copy of the table: the analytic layers and the
+    // counter still agree (they share the table); torch's FlopCounterMode does not.
+    let args = Args::try_parse_from([
+        "verify-decoder",
+        "--device",
+        "cpu",
+        "--oracle",
+        "--quiet",
+        "--seq-len",
+        "8",
+        "--layers",
+        "DeepseekV2MLP,DeepseekV2RMSNorm",
+    ])
+    .unwrap();
+    let mut ready = prepare(&args).expect("checks out");
+    ready.plan.hooks = TestHooks {
+        scaled_matmul: Some(("aten::mm", 2)),
+        ..TestHooks::default()
+    };
+    let j = report::to_json(&report_of(&args, &ready));
+    let mlp = &j["layers"][0];
+    for exact in ["matmul_flops", "tensor_core_flops", "cuda_core_flops"] {
+        assert_eq!(
+            row(mlp, exact)["status"],
+            "pass",
+            "{exact}: both sides agree"
+        );
+    }
+    let oracle = row(mlp, "oracle_flops");
+    assert_eq!(oracle["status"], "fail", "{oracle}");
+    assert_eq!(
+        oracle["measured"].as_u64().unwrap(),
+        2 * oracle["analytic"].as_u64().unwrap()
+    );
+    assert!(oracle["note"].as_str().unwrap().contains("aten::mm"));
+    // RMSNorm has no mm: the oracle agrees there.
+    assert_eq!(row(&j["layers"][1], "oracle_flops")["status"], "pass");
+}
+
+#[test]
+fn an_unusable_interpreter_is_one_line_and_exit_2_before_anything_runs() {
+    for spec in ["python=/no/such/python", "ruby"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
+            .args(["--device", "cpu", &format!("--oracle={spec}")])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{spec}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("--oracle"), "{stderr}");
+        assert!(out.stdout.is_empty(), "nothing ran");
+    }
+}
