@@ -39,6 +39,13 @@ impl KvCache {
         self.keys.as_ref().zip(self.values.as_ref())
     }
 
+    /// Bytes of the keys and values it holds (0 when empty), as allocated.
+    pub fn bytes(&self) -> u64 {
+        self.contents().map_or(0, |(k, v)| {
+            crate::weights::tensor_bytes(k).saturating_add(crate::weights::tensor_bytes(v))
+        })
+    }
+
     /// `DynamicCache.update`: the first call stores, later ones concatenate on dim −2.
     pub fn update(&mut self, keys: Tensor, values: Tensor) -> Result<(Tensor, Tensor)> {
         let (keys, values) = match self.contents() {

@@ -228,6 +228,9 @@ pub struct LayerRun {
     pub counts: Counts,
     /// Bytes of the module's parameters, as allocated.
     pub weight_bytes: u64,
+    /// Bytes of the KV cache the module holds after the forward (the prefill's and this
+    /// call's keys and values), as allocated; 0 without attention.
+    pub kv_cache_bytes: u64,
     /// MoE only: tokens each routed expert received.
     pub tokens_per_expert: Option<Vec<i64>>,
 }
@@ -330,6 +333,7 @@ impl Prepared {
             output,
             counts,
             weight_bytes,
+            kv_cache_bytes: self.cache.bytes(),
             tokens_per_expert,
         })
     }

@@ -39,12 +39,13 @@ pub enum RowUnit {
 }
 
 /// The exact metrics a layer is checked on, in report order.
-pub const EXACT: [Metric; 5] = [
+pub const EXACT: [Metric; 6] = [
     Metric::MatmulFlops,
     Metric::ElementwiseFlops,
     Metric::TensorCoreFlops,
     Metric::CudaCoreFlops,
     Metric::WeightBytes,
+    Metric::KvCacheBytes,
 ];
 
 /// Every row a layer that ran reports (the completeness rows only when they fail), in
@@ -92,7 +93,7 @@ impl std::fmt::Display for Check {
 }
 
 /// The measured value of an exact metric in `run`, or `None` where nothing measures it
-/// yet (bytes moved, activations and the KV cache are analytic only).
+/// yet (bytes moved and activations are analytic only).
 pub fn measured(metric: Metric, run: &LayerRun) -> Option<u64> {
     let flops = &run.counts.flops;
     match metric {
@@ -101,7 +102,8 @@ pub fn measured(metric: Metric, run: &LayerRun) -> Option<u64> {
         Metric::TensorCoreFlops => Some(flops.tensor_core_flops),
         Metric::CudaCoreFlops => Some(flops.cuda_core_flops),
         Metric::WeightBytes => Some(run.weight_bytes),
-        Metric::IoBytes | Metric::ActivationBytes | Metric::KvCacheBytes => None,
+        Metric::KvCacheBytes => Some(run.kv_cache_bytes),
+        Metric::IoBytes | Metric::ActivationBytes => None,
     }
 }
 
@@ -120,7 +122,8 @@ mod tests {
                 "elementwise_flops",
                 "tensor_core_flops",
                 "cuda_core_flops",
-                "weight_bytes"
+                "weight_bytes",
+                "kv_cache_bytes"
             ]
         );
         assert_eq!(Check::Exact(Metric::WeightBytes).unit(), RowUnit::Byte);

@@ -293,6 +293,7 @@ mod tests {
                 ..Counts::default()
             },
             weight_bytes: 0,
+            kv_cache_bytes: 0,
             tokens_per_expert: None,
         }
     }

@@ -5,12 +5,13 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const EXACT: [&str; 5] = [
+const EXACT: [&str; 6] = [
     "matmul_flops",
     "elementwise_flops",
     "tensor_core_flops",
     "cuda_core_flops",
     "weight_bytes",
+    "kv_cache_bytes",
 ];
 
 fn verify(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -71,8 +72,8 @@ fn assert_exact(layers: &Value) {
         }
         assert_eq!(
             layer["metrics"].as_array().unwrap().len(),
-            6,
-            "{name}: no uncounted ops"
+            1 + EXACT.len(),
+            "{name}: flops and the exact rows, no uncounted ops"
         );
     }
 }
@@ -186,7 +187,10 @@ fn default_workload_on_cpu_passes_with_exact_rows_and_valid_reports() {
             _ => {}
         }
     }
-    assert_eq!((testcases, skipped, failures), (7 * 6, 1, 0));
+    assert_eq!(
+        (testcases, skipped, failures),
+        (7 * (1 + EXACT.len()), 1, 0)
+    );
 }
 
 #[test]

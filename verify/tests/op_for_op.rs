@@ -91,6 +91,28 @@ fn assert_same_ops(p: Pairing, config: &ModelConfig, w: &Workload, attention: At
         "{} weight bytes",
         p.name(attention)
     );
+    assert_eq!(
+        run.kv_cache_bytes,
+        analytic.metrics.kv_cache_bytes,
+        "{} KV cache bytes",
+        p.name(attention)
+    );
+}
+
+#[test]
+fn the_kv_cache_held_after_a_decode_step_is_measured_to_the_byte() {
+    // bf16, B = 2, 11 cached tokens + this step's: keys and values of 10 heads × 128,
+    // 2 · 2 · 10 · 12 · 128 · 2 bytes.
+    let config = ModelConfig::deepseek_ocr();
+    let w = Workload::decode(2, 11).unwrap().on(Platform::Cpu);
+    let attention = REGISTRY
+        .into_iter()
+        .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
+        .unwrap();
+    let r = run(attention, &config, &w, AttentionImpl::Sdpa);
+    assert_eq!(r.kv_cache_bytes, 2 * 2 * 10 * 12 * 128 * 2);
+    let mlp = run(REGISTRY[0], &config, &w, AttentionImpl::Sdpa);
+    assert_eq!(mlp.kv_cache_bytes, 0);
 }
 
 #[test]
