@@ -187,13 +187,20 @@ pub enum Fp32Engine {
     TensorCores,
 }
 
-/// PyTorch's two TF32 switches, which decide where fp32 matmul work runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// PyTorch's two TF32 switches, which decide where fp32 matmul work runs. The default is
+/// PyTorch's: matmul off, cuDNN on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Tf32 {
     /// `torch.backends.cuda.matmul.allow_tf32` (cuBLAS; PyTorch's default: off).
     pub matmul: bool,
     /// `torch.backends.cudnn.allow_tf32` (cuDNN convolutions; PyTorch's default: on).
     pub cudnn: bool,
+}
+
+impl Default for Tf32 {
+    fn default() -> Tf32 {
+        Tf32::matmul(false)
+    }
 }
 
 impl Tf32 {

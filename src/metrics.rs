@@ -102,7 +102,8 @@ impl Metric {
 
     /// Its value in `m`.
     pub fn get(self, m: &Metrics) -> u64 {
-        *self.field(&mut m.clone())
+        let mut copy = *m;
+        *self.field(&mut copy)
     }
 
     /// Sets its value in `m`.

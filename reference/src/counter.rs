@@ -132,10 +132,8 @@ pub struct Counts {
     /// ops only, matmul FLOPs only); elementwise work under the conventions table.
     #[serde(flatten)]
     pub flops: OpCost,
-    /// Whether libtorch allowed TF32 for fp32 matmuls (it picks their engine).
-    pub tf32_allowed: bool,
-    /// Whether libtorch allowed TF32 for fp32 cuDNN convolutions (PyTorch's default).
-    pub tf32_cudnn_allowed: bool,
+    /// libtorch's TF32 switches during the region (they pick the engine of fp32 work).
+    pub tf32: Tf32,
     /// Counted ops that cost FLOPs, in the order they ran (per thread); zero-cost copies
     /// and views are counted but not recorded.
     pub records: Vec<OpRecord>,
@@ -154,8 +152,7 @@ type Frames = Vec<(usize, bool)>;
 impl Counts {
     fn from_log(log: &op_log::OpLog, tf32: Tf32) -> Counts {
         let mut counts = Counts {
-            tf32_allowed: tf32.matmul,
-            tf32_cudnn_allowed: tf32.cudnn,
+            tf32,
             errors: log.errors.clone(),
             events_seen: log.events.len(),
             ..Counts::default()

@@ -154,8 +154,8 @@ fn convolution_is_counted_once_through_its_nested_chain() {
     assert_eq!(c.records[0].name, "aten::convolution");
     // cuDNN's TF32 switch is on by default in libtorch, so an fp32 convolution is booked
     // to tensor cores (bf16 always is); the matmul switch (off) does not apply to it.
-    assert!(c.tf32_cudnn_allowed, "libtorch's default");
-    assert!(!c.tf32_allowed, "libtorch's default");
+    assert!(c.tf32.cudnn, "libtorch's default");
+    assert!(!c.tf32.matmul, "libtorch's default");
     assert_eq!(c.flops.tensor_core_flops, c.flops.matmul_flops);
     assert!(
         c.events_seen > 2,
@@ -319,5 +319,5 @@ fn records_carry_shapes_dtypes_device_and_engine() {
         c.records[0].flops.cuda_core_flops, 128,
         "fp32 GEMMs with TF32 off are CUDA-core work"
     );
-    assert!(!c.tf32_allowed);
+    assert!(!c.tf32.matmul);
 }

@@ -52,9 +52,7 @@ fn device_and_workload() -> (Device, Workload) {
 }
 
 fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        modelmeter_reference::ffi::cuda_synchronize(i).expect("CUDA synchronises");
-    }
+    modelmeter_reference::ffi::synchronize(device).expect("CUDA synchronises");
 }
 
 fn layers(rounds: usize) -> Vec<Value> {

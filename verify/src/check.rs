@@ -1,8 +1,8 @@
 //! The rows `verify-decoder` checks per layer, as one typed list: the approximate
 //! FlopCounterMode-compatible total, the exact metrics, and the two completeness rows.
 //! The compare loop, the table (units), JSON and JUnit all iterate [`EXACT`] or name a
-//! [`Check`]; adding a verified metric means a [`Metric`] in the analytic crate, its
-//! measured source in [`measured`], and an entry in [`EXACT`].
+//! [`Check`]; adding a verified metric means a [`Metric`] in the analytic crate and an
+//! entry in [`EXACT`] that says where the run measured it.
 
 use modelmeter::{Metric, Unit};
 use modelmeter_reference::LayerRun;
@@ -38,20 +38,46 @@ pub enum RowUnit {
     Count,
 }
 
-/// The exact metrics a layer is checked on, in report order.
-pub const EXACT: [Metric; 6] = [
-    Metric::MatmulFlops,
-    Metric::ElementwiseFlops,
-    Metric::TensorCoreFlops,
-    Metric::CudaCoreFlops,
-    Metric::WeightBytes,
-    Metric::KvCacheBytes,
+/// An exact metric and where a measured run holds its value.
+#[derive(Clone, Copy)]
+pub struct Exact {
+    pub metric: Metric,
+    pub measured: fn(&LayerRun) -> u64,
+}
+
+/// The exact metrics a layer is checked on, in report order, each with its measured
+/// source. (Bytes moved and activations are analytic only: nothing measures them yet.)
+pub const EXACT: [Exact; 6] = [
+    Exact {
+        metric: Metric::MatmulFlops,
+        measured: |run| run.counts.flops.matmul_flops,
+    },
+    Exact {
+        metric: Metric::ElementwiseFlops,
+        measured: |run| run.counts.flops.elementwise_flops,
+    },
+    Exact {
+        metric: Metric::TensorCoreFlops,
+        measured: |run| run.counts.flops.tensor_core_flops,
+    },
+    Exact {
+        metric: Metric::CudaCoreFlops,
+        measured: |run| run.counts.flops.cuda_core_flops,
+    },
+    Exact {
+        metric: Metric::WeightBytes,
+        measured: |run| run.weight_bytes,
+    },
+    Exact {
+        metric: Metric::KvCacheBytes,
+        measured: |run| run.kv_cache_bytes,
+    },
 ];
 
 /// Every row a layer that ran reports (the completeness rows only when they fail), in
 /// report order.
 pub fn reported() -> impl Iterator<Item = Check> {
-    std::iter::once(Check::Flops).chain(EXACT.into_iter().map(Check::Exact))
+    std::iter::once(Check::Flops).chain(EXACT.into_iter().map(|e| Check::Exact(e.metric)))
 }
 
 impl Check {
@@ -89,21 +115,6 @@ impl Serialize for Check {
 impl std::fmt::Display for Check {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// The measured value of an exact metric in `run`, or `None` where nothing measures it
-/// yet (bytes moved and activations are analytic only).
-pub fn measured(metric: Metric, run: &LayerRun) -> Option<u64> {
-    let flops = &run.counts.flops;
-    match metric {
-        Metric::MatmulFlops => Some(flops.matmul_flops),
-        Metric::ElementwiseFlops => Some(flops.elementwise_flops),
-        Metric::TensorCoreFlops => Some(flops.tensor_core_flops),
-        Metric::CudaCoreFlops => Some(flops.cuda_core_flops),
-        Metric::WeightBytes => Some(run.weight_bytes),
-        Metric::KvCacheBytes => Some(run.kv_cache_bytes),
-        Metric::IoBytes | Metric::ActivationBytes => None,
     }
 }
 

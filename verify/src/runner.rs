@@ -12,7 +12,7 @@ use modelmeter::Cost;
 use modelmeter_reference::harness::{run_layer, LayerRun};
 use modelmeter_reference::Setup;
 
-use crate::check::{self, Check, EXACT};
+use crate::check::{Check, EXACT};
 use crate::compare::{compare, compare_flops, worst, CounterBlindSpot, MetricRow, Status};
 use crate::hooks::TestHooks;
 use crate::pairing::Pairing;
@@ -73,11 +73,11 @@ fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
         run_layer(module, &plan.config, &plan.workload, plan.attention, &setup)
     }));
     match run {
-        Ok(Ok(run)) if run.counts.tf32_allowed != plan.workload.allow_tf32 => error_result(
+        Ok(Ok(run)) if run.counts.tf32.matmul != plan.workload.allow_tf32 => error_result(
             name,
             format!(
                 "libtorch's TF32 switch was {} during the run, the workload says {}",
-                run.counts.tf32_allowed, plan.workload.allow_tf32
+                run.counts.tf32.matmul, plan.workload.allow_tf32
             ),
         ),
         Ok(Ok(run)) => compare_layer(&name, &analytic, &run, plan),
@@ -168,13 +168,12 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, plan: &Plan) -> La
         tolerance,
     );
     let mut metrics = vec![flops];
-    for metric in EXACT {
-        let measured = check::measured(metric, run).unwrap_or_default();
+    for exact in EXACT {
         metrics.push(compare(
             name,
-            Check::Exact(metric),
-            metric.get(&a),
-            measured,
+            Check::Exact(exact.metric),
+            exact.metric.get(&a),
+            (exact.measured)(run),
             tolerance,
         ));
     }

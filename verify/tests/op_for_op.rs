@@ -163,7 +163,7 @@ fn the_workload_decides_dtype_and_tf32_and_the_counter_reports_the_switch() {
             .on(Platform::Cpu);
         let run = run(mlp, &config, &w, AttentionImpl::Sdpa);
         assert_eq!(run.output.kind(), Kind::Float, "the workload's dtype");
-        assert_eq!(run.counts.tf32_allowed, tf32, "the switch the counter saw");
+        assert_eq!(run.counts.tf32.matmul, tf32, "the switch the counter saw");
         let analytic = mlp
             .analytic(&config, &w, AttentionImpl::Sdpa)
             .unwrap()
