@@ -141,3 +141,25 @@ fn a_flops_row_off_by_anything_but_the_blind_work_fails() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_wrong_kv_cache_size_fails_its_row() {
+    // The measured side is the bytes of the cache tensors the reference module keeps; an
+    // analytic value off by one byte must fail.
+    let args = [
+        "--seq-len",
+        "8",
+        "--layers",
+        "LlamaFlashAttention2",
+        "--accept-rel-diff",
+        "0",
+    ];
+    let (clean, j) = run(&args, TestHooks::default());
+    assert!(clean.summary().ok(), "{j}");
+    let kv = row(&j["layers"][0], "kv_cache_bytes");
+    assert_eq!(kv["status"], "pass");
+    assert!(kv["measured"].as_u64().unwrap() > 0);
+    let (report, j) = run(&args, perturb("LlamaFlashAttention2", "kv_cache_bytes", 1));
+    assert!(!report.summary().ok());
+    assert_eq!(row(&j["layers"][0], "kv_cache_bytes")["status"], "fail");
+}
