@@ -172,6 +172,22 @@ pub struct OpConvention {
     pub flop_counter_mode: bool,
     /// Where its fp32 matmul work runs (bf16/fp16/fp8 work always runs on tensor cores).
     pub fp32_engine: Fp32Engine,
+    /// Which of its tensor arguments it reads (for `io_bytes`).
+    pub reads: Reads,
+}
+
+/// Which tensor arguments an op reads, for the unfused byte convention of
+/// [`OpConvention::io_bytes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// Every tensor argument, lists included.
+    All,
+    /// None: its tensor arguments give only shape, dtype and device (factories such as
+    /// `new_zeros`, `empty_like`).
+    Metadata,
+    /// Every tensor argument but the first, which it overwrites without reading
+    /// (`copy_(src)`, `fill_`, `zero_`, random fills).
+    AllButSelf,
 }
 
 /// Which switch decides the engine of an op's fp32 matmul work.
@@ -233,6 +249,7 @@ const fn ew(op: &'static str, flops_per_element: u64) -> OpConvention {
         rule: Rule::Elementwise { flops_per_element },
         flop_counter_mode: false,
         fp32_engine: Fp32Engine::MatmulTf32Flag,
+        reads: Reads::All,
     }
 }
 const fn copy(op: &'static str) -> OpConvention {
@@ -241,6 +258,22 @@ const fn copy(op: &'static str) -> OpConvention {
         rule: Rule::Copy,
         flop_counter_mode: false,
         fp32_engine: Fp32Engine::MatmulTf32Flag,
+        reads: Reads::All,
+    }
+}
+/// A copy that allocates (and perhaps fills) a tensor without reading its tensor
+/// arguments' data: a factory.
+const fn factory(op: &'static str) -> OpConvention {
+    OpConvention {
+        reads: Reads::Metadata,
+        ..copy(op)
+    }
+}
+/// A copy that overwrites its first argument without reading it.
+const fn overwrite(op: &'static str) -> OpConvention {
+    OpConvention {
+        reads: Reads::AllButSelf,
+        ..copy(op)
     }
 }
 const fn view(op: &'static str) -> OpConvention {
@@ -249,6 +282,7 @@ const fn view(op: &'static str) -> OpConvention {
         rule: Rule::View,
         flop_counter_mode: false,
         fp32_engine: Fp32Engine::MatmulTf32Flag,
+        reads: Reads::All,
     }
 }
 const fn composite(op: &'static str) -> OpConvention {
@@ -257,6 +291,7 @@ const fn composite(op: &'static str) -> OpConvention {
         rule: Rule::Composite,
         flop_counter_mode: false,
         fp32_engine: Fp32Engine::MatmulTf32Flag,
+        reads: Reads::All,
     }
 }
 const fn gemm(op: &'static str, formula: Gemm, flop_counter_mode: bool) -> OpConvention {
@@ -265,6 +300,7 @@ const fn gemm(op: &'static str, formula: Gemm, flop_counter_mode: bool) -> OpCon
         rule: Rule::Matmul(formula),
         flop_counter_mode,
         fp32_engine: Fp32Engine::MatmulTf32Flag,
+        reads: Reads::All,
     }
 }
 /// A convolution: cuDNN decides its fp32 engine by its own TF32 switch (on by default).
@@ -274,6 +310,7 @@ const fn conv(op: &'static str, formula: Gemm) -> OpConvention {
         rule: Rule::Matmul(formula),
         flop_counter_mode: true,
         fp32_engine: Fp32Engine::CudnnTf32Flag,
+        reads: Reads::All,
     }
 }
 /// A GEMM-like kernel that runs fp32 on tensor cores ("fast fp32", 3×TF32) regardless of
@@ -284,6 +321,7 @@ const fn fast_fp32_gemm(op: &'static str, formula: Gemm) -> OpConvention {
         rule: Rule::Matmul(formula),
         flop_counter_mode: true,
         fp32_engine: Fp32Engine::TensorCores,
+        reads: Reads::All,
     }
 }
 
@@ -454,7 +492,7 @@ pub const OPS: &[OpConvention] = &[
     copy("aten::to"),
     copy("aten::_to_copy"),
     copy("aten::type_as"),
-    copy("aten::copy_"),
+    overwrite("aten::copy_"),
     copy("aten::clone"),
     copy("aten::contiguous"),
     copy("aten::cat"),
@@ -478,32 +516,32 @@ pub const OPS: &[OpConvention] = &[
     copy("aten::triu"),
     copy("aten::tril"),
     copy("aten::flip"),
-    copy("aten::empty"),
-    copy("aten::empty_like"),
-    copy("aten::empty_strided"),
-    copy("aten::new_empty"),
-    copy("aten::new_empty_strided"),
-    copy("aten::zeros"),
-    copy("aten::zeros_like"),
-    copy("aten::new_zeros"),
-    copy("aten::ones"),
-    copy("aten::ones_like"),
-    copy("aten::new_ones"),
-    copy("aten::full"),
-    copy("aten::full_like"),
-    copy("aten::fill"),
-    copy("aten::zero"),
-    copy("aten::arange"),
-    copy("aten::scalar_tensor"),
+    factory("aten::empty"),
+    factory("aten::empty_like"),
+    factory("aten::empty_strided"),
+    factory("aten::new_empty"),
+    factory("aten::new_empty_strided"),
+    factory("aten::zeros"),
+    factory("aten::zeros_like"),
+    factory("aten::new_zeros"),
+    factory("aten::ones"),
+    factory("aten::ones_like"),
+    factory("aten::new_ones"),
+    factory("aten::full"),
+    factory("aten::full_like"),
+    overwrite("aten::fill"),
+    overwrite("aten::zero"),
+    factory("aten::arange"),
+    factory("aten::scalar_tensor"),
     // Padding copies into a larger tensor (the CUDA flash kernel pads the head dim).
     copy("aten::constant_pad_nd"),
     // Random fills: generated data, not arithmetic on data.
-    copy("aten::rand"),
-    copy("aten::randn"),
-    copy("aten::randint"),
-    copy("aten::randperm"),
-    copy("aten::normal"),
-    copy("aten::uniform"),
+    factory("aten::rand"),
+    factory("aten::randn"),
+    factory("aten::randint"),
+    factory("aten::randperm"),
+    overwrite("aten::normal"),
+    overwrite("aten::uniform"),
     copy("aten::resize"),
     copy("aten::_local_scalar_dense"),
     copy("aten::item"),
@@ -689,6 +727,56 @@ impl OpConvention {
             }
         }
     }
+}
+
+impl OpConvention {
+    /// Bytes one call moves under the unfused convention: the bytes of every tensor
+    /// argument it reads (per [`Reads`], lists included) plus the bytes of every tensor it
+    /// returns (`outputs`). A tensor counts numel × element size as the op sees it (an
+    /// expanded input its expanded size). Views and composite ops move nothing: the ops a
+    /// composite dispatches are costed one by one. An in-place op reads `self` and writes
+    /// it (`x.mul_(y)`: x and y read, x written); one that overwrites `self` without
+    /// reading it says so in its [`Reads`] (`copy_`). The analytic layers and the counter
+    /// both call this, on the arguments they describe and the dispatcher saw.
+    pub fn io_bytes(&self, args: &[Arg], outputs: &[TensorMeta]) -> Result<u64> {
+        if matches!(self.rule, Rule::View | Rule::Composite) {
+            return Ok(0);
+        }
+        fn add(total: &mut u64, arg: &Arg) -> Result<()> {
+            match arg {
+                Arg::Tensor(t) => *total = sum("io_bytes", &[*total, t.bytes()?])?,
+                Arg::List(items) => {
+                    for item in items {
+                        add(total, item)?;
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+        let mut total = 0;
+        let read: &[Arg] = match self.reads {
+            Reads::All => args,
+            Reads::Metadata => &[],
+            Reads::AllButSelf => {
+                let first = args.iter().position(|a| matches!(a, Arg::Tensor(_)));
+                first.map_or(args, |i| &args[i + 1..])
+            }
+        };
+        for arg in read {
+            add(&mut total, arg)?;
+        }
+        for t in outputs {
+            total = sum("io_bytes", &[total, t.bytes()?])?;
+        }
+        Ok(total)
+    }
+}
+
+/// True for an in-place op (`aten::mul_`, `aten::copy_`): by ATen's naming rule its name
+/// ends in `_`, and it returns (and writes) its first argument instead of allocating.
+pub fn is_in_place(op: &str) -> bool {
+    op.ends_with('_') && !op.ends_with("::_")
 }
 
 fn tensor_at<'a>(op: &str, args: &'a [Arg], index: usize) -> Result<&'a TensorMeta> {
@@ -1088,6 +1176,52 @@ mod tests {
             .unwrap_or_else(|| panic!("{op} missing"))
             .cost(args, Tf32::matmul(false))
             .unwrap()
+    }
+
+    #[test]
+    fn io_bytes_read_inputs_and_write_outputs_by_hand() {
+        let io = |op: &str, args: &[Arg], outputs: &[TensorMeta]| {
+            convention(op).unwrap().io_bytes(args, outputs).unwrap()
+        };
+        let f32 = |shape: &[u64]| TensorMeta::new(shape, Dtype::F32);
+        // mm [64, 32] @ [32, 16] fp32: 8 KiB + 2 KiB read, 4 KiB written.
+        let mm = io(
+            "aten::mm",
+            &[t(&[64, 32], Dtype::F32), t(&[32, 16], Dtype::F32)],
+            &[f32(&[64, 16])],
+        );
+        assert_eq!(mm, 64 * 32 * 4 + 32 * 16 * 4 + 64 * 16 * 4);
+        // cat reads every tensor of its list.
+        let cat = io(
+            "aten::cat",
+            &[
+                Arg::List(vec![t(&[10, 4], Dtype::F32), t(&[10, 4], Dtype::F32)]),
+                Arg::Int(0),
+            ],
+            &[f32(&[20, 4])],
+        );
+        assert_eq!(cat, 2 * 160 + 320);
+        // In place: x and y read, x written.
+        let mul_ = io(
+            "aten::mul_",
+            &[t(&[8], Dtype::F32), t(&[8], Dtype::F32)],
+            &[f32(&[8])],
+        );
+        assert_eq!(mul_, 3 * 32);
+        // copy_ overwrites self without reading it; a factory reads nothing.
+        let copy_ = io(
+            "aten::copy_",
+            &[t(&[8], Dtype::Bf16), t(&[8], Dtype::F32), Arg::Bool(false)],
+            &[TensorMeta::new(&[8], Dtype::Bf16)],
+        );
+        assert_eq!(copy_, 32 + 16);
+        let zeros = io("aten::new_zeros", &[t(&[1000], Dtype::F32)], &[f32(&[4])]);
+        assert_eq!(zeros, 16);
+        // Views and composites move nothing themselves.
+        assert_eq!(io("aten::view", &[t(&[8], Dtype::F32)], &[f32(&[2, 4])]), 0);
+        assert_eq!(io("aten::linear", &[t(&[8], Dtype::F32)], &[f32(&[8])]), 0);
+        assert!(is_in_place("aten::mul_") && !is_in_place("aten::_unsafe_view"));
+        assert!(!is_in_place("aten::mul"));
     }
 
     #[test]

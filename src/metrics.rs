@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::checked::sum;
-use crate::conventions::{convention, Arg, OpCost, Rule, TensorMeta, Tf32};
+use crate::conventions::{convention, is_in_place, Arg, OpCost, Rule, TensorMeta, Tf32};
 use crate::error::{Error, Result};
 
 /// The metrics of one layer call, exact integers in base units (FLOPs and bytes).
@@ -183,6 +183,24 @@ impl Cost {
     pub fn child(&self, name: &str) -> Option<&Cost> {
         self.children.iter().find(|c| c.name == name)
     }
+
+    /// `n` calls of this node, each by a module of its own (the routed experts that
+    /// receive the same number of rows): every metric of the subtree, its leaves
+    /// included, times `n`.
+    pub fn repeated(mut self, n: u64) -> Result<Cost> {
+        for metric in Metric::ALL {
+            let value = metric.get(&self.metrics).checked_mul(n).ok_or_else(|| {
+                Error::overflow(format!("{} of {} calls of {}", metric.name(), n, self.name))
+            })?;
+            metric.set(&mut self.metrics, value);
+        }
+        self.children = self
+            .children
+            .into_iter()
+            .map(|c| c.repeated(n))
+            .collect::<Result<_>>()?;
+        Ok(self)
+    }
 }
 
 /// Builds a [`Cost`] node op by op, in the order the vendor code runs them.
@@ -224,22 +242,19 @@ impl CostBuilder {
             cuda_core_flops,
             ..
         } = conv.cost(inputs, Tf32::matmul(self.allow_tf32))?;
-        let (io_bytes, activation_bytes) = match conv.rule {
-            Rule::View | Rule::Composite => (0, 0),
-            _ => {
-                let mut read = 0;
-                for arg in inputs {
-                    if let Arg::Tensor(t) = arg {
-                        read = sum("io_bytes", &[read, t.bytes()?])?;
-                    }
-                }
+        let io_bytes = conv.io_bytes(inputs, outputs)?;
+        // What the op allocates: its outputs, unless it is a view or composite (nothing
+        // of its own) or works in place (it returns its argument).
+        let activation_bytes =
+            if matches!(conv.rule, Rule::View | Rule::Composite) || is_in_place(op) {
+                0
+            } else {
                 let mut written = 0;
                 for t in outputs {
                     written = sum("activation_bytes", &[written, t.bytes()?])?;
                 }
-                (sum("io_bytes", &[read, written])?, written)
-            }
-        };
+                written
+            };
         self.push(Cost {
             name: role.to_string(),
             op: Some(op),
@@ -252,6 +267,19 @@ impl CostBuilder {
                 activation_bytes,
                 ..Metrics::default()
             },
+            children: Vec::new(),
+        })
+    }
+
+    /// Records an op call that hands back its input unchanged (`contiguous()` of a
+    /// tensor already contiguous): dispatched, but it computes, moves and allocates
+    /// nothing.
+    pub fn returns_input(&mut self, role: &str, op: &'static str) -> Result<()> {
+        convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+        self.push(Cost {
+            name: role.to_string(),
+            op: Some(op),
+            metrics: Metrics::default(),
             children: Vec::new(),
         })
     }

@@ -71,6 +71,13 @@ pub struct Workload {
     pub allow_tf32: bool,
     /// The backend whose kernels run it (default: CUDA).
     pub platform: Platform,
+    /// MoE layers: how many distinct routed experts receive tokens. Routing decides it
+    /// and it decides only the bytes of the expert weights read (each expert that runs
+    /// reads its own); FLOPs are the same for any routing. `None`: min(E, N·k), every
+    /// routing slot a different expert while experts remain (exact for one token: its
+    /// top-k experts are distinct). `verify-decoder` sets the count it measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts_hit: Option<u64>,
 }
 
 impl Workload {
@@ -115,6 +122,7 @@ impl Workload {
             dtype,
             allow_tf32: false,
             platform: Platform::default(),
+            experts_hit: None,
         };
         // Every size derived below must fit in 64 bits.
         let q = w.query_len();
@@ -151,6 +159,14 @@ impl Workload {
     /// The same workload run by `platform`'s kernels.
     pub fn on(mut self, platform: Platform) -> Workload {
         self.platform = platform;
+        self
+    }
+
+    /// The same workload with `count` routed experts receiving tokens in each MoE layer
+    /// (see [`Workload::experts_hit`]); validated against the layer's expert count when
+    /// the layer is costed.
+    pub fn with_experts_hit(mut self, count: u64) -> Workload {
+        self.experts_hit = Some(count);
         self
     }
 

@@ -14,7 +14,12 @@
 //   <thread>\t<depth>\t<F|B>\t<name>\t<arg>;<arg>;...\n
 // where an arg is N (None or undefined tensor), T<dtype>@<device>[d0,d1,...],
 // i<int>, f<double>, b0|b1, s<hex bytes>, I[<int>,...], B[<0|1>,...], L[<arg>;...]
-// or ?<kind>. A callback failure writes X\t<message>\n instead: counts are never lost
+// or ?<kind>. When a logged op ends, one more line gives its outputs:
+//   O\t<n>\t<arg>;<arg>;...\n
+// where <n> is the 0-based index of the op's start line in this region's log, and an
+// output tensor that shares storage with one of the op's tensor inputs (in-place ops,
+// ops that return their input unchanged) is written =T... instead of T....
+// A callback failure writes X\t<message>\n instead: counts are never lost
 // silently, and no C++ exception ever reaches Rust.
 
 #include "op_observer.h"
@@ -43,6 +48,8 @@ at::CallbackHandle g_handle = 0;
 std::atomic<bool> g_armed{false};
 std::atomic<uint64_t> g_generation{0};
 std::atomic<uint64_t> g_owner{0};
+uint64_t g_started = 0;  // start lines in g_log (guarded by g_mutex)
+constexpr uint64_t kNotLogged = ~uint64_t{0};
 
 // Per-thread stack of open ops: whether each belongs to the counted region. Reset when
 // a new region starts (ops left open by an earlier one never get their end callback).
@@ -65,7 +72,16 @@ ThreadFrames& frames() {
 struct FrameContext : at::ObserverContext {
   explicit FrameContext(uint64_t g) : generation(g) {}
   uint64_t generation;
+  uint64_t line = kNotLogged;  // index of the op's start line, when it was logged
+  // Storages of the op's tensor inputs, as identities only (never dereferenced, never
+  // owned: the caller keeps them alive for the call). The end callback cannot look at
+  // the inputs themselves: by then the boxed stack holds the outputs.
+  std::vector<const void*> input_storages;
 };
+
+void note_storage(std::vector<const void*>& out, const at::Tensor& t) {
+  if (t.defined() && t.has_storage()) out.push_back(t.storage().unsafeGetStorageImpl());
+}
 
 // Records a callback failure in the log. Never throws: it runs inside catch handlers.
 void append_error(const char* op, const char* message) noexcept {
@@ -179,7 +195,9 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     const bool in = parent || fn.threadId() == owner || (backward && fn.forwardThreadId() == owner);
     const size_t depth = t_frames.in_region.size();
     t_frames.in_region.push_back(in ? 1 : 0);
-    context = std::make_unique<FrameContext>(generation);
+    auto frame = std::make_unique<FrameContext>(generation);
+    FrameContext* frame_ptr = frame.get();
+    context = std::move(frame);
     if (!in || !g_armed.load()) return context;
 
     std::string line = std::to_string(fn.threadId());
@@ -193,12 +211,22 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
       for (size_t i = 0; i < inputs.size(); ++i) {
         if (i) line += ';';
         encode(line, inputs[i]);
+        if (inputs[i].isTensor()) {
+          note_storage(frame_ptr->input_storages, inputs[i].toTensor());
+        } else if (inputs[i].isTensorList()) {
+          for (const at::Tensor& t : inputs[i].toTensorVector()) {
+            note_storage(frame_ptr->input_storages, t);
+          }
+        }
       }
     }
     line += '\n';
     std::lock_guard<std::mutex> lock(g_mutex);
     // Only the region this op was judged against may receive it.
-    if (g_armed.load() && g_generation.load() == generation) g_log += line;
+    if (g_armed.load() && g_generation.load() == generation) {
+      g_log += line;
+      frame_ptr->line = g_started++;
+    }
   } catch (const std::exception& e) {
     append_error(fn.name(), e.what());
   } catch (...) {
@@ -207,7 +235,38 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   return context;
 }
 
-void on_end(const at::RecordFunction&, at::ObserverContext* context) {
+// True when `t` shares storage with one of the op's tensor inputs (in-place ops, and
+// ops that hand back their input, such as a `to` to the same dtype).
+bool aliases_input(const FrameContext& frame, const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage()) return false;
+  const void* storage = t.storage().unsafeGetStorageImpl();
+  for (const void* in : frame.input_storages) {
+    if (in == storage) return true;
+  }
+  return false;
+}
+
+void encode_output(std::string& out, const FrameContext& frame, const c10::IValue& v) {
+  if (v.isTensor() && aliases_input(frame, v.toTensor())) out += '=';
+  encode(out, v);
+}
+
+// Writes the outputs of a logged op (the O line).
+void log_outputs(const at::RecordFunction& fn, const FrameContext& frame) {
+  std::string line = "O\t";
+  line += std::to_string(frame.line);
+  line += '\t';
+  auto outputs = fn.outputs();
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (i) line += ';';
+    encode_output(line, frame, outputs[i]);
+  }
+  line += '\n';
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_armed.load() && g_generation.load() == frame.generation) g_log += line;
+}
+
+void on_end(const at::RecordFunction& fn, at::ObserverContext* context) {
   // Pop only the frame this op pushed: same thread stack, same region generation. An op
   // whose start failed before pushing has no context and pops nothing.
   const auto* frame = static_cast<const FrameContext*>(context);
@@ -215,6 +274,14 @@ void on_end(const at::RecordFunction&, at::ObserverContext* context) {
   ThreadFrames& t_frames = *t_frames_ptr;
   if (t_frames.generation == frame->generation && !t_frames.in_region.empty()) {
     t_frames.in_region.pop_back();
+  }
+  if (frame->line == kNotLogged || !g_armed.load()) return;
+  try {
+    log_outputs(fn, *frame);
+  } catch (const std::exception& e) {
+    append_error(fn.name(), e.what());
+  } catch (...) {
+    append_error(fn.name(), "unknown exception while logging outputs");
   }
 }
 
@@ -247,12 +314,14 @@ int mmeter_observer_start(char* err, size_t err_len) {
       return 1;
     }
     g_log.clear();
+    g_started = 0;
     g_owner.store(at::RecordFunction::currentThreadId());
     g_generation.fetch_add(1);
     g_armed.store(true);
     g_handle = at::addGlobalCallback(
         at::RecordFunctionCallback(&on_start, &on_end)
             .needsInputs(true)
+            .needsOutputs(true)
             .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
     return 0;
   } catch (const std::exception& e) {

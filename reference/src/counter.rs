@@ -22,7 +22,9 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use modelmeter::conventions::{convention, is_fused_attention, Arg, OpCost, Rule, Tf32};
+use modelmeter::conventions::{
+    convention, is_fused_attention, is_in_place, Arg, OpConvention, OpCost, Rule, Tf32,
+};
 use modelmeter::Dtype;
 use serde::Serialize;
 
@@ -144,6 +146,15 @@ pub struct Counts {
     pub errors: Vec<String>,
     /// Every op start the observer saw (counted, nested, views …).
     pub events_seen: usize,
+    /// Bytes the counted ops read and wrote, unfused ([`OpConvention::io_bytes`] on the
+    /// arguments and outputs the dispatcher saw); an op that handed back its input
+    /// unchanged (`x.to(x.dtype)`, `contiguous()` of a contiguous tensor) moved nothing.
+    pub io_bytes: u64,
+    /// The same bytes by op name, for finding where two sides differ.
+    pub io_bytes_by_op: BTreeMap<String, u64>,
+    /// Counted ops whose outputs were never seen (they did not end inside the region):
+    /// `io_bytes` misses their bytes, so it is complete only when this is 0.
+    pub ops_without_outputs: usize,
 }
 
 /// The per-thread open frames while walking the log: (depth, covered by a rule).
@@ -201,11 +212,39 @@ impl Counts {
         if covered {
             return true;
         }
+        self.count_bytes(event, conv);
         match conv.cost(&event.args, tf32) {
             Ok(cost) => self.record(event, in_backward, cost),
             Err(e) => self.errors.push(e.to_string()),
         }
         true
+    }
+
+    /// Adds the bytes a counted op moved to the totals.
+    fn count_bytes(&mut self, event: &OpEvent, conv: &OpConvention) {
+        if event.outputs.is_none() {
+            self.ops_without_outputs += 1;
+            return;
+        }
+        let tensors = event.output_tensors();
+        let handed_back = !is_in_place(&event.name)
+            && !tensors.is_empty()
+            && tensors.iter().all(|(_, alias)| *alias);
+        let bytes = if handed_back {
+            Ok(0)
+        } else {
+            let written: Vec<_> = tensors.into_iter().map(|(t, _)| t.clone()).collect();
+            conv.io_bytes(&event.args, &written)
+        };
+        let total = bytes.and_then(|b| {
+            let by_op = self.io_bytes_by_op.entry(event.name.clone()).or_default();
+            *by_op = by_op.saturating_add(b);
+            modelmeter::checked::sum("io_bytes", &[self.io_bytes, b])
+        });
+        match total {
+            Ok(t) => self.io_bytes = t,
+            Err(e) => self.errors.push(format!("{}: {e}", event.name)),
+        }
     }
 
     fn record(&mut self, event: &OpEvent, backward: bool, cost: OpCost) {
@@ -335,6 +374,24 @@ mod tests {
         assert_eq!(c.flops.flop_counter_mode_flops, 10240);
         assert_eq!(c.records.len(), 1);
         assert!(c.is_complete());
+    }
+
+    #[test]
+    fn bytes_come_from_outputs_and_handed_back_inputs_move_nothing() {
+        let c = counts(
+            "1\t0\tF\taten::mul\tTFloat@cpu[4];TFloat@cpu[4]\n\
+             O\t0\tTFloat@cpu[4]\n\
+             1\t0\tF\taten::to\tTFloat@cpu[4];i6\n\
+             O\t1\t=TFloat@cpu[4]\n\
+             1\t0\tF\taten::mul_\tTFloat@cpu[4];TFloat@cpu[4]\n\
+             O\t2\t=TFloat@cpu[4]\n\
+             1\t0\tF\taten::add\tTFloat@cpu[4];TFloat@cpu[4]\n",
+        );
+        // mul: 2 read + 1 written; to: handed back; mul_: in place, 2 read + 1 written.
+        assert_eq!(c.io_bytes, 6 * 16);
+        assert_eq!(c.io_bytes_by_op.get("aten::to"), Some(&0));
+        // The add never ended: its bytes are unknown, and said so.
+        assert_eq!(c.ops_without_outputs, 1);
     }
 
     #[test]

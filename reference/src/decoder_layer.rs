@@ -71,17 +71,31 @@ impl RefDeepseekV2DecoderLayer {
         cache: &mut KvCache,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
+        Ok(self.forward_with_routing(x, position_ids, cache, mask)?.0)
+    }
+
+    /// One forward call and, for an MoE layer, the tokens each routed expert received.
+    pub fn forward_with_routing(
+        &self,
+        x: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Vec<i64>>)> {
         let residual = x;
         let h = self.input_layernorm.forward(x)?;
         let h = self.self_attn.forward(&h, position_ids, cache, mask)?;
         let h = residual.f_add(&h)?;
         let residual = &h;
         let out = self.post_attention_layernorm.forward(&h)?;
-        let out = match &self.mlp {
-            FeedForward::Dense(mlp) => mlp.forward(&out)?,
-            FeedForward::Moe(moe) => moe.forward(&out)?,
+        let (out, routing) = match &self.mlp {
+            FeedForward::Dense(mlp) => (mlp.forward(&out)?, None),
+            FeedForward::Moe(moe) => {
+                let (y, routing) = moe.forward_with_routing(&out)?;
+                (y, Some(routing))
+            }
         };
-        Ok(residual.f_add(&out)?)
+        Ok((residual.f_add(&out)?, routing))
     }
 }
 

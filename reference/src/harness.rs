@@ -138,10 +138,9 @@ impl RefModule {
                 m.forward(x, &inputs.position_ids, cache, inputs.mask.as_ref())?,
                 None,
             ),
-            RefModule::Decoder(m) => (
-                m.forward(x, &inputs.position_ids, cache, inputs.mask.as_ref())?,
-                None,
-            ),
+            RefModule::Decoder(m) => {
+                m.forward_with_routing(x, &inputs.position_ids, cache, inputs.mask.as_ref())?
+            }
         })
     }
 }

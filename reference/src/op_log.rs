@@ -17,6 +17,37 @@ pub struct OpEvent {
     pub args: Vec<Arg>,
     /// The device of the first tensor argument (`cpu`, `cuda:0`), if any.
     pub device: Option<String>,
+    /// What the op returned, from its end line; `None` when the op never ended inside
+    /// the region (or the line was lost to an error).
+    pub outputs: Option<Vec<OpOutput>>,
+}
+
+/// One value an op returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpOutput {
+    pub value: Arg,
+    /// The output is a tensor sharing storage with one of the op's tensor inputs: an
+    /// in-place op's `self`, or an input handed back unchanged (`x.to(x.dtype)`).
+    pub aliases_input: bool,
+}
+
+impl OpEvent {
+    /// The output tensors, with whether each aliases an input; empty when unknown.
+    pub fn output_tensors(&self) -> Vec<(&TensorMeta, bool)> {
+        let mut out = Vec::new();
+        for o in self.outputs.iter().flatten() {
+            collect_tensors(&o.value, o.aliases_input, &mut out);
+        }
+        out
+    }
+}
+
+fn collect_tensors<'a>(arg: &'a Arg, alias: bool, out: &mut Vec<(&'a TensorMeta, bool)>) {
+    match arg {
+        Arg::Tensor(t) => out.push((t, alias)),
+        Arg::List(items) => items.iter().for_each(|i| collect_tensors(i, alias, out)),
+        _ => {}
+    }
 }
 
 /// The events of a log and the callback errors it reports.
@@ -29,17 +60,62 @@ pub struct OpLog {
 /// Parses a whole log; malformed lines become errors, never silently dropped.
 pub fn parse(log: &str) -> OpLog {
     let mut out = OpLog::default();
+    // Start line number → index in `out.events` (None for an unparsable start line).
+    let mut started: Vec<Option<usize>> = Vec::new();
     for line in log.lines().filter(|l| !l.is_empty()) {
         if let Some(message) = line.strip_prefix("X\t") {
             out.errors.push(message.to_string());
             continue;
         }
+        if let Some(rest) = line.strip_prefix("O\t") {
+            let parsed = parse_outputs(rest);
+            let event = parsed
+                .as_ref()
+                .and_then(|(n, _)| started.get(*n).copied().flatten());
+            match (parsed, event) {
+                (Some((_, outputs)), Some(i)) => out.events[i].outputs = Some(outputs),
+                // The start line failed to parse: already reported.
+                (Some((n, _)), None) if n < started.len() => {}
+                _ => out.errors.push(format!("unparsable observer line: {line}")),
+            }
+            continue;
+        }
         match parse_line(line) {
-            Some(event) => out.events.push(event),
-            None => out.errors.push(format!("unparsable observer line: {line}")),
+            Some(event) => {
+                started.push(Some(out.events.len()));
+                out.events.push(event);
+            }
+            None => {
+                started.push(None);
+                out.errors.push(format!("unparsable observer line: {line}"));
+            }
         }
     }
     out
+}
+
+/// `<n>\t<output>;<output>…` of an O line.
+fn parse_outputs(rest: &str) -> Option<(usize, Vec<OpOutput>)> {
+    let (n, text) = rest.split_once('\t')?;
+    let mut parser = Parser {
+        text: text.as_bytes(),
+        pos: 0,
+        device: None,
+    };
+    let mut outputs = Vec::new();
+    if !parser.text.is_empty() {
+        loop {
+            let aliases_input = parser.eat(b'=');
+            outputs.push(OpOutput {
+                value: parser.arg()?,
+                aliases_input,
+            });
+            if !parser.eat(b';') {
+                break;
+            }
+        }
+    }
+    (parser.pos == parser.text.len()).then_some((n.parse().ok()?, outputs))
 }
 
 fn parse_line(line: &str) -> Option<OpEvent> {
@@ -73,6 +149,7 @@ fn parse_line(line: &str) -> Option<OpEvent> {
         name,
         args,
         device: parser.device,
+        outputs: None,
     })
 }
 
@@ -216,6 +293,36 @@ mod tests {
                 Arg::Other("Device".into()),
             ]
         );
+    }
+
+    #[test]
+    fn output_lines_attach_to_their_start_line() {
+        let log = "1\t0\tF\taten::mul_\tTFloat@cpu[4];TFloat@cpu[4]\n\
+                   1\t0\tF\taten::bad\tT?\n\
+                   1\t0\tF\taten::topk\tTFloat@cpu[8];i2\n\
+                   O\t2\tTFloat@cpu[2];TLong@cpu[2]\n\
+                   O\t1\tTFloat@cpu[1]\n\
+                   O\t0\t=TFloat@cpu[4]\n\
+                   O\t9\tTFloat@cpu[1]\n";
+        let out = parse(log);
+        assert_eq!(out.events.len(), 2);
+        // The bad start line and the O line naming a line that never started are errors;
+        // the O line of the bad start line is not reported twice.
+        assert_eq!(out.errors.len(), 2, "{:?}", out.errors);
+        let mul = &out.events[0];
+        assert_eq!(
+            mul.output_tensors(),
+            vec![(&TensorMeta::new(&[4], Dtype::F32), true)]
+        );
+        let topk = &out.events[1];
+        assert_eq!(
+            topk.output_tensors(),
+            vec![
+                (&TensorMeta::new(&[2], Dtype::F32), false),
+                (&TensorMeta::new(&[2], Dtype::I64), false)
+            ]
+        );
+        assert_eq!(parse("1\t0\tF\taten::mm\t\n").events[0].outputs, None);
     }
 
     #[test]

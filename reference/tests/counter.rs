@@ -321,3 +321,44 @@ fn records_carry_shapes_dtypes_device_and_engine() {
     );
     assert!(!c.tf32.matmul);
 }
+
+#[test]
+fn bytes_moved_by_real_ops_match_hand_numbers() {
+    let size = match kind() {
+        Kind::BFloat16 => 2,
+        _ => 4,
+    };
+    let (a, b) = (randn(&[64, 32]), randn(&[32, 16]));
+    let (_, c) = count(|| a.mm(&b));
+    assert_eq!(c.io_bytes, (64 * 32 + 32 * 16 + 64 * 16) * size);
+    assert_eq!(c.ops_without_outputs, 0);
+
+    // cat of two [10, 4]: both read, [20, 4] written.
+    let (x, y) = (randn(&[10, 4]), randn(&[10, 4]));
+    let (_, c) = count(|| Tensor::cat(&[&x, &y], 0));
+    assert_eq!(c.io_bytes, (2 * 40 + 80) * size);
+
+    // In place: x and y read, x written; nothing else.
+    let mut z = randn(&[10, 4]);
+    let (_, c) = count(|| {
+        let _ = z.f_mul_(&y).unwrap();
+    });
+    assert_eq!(c.io_bytes, 3 * 40 * size);
+
+    // Views move nothing; so does a `to` or `contiguous` that hands back its input.
+    let (_, c) = count(|| {
+        let v = a.view([32, 64]).transpose(0, 1);
+        let same = a.to_kind(kind());
+        let already = a.contiguous();
+        (v, same, already)
+    });
+    assert_eq!(c.io_bytes, 0, "{:?}", c.io_bytes_by_op);
+
+    // A `contiguous` that copies reads and writes the tensor; a cast reads one dtype and
+    // writes another.
+    let (_, c) = count(|| a.transpose(0, 1).contiguous());
+    assert_eq!(c.io_bytes, 2 * 64 * 32 * size);
+    let (_, c) = count(|| a.to_kind(Kind::Double));
+    assert_eq!(c.io_bytes, 64 * 32 * (size + 8));
+    assert_complete(&c);
+}

@@ -37,6 +37,16 @@ fn kt(k: &TensorMeta) -> TensorMeta {
     t(&[s[0], s[1], s[3], s[2]], k.dtype)
 }
 
+/// `matmul`'s fold of a `[B, H, S, X]` operand into the `[B·H, S, X]` batch of its `bmm`
+/// (`reshape`): a view when the memory allows (`folds`), else a contiguous copy
+/// (`aten::clone`, measured on the CPU; the copy reads the operand at its full shape).
+fn fold_heads(b: &mut CostBuilder, role: &str, x: &TensorMeta, folds: bool) -> Result<()> {
+    if !folds {
+        b.copy(role, "aten::clone", &[x], x.clone())?;
+    }
+    Ok(())
+}
+
 /// The role of the attention-core node in the cost tree (verify looks it up).
 pub const ATTENTION_CORE_ROLE: &str = "attention core";
 
@@ -250,8 +260,11 @@ impl LlamaAttention {
         } else {
             None
         };
-        b.elementwise("q * √scale", "aten::mul", &[q], dtype)?;
-        b.elementwise("kᵀ * √scale", "aten::mul", &[&kt(k)], dtype)?;
+        let q_scaled = b.elementwise("q * √scale", "aten::mul", &[q], dtype)?;
+        let k_scaled = b.elementwise("kᵀ * √scale", "aten::mul", &[&kt(k)], dtype)?;
+        let kv_folds = self.kv_folds(skv);
+        fold_heads(b, "matmul: q contiguous", &q_scaled, self.q_folds())?;
+        fold_heads(b, "matmul: kᵀ contiguous", &k_scaled, kv_folds)?;
         b.op(
             "q @ kᵀ",
             "aten::bmm",
@@ -292,6 +305,7 @@ impl LlamaAttention {
             &[&all_masked, &zero, &scores],
             scores.clone(),
         )?;
+        fold_heads(b, "matmul: v contiguous", v, kv_folds)?;
         b.op(
             "attn @ v",
             "aten::bmm",
@@ -301,6 +315,46 @@ impl LlamaAttention {
             ],
             &[t(&[bh, sq, d], dtype)],
         )
+    }
+
+    /// Whether q folds into the `[B·H, S_q, d]` batch of a `bmm` as a view. q lies in
+    /// memory as `[B, S, H, d]` (the rotary embedding keeps the projection's layout), so
+    /// merging B and H needs B = 1, H = 1 or S_q = 1 (a dimension of size 1 constrains no
+    /// stride).
+    fn q_folds(&self) -> bool {
+        let w = &self.workload;
+        w.batch == 1 || self.heads == 1 || w.query_len() == 1
+    }
+
+    /// Whether k and v (and kᵀ) fold into a `bmm` batch as a view: after `repeat_kv`'s
+    /// copy (kv_heads > 1) they are contiguous; with one KV head `repeat_kv` is a view
+    /// whose heads share memory (stride 0), which folds only when B = 1; without
+    /// grouping, a decode step's cache `cat` makes them contiguous, and a prefill's lie
+    /// in memory as `[B, S, H, d]` like q.
+    fn kv_folds(&self, key_len: u64) -> bool {
+        let w = &self.workload;
+        if self.heads != self.kv_heads {
+            return self.kv_heads > 1 || w.batch == 1;
+        }
+        match w.phase {
+            Phase::Decode { .. } => true,
+            Phase::Prefill { .. } => w.batch == 1 || self.heads == 1 || key_len == 1,
+        }
+    }
+
+    /// Whether the attention core's output already lies in memory as `[B, S, H, d]`: the
+    /// fused kernels write that layout, and a `[B, H, S, d]` tensor with H = 1 or S = 1
+    /// is the same memory either way.
+    fn core_writes_bshd(&self, key_len: u64) -> bool {
+        let w = &self.workload;
+        if self.heads == 1 || w.query_len() == 1 {
+            return true;
+        }
+        match self.implementation {
+            AttentionImpl::Sdpa => SdpaKernel::select(w.platform, w.dtype, self.head_dim, key_len)
+                .writes_bshd(self.head_dim),
+            AttentionImpl::Eager => false,
+        }
     }
 
     fn core(&self, q: &TensorMeta, k: &TensorMeta, v: &TensorMeta) -> Result<Cost> {
@@ -320,6 +374,9 @@ impl LlamaAttention {
             AttentionImpl::Eager => {
                 let bh = product("batch × heads", &[batch, heads])?;
                 let scores = t(&[bh, sq, skv], dtype);
+                let kv_folds = self.kv_folds(skv);
+                fold_heads(&mut b, "matmul: q contiguous", q, self.q_folds())?;
+                fold_heads(&mut b, "matmul: kᵀ contiguous", &kt(k), kv_folds)?;
                 b.op(
                     "q @ kᵀ",
                     "aten::bmm",
@@ -339,6 +396,7 @@ impl LlamaAttention {
                     std::slice::from_ref(&probs),
                 )?;
                 b.cast("softmax.to(q.dtype)", &probs, dtype)?;
+                fold_heads(&mut b, "matmul: v contiguous", v, kv_folds)?;
                 b.op(
                     "attn @ v",
                     "aten::bmm",
@@ -401,19 +459,39 @@ impl Layer for LlamaAttention {
             )?;
         }
         if heads != kv_heads {
+            // `x[:, :, None].expand(B, kv_heads, n_rep, S, d).reshape(B, H, S, d)`: the
+            // reshape copies the expanded tensor (read at its expanded size). With one KV
+            // head the reshape is a view: all heads share the one head's memory.
+            let expanded = t(&[batch, kv_heads, heads / kv_heads, skv, d], dtype);
             let repeated = t(&[batch, heads, skv, d], dtype);
-            k = b.copy("repeat_kv (keys)", "aten::clone", &[&k], repeated.clone())?;
-            v = b.copy("repeat_kv (values)", "aten::clone", &[&v], repeated)?;
+            if kv_heads > 1 {
+                k = b.copy(
+                    "repeat_kv (keys)",
+                    "aten::clone",
+                    &[&expanded],
+                    repeated.clone(),
+                )?;
+                v = b.copy("repeat_kv (values)", "aten::clone", &[&expanded], repeated)?;
+            } else {
+                (k, v) = (repeated.clone(), repeated);
+            }
         }
 
         b.child(self.core(&q, &k, &v)?)?;
         let out = t(&[batch, sq, heads, d], dtype);
-        b.copy(
-            "transpose(1, 2).contiguous()",
-            "aten::contiguous",
-            &[&out],
-            out.clone(),
-        )?;
+        if self.core_writes_bshd(k.shape[2]) {
+            b.returns_input(
+                "transpose(1, 2).contiguous() (already [B, S, H, d] in memory)",
+                "aten::contiguous",
+            )?;
+        } else {
+            b.copy(
+                "transpose(1, 2).contiguous()",
+                "aten::contiguous",
+                &[&out],
+                out.clone(),
+            )?;
+        }
         let merged = t(&[batch, sq, product("o width", &[heads, d])?], dtype);
         b.linear("o_proj", &merged, self.hidden, self.bias)?;
 

@@ -21,10 +21,10 @@ use crate::checked::product;
 use crate::config::{ModelConfig, MoeConfig};
 use crate::conventions::{Arg, TensorMeta};
 use crate::dtype::Dtype;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layers::mlp::DeepseekV2MLP;
 use crate::layers::moe_gate::MoEGate;
-use crate::layers::vendor_ops::{arg, t};
+use crate::layers::vendor_ops::{arg, bytes_of, t};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::Workload;
@@ -35,6 +35,7 @@ pub struct DeepseekV2MoE {
     input: TensorMeta,
     moe: MoeConfig,
     allow_tf32: bool,
+    experts_hit: Option<u64>,
 }
 
 impl DeepseekV2MoE {
@@ -47,7 +48,46 @@ impl DeepseekV2MoE {
             ),
             moe: config.moe()?.clone(),
             allow_tf32: workload.allow_tf32,
+            experts_hit: workload.experts_hit,
         })
+    }
+}
+
+impl DeepseekV2MoE {
+    /// The routed experts over the `rows` = N·k sorted rows: each expert that received
+    /// tokens runs the MLP over its own slice and reads its own weights. FLOPs depend only
+    /// on the N·k rows; the weight bytes read on how many experts run
+    /// ([`Workload::experts_hit`]). The rows are spread as evenly as integers allow (any
+    /// spread over the same experts costs the same: every metric is linear in the rows).
+    fn routed_experts(&self, sorted: &TensorMeta, rows: u64) -> Result<Cost> {
+        let experts = self.moe.n_routed_experts;
+        let most = experts.min(rows);
+        let hit = self.experts_hit.unwrap_or(most);
+        if hit == 0 || hit > most {
+            return Err(Error::invalid(
+                "experts_hit",
+                hit,
+                &format!("1 to min(E, N·k) = {most} experts receiving tokens"),
+            ));
+        }
+        let (base, extra) = (rows / hit, rows % hit);
+        let hidden = *sorted.shape.last().unwrap_or(&1);
+        let m = self.moe.moe_intermediate_size;
+        let mut b = CostBuilder::new("experts", self.allow_tf32);
+        for (calls, rows) in [(extra, base + 1), (hit - extra, base)] {
+            if calls > 0 {
+                let slice = t(&[rows, hidden], sorted.dtype);
+                let mlp = DeepseekV2MLP::over(slice, m, self.allow_tf32);
+                b.child(
+                    mlp.cost_as(&format!("{calls} × expert({rows} rows)"))?
+                        .repeated(calls)?,
+                )?;
+            }
+        }
+        // The experts that received no tokens still hold their parameters.
+        let idle = product("idle expert parameters", &[experts - hit, 3, hidden, m])?;
+        b.weights(bytes_of("idle expert weights", idle, sorted.dtype)?)?;
+        Ok(b.finish())
     }
 }
 
@@ -117,11 +157,7 @@ impl Layer for DeepseekV2MoE {
 
         // Experts that received tokens, one after another over contiguous slices:
         // together exactly N·k rows of a width-m MLP.
-        b.child(
-            DeepseekV2MLP::over(sorted.clone(), m, self.allow_tf32)
-                .instances(experts)
-                .cost_as("experts")?,
-        )?;
+        b.child(self.routed_experts(&sorted, routed_rows)?)?;
 
         // Combine: cat, unsort, weight in fp32, sum over k, back to the model dtype.
         let outs = b.copy(
@@ -136,11 +172,12 @@ impl Layer for DeepseekV2MoE {
             &[&outs],
             outs.clone(),
         )?;
+        let new_x = outs.clone();
         b.copy(
             "new_x[idxs] = outs",
             "aten::index_put_",
-            &[&flat_ids, &outs],
-            outs.clone(),
+            &[&new_x, &flat_ids, &outs],
+            new_x.clone(),
         )?;
         let viewed = t(&[tokens, k, hidden], dtype);
         let as_f32 = b.cast("type(topk_weight.dtype)", &viewed, Dtype::F32)?;

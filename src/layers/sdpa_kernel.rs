@@ -87,6 +87,19 @@ impl SdpaKernel {
         }
     }
 
+    /// True when the attention output the kernel hands back, `[B, H, S, d]`, already lies
+    /// in memory as `[B, S, H, d]`, so the vendor's `transpose(1, 2).contiguous()` returns
+    /// it without a copy: the fused kernels write that layout (measured on the CPU: the
+    /// `contiguous` hands back its input); the math path's `bmm` writes `[B, H, S, d]`, and
+    /// flash's padded output is sliced back to d, which no longer is contiguous.
+    pub fn writes_bshd(self, head_dim: u64) -> bool {
+        match self {
+            SdpaKernel::Math => false,
+            SdpaKernel::Flash => self.computed_head_dim(head_dim) == head_dim,
+            SdpaKernel::CpuFlash | SdpaKernel::Cudnn | SdpaKernel::Efficient => true,
+        }
+    }
+
     /// How reports name it: the op, or `math` for the math path.
     pub fn label(self) -> &'static str {
         self.op()

@@ -46,8 +46,8 @@ pub struct Exact {
 }
 
 /// The exact metrics a layer is checked on, in report order, each with its measured
-/// source. (Bytes moved and activations are analytic only: nothing measures them yet.)
-pub const EXACT: [Exact; 6] = [
+/// source. (Activations are analytic only: nothing measures them yet.)
+pub const EXACT: [Exact; 7] = [
     Exact {
         metric: Metric::MatmulFlops,
         measured: |run| run.counts.flops.matmul_flops,
@@ -63,6 +63,10 @@ pub const EXACT: [Exact; 6] = [
     Exact {
         metric: Metric::CudaCoreFlops,
         measured: |run| run.counts.flops.cuda_core_flops,
+    },
+    Exact {
+        metric: Metric::IoBytes,
+        measured: |run| run.counts.io_bytes,
     },
     Exact {
         metric: Metric::WeightBytes,
@@ -133,6 +137,7 @@ mod tests {
                 "elementwise_flops",
                 "tensor_core_flops",
                 "cuda_core_flops",
+                "io_bytes",
                 "weight_bytes",
                 "kv_cache_bytes"
             ]

@@ -80,7 +80,15 @@ fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
                 run.counts.tf32.matmul, plan.workload.allow_tf32
             ),
         ),
-        Ok(Ok(run)) => compare_layer(&name, &analytic, &run, plan),
+        Ok(Ok(run)) => match routed(pairing, plan, &run) {
+            Ok(None) => compare_layer(&name, &analytic, &run, plan),
+            Ok(Some((routed, hit))) => {
+                let mut result = compare_layer(&name, &routed, &run, plan);
+                note_routing(&mut result, hit, &analytic, &routed);
+                result
+            }
+            Err(e) => error_result(name, format!("analytic model: {e}")),
+        },
         Ok(Err(e)) if e.is_out_of_memory() => {
             error_result(name, format!("out of memory on {:?}: {e}", plan.device))
         }
@@ -93,6 +101,44 @@ fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
                 .unwrap_or_else(|| "unknown panic".into());
             error_result(name, format!("the reference module panicked: {message}"))
         }
+    }
+}
+
+/// The analytic cost under the routing the run measured (how many experts received
+/// tokens), for a layer with routed experts; `None` for the others.
+fn routed(
+    pairing: Pairing,
+    plan: &Plan,
+    run: &LayerRun,
+) -> modelmeter::Result<Option<(Cost, u64)>> {
+    let Some(tokens) = &run.tokens_per_expert else {
+        return Ok(None);
+    };
+    let hit = tokens.iter().filter(|n| **n > 0).count() as u64;
+    let workload = plan.workload.with_experts_hit(hit);
+    let cost = pairing
+        .analytic(&plan.config, &workload, plan.attention)?
+        .cost()?;
+    Ok(Some((cost, hit)))
+}
+
+/// Says on the `io_bytes` row that the analytic side used the measured routing, and
+/// what the default model (every routing slot a new expert) would have said.
+fn note_routing(result: &mut LayerResult, hit: u64, default: &Cost, routed: &Cost) {
+    let row = result
+        .metrics
+        .iter_mut()
+        .find(|r| r.metric == Check::Exact(modelmeter::Metric::IoBytes));
+    if let Some(row) = row.filter(|_| routed.metrics.io_bytes != default.metrics.io_bytes) {
+        let routing = format!(
+            "analytic with the measured routing, {hit} experts receiving tokens (each reads its own weights); the default model, min(E, N·k) experts, says {} bytes",
+            default.metrics.io_bytes
+        );
+        debug_assert_eq!(routed.metrics.matmul_flops, default.metrics.matmul_flops);
+        row.note = Some(match row.note.take() {
+            Some(n) => format!("{n}; {routing}"),
+            None => routing,
+        });
     }
 }
 
@@ -176,6 +222,19 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, plan: &Plan) -> La
             (exact.measured)(run),
             tolerance,
         ));
+    }
+    if c.ops_without_outputs > 0 {
+        // The measured bytes miss ops whose outputs the observer never saw.
+        if let Some(row) = metrics
+            .iter_mut()
+            .find(|r| r.metric == Check::Exact(modelmeter::Metric::IoBytes))
+        {
+            row.status = Status::Fail;
+            row.note = Some(format!(
+                "{} counted ops never reported their outputs, so the measured bytes are incomplete",
+                c.ops_without_outputs
+            ));
+        }
     }
     if let Some(row) = attention_kernel_row(analytic, run) {
         metrics.push(row);

@@ -5,11 +5,12 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const EXACT: [&str; 6] = [
+const EXACT: [&str; 7] = [
     "matmul_flops",
     "elementwise_flops",
     "tensor_core_flops",
     "cuda_core_flops",
+    "io_bytes",
     "weight_bytes",
     "kv_cache_bytes",
 ];

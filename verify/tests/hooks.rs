@@ -163,3 +163,27 @@ fn a_wrong_kv_cache_size_fails_its_row() {
     assert!(!report.summary().ok());
     assert_eq!(row(&j["layers"][0], "kv_cache_bytes")["status"], "fail");
 }
+
+#[test]
+fn bytes_moved_off_by_one_byte_fail_their_row() {
+    // The measured side costs the inputs and outputs the dispatcher saw; an analytic
+    // value off by one byte must fail, on a layer with routing (the MoE) and without.
+    for layer in ["DeepseekV2MLP", "DeepseekV2MoE"] {
+        let args = [
+            "--seq-len",
+            "8",
+            "--layers",
+            layer,
+            "--accept-rel-diff",
+            "0",
+        ];
+        let (clean, j) = run(&args, TestHooks::default());
+        assert!(clean.summary().ok(), "{j}");
+        let io = row(&j["layers"][0], "io_bytes");
+        assert_eq!(io["status"], "pass", "{io}");
+        assert!(io["measured"].as_u64().unwrap() > 0);
+        let (report, j) = run(&args, perturb(layer, "io_bytes", 1));
+        assert!(!report.summary().ok());
+        assert_eq!(row(&j["layers"][0], "io_bytes")["status"], "fail");
+    }
+}

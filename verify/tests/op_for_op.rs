@@ -1,7 +1,7 @@
 //! The join, op for op, on the CPU: for every pairing of the registry, the ops the
 //! reference module really dispatched and the op leaves of its analytic layer are the
-//! same multiset of (op, matmul FLOPs, elementwise FLOPs), and the weights agree to the
-//! byte. Also: the workload is the one source of the dtype and the TF32 setting.
+//! same multiset of (op, matmul FLOPs, elementwise FLOPs), they move the same bytes per
+//! op name, and the weights agree to the byte. Also: the workload is the one source of the dtype and the TF32 setting.
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, ModelConfig, Platform, Workload};
@@ -53,6 +53,11 @@ fn assert_same_ops(p: Pairing, config: &ModelConfig, w: &Workload, attention: At
     // The analytic model of what libtorch runs on the CPU (its CPU flash kernel).
     let w = &w.on(Platform::Cpu);
     let run = run(p, config, w, attention);
+    // Routing decides how many experts read their weights: cost the measured routing.
+    let w = &match &run.tokens_per_expert {
+        Some(tokens) => w.with_experts_hit(tokens.iter().filter(|n| **n > 0).count() as u64),
+        None => *w,
+    };
     let analytic = p.analytic(config, w, attention).unwrap().cost().unwrap();
     let experts = run.kind.has_experts(config);
     let expected = multiset(
@@ -85,6 +90,20 @@ fn assert_same_ops(p: Pairing, config: &ModelConfig, w: &Workload, attention: At
         experts,
     );
     assert_eq!(measured, expected, "{}", p.name(attention));
+    // Bytes moved, op by op (summed per op name).
+    let mut analytic_io: std::collections::BTreeMap<String, u64> = Default::default();
+    for o in analytic.ops() {
+        *analytic_io.entry(o.op.unwrap().to_string()).or_default() += o.metrics.io_bytes;
+    }
+    analytic_io.retain(|_, b| *b > 0);
+    let mut measured_io = run.counts.io_bytes_by_op.clone();
+    measured_io.retain(|_, b| *b > 0);
+    assert_eq!(
+        measured_io,
+        analytic_io,
+        "{} io bytes by op",
+        p.name(attention)
+    );
     assert_eq!(
         run.weight_bytes,
         analytic.metrics.weight_bytes,
