@@ -568,6 +568,21 @@ mod tests {
     }
 
     #[test]
+    fn a_second_recorder_on_a_thread_is_refused_with_a_message() {
+        // Real libtorch: the slot holds the region's recorder, so the shim refuses
+        // another one with a message instead of stacking it, and the region goes on.
+        let region = AllocationRegion::start().unwrap();
+        let err = AllocRecorder::start().err().expect("the slot is taken");
+        assert!(err.to_string().contains("slot is taken"), "{err}");
+        let t = tch::Tensor::zeros([4], (tch::Kind::Float, tch::Device::Cpu));
+        let a = region.finish().unwrap();
+        assert_eq!(a.device(tch::Device::Cpu).allocated_bytes, 16);
+        drop(t);
+        // Closed: a new recorder may be installed again.
+        AllocRecorder::start().unwrap().stop().unwrap();
+    }
+
+    #[test]
     fn devices_serialize_as_names() {
         let a = Allocations::from_events(vec![event(A, 1, 8)]);
         let json = serde_json::to_value(&a).unwrap();

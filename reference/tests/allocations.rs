@@ -135,21 +135,17 @@ fn a_temporary_shows_in_allocated_freed_and_peak() {
 }
 
 #[test]
-fn frees_of_pre_region_blocks() {
-    // A block allocated with no region open: libtorch's CPU reporter never learnt its
-    // size, so its free is not reported at all.
-    let before = Tensor::ones([10, 10], F32);
-    let (_, allocs) = measure(|| drop(before)).unwrap();
-    assert!(allocs.events.is_empty(), "{:?}", allocs.events);
-
-    // A block allocated in an earlier region and freed in a later one: a pre-region free
-    // with its size.
+fn frees_of_blocks_allocated_in_an_earlier_region_are_pre_region_frees() {
+    // c10's CPU reporter learnt this block's size when it was allocated under a recorder,
+    // so its free in a later region is reported, with its size. (Frees of blocks
+    // allocated with no recorder: tests/allocations_unseen_frees.rs.)
     let (kept, _) = measure(|| Tensor::ones([10, 10], F32)).unwrap();
     let (_, allocs) = measure(|| drop(kept)).unwrap();
     let d = cpu(&allocs);
     assert_eq!((d.pre_region_frees, d.pre_region_freed_bytes), (1, 400));
     assert_eq!((d.frees, d.freed_bytes, d.allocated_bytes), (0, 0, 0));
     assert_eq!(d.peak_net_bytes, 0, "the level only fell");
+    assert_eq!(allocs.events.len(), 1);
     assert_eq!(allocs.events[0].kind, EventKind::Free);
     assert_eq!(allocs.events[0].bytes, 400);
 }
@@ -256,4 +252,58 @@ fn backward_allocations_on_the_cpu_are_seen() {
         "w.grad (48 bytes) is live at the end: {d:?}"
     );
     assert!(allocated(&allocs).contains(&grad_bytes), "{allocs:?}");
+}
+
+#[test]
+fn intra_op_threads_hide_no_allocation_of_the_reference_layers() {
+    // at::parallel_for workers do not carry the recorder, so an allocation made inside a
+    // parallel region would be invisible. With one intra-op thread every parallel_for
+    // runs inline on the calling thread; if a multi-threaded run (tensors big enough to
+    // go parallel) reports the same allocations, the kernels of the reference layers
+    // allocate only on the calling thread.
+    use modelmeter::layers::AttentionImpl;
+    use modelmeter::{Dtype, ModelConfig, Workload};
+    use modelmeter_reference::harness::{ModuleKind, Prepared};
+    use modelmeter_reference::Setup;
+
+    let config = ModelConfig::deepseek_ocr();
+    let workload = Workload::prefill(1, 64)
+        .unwrap()
+        .with_dtype(Dtype::F32)
+        .unwrap();
+    let setup = Setup {
+        device: CPU,
+        seed: 7,
+    };
+    let _no_grad = tch::no_grad_guard();
+    let threads = tch::get_num_threads();
+    for kind in [ModuleKind::DecoderLayer(0), ModuleKind::DecoderLayer(1)] {
+        let run = |n: i32| {
+            tch::set_num_threads(n);
+            assert_eq!(tch::get_num_threads(), n);
+            let mut prepared =
+                Prepared::new(kind, &config, &workload, AttentionImpl::Sdpa, &setup).unwrap();
+            let _ = prepared.forward().unwrap(); // warm-up
+            let (out, allocs) = measure(|| prepared.forward().unwrap()).unwrap();
+            drop(out);
+            assert!(allocs.is_complete(), "{:?}", allocs.errors);
+            let mut sizes = allocated(&allocs);
+            sizes.sort_unstable();
+            (sizes, allocs.device(CPU))
+        };
+        let (one, one_totals) = run(1);
+        let (many, many_totals) = run(4);
+        let label = kind.label();
+        assert!(one_totals.allocations > 10, "{label}: {one_totals:?}");
+        assert_eq!(one_totals.allocations, many_totals.allocations, "{label}");
+        assert_eq!(one_totals.frees, many_totals.frees, "{label}");
+        assert_eq!(one_totals.live_at_end_bytes, many_totals.live_at_end_bytes);
+        // The one size that differs: the CPU flash-attention kernel's scratch buffer,
+        // one slice per intra-op thread, allocated by the calling thread.
+        let only_one: Vec<u64> = one.iter().copied().filter(|x| !many.contains(x)).collect();
+        let only_many: Vec<u64> = many.iter().copied().filter(|x| !one.contains(x)).collect();
+        assert_eq!(only_one.len(), 1, "{label}: {only_one:?} vs {only_many:?}");
+        assert_eq!(only_many, [4 * only_one[0]], "{label}");
+    }
+    tch::set_num_threads(threads);
 }
