@@ -307,3 +307,59 @@ fn intra_op_threads_hide_no_allocation_of_the_reference_layers() {
     }
     tch::set_num_threads(threads);
 }
+
+/// The CUDA device named by `MODELMETER_TEST_DEVICE=cuda:N`, if any.
+fn test_cuda_device() -> Option<Device> {
+    let name = std::env::var("MODELMETER_TEST_DEVICE").ok()?;
+    let index = name.strip_prefix("cuda:")?.parse().expect("cuda:N");
+    Some(Device::Cuda(index))
+}
+
+#[test]
+fn cuda_reports_the_caching_allocators_rounded_blocks() {
+    // Runs only with MODELMETER_TEST_DEVICE=cuda:N (CI has no GPU).
+    use modelmeter_reference::allocations::{cuda_round_size, MemoryDevice, CUDA_SMALL_SIZE};
+    let Some(device) = test_cuda_device() else {
+        eprintln!("skipped: set MODELMETER_TEST_DEVICE=cuda:N to run on a GPU");
+        return;
+    };
+    let opts = (Kind::Float, device);
+    let (a, b) = (Tensor::ones([64, 32], opts), Tensor::ones([32, 16], opts));
+    let _ = a.mm(&b); // warm-up: cuBLAS allocates its workspace on first use
+    let (c, allocs) = measure(|| a.mm(&b)).unwrap();
+    assert!(allocs.is_complete(), "{:?}", allocs.errors);
+    assert_eq!(allocated(&allocs), [cuda_round_size(4096, 0).unwrap()]);
+    let e = allocs.events[0];
+    assert_eq!(e.device, MemoryDevice::of(device));
+    assert_eq!(e.address, c.data_ptr() as u64);
+    assert!(e.total_reserved >= e.total_allocated && e.total_allocated >= 4096);
+    assert_eq!(allocs.device(CPU), DeviceAllocations::default());
+
+    let (x, y) = (Tensor::ones([10, 4], opts), Tensor::ones([10, 4], opts));
+    let (_c, allocs) = measure(|| Tensor::cat(&[&x, &y], 0)).unwrap();
+    assert_eq!(allocated(&allocs), [512], "320 bytes take a 512-byte block");
+
+    // Small pool: always exactly the rounded size; freed with the same size.
+    let (_, allocs) = measure(|| drop(Tensor::zeros([1000], (Kind::Uint8, device)))).unwrap();
+    let d = allocs.device(device);
+    assert_eq!(
+        (d.allocated_bytes, d.freed_bytes, d.peak_live_bytes),
+        (1024, 1024, 1024)
+    );
+
+    // Large pool: at least the rounded size, at most 1 MiB more (an unsplit remainder).
+    let n = CUDA_SMALL_SIZE + 1;
+    let (_t, allocs) = measure(|| Tensor::zeros([n as i64], (Kind::Uint8, device))).unwrap();
+    let block = allocated(&allocs)[0];
+    let rounded = cuda_round_size(n, 0).unwrap();
+    assert!(
+        (rounded..=rounded + CUDA_SMALL_SIZE).contains(&block),
+        "{block} for {n}"
+    );
+
+    // Frees of blocks allocated before the region are always reported on CUDA.
+    let before = Tensor::zeros([100], opts);
+    let (_, allocs) = measure(|| drop(before)).unwrap();
+    let d = allocs.device(device);
+    assert_eq!((d.pre_region_frees, d.pre_region_freed_bytes), (1, 512));
+}
