@@ -1,4 +1,4 @@
-//! Compiles the C++ op observer against the libtorch torch-sys found, and links this
+//! Compiles the C++ shims (the op observer and the allocation observer) against the libtorch torch-sys found, and links this
 //! crate's tests and examples to libtorch (CUDA included).
 
 fn main() {
@@ -10,6 +10,8 @@ fn main() {
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     println!("cargo:rerun-if-changed=csrc/op_observer.cpp");
     println!("cargo:rerun-if-changed=csrc/op_observer.h");
+    println!("cargo:rerun-if-changed=csrc/alloc_observer.cpp");
+    println!("cargo:rerun-if-changed=csrc/alloc_observer.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // libtorch's headers are system includes, so their warnings stay quiet while the
     // shim's own are on (and errors).
@@ -30,5 +32,6 @@ fn main() {
         // shim must see the same layout.
         .define("NDEBUG", None)
         .file("csrc/op_observer.cpp")
+        .file("csrc/alloc_observer.cpp")
         .compile("modelmeter_op_observer");
 }

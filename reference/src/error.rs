@@ -9,6 +9,9 @@ pub enum Error {
     /// The op observer could not be armed or read.
     #[error("op observer: {0}")]
     Observer(String),
+    /// The allocation observer could not be started, read or stopped.
+    #[error("allocation observer: {0}")]
+    Allocations(String),
     /// A config, workload or costing error from the analytic crate.
     #[error(transparent)]
     Model(#[from] modelmeter::Error),

@@ -1,8 +1,9 @@
 //! The FFI surface, and the only unsafe code of the crate: the C ABI of
-//! `csrc/op_observer.cpp` (declared in `csrc/op_observer.h`), wrapped in safe functions
-//! that turn every failure into an error.
+//! `csrc/op_observer.cpp` (declared in `csrc/op_observer.h`) and of
+//! `csrc/alloc_observer.cpp` (`csrc/alloc_observer.h`), wrapped in safe functions that
+//! turn every failure into an error.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 
 use crate::error::{Error, Result};
 
@@ -27,6 +28,26 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn mmeter_free(p: *mut c_char);
+
+    fn mmeter_alloc_start(recorder: *mut *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn mmeter_alloc_count(
+        recorder: *mut c_void,
+        count: *mut usize,
+        dropped: *mut u64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn mmeter_alloc_read(
+        recorder: *mut c_void,
+        from: usize,
+        out: *mut *mut RawAllocEvent,
+        out_len: *mut usize,
+        dropped: *mut u64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn mmeter_alloc_stop(recorder: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn mmeter_alloc_free_events(events: *mut RawAllocEvent);
 }
 
 const ERR_LEN: usize = 512;
@@ -167,5 +188,141 @@ pub fn cuda_memory(index: usize) -> Result<(u64, u64)> {
             "could not read the memory of cuda:{index}: {}",
             message(&err)
         ))),
+    }
+}
+
+/// One allocator report as the shim stores it (`mmeter_alloc_event` in
+/// `csrc/alloc_observer.h`; the layouts must agree field for field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawAllocEvent {
+    /// The block's address (0 for an out-of-memory report).
+    pub address: u64,
+    /// > 0 an allocation, < 0 a free; for an out-of-memory report the bytes requested.
+    pub bytes: i64,
+    /// The allocator's own running totals after the event.
+    pub total_allocated: u64,
+    pub total_reserved: u64,
+    /// `at::RecordFunction::currentThreadId()` of the reporting thread.
+    pub thread: u64,
+    /// `c10::DeviceType` (0 CPU, 1 CUDA) and device index (-1: none).
+    pub device_type: i16,
+    pub device_index: i16,
+    /// 0 usage report, 1 out-of-memory report.
+    pub kind: i32,
+}
+
+/// An allocation recorder installed in the calling thread's libtorch `PROFILER_STATE`
+/// slot. Holding a raw pointer, it is neither `Send` nor `Sync`: it is stopped on the
+/// thread that started it, as libtorch's thread-local slot requires. Dropping it stops it.
+pub(crate) struct AllocRecorder {
+    handle: *mut c_void,
+}
+
+impl AllocRecorder {
+    /// Installs a new recorder on the calling thread; an error when the slot is taken.
+    pub(crate) fn start() -> Result<AllocRecorder> {
+        let mut handle: *mut c_void = std::ptr::null_mut();
+        let mut err = [0 as c_char; ERR_LEN];
+        // SAFETY: both pointers point to live locals; the shim catches all exceptions.
+        match unsafe { mmeter_alloc_start(&mut handle, err.as_mut_ptr(), ERR_LEN) } {
+            0 if !handle.is_null() => Ok(AllocRecorder { handle }),
+            0 => Err(Error::Allocations("the shim returned no recorder".into())),
+            _ => Err(Error::Allocations(message(&err))),
+        }
+    }
+
+    /// Events recorded so far, and reports lost for want of memory.
+    pub(crate) fn count(&self) -> Result<(usize, u64)> {
+        let (mut count, mut dropped) = (0usize, 0u64);
+        let mut err = [0 as c_char; ERR_LEN];
+        // SAFETY: `handle` is a live recorder (stopped only by consuming `self`); all
+        // other pointers point to live locals.
+        let rc = unsafe {
+            mmeter_alloc_count(
+                self.handle,
+                &mut count,
+                &mut dropped,
+                err.as_mut_ptr(),
+                ERR_LEN,
+            )
+        };
+        match rc {
+            0 => Ok((count, dropped)),
+            _ => Err(Error::Allocations(message(&err))),
+        }
+    }
+
+    /// The events from index `from` on, and reports lost so far.
+    pub(crate) fn read(&self, from: usize) -> Result<(Vec<RawAllocEvent>, u64)> {
+        let mut out: *mut RawAllocEvent = std::ptr::null_mut();
+        let (mut len, mut dropped) = (0usize, 0u64);
+        let mut err = [0 as c_char; ERR_LEN];
+        // SAFETY: `handle` is a live recorder; all other pointers point to live locals.
+        let rc = unsafe {
+            mmeter_alloc_read(
+                self.handle,
+                from,
+                &mut out,
+                &mut len,
+                &mut dropped,
+                err.as_mut_ptr(),
+                ERR_LEN,
+            )
+        };
+        let events = if out.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: the shim returned `len` initialised events at `out` (malloc'd), which
+            // are copied here and freed once.
+            let events = unsafe { std::slice::from_raw_parts(out, len) }.to_vec();
+            // SAFETY: `out` came from the shim's malloc and is not used again.
+            unsafe { mmeter_alloc_free_events(out) };
+            events
+        };
+        match rc {
+            0 => Ok((events, dropped)),
+            _ => Err(Error::Allocations(message(&err))),
+        }
+    }
+
+    /// Stops recording and uninstalls the recorder.
+    pub(crate) fn stop(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let handle = std::mem::replace(&mut self.handle, std::ptr::null_mut());
+        if handle.is_null() {
+            return Ok(());
+        }
+        let mut err = [0 as c_char; ERR_LEN];
+        // SAFETY: `handle` is a live recorder, released exactly once here (the shim frees
+        // it whatever the outcome); `err` is a writable buffer of ERR_LEN bytes.
+        match unsafe { mmeter_alloc_stop(handle, err.as_mut_ptr(), ERR_LEN) } {
+            0 => Ok(()),
+            _ => Err(Error::Allocations(message(&err))),
+        }
+    }
+}
+
+impl Drop for AllocRecorder {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_event_layout_matches_the_c_struct() {
+        // mmeter_alloc_event: 5 × 8 bytes, 2 × 2 bytes, 4 bytes, no padding.
+        assert_eq!(std::mem::size_of::<RawAllocEvent>(), 48);
+        assert_eq!(std::mem::align_of::<RawAllocEvent>(), 8);
+        assert_eq!(std::mem::offset_of!(RawAllocEvent, thread), 32);
+        assert_eq!(std::mem::offset_of!(RawAllocEvent, device_type), 40);
+        assert_eq!(std::mem::offset_of!(RawAllocEvent, kind), 44);
     }
 }

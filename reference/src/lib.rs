@@ -11,6 +11,7 @@
 //! [`harness`] builds and runs them for a config and workload; [`parity`] checks them
 //! against Hugging Face transformers.
 
+pub mod allocations;
 pub mod attention;
 pub mod counter;
 pub mod decoder_layer;
@@ -25,6 +26,7 @@ pub mod parity;
 pub mod rms_norm;
 pub mod weights;
 
+pub use allocations::{AllocationRegion, Allocations};
 pub use counter::{Counts, FlopCounter, OpRecord, OpSummary, Region};
 pub use error::{Error, Result};
 pub use harness::{run_layer, LayerRun, ModuleKind};
