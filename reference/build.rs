@@ -12,6 +12,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/op_observer.h");
     println!("cargo:rerun-if-changed=csrc/alloc_observer.cpp");
     println!("cargo:rerun-if-changed=csrc/alloc_observer.h");
+    println!("cargo:rerun-if-changed=csrc/sequence.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // libtorch's headers are system includes, so their warnings stay quiet while the
     // shim's own are on (and errors).

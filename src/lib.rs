@@ -20,6 +20,7 @@
 //! one table, [`conventions`], which the measured side (crate `modelmeter-reference`)
 //! uses too.
 
+pub mod allocator;
 pub mod checked;
 #[cfg(feature = "cli")]
 pub mod cli;

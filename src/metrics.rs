@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::allocator::cuda_round_size;
 use crate::checked::sum;
 use crate::conventions::{convention, is_in_place, Arg, OpCost, Rule, TensorMeta, Tf32};
 use crate::error::{Error, Result};
@@ -159,6 +160,10 @@ pub struct Cost {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub op: Option<&'static str>,
     pub metrics: Metrics,
+    /// `activation_bytes` as the CUDA caching allocator reserves it: each allocated
+    /// tensor rounded up to its block ([`crate::allocator::cuda_round_size`]).
+    #[serde(skip)]
+    pub cuda_activation_bytes: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<Cost>,
 }
@@ -194,6 +199,10 @@ impl Cost {
             })?;
             metric.set(&mut self.metrics, value);
         }
+        self.cuda_activation_bytes =
+            self.cuda_activation_bytes.checked_mul(n).ok_or_else(|| {
+                Error::overflow(format!("CUDA blocks of {} calls of {}", n, self.name))
+            })?;
         self.children = self
             .children
             .into_iter()
@@ -218,6 +227,7 @@ impl CostBuilder {
                 name: name.into(),
                 op: None,
                 metrics: Metrics::default(),
+                cuda_activation_bytes: 0,
                 children: Vec::new(),
             },
             allow_tf32,
@@ -245,15 +255,19 @@ impl CostBuilder {
         let io_bytes = conv.io_bytes(inputs, outputs)?;
         // What the op allocates: its outputs, unless it is a view or composite (nothing
         // of its own) or works in place (it returns its argument).
-        let activation_bytes =
+        let (activation_bytes, cuda_activation_bytes) =
             if matches!(conv.rule, Rule::View | Rule::Composite) || is_in_place(op) {
-                0
+                (0, 0)
             } else {
-                let mut written = 0;
+                let (mut written, mut blocks) = (0, 0);
                 for t in outputs {
-                    written = sum("activation_bytes", &[written, t.bytes()?])?;
+                    let bytes = t.bytes()?;
+                    let block = cuda_round_size(bytes, 0)
+                        .ok_or_else(|| Error::overflow(format!("the CUDA block of {op}")))?;
+                    written = sum("activation_bytes", &[written, bytes])?;
+                    blocks = sum("CUDA activation blocks", &[blocks, block])?;
                 }
-                written
+                (written, blocks)
             };
         self.push(Cost {
             name: role.to_string(),
@@ -267,6 +281,7 @@ impl CostBuilder {
                 activation_bytes,
                 ..Metrics::default()
             },
+            cuda_activation_bytes,
             children: Vec::new(),
         })
     }
@@ -280,6 +295,7 @@ impl CostBuilder {
             name: role.to_string(),
             op: Some(op),
             metrics: Metrics::default(),
+            cuda_activation_bytes: 0,
             children: Vec::new(),
         })
     }
@@ -305,6 +321,10 @@ impl CostBuilder {
 
     fn push(&mut self, child: Cost) -> Result<()> {
         self.node.metrics = self.node.metrics.checked_add(&child.metrics)?;
+        self.node.cuda_activation_bytes = sum(
+            "CUDA activation blocks",
+            &[self.node.cuda_activation_bytes, child.cuda_activation_bytes],
+        )?;
         self.node.children.push(child);
         Ok(())
     }

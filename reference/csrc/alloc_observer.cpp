@@ -25,6 +25,7 @@
 // could not store (`dropped`), and the extern "C" functions return messages.
 
 #include "alloc_observer.h"
+#include "sequence.h"
 
 #include <ATen/record_function.h>
 #include <c10/core/Allocator.h>
@@ -40,9 +41,9 @@
 #include <vector>
 
 // src/ffi.rs mirrors the record as RawAllocEvent and checks the same layout.
-static_assert(sizeof(mmeter_alloc_event) == 48, "mmeter_alloc_event must stay 48 bytes");
-static_assert(offsetof(mmeter_alloc_event, device_type) == 40, "layout shared with Rust");
-static_assert(offsetof(mmeter_alloc_event, kind) == 44, "layout shared with Rust");
+static_assert(sizeof(mmeter_alloc_event) == 56, "mmeter_alloc_event must stay 56 bytes");
+static_assert(offsetof(mmeter_alloc_event, device_type) == 48, "layout shared with Rust");
+static_assert(offsetof(mmeter_alloc_event, kind) == 52, "layout shared with Rust");
 
 namespace {
 
@@ -110,6 +111,7 @@ class AllocationRecorder final : public ProfilerStateBase {
     e.total_allocated = total_allocated;
     e.total_reserved = total_reserved;
     e.thread = at::RecordFunction::currentThreadId();
+    e.sequence = mmeter_sequence_next();
     e.device_type = static_cast<int16_t>(device.type());
     e.device_index = static_cast<int16_t>(device.index());
     e.kind = kind;

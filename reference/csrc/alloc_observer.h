@@ -26,6 +26,8 @@ typedef struct mmeter_alloc_event {
   uint64_t total_reserved;
   // at::RecordFunction::currentThreadId() of the reporting thread.
   uint64_t thread;
+  // The shared clock (sequence.h) when the report arrived.
+  uint64_t sequence;
   // c10::DeviceType (0 CPU, 1 CUDA, …) and the device index (-1: none).
   int16_t device_type;
   int16_t device_index;

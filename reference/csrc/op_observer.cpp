@@ -15,14 +15,17 @@
 // where an arg is N (None or undefined tensor), T<dtype>@<device>[d0,d1,...],
 // i<int>, f<double>, b0|b1, s<hex bytes>, I[<int>,...], B[<0|1>,...], L[<arg>;...]
 // or ?<kind>. When a logged op ends, one more line gives its outputs:
-//   O\t<n>\t<arg>;<arg>;...\n
-// where <n> is the 0-based index of the op's start line in this region's log, and an
-// output tensor that shares storage with one of the op's tensor inputs (in-place ops,
-// ops that return their input unchanged) is written =T... instead of T....
+//   O\t<n>\t<clock>\t<arg>;<arg>;...\n
+// where <n> is the 0-based index of the op's start line in this region's log, <clock>
+// the shared sequence (sequence.h) at the op's end, an output tensor that shares storage
+// with one of the op's tensor inputs (in-place ops, ops that return their input
+// unchanged) is written =T... instead of T..., and every output tensor with storage is
+// followed by #<hex address of its storage's block>.
 // A callback failure writes X\t<message>\n instead: counts are never lost
 // silently, and no C++ exception ever reaches Rust.
 
 #include "op_observer.h"
+#include "sequence.h"
 
 #include <ATen/Context.h>
 #include <ATen/Version.h>
@@ -247,14 +250,28 @@ bool aliases_input(const FrameContext& frame, const at::Tensor& t) {
 }
 
 void encode_output(std::string& out, const FrameContext& frame, const c10::IValue& v) {
-  if (v.isTensor() && aliases_input(frame, v.toTensor())) out += '=';
+  if (!v.isTensor()) {
+    encode(out, v);
+    return;
+  }
+  const at::Tensor& t = v.toTensor();
+  if (aliases_input(frame, t)) out += '=';
   encode(out, v);
+  if (t.defined() && t.has_storage()) {
+    char buf[24];
+    std::snprintf(buf, sizeof(buf), "#%llx",
+                  static_cast<unsigned long long>(
+                      reinterpret_cast<uintptr_t>(t.storage().data())));
+    out += buf;
+  }
 }
 
 // Writes the outputs of a logged op (the O line).
 void log_outputs(const at::RecordFunction& fn, const FrameContext& frame) {
   std::string line = "O\t";
   line += std::to_string(frame.line);
+  line += '\t';
+  line += std::to_string(mmeter_sequence_next());
   line += '\t';
   auto outputs = fn.outputs();
   for (size_t i = 0; i < outputs.size(); ++i) {
@@ -304,6 +321,11 @@ char* copy_out(const std::string& s, size_t* len) {
 }  // namespace
 
 extern "C" {
+
+uint64_t mmeter_sequence_next(void) {
+  static std::atomic<uint64_t> clock{0};
+  return clock.fetch_add(1) + 1;
+}
 
 // Arms the callback for ops of the calling thread (and its backward). 0 on success.
 int mmeter_observer_start(char* err, size_t err_len) {

@@ -48,62 +48,7 @@ use serde::{Serialize, Serializer};
 use crate::error::{Error, Result};
 use crate::ffi::{AllocRecorder, RawAllocEvent};
 
-/// The CUDA caching allocator's smallest block and its rounding granularity
-/// (`kMinBlockSize` in `c10/core/AllocatorConfig.h`, torch 2.11).
-pub const CUDA_MIN_BLOCK_SIZE: u64 = 512;
-
-/// Largest request the CUDA caching allocator serves from its small pool
-/// (`kSmallSize`, 1 MiB): up to this size a block is always exactly [`cuda_round_size`].
-pub const CUDA_SMALL_SIZE: u64 = 1 << 20;
-
-/// The bytes the CUDA caching allocator of torch 2.11 reserves, and reports, for a
-/// request of `nbytes`: `round_size` in `c10/cuda/CUDACachingAllocator.cpp`. This is the
-/// one place the rule is written down; the analytic side applies it to each tensor.
-///
-/// - 0 bytes: no block at all (the allocator returns a null pointer and reports nothing);
-/// - below 512 bytes: 512;
-/// - otherwise the next multiple of 512, unless power-of-two rounding is configured: with
-///   `roundup_power2_divisions` = d > 1 for this size's interval
-///   (`PYTORCH_CUDA_ALLOC_CONF=roundup_power2_divisions:…`; off by default, pass 0 or 1)
-///   and `nbytes > 512·d`, the interval `[2^k, 2^(k+1))` holding `nbytes` is cut into d
-///   equal steps and `nbytes` rounds up to the next step (a power of two stays as it is).
-///
-/// The reported block is exactly this size for requests up to 1 MiB
-/// ([`CUDA_SMALL_SIZE`]; the small pool always splits off the rest). A larger request may
-/// get a bigger block: the allocator does not split a cached or fresh block whose
-/// remainder would be 1 MiB or less (without `expandable_segments`), so the block
-/// reported is at most 1 MiB above this size and depends on the cache's state.
-///
-/// `None` when the rounded size does not fit in 64 bits.
-pub fn cuda_round_size(nbytes: u64, roundup_power2_divisions: u64) -> Option<u64> {
-    let d = roundup_power2_divisions;
-    if nbytes == 0 {
-        return Some(0);
-    }
-    if nbytes < CUDA_MIN_BLOCK_SIZE {
-        return Some(CUDA_MIN_BLOCK_SIZE);
-    }
-    if d > 1 && nbytes > CUDA_MIN_BLOCK_SIZE.checked_mul(d)? {
-        // roundup_power2_next_division
-        if nbytes.is_power_of_two() {
-            return Some(nbytes);
-        }
-        let floor = 1u64 << (63 - nbytes.leading_zeros());
-        let step = floor >> (63 - d.leading_zeros());
-        if step == 0 {
-            return floor.checked_mul(2);
-        }
-        let rounded_down = nbytes & !(step - 1);
-        return if rounded_down == nbytes {
-            Some(nbytes)
-        } else {
-            rounded_down.checked_add(step)
-        };
-    }
-    nbytes
-        .div_ceil(CUDA_MIN_BLOCK_SIZE)
-        .checked_mul(CUDA_MIN_BLOCK_SIZE)
-}
+pub use modelmeter::allocator::{cuda_round_size, CUDA_MIN_BLOCK_SIZE, CUDA_SMALL_SIZE};
 
 /// The device of an allocation, as libtorch's allocator named it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -184,6 +129,9 @@ pub struct AllocationEvent {
     pub device: MemoryDevice,
     /// `at::RecordFunction::currentThreadId()` of the thread that allocated or freed.
     pub thread: u64,
+    /// The clock shared with the op observer when the report arrived: orders allocations
+    /// against op ends (`OpOutput::sequence`).
+    pub sequence: u64,
     /// The allocator's own running total of allocated bytes after the event. On CUDA:
     /// all live blocks of the device. On the CPU: only blocks allocated while some
     /// recorder asked for profiling (c10's profiled CPU reporter), so not the process's
@@ -206,6 +154,7 @@ impl AllocationEvent {
             bytes: raw.bytes.unsigned_abs(),
             device: MemoryDevice::from_raw(raw.device_type, raw.device_index),
             thread: raw.thread,
+            sequence: raw.sequence,
             total_allocated: raw.total_allocated,
             total_reserved: raw.total_reserved,
         }
@@ -329,6 +278,44 @@ impl Allocations {
             .get(&MemoryDevice::of(device))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// Bytes (and count) of the allocations on `device` that made op outputs: for each
+    /// output block, the latest allocation of that address before its op ended. What is
+    /// left of `allocated_bytes` is transient: scratch inside kernels, wrapped scalars.
+    pub fn output_bytes(
+        &self,
+        device: tch::Device,
+        outputs: &[crate::counter::OutputBlock],
+    ) -> (u64, u64) {
+        let device = MemoryDevice::of(device);
+        let mut latest: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+        for e in &self.events {
+            if e.kind == EventKind::Allocation && e.device == device {
+                latest
+                    .entry(e.address)
+                    .or_default()
+                    .push((e.sequence, e.bytes));
+            }
+        }
+        let mut used = std::collections::BTreeSet::new();
+        let (mut bytes, mut count) = (0u64, 0u64);
+        for o in outputs {
+            let Some(allocs) = latest.get(&o.address) else {
+                continue;
+            };
+            let made = allocs
+                .iter()
+                .filter(|(seq, _)| *seq < o.ended_at)
+                .max_by_key(|(seq, _)| *seq);
+            if let Some(&(seq, size)) = made {
+                if used.insert(seq) {
+                    bytes = bytes.saturating_add(size);
+                    count += 1;
+                }
+            }
+        }
+        (bytes, count)
     }
 
     /// True when no report was lost and the reports were consistent.
@@ -468,48 +455,12 @@ mod tests {
             bytes,
             device: MemoryDevice::Cpu,
             thread: 1,
+            sequence: 0,
             total_allocated: 0,
             total_reserved: 0,
         }
     }
     use EventKind::{Allocation as A, Free as F};
-
-    #[test]
-    fn cuda_rounding_by_hand() {
-        assert_eq!(cuda_round_size(0, 0), Some(0));
-        assert_eq!(cuda_round_size(1, 0), Some(512));
-        assert_eq!(cuda_round_size(511, 0), Some(512));
-        assert_eq!(cuda_round_size(512, 0), Some(512));
-        assert_eq!(cuda_round_size(513, 0), Some(1024));
-        // [64, 16] fp32 = 4096 bytes is a multiple of 512; [10, 4] fp32 = 160 → 512.
-        assert_eq!(cuda_round_size(4096, 0), Some(4096));
-        assert_eq!(cuda_round_size(160, 0), Some(512));
-        // 1 MiB + 1 → 1 MiB + 512 (still 512 granularity in the large pool).
-        assert_eq!(cuda_round_size(1_048_577, 1), Some(1_049_088));
-        assert_eq!(cuda_round_size(u64::MAX, 0), None);
-    }
-
-    #[test]
-    fn cuda_power2_divisions_by_hand() {
-        // Only above 512·d: with d = 4 up to 2048 bytes the 512 rule holds.
-        assert_eq!(cuda_round_size(1200, 4), Some(1536));
-        assert_eq!(cuda_round_size(2000, 4), Some(2048));
-        // 4500 with d = 4: [4096, 8192) in steps of 1024 → 5120 (the 512 rule: 4608).
-        assert_eq!(cuda_round_size(4500, 4), Some(5120));
-        assert_eq!(cuda_round_size(1200, 2), Some(1536));
-        // 5 MiB + 1 with 8 divisions: interval [4 MiB, 8 MiB) in 512 KiB steps → 5.5 MiB.
-        assert_eq!(
-            cuda_round_size(5 * 1048576 + 1, 8),
-            Some(5 * 1048576 + 524288)
-        );
-        // Powers of two and step boundaries stay as they are.
-        assert_eq!(cuda_round_size(4 * 1048576, 8), Some(4 * 1048576));
-        assert_eq!(cuda_round_size(5 * 1048576, 8), Some(5 * 1048576));
-        // Divisions that are not powers of two act as the power of two below them.
-        assert_eq!(cuda_round_size(5 * 1048576 + 1, 6), Some(6 * 1048576));
-        // 0 and 1 division: the 512 rule.
-        assert_eq!(cuda_round_size(5 * 1048576 + 1, 1), Some(5 * 1048576 + 512));
-    }
 
     #[test]
     fn bookkeeping_counts_region_blocks_and_pre_region_frees() {

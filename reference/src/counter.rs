@@ -155,6 +155,18 @@ pub struct Counts {
     /// Counted ops whose outputs were never seen (they did not end inside the region):
     /// `io_bytes` misses their bytes, so it is complete only when this is 0.
     pub ops_without_outputs: usize,
+    /// The blocks that hold the outputs of the counted ops (not those handed back or
+    /// written in place), with the shared clock at each op's end: which allocations made
+    /// op outputs ([`crate::allocations::Allocations::output_bytes`]).
+    pub output_blocks: Vec<OutputBlock>,
+}
+
+/// The block holding a counted op's output, and when the op ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct OutputBlock {
+    pub address: u64,
+    /// The clock shared with the allocation observer at the op's end.
+    pub ended_at: u64,
 }
 
 /// The per-thread open frames while walking the log: (depth, covered by a rule).
@@ -230,6 +242,15 @@ impl Counts {
         let handed_back = !is_in_place(&event.name)
             && !tensors.is_empty()
             && tensors.iter().all(|(_, alias)| *alias);
+        if !handed_back && !is_in_place(&event.name) {
+            if let Some(ended_at) = event.ended_at {
+                for output in event.outputs.iter().flatten() {
+                    if let (Some(address), false) = (output.address, output.aliases_input) {
+                        self.output_blocks.push(OutputBlock { address, ended_at });
+                    }
+                }
+            }
+        }
         let bytes = if handed_back {
             Ok(0)
         } else {
@@ -380,11 +401,11 @@ mod tests {
     fn bytes_come_from_outputs_and_handed_back_inputs_move_nothing() {
         let c = counts(
             "1\t0\tF\taten::mul\tTFloat@cpu[4];TFloat@cpu[4]\n\
-             O\t0\tTFloat@cpu[4]\n\
+             O\t0\t1\tTFloat@cpu[4]\n\
              1\t0\tF\taten::to\tTFloat@cpu[4];i6\n\
-             O\t1\t=TFloat@cpu[4]\n\
+             O\t1\t2\t=TFloat@cpu[4]\n\
              1\t0\tF\taten::mul_\tTFloat@cpu[4];TFloat@cpu[4]\n\
-             O\t2\t=TFloat@cpu[4]\n\
+             O\t2\t3\t=TFloat@cpu[4]\n\
              1\t0\tF\taten::add\tTFloat@cpu[4];TFloat@cpu[4]\n",
         );
         // mul: 2 read + 1 written; to: handed back; mul_: in place, 2 read + 1 written.

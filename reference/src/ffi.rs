@@ -205,6 +205,8 @@ pub(crate) struct RawAllocEvent {
     pub total_reserved: u64,
     /// `at::RecordFunction::currentThreadId()` of the reporting thread.
     pub thread: u64,
+    /// The clock shared with the op observer (sequence.h).
+    pub sequence: u64,
     /// `c10::DeviceType` (0 CPU, 1 CUDA) and device index (-1: none).
     pub device_type: i16,
     pub device_index: i16,
@@ -318,11 +320,12 @@ mod tests {
 
     #[test]
     fn raw_event_layout_matches_the_c_struct() {
-        // mmeter_alloc_event: 5 × 8 bytes, 2 × 2 bytes, 4 bytes, no padding.
-        assert_eq!(std::mem::size_of::<RawAllocEvent>(), 48);
+        // mmeter_alloc_event: 6 × 8 bytes, 2 × 2 bytes, 4 bytes, no padding.
+        assert_eq!(std::mem::size_of::<RawAllocEvent>(), 56);
         assert_eq!(std::mem::align_of::<RawAllocEvent>(), 8);
         assert_eq!(std::mem::offset_of!(RawAllocEvent, thread), 32);
-        assert_eq!(std::mem::offset_of!(RawAllocEvent, device_type), 40);
-        assert_eq!(std::mem::offset_of!(RawAllocEvent, kind), 44);
+        assert_eq!(std::mem::offset_of!(RawAllocEvent, sequence), 40);
+        assert_eq!(std::mem::offset_of!(RawAllocEvent, device_type), 48);
+        assert_eq!(std::mem::offset_of!(RawAllocEvent, kind), 52);
     }
 }

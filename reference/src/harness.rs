@@ -6,6 +6,7 @@ use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, MlpKind, ModelConfig, Phase, Workload};
 use tch::{Kind, Tensor};
 
+use crate::allocations::{self, DeviceAllocations};
 use crate::attention::{KvCache, RefLlamaAttention};
 use crate::counter::{Counts, FlopCounter};
 use crate::decoder_layer::RefDeepseekV2DecoderLayer;
@@ -232,6 +233,15 @@ pub struct LayerRun {
     pub kv_cache_bytes: u64,
     /// MoE only: tokens each routed expert received.
     pub tokens_per_expert: Option<Vec<i64>>,
+    /// What libtorch's allocator reported on the module's device during the counted
+    /// forward (allocations, frees, peak).
+    pub allocations: DeviceAllocations,
+    /// The part of `allocations.allocated_bytes` that holds the counted ops' outputs;
+    /// the rest is transient inside ops (kernel scratch, wrapped scalars).
+    pub output_allocated_bytes: u64,
+    /// Lost or inconsistent allocator reports; the allocation figures are complete only
+    /// when this is empty.
+    pub allocation_errors: Vec<String>,
 }
 
 /// Runs `f` under the FLOP counter without autograd; the region is always closed.
@@ -320,12 +330,17 @@ impl Prepared {
         let weight_bytes = self.module.weight_bytes();
         let device = self.inputs.hidden.device();
         ffi::synchronize(device)?;
-        let measured = measure(|| self.module.forward(&self.inputs, &mut self.cache));
+        let measured = measure(|| {
+            let (out, allocations) =
+                allocations::measure(|| self.module.forward(&self.inputs, &mut self.cache))?;
+            Ok((out?, allocations))
+        });
         let synced = ffi::synchronize(device);
-        let ((output, tokens_per_expert), counts) = match (measured, synced) {
+        let (((output, tokens_per_expert), allocations), counts) = match (measured, synced) {
             (Ok(m), Ok(())) => m,
             (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
         };
+        let output_allocated_bytes = allocations.output_bytes(device, &counts.output_blocks).0;
         Ok(LayerRun {
             kind: self.kind,
             name: self.name,
@@ -334,6 +349,9 @@ impl Prepared {
             weight_bytes,
             kv_cache_bytes: self.cache.bytes(),
             tokens_per_expert,
+            output_allocated_bytes,
+            allocations: allocations.device(device),
+            allocation_errors: allocations.errors,
         })
     }
 }

@@ -20,6 +20,8 @@ pub struct OpEvent {
     /// What the op returned, from its end line; `None` when the op never ended inside
     /// the region (or the line was lost to an error).
     pub outputs: Option<Vec<OpOutput>>,
+    /// The clock shared with the allocation observer when the op ended.
+    pub ended_at: Option<u64>,
 }
 
 /// One value an op returned.
@@ -29,6 +31,8 @@ pub struct OpOutput {
     /// The output is a tensor sharing storage with one of the op's tensor inputs: an
     /// in-place op's `self`, or an input handed back unchanged (`x.to(x.dtype)`).
     pub aliases_input: bool,
+    /// The address of the block that holds the output tensor's storage.
+    pub address: Option<u64>,
 }
 
 impl OpEvent {
@@ -71,11 +75,14 @@ pub fn parse(log: &str) -> OpLog {
             let parsed = parse_outputs(rest);
             let event = parsed
                 .as_ref()
-                .and_then(|(n, _)| started.get(*n).copied().flatten());
+                .and_then(|(n, _, _)| started.get(*n).copied().flatten());
             match (parsed, event) {
-                (Some((_, outputs)), Some(i)) => out.events[i].outputs = Some(outputs),
+                (Some((_, clock, outputs)), Some(i)) => {
+                    out.events[i].outputs = Some(outputs);
+                    out.events[i].ended_at = Some(clock);
+                }
                 // The start line failed to parse: already reported.
-                (Some((n, _)), None) if n < started.len() => {}
+                (Some((n, _, _)), None) if n < started.len() => {}
                 _ => out.errors.push(format!("unparsable observer line: {line}")),
             }
             continue;
@@ -94,9 +101,10 @@ pub fn parse(log: &str) -> OpLog {
     out
 }
 
-/// `<n>\t<output>;<output>…` of an O line.
-fn parse_outputs(rest: &str) -> Option<(usize, Vec<OpOutput>)> {
-    let (n, text) = rest.split_once('\t')?;
+/// `<n>\t<clock>\t<output>;<output>…` of an O line.
+fn parse_outputs(rest: &str) -> Option<(usize, u64, Vec<OpOutput>)> {
+    let (n, rest) = rest.split_once('\t')?;
+    let (clock, text) = rest.split_once('\t')?;
     let mut parser = Parser {
         text: text.as_bytes(),
         pos: 0,
@@ -106,16 +114,23 @@ fn parse_outputs(rest: &str) -> Option<(usize, Vec<OpOutput>)> {
     if !parser.text.is_empty() {
         loop {
             let aliases_input = parser.eat(b'=');
+            let value = parser.arg()?;
+            let address = if parser.eat(b'#') {
+                Some(u64::from_str_radix(parser.until(b";"), 16).ok()?)
+            } else {
+                None
+            };
             outputs.push(OpOutput {
-                value: parser.arg()?,
+                value,
                 aliases_input,
+                address,
             });
             if !parser.eat(b';') {
                 break;
             }
         }
     }
-    (parser.pos == parser.text.len()).then_some((n.parse().ok()?, outputs))
+    (parser.pos == parser.text.len()).then_some((n.parse().ok()?, clock.parse().ok()?, outputs))
 }
 
 fn parse_line(line: &str) -> Option<OpEvent> {
@@ -150,6 +165,7 @@ fn parse_line(line: &str) -> Option<OpEvent> {
         args,
         device: parser.device,
         outputs: None,
+        ended_at: None,
     })
 }
 
@@ -300,10 +316,10 @@ mod tests {
         let log = "1\t0\tF\taten::mul_\tTFloat@cpu[4];TFloat@cpu[4]\n\
                    1\t0\tF\taten::bad\tT?\n\
                    1\t0\tF\taten::topk\tTFloat@cpu[8];i2\n\
-                   O\t2\tTFloat@cpu[2];TLong@cpu[2]\n\
-                   O\t1\tTFloat@cpu[1]\n\
-                   O\t0\t=TFloat@cpu[4]\n\
-                   O\t9\tTFloat@cpu[1]\n";
+                   O\t2\t7\tTFloat@cpu[2]#1f0;TLong@cpu[2]#2a0\n\
+                   O\t1\t8\tTFloat@cpu[1]\n\
+                   O\t0\t9\t=TFloat@cpu[4]#100\n\
+                   O\t9\t10\tTFloat@cpu[1]\n";
         let out = parse(log);
         assert_eq!(out.events.len(), 2);
         // The bad start line and the O line naming a line that never started are errors;
@@ -314,7 +330,10 @@ mod tests {
             mul.output_tensors(),
             vec![(&TensorMeta::new(&[4], Dtype::F32), true)]
         );
+        assert_eq!(mul.ended_at, Some(9));
+        assert_eq!(mul.outputs.as_ref().unwrap()[0].address, Some(0x100));
         let topk = &out.events[1];
+        assert_eq!(topk.outputs.as_ref().unwrap()[1].address, Some(0x2a0));
         assert_eq!(
             topk.output_tensors(),
             vec![

@@ -158,7 +158,11 @@ fn same_seed_same_outputs_other_seed_same_counts() {
         let b = run(kind, &w, AttentionImpl::Sdpa, 5);
         let c = run(kind, &w, AttentionImpl::Sdpa, 6);
         assert!(a.output.equal(&b.output), "{} same seed", a.name);
-        assert_eq!(a.counts, b.counts, "{} same seed", a.name);
+        // Everything but where the allocator put the outputs (which differs run to run).
+        let (mut ca, mut cb) = (a.counts.clone(), b.counts.clone());
+        assert_eq!(ca.output_blocks.len(), cb.output_blocks.len());
+        (ca.output_blocks, cb.output_blocks) = (Vec::new(), Vec::new());
+        assert_eq!(ca, cb, "{} same seed", a.name);
         assert!(
             !a.output.equal(&c.output),
             "{} other seed, other values",

@@ -46,8 +46,8 @@ pub struct Exact {
 }
 
 /// The exact metrics a layer is checked on, in report order, each with its measured
-/// source. (Activations are analytic only: nothing measures them yet.)
-pub const EXACT: [Exact; 7] = [
+/// source.
+pub const EXACT: [Exact; 8] = [
     Exact {
         metric: Metric::MatmulFlops,
         measured: |run| run.counts.flops.matmul_flops,
@@ -71,6 +71,10 @@ pub const EXACT: [Exact; 7] = [
     Exact {
         metric: Metric::WeightBytes,
         measured: |run| run.weight_bytes,
+    },
+    Exact {
+        metric: Metric::ActivationBytes,
+        measured: |run| run.output_allocated_bytes,
     },
     Exact {
         metric: Metric::KvCacheBytes,
@@ -139,6 +143,7 @@ mod tests {
                 "cuda_core_flops",
                 "io_bytes",
                 "weight_bytes",
+                "activation_bytes",
                 "kv_cache_bytes"
             ]
         );

@@ -104,6 +104,40 @@ fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
     }
 }
 
+/// Says on the `activation_bytes` row what else the allocator saw: allocations that held
+/// no op output (scratch inside kernels, wrapped scalars: not modelled), and the peak.
+fn note_transients(rows: &mut [MetricRow], run: &LayerRun, cuda: bool) {
+    let a = &run.allocations;
+    let transient = a.allocated_bytes.saturating_sub(run.output_allocated_bytes);
+    let row = rows
+        .iter_mut()
+        .find(|r| r.metric == Check::Exact(modelmeter::Metric::ActivationBytes));
+    if let Some(row) = row {
+        let mut parts = Vec::new();
+        if cuda {
+            parts.push(
+                "analytic: each tensor rounded to its CUDA caching-allocator block".to_string(),
+            );
+        }
+        if transient > 0 {
+            parts.push(format!(
+                "the allocator also saw {transient} bytes in blocks that held no op output (kernel scratch, wrapped scalars; not modelled)"
+            ));
+        }
+        if !run.allocation_errors.is_empty() {
+            row.status = Status::Fail;
+            parts.push(format!(
+                "allocator reports were lost or inconsistent: {}",
+                run.allocation_errors.join("; ")
+            ));
+        }
+        if !parts.is_empty() {
+            parts.push(format!("peak {} bytes live", a.peak_live_bytes));
+            row.note = Some(parts.join("; "));
+        }
+    }
+}
+
 /// The analytic cost under the routing the run measured (how many experts received
 /// tokens), for a layer with routed experts; `None` for the others.
 fn routed(
@@ -198,7 +232,12 @@ fn invisible_to_flop_counter_mode(
 
 fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, plan: &Plan) -> LayerResult {
     let tolerance = plan.tolerance;
-    let a = perturbed(&plan.hooks, name, analytic.metrics);
+    let mut analytic_metrics = analytic.metrics;
+    if plan.device.is_cuda() {
+        // The caching allocator hands out whole blocks: compare blocks with blocks.
+        analytic_metrics.activation_bytes = analytic.cuda_activation_bytes;
+    }
+    let a = perturbed(&plan.hooks, name, analytic_metrics);
     let c = &run.counts;
     let blind = invisible_to_flop_counter_mode(analytic, a.elementwise_flops, run);
     let total = a
@@ -223,6 +262,7 @@ fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, plan: &Plan) -> La
             tolerance,
         ));
     }
+    note_transients(&mut metrics, run, plan.device.is_cuda());
     if c.ops_without_outputs > 0 {
         // The measured bytes miss ops whose outputs the observer never saw.
         if let Some(row) = metrics
@@ -353,6 +393,9 @@ mod tests {
             weight_bytes: 0,
             kv_cache_bytes: 0,
             tokens_per_expert: None,
+            allocations: Default::default(),
+            output_allocated_bytes: 0,
+            allocation_errors: Vec::new(),
         }
     }
 

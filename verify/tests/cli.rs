@@ -5,13 +5,14 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const EXACT: [&str; 7] = [
+const EXACT: [&str; 8] = [
     "matmul_flops",
     "elementwise_flops",
     "tensor_core_flops",
     "cuda_core_flops",
     "io_bytes",
     "weight_bytes",
+    "activation_bytes",
     "kv_cache_bytes",
 ];
 

@@ -165,7 +165,7 @@ fn a_wrong_kv_cache_size_fails_its_row() {
 }
 
 #[test]
-fn bytes_moved_off_by_one_byte_fail_their_row() {
+fn bytes_moved_or_allocated_off_by_one_byte_fail_their_rows() {
     // The measured side costs the inputs and outputs the dispatcher saw; an analytic
     // value off by one byte must fail, on a layer with routing (the MoE) and without.
     for layer in ["DeepseekV2MLP", "DeepseekV2MoE"] {
@@ -185,5 +185,11 @@ fn bytes_moved_off_by_one_byte_fail_their_row() {
         let (report, j) = run(&args, perturb(layer, "io_bytes", 1));
         assert!(!report.summary().ok());
         assert_eq!(row(&j["layers"][0], "io_bytes")["status"], "fail");
+        // The same for the bytes the allocator handed out for op outputs.
+        let act = row(&j["layers"][0], "activation_bytes");
+        assert_eq!(act["status"], "pass", "{act}");
+        let (report, j) = run(&args, perturb(layer, "activation_bytes", 1));
+        assert!(!report.summary().ok());
+        assert_eq!(row(&j["layers"][0], "activation_bytes")["status"], "fail");
     }
 }
