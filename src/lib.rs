@@ -43,4 +43,4 @@ pub use error::{Error, Result};
 pub use metrics::{Cost, Metric, Metrics, Unit};
 pub use mla_config::{MlaConfig, YarnScaling};
 pub use routing::{Routing, ScoringFunc, TopkMethod};
-pub use workload::{Phase, Platform, Profile, Workload};
+pub use workload::{MlaForm, Phase, Platform, Profile, Workload};
