@@ -614,3 +614,134 @@ impl Layer for DeepseekV2Attention {
         Ok(b.finish())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builtin(name: &str) -> ModelConfig {
+        ModelConfig::builtin(name).unwrap().unwrap()
+    }
+
+    fn cost(name: &str, w: &Workload, implementation: AttentionImpl) -> Cost {
+        DeepseekV2Attention::new(&builtin(name), w, implementation)
+            .unwrap()
+            .cost()
+            .unwrap()
+    }
+
+    /// The matmul FLOPs of the op called `role`.
+    fn op_flops(c: &Cost, role: &str) -> u64 {
+        c.ops()
+            .iter()
+            .filter(|o| o.name == role)
+            .map(|o| o.metrics.matmul_flops)
+            .sum()
+    }
+
+    #[test]
+    fn v2_lite_prefill_matches_the_hand_derivation() {
+        // docs/deepseek-family.md, "Prefill, B = 1, S = 512".
+        let w = Workload::prefill(1, 512).unwrap();
+        let c = cost("deepseek-v2-lite", &w, AttentionImpl::Eager);
+        assert_eq!(c.name, "DeepseekV2Attention");
+        assert_eq!(op_flops(&c, "q_proj"), 6_442_450_944);
+        assert_eq!(op_flops(&c, "kv_a_proj_with_mqa"), 1_207_959_552);
+        assert_eq!(op_flops(&c, "kv_b_proj"), 2_147_483_648);
+        assert_eq!(op_flops(&c, "query_states @ key_statesᵀ"), 1_610_612_736);
+        assert_eq!(op_flops(&c, "attn_weights @ value_states"), 1_073_741_824);
+        assert_eq!(op_flops(&c, "o_proj"), 4_294_967_296);
+        assert_eq!(c.metrics.matmul_flops, 16_777_216_000);
+        assert_eq!(
+            c.metrics.tensor_core_flops, c.metrics.matmul_flops,
+            "all bf16"
+        );
+        assert_eq!(
+            c.metrics.kv_cache_bytes,
+            512 * 10_240,
+            "5,120 elements per token"
+        );
+        let flash = cost("deepseek-v2-lite", &w, AttentionImpl::Sdpa);
+        assert_eq!(flash.name, "DeepseekV2FlashAttention2");
+        assert_eq!(
+            flash.metrics.matmul_flops, 17_314_086_912,
+            "values padded to 192"
+        );
+        assert_eq!(
+            flash.metrics.kv_cache_bytes,
+            512 * 12_288,
+            "padded values cached"
+        );
+    }
+
+    #[test]
+    fn v2_lite_decode_step_matches_the_hand_derivation() {
+        // docs/deepseek-family.md, "One decode step, B = 1, C = 512".
+        let w = Workload::decode(1, 512).unwrap();
+        let c = cost("deepseek-v2-lite", &w, AttentionImpl::Eager);
+        assert_eq!(op_flops(&c, "kv_b_proj"), 4_194_304, "the new token only");
+        assert_eq!(op_flops(&c, "query_states @ key_statesᵀ"), 3_151_872);
+        assert_eq!(c.metrics.matmul_flops, 32_778_240);
+        assert_eq!(c.metrics.kv_cache_bytes, 5_253_120);
+    }
+
+    #[test]
+    fn absorbed_decode_and_latent_cache_match_the_hand_derivation() {
+        // docs/deepseek-family.md, "The same decode step, absorbed".
+        let w = Workload::decode(1, 512).unwrap().with_mla(MlaForm::Absorb);
+        let c = cost("deepseek-v2-lite", &w, AttentionImpl::Sdpa);
+        assert_eq!(c.name, "DeepseekV2Attention_absorb");
+        assert_eq!(
+            op_flops(&c, "q_nope @ W_UK (absorbed kv_b_proj)"),
+            2_097_152
+        );
+        let core = c.child(ATTENTION_CORE_ROLE).unwrap();
+        assert_eq!(
+            core.metrics.matmul_flops,
+            9_455_616 + 8_404_992,
+            "scores + P·c_kv"
+        );
+        assert_eq!(op_flops(&c, "@ W_UVᵀ (absorbed kv_b_proj)"), 2_097_152);
+        assert_eq!(c.metrics.matmul_flops, 45_385_728);
+        assert_eq!(c.metrics.kv_cache_bytes, 590_976, "513 tokens × 576 × 2 B");
+        assert!(c.ops().iter().all(|o| o.name != "kv_b_proj"));
+    }
+
+    #[test]
+    fn q_lora_rank_runs_the_low_rank_query_path() {
+        // docs/deepseek-family.md, "DeepSeek-V2 (q_lora_rank set)".
+        let w = Workload::decode(1, 512).unwrap();
+        let c = cost("deepseek-v2", &w, AttentionImpl::Eager);
+        assert_eq!(op_flops(&c, "q_a_proj"), 15_728_640);
+        assert_eq!(op_flops(&c, "q_b_proj"), 75_497_472);
+        assert!(c.child("q_a_layernorm").is_some() && c.child("kv_a_layernorm").is_some());
+        assert_eq!(c.metrics.matmul_flops, 340_475_904);
+    }
+
+    #[test]
+    fn parameters_and_the_stack_cache_per_token() {
+        let c = builtin("deepseek-v2-lite");
+        let w = Workload::prefill(1, 8).unwrap();
+        let a = DeepseekV2Attention::new(&c, &w, AttentionImpl::Eager).unwrap();
+        // 2048·3072 + 2048·576 + 512·4096 + 2048·2048 + the kv_a_layernorm weight 512.
+        assert_eq!(a.parameters().unwrap(), 13_763_072);
+        assert_eq!(a.metrics().unwrap().weight_bytes, 13_763_072 * 2);
+        // README: 27 layers × 5,120 × 2 B naive, 27 × 576 × 2 B latent, per token.
+        let stack = |form: MlaForm| {
+            crate::layers::DeepseekV2Decoder::new(&c, &w.with_mla(form), AttentionImpl::Eager)
+                .metrics()
+                .unwrap()
+                .kv_cache_bytes
+        };
+        assert_eq!(stack(MlaForm::Naive), 8 * 276_480);
+        assert_eq!(stack(MlaForm::Absorb), 8 * 31_104);
+    }
+
+    #[test]
+    fn multi_head_configs_are_refused() {
+        let w = Workload::prefill(1, 8).unwrap();
+        let e = DeepseekV2Attention::new(&ModelConfig::deepseek_ocr(), &w, AttentionImpl::Sdpa)
+            .unwrap_err();
+        assert!(e.to_string().contains("multi-head attention"), "{e}");
+    }
+}

@@ -300,4 +300,40 @@ mod tests {
             4 * 6 + 4 + 4 * 6
         );
     }
+
+    #[test]
+    fn v3_router_matches_the_hand_derivation() {
+        // docs/deepseek-family.md, "The V3 router": B = 1, S = 512.
+        let c = ModelConfig::builtin("deepseek-v3").unwrap().unwrap();
+        let m = MoEGate::new(&c, &Workload::prefill(1, 512).unwrap())
+            .unwrap()
+            .metrics()
+            .unwrap();
+        assert_eq!(m.matmul_flops, 1_879_048_192);
+        assert_eq!(m.elementwise_flops, 942_592);
+        assert_eq!(m.tensor_core_flops, 0, "fp32 logits, TF32 off");
+        assert_eq!(m.weight_bytes, (1_835_008 + 256) * 2);
+    }
+
+    #[test]
+    fn group_limited_greedy_and_sigmoid_cost_their_own_ops() {
+        // V2's group_limited_greedy (softmax) over E = 160, G = 8, topk_group 3, k = 6:
+        // softmax 5·E + group max E + group top-3 G + top-6 E + scale k, per token.
+        let c = ModelConfig::builtin("deepseek-v2").unwrap().unwrap();
+        let m = MoEGate::new(&c, &Workload::prefill(1, 4).unwrap())
+            .unwrap()
+            .metrics()
+            .unwrap();
+        assert_eq!(m.elementwise_flops, 4 * (5 * 160 + 160 + 8 + 160 + 6));
+        // Greedy routing with sigmoid scores: 4 per score instead of 5.
+        let mut ocr = ModelConfig::deepseek_ocr();
+        let w = Workload::prefill(1, 4).unwrap();
+        let softmax = MoEGate::new(&ocr, &w).unwrap().metrics().unwrap();
+        ocr.moe.as_mut().unwrap().routing.scoring_func = crate::routing::ScoringFunc::Sigmoid;
+        let sigmoid = MoEGate::new(&ocr, &w).unwrap().metrics().unwrap();
+        assert_eq!(
+            softmax.elementwise_flops - sigmoid.elementwise_flops,
+            4 * 64
+        );
+    }
 }
