@@ -22,10 +22,11 @@
 //! scalar multiplied into the scores by the same op: no FLOPs either.
 //!
 //! Matmul FLOPs per call (T = B·S_q tokens, L keys), derived in docs/deepseek-family.md:
-//! naive 2·T·d·H·d_qk (or 2·T·d·r_q + 2·T·r_q·H·d_qk) + 2·T·d·(r_kv + d_r)
-//! + 2·T·r_kv·H·(d_n + d_v) + 2·B·H·S_q·L·(d_qk + d_v) + 2·T·H·d_v·d
-//! (the flash form: d_v → d_qk in the core); absorb: the same query and `kv_a` terms,
-//! 2·T·H·d_n·r_kv + 2·B·H·S_q·L·(2·r_kv + d_r) + 2·T·H·r_kv·d_v + 2·T·H·d_v·d.
+//! - naive: 2·T·d·H·d_qk (or 2·T·d·r_q + 2·T·r_q·H·d_qk), plus 2·T·d·(r_kv + d_r), plus
+//!   2·T·r_kv·H·(d_n + d_v), plus 2·B·H·S_q·L·(d_qk + d_v), plus 2·T·H·d_v·d (the flash
+//!   form: d_v → d_qk in the core);
+//! - absorb: the same query and `kv_a` terms, plus 2·T·H·d_n·r_kv, plus
+//!   2·B·H·S_q·L·(2·r_kv + d_r), plus 2·T·H·r_kv·d_v, plus 2·T·H·d_v·d.
 
 use crate::checked::{product, sum};
 use crate::config::ModelConfig;
