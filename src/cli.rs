@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::AttentionImpl;
-use crate::workload::{Phase, Workload, DSOCR_STANDARD_V1};
+use crate::workload::{MlaForm, Phase, Workload, DSOCR_STANDARD_V1};
 
 /// `--phase`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -44,9 +44,10 @@ impl From<DtypeArg> for Dtype {
 /// Model and workload options (clap `Args`, flattened into each binary's options).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct WorkloadArgs {
-    /// Hugging Face config.json of a DeepSeek-V2-family model [default: built-in
-    /// DeepSeek-OCR language model, deepseek-ocr-v1-base]
-    #[arg(long, value_name = "FILE")]
+    /// Hugging Face config.json of a DeepSeek-V2-family model, or a built-in name:
+    /// deepseek-ocr-v1-base, deepseek-v2-lite, deepseek-v2, deepseek-v3 [default:
+    /// deepseek-ocr-v1-base, the DeepSeek-OCR language model]
+    #[arg(long, value_name = "FILE|NAME")]
     pub config: Option<PathBuf>,
     /// Sequences per call [default: 1, from dsocr-standard-v1]
     #[arg(long, value_name = "B")]
@@ -70,15 +71,49 @@ pub struct WorkloadArgs {
     /// Attention core: sdpa (fused, LlamaFlashAttention2) or eager (LlamaAttention)
     #[arg(long, value_name = "IMPL", value_enum, default_value_t = AttentionImpl::Sdpa)]
     pub attn: AttentionImpl,
+    /// MLA configs only: naive (the vendor code: decompressed per-head K/V cache; --attn
+    /// picks its core) or absorb (weight-absorbed, latent cache; explicit matmuls)
+    #[arg(long, value_name = "FORM", value_enum, default_value_t = MlaForm::Naive)]
+    pub mla: MlaForm,
 }
 
 impl WorkloadArgs {
-    /// The model config these options name.
+    /// The model config these options name: a built-in name (which wins over a file of
+    /// the same name; write `./NAME` for the file) or a `config.json` path. `--mla
+    /// absorb` with a multi-head-attention config is an error, not ignored.
     pub fn model_config(&self) -> Result<ModelConfig> {
-        match &self.config {
-            Some(path) => ModelConfig::from_file(path),
-            None => Ok(ModelConfig::deepseek_ocr()),
+        let config = match &self.config {
+            None => ModelConfig::deepseek_ocr(),
+            Some(path) => match path.to_str().and_then(ModelConfig::builtin) {
+                Some(builtin) => builtin?,
+                None => ModelConfig::from_file(path).map_err(|e| match e {
+                    Error::Io { ref source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        Error::invalid(
+                            "--config",
+                            path.display(),
+                            &format!(
+                                "an existing config.json or a built-in name: {}",
+                                ModelConfig::builtin_names()
+                            ),
+                        )
+                    }
+                    e => e,
+                })?,
+            },
+        };
+        if self.mla == MlaForm::Absorb && config.mla.is_none() {
+            return Err(Error::invalid(
+                "--mla",
+                "absorb",
+                &format!(
+                    "naive (config {} uses multi-head attention; --mla applies to MLA configs)",
+                    config.name
+                ),
+            ));
         }
+        Ok(config)
     }
 
     /// The workload these options describe; `default_dtype` when `--dtype` is absent.
@@ -111,7 +146,9 @@ impl WorkloadArgs {
             }
         };
         let dtype = self.dtype.map_or(default_dtype, Dtype::from);
-        Ok(Workload::new(batch, phase, dtype)?.with_tf32(self.allow_tf32))
+        Ok(Workload::new(batch, phase, dtype)?
+            .with_tf32(self.allow_tf32)
+            .with_mla(self.mla))
     }
 
     /// The attention implementation.
@@ -196,6 +233,34 @@ mod tests {
                 .with_dtype(Dtype::F32)
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn built_in_names_and_missing_files() {
+        let args = |config: &str, mla: MlaForm| WorkloadArgs {
+            config: Some(PathBuf::from(config)),
+            mla,
+            ..WorkloadArgs::default()
+        };
+        let lite = args("deepseek-v2-lite", MlaForm::Naive)
+            .model_config()
+            .unwrap();
+        assert_eq!(lite.name, "deepseek-v2-lite");
+        assert!(lite.mla.is_some());
+        assert!(args("deepseek-v3", MlaForm::Absorb).model_config().is_ok());
+        let e = args("no-such-model", MlaForm::Naive)
+            .model_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--config = no-such-model is invalid") && e.contains("deepseek-v2-lite"),
+            "{e}"
+        );
+        let e = args("deepseek-ocr-v1-base", MlaForm::Absorb)
+            .model_config()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--mla = absorb is invalid"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,12 @@
 //! - the language-model config nested under `language_config` or `text_config`
 //!   (DeepSeek-OCR's checkpoint nests it);
 //! - `rope_theta`, or `rope_parameters.rope_theta` (transformers 5);
-//! - `torch_dtype` or `dtype`.
+//! - `torch_dtype` or `dtype`;
+//! - MLA checkpoints with or without `use_mla` (DeepSeek-V2-Lite, V2 and V3 write none:
+//!   a set `kv_lora_rank` means MLA), see [`crate::mla_config`];
+//! - `rope_scaling` (YaRN, MLA configs only) or transformers 5's `rope_parameters`;
+//! - the routing keys `scoring_func`, `topk_method`, `n_group`, `topk_group`
+//!   ([`crate::routing`]).
 //!
 //! A file is read up to [`MAX_CONFIG_BYTES`], and only the fields above are parsed into
 //! values; everything else is skipped unbuilt.
@@ -21,6 +26,8 @@ use std::path::Path;
 use crate::config_reader::{self, FIELDS, NESTED_KEYS};
 use crate::dtype::{Dtype, MODEL_DTYPE_SPELLINGS};
 use crate::error::{Error, Result};
+use crate::mla_config::{self, MlaConfig, YarnScaling};
+use crate::routing::{self, Routing};
 
 pub use crate::config_reader::{MAX_CONFIG_BYTES, MAX_FIELD_BYTES};
 
@@ -28,6 +35,25 @@ pub use crate::config_reader::{MAX_CONFIG_BYTES, MAX_FIELD_BYTES};
 pub const DEEPSEEK_OCR_CONFIG_JSON: &str = include_str!("../fixtures/deepseek-ocr/config.json");
 /// The name of the built-in default configuration.
 pub const DEEPSEEK_OCR_NAME: &str = "deepseek-ocr-v1-base";
+
+/// The built-in configurations, by name: `--config NAME` selects one. The files are the
+/// language-model `config.json` of each checkpoint, written from its published values
+/// (`fixtures/README.md`).
+pub const BUILTIN_CONFIGS: [(&str, &str); 4] = [
+    (DEEPSEEK_OCR_NAME, DEEPSEEK_OCR_CONFIG_JSON),
+    (
+        "deepseek-v2-lite",
+        include_str!("../fixtures/deepseek-v2-lite/config.json"),
+    ),
+    (
+        "deepseek-v2",
+        include_str!("../fixtures/deepseek-v2/config.json"),
+    ),
+    (
+        "deepseek-v3",
+        include_str!("../fixtures/deepseek-v3/config.json"),
+    ),
+];
 
 /// The most decoder layers a config may have (DeepSeek-V2-family models have tens).
 pub const MAX_LAYERS: u64 = 4096;
@@ -56,9 +82,14 @@ pub struct MoeConfig {
     /// Renormalise the top-k weights (only when k > 1).
     pub norm_topk_prob: bool,
     pub routed_scaling_factor: f64,
+    /// Scoring function and top-k method; left out of reports when it is DeepSeek-OCR's
+    /// greedy softmax routing.
+    #[serde(skip_serializing_if = "Routing::is_greedy_softmax")]
+    pub routing: Routing,
 }
 
-/// A validated DeepSeek-V2-family language-model configuration (multi-head attention).
+/// A validated DeepSeek-V2-family language-model configuration: multi-head attention
+/// (DeepSeek-OCR) or Multi-head Latent Attention (DeepSeek-V2, V2-Lite, V3).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelConfig {
     /// Where the config came from (`deepseek-ocr-v1-base` or a file path).
@@ -73,8 +104,11 @@ pub struct ModelConfig {
     pub num_attention_heads: u64,
     /// H_kv
     pub num_key_value_heads: u64,
-    /// d
+    /// d: the head dim of multi-head attention (unused by MLA layers).
     pub head_dim: u64,
+    /// Multi-head Latent Attention dimensions; `None` for multi-head attention.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mla: Option<MlaConfig>,
     pub num_hidden_layers: u64,
     /// The feed-forward kind of each layer, by index.
     pub layer_kinds: Vec<MlpKind>,
@@ -82,6 +116,9 @@ pub struct ModelConfig {
     pub vocab_size: u64,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// YaRN rotary scaling (MLA configs only); `None`: plain rotary embedding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<YarnScaling>,
     pub max_position_embeddings: Option<u64>,
     /// q/k/v/o projections carry biases.
     pub attention_bias: bool,
@@ -96,6 +133,31 @@ impl ModelConfig {
     pub fn deepseek_ocr() -> ModelConfig {
         ModelConfig::from_json_str(DEEPSEEK_OCR_NAME, DEEPSEEK_OCR_CONFIG_JSON)
             .expect("the built-in DeepSeek-OCR config is valid (checked by tests)")
+    }
+
+    /// The built-in configuration called `name` (see [`BUILTIN_CONFIGS`]), if any.
+    pub fn builtin(name: &str) -> Option<Result<ModelConfig>> {
+        BUILTIN_CONFIGS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(n, text)| ModelConfig::from_json_str(n, text))
+    }
+
+    /// The names of the built-in configurations, comma-separated (for messages).
+    pub fn builtin_names() -> String {
+        BUILTIN_CONFIGS.map(|(n, _)| n).join(", ")
+    }
+
+    /// The MLA dimensions, or an error saying this config uses multi-head attention.
+    pub fn mla(&self) -> Result<&MlaConfig> {
+        self.mla.as_ref().ok_or_else(|| Error::Missing {
+            field: "kv_lora_rank".into(),
+            expected: format!(
+                "an MLA layer needs use_mla: true and the MLA dimensions; config {} uses \
+                 multi-head attention",
+                self.name
+            ),
+        })
     }
 
     /// Reads and validates a `config.json` file: at most [`MAX_CONFIG_BYTES`] are read,
@@ -135,7 +197,7 @@ impl ModelConfig {
         };
         let cfg = Fields { obj };
 
-        check_attention_kind(&cfg)?;
+        let mla = mla_config::mla_config(&cfg)?;
         let hidden_act = cfg.string("hidden_act")?.unwrap_or_else(|| "silu".into());
         if hidden_act != "silu" {
             return Err(unsupported(
@@ -160,6 +222,7 @@ impl ModelConfig {
             attention_shape(&cfg, hidden_size)?;
         let moe = moe_config(&cfg)?;
         let layer_kinds = layer_kinds(&cfg, num_hidden_layers, moe.is_some())?;
+        let rope_scaling = mla_config::rope_scaling(&cfg, mla.is_some())?;
         let rope_theta = rope_theta(&cfg)?;
         let rms_norm_eps = cfg.positive_float("rms_norm_eps")?.unwrap_or(1e-6);
         let dtype = model_dtype(&cfg, root)?;
@@ -171,11 +234,13 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
+            mla,
             num_hidden_layers,
             layer_kinds,
             vocab_size,
             rms_norm_eps,
             rope_theta,
+            rope_scaling,
             max_position_embeddings: cfg.size("max_position_embeddings")?,
             attention_bias: cfg.boolean("attention_bias")?.unwrap_or(false),
             tie_word_embeddings: cfg.boolean("tie_word_embeddings")?.unwrap_or(false),
@@ -244,7 +309,7 @@ fn model_dtype(cfg: &Fields, root: &Map<String, Value>) -> Result<Dtype> {
     }
 }
 
-fn unsupported(field: &str, value: &str, reason: &str) -> Error {
+pub(crate) fn unsupported(field: &str, value: &str, reason: &str) -> Error {
     Error::Unsupported {
         field: field.into(),
         value: value.into(),
@@ -253,12 +318,12 @@ fn unsupported(field: &str, value: &str, reason: &str) -> Error {
 }
 
 /// Typed access to the fields of one JSON object, with errors that name the field.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
+pub(crate) struct Fields<'a> {
+    pub(crate) obj: &'a Map<String, Value>,
 }
 
 impl Fields<'_> {
-    fn present(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn present(&self, key: &str) -> Option<&Value> {
         debug_assert!(
             FIELDS.contains(&key),
             "{key} must be listed in config_reader::FIELDS, or files will never supply it"
@@ -267,7 +332,7 @@ impl Fields<'_> {
     }
 
     /// A non-negative integer; `min` is the smallest valid value.
-    fn integer(&self, key: &str, min: u64) -> Result<Option<u64>> {
+    pub(crate) fn integer(&self, key: &str, min: u64) -> Result<Option<u64>> {
         let Some(v) = self.present(key) else {
             return Ok(None);
         };
@@ -278,22 +343,22 @@ impl Fields<'_> {
         }
     }
 
-    fn size(&self, key: &str) -> Result<Option<u64>> {
+    pub(crate) fn size(&self, key: &str) -> Result<Option<u64>> {
         self.integer(key, 1)
     }
 
-    fn count(&self, key: &str) -> Result<Option<u64>> {
+    pub(crate) fn count(&self, key: &str) -> Result<Option<u64>> {
         self.integer(key, 0)
     }
 
-    fn required_size(&self, key: &str) -> Result<u64> {
+    pub(crate) fn required_size(&self, key: &str) -> Result<u64> {
         self.size(key)?.ok_or_else(|| Error::Missing {
             field: key.into(),
             expected: "an integer ≥ 1".into(),
         })
     }
 
-    fn boolean(&self, key: &str) -> Result<Option<bool>> {
+    pub(crate) fn boolean(&self, key: &str) -> Result<Option<bool>> {
         match self.present(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -301,7 +366,7 @@ impl Fields<'_> {
         }
     }
 
-    fn positive_float(&self, key: &str) -> Result<Option<f64>> {
+    pub(crate) fn positive_float(&self, key: &str) -> Result<Option<f64>> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => match v.as_f64() {
@@ -311,27 +376,12 @@ impl Fields<'_> {
         }
     }
 
-    fn string(&self, key: &str) -> Result<Option<String>> {
+    pub(crate) fn string(&self, key: &str) -> Result<Option<String>> {
         match self.present(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(v) => Err(Error::invalid(key, v, "a string")),
         }
-    }
-}
-
-/// `use_mla: true` (or an MLA checkpoint without the key) is not modelled.
-fn check_attention_kind(cfg: &Fields) -> Result<()> {
-    const REASON: &str =
-        "Multi-head Latent Attention (MLA) is not modelled yet; modelmeter models the \
-         multi-head attention that DeepSeek-OCR uses (use_mla: false)";
-    match cfg.boolean("use_mla")? {
-        Some(true) => Err(unsupported("use_mla", "true", REASON)),
-        Some(false) => Ok(()),
-        None => match cfg.present("kv_lora_rank") {
-            Some(rank) => Err(unsupported("kv_lora_rank", &rank.to_string(), REASON)),
-            None => Ok(()),
-        },
     }
 }
 
@@ -399,26 +449,7 @@ fn moe_config(cfg: &Fields) -> Result<Option<MoeConfig>> {
             &format!("1 ..= n_routed_experts ({experts})"),
         ));
     }
-    let method = cfg
-        .string("topk_method")?
-        .unwrap_or_else(|| "greedy".into());
-    if method != "greedy" {
-        return Err(unsupported(
-            "topk_method",
-            &method,
-            "only greedy top-k routing (DeepSeek-OCR's) is modelled",
-        ));
-    }
-    let scoring = cfg
-        .string("scoring_func")?
-        .unwrap_or_else(|| "softmax".into());
-    if scoring != "softmax" {
-        return Err(unsupported(
-            "scoring_func",
-            &scoring,
-            "only softmax gate scores (DeepSeek-V2's) are modelled",
-        ));
-    }
+    let routing = routing::routing(cfg, experts)?;
     Ok(Some(MoeConfig {
         n_routed_experts: experts,
         num_experts_per_tok: k,
@@ -426,6 +457,7 @@ fn moe_config(cfg: &Fields) -> Result<Option<MoeConfig>> {
         n_shared_experts: cfg.count("n_shared_experts")?.unwrap_or(0),
         norm_topk_prob: cfg.boolean("norm_topk_prob")?.unwrap_or(false),
         routed_scaling_factor: cfg.positive_float("routed_scaling_factor")?.unwrap_or(1.0),
+        routing,
     }))
 }
 
@@ -487,29 +519,14 @@ fn layer_kinds(cfg: &Fields, layers: u64, has_moe: bool) -> Result<Vec<MlpKind>>
     Ok(kinds)
 }
 
+/// The rotary base: `rope_parameters.rope_theta` (transformers 5), else `rope_theta`.
+/// Scaled rotary embedding is read by [`mla_config::rope_scaling`].
 fn rope_theta(cfg: &Fields) -> Result<f64> {
-    if let Some(scaling) = cfg.present("rope_scaling") {
-        return Err(unsupported(
-            "rope_scaling",
-            &scaling.to_string(),
-            "scaled RoPE (linear, dynamic, yarn) is not modelled; only plain rotary embedding",
-        ));
-    }
     if let Some(params) = cfg.present("rope_parameters") {
         let p = params
             .as_object()
             .ok_or_else(|| Error::invalid("rope_parameters", params, "an object"))?;
-        let nested = Fields { obj: p };
-        if let Some(kind) = nested.string("rope_type")? {
-            if kind != "default" {
-                return Err(unsupported(
-                    "rope_parameters.rope_type",
-                    &kind,
-                    "only the default rotary embedding is modelled",
-                ));
-            }
-        }
-        if let Some(theta) = nested.positive_float("rope_theta")? {
+        if let Some(theta) = (Fields { obj: p }).positive_float("rope_theta")? {
             return Ok(theta);
         }
     }
@@ -756,17 +773,258 @@ mod tests {
     }
 
     #[test]
-    fn mla_is_refused_plainly() {
-        let e = err(with("use_mla", json!(true)));
-        assert!(
-            e.contains("use_mla = true is not supported") && e.contains("MLA"),
-            "{e}"
+    fn mla_is_read_with_or_without_use_mla() {
+        // use_mla: false ignores the MLA keys (DeepSeek-OCR writes them as null or 0).
+        let mut v = base();
+        for key in ["kv_lora_rank", "q_lora_rank"] {
+            v[key] = Value::Null;
+        }
+        for key in ["qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"] {
+            v[key] = json!(0);
+        }
+        assert!(parse(v).unwrap().mla.is_none());
+        // No use_mla key: a set kv_lora_rank means MLA (DeepSeek-V2-Lite's config).
+        let mut v = mla_base();
+        v.as_object_mut().unwrap().remove("use_mla");
+        let mla = parse(v).unwrap().mla.unwrap();
+        assert_eq!(
+            (
+                mla.q_lora_rank,
+                mla.kv_lora_rank,
+                mla.qk_nope_head_dim,
+                mla.qk_rope_head_dim,
+                mla.v_head_dim
+            ),
+            (None, 512, 128, 64, 128)
         );
-        let mut v = without("use_mla");
+        let mut v = mla_base();
+        v["q_lora_rank"] = json!(1536);
+        assert_eq!(parse(v).unwrap().mla.unwrap().q_lora_rank, Some(1536));
+    }
+
+    /// A small MLA config (V2-Lite's attention dims on the DeepSeek-OCR base).
+    fn mla_base() -> Value {
+        let mut v = base();
+        v["use_mla"] = json!(true);
         v["kv_lora_rank"] = json!(512);
-        assert!(err(v).contains("kv_lora_rank"));
-        // DeepSeek-OCR writes kv_lora_rank: null with use_mla: false.
-        assert!(parse(with("kv_lora_rank", Value::Null)).is_ok());
+        v["q_lora_rank"] = Value::Null;
+        v["qk_nope_head_dim"] = json!(128);
+        v["qk_rope_head_dim"] = json!(64);
+        v["v_head_dim"] = json!(128);
+        v
+    }
+
+    #[test]
+    fn bad_mla_fields_name_the_field() {
+        for key in [
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ] {
+            let mut v = mla_base();
+            v.as_object_mut().unwrap().remove(key);
+            let e = err(v);
+            assert!(e.contains(&format!("{key} is missing")), "{e}");
+            let mut v = mla_base();
+            v[key] = json!(0);
+            let e = err(v);
+            assert!(
+                e.contains(&format!("{key} = 0 is invalid")) && e.contains("integer ≥ 1"),
+                "{e}"
+            );
+        }
+        let mut v = mla_base();
+        v["q_lora_rank"] = json!("big");
+        assert!(err(v).contains("q_lora_rank = \"big\" is invalid"));
+        let mut v = mla_base();
+        v["qk_rope_head_dim"] = json!(63);
+        assert!(err(v).contains("even"));
+        assert!(err(with("use_mla", json!("yes"))).contains("use_mla = \"yes\" is invalid"));
+    }
+
+    #[test]
+    fn yarn_is_read_for_mla_and_refused_for_mha() {
+        let mut v = mla_base();
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 40, "mscale_all_dim": 0.707});
+        let y = parse(v).unwrap().rope_scaling.unwrap();
+        assert_eq!((y.factor, y.mscale_all_dim), (40.0, 0.707));
+        assert_eq!(
+            (
+                y.original_max_position_embeddings,
+                y.beta_fast,
+                y.beta_slow,
+                y.mscale
+            ),
+            (4096, 32.0, 1.0, 1.0),
+            "the vendor's defaults"
+        );
+        let mut v = mla_base();
+        v["rope_parameters"] = json!({"rope_type": "yarn", "factor": 4, "rope_theta": 5e5});
+        let c = parse(v).unwrap();
+        assert_eq!((c.rope_scaling.unwrap().factor, c.rope_theta), (4.0, 5e5));
+        for (scaling, needle) in [
+            (
+                json!({"type": "linear", "factor": 2}),
+                "rope_scaling.type = linear is not supported",
+            ),
+            (
+                json!({"type": "ntk", "factor": 2}),
+                "expected yarn, linear or dynamic",
+            ),
+            (json!({"type": "yarn"}), "rope_scaling.factor is missing"),
+            (
+                json!({"type": "yarn", "factor": -1}),
+                "rope_scaling.factor = -1 is invalid",
+            ),
+            (json!({"factor": 2}), "rope_scaling.type is missing"),
+            (
+                json!({"type": "yarn", "factor": 40, "beta_fast": "x"}),
+                "rope_scaling.beta_fast",
+            ),
+            (
+                json!({"type": "yarn", "factor": 40, "original_max_position_embeddings": 0}),
+                "original_max_position_embeddings = 0",
+            ),
+            (json!(3), "rope_scaling = 3 is invalid: expected an object"),
+        ] {
+            let mut v = mla_base();
+            v["rope_scaling"] = scaling;
+            let e = err(v);
+            assert!(e.contains(needle), "{e}");
+        }
+        let e = err(with("rope_scaling", json!({"type": "yarn", "factor": 40})));
+        assert!(e.contains("MLA attention only"), "{e}");
+    }
+
+    #[test]
+    fn routing_keys_are_read_and_checked() {
+        use crate::routing::{ScoringFunc, TopkMethod};
+        let routing = |v: Value| parse(v).unwrap().moe.unwrap().routing;
+        assert!(routing(base()).is_greedy_softmax());
+        let mut v = base();
+        v["topk_method"] = json!("noaux_tc");
+        v["scoring_func"] = json!("sigmoid");
+        v["n_group"] = json!(8);
+        v["topk_group"] = json!(4);
+        let r = routing(v.clone());
+        assert_eq!(
+            (r.topk_method, r.scoring_func, r.n_group, r.topk_group),
+            (TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 8, 4)
+        );
+        // Greedy reads no groups, whatever the config writes.
+        assert_eq!(routing(with("n_group", json!(8))).n_group, 1);
+        for (key, value, needle) in [
+            (
+                "n_group",
+                json!(7),
+                "n_group = 7 is invalid: expected a divisor of n_routed_experts (64)",
+            ),
+            ("n_group", json!(64), "≥ 2 experts per group"),
+            (
+                "topk_group",
+                json!(9),
+                "topk_group = 9 is invalid: expected 1 ..= n_group (8)",
+            ),
+            ("n_group", Value::Null, "n_group is missing"),
+            ("topk_group", json!(0), "topk_group = 0 is invalid"),
+        ] {
+            let mut bad = v.clone();
+            bad[key] = value;
+            let e = err(bad);
+            assert!(e.contains(needle), "{e}");
+        }
+        let mut v2 = v.clone();
+        v2["topk_method"] = json!("group_limited_greedy");
+        v2["n_group"] = json!(64);
+        assert_eq!(
+            routing(v2).topk_method,
+            TopkMethod::GroupLimitedGreedy,
+            "1 per group is fine"
+        );
+    }
+
+    #[test]
+    fn builtin_family_configs_match_the_facts() {
+        let names = ModelConfig::builtin_names();
+        assert_eq!(
+            names,
+            "deepseek-ocr-v1-base, deepseek-v2-lite, deepseek-v2, deepseek-v3"
+        );
+        assert_eq!(
+            ModelConfig::builtin(DEEPSEEK_OCR_NAME).unwrap().unwrap(),
+            ModelConfig::deepseek_ocr()
+        );
+        assert!(ModelConfig::builtin("deepseek-v4").is_none());
+        let get = |n: &str| ModelConfig::builtin(n).unwrap().unwrap();
+        // deepseek-family-facts.md, the config table.
+        let lite = get("deepseek-v2-lite");
+        let mla = lite.mla.clone().unwrap();
+        assert_eq!(
+            (
+                lite.hidden_size,
+                lite.num_attention_heads,
+                lite.num_hidden_layers
+            ),
+            (2048, 16, 27)
+        );
+        assert_eq!((mla.q_lora_rank, mla.kv_lora_rank), (None, 512));
+        assert_eq!(
+            (mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim),
+            (128, 64, 128)
+        );
+        let moe = lite.moe.clone().unwrap();
+        assert_eq!(
+            (
+                moe.n_routed_experts,
+                moe.n_shared_experts,
+                moe.num_experts_per_tok,
+                moe.moe_intermediate_size
+            ),
+            (64, 2, 6, 1408)
+        );
+        assert!(moe.routing.is_greedy_softmax());
+        assert_eq!(lite.rope_scaling.as_ref().unwrap().mscale_all_dim, 0.707);
+        assert_eq!((lite.vocab_size, lite.intermediate_size), (102_400, 10_944));
+        let v2 = get("deepseek-v2");
+        assert_eq!(v2.mla.as_ref().unwrap().q_lora_rank, Some(1536));
+        let r = v2.moe.as_ref().unwrap().routing;
+        assert_eq!(
+            (r.topk_method.name(), r.n_group, r.topk_group),
+            ("group_limited_greedy", 8, 3)
+        );
+        assert_eq!(v2.moe.as_ref().unwrap().routed_scaling_factor, 16.0);
+        assert_eq!(
+            (v2.hidden_size, v2.num_attention_heads, v2.num_hidden_layers),
+            (5120, 128, 60)
+        );
+        let v3 = get("deepseek-v3");
+        let moe = v3.moe.as_ref().unwrap();
+        assert_eq!(
+            (
+                moe.routing.topk_method.name(),
+                moe.routing.scoring_func.name()
+            ),
+            ("noaux_tc", "sigmoid")
+        );
+        assert_eq!(
+            (
+                moe.n_routed_experts,
+                moe.n_shared_experts,
+                moe.num_experts_per_tok
+            ),
+            (256, 1, 8)
+        );
+        assert!(moe.norm_topk_prob && moe.routed_scaling_factor == 2.5);
+        assert_eq!(
+            v3.first_layer_of(MlpKind::Moe),
+            Some(3),
+            "first_k_dense_replace 3"
+        );
+        assert_eq!(
+            (v3.hidden_size, v3.num_hidden_layers, v3.vocab_size),
+            (7168, 61, 129_280)
+        );
     }
 
     #[test]
@@ -821,8 +1079,8 @@ mod tests {
     #[test]
     fn unmodelled_variants_are_refused() {
         assert!(err(with("hidden_act", json!("gelu"))).contains("hidden_act"));
-        assert!(err(with("topk_method", json!("noaux_tc"))).contains("topk_method"));
-        assert!(err(with("scoring_func", json!("sigmoid"))).contains("scoring_func"));
+        assert!(err(with("topk_method", json!("sparsemixer"))).contains("topk_method"));
+        assert!(err(with("scoring_func", json!("relu"))).contains("scoring_func"));
         assert!(
             err(with("rope_scaling", json!({"type": "yarn", "factor": 40})))
                 .contains("rope_scaling")

@@ -466,6 +466,9 @@ pub const OPS: &[OpConvention] = &[
     ew("aten::logical_not", 1),
     ew("aten::logical_and", 1),
     ew("aten::logical_or", 1),
+    // `~mask` on the boolean group mask of MoEGate's group-limited routing: 0 FLOPs by
+    // the integer rule; on an integer tensor, bookkeeping too.
+    ew("aten::bitwise_not", 1),
     ew("aten::addcmul", 2),
     // silu(x) = x / (1 + exp(-x)): negate, exp, add, divide.
     ew("aten::silu", 4),
@@ -1629,6 +1632,20 @@ mod tests {
                 Tf32::matmul(false),
             );
         assert!(varlen.is_err());
+    }
+
+    #[test]
+    fn bitwise_not_on_masks_is_bookkeeping() {
+        // MoEGate's `~score_mask.bool()` over [N, E] booleans: no arithmetic on data.
+        let mask = t(&[512, 256], Dtype::Bool);
+        let c = cost("aten::bitwise_not", &[mask]);
+        assert_eq!((c.elementwise_flops, c.matmul_flops), (0, 0));
+        assert_eq!(
+            convention("aten::bitwise_not_").unwrap().op,
+            "aten::bitwise_not"
+        );
+        let ints = t(&[4, 8], Dtype::I64);
+        assert_eq!(cost("aten::bitwise_not", &[ints]).elementwise_flops, 0);
     }
 
     #[test]

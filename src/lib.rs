@@ -31,8 +31,10 @@ pub mod dtype;
 pub mod error;
 pub mod layers;
 pub mod metrics;
+pub mod mla_config;
 pub mod overflow;
 pub mod report;
+pub mod routing;
 pub mod units;
 pub mod workload;
 
@@ -40,4 +42,6 @@ pub use config::{MlpKind, ModelConfig, MoeConfig};
 pub use dtype::Dtype;
 pub use error::{Error, Result};
 pub use metrics::{Cost, Metric, Metrics, Unit};
-pub use workload::{Phase, Platform, Profile, Workload};
+pub use mla_config::{MlaConfig, YarnScaling};
+pub use routing::{Routing, ScoringFunc, TopkMethod};
+pub use workload::{MlaForm, Phase, Platform, Profile, Workload};

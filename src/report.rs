@@ -6,7 +6,9 @@ use serde_json::{json, Value};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::GenerationMetrics;
-use crate::layers::{layers_of, AttentionImpl, DeepseekV2Decoder, Generation, Layer};
+use crate::layers::{
+    layers_of, mla_class_name, AttentionImpl, DeepseekV2Decoder, Generation, Layer,
+};
 use crate::metrics::{Cost, Metrics};
 use crate::units;
 use crate::workload::{Phase, Workload};
@@ -51,6 +53,7 @@ pub fn analyze(
                 allow_tf32: workload.allow_tf32,
                 platform: workload.platform,
                 attention,
+                mla: workload.mla,
             };
             Some((n, g.metrics()?))
         }
@@ -86,11 +89,14 @@ impl AnalyzeReport {
 
     /// Human tables: one summary row per layer, then each layer's breakdown to `depth`.
     pub fn to_text(&self, depth: usize) -> String {
+        let attention = match self.config.mla {
+            Some(_) => mla_class_name(self.workload.mla, self.attention),
+            None => self.attention.class_name(),
+        };
         let mut out = format!(
-            "modelmeter analyze — {} — {} — attention {}\n\n",
+            "modelmeter analyze — {} — {} — attention {attention}\n\n",
             self.config.name,
             self.workload.describe(),
-            self.attention.class_name()
         );
         let mut rows = vec![header("layer")];
         for c in self.layers.iter().chain(std::iter::once(&self.stack)) {

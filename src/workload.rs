@@ -59,6 +59,29 @@ impl std::fmt::Display for Platform {
     }
 }
 
+/// How a Multi-head Latent Attention layer runs (ignored by multi-head attention).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum MlaForm {
+    /// The vendor `modeling_deepseek.py`: keys and values decompressed by `kv_b_proj`
+    /// and cached per head, H·(d_qk + d_v) elements per token (the flash variant pads
+    /// the values to d_qk first, and caches them padded).
+    #[default]
+    Naive,
+    /// Weight absorption (DeepSeek's `inference/model.py` `attn_impl = "absorb"`,
+    /// serving engines' decode): `kv_b_proj` folded into the query and the output, the
+    /// latent c_kv and the rotary key cached, r_kv + d_r elements per token.
+    Absorb,
+}
+
+impl MlaForm {
+    /// True for the default, [`MlaForm::Naive`] (reports leave it out).
+    pub fn is_naive(&self) -> bool {
+        *self == MlaForm::Naive
+    }
+}
+
 /// A workload: what one layer call processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
@@ -78,6 +101,10 @@ pub struct Workload {
     /// top-k experts are distinct). `verify-decoder` sets the count it measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experts_hit: Option<u64>,
+    /// How MLA layers run (default: the vendor's naive form); left out of reports when
+    /// it is the default.
+    #[serde(skip_serializing_if = "MlaForm::is_naive")]
+    pub mla: MlaForm,
 }
 
 impl Workload {
@@ -123,6 +150,7 @@ impl Workload {
             allow_tf32: false,
             platform: Platform::default(),
             experts_hit: None,
+            mla: MlaForm::default(),
         };
         // Every size derived below must fit in 64 bits.
         let q = w.query_len();
@@ -170,10 +198,19 @@ impl Workload {
         self
     }
 
+    /// The same workload with MLA layers run in `form`.
+    pub fn with_mla(mut self, form: MlaForm) -> Workload {
+        self.mla = form;
+        self
+    }
+
     /// The same workload in another model dtype.
     pub fn with_dtype(self, dtype: Dtype) -> Result<Workload> {
-        Workload::new(self.batch, self.phase, dtype)
-            .map(|w| w.with_tf32(self.allow_tf32).on(self.platform))
+        Workload::new(self.batch, self.phase, dtype).map(|w| {
+            w.with_tf32(self.allow_tf32)
+                .on(self.platform)
+                .with_mla(self.mla)
+        })
     }
 
     /// S_q: query positions per sequence in this call.
@@ -215,7 +252,12 @@ impl Workload {
             Phase::Decode { context_len } => format!("decode C={context_len}"),
         };
         let tf32 = if self.allow_tf32 { " tf32" } else { "" };
-        format!("B={} {phase} {}{tf32}", self.batch, self.dtype)
+        let mla = if self.mla.is_naive() {
+            ""
+        } else {
+            " mla=absorb"
+        };
+        format!("B={} {phase} {}{tf32}{mla}", self.batch, self.dtype)
     }
 }
 

@@ -133,12 +133,60 @@ fn invalid_config_file_is_refused_with_its_field() {
     std::fs::write(&path, r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5, "use_mla": true}"#).unwrap();
     let o = analyze(&["--config", path.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
+    // MLA is modelled now; an MLA config without its dimensions names the first missing.
     assert!(
-        stderr(&o).contains("use_mla = true is not supported"),
+        stderr(&o).contains("kv_lora_rank is missing from the config"),
         "{}",
         stderr(&o)
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn every_built_in_family_config_prints_its_stack_and_a_generation() {
+    for name in ["deepseek-v2-lite", "deepseek-v2", "deepseek-v3"] {
+        for mla in ["naive", "absorb"] {
+            let o = analyze(&[
+                "--config",
+                name,
+                "--mla",
+                mla,
+                "--seq-len",
+                "64",
+                "--new-tokens",
+                "4",
+                "--depth",
+                "0",
+            ]);
+            assert_eq!(o.status.code(), Some(0), "{name} {mla}: {}", stderr(&o));
+            let text = String::from_utf8(o.stdout).unwrap();
+            assert!(
+                text.contains(&format!("modelmeter analyze — {name}")),
+                "{text}"
+            );
+            assert!(text.contains("DeepseekV2ForCausalLM"), "{text}");
+            assert!(
+                text.contains("generation: prefill + 4 decode steps"),
+                "{text}"
+            );
+            let attention = if mla == "absorb" {
+                "DeepseekV2Attention_absorb"
+            } else {
+                "DeepseekV2FlashAttention2"
+            };
+            assert!(text.contains(attention), "{name} {mla}: {text}");
+        }
+    }
+    let o = analyze(&["--mla", "absorb"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--mla = absorb is invalid"),
+        "{}",
+        stderr(&o)
+    );
+    let o = analyze(&["--config", "deepseek-v9"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("built-in name"), "{}", stderr(&o));
 }
 
 #[test]

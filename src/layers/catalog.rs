@@ -8,8 +8,8 @@ use serde::Serialize;
 use crate::config::{MlpKind, ModelConfig};
 use crate::error::Result;
 use crate::layers::{
-    AttentionImpl, DeepseekV2DecoderLayer, DeepseekV2MLP, DeepseekV2MoE, DeepseekV2RMSNorm, Layer,
-    LlamaAttention, MoEGate,
+    AttentionImpl, DeepseekV2Attention, DeepseekV2DecoderLayer, DeepseekV2MLP, DeepseekV2MoE,
+    DeepseekV2RMSNorm, Layer, LlamaAttention, MoEGate, MLA_CLASS_NAMES,
 };
 use crate::workload::Workload;
 
@@ -40,7 +40,8 @@ impl LayerId {
     ];
 
     /// The report name: the vendor class (the attention's depends on the implementation;
-    /// the decoder layers carry their MLP kind).
+    /// the decoder layers carry their MLP kind). For an MLA config the attention layer
+    /// built names itself (`DeepseekV2Attention` …, see `MLA_CLASS_NAMES`).
     pub fn name(self, attention: AttentionImpl) -> &'static str {
         match self {
             LayerId::RmsNorm => "DeepseekV2RMSNorm",
@@ -53,8 +54,12 @@ impl LayerId {
         }
     }
 
-    /// The layer called `name` (either attention class name selects the attention).
+    /// The layer called `name` (any attention class name, MLA's included, selects the
+    /// attention).
     pub fn parse(name: &str) -> Option<LayerId> {
+        if MLA_CLASS_NAMES.contains(&name) {
+            return Some(LayerId::Attention);
+        }
         let attention = [AttentionImpl::Sdpa, AttentionImpl::Eager];
         LayerId::ALL
             .into_iter()
@@ -108,6 +113,9 @@ impl LayerId {
             LayerId::Mlp => Box::new(DeepseekV2MLP::new(config, workload)),
             LayerId::MoEGate => Box::new(MoEGate::new(config, workload)?),
             LayerId::MoE => Box::new(DeepseekV2MoE::new(config, workload)?),
+            LayerId::Attention if config.mla.is_some() => {
+                Box::new(DeepseekV2Attention::new(config, workload, attention)?)
+            }
             LayerId::Attention => Box::new(LlamaAttention::new(config, workload, attention)),
             LayerId::DecoderDense | LayerId::DecoderMoe => Box::new(DeepseekV2DecoderLayer::new(
                 config, workload, index, attention,

@@ -1,12 +1,15 @@
 //! `DeepseekV2DecoderLayer` (pre-norm):
 //! `x = x + attn(input_layernorm(x)); x = x + mlp(post_attention_layernorm(x))`,
-//! where `mlp` is `DeepseekV2MoE` or `DeepseekV2MLP` as the config says for the layer.
+//! where `mlp` is `DeepseekV2MoE` or `DeepseekV2MLP` as the config says for the layer,
+//! and `attn` is the Llama-style multi-head attention (DeepSeek-OCR) or MLA
+//! (`DeepseekV2Attention`, when the config sets the MLA dimensions).
 
 use serde_json::json;
 
 use crate::config::{MlpKind, ModelConfig};
 use crate::error::Result;
 use crate::layers::attention::{AttentionImpl, LlamaAttention};
+use crate::layers::mla::DeepseekV2Attention;
 use crate::layers::mlp::DeepseekV2MLP;
 use crate::layers::moe::DeepseekV2MoE;
 use crate::layers::rms_norm::DeepseekV2RMSNorm;
@@ -122,7 +125,7 @@ impl Layer for DeepseekV2DecoderLayer {
         let norm = DeepseekV2RMSNorm::new(c, w);
         let hidden = t(&[w.batch, w.query_len(), c.hidden_size], w.dtype);
         b.child(norm.cost_as("input_layernorm")?)?;
-        b.child(LlamaAttention::new(c, w, self.attention).cost()?)?;
+        b.child(attention_cost(c, w, self.attention)?)?;
         b.elementwise(
             "residual + self_attn",
             "aten::add",
@@ -136,6 +139,18 @@ impl Layer for DeepseekV2DecoderLayer {
         }
         b.elementwise("residual + mlp", "aten::add", &[&hidden, &hidden], w.dtype)?;
         Ok(b.finish())
+    }
+}
+
+/// The attention the config names: MLA when it has MLA dimensions, else Llama-style MHA.
+pub(crate) fn attention_cost(
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+) -> Result<Cost> {
+    match config.mla {
+        Some(_) => DeepseekV2Attention::new(config, workload, attention)?.cost(),
+        None => LlamaAttention::new(config, workload, attention).cost(),
     }
 }
 

@@ -15,7 +15,7 @@ use crate::layers::rms_norm::DeepseekV2RMSNorm;
 use crate::layers::vendor_ops::{bytes_of, t};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder, Metric, Metrics};
-use crate::workload::{Phase, Platform, Workload};
+use crate::workload::{MlaForm, Phase, Platform, Workload};
 
 /// `DeepseekV2ForCausalLM` for one forward call.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,6 +96,8 @@ pub struct Generation {
     /// The backend whose kernels run it.
     pub platform: Platform,
     pub attention: AttentionImpl,
+    /// How MLA layers run (ignored by multi-head attention).
+    pub mla: MlaForm,
 }
 
 /// Metrics of a whole generation.
@@ -113,7 +115,8 @@ impl Generation {
     fn stack(&self, phase: Phase) -> Result<Metrics> {
         let workload = Workload::new(self.batch, phase, self.dtype)?
             .with_tf32(self.allow_tf32)
-            .on(self.platform);
+            .on(self.platform)
+            .with_mla(self.mla);
         DeepseekV2Decoder::new(&self.config, &workload, self.attention).metrics()
     }
 
@@ -227,6 +230,7 @@ mod tests {
             allow_tf32: false,
             platform: Platform::Cuda,
             attention: AttentionImpl::Sdpa,
+            mla: MlaForm::Naive,
         };
         let m = g.metrics().unwrap();
         let step = |ctx| {
@@ -263,6 +267,7 @@ mod tests {
             allow_tf32: false,
             platform: Platform::Cuda,
             attention: AttentionImpl::Sdpa,
+            mla: MlaForm::Naive,
         };
         assert!(g.metrics().unwrap_err().to_string().contains("overflows"));
     }

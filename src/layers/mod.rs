@@ -2,7 +2,7 @@
 //!
 //! Each layer writes down, op by op, the ATen calls the vendor code makes for one
 //! forward call (`modeling_deepseekv2.py` and the transformers 4.46 Llama attention it
-//! imports), with closed-form shapes from the config and workload. Every call is costed
+//! imports; `modeling_deepseek.py` for the MLA attention of DeepSeek-V2/V3), with closed-form shapes from the config and workload. Every call is costed
 //! by the conventions table, so the metrics are exact integers that a measured run of
 //! the same code reproduces to the FLOP.
 
@@ -10,6 +10,7 @@ mod attention;
 mod catalog;
 mod decoder_layer;
 mod decoder_stack;
+mod mla;
 mod mlp;
 mod moe;
 mod moe_gate;
@@ -22,6 +23,7 @@ pub use attention::{AttentionImpl, LlamaAttention, ATTENTION_CORE_ROLE};
 pub use catalog::{layers_of, LayerId};
 pub use decoder_layer::{DecoderLayerDims, DeepseekV2DecoderLayer};
 pub use decoder_stack::{DeepseekV2Decoder, Generation, GenerationMetrics};
+pub use mla::{mla_class_name, DeepseekV2Attention, MLA_CLASS_NAMES};
 pub use mlp::DeepseekV2MLP;
 pub use moe::DeepseekV2MoE;
 pub use moe_gate::MoEGate;

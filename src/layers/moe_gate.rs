@@ -1,6 +1,8 @@
-//! `MoEGate`: greedy softmax top-k routing, computed in fp32.
+//! `MoEGate`: top-k routing computed in fp32, for every `scoring_func` and `topk_method`
+//! of the DeepSeek-V2/V3 family ([`crate::routing`]).
 //!
-//! Vendor code (inference path; the auxiliary loss exists in training only):
+//! Vendor code for DeepSeek-OCR's greedy softmax routing (inference path; the auxiliary
+//! loss exists in training only):
 //! ```python
 //! hidden_states = hidden_states.view(-1, h)
 //! logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32), None)
@@ -14,6 +16,27 @@
 //! ```
 //! Matmul 2·N·h·E in fp32, so CUDA-core work even in a bf16 model (TF32 off):
 //! `tensor_core_flops` = 0. Elementwise 6·N·E + N·k (softmax 5, top-k 1, scaling 1).
+//!
+//! The other methods (DeepSeek-VL2's `modeling_deepseek.py` `MoEGate`, which DeepSeek-V3's
+//! copies for `noaux_tc`) replace the `topk` line; with G groups of E/G experts:
+//! ```python
+//! scores = logits.sigmoid()                                   # scoring_func sigmoid
+//! # group_limited_greedy:
+//! group_scores = scores.view(N, G, -1).max(dim=-1).values
+//! # noaux_tc:
+//! scores_for_choice = scores.view(N, -1) + self.e_score_correction_bias.unsqueeze(0)
+//! group_scores = scores_for_choice.view(N, G, -1).topk(2, dim=-1)[0].sum(dim=-1)
+//! # both:
+//! group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+//! group_mask = torch.zeros_like(group_scores); group_mask.scatter_(1, group_idx, 1)
+//! score_mask = group_mask.unsqueeze(-1).expand(N, G, E // G).reshape(N, -1)
+//! tmp_scores = scores(_for_choice).masked_fill(~score_mask.bool(), 0.0)
+//! topk_weight, topk_idx = torch.topk(tmp_scores, k=self.top_k, dim=-1, sorted=False)
+//! topk_weight = scores.gather(1, topk_idx)                    # noaux_tc only
+//! ```
+//! Elementwise per token: sigmoid 4·E instead of softmax 5·E; group-limited greedy adds
+//! E (max) + G (group top-k); noaux_tc adds E (bias) + E (top-2) + 2·G (sum) + G (group
+//! top-k). Masks, scatters and gathers move data only.
 
 use crate::checked::product;
 use crate::config::{ModelConfig, MoeConfig};
@@ -23,6 +46,7 @@ use crate::error::Result;
 use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
+use crate::routing::{ScoringFunc, TopkMethod};
 use crate::workload::Workload;
 
 /// `MoEGate` over an input of shape `[B, S_q, h]`.
@@ -77,25 +101,103 @@ impl Layer for MoEGate {
         )?;
         let logits = b.linear("logits (F.linear)", &x32, experts, false)?;
         let scores = t(&logits.shape, Dtype::F32);
-        b.op(
-            "softmax",
-            "aten::softmax",
-            &[arg(&logits), Arg::Int(-1), Arg::Other("ScalarType".into())],
-            std::slice::from_ref(&scores),
-        )?;
+        match self.moe.routing.scoring_func {
+            ScoringFunc::Softmax => b.op(
+                "softmax",
+                "aten::softmax",
+                &[arg(&logits), Arg::Int(-1), Arg::Other("ScalarType".into())],
+                std::slice::from_ref(&scores),
+            )?,
+            ScoringFunc::Sigmoid => {
+                b.elementwise("sigmoid", "aten::sigmoid", &[&logits], Dtype::F32)?;
+            }
+        }
         let weights = with_last(&scores, k);
-        b.op(
-            "topk",
-            "aten::topk",
-            &[
-                arg(&scores),
-                Arg::Int(k as i64),
-                Arg::Int(-1),
-                Arg::Bool(true),
-                Arg::Bool(false),
-            ],
-            &[weights.clone(), t(&weights.shape, Dtype::I64)],
-        )?;
+        let routing = self.moe.routing;
+        let choice = match routing.topk_method {
+            TopkMethod::Greedy => scores.clone(),
+            TopkMethod::GroupLimitedGreedy | TopkMethod::NoauxTc => {
+                let (groups, per) = (routing.n_group, routing.experts_per_group(experts));
+                let grouped = t(&[tokens, groups, per], Dtype::F32);
+                let group_scores = t(&[tokens, groups], Dtype::F32);
+                let group_ids = t(&[tokens, groups], Dtype::I64);
+                let choice = if routing.topk_method == TopkMethod::NoauxTc {
+                    let bias = t(&[1, experts], x.dtype);
+                    let choice = b.elementwise(
+                        "scores + e_score_correction_bias",
+                        "aten::add",
+                        &[&scores, &bias],
+                        Dtype::F32,
+                    )?;
+                    let top2 = t(&[tokens, groups, 2], Dtype::F32);
+                    topk(&mut b, "group top-2", &grouped, 2, &top2)?;
+                    b.op(
+                        "group_scores = top-2 sum(-1)",
+                        "aten::sum",
+                        &[
+                            arg(&top2),
+                            Arg::IntList(vec![-1]),
+                            Arg::Bool(false),
+                            Arg::None,
+                        ],
+                        std::slice::from_ref(&group_scores),
+                    )?;
+                    choice
+                } else {
+                    b.op(
+                        "group_scores = max(-1)",
+                        "aten::max",
+                        &[arg(&grouped), Arg::Int(-1), Arg::Bool(false)],
+                        &[group_scores.clone(), group_ids.clone()],
+                    )?;
+                    scores.clone()
+                };
+                let kept = t(&[tokens, routing.topk_group], Dtype::F32);
+                topk(
+                    &mut b,
+                    "group_idx = topk(topk_group)",
+                    &group_scores,
+                    routing.topk_group,
+                    &kept,
+                )?;
+                let mask = b.copy(
+                    "group_mask = zeros_like",
+                    "aten::zeros_like",
+                    &[&group_scores],
+                    group_scores.clone(),
+                )?;
+                b.copy(
+                    "group_mask.scatter_(1, group_idx, 1)",
+                    "aten::scatter_",
+                    &[&mask, &with_last(&group_ids, routing.topk_group)],
+                    mask.clone(),
+                )?;
+                let score_mask = b.copy(
+                    "score_mask = expand(…).reshape (copy)",
+                    "aten::clone",
+                    &[&mask],
+                    t(&[tokens, experts], Dtype::F32),
+                )?;
+                let as_bool = b.cast("score_mask.bool()", &score_mask, Dtype::Bool)?;
+                let blocked =
+                    b.elementwise("~score_mask", "aten::bitwise_not", &[&as_bool], Dtype::Bool)?;
+                b.copy(
+                    "masked_fill(~score_mask, 0.0)",
+                    "aten::masked_fill",
+                    &[&choice, &blocked],
+                    choice.clone(),
+                )?
+            }
+        };
+        topk(&mut b, "topk", &choice, k, &weights)?;
+        if routing.topk_method == TopkMethod::NoauxTc {
+            b.copy(
+                "topk_weight = scores.gather(1, topk_idx)",
+                "aten::gather",
+                &[&scores, &t(&weights.shape, Dtype::I64)],
+                weights.clone(),
+            )?;
+        }
         if k > 1 && self.moe.norm_topk_prob {
             let denominator = with_last(&weights, 1);
             b.op(
@@ -130,10 +232,30 @@ impl Layer for MoEGate {
                 Dtype::F32,
             )?;
         }
-        let params = product("gate parameters", &[experts, hidden])?;
+        let mut params = product("gate parameters", &[experts, hidden])?;
+        if routing.topk_method == TopkMethod::NoauxTc {
+            // e_score_correction_bias [E], a parameter in the model dtype.
+            params = crate::checked::sum("gate parameters", &[params, experts])?;
+        }
         b.weights(bytes_of("gate weight", params, x.dtype)?)?;
         Ok(b.finish())
     }
+}
+
+/// `torch.topk(x, k, dim=-1, sorted=False)`: values `out` and int64 indices.
+fn topk(b: &mut CostBuilder, role: &str, x: &TensorMeta, k: u64, out: &TensorMeta) -> Result<()> {
+    b.op(
+        role,
+        "aten::topk",
+        &[
+            arg(x),
+            Arg::Int(k as i64),
+            Arg::Int(-1),
+            Arg::Bool(true),
+            Arg::Bool(false),
+        ],
+        &[out.clone(), t(&out.shape, Dtype::I64)],
+    )
 }
 
 #[cfg(test)]
@@ -176,6 +298,42 @@ mod tests {
         assert_eq!(
             normed.elementwise_flops - plain.elementwise_flops,
             4 * 6 + 4 + 4 * 6
+        );
+    }
+
+    #[test]
+    fn v3_router_matches_the_hand_derivation() {
+        // docs/deepseek-family.md, "The V3 router": B = 1, S = 512.
+        let c = ModelConfig::builtin("deepseek-v3").unwrap().unwrap();
+        let m = MoEGate::new(&c, &Workload::prefill(1, 512).unwrap())
+            .unwrap()
+            .metrics()
+            .unwrap();
+        assert_eq!(m.matmul_flops, 1_879_048_192);
+        assert_eq!(m.elementwise_flops, 942_592);
+        assert_eq!(m.tensor_core_flops, 0, "fp32 logits, TF32 off");
+        assert_eq!(m.weight_bytes, (1_835_008 + 256) * 2);
+    }
+
+    #[test]
+    fn group_limited_greedy_and_sigmoid_cost_their_own_ops() {
+        // V2's group_limited_greedy (softmax) over E = 160, G = 8, topk_group 3, k = 6:
+        // softmax 5·E + group max E + group top-3 G + top-6 E + scale k, per token.
+        let c = ModelConfig::builtin("deepseek-v2").unwrap().unwrap();
+        let m = MoEGate::new(&c, &Workload::prefill(1, 4).unwrap())
+            .unwrap()
+            .metrics()
+            .unwrap();
+        assert_eq!(m.elementwise_flops, 4 * (5 * 160 + 160 + 8 + 160 + 6));
+        // Greedy routing with sigmoid scores: 4 per score instead of 5.
+        let mut ocr = ModelConfig::deepseek_ocr();
+        let w = Workload::prefill(1, 4).unwrap();
+        let softmax = MoEGate::new(&ocr, &w).unwrap().metrics().unwrap();
+        ocr.moe.as_mut().unwrap().routing.scoring_func = crate::routing::ScoringFunc::Sigmoid;
+        let sigmoid = MoEGate::new(&ocr, &w).unwrap().metrics().unwrap();
+        assert_eq!(
+            softmax.elementwise_flops - sigmoid.elementwise_flops,
+            4 * 64
         );
     }
 }

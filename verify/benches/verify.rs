@@ -157,6 +157,7 @@ fn analytic() -> Value {
         allow_tf32: false,
         platform: Platform::Cuda,
         attention: AttentionImpl::Sdpa,
+        mla: modelmeter::MlaForm::Naive,
     };
     let generations = per_second(budget, || {
         std::hint::black_box(generation.metrics().expect("finite"));

@@ -1,0 +1,748 @@
+//! `DeepseekV2Attention` with Multi-head Latent Attention (MLA), the attention of
+//! DeepSeek-V2, V2-Lite and V3, op by op as the vendor `modeling_deepseek.py` runs it.
+//!
+//! Two forms ([`MlaForm`], chosen by the workload):
+//! - **naive** (the vendor code shipped with the HF checkpoints): the query comes from
+//!   `q_proj`, or `q_a_proj → q_a_layernorm → q_b_proj`; `kv_a_proj_with_mqa` gives the
+//!   latent c_kv (r_kv) and one rotary key k_pe (d_r) shared by all heads;
+//!   `kv_a_layernorm`, then `kv_b_proj` decompresses c_kv into per-head k_nope (d_n) and
+//!   v (d_v); rotary on q_pe and k_pe only; query and key states assembled as
+//!   `new_empty` + two slice copies each; the decompressed keys and values are cached
+//!   (`--attn eager`: `DeepseekV2Attention`, matmul → scale → mask → softmax → matmul;
+//!   `--attn sdpa`: `DeepseekV2FlashAttention2`, which pads v to d_qk, caches it padded
+//!   and runs one fused kernel — libtorch has no flash_attn call, so SDPA stands for it);
+//! - **absorb** (`DeepseekV2Attention` of DeepSeek-VL2's later `modeling_deepseek.py`,
+//!   same FLOPs as DeepSeek's `inference/model.py` with `attn_impl = "absorb"`):
+//!   `kv_b_proj`'s key half folded into the query (`q_nope @ W_UK`), scores over the
+//!   latent and the rotary key, `P @ c_kv`, then the value half (`@ W_UVᵀ`); only c_kv
+//!   and k_pe are cached. It runs as explicit matmuls whatever `--attn` says.
+//!
+//! The cos/sin tables are precomputed at init (YaRN or plain) in the model dtype and
+//! sliced in the forward: no FLOPs. YaRN's mscale only changes the softmax scale, a
+//! scalar multiplied into the scores by the same op: no FLOPs either.
+//!
+//! Matmul FLOPs per call (T = B·S_q tokens, L keys), derived in docs/deepseek-family.md:
+//! - naive: 2·T·d·H·d_qk (or 2·T·d·r_q + 2·T·r_q·H·d_qk), plus 2·T·d·(r_kv + d_r), plus
+//!   2·T·r_kv·H·(d_n + d_v), plus 2·B·H·S_q·L·(d_qk + d_v), plus 2·T·H·d_v·d (the flash
+//!   form: d_v → d_qk in the core);
+//! - absorb: the same query and `kv_a` terms, plus 2·T·H·d_n·r_kv, plus
+//!   2·B·H·S_q·L·(2·r_kv + d_r), plus 2·T·H·r_kv·d_v, plus 2·T·H·d_v·d.
+
+use crate::checked::{product, sum};
+use crate::config::ModelConfig;
+use crate::conventions::{Arg, TensorMeta};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::layers::attention::{AttentionImpl, ATTENTION_CORE_ROLE};
+use crate::layers::rms_norm::DeepseekV2RMSNorm;
+use crate::layers::sdpa_kernel::SdpaKernel;
+use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
+use crate::layers::Layer;
+use crate::metrics::{Cost, CostBuilder};
+use crate::mla_config::MlaConfig;
+use crate::workload::{MlaForm, Phase, Workload};
+
+/// The report names of the MLA attention, by form and implementation.
+pub const MLA_CLASS_NAMES: [&str; 3] = [
+    "DeepseekV2FlashAttention2",
+    "DeepseekV2Attention",
+    "DeepseekV2Attention_absorb",
+];
+
+/// The report name of the MLA attention run in `form` with `implementation`.
+pub fn mla_class_name(form: MlaForm, implementation: AttentionImpl) -> &'static str {
+    match (form, implementation) {
+        (MlaForm::Naive, AttentionImpl::Sdpa) => MLA_CLASS_NAMES[0],
+        (MlaForm::Naive, AttentionImpl::Eager) => MLA_CLASS_NAMES[1],
+        (MlaForm::Absorb, _) => MLA_CLASS_NAMES[2],
+    }
+}
+
+/// MLA attention of a DeepSeek-V2/V3 decoder layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeepseekV2Attention {
+    hidden: u64,
+    heads: u64,
+    mla: MlaConfig,
+    bias: bool,
+    workload: Workload,
+    implementation: AttentionImpl,
+}
+
+impl DeepseekV2Attention {
+    /// The attention of a decoder layer of an MLA config; an error for an MHA config.
+    pub fn new(
+        config: &ModelConfig,
+        workload: &Workload,
+        implementation: AttentionImpl,
+    ) -> Result<DeepseekV2Attention> {
+        Ok(DeepseekV2Attention {
+            hidden: config.hidden_size,
+            heads: config.num_attention_heads,
+            mla: config.mla()?.clone(),
+            bias: config.attention_bias,
+            workload: *workload,
+            implementation,
+        })
+    }
+
+    /// The report name: `DeepseekV2FlashAttention2` (naive, fused core),
+    /// `DeepseekV2Attention` (naive, eager core) or `DeepseekV2Attention_absorb`.
+    pub fn class_name(&self) -> &'static str {
+        mla_class_name(self.workload.mla, self.implementation)
+    }
+
+    /// The value width the cache holds per head: d_v, or d_qk where the flash form pads
+    /// the values before caching them.
+    fn cached_value_dim(&self) -> Result<u64> {
+        let (d_qk, d_v) = (self.mla.qk_head_dim()?, self.mla.v_head_dim);
+        Ok(match self.implementation {
+            AttentionImpl::Sdpa => d_qk.max(d_v),
+            AttentionImpl::Eager => d_v,
+        })
+    }
+
+    /// KV-cache elements per token held by this layer: H·(d_qk + d_v) (naive eager),
+    /// H·2·d_qk (naive flash, values padded) or r_kv + d_r (absorb).
+    pub fn cache_per_token(&self) -> Result<u64> {
+        match self.workload.mla {
+            MlaForm::Absorb => self.mla.latent_cache_per_token(),
+            MlaForm::Naive => {
+                let width = sum(
+                    "cached K + V width",
+                    &[self.mla.qk_head_dim()?, self.cached_value_dim()?],
+                )?;
+                product("KV cache per token", &[self.heads, width])
+            }
+        }
+    }
+
+    /// Parameters: the projections, their biases when the config has them, and the
+    /// `q_a_layernorm` / `kv_a_layernorm` weights.
+    pub fn parameters(&self) -> Result<u64> {
+        let norms = sum(
+            "MLA norm weights",
+            &[self.mla.q_lora_rank.unwrap_or(0), self.mla.kv_lora_rank],
+        )?;
+        sum("MLA parameters", &[self.projection_parameters()?, norms])
+    }
+
+    fn projection_parameters(&self) -> Result<u64> {
+        let m = &self.mla;
+        let (h, heads) = (self.hidden, self.heads);
+        let q_width = product("H·d_qk", &[heads, m.qk_head_dim()?])?;
+        let bias = |n: u64| if self.bias { n } else { 0 };
+        let q = match m.q_lora_rank {
+            None => product("q_proj", &[h, q_width])?,
+            Some(r) => sum(
+                "q_a_proj + q_b_proj",
+                &[
+                    product("q_a_proj", &[h, r])?,
+                    bias(r),
+                    product("q_b_proj", &[r, q_width])?,
+                ],
+            )?,
+        };
+        let kv_a_width = m.latent_cache_per_token()?;
+        let kv_a = sum(
+            "kv_a_proj_with_mqa",
+            &[
+                product("kv_a_proj_with_mqa", &[h, kv_a_width])?,
+                bias(kv_a_width),
+            ],
+        )?;
+        let kv_b = product(
+            "kv_b_proj",
+            &[
+                m.kv_lora_rank,
+                heads,
+                sum("d_n + d_v", &[m.qk_nope_head_dim, m.v_head_dim])?,
+            ],
+        )?;
+        let o = sum(
+            "o_proj",
+            &[product("o_proj", &[heads, m.v_head_dim, h])?, bias(h)],
+        )?;
+        sum("MLA projections", &[q, kv_a, kv_b, o])
+    }
+
+    /// The query path: `q_proj`, or `q_a_proj → q_a_layernorm → q_b_proj`.
+    fn query(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<()> {
+        let width = product("H·d_qk", &[self.heads, self.mla.qk_head_dim()?])?;
+        match self.mla.q_lora_rank {
+            None => {
+                b.linear("q_proj", x, width, false)?;
+            }
+            Some(rank) => {
+                let q_a = b.linear("q_a_proj", x, rank, self.bias)?;
+                let norm = DeepseekV2RMSNorm::over(q_a.clone(), self.workload.allow_tf32);
+                b.child(norm.cost_as("q_a_layernorm")?)?;
+                b.linear("q_b_proj", &q_a, width, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `kv_a_proj_with_mqa`, split into c_kv and k_pe, and `kv_a_layernorm` on c_kv.
+    fn compressed_kv(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<TensorMeta> {
+        let kv_a = b.linear(
+            "kv_a_proj_with_mqa",
+            x,
+            self.mla.latent_cache_per_token()?,
+            self.bias,
+        )?;
+        let c_kv = with_last(&kv_a, self.mla.kv_lora_rank);
+        let norm = DeepseekV2RMSNorm::over(c_kv.clone(), self.workload.allow_tf32);
+        b.child(norm.cost_as("kv_a_layernorm")?)?;
+        Ok(c_kv)
+    }
+
+    /// `apply_rotary_pos_emb(q_pe, k_pe, cos, sin, position_ids)`: the table rows are
+    /// gathered by position, each input is de-interleaved (`view(…, d/2, 2)
+    /// .transpose(4, 3).reshape`: a copy), then `x * cos + rotate_half(x) * sin`.
+    fn apply_rotary(&self, b: &mut CostBuilder) -> Result<()> {
+        let w = &self.workload;
+        let (batch, s, d_r, dtype) = (w.batch, w.query_len(), self.mla.qk_rope_head_dim, w.dtype);
+        let ids = t(&[batch, s], Dtype::I64);
+        let rows = t(&[batch, s, d_r], dtype);
+        b.copy(
+            "cos[position_ids]",
+            "aten::index",
+            &[&ids, &rows],
+            rows.clone(),
+        )?;
+        b.copy(
+            "sin[position_ids]",
+            "aten::index",
+            &[&ids, &rows],
+            rows.clone(),
+        )?;
+        let table = t(&[batch, 1, s, d_r], dtype);
+        for (name, heads) in [("q_pe", self.heads), ("k_pe", 1)] {
+            let x = t(&[batch, heads, s, d_r], dtype);
+            b.copy(
+                &format!("{name} de-interleave (reshape copy)"),
+                "aten::clone",
+                &[&x],
+                x.clone(),
+            )?;
+            let x_cos =
+                b.elementwise(&format!("{name} * cos"), "aten::mul", &[&x, &table], dtype)?;
+            let half = t(&[batch, heads, s, d_r / 2], dtype);
+            let neg = b.elementwise(
+                &format!("-{name}2 (rotate_half)"),
+                "aten::neg",
+                &[&half],
+                dtype,
+            )?;
+            let rotated = b.copy(
+                &format!("cat(-{name}2, {name}1)"),
+                "aten::cat",
+                &[&neg, &half],
+                x.clone(),
+            )?;
+            let rot_sin = b.elementwise(
+                &format!("rotate_half({name}) * sin"),
+                "aten::mul",
+                &[&rotated, &table],
+                dtype,
+            )?;
+            b.elementwise(
+                &format!("{name}_embed = + "),
+                "aten::add",
+                &[&x_cos, &rot_sin],
+                dtype,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Appends this call's `new` rows (`[B, heads, S_q, width]`) to a cache of
+    /// `context_len` rows in decode (`past_key_value.update`, a `cat`); returns the
+    /// tensor attended over, `[B, heads, L, width]`.
+    fn cached(
+        &self,
+        b: &mut CostBuilder,
+        role: &str,
+        heads: u64,
+        width: u64,
+    ) -> Result<TensorMeta> {
+        let w = &self.workload;
+        let new = t(&[w.batch, heads, w.query_len(), width], w.dtype);
+        match w.phase {
+            Phase::Prefill { .. } => Ok(new),
+            Phase::Decode { context_len } => {
+                let old = t(&[w.batch, heads, context_len, width], w.dtype);
+                let full = t(&[w.batch, heads, w.key_len()?, width], w.dtype);
+                b.copy(
+                    &format!("past_key_value.update ({role})"),
+                    "aten::cat",
+                    &[&old, &new],
+                    full,
+                )
+            }
+        }
+    }
+
+    /// `bmm` of `[batch, m, k] @ [batch, k, n]`.
+    fn bmm(
+        b: &mut CostBuilder,
+        role: &str,
+        batch: u64,
+        m: u64,
+        k: u64,
+        n: u64,
+        dtype: Dtype,
+    ) -> Result<TensorMeta> {
+        let out = t(&[batch, m, n], dtype);
+        b.op(
+            role,
+            "aten::bmm",
+            &[
+                arg(&t(&[batch, m, k], dtype)),
+                arg(&t(&[batch, k, n], dtype)),
+            ],
+            std::slice::from_ref(&out),
+        )?;
+        Ok(out)
+    }
+
+    /// Scale, mask, fp32 softmax and the cast back, over `[B, H, S_q, L]` scores.
+    fn softmax(&self, b: &mut CostBuilder, scores: &TensorMeta) -> Result<()> {
+        let dtype = self.workload.dtype;
+        let scaled = b.elementwise("* softmax_scale", "aten::mul", &[scores], dtype)?;
+        let s = &scores.shape;
+        let mask = t(&[s[0], 1, s[2], s[3]], dtype);
+        let masked = b.elementwise("+ attention_mask", "aten::add", &[&scaled, &mask], dtype)?;
+        let probs = t(&masked.shape, Dtype::F32);
+        b.op(
+            "softmax(float32)",
+            "aten::softmax",
+            &[arg(&masked), Arg::Int(-1), Arg::Other("ScalarType".into())],
+            std::slice::from_ref(&probs),
+        )?;
+        b.cast("softmax.to(dtype)", &probs, dtype)?;
+        Ok(())
+    }
+
+    /// The naive form: decompressed per-head keys and values.
+    fn naive(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<()> {
+        let w = &self.workload;
+        let m = &self.mla;
+        let (batch, heads, sq, dtype) = (w.batch, self.heads, w.query_len(), w.dtype);
+        let (d_n, d_r, d_v, d_qk) = (
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.qk_head_dim()?,
+        );
+        if self.implementation == AttentionImpl::Sdpa && d_v > d_qk {
+            return Err(Error::Unsupported {
+                field: "v_head_dim".into(),
+                value: d_v.to_string(),
+                reason: format!(
+                    "DeepseekV2FlashAttention2 pads the values to d_qk ({d_qk}) and cannot \
+                     take wider ones; use --attn eager"
+                ),
+            });
+        }
+        self.query(b, x)?;
+        let c_kv = self.compressed_kv(b, x)?;
+        let kv_width = product("H·(d_n + d_v)", &[heads, sum("d_n + d_v", &[d_n, d_v])?])?;
+        b.linear("kv_b_proj", &c_kv, kv_width, false)?;
+        self.apply_rotary(b)?;
+
+        let states = t(&[batch, heads, sq, d_qk], dtype);
+        for (name, nope_src, pe_src_heads) in [
+            ("query_states", "q_nope", heads),
+            ("key_states", "k_nope", 1),
+        ] {
+            b.copy(
+                &format!("{name} = new_empty"),
+                "aten::new_empty",
+                &[],
+                states.clone(),
+            )?;
+            let nope = t(&[batch, heads, sq, d_n], dtype);
+            b.copy(
+                &format!("{name}[..., :d_n] = {nope_src}"),
+                "aten::copy_",
+                &[&nope],
+                nope.clone(),
+            )?;
+            let pe = t(&[batch, pe_src_heads, sq, d_r], dtype);
+            let pe_name = if pe_src_heads == 1 { "k_pe" } else { "q_pe" };
+            b.copy(
+                &format!("{name}[..., d_n:] = {pe_name}"),
+                "aten::copy_",
+                &[&pe],
+                t(&[batch, heads, sq, d_r], dtype),
+            )?;
+        }
+        let value_dim = self.cached_value_dim()?;
+        if value_dim != d_v {
+            let v = t(&[batch, heads, sq, d_v], dtype);
+            b.copy(
+                "F.pad(value_states) to d_qk",
+                "aten::constant_pad_nd",
+                &[&v],
+                with_last(&v, value_dim),
+            )?;
+        }
+        let k = self.cached(b, "keys", heads, d_qk)?;
+        let v = self.cached(b, "values", heads, value_dim)?;
+        let skv = k.shape[2];
+
+        let mut core = CostBuilder::new(ATTENTION_CORE_ROLE, w.allow_tf32);
+        let bh = product("batch × heads", &[batch, heads])?;
+        match self.implementation {
+            AttentionImpl::Eager => {
+                if matches!(w.phase, Phase::Prefill { .. }) && batch > 1 {
+                    // A slice of kv_b_proj's output cannot be viewed as [B·H, S, d_v].
+                    core.copy(
+                        "matmul: value_states.reshape (copy)",
+                        "aten::clone",
+                        &[&v],
+                        v.clone(),
+                    )?;
+                }
+                Self::bmm(
+                    &mut core,
+                    "query_states @ key_statesᵀ",
+                    bh,
+                    sq,
+                    d_qk,
+                    skv,
+                    dtype,
+                )?;
+                self.softmax(&mut core, &t(&[batch, heads, sq, skv], dtype))?;
+                Self::bmm(
+                    &mut core,
+                    "attn_weights @ value_states",
+                    bh,
+                    sq,
+                    skv,
+                    d_v,
+                    dtype,
+                )?;
+            }
+            AttentionImpl::Sdpa => {
+                let kernel = SdpaKernel::select(w.platform, dtype, d_qk, skv);
+                let op = kernel.op().ok_or_else(|| Error::Unsupported {
+                    field: "attention".into(),
+                    value: "sdpa".into(),
+                    reason: format!(
+                        "no fused SDPA kernel takes MLA's head dim {d_qk} in {dtype} on {}; \
+                         the math path is not modelled for MLA, use --attn eager",
+                        w.platform
+                    ),
+                })?;
+                let padded = kernel.computed_head_dim(d_qk);
+                let mut inputs = Vec::new();
+                for (name, x) in [("q", states.clone()), ("k", k), ("v", v)] {
+                    inputs.push(if padded == d_qk {
+                        x
+                    } else {
+                        core.copy(
+                            &format!("pad {name} to head dim {padded}"),
+                            "aten::constant_pad_nd",
+                            &[&x],
+                            with_last(&x, padded),
+                        )?
+                    });
+                }
+                core.op(
+                    &format!("scaled_dot_product_attention ({})", kernel.label()),
+                    op,
+                    &[
+                        arg(&inputs[0]),
+                        arg(&inputs[1]),
+                        arg(&inputs[2]),
+                        Arg::Float(0.0),
+                        Arg::Bool(sq > 1),
+                    ],
+                    &[
+                        t(&[batch, heads, sq, padded], dtype),
+                        t(&[batch, heads, sq], Dtype::F32),
+                    ],
+                )?;
+            }
+        }
+        b.child(core.finish())?;
+        let out = t(&[batch, sq, heads, d_v], dtype);
+        let role = match self.implementation {
+            AttentionImpl::Eager => "transpose(1, 2).contiguous()",
+            AttentionImpl::Sdpa => "attn_output[..., :v_head_dim].reshape (copy)",
+        };
+        b.copy(role, "aten::contiguous", &[&out], out.clone())?;
+        Ok(())
+    }
+
+    /// The weight-absorbed form: the latent c_kv and k_pe are cached; `kv_b_proj`'s
+    /// halves multiply the query and the output (`matmul` with a per-head weight, which
+    /// libtorch folds into `bmm`, copying an expanded operand when the batch is > 1).
+    fn absorbed(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<()> {
+        let w = &self.workload;
+        let m = &self.mla;
+        let (batch, heads, sq, dtype) = (w.batch, self.heads, w.query_len(), w.dtype);
+        let (d_n, d_r, d_v, r) = (
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+        );
+        self.query(b, x)?;
+        self.compressed_kv(b, x)?;
+        self.apply_rotary(b)?;
+        let k_pe = self.cached(b, "k_pe", 1, d_r)?;
+        let c_kv = self.cached(b, "compressed_kv", 1, r)?;
+        let skv = k_pe.shape[2];
+        let bh = product("batch × heads", &[batch, heads])?;
+
+        let q_nope = t(&[batch, heads, sq, d_n], dtype);
+        b.copy(
+            "matmul: q_nope.reshape (copy of a slice)",
+            "aten::clone",
+            &[&q_nope],
+            q_nope.clone(),
+        )?;
+        let weight_copy = |b: &mut CostBuilder, role: &str, k: u64, n: u64| -> Result<()> {
+            if batch > 1 {
+                let expanded = t(&[bh, k, n], dtype);
+                b.copy(role, "aten::clone", &[&expanded], expanded.clone())?;
+            }
+            Ok(())
+        };
+        weight_copy(b, "matmul: W_UK expanded over the batch (copy)", d_n, r)?;
+        Self::bmm(
+            b,
+            "q_nope @ W_UK (absorbed kv_b_proj)",
+            bh,
+            sq,
+            d_n,
+            r,
+            dtype,
+        )?;
+
+        let mut core = CostBuilder::new(ATTENTION_CORE_ROLE, w.allow_tf32);
+        for (role, width, src) in [
+            ("q_pe @ k_peᵀ", d_r, &k_pe),
+            ("q_nope @ compressed_kvᵀ", r, &c_kv),
+        ] {
+            if heads > 1 {
+                let expanded = t(&[bh, width, skv], dtype);
+                core.copy(
+                    &format!(
+                        "matmul: {}ᵀ expanded over heads (copy)",
+                        if width == d_r {
+                            "k_pe"
+                        } else {
+                            "compressed_kv"
+                        }
+                    ),
+                    "aten::clone",
+                    &[src],
+                    expanded,
+                )?;
+            }
+            Self::bmm(&mut core, role, bh, sq, width, skv, dtype)?;
+        }
+        let scores = t(&[batch, heads, sq, skv], dtype);
+        core.elementwise(
+            "rope scores + latent scores",
+            "aten::add",
+            &[&scores, &scores],
+            dtype,
+        )?;
+        self.softmax(&mut core, &scores)?;
+        let rows = product("heads × queries", &[heads, sq])?;
+        Self::bmm(
+            &mut core,
+            "einsum(bhql,blc->bhqc) attn_weights @ compressed_kv",
+            batch,
+            rows,
+            skv,
+            r,
+            dtype,
+        )?;
+        b.child(core.finish())?;
+
+        weight_copy(b, "matmul: W_UV expanded over the batch (copy)", r, d_v)?;
+        Self::bmm(b, "@ W_UVᵀ (absorbed kv_b_proj)", bh, sq, r, d_v, dtype)?;
+        let out = t(&[batch, sq, heads, d_v], dtype);
+        b.copy(
+            "transpose(1, 2).contiguous()",
+            "aten::contiguous",
+            &[&out],
+            out.clone(),
+        )?;
+        Ok(())
+    }
+}
+
+impl Layer for DeepseekV2Attention {
+    fn name(&self) -> String {
+        self.class_name().into()
+    }
+
+    fn cost(&self) -> Result<Cost> {
+        let w = &self.workload;
+        let mut b = CostBuilder::new(self.name(), w.allow_tf32);
+        let x = t(&[w.batch, w.query_len(), self.hidden], w.dtype);
+        match w.mla {
+            MlaForm::Naive => self.naive(&mut b, &x)?,
+            MlaForm::Absorb => self.absorbed(&mut b, &x)?,
+        }
+        let merged = t(
+            &[
+                w.batch,
+                w.query_len(),
+                product("H·d_v", &[self.heads, self.mla.v_head_dim])?,
+            ],
+            w.dtype,
+        );
+        b.linear("o_proj", &merged, self.hidden, self.bias)?;
+        b.weights(bytes_of(
+            "MLA projection weights",
+            self.projection_parameters()?,
+            w.dtype,
+        )?)?;
+        let cached = product(
+            "KV cache elements",
+            &[w.batch, w.key_len()?, self.cache_per_token()?],
+        )?;
+        b.kv_cache(bytes_of("KV cache", cached, w.dtype)?)?;
+        Ok(b.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builtin(name: &str) -> ModelConfig {
+        ModelConfig::builtin(name).unwrap().unwrap()
+    }
+
+    fn cost(name: &str, w: &Workload, implementation: AttentionImpl) -> Cost {
+        DeepseekV2Attention::new(&builtin(name), w, implementation)
+            .unwrap()
+            .cost()
+            .unwrap()
+    }
+
+    /// The matmul FLOPs of the op called `role`.
+    fn op_flops(c: &Cost, role: &str) -> u64 {
+        c.ops()
+            .iter()
+            .filter(|o| o.name == role)
+            .map(|o| o.metrics.matmul_flops)
+            .sum()
+    }
+
+    #[test]
+    fn v2_lite_prefill_matches_the_hand_derivation() {
+        // docs/deepseek-family.md, "Prefill, B = 1, S = 512".
+        let w = Workload::prefill(1, 512).unwrap();
+        let c = cost("deepseek-v2-lite", &w, AttentionImpl::Eager);
+        assert_eq!(c.name, "DeepseekV2Attention");
+        assert_eq!(op_flops(&c, "q_proj"), 6_442_450_944);
+        assert_eq!(op_flops(&c, "kv_a_proj_with_mqa"), 1_207_959_552);
+        assert_eq!(op_flops(&c, "kv_b_proj"), 2_147_483_648);
+        assert_eq!(op_flops(&c, "query_states @ key_statesᵀ"), 1_610_612_736);
+        assert_eq!(op_flops(&c, "attn_weights @ value_states"), 1_073_741_824);
+        assert_eq!(op_flops(&c, "o_proj"), 4_294_967_296);
+        assert_eq!(c.metrics.matmul_flops, 16_777_216_000);
+        assert_eq!(
+            c.metrics.tensor_core_flops, c.metrics.matmul_flops,
+            "all bf16"
+        );
+        assert_eq!(
+            c.metrics.kv_cache_bytes,
+            512 * 10_240,
+            "5,120 elements per token"
+        );
+        let flash = cost("deepseek-v2-lite", &w, AttentionImpl::Sdpa);
+        assert_eq!(flash.name, "DeepseekV2FlashAttention2");
+        assert_eq!(
+            flash.metrics.matmul_flops, 17_314_086_912,
+            "values padded to 192"
+        );
+        assert_eq!(
+            flash.metrics.kv_cache_bytes,
+            512 * 12_288,
+            "padded values cached"
+        );
+    }
+
+    #[test]
+    fn v2_lite_decode_step_matches_the_hand_derivation() {
+        // docs/deepseek-family.md, "One decode step, B = 1, C = 512".
+        let w = Workload::decode(1, 512).unwrap();
+        let c = cost("deepseek-v2-lite", &w, AttentionImpl::Eager);
+        assert_eq!(op_flops(&c, "kv_b_proj"), 4_194_304, "the new token only");
+        assert_eq!(op_flops(&c, "query_states @ key_statesᵀ"), 3_151_872);
+        assert_eq!(c.metrics.matmul_flops, 32_778_240);
+        assert_eq!(c.metrics.kv_cache_bytes, 5_253_120);
+    }
+
+    #[test]
+    fn absorbed_decode_and_latent_cache_match_the_hand_derivation() {
+        // docs/deepseek-family.md, "The same decode step, absorbed".
+        let w = Workload::decode(1, 512).unwrap().with_mla(MlaForm::Absorb);
+        let c = cost("deepseek-v2-lite", &w, AttentionImpl::Sdpa);
+        assert_eq!(c.name, "DeepseekV2Attention_absorb");
+        assert_eq!(
+            op_flops(&c, "q_nope @ W_UK (absorbed kv_b_proj)"),
+            2_097_152
+        );
+        let core = c.child(ATTENTION_CORE_ROLE).unwrap();
+        assert_eq!(
+            core.metrics.matmul_flops,
+            9_455_616 + 8_404_992,
+            "scores + P·c_kv"
+        );
+        assert_eq!(op_flops(&c, "@ W_UVᵀ (absorbed kv_b_proj)"), 2_097_152);
+        assert_eq!(c.metrics.matmul_flops, 45_385_728);
+        assert_eq!(c.metrics.kv_cache_bytes, 590_976, "513 tokens × 576 × 2 B");
+        assert!(c.ops().iter().all(|o| o.name != "kv_b_proj"));
+    }
+
+    #[test]
+    fn q_lora_rank_runs_the_low_rank_query_path() {
+        // docs/deepseek-family.md, "DeepSeek-V2 (q_lora_rank set)".
+        let w = Workload::decode(1, 512).unwrap();
+        let c = cost("deepseek-v2", &w, AttentionImpl::Eager);
+        assert_eq!(op_flops(&c, "q_a_proj"), 15_728_640);
+        assert_eq!(op_flops(&c, "q_b_proj"), 75_497_472);
+        assert!(c.child("q_a_layernorm").is_some() && c.child("kv_a_layernorm").is_some());
+        assert_eq!(c.metrics.matmul_flops, 340_475_904);
+    }
+
+    #[test]
+    fn parameters_and_the_stack_cache_per_token() {
+        let c = builtin("deepseek-v2-lite");
+        let w = Workload::prefill(1, 8).unwrap();
+        let a = DeepseekV2Attention::new(&c, &w, AttentionImpl::Eager).unwrap();
+        // 2048·3072 + 2048·576 + 512·4096 + 2048·2048 + the kv_a_layernorm weight 512.
+        assert_eq!(a.parameters().unwrap(), 13_763_072);
+        assert_eq!(a.metrics().unwrap().weight_bytes, 13_763_072 * 2);
+        // README: 27 layers × 5,120 × 2 B naive, 27 × 576 × 2 B latent, per token.
+        let stack = |form: MlaForm| {
+            crate::layers::DeepseekV2Decoder::new(&c, &w.with_mla(form), AttentionImpl::Eager)
+                .metrics()
+                .unwrap()
+                .kv_cache_bytes
+        };
+        assert_eq!(stack(MlaForm::Naive), 8 * 276_480);
+        assert_eq!(stack(MlaForm::Absorb), 8 * 31_104);
+    }
+
+    #[test]
+    fn multi_head_configs_are_refused() {
+        let w = Workload::prefill(1, 8).unwrap();
+        let e = DeepseekV2Attention::new(&ModelConfig::deepseek_ocr(), &w, AttentionImpl::Sdpa)
+            .unwrap_err();
+        assert!(e.to_string().contains("multi-head attention"), "{e}");
+    }
+}

@@ -1,0 +1,165 @@
+//! How `MoEGate` routes tokens to experts: the scoring function and the top-k method of
+//! DeepSeek-V2 and DeepSeek-V3 configs (`scoring_func`, `topk_method`, `n_group`,
+//! `topk_group`).
+//!
+//! The vendor `MoEGate` (DeepSeek-VL2's `modeling_deepseek.py`, which DeepSeek-OCR's code
+//! copies) accepts every combination below; DeepSeek-V3's own code only sigmoid with
+//! `noaux_tc`. The op sequence of each method is written out in `layers/moe_gate.rs`.
+
+use serde::Serialize;
+
+use crate::config::Fields;
+use crate::error::{Error, Result};
+
+/// `scoring_func`: how router logits become scores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoringFunc {
+    /// `logits.softmax(dim=-1)` in fp32 (DeepSeek-V2, DeepSeek-OCR).
+    #[default]
+    Softmax,
+    /// `logits.sigmoid()` (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// `topk_method`: how the experts of a token are chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopkMethod {
+    /// `topk(scores, k)` (DeepSeek-V2-Lite, DeepSeek-OCR).
+    #[default]
+    Greedy,
+    /// Group score = max within the group; the `topk_group` best groups are kept, the
+    /// others masked; then `topk(k)` (DeepSeek-V2).
+    GroupLimitedGreedy,
+    /// Scores plus `e_score_correction_bias` choose; group score = sum of the group's top
+    /// 2; `topk_group` groups kept; `topk(k)`; weights gathered from the unbiased scores
+    /// (DeepSeek-V3).
+    NoauxTc,
+}
+
+impl TopkMethod {
+    /// The `config.json` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            TopkMethod::Greedy => "greedy",
+            TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
+            TopkMethod::NoauxTc => "noaux_tc",
+        }
+    }
+}
+
+impl ScoringFunc {
+    /// The `config.json` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoringFunc::Softmax => "softmax",
+            ScoringFunc::Sigmoid => "sigmoid",
+        }
+    }
+}
+
+/// The routing settings of an MoE config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Routing {
+    pub scoring_func: ScoringFunc,
+    pub topk_method: TopkMethod,
+    /// Expert groups (1 when the method uses none).
+    pub n_group: u64,
+    /// Groups kept per token (1 when the method uses none).
+    pub topk_group: u64,
+}
+
+impl Routing {
+    /// DeepSeek-OCR's (and DeepSeek-V2-Lite's) routing: greedy softmax top-k, no groups.
+    pub const GREEDY_SOFTMAX: Routing = Routing {
+        scoring_func: ScoringFunc::Softmax,
+        topk_method: TopkMethod::Greedy,
+        n_group: 1,
+        topk_group: 1,
+    };
+
+    /// True for [`Routing::GREEDY_SOFTMAX`] (reports leave it out, as before routing
+    /// options existed).
+    pub fn is_greedy_softmax(&self) -> bool {
+        *self == Routing::GREEDY_SOFTMAX
+    }
+
+    /// Experts per group, E / n_group.
+    pub fn experts_per_group(&self, experts: u64) -> u64 {
+        experts / self.n_group.max(1)
+    }
+}
+
+/// Parses and checks the routing keys against `experts` routed experts.
+pub(crate) fn routing(cfg: &Fields, experts: u64) -> Result<Routing> {
+    let scoring_func = match cfg.string("scoring_func")?.as_deref() {
+        None | Some("softmax") => ScoringFunc::Softmax,
+        Some("sigmoid") => ScoringFunc::Sigmoid,
+        Some(other) => {
+            return Err(Error::invalid(
+                "scoring_func",
+                other,
+                "softmax or sigmoid (the vendor MoEGate's scoring functions)",
+            ))
+        }
+    };
+    let topk_method = match cfg.string("topk_method")?.as_deref() {
+        None | Some("greedy") => TopkMethod::Greedy,
+        Some("group_limited_greedy") => TopkMethod::GroupLimitedGreedy,
+        Some("noaux_tc") => TopkMethod::NoauxTc,
+        Some(other) => {
+            return Err(Error::invalid(
+                "topk_method",
+                other,
+                "greedy, group_limited_greedy or noaux_tc (the vendor MoEGate's methods)",
+            ))
+        }
+    };
+    let n_group = cfg.size("n_group")?;
+    let topk_group = cfg.size("topk_group")?;
+    if topk_method == TopkMethod::Greedy {
+        // Greedy routing reads neither key; DeepSeek configs write 1 / 1 or null.
+        return Ok(Routing {
+            scoring_func,
+            ..Routing::GREEDY_SOFTMAX
+        });
+    }
+    let method = topk_method.name();
+    let missing = |key: &str| Error::Missing {
+        field: key.into(),
+        expected: format!("an integer ≥ 1 (topk_method {method} routes within expert groups)"),
+    };
+    let n_group = n_group.ok_or_else(|| missing("n_group"))?;
+    let topk_group = topk_group.ok_or_else(|| missing("topk_group"))?;
+    let min_per_group = if topk_method == TopkMethod::NoauxTc {
+        2
+    } else {
+        1
+    };
+    if experts % n_group != 0 || experts / n_group < min_per_group {
+        let why = if min_per_group == 2 {
+            ", leaving ≥ 2 experts per group (noaux_tc scores a group by its top 2)"
+        } else {
+            ""
+        };
+        return Err(Error::invalid(
+            "n_group",
+            n_group,
+            &format!("a divisor of n_routed_experts ({experts}){why}"),
+        ));
+    }
+    if topk_group > n_group {
+        return Err(Error::invalid(
+            "topk_group",
+            topk_group,
+            &format!("1 ..= n_group ({n_group})"),
+        ));
+    }
+    Ok(Routing {
+        scoring_func,
+        topk_method,
+        n_group,
+        topk_group,
+    })
+}
