@@ -13,7 +13,9 @@ use modelmeter::{units, Phase, Workload};
 use modelmeter_reference::Error;
 
 use crate::device::{DeviceInfo, DeviceSpec};
+use crate::model::ModelPlan;
 use crate::plan::Plan;
+use modelmeter::layers::{DeepseekV2Decoder, StackPart};
 
 /// The largest need of the plan's layers at `workload`, in bytes, and that layer's name.
 fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
@@ -156,6 +158,104 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
         ));
     }
     Ok(())
+}
+
+/// What a whole-model run (`--model`) needs, by the analytic model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelNeed {
+    /// Weights of every part (embedding, the layers run, norm, lm_head).
+    pub weight_bytes: u64,
+    /// The KV cache of every layer at its final length (prompt + new tokens).
+    pub kv_cache_bytes: u64,
+    /// The largest part's activations in the largest call (the prefill).
+    pub activation_bytes: u64,
+}
+
+impl ModelNeed {
+    pub fn total(&self) -> u64 {
+        self.weight_bytes
+            .saturating_add(self.kv_cache_bytes)
+            .saturating_add(self.activation_bytes)
+    }
+}
+
+/// The memory a `--model` run needs, from the analytic generation. An overflow names the
+/// input to lower.
+pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
+    let generation = model.generation(plan);
+    let inputs = Inputs {
+        config: plan.config.clone(),
+        workload: plan.workload,
+        new_tokens: Some(model.new_tokens),
+    };
+    let costed = |g: &modelmeter::layers::Generation| -> modelmeter::Result<ModelNeed> {
+        let total = g.metrics()?.total;
+        let prefill = plan.workload;
+        let stack = DeepseekV2Decoder::new(&g.config, &prefill, g.attention);
+        let mut activation_bytes = 0;
+        for part in StackPart::all(&g.config) {
+            activation_bytes =
+                activation_bytes.max(stack.part_cost(part)?.metrics.activation_bytes);
+        }
+        Ok(ModelNeed {
+            weight_bytes: total.weight_bytes,
+            kv_cache_bytes: total.kv_cache_bytes,
+            activation_bytes,
+        })
+    };
+    costed(&generation).map_err(|e| {
+        overflow::explain(e, &inputs, |i| {
+            let probe = modelmeter::layers::Generation {
+                config: i.config.clone(),
+                prefill_len: i.workload.query_len(),
+                batch: i.workload.batch,
+                new_tokens: i.new_tokens.unwrap_or(0),
+                ..generation.clone()
+            };
+            costed(&probe).is_err()
+        })
+        .to_string()
+    })
+}
+
+/// Checks that a `--model` run fits in the device's free memory: all weights, the KV
+/// cache at its final length and the largest part's activations. A refusal names what
+/// dominates and the option to lower.
+pub fn check_model(
+    plan: &Plan,
+    model: &ModelPlan,
+    spec: DeviceSpec,
+    info: &DeviceInfo,
+) -> Result<(), String> {
+    let need = model_need(plan, model)?;
+    let available = match &info.memory_bytes {
+        Ok(available) => *available,
+        Err(why) => {
+            eprintln!("verify-decoder: warning: memory pre-check skipped on {spec}: {why}");
+            return Ok(());
+        }
+    };
+    if need.total() <= available {
+        return Ok(());
+    }
+    let lower = if need.weight_bytes > available / 2 {
+        "lower --num-layers (or use a smaller --config)"
+    } else {
+        "lower --new-tokens, --seq-len or --batch"
+    };
+    Err(format!(
+        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, KV cache {} at {} tokens, activations {}; from the analytic model) but {spec} has {} free; {lower}",
+        model.num_layers,
+        model.config_layers,
+        plan.workload.describe(),
+        model.new_tokens,
+        units::bytes(need.total()),
+        units::bytes(need.weight_bytes),
+        units::bytes(need.kv_cache_bytes),
+        plan.workload.query_len().saturating_add(model.new_tokens),
+        units::bytes(need.activation_bytes),
+        units::bytes(available),
+    ))
 }
 
 #[cfg(test)]
