@@ -165,6 +165,8 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
 pub struct ModelNeed {
     /// Weights of every part (embedding, the layers run, norm, lm_head).
     pub weight_bytes: u64,
+    /// The part of `weight_bytes` that no `--num-layers` removes: embedding and lm_head.
+    pub vocab_weight_bytes: u64,
     /// The KV cache of every layer at its final length (prompt + new tokens).
     pub kv_cache_bytes: u64,
     /// The largest part's activations in the largest call (the prefill).
@@ -192,13 +194,20 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
         let total = g.metrics()?.total;
         let prefill = plan.workload;
         let stack = DeepseekV2Decoder::new(&g.config, &prefill, g.attention);
-        let mut activation_bytes = 0;
+        let (mut activation_bytes, mut vocab_weight_bytes) = (0, 0);
         for part in StackPart::all(&g.config) {
-            activation_bytes =
-                activation_bytes.max(stack.part_cost(part)?.metrics.activation_bytes);
+            let m = stack.part_cost(part)?.metrics;
+            activation_bytes = activation_bytes.max(m.activation_bytes);
+            if matches!(part, StackPart::EmbedTokens | StackPart::LmHead) {
+                vocab_weight_bytes = modelmeter::checked::sum(
+                    "weight_bytes",
+                    &[vocab_weight_bytes, m.weight_bytes],
+                )?;
+            }
         }
         Ok(ModelNeed {
             weight_bytes: total.weight_bytes,
+            vocab_weight_bytes,
             kv_cache_bytes: total.kv_cache_bytes,
             activation_bytes,
         })
@@ -238,10 +247,15 @@ pub fn check_model(
     if need.total() <= available {
         return Ok(());
     }
-    let lower = if need.weight_bytes > available / 2 {
-        "lower --num-layers (or use a smaller --config)"
+    let lower = if need.vocab_weight_bytes > available {
+        format!(
+            "the embedding and lm_head alone need {}: no --num-layers fits (a config with a smaller vocab_size or hidden_size would)",
+            units::bytes(need.vocab_weight_bytes)
+        )
+    } else if need.weight_bytes > available {
+        "lower --num-layers".to_string()
     } else {
-        "lower --new-tokens, --seq-len or --batch"
+        "lower --new-tokens, --seq-len or --batch".to_string()
     };
     Err(format!(
         "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, KV cache {} at {} tokens, activations {}; from the analytic model) but {spec} has {} free; {lower}",
@@ -311,6 +325,47 @@ mod tests {
             e.contains("needs at least") && e.ends_with("lower --batch or --context-len"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_model_that_cannot_fit_names_what_to_lower() {
+        let p = Plan {
+            config: ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
+            workload: Workload::prefill(1, 64)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::F32)
+                .unwrap(),
+            ..plan(1)
+        };
+        let model = ModelPlan {
+            num_layers: 2,
+            config_layers: 12,
+            new_tokens: 8,
+            verbose: false,
+        };
+        let need = model_need(&p, &model).unwrap();
+        // fp32 parameters: embedding + lm_head, a dense and a MoE layer, the final norm.
+        let vocab = 4 * 2 * 165_478_400;
+        assert_eq!(need.vocab_weight_bytes, vocab);
+        assert_eq!(
+            need.weight_bytes,
+            vocab + 4 * (32_852_480 + 233_720_320 + 1280)
+        );
+        // Two layers' caches at 64 + 8 tokens: 2·H·d per token, fp32.
+        assert_eq!(need.kv_cache_bytes, 2 * (2 * 10 * 72 * 128 * 4));
+        let cpu = DeviceSpec::Cpu;
+        assert!(check_model(&p, &model, cpu, &device(need.total())).is_ok());
+        for (available, advice) in [
+            (need.total() - 1, "lower --new-tokens, --seq-len or --batch"),
+            (need.weight_bytes - 1, "lower --num-layers"),
+            (vocab - 1, "no --num-layers fits"),
+        ] {
+            let e = check_model(&p, &model, cpu, &device(available)).unwrap_err();
+            assert!(
+                e.contains("needs about") && e.ends_with(advice) || e.contains(advice),
+                "{e}"
+            );
+        }
     }
 
     #[test]

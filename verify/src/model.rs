@@ -454,7 +454,8 @@ fn compare_call(
     let whole = fold(parts.iter().map(|(_, s)| s.clone()), Sides::and)?.unwrap_or_default();
     let metrics = whole.rows("DeepseekV2ForCausalLM", plan.tolerance);
     let status = worst(&metrics).max(whole.worst);
-    let keep = call == Call::Prefill || !status.is_ok() || model.verbose;
+    let exact = is_exact(&metrics) && layers.iter().all(|l| is_exact(&l.metrics));
+    let keep = call == Call::Prefill || !exact || !status.is_ok() || model.verbose;
     if !keep {
         layers.clear();
     }
@@ -471,6 +472,23 @@ fn compare_call(
         },
         parts,
     })
+}
+
+/// True when every exact row of `rows` has analytic = measured (a row within a nonzero
+/// tolerance passes without being exact).
+pub fn is_exact(rows: &[MetricRow]) -> bool {
+    rows.iter()
+        .filter(|r| matches!(r.metric, Check::Exact(_)))
+        .all(|r| r.analytic == r.measured)
+}
+
+impl CallResult {
+    /// True when the call ran and every exact row of the stack and of its parts is exact.
+    pub fn exact(&self) -> bool {
+        self.error.is_none()
+            && is_exact(&self.metrics)
+            && self.layers.iter().all(|l| is_exact(&l.metrics))
+    }
 }
 
 fn error_call(call: Call, workload: &Workload, cause: String) -> CallResult {

@@ -11,7 +11,7 @@ use super::junit::escape;
 use crate::check::{Check, RowUnit, EXACT};
 use crate::compare::{MetricRow, Status, FLOPS_BLIND_SPOT, KNOWN_GAPS};
 use crate::environment::Environment;
-use crate::model::{Call, CallResult, ModelResult};
+use crate::model::{is_exact, Call, CallResult, ModelResult};
 use crate::results::LayerResult;
 
 /// Schema tag of a whole-model report.
@@ -96,7 +96,7 @@ fn detail(
 ) {
     let mut first = true;
     for m in rows {
-        if only_failing && m.status.is_ok() {
+        if only_failing && !notable(m) {
             continue;
         }
         out.push(vec![
@@ -113,7 +113,7 @@ fn detail(
         ]);
         first = false;
         if let Some(note) = &m.note {
-            if !m.status.is_ok() || !only_failing {
+            if notable(m) || !only_failing {
                 notes.push(format!("{name} {}: {note}", m.metric));
             }
         }
@@ -145,8 +145,16 @@ fn call_line(c: &CallResult) -> String {
     }
 }
 
+/// The parts of `c` that are not ok or not exact.
 fn failing_parts(c: &CallResult) -> impl Iterator<Item = &LayerResult> {
-    c.layers.iter().filter(|l| !l.status.is_ok())
+    c.layers
+        .iter()
+        .filter(|l| !l.status.is_ok() || !is_exact(&l.metrics))
+}
+
+/// A row worth showing in detail: not ok, or an exact row that is not exact.
+fn notable(m: &MetricRow) -> bool {
+    !m.status.is_ok() || (matches!(m.metric, Check::Exact(_)) && m.analytic != m.measured)
 }
 
 /// The human report.
@@ -236,10 +244,14 @@ pub fn model_table(report: &ModelReport) -> String {
     .collect::<Vec<_>>()];
     for p in &r.phases {
         let show_all = p.phase == "total";
-        if p.error.is_none() && (show_all || !p.status.is_ok()) {
+        if p.error.is_none() && (show_all || !p.status.is_ok() || !is_exact(&p.metrics)) {
             let name = format!("{} (closed form vs Σ calls)", p.phase);
             detail(&name, &p.metrics, !show_all, &mut detail_rows, &mut notes);
-            for g in p.groups.iter().filter(|g| !g.status.is_ok()) {
+            for g in p
+                .groups
+                .iter()
+                .filter(|g| !g.status.is_ok() || !is_exact(&g.metrics))
+            {
                 detail(
                     &format!("{} {}", p.phase, g.name),
                     &g.metrics,
@@ -254,11 +266,11 @@ pub fn model_table(report: &ModelReport) -> String {
     // failing rows of their parts.
     let mut lines = Vec::new();
     for c in &r.calls {
-        let shown = r.plan.verbose || c.call == Call::Prefill || !c.status.is_ok();
-        if shown {
+        let settled = c.status.is_ok() && c.exact();
+        if r.plan.verbose || c.call == Call::Prefill || !settled {
             lines.push(call_line(c));
         }
-        if c.status.is_ok() || c.error.is_some() {
+        if settled || c.error.is_some() {
             continue;
         }
         let prefix = c.call.describe();
@@ -397,13 +409,13 @@ pub fn model_junit(report: &ModelReport) -> String {
             }
         }
     }
-    for c in r.calls.iter().filter(|c| !c.status.is_ok()) {
+    for c in r.calls.iter().filter(|c| !c.status.is_ok() || !c.exact()) {
         let class = format!("model/{}", c.call.label());
         if let Some(cause) = &c.error {
             case(&class, "run", Status::Error, cause.clone(), "");
             continue;
         }
-        for m in c.metrics.iter().filter(|m| !m.status.is_ok()) {
+        for m in c.metrics.iter().filter(|m| notable(m)) {
             case(
                 &format!("{class}/stack"),
                 m.metric.name(),
@@ -418,7 +430,7 @@ pub fn model_junit(report: &ModelReport) -> String {
                 case(&class, "run", Status::Error, cause.clone(), "");
                 continue;
             }
-            for m in l.metrics.iter().filter(|m| !m.status.is_ok()) {
+            for m in l.metrics.iter().filter(|m| notable(m)) {
                 case(
                     &class,
                     m.metric.name(),
