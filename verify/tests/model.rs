@@ -486,3 +486,70 @@ fn bad_sizes_are_refused_before_anything_runs() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("--new-tokens applies only with --model"));
 }
+
+#[test]
+fn embedding_norm_and_head_match_the_analytic_parts_op_for_op() {
+    use modelmeter::layers::{DeepseekV2Decoder, StackPart};
+    use modelmeter_reference::model::RefDeepseekV2ForCausalLM;
+    use modelmeter_verify::model::Call;
+
+    let config = ModelConfig::from_json_str("two-dense", TWO_DENSE)
+        .unwrap()
+        .first_layers(3)
+        .unwrap();
+    let setup = modelmeter_reference::Setup {
+        device: tch::Device::Cpu,
+        seed: 5,
+    };
+    for dtype in [Dtype::F32, Dtype::Bf16] {
+        let prefill = modelmeter::Workload::prefill(2, 7)
+            .unwrap()
+            .with_dtype(dtype)
+            .unwrap()
+            .on(Platform::Cpu);
+        let model =
+            RefDeepseekV2ForCausalLM::new(&config, AttentionImpl::Sdpa, dtype, &setup).unwrap();
+        let mut generation = model.generate(2, 7, false).unwrap();
+        for call in [Call::Prefill, Call::Decode { step: 0 }] {
+            let run = generation.step().unwrap();
+            let w = call.workload(&prefill).unwrap();
+            let stack = DeepseekV2Decoder::new(&config, &w, AttentionImpl::Sdpa);
+            for (part, measured) in &run.parts {
+                assert!(measured.counts.is_complete(), "{part:?}");
+                if matches!(part, StackPart::Layer(_)) {
+                    continue; // decoder layers: verify/tests/op_for_op.rs
+                }
+                let mut expected: Vec<(String, u64, u64)> = stack
+                    .part_cost(*part)
+                    .unwrap()
+                    .ops()
+                    .iter()
+                    .filter(|o| o.metrics.matmul_flops + o.metrics.elementwise_flops > 0)
+                    .map(|o| {
+                        let m = &o.metrics;
+                        (
+                            o.op.unwrap().to_string(),
+                            m.matmul_flops,
+                            m.elementwise_flops,
+                        )
+                    })
+                    .collect();
+                let mut got: Vec<(String, u64, u64)> = measured
+                    .counts
+                    .records
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.name.clone(),
+                            r.flops.matmul_flops,
+                            r.flops.elementwise_flops,
+                        )
+                    })
+                    .collect();
+                expected.sort();
+                got.sort();
+                assert_eq!(got, expected, "{dtype} {call:?} {part:?}");
+            }
+        }
+    }
+}
