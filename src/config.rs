@@ -273,6 +273,26 @@ impl ModelConfig {
             .map(|i| i as u64)
     }
 
+    /// The model cut to its first `layers` decoder layers, each keeping its dense/MoE
+    /// kind (`verify-decoder --model --num-layers`). `layers` must be in
+    /// 1 ..= num_hidden_layers.
+    pub fn first_layers(&self, layers: u64) -> Result<ModelConfig> {
+        if !(1..=self.num_hidden_layers).contains(&layers) {
+            return Err(Error::invalid(
+                "--num-layers",
+                layers,
+                &format!(
+                    "1 ..= {} (num_hidden_layers of config {})",
+                    self.num_hidden_layers, self.name
+                ),
+            ));
+        }
+        let mut cut = self.clone();
+        cut.num_hidden_layers = layers;
+        cut.layer_kinds.truncate(layers as usize);
+        Ok(cut)
+    }
+
     /// The MoE settings, or an error saying this config has no routed experts.
     pub fn moe(&self) -> Result<&MoeConfig> {
         self.moe.as_ref().ok_or_else(|| Error::Missing {
@@ -536,6 +556,26 @@ fn rope_theta(cfg: &Fields) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_layers_keep_the_dense_moe_pattern() {
+        let c = ModelConfig::deepseek_ocr();
+        let cut = c.first_layers(3).unwrap();
+        assert_eq!(cut.num_hidden_layers, 3);
+        assert_eq!(
+            cut.layer_kinds,
+            [MlpKind::Dense, MlpKind::Moe, MlpKind::Moe],
+            "first_k_dense_replace = 1"
+        );
+        assert_eq!(c.first_layers(12).unwrap(), c);
+        for bad in [0, 13] {
+            let e = c.first_layers(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("--num-layers = {bad}")) && e.contains("1 ..= 12"),
+                "{e}"
+            );
+        }
+    }
     use serde_json::json;
 
     fn base() -> Value {

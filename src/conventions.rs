@@ -188,6 +188,10 @@ pub enum Reads {
     /// Every tensor argument but the first, which it overwrites without reading
     /// (`copy_(src)`, `fill_`, `zero_`, random fills).
     AllButSelf,
+    /// A gather (`embedding`, `index`, `index_select`, `gather`): of its first tensor
+    /// argument, the source, only the elements it gathers — as many bytes as it writes —
+    /// and every other tensor argument (the indices) in full.
+    Gathered,
 }
 
 /// Which switch decides the engine of an op's fp32 matmul work.
@@ -266,6 +270,13 @@ const fn copy(op: &'static str) -> OpConvention {
 const fn factory(op: &'static str) -> OpConvention {
     OpConvention {
         reads: Reads::Metadata,
+        ..copy(op)
+    }
+}
+/// A gather: reads of its source only what it writes.
+const fn gather(op: &'static str) -> OpConvention {
+    OpConvention {
+        reads: Reads::Gathered,
         ..copy(op)
     }
 }
@@ -500,15 +511,15 @@ pub const OPS: &[OpConvention] = &[
     copy("aten::contiguous"),
     copy("aten::cat"),
     copy("aten::stack"),
-    copy("aten::index"),
-    copy("aten::index_select"),
-    copy("aten::gather"),
+    gather("aten::index"),
+    gather("aten::index_select"),
+    gather("aten::gather"),
     copy("aten::scatter"),
     copy("aten::index_put"),
     copy("aten::_index_put_impl"),
     copy("aten::masked_fill"),
     copy("aten::where"),
-    copy("aten::embedding"),
+    gather("aten::embedding"),
     copy("aten::sort"),
     copy("aten::argsort"),
     copy("aten::repeat"),
@@ -761,13 +772,18 @@ impl OpConvention {
         let read: &[Arg] = match self.reads {
             Reads::All => args,
             Reads::Metadata => &[],
-            Reads::AllButSelf => {
+            Reads::AllButSelf | Reads::Gathered => {
                 let first = args.iter().position(|a| matches!(a, Arg::Tensor(_)));
                 first.map_or(args, |i| &args[i + 1..])
             }
         };
         for arg in read {
             add(&mut total, arg)?;
+        }
+        if self.reads == Reads::Gathered {
+            for t in outputs {
+                total = sum("io_bytes", &[total, t.bytes()?])?;
+            }
         }
         for t in outputs {
             total = sum("io_bytes", &[total, t.bytes()?])?;
@@ -1218,6 +1234,13 @@ mod tests {
             &[TensorMeta::new(&[8], Dtype::Bf16)],
         );
         assert_eq!(copy_, 32 + 16);
+        // A gather reads of its source only what it writes, and its indices in full.
+        let embedding = io(
+            "aten::embedding",
+            &[t(&[1000, 8], Dtype::F32), t(&[3], Dtype::I64)],
+            &[f32(&[3, 8])],
+        );
+        assert_eq!(embedding, 96 + 24 + 96);
         let zeros = io("aten::new_zeros", &[t(&[1000], Dtype::F32)], &[f32(&[4])]);
         assert_eq!(zeros, 16);
         // Views and composites move nothing themselves.

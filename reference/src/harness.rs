@@ -30,6 +30,10 @@ pub enum ModuleKind {
     Attention,
     /// The decoder layer at this index of the config (dense or MoE as the config says).
     DecoderLayer(u64),
+    /// The token embedding of the causal LM (run by [`crate::model`] only).
+    EmbedTokens,
+    /// `lm_head` and the logits' `.float()` of the causal LM (run by [`crate::model`] only).
+    LmHead,
 }
 
 impl ModuleKind {
@@ -42,6 +46,8 @@ impl ModuleKind {
             ModuleKind::MoE => "moe".into(),
             ModuleKind::Attention => "attention".into(),
             ModuleKind::DecoderLayer(i) => format!("decoder_layer[{i}]"),
+            ModuleKind::EmbedTokens => "embed_tokens".into(),
+            ModuleKind::LmHead => "lm_head".into(),
         }
     }
 
@@ -101,6 +107,13 @@ impl RefModule {
                 RefModule::Decoder(RefDeepseekV2DecoderLayer::new(
                     config, index, &init, attention,
                 )?)
+            }
+            ModuleKind::EmbedTokens | ModuleKind::LmHead => {
+                return Err(Error::Model(modelmeter::Error::invalid(
+                    "reference module",
+                    kind.label(),
+                    "a module that runs alone (embed_tokens and lm_head run inside the causal LM: model::RefDeepseekV2ForCausalLM)",
+                )))
             }
         })
     }
@@ -177,32 +190,50 @@ pub fn step_inputs(
     eager_mask: bool,
 ) -> Result<StepInputs> {
     let kind = kind_of(dtype)?;
+    let (b, s) = (dim(batch, "batch")?, dim(len, "seq_len")?);
+    let h = dim(config.hidden_size, "hidden_size")?;
+    let hidden = seeded_normal(setup.seed, name, &[b, s, h])?
+        .f_to_device(setup.device)?
+        .f_to_kind(kind)?;
+    let (position_ids, mask) = causal_positions(batch, start, len, kind, setup.device, eager_mask)?;
+    Ok(StepInputs {
+        hidden,
+        position_ids,
+        mask,
+    })
+}
+
+/// The position ids `[B, S_q]` of `len` tokens from position `start`, and for the eager
+/// attention path the additive causal mask `[B, 1, S_q, start + len]` in `kind` (query i,
+/// at position start + i, sees keys 0 ..= start + i; the others get the dtype's minimum),
+/// as the vendor model builds them before its layers.
+pub fn causal_positions(
+    batch: u64,
+    start: u64,
+    len: u64,
+    kind: Kind,
+    device: tch::Device,
+    eager_mask: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let (b, s0, s) = (
         dim(batch, "batch")?,
         dim(start, "context_len")?,
         dim(len, "seq_len")?,
     );
-    let h = dim(config.hidden_size, "hidden_size")?;
-    let hidden = seeded_normal(setup.seed, name, &[b, s, h])?
-        .f_to_device(setup.device)?
-        .f_to_kind(kind)?;
-    let position_ids = Tensor::f_arange_start(s0, s0 + s, (Kind::Int64, setup.device))?
+    let position_ids = Tensor::f_arange_start(s0, s0 + s, (Kind::Int64, device))?
         .f_unsqueeze(0)?
         .f_expand([b, s], false)?
         .f_contiguous()?;
     let mask = if eager_mask {
-        // Query i (at position s0 + i) sees keys 0 ..= s0 + i; others get dtype's min.
-        let keys = Tensor::f_arange(s0 + s, (Kind::Int64, setup.device))?.f_view([1, -1])?;
-        let queries =
-            Tensor::f_arange_start(s0, s0 + s, (Kind::Int64, setup.device))?.f_view([-1, 1])?;
+        let keys = Tensor::f_arange(s0 + s, (Kind::Int64, device))?.f_view([1, -1])?;
+        let queries = Tensor::f_arange_start(s0, s0 + s, (Kind::Int64, device))?.f_view([-1, 1])?;
         let blocked = keys.f_gt_tensor(&queries)?;
         let min = match kind {
             Kind::BFloat16 => -3.389_531_389_251_535_5e38,
             Kind::Half => -65504.0,
             _ => f32::MIN as f64,
         };
-        let mask =
-            Tensor::f_zeros([s, s0 + s], (kind, setup.device))?.f_masked_fill(&blocked, min)?;
+        let mask = Tensor::f_zeros([s, s0 + s], (kind, device))?.f_masked_fill(&blocked, min)?;
         Some(
             mask.f_view([1, 1, s, s0 + s])?
                 .f_expand([b, 1, s, s0 + s], false)?
@@ -211,11 +242,7 @@ pub fn step_inputs(
     } else {
         None
     };
-    Ok(StepInputs {
-        hidden,
-        position_ids,
-        mask,
-    })
+    Ok((position_ids, mask))
 }
 
 /// A reference layer that ran under the counter.

@@ -7,7 +7,8 @@
 //! crate, so measured and analytic metrics can be compared exactly.
 //!
 //! One file per vendor class: [`rms_norm`], [`mlp`], [`moe_gate`], [`moe`],
-//! [`attention`] (with its rotary embedding and KV cache), [`decoder_layer`];
+//! [`attention`] (with its rotary embedding and KV cache), [`decoder_layer`], and the
+//! whole causal LM with greedy generation, [`model`];
 //! [`harness`] builds and runs them for a config and workload; [`parity`] checks them
 //! against Hugging Face transformers.
 
@@ -19,6 +20,7 @@ pub mod error;
 pub mod ffi;
 pub mod harness;
 pub mod mlp;
+pub mod model;
 pub mod moe;
 pub mod moe_gate;
 pub mod op_log;

@@ -41,6 +41,8 @@ fn module_name(kind: ModuleKind) -> &'static str {
         ModuleKind::MoE => "moe",
         ModuleKind::Attention => "attention",
         ModuleKind::DecoderLayer(_) => "decoder_layer",
+        ModuleKind::EmbedTokens => "embed_tokens",
+        ModuleKind::LmHead => "lm_head",
     }
 }
 

@@ -60,6 +60,13 @@ pub fn seeded_normal(seed: u64, name: &str, shape: &[i64]) -> Result<Tensor> {
     Ok(Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?)
 }
 
+/// Token ids uniform in `0 .. vocab` for `name`, on the CPU (int64).
+pub fn seeded_ids(seed: u64, name: &str, shape: &[i64], vocab: i64) -> Result<Tensor> {
+    let _lock = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(stream(seed, name));
+    Ok(Tensor::f_randint(vocab, shape, (Kind::Int64, Device::Cpu))?)
+}
+
 /// Draws the parameters of one module, named by their vendor path (`mlp.gate_proj.weight`).
 #[derive(Clone, Debug)]
 pub(crate) struct Init {
@@ -100,6 +107,17 @@ impl Init {
             &[out_features, in_features],
         )?;
         self.place(t.f_mul_scalar(1.0 / (in_features as f64).sqrt())?)
+    }
+
+    /// An embedding table `[rows, cols]` of standard-normal values (`nn.Embedding`'s
+    /// initialisation), so the first layer sees unit-scale inputs.
+    pub(crate) fn embedding(&self, name: &str, rows: i64, cols: i64) -> Result<Tensor> {
+        let t = seeded_normal(
+            self.setup.seed,
+            &format!("{}{name}", self.prefix),
+            &[rows, cols],
+        )?;
+        self.place(t)
     }
 
     /// A bias `[n]` with standard deviation 0.1.

@@ -17,6 +17,39 @@ use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder, Metric, Metrics};
 use crate::workload::{MlaForm, Phase, Platform, Workload};
 
+/// One part of the stack, in the order `DeepseekV2ForCausalLM` runs them: the token
+/// embedding, each decoder layer by index, the final norm, and `lm_head` with the logits'
+/// `.float()`. The one list both the analytic stack and the reference model walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StackPart {
+    EmbedTokens,
+    /// `model.layers[i]`.
+    Layer(u64),
+    Norm,
+    LmHead,
+}
+
+impl StackPart {
+    /// Every part of `config`'s stack, in the order they run.
+    pub fn all(config: &ModelConfig) -> Vec<StackPart> {
+        std::iter::once(StackPart::EmbedTokens)
+            .chain((0..config.num_hidden_layers).map(StackPart::Layer))
+            .chain([StackPart::Norm, StackPart::LmHead])
+            .collect()
+    }
+
+    /// The vendor module path (`embed_tokens`, `layers.3`, `norm`, `lm_head`).
+    pub fn path(self) -> String {
+        match self {
+            StackPart::EmbedTokens => "embed_tokens".into(),
+            StackPart::Layer(i) => format!("layers.{i}"),
+            StackPart::Norm => "norm".into(),
+            StackPart::LmHead => "lm_head".into(),
+        }
+    }
+}
+
 /// `DeepseekV2ForCausalLM` for one forward call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeepseekV2Decoder {
@@ -38,6 +71,49 @@ impl DeepseekV2Decoder {
             attention,
         }
     }
+
+    /// The cost of one part of the stack (a decoder layer's node is named
+    /// `layers.i (DeepseekV2DecoderLayer_dense)`).
+    pub fn part_cost(&self, part: StackPart) -> Result<Cost> {
+        let (c, w) = (&self.config, &self.workload);
+        let (batch, sq, h, vocab) = (w.batch, w.query_len(), c.hidden_size, c.vocab_size);
+        let rows = t(&[batch, sq, h], w.dtype);
+        let table = product("embedding parameters", &[vocab, h])?;
+        Ok(match part {
+            StackPart::EmbedTokens => {
+                let mut embed = CostBuilder::new(part.path(), w.allow_tf32);
+                let ids = t(&[batch, sq], Dtype::I64);
+                // `embedding(weight, input_ids)`: a gather, which reads the rows it
+                // writes (and the ids), not the whole table (`Reads::Gathered`).
+                let weight = t(&[vocab, h], w.dtype);
+                embed.copy(
+                    "embedding(input_ids)",
+                    "aten::embedding",
+                    &[&weight, &ids],
+                    rows.clone(),
+                )?;
+                embed.weights(bytes_of("embedding", table, w.dtype)?)?;
+                embed.finish()
+            }
+            StackPart::Layer(index) => {
+                let layer = DeepseekV2DecoderLayer::new(c, w, index, self.attention)?;
+                let mut cost = layer.cost()?;
+                cost.name = format!("{} ({})", part.path(), cost.name);
+                cost
+            }
+            StackPart::Norm => DeepseekV2RMSNorm::new(c, w).cost_as(&part.path())?,
+            StackPart::LmHead => {
+                let mut head = CostBuilder::new(part.path(), w.allow_tf32);
+                let logits = head.linear("lm_head", &rows, vocab, false)?;
+                // The vendor `DeepseekV2ForCausalLM.forward`: `logits = logits.float()`.
+                head.cast("logits.float()", &logits, Dtype::F32)?;
+                if !c.tie_word_embeddings {
+                    head.weights(bytes_of("lm_head", table, w.dtype)?)?;
+                }
+                head.finish()
+            }
+        })
+    }
 }
 
 impl Layer for DeepseekV2Decoder {
@@ -46,39 +122,10 @@ impl Layer for DeepseekV2Decoder {
     }
 
     fn cost(&self) -> Result<Cost> {
-        let (c, w) = (&self.config, &self.workload);
-        let (batch, sq, h, vocab) = (w.batch, w.query_len(), c.hidden_size, c.vocab_size);
-        let mut b = CostBuilder::new(self.name(), w.allow_tf32);
-
-        let mut embed = CostBuilder::new("embed_tokens", w.allow_tf32);
-        let ids = t(&[batch, sq], Dtype::I64);
-        let rows = t(&[batch, sq, h], w.dtype);
-        // A gather reads the rows it writes (and the ids), not the whole table.
-        embed.copy(
-            "embedding(input_ids)",
-            "aten::embedding",
-            &[&ids, &rows],
-            rows.clone(),
-        )?;
-        let table = product("embedding parameters", &[vocab, h])?;
-        embed.weights(bytes_of("embedding", table, w.dtype)?)?;
-        b.child(embed.finish())?;
-
-        for index in 0..c.num_hidden_layers {
-            let layer = DeepseekV2DecoderLayer::new(c, w, index, self.attention)?;
-            let mut cost = layer.cost()?;
-            cost.name = format!("layers.{index} ({})", cost.name);
-            b.child(cost)?;
+        let mut b = CostBuilder::new(self.name(), self.workload.allow_tf32);
+        for part in StackPart::all(&self.config) {
+            b.child(self.part_cost(part)?)?;
         }
-        b.child(DeepseekV2RMSNorm::new(c, w).cost_as("norm")?)?;
-
-        let mut head = CostBuilder::new("lm_head", w.allow_tf32);
-        let logits = head.linear("lm_head", &rows, vocab, false)?;
-        head.cast("logits.float()", &logits, Dtype::F32)?;
-        if !c.tie_word_embeddings {
-            head.weights(bytes_of("lm_head", table, w.dtype)?)?;
-        }
-        b.child(head.finish())?;
         Ok(b.finish())
     }
 }
@@ -184,8 +231,9 @@ impl Generation {
 }
 
 /// Two successive calls: work adds up, state (weights, KV cache) is the later one's,
-/// activation memory is the larger peak.
-fn accumulate(earlier: &Metrics, later: &Metrics) -> Result<Metrics> {
+/// activation memory is the larger peak. (Parts of one call add up instead:
+/// [`Metrics::checked_add`].)
+pub fn accumulate(earlier: &Metrics, later: &Metrics) -> Result<Metrics> {
     let work = earlier.checked_add(later)?;
     Ok(Metrics {
         weight_bytes: later.weight_bytes,
@@ -216,6 +264,53 @@ mod tests {
         // Parameters: embedding + lm_head + 1 dense + 11 MoE layers + 25 norms' worth.
         let params = 2 * 165_478_400 + 32_852_480 + 11 * 233_720_320 + 1280;
         assert_eq!(stack.metrics.weight_bytes, params * 2);
+    }
+
+    #[test]
+    fn parts_run_in_vendor_order_and_head_casts_logits_to_fp32() {
+        let c = ModelConfig::deepseek_ocr().first_layers(2).unwrap();
+        assert_eq!(
+            StackPart::all(&c),
+            [
+                StackPart::EmbedTokens,
+                StackPart::Layer(0),
+                StackPart::Layer(1),
+                StackPart::Norm,
+                StackPart::LmHead
+            ]
+        );
+        let names: Vec<String> = StackPart::all(&c).iter().map(|p| p.path()).collect();
+        assert_eq!(
+            names,
+            ["embed_tokens", "layers.0", "layers.1", "norm", "lm_head"]
+        );
+        let ops = |dtype: Dtype| -> Vec<(String, Option<&'static str>)> {
+            let w = Workload::decode(2, 5).unwrap().with_dtype(dtype).unwrap();
+            DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa)
+                .part_cost(StackPart::LmHead)
+                .unwrap()
+                .ops()
+                .iter()
+                .map(|o| (o.name.clone(), o.op))
+                .collect()
+        };
+        // bf16 logits are copied to fp32; fp32 logits are already fp32 (`.float()` is free).
+        assert_eq!(ops(Dtype::Bf16).len(), 2);
+        assert_eq!(ops(Dtype::Bf16)[1].1, Some("aten::to"));
+        assert_eq!(ops(Dtype::F32).len(), 1);
+        let w = Workload::decode(2, 5).unwrap();
+        let head = DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa)
+            .part_cost(StackPart::LmHead)
+            .unwrap();
+        // 2·B·h·V for one token per sequence; V·h bf16 weights of its own (not tied).
+        assert_eq!(head.metrics.matmul_flops, 2 * 2 * 1280 * 129_280);
+        assert_eq!(head.metrics.weight_bytes, 2 * 1280 * 129_280);
+        let mut tied = c.clone();
+        tied.tie_word_embeddings = true;
+        let head = DeepseekV2Decoder::new(&tied, &w, AttentionImpl::Sdpa)
+            .part_cost(StackPart::LmHead)
+            .unwrap();
+        assert_eq!(head.metrics.weight_bytes, 0, "tied: the embedding holds it");
     }
 
     #[test]

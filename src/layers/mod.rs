@@ -22,7 +22,7 @@ mod vendor_ops;
 pub use attention::{AttentionImpl, LlamaAttention, ATTENTION_CORE_ROLE};
 pub use catalog::{layers_of, LayerId};
 pub use decoder_layer::{DecoderLayerDims, DeepseekV2DecoderLayer};
-pub use decoder_stack::{DeepseekV2Decoder, Generation, GenerationMetrics};
+pub use decoder_stack::{accumulate, DeepseekV2Decoder, Generation, GenerationMetrics, StackPart};
 pub use mla::{mla_class_name, DeepseekV2Attention, MLA_CLASS_NAMES};
 pub use mlp::DeepseekV2MLP;
 pub use moe::DeepseekV2MoE;

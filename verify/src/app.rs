@@ -9,11 +9,13 @@ use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use modelmeter::cli::{one_line, WorkloadArgs};
 use modelmeter::layers::AttentionImpl;
+use modelmeter::workload::DSOCR_STANDARD_V1;
 use modelmeter::{units, Dtype, Platform};
 
 use crate::device::{DeviceInfo, DeviceSpec};
 use crate::environment::Environment;
 use crate::hooks::TestHooks;
+use crate::model::ModelPlan;
 use crate::oracle::{self, Oracle};
 use crate::pairing::{self, Pairing, REGISTRY};
 use crate::plan::Plan;
@@ -28,6 +30,7 @@ const EXAMPLES: &str = "Examples:
   verify-decoder --phase decode --context-len 1024 --attn eager
   verify-decoder --config config.json --json report.json --junit report.xml
   verify-decoder --sweep 50 --seed 7               # 50 random configs and workloads
+  verify-decoder --device cpu --model --num-layers 2 --seq-len 64 --new-tokens 8   # the whole model: prefill + 8 decode steps
 
 Statuses: pass (rel diff <= tolerance), fail, known_gap (a flops row off by exactly the
 elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's), error
@@ -90,6 +93,23 @@ pub struct Args {
     /// to the JSON report; without it, the same seed and inputs give byte-identical reports
     #[arg(long)]
     pub report_host_details: bool,
+    /// Verify the whole model instead of single layers: embedding, every decoder layer,
+    /// final norm and lm_head, for the prefill (--seq-len) and each greedy decode step,
+    /// per layer, per step, per phase and in total
+    #[arg(long)]
+    pub model: bool,
+    /// With --model: run only the first K decoder layers of the config (keeping its
+    /// dense/MoE pattern) [default: all]
+    #[arg(long, value_name = "K")]
+    pub num_layers: Option<u64>,
+    /// With --model: greedy decode steps after the prefill [default: 512, from
+    /// dsocr-standard-v1]
+    #[arg(long, value_name = "N")]
+    pub new_tokens: Option<u64>,
+    /// With --model: list every decode step (and keep its layers in the JSON report), not
+    /// only those that are not exact
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// A checked invocation, ready to run.
@@ -103,6 +123,8 @@ pub struct Ready {
     pub host_details: bool,
     /// `--oracle`, checked.
     pub oracle: Option<Oracle>,
+    /// `--model`, checked (the plan's config is then cut to its layers).
+    pub model: Option<ModelPlan>,
 }
 
 /// Parses, checks and runs; never panics on bad input.
@@ -125,12 +147,27 @@ pub fn run(args: &Args) -> ExitCode {
             ready.spec, ready.why, ready.info.name
         );
     }
-    let report = report_of(args, &ready);
-    // Reports first: a table that cannot be printed (a full disk, a closed pipe) must
-    // not cost the reports.
-    let written = write_reports(args, &report);
-    let printed = print_table(args, &report);
-    let mut code = if report.summary().ok() { 0 } else { 1 };
+    let (ok, written, printed) = match ready.model {
+        Some(model) => {
+            let report = model_report_of(args, &ready, &model);
+            // Reports first: a table that cannot be printed (a full disk, a closed pipe)
+            // must not cost the reports.
+            let written = write_rendered(
+                args,
+                || serde_json::to_string_pretty(&report::model_json(&report)),
+                || report::model_junit(&report),
+            );
+            let printed = print_text(args, report::model_table(&report));
+            (report.ok(), written, printed)
+        }
+        None => {
+            let report = report_of(args, &ready);
+            let written = write_reports(args, &report);
+            let printed = print_table(args, &report);
+            (report.summary().ok(), written, printed)
+        }
+    };
+    let mut code = if ok { 0 } else { 1 };
     for message in [written.err(), printed.err()].into_iter().flatten() {
         eprintln!("verify-decoder: error: {}", one_line(&message));
         code = 1;
@@ -141,7 +178,11 @@ pub fn run(args: &Args) -> ExitCode {
 /// Prints the table (or with `--quiet` its summary line) to standard output, or to
 /// standard error when a report goes to standard output.
 fn print_table(args: &Args, report: &Report) -> Result<(), String> {
-    let mut text = report::to_table(report);
+    print_text(args, report::to_table(report))
+}
+
+/// Prints a report's table as [`print_table`] says.
+fn print_text(args: &Args, mut text: String) -> Result<(), String> {
     if args.quiet {
         text = format!("{}\n", text.lines().last().unwrap_or_default());
     }
@@ -177,17 +218,24 @@ pub fn report_of(args: &Args, ready: &Ready) -> Report {
     match args.sweep {
         Some(n) => {
             let quiet = args.quiet;
-            sweep::run(
+            let bar = crate::progress::bar(n as u64, "configurations", quiet);
+            let report = sweep::run(
                 &ready.plan,
                 &ready.spec.to_string(),
                 n,
                 ready.environment(),
                 &mut |case, n| {
-                    if !quiet {
-                        eprintln!("{}", report::case_line(case, n));
+                    let line = report::case_line(case, n);
+                    if !bar.is_hidden() {
+                        bar.println(line);
+                        bar.inc(1);
+                    } else if !quiet {
+                        eprintln!("{line}");
                     }
                 },
-            )
+            );
+            bar.finish_and_clear();
+            report
         }
         None => {
             let plan = &ready.plan;
@@ -234,6 +282,18 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     }
     report::check_distinct(&reports, args.workload.config.as_deref())
         .map_err(anyhow::Error::msg)?;
+    if args.model {
+        check_model_options(args).map_err(anyhow::Error::msg)?;
+    } else if let Some(option) = [
+        ("--num-layers", args.num_layers.is_some()),
+        ("--new-tokens", args.new_tokens.is_some()),
+        ("--verbose", args.verbose),
+    ]
+    .iter()
+    .find_map(|(option, given)| given.then_some(option))
+    {
+        bail!("{option} applies only with --model (the whole-model verification)");
+    }
     let oracle = match &args.oracle {
         Some(spec) => {
             if args.sweep.is_some() {
@@ -269,8 +329,26 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         let workload = args.workload.workload(default_dtype)?.on(platform);
         (config, workload)
     };
-    let layers = select_layers(&args.layers, &config, attention, args.sweep.is_some())
-        .map_err(anyhow::Error::msg)?;
+    let (config, model) = match args.model {
+        true => {
+            let new_tokens = args.new_tokens.unwrap_or(DSOCR_STANDARD_V1.new_tokens);
+            let (cut, model) = ModelPlan::new(
+                &config,
+                &workload,
+                args.num_layers,
+                new_tokens,
+                args.verbose,
+            )
+            .map_err(anyhow::Error::msg)?;
+            (cut, Some(model))
+        }
+        false => (config, None),
+    };
+    let layers = match model {
+        Some(_) => Vec::new(),
+        None => select_layers(&args.layers, &config, attention, args.sweep.is_some())
+            .map_err(anyhow::Error::msg)?,
+    };
     let plan = Plan {
         config,
         workload,
@@ -281,10 +359,14 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         seed: args.seed,
         hooks: TestHooks::default(),
     };
-    if args.sweep.is_none() {
-        crate::memory::check(&plan, spec, &info)
+    match &model {
+        Some(model) => crate::memory::check_model(&plan, model, spec, &info)
             .map_err(anyhow::Error::msg)
-            .context("memory pre-check")?;
+            .context("memory pre-check")?,
+        None if args.sweep.is_none() => crate::memory::check(&plan, spec, &info)
+            .map_err(anyhow::Error::msg)
+            .context("memory pre-check")?,
+        None => {}
     }
     Ok(Ready {
         spec,
@@ -293,7 +375,99 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         plan,
         host_details: args.report_host_details,
         oracle,
+        model,
     })
+}
+
+/// `--model` runs its own prefill and decode steps over every layer: options that pick
+/// layers, a decode phase or other runs do not apply.
+fn check_model_options(args: &Args) -> Result<(), String> {
+    let w = &args.workload;
+    let refused = [
+        (
+            "--sweep",
+            args.sweep.is_some(),
+            "it verifies one config; run --sweep on its own",
+        ),
+        (
+            "--oracle",
+            args.oracle.is_some(),
+            "the oracle checks single layers; run it without --model",
+        ),
+        (
+            "--layers",
+            !args.layers.is_empty(),
+            "it runs every layer of the model; use --num-layers to run the first K",
+        ),
+        (
+            "--phase",
+            w.phase != modelmeter::cli::PhaseArg::Prefill,
+            "it runs the prefill and then --new-tokens decode steps itself",
+        ),
+        (
+            "--context-len",
+            w.context_len.is_some(),
+            "the decode steps follow the prefill of --seq-len tokens",
+        ),
+    ];
+    match refused.iter().find(|(_, given, _)| *given) {
+        Some((option, _, why)) => Err(format!("{option} does not apply with --model: {why}")),
+        None => Ok(()),
+    }
+}
+
+/// Runs `--model`, with a progress bar over the calls (or plain lines when standard
+/// error is not a terminal); nothing is written.
+pub fn model_report_of(args: &Args, ready: &Ready, model: &ModelPlan) -> report::ModelReport {
+    for hook in ready.plan.hooks.describe() {
+        eprintln!("verify-decoder: warning: test hook {hook} is active: results are altered");
+    }
+    let quiet = args.quiet;
+    let bar = crate::progress::bar(1 + model.new_tokens, "calls", quiet);
+    let lines = bar.is_hidden() && !quiet;
+    let result = crate::model::run(&ready.plan, model, &mut |p| match p {
+        crate::model::ModelProgress::Building => {
+            bar.set_message("building the reference model");
+            if lines {
+                eprintln!("model: building the reference model ...");
+            }
+        }
+        crate::model::ModelProgress::Call {
+            done,
+            total,
+            result,
+        } => {
+            bar.inc(1);
+            bar.set_message(result.call.describe());
+            let line = format!(
+                "[{done}/{total}] {} {} ({:.2} s)",
+                result.call.describe(),
+                result.status.as_str(),
+                result.seconds
+            );
+            let notable = done == 1 || done == total || !result.status.is_ok() || model.verbose;
+            if lines && notable {
+                eprintln!("{line}");
+            } else if !bar.is_hidden() && (!result.status.is_ok() || model.verbose) {
+                bar.println(line);
+            }
+        }
+    });
+    bar.finish_and_clear();
+    let mut environment = ready.environment();
+    for call in &result.calls {
+        for layer in &call.layers {
+            environment.saw_kernels(&layer.attention_kernels);
+        }
+    }
+    report::ModelReport {
+        environment,
+        tolerance: ready.plan.tolerance,
+        config: ready.plan.config.clone(),
+        workload: ready.plan.workload,
+        attention: ready.plan.attention,
+        result,
+    }
 }
 
 fn check_sweep_options(args: &Args) -> Result<(), String> {
@@ -356,16 +530,28 @@ fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
 }
 
 fn write_reports(args: &Args, report: &Report) -> Result<(), String> {
+    write_rendered(
+        args,
+        || serde_json::to_string_pretty(&report::to_json(report)),
+        || report::to_junit(report),
+    )
+}
+
+/// Renders the reports asked for and writes them.
+fn write_rendered(
+    args: &Args,
+    json: impl FnOnce() -> serde_json::Result<String>,
+    junit: impl FnOnce() -> String,
+) -> Result<(), String> {
     // Render everything first, so a rendering failure writes nothing.
     let mut files = Vec::new();
     if let Some(path) = &args.json {
-        let mut text =
-            serde_json::to_string_pretty(&report::to_json(report)).map_err(|e| e.to_string())?;
+        let mut text = json().map_err(|e| e.to_string())?;
         text.push('\n');
         files.push(("--json", path, text));
     }
     if let Some(path) = &args.junit {
-        files.push(("--junit", path, report::to_junit(report)));
+        files.push(("--junit", path, junit()));
     }
     // One report that cannot be written does not keep the other from being written.
     let failed: Vec<String> = files

@@ -8,9 +8,10 @@
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TestHooks {
     /// Adds `delta` to the analytic value of `metric` (a metric name, or `flops` for the
-    /// flops row's analytic total) of `layer`.
+    /// flops row's analytic total) of `layer` (with `--model`: a part of one call,
+    /// `decode[3]/layers.2` or `prefill/lm_head`).
     pub perturb: Option<Perturbation>,
-    /// Makes this layer fail to run.
+    /// Makes this layer fail to run (with `--model`: this call, `prefill` or `decode[2]`).
     pub fail_layer: Option<String>,
     /// Multiplies one GEMM op's FLOPs by a factor in the conventions table, for the
     /// analytic side and the counter alike (`modelmeter::conventions::scratch`): both

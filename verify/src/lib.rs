@@ -7,8 +7,9 @@
 //! The rest is library code, one responsibility a module: the join ([`pairing`]), the
 //! rows ([`check`]) and their statuses ([`compare`]), the plan ([`plan`], with test-only
 //! [`hooks`]), the run loop ([`runner`]), results ([`results`]), the memory pre-check
-//! ([`memory`]), sweeps ([`sweep`]) and reports ([`report`]). [`hardware`] reads Nsight
-//! Compute's hardware counters.
+//! ([`memory`]), sweeps ([`sweep`]), the whole-model verification ([`model`], with
+//! [`progress`] bars) and reports ([`report`]). [`hardware`] reads Nsight Compute's
+//! hardware counters.
 
 /// This crate's `eprint!`: like the standard one, but a failed write to standard error
 /// (`2>/dev/full`, a closed pipe) is ignored instead of panicking, since there is nowhere
@@ -37,9 +38,11 @@ pub mod environment;
 pub mod hardware;
 pub mod hooks;
 pub mod memory;
+pub mod model;
 pub mod oracle;
 pub mod pairing;
 pub mod plan;
+pub mod progress;
 pub mod report;
 pub mod results;
 pub mod runner;

@@ -13,7 +13,9 @@ use modelmeter::{units, Phase, Workload};
 use modelmeter_reference::Error;
 
 use crate::device::{DeviceInfo, DeviceSpec};
+use crate::model::ModelPlan;
 use crate::plan::Plan;
+use modelmeter::layers::{DeepseekV2Decoder, StackPart};
 
 /// The largest need of the plan's layers at `workload`, in bytes, and that layer's name.
 fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
@@ -158,6 +160,118 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
     Ok(())
 }
 
+/// What a whole-model run (`--model`) needs, by the analytic model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelNeed {
+    /// Weights of every part (embedding, the layers run, norm, lm_head).
+    pub weight_bytes: u64,
+    /// The part of `weight_bytes` that no `--num-layers` removes: embedding and lm_head.
+    pub vocab_weight_bytes: u64,
+    /// The KV cache of every layer at its final length (prompt + new tokens).
+    pub kv_cache_bytes: u64,
+    /// The largest part's activations in the largest call (the prefill).
+    pub activation_bytes: u64,
+}
+
+impl ModelNeed {
+    pub fn total(&self) -> u64 {
+        self.weight_bytes
+            .saturating_add(self.kv_cache_bytes)
+            .saturating_add(self.activation_bytes)
+    }
+}
+
+/// The memory a `--model` run needs, from the analytic generation. An overflow names the
+/// input to lower.
+pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
+    let generation = model.generation(plan);
+    let inputs = Inputs {
+        config: plan.config.clone(),
+        workload: plan.workload,
+        new_tokens: Some(model.new_tokens),
+    };
+    let costed = |g: &modelmeter::layers::Generation| -> modelmeter::Result<ModelNeed> {
+        let total = g.metrics()?.total;
+        let prefill = plan.workload;
+        let stack = DeepseekV2Decoder::new(&g.config, &prefill, g.attention);
+        let (mut activation_bytes, mut vocab_weight_bytes) = (0, 0);
+        for part in StackPart::all(&g.config) {
+            let m = stack.part_cost(part)?.metrics;
+            activation_bytes = activation_bytes.max(m.activation_bytes);
+            if matches!(part, StackPart::EmbedTokens | StackPart::LmHead) {
+                vocab_weight_bytes = modelmeter::checked::sum(
+                    "weight_bytes",
+                    &[vocab_weight_bytes, m.weight_bytes],
+                )?;
+            }
+        }
+        Ok(ModelNeed {
+            weight_bytes: total.weight_bytes,
+            vocab_weight_bytes,
+            kv_cache_bytes: total.kv_cache_bytes,
+            activation_bytes,
+        })
+    };
+    costed(&generation).map_err(|e| {
+        overflow::explain(e, &inputs, |i| {
+            let probe = modelmeter::layers::Generation {
+                config: i.config.clone(),
+                prefill_len: i.workload.query_len(),
+                batch: i.workload.batch,
+                new_tokens: i.new_tokens.unwrap_or(0),
+                ..generation.clone()
+            };
+            costed(&probe).is_err()
+        })
+        .to_string()
+    })
+}
+
+/// Checks that a `--model` run fits in the device's free memory: all weights, the KV
+/// cache at its final length and the largest part's activations. A refusal names what
+/// dominates and the option to lower.
+pub fn check_model(
+    plan: &Plan,
+    model: &ModelPlan,
+    spec: DeviceSpec,
+    info: &DeviceInfo,
+) -> Result<(), String> {
+    let need = model_need(plan, model)?;
+    let available = match &info.memory_bytes {
+        Ok(available) => *available,
+        Err(why) => {
+            eprintln!("verify-decoder: warning: memory pre-check skipped on {spec}: {why}");
+            return Ok(());
+        }
+    };
+    if need.total() <= available {
+        return Ok(());
+    }
+    let lower = if need.vocab_weight_bytes > available {
+        format!(
+            "the embedding and lm_head alone need {}: no --num-layers fits (a config with a smaller vocab_size or hidden_size would)",
+            units::bytes(need.vocab_weight_bytes)
+        )
+    } else if need.weight_bytes > available {
+        "lower --num-layers".to_string()
+    } else {
+        "lower --new-tokens, --seq-len or --batch".to_string()
+    };
+    Err(format!(
+        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, KV cache {} at {} tokens, activations {}; from the analytic model) but {spec} has {} free; {lower}",
+        model.num_layers,
+        model.config_layers,
+        plan.workload.describe(),
+        model.new_tokens,
+        units::bytes(need.total()),
+        units::bytes(need.weight_bytes),
+        units::bytes(need.kv_cache_bytes),
+        plan.workload.query_len().saturating_add(model.new_tokens),
+        units::bytes(need.activation_bytes),
+        units::bytes(available),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +325,47 @@ mod tests {
             e.contains("needs at least") && e.ends_with("lower --batch or --context-len"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_model_that_cannot_fit_names_what_to_lower() {
+        let p = Plan {
+            config: ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
+            workload: Workload::prefill(1, 64)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::F32)
+                .unwrap(),
+            ..plan(1)
+        };
+        let model = ModelPlan {
+            num_layers: 2,
+            config_layers: 12,
+            new_tokens: 8,
+            verbose: false,
+        };
+        let need = model_need(&p, &model).unwrap();
+        // fp32 parameters: embedding + lm_head, a dense and a MoE layer, the final norm.
+        let vocab = 4 * 2 * 165_478_400;
+        assert_eq!(need.vocab_weight_bytes, vocab);
+        assert_eq!(
+            need.weight_bytes,
+            vocab + 4 * (32_852_480 + 233_720_320 + 1280)
+        );
+        // Two layers' caches at 64 + 8 tokens: 2·H·d per token, fp32.
+        assert_eq!(need.kv_cache_bytes, 2 * (2 * 10 * 72 * 128 * 4));
+        let cpu = DeviceSpec::Cpu;
+        assert!(check_model(&p, &model, cpu, &device(need.total())).is_ok());
+        for (available, advice) in [
+            (need.total() - 1, "lower --new-tokens, --seq-len or --batch"),
+            (need.weight_bytes - 1, "lower --num-layers"),
+            (vocab - 1, "no --num-layers fits"),
+        ] {
+            let e = check_model(&p, &model, cpu, &device(available)).unwrap_err();
+            assert!(
+                e.contains("needs about") && e.ends_with(advice) || e.contains(advice),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -203,7 +203,7 @@ fn nodes<'a>(cost: &'a Cost, name: &str, out: &mut Vec<&'a Cost>) {
 /// What `FlopCounterMode` cannot see in this run: the elementwise FLOPs (given, from the
 /// analytic metrics), and the attention core when libtorch ran it as a fused kernel
 /// outside FlopCounterMode's registry (the CPU SDPA kernel), with the kernel names.
-fn invisible_to_flop_counter_mode(
+pub(crate) fn invisible_to_flop_counter_mode(
     analytic: &Cost,
     elementwise_flops: u64,
     run: &LayerRun,
@@ -231,19 +231,31 @@ fn invisible_to_flop_counter_mode(
 }
 
 fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, plan: &Plan) -> LayerResult {
+    compare_run(name, name, analytic, run, plan)
+}
+
+/// Compares one measured run with its analytic cost; the result is called `name`, and
+/// test hooks address it as `hook_name` (`--model` names a part by step and path).
+pub(crate) fn compare_run(
+    name: &str,
+    hook_name: &str,
+    analytic: &Cost,
+    run: &LayerRun,
+    plan: &Plan,
+) -> LayerResult {
     let tolerance = plan.tolerance;
     let mut analytic_metrics = analytic.metrics;
     if plan.device.is_cuda() {
         // The caching allocator hands out whole blocks: compare blocks with blocks.
         analytic_metrics.activation_bytes = analytic.cuda_activation_bytes;
     }
-    let a = perturbed(&plan.hooks, name, analytic_metrics);
+    let a = perturbed(&plan.hooks, hook_name, analytic_metrics);
     let c = &run.counts;
     let blind = invisible_to_flop_counter_mode(analytic, a.elementwise_flops, run);
     let total = a
         .total_flops()
         .unwrap_or(u64::MAX)
-        .saturating_add(plan.hooks.perturbation(name, "flops").unwrap_or(0));
+        .saturating_add(plan.hooks.perturbation(hook_name, "flops").unwrap_or(0));
     let flops = compare_flops(
         name,
         total,
@@ -349,7 +361,7 @@ fn attention_kernel_row(analytic: &Cost, run: &LayerRun) -> Option<MetricRow> {
 }
 
 /// The analytic metrics of `layer` with the plan's test perturbation applied.
-fn perturbed(
+pub(crate) fn perturbed(
     hooks: &TestHooks,
     layer: &str,
     mut metrics: modelmeter::Metrics,

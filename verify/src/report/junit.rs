@@ -4,7 +4,7 @@
 use super::Report;
 use crate::compare::Status;
 
-fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

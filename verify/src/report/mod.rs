@@ -5,12 +5,14 @@
 mod destination;
 mod json;
 mod junit;
+mod model;
 mod table;
 mod write;
 
 pub use destination::{check_distinct, Destination};
 pub use json::{to_json, SCHEMA, SWEEP_SCHEMA};
 pub use junit::to_junit;
+pub use model::{model_json, model_junit, model_table, ModelReport, MODEL_SCHEMA};
 pub use table::{case_line, to_table};
 pub use write::{check_writable, goes_to_stdout, write_atomically, write_report};
 

@@ -1,0 +1,861 @@
+//! `verify-decoder --model`: the whole causal LM, verified call by call. The reference
+//! `DeepseekV2ForCausalLM` (modelmeter_reference::model) runs the prefill and then
+//! `--new-tokens` greedy decode steps, every part of every call under the counter; each
+//! part is compared with the analytic stack's part ([`StackPart`]) for that call, each
+//! call with the analytic stack, and each phase (prefill, all decode steps, both) with
+//! the analytic [`Generation`]'s closed form — so the closed-form sum is checked against
+//! the sum of measured steps, not assumed.
+//!
+//! Summing follows the analytic crate's rules: the parts of one call add up
+//! ([`Metrics::checked_add`]); successive calls add their work while weights and the KV
+//! cache are the later call's state ([`accumulate`]).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+use modelmeter::layers::{accumulate, DeepseekV2Decoder, Generation, GenerationMetrics, StackPart};
+use modelmeter::{Metrics, MlpKind, ModelConfig, Phase, Workload};
+use modelmeter_reference::model::{RefDeepseekV2ForCausalLM, StepRun};
+use modelmeter_reference::{LayerRun, Setup};
+use serde::Serialize;
+
+use crate::check::{Check, EXACT};
+use crate::compare::{compare, compare_flops, worst, CounterBlindSpot, MetricRow, Status};
+use crate::plan::Plan;
+use crate::results::{LayerResult, Summary};
+use crate::runner::{compare_run, invisible_to_flop_counter_mode, perturbed};
+
+/// What `--model` runs beyond the [`Plan`] (whose config is already cut to
+/// `--num-layers` and whose workload is the prefill).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelPlan {
+    /// Decoder layers run (the first ones of the config).
+    pub num_layers: u64,
+    /// The config's own `num_hidden_layers`.
+    pub config_layers: u64,
+    /// Greedy decode steps after the prefill.
+    pub new_tokens: u64,
+    /// Keep every decode step's part results (table and JSON), not only those of steps
+    /// that are not exact.
+    #[serde(skip)]
+    pub verbose: bool,
+}
+
+impl ModelPlan {
+    /// Checks `--num-layers` and `--new-tokens` against `config` and the prefill
+    /// `workload`, and returns the config cut to its first `num_layers` layers (all when
+    /// `None`). An error names the value and what is valid.
+    pub fn new(
+        config: &ModelConfig,
+        workload: &Workload,
+        num_layers: Option<u64>,
+        new_tokens: u64,
+        verbose: bool,
+    ) -> Result<(ModelConfig, ModelPlan), String> {
+        let Phase::Prefill { seq_len } = workload.phase else {
+            return Err("--model runs a prefill and its decode steps itself: leave out --phase decode and --context-len".into());
+        };
+        let config_layers = config.num_hidden_layers;
+        let cut = config
+            .first_layers(num_layers.unwrap_or(config_layers))
+            .map_err(|e| e.to_string())?;
+        if let Some(max) = config.max_position_embeddings {
+            let positions = seq_len.checked_add(new_tokens);
+            if seq_len > max {
+                return Err(format!(
+                    "--seq-len = {seq_len} is too large: config {} has max_position_embeddings = {max}; expected at most {max}",
+                    config.name
+                ));
+            }
+            if !matches!(positions, Some(p) if p <= max) {
+                return Err(format!(
+                    "--new-tokens = {new_tokens} is too large: --seq-len {seq_len} + --new-tokens {new_tokens} positions exceed max_position_embeddings = {max} of config {}; expected at most {}",
+                    config.name,
+                    max - seq_len
+                ));
+            }
+        }
+        let plan = ModelPlan {
+            num_layers: cut.num_hidden_layers,
+            config_layers,
+            new_tokens,
+            verbose,
+        };
+        Ok((cut, plan))
+    }
+
+    /// The analytic generation of `plan`'s model.
+    pub fn generation(&self, plan: &Plan) -> Generation {
+        let w = &plan.workload;
+        Generation {
+            config: plan.config.clone(),
+            batch: w.batch,
+            prefill_len: w.query_len(),
+            new_tokens: self.new_tokens,
+            dtype: w.dtype,
+            allow_tf32: w.allow_tf32,
+            platform: w.platform,
+            attention: plan.attention,
+            mla: w.mla,
+        }
+    }
+}
+
+/// One forward call of a generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "phase", rename_all = "lowercase")]
+pub enum Call {
+    Prefill,
+    /// Decode step `step` (0-based).
+    Decode {
+        step: u64,
+    },
+}
+
+impl Call {
+    /// `prefill`, `decode[3]`: how test hooks and JUnit name the call.
+    pub fn label(self) -> String {
+        match self {
+            Call::Prefill => "prefill".into(),
+            Call::Decode { step } => format!("decode[{step}]"),
+        }
+    }
+
+    /// `prefill`, `decode step 3`: for people.
+    pub fn describe(self) -> String {
+        match self {
+            Call::Prefill => "prefill".into(),
+            Call::Decode { step } => format!("decode step {step}"),
+        }
+    }
+
+    /// The workload of this call in a generation whose prefill is `prefill`: decode
+    /// step t follows S + t cached tokens and attends over S + t + 1 keys.
+    pub fn workload(self, prefill: &Workload) -> modelmeter::Result<Workload> {
+        let phase = match self {
+            Call::Prefill => return Ok(*prefill),
+            Call::Decode { step } => Phase::Decode {
+                context_len: modelmeter::checked::sum(
+                    "decode context",
+                    &[prefill.query_len(), step],
+                )?,
+            },
+        };
+        Ok(Workload::new(prefill.batch, phase, prefill.dtype)?
+            .with_tf32(prefill.allow_tf32)
+            .on(prefill.platform))
+    }
+}
+
+/// The verification of one forward call.
+#[derive(Clone, Debug, Serialize)]
+pub struct CallResult {
+    #[serde(flatten)]
+    pub call: Call,
+    /// Tokens cached before the call (0 for the prefill).
+    pub context_len: u64,
+    /// Keys each query attends over.
+    pub key_len: u64,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The whole stack: the analytic stack for this call against the sum of its parts.
+    pub metrics: Vec<MetricRow>,
+    /// Each part (embedding, every layer by index, norm, lm_head); kept for the prefill,
+    /// for calls that are not exact, and for all with `--verbose`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerResult>,
+    #[serde(skip)]
+    pub seconds: f64,
+}
+
+/// Parts of the stack grouped for the compact table: one row per group and phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartGroup {
+    EmbedTokens,
+    DenseLayers,
+    MoeLayers,
+    Norm,
+    LmHead,
+}
+
+impl PartGroup {
+    pub const ALL: [PartGroup; 5] = [
+        PartGroup::EmbedTokens,
+        PartGroup::DenseLayers,
+        PartGroup::MoeLayers,
+        PartGroup::Norm,
+        PartGroup::LmHead,
+    ];
+
+    fn of(part: StackPart, config: &ModelConfig) -> PartGroup {
+        match part {
+            StackPart::EmbedTokens => PartGroup::EmbedTokens,
+            StackPart::Layer(i) => match config.layer_kind(i) {
+                Ok(MlpKind::Moe) => PartGroup::MoeLayers,
+                _ => PartGroup::DenseLayers,
+            },
+            StackPart::Norm => PartGroup::Norm,
+            StackPart::LmHead => PartGroup::LmHead,
+        }
+    }
+
+    /// The layer indices in this group.
+    fn members(self, config: &ModelConfig) -> Vec<u64> {
+        StackPart::all(config)
+            .into_iter()
+            .filter(|p| PartGroup::of(*p, config) == self)
+            .filter_map(|p| match p {
+                StackPart::Layer(i) => Some(i),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `embed_tokens`, `layers 0 (dense)`, `layers 1-11 (MoE)`, `norm`, `lm_head`.
+    pub fn describe(self, config: &ModelConfig) -> String {
+        let members = self.members(config);
+        let range = match (members.first(), members.last()) {
+            (Some(a), Some(b)) if a == b => format!("{a}"),
+            (Some(a), Some(b)) => format!("{a}-{b}"),
+            _ => String::new(),
+        };
+        match self {
+            PartGroup::EmbedTokens => "embed_tokens".into(),
+            PartGroup::DenseLayers => format!("layers {range} (dense)"),
+            PartGroup::MoeLayers => format!("layers {range} (MoE)"),
+            PartGroup::Norm => "norm".into(),
+            PartGroup::LmHead => "lm_head".into(),
+        }
+    }
+}
+
+/// One group of parts over one phase.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupResult {
+    pub group: PartGroup,
+    pub name: String,
+    pub status: Status,
+    pub metrics: Vec<MetricRow>,
+}
+
+/// A phase: the prefill, all decode steps, or both — the analytic generation's closed
+/// form against the sum of measured calls, and the same per group of parts.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseResult {
+    /// `prefill`, `decode` or `total`.
+    pub phase: &'static str,
+    /// Forward calls in the phase.
+    pub calls: u64,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub metrics: Vec<MetricRow>,
+    pub groups: Vec<GroupResult>,
+}
+
+/// The verification of a whole generation.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelResult {
+    #[serde(flatten)]
+    pub plan: ModelPlan,
+    pub layer_kinds: Vec<MlpKind>,
+    /// Why the model could not be built or costed (nothing ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub phases: Vec<PhaseResult>,
+    pub calls: Vec<CallResult>,
+    /// The greedy tokens of the first sequence, in order.
+    pub tokens: Vec<i64>,
+    /// Statuses of the calls and the phases.
+    pub summary: Summary,
+}
+
+impl ModelResult {
+    /// The summary line (`12 checks (prefill, 8 decode steps, 3 phase totals): …`).
+    pub fn summary_line(&self) -> String {
+        let decode = self
+            .calls
+            .iter()
+            .filter(|c| matches!(c.call, Call::Decode { .. }))
+            .count();
+        self.summary.line(&format!(
+            "checks (prefill, {decode} decode steps, {} phase totals)",
+            self.phases.len()
+        ))
+    }
+}
+
+/// Progress of a model run, for a front end.
+pub enum ModelProgress<'a> {
+    /// The model's weights are being drawn.
+    Building,
+    /// A call finished (`done` of `total`).
+    Call {
+        done: usize,
+        total: usize,
+        result: &'a CallResult,
+    },
+}
+
+/// Analytic and measured values of some parts over some calls, summed.
+#[derive(Clone, Debug)]
+struct Sides {
+    analytic: Metrics,
+    /// The exact rows' measured values (other fields 0).
+    measured: Metrics,
+    /// The FlopCounterMode-compatible measured total.
+    flop_counter_mode: u64,
+    blind: CounterBlindSpot,
+    /// The worst status of the parts summed in.
+    worst: Status,
+}
+
+impl Default for Sides {
+    fn default() -> Sides {
+        Sides {
+            analytic: Metrics::default(),
+            measured: Metrics::default(),
+            flop_counter_mode: 0,
+            blind: CounterBlindSpot::default(),
+            worst: Status::Pass,
+        }
+    }
+}
+
+impl Sides {
+    fn of_part(
+        analytic: Metrics,
+        run: &LayerRun,
+        blind: CounterBlindSpot,
+        status: Status,
+    ) -> Sides {
+        let mut measured = Metrics::default();
+        for exact in EXACT {
+            exact.metric.set(&mut measured, (exact.measured)(run));
+        }
+        Sides {
+            analytic,
+            measured,
+            flop_counter_mode: run.counts.flops.flop_counter_mode_flops,
+            blind,
+            worst: status,
+        }
+    }
+
+    fn combine(
+        &self,
+        other: &Sides,
+        metrics: impl Fn(&Metrics, &Metrics) -> modelmeter::Result<Metrics>,
+    ) -> modelmeter::Result<Sides> {
+        let mut kernels = self.blind.kernels.clone();
+        for k in &other.blind.kernels {
+            if !kernels.contains(k) {
+                kernels.push(k.clone());
+            }
+        }
+        Ok(Sides {
+            analytic: metrics(&self.analytic, &other.analytic)?,
+            measured: metrics(&self.measured, &other.measured)?,
+            flop_counter_mode: self
+                .flop_counter_mode
+                .saturating_add(other.flop_counter_mode),
+            blind: CounterBlindSpot {
+                elementwise_flops: self
+                    .blind
+                    .elementwise_flops
+                    .saturating_add(other.blind.elementwise_flops),
+                attention_core_flops: self
+                    .blind
+                    .attention_core_flops
+                    .saturating_add(other.blind.attention_core_flops),
+                kernels,
+            },
+            worst: self.worst.max(other.worst),
+        })
+    }
+
+    /// Parts of one call: everything adds up.
+    fn and(&self, other: &Sides) -> modelmeter::Result<Sides> {
+        self.combine(other, |a, b| a.checked_add(b))
+    }
+
+    /// A later call: work adds up, state is the later call's.
+    fn then(&self, later: &Sides) -> modelmeter::Result<Sides> {
+        self.combine(later, accumulate)
+    }
+
+    /// The `flops` row and the exact rows.
+    fn rows(&self, name: &str, tolerance: f64) -> Vec<MetricRow> {
+        let (a, m) = (&self.analytic, &self.measured);
+        let mut rows = vec![compare_flops(
+            name,
+            a.total_flops().unwrap_or(u64::MAX),
+            self.flop_counter_mode,
+            &self.blind,
+            a.matmul_flops == m.matmul_flops,
+            tolerance,
+        )];
+        for exact in EXACT {
+            let metric = exact.metric;
+            rows.push(compare(
+                name,
+                Check::Exact(metric),
+                metric.get(a),
+                metric.get(m),
+                tolerance,
+            ));
+        }
+        rows
+    }
+}
+
+/// Folds `items` with `f`; `None` when empty.
+fn fold(
+    items: impl IntoIterator<Item = Sides>,
+    f: impl Fn(&Sides, &Sides) -> modelmeter::Result<Sides>,
+) -> modelmeter::Result<Option<Sides>> {
+    let mut out: Option<Sides> = None;
+    for s in items {
+        out = Some(match out {
+            None => s,
+            Some(o) => f(&o, &s)?,
+        });
+    }
+    Ok(out)
+}
+
+/// A measured call: its result and the summed sides of each part.
+struct Measured {
+    result: CallResult,
+    parts: Vec<(StackPart, Sides)>,
+    /// Bytes of expert weights the default routing model reads but this call's routing
+    /// did not (experts that received no tokens): the closed form's `io_bytes` less this
+    /// is the closed form under the measured routing.
+    unread_expert_bytes: u64,
+}
+
+/// Compares one measured call, part by part and as a whole.
+fn compare_call(
+    call: Call,
+    run: &StepRun,
+    plan: &Plan,
+    model: &ModelPlan,
+) -> modelmeter::Result<Measured> {
+    let workload = call.workload(&plan.workload)?;
+    let stack = DeepseekV2Decoder::new(&plan.config, &workload, plan.attention);
+    let mut layers = Vec::new();
+    let mut parts = Vec::new();
+    let mut unread_expert_bytes = 0u64;
+    for (part, run) in &run.parts {
+        let mut cost = stack.part_cost(*part)?;
+        if let Some(tokens) = &run.tokens_per_expert {
+            // Each expert that ran read its own weights: cost the measured routing.
+            let hit = tokens.iter().filter(|n| **n > 0).count() as u64;
+            let routed = DeepseekV2Decoder::new(
+                &plan.config,
+                &workload.with_experts_hit(hit),
+                plan.attention,
+            )
+            .part_cost(*part)?;
+            unread_expert_bytes = unread_expert_bytes.saturating_add(
+                cost.metrics
+                    .io_bytes
+                    .saturating_sub(routed.metrics.io_bytes),
+            );
+            cost = routed;
+        }
+        let hook_name = format!("{}/{}", call.label(), part.path());
+        let result = compare_run(&cost.name, &hook_name, &cost, run, plan);
+        let analytic = perturbed(&plan.hooks, &hook_name, cost.metrics);
+        let blind = invisible_to_flop_counter_mode(&cost, analytic.elementwise_flops, run);
+        parts.push((*part, Sides::of_part(analytic, run, blind, result.status)));
+        layers.push(result);
+    }
+    let whole = fold(parts.iter().map(|(_, s)| s.clone()), Sides::and)?.unwrap_or_default();
+    let metrics = whole.rows("DeepseekV2ForCausalLM", plan.tolerance);
+    let status = worst(&metrics).max(whole.worst);
+    let exact = is_exact(&metrics) && layers.iter().all(|l| is_exact(&l.metrics));
+    let keep = call == Call::Prefill || !exact || !status.is_ok() || model.verbose;
+    if !keep {
+        layers.clear();
+    }
+    Ok(Measured {
+        result: CallResult {
+            call,
+            context_len: workload.first_position(),
+            key_len: workload.key_len()?,
+            status,
+            error: None,
+            metrics,
+            layers,
+            seconds: 0.0,
+        },
+        parts,
+        unread_expert_bytes,
+    })
+}
+
+/// True when every exact row of `rows` has analytic = measured (a row within a nonzero
+/// tolerance passes without being exact).
+pub fn is_exact(rows: &[MetricRow]) -> bool {
+    rows.iter()
+        .filter(|r| matches!(r.metric, Check::Exact(_)))
+        .all(|r| r.analytic == r.measured)
+}
+
+impl CallResult {
+    /// True when the call ran and every exact row of the stack and of its parts is exact.
+    pub fn exact(&self) -> bool {
+        self.error.is_none()
+            && is_exact(&self.metrics)
+            && self.layers.iter().all(|l| is_exact(&l.metrics))
+    }
+}
+
+fn error_call(call: Call, workload: &Workload, cause: String) -> CallResult {
+    CallResult {
+        call,
+        context_len: workload.first_position(),
+        key_len: workload.key_len().unwrap_or(0),
+        status: Status::Error,
+        error: Some(cause),
+        metrics: Vec::new(),
+        layers: Vec::new(),
+        seconds: 0.0,
+    }
+}
+
+/// Builds the reference model and runs the prefill and every decode step, comparing as
+/// it goes. A call that cannot run is an `error` and ends the generation (later calls
+/// need its tokens and caches); the phases it belongs to are errors too.
+pub fn run(plan: &Plan, model: &ModelPlan, progress: &mut dyn FnMut(ModelProgress)) -> ModelResult {
+    let setup = Setup {
+        device: plan.device,
+        seed: plan.seed,
+    };
+    let total = 1 + model.new_tokens as usize;
+    let mut result = ModelResult {
+        plan: *model,
+        layer_kinds: plan.config.layer_kinds.clone(),
+        error: None,
+        phases: Vec::new(),
+        calls: Vec::new(),
+        tokens: Vec::new(),
+        summary: Summary::default(),
+    };
+    progress(ModelProgress::Building);
+    let built = catch_unwind(AssertUnwindSafe(|| {
+        RefDeepseekV2ForCausalLM::new(&plan.config, plan.attention, plan.workload.dtype, &setup)
+    }));
+    let reference = match built {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            return failed(
+                result,
+                format!("the reference model could not be built: {e}"),
+            )
+        }
+        Err(panic) => {
+            return failed(
+                result,
+                format!(
+                    "building the reference model panicked: {}",
+                    panic_text(panic)
+                ),
+            )
+        }
+    };
+    let mut generation = match reference.generate(
+        plan.workload.batch,
+        plan.workload.query_len(),
+        plan.workload.allow_tf32,
+    ) {
+        Ok(g) => g,
+        Err(e) => return failed(result, format!("the prompt could not be built: {e}")),
+    };
+    let mut measured: Vec<Measured> = Vec::new();
+    let mut stopped: Option<String> = None;
+    for index in 0..total {
+        let call = match index {
+            0 => Call::Prefill,
+            i => Call::Decode { step: i as u64 - 1 },
+        };
+        let start = Instant::now();
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            plan.hooks.injected_error(&call.label())?;
+            generation.step()
+        }));
+        let workload = call.workload(&plan.workload);
+        let outcome = match (ran, &workload) {
+            (_, Err(e)) => Err(format!("analytic model: {e}")),
+            (Ok(Ok(run)), Ok(_)) => {
+                if let Some(token) = run.next_tokens.first() {
+                    result.tokens.push(*token);
+                }
+                compare_call(call, &run, plan, model).map_err(|e| format!("analytic model: {e}"))
+            }
+            (Ok(Err(e)), Ok(_)) if e.is_out_of_memory() => {
+                Err(format!("out of memory on {:?}: {e}", plan.device))
+            }
+            (Ok(Err(e)), Ok(_)) => Err(e.to_string()),
+            (Err(panic), Ok(_)) => Err(format!(
+                "the reference model panicked: {}",
+                panic_text(panic)
+            )),
+        };
+        let mut call_result = match outcome {
+            Ok(m) => {
+                let r = m.result.clone();
+                measured.push(m);
+                r
+            }
+            Err(cause) => {
+                stopped = Some(format!("{} could not run: {cause}", call.describe()));
+                error_call(call, workload.as_ref().unwrap_or(&plan.workload), cause)
+            }
+        };
+        call_result.seconds = start.elapsed().as_secs_f64();
+        if let Some(last) = measured.last_mut().filter(|m| m.result.call == call) {
+            last.result.seconds = call_result.seconds;
+        }
+        progress(ModelProgress::Call {
+            done: index + 1,
+            total,
+            result: &call_result,
+        });
+        result.calls.push(call_result);
+        if stopped.is_some() {
+            break;
+        }
+    }
+    result.phases = phases(plan, model, &measured, stopped.as_deref());
+    result.summary = summarise(&result);
+    result
+}
+
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// `result` with nothing run: every phase an error with `cause`.
+fn failed(mut result: ModelResult, cause: String) -> ModelResult {
+    let names: &[&'static str] = if result.plan.new_tokens > 0 {
+        &["prefill", "decode", "total"]
+    } else {
+        &["prefill", "total"]
+    };
+    result.phases = names
+        .iter()
+        .map(|phase| PhaseResult {
+            phase,
+            calls: 0,
+            status: Status::Error,
+            error: Some(cause.clone()),
+            metrics: Vec::new(),
+            groups: Vec::new(),
+        })
+        .collect();
+    result.error = Some(cause);
+    result.summary = summarise(&result);
+    result
+}
+
+fn summarise(result: &ModelResult) -> Summary {
+    let statuses = result
+        .calls
+        .iter()
+        .map(|c| c.status)
+        .chain(result.phases.iter().map(|p| p.status));
+    let mut s = Summary::default();
+    for status in statuses {
+        match status {
+            Status::Pass => s.pass += 1,
+            Status::KnownGap => s.known_gap += 1,
+            Status::Fail => s.fail += 1,
+            Status::Error => s.error += 1,
+        }
+    }
+    s
+}
+
+/// The phase results: closed form against measured sums, and per group of parts.
+fn phases(
+    plan: &Plan,
+    model: &ModelPlan,
+    measured: &[Measured],
+    stopped: Option<&str>,
+) -> Vec<PhaseResult> {
+    let closed = model.generation(plan).metrics();
+    let (prefill, decode): (Vec<&Measured>, Vec<&Measured>) = measured
+        .iter()
+        .partition(|m| m.result.call == Call::Prefill);
+    let mut out = vec![("prefill", prefill.clone(), 1u64)];
+    if model.new_tokens > 0 {
+        out.push(("decode", decode.clone(), model.new_tokens));
+    }
+    let all: Vec<&Measured> = measured.iter().collect();
+    out.push(("total", all, 1 + model.new_tokens));
+    out.into_iter()
+        .map(|(phase, calls, expected)| {
+            let error = |cause: String| PhaseResult {
+                phase,
+                calls: calls.len() as u64,
+                status: Status::Error,
+                error: Some(cause),
+                metrics: Vec::new(),
+                groups: Vec::new(),
+            };
+            if calls.len() as u64 != expected {
+                return error(stopped.unwrap_or("not every call ran").to_string());
+            }
+            let closed = match &closed {
+                Ok(g) => pick(g, phase),
+                Err(e) => return error(format!("analytic generation: {e}")),
+            };
+            match phase_result(plan, phase, &calls, closed) {
+                Ok(r) => r,
+                Err(e) => error(format!("summing the calls: {e}")),
+            }
+        })
+        .collect()
+}
+
+fn pick(g: &GenerationMetrics, phase: &str) -> Metrics {
+    match phase {
+        "prefill" => g.prefill,
+        "decode" => g.decode,
+        _ => g.total,
+    }
+}
+
+fn phase_result(
+    plan: &Plan,
+    phase: &'static str,
+    calls: &[&Measured],
+    closed_form: Metrics,
+) -> modelmeter::Result<PhaseResult> {
+    let whole_calls = calls.iter().map(|m| {
+        fold(m.parts.iter().map(|(_, s)| s.clone()), Sides::and).map(Option::unwrap_or_default)
+    });
+    let whole_calls: Vec<Sides> = whole_calls.collect::<modelmeter::Result<_>>()?;
+    let mut whole = fold(whole_calls, Sides::then)?.unwrap_or_default();
+    // The phase row: the generation's closed form, not the sum of analytic calls — under
+    // the routing the calls measured (experts that received no tokens read no weights).
+    let unread: u64 = calls
+        .iter()
+        .map(|m| m.unread_expert_bytes)
+        .fold(0, u64::saturating_add);
+    whole.analytic = closed_form;
+    whole.analytic.io_bytes = closed_form.io_bytes.saturating_sub(unread);
+    let mut metrics = whole.rows("DeepseekV2ForCausalLM", plan.tolerance);
+    if unread > 0 {
+        if let Some(row) = metrics
+            .iter_mut()
+            .find(|r| r.metric == Check::Exact(modelmeter::Metric::IoBytes))
+        {
+            row.note = Some(format!(
+                "closed form under the measured routing: {unread} bytes of weights of experts that received no tokens are not read"
+            ));
+        }
+    }
+    let mut groups = Vec::new();
+    for group in PartGroup::ALL {
+        let per_call: Vec<Sides> = calls
+            .iter()
+            .map(|m| {
+                let members = m
+                    .parts
+                    .iter()
+                    .filter(|(p, _)| PartGroup::of(*p, &plan.config) == group)
+                    .map(|(_, s)| s.clone());
+                fold(members, Sides::and)
+            })
+            .collect::<modelmeter::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let Some(sides) = fold(per_call, Sides::then)? else {
+            continue;
+        };
+        let name = group.describe(&plan.config);
+        let rows = sides.rows(&name, plan.tolerance);
+        groups.push(GroupResult {
+            group,
+            status: worst(&rows).max(sides.worst),
+            name,
+            metrics: rows,
+        });
+    }
+    let status = calls
+        .iter()
+        .map(|m| m.result.status)
+        .chain(groups.iter().map(|g| g.status))
+        .fold(worst(&metrics), Status::max);
+    Ok(PhaseResult {
+        phase,
+        calls: calls.len() as u64,
+        status,
+        error: None,
+        metrics,
+        groups,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefill(seq_len: u64) -> Workload {
+        Workload::prefill(1, seq_len).unwrap()
+    }
+
+    #[test]
+    fn sizes_are_checked_against_the_config() {
+        let c = ModelConfig::deepseek_ocr();
+        let (cut, plan) = ModelPlan::new(&c, &prefill(64), Some(3), 8, false).unwrap();
+        assert_eq!((plan.num_layers, plan.config_layers), (3, 12));
+        assert_eq!(cut.layer_kinds.len(), 3);
+        let (all, _) = ModelPlan::new(&c, &prefill(64), None, 8, false).unwrap();
+        assert_eq!(all, c);
+        // 8192 positions: 8000 + 192 fit, one more does not.
+        assert!(ModelPlan::new(&c, &prefill(8000), None, 192, false).is_ok());
+        let e = ModelPlan::new(&c, &prefill(8000), None, 193, false).unwrap_err();
+        assert!(
+            e.starts_with("--new-tokens = 193 is too large")
+                && e.contains("max_position_embeddings = 8192")
+                && e.ends_with("expected at most 192"),
+            "{e}"
+        );
+        let e = ModelPlan::new(&c, &prefill(9000), None, 0, false).unwrap_err();
+        assert!(e.starts_with("--seq-len = 9000 is too large"), "{e}");
+        let e = ModelPlan::new(&c, &prefill(64), Some(13), 8, false).unwrap_err();
+        assert!(
+            e.contains("--num-layers = 13") && e.contains("1 ..= 12"),
+            "{e}"
+        );
+        let e = ModelPlan::new(&c, &Workload::decode(1, 4).unwrap(), None, 8, false).unwrap_err();
+        assert!(e.contains("--phase decode"), "{e}");
+    }
+
+    #[test]
+    fn decode_step_t_follows_s_plus_t_tokens() {
+        let w = Call::Decode { step: 3 }.workload(&prefill(64)).unwrap();
+        assert_eq!((w.first_position(), w.key_len().unwrap()), (67, 68));
+        assert_eq!(Call::Prefill.workload(&prefill(64)).unwrap(), prefill(64));
+        assert_eq!(Call::Decode { step: 3 }.label(), "decode[3]");
+    }
+
+    #[test]
+    fn groups_follow_the_dense_moe_pattern() {
+        let c = ModelConfig::deepseek_ocr().first_layers(4).unwrap();
+        assert_eq!(PartGroup::DenseLayers.describe(&c), "layers 0 (dense)");
+        assert_eq!(PartGroup::MoeLayers.describe(&c), "layers 1-3 (MoE)");
+        assert_eq!(PartGroup::of(StackPart::Layer(2), &c), PartGroup::MoeLayers);
+    }
+}

@@ -1,0 +1,556 @@
+//! `verify-decoder --model`: the whole causal LM on the CPU in fp32 — the CI command,
+//! a config with two dense layers, mismatches named by layer and step, and sizes refused
+//! before anything runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use clap::Parser;
+use modelmeter::layers::{AttentionImpl, Generation};
+use modelmeter::{Dtype, Metric, ModelConfig, Platform};
+use modelmeter_verify::app::{model_report_of, prepare, Args};
+use modelmeter_verify::hooks::{Perturbation, TestHooks};
+use modelmeter_verify::report::{self, ModelReport};
+use serde_json::Value;
+
+const EXACT: [&str; 6] = [
+    "matmul_flops",
+    "elementwise_flops",
+    "tensor_core_flops",
+    "cuda_core_flops",
+    "weight_bytes",
+    "kv_cache_bytes",
+];
+
+fn verify(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
+        .args(args)
+        .output()
+        .expect("verify-decoder runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("mm-model-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn rows(v: &Value) -> &Vec<Value> {
+    v["metrics"].as_array().unwrap()
+}
+
+fn row<'a>(v: &'a Value, metric: &str) -> &'a Value {
+    rows(v)
+        .iter()
+        .find(|m| m["metric"] == metric)
+        .unwrap_or_else(|| panic!("no {metric} row in {v}"))
+}
+
+fn measured(v: &Value, metric: &str) -> u64 {
+    row(v, metric)["measured"].as_u64().unwrap()
+}
+
+/// Every exact row of `v` has analytic = measured, rel_diff 0 and status pass.
+fn assert_exact(what: &str, v: &Value) {
+    for metric in EXACT {
+        let r = row(v, metric);
+        assert_eq!(r["analytic"], r["measured"], "{what} {metric}: {r}");
+        assert_eq!(r["rel_diff"], 0.0, "{what} {metric}");
+        assert_eq!(r["status"], "pass", "{what} {metric}");
+    }
+    for r in rows(v) {
+        assert!(
+            r["status"] == "pass" || r["status"] == "known_gap",
+            "{what}: {r}"
+        );
+    }
+}
+
+/// A small DeepSeek-V2 config: 4 layers, the first two dense (first_k_dense_replace 2).
+const TWO_DENSE: &str = r#"{"model_type": "deepseek_v2", "hidden_size": 64,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "intermediate_size": 96, "moe_intermediate_size": 32, "n_routed_experts": 8,
+    "num_experts_per_tok": 2, "n_shared_experts": 1, "num_hidden_layers": 4,
+    "first_k_dense_replace": 2, "moe_layer_freq": 1, "vocab_size": 500,
+    "max_position_embeddings": 64, "use_mla": false}"#;
+
+#[test]
+fn ci_command_is_exact_per_part_per_step_and_in_total() {
+    let dir = TempDir::new("ci");
+    let (json, junit) = (dir.path("m.json"), dir.path("m.xml"));
+    let o = verify(&[
+        "--device",
+        "cpu",
+        "--model",
+        "--num-layers",
+        "2",
+        "--seq-len",
+        "64",
+        "--new-tokens",
+        "8",
+        "--verbose",
+        "--json",
+        json.to_str().unwrap(),
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", text(&o.stderr));
+    assert!(
+        stdout.trim_end().ends_with(
+            "12 checks (prefill, 8 decode steps, 3 phase totals): 0 pass, 12 known_gap, 0 fail, 0 error"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("layers 1 (MoE)") && stdout.contains("decode step 7"));
+
+    let j = read_json(&json);
+    assert_eq!(j["schema"], "modelmeter.verify-model/1");
+    let model = &j["model"];
+    assert_eq!(model["num_layers"], 2);
+    assert_eq!(model["config_layers"], 12);
+    let calls = model["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 9, "the prefill and 8 decode steps");
+    let names = [
+        "embed_tokens",
+        "layers.0 (DeepseekV2DecoderLayer_dense)",
+        "layers.1 (DeepseekV2DecoderLayer_moe)",
+        "norm",
+        "lm_head",
+    ];
+    for (i, call) in calls.iter().enumerate() {
+        let what = format!("call {i}");
+        assert_exact(&what, call);
+        let parts = call["layers"].as_array().unwrap();
+        let got: Vec<&str> = parts.iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(got, names, "--verbose keeps every part of every call");
+        for p in parts {
+            assert_exact(&format!("{what} {}", p["name"]), p);
+            assert!(p.get("unknown_ops").is_none(), "{p}");
+        }
+        // Decode step t follows 64 + t cached tokens and attends over 64 + t + 1 keys.
+        if i > 0 {
+            assert_eq!(call["phase"], "decode");
+            assert_eq!(call["step"], i - 1);
+            assert_eq!(call["context_len"], 64 + i - 1);
+            assert_eq!(call["key_len"], 64 + i);
+        }
+    }
+    // lm_head in the prefill: 2·S·h·V, by hand.
+    let head = &calls[0]["layers"][4];
+    assert_eq!(measured(head, "matmul_flops"), 2 * 64 * 1280 * 129_280);
+    // Each decode step: the same work but one more key in each layer's attention core
+    // (4·B·H·S_q·d = 4·10·128 per layer on the CPU SDPA kernel); the routed experts run
+    // N·k = 6 rows whatever the routing.
+    let stack: Vec<u64> = calls[1..]
+        .iter()
+        .map(|c| measured(c, "matmul_flops"))
+        .collect();
+    for w in stack.windows(2) {
+        assert_eq!(w[1] - w[0], 2 * 4 * 10 * 128, "{stack:?}");
+    }
+
+    // The analytic generation's closed form equals the sum of the measured calls.
+    let generation = Generation {
+        config: ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
+        batch: 1,
+        prefill_len: 64,
+        new_tokens: 8,
+        dtype: Dtype::F32,
+        allow_tf32: false,
+        platform: Platform::Cpu,
+        attention: AttentionImpl::Sdpa,
+        mla: Default::default(),
+    }
+    .metrics()
+    .unwrap();
+    for metric in Metric::ALL
+        .into_iter()
+        .filter(|m| EXACT.contains(&m.name()))
+    {
+        let per_call: Vec<u64> = calls.iter().map(|c| measured(c, metric.name())).collect();
+        let summed = match metric {
+            // State: the model's weights, and the KV cache after the last step.
+            Metric::WeightBytes | Metric::KvCacheBytes => *per_call.last().unwrap(),
+            _ => per_call.iter().sum(),
+        };
+        assert_eq!(metric.get(&generation.total), summed, "{}", metric.name());
+        assert_eq!(
+            metric.get(&generation.decode),
+            match metric {
+                Metric::WeightBytes | Metric::KvCacheBytes => summed,
+                _ => summed - per_call[0],
+            },
+            "{}",
+            metric.name()
+        );
+    }
+    // KV cache after the last step: 2 layers · 2·B·H·(64 + 8)·d · 4 bytes.
+    assert_eq!(generation.total.kv_cache_bytes, 2 * 2 * 10 * 72 * 128 * 4);
+
+    // The phases: closed form vs measured sums, and per group of parts.
+    let phases = model["phases"].as_array().unwrap();
+    let labels: Vec<&str> = phases
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["prefill", "decode", "total"]);
+    for p in phases {
+        assert_exact(p["phase"].as_str().unwrap(), p);
+        assert_eq!(p["groups"].as_array().unwrap().len(), 5);
+        for g in p["groups"].as_array().unwrap() {
+            assert_exact(g["name"].as_str().unwrap(), g);
+        }
+    }
+    assert_eq!(
+        measured(&phases[2], "matmul_flops"),
+        generation.total.matmul_flops
+    );
+
+    // JUnit: one case per phase and group × row (flops + 6 exact), none failing.
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let mut reader = quick_xml::Reader::from_str(&xml);
+    let (mut testcases, mut failures) = (0, 0);
+    loop {
+        match reader.read_event().expect("well-formed XML") {
+            quick_xml::events::Event::Eof => break,
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
+                match e.name().as_ref() {
+                    b"testcase" => testcases += 1,
+                    b"failure" | b"error" => failures += 1,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((testcases, failures), (3 * 6 * (1 + EXACT.len()), 0));
+    assert!(xml.contains("classname=\"model/total\" name=\"matmul_flops\""));
+}
+
+fn small_config(dir: &TempDir) -> PathBuf {
+    let path = dir.path("two-dense.json");
+    std::fs::write(&path, TWO_DENSE).unwrap();
+    path
+}
+
+#[test]
+fn three_layers_of_a_config_with_two_dense_run_two_dense_and_one_moe() {
+    let dir = TempDir::new("dense");
+    let config = small_config(&dir);
+    let json = dir.path("m.json");
+    let o = verify(&[
+        "--device",
+        "cpu",
+        "--model",
+        "--config",
+        config.to_str().unwrap(),
+        "--num-layers",
+        "3",
+        "--seq-len",
+        "12",
+        "--new-tokens",
+        "5",
+        "--batch",
+        "2",
+        "--attn",
+        "eager",
+        "--json",
+        json.to_str().unwrap(),
+        "-q",
+    ]);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", text(&o.stderr));
+    assert_eq!(stdout.lines().count(), 1, "--quiet: the summary line only");
+    let j = read_json(&json);
+    assert_eq!(
+        j["model"]["layer_kinds"],
+        serde_json::json!(["dense", "dense", "moe"])
+    );
+    let calls = j["model"]["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 6);
+    let prefill: Vec<&str> = calls[0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        prefill,
+        [
+            "embed_tokens",
+            "layers.0 (DeepseekV2DecoderLayer_dense)",
+            "layers.1 (DeepseekV2DecoderLayer_dense)",
+            "layers.2 (DeepseekV2DecoderLayer_moe)",
+            "norm",
+            "lm_head"
+        ]
+    );
+    for call in calls {
+        assert_exact("call", call);
+        if call["phase"] == "decode" {
+            assert!(
+                call.get("layers").is_none(),
+                "exact decode steps keep no parts without --verbose"
+            );
+        }
+    }
+    let groups: Vec<&str> = j["model"]["phases"][2]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            "embed_tokens",
+            "layers 0-1 (dense)",
+            "layers 2 (MoE)",
+            "norm",
+            "lm_head"
+        ]
+    );
+    for p in j["model"]["phases"].as_array().unwrap() {
+        assert_exact("phase", p);
+    }
+}
+
+fn run_model(config: &Path, hooks: TestHooks) -> (ModelReport, String, String) {
+    let argv = [
+        "verify-decoder",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--model",
+        "--config",
+        config.to_str().unwrap(),
+        "--seq-len",
+        "6",
+        "--new-tokens",
+        "5",
+        "--accept-rel-diff",
+        "0",
+    ];
+    let args = Args::try_parse_from(argv).expect("valid options");
+    let mut ready = prepare(&args).expect("the invocation checks out");
+    ready.plan.hooks = hooks;
+    let model = ready.model.expect("--model");
+    let report = model_report_of(&args, &ready, &model);
+    let table = report::model_table(&report);
+    let junit = report::model_junit(&report);
+    (report, table, junit)
+}
+
+#[test]
+fn a_mismatch_names_its_layer_and_step() {
+    let dir = TempDir::new("hook");
+    let config = small_config(&dir);
+    let hooks = TestHooks {
+        perturb: Some(Perturbation {
+            layer: "decode[3]/layers.2".into(),
+            metric: "kv_cache_bytes".into(),
+            delta: 1,
+        }),
+        ..TestHooks::default()
+    };
+    let (report, table, junit) = run_model(&config, hooks);
+    assert!(!report.ok(), "exit code 1");
+    let calls = &report.result.calls;
+    let bad: Vec<String> = calls
+        .iter()
+        .filter(|c| !c.status.is_ok())
+        .map(|c| c.call.describe())
+        .collect();
+    assert_eq!(bad, ["decode step 3"]);
+    let step = &calls[4];
+    let failing: Vec<&str> = step
+        .layers
+        .iter()
+        .filter(|l| !l.status.is_ok())
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(failing, ["layers.2 (DeepseekV2DecoderLayer_moe)"]);
+    assert!(
+        table.contains("decode step 3 layers.2 (DeepseekV2DecoderLayer_moe)")
+            && table.contains("kv_cache_bytes"),
+        "{table}"
+    );
+    assert!(
+        !table.contains("decode step 2 "),
+        "exact steps are not listed without --verbose: {table}"
+    );
+    assert!(
+        junit.contains(
+            "classname=\"model/decode[3]/layers.2 (DeepseekV2DecoderLayer_moe)\" name=\"kv_cache_bytes\"><failure"
+        ),
+        "{junit}"
+    );
+    // The same run without the hook passes.
+    let (clean, _, _) = run_model(&config, TestHooks::default());
+    assert!(clean.ok(), "{}", report::model_table(&clean));
+}
+
+#[test]
+fn a_step_that_cannot_run_ends_the_generation_as_an_error() {
+    let dir = TempDir::new("fail");
+    let config = small_config(&dir);
+    let hooks = TestHooks {
+        fail_layer: Some("decode[2]".into()),
+        ..TestHooks::default()
+    };
+    let (report, table, _) = run_model(&config, hooks);
+    assert!(!report.ok());
+    let r = &report.result;
+    assert_eq!(
+        r.calls.len(),
+        4,
+        "prefill, steps 0 and 1, then step 2 fails"
+    );
+    assert!(r.calls[3].error.as_deref().unwrap().contains("decode[2]"));
+    let statuses: Vec<&str> = r.phases.iter().map(|p| p.status.as_str()).collect();
+    assert_eq!(statuses, ["known_gap", "error", "error"]);
+    assert!(table.contains("decode step 2: error"), "{table}");
+}
+
+#[test]
+fn bad_sizes_are_refused_before_anything_runs() {
+    let dir = TempDir::new("bad");
+    let json = dir.path("m.json");
+    let j = json.to_str().unwrap();
+    let config = small_config(&dir);
+    let c = config.to_str().unwrap();
+    // A vocabulary no machine holds: 10^11 × 64 fp32 embedding weights.
+    let huge = dir.path("huge.json");
+    std::fs::write(
+        &huge,
+        TWO_DENSE.replace("\"vocab_size\": 500", "\"vocab_size\": 100000000000"),
+    )
+    .unwrap();
+    let h = huge.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--config", c, "--seq-len", "60", "--new-tokens", "5"],
+            "--new-tokens = 5 is too large: --seq-len 60 + --new-tokens 5 positions exceed max_position_embeddings = 64 of config",
+        ),
+        (
+            vec!["--new-tokens", "8193", "--seq-len", "1"],
+            "expected at most 8191",
+        ),
+        (vec!["--config", c, "--num-layers", "0"], "--num-layers = 0 is invalid: expected 1 ..= 4"),
+        (
+            vec!["--config", h, "--seq-len", "4", "--new-tokens", "1"],
+            "the embedding and lm_head alone need",
+        ),
+        (vec!["--sweep", "2"], "--sweep does not apply with --model"),
+        (vec!["--oracle"], "--oracle does not apply with --model"),
+        (
+            vec!["--phase", "decode", "--context-len", "8"],
+            "--phase does not apply with --model",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["--device", "cpu", "--model", "--json", j];
+        all.extend(&args);
+        let o = verify(&all);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(o.stdout.is_empty(), "{args:?}: nothing ran");
+        assert!(!json.exists(), "{args:?}: no report written");
+    }
+    let o = verify(&["--device", "cpu", "--new-tokens", "4"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--new-tokens applies only with --model"));
+}
+
+#[test]
+fn embedding_norm_and_head_match_the_analytic_parts_op_for_op() {
+    use modelmeter::layers::{DeepseekV2Decoder, StackPart};
+    use modelmeter_reference::model::RefDeepseekV2ForCausalLM;
+    use modelmeter_verify::model::Call;
+
+    let config = ModelConfig::from_json_str("two-dense", TWO_DENSE)
+        .unwrap()
+        .first_layers(3)
+        .unwrap();
+    let setup = modelmeter_reference::Setup {
+        device: tch::Device::Cpu,
+        seed: 5,
+    };
+    for dtype in [Dtype::F32, Dtype::Bf16] {
+        let prefill = modelmeter::Workload::prefill(2, 7)
+            .unwrap()
+            .with_dtype(dtype)
+            .unwrap()
+            .on(Platform::Cpu);
+        let model =
+            RefDeepseekV2ForCausalLM::new(&config, AttentionImpl::Sdpa, dtype, &setup).unwrap();
+        let mut generation = model.generate(2, 7, false).unwrap();
+        for call in [Call::Prefill, Call::Decode { step: 0 }] {
+            let run = generation.step().unwrap();
+            let w = call.workload(&prefill).unwrap();
+            let stack = DeepseekV2Decoder::new(&config, &w, AttentionImpl::Sdpa);
+            for (part, measured) in &run.parts {
+                assert!(measured.counts.is_complete(), "{part:?}");
+                if matches!(part, StackPart::Layer(_)) {
+                    continue; // decoder layers: verify/tests/op_for_op.rs
+                }
+                let mut expected: Vec<(String, u64, u64)> = stack
+                    .part_cost(*part)
+                    .unwrap()
+                    .ops()
+                    .iter()
+                    .filter(|o| o.metrics.matmul_flops + o.metrics.elementwise_flops > 0)
+                    .map(|o| {
+                        let m = &o.metrics;
+                        (
+                            o.op.unwrap().to_string(),
+                            m.matmul_flops,
+                            m.elementwise_flops,
+                        )
+                    })
+                    .collect();
+                let mut got: Vec<(String, u64, u64)> = measured
+                    .counts
+                    .records
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.name.clone(),
+                            r.flops.matmul_flops,
+                            r.flops.elementwise_flops,
+                        )
+                    })
+                    .collect();
+                expected.sort();
+                got.sort();
+                assert_eq!(got, expected, "{dtype} {call:?} {part:?}");
+            }
+        }
+    }
+}
