@@ -29,6 +29,7 @@
 
 #include <ATen/record_function.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
 
@@ -139,6 +140,8 @@ class AllocationRecorder final : public ProfilerStateBase {
 // (and any thread state captured from it) holds further references.
 struct Handle {
   std::shared_ptr<AllocationRecorder> recorder;
+  // c10's log level before the region (see mmeter_alloc_start).
+  int log_level = 0;
 };
 
 void write_error(char* err, size_t len, const char* message) {
@@ -164,6 +167,12 @@ int mmeter_alloc_start(void** recorder, char* err, size_t err_len) {
     auto handle = std::make_unique<Handle>();
     handle->recorder = std::make_shared<AllocationRecorder>();
     c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, handle->recorder);
+    // The CPU allocator logs a warning ("Memory block of unknown size was allocated before
+    // the profiling started …", c10 LOG(WARNING), once per process) when a block from
+    // before the region is freed inside it. The region counts those frees itself
+    // (pre-region frees), so c10's log level is raised to errors while it is open.
+    handle->log_level = FLAGS_caffe2_log_level;
+    if (FLAGS_caffe2_log_level < 2) FLAGS_caffe2_log_level = 2;
     *recorder = handle.release();
     return 0;
   } catch (const std::exception& e) {
@@ -219,6 +228,7 @@ int mmeter_alloc_stop(void* recorder, char* err, size_t err_len) {
       return 1;
     }
     handle->recorder->close();
+    FLAGS_caffe2_log_level = handle->log_level;
     auto* installed = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
     if (installed != handle->recorder.get()) {
       write_error(err, err_len,

@@ -13,12 +13,14 @@ use modelmeter_verify::hooks::{Perturbation, TestHooks};
 use modelmeter_verify::report::{self, ModelReport};
 use serde_json::Value;
 
-const EXACT: [&str; 6] = [
+const EXACT: [&str; 8] = [
     "matmul_flops",
     "elementwise_flops",
     "tensor_core_flops",
     "cuda_core_flops",
+    "io_bytes",
     "weight_bytes",
+    "activation_bytes",
     "kv_cache_bytes",
 ];
 
@@ -187,14 +189,44 @@ fn ci_command_is_exact_per_part_per_step_and_in_total() {
     }
     .metrics()
     .unwrap();
+    // The closed form has min(E, N·k) routed experts read their weights in each call (64
+    // in the prefill, 6 in a decode step); an expert that received no tokens reads none:
+    // 3·h·m fp32 weights each.
+    let unread: Vec<u64> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let default = if i == 0 { 64 } else { 6 };
+            c["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|p| p["experts_used"].as_u64())
+                .map(|used| (default - used) * 3 * 1280 * 896 * 4)
+                .sum()
+        })
+        .collect();
     for metric in Metric::ALL
         .into_iter()
         .filter(|m| EXACT.contains(&m.name()))
     {
-        let per_call: Vec<u64> = calls.iter().map(|c| measured(c, metric.name())).collect();
+        let per_call: Vec<u64> = calls
+            .iter()
+            .zip(&unread)
+            .map(|(c, unread)| {
+                let m = measured(c, metric.name());
+                if metric == Metric::IoBytes {
+                    m + unread
+                } else {
+                    m
+                }
+            })
+            .collect();
         let summed = match metric {
             // State: the model's weights, and the KV cache after the last step.
             Metric::WeightBytes | Metric::KvCacheBytes => *per_call.last().unwrap(),
+            // A generation's activations are its largest call's (the calls do not overlap).
+            Metric::ActivationBytes => *per_call.iter().max().unwrap(),
             _ => per_call.iter().sum(),
         };
         assert_eq!(metric.get(&generation.total), summed, "{}", metric.name());
@@ -202,6 +234,7 @@ fn ci_command_is_exact_per_part_per_step_and_in_total() {
             metric.get(&generation.decode),
             match metric {
                 Metric::WeightBytes | Metric::KvCacheBytes => summed,
+                Metric::ActivationBytes => *per_call[1..].iter().max().unwrap(),
                 _ => summed - per_call[0],
             },
             "{}",
