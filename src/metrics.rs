@@ -212,11 +212,33 @@ impl Cost {
     }
 }
 
+thread_local! {
+    /// Set while [`sums_only`] runs: builders keep sums, not the per-op tree.
+    static SUMS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every [`CostBuilder`] on this thread keeping only the sums: the nodes it
+/// finishes have their metrics but no children (no per-op tree is allocated). The same op
+/// lists run; only the breakdown is not kept — what [`crate::layers::Layer::metrics`]
+/// needs for design-space sweeps.
+pub fn sums_only<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SUMS_ONLY.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SUMS_ONLY.with(|s| s.replace(true)));
+    f()
+}
+
 /// Builds a [`Cost`] node op by op, in the order the vendor code runs them.
 #[derive(Debug)]
 pub struct CostBuilder {
     node: Cost,
     allow_tf32: bool,
+    /// Keep sums only (inside [`sums_only`]).
+    sums_only: bool,
 }
 
 impl CostBuilder {
@@ -231,6 +253,7 @@ impl CostBuilder {
                 children: Vec::new(),
             },
             allow_tf32,
+            sums_only: SUMS_ONLY.with(|s| s.get()),
         }
     }
 
@@ -269,18 +292,22 @@ impl CostBuilder {
                 }
                 (written, blocks)
             };
+        let metrics = Metrics {
+            matmul_flops,
+            elementwise_flops,
+            tensor_core_flops,
+            cuda_core_flops,
+            io_bytes,
+            activation_bytes,
+            ..Metrics::default()
+        };
+        if self.sums_only {
+            return self.add(&metrics, cuda_activation_bytes);
+        }
         self.push(Cost {
             name: role.to_string(),
             op: Some(op),
-            metrics: Metrics {
-                matmul_flops,
-                elementwise_flops,
-                tensor_core_flops,
-                cuda_core_flops,
-                io_bytes,
-                activation_bytes,
-                ..Metrics::default()
-            },
+            metrics,
             cuda_activation_bytes,
             children: Vec::new(),
         })
@@ -291,6 +318,9 @@ impl CostBuilder {
     /// nothing.
     pub fn returns_input(&mut self, role: &str, op: &'static str) -> Result<()> {
         convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+        if self.sums_only {
+            return Ok(());
+        }
         self.push(Cost {
             name: role.to_string(),
             op: Some(op),
@@ -320,12 +350,19 @@ impl CostBuilder {
     }
 
     fn push(&mut self, child: Cost) -> Result<()> {
-        self.node.metrics = self.node.metrics.checked_add(&child.metrics)?;
+        self.add(&child.metrics, child.cuda_activation_bytes)?;
+        if !self.sums_only {
+            self.node.children.push(child);
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, metrics: &Metrics, cuda_activation_bytes: u64) -> Result<()> {
+        self.node.metrics = self.node.metrics.checked_add(metrics)?;
         self.node.cuda_activation_bytes = sum(
             "CUDA activation blocks",
-            &[self.node.cuda_activation_bytes, child.cuda_activation_bytes],
+            &[self.node.cuda_activation_bytes, cuda_activation_bytes],
         )?;
-        self.node.children.push(child);
         Ok(())
     }
 

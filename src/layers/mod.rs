@@ -42,8 +42,9 @@ pub trait Layer {
     /// The op-by-op cost tree of one forward call.
     fn cost(&self) -> Result<Cost>;
 
-    /// The metrics of one forward call (the root of [`Layer::cost`]).
+    /// The metrics of one forward call (the root of [`Layer::cost`]), from the same op
+    /// list without keeping the per-op tree ([`crate::metrics::sums_only`]).
     fn metrics(&self) -> Result<Metrics> {
-        Ok(self.cost()?.metrics)
+        Ok(crate::metrics::sums_only(|| self.cost())?.metrics)
     }
 }
