@@ -234,6 +234,24 @@ proptest! {
     }
 
     #[test]
+    fn metrics_without_the_tree_equal_the_tree(d in dims(), (b, phase, dtype) in workloads(), eager in any::<bool>()) {
+        // `Layer::metrics` runs the same op lists keeping sums only: it must agree with the
+        // root of the full cost tree, CUDA blocks included, on every layer.
+        let c = config(&d);
+        let w = workload(b, phase, dtype);
+        let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
+        let mut layers = modelmeter::layers::layers_of(&c, &w, attn).unwrap();
+        layers.push(Box::new(DeepseekV2Decoder::new(&c, &w, attn)));
+        for layer in layers {
+            let tree = layer.cost().unwrap();
+            prop_assert_eq!(layer.metrics().unwrap(), tree.metrics, "{}", tree.name);
+            let sums = modelmeter::metrics::sums_only(|| layer.cost().unwrap());
+            prop_assert!(sums.children.is_empty());
+            prop_assert_eq!(sums.cuda_activation_bytes, tree.cuda_activation_bytes);
+        }
+    }
+
+    #[test]
     fn projections_are_linear_in_tokens(d in dims(), b in 1u64..=4, s in 1u64..=64, dtype in prop::sample::select(vec![Dtype::Bf16, Dtype::F32])) {
         let c = config(&d);
         let one = LlamaAttention::new(&c, &workload(b, Phase::Prefill { seq_len: s }, dtype), AttentionImpl::Sdpa).cost().unwrap();
