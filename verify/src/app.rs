@@ -36,7 +36,7 @@ const EXAMPLES: &str = "Examples:
 
 Statuses: pass (rel diff <= tolerance), fail, known_gap (a flops row off by exactly the
 elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's), error
-(the layer could not run).
+(the layer could not run); info (a --hardware-counters row shown for information only).
 Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
 
 /// The most configurations one sweep may verify.

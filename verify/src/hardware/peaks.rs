@@ -128,11 +128,5 @@ mod tests {
                 p.model
             );
         }
-        // The H200 is the H100 SXM with faster memory.
-        assert_eq!(
-            H200_SXM.tensor_16bit_flops_per_s,
-            H100_SXM.tensor_16bit_flops_per_s
-        );
-        assert!(H200_SXM.dram_bytes_per_s > H100_SXM.dram_bytes_per_s);
     }
 }
