@@ -1,4 +1,4 @@
-//! Compiles the C++ shims (the op observer and the allocation observer) against the libtorch torch-sys found, and links this
+//! Compiles the C++ shims (the op observer, the allocation observer and the profiler range) against the libtorch torch-sys found, and links this
 //! crate's tests and examples to libtorch (CUDA included).
 
 fn main() {
@@ -13,6 +13,8 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/alloc_observer.cpp");
     println!("cargo:rerun-if-changed=csrc/alloc_observer.h");
     println!("cargo:rerun-if-changed=csrc/sequence.h");
+    println!("cargo:rerun-if-changed=csrc/profiler_range.cpp");
+    println!("cargo:rerun-if-changed=csrc/profiler_range.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // libtorch's headers are system includes, so their warnings stay quiet while the
     // shim's own are on (and errors).
@@ -34,5 +36,6 @@ fn main() {
         .define("NDEBUG", None)
         .file("csrc/op_observer.cpp")
         .file("csrc/alloc_observer.cpp")
+        .file("csrc/profiler_range.cpp")
         .compile("modelmeter_op_observer");
 }

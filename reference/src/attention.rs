@@ -46,6 +46,16 @@ impl KvCache {
         })
     }
 
+    /// A second handle on the same cached keys and values, for a forward call that must
+    /// leave this cache as it is (a warm-up before a profiled call): [`KvCache::update`]
+    /// replaces the handles with new tensors and never writes into the cached ones.
+    pub fn fork(&self) -> KvCache {
+        KvCache {
+            keys: self.keys.as_ref().map(Tensor::shallow_clone),
+            values: self.values.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
     /// `DynamicCache.update`: the first call stores, later ones concatenate on dim −2.
     pub fn update(&mut self, keys: Tensor, values: Tensor) -> Result<(Tensor, Tensor)> {
         let (keys, values) = match self.contents() {

@@ -1,6 +1,7 @@
 //! The FFI surface, and the only unsafe code of the crate: the C ABI of
 //! `csrc/op_observer.cpp` (declared in `csrc/op_observer.h`) and of
-//! `csrc/alloc_observer.cpp` (`csrc/alloc_observer.h`), wrapped in safe functions that
+//! `csrc/alloc_observer.cpp` (`csrc/alloc_observer.h`) and of `csrc/profiler_range.cpp`
+//! (`csrc/profiler_range.h`), wrapped in safe functions that
 //! turn every failure into an error.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -48,6 +49,9 @@ extern "C" {
     ) -> c_int;
     fn mmeter_alloc_stop(recorder: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
     fn mmeter_alloc_free_events(events: *mut RawAllocEvent);
+
+    fn mmeter_cuda_profiler_start(err: *mut c_char, err_len: usize) -> c_int;
+    fn mmeter_cuda_profiler_stop(err: *mut c_char, err_len: usize) -> c_int;
 }
 
 const ERR_LEN: usize = 512;
@@ -186,6 +190,35 @@ pub fn cuda_memory(index: usize) -> Result<(u64, u64)> {
         0 => Ok((free as u64, total as u64)),
         _ => Err(Error::Observer(format!(
             "could not read the memory of cuda:{index}: {}",
+            message(&err)
+        ))),
+    }
+}
+
+/// `cuProfilerStart()`: opens a range of `ncu --replay-mode range` (csrc/profiler_range.cpp;
+/// the driver is looked up at run time). Needs a current CUDA context on the calling
+/// thread, which libtorch makes current once it has run work there. Outside Nsight
+/// Compute the call does nothing and succeeds.
+pub fn cuda_profiler_start() -> Result<()> {
+    let mut err = [0 as c_char; ERR_LEN];
+    // SAFETY: `err` is a writable buffer of ERR_LEN bytes; the shim catches all exceptions.
+    match unsafe { mmeter_cuda_profiler_start(err.as_mut_ptr(), ERR_LEN) } {
+        0 => Ok(()),
+        _ => Err(Error::Observer(format!(
+            "cannot open a profiler range: {}",
+            message(&err)
+        ))),
+    }
+}
+
+/// `cuProfilerStop()`: closes the range [`cuda_profiler_start`] opened.
+pub fn cuda_profiler_stop() -> Result<()> {
+    let mut err = [0 as c_char; ERR_LEN];
+    // SAFETY: as in `cuda_profiler_start`.
+    match unsafe { mmeter_cuda_profiler_stop(err.as_mut_ptr(), ERR_LEN) } {
+        0 => Ok(()),
+        _ => Err(Error::Observer(format!(
+            "cannot close the profiler range: {}",
             message(&err)
         ))),
     }

@@ -383,6 +383,53 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// [`Prepared::run`] as one range of `ncu --replay-mode range`: one uncounted warm-up
+    /// forward first (on a fork of the KV cache, so the counted call sees the same cache),
+    /// which fills libtorch's caching allocator, cuBLAS workspaces and cuDNN plans, since
+    /// a replayed range may not allocate device memory; then `cuProfilerStart`, the counted
+    /// forward, `cuProfilerStop` (also when the forward failed). On the CPU there is no
+    /// range: the warm-up and the counted forward run the same way, so the bookkeeping can
+    /// be tested without a GPU.
+    pub fn run_in_profiler_range(self) -> Result<LayerRun> {
+        ffi::set_tf32_matmul_allowed(self.allow_tf32)?;
+        let device = self.inputs.hidden.device();
+        {
+            let _no_grad = tch::no_grad_guard();
+            let mut cache = self.cache.fork();
+            // Dropped at once: its blocks go back to the caching allocator for the
+            // counted forward to reuse.
+            let _warm = self.module.forward(&self.inputs, &mut cache)?;
+        }
+        ffi::synchronize(device)?;
+        let cuda = device.is_cuda();
+        if cuda {
+            ffi::cuda_profiler_start()?;
+        }
+        let run = self.run();
+        let stopped = if cuda {
+            ffi::cuda_profiler_stop()
+        } else {
+            Ok(())
+        };
+        let run = run?;
+        stopped?;
+        Ok(run)
+    }
+}
+
+/// [`run_layer`] with the counted forward as one profiler range
+/// ([`Prepared::run_in_profiler_range`]).
+pub fn run_layer_in_profiler_range(
+    kind: ModuleKind,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    setup: &Setup,
+) -> Result<LayerRun> {
+    Prepared::new(kind, config, workload, attention, setup)?.run_in_profiler_range()
+}
+
 /// Builds, prepares and runs one module under the counter, in the workload's dtype and
 /// TF32 setting.
 pub fn run_layer(

@@ -14,6 +14,7 @@ use modelmeter::{units, Dtype, Platform};
 
 use crate::device::{DeviceInfo, DeviceSpec};
 use crate::environment::Environment;
+use crate::hardware::profile as hardware;
 use crate::hooks::TestHooks;
 use crate::model::ModelPlan;
 use crate::oracle::{self, Oracle};
@@ -31,10 +32,11 @@ const EXAMPLES: &str = "Examples:
   verify-decoder --config config.json --json report.json --junit report.xml
   verify-decoder --sweep 50 --seed 7               # 50 random configs and workloads
   verify-decoder --device cpu --model --num-layers 2 --seq-len 64 --new-tokens 8   # the whole model: prefill + 8 decode steps
+  verify-decoder --device cuda:0 --hardware-counters --ncu-dir ncu-out   # + Nsight Compute's counters per layer
 
 Statuses: pass (rel diff <= tolerance), fail, known_gap (a flops row off by exactly the
 elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's), error
-(the layer could not run).
+(the layer could not run); info (a --hardware-counters row shown for information only).
 Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
 
 /// The most configurations one sweep may verify.
@@ -110,6 +112,27 @@ pub struct Args {
     /// only those that are not exact
     #[arg(long, short)]
     pub verbose: bool,
+    /// Also measure each layer with the GPU's own counters (CUDA only): re-runs the layers
+    /// under Nsight Compute's ncu, one range per layer, and adds hw_* rows and a `hardware`
+    /// object per layer (docs/hardware.md)
+    #[arg(long)]
+    pub hardware_counters: bool,
+    /// With --hardware-counters: the ncu to run [default: ncu on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub ncu: Option<PathBuf>,
+    /// With --hardware-counters: keep ncu's CSV (ncu.csv), the range list (ranges.json) and
+    /// the profiled run's output (output.txt) in DIR [default: a temporary folder, removed
+    /// after a successful run]
+    #[arg(long, value_name = "DIR")]
+    pub ncu_dir: Option<PathBuf>,
+    /// Read the hardware counters from DIR (ncu.csv and ranges.json of a run you wrapped in
+    /// ncu yourself, see docs/hardware.md) instead of running ncu
+    #[arg(long, value_name = "DIR")]
+    pub hardware_counters_from: Option<PathBuf>,
+    /// Be the profiled run under ncu: each layer's counted forward is one cuProfilerStart/
+    /// Stop range; writes DIR/ranges.json (what --hardware-counters runs under ncu)
+    #[arg(long, value_name = "DIR")]
+    pub hardware_counters_child: Option<PathBuf>,
 }
 
 /// A checked invocation, ready to run.
@@ -125,6 +148,8 @@ pub struct Ready {
     pub oracle: Option<Oracle>,
     /// `--model`, checked (the plan's config is then cut to its layers).
     pub model: Option<ModelPlan>,
+    /// `--hardware-counters` and friends, checked.
+    pub hardware: Option<hardware::Role>,
 }
 
 /// Parses, checks and runs; never panics on bad input.
@@ -147,6 +172,19 @@ pub fn run(args: &Args) -> ExitCode {
             ready.spec, ready.why, ready.info.name
         );
     }
+    if let Some(hardware::Role::Child { dir }) = &ready.hardware {
+        return run_hardware_child(args, &ready, dir);
+    }
+    let hardware_run = match &ready.hardware {
+        Some(role) => match hardware_figures(args, &ready, role) {
+            Ok(run) => Some(run),
+            Err(e) => {
+                eprintln!("verify-decoder: error: {}", one_line(&e));
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let (ok, written, printed) = match ready.model {
         Some(model) => {
             let report = model_report_of(args, &ready, &model);
@@ -161,7 +199,10 @@ pub fn run(args: &Args) -> ExitCode {
             (report.ok(), written, printed)
         }
         None => {
-            let report = report_of(args, &ready);
+            let mut report = report_of(args, &ready);
+            if let Some(run) = &hardware_run {
+                hardware::attach(&mut report, &ready.plan, run, &ready.info.name);
+            }
             let written = write_reports(args, &report);
             let printed = print_table(args, &report);
             (report.summary().ok(), written, printed)
@@ -173,6 +214,67 @@ pub fn run(args: &Args) -> ExitCode {
         code = 1;
     }
     ExitCode::from(code)
+}
+
+/// `--hardware-counters` (run ncu over a child) or `--hardware-counters-from` (read a
+/// wrapped child's files): the figures attributed to ranges, or why there are none (shown
+/// on every layer). An error here is a setup failure: ncu could not run or left no CSV.
+fn hardware_figures(
+    args: &Args,
+    ready: &Ready,
+    role: &hardware::Role,
+) -> Result<Result<Vec<crate::hardware::ranges::AttributedRange>, String>, String> {
+    let files = match role {
+        hardware::Role::Parent { ncu, dir, keep } => {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("cannot find this program to run it under ncu: {e}"))?;
+            let own: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            if !args.quiet {
+                eprintln!(
+                    "hardware counters: running the layers under {} (range replay, one range per layer; minutes for MoE layers); files in {}",
+                    ncu.display(),
+                    dir.display()
+                );
+            }
+            let files = hardware::run_under_ncu(ncu, &exe, &own, dir)?;
+            if !keep {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            files
+        }
+        hardware::Role::Reader { dir } => hardware::read_run(dir)?,
+        hardware::Role::Child { .. } => return Err("internal: the child reads no figures".into()),
+    };
+    if let Some(device) = Some(&files.ranges.device).filter(|d| **d != ready.spec.to_string()) {
+        return Err(format!(
+            "the profiled run was on {device}, this run is on {}: give the same --device",
+            ready.spec
+        ));
+    }
+    Ok(hardware::attributed(&files))
+}
+
+/// The profiled child: verifies with each counted forward in a profiler range, writes the
+/// range list, prints its table (which the parent keeps in output.txt).
+fn run_hardware_child(args: &Args, ready: &Ready, dir: &std::path::Path) -> ExitCode {
+    match hardware::run_child(&ready.plan, ready.spec.to_string(), dir) {
+        Ok(layers) => {
+            let mut env = ready.environment();
+            let case = Case::of(&ready.plan, layers, None, None, &mut env);
+            let report = Report {
+                environment: env,
+                tolerance: ready.plan.tolerance,
+                cases: vec![case],
+                sweep: None,
+            };
+            let _ = print_table(args, &report);
+            ExitCode::from(if report.summary().ok() { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("verify-decoder: error: {}", one_line(&e));
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Prints the table (or with `--quiet` its summary line) to standard output, or to
@@ -294,6 +396,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     {
         bail!("{option} applies only with --model (the whole-model verification)");
     }
+    let hardware_given = check_hardware_options(args).map_err(anyhow::Error::msg)?;
     let oracle = match &args.oracle {
         Some(spec) => {
             if args.sweep.is_some() {
@@ -312,6 +415,9 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         ),
         None => DeviceSpec::default_choice(),
     };
+    if hardware_given && spec == DeviceSpec::Cpu {
+        bail!("--hardware-counters needs a CUDA GPU and libtorch sees none here ({why}): run it on a machine with an NVIDIA GPU, with --device cuda:0");
+    }
     let device = spec.open().map_err(anyhow::Error::msg)?;
     let info = spec.describe();
     let (default_dtype, platform) = match spec {
@@ -368,6 +474,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
             .context("memory pre-check")?,
         None => {}
     }
+    let hardware = hardware_role(args)?;
     Ok(Ready {
         spec,
         why,
@@ -376,7 +483,104 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         host_details: args.report_host_details,
         oracle,
         model,
+        hardware,
     })
+}
+
+/// Refuses hardware-counter options where they cannot work, before anything runs; true
+/// when a hardware-counter run was asked for. ncu is looked for here (before the device
+/// is opened), so a machine without it says so first.
+fn check_hardware_options(args: &Args) -> Result<bool, String> {
+    let roles = [
+        ("--hardware-counters", args.hardware_counters),
+        (
+            "--hardware-counters-from",
+            args.hardware_counters_from.is_some(),
+        ),
+        (
+            "--hardware-counters-child",
+            args.hardware_counters_child.is_some(),
+        ),
+    ];
+    let given: Vec<&str> = roles.iter().filter(|(_, g)| *g).map(|(o, _)| *o).collect();
+    let Some(first) = given.first() else {
+        for (option, set) in [
+            ("--ncu", args.ncu.is_some()),
+            ("--ncu-dir", args.ncu_dir.is_some()),
+        ] {
+            if set {
+                return Err(format!("{option} applies only with --hardware-counters"));
+            }
+        }
+        return Ok(false);
+    };
+    // The child runs with its parent's arguments, --hardware-counters included.
+    let child = args.hardware_counters_child.is_some();
+    if !child && args.hardware_counters && args.hardware_counters_from.is_some() {
+        return Err("--hardware-counters runs ncu, --hardware-counters-from reads a run made without it: give one".into());
+    }
+    let refused = [
+        (
+            "--sweep",
+            args.sweep.is_some(),
+            "profile single configurations",
+        ),
+        (
+            "--model",
+            args.model,
+            "it profiles single layers; run it without --model",
+        ),
+    ];
+    if let Some((option, _, why)) = refused.iter().find(|(_, given, _)| *given) {
+        return Err(format!("{first} does not apply with {option}: {why}"));
+    }
+    if args.device.as_deref().map(DeviceSpec::parse) == Some(Ok(DeviceSpec::Cpu)) {
+        return Err(format!(
+            "{first} does not apply with --device cpu: Nsight Compute reads NVIDIA GPU counters; use --device cuda:0"
+        ));
+    }
+    if args.hardware_counters && !child && args.hardware_counters_from.is_none() {
+        hardware::find_ncu(args.ncu.as_deref(), std::env::var_os("PATH").as_deref())?;
+    } else if args.ncu.is_some() && !child {
+        return Err("--ncu applies only with --hardware-counters (which runs ncu)".into());
+    }
+    if let Some(dir) = &args.hardware_counters_from {
+        if !child && !dir.is_dir() {
+            return Err(format!(
+                "--hardware-counters-from {} is not a folder: give the folder of the wrapped run's ncu.csv and ranges.json",
+                dir.display()
+            ));
+        }
+    }
+    Ok(true)
+}
+
+/// The role of this invocation in a hardware-counter run (options already checked).
+fn hardware_role(args: &Args) -> anyhow::Result<Option<hardware::Role>> {
+    if let Some(dir) = &args.hardware_counters_child {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--hardware-counters-child {}", dir.display()))?;
+        return Ok(Some(hardware::Role::Child { dir: dir.clone() }));
+    }
+    if let Some(dir) = &args.hardware_counters_from {
+        return Ok(Some(hardware::Role::Reader { dir: dir.clone() }));
+    }
+    if !args.hardware_counters {
+        return Ok(None);
+    }
+    let ncu = hardware::find_ncu(args.ncu.as_deref(), std::env::var_os("PATH").as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let (dir, keep) = match &args.ncu_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("--ncu-dir {}", dir.display()))?;
+            (dir.clone(), true)
+        }
+        None => (
+            hardware::temporary_dir().map_err(anyhow::Error::msg)?,
+            false,
+        ),
+    };
+    Ok(Some(hardware::Role::Parent { ncu, dir, keep }))
 }
 
 /// `--model` runs its own prefill and decode steps over every layer: options that pick

@@ -27,6 +27,21 @@ pub enum Check {
     /// `--oracle`: the relative error between the transformers module's output and the
     /// reference module's (in `rel_diff`).
     OracleOutput,
+    /// `--hardware-counters`: tensor-pipe operations Nsight Compute counted in the layer's
+    /// range against the counted `tensor_core_flops` (a band, see docs/hardware.md).
+    HwTensorFlops,
+    /// `--hardware-counters`: 2·FMA + ADD + MUL thread instructions against the counted
+    /// `cuda_core_flops` (informational, except where fp32 GEMMs dominate).
+    HwCudaCoreFlops,
+    /// `--hardware-counters`: DRAM bytes read + written against the counted `io_bytes`
+    /// (informational).
+    HwDramBytes,
+    /// `--hardware-counters`: bytes through L2 against the counted `io_bytes`
+    /// (informational).
+    HwL2Bytes,
+    /// `--hardware-counters`: the range's GPU time against the roofline's lower bound for
+    /// the work the hardware counted (informational).
+    HwTimeNs,
 }
 
 /// What a row counts, for printing.
@@ -36,6 +51,8 @@ pub enum RowUnit {
     Byte,
     /// A plain count (ops, kernels).
     Count,
+    /// A duration in nanoseconds.
+    Nanosecond,
 }
 
 /// An exact metric and where a measured run holds its value.
@@ -98,13 +115,22 @@ impl Check {
             Check::AttentionKernel => "attention_kernel",
             Check::OracleFlops => "oracle_flops",
             Check::OracleOutput => "oracle_output",
+            Check::HwTensorFlops => "hw_tensor_flops",
+            Check::HwCudaCoreFlops => "hw_cuda_core_flops",
+            Check::HwDramBytes => "hw_dram_bytes",
+            Check::HwL2Bytes => "hw_l2_bytes",
+            Check::HwTimeNs => "hw_time_ns",
         }
     }
 
     /// What the row's values count.
     pub fn unit(self) -> RowUnit {
         match self {
-            Check::Flops | Check::OracleFlops => RowUnit::Flop,
+            Check::Flops | Check::OracleFlops | Check::HwTensorFlops | Check::HwCudaCoreFlops => {
+                RowUnit::Flop
+            }
+            Check::HwDramBytes | Check::HwL2Bytes => RowUnit::Byte,
+            Check::HwTimeNs => RowUnit::Nanosecond,
             Check::Exact(m) => match m.unit() {
                 Unit::Flop => RowUnit::Flop,
                 Unit::Byte => RowUnit::Byte,
@@ -150,6 +176,9 @@ mod tests {
         assert_eq!(Check::Exact(Metric::WeightBytes).unit(), RowUnit::Byte);
         assert_eq!(Check::Flops.unit(), RowUnit::Flop);
         assert_eq!(Check::AttentionKernel.unit(), RowUnit::Count);
+        assert_eq!(Check::HwTimeNs.unit(), RowUnit::Nanosecond);
+        assert_eq!(Check::HwL2Bytes.unit(), RowUnit::Byte);
+        assert_eq!(Check::HwTensorFlops.name(), "hw_tensor_flops");
         assert_eq!(
             serde_json::to_string(&Check::UncountedOps).unwrap(),
             "\"uncounted_ops\""

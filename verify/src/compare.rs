@@ -19,6 +19,10 @@ use crate::check::Check;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    /// A row shown for information only (hardware figures that no model claims, such as
+    /// DRAM bytes beside the unfused op bytes): it never makes a layer fail. A layer's
+    /// status is never `info`, since every layer that ran has checked rows.
+    Info,
     Pass,
     KnownGap,
     Fail,
@@ -28,6 +32,7 @@ pub enum Status {
 impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
+            Status::Info => "info",
             Status::Pass => "pass",
             Status::KnownGap => "known_gap",
             Status::Fail => "fail",
@@ -37,7 +42,7 @@ impl Status {
 
     /// True for the statuses CI treats as success.
     pub fn is_ok(self) -> bool {
-        matches!(self, Status::Pass | Status::KnownGap)
+        matches!(self, Status::Info | Status::Pass | Status::KnownGap)
     }
 }
 
@@ -192,9 +197,13 @@ pub fn compare(
     }
 }
 
-/// The worst status of `rows` (pass when empty).
+/// The worst status of `rows` (pass when empty or only `info`).
 pub fn worst(rows: &[MetricRow]) -> Status {
-    rows.iter().map(|r| r.status).max().unwrap_or(Status::Pass)
+    rows.iter()
+        .map(|r| r.status)
+        .max()
+        .unwrap_or(Status::Pass)
+        .max(Status::Pass)
 }
 
 #[cfg(test)]
@@ -319,6 +328,14 @@ mod tests {
         ];
         assert_eq!(worst(&rows), Status::KnownGap);
         assert_eq!(worst(&[]), Status::Pass);
+        let mut info = compare("X", ELEMENTWISE, 1, 2, 0.0);
+        info.status = Status::Info;
+        assert_eq!(
+            worst(&[info.clone()]),
+            Status::Pass,
+            "info never decides a layer"
+        );
+        assert_eq!(worst(&[info, compare("X", FLOPS, 1, 2, 0.0)]), Status::Fail);
         assert!(Status::Error > Status::Fail && Status::Fail > Status::KnownGap);
     }
 }

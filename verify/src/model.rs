@@ -675,7 +675,7 @@ fn summarise(result: &ModelResult) -> Summary {
     let mut s = Summary::default();
     for status in statuses {
         match status {
-            Status::Pass => s.pass += 1,
+            Status::Info | Status::Pass => s.pass += 1,
             Status::KnownGap => s.known_gap += 1,
             Status::Fail => s.fail += 1,
             Status::Error => s.error += 1,

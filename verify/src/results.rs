@@ -28,6 +28,9 @@ pub struct LayerResult {
     /// MoE layers: how many routed experts received tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experts_used: Option<usize>,
+    /// `--hardware-counters`: the layer's range as Nsight Compute measured it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<crate::hardware::rows::LayerHardware>,
     #[serde(skip)]
     pub seconds: f64,
 }
@@ -53,7 +56,8 @@ impl Summary {
 
     fn add(&mut self, status: Status) {
         match status {
-            Status::Pass => self.pass += 1,
+            // A layer is never only informational rows (see `Status::Info`).
+            Status::Info | Status::Pass => self.pass += 1,
             Status::KnownGap => self.known_gap += 1,
             Status::Fail => self.fail += 1,
             Status::Error => self.error += 1,

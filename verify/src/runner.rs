@@ -7,9 +7,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
 use modelmeter::conventions::{convention, is_fused_attention};
+use modelmeter::layers::AttentionImpl;
 use modelmeter::layers::ATTENTION_CORE_ROLE;
 use modelmeter::Cost;
-use modelmeter_reference::harness::{run_layer, LayerRun};
+use modelmeter::{ModelConfig, Workload};
+use modelmeter_reference::harness::{run_layer, run_layer_in_profiler_range, LayerRun, ModuleKind};
 use modelmeter_reference::Setup;
 
 use crate::check::{Check, EXACT};
@@ -19,8 +21,30 @@ use crate::pairing::Pairing;
 use crate::plan::Plan;
 use crate::results::{LayerResult, Progress};
 
+/// How a layer's reference module is run (built, prepared, counted).
+type RunLayer = fn(
+    ModuleKind,
+    &ModelConfig,
+    &Workload,
+    AttentionImpl,
+    &Setup,
+) -> modelmeter_reference::Result<LayerRun>;
+
 /// Verifies every layer of the plan.
 pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
+    verify_with(plan, run_layer, progress)
+}
+
+/// [`verify`] with each layer's counted forward as one profiler range, after a warm-up
+/// forward (`--hardware-counters-child`, under `ncu --replay-mode range`).
+pub fn verify_in_profiler_ranges(
+    plan: &Plan,
+    progress: &mut dyn FnMut(Progress),
+) -> Vec<LayerResult> {
+    verify_with(plan, run_layer_in_profiler_range, progress)
+}
+
+fn verify_with(plan: &Plan, run: RunLayer, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
     if let Some((op, factor)) = plan.hooks.scaled_matmul {
         let unscaled = Plan {
             hooks: TestHooks {
@@ -30,7 +54,7 @@ pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResul
             ..plan.clone()
         };
         return modelmeter::conventions::scratch::with_scaled_matmul(op, factor, || {
-            verify(&unscaled, progress)
+            verify_with(&unscaled, run, progress)
         });
     }
     let total = plan.layers.len();
@@ -39,7 +63,7 @@ pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResul
         let name = pairing.name(plan.attention);
         progress(Progress::Started { index, total, name });
         let start = Instant::now();
-        let mut result = verify_layer(*pairing, plan);
+        let mut result = verify_layer(*pairing, plan, run);
         result.seconds = start.elapsed().as_secs_f64();
         progress(Progress::Finished {
             index,
@@ -51,7 +75,7 @@ pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResul
     results
 }
 
-fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
+fn verify_layer(pairing: Pairing, plan: &Plan, run_layer: RunLayer) -> LayerResult {
     let name = pairing.name(plan.attention).to_string();
     let analytic = pairing
         .analytic(&plan.config, &plan.workload, plan.attention)
@@ -186,6 +210,7 @@ fn error_result(name: String, cause: String) -> LayerResult {
         unknown_ops: BTreeMap::new(),
         attention_kernels: Vec::new(),
         experts_used: None,
+        hardware: None,
         seconds: 0.0,
     }
 }
@@ -319,6 +344,7 @@ pub(crate) fn compare_run(
             .tokens_per_expert
             .as_ref()
             .map(|t| t.iter().filter(|n| **n > 0).count()),
+        hardware: None,
         seconds: 0.0,
     }
 }

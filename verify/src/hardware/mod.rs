@@ -6,13 +6,21 @@
 //! `ncu --csv --page raw` text ([`ncu_csv`]) and sums them per range into a small typed
 //! [`HardwareFigures`].
 //!
-//! Running layers under `ncu` (`verify-decoder --hardware-counters`, one range per layer
-//! under `--replay-mode range`) is not built yet; the parser is tested on real per-kernel
-//! exports from an H200 (`fixtures/ncu-h200/`).
+//! `verify-decoder --hardware-counters` runs the selected layers under `ncu
+//! --replay-mode range`, one range per layer ([`profile`]); the profiled child writes the
+//! order of its ranges ([`ranges`]); the parent attributes ncu's results to layers in that
+//! order and adds the hardware rows beside the counted ones ([`rows`]), with the device's
+//! peaks for a roofline position ([`peaks`]). The parser is tested on real per-kernel
+//! exports from an H200 (`fixtures/ncu-h200/`); see docs/hardware.md.
 
 pub mod ncu_csv;
+pub mod peaks;
+pub mod profile;
+pub mod ranges;
+pub mod rows;
 
 use ncu_csv::{NcuCsv, NcuCsvError};
+use serde::Serialize;
 
 /// The ncu metric names the figures are read from.
 pub mod metrics {
@@ -47,15 +55,39 @@ pub mod metrics {
     pub const L2_BYTES: &str = "lts__t_bytes.sum";
     /// GPU time of the kernel or range.
     pub const TIME: &str = "gpu__time_duration.sum";
+    /// FP16 fused multiply-add thread instructions (ncu's half-precision roofline counts
+    /// each as 2 FLOPs, as for FP32).
+    pub const HFMA: [&str; 1] = ["smsp__sass_thread_inst_executed_op_hfma_pred_on.sum"];
+    /// FP16 add thread instructions.
+    pub const HADD: [&str; 1] = ["smsp__sass_thread_inst_executed_op_hadd_pred_on.sum"];
+    /// FP16 multiply thread instructions.
+    pub const HMUL: [&str; 1] = ["smsp__sass_thread_inst_executed_op_hmul_pred_on.sum"];
+    /// FP64 fused multiply-add thread instructions.
+    pub const DFMA: [&str; 1] = ["smsp__sass_thread_inst_executed_op_dfma_pred_on.sum"];
+    /// FP64 add thread instructions.
+    pub const DADD: [&str; 1] = ["smsp__sass_thread_inst_executed_op_dadd_pred_on.sum"];
+    /// FP64 multiply thread instructions.
+    pub const DMUL: [&str; 1] = ["smsp__sass_thread_inst_executed_op_dmul_pred_on.sum"];
 
     /// Everything [`super::HardwareFigures`] reads, spelled as `ncu --metrics` wants it.
-    pub const NCU_METRICS: [&str; 10] = [
+    ///
+    /// The tensor counters are Hopper's un-split ones: on gh100 the
+    /// `sm__ops_path_tensor_op_{hgmma,hmma}_…` variants split the same operations by
+    /// instruction family, and the un-split sum equals 2·M·N·K exactly on a calibration
+    /// GEMM (docs/research/flop-counter.md, section 5).
+    pub const NCU_METRICS: [&str; 16] = [
         TENSOR_OPS_BF16,
         TENSOR_OPS_FP16,
         TENSOR_OPS_TF32,
         FFMA[0],
         FADD[0],
         FMUL[0],
+        HFMA[0],
+        HADD[0],
+        HMUL[0],
+        DFMA[0],
+        DADD[0],
+        DMUL[0],
         DRAM_READ_BYTES,
         DRAM_WRITE_BYTES,
         L2_BYTES,
@@ -67,7 +99,7 @@ pub mod metrics {
 ///
 /// `None` means ncu gave no value: the metric was not collected (not asked for, or the
 /// device lacks it) or some row had an empty or `n/a` cell. It never means 0.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HardwareFigures {
     /// The range's name; `None` for rows with no range (every row of a per-kernel export).
     pub range: Option<String>,
@@ -88,6 +120,10 @@ pub struct HardwareFigures {
     /// The CUDA-core FLOP estimate 2·FFMA + FADD + FMUL (an FMA is two FLOPs); `None`
     /// unless all three are known.
     pub cuda_core_flops: Option<u64>,
+    /// FP16 CUDA-core FLOPs, 2·HFMA + HADD + HMUL; `None` unless all three are known.
+    pub half_flops: Option<u64>,
+    /// FP64 CUDA-core FLOPs, 2·DFMA + DADD + DMUL; `None` unless all three are known.
+    pub double_flops: Option<u64>,
     /// Bytes read from DRAM.
     pub dram_read_bytes: Option<u64>,
     /// Bytes written to DRAM.
@@ -126,21 +162,37 @@ impl HardwareFigures {
             }
             table.total_count(range, name)
         };
+        // 2·FMA + ADD + MUL, when all three are known.
+        let simt_flops = |fma: Option<u64>, add: Option<u64>, mul: Option<u64>, what: &str| match (
+            fma, add, mul,
+        ) {
+            (Some(fma), Some(add), Some(mul)) => fma
+                .checked_mul(2)
+                .and_then(|f| f.checked_add(add))
+                .and_then(|f| f.checked_add(mul))
+                .map(Some)
+                .ok_or_else(|| NcuCsvError::Overflow {
+                    column: what.to_string(),
+                    range: range.map(str::to_string),
+                }),
+            _ => Ok(None),
+        };
         let ffma = count(&metrics::FFMA, INSTRUCTIONS)?;
         let fadd = count(&metrics::FADD, INSTRUCTIONS)?;
         let fmul = count(&metrics::FMUL, INSTRUCTIONS)?;
-        let cuda_core_flops = match (ffma, fadd, fmul) {
-            (Some(ffma), Some(fadd), Some(fmul)) => Some(
-                ffma.checked_mul(2)
-                    .and_then(|f| f.checked_add(fadd))
-                    .and_then(|f| f.checked_add(fmul))
-                    .ok_or_else(|| NcuCsvError::Overflow {
-                        column: "2·FFMA + FADD + FMUL".to_string(),
-                        range: range.map(str::to_string),
-                    })?,
-            ),
-            _ => None,
-        };
+        let cuda_core_flops = simt_flops(ffma, fadd, fmul, "2·FFMA + FADD + FMUL")?;
+        let half_flops = simt_flops(
+            count(&metrics::HFMA, INSTRUCTIONS)?,
+            count(&metrics::HADD, INSTRUCTIONS)?,
+            count(&metrics::HMUL, INSTRUCTIONS)?,
+            "2·HFMA + HADD + HMUL",
+        )?;
+        let double_flops = simt_flops(
+            count(&metrics::DFMA, INSTRUCTIONS)?,
+            count(&metrics::DADD, INSTRUCTIONS)?,
+            count(&metrics::DMUL, INSTRUCTIONS)?,
+            "2·DFMA + DADD + DMUL",
+        )?;
         Ok(HardwareFigures {
             range: range.map(str::to_string),
             rows,
@@ -151,11 +203,44 @@ impl HardwareFigures {
             fadd,
             fmul,
             cuda_core_flops,
+            half_flops,
+            double_flops,
             dram_read_bytes: count(&[metrics::DRAM_READ_BYTES], BYTES)?,
             dram_write_bytes: count(&[metrics::DRAM_WRITE_BYTES], BYTES)?,
             l2_bytes: count(&[metrics::L2_BYTES], BYTES)?,
             time_ns: table.total_nanoseconds(range, metrics::TIME)?,
         })
+    }
+
+    /// All tensor-core operations (bf16 + fp16 + tf32 sources) over the sources ncu
+    /// reported; `None` when it reported none of them.
+    pub fn tensor_ops(&self) -> Option<u64> {
+        let known: Vec<u64> = [
+            self.tensor_ops_bf16,
+            self.tensor_ops_fp16,
+            self.tensor_ops_tf32,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!known.is_empty()).then(|| known.iter().fold(0u64, |a, b| a.saturating_add(*b)))
+    }
+
+    /// CUDA-core FLOPs over the precisions ncu reported (FP32, and FP16/FP64 where
+    /// known); `None` without the FP32 figure.
+    pub fn simt_flops(&self) -> Option<u64> {
+        let fp32 = self.cuda_core_flops?;
+        Some(
+            [self.half_flops, self.double_flops]
+                .into_iter()
+                .flatten()
+                .fold(fp32, u64::saturating_add),
+        )
+    }
+
+    /// DRAM bytes read + written; `None` unless both are known.
+    pub fn dram_bytes(&self) -> Option<u64> {
+        Some(self.dram_read_bytes?.saturating_add(self.dram_write_bytes?))
     }
 
     /// The figures of every range of `table`, in [`NcuCsv::ranges`] order.
@@ -199,6 +284,8 @@ mod tests {
                 fadd: Some(4_816_896),
                 fmul: Some(4_161_536),
                 cuda_core_flops: Some(79_101_952), // 2 · 35,061,760 + 4,816,896 + 4,161,536
+                half_flops: None,                  // not asked of ncu
+                double_flops: None,
                 dram_read_bytes: Some(88_595_456),
                 dram_write_bytes: Some(581_376),
                 l2_bytes: None,
@@ -313,6 +400,12 @@ mod tests {
             metrics::FFMA[0],
             metrics::FADD[0],
             metrics::FMUL[0],
+            metrics::HFMA[0],
+            metrics::HADD[0],
+            metrics::HMUL[0],
+            metrics::DFMA[0],
+            metrics::DADD[0],
+            metrics::DMUL[0],
             metrics::DRAM_READ_BYTES,
             metrics::DRAM_WRITE_BYTES,
             metrics::L2_BYTES,
@@ -320,5 +413,9 @@ mod tests {
         ] {
             assert!(metrics::NCU_METRICS.contains(&name), "{name}");
         }
+        let mut unique = metrics::NCU_METRICS.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), metrics::NCU_METRICS.len());
     }
 }

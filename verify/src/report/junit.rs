@@ -52,7 +52,7 @@ pub fn to_junit(report: &Report) -> String {
                     report.tolerance
                 );
                 let body = match m.status {
-                    Status::Pass => String::new(),
+                    Status::Info | Status::Pass => String::new(),
                     Status::KnownGap => {
                         skipped += 1;
                         format!(

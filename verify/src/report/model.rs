@@ -41,6 +41,7 @@ fn value(metric: Check, v: u64) -> String {
         RowUnit::Byte => units::bytes(v),
         RowUnit::Count => v.to_string(),
         RowUnit::Flop => units::flops(v),
+        RowUnit::Nanosecond => crate::hardware::rows::duration(v),
     }
 }
 
@@ -345,7 +346,7 @@ pub fn model_junit(report: &ModelReport) -> String {
     let mut case = |class: &str, name: &str, status: Status, message: String, note: &str| {
         tests += 1;
         let body = match status {
-            Status::Pass => String::new(),
+            Status::Info | Status::Pass => String::new(),
             Status::KnownGap => {
                 skipped += 1;
                 format!("<skipped message=\"known gap: {}\"/>", escape(note))

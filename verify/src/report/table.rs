@@ -12,6 +12,7 @@ fn value(metric: Check, v: u64) -> String {
         RowUnit::Byte => units::bytes(v),
         RowUnit::Count => v.to_string(),
         RowUnit::Flop => units::flops(v),
+        RowUnit::Nanosecond => crate::hardware::rows::duration(v),
     }
 }
 

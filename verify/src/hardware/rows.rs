@@ -1,0 +1,630 @@
+//! The hardware rows of a layer: what Nsight Compute counted in the layer's range beside
+//! what the FLOP counter booked in the same forward, and where the layer sits on the
+//! device's roofline. The rules (docs/hardware.md):
+//!
+//! * `hw_tensor_flops` against the counted `tensor_core_flops`. Counted 0 must measure 0
+//!   and counted > 0 must measure > 0, always. Otherwise the ratio hardware/counted
+//!   passes within [`TENSOR_BAND`], its lower end lowered by the share of the counted work
+//!   that a causal fused attention kernel may skip (masked tiles); outside the band it
+//!   fails, except for decode-sized steps (fewer than [`DECODE_SIZED_TOKENS`] tokens),
+//!   whose GEMMs the hardware pads to its tile rows (8.07× the FLOPs at one token on the
+//!   H200): there the row is `info`.
+//! * `hw_cuda_core_flops` (2·FMA + ADD + MUL, FP32 and, where ncu has them, FP16/FP64)
+//!   against the counted `cuda_core_flops`: `info`, except when fp32 GEMMs are at least
+//!   [`SIMT_GEMM_SHARE`] of the counted CUDA-core work: then the same band as above.
+//! * `hw_dram_bytes`, `hw_l2_bytes` against the counted (unfused) `io_bytes`: `info`.
+//! * `hw_time_ns` against the roofline's lower bound for the work the hardware counted at
+//!   the device's peaks: `info`, with achieved throughputs in the note.
+//!
+//! A figure ncu did not report is *unavailable* (shown as such, never as 0).
+
+use serde::Serialize;
+
+use super::peaks::DevicePeaks;
+use super::ranges::AttributedRange;
+use super::HardwareFigures;
+use crate::check::Check;
+use crate::compare::{rel_diff, MetricRow, Status};
+
+/// Hardware/counted tensor FLOPs that pass: the H200 measured 1.0125 for the MLP's bf16
+/// GEMMs (tile padding of N = 6,848 to 6,912) and 0.9375 for cuDNN's causal attention
+/// (masked tiles skipped), both at B = 1, S = 512; ±10 % holds both with room for other
+/// tile choices, and the lower end is further lowered by the causal share (see
+/// [`Context::causal_skippable_flops`]).
+pub const TENSOR_BAND: (f64, f64) = (0.9, 1.1);
+
+/// Below this many tokens per step (B·S_q) GEMMs are decode-sized: cuBLAS pads them to
+/// its tile rows (`nvjet_sm90_tst_64x8`: 8 rows; 8.07× the FLOPs at one token, measured
+/// on the H200), so the band does not apply.
+pub const DECODE_SIZED_TOKENS: u64 = 64;
+
+/// The share of the counted CUDA-core FLOPs that fp32 GEMMs must reach for the
+/// `hw_cuda_core_flops` row to be checked against the band (the MoE gate's SIMT sgemm).
+pub const SIMT_GEMM_SHARE: f64 = 0.9;
+
+/// What the rules need to know of a layer beyond its figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Context {
+    /// Tokens per step, B·S_q.
+    pub tokens: u64,
+    /// Counted tensor-core FLOPs of fused causal attention cores that lie above the
+    /// diagonal (masked): a kernel that skips masked tiles need not execute them.
+    pub causal_skippable_flops: u64,
+    /// Counted CUDA-core FLOPs of GEMM-like ops (fp32 matmuls with TF32 off).
+    pub simt_gemm_flops: u64,
+}
+
+/// The counted work of the profiled forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Counted {
+    pub tensor_core_flops: u64,
+    pub cuda_core_flops: u64,
+    pub io_bytes: u64,
+}
+
+/// Achieved throughputs over the range's GPU time (`None` where a figure is unavailable).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Achieved {
+    pub tensor_flops_per_s: Option<f64>,
+    pub cuda_core_flops_per_s: Option<f64>,
+    pub dram_bytes_per_s: Option<f64>,
+    pub l2_bytes_per_s: Option<f64>,
+}
+
+/// The roofline position of a range on a known device.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Roofline {
+    pub peaks: DevicePeaks,
+    /// The shortest time the counted hardware work could take at the peaks: the larger
+    /// of compute (each pipe at its peak) and DRAM traffic at peak bandwidth.
+    pub bound_ns: f64,
+    /// `compute` or `memory`: which side sets the bound.
+    pub limiter: &'static str,
+    /// bound / measured time: 1 is on the roof.
+    pub fraction_of_roofline: f64,
+}
+
+/// The `hardware` object of a layer in the JSON report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LayerHardware {
+    /// 0-based position of the layer's range in the profiled run.
+    pub range: usize,
+    /// ncu's `ID` of the range's result row.
+    pub ncu_id: String,
+    /// Summed counters (`null`: ncu did not report the metric).
+    pub figures: HardwareFigures,
+    /// What the FLOP counter booked in the same forward.
+    pub counted: Counted,
+    pub achieved: Achieved,
+    /// `null` on a device without known peaks, or without the time or DRAM figures.
+    pub roofline: Option<Roofline>,
+}
+
+/// `67.4 µs`: a duration for tables.
+pub fn duration(ns: u64) -> String {
+    let ns = ns as f64;
+    if ns >= 1e9 {
+        format!("{:.3} s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.3} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn ratio(hardware: u64, counted: u64) -> Option<f64> {
+    (counted > 0).then(|| hardware as f64 / counted as f64)
+}
+
+fn row(
+    metric: Check,
+    counted: u64,
+    hardware: Option<u64>,
+    status: Status,
+    note: String,
+) -> MetricRow {
+    MetricRow {
+        metric,
+        analytic: counted,
+        measured: hardware.unwrap_or(0),
+        rel_diff: hardware.and_then(|h| rel_diff(counted, h)),
+        status,
+        note: Some(note),
+    }
+}
+
+fn unavailable(what: &str) -> String {
+    format!("unavailable: ncu reported no {what} for this range (the device or this ncu lacks the metric; not 0)")
+}
+
+/// The band for `counted` tensor FLOPs of which `skippable` may be skipped.
+fn band(counted: u64, skippable: u64) -> (f64, f64) {
+    let kept = counted.saturating_sub(skippable) as f64 / counted.max(1) as f64;
+    (TENSOR_BAND.0 * kept, TENSOR_BAND.1)
+}
+
+/// Pass within the band, `info` outside it for decode-sized steps, fail otherwise; both
+/// zero-ness rules first.
+fn banded(
+    what: &str,
+    counted: u64,
+    hardware: u64,
+    (low, high): (f64, f64),
+    tokens: u64,
+) -> (Status, String) {
+    match (counted, hardware) {
+        (0, 0) => (Status::Pass, format!("no {what} counted and none executed")),
+        (0, h) => (
+            Status::Fail,
+            format!("no {what} counted, but the hardware executed {h}: the engine rule books this work elsewhere"),
+        ),
+        (c, 0) => (
+            Status::Fail,
+            format!("{c} {what} counted, but the hardware executed none: the work ran on another engine"),
+        ),
+        (c, h) => {
+            let r = h as f64 / c as f64;
+            let band = format!("hardware/counted = {r:.4}, band [{low:.4}, {high:.4}]");
+            if (low..=high).contains(&r) {
+                (Status::Pass, band)
+            } else if tokens < DECODE_SIZED_TOKENS {
+                (
+                    Status::Info,
+                    format!("{band}: outside it, but a decode-sized step ({tokens} tokens < {DECODE_SIZED_TOKENS}) pads its GEMMs to the kernel's tile rows, work the analytic model does not claim"),
+                )
+            } else {
+                (Status::Fail, format!("{band}: outside it"))
+            }
+        }
+    }
+}
+
+/// The `hw_tensor_flops` row.
+pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Context) -> MetricRow {
+    let c = counted.tensor_core_flops;
+    let Some(h) = figures.tensor_ops() else {
+        return row(
+            Check::HwTensorFlops,
+            c,
+            None,
+            Status::Fail,
+            unavailable("tensor-pipe counter (sm__ops_path_tensor_src_*), so the tensor-core work cannot be checked"),
+        );
+    };
+    let band = band(c, context.causal_skippable_flops);
+    let (status, mut note) = banded("tensor-core FLOPs", c, h, band, context.tokens);
+    if context.causal_skippable_flops > 0 {
+        note.push_str(&format!(
+            " (the lower end allows for {} masked causal FLOPs a fused kernel may skip)",
+            context.causal_skippable_flops
+        ));
+    }
+    let sources: Vec<String> = [
+        ("bf16", figures.tensor_ops_bf16),
+        ("fp16", figures.tensor_ops_fp16),
+        ("tf32", figures.tensor_ops_tf32),
+    ]
+    .iter()
+    .filter_map(|(name, v)| match v {
+        Some(0) => None,
+        Some(v) => Some(format!("{name} {v}")),
+        None => Some(format!("{name} unavailable")),
+    })
+    .collect();
+    if !sources.is_empty() {
+        note.push_str(&format!("; by source: {}", sources.join(", ")));
+    }
+    row(Check::HwTensorFlops, c, Some(h), status, note)
+}
+
+/// The `hw_cuda_core_flops` row.
+pub fn cuda_core_row(counted: &Counted, figures: &HardwareFigures, context: &Context) -> MetricRow {
+    let c = counted.cuda_core_flops;
+    let Some(h) = figures.simt_flops() else {
+        return row(
+            Check::HwCudaCoreFlops,
+            c,
+            None,
+            Status::Info,
+            unavailable("FP32 instruction counters (…_op_{ffma,fadd,fmul}_pred_on)"),
+        );
+    };
+    let share = context.simt_gemm_flops as f64 / c.max(1) as f64;
+    let mut parts = vec![format!(
+        "2·FMA + ADD + MUL thread instructions: FP32 {}",
+        figures.cuda_core_flops.unwrap_or(0)
+    )];
+    for (name, v) in [("FP16", figures.half_flops), ("FP64", figures.double_flops)] {
+        parts.push(match v {
+            Some(v) => format!("{name} {v}"),
+            None => format!("{name} unavailable"),
+        });
+    }
+    let breakdown = parts.join(", ");
+    let (status, note) = if c > 0 && share >= SIMT_GEMM_SHARE {
+        let (status, why) = banded("CUDA-core FLOPs", c, h, TENSOR_BAND, context.tokens);
+        (
+            status,
+            format!("fp32 GEMMs are {:.1}% of the counted CUDA-core work, so the band applies: {why}; {breakdown}", share * 100.0),
+        )
+    } else {
+        let r = ratio(h, c).map_or("no CUDA-core FLOPs counted".to_string(), |r| {
+            format!("hardware/counted = {r:.4}")
+        });
+        (
+            Status::Info,
+            format!("informational, {r}: elementwise FLOPs are conventions and transcendentals run on the SFU; {breakdown}"),
+        )
+    };
+    row(Check::HwCudaCoreFlops, c, Some(h), status, note)
+}
+
+/// The `hw_dram_bytes` and `hw_l2_bytes` rows.
+pub fn byte_rows(counted: &Counted, figures: &HardwareFigures) -> [MetricRow; 2] {
+    let c = counted.io_bytes;
+    let one = |metric, hardware: Option<u64>, what: &str, why: &str| match hardware {
+        None => row(metric, c, None, Status::Info, unavailable(what)),
+        Some(h) => {
+            let r = ratio(h, c).map_or("no bytes counted".to_string(), |r| {
+                format!("hardware/counted io_bytes = {r:.4}")
+            });
+            row(
+                metric,
+                c,
+                Some(h),
+                Status::Info,
+                format!("informational, {r}: {why}"),
+            )
+        }
+    };
+    [
+        one(
+            Check::HwDramBytes,
+            figures.dram_bytes(),
+            "DRAM byte counters (dram__bytes_{read,write}.sum)",
+            "io_bytes count every op's reads and writes unfused; L2 absorbs small layers' intermediates",
+        ),
+        one(
+            Check::HwL2Bytes,
+            figures.l2_bytes,
+            "L2 byte counter (lts__t_bytes.sum)",
+            "every request through L2, including re-reads of tiles that io_bytes count once",
+        ),
+    ]
+}
+
+/// Achieved throughputs of a range.
+pub fn achieved(figures: &HardwareFigures) -> Achieved {
+    let seconds = figures.time_ns.filter(|t| *t > 0).map(|t| t as f64 / 1e9);
+    let per_s = |v: Option<u64>| Some(v? as f64 / seconds?);
+    Achieved {
+        tensor_flops_per_s: per_s(figures.tensor_ops()),
+        cuda_core_flops_per_s: per_s(figures.simt_flops()),
+        dram_bytes_per_s: per_s(figures.dram_bytes()),
+        l2_bytes_per_s: per_s(figures.l2_bytes),
+    }
+}
+
+/// The roofline position of a range on `peaks`; `None` without time or DRAM figures.
+pub fn roofline(figures: &HardwareFigures, peaks: &DevicePeaks) -> Option<Roofline> {
+    let time_ns = figures.time_ns.filter(|t| *t > 0)? as f64;
+    let dram = figures.dram_bytes()? as f64;
+    let f = |v: Option<u64>| v.unwrap_or(0) as f64;
+    let compute_s = (f(figures.tensor_ops_bf16) + f(figures.tensor_ops_fp16))
+        / peaks.tensor_16bit_flops_per_s
+        + f(figures.tensor_ops_tf32) / peaks.tensor_tf32_flops_per_s
+        + f(figures.simt_flops()) / peaks.fp32_flops_per_s;
+    let memory_s = dram / peaks.dram_bytes_per_s;
+    let bound_ns = compute_s.max(memory_s) * 1e9;
+    Some(Roofline {
+        peaks: *peaks,
+        bound_ns,
+        limiter: if compute_s >= memory_s {
+            "compute"
+        } else {
+            "memory"
+        },
+        fraction_of_roofline: bound_ns / time_ns,
+    })
+}
+
+fn rate(v: Option<f64>, unit: &str) -> String {
+    v.map_or("unavailable".to_string(), |v| {
+        format!("{:.2} {unit}", v / 1e12)
+    })
+}
+
+/// The `hw_time_ns` row: measured GPU time against the roofline bound (analytic column,
+/// 0 without known peaks).
+pub fn time_row(figures: &HardwareFigures, peaks: Option<&DevicePeaks>) -> MetricRow {
+    let Some(t) = figures.time_ns else {
+        return row(
+            Check::HwTimeNs,
+            0,
+            None,
+            Status::Info,
+            unavailable("GPU time (gpu__time_duration.sum)"),
+        );
+    };
+    let a = achieved(figures);
+    let mut note = format!(
+        "achieved {} tensor, {} CUDA-core, {} DRAM, {} L2",
+        rate(a.tensor_flops_per_s, "TFLOP/s"),
+        rate(a.cuda_core_flops_per_s, "TFLOP/s"),
+        rate(a.dram_bytes_per_s, "TB/s"),
+        rate(a.l2_bytes_per_s, "TB/s"),
+    );
+    let bound = peaks.and_then(|p| roofline(figures, p));
+    match (&bound, peaks) {
+        (Some(r), Some(p)) => note.push_str(&format!(
+            "; {} peaks {:.0} TFLOP/s 16-bit tensor, {:.0} tf32, {:.0} FP32, {:.2} TB/s DRAM: the analytic column is the roofline bound ({}-bound), {:.1}% of the roof reached",
+            p.model,
+            p.tensor_16bit_flops_per_s / 1e12,
+            p.tensor_tf32_flops_per_s / 1e12,
+            p.fp32_flops_per_s / 1e12,
+            p.dram_bytes_per_s / 1e12,
+            r.limiter,
+            r.fraction_of_roofline * 100.0
+        )),
+        (None, Some(p)) => note.push_str(&format!(
+            "; no roofline position on the {}: the DRAM figures are unavailable",
+            p.model
+        )),
+        (_, None) => note.push_str("; no roofline position: this device's peaks are not in the table (hardware::peaks)"),
+    }
+    let analytic = bound.map_or(0, |r| r.bound_ns.round() as u64);
+    MetricRow {
+        metric: Check::HwTimeNs,
+        analytic,
+        measured: t,
+        rel_diff: rel_diff(analytic, t),
+        status: Status::Info,
+        note: Some(note),
+    }
+}
+
+/// All hardware rows of one layer and its `hardware` object. `counted_here` is what this
+/// report's own run counted (tensor-core FLOPs), which should equal the profiled run's.
+pub fn layer_rows(
+    range: &AttributedRange,
+    context: &Context,
+    peaks: Option<&DevicePeaks>,
+    counted_here: Option<u64>,
+) -> (Vec<MetricRow>, LayerHardware) {
+    let counted = Counted {
+        tensor_core_flops: range.record.tensor_core_flops,
+        cuda_core_flops: range.record.cuda_core_flops,
+        io_bytes: range.record.io_bytes,
+    };
+    let f = &range.figures;
+    let mut tensor = tensor_row(&counted, f, context);
+    if let Some(here) = counted_here.filter(|h| *h != counted.tensor_core_flops) {
+        if let Some(note) = tensor.note.as_mut() {
+            note.push_str(&format!(
+                "; the profiled forward counted {} tensor-core FLOPs, this report's run {here}: the two runs did different work (routing?)",
+                counted.tensor_core_flops
+            ));
+        }
+    }
+    let [dram, l2] = byte_rows(&counted, f);
+    let rows = vec![
+        tensor,
+        cuda_core_row(&counted, f, context),
+        dram,
+        l2,
+        time_row(f, peaks),
+    ];
+    let hardware = LayerHardware {
+        range: range.index,
+        ncu_id: range.ncu_id.clone(),
+        figures: f.clone(),
+        counted,
+        achieved: achieved(f),
+        roofline: peaks.and_then(|p| roofline(f, p)),
+    };
+    (rows, hardware)
+}
+
+/// A failing `hw_tensor_flops` row for a layer without figures.
+pub fn missing_row(why: &str) -> MetricRow {
+    MetricRow {
+        metric: Check::HwTensorFlops,
+        analytic: 0,
+        measured: 0,
+        rel_diff: None,
+        status: Status::Fail,
+        note: Some(format!("no hardware figures for this layer: {why}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ncu_csv::{parse, ParseOptions};
+    use super::super::peaks::H200_SXM;
+    use super::*;
+
+    fn figures(text: &str) -> HardwareFigures {
+        let table = parse(text, &ParseOptions::per_kernel()).expect("parses");
+        HardwareFigures::of_range(&table, None).expect("figures")
+    }
+
+    const MLP: &str = include_str!("../../../fixtures/ncu-h200/ncu_mlp_bfloat16.csv");
+    const GATE_BF16: &str = include_str!("../../../fixtures/ncu-h200/ncu_gate_bfloat16.csv");
+    const ATTN: &str = include_str!("../../../fixtures/ncu-h200/ncu_attn_bfloat16.csv");
+
+    /// The H200 run of the issue, row by row: B = 1, S = 512, bf16.
+    const PREFILL: u64 = 512;
+
+    fn counted(tensor: u64, cuda: u64) -> Counted {
+        Counted {
+            tensor_core_flops: tensor,
+            cuda_core_flops: cuda,
+            io_bytes: 100_000_000,
+        }
+    }
+
+    #[test]
+    fn the_mlp_passes_with_its_tile_padding() {
+        // 6·N·h·i = 6 · 512 · 1280 · 6848.
+        let analytic = 6 * 512 * 1280 * 6848;
+        assert_eq!(analytic, 26_927_431_680u64);
+        let ctx = Context {
+            tokens: PREFILL,
+            ..Context::default()
+        };
+        let row = tensor_row(&counted(analytic, 0), &figures(MLP), &ctx);
+        assert_eq!((row.analytic, row.measured), (analytic, 27_262_976_000));
+        assert_eq!(row.status, Status::Pass, "{:?}", row.note);
+        assert!(row.note.unwrap().contains("hardware/counted = 1.0125"));
+    }
+
+    #[test]
+    fn the_gate_executes_no_tensor_core_work_and_its_sgemm_is_checked() {
+        let f = figures(GATE_BF16);
+        let gemm = 2 * 512 * 1280 * 64; // 83,886,080
+        let ctx = Context {
+            tokens: PREFILL,
+            simt_gemm_flops: gemm,
+            ..Context::default()
+        };
+        // Counted as CUDA-core work: hardware 0 tensor ops is a pass.
+        let row = tensor_row(&counted(0, gemm + 500_000), &f, &ctx);
+        assert_eq!((row.measured, row.status), (0, Status::Pass));
+        // Booked to tensor cores by a wrong rule: the hardware says no.
+        let wrong = tensor_row(&counted(gemm, 0), &f, &ctx);
+        assert_eq!(wrong.status, Status::Fail);
+        assert!(wrong.note.unwrap().contains("executed none"));
+        // The SIMT GEMM dominates the CUDA-core work: checked, 85,642,240 within the band.
+        let cuda = cuda_core_row(&counted(0, gemm + 500_000), &f, &ctx);
+        assert_eq!((cuda.measured, cuda.status), (85_642_240, Status::Pass));
+        assert!(cuda.note.unwrap().contains("the band applies"));
+    }
+
+    #[test]
+    fn causal_attention_passes_only_with_its_skippable_share() {
+        let f = figures(ATTN);
+        let full = 8_053_063_680u64; // what every counter books (the full rectangle)
+        let ratio = f.tensor_ops().unwrap() as f64 / full as f64;
+        assert!((ratio - 0.9375).abs() < 1e-4, "{ratio}");
+        // Core QKᵀ and PV: 4·B·H·S²·d; above the diagonal (S − 1)/(2S) of it.
+        let core = 4 * 10 * 512 * 512 * 128u64;
+        let skippable = core * 511 / 1024;
+        let with = Context {
+            tokens: PREFILL,
+            causal_skippable_flops: skippable,
+            ..Context::default()
+        };
+        assert_eq!(
+            tensor_row(&counted(full, 0), &f, &with).status,
+            Status::Pass
+        );
+        // Without the allowance a tighter band would fail it: the allowance matters.
+        let (low, _) = band(full, skippable);
+        assert!(low < 0.9 * 0.92 && low > 0.8, "{low}");
+        let strict = tensor_row(
+            &counted(full, 0),
+            &f,
+            &Context {
+                tokens: PREFILL,
+                ..Context::default()
+            },
+        );
+        assert_eq!(
+            strict.status,
+            Status::Pass,
+            "0.9375 is inside [0.9, 1.1] anyway"
+        );
+        let far = tensor_row(&counted(full * 2, 0), &f, &with);
+        assert_eq!(far.status, Status::Fail);
+    }
+
+    #[test]
+    fn decode_sized_padding_is_information_not_failure() {
+        // 8.07×: one token through the MLP's first GEMM on the H200.
+        let f = HardwareFigures {
+            tensor_ops_bf16: Some(141_557_760),
+            ..figures(MLP)
+        };
+        let analytic = 2 * 1280 * 6848;
+        let one_token = Context {
+            tokens: 1,
+            ..Context::default()
+        };
+        let row = tensor_row(&counted(analytic, 0), &f, &one_token);
+        assert_eq!(row.status, Status::Info);
+        assert!(row.note.unwrap().contains("decode-sized"));
+        let many = Context {
+            tokens: 64,
+            ..Context::default()
+        };
+        assert_eq!(
+            tensor_row(&counted(analytic, 0), &f, &many).status,
+            Status::Fail
+        );
+    }
+
+    #[test]
+    fn unavailable_is_not_zero() {
+        let none = HardwareFigures {
+            tensor_ops_bf16: None,
+            tensor_ops_fp16: None,
+            tensor_ops_tf32: None,
+            cuda_core_flops: None,
+            dram_read_bytes: None,
+            l2_bytes: None,
+            time_ns: None,
+            ..figures(MLP)
+        };
+        let c = counted(0, 10);
+        let t = tensor_row(&c, &none, &Context::default());
+        assert_eq!((t.status, t.rel_diff), (Status::Fail, None));
+        assert!(t.note.unwrap().starts_with("unavailable"));
+        let cuda = cuda_core_row(&c, &none, &Context::default());
+        assert_eq!(cuda.status, Status::Info);
+        assert!(cuda.note.unwrap().starts_with("unavailable"));
+        for r in byte_rows(&c, &none) {
+            assert!(r.note.unwrap().starts_with("unavailable"), "{}", r.metric);
+        }
+        let time = time_row(&none, Some(&H200_SXM));
+        assert!(time.note.unwrap().starts_with("unavailable"));
+        assert_eq!(achieved(&none).tensor_flops_per_s, None);
+        assert_eq!(roofline(&none, &H200_SXM), None);
+    }
+
+    #[test]
+    fn the_mlp_on_the_h200_roofline() {
+        let f = figures(MLP);
+        let r = roofline(&f, &H200_SXM).expect("time and DRAM known");
+        // 27.26 GFLOP at 989.5 TFLOP/s = 27.6 µs; 89.2 MB at 4.8 TB/s = 18.6 µs; the
+        // range took 67.36 µs.
+        assert_eq!(r.limiter, "compute");
+        let compute_ns = 27_262_976_000.0 / 989.5e12 * 1e9 + 79_101_952.0 / 67e12 * 1e9;
+        assert!((r.bound_ns - compute_ns).abs() < 1.0, "{}", r.bound_ns);
+        assert!((r.fraction_of_roofline - compute_ns / 67_360.0).abs() < 1e-9);
+        let a = achieved(&f);
+        let tflops = a.tensor_flops_per_s.unwrap() / 1e12;
+        assert!(
+            (tflops - 27_262_976_000.0 / 67_360e-9 / 1e12).abs() < 1e-6,
+            "{tflops}"
+        );
+        let row = time_row(&f, Some(&H200_SXM));
+        assert_eq!(
+            (row.measured, row.analytic),
+            (67_360, compute_ns.round() as u64)
+        );
+        assert!(row.note.unwrap().contains("compute-bound"));
+        let unknown = time_row(&f, None);
+        assert_eq!(unknown.analytic, 0);
+        assert!(unknown.note.unwrap().contains("not in the table"));
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration(67_360), "67.4 µs");
+        assert_eq!(duration(999), "999 ns");
+        assert_eq!(duration(2_500_000), "2.500 ms");
+        assert_eq!(duration(3_000_000_000), "3.000 s");
+    }
+}
