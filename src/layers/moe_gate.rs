@@ -172,11 +172,13 @@ impl Layer for MoEGate {
                     &[&mask, &with_last(&group_ids, routing.topk_group)],
                     mask.clone(),
                 )?;
+                // The reshape of the expanded mask copies it, reading the expanded size.
+                let expanded = t(&[tokens, experts], Dtype::F32);
                 let score_mask = b.copy(
                     "score_mask = expand(…).reshape (copy)",
                     "aten::clone",
-                    &[&mask],
-                    t(&[tokens, experts], Dtype::F32),
+                    &[&expanded],
+                    expanded.clone(),
                 )?;
                 let as_bool = b.cast("score_mask.bool()", &score_mask, Dtype::Bool)?;
                 let blocked =
