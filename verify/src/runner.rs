@@ -36,7 +36,7 @@ pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResul
     let total = plan.layers.len();
     let mut results = Vec::with_capacity(total);
     for (index, pairing) in plan.layers.iter().enumerate() {
-        let name = pairing.name(plan.attention);
+        let name = pairing.name_for(&plan.config, plan.workload.mla, plan.attention);
         progress(Progress::Started { index, total, name });
         let start = Instant::now();
         let mut result = verify_layer(*pairing, plan);
@@ -52,7 +52,9 @@ pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResul
 }
 
 fn verify_layer(pairing: Pairing, plan: &Plan) -> LayerResult {
-    let name = pairing.name(plan.attention).to_string();
+    let name = pairing
+        .name_for(&plan.config, plan.workload.mla, plan.attention)
+        .to_string();
     let analytic = pairing
         .analytic(&plan.config, &plan.workload, plan.attention)
         .and_then(|layer| layer.cost());
