@@ -17,7 +17,8 @@ use crate::{prefixed, Parameters};
 #[derive(Debug)]
 pub enum FeedForward {
     Dense(RefDeepseekV2MLP),
-    Moe(RefDeepseekV2MoE),
+    /// Boxed: far larger than the dense variant.
+    Moe(Box<RefDeepseekV2MoE>),
 }
 
 /// ```python
@@ -52,7 +53,9 @@ impl RefDeepseekV2DecoderLayer {
                 config.intermediate_size,
                 &init.sub("mlp"),
             )?),
-            MlpKind::Moe => FeedForward::Moe(RefDeepseekV2MoE::new(config, &init.sub("mlp"))?),
+            MlpKind::Moe => {
+                FeedForward::Moe(Box::new(RefDeepseekV2MoE::new(config, &init.sub("mlp"))?))
+            }
         };
         Ok(RefDeepseekV2DecoderLayer {
             input_layernorm: RefDeepseekV2RMSNorm::new(config, &init.sub("input_layernorm"))?,

@@ -70,7 +70,8 @@ pub enum RefModule {
     RmsNorm(RefDeepseekV2RMSNorm),
     Mlp(RefDeepseekV2MLP),
     MoEGate(RefMoEGate),
-    MoE(RefDeepseekV2MoE),
+    /// Boxed: far larger than the other variants.
+    MoE(Box<RefDeepseekV2MoE>),
     /// Multi-head or MLA attention, as the config says.
     Attention(SelfAttention),
     Decoder(RefDeepseekV2DecoderLayer),
@@ -96,7 +97,7 @@ impl RefModule {
                 &init,
             )?),
             ModuleKind::MoEGate => RefModule::MoEGate(RefMoEGate::new(config, &init)?),
-            ModuleKind::MoE => RefModule::MoE(RefDeepseekV2MoE::new(config, &init)?),
+            ModuleKind::MoE => RefModule::MoE(Box::new(RefDeepseekV2MoE::new(config, &init)?)),
             ModuleKind::Attention => {
                 RefModule::Attention(SelfAttention::new(config, &init, attention, mla)?)
             }

@@ -532,6 +532,19 @@ impl DeepseekV2Attention {
                     ),
                 })?;
                 let padded = kernel.computed_head_dim(d_qk);
+                if value_dim == d_v
+                    && matches!(w.phase, Phase::Prefill { .. })
+                    && batch * heads * sq > 1
+                {
+                    // Unpadded prefill values are a strided slice of kv_b_proj's output;
+                    // SDPA copies them (`clone`) before its kernel (measured on the CPU).
+                    core.copy(
+                        "sdpa: value_states made contiguous (copy)",
+                        "aten::clone",
+                        &[&v],
+                        v.clone(),
+                    )?;
+                }
                 let mut inputs = Vec::new();
                 for (name, x) in [("q", states.clone()), ("k", k), ("v", v)] {
                     inputs.push(if padded == d_qk {
