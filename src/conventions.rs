@@ -567,6 +567,8 @@ pub const OPS: &[OpConvention] = &[
     view("aten::as_strided"),
     view("aten::t"),
     view("aten::transpose"),
+    // `x.mT`: the last two dims transposed (MLA's absorbed form).
+    view("aten::mT"),
     view("aten::permute"),
     view("aten::expand"),
     view("aten::expand_as"),
@@ -590,6 +592,8 @@ pub const OPS: &[OpConvention] = &[
     composite("aten::linear"),
     composite("aten::matmul"),
     composite("aten::einsum"),
+    // `torch.outer(a, b)`: `a.reshape(-1, 1) * b` (MLA's rotary tables).
+    composite("aten::outer"),
     composite("aten::reshape"),
     composite("aten::flatten"),
     composite("aten::scaled_dot_product_attention"),

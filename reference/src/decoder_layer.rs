@@ -1,14 +1,15 @@
 //! `RefDeepseekV2DecoderLayer`: the vendor pre-norm decoder layer, dense or MoE by index.
 
 use modelmeter::layers::AttentionImpl;
-use modelmeter::{MlpKind, ModelConfig};
+use modelmeter::{MlaForm, MlpKind, ModelConfig};
 use tch::Tensor;
 
-use crate::attention::{KvCache, RefLlamaAttention};
+use crate::attention::KvCache;
 use crate::error::Result;
 use crate::mlp::RefDeepseekV2MLP;
 use crate::moe::RefDeepseekV2MoE;
 use crate::rms_norm::RefDeepseekV2RMSNorm;
+use crate::self_attention::SelfAttention;
 use crate::weights::Init;
 use crate::{prefixed, Parameters};
 
@@ -16,7 +17,8 @@ use crate::{prefixed, Parameters};
 #[derive(Debug)]
 pub enum FeedForward {
     Dense(RefDeepseekV2MLP),
-    Moe(RefDeepseekV2MoE),
+    /// Boxed: far larger than the dense variant.
+    Moe(Box<RefDeepseekV2MoE>),
 }
 
 /// ```python
@@ -32,7 +34,7 @@ pub enum FeedForward {
 #[derive(Debug)]
 pub struct RefDeepseekV2DecoderLayer {
     input_layernorm: RefDeepseekV2RMSNorm,
-    self_attn: RefLlamaAttention,
+    self_attn: SelfAttention,
     post_attention_layernorm: RefDeepseekV2RMSNorm,
     mlp: FeedForward,
 }
@@ -43,6 +45,7 @@ impl RefDeepseekV2DecoderLayer {
         index: u64,
         init: &Init,
         attention: AttentionImpl,
+        mla: MlaForm,
     ) -> Result<RefDeepseekV2DecoderLayer> {
         let mlp = match config.layer_kind(index)? {
             MlpKind::Dense => FeedForward::Dense(RefDeepseekV2MLP::new(
@@ -50,17 +53,24 @@ impl RefDeepseekV2DecoderLayer {
                 config.intermediate_size,
                 &init.sub("mlp"),
             )?),
-            MlpKind::Moe => FeedForward::Moe(RefDeepseekV2MoE::new(config, &init.sub("mlp"))?),
+            MlpKind::Moe => {
+                FeedForward::Moe(Box::new(RefDeepseekV2MoE::new(config, &init.sub("mlp"))?))
+            }
         };
         Ok(RefDeepseekV2DecoderLayer {
             input_layernorm: RefDeepseekV2RMSNorm::new(config, &init.sub("input_layernorm"))?,
-            self_attn: RefLlamaAttention::new(config, &init.sub("self_attn"), attention)?,
+            self_attn: SelfAttention::new(config, &init.sub("self_attn"), attention, mla)?,
             post_attention_layernorm: RefDeepseekV2RMSNorm::new(
                 config,
                 &init.sub("post_attention_layernorm"),
             )?,
             mlp,
         })
+    }
+
+    /// True when the attention takes the additive causal mask.
+    pub fn needs_mask(&self, attention: AttentionImpl) -> bool {
+        self.self_attn.needs_mask(attention)
     }
 
     /// One forward call; the layer's KV cache is `cache`.

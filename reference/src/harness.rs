@@ -3,11 +3,11 @@
 //! layer it is compared with.
 
 use modelmeter::layers::AttentionImpl;
-use modelmeter::{Dtype, MlpKind, ModelConfig, Phase, Workload};
+use modelmeter::{Dtype, MlaForm, MlpKind, ModelConfig, Phase, Workload};
 use tch::{Kind, Tensor};
 
 use crate::allocations::{self, DeviceAllocations};
-use crate::attention::{KvCache, RefLlamaAttention};
+use crate::attention::KvCache;
 use crate::counter::{Counts, FlopCounter};
 use crate::decoder_layer::RefDeepseekV2DecoderLayer;
 use crate::error::{Error, Result};
@@ -16,6 +16,7 @@ use crate::mlp::RefDeepseekV2MLP;
 use crate::moe::RefDeepseekV2MoE;
 use crate::moe_gate::RefMoEGate;
 use crate::rms_norm::RefDeepseekV2RMSNorm;
+use crate::self_attention::SelfAttention;
 use crate::weights::{dim, kind_of, seeded_normal, Init, Setup};
 use crate::Parameters;
 
@@ -69,17 +70,21 @@ pub enum RefModule {
     RmsNorm(RefDeepseekV2RMSNorm),
     Mlp(RefDeepseekV2MLP),
     MoEGate(RefMoEGate),
-    MoE(RefDeepseekV2MoE),
-    Attention(RefLlamaAttention),
+    /// Boxed: far larger than the other variants.
+    MoE(Box<RefDeepseekV2MoE>),
+    /// Multi-head or MLA attention, as the config says.
+    Attention(SelfAttention),
     Decoder(RefDeepseekV2DecoderLayer),
 }
 
 impl RefModule {
-    /// Builds the module of `kind` for `config` with seeded weights in `dtype`.
+    /// Builds the module of `kind` for `config` with seeded weights in `dtype`; MLA
+    /// attention runs in `mla`'s form.
     pub fn build(
         kind: ModuleKind,
         config: &ModelConfig,
         attention: AttentionImpl,
+        mla: MlaForm,
         dtype: Dtype,
         setup: &Setup,
     ) -> Result<RefModule> {
@@ -92,9 +97,9 @@ impl RefModule {
                 &init,
             )?),
             ModuleKind::MoEGate => RefModule::MoEGate(RefMoEGate::new(config, &init)?),
-            ModuleKind::MoE => RefModule::MoE(RefDeepseekV2MoE::new(config, &init)?),
+            ModuleKind::MoE => RefModule::MoE(Box::new(RefDeepseekV2MoE::new(config, &init)?)),
             ModuleKind::Attention => {
-                RefModule::Attention(RefLlamaAttention::new(config, &init, attention)?)
+                RefModule::Attention(SelfAttention::new(config, &init, attention, mla)?)
             }
             ModuleKind::DecoderLayer(index) => {
                 if index >= config.layer_kinds.len() as u64 {
@@ -105,7 +110,7 @@ impl RefModule {
                     )));
                 }
                 RefModule::Decoder(RefDeepseekV2DecoderLayer::new(
-                    config, index, &init, attention,
+                    config, index, &init, attention, mla,
                 )?)
             }
             ModuleKind::EmbedTokens | ModuleKind::LmHead => {
@@ -131,6 +136,16 @@ impl RefModule {
 
     fn uses_positions(&self) -> bool {
         matches!(self, RefModule::Attention(_) | RefModule::Decoder(_))
+    }
+
+    /// True when the forward takes the additive causal mask (the eager core, and MLA's
+    /// absorbed form whatever the implementation).
+    fn needs_mask(&self, attention: AttentionImpl) -> bool {
+        match self {
+            RefModule::Attention(m) => m.needs_mask(attention),
+            RefModule::Decoder(m) => m.needs_mask(attention),
+            _ => false,
+        }
     }
 
     /// One forward call; returns the main output and, for MoE, tokens per expert.
@@ -304,8 +319,8 @@ impl Prepared {
     ) -> Result<Prepared> {
         let setup = *setup;
         let dtype = workload.dtype;
-        let module = RefModule::build(kind, config, attention, dtype, &setup)?;
-        let eager = attention == AttentionImpl::Eager && module.uses_positions();
+        let module = RefModule::build(kind, config, attention, workload.mla, dtype, &setup)?;
+        let eager = module.needs_mask(attention);
         let mut cache = KvCache::new();
         if let (Phase::Decode { context_len }, true) = (workload.phase, module.uses_positions()) {
             let prefill = step_inputs(

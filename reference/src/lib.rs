@@ -7,7 +7,8 @@
 //! crate, so measured and analytic metrics can be compared exactly.
 //!
 //! One file per vendor class: [`rms_norm`], [`mlp`], [`moe_gate`], [`moe`],
-//! [`attention`] (with its rotary embedding and KV cache), [`decoder_layer`], and the
+//! [`attention`] (with its rotary embedding and KV cache), [`mla`] (DeepSeek-V2/V3's
+//! Multi-head Latent Attention, with [`mla_rotary`]), [`decoder_layer`], and the
 //! whole causal LM with greedy generation, [`model`];
 //! [`harness`] builds and runs them for a config and workload; [`parity`] checks them
 //! against Hugging Face transformers.
@@ -19,6 +20,8 @@ pub mod decoder_layer;
 pub mod error;
 pub mod ffi;
 pub mod harness;
+pub mod mla;
+pub mod mla_rotary;
 pub mod mlp;
 pub mod model;
 pub mod moe;
@@ -26,6 +29,7 @@ pub mod moe_gate;
 pub mod op_log;
 pub mod parity;
 pub mod rms_norm;
+pub mod self_attention;
 pub mod weights;
 
 pub use allocations::{AllocationRegion, Allocations};

@@ -65,6 +65,7 @@ impl RefDeepseekV2ForCausalLM {
                     i,
                     &model.sub("layers").sub(&i.to_string()),
                     attention,
+                    modelmeter::MlaForm::Naive,
                 )
             })
             .collect::<Result<Vec<_>>>()?;

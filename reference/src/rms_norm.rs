@@ -22,9 +22,18 @@ pub struct RefDeepseekV2RMSNorm {
 
 impl RefDeepseekV2RMSNorm {
     pub(crate) fn new(config: &ModelConfig, init: &Init) -> Result<RefDeepseekV2RMSNorm> {
+        Self::with_width(
+            dim(config.hidden_size, "hidden_size")?,
+            config.rms_norm_eps,
+            init,
+        )
+    }
+
+    /// A norm over `width` features (MLA's `q_a_layernorm` and `kv_a_layernorm`).
+    pub(crate) fn with_width(width: i64, eps: f64, init: &Init) -> Result<RefDeepseekV2RMSNorm> {
         Ok(RefDeepseekV2RMSNorm {
-            weight: init.norm("weight", dim(config.hidden_size, "hidden_size")?)?,
-            eps: config.rms_norm_eps,
+            weight: init.norm("weight", width)?,
+            eps,
         })
     }
 

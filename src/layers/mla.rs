@@ -17,9 +17,13 @@
 //!   latent and the rotary key, `P @ c_kv`, then the value half (`@ W_UVᵀ`); only c_kv
 //!   and k_pe are cached. It runs as explicit matmuls whatever `--attn` says.
 //!
-//! The cos/sin tables are precomputed at init (YaRN or plain) in the model dtype and
-//! sliced in the forward: no FLOPs. YaRN's mscale only changes the softmax scale, a
-//! scalar multiplied into the scores by the same op: no FLOPs either.
+//! The cos/sin tables are rebuilt in the forward: the vendor's rotary embedding builds
+//! them in `__init__`, then sets `max_seq_len_cached = None`, and rebuilds them whenever
+//! it has none or the call's keys outnumber them — in a generation, at every call, over
+//! all L keys (`_set_cos_sin_cache`, [`DeepseekV2Attention::rotary_tables`]; found by
+//! the reference module, `modelmeter-reference`'s `mla_rotary`). No matmul: `torch.outer`
+//! is a broadcast multiply. YaRN's mscale² only changes the softmax scale, a scalar
+//! multiplied into the scores by the same op: no FLOPs.
 //!
 //! Matmul FLOPs per call (T = B·S_q tokens, L keys), derived in docs/deepseek-family.md:
 //! - naive: 2·T·d·H·d_qk (or 2·T·d·r_q + 2·T·r_q·H·d_qk), plus 2·T·d·(r_kv + d_r), plus
@@ -65,6 +69,8 @@ pub struct DeepseekV2Attention {
     heads: u64,
     mla: MlaConfig,
     bias: bool,
+    /// YaRN rotary scaling configured (`DeepseekV2YarnRotaryEmbedding`).
+    yarn: bool,
     workload: Workload,
     implementation: AttentionImpl,
 }
@@ -81,6 +87,7 @@ impl DeepseekV2Attention {
             heads: config.num_attention_heads,
             mla: config.mla()?.clone(),
             bias: config.attention_bias,
+            yarn: config.rope_scaling.is_some(),
             workload: *workload,
             implementation,
         })
@@ -197,24 +204,108 @@ impl DeepseekV2Attention {
         Ok(c_kv)
     }
 
+    /// `_set_cos_sin_cache(seq_len = L)`, which the vendor's `rotary_emb(x, seq_len)`
+    /// runs whenever the call's L keys outnumber the tables it has (every call of a
+    /// generation: see the module docs). All in fp32 over d_r / 2 frequencies:
+    /// ```python
+    /// # DeepseekV2YarnRotaryEmbedding (rope_scaling yarn) rebuilds inv_freq too:
+    /// freq_extra = 1.0 / (base ** (torch.arange(0, dim, 2) / dim))
+    /// freq_inter = 1.0 / (factor * base ** (torch.arange(0, dim, 2) / dim))
+    /// inv_freq_mask = 1.0 - ((torch.arange(dim // 2) - low) / (high - low)).clamp(0, 1)
+    /// inv_freq = freq_inter * (1 - inv_freq_mask) + freq_extra * inv_freq_mask
+    /// # both:
+    /// t = torch.arange(seq_len); freqs = torch.outer(t, inv_freq)
+    /// emb = torch.cat((freqs, freqs), dim=-1)
+    /// cos_cached = (emb.cos() * _mscale).to(dtype)   # plain: emb.cos().to(dtype)
+    /// sin_cached = (emb.sin() * _mscale).to(dtype)
+    /// ```
+    /// Python's `1.0 / x` is `x.reciprocal() * 1.0`; `1.0 - x` is `rsub`.
+    fn rotary_tables(&self, b: &mut CostBuilder) -> Result<TensorMeta> {
+        let w = &self.workload;
+        let (d_r, keys) = (self.mla.qk_rope_head_dim, w.key_len()?);
+        let half = t(&[d_r / 2], Dtype::F32);
+        let f32_op = |b: &mut CostBuilder, role: &str, op: &'static str, inputs: &[&TensorMeta]| {
+            b.elementwise(role, op, inputs, Dtype::F32)
+        };
+        if self.yarn {
+            for name in ["freq_extra", "freq_inter"] {
+                b.copy(
+                    &format!("{name}: arange(0, dim, 2)"),
+                    "aten::arange",
+                    &[],
+                    half.clone(),
+                )?;
+                f32_op(b, &format!("{name}: / dim"), "aten::div", &[&half])?;
+                f32_op(b, &format!("{name}: base **"), "aten::pow", &[&half])?;
+                if name == "freq_inter" {
+                    f32_op(b, "freq_inter: scaling_factor *", "aten::mul", &[&half])?;
+                }
+                f32_op(
+                    b,
+                    &format!("{name}: 1.0 / (reciprocal)"),
+                    "aten::reciprocal",
+                    &[&half],
+                )?;
+                f32_op(b, &format!("{name}: 1.0 / (* 1.0)"), "aten::mul", &[&half])?;
+            }
+            b.copy("ramp: arange(dim // 2)", "aten::arange", &[], half.clone())?;
+            f32_op(b, "ramp: - low", "aten::sub", &[&half])?;
+            f32_op(b, "ramp: / (high - low)", "aten::div", &[&half])?;
+            f32_op(b, "ramp: clamp(0, 1)", "aten::clamp", &[&half])?;
+            f32_op(b, "inv_freq_mask = 1.0 - ramp", "aten::rsub", &[&half])?;
+            f32_op(b, "1 - inv_freq_mask", "aten::rsub", &[&half])?;
+            f32_op(b, "freq_inter * (1 - mask)", "aten::mul", &[&half, &half])?;
+            f32_op(b, "freq_extra * mask", "aten::mul", &[&half, &half])?;
+            f32_op(b, "inv_freq = + ", "aten::add", &[&half, &half])?;
+        }
+        let positions = b.copy(
+            "t = arange(seq_len)",
+            "aten::arange",
+            &[],
+            t(&[keys], Dtype::F32),
+        )?;
+        let freqs = f32_op(
+            b,
+            "freqs = outer(t, inv_freq)",
+            "aten::mul",
+            &[&t(&[keys, 1], Dtype::F32), &half],
+        )?;
+        let emb = b.copy(
+            "emb = cat((freqs, freqs))",
+            "aten::cat",
+            &[&freqs, &freqs],
+            t(&[keys, d_r], Dtype::F32),
+        )?;
+        for (name, op) in [("cos", "aten::cos"), ("sin", "aten::sin")] {
+            let table = f32_op(b, &format!("emb.{name}()"), op, &[&emb])?;
+            if self.yarn {
+                f32_op(b, &format!("{name} * _mscale"), "aten::mul", &[&table])?;
+            }
+            b.cast(&format!("{name}_cached.to(dtype)"), &table, w.dtype)?;
+        }
+        let _ = positions;
+        Ok(t(&[keys, d_r], w.dtype))
+    }
+
     /// `apply_rotary_pos_emb(q_pe, k_pe, cos, sin, position_ids)`: the table rows are
     /// gathered by position, each input is de-interleaved (`view(…, d/2, 2)
     /// .transpose(4, 3).reshape`: a copy), then `x * cos + rotate_half(x) * sin`.
     fn apply_rotary(&self, b: &mut CostBuilder) -> Result<()> {
         let w = &self.workload;
         let (batch, s, d_r, dtype) = (w.batch, w.query_len(), self.mla.qk_rope_head_dim, w.dtype);
+        let tables = self.rotary_tables(b)?;
         let ids = t(&[batch, s], Dtype::I64);
         let rows = t(&[batch, s, d_r], dtype);
         b.copy(
             "cos[position_ids]",
             "aten::index",
-            &[&ids, &rows],
+            &[&tables, &ids],
             rows.clone(),
         )?;
         b.copy(
             "sin[position_ids]",
             "aten::index",
-            &[&ids, &rows],
+            &[&tables, &ids],
             rows.clone(),
         )?;
         let table = t(&[batch, 1, s, d_r], dtype);
@@ -363,20 +454,22 @@ impl DeepseekV2Attention {
                 &[],
                 states.clone(),
             )?;
+            // `states[..., :d_n] = nope`: copy_(self = the slice, src) reads src.
             let nope = t(&[batch, heads, sq, d_n], dtype);
             b.copy(
                 &format!("{name}[..., :d_n] = {nope_src}"),
                 "aten::copy_",
-                &[&nope],
+                &[&nope, &nope],
                 nope.clone(),
             )?;
             let pe = t(&[batch, pe_src_heads, sq, d_r], dtype);
+            let pe_slot = t(&[batch, heads, sq, d_r], dtype);
             let pe_name = if pe_src_heads == 1 { "k_pe" } else { "q_pe" };
             b.copy(
                 &format!("{name}[..., d_n:] = {pe_name}"),
                 "aten::copy_",
-                &[&pe],
-                t(&[batch, heads, sq, d_r], dtype),
+                &[&pe_slot, &pe],
+                pe_slot.clone(),
             )?;
         }
         let value_dim = self.cached_value_dim()?;
@@ -397,8 +490,9 @@ impl DeepseekV2Attention {
         let bh = product("batch × heads", &[batch, heads])?;
         match self.implementation {
             AttentionImpl::Eager => {
-                if matches!(w.phase, Phase::Prefill { .. }) && batch > 1 {
-                    // A slice of kv_b_proj's output cannot be viewed as [B·H, S, d_v].
+                if matches!(w.phase, Phase::Prefill { .. }) && batch > 1 && heads > 1 && sq > 1 {
+                    // A slice of kv_b_proj's output ([B, S, H, d_n + d_v] memory) cannot
+                    // be viewed as [B·H, S, d_v].
                     core.copy(
                         "matmul: value_states.reshape (copy)",
                         "aten::clone",
@@ -438,6 +532,19 @@ impl DeepseekV2Attention {
                     ),
                 })?;
                 let padded = kernel.computed_head_dim(d_qk);
+                if value_dim == d_v
+                    && matches!(w.phase, Phase::Prefill { .. })
+                    && batch * heads * sq > 1
+                {
+                    // Unpadded prefill values are a strided slice of kv_b_proj's output;
+                    // SDPA copies them (`clone`) before its kernel (measured on the CPU).
+                    core.copy(
+                        "sdpa: value_states made contiguous (copy)",
+                        "aten::clone",
+                        &[&v],
+                        v.clone(),
+                    )?;
+                }
                 let mut inputs = Vec::new();
                 for (name, x) in [("q", states.clone()), ("k", k), ("v", v)] {
                     inputs.push(if padded == d_qk {
@@ -469,13 +576,56 @@ impl DeepseekV2Attention {
             }
         }
         b.child(core.finish())?;
-        let out = t(&[batch, sq, heads, d_v], dtype);
-        let role = match self.implementation {
-            AttentionImpl::Eager => "transpose(1, 2).contiguous()",
-            AttentionImpl::Sdpa => "attn_output[..., :v_head_dim].reshape (copy)",
-        };
-        b.copy(role, "aten::contiguous", &[&out], out.clone())?;
-        Ok(())
+        match self.implementation {
+            AttentionImpl::Eager => self.transposed_output(b),
+            AttentionImpl::Sdpa => {
+                // The fused kernel writes [B, S, H, d_qk]; `attn_output[..., :d_v]
+                // .reshape(B, S, H·d_v).contiguous()`: with padded values and H > 1 the
+                // reshape copies (`clone`) and `contiguous` hands the copy back; with one
+                // head the reshape is a view and `contiguous` copies unless B = S_q = 1.
+                let out = t(&[batch, sq, heads, d_v], dtype);
+                if d_v == d_qk || (heads == 1 && batch == 1 && sq == 1) {
+                    b.returns_input("attn_output.contiguous()", "aten::contiguous")
+                } else if heads > 1 {
+                    b.copy(
+                        "attn_output[..., :v_head_dim].reshape (copy)",
+                        "aten::clone",
+                        &[&out],
+                        out.clone(),
+                    )?;
+                    b.returns_input("attn_output.contiguous()", "aten::contiguous")
+                } else {
+                    b.copy(
+                        "attn_output[..., :v_head_dim].contiguous()",
+                        "aten::contiguous",
+                        &[&out],
+                        out.clone(),
+                    )?;
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// `attn_output.transpose(1, 2).contiguous()` of a `[B, H, S_q, d_v]` bmm output: a
+    /// copy when H > 1 and S_q > 1, else the transposed view is already contiguous.
+    fn transposed_output(&self, b: &mut CostBuilder) -> Result<()> {
+        let w = &self.workload;
+        let out = t(
+            &[w.batch, w.query_len(), self.heads, self.mla.v_head_dim],
+            w.dtype,
+        );
+        if self.heads > 1 && w.query_len() > 1 {
+            b.copy(
+                "transpose(1, 2).contiguous()",
+                "aten::contiguous",
+                &[&out],
+                out.clone(),
+            )?;
+            Ok(())
+        } else {
+            b.returns_input("transpose(1, 2).contiguous()", "aten::contiguous")
+        }
     }
 
     /// The weight-absorbed form: the latent c_kv and k_pe are cached; `kv_b_proj`'s
@@ -495,19 +645,27 @@ impl DeepseekV2Attention {
         self.compressed_kv(b, x)?;
         self.apply_rotary(b)?;
         let k_pe = self.cached(b, "k_pe", 1, d_r)?;
-        let c_kv = self.cached(b, "compressed_kv", 1, r)?;
+        self.cached(b, "compressed_kv", 1, r)?;
         let skv = k_pe.shape[2];
         let bh = product("batch × heads", &[batch, heads])?;
 
-        let q_nope = t(&[batch, heads, sq, d_n], dtype);
-        b.copy(
-            "matmul: q_nope.reshape (copy of a slice)",
-            "aten::clone",
-            &[&q_nope],
-            q_nope.clone(),
-        )?;
+        // `matmul` folds [B, H] into the bmm batch. A slice of q (laid out [B, S, H, d_qk])
+        // folds as a view only when B, H or S_q is 1; an operand broadcast over B (the
+        // per-head weights) or over H (the one latent and rotary key) only when the other
+        // of the two is 1. Otherwise `reshape` copies the expanded operand (`clone`: it
+        // reads and writes the expanded size).
+        let folds_copy = batch > 1 && heads > 1;
+        if folds_copy && sq > 1 {
+            let q_nope = t(&[batch, heads, sq, d_n], dtype);
+            b.copy(
+                "matmul: q_nope.reshape (copy of a slice)",
+                "aten::clone",
+                &[&q_nope],
+                q_nope.clone(),
+            )?;
+        }
         let weight_copy = |b: &mut CostBuilder, role: &str, k: u64, n: u64| -> Result<()> {
-            if batch > 1 {
+            if folds_copy {
                 let expanded = t(&[bh, k, n], dtype);
                 b.copy(role, "aten::clone", &[&expanded], expanded.clone())?;
             }
@@ -525,24 +683,17 @@ impl DeepseekV2Attention {
         )?;
 
         let mut core = CostBuilder::new(ATTENTION_CORE_ROLE, w.allow_tf32);
-        for (role, width, src) in [
-            ("q_pe @ k_peᵀ", d_r, &k_pe),
-            ("q_nope @ compressed_kvᵀ", r, &c_kv),
+        for (role, width, name) in [
+            ("q_pe @ k_peᵀ", d_r, "k_pe"),
+            ("q_nope @ compressed_kvᵀ", r, "compressed_kv"),
         ] {
-            if heads > 1 {
+            if folds_copy {
                 let expanded = t(&[bh, width, skv], dtype);
                 core.copy(
-                    &format!(
-                        "matmul: {}ᵀ expanded over heads (copy)",
-                        if width == d_r {
-                            "k_pe"
-                        } else {
-                            "compressed_kv"
-                        }
-                    ),
+                    &format!("matmul: {name}ᵀ expanded over heads (copy)"),
                     "aten::clone",
-                    &[src],
-                    expanded,
+                    &[&expanded],
+                    expanded.clone(),
                 )?;
             }
             Self::bmm(&mut core, role, bh, sq, width, skv, dtype)?;
@@ -569,14 +720,7 @@ impl DeepseekV2Attention {
 
         weight_copy(b, "matmul: W_UV expanded over the batch (copy)", r, d_v)?;
         Self::bmm(b, "@ W_UVᵀ (absorbed kv_b_proj)", bh, sq, r, d_v, dtype)?;
-        let out = t(&[batch, sq, heads, d_v], dtype);
-        b.copy(
-            "transpose(1, 2).contiguous()",
-            "aten::contiguous",
-            &[&out],
-            out.clone(),
-        )?;
-        Ok(())
+        self.transposed_output(b)
     }
 }
 

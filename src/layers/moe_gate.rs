@@ -172,12 +172,19 @@ impl Layer for MoEGate {
                     &[&mask, &with_last(&group_ids, routing.topk_group)],
                     mask.clone(),
                 )?;
-                let score_mask = b.copy(
-                    "score_mask = expand(…).reshape (copy)",
-                    "aten::clone",
-                    &[&mask],
-                    t(&[tokens, experts], Dtype::F32),
-                )?;
+                // `[N, G, E/G]` expanded with stride 0 reshapes to `[N, E]` as a view only
+                // when G or E/G is 1; else `reshape` copies it, reading the expanded size.
+                let expanded = t(&[tokens, experts], Dtype::F32);
+                let score_mask = if groups > 1 && per > 1 {
+                    b.copy(
+                        "score_mask = expand(…).reshape (copy)",
+                        "aten::clone",
+                        &[&expanded],
+                        expanded.clone(),
+                    )?
+                } else {
+                    expanded
+                };
                 let as_bool = b.cast("score_mask.bool()", &score_mask, Dtype::Bool)?;
                 let blocked =
                     b.elementwise("~score_mask", "aten::bitwise_not", &[&as_bool], Dtype::Bool)?;

@@ -5,8 +5,8 @@
 //! Nothing else pairs them: the reference crate knows only its modules, the analytic
 //! crate only its layers. Adding a verifiable layer means one [`Pairing`] here.
 
-use modelmeter::layers::{AttentionImpl, Layer, LayerId};
-use modelmeter::{ModelConfig, Workload};
+use modelmeter::layers::{mla_class_name, AttentionImpl, Layer, LayerId};
+use modelmeter::{MlaForm, ModelConfig, Workload};
 use modelmeter_reference::ModuleKind;
 
 /// A verifiable layer: an analytic layer and the reference module that runs it.
@@ -41,19 +41,31 @@ pub const REGISTRY: [Pairing; 7] = [
 ];
 
 impl Pairing {
-    /// The report name.
+    /// The report name (for an MLA config's attention: use [`Pairing::name_for`]).
     pub fn name(self, attention: AttentionImpl) -> &'static str {
         self.layer.name(attention)
     }
 
-    /// `Ok` when `config` has this layer and a reference module can run it, else the true
-    /// reason why not.
-    pub fn presence(self, config: &ModelConfig) -> Result<(), String> {
-        self.layer.layer_index(config)?;
-        match reference_gap(self.layer, config) {
-            Some(why) => Err(why),
-            None => Ok(()),
+    /// The report name of this layer of `config`: an MLA config's attention is
+    /// `DeepseekV2Attention`, `DeepseekV2FlashAttention2` or `DeepseekV2Attention_absorb`
+    /// by `form` and `attention`.
+    pub fn name_for(
+        self,
+        config: &ModelConfig,
+        form: MlaForm,
+        attention: AttentionImpl,
+    ) -> &'static str {
+        match self.layer {
+            LayerId::Attention if config.mla.is_some() => mla_class_name(form, attention),
+            _ => self.name(attention),
         }
+    }
+
+    /// `Ok` when `config` has this layer, else the true reason why not. Every layer the
+    /// analytic crate models has a reference module: multi-head and MLA attention (naive
+    /// and absorbed), and every `topk_method` / `scoring_func` of the gate.
+    pub fn presence(self, config: &ModelConfig) -> Result<(), String> {
+        self.layer.layer_index(config).map(|_| ())
     }
 
     /// The analytic layer it is compared with.
@@ -66,12 +78,10 @@ impl Pairing {
         self.layer.build(config, workload, attention)
     }
 
-    /// The reference module that runs it, or why `config` has none.
+    /// The reference module that runs it (the attention class follows the config), or
+    /// why `config` has none.
     pub fn module(self, config: &ModelConfig) -> Result<ModuleKind, String> {
         let index = self.layer.layer_index(config)?;
-        if let Some(why) = reference_gap(self.layer, config) {
-            return Err(why);
-        }
         Ok(match self.layer {
             LayerId::RmsNorm => ModuleKind::RmsNorm,
             LayerId::Mlp => ModuleKind::Mlp,
@@ -80,35 +90,6 @@ impl Pairing {
             LayerId::Attention => ModuleKind::Attention,
             LayerId::DecoderDense | LayerId::DecoderMoe => ModuleKind::DecoderLayer(index),
         })
-    }
-}
-
-/// Why no reference module can run `layer` of `config` although the analytic crate
-/// models it: the reference crate has no MLA attention and no gate beyond greedy softmax
-/// routing yet. `None` when a reference module exists.
-fn reference_gap(layer: LayerId, config: &ModelConfig) -> Option<String> {
-    let attention = matches!(
-        layer,
-        LayerId::Attention | LayerId::DecoderDense | LayerId::DecoderMoe
-    );
-    if attention && config.mla.is_some() {
-        return Some(format!(
-            "config {} uses Multi-head Latent Attention (MLA), and MLA reference modules are \
-             not built yet (the analytic model is in `modelmeter analyze`)",
-            config.name
-        ));
-    }
-    let routed = matches!(layer, LayerId::MoEGate | LayerId::MoE | LayerId::DecoderMoe);
-    match &config.moe {
-        Some(moe) if routed && !moe.routing.is_greedy_softmax() => Some(format!(
-            "config {} routes with topk_method {} and scoring_func {}, and the reference \
-             MoEGate runs greedy softmax routing only (reference modules for the other \
-             methods are not built yet)",
-            config.name,
-            moe.routing.topk_method.name(),
-            moe.routing.scoring_func.name()
-        )),
-        _ => None,
     }
 }
 
@@ -134,41 +115,6 @@ pub fn select(
     if names.is_empty() {
         if any_config {
             return Ok(registry.to_vec());
-        }
-        // Layers the config has but no reference can run: refuse rather than check the
-        // rest and report a pass for the whole config.
-        let gaps: Vec<String> = registry
-            .iter()
-            .filter(|p| p.layer.is_in(config))
-            .filter_map(|p| reference_gap(p.layer, config).map(|why| (p, why)))
-            .map(|(p, why)| {
-                let name = match p.layer {
-                    LayerId::Attention if config.mla.is_some() => {
-                        modelmeter::layers::mla_class_name(modelmeter::MlaForm::Naive, attention)
-                    }
-                    _ => p.name(attention),
-                };
-                format!("{name}: {why}")
-            })
-            .collect();
-        if !gaps.is_empty() {
-            let checkable: Vec<&str> = present(registry, config)
-                .iter()
-                .map(|p| p.name(attention))
-                .collect();
-            let hint = if checkable.is_empty() {
-                "no layer of it can be checked yet".to_string()
-            } else {
-                format!(
-                    "check the layers that have one with --layers {}",
-                    checkable.join(",")
-                )
-            };
-            return Err(format!(
-                "config {} cannot be verified whole: {}; {hint}",
-                config.name,
-                gaps.join("; ")
-            ));
         }
         return Ok(present(registry, config));
     }
@@ -207,62 +153,55 @@ mod tests {
     }
 
     #[test]
-    fn mla_layers_are_refused_until_reference_modules_exist() {
-        let lite = builtin("deepseek-v2-lite");
-        let e = select(&REGISTRY, &[], &lite, AttentionImpl::Sdpa, false).unwrap_err();
-        assert!(
-            e.contains("cannot be verified whole")
-                && e.contains("MLA reference modules are not built yet")
-                && e.contains("DeepseekV2DecoderLayer_moe")
-                && e.contains("DeepseekV2FlashAttention2: ")
-                && e.contains("--layers DeepseekV2MLP,MoEGate,DeepseekV2MoE,DeepseekV2RMSNorm"),
-            "{e}"
-        );
-        for name in [
-            "DeepseekV2Attention",
-            "LlamaFlashAttention2",
-            "DeepseekV2DecoderLayer_dense",
-        ] {
-            let e = select(&REGISTRY, &[name], &lite, AttentionImpl::Eager, false).unwrap_err();
-            assert!(
-                e.contains("MLA reference modules are not built yet"),
-                "{name}: {e}"
-            );
+    fn mla_and_v3_routing_configs_pair_every_layer() {
+        for name in ["deepseek-v2-lite", "deepseek-v2", "deepseek-v3"] {
+            let c = builtin(name);
+            let all = select(&REGISTRY, &[], &c, AttentionImpl::Sdpa, false).unwrap();
+            assert_eq!(all.len(), 7, "{name}");
+            assert!(all.iter().all(|p| p.module(&c).is_ok()), "{name}");
         }
-        let ok = select(
-            &REGISTRY,
-            &["DeepseekV2MLP", "MoEGate"],
-            &lite,
-            AttentionImpl::Sdpa,
-            false,
-        )
-        .unwrap();
-        assert_eq!(ok.len(), 2, "V2-Lite's greedy softmax gate has a reference");
+        let lite = builtin("deepseek-v2-lite");
         let attention = REGISTRY
             .iter()
             .find(|p| p.layer == LayerId::Attention)
             .unwrap();
-        assert!(attention.module(&lite).is_err());
-        // V3: the gate, the MoE and every decoder layer lack a reference.
-        let v3 = builtin("deepseek-v3");
-        let e = select(&REGISTRY, &["MoEGate"], &v3, AttentionImpl::Sdpa, false).unwrap_err();
-        assert!(
-            e.contains("noaux_tc") && e.contains("greedy softmax routing only"),
-            "{e}"
-        );
-        let names: Vec<&str> = present(&REGISTRY, &v3)
-            .iter()
-            .map(|p| p.name(AttentionImpl::Sdpa))
-            .collect();
-        assert_eq!(names, ["DeepseekV2MLP", "DeepseekV2RMSNorm"]);
-        // DeepSeek-OCR: unchanged, every layer checkable.
+        assert_eq!(attention.module(&lite), Ok(ModuleKind::Attention));
+        for (form, attn, expected) in [
+            (
+                MlaForm::Naive,
+                AttentionImpl::Sdpa,
+                "DeepseekV2FlashAttention2",
+            ),
+            (MlaForm::Naive, AttentionImpl::Eager, "DeepseekV2Attention"),
+            (
+                MlaForm::Absorb,
+                AttentionImpl::Sdpa,
+                "DeepseekV2Attention_absorb",
+            ),
+        ] {
+            assert_eq!(attention.name_for(&lite, form, attn), expected);
+            let w = Workload::prefill(1, 4).unwrap().with_mla(form);
+            assert_eq!(
+                attention.analytic(&lite, &w, attn).unwrap().name(),
+                expected
+            );
+        }
+        // The MHA config keeps its Llama names.
         let ocr = ModelConfig::deepseek_ocr();
         assert_eq!(
-            select(&REGISTRY, &[], &ocr, AttentionImpl::Sdpa, false)
-                .unwrap()
-                .len(),
-            7
+            attention.name_for(&ocr, MlaForm::Absorb, AttentionImpl::Sdpa),
+            "LlamaFlashAttention2"
         );
+        // --layers accepts the MLA class names.
+        let picked = select(
+            &REGISTRY,
+            &["DeepseekV2Attention", "MoEGate"],
+            &builtin("deepseek-v3"),
+            AttentionImpl::Eager,
+            false,
+        )
+        .unwrap();
+        assert_eq!(picked.len(), 2);
     }
 
     #[test]

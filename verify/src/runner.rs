@@ -60,7 +60,7 @@ fn verify_with(plan: &Plan, run: RunLayer, progress: &mut dyn FnMut(Progress)) -
     let total = plan.layers.len();
     let mut results = Vec::with_capacity(total);
     for (index, pairing) in plan.layers.iter().enumerate() {
-        let name = pairing.name(plan.attention);
+        let name = pairing.name_for(&plan.config, plan.workload.mla, plan.attention);
         progress(Progress::Started { index, total, name });
         let start = Instant::now();
         let mut result = verify_layer(*pairing, plan, run);
@@ -76,7 +76,9 @@ fn verify_with(plan: &Plan, run: RunLayer, progress: &mut dyn FnMut(Progress)) -
 }
 
 fn verify_layer(pairing: Pairing, plan: &Plan, run_layer: RunLayer) -> LayerResult {
-    let name = pairing.name(plan.attention).to_string();
+    let name = pairing
+        .name_for(&plan.config, plan.workload.mla, plan.attention)
+        .to_string();
     let analytic = pairing
         .analytic(&plan.config, &plan.workload, plan.attention)
         .and_then(|layer| layer.cost());

@@ -9,7 +9,7 @@ use crate::report::{self, Case, Report};
 use crate::results::Summary;
 
 use modelmeter::layers::AttentionImpl;
-use modelmeter::{ModelConfig, Phase, Workload};
+use modelmeter::{MlaForm, ModelConfig, Phase, Workload};
 
 /// splitmix64: a tiny, seedable, dependency-free generator.
 #[derive(Clone, Debug)]
@@ -92,6 +92,14 @@ pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
         "use_mla": false,
         "torch_dtype": "bfloat16",
     });
+    // MLA and V2/V3 routing: a third of the cases, drawn from a stream of their own so the
+    // multi-head cases of a seed stay what they were.
+    let mut m = Rng::new(seed ^ (index as u64).wrapping_mul(0x2d35_8dcc_aa6c_78a5) ^ 0x004d_4c41);
+    let mut config_json = config_json;
+    let mla = m.chance(3);
+    if mla {
+        mla_fields(&mut m, &mut config_json, experts);
+    }
     let config = ModelConfig::from_json_value(
         &format!("sweep seed {seed} case {}", index + 1),
         &config_json,
@@ -116,12 +124,71 @@ pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
     } else {
         AttentionImpl::Eager
     };
+    let workload = match mla && m.chance(2) {
+        true => workload.with_mla(MlaForm::Absorb),
+        false => workload,
+    };
     SweepCase {
         index,
         config_json,
         config,
         workload,
         attention,
+    }
+}
+
+/// Turns the generated multi-head config into an MLA one (DeepSeek-V2/V3 keys): the query
+/// with or without `q_lora_rank`, YaRN or plain rotary, and any `topk_method` /
+/// `scoring_func`. Head dims are multiples of 8 with d_v ≤ d_qk, which every attention
+/// form and SDPA kernel takes.
+fn mla_fields(m: &mut Rng, cfg: &mut Value, experts: u64) {
+    let pick = |m: &mut Rng, xs: &[u64]| xs[m.range(0, xs.len() as u64 - 1) as usize];
+    let d_n = pick(m, &[16, 32, 64, 128]);
+    let d_r = pick(m, &[8, 16, 32, 64]);
+    let d_v = pick(m, &[8, 16, 32, 64, 128]).min(d_n + d_r);
+    cfg["use_mla"] = json!(true);
+    cfg["q_lora_rank"] = if m.chance(2) {
+        Value::Null
+    } else {
+        json!(16 * m.range(1, 8))
+    };
+    cfg["kv_lora_rank"] = json!(16 * m.range(1, 16));
+    cfg["qk_nope_head_dim"] = json!(d_n);
+    cfg["qk_rope_head_dim"] = json!(d_r);
+    cfg["v_head_dim"] = json!(d_v);
+    // MLA has no key/value head groups (the vendor reads num_attention_heads only).
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"].clone();
+    if m.chance(2) {
+        cfg["max_position_embeddings"] = json!(163_840);
+        cfg["rope_scaling"] = json!({
+            "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+        });
+    }
+    cfg["scoring_func"] = json!(if m.chance(2) { "sigmoid" } else { "softmax" });
+    cfg["routed_scaling_factor"] = json!(if m.chance(2) { 2.5 } else { 1.0 });
+    let groups: Vec<u64> = (2..=experts).filter(|g| experts % g == 0).collect();
+    let method = m.range(0, 2);
+    match (method, groups.is_empty()) {
+        (1, false) => {
+            let g = pick(m, &groups);
+            cfg["topk_method"] = json!("group_limited_greedy");
+            cfg["n_group"] = json!(g);
+            cfg["topk_group"] = json!(m.range(1, g));
+        }
+        (2, _) if experts >= 4 => {
+            // noaux_tc: at least 2 experts per group.
+            let g: Vec<u64> = (1..=experts / 2).filter(|g| experts % g == 0).collect();
+            let g = pick(m, &g);
+            cfg["topk_method"] = json!("noaux_tc");
+            cfg["n_group"] = json!(g);
+            cfg["topk_group"] = json!(m.range(1, g));
+        }
+        _ => {
+            cfg["topk_method"] = json!("greedy");
+            cfg["n_group"] = json!(1);
+            cfg["topk_group"] = json!(1);
+        }
     }
 }
 
@@ -144,6 +211,11 @@ pub fn replay_command(
         AttentionImpl::Eager => "eager",
     };
     let tf32 = if w.allow_tf32 { " --allow-tf32" } else { "" };
+    let mla = if w.mla.is_naive() {
+        ""
+    } else {
+        " --mla absorb"
+    };
     let all = crate::plan::applicable_layers(&case.config).len();
     let layers = if layers.is_empty() || layers.len() >= all {
         String::new()
@@ -151,7 +223,7 @@ pub fn replay_command(
         format!(" --layers {}", layers.join(","))
     };
     format!(
-        "cargo run --bin verify-decoder -- --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{layers}",
+        "cargo run --bin verify-decoder -- --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}",
         w.batch, w.dtype
     )
 }
@@ -191,7 +263,13 @@ pub fn run(
             let names: Vec<&str> = base
                 .layers
                 .iter()
-                .map(|k| k.name(generated.attention))
+                .map(|k| {
+                    k.name_for(
+                        &generated.config,
+                        generated.workload.mla,
+                        generated.attention,
+                    )
+                })
                 .collect();
             replay_command(
                 &generated,
@@ -255,6 +333,47 @@ mod tests {
         assert!(cases
             .iter()
             .all(|c| c.workload.dtype == modelmeter::Dtype::F32));
+    }
+
+    #[test]
+    fn a_third_of_the_cases_are_mla_with_every_routing_method() {
+        use modelmeter::{ScoringFunc, TopkMethod};
+        let cases: Vec<SweepCase> = (0..200).map(|i| generate(7, i, &fp32())).collect();
+        let mla: Vec<&SweepCase> = cases.iter().filter(|c| c.config.mla.is_some()).collect();
+        assert!((40..100).contains(&mla.len()), "{} MLA cases", mla.len());
+        let routing = |c: &&SweepCase| c.config.moe.as_ref().unwrap().routing;
+        for method in [
+            TopkMethod::Greedy,
+            TopkMethod::GroupLimitedGreedy,
+            TopkMethod::NoauxTc,
+        ] {
+            assert!(
+                mla.iter().any(|c| routing(c).topk_method == method),
+                "{method:?}"
+            );
+        }
+        assert!(mla
+            .iter()
+            .any(|c| routing(c).scoring_func == ScoringFunc::Sigmoid));
+        assert!(mla.iter().any(|c| c.workload.mla == MlaForm::Absorb));
+        assert!(mla.iter().any(|c| c.workload.mla == MlaForm::Naive));
+        assert!(mla.iter().any(|c| c.config.rope_scaling.is_some()));
+        assert!(mla
+            .iter()
+            .any(|c| c.config.mla.as_ref().unwrap().q_lora_rank.is_some()));
+        assert!(mla
+            .iter()
+            .any(|c| c.config.mla.as_ref().unwrap().q_lora_rank.is_none()));
+        assert!(cases
+            .iter()
+            .filter(|c| c.config.mla.is_none())
+            .all(|c| c.workload.mla == MlaForm::Naive));
+        let absorbed = mla
+            .iter()
+            .find(|c| c.workload.mla == MlaForm::Absorb)
+            .unwrap();
+        let cmd = replay_command(absorbed, "/tmp/x.json", "cpu", 7, 0.0, &[]);
+        assert!(cmd.contains("--mla absorb"), "{cmd}");
     }
 
     #[test]

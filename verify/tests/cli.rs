@@ -278,6 +278,60 @@ fn decode_and_eager_pass_exactly() {
 }
 
 #[test]
+fn mla_configs_verify_exactly_in_both_forms() {
+    // DeepSeek-V2-Lite's every layer is checked in the full run (docs/deepseek-family.md);
+    // here its attention in both MLA forms and V3's noaux_tc gate, at small workloads.
+    for (config, extra, name) in [
+        (
+            "deepseek-v2-lite",
+            vec!["--attn", "eager", "--seq-len", "16"],
+            "DeepseekV2Attention",
+        ),
+        (
+            "deepseek-v2-lite",
+            vec![
+                "--mla",
+                "absorb",
+                "--phase",
+                "decode",
+                "--context-len",
+                "16",
+            ],
+            "DeepseekV2Attention_absorb",
+        ),
+        ("deepseek-v3", vec!["--seq-len", "16"], "MoEGate"),
+    ] {
+        let dir = TempDir::new("mla");
+        let json = dir.path("r.json");
+        let mut args = vec![
+            "--device",
+            "cpu",
+            "--config",
+            config,
+            "--batch",
+            "2",
+            "--layers",
+            name,
+            "--json",
+            json.to_str().unwrap(),
+            "-q",
+        ];
+        args.extend(extra);
+        let o = verify(&args, &[]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{config}: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+        let j = read_json(&json);
+        assert_eq!(j["layers"][0]["name"], name);
+        assert_exact(&j["layers"]);
+    }
+}
+
+#[test]
 fn sweep_of_50_passes_with_exact_rows() {
     let dir = TempDir::new("sweep");
     let json = dir.path("r.json");
@@ -392,8 +446,13 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "kv_lora_rank is missing",
         ),
         (
-            vec!["--config", "deepseek-v2-lite"],
-            "MLA reference modules are not built yet",
+            vec![
+                "--config",
+                "deepseek-v2-lite",
+                "--layers",
+                "LlamaAttention2",
+            ],
+            "unknown layer LlamaAttention2",
         ),
         (
             vec!["--config", not_json.to_str().unwrap()],

@@ -1,4 +1,5 @@
-//! The join, op for op, on the CPU: for every pairing of the registry, the ops the
+//! The join, op for op, on the CPU (DeepSeek-OCR's MHA layers, and MLA with V2/V3
+//! routing in `mla_and_v3_routing_…`): for every pairing of the registry, the ops the
 //! reference module really dispatched and the op leaves of its analytic layer are the
 //! same multiset of (op, matmul FLOPs, elementwise FLOPs), they move the same bytes per
 //! op name, and the weights agree to the byte. Also: the workload is the one source of the dtype and the TF32 setting.
@@ -201,4 +202,78 @@ fn the_workload_decides_dtype_and_tf32_and_the_counter_reports_the_switch() {
         run(mlp, &config, &w, AttentionImpl::Sdpa).output.kind(),
         Kind::BFloat16
     );
+}
+
+/// A built-in MLA config with its MoE narrowed so a layer builds quickly on the CPU:
+/// 16 routed experts of width 64 (V3: 8 groups of 2, 4 kept, 4 per token), a dense MLP
+/// of width 256. Attention keeps its real dimensions.
+fn narrowed(name: &str) -> ModelConfig {
+    let mut c = ModelConfig::builtin(name).unwrap().unwrap();
+    c.intermediate_size = 256;
+    let moe = c.moe.as_mut().unwrap();
+    moe.n_routed_experts = 16;
+    moe.moe_intermediate_size = 64;
+    if moe.routing.n_group > 1 {
+        moe.routing.n_group = 8;
+        moe.routing.topk_group = 4;
+        moe.num_experts_per_tok = 4;
+    }
+    c
+}
+
+#[test]
+fn mla_and_v3_routing_agree_op_for_op_naive_and_absorbed() {
+    use modelmeter::MlaForm;
+    let cases = [
+        (
+            "deepseek-v2-lite",
+            Workload::prefill(2, 9).unwrap(),
+            AttentionImpl::Eager,
+        ),
+        (
+            "deepseek-v2-lite",
+            Workload::decode(2, 11).unwrap(),
+            AttentionImpl::Sdpa,
+        ),
+        (
+            "deepseek-v2-lite",
+            Workload::prefill(1, 7)
+                .unwrap()
+                .with_dtype(Dtype::F32)
+                .unwrap(),
+            AttentionImpl::Sdpa,
+        ),
+        (
+            "deepseek-v2-lite",
+            Workload::prefill(2, 6).unwrap().with_mla(MlaForm::Absorb),
+            AttentionImpl::Sdpa,
+        ),
+        (
+            "deepseek-v3",
+            Workload::decode(2, 5).unwrap().with_mla(MlaForm::Absorb),
+            AttentionImpl::Eager,
+        ),
+        (
+            "deepseek-v3",
+            Workload::decode(1, 5).unwrap(),
+            AttentionImpl::Eager,
+        ),
+    ];
+    for (name, w, attention) in cases {
+        let config = narrowed(name);
+        for p in REGISTRY {
+            assert_same_ops(p, &config, &w, attention);
+        }
+    }
+    // DeepSeek-V2's group_limited_greedy routing (its attention is V3's, larger).
+    let v2 = narrowed("deepseek-v2");
+    let w = Workload::prefill(2, 4).unwrap();
+    for p in REGISTRY.into_iter().filter(|p| {
+        matches!(
+            p.layer,
+            modelmeter::layers::LayerId::MoEGate | modelmeter::layers::LayerId::MoE
+        )
+    }) {
+        assert_same_ops(p, &v2, &w, AttentionImpl::Sdpa);
+    }
 }
