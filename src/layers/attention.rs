@@ -147,32 +147,7 @@ impl LlamaAttention {
         );
         let x = t(&[batch, heads, s, d], dtype);
         let table = t(&[batch, 1, s, d], table.dtype);
-        let x_cos = b.elementwise(&format!("{name} * cos"), "aten::mul", &[&x, &table], dtype)?;
-        let half = t(&[batch, heads, s, d / 2], dtype);
-        let neg = b.elementwise(
-            &format!("-{name}2 (rotate_half)"),
-            "aten::neg",
-            &[&half],
-            dtype,
-        )?;
-        let rotated = b.copy(
-            &format!("cat(-{name}2, {name}1)"),
-            "aten::cat",
-            &[&neg, &half],
-            x.clone(),
-        )?;
-        let rot_sin = b.elementwise(
-            &format!("rotate_half({name}) * sin"),
-            "aten::mul",
-            &[&rotated, &table],
-            dtype,
-        )?;
-        b.elementwise(
-            &format!("{name}_embed = + "),
-            "aten::add",
-            &[&x_cos, &rot_sin],
-            dtype,
-        )
+        b.rotary(name, &x, &table)
     }
 
     /// A fused SDPA kernel. The CUDA flash kernel computes with the head dim padded to a

@@ -317,33 +317,7 @@ impl DeepseekV2Attention {
                 &[&x],
                 x.clone(),
             )?;
-            let x_cos =
-                b.elementwise(&format!("{name} * cos"), "aten::mul", &[&x, &table], dtype)?;
-            let half = t(&[batch, heads, s, d_r / 2], dtype);
-            let neg = b.elementwise(
-                &format!("-{name}2 (rotate_half)"),
-                "aten::neg",
-                &[&half],
-                dtype,
-            )?;
-            let rotated = b.copy(
-                &format!("cat(-{name}2, {name}1)"),
-                "aten::cat",
-                &[&neg, &half],
-                x.clone(),
-            )?;
-            let rot_sin = b.elementwise(
-                &format!("rotate_half({name}) * sin"),
-                "aten::mul",
-                &[&rotated, &table],
-                dtype,
-            )?;
-            b.elementwise(
-                &format!("{name}_embed = + "),
-                "aten::add",
-                &[&x_cos, &rot_sin],
-                dtype,
-            )?;
+            b.rotary(name, &x, &table)?;
         }
         Ok(())
     }

@@ -94,6 +94,44 @@ impl CostBuilder {
         Ok(out)
     }
 
+    /// `x * cos + rotate_half(x) * sin` (the vendor `apply_rotary_pos_emb` body) over
+    /// `x` (`[B, H, S, d]`) and a `[B, 1, S, d]` table: `rotate_half` negates the second
+    /// half and concatenates it before the first. `name` labels the ops (`q`, `k_pe` …).
+    pub(crate) fn rotary(
+        &mut self,
+        name: &str,
+        x: &TensorMeta,
+        table: &TensorMeta,
+    ) -> Result<TensorMeta> {
+        let dtype = x.dtype;
+        let x_cos = self.elementwise(&format!("{name} * cos"), "aten::mul", &[x, table], dtype)?;
+        let half = with_last(x, x.shape.last().copied().unwrap_or(0) / 2);
+        let neg = self.elementwise(
+            &format!("-{name}2 (rotate_half)"),
+            "aten::neg",
+            &[&half],
+            dtype,
+        )?;
+        let rotated = self.copy(
+            &format!("cat(-{name}2, {name}1)"),
+            "aten::cat",
+            &[&neg, &half],
+            x.clone(),
+        )?;
+        let rot_sin = self.elementwise(
+            &format!("rotate_half({name}) * sin"),
+            "aten::mul",
+            &[&rotated, table],
+            dtype,
+        )?;
+        self.elementwise(
+            &format!("{name}_embed = + "),
+            "aten::add",
+            &[&x_cos, &rot_sin],
+            dtype,
+        )
+    }
+
     /// A data-movement op (`aten::cat`, `aten::index` …) reading `inputs` and writing `out`.
     pub(crate) fn copy(
         &mut self,
