@@ -141,6 +141,10 @@ fn analytic() -> Value {
     let one_layer = per_second(budget, || {
         std::hint::black_box(layer.metrics().expect("finite"));
     });
+    // The same layer with its per-op breakdown (`metrics()` keeps sums only).
+    let one_layer_tree = per_second(budget, || {
+        std::hint::black_box(layer.cost().expect("finite"));
+    });
     let stack = per_second(budget, || {
         std::hint::black_box(
             DeepseekV2Decoder::new(&config, &w, AttentionImpl::Sdpa)
@@ -164,9 +168,10 @@ fn analytic() -> Value {
     });
     println!("\nanalytic evaluations per second:");
     println!("  one MoE decoder layer   {one_layer:>12.0}");
+    println!("    … with its breakdown  {one_layer_tree:>12.0}");
     println!("  the whole stack         {stack:>12.0}");
     println!("  a 512-token generation  {generations:>12.0}");
-    json!({"decoder_layer_per_s": one_layer, "stack_per_s": stack, "generation_512_per_s": generations})
+    json!({"decoder_layer_per_s": one_layer, "decoder_layer_cost_tree_per_s": one_layer_tree, "stack_per_s": stack, "generation_512_per_s": generations})
 }
 
 /// Peak resident memory of terminated children, in bytes.
