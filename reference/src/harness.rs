@@ -286,6 +286,23 @@ pub struct LayerRun {
     pub allocation_errors: Vec<String>,
 }
 
+impl LayerRun {
+    /// MoE only: how many routed experts received tokens.
+    pub fn experts_hit(&self) -> Option<u64> {
+        let tokens = self.tokens_per_expert.as_ref()?;
+        Some(tokens.iter().filter(|n| **n > 0).count() as u64)
+    }
+
+    /// `workload` under the routing this run measured ([`Workload::experts_hit`]): what
+    /// the analytic side must cost to compare bytes; `workload` itself without routing.
+    pub fn routed(&self, workload: &Workload) -> Workload {
+        match self.experts_hit() {
+            Some(hit) => workload.with_experts_hit(hit),
+            None => *workload,
+        }
+    }
+}
+
 /// Runs `f` under the FLOP counter without autograd; the region is always closed.
 pub fn measure<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Counts)> {
     let _no_grad = tch::no_grad_guard();
@@ -293,6 +310,25 @@ pub fn measure<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Counts)> {
     let out = f();
     let counts = region.finish()?;
     Ok((out?, counts))
+}
+
+/// Runs `f` under the FLOP counter and the allocation observer on `device`, synchronised
+/// before (so earlier work is finished and not counted) and after (so an asynchronous CUDA
+/// failure is charged to this call, also when `f` failed).
+pub(crate) fn counted<T>(
+    device: tch::Device,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(T, Counts, allocations::Allocations)> {
+    ffi::synchronize(device)?;
+    let measured = measure(|| {
+        let (out, allocations) = allocations::measure(f)?;
+        Ok((out?, allocations))
+    });
+    let synced = ffi::synchronize(device);
+    match (measured, synced) {
+        (Ok(((out, allocations), counts)), Ok(())) => Ok((out, counts, allocations)),
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+    }
 }
 
 /// A module with its inputs prepared (and, for a decode step, its KV cache filled by an
@@ -371,17 +407,9 @@ impl Prepared {
         ffi::set_tf32_matmul_allowed(self.allow_tf32)?;
         let weight_bytes = self.module.weight_bytes();
         let device = self.inputs.hidden.device();
-        ffi::synchronize(device)?;
-        let measured = measure(|| {
-            let (out, allocations) =
-                allocations::measure(|| self.module.forward(&self.inputs, &mut self.cache))?;
-            Ok((out?, allocations))
-        });
-        let synced = ffi::synchronize(device);
-        let (((output, tokens_per_expert), allocations), counts) = match (measured, synced) {
-            (Ok(m), Ok(())) => m,
-            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
-        };
+        let ((output, tokens_per_expert), counts, allocations) = counted(device, || {
+            self.module.forward(&self.inputs, &mut self.cache)
+        })?;
         let output_allocated_bytes = allocations.output_bytes(device, &counts.output_blocks).0;
         Ok(LayerRun {
             kind: self.kind,

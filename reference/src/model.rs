@@ -25,7 +25,7 @@ use crate::attention::KvCache;
 use crate::decoder_layer::RefDeepseekV2DecoderLayer;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::harness::{causal_positions, measure, LayerRun, ModuleKind};
+use crate::harness::{causal_positions, counted, LayerRun, ModuleKind};
 use crate::rms_norm::RefDeepseekV2RMSNorm;
 use crate::weights::{dim, kind_of, seeded_ids, tensor_bytes, Init, Setup};
 use crate::{prefixed, Parameters};
@@ -249,25 +249,6 @@ impl GreedyGeneration<'_> {
             parts,
             next_tokens,
         })
-    }
-}
-
-/// Runs one part under the counter, the device synchronised before (so earlier work is
-/// finished) and after (so an asynchronous failure is charged to this part).
-/// Runs one part under the FLOP counter and the allocation observer.
-fn counted<T>(
-    device: tch::Device,
-    f: impl FnOnce() -> Result<T>,
-) -> Result<(T, crate::Counts, crate::Allocations)> {
-    ffi::synchronize(device)?;
-    let measured = measure(|| {
-        let (out, allocations) = crate::allocations::measure(f)?;
-        Ok((out?, allocations))
-    });
-    let synced = ffi::synchronize(device);
-    match (measured, synced) {
-        (Ok(((out, allocations), counts)), Ok(())) => Ok((out, counts, allocations)),
-        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
     }
 }
 

@@ -450,15 +450,11 @@ fn compare_call(
     let mut unread_expert_bytes = 0u64;
     for (part, run) in &run.parts {
         let mut cost = stack.part_cost(*part)?;
-        if let Some(tokens) = &run.tokens_per_expert {
+        if run.experts_hit().is_some() {
             // Each expert that ran read its own weights: cost the measured routing.
-            let hit = tokens.iter().filter(|n| **n > 0).count() as u64;
-            let routed = DeepseekV2Decoder::new(
-                &plan.config,
-                &workload.with_experts_hit(hit),
-                plan.attention,
-            )
-            .part_cost(*part)?;
+            let routed =
+                DeepseekV2Decoder::new(&plan.config, &run.routed(&workload), plan.attention)
+                    .part_cost(*part)?;
             unread_expert_bytes = unread_expert_bytes.saturating_add(
                 cost.metrics
                     .io_bytes

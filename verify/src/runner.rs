@@ -171,13 +171,11 @@ fn routed(
     plan: &Plan,
     run: &LayerRun,
 ) -> modelmeter::Result<Option<(Cost, u64)>> {
-    let Some(tokens) = &run.tokens_per_expert else {
+    let Some(hit) = run.experts_hit() else {
         return Ok(None);
     };
-    let hit = tokens.iter().filter(|n| **n > 0).count() as u64;
-    let workload = plan.workload.with_experts_hit(hit);
     let cost = pairing
-        .analytic(&plan.config, &workload, plan.attention)?
+        .analytic(&plan.config, &run.routed(&plan.workload), plan.attention)?
         .cost()?;
     Ok(Some((cost, hit)))
 }
@@ -342,10 +340,7 @@ pub(crate) fn compare_run(
         ops: c.by_op(),
         unknown_ops: c.unknown_ops.clone(),
         attention_kernels: c.attention_kernels(),
-        experts_used: run
-            .tokens_per_expert
-            .as_ref()
-            .map(|t| t.iter().filter(|n| **n > 0).count()),
+        experts_used: run.experts_hit().map(|n| n as usize),
         hardware: None,
         seconds: 0.0,
     }

@@ -55,10 +55,7 @@ fn assert_same_ops(p: Pairing, config: &ModelConfig, w: &Workload, attention: At
     let w = &w.on(Platform::Cpu);
     let run = run(p, config, w, attention);
     // Routing decides how many experts read their weights: cost the measured routing.
-    let w = &match &run.tokens_per_expert {
-        Some(tokens) => w.with_experts_hit(tokens.iter().filter(|n| **n > 0).count() as u64),
-        None => *w,
-    };
+    let w = &run.routed(w);
     let analytic = p.analytic(config, w, attention).unwrap().cost().unwrap();
     let experts = run.kind.has_experts(config);
     let expected = multiset(
