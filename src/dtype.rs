@@ -20,6 +20,11 @@ pub enum Dtype {
     I16,
     I8,
     U8,
+    /// Unsigned 16/32/64-bit integers (libtorch 2.3+): the CUDA flash attention kernel
+    /// hands back its philox seed and offset as `uint64` scalars.
+    U16,
+    U32,
+    U64,
     Bool,
     /// Any of libtorch's 8-bit float formats (e4m3fn, e5m2 …): tensor-core GEMM inputs.
     F8,
@@ -54,6 +59,9 @@ impl Dtype {
             "Short" => Dtype::I16,
             "Char" => Dtype::I8,
             "Byte" => Dtype::U8,
+            "UInt16" => Dtype::U16,
+            "UInt32" => Dtype::U32,
+            "UInt64" => Dtype::U64,
             "Bool" => Dtype::Bool,
             name if name.starts_with("Float8_") => Dtype::F8,
             _ => Dtype::Other,
@@ -63,9 +71,9 @@ impl Dtype {
     /// Bytes per element; `None` for [`Dtype::Other`].
     pub fn size_bytes(self) -> Option<u64> {
         match self {
-            Dtype::F64 | Dtype::I64 => Some(8),
-            Dtype::F32 | Dtype::I32 => Some(4),
-            Dtype::Bf16 | Dtype::F16 | Dtype::I16 => Some(2),
+            Dtype::F64 | Dtype::I64 | Dtype::U64 => Some(8),
+            Dtype::F32 | Dtype::I32 | Dtype::U32 => Some(4),
+            Dtype::Bf16 | Dtype::F16 | Dtype::I16 | Dtype::U16 => Some(2),
             Dtype::I8 | Dtype::U8 | Dtype::Bool | Dtype::F8 => Some(1),
             Dtype::Other => None,
         }
@@ -97,6 +105,9 @@ impl Dtype {
             Dtype::I16 => "int16",
             Dtype::I8 => "int8",
             Dtype::U8 => "uint8",
+            Dtype::U16 => "uint16",
+            Dtype::U32 => "uint32",
+            Dtype::U64 => "uint64",
             Dtype::Bool => "bool",
             Dtype::F8 => "fp8",
             Dtype::Other => "other",
@@ -153,6 +164,9 @@ mod tests {
         assert_eq!(Dtype::from_libtorch_name("BFloat16").size_bytes(), Some(2));
         assert_eq!(Dtype::from_libtorch_name("Float").size_bytes(), Some(4));
         assert_eq!(Dtype::from_libtorch_name("Long").size_bytes(), Some(8));
+        assert_eq!(Dtype::from_libtorch_name("UInt64").size_bytes(), Some(8));
+        assert_eq!(Dtype::from_libtorch_name("UInt32").size_bytes(), Some(4));
+        assert_eq!(Dtype::from_libtorch_name("UInt16").size_bytes(), Some(2));
         assert_eq!(Dtype::from_libtorch_name("Float8_e4m3fn"), Dtype::F8);
         assert_eq!(Dtype::from_libtorch_name("ComplexFloat"), Dtype::Other);
         assert!(!Dtype::I64.is_floating());

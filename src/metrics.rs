@@ -266,6 +266,21 @@ impl CostBuilder {
         inputs: &[Arg],
         outputs: &[TensorMeta],
     ) -> Result<()> {
+        self.op_with_host_outputs(role, op, inputs, outputs, &[])
+    }
+
+    /// Records an op call that also writes `host` tensors in host memory while it runs
+    /// on a GPU (a `.cpu()` copy; the memory-efficient attention kernel's philox seed):
+    /// they count in `io_bytes` like `outputs`, but allocate nothing on the device, so
+    /// neither `activation_bytes` nor the CUDA blocks include them.
+    pub fn op_with_host_outputs(
+        &mut self,
+        role: &str,
+        op: &'static str,
+        inputs: &[Arg],
+        outputs: &[TensorMeta],
+        host: &[TensorMeta],
+    ) -> Result<()> {
         let conv =
             convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         let OpCost {
@@ -275,7 +290,12 @@ impl CostBuilder {
             cuda_core_flops,
             ..
         } = conv.cost(inputs, Tf32::matmul(self.allow_tf32))?;
-        let io_bytes = conv.io_bytes(inputs, outputs)?;
+        let io_bytes = if host.is_empty() {
+            conv.io_bytes(inputs, outputs)?
+        } else {
+            let written: Vec<TensorMeta> = outputs.iter().chain(host).cloned().collect();
+            conv.io_bytes(inputs, &written)?
+        };
         // What the op allocates: its outputs, unless it is a view or composite (nothing
         // of its own) or works in place (it returns its argument).
         let (activation_bytes, cuda_activation_bytes) =

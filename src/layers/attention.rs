@@ -110,7 +110,7 @@ impl LlamaAttention {
             kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
             bias: config.attention_bias,
-            workload: *workload,
+            workload: workload.clone(),
             implementation,
         }
     }
@@ -176,7 +176,8 @@ impl LlamaAttention {
             )
         };
         let (q, k, v) = (pad(b, "q", q)?, pad(b, "k", k)?, pad(b, "v", v)?);
-        b.op(
+        let outputs = kernel.outputs(t(&[batch, heads, sq, padded], w.dtype), batch, heads, sq);
+        b.op_with_host_outputs(
             &format!("scaled_dot_product_attention ({})", kernel.label()),
             op,
             &[
@@ -186,17 +187,20 @@ impl LlamaAttention {
                 Arg::Float(0.0),
                 Arg::Bool(sq > 1),
             ],
-            &[
-                t(&[batch, heads, sq, padded], w.dtype),
-                t(&[batch, heads, sq], Dtype::F32),
-            ],
+            &outputs.device,
+            &outputs.host,
         )
     }
 
     /// `_scaled_dot_product_attention_math` (libtorch 2.11), where no fused kernel takes
-    /// the inputs: q and kᵀ scaled by √scale each, `q @ kᵀ`, the causal mask built from a
-    /// boolean `tril` and added in prefill, `_safe_softmax` (softmax, then rows that were
-    /// fully masked set to 0: `isneginf`, `all`, `where`), `attn @ v`.
+    /// the inputs: q scaled by √scale; in prefill the causal mask, `ones(S_q, S_kv)`
+    /// `.tril()` turned into `where(mask, 0, -inf)` in the model dtype (one wrapped
+    /// scalar tensor); kᵀ scaled by √scale; `q @ kᵀ`; the mask added in place (`add_`);
+    /// `_safe_softmax`: softmax, `isneginf`, `all`, a zero scalar tensor and a `where`
+    /// that writes the zeroed rows into the softmax's own output (it hands back that
+    /// tensor, so it moves and allocates nothing under the counter's conventions);
+    /// `attn @ v`. The op list the counter sees on the CPU when it runs this path
+    /// (verify/tests/op_for_op.rs) and on an H200 (docs/results/2026-11-28-h200).
     fn math_core(
         &self,
         b: &mut CostBuilder,
@@ -210,36 +214,33 @@ impl LlamaAttention {
         let skv = k.shape[2];
         let bh = product("batch × heads", &[batch, heads])?;
         let scores = t(&[batch, heads, sq, skv], dtype);
+        let q_scaled = b.elementwise("q * √scale", "aten::mul", &[q], dtype)?;
         let mask = if sq > 1 {
             let ones = t(&[sq, skv], Dtype::Bool);
             let lower = b.copy("causal: ones(S_q, S_kv)", "aten::ones", &[], ones)?;
             let lower = b.copy("causal: tril", "aten::tril", &[&lower], lower.clone())?;
-            let blocked = b.elementwise(
-                "causal: logical_not",
-                "aten::logical_not",
-                &[&lower],
-                Dtype::Bool,
-            )?;
             let zero = b.copy(
-                "scalar_tensor(0)",
+                "causal: scalar_tensor(0)",
                 "aten::scalar_tensor",
                 &[],
                 t(&[], dtype),
             )?;
             Some(b.copy(
-                "causal: where(blocked, -inf, 0)",
+                "causal: where(mask, 0, -inf)",
                 "aten::where",
-                &[&blocked, &zero],
+                &[&lower, &zero],
                 t(&[sq, skv], dtype),
             )?)
         } else {
             None
         };
-        let q_scaled = b.elementwise("q * √scale", "aten::mul", &[q], dtype)?;
         let k_scaled = b.elementwise("kᵀ * √scale", "aten::mul", &[&kt(k)], dtype)?;
         let kv_folds = self.kv_folds(skv);
         fold_heads(b, "matmul: q contiguous", &q_scaled, self.q_folds())?;
-        fold_heads(b, "matmul: kᵀ contiguous", &k_scaled, kv_folds)?;
+        // kᵀ·√scale is a tensor of its own: where k was `repeat_kv`'s stride-0 view of one
+        // KV head, the mul writes every head densely, so it folds like a copied k.
+        let k_scaled_folds = kv_folds || self.heads != self.kv_heads;
+        fold_heads(b, "matmul: kᵀ contiguous", &k_scaled, k_scaled_folds)?;
         b.op(
             "q @ kᵀ",
             "aten::bmm",
@@ -247,7 +248,7 @@ impl LlamaAttention {
             &[t(&[bh, sq, skv], dtype)],
         )?;
         if let Some(mask) = mask {
-            b.elementwise("+= causal mask", "aten::add", &[&scores, &mask], dtype)?;
+            b.elementwise("+= causal mask", "aten::add_", &[&scores, &mask], dtype)?;
         }
         b.op(
             "_safe_softmax: softmax",
@@ -268,17 +269,15 @@ impl LlamaAttention {
             &[arg(&neg_inf), Arg::Int(-1), Arg::Bool(true)],
             std::slice::from_ref(&all_masked),
         )?;
-        let zero = b.copy(
-            "scalar_tensor(0)",
+        b.copy(
+            "_safe_softmax: scalar_tensor(0)",
             "aten::scalar_tensor",
             &[],
             t(&[], dtype),
         )?;
-        b.copy(
-            "_safe_softmax: where(all masked, 0, probs)",
+        b.returns_input(
+            "_safe_softmax: where(all masked, 0, probs) into probs",
             "aten::where",
-            &[&all_masked, &zero, &scores],
-            scores.clone(),
         )?;
         fold_heads(b, "matmul: v contiguous", v, kv_folds)?;
         b.op(
@@ -322,14 +321,29 @@ impl LlamaAttention {
     /// is the same memory either way.
     fn core_writes_bshd(&self, key_len: u64) -> bool {
         let w = &self.workload;
+        let kernel = match self.implementation {
+            AttentionImpl::Sdpa => Some(SdpaKernel::select(
+                w.platform,
+                w.dtype,
+                self.head_dim,
+                key_len,
+            )),
+            AttentionImpl::Eager => None,
+        };
+        if let Some(k) = kernel.filter(|k| k.computed_head_dim(self.head_dim) != self.head_dim) {
+            // Flash's output sliced back from the padded head dim: each row keeps the
+            // padded stride, so no layout of more than one row is dense (an H200 copied
+            // it for B = 3, H = 8, one query; docs/results/2026-11-28-h200).
+            return k.writes_bshd(self.head_dim)
+                || w.batch
+                    .saturating_mul(self.heads)
+                    .saturating_mul(w.query_len())
+                    == 1;
+        }
         if self.heads == 1 || w.query_len() == 1 {
             return true;
         }
-        match self.implementation {
-            AttentionImpl::Sdpa => SdpaKernel::select(w.platform, w.dtype, self.head_dim, key_len)
-                .writes_bshd(self.head_dim),
-            AttentionImpl::Eager => false,
-        }
+        kernel.is_some_and(|k| k.writes_bshd(self.head_dim))
     }
 
     fn core(&self, q: &TensorMeta, k: &TensorMeta, v: &TensorMeta) -> Result<Cost> {

@@ -88,7 +88,7 @@ impl DeepseekV2Attention {
             mla: config.mla()?.clone(),
             bias: config.attention_bias,
             yarn: config.rope_scaling.is_some(),
-            workload: *workload,
+            workload: workload.clone(),
             implementation,
         })
     }
@@ -532,7 +532,9 @@ impl DeepseekV2Attention {
                         )?
                     });
                 }
-                core.op(
+                let outputs =
+                    kernel.outputs(t(&[batch, heads, sq, padded], dtype), batch, heads, sq);
+                core.op_with_host_outputs(
                     &format!("scaled_dot_product_attention ({})", kernel.label()),
                     op,
                     &[
@@ -542,10 +544,8 @@ impl DeepseekV2Attention {
                         Arg::Float(0.0),
                         Arg::Bool(sq > 1),
                     ],
-                    &[
-                        t(&[batch, heads, sq, padded], dtype),
-                        t(&[batch, heads, sq], Dtype::F32),
-                    ],
+                    &outputs.device,
+                    &outputs.host,
                 )?;
             }
         }
@@ -847,10 +847,14 @@ mod tests {
         assert_eq!(a.metrics().unwrap().weight_bytes, 13_763_072 * 2);
         // README: 27 layers × 5,120 × 2 B naive, 27 × 576 × 2 B latent, per token.
         let stack = |form: MlaForm| {
-            crate::layers::DeepseekV2Decoder::new(&c, &w.with_mla(form), AttentionImpl::Eager)
-                .metrics()
-                .unwrap()
-                .kv_cache_bytes
+            crate::layers::DeepseekV2Decoder::new(
+                &c,
+                &w.clone().with_mla(form),
+                AttentionImpl::Eager,
+            )
+            .metrics()
+            .unwrap()
+            .kv_cache_bytes
         };
         assert_eq!(stack(MlaForm::Naive), 8 * 276_480);
         assert_eq!(stack(MlaForm::Absorb), 8 * 31_104);

@@ -18,8 +18,20 @@
 
 use serde::Serialize;
 
+use crate::conventions::TensorMeta;
 use crate::dtype::Dtype;
 use crate::workload::Platform;
+
+/// The tensors a fused kernel hands back in inference (no grad, no dropout), besides
+/// the attention output itself: what it writes and allocates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelOutputs {
+    /// On the kernel's device: the output first, then the side outputs.
+    pub device: Vec<TensorMeta>,
+    /// On the host (the memory-efficient kernel's philox seed and offset): written, so
+    /// they count in `io_bytes`, but no block of the device's allocator holds them.
+    pub host: Vec<TensorMeta>,
+}
 
 /// A kernel behind `scaled_dot_product_attention`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -100,6 +112,47 @@ impl SdpaKernel {
         }
     }
 
+    /// What the fused kernel hands back for attention output `out` (`[B, H, S_q, d]` as
+    /// computed) over `batch` × `heads` × `query_len` queries, in libtorch 2.11 without
+    /// grad; empty for the math path, whose ops allocate their own. Recorded on an NVIDIA
+    /// H200 with torch's own `TorchDispatchMode` (`scripts/sdpa-outputs.py`,
+    /// docs/results/2026-11-28-h200):
+    ///
+    /// - CPU flash: the output and the fp32 log-sum-exp `[B, H, S_q]`;
+    /// - cuDNN: the output and the philox seed and offset, two int64 scalars on the GPU;
+    ///   no log-sum-exp (`compute_log_sumexp` is false without grad);
+    /// - flash: the output, the fp32 log-sum-exp `[B, H, S_q]` (always), the philox state
+    ///   as uint64 `[2]` and uint64 `[]`, and an empty debug mask;
+    /// - memory-efficient: the output, an empty log-sum-exp `[B, H, 0]`, and the philox
+    ///   seed and offset as int64 scalars on the host.
+    pub fn outputs(self, out: TensorMeta, batch: u64, heads: u64, query_len: u64) -> KernelOutputs {
+        let lse = TensorMeta::new(&[batch, heads, query_len], Dtype::F32);
+        let scalar = |dtype| TensorMeta::new(&[], dtype);
+        let (device, host) = match self {
+            SdpaKernel::CpuFlash => (vec![out, lse], vec![]),
+            SdpaKernel::Cudnn => (vec![out, scalar(Dtype::I64), scalar(Dtype::I64)], vec![]),
+            SdpaKernel::Flash => {
+                let debug_mask = TensorMeta::new(&[0], out.dtype);
+                (
+                    vec![
+                        out,
+                        lse,
+                        TensorMeta::new(&[2], Dtype::U64),
+                        scalar(Dtype::U64),
+                        debug_mask,
+                    ],
+                    vec![],
+                )
+            }
+            SdpaKernel::Efficient => (
+                vec![out, TensorMeta::new(&[batch, heads, 0], Dtype::F32)],
+                vec![scalar(Dtype::I64), scalar(Dtype::I64)],
+            ),
+            SdpaKernel::Math => (vec![], vec![]),
+        };
+        KernelOutputs { device, host }
+    }
+
     /// How reports name it: the op, or `math` for the math path.
     pub fn label(self) -> &'static str {
         self.op()
@@ -151,6 +204,29 @@ mod tests {
         assert_eq!(cuda(Dtype::F32, 20), Efficient);
         assert_eq!(cuda(Dtype::F32, 36), Efficient);
         assert_eq!(cuda(Dtype::F32, 6), Math);
+    }
+
+    #[test]
+    fn kernel_outputs_follow_what_an_h200_handed_back() {
+        let bytes = |ts: &[TensorMeta]| ts.iter().map(|t| t.bytes().unwrap()).sum::<u64>();
+        let out = TensorMeta::new(&[1, 10, 512, 128], Dtype::Bf16);
+        let o = 1_310_720;
+        // cuDNN: no log-sum-exp, two 8-byte philox scalars.
+        let k = SdpaKernel::Cudnn.outputs(out.clone(), 1, 10, 512);
+        assert_eq!((bytes(&k.device), bytes(&k.host)), (o + 16, 0));
+        // flash: lse [1, 10, 512] fp32 (20480), uint64 [2] and [] (24), empty mask.
+        let k = SdpaKernel::Flash.outputs(out.clone(), 1, 10, 512);
+        assert_eq!((bytes(&k.device), bytes(&k.host)), (o + 20_480 + 24, 0));
+        assert_eq!(k.device.len(), 5);
+        // memory-efficient: empty lse on the GPU, the seeds on the host.
+        let k = SdpaKernel::Efficient.outputs(out.clone(), 1, 10, 512);
+        assert_eq!((bytes(&k.device), bytes(&k.host)), (o, 16));
+        let k = SdpaKernel::CpuFlash.outputs(out, 1, 10, 512);
+        assert_eq!((bytes(&k.device), bytes(&k.host)), (o + 20_480, 0));
+        assert_eq!(
+            SdpaKernel::Math.outputs(TensorMeta::new(&[1], Dtype::F32), 1, 1, 1),
+            KernelOutputs::default()
+        );
     }
 
     #[test]
