@@ -61,7 +61,7 @@ pub fn analyze(
     };
     Ok(AnalyzeReport {
         config: config.clone(),
-        workload: *workload,
+        workload: workload.clone(),
         attention,
         layers: costs,
         stack,

@@ -83,7 +83,7 @@ impl MlaForm {
 }
 
 /// A workload: what one layer call processes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
     pub batch: u64,
     #[serde(flatten)]
@@ -94,13 +94,15 @@ pub struct Workload {
     pub allow_tf32: bool,
     /// The backend whose kernels run it (default: CUDA).
     pub platform: Platform,
-    /// MoE layers: how many distinct routed experts receive tokens. Routing decides it
-    /// and it decides only the bytes of the expert weights read (each expert that runs
-    /// reads its own); FLOPs are the same for any routing. `None`: min(E, N·k), every
+    /// MoE layers: the rows (token slots) each routed expert that received tokens
+    /// processed, as a routing decided them. Routing decides no FLOPs (every metric but
+    /// the bytes is linear in the N·k rows); it decides how many experts read their
+    /// weights, and on CUDA the allocator's block of each expert's tensors. `None`: the
+    /// N·k rows spread as evenly as integers allow over min(E, N·k) experts, every
     /// routing slot a different expert while experts remain (exact for one token: its
-    /// top-k experts are distinct). `verify-decoder` sets the count it measured.
+    /// top-k experts are distinct). `verify-decoder` sets the rows it measured.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub experts_hit: Option<u64>,
+    pub expert_rows: Option<Vec<u64>>,
     /// How MLA layers run (default: the vendor's naive form); left out of reports when
     /// it is the default.
     #[serde(skip_serializing_if = "MlaForm::is_naive")]
@@ -149,7 +151,7 @@ impl Workload {
             dtype,
             allow_tf32: false,
             platform: Platform::default(),
-            experts_hit: None,
+            expert_rows: None,
             mla: MlaForm::default(),
         };
         // Every size derived below must fit in 64 bits.
@@ -190,11 +192,11 @@ impl Workload {
         self
     }
 
-    /// The same workload with `count` routed experts receiving tokens in each MoE layer
-    /// (see [`Workload::experts_hit`]); validated against the layer's expert count when
-    /// the layer is costed.
-    pub fn with_experts_hit(mut self, count: u64) -> Workload {
-        self.experts_hit = Some(count);
+    /// The same workload with routed experts that received `rows` rows each (see
+    /// [`Workload::expert_rows`]; experts without rows left out); validated against the
+    /// layer's expert count and N·k rows when the layer is costed.
+    pub fn with_expert_rows(mut self, rows: Vec<u64>) -> Workload {
+        self.expert_rows = Some(rows);
         self
     }
 

@@ -11,6 +11,26 @@ use crate::error::Result;
 use crate::weights::{dim, linear, Init};
 use crate::Parameters;
 
+thread_local! {
+    /// Set inside [`with_math_sdpa`].
+    static MATH_SDPA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the SDPA attention core of [`RefLlamaAttention`] on libtorch's math
+/// path (`_scaled_dot_product_attention_math`), the op sequence CUDA runs where no fused
+/// kernel takes the inputs (fp32 with a head dim that is not a multiple of 4). The CPU
+/// always has a fused kernel, so this is how the CPU checks the analytic math path.
+pub fn with_math_sdpa<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            MATH_SDPA.with(|m| m.set(self.0));
+        }
+    }
+    let _restore = Restore(MATH_SDPA.with(|m| m.replace(true)));
+    f()
+}
+
 /// The keys and values of earlier tokens (one layer of a `DynamicCache`).
 #[derive(Debug, Default)]
 pub struct KvCache {
@@ -148,6 +168,20 @@ impl RefLlamaAttention {
         let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
 
         let out = match self.implementation {
+            AttentionImpl::Sdpa if MATH_SDPA.with(|m| m.get()) => {
+                Tensor::f_internal_scaled_dot_product_attention_math::<Tensor>(
+                    &q,
+                    &k,
+                    &v,
+                    None,
+                    0.0,
+                    s > 1,
+                    None,
+                    None,
+                    false,
+                )?
+                .0
+            }
             AttentionImpl::Sdpa => Tensor::f_scaled_dot_product_attention(
                 &q,
                 &k,

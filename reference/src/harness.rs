@@ -293,12 +293,19 @@ impl LayerRun {
         Some(tokens.iter().filter(|n| **n > 0).count() as u64)
     }
 
-    /// `workload` under the routing this run measured ([`Workload::experts_hit`]): what
-    /// the analytic side must cost to compare bytes; `workload` itself without routing.
+    /// `workload` under the routing this run measured ([`Workload::expert_rows`]: the
+    /// rows each expert that received tokens processed): what the analytic side must cost
+    /// to compare bytes; `workload` itself without routing.
     pub fn routed(&self, workload: &Workload) -> Workload {
-        match self.experts_hit() {
-            Some(hit) => workload.with_experts_hit(hit),
-            None => *workload,
+        match &self.tokens_per_expert {
+            Some(tokens) => workload.clone().with_expert_rows(
+                tokens
+                    .iter()
+                    .filter(|n| **n > 0)
+                    .map(|n| *n as u64)
+                    .collect(),
+            ),
+            None => workload.clone(),
         }
     }
 }

@@ -55,7 +55,7 @@ pub fn export_case(
     attention: AttentionImpl,
     seed: u64,
 ) -> Result<()> {
-    let workload = workload.with_dtype(Dtype::F32)?;
+    let workload = workload.clone().with_dtype(Dtype::F32)?;
     let setup = Setup {
         device: Device::Cpu,
         seed,

@@ -90,13 +90,18 @@ fn every_module_matches_transformers_in_fp32() {
         ModuleKind::Attention,
         dense(&ocr),
     ] {
-        cases.add(kind, &ocr, prefill, AttentionImpl::Sdpa);
+        cases.add(kind, &ocr, prefill.clone(), AttentionImpl::Sdpa);
     }
     let ocr8 = ocr_eight_experts();
-    cases.add(ModuleKind::MoE, &ocr8, prefill, AttentionImpl::Sdpa);
-    cases.add(moe(&ocr8), &ocr8, prefill, AttentionImpl::Eager);
-    cases.add(ModuleKind::Attention, &ocr, decode, AttentionImpl::Sdpa);
-    cases.add(moe(&ocr8), &ocr8, decode, AttentionImpl::Sdpa);
+    cases.add(ModuleKind::MoE, &ocr8, prefill.clone(), AttentionImpl::Sdpa);
+    cases.add(moe(&ocr8), &ocr8, prefill.clone(), AttentionImpl::Eager);
+    cases.add(
+        ModuleKind::Attention,
+        &ocr,
+        decode.clone(),
+        AttentionImpl::Sdpa,
+    );
+    cases.add(moe(&ocr8), &ocr8, decode.clone(), AttentionImpl::Sdpa);
     // Variants: grouped KV heads, biases, renormalised top-k, no shared experts, eager.
     for config in [
         small(2, true, false, 2),
@@ -110,10 +115,15 @@ fn every_module_matches_transformers_in_fp32() {
             dense(&config),
             moe(&config),
         ] {
-            cases.add(kind, &config, prefill, AttentionImpl::Eager);
+            cases.add(kind, &config, prefill.clone(), AttentionImpl::Eager);
         }
-        cases.add(ModuleKind::Attention, &config, decode, AttentionImpl::Eager);
-        cases.add(moe(&config), &config, decode, AttentionImpl::Sdpa);
+        cases.add(
+            ModuleKind::Attention,
+            &config,
+            decode.clone(),
+            AttentionImpl::Eager,
+        );
+        cases.add(moe(&config), &config, decode.clone(), AttentionImpl::Sdpa);
     }
     let results = run_parity(&cases.dirs).unwrap();
     assert_eq!(results.len(), cases.dirs.len());

@@ -23,7 +23,7 @@ fn the_warm_up_leaves_the_counted_forward_unchanged() {
     let prefill = Workload::prefill(1, 4).unwrap();
     for (kind, workload) in [
         (ModuleKind::Attention, decode),
-        (ModuleKind::Attention, prefill),
+        (ModuleKind::Attention, prefill.clone()),
         (ModuleKind::MoE, prefill),
     ] {
         let plain = run_layer(kind, &config, &workload, AttentionImpl::Sdpa, &setup()).unwrap();

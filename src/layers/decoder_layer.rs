@@ -38,7 +38,7 @@ impl DeepseekV2DecoderLayer {
         let kind = config.layer_kind(index)?;
         Ok(DeepseekV2DecoderLayer {
             config: config.clone(),
-            workload: *workload,
+            workload: workload.clone(),
             kind,
             attention,
         })

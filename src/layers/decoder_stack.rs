@@ -67,7 +67,7 @@ impl DeepseekV2Decoder {
     ) -> DeepseekV2Decoder {
         DeepseekV2Decoder {
             config: config.clone(),
-            workload: *workload,
+            workload: workload.clone(),
             attention,
         }
     }

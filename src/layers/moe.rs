@@ -27,7 +27,7 @@ use crate::layers::moe_gate::MoEGate;
 use crate::layers::vendor_ops::{arg, bytes_of, t};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
-use crate::workload::Workload;
+use crate::workload::{Platform, Workload};
 
 /// `DeepseekV2MoE` over an input of shape `[B, S_q, h]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,7 +35,8 @@ pub struct DeepseekV2MoE {
     input: TensorMeta,
     moe: MoeConfig,
     allow_tf32: bool,
-    experts_hit: Option<u64>,
+    expert_rows: Option<Vec<u64>>,
+    platform: Platform,
 }
 
 impl DeepseekV2MoE {
@@ -48,41 +49,79 @@ impl DeepseekV2MoE {
             ),
             moe: config.moe()?.clone(),
             allow_tf32: workload.allow_tf32,
-            experts_hit: workload.experts_hit,
+            expert_rows: workload.expert_rows.clone(),
+            platform: workload.platform,
         })
     }
 }
 
 impl DeepseekV2MoE {
-    /// The routed experts over the `rows` = N·k sorted rows: each expert that received
-    /// tokens runs the MLP over its own slice and reads its own weights. FLOPs depend only
-    /// on the N·k rows; the weight bytes read on how many experts run
-    /// ([`Workload::experts_hit`]). The rows are spread as evenly as integers allow (any
-    /// spread over the same experts costs the same: every metric is linear in the rows).
-    fn routed_experts(&self, sorted: &TensorMeta, rows: u64) -> Result<Cost> {
+    /// (experts, rows each) of the routed experts that receive tokens, most rows first:
+    /// the measured rows when the workload has them (each > 0, at most E experts, N·k
+    /// rows in all), else the N·k rows spread as evenly as integers allow over
+    /// min(E, N·k) experts.
+    fn expert_loads(&self, rows: u64) -> Result<Vec<(u64, u64)>> {
         let experts = self.moe.n_routed_experts;
-        let most = experts.min(rows);
-        let hit = self.experts_hit.unwrap_or(most);
-        if hit == 0 || hit > most {
+        let Some(measured) = &self.expert_rows else {
+            let hit = experts.min(rows);
+            if hit == 0 {
+                return Ok(Vec::new());
+            }
+            let (base, extra) = (rows / hit, rows % hit);
+            return Ok([(extra, base + 1), (hit - extra, base)]
+                .into_iter()
+                .filter(|(calls, _)| *calls > 0)
+                .collect());
+        };
+        let total = measured
+            .iter()
+            .try_fold(0u64, |acc, r| acc.checked_add(*r))
+            .ok_or_else(|| Error::overflow("the rows of the routed experts"))?;
+        if measured.is_empty()
+            || measured.len() as u64 > experts
+            || measured.contains(&0)
+            || total != rows
+        {
             return Err(Error::invalid(
-                "experts_hit",
-                hit,
-                &format!("1 to min(E, N·k) = {most} experts receiving tokens"),
+                "expert_rows",
+                format!("{measured:?}"),
+                &format!(
+                    "1 to {experts} experts with at least one row each, N·k = {rows} rows in all"
+                ),
             ));
         }
-        let (base, extra) = (rows / hit, rows % hit);
+        let mut sorted = measured.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let mut loads: Vec<(u64, u64)> = Vec::new();
+        for r in sorted {
+            match loads.last_mut() {
+                Some((calls, last)) if *last == r => *calls += 1,
+                _ => loads.push((1, r)),
+            }
+        }
+        Ok(loads)
+    }
+
+    /// The routed experts over the `rows` = N·k sorted rows: each expert that received
+    /// tokens runs the MLP over its own slice and reads its own weights. FLOPs depend only
+    /// on the N·k rows; the weight bytes read on how many experts run, and the CUDA
+    /// blocks on each expert's rows ([`Workload::expert_rows`]; by default the rows
+    /// spread as evenly as integers allow). Experts with the same rows are one node,
+    /// repeated.
+    fn routed_experts(&self, sorted: &TensorMeta, rows: u64) -> Result<Cost> {
+        let experts = self.moe.n_routed_experts;
+        let loads = self.expert_loads(rows)?;
+        let hit = loads.iter().map(|(calls, _)| calls).sum::<u64>();
         let hidden = *sorted.shape.last().unwrap_or(&1);
         let m = self.moe.moe_intermediate_size;
         let mut b = CostBuilder::new("experts", self.allow_tf32);
-        for (calls, rows) in [(extra, base + 1), (hit - extra, base)] {
-            if calls > 0 {
-                let slice = t(&[rows, hidden], sorted.dtype);
-                let mlp = DeepseekV2MLP::over(slice, m, self.allow_tf32);
-                b.child(
-                    mlp.cost_as(&format!("{calls} × expert({rows} rows)"))?
-                        .repeated(calls)?,
-                )?;
-            }
+        for (calls, rows) in loads {
+            let slice = t(&[rows, hidden], sorted.dtype);
+            let mlp = DeepseekV2MLP::over(slice, m, self.allow_tf32);
+            b.child(
+                mlp.cost_as(&format!("{calls} × expert({rows} rows)"))?
+                    .repeated(calls)?,
+            )?;
         }
         // The experts that received no tokens still hold their parameters.
         let idle = product("idle expert parameters", &[experts - hit, 3, hidden, m])?;
@@ -136,8 +175,19 @@ impl Layer for DeepseekV2MoE {
                 Arg::Bool(false),
                 Arg::None,
             ],
-            &[per_expert],
+            std::slice::from_ref(&per_expert),
         )?;
+        // `tokens_per_expert.cpu()`: on a GPU a copy to the host (read on the device,
+        // written in host memory); on the CPU `to` hands back its input.
+        if self.platform == Platform::Cuda {
+            b.op_with_host_outputs(
+                "tokens_per_expert.cpu()",
+                "aten::to",
+                &[arg(&per_expert)],
+                &[],
+                std::slice::from_ref(&per_expert),
+            )?;
+        }
         let flat_ids = t(&[routed_rows], Dtype::I64);
         b.copy(
             "idxs = argsort",

@@ -31,6 +31,10 @@ pub struct Environment {
     pub sdpa_kernels: Vec<String>,
     /// Whether libtorch allowed TF32 for fp32 matmuls.
     pub tf32_allowed: bool,
+    /// CUDA only: the caching allocator's configuration (`PYTORCH_CUDA_ALLOC_CONF`) the
+    /// run had; `verify-decoder` adds `expandable_segments:True` (crate::cuda_allocator).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_alloc_conf: Option<String>,
     pub seed: u64,
     pub threads: i32,
     pub modelmeter_version: &'static str,
@@ -73,6 +77,10 @@ impl Environment {
             // The workload decides; each layer's run sets libtorch's switch from it and
             // the runner checks that the counter saw the same.
             tf32_allowed: workload.allow_tf32,
+            cuda_alloc_conf: match spec {
+                DeviceSpec::Cuda(_) => crate::cuda_allocator::current(),
+                DeviceSpec::Cpu => None,
+            },
             seed,
             threads: tch::get_num_threads(),
             modelmeter_version: env!("CARGO_PKG_VERSION"),

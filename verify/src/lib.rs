@@ -7,7 +7,7 @@
 //! The rest is library code, one responsibility a module: the join ([`pairing`]), the
 //! rows ([`check`]) and their statuses ([`compare`]), the plan ([`plan`], with test-only
 //! [`hooks`]), the run loop ([`runner`]), results ([`results`]), the memory pre-check
-//! ([`memory`]), sweeps ([`sweep`]), the whole-model verification ([`model`], with
+//! ([`memory`]) and the CUDA allocator's setting ([`cuda_allocator`]), sweeps ([`sweep`]), the whole-model verification ([`model`], with
 //! [`progress`] bars) and reports ([`report`]). [`hardware`] reads Nsight Compute's
 //! hardware counters.
 
@@ -33,6 +33,7 @@ macro_rules! eprintln {
 pub mod app;
 pub mod check;
 pub mod compare;
+pub mod cuda_allocator;
 pub mod device;
 pub mod environment;
 pub mod hardware;

@@ -59,13 +59,13 @@ fn explained(error: Error, plan: &Plan) -> String {
     };
     let inputs = Inputs {
         config: plan.config.clone(),
-        workload: plan.workload,
+        workload: plan.workload.clone(),
         new_tokens: None,
     };
     let error = overflow::explain(error, &inputs, |i| {
         let probe = Plan {
             config: i.config.clone(),
-            workload: i.workload,
+            workload: i.workload.clone(),
             ..plan.clone()
         };
         need(&probe, &probe.workload).is_err()
@@ -187,12 +187,12 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
     let generation = model.generation(plan);
     let inputs = Inputs {
         config: plan.config.clone(),
-        workload: plan.workload,
+        workload: plan.workload.clone(),
         new_tokens: Some(model.new_tokens),
     };
     let costed = |g: &modelmeter::layers::Generation| -> modelmeter::Result<ModelNeed> {
         let total = g.metrics()?.total;
-        let prefill = plan.workload;
+        let prefill = plan.workload.clone();
         let stack = DeepseekV2Decoder::new(&g.config, &prefill, g.attention);
         let (mut activation_bytes, mut vocab_weight_bytes) = (0, 0);
         for part in StackPart::all(&g.config) {

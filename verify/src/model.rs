@@ -23,7 +23,7 @@ use crate::check::{Check, EXACT};
 use crate::compare::{compare, compare_flops, worst, CounterBlindSpot, MetricRow, Status};
 use crate::plan::Plan;
 use crate::results::{LayerResult, Summary};
-use crate::runner::{compare_run, invisible_to_flop_counter_mode, perturbed};
+use crate::runner::{analytic_on_device, compare_run, invisible_to_flop_counter_mode, perturbed};
 
 /// What `--model` runs beyond the [`Plan`] (whose config is already cut to
 /// `--num-layers` and whose workload is the prefill).
@@ -133,7 +133,7 @@ impl Call {
     /// step t follows S + t cached tokens and attends over S + t + 1 keys.
     pub fn workload(self, prefill: &Workload) -> modelmeter::Result<Workload> {
         let phase = match self {
-            Call::Prefill => return Ok(*prefill),
+            Call::Prefill => return Ok(prefill.clone()),
             Call::Decode { step } => Phase::Decode {
                 context_len: modelmeter::checked::sum(
                     "decode context",
@@ -464,7 +464,7 @@ fn compare_call(
         }
         let hook_name = format!("{}/{}", call.label(), part.path());
         let result = compare_run(&cost.name, &hook_name, &cost, run, plan);
-        let analytic = perturbed(&plan.hooks, &hook_name, cost.metrics);
+        let analytic = perturbed(&plan.hooks, &hook_name, analytic_on_device(plan, &cost));
         let blind = invisible_to_flop_counter_mode(&cost, analytic.elementwise_flops, run);
         parts.push((*part, Sides::of_part(analytic, run, blind, result.status)));
         layers.push(result);
@@ -747,8 +747,14 @@ fn phase_result(
         .iter()
         .map(|m| m.unread_expert_bytes)
         .fold(0, u64::saturating_add);
+    let blocks = whole.analytic.activation_bytes;
     whole.analytic = closed_form;
     whole.analytic.io_bytes = closed_form.io_bytes.saturating_sub(unread);
+    if plan.device.is_cuda() {
+        // The closed form counts tensor bytes; the caching allocator reports blocks: the
+        // largest call's blocks, each tensor rounded as the calls were compared.
+        whole.analytic.activation_bytes = blocks;
+    }
     let mut metrics = whole.rows("DeepseekV2ForCausalLM", plan.tolerance);
     if unread > 0 {
         if let Some(row) = metrics

@@ -28,6 +28,11 @@ pub struct LayerResult {
     /// MoE layers: how many routed experts received tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experts_used: Option<usize>,
+    /// MoE layers: the tokens (rows) each routed expert received, in expert order, as
+    /// the run measured them: the routing the analytic side costs (replayable without the
+    /// GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_expert: Option<Vec<i64>>,
     /// `--hardware-counters`: the layer's range as Nsight Compute measured it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hardware: Option<crate::hardware::rows::LayerHardware>,

@@ -210,6 +210,7 @@ fn error_result(name: String, cause: String) -> LayerResult {
         unknown_ops: BTreeMap::new(),
         attention_kernels: Vec::new(),
         experts_used: None,
+        tokens_per_expert: None,
         hardware: None,
         seconds: 0.0,
     }
@@ -255,6 +256,61 @@ pub(crate) fn invisible_to_flop_counter_mode(
     }
 }
 
+/// Where `io_bytes` is not exact, says on its row which ops differ (bytes per op name,
+/// analytic vs measured, largest difference first, at most six): where to look.
+fn note_io_by_op(metrics: &mut [MetricRow], analytic: &Cost, run: &LayerRun) {
+    let Some(row) = metrics
+        .iter_mut()
+        .find(|r| r.metric == Check::Exact(modelmeter::Metric::IoBytes))
+        .filter(|r| r.analytic != r.measured)
+    else {
+        return;
+    };
+    let mut by_op: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for op in analytic.ops() {
+        let entry = by_op.entry(op.op.unwrap_or("?").to_string()).or_default();
+        entry.0 = entry.0.saturating_add(op.metrics.io_bytes);
+    }
+    for (op, bytes) in &run.counts.io_bytes_by_op {
+        let entry = by_op.entry(op.clone()).or_default();
+        entry.1 = entry.1.saturating_add(*bytes);
+    }
+    let mut differing: Vec<(String, u64, u64)> = by_op
+        .into_iter()
+        .filter(|(_, (a, m))| a != m)
+        .map(|(op, (a, m))| (op, a, m))
+        .collect();
+    if differing.is_empty() {
+        return;
+    }
+    differing.sort_by_key(|(_, a, m)| std::cmp::Reverse(a.abs_diff(*m)));
+    let listed: Vec<String> = differing
+        .iter()
+        .take(6)
+        .map(|(op, a, m)| format!("{op} {a} vs {m}"))
+        .collect();
+    let text = format!(
+        "bytes by op, analytic vs measured: {}{}",
+        listed.join(", "),
+        if differing.len() > 6 { ", …" } else { "" }
+    );
+    row.note = Some(match row.note.take() {
+        Some(n) => format!("{n}; {text}"),
+        None => text,
+    });
+}
+
+/// The analytic metrics as the plan's device allocates them: on CUDA the caching
+/// allocator hands out whole blocks, so `activation_bytes` is each tensor's block
+/// ([`Cost::cuda_activation_bytes`]), compared with the blocks it reports.
+pub(crate) fn analytic_on_device(plan: &Plan, analytic: &Cost) -> modelmeter::Metrics {
+    let mut metrics = analytic.metrics;
+    if plan.device.is_cuda() {
+        metrics.activation_bytes = analytic.cuda_activation_bytes;
+    }
+    metrics
+}
+
 fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, plan: &Plan) -> LayerResult {
     compare_run(name, name, analytic, run, plan)
 }
@@ -269,12 +325,7 @@ pub(crate) fn compare_run(
     plan: &Plan,
 ) -> LayerResult {
     let tolerance = plan.tolerance;
-    let mut analytic_metrics = analytic.metrics;
-    if plan.device.is_cuda() {
-        // The caching allocator hands out whole blocks: compare blocks with blocks.
-        analytic_metrics.activation_bytes = analytic.cuda_activation_bytes;
-    }
-    let a = perturbed(&plan.hooks, hook_name, analytic_metrics);
+    let a = perturbed(&plan.hooks, hook_name, analytic_on_device(plan, analytic));
     let c = &run.counts;
     let blind = invisible_to_flop_counter_mode(analytic, a.elementwise_flops, run);
     let total = a
@@ -300,6 +351,7 @@ pub(crate) fn compare_run(
         ));
     }
     note_transients(&mut metrics, run, plan.device.is_cuda());
+    note_io_by_op(&mut metrics, analytic, run);
     if c.ops_without_outputs > 0 {
         // The measured bytes miss ops whose outputs the observer never saw.
         if let Some(row) = metrics
@@ -341,6 +393,7 @@ pub(crate) fn compare_run(
         unknown_ops: c.unknown_ops.clone(),
         attention_kernels: c.attention_kernels(),
         experts_used: run.experts_hit().map(|n| n as usize),
+        tokens_per_expert: run.tokens_per_expert.clone(),
         hardware: None,
         seconds: 0.0,
     }

@@ -244,7 +244,7 @@ pub fn run(
         let generated = generate(base.seed, index, &base.workload);
         let plan = Plan {
             config: generated.config.clone(),
-            workload: generated.workload,
+            workload: generated.workload.clone(),
             attention: generated.attention,
             ..base.clone()
         };

@@ -52,11 +52,23 @@ fn multiset(mut ops: Vec<(String, u64, u64)>, merge: bool) -> Vec<(String, u64, 
 
 fn assert_same_ops(p: Pairing, config: &ModelConfig, w: &Workload, attention: AttentionImpl) {
     // The analytic model of what libtorch runs on the CPU (its CPU flash kernel).
-    let w = &w.on(Platform::Cpu);
+    let w = &w.clone().on(Platform::Cpu);
     let run = run(p, config, w, attention);
     // Routing decides how many experts read their weights: cost the measured routing.
     let w = &run.routed(w);
     let analytic = p.analytic(config, w, attention).unwrap().cost().unwrap();
+    assert_run_matches(p, &run, &analytic, config, attention);
+}
+
+/// The op lists of `run` and `analytic` agree op for op, in bytes per op name, and in
+/// weights and KV cache.
+fn assert_run_matches(
+    p: Pairing,
+    run: &LayerRun,
+    analytic: &modelmeter::Cost,
+    config: &ModelConfig,
+    attention: AttentionImpl,
+) {
     let experts = run.kind.has_experts(config);
     let expected = multiset(
         analytic
@@ -114,6 +126,51 @@ fn assert_same_ops(p: Pairing, config: &ModelConfig, w: &Workload, attention: At
         "{} KV cache bytes",
         p.name(attention)
     );
+}
+
+#[test]
+fn the_math_path_cuda_falls_back_to_agrees_op_for_op_when_the_cpu_runs_it() {
+    // fp32 with head dim 6: no fused CUDA kernel takes it, so CUDA runs
+    // `_scaled_dot_product_attention_math` op by op (seen on an H200). The CPU runs the
+    // same composite when asked, so the analytic CUDA math path is checked here: grouped
+    // and single KV heads, B = 1 and 2 (whether the heads fold into a bmm as views),
+    // prefill (the causal mask) and decode.
+    use modelmeter::layers::SdpaKernel;
+    use modelmeter_reference::attention::with_math_sdpa;
+    let attention = REGISTRY
+        .into_iter()
+        .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
+        .unwrap();
+    for (heads, kv_heads) in [(4, 2), (4, 4), (3, 1)] {
+        let mut config = ModelConfig::deepseek_ocr();
+        config.head_dim = 6;
+        config.num_attention_heads = heads;
+        config.num_key_value_heads = kv_heads;
+        for w in [
+            Workload::prefill(1, 9).unwrap(),
+            Workload::prefill(2, 7).unwrap(),
+            Workload::decode(2, 5).unwrap(),
+        ] {
+            let w = w.with_dtype(Dtype::F32).unwrap();
+            let key_len = w.key_len().unwrap();
+            assert_eq!(
+                SdpaKernel::select(Platform::Cuda, Dtype::F32, 6, key_len),
+                SdpaKernel::Math
+            );
+            let measured = w.clone().on(Platform::Cpu);
+            let run = with_math_sdpa(|| run(attention, &config, &measured, AttentionImpl::Sdpa));
+            let analytic = attention
+                .analytic(&config, &w.on(Platform::Cuda), AttentionImpl::Sdpa)
+                .unwrap()
+                .cost()
+                .unwrap();
+            assert_run_matches(attention, &run, &analytic, &config, AttentionImpl::Sdpa);
+            assert_eq!(
+                run.output_allocated_bytes, analytic.metrics.activation_bytes,
+                "H {heads}, KV {kv_heads}: activation bytes"
+            );
+        }
+    }
 }
 
 #[test]

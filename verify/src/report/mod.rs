@@ -53,7 +53,7 @@ impl Case {
         Case {
             index,
             config: plan.config.clone(),
-            workload: plan.workload,
+            workload: plan.workload.clone(),
             attention: plan.attention,
             summary: Summary::of(&layers),
             layers,
