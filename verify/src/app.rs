@@ -125,6 +125,11 @@ pub struct Args {
     /// after a successful run]
     #[arg(long, value_name = "DIR")]
     pub ncu_dir: Option<PathBuf>,
+    /// With --hardware-counters: how ncu replays each layer's range for its passes:
+    /// app-range reruns the whole verification per pass (any layer works), range replays
+    /// in place (faster; fails on the MoE layers, which copy routing counts to the host)
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub ncu_replay: Option<hardware::NcuReplay>,
     /// Read the hardware counters from DIR (ncu.csv and ranges.json of a run you wrapped in
     /// ncu yourself, see docs/hardware.md) instead of running ncu
     #[arg(long, value_name = "DIR")]
@@ -225,18 +230,24 @@ fn hardware_figures(
     role: &hardware::Role,
 ) -> Result<Result<Vec<crate::hardware::ranges::AttributedRange>, String>, String> {
     let files = match role {
-        hardware::Role::Parent { ncu, dir, keep } => {
+        hardware::Role::Parent {
+            ncu,
+            dir,
+            keep,
+            replay,
+        } => {
             let exe = std::env::current_exe()
                 .map_err(|e| format!("cannot find this program to run it under ncu: {e}"))?;
             let own: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
             if !args.quiet {
                 eprintln!(
-                    "hardware counters: running the layers under {} (range replay, one range per layer; minutes for MoE layers); files in {}",
+                    "hardware counters: running the layers under {} ({} replay, one range per layer; minutes); files in {}",
                     ncu.display(),
+                    replay.mode(),
                     dir.display()
                 );
             }
-            let files = hardware::run_under_ncu(ncu, &exe, &own, dir)?;
+            let files = hardware::run_under_ncu(ncu, &exe, &own, dir, *replay)?;
             if !keep {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -507,6 +518,7 @@ fn check_hardware_options(args: &Args) -> Result<bool, String> {
         for (option, set) in [
             ("--ncu", args.ncu.is_some()),
             ("--ncu-dir", args.ncu_dir.is_some()),
+            ("--ncu-replay", args.ncu_replay.is_some()),
         ] {
             if set {
                 return Err(format!("{option} applies only with --hardware-counters"));
@@ -580,7 +592,12 @@ fn hardware_role(args: &Args) -> anyhow::Result<Option<hardware::Role>> {
             false,
         ),
     };
-    Ok(Some(hardware::Role::Parent { ncu, dir, keep }))
+    Ok(Some(hardware::Role::Parent {
+        ncu,
+        dir,
+        keep,
+        replay: args.ncu_replay.unwrap_or_default(),
+    }))
 }
 
 /// `--model` runs its own prefill and decode steps over every layer: options that pick
@@ -668,7 +685,7 @@ pub fn model_report_of(args: &Args, ready: &Ready, model: &ModelPlan) -> report:
         environment,
         tolerance: ready.plan.tolerance,
         config: ready.plan.config.clone(),
-        workload: ready.plan.workload,
+        workload: ready.plan.workload.clone(),
         attention: ready.plan.attention,
         result,
     }

@@ -215,6 +215,7 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
         let files = RunFiles {
             csv: range_replay_csv(&list, tensor),
             ranges: list.clone(),
+            left_out: Vec::new(),
         };
         let attributed = profile::attributed(&files);
         let mut report = report_of(&args, &ready);
@@ -271,6 +272,7 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     let files = RunFiles {
         csv: range_replay_csv(&list, &[padded]),
         ranges: list.clone(),
+        left_out: Vec::new(),
     };
     let mut report = report_of(&args, &ready);
     profile::attach(

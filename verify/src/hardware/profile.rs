@@ -38,6 +38,7 @@ pub enum Role {
         ncu: PathBuf,
         dir: PathBuf,
         keep: bool,
+        replay: NcuReplay,
     },
     /// Read a wrapped child's files from `dir`.
     Reader { dir: PathBuf },
@@ -45,15 +46,41 @@ pub enum Role {
     Child { dir: PathBuf },
 }
 
+/// How ncu replays each profiler range to collect metrics that need several passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NcuReplay {
+    /// Replays the whole program once per pass (`--replay-mode app-range`): any API call
+    /// may run inside a range (the MoE copies its routing counts to the host, the
+    /// allocator may map memory); the program must do the same work on every pass, which
+    /// a seeded verification does.
+    #[default]
+    AppRange,
+    /// Replays each range inside one run, saving and restoring device memory
+    /// (`--replay-mode range`): faster, but ncu 2025.3 on an H200 failed to profile the
+    /// MoE layer's range ("Failed to profile \"range\"", 2026-11-28) after the MLP's and
+    /// the gate's.
+    Range,
+}
+
+impl NcuReplay {
+    /// ncu's `--replay-mode` value.
+    pub fn mode(self) -> &'static str {
+        match self {
+            NcuReplay::AppRange => "app-range",
+            NcuReplay::Range => "range",
+        }
+    }
+}
+
 /// The ncu options of a run: range replay, one result per range, raw CSV in base units
 /// (bytes as bytes, not `Mbyte`), the clocks the GPU chooses, only what runs between the
-/// profiler start and stop calls.
-pub fn ncu_arguments(csv: &Path) -> Vec<OsString> {
+/// profiler start and stop calls (in range replay those calls delimit the ranges, and
+/// ncu 2025.3 refuses `--profile-from-start off` beside it: "not supported during range
+/// replay", measured on an H200 on 2026-11-28).
+pub fn ncu_arguments(csv: &Path, metrics: &[&str], replay: NcuReplay) -> Vec<OsString> {
     let mut args: Vec<OsString> = [
         "--replay-mode",
-        "range",
-        "--profile-from-start",
-        "off",
+        replay.mode(),
         "--clock-control",
         "none",
         "--print-units",
@@ -66,7 +93,7 @@ pub fn ncu_arguments(csv: &Path) -> Vec<OsString> {
     .iter()
     .map(OsString::from)
     .collect();
-    args.push(NCU_METRICS.join(",").into());
+    args.push(metrics.join(",").into());
     args.push("--log-file".into());
     args.push(csv.as_os_str().to_owned());
     args
@@ -116,47 +143,107 @@ pub struct RunFiles {
     pub csv: String,
     /// The child's range list.
     pub ranges: RangeList,
+    /// Metrics ncu could not collect in this run's replay mode (left out, unavailable).
+    pub left_out: Vec<String>,
 }
 
 /// Runs this binary (`exe`, with `args`: the invocation's own arguments) as the profiled
 /// child under `ncu`, with ncu's CSV, the range list and the child's output
 /// (`output.txt`: its table and ncu's `==PROF==` lines on the terminal side) in `dir`.
+///
+/// ncu refuses, before anything runs, a metric it cannot collect in range replay
+/// (ncu 2025.3 on an H200: "Metric smsp__sass_thread_inst_executed_op_dadd_pred_on.sum is
+/// not supported in range replay", written to its log file). Such metrics are left out
+/// and the run repeated; [`RunFiles::left_out`] names them, and their figures are
+/// unavailable (never 0).
 pub fn run_under_ncu(
     ncu: &Path,
     exe: &Path,
     args: &[OsString],
     dir: &Path,
+    replay: NcuReplay,
 ) -> Result<RunFiles, String> {
     let csv = dir.join(NCU_CSV_FILE);
     let output_path = dir.join("output.txt");
-    let output = std::fs::File::create(&output_path)
-        .map_err(|e| format!("cannot create {}: {e}", output_path.display()))?;
-    let errors = output
-        .try_clone()
-        .map_err(|e| format!("cannot share {}: {e}", output_path.display()))?;
-    let mut command = Command::new(ncu);
-    command
-        .args(ncu_arguments(&csv))
-        .arg("--")
-        .arg(exe)
-        .args(args)
-        .arg("--hardware-counters-child")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(output)
-        .stderr(errors);
-    let status = command
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", ncu.display()))?;
-    // The child exits 0 or 1 as a verification does; 2 means it refused to start.
-    if !matches!(status.code(), Some(0) | Some(1)) {
-        return Err(format!(
-            "the profiled run under {} ended with {status}: {}",
-            ncu.display(),
-            last_line(&output_path)
-        ));
+    let mut metrics: Vec<&str> = NCU_METRICS.to_vec();
+    let mut left_out = Vec::new();
+    loop {
+        let output = std::fs::File::create(&output_path)
+            .map_err(|e| format!("cannot create {}: {e}", output_path.display()))?;
+        let errors = output
+            .try_clone()
+            .map_err(|e| format!("cannot share {}: {e}", output_path.display()))?;
+        let status = Command::new(ncu)
+            .args(ncu_arguments(&csv, &metrics, replay))
+            .arg("--")
+            .arg(exe)
+            .args(args)
+            .arg("--hardware-counters-child")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(errors)
+            .status()
+            .map_err(|e| format!("cannot run {}: {e}", ncu.display()))?;
+        let log = std::fs::read_to_string(&csv).unwrap_or_default();
+        if replay == NcuReplay::Range && log.contains("==ERROR== Failed to profile \"range\"") {
+            return Err(format!(
+                "ncu could not replay a layer's range in place (range replay); run with --ncu-replay app-range (ncu's log: {})",
+                csv.display()
+            ));
+        }
+        let refused: Vec<&str> = unsupported_in_range_replay(&log)
+            .into_iter()
+            .filter_map(|m| metrics.iter().copied().find(|k| *k == m))
+            .collect();
+        if !refused.is_empty() && refused.len() < metrics.len() {
+            eprintln!(
+                "hardware counters: ncu cannot collect {} in range replay; running again without (reported as unavailable)",
+                refused.join(", ")
+            );
+            metrics.retain(|m| !refused.contains(m));
+            left_out.extend(refused.iter().map(|m| m.to_string()));
+            continue;
+        }
+        // The child exits 0 or 1 as a verification does; 2 means it refused to start.
+        if !matches!(status.code(), Some(0) | Some(1)) {
+            return Err(format!(
+                "the profiled run under {} ended with {status}: {}",
+                ncu.display(),
+                last_line(&output_path)
+            ));
+        }
+        // ncu reports its own refusals (`==ERROR==`, in its log file or on the terminal)
+        // and may still exit 0: say what it said.
+        let mut files = read_run(dir).map_err(|e| {
+            match ncu_error(&csv).or_else(|| ncu_error(&output_path)) {
+                Some(said) => format!("{e}; ncu said: {said}"),
+                None => e,
+            }
+        })?;
+        files.left_out = left_out;
+        return Ok(files);
     }
-    read_run(dir)
+}
+
+/// The metrics ncu's `log` says it cannot collect in range replay.
+pub fn unsupported_in_range_replay(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter_map(|l| {
+            l.strip_prefix("==ERROR== Metric ")?
+                .strip_suffix(" is not supported in range replay.")
+        })
+        .map(str::trim)
+        .collect()
+}
+
+/// The last `==ERROR==` line ncu wrote to `path`, if any.
+fn ncu_error(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("==ERROR=="))
+        .map(|l| l.trim().to_string())
 }
 
 /// The last non-empty line of a file, for one-line errors.
@@ -180,7 +267,11 @@ pub fn read_run(dir: &Path) -> Result<RunFiles, String> {
         )
     })?;
     let ranges = RangeList::read(dir)?;
-    Ok(RunFiles { csv, ranges })
+    Ok(RunFiles {
+        csv,
+        ranges,
+        left_out: Vec::new(),
+    })
 }
 
 /// The figures of a run, attributed to its ranges; the error (one line) when ncu's CSV
@@ -327,7 +418,7 @@ mod tests {
 
     #[test]
     fn the_ncu_command_asks_for_range_replay_and_every_metric() {
-        let args = ncu_arguments(Path::new("/out/ncu.csv"));
+        let args = ncu_arguments(Path::new("/out/ncu.csv"), &NCU_METRICS, NcuReplay::Range);
         let text: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -337,14 +428,29 @@ mod tests {
             text[i + 1].clone()
         };
         assert_eq!(after("--replay-mode"), "range");
+        let app = ncu_arguments(Path::new("/out/ncu.csv"), &NCU_METRICS, NcuReplay::AppRange);
+        assert!(app.iter().any(|a| a == "app-range"));
         assert_eq!(after("--page"), "raw");
         assert_eq!(after("--print-units"), "base");
         assert_eq!(after("--log-file"), "/out/ncu.csv");
         assert!(text.contains(&"--csv".to_string()));
+        // ncu 2025.3 refuses it in range replay ("not supported during range replay").
+        assert!(!text.contains(&"--profile-from-start".to_string()));
         let metrics = after("--metrics");
         assert_eq!(metrics.split(',').count(), NCU_METRICS.len());
         assert!(metrics.contains("sm__ops_path_tensor_src_bf16_dst_fp32.sum"));
         assert!(metrics.contains("gpu__time_duration.sum"));
+    }
+
+    #[test]
+    fn metrics_ncu_refuses_in_range_replay_are_read_from_its_log() {
+        // What ncu 2025.3 wrote on an H200 (docs/results/2026-11-28-h200).
+        let log = "==ERROR== Metric smsp__sass_thread_inst_executed_op_dadd_pred_on.sum is not supported in range replay.\n==ERROR== See https://docs.nvidia.com/nsight-compute/ProfilingGuide/#compatibility\n";
+        assert_eq!(
+            unsupported_in_range_replay(log),
+            vec!["smsp__sass_thread_inst_executed_op_dadd_pred_on.sum"]
+        );
+        assert!(unsupported_in_range_replay("\"ID\",\"Range Name\"\n").is_empty());
     }
 
     #[test]
