@@ -47,10 +47,11 @@ pub struct RefDeepseekV2ForCausalLM {
 impl RefDeepseekV2ForCausalLM {
     /// Builds every part of `config` (all its `num_hidden_layers`) in `dtype` on
     /// `setup.device`, each parameter seeded by its vendor name
-    /// (`model.layers.1.mlp.experts.3.up_proj.weight`).
+    /// (`model.layers.1.mlp.experts.3.up_proj.weight`); MLA layers run in `mla`'s form.
     pub fn new(
         config: &ModelConfig,
         attention: AttentionImpl,
+        mla: modelmeter::MlaForm,
         dtype: Dtype,
         setup: &Setup,
     ) -> Result<RefDeepseekV2ForCausalLM> {
@@ -65,7 +66,7 @@ impl RefDeepseekV2ForCausalLM {
                     i,
                     &model.sub("layers").sub(&i.to_string()),
                     attention,
-                    modelmeter::MlaForm::Naive,
+                    mla,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -177,7 +178,11 @@ impl GreedyGeneration<'_> {
         let device = model.setup.device;
         ffi::set_tf32_matmul_allowed(self.allow_tf32)?;
         let len = self.input_ids.size().get(1).copied().unwrap_or(0) as u64;
-        let eager = model.attention == AttentionImpl::Eager;
+        // The eager core and MLA's absorbed form add the causal mask.
+        let eager = model
+            .layers
+            .iter()
+            .any(|layer| layer.needs_mask(model.attention));
         let (position_ids, mask) = causal_positions(
             self.batch,
             self.position,
@@ -292,9 +297,14 @@ mod tests {
             device: tch::Device::Cpu,
             seed: 3,
         };
-        let model =
-            RefDeepseekV2ForCausalLM::new(&tiny(), AttentionImpl::Eager, Dtype::F32, &setup)
-                .unwrap();
+        let model = RefDeepseekV2ForCausalLM::new(
+            &tiny(),
+            AttentionImpl::Eager,
+            modelmeter::MlaForm::Naive,
+            Dtype::F32,
+            &setup,
+        )
+        .unwrap();
         let mut generation = model.generate(2, 5, false).unwrap();
         let mut tokens = Vec::new();
         for (step, position) in [0u64, 5, 6].into_iter().enumerate() {

@@ -143,7 +143,8 @@ impl Call {
         };
         Ok(Workload::new(prefill.batch, phase, prefill.dtype)?
             .with_tf32(prefill.allow_tf32)
-            .on(prefill.platform))
+            .on(prefill.platform)
+            .with_mla(prefill.mla))
     }
 }
 
@@ -543,7 +544,13 @@ pub fn run(plan: &Plan, model: &ModelPlan, progress: &mut dyn FnMut(ModelProgres
     };
     progress(ModelProgress::Building);
     let built = catch_unwind(AssertUnwindSafe(|| {
-        RefDeepseekV2ForCausalLM::new(&plan.config, plan.attention, plan.workload.dtype, &setup)
+        RefDeepseekV2ForCausalLM::new(
+            &plan.config,
+            plan.attention,
+            plan.workload.mla,
+            plan.workload.dtype,
+            &setup,
+        )
     }));
     let reference = match built {
         Ok(Ok(m)) => m,

@@ -99,6 +99,74 @@ const TWO_DENSE: &str = r#"{"model_type": "deepseek_v2", "hidden_size": 64,
     "first_k_dense_replace": 2, "moe_layer_freq": 1, "vocab_size": 500,
     "max_position_embeddings": 64, "use_mla": false}"#;
 
+/// A small MLA config in V3's shape: a LoRA query, YaRN, sigmoid routing with a
+/// correction bias over groups; 3 layers, the first dense.
+const SMALL_MLA: &str = r#"{"model_type": "deepseek_v3", "hidden_size": 64,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 24,
+    "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6,
+    "intermediate_size": 96, "moe_intermediate_size": 16, "n_routed_experts": 8,
+    "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 4, "topk_group": 2,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": true,
+    "routed_scaling_factor": 2.5, "num_hidden_layers": 3, "first_k_dense_replace": 1,
+    "moe_layer_freq": 1, "vocab_size": 300, "max_position_embeddings": 4096,
+    "rope_theta": 10000, "attention_bias": false, "tie_word_embeddings": false,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 64,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}"#;
+
+#[test]
+fn mla_models_are_exact_in_every_form() {
+    // The vendor's naive MLA (SDPA and eager) and the weight-absorbed form with its latent
+    // cache: every part, every call, every phase exact to the FLOP and byte.
+    let dir = TempDir::new("mla");
+    let config = dir.path("config.json");
+    std::fs::write(&config, SMALL_MLA).unwrap();
+    for form in [
+        &["--attn", "sdpa"][..],
+        &["--attn", "eager"],
+        &["--mla", "absorb"],
+    ] {
+        let json = dir.path("m.json");
+        let mut args = vec![
+            "--device",
+            "cpu",
+            "--config",
+            config.to_str().unwrap(),
+            "--model",
+            "--seq-len",
+            "9",
+            "--new-tokens",
+            "3",
+            "--verbose",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend_from_slice(form);
+        let o = verify(&args);
+        let stdout = text(&o.stdout);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{form:?}\n{stdout}\n{}",
+            text(&o.stderr)
+        );
+        let report = read_json(&json);
+        let model = &report["model"];
+        for call in model["calls"].as_array().unwrap() {
+            for layer in call["layers"].as_array().unwrap() {
+                assert_exact(&format!("{form:?} {}", layer["name"]), layer);
+            }
+        }
+        for phase in model["phases"].as_array().unwrap() {
+            assert_exact(&format!("{form:?} phase {}", phase["phase"]), phase);
+        }
+        if form == ["--mla", "absorb"] {
+            // The latent cache: 3 layers × (r_kv + d_r) × 12 tokens × 4 bytes.
+            let total = model["phases"].as_array().unwrap().last().unwrap();
+            assert_eq!(measured(total, "kv_cache_bytes"), 3 * (16 + 4) * 12 * 4);
+        }
+    }
+}
+
 #[test]
 fn ci_command_is_exact_per_part_per_step_and_in_total() {
     let dir = TempDir::new("ci");
@@ -542,7 +610,8 @@ fn embedding_norm_and_head_match_the_analytic_parts_op_for_op() {
             .unwrap()
             .on(Platform::Cpu);
         let model =
-            RefDeepseekV2ForCausalLM::new(&config, AttentionImpl::Sdpa, dtype, &setup).unwrap();
+            RefDeepseekV2ForCausalLM::new(&config, AttentionImpl::Sdpa, prefill.mla, dtype, &setup)
+                .unwrap();
         let mut generation = model.generate(2, 7, false).unwrap();
         for call in [Call::Prefill, Call::Decode { step: 0 }] {
             let run = generation.step().unwrap();
