@@ -17,6 +17,7 @@ pub mod allocations;
 pub mod attention;
 pub mod counter;
 pub mod decoder_layer;
+pub mod draws;
 pub mod error;
 pub mod ffi;
 pub mod harness;

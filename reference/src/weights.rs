@@ -1,10 +1,11 @@
 //! Seeded parameters: where modules live (device; the dtype is the workload's) and how
 //! their weights are drawn.
 //!
-//! Every parameter is drawn on the CPU in fp32 from libtorch's generator seeded with a
-//! hash of the run seed and the parameter's vendor name, then moved to the device and
-//! dtype. So a parameter's values do not depend on creation order or device, and two
-//! runs with the same seed build identical modules.
+//! Every parameter is drawn on the CPU in fp32 from a counter-based stream keyed by a
+//! hash of the run seed and the parameter's vendor name ([`crate::draws`]), on every
+//! core, then moved to the device and dtype. So a parameter's values do not depend on
+//! creation order, thread count or device, and two runs with the same seed build
+//! identical modules.
 
 use std::sync::Mutex;
 
@@ -53,11 +54,30 @@ fn stream(seed: u64, name: &str) -> i64 {
     (h >> 1) as i64
 }
 
-/// Standard-normal values for `name`, on the CPU in fp32.
+/// Unit-variance values for `name` ([`crate::draws::normal`]), on the CPU in fp32.
 pub fn seeded_normal(seed: u64, name: &str, shape: &[i64]) -> Result<Tensor> {
-    let _lock = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
-    tch::manual_seed(stream(seed, name));
-    Ok(Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?)
+    seeded_affine(seed, name, shape, 1.0, 0.0)
+}
+
+/// `shift + scale · seeded_normal(seed, name, shape)`, drawn in one pass.
+fn seeded_affine(seed: u64, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, d| n.checked_mul(usize::try_from(*d).ok()?))
+        .ok_or_else(|| {
+            Error::Model(modelmeter::Error::overflow(format!(
+                "the element count of {name} {shape:?}"
+            )))
+        })?;
+    let tensor = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
+    if count > 0 {
+        // SAFETY: `tensor` was just allocated by libtorch on the CPU, contiguous, fp32,
+        // with `count` elements, and nothing else refers to it while the slice lives.
+        let values =
+            unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, count) };
+        crate::draws::fill_normal(stream(seed, name) as u64, values, scale, shift);
+    }
+    Ok(tensor)
 }
 
 /// Token ids uniform in `0 .. vocab` for `name`, on the CPU (int64).
@@ -101,12 +121,14 @@ impl Init {
     /// A linear weight `[out, in]` with standard deviation 1/√in, so that activations
     /// keep unit scale through the layers (and the gate's logits spread the routing).
     pub(crate) fn linear(&self, name: &str, out_features: i64, in_features: i64) -> Result<Tensor> {
-        let t = seeded_normal(
+        let t = seeded_affine(
             self.setup.seed,
             &format!("{}{name}", self.prefix),
             &[out_features, in_features],
+            1.0 / (in_features as f32).sqrt(),
+            0.0,
         )?;
-        self.place(t.f_mul_scalar(1.0 / (in_features as f64).sqrt())?)
+        self.place(t)
     }
 
     /// An embedding table `[rows, cols]` of standard-normal values (`nn.Embedding`'s
@@ -122,14 +144,26 @@ impl Init {
 
     /// A bias `[n]` with standard deviation 0.1.
     pub(crate) fn bias(&self, name: &str, n: i64) -> Result<Tensor> {
-        let t = seeded_normal(self.setup.seed, &format!("{}{name}", self.prefix), &[n])?;
-        self.place(t.f_mul_scalar(0.1)?)
+        let t = seeded_affine(
+            self.setup.seed,
+            &format!("{}{name}", self.prefix),
+            &[n],
+            0.1,
+            0.0,
+        )?;
+        self.place(t)
     }
 
     /// A norm weight `[n]` near 1 (1 + 0.1·N(0,1)), so the parity check sees it applied.
     pub(crate) fn norm(&self, name: &str, n: i64) -> Result<Tensor> {
-        let t = seeded_normal(self.setup.seed, &format!("{}{name}", self.prefix), &[n])?;
-        self.place(t.f_mul_scalar(0.1)?.f_add_scalar(1.0)?)
+        let t = seeded_affine(
+            self.setup.seed,
+            &format!("{}{name}", self.prefix),
+            &[n],
+            0.1,
+            1.0,
+        )?;
+        self.place(t)
     }
 
     pub(crate) fn setup(&self) -> &Setup {
