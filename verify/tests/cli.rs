@@ -1,58 +1,9 @@
 //! `verify-decoder` driven as users and CI call it (CPU).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use serde_json::Value;
 
-const EXACT: [&str; 8] = [
-    "matmul_flops",
-    "elementwise_flops",
-    "tensor_core_flops",
-    "cuda_core_flops",
-    "io_bytes",
-    "weight_bytes",
-    "activation_bytes",
-    "kv_cache_bytes",
-];
-
-fn verify(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("verify-decoder runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("mm-verify-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+mod common;
+use common::{read_json, text, verify_env as verify, TempDir, EXACT};
 
 /// Every exact row has rel_diff exactly 0 and status pass; the flops row passes except
 /// RMSNorm's, which is the known gap.

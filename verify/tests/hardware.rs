@@ -5,7 +5,7 @@
 //! with ncu (scripts/device-check).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use clap::Parser;
 use modelmeter_verify::app::{prepare, report_of, Args};
@@ -14,46 +14,13 @@ use modelmeter_verify::hardware::ranges::RangeList;
 use modelmeter_verify::report::{self, Report};
 use serde_json::Value;
 
+mod common;
+use common::{assert_refused, TempDir};
+
 fn verify(args: &[&str], path: Option<&Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
-    cmd.args(args);
-    if let Some(p) = path {
-        cmd.env("PATH", p);
-    }
-    let out = cmd.output().expect("verify-decoder runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !err.contains("panicked") && out.status.code() != Some(101),
-        "{err}"
-    );
-    out
-}
-
-/// Exit 2, one line on standard error containing every needle, nothing on stdout.
-fn assert_refused(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    for needle in needles {
-        assert!(err.contains(needle), "{needle:?} in {err}");
-    }
-    assert!(o.stdout.is_empty());
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("mm-hw-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+    match path {
+        Some(p) => common::verify_env(args, &[("PATH", p.to_str().unwrap())]),
+        None => common::verify(args),
     }
 }
 

@@ -5,24 +5,17 @@
 
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{command, no_panic, read_json, text, verify, TempDir};
+
 /// A quick run: one small layer at a short sequence.
 const QUICK: [&str; 6] = ["--device", "cpu", "--seq-len", "8", "--layers", "MoEGate"];
-
-fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
-    cmd.args(args);
-    cmd
-}
-
-fn verify(args: &[&str]) -> Output {
-    no_panic(command(args).output().expect("verify-decoder runs"))
-}
 
 fn quick(extra: &[&str]) -> Output {
     let mut args = QUICK.to_vec();
@@ -30,64 +23,13 @@ fn quick(extra: &[&str]) -> Output {
     verify(&args)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// No panic, no backtrace, no exit 101, whatever the input.
-fn no_panic(o: Output) -> Output {
-    let err = text(&o.stderr);
-    assert!(
-        !err.contains("panicked")
-            && !err.contains("stack backtrace")
-            && o.status.code() != Some(101),
-        "{:?}: {err}",
-        o.status
-    );
-    o
-}
-
-/// A refusal: exit 2, one line on standard error that contains `needle`, nothing on
-/// standard output, no layer run.
+/// A refusal naming `needle` (common::assert_refused).
 fn assert_refused(o: &Output, needle: &str) {
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.contains(needle), "{needle:?} in {err}");
-    assert!(o.stdout.is_empty(), "nothing ran: {}", text(&o.stdout));
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("mm-hostile-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn str(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    common::assert_refused(o, &[needle]);
 }
 
 fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 // Item 1: reports go where the path says, and special files are never replaced.

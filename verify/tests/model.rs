@@ -3,7 +3,6 @@
 //! before anything runs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use clap::Parser;
 use modelmeter::layers::{AttentionImpl, Generation};
@@ -13,52 +12,8 @@ use modelmeter_verify::hooks::{Perturbation, TestHooks};
 use modelmeter_verify::report::{self, ModelReport};
 use serde_json::Value;
 
-const EXACT: [&str; 8] = [
-    "matmul_flops",
-    "elementwise_flops",
-    "tensor_core_flops",
-    "cuda_core_flops",
-    "io_bytes",
-    "weight_bytes",
-    "activation_bytes",
-    "kv_cache_bytes",
-];
-
-fn verify(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
-        .args(args)
-        .output()
-        .expect("verify-decoder runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("mm-model-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+mod common;
+use common::{read_json, text, verify, TempDir, EXACT};
 
 fn rows(v: &Value) -> &Vec<Value> {
     v["metrics"].as_array().unwrap()

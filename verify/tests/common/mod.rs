@@ -1,0 +1,105 @@
+//! What the `verify-decoder` integration tests share: running the binary, checking that
+//! it never panics, refusals, temporary folders and JSON reports. Each test crate uses
+//! its own subset of these.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The rows that must be exact to the FLOP or byte.
+pub const EXACT: [&str; 8] = [
+    "matmul_flops",
+    "elementwise_flops",
+    "tensor_core_flops",
+    "cuda_core_flops",
+    "io_bytes",
+    "weight_bytes",
+    "activation_bytes",
+    "kv_cache_bytes",
+];
+
+/// The binary with `args`.
+pub fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
+    cmd.args(args);
+    cmd
+}
+
+/// Runs the binary with `args`; asserts it did not panic.
+pub fn verify(args: &[&str]) -> Output {
+    verify_env(args, &[])
+}
+
+/// Runs the binary with `args` and the environment variables `env`; asserts it did not
+/// panic.
+pub fn verify_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = command(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    no_panic(cmd.output().expect("verify-decoder runs"))
+}
+
+/// Lossy UTF-8.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// No panic, no backtrace, no exit 101, whatever the input.
+pub fn no_panic(o: Output) -> Output {
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("panicked")
+            && !err.contains("stack backtrace")
+            && o.status.code() != Some(101),
+        "{:?}: {err}",
+        o.status
+    );
+    o
+}
+
+/// A refusal: exit 2, one line on standard error that contains every needle, nothing on
+/// standard output (no layer ran).
+pub fn assert_refused(o: &Output, needles: &[&str]) {
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} in {err}");
+    }
+    assert!(o.stdout.is_empty(), "nothing ran: {}", text(&o.stdout));
+}
+
+/// A folder removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh folder for the test `tag` of this process.
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("mm-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn str(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A JSON file.
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
