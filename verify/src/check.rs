@@ -138,6 +138,16 @@ impl Check {
             Check::UncountedOps | Check::AttentionKernel | Check::OracleOutput => RowUnit::Count,
         }
     }
+
+    /// `v` in this row's unit, as the tables print it (`1.25 GFLOP`, `3.000 MiB`).
+    pub fn show(self, v: u64) -> String {
+        match self.unit() {
+            RowUnit::Byte => modelmeter::units::bytes(v),
+            RowUnit::Count => v.to_string(),
+            RowUnit::Flop => modelmeter::units::flops(v),
+            RowUnit::Nanosecond => crate::hardware::rows::duration(v),
+        }
+    }
 }
 
 impl Serialize for Check {

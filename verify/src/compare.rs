@@ -156,6 +156,14 @@ pub struct MetricRow {
     pub note: Option<String>,
 }
 
+impl MetricRow {
+    /// The relative difference as the tables print it (`0.12%`, `inf`).
+    pub fn rel_text(&self) -> String {
+        self.rel_diff
+            .map_or("inf".into(), modelmeter::units::percent)
+    }
+}
+
 /// |A − M| / |M|, 0 when both are 0, `None` when only M is 0.
 pub fn rel_diff(analytic: u64, measured: u64) -> Option<f64> {
     if analytic == measured {

@@ -8,7 +8,7 @@ use modelmeter::{units, ModelConfig, Workload};
 use serde_json::{json, Value};
 
 use super::junit::escape;
-use crate::check::{Check, RowUnit, EXACT};
+use crate::check::{Check, EXACT};
 use crate::compare::{MetricRow, Status, FLOPS_BLIND_SPOT, KNOWN_GAPS};
 use crate::environment::Environment;
 use crate::model::{is_exact, Call, CallResult, ModelResult};
@@ -36,19 +36,6 @@ impl ModelReport {
     }
 }
 
-fn value(metric: Check, v: u64) -> String {
-    match metric.unit() {
-        RowUnit::Byte => units::bytes(v),
-        RowUnit::Count => v.to_string(),
-        RowUnit::Flop => units::flops(v),
-        RowUnit::Nanosecond => crate::hardware::rows::duration(v),
-    }
-}
-
-fn rel(row: &MetricRow) -> String {
-    row.rel_diff.map_or("inf".into(), units::percent)
-}
-
 /// `6/6`: the exact rows that are exact.
 fn exact_count(rows: &[MetricRow]) -> String {
     let exact = rows
@@ -61,7 +48,7 @@ fn exact_count(rows: &[MetricRow]) -> String {
 fn measured(rows: &[MetricRow], metric: modelmeter::Metric) -> String {
     rows.iter()
         .find(|r| r.metric == Check::Exact(metric))
-        .map_or("-".into(), |r| value(r.metric, r.measured))
+        .map_or("-".into(), |r| r.metric.show(r.measured))
 }
 
 fn flops_status(rows: &[MetricRow]) -> String {
@@ -107,9 +94,9 @@ fn detail(
                 String::new()
             },
             m.metric.name().into(),
-            value(m.metric, m.analytic),
-            value(m.metric, m.measured),
-            rel(m),
+            m.metric.show(m.analytic),
+            m.metric.show(m.measured),
+            m.rel_text(),
             m.status.as_str().into(),
         ]);
         first = false;

@@ -3,25 +3,8 @@
 use modelmeter::units;
 
 use super::{Case, Report};
-use crate::check::{Check, RowUnit};
-use crate::compare::{MetricRow, Status};
+use crate::compare::Status;
 use crate::results::LayerResult;
-
-fn value(metric: Check, v: u64) -> String {
-    match metric.unit() {
-        RowUnit::Byte => units::bytes(v),
-        RowUnit::Count => v.to_string(),
-        RowUnit::Flop => units::flops(v),
-        RowUnit::Nanosecond => crate::hardware::rows::duration(v),
-    }
-}
-
-fn rel(row: &MetricRow) -> String {
-    match row.rel_diff {
-        Some(r) => units::percent(r),
-        None => "inf".into(),
-    }
-}
 
 /// Rows of one layer: its metrics, or its error.
 fn layer_rows(layer: &LayerResult, rows: &mut Vec<Vec<String>>, notes: &mut Vec<String>) {
@@ -46,9 +29,9 @@ fn layer_rows(layer: &LayerResult, rows: &mut Vec<Vec<String>>, notes: &mut Vec<
         rows.push(vec![
             name,
             m.metric.name().into(),
-            value(m.metric, m.analytic),
-            value(m.metric, m.measured),
-            rel(m),
+            m.metric.show(m.analytic),
+            m.metric.show(m.measured),
+            m.rel_text(),
             m.status.as_str().into(),
         ]);
         if let Some(note) = &m.note {
