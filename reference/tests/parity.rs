@@ -248,6 +248,11 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
         mla("deepseek-v3"),
     );
     use AttentionImpl::{Eager, Sdpa};
+    // The vendor's q_a_layernorm and kv_a_layernorm keep DeepseekV2RMSNorm's default eps
+    // (1e-6) whatever rms_norm_eps says, as transformers' do: a config whose eps is not
+    // 1e-6 tells them apart.
+    let mut v2_eps = v2.clone();
+    v2_eps.rms_norm_eps = 1e-2;
     // The attention, naive (both cores) and absorbed, prefill and one decode step over a
     // cache: q_lora_rank null (V2-Lite) and set (V2, V3), YaRN as the checkpoints have it.
     // A decode step: transformers prefills its own latent cache from the context, and
@@ -262,6 +267,7 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
         (&v2, prefill.clone(), Sdpa),
         (&v2, decode.clone(), Eager),
         (&v2, absorbed(&decode), Eager),
+        (&v2_eps, decode.clone(), Sdpa),
         (&v3, prefill.clone(), Eager),
         (&v3, decode.clone(), Sdpa),
         (&v3, absorbed(&decode), Eager),
