@@ -1199,6 +1199,15 @@ def _probe_v2_rotary_interleaved():
         "DeepseekV2 rotates pairs (2i, 2i+1) in place; the vendor's output holds them at (i, i + d/2)"
 
 
+def _probe_yarn_attention_factor():
+    rp = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.0}
+    hf = DeepseekV3RotaryEmbedding(_tiny_mla_config("v3", rope_parameters=rp)).attention_scaling
+    vendor = yarn_get_mscale(40.0, 0.707) / yarn_get_mscale(40.0, 0.0)
+    return hf != vendor and hf == yarn_get_mscale(40.0), \
+        f"factor 40, mscale 0.707, mscale_all_dim 0: HF scales the tables by {hf:.4f}, the vendor by {vendor:.4f}"
+
+
 DIFFERENCES = [
     ("mla_latent_cache", "modeling_deepseek_v2.py:394-400, modeling_deepseek_v3.py:458-464", _probe_mla_latent_cache),
     ("v2_rotary_interleaved", "modeling_deepseek_v2.py:214-219, 259-272", _probe_v2_rotary_interleaved),
@@ -1208,6 +1217,7 @@ DIFFERENCES = [
      "modeling_deepseek_v3.py:120-158; configuration_deepseek_v3.py:81-116", _probe_v3_ignores_topk_method),
     ("v3_router_normalises_top1", "modeling_deepseek_v3.py:154-156", _probe_v3_top1_norm),
     ("v3_router_fills_minus_inf", "modeling_deepseek_v3.py:151", _probe_v3_minus_inf_fill),
+    ("yarn_attention_factor", "modeling_rope_utils.py:436-440", _probe_yarn_attention_factor),
 ]
 
 

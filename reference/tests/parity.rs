@@ -195,7 +195,7 @@ fn mla(name: &str) -> ModelConfig {
 #[derive(Default)]
 struct Expect {
     hf_class: Option<&'static str>,
-    adapters: &'static [&'static str],
+    adapters: Vec<&'static str>,
     /// MLA: (tokens transformers' kv_b_proj decompresses, tokens the vendor's does).
     kv_b_proj_tokens: Option<(u64, u64)>,
     /// MLA attention: checked against both DeepseekV2Attention and DeepseekV3Attention.
@@ -253,6 +253,11 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
     // 1e-6 tells them apart.
     let mut v2_eps = v2.clone();
     v2_eps.rms_norm_eps = 1e-2;
+    // YaRN without mscale_all_dim (the vendor's default, 0) and mscale ≠ 1: transformers
+    // would scale the tables by yarn_get_mscale(factor), the vendor by
+    // yarn_get_mscale(factor, mscale) / 1 (no DeepSeek checkpoint has that).
+    let mut lite_mscale = lite.clone();
+    lite_mscale.rope_scaling.as_mut().unwrap().mscale_all_dim = 0.0;
     // The attention, naive (both cores) and absorbed, prefill and one decode step over a
     // cache: q_lora_rank null (V2-Lite) and set (V2, V3), YaRN as the checkpoints have it.
     // A decode step: transformers prefills its own latent cache from the context, and
@@ -264,6 +269,7 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
         (&lite, decode.clone(), Sdpa),
         (&lite, absorbed(&prefill), Eager),
         (&lite, absorbed(&decode), Sdpa),
+        (&lite_mscale, decode.clone(), Eager),
         (&v2, prefill.clone(), Sdpa),
         (&v2, decode.clone(), Eager),
         (&v2, absorbed(&decode), Eager),
@@ -273,14 +279,17 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
         (&v3, absorbed(&decode), Eager),
     ] {
         let naive = workload.mla == MlaForm::Naive;
-        let (hf, vendor, adapters): (u64, u64, &[&str]) = match workload.phase {
-            modelmeter::Phase::Prefill { .. } => (b * s, if naive { b * s } else { 0 }, &[]),
+        let (hf, vendor, mut adapters) = match workload.phase {
+            modelmeter::Phase::Prefill { .. } => (b * s, if naive { b * s } else { 0 }, vec![]),
             modelmeter::Phase::Decode { .. } => (
                 b * (c + 1),
                 if naive { b } else { 0 },
-                &["mla_latent_cache"],
+                vec!["mla_latent_cache"],
             ),
         };
+        if config.rope_scaling.as_ref().unwrap().mscale_all_dim == 0.0 {
+            adapters.insert(0, "yarn_attention_factor");
+        }
         cases.add(ModuleKind::Attention, config, workload, attention);
         expect.push(Expect {
             adapters,
@@ -337,7 +346,11 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
         cases.add(kind, config, workload, attention);
         expect.push(Expect {
             hf_class: Some(class),
-            adapters: if decoding { &["mla_latent_cache"] } else { &[] },
+            adapters: if decoding {
+                vec!["mla_latent_cache"]
+            } else {
+                vec![]
+            },
             v3_router,
             ..Expect::default()
         });
@@ -370,7 +383,7 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
             cases.add(kind, config, Workload::prefill(2, 24).unwrap(), Sdpa);
             expect.push(Expect {
                 hf_class: Some(class),
-                adapters,
+                adapters: adapters.to_vec(),
                 v3_router: family == "V3",
                 ..Expect::default()
             });
@@ -493,6 +506,7 @@ fn the_named_differences_are_present_in_transformers() {
             "v3_router_ignores_topk_method_and_scoring_func",
             "v3_router_normalises_top1",
             "v3_router_fills_minus_inf",
+            "yarn_attention_factor",
         ]
     );
     for d in &found {
