@@ -338,6 +338,32 @@ pub(crate) fn counted<T>(
     }
 }
 
+/// The inputs of the uncounted prefill that fills the KV cache before a decode step of
+/// `module` (the seeded `context` tokens at positions 0 .. context_len), or `None` when
+/// the workload is a prefill or the module has no attention. The same seed gives the
+/// same values, so the parity export can hand them to transformers.
+pub(crate) fn context_inputs(
+    module: &RefModule,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    setup: &Setup,
+) -> Result<Option<StepInputs>> {
+    match (workload.phase, module.uses_positions()) {
+        (Phase::Decode { context_len }, true) => Ok(Some(step_inputs(
+            config,
+            setup,
+            workload.dtype,
+            "context",
+            workload.batch,
+            0,
+            context_len,
+            module.needs_mask(attention),
+        )?)),
+        _ => Ok(None),
+    }
+}
+
 /// A module with its inputs prepared (and, for a decode step, its KV cache filled by an
 /// uncounted prefill of `context_len` tokens).
 pub struct Prepared {
@@ -365,17 +391,7 @@ impl Prepared {
         let module = RefModule::build(kind, config, attention, workload.mla, dtype, &setup)?;
         let eager = module.needs_mask(attention);
         let mut cache = KvCache::new();
-        if let (Phase::Decode { context_len }, true) = (workload.phase, module.uses_positions()) {
-            let prefill = step_inputs(
-                config,
-                &setup,
-                dtype,
-                "context",
-                workload.batch,
-                0,
-                context_len,
-                eager,
-            )?;
+        if let Some(prefill) = context_inputs(&module, config, workload, attention, &setup)? {
             let _no_grad = tch::no_grad_guard();
             let _ = module.forward(&prefill, &mut cache)?;
         }

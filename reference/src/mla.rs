@@ -29,6 +29,11 @@ use crate::{prefixed, Parameters};
 /// A linear layer's weight and optional bias.
 type Linear = (Tensor, Option<Tensor>);
 
+/// The eps of `q_a_layernorm` and `kv_a_layernorm`: the vendor builds them as
+/// `DeepseekV2RMSNorm(config.q_lora_rank)` / `(config.kv_lora_rank)`, so they keep the
+/// class default whatever `rms_norm_eps` says (transformers' DeepseekV2/V3Attention too).
+const MLA_NORM_EPS: f64 = 1e-6;
+
 /// The query projection: `q_proj`, or `q_a_proj → q_a_layernorm → q_b_proj`.
 #[derive(Debug)]
 enum QueryProjection {
@@ -94,7 +99,7 @@ impl RefDeepseekV2Attention {
                     q_a_proj: projection("q_a_proj", r_q, h, true)?,
                     q_a_layernorm: RefDeepseekV2RMSNorm::with_width(
                         r_q,
-                        config.rms_norm_eps,
+                        MLA_NORM_EPS,
                         &init.sub("q_a_layernorm"),
                     )?,
                     q_b_proj: init.linear("q_b_proj.weight", heads * d_qk, r_q)?,
@@ -106,7 +111,7 @@ impl RefDeepseekV2Attention {
             kv_a_proj_with_mqa: projection("kv_a_proj_with_mqa", r_kv + d_r, h, true)?,
             kv_a_layernorm: RefDeepseekV2RMSNorm::with_width(
                 r_kv,
-                config.rms_norm_eps,
+                MLA_NORM_EPS,
                 &init.sub("kv_a_layernorm"),
             )?,
             kv_b_proj: init.linear("kv_b_proj.weight", heads * (d_n + d_v), r_kv)?,

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use modelmeter::layers::AttentionImpl;
-use modelmeter::{Dtype, MlpKind, ModelConfig, Phase, Workload};
+use modelmeter::{Dtype, MlaForm, MlpKind, ModelConfig, Phase, Workload};
 use serde::Deserialize;
 use serde_json::json;
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::harness::{ModuleKind, Prepared, RefModule};
+use crate::harness::{context_inputs, ModuleKind, Prepared, RefModule};
 use crate::weights::Setup;
 use crate::Parameters;
 
@@ -55,12 +55,30 @@ pub fn export_case(
     attention: AttentionImpl,
     seed: u64,
 ) -> Result<()> {
+    export_edited_case(dir, kind, config, workload, attention, seed, |_| Ok(()))
+}
+
+/// [`export_case`] after `edit` has changed the prepared module or its inputs in place
+/// (a parameter set to a chosen value, through the storage that
+/// [`Parameters::parameters`] shares): the reference output is computed after the edit.
+/// For cases that the seeded draw does not reach.
+pub fn export_edited_case(
+    dir: &Path,
+    kind: ModuleKind,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    seed: u64,
+    edit: impl FnOnce(&mut Prepared) -> Result<()>,
+) -> Result<()> {
     let workload = workload.clone().with_dtype(Dtype::F32)?;
     let setup = Setup {
         device: Device::Cpu,
         seed,
     };
-    export_case_on(dir, kind, config, &workload, attention, &setup)
+    let mut prepared = Prepared::new(kind, config, &workload, attention, &setup)?;
+    edit(&mut prepared)?;
+    export_prepared(dir, prepared, config, &workload, attention, &setup)
 }
 
 /// Writes the case of `kind` as the module runs on `setup.device` in the workload's
@@ -74,10 +92,29 @@ pub fn export_case_on(
     attention: AttentionImpl,
     setup: &Setup,
 ) -> Result<()> {
-    let mut prepared = Prepared::new(kind, config, workload, attention, setup)?;
+    let prepared = Prepared::new(kind, config, workload, attention, setup)?;
+    export_prepared(dir, prepared, config, workload, attention, setup)
+}
+
+fn export_prepared(
+    dir: &Path,
+    mut prepared: Prepared,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    setup: &Setup,
+) -> Result<()> {
+    let kind = prepared.kind;
     let _no_grad = tch::no_grad_guard();
     let mut tensors: Vec<(String, Tensor)> = prepared.module.parameters();
     tensors.push(("input".into(), prepared.inputs.hidden.shallow_clone()));
+    // The tokens whose prefill filled the cache of a decode step: transformers' MLA
+    // caches the latent, which the vendor's decompressed keys and values cannot be turned
+    // back into, so it prefills its own cache from them.
+    if let Some(context) = context_inputs(&prepared.module, config, workload, attention, setup)? {
+        tensors.push(("context".into(), context.hidden));
+        tensors.push(("context_position_ids".into(), context.position_ids));
+    }
     if let RefModule::Attention(_) | RefModule::Decoder(_) = prepared.module {
         tensors.push((
             "position_ids".into(),
@@ -125,10 +162,14 @@ pub fn export_case_on(
         _ => 0,
     };
     let moe = config.moe.clone();
+    let routing = moe.as_ref().map(|m| m.routing);
+    let mla = config.mla.as_ref();
     let description = json!({
         "module": module_name(kind),
         "phase": match workload.phase { Phase::Prefill { .. } => "prefill", Phase::Decode { .. } => "decode" },
         "attn": match attention { AttentionImpl::Sdpa => "sdpa", AttentionImpl::Eager => "eager" },
+        // MLA only: the vendor form the reference ran (what its cache holds).
+        "mla_form": mla.map(|_| match workload.mla { MlaForm::Naive => "naive", MlaForm::Absorb => "absorb" }),
         "config": {
             "hidden_size": config.hidden_size,
             "intermediate_size": config.intermediate_size,
@@ -147,6 +188,25 @@ pub fn export_case_on(
             "attention_bias": config.attention_bias,
             "mlp_kind": match config.layer_kind(layer_idx)? { MlpKind::Dense => "dense", MlpKind::Moe => "sparse" },
             "layer_idx": layer_idx,
+            "scoring_func": routing.map(|r| r.scoring_func.name()),
+            "topk_method": routing.map(|r| r.topk_method.name()),
+            "n_group": routing.map(|r| r.n_group),
+            "topk_group": routing.map(|r| r.topk_group),
+            "q_lora_rank": mla.and_then(|m| m.q_lora_rank),
+            "kv_lora_rank": mla.map(|m| m.kv_lora_rank),
+            "qk_nope_head_dim": mla.map(|m| m.qk_nope_head_dim),
+            "qk_rope_head_dim": mla.map(|m| m.qk_rope_head_dim),
+            "v_head_dim": mla.map(|m| m.v_head_dim),
+            "rope_scaling": config.rope_scaling.as_ref().map(|y| json!({
+                "type": "yarn",
+                "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings,
+                "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow,
+                "mscale": y.mscale,
+                "mscale_all_dim": y.mscale_all_dim,
+            })),
+            "max_position_embeddings": config.max_position_embeddings,
         },
     });
     let path = dir.join("case.json");
@@ -167,6 +227,71 @@ pub struct ParityResult {
     pub ok: bool,
     #[serde(default)]
     pub error: Option<String>,
+    /// `prefill` or `decode`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// The transformers class that ran the case (MoE, gate, MLA decoder layer).
+    #[serde(default)]
+    pub hf_class: Option<String>,
+    /// MLA attention: rel_err against each transformers attention class.
+    #[serde(default)]
+    pub rel_err_by_class: std::collections::BTreeMap<String, Option<f64>>,
+    /// The named adapters that bridged a known difference (README).
+    #[serde(default)]
+    pub adapters: Vec<String>,
+    /// Gate cases: whether the selected experts are equal as sets per token.
+    #[serde(default)]
+    pub idx_match: Option<bool>,
+    /// MLA decode: ‖HF's cache, decompressed − the exported cache‖ / ‖exported‖.
+    #[serde(default)]
+    pub cache_rel_err: Option<f64>,
+    /// MLA: tokens transformers' `kv_b_proj` decompressed in the step (every cached one).
+    #[serde(default)]
+    pub hf_kv_b_proj_tokens: Option<u64>,
+    /// MLA: tokens the vendor's `kv_b_proj` decompresses in the step (the new ones; 0 absorbed).
+    #[serde(default)]
+    pub vendor_kv_b_proj_tokens: Option<u64>,
+    /// V3 router: tokens whose experts transformers' −inf fill could choose differently
+    /// from the vendor's 0.0 fill.
+    #[serde(default)]
+    pub v3_fill_sensitive_rows: Option<u64>,
+}
+
+/// One known difference between transformers and the vendor code, probed on the
+/// installed transformers (`parity.py --known-differences`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct KnownDifference {
+    pub difference: String,
+    pub present: bool,
+    /// Where transformers does it (file:line).
+    pub evidence: String,
+    pub detail: String,
+}
+
+/// Probes every difference the parity adapters name; an error when the script cannot run.
+pub fn known_differences() -> Result<Vec<KnownDifference>> {
+    let python = python();
+    let out = Command::new(&python)
+        .arg(script())
+        .arg("--known-differences")
+        .output()
+        .map_err(|e| Error::Parity(format!("cannot run {}: {e}", python.display())))?;
+    let found: Vec<KnownDifference> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::Parity(format!("unreadable difference line {l}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    if found.is_empty() || out.status.code() == Some(2) {
+        return Err(Error::Parity(format!(
+            "parity.py --known-differences exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(found)
 }
 
 /// Runs the parity script over `dirs`; one result per case. An error when the script

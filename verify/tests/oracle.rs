@@ -74,6 +74,53 @@ fn other_shapes_agree_too() {
 }
 
 #[test]
+fn mla_and_the_v3_router_have_the_transformers_witness_too() {
+    // DeepSeek-V2-Lite's MLA (eager prefill, full size) and DeepSeek-V3's noaux_tc gate:
+    // exact against DeepseekV2Attention / DeepseekV3TopkRouter, as DeepSeek-OCR's layers are.
+    let mla = [
+        "--config",
+        "deepseek-v2-lite",
+        "--layers",
+        "DeepseekV2Attention",
+        "--attn",
+        "eager",
+        "--dtype",
+        "fp32",
+        "--batch",
+        "1",
+    ];
+    assert_oracle_agrees(&[&mla[..], &["--seq-len", "16"]].concat());
+    assert_oracle_agrees(&[
+        "--config",
+        "deepseek-v3",
+        "--layers",
+        "MoEGate",
+        "--dtype",
+        "fp32",
+        "--seq-len",
+        "16",
+    ]);
+    // One decode step: the outputs agree, but transformers caches the latent and
+    // re-decompresses all C = 16 cached tokens with kv_b_proj at every step (a named
+    // difference, reference/parity/README.md): 2·C·r_kv·H·(d_n + d_v) = 2·16·512·16·256
+    // more aten::mm FLOPs in torch's count, and nothing else.
+    let args = [&mla[..], &["--phase", "decode", "--context-len", "16"]].concat();
+    let (code, j, stderr) = verify(&args);
+    assert_eq!(code, Some(1), "{stderr}");
+    let layer = &j["layers"][0];
+    assert_eq!(row(layer, "oracle_output")["status"], "pass", "{layer}");
+    let flops = row(layer, "oracle_flops");
+    assert_eq!(flops["status"], "fail", "{flops}");
+    let extra = flops["analytic"].as_u64().unwrap() - flops["measured"].as_u64().unwrap();
+    assert_eq!(extra, 2 * 16 * 512 * 16 * 256, "{flops}");
+    let note = flops["note"].as_str().unwrap();
+    assert!(
+        note.ends_with("disagrees: aten::mm 27525120 here, 94633984 in torch"),
+        "{note}"
+    );
+}
+
+#[test]
 fn a_wrong_formula_shared_by_both_sides_is_caught_only_by_the_oracle() {
     // aten::mm counted twice in a scratch copy of the table: the analytic layers and the
     // counter still agree (they share the table); torch's FlopCounterMode does not.
