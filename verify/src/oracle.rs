@@ -130,7 +130,7 @@ pub fn apply(plan: &Plan, results: &mut [LayerResult], oracle: &Oracle) {
         device: plan.device,
         seed: plan.seed,
     };
-    let mut cases: Vec<(usize, PathBuf, u64)> = Vec::new();
+    let mut cases: Vec<(usize, PathBuf, Adjustments)> = Vec::new();
     for (i, (pairing, result)) in plan.layers.iter().zip(results.iter_mut()).enumerate() {
         if result.status == Status::Error {
             continue;
@@ -152,7 +152,7 @@ pub fn apply(plan: &Plan, results: &mut [LayerResult], oracle: &Oracle) {
                 .map_err(|e| e.to_string())
             });
         match exported {
-            Ok(dir) => cases.push((i, dir, rotary_matmul_flops(plan, *pairing))),
+            Ok(dir) => cases.push((i, dir, Adjustments::of(plan, *pairing))),
             Err(e) => add_rows(result, vec![oracle_error(format!("export: {e}"))]),
         }
     }
@@ -161,9 +161,9 @@ pub fn apply(plan: &Plan, results: &mut [LayerResult], oracle: &Oracle) {
         let dtype = plan.workload.dtype.to_string();
         match run_oracle(&oracle.python, &device_name(plan.device), &dtype, &dirs) {
             Ok(answers) => {
-                for ((i, _, rotary), answer) in cases.iter().zip(answers) {
+                for ((i, _, adjust), answer) in cases.iter().zip(answers) {
                     let result = &mut results[*i];
-                    let rows = rows(result, &answer, plan.workload.dtype, *rotary);
+                    let rows = rows(result, &answer, plan.workload.dtype, adjust);
                     add_rows(result, rows);
                 }
             }
@@ -191,6 +191,60 @@ fn oracle_error(message: String) -> MetricRow {
         status: Status::Fail,
         note: Some(format!("the oracle could not check this layer: {message}")),
     }
+}
+
+/// What differs between this project's FlopCounterMode-compatible count and torch's on
+/// the transformers module because transformers computes differently, by a named amount
+/// (reference/parity/README.md): the count here is adjusted by exactly that, and the row's
+/// note says so.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Adjustments {
+    /// `aten::bmm` FLOPs of the vendor's rotary-angle matmul, which transformers computes
+    /// elementwise.
+    rotary_bmm: u64,
+    /// `aten::mm` FLOPs transformers' MLA spends at a decode step re-decompressing its C
+    /// cached latent tokens with `kv_b_proj` (it caches the latent; the vendor caches the
+    /// decompressed keys and values): 2·B·C·r_kv·H·(d_n + d_v).
+    latent_mm: u64,
+}
+
+impl Adjustments {
+    fn of(plan: &Plan, pairing: crate::pairing::Pairing) -> Adjustments {
+        Adjustments {
+            rotary_bmm: rotary_matmul_flops(plan, pairing),
+            latent_mm: latent_redecompression_flops(plan, pairing),
+        }
+    }
+}
+
+/// [`Adjustments::latent_mm`] for `pairing` under `plan`: only layers with MLA attention
+/// in the vendor's naive form at a decode step; 0 otherwise (and on overflow, where the
+/// analytic side has already refused).
+fn latent_redecompression_flops(plan: &Plan, pairing: crate::pairing::Pairing) -> u64 {
+    use modelmeter::layers::LayerId;
+    let (Some(mla), modelmeter::Phase::Decode { context_len }) =
+        (&plan.config.mla, plan.workload.phase)
+    else {
+        return 0;
+    };
+    let has_attention = matches!(
+        pairing.layer,
+        LayerId::Attention | LayerId::DecoderDense | LayerId::DecoderMoe
+    );
+    if !has_attention || plan.workload.mla != modelmeter::MlaForm::Naive {
+        return 0;
+    }
+    let width = mla.qk_nope_head_dim.saturating_add(mla.v_head_dim);
+    [
+        plan.workload.batch,
+        context_len,
+        mla.kv_lora_rank,
+        plan.config.num_attention_heads,
+        width,
+    ]
+    .iter()
+    .try_fold(2u64, |acc, n| acc.checked_mul(*n))
+    .unwrap_or(0)
 }
 
 /// The role of the vendor rotary-angle matmul in the analytic cost tree.
@@ -241,7 +295,12 @@ fn op_differences(ours: &BTreeMap<String, u64>, theirs: &BTreeMap<String, u64>) 
     out
 }
 
-fn rows(result: &LayerResult, answer: &OracleResult, dtype: Dtype, rotary: u64) -> Vec<MetricRow> {
+fn rows(
+    result: &LayerResult,
+    answer: &OracleResult,
+    dtype: Dtype,
+    adjust: &Adjustments,
+) -> Vec<MetricRow> {
     let (Some(total), Some(err)) = (answer.fcm_total, answer.rel_err) else {
         let why = answer
             .error
@@ -251,6 +310,15 @@ fn rows(result: &LayerResult, answer: &OracleResult, dtype: Dtype, rotary: u64) 
     };
     let mut ours = measured_fcm_ops(result);
     let mut adjustments = Vec::new();
+    let rotary = adjust.rotary_bmm;
+    if adjust.latent_mm > 0 {
+        let mm = ours.entry("aten::mm".to_string()).or_insert(0);
+        *mm = mm.saturating_add(adjust.latent_mm);
+        adjustments.push(format!(
+            "adjusted: +{} aten::mm FLOPs here, transformers' MLA re-decompressing its cached latent with kv_b_proj at this decode step (the vendor caches keys and values)",
+            adjust.latent_mm
+        ));
+    }
     if rotary > 0 {
         if let Some(bmm) = ours.get_mut("aten::bmm") {
             *bmm = bmm.saturating_sub(rotary);
