@@ -283,6 +283,38 @@ fn mla_configs_verify_exactly_in_both_forms() {
 }
 
 #[test]
+fn every_layer_of_deepseek_v2_lite_verifies_exactly_at_full_size() {
+    // Issue 16's CI check: the V2-Lite fixture, nothing reduced (its MoE layers' 64
+    // experts are built on the CPU), a short workload: exit 0 and every exact row exact.
+    let dir = TempDir::new("v2-lite");
+    let json = dir.path("r.json");
+    let o = verify(
+        &[
+            "--device",
+            "cpu",
+            "--config",
+            "deepseek-v2-lite",
+            "--seq-len",
+            "8",
+            "--json",
+            json.to_str().unwrap(),
+            "-q",
+        ],
+        &[],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let j = read_json(&json);
+    assert_eq!(j["layers"].as_array().unwrap().len(), 7);
+    assert_exact(&j["layers"]);
+}
+
+#[test]
 fn sweep_of_50_passes_with_exact_rows() {
     let dir = TempDir::new("sweep");
     let json = dir.path("r.json");
