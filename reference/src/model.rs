@@ -179,7 +179,7 @@ impl GreedyGeneration<'_> {
         ffi::set_tf32_matmul_allowed(self.allow_tf32)?;
         let len = self.input_ids.size().get(1).copied().unwrap_or(0) as u64;
         // The eager core and MLA's absorbed form add the causal mask.
-        let eager = model
+        let needs_mask = model
             .layers
             .iter()
             .any(|layer| layer.needs_mask(model.attention));
@@ -189,7 +189,7 @@ impl GreedyGeneration<'_> {
             len,
             kind_of(model.dtype)?,
             device,
-            eager,
+            needs_mask,
         )?;
         let mut parts = Vec::with_capacity(model.layers.len() + 3);
         let mut hidden = self.input_ids.shallow_clone();

@@ -5,6 +5,24 @@ use serde_json::Value;
 mod common;
 use common::{read_json, text, verify_env as verify, TempDir, EXACT};
 
+/// Runs `verify-decoder` with `args` plus `--json FILE -q`, asserts it exits 0, and
+/// returns the JSON report.
+fn passing_report(tag: &str, args: &[&str]) -> Value {
+    let dir = TempDir::new(tag);
+    let json = dir.path("r.json");
+    let mut all = args.to_vec();
+    all.extend(["--json", json.to_str().unwrap(), "-q"]);
+    let o = verify(&all, &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{args:?}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    read_json(&json)
+}
+
 /// Every exact row has rel_diff exactly 0 and status pass; the flops row passes except
 /// RMSNorm's, which is the known gap.
 fn assert_exact(layers: &Value) {
@@ -148,30 +166,10 @@ fn default_workload_on_cpu_passes_with_exact_rows_and_valid_reports() {
 
 #[test]
 fn bf16_on_cpu_splits_engines_exactly() {
-    let dir = TempDir::new("bf16");
-    let json = dir.path("r.json");
-    let o = verify(
-        &[
-            "--device",
-            "cpu",
-            "--dtype",
-            "bf16",
-            "--seq-len",
-            "32",
-            "--json",
-            json.to_str().unwrap(),
-            "-q",
-        ],
-        &[],
+    let j = passing_report(
+        "bf16",
+        &["--device", "cpu", "--dtype", "bf16", "--seq-len", "32"],
     );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    let j = read_json(&json);
     assert_eq!(j["environment"]["dtype"], "bf16");
     assert_exact(&j["layers"]);
     let metric = |layer: usize, name: &str| -> u64 {
@@ -195,9 +193,8 @@ fn bf16_on_cpu_splits_engines_exactly() {
 
 #[test]
 fn decode_and_eager_pass_exactly() {
-    let dir = TempDir::new("decode");
-    let json = dir.path("r.json");
-    let o = verify(
+    let j = passing_report(
+        "decode",
         &[
             "--device",
             "cpu",
@@ -209,20 +206,8 @@ fn decode_and_eager_pass_exactly() {
             "2",
             "--attn",
             "eager",
-            "--json",
-            json.to_str().unwrap(),
-            "-q",
         ],
-        &[],
     );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    let j = read_json(&json);
     assert_eq!(j["workload"]["context_len"], 40);
     assert_eq!(j["layers"][6]["name"], "LlamaAttention");
     assert_exact(&j["layers"]);
@@ -230,8 +215,8 @@ fn decode_and_eager_pass_exactly() {
 
 #[test]
 fn mla_configs_verify_exactly_in_both_forms() {
-    // DeepSeek-V2-Lite's every layer is checked in the full run (docs/deepseek-family.md);
-    // here its attention in both MLA forms and V3's noaux_tc gate, at small workloads.
+    // DeepSeek-V2-Lite's every layer is checked below; here its attention in both MLA
+    // forms, at batch 2, and V3's noaux_tc gate, at small workloads.
     for (config, extra, name) in [
         (
             "deepseek-v2-lite",
@@ -252,31 +237,11 @@ fn mla_configs_verify_exactly_in_both_forms() {
         ),
         ("deepseek-v3", vec!["--seq-len", "16"], "MoEGate"),
     ] {
-        let dir = TempDir::new("mla");
-        let json = dir.path("r.json");
         let mut args = vec![
-            "--device",
-            "cpu",
-            "--config",
-            config,
-            "--batch",
-            "2",
-            "--layers",
-            name,
-            "--json",
-            json.to_str().unwrap(),
-            "-q",
+            "--device", "cpu", "--config", config, "--batch", "2", "--layers", name,
         ];
         args.extend(extra);
-        let o = verify(&args, &[]);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{config}: {}{}",
-            text(&o.stdout),
-            text(&o.stderr)
-        );
-        let j = read_json(&json);
+        let j = passing_report("mla", &args);
         assert_eq!(j["layers"][0]["name"], name);
         assert_exact(&j["layers"]);
     }
@@ -286,9 +251,8 @@ fn mla_configs_verify_exactly_in_both_forms() {
 fn every_layer_of_deepseek_v2_lite_verifies_exactly_at_full_size() {
     // Issue 16's CI check: the V2-Lite fixture, nothing reduced (its MoE layers' 64
     // experts are built on the CPU), a short workload: exit 0 and every exact row exact.
-    let dir = TempDir::new("v2-lite");
-    let json = dir.path("r.json");
-    let o = verify(
+    let j = passing_report(
+        "v2-lite",
         &[
             "--device",
             "cpu",
@@ -296,20 +260,8 @@ fn every_layer_of_deepseek_v2_lite_verifies_exactly_at_full_size() {
             "deepseek-v2-lite",
             "--seq-len",
             "8",
-            "--json",
-            json.to_str().unwrap(),
-            "-q",
         ],
-        &[],
     );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    let j = read_json(&json);
     assert_eq!(j["layers"].as_array().unwrap().len(), 7);
     assert_exact(&j["layers"]);
 }
