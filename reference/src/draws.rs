@@ -34,14 +34,18 @@ pub fn fill_normal(stream: u64, out: &mut [f32], scale: f32, shift: f32) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Small tensors are not worth a thread.
     let chunk = out.len().div_ceil(threads).max(1 << 16);
+    let fill = move |start: usize, part: &mut [f32]| {
+        for (i, v) in part.iter_mut().enumerate() {
+            *v = shift + scale * normal(stream, (start + i) as u64);
+        }
+    };
+    if out.len() <= chunk {
+        // One chunk: no thread to start (most parameters: biases, norms, one expert's rows).
+        return fill(0, out);
+    }
     std::thread::scope(|scope| {
         for (c, part) in out.chunks_mut(chunk).enumerate() {
-            let start = (c * chunk) as u64;
-            scope.spawn(move || {
-                for (i, v) in part.iter_mut().enumerate() {
-                    *v = shift + scale * normal(stream, start + i as u64);
-                }
-            });
+            scope.spawn(move || fill(c * chunk, part));
         }
     });
 }
