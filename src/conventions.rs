@@ -42,11 +42,35 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 
 /// Shape and element type of a tensor argument.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// In a layer's op list a tensor may also name the allocation that holds it (its
+/// [`StorageId`], given by the [`crate::metrics::CostBuilder`] op that allocated it, and
+/// passed on by views), so the builder can tell when its memory is released: the
+/// liveness behind `peak_activation_bytes`. Two metas are equal when shape and dtype
+/// are; the storage is bookkeeping, not part of the tensor's description.
+#[derive(Clone, Debug)]
 pub struct TensorMeta {
     pub shape: Vec<u64>,
     pub dtype: Dtype,
+    storage: Option<StorageId>,
 }
+
+/// Which allocation of which cost builder holds a tensor (see [`TensorMeta`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StorageId {
+    /// The builder, unique per thread while it lives.
+    pub(crate) builder: u64,
+    /// The allocation's index in that builder.
+    pub(crate) index: usize,
+}
+
+impl PartialEq for TensorMeta {
+    fn eq(&self, other: &TensorMeta) -> bool {
+        self.shape == other.shape && self.dtype == other.dtype
+    }
+}
+
+impl Eq for TensorMeta {}
 
 impl TensorMeta {
     /// A tensor of `shape` and `dtype`.
@@ -54,7 +78,25 @@ impl TensorMeta {
         TensorMeta {
             shape: shape.to_vec(),
             dtype,
+            storage: None,
         }
+    }
+
+    /// The allocation holding this tensor, when a cost builder made it.
+    pub fn storage(&self) -> Option<StorageId> {
+        self.storage
+    }
+
+    /// This tensor held by `storage` (an op's output, or a view of `storage`'s tensor).
+    pub(crate) fn held_by(mut self, storage: Option<StorageId>) -> TensorMeta {
+        self.storage = storage;
+        self
+    }
+
+    /// A view of this tensor with another shape (`view`, `reshape` of a contiguous
+    /// tensor, `transpose`): the same storage, no allocation.
+    pub fn viewed_as(&self, shape: &[u64]) -> TensorMeta {
+        TensorMeta::new(shape, self.dtype).held_by(self.storage)
     }
 
     /// Number of elements.

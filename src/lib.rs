@@ -30,6 +30,7 @@ pub mod conventions;
 pub mod dtype;
 pub mod error;
 pub mod layers;
+pub mod liveness;
 pub mod metrics;
 pub mod mla_config;
 pub mod overflow;

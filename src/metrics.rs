@@ -4,8 +4,9 @@ use serde::Serialize;
 
 use crate::allocator::cuda_round_size;
 use crate::checked::sum;
-use crate::conventions::{convention, is_in_place, Arg, OpCost, Rule, TensorMeta, Tf32};
+use crate::conventions::{convention, is_in_place, Arg, OpCost, Rule, StorageId, TensorMeta, Tf32};
 use crate::error::{Error, Result};
+use crate::liveness::{Liveness, Peak};
 
 /// The metrics of one layer call, exact integers in base units (FLOPs and bytes).
 ///
@@ -164,6 +165,15 @@ pub struct Cost {
     /// tensor rounded up to its block ([`crate::allocator::cuda_round_size`]).
     #[serde(skip)]
     pub cuda_activation_bytes: u64,
+    /// The call's memory footprint (`peak_activation_bytes`), from the liveness of its
+    /// tensors ([`crate::liveness`]); zero for op leaves.
+    pub peak: Peak,
+    /// [`Cost::peak`] with each tensor rounded to its CUDA caching-allocator block.
+    #[serde(skip)]
+    pub cuda_peak: Peak,
+    /// What the call returns, tensor by tensor, as `[bytes, CUDA block bytes]`.
+    #[serde(skip)]
+    pub returned: Vec<[u64; 2]>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<Cost>,
 }
@@ -203,6 +213,15 @@ impl Cost {
             self.cuda_activation_bytes.checked_mul(n).ok_or_else(|| {
                 Error::overflow(format!("CUDA blocks of {} calls of {}", n, self.name))
             })?;
+        self.peak = self.peak.repeated(n, &self.name)?;
+        self.cuda_peak = self.cuda_peak.repeated(n, &self.name)?;
+        for part in &mut self.returned {
+            for size in part.iter_mut() {
+                *size = size.checked_mul(n).ok_or_else(|| {
+                    Error::overflow(format!("returned bytes of {} calls of {}", n, self.name))
+                })?;
+            }
+        }
         self.children = self
             .children
             .into_iter()
@@ -232,6 +251,10 @@ pub fn sums_only<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+fn describe(t: &TensorMeta) -> String {
+    format!("a {:?} {} tensor", t.shape, t.dtype)
+}
+
 /// Builds a [`Cost`] node op by op, in the order the vendor code runs them.
 #[derive(Debug)]
 pub struct CostBuilder {
@@ -239,6 +262,12 @@ pub struct CostBuilder {
     allow_tf32: bool,
     /// Keep sums only (inside [`sums_only`]).
     sums_only: bool,
+    /// Which of the node's tensors are allocated, op by op.
+    liveness: Liveness,
+    /// What the call returns ([`CostBuilder::returns`]); `None` until said.
+    returned: Option<Vec<Option<StorageId>>>,
+    /// Its own tensors it leaves allocated ([`CostBuilder::keeps`]).
+    kept: Vec<Option<StorageId>>,
 }
 
 impl CostBuilder {
@@ -250,22 +279,30 @@ impl CostBuilder {
                 op: None,
                 metrics: Metrics::default(),
                 cuda_activation_bytes: 0,
+                peak: Peak::default(),
+                cuda_peak: Peak::default(),
+                returned: Vec::new(),
                 children: Vec::new(),
             },
             allow_tf32,
             sums_only: SUMS_ONLY.with(|s| s.get()),
+            liveness: Liveness::new(),
+            returned: None,
+            kept: Vec::new(),
         }
     }
 
     /// Records one ATen op call: `inputs` as the dispatcher sees them, `outputs` the
     /// tensors it allocates (for byte metrics). FLOPs come from the conventions table.
+    /// Returns the outputs, each held by its allocation (a view's or an in-place op's by
+    /// its first tensor argument's), to be released where the vendor code drops them.
     pub fn op(
         &mut self,
         role: &str,
         op: &'static str,
         inputs: &[Arg],
         outputs: &[TensorMeta],
-    ) -> Result<()> {
+    ) -> Result<Vec<TensorMeta>> {
         self.op_with_host_outputs(role, op, inputs, outputs, &[])
     }
 
@@ -280,7 +317,7 @@ impl CostBuilder {
         inputs: &[Arg],
         outputs: &[TensorMeta],
         host: &[TensorMeta],
-    ) -> Result<()> {
+    ) -> Result<Vec<TensorMeta>> {
         let conv =
             convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         let OpCost {
@@ -298,20 +335,32 @@ impl CostBuilder {
         };
         // What the op allocates: its outputs, unless it is a view or composite (nothing
         // of its own) or works in place (it returns its argument).
-        let (activation_bytes, cuda_activation_bytes) =
-            if matches!(conv.rule, Rule::View | Rule::Composite) || is_in_place(op) {
-                (0, 0)
-            } else {
-                let (mut written, mut blocks) = (0, 0);
-                for t in outputs {
-                    let bytes = t.bytes()?;
-                    let block = cuda_round_size(bytes, 0)
-                        .ok_or_else(|| Error::overflow(format!("the CUDA block of {op}")))?;
-                    written = sum("activation_bytes", &[written, bytes])?;
-                    blocks = sum("CUDA activation blocks", &[blocks, block])?;
-                }
-                (written, blocks)
-            };
+        let allocates = !(matches!(conv.rule, Rule::View | Rule::Composite) || is_in_place(op));
+        let (mut activation_bytes, mut cuda_activation_bytes) = (0, 0);
+        let mut held = Vec::with_capacity(outputs.len());
+        if allocates {
+            for t in outputs {
+                let bytes = t.bytes()?;
+                let block = cuda_round_size(bytes, 0)
+                    .ok_or_else(|| Error::overflow(format!("the CUDA block of {op}")))?;
+                activation_bytes = sum("activation_bytes", &[activation_bytes, bytes])?;
+                cuda_activation_bytes =
+                    sum("CUDA activation blocks", &[cuda_activation_bytes, block])?;
+                // An empty tensor allocates nothing and holds nothing.
+                let storage = if bytes == 0 {
+                    None
+                } else {
+                    Some(self.liveness.allocate([bytes, block])?)
+                };
+                held.push(t.clone().held_by(storage));
+            }
+        } else {
+            let base = inputs.iter().find_map(|a| match a {
+                Arg::Tensor(t) => t.storage(),
+                _ => None,
+            });
+            held.extend(outputs.iter().map(|t| t.clone().held_by(base)));
+        }
         let metrics = Metrics {
             matmul_flops,
             elementwise_flops,
@@ -322,15 +371,20 @@ impl CostBuilder {
             ..Metrics::default()
         };
         if self.sums_only {
-            return self.add(&metrics, cuda_activation_bytes);
+            self.add(&metrics, cuda_activation_bytes)?;
+            return Ok(held);
         }
         self.push(Cost {
             name: role.to_string(),
             op: Some(op),
             metrics,
             cuda_activation_bytes,
+            peak: Peak::default(),
+            cuda_peak: Peak::default(),
+            returned: Vec::new(),
             children: Vec::new(),
-        })
+        })?;
+        Ok(held)
     }
 
     /// Records an op call that hands back its input unchanged (`contiguous()` of a
@@ -346,13 +400,71 @@ impl CostBuilder {
             op: Some(op),
             metrics: Metrics::default(),
             cuda_activation_bytes: 0,
+            peak: Peak::default(),
+            cuda_peak: Peak::default(),
+            returned: Vec::new(),
             children: Vec::new(),
         })
     }
 
-    /// Adds a sub-layer.
+    /// Adds a sub-layer call whose outputs stay allocated until this node returns.
     pub fn child(&mut self, child: Cost) -> Result<()> {
+        self.liveness
+            .call([child.peak, child.cuda_peak], &child.returned)?;
         self.push(child)
+    }
+
+    /// Adds a sub-layer call that returns tensors like `outputs` (as many as the child
+    /// said it returns); each result is held by its own allocation, so this node can
+    /// release it.
+    pub fn call(&mut self, child: Cost, outputs: &[&TensorMeta]) -> Result<Vec<TensorMeta>> {
+        if child.returned.len() != outputs.len() {
+            return Err(Error::op_shape(
+                &child.name,
+                format!(
+                    "returns {} tensors, the caller expects {}",
+                    child.returned.len(),
+                    outputs.len()
+                ),
+            ));
+        }
+        let storages = self
+            .liveness
+            .call([child.peak, child.cuda_peak], &child.returned)?;
+        self.push(child)?;
+        Ok(outputs
+            .iter()
+            .zip(storages)
+            .map(|(t, s)| (*t).clone().held_by(s))
+            .collect())
+    }
+
+    /// The vendor code drops its last reference to each of `tensors` here (a temporary
+    /// consumed, a local reassigned): their allocations are freed. Tensors this node did
+    /// not allocate (its inputs, a cast that changed nothing) are skipped; releasing one
+    /// twice is an error.
+    pub fn release(&mut self, tensors: &[&TensorMeta]) -> Result<()> {
+        for t in tensors {
+            self.liveness.release(
+                t.storage(),
+                &format!("{} of {}", describe(t), self.node.name),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The call returns `outputs`; every other tensor of its own not [`kept`] is freed
+    /// when it returns (Python's locals). Without it, all that is live at the end counts
+    /// as returned.
+    ///
+    /// [`kept`]: CostBuilder::keeps
+    pub fn returns(&mut self, outputs: &[&TensorMeta]) {
+        self.returned = Some(outputs.iter().map(|t| t.storage()).collect());
+    }
+
+    /// The call leaves `tensors` allocated for later calls (the KV cache).
+    pub fn keeps(&mut self, tensors: &[&TensorMeta]) {
+        self.kept.extend(tensors.iter().map(|t| t.storage()));
     }
 
     /// Adds parameters of `bytes` owned by this node itself (not by a child).
@@ -387,7 +499,12 @@ impl CostBuilder {
     }
 
     /// The finished node.
-    pub fn finish(self) -> Cost {
+    pub fn finish(mut self) -> Cost {
+        let ([peak, cuda_peak], returned) =
+            self.liveness.finish(self.returned.as_deref(), &self.kept);
+        self.node.peak = peak;
+        self.node.cuda_peak = cuda_peak;
+        self.node.returned = returned;
         self.node
     }
 }

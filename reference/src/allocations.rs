@@ -117,6 +117,18 @@ pub enum EventKind {
     OutOfMemory,
 }
 
+/// What the op outputs of a region allocated on one device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OutputFootprint {
+    /// Bytes of the allocations that made op outputs.
+    pub bytes: u64,
+    /// How many allocations those were.
+    pub count: u64,
+    /// High-water mark of their live bytes (kernel scratch and wrapped scalars left
+    /// out): the measured side of `peak_activation_bytes`.
+    pub peak_live_bytes: u64,
+}
+
 /// One report of a libtorch allocator, in the order the reports arrived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct AllocationEvent {
@@ -280,14 +292,14 @@ impl Allocations {
             .unwrap_or_default()
     }
 
-    /// Bytes (and count) of the allocations on `device` that made op outputs: for each
-    /// output block, the latest allocation of that address before its op ended. What is
-    /// left of `allocated_bytes` is transient: scratch inside kernels, wrapped scalars.
-    pub fn output_bytes(
+    /// The allocations on `device` that made op outputs: for each output block, the
+    /// latest allocation of that address before its op ended. What is left of
+    /// `allocated_bytes` is transient: scratch inside kernels, wrapped scalars.
+    pub fn output_footprint(
         &self,
         device: tch::Device,
         outputs: &[crate::counter::OutputBlock],
-    ) -> (u64, u64) {
+    ) -> OutputFootprint {
         let device = MemoryDevice::of(device);
         let mut latest: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
         for e in &self.events {
@@ -299,7 +311,7 @@ impl Allocations {
             }
         }
         let mut used = std::collections::BTreeSet::new();
-        let (mut bytes, mut count) = (0u64, 0u64);
+        let mut footprint = OutputFootprint::default();
         for o in outputs {
             let Some(allocs) = latest.get(&o.address) else {
                 continue;
@@ -310,12 +322,29 @@ impl Allocations {
                 .max_by_key(|(seq, _)| *seq);
             if let Some(&(seq, size)) = made {
                 if used.insert(seq) {
-                    bytes = bytes.saturating_add(size);
-                    count += 1;
+                    footprint.bytes = footprint.bytes.saturating_add(size);
+                    footprint.count += 1;
                 }
             }
         }
-        (bytes, count)
+        // Replay the region: the live bytes of those allocations, event by event.
+        let (mut live, mut blocks) = (0u64, BTreeMap::new());
+        for e in self.events.iter().filter(|e| e.device == device) {
+            match e.kind {
+                EventKind::Allocation if used.contains(&e.sequence) => {
+                    live = live.saturating_add(e.bytes);
+                    blocks.insert(e.address, e.bytes);
+                    footprint.peak_live_bytes = footprint.peak_live_bytes.max(live);
+                }
+                EventKind::Free => {
+                    if let Some(bytes) = blocks.remove(&e.address) {
+                        live = live.saturating_sub(bytes);
+                    }
+                }
+                _ => {}
+            }
+        }
+        footprint
     }
 
     /// True when no report was lost and the reports were consistent.

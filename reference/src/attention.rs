@@ -162,13 +162,17 @@ impl RefLlamaAttention {
         let v = project(&self.v_proj, self.kv_heads)?;
 
         let (cos, sin) = self.rotary_embedding(&v, position_ids)?;
-        let (q, k) = apply_rotary_pos_emb(&q, &k, &cos, &sin)?;
+        let (q_embed, k_embed) = apply_rotary_pos_emb(&q, &k, &cos, &sin)?;
+        // `query_states, key_states = apply_rotary_pos_emb(…)` drops the projections.
+        drop((q, k));
+        let (q, k) = (q_embed, k_embed);
         let (k, v) = cache.update(k, v)?;
         let groups = self.heads / self.kv_heads;
         let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
 
-        let out = match self.implementation {
-            AttentionImpl::Sdpa if MATH_SDPA.with(|m| m.get()) => {
+        // Eager also keeps its attention weights, a local until the attention returns.
+        let (out, _weights) = match self.implementation {
+            AttentionImpl::Sdpa if MATH_SDPA.with(|m| m.get()) => (
                 Tensor::f_internal_scaled_dot_product_attention_math::<Tensor>(
                     &q,
                     &k,
@@ -180,25 +184,33 @@ impl RefLlamaAttention {
                     None,
                     false,
                 )?
-                .0
-            }
-            AttentionImpl::Sdpa => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                s > 1,
+                .0,
                 None,
-                false,
-            )?,
-            AttentionImpl::Eager => self.eager_core(&q, &k, &v, mask)?,
+            ),
+            AttentionImpl::Sdpa => (
+                Tensor::f_scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    None::<Tensor>,
+                    0.0,
+                    s > 1,
+                    None,
+                    false,
+                )?,
+                None,
+            ),
+            AttentionImpl::Eager => {
+                let (out, weights) = self.eager_core(&q, &k, &v, mask)?;
+                (out, Some(weights))
+            }
         };
-        let out = out
-            .f_transpose(1, 2)?
-            .f_contiguous()?
-            .f_reshape([b, s, -1])?;
-        linear(&out, &self.o_proj.0, self.o_proj.1.as_ref())
+        let merged = out.f_transpose(1, 2)?.f_contiguous()?;
+        // `attn_output = attn_output.transpose(1, 2).contiguous()` drops the core's output
+        // (when the transpose copied it).
+        drop(out);
+        let merged = merged.f_reshape([b, s, -1])?;
+        linear(&merged, &self.o_proj.0, self.o_proj.1.as_ref())
     }
 
     /// transformers 4.46 `LlamaRotaryEmbedding.forward(x, position_ids)`.
@@ -219,24 +231,27 @@ impl RefLlamaAttention {
         Ok((cos.f_to_kind(x.kind())?, sin.f_to_kind(x.kind())?))
     }
 
-    /// transformers 4.46 `LlamaAttention` eager core.
+    /// transformers 4.46 `LlamaAttention` eager core: the output and the attention
+    /// weights (which the vendor forward keeps until it returns).
     fn eager_core(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let scores = q
+    ) -> Result<(Tensor, Tensor)> {
+        // Each `attn_weights = …` reassignment frees the previous value.
+        let mut scores = q
             .f_matmul(&k.f_transpose(2, 3)?)?
             .f_div_scalar((self.head_dim as f64).sqrt())?;
-        let scores = match mask {
-            Some(mask) => scores.f_add(&mask.f_slice(3, 0, k.size()[2], 1)?)?,
-            None => scores,
-        };
+        if let Some(mask) = mask {
+            scores = scores.f_add(&mask.f_slice(3, 0, k.size()[2], 1)?)?;
+        }
         let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
+        drop(scores);
         let probs = probs.f_dropout(0.0, false)?;
-        Ok(probs.f_matmul(v)?)
+        let out = probs.f_matmul(v)?;
+        Ok((out, probs))
     }
 }
 
@@ -248,9 +263,14 @@ fn apply_rotary_pos_emb(
     sin: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (cos, sin) = (cos.f_unsqueeze(1)?, sin.f_unsqueeze(1)?);
-    let q_embed = q.f_mul(&cos)?.f_add(&rotate_half(q)?.f_mul(&sin)?)?;
-    let k_embed = k.f_mul(&cos)?.f_add(&rotate_half(k)?.f_mul(&sin)?)?;
-    Ok((q_embed, k_embed))
+    // `(x * cos) + (rotate_half(x) * sin)`: Python frees rotate_half's result right
+    // after its product, before the sum (a Rust expression would keep it to the end).
+    let embed = |x: &Tensor| -> Result<Tensor> {
+        let x_cos = x.f_mul(&cos)?;
+        let rot_sin = rotate_half(x)?.f_mul(&sin)?;
+        Ok(x_cos.f_add(&rot_sin)?)
+    };
+    Ok((embed(q)?, embed(k)?))
 }
 
 /// `cat((-x2, x1), dim=-1)` of the two halves of the last dimension.

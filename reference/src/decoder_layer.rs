@@ -92,20 +92,23 @@ impl RefDeepseekV2DecoderLayer {
         cache: &mut KvCache,
         mask: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Vec<i64>>)> {
-        let residual = x;
-        let h = self.input_layernorm.forward(x)?;
-        let h = self.self_attn.forward(&h, position_ids, cache, mask)?;
-        let h = residual.f_add(&h)?;
-        let residual = &h;
-        let out = self.post_attention_layernorm.forward(&h)?;
-        let (out, routing) = match &self.mlp {
-            FeedForward::Dense(mlp) => (mlp.forward(&out)?, None),
+        // Python's reassignments of `hidden_states` free each block's input and output
+        // as soon as the next value exists; `residual` keeps the sums.
+        let normed = self.input_layernorm.forward(x)?;
+        let attended = self.self_attn.forward(&normed, position_ids, cache, mask)?;
+        drop(normed);
+        let residual = x.f_add(&attended)?;
+        drop(attended);
+        let normed = self.post_attention_layernorm.forward(&residual)?;
+        let (mlp_out, routing) = match &self.mlp {
+            FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None),
             FeedForward::Moe(moe) => {
-                let (y, routing) = moe.forward_with_routing(&out)?;
+                let (y, routing) = moe.forward_with_routing(&normed)?;
                 (y, Some(routing))
             }
         };
-        Ok((residual.f_add(&out)?, routing))
+        drop(normed);
+        Ok((residual.f_add(&mlp_out)?, routing))
     }
 }
 

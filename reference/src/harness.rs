@@ -281,6 +281,9 @@ pub struct LayerRun {
     /// The part of `allocations.allocated_bytes` that holds the counted ops' outputs;
     /// the rest is transient inside ops (kernel scratch, wrapped scalars).
     pub output_allocated_bytes: u64,
+    /// The high-water mark of the live bytes of those allocations during the forward:
+    /// the measured `peak_activation_bytes` (scratch and wrapped scalars left out).
+    pub output_peak_live_bytes: u64,
     /// Lost or inconsistent allocator reports; the allocation figures are complete only
     /// when this is empty.
     pub allocation_errors: Vec<String>,
@@ -433,7 +436,7 @@ impl Prepared {
         let ((output, tokens_per_expert), counts, allocations) = counted(device, || {
             self.module.forward(&self.inputs, &mut self.cache)
         })?;
-        let output_allocated_bytes = allocations.output_bytes(device, &counts.output_blocks).0;
+        let outputs = allocations.output_footprint(device, &counts.output_blocks);
         Ok(LayerRun {
             kind: self.kind,
             name: self.name,
@@ -442,7 +445,8 @@ impl Prepared {
             weight_bytes,
             kv_cache_bytes: self.cache.bytes(),
             tokens_per_expert,
-            output_allocated_bytes,
+            output_allocated_bytes: outputs.bytes,
+            output_peak_live_bytes: outputs.peak_live_bytes,
             allocations: allocations.device(device),
             allocation_errors: allocations.errors,
         })

@@ -27,9 +27,13 @@ impl RefDeepseekV2MLP {
 
     /// One forward call.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Python frees each temporary as soon as its consumer returns: gate after the
+        // SiLU, act and up after the product, before down_proj runs.
         let act = linear(x, &self.gate_proj, None)?.f_silu()?;
         let up = linear(x, &self.up_proj, None)?;
-        linear(&act.f_mul(&up)?, &self.down_proj, None)
+        let product = act.f_mul(&up)?;
+        drop((act, up));
+        linear(&product, &self.down_proj, None)
     }
 }
 

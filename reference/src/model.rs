@@ -217,6 +217,7 @@ impl GreedyGeneration<'_> {
             })
             .map_err(|e| in_part(e, part))?;
             let ((output, tokens_per_expert), counts, allocations) = output;
+            let outputs = allocations.output_footprint(device, &counts.output_blocks);
             let kv_cache_bytes = match part {
                 StackPart::Layer(i) => self.caches[i as usize].bytes(),
                 _ => 0,
@@ -230,9 +231,8 @@ impl GreedyGeneration<'_> {
                     weight_bytes: model.part_weight_bytes(part),
                     kv_cache_bytes,
                     tokens_per_expert,
-                    output_allocated_bytes: allocations
-                        .output_bytes(device, &counts.output_blocks)
-                        .0,
+                    output_allocated_bytes: outputs.bytes,
+                    output_peak_live_bytes: outputs.peak_live_bytes,
                     allocations: allocations.device(device),
                     allocation_errors: allocations.errors,
                     counts,

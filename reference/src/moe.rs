@@ -118,9 +118,10 @@ impl RefDeepseekV2MoE {
             .f_view([tokens, k, -1])?
             .f_to_kind(topk_weight.kind())?;
         let _ = weighted.f_mul_(&topk_weight.f_unsqueeze(-1)?)?;
-        let final_out = weighted
-            .f_sum_dim_intlist(&[1i64][..], false, None::<Kind>)?
-            .f_to_kind(new_x.kind())?;
+        let summed = weighted.f_sum_dim_intlist(&[1i64][..], false, None::<Kind>)?;
+        // The fp32 copy is a temporary of the Python expression: gone before the cast.
+        drop(weighted);
+        let final_out = summed.f_to_kind(new_x.kind())?;
         Ok((final_out, counts))
     }
 }

@@ -227,7 +227,7 @@ impl Parser<'_> {
                 if self.device.is_none() {
                     self.device = Some(device);
                 }
-                Arg::Tensor(TensorMeta { shape, dtype })
+                Arg::Tensor(TensorMeta::new(&shape, dtype))
             }
             b'i' => Arg::Int(self.until(b";]").parse().ok()?),
             b'f' => Arg::Float(self.until(b";]").parse().ok()?),

@@ -44,8 +44,11 @@ impl RefDeepseekV2RMSNorm {
         let variance = h
             .f_pow_tensor_scalar(2)?
             .f_mean_dim(&[-1i64][..], true, None::<Kind>)?;
-        let h = h.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
-        Ok(self.weight.f_mul(&h.f_to_kind(input_kind)?)?)
+        let inv = variance.f_add_scalar(self.eps)?.f_rsqrt()?;
+        let normed = h.f_mul(&inv)?;
+        // `hidden_states = hidden_states * rsqrt(…)` drops the fp32 copy and the rsqrt.
+        drop((h, inv));
+        Ok(self.weight.f_mul(&normed.f_to_kind(input_kind)?)?)
     }
 }
 

@@ -26,7 +26,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::rotary_embedding::LlamaRotaryEmbedding;
 use crate::layers::sdpa_kernel::SdpaKernel;
-use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::{Phase, Workload};
@@ -40,11 +40,12 @@ fn kt(k: &TensorMeta) -> TensorMeta {
 /// `matmul`'s fold of a `[B, H, S, X]` operand into the `[B·H, S, X]` batch of its `bmm`
 /// (`reshape`): a view when the memory allows (`folds`), else a contiguous copy
 /// (`aten::clone`, measured on the CPU; the copy reads the operand at its full shape).
-fn fold_heads(b: &mut CostBuilder, role: &str, x: &TensorMeta, folds: bool) -> Result<()> {
-    if !folds {
-        b.copy(role, "aten::clone", &[x], x.clone())?;
+/// Returns the copy (a temporary of the `matmul`), or `x` itself when it folds.
+fn fold_heads(b: &mut CostBuilder, role: &str, x: &TensorMeta, folds: bool) -> Result<TensorMeta> {
+    if folds {
+        return Ok(x.clone());
     }
-    Ok(())
+    b.copy(role, "aten::clone", &[x], t(&x.shape, x.dtype))
 }
 
 /// The role of the attention-core node in the cost tree (verify looks it up).
@@ -131,21 +132,22 @@ impl LlamaAttention {
         Ok(total)
     }
 
-    /// `q * cos + rotate_half(q) * sin` for `heads` heads, as the vendor applies it.
+    /// `q * cos + rotate_half(q) * sin` over the projection `projected` (`[B, S, H·d]`)
+    /// viewed as `[B, heads, S, d]`, as the vendor applies it.
     fn apply_rotary(
         &self,
         b: &mut CostBuilder,
         name: &str,
+        projected: &TensorMeta,
         heads: u64,
         table: &TensorMeta,
     ) -> Result<TensorMeta> {
-        let dtype = self.workload.dtype;
         let (batch, s, d) = (
             self.workload.batch,
             self.workload.query_len(),
             self.head_dim,
         );
-        let x = t(&[batch, heads, s, d], dtype);
+        let x = projected.viewed_as(&[batch, heads, s, d]);
         let table = t(&[batch, 1, s, d], table.dtype);
         b.rotary(name, &x, &table)
     }
@@ -177,7 +179,9 @@ impl LlamaAttention {
         };
         let (q, k, v) = (pad(b, "q", q)?, pad(b, "k", k)?, pad(b, "v", v)?);
         let outputs = kernel.outputs(t(&[batch, heads, sq, padded], w.dtype), batch, heads, sq);
-        b.op_with_host_outputs(
+        // The kernel's result is its first output (sliced back when padded); the padded
+        // inputs and the side outputs are freed when SDPA returns.
+        let written = b.op_with_host_outputs(
             &format!("scaled_dot_product_attention ({})", kernel.label()),
             op,
             &[
@@ -189,7 +193,9 @@ impl LlamaAttention {
             ],
             &outputs.device,
             &outputs.host,
-        )
+        )?;
+        b.returns(&[&written[0]]);
+        Ok(())
     }
 
     /// `_scaled_dot_product_attention_math` (libtorch 2.11), where no fused kernel takes
@@ -280,7 +286,7 @@ impl LlamaAttention {
             "aten::where",
         )?;
         fold_heads(b, "matmul: v contiguous", v, kv_folds)?;
-        b.op(
+        let out = b.op(
             "attn @ v",
             "aten::bmm",
             &[
@@ -288,7 +294,9 @@ impl LlamaAttention {
                 arg(&t(&[bh, skv, v.shape[3]], dtype)),
             ],
             &[t(&[bh, sq, d], dtype)],
-        )
+        )?;
+        b.returns(&[&out[0]]);
+        Ok(())
     }
 
     /// Whether q folds into the `[B·H, S_q, d]` batch of a `bmm` as a view. q lies in
@@ -362,31 +370,37 @@ impl LlamaAttention {
             }
             AttentionImpl::Eager => {
                 let bh = product("batch × heads", &[batch, heads])?;
-                let scores = t(&[bh, sq, skv], dtype);
                 let kv_folds = self.kv_folds(skv);
-                fold_heads(&mut b, "matmul: q contiguous", q, self.q_folds())?;
-                fold_heads(&mut b, "matmul: kᵀ contiguous", &kt(k), kv_folds)?;
-                b.op(
+                // `matmul`'s contiguous copies are its temporaries.
+                let q_copy = fold_heads(&mut b, "matmul: q contiguous", q, self.q_folds())?;
+                let k_copy = fold_heads(&mut b, "matmul: kᵀ contiguous", &kt(k), kv_folds)?;
+                let scores = single(b.op(
                     "q @ kᵀ",
                     "aten::bmm",
                     &[arg(&t(&[bh, sq, d], dtype)), arg(&t(&[bh, d, skv], dtype))],
-                    &[scores],
-                )?;
-                let scores = t(&[batch, heads, sq, skv], dtype);
+                    &[t(&[bh, sq, skv], dtype)],
+                )?)?
+                .viewed_as(&[batch, heads, sq, skv]);
+                b.release(&[&q_copy, &k_copy])?;
                 let scaled = b.elementwise("/ sqrt(head_dim)", "aten::div", &[&scores], dtype)?;
+                b.release(&[&scores])?;
                 let mask = t(&[batch, 1, sq, skv], dtype);
                 let masked =
                     b.elementwise("+ causal_mask", "aten::add", &[&scaled, &mask], dtype)?;
-                let probs = t(&masked.shape, Dtype::F32);
-                b.op(
+                b.release(&[&scaled])?;
+                let probs32 = single(b.op(
                     "softmax(float32)",
                     "aten::softmax",
                     &[arg(&masked), Arg::Int(-1), Arg::Other("ScalarType".into())],
-                    std::slice::from_ref(&probs),
-                )?;
-                b.cast("softmax.to(q.dtype)", &probs, dtype)?;
-                fold_heads(&mut b, "matmul: v contiguous", v, kv_folds)?;
-                b.op(
+                    &[t(&masked.shape, Dtype::F32)],
+                )?)?;
+                let probs = b.cast("softmax.to(q.dtype)", &probs32, dtype)?;
+                if probs.storage() != probs32.storage() {
+                    b.release(&[&probs32])?;
+                }
+                b.release(&[&masked])?;
+                let v_copy = fold_heads(&mut b, "matmul: v contiguous", v, kv_folds)?;
+                let out = single(b.op(
                     "attn @ v",
                     "aten::bmm",
                     &[
@@ -394,7 +408,10 @@ impl LlamaAttention {
                         arg(&t(&[bh, skv, d], dtype)),
                     ],
                     &[t(&[bh, sq, d], dtype)],
-                )?;
+                )?)?;
+                b.release(&[&v_copy])?;
+                // The attention weights stay a local of the attention until it returns.
+                b.returns(&[&out, &probs]);
             }
         }
         Ok(b.finish())
@@ -414,9 +431,10 @@ impl Layer for LlamaAttention {
         let skv = w.key_len()?;
         let mut b = CostBuilder::new(self.name(), w.allow_tf32);
         let x = t(&[batch, sq, self.hidden], dtype);
-        b.linear("q_proj", &x, product("q width", &[heads, d])?, self.bias)?;
-        b.linear("k_proj", &x, product("k width", &[kv_heads, d])?, self.bias)?;
-        b.linear("v_proj", &x, product("v width", &[kv_heads, d])?, self.bias)?;
+        let q = b.linear("q_proj", &x, product("q width", &[heads, d])?, self.bias)?;
+        let k = b.linear("k_proj", &x, product("k width", &[kv_heads, d])?, self.bias)?;
+        let v = b.linear("v_proj", &x, product("v width", &[kv_heads, d])?, self.bias)?;
+        let mut v = v.viewed_as(&[batch, kv_heads, sq, d]);
 
         let rotary = LlamaRotaryEmbedding {
             batch,
@@ -426,27 +444,37 @@ impl Layer for LlamaAttention {
             allow_tf32: w.allow_tf32,
         };
         let table = rotary.table();
-        b.child(rotary.cost()?)?;
-        let q = self.apply_rotary(&mut b, "q", heads, &table)?;
-        let mut k = self.apply_rotary(&mut b, "k", kv_heads, &table)?;
-        let mut v = t(&[batch, kv_heads, sq, d], dtype);
+        // cos and sin: locals until the attention returns.
+        let _cos_sin = b.call(rotary.cost()?, &[&table, &table])?;
+        let q_embed = self.apply_rotary(&mut b, "q", &q, heads, &table)?;
+        let k_embed = self.apply_rotary(&mut b, "k", &k, kv_heads, &table)?;
+        // `query_states, key_states = apply_rotary_pos_emb(…)` drops the projections.
+        b.release(&[&q, &k])?;
+        let q = q_embed;
+        let mut k = k_embed;
 
         if let Phase::Decode { context_len } = w.phase {
             let cached = t(&[batch, kv_heads, context_len, d], dtype);
             let full = t(&[batch, kv_heads, skv, d], dtype);
-            k = b.copy(
+            let keys = b.copy(
                 "past_key_value.update (keys)",
                 "aten::cat",
                 &[&cached, &k],
                 full.clone(),
             )?;
-            v = b.copy(
+            let values = b.copy(
                 "past_key_value.update (values)",
                 "aten::cat",
                 &[&cached, &v],
                 full,
             )?;
+            // The step's own keys and values are dropped for the concatenations.
+            b.release(&[&k, &v])?;
+            (k, v) = (keys, values);
         }
+        // The cache holds the keys and values after the call: the prefill's own, or the
+        // decode step's concatenations.
+        b.keeps(&[&k, &v]);
         if heads != kv_heads {
             // `x[:, :, None].expand(B, kv_heads, n_rep, S, d).reshape(B, H, S, d)`: the
             // reshape copies the expanded tensor (read at its expanded size). With one KV
@@ -462,27 +490,36 @@ impl Layer for LlamaAttention {
                 )?;
                 v = b.copy("repeat_kv (values)", "aten::clone", &[&expanded], repeated)?;
             } else {
-                (k, v) = (repeated.clone(), repeated);
+                (k, v) = (k.viewed_as(&repeated.shape), v.viewed_as(&repeated.shape));
             }
         }
 
-        b.child(self.core(&q, &k, &v)?)?;
+        let core = self.core(&q, &k, &v)?;
+        let core_out = t(&[batch, heads, sq, d], dtype);
+        // Eager returns the attention weights too: a local until the attention returns.
+        let returned: Vec<&TensorMeta> = vec![&core_out; core.returned.len()];
+        let core_out = b.call(core, &returned)?.remove(0);
         let out = t(&[batch, sq, heads, d], dtype);
-        if self.core_writes_bshd(k.shape[2]) {
+        let merged_shape = [batch, sq, product("o width", &[heads, d])?];
+        let merged = if self.core_writes_bshd(k.shape[2]) {
             b.returns_input(
                 "transpose(1, 2).contiguous() (already [B, S, H, d] in memory)",
                 "aten::contiguous",
             )?;
+            core_out.viewed_as(&merged_shape)
         } else {
-            b.copy(
+            let copied = b.copy(
                 "transpose(1, 2).contiguous()",
                 "aten::contiguous",
                 &[&out],
                 out.clone(),
             )?;
-        }
-        let merged = t(&[batch, sq, product("o width", &[heads, d])?], dtype);
-        b.linear("o_proj", &merged, self.hidden, self.bias)?;
+            b.release(&[&core_out])?;
+            copied.viewed_as(&merged_shape)
+        };
+        let projected = b.linear("o_proj", &merged, self.hidden, self.bias)?;
+        b.release(&[&merged])?;
+        b.returns(&[&projected]);
 
         b.weights(bytes_of("attention weights", self.parameters()?, dtype)?)?;
         let cache = product("KV cache elements", &[2, batch, kv_heads, skv, d])?;

@@ -124,20 +124,34 @@ impl Layer for DeepseekV2DecoderLayer {
         let mut b = CostBuilder::new(self.name(), w.allow_tf32);
         let norm = DeepseekV2RMSNorm::new(c, w);
         let hidden = t(&[w.batch, w.query_len(), c.hidden_size], w.dtype);
-        b.child(norm.cost_as("input_layernorm")?)?;
-        b.child(attention_cost(c, w, self.attention)?)?;
-        b.elementwise(
+        // `residual = hidden_states` keeps each sum alive while the next block runs;
+        // each block's output is dropped by the reassignment after the add.
+        let normed = b
+            .call(norm.cost_as("input_layernorm")?, &[&hidden])?
+            .remove(0);
+        let attended = b
+            .call(attention_cost(c, w, self.attention)?, &[&hidden])?
+            .remove(0);
+        b.release(&[&normed])?;
+        let residual = b.elementwise(
             "residual + self_attn",
             "aten::add",
-            &[&hidden, &hidden],
+            &[&hidden, &attended],
             w.dtype,
         )?;
-        b.child(norm.cost_as("post_attention_layernorm")?)?;
-        match self.kind {
-            MlpKind::Dense => b.child(DeepseekV2MLP::new(c, w).cost()?)?,
-            MlpKind::Moe => b.child(DeepseekV2MoE::new(c, w)?.cost()?)?,
-        }
-        b.elementwise("residual + mlp", "aten::add", &[&hidden, &hidden], w.dtype)?;
+        b.release(&[&attended])?;
+        let feed_forward = match self.kind {
+            MlpKind::Dense => DeepseekV2MLP::new(c, w).cost()?,
+            MlpKind::Moe => DeepseekV2MoE::new(c, w)?.cost()?,
+        };
+        let normed = b
+            .call(norm.cost_as("post_attention_layernorm")?, &[&hidden])?
+            .remove(0);
+        let mlp = b.call(feed_forward, &[&hidden])?.remove(0);
+        b.release(&[&normed])?;
+        let out = b.elementwise("residual + mlp", "aten::add", &[&residual, &mlp], w.dtype)?;
+        b.release(&[&mlp])?;
+        b.returns(&[&out]);
         Ok(b.finish())
     }
 }

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::checked::product;
 use crate::config::ModelConfig;
+use crate::conventions::TensorMeta;
 use crate::dtype::Dtype;
 use crate::error::Error;
 use crate::error::Result;
@@ -122,9 +123,19 @@ impl Layer for DeepseekV2Decoder {
     }
 
     fn cost(&self) -> Result<Cost> {
-        let mut b = CostBuilder::new(self.name(), self.workload.allow_tf32);
+        let w = &self.workload;
+        let mut b = CostBuilder::new(self.name(), w.allow_tf32);
+        // `hidden_states = layer_outputs[0]`: each part's output replaces the previous.
+        let rows = t(&[w.batch, w.query_len(), self.config.hidden_size], w.dtype);
+        let mut previous: Option<TensorMeta> = None;
         for part in StackPart::all(&self.config) {
-            b.child(self.part_cost(part)?)?;
+            let cost = self.part_cost(part)?;
+            let parts = cost.returned.len();
+            let mut out = b.call(cost, &vec![&rows; parts])?;
+            if let Some(p) = previous.take() {
+                b.release(&[&p])?;
+            }
+            previous = out.pop();
         }
         Ok(b.finish())
     }

@@ -719,7 +719,10 @@ impl Layer for DeepseekV2Attention {
             ],
             w.dtype,
         );
-        b.linear("o_proj", &merged, self.hidden, self.bias)?;
+        let out = b.linear("o_proj", &merged, self.hidden, self.bias)?;
+        // What the cache keeps is not traced through the MLA op lists: every other
+        // tensor counts as a local freed on return (docs/memory.md).
+        b.returns(&[&out]);
         b.weights(bytes_of(
             "MLA projection weights",
             self.projection_parameters()?,

@@ -24,7 +24,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::mlp::DeepseekV2MLP;
 use crate::layers::moe_gate::MoEGate;
-use crate::layers::vendor_ops::{arg, bytes_of, t};
+use crate::layers::vendor_ops::{arg, bytes_of, single, t};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::{Platform, Workload};
@@ -148,16 +148,19 @@ impl Layer for DeepseekV2MoE {
         let routed_rows = product("routed rows (N·k)", &[tokens, k])?;
         let mut b = CostBuilder::new(self.name(), self.allow_tf32);
 
-        b.child(MoEGate::over(x.clone(), self.moe.clone(), self.allow_tf32).cost()?)?;
+        // topk_idx, topk_weight: locals until the MoE returns.
+        let gate = MoEGate::over(x.clone(), self.moe.clone(), self.allow_tf32).cost()?;
+        let routing = vec![x; gate.returned.len()];
+        let _routing = b.call(gate, &routing)?;
 
+        // `moe_infer`: its locals (cnts … new_x) live until it returns.
         // Dispatch: count tokens per expert, sort the (token, slot) pairs by expert, gather.
         let ids = t(&[tokens, k], Dtype::I64);
-        let counts = t(&[tokens, experts], Dtype::I64);
-        b.copy(
+        let counts = b.copy(
             "cnts = new_zeros(N, E)",
             "aten::new_zeros",
             &[&ids],
-            counts.clone(),
+            t(&[tokens, experts], Dtype::I64),
         )?;
         b.copy(
             "cnts.scatter_(1, topk_ids, 1)",
@@ -165,8 +168,7 @@ impl Layer for DeepseekV2MoE {
             &[&counts, &ids],
             counts.clone(),
         )?;
-        let per_expert = t(&[experts], Dtype::I64);
-        b.op(
+        let per_expert = single(b.op(
             "tokens_per_expert = cnts.sum(0)",
             "aten::sum",
             &[
@@ -175,8 +177,8 @@ impl Layer for DeepseekV2MoE {
                 Arg::Bool(false),
                 Arg::None,
             ],
-            std::slice::from_ref(&per_expert),
-        )?;
+            &[t(&[experts], Dtype::I64)],
+        )?)?;
         // `tokens_per_expert.cpu()`: on a GPU a copy to the host (read on the device,
         // written in host memory); on the CPU `to` hands back its input.
         if self.platform == Platform::Cuda {
@@ -187,27 +189,31 @@ impl Layer for DeepseekV2MoE {
                 &[],
                 std::slice::from_ref(&per_expert),
             )?;
+            // `tokens_per_expert = ….cpu().numpy()` drops the device tensor.
+            b.release(&[&per_expert])?;
         }
         let flat_ids = t(&[routed_rows], Dtype::I64);
-        b.copy(
+        let idxs = b.copy(
             "idxs = argsort",
             "aten::argsort",
             &[&flat_ids],
             flat_ids.clone(),
         )?;
-        b.elementwise("idxs // k", "aten::floor_divide", &[&flat_ids], Dtype::I64)?;
+        let token_of = b.elementwise("idxs // k", "aten::floor_divide", &[&idxs], Dtype::I64)?;
         let flat_x = t(&[tokens, hidden], dtype);
-        let sorted = t(&[routed_rows, hidden], dtype);
-        b.copy(
+        let sorted = b.copy(
             "sorted_tokens = x[idxs // k]",
             "aten::index",
-            &[&flat_x, &flat_ids],
-            sorted.clone(),
+            &[&flat_x, &token_of],
+            t(&[routed_rows, hidden], dtype),
         )?;
+        b.release(&[&token_of])?;
 
         // Experts that received tokens, one after another over contiguous slices:
-        // together exactly N·k rows of a width-m MLP.
-        b.child(self.routed_experts(&sorted, routed_rows)?)?;
+        // together exactly N·k rows of a width-m MLP. Their outputs stay in `outputs`.
+        let expert_outputs = b
+            .call(self.routed_experts(&sorted, routed_rows)?, &[&sorted])?
+            .remove(0);
 
         // Combine: cat, unsort, weight in fp32, sum over k, back to the model dtype.
         let outs = b.copy(
@@ -216,20 +222,19 @@ impl Layer for DeepseekV2MoE {
             &[&sorted],
             sorted.clone(),
         )?;
-        b.copy(
+        let new_x = b.copy(
             "new_x = empty_like(outs)",
             "aten::empty_like",
             &[&outs],
             outs.clone(),
         )?;
-        let new_x = outs.clone();
         b.copy(
             "new_x[idxs] = outs",
             "aten::index_put_",
-            &[&new_x, &flat_ids, &outs],
+            &[&new_x, &idxs, &outs],
             new_x.clone(),
         )?;
-        let viewed = t(&[tokens, k, hidden], dtype);
+        let viewed = new_x.viewed_as(&[tokens, k, hidden]);
         let as_f32 = b.cast("type(topk_weight.dtype)", &viewed, Dtype::F32)?;
         let weights = t(&[tokens, k, 1], Dtype::F32);
         let weighted = b.elementwise(
@@ -238,8 +243,7 @@ impl Layer for DeepseekV2MoE {
             &[&as_f32, &weights],
             Dtype::F32,
         )?;
-        let combined = t(&[tokens, hidden], Dtype::F32);
-        b.op(
+        let combined = single(b.op(
             "sum(dim=1)",
             "aten::sum",
             &[
@@ -248,17 +252,44 @@ impl Layer for DeepseekV2MoE {
                 Arg::Bool(false),
                 Arg::None,
             ],
-            std::slice::from_ref(&combined),
-        )?;
-        b.cast("type(new_x.dtype)", &combined, dtype)?;
+            &[t(&[tokens, hidden], Dtype::F32)],
+        )?)?;
+        // Temporaries of the one expression: the fp32 copy (when it is one), the sum
+        // (when the cast copies it).
+        if as_f32.storage() != new_x.storage() {
+            b.release(&[&as_f32])?;
+        }
+        let y = b.cast("type(new_x.dtype)", &combined, dtype)?;
+        if y.storage() != combined.storage() {
+            b.release(&[&combined])?;
+        }
+        // `.view(*orig_shape)`
+        let mut y = y.viewed_as(&x.shape);
+        // `moe_infer` returns: its locals are freed.
+        b.release(&[&counts, &idxs, &sorted, &expert_outputs, &outs, &new_x])?;
+        if self.platform != Platform::Cuda {
+            b.release(&[&per_expert])?;
+        }
 
         if self.moe.n_shared_experts > 0 {
             let width = product("shared expert width", &[m, self.moe.n_shared_experts])?;
-            b.child(
-                DeepseekV2MLP::over(x.clone(), width, self.allow_tf32).cost_as("shared_experts")?,
+            let shared = b
+                .call(
+                    DeepseekV2MLP::over(x.clone(), width, self.allow_tf32)
+                        .cost_as("shared_experts")?,
+                    &[x],
+                )?
+                .remove(0);
+            let sum = b.elementwise(
+                "y + shared_experts(identity)",
+                "aten::add",
+                &[&y, &shared],
+                dtype,
             )?;
-            b.elementwise("y + shared_experts(identity)", "aten::add", &[x, x], dtype)?;
+            b.release(&[&y, &shared])?;
+            y = sum;
         }
+        b.returns(&[&y]);
         Ok(b.finish())
     }
 }

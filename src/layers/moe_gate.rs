@@ -43,7 +43,7 @@ use crate::config::{ModelConfig, MoeConfig};
 use crate::conventions::{Arg, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::routing::{ScoringFunc, TopkMethod};
@@ -94,24 +94,25 @@ impl Layer for MoEGate {
         let mut b = CostBuilder::new(self.name(), self.allow_tf32);
         let flat = t(&[tokens, hidden], x.dtype);
         let x32 = b.cast("hidden_states.type(float32)", &flat, Dtype::F32)?;
-        b.cast(
+        let w32 = b.cast(
             "weight.type(float32)",
             &t(&[experts, hidden], x.dtype),
             Dtype::F32,
         )?;
         let logits = b.linear("logits (F.linear)", &x32, experts, false)?;
-        let scores = t(&logits.shape, Dtype::F32);
-        match self.moe.routing.scoring_func {
-            ScoringFunc::Softmax => b.op(
+        // The two fp32 casts are temporaries of the `F.linear` call.
+        b.release(&[&x32, &w32])?;
+        let scores = match self.moe.routing.scoring_func {
+            ScoringFunc::Softmax => single(b.op(
                 "softmax",
                 "aten::softmax",
                 &[arg(&logits), Arg::Int(-1), Arg::Other("ScalarType".into())],
-                std::slice::from_ref(&scores),
-            )?,
+                &[t(&logits.shape, Dtype::F32)],
+            )?)?,
             ScoringFunc::Sigmoid => {
-                b.elementwise("sigmoid", "aten::sigmoid", &[&logits], Dtype::F32)?;
+                b.elementwise("sigmoid", "aten::sigmoid", &[&logits], Dtype::F32)?
             }
-        }
+        };
         let weights = with_last(&scores, k);
         let routing = self.moe.routing;
         let choice = match routing.topk_method {
@@ -196,7 +197,7 @@ impl Layer for MoEGate {
                 )?
             }
         };
-        topk(&mut b, "topk", &choice, k, &weights)?;
+        let [top_weights, top_ids] = topk(&mut b, "topk", &choice, k, &weights)?;
         if routing.topk_method == TopkMethod::NoauxTc {
             b.copy(
                 "topk_weight = scores.gather(1, topk_idx)",
@@ -225,19 +226,21 @@ impl Layer for MoEGate {
                 &[&weights, &denominator],
                 Dtype::F32,
             )?;
-            b.elementwise(
+            let scaled = b.elementwise(
                 "* routed_scaling_factor",
                 "aten::mul",
                 &[&normed],
                 Dtype::F32,
             )?;
+            b.returns(&[&scaled, &top_ids]);
         } else {
-            b.elementwise(
+            let scaled = b.elementwise(
                 "* routed_scaling_factor",
                 "aten::mul",
-                &[&weights],
+                &[&top_weights],
                 Dtype::F32,
             )?;
+            b.returns(&[&scaled, &top_ids]);
         }
         let mut params = product("gate parameters", &[experts, hidden])?;
         if routing.topk_method == TopkMethod::NoauxTc {
@@ -250,8 +253,14 @@ impl Layer for MoEGate {
 }
 
 /// `torch.topk(x, k, dim=-1, sorted=False)`: values `out` and int64 indices.
-fn topk(b: &mut CostBuilder, role: &str, x: &TensorMeta, k: u64, out: &TensorMeta) -> Result<()> {
-    b.op(
+fn topk(
+    b: &mut CostBuilder,
+    role: &str,
+    x: &TensorMeta,
+    k: u64,
+    out: &TensorMeta,
+) -> Result<[TensorMeta; 2]> {
+    let outputs = b.op(
         role,
         "aten::topk",
         &[
@@ -262,7 +271,9 @@ fn topk(b: &mut CostBuilder, role: &str, x: &TensorMeta, k: u64, out: &TensorMet
             Arg::Bool(false),
         ],
         &[out.clone(), t(&out.shape, Dtype::I64)],
-    )
+    )?;
+    <[TensorMeta; 2]>::try_from(outputs)
+        .map_err(|_| crate::error::Error::op_shape("aten::topk", "expected two outputs"))
 }
 
 #[cfg(test)]

@@ -51,27 +51,27 @@ impl CostBuilder {
         let x2 = t(&[rows, in_features], x.dtype);
         let weight_t = t(&[in_features, out_features], x.dtype);
         let out2 = t(&[rows, out_features], x.dtype);
-        if bias {
+        let out = if bias {
             let b = t(&[out_features], x.dtype);
             self.op(
                 role,
                 "aten::addmm",
                 &[arg(&b), arg(&x2), arg(&weight_t)],
                 &[out2],
-            )?;
+            )?
         } else {
-            self.op(role, "aten::mm", &[arg(&x2), arg(&weight_t)], &[out2])?;
-        }
-        Ok(with_last(x, out_features))
+            self.op(role, "aten::mm", &[arg(&x2), arg(&weight_t)], &[out2])?
+        };
+        // The 2-D result viewed back as `[.., out_features]`.
+        Ok(single(out)?.viewed_as(&with_last(x, out_features).shape))
     }
 
     /// `x.to(dtype)`: a copy when the dtype changes, nothing when it does not.
     pub(crate) fn cast(&mut self, role: &str, x: &TensorMeta, dtype: Dtype) -> Result<TensorMeta> {
-        let out = t(&x.shape, dtype);
-        if x.dtype != dtype {
-            self.op(role, "aten::to", &[arg(x)], std::slice::from_ref(&out))?;
+        if x.dtype == dtype {
+            return Ok(x.clone());
         }
-        Ok(out)
+        single(self.op(role, "aten::to", &[arg(x)], &[t(&x.shape, dtype)])?)
     }
 
     /// An elementwise op over `inputs` (tensors broadcast together) plus any scalars;
@@ -88,10 +88,8 @@ impl CostBuilder {
             shape = broadcast(&shape, &x.shape)
                 .ok_or_else(|| Error::op_shape(op, format!("{:?} does not broadcast", x.shape)))?;
         }
-        let out = t(&shape, out_dtype);
         let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
-        self.op(role, op, &args, std::slice::from_ref(&out))?;
-        Ok(out)
+        single(self.op(role, op, &args, &[t(&shape, out_dtype)])?)
     }
 
     /// `x * cos + rotate_half(x) * sin` (the vendor `apply_rotary_pos_emb` body) over
@@ -116,20 +114,24 @@ impl CostBuilder {
             &format!("cat(-{name}2, {name}1)"),
             "aten::cat",
             &[&neg, &half],
-            x.clone(),
+            t(&x.shape, dtype),
         )?;
+        self.release(&[&neg])?;
         let rot_sin = self.elementwise(
             &format!("rotate_half({name}) * sin"),
             "aten::mul",
             &[&rotated, table],
             dtype,
         )?;
-        self.elementwise(
+        self.release(&[&rotated])?;
+        let out = self.elementwise(
             &format!("{name}_embed = + "),
             "aten::add",
             &[&x_cos, &rot_sin],
             dtype,
-        )
+        )?;
+        self.release(&[&x_cos, &rot_sin])?;
+        Ok(out)
     }
 
     /// A data-movement op (`aten::cat`, `aten::index` …) reading `inputs` and writing `out`.
@@ -141,7 +143,17 @@ impl CostBuilder {
         out: TensorMeta,
     ) -> Result<TensorMeta> {
         let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
-        self.op(role, op, &args, std::slice::from_ref(&out))?;
-        Ok(out)
+        single(self.op(role, op, &args, &[out])?)
+    }
+}
+
+/// The one output of an op given one.
+pub(crate) fn single(mut outputs: Vec<TensorMeta>) -> Result<TensorMeta> {
+    match outputs.len() {
+        1 => Ok(outputs.remove(0)),
+        n => Err(Error::op_shape(
+            "op",
+            format!("expected one output, found {n}"),
+        )),
     }
 }

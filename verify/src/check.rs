@@ -21,6 +21,10 @@ pub enum Check {
     /// The fused attention kernel predicted vs the one that ran (a failing row when they
     /// differ).
     AttentionKernel,
+    /// The high-water mark of live activation bytes during the forward (op outputs only)
+    /// against the analytic liveness peak: within the tolerance, since kernel-internal
+    /// allocations the op lists do not name may differ (docs/memory.md).
+    PeakActivationBytes,
     /// `--oracle`: torch's FlopCounterMode on the transformers module vs this project's
     /// FlopCounterMode-compatible count (exact).
     OracleFlops,
@@ -102,7 +106,9 @@ pub const EXACT: [Exact; 8] = [
 /// Every row a layer that ran reports (the completeness rows only when they fail), in
 /// report order.
 pub fn reported() -> impl Iterator<Item = Check> {
-    std::iter::once(Check::Flops).chain(EXACT.into_iter().map(|e| Check::Exact(e.metric)))
+    std::iter::once(Check::Flops)
+        .chain(EXACT.into_iter().map(|e| Check::Exact(e.metric)))
+        .chain(std::iter::once(Check::PeakActivationBytes))
 }
 
 impl Check {
@@ -111,6 +117,7 @@ impl Check {
         match self {
             Check::Flops => "flops",
             Check::Exact(m) => m.name(),
+            Check::PeakActivationBytes => "peak_activation_bytes",
             Check::UncountedOps => "uncounted_ops",
             Check::AttentionKernel => "attention_kernel",
             Check::OracleFlops => "oracle_flops",
@@ -129,7 +136,7 @@ impl Check {
             Check::Flops | Check::OracleFlops | Check::HwTensorFlops | Check::HwCudaCoreFlops => {
                 RowUnit::Flop
             }
-            Check::HwDramBytes | Check::HwL2Bytes => RowUnit::Byte,
+            Check::HwDramBytes | Check::HwL2Bytes | Check::PeakActivationBytes => RowUnit::Byte,
             Check::HwTimeNs => RowUnit::Nanosecond,
             Check::Exact(m) => match m.unit() {
                 Unit::Flop => RowUnit::Flop,
@@ -180,7 +187,8 @@ mod tests {
                 "io_bytes",
                 "weight_bytes",
                 "activation_bytes",
-                "kv_cache_bytes"
+                "kv_cache_bytes",
+                "peak_activation_bytes"
             ]
         );
         assert_eq!(Check::Exact(Metric::WeightBytes).unit(), RowUnit::Byte);

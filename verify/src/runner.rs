@@ -164,6 +164,53 @@ fn note_transients(rows: &mut [MetricRow], run: &LayerRun, cuda: bool) {
     }
 }
 
+/// The `peak_activation_bytes` row: the measured high-water mark of live op-output
+/// blocks against the analytic liveness peak (CUDA blocks on a GPU), within the
+/// tolerance; the note says whether it is exact and what the allocator's own peak was,
+/// scratch included.
+pub(crate) fn compare_peak(
+    name: &str,
+    hook_name: &str,
+    analytic: &Cost,
+    run: &LayerRun,
+    plan: &Plan,
+) -> MetricRow {
+    let peak = if plan.device.is_cuda() {
+        analytic.cuda_peak.peak_bytes
+    } else {
+        analytic.peak.peak_bytes
+    };
+    let check = Check::PeakActivationBytes;
+    let peak = peak.saturating_add(
+        plan.hooks
+            .perturbation(hook_name, check.name())
+            .unwrap_or(0),
+    );
+    let mut row = compare(
+        name,
+        check,
+        peak,
+        run.output_peak_live_bytes,
+        plan.tolerance,
+    );
+    let exact = if row.analytic == row.measured {
+        "exact".to_string()
+    } else {
+        format!(
+            "not exact: analytic {} bytes, measured {} (the vendor code's release points, docs/memory.md)",
+            row.analytic, row.measured
+        )
+    };
+    row.note = Some(match row.note.take() {
+        Some(n) => format!("{n}; {exact}"),
+        None => format!(
+            "{exact}; op outputs only, the allocator's peak with scratch and wrapped scalars was {} bytes",
+            run.allocations.peak_live_bytes
+        ),
+    });
+    row
+}
+
 /// The analytic cost under the routing the run measured (how many experts received
 /// tokens), for a layer with routed experts; `None` for the others.
 fn routed(
@@ -350,6 +397,7 @@ pub(crate) fn compare_run(
             tolerance,
         ));
     }
+    metrics.push(compare_peak(name, hook_name, analytic, run, plan));
     note_transients(&mut metrics, run, plan.device.is_cuda());
     note_io_by_op(&mut metrics, analytic, run);
     if c.ops_without_outputs > 0 {
@@ -483,6 +531,7 @@ mod tests {
             tokens_per_expert: None,
             allocations: Default::default(),
             output_allocated_bytes: 0,
+            output_peak_live_bytes: 0,
             allocation_errors: Vec::new(),
         }
     }

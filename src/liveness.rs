@@ -1,0 +1,255 @@
+//! Liveness of a layer's activations: which tensors are allocated at each point of the
+//! vendor code, and the high-water mark of their bytes (`peak_activation_bytes`).
+//!
+//! The rule (docs/memory.md, "Peak activation memory"): a tensor is live from the op that
+//! allocates it until the vendor's Python drops its last reference — a temporary right
+//! after the op that consumes it, a local when it is reassigned or the function returns —
+//! which the layers say with [`crate::metrics::CostBuilder::release`]. Views allocate
+//! nothing and keep their base alive; in-place ops write into their argument. A sub-layer
+//! is a call: its own peak sits on top of what its caller holds, and what it returns (its
+//! output) and keeps (new KV-cache tensors) stays allocated after it. Kernel scratch and
+//! wrapped scalars, which no op list names, are not modelled.
+//!
+//! Every size is tracked twice: as the tensor's bytes (the CPU allocator) and as its CUDA
+//! caching-allocator block ([`crate::allocator::cuda_round_size`]).
+
+use std::cell::Cell;
+
+use serde::Serialize;
+
+use crate::conventions::StorageId;
+use crate::error::{Error, Result};
+
+/// The memory footprint of one call, in bytes above the level at its start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Peak {
+    /// High-water mark of the live bytes the call allocated.
+    pub peak_bytes: u64,
+    /// Bytes of what the call returns, still allocated after it (its caller may free it).
+    pub returned_bytes: u64,
+    /// Bytes the call leaves allocated for later calls (new KV-cache tensors).
+    pub kept_bytes: u64,
+}
+
+impl Peak {
+    /// `n` calls one after another, each keeping its output: the last call's peak on
+    /// top of the n − 1 outputs before it (the routed experts' outputs, kept for a `cat`).
+    pub fn repeated(self, n: u64, what: &str) -> Result<Peak> {
+        if n == 0 {
+            return Ok(Peak::default());
+        }
+        let overflow = || Error::overflow(format!("peak activation bytes of {n} calls of {what}"));
+        let each = self
+            .returned_bytes
+            .checked_add(self.kept_bytes)
+            .ok_or_else(overflow)?;
+        Ok(Peak {
+            peak_bytes: each
+                .checked_mul(n - 1)
+                .and_then(|b| b.checked_add(self.peak_bytes))
+                .ok_or_else(overflow)?,
+            returned_bytes: self.returned_bytes.checked_mul(n).ok_or_else(overflow)?,
+            kept_bytes: self.kept_bytes.checked_mul(n).ok_or_else(overflow)?,
+        })
+    }
+}
+
+/// A size as each allocator sees it: `[tensor bytes, CUDA block bytes]`.
+pub(crate) type Sizes = [u64; 2];
+
+#[derive(Clone, Copy, Debug)]
+struct Allocation {
+    sizes: Sizes,
+    live: bool,
+}
+
+thread_local! {
+    static NEXT_BUILDER: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The allocations of one cost builder, in op order.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    builder: u64,
+    allocations: Vec<Allocation>,
+    live: Sizes,
+    peak: Sizes,
+    /// Bytes kept by sub-layers (KV cache): live until the end, never released here.
+    kept: Sizes,
+}
+
+fn add(a: Sizes, b: Sizes) -> Result<Sizes> {
+    let overflow = || Error::overflow("live activation bytes");
+    Ok([
+        a[0].checked_add(b[0]).ok_or_else(overflow)?,
+        a[1].checked_add(b[1]).ok_or_else(overflow)?,
+    ])
+}
+
+fn max(a: Sizes, b: Sizes) -> Sizes {
+    [a[0].max(b[0]), a[1].max(b[1])]
+}
+
+impl Liveness {
+    pub(crate) fn new() -> Liveness {
+        Liveness {
+            builder: NEXT_BUILDER.with(|n| n.replace(n.get().wrapping_add(1))),
+            allocations: Vec::new(),
+            live: [0, 0],
+            peak: [0, 0],
+            kept: [0, 0],
+        }
+    }
+
+    /// A tensor of `sizes` is allocated now.
+    pub(crate) fn allocate(&mut self, sizes: Sizes) -> Result<StorageId> {
+        self.live = add(self.live, sizes)?;
+        self.peak = max(self.peak, self.live);
+        self.allocations.push(Allocation { sizes, live: true });
+        Ok(StorageId {
+            builder: self.builder,
+            index: self.allocations.len() - 1,
+        })
+    }
+
+    /// Whether `id` is one of this builder's allocations and still live.
+    pub(crate) fn is_live(&self, id: Option<StorageId>) -> bool {
+        id.filter(|id| id.builder == self.builder)
+            .and_then(|id| self.allocations.get(id.index))
+            .is_some_and(|a| a.live)
+    }
+
+    /// The allocation `id` is freed now. A tensor this builder did not allocate (the
+    /// layer's input, a cast that changed nothing, a tensor of no builder) is not its to
+    /// free and is skipped; releasing an allocation twice is a modelling mistake, an
+    /// error naming `what`.
+    pub(crate) fn release(&mut self, id: Option<StorageId>, what: &str) -> Result<()> {
+        let Some(id) = id.filter(|id| id.builder == self.builder) else {
+            return Ok(());
+        };
+        let a = self
+            .allocations
+            .get_mut(id.index)
+            .filter(|a| a.live)
+            .ok_or_else(|| Error::op_shape(what, "released twice"))?;
+        a.live = false;
+        self.live = [self.live[0] - a.sizes[0], self.live[1] - a.sizes[1]];
+        Ok(())
+    }
+
+    /// A sub-layer call with footprints `peak` (bytes, CUDA blocks) that returns tensors
+    /// of `returned` sizes: its peak on top of what is live now; afterwards its kept
+    /// bytes stay and each returned tensor is a new allocation of this builder (`None`
+    /// for one that holds nothing the call allocated).
+    pub(crate) fn call(
+        &mut self,
+        peak: [Peak; 2],
+        returned: &[Sizes],
+    ) -> Result<Vec<Option<StorageId>>> {
+        let during = add(self.live, [peak[0].peak_bytes, peak[1].peak_bytes])?;
+        self.peak = max(self.peak, during);
+        let kept = [peak[0].kept_bytes, peak[1].kept_bytes];
+        self.kept = add(self.kept, kept)?;
+        self.live = add(self.live, kept)?;
+        returned
+            .iter()
+            .map(|&sizes| {
+                if sizes == [0, 0] {
+                    Ok(None)
+                } else {
+                    self.allocate(sizes).map(Some)
+                }
+            })
+            .collect()
+    }
+
+    /// The footprints of the finished call (bytes, CUDA blocks): it returns `returned`
+    /// and keeps `kept` (its own allocations); every other local is freed on return.
+    /// With `returned` unknown (`None` given by a layer that did not say), everything
+    /// still live counts as returned. Also each returned tensor's sizes, in order (one
+    /// entry for all of them when `returned` is unknown).
+    pub(crate) fn finish(
+        &self,
+        returned: Option<&[Option<StorageId>]>,
+        kept: &[Option<StorageId>],
+    ) -> ([Peak; 2], Vec<Sizes>) {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut size_of = |id: &Option<StorageId>| match id {
+            Some(id) if self.is_live(Some(*id)) && seen.insert(id.index) => {
+                self.allocations[id.index].sizes
+            }
+            _ => [0, 0],
+        };
+        let kept_own = kept.iter().fold([0, 0], |t, id| {
+            let s = size_of(id);
+            [t[0] + s[0], t[1] + s[1]]
+        });
+        let kept = [self.kept[0] + kept_own[0], self.kept[1] + kept_own[1]];
+        let parts: Vec<Sizes> = match returned {
+            Some(ids) => ids.iter().map(&mut size_of).collect(),
+            None => vec![[self.live[0] - kept[0], self.live[1] - kept[1]]],
+        };
+        let returned = parts.iter().fold([0, 0], |t, s| [t[0] + s[0], t[1] + s[1]]);
+        let peaks = [0, 1].map(|i| Peak {
+            peak_bytes: self.peak[i],
+            returned_bytes: returned[i],
+            kept_bytes: kept[i],
+        });
+        (peaks, parts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_is_the_high_water_mark_of_live_allocations() {
+        let mut l = Liveness::new();
+        let a = l.allocate([10, 512]).unwrap();
+        let b = l.allocate([20, 512]).unwrap();
+        l.release(Some(a), "a").unwrap();
+        let c = l.allocate([5, 512]).unwrap();
+        let ([bytes, blocks], parts) = l.finish(Some(&[Some(c)]), &[]);
+        assert_eq!(parts, vec![[5, 512]]);
+        assert_eq!(bytes.peak_bytes, 30);
+        assert_eq!(blocks.peak_bytes, 1024);
+        assert_eq!(bytes.returned_bytes, 5);
+        assert!(l.release(Some(a), "a").is_err(), "released twice");
+        l.release(None, "an input").unwrap();
+        let mut other = Liveness::new();
+        assert!(!other.is_live(Some(b)), "another builder's tensor");
+        other.release(Some(b), "b").unwrap();
+        assert!(l.is_live(Some(b)), "not freed by another builder");
+    }
+
+    #[test]
+    fn a_call_sits_on_top_of_what_its_caller_holds() {
+        let mut l = Liveness::new();
+        let _x = l.allocate([100, 512]).unwrap();
+        let child = Peak {
+            peak_bytes: 50,
+            returned_bytes: 8,
+            kept_bytes: 4,
+        };
+        let out = l.call([child, child], &[[8, 512]]).unwrap();
+        assert_eq!(out.len(), 1);
+        let ([bytes, _], _) = l.finish(Some(&out), &[]);
+        assert_eq!(bytes.peak_bytes, 150);
+        assert_eq!(bytes.returned_bytes, 8);
+        assert_eq!(bytes.kept_bytes, 4, "the child's KV cache stays");
+    }
+
+    #[test]
+    fn repeated_calls_keep_each_output() {
+        let p = Peak {
+            peak_bytes: 30,
+            returned_bytes: 10,
+            kept_bytes: 0,
+        };
+        let three = p.repeated(3, "expert").unwrap();
+        assert_eq!(three.peak_bytes, 50);
+        assert_eq!(three.returned_bytes, 30);
+        assert_eq!(p.repeated(0, "expert").unwrap(), Peak::default());
+    }
+}
