@@ -76,11 +76,16 @@ impl RefMoEGate {
             ScoringFunc::Sigmoid => logits.f_sigmoid()?,
         };
         let k = dim(self.moe.num_experts_per_tok, "num_experts_per_tok")?;
+        // Python's forward is one function: the group-limited locals (group scores, masks,
+        // masked scores) and noaux_tc's `_` live until it returns, so they are held here.
+        let mut locals: Vec<Tensor> = Vec::new();
         let (weights, topk_idx) = match self.moe.routing.topk_method {
             TopkMethod::Greedy => scores.f_topk(k, -1, true, false)?,
             TopkMethod::GroupLimitedGreedy => {
-                let choice = self.group_masked(&scores, false)?;
-                choice.f_topk(k, -1, true, false)?
+                let choice = self.group_masked(&scores, false, &mut locals)?;
+                let top = choice.f_topk(k, -1, true, false)?;
+                locals.push(choice);
+                top
             }
             TopkMethod::NoauxTc => {
                 let bias = self
@@ -89,8 +94,9 @@ impl RefMoEGate {
                     .expect("built for noaux_tc");
                 let tokens = scores.size()[0];
                 let for_choice = scores.f_view([tokens, -1])?.f_add(&bias.f_unsqueeze(0)?)?;
-                let choice = self.group_masked(&for_choice, true)?;
-                let (_, topk_idx) = choice.f_topk(k, -1, true, false)?;
+                let choice = self.group_masked(&for_choice, true, &mut locals)?;
+                let (values, topk_idx) = choice.f_topk(k, -1, true, false)?;
+                locals.extend([for_choice, choice, values]);
                 (scores.f_gather(1, &topk_idx, false)?, topk_idx)
             }
         };
@@ -111,8 +117,14 @@ impl RefMoEGate {
 
     /// `choice` with the experts outside each token's `topk_group` best groups set to
     /// 0.0; a group scores its best expert (`max`), or with `top2_sum` the sum of its two
-    /// best (`noaux_tc`).
-    fn group_masked(&self, choice: &Tensor, top2_sum: bool) -> Result<Tensor> {
+    /// best (`noaux_tc`). The vendor's locals (group scores, group index, group mask,
+    /// score mask) are pushed to `locals`: they live until the gate returns.
+    fn group_masked(
+        &self,
+        choice: &Tensor,
+        top2_sum: bool,
+        locals: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let routing = self.moe.routing;
         let tokens = choice.size()[0];
         let groups = dim(routing.n_group, "n_group")?;
@@ -120,7 +132,10 @@ impl RefMoEGate {
         let grouped = choice.f_view([tokens, groups, -1])?;
         let group_scores = if top2_sum {
             let (top2, _) = grouped.f_topk(2, -1, true, true)?;
-            top2.f_sum_dim_intlist(&[-1i64][..], false, None::<Kind>)?
+            // `.topk(2)[0].sum(-1)`: the values are a temporary of the sum.
+            let sum = top2.f_sum_dim_intlist(&[-1i64][..], false, None::<Kind>)?;
+            drop(top2);
+            sum
         } else {
             grouped.f_max_dim(-1, false)?.0
         };
@@ -133,7 +148,10 @@ impl RefMoEGate {
             .f_expand([tokens, groups, experts / groups], false)?
             .f_reshape([tokens, -1])?;
         let blocked = score_mask.f_to_kind(Kind::Bool)?.f_bitwise_not()?;
-        Ok(choice.f_masked_fill(&blocked, 0.0)?)
+        let masked = choice.f_masked_fill(&blocked, 0.0)?;
+        drop(blocked);
+        locals.extend([group_scores, group_idx, group_mask, score_mask]);
+        Ok(masked)
     }
 }
 

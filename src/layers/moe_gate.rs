@@ -115,14 +115,14 @@ impl Layer for MoEGate {
         };
         let weights = with_last(&scores, k);
         let routing = self.moe.routing;
+        // The vendor forward is one function: every local below (group scores, masks,
+        // the masked scores) lives until it returns; temporaries go as they are consumed.
         let choice = match routing.topk_method {
             TopkMethod::Greedy => scores.clone(),
             TopkMethod::GroupLimitedGreedy | TopkMethod::NoauxTc => {
                 let (groups, per) = (routing.n_group, routing.experts_per_group(experts));
-                let grouped = t(&[tokens, groups, per], Dtype::F32);
-                let group_scores = t(&[tokens, groups], Dtype::F32);
-                let group_ids = t(&[tokens, groups], Dtype::I64);
-                let choice = if routing.topk_method == TopkMethod::NoauxTc {
+                let group_shape = [tokens, groups];
+                let (choice, group_scores) = if routing.topk_method == TopkMethod::NoauxTc {
                     let bias = t(&[1, experts], x.dtype);
                     let choice = b.elementwise(
                         "scores + e_score_correction_bias",
@@ -130,9 +130,13 @@ impl Layer for MoEGate {
                         &[&scores, &bias],
                         Dtype::F32,
                     )?;
+                    let grouped = choice.viewed_as(&[tokens, groups, per]);
                     let top2 = t(&[tokens, groups, 2], Dtype::F32);
-                    topk(&mut b, "group top-2", &grouped, 2, &top2)?;
-                    b.op(
+                    // `.topk(2, dim=-1)[0].sum(dim=-1)`: the indices go at `[0]`, the
+                    // values after the sum.
+                    let [top2, top2_ids] = topk(&mut b, "group top-2", &grouped, 2, &top2)?;
+                    b.release(&[&top2_ids])?;
+                    let group_scores = single(b.op(
                         "group_scores = top-2 sum(-1)",
                         "aten::sum",
                         &[
@@ -141,89 +145,100 @@ impl Layer for MoEGate {
                             Arg::Bool(false),
                             Arg::None,
                         ],
-                        std::slice::from_ref(&group_scores),
-                    )?;
-                    choice
+                        &[t(&group_shape, Dtype::F32)],
+                    )?)?;
+                    b.release(&[&top2])?;
+                    (choice, group_scores)
                 } else {
-                    b.op(
+                    // `.max(dim=-1).values`: the indices go with the tuple.
+                    let grouped = scores.viewed_as(&[tokens, groups, per]);
+                    let mut max = b.op(
                         "group_scores = max(-1)",
                         "aten::max",
                         &[arg(&grouped), Arg::Int(-1), Arg::Bool(false)],
-                        &[group_scores.clone(), group_ids.clone()],
+                        &[t(&group_shape, Dtype::F32), t(&group_shape, Dtype::I64)],
                     )?;
-                    scores.clone()
+                    b.release(&[&max[1]])?;
+                    (scores.clone(), max.remove(0))
                 };
+                // `topk(group_scores, topk_group)[1]`: the values go at once.
                 let kept = t(&[tokens, routing.topk_group], Dtype::F32);
-                topk(
+                let [kept, group_idx] = topk(
                     &mut b,
                     "group_idx = topk(topk_group)",
                     &group_scores,
                     routing.topk_group,
                     &kept,
                 )?;
+                b.release(&[&kept])?;
                 let mask = b.copy(
                     "group_mask = zeros_like",
                     "aten::zeros_like",
                     &[&group_scores],
-                    group_scores.clone(),
+                    t(&group_shape, Dtype::F32),
                 )?;
                 b.copy(
                     "group_mask.scatter_(1, group_idx, 1)",
                     "aten::scatter_",
-                    &[&mask, &with_last(&group_ids, routing.topk_group)],
+                    &[&mask, &group_idx],
                     mask.clone(),
                 )?;
                 // `[N, G, E/G]` expanded with stride 0 reshapes to `[N, E]` as a view only
                 // when G or E/G is 1; else `reshape` copies it, reading the expanded size.
-                let expanded = t(&[tokens, experts], Dtype::F32);
+                let expanded = mask.viewed_as(&[tokens, experts]);
                 let score_mask = if groups > 1 && per > 1 {
                     b.copy(
                         "score_mask = expand(…).reshape (copy)",
                         "aten::clone",
                         &[&expanded],
-                        expanded.clone(),
+                        t(&expanded.shape, Dtype::F32),
                     )?
                 } else {
                     expanded
                 };
+                // `~score_mask.bool()`: both temporaries of the `masked_fill` call.
                 let as_bool = b.cast("score_mask.bool()", &score_mask, Dtype::Bool)?;
                 let blocked =
                     b.elementwise("~score_mask", "aten::bitwise_not", &[&as_bool], Dtype::Bool)?;
-                b.copy(
+                b.release(&[&as_bool])?;
+                let masked = b.copy(
                     "masked_fill(~score_mask, 0.0)",
                     "aten::masked_fill",
                     &[&choice, &blocked],
-                    choice.clone(),
-                )?
+                    t(&choice.shape, Dtype::F32),
+                )?;
+                b.release(&[&blocked])?;
+                masked
             }
         };
-        let [top_weights, top_ids] = topk(&mut b, "topk", &choice, k, &weights)?;
+        // noaux_tc: `_, topk_idx = torch.topk(…)`: `_` keeps the values until return.
+        let [mut top_weights, top_ids] = topk(&mut b, "topk", &choice, k, &weights)?;
         if routing.topk_method == TopkMethod::NoauxTc {
-            b.copy(
+            top_weights = b.copy(
                 "topk_weight = scores.gather(1, topk_idx)",
                 "aten::gather",
-                &[&scores, &t(&weights.shape, Dtype::I64)],
-                weights.clone(),
+                &[&scores, &top_ids],
+                t(&weights.shape, Dtype::F32),
             )?;
         }
-        if k > 1 && self.moe.norm_topk_prob {
-            let denominator = with_last(&weights, 1);
-            b.op(
+        let scaled = if k > 1 && self.moe.norm_topk_prob {
+            let sum = single(b.op(
                 "topk_weight.sum(-1)",
                 "aten::sum",
                 &[
-                    arg(&weights),
+                    arg(&top_weights),
                     Arg::IntList(vec![-1]),
                     Arg::Bool(true),
                     Arg::None,
                 ],
-                std::slice::from_ref(&denominator),
-            )?;
-            let denominator = b.elementwise("+ 1e-20", "aten::add", &[&denominator], Dtype::F32)?;
+                &[with_last(&weights, 1)],
+            )?)?;
+            let denominator = b.elementwise("+ 1e-20", "aten::add", &[&sum], Dtype::F32)?;
+            b.release(&[&sum])?;
             let normed = b.elementwise(
                 "/ denominator",
                 "aten::div",
-                &[&weights, &denominator],
+                &[&top_weights, &denominator],
                 Dtype::F32,
             )?;
             let scaled = b.elementwise(
@@ -232,16 +247,17 @@ impl Layer for MoEGate {
                 &[&normed],
                 Dtype::F32,
             )?;
-            b.returns(&[&scaled, &top_ids]);
+            b.release(&[&normed])?;
+            scaled
         } else {
-            let scaled = b.elementwise(
+            b.elementwise(
                 "* routed_scaling_factor",
                 "aten::mul",
                 &[&top_weights],
                 Dtype::F32,
-            )?;
-            b.returns(&[&scaled, &top_ids]);
-        }
+            )?
+        };
+        b.returns(&[&scaled, &top_ids]);
         let mut params = product("gate parameters", &[experts, hidden])?;
         if routing.topk_method == TopkMethod::NoauxTc {
             // e_score_correction_bias [E], a parameter in the model dtype.
