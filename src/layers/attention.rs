@@ -539,6 +539,31 @@ mod tests {
     }
 
     #[test]
+    fn peak_by_hand_at_b1_s512() {
+        // docs/memory.md, "Peak activation memory", bf16, N = 512 tokens, h = H·d = 1280.
+        // The peak is during k's rotary embedding: v, the q and k projections, cos and
+        // sin ([1, 512, 128] each), q_embed, and k's x·cos, rotate_half(k), its ·sin.
+        let nh = 512 * 1280 * 2;
+        let cos_sin = 2 * 512 * 128 * 2;
+        let w = Workload::prefill(1, 512).unwrap();
+        let c = attention(&w, AttentionImpl::Sdpa);
+        assert_eq!(c.peak.peak_bytes, 7 * nh + cos_sin);
+        assert_eq!(c.peak.peak_bytes, 9_437_184);
+        assert_eq!(c.peak.returned_bytes, nh, "o_proj's output");
+        assert_eq!(
+            c.peak.kept_bytes,
+            2 * nh,
+            "the cache keeps the prefill's k and v"
+        );
+        // Eager: the peak moves into the core, where the masked scores, their fp32
+        // softmax and its bf16 copy coexist (4 score-sized bf16 tensors), on top of v,
+        // q_embed, k_embed, cos and sin.
+        let scores = 10 * 512 * 512 * 2;
+        let e = attention(&w, AttentionImpl::Eager);
+        assert_eq!(e.peak.peak_bytes, 3 * nh + cos_sin + 4 * scores);
+    }
+
+    #[test]
     fn prefill_matches_the_reference_measurement_plus_rotary() {
         let c = attention(&Workload::prefill(1, 512).unwrap(), AttentionImpl::Sdpa);
         // CUDA SDPA, FlopCounterMode: 8,053,063,680, plus B·S·d for the rotary matmul.

@@ -105,6 +105,25 @@ mod tests {
     }
 
     #[test]
+    fn peak_by_hand_at_b1_s512() {
+        // docs/memory.md, "Peak activation memory": gate is freed after the SiLU, act and
+        // up after the product; the peak is act + up + product, 3·N·i elements (bf16).
+        let c = ModelConfig::deepseek_ocr();
+        let cost = DeepseekV2MLP::new(&c, &Workload::prefill(1, 512).unwrap())
+            .cost()
+            .unwrap();
+        let ni = 512 * 6848 * 2;
+        assert_eq!(cost.peak.peak_bytes, 3 * ni);
+        assert_eq!(cost.peak.peak_bytes, 21_037_056);
+        assert_eq!(cost.peak.returned_bytes, 512 * 1280 * 2);
+        assert_eq!(cost.peak.kept_bytes, 0);
+        // Every tensor is a whole number of 512-byte CUDA blocks here.
+        assert_eq!(cost.cuda_peak, cost.peak);
+        // The unfused sum of every output is larger: 4·N·i + N·h.
+        assert_eq!(cost.metrics.activation_bytes, 4 * ni + 512 * 1280 * 2);
+    }
+
+    #[test]
     fn bytes_moved_and_allocated_by_hand() {
         // bf16, N = 4 rows, h = 1280, i = 6848. Per op, bytes read + written (unfused):
         //   gate_proj, up_proj: x 4·1280·2 = 10,240 + Wᵀ 1280·6848·2 = 17,530,880

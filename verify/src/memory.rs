@@ -1,7 +1,9 @@
 //! The memory pre-check, before anything runs: by the analytic model, the largest layer
-//! of the plan (weights + activations + KV cache) must fit in the device's free memory.
-//! A decode step's KV cache is filled by an uncounted prefill of `context_len` tokens
-//! that verify-decoder runs first, so that prefill must fit too.
+//! of the plan must fit in the device's free memory: its weights, the peak of its live
+//! activations (the liveness model, [`modelmeter::liveness`]; on CUDA in the caching
+//! allocator's blocks), the KV cache a decode step finds, and the device's reserve
+//! ([`device_reserve`]). A decode step's KV cache is filled by an uncounted prefill of
+//! `context_len` tokens that verify-decoder runs first, so that prefill must fit too.
 //!
 //! An overflow names the option or config field that causes it, like `modelmeter
 //! analyze` does ([`modelmeter::overflow::explain`]), so the two tools give the same
@@ -17,17 +19,40 @@ use crate::model::ModelPlan;
 use crate::plan::Plan;
 use modelmeter::layers::{DeepseekV2Decoder, StackPart};
 
-/// The largest need of the plan's layers at `workload`, in bytes, and that layer's name.
+/// What a device holds beyond the tensors the analytic model names: on CUDA, 64 MiB for
+/// the cuBLAS workspace (torch 2.11 sizes it at 32 MiB on Hopper, less on older GPUs)
+/// and cuDNN's attention workspace; nothing on the CPU. An allowance, not a measurement.
+pub fn device_reserve(device: tch::Device) -> u64 {
+    if device.is_cuda() {
+        64 << 20
+    } else {
+        0
+    }
+}
+
+/// The largest need of the plan's layers at `workload`, in bytes, and that layer's name:
+/// weights + peak activations (+ the KV cache a decode step starts from, bounded by the
+/// cache after the step) + the device's reserve.
 fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
     let mut worst = (0u64, String::new());
     for kind in &plan.layers {
-        let m = kind
-            .analytic(&plan.config, workload, plan.attention)?
-            .metrics()?;
+        let layer = kind.analytic(&plan.config, workload, plan.attention)?;
+        let cost = modelmeter::metrics::sums_only(|| layer.cost())?;
+        let m = cost.metrics;
+        let peak = if plan.device.is_cuda() {
+            cost.cuda_peak.peak_bytes
+        } else {
+            cost.peak.peak_bytes
+        };
+        let cache_before = match workload.phase {
+            Phase::Prefill { .. } => 0,
+            Phase::Decode { .. } => m.kv_cache_bytes,
+        };
         let bytes = m
             .weight_bytes
-            .saturating_add(m.activation_bytes)
-            .saturating_add(m.kv_cache_bytes);
+            .saturating_add(peak)
+            .saturating_add(cache_before)
+            .saturating_add(device_reserve(plan.device));
         if bytes > worst.0 {
             worst = (bytes, kind.name(plan.attention).to_string());
         }
@@ -143,7 +168,7 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
             "about"
         };
         return Err(format!(
-            "the workload ({}) needs {about} {} for {} (weights + activations + KV cache, from the analytic model) \
+            "the workload ({}) needs {about} {} for {} (weights + peak activations + KV cache + device reserve, from the analytic model) \
              but {spec} has {} free; {}",
             w.describe(),
             units::bytes(estimate.bytes),
@@ -169,8 +194,10 @@ pub struct ModelNeed {
     pub vocab_weight_bytes: u64,
     /// The KV cache of every layer at its final length (prompt + new tokens).
     pub kv_cache_bytes: u64,
-    /// The largest part's activations in the largest call (the prefill).
+    /// The largest part's peak activations in the largest call (the prefill).
     pub activation_bytes: u64,
+    /// The device's reserve ([`device_reserve`]).
+    pub reserve_bytes: u64,
 }
 
 impl ModelNeed {
@@ -178,6 +205,7 @@ impl ModelNeed {
         self.weight_bytes
             .saturating_add(self.kv_cache_bytes)
             .saturating_add(self.activation_bytes)
+            .saturating_add(self.reserve_bytes)
     }
 }
 
@@ -196,8 +224,14 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
         let stack = DeepseekV2Decoder::new(&g.config, &prefill, g.attention);
         let (mut activation_bytes, mut vocab_weight_bytes) = (0, 0);
         for part in StackPart::all(&g.config) {
-            let m = stack.part_cost(part)?.metrics;
-            activation_bytes = activation_bytes.max(m.activation_bytes);
+            let cost = modelmeter::metrics::sums_only(|| stack.part_cost(part))?;
+            let m = cost.metrics;
+            let peak = if plan.device.is_cuda() {
+                cost.cuda_peak.peak_bytes
+            } else {
+                cost.peak.peak_bytes
+            };
+            activation_bytes = activation_bytes.max(peak);
             if matches!(part, StackPart::EmbedTokens | StackPart::LmHead) {
                 vocab_weight_bytes = modelmeter::checked::sum(
                     "weight_bytes",
@@ -210,6 +244,7 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
             vocab_weight_bytes,
             kv_cache_bytes: total.kv_cache_bytes,
             activation_bytes,
+            reserve_bytes: device_reserve(plan.device),
         })
     };
     costed(&generation).map_err(|e| {
@@ -258,7 +293,7 @@ pub fn check_model(
         "lower --new-tokens, --seq-len or --batch".to_string()
     };
     Err(format!(
-        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, KV cache {} at {} tokens, activations {}; from the analytic model) but {spec} has {} free; {lower}",
+        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, KV cache {} at {} tokens, peak activations {}, device reserve {}; from the analytic model) but {spec} has {} free; {lower}",
         model.num_layers,
         model.config_layers,
         plan.workload.describe(),
@@ -268,6 +303,7 @@ pub fn check_model(
         units::bytes(need.kv_cache_bytes),
         plan.workload.query_len().saturating_add(model.new_tokens),
         units::bytes(need.activation_bytes),
+        units::bytes(need.reserve_bytes),
         units::bytes(available),
     ))
 }
@@ -366,6 +402,40 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn the_pre_check_counts_the_peak_not_every_allocation() {
+        // The dense MLP, B=1, S=512, fp32: its five outputs sum to 4·N·i + N·h elements,
+        // but Python frees gate before up_proj runs: the peak is 3·N·i (docs/memory.md).
+        let p = Plan {
+            config: ModelConfig::deepseek_ocr(),
+            workload: Workload::prefill(1, 512)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::F32)
+                .unwrap(),
+            layers: vec![crate::pairing::Pairing {
+                layer: LayerId::Mlp,
+            }],
+            ..plan(1)
+        };
+        let (n, h, i) = (512u64, 1280u64, 6848u64);
+        let weights = 4 * 3 * h * i;
+        let (need, layer) = estimate(&p).unwrap();
+        assert_eq!(layer, "DeepseekV2MLP");
+        assert_eq!(need, weights + 4 * 3 * n * i);
+        let unfused = weights + 4 * (4 * n * i + n * h);
+        assert!(check(&p, DeviceSpec::Cpu, &device(unfused - 1)).is_ok());
+        assert!(check(&p, DeviceSpec::Cpu, &device(need - 1)).is_err());
+        // On CUDA the device's reserve is added to the same peak.
+        let cuda = Plan {
+            device: tch::Device::Cuda(0),
+            ..p
+        };
+        assert_eq!(
+            estimate(&cuda).unwrap().0,
+            need + device_reserve(cuda.device)
+        );
     }
 
     #[test]
