@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 mod common;
-use common::{read_json, text, verify_env as verify, TempDir, EXACT};
+use common::{read_json, text, verify_env as verify, TempDir, EXACT, PEAK};
 
 /// Runs `verify-decoder` with `args` plus `--json FILE -q`, asserts it exits 0, and
 /// returns the JSON report.
@@ -23,14 +23,14 @@ fn passing_report(tag: &str, args: &[&str]) -> Value {
     read_json(&json)
 }
 
-/// Every exact row has rel_diff exactly 0 and status pass; the flops row passes except
-/// RMSNorm's, which is the known gap.
+/// Every exact row, and the peak's, has rel_diff exactly 0 and status pass; the flops
+/// row passes except RMSNorm's, which is the known gap.
 fn assert_exact(layers: &Value) {
     for layer in layers.as_array().unwrap() {
         let name = layer["name"].as_str().unwrap();
         for m in layer["metrics"].as_array().unwrap() {
             let metric = m["metric"].as_str().unwrap();
-            if EXACT.contains(&metric) {
+            if EXACT.contains(&metric) || metric == PEAK {
                 assert_eq!(m["rel_diff"], 0.0, "{name} {metric}: {m}");
                 assert_eq!(m["analytic"], m["measured"], "{name} {metric}");
                 assert_eq!(m["status"], "pass", "{name} {metric}");
@@ -43,8 +43,8 @@ fn assert_exact(layers: &Value) {
         }
         assert_eq!(
             layer["metrics"].as_array().unwrap().len(),
-            1 + EXACT.len(),
-            "{name}: flops and the exact rows, no uncounted ops"
+            2 + EXACT.len(),
+            "{name}: flops, the exact rows and the peak, no uncounted ops"
         );
     }
 }
@@ -160,7 +160,7 @@ fn default_workload_on_cpu_passes_with_exact_rows_and_valid_reports() {
     }
     assert_eq!(
         (testcases, skipped, failures),
-        (7 * (1 + EXACT.len()), 1, 0)
+        (7 * (2 + EXACT.len()), 1, 0)
     );
 }
 

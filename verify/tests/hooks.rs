@@ -82,6 +82,33 @@ fn a_perturbed_exact_metric_fails_and_every_report_says_so() {
 }
 
 #[test]
+fn a_peak_off_by_a_byte_passes_within_the_tolerance_and_fails_at_zero() {
+    let peak = "peak_activation_bytes";
+    let args = ["--seq-len", "8", "--layers", "DeepseekV2MLP"];
+    let (clean, j) = run(&args, TestHooks::default());
+    assert!(clean.summary().ok());
+    let r = row(&j["layers"][0], peak);
+    assert_eq!(r["analytic"], r["measured"]);
+    assert!(r["note"].as_str().unwrap().starts_with("exact"), "{r}");
+
+    let (report, j) = run(&args, perturb("DeepseekV2MLP", peak, 1));
+    assert!(report.summary().ok(), "1 byte is within 5 %");
+    let r = row(&j["layers"][0], peak);
+    assert_eq!(r["status"], "pass");
+    assert_eq!(
+        r["analytic"].as_u64().unwrap(),
+        r["measured"].as_u64().unwrap() + 1
+    );
+    assert!(r["note"].as_str().unwrap().contains("not exact"), "{r}");
+
+    let mut strict = args.to_vec();
+    strict.extend(["--accept-rel-diff", "0"]);
+    let (report, j) = run(&strict, perturb("DeepseekV2MLP", peak, 1));
+    assert!(!report.summary().ok(), "exit code 1");
+    assert_eq!(row(&j["layers"][0], peak)["status"], "fail");
+}
+
+#[test]
 fn a_layer_that_cannot_run_is_an_error_and_the_others_still_run() {
     let hooks = TestHooks {
         perturb: None,

@@ -20,6 +20,10 @@ pub const EXACT: [&str; 8] = [
     "kv_cache_bytes",
 ];
 
+/// The liveness peak's row: within the tolerance by definition, exact on the CPU for
+/// every layer the reference modules release like the vendor code (all of them).
+pub const PEAK: &str = "peak_activation_bytes";
+
 /// The binary with `args`.
 pub fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
