@@ -32,6 +32,11 @@ pub struct Peak {
 }
 
 impl Peak {
+    /// True for an op leaf's (all zero).
+    pub fn is_empty(&self) -> bool {
+        *self == Peak::default()
+    }
+
     /// `n` calls one after another, each keeping its output: the last call's peak on
     /// top of the n − 1 outputs before it (the routed experts' outputs, kept for a `cat`).
     pub fn repeated(self, n: u64, what: &str) -> Result<Peak> {

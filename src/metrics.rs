@@ -166,7 +166,8 @@ pub struct Cost {
     #[serde(skip)]
     pub cuda_activation_bytes: u64,
     /// The call's memory footprint (`peak_activation_bytes`), from the liveness of its
-    /// tensors ([`crate::liveness`]); zero for op leaves.
+    /// tensors ([`crate::liveness`]); zero (and not serialized) for op leaves.
+    #[serde(skip_serializing_if = "Peak::is_empty")]
     pub peak: Peak,
     /// [`Cost::peak`] with each tensor rounded to its CUDA caching-allocator block.
     #[serde(skip)]

@@ -9,6 +9,7 @@ use crate::layers::GenerationMetrics;
 use crate::layers::{
     layers_of, mla_class_name, AttentionImpl, DeepseekV2Decoder, Generation, Layer,
 };
+use crate::liveness::Peak;
 use crate::metrics::{Cost, Metrics};
 use crate::units;
 use crate::workload::{Phase, Workload};
@@ -100,7 +101,7 @@ impl AnalyzeReport {
         );
         let mut rows = vec![header("layer")];
         for c in self.layers.iter().chain(std::iter::once(&self.stack)) {
-            rows.push(row(&c.name, &c.metrics));
+            rows.push(row(&c.name, &c.metrics, Some(&c.peak)));
         }
         out.push_str(&units::table(&rows, &RIGHT));
         for c in self.layers.iter().chain(std::iter::once(&self.stack)) {
@@ -116,9 +117,9 @@ impl AnalyzeReport {
             out.push_str(&format!("\ngeneration: prefill + {n} decode steps\n"));
             let rows = vec![
                 header("stage"),
-                row("prefill", &g.prefill),
-                row("decode (all steps)", &g.decode),
-                row("total", &g.total),
+                row("prefill", &g.prefill, None),
+                row("decode (all steps)", &g.decode, None),
+                row("total", &g.total, None),
             ];
             out.push_str(&units::table(&rows, &RIGHT));
         }
@@ -126,7 +127,7 @@ impl AnalyzeReport {
     }
 }
 
-const RIGHT: [bool; 9] = [false, true, true, true, true, true, true, true, true];
+const RIGHT: [bool; 10] = [false, true, true, true, true, true, true, true, true, true];
 
 fn header(first: &str) -> Vec<String> {
     [
@@ -138,6 +139,7 @@ fn header(first: &str) -> Vec<String> {
         "io",
         "weights",
         "activations",
+        "peak act.",
         "KV cache",
     ]
     .iter()
@@ -145,7 +147,8 @@ fn header(first: &str) -> Vec<String> {
     .collect()
 }
 
-fn row(name: &str, m: &Metrics) -> Vec<String> {
+/// One row; `peak` for a layer or sub-layer (op calls and sums have none: `-`).
+fn row(name: &str, m: &Metrics, peak: Option<&Peak>) -> Vec<String> {
     vec![
         name.to_string(),
         units::flops(m.matmul_flops),
@@ -155,6 +158,7 @@ fn row(name: &str, m: &Metrics) -> Vec<String> {
         units::bytes(m.io_bytes),
         units::bytes(m.weight_bytes),
         units::bytes(m.activation_bytes),
+        peak.map_or("-".to_string(), |p| units::bytes(p.peak_bytes)),
         units::bytes(m.kv_cache_bytes),
     ]
 }
@@ -165,7 +169,8 @@ fn breakdown(c: &Cost, level: usize, depth: usize, rows: &mut Vec<Vec<String>>) 
             Some(op) => format!("{}{} [{op}]", "  ".repeat(level - 1), child.name),
             None => format!("{}{}", "  ".repeat(level - 1), child.name),
         };
-        rows.push(row(&label, &child.metrics));
+        let peak = child.op.is_none().then_some(&child.peak);
+        rows.push(row(&label, &child.metrics, peak));
         if level < depth {
             breakdown(child, level + 1, depth, rows);
         }

@@ -106,8 +106,10 @@ impl DeepseekV2Decoder {
             StackPart::LmHead => {
                 let mut head = CostBuilder::new(part.path(), w.allow_tf32);
                 let logits = head.linear("lm_head", &rows, vocab, false)?;
-                // The vendor `DeepseekV2ForCausalLM.forward`: `logits = logits.float()`.
-                head.cast("logits.float()", &logits, Dtype::F32)?;
+                // The vendor `DeepseekV2ForCausalLM.forward`: `logits = logits.float()`
+                // (the reassignment frees the model-dtype logits).
+                let float = head.cast("logits.float()", &logits, Dtype::F32)?;
+                head.returns(&[&float]);
                 if !c.tie_word_embeddings {
                     head.weights(bytes_of("lm_head", table, w.dtype)?)?;
                 }
