@@ -99,7 +99,8 @@ impl Liveness {
     pub(crate) fn new() -> Liveness {
         Liveness {
             builder: NEXT_BUILDER.with(|n| n.replace(n.get().wrapping_add(1))),
-            allocations: Vec::new(),
+            // Most layers allocate fewer than 32 tensors: one allocation, no regrowth.
+            allocations: Vec::with_capacity(32),
             live: [0, 0],
             peak: [0, 0],
             kept: [0, 0],
@@ -127,8 +128,12 @@ impl Liveness {
     /// The allocation `id` is freed now. A tensor this builder did not allocate (the
     /// layer's input, a cast that changed nothing, a tensor of no builder) is not its to
     /// free and is skipped; releasing an allocation twice is a modelling mistake, an
-    /// error naming `what`.
-    pub(crate) fn release(&mut self, id: Option<StorageId>, what: &str) -> Result<()> {
+    /// error naming `what()`.
+    pub(crate) fn release(
+        &mut self,
+        id: Option<StorageId>,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
         let Some(id) = id.filter(|id| id.builder == self.builder) else {
             return Ok(());
         };
@@ -136,7 +141,7 @@ impl Liveness {
             .allocations
             .get_mut(id.index)
             .filter(|a| a.live)
-            .ok_or_else(|| Error::op_shape(what, "released twice"))?;
+            .ok_or_else(|| Error::op_shape(&what(), "released twice"))?;
         a.live = false;
         self.live = [self.live[0] - a.sizes[0], self.live[1] - a.sizes[1]];
         Ok(())
@@ -178,9 +183,11 @@ impl Liveness {
         returned: Option<&[Option<StorageId>]>,
         kept: &[Option<StorageId>],
     ) -> ([Peak; 2], Vec<Sizes>) {
-        let mut seen = std::collections::BTreeSet::new();
+        // Each allocation counts once, however many of the tensors it holds are named.
+        let mut seen: Vec<usize> = Vec::new();
         let mut size_of = |id: &Option<StorageId>| match id {
-            Some(id) if self.is_live(Some(*id)) && seen.insert(id.index) => {
+            Some(id) if self.is_live(Some(*id)) && !seen.contains(&id.index) => {
+                seen.push(id.index);
                 self.allocations[id.index].sizes
             }
             _ => [0, 0],
@@ -213,18 +220,18 @@ mod tests {
         let mut l = Liveness::new();
         let a = l.allocate([10, 512]).unwrap();
         let b = l.allocate([20, 512]).unwrap();
-        l.release(Some(a), "a").unwrap();
+        l.release(Some(a), || "a".into()).unwrap();
         let c = l.allocate([5, 512]).unwrap();
         let ([bytes, blocks], parts) = l.finish(Some(&[Some(c)]), &[]);
         assert_eq!(parts, vec![[5, 512]]);
         assert_eq!(bytes.peak_bytes, 30);
         assert_eq!(blocks.peak_bytes, 1024);
         assert_eq!(bytes.returned_bytes, 5);
-        assert!(l.release(Some(a), "a").is_err(), "released twice");
-        l.release(None, "an input").unwrap();
+        assert!(l.release(Some(a), || "a".into()).is_err(), "released twice");
+        l.release(None, || "an input".into()).unwrap();
         let mut other = Liveness::new();
         assert!(!other.is_live(Some(b)), "another builder's tensor");
-        other.release(Some(b), "b").unwrap();
+        other.release(Some(b), || "b".into()).unwrap();
         assert!(l.is_live(Some(b)), "not freed by another builder");
     }
 

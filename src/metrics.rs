@@ -446,10 +446,9 @@ impl CostBuilder {
     /// twice is an error.
     pub fn release(&mut self, tensors: &[&TensorMeta]) -> Result<()> {
         for t in tensors {
-            self.liveness.release(
-                t.storage(),
-                &format!("{} of {}", describe(t), self.node.name),
-            )?;
+            let name = &self.node.name;
+            self.liveness
+                .release(t.storage(), || format!("{} of {name}", describe(t)))?;
         }
         Ok(())
     }
