@@ -96,6 +96,12 @@ impl RefDeepseekV2MoE {
         let idxs = topk_ids.f_view([-1])?.f_argsort(0, false)?;
         let sorted_tokens = x.f_index(&[Some(idxs.f_floor_divide_scalar(k)?)])?;
         let counts = Vec::<i64>::try_from(&tokens_per_expert.f_to_device(Device::Cpu)?)?;
+        // `tokens_per_expert = tokens_per_expert.cpu().numpy()`: on a GPU the reassignment
+        // frees the device tensor; on the CPU `.cpu()` is the tensor itself, which the
+        // NumPy array keeps alive until `moe_infer` returns.
+        if tokens_per_expert.device().is_cuda() {
+            drop(tokens_per_expert);
+        }
 
         let mut outputs = Vec::new();
         let mut start = 0i64;
