@@ -50,9 +50,108 @@ pub fn fill_normal(stream: u64, out: &mut [f32], scale: f32, shift: f32) {
     });
 }
 
+/// Values per chunk of a fill on a device: bounds the int64 temporaries (8 bytes per
+/// value, a few alive at once) whatever the parameter's size.
+const DEVICE_CHUNK: i64 = 1 << 24;
+
+/// `(z >> n)` as an unsigned (logical) shift of an int64 tensor holding u64 bits: libtorch
+/// shifts int64 arithmetically, so the sign bits are masked off.
+fn logical_shift_right(z: &tch::Tensor, n: u32) -> tch::Result<tch::Tensor> {
+    let mask = ((1u64 << (64 - n)) - 1) as i64;
+    z.f_bitwise_right_shift_tensor_scalar(i64::from(n))?
+        .f_bitwise_and(mask)
+}
+
+/// [`fill_normal`] as tensor operations on `device`: `count` fp32 values
+/// `shift + scale · normal(stream, i)`, computed where they will live (on a GPU a few
+/// elementwise kernels instead of a CPU loop and a copy). Bit for bit the values of
+/// [`normal`]: the mixing is 64-bit integer arithmetic (libtorch's int64 multiply wraps
+/// like `wrapping_mul`), and the float steps are the same single roundings in fp32.
+pub fn normal_on(
+    device: tch::Device,
+    stream: u64,
+    count: i64,
+    scale: f32,
+    shift: f32,
+) -> tch::Result<tch::Tensor> {
+    normal_in_chunks(device, stream, count, scale, shift, DEVICE_CHUNK)
+}
+
+fn normal_in_chunks(
+    device: tch::Device,
+    stream: u64,
+    count: i64,
+    scale: f32,
+    shift: f32,
+    chunk: i64,
+) -> tch::Result<tch::Tensor> {
+    use tch::{Kind, Tensor};
+    let out = Tensor::f_empty([count], (Kind::Float, device))?;
+    let mut start = 0i64;
+    while start < count {
+        let len = chunk.min(count - start);
+        let index = Tensor::f_arange_start(start, start + len, (Kind::Int64, device))?;
+        // mix(stream, index), as in `mix` above, on u64 bits held in int64.
+        let z = index
+            .f_add_scalar(1)?
+            .f_mul_scalar(0x9e37_79b9_7f4a_7c15u64 as i64)?
+            .f_add_scalar(stream as i64)?;
+        let z = z
+            .f_bitwise_xor_tensor(&logical_shift_right(&z, 30)?)?
+            .f_mul_scalar(0xbf58_4d1c_e4e5_b9b1u64 as i64)?;
+        let z = z
+            .f_bitwise_xor_tensor(&logical_shift_right(&z, 27)?)?
+            .f_mul_scalar(0x94d0_49bb_1331_11ebu64 as i64)?;
+        let z = z.f_bitwise_xor_tensor(&logical_shift_right(&z, 31)?)?;
+        let sum = z
+            .f_bitwise_and(0xffff)?
+            .f_add(&logical_shift_right(&z, 16)?.f_bitwise_and(0xffff)?)?
+            .f_add(&logical_shift_right(&z, 32)?.f_bitwise_and(0xffff)?)?
+            .f_add(&logical_shift_right(&z, 48)?)?;
+        drop(z);
+        // (sum - MEAN) · SCALE, then shift + scale · that: each step one fp32 rounding.
+        let values = sum
+            .f_to_kind(Kind::Float)?
+            .f_sub_scalar(f64::from(4.0f32 * 32_767.5))?
+            .f_mul_scalar(f64::from(1.732_050_8f32 / 65_536.0))?
+            .f_mul_scalar(f64::from(scale))?
+            .f_add_scalar(f64::from(shift))?;
+        out.f_narrow(0, start, len)?.f_copy_(&values)?;
+        start += len;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_draws_equal_the_cpu_loop_bit_for_bit() {
+        // The device path run on the CPU (CI has no GPU): same bits as `fill_normal`,
+        // across a chunk boundary, for streams with high bits set.
+        for (stream, scale, shift) in [
+            (7u64, 1.0f32, 0.0f32),
+            (0x7fff_ffff_ffff_fff1, 0.1, 1.0),
+            (0x1234_5678_9abc_def0, 1.0 / 1280f32.sqrt(), 0.0),
+        ] {
+            let count = 70_000usize;
+            let mut expected = vec![0f32; count];
+            fill_normal(stream, &mut expected, scale, shift);
+            for chunk in [DEVICE_CHUNK, 4096] {
+                let t =
+                    normal_in_chunks(tch::Device::Cpu, stream, count as i64, scale, shift, chunk)
+                        .unwrap();
+                let got = Vec::<f32>::try_from(&t).unwrap();
+                let same = expected
+                    .iter()
+                    .zip(&got)
+                    .filter(|(a, b)| a.to_bits() == b.to_bits())
+                    .count();
+                assert_eq!(same, count, "stream {stream:#x}, chunks of {chunk}");
+            }
+        }
+    }
 
     #[test]
     fn values_depend_only_on_the_stream_and_the_index() {

@@ -1,11 +1,12 @@
 //! Seeded parameters: where modules live (device; the dtype is the workload's) and how
 //! their weights are drawn.
 //!
-//! Every parameter is drawn on the CPU in fp32 from a counter-based stream keyed by a
-//! hash of the run seed and the parameter's vendor name ([`crate::draws`]), on every
-//! core, then moved to the device and dtype. So a parameter's values do not depend on
-//! creation order, thread count or device, and two runs with the same seed build
-//! identical modules.
+//! Every parameter is drawn in fp32 from a counter-based stream keyed by a hash of the
+//! run seed and the parameter's vendor name ([`crate::draws`]) — on the CPU by a loop on
+//! every core, on a GPU by elementwise kernels where the parameter will live (the same
+//! bits: [`crate::draws::normal_on`]) — then cast to the dtype. So a parameter's values
+//! do not depend on creation order, thread count or device, and two runs with the same
+//! seed build identical modules.
 
 use std::sync::Mutex;
 
@@ -59,7 +60,31 @@ pub fn seeded_normal(seed: u64, name: &str, shape: &[i64]) -> Result<Tensor> {
     seeded_affine(seed, name, shape, 1.0, 0.0)
 }
 
-/// `shift + scale · seeded_normal(seed, name, shape)`, drawn in one pass.
+/// `shift + scale · seeded_normal(seed, name, shape)` drawn on `device` (fp32).
+fn seeded_affine_on(
+    device: Device,
+    seed: u64,
+    name: &str,
+    shape: &[i64],
+    scale: f32,
+    shift: f32,
+) -> Result<Tensor> {
+    if device == Device::Cpu {
+        return seeded_affine(seed, name, shape, scale, shift);
+    }
+    let count = shape
+        .iter()
+        .try_fold(1i64, |n, d| n.checked_mul(*d))
+        .ok_or_else(|| {
+            Error::Model(modelmeter::Error::overflow(format!(
+                "the element count of {name} {shape:?}"
+            )))
+        })?;
+    let flat = crate::draws::normal_on(device, stream(seed, name) as u64, count, scale, shift)?;
+    Ok(flat.f_view(shape)?)
+}
+
+/// `shift + scale · seeded_normal(seed, name, shape)`, drawn in one pass on the CPU.
 fn seeded_affine(seed: u64, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
     let count = shape
         .iter()
@@ -114,56 +139,41 @@ impl Init {
         }
     }
 
-    fn place(&self, t: Tensor) -> Result<Tensor> {
-        Ok(t.f_to_device(self.setup.device)?.f_to_kind(self.kind)?)
+    /// `shift + scale · N(0, 1)` values for the parameter `name` of `shape`, drawn on the
+    /// module's device and cast to its dtype.
+    fn draw(&self, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
+        let t = seeded_affine_on(
+            self.setup.device,
+            self.setup.seed,
+            &format!("{}{name}", self.prefix),
+            shape,
+            scale,
+            shift,
+        )?;
+        Ok(t.f_to_kind(self.kind)?)
     }
 
     /// A linear weight `[out, in]` with standard deviation 1/√in, so that activations
     /// keep unit scale through the layers (and the gate's logits spread the routing).
     pub(crate) fn linear(&self, name: &str, out_features: i64, in_features: i64) -> Result<Tensor> {
-        let t = seeded_affine(
-            self.setup.seed,
-            &format!("{}{name}", self.prefix),
-            &[out_features, in_features],
-            1.0 / (in_features as f32).sqrt(),
-            0.0,
-        )?;
-        self.place(t)
+        let scale = 1.0 / (in_features as f32).sqrt();
+        self.draw(name, &[out_features, in_features], scale, 0.0)
     }
 
     /// An embedding table `[rows, cols]` of standard-normal values (`nn.Embedding`'s
     /// initialisation), so the first layer sees unit-scale inputs.
     pub(crate) fn embedding(&self, name: &str, rows: i64, cols: i64) -> Result<Tensor> {
-        let t = seeded_normal(
-            self.setup.seed,
-            &format!("{}{name}", self.prefix),
-            &[rows, cols],
-        )?;
-        self.place(t)
+        self.draw(name, &[rows, cols], 1.0, 0.0)
     }
 
     /// A bias `[n]` with standard deviation 0.1.
     pub(crate) fn bias(&self, name: &str, n: i64) -> Result<Tensor> {
-        let t = seeded_affine(
-            self.setup.seed,
-            &format!("{}{name}", self.prefix),
-            &[n],
-            0.1,
-            0.0,
-        )?;
-        self.place(t)
+        self.draw(name, &[n], 0.1, 0.0)
     }
 
     /// A norm weight `[n]` near 1 (1 + 0.1·N(0,1)), so the parity check sees it applied.
     pub(crate) fn norm(&self, name: &str, n: i64) -> Result<Tensor> {
-        let t = seeded_affine(
-            self.setup.seed,
-            &format!("{}{name}", self.prefix),
-            &[n],
-            0.1,
-            1.0,
-        )?;
-        self.place(t)
+        self.draw(name, &[n], 0.1, 1.0)
     }
 
     pub(crate) fn setup(&self) -> &Setup {
@@ -195,5 +205,25 @@ mod tests {
         assert!(a.equal(&b));
         assert!(!a.equal(&c));
         assert!(!a.equal(&d));
+    }
+
+    #[test]
+    fn the_device_path_draws_the_cpu_path_s_values() {
+        // Drawn by tensor kernels (what a GPU runs), here on the CPU: the same tensor as
+        // the CPU loop, for each kind of parameter's scale and shift.
+        for (scale, shift) in [(1.0, 0.0), (0.1, 1.0), (1.0 / 896f32.sqrt(), 0.0)] {
+            let cpu =
+                seeded_affine(3, "mlp.experts.7.up_proj.weight", &[33, 17], scale, shift).unwrap();
+            let kernels = crate::draws::normal_on(
+                Device::Cpu,
+                stream(3, "mlp.experts.7.up_proj.weight") as u64,
+                33 * 17,
+                scale,
+                shift,
+            )
+            .unwrap()
+            .view([33, 17]);
+            assert!(cpu.equal(&kernels));
+        }
     }
 }
