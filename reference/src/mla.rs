@@ -13,6 +13,13 @@
 //!
 //! The rotary part (d_r dims) is rotated with tables that the vendor rebuilds in the
 //! forward ([`crate::mla_rotary`]).
+//!
+//! Tensors are dropped where the vendor's Python drops its last reference (peak
+//! activation memory, docs/memory.md): a temporary once the op or call consuming it
+//! returns, a local when it is reassigned or the function returns. Rust would keep a
+//! shadowed binding to the end of its scope and a temporary to the end of its statement,
+//! hence the explicit `drop`s and split statements; the ops and their order are the
+//! vendor's.
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::mla_config::softmax_scale;
@@ -156,8 +163,12 @@ impl RefDeepseekV2Attention {
                 q_a_layernorm,
                 q_b_proj,
             } => {
+                // q_b_proj(q_a_layernorm(q_a_proj(x))): each inner result goes when the
+                // call consuming it returns.
                 let q_a = linear(x, &q_a_proj.0, q_a_proj.1.as_ref())?;
-                linear(&q_a_layernorm.forward(&q_a)?, q_b_proj, None)?
+                let normed = q_a_layernorm.forward(&q_a)?;
+                drop(q_a);
+                linear(&normed, q_b_proj, None)?
             }
         };
         let q = q.f_view([b, s, self.heads, d_n + d_r])?.f_transpose(1, 2)?;
@@ -191,8 +202,13 @@ impl RefDeepseekV2Attention {
                 let compressed_kv = self.kv_a_layernorm.forward(compressed_kv)?;
                 let k_pe = k_pe.f_view([b, s, 1, d_r])?.f_transpose(1, 2)?;
                 let kv_seq_len = s + cache.len();
-                let (q_pe, k_pe) = self.rotate(q_pe, &k_pe, kv_seq_len, position_ids)?;
-                self.absorbed(x, q_nope, &q_pe, &k_pe, &compressed_kv, cache, mask)
+                let (q_pe, k_pe_rotated) = self.rotate(q_pe, &k_pe, kv_seq_len, position_ids)?;
+                // `q_pe, k_pe = apply_rotary_pos_emb(…)` drops the last view of
+                // kv_a_proj_with_mqa's output (compressed_kv was rebound to the norm's).
+                drop(k_pe);
+                drop(kv_parts);
+                drop(kv_a);
+                self.absorbed(x, q_nope, &q_pe, k_pe_rotated, compressed_kv, cache, mask)
             }
         }
     }
@@ -211,16 +227,28 @@ impl RefDeepseekV2Attention {
             .forward(kv_seq_len, q_pe.kind(), q_pe.device())?;
         let cos = cos.f_index(&[Some(position_ids)])?.f_unsqueeze(1)?;
         let sin = sin.f_index(&[Some(position_ids)])?.f_unsqueeze(1)?;
-        let embed = |x: &Tensor| -> Result<Tensor> {
-            // x.view(b, h, s, d // 2, 2).transpose(4, 3).reshape(b, h, s, d)
+        // q = q.view(b, h, s, d // 2, 2).transpose(4, 3).reshape(b, h, s, d), then k
+        // likewise: both copies are locals until apply_rotary_pos_emb returns.
+        let deinterleave = |x: &Tensor| -> Result<Tensor> {
             let (b, h, s, d) = x.size4()?;
-            let x = x
-                .f_view([b, h, s, d / 2, 2])?
+            Ok(x.f_view([b, h, s, d / 2, 2])?
                 .f_transpose(4, 3)?
-                .f_reshape([b, h, s, d])?;
-            Ok(x.f_mul(&cos)?.f_add(&rotate_half(&x)?.f_mul(&sin)?)?)
+                .f_reshape([b, h, s, d])?)
         };
-        Ok((embed(q_pe)?, embed(k_pe)?))
+        let q = deinterleave(q_pe)?;
+        let k = deinterleave(k_pe)?;
+        // (x * cos) + (rotate_half(x) * sin): rotate_half's result goes once multiplied,
+        // the two products once added.
+        let embed = |x: &Tensor| -> Result<Tensor> {
+            let x_cos = x.f_mul(&cos)?;
+            let rotated = rotate_half(x)?;
+            let rotated_sin = rotated.f_mul(&sin)?;
+            drop(rotated);
+            Ok(x_cos.f_add(&rotated_sin)?)
+        };
+        let q_embed = embed(&q)?;
+        let k_embed = embed(&k)?;
+        Ok((q_embed, k_embed))
     }
 
     /// The naive form from the rotated parts on: assembled query and key states, the
@@ -250,6 +278,8 @@ impl RefDeepseekV2Attention {
         };
         let query_states = assemble(q_nope, q_pe)?;
         let key_states = assemble(k_nope, k_pe)?;
+        // The attention weights stay a local until `attn_weights = None` after o_proj.
+        let mut attn_weights = None;
         let out = match self.implementation {
             AttentionImpl::Eager => {
                 let (keys, values) = cache.update(key_states, values.shallow_clone())?;
@@ -257,11 +287,15 @@ impl RefDeepseekV2Attention {
                     .f_matmul(&keys.f_transpose(2, 3)?)?
                     .f_mul_scalar(self.softmax_scale)?;
                 let probs = softmax(scores, mask, query_states.kind())?;
-                probs
+                // attn_output = matmul(…); attn_output = attn_output.transpose(1, 2)
+                // .contiguous(): the bmm output goes with the reassignment.
+                let out = probs
                     .f_matmul(&values)?
                     .f_transpose(1, 2)?
                     .f_contiguous()?
-                    .f_reshape([b, s, self.heads * d_v])?
+                    .f_reshape([b, s, self.heads * d_v])?;
+                attn_weights = Some(probs);
+                out
             }
             AttentionImpl::Sdpa => {
                 // if self.q_head_dim != self.v_head_dim: F.pad(value_states, [0, d_qk - d_v])
@@ -288,7 +322,9 @@ impl RefDeepseekV2Attention {
                 .f_contiguous()?
             }
         };
-        linear(&out, &self.o_proj.0, self.o_proj.1.as_ref())
+        let out = linear(&out, &self.o_proj.0, self.o_proj.1.as_ref())?;
+        drop(attn_weights);
+        Ok(out)
     }
 
     /// The weight-absorbed form from the rotated parts on.
@@ -298,39 +334,65 @@ impl RefDeepseekV2Attention {
         x: &Tensor,
         q_nope: &Tensor,
         q_pe: &Tensor,
-        k_pe: &Tensor,
-        compressed_kv: &Tensor,
+        k_pe: Tensor,
+        compressed_kv: Tensor,
         cache: &mut KvCache,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.size3()?;
         let (d_n, r) = (self.qk_nope_head_dim, self.kv_lora_rank);
-        // compressed_kv.unsqueeze(1); past_key_value.update(k_pe, compressed_kv); squeeze(1)
-        let (k_pe, compressed_kv) =
-            cache.update(k_pe.shallow_clone(), compressed_kv.f_unsqueeze(1)?)?;
+        // compressed_kv = compressed_kv.unsqueeze(1); k_pe, compressed_kv =
+        // past_key_value.update(k_pe, compressed_kv): a decode step's own k_pe and c_kv
+        // go with the reassignment (the cache holds the concatenations); squeeze(1).
+        let latent = compressed_kv.f_unsqueeze(1)?;
+        drop(compressed_kv);
+        let (k_pe, compressed_kv) = cache.update(k_pe, latent)?;
         let compressed_kv = compressed_kv.f_squeeze_dim(1)?;
         let kv_b_proj = self.kv_b_proj.f_view([self.heads, -1, r])?;
         let q_absorb = kv_b_proj.f_slice(1, 0, d_n, 1)?;
         let out_absorb = kv_b_proj.f_slice(1, d_n, i64::MAX, 1)?;
         let q_nope = q_nope.f_matmul(&q_absorb)?;
-        let scores = q_pe
-            .f_matmul(&k_pe.f_mt()?)?
-            .f_add(&q_nope.f_matmul(&compressed_kv.f_unsqueeze(-3)?.f_mt()?)?)?
-            .f_mul_scalar(self.softmax_scale)?;
+        // (matmul(q_pe, k_pe.mT) + matmul(q_nope, compressed_kv.unsqueeze(-3).mT))
+        // * softmax_scale: each partial result goes once consumed.
+        let rope_scores = q_pe.f_matmul(&k_pe.f_mt()?)?;
+        let latent_scores = q_nope.f_matmul(&compressed_kv.f_unsqueeze(-3)?.f_mt()?)?;
+        let summed = rope_scores.f_add(&latent_scores)?;
+        drop((rope_scores, latent_scores));
+        let scores = summed.f_mul_scalar(self.softmax_scale)?;
+        drop(summed);
+        // attn_weights: a local until `attn_weights = None` after o_proj.
         let probs = softmax(scores, mask, q_pe.kind())?;
-        let out = Tensor::f_einsum("bhql,blc->bhqc", &[&probs, &compressed_kv], None::<&[i64]>)?
-            .f_matmul(&out_absorb.f_mt()?)?
-            .f_transpose(1, 2)?
-            .f_contiguous()?
-            .f_reshape([b, s, self.heads * self.v_head_dim])?;
-        linear(&out, &self.o_proj.0, self.o_proj.1.as_ref())
+        // attn_output = einsum(…); attn_output = matmul(attn_output, out_absorb.mT);
+        // attn_output = attn_output.transpose(1, 2).contiguous(): each reassignment drops
+        // the previous value.
+        let attn_output =
+            Tensor::f_einsum("bhql,blc->bhqc", &[&probs, &compressed_kv], None::<&[i64]>)?;
+        let attn_output = {
+            let absorbed = attn_output.f_matmul(&out_absorb.f_mt()?)?;
+            drop(attn_output);
+            absorbed
+        };
+        let out = attn_output.f_transpose(1, 2)?.f_contiguous()?.f_reshape([
+            b,
+            s,
+            self.heads * self.v_head_dim,
+        ])?;
+        drop(attn_output);
+        let out = linear(&out, &self.o_proj.0, self.o_proj.1.as_ref())?;
+        drop(probs);
+        Ok(out)
     }
 }
 
-/// `+ attention_mask`, `softmax(dim=-1, dtype=float32).to(dtype)` and eval dropout.
+/// `+ attention_mask`, `softmax(dim=-1, dtype=float32).to(dtype)` and eval dropout;
+/// each `attn_weights = …` reassignment drops the previous scores.
 fn softmax(scores: Tensor, mask: Option<&Tensor>, kind: Kind) -> Result<Tensor> {
     let scores = match mask {
-        Some(mask) => scores.f_add(mask)?,
+        Some(mask) => {
+            let masked = scores.f_add(mask)?;
+            drop(scores);
+            masked
+        }
         None => scores,
     };
     Ok(scores

@@ -14,6 +14,11 @@
 //! rebuilds the tables over all its keys: these ops are part of the forward. The tables
 //! built in `__init__` are never read (the first call rebuilds them), so they are not
 //! built here.
+//!
+//! Tensors are dropped where the vendor's Python drops them (peak activation memory):
+//! temporaries when the op consuming them returns, the locals of `_set_cos_sin_cache`
+//! when it returns, while the buffers it registers (`cos_cached`, `sin_cached`, and
+//! YaRN's rebuilt `inv_freq`) stay with the module.
 
 use std::sync::Mutex;
 
@@ -33,6 +38,16 @@ pub struct RefDeepseekV2RotaryEmbedding {
     inv_freq: Option<Tensor>,
     /// `(cos_cached, sin_cached, max_seq_len_cached)`.
     cached: Mutex<Option<(Tensor, Tensor, i64)>>,
+    /// YaRN only: the `inv_freq` buffer `_set_cos_sin_cache` registers at each rebuild,
+    /// held like the tables (it is never read again).
+    yarn_inv_freq: Mutex<Option<Tensor>>,
+}
+
+/// What `_set_cos_sin_cache` builds: the tables and, with YaRN, the `inv_freq` buffer.
+struct Tables {
+    cos: Tensor,
+    sin: Tensor,
+    yarn_inv_freq: Option<Tensor>,
 }
 
 impl RefDeepseekV2RotaryEmbedding {
@@ -58,6 +73,7 @@ impl RefDeepseekV2RotaryEmbedding {
             yarn,
             inv_freq,
             cached: Mutex::new(None),
+            yarn_inv_freq: Mutex::new(None),
         })
     }
 
@@ -70,8 +86,15 @@ impl RefDeepseekV2RotaryEmbedding {
             Some((_, _, len)) => seq_len > *len,
         };
         if stale {
-            let (cos, sin) = self.tables(seq_len, kind, device)?;
+            let Tables {
+                cos,
+                sin,
+                yarn_inv_freq,
+            } = self.tables(seq_len, kind, device)?;
             *cached = Some((cos, sin, seq_len));
+            if yarn_inv_freq.is_some() {
+                *self.yarn_inv_freq.lock().unwrap_or_else(|p| p.into_inner()) = yarn_inv_freq;
+            }
         }
         let (cos, sin, _) = cached.as_ref().expect("set above");
         Ok((
@@ -80,25 +103,41 @@ impl RefDeepseekV2RotaryEmbedding {
         ))
     }
 
-    /// `_set_cos_sin_cache(seq_len, device, dtype)`.
-    fn tables(&self, seq_len: i64, kind: Kind, device: Device) -> Result<(Tensor, Tensor)> {
+    /// `_set_cos_sin_cache(seq_len, device, dtype)`. Its locals (`t`, `freqs`, `emb`,
+    /// and YaRN's `freq_extra`, `freq_inter`, `inv_freq_mask`) go when it returns.
+    fn tables(&self, seq_len: i64, kind: Kind, device: Device) -> Result<Tables> {
         let f32 = (Kind::Float, device);
-        let (inv_freq, mscale) = match (&self.yarn, &self.inv_freq) {
-            (Some(yarn), _) => (self.yarn_inv_freq(yarn, device)?, yarn_mscale(yarn)),
-            (None, Some(inv_freq)) => (inv_freq.f_to_device(device)?, None),
+        let (inv_freq, _yarn_locals, mscale) = match (&self.yarn, &self.inv_freq) {
+            (Some(yarn), _) => {
+                let (inv_freq, locals) = self.yarn_inv_freq(yarn, device)?;
+                (inv_freq, Some(locals), yarn_mscale(yarn))
+            }
+            (None, Some(inv_freq)) => (inv_freq.f_to_device(device)?, None, None),
             (None, None) => unreachable!("plain rotary keeps its inv_freq"),
         };
         let t = Tensor::f_arange(seq_len, f32)?;
         let freqs = t.f_outer(&inv_freq)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        // `(emb.cos() * _mscale).to(dtype)`: each intermediate is a temporary, dropped
+        // once the op consuming it returns.
         let table = |x: Tensor| -> Result<Tensor> {
             let x = match mscale {
-                Some(m) => x.f_mul_scalar(m)?,
+                Some(m) => {
+                    let scaled = x.f_mul_scalar(m)?;
+                    drop(x);
+                    scaled
+                }
                 None => x,
             };
             Ok(x.f_to_kind(kind)?)
         };
-        Ok((table(emb.f_cos()?)?, table(emb.f_sin()?)?))
+        let cos = table(emb.f_cos()?)?;
+        let sin = table(emb.f_sin()?)?;
+        Ok(Tables {
+            cos,
+            sin,
+            yarn_inv_freq: self.yarn.as_ref().map(|_| inv_freq),
+        })
     }
 
     /// The YaRN frequencies, as `DeepseekV2YarnRotaryEmbedding._set_cos_sin_cache`
@@ -111,32 +150,56 @@ impl RefDeepseekV2RotaryEmbedding {
     /// inv_freq = freq_inter * (1 - inv_freq_mask) + freq_extra * inv_freq_mask
     /// ```
     /// Python's `1.0 / x` is `x.reciprocal() * 1.0`, and `1.0 - x` is `torch.rsub(x, 1.0)`.
-    fn yarn_inv_freq(&self, yarn: &YarnScaling, device: Device) -> Result<Tensor> {
+    ///
+    /// Returns `inv_freq` and the locals `[freq_extra, freq_inter, inv_freq_mask]`, which
+    /// live until `_set_cos_sin_cache` returns. Each temporary is dropped once the op
+    /// consuming it returned, as Python drops it (a Rust temporary would live to the end
+    /// of its statement).
+    fn yarn_inv_freq(&self, yarn: &YarnScaling, device: Device) -> Result<(Tensor, [Tensor; 3])> {
         let f32 = (Kind::Float, device);
         let d = self.dim;
+        // `base ** (torch.arange(0, dim, 2) / dim)`.
         let powers = || -> Result<Tensor> {
-            Ok(Tensor::f_pow_scalar(
-                self.base,
-                &Tensor::f_arange_start_step(0, d, 2, f32)?.f_div_scalar(d as f64)?,
-            )?)
+            let steps = Tensor::f_arange_start_step(0, d, 2, f32)?;
+            let exponent = steps.f_div_scalar(d as f64)?;
+            drop(steps);
+            Ok(Tensor::f_pow_scalar(self.base, &exponent)?)
         };
-        let freq_extra = powers()?.f_reciprocal()?.f_mul_scalar(1.0)?;
-        let freq_inter = powers()?
-            .f_mul_scalar(yarn.factor)?
-            .f_reciprocal()?
-            .f_mul_scalar(1.0)?;
+        // `1.0 / x` (`Tensor.__rtruediv__`): the reciprocal is the method's temporary, x
+        // its argument, both dropped when it returns.
+        let rdiv = |x: Tensor| -> Result<Tensor> {
+            let reciprocal = x.f_reciprocal()?;
+            Ok(reciprocal.f_mul_scalar(1.0)?)
+        };
+        let freq_extra = rdiv(powers()?)?;
+        let scaled = {
+            let powers = powers()?;
+            powers.f_mul_scalar(yarn.factor)?
+        };
+        let freq_inter = rdiv(scaled)?;
         let (low, high) = correction_range(yarn, d, self.base);
-        // yarn_linear_ramp_mask(min, max, dim): max += 0.001 when min == max.
-        let high = if low == high { high + 0.001 } else { high };
-        let ramp = Tensor::f_arange(d / 2, f32)?
-            .f_sub_scalar(low)?
-            .f_div_scalar(high - low)?
-            .f_clamp(0.0, 1.0)?
-            .f_to_kind(Kind::Float)?;
-        let inv_freq_mask = ramp.f_rsub_scalar(1.0)?;
-        Ok(freq_inter
-            .f_mul(&inv_freq_mask.f_rsub_scalar(1.0)?)?
-            .f_add(&freq_extra.f_mul(&inv_freq_mask)?)?)
+        // yarn_linear_ramp_mask(min, max, dim): max += 0.001 when min == max;
+        // `linear_func = (torch.arange(dim) - min) / (max - min)`, returns
+        // `torch.clamp(linear_func, 0, 1)`; `.to(float32)` hands it back.
+        let ramp = {
+            let steps = Tensor::f_arange(d / 2, f32)?;
+            let shifted = steps.f_sub_scalar(low)?;
+            drop(steps);
+            let high = if low == high { high + 0.001 } else { high };
+            let linear_func = shifted.f_div_scalar(high - low)?;
+            drop(shifted);
+            linear_func.f_clamp(0.0, 1.0)?
+        };
+        let inv_freq_mask = ramp.f_to_kind(Kind::Float)?.f_rsub_scalar(1.0)?;
+        drop(ramp);
+        // `freq_inter * (1 - inv_freq_mask) + freq_extra * inv_freq_mask`.
+        let inter = {
+            let keep = inv_freq_mask.f_rsub_scalar(1.0)?;
+            freq_inter.f_mul(&keep)?
+        };
+        let extra = freq_extra.f_mul(&inv_freq_mask)?;
+        let inv_freq = inter.f_add(&extra)?;
+        Ok((inv_freq, [freq_extra, freq_inter, inv_freq_mask]))
     }
 }
 

@@ -25,6 +25,14 @@
 //! is a broadcast multiply. YaRN's mscale² only changes the softmax scale, a scalar
 //! multiplied into the scores by the same op: no FLOPs.
 //!
+//! Peak activation memory follows the vendor's Python reference by reference: a temporary
+//! is freed once the op or call consuming it returns, a local when it is reassigned or
+//! the attention returns; views (`view`, `transpose`, splits, slices) keep their base;
+//! what the cache holds after the call (prefill: the step's own keys and values, decode:
+//! the concatenations) and the rotary buffers `_set_cos_sin_cache` registers stay
+//! (`keeps`). The reference module (`modelmeter-reference`'s `mla`) drops where Python
+//! does, so the two peaks compare exactly on the CPU.
+//!
 //! Matmul FLOPs per call (T = B·S_q tokens, L keys), derived in docs/deepseek-family.md:
 //! - naive: 2·T·d·H·d_qk (or 2·T·d·r_q + 2·T·r_q·H·d_qk), plus 2·T·d·(r_kv + d_r), plus
 //!   2·T·r_kv·H·(d_n + d_v), plus 2·B·H·S_q·L·(d_qk + d_v), plus 2·T·H·d_v·d (the flash
@@ -40,7 +48,7 @@ use crate::error::{Error, Result};
 use crate::layers::attention::{AttentionImpl, ATTENTION_CORE_ROLE};
 use crate::layers::rms_norm::DeepseekV2RMSNorm;
 use crate::layers::sdpa_kernel::SdpaKernel;
-use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::mla_config::MlaConfig;
@@ -173,35 +181,43 @@ impl DeepseekV2Attention {
         sum("MLA projections", &[q, kv_a, kv_b, o])
     }
 
-    /// The query path: `q_proj`, or `q_a_proj → q_a_layernorm → q_b_proj`.
-    fn query(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<()> {
+    /// The query path: `q_proj`, or `q_b_proj(q_a_layernorm(q_a_proj(x)))`. Returns q
+    /// (`[B, S_q, H·d_qk]`), a local until the call returns (`q` and its `q_nope` slice).
+    fn query(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<TensorMeta> {
         let width = product("H·d_qk", &[self.heads, self.mla.qk_head_dim()?])?;
         match self.mla.q_lora_rank {
-            None => {
-                b.linear("q_proj", x, width, false)?;
-            }
+            None => b.linear("q_proj", x, width, false),
             Some(rank) => {
+                // Each inner result is an argument of the next call, dropped when that
+                // call returns.
                 let q_a = b.linear("q_a_proj", x, rank, self.bias)?;
                 let norm = DeepseekV2RMSNorm::over(q_a.clone(), self.workload.allow_tf32);
-                b.child(norm.cost_as("q_a_layernorm")?)?;
-                b.linear("q_b_proj", &q_a, width, false)?;
+                let normed = b.call(norm.cost_as("q_a_layernorm")?, &[&q_a])?.remove(0);
+                b.release(&[&q_a])?;
+                let q = b.linear("q_b_proj", &normed, width, false)?;
+                b.release(&[&normed])?;
+                Ok(q)
             }
         }
-        Ok(())
     }
 
-    /// `kv_a_proj_with_mqa`, split into c_kv and k_pe, and `kv_a_layernorm` on c_kv.
-    fn compressed_kv(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<TensorMeta> {
+    /// `kv_a_proj_with_mqa`, split into c_kv and k_pe (views), and `kv_a_layernorm` on
+    /// c_kv. Returns the projection (its k_pe slice is rotated later) and the normed c_kv.
+    fn compressed_kv(
+        &self,
+        b: &mut CostBuilder,
+        x: &TensorMeta,
+    ) -> Result<(TensorMeta, TensorMeta)> {
         let kv_a = b.linear(
             "kv_a_proj_with_mqa",
             x,
             self.mla.latent_cache_per_token()?,
             self.bias,
         )?;
-        let c_kv = with_last(&kv_a, self.mla.kv_lora_rank);
+        let c_kv = kv_a.viewed_as(&with_last(&kv_a, self.mla.kv_lora_rank).shape);
         let norm = DeepseekV2RMSNorm::over(c_kv.clone(), self.workload.allow_tf32);
-        b.child(norm.cost_as("kv_a_layernorm")?)?;
-        Ok(c_kv)
+        let normed = b.call(norm.cost_as("kv_a_layernorm")?, &[&c_kv])?.remove(0);
+        Ok((kv_a, normed))
     }
 
     /// `_set_cos_sin_cache(seq_len = L)`, which the vendor's `rotary_emb(x, seq_len)`
@@ -213,13 +229,21 @@ impl DeepseekV2Attention {
     /// freq_inter = 1.0 / (factor * base ** (torch.arange(0, dim, 2) / dim))
     /// inv_freq_mask = 1.0 - ((torch.arange(dim // 2) - low) / (high - low)).clamp(0, 1)
     /// inv_freq = freq_inter * (1 - inv_freq_mask) + freq_extra * inv_freq_mask
+    /// self.register_buffer("inv_freq", inv_freq)
     /// # both:
     /// t = torch.arange(seq_len); freqs = torch.outer(t, inv_freq)
     /// emb = torch.cat((freqs, freqs), dim=-1)
-    /// cos_cached = (emb.cos() * _mscale).to(dtype)   # plain: emb.cos().to(dtype)
-    /// sin_cached = (emb.sin() * _mscale).to(dtype)
+    /// self.register_buffer("cos_cached", (emb.cos() * _mscale).to(dtype))  # plain: emb.cos().to(dtype)
+    /// self.register_buffer("sin_cached", (emb.sin() * _mscale).to(dtype))
     /// ```
     /// Python's `1.0 / x` is `x.reciprocal() * 1.0`; `1.0 - x` is `rsub`.
+    ///
+    /// Liveness: each temporary goes when the op that consumes it returns; the locals
+    /// (`freq_extra`, `freq_inter`, `inv_freq_mask`, `t`, `freqs`, `emb`) when the method
+    /// returns; the buffers it registers (`cos_cached`, `sin_cached`, YaRN's `inv_freq`)
+    /// stay with the module after the call (kept). The tables the buffers replace were
+    /// allocated before the call, so freeing them makes no room this call counts.
+    /// Returns the cos table (the sin table has its shape and dtype).
     fn rotary_tables(&self, b: &mut CostBuilder) -> Result<TensorMeta> {
         let w = &self.workload;
         let (d_r, keys) = (self.mla.qk_rope_head_dim, w.key_len()?);
@@ -227,48 +251,88 @@ impl DeepseekV2Attention {
         let f32_op = |b: &mut CostBuilder, role: &str, op: &'static str, inputs: &[&TensorMeta]| {
             b.elementwise(role, op, inputs, Dtype::F32)
         };
-        if self.yarn {
+        // `op(x)` of a temporary x, dropped once the op returns.
+        let consume = |b: &mut CostBuilder,
+                       role: &str,
+                       op: &'static str,
+                       x: TensorMeta|
+         -> Result<TensorMeta> {
+            let out = b.elementwise(role, op, &[&x], Dtype::F32)?;
+            b.release(&[&x])?;
+            Ok(out)
+        };
+        // Locals of `_set_cos_sin_cache`, freed when it returns, and its buffers.
+        let mut locals = Vec::new();
+        let mut buffers = Vec::new();
+        let inv_freq = if self.yarn {
+            let mut freq = Vec::new();
             for name in ["freq_extra", "freq_inter"] {
-                b.copy(
+                let steps = b.copy(
                     &format!("{name}: arange(0, dim, 2)"),
                     "aten::arange",
                     &[],
                     half.clone(),
                 )?;
-                f32_op(b, &format!("{name}: / dim"), "aten::div", &[&half])?;
-                f32_op(b, &format!("{name}: base **"), "aten::pow", &[&half])?;
+                let exponent = consume(b, &format!("{name}: / dim"), "aten::div", steps)?;
+                let mut power = consume(b, &format!("{name}: base **"), "aten::pow", exponent)?;
                 if name == "freq_inter" {
-                    f32_op(b, "freq_inter: scaling_factor *", "aten::mul", &[&half])?;
+                    power = consume(b, "freq_inter: scaling_factor *", "aten::mul", power)?;
                 }
-                f32_op(
+                // `1.0 / power` is `Tensor.__rtruediv__`: `power.reciprocal() * 1.0`,
+                // the reciprocal a temporary of the method, power its argument.
+                let reciprocal = f32_op(
                     b,
                     &format!("{name}: 1.0 / (reciprocal)"),
                     "aten::reciprocal",
-                    &[&half],
+                    &[&power],
                 )?;
-                f32_op(b, &format!("{name}: 1.0 / (* 1.0)"), "aten::mul", &[&half])?;
+                freq.push(f32_op(
+                    b,
+                    &format!("{name}: 1.0 / (* 1.0)"),
+                    "aten::mul",
+                    &[&reciprocal],
+                )?);
+                b.release(&[&reciprocal, &power])?;
             }
-            b.copy("ramp: arange(dim // 2)", "aten::arange", &[], half.clone())?;
-            f32_op(b, "ramp: - low", "aten::sub", &[&half])?;
-            f32_op(b, "ramp: / (high - low)", "aten::div", &[&half])?;
-            f32_op(b, "ramp: clamp(0, 1)", "aten::clamp", &[&half])?;
-            f32_op(b, "inv_freq_mask = 1.0 - ramp", "aten::rsub", &[&half])?;
-            f32_op(b, "1 - inv_freq_mask", "aten::rsub", &[&half])?;
-            f32_op(b, "freq_inter * (1 - mask)", "aten::mul", &[&half, &half])?;
-            f32_op(b, "freq_extra * mask", "aten::mul", &[&half, &half])?;
-            f32_op(b, "inv_freq = + ", "aten::add", &[&half, &half])?;
-        }
+            // `yarn_linear_ramp_mask` returns `clamp(linear_func)`, dropping its local
+            // `linear_func`; `.to(float32)` of an fp32 tensor hands it back.
+            let steps = b.copy("ramp: arange(dim // 2)", "aten::arange", &[], half.clone())?;
+            let shifted = consume(b, "ramp: - low", "aten::sub", steps)?;
+            let linear_func = consume(b, "ramp: / (high - low)", "aten::div", shifted)?;
+            let ramp = consume(b, "ramp: clamp(0, 1)", "aten::clamp", linear_func)?;
+            let mask = consume(b, "inv_freq_mask = 1.0 - ramp", "aten::rsub", ramp)?;
+            let (freq_extra, freq_inter) = (&freq[0], &freq[1]);
+            let keep = f32_op(b, "1 - inv_freq_mask", "aten::rsub", &[&mask])?;
+            let inter = f32_op(
+                b,
+                "freq_inter * (1 - mask)",
+                "aten::mul",
+                &[freq_inter, &keep],
+            )?;
+            b.release(&[&keep])?;
+            let extra = f32_op(b, "freq_extra * mask", "aten::mul", &[freq_extra, &mask])?;
+            let inv_freq = f32_op(b, "inv_freq = + ", "aten::add", &[&inter, &extra])?;
+            b.release(&[&inter, &extra])?;
+            locals.extend(freq);
+            locals.push(mask);
+            buffers.push(inv_freq.clone());
+            inv_freq
+        } else {
+            // The plain rotary's `inv_freq` is a buffer built in `__init__`.
+            half.clone()
+        };
         let positions = b.copy(
             "t = arange(seq_len)",
             "aten::arange",
             &[],
             t(&[keys], Dtype::F32),
         )?;
+        // `torch.outer(t, inv_freq)` is `t.reshape(L, 1) * inv_freq`.
         let freqs = f32_op(
             b,
             "freqs = outer(t, inv_freq)",
             "aten::mul",
-            &[&t(&[keys, 1], Dtype::F32), &half],
+            &[&positions.viewed_as(&[keys, 1]), &inv_freq],
         )?;
         let emb = b.copy(
             "emb = cat((freqs, freqs))",
@@ -277,79 +341,88 @@ impl DeepseekV2Attention {
             t(&[keys, d_r], Dtype::F32),
         )?;
         for (name, op) in [("cos", "aten::cos"), ("sin", "aten::sin")] {
-            let table = f32_op(b, &format!("emb.{name}()"), op, &[&emb])?;
+            let mut table = f32_op(b, &format!("emb.{name}()"), op, &[&emb])?;
             if self.yarn {
-                f32_op(b, &format!("{name} * _mscale"), "aten::mul", &[&table])?;
+                table = consume(b, &format!("{name} * _mscale"), "aten::mul", table)?;
             }
-            b.cast(&format!("{name}_cached.to(dtype)"), &table, w.dtype)?;
+            let cached = b.cast(&format!("{name}_cached.to(dtype)"), &table, w.dtype)?;
+            if cached.storage() != table.storage() {
+                b.release(&[&table])?;
+            }
+            buffers.push(cached);
         }
-        let _ = positions;
-        Ok(t(&[keys, d_r], w.dtype))
+        locals.extend([positions, freqs, emb]);
+        b.release(&locals.iter().collect::<Vec<_>>())?;
+        b.keeps(&buffers.iter().collect::<Vec<_>>());
+        // `cos_cached[:seq_len].to(dtype=x.dtype)`: a view of the buffer.
+        let cos = buffers.len() - 2;
+        Ok(buffers[cos].viewed_as(&[keys, d_r]))
     }
 
+    /// `cos, sin = self.rotary_emb(x, seq_len=L)` and
     /// `apply_rotary_pos_emb(q_pe, k_pe, cos, sin, position_ids)`: the table rows are
     /// gathered by position, each input is de-interleaved (`view(…, d/2, 2)
-    /// .transpose(4, 3).reshape`: a copy), then `x * cos + rotate_half(x) * sin`.
-    fn apply_rotary(&self, b: &mut CostBuilder) -> Result<()> {
+    /// .transpose(4, 3).reshape`: a copy) — q, then k, before either is rotated — then
+    /// `x * cos + rotate_half(x) * sin`. The de-interleaved copies and the gathered rows
+    /// are locals of `apply_rotary_pos_emb`, freed when it returns the two embeddings.
+    fn apply_rotary(&self, b: &mut CostBuilder) -> Result<(TensorMeta, TensorMeta)> {
         let w = &self.workload;
         let (batch, s, d_r, dtype) = (w.batch, w.query_len(), self.mla.qk_rope_head_dim, w.dtype);
         let tables = self.rotary_tables(b)?;
         let ids = t(&[batch, s], Dtype::I64);
         let rows = t(&[batch, s, d_r], dtype);
-        b.copy(
+        let cos = b.copy(
             "cos[position_ids]",
             "aten::index",
             &[&tables, &ids],
             rows.clone(),
         )?;
-        b.copy(
+        let sin = b.copy(
             "sin[position_ids]",
             "aten::index",
             &[&tables, &ids],
             rows.clone(),
         )?;
-        let table = t(&[batch, 1, s, d_r], dtype);
+        let mut deinterleaved = Vec::new();
         for (name, heads) in [("q_pe", self.heads), ("k_pe", 1)] {
             let x = t(&[batch, heads, s, d_r], dtype);
-            b.copy(
+            deinterleaved.push(b.copy(
                 &format!("{name} de-interleave (reshape copy)"),
                 "aten::clone",
                 &[&x],
                 x.clone(),
-            )?;
-            b.rotary(name, &x, &table)?;
+            )?);
         }
-        Ok(())
+        let table = cos.viewed_as(&[batch, 1, s, d_r]);
+        let q_embed = b.rotary("q_pe", &deinterleaved[0], &table)?;
+        let k_embed = b.rotary("k_pe", &deinterleaved[1], &table)?;
+        b.release(&[&deinterleaved[0], &deinterleaved[1], &cos, &sin])?;
+        Ok((q_embed, k_embed))
     }
 
-    /// Appends this call's `new` rows (`[B, heads, S_q, width]`) to a cache of
-    /// `context_len` rows in decode (`past_key_value.update`, a `cat`); returns the
-    /// tensor attended over, `[B, heads, L, width]`.
-    fn cached(
-        &self,
-        b: &mut CostBuilder,
-        role: &str,
-        heads: u64,
-        width: u64,
-    ) -> Result<TensorMeta> {
+    /// `past_key_value.update` of this call's `new` rows (`[B, heads, S_q, width]`):
+    /// prefill stores them and hands them back; decode appends them to a cache of
+    /// `context_len` rows (a `cat`). Returns the tensor attended over,
+    /// `[B, heads, L, width]`, which the cache holds after the call.
+    fn cached(&self, b: &mut CostBuilder, role: &str, new: &TensorMeta) -> Result<TensorMeta> {
         let w = &self.workload;
-        let new = t(&[w.batch, heads, w.query_len(), width], w.dtype);
         match w.phase {
-            Phase::Prefill { .. } => Ok(new),
+            Phase::Prefill { .. } => Ok(new.clone()),
             Phase::Decode { context_len } => {
+                let (heads, width) = (new.shape[1], new.shape[3]);
                 let old = t(&[w.batch, heads, context_len, width], w.dtype);
                 let full = t(&[w.batch, heads, w.key_len()?, width], w.dtype);
                 b.copy(
                     &format!("past_key_value.update ({role})"),
                     "aten::cat",
-                    &[&old, &new],
+                    &[&old, new],
                     full,
                 )
             }
         }
     }
 
-    /// `bmm` of `[batch, m, k] @ [batch, k, n]`.
+    /// `bmm` of `[batch, m, k] @ [batch, k, n]`; returns its output.
     fn bmm(
         b: &mut CostBuilder,
         role: &str,
@@ -359,39 +432,65 @@ impl DeepseekV2Attention {
         n: u64,
         dtype: Dtype,
     ) -> Result<TensorMeta> {
-        let out = t(&[batch, m, n], dtype);
-        b.op(
+        single(b.op(
             role,
             "aten::bmm",
             &[
                 arg(&t(&[batch, m, k], dtype)),
                 arg(&t(&[batch, k, n], dtype)),
             ],
-            std::slice::from_ref(&out),
-        )?;
-        Ok(out)
+            &[t(&[batch, m, n], dtype)],
+        )?)
     }
 
-    /// Scale, mask, fp32 softmax and the cast back, over `[B, H, S_q, L]` scores.
-    fn softmax(&self, b: &mut CostBuilder, scores: &TensorMeta) -> Result<()> {
+    /// `matmul`'s contiguous copy of an operand it cannot fold into its `bmm` batch
+    /// (`aten::clone`, reading and writing `shape`), when `copies`; a temporary of the
+    /// `matmul`, released by the caller once the `bmm` ran.
+    fn fold_copy(
+        b: &mut CostBuilder,
+        role: &str,
+        shape: &[u64],
+        dtype: Dtype,
+        copies: bool,
+    ) -> Result<Option<TensorMeta>> {
+        if !copies {
+            return Ok(None);
+        }
+        let x = t(shape, dtype);
+        b.copy(role, "aten::clone", &[&x], x.clone()).map(Some)
+    }
+
+    /// Scale, mask, fp32 softmax and the cast back, over `[B, H, S_q, L]` scores (a
+    /// temporary of the scaling): `attn_weights = (scores) * softmax_scale`, `attn_weights
+    /// = attn_weights + attention_mask`, `attn_weights = softmax(attn_weights,
+    /// float32).to(dtype)`, each reassignment dropping the previous value. Returns the
+    /// attention weights, a local until the attention returns (`attn_weights = None`
+    /// after `o_proj`); eval dropout hands them back.
+    fn softmax(&self, b: &mut CostBuilder, scores: TensorMeta) -> Result<TensorMeta> {
         let dtype = self.workload.dtype;
-        let scaled = b.elementwise("* softmax_scale", "aten::mul", &[scores], dtype)?;
-        let s = &scores.shape;
+        let scaled = b.elementwise("* softmax_scale", "aten::mul", &[&scores], dtype)?;
+        b.release(&[&scores])?;
+        let s = &scaled.shape;
         let mask = t(&[s[0], 1, s[2], s[3]], dtype);
         let masked = b.elementwise("+ attention_mask", "aten::add", &[&scaled, &mask], dtype)?;
-        let probs = t(&masked.shape, Dtype::F32);
-        b.op(
+        b.release(&[&scaled])?;
+        let probs32 = single(b.op(
             "softmax(float32)",
             "aten::softmax",
             &[arg(&masked), Arg::Int(-1), Arg::Other("ScalarType".into())],
-            std::slice::from_ref(&probs),
-        )?;
-        b.cast("softmax.to(dtype)", &probs, dtype)?;
-        Ok(())
+            &[t(&masked.shape, Dtype::F32)],
+        )?)?;
+        let probs = b.cast("softmax.to(dtype)", &probs32, dtype)?;
+        if probs.storage() != probs32.storage() {
+            b.release(&[&probs32])?;
+        }
+        b.release(&[&masked])?;
+        Ok(probs)
     }
 
-    /// The naive form: decompressed per-head keys and values.
-    fn naive(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<()> {
+    /// The naive form: decompressed per-head keys and values. Returns the merged heads
+    /// `[B, S_q, H·d_v]` that `o_proj` reads.
+    fn naive(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<TensorMeta> {
         let w = &self.workload;
         let m = &self.mla;
         let (batch, heads, sq, dtype) = (w.batch, self.heads, w.query_len(), w.dtype);
@@ -411,18 +510,24 @@ impl DeepseekV2Attention {
                 ),
             });
         }
-        self.query(b, x)?;
-        let c_kv = self.compressed_kv(b, x)?;
+        // q (with its q_nope slice), kv_a (compressed_kv) and kv (k_nope, value_states)
+        // stay locals until the attention returns.
+        let _q = self.query(b, x)?;
+        let (_kv_a, normed) = self.compressed_kv(b, x)?;
         let kv_width = product("H·(d_n + d_v)", &[heads, sum("d_n + d_v", &[d_n, d_v])?])?;
-        b.linear("kv_b_proj", &c_kv, kv_width, false)?;
-        self.apply_rotary(b)?;
+        let kv = b.linear("kv_b_proj", &normed, kv_width, false)?;
+        // `kv_b_proj(kv_a_layernorm(compressed_kv))`: the normed latent is an argument.
+        b.release(&[&normed])?;
+        // The rotated q_pe and k_pe: locals until return.
+        let _rotated = self.apply_rotary(b)?;
 
         let states = t(&[batch, heads, sq, d_qk], dtype);
+        let mut assembled = Vec::new();
         for (name, nope_src, pe_src_heads) in [
             ("query_states", "q_nope", heads),
             ("key_states", "k_nope", 1),
         ] {
-            b.copy(
+            let empty = b.copy(
                 &format!("{name} = new_empty"),
                 "aten::new_empty",
                 &[],
@@ -445,36 +550,45 @@ impl DeepseekV2Attention {
                 &[&pe_slot, &pe],
                 pe_slot.clone(),
             )?;
+            assembled.push(empty);
         }
+        // query_states stays a local until return.
+        let (query_states, key_states) = (assembled.remove(0), assembled.remove(0));
         let value_dim = self.cached_value_dim()?;
-        if value_dim != d_v {
-            let v = t(&[batch, heads, sq, d_v], dtype);
+        let v = kv.viewed_as(&[batch, heads, sq, d_v]);
+        let padded = value_dim != d_v;
+        let value_states = if padded {
             b.copy(
                 "F.pad(value_states) to d_qk",
                 "aten::constant_pad_nd",
                 &[&v],
                 with_last(&v, value_dim),
-            )?;
+            )?
+        } else {
+            v
+        };
+        let k = self.cached(b, "keys", &key_states)?;
+        let v = self.cached(b, "values", &value_states)?;
+        if matches!(w.phase, Phase::Decode { .. }) {
+            // `key_states, value_states = past_key_value.update(…)` drops the step's
+            // own: the assembled keys and the padded values (unpadded, value_states is a
+            // view of kv, which stays).
+            b.release(&[&key_states])?;
+            if padded {
+                b.release(&[&value_states])?;
+            }
         }
-        let k = self.cached(b, "keys", heads, d_qk)?;
-        let v = self.cached(b, "values", heads, value_dim)?;
+        // What the cache holds after the call: the prefill's own tensors (unpadded
+        // values as a view of kv, which keeps all of kv_b_proj's output), or the decode
+        // step's concatenations.
+        b.keeps(&[&k, &v]);
         let skv = k.shape[2];
 
         let mut core = CostBuilder::new(ATTENTION_CORE_ROLE, w.allow_tf32);
         let bh = product("batch × heads", &[batch, heads])?;
         match self.implementation {
             AttentionImpl::Eager => {
-                if matches!(w.phase, Phase::Prefill { .. }) && batch > 1 && heads > 1 && sq > 1 {
-                    // A slice of kv_b_proj's output ([B, S, H, d_n + d_v] memory) cannot
-                    // be viewed as [B·H, S, d_v].
-                    core.copy(
-                        "matmul: value_states.reshape (copy)",
-                        "aten::clone",
-                        &[&v],
-                        v.clone(),
-                    )?;
-                }
-                Self::bmm(
+                let scores = Self::bmm(
                     &mut core,
                     "query_states @ key_statesᵀ",
                     bh,
@@ -482,9 +596,22 @@ impl DeepseekV2Attention {
                     d_qk,
                     skv,
                     dtype,
+                )?
+                .viewed_as(&[batch, heads, sq, skv]);
+                let probs = self.softmax(&mut core, scores)?;
+                // A slice of kv_b_proj's output ([B, S, H, d_n + d_v] memory) cannot be
+                // viewed as [B·H, S, d_v]: the second `matmul` copies it (after folding
+                // the attention weights, a view), a temporary freed when it returns.
+                let copies =
+                    matches!(w.phase, Phase::Prefill { .. }) && batch > 1 && heads > 1 && sq > 1;
+                let v_copy = Self::fold_copy(
+                    &mut core,
+                    "matmul: value_states.reshape (copy)",
+                    &v.shape,
+                    dtype,
+                    copies,
                 )?;
-                self.softmax(&mut core, &t(&[batch, heads, sq, skv], dtype))?;
-                Self::bmm(
+                let out = Self::bmm(
                     &mut core,
                     "attn_weights @ value_states",
                     bh,
@@ -493,6 +620,14 @@ impl DeepseekV2Attention {
                     d_v,
                     dtype,
                 )?;
+                if let Some(copy) = &v_copy {
+                    core.release(&[copy])?;
+                }
+                core.returns(&[&out, &probs]);
+                let out = out.viewed_as(&[batch, heads, sq, d_v]);
+                // The attention weights stay a local until the attention returns.
+                let returned = b.call(core.finish(), &[&out, &probs])?;
+                self.transposed_output(b, &returned[0])
             }
             AttentionImpl::Sdpa => {
                 let kernel = SdpaKernel::select(w.platform, dtype, d_qk, skv);
@@ -506,21 +641,8 @@ impl DeepseekV2Attention {
                     ),
                 })?;
                 let padded = kernel.computed_head_dim(d_qk);
-                if value_dim == d_v
-                    && matches!(w.phase, Phase::Prefill { .. })
-                    && batch * heads * sq > 1
-                {
-                    // Unpadded prefill values are a strided slice of kv_b_proj's output;
-                    // SDPA copies them (`clone`) before its kernel (measured on the CPU).
-                    core.copy(
-                        "sdpa: value_states made contiguous (copy)",
-                        "aten::clone",
-                        &[&v],
-                        v.clone(),
-                    )?;
-                }
                 let mut inputs = Vec::new();
-                for (name, x) in [("q", states.clone()), ("k", k), ("v", v)] {
+                for (name, x) in [("q", query_states.clone()), ("k", k), ("v", v)] {
                     inputs.push(if padded == d_qk {
                         x
                     } else {
@@ -534,7 +656,7 @@ impl DeepseekV2Attention {
                 }
                 let outputs =
                     kernel.outputs(t(&[batch, heads, sq, padded], dtype), batch, heads, sq);
-                core.op_with_host_outputs(
+                let written = core.op_with_host_outputs(
                     &format!("scaled_dot_product_attention ({})", kernel.label()),
                     op,
                     &[
@@ -547,65 +669,103 @@ impl DeepseekV2Attention {
                     &outputs.device,
                     &outputs.host,
                 )?;
-            }
-        }
-        b.child(core.finish())?;
-        match self.implementation {
-            AttentionImpl::Eager => self.transposed_output(b),
-            AttentionImpl::Sdpa => {
-                // The fused kernel writes [B, S, H, d_qk]; `attn_output[..., :d_v]
-                // .reshape(B, S, H·d_v).contiguous()`: with padded values and H > 1 the
-                // reshape copies (`clone`) and `contiguous` hands the copy back; with one
-                // head the reshape is a view and `contiguous` copies unless B = S_q = 1.
-                let out = t(&[batch, sq, heads, d_v], dtype);
-                if d_v == d_qk || (heads == 1 && batch == 1 && sq == 1) {
-                    b.returns_input("attn_output.contiguous()", "aten::contiguous")
-                } else if heads > 1 {
-                    b.copy(
-                        "attn_output[..., :v_head_dim].reshape (copy)",
-                        "aten::clone",
-                        &[&out],
-                        out.clone(),
-                    )?;
-                    b.returns_input("attn_output.contiguous()", "aten::contiguous")
-                } else {
-                    b.copy(
-                        "attn_output[..., :v_head_dim].contiguous()",
-                        "aten::contiguous",
-                        &[&out],
-                        out.clone(),
-                    )?;
-                    Ok(())
-                }
+                // SDPA returns its kernel's output (sliced back when padded); the copies
+                // it made and the kernel's side outputs are freed when it returns.
+                core.returns(&[&written[0]]);
+                let attn_output = b
+                    .call(core.finish(), &[&t(&[batch, heads, sq, d_qk], dtype)])?
+                    .remove(0);
+                self.flash_output(b, &attn_output)
             }
         }
     }
 
-    /// `attn_output.transpose(1, 2).contiguous()` of a `[B, H, S_q, d_v]` bmm output: a
-    /// copy when H > 1 and S_q > 1, else the transposed view is already contiguous.
-    fn transposed_output(&self, b: &mut CostBuilder) -> Result<()> {
+    /// `DeepseekV2FlashAttention2`'s output of the fused kernel, `[B, H, S_q, d_qk]`
+    /// (the reference's SDPA, transposed to flash_attn's `[B, S, H, d]`): `attn_output =
+    /// attn_output[..., :d_v]`, then `attn_output = attn_output.reshape(B, S, H·d_v)
+    /// .contiguous()`. The CPU flash kernel lays its output out like its query
+    /// (`empty_like`), here the contiguous `[B, H, S, d_qk]` query_states (measured: a
+    /// copy follows the kernel, none precedes it), so the transposed heads fold as a view
+    /// only with one head or one query. With H > 1 the reshape copies (`clone`: unpadded
+    /// values over more than one query, padded ones always) and `contiguous` hands the
+    /// copy back; with one head the reshape is a view and `contiguous` copies padded
+    /// values unless B = S_q = 1. A copy drops the kernel's output (the reassignment).
+    /// Returns the merged heads.
+    fn flash_output(&self, b: &mut CostBuilder, attn_output: &TensorMeta) -> Result<TensorMeta> {
+        let w = &self.workload;
+        let (batch, heads, sq) = (w.batch, self.heads, w.query_len());
+        let (d_v, d_qk) = (self.mla.v_head_dim, self.mla.qk_head_dim()?);
+        let out = t(&[batch, sq, heads, d_v], w.dtype);
+        let merged = [batch, sq, product("H·d_v", &[heads, d_v])?];
+        let views = if d_v == d_qk {
+            heads == 1 || sq == 1
+        } else {
+            heads == 1 && batch == 1 && sq == 1
+        };
+        if views {
+            b.returns_input("attn_output.contiguous()", "aten::contiguous")?;
+            Ok(attn_output.viewed_as(&merged))
+        } else if heads > 1 {
+            let copy = b.copy(
+                "attn_output[..., :v_head_dim].reshape (copy)",
+                "aten::clone",
+                &[&out],
+                out.clone(),
+            )?;
+            b.returns_input("attn_output.contiguous()", "aten::contiguous")?;
+            b.release(&[attn_output])?;
+            Ok(copy.viewed_as(&merged))
+        } else {
+            let copy = b.copy(
+                "attn_output[..., :v_head_dim].contiguous()",
+                "aten::contiguous",
+                &[&out],
+                out.clone(),
+            )?;
+            b.release(&[attn_output])?;
+            Ok(copy.viewed_as(&merged))
+        }
+    }
+
+    /// `attn_output = attn_output.transpose(1, 2).contiguous()` of a `[B, H, S_q, d_v]`
+    /// bmm output: a copy when H > 1 and S_q > 1 (dropping the bmm output), else the
+    /// transposed view is already contiguous. Returns the merged heads `[B, S_q, H·d_v]`
+    /// (`reshape`, a view).
+    fn transposed_output(
+        &self,
+        b: &mut CostBuilder,
+        attn_output: &TensorMeta,
+    ) -> Result<TensorMeta> {
         let w = &self.workload;
         let out = t(
             &[w.batch, w.query_len(), self.heads, self.mla.v_head_dim],
             w.dtype,
         );
+        let merged = [
+            w.batch,
+            w.query_len(),
+            product("H·d_v", &[self.heads, self.mla.v_head_dim])?,
+        ];
         if self.heads > 1 && w.query_len() > 1 {
-            b.copy(
+            let copy = b.copy(
                 "transpose(1, 2).contiguous()",
                 "aten::contiguous",
                 &[&out],
                 out.clone(),
             )?;
-            Ok(())
+            b.release(&[attn_output])?;
+            Ok(copy.viewed_as(&merged))
         } else {
-            b.returns_input("transpose(1, 2).contiguous()", "aten::contiguous")
+            b.returns_input("transpose(1, 2).contiguous()", "aten::contiguous")?;
+            Ok(attn_output.viewed_as(&merged))
         }
     }
 
     /// The weight-absorbed form: the latent c_kv and k_pe are cached; `kv_b_proj`'s
     /// halves multiply the query and the output (`matmul` with a per-head weight, which
     /// libtorch folds into `bmm`, copying an expanded operand when the batch is > 1).
-    fn absorbed(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<()> {
+    /// Returns the merged heads `[B, S_q, H·d_v]` that `o_proj` reads.
+    fn absorbed(&self, b: &mut CostBuilder, x: &TensorMeta) -> Result<TensorMeta> {
         let w = &self.workload;
         let m = &self.mla;
         let (batch, heads, sq, dtype) = (w.batch, self.heads, w.query_len(), w.dtype);
@@ -615,38 +775,50 @@ impl DeepseekV2Attention {
             m.v_head_dim,
             m.kv_lora_rank,
         );
-        self.query(b, x)?;
-        self.compressed_kv(b, x)?;
-        self.apply_rotary(b)?;
-        let k_pe = self.cached(b, "k_pe", 1, d_r)?;
-        self.cached(b, "compressed_kv", 1, r)?;
-        let skv = k_pe.shape[2];
+        // q (its q_nope slice until `q_nope = matmul(…)`, then `q` itself) stays a local
+        // until return.
+        let _q = self.query(b, x)?;
+        // `compressed_kv = self.kv_a_layernorm(compressed_kv)` leaves the k_pe slice as
+        // the last reference to kv_a_proj_with_mqa's output.
+        let (kv_a, normed) = self.compressed_kv(b, x)?;
+        // The rotated q_pe stays a local until return.
+        let (_q_pe, k_pe) = self.apply_rotary(b)?;
+        // `q_pe, k_pe = apply_rotary_pos_emb(…)` drops that slice.
+        b.release(&[&kv_a])?;
+        let keys = self.cached(b, "k_pe", &k_pe)?;
+        let latent = self.cached(b, "compressed_kv", &normed.viewed_as(&[batch, 1, sq, r]))?;
+        if matches!(w.phase, Phase::Decode { .. }) {
+            // `k_pe, compressed_kv = past_key_value.update(…)` drops the step's own.
+            b.release(&[&k_pe, &normed])?;
+        }
+        // The cache holds the prefill's own k_pe and c_kv, or the decode step's
+        // concatenations, after the call.
+        b.keeps(&[&keys, &latent]);
+        let skv = keys.shape[2];
         let bh = product("batch × heads", &[batch, heads])?;
 
         // `matmul` folds [B, H] into the bmm batch. A slice of q (laid out [B, S, H, d_qk])
         // folds as a view only when B, H or S_q is 1; an operand broadcast over B (the
         // per-head weights) or over H (the one latent and rotary key) only when the other
         // of the two is 1. Otherwise `reshape` copies the expanded operand (`clone`: it
-        // reads and writes the expanded size).
+        // reads and writes the expanded size), a temporary of the `matmul`.
         let folds_copy = batch > 1 && heads > 1;
-        if folds_copy && sq > 1 {
-            let q_nope = t(&[batch, heads, sq, d_n], dtype);
-            b.copy(
-                "matmul: q_nope.reshape (copy of a slice)",
-                "aten::clone",
-                &[&q_nope],
-                q_nope.clone(),
-            )?;
-        }
-        let weight_copy = |b: &mut CostBuilder, role: &str, k: u64, n: u64| -> Result<()> {
-            if folds_copy {
-                let expanded = t(&[bh, k, n], dtype);
-                b.copy(role, "aten::clone", &[&expanded], expanded.clone())?;
-            }
-            Ok(())
-        };
-        weight_copy(b, "matmul: W_UK expanded over the batch (copy)", d_n, r)?;
-        Self::bmm(
+        let q_copy = Self::fold_copy(
+            b,
+            "matmul: q_nope.reshape (copy of a slice)",
+            &[batch, heads, sq, d_n],
+            dtype,
+            folds_copy && sq > 1,
+        )?;
+        let w_copy = Self::fold_copy(
+            b,
+            "matmul: W_UK expanded over the batch (copy)",
+            &[bh, d_n, r],
+            dtype,
+            folds_copy,
+        )?;
+        // `q_nope = torch.matmul(q_nope, q_absorb)`: a local until return.
+        let _q_nope = Self::bmm(
             b,
             "q_nope @ W_UK (absorbed kv_b_proj)",
             bh,
@@ -655,33 +827,42 @@ impl DeepseekV2Attention {
             r,
             dtype,
         )?;
+        for copy in [&q_copy, &w_copy].into_iter().flatten() {
+            b.release(&[copy])?;
+        }
 
+        // `attn_weights = (matmul(q_pe, k_peᵀ) + matmul(q_nope, c_kvᵀ)) * softmax_scale`.
         let mut core = CostBuilder::new(ATTENTION_CORE_ROLE, w.allow_tf32);
+        let mut scores = Vec::new();
         for (role, width, name) in [
             ("q_pe @ k_peᵀ", d_r, "k_pe"),
             ("q_nope @ compressed_kvᵀ", r, "compressed_kv"),
         ] {
-            if folds_copy {
-                let expanded = t(&[bh, width, skv], dtype);
-                core.copy(
-                    &format!("matmul: {name}ᵀ expanded over heads (copy)"),
-                    "aten::clone",
-                    &[&expanded],
-                    expanded.clone(),
-                )?;
+            let copy = Self::fold_copy(
+                &mut core,
+                &format!("matmul: {name}ᵀ expanded over heads (copy)"),
+                &[bh, width, skv],
+                dtype,
+                folds_copy,
+            )?;
+            scores.push(
+                Self::bmm(&mut core, role, bh, sq, width, skv, dtype)?
+                    .viewed_as(&[batch, heads, sq, skv]),
+            );
+            if let Some(copy) = &copy {
+                core.release(&[copy])?;
             }
-            Self::bmm(&mut core, role, bh, sq, width, skv, dtype)?;
         }
-        let scores = t(&[batch, heads, sq, skv], dtype);
-        core.elementwise(
+        let summed = core.elementwise(
             "rope scores + latent scores",
             "aten::add",
-            &[&scores, &scores],
+            &[&scores[0], &scores[1]],
             dtype,
         )?;
-        self.softmax(&mut core, &scores)?;
+        core.release(&[&scores[0], &scores[1]])?;
+        let probs = self.softmax(&mut core, summed)?;
         let rows = product("heads × queries", &[heads, sq])?;
-        Self::bmm(
+        let out = Self::bmm(
             &mut core,
             "einsum(bhql,blc->bhqc) attn_weights @ compressed_kv",
             batch,
@@ -690,11 +871,25 @@ impl DeepseekV2Attention {
             r,
             dtype,
         )?;
-        b.child(core.finish())?;
+        core.returns(&[&out, &probs]);
+        // The attention weights stay a local until the attention returns.
+        let returned = b.call(core.finish(), &[&out, &probs])?;
+        let attn_output = &returned[0];
 
-        weight_copy(b, "matmul: W_UV expanded over the batch (copy)", r, d_v)?;
-        Self::bmm(b, "@ W_UVᵀ (absorbed kv_b_proj)", bh, sq, r, d_v, dtype)?;
-        self.transposed_output(b)
+        // `attn_output = torch.matmul(attn_output, out_absorb.mT)` drops the einsum's.
+        let w_copy = Self::fold_copy(
+            b,
+            "matmul: W_UV expanded over the batch (copy)",
+            &[bh, r, d_v],
+            dtype,
+            folds_copy,
+        )?;
+        let projected = Self::bmm(b, "@ W_UVᵀ (absorbed kv_b_proj)", bh, sq, r, d_v, dtype)?;
+        if let Some(copy) = &w_copy {
+            b.release(&[copy])?;
+        }
+        b.release(&[attn_output])?;
+        self.transposed_output(b, &projected.viewed_as(&[batch, heads, sq, d_v]))
     }
 }
 
@@ -707,21 +902,15 @@ impl Layer for DeepseekV2Attention {
         let w = &self.workload;
         let mut b = CostBuilder::new(self.name(), w.allow_tf32);
         let x = t(&[w.batch, w.query_len(), self.hidden], w.dtype);
-        match w.mla {
+        let merged = match w.mla {
             MlaForm::Naive => self.naive(&mut b, &x)?,
             MlaForm::Absorb => self.absorbed(&mut b, &x)?,
-        }
-        let merged = t(
-            &[
-                w.batch,
-                w.query_len(),
-                product("H·d_v", &[self.heads, self.mla.v_head_dim])?,
-            ],
-            w.dtype,
-        );
+        };
         let out = b.linear("o_proj", &merged, self.hidden, self.bias)?;
-        // What the cache keeps is not traced through the MLA op lists: every other
-        // tensor counts as a local freed on return (docs/memory.md).
+        // `attn_output = self.o_proj(attn_output)` drops the merged heads; the attention
+        // weights (`attn_weights = None`) and the other locals go on return, the KV cache
+        // and the rotary buffers stay (`keeps`).
+        b.release(&[&merged])?;
         b.returns(&[&out]);
         b.weights(bytes_of(
             "MLA projection weights",
