@@ -58,7 +58,7 @@ pub struct TensorMeta {
 /// Which allocation of which cost builder holds a tensor (see [`TensorMeta`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StorageId {
-    /// The builder, unique per thread while it lives.
+    /// The builder, unique in the process.
     pub(crate) builder: u64,
     /// The allocation's index in that builder.
     pub(crate) index: usize,

@@ -13,7 +13,7 @@
 //! Every size is tracked twice: as the tensor's bytes (the CPU allocator) and as its CUDA
 //! caching-allocator block ([`crate::allocator::cuda_round_size`]).
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -68,9 +68,8 @@ struct Allocation {
     live: bool,
 }
 
-thread_local! {
-    static NEXT_BUILDER: Cell<u64> = const { Cell::new(0) };
-}
+/// Builder ids, unique in the process (a `TensorMeta` may cross threads).
+static NEXT_BUILDER: AtomicU64 = AtomicU64::new(0);
 
 /// The allocations of one cost builder, in op order.
 #[derive(Debug)]
@@ -98,7 +97,7 @@ fn max(a: Sizes, b: Sizes) -> Sizes {
 impl Liveness {
     pub(crate) fn new() -> Liveness {
         Liveness {
-            builder: NEXT_BUILDER.with(|n| n.replace(n.get().wrapping_add(1))),
+            builder: NEXT_BUILDER.fetch_add(1, Ordering::Relaxed),
             // Most layers allocate fewer than 32 tensors: one allocation, no regrowth.
             allocations: Vec::with_capacity(32),
             live: [0, 0],

@@ -180,6 +180,16 @@ pub struct Cost {
 }
 
 impl Cost {
+    /// The peak as the device allocates it: each tensor rounded to its CUDA block on a
+    /// GPU ([`Cost::cuda_peak`]), its bytes elsewhere ([`Cost::peak`]).
+    pub fn peak_on(&self, cuda: bool) -> &Peak {
+        if cuda {
+            &self.cuda_peak
+        } else {
+            &self.peak
+        }
+    }
+
     /// The op-call leaves, depth first.
     pub fn ops(&self) -> Vec<&Cost> {
         let mut out = Vec::new();
@@ -356,10 +366,18 @@ impl CostBuilder {
                 held.push(t.clone().held_by(storage));
             }
         } else {
-            let base = inputs.iter().find_map(|a| match a {
-                Arg::Tensor(t) => t.storage(),
-                _ => None,
-            });
+            // A view or an in-place op's result is its first tensor argument's memory; a
+            // composite's results are its inner ops' (not traced here: no storage).
+            let base = match conv.rule {
+                Rule::Composite => None,
+                _ => inputs
+                    .iter()
+                    .find_map(|a| match a {
+                        Arg::Tensor(t) => Some(t.storage()),
+                        _ => None,
+                    })
+                    .flatten(),
+            };
             held.extend(outputs.iter().map(|t| t.clone().held_by(base)));
         }
         let metrics = Metrics {

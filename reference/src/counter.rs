@@ -157,7 +157,7 @@ pub struct Counts {
     pub ops_without_outputs: usize,
     /// The blocks that hold the outputs of the counted ops (not those handed back or
     /// written in place), with the shared clock at each op's end: which allocations made
-    /// op outputs ([`crate::allocations::Allocations::output_bytes`]).
+    /// op outputs ([`crate::allocations::Allocations::output_footprint`]).
     pub output_blocks: Vec<OutputBlock>,
 }
 

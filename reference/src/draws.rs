@@ -92,17 +92,19 @@ fn normal_in_chunks(
         let len = chunk.min(count - start);
         let index = Tensor::f_arange_start(start, start + len, (Kind::Int64, device))?;
         // mix(stream, index), as in `mix` above, on u64 bits held in int64.
-        let z = index
+        // One binding reassigned, so each step's int64 tensor is freed as the next exists.
+        let mut z = index
             .f_add_scalar(1)?
             .f_mul_scalar(0x9e37_79b9_7f4a_7c15u64 as i64)?
             .f_add_scalar(stream as i64)?;
-        let z = z
+        drop(index);
+        z = z
             .f_bitwise_xor_tensor(&logical_shift_right(&z, 30)?)?
             .f_mul_scalar(0xbf58_4d1c_e4e5_b9b1u64 as i64)?;
-        let z = z
+        z = z
             .f_bitwise_xor_tensor(&logical_shift_right(&z, 27)?)?
             .f_mul_scalar(0x94d0_49bb_1331_11ebu64 as i64)?;
-        let z = z.f_bitwise_xor_tensor(&logical_shift_right(&z, 31)?)?;
+        z = z.f_bitwise_xor_tensor(&logical_shift_right(&z, 31)?)?;
         let sum = z
             .f_bitwise_and(0xffff)?
             .f_add(&logical_shift_right(&z, 16)?.f_bitwise_and(0xffff)?)?

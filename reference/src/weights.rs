@@ -72,28 +72,27 @@ fn seeded_affine_on(
     if device == Device::Cpu {
         return seeded_affine(seed, name, shape, scale, shift);
     }
-    let count = shape
-        .iter()
-        .try_fold(1i64, |n, d| n.checked_mul(*d))
-        .ok_or_else(|| {
-            Error::Model(modelmeter::Error::overflow(format!(
-                "the element count of {name} {shape:?}"
-            )))
-        })?;
+    let count = element_count(name, shape)? as i64;
     let flat = crate::draws::normal_on(device, stream(seed, name) as u64, count, scale, shift)?;
     Ok(flat.f_view(shape)?)
 }
 
-/// `shift + scale · seeded_normal(seed, name, shape)`, drawn in one pass on the CPU.
-fn seeded_affine(seed: u64, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
-    let count = shape
+/// The element count of the parameter `name` of `shape` (it fits in an `i64`).
+fn element_count(name: &str, shape: &[i64]) -> Result<usize> {
+    shape
         .iter()
         .try_fold(1usize, |n, d| n.checked_mul(usize::try_from(*d).ok()?))
+        .filter(|n| i64::try_from(*n).is_ok())
         .ok_or_else(|| {
             Error::Model(modelmeter::Error::overflow(format!(
                 "the element count of {name} {shape:?}"
             )))
-        })?;
+        })
+}
+
+/// `shift + scale · seeded_normal(seed, name, shape)`, drawn in one pass on the CPU.
+fn seeded_affine(seed: u64, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
+    let count = element_count(name, shape)?;
     let tensor = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
     if count > 0 {
         // SAFETY: `tensor` was just allocated by libtorch on the CPU, contiguous, fp32,

@@ -219,63 +219,80 @@ impl LlamaAttention {
         let (batch, heads, sq, d) = (w.batch, self.heads, w.query_len(), self.head_dim);
         let skv = k.shape[2];
         let bh = product("batch × heads", &[batch, heads])?;
-        let scores = t(&[batch, heads, sq, skv], dtype);
+        // The C++ function's locals (the scaled q, the mask) live until it returns; the
+        // expression temporaries go when their consumer returns.
         let q_scaled = b.elementwise("q * √scale", "aten::mul", &[q], dtype)?;
         let mask = if sq > 1 {
             let ones = t(&[sq, skv], Dtype::Bool);
-            let lower = b.copy("causal: ones(S_q, S_kv)", "aten::ones", &[], ones)?;
-            let lower = b.copy("causal: tril", "aten::tril", &[&lower], lower.clone())?;
+            let ones = b.copy("causal: ones(S_q, S_kv)", "aten::ones", &[], ones)?;
+            let lower = b.copy(
+                "causal: tril",
+                "aten::tril",
+                &[&ones],
+                t(&[sq, skv], Dtype::Bool),
+            )?;
+            b.release(&[&ones])?;
             let zero = b.copy(
                 "causal: scalar_tensor(0)",
                 "aten::scalar_tensor",
                 &[],
                 t(&[], dtype),
             )?;
-            Some(b.copy(
+            let mask = b.copy(
                 "causal: where(mask, 0, -inf)",
                 "aten::where",
                 &[&lower, &zero],
                 t(&[sq, skv], dtype),
-            )?)
+            )?;
+            // `attn_mask = convert_boolean_attn_mask(attn_mask, …)`.
+            b.release(&[&zero, &lower])?;
+            Some(mask)
         } else {
             None
         };
         let k_scaled = b.elementwise("kᵀ * √scale", "aten::mul", &[&kt(k)], dtype)?;
         let kv_folds = self.kv_folds(skv);
-        fold_heads(b, "matmul: q contiguous", &q_scaled, self.q_folds())?;
+        let q_copy = fold_heads(b, "matmul: q contiguous", &q_scaled, self.q_folds())?;
         // kᵀ·√scale is a tensor of its own: where k was `repeat_kv`'s stride-0 view of one
         // KV head, the mul writes every head densely, so it folds like a copied k.
         let k_scaled_folds = kv_folds || self.heads != self.kv_heads;
-        fold_heads(b, "matmul: kᵀ contiguous", &k_scaled, k_scaled_folds)?;
-        b.op(
+        let k_copy = fold_heads(b, "matmul: kᵀ contiguous", &k_scaled, k_scaled_folds)?;
+        let scores = single(b.op(
             "q @ kᵀ",
             "aten::bmm",
             &[arg(&t(&[bh, sq, d], dtype)), arg(&t(&[bh, d, skv], dtype))],
             &[t(&[bh, sq, skv], dtype)],
-        )?;
-        if let Some(mask) = mask {
-            b.elementwise("+= causal mask", "aten::add_", &[&scores, &mask], dtype)?;
+        )?)?
+        .viewed_as(&[batch, heads, sq, skv]);
+        // `matmul`'s contiguous copies, and its argument kᵀ·√scale, go when it returns.
+        for (copy, of) in [(&q_copy, &q_scaled), (&k_copy, &k_scaled)] {
+            if copy.storage() != of.storage() {
+                b.release(&[copy])?;
+            }
         }
-        b.op(
+        b.release(&[&k_scaled])?;
+        if let Some(mask) = &mask {
+            b.elementwise("+= causal mask", "aten::add_", &[&scores, mask], dtype)?;
+        }
+        let probs = single(b.op(
             "_safe_softmax: softmax",
             "aten::softmax",
             &[arg(&scores), Arg::Int(-1)],
-            std::slice::from_ref(&scores),
-        )?;
+            &[t(&scores.shape, dtype)],
+        )?)?;
         let neg_inf = b.elementwise(
             "_safe_softmax: isneginf",
             "aten::isneginf",
-            &[&scores],
+            &[&probs],
             Dtype::Bool,
         )?;
-        let all_masked = t(&[batch, heads, sq, 1], Dtype::Bool);
-        b.op(
+        let all_masked = single(b.op(
             "_safe_softmax: all(-1)",
             "aten::all",
             &[arg(&neg_inf), Arg::Int(-1), Arg::Bool(true)],
-            std::slice::from_ref(&all_masked),
-        )?;
-        b.copy(
+            &[t(&[batch, heads, sq, 1], Dtype::Bool)],
+        )?)?;
+        let zero = b.copy(
             "_safe_softmax: scalar_tensor(0)",
             "aten::scalar_tensor",
             &[],
@@ -285,7 +302,9 @@ impl LlamaAttention {
             "_safe_softmax: where(all masked, 0, probs) into probs",
             "aten::where",
         )?;
-        fold_heads(b, "matmul: v contiguous", v, kv_folds)?;
+        // `_safe_softmax` returns (its locals go), and `attn = …` drops the raw scores.
+        b.release(&[&neg_inf, &all_masked, &zero, &scores])?;
+        let v_copy = fold_heads(b, "matmul: v contiguous", v, kv_folds)?;
         let out = b.op(
             "attn @ v",
             "aten::bmm",
@@ -295,6 +314,7 @@ impl LlamaAttention {
             ],
             &[t(&[bh, sq, d], dtype)],
         )?;
+        b.release(&[&v_copy])?;
         b.returns(&[&out[0]]);
         Ok(())
     }

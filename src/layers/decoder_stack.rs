@@ -127,7 +127,9 @@ impl Layer for DeepseekV2Decoder {
     fn cost(&self) -> Result<Cost> {
         let w = &self.workload;
         let mut b = CostBuilder::new(self.name(), w.allow_tf32);
-        // `hidden_states = layer_outputs[0]`: each part's output replaces the previous.
+        // `hidden_states = layer_outputs[0]`: each part's output replaces the previous,
+        // except the embedding's, which `inputs_embeds` holds until the model returns.
+        // Not modelled: the eager path's 4-D causal mask, built outside every part.
         let rows = t(&[w.batch, w.query_len(), self.config.hidden_size], w.dtype);
         let mut previous: Option<TensorMeta> = None;
         for part in StackPart::all(&self.config) {
@@ -137,7 +139,9 @@ impl Layer for DeepseekV2Decoder {
             if let Some(p) = previous.take() {
                 b.release(&[&p])?;
             }
-            previous = out.pop();
+            if part != StackPart::EmbedTokens {
+                previous = out.pop();
+            }
         }
         Ok(b.finish())
     }

@@ -107,7 +107,11 @@ impl DeepseekV2MoE {
     /// on the N·k rows; the weight bytes read on how many experts run, and the CUDA
     /// blocks on each expert's rows ([`Workload::expert_rows`]; by default the rows
     /// spread as evenly as integers allow). Experts with the same rows are one node,
-    /// repeated.
+    /// repeated. The vendor runs the experts in index order, each output kept for the
+    /// `cat`; the groups here run most rows first, so the peak (the last call's on top of
+    /// the outputs before it) can differ from the vendor's order by one expert's
+    /// intermediates — invisible while the combine that follows (N·k·h) dominates, as it
+    /// does when m < h (every shipped config; exact in every sweep).
     fn routed_experts(&self, sorted: &TensorMeta, rows: u64) -> Result<Cost> {
         let experts = self.moe.n_routed_experts;
         let loads = self.expert_loads(rows)?;
@@ -179,19 +183,6 @@ impl Layer for DeepseekV2MoE {
             ],
             &[t(&[experts], Dtype::I64)],
         )?)?;
-        // `tokens_per_expert.cpu()`: on a GPU a copy to the host (read on the device,
-        // written in host memory); on the CPU `to` hands back its input.
-        if self.platform == Platform::Cuda {
-            b.op_with_host_outputs(
-                "tokens_per_expert.cpu()",
-                "aten::to",
-                &[arg(&per_expert)],
-                &[],
-                std::slice::from_ref(&per_expert),
-            )?;
-            // `tokens_per_expert = ….cpu().numpy()` drops the device tensor.
-            b.release(&[&per_expert])?;
-        }
         let flat_ids = t(&[routed_rows], Dtype::I64);
         let idxs = b.copy(
             "idxs = argsort",
@@ -208,6 +199,19 @@ impl Layer for DeepseekV2MoE {
             t(&[routed_rows, hidden], dtype),
         )?;
         b.release(&[&token_of])?;
+        // `tokens_per_expert.cpu()`: on a GPU a copy to the host (read on the device,
+        // written in host memory); on the CPU `to` hands back its input.
+        if self.platform == Platform::Cuda {
+            b.op_with_host_outputs(
+                "tokens_per_expert.cpu()",
+                "aten::to",
+                &[arg(&per_expert)],
+                &[],
+                std::slice::from_ref(&per_expert),
+            )?;
+            // `tokens_per_expert = ….cpu().numpy()` drops the device tensor.
+            b.release(&[&per_expert])?;
+        }
 
         // Experts that received tokens, one after another over contiguous slices:
         // together exactly N·k rows of a width-m MLP. Their outputs stay in `outputs`.

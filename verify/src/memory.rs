@@ -17,7 +17,7 @@ use modelmeter_reference::Error;
 use crate::device::{DeviceInfo, DeviceSpec};
 use crate::model::ModelPlan;
 use crate::plan::Plan;
-use modelmeter::layers::{DeepseekV2Decoder, StackPart};
+use modelmeter::layers::{DeepseekV2Decoder, Layer, StackPart};
 
 /// What a device holds beyond the tensors the analytic model names: on CUDA, 64 MiB for
 /// the cuBLAS workspace (torch 2.11 sizes it at 32 MiB on Hopper, less on older GPUs)
@@ -30,20 +30,40 @@ pub fn device_reserve(device: tch::Device) -> u64 {
     }
 }
 
+/// What the harness puts on the device before a forward: the hidden states (a layer) or
+/// the token ids (`model`), the position ids, and the eager path's additive causal mask
+/// `[B, 1, S_q, S_kv]` (built once, outside the layers).
+fn input_bytes(plan: &Plan, workload: &Workload, model: bool) -> modelmeter::Result<u64> {
+    let w = workload;
+    let size = w.dtype.size_bytes().unwrap_or(4);
+    let rows = w.batch.saturating_mul(w.query_len());
+    let first = if model {
+        rows.saturating_mul(8)
+    } else {
+        rows.saturating_mul(plan.config.hidden_size)
+            .saturating_mul(size)
+    };
+    let positions = rows.saturating_mul(8);
+    let mask = match plan.attention {
+        modelmeter::layers::AttentionImpl::Eager => {
+            rows.saturating_mul(w.key_len()?).saturating_mul(size)
+        }
+        modelmeter::layers::AttentionImpl::Sdpa => 0,
+    };
+    Ok(first.saturating_add(positions).saturating_add(mask))
+}
+
 /// The largest need of the plan's layers at `workload`, in bytes, and that layer's name:
 /// weights + peak activations (+ the KV cache a decode step starts from, bounded by the
-/// cache after the step) + the device's reserve.
+/// cache after the step) + the inputs + the device's reserve.
 fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
+    let inputs = input_bytes(plan, workload, false)?;
     let mut worst = (0u64, String::new());
     for kind in &plan.layers {
         let layer = kind.analytic(&plan.config, workload, plan.attention)?;
         let cost = modelmeter::metrics::sums_only(|| layer.cost())?;
         let m = cost.metrics;
-        let peak = if plan.device.is_cuda() {
-            cost.cuda_peak.peak_bytes
-        } else {
-            cost.peak.peak_bytes
-        };
+        let peak = cost.peak_on(plan.device.is_cuda()).peak_bytes;
         let cache_before = match workload.phase {
             Phase::Prefill { .. } => 0,
             Phase::Decode { .. } => m.kv_cache_bytes,
@@ -52,6 +72,7 @@ fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
             .weight_bytes
             .saturating_add(peak)
             .saturating_add(cache_before)
+            .saturating_add(inputs)
             .saturating_add(device_reserve(plan.device));
         if bytes > worst.0 {
             worst = (bytes, kind.name(plan.attention).to_string());
@@ -138,7 +159,8 @@ fn estimate_plan(plan: &Plan) -> Result<Estimate, String> {
 }
 
 /// The largest memory one layer of the plan needs, estimated from the analytic model
-/// (weights + activations + KV cache; for a decode step also the prefill that fills the
+/// (weights + peak activations + KV cache + inputs + the device's reserve; for a decode
+/// step also the prefill that fills the
 /// cache, where that prefill can be costed), with the layer's name. An error, naming the
 /// input to lower, when the plan's own counts overflow 64 bits.
 pub fn estimate(plan: &Plan) -> Result<(u64, String), String> {
@@ -168,7 +190,7 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
             "about"
         };
         return Err(format!(
-            "the workload ({}) needs {about} {} for {} (weights + peak activations + KV cache + device reserve, from the analytic model) \
+            "the workload ({}) needs {about} {} for {} (weights + peak activations + KV cache + inputs + device reserve, from the analytic model) \
              but {spec} has {} free; {}",
             w.describe(),
             units::bytes(estimate.bytes),
@@ -194,8 +216,10 @@ pub struct ModelNeed {
     pub vocab_weight_bytes: u64,
     /// The KV cache of every layer at its final length (prompt + new tokens).
     pub kv_cache_bytes: u64,
-    /// The largest part's peak activations in the largest call (the prefill).
-    pub activation_bytes: u64,
+    /// The largest call's working memory: the prefill's peak (its new KV cache
+    /// included), or the last decode step's cache before it plus its peak, whichever is
+    /// larger; plus the inputs (ids, positions, the eager mask).
+    pub working_bytes: u64,
     /// The device's reserve ([`device_reserve`]).
     pub reserve_bytes: u64,
 }
@@ -203,8 +227,7 @@ pub struct ModelNeed {
 impl ModelNeed {
     pub fn total(&self) -> u64 {
         self.weight_bytes
-            .saturating_add(self.kv_cache_bytes)
-            .saturating_add(self.activation_bytes)
+            .saturating_add(self.working_bytes)
             .saturating_add(self.reserve_bytes)
     }
 }
@@ -218,20 +241,32 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
         workload: plan.workload.clone(),
         new_tokens: Some(model.new_tokens),
     };
+    let cuda = plan.device.is_cuda();
     let costed = |g: &modelmeter::layers::Generation| -> modelmeter::Result<ModelNeed> {
         let total = g.metrics()?.total;
         let prefill = plan.workload.clone();
         let stack = DeepseekV2Decoder::new(&g.config, &prefill, g.attention);
-        let (mut activation_bytes, mut vocab_weight_bytes) = (0, 0);
+        let stack_peak = |w: &Workload| -> modelmeter::Result<(u64, u64)> {
+            let cost = modelmeter::metrics::sums_only(|| {
+                DeepseekV2Decoder::new(&g.config, w, g.attention).cost()
+            })?;
+            Ok((cost.peak_on(cuda).peak_bytes, cost.metrics.kv_cache_bytes))
+        };
+        let mut working = stack_peak(&prefill)?.0;
+        if g.new_tokens > 0 {
+            let context_len = g.prefill_len.saturating_add(g.new_tokens - 1);
+            let last = Workload::new(g.batch, Phase::Decode { context_len }, g.dtype)?
+                .with_tf32(g.allow_tf32)
+                .on(g.platform)
+                .with_mla(g.mla);
+            // The cache after the step bounds the cache it starts from.
+            let (peak, cache) = stack_peak(&last)?;
+            working = working.max(cache.saturating_add(peak));
+        }
+        let working = working.saturating_add(input_bytes(plan, &prefill, true)?);
+        let mut vocab_weight_bytes = 0;
         for part in StackPart::all(&g.config) {
-            let cost = modelmeter::metrics::sums_only(|| stack.part_cost(part))?;
-            let m = cost.metrics;
-            let peak = if plan.device.is_cuda() {
-                cost.cuda_peak.peak_bytes
-            } else {
-                cost.peak.peak_bytes
-            };
-            activation_bytes = activation_bytes.max(peak);
+            let m = modelmeter::metrics::sums_only(|| stack.part_cost(part))?.metrics;
             if matches!(part, StackPart::EmbedTokens | StackPart::LmHead) {
                 vocab_weight_bytes = modelmeter::checked::sum(
                     "weight_bytes",
@@ -243,7 +278,7 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
             weight_bytes: total.weight_bytes,
             vocab_weight_bytes,
             kv_cache_bytes: total.kv_cache_bytes,
-            activation_bytes,
+            working_bytes: working,
             reserve_bytes: device_reserve(plan.device),
         })
     };
@@ -262,9 +297,9 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
     })
 }
 
-/// Checks that a `--model` run fits in the device's free memory: all weights, the KV
-/// cache at its final length and the largest part's activations. A refusal names what
-/// dominates and the option to lower.
+/// Checks that a `--model` run fits in the device's free memory: all weights, the largest
+/// call's KV cache and peak activations, the inputs and the device's reserve. A refusal
+/// names what dominates and the option to lower.
 pub fn check_model(
     plan: &Plan,
     model: &ModelPlan,
@@ -293,16 +328,16 @@ pub fn check_model(
         "lower --new-tokens, --seq-len or --batch".to_string()
     };
     Err(format!(
-        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, KV cache {} at {} tokens, peak activations {}, device reserve {}; from the analytic model) but {spec} has {} free; {lower}",
+        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, the largest call's KV cache, peak activations and inputs {} — the KV cache alone is {} at {} tokens —, device reserve {}; from the analytic model) but {spec} has {} free; {lower}",
         model.num_layers,
         model.config_layers,
         plan.workload.describe(),
         model.new_tokens,
         units::bytes(need.total()),
         units::bytes(need.weight_bytes),
+        units::bytes(need.working_bytes),
         units::bytes(need.kv_cache_bytes),
         plan.workload.query_len().saturating_add(model.new_tokens),
-        units::bytes(need.activation_bytes),
         units::bytes(need.reserve_bytes),
         units::bytes(available),
     ))
@@ -417,14 +452,17 @@ mod tests {
             layers: vec![crate::pairing::Pairing {
                 layer: LayerId::Mlp,
             }],
+            attention: AttentionImpl::Sdpa,
             ..plan(1)
         };
         let (n, h, i) = (512u64, 1280u64, 6848u64);
         let weights = 4 * 3 * h * i;
+        // The input [1, 512, 1280] fp32 and the position ids [1, 512] int64.
+        let inputs = 4 * n * h + 8 * n;
         let (need, layer) = estimate(&p).unwrap();
         assert_eq!(layer, "DeepseekV2MLP");
-        assert_eq!(need, weights + 4 * 3 * n * i);
-        let unfused = weights + 4 * (4 * n * i + n * h);
+        assert_eq!(need, weights + 4 * 3 * n * i + inputs);
+        let unfused = weights + 4 * (4 * n * i + n * h) + inputs;
         assert!(check(&p, DeviceSpec::Cpu, &device(unfused - 1)).is_ok());
         assert!(check(&p, DeviceSpec::Cpu, &device(need - 1)).is_err());
         // On CUDA the device's reserve is added to the same peak.

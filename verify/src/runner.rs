@@ -175,11 +175,7 @@ pub(crate) fn compare_peak(
     run: &LayerRun,
     plan: &Plan,
 ) -> MetricRow {
-    let peak = if plan.device.is_cuda() {
-        analytic.cuda_peak.peak_bytes
-    } else {
-        analytic.peak.peak_bytes
-    };
+    let peak = analytic.peak_on(plan.device.is_cuda()).peak_bytes;
     let check = Check::PeakActivationBytes;
     let peak = peak.saturating_add(
         plan.hooks
@@ -193,6 +189,15 @@ pub(crate) fn compare_peak(
         run.output_peak_live_bytes,
         plan.tolerance,
     );
+    if !run.allocation_errors.is_empty() {
+        // A lost free would keep a block live in the replay: the measured peak is unsure.
+        row.status = Status::Fail;
+        row.note = Some(format!(
+            "allocator reports were lost or inconsistent, so the measured peak is unsure: {}",
+            run.allocation_errors.join("; ")
+        ));
+        return row;
+    }
     let exact = if row.analytic == row.measured {
         "exact".to_string()
     } else {

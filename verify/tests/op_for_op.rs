@@ -160,7 +160,7 @@ fn the_math_path_cuda_falls_back_to_agrees_op_for_op_when_the_cpu_runs_it() {
             let measured = w.clone().on(Platform::Cpu);
             let run = with_math_sdpa(|| run(attention, &config, &measured, AttentionImpl::Sdpa));
             let analytic = attention
-                .analytic(&config, &w.on(Platform::Cuda), AttentionImpl::Sdpa)
+                .analytic(&config, &w.clone().on(Platform::Cuda), AttentionImpl::Sdpa)
                 .unwrap()
                 .cost()
                 .unwrap();
@@ -168,6 +168,13 @@ fn the_math_path_cuda_falls_back_to_agrees_op_for_op_when_the_cpu_runs_it() {
             assert_eq!(
                 run.output_allocated_bytes, analytic.metrics.activation_bytes,
                 "H {heads}, KV {kv_heads}: activation bytes"
+            );
+            // The composite's temporaries go where libtorch's C++ drops them.
+            assert_eq!(
+                run.output_peak_live_bytes,
+                analytic.peak.peak_bytes,
+                "H {heads}, KV {kv_heads}, {}: peak activation bytes",
+                w.describe()
             );
         }
     }
