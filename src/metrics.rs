@@ -471,6 +471,16 @@ impl CostBuilder {
         Ok(())
     }
 
+    /// Releases `dropped` unless `kept` is held by the same allocation: an op that may
+    /// hand its input back (a cast to the same dtype) replaces its input only when it
+    /// copied it.
+    pub fn release_unless_same(&mut self, dropped: &TensorMeta, kept: &TensorMeta) -> Result<()> {
+        if dropped.storage() == kept.storage() {
+            return Ok(());
+        }
+        self.release(&[dropped])
+    }
+
     /// The call returns `outputs`; every other tensor of its own not [`kept`] is freed
     /// when it returns (Python's locals). Without it, all that is live at the end counts
     /// as returned.

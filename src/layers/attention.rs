@@ -37,17 +37,6 @@ fn kt(k: &TensorMeta) -> TensorMeta {
     t(&[s[0], s[1], s[3], s[2]], k.dtype)
 }
 
-/// `matmul`'s fold of a `[B, H, S, X]` operand into the `[B·H, S, X]` batch of its `bmm`
-/// (`reshape`): a view when the memory allows (`folds`), else a contiguous copy
-/// (`aten::clone`, measured on the CPU; the copy reads the operand at its full shape).
-/// Returns the copy (a temporary of the `matmul`), or `x` itself when it folds.
-fn fold_heads(b: &mut CostBuilder, role: &str, x: &TensorMeta, folds: bool) -> Result<TensorMeta> {
-    if folds {
-        return Ok(x.clone());
-    }
-    b.copy(role, "aten::clone", &[x], t(&x.shape, x.dtype))
-}
-
 /// The role of the attention-core node in the cost tree (verify looks it up).
 pub const ATTENTION_CORE_ROLE: &str = "attention core";
 
@@ -252,11 +241,11 @@ impl LlamaAttention {
         };
         let k_scaled = b.elementwise("kᵀ * √scale", "aten::mul", &[&kt(k)], dtype)?;
         let kv_folds = self.kv_folds(skv);
-        let q_copy = fold_heads(b, "matmul: q contiguous", &q_scaled, self.q_folds())?;
+        let q_copy = b.matmul_copy("matmul: q contiguous", &q_scaled, !self.q_folds())?;
         // kᵀ·√scale is a tensor of its own: where k was `repeat_kv`'s stride-0 view of one
         // KV head, the mul writes every head densely, so it folds like a copied k.
         let k_scaled_folds = kv_folds || self.heads != self.kv_heads;
-        let k_copy = fold_heads(b, "matmul: kᵀ contiguous", &k_scaled, k_scaled_folds)?;
+        let k_copy = b.matmul_copy("matmul: kᵀ contiguous", &k_scaled, !k_scaled_folds)?;
         let scores = single(b.op(
             "q @ kᵀ",
             "aten::bmm",
@@ -265,10 +254,8 @@ impl LlamaAttention {
         )?)?
         .viewed_as(&[batch, heads, sq, skv]);
         // `matmul`'s contiguous copies, and its argument kᵀ·√scale, go when it returns.
-        for (copy, of) in [(&q_copy, &q_scaled), (&k_copy, &k_scaled)] {
-            if copy.storage() != of.storage() {
-                b.release(&[copy])?;
-            }
+        for copy in [&q_copy, &k_copy].into_iter().flatten() {
+            b.release(&[copy])?;
         }
         b.release(&[&k_scaled])?;
         if let Some(mask) = &mask {
@@ -304,7 +291,7 @@ impl LlamaAttention {
         )?;
         // `_safe_softmax` returns (its locals go), and `attn = …` drops the raw scores.
         b.release(&[&neg_inf, &all_masked, &zero, &scores])?;
-        let v_copy = fold_heads(b, "matmul: v contiguous", v, kv_folds)?;
+        let v_copy = b.matmul_copy("matmul: v contiguous", v, !kv_folds)?;
         let out = b.op(
             "attn @ v",
             "aten::bmm",
@@ -314,7 +301,9 @@ impl LlamaAttention {
             ],
             &[t(&[bh, sq, d], dtype)],
         )?;
-        b.release(&[&v_copy])?;
+        if let Some(copy) = &v_copy {
+            b.release(&[copy])?;
+        }
         b.returns(&[&out[0]]);
         Ok(())
     }
@@ -392,8 +381,8 @@ impl LlamaAttention {
                 let bh = product("batch × heads", &[batch, heads])?;
                 let kv_folds = self.kv_folds(skv);
                 // `matmul`'s contiguous copies are its temporaries.
-                let q_copy = fold_heads(&mut b, "matmul: q contiguous", q, self.q_folds())?;
-                let k_copy = fold_heads(&mut b, "matmul: kᵀ contiguous", &kt(k), kv_folds)?;
+                let q_copy = b.matmul_copy("matmul: q contiguous", q, !self.q_folds())?;
+                let k_copy = b.matmul_copy("matmul: kᵀ contiguous", &kt(k), !kv_folds)?;
                 let scores = single(b.op(
                     "q @ kᵀ",
                     "aten::bmm",
@@ -401,7 +390,9 @@ impl LlamaAttention {
                     &[t(&[bh, sq, skv], dtype)],
                 )?)?
                 .viewed_as(&[batch, heads, sq, skv]);
-                b.release(&[&q_copy, &k_copy])?;
+                for copy in [&q_copy, &k_copy].into_iter().flatten() {
+                    b.release(&[copy])?;
+                }
                 let scaled = b.elementwise("/ sqrt(head_dim)", "aten::div", &[&scores], dtype)?;
                 b.release(&[&scores])?;
                 let mask = t(&[batch, 1, sq, skv], dtype);
@@ -415,11 +406,9 @@ impl LlamaAttention {
                     &[t(&masked.shape, Dtype::F32)],
                 )?)?;
                 let probs = b.cast("softmax.to(q.dtype)", &probs32, dtype)?;
-                if probs.storage() != probs32.storage() {
-                    b.release(&[&probs32])?;
-                }
+                b.release_unless_same(&probs32, &probs)?;
                 b.release(&[&masked])?;
-                let v_copy = fold_heads(&mut b, "matmul: v contiguous", v, kv_folds)?;
+                let v_copy = b.matmul_copy("matmul: v contiguous", v, !kv_folds)?;
                 let out = single(b.op(
                     "attn @ v",
                     "aten::bmm",
@@ -429,7 +418,9 @@ impl LlamaAttention {
                     ],
                     &[t(&[bh, sq, d], dtype)],
                 )?)?;
-                b.release(&[&v_copy])?;
+                if let Some(copy) = &v_copy {
+                    b.release(&[copy])?;
+                }
                 // The attention weights stay a local of the attention until it returns.
                 b.returns(&[&out, &probs]);
             }

@@ -346,9 +346,7 @@ impl DeepseekV2Attention {
                 table = consume(b, &format!("{name} * _mscale"), "aten::mul", table)?;
             }
             let cached = b.cast(&format!("{name}_cached.to(dtype)"), &table, w.dtype)?;
-            if cached.storage() != table.storage() {
-                b.release(&[&table])?;
-            }
+            b.release_unless_same(&table, &cached)?;
             buffers.push(cached);
         }
         locals.extend([positions, freqs, emb]);
@@ -443,23 +441,6 @@ impl DeepseekV2Attention {
         )?)
     }
 
-    /// `matmul`'s contiguous copy of an operand it cannot fold into its `bmm` batch
-    /// (`aten::clone`, reading and writing `shape`), when `copies`; a temporary of the
-    /// `matmul`, released by the caller once the `bmm` ran.
-    fn fold_copy(
-        b: &mut CostBuilder,
-        role: &str,
-        shape: &[u64],
-        dtype: Dtype,
-        copies: bool,
-    ) -> Result<Option<TensorMeta>> {
-        if !copies {
-            return Ok(None);
-        }
-        let x = t(shape, dtype);
-        b.copy(role, "aten::clone", &[&x], x.clone()).map(Some)
-    }
-
     /// Scale, mask, fp32 softmax and the cast back, over `[B, H, S_q, L]` scores (a
     /// temporary of the scaling): `attn_weights = (scores) * softmax_scale`, `attn_weights
     /// = attn_weights + attention_mask`, `attn_weights = softmax(attn_weights,
@@ -481,9 +462,7 @@ impl DeepseekV2Attention {
             &[t(&masked.shape, Dtype::F32)],
         )?)?;
         let probs = b.cast("softmax.to(dtype)", &probs32, dtype)?;
-        if probs.storage() != probs32.storage() {
-            b.release(&[&probs32])?;
-        }
+        b.release_unless_same(&probs32, &probs)?;
         b.release(&[&masked])?;
         Ok(probs)
     }
@@ -604,11 +583,9 @@ impl DeepseekV2Attention {
                 // the attention weights, a view), a temporary freed when it returns.
                 let copies =
                     matches!(w.phase, Phase::Prefill { .. }) && batch > 1 && heads > 1 && sq > 1;
-                let v_copy = Self::fold_copy(
-                    &mut core,
+                let v_copy = core.matmul_copy(
                     "matmul: value_states.reshape (copy)",
-                    &v.shape,
-                    dtype,
+                    &t(&v.shape, dtype),
                     copies,
                 )?;
                 let out = Self::bmm(
@@ -803,18 +780,14 @@ impl DeepseekV2Attention {
         // of the two is 1. Otherwise `reshape` copies the expanded operand (`clone`: it
         // reads and writes the expanded size), a temporary of the `matmul`.
         let folds_copy = batch > 1 && heads > 1;
-        let q_copy = Self::fold_copy(
-            b,
+        let q_copy = b.matmul_copy(
             "matmul: q_nope.reshape (copy of a slice)",
-            &[batch, heads, sq, d_n],
-            dtype,
+            &t(&[batch, heads, sq, d_n], dtype),
             folds_copy && sq > 1,
         )?;
-        let w_copy = Self::fold_copy(
-            b,
+        let w_copy = b.matmul_copy(
             "matmul: W_UK expanded over the batch (copy)",
-            &[bh, d_n, r],
-            dtype,
+            &t(&[bh, d_n, r], dtype),
             folds_copy,
         )?;
         // `q_nope = torch.matmul(q_nope, q_absorb)`: a local until return.
@@ -838,11 +811,9 @@ impl DeepseekV2Attention {
             ("q_pe @ k_peᵀ", d_r, "k_pe"),
             ("q_nope @ compressed_kvᵀ", r, "compressed_kv"),
         ] {
-            let copy = Self::fold_copy(
-                &mut core,
+            let copy = core.matmul_copy(
                 &format!("matmul: {name}ᵀ expanded over heads (copy)"),
-                &[bh, width, skv],
-                dtype,
+                &t(&[bh, width, skv], dtype),
                 folds_copy,
             )?;
             scores.push(
@@ -877,11 +848,9 @@ impl DeepseekV2Attention {
         let attn_output = &returned[0];
 
         // `attn_output = torch.matmul(attn_output, out_absorb.mT)` drops the einsum's.
-        let w_copy = Self::fold_copy(
-            b,
+        let w_copy = b.matmul_copy(
             "matmul: W_UV expanded over the batch (copy)",
-            &[bh, r, d_v],
-            dtype,
+            &t(&[bh, r, d_v], dtype),
             folds_copy,
         )?;
         let projected = Self::bmm(b, "@ W_UVᵀ (absorbed kv_b_proj)", bh, sq, r, d_v, dtype)?;

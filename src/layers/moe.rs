@@ -260,13 +260,9 @@ impl Layer for DeepseekV2MoE {
         )?)?;
         // Temporaries of the one expression: the fp32 copy (when it is one), the sum
         // (when the cast copies it).
-        if as_f32.storage() != new_x.storage() {
-            b.release(&[&as_f32])?;
-        }
+        b.release_unless_same(&as_f32, &new_x)?;
         let y = b.cast("type(new_x.dtype)", &combined, dtype)?;
-        if y.storage() != combined.storage() {
-            b.release(&[&combined])?;
-        }
+        b.release_unless_same(&combined, &y)?;
         // `.view(*orig_shape)`
         let mut y = y.viewed_as(&x.shape);
         // `moe_infer` returns: its locals are freed.

@@ -72,9 +72,7 @@ impl DeepseekV2RMSNorm {
         let back = b.cast("to(input dtype)", &normed, x.dtype)?;
         let weight = t(&[hidden], x.dtype);
         let out = b.elementwise("weight *", "aten::mul", &[&weight, &back], x.dtype)?;
-        if back.storage() != normed.storage() {
-            b.release(&[&back])?;
-        }
+        b.release_unless_same(&back, &normed)?;
         b.returns(&[&out]);
         b.weights(bytes_of("RMSNorm weight", hidden, x.dtype)?)?;
         Ok(b.finish())

@@ -134,6 +134,22 @@ impl CostBuilder {
         Ok(out)
     }
 
+    /// `matmul`'s contiguous copy of an operand `x` it cannot fold into its `bmm` batch
+    /// (`aten::clone`, reading `x` at its full shape), when `copies`: a temporary of the
+    /// `matmul`, for the caller to release once the `bmm` ran; `None` when it folds.
+    pub(crate) fn matmul_copy(
+        &mut self,
+        role: &str,
+        x: &TensorMeta,
+        copies: bool,
+    ) -> Result<Option<TensorMeta>> {
+        if !copies {
+            return Ok(None);
+        }
+        self.copy(role, "aten::clone", &[x], t(&x.shape, x.dtype))
+            .map(Some)
+    }
+
     /// A data-movement op (`aten::cat`, `aten::index` …) reading `inputs` and writing `out`.
     pub(crate) fn copy(
         &mut self,
