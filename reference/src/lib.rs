@@ -16,6 +16,7 @@
 pub mod allocations;
 pub mod attention;
 pub mod counter;
+pub mod cuda_backend;
 pub mod decoder_layer;
 pub mod draws;
 pub mod error;

@@ -40,13 +40,10 @@ impl DeviceSpec {
 
     /// `cuda:0` when libtorch sees a GPU, else `cpu`, with the reason.
     pub fn default_choice() -> (DeviceSpec, &'static str) {
-        if tch::Cuda::is_available() {
+        if modelmeter_reference::cuda_backend::is_available() {
             (DeviceSpec::Cuda(0), "default: CUDA is available")
         } else {
-            (
-                DeviceSpec::Cpu,
-                "default: no CUDA device is visible to libtorch",
-            )
+            (DeviceSpec::Cpu, "default: libtorch sees no CUDA device")
         }
     }
 
@@ -55,7 +52,12 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(i) => {
-                let count = tch::Cuda::device_count();
+                let count = modelmeter_reference::cuda_backend::devices().map_err(|why| {
+                    format!(
+                        "--device {self}: libtorch cannot use CUDA here ({why}); \
+                         run with --device cpu, or on a machine with an NVIDIA GPU"
+                    )
+                })?;
                 if count <= 0 {
                     Err(format!(
                         "--device {self}: no CUDA device is visible to libtorch on this machine; \

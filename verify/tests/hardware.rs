@@ -82,7 +82,7 @@ fn without_ncu_on_path_the_error_says_what_to_install() {
 
 #[test]
 fn without_a_gpu_the_error_says_so_and_ncu_never_runs() {
-    if tch::Cuda::is_available() {
+    if modelmeter_reference::cuda_backend::is_available() {
         eprintln!("skipped: a GPU is present (scripts/device-check runs the real thing)");
         return;
     }
