@@ -4,6 +4,8 @@
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, MlaForm, MlpKind, ModelConfig, Phase, Workload};
+use std::time::Instant;
+
 use tch::{Kind, Tensor};
 
 use crate::allocations::{self, DeviceAllocations};
@@ -260,6 +262,18 @@ pub fn causal_positions(
     Ok((position_ids, mask))
 }
 
+/// Where a layer's run spent its wall time, in seconds (for `verify-decoder --timings`
+/// and the benchmarks; never asserted on).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct RunTimings {
+    /// Building the module: drawing its weights.
+    pub build_s: f64,
+    /// Its inputs, and for a decode step the uncounted prefill that fills its KV cache.
+    pub prepare_s: f64,
+    /// The counted forward (the counter, the allocation observer, their parsing).
+    pub forward_s: f64,
+}
+
 /// A reference layer that ran under the counter.
 #[derive(Debug)]
 pub struct LayerRun {
@@ -287,6 +301,8 @@ pub struct LayerRun {
     /// Lost or inconsistent allocator reports; the allocation figures are complete only
     /// when this is empty.
     pub allocation_errors: Vec<String>,
+    /// Where the run spent its time.
+    pub timings: RunTimings,
 }
 
 impl LayerRun {
@@ -377,6 +393,8 @@ pub struct Prepared {
     pub cache: KvCache,
     /// The workload's TF32 setting, applied to libtorch before the counted forward.
     pub allow_tf32: bool,
+    /// How long building and preparing took ([`RunTimings::forward_s`] is 0 until run).
+    pub timings: RunTimings,
 }
 
 impl Prepared {
@@ -391,7 +409,10 @@ impl Prepared {
     ) -> Result<Prepared> {
         let setup = *setup;
         let dtype = workload.dtype;
+        let start = Instant::now();
         let module = RefModule::build(kind, config, attention, workload.mla, dtype, &setup)?;
+        ffi::synchronize(setup.device)?;
+        let built = Instant::now();
         let eager = module.needs_mask(attention);
         let mut cache = KvCache::new();
         if let Some(prefill) = context_inputs(&module, config, workload, attention, &setup)? {
@@ -408,6 +429,12 @@ impl Prepared {
             workload.query_len(),
             eager,
         )?;
+        ffi::synchronize(setup.device)?;
+        let timings = RunTimings {
+            build_s: (built - start).as_secs_f64(),
+            prepare_s: built.elapsed().as_secs_f64(),
+            forward_s: 0.0,
+        };
         Ok(Prepared {
             kind,
             name: kind.label(),
@@ -415,6 +442,7 @@ impl Prepared {
             inputs,
             cache,
             allow_tf32: workload.allow_tf32,
+            timings,
         })
     }
 
@@ -433,10 +461,15 @@ impl Prepared {
         ffi::set_tf32_matmul_allowed(self.allow_tf32)?;
         let weight_bytes = self.module.weight_bytes();
         let device = self.inputs.hidden.device();
+        let start = Instant::now();
         let ((output, tokens_per_expert), counts, allocations) = counted(device, || {
             self.module.forward(&self.inputs, &mut self.cache)
         })?;
         let outputs = allocations.output_footprint(device, &counts.output_blocks);
+        let timings = RunTimings {
+            forward_s: start.elapsed().as_secs_f64(),
+            ..self.timings
+        };
         Ok(LayerRun {
             kind: self.kind,
             name: self.name,
@@ -449,6 +482,7 @@ impl Prepared {
             output_peak_live_bytes: outputs.peak_live_bytes,
             allocations: allocations.device(device),
             allocation_errors: allocations.errors,
+            timings,
         })
     }
 }

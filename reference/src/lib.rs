@@ -37,7 +37,7 @@ pub mod weights;
 pub use allocations::{AllocationRegion, Allocations};
 pub use counter::{Counts, FlopCounter, OpRecord, OpSummary, Region};
 pub use error::{Error, Result};
-pub use harness::{run_layer, LayerRun, ModuleKind};
+pub use harness::{run_layer, LayerRun, ModuleKind, RunTimings};
 pub use weights::Setup;
 
 use tch::Tensor;

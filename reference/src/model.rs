@@ -236,6 +236,7 @@ impl GreedyGeneration<'_> {
                     allocations: allocations.device(device),
                     allocation_errors: allocations.errors,
                     counts,
+                    timings: Default::default(),
                 },
             ));
             hidden = output;

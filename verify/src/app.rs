@@ -91,6 +91,11 @@ pub struct Args {
     /// (python = the project's .venv, else python3; or python=PATH)
     #[arg(long, value_name = "python[=PATH]", num_args = 0..=1, default_missing_value = "python")]
     pub oracle: Option<String>,
+    /// Print where the run's wall time went (before main, setup, per layer: analytic,
+    /// build, prepare, forward, compare; reports; peak RSS) on standard error, and add a
+    /// `timings` object to the JSON report
+    #[arg(long)]
+    pub timings: bool,
     /// Add a `host` object with facts that change from run to run (free device memory)
     /// to the JSON report; without it, the same seed and inputs give byte-identical reports
     #[arg(long)]
@@ -208,8 +213,36 @@ pub fn run(args: &Args) -> ExitCode {
             if let Some(run) = &hardware_run {
                 hardware::attach(&mut report, &ready.plan, run, &ready.info.name);
             }
-            let written = write_reports(args, &report);
+            let phases = args.timings.then(|| {
+                crate::timings::Phases::now(
+                    report
+                        .cases
+                        .iter()
+                        .flat_map(|c| &c.layers)
+                        .map(|l| crate::timings::LayerPhases {
+                            layer: l.name.clone(),
+                            timings: l.timings,
+                        })
+                        .collect(),
+                )
+            });
+            let reports_start = crate::timings::since_main();
+            let written = write_rendered(
+                args,
+                || {
+                    let mut json = report::to_json(&report);
+                    if let Some(phases) = &phases {
+                        json["timings"] = phases.to_json();
+                    }
+                    serde_json::to_string_pretty(&json)
+                },
+                || report::to_junit(&report),
+            );
             let printed = print_table(args, &report);
+            if let Some(phases) = &phases {
+                let reports_s = crate::timings::since_main() - reports_start;
+                eprint!("{}", phases.table(reports_s));
+            }
             (report.summary().ok(), written, printed)
         }
     };
@@ -748,14 +781,6 @@ fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
             }
         }
     }
-}
-
-fn write_reports(args: &Args, report: &Report) -> Result<(), String> {
-    write_rendered(
-        args,
-        || serde_json::to_string_pretty(&report::to_json(report)),
-        || report::to_junit(report),
-    )
 }
 
 /// Renders the reports asked for and writes them.

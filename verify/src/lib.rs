@@ -8,7 +8,7 @@
 //! rows ([`check`]) and their statuses ([`compare`]), the plan ([`plan`], with test-only
 //! [`hooks`]), the run loop ([`runner`]), results ([`results`]), the memory pre-check
 //! ([`memory`]) and the CUDA allocator's setting ([`cuda_allocator`]), sweeps ([`sweep`]), the whole-model verification ([`model`], with
-//! [`progress`] bars) and reports ([`report`]). [`hardware`] reads Nsight Compute's
+//! [`progress`] bars), reports ([`report`]) and where the time went ([`timings`]). [`hardware`] reads Nsight Compute's
 //! hardware counters.
 
 /// This crate's `eprint!`: like the standard one, but a failed write to standard error
@@ -48,3 +48,4 @@ pub mod report;
 pub mod results;
 pub mod runner;
 pub mod sweep;
+pub mod timings;

@@ -38,6 +38,22 @@ pub struct LayerResult {
     pub hardware: Option<crate::hardware::rows::LayerHardware>,
     #[serde(skip)]
     pub seconds: f64,
+    /// Where those seconds went (`--timings`).
+    #[serde(skip)]
+    pub timings: LayerTimings,
+}
+
+/// Where a layer's verification spent its wall time, in seconds: shown by `--timings`
+/// and read by the benchmarks, never asserted on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct LayerTimings {
+    /// Costing the analytic layer (with its per-op breakdown).
+    pub analytic_s: f64,
+    /// Building the reference module, preparing its inputs, the counted forward.
+    #[serde(flatten)]
+    pub run: modelmeter_reference::RunTimings,
+    /// Comparing the two sides row by row.
+    pub compare_s: f64,
 }
 
 /// Layer counts per status.

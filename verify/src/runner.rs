@@ -79,9 +79,11 @@ fn verify_layer(pairing: Pairing, plan: &Plan, run_layer: RunLayer) -> LayerResu
     let name = pairing
         .name_for(&plan.config, plan.workload.mla, plan.attention)
         .to_string();
+    let start = Instant::now();
     let analytic = pairing
         .analytic(&plan.config, &plan.workload, plan.attention)
         .and_then(|layer| layer.cost());
+    let analytic_s = start.elapsed().as_secs_f64();
     let analytic = match analytic {
         Ok(cost) => cost,
         Err(e) => return error_result(name, format!("analytic model: {e}")),
@@ -98,23 +100,13 @@ fn verify_layer(pairing: Pairing, plan: &Plan, run_layer: RunLayer) -> LayerResu
         plan.hooks.injected_error(&name)?;
         run_layer(module, &plan.config, &plan.workload, plan.attention, &setup)
     }));
-    match run {
-        Ok(Ok(run)) if run.counts.tf32.matmul != plan.workload.allow_tf32 => error_result(
-            name,
-            format!(
-                "libtorch's TF32 switch was {} during the run, the workload says {}",
-                run.counts.tf32.matmul, plan.workload.allow_tf32
-            ),
-        ),
-        Ok(Ok(run)) => match routed(pairing, plan, &run) {
-            Ok(None) => compare_layer(&name, &analytic, &run, plan),
-            Ok(Some((routed, hit))) => {
-                let mut result = compare_layer(&name, &routed, &run, plan);
-                note_routing(&mut result, hit, &analytic, &routed);
-                result
-            }
-            Err(e) => error_result(name, format!("analytic model: {e}")),
-        },
+    let compared = Instant::now();
+    let mut result = match run {
+        Ok(Ok(run)) => {
+            let mut result = judge(pairing, plan, name, &analytic, &run);
+            result.timings.run = run.timings;
+            result
+        }
         Ok(Err(e)) if e.is_out_of_memory() => {
             error_result(name, format!("out of memory on {:?}: {e}", plan.device))
         }
@@ -127,6 +119,38 @@ fn verify_layer(pairing: Pairing, plan: &Plan, run_layer: RunLayer) -> LayerResu
                 .unwrap_or_else(|| "unknown panic".into());
             error_result(name, format!("the reference module panicked: {message}"))
         }
+    };
+    result.timings.analytic_s = analytic_s;
+    result.timings.compare_s = compared.elapsed().as_secs_f64();
+    result
+}
+
+/// Compares a layer's run with its analytic cost (costed again under the run's routing
+/// for MoE layers).
+fn judge(
+    pairing: Pairing,
+    plan: &Plan,
+    name: String,
+    analytic: &Cost,
+    run: &LayerRun,
+) -> LayerResult {
+    if run.counts.tf32.matmul != plan.workload.allow_tf32 {
+        return error_result(
+            name,
+            format!(
+                "libtorch's TF32 switch was {} during the run, the workload says {}",
+                run.counts.tf32.matmul, plan.workload.allow_tf32
+            ),
+        );
+    }
+    match routed(pairing, plan, run) {
+        Ok(None) => compare_layer(&name, analytic, run, plan),
+        Ok(Some((routed, hit))) => {
+            let mut result = compare_layer(&name, &routed, run, plan);
+            note_routing(&mut result, hit, analytic, &routed);
+            result
+        }
+        Err(e) => error_result(name, format!("analytic model: {e}")),
     }
 }
 
@@ -265,6 +289,7 @@ fn error_result(name: String, cause: String) -> LayerResult {
         tokens_per_expert: None,
         hardware: None,
         seconds: 0.0,
+        timings: Default::default(),
     }
 }
 
@@ -449,6 +474,7 @@ pub(crate) fn compare_run(
         tokens_per_expert: run.tokens_per_expert.clone(),
         hardware: None,
         seconds: 0.0,
+        timings: Default::default(),
     }
 }
 
@@ -538,6 +564,7 @@ mod tests {
             output_allocated_bytes: 0,
             output_peak_live_bytes: 0,
             allocation_errors: Vec::new(),
+            timings: Default::default(),
         }
     }
 
