@@ -51,18 +51,27 @@ impl RefDeepseekV2DecoderLayer {
             MlpKind::Dense => FeedForward::Dense(RefDeepseekV2MLP::new(
                 config.hidden_size,
                 config.intermediate_size,
-                &init.sub("mlp"),
+                &init.sub(crate::harness::MLP),
             )?),
-            MlpKind::Moe => {
-                FeedForward::Moe(Box::new(RefDeepseekV2MoE::new(config, &init.sub("mlp"))?))
-            }
+            MlpKind::Moe => FeedForward::Moe(Box::new(RefDeepseekV2MoE::new(
+                config,
+                &init.sub(crate::harness::MLP),
+            )?)),
         };
         Ok(RefDeepseekV2DecoderLayer {
-            input_layernorm: RefDeepseekV2RMSNorm::new(config, &init.sub("input_layernorm"))?,
-            self_attn: SelfAttention::new(config, &init.sub("self_attn"), attention, mla)?,
+            input_layernorm: RefDeepseekV2RMSNorm::new(
+                config,
+                &init.sub(crate::harness::INPUT_LAYERNORM),
+            )?,
+            self_attn: SelfAttention::new(
+                config,
+                &init.sub(crate::harness::SELF_ATTN),
+                attention,
+                mla,
+            )?,
             post_attention_layernorm: RefDeepseekV2RMSNorm::new(
                 config,
-                &init.sub("post_attention_layernorm"),
+                &init.sub(crate::harness::POST_ATTENTION_LAYERNORM),
             )?,
             mlp,
         })

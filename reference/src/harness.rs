@@ -4,6 +4,7 @@
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, MlaForm, MlpKind, ModelConfig, Phase, Workload};
+use std::rc::Rc;
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
@@ -19,7 +20,7 @@ use crate::moe::RefDeepseekV2MoE;
 use crate::moe_gate::RefMoEGate;
 use crate::rms_norm::RefDeepseekV2RMSNorm;
 use crate::self_attention::SelfAttention;
-use crate::weights::{dim, kind_of, seeded_normal, Init, Setup};
+use crate::weights::{dim, kind_of, seeded_normal, Init, Setup, WeightCache};
 use crate::Parameters;
 
 /// The reference modules this crate builds. Which analytic layer each is compared with
@@ -54,6 +55,43 @@ impl ModuleKind {
         }
     }
 
+    /// Whether this module, built by [`RefModule::build`], may draw the parameter `name`
+    /// (named as inside a decoder layer): what a [`WeightCache`] keeps for it. A superset
+    /// is harmless (a kept tensor it does not use is dropped after it is built).
+    pub fn may_draw(self, config: &ModelConfig, name: &str) -> bool {
+        let under = |prefix: &str| {
+            name.strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('.'))
+        };
+        let dense_mlp = || {
+            ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .any(|p| under(&format!("{MLP}.{p}")))
+        };
+        let moe = || {
+            ["gate", "experts", "shared_experts"]
+                .iter()
+                .any(|p| under(&format!("{MLP}.{p}")))
+        };
+        match self {
+            ModuleKind::RmsNorm => under(INPUT_LAYERNORM),
+            ModuleKind::Mlp => dense_mlp(),
+            ModuleKind::MoEGate => under(MOE_GATE),
+            ModuleKind::MoE => moe(),
+            ModuleKind::Attention => under(SELF_ATTN),
+            ModuleKind::DecoderLayer(i) => {
+                under(INPUT_LAYERNORM)
+                    || under(SELF_ATTN)
+                    || under(POST_ATTENTION_LAYERNORM)
+                    || match config.layer_kinds.get(i as usize) {
+                        Some(MlpKind::Moe) => moe(),
+                        _ => dense_mlp(),
+                    }
+            }
+            ModuleKind::EmbedTokens | ModuleKind::LmHead => false,
+        }
+    }
+
     /// True for the modules whose routing is reported (tokens per expert).
     pub fn has_experts(self, config: &ModelConfig) -> bool {
         match self {
@@ -65,6 +103,15 @@ impl ModuleKind {
         }
     }
 }
+
+/// The names of a decoder layer's sub-modules (the vendor `DeepseekV2DecoderLayer`'s
+/// attributes), under which standalone modules draw their parameters too.
+pub const INPUT_LAYERNORM: &str = "input_layernorm";
+pub const SELF_ATTN: &str = "self_attn";
+pub const POST_ATTENTION_LAYERNORM: &str = "post_attention_layernorm";
+pub const MLP: &str = "mlp";
+/// The MoE's gate, inside the layer's `mlp`.
+pub const MOE_GATE: &str = "mlp.gate";
 
 /// A reference module of any kind.
 #[derive(Debug)]
@@ -90,19 +137,59 @@ impl RefModule {
         dtype: Dtype,
         setup: &Setup,
     ) -> Result<RefModule> {
-        let init = Init::new(setup, dtype)?;
+        RefModule::build_from(kind, config, attention, mla, &Init::new(setup, dtype)?)
+    }
+
+    /// [`RefModule::build`] with the parameters `cache` holds handed out instead of drawn
+    /// again, and what it draws kept there (see [`WeightCache`]).
+    pub fn build_sharing(
+        kind: ModuleKind,
+        config: &ModelConfig,
+        attention: AttentionImpl,
+        mla: MlaForm,
+        dtype: Dtype,
+        setup: &Setup,
+        cache: Rc<WeightCache>,
+    ) -> Result<RefModule> {
+        let init = Init::sharing(setup, dtype, cache)?;
+        RefModule::build_from(kind, config, attention, mla, &init)
+    }
+
+    /// Builds `kind` with its parameters named as inside a decoder layer (a standalone
+    /// MLP's `mlp.gate_proj.weight`, the attention's `self_attn.q_proj.weight`): the same
+    /// seed then gives a standalone module and its twin in a decoder layer the same
+    /// weights, which a [`WeightCache`] can share.
+    fn build_from(
+        kind: ModuleKind,
+        config: &ModelConfig,
+        attention: AttentionImpl,
+        mla: MlaForm,
+        init: &Init,
+    ) -> Result<RefModule> {
+        let in_layer = |path: &str| path.split('.').fold(init.clone(), |i, part| i.sub(part));
         Ok(match kind {
-            ModuleKind::RmsNorm => RefModule::RmsNorm(RefDeepseekV2RMSNorm::new(config, &init)?),
+            ModuleKind::RmsNorm => RefModule::RmsNorm(RefDeepseekV2RMSNorm::new(
+                config,
+                &in_layer(INPUT_LAYERNORM),
+            )?),
             ModuleKind::Mlp => RefModule::Mlp(RefDeepseekV2MLP::new(
                 config.hidden_size,
                 config.intermediate_size,
-                &init,
+                &in_layer(MLP),
             )?),
-            ModuleKind::MoEGate => RefModule::MoEGate(RefMoEGate::new(config, &init)?),
-            ModuleKind::MoE => RefModule::MoE(Box::new(RefDeepseekV2MoE::new(config, &init)?)),
-            ModuleKind::Attention => {
-                RefModule::Attention(SelfAttention::new(config, &init, attention, mla)?)
+            ModuleKind::MoEGate => {
+                RefModule::MoEGate(RefMoEGate::new(config, &in_layer(MOE_GATE))?)
             }
+            ModuleKind::MoE => RefModule::MoE(Box::new(RefDeepseekV2MoE::new(
+                config,
+                &in_layer(MLP),
+            )?)),
+            ModuleKind::Attention => RefModule::Attention(SelfAttention::new(
+                config,
+                &in_layer(SELF_ATTN),
+                attention,
+                mla,
+            )?),
             ModuleKind::DecoderLayer(index) => {
                 if index >= config.layer_kinds.len() as u64 {
                     return Err(Error::Model(modelmeter::Error::invalid(
@@ -112,7 +199,7 @@ impl RefModule {
                     )));
                 }
                 RefModule::Decoder(RefDeepseekV2DecoderLayer::new(
-                    config, index, &init, attention, mla,
+                    config, index, init, attention, mla,
                 )?)
             }
             ModuleKind::EmbedTokens | ModuleKind::LmHead => {
@@ -407,10 +494,29 @@ impl Prepared {
         attention: AttentionImpl,
         setup: &Setup,
     ) -> Result<Prepared> {
+        Prepared::with_weights(kind, config, workload, attention, setup, None)
+    }
+
+    /// [`Prepared::new`], taking the parameters `cache` holds (if any) instead of drawing
+    /// them again, and keeping what it draws there ([`WeightCache`]).
+    pub fn with_weights(
+        kind: ModuleKind,
+        config: &ModelConfig,
+        workload: &Workload,
+        attention: AttentionImpl,
+        setup: &Setup,
+        cache: Option<Rc<WeightCache>>,
+    ) -> Result<Prepared> {
         let setup = *setup;
         let dtype = workload.dtype;
         let start = Instant::now();
-        let module = RefModule::build(kind, config, attention, workload.mla, dtype, &setup)?;
+        let mla = workload.mla;
+        let module = match cache {
+            Some(cache) => {
+                RefModule::build_sharing(kind, config, attention, mla, dtype, &setup, cache)?
+            }
+            None => RefModule::build(kind, config, attention, mla, dtype, &setup)?,
+        };
         ffi::synchronize(setup.device)?;
         let built = Instant::now();
         let eager = module.needs_mask(attention);
@@ -532,6 +638,19 @@ pub fn run_layer_in_profiler_range(
     setup: &Setup,
 ) -> Result<LayerRun> {
     Prepared::new(kind, config, workload, attention, setup)?.run_in_profiler_range()
+}
+
+/// [`run_layer`] with the parameters `cache` holds handed out instead of drawn again
+/// (see [`WeightCache`]); the counts are the same.
+pub fn run_layer_sharing(
+    kind: ModuleKind,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    setup: &Setup,
+    cache: Rc<WeightCache>,
+) -> Result<LayerRun> {
+    Prepared::with_weights(kind, config, workload, attention, setup, Some(cache))?.run()
 }
 
 /// Builds, prepares and runs one module under the counter, in the workload's dtype and

@@ -38,7 +38,7 @@ pub use allocations::{AllocationRegion, Allocations};
 pub use counter::{Counts, FlopCounter, OpRecord, OpSummary, Region};
 pub use error::{Error, Result};
 pub use harness::{run_layer, LayerRun, ModuleKind, RunTimings};
-pub use weights::Setup;
+pub use weights::{Setup, WeightCache};
 
 use tch::Tensor;
 

@@ -8,6 +8,9 @@
 //! do not depend on creation order, thread count or device, and two runs with the same
 //! seed build identical modules.
 
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::Mutex;
 
 use modelmeter::Dtype;
@@ -111,12 +114,95 @@ pub fn seeded_ids(seed: u64, name: &str, shape: &[i64], vocab: i64) -> Result<Te
     Ok(Tensor::f_randint(vocab, shape, (Kind::Int64, Device::Cpu))?)
 }
 
+/// What identifies a drawn parameter: the same key gives the same values (its stream is
+/// the seed and the name; then the shape, scaling and dtype), so one tensor can serve
+/// every module that draws it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DrawKey {
+    name: String,
+    shape: Vec<i64>,
+    /// `scale` and `shift` as bits (f32 has no `Eq`).
+    affine: (u32, u32),
+    kind: Kind,
+    device: Device,
+    seed: u64,
+}
+
+/// Parameters kept from one module for the next one that draws the same (a standalone
+/// `DeepseekV2MoE`'s 64 experts for the MoE decoder layer). Modules never write their
+/// weights, so sharing the tensors changes no value and no count; it saves drawing
+/// them again. [`WeightCache::finish_module`] keeps only what the module just built used
+/// and the next one may draw, so at any time no more parameters are alive than the
+/// module being run holds.
+#[derive(Debug, Default)]
+pub struct WeightCache {
+    tensors: RefCell<HashMap<DrawKey, Tensor>>,
+    /// The keys the module being built drew or reused.
+    used: RefCell<HashSet<DrawKey>>,
+    reused_bytes: Cell<u64>,
+}
+
+impl WeightCache {
+    /// An empty cache.
+    pub fn new() -> WeightCache {
+        WeightCache::default()
+    }
+
+    fn get_or_draw(&self, key: DrawKey, draw: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let cached = self.tensors.borrow().get(&key).map(Tensor::shallow_clone);
+        let tensor = match cached {
+            Some(t) => {
+                self.reused_bytes
+                    .set(self.reused_bytes.get() + tensor_bytes(&t));
+                t
+            }
+            None => {
+                let t = draw()?;
+                self.tensors
+                    .borrow_mut()
+                    .insert(key.clone(), t.shallow_clone());
+                t
+            }
+        };
+        self.used.borrow_mut().insert(key);
+        Ok(tensor)
+    }
+
+    /// After a module was built: keeps the parameters it used whose names `next_may_draw`
+    /// accepts, drops the rest.
+    pub fn finish_module(&self, next_may_draw: impl Fn(&str) -> bool) {
+        let used = std::mem::take(&mut *self.used.borrow_mut());
+        self.tensors
+            .borrow_mut()
+            .retain(|key, _| used.contains(key) && next_may_draw(&key.name));
+    }
+
+    /// The names of the parameters the module being built has drawn or reused so far.
+    pub fn names_in_use(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.used.borrow().iter().map(|k| k.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// Bytes of parameters handed out again instead of drawn, so far.
+    pub fn reused_bytes(&self) -> u64 {
+        self.reused_bytes.get()
+    }
+
+    /// Bytes of the parameters kept now.
+    pub fn kept_bytes(&self) -> u64 {
+        self.tensors.borrow().values().map(tensor_bytes).sum()
+    }
+}
+
 /// Draws the parameters of one module, named by their vendor path (`mlp.gate_proj.weight`).
 #[derive(Clone, Debug)]
 pub(crate) struct Init {
     setup: Setup,
     kind: Kind,
     prefix: String,
+    /// Parameters shared with the modules built before and after this one, if any.
+    cache: Option<Rc<WeightCache>>,
 }
 
 impl Init {
@@ -126,6 +212,16 @@ impl Init {
             setup: *setup,
             kind: kind_of(dtype)?,
             prefix: String::new(),
+            cache: None,
+        })
+    }
+
+    /// [`Init::new`], handing out the parameters `cache` holds and keeping what it draws
+    /// there.
+    pub(crate) fn sharing(setup: &Setup, dtype: Dtype, cache: Rc<WeightCache>) -> Result<Init> {
+        Ok(Init {
+            cache: Some(cache),
+            ..Init::new(setup, dtype)?
         })
     }
 
@@ -135,21 +231,40 @@ impl Init {
             setup: self.setup,
             kind: self.kind,
             prefix: format!("{}{name}.", self.prefix),
+            cache: self.cache.clone(),
         }
     }
 
     /// `shift + scale · N(0, 1)` values for the parameter `name` of `shape`, drawn on the
-    /// module's device and cast to its dtype.
+    /// module's device and cast to its dtype (or handed out by the cache, which drew the
+    /// same).
     fn draw(&self, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
-        let t = seeded_affine_on(
-            self.setup.device,
-            self.setup.seed,
-            &format!("{}{name}", self.prefix),
-            shape,
-            scale,
-            shift,
-        )?;
-        Ok(t.f_to_kind(self.kind)?)
+        let full = format!("{}{name}", self.prefix);
+        let draw = || -> Result<Tensor> {
+            let t = seeded_affine_on(
+                self.setup.device,
+                self.setup.seed,
+                &full,
+                shape,
+                scale,
+                shift,
+            )?;
+            Ok(t.f_to_kind(self.kind)?)
+        };
+        match &self.cache {
+            None => draw(),
+            Some(cache) => {
+                let key = DrawKey {
+                    name: full.clone(),
+                    shape: shape.to_vec(),
+                    affine: (scale.to_bits(), shift.to_bits()),
+                    kind: self.kind,
+                    device: self.setup.device,
+                    seed: self.setup.seed,
+                };
+                cache.get_or_draw(key, draw)
+            }
+        }
     }
 
     /// A linear weight `[out, in]` with standard deviation 1/√in, so that activations

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::time::Instant;
 
 use modelmeter::conventions::{convention, is_fused_attention};
@@ -11,8 +12,8 @@ use modelmeter::layers::AttentionImpl;
 use modelmeter::layers::ATTENTION_CORE_ROLE;
 use modelmeter::Cost;
 use modelmeter::{ModelConfig, Workload};
-use modelmeter_reference::harness::{run_layer, run_layer_in_profiler_range, LayerRun, ModuleKind};
-use modelmeter_reference::Setup;
+use modelmeter_reference::harness::{LayerRun, ModuleKind, Prepared};
+use modelmeter_reference::{Setup, WeightCache};
 
 use crate::check::{Check, EXACT};
 use crate::compare::{compare, compare_flops, worst, CounterBlindSpot, MetricRow, Status};
@@ -21,30 +22,85 @@ use crate::pairing::Pairing;
 use crate::plan::Plan;
 use crate::results::{LayerResult, Progress};
 
-/// How a layer's reference module is run (built, prepared, counted).
+/// How a layer's reference module is run (built, prepared, counted), with the weights a
+/// cache may hand out.
 type RunLayer = fn(
     ModuleKind,
     &ModelConfig,
     &Workload,
     AttentionImpl,
     &Setup,
+    Option<Rc<WeightCache>>,
 ) -> modelmeter_reference::Result<LayerRun>;
 
-/// Verifies every layer of the plan.
+fn run_counted(
+    kind: ModuleKind,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    setup: &Setup,
+    weights: Option<Rc<WeightCache>>,
+) -> modelmeter_reference::Result<LayerRun> {
+    Prepared::with_weights(kind, config, workload, attention, setup, weights)?.run()
+}
+
+fn run_in_range(
+    kind: ModuleKind,
+    config: &ModelConfig,
+    workload: &Workload,
+    attention: AttentionImpl,
+    setup: &Setup,
+    weights: Option<Rc<WeightCache>>,
+) -> modelmeter_reference::Result<LayerRun> {
+    Prepared::with_weights(kind, config, workload, attention, setup, weights)?
+        .run_in_profiler_range()
+}
+
+/// Verifies every layer of the plan. On the CPU, where drawing weights is most of a
+/// run's time, a module's parameters are handed to the next one that draws the same
+/// ([`WeightCache`]; the layers then run in [`sharing_order`], the results stay in the
+/// plan's order). On a GPU the weights are drawn by kernels and each layer builds its own.
 pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
-    verify_with(plan, run_layer, progress)
+    let share = plan.device == tch::Device::Cpu;
+    verify_with(plan, run_counted, share, progress)
 }
 
 /// [`verify`] with each layer's counted forward as one profiler range, after a warm-up
-/// forward (`--hardware-counters-child`, under `ncu --replay-mode range`).
+/// forward (`--hardware-counters-child`, under `ncu --replay-mode range`); every layer
+/// builds its own weights, in the plan's order.
 pub fn verify_in_profiler_ranges(
     plan: &Plan,
     progress: &mut dyn FnMut(Progress),
 ) -> Vec<LayerResult> {
-    verify_with(plan, run_layer_in_profiler_range, progress)
+    verify_with(plan, run_in_range, false, progress)
 }
 
-fn verify_with(plan: &Plan, run: RunLayer, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
+/// The order that lets consecutive layers share parameters: the norm, the gate, the MoE
+/// and the MoE decoder layer (the gate's and the experts' weights), the attention, the
+/// dense decoder layer (its attention's) and the MLP (the dense layer's `mlp`). Indexes
+/// into the plan's layers; the sort is stable.
+pub fn sharing_order(plan: &Plan) -> Vec<usize> {
+    let rank = |p: &Pairing| match p.module(&plan.config) {
+        Ok(ModuleKind::RmsNorm) => 0,
+        Ok(ModuleKind::MoEGate) => 1,
+        Ok(ModuleKind::MoE) => 2,
+        Ok(kind @ ModuleKind::DecoderLayer(_)) if kind.has_experts(&plan.config) => 3,
+        Ok(ModuleKind::Attention) => 4,
+        Ok(ModuleKind::DecoderLayer(_)) => 5,
+        Ok(ModuleKind::Mlp) => 6,
+        _ => 7,
+    };
+    let mut order: Vec<usize> = (0..plan.layers.len()).collect();
+    order.sort_by_key(|&i| rank(&plan.layers[i]));
+    order
+}
+
+fn verify_with(
+    plan: &Plan,
+    run: RunLayer,
+    share: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Vec<LayerResult> {
     if let Some((op, factor)) = plan.hooks.scaled_matmul {
         let unscaled = Plan {
             hooks: TestHooks {
@@ -54,28 +110,50 @@ fn verify_with(plan: &Plan, run: RunLayer, progress: &mut dyn FnMut(Progress)) -
             ..plan.clone()
         };
         return modelmeter::conventions::scratch::with_scaled_matmul(op, factor, || {
-            verify_with(&unscaled, run, progress)
+            verify_with(&unscaled, run, share, progress)
         });
     }
     let total = plan.layers.len();
-    let mut results = Vec::with_capacity(total);
-    for (index, pairing) in plan.layers.iter().enumerate() {
+    let order = if share {
+        sharing_order(plan)
+    } else {
+        (0..total).collect()
+    };
+    let cache = share.then(|| Rc::new(WeightCache::new()));
+    let mut results: Vec<Option<LayerResult>> = vec![None; total];
+    for (step, &at) in order.iter().enumerate() {
+        let pairing = plan.layers[at];
         let name = pairing.name_for(&plan.config, plan.workload.mla, plan.attention);
-        progress(Progress::Started { index, total, name });
+        progress(Progress::Started {
+            index: step,
+            total,
+            name,
+        });
         let start = Instant::now();
-        let mut result = verify_layer(*pairing, plan, run);
+        let mut result = verify_layer(pairing, plan, run, cache.clone());
+        if let Some(cache) = &cache {
+            let next = order
+                .get(step + 1)
+                .and_then(|&i| plan.layers[i].module(&plan.config).ok());
+            cache.finish_module(|name| next.is_some_and(|k| k.may_draw(&plan.config, name)));
+        }
         result.seconds = start.elapsed().as_secs_f64();
         progress(Progress::Finished {
-            index,
+            index: step,
             total,
             result: &result,
         });
-        results.push(result);
+        results[at] = Some(result);
     }
-    results
+    results.into_iter().flatten().collect()
 }
 
-fn verify_layer(pairing: Pairing, plan: &Plan, run_layer: RunLayer) -> LayerResult {
+fn verify_layer(
+    pairing: Pairing,
+    plan: &Plan,
+    run_layer: RunLayer,
+    weights: Option<Rc<WeightCache>>,
+) -> LayerResult {
     let name = pairing
         .name_for(&plan.config, plan.workload.mla, plan.attention)
         .to_string();
@@ -98,7 +176,14 @@ fn verify_layer(pairing: Pairing, plan: &Plan, run_layer: RunLayer) -> LayerResu
     };
     let run = catch_unwind(AssertUnwindSafe(|| {
         plan.hooks.injected_error(&name)?;
-        run_layer(module, &plan.config, &plan.workload, plan.attention, &setup)
+        run_layer(
+            module,
+            &plan.config,
+            &plan.workload,
+            plan.attention,
+            &setup,
+            weights,
+        )
     }));
     let compared = Instant::now();
     let mut result = match run {
@@ -535,6 +620,37 @@ mod tests {
     use super::*;
     use modelmeter::layers::AttentionImpl;
     use modelmeter::{ModelConfig, Workload};
+
+    #[test]
+    fn layers_that_share_weights_run_next_to_each_other() {
+        let config = ModelConfig::deepseek_ocr();
+        let plan = Plan {
+            layers: crate::pairing::REGISTRY.to_vec(),
+            config,
+            workload: Workload::prefill(1, 8).unwrap(),
+            attention: AttentionImpl::Sdpa,
+            device: tch::Device::Cpu,
+            tolerance: 0.05,
+            seed: 0,
+            hooks: Default::default(),
+        };
+        let names: Vec<&str> = sharing_order(&plan)
+            .into_iter()
+            .map(|i| plan.layers[i].name(AttentionImpl::Sdpa))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "DeepseekV2RMSNorm",
+                "MoEGate",
+                "DeepseekV2MoE",
+                "DeepseekV2DecoderLayer_moe",
+                "LlamaFlashAttention2",
+                "DeepseekV2DecoderLayer_dense",
+                "DeepseekV2MLP"
+            ]
+        );
+    }
 
     /// A measured run whose only counted op is the attention kernel `kernel`.
     fn run_with_kernel(kernel: &str) -> LayerRun {
