@@ -1,15 +1,20 @@
 //! Benchmarks of the verify path (not timed tests): run with `scripts/bench`, or
 //! `cargo bench -p modelmeter-verify --bench verify`.
 //!
-//! Prints, and writes to `target/bench/verify-<unix time>.json` for later comparison:
+//! Prints, and writes to `target/bench/verify-<unix time>.json` for later comparison
+//! (`BENCH_PARTS=layers,analytic,process` picks the parts; all by default):
 //! - per layer of the default workload (DeepSeek-OCR, B=1, S=512, fp32 on the CPU, or
 //!   `BENCH_DEVICE=cuda:0` with bf16): plain vs counted forward time, interleaved
 //!   (median and min–max over `BENCH_ROUNDS`, default 7), their ratio, and the ops the
 //!   counter saw and recorded;
 //! - analytic evaluations per second: one decoder layer's `metrics()`, the whole stack,
 //!   and a 512-token generation;
-//! - the whole `verify-decoder` process at the default workload (release build): wall
-//!   time and peak resident memory of the child process.
+//! - the whole `verify-decoder` process at the default workload (release build), run
+//!   `BENCH_PROCESS_ROUNDS` times (default 3): wall time, peak resident memory, and its
+//!   phases (`--timings`: libtorch loading, setup, module builds, forwards, analytic,
+//!   comparison); interleaved with the same layers the Python way
+//!   (`scripts/flopcounter-baseline.py`: transformers' modules under torch's
+//!   FlopCounterMode) when the `.venv` has transformers, and the ratio of the two.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -174,7 +179,7 @@ fn analytic() -> Value {
     json!({"decoder_layer_per_s": one_layer, "decoder_layer_cost_tree_per_s": one_layer_tree, "stack_per_s": stack, "generation_512_per_s": generations})
 }
 
-/// Peak resident memory of terminated children, in bytes.
+/// Peak resident memory of terminated children, in bytes (the largest so far).
 fn children_peak_rss() -> u64 {
     // SAFETY: getrusage fills the zeroed struct we pass; no other invariants.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -182,7 +187,40 @@ fn children_peak_rss() -> u64 {
     (usage.ru_maxrss as u64) * 1024
 }
 
-fn whole_process() -> Value {
+/// One child process: wall seconds, exit code, and the JSON it wrote to `json` (if any).
+fn time_child(mut command: Command, json: &std::path::Path) -> (f64, Option<i32>, Value) {
+    let _ = std::fs::remove_file(json);
+    let start = Instant::now();
+    let status = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let wall = start.elapsed().as_secs_f64();
+    let written = std::fs::read_to_string(json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    (wall, status.ok().and_then(|s| s.code()), written)
+}
+
+/// The Python way: transformers' modules under torch's FlopCounterMode
+/// (`scripts/flopcounter-baseline.py`), when the `.venv` has transformers.
+fn python_baseline(root: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let python = root.join(".venv/bin/python");
+    let script = root.join("scripts/flopcounter-baseline.py");
+    let has_transformers = Command::new(&python)
+        .args(["-c", "import transformers"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (has_transformers && script.exists()).then_some((python, script))
+}
+
+/// The whole default `verify-decoder --device cpu` process, `rounds` times, interleaved
+/// with the Python way when it can run: wall time (median, min–max), peak RSS, and the
+/// phases `--timings` reports.
+fn whole_process(rounds: usize) -> Value {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let binary = root.join("target/release/verify-decoder");
     if !binary.exists() {
@@ -192,19 +230,80 @@ fn whole_process() -> Value {
         );
         return Value::Null;
     }
-    let start = Instant::now();
-    let status = Command::new(&binary)
-        .args(["--device", "cpu", "--quiet"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("verify-decoder runs");
-    let wall = start.elapsed().as_secs_f64();
-    let rss = children_peak_rss();
+    let python = python_baseline(&root);
+    let dir = std::env::temp_dir().join(format!("modelmeter-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let (ours_json, theirs_json) = (dir.join("verify.json"), dir.join("baseline.json"));
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut phases, mut baseline_phases, mut exit) = (Value::Null, Value::Null, None);
     println!(
-        "\nwhole verify-decoder --device cpu (default workload): {wall:.2} s, peak RSS {} ({status})",
-        modelmeter::units::bytes(rss)
+        "\nwhole process, the default workload on the CPU, {rounds} interleaved rounds{}:",
+        if python.is_some() {
+            " (verify-decoder, then the FlopCounterMode way)"
+        } else {
+            " (no transformers in .venv: the FlopCounterMode way is skipped)"
+        }
     );
-    json!({"wall_s": wall, "peak_rss_bytes": rss, "exit": status.code()})
+    let mut peak_rss = 0;
+    for _ in 0..rounds {
+        let mut command = Command::new(&binary);
+        command.args(["--device", "cpu", "--quiet", "--timings", "--json"]);
+        command.arg(&ours_json);
+        let (wall, code, json) = time_child(command, &ours_json);
+        // RUSAGE_CHILDREN keeps the largest child's peak: read it before Python runs.
+        peak_rss = peak_rss.max(children_peak_rss());
+        ours.push(wall);
+        exit = code;
+        phases = json.get("timings").cloned().unwrap_or(Value::Null);
+        if let Some((python, script)) = &python {
+            let mut command = Command::new(python);
+            command.arg(script).arg("--json").arg(&theirs_json);
+            let (wall, _, json) = time_child(command, &theirs_json);
+            theirs.push(wall);
+            baseline_phases = json;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let (om, omin, omax) = median_and_spread(ours);
+    println!(
+        "  verify-decoder           {om:>6.2} s ({omin:.2}–{omax:.2}), peak RSS {} (exit {exit:?})",
+        modelmeter::units::bytes(peak_rss)
+    );
+    if let Some(layers) = phases.get("layers").and_then(Value::as_array) {
+        let sum = |key: &str| -> f64 {
+            layers
+                .iter()
+                .filter_map(|l| l.get(key).and_then(Value::as_f64))
+                .sum()
+        };
+        let get = |key: &str| phases.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        println!(
+            "    phases (last round): before main {:.2} · setup {:.2} · build {:.2} · prepare {:.2} · forwards {:.2} · analytic {:.3} · compare {:.3} s",
+            get("before_main_s"),
+            get("setup_s"),
+            sum("build_s"),
+            sum("prepare_s"),
+            sum("forward_s"),
+            sum("analytic_s"),
+            sum("compare_s")
+        );
+    }
+    let mut out = json!({
+        "wall_s": {"median": om, "min": omin, "max": omax},
+        "peak_rss_bytes": peak_rss, "exit": exit, "phases": phases,
+    });
+    if !theirs.is_empty() {
+        let (tm, tmin, tmax) = median_and_spread(theirs);
+        println!(
+            "  FlopCounterMode way      {tm:>6.2} s ({tmin:.2}–{tmax:.2}); verify-decoder / it = {:.3} (target ≤ 0.25)",
+            om / tm
+        );
+        out["flop_counter_mode"] = json!({
+            "wall_s": {"median": tm, "min": tmin, "max": tmax},
+            "ratio": om / tm, "report": baseline_phases,
+        });
+    }
+    out
 }
 
 fn main() {
@@ -213,9 +312,29 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .filter(|r| *r > 0)
         .unwrap_or(7);
-    let layers = layers(rounds);
-    let analytic = analytic();
-    let process = whole_process();
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "layers,analytic,process".into());
+    let wants = |part: &str| parts.split(',').any(|p| p.trim() == part);
+    let layers = if wants("layers") {
+        Value::Array(layers(rounds))
+    } else {
+        Value::Null
+    };
+    let analytic = if wants("analytic") {
+        analytic()
+    } else {
+        Value::Null
+    };
+    let process = if wants("process") {
+        whole_process(
+            std::env::var("BENCH_PROCESS_ROUNDS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .filter(|r| *r > 0)
+                .unwrap_or(3),
+        )
+    } else {
+        Value::Null
+    };
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
