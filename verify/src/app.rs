@@ -33,6 +33,7 @@ const EXAMPLES: &str = "Examples:
   verify-decoder --sweep 50 --seed 7               # 50 random configs and workloads
   verify-decoder --device cpu --model --num-layers 2 --seq-len 64 --new-tokens 8   # the whole model: prefill + 8 decode steps
   verify-decoder --device cuda:0 --hardware-counters --ncu-dir ncu-out   # + Nsight Compute's counters per layer
+  verify-decoder --device cpu --quiet --timings    # where the wall time goes, phase by phase
 
 Statuses: pass (rel diff <= tolerance), fail, known_gap (a flops row off by exactly the
 elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's), error
