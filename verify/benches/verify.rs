@@ -278,9 +278,9 @@ fn whole_process(rounds: usize) -> Value {
         };
         let get = |key: &str| phases.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN);
         println!(
-            "    phases (last round): before main {:.2} · setup {:.2} · build {:.2} · prepare {:.2} · forwards {:.2} · analytic {:.3} · compare {:.3} s",
+            "    phases (last round): before main {:.2} · setup and freeing {:.2} · build {:.2} · prepare {:.2} · forwards {:.2} · analytic {:.3} · compare {:.3} s",
             get("before_main_s"),
-            get("setup_s"),
+            get("other_s"),
             sum("build_s"),
             sum("prepare_s"),
             sum("forward_s"),

@@ -3,7 +3,8 @@
 //! JSON report). Wall time is never asserted on in tests.
 //!
 //! Phases: before `main` (loading libtorch and running its static initializers, from the
-//! process's start time in `/proc/self/stat`), setup (options, device, plan), then per
+//! process's start time in `/proc/self/stat`), setup and the freeing of each module after
+//! its layer (options, device, plan; memory handed back), then per
 //! layer the analytic cost, building the module (drawing its weights), preparing its
 //! inputs (and a decode step's cache), the counted forward, and the comparison; the
 //! reports last (only on standard error: the JSON is written before they end).
@@ -75,8 +76,9 @@ pub struct LayerPhases {
 pub struct Phases {
     /// Before `main`: the dynamic loader and libtorch's static initializers.
     pub before_main_s: Option<f64>,
-    /// From `main` to the first layer: options, device, plan.
-    pub setup_s: f64,
+    /// The rest of `main` up to the end of the last layer: options, device and plan
+    /// before the first layer, and between layers freeing the last module's memory.
+    pub other_s: f64,
     pub layers: Vec<LayerPhases>,
     /// From `main` to the end of the last layer.
     pub main_to_layers_end_s: f64,
@@ -90,7 +92,7 @@ impl Phases {
         let in_layers: f64 = layers.iter().map(|l| total(&l.timings)).sum();
         Phases {
             before_main_s: main_mark().1,
-            setup_s: (main_to_layers_end_s - in_layers).max(0.0),
+            other_s: (main_to_layers_end_s - in_layers).max(0.0),
             layers,
             main_to_layers_end_s,
             peak_rss_bytes: peak_rss_bytes(),
@@ -136,8 +138,8 @@ impl Phases {
             None => "unknown".into(),
         };
         out.push_str(&format!(
-            "  before main (libtorch loading) {before_text} · setup {:.3} · layers {:.3} · reports {reports_s:.3} · total {:.2}",
-            self.setup_s,
+            "  before main (libtorch loading) {before_text} · setup and freeing {:.3} · layers {:.3} · reports {reports_s:.3} · total {:.2}",
+            self.other_s,
             total(&sum),
             before + self.main_to_layers_end_s + reports_s
         ));
@@ -179,7 +181,7 @@ mod tests {
         };
         let phases = Phases {
             before_main_s: Some(1.0),
-            setup_s: 0.0,
+            other_s: 0.0,
             layers: vec![
                 LayerPhases {
                     layer: "A".into(),
