@@ -35,6 +35,7 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
 use crate::checked::{product, sum};
@@ -653,9 +654,31 @@ pub const OPS: &[OpConvention] = &[
     composite("aten::_convolution_mode"),
 ];
 
+/// A hasher for the op-name index: every op call of an analytic layer looks its name up,
+/// so the lookup hashes 8 bytes a step (FxHash's mixing) instead of SipHash's rounds; the
+/// keys are the table's own names, never adversarial.
+#[derive(Default)]
+struct OpNameHasher(u64);
+
+impl Hasher for OpNameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// The convention for `op`; in-place variants (`aten::mul_`) fall back to their op.
 pub fn convention(op: &str) -> Option<&'static OpConvention> {
-    static INDEX: OnceLock<HashMap<&'static str, &'static OpConvention>> = OnceLock::new();
+    type Index = HashMap<&'static str, &'static OpConvention, BuildHasherDefault<OpNameHasher>>;
+    static INDEX: OnceLock<Index> = OnceLock::new();
     let index = INDEX.get_or_init(|| OPS.iter().map(|c| (c.op, c)).collect());
     index
         .get(op)
