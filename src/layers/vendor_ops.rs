@@ -1,7 +1,8 @@
 //! The ATen calls that recur across the vendor modules, each written once.
 
 use crate::checked::product;
-use crate::conventions::{broadcast, Arg, TensorMeta};
+use crate::conventions::{Arg, TensorMeta};
+use crate::shape::{broadcast, Shape};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::metrics::CostBuilder;
@@ -83,7 +84,7 @@ impl CostBuilder {
         inputs: &[&TensorMeta],
         out_dtype: Dtype,
     ) -> Result<TensorMeta> {
-        let mut shape: Vec<u64> = Vec::new();
+        let mut shape = Shape::default();
         for x in inputs {
             shape = broadcast(&shape, &x.shape)
                 .ok_or_else(|| Error::op_shape(op, format!("{:?} does not broadcast", x.shape)))?;
