@@ -54,7 +54,7 @@ use crate::shape::{broadcast, Shape};
 pub struct TensorMeta {
     pub shape: Shape,
     pub dtype: Dtype,
-    storage: Option<StorageId>,
+    pub(crate) storage: Option<StorageId>,
 }
 
 /// Which allocation of which cost builder holds a tensor (see [`TensorMeta`]).

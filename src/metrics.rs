@@ -1,5 +1,7 @@
 //! Exact per-call metrics and the cost tree that composite layers are made of.
 
+use std::fmt::Display;
+
 use serde::Serialize;
 
 use crate::allocator::cuda_round_size;
@@ -307,14 +309,18 @@ impl CostBuilder {
     /// tensors it allocates (for byte metrics). FLOPs come from the conventions table.
     /// Returns the outputs, each held by its allocation (a view's or an in-place op's by
     /// its first tensor argument's), to be released where the vendor code drops them.
-    pub fn op(
+    ///
+    /// `role` names the call in the per-op tree; it is only formatted when the tree is
+    /// kept (not inside [`sums_only`]), so a `format_args!` costs nothing in a sweep.
+    pub fn op<const N: usize>(
         &mut self,
-        role: &str,
+        role: impl Display,
         op: &'static str,
         inputs: &[Arg],
-        outputs: &[TensorMeta],
-    ) -> Result<Vec<TensorMeta>> {
-        self.op_with_host_outputs(role, op, inputs, outputs, &[])
+        mut outputs: [TensorMeta; N],
+    ) -> Result<[TensorMeta; N]> {
+        self.record(&role, op, inputs, &mut outputs, &[])?;
+        Ok(outputs)
     }
 
     /// Records an op call that also writes `host` tensors in host memory while it runs
@@ -323,12 +329,26 @@ impl CostBuilder {
     /// neither `activation_bytes` nor the CUDA blocks include them.
     pub fn op_with_host_outputs(
         &mut self,
-        role: &str,
+        role: impl Display,
         op: &'static str,
         inputs: &[Arg],
-        outputs: &[TensorMeta],
+        mut outputs: Vec<TensorMeta>,
         host: &[TensorMeta],
     ) -> Result<Vec<TensorMeta>> {
+        self.record(&role, op, inputs, &mut outputs, host)?;
+        Ok(outputs)
+    }
+
+    /// The one body of [`CostBuilder::op`] and [`CostBuilder::op_with_host_outputs`]:
+    /// costs the call and sets each output's allocation in place.
+    fn record(
+        &mut self,
+        role: &dyn Display,
+        op: &'static str,
+        inputs: &[Arg],
+        outputs: &mut [TensorMeta],
+        host: &[TensorMeta],
+    ) -> Result<()> {
         let conv =
             convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         let OpCost {
@@ -348,9 +368,8 @@ impl CostBuilder {
         // of its own) or works in place (it returns its argument).
         let allocates = !(matches!(conv.rule, Rule::View | Rule::Composite) || is_in_place(op));
         let (mut activation_bytes, mut cuda_activation_bytes) = (0, 0);
-        let mut held = Vec::with_capacity(outputs.len());
         if allocates {
-            for t in outputs {
+            for t in outputs.iter_mut() {
                 let bytes = t.bytes()?;
                 let block = cuda_round_size(bytes, 0)
                     .ok_or_else(|| Error::overflow(format!("the CUDA block of {op}")))?;
@@ -358,12 +377,11 @@ impl CostBuilder {
                 cuda_activation_bytes =
                     sum("CUDA activation blocks", &[cuda_activation_bytes, block])?;
                 // An empty tensor allocates nothing and holds nothing.
-                let storage = if bytes == 0 {
+                t.storage = if bytes == 0 {
                     None
                 } else {
                     Some(self.liveness.allocate([bytes, block])?)
                 };
-                held.push(t.clone().held_by(storage));
             }
         } else {
             // A view or an in-place op's result is its first tensor argument's memory; a
@@ -378,7 +396,9 @@ impl CostBuilder {
                     })
                     .flatten(),
             };
-            held.extend(outputs.iter().map(|t| t.clone().held_by(base)));
+            for t in outputs.iter_mut() {
+                t.storage = base;
+            }
         }
         let metrics = Metrics {
             matmul_flops,
@@ -390,8 +410,7 @@ impl CostBuilder {
             ..Metrics::default()
         };
         if self.sums_only {
-            self.add(&metrics, cuda_activation_bytes)?;
-            return Ok(held);
+            return self.add(&metrics, cuda_activation_bytes);
         }
         self.push(Cost {
             name: role.to_string(),
@@ -402,14 +421,13 @@ impl CostBuilder {
             cuda_peak: Peak::default(),
             returned: Vec::new(),
             children: Vec::new(),
-        })?;
-        Ok(held)
+        })
     }
 
     /// Records an op call that hands back its input unchanged (`contiguous()` of a
     /// tensor already contiguous): dispatched, but it computes, moves and allocates
     /// nothing.
-    pub fn returns_input(&mut self, role: &str, op: &'static str) -> Result<()> {
+    pub fn returns_input(&mut self, role: impl Display, op: &'static str) -> Result<()> {
         convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         if self.sums_only {
             return Ok(());
@@ -556,23 +574,13 @@ mod tests {
             "proj",
             "aten::mm",
             &[Arg::Tensor(x.clone()), Arg::Tensor(w.clone())],
-            std::slice::from_ref(&y),
+            [y.clone()],
         )
         .unwrap();
-        b.op(
-            "act",
-            "aten::silu",
-            &[Arg::Tensor(y.clone())],
-            std::slice::from_ref(&y),
-        )
-        .unwrap();
-        b.op(
-            "view",
-            "aten::view",
-            &[Arg::Tensor(y.clone())],
-            std::slice::from_ref(&y),
-        )
-        .unwrap();
+        b.op("act", "aten::silu", &[Arg::Tensor(y.clone())], [y.clone()])
+            .unwrap();
+        b.op("view", "aten::view", &[Arg::Tensor(y.clone())], [y.clone()])
+            .unwrap();
         b.weights(256).unwrap();
         let c = b.finish();
         assert_eq!(c.metrics.matmul_flops, 2 * 4 * 8 * 16);
@@ -589,7 +597,7 @@ mod tests {
     #[test]
     fn unknown_ops_are_errors_not_zeros() {
         let mut b = CostBuilder::new("demo", false);
-        assert!(b.op("x", "aten::made_up", &[], &[]).is_err());
+        assert!(b.op("x", "aten::made_up", &[], []).is_err());
     }
 
     #[test]

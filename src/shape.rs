@@ -163,7 +163,10 @@ mod tests {
 
     #[test]
     fn broadcast_follows_pytorch() {
-        assert_eq!(broadcast(&[2, 1, 4], &[3, 1]).as_deref(), Some(&[2, 3, 4][..]));
+        assert_eq!(
+            broadcast(&[2, 1, 4], &[3, 1]).as_deref(),
+            Some(&[2, 3, 4][..])
+        );
         assert_eq!(broadcast(&[], &[5]).as_deref(), Some(&[5][..]));
         assert_eq!(broadcast(&[2], &[3]), None);
         let long = [1; 10];

@@ -26,7 +26,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::rotary_embedding::LlamaRotaryEmbedding;
 use crate::layers::sdpa_kernel::SdpaKernel;
-use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::{Phase, Workload};
@@ -160,7 +160,7 @@ impl LlamaAttention {
                 return Ok(x.clone());
             }
             b.copy(
-                &format!("pad {name} to head dim {padded}"),
+                format_args!("pad {name} to head dim {padded}"),
                 "aten::constant_pad_nd",
                 &[x],
                 with_last(x, padded),
@@ -171,7 +171,7 @@ impl LlamaAttention {
         // The kernel's result is its first output (sliced back when padded); the padded
         // inputs and the side outputs are freed when SDPA returns.
         let written = b.op_with_host_outputs(
-            &format!("scaled_dot_product_attention ({})", kernel.label()),
+            format_args!("scaled_dot_product_attention ({})", kernel.label()),
             op,
             &[
                 arg(&q),
@@ -180,7 +180,7 @@ impl LlamaAttention {
                 Arg::Float(0.0),
                 Arg::Bool(sq > 1),
             ],
-            &outputs.device,
+            outputs.device,
             &outputs.host,
         )?;
         b.returns(&[&written[0]]);
@@ -246,13 +246,13 @@ impl LlamaAttention {
         // KV head, the mul writes every head densely, so it folds like a copied k.
         let k_scaled_folds = kv_folds || self.heads != self.kv_heads;
         let k_copy = b.matmul_copy("matmul: kᵀ contiguous", &k_scaled, !k_scaled_folds)?;
-        let scores = single(b.op(
+        let [scores] = b.op(
             "q @ kᵀ",
             "aten::bmm",
             &[arg(&t(&[bh, sq, d], dtype)), arg(&t(&[bh, d, skv], dtype))],
-            &[t(&[bh, sq, skv], dtype)],
-        )?)?
-        .viewed_as(&[batch, heads, sq, skv]);
+            [t(&[bh, sq, skv], dtype)],
+        )?;
+        let scores = scores.viewed_as(&[batch, heads, sq, skv]);
         // `matmul`'s contiguous copies, and its argument kᵀ·√scale, go when it returns.
         for copy in [&q_copy, &k_copy].into_iter().flatten() {
             b.release(&[copy])?;
@@ -261,24 +261,24 @@ impl LlamaAttention {
         if let Some(mask) = &mask {
             b.elementwise("+= causal mask", "aten::add_", &[&scores, mask], dtype)?;
         }
-        let probs = single(b.op(
+        let [probs] = b.op(
             "_safe_softmax: softmax",
             "aten::softmax",
             &[arg(&scores), Arg::Int(-1)],
-            &[t(&scores.shape, dtype)],
-        )?)?;
+            [t(&scores.shape, dtype)],
+        )?;
         let neg_inf = b.elementwise(
             "_safe_softmax: isneginf",
             "aten::isneginf",
             &[&probs],
             Dtype::Bool,
         )?;
-        let all_masked = single(b.op(
+        let [all_masked] = b.op(
             "_safe_softmax: all(-1)",
             "aten::all",
             &[arg(&neg_inf), Arg::Int(-1), Arg::Bool(true)],
-            &[t(&[batch, heads, sq, 1], Dtype::Bool)],
-        )?)?;
+            [t(&[batch, heads, sq, 1], Dtype::Bool)],
+        )?;
         let zero = b.copy(
             "_safe_softmax: scalar_tensor(0)",
             "aten::scalar_tensor",
@@ -299,7 +299,7 @@ impl LlamaAttention {
                 arg(&t(&[bh, sq, skv], dtype)),
                 arg(&t(&[bh, skv, v.shape[3]], dtype)),
             ],
-            &[t(&[bh, sq, d], dtype)],
+            [t(&[bh, sq, d], dtype)],
         )?;
         if let Some(copy) = &v_copy {
             b.release(&[copy])?;
@@ -383,13 +383,13 @@ impl LlamaAttention {
                 // `matmul`'s contiguous copies are its temporaries.
                 let q_copy = b.matmul_copy("matmul: q contiguous", q, !self.q_folds())?;
                 let k_copy = b.matmul_copy("matmul: kᵀ contiguous", &kt(k), !kv_folds)?;
-                let scores = single(b.op(
+                let [scores] = b.op(
                     "q @ kᵀ",
                     "aten::bmm",
                     &[arg(&t(&[bh, sq, d], dtype)), arg(&t(&[bh, d, skv], dtype))],
-                    &[t(&[bh, sq, skv], dtype)],
-                )?)?
-                .viewed_as(&[batch, heads, sq, skv]);
+                    [t(&[bh, sq, skv], dtype)],
+                )?;
+                let scores = scores.viewed_as(&[batch, heads, sq, skv]);
                 for copy in [&q_copy, &k_copy].into_iter().flatten() {
                     b.release(&[copy])?;
                 }
@@ -399,25 +399,25 @@ impl LlamaAttention {
                 let masked =
                     b.elementwise("+ causal_mask", "aten::add", &[&scaled, &mask], dtype)?;
                 b.release(&[&scaled])?;
-                let probs32 = single(b.op(
+                let [probs32] = b.op(
                     "softmax(float32)",
                     "aten::softmax",
                     &[arg(&masked), Arg::Int(-1), Arg::Other("ScalarType".into())],
-                    &[t(&masked.shape, Dtype::F32)],
-                )?)?;
+                    [t(&masked.shape, Dtype::F32)],
+                )?;
                 let probs = b.cast("softmax.to(q.dtype)", &probs32, dtype)?;
                 b.release_unless_same(&probs32, &probs)?;
                 b.release(&[&masked])?;
                 let v_copy = b.matmul_copy("matmul: v contiguous", v, !kv_folds)?;
-                let out = single(b.op(
+                let [out] = b.op(
                     "attn @ v",
                     "aten::bmm",
                     &[
                         arg(&t(&[bh, sq, skv], dtype)),
                         arg(&t(&[bh, skv, d], dtype)),
                     ],
-                    &[t(&[bh, sq, d], dtype)],
-                )?)?;
+                    [t(&[bh, sq, d], dtype)],
+                )?;
                 if let Some(copy) = &v_copy {
                     b.release(&[copy])?;
                 }

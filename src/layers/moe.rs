@@ -24,7 +24,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::mlp::DeepseekV2MLP;
 use crate::layers::moe_gate::MoEGate;
-use crate::layers::vendor_ops::{arg, bytes_of, single, t};
+use crate::layers::vendor_ops::{arg, bytes_of, t};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::{Platform, Workload};
@@ -172,7 +172,7 @@ impl Layer for DeepseekV2MoE {
             &[&counts, &ids],
             counts.clone(),
         )?;
-        let per_expert = single(b.op(
+        let [per_expert] = b.op(
             "tokens_per_expert = cnts.sum(0)",
             "aten::sum",
             &[
@@ -181,8 +181,8 @@ impl Layer for DeepseekV2MoE {
                 Arg::Bool(false),
                 Arg::None,
             ],
-            &[t(&[experts], Dtype::I64)],
-        )?)?;
+            [t(&[experts], Dtype::I64)],
+        )?;
         let flat_ids = t(&[routed_rows], Dtype::I64);
         let idxs = b.copy(
             "idxs = argsort",
@@ -206,7 +206,7 @@ impl Layer for DeepseekV2MoE {
                 "tokens_per_expert.cpu()",
                 "aten::to",
                 &[arg(&per_expert)],
-                &[],
+                Vec::new(),
                 std::slice::from_ref(&per_expert),
             )?;
             // `tokens_per_expert = ….cpu().numpy()` drops the device tensor.
@@ -247,7 +247,7 @@ impl Layer for DeepseekV2MoE {
             &[&as_f32, &weights],
             Dtype::F32,
         )?;
-        let combined = single(b.op(
+        let [combined] = b.op(
             "sum(dim=1)",
             "aten::sum",
             &[
@@ -256,8 +256,8 @@ impl Layer for DeepseekV2MoE {
                 Arg::Bool(false),
                 Arg::None,
             ],
-            &[t(&[tokens, hidden], Dtype::F32)],
-        )?)?;
+            [t(&[tokens, hidden], Dtype::F32)],
+        )?;
         // Temporaries of the one expression: the fp32 copy (when it is one), the sum
         // (when the cast copies it).
         b.release_unless_same(&as_f32, &new_x)?;

@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::conventions::{Arg, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::Workload;
@@ -51,7 +51,7 @@ impl DeepseekV2RMSNorm {
         let mut b = CostBuilder::new(name, self.allow_tf32);
         let x32 = b.cast("to(float32)", x, Dtype::F32)?;
         let squared = b.elementwise("pow(2)", "aten::pow", &[&x32], Dtype::F32)?;
-        let variance = single(b.op(
+        let [variance] = b.op(
             "mean(-1)",
             "aten::mean",
             &[
@@ -60,8 +60,8 @@ impl DeepseekV2RMSNorm {
                 Arg::Bool(true),
                 Arg::None,
             ],
-            &[with_last(&squared, 1)],
-        )?)?;
+            [with_last(&squared, 1)],
+        )?;
         b.release(&[&squared])?;
         let shifted = b.elementwise("+ eps", "aten::add", &[&variance], Dtype::F32)?;
         let inv = b.elementwise("rsqrt", "aten::rsqrt", &[&shifted], Dtype::F32)?;

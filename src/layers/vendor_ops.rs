@@ -1,11 +1,13 @@
 //! The ATen calls that recur across the vendor modules, each written once.
 
+use std::fmt::Display;
+
 use crate::checked::product;
 use crate::conventions::{Arg, TensorMeta};
-use crate::shape::{broadcast, Shape};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::metrics::CostBuilder;
+use crate::shape::{broadcast, Shape};
 
 /// A tensor of `shape` and `dtype`.
 pub(crate) fn t(shape: &[u64], dtype: Dtype) -> TensorMeta {
@@ -39,7 +41,7 @@ impl CostBuilder {
     /// at most 3 dimensions: `mm(x₂ᴅ, Wᵀ)` without bias, `addmm(b, x₂ᴅ, Wᵀ)` with one.
     pub(crate) fn linear(
         &mut self,
-        role: &str,
+        role: impl Display,
         x: &TensorMeta,
         out_features: u64,
         bias: bool,
@@ -52,34 +54,40 @@ impl CostBuilder {
         let x2 = t(&[rows, in_features], x.dtype);
         let weight_t = t(&[in_features, out_features], x.dtype);
         let out2 = t(&[rows, out_features], x.dtype);
-        let out = if bias {
+        let [out] = if bias {
             let b = t(&[out_features], x.dtype);
             self.op(
                 role,
                 "aten::addmm",
                 &[arg(&b), arg(&x2), arg(&weight_t)],
-                &[out2],
+                [out2],
             )?
         } else {
-            self.op(role, "aten::mm", &[arg(&x2), arg(&weight_t)], &[out2])?
+            self.op(role, "aten::mm", &[arg(&x2), arg(&weight_t)], [out2])?
         };
         // The 2-D result viewed back as `[.., out_features]`.
-        Ok(single(out)?.viewed_as(&with_last(x, out_features).shape))
+        Ok(out.viewed_as(&with_last(x, out_features).shape))
     }
 
     /// `x.to(dtype)`: a copy when the dtype changes, nothing when it does not.
-    pub(crate) fn cast(&mut self, role: &str, x: &TensorMeta, dtype: Dtype) -> Result<TensorMeta> {
+    pub(crate) fn cast(
+        &mut self,
+        role: impl Display,
+        x: &TensorMeta,
+        dtype: Dtype,
+    ) -> Result<TensorMeta> {
         if x.dtype == dtype {
             return Ok(x.clone());
         }
-        single(self.op(role, "aten::to", &[arg(x)], &[t(&x.shape, dtype)])?)
+        let [out] = self.op(role, "aten::to", &[arg(x)], [t(&x.shape, dtype)])?;
+        Ok(out)
     }
 
     /// An elementwise op over `inputs` (tensors broadcast together) plus any scalars;
     /// the result has the broadcast shape and `out_dtype`.
     pub(crate) fn elementwise(
         &mut self,
-        role: &str,
+        role: impl Display,
         op: &'static str,
         inputs: &[&TensorMeta],
         out_dtype: Dtype,
@@ -89,8 +97,10 @@ impl CostBuilder {
             shape = broadcast(&shape, &x.shape)
                 .ok_or_else(|| Error::op_shape(op, format!("{:?} does not broadcast", x.shape)))?;
         }
-        let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
-        single(self.op(role, op, &args, &[t(&shape, out_dtype)])?)
+        let [out] = with_tensor_args(inputs, |args| {
+            self.op(role, op, args, [t(&shape, out_dtype)])
+        })?;
+        Ok(out)
     }
 
     /// `x * cos + rotate_half(x) * sin` (the vendor `apply_rotary_pos_emb` body) over
@@ -103,30 +113,35 @@ impl CostBuilder {
         table: &TensorMeta,
     ) -> Result<TensorMeta> {
         let dtype = x.dtype;
-        let x_cos = self.elementwise(&format!("{name} * cos"), "aten::mul", &[x, table], dtype)?;
+        let x_cos = self.elementwise(
+            format_args!("{name} * cos"),
+            "aten::mul",
+            &[x, table],
+            dtype,
+        )?;
         let half = with_last(x, x.shape.last().copied().unwrap_or(0) / 2);
         let neg = self.elementwise(
-            &format!("-{name}2 (rotate_half)"),
+            format_args!("-{name}2 (rotate_half)"),
             "aten::neg",
             &[&half],
             dtype,
         )?;
         let rotated = self.copy(
-            &format!("cat(-{name}2, {name}1)"),
+            format_args!("cat(-{name}2, {name}1)"),
             "aten::cat",
             &[&neg, &half],
             t(&x.shape, dtype),
         )?;
         self.release(&[&neg])?;
         let rot_sin = self.elementwise(
-            &format!("rotate_half({name}) * sin"),
+            format_args!("rotate_half({name}) * sin"),
             "aten::mul",
             &[&rotated, table],
             dtype,
         )?;
         self.release(&[&rotated])?;
         let out = self.elementwise(
-            &format!("{name}_embed = + "),
+            format_args!("{name}_embed = + "),
             "aten::add",
             &[&x_cos, &rot_sin],
             dtype,
@@ -140,7 +155,7 @@ impl CostBuilder {
     /// `matmul`, for the caller to release once the `bmm` ran; `None` when it folds.
     pub(crate) fn matmul_copy(
         &mut self,
-        role: &str,
+        role: impl Display,
         x: &TensorMeta,
         copies: bool,
     ) -> Result<Option<TensorMeta>> {
@@ -154,23 +169,27 @@ impl CostBuilder {
     /// A data-movement op (`aten::cat`, `aten::index` …) reading `inputs` and writing `out`.
     pub(crate) fn copy(
         &mut self,
-        role: &str,
+        role: impl Display,
         op: &'static str,
         inputs: &[&TensorMeta],
         out: TensorMeta,
     ) -> Result<TensorMeta> {
-        let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
-        single(self.op(role, op, &args, &[out])?)
+        let [out] = with_tensor_args(inputs, |args| self.op(role, op, args, [out]))?;
+        Ok(out)
     }
 }
 
-/// The one output of an op given one.
-pub(crate) fn single(mut outputs: Vec<TensorMeta>) -> Result<TensorMeta> {
-    match outputs.len() {
-        1 => Ok(outputs.remove(0)),
-        n => Err(Error::op_shape(
-            "op",
-            format!("expected one output, found {n}"),
-        )),
+/// Calls `f` with `inputs` as tensor arguments, built on the stack for up to four (every
+/// elementwise op and copy of the layers): no allocation per op call.
+fn with_tensor_args<R>(inputs: &[&TensorMeta], f: impl FnOnce(&[Arg]) -> R) -> R {
+    const STACK: usize = 4;
+    if inputs.len() > STACK {
+        let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
+        return f(&args);
     }
+    let mut args: [Arg; STACK] = std::array::from_fn(|_| Arg::None);
+    for (slot, x) in args.iter_mut().zip(inputs) {
+        *slot = arg(x);
+    }
+    f(&args[..inputs.len()])
 }
