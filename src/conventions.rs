@@ -34,6 +34,7 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
@@ -685,6 +686,32 @@ pub fn convention(op: &str) -> Option<&'static OpConvention> {
         .get(op)
         .or_else(|| op.strip_suffix('_').and_then(|base| index.get(base)))
         .copied()
+}
+
+/// [`convention`] for an op name the program spells out (every op call of the analytic
+/// layers): each distinct string is looked up by name once per thread, and then found by
+/// its address and length, which no hashing or comparing of names needs. A string at a
+/// `'static` address never changes, so the answer is the same as [`convention`]'s.
+pub(crate) fn convention_of_static(op: &'static str) -> Option<&'static OpConvention> {
+    type Slot = Cell<Option<(usize, usize, &'static OpConvention)>>;
+    const SLOTS: usize = 128;
+    thread_local! {
+        static BY_ADDRESS: [Slot; SLOTS] = const { [const { Cell::new(None) }; SLOTS] };
+    }
+    let (address, len) = (op.as_ptr() as usize, op.len());
+    // Fibonacci hashing of the address: the top 7 bits pick one of the 128 slots.
+    let slot = (address.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> (usize::BITS - 7))
+        % SLOTS;
+    BY_ADDRESS.with(|slots| {
+        if let Some((a, l, conv)) = slots[slot].get() {
+            if (a, l) == (address, len) {
+                return Some(conv);
+            }
+        }
+        let conv = convention(op)?;
+        slots[slot].set(Some((address, len, conv)));
+        Some(conv)
+    })
 }
 
 /// A scratch copy of the table for tests of the independent witnesses: inside

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::allocator::cuda_round_size;
 use crate::checked::sum;
-use crate::conventions::{convention, is_in_place, Arg, OpCost, Rule, StorageId, TensorMeta, Tf32};
+use crate::conventions::{convention_of_static, is_in_place, Arg, OpCost, Rule, StorageId, TensorMeta, Tf32};
 use crate::error::{Error, Result};
 use crate::liveness::{Liveness, Peak};
 
@@ -350,7 +350,7 @@ impl CostBuilder {
         host: &[TensorMeta],
     ) -> Result<()> {
         let conv =
-            convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+            convention_of_static(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         let OpCost {
             matmul_flops,
             elementwise_flops,
@@ -428,7 +428,7 @@ impl CostBuilder {
     /// tensor already contiguous): dispatched, but it computes, moves and allocates
     /// nothing.
     pub fn returns_input(&mut self, role: impl Display, op: &'static str) -> Result<()> {
-        convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+        convention_of_static(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         if self.sums_only {
             return Ok(());
         }
