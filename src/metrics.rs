@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use crate::allocator::cuda_round_size;
 use crate::checked::sum;
-use crate::conventions::{convention_of_static, is_in_place, Arg, OpCost, Rule, StorageId, TensorMeta, Tf32};
+use crate::conventions::{
+    convention_of_static, is_in_place, Arg, OpCost, Rule, StorageId, TensorMeta, Tf32,
+};
 use crate::error::{Error, Result};
 use crate::liveness::{Liveness, Peak};
 
@@ -104,10 +106,19 @@ impl Metric {
         }
     }
 
-    /// Its value in `m`.
+    /// Its value in `m` (the field [`Metric::set`] writes; read without copying `m`,
+    /// since every op call of a layer sums its metrics through here).
     pub fn get(self, m: &Metrics) -> u64 {
-        let mut copy = *m;
-        *self.field(&mut copy)
+        match self {
+            Metric::MatmulFlops => m.matmul_flops,
+            Metric::ElementwiseFlops => m.elementwise_flops,
+            Metric::TensorCoreFlops => m.tensor_core_flops,
+            Metric::CudaCoreFlops => m.cuda_core_flops,
+            Metric::IoBytes => m.io_bytes,
+            Metric::WeightBytes => m.weight_bytes,
+            Metric::ActivationBytes => m.activation_bytes,
+            Metric::KvCacheBytes => m.kv_cache_bytes,
+        }
     }
 
     /// Sets its value in `m`.
@@ -349,8 +360,8 @@ impl CostBuilder {
         outputs: &mut [TensorMeta],
         host: &[TensorMeta],
     ) -> Result<()> {
-        let conv =
-            convention_of_static(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+        let conv = convention_of_static(op)
+            .ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         let OpCost {
             matmul_flops,
             elementwise_flops,
@@ -428,7 +439,8 @@ impl CostBuilder {
     /// tensor already contiguous): dispatched, but it computes, moves and allocates
     /// nothing.
     pub fn returns_input(&mut self, role: impl Display, op: &'static str) -> Result<()> {
-        convention_of_static(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+        convention_of_static(op)
+            .ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         if self.sums_only {
             return Ok(());
         }
@@ -598,6 +610,17 @@ mod tests {
     fn unknown_ops_are_errors_not_zeros() {
         let mut b = CostBuilder::new("demo", false);
         assert!(b.op("x", "aten::made_up", &[], []).is_err());
+    }
+
+    #[test]
+    fn get_reads_the_field_set_writes() {
+        for (i, metric) in Metric::ALL.into_iter().enumerate() {
+            let mut m = Metrics::default();
+            metric.set(&mut m, i as u64 + 1);
+            assert_eq!(metric.get(&m), i as u64 + 1, "{}", metric.name());
+            let others: u64 = Metric::ALL.iter().map(|o| o.get(&m)).sum();
+            assert_eq!(others, i as u64 + 1, "{} writes one field", metric.name());
+        }
     }
 
     #[test]
