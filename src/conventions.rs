@@ -700,8 +700,8 @@ pub(crate) fn convention_of_static(op: &'static str) -> Option<&'static OpConven
     }
     let (address, len) = (op.as_ptr() as usize, op.len());
     // Fibonacci hashing of the address: the top 7 bits pick one of the 128 slots.
-    let slot = (address.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> (usize::BITS - 7))
-        % SLOTS;
+    let slot =
+        (address.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> (usize::BITS - 7)) % SLOTS;
     BY_ADDRESS.with(|slots| {
         if let Some((a, l, conv)) = slots[slot].get() {
             if (a, l) == (address, len) {

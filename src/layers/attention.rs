@@ -162,7 +162,7 @@ impl LlamaAttention {
             b.copy(
                 format_args!("pad {name} to head dim {padded}"),
                 "aten::constant_pad_nd",
-                &[x],
+                [x],
                 with_last(x, padded),
             )
         };
@@ -210,27 +210,27 @@ impl LlamaAttention {
         let bh = product("batch × heads", &[batch, heads])?;
         // The C++ function's locals (the scaled q, the mask) live until it returns; the
         // expression temporaries go when their consumer returns.
-        let q_scaled = b.elementwise("q * √scale", "aten::mul", &[q], dtype)?;
+        let q_scaled = b.elementwise("q * √scale", "aten::mul", [q], dtype)?;
         let mask = if sq > 1 {
             let ones = t(&[sq, skv], Dtype::Bool);
-            let ones = b.copy("causal: ones(S_q, S_kv)", "aten::ones", &[], ones)?;
+            let ones = b.copy("causal: ones(S_q, S_kv)", "aten::ones", [], ones)?;
             let lower = b.copy(
                 "causal: tril",
                 "aten::tril",
-                &[&ones],
+                [&ones],
                 t(&[sq, skv], Dtype::Bool),
             )?;
             b.release(&[&ones])?;
             let zero = b.copy(
                 "causal: scalar_tensor(0)",
                 "aten::scalar_tensor",
-                &[],
+                [],
                 t(&[], dtype),
             )?;
             let mask = b.copy(
                 "causal: where(mask, 0, -inf)",
                 "aten::where",
-                &[&lower, &zero],
+                [&lower, &zero],
                 t(&[sq, skv], dtype),
             )?;
             // `attn_mask = convert_boolean_attn_mask(attn_mask, …)`.
@@ -239,7 +239,7 @@ impl LlamaAttention {
         } else {
             None
         };
-        let k_scaled = b.elementwise("kᵀ * √scale", "aten::mul", &[&kt(k)], dtype)?;
+        let k_scaled = b.elementwise("kᵀ * √scale", "aten::mul", [&kt(k)], dtype)?;
         let kv_folds = self.kv_folds(skv);
         let q_copy = b.matmul_copy("matmul: q contiguous", &q_scaled, !self.q_folds())?;
         // kᵀ·√scale is a tensor of its own: where k was `repeat_kv`'s stride-0 view of one
@@ -259,7 +259,7 @@ impl LlamaAttention {
         }
         b.release(&[&k_scaled])?;
         if let Some(mask) = &mask {
-            b.elementwise("+= causal mask", "aten::add_", &[&scores, mask], dtype)?;
+            b.elementwise("+= causal mask", "aten::add_", [&scores, mask], dtype)?;
         }
         let [probs] = b.op(
             "_safe_softmax: softmax",
@@ -270,7 +270,7 @@ impl LlamaAttention {
         let neg_inf = b.elementwise(
             "_safe_softmax: isneginf",
             "aten::isneginf",
-            &[&probs],
+            [&probs],
             Dtype::Bool,
         )?;
         let [all_masked] = b.op(
@@ -282,7 +282,7 @@ impl LlamaAttention {
         let zero = b.copy(
             "_safe_softmax: scalar_tensor(0)",
             "aten::scalar_tensor",
-            &[],
+            [],
             t(&[], dtype),
         )?;
         b.returns_input(
@@ -393,11 +393,11 @@ impl LlamaAttention {
                 for copy in [&q_copy, &k_copy].into_iter().flatten() {
                     b.release(&[copy])?;
                 }
-                let scaled = b.elementwise("/ sqrt(head_dim)", "aten::div", &[&scores], dtype)?;
+                let scaled = b.elementwise("/ sqrt(head_dim)", "aten::div", [&scores], dtype)?;
                 b.release(&[&scores])?;
                 let mask = t(&[batch, 1, sq, skv], dtype);
                 let masked =
-                    b.elementwise("+ causal_mask", "aten::add", &[&scaled, &mask], dtype)?;
+                    b.elementwise("+ causal_mask", "aten::add", [&scaled, &mask], dtype)?;
                 b.release(&[&scaled])?;
                 let [probs32] = b.op(
                     "softmax(float32)",
@@ -470,13 +470,13 @@ impl Layer for LlamaAttention {
             let keys = b.copy(
                 "past_key_value.update (keys)",
                 "aten::cat",
-                &[&cached, &k],
+                [&cached, &k],
                 full.clone(),
             )?;
             let values = b.copy(
                 "past_key_value.update (values)",
                 "aten::cat",
-                &[&cached, &v],
+                [&cached, &v],
                 full,
             )?;
             // The step's own keys and values are dropped for the concatenations.
@@ -496,10 +496,10 @@ impl Layer for LlamaAttention {
                 k = b.copy(
                     "repeat_kv (keys)",
                     "aten::clone",
-                    &[&expanded],
+                    [&expanded],
                     repeated.clone(),
                 )?;
-                v = b.copy("repeat_kv (values)", "aten::clone", &[&expanded], repeated)?;
+                v = b.copy("repeat_kv (values)", "aten::clone", [&expanded], repeated)?;
             } else {
                 (k, v) = (k.viewed_as(&repeated.shape), v.viewed_as(&repeated.shape));
             }
@@ -522,7 +522,7 @@ impl Layer for LlamaAttention {
             let copied = b.copy(
                 "transpose(1, 2).contiguous()",
                 "aten::contiguous",
-                &[&out],
+                [&out],
                 out.clone(),
             )?;
             b.release(&[&core_out])?;

@@ -250,11 +250,11 @@ impl DeepseekV2Attention {
         let w = &self.workload;
         let (d_r, keys) = (self.mla.qk_rope_head_dim, w.key_len()?);
         let half = t(&[d_r / 2], Dtype::F32);
-        fn f32_op(
+        fn f32_op<const N: usize>(
             b: &mut CostBuilder,
             role: impl Display,
             op: &'static str,
-            inputs: &[&TensorMeta],
+            inputs: [&TensorMeta; N],
         ) -> Result<TensorMeta> {
             b.elementwise(role, op, inputs, Dtype::F32)
         }
@@ -265,7 +265,7 @@ impl DeepseekV2Attention {
             op: &'static str,
             x: TensorMeta,
         ) -> Result<TensorMeta> {
-            let out = b.elementwise(role, op, &[&x], Dtype::F32)?;
+            let out = b.elementwise(role, op, [&x], Dtype::F32)?;
             b.release(&[&x])?;
             Ok(out)
         }
@@ -278,7 +278,7 @@ impl DeepseekV2Attention {
                 let steps = b.copy(
                     format_args!("{name}: arange(0, dim, 2)"),
                     "aten::arange",
-                    &[],
+                    [],
                     half.clone(),
                 )?;
                 let exponent = consume(b, format_args!("{name}: / dim"), "aten::div", steps)?;
@@ -292,34 +292,34 @@ impl DeepseekV2Attention {
                     b,
                     format_args!("{name}: 1.0 / (reciprocal)"),
                     "aten::reciprocal",
-                    &[&power],
+                    [&power],
                 )?;
                 freq.push(f32_op(
                     b,
                     format_args!("{name}: 1.0 / (* 1.0)"),
                     "aten::mul",
-                    &[&reciprocal],
+                    [&reciprocal],
                 )?);
                 b.release(&[&reciprocal, &power])?;
             }
             // `yarn_linear_ramp_mask` returns `clamp(linear_func)`, dropping its local
             // `linear_func`; `.to(float32)` of an fp32 tensor hands it back.
-            let steps = b.copy("ramp: arange(dim // 2)", "aten::arange", &[], half.clone())?;
+            let steps = b.copy("ramp: arange(dim // 2)", "aten::arange", [], half.clone())?;
             let shifted = consume(b, "ramp: - low", "aten::sub", steps)?;
             let linear_func = consume(b, "ramp: / (high - low)", "aten::div", shifted)?;
             let ramp = consume(b, "ramp: clamp(0, 1)", "aten::clamp", linear_func)?;
             let mask = consume(b, "inv_freq_mask = 1.0 - ramp", "aten::rsub", ramp)?;
             let (freq_extra, freq_inter) = (&freq[0], &freq[1]);
-            let keep = f32_op(b, "1 - inv_freq_mask", "aten::rsub", &[&mask])?;
+            let keep = f32_op(b, "1 - inv_freq_mask", "aten::rsub", [&mask])?;
             let inter = f32_op(
                 b,
                 "freq_inter * (1 - mask)",
                 "aten::mul",
-                &[freq_inter, &keep],
+                [freq_inter, &keep],
             )?;
             b.release(&[&keep])?;
-            let extra = f32_op(b, "freq_extra * mask", "aten::mul", &[freq_extra, &mask])?;
-            let inv_freq = f32_op(b, "inv_freq = + ", "aten::add", &[&inter, &extra])?;
+            let extra = f32_op(b, "freq_extra * mask", "aten::mul", [freq_extra, &mask])?;
+            let inv_freq = f32_op(b, "inv_freq = + ", "aten::add", [&inter, &extra])?;
             b.release(&[&inter, &extra])?;
             locals.extend(freq);
             locals.push(mask);
@@ -332,7 +332,7 @@ impl DeepseekV2Attention {
         let positions = b.copy(
             "t = arange(seq_len)",
             "aten::arange",
-            &[],
+            [],
             t(&[keys], Dtype::F32),
         )?;
         // `torch.outer(t, inv_freq)` is `t.reshape(L, 1) * inv_freq`.
@@ -340,16 +340,16 @@ impl DeepseekV2Attention {
             b,
             "freqs = outer(t, inv_freq)",
             "aten::mul",
-            &[&positions.viewed_as(&[keys, 1]), &inv_freq],
+            [&positions.viewed_as(&[keys, 1]), &inv_freq],
         )?;
         let emb = b.copy(
             "emb = cat((freqs, freqs))",
             "aten::cat",
-            &[&freqs, &freqs],
+            [&freqs, &freqs],
             t(&[keys, d_r], Dtype::F32),
         )?;
         for (name, op) in [("cos", "aten::cos"), ("sin", "aten::sin")] {
-            let mut table = f32_op(b, format_args!("emb.{name}()"), op, &[&emb])?;
+            let mut table = f32_op(b, format_args!("emb.{name}()"), op, [&emb])?;
             if self.yarn {
                 table = consume(b, format_args!("{name} * _mscale"), "aten::mul", table)?;
             }
@@ -380,13 +380,13 @@ impl DeepseekV2Attention {
         let cos = b.copy(
             "cos[position_ids]",
             "aten::index",
-            &[&tables, &ids],
+            [&tables, &ids],
             rows.clone(),
         )?;
         let sin = b.copy(
             "sin[position_ids]",
             "aten::index",
-            &[&tables, &ids],
+            [&tables, &ids],
             rows.clone(),
         )?;
         let mut deinterleaved = Vec::new();
@@ -395,7 +395,7 @@ impl DeepseekV2Attention {
             deinterleaved.push(b.copy(
                 format_args!("{name} de-interleave (reshape copy)"),
                 "aten::clone",
-                &[&x],
+                [&x],
                 x.clone(),
             )?);
         }
@@ -426,7 +426,7 @@ impl DeepseekV2Attention {
                 b.copy(
                     format_args!("past_key_value.update ({role})"),
                     "aten::cat",
-                    &[&old, new],
+                    [&old, new],
                     full,
                 )
             }
@@ -463,11 +463,11 @@ impl DeepseekV2Attention {
     /// after `o_proj`); eval dropout hands them back.
     fn softmax(&self, b: &mut CostBuilder, scores: TensorMeta) -> Result<TensorMeta> {
         let dtype = self.workload.dtype;
-        let scaled = b.elementwise("* softmax_scale", "aten::mul", &[&scores], dtype)?;
+        let scaled = b.elementwise("* softmax_scale", "aten::mul", [&scores], dtype)?;
         b.release(&[&scores])?;
         let s = &scaled.shape;
         let mask = t(&[s[0], 1, s[2], s[3]], dtype);
-        let masked = b.elementwise("+ attention_mask", "aten::add", &[&scaled, &mask], dtype)?;
+        let masked = b.elementwise("+ attention_mask", "aten::add", [&scaled, &mask], dtype)?;
         b.release(&[&scaled])?;
         let [probs32] = b.op(
             "softmax(float32)",
@@ -523,7 +523,7 @@ impl DeepseekV2Attention {
             let empty = b.copy(
                 format_args!("{name} = new_empty"),
                 "aten::new_empty",
-                &[],
+                [],
                 states.clone(),
             )?;
             // `states[..., :d_n] = nope`: copy_(self = the slice, src) reads src.
@@ -531,7 +531,7 @@ impl DeepseekV2Attention {
             b.copy(
                 format_args!("{name}[..., :d_n] = {nope_src}"),
                 "aten::copy_",
-                &[&nope, &nope],
+                [&nope, &nope],
                 nope.clone(),
             )?;
             let pe = t(&[batch, pe_src_heads, sq, d_r], dtype);
@@ -540,7 +540,7 @@ impl DeepseekV2Attention {
             b.copy(
                 format_args!("{name}[..., d_n:] = {pe_name}"),
                 "aten::copy_",
-                &[&pe_slot, &pe],
+                [&pe_slot, &pe],
                 pe_slot.clone(),
             )?;
             assembled.push(empty);
@@ -554,7 +554,7 @@ impl DeepseekV2Attention {
             b.copy(
                 "F.pad(value_states) to d_qk",
                 "aten::constant_pad_nd",
-                &[&v],
+                [&v],
                 with_last(&v, value_dim),
             )?
         } else {
@@ -640,7 +640,7 @@ impl DeepseekV2Attention {
                         core.copy(
                             format_args!("pad {name} to head dim {padded}"),
                             "aten::constant_pad_nd",
-                            &[&x],
+                            [&x],
                             with_last(&x, padded),
                         )?
                     });
@@ -700,7 +700,7 @@ impl DeepseekV2Attention {
             let copy = b.copy(
                 "attn_output[..., :v_head_dim].reshape (copy)",
                 "aten::clone",
-                &[&out],
+                [&out],
                 out.clone(),
             )?;
             b.returns_input("attn_output.contiguous()", "aten::contiguous")?;
@@ -710,7 +710,7 @@ impl DeepseekV2Attention {
             let copy = b.copy(
                 "attn_output[..., :v_head_dim].contiguous()",
                 "aten::contiguous",
-                &[&out],
+                [&out],
                 out.clone(),
             )?;
             b.release(&[attn_output])?;
@@ -741,7 +741,7 @@ impl DeepseekV2Attention {
             let copy = b.copy(
                 "transpose(1, 2).contiguous()",
                 "aten::contiguous",
-                &[&out],
+                [&out],
                 out.clone(),
             )?;
             b.release(&[attn_output])?;
@@ -841,7 +841,7 @@ impl DeepseekV2Attention {
         let summed = core.elementwise(
             "rope scores + latent scores",
             "aten::add",
-            &[&scores[0], &scores[1]],
+            [&scores[0], &scores[1]],
             dtype,
         )?;
         core.release(&[&scores[0], &scores[1]])?;

@@ -163,13 +163,13 @@ impl Layer for DeepseekV2MoE {
         let counts = b.copy(
             "cnts = new_zeros(N, E)",
             "aten::new_zeros",
-            &[&ids],
+            [&ids],
             t(&[tokens, experts], Dtype::I64),
         )?;
         b.copy(
             "cnts.scatter_(1, topk_ids, 1)",
             "aten::scatter_",
-            &[&counts, &ids],
+            [&counts, &ids],
             counts.clone(),
         )?;
         let [per_expert] = b.op(
@@ -187,15 +187,15 @@ impl Layer for DeepseekV2MoE {
         let idxs = b.copy(
             "idxs = argsort",
             "aten::argsort",
-            &[&flat_ids],
+            [&flat_ids],
             flat_ids.clone(),
         )?;
-        let token_of = b.elementwise("idxs // k", "aten::floor_divide", &[&idxs], Dtype::I64)?;
+        let token_of = b.elementwise("idxs // k", "aten::floor_divide", [&idxs], Dtype::I64)?;
         let flat_x = t(&[tokens, hidden], dtype);
         let sorted = b.copy(
             "sorted_tokens = x[idxs // k]",
             "aten::index",
-            &[&flat_x, &token_of],
+            [&flat_x, &token_of],
             t(&[routed_rows, hidden], dtype),
         )?;
         b.release(&[&token_of])?;
@@ -223,19 +223,19 @@ impl Layer for DeepseekV2MoE {
         let outs = b.copy(
             "outs = cat(outputs)",
             "aten::cat",
-            &[&sorted],
+            [&sorted],
             sorted.clone(),
         )?;
         let new_x = b.copy(
             "new_x = empty_like(outs)",
             "aten::empty_like",
-            &[&outs],
+            [&outs],
             outs.clone(),
         )?;
         b.copy(
             "new_x[idxs] = outs",
             "aten::index_put_",
-            &[&new_x, &idxs, &outs],
+            [&new_x, &idxs, &outs],
             new_x.clone(),
         )?;
         let viewed = new_x.viewed_as(&[tokens, k, hidden]);
@@ -244,7 +244,7 @@ impl Layer for DeepseekV2MoE {
         let weighted = b.elementwise(
             "mul_(topk_weight)",
             "aten::mul_",
-            &[&as_f32, &weights],
+            [&as_f32, &weights],
             Dtype::F32,
         )?;
         let [combined] = b.op(
@@ -283,7 +283,7 @@ impl Layer for DeepseekV2MoE {
             let sum = b.elementwise(
                 "y + shared_experts(identity)",
                 "aten::add",
-                &[&y, &shared],
+                [&y, &shared],
                 dtype,
             )?;
             b.release(&[&y, &shared])?;

@@ -113,7 +113,7 @@ impl Layer for MoEGate {
                 scores
             }
             ScoringFunc::Sigmoid => {
-                b.elementwise("sigmoid", "aten::sigmoid", &[&logits], Dtype::F32)?
+                b.elementwise("sigmoid", "aten::sigmoid", [&logits], Dtype::F32)?
             }
         };
         let weights = with_last(&scores, k);
@@ -130,7 +130,7 @@ impl Layer for MoEGate {
                     let choice = b.elementwise(
                         "scores + e_score_correction_bias",
                         "aten::add",
-                        &[&scores, &bias],
+                        [&scores, &bias],
                         Dtype::F32,
                     )?;
                     let grouped = choice.viewed_as(&[tokens, groups, per]);
@@ -177,13 +177,13 @@ impl Layer for MoEGate {
                 let mask = b.copy(
                     "group_mask = zeros_like",
                     "aten::zeros_like",
-                    &[&group_scores],
+                    [&group_scores],
                     t(&group_shape, Dtype::F32),
                 )?;
                 b.copy(
                     "group_mask.scatter_(1, group_idx, 1)",
                     "aten::scatter_",
-                    &[&mask, &group_idx],
+                    [&mask, &group_idx],
                     mask.clone(),
                 )?;
                 // `[N, G, E/G]` expanded with stride 0 reshapes to `[N, E]` as a view only
@@ -193,7 +193,7 @@ impl Layer for MoEGate {
                     b.copy(
                         "score_mask = expand(…).reshape (copy)",
                         "aten::clone",
-                        &[&expanded],
+                        [&expanded],
                         t(&expanded.shape, Dtype::F32),
                     )?
                 } else {
@@ -202,12 +202,12 @@ impl Layer for MoEGate {
                 // `~score_mask.bool()`: both temporaries of the `masked_fill` call.
                 let as_bool = b.cast("score_mask.bool()", &score_mask, Dtype::Bool)?;
                 let blocked =
-                    b.elementwise("~score_mask", "aten::bitwise_not", &[&as_bool], Dtype::Bool)?;
+                    b.elementwise("~score_mask", "aten::bitwise_not", [&as_bool], Dtype::Bool)?;
                 b.release(&[&as_bool])?;
                 let masked = b.copy(
                     "masked_fill(~score_mask, 0.0)",
                     "aten::masked_fill",
-                    &[&choice, &blocked],
+                    [&choice, &blocked],
                     t(&choice.shape, Dtype::F32),
                 )?;
                 b.release(&[&blocked])?;
@@ -220,7 +220,7 @@ impl Layer for MoEGate {
             top_weights = b.copy(
                 "topk_weight = scores.gather(1, topk_idx)",
                 "aten::gather",
-                &[&scores, &top_ids],
+                [&scores, &top_ids],
                 t(&weights.shape, Dtype::F32),
             )?;
         }
@@ -236,18 +236,18 @@ impl Layer for MoEGate {
                 ],
                 [with_last(&weights, 1)],
             )?;
-            let denominator = b.elementwise("+ 1e-20", "aten::add", &[&sum], Dtype::F32)?;
+            let denominator = b.elementwise("+ 1e-20", "aten::add", [&sum], Dtype::F32)?;
             b.release(&[&sum])?;
             let normed = b.elementwise(
                 "/ denominator",
                 "aten::div",
-                &[&top_weights, &denominator],
+                [&top_weights, &denominator],
                 Dtype::F32,
             )?;
             let scaled = b.elementwise(
                 "* routed_scaling_factor",
                 "aten::mul",
-                &[&normed],
+                [&normed],
                 Dtype::F32,
             )?;
             b.release(&[&normed])?;
@@ -256,7 +256,7 @@ impl Layer for MoEGate {
             b.elementwise(
                 "* routed_scaling_factor",
                 "aten::mul",
-                &[&top_weights],
+                [&top_weights],
                 Dtype::F32,
             )?
         };

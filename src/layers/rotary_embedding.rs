@@ -59,12 +59,12 @@ impl Layer for LlamaRotaryEmbedding {
         let emb = c.copy(
             "cat((freqs, freqs))",
             "aten::cat",
-            &[&half, &half],
+            [&half, &half],
             t(&[b, s, d], Dtype::F32),
         )?;
         let mut table = Vec::new();
         for (name, op) in [("cos", "aten::cos"), ("sin", "aten::sin")] {
-            let raw = c.elementwise(name, op, &[&emb], Dtype::F32)?;
+            let raw = c.elementwise(name, op, [&emb], Dtype::F32)?;
             let [scaled] = c.op(
                 format_args!("{name} * attention_scaling"),
                 "aten::mul",

@@ -83,23 +83,27 @@ impl CostBuilder {
         Ok(out)
     }
 
-    /// An elementwise op over `inputs` (tensors broadcast together) plus any scalars;
-    /// the result has the broadcast shape and `out_dtype`.
-    pub(crate) fn elementwise(
+    /// An elementwise op over `inputs` (tensors broadcast together); the result has the
+    /// broadcast shape and `out_dtype`.
+    pub(crate) fn elementwise<const N: usize>(
         &mut self,
         role: impl Display,
         op: &'static str,
-        inputs: &[&TensorMeta],
+        inputs: [&TensorMeta; N],
         out_dtype: Dtype,
     ) -> Result<TensorMeta> {
+        // The first input's shape, broadcast with each of the others.
         let mut shape = Shape::default();
-        for x in inputs {
-            shape = broadcast(&shape, &x.shape)
-                .ok_or_else(|| Error::op_shape(op, format!("{:?} does not broadcast", x.shape)))?;
+        for (i, x) in inputs.iter().enumerate() {
+            shape = if i == 0 {
+                x.shape.clone()
+            } else {
+                broadcast(&shape, &x.shape).ok_or_else(|| {
+                    Error::op_shape(op, format!("{:?} does not broadcast", x.shape))
+                })?
+            };
         }
-        let [out] = with_tensor_args(inputs, |args| {
-            self.op(role, op, args, [t(&shape, out_dtype)])
-        })?;
+        let [out] = self.op(role, op, &inputs.map(arg), [t(&shape, out_dtype)])?;
         Ok(out)
     }
 
@@ -113,37 +117,33 @@ impl CostBuilder {
         table: &TensorMeta,
     ) -> Result<TensorMeta> {
         let dtype = x.dtype;
-        let x_cos = self.elementwise(
-            format_args!("{name} * cos"),
-            "aten::mul",
-            &[x, table],
-            dtype,
-        )?;
+        let x_cos =
+            self.elementwise(format_args!("{name} * cos"), "aten::mul", [x, table], dtype)?;
         let half = with_last(x, x.shape.last().copied().unwrap_or(0) / 2);
         let neg = self.elementwise(
             format_args!("-{name}2 (rotate_half)"),
             "aten::neg",
-            &[&half],
+            [&half],
             dtype,
         )?;
         let rotated = self.copy(
             format_args!("cat(-{name}2, {name}1)"),
             "aten::cat",
-            &[&neg, &half],
+            [&neg, &half],
             t(&x.shape, dtype),
         )?;
         self.release(&[&neg])?;
         let rot_sin = self.elementwise(
             format_args!("rotate_half({name}) * sin"),
             "aten::mul",
-            &[&rotated, table],
+            [&rotated, table],
             dtype,
         )?;
         self.release(&[&rotated])?;
         let out = self.elementwise(
             format_args!("{name}_embed = + "),
             "aten::add",
-            &[&x_cos, &rot_sin],
+            [&x_cos, &rot_sin],
             dtype,
         )?;
         self.release(&[&x_cos, &rot_sin])?;
@@ -162,34 +162,19 @@ impl CostBuilder {
         if !copies {
             return Ok(None);
         }
-        self.copy(role, "aten::clone", &[x], t(&x.shape, x.dtype))
+        self.copy(role, "aten::clone", [x], t(&x.shape, x.dtype))
             .map(Some)
     }
 
     /// A data-movement op (`aten::cat`, `aten::index` …) reading `inputs` and writing `out`.
-    pub(crate) fn copy(
+    pub(crate) fn copy<const N: usize>(
         &mut self,
         role: impl Display,
         op: &'static str,
-        inputs: &[&TensorMeta],
+        inputs: [&TensorMeta; N],
         out: TensorMeta,
     ) -> Result<TensorMeta> {
-        let [out] = with_tensor_args(inputs, |args| self.op(role, op, args, [out]))?;
+        let [out] = self.op(role, op, &inputs.map(arg), [out])?;
         Ok(out)
     }
-}
-
-/// Calls `f` with `inputs` as tensor arguments, built on the stack for up to four (every
-/// elementwise op and copy of the layers): no allocation per op call.
-fn with_tensor_args<R>(inputs: &[&TensorMeta], f: impl FnOnce(&[Arg]) -> R) -> R {
-    const STACK: usize = 4;
-    if inputs.len() > STACK {
-        let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
-        return f(&args);
-    }
-    let mut args: [Arg; STACK] = std::array::from_fn(|_| Arg::None);
-    for (slot, x) in args.iter_mut().zip(inputs) {
-        *slot = arg(x);
-    }
-    f(&args[..inputs.len()])
 }
