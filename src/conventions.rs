@@ -37,6 +37,7 @@ use serde_json::{json, Value};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::num::NonZeroU64;
 use std::sync::OnceLock;
 
 use crate::checked::{product, sum};
@@ -61,8 +62,9 @@ pub struct TensorMeta {
 /// Which allocation of which cost builder holds a tensor (see [`TensorMeta`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StorageId {
-    /// The builder, unique in the process.
-    pub(crate) builder: u64,
+    /// The builder, unique in the process (never zero, so that an `Option<StorageId>`
+    /// takes no more room than a `StorageId` in every tensor description).
+    pub(crate) builder: NonZeroU64,
     /// The allocation's index in that builder.
     pub(crate) index: usize,
 }

@@ -13,6 +13,7 @@
 //! Every size is tracked twice: as the tensor's bytes (the CPU allocator) and as its CUDA
 //! caching-allocator block ([`crate::allocator::cuda_round_size`]).
 
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -69,12 +70,12 @@ struct Allocation {
 }
 
 /// Builder ids, unique in the process (a `TensorMeta` may cross threads).
-static NEXT_BUILDER: AtomicU64 = AtomicU64::new(0);
+static NEXT_BUILDER: AtomicU64 = AtomicU64::new(1);
 
 /// The allocations of one cost builder, in op order.
 #[derive(Debug)]
 pub(crate) struct Liveness {
-    builder: u64,
+    builder: NonZeroU64,
     allocations: Vec<Allocation>,
     live: Sizes,
     peak: Sizes,
@@ -97,7 +98,8 @@ fn max(a: Sizes, b: Sizes) -> Sizes {
 impl Liveness {
     pub(crate) fn new() -> Liveness {
         Liveness {
-            builder: NEXT_BUILDER.fetch_add(1, Ordering::Relaxed),
+            builder: NonZeroU64::new(NEXT_BUILDER.fetch_add(1, Ordering::Relaxed))
+                .expect("2^64 builders are never made"),
             // Most layers allocate fewer than 32 tensors: one allocation, no regrowth.
             allocations: Vec::with_capacity(32),
             live: [0, 0],

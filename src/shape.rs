@@ -24,7 +24,7 @@ enum Repr {
 
 impl Shape {
     /// The most dimensions kept without a heap allocation.
-    pub const INLINE: usize = 8;
+    pub const INLINE: usize = 6;
 
     /// A shape of `dims`.
     pub fn new(dims: &[u64]) -> Shape {
