@@ -6,9 +6,7 @@ use serde::Serialize;
 
 use crate::allocator::cuda_round_size;
 use crate::checked::sum;
-use crate::conventions::{
-    convention_of_static, is_in_place, Arg, OpCost, Rule, StorageId, TensorMeta, Tf32,
-};
+use crate::conventions::{convention_of_static, is_in_place, Arg, OpCost, Rule, TensorMeta, Tf32};
 use crate::error::{Error, Result};
 use crate::liveness::{Liveness, Peak};
 
@@ -286,12 +284,9 @@ pub struct CostBuilder {
     allow_tf32: bool,
     /// Keep sums only (inside [`sums_only`]).
     sums_only: bool,
-    /// Which of the node's tensors are allocated, op by op.
+    /// Which of the node's tensors are allocated, op by op, and which it returns
+    /// ([`CostBuilder::returns`]) and keeps ([`CostBuilder::keeps`]).
     liveness: Liveness,
-    /// What the call returns ([`CostBuilder::returns`]); `None` until said.
-    returned: Option<Vec<Option<StorageId>>>,
-    /// Its own tensors it leaves allocated ([`CostBuilder::keeps`]).
-    kept: Vec<Option<StorageId>>,
 }
 
 impl CostBuilder {
@@ -311,8 +306,6 @@ impl CostBuilder {
             allow_tf32,
             sums_only: SUMS_ONLY.with(|s| s.get()),
             liveness: Liveness::new(),
-            returned: None,
-            kept: Vec::new(),
         }
     }
 
@@ -459,7 +452,7 @@ impl CostBuilder {
     /// Adds a sub-layer call whose outputs stay allocated until this node returns.
     pub fn child(&mut self, child: Cost) -> Result<()> {
         self.liveness
-            .call([child.peak, child.cuda_peak], &child.returned)?;
+            .call([child.peak, child.cuda_peak], &child.returned, |_| {})?;
         self.push(child)
     }
 
@@ -477,15 +470,16 @@ impl CostBuilder {
                 ),
             ));
         }
-        let storages = self
-            .liveness
-            .call([child.peak, child.cuda_peak], &child.returned)?;
+        let mut held = Vec::with_capacity(outputs.len());
+        let mut outputs = outputs.iter();
+        self.liveness
+            .call([child.peak, child.cuda_peak], &child.returned, |storage| {
+                if let Some(t) = outputs.next() {
+                    held.push((*t).clone().held_by(storage));
+                }
+            })?;
         self.push(child)?;
-        Ok(outputs
-            .iter()
-            .zip(storages)
-            .map(|(t, s)| (*t).clone().held_by(s))
-            .collect())
+        Ok(held)
     }
 
     /// The vendor code drops its last reference to each of `tensors` here (a temporary
@@ -517,12 +511,12 @@ impl CostBuilder {
     ///
     /// [`kept`]: CostBuilder::keeps
     pub fn returns(&mut self, outputs: &[&TensorMeta]) {
-        self.returned = Some(outputs.iter().map(|t| t.storage()).collect());
+        self.liveness.returns(outputs.iter().map(|t| t.storage()));
     }
 
     /// The call leaves `tensors` allocated for later calls (the KV cache).
     pub fn keeps(&mut self, tensors: &[&TensorMeta]) {
-        self.kept.extend(tensors.iter().map(|t| t.storage()));
+        self.liveness.keeps(tensors.iter().map(|t| t.storage()));
     }
 
     /// Adds parameters of `bytes` owned by this node itself (not by a child).
@@ -558,8 +552,7 @@ impl CostBuilder {
 
     /// The finished node.
     pub fn finish(mut self) -> Cost {
-        let ([peak, cuda_peak], returned) =
-            self.liveness.finish(self.returned.as_deref(), &self.kept);
+        let ([peak, cuda_peak], returned) = self.liveness.finish();
         self.node.peak = peak;
         self.node.cuda_peak = cuda_peak;
         self.node.returned = returned;
