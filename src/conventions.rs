@@ -111,10 +111,32 @@ impl TensorMeta {
 
     /// Bytes of the tensor's elements.
     pub fn bytes(&self) -> Result<u64> {
-        let size = self.dtype.size_bytes().ok_or_else(|| {
-            Error::op_shape("tensor", format!("no byte size for dtype {}", self.dtype))
-        })?;
-        product("tensor bytes", &[self.numel()?, size])
+        // Every op call asks for the bytes of each of its tensors, so the arithmetic runs
+        // without building results; the rare failure says why in `bytes_error`.
+        let bytes = self.dtype.size_bytes().and_then(|size| {
+            self.shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))?
+                .checked_mul(size)
+        });
+        match bytes {
+            Some(bytes) => Ok(bytes),
+            None => Err(self.bytes_error()),
+        }
+    }
+
+    /// Why [`TensorMeta::bytes`] has no answer: a dtype without a size, or an overflow.
+    #[cold]
+    fn bytes_error(&self) -> Error {
+        let Some(size) = self.dtype.size_bytes() else {
+            return Error::op_shape("tensor", format!("no byte size for dtype {}", self.dtype));
+        };
+        match self.numel() {
+            Err(e) => e,
+            Ok(numel) => product("tensor bytes", &[numel, size])
+                .err()
+                .unwrap_or_else(|| Error::overflow("tensor bytes")),
+        }
     }
 }
 
@@ -1318,6 +1340,29 @@ mod tests {
         assert_eq!(io("aten::linear", &[t(&[8], Dtype::F32)], &[f32(&[8])]), 0);
         assert!(is_in_place("aten::mul_") && !is_in_place("aten::_unsafe_view"));
         assert!(!is_in_place("aten::mul"));
+    }
+
+    #[test]
+    fn tensor_bytes_or_the_reason_there_are_none() {
+        assert_eq!(TensorMeta::new(&[3, 5], Dtype::Bf16).bytes().unwrap(), 30);
+        assert_eq!(TensorMeta::new(&[], Dtype::F32).bytes().unwrap(), 4);
+        assert_eq!(
+            TensorMeta::new(&[u64::MAX, 0], Dtype::F32).bytes().unwrap(),
+            0
+        );
+        let no_size = TensorMeta::new(&[2], Dtype::Other).bytes().unwrap_err();
+        assert!(no_size.to_string().contains("no byte size"), "{no_size}");
+        let elements = TensorMeta::new(&[u64::MAX, 2], Dtype::F32)
+            .bytes()
+            .unwrap_err();
+        assert!(
+            elements.to_string().contains("tensor element count"),
+            "{elements}"
+        );
+        let bytes = TensorMeta::new(&[u64::MAX / 2], Dtype::F32)
+            .bytes()
+            .unwrap_err();
+        assert!(bytes.to_string().contains("tensor bytes"), "{bytes}");
     }
 
     #[test]
