@@ -80,8 +80,13 @@ impl Eq for TensorMeta {}
 impl TensorMeta {
     /// A tensor of `shape` and `dtype`.
     pub fn new(shape: &[u64], dtype: Dtype) -> TensorMeta {
+        TensorMeta::from_shape(Shape::new(shape), dtype)
+    }
+
+    /// A tensor of `shape` (moved in, not copied) and `dtype`.
+    pub fn from_shape(shape: Shape, dtype: Dtype) -> TensorMeta {
         TensorMeta {
-            shape: Shape::new(shape),
+            shape,
             dtype,
             storage: None,
         }

@@ -28,9 +28,18 @@ impl Shape {
 
     /// A shape of `dims`.
     pub fn new(dims: &[u64]) -> Shape {
-        let mut shape = Shape::ones(dims.len());
-        shape.copy_from_slice(dims);
-        shape
+        if dims.len() > Shape::INLINE {
+            return Shape(Repr::Heap(dims.into()));
+        }
+        let mut inline = [1; Shape::INLINE];
+        for (slot, &d) in inline.iter_mut().zip(dims) {
+            *slot = d;
+        }
+        Shape(Repr::Inline {
+            // At most INLINE: fits in a byte.
+            len: dims.len() as u8,
+            dims: inline,
+        })
     }
 
     /// A shape of `rank` dimensions, all 1 (a starting point to fill in).

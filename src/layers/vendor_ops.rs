@@ -25,7 +25,7 @@ pub(crate) fn with_last(x: &TensorMeta, last: u64) -> TensorMeta {
     if let Some(l) = shape.last_mut() {
         *l = last;
     }
-    t(&shape, x.dtype)
+    TensorMeta::from_shape(shape, x.dtype)
 }
 
 /// Bytes of `count` elements of `dtype`.
@@ -103,7 +103,8 @@ impl CostBuilder {
                 })?
             };
         }
-        let [out] = self.op(role, op, &inputs.map(arg), [t(&shape, out_dtype)])?;
+        let out = TensorMeta::from_shape(shape, out_dtype);
+        let [out] = self.op(role, op, &inputs.map(arg), [out])?;
         Ok(out)
     }
 
