@@ -718,9 +718,10 @@ pub fn convention(op: &str) -> Option<&'static OpConvention> {
 }
 
 /// [`convention`] for an op name the program spells out (every op call of the analytic
-/// layers): each distinct string is looked up by name once per thread, and then found by
-/// its address and length, which no hashing or comparing of names needs. A string at a
-/// `'static` address never changes, so the answer is the same as [`convention`]'s.
+/// layers): a string is looked up by name when a thread first sees it (or after another
+/// name took its slot), and otherwise found by its address and length, which no hashing
+/// or comparing of names needs. A string at a `'static` address never changes, so the
+/// answer is always [`convention`]'s.
 pub(crate) fn convention_of_static(op: &'static str) -> Option<&'static OpConvention> {
     type Slot = Cell<Option<(usize, usize, &'static OpConvention)>>;
     const SLOTS: usize = 128;
@@ -1407,6 +1408,18 @@ mod tests {
         }
         let fcm = OPS.iter().filter(|c| c.flop_counter_mode).count();
         assert_eq!(fcm, 21, "only registry ops are FlopCounterMode-visible");
+    }
+
+    #[test]
+    fn lookup_by_address_answers_as_lookup_by_name() {
+        // Twice each, so the second answer comes from the address cache.
+        for _ in 0..2 {
+            for c in OPS {
+                assert_eq!(convention_of_static(c.op), Some(c), "{}", c.op);
+            }
+            assert_eq!(convention_of_static("aten::mul_"), convention("aten::mul_"));
+            assert_eq!(convention_of_static("aten::no_such_op"), None);
+        }
     }
 
     #[test]
