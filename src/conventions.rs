@@ -34,12 +34,16 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::num::NonZeroU64;
 use std::sync::OnceLock;
 
 use crate::checked::{product, sum};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::shape::{broadcast, Shape};
 
 /// Shape and element type of a tensor argument.
 ///
@@ -50,16 +54,17 @@ use crate::error::{Error, Result};
 /// are; the storage is bookkeeping, not part of the tensor's description.
 #[derive(Clone, Debug)]
 pub struct TensorMeta {
-    pub shape: Vec<u64>,
+    pub shape: Shape,
     pub dtype: Dtype,
-    storage: Option<StorageId>,
+    pub(crate) storage: Option<StorageId>,
 }
 
 /// Which allocation of which cost builder holds a tensor (see [`TensorMeta`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StorageId {
-    /// The builder, unique in the process.
-    pub(crate) builder: u64,
+    /// The builder, unique in the process (never zero, so that an `Option<StorageId>`
+    /// takes no more room than a `StorageId` in every tensor description).
+    pub(crate) builder: NonZeroU64,
     /// The allocation's index in that builder.
     pub(crate) index: usize,
 }
@@ -75,8 +80,13 @@ impl Eq for TensorMeta {}
 impl TensorMeta {
     /// A tensor of `shape` and `dtype`.
     pub fn new(shape: &[u64], dtype: Dtype) -> TensorMeta {
+        TensorMeta::from_shape(Shape::new(shape), dtype)
+    }
+
+    /// A tensor of `shape` (moved in, not copied) and `dtype`.
+    pub fn from_shape(shape: Shape, dtype: Dtype) -> TensorMeta {
         TensorMeta {
-            shape: shape.to_vec(),
+            shape,
             dtype,
             storage: None,
         }
@@ -106,10 +116,32 @@ impl TensorMeta {
 
     /// Bytes of the tensor's elements.
     pub fn bytes(&self) -> Result<u64> {
-        let size = self.dtype.size_bytes().ok_or_else(|| {
-            Error::op_shape("tensor", format!("no byte size for dtype {}", self.dtype))
-        })?;
-        product("tensor bytes", &[self.numel()?, size])
+        // Every op call asks for the bytes of each of its tensors, so the arithmetic runs
+        // without building results; the rare failure says why in `bytes_error`.
+        let bytes = self.dtype.size_bytes().and_then(|size| {
+            self.shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))?
+                .checked_mul(size)
+        });
+        match bytes {
+            Some(bytes) => Ok(bytes),
+            None => Err(self.bytes_error()),
+        }
+    }
+
+    /// Why [`TensorMeta::bytes`] has no answer: a dtype without a size, or an overflow.
+    #[cold]
+    fn bytes_error(&self) -> Error {
+        let Some(size) = self.dtype.size_bytes() else {
+            return Error::op_shape("tensor", format!("no byte size for dtype {}", self.dtype));
+        };
+        match self.numel() {
+            Err(e) => e,
+            Ok(numel) => product("tensor bytes", &[numel, size])
+                .err()
+                .unwrap_or_else(|| Error::overflow("tensor bytes")),
+        }
     }
 }
 
@@ -653,14 +685,63 @@ pub const OPS: &[OpConvention] = &[
     composite("aten::_convolution_mode"),
 ];
 
+/// A hasher for the op-name index: every op call of an analytic layer looks its name up,
+/// so the lookup hashes 8 bytes a step (FxHash's mixing) instead of SipHash's rounds; the
+/// keys are the table's own names, never adversarial.
+#[derive(Default)]
+struct OpNameHasher(u64);
+
+impl Hasher for OpNameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// The convention for `op`; in-place variants (`aten::mul_`) fall back to their op.
 pub fn convention(op: &str) -> Option<&'static OpConvention> {
-    static INDEX: OnceLock<HashMap<&'static str, &'static OpConvention>> = OnceLock::new();
+    type Index = HashMap<&'static str, &'static OpConvention, BuildHasherDefault<OpNameHasher>>;
+    static INDEX: OnceLock<Index> = OnceLock::new();
     let index = INDEX.get_or_init(|| OPS.iter().map(|c| (c.op, c)).collect());
     index
         .get(op)
         .or_else(|| op.strip_suffix('_').and_then(|base| index.get(base)))
         .copied()
+}
+
+/// [`convention`] for an op name the program spells out (every op call of the analytic
+/// layers): a string is looked up by name when a thread first sees it (or after another
+/// name took its slot), and otherwise found by its address and length, which no hashing
+/// or comparing of names needs. A string at a `'static` address never changes, so the
+/// answer is always [`convention`]'s.
+pub(crate) fn convention_of_static(op: &'static str) -> Option<&'static OpConvention> {
+    type Slot = Cell<Option<(usize, usize, &'static OpConvention)>>;
+    const SLOTS: usize = 128;
+    thread_local! {
+        static BY_ADDRESS: [Slot; SLOTS] = const { [const { Cell::new(None) }; SLOTS] };
+    }
+    let (address, len) = (op.as_ptr() as usize, op.len());
+    // Fibonacci hashing of the address: the top 7 bits pick one of the 128 slots.
+    let slot =
+        (address.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> (usize::BITS - 7)) % SLOTS;
+    BY_ADDRESS.with(|slots| {
+        if let Some((a, l, conv)) = slots[slot].get() {
+            if (a, l) == (address, len) {
+                return Some(conv);
+            }
+        }
+        let conv = convention(op)?;
+        slots[slot].set(Some((address, len, conv)));
+        Some(conv)
+    })
 }
 
 /// A scratch copy of the table for tests of the independent witnesses: inside
@@ -874,47 +955,19 @@ fn dims<const N: usize>(op: &str, t: &TensorMeta) -> Result<[u64; N]> {
     })
 }
 
-/// Broadcast of two shapes, right-aligned, as PyTorch does it.
-pub fn broadcast(a: &[u64], b: &[u64]) -> Option<Vec<u64>> {
-    let n = a.len().max(b.len());
-    let mut out = vec![0; n];
-    for (i, slot) in out.iter_mut().enumerate() {
-        let x = if i + a.len() >= n {
-            a[i + a.len() - n]
-        } else {
-            1
-        };
-        let y = if i + b.len() >= n {
-            b[i + b.len() - n]
-        } else {
-            1
-        };
-        *slot = match (x, y) {
-            (x, y) if x == y => x,
-            (1, y) => y,
-            (x, 1) => x,
-            _ => return None,
-        };
-    }
-    Some(out)
-}
-
 fn elementwise_flops(op: &str, args: &[Arg], per_element: u64) -> Result<u64> {
-    let tensors: Vec<&TensorMeta> = args
-        .iter()
-        .filter_map(|a| match a {
-            Arg::Tensor(t) => Some(t),
-            _ => None,
-        })
-        .collect();
-    let Some(first) = tensors.first() else {
+    let mut tensors = args.iter().filter_map(|a| match a {
+        Arg::Tensor(t) => Some(t),
+        _ => None,
+    });
+    let Some(first) = tensors.next() else {
         return Err(Error::op_shape(op, "no tensor argument"));
     };
     if !first.dtype.is_floating() {
         return Ok(0);
     }
     let mut shape = first.shape.clone();
-    for t in &tensors[1..] {
+    for t in tensors {
         shape = broadcast(&shape, &t.shape).ok_or_else(|| {
             Error::op_shape(
                 op,
@@ -922,9 +975,8 @@ fn elementwise_flops(op: &str, args: &[Arg], per_element: u64) -> Result<u64> {
             )
         })?;
     }
-    let mut factors = shape;
-    factors.push(per_element);
-    product(op, &factors)
+    // The same multiplications, in the same order, as one product of shape and factor.
+    product(op, &[product(op, &shape)?, per_element])
 }
 
 /// (matmul FLOPs, elementwise FLOPs inside the op, dtype that picks the engine).
@@ -1297,6 +1349,29 @@ mod tests {
     }
 
     #[test]
+    fn tensor_bytes_or_the_reason_there_are_none() {
+        assert_eq!(TensorMeta::new(&[3, 5], Dtype::Bf16).bytes().unwrap(), 30);
+        assert_eq!(TensorMeta::new(&[], Dtype::F32).bytes().unwrap(), 4);
+        assert_eq!(
+            TensorMeta::new(&[u64::MAX, 0], Dtype::F32).bytes().unwrap(),
+            0
+        );
+        let no_size = TensorMeta::new(&[2], Dtype::Other).bytes().unwrap_err();
+        assert!(no_size.to_string().contains("no byte size"), "{no_size}");
+        let elements = TensorMeta::new(&[u64::MAX, 2], Dtype::F32)
+            .bytes()
+            .unwrap_err();
+        assert!(
+            elements.to_string().contains("tensor element count"),
+            "{elements}"
+        );
+        let bytes = TensorMeta::new(&[u64::MAX / 2], Dtype::F32)
+            .bytes()
+            .unwrap_err();
+        assert!(bytes.to_string().contains("tensor bytes"), "{bytes}");
+    }
+
+    #[test]
     fn table_has_no_duplicates_and_every_fcm_registry_op() {
         let mut names: Vec<&str> = OPS.iter().map(|c| c.op).collect();
         names.sort();
@@ -1333,6 +1408,18 @@ mod tests {
         }
         let fcm = OPS.iter().filter(|c| c.flop_counter_mode).count();
         assert_eq!(fcm, 21, "only registry ops are FlopCounterMode-visible");
+    }
+
+    #[test]
+    fn lookup_by_address_answers_as_lookup_by_name() {
+        // Twice each, so the second answer comes from the address cache.
+        for _ in 0..2 {
+            for c in OPS {
+                assert_eq!(convention_of_static(c.op), Some(c), "{}", c.op);
+            }
+            assert_eq!(convention_of_static("aten::mul_"), convention("aten::mul_"));
+            assert_eq!(convention_of_static("aten::no_such_op"), None);
+        }
     }
 
     #[test]
@@ -1715,13 +1802,6 @@ mod tests {
         );
         let ints = t(&[4, 8], Dtype::I64);
         assert_eq!(cost("aten::bitwise_not", &[ints]).elementwise_flops, 0);
-    }
-
-    #[test]
-    fn broadcast_follows_pytorch() {
-        assert_eq!(broadcast(&[2, 1, 4], &[3, 1]), Some(vec![2, 3, 4]));
-        assert_eq!(broadcast(&[], &[5]), Some(vec![5]));
-        assert_eq!(broadcast(&[2], &[3]), None);
     }
 
     #[test]

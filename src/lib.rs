@@ -36,6 +36,7 @@ pub mod mla_config;
 pub mod overflow;
 pub mod report;
 pub mod routing;
+pub mod shape;
 pub mod units;
 pub mod workload;
 

@@ -13,6 +13,8 @@
 //! Every size is tracked twice: as the tensor's bytes (the CPU allocator) and as its CUDA
 //! caching-allocator block ([`crate::allocator::cuda_round_size`]).
 
+use std::cell::RefCell;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -69,17 +71,55 @@ struct Allocation {
 }
 
 /// Builder ids, unique in the process (a `TensorMeta` may cross threads).
-static NEXT_BUILDER: AtomicU64 = AtomicU64::new(0);
+static NEXT_BUILDER: AtomicU64 = AtomicU64::new(1);
 
-/// The allocations of one cost builder, in op order.
+/// The growable parts of a [`Liveness`], handed from one builder to the next on the
+/// same thread: a layer evaluation makes a dozen builders, and design-space sweeps
+/// evaluate layers millions of times, so their buffers are reused, not reallocated.
+#[derive(Debug, Default)]
+struct Buffers {
+    allocations: Vec<Allocation>,
+    returned: Vec<Option<StorageId>>,
+    kept: Vec<Option<StorageId>>,
+}
+
+thread_local! {
+    /// Buffers of finished builders, ready for the next ones.
+    static SPARE: RefCell<Vec<Buffers>> = const { RefCell::new(Vec::new()) };
+}
+
+/// At most this many spare [`Buffers`] per thread (more than builders ever nest).
+const SPARE_LIMIT: usize = 32;
+
+/// The allocations of one cost builder, in op order, and what its call returns and keeps.
 #[derive(Debug)]
 pub(crate) struct Liveness {
-    builder: u64,
-    allocations: Vec<Allocation>,
+    builder: NonZeroU64,
+    /// `allocations`: in op order; `returned`: what the call returns (see
+    /// [`Liveness::returns`]); `kept`: its own allocations it leaves allocated.
+    buffers: Buffers,
+    /// Whether the call said what it returns.
+    returns_said: bool,
     live: Sizes,
     peak: Sizes,
     /// Bytes kept by sub-layers (KV cache): live until the end, never released here.
     kept: Sizes,
+}
+
+impl Drop for Liveness {
+    fn drop(&mut self) {
+        let mut buffers = std::mem::take(&mut self.buffers);
+        buffers.allocations.clear();
+        buffers.returned.clear();
+        buffers.kept.clear();
+        // During thread teardown the spares may be gone already: then the buffers go too.
+        let _ = SPARE.try_with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < SPARE_LIMIT {
+                spare.push(buffers);
+            }
+        });
+    }
 }
 
 fn add(a: Sizes, b: Sizes) -> Result<Sizes> {
@@ -96,10 +136,20 @@ fn max(a: Sizes, b: Sizes) -> Sizes {
 
 impl Liveness {
     pub(crate) fn new() -> Liveness {
+        let buffers = SPARE
+            .try_with(|spare| spare.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Buffers {
+                // Most layers allocate fewer than 32 tensors: one allocation, no regrowth.
+                allocations: Vec::with_capacity(32),
+                ..Buffers::default()
+            });
         Liveness {
-            builder: NEXT_BUILDER.fetch_add(1, Ordering::Relaxed),
-            // Most layers allocate fewer than 32 tensors: one allocation, no regrowth.
-            allocations: Vec::with_capacity(32),
+            builder: NonZeroU64::new(NEXT_BUILDER.fetch_add(1, Ordering::Relaxed))
+                .expect("2^64 builders are never made"),
+            buffers,
+            returns_said: false,
             live: [0, 0],
             peak: [0, 0],
             kept: [0, 0],
@@ -110,17 +160,18 @@ impl Liveness {
     pub(crate) fn allocate(&mut self, sizes: Sizes) -> Result<StorageId> {
         self.live = add(self.live, sizes)?;
         self.peak = max(self.peak, self.live);
-        self.allocations.push(Allocation { sizes, live: true });
+        let allocations = &mut self.buffers.allocations;
+        allocations.push(Allocation { sizes, live: true });
         Ok(StorageId {
             builder: self.builder,
-            index: self.allocations.len() - 1,
+            index: allocations.len() - 1,
         })
     }
 
     /// Whether `id` is one of this builder's allocations and still live.
     pub(crate) fn is_live(&self, id: Option<StorageId>) -> bool {
         id.filter(|id| id.builder == self.builder)
-            .and_then(|id| self.allocations.get(id.index))
+            .and_then(|id| self.buffers.allocations.get(id.index))
             .is_some_and(|a| a.live)
     }
 
@@ -137,6 +188,7 @@ impl Liveness {
             return Ok(());
         };
         let a = self
+            .buffers
             .allocations
             .get_mut(id.index)
             .filter(|a| a.live)
@@ -148,57 +200,78 @@ impl Liveness {
 
     /// A sub-layer call with footprints `peak` (bytes, CUDA blocks) that returns tensors
     /// of `returned` sizes: its peak on top of what is live now; afterwards its kept
-    /// bytes stay and each returned tensor is a new allocation of this builder (`None`
-    /// for one that holds nothing the call allocated).
+    /// bytes stay and each returned tensor is a new allocation of this builder, handed to
+    /// `held` in order (`None` for one that holds nothing the call allocated).
     pub(crate) fn call(
         &mut self,
         peak: [Peak; 2],
         returned: &[Sizes],
-    ) -> Result<Vec<Option<StorageId>>> {
+        mut held: impl FnMut(Option<StorageId>),
+    ) -> Result<()> {
         let during = add(self.live, [peak[0].peak_bytes, peak[1].peak_bytes])?;
         self.peak = max(self.peak, during);
         let kept = [peak[0].kept_bytes, peak[1].kept_bytes];
         self.kept = add(self.kept, kept)?;
         self.live = add(self.live, kept)?;
-        returned
-            .iter()
-            .map(|&sizes| {
-                if sizes == [0, 0] {
-                    Ok(None)
-                } else {
-                    self.allocate(sizes).map(Some)
-                }
-            })
-            .collect()
+        for &sizes in returned {
+            held(if sizes == [0, 0] {
+                None
+            } else {
+                Some(self.allocate(sizes)?)
+            });
+        }
+        Ok(())
     }
 
-    /// The footprints of the finished call (bytes, CUDA blocks): it returns `returned`
-    /// and keeps `kept` (its own allocations); every other local is freed on return.
-    /// With `returned` unknown (`None` given by a layer that did not say), everything
-    /// still live counts as returned. Also each returned tensor's sizes, in order (one
-    /// entry for all of them when `returned` is unknown).
-    pub(crate) fn finish(
-        &self,
-        returned: Option<&[Option<StorageId>]>,
-        kept: &[Option<StorageId>],
-    ) -> ([Peak; 2], Vec<Sizes>) {
-        // Each allocation counts once, however many of the tensors it holds are named.
-        let mut seen: Vec<usize> = Vec::new();
-        let mut size_of = |id: &Option<StorageId>| match id {
-            Some(id) if self.is_live(Some(*id)) && !seen.contains(&id.index) => {
-                seen.push(id.index);
-                self.allocations[id.index].sizes
-            }
-            _ => [0, 0],
+    /// The call returns the tensors held by `ids` (replacing what it said before).
+    pub(crate) fn returns(&mut self, ids: impl IntoIterator<Item = Option<StorageId>>) {
+        self.buffers.returned.clear();
+        self.buffers.returned.extend(ids);
+        self.returns_said = true;
+    }
+
+    /// The call leaves the tensors held by `ids` allocated (as well as those said before).
+    pub(crate) fn keeps(&mut self, ids: impl IntoIterator<Item = Option<StorageId>>) {
+        self.buffers.kept.extend(ids);
+    }
+
+    /// The footprints of the finished call (bytes, CUDA blocks): it returns what
+    /// [`Liveness::returns`] said and keeps what [`Liveness::keeps`] said (its own
+    /// allocations); every other local is freed on return. When it never said what it
+    /// returns, everything still live counts as returned. Also each returned tensor's
+    /// sizes, in order (one entry for all of them when it never said).
+    pub(crate) fn finish(&self) -> ([Peak; 2], Vec<Sizes>) {
+        let Buffers {
+            allocations,
+            returned: returned_ids,
+            kept: kept_ids,
+        } = &self.buffers;
+        // Each allocation counts once, however many of the tensors it holds are named:
+        // the kept ones first, then the returned ones, each unless named before.
+        let named = |i: usize| match i.checked_sub(kept_ids.len()) {
+            None => kept_ids[i],
+            Some(r) => returned_ids[r],
         };
-        let kept_own = kept.iter().fold([0, 0], |t, id| {
-            let s = size_of(id);
+        let size_of = |i: usize| -> Sizes {
+            let id = named(i);
+            match id {
+                Some(own) if self.is_live(id) && (0..i).all(|j| named(j) != id) => {
+                    allocations[own.index].sizes
+                }
+                _ => [0, 0],
+            }
+        };
+        let kept_own = (0..kept_ids.len()).fold([0, 0], |t, i| {
+            let s = size_of(i);
             [t[0] + s[0], t[1] + s[1]]
         });
         let kept = [self.kept[0] + kept_own[0], self.kept[1] + kept_own[1]];
-        let parts: Vec<Sizes> = match returned {
-            Some(ids) => ids.iter().map(&mut size_of).collect(),
-            None => vec![[self.live[0] - kept[0], self.live[1] - kept[1]]],
+        let parts: Vec<Sizes> = if self.returns_said {
+            (kept_ids.len()..kept_ids.len() + returned_ids.len())
+                .map(size_of)
+                .collect()
+        } else {
+            vec![[self.live[0] - kept[0], self.live[1] - kept[1]]]
         };
         let returned = parts.iter().fold([0, 0], |t, s| [t[0] + s[0], t[1] + s[1]]);
         let peaks = [0, 1].map(|i| Peak {
@@ -221,7 +294,8 @@ mod tests {
         let b = l.allocate([20, 512]).unwrap();
         l.release(Some(a), || "a".into()).unwrap();
         let c = l.allocate([5, 512]).unwrap();
-        let ([bytes, blocks], parts) = l.finish(Some(&[Some(c)]), &[]);
+        l.returns([Some(c)]);
+        let ([bytes, blocks], parts) = l.finish();
         assert_eq!(parts, vec![[5, 512]]);
         assert_eq!(bytes.peak_bytes, 30);
         assert_eq!(blocks.peak_bytes, 1024);
@@ -243,9 +317,12 @@ mod tests {
             returned_bytes: 8,
             kept_bytes: 4,
         };
-        let out = l.call([child, child], &[[8, 512]]).unwrap();
+        let mut out = Vec::new();
+        l.call([child, child], &[[8, 512]], |s| out.push(s))
+            .unwrap();
         assert_eq!(out.len(), 1);
-        let ([bytes, _], _) = l.finish(Some(&out), &[]);
+        l.returns(out);
+        let ([bytes, _], _) = l.finish();
         assert_eq!(bytes.peak_bytes, 150);
         assert_eq!(bytes.returned_bytes, 8);
         assert_eq!(bytes.kept_bytes, 4, "the child's KV cache stays");

@@ -1,10 +1,12 @@
 //! Exact per-call metrics and the cost tree that composite layers are made of.
 
+use std::fmt::Display;
+
 use serde::Serialize;
 
 use crate::allocator::cuda_round_size;
 use crate::checked::sum;
-use crate::conventions::{convention, is_in_place, Arg, OpCost, Rule, StorageId, TensorMeta, Tf32};
+use crate::conventions::{convention_of_static, is_in_place, Arg, OpCost, Rule, TensorMeta, Tf32};
 use crate::error::{Error, Result};
 use crate::liveness::{Liveness, Peak};
 
@@ -102,10 +104,19 @@ impl Metric {
         }
     }
 
-    /// Its value in `m`.
+    /// Its value in `m` (the field [`Metric::set`] writes; read without copying `m`,
+    /// since every op call of a layer sums its metrics through here).
     pub fn get(self, m: &Metrics) -> u64 {
-        let mut copy = *m;
-        *self.field(&mut copy)
+        match self {
+            Metric::MatmulFlops => m.matmul_flops,
+            Metric::ElementwiseFlops => m.elementwise_flops,
+            Metric::TensorCoreFlops => m.tensor_core_flops,
+            Metric::CudaCoreFlops => m.cuda_core_flops,
+            Metric::IoBytes => m.io_bytes,
+            Metric::WeightBytes => m.weight_bytes,
+            Metric::ActivationBytes => m.activation_bytes,
+            Metric::KvCacheBytes => m.kv_cache_bytes,
+        }
     }
 
     /// Sets its value in `m`.
@@ -273,12 +284,9 @@ pub struct CostBuilder {
     allow_tf32: bool,
     /// Keep sums only (inside [`sums_only`]).
     sums_only: bool,
-    /// Which of the node's tensors are allocated, op by op.
+    /// Which of the node's tensors are allocated, op by op, and which it returns
+    /// ([`CostBuilder::returns`]) and keeps ([`CostBuilder::keeps`]).
     liveness: Liveness,
-    /// What the call returns ([`CostBuilder::returns`]); `None` until said.
-    returned: Option<Vec<Option<StorageId>>>,
-    /// Its own tensors it leaves allocated ([`CostBuilder::keeps`]).
-    kept: Vec<Option<StorageId>>,
 }
 
 impl CostBuilder {
@@ -298,8 +306,6 @@ impl CostBuilder {
             allow_tf32,
             sums_only: SUMS_ONLY.with(|s| s.get()),
             liveness: Liveness::new(),
-            returned: None,
-            kept: Vec::new(),
         }
     }
 
@@ -307,14 +313,18 @@ impl CostBuilder {
     /// tensors it allocates (for byte metrics). FLOPs come from the conventions table.
     /// Returns the outputs, each held by its allocation (a view's or an in-place op's by
     /// its first tensor argument's), to be released where the vendor code drops them.
-    pub fn op(
+    ///
+    /// `role` names the call in the per-op tree; it is only formatted when the tree is
+    /// kept (not inside [`sums_only`]), so a `format_args!` costs nothing in a sweep.
+    pub fn op<const N: usize>(
         &mut self,
-        role: &str,
+        role: impl Display,
         op: &'static str,
         inputs: &[Arg],
-        outputs: &[TensorMeta],
-    ) -> Result<Vec<TensorMeta>> {
-        self.op_with_host_outputs(role, op, inputs, outputs, &[])
+        mut outputs: [TensorMeta; N],
+    ) -> Result<[TensorMeta; N]> {
+        self.record(&role, op, inputs, &mut outputs, &[])?;
+        Ok(outputs)
     }
 
     /// Records an op call that also writes `host` tensors in host memory while it runs
@@ -323,14 +333,28 @@ impl CostBuilder {
     /// neither `activation_bytes` nor the CUDA blocks include them.
     pub fn op_with_host_outputs(
         &mut self,
-        role: &str,
+        role: impl Display,
         op: &'static str,
         inputs: &[Arg],
-        outputs: &[TensorMeta],
+        mut outputs: Vec<TensorMeta>,
         host: &[TensorMeta],
     ) -> Result<Vec<TensorMeta>> {
-        let conv =
-            convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+        self.record(&role, op, inputs, &mut outputs, host)?;
+        Ok(outputs)
+    }
+
+    /// The one body of [`CostBuilder::op`] and [`CostBuilder::op_with_host_outputs`]:
+    /// costs the call and sets each output's allocation in place.
+    fn record(
+        &mut self,
+        role: &dyn Display,
+        op: &'static str,
+        inputs: &[Arg],
+        outputs: &mut [TensorMeta],
+        host: &[TensorMeta],
+    ) -> Result<()> {
+        let conv = convention_of_static(op)
+            .ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         let OpCost {
             matmul_flops,
             elementwise_flops,
@@ -348,9 +372,8 @@ impl CostBuilder {
         // of its own) or works in place (it returns its argument).
         let allocates = !(matches!(conv.rule, Rule::View | Rule::Composite) || is_in_place(op));
         let (mut activation_bytes, mut cuda_activation_bytes) = (0, 0);
-        let mut held = Vec::with_capacity(outputs.len());
         if allocates {
-            for t in outputs {
+            for t in outputs.iter_mut() {
                 let bytes = t.bytes()?;
                 let block = cuda_round_size(bytes, 0)
                     .ok_or_else(|| Error::overflow(format!("the CUDA block of {op}")))?;
@@ -358,12 +381,11 @@ impl CostBuilder {
                 cuda_activation_bytes =
                     sum("CUDA activation blocks", &[cuda_activation_bytes, block])?;
                 // An empty tensor allocates nothing and holds nothing.
-                let storage = if bytes == 0 {
+                t.storage = if bytes == 0 {
                     None
                 } else {
                     Some(self.liveness.allocate([bytes, block])?)
                 };
-                held.push(t.clone().held_by(storage));
             }
         } else {
             // A view or an in-place op's result is its first tensor argument's memory; a
@@ -378,7 +400,9 @@ impl CostBuilder {
                     })
                     .flatten(),
             };
-            held.extend(outputs.iter().map(|t| t.clone().held_by(base)));
+            for t in outputs.iter_mut() {
+                t.storage = base;
+            }
         }
         let metrics = Metrics {
             matmul_flops,
@@ -390,8 +414,7 @@ impl CostBuilder {
             ..Metrics::default()
         };
         if self.sums_only {
-            self.add(&metrics, cuda_activation_bytes)?;
-            return Ok(held);
+            return self.add(&metrics, cuda_activation_bytes);
         }
         self.push(Cost {
             name: role.to_string(),
@@ -402,15 +425,15 @@ impl CostBuilder {
             cuda_peak: Peak::default(),
             returned: Vec::new(),
             children: Vec::new(),
-        })?;
-        Ok(held)
+        })
     }
 
     /// Records an op call that hands back its input unchanged (`contiguous()` of a
     /// tensor already contiguous): dispatched, but it computes, moves and allocates
     /// nothing.
-    pub fn returns_input(&mut self, role: &str, op: &'static str) -> Result<()> {
-        convention(op).ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
+    pub fn returns_input(&mut self, role: impl Display, op: &'static str) -> Result<()> {
+        convention_of_static(op)
+            .ok_or_else(|| Error::op_shape(op, "not in the conventions table"))?;
         if self.sums_only {
             return Ok(());
         }
@@ -429,7 +452,7 @@ impl CostBuilder {
     /// Adds a sub-layer call whose outputs stay allocated until this node returns.
     pub fn child(&mut self, child: Cost) -> Result<()> {
         self.liveness
-            .call([child.peak, child.cuda_peak], &child.returned)?;
+            .call([child.peak, child.cuda_peak], &child.returned, |_| {})?;
         self.push(child)
     }
 
@@ -447,15 +470,16 @@ impl CostBuilder {
                 ),
             ));
         }
-        let storages = self
-            .liveness
-            .call([child.peak, child.cuda_peak], &child.returned)?;
+        let mut held = Vec::with_capacity(outputs.len());
+        let mut outputs = outputs.iter();
+        self.liveness
+            .call([child.peak, child.cuda_peak], &child.returned, |storage| {
+                if let Some(t) = outputs.next() {
+                    held.push((*t).clone().held_by(storage));
+                }
+            })?;
         self.push(child)?;
-        Ok(outputs
-            .iter()
-            .zip(storages)
-            .map(|(t, s)| (*t).clone().held_by(s))
-            .collect())
+        Ok(held)
     }
 
     /// The vendor code drops its last reference to each of `tensors` here (a temporary
@@ -487,12 +511,12 @@ impl CostBuilder {
     ///
     /// [`kept`]: CostBuilder::keeps
     pub fn returns(&mut self, outputs: &[&TensorMeta]) {
-        self.returned = Some(outputs.iter().map(|t| t.storage()).collect());
+        self.liveness.returns(outputs.iter().map(|t| t.storage()));
     }
 
     /// The call leaves `tensors` allocated for later calls (the KV cache).
     pub fn keeps(&mut self, tensors: &[&TensorMeta]) {
-        self.kept.extend(tensors.iter().map(|t| t.storage()));
+        self.liveness.keeps(tensors.iter().map(|t| t.storage()));
     }
 
     /// Adds parameters of `bytes` owned by this node itself (not by a child).
@@ -528,8 +552,7 @@ impl CostBuilder {
 
     /// The finished node.
     pub fn finish(mut self) -> Cost {
-        let ([peak, cuda_peak], returned) =
-            self.liveness.finish(self.returned.as_deref(), &self.kept);
+        let ([peak, cuda_peak], returned) = self.liveness.finish();
         self.node.peak = peak;
         self.node.cuda_peak = cuda_peak;
         self.node.returned = returned;
@@ -556,23 +579,13 @@ mod tests {
             "proj",
             "aten::mm",
             &[Arg::Tensor(x.clone()), Arg::Tensor(w.clone())],
-            std::slice::from_ref(&y),
+            [y.clone()],
         )
         .unwrap();
-        b.op(
-            "act",
-            "aten::silu",
-            &[Arg::Tensor(y.clone())],
-            std::slice::from_ref(&y),
-        )
-        .unwrap();
-        b.op(
-            "view",
-            "aten::view",
-            &[Arg::Tensor(y.clone())],
-            std::slice::from_ref(&y),
-        )
-        .unwrap();
+        b.op("act", "aten::silu", &[Arg::Tensor(y.clone())], [y.clone()])
+            .unwrap();
+        b.op("view", "aten::view", &[Arg::Tensor(y.clone())], [y.clone()])
+            .unwrap();
         b.weights(256).unwrap();
         let c = b.finish();
         assert_eq!(c.metrics.matmul_flops, 2 * 4 * 8 * 16);
@@ -589,7 +602,18 @@ mod tests {
     #[test]
     fn unknown_ops_are_errors_not_zeros() {
         let mut b = CostBuilder::new("demo", false);
-        assert!(b.op("x", "aten::made_up", &[], &[]).is_err());
+        assert!(b.op("x", "aten::made_up", &[], []).is_err());
+    }
+
+    #[test]
+    fn get_reads_the_field_set_writes() {
+        for (i, metric) in Metric::ALL.into_iter().enumerate() {
+            let mut m = Metrics::default();
+            metric.set(&mut m, i as u64 + 1);
+            assert_eq!(metric.get(&m), i as u64 + 1, "{}", metric.name());
+            let others: u64 = Metric::ALL.iter().map(|o| o.get(&m)).sum();
+            assert_eq!(others, i as u64 + 1, "{} writes one field", metric.name());
+        }
     }
 
     #[test]

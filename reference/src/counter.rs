@@ -283,7 +283,7 @@ impl Counts {
             .args
             .iter()
             .filter_map(|a| match a {
-                Arg::Tensor(t) => Some((t.shape.clone(), t.dtype)),
+                Arg::Tensor(t) => Some((t.shape.to_vec(), t.dtype)),
                 _ => None,
             })
             .unzip();

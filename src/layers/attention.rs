@@ -26,7 +26,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::rotary_embedding::LlamaRotaryEmbedding;
 use crate::layers::sdpa_kernel::SdpaKernel;
-use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::{Phase, Workload};
@@ -160,9 +160,9 @@ impl LlamaAttention {
                 return Ok(x.clone());
             }
             b.copy(
-                &format!("pad {name} to head dim {padded}"),
+                format_args!("pad {name} to head dim {padded}"),
                 "aten::constant_pad_nd",
-                &[x],
+                [x],
                 with_last(x, padded),
             )
         };
@@ -171,7 +171,7 @@ impl LlamaAttention {
         // The kernel's result is its first output (sliced back when padded); the padded
         // inputs and the side outputs are freed when SDPA returns.
         let written = b.op_with_host_outputs(
-            &format!("scaled_dot_product_attention ({})", kernel.label()),
+            format_args!("scaled_dot_product_attention ({})", kernel.label()),
             op,
             &[
                 arg(&q),
@@ -180,7 +180,7 @@ impl LlamaAttention {
                 Arg::Float(0.0),
                 Arg::Bool(sq > 1),
             ],
-            &outputs.device,
+            outputs.device,
             &outputs.host,
         )?;
         b.returns(&[&written[0]]);
@@ -210,27 +210,27 @@ impl LlamaAttention {
         let bh = product("batch × heads", &[batch, heads])?;
         // The C++ function's locals (the scaled q, the mask) live until it returns; the
         // expression temporaries go when their consumer returns.
-        let q_scaled = b.elementwise("q * √scale", "aten::mul", &[q], dtype)?;
+        let q_scaled = b.elementwise("q * √scale", "aten::mul", [q], dtype)?;
         let mask = if sq > 1 {
             let ones = t(&[sq, skv], Dtype::Bool);
-            let ones = b.copy("causal: ones(S_q, S_kv)", "aten::ones", &[], ones)?;
+            let ones = b.copy("causal: ones(S_q, S_kv)", "aten::ones", [], ones)?;
             let lower = b.copy(
                 "causal: tril",
                 "aten::tril",
-                &[&ones],
+                [&ones],
                 t(&[sq, skv], Dtype::Bool),
             )?;
             b.release(&[&ones])?;
             let zero = b.copy(
                 "causal: scalar_tensor(0)",
                 "aten::scalar_tensor",
-                &[],
+                [],
                 t(&[], dtype),
             )?;
             let mask = b.copy(
                 "causal: where(mask, 0, -inf)",
                 "aten::where",
-                &[&lower, &zero],
+                [&lower, &zero],
                 t(&[sq, skv], dtype),
             )?;
             // `attn_mask = convert_boolean_attn_mask(attn_mask, …)`.
@@ -239,50 +239,50 @@ impl LlamaAttention {
         } else {
             None
         };
-        let k_scaled = b.elementwise("kᵀ * √scale", "aten::mul", &[&kt(k)], dtype)?;
+        let k_scaled = b.elementwise("kᵀ * √scale", "aten::mul", [&kt(k)], dtype)?;
         let kv_folds = self.kv_folds(skv);
         let q_copy = b.matmul_copy("matmul: q contiguous", &q_scaled, !self.q_folds())?;
         // kᵀ·√scale is a tensor of its own: where k was `repeat_kv`'s stride-0 view of one
         // KV head, the mul writes every head densely, so it folds like a copied k.
         let k_scaled_folds = kv_folds || self.heads != self.kv_heads;
         let k_copy = b.matmul_copy("matmul: kᵀ contiguous", &k_scaled, !k_scaled_folds)?;
-        let scores = single(b.op(
+        let [scores] = b.op(
             "q @ kᵀ",
             "aten::bmm",
             &[arg(&t(&[bh, sq, d], dtype)), arg(&t(&[bh, d, skv], dtype))],
-            &[t(&[bh, sq, skv], dtype)],
-        )?)?
-        .viewed_as(&[batch, heads, sq, skv]);
+            [t(&[bh, sq, skv], dtype)],
+        )?;
+        let scores = scores.viewed_as(&[batch, heads, sq, skv]);
         // `matmul`'s contiguous copies, and its argument kᵀ·√scale, go when it returns.
         for copy in [&q_copy, &k_copy].into_iter().flatten() {
             b.release(&[copy])?;
         }
         b.release(&[&k_scaled])?;
         if let Some(mask) = &mask {
-            b.elementwise("+= causal mask", "aten::add_", &[&scores, mask], dtype)?;
+            b.elementwise("+= causal mask", "aten::add_", [&scores, mask], dtype)?;
         }
-        let probs = single(b.op(
+        let [probs] = b.op(
             "_safe_softmax: softmax",
             "aten::softmax",
             &[arg(&scores), Arg::Int(-1)],
-            &[t(&scores.shape, dtype)],
-        )?)?;
+            [t(&scores.shape, dtype)],
+        )?;
         let neg_inf = b.elementwise(
             "_safe_softmax: isneginf",
             "aten::isneginf",
-            &[&probs],
+            [&probs],
             Dtype::Bool,
         )?;
-        let all_masked = single(b.op(
+        let [all_masked] = b.op(
             "_safe_softmax: all(-1)",
             "aten::all",
             &[arg(&neg_inf), Arg::Int(-1), Arg::Bool(true)],
-            &[t(&[batch, heads, sq, 1], Dtype::Bool)],
-        )?)?;
+            [t(&[batch, heads, sq, 1], Dtype::Bool)],
+        )?;
         let zero = b.copy(
             "_safe_softmax: scalar_tensor(0)",
             "aten::scalar_tensor",
-            &[],
+            [],
             t(&[], dtype),
         )?;
         b.returns_input(
@@ -299,7 +299,7 @@ impl LlamaAttention {
                 arg(&t(&[bh, sq, skv], dtype)),
                 arg(&t(&[bh, skv, v.shape[3]], dtype)),
             ],
-            &[t(&[bh, sq, d], dtype)],
+            [t(&[bh, sq, d], dtype)],
         )?;
         if let Some(copy) = &v_copy {
             b.release(&[copy])?;
@@ -383,41 +383,41 @@ impl LlamaAttention {
                 // `matmul`'s contiguous copies are its temporaries.
                 let q_copy = b.matmul_copy("matmul: q contiguous", q, !self.q_folds())?;
                 let k_copy = b.matmul_copy("matmul: kᵀ contiguous", &kt(k), !kv_folds)?;
-                let scores = single(b.op(
+                let [scores] = b.op(
                     "q @ kᵀ",
                     "aten::bmm",
                     &[arg(&t(&[bh, sq, d], dtype)), arg(&t(&[bh, d, skv], dtype))],
-                    &[t(&[bh, sq, skv], dtype)],
-                )?)?
-                .viewed_as(&[batch, heads, sq, skv]);
+                    [t(&[bh, sq, skv], dtype)],
+                )?;
+                let scores = scores.viewed_as(&[batch, heads, sq, skv]);
                 for copy in [&q_copy, &k_copy].into_iter().flatten() {
                     b.release(&[copy])?;
                 }
-                let scaled = b.elementwise("/ sqrt(head_dim)", "aten::div", &[&scores], dtype)?;
+                let scaled = b.elementwise("/ sqrt(head_dim)", "aten::div", [&scores], dtype)?;
                 b.release(&[&scores])?;
                 let mask = t(&[batch, 1, sq, skv], dtype);
                 let masked =
-                    b.elementwise("+ causal_mask", "aten::add", &[&scaled, &mask], dtype)?;
+                    b.elementwise("+ causal_mask", "aten::add", [&scaled, &mask], dtype)?;
                 b.release(&[&scaled])?;
-                let probs32 = single(b.op(
+                let [probs32] = b.op(
                     "softmax(float32)",
                     "aten::softmax",
                     &[arg(&masked), Arg::Int(-1), Arg::Other("ScalarType".into())],
-                    &[t(&masked.shape, Dtype::F32)],
-                )?)?;
+                    [t(&masked.shape, Dtype::F32)],
+                )?;
                 let probs = b.cast("softmax.to(q.dtype)", &probs32, dtype)?;
                 b.release_unless_same(&probs32, &probs)?;
                 b.release(&[&masked])?;
                 let v_copy = b.matmul_copy("matmul: v contiguous", v, !kv_folds)?;
-                let out = single(b.op(
+                let [out] = b.op(
                     "attn @ v",
                     "aten::bmm",
                     &[
                         arg(&t(&[bh, sq, skv], dtype)),
                         arg(&t(&[bh, skv, d], dtype)),
                     ],
-                    &[t(&[bh, sq, d], dtype)],
-                )?)?;
+                    [t(&[bh, sq, d], dtype)],
+                )?;
                 if let Some(copy) = &v_copy {
                     b.release(&[copy])?;
                 }
@@ -470,13 +470,13 @@ impl Layer for LlamaAttention {
             let keys = b.copy(
                 "past_key_value.update (keys)",
                 "aten::cat",
-                &[&cached, &k],
+                [&cached, &k],
                 full.clone(),
             )?;
             let values = b.copy(
                 "past_key_value.update (values)",
                 "aten::cat",
-                &[&cached, &v],
+                [&cached, &v],
                 full,
             )?;
             // The step's own keys and values are dropped for the concatenations.
@@ -496,10 +496,10 @@ impl Layer for LlamaAttention {
                 k = b.copy(
                     "repeat_kv (keys)",
                     "aten::clone",
-                    &[&expanded],
+                    [&expanded],
                     repeated.clone(),
                 )?;
-                v = b.copy("repeat_kv (values)", "aten::clone", &[&expanded], repeated)?;
+                v = b.copy("repeat_kv (values)", "aten::clone", [&expanded], repeated)?;
             } else {
                 (k, v) = (k.viewed_as(&repeated.shape), v.viewed_as(&repeated.shape));
             }
@@ -522,7 +522,7 @@ impl Layer for LlamaAttention {
             let copied = b.copy(
                 "transpose(1, 2).contiguous()",
                 "aten::contiguous",
-                &[&out],
+                [&out],
                 out.clone(),
             )?;
             b.release(&[&core_out])?;

@@ -136,7 +136,7 @@ impl Layer for DeepseekV2DecoderLayer {
         let residual = b.elementwise(
             "residual + self_attn",
             "aten::add",
-            &[&hidden, &attended],
+            [&hidden, &attended],
             w.dtype,
         )?;
         b.release(&[&attended])?;
@@ -149,7 +149,7 @@ impl Layer for DeepseekV2DecoderLayer {
             .remove(0);
         let mlp = b.call(feed_forward, &[&hidden])?.remove(0);
         b.release(&[&normed])?;
-        let out = b.elementwise("residual + mlp", "aten::add", &[&residual, &mlp], w.dtype)?;
+        let out = b.elementwise("residual + mlp", "aten::add", [&residual, &mlp], w.dtype)?;
         b.release(&[&mlp])?;
         b.returns(&[&out]);
         Ok(b.finish())

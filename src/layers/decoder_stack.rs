@@ -90,7 +90,7 @@ impl DeepseekV2Decoder {
                 embed.copy(
                     "embedding(input_ids)",
                     "aten::embedding",
-                    &[&weight, &ids],
+                    [&weight, &ids],
                     rows.clone(),
                 )?;
                 embed.weights(bytes_of("embedding", table, w.dtype)?)?;

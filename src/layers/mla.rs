@@ -40,6 +40,8 @@
 //! - absorb: the same query and `kv_a` terms, plus 2·T·H·d_n·r_kv, plus
 //!   2·B·H·S_q·L·(2·r_kv + d_r), plus 2·T·H·r_kv·d_v, plus 2·T·H·d_v·d.
 
+use std::fmt::Display;
+
 use crate::checked::{product, sum};
 use crate::config::ModelConfig;
 use crate::conventions::{Arg, TensorMeta};
@@ -48,7 +50,7 @@ use crate::error::{Error, Result};
 use crate::layers::attention::{AttentionImpl, ATTENTION_CORE_ROLE};
 use crate::layers::rms_norm::DeepseekV2RMSNorm;
 use crate::layers::sdpa_kernel::SdpaKernel;
-use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::mla_config::MlaConfig;
@@ -248,19 +250,25 @@ impl DeepseekV2Attention {
         let w = &self.workload;
         let (d_r, keys) = (self.mla.qk_rope_head_dim, w.key_len()?);
         let half = t(&[d_r / 2], Dtype::F32);
-        let f32_op = |b: &mut CostBuilder, role: &str, op: &'static str, inputs: &[&TensorMeta]| {
+        fn f32_op<const N: usize>(
+            b: &mut CostBuilder,
+            role: impl Display,
+            op: &'static str,
+            inputs: [&TensorMeta; N],
+        ) -> Result<TensorMeta> {
             b.elementwise(role, op, inputs, Dtype::F32)
-        };
+        }
         // `op(x)` of a temporary x, dropped once the op returns.
-        let consume = |b: &mut CostBuilder,
-                       role: &str,
-                       op: &'static str,
-                       x: TensorMeta|
-         -> Result<TensorMeta> {
-            let out = b.elementwise(role, op, &[&x], Dtype::F32)?;
+        fn consume(
+            b: &mut CostBuilder,
+            role: impl Display,
+            op: &'static str,
+            x: TensorMeta,
+        ) -> Result<TensorMeta> {
+            let out = b.elementwise(role, op, [&x], Dtype::F32)?;
             b.release(&[&x])?;
             Ok(out)
-        };
+        }
         // Locals of `_set_cos_sin_cache`, freed when it returns, and its buffers.
         let mut locals = Vec::new();
         let mut buffers = Vec::new();
@@ -268,13 +276,13 @@ impl DeepseekV2Attention {
             let mut freq = Vec::new();
             for name in ["freq_extra", "freq_inter"] {
                 let steps = b.copy(
-                    &format!("{name}: arange(0, dim, 2)"),
+                    format_args!("{name}: arange(0, dim, 2)"),
                     "aten::arange",
-                    &[],
+                    [],
                     half.clone(),
                 )?;
-                let exponent = consume(b, &format!("{name}: / dim"), "aten::div", steps)?;
-                let mut power = consume(b, &format!("{name}: base **"), "aten::pow", exponent)?;
+                let exponent = consume(b, format_args!("{name}: / dim"), "aten::div", steps)?;
+                let mut power = consume(b, format_args!("{name}: base **"), "aten::pow", exponent)?;
                 if name == "freq_inter" {
                     power = consume(b, "freq_inter: scaling_factor *", "aten::mul", power)?;
                 }
@@ -282,36 +290,36 @@ impl DeepseekV2Attention {
                 // the reciprocal a temporary of the method, power its argument.
                 let reciprocal = f32_op(
                     b,
-                    &format!("{name}: 1.0 / (reciprocal)"),
+                    format_args!("{name}: 1.0 / (reciprocal)"),
                     "aten::reciprocal",
-                    &[&power],
+                    [&power],
                 )?;
                 freq.push(f32_op(
                     b,
-                    &format!("{name}: 1.0 / (* 1.0)"),
+                    format_args!("{name}: 1.0 / (* 1.0)"),
                     "aten::mul",
-                    &[&reciprocal],
+                    [&reciprocal],
                 )?);
                 b.release(&[&reciprocal, &power])?;
             }
             // `yarn_linear_ramp_mask` returns `clamp(linear_func)`, dropping its local
             // `linear_func`; `.to(float32)` of an fp32 tensor hands it back.
-            let steps = b.copy("ramp: arange(dim // 2)", "aten::arange", &[], half.clone())?;
+            let steps = b.copy("ramp: arange(dim // 2)", "aten::arange", [], half.clone())?;
             let shifted = consume(b, "ramp: - low", "aten::sub", steps)?;
             let linear_func = consume(b, "ramp: / (high - low)", "aten::div", shifted)?;
             let ramp = consume(b, "ramp: clamp(0, 1)", "aten::clamp", linear_func)?;
             let mask = consume(b, "inv_freq_mask = 1.0 - ramp", "aten::rsub", ramp)?;
             let (freq_extra, freq_inter) = (&freq[0], &freq[1]);
-            let keep = f32_op(b, "1 - inv_freq_mask", "aten::rsub", &[&mask])?;
+            let keep = f32_op(b, "1 - inv_freq_mask", "aten::rsub", [&mask])?;
             let inter = f32_op(
                 b,
                 "freq_inter * (1 - mask)",
                 "aten::mul",
-                &[freq_inter, &keep],
+                [freq_inter, &keep],
             )?;
             b.release(&[&keep])?;
-            let extra = f32_op(b, "freq_extra * mask", "aten::mul", &[freq_extra, &mask])?;
-            let inv_freq = f32_op(b, "inv_freq = + ", "aten::add", &[&inter, &extra])?;
+            let extra = f32_op(b, "freq_extra * mask", "aten::mul", [freq_extra, &mask])?;
+            let inv_freq = f32_op(b, "inv_freq = + ", "aten::add", [&inter, &extra])?;
             b.release(&[&inter, &extra])?;
             locals.extend(freq);
             locals.push(mask);
@@ -324,7 +332,7 @@ impl DeepseekV2Attention {
         let positions = b.copy(
             "t = arange(seq_len)",
             "aten::arange",
-            &[],
+            [],
             t(&[keys], Dtype::F32),
         )?;
         // `torch.outer(t, inv_freq)` is `t.reshape(L, 1) * inv_freq`.
@@ -332,20 +340,20 @@ impl DeepseekV2Attention {
             b,
             "freqs = outer(t, inv_freq)",
             "aten::mul",
-            &[&positions.viewed_as(&[keys, 1]), &inv_freq],
+            [&positions.viewed_as(&[keys, 1]), &inv_freq],
         )?;
         let emb = b.copy(
             "emb = cat((freqs, freqs))",
             "aten::cat",
-            &[&freqs, &freqs],
+            [&freqs, &freqs],
             t(&[keys, d_r], Dtype::F32),
         )?;
         for (name, op) in [("cos", "aten::cos"), ("sin", "aten::sin")] {
-            let mut table = f32_op(b, &format!("emb.{name}()"), op, &[&emb])?;
+            let mut table = f32_op(b, format_args!("emb.{name}()"), op, [&emb])?;
             if self.yarn {
-                table = consume(b, &format!("{name} * _mscale"), "aten::mul", table)?;
+                table = consume(b, format_args!("{name} * _mscale"), "aten::mul", table)?;
             }
-            let cached = b.cast(&format!("{name}_cached.to(dtype)"), &table, w.dtype)?;
+            let cached = b.cast(format_args!("{name}_cached.to(dtype)"), &table, w.dtype)?;
             b.release_unless_same(&table, &cached)?;
             buffers.push(cached);
         }
@@ -372,22 +380,22 @@ impl DeepseekV2Attention {
         let cos = b.copy(
             "cos[position_ids]",
             "aten::index",
-            &[&tables, &ids],
+            [&tables, &ids],
             rows.clone(),
         )?;
         let sin = b.copy(
             "sin[position_ids]",
             "aten::index",
-            &[&tables, &ids],
+            [&tables, &ids],
             rows.clone(),
         )?;
         let mut deinterleaved = Vec::new();
         for (name, heads) in [("q_pe", self.heads), ("k_pe", 1)] {
             let x = t(&[batch, heads, s, d_r], dtype);
             deinterleaved.push(b.copy(
-                &format!("{name} de-interleave (reshape copy)"),
+                format_args!("{name} de-interleave (reshape copy)"),
                 "aten::clone",
-                &[&x],
+                [&x],
                 x.clone(),
             )?);
         }
@@ -402,7 +410,12 @@ impl DeepseekV2Attention {
     /// prefill stores them and hands them back; decode appends them to a cache of
     /// `context_len` rows (a `cat`). Returns the tensor attended over,
     /// `[B, heads, L, width]`, which the cache holds after the call.
-    fn cached(&self, b: &mut CostBuilder, role: &str, new: &TensorMeta) -> Result<TensorMeta> {
+    fn cached(
+        &self,
+        b: &mut CostBuilder,
+        role: impl Display,
+        new: &TensorMeta,
+    ) -> Result<TensorMeta> {
         let w = &self.workload;
         match w.phase {
             Phase::Prefill { .. } => Ok(new.clone()),
@@ -411,9 +424,9 @@ impl DeepseekV2Attention {
                 let old = t(&[w.batch, heads, context_len, width], w.dtype);
                 let full = t(&[w.batch, heads, w.key_len()?, width], w.dtype);
                 b.copy(
-                    &format!("past_key_value.update ({role})"),
+                    format_args!("past_key_value.update ({role})"),
                     "aten::cat",
-                    &[&old, new],
+                    [&old, new],
                     full,
                 )
             }
@@ -423,22 +436,23 @@ impl DeepseekV2Attention {
     /// `bmm` of `[batch, m, k] @ [batch, k, n]`; returns its output.
     fn bmm(
         b: &mut CostBuilder,
-        role: &str,
+        role: impl Display,
         batch: u64,
         m: u64,
         k: u64,
         n: u64,
         dtype: Dtype,
     ) -> Result<TensorMeta> {
-        single(b.op(
+        let [out] = b.op(
             role,
             "aten::bmm",
             &[
                 arg(&t(&[batch, m, k], dtype)),
                 arg(&t(&[batch, k, n], dtype)),
             ],
-            &[t(&[batch, m, n], dtype)],
-        )?)
+            [t(&[batch, m, n], dtype)],
+        )?;
+        Ok(out)
     }
 
     /// Scale, mask, fp32 softmax and the cast back, over `[B, H, S_q, L]` scores (a
@@ -449,18 +463,18 @@ impl DeepseekV2Attention {
     /// after `o_proj`); eval dropout hands them back.
     fn softmax(&self, b: &mut CostBuilder, scores: TensorMeta) -> Result<TensorMeta> {
         let dtype = self.workload.dtype;
-        let scaled = b.elementwise("* softmax_scale", "aten::mul", &[&scores], dtype)?;
+        let scaled = b.elementwise("* softmax_scale", "aten::mul", [&scores], dtype)?;
         b.release(&[&scores])?;
         let s = &scaled.shape;
         let mask = t(&[s[0], 1, s[2], s[3]], dtype);
-        let masked = b.elementwise("+ attention_mask", "aten::add", &[&scaled, &mask], dtype)?;
+        let masked = b.elementwise("+ attention_mask", "aten::add", [&scaled, &mask], dtype)?;
         b.release(&[&scaled])?;
-        let probs32 = single(b.op(
+        let [probs32] = b.op(
             "softmax(float32)",
             "aten::softmax",
             &[arg(&masked), Arg::Int(-1), Arg::Other("ScalarType".into())],
-            &[t(&masked.shape, Dtype::F32)],
-        )?)?;
+            [t(&masked.shape, Dtype::F32)],
+        )?;
         let probs = b.cast("softmax.to(dtype)", &probs32, dtype)?;
         b.release_unless_same(&probs32, &probs)?;
         b.release(&[&masked])?;
@@ -507,26 +521,26 @@ impl DeepseekV2Attention {
             ("key_states", "k_nope", 1),
         ] {
             let empty = b.copy(
-                &format!("{name} = new_empty"),
+                format_args!("{name} = new_empty"),
                 "aten::new_empty",
-                &[],
+                [],
                 states.clone(),
             )?;
             // `states[..., :d_n] = nope`: copy_(self = the slice, src) reads src.
             let nope = t(&[batch, heads, sq, d_n], dtype);
             b.copy(
-                &format!("{name}[..., :d_n] = {nope_src}"),
+                format_args!("{name}[..., :d_n] = {nope_src}"),
                 "aten::copy_",
-                &[&nope, &nope],
+                [&nope, &nope],
                 nope.clone(),
             )?;
             let pe = t(&[batch, pe_src_heads, sq, d_r], dtype);
             let pe_slot = t(&[batch, heads, sq, d_r], dtype);
             let pe_name = if pe_src_heads == 1 { "k_pe" } else { "q_pe" };
             b.copy(
-                &format!("{name}[..., d_n:] = {pe_name}"),
+                format_args!("{name}[..., d_n:] = {pe_name}"),
                 "aten::copy_",
-                &[&pe_slot, &pe],
+                [&pe_slot, &pe],
                 pe_slot.clone(),
             )?;
             assembled.push(empty);
@@ -540,7 +554,7 @@ impl DeepseekV2Attention {
             b.copy(
                 "F.pad(value_states) to d_qk",
                 "aten::constant_pad_nd",
-                &[&v],
+                [&v],
                 with_last(&v, value_dim),
             )?
         } else {
@@ -624,9 +638,9 @@ impl DeepseekV2Attention {
                         x
                     } else {
                         core.copy(
-                            &format!("pad {name} to head dim {padded}"),
+                            format_args!("pad {name} to head dim {padded}"),
                             "aten::constant_pad_nd",
-                            &[&x],
+                            [&x],
                             with_last(&x, padded),
                         )?
                     });
@@ -634,7 +648,7 @@ impl DeepseekV2Attention {
                 let outputs =
                     kernel.outputs(t(&[batch, heads, sq, padded], dtype), batch, heads, sq);
                 let written = core.op_with_host_outputs(
-                    &format!("scaled_dot_product_attention ({})", kernel.label()),
+                    format_args!("scaled_dot_product_attention ({})", kernel.label()),
                     op,
                     &[
                         arg(&inputs[0]),
@@ -643,7 +657,7 @@ impl DeepseekV2Attention {
                         Arg::Float(0.0),
                         Arg::Bool(sq > 1),
                     ],
-                    &outputs.device,
+                    outputs.device,
                     &outputs.host,
                 )?;
                 // SDPA returns its kernel's output (sliced back when padded); the copies
@@ -686,7 +700,7 @@ impl DeepseekV2Attention {
             let copy = b.copy(
                 "attn_output[..., :v_head_dim].reshape (copy)",
                 "aten::clone",
-                &[&out],
+                [&out],
                 out.clone(),
             )?;
             b.returns_input("attn_output.contiguous()", "aten::contiguous")?;
@@ -696,7 +710,7 @@ impl DeepseekV2Attention {
             let copy = b.copy(
                 "attn_output[..., :v_head_dim].contiguous()",
                 "aten::contiguous",
-                &[&out],
+                [&out],
                 out.clone(),
             )?;
             b.release(&[attn_output])?;
@@ -727,7 +741,7 @@ impl DeepseekV2Attention {
             let copy = b.copy(
                 "transpose(1, 2).contiguous()",
                 "aten::contiguous",
-                &[&out],
+                [&out],
                 out.clone(),
             )?;
             b.release(&[attn_output])?;
@@ -812,7 +826,7 @@ impl DeepseekV2Attention {
             ("q_nope @ compressed_kvᵀ", r, "compressed_kv"),
         ] {
             let copy = core.matmul_copy(
-                &format!("matmul: {name}ᵀ expanded over heads (copy)"),
+                format_args!("matmul: {name}ᵀ expanded over heads (copy)"),
                 &t(&[bh, width, skv], dtype),
                 folds_copy,
             )?;
@@ -827,7 +841,7 @@ impl DeepseekV2Attention {
         let summed = core.elementwise(
             "rope scores + latent scores",
             "aten::add",
-            &[&scores[0], &scores[1]],
+            [&scores[0], &scores[1]],
             dtype,
         )?;
         core.release(&[&scores[0], &scores[1]])?;

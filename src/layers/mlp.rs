@@ -57,10 +57,10 @@ impl DeepseekV2MLP {
         let mut b = CostBuilder::new(name, self.allow_tf32);
         // One expression: each temporary is freed as soon as its consumer returns.
         let gate = b.linear("gate_proj", x, self.intermediate, false)?;
-        let act = b.elementwise("act_fn (silu)", "aten::silu", &[&gate], x.dtype)?;
+        let act = b.elementwise("act_fn (silu)", "aten::silu", [&gate], x.dtype)?;
         b.release(&[&gate])?;
         let up = b.linear("up_proj", x, self.intermediate, false)?;
-        let prod = b.elementwise("act * up", "aten::mul", &[&act, &up], x.dtype)?;
+        let prod = b.elementwise("act * up", "aten::mul", [&act, &up], x.dtype)?;
         b.release(&[&act, &up])?;
         let out = b.linear("down_proj", &prod, hidden, false)?;
         b.release(&[&prod])?;

@@ -24,7 +24,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::mlp::DeepseekV2MLP;
 use crate::layers::moe_gate::MoEGate;
-use crate::layers::vendor_ops::{arg, bytes_of, single, t};
+use crate::layers::vendor_ops::{arg, bytes_of, t};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::{Platform, Workload};
@@ -163,16 +163,16 @@ impl Layer for DeepseekV2MoE {
         let counts = b.copy(
             "cnts = new_zeros(N, E)",
             "aten::new_zeros",
-            &[&ids],
+            [&ids],
             t(&[tokens, experts], Dtype::I64),
         )?;
         b.copy(
             "cnts.scatter_(1, topk_ids, 1)",
             "aten::scatter_",
-            &[&counts, &ids],
+            [&counts, &ids],
             counts.clone(),
         )?;
-        let per_expert = single(b.op(
+        let [per_expert] = b.op(
             "tokens_per_expert = cnts.sum(0)",
             "aten::sum",
             &[
@@ -181,21 +181,21 @@ impl Layer for DeepseekV2MoE {
                 Arg::Bool(false),
                 Arg::None,
             ],
-            &[t(&[experts], Dtype::I64)],
-        )?)?;
+            [t(&[experts], Dtype::I64)],
+        )?;
         let flat_ids = t(&[routed_rows], Dtype::I64);
         let idxs = b.copy(
             "idxs = argsort",
             "aten::argsort",
-            &[&flat_ids],
+            [&flat_ids],
             flat_ids.clone(),
         )?;
-        let token_of = b.elementwise("idxs // k", "aten::floor_divide", &[&idxs], Dtype::I64)?;
+        let token_of = b.elementwise("idxs // k", "aten::floor_divide", [&idxs], Dtype::I64)?;
         let flat_x = t(&[tokens, hidden], dtype);
         let sorted = b.copy(
             "sorted_tokens = x[idxs // k]",
             "aten::index",
-            &[&flat_x, &token_of],
+            [&flat_x, &token_of],
             t(&[routed_rows, hidden], dtype),
         )?;
         b.release(&[&token_of])?;
@@ -206,7 +206,7 @@ impl Layer for DeepseekV2MoE {
                 "tokens_per_expert.cpu()",
                 "aten::to",
                 &[arg(&per_expert)],
-                &[],
+                Vec::new(),
                 std::slice::from_ref(&per_expert),
             )?;
             // `tokens_per_expert = ….cpu().numpy()` drops the device tensor.
@@ -223,19 +223,19 @@ impl Layer for DeepseekV2MoE {
         let outs = b.copy(
             "outs = cat(outputs)",
             "aten::cat",
-            &[&sorted],
+            [&sorted],
             sorted.clone(),
         )?;
         let new_x = b.copy(
             "new_x = empty_like(outs)",
             "aten::empty_like",
-            &[&outs],
+            [&outs],
             outs.clone(),
         )?;
         b.copy(
             "new_x[idxs] = outs",
             "aten::index_put_",
-            &[&new_x, &idxs, &outs],
+            [&new_x, &idxs, &outs],
             new_x.clone(),
         )?;
         let viewed = new_x.viewed_as(&[tokens, k, hidden]);
@@ -244,10 +244,10 @@ impl Layer for DeepseekV2MoE {
         let weighted = b.elementwise(
             "mul_(topk_weight)",
             "aten::mul_",
-            &[&as_f32, &weights],
+            [&as_f32, &weights],
             Dtype::F32,
         )?;
-        let combined = single(b.op(
+        let [combined] = b.op(
             "sum(dim=1)",
             "aten::sum",
             &[
@@ -256,8 +256,8 @@ impl Layer for DeepseekV2MoE {
                 Arg::Bool(false),
                 Arg::None,
             ],
-            &[t(&[tokens, hidden], Dtype::F32)],
-        )?)?;
+            [t(&[tokens, hidden], Dtype::F32)],
+        )?;
         // Temporaries of the one expression: the fp32 copy (when it is one), the sum
         // (when the cast copies it).
         b.release_unless_same(&as_f32, &new_x)?;
@@ -283,7 +283,7 @@ impl Layer for DeepseekV2MoE {
             let sum = b.elementwise(
                 "y + shared_experts(identity)",
                 "aten::add",
-                &[&y, &shared],
+                [&y, &shared],
                 dtype,
             )?;
             b.release(&[&y, &shared])?;

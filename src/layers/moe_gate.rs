@@ -43,7 +43,7 @@ use crate::config::{ModelConfig, MoeConfig};
 use crate::conventions::{Arg, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::routing::{ScoringFunc, TopkMethod};
@@ -103,14 +103,17 @@ impl Layer for MoEGate {
         // The two fp32 casts are temporaries of the `F.linear` call.
         b.release(&[&x32, &w32])?;
         let scores = match self.moe.routing.scoring_func {
-            ScoringFunc::Softmax => single(b.op(
-                "softmax",
-                "aten::softmax",
-                &[arg(&logits), Arg::Int(-1), Arg::Other("ScalarType".into())],
-                &[t(&logits.shape, Dtype::F32)],
-            )?)?,
+            ScoringFunc::Softmax => {
+                let [scores] = b.op(
+                    "softmax",
+                    "aten::softmax",
+                    &[arg(&logits), Arg::Int(-1), Arg::Other("ScalarType".into())],
+                    [t(&logits.shape, Dtype::F32)],
+                )?;
+                scores
+            }
             ScoringFunc::Sigmoid => {
-                b.elementwise("sigmoid", "aten::sigmoid", &[&logits], Dtype::F32)?
+                b.elementwise("sigmoid", "aten::sigmoid", [&logits], Dtype::F32)?
             }
         };
         let weights = with_last(&scores, k);
@@ -127,7 +130,7 @@ impl Layer for MoEGate {
                     let choice = b.elementwise(
                         "scores + e_score_correction_bias",
                         "aten::add",
-                        &[&scores, &bias],
+                        [&scores, &bias],
                         Dtype::F32,
                     )?;
                     let grouped = choice.viewed_as(&[tokens, groups, per]);
@@ -136,7 +139,7 @@ impl Layer for MoEGate {
                     // values after the sum.
                     let [top2, top2_ids] = topk(&mut b, "group top-2", &grouped, 2, &top2)?;
                     b.release(&[&top2_ids])?;
-                    let group_scores = single(b.op(
+                    let [group_scores] = b.op(
                         "group_scores = top-2 sum(-1)",
                         "aten::sum",
                         &[
@@ -145,21 +148,21 @@ impl Layer for MoEGate {
                             Arg::Bool(false),
                             Arg::None,
                         ],
-                        &[t(&group_shape, Dtype::F32)],
-                    )?)?;
+                        [t(&group_shape, Dtype::F32)],
+                    )?;
                     b.release(&[&top2])?;
                     (choice, group_scores)
                 } else {
                     // `.max(dim=-1).values`: the indices go with the tuple.
                     let grouped = scores.viewed_as(&[tokens, groups, per]);
-                    let mut max = b.op(
+                    let [max, max_ids] = b.op(
                         "group_scores = max(-1)",
                         "aten::max",
                         &[arg(&grouped), Arg::Int(-1), Arg::Bool(false)],
-                        &[t(&group_shape, Dtype::F32), t(&group_shape, Dtype::I64)],
+                        [t(&group_shape, Dtype::F32), t(&group_shape, Dtype::I64)],
                     )?;
-                    b.release(&[&max[1]])?;
-                    (scores.clone(), max.remove(0))
+                    b.release(&[&max_ids])?;
+                    (scores.clone(), max)
                 };
                 // `topk(group_scores, topk_group)[1]`: the values go at once.
                 let kept = t(&[tokens, routing.topk_group], Dtype::F32);
@@ -174,13 +177,13 @@ impl Layer for MoEGate {
                 let mask = b.copy(
                     "group_mask = zeros_like",
                     "aten::zeros_like",
-                    &[&group_scores],
+                    [&group_scores],
                     t(&group_shape, Dtype::F32),
                 )?;
                 b.copy(
                     "group_mask.scatter_(1, group_idx, 1)",
                     "aten::scatter_",
-                    &[&mask, &group_idx],
+                    [&mask, &group_idx],
                     mask.clone(),
                 )?;
                 // `[N, G, E/G]` expanded with stride 0 reshapes to `[N, E]` as a view only
@@ -190,7 +193,7 @@ impl Layer for MoEGate {
                     b.copy(
                         "score_mask = expand(…).reshape (copy)",
                         "aten::clone",
-                        &[&expanded],
+                        [&expanded],
                         t(&expanded.shape, Dtype::F32),
                     )?
                 } else {
@@ -199,12 +202,12 @@ impl Layer for MoEGate {
                 // `~score_mask.bool()`: both temporaries of the `masked_fill` call.
                 let as_bool = b.cast("score_mask.bool()", &score_mask, Dtype::Bool)?;
                 let blocked =
-                    b.elementwise("~score_mask", "aten::bitwise_not", &[&as_bool], Dtype::Bool)?;
+                    b.elementwise("~score_mask", "aten::bitwise_not", [&as_bool], Dtype::Bool)?;
                 b.release(&[&as_bool])?;
                 let masked = b.copy(
                     "masked_fill(~score_mask, 0.0)",
                     "aten::masked_fill",
-                    &[&choice, &blocked],
+                    [&choice, &blocked],
                     t(&choice.shape, Dtype::F32),
                 )?;
                 b.release(&[&blocked])?;
@@ -217,12 +220,12 @@ impl Layer for MoEGate {
             top_weights = b.copy(
                 "topk_weight = scores.gather(1, topk_idx)",
                 "aten::gather",
-                &[&scores, &top_ids],
+                [&scores, &top_ids],
                 t(&weights.shape, Dtype::F32),
             )?;
         }
         let scaled = if k > 1 && self.moe.norm_topk_prob {
-            let sum = single(b.op(
+            let [sum] = b.op(
                 "topk_weight.sum(-1)",
                 "aten::sum",
                 &[
@@ -231,20 +234,20 @@ impl Layer for MoEGate {
                     Arg::Bool(true),
                     Arg::None,
                 ],
-                &[with_last(&weights, 1)],
-            )?)?;
-            let denominator = b.elementwise("+ 1e-20", "aten::add", &[&sum], Dtype::F32)?;
+                [with_last(&weights, 1)],
+            )?;
+            let denominator = b.elementwise("+ 1e-20", "aten::add", [&sum], Dtype::F32)?;
             b.release(&[&sum])?;
             let normed = b.elementwise(
                 "/ denominator",
                 "aten::div",
-                &[&top_weights, &denominator],
+                [&top_weights, &denominator],
                 Dtype::F32,
             )?;
             let scaled = b.elementwise(
                 "* routed_scaling_factor",
                 "aten::mul",
-                &[&normed],
+                [&normed],
                 Dtype::F32,
             )?;
             b.release(&[&normed])?;
@@ -253,7 +256,7 @@ impl Layer for MoEGate {
             b.elementwise(
                 "* routed_scaling_factor",
                 "aten::mul",
-                &[&top_weights],
+                [&top_weights],
                 Dtype::F32,
             )?
         };
@@ -276,7 +279,7 @@ fn topk(
     k: u64,
     out: &TensorMeta,
 ) -> Result<[TensorMeta; 2]> {
-    let outputs = b.op(
+    b.op(
         role,
         "aten::topk",
         &[
@@ -286,10 +289,8 @@ fn topk(
             Arg::Bool(true),
             Arg::Bool(false),
         ],
-        &[out.clone(), t(&out.shape, Dtype::I64)],
-    )?;
-    <[TensorMeta; 2]>::try_from(outputs)
-        .map_err(|_| crate::error::Error::op_shape("aten::topk", "expected two outputs"))
+        [out.clone(), t(&out.shape, Dtype::I64)],
+    )
 }
 
 #[cfg(test)]

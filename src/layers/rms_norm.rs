@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::conventions::{Arg, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::layers::vendor_ops::{arg, bytes_of, single, t, with_last};
+use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::Workload;
@@ -50,8 +50,8 @@ impl DeepseekV2RMSNorm {
         let hidden = *x.shape.last().unwrap_or(&1);
         let mut b = CostBuilder::new(name, self.allow_tf32);
         let x32 = b.cast("to(float32)", x, Dtype::F32)?;
-        let squared = b.elementwise("pow(2)", "aten::pow", &[&x32], Dtype::F32)?;
-        let variance = single(b.op(
+        let squared = b.elementwise("pow(2)", "aten::pow", [&x32], Dtype::F32)?;
+        let [variance] = b.op(
             "mean(-1)",
             "aten::mean",
             &[
@@ -60,18 +60,18 @@ impl DeepseekV2RMSNorm {
                 Arg::Bool(true),
                 Arg::None,
             ],
-            &[with_last(&squared, 1)],
-        )?)?;
+            [with_last(&squared, 1)],
+        )?;
         b.release(&[&squared])?;
-        let shifted = b.elementwise("+ eps", "aten::add", &[&variance], Dtype::F32)?;
-        let inv = b.elementwise("rsqrt", "aten::rsqrt", &[&shifted], Dtype::F32)?;
+        let shifted = b.elementwise("+ eps", "aten::add", [&variance], Dtype::F32)?;
+        let inv = b.elementwise("rsqrt", "aten::rsqrt", [&shifted], Dtype::F32)?;
         b.release(&[&shifted])?;
-        let normed = b.elementwise("x * rsqrt", "aten::mul", &[&x32, &inv], Dtype::F32)?;
+        let normed = b.elementwise("x * rsqrt", "aten::mul", [&x32, &inv], Dtype::F32)?;
         // `hidden_states = hidden_states * rsqrt(…)` drops the fp32 copy of the input.
         b.release(&[&inv, &x32])?;
         let back = b.cast("to(input dtype)", &normed, x.dtype)?;
         let weight = t(&[hidden], x.dtype);
-        let out = b.elementwise("weight *", "aten::mul", &[&weight, &back], x.dtype)?;
+        let out = b.elementwise("weight *", "aten::mul", [&weight, &back], x.dtype)?;
         b.release_unless_same(&back, &normed)?;
         b.returns(&[&out]);
         b.weights(bytes_of("RMSNorm weight", hidden, x.dtype)?)?;

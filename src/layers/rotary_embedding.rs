@@ -16,7 +16,7 @@
 use crate::conventions::{Arg, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::layers::vendor_ops::{arg, single, t};
+use crate::layers::vendor_ops::{arg, t};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 
@@ -49,35 +49,35 @@ impl Layer for LlamaRotaryEmbedding {
         let positions = t(&[b, 1, s], Dtype::I64);
         let positions = c.cast("position_ids.float()", &positions, Dtype::F32)?;
         let inv_freq = t(&[b, d / 2, 1], Dtype::F32);
-        let freqs = single(c.op(
+        let [freqs] = c.op(
             "inv_freq @ position_ids",
             "aten::bmm",
             &[arg(&inv_freq), arg(&positions)],
-            &[t(&[b, d / 2, s], Dtype::F32)],
-        )?)?;
+            [t(&[b, d / 2, s], Dtype::F32)],
+        )?;
         let half = freqs.viewed_as(&[b, s, d / 2]);
         let emb = c.copy(
             "cat((freqs, freqs))",
             "aten::cat",
-            &[&half, &half],
+            [&half, &half],
             t(&[b, s, d], Dtype::F32),
         )?;
         let mut table = Vec::new();
         for (name, op) in [("cos", "aten::cos"), ("sin", "aten::sin")] {
-            let raw = c.elementwise(name, op, &[&emb], Dtype::F32)?;
-            let scaled = single(c.op(
-                &format!("{name} * attention_scaling"),
+            let raw = c.elementwise(name, op, [&emb], Dtype::F32)?;
+            let [scaled] = c.op(
+                format_args!("{name} * attention_scaling"),
                 "aten::mul",
                 &[arg(&raw), Arg::Float(1.0)],
-                &[t(&raw.shape, Dtype::F32)],
-            )?)?;
+                [t(&raw.shape, Dtype::F32)],
+            )?;
             // `cos = cos * self.attention_scaling` drops the unscaled one.
             c.release(&[&raw])?;
             table.push((name, scaled));
         }
         let mut cast = Vec::new();
         for (name, scaled) in &table {
-            cast.push(c.cast(&format!("{name}.to(x.dtype)"), scaled, self.dtype)?);
+            cast.push(c.cast(format_args!("{name}.to(x.dtype)"), scaled, self.dtype)?);
         }
         // Returns cos and sin (their fp32 originals, when cast, are freed on return).
         c.returns(&[&cast[0], &cast[1]]);

@@ -1,10 +1,13 @@
 //! The ATen calls that recur across the vendor modules, each written once.
 
+use std::fmt::Display;
+
 use crate::checked::product;
-use crate::conventions::{broadcast, Arg, TensorMeta};
+use crate::conventions::{Arg, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::metrics::CostBuilder;
+use crate::shape::{broadcast, Shape};
 
 /// A tensor of `shape` and `dtype`.
 pub(crate) fn t(shape: &[u64], dtype: Dtype) -> TensorMeta {
@@ -22,7 +25,7 @@ pub(crate) fn with_last(x: &TensorMeta, last: u64) -> TensorMeta {
     if let Some(l) = shape.last_mut() {
         *l = last;
     }
-    t(&shape, x.dtype)
+    TensorMeta::from_shape(shape, x.dtype)
 }
 
 /// Bytes of `count` elements of `dtype`.
@@ -38,7 +41,7 @@ impl CostBuilder {
     /// at most 3 dimensions: `mm(x₂ᴅ, Wᵀ)` without bias, `addmm(b, x₂ᴅ, Wᵀ)` with one.
     pub(crate) fn linear(
         &mut self,
-        role: &str,
+        role: impl Display,
         x: &TensorMeta,
         out_features: u64,
         bias: bool,
@@ -51,45 +54,58 @@ impl CostBuilder {
         let x2 = t(&[rows, in_features], x.dtype);
         let weight_t = t(&[in_features, out_features], x.dtype);
         let out2 = t(&[rows, out_features], x.dtype);
-        let out = if bias {
+        let [out] = if bias {
             let b = t(&[out_features], x.dtype);
             self.op(
                 role,
                 "aten::addmm",
                 &[arg(&b), arg(&x2), arg(&weight_t)],
-                &[out2],
+                [out2],
             )?
         } else {
-            self.op(role, "aten::mm", &[arg(&x2), arg(&weight_t)], &[out2])?
+            self.op(role, "aten::mm", &[arg(&x2), arg(&weight_t)], [out2])?
         };
         // The 2-D result viewed back as `[.., out_features]`.
-        Ok(single(out)?.viewed_as(&with_last(x, out_features).shape))
+        Ok(out.viewed_as(&with_last(x, out_features).shape))
     }
 
     /// `x.to(dtype)`: a copy when the dtype changes, nothing when it does not.
-    pub(crate) fn cast(&mut self, role: &str, x: &TensorMeta, dtype: Dtype) -> Result<TensorMeta> {
+    pub(crate) fn cast(
+        &mut self,
+        role: impl Display,
+        x: &TensorMeta,
+        dtype: Dtype,
+    ) -> Result<TensorMeta> {
         if x.dtype == dtype {
             return Ok(x.clone());
         }
-        single(self.op(role, "aten::to", &[arg(x)], &[t(&x.shape, dtype)])?)
+        let [out] = self.op(role, "aten::to", &[arg(x)], [t(&x.shape, dtype)])?;
+        Ok(out)
     }
 
-    /// An elementwise op over `inputs` (tensors broadcast together) plus any scalars;
-    /// the result has the broadcast shape and `out_dtype`.
-    pub(crate) fn elementwise(
+    /// An elementwise op over `inputs` (tensors broadcast together); the result has the
+    /// broadcast shape and `out_dtype`.
+    pub(crate) fn elementwise<const N: usize>(
         &mut self,
-        role: &str,
+        role: impl Display,
         op: &'static str,
-        inputs: &[&TensorMeta],
+        inputs: [&TensorMeta; N],
         out_dtype: Dtype,
     ) -> Result<TensorMeta> {
-        let mut shape: Vec<u64> = Vec::new();
-        for x in inputs {
-            shape = broadcast(&shape, &x.shape)
-                .ok_or_else(|| Error::op_shape(op, format!("{:?} does not broadcast", x.shape)))?;
+        // The first input's shape, broadcast with each of the others.
+        let mut shape = Shape::default();
+        for (i, x) in inputs.iter().enumerate() {
+            shape = if i == 0 {
+                x.shape.clone()
+            } else {
+                broadcast(&shape, &x.shape).ok_or_else(|| {
+                    Error::op_shape(op, format!("{:?} does not broadcast", x.shape))
+                })?
+            };
         }
-        let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
-        single(self.op(role, op, &args, &[t(&shape, out_dtype)])?)
+        let out = TensorMeta::from_shape(shape, out_dtype);
+        let [out] = self.op(role, op, &inputs.map(arg), [out])?;
+        Ok(out)
     }
 
     /// `x * cos + rotate_half(x) * sin` (the vendor `apply_rotary_pos_emb` body) over
@@ -102,32 +118,33 @@ impl CostBuilder {
         table: &TensorMeta,
     ) -> Result<TensorMeta> {
         let dtype = x.dtype;
-        let x_cos = self.elementwise(&format!("{name} * cos"), "aten::mul", &[x, table], dtype)?;
+        let x_cos =
+            self.elementwise(format_args!("{name} * cos"), "aten::mul", [x, table], dtype)?;
         let half = with_last(x, x.shape.last().copied().unwrap_or(0) / 2);
         let neg = self.elementwise(
-            &format!("-{name}2 (rotate_half)"),
+            format_args!("-{name}2 (rotate_half)"),
             "aten::neg",
-            &[&half],
+            [&half],
             dtype,
         )?;
         let rotated = self.copy(
-            &format!("cat(-{name}2, {name}1)"),
+            format_args!("cat(-{name}2, {name}1)"),
             "aten::cat",
-            &[&neg, &half],
+            [&neg, &half],
             t(&x.shape, dtype),
         )?;
         self.release(&[&neg])?;
         let rot_sin = self.elementwise(
-            &format!("rotate_half({name}) * sin"),
+            format_args!("rotate_half({name}) * sin"),
             "aten::mul",
-            &[&rotated, table],
+            [&rotated, table],
             dtype,
         )?;
         self.release(&[&rotated])?;
         let out = self.elementwise(
-            &format!("{name}_embed = + "),
+            format_args!("{name}_embed = + "),
             "aten::add",
-            &[&x_cos, &rot_sin],
+            [&x_cos, &rot_sin],
             dtype,
         )?;
         self.release(&[&x_cos, &rot_sin])?;
@@ -139,37 +156,26 @@ impl CostBuilder {
     /// `matmul`, for the caller to release once the `bmm` ran; `None` when it folds.
     pub(crate) fn matmul_copy(
         &mut self,
-        role: &str,
+        role: impl Display,
         x: &TensorMeta,
         copies: bool,
     ) -> Result<Option<TensorMeta>> {
         if !copies {
             return Ok(None);
         }
-        self.copy(role, "aten::clone", &[x], t(&x.shape, x.dtype))
+        self.copy(role, "aten::clone", [x], t(&x.shape, x.dtype))
             .map(Some)
     }
 
     /// A data-movement op (`aten::cat`, `aten::index` …) reading `inputs` and writing `out`.
-    pub(crate) fn copy(
+    pub(crate) fn copy<const N: usize>(
         &mut self,
-        role: &str,
+        role: impl Display,
         op: &'static str,
-        inputs: &[&TensorMeta],
+        inputs: [&TensorMeta; N],
         out: TensorMeta,
     ) -> Result<TensorMeta> {
-        let args: Vec<Arg> = inputs.iter().map(|x| arg(x)).collect();
-        single(self.op(role, op, &args, &[out])?)
-    }
-}
-
-/// The one output of an op given one.
-pub(crate) fn single(mut outputs: Vec<TensorMeta>) -> Result<TensorMeta> {
-    match outputs.len() {
-        1 => Ok(outputs.remove(0)),
-        n => Err(Error::op_shape(
-            "op",
-            format!("expected one output, found {n}"),
-        )),
+        let [out] = self.op(role, op, &inputs.map(arg), [out])?;
+        Ok(out)
     }
 }
