@@ -3,7 +3,8 @@
 `verify-decoder`'s whole-process time is compared with (issue 15: at most 0.25x of this).
 
 Usage: flopcounter-baseline.py [--device D] [--dtype T] [--batch B] [--seq-len S]
-                               [--attn sdpa|eager] [--seed N] [--json FILE]
+                               [--attn sdpa|eager] [--seed N] [--init model|constructor]
+                               [--json FILE]
 
 Example (the default workload, timed as the benchmark times it):
     /usr/bin/time -f "%e s %M KB" .venv/bin/python scripts/flopcounter-baseline.py --json target/bench/py.json
@@ -12,7 +13,9 @@ One Python process does what a user with transformers would do for the seven lay
 `verify-decoder` checks by default (DeepSeek-OCR's language model, B=1, prefill S=512, fp32 on
 the CPU), in verify-decoder's order: build the transformers module from the config in code (its
 constructor, then the `_init_weights` that `PreTrainedModel.post_init` applies, so the weights
-are random as in `DeepseekV2Model(config)`), draw a random input, and run one forward under
+are random as in `DeepseekV2Model(config)`; `--init constructor` skips that pass, leaving the
+router at zeros, so every token picks the same experts, and the experts `torch.empty`), draw a
+random input, and run one forward under
 `torch.no_grad()` and `torch.utils.flop_counter.FlopCounterMode(display=False)`. The configs and
 the attention setup (causal mask, cache; the rotary tables computed inside the counted region,
 as the vendor code does) come from reference/parity/parity.py, the independent transformers
@@ -22,7 +25,8 @@ classes (DeepseekOcr2TextAttention / DecoderLayer), as in parity.py: DeepseekV2A
 Per layer it prints FlopCounterMode's total, the build seconds (module, weights, inputs, mask)
 and the forward seconds (the counted region only); then the process's phases: interpreter
 start, import of torch + transformers, all builds, all counted forwards, and the total since
-the process started. `--json FILE` writes the same as "modelmeter.flopcounter-baseline/1":
+the process started (not its exit: torch's interpreter shutdown, about 1-1.5 s on the 2-core
+build machine, shows only in a wall time measured outside). `--json FILE` writes the same as "modelmeter.flopcounter-baseline/1":
     {"schema", "workload": {...}, "environment": {...},
      "layers": [{"layer", "hf_class", "fcm_flops", "build_s", "forward_s"}, ...],
      "phases": {"startup_s", "import_s", "build_s", "forward_s", "other_s", "total_s"}}
@@ -47,6 +51,7 @@ import sys  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "fixtures", "deepseek-ocr", "config.json")  # what src/config.rs builds in
 SCHEMA = "modelmeter.flopcounter-baseline/1"
+INIT = "model"  # --init
 sys.path.insert(0, os.path.join(ROOT, "reference", "parity"))
 import parity  # noqa: E402  (stdlib only at import; torch comes with parity._import_hf)
 
@@ -81,6 +86,8 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=512, help="prefill S (default 512)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention core (default sdpa)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default 0)")
+    p.add_argument("--init", default="model", choices=("model", "constructor"),
+                   help="weights: the model's _init_weights after the constructor (default), or the constructor's only")
     p.add_argument("--json", metavar="FILE", help=f"also write the results as {SCHEMA}")
     a = p.parse_args(argv)
     if a.batch < 1 or a.seq_len < 1:
@@ -93,10 +100,11 @@ def parse_args(argv):
 # (module, inputs to call it with, rotary or None). Modules are built the transformers way.
 # --------------------------------------------------------------------------------------------
 def initialise(module, pretrained_class, config):
-    """Constructor init, then the family's `_init_weights` on every submodule: what
-    `post_init` does for a model built from a config (the router's zeros and the experts'
+    """Constructor init, then (--init model) the family's `_init_weights` on every submodule:
+    what `post_init` does for a model built from a config (the router's zeros and the experts'
     `torch.empty` become normal(0, initializer_range), as in `DeepseekV2Model(config)`)."""
-    module.apply(pretrained_class(config)._init_weights)
+    if INIT == "model":
+        module.apply(pretrained_class(config)._init_weights)
     return module.eval()
 
 
@@ -150,6 +158,7 @@ def layer_builders(cfg, attn, batch, seq_len):
 
 def place(module, inputs, rotary, device, dtype):
     """Module and inputs on the device in the dtype (a no-op for the CPU in fp32)."""
+
     def to(t):
         if not isinstance(t, torch.Tensor):
             return t
@@ -176,8 +185,9 @@ def sync(device):
 
 
 def main(argv):
-    global torch, FlopCounterMode
+    global torch, FlopCounterMode, INIT
     args = parse_args(argv)
+    INIT = args.init
     t_import = time.time()
     try:
         parity._import_hf()
@@ -227,12 +237,12 @@ def main(argv):
     phases["other_s"] = total - sum(v or 0.0 for v in phases.values())
     phases["total_s"] = total
     print("phases: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in phases.items() if v is not None)
-          + " (startup: interpreter start to the script's first line, 10 ms ticks)")
+          + " (startup: interpreter start to the script's first line, 10 ms ticks; exit not included)")
     if args.json:
         doc = {
             "schema": SCHEMA,
             "workload": dict(config="deepseek-ocr-v1-base", batch=args.batch, seq_len=args.seq_len, phase="prefill",
-                             dtype=args.dtype, device=str(device), attn=args.attn, seed=args.seed),
+                             dtype=args.dtype, device=str(device), attn=args.attn, seed=args.seed, init=args.init),
             "environment": dict(python=sys.version.split()[0], torch=torch.__version__,
                                 transformers=transformers.__version__, threads=torch.get_num_threads()),
             "layers": rows,
