@@ -179,7 +179,8 @@ fn analytic() -> Value {
     json!({"decoder_layer_per_s": one_layer, "decoder_layer_cost_tree_per_s": one_layer_tree, "stack_per_s": stack, "generation_512_per_s": generations})
 }
 
-/// Peak resident memory of terminated children, in bytes (the largest so far).
+/// Peak resident memory of terminated children, in bytes (the largest so far; only when
+/// a child did not report its own).
 fn children_peak_rss() -> u64 {
     // SAFETY: getrusage fills the zeroed struct we pass; no other invariants.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -202,6 +203,13 @@ fn time_child(mut command: Command, json: &std::path::Path) -> (f64, Option<i32>
         .unwrap_or(Value::Null);
     (wall, status.ok().and_then(|s| s.code()), written)
 }
+
+/// The FlopCounterMode way's weight initialisations: `model` (transformers' `_init_weights`,
+/// random weights as `DeepseekV2Model(config)` has them: like for like with
+/// verify-decoder's seeded weights) and `constructor` (the constructors alone: the router
+/// at zeros, so every token picks the same experts, and the experts uninitialised — how
+/// the first measurement, 8.2–9.1 s, ran).
+const BASELINE_INITS: [&str; 2] = ["model", "constructor"];
 
 /// The Python way: transformers' modules under torch's FlopCounterMode
 /// (`scripts/flopcounter-baseline.py`), when the `.venv` has transformers.
@@ -234,8 +242,9 @@ fn whole_process(rounds: usize) -> Value {
     let dir = std::env::temp_dir().join(format!("modelmeter-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let (ours_json, theirs_json) = (dir.join("verify.json"), dir.join("baseline.json"));
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let (mut phases, mut baseline_phases, mut exit) = (Value::Null, Value::Null, None);
+    let (mut ours, mut theirs) = (Vec::new(), [Vec::new(), Vec::new()]);
+    let (mut phases, mut baseline_phases, mut exit) =
+        (Value::Null, [Value::Null, Value::Null], None);
     println!(
         "\nwhole process, the default workload on the CPU, {rounds} interleaved rounds{}:",
         if python.is_some() {
@@ -250,17 +259,21 @@ fn whole_process(rounds: usize) -> Value {
         command.args(["--device", "cpu", "--quiet", "--timings", "--json"]);
         command.arg(&ours_json);
         let (wall, code, json) = time_child(command, &ours_json);
-        // RUSAGE_CHILDREN keeps the largest child's peak: read it before Python runs.
-        peak_rss = peak_rss.max(children_peak_rss());
         ours.push(wall);
         exit = code;
         phases = json.get("timings").cloned().unwrap_or(Value::Null);
+        // Its own VmHWM (RUSAGE_CHILDREN would also hold the Python runs' peaks).
+        let own_peak = phases.get("peak_rss_bytes").and_then(Value::as_u64);
+        peak_rss = peak_rss.max(own_peak.unwrap_or_else(children_peak_rss));
         if let Some((python, script)) = &python {
-            let mut command = Command::new(python);
-            command.arg(script).arg("--json").arg(&theirs_json);
-            let (wall, _, json) = time_child(command, &theirs_json);
-            theirs.push(wall);
-            baseline_phases = json;
+            for (i, init) in BASELINE_INITS.iter().enumerate() {
+                let mut command = Command::new(python);
+                command.arg(script).args(["--init", init, "--json"]);
+                command.arg(&theirs_json);
+                let (wall, _, json) = time_child(command, &theirs_json);
+                theirs[i].push(wall);
+                baseline_phases[i] = json;
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -292,15 +305,18 @@ fn whole_process(rounds: usize) -> Value {
         "wall_s": {"median": om, "min": omin, "max": omax},
         "peak_rss_bytes": peak_rss, "exit": exit, "phases": phases,
     });
-    if !theirs.is_empty() {
-        let (tm, tmin, tmax) = median_and_spread(theirs);
+    for (i, init) in BASELINE_INITS.iter().enumerate() {
+        if theirs[i].is_empty() {
+            continue;
+        }
+        let (tm, tmin, tmax) = median_and_spread(std::mem::take(&mut theirs[i]));
         println!(
-            "  FlopCounterMode way      {tm:>6.2} s ({tmin:.2}–{tmax:.2}); verify-decoder / it = {:.3} (target ≤ 0.25)",
+            "  FlopCounterMode way, --init {init:<11} {tm:>6.2} s ({tmin:.2}–{tmax:.2}); verify-decoder / it = {:.3} (target ≤ 0.25)",
             om / tm
         );
-        out["flop_counter_mode"] = json!({
+        out["flop_counter_mode"][init] = json!({
             "wall_s": {"median": tm, "min": tmin, "max": tmax},
-            "ratio": om / tm, "report": baseline_phases,
+            "ratio": om / tm, "report": baseline_phases[i],
         });
     }
     out
