@@ -70,8 +70,32 @@ struct Allocation {
     live: bool,
 }
 
-/// Builder ids, unique in the process (a `TensorMeta` may cross threads).
-static NEXT_BUILDER: AtomicU64 = AtomicU64::new(1);
+/// Builder ids, unique in the process (a `TensorMeta` may cross threads): each thread
+/// takes a block of [`ID_BLOCK`] ids at a time from this counter and hands them out
+/// itself, so evaluations on many threads do not contend for one cache line.
+static NEXT_BLOCK: AtomicU64 = AtomicU64::new(1);
+
+/// Ids per block a thread takes from [`NEXT_BLOCK`].
+const ID_BLOCK: u64 = 1 << 16;
+
+thread_local! {
+    /// This thread's next id and the end of its block.
+    static IDS: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// A builder id no other builder in the process has.
+fn next_builder() -> NonZeroU64 {
+    let id = IDS.with(|ids| {
+        let (mut next, mut end) = ids.get();
+        if next == end {
+            next = NEXT_BLOCK.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            end = next + ID_BLOCK;
+        }
+        ids.set((next + 1, end));
+        next
+    });
+    NonZeroU64::new(id).expect("ids start at 1 and 2^64 are never made")
+}
 
 /// The growable parts of a [`Liveness`], handed from one builder to the next on the
 /// same thread: a layer evaluation makes a dozen builders, and design-space sweeps
@@ -146,8 +170,7 @@ impl Liveness {
                 ..Buffers::default()
             });
         Liveness {
-            builder: NonZeroU64::new(NEXT_BUILDER.fetch_add(1, Ordering::Relaxed))
-                .expect("2^64 builders are never made"),
+            builder: next_builder(),
             buffers,
             returns_said: false,
             live: [0, 0],
@@ -286,6 +309,28 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builder_ids_are_unique_across_threads() {
+        let per_thread = 3 * ID_BLOCK / 2; // each thread crosses a block boundary
+        let ids: Vec<u64> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(move || {
+                        (0..per_thread)
+                            .map(|_| next_builder().get())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let unique: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        assert_eq!(unique.len(), ids.len());
+    }
 
     #[test]
     fn peak_is_the_high_water_mark_of_live_allocations() {

@@ -155,6 +155,28 @@ fn analytic() -> Value {
     let one_layer = per_second(budget, || {
         std::hint::black_box(layer.metrics().expect("finite"));
     });
+    // The same on every core at once, each thread with its own layer: evaluations are
+    // independent, so a design-space sweep scales with the cores it is given.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all_cores: f64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (config, w) = (&config, &w);
+                scope.spawn(move || {
+                    let layer = LayerId::DecoderMoe
+                        .build(config, w, AttentionImpl::Sdpa)
+                        .expect("builds");
+                    per_second(budget, || {
+                        std::hint::black_box(layer.metrics().expect("finite"));
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .sum()
+    });
     // The same layer with its per-op breakdown (`metrics()` keeps sums only).
     let one_layer_tree = per_second(budget, || {
         std::hint::black_box(layer.cost().expect("finite"));
@@ -182,10 +204,12 @@ fn analytic() -> Value {
     });
     println!("\nanalytic evaluations per second:");
     println!("  one MoE decoder layer   {one_layer:>12.0}");
+    println!("    … on {threads} threads at once {all_cores:>10.0}");
     println!("    … with its breakdown  {one_layer_tree:>12.0}");
     println!("  the whole stack         {stack:>12.0}");
     println!("  a 512-token generation  {generations:>12.0}");
-    json!({"decoder_layer_per_s": one_layer, "decoder_layer_cost_tree_per_s": one_layer_tree, "stack_per_s": stack, "generation_512_per_s": generations})
+    json!({"decoder_layer_per_s": one_layer, "decoder_layer_all_threads_per_s": all_cores,
+           "threads": threads, "decoder_layer_cost_tree_per_s": one_layer_tree, "stack_per_s": stack, "generation_512_per_s": generations})
 }
 
 /// Peak resident memory of terminated children, in bytes (the largest so far; only when
