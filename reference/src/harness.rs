@@ -513,7 +513,17 @@ impl Prepared {
         let mla = workload.mla;
         let module = match cache {
             Some(cache) => {
-                RefModule::build_sharing(kind, config, attention, mla, dtype, &setup, cache)?
+                let module = RefModule::build_sharing(
+                    kind,
+                    config,
+                    attention,
+                    mla,
+                    dtype,
+                    &setup,
+                    cache.clone(),
+                )?;
+                cache.drop_unused();
+                module
             }
             None => RefModule::build(kind, config, attention, mla, dtype, &setup)?,
         };

@@ -131,9 +131,10 @@ struct DrawKey {
 /// Parameters kept from one module for the next one that draws the same (a standalone
 /// `DeepseekV2MoE`'s 64 experts for the MoE decoder layer). Modules never write their
 /// weights, so sharing the tensors changes no value and no count; it saves drawing
-/// them again. [`WeightCache::finish_module`] keeps only what the module just built used
-/// and the next one may draw, so at any time no more parameters are alive than the
-/// module being run holds.
+/// them again. [`WeightCache::drop_unused`] (right after a module is built) and
+/// [`WeightCache::finish_module`] (after it ran) keep only what the module uses and then
+/// what the next one may draw, so no parameters but the running module's own are alive
+/// while it runs, and the memory pre-check's per-layer need stays right.
 #[derive(Debug, Default)]
 pub struct WeightCache {
     tensors: RefCell<HashMap<DrawKey, Tensor>>,
@@ -168,7 +169,16 @@ impl WeightCache {
         Ok(tensor)
     }
 
-    /// After a module was built: keeps the parameters it used whose names `next_may_draw`
+    /// Right after a module was built: drops what was kept for it that it did not take,
+    /// so that while it runs no parameters but its own are alive.
+    pub fn drop_unused(&self) {
+        let used = self.used.borrow();
+        self.tensors
+            .borrow_mut()
+            .retain(|key, _| used.contains(key));
+    }
+
+    /// After a module ran: keeps the parameters it used whose names `next_may_draw`
     /// accepts, drops the rest.
     pub fn finish_module(&self, next_may_draw: impl Fn(&str) -> bool) {
         let used = std::mem::take(&mut *self.used.borrow_mut());

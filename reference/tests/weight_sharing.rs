@@ -90,6 +90,36 @@ fn the_moe_layer_reuses_the_standalone_moes_experts_and_counts_the_same() {
 }
 
 #[test]
+fn what_a_module_does_not_take_is_dropped_once_it_is_built() {
+    // The dense layer keeps the attention's weights for the MLP as well as its own MLP's
+    // (its `may_draw` claims neither here): the MLP takes its part; the attention's kept
+    // tensors must not stay alive while the MLP runs.
+    let config = small();
+    let w = workload();
+    let attn = AttentionImpl::Sdpa;
+    let cache = Rc::new(WeightCache::new());
+    run_layer_sharing(
+        ModuleKind::DecoderLayer(0),
+        &config,
+        &w,
+        attn,
+        &SETUP,
+        cache.clone(),
+    )
+    .unwrap();
+    cache.finish_module(|_| true); // keep everything the layer used
+    let layer_bytes = cache.kept_bytes();
+    let mlp = run_layer_sharing(ModuleKind::Mlp, &config, &w, attn, &SETUP, cache.clone()).unwrap();
+    assert!(mlp.weight_bytes < layer_bytes);
+    assert_eq!(cache.reused_bytes(), mlp.weight_bytes);
+    assert_eq!(
+        cache.kept_bytes(),
+        mlp.weight_bytes,
+        "only the MLP's own are left"
+    );
+}
+
+#[test]
 fn a_standalone_module_draws_what_its_twin_in_a_decoder_layer_draws() {
     // With the same seed the standalone modules and the decoder layers' parts are the
     // same tensors: what makes sharing possible at all.
