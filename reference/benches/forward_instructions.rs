@@ -1,0 +1,74 @@
+//! Runs one reference layer's forward, plain or under the FLOP counter, for
+//! `scripts/counter-overhead`, which counts the instructions of the forwards alone under
+//! callgrind (`--toggle-collect` on [`forwards`]): a measure of the counter's cost that a
+//! shared machine's timing noise cannot blur. Not a timing benchmark.
+//!
+//! `cargo bench -p modelmeter-reference --bench forward_instructions -- LAYER MODE [N]`
+//! with LAYER `moe`, `decoder_moe`, `decoder_dense`, `mlp` or `attention`, MODE `plain`
+//! or `counted`, N forwards (default 2); DeepSeek-OCR, B=1, prefill S=512, fp32, CPU.
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{Dtype, ModelConfig, Workload};
+use modelmeter_reference::attention::KvCache;
+use modelmeter_reference::harness::{measure, ModuleKind, Prepared};
+use modelmeter_reference::Setup;
+
+/// The forwards whose instructions are counted (not inlined, so callgrind can find it).
+#[inline(never)]
+fn forwards(prepared: &mut Prepared, counted: bool, n: usize) -> usize {
+    let mut ops = 0;
+    for _ in 0..n {
+        prepared.cache = KvCache::new();
+        if counted {
+            let (_, counts) = measure(|| prepared.forward()).expect("the forward runs");
+            ops = counts.events_seen;
+        } else {
+            let _ = prepared.forward().expect("the forward runs");
+        }
+    }
+    ops
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let kind = match args.first().map(String::as_str) {
+        Some("moe") | None => ModuleKind::MoE,
+        Some("decoder_moe") => ModuleKind::DecoderLayer(1),
+        Some("decoder_dense") => ModuleKind::DecoderLayer(0),
+        Some("mlp") => ModuleKind::Mlp,
+        Some("attention") => ModuleKind::Attention,
+        Some(other) => {
+            eprintln!("unknown layer {other}: moe, decoder_moe, decoder_dense, mlp, attention");
+            std::process::exit(2);
+        }
+    };
+    let counted = match args.get(1).map(String::as_str) {
+        Some("counted") => true,
+        Some("plain") | None => false,
+        Some(other) => {
+            eprintln!("unknown mode {other}: plain or counted");
+            std::process::exit(2);
+        }
+    };
+    let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(2);
+    let config = ModelConfig::deepseek_ocr();
+    let workload = Workload::prefill(1, 512)
+        .and_then(|w| w.with_dtype(Dtype::F32))
+        .expect("the default workload is valid");
+    let setup = Setup {
+        device: tch::Device::Cpu,
+        seed: 0,
+    };
+    let mut prepared = Prepared::new(kind, &config, &workload, AttentionImpl::Sdpa, &setup)
+        .expect("the reference module builds");
+    let _no_grad = tch::no_grad_guard();
+    let ops = forwards(&mut prepared, counted, n);
+    println!(
+        "{} {} x{n}: done (ops seen {ops})",
+        kind.label(),
+        if counted { "counted" } else { "plain" }
+    );
+}
