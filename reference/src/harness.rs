@@ -137,11 +137,11 @@ impl RefModule {
         dtype: Dtype,
         setup: &Setup,
     ) -> Result<RefModule> {
-        RefModule::build_from(kind, config, attention, mla, &Init::new(setup, dtype)?)
+        RefModule::build_sharing(kind, config, attention, mla, dtype, setup, None)
     }
 
-    /// [`RefModule::build`] with the parameters `cache` holds handed out instead of drawn
-    /// again, and what it draws kept there (see [`WeightCache`]).
+    /// [`RefModule::build`] with the parameters `cache` holds (if any) handed out instead
+    /// of drawn again, and what it draws kept there (see [`WeightCache`]).
     pub fn build_sharing(
         kind: ModuleKind,
         config: &ModelConfig,
@@ -149,7 +149,7 @@ impl RefModule {
         mla: MlaForm,
         dtype: Dtype,
         setup: &Setup,
-        cache: Rc<WeightCache>,
+        cache: Option<Rc<WeightCache>>,
     ) -> Result<RefModule> {
         let init = Init::sharing(setup, dtype, cache)?;
         RefModule::build_from(kind, config, attention, mla, &init)
@@ -511,22 +511,11 @@ impl Prepared {
         let dtype = workload.dtype;
         let start = Instant::now();
         let mla = workload.mla;
-        let module = match cache {
-            Some(cache) => {
-                let module = RefModule::build_sharing(
-                    kind,
-                    config,
-                    attention,
-                    mla,
-                    dtype,
-                    &setup,
-                    cache.clone(),
-                )?;
-                cache.drop_unused();
-                module
-            }
-            None => RefModule::build(kind, config, attention, mla, dtype, &setup)?,
-        };
+        let module =
+            RefModule::build_sharing(kind, config, attention, mla, dtype, &setup, cache.clone())?;
+        if let Some(cache) = cache {
+            cache.drop_unused();
+        }
         ffi::synchronize(setup.device)?;
         let built = Instant::now();
         let eager = module.needs_mask(attention);

@@ -226,11 +226,15 @@ impl Init {
         })
     }
 
-    /// [`Init::new`], handing out the parameters `cache` holds and keeping what it draws
-    /// there.
-    pub(crate) fn sharing(setup: &Setup, dtype: Dtype, cache: Rc<WeightCache>) -> Result<Init> {
+    /// [`Init::new`], handing out the parameters `cache` holds (if any) and keeping what
+    /// it draws there.
+    pub(crate) fn sharing(
+        setup: &Setup,
+        dtype: Dtype,
+        cache: Option<Rc<WeightCache>>,
+    ) -> Result<Init> {
         Ok(Init {
-            cache: Some(cache),
+            cache,
             ..Init::new(setup, dtype)?
         })
     }

@@ -170,7 +170,7 @@ fn every_module_draws_only_what_its_kind_says_it_may() {
             MlaForm::Naive,
             Dtype::F32,
             &SETUP,
-            cache.clone(),
+            Some(cache.clone()),
         )
         .unwrap();
         let names = cache.names_in_use();

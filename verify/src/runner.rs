@@ -8,10 +8,8 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use modelmeter::conventions::{convention, is_fused_attention};
-use modelmeter::layers::AttentionImpl;
 use modelmeter::layers::ATTENTION_CORE_ROLE;
 use modelmeter::Cost;
-use modelmeter::{ModelConfig, Workload};
 use modelmeter_reference::harness::{LayerRun, ModuleKind, Prepared};
 use modelmeter_reference::{Setup, WeightCache};
 
@@ -22,39 +20,9 @@ use crate::pairing::Pairing;
 use crate::plan::Plan;
 use crate::results::{LayerResult, Progress};
 
-/// How a layer's reference module is run (built, prepared, counted), with the weights a
-/// cache may hand out.
-type RunLayer = fn(
-    ModuleKind,
-    &ModelConfig,
-    &Workload,
-    AttentionImpl,
-    &Setup,
-    Option<Rc<WeightCache>>,
-) -> modelmeter_reference::Result<LayerRun>;
-
-fn run_counted(
-    kind: ModuleKind,
-    config: &ModelConfig,
-    workload: &Workload,
-    attention: AttentionImpl,
-    setup: &Setup,
-    weights: Option<Rc<WeightCache>>,
-) -> modelmeter_reference::Result<LayerRun> {
-    Prepared::with_weights(kind, config, workload, attention, setup, weights)?.run()
-}
-
-fn run_in_range(
-    kind: ModuleKind,
-    config: &ModelConfig,
-    workload: &Workload,
-    attention: AttentionImpl,
-    setup: &Setup,
-    weights: Option<Rc<WeightCache>>,
-) -> modelmeter_reference::Result<LayerRun> {
-    Prepared::with_weights(kind, config, workload, attention, setup, weights)?
-        .run_in_profiler_range()
-}
+/// How a prepared layer is run under the counter: [`Prepared::run`], or
+/// [`Prepared::run_in_profiler_range`] under Nsight Compute.
+type RunLayer = fn(Prepared) -> modelmeter_reference::Result<LayerRun>;
 
 /// Verifies every layer of the plan. On the CPU, where drawing weights is most of a
 /// run's time, a module's parameters are handed to the next one that draws the same
@@ -62,7 +30,7 @@ fn run_in_range(
 /// plan's order). On a GPU the weights are drawn by kernels and each layer builds its own.
 pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
     let share = plan.device == tch::Device::Cpu;
-    verify_with(plan, run_counted, share, progress)
+    verify_with(plan, Prepared::run, share, progress)
 }
 
 /// [`verify`] with each layer's counted forward as one profiler range, after a warm-up
@@ -72,7 +40,7 @@ pub fn verify_in_profiler_ranges(
     plan: &Plan,
     progress: &mut dyn FnMut(Progress),
 ) -> Vec<LayerResult> {
-    verify_with(plan, run_in_range, false, progress)
+    verify_with(plan, Prepared::run_in_profiler_range, false, progress)
 }
 
 /// The order that lets consecutive layers share parameters: the norm, the gate, the MoE
@@ -176,14 +144,15 @@ fn verify_layer(
     };
     let run = catch_unwind(AssertUnwindSafe(|| {
         plan.hooks.injected_error(&name)?;
-        run_layer(
+        let prepared = Prepared::with_weights(
             module,
             &plan.config,
             &plan.workload,
             plan.attention,
             &setup,
             weights,
-        )
+        )?;
+        run_layer(prepared)
     }));
     let compared = Instant::now();
     let mut result = match run {
