@@ -16,6 +16,12 @@
 //!   comparison); interleaved with the same layers the Python way
 //!   (`scripts/flopcounter-baseline.py`: transformers' modules under torch's
 //!   FlopCounterMode) when the `.venv` has transformers, and the ratio of the two.
+//!   With `BENCH_DEVICE=cuda:0` the process runs on that GPU (the ≤ 3 s target, CUDA
+//!   start-up included) and the Python way is skipped.
+//!
+//! On a machine without Rust (the GPU machine: `scripts/build-device-bundle` carries the
+//! built bench as `target/device/bench-verify`), `BENCH_VERIFY_DECODER` names the
+//! `verify-decoder` binary and `BENCH_OUT` the folder the JSON goes to.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -258,12 +264,22 @@ fn python_baseline(root: &std::path::Path) -> Option<(std::path::PathBuf, std::p
     (has_transformers && script.exists()).then_some((python, script))
 }
 
-/// The whole default `verify-decoder --device cpu` process, `rounds` times, interleaved
-/// with the Python way when it can run: wall time (median, min–max), peak RSS, and the
+/// The whole default `verify-decoder` process (on the CPU, or the `BENCH_DEVICE` GPU),
+/// `rounds` times, interleaved with the Python way when it can run (CPU only): wall time (median, min–max), peak RSS, and the
 /// phases `--timings` reports.
 fn whole_process(rounds: usize) -> Value {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let binary = root.join("target/release/verify-decoder");
+    let binary = std::env::var_os("BENCH_VERIFY_DECODER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/verify-decoder"));
+    let (device, _) = device_and_workload();
+    let (device_arg, where_) = match device {
+        Device::Cuda(i) => (
+            format!("cuda:{i}"),
+            format!("on cuda:{i} (its default dtype)"),
+        ),
+        _ => ("cpu".to_string(), "on the CPU".to_string()),
+    };
     if !binary.exists() {
         println!(
             "\nwhole process: skipped ({} not built; scripts/bench builds it)",
@@ -271,7 +287,8 @@ fn whole_process(rounds: usize) -> Value {
         );
         return Value::Null;
     }
-    let python = python_baseline(&root);
+    // The ratio target is the CPU's; on a GPU the process time stands alone.
+    let python = python_baseline(&root).filter(|_| device == Device::Cpu);
     let dir = std::env::temp_dir().join(format!("modelmeter-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let (ours_json, theirs_json) = (dir.join("verify.json"), dir.join("baseline.json"));
@@ -279,9 +296,11 @@ fn whole_process(rounds: usize) -> Value {
     let (mut phases, mut baseline_phases, mut exit) =
         (Value::Null, [Value::Null, Value::Null], None);
     println!(
-        "\nwhole process, the default workload on the CPU, {rounds} interleaved rounds{}:",
+        "\nwhole process, the default workload {where_}, {rounds} interleaved rounds{}:",
         if python.is_some() {
             " (verify-decoder, then the FlopCounterMode way)"
+        } else if device != Device::Cpu {
+            ""
         } else {
             " (no transformers in .venv: the FlopCounterMode way is skipped)"
         }
@@ -289,7 +308,7 @@ fn whole_process(rounds: usize) -> Value {
     let mut peak_rss = 0;
     for _ in 0..rounds {
         let mut command = Command::new(&binary);
-        command.args(["--device", "cpu", "--quiet", "--timings", "--json"]);
+        command.args(["--device", &device_arg, "--quiet", "--timings", "--json"]);
         command.arg(&ours_json);
         let (wall, code, json) = time_child(command, &ours_json);
         ours.push(wall);
@@ -335,6 +354,7 @@ fn whole_process(rounds: usize) -> Value {
         );
     }
     let mut out = json!({
+        "device": device_arg,
         "wall_s": {"median": om, "min": omin, "max": omax},
         "peak_rss_bytes": peak_rss, "exit": exit, "phases": phases,
     });
@@ -393,7 +413,11 @@ fn main() {
         "threads": tch::get_num_threads(), "layers": layers, "analytic": analytic,
         "process": process,
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let dir = std::env::var_os("BENCH_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")
+        });
     let path = dir.join(format!("verify-{stamp}.json"));
     let written = std::fs::create_dir_all(&dir).and_then(|_| {
         std::fs::write(
