@@ -216,6 +216,15 @@ impl Cost {
         out
     }
 
+    /// The same call under another name (a second module of the same shape: the post-
+    /// attention norm of a decoder layer is its input norm's op list).
+    pub fn renamed(&self, name: &str) -> Cost {
+        Cost {
+            name: name.to_string(),
+            ..self.clone()
+        }
+    }
+
     /// The child called `name`, if any.
     pub fn child(&self, name: &str) -> Option<&Cost> {
         self.children.iter().find(|c| c.name == name)
@@ -253,24 +262,49 @@ impl Cost {
     }
 }
 
+/// What the [`CostBuilder`]s on a thread keep ([`sums_only`], [`metrics_only`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// The per-op tree, the sums and the liveness (peaks): [`crate::layers::Layer::cost`].
+    Tree,
+    /// Sums and liveness, no tree.
+    Sums,
+    /// [`Metrics`] only: neither the tree nor the liveness of the tensors.
+    Metrics,
+}
+
 thread_local! {
-    /// Set while [`sums_only`] runs: builders keep sums, not the per-op tree.
-    static SUMS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// What builders on this thread keep.
+    static KEEP: std::cell::Cell<Keep> = const { std::cell::Cell::new(Keep::Tree) };
+}
+
+/// Runs `f` with the builders on this thread keeping `keep`, restoring what was kept before
+/// when it returns (or unwinds).
+fn keeping<T>(keep: Keep, f: impl FnOnce() -> T) -> T {
+    struct Restore(Keep);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            KEEP.with(|k| k.set(self.0));
+        }
+    }
+    let _restore = Restore(KEEP.with(|k| k.replace(keep)));
+    f()
 }
 
 /// Runs `f` with every [`CostBuilder`] on this thread keeping only the sums: the nodes it
-/// finishes have their metrics but no children (no per-op tree is allocated). The same op
-/// lists run; only the breakdown is not kept — what [`crate::layers::Layer::metrics`]
-/// needs for design-space sweeps.
+/// finishes have their metrics and peaks but no children (no per-op tree is allocated).
+/// The same op lists run; only the breakdown is not kept.
 pub fn sums_only<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SUMS_ONLY.with(|s| s.set(self.0));
-        }
-    }
-    let _restore = Restore(SUMS_ONLY.with(|s| s.replace(true)));
-    f()
+    keeping(Keep::Sums, f)
+}
+
+/// [`sums_only`] without the liveness bookkeeping either: the nodes' [`Metrics`] are those
+/// of the tree, but their peaks, CUDA blocks and returned sizes are zero (how many tensors
+/// a node returns is kept, so callers check it as they do with the tree). What
+/// `Layer::metrics` needs for design-space sweeps; crate-private because
+/// its nodes' other fields would read as zeros.
+pub(crate) fn metrics_only<T>(f: impl FnOnce() -> T) -> T {
+    keeping(Keep::Metrics, f)
 }
 
 fn describe(t: &TensorMeta) -> String {
@@ -282,16 +316,20 @@ fn describe(t: &TensorMeta) -> String {
 pub struct CostBuilder {
     node: Cost,
     allow_tf32: bool,
-    /// Keep sums only (inside [`sums_only`]).
+    /// Keep sums only (inside [`sums_only`] or [`metrics_only`]).
     sums_only: bool,
     /// Which of the node's tensors are allocated, op by op, and which it returns
-    /// ([`CostBuilder::returns`]) and keeps ([`CostBuilder::keeps`]).
-    liveness: Liveness,
+    /// ([`CostBuilder::returns`]) and keeps ([`CostBuilder::keeps`]); `None` inside
+    /// [`metrics_only`].
+    liveness: Option<Liveness>,
+    /// Inside [`metrics_only`]: how many tensors the node said it returns.
+    returns_count: Option<usize>,
 }
 
 impl CostBuilder {
     /// A new node called `name`; `allow_tf32` picks the engine of fp32 GEMMs.
     pub fn new(name: impl Into<String>, allow_tf32: bool) -> CostBuilder {
+        let keep = KEEP.with(|k| k.get());
         CostBuilder {
             node: Cost {
                 name: name.into(),
@@ -304,8 +342,9 @@ impl CostBuilder {
                 children: Vec::new(),
             },
             allow_tf32,
-            sums_only: SUMS_ONLY.with(|s| s.get()),
-            liveness: Liveness::new(),
+            sums_only: keep != Keep::Tree,
+            liveness: (keep != Keep::Metrics).then(Liveness::new),
+            returns_count: None,
         }
     }
 
@@ -381,10 +420,9 @@ impl CostBuilder {
                 cuda_activation_bytes =
                     sum("CUDA activation blocks", &[cuda_activation_bytes, block])?;
                 // An empty tensor allocates nothing and holds nothing.
-                t.storage = if bytes == 0 {
-                    None
-                } else {
-                    Some(self.liveness.allocate([bytes, block])?)
+                t.storage = match &mut self.liveness {
+                    Some(liveness) if bytes != 0 => Some(liveness.allocate([bytes, block])?),
+                    _ => None,
                 };
             }
         } else {
@@ -451,8 +489,9 @@ impl CostBuilder {
 
     /// Adds a sub-layer call whose outputs stay allocated until this node returns.
     pub fn child(&mut self, child: Cost) -> Result<()> {
-        self.liveness
-            .call([child.peak, child.cuda_peak], &child.returned, |_| {})?;
+        if let Some(liveness) = &mut self.liveness {
+            liveness.call([child.peak, child.cuda_peak], &child.returned, |_| {})?;
+        }
         self.push(child)
     }
 
@@ -470,14 +509,19 @@ impl CostBuilder {
                 ),
             ));
         }
-        let mut held = Vec::with_capacity(outputs.len());
-        let mut outputs = outputs.iter();
-        self.liveness
-            .call([child.peak, child.cuda_peak], &child.returned, |storage| {
-                if let Some(t) = outputs.next() {
-                    held.push((*t).clone().held_by(storage));
-                }
-            })?;
+        let held = match &mut self.liveness {
+            Some(liveness) => {
+                let mut held = Vec::with_capacity(outputs.len());
+                let mut outputs = outputs.iter();
+                liveness.call([child.peak, child.cuda_peak], &child.returned, |storage| {
+                    if let Some(t) = outputs.next() {
+                        held.push((*t).clone().held_by(storage));
+                    }
+                })?;
+                held
+            }
+            None => outputs.iter().map(|t| (*t).clone().held_by(None)).collect(),
+        };
         self.push(child)?;
         Ok(held)
     }
@@ -487,10 +531,12 @@ impl CostBuilder {
     /// not allocate (its inputs, a cast that changed nothing) are skipped; releasing one
     /// twice is an error.
     pub fn release(&mut self, tensors: &[&TensorMeta]) -> Result<()> {
+        let Some(liveness) = &mut self.liveness else {
+            return Ok(());
+        };
         for t in tensors {
             let name = &self.node.name;
-            self.liveness
-                .release(t.storage(), || format!("{} of {name}", describe(t)))?;
+            liveness.release(t.storage(), || format!("{} of {name}", describe(t)))?;
         }
         Ok(())
     }
@@ -511,12 +557,17 @@ impl CostBuilder {
     ///
     /// [`kept`]: CostBuilder::keeps
     pub fn returns(&mut self, outputs: &[&TensorMeta]) {
-        self.liveness.returns(outputs.iter().map(|t| t.storage()));
+        match &mut self.liveness {
+            Some(liveness) => liveness.returns(outputs.iter().map(|t| t.storage())),
+            None => self.returns_count = Some(outputs.len()),
+        }
     }
 
     /// The call leaves `tensors` allocated for later calls (the KV cache).
     pub fn keeps(&mut self, tensors: &[&TensorMeta]) {
-        self.liveness.keeps(tensors.iter().map(|t| t.storage()));
+        if let Some(liveness) = &mut self.liveness {
+            liveness.keeps(tensors.iter().map(|t| t.storage()));
+        }
     }
 
     /// Adds parameters of `bytes` owned by this node itself (not by a child).
@@ -552,10 +603,16 @@ impl CostBuilder {
 
     /// The finished node.
     pub fn finish(mut self) -> Cost {
-        let ([peak, cuda_peak], returned) = self.liveness.finish();
-        self.node.peak = peak;
-        self.node.cuda_peak = cuda_peak;
-        self.node.returned = returned;
+        match &self.liveness {
+            Some(liveness) => {
+                let ([peak, cuda_peak], returned) = liveness.finish();
+                self.node.peak = peak;
+                self.node.cuda_peak = cuda_peak;
+                self.node.returned = returned;
+            }
+            // As many (zero) sizes as the tree's: what was said, or one for all that is live.
+            None => self.node.returned = vec![[0, 0]; self.returns_count.unwrap_or(1)],
+        }
         self.node
     }
 }
@@ -597,6 +654,36 @@ mod tests {
         assert_eq!(c.metrics.activation_bytes, 128 + 128);
         assert_eq!(c.metrics.weight_bytes, 256);
         assert_eq!(c.ops().len(), 3);
+    }
+
+    #[test]
+    fn metrics_only_keeps_the_sums_and_how_many_tensors_return() {
+        let build = || {
+            let mut b = CostBuilder::new("demo", false);
+            let x = t(&[4, 8], Dtype::Bf16);
+            let w = t(&[8, 16], Dtype::Bf16);
+            let [y] = b
+                .op(
+                    "proj",
+                    "aten::mm",
+                    &[Arg::Tensor(x.clone()), Arg::Tensor(w)],
+                    [t(&[4, 16], Dtype::Bf16)],
+                )
+                .unwrap();
+            let [z] = b
+                .op("act", "aten::silu", &[Arg::Tensor(y.clone())], [y.clone()])
+                .unwrap();
+            b.release(&[&y]).unwrap();
+            b.returns(&[&z, &x]);
+            b.finish()
+        };
+        let tree = build();
+        let lean = metrics_only(build);
+        assert_eq!(lean.metrics, tree.metrics);
+        assert!(lean.children.is_empty() && tree.children.len() == 2);
+        assert_eq!(lean.returned.len(), tree.returned.len());
+        assert_eq!(tree.peak.peak_bytes, 2 * 128, "y and z live together");
+        assert_eq!(lean.peak, Peak::default(), "no liveness kept");
     }
 
     #[test]

@@ -126,9 +126,10 @@ impl Layer for DeepseekV2DecoderLayer {
         let hidden = t(&[w.batch, w.query_len(), c.hidden_size], w.dtype);
         // `residual = hidden_states` keeps each sum alive while the next block runs;
         // each block's output is dropped by the reassignment after the add.
-        let normed = b
-            .call(norm.cost_as("input_layernorm")?, &[&hidden])?
-            .remove(0);
+        // Both norms run over the same shape: one op list, costed once.
+        let input_norm = norm.cost_as("input_layernorm")?;
+        let post_norm = input_norm.renamed("post_attention_layernorm");
+        let normed = b.call(input_norm, &[&hidden])?.remove(0);
         let attended = b
             .call(attention_cost(c, w, self.attention)?, &[&hidden])?
             .remove(0);
@@ -144,9 +145,7 @@ impl Layer for DeepseekV2DecoderLayer {
             MlpKind::Dense => DeepseekV2MLP::new(c, w).cost()?,
             MlpKind::Moe => DeepseekV2MoE::new(c, w)?.cost()?,
         };
-        let normed = b
-            .call(norm.cost_as("post_attention_layernorm")?, &[&hidden])?
-            .remove(0);
+        let normed = b.call(post_norm, &[&hidden])?.remove(0);
         let mlp = b.call(feed_forward, &[&hidden])?.remove(0);
         b.release(&[&normed])?;
         let out = b.elementwise("residual + mlp", "aten::add", [&residual, &mlp], w.dtype)?;

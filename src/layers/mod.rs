@@ -43,8 +43,9 @@ pub trait Layer {
     fn cost(&self) -> Result<Cost>;
 
     /// The metrics of one forward call (the root of [`Layer::cost`]), from the same op
-    /// list without keeping the per-op tree ([`crate::metrics::sums_only`]).
+    /// list without keeping the per-op tree or the tensors' liveness
+    /// (`metrics::metrics_only`).
     fn metrics(&self) -> Result<Metrics> {
-        Ok(crate::metrics::sums_only(|| self.cost())?.metrics)
+        Ok(crate::metrics::metrics_only(|| self.cost())?.metrics)
     }
 }
