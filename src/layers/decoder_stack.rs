@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::checked::product;
-use crate::config::ModelConfig;
+use crate::config::{MlpKind, ModelConfig};
 use crate::conventions::TensorMeta;
 use crate::dtype::Dtype;
 use crate::error::Error;
@@ -97,10 +97,8 @@ impl DeepseekV2Decoder {
                 embed.finish()
             }
             StackPart::Layer(index) => {
-                let layer = DeepseekV2DecoderLayer::new(c, w, index, self.attention)?;
-                let mut cost = layer.cost()?;
-                cost.name = format!("{} ({})", part.path(), cost.name);
-                cost
+                let layer = DeepseekV2DecoderLayer::new(c, w, index, self.attention)?.cost()?;
+                layer.renamed(&stack_name(part, &layer))
             }
             StackPart::Norm => DeepseekV2RMSNorm::new(c, w).cost_as(&part.path())?,
             StackPart::LmHead => {
@@ -119,6 +117,11 @@ impl DeepseekV2Decoder {
     }
 }
 
+/// A decoder layer's node name in the stack: `layers.3 (DeepseekV2DecoderLayer_moe)`.
+fn stack_name(part: StackPart, layer: &Cost) -> String {
+    format!("{} ({})", part.path(), layer.name)
+}
+
 impl Layer for DeepseekV2Decoder {
     fn name(&self) -> String {
         "DeepseekV2ForCausalLM".into()
@@ -132,8 +135,31 @@ impl Layer for DeepseekV2Decoder {
         // Not modelled: the eager path's 4-D causal mask, built outside every part.
         let rows = t(&[w.batch, w.query_len(), self.config.hidden_size], w.dtype);
         let mut previous: Option<TensorMeta> = None;
+        // Decoder layers of one kind run the same op list at the same workload: each kind
+        // is costed once, then named per layer.
+        let mut by_kind: Vec<(MlpKind, Cost)> = Vec::with_capacity(2);
         for part in StackPart::all(&self.config) {
-            let cost = self.part_cost(part)?;
+            let cost = match part {
+                StackPart::Layer(index) => {
+                    let kind = self.config.layer_kind(index)?;
+                    let at = match by_kind.iter().position(|(k, _)| *k == kind) {
+                        Some(at) => at,
+                        None => {
+                            let layer = DeepseekV2DecoderLayer::new(
+                                &self.config,
+                                w,
+                                index,
+                                self.attention,
+                            )?;
+                            by_kind.push((kind, layer.cost()?));
+                            by_kind.len() - 1
+                        }
+                    };
+                    let layer = &by_kind[at].1;
+                    layer.renamed(&stack_name(part, layer))
+                }
+                _ => self.part_cost(part)?,
+            };
             let parts = cost.returned.len();
             let mut out = b.call(cost, &vec![&rows; parts])?;
             if let Some(p) = previous.take() {
@@ -281,6 +307,29 @@ mod tests {
         // Parameters: embedding + lm_head + 1 dense + 11 MoE layers + 25 norms' worth.
         let params = 2 * 165_478_400 + 32_852_480 + 11 * 233_720_320 + 1280;
         assert_eq!(stack.metrics.weight_bytes, params * 2);
+    }
+
+    #[test]
+    fn layers_costed_once_per_kind_are_the_parts_costed_one_by_one() {
+        // The stack costs each kind of decoder layer once and names it per layer; every
+        // child must be what `part_cost` builds for that part alone (tree, sums, peaks).
+        let c = ModelConfig::deepseek_ocr().first_layers(4).unwrap();
+        for w in [
+            Workload::prefill(2, 33).unwrap(),
+            Workload::decode(1, 70).unwrap(),
+        ] {
+            let stack = DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa);
+            let cost = stack.cost().unwrap();
+            let parts = StackPart::all(&c);
+            assert_eq!(cost.children.len(), parts.len());
+            for (child, part) in cost.children.iter().zip(parts) {
+                assert_eq!(child, &stack.part_cost(part).unwrap(), "{}", part.path());
+            }
+            assert_eq!(
+                cost.children[3].name,
+                "layers.2 (DeepseekV2DecoderLayer_moe)"
+            );
+        }
     }
 
     #[test]
