@@ -718,28 +718,39 @@ pub fn convention(op: &str) -> Option<&'static OpConvention> {
 }
 
 /// [`convention`] for an op name the program spells out (every op call of the analytic
-/// layers): a string is looked up by name when a thread first sees it (or after another
-/// name took its slot), and otherwise found by its address and length, which no hashing
-/// or comparing of names needs. A string at a `'static` address never changes, so the
-/// answer is always [`convention`]'s.
+/// layers): a string is looked up by name when a thread first sees it, and otherwise found
+/// by its address and length, which no hashing or comparing of names needs. A string at a
+/// `'static` address never changes, so the answer is always [`convention`]'s. The slots
+/// are probed from the address's home slot onwards, so names whose homes collide do not
+/// evict each other (the layers spell about a hundred op names; a full run of probes
+/// replaces the home slot).
 pub(crate) fn convention_of_static(op: &'static str) -> Option<&'static OpConvention> {
     type Slot = Cell<Option<(usize, usize, &'static OpConvention)>>;
-    const SLOTS: usize = 128;
+    const BITS: u32 = 8;
+    const SLOTS: usize = 1 << BITS;
+    const PROBES: usize = 8;
     thread_local! {
         static BY_ADDRESS: [Slot; SLOTS] = const { [const { Cell::new(None) }; SLOTS] };
     }
     let (address, len) = (op.as_ptr() as usize, op.len());
-    // Fibonacci hashing of the address: the top 7 bits pick one of the 128 slots.
-    let slot =
-        (address.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> (usize::BITS - 7)) % SLOTS;
+    // Fibonacci hashing of the address: its top bits pick the home slot.
+    let home = address.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> (usize::BITS - BITS);
     BY_ADDRESS.with(|slots| {
-        if let Some((a, l, conv)) = slots[slot].get() {
-            if (a, l) == (address, len) {
-                return Some(conv);
+        let mut free = None;
+        for probe in 0..PROBES {
+            let slot = &slots[(home + probe) % SLOTS];
+            match slot.get() {
+                Some((a, l, conv)) if (a, l) == (address, len) => return Some(conv),
+                Some(_) => {}
+                None => {
+                    free = Some(slot);
+                    break;
+                }
             }
         }
         let conv = convention(op)?;
-        slots[slot].set(Some((address, len, conv)));
+        free.unwrap_or(&slots[home % SLOTS])
+            .set(Some((address, len, conv)));
         Some(conv)
     })
 }
