@@ -1,6 +1,7 @@
 //! Parses the op observer's text log (format in `csrc/op_observer.cpp`) into events.
 
 use modelmeter::conventions::{Arg, TensorMeta};
+use modelmeter::shape::Shape;
 use modelmeter::Dtype;
 
 /// One op start the observer saw.
@@ -175,7 +176,7 @@ struct Parser<'a> {
     device: Option<String>,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn peek(&self) -> Option<u8> {
         self.text.get(self.pos).copied()
     }
@@ -189,7 +190,7 @@ impl Parser<'_> {
         }
     }
 
-    fn until(&mut self, stop: &[u8]) -> &str {
+    fn until(&mut self, stop: &[u8]) -> &'a str {
         let start = self.pos;
         while self.peek().is_some_and(|c| !stop.contains(&c)) {
             self.pos += 1;
@@ -209,6 +210,37 @@ impl Parser<'_> {
         self.eat(b']').then_some(values)
     }
 
+    /// A tensor's sizes up to the closing `]`, straight into a [`Shape`] (every op's
+    /// tensors go through here: no intermediate vectors).
+    fn dims(&mut self) -> Option<Shape> {
+        let mut dims = [0u64; Shape::INLINE];
+        let mut rank = 0;
+        let mut longer: Vec<u64> = Vec::new();
+        if !self.eat(b']') {
+            loop {
+                let d: u64 = self.until(b",]").parse().ok()?;
+                if rank < Shape::INLINE {
+                    dims[rank] = d;
+                } else {
+                    if longer.is_empty() {
+                        longer.extend_from_slice(&dims);
+                    }
+                    longer.push(d);
+                }
+                rank += 1;
+                if self.eat(b']') {
+                    break;
+                }
+                self.eat(b',').then_some(())?;
+            }
+        }
+        Some(if rank > Shape::INLINE {
+            Shape::new(&longer)
+        } else {
+            Shape::new(&dims[..rank])
+        })
+    }
+
     fn arg(&mut self) -> Option<Arg> {
         let tag = self.peek()?;
         self.pos += 1;
@@ -217,17 +249,12 @@ impl Parser<'_> {
             b'T' => {
                 let dtype = Dtype::from_libtorch_name(self.until(b"@"));
                 self.eat(b'@').then_some(())?;
-                let device = self.until(b"[").to_string();
-                self.eat(b'[').then_some(())?;
-                let shape = self
-                    .ints()?
-                    .into_iter()
-                    .map(|d| u64::try_from(d).ok())
-                    .collect::<Option<Vec<_>>>()?;
+                let device = self.until(b"[");
                 if self.device.is_none() {
-                    self.device = Some(device);
+                    self.device = Some(device.to_string());
                 }
-                Arg::Tensor(TensorMeta::new(&shape, dtype))
+                self.eat(b'[').then_some(())?;
+                Arg::Tensor(TensorMeta::from_shape(self.dims()?, dtype))
             }
             b'i' => Arg::Int(self.until(b";]").parse().ok()?),
             b'f' => Arg::Float(self.until(b";]").parse().ok()?),
@@ -309,6 +336,24 @@ mod tests {
                 Arg::Other("Device".into()),
             ]
         );
+    }
+
+    #[test]
+    fn tensor_sizes_of_any_rank_and_bad_sizes() {
+        let out = parse(
+            "1\t0\tF\taten::view\tTFloat@cpu[1,2,3,4,5,6,7,8];TFloat@cpu[6,5,4,3,2,1]\n\
+             1\t0\tF\taten::bad\tTFloat@cpu[-1]\n\
+             1\t0\tF\taten::bad\tTFloat@cpu[2,]\n",
+        );
+        assert_eq!(
+            out.events[0].args,
+            vec![
+                Arg::Tensor(TensorMeta::new(&[1, 2, 3, 4, 5, 6, 7, 8], Dtype::F32)),
+                Arg::Tensor(TensorMeta::new(&[6, 5, 4, 3, 2, 1], Dtype::F32)),
+            ]
+        );
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.errors.len(), 2, "{:?}", out.errors);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! - per layer of the default workload (DeepSeek-OCR, B=1, S=512, fp32 on the CPU, or
 //!   `BENCH_DEVICE=cuda:0` with bf16): plain vs counted forward time, interleaved
 //!   (median and min–max over `BENCH_ROUNDS`, default 7; which runs first alternates by
-//!   round), the ratio of the medians and of the minimums, and the ops the counter saw and
-//!   recorded;
+//!   round), the ratio of the medians and of the minimums, the median of each round's
+//!   counted/plain pair (back to back, so drift between rounds cancels), and the ops the
+//!   counter saw and recorded;
 //! - analytic evaluations per second: one decoder layer's `metrics()`, the whole stack,
 //!   and a 512-token generation;
 //! - the whole `verify-decoder` process at the default workload (release build), run
@@ -77,8 +78,8 @@ fn layers(rounds: usize) -> Vec<Value> {
         workload.describe()
     );
     println!(
-        "{:<30} {:>22} {:>22} {:>6} {:>6} {:>7} {:>8}",
-        "layer", "plain ms", "counted ms", "ratio", "r(min)", "ops", "counted"
+        "{:<30} {:>22} {:>22} {:>6} {:>6} {:>6} {:>7} {:>8}",
+        "layer", "plain ms", "counted ms", "ratio", "r(min)", "paired", "ops", "counted"
     );
     for p in REGISTRY {
         let name = p.name(AttentionImpl::Sdpa);
@@ -119,11 +120,15 @@ fn layers(rounds: usize) -> Vec<Value> {
                 plain.push(forward(false).0);
             }
         }
+        // Each round's counted forward over its plain one, run back to back: the pairs
+        // cancel what drifts between rounds (this VM's speed wanders by ±20 %), so their
+        // median is the steadiest of the three ratios.
+        let paired = median_and_spread(plain.iter().zip(&counted).map(|(p, c)| c / p).collect()).0;
         let (pm, pmin, pmax) = median_and_spread(plain);
         let (cm, cmin, cmax) = median_and_spread(counted);
         let (ratio, ratio_min) = (cm / pm, cmin / pmin);
         println!(
-            "{name:<30} {:>22} {:>22} {ratio:>6.3} {ratio_min:>6.3} {:>7} {:>8}",
+            "{name:<30} {:>22} {:>22} {ratio:>6.3} {ratio_min:>6.3} {paired:>6.3} {:>7} {:>8}",
             format!("{pm:.2} ({pmin:.2}–{pmax:.2})"),
             format!("{cm:.2} ({cmin:.2}–{cmax:.2})"),
             ops.0,
@@ -133,7 +138,7 @@ fn layers(rounds: usize) -> Vec<Value> {
             "layer": name, "build_ms": build_ms,
             "plain_ms": {"median": pm, "min": pmin, "max": pmax},
             "counted_ms": {"median": cm, "min": cmin, "max": cmax},
-            "ratio": ratio, "ratio_of_minimums": ratio_min,
+            "ratio": ratio, "ratio_of_minimums": ratio_min, "median_paired_ratio": paired,
             "ops_seen": ops.0, "ops_recorded": ops.1,
         }));
     }
