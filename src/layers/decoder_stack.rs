@@ -135,8 +135,10 @@ impl Layer for DeepseekV2Decoder {
         // Not modelled: the eager path's 4-D causal mask, built outside every part.
         let rows = t(&[w.batch, w.query_len(), self.config.hidden_size], w.dtype);
         let mut previous: Option<TensorMeta> = None;
-        // Decoder layers of one kind run the same op list at the same workload: each kind
-        // is costed once, then named per layer.
+        // Decoder layers of one kind run the same op list at the same workload (a layer
+        // keeps nothing of its index but its kind: `DeepseekV2DecoderLayer::new`): each
+        // kind is costed once, then named per layer. A test checks every child against
+        // the part costed alone.
         let mut by_kind: Vec<(MlpKind, Cost)> = Vec::with_capacity(2);
         for part in StackPart::all(&self.config) {
             let cost = match part {
