@@ -37,6 +37,7 @@
 #include <dlfcn.h>
 
 #include <atomic>
+#include <charconv>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -102,10 +103,18 @@ void append_error(const char* op, const char* message) noexcept {
   }
 }
 
+// Appends `value` in decimal (or hex) without a temporary string: every tensor size of
+// every op goes through here.
+void append_int(std::string& out, int64_t value, int base = 10) {
+  char buf[24];
+  const auto end = std::to_chars(buf, buf + sizeof buf, value, base).ptr;
+  out.append(buf, end);
+}
+
 void encode_ints(std::string& out, c10::IntArrayRef values) {
   for (size_t i = 0; i < values.size(); ++i) {
     if (i) out += ',';
-    out += std::to_string(values[i]);
+    append_int(out, values[i]);
   }
 }
 
@@ -131,10 +140,10 @@ void encode(std::string& out, const c10::IValue& v) {
     encode_tensor(out, v.toTensor());
   } else if (v.isInt()) {
     out += 'i';
-    out += std::to_string(v.toInt());
+    append_int(out, v.toInt());
   } else if (v.isSymInt()) {
     out += 'i';
-    out += std::to_string(v.toSymInt().guard_int(__FILE__, __LINE__));
+    append_int(out, v.toSymInt().guard_int(__FILE__, __LINE__));
   } else if (v.isDouble()) {
     char buf[40];
     std::snprintf(buf, sizeof(buf), "f%.17g", v.toDouble());
@@ -203,9 +212,11 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     context = std::move(frame);
     if (!in || !g_armed.load()) return context;
 
-    std::string line = std::to_string(fn.threadId());
+    std::string line;
+    line.reserve(256);  // most lines fit: one allocation per op
+    append_int(line, static_cast<int64_t>(fn.threadId()));
     line += '\t';
-    line += std::to_string(depth);
+    append_int(line, static_cast<int64_t>(depth));
     line += backward ? "\tB\t" : "\tF\t";
     line += fn.name();
     line += '\t';
@@ -259,19 +270,21 @@ void encode_output(std::string& out, const FrameContext& frame, const c10::IValu
   encode(out, v);
   if (t.defined() && t.has_storage()) {
     char buf[24];
-    std::snprintf(buf, sizeof(buf), "#%llx",
-                  static_cast<unsigned long long>(
-                      reinterpret_cast<uintptr_t>(t.storage().data())));
-    out += buf;
+    const auto address = reinterpret_cast<uintptr_t>(t.storage().data());
+    const auto end = std::to_chars(buf, buf + sizeof buf, address, 16).ptr;
+    out += '#';
+    out.append(buf, end);
   }
 }
 
 // Writes the outputs of a logged op (the O line).
 void log_outputs(const at::RecordFunction& fn, const FrameContext& frame) {
-  std::string line = "O\t";
-  line += std::to_string(frame.line);
+  std::string line;
+  line.reserve(128);
+  line += "O\t";
+  append_int(line, static_cast<int64_t>(frame.line));
   line += '\t';
-  line += std::to_string(mmeter_sequence_next());
+  append_int(line, static_cast<int64_t>(mmeter_sequence_next()));
   line += '\t';
   auto outputs = fn.outputs();
   for (size_t i = 0; i < outputs.size(); ++i) {
