@@ -315,22 +315,26 @@ mod tests {
     fn layers_costed_once_per_kind_are_the_parts_costed_one_by_one() {
         // The stack costs each kind of decoder layer once and names it per layer; every
         // child must be what `part_cost` builds for that part alone (tree, sums, peaks).
-        let c = ModelConfig::deepseek_ocr().first_layers(4).unwrap();
-        for w in [
-            Workload::prefill(2, 33).unwrap(),
-            Workload::decode(1, 70).unwrap(),
-        ] {
-            let stack = DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa);
-            let cost = stack.cost().unwrap();
-            let parts = StackPart::all(&c);
-            assert_eq!(cost.children.len(), parts.len());
-            for (child, part) in cost.children.iter().zip(parts) {
-                assert_eq!(child, &stack.part_cost(part).unwrap(), "{}", part.path());
+        let lite = ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
+        for c in [ModelConfig::deepseek_ocr(), lite] {
+            let c = c.first_layers(4).unwrap();
+            for w in [
+                Workload::prefill(2, 33).unwrap(),
+                Workload::decode(1, 70).unwrap(),
+                Workload::decode(1, 70).unwrap().with_mla(MlaForm::Absorb),
+            ] {
+                let stack = DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa);
+                let cost = stack.cost().unwrap();
+                let parts = StackPart::all(&c);
+                assert_eq!(cost.children.len(), parts.len());
+                for (child, part) in cost.children.iter().zip(parts) {
+                    assert_eq!(child, &stack.part_cost(part).unwrap(), "{}", part.path());
+                }
+                assert_eq!(
+                    cost.children[3].name,
+                    "layers.2 (DeepseekV2DecoderLayer_moe)"
+                );
             }
-            assert_eq!(
-                cost.children[3].name,
-                "layers.2 (DeepseekV2DecoderLayer_moe)"
-            );
         }
     }
 
