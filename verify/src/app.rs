@@ -150,7 +150,7 @@ pub struct Args {
 pub struct Ready {
     pub spec: DeviceSpec,
     /// Why this device (`as asked`, or the default's reason).
-    pub why: &'static str,
+    pub why: String,
     pub info: DeviceInfo,
     pub plan: Plan,
     /// `--report-host-details`.
@@ -456,7 +456,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     let (spec, why) = match &args.device {
         Some(text) => (
             DeviceSpec::parse(text).map_err(anyhow::Error::msg)?,
-            "as asked",
+            "as asked".to_string(),
         ),
         None => DeviceSpec::default_choice(),
     };

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::process::Command;
 
+use modelmeter_reference::cuda_backend::Backend;
 use tch::Device;
 
 /// A device as named on the command line.
@@ -38,12 +39,34 @@ impl DeviceSpec {
         }
     }
 
-    /// `cuda:0` when libtorch sees a GPU, else `cpu`, with the reason.
-    pub fn default_choice() -> (DeviceSpec, &'static str) {
-        if modelmeter_reference::cuda_backend::is_available() {
-            (DeviceSpec::Cuda(0), "default: CUDA is available")
-        } else {
-            (DeviceSpec::Cpu, "default: libtorch sees no CUDA device")
+    /// `cuda:0` when libtorch sees a GPU, else `cpu`, with the reason: a machine whose
+    /// NVIDIA driver is there but whose CUDA backend did not load says so, instead of
+    /// quietly running on the CPU.
+    pub fn default_choice() -> (DeviceSpec, String) {
+        use modelmeter_reference::cuda_backend::{devices, state};
+        DeviceSpec::choice_for(state(), devices())
+    }
+
+    /// [`DeviceSpec::default_choice`] for what start-up did about the CUDA backend and the
+    /// devices libtorch then counts.
+    fn choice_for(backend: Backend, devices: Result<i64, String>) -> (DeviceSpec, String) {
+        match (backend, devices) {
+            (_, Ok(n)) if n > 0 => (DeviceSpec::Cuda(0), "default: CUDA is available".into()),
+            (Backend::Failed(why), _) => (
+                DeviceSpec::Cpu,
+                format!(
+                    "default: this machine has an NVIDIA driver, but libtorch's CUDA backend \
+                     did not load ({why}), so the CPU"
+                ),
+            ),
+            (Backend::NoDriver, _) => (
+                DeviceSpec::Cpu,
+                "default: no NVIDIA driver on this machine".into(),
+            ),
+            (Backend::Loaded, _) => (
+                DeviceSpec::Cpu,
+                "default: libtorch sees no CUDA device".into(),
+            ),
         }
     }
 
@@ -157,6 +180,36 @@ fn gpu_name(index: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_device_says_why_it_is_not_the_gpu() {
+        let (spec, why) = DeviceSpec::choice_for(Backend::Loaded, Ok(2));
+        assert_eq!(
+            (spec, why.as_str()),
+            (DeviceSpec::Cuda(0), "default: CUDA is available")
+        );
+        let (spec, why) = DeviceSpec::choice_for(Backend::Loaded, Ok(0));
+        assert_eq!(spec, DeviceSpec::Cpu);
+        assert!(why.contains("sees no CUDA device"), "{why}");
+        let (spec, why) = DeviceSpec::choice_for(
+            Backend::NoDriver,
+            Err("no NVIDIA driver (libcuda.so.1) on this machine".into()),
+        );
+        assert_eq!(spec, DeviceSpec::Cpu);
+        assert!(why.contains("no NVIDIA driver"), "{why}");
+        // A GPU machine whose backend failed must not read like a machine without a GPU.
+        let (spec, why) = DeviceSpec::choice_for(
+            Backend::Failed("libcudnn.so.9: cannot open shared object file".into()),
+            Err("libcudnn.so.9: cannot open shared object file".into()),
+        );
+        assert_eq!(spec, DeviceSpec::Cpu);
+        assert!(
+            why.contains("NVIDIA driver")
+                && why.contains("did not load")
+                && why.contains("libcudnn"),
+            "{why}"
+        );
+    }
 
     #[test]
     fn parses_the_documented_spellings() {
