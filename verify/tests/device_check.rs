@@ -1,6 +1,8 @@
-//! The GPU bundle's library-path logic (`scripts/device-check --print-library-path`),
-//! with a fake Python that names a fake torch: torch's lib folder must always come
-//! first, and what the GPU image set (the driver's folder) must be kept.
+//! The GPU bundle's own logic, with a fake Python that names a fake torch: the library
+//! path (`scripts/device-check --print-library-path`: torch's lib folder must always come
+//! first, and what the GPU image set, the driver's folder, must be kept) and the preflight
+//! (stand-in binaries: a run without a working GPU exits 1; when only a preloaded
+//! `libtorch_cuda.so` makes CUDA work, every run uses it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -79,4 +81,74 @@ fn unknown_arguments_are_refused() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("usage: device-check"));
+}
+
+/// Runs a copy of device-check (HARDWARE_ONLY=1: the preflight and what follows it) beside
+/// stand-in binaries: `verify_decoder` is the body of a fake `verify-decoder` script; a
+/// fake torch lib folder holds a `libtorch_cuda.so` when `cuda_lib`. Returns the exit code
+/// and the summary.
+fn bundle(tag: &str, verify_decoder: &str, cuda_lib: bool) -> (Option<i32>, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("mm-bundle-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let lib = dir.join("torch-lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    if cuda_lib {
+        std::fs::write(lib.join("libtorch_cuda.so"), "").unwrap();
+    }
+    std::fs::copy(script(), dir.join("device-check")).unwrap();
+    for (name, body) in [
+        ("verify-decoder", verify_decoder),
+        ("counter-tests", "exit 0"),
+        ("allocation-tests", "exit 0"),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let python = fake_python(tag, Some(lib.to_str().unwrap()));
+    let out = dir.join("out");
+    let o = Command::new("bash")
+        .arg(dir.join("device-check"))
+        .env("PYTHON", &python)
+        .env("OUT", &out)
+        .env("HARDWARE_ONLY", "1")
+        .env_remove("LD_PRELOAD")
+        .output()
+        .expect("bash runs device-check");
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    (o.status.code(), summary)
+}
+
+const NO_CUDA: &str =
+    "echo 'verify-decoder: error: --device cuda:0: libtorch cannot use CUDA here (x)'; exit 2";
+
+#[test]
+fn a_bundle_run_without_a_working_gpu_is_not_a_pass() {
+    let (code, summary) = bundle("no-gpu", NO_CUDA, true);
+    assert_eq!(code, Some(1), "{summary}");
+    assert!(summary.contains("cannot run on cuda:0"), "{summary}");
+    assert!(summary.contains("not with LD_PRELOAD"), "{summary}");
+}
+
+#[test]
+fn the_bundle_falls_back_to_preloading_libtorch_cuda() {
+    // CUDA works only when libtorch_cuda is preloaded: every later run must get it too.
+    let body = format!("[ -n \"$LD_PRELOAD\" ] && exit 0\n{NO_CUDA}");
+    let (code, summary) = bundle("preload", &body, true);
+    assert_eq!(code, Some(0), "{summary}");
+    assert!(
+        summary.contains("every run below uses LD_PRELOAD"),
+        "{summary}"
+    );
+    assert!(summary.contains("libtorch_cuda.so"), "{summary}");
+}
+
+#[test]
+fn a_bundle_run_with_cuda_working_at_start_up_passes_its_preflight() {
+    let (code, summary) = bundle("gpu", "exit 0", false);
+    assert_eq!(code, Some(0), "{summary}");
+    assert!(summary.contains("runs on cuda:0"), "{summary}");
+    assert!(!summary.contains("LD_PRELOAD"), "{summary}");
 }
