@@ -97,7 +97,7 @@ impl DeepseekV2Decoder {
                 embed.finish()
             }
             StackPart::Layer(index) => {
-                let layer = DeepseekV2DecoderLayer::new(c, w, index, self.attention)?.cost()?;
+                let layer = self.layer_cost(index)?;
                 layer.renamed(&stack_name(part, &layer))
             }
             StackPart::Norm => DeepseekV2RMSNorm::new(c, w).cost_as(&part.path())?,
@@ -114,6 +114,13 @@ impl DeepseekV2Decoder {
                 head.finish()
             }
         })
+    }
+}
+
+impl DeepseekV2Decoder {
+    /// Decoder layer `index` under its class name (`DeepseekV2DecoderLayer_moe`).
+    fn layer_cost(&self, index: u64) -> Result<Cost> {
+        DeepseekV2DecoderLayer::new(&self.config, &self.workload, index, self.attention)?.cost()
     }
 }
 
@@ -147,13 +154,7 @@ impl Layer for DeepseekV2Decoder {
                     let at = match by_kind.iter().position(|(k, _)| *k == kind) {
                         Some(at) => at,
                         None => {
-                            let layer = DeepseekV2DecoderLayer::new(
-                                &self.config,
-                                w,
-                                index,
-                                self.attention,
-                            )?;
-                            by_kind.push((kind, layer.cost()?));
+                            by_kind.push((kind, self.layer_cost(index)?));
                             by_kind.len() - 1
                         }
                     };

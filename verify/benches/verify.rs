@@ -270,8 +270,8 @@ fn python_baseline(root: &std::path::Path) -> Option<(std::path::PathBuf, std::p
 }
 
 /// The whole default `verify-decoder` process (on the CPU, or the `BENCH_DEVICE` GPU),
-/// `rounds` times, interleaved with the Python way when it can run (CPU only): wall time (median, min–max), peak RSS, and the
-/// phases `--timings` reports.
+/// `rounds` times, interleaved with the Python way when it can run (CPU only): wall time
+/// (median, min–max), peak RSS, and the phases `--timings` reports.
 fn whole_process(rounds: usize) -> Value {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let binary = std::env::var_os("BENCH_VERIFY_DECODER")
