@@ -88,6 +88,16 @@ fn unknown_arguments_are_refused() {
 /// fake torch lib folder holds a `libtorch_cuda.so` when `cuda_lib`. Returns the exit code
 /// and the summary.
 fn bundle(tag: &str, verify_decoder: &str, cuda_lib: bool) -> (Option<i32>, String) {
+    bundle_with(tag, verify_decoder, cuda_lib, false)
+}
+
+/// [`bundle`], with a stand-in `ncu` first on `PATH` when `ncu`.
+fn bundle_with(
+    tag: &str,
+    verify_decoder: &str,
+    cuda_lib: bool,
+    ncu: bool,
+) -> (Option<i32>, String) {
     use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("mm-bundle-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -97,19 +107,29 @@ fn bundle(tag: &str, verify_decoder: &str, cuda_lib: bool) -> (Option<i32>, Stri
         std::fs::write(lib.join("libtorch_cuda.so"), "").unwrap();
     }
     std::fs::copy(script(), dir.join("device-check")).unwrap();
-    for (name, body) in [
-        ("verify-decoder", verify_decoder),
-        ("counter-tests", "exit 0"),
-        ("allocation-tests", "exit 0"),
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (path, body) in [
+        (dir.join("verify-decoder"), verify_decoder),
+        (dir.join("counter-tests"), "exit 0"),
+        (dir.join("allocation-tests"), "exit 0"),
+        (
+            bin.join("ncu"),
+            "echo 'NVIDIA (R) Nsight Compute Command Line Profiler'",
+        ),
     ] {
-        let path = dir.join(name);
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let python = fake_python(tag, Some(lib.to_str().unwrap()));
     let out = dir.join("out");
+    let mut path = std::env::var("PATH").unwrap_or_default();
+    if ncu {
+        path = format!("{}:{path}", bin.display());
+    }
     let o = Command::new("bash")
         .arg(dir.join("device-check"))
+        .env("PATH", path)
         .env("PYTHON", &python)
         .env("OUT", &out)
         .env("HARDWARE_ONLY", "1")
@@ -151,4 +171,30 @@ fn a_bundle_run_with_cuda_working_at_start_up_passes_its_preflight() {
     assert_eq!(code, Some(0), "{summary}");
     assert!(summary.contains("runs on cuda:0"), "{summary}");
     assert!(!summary.contains("LD_PRELOAD"), "{summary}");
+}
+
+#[test]
+fn hardware_counters_fall_back_to_range_replay_without_the_moe_layers() {
+    // ncu is there; the app-range run fails, the range-replay run of the other layers works.
+    let body = "case \"$*\" in\n\
+        *'--ncu-replay range --layers DeepseekV2MLP,MoEGate,'*--hardware-counters*) exit 0 ;;\n\
+        *--hardware-counters*) echo 'ncu: Failed to profile'; exit 2 ;;\n\
+        esac\nexit 0";
+    let (code, summary) = bundle_with("hw-fallback", body, false, true);
+    assert_eq!(
+        code,
+        Some(1),
+        "a failed app-range run still fails the check: {summary}"
+    );
+    for name in ["hw-bf16-prefill", "hw-bf16-decode", "hw-fp32-prefill"] {
+        assert!(
+            summary.contains(&format!("{name:<28} exit 2")),
+            "{name}: {summary}"
+        );
+        let fallback = format!("{name}-range");
+        assert!(
+            summary.contains(&format!("{fallback:<28} exit 0")),
+            "{fallback}: {summary}"
+        );
+    }
 }
