@@ -455,6 +455,37 @@ impl DeepseekV2Attention {
         Ok(out)
     }
 
+    /// `einsum("bhql,blc->bhqc", attn_weights, compressed_kv)` as ATen runs it: both
+    /// operands permuted to `[b, h, q, c, l]` (missing labels unsqueezed), then one `bmm`
+    /// summing over `l`; but a contracted label of size 1 in both operands is not summed
+    /// (`sumproduct_pair` with no dimension to sum), so at one key (a one-token prefill)
+    /// the contraction is a broadcast `mul`. The result as the `bmm`'s, `[B, H·S_q, r]`.
+    fn einsum_latent(
+        b: &mut CostBuilder,
+        batch: u64,
+        heads: u64,
+        sq: u64,
+        skv: u64,
+        r: u64,
+        dtype: Dtype,
+    ) -> Result<TensorMeta> {
+        let role = "einsum(bhql,blc->bhqc) attn_weights @ compressed_kv";
+        let rows = product("heads × queries", &[heads, sq])?;
+        if skv == 1 {
+            let out = b.elementwise(
+                role,
+                "aten::mul",
+                [
+                    &t(&[batch, heads, sq, 1, 1], dtype),
+                    &t(&[batch, 1, 1, r, 1], dtype),
+                ],
+                dtype,
+            )?;
+            return Ok(out.viewed_as(&[batch, rows, r]));
+        }
+        Self::bmm(b, role, batch, rows, skv, r, dtype)
+    }
+
     /// Scale, mask, fp32 softmax and the cast back, over `[B, H, S_q, L]` scores (a
     /// temporary of the scaling): `attn_weights = (scores) * softmax_scale`, `attn_weights
     /// = attn_weights + attention_mask`, `attn_weights = softmax(attn_weights,
@@ -846,16 +877,7 @@ impl DeepseekV2Attention {
         )?;
         core.release(&[&scores[0], &scores[1]])?;
         let probs = self.softmax(&mut core, summed)?;
-        let rows = product("heads × queries", &[heads, sq])?;
-        let out = Self::bmm(
-            &mut core,
-            "einsum(bhql,blc->bhqc) attn_weights @ compressed_kv",
-            batch,
-            rows,
-            skv,
-            r,
-            dtype,
-        )?;
+        let out = Self::einsum_latent(&mut core, batch, heads, sq, skv, r, dtype)?;
         core.returns(&[&out, &probs]);
         // The attention weights stay a local until the attention returns.
         let returned = b.call(core.finish(), &[&out, &probs])?;
