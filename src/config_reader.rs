@@ -77,9 +77,9 @@ pub(crate) const FIELDS: &[&str] = &[
 /// Reads at most [`MAX_CONFIG_BYTES`] of `path`; a larger file (or an endless device)
 /// is an error that says so.
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
-    let io = |source: std::io::Error| Error::Io {
+    let io = |cause: std::io::Error| Error::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let too_large = || {
         io(std::io::Error::new(

@@ -32,12 +32,11 @@ pub enum Error {
         message: String,
     },
     /// A configuration file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    ///
+    /// The reason is part of the message, not a `source()`: a printer of error chains
+    /// (anyhow's `{:#}`) would otherwise say it twice.
+    #[error("cannot read {path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     /// An exact integer metric does not fit in 64 bits.
     #[error(
         "{what} overflows 64-bit integers; reduce the workload (batch, sequence, context, new tokens) or the model sizes"

@@ -16,11 +16,12 @@ pub enum Error {
     #[error(transparent)]
     Model(#[from] modelmeter::Error),
     /// Reading or writing a file (parity exports).
-    #[error("{path}: {source}")]
+    /// The reason is part of the message, not a `source()`, so that chain printers do
+    /// not repeat it.
+    #[error("{path}: {cause}")]
     Io {
         path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The parity check against Hugging Face transformers did not run or did not pass.
     #[error("parity check: {0}")]

@@ -151,9 +151,9 @@ fn export_prepared(
             Ok((n, t.f_contiguous()?))
         })
         .collect::<Result<_>>()?;
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+    std::fs::create_dir_all(dir).map_err(|cause| Error::Io {
         path: dir.to_path_buf(),
-        source,
+        cause,
     })?;
     Tensor::write_safetensors(&tensors, dir.join("case.safetensors"))?;
 
@@ -214,7 +214,7 @@ fn export_prepared(
         &path,
         serde_json::to_string_pretty(&description).unwrap_or_default(),
     )
-    .map_err(|source| Error::Io { path, source })
+    .map_err(|cause| Error::Io { path, cause })
 }
 
 /// The verdict of the parity script on one case.
