@@ -87,9 +87,7 @@ impl WorkloadArgs {
             Some(path) => match path.to_str().and_then(ModelConfig::builtin) {
                 Some(builtin) => builtin?,
                 None => ModelConfig::from_file(path).map_err(|e| match e {
-                    Error::Io { ref cause, .. }
-                        if cause.kind() == std::io::ErrorKind::NotFound =>
-                    {
+                    Error::Io { ref cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
                         Error::invalid(
                             "--config",
                             path.display(),

@@ -36,7 +36,10 @@ pub enum Error {
     /// The reason is part of the message, not a `source()`: a printer of error chains
     /// (anyhow's `{:#}`) would otherwise say it twice.
     #[error("cannot read {path}: {cause}")]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     /// An exact integer metric does not fit in 64 bits.
     #[error(
         "{what} overflows 64-bit integers; reduce the workload (batch, sequence, context, new tokens) or the model sizes"

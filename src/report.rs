@@ -7,7 +7,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::GenerationMetrics;
 use crate::layers::{
-    layers_of, mla_class_name, AttentionImpl, DeepseekV2Decoder, Generation, Layer,
+    attention_class_name, layers_of, AttentionImpl, DeepseekV2Decoder, Generation, Layer,
 };
 use crate::liveness::Peak;
 use crate::metrics::{Cost, Metrics};
@@ -90,10 +90,7 @@ impl AnalyzeReport {
 
     /// Human tables: one summary row per layer, then each layer's breakdown to `depth`.
     pub fn to_text(&self, depth: usize) -> String {
-        let attention = match self.config.mla {
-            Some(_) => mla_class_name(self.workload.mla, self.attention),
-            None => self.attention.class_name(),
-        };
+        let attention = attention_class_name(&self.config, self.workload.mla, self.attention);
         let mut out = format!(
             "modelmeter analyze — {} — {} — attention {attention}\n\n",
             self.config.name,

@@ -123,7 +123,11 @@ fn endless_devices_and_huge_files_are_refused_after_a_bounded_read() {
         let start = Instant::now();
         let o = analyze(&["--config", path]);
         assert_refused(&o, &[path, "larger than 16 MiB"]);
-        assert_eq!(text(&o.stderr).matches("larger than").count(), 1, "said once");
+        assert_eq!(
+            text(&o.stderr).matches("larger than").count(),
+            1,
+            "said once"
+        );
         assert!(start.elapsed() < Duration::from_secs(10), "{path}: quick");
     }
 }
@@ -133,8 +137,15 @@ fn a_folder_given_as_the_config_is_refused_saying_why_once() {
     let dir = TempDir::new("folder");
     let path = dir.0.to_str().unwrap();
     let o = analyze(&["--config", path]);
-    assert_refused(&o, &[path, "it is a directory; give the model's config.json"]);
-    assert_eq!(text(&o.stderr).matches("is a directory").count(), 1, "said once");
+    assert_refused(
+        &o,
+        &[path, "it is a directory; give the model's config.json"],
+    );
+    assert_eq!(
+        text(&o.stderr).matches("is a directory").count(),
+        1,
+        "said once"
+    );
 }
 
 #[test]

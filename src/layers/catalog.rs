@@ -7,11 +7,26 @@ use serde::Serialize;
 
 use crate::config::{MlpKind, ModelConfig};
 use crate::error::Result;
+use crate::layers::mla_class_name;
 use crate::layers::{
     AttentionImpl, DeepseekV2Attention, DeepseekV2DecoderLayer, DeepseekV2MLP, DeepseekV2MoE,
     DeepseekV2RMSNorm, Layer, LlamaAttention, MoEGate, MLA_CLASS_NAMES,
 };
-use crate::workload::Workload;
+use crate::workload::{MlaForm, Workload};
+
+/// The vendor class of `config`'s attention as `form` and `attention` run it: the Llama
+/// classes for multi-head attention, one of [`MLA_CLASS_NAMES`] for MLA. What reports
+/// call the attention layer and the attention of their header.
+pub fn attention_class_name(
+    config: &ModelConfig,
+    form: MlaForm,
+    attention: AttentionImpl,
+) -> &'static str {
+    match config.mla {
+        Some(_) => mla_class_name(form, attention),
+        None => attention.class_name(),
+    }
+}
 
 /// One analytic layer of a DeepSeek-V2 decoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -51,6 +66,20 @@ impl LayerId {
             LayerId::Attention => attention.class_name(),
             LayerId::DecoderDense => "DeepseekV2DecoderLayer_dense",
             LayerId::DecoderMoe => "DeepseekV2DecoderLayer_moe",
+        }
+    }
+
+    /// The report name of this layer of `config` run as `form` and `attention`: an MLA
+    /// config's attention is one of [`MLA_CLASS_NAMES`] ([`attention_class_name`]).
+    pub fn name_for(
+        self,
+        config: &ModelConfig,
+        form: MlaForm,
+        attention: AttentionImpl,
+    ) -> &'static str {
+        match self {
+            LayerId::Attention => attention_class_name(config, form, attention),
+            _ => self.name(attention),
         }
     }
 
@@ -191,6 +220,27 @@ mod tests {
                 "DeepseekV2DecoderLayer_dense"
             ]
         );
+    }
+
+    #[test]
+    fn the_attention_class_is_the_name_of_the_layer_built() {
+        let lite = ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
+        for config in [ModelConfig::deepseek_ocr(), lite] {
+            for form in [MlaForm::Naive, MlaForm::Absorb] {
+                let w = Workload::prefill(1, 4).unwrap();
+                let w = match config.mla {
+                    Some(_) => w.with_mla(form),
+                    None => w,
+                };
+                for attention in [AttentionImpl::Sdpa, AttentionImpl::Eager] {
+                    let built = LayerId::Attention.build(&config, &w, attention).unwrap();
+                    let name = attention_class_name(&config, w.mla, attention);
+                    assert_eq!(built.name(), name, "{} {form:?}", config.name);
+                    assert_eq!(LayerId::Attention.name_for(&config, w.mla, attention), name);
+                    assert_eq!(LayerId::parse(name), Some(LayerId::Attention));
+                }
+            }
+        }
     }
 
     #[test]

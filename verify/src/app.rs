@@ -10,7 +10,7 @@ use clap::Parser;
 use modelmeter::cli::{one_line, WorkloadArgs};
 use modelmeter::layers::AttentionImpl;
 use modelmeter::workload::DSOCR_STANDARD_V1;
-use modelmeter::{units, Dtype, Platform};
+use modelmeter::{units, Dtype, Platform, Workload};
 
 use crate::device::{DeviceInfo, DeviceSpec};
 use crate::environment::Environment;
@@ -67,7 +67,9 @@ pub struct Args {
     pub workload: WorkloadArgs,
     /// Comma-separated layers to verify [default: all the config has]: DeepseekV2MLP,
     /// MoEGate, DeepseekV2MoE, DeepseekV2RMSNorm, DeepseekV2DecoderLayer_dense,
-    /// DeepseekV2DecoderLayer_moe, LlamaFlashAttention2 (or LlamaAttention)
+    /// DeepseekV2DecoderLayer_moe, and the attention the run verifies: LlamaFlashAttention2
+    /// (LlamaAttention with --attn eager); for MLA configs DeepseekV2FlashAttention2
+    /// (DeepseekV2Attention with --attn eager, DeepseekV2Attention_absorb with --mla absorb)
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub layers: Vec<String>,
     /// Seed of the random weights and inputs (FLOPs do not depend on it; routing does)
@@ -497,8 +499,14 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     };
     let layers = match model {
         Some(_) => Vec::new(),
-        None => select_layers(&args.layers, &config, attention, args.sweep.is_some())
-            .map_err(anyhow::Error::msg)?,
+        None => select_layers(
+            &args.layers,
+            &config,
+            &workload,
+            attention,
+            args.sweep.is_some(),
+        )
+        .map_err(anyhow::Error::msg)?,
     };
     let plan = Plan {
         config,
@@ -752,12 +760,16 @@ fn check_sweep_options(args: &Args) -> Result<(), String> {
 fn select_layers(
     names: &[String],
     config: &modelmeter::ModelConfig,
+    workload: &Workload,
     attention: AttentionImpl,
     sweep: bool,
 ) -> Result<Vec<Pairing>, String> {
     // Given but empty (`--layers ''`, `--layers A,,B`) is a mistake, not "all layers".
     if names.iter().any(|n| n.trim().is_empty()) {
-        let valid: Vec<&str> = REGISTRY.iter().map(|p| p.name(attention)).collect();
+        let valid: Vec<&str> = REGISTRY
+            .iter()
+            .map(|p| p.name_for(config, workload.mla, attention))
+            .collect();
         return Err(format!(
             "--layers = {:?} has an empty layer name; give comma-separated names (leave --layers out for all layers): {}",
             names.join(","),
@@ -765,7 +777,7 @@ fn select_layers(
         ));
     }
     let names: Vec<&str> = names.iter().map(|n| n.trim()).collect();
-    pairing::select(&REGISTRY, &names, config, attention, sweep)
+    pairing::select(&REGISTRY, &names, config, workload.mla, attention, sweep)
 }
 
 fn progress_printer(quiet: bool) -> impl FnMut(Progress) {

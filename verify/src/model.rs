@@ -281,10 +281,12 @@ impl ModelResult {
             .iter()
             .filter(|c| matches!(c.call, Call::Decode { .. }))
             .count();
-        self.summary.line(&format!(
-            "checks (prefill, {decode} decode steps, {} phase totals)",
+        let what = format!(
+            "(prefill, {decode} decode steps, {} phase totals)",
             self.phases.len()
-        ))
+        );
+        self.summary
+            .line(&format!("check {what}"), &format!("checks {what}"))
     }
 }
 

@@ -5,7 +5,7 @@
 //! Nothing else pairs them: the reference crate knows only its modules, the analytic
 //! crate only its layers. Adding a verifiable layer means one [`Pairing`] here.
 
-use modelmeter::layers::{mla_class_name, AttentionImpl, Layer, LayerId};
+use modelmeter::layers::{attention_class_name, AttentionImpl, Layer, LayerId};
 use modelmeter::{MlaForm, ModelConfig, Workload};
 use modelmeter_reference::ModuleKind;
 
@@ -55,10 +55,7 @@ impl Pairing {
         form: MlaForm,
         attention: AttentionImpl,
     ) -> &'static str {
-        match self.layer {
-            LayerId::Attention if config.mla.is_some() => mla_class_name(form, attention),
-            _ => self.name(attention),
-        }
+        self.layer.name_for(config, form, attention)
     }
 
     /// `Ok` when `config` has this layer, else the true reason why not. Every layer the
@@ -103,12 +100,17 @@ pub fn present(registry: &[Pairing], config: &ModelConfig) -> Vec<Pairing> {
 }
 
 /// The pairings `names` select from `registry` (all that `config` has when `names` is
-/// empty; with `any_config`, presence is not checked: a sweep's configs vary). An error
-/// names the unknown layer and the valid names, or says truly why the config lacks it.
+/// empty), for a run of `config` as `form` and `attention`. An error names the unknown
+/// layer and the valid names, or says truly why the config lacks it; an attention class
+/// the run would not verify (`LlamaAttention` under `--attn sdpa`) is refused with the
+/// options that run it, not swapped for the one it runs. With `any_config` (a sweep:
+/// every case brings its own config and attention) presence is not checked and any
+/// attention class names the attention layer.
 pub fn select(
     registry: &[Pairing],
     names: &[&str],
     config: &ModelConfig,
+    form: MlaForm,
     attention: AttentionImpl,
     any_config: bool,
 ) -> Result<Vec<Pairing>, String> {
@@ -118,7 +120,10 @@ pub fn select(
         }
         return Ok(present(registry, config));
     }
-    let valid: Vec<&str> = registry.iter().map(|p| p.name(attention)).collect();
+    let valid: Vec<&str> = registry
+        .iter()
+        .map(|p| p.name_for(config, form, attention))
+        .collect();
     let mut out = Vec::new();
     for name in names {
         let pairing = registry
@@ -135,12 +140,57 @@ pub fn select(
             pairing
                 .presence(config)
                 .map_err(|why| format!("--layers: {name} cannot be checked: {why}"))?;
+            let runs = pairing.name_for(config, form, attention);
+            if *name != runs {
+                return Err(format!(
+                    "--layers: {name} is not the attention this run verifies ({runs}); {}",
+                    attention_hint(name, config, form)
+                ));
+            }
         }
         if !out.contains(&pairing) {
             out.push(pairing);
         }
     }
     Ok(out)
+}
+
+/// The options under which `name` is the attention a run of `config` verifies, or the
+/// attention classes `config` has when no option makes it `name`.
+fn attention_hint(name: &str, config: &ModelConfig, form: MlaForm) -> String {
+    let runs = [
+        (AttentionImpl::Sdpa, MlaForm::Naive, "--attn sdpa"),
+        (AttentionImpl::Eager, MlaForm::Naive, "--attn eager"),
+        (AttentionImpl::Sdpa, MlaForm::Absorb, "--mla absorb"),
+    ];
+    match runs
+        .iter()
+        .find(|(a, f, _)| attention_class_name(config, *f, *a) == name)
+    {
+        Some((_, MlaForm::Naive, flags)) if !form.is_naive() => {
+            format!("run it with {flags} --mla naive")
+        }
+        Some((_, _, flags)) => format!("run it with {flags}"),
+        None => {
+            let mut has: Vec<&str> = Vec::new();
+            for (a, f, _) in runs {
+                let class = attention_class_name(config, f, a);
+                if !has.contains(&class) {
+                    has.push(class);
+                }
+            }
+            format!(
+                "config {} has {} attention: {}",
+                config.name,
+                if config.mla.is_some() {
+                    "MLA"
+                } else {
+                    "multi-head"
+                },
+                has.join(", ")
+            )
+        }
+    }
 }
 
 #[cfg(test)]
@@ -156,7 +206,15 @@ mod tests {
     fn mla_and_v3_routing_configs_pair_every_layer() {
         for name in ["deepseek-v2-lite", "deepseek-v2", "deepseek-v3"] {
             let c = builtin(name);
-            let all = select(&REGISTRY, &[], &c, AttentionImpl::Sdpa, false).unwrap();
+            let all = select(
+                &REGISTRY,
+                &[],
+                &c,
+                MlaForm::Naive,
+                AttentionImpl::Sdpa,
+                false,
+            )
+            .unwrap();
             assert_eq!(all.len(), 7, "{name}");
             assert!(all.iter().all(|p| p.module(&c).is_ok()), "{name}");
         }
@@ -197,6 +255,7 @@ mod tests {
             &REGISTRY,
             &["DeepseekV2Attention", "MoEGate"],
             &builtin("deepseek-v3"),
+            MlaForm::Naive,
             AttentionImpl::Eager,
             false,
         )
@@ -248,13 +307,29 @@ mod tests {
             .filter(|p| p.layer != LayerId::MoEGate)
             .collect();
         let c = ModelConfig::deepseek_ocr();
-        let e = select(&without_gate, &["MoEGate"], &c, AttentionImpl::Sdpa, false).unwrap_err();
+        let e = select(
+            &without_gate,
+            &["MoEGate"],
+            &c,
+            MlaForm::Naive,
+            AttentionImpl::Sdpa,
+            false,
+        )
+        .unwrap_err();
         assert!(e.contains("unknown layer MoEGate"), "{e}");
         assert!(
             e.contains("DeepseekV2MLP") && !e.contains("valid: MoEGate"),
             "{e}"
         );
-        let all = select(&without_gate, &[], &c, AttentionImpl::Sdpa, false).unwrap();
+        let all = select(
+            &without_gate,
+            &[],
+            &c,
+            MlaForm::Naive,
+            AttentionImpl::Sdpa,
+            false,
+        )
+        .unwrap();
         assert_eq!(all.len(), 6);
     }
 
@@ -266,6 +341,7 @@ mod tests {
             &REGISTRY,
             &["DeepseekV2DecoderLayer_dense"],
             &all_moe,
+            MlaForm::Naive,
             AttentionImpl::Sdpa,
             false,
         )
@@ -276,7 +352,15 @@ mod tests {
         let mut dense = ModelConfig::deepseek_ocr();
         dense.moe = None;
         dense.layer_kinds = vec![MlpKind::Dense; 12];
-        let e = select(&REGISTRY, &["MoEGate"], &dense, AttentionImpl::Sdpa, false).unwrap_err();
+        let e = select(
+            &REGISTRY,
+            &["MoEGate"],
+            &dense,
+            MlaForm::Naive,
+            AttentionImpl::Sdpa,
+            false,
+        )
+        .unwrap_err();
         assert!(e.contains("no routed experts"), "{e}");
         let kinds = present(&REGISTRY, &dense);
         assert_eq!(kinds.len(), 4);

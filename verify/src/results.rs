@@ -98,9 +98,11 @@ impl Summary {
         self.fail == 0 && self.error == 0
     }
 
-    /// `7 layers: 6 pass, 1 known_gap, 0 fail, 0 error`.
-    pub fn line(&self, what: &str) -> String {
+    /// `7 layers: 6 pass, 1 known_gap, 0 fail, 0 error` (`one` instead of `many` for a
+    /// total of 1: `1 layer: …`).
+    pub fn line(&self, one: &str, many: &str) -> String {
         let total = self.pass + self.known_gap + self.fail + self.error;
+        let what = if total == 1 { one } else { many };
         format!(
             "{total} {what}: {} pass, {} known_gap, {} fail, {} error",
             self.pass, self.known_gap, self.fail, self.error
@@ -134,8 +136,14 @@ mod tests {
         s.add(Status::Fail);
         assert!(!s.ok());
         assert_eq!(
-            s.line("layers"),
+            s.line("layer", "layers"),
             "3 layers: 1 pass, 1 known_gap, 1 fail, 0 error"
+        );
+        let mut one = Summary::default();
+        one.add(Status::Pass);
+        assert_eq!(
+            one.line("layer", "layers"),
+            "1 layer: 1 pass, 0 known_gap, 0 fail, 0 error"
         );
     }
 }

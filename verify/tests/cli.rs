@@ -328,7 +328,7 @@ fn tolerance_zero_leaves_only_the_exactly_explained_flops_gap() {
     assert!(
         stdout
             .trim_end()
-            .ends_with("1 layers: 0 pass, 1 known_gap, 0 fail, 0 error"),
+            .ends_with("1 layer: 0 pass, 1 known_gap, 0 fail, 0 error"),
         "{stdout}"
     );
     assert!(
@@ -408,6 +408,26 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "--sweep = 18446744073709551615 is invalid",
         ),
         (vec!["--layers", "Nope"], "unknown layer Nope"),
+        // The attention named is the one verified, or a refusal naming the options.
+        (
+            vec!["--layers", "LlamaAttention"],
+            "LlamaAttention is not the attention this run verifies (LlamaFlashAttention2); run it with --attn eager",
+        ),
+        (
+            vec![
+                "--config",
+                "deepseek-v2-lite",
+                "--mla",
+                "absorb",
+                "--layers",
+                "DeepseekV2Attention",
+            ],
+            "run it with --attn eager --mla naive",
+        ),
+        (
+            vec!["--layers", "DeepseekV2Attention_absorb"],
+            "has multi-head attention: LlamaFlashAttention2, LlamaAttention",
+        ),
         (vec!["--sweep", "0"], "--sweep = 0"),
         (vec!["--json", "/no/such/dir/r.json"], "/no/such/dir"),
         (vec!["--json", "/proc/r.json"], "cannot write in /proc"),

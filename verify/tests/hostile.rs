@@ -137,7 +137,7 @@ fn dash_and_dev_stdout_write_the_report_to_standard_output() {
             );
         }
         assert!(
-            text(&o.stderr).contains("1 layers: 1 pass"),
+            text(&o.stderr).contains("1 layer: 1 pass"),
             "the table goes to standard error: {}",
             text(&o.stderr)
         );

@@ -3,7 +3,7 @@
 //! exact), `modelmeter.verify-model/1` JSON and JUnit (one case per phase × metric, plus
 //! the failing rows of each call that is not exact).
 
-use modelmeter::layers::AttentionImpl;
+use modelmeter::layers::{attention_class_name, AttentionImpl};
 use modelmeter::{units, ModelConfig, Workload};
 use serde_json::{json, Value};
 
@@ -170,7 +170,7 @@ pub fn model_table(report: &ModelReport) -> String {
         r.layer_kinds.len() - dense,
         report.workload.describe(),
         r.plan.new_tokens,
-        report.attention.class_name()
+        attention_class_name(&report.config, report.workload.mla, report.attention)
     ));
     if let Some(cause) = &r.error {
         out.push_str(&format!("error: {cause}\n\n{}\n", r.summary_line()));

@@ -1,5 +1,6 @@
 //! The human table: one row per layer and metric, readable units, one summary line.
 
+use modelmeter::layers::attention_class_name;
 use modelmeter::units;
 
 use super::{Case, Report};
@@ -101,7 +102,7 @@ pub fn case_line(case: &Case, total: usize) -> String {
         c.intermediate_size,
         c.attention_bias,
         case.workload.describe(),
-        case.attention.class_name(),
+        attention_class_name(&case.config, case.workload.mla, case.attention),
         w = total.to_string().len(),
     )
 }
@@ -125,12 +126,12 @@ pub fn to_table(report: &Report) -> String {
                     "config: {}, workload: {}, attention: {}\n\n",
                     case.config.name,
                     case.workload.describe(),
-                    case.attention.class_name()
+                    attention_class_name(&case.config, case.workload.mla, case.attention)
                 ));
                 case_table(case, &mut out);
             }
             out.push('\n');
-            out.push_str(&report.summary().line("layers"));
+            out.push_str(&report.summary().line("layer", "layers"));
         }
         Some((seed, n)) => {
             let failing: Vec<&Case> = report.cases.iter().filter(|c| !c.summary.ok()).collect();
@@ -145,7 +146,7 @@ pub fn to_table(report: &Report) -> String {
             out.push_str(&format!(
                 "\nsweep seed {seed}: {ok} of {} configurations pass; {}",
                 report.cases.len(),
-                report.summary().line("layers")
+                report.summary().line("layer", "layers")
             ));
         }
     }
