@@ -144,7 +144,8 @@ impl WorkloadArgs {
             }
         };
         let dtype = self.dtype.map_or(default_dtype, Dtype::from);
-        Ok(Workload::new(batch, phase, dtype)?
+        Ok(Workload::new(batch, phase, dtype)
+            .map_err(as_options)?
             .with_tf32(self.allow_tf32)
             .with_mla(self.mla))
     }
@@ -152,6 +153,32 @@ impl WorkloadArgs {
     /// The attention implementation.
     pub fn attention(&self) -> AttentionImpl {
         self.attn
+    }
+}
+
+/// A workload error as the command line says it: the library names its fields
+/// (`batch = 0`), the user typed options (`--batch = 0`).
+fn as_options(e: Error) -> Error {
+    match e {
+        Error::Invalid {
+            field,
+            value,
+            expected,
+        } => {
+            let field = match field.as_str() {
+                "batch" => "--batch".to_string(),
+                "seq_len" => "--seq-len".to_string(),
+                "context_len" => "--context-len".to_string(),
+                "batch × seq_len" => "--batch × --seq-len".to_string(),
+                _ => field,
+            };
+            Error::Invalid {
+                field,
+                value,
+                expected,
+            }
+        }
+        other => other,
     }
 }
 
@@ -180,9 +207,90 @@ pub fn one_line(text: &str) -> String {
     out
 }
 
+/// Parses the command line as `P::parse()` does, except that a usage error (an unknown
+/// option, a value that does not parse) is one line on standard error that names the
+/// option, with clap's tips, and exit code 2, like every other refusal of `program`:
+/// clap's own are several lines with a usage block. Help and version print as clap
+/// prints them.
+pub fn parse_args<P: clap::Parser>(program: &str) -> P {
+    P::try_parse().unwrap_or_else(|e| {
+        use clap::error::ErrorKind;
+        if matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            e.exit()
+        }
+        let _ = writeln!(std::io::stderr(), "{}", usage_error_line(program, &e));
+        std::process::exit(2)
+    })
+}
+
+/// clap's error `e` as one line: its message, the possible values and tips, and where
+/// help is (not its usage block).
+fn usage_error_line(program: &str, e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let mut lines = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"));
+    let first = lines.next().unwrap_or("invalid arguments");
+    let mut message = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    for line in lines {
+        message.push_str("; ");
+        message.push_str(line.strip_prefix("tip: ").unwrap_or(line));
+    }
+    one_line(&format!(
+        "{program}: error: {message}; see {program} --help"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    #[command(allow_negative_numbers = true)]
+    struct Demo {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+    }
+
+    fn usage_error(args: &[&str]) -> String {
+        use clap::Parser;
+        let e =
+            Demo::try_parse_from(std::iter::once("demo").chain(args.iter().copied())).unwrap_err();
+        usage_error_line("demo", &e)
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_naming_the_option_and_what_is_valid() {
+        let cases = [
+            (
+                &["--seq-len", "-5"][..],
+                "demo: error: invalid value '-5' for '--seq-len <S>': invalid digit found in string; see demo --help",
+            ),
+            (
+                &["--phase", "sideways"],
+                "demo: error: invalid value 'sideways' for '--phase <PHASE>'; [possible values: prefill, decode]; see demo --help",
+            ),
+            (
+                &["--seqlen", "4"],
+                "demo: error: unexpected argument '--seqlen' found; a similar argument exists: '--seq-len'; see demo --help",
+            ),
+        ];
+        for (args, line) in cases {
+            assert_eq!(usage_error(args), line);
+        }
+        let dtype = usage_error(&["--dtype", "fp8"]);
+        assert!(
+            dtype.contains("[possible values: bf16, fp16, fp32]") && !dtype.contains('\n'),
+            "{dtype}"
+        );
+    }
 
     #[test]
     fn defaults_are_the_standard_profile_prefill() {

@@ -99,21 +99,25 @@ fn bad_input_is_one_line_and_exit_2() {
             &["--config", "/no/such/config.json"],
             "/no/such/config.json",
         ),
-        (&["--batch", "0"], "batch = 0"),
+        (&["--batch", "0"], "--batch = 0 is invalid"),
+        (&["--seq-len", "0"], "--seq-len = 0 is invalid"),
         (&["--dtype", "int4"], "int4"),
         (
             &["--phase", "decode", "--context-len", "0"],
-            "context_len = 0",
+            "--context-len = 0 is invalid",
         ),
         (
             &["--phase", "prefill", "--context-len", "3"],
             "--context-len",
         ),
         (&["--phase", "sideways"], "sideways"),
-        (&["--batch", "-3"], "-3"),
+        (&["--batch", "-3"], "invalid value '-3' for '--batch <B>'"),
+        (&["--depth", "-1"], "invalid value '-1' for '--depth <N>'"),
+        (&["--dtype", "fp8"], "[possible values: bf16, fp16, fp32]"),
+        (&["--seqlen", "4"], "a similar argument exists: '--seq-len'"),
         (
             &["--batch", "18446744073709551615"],
-            "batch × seq_len = 18446744073709551615 × 512",
+            "--batch × --seq-len = 18446744073709551615 × 512",
         ),
         (&["--new-tokens", "18446744073709551615"], "overflows"),
     ];
@@ -121,6 +125,7 @@ fn bad_input_is_one_line_and_exit_2() {
         let o = analyze(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{args:?}: {}", stderr(&o));
         assert!(o.stdout.is_empty(), "{args:?}: nothing half-written");
     }
 }

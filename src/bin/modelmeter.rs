@@ -34,6 +34,7 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 struct AnalyzeArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
@@ -53,7 +54,7 @@ struct AnalyzeArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = modelmeter::cli::parse_args("modelmeter");
     let Command::Analyze(args) = cli.command;
     let text = match run(&args) {
         Ok(text) => text,

@@ -49,7 +49,8 @@ pub const MAX_SWEEP: usize = 100_000;
     name = "verify-decoder",
     version,
     about = "Verify modelmeter's analytic DeepSeek-V2 decoder layers against reference modules run under a dispatcher-level FLOP counter",
-    after_help = EXAMPLES
+    after_help = EXAMPLES,
+    allow_negative_numbers = true
 )]
 pub struct Args {
     /// cpu, cuda or cuda:N [default: cuda:0 when libtorch sees a GPU, else cpu]

@@ -394,10 +394,10 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "cannot parse config",
         ),
         (vec!["--seq-len", "4000000"], "needs about"),
-        (vec!["--batch", "0"], "batch = 0"),
+        (vec!["--batch", "0"], "--batch = 0 is invalid"),
         (
             vec!["--batch", "18446744073709551615"],
-            "batch × seq_len = 18446744073709551615 × 512",
+            "--batch × --seq-len = 18446744073709551615 × 512",
         ),
         (
             vec!["--accept-rel-diff", "1"],
@@ -408,6 +408,9 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "--sweep = 18446744073709551615 is invalid",
         ),
         (vec!["--layers", "Nope"], "unknown layer Nope"),
+        // Usage errors too: one line naming the option (clap's own are several).
+        (vec!["--seed", "-1"], "invalid value '-1' for '--seed <N>'"),
+        (vec!["--sede", "1"], "a similar argument exists: '--seed'"),
         // The attention named is the one verified, or a refusal naming the options.
         (
             vec!["--layers", "LlamaAttention"],
