@@ -463,10 +463,13 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         ),
         None => DeviceSpec::default_choice(),
     };
-    if hardware_given && spec == DeviceSpec::Cpu {
-        bail!("--hardware-counters needs a CUDA GPU and libtorch sees none here ({why}): run it on a machine with an NVIDIA GPU, with --device cuda:0");
+    if let Some(option) = hardware_given {
+        if spec == DeviceSpec::Cpu {
+            bail!("{option} needs a CUDA GPU and libtorch sees none here ({why}): run it on a machine with an NVIDIA GPU, with --device cuda:0");
+        }
     }
     let device = spec.open().map_err(anyhow::Error::msg)?;
+    check_ncu(args).map_err(anyhow::Error::msg)?;
     let info = spec.describe();
     let (default_dtype, platform) = match spec {
         DeviceSpec::Cpu => (Dtype::F32, Platform::Cpu),
@@ -544,7 +547,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
 /// Refuses hardware-counter options where they cannot work, before anything runs; true
 /// when a hardware-counter run was asked for. ncu is looked for here (before the device
 /// is opened), so a machine without it says so first.
-fn check_hardware_options(args: &Args) -> Result<bool, String> {
+fn check_hardware_options(args: &Args) -> Result<Option<&'static str>, String> {
     let roles = [
         ("--hardware-counters", args.hardware_counters),
         (
@@ -567,7 +570,7 @@ fn check_hardware_options(args: &Args) -> Result<bool, String> {
                 return Err(format!("{option} applies only with --hardware-counters"));
             }
         }
-        return Ok(false);
+        return Ok(None);
     };
     // The child runs with its parent's arguments, --hardware-counters included.
     let child = args.hardware_counters_child.is_some();
@@ -594,8 +597,11 @@ fn check_hardware_options(args: &Args) -> Result<bool, String> {
             "{first} does not apply with --device cpu: Nsight Compute reads NVIDIA GPU counters; use --device cuda:0"
         ));
     }
-    if args.hardware_counters && !child && args.hardware_counters_from.is_none() {
-        hardware::find_ncu(args.ncu.as_deref(), std::env::var_os("PATH").as_deref())?;
+    // A `--ncu PATH` given is checked now; ncu on PATH after the device (`check_ncu`):
+    // without a GPU, installing ncu would not help.
+    let runs_ncu = args.hardware_counters && !child && args.hardware_counters_from.is_none();
+    if runs_ncu && args.ncu.is_some() {
+        check_ncu(args)?;
     } else if args.ncu.is_some() && !child {
         return Err("--ncu applies only with --hardware-counters (which runs ncu)".into());
     }
@@ -607,7 +613,16 @@ fn check_hardware_options(args: &Args) -> Result<bool, String> {
             ));
         }
     }
-    Ok(true)
+    Ok(Some(first))
+}
+
+/// `--hardware-counters` runs ncu: it must be found (`--ncu` or PATH).
+fn check_ncu(args: &Args) -> Result<(), String> {
+    let child = args.hardware_counters_child.is_some();
+    if args.hardware_counters && !child && args.hardware_counters_from.is_none() {
+        hardware::find_ncu(args.ncu.as_deref(), std::env::var_os("PATH").as_deref())?;
+    }
+    Ok(())
 }
 
 /// The role of this invocation in a hardware-counter run (options already checked).

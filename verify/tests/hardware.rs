@@ -74,10 +74,17 @@ fn options_that_cannot_work_are_refused_in_one_line() {
 }
 
 #[test]
-fn without_ncu_on_path_the_error_says_what_to_install() {
+fn without_ncu_on_path_the_error_says_what_to_install_once_the_gpu_is_there() {
     let tmp = TempDir::new("no-ncu");
     let o = verify(&["--hardware-counters"], Some(&tmp.0));
-    assert_refused(&o, &["ncu", "not on PATH", "--ncu PATH"]);
+    if modelmeter_reference::cuda_backend::is_available() {
+        assert_refused(&o, &["ncu", "not on PATH", "--ncu PATH"]);
+    } else {
+        // The device comes first: installing ncu would not help without a GPU
+        // (find_ncu's own messages are unit-tested in hardware/profile.rs).
+        assert_refused(&o, &["needs a CUDA GPU"]);
+        assert!(!String::from_utf8_lossy(&o.stderr).contains("ncu"));
+    }
 }
 
 #[test]
@@ -96,6 +103,13 @@ fn without_a_gpu_the_error_says_so_and_ncu_never_runs() {
     );
     assert_refused(&o, &["needs a CUDA GPU"]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("fake ncu ran"));
+    // The error names the option given, not one the user did not pass.
+    let child = tmp.0.join("child");
+    let o = verify(
+        &["--hardware-counters-child", child.to_str().unwrap()],
+        None,
+    );
+    assert_refused(&o, &["--hardware-counters-child needs a CUDA GPU"]);
     // An explicit CUDA device that is not there is refused by the device check.
     let o = verify(
         &[
