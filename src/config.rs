@@ -150,13 +150,15 @@ impl ModelConfig {
 
     /// The MLA dimensions, or an error saying this config uses multi-head attention.
     pub fn mla(&self) -> Result<&MlaConfig> {
-        self.mla.as_ref().ok_or_else(|| Error::Missing {
-            field: "kv_lora_rank".into(),
-            expected: format!(
-                "an MLA layer needs use_mla: true and the MLA dimensions; config {} uses \
+        self.mla.as_ref().ok_or_else(|| {
+            Error::missing(
+                "kv_lora_rank",
+                format!(
+                    "an MLA layer needs use_mla: true and the MLA dimensions; config {} uses \
                  multi-head attention",
-                self.name
-            ),
+                    self.name
+                ),
+            )
         })
     }
 
@@ -175,8 +177,13 @@ impl ModelConfig {
         ModelConfig::from_json_value(name, &value)
     }
 
-    /// Validates an already parsed `config.json`.
+    /// Validates an already parsed `config.json`; an error about a field names the
+    /// config (`hidden_size = "1280" (config c.json) is invalid …`).
     pub fn from_json_value(name: &str, value: &Value) -> Result<ModelConfig> {
+        ModelConfig::validated(name, value).map_err(|e| e.in_config(name))
+    }
+
+    fn validated(name: &str, value: &Value) -> Result<ModelConfig> {
         let root = value.as_object().ok_or_else(|| Error::Parse {
             source_name: name.to_string(),
             message: "the top level is not a JSON object".to_string(),
@@ -295,10 +302,11 @@ impl ModelConfig {
 
     /// The MoE settings, or an error saying this config has no routed experts.
     pub fn moe(&self) -> Result<&MoeConfig> {
-        self.moe.as_ref().ok_or_else(|| Error::Missing {
-            field: "n_routed_experts".into(),
-            expected: "an MoE layer needs routed experts (n_routed_experts or num_experts ≥ 1)"
-                .into(),
+        self.moe.as_ref().ok_or_else(|| {
+            Error::missing(
+                "n_routed_experts",
+                "an MoE layer needs routed experts (n_routed_experts or num_experts ≥ 1)",
+            )
         })
     }
 }
@@ -372,10 +380,8 @@ impl Fields<'_> {
     }
 
     pub(crate) fn required_size(&self, key: &str) -> Result<u64> {
-        self.size(key)?.ok_or_else(|| Error::Missing {
-            field: key.into(),
-            expected: "an integer ≥ 1".into(),
-        })
+        self.size(key)?
+            .ok_or_else(|| Error::missing(key, "an integer ≥ 1"))
     }
 
     pub(crate) fn boolean(&self, key: &str) -> Result<Option<bool>> {
@@ -614,8 +620,32 @@ mod tests {
         v
     }
 
+    /// The validation error of `v`, without the config's name (checked once, below).
     fn err(v: Value) -> String {
-        parse(v).unwrap_err().to_string()
+        ModelConfig::validated("test", &v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn field_errors_name_the_config_they_come_from() {
+        let named = |v: Value| {
+            ModelConfig::from_json_value("c.json", &v)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            named(with("hidden_size", json!("1280"))),
+            "hidden_size = \"1280\" (config c.json) is invalid: expected an integer ≥ 1"
+        );
+        assert!(named(without("hidden_size"))
+            .starts_with("hidden_size is missing from config c.json: "));
+        assert!(named(with("hidden_act", json!("gelu")))
+            .starts_with("hidden_act = gelu (config c.json) is not supported"));
+        // The same errors from a config not read from a file say "the config".
+        assert!(ModelConfig::deepseek_ocr()
+            .mla()
+            .unwrap_err()
+            .to_string()
+            .starts_with("kv_lora_rank is missing from the config: "));
     }
 
     #[test]

@@ -23,8 +23,13 @@ pub enum Error {
         reason: String,
     },
     /// A required field is absent from the configuration.
-    #[error("{field} is missing from the config: {expected}")]
-    Missing { field: String, expected: String },
+    #[error("{field} is missing from {config}: {expected}")]
+    Missing {
+        field: String,
+        expected: String,
+        /// Which config: `the config`, or `config PATH` once the file is known.
+        config: String,
+    },
     /// The configuration text is not JSON, or not a JSON object.
     #[error("cannot parse config {source_name}: {message}")]
     Parse {
@@ -70,6 +75,48 @@ impl Error {
     }
 
     /// Shorthand for [`Error::Overflow`].
+    /// A required config field `field` is absent; `expected` says what it should be.
+    pub fn missing(field: impl Into<String>, expected: impl Into<String>) -> Error {
+        Error::Missing {
+            field: field.into(),
+            expected: expected.into(),
+            config: "the config".into(),
+        }
+    }
+
+    /// The same error, saying it comes from the config called `name` (a path, a built-in
+    /// name): a field's value or absence is in the file, not on the command line.
+    pub fn in_config(self, name: &str) -> Error {
+        match self {
+            Error::Invalid {
+                field,
+                value,
+                expected,
+            } => Error::Invalid {
+                field,
+                value: format!("{value} (config {name})"),
+                expected,
+            },
+            Error::Unsupported {
+                field,
+                value,
+                reason,
+            } => Error::Unsupported {
+                field,
+                value: format!("{value} (config {name})"),
+                reason,
+            },
+            Error::Missing {
+                field, expected, ..
+            } => Error::Missing {
+                field,
+                expected,
+                config: format!("config {name}"),
+            },
+            other => other,
+        }
+    }
+
     pub fn overflow(what: impl Into<String>) -> Error {
         Error::Overflow { what: what.into() }
     }

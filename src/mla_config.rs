@@ -116,11 +116,12 @@ pub(crate) fn mla_config(cfg: &Fields) -> Result<Option<MlaConfig>> {
         return Ok(None);
     }
     let required = |key: &str| -> Result<u64> {
-        cfg.size(key)?.ok_or_else(|| Error::Missing {
-            field: key.into(),
-            expected: "an integer ≥ 1 (an MLA config sets kv_lora_rank, qk_nope_head_dim, \
-                       qk_rope_head_dim and v_head_dim)"
-                .into(),
+        cfg.size(key)?.ok_or_else(|| {
+            Error::missing(
+                key,
+                "an integer ≥ 1 (an MLA config sets kv_lora_rank, qk_nope_head_dim, \
+                       qk_rope_head_dim and v_head_dim)",
+            )
         })
     };
     let mla = MlaConfig {
@@ -157,10 +158,10 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
         (Some(kind), _) | (None, Some(kind)) => kind,
         (None, None) if key == "rope_parameters" => "default".to_string(),
         (None, None) => {
-            return Err(Error::Missing {
-                field: "rope_scaling.type".into(),
-                expected: "yarn (the scaling DeepSeek-V2 and V3 use)".into(),
-            })
+            return Err(Error::missing(
+                "rope_scaling.type",
+                "yarn (the scaling DeepSeek-V2 and V3 use)",
+            ))
         }
     };
     if key == "rope_parameters" && kind == "default" {
@@ -204,10 +205,10 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
     };
     let factor = match nested.present("factor") {
         None => {
-            return Err(Error::Missing {
-                field: field("factor"),
-                expected: "a finite number > 0 (YaRN's context extension factor)".into(),
-            })
+            return Err(Error::missing(
+                field("factor"),
+                "a finite number > 0 (YaRN's context extension factor)",
+            ))
         }
         Some(v) => match v.as_f64() {
             Some(x) if x.is_finite() && x > 0.0 => x,

@@ -126,9 +126,11 @@ pub(crate) fn routing(cfg: &Fields, experts: u64) -> Result<Routing> {
         });
     }
     let method = topk_method.name();
-    let missing = |key: &str| Error::Missing {
-        field: key.into(),
-        expected: format!("an integer ≥ 1 (topk_method {method} routes within expert groups)"),
+    let missing = |key: &str| {
+        Error::missing(
+            key,
+            format!("an integer ≥ 1 (topk_method {method} routes within expert groups)"),
+        )
     };
     let n_group = n_group.ok_or_else(|| missing("n_group"))?;
     let topk_group = topk_group.ok_or_else(|| missing("topk_group"))?;

@@ -140,7 +140,7 @@ fn invalid_config_file_is_refused_with_its_field() {
     assert_eq!(o.status.code(), Some(2));
     // MLA is modelled now; an MLA config without its dimensions names the first missing.
     assert!(
-        stderr(&o).contains("kv_lora_rank is missing from the config"),
+        stderr(&o).contains("kv_lora_rank is missing from config "),
         "{}",
         stderr(&o)
     );

@@ -373,7 +373,7 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         ),
         (
             vec!["--config", bad_config.to_str().unwrap()],
-            "hidden_size = 64 is invalid",
+            "hidden_size = 64 (config ",
         ),
         (
             // MLA configs are read now; this one lacks the MLA dimensions.
