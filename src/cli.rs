@@ -62,7 +62,8 @@ pub struct WorkloadArgs {
     /// [default: 512]
     #[arg(long, value_name = "C")]
     pub context_len: Option<u64>,
-    /// Model dtype
+    /// Model dtype [default: bf16 (the deployed dtype; modelmeter analyze on either
+    /// --device); verify-decoder on the CPU: fp32, which libtorch's CPU GEMMs run natively]
     #[arg(long, value_name = "DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
     /// Let fp32 GEMMs use TF32 tensor cores (PyTorch's default is off)

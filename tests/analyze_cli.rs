@@ -206,3 +206,24 @@ fn help_shows_examples() {
         "{text}"
     );
 }
+
+#[test]
+fn workloads_past_the_trained_positions_are_costed_with_a_warning() {
+    let o = analyze(&["--seq-len", "8000", "--new-tokens", "500"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!o.stdout.is_empty());
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("modelmeter: warning: the workload reaches 8500 positions")
+            && err.contains("max_position_embeddings = 8192")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    // At the limit: no warning.
+    let o = analyze(&["--phase", "decode", "--context-len", "8191"]);
+    assert!(
+        o.status.success() && stderr(&o).is_empty(),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -77,6 +77,26 @@ fn fail(message: &str, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// A workload past the config's `max_position_embeddings` is costed (the code runs at
+/// any length), with a warning: the model was not trained for it.
+fn beyond_trained_positions(
+    config: &modelmeter::ModelConfig,
+    workload: &modelmeter::Workload,
+    new_tokens: Option<u64>,
+) -> Option<String> {
+    let max = config.max_position_embeddings?;
+    let positions = workload
+        .key_len()
+        .ok()?
+        .saturating_add(new_tokens.unwrap_or(0));
+    (positions > max).then(|| {
+        format!(
+            "the workload reaches {positions} positions, beyond max_position_embeddings = {max} of config {}: the counts are those of the code at that length, which the model was not trained for",
+            config.name
+        )
+    })
+}
+
 fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
     let config = args.workload.model_config()?;
     let workload = args
@@ -103,6 +123,14 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
             analyze(&i.config, &i.workload, attention, i.new_tokens).is_err()
         })
     })?;
+    // Said once the counts are known to exist (an overflow is the error instead).
+    if let Some(warning) = beyond_trained_positions(&config, &report.workload, args.new_tokens) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "modelmeter: warning: {}",
+            one_line(&warning)
+        );
+    }
     Ok(if args.json {
         let mut text = serde_json::to_string_pretty(&report.to_json())
             .context("rendering the modelmeter.analyze/1 JSON")?;
