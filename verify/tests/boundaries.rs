@@ -1,0 +1,119 @@
+//! Boundary workloads, where ATen changes how it dispatches: one prompt token, one cached
+//! token, one sequence, one head. A size-1 contraction in `einsum` becomes a `mul`, and
+//! `matmul` folds or copies by which sizes are 1; random sweeps draw these corners rarely
+//! (`--sweep 4000` found the one-token absorbed einsum in 10 of 4,000 cases). Every layer
+//! of a small multi-head and a small MLA config, in every attention form, in fp32 and
+//! bf16, at tolerance 0: each row must agree exactly (known gaps aside).
+
+use modelmeter::layers::AttentionImpl;
+use modelmeter::{Dtype, MlaForm, ModelConfig, Phase, Platform, Workload};
+use modelmeter_verify::compare::Status;
+use modelmeter_verify::hooks::TestHooks;
+use modelmeter_verify::plan::{applicable_layers, Plan};
+use modelmeter_verify::runner;
+use serde_json::json;
+
+/// A small config: multi-head with one head when `!mla`, else MLA (no q_lora_rank, V3
+/// routing).
+fn config(mla: bool) -> ModelConfig {
+    let mut c = json!({
+        "model_type": "deepseek_v2",
+        "hidden_size": 128,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "num_hidden_layers": 2,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "vocab_size": 1000,
+        "use_mla": false,
+        "torch_dtype": "bfloat16",
+    });
+    if mla {
+        for (key, value) in [
+            ("use_mla", json!(true)),
+            ("num_attention_heads", json!(2)),
+            ("num_key_value_heads", json!(2)),
+            ("kv_lora_rank", json!(32)),
+            ("qk_nope_head_dim", json!(16)),
+            ("qk_rope_head_dim", json!(8)),
+            ("v_head_dim", json!(16)),
+            ("scoring_func", json!("sigmoid")),
+            ("topk_method", json!("noaux_tc")),
+            ("n_group", json!(4)),
+            ("topk_group", json!(2)),
+        ] {
+            c[key] = value;
+        }
+    }
+    ModelConfig::from_json_value(if mla { "small MLA" } else { "small MHA" }, &c).unwrap()
+}
+
+#[test]
+fn one_token_one_key_one_sequence_agree_exactly_in_every_attention_form() {
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for mla in [false, true] {
+        let config = config(mla);
+        let forms: &[MlaForm] = if mla {
+            &[MlaForm::Naive, MlaForm::Absorb]
+        } else {
+            &[MlaForm::Naive]
+        };
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            for batch in [1, 2] {
+                for phase in [
+                    Phase::Prefill { seq_len: 1 },
+                    Phase::Prefill { seq_len: 2 },
+                    Phase::Decode { context_len: 1 },
+                ] {
+                    for &form in forms {
+                        for attention in [AttentionImpl::Sdpa, AttentionImpl::Eager] {
+                            let workload = Workload::new(batch, phase, dtype)
+                                .unwrap()
+                                .on(Platform::Cpu)
+                                .with_mla(form);
+                            let plan = Plan {
+                                layers: applicable_layers(&config),
+                                config: config.clone(),
+                                workload: workload.clone(),
+                                attention,
+                                device: tch::Device::Cpu,
+                                tolerance: 0.0,
+                                seed: 0,
+                                hooks: TestHooks::default(),
+                            };
+                            runs += 1;
+                            for layer in runner::verify(&plan, &mut |_| {}) {
+                                let bad: Vec<String> = layer
+                                    .metrics
+                                    .iter()
+                                    .filter(|r| matches!(r.status, Status::Fail | Status::Error))
+                                    .map(|r| {
+                                        format!("{:?} {} vs {}", r.metric, r.analytic, r.measured)
+                                    })
+                                    .collect();
+                                if layer.status == Status::Error || !bad.is_empty() {
+                                    failures.push(format!(
+                                        "{} {} {attention:?}: {} {:?} {bad:?}",
+                                        config.name,
+                                        workload.describe(),
+                                        layer.name,
+                                        layer.error
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(runs, 2 * 2 * 3 * 3 * 2, "every combination ran");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
