@@ -224,14 +224,32 @@ pub fn parse_args<P: clap::Parser>(program: &str) -> P {
         ) {
             e.exit()
         }
-        let _ = writeln!(std::io::stderr(), "{}", usage_error_line(program, &e));
+        let help = help_command(&P::command(), program, std::env::args().skip(1));
+        let _ = writeln!(
+            std::io::stderr(),
+            "{}",
+            usage_error_line(program, &help, &e)
+        );
         std::process::exit(2)
     })
 }
 
+/// The command whose `--help` lists the options of the mistaken command line: the
+/// subcommand's (`modelmeter analyze --help`) when `args` name one.
+fn help_command(
+    command: &clap::Command,
+    program: &str,
+    mut args: impl Iterator<Item = String>,
+) -> String {
+    match args.find(|a| command.get_subcommands().any(|s| s.get_name() == a)) {
+        Some(sub) => format!("{program} {sub} --help"),
+        None => format!("{program} --help"),
+    }
+}
+
 /// clap's error `e` as one line: its message, the possible values and tips, and where
-/// help is (not its usage block).
-fn usage_error_line(program: &str, e: &clap::Error) -> String {
+/// help is (`see {help}`; not clap's usage block).
+fn usage_error_line(program: &str, help: &str, e: &clap::Error) -> String {
     let rendered = e.render().to_string();
     let mut lines = rendered
         .lines()
@@ -244,9 +262,7 @@ fn usage_error_line(program: &str, e: &clap::Error) -> String {
         message.push_str("; ");
         message.push_str(line.strip_prefix("tip: ").unwrap_or(line));
     }
-    one_line(&format!(
-        "{program}: error: {message}; see {program} --help"
-    ))
+    one_line(&format!("{program}: error: {message}; see {help}"))
 }
 
 #[cfg(test)]
@@ -264,7 +280,46 @@ mod tests {
         use clap::Parser;
         let e =
             Demo::try_parse_from(std::iter::once("demo").chain(args.iter().copied())).unwrap_err();
-        usage_error_line("demo", &e)
+        usage_error_line("demo", "demo --help", &e)
+    }
+
+    #[test]
+    fn every_workload_refusal_names_the_option() {
+        use clap::Parser;
+        let max = u64::MAX.to_string();
+        let cases: [&[&str]; 5] = [
+            &["--batch", "0"],
+            &["--seq-len", "0"],
+            &["--phase", "decode", "--context-len", "0"],
+            &["--phase", "decode", "--context-len", &max],
+            &["--batch", &max, "--seq-len", "2"],
+        ];
+        for args in cases {
+            let demo =
+                Demo::try_parse_from(std::iter::once("demo").chain(args.iter().copied())).unwrap();
+            let e = demo.workload.workload(Dtype::Bf16).unwrap_err().to_string();
+            // The option the user typed, not the library's field (`batch = 0`).
+            assert!(e.starts_with("--"), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn help_for_a_usage_error_is_the_subcommand_s() {
+        let command = clap::Command::new("tool").subcommand(clap::Command::new("analyze"));
+        let args = |a: &[&str]| {
+            a.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert_eq!(
+            help_command(&command, "tool", args(&["analyze", "--seqlen", "4"])),
+            "tool analyze --help"
+        );
+        assert_eq!(
+            help_command(&command, "tool", args(&["--nope"])),
+            "tool --help"
+        );
     }
 
     #[test]

@@ -74,7 +74,6 @@ impl Error {
         }
     }
 
-    /// Shorthand for [`Error::Overflow`].
     /// A required config field `field` is absent; `expected` says what it should be.
     pub fn missing(field: impl Into<String>, expected: impl Into<String>) -> Error {
         Error::Missing {
@@ -117,6 +116,7 @@ impl Error {
         }
     }
 
+    /// Shorthand for [`Error::Overflow`].
     pub fn overflow(what: impl Into<String>) -> Error {
         Error::Overflow { what: what.into() }
     }

@@ -231,6 +231,12 @@ impl Workload {
         }
     }
 
+    /// Positions this call and `new_tokens` decode steps after it reach: S_kv plus one per
+    /// step (what `max_position_embeddings` bounds); `None` past 2^64.
+    pub fn positions_reached(&self, new_tokens: u64) -> Option<u64> {
+        self.key_len().ok()?.checked_add(new_tokens)
+    }
+
     /// Position of the first query token (0 in prefill, `context_len` in decode).
     pub fn first_position(&self) -> u64 {
         match self.phase {

@@ -86,9 +86,8 @@ fn beyond_trained_positions(
 ) -> Option<String> {
     let max = config.max_position_embeddings?;
     let positions = workload
-        .key_len()
-        .ok()?
-        .saturating_add(new_tokens.unwrap_or(0));
+        .positions_reached(new_tokens.unwrap_or(0))
+        .unwrap_or(u64::MAX);
     (positions > max).then(|| {
         format!(
             "the workload reaches {positions} positions, beyond max_position_embeddings = {max} of config {}: the counts are those of the code at that length, which the model was not trained for",

@@ -469,7 +469,9 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         }
     }
     let device = spec.open().map_err(anyhow::Error::msg)?;
-    check_ncu(args).map_err(anyhow::Error::msg)?;
+    if args.ncu.is_none() {
+        check_ncu(args).map_err(anyhow::Error::msg)?;
+    }
     let info = spec.describe();
     let (default_dtype, platform) = match spec {
         DeviceSpec::Cpu => (Dtype::F32, Platform::Cpu),
@@ -544,9 +546,10 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     })
 }
 
-/// Refuses hardware-counter options where they cannot work, before anything runs; true
-/// when a hardware-counter run was asked for. ncu is looked for here (before the device
-/// is opened), so a machine without it says so first.
+/// Refuses hardware-counter options where they cannot work, before anything runs; the
+/// hardware-counter option given, if any (errors name it). An explicit `--ncu PATH` is
+/// checked here; ncu on PATH only once the device opened ([`check_ncu`]), so a machine
+/// without a GPU says that first.
 fn check_hardware_options(args: &Args) -> Result<Option<&'static str>, String> {
     let roles = [
         ("--hardware-counters", args.hardware_counters),
@@ -780,18 +783,6 @@ fn select_layers(
     attention: AttentionImpl,
     sweep: bool,
 ) -> Result<Vec<Pairing>, String> {
-    // Given but empty (`--layers ''`, `--layers A,,B`) is a mistake, not "all layers".
-    if names.iter().any(|n| n.trim().is_empty()) {
-        let valid: Vec<&str> = REGISTRY
-            .iter()
-            .map(|p| p.name_for(config, workload.mla, attention))
-            .collect();
-        return Err(format!(
-            "--layers = {:?} has an empty layer name; give comma-separated names (leave --layers out for all layers): {}",
-            names.join(","),
-            valid.join(", ")
-        ));
-    }
     let names: Vec<&str> = names.iter().map(|n| n.trim()).collect();
     pairing::select(&REGISTRY, &names, config, workload.mla, attention, sweep)
 }

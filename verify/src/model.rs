@@ -60,7 +60,7 @@ impl ModelPlan {
             .first_layers(num_layers.unwrap_or(config_layers))
             .map_err(|e| e.to_string())?;
         if let Some(max) = config.max_position_embeddings {
-            let positions = seq_len.checked_add(new_tokens);
+            let positions = workload.positions_reached(new_tokens);
             if seq_len > max {
                 return Err(format!(
                     "--seq-len = {seq_len} is too large: config {} has max_position_embeddings = {max}; expected at most {max}",
@@ -281,8 +281,9 @@ impl ModelResult {
             .iter()
             .filter(|c| matches!(c.call, Call::Decode { .. }))
             .count();
+        let steps = if decode == 1 { "step" } else { "steps" };
         let what = format!(
-            "(prefill, {decode} decode steps, {} phase totals)",
+            "(prefill, {decode} decode {steps}, {} phase totals)",
             self.phases.len()
         );
         self.summary

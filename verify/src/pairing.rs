@@ -46,9 +46,8 @@ impl Pairing {
         self.layer.name(attention)
     }
 
-    /// The report name of this layer of `config`: an MLA config's attention is
-    /// `DeepseekV2Attention`, `DeepseekV2FlashAttention2` or `DeepseekV2Attention_absorb`
-    /// by `form` and `attention`.
+    /// The report name of this layer of `config` run as `form` and `attention`
+    /// ([`LayerId::name_for`]: an MLA config's attention is one of `MLA_CLASS_NAMES`).
     pub fn name_for(
         self,
         config: &ModelConfig,
@@ -124,6 +123,14 @@ pub fn select(
         .iter()
         .map(|p| p.name_for(config, form, attention))
         .collect();
+    // Given but empty (`--layers ''`, `--layers A,,B`) is a mistake, not "all layers".
+    if names.iter().any(|n| n.trim().is_empty()) {
+        return Err(format!(
+            "--layers = {:?} has an empty layer name; give comma-separated names (leave --layers out for all layers): {}",
+            names.join(","),
+            valid.join(", ")
+        ));
+    }
     let mut out = Vec::new();
     for name in names {
         let pairing = registry
