@@ -50,17 +50,17 @@ pub struct WorkloadArgs {
     #[arg(long, value_name = "FILE|NAME")]
     pub config: Option<PathBuf>,
     /// Sequences per call [default: 1, from dsocr-standard-v1]
-    #[arg(long, value_name = "B")]
+    #[arg(long, value_name = "B", value_parser = whole_number::<u64>)]
     pub batch: Option<u64>,
     /// Prompt tokens of a prefill [default: 512, from dsocr-standard-v1]
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", value_parser = whole_number::<u64>)]
     pub seq_len: Option<u64>,
     /// prefill (S_q = S_kv = seq-len) or decode (one token after context-len cached ones)
     #[arg(long, value_name = "PHASE", value_enum, default_value_t = PhaseArg::Prefill)]
     pub phase: PhaseArg,
     /// Cached tokens before the decode step; the step attends over context-len + 1 keys
     /// [default: 512]
-    #[arg(long, value_name = "C")]
+    #[arg(long, value_name = "C", value_parser = whole_number::<u64>)]
     pub context_len: Option<u64>,
     /// Model dtype [default: bf16 (the deployed dtype; modelmeter analyze on either
     /// --device); verify-decoder on the CPU: fp32, which libtorch's CPU GEMMs run natively]
@@ -208,6 +208,20 @@ pub fn one_line(text: &str) -> String {
     out
 }
 
+/// Parses a whole-number option, with an error that says what is valid (clap's own says
+/// only why the text is not a number: "invalid digit found in string").
+pub fn whole_number<T>(text: &str) -> std::result::Result<T, String>
+where
+    T: std::str::FromStr<Err = std::num::ParseIntError>,
+{
+    text.parse::<T>().map_err(|e| match e.kind() {
+        std::num::IntErrorKind::PosOverflow => {
+            format!("too large; expected a whole number up to {}", u64::MAX)
+        }
+        _ => "expected a whole number (0, 1, 2, …)".to_string(),
+    })
+}
+
 /// Parses the command line as `P::parse()` does, except that a usage error (an unknown
 /// option, a value that does not parse) is one line on standard error that names the
 /// option, with clap's tips, and exit code 2, like every other refusal of `program`:
@@ -327,7 +341,7 @@ mod tests {
         let cases = [
             (
                 &["--seq-len", "-5"][..],
-                "demo: error: invalid value '-5' for '--seq-len <S>': invalid digit found in string; see demo --help",
+                "demo: error: invalid value '-5' for '--seq-len <S>': expected a whole number (0, 1, 2, …); see demo --help",
             ),
             (
                 &["--phase", "sideways"],

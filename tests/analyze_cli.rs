@@ -111,7 +111,10 @@ fn bad_input_is_one_line_and_exit_2() {
             "--context-len",
         ),
         (&["--phase", "sideways"], "sideways"),
-        (&["--batch", "-3"], "invalid value '-3' for '--batch <B>'"),
+        (
+            &["--batch", "-3"],
+            "invalid value '-3' for '--batch <B>': expected a whole number",
+        ),
         (&["--depth", "-1"], "invalid value '-1' for '--depth <N>'"),
         (&["--dtype", "fp8"], "[possible values: bf16, fp16, fp32]"),
         (&["--seqlen", "4"], "a similar argument exists: '--seq-len'"),

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::process::ExitCode;
 
-use modelmeter::cli::{one_line, print_stdout, PhaseArg, WorkloadArgs};
+use modelmeter::cli::{one_line, print_stdout, whole_number, PhaseArg, WorkloadArgs};
 use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
 use modelmeter::{Dtype, Platform};
@@ -43,13 +43,13 @@ struct AnalyzeArgs {
     #[arg(long, value_name = "DEVICE", default_value = "cuda")]
     device: String,
     /// Also report a whole generation: the prefill plus N decode steps
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = whole_number::<u64>)]
     new_tokens: Option<u64>,
     /// Print one modelmeter.analyze/1 JSON object instead of tables
     #[arg(long)]
     json: bool,
     /// Levels of each layer's breakdown in the tables (0: summary only)
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = whole_number::<usize>)]
     depth: usize,
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use modelmeter::cli::{one_line, WorkloadArgs};
+use modelmeter::cli::{one_line, whole_number, WorkloadArgs};
 use modelmeter::layers::AttentionImpl;
 use modelmeter::workload::DSOCR_STANDARD_V1;
 use modelmeter::{units, Dtype, Platform, Workload};
@@ -74,10 +74,10 @@ pub struct Args {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub layers: Vec<String>,
     /// Seed of the random weights and inputs (FLOPs do not depend on it; routing does)
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = whole_number::<u64>)]
     pub seed: u64,
     /// Verify N random configurations and workloads instead (with --seed)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = whole_number::<usize>)]
     pub sweep: Option<usize>,
     /// Write the modelmeter.verify/1 JSON report to FILE (- for standard output; the
     /// table then goes to standard error)
@@ -111,11 +111,11 @@ pub struct Args {
     pub model: bool,
     /// With --model: run only the first K decoder layers of the config (keeping its
     /// dense/MoE pattern) [default: all]
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", value_parser = whole_number::<u64>)]
     pub num_layers: Option<u64>,
     /// With --model: greedy decode steps after the prefill [default: 512, from
     /// dsocr-standard-v1]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = whole_number::<u64>)]
     pub new_tokens: Option<u64>,
     /// With --model: list every decode step (and keep its layers in the JSON report), not
     /// only those that are not exact
