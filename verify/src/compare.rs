@@ -157,8 +157,12 @@ pub struct MetricRow {
 }
 
 impl MetricRow {
-    /// The relative difference as the tables print it (`0.12%`, `inf`).
+    /// The relative difference as the tables print it (`0.12%`, `inf`; `—` for a row
+    /// that could not be measured).
     pub fn rel_text(&self) -> String {
+        if self.status == Status::Error {
+            return "—".into();
+        }
         self.rel_diff
             .map_or("inf".into(), modelmeter::units::percent)
     }

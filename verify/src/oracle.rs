@@ -83,6 +83,13 @@ impl Oracle {
                     self.python.display()
                 )
             })?;
+        let script = modelmeter_reference::parity::script();
+        if !script.is_file() {
+            return Err(format!(
+                "--oracle: the parity script {} is not there; set MODELMETER_PARITY_SCRIPT to reference/parity/parity.py of this source tree (a binary run away from it needs this)",
+                script.display()
+            ));
+        }
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             return Err(format!(
@@ -92,6 +99,12 @@ impl Oracle {
             ));
         }
         let versions = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if versions.is_empty() {
+            return Err(format!(
+                "--oracle: {} printed no torch version when asked; give an interpreter with torch==2.11.0, transformers and safetensors (scripts/setup-libtorch installs them into .venv)",
+                self.python.display()
+            ));
+        }
         if !versions.starts_with("2.11.") {
             return Err(format!(
                 "--oracle: {} has torch {versions}; the oracle needs torch 2.11 (the libtorch this build counts with)",
@@ -188,7 +201,8 @@ fn oracle_error(message: String) -> MetricRow {
         analytic: 0,
         measured: 0,
         rel_diff: None,
-        status: Status::Fail,
+        // Not a disagreement: the witness did not run (status error, shown as `—`).
+        status: Status::Error,
         note: Some(format!("the oracle could not check this layer: {message}")),
     }
 }
@@ -206,13 +220,28 @@ struct Adjustments {
     /// cached latent tokens with `kv_b_proj` (it caches the latent; the vendor caches the
     /// decompressed keys and values): 2·B·C·r_kv·H·(d_n + d_v).
     latent_mm: u64,
+    /// An MLA attention under SDPA on the CPU: torch's SDPA on transformers' unpadded
+    /// values (d_v wide, keys d_qk) takes its math path (`aten::bmm`), where the vendor's
+    /// flash form pads the values to d_qk and runs the fused kernel. Named in the note,
+    /// not adjusted (reference/parity/README.md, "Values are not padded").
+    cpu_mla_sdpa: bool,
 }
 
 impl Adjustments {
     fn of(plan: &Plan, pairing: crate::pairing::Pairing) -> Adjustments {
+        use modelmeter::layers::LayerId;
+        let has_attention = matches!(
+            pairing.layer,
+            LayerId::Attention | LayerId::DecoderDense | LayerId::DecoderMoe
+        );
         Adjustments {
             rotary_bmm: rotary_matmul_flops(plan, pairing),
             latent_mm: latent_redecompression_flops(plan, pairing),
+            cpu_mla_sdpa: has_attention
+                && plan.config.mla.is_some()
+                && plan.workload.mla == modelmeter::MlaForm::Naive
+                && plan.attention == modelmeter::layers::AttentionImpl::Sdpa
+                && plan.device == Device::Cpu,
         }
     }
 }
@@ -354,6 +383,9 @@ fn rows(
             for a in &adjustments {
                 note.push_str("; ");
                 note.push_str(a);
+            }
+            if adjust.cpu_mla_sdpa && !differences.is_empty() {
+                note.push_str("; expected with --attn sdpa on the CPU for MLA: torch's SDPA runs transformers' unpadded values through its math path (aten::bmm), the vendor pads them to d_qk for the fused kernel; not adjusted (reference/parity/README.md; --attn eager compares exactly)");
             }
             note
         }),

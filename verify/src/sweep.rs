@@ -192,8 +192,10 @@ fn mla_fields(m: &mut Rng, cfg: &mut Value, experts: u64) {
     }
 }
 
-/// The plain command line that reruns a case whose config was written to `config_path`.
+/// The plain command line that reruns a case whose config was written to `config_path`,
+/// with `program` (the running binary: a replay pasted anywhere runs the same build).
 pub fn replay_command(
+    program: &str,
     case: &SweepCase,
     config_path: &str,
     device: &str,
@@ -223,9 +225,24 @@ pub fn replay_command(
         format!(" --layers {}", layers.join(","))
     };
     format!(
-        "cargo run --bin verify-decoder -- --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}",
+        "{program} --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}",
         w.batch, w.dtype
     )
+}
+
+/// The path of the running binary, quoted for a shell where it needs to be.
+fn this_program() -> String {
+    let path = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "verify-decoder".to_string());
+    if path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+    {
+        path
+    } else {
+        format!("'{}'", path.replace('\'', r"'\''"))
+    }
 }
 
 /// Verifies `n` generated cases on the base plan's device, dtype, TF32 setting, layers,
@@ -272,6 +289,7 @@ pub fn run(
                 })
                 .collect();
             replay_command(
+                &this_program(),
                 &generated,
                 &shown,
                 device,
@@ -372,22 +390,32 @@ mod tests {
             .iter()
             .find(|c| c.workload.mla == MlaForm::Absorb)
             .unwrap();
-        let cmd = replay_command(absorbed, "/tmp/x.json", "cpu", 7, 0.0, &[]);
+        let cmd = replay_command(
+            "verify-decoder",
+            absorbed,
+            "/tmp/x.json",
+            "cpu",
+            7,
+            0.0,
+            &[],
+        );
         assert!(cmd.contains("--mla absorb"), "{cmd}");
     }
 
     #[test]
     fn replay_uses_plain_options() {
         let c = generate(1, 0, &fp32());
-        let cmd = replay_command(&c, "/tmp/x.json", "cpu", 1, 0.05, &[]);
+        let cmd = replay_command("verify-decoder", &c, "/tmp/x.json", "cpu", 1, 0.05, &[]);
         assert!(
-            cmd.contains("--config /tmp/x.json")
+            cmd.starts_with("verify-decoder --device cpu ")
+                && cmd.contains("--config /tmp/x.json")
                 && cmd.contains("--dtype fp32")
                 && cmd.contains("--device cpu"),
             "{cmd}"
         );
         assert!(!cmd.contains("--layers"));
         let cmd = replay_command(
+            "verify-decoder",
             &c,
             "/tmp/x.json",
             "cpu",

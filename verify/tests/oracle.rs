@@ -177,4 +177,17 @@ fn an_unusable_interpreter_is_one_line_and_exit_2_before_anything_runs() {
         assert!(stderr.contains("--oracle"), "{stderr}");
         assert!(out.stdout.is_empty(), "nothing ran");
     }
+    // A parity script that is not there is refused before anything runs, too.
+    let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
+        .args(["--device", "cpu", "--layers", "MoEGate", "--oracle"])
+        .env("MODELMETER_PARITY_SCRIPT", "/no/such/parity.py")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.lines().count() == 1 && stderr.contains("/no/such/parity.py is not there"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "nothing ran");
 }
