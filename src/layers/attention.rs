@@ -171,7 +171,8 @@ impl LlamaAttention {
         // The kernel's result is its first output (sliced back when padded); the padded
         // inputs and the side outputs are freed when SDPA returns.
         let written = b.op_with_host_outputs(
-            format_args!("scaled_dot_product_attention ({})", kernel.label()),
+            // The kernel is the op the tree shows beside the role.
+            "scaled_dot_product_attention",
             op,
             &[
                 arg(&q),
@@ -514,7 +515,7 @@ impl Layer for LlamaAttention {
         let merged_shape = [batch, sq, product("o width", &[heads, d])?];
         let merged = if self.core_writes_bshd(k.shape[2]) {
             b.returns_input(
-                "transpose(1, 2).contiguous() (already [B, S, H, d] in memory)",
+                "transpose(1, 2).contiguous(): already so",
                 "aten::contiguous",
             )?;
             core_out.viewed_as(&merged_shape)

@@ -679,7 +679,8 @@ impl DeepseekV2Attention {
                 let outputs =
                     kernel.outputs(t(&[batch, heads, sq, padded], dtype), batch, heads, sq);
                 let written = core.op_with_host_outputs(
-                    format_args!("scaled_dot_product_attention ({})", kernel.label()),
+                    // The kernel is the op the tree shows beside the role.
+                    "scaled_dot_product_attention",
                     op,
                     &[
                         arg(&inputs[0]),

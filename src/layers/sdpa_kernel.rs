@@ -152,12 +152,6 @@ impl SdpaKernel {
         };
         KernelOutputs { device, host }
     }
-
-    /// How reports name it: the op, or `math` for the math path.
-    pub fn label(self) -> &'static str {
-        self.op()
-            .unwrap_or("aten::_scaled_dot_product_attention_math")
-    }
 }
 
 #[cfg(test)]

@@ -142,7 +142,7 @@ impl CostBuilder {
         )?;
         self.release(&[&rotated])?;
         let out = self.elementwise(
-            format_args!("{name}_embed = + "),
+            format_args!("{name}_embed = {name} * cos + rotate_half({name}) * sin"),
             "aten::add",
             [&x_cos, &rot_sin],
             dtype,
