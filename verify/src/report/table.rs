@@ -82,8 +82,22 @@ pub fn case_line(case: &Case, total: usize) -> String {
         .moe
         .as_ref()
         .map(|m| {
+            // The routing by its config spelling (`noaux_tc/sigmoid`), when not greedy.
+            let spelled = |v: serde_json::Result<serde_json::Value>| {
+                v.ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            };
+            let routing = match m.routing.is_greedy_softmax() {
+                true => String::new(),
+                false => format!(
+                    " {}/{}",
+                    spelled(serde_json::to_value(m.routing.topk_method)),
+                    spelled(serde_json::to_value(m.routing.scoring_func))
+                ),
+            };
             format!(
-                " E={} k={} m={} shared={}",
+                " E={} k={} m={} shared={}{routing}",
                 m.n_routed_experts,
                 m.num_experts_per_tok,
                 m.moe_intermediate_size,
@@ -91,14 +105,27 @@ pub fn case_line(case: &Case, total: usize) -> String {
             )
         })
         .unwrap_or_default();
+    // Multi-head: heads/KV heads and head dim; MLA: its ranks and per-head dims instead.
+    let attention = match &c.mla {
+        None => format!(
+            "H={}/{} d={}",
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        ),
+        Some(m) => format!(
+            "H={} mla r_q={} r_kv={} d_n/d_r/d_v={}/{}/{}",
+            c.num_attention_heads,
+            m.q_lora_rank.map_or("-".to_string(), |r| r.to_string()),
+            m.kv_lora_rank,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim
+        ),
+    };
     format!(
-        "[{:>w$}/{total}] {:<5} h={} H={}/{} d={} i={}{moe} bias={} | {} {}",
+        "[{:>w$}/{total}] {:<5} h={} {attention} i={}{moe} bias={} | {} {}",
         case.index.map_or(0, |i| i + 1),
         status,
         c.hidden_size,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.head_dim,
         c.intermediate_size,
         c.attention_bias,
         case.workload.describe(),
