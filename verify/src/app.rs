@@ -392,10 +392,20 @@ pub fn report_of(args: &Args, ready: &Ready) -> Report {
             let mut env = ready.environment();
             let mut layers = runner::verify(plan, &mut progress_printer(args.quiet));
             if let Some(oracle) = &ready.oracle {
+                // The per-layer lines above judged this project's rows; the oracle adds two.
+                let start = std::time::Instant::now();
                 if !args.quiet {
-                    eprintln!("oracle: transformers under torch's FlopCounterMode ...");
+                    eprint!("oracle: transformers under torch's FlopCounterMode ... ");
                 }
                 oracle::apply(plan, &mut layers, oracle);
+                if !args.quiet {
+                    let summary = crate::results::Summary::of(&layers);
+                    eprintln!(
+                        "{:.2} s; with its rows: {}",
+                        start.elapsed().as_secs_f64(),
+                        summary.line("layer", "layers")
+                    );
+                }
             }
             let case = Case::of(plan, layers, None, None, &mut env);
             Report {
