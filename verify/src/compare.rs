@@ -163,6 +163,11 @@ impl MetricRow {
         if self.status == Status::Error {
             return "—".into();
         }
+        // The oracle's output row holds ‖out − ref‖/‖ref‖, judged against its own bound
+        // (in its note), not the tolerance: a plain number, not a percentage.
+        if self.metric == crate::check::Check::OracleOutput {
+            return self.rel_diff.map_or("—".into(), |r| format!("{r:.2e}"));
+        }
         self.rel_diff
             .map_or("inf".into(), modelmeter::units::percent)
     }
