@@ -479,9 +479,6 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         }
     }
     let device = spec.open().map_err(anyhow::Error::msg)?;
-    if args.ncu.is_none() {
-        check_ncu(args).map_err(anyhow::Error::msg)?;
-    }
     let info = spec.describe();
     let (default_dtype, platform) = match spec {
         DeviceSpec::Cpu => (Dtype::F32, Platform::Cpu),
@@ -558,8 +555,8 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
 
 /// Refuses hardware-counter options where they cannot work, before anything runs; the
 /// hardware-counter option given, if any (errors name it). An explicit `--ncu PATH` is
-/// checked here; ncu on PATH only once the device opened ([`check_ncu`]), so a machine
-/// without a GPU says that first.
+/// checked here; ncu on PATH only once the device opened ([`hardware_role`] finds it), so
+/// a machine without a GPU says that first.
 fn check_hardware_options(args: &Args) -> Result<Option<&'static str>, String> {
     let roles = [
         ("--hardware-counters", args.hardware_counters),
@@ -610,11 +607,11 @@ fn check_hardware_options(args: &Args) -> Result<Option<&'static str>, String> {
             "{first} does not apply with --device cpu: Nsight Compute reads NVIDIA GPU counters; use --device cuda:0"
         ));
     }
-    // A `--ncu PATH` given is checked now; ncu on PATH after the device (`check_ncu`):
+    // A `--ncu PATH` given is checked now; ncu on PATH after the device (`hardware_role`):
     // without a GPU, installing ncu would not help.
     let runs_ncu = args.hardware_counters && !child && args.hardware_counters_from.is_none();
     if runs_ncu && args.ncu.is_some() {
-        check_ncu(args)?;
+        hardware::find_ncu(args.ncu.as_deref(), std::env::var_os("PATH").as_deref())?;
     } else if args.ncu.is_some() && !child {
         return Err("--ncu applies only with --hardware-counters (which runs ncu)".into());
     }
@@ -627,15 +624,6 @@ fn check_hardware_options(args: &Args) -> Result<Option<&'static str>, String> {
         }
     }
     Ok(Some(first))
-}
-
-/// `--hardware-counters` runs ncu: it must be found (`--ncu` or PATH).
-fn check_ncu(args: &Args) -> Result<(), String> {
-    let child = args.hardware_counters_child.is_some();
-    if args.hardware_counters && !child && args.hardware_counters_from.is_none() {
-        hardware::find_ncu(args.ncu.as_deref(), std::env::var_os("PATH").as_deref())?;
-    }
-    Ok(())
 }
 
 /// The role of this invocation in a hardware-counter run (options already checked).

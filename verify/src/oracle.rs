@@ -229,15 +229,10 @@ struct Adjustments {
 
 impl Adjustments {
     fn of(plan: &Plan, pairing: crate::pairing::Pairing) -> Adjustments {
-        use modelmeter::layers::LayerId;
-        let has_attention = matches!(
-            pairing.layer,
-            LayerId::Attention | LayerId::DecoderDense | LayerId::DecoderMoe
-        );
         Adjustments {
             rotary_bmm: rotary_matmul_flops(plan, pairing),
             latent_mm: latent_redecompression_flops(plan, pairing),
-            cpu_mla_sdpa: has_attention
+            cpu_mla_sdpa: runs_attention(pairing)
                 && plan.config.mla.is_some()
                 && plan.workload.mla == modelmeter::MlaForm::Naive
                 && plan.attention == modelmeter::layers::AttentionImpl::Sdpa
@@ -246,21 +241,25 @@ impl Adjustments {
     }
 }
 
+/// The layer runs an attention: the attention itself or a decoder layer.
+fn runs_attention(pairing: crate::pairing::Pairing) -> bool {
+    use modelmeter::layers::LayerId;
+    matches!(
+        pairing.layer,
+        LayerId::Attention | LayerId::DecoderDense | LayerId::DecoderMoe
+    )
+}
+
 /// [`Adjustments::latent_mm`] for `pairing` under `plan`: only layers with MLA attention
 /// in the vendor's naive form at a decode step; 0 otherwise (and on overflow, where the
 /// analytic side has already refused).
 fn latent_redecompression_flops(plan: &Plan, pairing: crate::pairing::Pairing) -> u64 {
-    use modelmeter::layers::LayerId;
     let (Some(mla), modelmeter::Phase::Decode { context_len }) =
         (&plan.config.mla, plan.workload.phase)
     else {
         return 0;
     };
-    let has_attention = matches!(
-        pairing.layer,
-        LayerId::Attention | LayerId::DecoderDense | LayerId::DecoderMoe
-    );
-    if !has_attention || plan.workload.mla != modelmeter::MlaForm::Naive {
+    if !runs_attention(pairing) || plan.workload.mla != modelmeter::MlaForm::Naive {
         return 0;
     }
     let width = mla.qk_nope_head_dim.saturating_add(mla.v_head_dim);

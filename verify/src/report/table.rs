@@ -83,17 +83,12 @@ pub fn case_line(case: &Case, total: usize) -> String {
         .as_ref()
         .map(|m| {
             // The routing by its config spelling (`noaux_tc/sigmoid`), when not greedy.
-            let spelled = |v: serde_json::Result<serde_json::Value>| {
-                v.ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            };
             let routing = match m.routing.is_greedy_softmax() {
                 true => String::new(),
                 false => format!(
                     " {}/{}",
-                    spelled(serde_json::to_value(m.routing.topk_method)),
-                    spelled(serde_json::to_value(m.routing.scoring_func))
+                    m.routing.topk_method.name(),
+                    m.routing.scoring_func.name()
                 ),
             };
             format!(
