@@ -398,6 +398,20 @@ const fn conv(op: &'static str, formula: Gemm) -> OpConvention {
         reads: Reads::All,
     }
 }
+/// TF32 tensor-core MMAs per product of a "fast fp32" kernel ([`Fp32Engine::TensorCores`]):
+/// PyTorch's memory-efficient attention takes CUTLASS's `OpMultiplyAddFastF32` for fp32 on
+/// compute capability ≥ 8.0 (`DefaultGemmType<ArchTag, float>` in
+/// `aten/src/ATen/native/transformers/cuda/mem_eff_attention/gemm_kernel_utils.h`):
+/// big·big + big·small + small·big, to keep fp32 accuracy. The FLOPs booked are the
+/// products' (2 per multiply-add); the tensor pipes execute this many times as much.
+pub const FAST_FP32_MMAS_PER_PRODUCT: u64 = 3;
+
+/// True when `op`'s fp32 work runs as 3xTF32 on tensor cores whatever the TF32 flag
+/// ([`FAST_FP32_MMAS_PER_PRODUCT`] MMAs per product).
+pub fn runs_fast_fp32(op: &str) -> bool {
+    convention(op).is_some_and(|c| c.fp32_engine == Fp32Engine::TensorCores)
+}
+
 /// A GEMM-like kernel that runs fp32 on tensor cores ("fast fp32", 3×TF32) regardless of
 /// the TF32 flag: the memory-efficient attention kernels (sm80+).
 const fn fast_fp32_gemm(op: &'static str, formula: Gemm) -> OpConvention {

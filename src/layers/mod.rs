@@ -25,7 +25,7 @@ pub use decoder_layer::{DecoderLayerDims, DeepseekV2DecoderLayer};
 pub use decoder_stack::{accumulate, DeepseekV2Decoder, Generation, GenerationMetrics, StackPart};
 pub use mla::{mla_class_name, DeepseekV2Attention, MLA_CLASS_NAMES};
 pub use mlp::DeepseekV2MLP;
-pub use moe::DeepseekV2MoE;
+pub use moe::{DeepseekV2MoE, ROUTED_EXPERTS_ROLE};
 pub use moe_gate::MoEGate;
 pub use rms_norm::DeepseekV2RMSNorm;
 pub use rotary_embedding::LlamaRotaryEmbedding;

@@ -29,6 +29,10 @@ use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::workload::{Platform, Workload};
 
+/// The cost-tree node of the routed experts (all of them, under the MoE): the work whose
+/// GEMMs are as many rows as tokens each expert received.
+pub const ROUTED_EXPERTS_ROLE: &str = "experts";
+
 /// `DeepseekV2MoE` over an input of shape `[B, S_q, h]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeepseekV2MoE {
@@ -118,7 +122,7 @@ impl DeepseekV2MoE {
         let hit = loads.iter().map(|(calls, _)| calls).sum::<u64>();
         let hidden = *sorted.shape.last().unwrap_or(&1);
         let m = self.moe.moe_intermediate_size;
-        let mut b = CostBuilder::new("experts", self.allow_tf32);
+        let mut b = CostBuilder::new(ROUTED_EXPERTS_ROLE, self.allow_tf32);
         for (calls, rows) in loads {
             let slice = t(&[rows, hidden], sorted.dtype);
             let mlp = DeepseekV2MLP::over(slice, m, self.allow_tf32);

@@ -136,7 +136,10 @@ pub struct Args {
     pub ncu_dir: Option<PathBuf>,
     /// With --hardware-counters: how ncu replays each layer's range for its passes:
     /// app-range reruns the whole verification per pass (any layer works), range replays
-    /// in place (faster; fails on the MoE layers, which copy routing counts to the host)
+    /// in place (faster; fails on the MoE layers, which copy routing counts to the host),
+    /// kernel profiles each kernel, one ncu run per layer (the only mode with SASS
+    /// instruction counts, so hw_cuda_core_flops, and kernel-only time; slow for the MoE
+    /// layers' hundreds of kernels)
     #[arg(long, value_name = "MODE", value_enum)]
     pub ncu_replay: Option<hardware::NcuReplay>,
     /// Read the hardware counters from DIR (ncu.csv and ranges.json of a run you wrapped in
@@ -277,12 +280,43 @@ fn hardware_figures(
                 .map_err(|e| format!("cannot find this program to run it under ncu: {e}"))?;
             let own: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
             if !args.quiet {
+                let per = if *replay == hardware::NcuReplay::Kernel {
+                    "one ncu run per layer"
+                } else {
+                    "one range per layer"
+                };
                 eprintln!(
-                    "hardware counters: running the layers under {} ({} replay, one range per layer; minutes); files in {}",
+                    "hardware counters: running the layers under {} ({} replay, {per}; minutes); files in {}",
                     ncu.display(),
                     replay.mode(),
                     dir.display()
                 );
+            }
+            if *replay == hardware::NcuReplay::Kernel {
+                let plan = &ready.plan;
+                let layers: Vec<String> = plan
+                    .layers
+                    .iter()
+                    .map(|p| {
+                        p.name_for(&plan.config, plan.workload.mla, plan.attention)
+                            .to_string()
+                    })
+                    .collect();
+                let total = layers.len();
+                let quiet = args.quiet;
+                let run =
+                    hardware::run_per_layer(ncu, &exe, &own, dir, &layers, &mut |i, name| {
+                        if !quiet {
+                            eprintln!(
+                                "hardware counters: [{}/{total}] {name} under ncu (kernel replay)",
+                                i + 1
+                            );
+                        }
+                    })?;
+                if !keep && run.errors.is_empty() {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                return per_layer_figures(ready, run);
             }
             let files = hardware::run_under_ncu(ncu, &exe, &own, dir, *replay)?;
             if !keep {
@@ -300,6 +334,35 @@ fn hardware_figures(
         ));
     }
     Ok(hardware::attributed(&files))
+}
+
+/// A kernel-replay run's figures: every layer that has them; the layers without say why
+/// (on their row), and a run in which no layer has figures is one error for all.
+fn per_layer_figures(
+    ready: &Ready,
+    run: hardware::PerLayerRun,
+) -> Result<Result<Vec<crate::hardware::ranges::AttributedRange>, String>, String> {
+    if let Some(device) = run
+        .device
+        .as_ref()
+        .filter(|d| **d != ready.spec.to_string())
+    {
+        return Err(format!(
+            "the profiled run was on {device}, this run is on {}: give the same --device",
+            ready.spec
+        ));
+    }
+    for (layer, why) in &run.errors {
+        eprintln!("hardware counters: {layer}: no figures: {}", one_line(why));
+    }
+    if run.ranges.is_empty() {
+        let why = run
+            .errors
+            .first()
+            .map_or("no layer ran".to_string(), |(l, e)| format!("{l}: {e}"));
+        return Ok(Err(format!("no layer has kernel-replay figures ({why})")));
+    }
+    Ok(Ok(run.ranges))
 }
 
 /// The profiled child: verifies with each counted forward in a profiler range, writes the

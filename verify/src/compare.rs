@@ -154,13 +154,27 @@ pub struct MetricRow {
     pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Nothing was measured: a hardware counter ncu did not report. `measured` is then 0
+    /// by necessity and means nothing; tables show `unavailable`, JSON says
+    /// `"unavailable": true` (the key is absent otherwise).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unavailable: bool,
 }
 
 impl MetricRow {
+    /// The measured value as the tables print it: in the metric's unit, or `unavailable`.
+    pub fn measured_text(&self) -> String {
+        if self.unavailable {
+            "unavailable".into()
+        } else {
+            self.metric.show(self.measured)
+        }
+    }
+
     /// The relative difference as the tables print it (`0.12%`, `inf`; `—` for a row
     /// that could not be measured).
     pub fn rel_text(&self) -> String {
-        if self.status == Status::Error {
+        if self.status == Status::Error || self.unavailable {
             return "—".into();
         }
         // The oracle's output row holds ‖out − ref‖/‖ref‖, judged against its own bound
@@ -211,6 +225,7 @@ pub fn compare(
         rel_diff: rel,
         status,
         note,
+        unavailable: false,
     }
 }
 

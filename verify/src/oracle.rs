@@ -204,6 +204,7 @@ fn oracle_error(message: String) -> MetricRow {
         // Not a disagreement: the witness did not run (status error, shown as `—`).
         status: Status::Error,
         note: Some(format!("the oracle could not check this layer: {message}")),
+        unavailable: false,
     }
 }
 
@@ -388,6 +389,7 @@ fn rows(
             }
             note
         }),
+        unavailable: false,
     };
     let bound = output_bound(dtype);
     let experts_match = answer.idx_match.unwrap_or(true);
@@ -409,6 +411,7 @@ fn rows(
                 "; the selected experts differ"
             }
         )),
+        unavailable: false,
     };
     vec![flops, output]
 }

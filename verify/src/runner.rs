@@ -514,6 +514,7 @@ pub(crate) fn compare_run(
                 "executed ops the conventions table cannot cost, so the measured totals are incomplete: {}",
                 what.join(", ")
             )),
+            unavailable: false,
         });
     }
     LayerResult {
@@ -566,6 +567,7 @@ fn attention_kernel_row(analytic: &Cost, run: &LayerRun) -> Option<MetricRow> {
             describe(&predicted),
             describe(&ran)
         )),
+        unavailable: false,
     })
 }
 

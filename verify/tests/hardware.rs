@@ -273,3 +273,246 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
         assert!(layer(&json, name)["hardware"].is_null());
     }
 }
+
+#[test]
+fn routed_experts_with_few_rows_make_the_moe_padding_information() {
+    // 64 tokens, top-6 of 64 experts: 6 rows per expert on average, every expert's GEMMs
+    // far under the 64 rows a tile pads to (run-4 on the H200: 1.23× at S = 512).
+    let argv = [
+        "verify-decoder",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--dtype",
+        "bf16",
+        "--seq-len",
+        "64",
+        "--layers",
+        "DeepseekV2MoE,DeepseekV2MLP",
+    ];
+    let args = Args::try_parse_from(argv).expect("valid options");
+    let ready = prepare(&args).expect("checks out");
+    let tmp = TempDir::new("moe-child");
+    let child = profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
+    let list = RangeList::read(&tmp.0).expect("written");
+
+    let result = child.iter().find(|r| r.name == "DeepseekV2MoE").unwrap();
+    let context = profile::context_of(&ready.plan, result);
+    let routed_rows: i64 = result.tokens_per_expert.as_ref().unwrap().iter().sum();
+    assert_eq!(routed_rows, 64 * 6);
+    // Routed experts: 2·3·h·m per row; all of it in experts under 64 rows.
+    let (h, m) = (1280u64, 896u64);
+    assert_eq!(context.small_gemm_flops, 6 * h * m * 64 * 6);
+    assert_eq!(context.tokens, 64);
+    let mlp_context = profile::context_of(
+        &ready.plan,
+        child.iter().find(|r| r.name == "DeepseekV2MLP").unwrap(),
+    );
+    assert_eq!(mlp_context.small_gemm_flops, 0, "64 token rows: not small");
+
+    let attach = |factor: (u64, u64)| -> Value {
+        let mut tensor = vec![0; list.ranges.len()];
+        for (i, r) in list.ranges.iter().enumerate() {
+            tensor[i] = r.tensor_core_flops * factor.0 / factor.1;
+        }
+        let files = RunFiles {
+            csv: range_replay_csv(&list, &tensor),
+            ranges: list.clone(),
+            left_out: Vec::new(),
+        };
+        let mut report = report_of(&args, &ready);
+        profile::attach(
+            &mut report,
+            &ready.plan,
+            &profile::attributed(&files),
+            "NVIDIA H200",
+        );
+        report::to_json(&report)
+    };
+    // 1.25×: above the band; the MoE's is padding of small GEMMs (info), the MLP's not.
+    let json = attach((5, 4));
+    let moe_row = row(layer(&json, "DeepseekV2MoE"), "hw_tensor_flops");
+    assert_eq!(moe_row["status"], "info", "{}", moe_row["note"]);
+    assert!(moe_row["note"]
+        .as_str()
+        .unwrap()
+        .contains("fewer than 64 token rows"));
+    assert_eq!(
+        row(layer(&json, "DeepseekV2MLP"), "hw_tensor_flops")["status"],
+        "fail"
+    );
+    // Half the counted work: padding cannot explain less; both fail.
+    let json = attach((1, 2));
+    for name in ["DeepseekV2MoE", "DeepseekV2MLP"] {
+        assert_eq!(
+            row(layer(&json, name), "hw_tensor_flops")["status"],
+            "fail",
+            "{name}"
+        );
+    }
+}
+
+/// A stand-in for ncu in kernel replay: records its options, writes the child's range
+/// list for the one layer named by `--layers`, and as "ncu's CSV" the real per-kernel
+/// export of the H200's MLP (`fixtures/ncu-h200`), or, for the gate, no kernel at all.
+fn kernel_replay_ncu(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/ncu-h200/ncu_mlp_bfloat16.csv")
+        .canonicalize()
+        .unwrap();
+    let script = format!(
+        r#"#!/bin/sh
+log=""; layer=""; dir=""; layers_given=0
+echo "$@" > "$(dirname "$0")/last-args.txt"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --log-file) log=$2; shift ;;
+    --layers) layer=$2; layers_given=$((layers_given + 1)); shift ;;
+    --hardware-counters-child) dir=$2; shift ;;
+  esac
+  shift
+done
+[ "$layers_given" = 1 ] || {{ echo "--layers given $layers_given times" >&2; exit 2; }}
+cat > "$dir/ranges.json" <<JSON
+{{"schema": "modelmeter.hardware-ranges/1", "device": "cuda:0",
+ "ranges": [{{"layer": "$layer", "tensor_core_flops": 26927431680, "cuda_core_flops": 17530880, "io_bytes": 112623616}}],
+ "errors": []}}
+JSON
+if [ "$layer" = MoEGate ]; then
+  printf '==PROF== Connected to process 1\n==PROF== Disconnected from process 1\n' > "$log"
+else
+  cp "{}" "$log"
+fi
+"#,
+        fixture.display()
+    );
+    let ncu = dir.join("ncu");
+    std::fs::write(&ncu, script).unwrap();
+    std::fs::set_permissions(&ncu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    ncu
+}
+
+#[test]
+fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
+    let tmp = TempDir::new("kernel-replay");
+    let ncu = kernel_replay_ncu(&tmp.0);
+    let own: Vec<std::ffi::OsString> = [
+        "--dtype",
+        "bf16",
+        "--layers=DeepseekV2MLP,MoEGate",
+        "--quiet",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let layers = ["DeepseekV2MLP".to_string(), "MoEGate".to_string()];
+    let mut seen = Vec::new();
+    let run = profile::run_per_layer(
+        &ncu,
+        Path::new("/bin/true"),
+        &own,
+        &tmp.0.join("run"),
+        &layers,
+        &mut |i, name| seen.push((i, name.to_string())),
+    )
+    .expect("ncu ran");
+    assert_eq!(seen, [(0, "DeepseekV2MLP".into()), (1, "MoEGate".into())]);
+    // ncu's options: kernel replay of what runs between the profiler calls, and SASS
+    // instruction counts asked for (the point of this mode).
+    let args = std::fs::read_to_string(tmp.0.join("last-args.txt")).unwrap();
+    for needle in [
+        "--profile-from-start off",
+        "--replay-mode kernel",
+        "smsp__sass_thread_inst_executed_op_ffma_pred_on.sum",
+        "--layers MoEGate",
+    ] {
+        assert!(args.contains(needle), "{needle} in {args}");
+    }
+    assert!(!args.contains("DeepseekV2MLP,MoEGate"), "{args}");
+    // The MLP: the export's kernels summed (27,262,976,000 bf16 tensor ops on the H200).
+    assert_eq!(run.device.as_deref(), Some("cuda:0"));
+    assert_eq!(run.ranges.len(), 1);
+    let mlp = &run.ranges[0];
+    assert_eq!((mlp.index, mlp.record.layer.as_str()), (0, "DeepseekV2MLP"));
+    assert_eq!(mlp.figures.tensor_ops_bf16, Some(27_262_976_000));
+    assert!(mlp.figures.rows > 1 && mlp.ncu_id.ends_with("kernels"));
+    // The gate: no kernel profiled is an error for that layer, not zeros.
+    assert_eq!(run.errors.len(), 1);
+    assert_eq!(run.errors[0].0, "MoEGate");
+    assert!(
+        run.errors[0].1.contains("profiled no kernel"),
+        "{}",
+        run.errors[0].1
+    );
+    assert!(tmp.0.join("run/0-DeepseekV2MLP/ncu.csv").exists());
+}
+
+#[test]
+fn the_layers_option_is_dropped_in_both_spellings() {
+    let args: Vec<std::ffi::OsString> = [
+        "--layers",
+        "A,B",
+        "--dtype",
+        "bf16",
+        "--layers=C",
+        "--quiet",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let kept = profile::without_option(&args, "--layers");
+    assert_eq!(
+        kept,
+        ["--dtype", "bf16", "--quiet"].map(std::ffi::OsString::from)
+    );
+}
+
+#[test]
+fn the_attention_context_finds_its_fused_kernel_inside_the_core() {
+    // The H200 (2026-11-28, run-5) found this allowance never applied: the fused kernel
+    // is a leaf inside the core's node, not the node itself.
+    let argv = [
+        "verify-decoder",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--dtype",
+        "fp32",
+        "--seq-len",
+        "64",
+        "--layers",
+        "LlamaFlashAttention2",
+    ];
+    let args = Args::try_parse_from(argv).expect("valid options");
+    let ready = prepare(&args).expect("checks out");
+    let tmp = TempDir::new("attention-child");
+    let child = profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
+    let result = &child[0];
+    // Core QKᵀ and PV: 4·B·H·S²·d; (S − 1)/(2S) of it above the diagonal.
+    let core = 4 * 10 * 64 * 64 * 128u64;
+    let masked = core * 63 / 128;
+    // On the CPU: the CPU's fused kernel (CUDA-core work, not fast fp32).
+    let cpu = profile::context_of(&ready.plan, result);
+    assert_eq!(cpu.fast_f32_flops, 0);
+    // On a GPU the same fp32 workload runs the memory-efficient kernel: 3xTF32, and its
+    // causal share may be skipped.
+    let mut cuda = ready.plan.clone();
+    cuda.workload.platform = modelmeter::Platform::Cuda;
+    let gpu = profile::context_of(&cuda, result);
+    assert_eq!(
+        (
+            gpu.causal_skippable_flops,
+            gpu.fast_f32_flops,
+            gpu.fast_f32_skippable_flops
+        ),
+        (masked, core, masked)
+    );
+    // bf16 on the GPU: a fused kernel with its causal share, not fast fp32.
+    cuda.workload.dtype = modelmeter::Dtype::Bf16;
+    let bf16 = profile::context_of(&cuda, result);
+    assert_eq!(
+        (bf16.causal_skippable_flops, bf16.fast_f32_flops),
+        (masked, 0)
+    );
+}

@@ -15,14 +15,14 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use modelmeter::conventions::is_fused_attention;
-use modelmeter::layers::ATTENTION_CORE_ROLE;
+use modelmeter::conventions::{is_fused_attention, runs_fast_fp32};
+use modelmeter::layers::{ATTENTION_CORE_ROLE, ROUTED_EXPERTS_ROLE};
 use modelmeter::Cost;
 
 use super::metrics::NCU_METRICS;
 use super::peaks;
 use super::ranges::{self, AttributedRange, RangeList, RangeRecord, NCU_CSV_FILE};
-use super::rows::{self, Context};
+use super::rows::{self, Context, SMALL_GEMM_ROWS};
 use crate::check::Check;
 use crate::compare::worst;
 use crate::plan::Plan;
@@ -60,6 +60,12 @@ pub enum NcuReplay {
     /// MoE layer's range ("Failed to profile \"range\"", 2026-11-28) after the MLP's and
     /// the gate's.
     Range,
+    /// Replays each kernel of a layer's range (`--replay-mode kernel`, only what runs
+    /// between the profiler start and stop calls): one ncu run per layer, the layer's
+    /// kernels summed. The only mode in which ncu counts SASS instructions (the FFMA, FADD
+    /// and FMUL of `hw_cuda_core_flops`), and its time is the kernels' own (no gaps
+    /// between them); slow for layers of hundreds of kernels (the eager MoE).
+    Kernel,
 }
 
 impl NcuReplay {
@@ -68,31 +74,49 @@ impl NcuReplay {
         match self {
             NcuReplay::AppRange => "app-range",
             NcuReplay::Range => "range",
+            NcuReplay::Kernel => "kernel",
         }
+    }
+
+    /// Whether ncu can count SASS instructions (`…sass_thread_inst_executed…`) in this
+    /// mode: only per kernel (ncu 2025.3 on an H200 refused each of them in range and
+    /// app-range replay, 2026-11-28).
+    pub fn counts_instructions(self) -> bool {
+        self == NcuReplay::Kernel
     }
 }
 
-/// The ncu options of a run: range replay, one result per range, raw CSV in base units
-/// (bytes as bytes, not `Mbyte`), the clocks the GPU chooses, only what runs between the
-/// profiler start and stop calls (in range replay those calls delimit the ranges, and
-/// ncu 2025.3 refuses `--profile-from-start off` beside it: "not supported during range
-/// replay", measured on an H200 on 2026-11-28).
+/// True for a SASS instruction metric, which ncu collects only in kernel replay.
+pub fn is_instruction_metric(metric: &str) -> bool {
+    metric.contains("__sass_")
+}
+
+/// The ncu options of a run: the replay mode, raw CSV in base units (bytes as bytes, not
+/// `Mbyte`), the clocks the GPU chooses, only what runs between the profiler start and
+/// stop calls (in range replay those calls delimit the ranges, and ncu 2025.3 refuses
+/// `--profile-from-start off` beside it: "not supported during range replay", measured
+/// on an H200 on 2026-11-28; in kernel replay it is what limits profiling to the range).
 pub fn ncu_arguments(csv: &Path, metrics: &[&str], replay: NcuReplay) -> Vec<OsString> {
-    let mut args: Vec<OsString> = [
-        "--replay-mode",
-        replay.mode(),
-        "--clock-control",
-        "none",
-        "--print-units",
-        "base",
-        "--csv",
-        "--page",
-        "raw",
-        "--metrics",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
+    let from_start: &[&str] = match replay {
+        NcuReplay::Kernel => &["--profile-from-start", "off"],
+        NcuReplay::AppRange | NcuReplay::Range => &[],
+    };
+    let mut args: Vec<OsString> = from_start
+        .iter()
+        .chain(&[
+            "--replay-mode",
+            replay.mode(),
+            "--clock-control",
+            "none",
+            "--print-units",
+            "base",
+            "--csv",
+            "--page",
+            "raw",
+            "--metrics",
+        ])
+        .map(OsString::from)
+        .collect();
     args.push(metrics.join(",").into());
     args.push("--log-file".into());
     args.push(csv.as_os_str().to_owned());
@@ -148,14 +172,16 @@ pub struct RunFiles {
 }
 
 /// Runs this binary (`exe`, with `args`: the invocation's own arguments) as the profiled
-/// child under `ncu`, with ncu's CSV, the range list and the child's output
-/// (`output.txt`: its table and ncu's `==PROF==` lines on the terminal side) in `dir`.
+/// child under `ncu` in a range replay mode, with ncu's CSV, the range list and the
+/// child's output (`output.txt`: its table and ncu's `==PROF==` lines on the terminal
+/// side) in `dir`.
 ///
-/// ncu refuses, before anything runs, a metric it cannot collect in range replay
-/// (ncu 2025.3 on an H200: "Metric smsp__sass_thread_inst_executed_op_dadd_pred_on.sum is
-/// not supported in range replay", written to its log file). Such metrics are left out
-/// and the run repeated; [`RunFiles::left_out`] names them, and their figures are
-/// unavailable (never 0).
+/// SASS instruction metrics are left out up front outside kernel replay
+/// ([`NcuReplay::counts_instructions`]). ncu refuses, before anything runs, any other
+/// metric it cannot collect in the mode (ncu 2025.3 on an H200: "Metric
+/// smsp__sass_thread_inst_executed_op_dadd_pred_on.sum is not supported in range
+/// replay", written to its log file): such metrics are left out and the run repeated.
+/// [`RunFiles::left_out`] names them all; their figures are unavailable (never 0).
 pub fn run_under_ncu(
     ncu: &Path,
     exe: &Path,
@@ -163,9 +189,47 @@ pub fn run_under_ncu(
     dir: &Path,
     replay: NcuReplay,
 ) -> Result<RunFiles, String> {
+    let mut metrics: Vec<&str> = NCU_METRICS.to_vec();
+    let mut left_out: Vec<String> = Vec::new();
+    if !replay.counts_instructions() {
+        left_out.extend(
+            metrics
+                .iter()
+                .filter(|m| is_instruction_metric(m))
+                .map(|m| m.to_string()),
+        );
+        metrics.retain(|m| !is_instruction_metric(m));
+        eprintln!(
+            "hardware counters: ncu counts SASS instructions only in kernel replay, so hw_cuda_core_flops is unavailable in {} replay (--ncu-replay kernel measures it)",
+            replay.mode()
+        );
+    }
+    let child: Vec<OsString> = args.to_vec();
+    left_out.extend(run_ncu(ncu, exe, &child, dir, replay, metrics)?);
+    // ncu reports its own refusals (`==ERROR==`, in its log file or on the terminal)
+    // and may still exit 0: say what it said.
+    let mut files = read_run(dir).map_err(|e| {
+        match ncu_error(&dir.join(NCU_CSV_FILE)).or_else(|| ncu_error(&dir.join("output.txt"))) {
+            Some(said) => format!("{e}; ncu said: {said}"),
+            None => e,
+        }
+    })?;
+    files.left_out = left_out;
+    Ok(files)
+}
+
+/// One ncu run over the child (`args` plus `--hardware-counters-child dir`) with
+/// `metrics`, repeated without any metric ncu refuses in `replay`; returns those left out.
+fn run_ncu(
+    ncu: &Path,
+    exe: &Path,
+    args: &[OsString],
+    dir: &Path,
+    replay: NcuReplay,
+    mut metrics: Vec<&str>,
+) -> Result<Vec<String>, String> {
     let csv = dir.join(NCU_CSV_FILE);
     let output_path = dir.join("output.txt");
-    let mut metrics: Vec<&str> = NCU_METRICS.to_vec();
     let mut left_out = Vec::new();
     loop {
         let output = std::fs::File::create(&output_path)
@@ -198,8 +262,9 @@ pub fn run_under_ncu(
             .collect();
         if !refused.is_empty() && refused.len() < metrics.len() {
             eprintln!(
-                "hardware counters: ncu cannot collect {} in range replay; running again without (reported as unavailable)",
-                refused.join(", ")
+                "hardware counters: ncu cannot collect {} in {} replay; running again without (reported as unavailable)",
+                refused.join(", "),
+                replay.mode()
             );
             metrics.retain(|m| !refused.contains(m));
             left_out.extend(refused.iter().map(|m| m.to_string()));
@@ -213,25 +278,154 @@ pub fn run_under_ncu(
                 last_line(&output_path)
             ));
         }
-        // ncu reports its own refusals (`==ERROR==`, in its log file or on the terminal)
-        // and may still exit 0: say what it said.
-        let mut files = read_run(dir).map_err(|e| {
-            match ncu_error(&csv).or_else(|| ncu_error(&output_path)) {
-                Some(said) => format!("{e}; ncu said: {said}"),
-                None => e,
-            }
-        })?;
-        files.left_out = left_out;
-        return Ok(files);
+        return Ok(left_out);
     }
 }
 
-/// The metrics ncu's `log` says it cannot collect in range replay.
+/// The folder of the `index`-th layer's ncu run in kernel replay.
+pub fn layer_dir(dir: &Path, index: usize, layer: &str) -> PathBuf {
+    dir.join(format!("{index}-{layer}"))
+}
+
+/// `args` without `option` (`--layers X` or `--layers=X`): the kernel-replay parent
+/// names one layer per child run itself.
+pub fn without_option(args: &[OsString], option: &str) -> Vec<OsString> {
+    let with_value = format!("{option}=");
+    let mut out = Vec::new();
+    let mut skip_next = false;
+    for a in args {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        match a.to_str() {
+            Some(s) if s == option => skip_next = true,
+            Some(s) if s.starts_with(&with_value) => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+/// Kernel replay: one ncu run per layer of `layers` (the plan's names, in order), each a
+/// child that runs only that layer, in `dir/<i>-<layer>/`; the layer's kernels summed are
+/// its figures. A layer whose run failed, or in whose range ncu profiled no kernel, has
+/// no figures and says why (in the run's `errors`); the others are attributed.
+pub fn run_per_layer(
+    ncu: &Path,
+    exe: &Path,
+    args: &[OsString],
+    dir: &Path,
+    layers: &[String],
+    progress: &mut dyn FnMut(usize, &str),
+) -> Result<PerLayerRun, String> {
+    let base = without_option(args, "--layers");
+    let mut run = PerLayerRun::default();
+    for (index, layer) in layers.iter().enumerate() {
+        progress(index, layer);
+        let here = layer_dir(dir, index, layer);
+        std::fs::create_dir_all(&here)
+            .map_err(|e| format!("cannot create {}: {e}", here.display()))?;
+        let mut child = base.clone();
+        child.push("--layers".into());
+        child.push(layer.into());
+        let result = run_ncu(
+            ncu,
+            exe,
+            &child,
+            &here,
+            NcuReplay::Kernel,
+            NCU_METRICS.to_vec(),
+        )
+        .and_then(|left_out| {
+            let files = read_run(&here)?;
+            let range = kernels_of_layer(&files, index, layer).map_err(|e| {
+                match ncu_error(&here.join(NCU_CSV_FILE)) {
+                    Some(said) => format!("{e}; ncu said: {said}"),
+                    None => e,
+                }
+            })?;
+            Ok((files.ranges.device, range, left_out))
+        });
+        match result {
+            Ok((device, range, left_out)) => {
+                run.device.get_or_insert(device);
+                run.ranges.push(range);
+                for m in left_out {
+                    if !run.left_out.contains(&m) {
+                        run.left_out.push(m);
+                    }
+                }
+            }
+            Err(e) => run.errors.push((layer.clone(), e)),
+        }
+    }
+    Ok(run)
+}
+
+/// What a kernel-replay run found, layer by layer.
+#[derive(Debug, Default)]
+pub struct PerLayerRun {
+    /// The device the children ran on (the first that reported one).
+    pub device: Option<String>,
+    pub ranges: Vec<AttributedRange>,
+    /// Layers without figures, with why.
+    pub errors: Vec<(String, String)>,
+    /// Metrics ncu refused (unavailable).
+    pub left_out: Vec<String>,
+}
+
+/// The `index`-th layer's figures from its own kernel-replay run: every profiled kernel
+/// of the CSV (only the layer's range was profiled), summed.
+pub fn kernels_of_layer(
+    files: &RunFiles,
+    index: usize,
+    layer: &str,
+) -> Result<AttributedRange, String> {
+    let record = match files.ranges.ranges.as_slice() {
+        [one] if one.layer == layer => one.clone(),
+        _ => {
+            let why = files
+                .ranges
+                .errors
+                .iter()
+                .find(|(l, _)| l == layer)
+                .map_or("it did not run", |(_, e)| e.as_str());
+            return Err(format!("the profiled run of {layer} has no range: {why}"));
+        }
+    };
+    let no_kernel = || {
+        format!(
+            "ncu profiled no kernel in {layer}'s range (kernel replay with --profile-from-start off)"
+        )
+    };
+    // ncu writes no table at all when nothing was profiled.
+    if !files.csv.lines().any(|l| l.starts_with("\"ID\",")) {
+        return Err(no_kernel());
+    }
+    let table = super::ncu_csv::parse(&files.csv, &super::ncu_csv::ParseOptions::per_kernel())
+        .map_err(|e| format!("ncu's CSV: {e}"))?;
+    let figures =
+        super::HardwareFigures::of_range(&table, None).map_err(|e| format!("ncu's CSV: {e}"))?;
+    if figures.rows == 0 {
+        return Err(no_kernel());
+    }
+    Ok(AttributedRange {
+        index,
+        ncu_id: format!("{} kernels", figures.rows),
+        record,
+        figures,
+    })
+}
+
+/// The metrics ncu's `log` says it cannot collect in this replay mode ("… is not supported
+/// in range replay.", and the same sentence for any other mode, such as app-range).
 pub fn unsupported_in_range_replay(log: &str) -> Vec<&str> {
     log.lines()
         .filter_map(|l| {
-            l.strip_prefix("==ERROR== Metric ")?
-                .strip_suffix(" is not supported in range replay.")
+            let rest = l.strip_prefix("==ERROR== Metric ")?;
+            let (metric, mode) = rest.split_once(" is not supported in ")?;
+            mode.trim_end().ends_with("replay.").then_some(metric)
         })
         .map(str::trim)
         .collect()
@@ -345,7 +539,7 @@ pub fn context_of(plan: &Plan, result: &LayerResult) -> Context {
     let cost = plan
         .layers
         .iter()
-        .find(|p| p.name(plan.attention) == result.name)
+        .find(|p| p.name_for(&plan.config, w.mla, plan.attention) == result.name)
         .and_then(|p| p.analytic(&plan.config, w, plan.attention).ok())
         .and_then(|layer| layer.cost().ok());
     let mut nodes = Vec::new();
@@ -356,19 +550,79 @@ pub fn context_of(plan: &Plan, result: &LayerResult) -> Context {
     // S_q·S_kv scores are masked.
     let s_q = u128::from(w.query_len());
     let s_kv = u128::from(w.first_position()) + s_q;
-    let skippable = nodes
+    let masked = |flops: u64| {
+        let m = u128::from(flops) * s_q.saturating_sub(1) / (2 * s_kv).max(1);
+        u64::try_from(m).unwrap_or(u64::MAX)
+    };
+    let fp32 = w.dtype == modelmeter::Dtype::F32;
+    let (mut skippable, mut fast, mut fast_skippable) = (0u64, 0u64, 0u64);
+    // The fused kernel is a leaf inside the attention core's node.
+    for c in nodes
         .iter()
-        .filter(|c| c.name == ATTENTION_CORE_ROLE && c.op.is_some_and(is_fused_attention))
-        .map(|c| {
-            let core = u128::from(c.metrics.tensor_core_flops);
-            let masked = core * s_q.saturating_sub(1) / (2 * s_kv).max(1);
-            u64::try_from(masked).unwrap_or(u64::MAX)
-        })
-        .fold(0u64, u64::saturating_add);
+        .filter(|c| c.name == ATTENTION_CORE_ROLE)
+        .flat_map(|c| c.ops())
+        .filter(|c| c.op.is_some_and(is_fused_attention))
+    {
+        let core = c.metrics.tensor_core_flops;
+        skippable = skippable.saturating_add(masked(core));
+        if fp32 && c.op.is_some_and(runs_fast_fp32) {
+            fast = fast.saturating_add(core);
+            fast_skippable = fast_skippable.saturating_add(masked(core));
+        }
+    }
+    let total = cost.as_ref().map_or(0, |c| c.metrics.tensor_core_flops);
+    let small_gemm_flops = if tokens < SMALL_GEMM_ROWS {
+        total
+    } else {
+        let routed: u64 = nodes
+            .iter()
+            .filter(|c| c.name == ROUTED_EXPERTS_ROLE)
+            .map(|c| c.metrics.tensor_core_flops)
+            .fold(0u64, u64::saturating_add);
+        small_expert_share(routed, result.tokens_per_expert.as_deref(), plan)
+    };
     Context {
         tokens,
         causal_skippable_flops: skippable,
+        small_gemm_flops,
+        fast_f32_flops: fast,
+        fast_f32_skippable_flops: fast_skippable,
         simt_gemm_flops,
+    }
+}
+
+/// The part of the routed experts' `routed` tensor FLOPs in experts that received fewer
+/// than [`SMALL_GEMM_ROWS`] rows: by the measured rows per expert where the run has them,
+/// otherwise all of it when the average expert's rows (N·k / E) are that few.
+fn small_expert_share(routed: u64, tokens_per_expert: Option<&[i64]>, plan: &Plan) -> u64 {
+    if routed == 0 {
+        return 0;
+    }
+    let small_rows = SMALL_GEMM_ROWS as i64;
+    match tokens_per_expert {
+        Some(rows) => {
+            let all: i64 = rows.iter().filter(|r| **r > 0).sum();
+            let small: i64 = rows.iter().filter(|r| **r > 0 && **r < small_rows).sum();
+            if all <= 0 {
+                return 0;
+            }
+            u64::try_from(u128::from(routed) * small as u128 / all as u128).unwrap_or(u64::MAX)
+        }
+        None => {
+            let Some(moe) = plan.config.moe.as_ref() else {
+                return 0;
+            };
+            let w = &plan.workload;
+            let rows = w
+                .batch
+                .saturating_mul(w.query_len())
+                .saturating_mul(moe.num_experts_per_tok);
+            if rows < SMALL_GEMM_ROWS.saturating_mul(moe.n_routed_experts.max(1)) {
+                routed
+            } else {
+                0
+            }
+        }
     }
 }
 
@@ -391,7 +645,7 @@ pub fn attach(
                     .iter()
                     .find(|a| a.record.layer == layer.name)
                     .ok_or_else(|| {
-                        "the profiled run has no range for it (see its errors in ranges.json)"
+                        "the profiled run has no figures for it (why: its error in ranges.json, or the hardware counters line on standard error)"
                             .to_string()
                     }),
                 Err(e) => Err(e.clone()),
@@ -451,6 +705,12 @@ mod tests {
             vec!["smsp__sass_thread_inst_executed_op_dadd_pred_on.sum"]
         );
         assert!(unsupported_in_range_replay("\"ID\",\"Range Name\"\n").is_empty());
+        // The same sentence for another replay mode.
+        let app = "==ERROR== Metric smsp__sass_thread_inst_executed_op_ffma_pred_on.sum is not supported in app-range replay.\n";
+        assert_eq!(
+            unsupported_in_range_replay(app),
+            vec!["smsp__sass_thread_inst_executed_op_ffma_pred_on.sum"]
+        );
     }
 
     #[test]

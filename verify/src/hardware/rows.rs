@@ -5,10 +5,14 @@
 //! * `hw_tensor_flops` against the counted `tensor_core_flops`. Counted 0 must measure 0
 //!   and counted > 0 must measure > 0, always. Otherwise the ratio hardware/counted
 //!   passes within [`TENSOR_BAND`], its lower end lowered by the share of the counted work
-//!   that a causal fused attention kernel may skip (masked tiles); outside the band it
-//!   fails, except for decode-sized steps (fewer than [`DECODE_SIZED_TOKENS`] tokens),
-//!   whose GEMMs the hardware pads to its tile rows (8.07× the FLOPs at one token on the
-//!   H200): there the row is `info`.
+//!   that a causal fused attention kernel may skip (masked tiles), and both ends raised
+//!   for fp32 attention on the memory-efficient kernel, which runs each product as
+//!   [`FAST_FP32_MMAS_PER_PRODUCT`] TF32 MMAs (3xTF32; the H200 measured 2,390,753,280
+//!   TF32 ops for a causal 1,342,177,280-FLOP core at B = 1, H = 10, S = 512, d = 128:
+//!   three times the 64×128 tiles on or below the diagonal). Above the band it is `info`, not a failure, where
+//!   GEMMs with fewer than [`SMALL_GEMM_ROWS`] token rows carry counted work (decode
+//!   steps; routed experts that received few tokens): the hardware pads those to its tile
+//!   rows (8.07× the FLOPs at one token on the H200). Below the band it fails.
 //! * `hw_cuda_core_flops` (2·FMA + ADD + MUL, FP32 and, where ncu has them, FP16/FP64)
 //!   against the counted `cuda_core_flops`: `info`, except when fp32 GEMMs are at least
 //!   [`SIMT_GEMM_SHARE`] of the counted CUDA-core work: then the same band as above.
@@ -19,6 +23,8 @@
 //! A figure ncu did not report is *unavailable* (shown as such, never as 0).
 
 use serde::Serialize;
+
+use modelmeter::conventions::FAST_FP32_MMAS_PER_PRODUCT;
 
 use super::peaks::DevicePeaks;
 use super::ranges::AttributedRange;
@@ -33,10 +39,11 @@ use crate::compare::{rel_diff, MetricRow, Status};
 /// [`Context::causal_skippable_flops`]).
 pub const TENSOR_BAND: (f64, f64) = (0.9, 1.1);
 
-/// Below this many tokens per step (B·S_q) GEMMs are decode-sized: cuBLAS pads them to
-/// its tile rows (`nvjet_sm90_tst_64x8`: 8 rows; 8.07× the FLOPs at one token, measured
-/// on the H200), so the band does not apply.
-pub const DECODE_SIZED_TOKENS: u64 = 64;
+/// A GEMM with fewer token rows than this is small: cuBLAS pads it to its tile rows
+/// (`nvjet_sm90_tst_64x8`: 8 rows, 8.07× the FLOPs at one token; routed experts at
+/// B = 1, S = 512 with 48 rows each on average: 1.23× the MoE's counted work; both
+/// measured on the H200), so the band's upper end does not hold for the layer.
+pub const SMALL_GEMM_ROWS: u64 = 64;
 
 /// The share of the counted CUDA-core FLOPs that fp32 GEMMs must reach for the
 /// `hw_cuda_core_flops` row to be checked against the band (the MoE gate's SIMT sgemm).
@@ -50,6 +57,14 @@ pub struct Context {
     /// Counted tensor-core FLOPs of fused causal attention cores that lie above the
     /// diagonal (masked): a kernel that skips masked tiles need not execute them.
     pub causal_skippable_flops: u64,
+    /// Counted tensor-core FLOPs in GEMMs with fewer than [`SMALL_GEMM_ROWS`] token rows
+    /// (every GEMM of a decode-sized step; the routed experts that received few tokens).
+    pub small_gemm_flops: u64,
+    /// Counted tensor-core FLOPs of fp32 attention cores on the memory-efficient kernel
+    /// (each product run as [`FAST_FP32_MMAS_PER_PRODUCT`] TF32 MMAs), and of those the masked share a
+    /// causal kernel may skip (also in `causal_skippable_flops`).
+    pub fast_f32_flops: u64,
+    pub fast_f32_skippable_flops: u64,
     /// Counted CUDA-core FLOPs of GEMM-like ops (fp32 matmuls with TF32 off).
     pub simt_gemm_flops: u64,
 }
@@ -132,6 +147,7 @@ fn row(
         rel_diff: hardware.and_then(|h| rel_diff(counted, h)),
         status,
         note: Some(note),
+        unavailable: hardware.is_none(),
     }
 }
 
@@ -139,20 +155,30 @@ fn unavailable(what: &str) -> String {
     format!("unavailable: ncu reported no {what} for this range (the device or this ncu lacks the metric; not 0)")
 }
 
-/// The band for `counted` tensor FLOPs of which `skippable` may be skipped.
-fn band(counted: u64, skippable: u64) -> (f64, f64) {
-    let kept = counted.saturating_sub(skippable) as f64 / counted.max(1) as f64;
-    (TENSOR_BAND.0 * kept, TENSOR_BAND.1)
+/// The hardware/counted band for the counted tensor FLOPs of a layer in `context`: the
+/// lower end scaled by the work that must run (less what a causal kernel may skip), the
+/// upper end by all of it, with the fp32 efficient-attention cores' products run
+/// [`FAST_FP32_MMAS_PER_PRODUCT`] times.
+fn band(counted: u64, context: &Context) -> (f64, f64) {
+    let extra = FAST_FP32_MMAS_PER_PRODUCT - 1;
+    let c = counted.max(1) as f64;
+    let must = counted.saturating_sub(context.causal_skippable_flops) as f64
+        + (extra
+            * context
+                .fast_f32_flops
+                .saturating_sub(context.fast_f32_skippable_flops)) as f64;
+    let may = counted as f64 + (extra * context.fast_f32_flops) as f64;
+    (TENSOR_BAND.0 * must / c, TENSOR_BAND.1 * may / c)
 }
 
-/// Pass within the band, `info` outside it for decode-sized steps, fail otherwise; both
-/// zero-ness rules first.
+/// Pass within the band, `info` above it where `small` counted FLOPs are in small GEMMs,
+/// fail otherwise; both zero-ness rules first.
 fn banded(
     what: &str,
     counted: u64,
     hardware: u64,
     (low, high): (f64, f64),
-    tokens: u64,
+    small: u64,
 ) -> (Status, String) {
     match (counted, hardware) {
         (0, 0) => (Status::Pass, format!("no {what} counted and none executed")),
@@ -169,10 +195,10 @@ fn banded(
             let band = format!("hardware/counted = {r:.4}, band [{low:.4}, {high:.4}]");
             if (low..=high).contains(&r) {
                 (Status::Pass, band)
-            } else if tokens < DECODE_SIZED_TOKENS {
+            } else if r > high && small > 0 {
                 (
                     Status::Info,
-                    format!("{band}: outside it, but a decode-sized step ({tokens} tokens < {DECODE_SIZED_TOKENS}) pads its GEMMs to the kernel's tile rows, work the analytic model does not claim"),
+                    format!("{band}: above it, but {small} of the counted FLOPs ({:.1}%) are in GEMMs with fewer than {SMALL_GEMM_ROWS} token rows, which the hardware pads to its tile rows: work the analytic model does not claim", small as f64 / c as f64 * 100.0),
                 )
             } else {
                 (Status::Fail, format!("{band}: outside it"))
@@ -193,12 +219,18 @@ pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Contex
             unavailable("tensor-pipe counter (sm__ops_path_tensor_src_*), so the tensor-core work cannot be checked"),
         );
     };
-    let band = band(c, context.causal_skippable_flops);
-    let (status, mut note) = banded("tensor-core FLOPs", c, h, band, context.tokens);
+    let band = band(c, context);
+    let (status, mut note) = banded("tensor-core FLOPs", c, h, band, context.small_gemm_flops);
     if context.causal_skippable_flops > 0 {
         note.push_str(&format!(
             " (the lower end allows for {} masked causal FLOPs a fused kernel may skip)",
             context.causal_skippable_flops
+        ));
+    }
+    if context.fast_f32_flops > 0 {
+        note.push_str(&format!(
+            " ({} FLOPs of fp32 efficient attention run as {FAST_FP32_MMAS_PER_PRODUCT} TF32 MMAs per product, 3xTF32)",
+            context.fast_f32_flops
         ));
     }
     let sources: Vec<String> = [
@@ -244,7 +276,13 @@ pub fn cuda_core_row(counted: &Counted, figures: &HardwareFigures, context: &Con
     }
     let breakdown = parts.join(", ");
     let (status, note) = if c > 0 && share >= SIMT_GEMM_SHARE {
-        let (status, why) = banded("CUDA-core FLOPs", c, h, TENSOR_BAND, context.tokens);
+        // A decode-sized step pads its SIMT GEMMs to tile rows too.
+        let small = if context.tokens < SMALL_GEMM_ROWS {
+            c
+        } else {
+            0
+        };
+        let (status, why) = banded("CUDA-core FLOPs", c, h, TENSOR_BAND, small);
         (
             status,
             format!("fp32 GEMMs are {:.1}% of the counted CUDA-core work, so the band applies: {why}; {breakdown}", share * 100.0),
@@ -382,6 +420,7 @@ pub fn time_row(figures: &HardwareFigures, peaks: Option<&DevicePeaks>) -> Metri
         rel_diff: rel_diff(analytic, t),
         status: Status::Info,
         note: Some(note),
+        unavailable: false,
     }
 }
 
@@ -436,6 +475,7 @@ pub fn missing_row(why: &str) -> MetricRow {
         rel_diff: None,
         status: Status::Fail,
         note: Some(format!("no hardware figures for this layer: {why}")),
+        unavailable: true,
     }
 }
 
@@ -521,7 +561,7 @@ mod tests {
             Status::Pass
         );
         // Without the allowance a tighter band would fail it: the allowance matters.
-        let (low, _) = band(full, skippable);
+        let (low, _) = band(full, &with);
         assert!(low < 0.9 * 0.92 && low > 0.8, "{low}");
         let strict = tensor_row(
             &counted(full, 0),
@@ -550,17 +590,93 @@ mod tests {
         let analytic = 2 * 1280 * 6848;
         let one_token = Context {
             tokens: 1,
+            small_gemm_flops: analytic,
             ..Context::default()
         };
         let row = tensor_row(&counted(analytic, 0), &f, &one_token);
         assert_eq!(row.status, Status::Info);
-        assert!(row.note.unwrap().contains("decode-sized"));
+        assert!(row.note.unwrap().contains("fewer than 64 token rows"));
         let many = Context {
             tokens: 64,
             ..Context::default()
         };
         assert_eq!(
             tensor_row(&counted(analytic, 0), &f, &many).status,
+            Status::Fail
+        );
+        // Padding only adds work: below the band is a failure even with small GEMMs.
+        let less = HardwareFigures {
+            tensor_ops_bf16: Some(analytic / 2),
+            ..figures(MLP)
+        };
+        assert_eq!(
+            tensor_row(&counted(analytic, 0), &less, &one_token).status,
+            Status::Fail
+        );
+    }
+
+    #[test]
+    fn routed_experts_with_few_rows_explain_the_moe_above_the_band() {
+        // The H200 (2026-11-28, run-4): DeepseekV2MoE, bf16, B = 1, S = 512: 3,072 routed
+        // rows over 64 experts (48 each on average), 1.2318 × the counted work.
+        let (c, h) = (28_185_722_880u64, 34_718_351_360u64);
+        let f = HardwareFigures {
+            tensor_ops_bf16: Some(h),
+            ..figures(MLP)
+        };
+        // Routed: 2·3·h·m per row, 3,072 rows; every expert under 64 rows.
+        let routed = 6 * 1280 * 896 * 3072;
+        let ctx = Context {
+            tokens: PREFILL,
+            small_gemm_flops: routed,
+            ..Context::default()
+        };
+        let row = tensor_row(&counted(c, 0), &f, &ctx);
+        assert_eq!(row.status, Status::Info, "{:?}", row.note);
+        assert!(row.note.unwrap().contains("75.0%"));
+        // Without small GEMMs the same ratio is a failure.
+        let plain = Context {
+            tokens: PREFILL,
+            ..Context::default()
+        };
+        assert_eq!(tensor_row(&counted(c, 0), &f, &plain).status, Status::Fail);
+    }
+
+    #[test]
+    fn fp32_efficient_attention_runs_three_tf32_mmas_per_product() {
+        // The H200 (2026-11-27 probe and 2026-11-28 run-4): causal, B = 1, H = 10,
+        // S = 512, d = 128, fp32: 2,390,753,280 TF32 ops for the 1,342,177,280 booked.
+        let core = 4 * 10 * 512 * 512 * 128u64;
+        assert_eq!(core, 1_342_177_280);
+        let f = HardwareFigures {
+            tensor_ops_bf16: Some(0),
+            tensor_ops_tf32: Some(2_390_753_280),
+            ..figures(MLP)
+        };
+        let skippable = core * 511 / 1024;
+        let fast = Context {
+            tokens: PREFILL,
+            causal_skippable_flops: skippable,
+            fast_f32_flops: core,
+            fast_f32_skippable_flops: skippable,
+            ..Context::default()
+        };
+        let row = tensor_row(&counted(core, 0), &f, &fast);
+        assert_eq!(row.status, Status::Pass, "{:?}", row.note);
+        assert!(row.note.unwrap().contains("3xTF32"));
+        let (low, high) = band(core, &fast);
+        assert!(
+            (high - 3.3).abs() < 1e-9 && low > 1.3 && low < 1.4,
+            "{low} {high}"
+        );
+        // Read as plain TF32 (one MMA per product) the 1.78 would fail.
+        let plain = Context {
+            tokens: PREFILL,
+            causal_skippable_flops: skippable,
+            ..Context::default()
+        };
+        assert_eq!(
+            tensor_row(&counted(core, 0), &f, &plain).status,
             Status::Fail
         );
     }
@@ -583,6 +699,12 @@ mod tests {
         assert!(t.note.unwrap().starts_with("unavailable"));
         let cuda = cuda_core_row(&c, &none, &Context::default());
         assert_eq!(cuda.status, Status::Info);
+        // Tables say so: not "0 FLOP" and "inf".
+        assert!(cuda.unavailable && t.unavailable);
+        assert_eq!(
+            (cuda.measured_text(), cuda.rel_text()),
+            ("unavailable".to_string(), "—".to_string())
+        );
         assert!(cuda.note.unwrap().starts_with("unavailable"));
         for r in byte_rows(&c, &none) {
             assert!(r.note.unwrap().starts_with("unavailable"), "{}", r.metric);

@@ -95,7 +95,7 @@ fn detail(
             },
             m.metric.name().into(),
             m.metric.show(m.analytic),
-            m.metric.show(m.measured),
+            m.measured_text(),
             m.rel_text(),
             m.status.as_str().into(),
         ]);

@@ -31,7 +31,7 @@ fn layer_rows(layer: &LayerResult, rows: &mut Vec<Vec<String>>, notes: &mut Vec<
             name,
             m.metric.name().into(),
             m.metric.show(m.analytic),
-            m.metric.show(m.measured),
+            m.measured_text(),
             m.rel_text(),
             m.status.as_str().into(),
         ]);
