@@ -143,7 +143,8 @@ pub struct Args {
     #[arg(long, value_name = "MODE", value_enum)]
     pub ncu_replay: Option<hardware::NcuReplay>,
     /// Read the hardware counters from DIR (ncu.csv and ranges.json of a run you wrapped in
-    /// ncu yourself, see docs/hardware.md) instead of running ncu
+    /// ncu yourself, see docs/hardware.md, or a folder --ncu-dir kept) instead of running
+    /// ncu
     #[arg(long, value_name = "DIR")]
     pub hardware_counters_from: Option<PathBuf>,
     /// Be the profiled run under ncu: each layer's counted forward is one cuProfilerStart/
@@ -324,7 +325,11 @@ fn hardware_figures(
             }
             files
         }
-        hardware::Role::Reader { dir } => hardware::read_run(dir)?,
+        hardware::Role::Reader { dir } => match hardware::read_per_layer(dir) {
+            // A kernel-replay folder (`<i>-<layer>/` per layer).
+            Some(run) => return per_layer_figures(ready, run),
+            None => hardware::read_run(dir)?,
+        },
         hardware::Role::Child { .. } => return Err("internal: the child reads no figures".into()),
     };
     if let Some(device) = Some(&files.ranges.device).filter(|d| **d != ready.spec.to_string()) {

@@ -446,6 +446,12 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
         run.errors[0].1
     );
     assert!(tmp.0.join("run/0-DeepseekV2MLP/ncu.csv").exists());
+    // `--hardware-counters-from` reads the kept folder the same way.
+    let again = profile::read_per_layer(&tmp.0.join("run")).expect("a kernel-replay folder");
+    assert_eq!(again.ranges, run.ranges);
+    assert_eq!(again.errors, run.errors);
+    // A range-mode folder (ncu.csv and ranges.json at the top) is not one.
+    assert!(profile::read_per_layer(&tmp.0.join("run/0-DeepseekV2MLP")).is_none());
 }
 
 #[test]

@@ -363,6 +363,43 @@ pub fn run_per_layer(
     Ok(run)
 }
 
+/// Reads the per-layer folders a kernel-replay run left in `dir` (`<i>-<layer>/`, as
+/// [`layer_dir`] names them), in index order; `None` when `dir` has none (a range-mode
+/// folder).
+pub fn read_per_layer(dir: &Path) -> Option<PerLayerRun> {
+    let mut layers: Vec<(usize, String, PathBuf)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            let (index, layer) = name.split_once('-')?;
+            let index: usize = index.parse().ok()?;
+            e.file_type()
+                .ok()?
+                .is_dir()
+                .then(|| (index, layer.to_string(), e.path()))
+        })
+        .collect();
+    if layers.is_empty() {
+        return None;
+    }
+    layers.sort();
+    let mut run = PerLayerRun::default();
+    for (index, layer, here) in layers {
+        match read_run(&here).and_then(|files| {
+            let range = kernels_of_layer(&files, index, &layer)?;
+            Ok((files.ranges.device, range))
+        }) {
+            Ok((device, range)) => {
+                run.device.get_or_insert(device);
+                run.ranges.push(range);
+            }
+            Err(e) => run.errors.push((layer, e)),
+        }
+    }
+    Some(run)
+}
+
 /// What a kernel-replay run found, layer by layer.
 #[derive(Debug, Default)]
 pub struct PerLayerRun {
