@@ -34,7 +34,6 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU64;
@@ -160,6 +159,62 @@ pub enum Arg {
     None,
     /// Anything else (devices, generators, complex scalars …), by kind.
     Other(String),
+}
+
+/// One argument of an op call as the rules read it: an [`Arg`] borrowed. The analytic
+/// layers describe their op calls with these, so that an op's tensors are read where the
+/// layer keeps them instead of being copied into an argument list (and dropped after it)
+/// for every call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ArgRef<'a> {
+    Tensor(&'a TensorMeta),
+    List(&'a [Arg]),
+    Int(i64),
+    IntList(&'a [i64]),
+    Float(f64),
+    Bool(bool),
+    BoolList(&'a [bool]),
+    Str(&'a str),
+    /// `None`, or an undefined tensor.
+    None,
+    /// Anything else (devices, generators, complex scalars …), by kind.
+    Other(&'a str),
+}
+
+/// An argument the conventions can cost: an [`Arg`] (what the dispatcher boxed, as the
+/// counter records it) or an [`ArgRef`] (what an analytic layer passes). Every rule reads
+/// its arguments through [`AsArg::as_arg`], so both kinds are costed by the same rules.
+pub trait AsArg {
+    /// The argument, borrowed.
+    fn as_arg(&self) -> ArgRef<'_>;
+}
+
+impl AsArg for Arg {
+    fn as_arg(&self) -> ArgRef<'_> {
+        match self {
+            Arg::Tensor(t) => ArgRef::Tensor(t),
+            Arg::List(items) => ArgRef::List(items),
+            Arg::Int(v) => ArgRef::Int(*v),
+            Arg::IntList(v) => ArgRef::IntList(v),
+            Arg::Float(v) => ArgRef::Float(*v),
+            Arg::Bool(v) => ArgRef::Bool(*v),
+            Arg::BoolList(v) => ArgRef::BoolList(v),
+            Arg::Str(v) => ArgRef::Str(v),
+            Arg::None => ArgRef::None,
+            Arg::Other(v) => ArgRef::Other(v),
+        }
+    }
+}
+
+impl AsArg for ArgRef<'_> {
+    fn as_arg(&self) -> ArgRef<'_> {
+        *self
+    }
+}
+
+/// The argument at `index`, if there is one.
+fn arg_at<A: AsArg>(args: &[A], index: usize) -> Option<ArgRef<'_>> {
+    args.get(index).map(AsArg::as_arg)
 }
 
 /// The engine that executes FLOPs on an NVIDIA GPU.
@@ -732,41 +787,37 @@ pub fn convention(op: &str) -> Option<&'static OpConvention> {
 }
 
 /// [`convention`] for an op name the program spells out (every op call of the analytic
-/// layers): a string is looked up by name when a thread first sees it, and otherwise found
+/// layers): a string is looked up by name the first time it is seen, and afterwards found
 /// by its address and length, which no hashing or comparing of names needs. A string at a
-/// `'static` address never changes, so the answer is always [`convention`]'s. The slots
-/// are probed from the address's home slot onwards, so names whose homes collide do not
-/// evict each other (the layers spell about a hundred op names; a full run of probes
-/// replaces the home slot).
+/// `'static` address never changes, so the answer is always [`convention`]'s. The slots are
+/// shared by all threads, each filled once and then read without a lock (a `OnceLock`),
+/// and are probed from the address's home slot onwards, so names whose homes collide do
+/// not evict each other; a name that finds no free slot within the probes is looked up by
+/// name every time (the layers spell about a hundred op names, in 256 slots).
 pub(crate) fn convention_of_static(op: &'static str) -> Option<&'static OpConvention> {
-    type Slot = Cell<Option<(usize, usize, &'static OpConvention)>>;
+    type Slot = OnceLock<(usize, usize, &'static OpConvention)>;
     const BITS: u32 = 8;
     const SLOTS: usize = 1 << BITS;
     const PROBES: usize = 8;
-    thread_local! {
-        static BY_ADDRESS: [Slot; SLOTS] = const { [const { Cell::new(None) }; SLOTS] };
-    }
+    static BY_ADDRESS: [Slot; SLOTS] = [const { OnceLock::new() }; SLOTS];
     let (address, len) = (op.as_ptr() as usize, op.len());
     // Fibonacci hashing of the address: its top bits pick the home slot.
     let home = address.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> (usize::BITS - BITS);
-    BY_ADDRESS.with(|slots| {
-        let mut free = None;
-        for probe in 0..PROBES {
-            let slot = &slots[(home + probe) % SLOTS];
-            match slot.get() {
-                Some((a, l, conv)) if (a, l) == (address, len) => return Some(conv),
-                Some(_) => {}
-                None => {
-                    free = Some(slot);
-                    break;
-                }
+    for probe in 0..PROBES {
+        let slot = &BY_ADDRESS[(home + probe) % SLOTS];
+        match slot.get() {
+            Some(&(a, l, conv)) if (a, l) == (address, len) => return Some(conv),
+            Some(_) => {}
+            None => {
+                let conv = convention(op)?;
+                // Another thread may fill the slot first, with its own name: then this
+                // one is placed at a later call.
+                let _ = slot.set((address, len, conv));
+                return Some(conv);
             }
         }
-        let conv = convention(op)?;
-        free.unwrap_or(&slots[home % SLOTS])
-            .set(Some((address, len, conv)));
-        Some(conv)
-    })
+    }
+    convention(op)
 }
 
 /// A scratch copy of the table for tests of the independent witnesses: inside
@@ -863,7 +914,7 @@ impl OpCost {
 impl OpConvention {
     /// Costs one call of this op with `args` under the TF32 switches `tf32`. Composite
     /// ops, views and copies cost 0.
-    pub fn cost(&self, args: &[Arg], tf32: Tf32) -> Result<OpCost> {
+    pub fn cost<A: AsArg>(&self, args: &[A], tf32: Tf32) -> Result<OpCost> {
         match self.rule {
             Rule::View | Rule::Copy | Rule::Composite => Ok(OpCost::default()),
             Rule::Elementwise { flops_per_element } => {
@@ -904,33 +955,34 @@ impl OpConvention {
     /// it (`x.mul_(y)`: x and y read, x written); one that overwrites `self` without
     /// reading it says so in its [`Reads`] (`copy_`). The analytic layers and the counter
     /// both call this, on the arguments they describe and the dispatcher saw.
-    pub fn io_bytes(&self, args: &[Arg], outputs: &[TensorMeta]) -> Result<u64> {
+    pub fn io_bytes<A: AsArg>(&self, args: &[A], outputs: &[TensorMeta]) -> Result<u64> {
         if matches!(self.rule, Rule::View | Rule::Composite) {
             return Ok(0);
         }
-        fn add(total: &mut u64, arg: &Arg) -> Result<()> {
+        /// `total` plus the bytes of `arg`'s tensors (a list's, item by item).
+        #[inline]
+        fn add(total: u64, arg: ArgRef<'_>) -> Result<u64> {
             match arg {
-                Arg::Tensor(t) => *total = sum("io_bytes", &[*total, t.bytes()?])?,
-                Arg::List(items) => {
-                    for item in items {
-                        add(total, item)?;
-                    }
-                }
-                _ => {}
+                ArgRef::Tensor(t) => sum("io_bytes", &[total, t.bytes()?]),
+                ArgRef::List(items) => items
+                    .iter()
+                    .try_fold(total, |total, item| add(total, item.as_arg())),
+                _ => Ok(total),
             }
-            Ok(())
         }
         let mut total = 0;
-        let read: &[Arg] = match self.reads {
+        let read: &[A] = match self.reads {
             Reads::All => args,
             Reads::Metadata => &[],
             Reads::AllButSelf | Reads::Gathered => {
-                let first = args.iter().position(|a| matches!(a, Arg::Tensor(_)));
+                let first = args
+                    .iter()
+                    .position(|a| matches!(a.as_arg(), ArgRef::Tensor(_)));
                 first.map_or(args, |i| &args[i + 1..])
             }
         };
         for arg in read {
-            add(&mut total, arg)?;
+            total = add(total, arg.as_arg())?;
         }
         if self.reads == Reads::Gathered {
             for t in outputs {
@@ -950,9 +1002,9 @@ pub fn is_in_place(op: &str) -> bool {
     op.ends_with('_') && !op.ends_with("::_")
 }
 
-fn tensor_at<'a>(op: &str, args: &'a [Arg], index: usize) -> Result<&'a TensorMeta> {
-    match args.get(index) {
-        Some(Arg::Tensor(t)) => Ok(t),
+fn tensor_at<'a, A: AsArg>(op: &str, args: &'a [A], index: usize) -> Result<&'a TensorMeta> {
+    match arg_at(args, index) {
+        Some(ArgRef::Tensor(t)) => Ok(t),
         other => Err(Error::op_shape(
             op,
             format!("argument {index} should be a tensor, found {other:?}"),
@@ -960,10 +1012,10 @@ fn tensor_at<'a>(op: &str, args: &'a [Arg], index: usize) -> Result<&'a TensorMe
     }
 }
 
-fn ints_at(op: &str, args: &[Arg], index: usize) -> Result<Vec<i64>> {
-    match args.get(index) {
-        Some(Arg::IntList(v)) => Ok(v.clone()),
-        Some(Arg::Int(v)) => Ok(vec![*v]),
+fn ints_at<A: AsArg>(op: &str, args: &[A], index: usize) -> Result<Vec<i64>> {
+    match arg_at(args, index) {
+        Some(ArgRef::IntList(v)) => Ok(v.to_vec()),
+        Some(ArgRef::Int(v)) => Ok(vec![v]),
         other => Err(Error::op_shape(
             op,
             format!("argument {index} should be an int list, found {other:?}"),
@@ -980,9 +1032,9 @@ fn dims<const N: usize>(op: &str, t: &TensorMeta) -> Result<[u64; N]> {
     })
 }
 
-fn elementwise_flops(op: &str, args: &[Arg], per_element: u64) -> Result<u64> {
-    let mut tensors = args.iter().filter_map(|a| match a {
-        Arg::Tensor(t) => Some(t),
+fn elementwise_flops<A: AsArg>(op: &str, args: &[A], per_element: u64) -> Result<u64> {
+    let mut tensors = args.iter().filter_map(|a| match a.as_arg() {
+        ArgRef::Tensor(t) => Some(t),
         _ => None,
     });
     let Some(first) = tensors.next() else {
@@ -1005,7 +1057,7 @@ fn elementwise_flops(op: &str, args: &[Arg], per_element: u64) -> Result<u64> {
 }
 
 /// (matmul FLOPs, elementwise FLOPs inside the op, dtype that picks the engine).
-fn gemm_flops(op: &str, formula: Gemm, args: &[Arg]) -> Result<(u64, u64, Dtype)> {
+fn gemm_flops<A: AsArg>(op: &str, formula: Gemm, args: &[A]) -> Result<(u64, u64, Dtype)> {
     match formula {
         Gemm::Mm => {
             let (a, b) = (tensor_at(op, args, 0)?, tensor_at(op, args, 1)?);
@@ -1034,9 +1086,9 @@ fn gemm_flops(op: &str, formula: Gemm, args: &[Arg]) -> Result<(u64, u64, Dtype)
             let grad_out = tensor_at(op, args, 0)?;
             let x = tensor_at(op, args, 1)?;
             let w = tensor_at(op, args, 2)?;
-            let transposed = matches!(args.get(7), Some(Arg::Bool(true)));
-            let mask = match args.get(10) {
-                Some(Arg::BoolList(m)) if m.len() == 3 => [m[0], m[1], m[2]],
+            let transposed = matches!(arg_at(args, 7), Some(ArgRef::Bool(true)));
+            let mask = match arg_at(args, 10) {
+                Some(ArgRef::BoolList(m)) if m.len() == 3 => [m[0], m[1], m[2]],
                 other => {
                     return Err(Error::op_shape(
                         op,
@@ -1089,7 +1141,7 @@ fn gemm_flops(op: &str, formula: Gemm, args: &[Arg]) -> Result<(u64, u64, Dtype)
         Gemm::AttentionBshd { backward, cum_seq } => {
             let first = usize::from(backward);
             // Varlen (cumulative sequence lengths) calls pack sequences; not modelled.
-            if let Some(Arg::Tensor(_)) = args.get(cum_seq) {
+            if let Some(ArgRef::Tensor(_)) = arg_at(args, cum_seq) {
                 return Err(Error::op_shape(
                     op,
                     "variable-length (cum_seq) attention is not modelled",
@@ -1186,12 +1238,16 @@ fn conv_flop_count(op: &str, x: &[u64], w: &[u64], out: &[u64], transposed: bool
     product(op, &factors)
 }
 
-fn convolution_flops(op: &str, layout: ConvArgs, args: &[Arg]) -> Result<(u64, u64, Dtype)> {
+fn convolution_flops<A: AsArg>(
+    op: &str,
+    layout: ConvArgs,
+    args: &[A],
+) -> Result<(u64, u64, Dtype)> {
     let x = tensor_at(op, args, 0)?;
     let w = tensor_at(op, args, 1)?;
     let transposed = layout
         .transposed
-        .is_some_and(|i| matches!(args.get(i), Some(Arg::Bool(true))));
+        .is_some_and(|i| matches!(arg_at(args, i), Some(ArgRef::Bool(true))));
     let spatial_dims = x.shape.len().saturating_sub(2);
     let expand = |v: Vec<i64>, default: i64| -> Vec<i64> {
         match v.len() {
@@ -1251,8 +1307,8 @@ fn convolution_flops(op: &str, layout: ConvArgs, args: &[Arg]) -> Result<(u64, u
         }
     }
     let flops = conv_flop_count(op, &x.shape, &w.shape, &out, transposed)?;
-    let bias = match layout.bias.and_then(|i| args.get(i)) {
-        Some(Arg::Tensor(_)) if !transposed => product(op, &out)?,
+    let bias = match layout.bias.and_then(|i| arg_at(args, i)) {
+        Some(ArgRef::Tensor(_)) if !transposed => product(op, &out)?,
         _ => 0,
     };
     Ok((flops, bias, x.dtype))

@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use crate::allocator::cuda_round_size;
 use crate::checked::sum;
-use crate::conventions::{convention_of_static, is_in_place, Arg, OpCost, Rule, TensorMeta, Tf32};
+use crate::conventions::{
+    convention_of_static, is_in_place, ArgRef, OpCost, Rule, StorageId, TensorMeta, Tf32,
+};
 use crate::error::{Error, Result};
 use crate::liveness::{Liveness, Peak};
 
@@ -183,14 +185,25 @@ pub struct Cost {
     /// [`Cost::peak`] with each tensor rounded to its CUDA caching-allocator block.
     #[serde(skip)]
     pub cuda_peak: Peak,
-    /// What the call returns, tensor by tensor, as `[bytes, CUDA block bytes]`.
+    /// What the call returns, tensor by tensor, as `[bytes, CUDA block bytes]` (empty for
+    /// op leaves, and for nodes built inside `metrics_only`, which count the tensors in
+    /// [`Cost::returns`] without their sizes).
     #[serde(skip)]
     pub returned: Vec<[u64; 2]>,
+    /// How many tensors the call returns: `returned.len()`, or inside `metrics_only` (where
+    /// no sizes are kept, so that a node allocates nothing for them) the count alone.
+    #[serde(skip)]
+    returns: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<Cost>,
 }
 
 impl Cost {
+    /// How many tensors the call returns (what a caller's [`CostBuilder::call`] expects).
+    pub fn returns(&self) -> usize {
+        self.returns
+    }
+
     /// The peak as the device allocates it: each tensor rounded to its CUDA block on a
     /// GPU ([`Cost::cuda_peak`]), its bytes elsewhere ([`Cost::peak`]).
     pub fn peak_on(&self, cuda: bool) -> &Peak {
@@ -299,10 +312,10 @@ pub fn sums_only<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// [`sums_only`] without the liveness bookkeeping either: the nodes' [`Metrics`] are those
-/// of the tree, but their peaks, CUDA blocks and returned sizes are zero (how many tensors
-/// a node returns is kept, so callers check it as they do with the tree). What
-/// `Layer::metrics` needs for design-space sweeps; crate-private because
-/// its nodes' other fields would read as zeros.
+/// of the tree, but their peaks are zero and their returned sizes absent (how many tensors
+/// a node returns is kept, [`Cost::returns`], so callers check it as they do with the
+/// tree). What `Layer::metrics` needs for design-space sweeps; crate-private because its
+/// nodes' other fields would read as zeros.
 pub(crate) fn metrics_only<T>(f: impl FnOnce() -> T) -> T {
     keeping(Keep::Metrics, f)
 }
@@ -339,6 +352,7 @@ impl CostBuilder {
                 peak: Peak::default(),
                 cuda_peak: Peak::default(),
                 returned: Vec::new(),
+                returns: 0,
                 children: Vec::new(),
             },
             allow_tf32,
@@ -359,7 +373,7 @@ impl CostBuilder {
         &mut self,
         role: impl Display,
         op: &'static str,
-        inputs: &[Arg],
+        inputs: &[ArgRef<'_>],
         mut outputs: [TensorMeta; N],
     ) -> Result<[TensorMeta; N]> {
         self.record(&role, op, inputs, &mut outputs, &[])?;
@@ -374,7 +388,7 @@ impl CostBuilder {
         &mut self,
         role: impl Display,
         op: &'static str,
-        inputs: &[Arg],
+        inputs: &[ArgRef<'_>],
         mut outputs: Vec<TensorMeta>,
         host: &[TensorMeta],
     ) -> Result<Vec<TensorMeta>> {
@@ -388,7 +402,7 @@ impl CostBuilder {
         &mut self,
         role: &dyn Display,
         op: &'static str,
-        inputs: &[Arg],
+        inputs: &[ArgRef<'_>],
         outputs: &mut [TensorMeta],
         host: &[TensorMeta],
     ) -> Result<()> {
@@ -433,7 +447,7 @@ impl CostBuilder {
                 _ => inputs
                     .iter()
                     .find_map(|a| match a {
-                        Arg::Tensor(t) => Some(t.storage()),
+                        ArgRef::Tensor(t) => Some(t.storage()),
                         _ => None,
                     })
                     .flatten(),
@@ -462,6 +476,7 @@ impl CostBuilder {
             peak: Peak::default(),
             cuda_peak: Peak::default(),
             returned: Vec::new(),
+            returns: 0,
             children: Vec::new(),
         })
     }
@@ -483,47 +498,74 @@ impl CostBuilder {
             peak: Peak::default(),
             cuda_peak: Peak::default(),
             returned: Vec::new(),
+            returns: 0,
             children: Vec::new(),
         })
     }
 
     /// Adds a sub-layer call whose outputs stay allocated until this node returns.
     pub fn child(&mut self, child: Cost) -> Result<()> {
-        if let Some(liveness) = &mut self.liveness {
-            liveness.call([child.peak, child.cuda_peak], &child.returned, |_| {})?;
-        }
-        self.push(child)
+        self.call_holding(child, |_| {})
     }
 
-    /// Adds a sub-layer call that returns tensors like `outputs` (as many as the child
-    /// said it returns); each result is held by its own allocation, so this node can
+    /// Adds a sub-layer call that returns tensors like `outputs` (exactly as many as the
+    /// child said it returns); each result is held by its own allocation, so this node can
     /// release it.
-    pub fn call(&mut self, child: Cost, outputs: &[&TensorMeta]) -> Result<Vec<TensorMeta>> {
-        if child.returned.len() != outputs.len() {
+    pub fn call<const N: usize>(
+        &mut self,
+        child: Cost,
+        outputs: [&TensorMeta; N],
+    ) -> Result<[TensorMeta; N]> {
+        if child.returns != N {
             return Err(Error::op_shape(
                 &child.name,
                 format!(
                     "returns {} tensors, the caller expects {}",
-                    child.returned.len(),
-                    outputs.len()
+                    child.returns, N
                 ),
             ));
         }
-        let held = match &mut self.liveness {
-            Some(liveness) => {
-                let mut held = Vec::with_capacity(outputs.len());
-                let mut outputs = outputs.iter();
-                liveness.call([child.peak, child.cuda_peak], &child.returned, |storage| {
-                    if let Some(t) = outputs.next() {
-                        held.push((*t).clone().held_by(storage));
-                    }
-                })?;
-                held
+        let mut storages = [None; N];
+        let mut slots = storages.iter_mut();
+        self.call_holding(child, |storage| {
+            if let Some(slot) = slots.next() {
+                *slot = storage;
             }
-            None => outputs.iter().map(|t| (*t).clone().held_by(None)).collect(),
-        };
-        self.push(child)?;
-        Ok(held)
+        })?;
+        Ok(std::array::from_fn(|i| {
+            outputs[i].clone().held_by(storages[i])
+        }))
+    }
+
+    /// Adds a sub-layer call that returns one or more tensors, of which the caller uses
+    /// the first, like `first` (the attention core's output, with the attention weights
+    /// after it when it runs eagerly); the others stay allocated until this node returns.
+    pub fn call_first(&mut self, child: Cost, first: &TensorMeta) -> Result<TensorMeta> {
+        if child.returns == 0 {
+            return Err(Error::op_shape(
+                &child.name,
+                "returns 0 tensors, the caller expects at least one",
+            ));
+        }
+        let mut held = None;
+        self.call_holding(child, |storage| {
+            held.get_or_insert(storage);
+        })?;
+        Ok(first.clone().held_by(held.flatten()))
+    }
+
+    /// The one body of [`CostBuilder::child`], [`CostBuilder::call`] and
+    /// [`CostBuilder::call_first`]: adds `child`, handing each tensor it returns, in order,
+    /// to `hold` with the allocation of this node that now holds it (`None` inside
+    /// [`metrics_only`], where no allocation is traced).
+    fn call_holding(&mut self, child: Cost, mut hold: impl FnMut(Option<StorageId>)) -> Result<()> {
+        match &mut self.liveness {
+            Some(liveness) => {
+                liveness.call([child.peak, child.cuda_peak], &child.returned, &mut hold)?
+            }
+            None => (0..child.returns).for_each(|_| hold(None)),
+        }
+        self.push(child)
     }
 
     /// The vendor code drops its last reference to each of `tensors` here (a temporary
@@ -608,10 +650,11 @@ impl CostBuilder {
                 let ([peak, cuda_peak], returned) = liveness.finish();
                 self.node.peak = peak;
                 self.node.cuda_peak = cuda_peak;
+                self.node.returns = returned.len();
                 self.node.returned = returned;
             }
-            // As many (zero) sizes as the tree's: what was said, or one for all that is live.
-            None => self.node.returned = vec![[0, 0]; self.returns_count.unwrap_or(1)],
+            // As many as the tree's: what was said, or one for all that is live.
+            None => self.node.returns = self.returns_count.unwrap_or(1),
         }
         self.node
     }
@@ -635,13 +678,13 @@ mod tests {
         b.op(
             "proj",
             "aten::mm",
-            &[Arg::Tensor(x.clone()), Arg::Tensor(w.clone())],
+            &[ArgRef::Tensor(&x), ArgRef::Tensor(&w)],
             [y.clone()],
         )
         .unwrap();
-        b.op("act", "aten::silu", &[Arg::Tensor(y.clone())], [y.clone()])
+        b.op("act", "aten::silu", &[ArgRef::Tensor(&y)], [y.clone()])
             .unwrap();
-        b.op("view", "aten::view", &[Arg::Tensor(y.clone())], [y.clone()])
+        b.op("view", "aten::view", &[ArgRef::Tensor(&y)], [y.clone()])
             .unwrap();
         b.weights(256).unwrap();
         let c = b.finish();
@@ -666,12 +709,12 @@ mod tests {
                 .op(
                     "proj",
                     "aten::mm",
-                    &[Arg::Tensor(x.clone()), Arg::Tensor(w)],
+                    &[ArgRef::Tensor(&x), ArgRef::Tensor(&w)],
                     [t(&[4, 16], Dtype::Bf16)],
                 )
                 .unwrap();
             let [z] = b
-                .op("act", "aten::silu", &[Arg::Tensor(y.clone())], [y.clone()])
+                .op("act", "aten::silu", &[ArgRef::Tensor(&y)], [y.clone()])
                 .unwrap();
             b.release(&[&y]).unwrap();
             b.returns(&[&z, &x]);
@@ -681,7 +724,8 @@ mod tests {
         let lean = metrics_only(build);
         assert_eq!(lean.metrics, tree.metrics);
         assert!(lean.children.is_empty() && tree.children.len() == 2);
-        assert_eq!(lean.returned.len(), tree.returned.len());
+        assert_eq!((lean.returns(), tree.returns()), (2, 2));
+        assert!(lean.returned.is_empty() && tree.returned.len() == 2);
         assert_eq!(tree.peak.peak_bytes, 2 * 128, "y and z live together");
         assert_eq!(lean.peak, Peak::default(), "no liveness kept");
     }

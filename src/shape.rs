@@ -130,20 +130,14 @@ impl fmt::Debug for Shape {
 /// Broadcast of two shapes, right-aligned, as PyTorch does it; `None` when they do not
 /// broadcast.
 pub fn broadcast(a: &[u64], b: &[u64]) -> Option<Shape> {
-    let n = a.len().max(b.len());
-    let mut out = Shape::ones(n);
-    for (i, slot) in out.iter_mut().enumerate() {
-        let x = if i + a.len() >= n {
-            a[i + a.len() - n]
-        } else {
-            1
-        };
-        let y = if i + b.len() >= n {
-            b[i + b.len() - n]
-        } else {
-            1
-        };
-        *slot = match (x, y) {
+    // The longer shape's leading dims stand as they are (the shorter one is 1 there); each
+    // of the others is the pair's, which must be equal or 1 on one side. The rule is
+    // symmetric, so which of `a` and `b` is the longer does not matter.
+    let (long, short) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+    let mut out = Shape::new(long);
+    let lead = long.len() - short.len();
+    for (slot, &y) in out[lead..].iter_mut().zip(short) {
+        *slot = match (*slot, y) {
             (x, y) if x == y => x,
             (1, y) => y,
             (x, 1) => x,

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::checked::{product, sum};
 use crate::config::ModelConfig;
-use crate::conventions::{Arg, TensorMeta};
+use crate::conventions::{ArgRef, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::rotary_embedding::LlamaRotaryEmbedding;
@@ -178,8 +178,8 @@ impl LlamaAttention {
                 arg(&q),
                 arg(&k),
                 arg(&v),
-                Arg::Float(0.0),
-                Arg::Bool(sq > 1),
+                ArgRef::Float(0.0),
+                ArgRef::Bool(sq > 1),
             ],
             outputs.device,
             &outputs.host,
@@ -265,7 +265,7 @@ impl LlamaAttention {
         let [probs] = b.op(
             "_safe_softmax: softmax",
             "aten::softmax",
-            &[arg(&scores), Arg::Int(-1)],
+            &[arg(&scores), ArgRef::Int(-1)],
             [t(&scores.shape, dtype)],
         )?;
         let neg_inf = b.elementwise(
@@ -277,7 +277,7 @@ impl LlamaAttention {
         let [all_masked] = b.op(
             "_safe_softmax: all(-1)",
             "aten::all",
-            &[arg(&neg_inf), Arg::Int(-1), Arg::Bool(true)],
+            &[arg(&neg_inf), ArgRef::Int(-1), ArgRef::Bool(true)],
             [t(&[batch, heads, sq, 1], Dtype::Bool)],
         )?;
         let zero = b.copy(
@@ -403,7 +403,7 @@ impl LlamaAttention {
                 let [probs32] = b.op(
                     "softmax(float32)",
                     "aten::softmax",
-                    &[arg(&masked), Arg::Int(-1), Arg::Other("ScalarType".into())],
+                    &[arg(&masked), ArgRef::Int(-1), ArgRef::Other("ScalarType")],
                     [t(&masked.shape, Dtype::F32)],
                 )?;
                 let probs = b.cast("softmax.to(q.dtype)", &probs32, dtype)?;
@@ -457,7 +457,7 @@ impl Layer for LlamaAttention {
         };
         let table = rotary.table();
         // cos and sin: locals until the attention returns.
-        let _cos_sin = b.call(rotary.cost()?, &[&table, &table])?;
+        let _cos_sin = b.call(rotary.cost()?, [&table, &table])?;
         let q_embed = self.apply_rotary(&mut b, "q", &q, heads, &table)?;
         let k_embed = self.apply_rotary(&mut b, "k", &k, kv_heads, &table)?;
         // `query_states, key_states = apply_rotary_pos_emb(…)` drops the projections.
@@ -509,8 +509,7 @@ impl Layer for LlamaAttention {
         let core = self.core(&q, &k, &v)?;
         let core_out = t(&[batch, heads, sq, d], dtype);
         // Eager returns the attention weights too: a local until the attention returns.
-        let returned: Vec<&TensorMeta> = vec![&core_out; core.returned.len()];
-        let core_out = b.call(core, &returned)?.remove(0);
+        let core_out = b.call_first(core, &core_out)?;
         let out = t(&[batch, sq, heads, d], dtype);
         let merged_shape = [batch, sq, product("o width", &[heads, d])?];
         let merged = if self.core_writes_bshd(k.shape[2]) {

@@ -129,10 +129,8 @@ impl Layer for DeepseekV2DecoderLayer {
         // Both norms run over the same shape: one op list, costed once.
         let input_norm = norm.cost_as("input_layernorm")?;
         let post_norm = input_norm.renamed("post_attention_layernorm");
-        let normed = b.call(input_norm, &[&hidden])?.remove(0);
-        let attended = b
-            .call(attention_cost(c, w, self.attention)?, &[&hidden])?
-            .remove(0);
+        let [normed] = b.call(input_norm, [&hidden])?;
+        let [attended] = b.call(attention_cost(c, w, self.attention)?, [&hidden])?;
         b.release(&[&normed])?;
         let residual = b.elementwise(
             "residual + self_attn",
@@ -145,8 +143,8 @@ impl Layer for DeepseekV2DecoderLayer {
             MlpKind::Dense => DeepseekV2MLP::new(c, w).cost()?,
             MlpKind::Moe => DeepseekV2MoE::new(c, w)?.cost()?,
         };
-        let normed = b.call(post_norm, &[&hidden])?.remove(0);
-        let mlp = b.call(feed_forward, &[&hidden])?.remove(0);
+        let [normed] = b.call(post_norm, [&hidden])?;
+        let [mlp] = b.call(feed_forward, [&hidden])?;
         b.release(&[&normed])?;
         let out = b.elementwise("residual + mlp", "aten::add", [&residual, &mlp], w.dtype)?;
         b.release(&[&mlp])?;

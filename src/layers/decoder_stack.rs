@@ -163,13 +163,12 @@ impl Layer for DeepseekV2Decoder {
                 }
                 _ => self.part_cost(part)?,
             };
-            let parts = cost.returned.len();
-            let mut out = b.call(cost, &vec![&rows; parts])?;
+            let [out] = b.call(cost, [&rows])?;
             if let Some(p) = previous.take() {
                 b.release(&[&p])?;
             }
             if part != StackPart::EmbedTokens {
-                previous = out.pop();
+                previous = Some(out);
             }
         }
         Ok(b.finish())

@@ -44,7 +44,7 @@ use std::fmt::Display;
 
 use crate::checked::{product, sum};
 use crate::config::ModelConfig;
-use crate::conventions::{Arg, TensorMeta};
+use crate::conventions::{ArgRef, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::attention::{AttentionImpl, ATTENTION_CORE_ROLE};
@@ -194,7 +194,7 @@ impl DeepseekV2Attention {
                 // call returns.
                 let q_a = b.linear("q_a_proj", x, rank, self.bias)?;
                 let norm = DeepseekV2RMSNorm::over(q_a.clone(), self.workload.allow_tf32);
-                let normed = b.call(norm.cost_as("q_a_layernorm")?, &[&q_a])?.remove(0);
+                let [normed] = b.call(norm.cost_as("q_a_layernorm")?, [&q_a])?;
                 b.release(&[&q_a])?;
                 let q = b.linear("q_b_proj", &normed, width, false)?;
                 b.release(&[&normed])?;
@@ -218,7 +218,7 @@ impl DeepseekV2Attention {
         )?;
         let c_kv = kv_a.viewed_as(&with_last(&kv_a, self.mla.kv_lora_rank).shape);
         let norm = DeepseekV2RMSNorm::over(c_kv.clone(), self.workload.allow_tf32);
-        let normed = b.call(norm.cost_as("kv_a_layernorm")?, &[&c_kv])?.remove(0);
+        let [normed] = b.call(norm.cost_as("kv_a_layernorm")?, [&c_kv])?;
         Ok((kv_a, normed))
     }
 
@@ -503,7 +503,7 @@ impl DeepseekV2Attention {
         let [probs32] = b.op(
             "softmax(float32)",
             "aten::softmax",
-            &[arg(&masked), Arg::Int(-1), Arg::Other("ScalarType".into())],
+            &[arg(&masked), ArgRef::Int(-1), ArgRef::Other("ScalarType")],
             [t(&masked.shape, Dtype::F32)],
         )?;
         let probs = b.cast("softmax.to(dtype)", &probs32, dtype)?;
@@ -648,8 +648,8 @@ impl DeepseekV2Attention {
                 core.returns(&[&out, &probs]);
                 let out = out.viewed_as(&[batch, heads, sq, d_v]);
                 // The attention weights stay a local until the attention returns.
-                let returned = b.call(core.finish(), &[&out, &probs])?;
-                self.transposed_output(b, &returned[0])
+                let [attn_output, _probs] = b.call(core.finish(), [&out, &probs])?;
+                self.transposed_output(b, &attn_output)
             }
             AttentionImpl::Sdpa => {
                 let kernel = SdpaKernel::select(w.platform, dtype, d_qk, skv);
@@ -686,8 +686,8 @@ impl DeepseekV2Attention {
                         arg(&inputs[0]),
                         arg(&inputs[1]),
                         arg(&inputs[2]),
-                        Arg::Float(0.0),
-                        Arg::Bool(sq > 1),
+                        ArgRef::Float(0.0),
+                        ArgRef::Bool(sq > 1),
                     ],
                     outputs.device,
                     &outputs.host,
@@ -695,9 +695,8 @@ impl DeepseekV2Attention {
                 // SDPA returns its kernel's output (sliced back when padded); the copies
                 // it made and the kernel's side outputs are freed when it returns.
                 core.returns(&[&written[0]]);
-                let attn_output = b
-                    .call(core.finish(), &[&t(&[batch, heads, sq, d_qk], dtype)])?
-                    .remove(0);
+                let [attn_output] =
+                    b.call(core.finish(), [&t(&[batch, heads, sq, d_qk], dtype)])?;
                 self.flash_output(b, &attn_output)
             }
         }
@@ -881,8 +880,8 @@ impl DeepseekV2Attention {
         let out = Self::einsum_latent(&mut core, batch, heads, sq, skv, r, dtype)?;
         core.returns(&[&out, &probs]);
         // The attention weights stay a local until the attention returns.
-        let returned = b.call(core.finish(), &[&out, &probs])?;
-        let attn_output = &returned[0];
+        let [attn_output, _probs] = b.call(core.finish(), [&out, &probs])?;
+        let attn_output = &attn_output;
 
         // `attn_output = torch.matmul(attn_output, out_absorb.mT)` drops the einsum's.
         let w_copy = b.matmul_copy(

@@ -19,7 +19,7 @@
 
 use crate::checked::product;
 use crate::config::{ModelConfig, MoeConfig};
-use crate::conventions::{Arg, TensorMeta};
+use crate::conventions::{ArgRef, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::mlp::DeepseekV2MLP;
@@ -158,8 +158,7 @@ impl Layer for DeepseekV2MoE {
 
         // topk_idx, topk_weight: locals until the MoE returns.
         let gate = MoEGate::over(x.clone(), self.moe.clone(), self.allow_tf32).cost()?;
-        let routing = vec![x; gate.returned.len()];
-        let _routing = b.call(gate, &routing)?;
+        let _routing = b.call_first(gate, x)?;
 
         // `moe_infer`: its locals (cnts … new_x) live until it returns.
         // Dispatch: count tokens per expert, sort the (token, slot) pairs by expert, gather.
@@ -181,9 +180,9 @@ impl Layer for DeepseekV2MoE {
             "aten::sum",
             &[
                 arg(&counts),
-                Arg::IntList(vec![0]),
-                Arg::Bool(false),
-                Arg::None,
+                ArgRef::IntList(&[0]),
+                ArgRef::Bool(false),
+                ArgRef::None,
             ],
             [t(&[experts], Dtype::I64)],
         )?;
@@ -219,9 +218,7 @@ impl Layer for DeepseekV2MoE {
 
         // Experts that received tokens, one after another over contiguous slices:
         // together exactly N·k rows of a width-m MLP. Their outputs stay in `outputs`.
-        let expert_outputs = b
-            .call(self.routed_experts(&sorted, routed_rows)?, &[&sorted])?
-            .remove(0);
+        let [expert_outputs] = b.call(self.routed_experts(&sorted, routed_rows)?, [&sorted])?;
 
         // Combine: cat, unsort, weight in fp32, sum over k, back to the model dtype.
         let outs = b.copy(
@@ -256,9 +253,9 @@ impl Layer for DeepseekV2MoE {
             "aten::sum",
             &[
                 arg(&weighted),
-                Arg::IntList(vec![1]),
-                Arg::Bool(false),
-                Arg::None,
+                ArgRef::IntList(&[1]),
+                ArgRef::Bool(false),
+                ArgRef::None,
             ],
             [t(&[tokens, hidden], Dtype::F32)],
         )?;
@@ -277,13 +274,10 @@ impl Layer for DeepseekV2MoE {
 
         if self.moe.n_shared_experts > 0 {
             let width = product("shared expert width", &[m, self.moe.n_shared_experts])?;
-            let shared = b
-                .call(
-                    DeepseekV2MLP::over(x.clone(), width, self.allow_tf32)
-                        .cost_as("shared_experts")?,
-                    &[x],
-                )?
-                .remove(0);
+            let [shared] = b.call(
+                DeepseekV2MLP::over(x.clone(), width, self.allow_tf32).cost_as("shared_experts")?,
+                [x],
+            )?;
             let sum = b.elementwise(
                 "y + shared_experts(identity)",
                 "aten::add",

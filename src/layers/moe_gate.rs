@@ -40,7 +40,7 @@
 
 use crate::checked::product;
 use crate::config::{ModelConfig, MoeConfig};
-use crate::conventions::{Arg, TensorMeta};
+use crate::conventions::{ArgRef, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
@@ -107,7 +107,7 @@ impl Layer for MoEGate {
                 let [scores] = b.op(
                     "softmax",
                     "aten::softmax",
-                    &[arg(&logits), Arg::Int(-1), Arg::Other("ScalarType".into())],
+                    &[arg(&logits), ArgRef::Int(-1), ArgRef::Other("ScalarType")],
                     [t(&logits.shape, Dtype::F32)],
                 )?;
                 scores
@@ -144,9 +144,9 @@ impl Layer for MoEGate {
                         "aten::sum",
                         &[
                             arg(&top2),
-                            Arg::IntList(vec![-1]),
-                            Arg::Bool(false),
-                            Arg::None,
+                            ArgRef::IntList(&[-1]),
+                            ArgRef::Bool(false),
+                            ArgRef::None,
                         ],
                         [t(&group_shape, Dtype::F32)],
                     )?;
@@ -158,7 +158,7 @@ impl Layer for MoEGate {
                     let [max, max_ids] = b.op(
                         "group_scores = max(-1)",
                         "aten::max",
-                        &[arg(&grouped), Arg::Int(-1), Arg::Bool(false)],
+                        &[arg(&grouped), ArgRef::Int(-1), ArgRef::Bool(false)],
                         [t(&group_shape, Dtype::F32), t(&group_shape, Dtype::I64)],
                     )?;
                     b.release(&[&max_ids])?;
@@ -230,9 +230,9 @@ impl Layer for MoEGate {
                 "aten::sum",
                 &[
                     arg(&top_weights),
-                    Arg::IntList(vec![-1]),
-                    Arg::Bool(true),
-                    Arg::None,
+                    ArgRef::IntList(&[-1]),
+                    ArgRef::Bool(true),
+                    ArgRef::None,
                 ],
                 [with_last(&weights, 1)],
             )?;
@@ -284,10 +284,10 @@ fn topk(
         "aten::topk",
         &[
             arg(x),
-            Arg::Int(k as i64),
-            Arg::Int(-1),
-            Arg::Bool(true),
-            Arg::Bool(false),
+            ArgRef::Int(k as i64),
+            ArgRef::Int(-1),
+            ArgRef::Bool(true),
+            ArgRef::Bool(false),
         ],
         [out.clone(), t(&out.shape, Dtype::I64)],
     )

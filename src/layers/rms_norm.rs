@@ -12,7 +12,7 @@
 //! ×weight per element; + eps and rsqrt per token), no matmul. FlopCounterMode sees 0.
 
 use crate::config::ModelConfig;
-use crate::conventions::{Arg, TensorMeta};
+use crate::conventions::{ArgRef, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
@@ -56,9 +56,9 @@ impl DeepseekV2RMSNorm {
             "aten::mean",
             &[
                 arg(&squared),
-                Arg::IntList(vec![-1]),
-                Arg::Bool(true),
-                Arg::None,
+                ArgRef::IntList(&[-1]),
+                ArgRef::Bool(true),
+                ArgRef::None,
             ],
             [with_last(&squared, 1)],
         )?;

@@ -13,7 +13,7 @@
 //! The frequency matmul `[B, d/2, 1] @ [B, 1, S]` is a bmm of B·S·d FLOPs in fp32
 //! (CUDA cores with TF32 off); cos, sin and the two scalings are 4·B·S·d elementwise.
 
-use crate::conventions::{Arg, TensorMeta};
+use crate::conventions::{ArgRef, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::layers::vendor_ops::{arg, t};
@@ -68,7 +68,7 @@ impl Layer for LlamaRotaryEmbedding {
             let [scaled] = c.op(
                 format_args!("{name} * attention_scaling"),
                 "aten::mul",
-                &[arg(&raw), Arg::Float(1.0)],
+                &[arg(&raw), ArgRef::Float(1.0)],
                 [t(&raw.shape, Dtype::F32)],
             )?;
             // `cos = cos * self.attention_scaling` drops the unscaled one.

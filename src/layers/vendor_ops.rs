@@ -3,7 +3,7 @@
 use std::fmt::Display;
 
 use crate::checked::product;
-use crate::conventions::{Arg, TensorMeta};
+use crate::conventions::{ArgRef, TensorMeta};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::metrics::CostBuilder;
@@ -14,9 +14,9 @@ pub(crate) fn t(shape: &[u64], dtype: Dtype) -> TensorMeta {
     TensorMeta::new(shape, dtype)
 }
 
-/// A tensor argument.
-pub(crate) fn arg(x: &TensorMeta) -> Arg {
-    Arg::Tensor(x.clone())
+/// A tensor argument (borrowed: an op call copies none of its tensors).
+pub(crate) fn arg(x: &TensorMeta) -> ArgRef<'_> {
+    ArgRef::Tensor(x)
 }
 
 /// `x` with its last dimension replaced by `last`.
