@@ -1493,7 +1493,8 @@ mod tests {
 
     #[test]
     fn lookup_by_address_answers_as_lookup_by_name() {
-        // Twice each, so the second answer comes from the address cache.
+        // Twice each: the second answer comes from the address cache, or (a slot taken)
+        // from the name: either way the same.
         for _ in 0..2 {
             for c in OPS {
                 assert_eq!(convention_of_static(c.op), Some(c), "{}", c.op);
@@ -1501,6 +1502,25 @@ mod tests {
             assert_eq!(convention_of_static("aten::mul_"), convention("aten::mul_"));
             assert_eq!(convention_of_static("aten::no_such_op"), None);
         }
+    }
+
+    #[test]
+    fn threads_filling_the_shared_cache_at_once_get_the_same_answers() {
+        // Every op name, from eight threads at once, each in its own order: the slots are
+        // filled concurrently, and every answer is still the name lookup's.
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                scope.spawn(move || {
+                    for round in 0..50 {
+                        for i in 0..OPS.len() {
+                            let c = &OPS[(i * 7 + t + round) % OPS.len()];
+                            assert_eq!(convention_of_static(c.op), Some(c), "{}", c.op);
+                        }
+                        assert_eq!(convention_of_static("aten::no_such_op"), None);
+                    }
+                });
+            }
+        });
     }
 
     #[test]

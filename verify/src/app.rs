@@ -218,8 +218,14 @@ pub fn run(args: &Args) -> ExitCode {
         }
         None => {
             let mut report = report_of(args, &ready);
-            if let Some(run) = &hardware_run {
-                hardware::attach(&mut report, &ready.plan, run, &ready.info.name);
+            if let Some((run, missing)) = &hardware_run {
+                hardware::attach_with_reasons(
+                    &mut report,
+                    &ready.plan,
+                    run,
+                    missing,
+                    &ready.info.name,
+                );
             }
             let phases = args.timings.then(|| {
                 crate::timings::Phases::now(
@@ -262,14 +268,22 @@ pub fn run(args: &Args) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// The figures of a hardware-counter run attributed to layers, or why there are none
+/// (shown on every layer); and the layers without figures, with why (kernel replay).
+type HardwareRun = (
+    Result<Vec<crate::hardware::ranges::AttributedRange>, String>,
+    Vec<(String, String)>,
+);
+
 /// `--hardware-counters` (run ncu over a child) or `--hardware-counters-from` (read a
 /// wrapped child's files): the figures attributed to ranges, or why there are none (shown
-/// on every layer). An error here is a setup failure: ncu could not run or left no CSV.
+/// on every layer). An error here is a setup failure: ncu could not run or left no CSV,
+/// or (kernel replay) no layer has figures.
 fn hardware_figures(
     args: &Args,
     ready: &Ready,
     role: &hardware::Role,
-) -> Result<Result<Vec<crate::hardware::ranges::AttributedRange>, String>, String> {
+) -> Result<HardwareRun, String> {
     let files = match role {
         hardware::Role::Parent {
             ncu,
@@ -319,7 +333,7 @@ fn hardware_figures(
                 }
                 return per_layer_figures(ready, run);
             }
-            let files = hardware::run_under_ncu(ncu, &exe, &own, dir, *replay)?;
+            let files = hardware::run_under_ncu(ncu, &exe, &own, dir, *replay, args.quiet)?;
             if !keep {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -327,7 +341,7 @@ fn hardware_figures(
         }
         hardware::Role::Reader { dir } => match hardware::read_per_layer(dir) {
             // A kernel-replay folder (`<i>-<layer>/` per layer).
-            Some(run) => return per_layer_figures(ready, run),
+            Some(run) => return per_layer_figures(ready, run?),
             None => hardware::read_run(dir)?,
         },
         hardware::Role::Child { .. } => return Err("internal: the child reads no figures".into()),
@@ -338,15 +352,12 @@ fn hardware_figures(
             ready.spec
         ));
     }
-    Ok(hardware::attributed(&files))
+    Ok((hardware::attributed(&files), Vec::new()))
 }
 
 /// A kernel-replay run's figures: every layer that has them; the layers without say why
-/// (on their row), and a run in which no layer has figures is one error for all.
-fn per_layer_figures(
-    ready: &Ready,
-    run: hardware::PerLayerRun,
-) -> Result<Result<Vec<crate::hardware::ranges::AttributedRange>, String>, String> {
+/// (on their row); a run in which no layer has figures is a setup error (exit 2).
+fn per_layer_figures(ready: &Ready, run: hardware::PerLayerRun) -> Result<HardwareRun, String> {
     if let Some(device) = run
         .device
         .as_ref()
@@ -365,9 +376,9 @@ fn per_layer_figures(
             .errors
             .first()
             .map_or("no layer ran".to_string(), |(l, e)| format!("{l}: {e}"));
-        return Ok(Err(format!("no layer has kernel-replay figures ({why})")));
+        return Err(format!("no layer has kernel-replay figures ({why})"));
     }
-    Ok(Ok(run.ranges))
+    Ok((Ok(run.ranges), run.errors))
 }
 
 /// The profiled child: verifies with each counted forward in a profiler range, writes the
@@ -650,8 +661,12 @@ fn check_hardware_options(args: &Args) -> Result<Option<&'static str>, String> {
         }
         return Ok(None);
     };
-    // The child runs with its parent's arguments, --hardware-counters included.
+    // The child runs with its parent's arguments, --hardware-counters included; the
+    // parent marks it so (a user who gives both would silently be the child).
     let child = args.hardware_counters_child.is_some();
+    if child && args.hardware_counters && std::env::var_os(hardware::CHILD_MARKER).is_none() {
+        return Err("--hardware-counters-child is what --hardware-counters runs under ncu: give one (--hardware-counters to run ncu from here, or --hardware-counters-child alone inside your own ncu command)".into());
+    }
     if !child && args.hardware_counters && args.hardware_counters_from.is_some() {
         return Err("--hardware-counters runs ncu, --hardware-counters-from reads a run made without it: give one".into());
     }

@@ -162,6 +162,24 @@ pub struct MetricRow {
 }
 
 impl MetricRow {
+    /// The row's figures for a JUnit message: `analytic A measured M rel_diff R tolerance
+    /// T` (`measured unavailable rel_diff —` where nothing was measured; `inf` where
+    /// M = 0 < A).
+    pub fn junit_detail(&self, tolerance: f64) -> String {
+        let (measured, rel) = if self.unavailable {
+            ("unavailable".to_string(), "—".to_string())
+        } else {
+            (
+                self.measured.to_string(),
+                self.rel_diff.map_or("inf".to_string(), |r| r.to_string()),
+            )
+        };
+        format!(
+            "analytic {} measured {measured} rel_diff {rel} tolerance {tolerance}",
+            self.analytic
+        )
+    }
+
     /// The measured value as the tables print it: in the metric's unit, or `unavailable`.
     pub fn measured_text(&self) -> String {
         if self.unavailable {

@@ -38,7 +38,7 @@ fn options_that_cannot_work_are_refused_in_one_line() {
     let tmp = TempDir::new("refusals");
     let ncu = fake_ncu(&tmp.0);
     let ncu = ncu.to_str().unwrap();
-    let cases: [(&[&str], &[&str]); 7] = [
+    let cases: [(&[&str], &[&str]); 8] = [
         (
             &["--device", "cpu", "--hardware-counters", "--ncu", ncu],
             &["--device cpu", "cuda:0"],
@@ -66,6 +66,13 @@ fn options_that_cannot_work_are_refused_in_one_line() {
         (
             &["--hardware-counters", "--hardware-counters-from", "/tmp"],
             &["give one"],
+        ),
+        (
+            &["--hardware-counters", "--hardware-counters-child", "/tmp/x"],
+            &[
+                "--hardware-counters-child is what --hardware-counters runs",
+                "give one",
+            ],
         ),
     ];
     for (args, needles) in cases {
@@ -447,11 +454,41 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
     );
     assert!(tmp.0.join("run/0-DeepseekV2MLP/ncu.csv").exists());
     // `--hardware-counters-from` reads the kept folder the same way.
-    let again = profile::read_per_layer(&tmp.0.join("run")).expect("a kernel-replay folder");
+    let again = profile::read_per_layer(&tmp.0.join("run"))
+        .expect("a kernel-replay folder")
+        .expect("readable");
     assert_eq!(again.ranges, run.ranges);
     assert_eq!(again.errors, run.errors);
     // A range-mode folder (ncu.csv and ranges.json at the top) is not one.
     assert!(profile::read_per_layer(&tmp.0.join("run/0-DeepseekV2MLP")).is_none());
+    // A second run into the same folder replaces the first one's layer folders: with one
+    // layer, only its folder is read.
+    let run = profile::run_per_layer(
+        &ncu,
+        Path::new("/bin/true"),
+        &own,
+        &tmp.0.join("run"),
+        &layers[..1],
+        &mut |_, _| {},
+    )
+    .expect("ncu ran");
+    assert_eq!((run.ranges.len(), run.errors.len()), (1, 0));
+    let again = profile::read_per_layer(&tmp.0.join("run"))
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.ranges.len(), again.errors.len()), (1, 0));
+    // Folders of two runs, or both layouts, are refused rather than mixed.
+    std::fs::create_dir_all(tmp.0.join("run/5-DeepseekV2MLP")).unwrap();
+    let twice = profile::read_per_layer(&tmp.0.join("run"))
+        .unwrap()
+        .unwrap_err();
+    assert!(twice.contains("DeepseekV2MLP twice"), "{twice}");
+    std::fs::remove_dir_all(tmp.0.join("run/5-DeepseekV2MLP")).unwrap();
+    std::fs::write(tmp.0.join("run/ncu.csv"), "").unwrap();
+    let both = profile::read_per_layer(&tmp.0.join("run"))
+        .unwrap()
+        .unwrap_err();
+    assert!(both.contains("both a range-replay run"), "{both}");
 }
 
 #[test]

@@ -22,12 +22,17 @@ use modelmeter::Cost;
 use super::metrics::NCU_METRICS;
 use super::peaks;
 use super::ranges::{self, AttributedRange, RangeList, RangeRecord, NCU_CSV_FILE};
-use super::rows::{self, Context, SMALL_GEMM_ROWS};
+use super::rows::{self, Context, MAX_TILE_ROWS, SMALL_GEMM_ROWS};
 use crate::check::Check;
 use crate::compare::worst;
 use crate::plan::Plan;
 use crate::report::Report;
 use crate::results::{LayerResult, Summary};
+
+/// The environment variable the parent sets for its child under ncu: the child runs with
+/// the parent's arguments (`--hardware-counters` among them), which a user may not give
+/// together with `--hardware-counters-child`.
+pub const CHILD_MARKER: &str = "MODELMETER_NCU_CHILD";
 
 /// How this invocation takes part in a hardware-counter run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,6 +193,7 @@ pub fn run_under_ncu(
     args: &[OsString],
     dir: &Path,
     replay: NcuReplay,
+    quiet: bool,
 ) -> Result<RunFiles, String> {
     let mut metrics: Vec<&str> = NCU_METRICS.to_vec();
     let mut left_out: Vec<String> = Vec::new();
@@ -199,10 +205,12 @@ pub fn run_under_ncu(
                 .map(|m| m.to_string()),
         );
         metrics.retain(|m| !is_instruction_metric(m));
-        eprintln!(
+        if !quiet {
+            eprintln!(
             "hardware counters: ncu counts SASS instructions only in kernel replay, so hw_cuda_core_flops is unavailable in {} replay (--ncu-replay kernel measures it)",
             replay.mode()
         );
+        }
     }
     let child: Vec<OsString> = args.to_vec();
     left_out.extend(run_ncu(ncu, exe, &child, dir, replay, metrics)?);
@@ -244,6 +252,7 @@ fn run_ncu(
             .args(args)
             .arg("--hardware-counters-child")
             .arg(dir)
+            .env(CHILD_MARKER, "1")
             .stdin(Stdio::null())
             .stdout(output)
             .stderr(errors)
@@ -320,7 +329,14 @@ pub fn run_per_layer(
     progress: &mut dyn FnMut(usize, &str),
 ) -> Result<PerLayerRun, String> {
     let base = without_option(args, "--layers");
+    // A reused folder's layer folders from an earlier run would be read beside this one's.
+    for (_, _, old) in per_layer_folders(dir) {
+        std::fs::remove_dir_all(&old)
+            .map_err(|e| format!("cannot remove the earlier run's {}: {e}", old.display()))?;
+    }
     let mut run = PerLayerRun::default();
+    // A metric ncu refuses for one layer is left out for the rest.
+    let mut metrics: Vec<&str> = NCU_METRICS.to_vec();
     for (index, layer) in layers.iter().enumerate() {
         progress(index, layer);
         let here = layer_dir(dir, index, layer);
@@ -329,28 +345,24 @@ pub fn run_per_layer(
         let mut child = base.clone();
         child.push("--layers".into());
         child.push(layer.into());
-        let result = run_ncu(
-            ncu,
-            exe,
-            &child,
-            &here,
-            NcuReplay::Kernel,
-            NCU_METRICS.to_vec(),
-        )
-        .and_then(|left_out| {
-            let files = read_run(&here)?;
-            let range = kernels_of_layer(&files, index, layer).map_err(|e| {
-                match ncu_error(&here.join(NCU_CSV_FILE)) {
-                    Some(said) => format!("{e}; ncu said: {said}"),
-                    None => e,
-                }
-            })?;
-            Ok((files.ranges.device, range, left_out))
-        });
+        let result = run_ncu(ncu, exe, &child, &here, NcuReplay::Kernel, metrics.clone()).and_then(
+            |left_out| {
+                let files = read_run(&here)?;
+                let range =
+                    kernels_of_layer(&files, index, layer).map_err(|e| {
+                        match ncu_error(&here.join(NCU_CSV_FILE)) {
+                            Some(said) => format!("{e}; ncu said: {said}"),
+                            None => e,
+                        }
+                    })?;
+                Ok((files.ranges.device, range, left_out))
+            },
+        );
         match result {
             Ok((device, range, left_out)) => {
                 run.device.get_or_insert(device);
                 run.ranges.push(range);
+                metrics.retain(|m| !left_out.iter().any(|l| l == m));
                 for m in left_out {
                     if !run.left_out.contains(&m) {
                         run.left_out.push(m);
@@ -363,12 +375,13 @@ pub fn run_per_layer(
     Ok(run)
 }
 
-/// Reads the per-layer folders a kernel-replay run left in `dir` (`<i>-<layer>/`, as
-/// [`layer_dir`] names them), in index order; `None` when `dir` has none (a range-mode
-/// folder).
-pub fn read_per_layer(dir: &Path) -> Option<PerLayerRun> {
-    let mut layers: Vec<(usize, String, PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
+/// The per-layer folders in `dir` (`<i>-<layer>/`, as [`layer_dir`] names them), in index
+/// order.
+fn per_layer_folders(dir: &Path) -> Vec<(usize, String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut layers: Vec<(usize, String, PathBuf)> = entries
         .filter_map(|e| {
             let e = e.ok()?;
             let name = e.file_name().into_string().ok()?;
@@ -380,12 +393,34 @@ pub fn read_per_layer(dir: &Path) -> Option<PerLayerRun> {
                 .then(|| (index, layer.to_string(), e.path()))
         })
         .collect();
+    layers.sort();
+    layers
+}
+
+/// Reads the per-layer folders a kernel-replay run left in `dir`, in index order; `None`
+/// when `dir` has none (a range-mode folder). A folder with both layouts, or with a layer
+/// twice, is an error: which figures are this run's could not be told.
+pub fn read_per_layer(dir: &Path) -> Option<Result<PerLayerRun, String>> {
+    let layers = per_layer_folders(dir);
     if layers.is_empty() {
         return None;
     }
-    layers.sort();
+    if dir.join(NCU_CSV_FILE).exists() {
+        return Some(Err(format!(
+            "{} holds both a range-replay run ({NCU_CSV_FILE}) and kernel-replay layer folders: give the folder of one run",
+            dir.display()
+        )));
+    }
     let mut run = PerLayerRun::default();
     for (index, layer, here) in layers {
+        if run.ranges.iter().any(|r| r.record.layer == layer)
+            || run.errors.iter().any(|(l, _)| *l == layer)
+        {
+            return Some(Err(format!(
+                "{} holds {layer} twice (folders of two runs?): give the folder of one run",
+                dir.display()
+            )));
+        }
         match read_run(&here).and_then(|files| {
             let range = kernels_of_layer(&files, index, &layer)?;
             Ok((files.ranges.device, range))
@@ -397,7 +432,7 @@ pub fn read_per_layer(dir: &Path) -> Option<PerLayerRun> {
             Err(e) => run.errors.push((layer, e)),
         }
     }
-    Some(run)
+    Some(Ok(run))
 }
 
 /// What a kernel-replay run found, layer by layer.
@@ -608,20 +643,35 @@ pub fn context_of(plan: &Plan, result: &LayerResult) -> Context {
         }
     }
     let total = cost.as_ref().map_or(0, |c| c.metrics.tensor_core_flops);
-    let small_gemm_flops = if tokens < SMALL_GEMM_ROWS {
-        total
+    let (small_gemm_flops, small_gemm_ceiling_flops) = if tokens < SMALL_GEMM_ROWS {
+        (total, None)
     } else {
         let routed: u64 = nodes
             .iter()
             .filter(|c| c.name == ROUTED_EXPERTS_ROLE)
             .map(|c| c.metrics.tensor_core_flops)
             .fold(0u64, u64::saturating_add);
-        small_expert_share(routed, result.tokens_per_expert.as_deref(), plan)
+        let (experts, ceiling) =
+            small_expert_share(routed, result.tokens_per_expert.as_deref(), plan);
+        // Fewer query tokens than a tile's rows (a decode step at B ≥ 64): the attention
+        // core's products have S_q rows per sequence, however large the batch.
+        let core: u64 = if w.query_len() < SMALL_GEMM_ROWS {
+            nodes
+                .iter()
+                .filter(|c| c.name == ATTENTION_CORE_ROLE)
+                .map(|c| c.metrics.tensor_core_flops)
+                .fold(0u64, u64::saturating_add)
+        } else {
+            0
+        };
+        let ceiling = if core > 0 { None } else { ceiling };
+        (experts.saturating_add(core), ceiling)
     };
     Context {
         tokens,
         causal_skippable_flops: skippable,
         small_gemm_flops,
+        small_gemm_ceiling_flops,
         fast_f32_flops: fast,
         fast_f32_skippable_flops: fast_skippable,
         simt_gemm_flops,
@@ -629,25 +679,35 @@ pub fn context_of(plan: &Plan, result: &LayerResult) -> Context {
 }
 
 /// The part of the routed experts' `routed` tensor FLOPs in experts that received fewer
-/// than [`SMALL_GEMM_ROWS`] rows: by the measured rows per expert where the run has them,
-/// otherwise all of it when the average expert's rows (N·k / E) are that few.
-fn small_expert_share(routed: u64, tokens_per_expert: Option<&[i64]>, plan: &Plan) -> u64 {
+/// than [`SMALL_GEMM_ROWS`] rows, and the most those experts could execute padded to
+/// [`MAX_TILE_ROWS`] rows each: by the measured rows per expert where the run has them;
+/// otherwise all of the routed work when the average expert's rows (N·k / E) are that
+/// few, with no bound (which experts got how few rows is not known).
+fn small_expert_share(
+    routed: u64,
+    tokens_per_expert: Option<&[i64]>,
+    plan: &Plan,
+) -> (u64, Option<u64>) {
     if routed == 0 {
-        return 0;
+        return (0, Some(0));
     }
     let small_rows = SMALL_GEMM_ROWS as i64;
     match tokens_per_expert {
         Some(rows) => {
             let all: i64 = rows.iter().filter(|r| **r > 0).sum();
-            let small: i64 = rows.iter().filter(|r| **r > 0 && **r < small_rows).sum();
             if all <= 0 {
-                return 0;
+                return (0, Some(0));
             }
-            u64::try_from(u128::from(routed) * small as u128 / all as u128).unwrap_or(u64::MAX)
+            let small: i64 = rows.iter().filter(|r| **r > 0 && **r < small_rows).sum();
+            let padded = rows.iter().filter(|r| **r > 0 && **r < small_rows).count() as u128
+                * u128::from(MAX_TILE_ROWS);
+            let share =
+                |n: u128| u64::try_from(u128::from(routed) * n / all as u128).unwrap_or(u64::MAX);
+            (share(small as u128), Some(share(padded)))
         }
         None => {
             let Some(moe) = plan.config.moe.as_ref() else {
-                return 0;
+                return (0, Some(0));
             };
             let w = &plan.workload;
             let rows = w
@@ -655,9 +715,9 @@ fn small_expert_share(routed: u64, tokens_per_expert: Option<&[i64]>, plan: &Pla
                 .saturating_mul(w.query_len())
                 .saturating_mul(moe.num_experts_per_tok);
             if rows < SMALL_GEMM_ROWS.saturating_mul(moe.n_routed_experts.max(1)) {
-                routed
+                (routed, None)
             } else {
-                0
+                (0, Some(0))
             }
         }
     }
@@ -671,6 +731,18 @@ pub fn attach(
     run: &Result<Vec<AttributedRange>, String>,
     device_name: &str,
 ) {
+    attach_with_reasons(report, plan, run, &[], device_name);
+}
+
+/// [`attach`], with why a layer has no figures where the run knows (`missing`: layer and
+/// reason; kernel replay's per-layer errors): that layer's failing row says it.
+pub fn attach_with_reasons(
+    report: &mut Report,
+    plan: &Plan,
+    run: &Result<Vec<AttributedRange>, String>,
+    missing: &[(String, String)],
+    device_name: &str,
+) {
     let peaks = peaks::of_device(device_name);
     for case in &mut report.cases {
         for layer in &mut case.layers {
@@ -681,9 +753,12 @@ pub fn attach(
                 Ok(all) => all
                     .iter()
                     .find(|a| a.record.layer == layer.name)
-                    .ok_or_else(|| {
-                        "the profiled run has no figures for it (why: its error in ranges.json, or the hardware counters line on standard error)"
-                            .to_string()
+                    .ok_or_else(|| match missing.iter().find(|(l, _)| *l == layer.name) {
+                        Some((_, why)) => why.clone(),
+                        None => {
+                            "the profiled run has no figures for it (why: its error in ranges.json)"
+                                .to_string()
+                        }
                     }),
                 Err(e) => Err(e.clone()),
             };

@@ -45,6 +45,11 @@ pub const TENSOR_BAND: (f64, f64) = (0.9, 1.1);
 /// measured on the H200), so the band's upper end does not hold for the layer.
 pub const SMALL_GEMM_ROWS: u64 = 64;
 
+/// The most token rows a GEMM tile pads a small GEMM to (cuBLAS' and CUTLASS's largest
+/// Hopper tiles are 256 rows): routed experts' small GEMMs cannot execute more than this
+/// many rows each, which bounds the `info` above the band (a larger ratio fails).
+pub const MAX_TILE_ROWS: u64 = 256;
+
 /// The share of the counted CUDA-core FLOPs that fp32 GEMMs must reach for the
 /// `hw_cuda_core_flops` row to be checked against the band (the MoE gate's SIMT sgemm).
 pub const SIMT_GEMM_SHARE: f64 = 0.9;
@@ -58,8 +63,14 @@ pub struct Context {
     /// diagonal (masked): a kernel that skips masked tiles need not execute them.
     pub causal_skippable_flops: u64,
     /// Counted tensor-core FLOPs in GEMMs with fewer than [`SMALL_GEMM_ROWS`] token rows
-    /// (every GEMM of a decode-sized step; the routed experts that received few tokens).
+    /// (every GEMM of a decode-sized step; the attention core of a step of fewer query
+    /// tokens; the routed experts that received few tokens).
     pub small_gemm_flops: u64,
+    /// The most those small GEMMs could execute, each padded to [`MAX_TILE_ROWS`] rows:
+    /// known for routed experts (by their measured rows); `None` where no bound is known
+    /// (one-token steps: the H200's fused decode attention executed 56.6× its counted
+    /// work).
+    pub small_gemm_ceiling_flops: Option<u64>,
     /// Counted tensor-core FLOPs of fp32 attention cores on the memory-efficient kernel
     /// (each product run as [`FAST_FP32_MMAS_PER_PRODUCT`] TF32 MMAs), and of those the masked share a
     /// causal kernel may skip (also in `causal_skippable_flops`).
@@ -160,18 +171,19 @@ fn unavailable(what: &str) -> String {
 /// upper end by all of it, with the fp32 efficient-attention cores' products run
 /// [`FAST_FP32_MMAS_PER_PRODUCT`] times.
 fn band(counted: u64, context: &Context) -> (f64, f64) {
-    let extra = FAST_FP32_MMAS_PER_PRODUCT - 1;
+    let extra = (FAST_FP32_MMAS_PER_PRODUCT - 1) as f64;
     let c = counted.max(1) as f64;
-    let must = counted.saturating_sub(context.causal_skippable_flops) as f64
-        + (extra
-            * context
-                .fast_f32_flops
-                .saturating_sub(context.fast_f32_skippable_flops)) as f64;
-    let may = counted as f64 + (extra * context.fast_f32_flops) as f64;
+    let fast_kept = context
+        .fast_f32_flops
+        .saturating_sub(context.fast_f32_skippable_flops);
+    let must =
+        counted.saturating_sub(context.causal_skippable_flops) as f64 + extra * fast_kept as f64;
+    let may = counted as f64 + extra * context.fast_f32_flops as f64;
     (TENSOR_BAND.0 * must / c, TENSOR_BAND.1 * may / c)
 }
 
-/// Pass within the band, `info` above it where `small` counted FLOPs are in small GEMMs,
+/// Pass within the band, `info` above it where `small` counted FLOPs are in small GEMMs
+/// (up to what padding them to [`MAX_TILE_ROWS`] explains, where `ceiling` says so),
 /// fail otherwise; both zero-ness rules first.
 fn banded(
     what: &str,
@@ -179,6 +191,7 @@ fn banded(
     hardware: u64,
     (low, high): (f64, f64),
     small: u64,
+    ceiling: Option<u64>,
 ) -> (Status, String) {
     match (counted, hardware) {
         (0, 0) => (Status::Pass, format!("no {what} counted and none executed")),
@@ -196,10 +209,21 @@ fn banded(
             if (low..=high).contains(&r) {
                 (Status::Pass, band)
             } else if r > high && small > 0 {
-                (
-                    Status::Info,
-                    format!("{band}: above it, but {small} of the counted FLOPs ({:.1}%) are in GEMMs with fewer than {SMALL_GEMM_ROWS} token rows, which the hardware pads to its tile rows: work the analytic model does not claim", small as f64 / c as f64 * 100.0),
-                )
+                let share = small as f64 / c as f64 * 100.0;
+                // Padding every small GEMM to the largest tile: the most it can explain.
+                let most = ceiling.map(|ceiling| {
+                    high * (c.saturating_sub(small) as f64 + ceiling as f64) / c as f64
+                });
+                match most {
+                    Some(most) if r > most => (
+                        Status::Fail,
+                        format!("{band}: above it by more than padding explains: {small} of the counted FLOPs ({share:.1}%) are in GEMMs with fewer than {SMALL_GEMM_ROWS} token rows, and padding each to {MAX_TILE_ROWS}-row tiles allows at most {most:.4}"),
+                    ),
+                    _ => (
+                        Status::Info,
+                        format!("{band}: above it, but {small} of the counted FLOPs ({share:.1}%) are in GEMMs with fewer than {SMALL_GEMM_ROWS} token rows, which the hardware pads to its tile rows: work the analytic model does not claim{}", most.map_or(String::new(), |m| format!(" (padding to {MAX_TILE_ROWS}-row tiles allows up to {m:.4})"))),
+                    ),
+                }
             } else {
                 (Status::Fail, format!("{band}: outside it"))
             }
@@ -220,7 +244,14 @@ pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Contex
         );
     };
     let band = band(c, context);
-    let (status, mut note) = banded("tensor-core FLOPs", c, h, band, context.small_gemm_flops);
+    let (status, mut note) = banded(
+        "tensor-core FLOPs",
+        c,
+        h,
+        band,
+        context.small_gemm_flops,
+        context.small_gemm_ceiling_flops,
+    );
     if context.causal_skippable_flops > 0 {
         note.push_str(&format!(
             " (the lower end allows for {} masked causal FLOPs a fused kernel may skip)",
@@ -282,7 +313,7 @@ pub fn cuda_core_row(counted: &Counted, figures: &HardwareFigures, context: &Con
         } else {
             0
         };
-        let (status, why) = banded("CUDA-core FLOPs", c, h, TENSOR_BAND, small);
+        let (status, why) = banded("CUDA-core FLOPs", c, h, TENSOR_BAND, small, None);
         (
             status,
             format!("fp32 GEMMs are {:.1}% of the counted CUDA-core work, so the band applies: {why}; {breakdown}", share * 100.0),
@@ -634,6 +665,23 @@ mod tests {
         let row = tensor_row(&counted(c, 0), &f, &ctx);
         assert_eq!(row.status, Status::Info, "{:?}", row.note);
         assert!(row.note.unwrap().contains("75.0%"));
+        // Bounded: padding each small expert to 256-row tiles explains at most so much;
+        // a ratio past it fails (here a bound of twice the small work: 1.1 · 1.75).
+        let bounded = Context {
+            small_gemm_ceiling_flops: Some(2 * routed),
+            ..ctx
+        };
+        assert_eq!(
+            tensor_row(&counted(c, 0), &f, &bounded).status,
+            Status::Info
+        );
+        let far = HardwareFigures {
+            tensor_ops_bf16: Some(2 * c),
+            ..figures(MLP)
+        };
+        let row = tensor_row(&counted(c, 0), &far, &bounded);
+        assert_eq!(row.status, Status::Fail, "{:?}", row.note);
+        assert!(row.note.unwrap().contains("more than padding explains"));
         // Without small GEMMs the same ratio is a failure.
         let plain = Context {
             tokens: PREFILL,

@@ -44,13 +44,7 @@ pub fn to_junit(report: &Report) -> String {
             }
             for m in &layer.metrics {
                 tests += 1;
-                let detail = format!(
-                    "analytic {} measured {} rel_diff {} tolerance {}",
-                    m.analytic,
-                    m.measured,
-                    m.rel_diff.map_or("inf".to_string(), |r| r.to_string()),
-                    report.tolerance
-                );
+                let detail = m.junit_detail(report.tolerance);
                 let body = match m.status {
                     Status::Info | Status::Pass => String::new(),
                     Status::KnownGap => {

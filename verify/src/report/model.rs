@@ -357,15 +357,7 @@ pub fn model_junit(report: &ModelReport) -> String {
             escape(name)
         ));
     };
-    let detail = |m: &MetricRow| {
-        format!(
-            "analytic {} measured {} rel_diff {} tolerance {}",
-            m.analytic,
-            m.measured,
-            m.rel_diff.map_or("inf".to_string(), |r| r.to_string()),
-            report.tolerance
-        )
-    };
+    let detail = |m: &MetricRow| m.junit_detail(report.tolerance);
     let r = &report.result;
     for p in &r.phases {
         let class = format!("model/{}", p.phase);
