@@ -168,25 +168,65 @@ fn row<'a>(layer: &'a Value, metric: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{metric}"))
 }
 
-#[test]
-fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
-    let argv = [
-        "verify-decoder",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--dtype",
-        "bf16",
-        "--seq-len",
-        "8",
-        "--layers",
-        "DeepseekV2MLP,MoEGate",
-    ];
+/// The profiled child's work on the CPU (no ranges there) for `verify-decoder --device cpu
+/// --quiet <options>`: the parsed options, the prepared run, the child's folder (its
+/// `ranges.json` written) and its layer results.
+fn child_on_cpu(
+    tag: &str,
+    options: &[&str],
+) -> (
+    Args,
+    modelmeter_verify::app::Ready,
+    TempDir,
+    Vec<modelmeter_verify::results::LayerResult>,
+) {
+    let mut argv = vec!["verify-decoder", "--device", "cpu", "--quiet"];
+    argv.extend_from_slice(options);
     let args = Args::try_parse_from(argv).expect("valid options");
     let ready = prepare(&args).expect("checks out");
-    let tmp = TempDir::new("child");
-    // The child: each counted forward after a warm-up (no range on CPU), the list written.
+    let tmp = TempDir::new(tag);
     let child = profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
+    (args, ready, tmp, child)
+}
+
+/// The report of `ready` with the hardware rows of a synthetic range-replay CSV (range i
+/// with `tensor[i]` tensor ops) attached, and its JSON.
+fn attached(
+    args: &Args,
+    ready: &modelmeter_verify::app::Ready,
+    list: &RangeList,
+    tensor: &[u64],
+) -> (Report, Value) {
+    let files = RunFiles {
+        csv: range_replay_csv(list, tensor),
+        ranges: list.clone(),
+        left_out: Vec::new(),
+    };
+    let mut report = report_of(args, ready);
+    profile::attach(
+        &mut report,
+        &ready.plan,
+        &profile::attributed(&files),
+        "NVIDIA H200",
+    );
+    let json = report::to_json(&report);
+    (report, json)
+}
+
+#[test]
+fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
+    // The child: each counted forward after a warm-up (no range on CPU), the list written.
+    let (args, ready, tmp, child) = child_on_cpu(
+        "child",
+        &[
+            "--dtype",
+            "bf16",
+            "--seq-len",
+            "8",
+            "--layers",
+            "DeepseekV2MLP,MoEGate",
+        ],
+    );
     assert_eq!(child.len(), 2);
     let list = RangeList::read(&tmp.0).expect("written");
     let names: Vec<&str> = list.ranges.iter().map(|r| r.layer.as_str()).collect();
@@ -199,18 +239,7 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
         "the gate's fp32 GEMM is CUDA-core work"
     );
 
-    let attach = |tensor: &[u64]| -> (Report, Value) {
-        let files = RunFiles {
-            csv: range_replay_csv(&list, tensor),
-            ranges: list.clone(),
-            left_out: Vec::new(),
-        };
-        let attributed = profile::attributed(&files);
-        let mut report = report_of(&args, &ready);
-        profile::attach(&mut report, &ready.plan, &attributed, "NVIDIA H200");
-        let json = report::to_json(&report);
-        (report, json)
-    };
+    let attach = |tensor: &[u64]| attached(&args, &ready, &list, tensor);
 
     // The hardware agrees: 1.0125 × the MLP's tensor FLOPs (tile padding), 0 for the gate.
     let padded = mlp.tensor_core_flops + mlp.tensor_core_flops / 80;
@@ -257,19 +286,7 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     }
 
     // A range missing from ncu's CSV: nothing is attributed, every layer says why.
-    let files = RunFiles {
-        csv: range_replay_csv(&list, &[padded]),
-        ranges: list.clone(),
-        left_out: Vec::new(),
-    };
-    let mut report = report_of(&args, &ready);
-    profile::attach(
-        &mut report,
-        &ready.plan,
-        &profile::attributed(&files),
-        "NVIDIA H200",
-    );
-    let json = report::to_json(&report);
+    let (_, json) = attached(&args, &ready, &list, &[padded]);
     for name in ["DeepseekV2MLP", "MoEGate"] {
         let r = row(layer(&json, name), "hw_tensor_flops");
         assert_eq!(r["status"], "fail");
@@ -285,22 +302,17 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
 fn routed_experts_with_few_rows_make_the_moe_padding_information() {
     // 64 tokens, top-6 of 64 experts: 6 rows per expert on average, every expert's GEMMs
     // far under the 64 rows a tile pads to (run-4 on the H200: 1.23× at S = 512).
-    let argv = [
-        "verify-decoder",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--dtype",
-        "bf16",
-        "--seq-len",
-        "64",
-        "--layers",
-        "DeepseekV2MoE,DeepseekV2MLP",
-    ];
-    let args = Args::try_parse_from(argv).expect("valid options");
-    let ready = prepare(&args).expect("checks out");
-    let tmp = TempDir::new("moe-child");
-    let child = profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
+    let (args, ready, tmp, child) = child_on_cpu(
+        "moe-child",
+        &[
+            "--dtype",
+            "bf16",
+            "--seq-len",
+            "64",
+            "--layers",
+            "DeepseekV2MoE,DeepseekV2MLP",
+        ],
+    );
     let list = RangeList::read(&tmp.0).expect("written");
 
     let result = child.iter().find(|r| r.name == "DeepseekV2MoE").unwrap();
@@ -322,19 +334,7 @@ fn routed_experts_with_few_rows_make_the_moe_padding_information() {
         for (i, r) in list.ranges.iter().enumerate() {
             tensor[i] = r.tensor_core_flops * factor.0 / factor.1;
         }
-        let files = RunFiles {
-            csv: range_replay_csv(&list, &tensor),
-            ranges: list.clone(),
-            left_out: Vec::new(),
-        };
-        let mut report = report_of(&args, &ready);
-        profile::attach(
-            &mut report,
-            &ready.plan,
-            &profile::attributed(&files),
-            "NVIDIA H200",
-        );
-        report::to_json(&report)
+        attached(&args, &ready, &list, &tensor).1
     };
     // 1.25×: above the band; the MoE's is padding of small GEMMs (info), the MLP's not.
     let json = attach((5, 4));
@@ -515,22 +515,17 @@ fn the_layers_option_is_dropped_in_both_spellings() {
 fn the_attention_context_finds_its_fused_kernel_inside_the_core() {
     // The H200 (2026-11-28, run-5) found this allowance never applied: the fused kernel
     // is a leaf inside the core's node, not the node itself.
-    let argv = [
-        "verify-decoder",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--dtype",
-        "fp32",
-        "--seq-len",
-        "64",
-        "--layers",
-        "LlamaFlashAttention2",
-    ];
-    let args = Args::try_parse_from(argv).expect("valid options");
-    let ready = prepare(&args).expect("checks out");
-    let tmp = TempDir::new("attention-child");
-    let child = profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
+    let (_args, ready, _tmp, child) = child_on_cpu(
+        "attention-child",
+        &[
+            "--dtype",
+            "fp32",
+            "--seq-len",
+            "64",
+            "--layers",
+            "LlamaFlashAttention2",
+        ],
+    );
     let result = &child[0];
     // Core QKᵀ and PV: 4·B·H·S²·d; (S − 1)/(2S) of it above the diagonal.
     let core = 4 * 10 * 64 * 64 * 128u64;
