@@ -821,7 +821,7 @@ pub(crate) fn convention_of_static(op: &'static str) -> Option<&'static OpConven
 }
 
 /// A scratch copy of the table for tests of the independent witnesses: inside
-/// [`with_scaled_matmul`] one GEMM op's FLOPs are multiplied by a factor, for both the
+/// [`scratch::with_scaled_matmul`] one GEMM op's FLOPs are multiplied by a factor, for both the
 /// analytic layers and the counter (which cost ops through this table on the calling
 /// thread). Both sides then still agree with each other; only a witness that does not use
 /// this table (torch's own FlopCounterMode, the `--oracle`) can notice. Never used by the

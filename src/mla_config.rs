@@ -7,7 +7,7 @@
 //!
 //! YaRN changes two things in the vendor code, and neither costs a FLOP in the forward:
 //! the cos/sin tables (precomputed at init, sliced in the forward) and the softmax scale
-//! (a Python float, [`YarnScaling::softmax_scale`], multiplied into the scores by the same
+//! (a Python float, [`softmax_scale`], multiplied into the scores by the same
 //! op whatever its value).
 
 use serde::Serialize;
