@@ -698,6 +698,19 @@ fn check_hardware_options(args: &Args) -> Result<Option<&'static str>, String> {
     } else if args.ncu.is_some() && !child {
         return Err("--ncu applies only with --hardware-counters (which runs ncu)".into());
     }
+    // The reader takes the replay mode from the folder; a mode given would be ignored.
+    if !child && !runs_ncu {
+        for (option, set) in [
+            ("--ncu-replay", args.ncu_replay.is_some()),
+            ("--ncu-dir", args.ncu_dir.is_some()),
+        ] {
+            if set {
+                return Err(format!(
+                    "{option} applies only with --hardware-counters (which runs ncu); {first} reads the folder as it is"
+                ));
+            }
+        }
+    }
     if let Some(dir) = &args.hardware_counters_from {
         if !child && !dir.is_dir() {
             return Err(format!(

@@ -38,7 +38,7 @@ fn options_that_cannot_work_are_refused_in_one_line() {
     let tmp = TempDir::new("refusals");
     let ncu = fake_ncu(&tmp.0);
     let ncu = ncu.to_str().unwrap();
-    let cases: [(&[&str], &[&str]); 8] = [
+    let cases: [(&[&str], &[&str]); 9] = [
         (
             &["--device", "cpu", "--hardware-counters", "--ncu", ncu],
             &["--device cpu", "cuda:0"],
@@ -66,6 +66,13 @@ fn options_that_cannot_work_are_refused_in_one_line() {
         (
             &["--hardware-counters", "--hardware-counters-from", "/tmp"],
             &["give one"],
+        ),
+        (
+            &["--hardware-counters-from", "/tmp", "--ncu-replay", "kernel"],
+            &[
+                "--ncu-replay applies only with --hardware-counters",
+                "reads the folder",
+            ],
         ),
         (
             &["--hardware-counters", "--hardware-counters-child", "/tmp/x"],
