@@ -264,6 +264,7 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     );
     assert_eq!(m["hardware"]["counted"]["io_bytes"], mlp.io_bytes);
     assert_eq!(m["hardware"]["roofline"]["peaks"]["model"], "H200 SXM");
+    assert_eq!(m["hardware"]["time"], "range_elapsed");
     for metric in ["hw_dram_bytes", "hw_l2_bytes", "hw_time_ns"] {
         assert_eq!(row(m, metric)["status"], "info", "{metric}");
     }
@@ -451,6 +452,10 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
     assert_eq!((mlp.index, mlp.record.layer.as_str()), (0, "DeepseekV2MLP"));
     assert_eq!(mlp.figures.tensor_ops_bf16, Some(27_262_976_000));
     assert!(mlp.figures.rows > 1 && mlp.ncu_id.ends_with("kernels"));
+    assert_eq!(
+        mlp.time,
+        modelmeter_verify::hardware::ranges::TimeSpan::Kernels
+    );
     // The gate: no kernel profiled is an error for that layer, not zeros.
     assert_eq!(run.errors.len(), 1);
     assert_eq!(run.errors[0].0, "MoEGate");

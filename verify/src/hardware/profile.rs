@@ -21,7 +21,7 @@ use modelmeter::Cost;
 
 use super::metrics::NCU_METRICS;
 use super::peaks;
-use super::ranges::{self, AttributedRange, RangeList, RangeRecord, NCU_CSV_FILE};
+use super::ranges::{self, AttributedRange, RangeList, RangeRecord, TimeSpan, NCU_CSV_FILE};
 use super::rows::{self, Context, MAX_TILE_ROWS, SMALL_GEMM_ROWS};
 use crate::check::Check;
 use crate::compare::worst;
@@ -487,6 +487,7 @@ pub fn kernels_of_layer(
         ncu_id: format!("{} kernels", figures.rows),
         record,
         figures,
+        time: TimeSpan::Kernels,
     })
 }
 

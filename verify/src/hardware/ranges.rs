@@ -92,6 +92,18 @@ impl RangeList {
     }
 }
 
+/// What a layer's `gpu__time_duration.sum` measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeSpan {
+    /// The profiler range's elapsed GPU time (range and app-range replay): gaps between
+    /// kernels and the profiler's own work at the range's edges included (2.5–3 ms for an
+    /// MLP whose kernels take 68 µs, H200).
+    RangeElapsed,
+    /// The layer's kernels' own durations, summed (kernel replay).
+    Kernels,
+}
+
 /// One layer's range: its record, ncu's name for the range, and the figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttributedRange {
@@ -101,6 +113,8 @@ pub struct AttributedRange {
     pub ncu_id: String,
     pub record: RangeRecord,
     pub figures: HardwareFigures,
+    /// What the figures' time measured.
+    pub time: TimeSpan,
 }
 
 /// Why ncu's results cannot be attributed to the layers.
@@ -188,6 +202,7 @@ pub fn attribute(
             ncu_id: id,
             record: record.clone(),
             figures,
+            time: TimeSpan::RangeElapsed,
         });
     }
     Ok(out)

@@ -27,7 +27,7 @@ use serde::Serialize;
 use modelmeter::conventions::FAST_FP32_MMAS_PER_PRODUCT;
 
 use super::peaks::DevicePeaks;
-use super::ranges::AttributedRange;
+use super::ranges::{AttributedRange, TimeSpan};
 use super::HardwareFigures;
 use crate::check::Check;
 use crate::compare::{rel_diff, MetricRow, Status};
@@ -124,6 +124,9 @@ pub struct LayerHardware {
     pub achieved: Achieved,
     /// `null` on a device without known peaks, or without the time or DRAM figures.
     pub roofline: Option<Roofline>,
+    /// What `figures.time_ns` measured: `range_elapsed` (range modes: gaps between
+    /// kernels included) or `kernels` (kernel replay: the kernels' own time).
+    pub time: TimeSpan,
 }
 
 /// `67.4 µs`: a duration for tables.
@@ -405,9 +408,13 @@ fn rate(v: Option<f64>, unit: &str) -> String {
     })
 }
 
-/// The `hw_time_ns` row: measured GPU time against the roofline bound (analytic column,
-/// 0 without known peaks).
-pub fn time_row(figures: &HardwareFigures, peaks: Option<&DevicePeaks>) -> MetricRow {
+/// The `hw_time_ns` row: measured GPU time (of the kind `span` says) against the
+/// roofline bound (analytic column, 0 without known peaks).
+pub fn time_row(
+    figures: &HardwareFigures,
+    peaks: Option<&DevicePeaks>,
+    span: TimeSpan,
+) -> MetricRow {
     let Some(t) = figures.time_ns else {
         return row(
             Check::HwTimeNs,
@@ -442,6 +449,9 @@ pub fn time_row(figures: &HardwareFigures, peaks: Option<&DevicePeaks>) -> Metri
             p.model
         )),
         (_, None) => note.push_str("; no roofline position: this device's peaks are not in the table (hardware::peaks)"),
+    }
+    if span == TimeSpan::RangeElapsed {
+        note.push_str("; the time is the profiler range's elapsed time, gaps between kernels and the profiler's own work included, so the rates and the roofline position understate the kernels (--ncu-replay kernel measures the kernels' own time)");
     }
     let analytic = bound.map_or(0, |r| r.bound_ns.round() as u64);
     MetricRow {
@@ -484,7 +494,7 @@ pub fn layer_rows(
         cuda_core_row(&counted, f, context),
         dram,
         l2,
-        time_row(f, peaks),
+        time_row(f, peaks, range.time),
     ];
     let hardware = LayerHardware {
         range: range.index,
@@ -493,6 +503,7 @@ pub fn layer_rows(
         counted,
         achieved: achieved(f),
         roofline: peaks.and_then(|p| roofline(f, p)),
+        time: range.time,
     };
     (rows, hardware)
 }
@@ -757,7 +768,7 @@ mod tests {
         for r in byte_rows(&c, &none) {
             assert!(r.note.unwrap().starts_with("unavailable"), "{}", r.metric);
         }
-        let time = time_row(&none, Some(&H200_SXM));
+        let time = time_row(&none, Some(&H200_SXM), TimeSpan::Kernels);
         assert!(time.note.unwrap().starts_with("unavailable"));
         assert_eq!(achieved(&none).tensor_flops_per_s, None);
         assert_eq!(roofline(&none, &H200_SXM), None);
@@ -779,13 +790,21 @@ mod tests {
             (tflops - 27_262_976_000.0 / 67_360e-9 / 1e12).abs() < 1e-6,
             "{tflops}"
         );
-        let row = time_row(&f, Some(&H200_SXM));
+        let row = time_row(&f, Some(&H200_SXM), TimeSpan::Kernels);
         assert_eq!(
             (row.measured, row.analytic),
             (67_360, compute_ns.round() as u64)
         );
         assert!(row.note.unwrap().contains("compute-bound"));
-        let unknown = time_row(&f, None);
+        // A range mode's time includes the gaps between kernels: the note says so.
+        let kernels = time_row(&f, Some(&H200_SXM), TimeSpan::Kernels);
+        assert!(!kernels.note.unwrap().contains("elapsed"));
+        let elapsed = time_row(&f, Some(&H200_SXM), TimeSpan::RangeElapsed);
+        assert!(elapsed
+            .note
+            .unwrap()
+            .contains("--ncu-replay kernel measures"));
+        let unknown = time_row(&f, None, TimeSpan::Kernels);
         assert_eq!(unknown.analytic, 0);
         assert!(unknown.note.unwrap().contains("not in the table"));
     }
