@@ -346,28 +346,25 @@ fn hardware_figures(
         },
         hardware::Role::Child { .. } => return Err("internal: the child reads no figures".into()),
     };
-    if let Some(device) = Some(&files.ranges.device).filter(|d| **d != ready.spec.to_string()) {
-        return Err(format!(
+    same_device(ready, Some(&files.ranges.device))?;
+    Ok((hardware::attributed(&files), Vec::new()))
+}
+
+/// Refuses figures profiled on another device than this run's.
+fn same_device(ready: &Ready, profiled: Option<&String>) -> Result<(), String> {
+    match profiled.filter(|d| **d != ready.spec.to_string()) {
+        Some(device) => Err(format!(
             "the profiled run was on {device}, this run is on {}: give the same --device",
             ready.spec
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok((hardware::attributed(&files), Vec::new()))
 }
 
 /// A kernel-replay run's figures: every layer that has them; the layers without say why
 /// (on their row); a run in which no layer has figures is a setup error (exit 2).
 fn per_layer_figures(ready: &Ready, run: hardware::PerLayerRun) -> Result<HardwareRun, String> {
-    if let Some(device) = run
-        .device
-        .as_ref()
-        .filter(|d| **d != ready.spec.to_string())
-    {
-        return Err(format!(
-            "the profiled run was on {device}, this run is on {}: give the same --device",
-            ready.spec
-        ));
-    }
+    same_device(ready, run.device.as_ref())?;
     for (layer, why) in &run.errors {
         eprintln!("hardware counters: {layer}: no figures: {}", one_line(why));
     }

@@ -24,13 +24,18 @@ fn verify(args: &[&str], path: Option<&Path>) -> Output {
     }
 }
 
-/// An executable stand-in for ncu that must never be run by a refused invocation.
-fn fake_ncu(dir: &Path) -> PathBuf {
+/// `dir/ncu`, an executable shell script with `script` as its text.
+fn ncu_script(dir: &Path, script: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let ncu = dir.join("ncu");
-    std::fs::write(&ncu, "#!/bin/sh\necho fake ncu ran >&2\nexit 3\n").unwrap();
+    std::fs::write(&ncu, script).unwrap();
     std::fs::set_permissions(&ncu, std::fs::Permissions::from_mode(0o755)).unwrap();
     ncu
+}
+
+/// An executable stand-in for ncu that must never be run by a refused invocation.
+fn fake_ncu(dir: &Path) -> PathBuf {
+    ncu_script(dir, "#!/bin/sh\necho fake ncu ran >&2\nexit 3\n")
 }
 
 #[test]
@@ -371,7 +376,6 @@ fn routed_experts_with_few_rows_make_the_moe_padding_information() {
 /// list for the one layer named by `--layers`, and as "ncu's CSV" the real per-kernel
 /// export of the H200's MLP (`fixtures/ncu-h200`), or, for the gate, no kernel at all.
 fn kernel_replay_ncu(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fixtures/ncu-h200/ncu_mlp_bfloat16.csv")
         .canonicalize()
@@ -402,10 +406,7 @@ fi
 "#,
         fixture.display()
     );
-    let ncu = dir.join("ncu");
-    std::fs::write(&ncu, script).unwrap();
-    std::fs::set_permissions(&ncu, std::fs::Permissions::from_mode(0o755)).unwrap();
-    ncu
+    ncu_script(dir, &script)
 }
 
 #[test]

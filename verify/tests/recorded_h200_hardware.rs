@@ -72,11 +72,7 @@ fn judged(run: &str, options: &[&str]) -> BTreeMap<String, (Status, f64)> {
         let name = range.record.layer.clone();
         let result = layer(&name, tokens.get(&name).cloned());
         let context = profile::context_of(&plan, &result);
-        let counted = Counted {
-            tensor_core_flops: range.record.tensor_core_flops,
-            cuda_core_flops: range.record.cuda_core_flops,
-            io_bytes: range.record.io_bytes,
-        };
+        let counted = Counted::of(&range.record);
         let row = rows::tensor_row(&counted, &range.figures, &context);
         let ratio = row.measured as f64 / row.analytic.max(1) as f64;
         out.insert(name, (row.status, ratio));
@@ -198,11 +194,7 @@ fn the_recording_fails_rules_that_ignore_what_the_hardware_does() {
     let big_experts = layer("DeepseekV2MoE", Some(vec![64; 48]));
     let context = profile::context_of(&plan, &big_experts);
     assert_eq!(context.small_gemm_flops, 0);
-    let counted = Counted {
-        tensor_core_flops: moe.record.tensor_core_flops,
-        cuda_core_flops: moe.record.cuda_core_flops,
-        io_bytes: moe.record.io_bytes,
-    };
+    let counted = Counted::of(&moe.record);
     assert_eq!(
         rows::tensor_row(&counted, &moe.figures, &context).status,
         Status::Fail

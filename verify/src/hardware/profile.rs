@@ -212,18 +212,20 @@ pub fn run_under_ncu(
         );
         }
     }
-    let child: Vec<OsString> = args.to_vec();
-    left_out.extend(run_ncu(ncu, exe, &child, dir, replay, metrics)?);
-    // ncu reports its own refusals (`==ERROR==`, in its log file or on the terminal)
-    // and may still exit 0: say what it said.
-    let mut files = read_run(dir).map_err(|e| {
-        match ncu_error(&dir.join(NCU_CSV_FILE)).or_else(|| ncu_error(&dir.join("output.txt"))) {
-            Some(said) => format!("{e}; ncu said: {said}"),
-            None => e,
-        }
-    })?;
+    left_out.extend(run_ncu(ncu, exe, args, dir, replay, metrics)?);
+    let mut files = read_run(dir).map_err(|e| with_ncu_said(e, dir))?;
     files.left_out = left_out;
     Ok(files)
+}
+
+/// `e` with what ncu said about the run in `dir`: ncu reports its own refusals
+/// (`==ERROR==`, in its log file or on the terminal side of the child's output) and may
+/// still exit 0.
+fn with_ncu_said(e: String, dir: &Path) -> String {
+    match ncu_error(&dir.join(NCU_CSV_FILE)).or_else(|| ncu_error(&dir.join("output.txt"))) {
+        Some(said) => format!("{e}; ncu said: {said}"),
+        None => e,
+    }
 }
 
 /// One ncu run over the child (`args` plus `--hardware-counters-child dir`) with
@@ -265,7 +267,7 @@ fn run_ncu(
                 csv.display()
             ));
         }
-        let refused: Vec<&str> = unsupported_in_range_replay(&log)
+        let refused: Vec<&str> = unsupported_in_replay(&log)
             .into_iter()
             .filter_map(|m| metrics.iter().copied().find(|k| *k == m))
             .collect();
@@ -345,34 +347,27 @@ pub fn run_per_layer(
         let mut child = base.clone();
         child.push("--layers".into());
         child.push(layer.into());
-        let result = run_ncu(ncu, exe, &child, &here, NcuReplay::Kernel, metrics.clone()).and_then(
-            |left_out| {
-                let files = read_run(&here)?;
-                let range =
-                    kernels_of_layer(&files, index, layer).map_err(|e| {
-                        match ncu_error(&here.join(NCU_CSV_FILE)) {
-                            Some(said) => format!("{e}; ncu said: {said}"),
-                            None => e,
-                        }
-                    })?;
-                Ok((files.ranges.device, range, left_out))
-            },
-        );
-        match result {
-            Ok((device, range, left_out)) => {
-                run.device.get_or_insert(device);
-                run.ranges.push(range);
+        match run_ncu(ncu, exe, &child, &here, NcuReplay::Kernel, metrics.clone()) {
+            Ok(left_out) => {
                 metrics.retain(|m| !left_out.iter().any(|l| l == m));
                 for m in left_out {
                     if !run.left_out.contains(&m) {
                         run.left_out.push(m);
                     }
                 }
+                run.add(layer, read_layer(&here, index, layer));
             }
             Err(e) => run.errors.push((layer.clone(), e)),
         }
     }
     Ok(run)
+}
+
+/// The `index`-th layer's figures from its kernel-replay folder `here`.
+fn read_layer(here: &Path, index: usize, layer: &str) -> Result<(String, AttributedRange), String> {
+    let files = read_run(here)?;
+    let range = kernels_of_layer(&files, index, layer).map_err(|e| with_ncu_said(e, here))?;
+    Ok((files.ranges.device, range))
 }
 
 /// The per-layer folders in `dir` (`<i>-<layer>/`, as [`layer_dir`] names them), in index
@@ -421,16 +416,7 @@ pub fn read_per_layer(dir: &Path) -> Option<Result<PerLayerRun, String>> {
                 dir.display()
             )));
         }
-        match read_run(&here).and_then(|files| {
-            let range = kernels_of_layer(&files, index, &layer)?;
-            Ok((files.ranges.device, range))
-        }) {
-            Ok((device, range)) => {
-                run.device.get_or_insert(device);
-                run.ranges.push(range);
-            }
-            Err(e) => run.errors.push((layer, e)),
-        }
+        run.add(&layer, read_layer(&here, index, &layer));
     }
     Some(Ok(run))
 }
@@ -445,6 +431,19 @@ pub struct PerLayerRun {
     pub errors: Vec<(String, String)>,
     /// Metrics ncu refused (unavailable).
     pub left_out: Vec<String>,
+}
+
+impl PerLayerRun {
+    /// Adds `layer`'s figures (with the device its run was on), or why it has none.
+    fn add(&mut self, layer: &str, read: Result<(String, AttributedRange), String>) {
+        match read {
+            Ok((device, range)) => {
+                self.device.get_or_insert(device);
+                self.ranges.push(range);
+            }
+            Err(e) => self.errors.push((layer.to_string(), e)),
+        }
+    }
 }
 
 /// The `index`-th layer's figures from its own kernel-replay run: every profiled kernel
@@ -493,7 +492,7 @@ pub fn kernels_of_layer(
 
 /// The metrics ncu's `log` says it cannot collect in this replay mode ("… is not supported
 /// in range replay.", and the same sentence for any other mode, such as app-range).
-pub fn unsupported_in_range_replay(log: &str) -> Vec<&str> {
+pub fn unsupported_in_replay(log: &str) -> Vec<&str> {
     log.lines()
         .filter_map(|l| {
             let rest = l.strip_prefix("==ERROR== Metric ")?;
@@ -628,19 +627,21 @@ pub fn context_of(plan: &Plan, result: &LayerResult) -> Context {
         u64::try_from(m).unwrap_or(u64::MAX)
     };
     let fp32 = w.dtype == modelmeter::Dtype::F32;
-    let (mut skippable, mut fast, mut fast_skippable) = (0u64, 0u64, 0u64);
-    // The fused kernel is a leaf inside the attention core's node.
-    for c in nodes
-        .iter()
-        .filter(|c| c.name == ATTENTION_CORE_ROLE)
-        .flat_map(|c| c.ops())
-        .filter(|c| c.op.is_some_and(is_fused_attention))
-    {
-        let core = c.metrics.tensor_core_flops;
-        skippable = skippable.saturating_add(masked(core));
-        if fp32 && c.op.is_some_and(runs_fast_fp32) {
-            fast = fast.saturating_add(core);
-            fast_skippable = fast_skippable.saturating_add(masked(core));
+    let (mut cores, mut skippable, mut fast, mut fast_skippable) = (0u64, 0u64, 0u64, 0u64);
+    for core in nodes.iter().filter(|c| c.name == ATTENTION_CORE_ROLE) {
+        cores = cores.saturating_add(core.metrics.tensor_core_flops);
+        // The fused kernel is a leaf inside the attention core's node.
+        for kernel in core
+            .ops()
+            .into_iter()
+            .filter(|c| c.op.is_some_and(is_fused_attention))
+        {
+            let flops = kernel.metrics.tensor_core_flops;
+            skippable = skippable.saturating_add(masked(flops));
+            if fp32 && kernel.op.is_some_and(runs_fast_fp32) {
+                fast = fast.saturating_add(flops);
+                fast_skippable = fast_skippable.saturating_add(masked(flops));
+            }
         }
     }
     let total = cost.as_ref().map_or(0, |c| c.metrics.tensor_core_flops);
@@ -656,12 +657,8 @@ pub fn context_of(plan: &Plan, result: &LayerResult) -> Context {
             small_expert_share(routed, result.tokens_per_expert.as_deref(), plan);
         // Fewer query tokens than a tile's rows (a decode step at B ≥ 64): the attention
         // core's products have S_q rows per sequence, however large the batch.
-        let core: u64 = if w.query_len() < SMALL_GEMM_ROWS {
-            nodes
-                .iter()
-                .filter(|c| c.name == ATTENTION_CORE_ROLE)
-                .map(|c| c.metrics.tensor_core_flops)
-                .fold(0u64, u64::saturating_add)
+        let core = if w.query_len() < SMALL_GEMM_ROWS {
+            cores
         } else {
             0
         };
@@ -814,14 +811,14 @@ mod tests {
         // What ncu 2025.3 wrote on an H200 (docs/results/2026-11-28-h200).
         let log = "==ERROR== Metric smsp__sass_thread_inst_executed_op_dadd_pred_on.sum is not supported in range replay.\n==ERROR== See https://docs.nvidia.com/nsight-compute/ProfilingGuide/#compatibility\n";
         assert_eq!(
-            unsupported_in_range_replay(log),
+            unsupported_in_replay(log),
             vec!["smsp__sass_thread_inst_executed_op_dadd_pred_on.sum"]
         );
-        assert!(unsupported_in_range_replay("\"ID\",\"Range Name\"\n").is_empty());
+        assert!(unsupported_in_replay("\"ID\",\"Range Name\"\n").is_empty());
         // The same sentence for another replay mode.
         let app = "==ERROR== Metric smsp__sass_thread_inst_executed_op_ffma_pred_on.sum is not supported in app-range replay.\n";
         assert_eq!(
-            unsupported_in_range_replay(app),
+            unsupported_in_replay(app),
             vec!["smsp__sass_thread_inst_executed_op_ffma_pred_on.sum"]
         );
     }

@@ -9,10 +9,11 @@
 //!   for fp32 attention on the memory-efficient kernel, which runs each product as
 //!   [`FAST_FP32_MMAS_PER_PRODUCT`] TF32 MMAs (3xTF32; the H200 measured 2,390,753,280
 //!   TF32 ops for a causal 1,342,177,280-FLOP core at B = 1, H = 10, S = 512, d = 128:
-//!   three times the 64×128 tiles on or below the diagonal). Above the band it is `info`, not a failure, where
-//!   GEMMs with fewer than [`SMALL_GEMM_ROWS`] token rows carry counted work (decode
-//!   steps; routed experts that received few tokens): the hardware pads those to its tile
-//!   rows (8.07× the FLOPs at one token on the H200). Below the band it fails.
+//!   three times the 64×128 tiles on or below the diagonal). Above the band it is `info`,
+//!   not a failure, where GEMMs with fewer than [`SMALL_GEMM_ROWS`] token rows carry
+//!   counted work (decode steps; routed experts that received few tokens): the hardware
+//!   pads those to its tile rows (8.07× the FLOPs at one token on the H200), up to
+//!   [`MAX_TILE_ROWS`] where that bound is known. Below the band it fails.
 //! * `hw_cuda_core_flops` (2·FMA + ADD + MUL, FP32 and, where ncu has them, FP16/FP64)
 //!   against the counted `cuda_core_flops`: `info`, except when fp32 GEMMs are at least
 //!   [`SIMT_GEMM_SHARE`] of the counted CUDA-core work: then the same band as above.
@@ -27,7 +28,7 @@ use serde::Serialize;
 use modelmeter::conventions::FAST_FP32_MMAS_PER_PRODUCT;
 
 use super::peaks::DevicePeaks;
-use super::ranges::{AttributedRange, TimeSpan};
+use super::ranges::{AttributedRange, RangeRecord, TimeSpan};
 use super::HardwareFigures;
 use crate::check::Check;
 use crate::compare::{rel_diff, MetricRow, Status};
@@ -72,8 +73,8 @@ pub struct Context {
     /// work).
     pub small_gemm_ceiling_flops: Option<u64>,
     /// Counted tensor-core FLOPs of fp32 attention cores on the memory-efficient kernel
-    /// (each product run as [`FAST_FP32_MMAS_PER_PRODUCT`] TF32 MMAs), and of those the masked share a
-    /// causal kernel may skip (also in `causal_skippable_flops`).
+    /// (each product run as [`FAST_FP32_MMAS_PER_PRODUCT`] TF32 MMAs), and of those the
+    /// masked share a causal kernel may skip (also in `causal_skippable_flops`).
     pub fast_f32_flops: u64,
     pub fast_f32_skippable_flops: u64,
     /// Counted CUDA-core FLOPs of GEMM-like ops (fp32 matmuls with TF32 off).
@@ -86,6 +87,17 @@ pub struct Counted {
     pub tensor_core_flops: u64,
     pub cuda_core_flops: u64,
     pub io_bytes: u64,
+}
+
+impl Counted {
+    /// What the child's range list says the counter booked in `record`'s forward.
+    pub fn of(record: &RangeRecord) -> Counted {
+        Counted {
+            tensor_core_flops: record.tensor_core_flops,
+            cuda_core_flops: record.cuda_core_flops,
+            io_bytes: record.io_bytes,
+        }
+    }
 }
 
 /// Achieved throughputs over the range's GPU time (`None` where a figure is unavailable).
@@ -473,11 +485,7 @@ pub fn layer_rows(
     peaks: Option<&DevicePeaks>,
     counted_here: Option<u64>,
 ) -> (Vec<MetricRow>, LayerHardware) {
-    let counted = Counted {
-        tensor_core_flops: range.record.tensor_core_flops,
-        cuda_core_flops: range.record.cuda_core_flops,
-        io_bytes: range.record.io_bytes,
-    };
+    let counted = Counted::of(&range.record);
     let f = &range.figures;
     let mut tensor = tensor_row(&counted, f, context);
     if let Some(here) = counted_here.filter(|h| *h != counted.tensor_core_flops) {
