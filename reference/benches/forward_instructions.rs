@@ -3,9 +3,10 @@
 //! callgrind (`--toggle-collect` on [`forwards`]): a measure of the counter's cost that a
 //! shared machine's timing noise cannot blur. Not a timing benchmark.
 //!
-//! `cargo bench -p modelmeter-reference --bench forward_instructions -- LAYER MODE [N]`
+//! `cargo bench -p modelmeter-reference --bench forward_instructions -- LAYER MODE [N] [S]`
 //! with LAYER `moe`, `decoder_moe`, `decoder_dense`, `mlp` or `attention`, MODE `plain`
-//! or `counted`, N forwards (default 2); DeepSeek-OCR, B=1, prefill S=512, fp32, CPU.
+//! or `counted`, N forwards (default 2); DeepSeek-OCR, B=1, prefill of S tokens (default
+//! 512), fp32, CPU.
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, ModelConfig, Workload};
@@ -54,8 +55,11 @@ fn main() {
         }
     };
     let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(2);
+    // A short prompt makes the forwards cheap and the counter's share large: what a
+    // change to the counter's per-op cost is best measured on.
+    let seq_len = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(512);
     let config = ModelConfig::deepseek_ocr();
-    let workload = Workload::prefill(1, 512)
+    let workload = Workload::prefill(1, seq_len)
         .and_then(|w| w.with_dtype(Dtype::F32))
         .expect("the default workload is valid");
     let setup = Setup {

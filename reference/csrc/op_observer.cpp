@@ -33,6 +33,7 @@
 #include <ATen/core/ivalue.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/record_function.h>
+#include <c10/util/SmallVector.h>
 
 #include <dlfcn.h>
 
@@ -40,6 +41,7 @@
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -80,10 +82,60 @@ struct FrameContext : at::ObserverContext {
   // Storages of the op's tensor inputs, as identities only (never dereferenced, never
   // owned: the caller keeps them alive for the call). The end callback cannot look at
   // the inputs themselves: by then the boxed stack holds the outputs.
-  std::vector<const void*> input_storages;
+  // Inline for the few tensors an op takes: no heap allocation per op.
+  c10::SmallVector<const void*, 4> input_storages;
 };
 
-void note_storage(std::vector<const void*>& out, const at::Tensor& t) {
+// The line an op's callback writes before appending it to the log under the lock. Its
+// appends are inline (std::string's are calls into libstdc++), and there is one per
+// thread, reused from op to op with its capacity, so that logging an op allocates
+// nothing once the buffer has grown: every argument of every op is written through it.
+class Line {
+ public:
+  Line& operator+=(char c) {
+    reserve(1);
+    data_[len_++] = c;
+    return *this;
+  }
+  Line& operator+=(const char* s) { return append(s, std::strlen(s)); }
+  Line& operator+=(const std::string& s) { return append(s.data(), s.size()); }
+  Line& append(const char* s, size_t n) {
+    reserve(n);
+    std::memcpy(data_.get() + len_, s, n);
+    len_ += n;
+    return *this;
+  }
+  void clear() { len_ = 0; }
+  const char* data() const { return data_.get(); }
+  size_t size() const { return len_; }
+
+ private:
+  void reserve(size_t n) {
+    if (len_ + n > cap_) grow(len_ + n);
+  }
+  void grow(size_t need) {
+    size_t cap = cap_ ? cap_ : 256;
+    while (cap < need) cap *= 2;
+    std::unique_ptr<char[]> data(new char[cap]);
+    if (len_) std::memcpy(data.get(), data_.get(), len_);
+    data_ = std::move(data);
+    cap_ = cap;
+  }
+  std::unique_ptr<char[]> data_;
+  size_t len_ = 0;
+  size_t cap_ = 0;
+};
+
+// Never freed, like the frames (a callback may run while its thread is torn down).
+thread_local Line* t_line_ptr = nullptr;
+
+Line& line_buffer() {
+  if (t_line_ptr == nullptr) t_line_ptr = new Line();
+  t_line_ptr->clear();
+  return *t_line_ptr;
+}
+
+void note_storage(c10::SmallVector<const void*, 4>& out, const at::Tensor& t) {
   if (t.defined() && t.has_storage()) out.push_back(t.storage().unsafeGetStorageImpl());
 }
 
@@ -103,22 +155,23 @@ void append_error(const char* op, const char* message) noexcept {
   }
 }
 
-// Appends `value` in decimal (or hex) without a temporary string: every tensor size of
+// Appends `value` in decimal without a temporary string: every tensor size of
 // every op goes through here.
-void append_int(std::string& out, int64_t value, int base = 10) {
+void append_int(Line& out, int64_t value) {
   char buf[24];
-  const auto end = std::to_chars(buf, buf + sizeof buf, value, base).ptr;
-  out.append(buf, end);
+  // Without a base argument: libstdc++'s decimal path, two digits per step.
+  const auto end = std::to_chars(buf, buf + sizeof buf, value).ptr;
+  out.append(buf, static_cast<size_t>(end - buf));
 }
 
-void encode_ints(std::string& out, c10::IntArrayRef values) {
+void encode_ints(Line& out, c10::IntArrayRef values) {
   for (size_t i = 0; i < values.size(); ++i) {
     if (i) out += ',';
     append_int(out, values[i]);
   }
 }
 
-void encode_tensor(std::string& out, const at::Tensor& t) {
+void encode_tensor(Line& out, const at::Tensor& t) {
   if (!t.defined()) {
     out += 'N';
     return;
@@ -126,13 +179,22 @@ void encode_tensor(std::string& out, const at::Tensor& t) {
   out += 'T';
   out += c10::toString(t.scalar_type());
   out += '@';
-  out += t.device().str();
+  // `Device::str()` spelled without building a string for the usual devices.
+  const c10::Device device = t.device();
+  if (device.is_cpu()) {
+    out += "cpu";
+  } else if (device.is_cuda() && device.has_index()) {
+    out += "cuda:";
+    append_int(out, device.index());
+  } else {
+    out += device.str();
+  }
   out += '[';
   encode_ints(out, t.sizes());
   out += ']';
 }
 
-void encode(std::string& out, const c10::IValue& v) {
+void encode(Line& out, const c10::IValue& v) {
   static const char* hex = "0123456789abcdef";
   if (v.isNone()) {
     out += 'N';
@@ -157,23 +219,28 @@ void encode(std::string& out, const c10::IValue& v) {
       out += hex[c & 15];
     }
   } else if (v.isIntList()) {
+    // Every list is read in place (`toListRef`), not copied into a vector.
     out += "I[";
-    encode_ints(out, v.toIntVector());
+    const auto list = v.toListRef();
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (i) out += ',';
+      append_int(out, list[i].toInt());
+    }
     out += ']';
   } else if (v.isBoolList()) {
     out += "B[";
-    auto list = v.toBoolList();
+    const auto list = v.toListRef();
     for (size_t i = 0; i < list.size(); ++i) {
       if (i) out += ',';
-      out += list.get(i) ? '1' : '0';
+      out += list[i].toBool() ? '1' : '0';
     }
     out += ']';
   } else if (v.isTensorList()) {
     out += "L[";
-    auto list = v.toTensorVector();
+    const auto list = v.toListRef();
     for (size_t i = 0; i < list.size(); ++i) {
       if (i) out += ';';
-      encode_tensor(out, list[i]);
+      encode_tensor(out, list[i].toTensor());
     }
     out += ']';
   } else if (v.isList()) {
@@ -212,8 +279,7 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     context = std::move(frame);
     if (!in || !g_armed.load()) return context;
 
-    std::string line;
-    line.reserve(256);  // most lines fit: one allocation per op
+    Line& line = line_buffer();
     append_int(line, static_cast<int64_t>(fn.threadId()));
     line += '\t';
     append_int(line, static_cast<int64_t>(depth));
@@ -228,8 +294,8 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
         if (inputs[i].isTensor()) {
           note_storage(frame_ptr->input_storages, inputs[i].toTensor());
         } else if (inputs[i].isTensorList()) {
-          for (const at::Tensor& t : inputs[i].toTensorVector()) {
-            note_storage(frame_ptr->input_storages, t);
+          for (const c10::IValue& t : inputs[i].toListRef()) {
+            note_storage(frame_ptr->input_storages, t.toTensor());
           }
         }
       }
@@ -238,7 +304,7 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     std::lock_guard<std::mutex> lock(g_mutex);
     // Only the region this op was judged against may receive it.
     if (g_armed.load() && g_generation.load() == generation) {
-      g_log += line;
+      g_log.append(line.data(), line.size());
       frame_ptr->line = g_started++;
     }
   } catch (const std::exception& e) {
@@ -260,7 +326,7 @@ bool aliases_input(const FrameContext& frame, const at::Tensor& t) {
   return false;
 }
 
-void encode_output(std::string& out, const FrameContext& frame, const c10::IValue& v) {
+void encode_output(Line& out, const FrameContext& frame, const c10::IValue& v) {
   if (!v.isTensor()) {
     encode(out, v);
     return;
@@ -273,14 +339,13 @@ void encode_output(std::string& out, const FrameContext& frame, const c10::IValu
     const auto address = reinterpret_cast<uintptr_t>(t.storage().data());
     const auto end = std::to_chars(buf, buf + sizeof buf, address, 16).ptr;
     out += '#';
-    out.append(buf, end);
+    out.append(buf, static_cast<size_t>(end - buf));
   }
 }
 
 // Writes the outputs of a logged op (the O line).
 void log_outputs(const at::RecordFunction& fn, const FrameContext& frame) {
-  std::string line;
-  line.reserve(128);
+  Line& line = line_buffer();
   line += "O\t";
   append_int(line, static_cast<int64_t>(frame.line));
   line += '\t';
@@ -293,7 +358,9 @@ void log_outputs(const at::RecordFunction& fn, const FrameContext& frame) {
   }
   line += '\n';
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (g_armed.load() && g_generation.load() == frame.generation) g_log += line;
+  if (g_armed.load() && g_generation.load() == frame.generation) {
+    g_log.append(line.data(), line.size());
+  }
 }
 
 void on_end(const at::RecordFunction& fn, at::ObserverContext* context) {

@@ -258,7 +258,11 @@ impl Counts {
             conv.io_bytes(&event.args, &written)
         };
         let total = bytes.and_then(|b| {
-            let by_op = self.io_bytes_by_op.entry(event.name.clone()).or_default();
+            // The name is copied once per op name, not once per call.
+            let by_op = match self.io_bytes_by_op.get_mut(&event.name) {
+                Some(by_op) => by_op,
+                None => self.io_bytes_by_op.entry(event.name.clone()).or_default(),
+            };
             *by_op = by_op.saturating_add(b);
             modelmeter::checked::sum("io_bytes", &[self.io_bytes, b])
         });
@@ -297,7 +301,7 @@ impl Counts {
             name: event.name.clone(),
             thread: event.thread,
             backward,
-            device: event.device.clone(),
+            device: event.device.as_deref().map(str::to_string),
             shapes,
             dtypes,
             flops: cost,

@@ -70,7 +70,10 @@ fn take(ptr: *mut c_char, len: usize) -> String {
     }
     // SAFETY: the shim returned `len` initialised bytes at `ptr`, which we free once.
     let text = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-    let text = String::from_utf8_lossy(text).into_owned();
+    // The log is ASCII but for op names: validate it in one pass (replacing any invalid
+    // bytes only when there are some).
+    let text = String::from_utf8(text.to_vec())
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     // SAFETY: `ptr` came from the shim's malloc and is not used again.
     unsafe { mmeter_free(ptr) };
     text

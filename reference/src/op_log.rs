@@ -1,5 +1,7 @@
 //! Parses the op observer's text log (format in `csrc/op_observer.cpp`) into events.
 
+use std::sync::Arc;
+
 use modelmeter::conventions::{Arg, TensorMeta};
 use modelmeter::shape::Shape;
 use modelmeter::Dtype;
@@ -16,8 +18,9 @@ pub struct OpEvent {
     /// `aten::mm`, `MmBackward0`, `autograd::engine::evaluate_function: …`.
     pub name: String,
     pub args: Vec<Arg>,
-    /// The device of the first tensor argument (`cpu`, `cuda:0`), if any.
-    pub device: Option<String>,
+    /// The device of the first tensor argument (`cpu`, `cuda:0`), if any; the events of
+    /// one device share one string.
+    pub device: Option<Arc<str>>,
     /// What the op returned, from its end line; `None` when the op never ended inside
     /// the region (or the line was lost to an error).
     pub outputs: Option<Vec<OpOutput>>,
@@ -65,8 +68,13 @@ pub struct OpLog {
 /// Parses a whole log; malformed lines become errors, never silently dropped.
 pub fn parse(log: &str) -> OpLog {
     let mut out = OpLog::default();
+    // Lines run to about a hundred bytes: room for the events at once, not regrown.
+    out.events.reserve(log.len() / 256);
     // Start line number → index in `out.events` (None for an unparsable start line).
     let mut started: Vec<Option<usize>> = Vec::new();
+    // The device named last: nearly every op of a region runs on one device, whose
+    // name is then allocated once, not once per op.
+    let mut last_device: Option<Arc<str>> = None;
     for line in log.lines().filter(|l| !l.is_empty()) {
         if let Some(message) = line.strip_prefix("X\t") {
             out.errors.push(message.to_string());
@@ -88,7 +96,7 @@ pub fn parse(log: &str) -> OpLog {
             }
             continue;
         }
-        match parse_line(line) {
+        match parse_line(line, &mut last_device) {
             Some(event) => {
                 started.push(Some(out.events.len()));
                 out.events.push(event);
@@ -103,15 +111,15 @@ pub fn parse(log: &str) -> OpLog {
 }
 
 /// `<n>\t<clock>\t<output>;<output>…` of an O line.
-fn parse_outputs(rest: &str) -> Option<(usize, u64, Vec<OpOutput>)> {
-    let (n, rest) = rest.split_once('\t')?;
-    let (clock, text) = rest.split_once('\t')?;
+fn parse_outputs(mut text: &str) -> Option<(usize, u64, Vec<OpOutput>)> {
+    let n = field(&mut text)?;
+    let clock = field(&mut text)?;
     let mut parser = Parser {
-        text: text.as_bytes(),
+        text,
         pos: 0,
         device: None,
     };
-    let mut outputs = Vec::new();
+    let mut outputs = Vec::with_capacity(2);
     if !parser.text.is_empty() {
         loop {
             let aliases_input = parser.eat(b'=');
@@ -134,22 +142,32 @@ fn parse_outputs(rest: &str) -> Option<(usize, u64, Vec<OpOutput>)> {
     (parser.pos == parser.text.len()).then_some((n.parse().ok()?, clock.parse().ok()?, outputs))
 }
 
-fn parse_line(line: &str) -> Option<OpEvent> {
-    let mut fields = line.splitn(5, '\t');
-    let thread = fields.next()?.parse().ok()?;
-    let depth = fields.next()?.parse().ok()?;
-    let backward = match fields.next()? {
+/// The text before the next tab of `rest`, which moves past it; `None` without a tab.
+/// (A byte scan: the fields before the arguments are a few bytes each.)
+fn field<'a>(rest: &mut &'a str) -> Option<&'a str> {
+    let tab = rest.bytes().position(|b| b == b'\t')?;
+    let (field, after) = (&rest[..tab], &rest[tab + 1..]);
+    *rest = after;
+    Some(field)
+}
+
+fn parse_line(line: &str, last_device: &mut Option<Arc<str>>) -> Option<OpEvent> {
+    let mut rest = line;
+    let thread = field(&mut rest)?.parse().ok()?;
+    let depth = field(&mut rest)?.parse().ok()?;
+    let backward = match field(&mut rest)? {
         "B" => true,
         "F" => false,
         _ => return None,
     };
-    let name = fields.next()?.to_string();
+    let name = field(&mut rest)?.to_string();
     let mut parser = Parser {
-        text: fields.next()?.as_bytes(),
+        text: rest,
         pos: 0,
         device: None,
     };
-    let mut args = Vec::new();
+    // Room for most ops' arguments at once (no regrowing per argument).
+    let mut args = Vec::with_capacity(4);
     if !parser.text.is_empty() {
         loop {
             args.push(parser.arg()?);
@@ -158,27 +176,38 @@ fn parse_line(line: &str) -> Option<OpEvent> {
             }
         }
     }
-    (parser.pos == parser.text.len()).then_some(OpEvent {
+    if parser.pos != parser.text.len() {
+        return None;
+    }
+    let device = parser.device.map(|name| match last_device {
+        Some(last) if **last == *name => last.clone(),
+        _ => last_device.insert(Arc::from(name)).clone(),
+    });
+    Some(OpEvent {
         thread,
         depth,
         backward,
         name,
         args,
-        device: parser.device,
+        device,
         outputs: None,
         ended_at: None,
     })
 }
 
+/// Reads one line's arguments. It walks the bytes and hands out tokens as slices of the
+/// line itself: every stop is an ASCII delimiter, so each slice is already valid text and
+/// none is validated or copied again (every tensor size of every op goes through here).
 struct Parser<'a> {
-    text: &'a [u8],
+    text: &'a str,
     pos: usize,
-    device: Option<String>,
+    /// The device of the first tensor read.
+    device: Option<&'a str>,
 }
 
 impl<'a> Parser<'a> {
     fn peek(&self) -> Option<u8> {
-        self.text.get(self.pos).copied()
+        self.text.as_bytes().get(self.pos).copied()
     }
 
     fn eat(&mut self, c: u8) -> bool {
@@ -195,7 +224,21 @@ impl<'a> Parser<'a> {
         while self.peek().is_some_and(|c| !stop.contains(&c)) {
             self.pos += 1;
         }
-        std::str::from_utf8(&self.text[start..self.pos]).unwrap_or("")
+        // A start inside a character (after a malformed tag) reads as an empty token.
+        self.text.get(start..self.pos).unwrap_or("")
+    }
+
+    /// A tensor size: one or more decimal digits, read in place.
+    fn size(&mut self) -> Option<u64> {
+        let start = self.pos;
+        let mut value = 0u64;
+        while let Some(digit) = self.peek().filter(u8::is_ascii_digit) {
+            value = value
+                .checked_mul(10)?
+                .checked_add(u64::from(digit - b'0'))?;
+            self.pos += 1;
+        }
+        (self.pos > start).then_some(value)
     }
 
     fn ints(&mut self) -> Option<Vec<i64>> {
@@ -218,7 +261,7 @@ impl<'a> Parser<'a> {
         let mut longer: Vec<u64> = Vec::new();
         if !self.eat(b']') {
             loop {
-                let d: u64 = self.until(b",]").parse().ok()?;
+                let d = self.size()?;
                 if rank < Shape::INLINE {
                     dims[rank] = d;
                 } else {
@@ -250,9 +293,7 @@ impl<'a> Parser<'a> {
                 let dtype = Dtype::from_libtorch_name(self.until(b"@"));
                 self.eat(b'@').then_some(())?;
                 let device = self.until(b"[");
-                if self.device.is_none() {
-                    self.device = Some(device.to_string());
-                }
+                self.device.get_or_insert(device);
                 self.eat(b'[').then_some(())?;
                 Arg::Tensor(TensorMeta::from_shape(self.dims()?, dtype))
             }
@@ -260,9 +301,11 @@ impl<'a> Parser<'a> {
             b'f' => Arg::Float(self.until(b";]").parse().ok()?),
             b'b' => Arg::Bool(self.until(b";]") == "1"),
             b's' => {
-                let hex = self.until(b";]");
-                let bytes = (0..hex.len() / 2)
-                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                let hex = self.until(b";]").as_bytes();
+                let digit = |c: u8| char::from(c).to_digit(16);
+                let bytes = hex
+                    .chunks_exact(2)
+                    .map(|pair| Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8))
                     .collect::<Option<Vec<u8>>>()?;
                 Arg::Str(String::from_utf8_lossy(&bytes).into_owned())
             }
@@ -387,6 +430,27 @@ mod tests {
             ]
         );
         assert_eq!(parse("1\t0\tF\taten::mm\t\n").events[0].outputs, None);
+    }
+
+    #[test]
+    fn sizes_past_64_bits_and_bad_hex_are_errors_and_devices_are_shared() {
+        let out = parse(
+            "1\t0\tF\taten::a\tTFloat@cpu[18446744073709551615]\n\
+             1\t0\tF\taten::b\tTFloat@cpu[18446744073709551616]\n\
+             1\t0\tF\taten::c\ts6g\n\
+             1\t0\tF\taten::d\tTFloat@cpu[2]\n\
+             1\t0\tF\taten::e\tTFloat@cuda:1[2]\n",
+        );
+        assert_eq!(out.errors.len(), 2, "{:?}", out.errors);
+        let names: Vec<&str> = out.events.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["aten::a", "aten::d", "aten::e"]);
+        assert_eq!(
+            out.events[0].args,
+            vec![Arg::Tensor(TensorMeta::new(&[u64::MAX], Dtype::F32))]
+        );
+        let device = |i: usize| out.events[i].device.clone().unwrap();
+        assert!(Arc::ptr_eq(&device(0), &device(1)), "one cpu string");
+        assert_eq!(&*device(2), "cuda:1");
     }
 
     #[test]

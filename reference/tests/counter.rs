@@ -323,6 +323,23 @@ fn records_carry_shapes_dtypes_device_and_engine() {
 }
 
 #[test]
+fn an_op_with_a_long_argument_list_is_read_whole() {
+    // 100 tensors of one `cat`: a log line of several kilobytes, far past the observer's
+    // first line buffer, written and parsed in one piece.
+    let parts: Vec<Tensor> = (1..=100).map(|i| randn(&[i, 3])).collect();
+    let (out, c) = count(|| Tensor::cat(&parts, 0));
+    assert_eq!(out.size(), [5050, 3]);
+    assert_complete(&c);
+    let size = match kind() {
+        Kind::BFloat16 => 2,
+        _ => 4,
+    };
+    // Every part read, the concatenation written.
+    assert_eq!(c.io_bytes, 2 * 5050 * 3 * size);
+    assert_eq!(c.ops_without_outputs, 0);
+}
+
+#[test]
 fn bytes_moved_by_real_ops_match_hand_numbers() {
     let size = match kind() {
         Kind::BFloat16 => 2,
