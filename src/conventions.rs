@@ -959,16 +959,34 @@ impl OpConvention {
         if matches!(self.rule, Rule::View | Rule::Composite) {
             return Ok(0);
         }
-        /// `total` plus the bytes of `arg`'s tensors (a list's, item by item).
-        #[inline]
+        let mut written = 0;
+        for t in outputs {
+            written = sum("io_bytes", &[written, t.bytes()?])?;
+        }
+        self.io_bytes_writing(args, written)
+    }
+
+    /// [`OpConvention::io_bytes`] of a call whose outputs take `written` bytes (which a
+    /// caller that also needs each output's size has added up already).
+    pub fn io_bytes_writing<A: AsArg>(&self, args: &[A], written: u64) -> Result<u64> {
+        if matches!(self.rule, Rule::View | Rule::Composite) {
+            return Ok(0);
+        }
+        /// `total` plus the bytes of `arg`'s tensors (a list's, item by item, out of line:
+        /// the tensor case, nearly every argument, stays inline).
+        #[inline(always)]
         fn add(total: u64, arg: ArgRef<'_>) -> Result<u64> {
             match arg {
                 ArgRef::Tensor(t) => sum("io_bytes", &[total, t.bytes()?]),
-                ArgRef::List(items) => items
-                    .iter()
-                    .try_fold(total, |total, item| add(total, item.as_arg())),
+                ArgRef::List(items) => add_list(total, items),
                 _ => Ok(total),
             }
+        }
+        #[inline(never)]
+        fn add_list<A: AsArg>(total: u64, items: &[A]) -> Result<u64> {
+            items
+                .iter()
+                .try_fold(total, |total, item| add(total, item.as_arg()))
         }
         let mut total = 0;
         let read: &[A] = match self.reads {
@@ -984,15 +1002,11 @@ impl OpConvention {
         for arg in read {
             total = add(total, arg.as_arg())?;
         }
+        // A gather reads of its source as many bytes as it writes.
         if self.reads == Reads::Gathered {
-            for t in outputs {
-                total = sum("io_bytes", &[total, t.bytes()?])?;
-            }
+            total = sum("io_bytes", &[total, written])?;
         }
-        for t in outputs {
-            total = sum("io_bytes", &[total, t.bytes()?])?;
-        }
-        Ok(total)
+        sum("io_bytes", &[total, written])
     }
 }
 

@@ -415,19 +415,16 @@ impl CostBuilder {
             cuda_core_flops,
             ..
         } = conv.cost(inputs, Tf32::matmul(self.allow_tf32))?;
-        let io_bytes = if host.is_empty() {
-            conv.io_bytes(inputs, outputs)?
-        } else {
-            let written: Vec<TensorMeta> = outputs.iter().chain(host).cloned().collect();
-            conv.io_bytes(inputs, &written)?
-        };
         // What the op allocates: its outputs, unless it is a view or composite (nothing
-        // of its own) or works in place (it returns its argument).
-        let allocates = !(matches!(conv.rule, Rule::View | Rule::Composite) || is_in_place(op));
-        let (mut activation_bytes, mut cuda_activation_bytes) = (0, 0);
-        if allocates {
-            for t in outputs.iter_mut() {
-                let bytes = t.bytes()?;
+        // of its own, and it moves nothing) or works in place (it returns its argument).
+        // Each output's size is taken once, for the bytes it writes and what it allocates.
+        let moves = !matches!(conv.rule, Rule::View | Rule::Composite);
+        let allocates = moves && !is_in_place(op);
+        let (mut written, mut activation_bytes, mut cuda_activation_bytes) = (0, 0, 0);
+        for t in outputs.iter_mut().filter(|_| moves) {
+            let bytes = t.bytes()?;
+            written = sum("io_bytes", &[written, bytes])?;
+            if allocates {
                 let block = cuda_round_size(bytes, 0)
                     .ok_or_else(|| Error::overflow(format!("the CUDA block of {op}")))?;
                 activation_bytes = sum("activation_bytes", &[activation_bytes, bytes])?;
@@ -439,7 +436,13 @@ impl CostBuilder {
                     _ => None,
                 };
             }
-        } else {
+        }
+        // Host outputs are written too, but allocate nothing on the device.
+        for t in host.iter().filter(|_| moves) {
+            written = sum("io_bytes", &[written, t.bytes()?])?;
+        }
+        let io_bytes = conv.io_bytes_writing(inputs, written)?;
+        if !allocates {
             // A view or an in-place op's result is its first tensor argument's memory; a
             // composite's results are its inner ops' (not traced here: no storage).
             let base = match conv.rule {
