@@ -181,7 +181,7 @@ void encode_tensor(Line& out, const at::Tensor& t) {
   out += '@';
   // `Device::str()` spelled without building a string for the usual devices.
   const c10::Device device = t.device();
-  if (device.is_cpu()) {
+  if (device.is_cpu() && !device.has_index()) {
     out += "cpu";
   } else if (device.is_cuda() && device.has_index()) {
     out += "cuda:";

@@ -9,8 +9,9 @@
 //!   round), the ratio of the medians and of the minimums, the median of each round's
 //!   counted/plain pair (back to back, so drift between rounds cancels), and the ops the
 //!   counter saw and recorded;
-//! - analytic evaluations per second: one decoder layer's `metrics()`, the whole stack,
-//!   and a 512-token generation;
+//! - analytic evaluations per second: one decoder layer's `metrics()` (on one thread and
+//!   on all), the same as a design-space sweep runs it (a new layer for each prompt length
+//!   from 1 to 4,096, built and evaluated), the whole stack, and a 512-token generation;
 //! - the whole `verify-decoder` process at the default workload (release build), run
 //!   `BENCH_PROCESS_ROUNDS` times (default 3): wall time, peak resident memory, and its
 //!   phases (`--timings`: libtorch loading, setup, module builds, forwards, analytic,
@@ -169,25 +170,38 @@ fn analytic() -> Value {
     // The same on every core at once, each thread with its own layer: evaluations are
     // independent, so a design-space sweep scales with the cores it is given.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let all_cores: f64 = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                let (config, w) = (&config, &w);
-                scope.spawn(move || {
-                    let layer = LayerId::DecoderMoe
-                        .build(config, w, AttentionImpl::Sdpa)
-                        .expect("builds");
-                    per_second(budget, || {
-                        std::hint::black_box(layer.metrics().expect("finite"));
-                    })
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("no panic"))
-            .sum()
+    let on_all_threads = |rate: &(dyn Fn() -> f64 + Sync)| -> f64 {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(rate)).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("no panic"))
+                .sum()
+        })
+    };
+    let all_cores = on_all_threads(&|| {
+        let layer = LayerId::DecoderMoe
+            .build(&config, &w, AttentionImpl::Sdpa)
+            .expect("builds");
+        per_second(budget, || {
+            std::hint::black_box(layer.metrics().expect("finite"));
+        })
     });
+    // A design-space sweep: every evaluation a new layer (prompt lengths 1 to 4,096 in
+    // turn), built from the config and evaluated, so nothing of one point is reused.
+    let sweep = || {
+        let mut seq_len = 0;
+        per_second(budget, || {
+            seq_len = seq_len % 4096 + 1;
+            let w = Workload::prefill(1, seq_len).expect("valid");
+            let layer = LayerId::DecoderMoe
+                .build(&config, &w, AttentionImpl::Sdpa)
+                .expect("builds");
+            std::hint::black_box(layer.metrics().expect("finite"));
+        })
+    };
+    let sweep_one = sweep();
+    let sweep_all = on_all_threads(&sweep);
     // The same layer with its per-op breakdown (`metrics()` keeps sums only).
     let one_layer_tree = per_second(budget, || {
         std::hint::black_box(layer.cost().expect("finite"));
@@ -217,10 +231,14 @@ fn analytic() -> Value {
     println!("  one MoE decoder layer   {one_layer:>12.0}");
     println!("    … on {threads} threads at once {all_cores:>10.0}");
     println!("    … with its breakdown  {one_layer_tree:>12.0}");
+    println!("  a sweep of prompt lengths (a new layer each) {sweep_one:>10.0}");
+    println!("    … on {threads} threads at once {sweep_all:>10.0}");
     println!("  the whole stack         {stack:>12.0}");
     println!("  a 512-token generation  {generations:>12.0}");
     json!({"decoder_layer_per_s": one_layer, "decoder_layer_all_threads_per_s": all_cores,
-           "threads": threads, "decoder_layer_cost_tree_per_s": one_layer_tree, "stack_per_s": stack, "generation_512_per_s": generations})
+           "threads": threads, "decoder_layer_cost_tree_per_s": one_layer_tree,
+           "sweep_per_s": sweep_one, "sweep_all_threads_per_s": sweep_all,
+           "stack_per_s": stack, "generation_512_per_s": generations})
 }
 
 /// Peak resident memory of terminated children, in bytes (the largest so far; only when
