@@ -954,16 +954,17 @@ impl OpConvention {
     /// composite dispatches are costed one by one. An in-place op reads `self` and writes
     /// it (`x.mul_(y)`: x and y read, x written); one that overwrites `self` without
     /// reading it says so in its [`Reads`] (`copy_`). The analytic layers and the counter
-    /// both call this, on the arguments they describe and the dispatcher saw.
-    pub fn io_bytes<A: AsArg>(&self, args: &[A], outputs: &[TensorMeta]) -> Result<u64> {
+    /// both call this, on the arguments they describe and the dispatcher saw (`outputs`: a
+    /// slice, or the counter's output tensors as they are, without copying them).
+    pub fn io_bytes<'t, A: AsArg>(
+        &self,
+        args: &[A],
+        outputs: impl IntoIterator<Item = &'t TensorMeta>,
+    ) -> Result<u64> {
         if matches!(self.rule, Rule::View | Rule::Composite) {
             return Ok(0);
         }
-        let mut written = 0;
-        for t in outputs {
-            written = sum("io_bytes", &[written, t.bytes()?])?;
-        }
-        self.io_bytes_writing(args, written)
+        self.io_bytes_writing(args, written_bytes(0, outputs)?)
     }
 
     /// [`OpConvention::io_bytes`] of a call whose outputs take `written` bytes (which a
@@ -1008,6 +1009,18 @@ impl OpConvention {
         }
         sum("io_bytes", &[total, written])
     }
+}
+
+/// `total` plus the bytes of `tensors`, as [`OpConvention::io_bytes`] adds what an op
+/// writes (an overflow is an `io_bytes` error).
+#[inline]
+pub(crate) fn written_bytes<'t>(
+    total: u64,
+    tensors: impl IntoIterator<Item = &'t TensorMeta>,
+) -> Result<u64> {
+    tensors
+        .into_iter()
+        .try_fold(total, |total, t| sum("io_bytes", &[total, t.bytes()?]))
 }
 
 /// True for an in-place op (`aten::mul_`, `aten::copy_`): by ATen's naming rule its name

@@ -7,7 +7,8 @@ use serde::Serialize;
 use crate::allocator::cuda_round_size;
 use crate::checked::sum;
 use crate::conventions::{
-    convention_of_static, is_in_place, ArgRef, OpCost, Rule, StorageId, TensorMeta, Tf32,
+    convention_of_static, is_in_place, written_bytes, ArgRef, OpCost, Rule, StorageId, TensorMeta,
+    Tf32,
 };
 use crate::error::{Error, Result};
 use crate::liveness::{Liveness, Peak};
@@ -438,8 +439,8 @@ impl CostBuilder {
             }
         }
         // Host outputs are written too, but allocate nothing on the device.
-        for t in host.iter().filter(|_| moves) {
-            written = sum("io_bytes", &[written, t.bytes()?])?;
+        if moves {
+            written = written_bytes(written, host)?;
         }
         let io_bytes = conv.io_bytes_writing(inputs, written)?;
         if !allocates {

@@ -254,8 +254,7 @@ impl Counts {
         let bytes = if handed_back {
             Ok(0)
         } else {
-            let written: Vec<_> = tensors.into_iter().map(|(t, _)| t.clone()).collect();
-            conv.io_bytes(&event.args, &written)
+            conv.io_bytes(&event.args, tensors.iter().map(|(t, _)| *t))
         };
         let total = bytes.and_then(|b| {
             // The name is copied once per op name, not once per call.
