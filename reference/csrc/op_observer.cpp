@@ -86,44 +86,28 @@ struct FrameContext : at::ObserverContext {
   c10::SmallVector<const void*, 4> input_storages;
 };
 
-// The line an op's callback writes before appending it to the log under the lock. Its
-// appends are inline (std::string's are calls into libstdc++), and there is one per
-// thread, reused from op to op with its capacity, so that logging an op allocates
-// nothing once the buffer has grown: every argument of every op is written through it.
+// The line an op's callback writes before appending it to the log under the lock: a
+// c10::SmallVector, whose appends are inline (std::string's are calls into libstdc++),
+// one per thread, reused from op to op with its capacity, so that logging an op
+// allocates nothing once the buffer has grown: every argument of every op goes through it.
 class Line {
  public:
   Line& operator+=(char c) {
-    reserve(1);
-    data_[len_++] = c;
+    buf_.push_back(c);
     return *this;
   }
   Line& operator+=(const char* s) { return append(s, std::strlen(s)); }
   Line& operator+=(const std::string& s) { return append(s.data(), s.size()); }
   Line& append(const char* s, size_t n) {
-    reserve(n);
-    std::memcpy(data_.get() + len_, s, n);
-    len_ += n;
+    buf_.append(s, s + n);
     return *this;
   }
-  void clear() { len_ = 0; }
-  const char* data() const { return data_.get(); }
-  size_t size() const { return len_; }
+  void clear() { buf_.clear(); }
+  const char* data() const { return buf_.data(); }
+  size_t size() const { return buf_.size(); }
 
  private:
-  void reserve(size_t n) {
-    if (len_ + n > cap_) grow(len_ + n);
-  }
-  void grow(size_t need) {
-    size_t cap = cap_ ? cap_ : 256;
-    while (cap < need) cap *= 2;
-    std::unique_ptr<char[]> data(new char[cap]);
-    if (len_) std::memcpy(data.get(), data_.get(), len_);
-    data_ = std::move(data);
-    cap_ = cap;
-  }
-  std::unique_ptr<char[]> data_;
-  size_t len_ = 0;
-  size_t cap_ = 0;
+  c10::SmallVector<char, 256> buf_;  // grows on the heap past 256 bytes, and keeps it
 };
 
 // Never freed, like the frames (a callback may run while its thread is torn down).
