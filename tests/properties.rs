@@ -1,10 +1,10 @@
 //! Properties of the analytic layers over generated configurations and workloads.
 
 use modelmeter::layers::{
-    AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MoE, Layer, LlamaAttention,
-    MoEGate, ATTENTION_CORE_ROLE,
+    accumulate, AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MoE,
+    Generation, GenerationMetrics, Layer, LlamaAttention, MoEGate, ATTENTION_CORE_ROLE,
 };
-use modelmeter::{Cost, Dtype, ModelConfig, Phase, Platform, Workload};
+use modelmeter::{Cost, Dtype, MlaForm, ModelConfig, Phase, Platform, Workload};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -354,11 +354,102 @@ proptest! {
     }
 
     #[test]
+    fn generation_closed_form_equals_the_steps_one_by_one(
+        d in dims(),
+        b in 1u64..=3,
+        prefill_len in 1u64..=64,
+        new_tokens in 1u64..=40,
+        dtype in prop::sample::select(vec![Dtype::Bf16, Dtype::F32]),
+        cuda in any::<bool>(),
+        eager in any::<bool>(),
+    ) {
+        // `Generation::metrics` sums the decode steps in closed form from the first three
+        // (it assumes them affine in the context length); here every step is costed.
+        let generation = Generation {
+            config: config(&d),
+            batch: b,
+            prefill_len,
+            new_tokens,
+            dtype,
+            allow_tf32: false,
+            platform: if cuda { Platform::Cuda } else { Platform::Cpu },
+            attention: if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa },
+            mla: MlaForm::Naive,
+        };
+        let (closed, looped) = (generation.metrics().unwrap(), generation_step_by_step(&generation));
+        prop_assert_eq!(closed, looped);
+    }
+
+    #[test]
     fn gate_is_never_tensor_core_work_in_bf16(d in dims(), (b, phase, _) in workloads()) {
         let c = config(&d);
         let m = MoEGate::new(&c, &workload(b, phase, Dtype::Bf16)).unwrap().metrics().unwrap();
         prop_assert_eq!(m.tensor_core_flops, 0);
         prop_assert_eq!(m.matmul_flops, 2 * b * (match phase { Phase::Prefill { seq_len } => seq_len, _ => 1 }) * d.hidden * d.experts);
+    }
+}
+
+/// What [`Generation::metrics`] sums in closed form, costed step by step: the prefill's
+/// stack, then one stack per decode step over a context one token longer each time.
+fn generation_step_by_step(g: &Generation) -> GenerationMetrics {
+    let stack = |phase| {
+        let w = Workload::new(g.batch, phase, g.dtype)
+            .unwrap()
+            .with_tf32(g.allow_tf32)
+            .on(g.platform)
+            .with_mla(g.mla);
+        DeepseekV2Decoder::new(&g.config, &w, g.attention)
+            .metrics()
+            .unwrap()
+    };
+    let prefill = stack(Phase::Prefill {
+        seq_len: g.prefill_len,
+    });
+    let decode = (0..g.new_tokens)
+        .map(|t| {
+            stack(Phase::Decode {
+                context_len: g.prefill_len + t,
+            })
+        })
+        .reduce(|earlier, later| accumulate(&earlier, &later).unwrap())
+        .unwrap_or_default();
+    GenerationMetrics {
+        prefill,
+        decode,
+        total: accumulate(&prefill, &decode).unwrap(),
+    }
+}
+
+#[test]
+fn generation_closed_form_equals_the_steps_on_the_built_in_configs() {
+    // The MLA configs (both forms), the CUDA kernels' choices and TF32, at two prompt
+    // lengths: 40 steps each, of which the closed form costs three.
+    for (name, _) in modelmeter::config::BUILTIN_CONFIGS {
+        let config = ModelConfig::builtin(name).unwrap().unwrap();
+        for (prefill_len, platform, mla, allow_tf32) in [
+            (1, Platform::Cuda, MlaForm::Naive, false),
+            (100, Platform::Cuda, MlaForm::Absorb, true),
+            (7, Platform::Cpu, MlaForm::Absorb, false),
+        ] {
+            for attention in [AttentionImpl::Sdpa, AttentionImpl::Eager] {
+                let g = Generation {
+                    config: config.clone(),
+                    batch: 2,
+                    prefill_len,
+                    new_tokens: 40,
+                    dtype: Dtype::Bf16,
+                    allow_tf32,
+                    platform,
+                    attention,
+                    mla,
+                };
+                assert_eq!(
+                    g.metrics().unwrap(),
+                    generation_step_by_step(&g),
+                    "{name}, prefill {prefill_len}, {platform:?}, {mla:?}, {attention:?}"
+                );
+            }
+        }
     }
 }
 
