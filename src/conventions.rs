@@ -914,6 +914,7 @@ impl OpCost {
 impl OpConvention {
     /// Costs one call of this op with `args` under the TF32 switches `tf32`. Composite
     /// ops, views and copies cost 0.
+    #[inline]
     pub fn cost<A: AsArg>(&self, args: &[A], tf32: Tf32) -> Result<OpCost> {
         match self.rule {
             Rule::View | Rule::Copy | Rule::Composite => Ok(OpCost::default()),
@@ -969,6 +970,7 @@ impl OpConvention {
 
     /// [`OpConvention::io_bytes`] of a call whose outputs take `written` bytes (which a
     /// caller that also needs each output's size has added up already).
+    #[inline]
     pub fn io_bytes_writing<A: AsArg>(&self, args: &[A], written: u64) -> Result<u64> {
         if matches!(self.rule, Rule::View | Rule::Composite) {
             return Ok(0);
@@ -1070,17 +1072,21 @@ fn elementwise_flops<A: AsArg>(op: &str, args: &[A], per_element: u64) -> Result
     if !first.dtype.is_floating() {
         return Ok(0);
     }
-    let mut shape = first.shape.clone();
+    // The first tensor's shape, broadcast with each of the others (a unary op's is its
+    // input's, not copied).
+    let mut broadcast_shape: Option<Shape> = None;
     for t in tensors {
-        shape = broadcast(&shape, &t.shape).ok_or_else(|| {
+        let shape = broadcast_shape.as_deref().unwrap_or(&first.shape);
+        broadcast_shape = Some(broadcast(shape, &t.shape).ok_or_else(|| {
             Error::op_shape(
                 op,
                 format!("shapes {:?} and {:?} do not broadcast", shape, t.shape),
             )
-        })?;
+        })?);
     }
+    let shape = broadcast_shape.as_deref().unwrap_or(&first.shape);
     // The same multiplications, in the same order, as one product of shape and factor.
-    product(op, &[product(op, &shape)?, per_element])
+    product(op, &[product(op, shape)?, per_element])
 }
 
 /// (matmul FLOPs, elementwise FLOPs inside the op, dtype that picks the engine).

@@ -93,16 +93,22 @@ impl CostBuilder {
         out_dtype: Dtype,
     ) -> Result<TensorMeta> {
         // The first input's shape, broadcast with each of the others.
-        let mut shape = Shape::default();
-        for (i, x) in inputs.iter().enumerate() {
-            shape = if i == 0 {
-                x.shape.clone()
-            } else {
-                broadcast(&shape, &x.shape).ok_or_else(|| {
-                    Error::op_shape(op, format!("{:?} does not broadcast", x.shape))
-                })?
+        let mut broadcast_shape: Option<Shape> = None;
+        for x in inputs.iter().skip(1) {
+            let shape = match &broadcast_shape {
+                Some(shape) => shape,
+                None => &inputs[0].shape,
             };
+            broadcast_shape =
+                Some(broadcast(shape, &x.shape).ok_or_else(|| {
+                    Error::op_shape(op, format!("{:?} does not broadcast", x.shape))
+                })?);
         }
+        let shape = match (broadcast_shape, inputs.first()) {
+            (Some(shape), _) => shape,
+            (None, Some(x)) => x.shape.clone(),
+            (None, None) => Shape::default(),
+        };
         let out = TensorMeta::from_shape(shape, out_dtype);
         let [out] = self.op(role, op, &inputs.map(arg), [out])?;
         Ok(out)
