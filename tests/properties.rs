@@ -1,10 +1,10 @@
 //! Properties of the analytic layers over generated configurations and workloads.
 
 use modelmeter::layers::{
-    accumulate, AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MoE,
-    Generation, GenerationMetrics, Layer, LlamaAttention, MoEGate, ATTENTION_CORE_ROLE,
+    AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MoE, Generation,
+    GenerationMetrics, Layer, LlamaAttention, MoEGate, ATTENTION_CORE_ROLE,
 };
-use modelmeter::{Cost, Dtype, MlaForm, ModelConfig, Phase, Platform, Workload};
+use modelmeter::{Cost, Dtype, Metrics, MlaForm, MlpKind, ModelConfig, Phase, Platform, Workload};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -110,6 +110,16 @@ fn workload(batch: u64, phase: Phase, dtype: Dtype) -> Workload {
         .on(Platform::Cpu)
 }
 
+/// A workload run by either backend's kernels (`cuda`: CUDA, else the CPU): for the
+/// properties that hold whichever kernels run (sums, trees, parameter counts).
+fn workload_on(batch: u64, phase: Phase, dtype: Dtype, cuda: bool) -> Workload {
+    Workload::new(batch, phase, dtype).unwrap().on(if cuda {
+        Platform::Cuda
+    } else {
+        Platform::Cpu
+    })
+}
+
 fn all_layers(c: &ModelConfig, w: &Workload, attn: AttentionImpl) -> Vec<Cost> {
     let mut out: Vec<Cost> = modelmeter::layers::layers_of(c, w, attn)
         .unwrap()
@@ -194,6 +204,78 @@ fn assert_sums(c: &Cost) {
     );
 }
 
+/// Every composite of `cost` sums its children ([`assert_sums`]), and the root's two
+/// views of its FLOPs (by class, by engine) have the same total.
+fn assert_sums_and_flop_views(cost: &Cost) {
+    assert_sums(cost);
+    let m = cost.metrics;
+    // A sanity check, not a witness: `OpConvention::cost` puts every FLOP of an op on
+    // exactly one engine, so the two totals agree by construction. Which engine is right
+    // is checked against the dtype rule by `engines_follow_the_dtype_rule`.
+    assert_eq!(
+        u128::from(m.matmul_flops) + u128::from(m.elementwise_flops),
+        u128::from(m.tensor_core_flops) + u128::from(m.cuda_core_flops),
+        "{}",
+        cost.name
+    );
+}
+
+/// `Layer::metrics` (no tree, no liveness) and `sums_only` (no tree) agree with the root
+/// of the full cost tree: the metrics, the CUDA blocks, both peaks and what it returns.
+fn assert_metrics_without_the_tree_equal_the_tree(layer: &dyn Layer, what: &str) {
+    let tree = layer.cost().unwrap();
+    let name = format!("{what}: {}", tree.name);
+    assert_eq!(layer.metrics().unwrap(), tree.metrics, "{name}");
+    let sums = modelmeter::metrics::sums_only(|| layer.cost().unwrap());
+    assert!(sums.children.is_empty(), "{name}");
+    assert_eq!(sums.metrics, tree.metrics, "{name}");
+    assert_eq!(
+        sums.cuda_activation_bytes, tree.cuda_activation_bytes,
+        "{name}"
+    );
+    assert_eq!(sums.peak, tree.peak, "{name}");
+    assert_eq!(sums.cuda_peak, tree.cuda_peak, "{name}");
+    assert_eq!(sums.returns(), tree.returns(), "{name}");
+    assert_eq!(sums.returned, tree.returned, "{name}");
+}
+
+/// Bytes of one element of a model dtype, written out here (not `Dtype::size_bytes`).
+fn element_bytes(dtype: Dtype) -> u128 {
+    match dtype {
+        Dtype::Bf16 | Dtype::F16 => 2,
+        Dtype::F32 => 4,
+        other => panic!("not a model dtype here: {other:?}"),
+    }
+}
+
+/// The parameters of `DeepseekV2ForCausalLM` built from the generated config, counted from
+/// the vendor modules (transformers' `LlamaAttention`, `DeepseekV2MLP`, `MoEGate`,
+/// `DeepseekV2MoE`, `DeepseekV2RMSNorm`, `nn.Embedding`, `lm_head`), not from the library.
+fn parameters_of(d: &Dims) -> u128 {
+    let w = |x: u64| u128::from(x);
+    let (h, heads, kv_heads, hd) = (w(d.hidden), w(d.heads), w(d.kv_heads), w(d.head_dim));
+    let vocab = 97u128;
+    // q_proj h → H·d, k_proj and v_proj h → H_kv·d, o_proj H·d → h; each `nn.Linear`
+    // with a bias of its output width when `attention_bias`.
+    let mut attention = h * heads * hd + 2 * h * kv_heads * hd + heads * hd * h;
+    if d.bias {
+        attention += heads * hd + 2 * kv_heads * hd + h;
+    }
+    // input_layernorm and post_attention_layernorm: one weight of h each.
+    let norms = 2 * h;
+    // gate_proj and up_proj h → i, down_proj i → h; no biases.
+    let dense_mlp = 3 * h * w(d.intermediate);
+    let m = w(d.moe_intermediate);
+    // MoEGate.weight [E, h]; E experts of width m; the shared experts as one MLP of
+    // width m·n_shared (none when n_shared = 0).
+    let moe = w(d.experts) * h + w(d.experts) * 3 * h * m + 3 * h * (m * w(d.shared));
+    // first_k_dense_replace = 1: layer 0 dense, every later layer MoE.
+    let layers = (attention + norms + dense_mlp) + (w(d.layers) - 1) * (attention + norms + moe);
+    // embed_tokens [V, h], the final norm [h], lm_head [V, h] (tie_word_embeddings
+    // defaults to false, as in `PretrainedConfig`).
+    vocab * h + layers + h + vocab * h
+}
+
 fn projections(c: &Cost) -> u64 {
     ["q_proj", "k_proj", "v_proj", "o_proj"]
         .iter()
@@ -222,33 +304,49 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn composites_sum_children_and_flop_views_agree(d in dims(), (b, phase, dtype) in workloads(), eager in any::<bool>()) {
+    fn composites_sum_children_and_flop_views_agree(d in dims(), (b, phase, dtype) in workloads(), eager in any::<bool>(), cuda in any::<bool>()) {
         let c = config(&d);
-        let w = workload(b, phase, dtype);
+        let w = workload_on(b, phase, dtype, cuda);
         let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
         for cost in all_layers(&c, &w, attn) {
-            assert_sums(&cost);
-            let m = cost.metrics;
-            prop_assert_eq!(m.matmul_flops + m.elementwise_flops, m.tensor_core_flops + m.cuda_core_flops, "{}", cost.name);
+            assert_sums_and_flop_views(&cost);
         }
     }
 
     #[test]
-    fn metrics_without_the_tree_equal_the_tree(d in dims(), (b, phase, dtype) in workloads(), eager in any::<bool>()) {
+    fn metrics_without_the_tree_equal_the_tree(d in dims(), (b, phase, dtype) in workloads(), eager in any::<bool>(), cuda in any::<bool>()) {
         // `Layer::metrics` runs the same op lists keeping sums only: it must agree with the
         // root of the full cost tree, CUDA blocks included, on every layer.
         let c = config(&d);
-        let w = workload(b, phase, dtype);
+        let w = workload_on(b, phase, dtype, cuda);
         let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
         let mut layers = modelmeter::layers::layers_of(&c, &w, attn).unwrap();
         layers.push(Box::new(DeepseekV2Decoder::new(&c, &w, attn)));
         for layer in layers {
-            let tree = layer.cost().unwrap();
-            prop_assert_eq!(layer.metrics().unwrap(), tree.metrics, "{}", tree.name);
-            let sums = modelmeter::metrics::sums_only(|| layer.cost().unwrap());
-            prop_assert!(sums.children.is_empty());
-            prop_assert_eq!(sums.cuda_activation_bytes, tree.cuda_activation_bytes);
+            assert_metrics_without_the_tree_equal_the_tree(layer.as_ref(), "generated");
         }
+    }
+
+    #[test]
+    fn stack_weights_and_kv_cache_are_the_parameters_and_cache_counted_by_hand(d in dims(), (b, phase, dtype) in workloads(), eager in any::<bool>(), cuda in any::<bool>()) {
+        // `assert_sums` only bounds a node's weights and cache below by its children's: a
+        // parameter counted twice (an expert's weights both run and idle, a norm shared by
+        // two layers) passes there. The whole stack must hold each parameter once.
+        let c = config(&d);
+        let w = workload_on(b, phase, dtype, cuda);
+        let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
+        let stack = DeepseekV2Decoder::new(&c, &w, attn);
+        let (tree, sums) = (stack.cost().unwrap().metrics, stack.metrics().unwrap());
+        let size = element_bytes(dtype);
+        prop_assert_eq!(u128::from(tree.weight_bytes), parameters_of(&d) * size);
+        prop_assert_eq!(u128::from(sums.weight_bytes), parameters_of(&d) * size);
+        // Each layer caches K and V for every key: [B, H_kv, S_kv, d] each.
+        let keys = match phase {
+            Phase::Prefill { seq_len } => seq_len,
+            Phase::Decode { context_len } => context_len + 1,
+        };
+        let cache = u128::from(d.layers) * 2 * u128::from(b) * u128::from(d.kv_heads) * u128::from(keys) * u128::from(d.head_dim);
+        prop_assert_eq!(u128::from(tree.kv_cache_bytes), cache * size);
     }
 
     #[test]
@@ -389,34 +487,129 @@ proptest! {
     }
 }
 
+/// The stack's metrics for one forward call of generation `g`.
+fn generation_stack(g: &Generation, phase: Phase) -> Metrics {
+    let w = Workload::new(g.batch, phase, g.dtype)
+        .unwrap()
+        .with_tf32(g.allow_tf32)
+        .on(g.platform)
+        .with_mla(g.mla);
+    DeepseekV2Decoder::new(&g.config, &w, g.attention)
+        .metrics()
+        .unwrap()
+}
+
+/// Successive calls combined by hand in u128 (independently of the library's
+/// `accumulate`): the work of every call adds up, the state (weights, KV cache) is the
+/// last call's, and the activation footprint is the largest call's.
+fn successive_calls(calls: &[Metrics]) -> Metrics {
+    let sum = |f: fn(&Metrics) -> u64| -> u64 {
+        let total: u128 = calls.iter().map(|m| u128::from(f(m))).sum();
+        u64::try_from(total).expect("the test's generations fit in 64 bits")
+    };
+    let last = calls.last().expect("at least one call");
+    Metrics {
+        matmul_flops: sum(|m| m.matmul_flops),
+        elementwise_flops: sum(|m| m.elementwise_flops),
+        tensor_core_flops: sum(|m| m.tensor_core_flops),
+        cuda_core_flops: sum(|m| m.cuda_core_flops),
+        io_bytes: sum(|m| m.io_bytes),
+        weight_bytes: last.weight_bytes,
+        kv_cache_bytes: last.kv_cache_bytes,
+        activation_bytes: calls.iter().map(|m| m.activation_bytes).max().unwrap(),
+    }
+}
+
 /// What [`Generation::metrics`] sums in closed form, costed step by step: the prefill's
 /// stack, then one stack per decode step over a context one token longer each time.
 fn generation_step_by_step(g: &Generation) -> GenerationMetrics {
-    let stack = |phase| {
-        let w = Workload::new(g.batch, phase, g.dtype)
-            .unwrap()
-            .with_tf32(g.allow_tf32)
-            .on(g.platform)
-            .with_mla(g.mla);
-        DeepseekV2Decoder::new(&g.config, &w, g.attention)
-            .metrics()
-            .unwrap()
-    };
-    let prefill = stack(Phase::Prefill {
-        seq_len: g.prefill_len,
-    });
-    let decode = (0..g.new_tokens)
+    let prefill = generation_stack(
+        g,
+        Phase::Prefill {
+            seq_len: g.prefill_len,
+        },
+    );
+    let steps: Vec<Metrics> = (0..g.new_tokens)
         .map(|t| {
-            stack(Phase::Decode {
-                context_len: g.prefill_len + t,
-            })
+            generation_stack(
+                g,
+                Phase::Decode {
+                    context_len: g.prefill_len + t,
+                },
+            )
         })
-        .reduce(|earlier, later| accumulate(&earlier, &later).unwrap())
-        .unwrap_or_default();
+        .collect();
+    if steps.is_empty() {
+        // No decode step: nothing decoded, and the total is the prefill alone.
+        return GenerationMetrics {
+            prefill,
+            decode: Metrics::default(),
+            total: prefill,
+        };
+    }
+    let decode = successive_calls(&steps);
+    // The total over the prefill and every step at once: the same as combining the
+    // prefill with the decode's combination, but not computed that way.
+    let all: Vec<Metrics> = std::iter::once(prefill).chain(steps).collect();
     GenerationMetrics {
         prefill,
         decode,
-        total: accumulate(&prefill, &decode).unwrap(),
+        total: successive_calls(&all),
+    }
+}
+
+#[test]
+fn a_long_prefill_sets_the_generations_activation_peak() {
+    // The activation footprint of a generation is the largest call's, not the last
+    // call's nor a sum: a 300-token prompt needs more than any of 3 decode steps after it.
+    for (config, mla) in [
+        (ModelConfig::deepseek_ocr(), MlaForm::Naive),
+        (
+            ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap(),
+            MlaForm::Absorb,
+        ),
+    ] {
+        let g = Generation {
+            config: config.first_layers(2).unwrap(),
+            batch: 1,
+            prefill_len: 300,
+            new_tokens: 3,
+            dtype: Dtype::Bf16,
+            allow_tf32: false,
+            platform: Platform::Cuda,
+            attention: AttentionImpl::Sdpa,
+            mla,
+        };
+        let m = g.metrics().unwrap();
+        let prefill = generation_stack(&g, Phase::Prefill { seq_len: 300 });
+        let steps: Vec<u64> = (0..3)
+            .map(|t| {
+                generation_stack(
+                    &g,
+                    Phase::Decode {
+                        context_len: 300 + t,
+                    },
+                )
+                .activation_bytes
+            })
+            .collect();
+        let peak = steps
+            .iter()
+            .copied()
+            .fold(prefill.activation_bytes, u64::max);
+        assert!(
+            steps.iter().all(|s| *s < prefill.activation_bytes),
+            "{}: the prefill must be the largest call for this check to mean anything",
+            config.name
+        );
+        assert_eq!(m.total.activation_bytes, peak, "{}", config.name);
+        assert_eq!(m.prefill.activation_bytes, prefill.activation_bytes);
+        assert_eq!(
+            m.decode.activation_bytes,
+            *steps.iter().max().unwrap(),
+            "{}",
+            config.name
+        );
     }
 }
 
@@ -454,6 +647,43 @@ fn generation_closed_form_equals_the_steps_on_the_built_in_configs() {
 }
 
 #[test]
+fn composites_sum_children_and_every_path_agrees_on_the_built_in_configs() {
+    // The generated configs are multi-head attention with greedy softmax routing: here
+    // the MLA configs (both forms), group-limited and noaux_tc routing, both backends'
+    // kernels and both attention implementations. Each config is cut after its first MoE
+    // layer, so that both kinds of decoder layer are in the stack.
+    for (name, _) in modelmeter::config::BUILTIN_CONFIGS {
+        let full = ModelConfig::builtin(name).unwrap().unwrap();
+        let first_moe = full
+            .first_layer_of(MlpKind::Moe)
+            .expect("every built-in has MoE");
+        let config = full.first_layers(first_moe + 1).unwrap();
+        for phase in [
+            Phase::Prefill { seq_len: 5 },
+            Phase::Decode { context_len: 9 },
+        ] {
+            for cuda in [false, true] {
+                for mla in [MlaForm::Naive, MlaForm::Absorb] {
+                    for attention in [AttentionImpl::Sdpa, AttentionImpl::Eager] {
+                        let w = workload_on(2, phase, Dtype::Bf16, cuda).with_mla(mla);
+                        let what =
+                            format!("{name}, {phase:?}, cuda {cuda}, {mla:?}, {attention:?}");
+                        let mut layers =
+                            modelmeter::layers::layers_of(&config, &w, attention).unwrap();
+                        layers.push(Box::new(DeepseekV2Decoder::new(&config, &w, attention)));
+                        assert_eq!(layers.len(), 8, "{what}: every layer and the stack");
+                        for layer in layers {
+                            assert_sums_and_flop_views(&layer.cost().unwrap());
+                            assert_metrics_without_the_tree_equal_the_tree(layer.as_ref(), &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn huge_sizes_are_errors_not_panics() {
     let c = ModelConfig::from_json_value(
         "huge",
@@ -469,7 +699,11 @@ fn huge_sizes_are_errors_not_panics() {
         }),
     );
     // hidden/heads is odd → rejected before any arithmetic; use an even head_dim instead.
-    assert!(c.is_err());
+    let e = c.unwrap_err().to_string();
+    assert!(
+        e.contains("hidden_size") && e.contains("a multiple of num_attention_heads"),
+        "{e}"
+    );
     let c = ModelConfig::from_json_value(
         "huge",
         &json!({
@@ -489,11 +723,16 @@ fn huge_sizes_are_errors_not_panics() {
         let e = layer.metrics().unwrap_err();
         assert!(e.to_string().contains("overflows"), "{}: {e}", layer.name());
     }
-    assert!(DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa)
+    let e = DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa)
         .metrics()
-        .is_err());
-    assert!(DeepseekV2DecoderLayer::new(&c, &w, 1, AttentionImpl::Eager)
+        .unwrap_err();
+    assert!(e.to_string().contains("overflows"), "stack: {e}");
+    let e = DeepseekV2DecoderLayer::new(&c, &w, 1, AttentionImpl::Eager)
         .unwrap()
         .metrics()
-        .is_err());
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("overflows"),
+        "MoE decoder layer: {e}"
+    );
 }
