@@ -328,6 +328,11 @@ mod tests {
             assert_eq!(run.parts[0].1.weight_bytes, 50 * 16 * 4);
             assert_eq!(run.parts[5].1.weight_bytes, 0);
             assert_eq!(run.parts[5].1.output.kind(), Kind::Float);
+            assert_eq!(
+                run.next_tokens.len(),
+                2,
+                "one next token per sequence (B = 2)"
+            );
             assert!(run.next_tokens.iter().all(|t| (0..50).contains(t)));
             tokens.push(run.next_tokens);
         }

@@ -2,6 +2,7 @@
 //! table. On the CPU in fp32 by default; `MODELMETER_TEST_DEVICE=cuda:0` and
 //! `MODELMETER_TEST_DTYPE=bf16` run the same checks on a GPU (scripts/device-check).
 
+use modelmeter_reference::counter::Booking;
 use modelmeter_reference::{Counts, FlopCounter};
 use tch::{Device, Kind, Tensor};
 
@@ -245,6 +246,34 @@ fn views_copies_and_integer_bookkeeping_cost_nothing() {
     assert_eq!(c.total_flops(), 0);
     assert!(c.records.is_empty());
     assert_complete(&c);
+    // Not a blind observer: the ten ops called above (view, transpose, unsqueeze,
+    // contiguous, to, index_select, cat, argsort, add, sum) were all seen, and the ones
+    // that move data were costed in bytes though not in FLOPs.
+    assert!(
+        c.events_seen >= 10,
+        "only {} op events seen for the ten ops run",
+        c.events_seen
+    );
+    assert_eq!(c.ops_without_outputs, 0);
+    assert!(c.io_bytes > 0);
+    let size = match kind() {
+        Kind::BFloat16 => 2,
+        _ => 4,
+    };
+    let moved = |op: &str| c.io_bytes_by_op.get(op).copied();
+    // cat: both [4, 6] parts read, the [8, 6] result written.
+    assert_eq!(moved("aten::cat"), Some((2 * 24 + 48) * size));
+    // contiguous of a transposed view: a real copy, 24 elements read and written.
+    assert_eq!(moved("aten::contiguous"), Some(2 * 24 * size));
+    // The cast to bf16 reads the input and writes bf16; from bf16 it hands its input back.
+    let cast = match kind() {
+        Kind::BFloat16 => 0,
+        _ => 24 * size + 24 * 2,
+    };
+    assert_eq!(moved("aten::to"), Some(cast));
+    for view in ["aten::view", "aten::transpose", "aten::unsqueeze"] {
+        assert_eq!(moved(view), Some(0), "{view} is counted and moves nothing");
+    }
 }
 
 #[test]
@@ -308,18 +337,39 @@ fn records_carry_shapes_dtypes_device_and_engine() {
         _ => "cpu".to_string(),
     };
     assert_eq!(r.device.as_deref(), Some(want.as_str()));
+    assert_eq!(c.records.len(), 1);
+    assert_eq!(r.name, "aten::mm");
     assert_eq!(
         r.flops.tensor_core_flops, 128,
         "bf16 GEMMs are tensor-core work"
     );
+    assert_eq!(r.flops.cuda_core_flops, 0);
+    assert_eq!(r.engine, Booking::TensorCore);
     let a = Tensor::randn([4, 8], (Kind::Float, device()));
     let b = Tensor::randn([8, 2], (Kind::Float, device()));
     let (_, c) = count(|| a.mm(&b));
+    assert_eq!(c.records.len(), 1);
     assert_eq!(
         c.records[0].flops.cuda_core_flops, 128,
         "fp32 GEMMs with TF32 off are CUDA-core work"
     );
     assert!(!c.tf32.matmul);
+    assert_eq!(c.records[0].flops.tensor_core_flops, 0);
+    assert_eq!(c.records[0].engine, Booking::CudaCore);
+    // Elementwise work is CUDA-core work whatever the dtype.
+    let (x, y) = (randn(&[4, 8]), randn(&[4, 8]));
+    let (_, c) = count(|| &x + &y);
+    assert_eq!(c.records.len(), 1);
+    assert_eq!(c.records[0].engine, Booking::CudaCore);
+    // A GEMM with a bias add: matmul on tensor cores, the add on CUDA cores.
+    let a = Tensor::randn([4, 8], (Kind::BFloat16, device()));
+    let b = Tensor::randn([8, 2], (Kind::BFloat16, device()));
+    let bias = Tensor::randn([2], (Kind::BFloat16, device()));
+    let (_, c) = count(|| bias.addmm(&a, &b));
+    assert_eq!(c.records.len(), 1);
+    assert_eq!(c.records[0].flops.tensor_core_flops, 128);
+    assert_eq!(c.records[0].flops.cuda_core_flops, 4 * 2);
+    assert_eq!(c.records[0].engine, Booking::Split);
 }
 
 #[test]

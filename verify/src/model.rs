@@ -440,25 +440,29 @@ struct Measured {
     unread_expert_bytes: u64,
 }
 
-/// Compares one measured call, part by part and as a whole.
+/// Compares one measured call, part by part and as a whole. An error (the call's
+/// `error`) when the analytic model fails, or when the call ran no parts: its rows would
+/// be 0 = 0 and pass with nothing measured.
 fn compare_call(
     call: Call,
     run: &StepRun,
     plan: &Plan,
     model: &ModelPlan,
-) -> modelmeter::Result<Measured> {
-    let workload = call.workload(&plan.workload)?;
+) -> Result<Measured, String> {
+    let analytic_error = |e: modelmeter::Error| format!("analytic model: {e}");
+    let workload = call.workload(&plan.workload).map_err(analytic_error)?;
     let stack = DeepseekV2Decoder::new(&plan.config, &workload, plan.attention);
     let mut layers = Vec::new();
     let mut parts = Vec::new();
     let mut unread_expert_bytes = 0u64;
     for (part, run) in &run.parts {
-        let mut cost = stack.part_cost(*part)?;
+        let mut cost = stack.part_cost(*part).map_err(analytic_error)?;
         if run.experts_hit().is_some() {
             // Each expert that ran read its own weights: cost the measured routing.
             let routed =
                 DeepseekV2Decoder::new(&plan.config, &run.routed(&workload), plan.attention)
-                    .part_cost(*part)?;
+                    .part_cost(*part)
+                    .map_err(analytic_error)?;
             unread_expert_bytes = unread_expert_bytes.saturating_add(
                 cost.metrics
                     .io_bytes
@@ -473,7 +477,12 @@ fn compare_call(
         parts.push((*part, Sides::of_part(analytic, run, blind, result.status)));
         layers.push(result);
     }
-    let whole = fold(parts.iter().map(|(_, s)| s.clone()), Sides::and)?.unwrap_or_default();
+    let whole = fold(parts.iter().map(|(_, s)| s.clone()), Sides::and)
+        .map_err(analytic_error)?
+        .ok_or_else(|| {
+            "the reference model ran none of the model's parts: nothing was measured to compare"
+                .to_string()
+        })?;
     let metrics = whole.rows("DeepseekV2ForCausalLM", plan.tolerance);
     let status = worst(&metrics).max(whole.worst);
     let exact = is_exact(&metrics) && layers.iter().all(|l| is_exact(&l.metrics));
@@ -485,7 +494,7 @@ fn compare_call(
         result: CallResult {
             call,
             context_len: workload.first_position(),
-            key_len: workload.key_len()?,
+            key_len: workload.key_len().map_err(analytic_error)?,
             status,
             error: None,
             metrics,
@@ -600,7 +609,7 @@ pub fn run(plan: &Plan, model: &ModelPlan, progress: &mut dyn FnMut(ModelProgres
                 if let Some(token) = run.next_tokens.first() {
                     result.tokens.push(*token);
                 }
-                compare_call(call, &run, plan, model).map_err(|e| format!("analytic model: {e}"))
+                compare_call(call, &run, plan, model)
             }
             (Ok(Err(e)), Ok(_)) if e.is_out_of_memory() => {
                 Err(format!("out of memory on {:?}: {e}", plan.device))
@@ -861,6 +870,46 @@ mod tests {
         assert_eq!((w.first_position(), w.key_len().unwrap()), (67, 68));
         assert_eq!(Call::Prefill.workload(&prefill(64)).unwrap(), prefill(64));
         assert_eq!(Call::Decode { step: 3 }.label(), "decode[3]");
+    }
+
+    #[test]
+    fn a_call_that_ran_no_parts_is_an_error_not_zero_rows() {
+        // No parts measured would fold to all-zero sides whose rows pass 0 = 0.
+        let plan = Plan {
+            config: ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
+            workload: prefill(8),
+            attention: modelmeter::layers::AttentionImpl::Sdpa,
+            device: tch::Device::Cpu,
+            tolerance: 0.05,
+            layers: Vec::new(),
+            seed: 0,
+            hooks: Default::default(),
+        };
+        let model = ModelPlan {
+            num_layers: 2,
+            config_layers: 12,
+            new_tokens: 1,
+            verbose: false,
+        };
+        for call in [Call::Prefill, Call::Decode { step: 0 }] {
+            let run = StepRun {
+                first_position: call.workload(&plan.workload).unwrap().first_position(),
+                parts: Vec::new(),
+                next_tokens: vec![0],
+            };
+            let e = match compare_call(call, &run, &plan, &model) {
+                Ok(m) => panic!(
+                    "{}: compared with rows {:?}",
+                    call.label(),
+                    m.result.metrics
+                ),
+                Err(e) => e,
+            };
+            assert!(
+                e.contains("ran none of the model's parts") && e.contains("nothing was measured"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -304,6 +304,43 @@ fn sweep_of_50_passes_with_exact_rows() {
     let cases = j["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 50);
     for case in cases {
+        // Every sweep config has a dense and a MoE decoder layer (first_k_dense_replace
+        // = 1 of 2): all seven layers run, the attention's class following the case.
+        let kinds = case["config"]["layer_kinds"].as_array().unwrap();
+        assert!(
+            kinds.contains(&Value::from("dense")) && kinds.contains(&Value::from("moe")),
+            "{kinds:?}"
+        );
+        let mla = !case["config"]["mla"].is_null();
+        let absorb = case["workload"]["mla"] == "absorb";
+        let attention = match (mla, absorb, case["attention"].as_str().unwrap()) {
+            (true, true, _) => "DeepseekV2Attention_absorb",
+            (true, false, "sdpa") => "DeepseekV2FlashAttention2",
+            (true, false, "eager") => "DeepseekV2Attention",
+            (false, false, "sdpa") => "LlamaFlashAttention2",
+            (false, false, "eager") => "LlamaAttention",
+            other => panic!("unexpected case {other:?}: {case}"),
+        };
+        let names: Vec<&str> = case["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "DeepseekV2MLP",
+                "MoEGate",
+                "DeepseekV2MoE",
+                "DeepseekV2RMSNorm",
+                "DeepseekV2DecoderLayer_dense",
+                "DeepseekV2DecoderLayer_moe",
+                attention,
+            ],
+            "case {}",
+            case["index"]
+        );
         assert_exact(&case["layers"]);
     }
 }

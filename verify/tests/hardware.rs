@@ -144,22 +144,57 @@ fn without_a_gpu_the_error_says_so_and_ncu_never_runs() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains("fake ncu ran"));
 }
 
-/// One range-replay result row per range of `list`, with the tensor ops of range i set
-/// to `tensor[i]` and fixed other figures.
+/// The tensor pipes other than bf16, present (0) in [`range_replay_csv`].
+const FP16_TF32: [&str; 2] = [
+    "sm__ops_path_tensor_src_fp16_dst_fp32.sum",
+    "sm__ops_path_tensor_src_tf32_dst_fp32.sum",
+];
+
+/// One range-replay result row per range of `list`, with the bf16 tensor ops of range i
+/// set to `tensor[i]`, the fp16 and tf32 tensor pipes measured at 0 (every tensor pipe
+/// measured), and fixed other figures. The FFMA column is built from the counted
+/// CUDA-core FLOPs, so it checks plumbing, not the counter.
 fn range_replay_csv(list: &RangeList, tensor: &[u64]) -> String {
     let mut csv = String::from(
         "==PROF== Connected to process 1 (verify-decoder)\n\
-         \"ID\",\"Kernel Name\",\"dram__bytes_read.sum\",\"dram__bytes_write.sum\",\"gpu__time_duration.sum\",\"lts__t_bytes.sum\",\"sm__ops_path_tensor_src_bf16_dst_fp32.sum\",\"smsp__sass_thread_inst_executed_op_ffma_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fadd_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fmul_pred_on.sum\"\n\
-         \"\",\"\",\"byte\",\"byte\",\"ns\",\"byte\",\"\",\"inst\",\"inst\",\"inst\"\n",
+         \"ID\",\"Kernel Name\",\"dram__bytes_read.sum\",\"dram__bytes_write.sum\",\"gpu__time_duration.sum\",\"lts__t_bytes.sum\",\"sm__ops_path_tensor_src_bf16_dst_fp32.sum\",\"sm__ops_path_tensor_src_fp16_dst_fp32.sum\",\"sm__ops_path_tensor_src_tf32_dst_fp32.sum\",\"smsp__sass_thread_inst_executed_op_ffma_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fadd_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fmul_pred_on.sum\"\n\
+         \"\",\"\",\"byte\",\"byte\",\"ns\",\"byte\",\"\",\"\",\"\",\"inst\",\"inst\",\"inst\"\n",
     );
     for (i, (record, t)) in list.ranges.iter().zip(tensor).enumerate() {
         // Half the CUDA-core FLOPs as FMAs: 2·FFMA = the counted figure.
         csv.push_str(&format!(
-            "\"{i}\",\"range\",\"1,000\",\"24\",\"5,000\",\"4,096\",\"{t}\",\"{}\",\"0\",\"0\"\n",
+            "\"{i}\",\"range\",\"1,000\",\"24\",\"5,000\",\"4,096\",\"{t}\",\"0\",\"0\",\"{}\",\"0\",\"0\"\n",
             record.cuda_core_flops / 2
         ));
     }
     csv
+}
+
+/// `csv` (as [`range_replay_csv`] writes it: every cell quoted, none holding `","`)
+/// without the columns named `drop`: metrics ncu was not asked for.
+fn without_columns(csv: &str, drop: &[&str]) -> String {
+    let mut keep: Vec<bool> = Vec::new();
+    let mut out = String::new();
+    for line in csv.lines() {
+        if !line.starts_with('"') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let cells: Vec<&str> = line[1..line.len() - 1].split("\",\"").collect();
+        if keep.is_empty() {
+            keep = cells.iter().map(|c| !drop.contains(c)).collect();
+            assert_eq!(keep.iter().filter(|k| !**k).count(), drop.len(), "{line}");
+        }
+        let kept: Vec<&str> = cells
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(c, _)| *c)
+            .collect();
+        out.push_str(&format!("\"{}\"\n", kept.join("\",\"")));
+    }
+    out
 }
 
 fn layer<'a>(json: &'a Value, name: &str) -> &'a Value {
@@ -209,8 +244,18 @@ fn attached(
     list: &RangeList,
     tensor: &[u64],
 ) -> (Report, Value) {
+    attached_csv(args, ready, list, range_replay_csv(list, tensor))
+}
+
+/// [`attached`] with the range-replay CSV given.
+fn attached_csv(
+    args: &Args,
+    ready: &modelmeter_verify::app::Ready,
+    list: &RangeList,
+    csv: String,
+) -> (Report, Value) {
     let files = RunFiles {
-        csv: range_replay_csv(list, tensor),
+        csv,
         ranges: list.clone(),
         left_out: Vec::new(),
     };
@@ -263,10 +308,15 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     assert_eq!(t["analytic"], mlp.tensor_core_flops);
     assert_eq!(t["measured"], padded);
     assert_eq!(m["hardware"]["figures"]["tensor_ops_bf16"], padded);
-    assert!(
-        m["hardware"]["figures"]["tensor_ops_fp16"].is_null(),
-        "unavailable, not 0"
-    );
+    // Every tensor pipe measured: fp16 and tf32 executed nothing (0, not unavailable).
+    for pipe in ["tensor_ops_fp16", "tensor_ops_tf32"] {
+        assert_eq!(m["hardware"]["figures"][pipe], 0, "{pipe}");
+        assert_eq!(
+            layer(&json, "MoEGate")["hardware"]["figures"][pipe],
+            0,
+            "{pipe}"
+        );
+    }
     assert_eq!(m["hardware"]["counted"]["io_bytes"], mlp.io_bytes);
     assert_eq!(m["hardware"]["roofline"]["peaks"]["model"], "H200 SXM");
     assert_eq!(m["hardware"]["time"], "range_elapsed");
@@ -277,7 +327,9 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     let g = layer(&json, "MoEGate");
     assert_eq!(row(g, "hw_tensor_flops")["status"], "pass");
     assert_eq!(row(g, "hw_tensor_flops")["measured"], 0);
-    // The gate's CUDA-core work is its SIMT GEMM: checked, and equal here.
+    // The gate's CUDA-core work is its SIMT GEMM. The synthetic CSV's FFMA column is
+    // built from the counted figure (2·FFMA = cuda_core_flops), so equality here checks
+    // the plumbing (CSV → figures → row), not the counter against the hardware.
     let cuda = row(g, "hw_cuda_core_flops");
     assert_eq!(
         (cuda["status"].as_str(), &cuda["measured"]),
@@ -288,6 +340,20 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
         table.contains("hw_tensor_flops") && table.contains("5.0 µs"),
         "{table}"
     );
+
+    // Pipes ncu was not asked for are unavailable (null), not 0; the bf16 figure alone
+    // still checks the tensor work.
+    let csv = without_columns(&range_replay_csv(&list, &[padded, 0]), &FP16_TF32);
+    let (report, json) = attached_csv(&args, &ready, &list, csv);
+    assert!(report.summary().ok(), "{}", report::to_table(&report));
+    let m = layer(&json, "DeepseekV2MLP");
+    for pipe in ["tensor_ops_fp16", "tensor_ops_tf32"] {
+        assert!(
+            m["hardware"]["figures"][pipe].is_null(),
+            "{pipe}: unavailable, not 0"
+        );
+    }
+    assert_eq!(row(m, "hw_tensor_flops")["measured"], padded);
 
     // The hardware disagrees: tensor work on the gate, none on the MLP.
     let (report, json) = attach(&[0, 1_000_000]);

@@ -106,12 +106,40 @@ fn mla_models_are_exact_in_every_form() {
         );
         let report = read_json(&json);
         let model = &report["model"];
-        for call in model["calls"].as_array().unwrap() {
+        let calls = model["calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 4, "{form:?}: the prefill and 3 decode steps");
+        for (i, call) in calls.iter().enumerate() {
+            let phase = if i == 0 { "prefill" } else { "decode" };
+            assert_eq!(call["phase"], phase, "{form:?} call {i}");
+            let names: Vec<&str> = call["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    "embed_tokens",
+                    "layers.0 (DeepseekV2DecoderLayer_dense)",
+                    "layers.1 (DeepseekV2DecoderLayer_moe)",
+                    "layers.2 (DeepseekV2DecoderLayer_moe)",
+                    "norm",
+                    "lm_head",
+                ],
+                "{form:?} call {i}: --verbose keeps every part"
+            );
             for layer in call["layers"].as_array().unwrap() {
                 assert_exact(&format!("{form:?} {}", layer["name"]), layer);
             }
         }
-        for phase in model["phases"].as_array().unwrap() {
+        let phases = model["phases"].as_array().unwrap();
+        let labels: Vec<&str> = phases
+            .iter()
+            .map(|p| p["phase"].as_str().unwrap())
+            .collect();
+        assert_eq!(labels, ["prefill", "decode", "total"], "{form:?}");
+        for phase in phases {
             assert_exact(&format!("{form:?} phase {}", phase["phase"]), phase);
         }
         if form == ["--mla", "absorb"] {

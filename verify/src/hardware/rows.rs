@@ -610,21 +610,45 @@ mod tests {
             tensor_row(&counted(full, 0), &f, &with).status,
             Status::Pass
         );
-        // Without the allowance a tighter band would fail it: the allowance matters.
-        let (low, _) = band(full, &with);
-        assert!(low < 0.9 * 0.92 && low > 0.8, "{low}");
-        let strict = tensor_row(
-            &counted(full, 0),
-            &f,
-            &Context {
-                tokens: PREFILL,
-                ..Context::default()
-            },
-        );
+        let strict = Context {
+            tokens: PREFILL,
+            ..Context::default()
+        };
         assert_eq!(
-            strict.status,
+            tensor_row(&counted(full, 0), &f, &strict).status,
             Status::Pass,
-            "0.9375 is inside [0.9, 1.1] anyway"
+            "the H200's 0.9375 is inside [0.9, 1.1] anyway"
+        );
+        // The allowance lowers the band's lower end to 0.9 · (1 − skippable/full) ≈ 0.825.
+        let (low, high) = band(full, &with);
+        assert!((low - 0.9 * (full - skippable) as f64 / full as f64).abs() < 1e-12);
+        assert!(low > 0.82 && low < 0.83, "{low}");
+        assert_eq!(high, 1.1);
+        // A kernel that skipped more of the masked tiles: 0.85 of the counted work. Only
+        // the causal allowance lets it pass.
+        let skipping = HardwareFigures {
+            tensor_ops_bf16: Some(full * 85 / 100),
+            tensor_ops_fp16: Some(0),
+            tensor_ops_tf32: Some(0),
+            ..f.clone()
+        };
+        let strict_row = tensor_row(&counted(full, 0), &skipping, &strict);
+        assert_eq!(strict_row.status, Status::Fail, "{:?}", strict_row.note);
+        assert!(strict_row
+            .note
+            .unwrap()
+            .contains("hardware/counted = 0.8500, band [0.9000, 1.1000]"));
+        let allowed = tensor_row(&counted(full, 0), &skipping, &with);
+        assert_eq!(allowed.status, Status::Pass, "{:?}", allowed.note);
+        assert!(allowed.note.unwrap().contains("masked causal FLOPs"));
+        // Below even the lowered end: a fail with the allowance too.
+        let too_few = HardwareFigures {
+            tensor_ops_bf16: Some(full * 80 / 100),
+            ..skipping
+        };
+        assert_eq!(
+            tensor_row(&counted(full, 0), &too_few, &with).status,
+            Status::Fail
         );
         let far = tensor_row(&counted(full * 2, 0), &f, &with);
         assert_eq!(far.status, Status::Fail);
