@@ -301,20 +301,49 @@ mod tests {
     fn every_workload_refusal_names_the_option() {
         use clap::Parser;
         let max = u64::MAX.to_string();
-        let cases: [&[&str]; 5] = [
-            &["--batch", "0"],
-            &["--seq-len", "0"],
-            &["--phase", "decode", "--context-len", "0"],
-            &["--phase", "decode", "--context-len", &max],
-            &["--batch", &max, "--seq-len", "2"],
+        // Each refusal with the message it must start with: the option the user typed
+        // (not the library's field, `batch = 0`) and the value refused.
+        let cases: [(&[&str], &str); 7] = [
+            (&["--batch", "0"], "--batch = 0 is invalid: "),
+            (&["--seq-len", "0"], "--seq-len = 0 is invalid: "),
+            (
+                &["--phase", "decode", "--context-len", "0"],
+                "--context-len = 0 is invalid: ",
+            ),
+            (
+                &["--phase", "decode", "--context-len", &max],
+                "--context-len = 18446744073709551615 is invalid: expected below 2^64 − 1",
+            ),
+            (
+                &["--batch", &max, "--seq-len", "2"],
+                "--batch × --seq-len = 18446744073709551615 × 2 is invalid: ",
+            ),
+            (
+                &["--phase", "decode", "--seq-len", "4"],
+                "--seq-len = 4 is invalid: expected no value with --phase decode",
+            ),
+            (
+                &["--context-len", "3"],
+                "--context-len = 3 is invalid: expected no value with --phase prefill",
+            ),
         ];
-        for args in cases {
+        for (args, start) in cases {
             let demo =
                 Demo::try_parse_from(std::iter::once("demo").chain(args.iter().copied())).unwrap();
             let e = demo.workload.workload(Dtype::Bf16).unwrap_err().to_string();
-            // The option the user typed, not the library's field (`batch = 0`).
-            assert!(e.starts_with("--"), "{args:?}: {e}");
+            assert!(e.starts_with(start), "{args:?}: {e}");
         }
+        // The largest context the step can attend over (context + 1 keys) is accepted.
+        let below = (u64::MAX - 1).to_string();
+        let demo =
+            Demo::try_parse_from(["demo", "--phase", "decode", "--context-len", &below]).unwrap();
+        assert!(demo.workload.workload(Dtype::Bf16).is_ok());
+        // A number past 2^64 − 1 is refused while parsing, naming the option.
+        assert_eq!(
+            usage_error(&["--phase", "decode", "--context-len", "18446744073709551616"]),
+            "demo: error: invalid value '18446744073709551616' for '--context-len <C>': \
+             too large; expected a whole number up to 18446744073709551615; see demo --help"
+        );
     }
 
     #[test]

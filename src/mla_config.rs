@@ -241,9 +241,10 @@ mod tests {
 
     #[test]
     fn mscale_matches_the_published_softmax_factors() {
-        // deepseek-family-facts.md: mscale = 0.1·mscale_all_dim·ln(factor) + 1 is 1.2582…
-        // for V2 (0.707, 40) and 1.3689 for V3 (1.0, 40); the softmax scale factor is its
-        // square, and d_qk^-0.5 = 192^-0.5 = 0.0721688 — products 0.114721 and 0.135234.
+        // mscale = 0.1·mscale_all_dim·ln(factor) + 1 is 1.260804 for V2 (0.707, 40:
+        // 0.1·0.707·3.688879 + 1) and 1.368888 for V3 (1.0, 40); the softmax scale factor
+        // is its square (1.589626 and 1.873854), and d_qk^-0.5 = 192^-0.5 = 0.0721688 —
+        // products 0.114721 and 0.135234.
         let yarn = |all: f64| YarnScaling {
             factor: 40.0,
             original_max_position_embeddings: 4096,
@@ -267,6 +268,50 @@ mod tests {
         assert!((plain - 0.0721688).abs() < 5e-8, "{plain}");
         assert_eq!(yarn_get_mscale(1.0, 0.707), 1.0, "no extension, no scaling");
         assert_eq!(yarn(0.0).softmax_scale_factor(), 1.0, "mscale_all_dim 0");
+        assert!((yarn_get_mscale(40.0, 0.707) - 1.260804).abs() < 5e-7);
+        assert!((yarn_get_mscale(40.0, 1.0) - 1.368888).abs() < 5e-7);
+    }
+
+    #[test]
+    fn softmax_scale_uses_mscale_all_dim_not_mscale() {
+        // The vendor `DeepseekV2Attention.__init__`: softmax_scale ·= yarn_get_mscale(
+        // factor, mscale_all_dim)²; `mscale` only enters the cos/sin tables, as the ratio
+        // yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim).
+        // mscale 1.0, mscale_all_dim 0.707, factor 40, by hand (ln 40 = 3.6888795):
+        //   all-dim mscale 0.1·0.707·3.6888795 + 1 = 1.2608038, squared 1.5896262;
+        //   (with mscale instead: 1.3688879, squared 1.8738542);
+        //   softmax scale 192^-0.5 · 1.5896262 = 0.0721688 · 1.5896262 = 0.1147214;
+        //   cos/sin ratio 1.3688879 / 1.2608038 = 1.0857264.
+        let yarn = YarnScaling {
+            factor: 40.0,
+            original_max_position_embeddings: 4096,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: 1.0,
+            mscale_all_dim: 0.707,
+        };
+        let factor = yarn.softmax_scale_factor();
+        assert!((factor - 1.5896262).abs() < 5e-7, "{factor}");
+        let mla = MlaConfig {
+            q_lora_rank: Some(1536),
+            kv_lora_rank: 512,
+            qk_nope_head_dim: 128,
+            qk_rope_head_dim: 64,
+            v_head_dim: 128,
+        };
+        let scale = softmax_scale(&mla, Some(&yarn)).unwrap();
+        assert!((scale - 0.1147214).abs() < 5e-7, "{scale}");
+        let ratio = yarn_get_mscale(yarn.factor, yarn.mscale)
+            / yarn_get_mscale(yarn.factor, yarn.mscale_all_dim);
+        assert!((ratio - 1.0857264).abs() < 5e-7, "{ratio}");
+        // Swapped (mscale 0.707, mscale_all_dim 1.0): the V3 factor, 1.3688879².
+        let swapped = YarnScaling {
+            mscale: 0.707,
+            mscale_all_dim: 1.0,
+            ..yarn
+        };
+        let factor = swapped.softmax_scale_factor();
+        assert!((factor - 1.8738542).abs() < 5e-7, "{factor}");
     }
 
     #[test]

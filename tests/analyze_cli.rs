@@ -14,9 +14,31 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Asserts every JSON number under `v` is a `u64` (no float, no negative); counts them.
+fn every_number_is_u64(v: &serde_json::Value, path: &str, counted: &mut usize) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => {
+            assert!(n.is_u64(), "{path} = {n} is not an exact unsigned integer");
+            *counted += 1;
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                every_number_is_u64(item, &format!("{path}[{i}]"), counted);
+            }
+        }
+        Value::Object(fields) => {
+            for (k, item) in fields {
+                every_number_is_u64(item, &format!("{path}.{k}"), counted);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::String(_) => {}
+    }
+}
+
 #[test]
 fn json_report_has_the_schema_layers_and_exact_integers() {
-    let o = analyze(&["--json"]);
+    let o = analyze(&["--json", "--new-tokens", "4"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["schema"], "modelmeter.analyze/1");
@@ -25,21 +47,39 @@ fn json_report_has_the_schema_layers_and_exact_integers() {
     assert_eq!(j["workload"]["seq_len"], 512);
     let layers = j["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 7);
+    const METRICS: [&str; 8] = [
+        "matmul_flops",
+        "elementwise_flops",
+        "tensor_core_flops",
+        "cuda_core_flops",
+        "io_bytes",
+        "weight_bytes",
+        "activation_bytes",
+        "kv_cache_bytes",
+    ];
     for layer in layers {
-        for key in [
-            "matmul_flops",
-            "elementwise_flops",
-            "tensor_core_flops",
-            "cuda_core_flops",
-            "io_bytes",
-            "weight_bytes",
-            "activation_bytes",
-            "kv_cache_bytes",
-        ] {
+        for key in METRICS {
             assert!(layer["metrics"][key].is_u64(), "{} {key}", layer["name"]);
         }
         assert!(!layer["children"].as_array().unwrap().is_empty());
     }
+    assert_eq!(j["generation"]["new_tokens"], 4);
+    for stage in ["prefill", "decode", "total"] {
+        for key in METRICS {
+            assert!(j["generation"][stage][key].is_u64(), "{stage} {key}");
+        }
+    }
+    // Every number in the layers, the stack and the generation, at every depth (metrics,
+    // peaks, returned sizes), is an exact unsigned integer. No field there is a float.
+    let mut counted = 0;
+    for key in ["layers", "stack", "generation"] {
+        assert!(!j[key].is_null(), "{key} is in the report");
+        every_number_is_u64(&j[key], key, &mut counted);
+    }
+    assert!(
+        counted > 8 * 100,
+        "{counted} numbers: the walk saw the trees"
+    );
     let gate = layers.iter().find(|l| l["name"] == "MoEGate").unwrap();
     assert_eq!(gate["metrics"]["tensor_core_flops"], 0);
     assert_eq!(gate["metrics"]["matmul_flops"], 83_886_080u64);

@@ -387,12 +387,14 @@ mod tests {
 
     #[test]
     fn generation_adds_decode_steps_over_growing_context() {
+        // Seven steps: more than the three the closed form in `Generation::metrics` is
+        // fitted on, so a wrong slope or sum shows in steps four to seven.
         let c = ModelConfig::deepseek_ocr();
         let g = Generation {
             config: c.clone(),
             batch: 1,
             prefill_len: 8,
-            new_tokens: 3,
+            new_tokens: 7,
             dtype: Dtype::Bf16,
             allow_tf32: false,
             platform: Platform::Cuda,
@@ -405,22 +407,124 @@ mod tests {
                 .metrics()
                 .unwrap()
         };
-        let steps: u64 = [8, 9, 10].iter().map(|ctx| step(*ctx).matmul_flops).sum();
-        assert_eq!(m.decode.matmul_flops, steps);
-        assert_eq!(m.total.matmul_flops, m.prefill.matmul_flops + steps);
+        // Step t attends over 8 + t + 1 keys: contexts 8, 9, …, 14.
+        let steps: Vec<Metrics> = (8..15).map(step).collect();
+        assert_eq!(steps.len(), 7);
+        let flops: u64 = steps.iter().map(|s| s.matmul_flops).sum();
+        assert_eq!(m.decode.matmul_flops, flops);
+        assert_eq!(m.total.matmul_flops, m.prefill.matmul_flops + flops);
+        // KV cache: 61,440 bytes per token (bf16, 12 layers), as cached, not summed.
+        for (n, s) in steps.iter().enumerate() {
+            assert_eq!(s.kv_cache_bytes, 61_440 * (8 + n as u64 + 1), "step {n}");
+        }
+        assert_eq!(m.prefill.kv_cache_bytes, 61_440 * 8);
         assert_eq!(
             m.total.kv_cache_bytes,
-            61_440 * 11,
-            "8 + 3 tokens cached, not summed"
+            61_440 * 15,
+            "8 + 7 tokens cached, not summed"
         );
+        assert_eq!(m.decode.kv_cache_bytes, 61_440 * 15);
         assert_eq!(m.total.weight_bytes, m.prefill.weight_bytes);
-        // Every metric of the closed form equals the step-by-step sum.
-        let steps: Vec<Metrics> = [8, 9, 10].iter().map(|ctx| step(*ctx)).collect();
-        let mut looped = steps[0];
-        for s in &steps[1..] {
-            looped = accumulate(&looped, s).unwrap();
+        // Every metric of the closed form equals the steps combined by hand (not with
+        // `accumulate`, which the closed form itself uses for the total).
+        let work = |s: &Metrics| {
+            [
+                s.matmul_flops,
+                s.elementwise_flops,
+                s.tensor_core_flops,
+                s.cuda_core_flops,
+                s.io_bytes,
+            ]
+        };
+        let mut summed = [0u64; 5];
+        for s in &steps {
+            for (acc, x) in summed.iter_mut().zip(work(s)) {
+                *acc += x;
+            }
         }
-        assert_eq!(m.decode, looped);
+        let last = steps[6];
+        let largest = steps.iter().map(|s| s.activation_bytes).max().unwrap();
+        let by_hand = Metrics {
+            matmul_flops: summed[0],
+            elementwise_flops: summed[1],
+            tensor_core_flops: summed[2],
+            cuda_core_flops: summed[3],
+            io_bytes: summed[4],
+            weight_bytes: last.weight_bytes,
+            activation_bytes: largest,
+            kv_cache_bytes: last.kv_cache_bytes,
+        };
+        assert_eq!(m.decode, by_hand);
+        // The total: prefill then decode, by the same rules.
+        let mut total = [0u64; 5];
+        for (acc, (p, d)) in total
+            .iter_mut()
+            .zip(work(&m.prefill).into_iter().zip(summed))
+        {
+            *acc = p + d;
+        }
+        assert_eq!(
+            m.total,
+            Metrics {
+                matmul_flops: total[0],
+                elementwise_flops: total[1],
+                tensor_core_flops: total[2],
+                cuda_core_flops: total[3],
+                io_bytes: total[4],
+                weight_bytes: last.weight_bytes,
+                activation_bytes: m.prefill.activation_bytes.max(largest),
+                kv_cache_bytes: 61_440 * 15,
+            }
+        );
+    }
+
+    #[test]
+    fn accumulate_sums_work_keeps_later_state_and_larger_peak() {
+        let earlier = Metrics {
+            matmul_flops: 100,
+            elementwise_flops: 20,
+            tensor_core_flops: 90,
+            cuda_core_flops: 30,
+            io_bytes: 1_000,
+            weight_bytes: 5_000,
+            activation_bytes: 700,
+            kv_cache_bytes: 64,
+        };
+        let later = Metrics {
+            matmul_flops: 7,
+            elementwise_flops: 3,
+            tensor_core_flops: 6,
+            cuda_core_flops: 4,
+            io_bytes: 11,
+            weight_bytes: 4_000,
+            activation_bytes: 300,
+            kv_cache_bytes: 128,
+        };
+        let expected = Metrics {
+            matmul_flops: 107,
+            elementwise_flops: 23,
+            tensor_core_flops: 96,
+            cuda_core_flops: 34,
+            io_bytes: 1_011,
+            weight_bytes: 4_000,
+            activation_bytes: 700,
+            kv_cache_bytes: 128,
+        };
+        assert_eq!(accumulate(&earlier, &later).unwrap(), expected);
+        // The other order: state is still the later call's, the peak still the larger.
+        let reversed = Metrics {
+            weight_bytes: 5_000,
+            kv_cache_bytes: 64,
+            ..expected
+        };
+        assert_eq!(accumulate(&later, &earlier).unwrap(), reversed);
+        // Work that overflows is an error, naming the metric.
+        let huge = Metrics {
+            io_bytes: u64::MAX,
+            ..Metrics::default()
+        };
+        let e = accumulate(&huge, &later).unwrap_err().to_string();
+        assert!(e.contains("io_bytes") && e.contains("overflows"), "{e}");
     }
 
     #[test]

@@ -343,4 +343,85 @@ mod tests {
             2 * 8 * 1280 * 64 + 6 * 8 * 6 * 1280 * 896
         );
     }
+
+    /// The MoE layer of DeepSeek-OCR (E = 64, k = 6, h = 1280, m = 896) over a prefill of
+    /// 16 tokens: N·k = 96 routed rows, with `rows` the measured routing if any.
+    fn routed(rows: Option<Vec<u64>>) -> Result<Metrics> {
+        let mut w = Workload::prefill(1, 16).unwrap();
+        if let Some(rows) = rows {
+            w = w.with_expert_rows(rows);
+        }
+        DeepseekV2MoE::new(&ModelConfig::deepseek_ocr(), &w)?.metrics()
+    }
+
+    #[test]
+    fn measured_routing_costs_the_flops_of_the_even_spread() {
+        // FLOPs depend only on the N·k = 96 rows, not on which experts get them: the
+        // even spread (64 experts, 32 with 2 rows and 32 with 1) and skewed routings.
+        let even = routed(None).unwrap();
+        let (n, h, e, k, m, shared) = (16u64, 1280u64, 64u64, 6u64, 896u64, 1792u64);
+        let matmul = 2 * n * h * e + 6 * n * k * h * m + 6 * n * h * shared;
+        assert_eq!(even.matmul_flops, matmul);
+        let one_expert_params = 3 * h * m;
+        for rows in [
+            vec![96],
+            vec![50, 30, 10, 5, 1],
+            vec![2; 48],
+            std::iter::repeat(1)
+                .take(63)
+                .chain([33])
+                .collect::<Vec<u64>>(),
+        ] {
+            let hit = rows.len() as u64;
+            let measured = routed(Some(rows.clone())).unwrap();
+            assert_eq!(measured.matmul_flops, matmul, "{rows:?}");
+            assert_eq!(
+                measured.elementwise_flops, even.elementwise_flops,
+                "{rows:?}"
+            );
+            assert_eq!(
+                measured.tensor_core_flops, even.tensor_core_flops,
+                "{rows:?}"
+            );
+            assert_eq!(measured.cuda_core_flops, even.cuda_core_flops, "{rows:?}");
+            // Idle experts still hold their parameters: all 64 experts' weights count.
+            assert_eq!(
+                measured.weight_bytes, even.weight_bytes,
+                "{rows:?}: idle experts' weights count"
+            );
+            assert_eq!(measured.weight_bytes, 227_164_160 * 2, "{rows:?}");
+            // Only the experts that run read their weights (3·h·m bf16 each); the rows
+            // they read and write add up to N·k either way.
+            assert_eq!(
+                even.io_bytes - measured.io_bytes,
+                (e - hit) * one_expert_params * 2,
+                "{rows:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_expert_rows_are_errors_naming_them() {
+        let too_many: Vec<u64> = std::iter::repeat(1).take(64).chain([32]).collect();
+        assert_eq!(too_many.iter().sum::<u64>(), 96, "only the count is wrong");
+        for rows in [
+            vec![],
+            vec![96, 0],
+            vec![50, 0, 46],
+            too_many,
+            vec![50, 45],
+            vec![50, 47],
+        ] {
+            let e = routed(Some(rows.clone())).unwrap_err().to_string();
+            assert!(
+                e.starts_with("expert_rows = ")
+                    && e.contains("is invalid: expected 1 to 64 experts")
+                    && e.contains("N·k = 96 rows in all"),
+                "{rows:?}: {e}"
+            );
+        }
+        // Rows whose sum overflows are refused too, not wrapped into a valid total.
+        let e = routed(Some(vec![u64::MAX, 97])).unwrap_err().to_string();
+        assert!(e.contains("overflows"), "{e}");
+    }
 }
