@@ -279,7 +279,14 @@ impl Generation {
 /// activation memory is the larger peak. (Parts of one call add up instead:
 /// [`Metrics::checked_add`].)
 pub fn accumulate(earlier: &Metrics, later: &Metrics) -> Result<Metrics> {
-    let work = earlier.checked_add(later)?;
+    // Only the work is summed: state that would overflow if added is not an overflow.
+    let state = Metrics {
+        weight_bytes: 0,
+        kv_cache_bytes: 0,
+        activation_bytes: 0,
+        ..*later
+    };
+    let work = earlier.checked_add(&state)?;
     Ok(Metrics {
         weight_bytes: later.weight_bytes,
         kv_cache_bytes: later.kv_cache_bytes,
@@ -525,6 +532,22 @@ mod tests {
         };
         let e = accumulate(&huge, &later).unwrap_err().to_string();
         assert!(e.contains("io_bytes") && e.contains("overflows"), "{e}");
+        // State is not summed, so state that would overflow if it were is no error.
+        let full = Metrics {
+            weight_bytes: u64::MAX,
+            kv_cache_bytes: u64::MAX,
+            activation_bytes: u64::MAX,
+            ..Metrics::default()
+        };
+        let both = accumulate(&full, &full).unwrap();
+        assert_eq!(
+            (
+                both.weight_bytes,
+                both.kv_cache_bytes,
+                both.activation_bytes
+            ),
+            (u64::MAX, u64::MAX, u64::MAX)
+        );
     }
 
     #[test]
