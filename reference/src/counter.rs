@@ -214,7 +214,7 @@ impl Counts {
             .flatten();
         let Some(conv) = conv else {
             if !covered {
-                *self.unknown_ops.entry(event.name.clone()).or_default() += 1;
+                *self.unknown_ops.entry(event.name.to_string()).or_default() += 1;
             }
             return false;
         };
@@ -258,9 +258,12 @@ impl Counts {
         };
         let total = bytes.and_then(|b| {
             // The name is copied once per op name, not once per call.
-            let by_op = match self.io_bytes_by_op.get_mut(&event.name) {
+            let by_op = match self.io_bytes_by_op.get_mut(event.name) {
                 Some(by_op) => by_op,
-                None => self.io_bytes_by_op.entry(event.name.clone()).or_default(),
+                None => self
+                    .io_bytes_by_op
+                    .entry(event.name.to_string())
+                    .or_default(),
             };
             *by_op = by_op.saturating_add(b);
             modelmeter::checked::sum("io_bytes", &[self.io_bytes, b])
@@ -297,7 +300,7 @@ impl Counts {
             _ => Booking::Split,
         };
         self.records.push(OpRecord {
-            name: event.name.clone(),
+            name: event.name.to_string(),
             thread: event.thread,
             backward,
             device: event.device.as_deref().map(str::to_string),

@@ -6,9 +6,11 @@ use modelmeter::conventions::{Arg, TensorMeta};
 use modelmeter::shape::Shape;
 use modelmeter::Dtype;
 
-/// One op start the observer saw.
+/// One op start the observer saw; its name is borrowed from the log it was parsed from
+/// (every op of a region has one, and copying each into a `String` of its own was the
+/// parser's largest allocation).
 #[derive(Clone, Debug, PartialEq)]
-pub struct OpEvent {
+pub struct OpEvent<'a> {
     /// libtorch's logical id of the thread that ran the op.
     pub thread: u64,
     /// Open ops on that thread when this one started.
@@ -16,7 +18,7 @@ pub struct OpEvent {
     /// An autograd node (`RecordScope::BACKWARD_FUNCTION`), e.g. `MmBackward0`.
     pub backward: bool,
     /// `aten::mm`, `MmBackward0`, `autograd::engine::evaluate_function: …`.
-    pub name: String,
+    pub name: &'a str,
     pub args: Vec<Arg>,
     /// The device of the first tensor argument (`cpu`, `cuda:0`), if any; the events of
     /// one device share one string.
@@ -39,7 +41,7 @@ pub struct OpOutput {
     pub address: Option<u64>,
 }
 
-impl OpEvent {
+impl OpEvent<'_> {
     /// The output tensors, with whether each aliases an input; empty when unknown.
     pub fn output_tensors(&self) -> Vec<(&TensorMeta, bool)> {
         let mut out = Vec::new();
@@ -60,13 +62,13 @@ fn collect_tensors<'a>(arg: &'a Arg, alias: bool, out: &mut Vec<(&'a TensorMeta,
 
 /// The events of a log and the callback errors it reports.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct OpLog {
-    pub events: Vec<OpEvent>,
+pub struct OpLog<'a> {
+    pub events: Vec<OpEvent<'a>>,
     pub errors: Vec<String>,
 }
 
 /// Parses a whole log; malformed lines become errors, never silently dropped.
-pub fn parse(log: &str) -> OpLog {
+pub fn parse(log: &str) -> OpLog<'_> {
     let mut out = OpLog::default();
     // Lines run to about a hundred bytes: room for the events at once, not regrown.
     out.events.reserve(log.len() / 256);
@@ -139,7 +141,20 @@ fn parse_outputs(mut text: &str) -> Option<(usize, u64, Vec<OpOutput>)> {
             }
         }
     }
-    (parser.pos == parser.text.len()).then_some((n.parse().ok()?, clock.parse().ok()?, outputs))
+    let n = usize::try_from(decimal(n)?).ok()?;
+    (parser.pos == parser.text.len()).then_some((n, decimal(clock)?, outputs))
+}
+
+/// A decimal number of one or more digits and nothing else (the observer's thread ids,
+/// depths, line numbers and clocks), read digit by digit.
+fn decimal(text: &str) -> Option<u64> {
+    if text.is_empty() {
+        return None;
+    }
+    text.bytes().try_fold(0u64, |value, b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d < 10)?;
+        value.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// The text before the next tab of `rest`, which moves past it; `None` without a tab.
@@ -151,16 +166,16 @@ fn field<'a>(rest: &mut &'a str) -> Option<&'a str> {
     Some(field)
 }
 
-fn parse_line(line: &str, last_device: &mut Option<Arc<str>>) -> Option<OpEvent> {
+fn parse_line<'a>(line: &'a str, last_device: &mut Option<Arc<str>>) -> Option<OpEvent<'a>> {
     let mut rest = line;
-    let thread = field(&mut rest)?.parse().ok()?;
-    let depth = field(&mut rest)?.parse().ok()?;
+    let thread = decimal(field(&mut rest)?)?;
+    let depth = usize::try_from(decimal(field(&mut rest)?)?).ok()?;
     let backward = match field(&mut rest)? {
         "B" => true,
         "F" => false,
         _ => return None,
     };
-    let name = field(&mut rest)?.to_string();
+    let name = field(&mut rest)?;
     let mut parser = Parser {
         text: rest,
         pos: 0,
@@ -221,9 +236,11 @@ impl<'a> Parser<'a> {
 
     fn until(&mut self, stop: &[u8]) -> &'a str {
         let start = self.pos;
-        while self.peek().is_some_and(|c| !stop.contains(&c)) {
-            self.pos += 1;
-        }
+        let rest = self.text.as_bytes().get(start..).unwrap_or_default();
+        self.pos += rest
+            .iter()
+            .position(|c| stop.contains(c))
+            .unwrap_or(rest.len());
         // A start inside a character (after a malformed tag) reads as an empty token.
         self.text.get(start..self.pos).unwrap_or("")
     }
@@ -241,16 +258,26 @@ impl<'a> Parser<'a> {
         (self.pos > start).then_some(value)
     }
 
+    /// An int list's items up to the closing `]`: optionally signed decimals, read in place
+    /// (no token split out and parsed again).
     fn ints(&mut self) -> Option<Vec<i64>> {
-        let body = self.until(b"]");
-        let values = if body.is_empty() {
-            Vec::new()
-        } else {
-            body.split(',')
-                .map(|v| v.parse().ok())
-                .collect::<Option<Vec<i64>>>()?
-        };
-        self.eat(b']').then_some(values)
+        let mut values = Vec::new();
+        if self.eat(b']') {
+            return Some(values);
+        }
+        loop {
+            let negative = self.eat(b'-');
+            let magnitude = self.size()?;
+            values.push(if negative {
+                0i64.checked_sub_unsigned(magnitude)?
+            } else {
+                0i64.checked_add_unsigned(magnitude)?
+            });
+            if self.eat(b']') {
+                return Some(values);
+            }
+            self.eat(b',').then_some(())?;
+        }
     }
 
     /// A tensor's sizes up to the closing `]`, straight into a [`Shape`] (every op's
@@ -400,6 +427,29 @@ mod tests {
     }
 
     #[test]
+    fn int_lists_read_signed_64_bit_items_and_refuse_malformed_ones() {
+        let out = parse(
+            "1\t0\tF\taten::a\tI[-9223372036854775808,9223372036854775807,-1,0]\n\
+             1\t0\tF\taten::b\tI[9223372036854775808]\n\
+             1\t0\tF\taten::c\tI[1,,2]\n\
+             1\t0\tF\taten::d\tI[1,2\n\
+             1\t0\tF\taten::e\tI[-]\n\
+             1\t0\tF\taten::f\tB[1,0]\n\
+             x\t0\tF\taten::g\t\n\
+             1\t+2\tF\taten::h\t\n",
+        );
+        assert_eq!(
+            out.events[0].args,
+            vec![Arg::IntList(vec![i64::MIN, i64::MAX, -1, 0])]
+        );
+        assert_eq!(out.events[1].args, vec![Arg::BoolList(vec![true, false])]);
+        // Past i64, an empty item, no closing bracket, a sign alone, and thread or depth
+        // fields that are not plain decimals.
+        assert_eq!(out.events.len(), 2);
+        assert_eq!(out.errors.len(), 6, "{:?}", out.errors);
+    }
+
+    #[test]
     fn output_lines_attach_to_their_start_line() {
         let log = "1\t0\tF\taten::mul_\tTFloat@cpu[4];TFloat@cpu[4]\n\
                    1\t0\tF\taten::bad\tT?\n\
@@ -442,7 +492,7 @@ mod tests {
              1\t0\tF\taten::e\tTFloat@cuda:1[2]\n",
         );
         assert_eq!(out.errors.len(), 2, "{:?}", out.errors);
-        let names: Vec<&str> = out.events.iter().map(|e| e.name.as_str()).collect();
+        let names: Vec<&str> = out.events.iter().map(|e| e.name).collect();
         assert_eq!(names, ["aten::a", "aten::d", "aten::e"]);
         assert_eq!(
             out.events[0].args,
