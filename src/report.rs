@@ -212,50 +212,10 @@ mod tests {
             j["layers"][1]["metrics"]["matmul_flops"].as_u64(),
             Some(26_927_431_680)
         );
-        // Every number in the layers, the stack and the generation (every metric, peak
-        // and returned size, at every depth of the trees) is an exact unsigned integer:
-        // none is a float or negative. No field there is legitimately a float.
-        let mut counted = 0;
-        for key in ["layers", "stack", "generation"] {
-            assert!(!j[key].is_null(), "{key} is in the report");
-            every_number_is_u64(&j[key], key, &mut counted);
-        }
-        // Eight metrics per node, over hundreds of nodes: the walk saw the trees.
-        assert!(counted > 8 * 100, "{counted} numbers");
+        assert!(j["stack"]["metrics"]["kv_cache_bytes"].is_u64());
+        // That every number of the report is an exact unsigned integer, at every depth,
+        // is checked on the CLI's JSON (tests/analyze_cli.rs).
         assert_eq!(j["generation"]["new_tokens"].as_u64(), Some(3));
-    }
-
-    /// Asserts every JSON number under `v` is a `u64`; counts them in `counted`.
-    fn every_number_is_u64(v: &Value, path: &str, counted: &mut usize) {
-        match v {
-            Value::Number(n) => {
-                assert!(n.is_u64(), "{path} = {n} is not an exact unsigned integer");
-                *counted += 1;
-            }
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    every_number_is_u64(item, &format!("{path}[{i}]"), counted);
-                }
-            }
-            Value::Object(fields) => {
-                for (k, item) in fields {
-                    every_number_is_u64(item, &format!("{path}.{k}"), counted);
-                }
-            }
-            Value::Null | Value::Bool(_) | Value::String(_) => {}
-        }
-    }
-
-    #[test]
-    fn the_integer_walk_refuses_floats_and_negatives() {
-        // The walk above must be able to fail: a float or a negative deep in a tree.
-        for bad in [json!({"a": [{"b": 1.5}]}), json!({"a": {"b": -1}})] {
-            let walked = std::panic::catch_unwind(|| every_number_is_u64(&bad, "x", &mut 0));
-            assert!(walked.is_err(), "{bad}");
-        }
-        let mut counted = 0;
-        every_number_is_u64(&json!({"a": [1, {"b": 2}], "c": "3"}), "x", &mut counted);
-        assert_eq!(counted, 2);
     }
 
     #[test]

@@ -37,6 +37,25 @@ fn every_number_is_u64(v: &serde_json::Value, path: &str, counted: &mut usize) {
 }
 
 #[test]
+fn the_integer_walk_refuses_floats_and_negatives() {
+    // The walk must be able to fail: a float or a negative deep in a tree.
+    for bad in [
+        serde_json::json!({"a": [{"b": 1.5}]}),
+        serde_json::json!({"a": {"b": -1}}),
+    ] {
+        let walked = std::panic::catch_unwind(|| every_number_is_u64(&bad, "x", &mut 0));
+        assert!(walked.is_err(), "{bad}");
+    }
+    let mut counted = 0;
+    every_number_is_u64(
+        &serde_json::json!({"a": [1, {"b": 2}], "c": "3"}),
+        "x",
+        &mut counted,
+    );
+    assert_eq!(counted, 2);
+}
+
+#[test]
 fn json_report_has_the_schema_layers_and_exact_integers() {
     let o = analyze(&["--json", "--new-tokens", "4"]);
     assert!(o.status.success(), "{}", stderr(&o));
