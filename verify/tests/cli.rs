@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 mod common;
-use common::{read_json, text, verify_env as verify, TempDir, EXACT, PEAK};
+use common::{names, read_json, text, verify_env as verify, TempDir, EXACT, PEAK};
 
 /// Runs `verify-decoder` with `args` plus `--json FILE -q`, asserts it exits 0, and
 /// returns the JSON report.
@@ -111,12 +111,7 @@ fn default_workload_on_cpu_passes_with_exact_rows_and_valid_reports() {
         j["summary"],
         serde_json::json!({"pass": 6, "known_gap": 1, "fail": 0, "error": 0})
     );
-    let names: Vec<&str> = j["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["name"].as_str().unwrap())
-        .collect();
+    let names = names(&j["layers"]);
     assert_eq!(
         names,
         [
@@ -321,12 +316,7 @@ fn sweep_of_50_passes_with_exact_rows() {
             (false, false, "eager") => "LlamaAttention",
             other => panic!("unexpected case {other:?}: {case}"),
         };
-        let names: Vec<&str> = case["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["name"].as_str().unwrap())
-            .collect();
+        let names = names(&case["layers"]);
         assert_eq!(
             names,
             [

@@ -13,7 +13,7 @@ use modelmeter_verify::report::{self, ModelReport};
 use serde_json::Value;
 
 mod common;
-use common::{read_json, text, verify, TempDir, EXACT};
+use common::{names, read_json, text, verify, TempDir, EXACT};
 
 fn rows(v: &Value) -> &Vec<Value> {
     v["metrics"].as_array().unwrap()
@@ -111,12 +111,7 @@ fn mla_models_are_exact_in_every_form() {
         for (i, call) in calls.iter().enumerate() {
             let phase = if i == 0 { "prefill" } else { "decode" };
             assert_eq!(call["phase"], phase, "{form:?} call {i}");
-            let names: Vec<&str> = call["layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l["name"].as_str().unwrap())
-                .collect();
+            let names = names(&call["layers"]);
             assert_eq!(
                 names,
                 [

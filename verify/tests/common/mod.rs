@@ -24,6 +24,16 @@ pub const EXACT: [&str; 8] = [
 /// every layer the reference modules release like the vendor code (all of them).
 pub const PEAK: &str = "peak_activation_bytes";
 
+/// The `name` of each item of the JSON array `items` (a report's layers, a call's parts).
+pub fn names(items: &Value) -> Vec<&str> {
+    items
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|item| item["name"].as_str().expect("a name"))
+        .collect()
+}
+
 /// The binary with `args`.
 pub fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
