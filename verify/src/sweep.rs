@@ -403,6 +403,47 @@ mod tests {
     }
 
     #[test]
+    fn the_analytic_fast_path_equals_the_breakdown_on_the_sweeps_cases() {
+        // `Layer::metrics()` (no tree, no liveness) against the root of `Layer::cost()`, for
+        // every layer of 200 sweep cases (MLA in both forms, every routing method, unusual
+        // head dims), prefill and decode, on both platforms, in each model dtype.
+        use modelmeter::layers::{layers_of, DeepseekV2Decoder};
+        use modelmeter::{Dtype, Phase, Platform};
+        let mut compared = 0;
+        for (i, dtype) in (0..200).zip([Dtype::F32, Dtype::Bf16, Dtype::F16].iter().cycle()) {
+            let platform = if i % 2 == 0 {
+                Platform::Cuda
+            } else {
+                Platform::Cpu
+            };
+            let phase = if i % 3 == 0 {
+                Phase::Decode { context_len: 9 }
+            } else {
+                Phase::Prefill { seq_len: 5 }
+            };
+            let base = Workload::new(2, phase, *dtype).unwrap().on(platform);
+            let case = generate(11, i, &base);
+            let mut layers = layers_of(&case.config, &case.workload, case.attention).unwrap();
+            layers.push(Box::new(DeepseekV2Decoder::new(
+                &case.config,
+                &case.workload,
+                case.attention,
+            )));
+            for layer in layers {
+                let tree = layer.cost().unwrap();
+                assert_eq!(
+                    layer.metrics().unwrap(),
+                    tree.metrics,
+                    "case {i}: {}",
+                    tree.name
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 200 * 8, "seven layers and the stack per case");
+    }
+
+    #[test]
     fn replay_uses_plain_options() {
         let c = generate(1, 0, &fp32());
         let cmd = replay_command("verify-decoder", &c, "/tmp/x.json", "cpu", 1, 0.05, &[]);
