@@ -239,10 +239,10 @@ impl Counts {
             return;
         }
         let tensors = event.output_tensors();
-        let handed_back = !is_in_place(event.name)
-            && !tensors.is_empty()
-            && tensors.iter().all(|(_, alias)| *alias);
-        if !handed_back && !is_in_place(event.name) {
+        let in_place = is_in_place(event.name);
+        let handed_back =
+            !in_place && !tensors.is_empty() && tensors.iter().all(|(_, alias)| *alias);
+        if !handed_back && !in_place {
             if let Some(ended_at) = event.ended_at {
                 for output in event.outputs.iter().flatten() {
                     if let (Some(address), false) = (output.address, output.aliases_input) {

@@ -146,15 +146,15 @@ fn parse_outputs(mut text: &str) -> Option<(usize, u64, Vec<OpOutput>)> {
 }
 
 /// A decimal number of one or more digits and nothing else (the observer's thread ids,
-/// depths, line numbers and clocks), read digit by digit.
+/// depths, line numbers and clocks), read as a tensor size is ([`Parser::size`]).
 fn decimal(text: &str) -> Option<u64> {
-    if text.is_empty() {
-        return None;
-    }
-    text.bytes().try_fold(0u64, |value, b| {
-        let digit = b.checked_sub(b'0').filter(|d| *d < 10)?;
-        value.checked_mul(10)?.checked_add(u64::from(digit))
-    })
+    let mut parser = Parser {
+        text,
+        pos: 0,
+        device: None,
+    };
+    let value = parser.size()?;
+    (parser.pos == text.len()).then_some(value)
 }
 
 /// The text before the next tab of `rest`, which moves past it; `None` without a tab.
