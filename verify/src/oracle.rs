@@ -473,10 +473,6 @@ mod tests {
         use modelmeter::conventions::OpCost;
         use modelmeter_reference::counter::OpSummary;
         LayerResult {
-            name: "L".into(),
-            status: Status::Pass,
-            error: None,
-            metrics: Vec::new(),
             ops: ops
                 .iter()
                 .map(|&(name, matmul, fcm)| OpSummary {
@@ -491,13 +487,7 @@ mod tests {
                     devices: Vec::new(),
                 })
                 .collect(),
-            unknown_ops: BTreeMap::new(),
-            attention_kernels: Vec::new(),
-            experts_used: None,
-            tokens_per_expert: None,
-            hardware: None,
-            seconds: 0.0,
-            timings: Default::default(),
+            ..LayerResult::new("L".into(), Status::Pass)
         }
     }
 

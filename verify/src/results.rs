@@ -43,6 +43,27 @@ pub struct LayerResult {
     pub timings: LayerTimings,
 }
 
+impl LayerResult {
+    /// The layer called `name` with `status`, before anything is measured or compared:
+    /// no error, rows, ops, kernels, routing, hardware figures or time.
+    pub(crate) fn new(name: String, status: Status) -> LayerResult {
+        LayerResult {
+            name,
+            status,
+            error: None,
+            metrics: Vec::new(),
+            ops: Vec::new(),
+            unknown_ops: BTreeMap::new(),
+            attention_kernels: Vec::new(),
+            experts_used: None,
+            tokens_per_expert: None,
+            hardware: None,
+            seconds: 0.0,
+            timings: Default::default(),
+        }
+    }
+}
+
 /// Where a layer's verification spent its wall time, in seconds: shown by `--timings`
 /// and read by the benchmarks, never asserted on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]

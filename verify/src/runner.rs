@@ -332,18 +332,8 @@ fn note_routing(result: &mut LayerResult, hit: u64, default: &Cost, routed: &Cos
 
 fn error_result(name: String, cause: String) -> LayerResult {
     LayerResult {
-        name,
-        status: Status::Error,
         error: Some(cause),
-        metrics: Vec::new(),
-        ops: Vec::new(),
-        unknown_ops: BTreeMap::new(),
-        attention_kernels: Vec::new(),
-        experts_used: None,
-        tokens_per_expert: None,
-        hardware: None,
-        seconds: 0.0,
-        timings: Default::default(),
+        ..LayerResult::new(name, Status::Error)
     }
 }
 
@@ -517,19 +507,15 @@ pub(crate) fn compare_run(
             unavailable: false,
         });
     }
+    let status = worst(&metrics);
     LayerResult {
-        name: name.to_string(),
-        status: worst(&metrics),
-        error: None,
         metrics,
         ops: c.by_op(),
         unknown_ops: c.unknown_ops.clone(),
         attention_kernels: c.attention_kernels(),
         experts_used: run.experts_hit().map(|n| n as usize),
         tokens_per_expert: run.tokens_per_expert.clone(),
-        hardware: None,
-        seconds: 0.0,
-        timings: Default::default(),
+        ..LayerResult::new(name.to_string(), status)
     }
 }
 
