@@ -24,6 +24,20 @@ pub const EXACT: [&str; 8] = [
 /// every layer the reference modules release like the vendor code (all of them).
 pub const PEAK: &str = "peak_activation_bytes";
 
+/// The layers of a DeepSeek-OCR-shaped config in report order, with `attention` the name
+/// of its attention layer (which depends on MLA, its form and the attention setting).
+pub fn report_order(attention: &str) -> [&str; 7] {
+    [
+        "DeepseekV2MLP",
+        "MoEGate",
+        "DeepseekV2MoE",
+        "DeepseekV2RMSNorm",
+        "DeepseekV2DecoderLayer_dense",
+        "DeepseekV2DecoderLayer_moe",
+        attention,
+    ]
+}
+
 /// The `name` of each item of the JSON array `items` (a report's layers, a call's parts).
 pub fn names(items: &Value) -> Vec<&str> {
     items
