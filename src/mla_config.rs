@@ -239,6 +239,18 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
 mod tests {
     use super::*;
 
+    /// The MLA dimensions DeepSeek-V2 and V2-Lite share, with the query LoRA rank given
+    /// (V2-Lite has none).
+    fn v2_mla(q_lora_rank: Option<u64>) -> MlaConfig {
+        MlaConfig {
+            q_lora_rank,
+            kv_lora_rank: 512,
+            qk_nope_head_dim: 128,
+            qk_rope_head_dim: 64,
+            v_head_dim: 128,
+        }
+    }
+
     #[test]
     fn mscale_matches_the_published_softmax_factors() {
         // mscale = 0.1·mscale_all_dim·ln(factor) + 1 is 1.260804 for V2 (0.707, 40:
@@ -253,13 +265,7 @@ mod tests {
             mscale: all,
             mscale_all_dim: all,
         };
-        let mla = MlaConfig {
-            q_lora_rank: None,
-            kv_lora_rank: 512,
-            qk_nope_head_dim: 128,
-            qk_rope_head_dim: 64,
-            v_head_dim: 128,
-        };
+        let mla = v2_mla(None);
         let v2 = softmax_scale(&mla, Some(&yarn(0.707))).unwrap();
         let v3 = softmax_scale(&mla, Some(&yarn(1.0))).unwrap();
         assert!((v2 - 0.114721).abs() < 5e-7, "{v2}");
@@ -292,13 +298,7 @@ mod tests {
         };
         let factor = yarn.softmax_scale_factor();
         assert!((factor - 1.5896262).abs() < 5e-7, "{factor}");
-        let mla = MlaConfig {
-            q_lora_rank: Some(1536),
-            kv_lora_rank: 512,
-            qk_nope_head_dim: 128,
-            qk_rope_head_dim: 64,
-            v_head_dim: 128,
-        };
+        let mla = v2_mla(Some(1536));
         let scale = softmax_scale(&mla, Some(&yarn)).unwrap();
         assert!((scale - 0.1147214).abs() < 5e-7, "{scale}");
         let ratio = yarn_get_mscale(yarn.factor, yarn.mscale)
@@ -316,13 +316,7 @@ mod tests {
 
     #[test]
     fn cache_widths_per_token() {
-        let mla = MlaConfig {
-            q_lora_rank: Some(1536),
-            kv_lora_rank: 512,
-            qk_nope_head_dim: 128,
-            qk_rope_head_dim: 64,
-            v_head_dim: 128,
-        };
+        let mla = v2_mla(Some(1536));
         // deepseek-family-facts.md: naive 16·(192 + 128) = 5,120 for V2-Lite; latent 576.
         assert_eq!(mla.decompressed_cache_per_token(16).unwrap(), 5_120);
         assert_eq!(mla.latent_cache_per_token().unwrap(), 576);
