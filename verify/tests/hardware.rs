@@ -144,57 +144,39 @@ fn without_a_gpu_the_error_says_so_and_ncu_never_runs() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains("fake ncu ran"));
 }
 
-/// The tensor pipes other than bf16, present (0) in [`range_replay_csv`].
-const FP16_TF32: [&str; 2] = [
-    "sm__ops_path_tensor_src_fp16_dst_fp32.sum",
-    "sm__ops_path_tensor_src_tf32_dst_fp32.sum",
-];
-
 /// One range-replay result row per range of `list`, with the bf16 tensor ops of range i
 /// set to `tensor[i]`, the fp16 and tf32 tensor pipes measured at 0 (every tensor pipe
 /// measured), and fixed other figures. The FFMA column is built from the counted
 /// CUDA-core FLOPs, so it checks plumbing, not the counter.
 fn range_replay_csv(list: &RangeList, tensor: &[u64]) -> String {
-    let mut csv = String::from(
+    replay_csv(list, tensor, true)
+}
+
+/// [`range_replay_csv`], with the fp16 and tf32 tensor pipes only when `all_pipes`
+/// (without them: metrics ncu was not asked for).
+fn replay_csv(list: &RangeList, tensor: &[u64], all_pipes: bool) -> String {
+    let (pipes, pipe_units, pipe_cells) = if all_pipes {
+        (
+            "\"sm__ops_path_tensor_src_fp16_dst_fp32.sum\",\"sm__ops_path_tensor_src_tf32_dst_fp32.sum\",",
+            "\"\",\"\",",
+            "\"0\",\"0\",",
+        )
+    } else {
+        ("", "", "")
+    };
+    let mut csv = format!(
         "==PROF== Connected to process 1 (verify-decoder)\n\
-         \"ID\",\"Kernel Name\",\"dram__bytes_read.sum\",\"dram__bytes_write.sum\",\"gpu__time_duration.sum\",\"lts__t_bytes.sum\",\"sm__ops_path_tensor_src_bf16_dst_fp32.sum\",\"sm__ops_path_tensor_src_fp16_dst_fp32.sum\",\"sm__ops_path_tensor_src_tf32_dst_fp32.sum\",\"smsp__sass_thread_inst_executed_op_ffma_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fadd_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fmul_pred_on.sum\"\n\
-         \"\",\"\",\"byte\",\"byte\",\"ns\",\"byte\",\"\",\"\",\"\",\"inst\",\"inst\",\"inst\"\n",
+         \"ID\",\"Kernel Name\",\"dram__bytes_read.sum\",\"dram__bytes_write.sum\",\"gpu__time_duration.sum\",\"lts__t_bytes.sum\",\"sm__ops_path_tensor_src_bf16_dst_fp32.sum\",{pipes}\"smsp__sass_thread_inst_executed_op_ffma_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fadd_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fmul_pred_on.sum\"\n\
+         \"\",\"\",\"byte\",\"byte\",\"ns\",\"byte\",\"\",{pipe_units}\"inst\",\"inst\",\"inst\"\n",
     );
     for (i, (record, t)) in list.ranges.iter().zip(tensor).enumerate() {
         // Half the CUDA-core FLOPs as FMAs: 2·FFMA = the counted figure.
         csv.push_str(&format!(
-            "\"{i}\",\"range\",\"1,000\",\"24\",\"5,000\",\"4,096\",\"{t}\",\"0\",\"0\",\"{}\",\"0\",\"0\"\n",
+            "\"{i}\",\"range\",\"1,000\",\"24\",\"5,000\",\"4,096\",\"{t}\",{pipe_cells}\"{}\",\"0\",\"0\"\n",
             record.cuda_core_flops / 2
         ));
     }
     csv
-}
-
-/// `csv` (as [`range_replay_csv`] writes it: every cell quoted, none holding `","`)
-/// without the columns named `drop`: metrics ncu was not asked for.
-fn without_columns(csv: &str, drop: &[&str]) -> String {
-    let mut keep: Vec<bool> = Vec::new();
-    let mut out = String::new();
-    for line in csv.lines() {
-        if !line.starts_with('"') {
-            out.push_str(line);
-            out.push('\n');
-            continue;
-        }
-        let cells: Vec<&str> = line[1..line.len() - 1].split("\",\"").collect();
-        if keep.is_empty() {
-            keep = cells.iter().map(|c| !drop.contains(c)).collect();
-            assert_eq!(keep.iter().filter(|k| !**k).count(), drop.len(), "{line}");
-        }
-        let kept: Vec<&str> = cells
-            .iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(c, _)| *c)
-            .collect();
-        out.push_str(&format!("\"{}\"\n", kept.join("\",\"")));
-    }
-    out
 }
 
 fn layer<'a>(json: &'a Value, name: &str) -> &'a Value {
@@ -343,7 +325,7 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
 
     // Pipes ncu was not asked for are unavailable (null), not 0; the bf16 figure alone
     // still checks the tensor work.
-    let csv = without_columns(&range_replay_csv(&list, &[padded, 0]), &FP16_TF32);
+    let csv = replay_csv(&list, &[padded, 0], false);
     let (report, json) = attached_csv(&args, &ready, &list, csv);
     assert!(report.summary().ok(), "{}", report::to_table(&report));
     let m = layer(&json, "DeepseekV2MLP");
