@@ -102,7 +102,7 @@ fn routed_rows_add_up_to_n_times_k_whatever_the_routing() {
         // sum is N·k by construction. The checks below are the real ones.
         assert_eq!(per_expert.iter().sum::<i64>() as u64, n * k);
         // Rows of the expert up-projections ([rows, h] @ [h, 896]) run by the counter.
-        let expert_rows: Vec<u64> = r
+        let mut expert_rows: Vec<u64> = r
             .counts
             .records
             .iter()
@@ -113,15 +113,14 @@ fn routed_rows_add_up_to_n_times_k_whatever_the_routing() {
         assert_eq!(rows, 2 * n * k, "gate_proj and up_proj each see N·k rows");
         // Each routed expert (idle ones are skipped) runs gate_proj and up_proj on
         // exactly the tokens routed to it.
-        let mut seen = expert_rows.clone();
-        seen.sort_unstable();
+        expert_rows.sort_unstable();
         let mut want: Vec<u64> = per_expert
             .iter()
             .filter(|&&c| c > 0)
             .flat_map(|&c| [c as u64, c as u64])
             .collect();
         want.sort_unstable();
-        assert_eq!(seen, want, "per-expert rows follow the routing");
+        assert_eq!(expert_rows, want, "per-expert rows follow the routing");
         routings.push(per_expert);
     }
     assert_ne!(
