@@ -46,7 +46,7 @@ pub struct LayerResult {
 impl LayerResult {
     /// The layer called `name` with `status`, before anything is measured or compared:
     /// no error, rows, ops, kernels, routing, hardware figures or time.
-    pub(crate) fn new(name: String, status: Status) -> LayerResult {
+    pub fn new(name: String, status: Status) -> LayerResult {
         LayerResult {
             name,
             status,

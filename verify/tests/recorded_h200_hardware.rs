@@ -42,18 +42,8 @@ fn recorded(run: &str) -> (Vec<AttributedRange>, HashMap<String, Vec<i64>>) {
 /// What the rules read of a layer's result: its name and the rows per routed expert.
 fn layer(name: &str, tokens_per_expert: Option<Vec<i64>>) -> LayerResult {
     LayerResult {
-        name: name.into(),
-        status: Status::Pass,
-        error: None,
-        metrics: Vec::new(),
-        ops: Vec::new(),
-        unknown_ops: BTreeMap::new(),
-        attention_kernels: Vec::new(),
-        experts_used: None,
         tokens_per_expert,
-        hardware: None,
-        seconds: 0.0,
-        timings: Default::default(),
+        ..LayerResult::new(name.into(), Status::Pass)
     }
 }
 
