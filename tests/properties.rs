@@ -70,9 +70,11 @@ fn dims() -> impl Strategy<Value = Dims> {
 }
 
 fn config(d: &Dims) -> ModelConfig {
-    ModelConfig::from_json_value(
-        "generated",
-        &json!({
+    ModelConfig::from_json_value("generated", &config_json(d)).expect("generated configs are valid")
+}
+
+fn config_json(d: &Dims) -> serde_json::Value {
+    json!({
             "hidden_size": d.hidden,
             "num_attention_heads": d.heads,
             "num_key_value_heads": d.kv_heads,
@@ -86,9 +88,106 @@ fn config(d: &Dims) -> ModelConfig {
             "first_k_dense_replace": 1,
             "vocab_size": 97,
             "attention_bias": d.bias,
-        }),
-    )
-    .expect("generated configs are valid")
+    })
+}
+
+/// MLA dimensions of a generated config (the vendor `DeepseekV2Attention`).
+#[derive(Clone, Debug)]
+struct Mla {
+    q_lora_rank: Option<u64>,
+    kv_lora_rank: u64,
+    nope: u64,
+    rope: u64,
+    v: u64,
+}
+
+/// The MoE gate's routing method, with its expert groups where it has them.
+#[derive(Clone, Debug)]
+enum Route {
+    Greedy,
+    GroupLimited { groups: u64, keep: u64 },
+    NoauxTc { groups: u64, keep: u64 },
+}
+
+/// A generated config of the wider DeepSeek family: multi-head or MLA attention (either
+/// query path), and any of the three routing methods (groups dividing the experts).
+fn family() -> impl Strategy<Value = (Dims, Option<Mla>, Route)> {
+    dims().prop_flat_map(|d| {
+        let mla = prop::option::of(
+            (
+                prop::option::of(1u64..=24),
+                1u64..=24,
+                1u64..=4,
+                any::<prop::sample::Index>(),
+                any::<prop::sample::Index>(),
+            )
+                .prop_map(|(q_lora_rank, kv_lora_rank, eights, rope_pick, v_pick)| {
+                    // d_qk a multiple of 8, as in every DeepSeek checkpoint (192): the
+                    // domain of the fused SDPA kernels, which the MLA model requires
+                    // (it refuses the math path); d_r even, d_n ≥ 2.
+                    let d_qk = 8 * eights;
+                    let rope = 2 * (1 + rope_pick.index((d_qk / 2 - 1) as usize) as u64);
+                    Mla {
+                        q_lora_rank,
+                        kv_lora_rank,
+                        nope: d_qk - rope,
+                        rope,
+                        // d_v ≤ d_qk: the flash form pads values to d_qk (refuses wider).
+                        v: 1 + v_pick.index(d_qk as usize) as u64,
+                    }
+                }),
+        );
+        let experts = d.experts;
+        let route = (
+            0u8..3,
+            any::<prop::sample::Index>(),
+            any::<prop::sample::Index>(),
+        )
+            .prop_map(move |(method, group_pick, keep_pick)| {
+                // noaux_tc scores a group by its top two experts: ≥ 2 per group.
+                let per_group = if method == 2 { 2 } else { 1 };
+                let groups: Vec<u64> = (1..=experts)
+                    .filter(|g| experts % g == 0 && experts / g >= per_group)
+                    .collect();
+                if method == 0 || groups.is_empty() {
+                    return Route::Greedy;
+                }
+                let groups = *group_pick.get(&groups);
+                let keep = 1 + keep_pick.index(groups as usize) as u64;
+                if method == 1 {
+                    Route::GroupLimited { groups, keep }
+                } else {
+                    Route::NoauxTc { groups, keep }
+                }
+            });
+        (Just(d), mla, route)
+    })
+}
+
+fn family_config(d: &Dims, mla: &Option<Mla>, route: &Route) -> ModelConfig {
+    let mut v = config_json(d);
+    if let Some(m) = mla {
+        v["use_mla"] = json!(true);
+        v["q_lora_rank"] = json!(m.q_lora_rank);
+        v["kv_lora_rank"] = json!(m.kv_lora_rank);
+        v["qk_nope_head_dim"] = json!(m.nope);
+        v["qk_rope_head_dim"] = json!(m.rope);
+        v["v_head_dim"] = json!(m.v);
+    }
+    let (method, scoring, groups) = match route {
+        Route::Greedy => ("greedy", "softmax", None),
+        Route::GroupLimited { groups, keep } => {
+            ("group_limited_greedy", "softmax", Some((groups, keep)))
+        }
+        Route::NoauxTc { groups, keep } => ("noaux_tc", "sigmoid", Some((groups, keep))),
+    };
+    v["topk_method"] = json!(method);
+    v["scoring_func"] = json!(scoring);
+    if let Some((groups, keep)) = groups {
+        v["n_group"] = json!(groups);
+        v["topk_group"] = json!(keep);
+    }
+    ModelConfig::from_json_value("generated", &v).expect("generated configs are valid")
 }
 
 fn workloads() -> impl Strategy<Value = (u64, Phase, Dtype)> {
@@ -249,31 +348,78 @@ fn element_bytes(dtype: Dtype) -> u128 {
 }
 
 /// The parameters of `DeepseekV2ForCausalLM` built from the generated config, counted from
-/// the vendor modules (transformers' `LlamaAttention`, `DeepseekV2MLP`, `MoEGate`,
-/// `DeepseekV2MoE`, `DeepseekV2RMSNorm`, `nn.Embedding`, `lm_head`), not from the library.
-fn parameters_of(d: &Dims) -> u128 {
+/// the vendor modules (transformers' `LlamaAttention`, `DeepseekV2Attention` (MLA),
+/// `DeepseekV2MLP`, `MoEGate`, `DeepseekV2MoE`, `DeepseekV2RMSNorm`, `nn.Embedding`,
+/// `lm_head`), not from the library.
+fn parameters_of(d: &Dims, mla: &Option<Mla>, route: &Route) -> u128 {
     let w = |x: u64| u128::from(x);
     let (h, heads, kv_heads, hd) = (w(d.hidden), w(d.heads), w(d.kv_heads), w(d.head_dim));
     let vocab = 97u128;
-    // q_proj h → H·d, k_proj and v_proj h → H_kv·d, o_proj H·d → h; each `nn.Linear`
-    // with a bias of its output width when `attention_bias`.
-    let mut attention = h * heads * hd + 2 * h * kv_heads * hd + heads * hd * h;
-    if d.bias {
-        attention += heads * hd + 2 * kv_heads * hd + h;
-    }
+    // A bias of an `nn.Linear`'s output width where the vendor passes `attention_bias`.
+    let bias = |n: u128| if d.bias { n } else { 0 };
+    let attention = match mla {
+        // q_proj h → H·d, k_proj and v_proj h → H_kv·d, o_proj H·d → h, each biased.
+        None => {
+            h * heads * hd
+                + 2 * h * kv_heads * hd
+                + heads * hd * h
+                + bias(heads * hd + 2 * kv_heads * hd + h)
+        }
+        // DeepseekV2Attention: q_proj h → H·d_qk (bias-free), or q_a_proj h → r_q
+        // (biased), q_a_layernorm [r_q], q_b_proj r_q → H·d_qk (bias-free);
+        // kv_a_proj_with_mqa h → r_kv + d_r (biased), kv_a_layernorm [r_kv],
+        // kv_b_proj r_kv → H·(d_n + d_v) (bias-free), o_proj H·d_v → h (biased).
+        Some(m) => {
+            let d_qk = w(m.nope + m.rope);
+            let query = match m.q_lora_rank {
+                None => h * heads * d_qk,
+                Some(r) => h * w(r) + bias(w(r)) + w(r) + w(r) * heads * d_qk,
+            };
+            let kv_a = w(m.kv_lora_rank + m.rope);
+            query
+                + h * kv_a
+                + bias(kv_a)
+                + w(m.kv_lora_rank)
+                + w(m.kv_lora_rank) * heads * w(m.nope + m.v)
+                + heads * w(m.v) * h
+                + bias(h)
+        }
+    };
     // input_layernorm and post_attention_layernorm: one weight of h each.
     let norms = 2 * h;
     // gate_proj and up_proj h → i, down_proj i → h; no biases.
     let dense_mlp = 3 * h * w(d.intermediate);
     let m = w(d.moe_intermediate);
-    // MoEGate.weight [E, h]; E experts of width m; the shared experts as one MLP of
-    // width m·n_shared (none when n_shared = 0).
-    let moe = w(d.experts) * h + w(d.experts) * 3 * h * m + 3 * h * (m * w(d.shared));
+    // MoEGate.weight [E, h], and under noaux_tc its e_score_correction_bias [E]; E experts
+    // of width m; the shared experts as one MLP of width m·n_shared (none when 0).
+    let gate = w(d.experts) * h
+        + if matches!(route, Route::NoauxTc { .. }) {
+            w(d.experts)
+        } else {
+            0
+        };
+    let moe = gate + w(d.experts) * 3 * h * m + 3 * h * (m * w(d.shared));
     // first_k_dense_replace = 1: layer 0 dense, every later layer MoE.
     let layers = (attention + norms + dense_mlp) + (w(d.layers) - 1) * (attention + norms + moe);
     // embed_tokens [V, h], the final norm [h], lm_head [V, h] (tie_word_embeddings
     // defaults to false, as in `PretrainedConfig`).
     vocab * h + layers + h + vocab * h
+}
+
+/// KV-cache elements one layer holds per cached token, from the vendor forwards:
+/// `LlamaAttention` caches K and V of H_kv heads; MLA's eager form the decompressed K
+/// (d_qk) and V (d_v) of every head; its flash form the values padded to d_qk first; the
+/// weight-absorbed form the latent c_kv and the shared rotary key.
+fn cache_per_token(d: &Dims, mla: &Option<Mla>, form: MlaForm, eager: bool) -> u128 {
+    let w = |x: u64| u128::from(x);
+    match mla {
+        None => 2 * w(d.kv_heads) * w(d.head_dim),
+        Some(m) => match form {
+            MlaForm::Absorb => w(m.kv_lora_rank + m.rope),
+            MlaForm::Naive if eager => w(d.heads) * w(m.nope + m.rope + m.v),
+            MlaForm::Naive => w(d.heads) * 2 * w(m.nope + m.rope),
+        },
+    }
 }
 
 fn projections(c: &Cost) -> u64 {
@@ -328,25 +474,45 @@ proptest! {
     }
 
     #[test]
-    fn stack_weights_and_kv_cache_are_the_parameters_and_cache_counted_by_hand(d in dims(), (b, phase, dtype) in workloads(), eager in any::<bool>(), cuda in any::<bool>()) {
+    fn stack_weights_and_kv_cache_are_the_parameters_and_cache_counted_by_hand((d, mla, route) in family(), (b, phase, dtype) in workloads(), eager in any::<bool>(), cuda in any::<bool>(), absorb in any::<bool>()) {
         // `assert_sums` only bounds a node's weights and cache below by its children's: a
         // parameter counted twice (an expert's weights both run and idle, a norm shared by
         // two layers) passes there. The whole stack must hold each parameter once.
-        let c = config(&d);
-        let w = workload_on(b, phase, dtype, cuda);
+        let c = family_config(&d, &mla, &route);
+        let form = if absorb { MlaForm::Absorb } else { MlaForm::Naive };
+        let w = workload_on(b, phase, dtype, cuda).with_mla(form);
         let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
         let stack = DeepseekV2Decoder::new(&c, &w, attn);
         let (tree, sums) = (stack.cost().unwrap().metrics, stack.metrics().unwrap());
         let size = element_bytes(dtype);
-        prop_assert_eq!(u128::from(tree.weight_bytes), parameters_of(&d) * size);
-        prop_assert_eq!(u128::from(sums.weight_bytes), parameters_of(&d) * size);
-        // Each layer caches K and V for every key: [B, H_kv, S_kv, d] each.
+        let parameters = parameters_of(&d, &mla, &route);
+        prop_assert_eq!(u128::from(tree.weight_bytes), parameters * size);
+        prop_assert_eq!(u128::from(sums.weight_bytes), parameters * size);
+        // Each layer caches every key: S in a prefill, the context and the new token in a
+        // decode step.
         let keys = match phase {
             Phase::Prefill { seq_len } => seq_len,
             Phase::Decode { context_len } => context_len + 1,
         };
-        let cache = u128::from(d.layers) * 2 * u128::from(b) * u128::from(d.kv_heads) * u128::from(keys) * u128::from(d.head_dim);
+        let cache = u128::from(d.layers) * u128::from(b) * u128::from(keys) * cache_per_token(&d, &mla, form, eager);
         prop_assert_eq!(u128::from(tree.kv_cache_bytes), cache * size);
+        prop_assert_eq!(u128::from(sums.kv_cache_bytes), cache * size);
+    }
+
+    #[test]
+    fn family_configs_sum_their_children_and_agree_without_the_tree((d, mla, route) in family(), (b, phase, dtype) in workloads(), eager in any::<bool>(), cuda in any::<bool>(), absorb in any::<bool>()) {
+        // The two properties above the multi-head ones, on MLA (both forms, both query
+        // paths) and every routing method.
+        let c = family_config(&d, &mla, &route);
+        let form = if absorb { MlaForm::Absorb } else { MlaForm::Naive };
+        let w = workload_on(b, phase, dtype, cuda).with_mla(form);
+        let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
+        let mut layers = modelmeter::layers::layers_of(&c, &w, attn).unwrap();
+        layers.push(Box::new(DeepseekV2Decoder::new(&c, &w, attn)));
+        for layer in layers {
+            assert_sums_and_flop_views(&layer.cost().unwrap());
+            assert_metrics_without_the_tree_equal_the_tree(layer.as_ref(), "generated family");
+        }
     }
 
     #[test]
