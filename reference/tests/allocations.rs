@@ -308,7 +308,6 @@ fn intra_op_threads_hide_no_allocation_of_the_reference_layers() {
     tch::set_num_threads(threads);
 }
 
-/// The CUDA device named by `MODELMETER_TEST_DEVICE=cuda:N`, if any.
 /// The GPU named by MODELMETER_TEST_DEVICE=cuda:N; a GPU-only test fails without it (it
 /// is `#[ignore]`d, so it runs only when asked for: scripts/device-check asks).
 fn test_cuda_device() -> Device {
