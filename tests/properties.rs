@@ -347,6 +347,29 @@ fn element_bytes(dtype: Dtype) -> u128 {
     }
 }
 
+/// A family config with its workload (in the MLA form `absorb` says) and attention
+/// implementation (`eager` or SDPA).
+fn family_case(
+    d: &Dims,
+    mla: &Option<Mla>,
+    route: &Route,
+    workload: Workload,
+    eager: bool,
+    absorb: bool,
+) -> (ModelConfig, Workload, AttentionImpl) {
+    let form = if absorb {
+        MlaForm::Absorb
+    } else {
+        MlaForm::Naive
+    };
+    let attn = if eager {
+        AttentionImpl::Eager
+    } else {
+        AttentionImpl::Sdpa
+    };
+    (family_config(d, mla, route), workload.with_mla(form), attn)
+}
+
 /// The parameters of `DeepseekV2ForCausalLM` built from the generated config, counted from
 /// the vendor modules (transformers' `LlamaAttention`, `DeepseekV2Attention` (MLA),
 /// `DeepseekV2MLP`, `MoEGate`, `DeepseekV2MoE`, `DeepseekV2RMSNorm`, `nn.Embedding`,
@@ -478,10 +501,7 @@ proptest! {
         // `assert_sums` only bounds a node's weights and cache below by its children's: a
         // parameter counted twice (an expert's weights both run and idle, a norm shared by
         // two layers) passes there. The whole stack must hold each parameter once.
-        let c = family_config(&d, &mla, &route);
-        let form = if absorb { MlaForm::Absorb } else { MlaForm::Naive };
-        let w = workload_on(b, phase, dtype, cuda).with_mla(form);
-        let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
+        let (c, w, attn) = family_case(&d, &mla, &route, workload_on(b, phase, dtype, cuda), eager, absorb);
         let stack = DeepseekV2Decoder::new(&c, &w, attn);
         let (tree, sums) = (stack.cost().unwrap().metrics, stack.metrics().unwrap());
         let size = element_bytes(dtype);
@@ -494,19 +514,16 @@ proptest! {
             Phase::Prefill { seq_len } => seq_len,
             Phase::Decode { context_len } => context_len + 1,
         };
-        let cache = u128::from(d.layers) * u128::from(b) * u128::from(keys) * cache_per_token(&d, &mla, form, eager);
+        let cache = u128::from(d.layers) * u128::from(b) * u128::from(keys) * cache_per_token(&d, &mla, w.mla, eager);
         prop_assert_eq!(u128::from(tree.kv_cache_bytes), cache * size);
         prop_assert_eq!(u128::from(sums.kv_cache_bytes), cache * size);
     }
 
     #[test]
     fn family_configs_sum_their_children_and_agree_without_the_tree((d, mla, route) in family(), (b, phase, dtype) in workloads(), eager in any::<bool>(), cuda in any::<bool>(), absorb in any::<bool>()) {
-        // The two properties above the multi-head ones, on MLA (both forms, both query
-        // paths) and every routing method.
-        let c = family_config(&d, &mla, &route);
-        let form = if absorb { MlaForm::Absorb } else { MlaForm::Naive };
-        let w = workload_on(b, phase, dtype, cuda).with_mla(form);
-        let attn = if eager { AttentionImpl::Eager } else { AttentionImpl::Sdpa };
+        // The sum and fast-path properties of the multi-head generator (above), on MLA
+        // (both forms, both query paths) and every routing method.
+        let (c, w, attn) = family_case(&d, &mla, &route, workload_on(b, phase, dtype, cuda), eager, absorb);
         let mut layers = modelmeter::layers::layers_of(&c, &w, attn).unwrap();
         layers.push(Box::new(DeepseekV2Decoder::new(&c, &w, attn)));
         for layer in layers {
