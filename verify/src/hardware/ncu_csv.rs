@@ -710,6 +710,15 @@ fn read_records(lines: &[(usize, &str)]) -> Result<Vec<(usize, Vec<String>)>, Nc
     Ok(records)
 }
 
+/// `text` as an exact whole number the way ncu prints one (thousands separators well
+/// formed, see [`Value::Integer`]); `None` for anything else.
+pub fn whole_number(text: &str) -> Option<u64> {
+    match classify(text) {
+        Value::Integer(n) => Some(n),
+        _ => None,
+    }
+}
+
 /// Types a cell: see [`Value`].
 fn classify(text: &str) -> Value {
     let t = text.trim();
@@ -731,7 +740,11 @@ fn classify(text: &str) -> Value {
 }
 
 /// A decimal number as ncu prints it: optional `-`, digits with optional thousands
-/// separators (groups of three), optional `.` and digits.
+/// separators, optional `.` and digits. Grouping must be well formed: a first group of
+/// one to three digits that does not start with 0, then groups of exactly three. Anything
+/// else is not read as a number: in a decimal-comma locale `0,123` means 0.123, so
+/// dropping its comma would misread it by a factor of 1,000, and `00,123` or `0,000,001`
+/// are no thousands grouping any locale prints.
 struct Decimal {
     negative: bool,
     /// The whole part's digits, separators removed.
@@ -767,7 +780,7 @@ impl Decimal {
             grouped = true;
             whole.push_str(group);
         }
-        if grouped && first.len() > 3 {
+        if grouped && (first.len() > 3 || first.starts_with('0')) {
             return None;
         }
         Some(Decimal {
@@ -1154,6 +1167,20 @@ mod tests {
             ("n/a", Value::Unavailable),
             ("1,2", Value::Text),
             ("1234,567", Value::Text),
+            // Grouping that no locale prints for a whole number: a leading 0 in the first
+            // group (`0,123` is 0.123 in a decimal-comma locale), or a group of other size.
+            ("0,123", Value::Text),
+            ("00,123", Value::Text),
+            ("0,000,001", Value::Text),
+            ("012,345", Value::Text),
+            ("-0,123", Value::Text),
+            ("0,123.5", Value::Text),
+            ("1,23", Value::Text),
+            ("1,2345", Value::Text),
+            ("1,234,56", Value::Text),
+            ("999,999", Value::Integer(999_999)),
+            ("100,000", Value::Integer(100_000)),
+            ("1,000,001", Value::Integer(1_000_001)),
             (",123", Value::Text),
             ("1.", Value::Text),
             (".5", Value::Text),
@@ -1167,6 +1194,29 @@ mod tests {
             ("1e5", Value::Text),
         ] {
             assert_eq!(classify(text), value, "{text:?}");
+        }
+        // Such a cell in a summed metric is an error naming its line, never a number.
+        for bad in ["0,123", "00,123", "0,000,001"] {
+            let text = synthetic(&[("0", "", "5", "1"), ("1", "", bad, "1")]);
+            let table = parse(&text, &ParseOptions::per_kernel()).expect("parses");
+            let error = table.total(None, "ops.sum").unwrap_err();
+            assert_eq!(
+                error,
+                NcuCsvError::BadValue {
+                    line: 7,
+                    column: "ops.sum".into(),
+                    text: bad.into(),
+                    expected: "a number"
+                }
+            );
+            assert!(error.to_string().starts_with("line 7, "), "{error}");
+            // Nor a duration.
+            let text = synthetic(&[("0", "", "5", bad)]);
+            let table = parse(&text, &ParseOptions::per_kernel()).expect("parses");
+            assert!(matches!(
+                table.total_nanoseconds(None, "gpu__time_duration.sum"),
+                Err(NcuCsvError::BadValue { line: 6, .. })
+            ));
         }
     }
 

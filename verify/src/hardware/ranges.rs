@@ -184,7 +184,7 @@ pub fn attribute(
     let mut out = Vec::with_capacity(rows.len());
     for (index, (row, record)) in rows.iter().zip(&list.ranges).enumerate() {
         let id = row.range().unwrap_or("").to_string();
-        let number = id.replace(',', "").parse::<u64>().ok();
+        let number = super::ncu_csv::whole_number(&id);
         match (number, previous) {
             (Some(n), Some(p)) if n > p => {}
             (Some(_), None) => {}
@@ -318,6 +318,13 @@ mod tests {
         assert!(matches!(
             attribute(&table, &list(&[("A", 1), ("B", 1)])),
             Err(AttributionError::BadId { .. })
+        ));
+        // An ID with a malformed thousands separator is not a number (not 1).
+        let loose = TWO_RANGES.replacen("\"1\",\"4242\"", "\"0,001\",\"4242\"", 1);
+        let table = parse_range_results(&loose).expect("parses");
+        assert!(matches!(
+            attribute(&table, &list(&[("A", 1), ("B", 1)])),
+            Err(AttributionError::BadId { line: 8, .. })
         ));
     }
 
