@@ -17,7 +17,13 @@
 //!   never 0.
 //!
 //! Rows are attributed to ranges by a column the caller names ([`ParseOptions`]); rows with
-//! no range (or every row, when no column is named) go to the `None` range. Sums are per
+//! no range (or every row, when no column is named) go to the `None` range. In ncu's
+//! range-replay exports (`--replay-mode range` and `app-range`) the `Kernel Name` column
+//! reads `range` on every row (ncu 2025.3.1 on an H200, the recorded runs in
+//! `verify/tests/fixtures/h200-2026-11-28-hw/`): ranges opened by `cuProfilerStart`/`Stop`
+//! carry no name. There, each row is one range and is told apart by its `ID`
+//! ([`ParseOptions::ranges_from`]`("ID")`, as [`super::ranges::parse_range_results`] reads
+//! them); which range is which layer is then a matter of order ([`super::ranges`]). Sums are per
 //! metric per range, in checked arithmetic: an overflow is an error, and a metric that the
 //! CSV does not have, or that some row lacks, is [`Total::Unavailable`] with the reason.
 //!
@@ -25,16 +31,6 @@
 //! given); no input makes the parser panic.
 
 use std::collections::HashMap;
-
-/// The column that holds the range's name under `ncu --replay-mode range`.
-///
-/// Under range replay ncu reports one result per range, and the range's name (an NVTX
-/// range's name, or ncu's name for a `cudaProfilerStart`/`Stop` range) stands in the column
-/// that names the kernel under kernel replay. No range-replay export has been checked here
-/// yet (the fixtures are per-kernel), which is why the column is an option:
-/// [`ParseOptions::range_replay`] uses this one, and [`ParseOptions::ranges_from`] names any
-/// other (an NVTX column beside per-kernel rows, another ncu version's layout).
-pub const RANGE_REPLAY_NAME_COLUMN: &str = "Kernel Name";
 
 /// How to read a CSV: which column, if any, names the range a row belongs to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,17 +47,14 @@ impl ParseOptions {
         ParseOptions { range_column: None }
     }
 
-    /// Rows are attributed to ranges by the cell in `column`.
+    /// Rows are attributed to ranges by the cell in `column`: `ID` for a range-replay
+    /// export (one row per range, each with its own ID; `Kernel Name` reads `range` on
+    /// every row there, so it tells no range apart), or an NVTX column beside per-kernel
+    /// rows.
     pub fn ranges_from(column: impl Into<String>) -> ParseOptions {
         ParseOptions {
             range_column: Some(column.into()),
         }
-    }
-
-    /// `--replay-mode range` exports: one row per range, named in
-    /// [`RANGE_REPLAY_NAME_COLUMN`].
-    pub fn range_replay() -> ParseOptions {
-        ParseOptions::ranges_from(RANGE_REPLAY_NAME_COLUMN)
     }
 }
 
@@ -873,7 +866,7 @@ mod tests {
 
     #[test]
     fn fixture_sums_match_the_shared_readme() {
-        // The figures shared/data/ncu-h200/README.md gives, to the unit.
+        // The figures fixtures/ncu-h200/README.md gives, to the unit.
         let mlp = per_kernel(MLP);
         assert_eq!(count(&mlp, BF16), Some(27_262_976_000));
         assert_eq!(count(&mlp, FFMA), Some(35_061_760));
@@ -1042,19 +1035,62 @@ mod tests {
         );
     }
 
+    /// A range-replay export as ncu 2025.3.1 wrote it on the H200 (app-range replay, bf16
+    /// prefill, seven layers; `verify/tests/fixtures/h200-2026-11-28-hw/README.md`).
+    const RANGE_MODE: &str =
+        include_str!("../../tests/fixtures/h200-2026-11-28-hw/bf16-prefill/ncu.csv");
+
     #[test]
-    fn range_replay_names_ranges_in_the_kernel_name_column() {
-        let text = synthetic(&[("0", "", "5", "1"), ("1", "", "6", "1")]);
-        let table = parse(&text, &ParseOptions::range_replay()).expect("parses");
+    fn range_mode_rows_are_told_apart_by_id_not_kernel_name() {
+        // Every row's Kernel Name is `range`: grouped by it, the seven layers would be one.
+        let table = parse(RANGE_MODE, &ParseOptions::per_kernel()).expect("parses");
+        assert_eq!(table.rows().len(), 7);
+        for row in table.rows() {
+            assert_eq!(
+                table.cell(row, "Kernel Name").map(Cell::text),
+                Some("range")
+            );
+        }
+        let by_name = parse(RANGE_MODE, &ParseOptions::ranges_from("Kernel Name")).unwrap();
+        assert_eq!(by_name.ranges().len(), 1);
+        // By ID: one range per layer, in the order they ran, with the figures the
+        // fixtures' README gives for each.
+        let table = parse(RANGE_MODE, &ParseOptions::ranges_from("ID")).expect("parses");
         let names: Vec<Option<&str>> = table.ranges().iter().map(Range::name).collect();
-        assert_eq!(names, [Some("kernel 0"), Some("kernel 1")]);
         assert_eq!(
-            table.total(Some("kernel 1"), "ops.sum"),
-            Ok(Total::Integer(6))
+            names,
+            ["0", "1", "2", "3", "4", "5", "6"].map(Some).to_vec()
         );
-        // Per-kernel options put both rows in the `None` range.
-        let table = parse(&text, &ParseOptions::per_kernel()).expect("parses");
-        assert_eq!(table.total(None, "ops.sum"), Ok(Total::Integer(11)));
+        let expected: [(&str, u64, u64, u64); 7] = [
+            // ID, bf16 tensor ops, DRAM read bytes, GPU time in ns
+            ("0", 27_262_976_000, 54_150_912, 2_532_768),
+            ("1", 0, 1_581_824, 2_898_688),
+            ("2", 34_718_351_360, 473_446_400, 142_327_296),
+            ("3", 0, 1_471_232, 3_125_152),
+            ("4", 34_812_723_200, 69_389_568, 16_816_256),
+            ("5", 42_975_887_360, 488_364_032, 105_553_984),
+            ("6", 7_549_747_200, 14_716_160, 10_227_392),
+        ];
+        for (id, bf16, dram_read, ns) in expected {
+            let range = Some(id);
+            assert_eq!(table.range(range).map(|r| r.rows().len()), Ok(1), "{id}");
+            assert_eq!(table.total_count(range, BF16), Ok(Some(bf16)), "{id}");
+            assert_eq!(table.total_count(range, TF32), Ok(Some(0)), "{id}");
+            assert_eq!(
+                table.total_count(range, "dram__bytes_read.sum"),
+                Ok(Some(dram_read)),
+                "{id}"
+            );
+            assert_eq!(table.total_nanoseconds(range, TIME), Ok(Some(ns)), "{id}");
+        }
+        // ncu wrote no fp16 tensor column and no SASS instruction column in this mode.
+        assert!(table
+            .column("sm__ops_path_tensor_src_fp16_dst_fp32.sum")
+            .is_none());
+        assert!(!table
+            .columns()
+            .iter()
+            .any(|c| c.name.contains("sass_thread_inst")));
     }
 
     #[test]
@@ -1383,7 +1419,7 @@ mod tests {
                 let Some(prefix) = text.get(..cut) else {
                     continue;
                 };
-                for options in [ParseOptions::per_kernel(), ParseOptions::range_replay()] {
+                for options in [ParseOptions::per_kernel(), ParseOptions::ranges_from("ID")] {
                     if let Ok(table) = parse(prefix, &options) {
                         for range in table.ranges() {
                             for metric in [BF16, FFMA, TIME, "Kernel Name"] {
