@@ -17,6 +17,7 @@ use modelmeter_verify::compare::Status;
 use modelmeter_verify::hardware::profile::{self, RunFiles};
 use modelmeter_verify::hardware::ranges::{AttributedRange, RangeList};
 use modelmeter_verify::hardware::rows::{self, Counted};
+use modelmeter_verify::hardware::TensorSource;
 use modelmeter_verify::results::LayerResult;
 
 fn folder(run: &str) -> PathBuf {
@@ -163,6 +164,40 @@ fn bf16_decode_on_the_h200() {
             assert!(*ratio > 8.0, "{layer}: {ratio}");
         }
     }
+}
+
+#[test]
+fn an_unmeasured_fp16_source_passes_no_layer() {
+    // ncu 2025.3.1 on the H200 wrote no fp16 tensor column in these runs. Judged as the
+    // figures of an fp16 workload, whose GEMMs run on that source, no layer may pass:
+    // not the gate and the norm, whose 0 counted would meet the other sources' 0, nor
+    // the others, which would fail with a wrong diagnosis ("executed none").
+    let (ranges, _) = recorded("bf16-prefill");
+    assert!(ranges.iter().all(|r| r.figures.tensor_ops_fp16.is_none()));
+    let args =
+        Args::try_parse_from(["verify-decoder", "--device", "cpu", "--dtype", "fp16"]).unwrap();
+    let mut plan = prepare(&args).unwrap().plan;
+    plan.workload.platform = Platform::Cuda;
+    for range in &ranges {
+        let context = profile::context_of(&plan, &layer(&range.record.layer, None));
+        assert_eq!(context.tensor_source, Some(TensorSource::Fp16));
+        let row = rows::tensor_row(&Counted::of(&range.record), &range.figures, &context);
+        assert_eq!(
+            (row.status, row.unavailable),
+            (Status::Fail, true),
+            "{}: {:?}",
+            range.record.layer,
+            row.note
+        );
+        let note = row.note.unwrap();
+        assert!(
+            note.contains("sm__ops_path_tensor_src_fp16_dst_fp32.sum"),
+            "{note}"
+        );
+    }
+    // The same figures for the bf16 workload they came from are judged on bf16 (above).
+    let all = judged("bf16-prefill", &["--dtype", "bf16"]);
+    assert_eq!(status(&all, "MoEGate"), Status::Pass);
 }
 
 #[test]

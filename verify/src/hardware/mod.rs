@@ -95,6 +95,51 @@ pub mod metrics {
     ];
 }
 
+/// The source type of tensor-core operations, as ncu's
+/// `sm__ops_path_tensor_src_<source>_dst_fp32` counters split them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorSource {
+    Bf16,
+    Fp16,
+    Tf32,
+}
+
+impl TensorSource {
+    /// Every source the figures read, in the order notes list them.
+    pub const ALL: [TensorSource; 3] = [TensorSource::Bf16, TensorSource::Fp16, TensorSource::Tf32];
+
+    /// `bf16`, `fp16`, `tf32`: the name in ncu's counter and in notes.
+    pub fn name(self) -> &'static str {
+        match self {
+            TensorSource::Bf16 => "bf16",
+            TensorSource::Fp16 => "fp16",
+            TensorSource::Tf32 => "tf32",
+        }
+    }
+
+    /// The ncu metric that counts this source's operations.
+    pub fn metric(self) -> &'static str {
+        match self {
+            TensorSource::Bf16 => metrics::TENSOR_OPS_BF16,
+            TensorSource::Fp16 => metrics::TENSOR_OPS_FP16,
+            TensorSource::Tf32 => metrics::TENSOR_OPS_TF32,
+        }
+    }
+
+    /// The source a workload of `dtype` runs its tensor-core work on: bf16 and fp16
+    /// operands feed the tensor cores as they are, fp32 ones as TF32 (TF32 GEMMs, and the
+    /// 3xTF32 of fp32 efficient attention). `None` for a dtype with none of these (fp64,
+    /// integers): which source it would use is not known here.
+    pub fn of_dtype(dtype: modelmeter::Dtype) -> Option<TensorSource> {
+        match dtype {
+            modelmeter::Dtype::Bf16 => Some(TensorSource::Bf16),
+            modelmeter::Dtype::F16 => Some(TensorSource::Fp16),
+            modelmeter::Dtype::F32 => Some(TensorSource::Tf32),
+            _ => None,
+        }
+    }
+}
+
 /// One range's hardware figures, each summed over the range's rows.
 ///
 /// `None` means ncu gave no value: the metric was not collected (not asked for, or the
@@ -212,8 +257,19 @@ impl HardwareFigures {
         })
     }
 
+    /// The tensor-core operations with `source` operands; `None` when ncu gave no value.
+    pub fn tensor_ops_of(&self, source: TensorSource) -> Option<u64> {
+        match source {
+            TensorSource::Bf16 => self.tensor_ops_bf16,
+            TensorSource::Fp16 => self.tensor_ops_fp16,
+            TensorSource::Tf32 => self.tensor_ops_tf32,
+        }
+    }
+
     /// All tensor-core operations (bf16 + fp16 + tf32 sources) over the sources ncu
-    /// reported; `None` when it reported none of them.
+    /// reported; `None` when it reported none of them. A source it did not report adds
+    /// nothing here, so a check must first know that the sources the work runs on are
+    /// among those reported (`rows::tensor_row` does).
     pub fn tensor_ops(&self) -> Option<u64> {
         let known: Vec<u64> = [
             self.tensor_ops_bf16,

@@ -23,6 +23,7 @@ use super::metrics::NCU_METRICS;
 use super::peaks;
 use super::ranges::{self, AttributedRange, RangeList, RangeRecord, TimeSpan, NCU_CSV_FILE};
 use super::rows::{self, Context, MAX_TILE_ROWS, SMALL_GEMM_ROWS};
+use super::TensorSource;
 use crate::check::Check;
 use crate::compare::worst;
 use crate::plan::Plan;
@@ -673,6 +674,7 @@ pub fn context_of(plan: &Plan, result: &LayerResult) -> Context {
         fast_f32_flops: fast,
         fast_f32_skippable_flops: fast_skippable,
         simt_gemm_flops,
+        tensor_source: TensorSource::of_dtype(w.dtype),
     }
 }
 

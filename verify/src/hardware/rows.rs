@@ -2,8 +2,10 @@
 //! what the FLOP counter booked in the same forward, and where the layer sits on the
 //! device's roofline. The rules (docs/hardware.md):
 //!
-//! * `hw_tensor_flops` against the counted `tensor_core_flops`. Counted 0 must measure 0
-//!   and counted > 0 must measure > 0, always. Otherwise the ratio hardware/counted
+//! * `hw_tensor_flops` against the counted `tensor_core_flops`. The counter of the
+//!   source the workload's tensor-core work runs on ([`Context::tensor_source`]) must be
+//!   reported, or the row fails as unavailable (the other sources' 0 proves nothing).
+//!   Counted 0 must measure 0 and counted > 0 must measure > 0, always. Otherwise the ratio hardware/counted
 //!   passes within [`TENSOR_BAND`], its lower end lowered by the share of the counted work
 //!   that a causal fused attention kernel may skip (masked tiles), and both ends raised
 //!   for fp32 attention on the memory-efficient kernel, which runs each product as
@@ -29,7 +31,7 @@ use modelmeter::conventions::FAST_FP32_MMAS_PER_PRODUCT;
 
 use super::peaks::DevicePeaks;
 use super::ranges::{AttributedRange, RangeRecord, TimeSpan};
-use super::HardwareFigures;
+use super::{HardwareFigures, TensorSource};
 use crate::check::Check;
 use crate::compare::{rel_diff, MetricRow, Status};
 
@@ -79,6 +81,11 @@ pub struct Context {
     pub fast_f32_skippable_flops: u64,
     /// Counted CUDA-core FLOPs of GEMM-like ops (fp32 matmuls with TF32 off).
     pub simt_gemm_flops: u64,
+    /// The tensor-pipe source the workload's tensor-core work runs on (bf16 workload:
+    /// bf16, fp16: fp16, fp32: tf32; [`TensorSource::of_dtype`]). Its counter must be
+    /// reported for `hw_tensor_flops` to judge: the other sources' 0s say nothing about
+    /// work on an uncounted one. `None` (not known): every source is required.
+    pub tensor_source: Option<TensorSource>,
 }
 
 /// The counted work of the profiled forward.
@@ -246,7 +253,28 @@ fn banded(
     }
 }
 
-/// The `hw_tensor_flops` row.
+/// `; by source: bf16 27262976000, fp16 unavailable`: the sources that executed work or
+/// that ncu did not report (empty when every source reported 0).
+fn by_source(figures: &HardwareFigures) -> String {
+    let sources: Vec<String> = TensorSource::ALL
+        .iter()
+        .filter_map(|s| match figures.tensor_ops_of(*s) {
+            Some(0) => None,
+            Some(v) => Some(format!("{} {v}", s.name())),
+            None => Some(format!("{} unavailable", s.name())),
+        })
+        .collect();
+    if sources.is_empty() {
+        String::new()
+    } else {
+        format!("; by source: {}", sources.join(", "))
+    }
+}
+
+/// The `hw_tensor_flops` row. It fails, unavailable, when ncu did not report the source
+/// the workload's tensor-core work runs on ([`Context::tensor_source`]; every source
+/// when that is not known): a sum over the other sources would read 0 and pass a layer
+/// whose work went uncounted.
 pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Context) -> MetricRow {
     let c = counted.tensor_core_flops;
     let Some(h) = figures.tensor_ops() else {
@@ -258,6 +286,31 @@ pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Contex
             unavailable("tensor-pipe counter (sm__ops_path_tensor_src_*), so the tensor-core work cannot be checked"),
         );
     };
+    let required: &[TensorSource] = match &context.tensor_source {
+        Some(source) => std::slice::from_ref(source),
+        None => &TensorSource::ALL,
+    };
+    let missing: Vec<&str> = required
+        .iter()
+        .filter(|s| figures.tensor_ops_of(**s).is_none())
+        .map(|s| s.metric())
+        .collect();
+    if !missing.is_empty() {
+        let why = match context.tensor_source {
+            Some(source) => format!(
+                ": it counts the {} operands this workload's tensor-core work runs on, so that work cannot be checked (the other sources' {h} cannot tell no work from work ncu did not count)",
+                source.name()
+            ),
+            None => ": which source this workload's tensor-core work runs on is not known, so every source is needed to check it".to_string(),
+        };
+        return row(
+            Check::HwTensorFlops,
+            c,
+            None,
+            Status::Fail,
+            unavailable(&missing.join(", ")) + &why + &by_source(figures),
+        );
+    }
     let band = band(c, context);
     let (status, mut note) = banded(
         "tensor-core FLOPs",
@@ -279,21 +332,7 @@ pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Contex
             context.fast_f32_flops
         ));
     }
-    let sources: Vec<String> = [
-        ("bf16", figures.tensor_ops_bf16),
-        ("fp16", figures.tensor_ops_fp16),
-        ("tf32", figures.tensor_ops_tf32),
-    ]
-    .iter()
-    .filter_map(|(name, v)| match v {
-        Some(0) => None,
-        Some(v) => Some(format!("{name} {v}")),
-        None => Some(format!("{name} unavailable")),
-    })
-    .collect();
-    if !sources.is_empty() {
-        note.push_str(&format!("; by source: {}", sources.join(", ")));
-    }
+    note.push_str(&by_source(figures));
     row(Check::HwTensorFlops, c, Some(h), status, note)
 }
 
@@ -540,6 +579,15 @@ mod tests {
         HardwareFigures::of_range(&table, None).expect("figures")
     }
 
+    /// A bf16 workload's context: its tensor-core work runs on bf16 operands (the
+    /// fixtures report bf16 and tf32, not fp16).
+    fn bf16() -> Context {
+        Context {
+            tensor_source: Some(TensorSource::Bf16),
+            ..Context::default()
+        }
+    }
+
     const MLP: &str = include_str!("../../../fixtures/ncu-h200/ncu_mlp_bfloat16.csv");
     const GATE_BF16: &str = include_str!("../../../fixtures/ncu-h200/ncu_gate_bfloat16.csv");
     const ATTN: &str = include_str!("../../../fixtures/ncu-h200/ncu_attn_bfloat16.csv");
@@ -562,7 +610,7 @@ mod tests {
         assert_eq!(analytic, 26_927_431_680u64);
         let ctx = Context {
             tokens: PREFILL,
-            ..Context::default()
+            ..bf16()
         };
         let row = tensor_row(&counted(analytic, 0), &figures(MLP), &ctx);
         assert_eq!((row.analytic, row.measured), (analytic, 27_262_976_000));
@@ -577,7 +625,7 @@ mod tests {
         let ctx = Context {
             tokens: PREFILL,
             simt_gemm_flops: gemm,
-            ..Context::default()
+            ..bf16()
         };
         // Counted as CUDA-core work: hardware 0 tensor ops is a pass.
         let row = tensor_row(&counted(0, gemm + 500_000), &f, &ctx);
@@ -604,7 +652,7 @@ mod tests {
         let with = Context {
             tokens: PREFILL,
             causal_skippable_flops: skippable,
-            ..Context::default()
+            ..bf16()
         };
         assert_eq!(
             tensor_row(&counted(full, 0), &f, &with).status,
@@ -612,7 +660,7 @@ mod tests {
         );
         let strict = Context {
             tokens: PREFILL,
-            ..Context::default()
+            ..bf16()
         };
         assert_eq!(
             tensor_row(&counted(full, 0), &f, &strict).status,
@@ -665,14 +713,14 @@ mod tests {
         let one_token = Context {
             tokens: 1,
             small_gemm_flops: analytic,
-            ..Context::default()
+            ..bf16()
         };
         let row = tensor_row(&counted(analytic, 0), &f, &one_token);
         assert_eq!(row.status, Status::Info);
         assert!(row.note.unwrap().contains("fewer than 64 token rows"));
         let many = Context {
             tokens: 64,
-            ..Context::default()
+            ..bf16()
         };
         assert_eq!(
             tensor_row(&counted(analytic, 0), &f, &many).status,
@@ -703,7 +751,7 @@ mod tests {
         let ctx = Context {
             tokens: PREFILL,
             small_gemm_flops: routed,
-            ..Context::default()
+            ..bf16()
         };
         let row = tensor_row(&counted(c, 0), &f, &ctx);
         assert_eq!(row.status, Status::Info, "{:?}", row.note);
@@ -728,7 +776,7 @@ mod tests {
         // Without small GEMMs the same ratio is a failure.
         let plain = Context {
             tokens: PREFILL,
-            ..Context::default()
+            ..bf16()
         };
         assert_eq!(tensor_row(&counted(c, 0), &f, &plain).status, Status::Fail);
     }
@@ -750,6 +798,7 @@ mod tests {
             causal_skippable_flops: skippable,
             fast_f32_flops: core,
             fast_f32_skippable_flops: skippable,
+            tensor_source: Some(TensorSource::Tf32),
             ..Context::default()
         };
         let row = tensor_row(&counted(core, 0), &f, &fast);
@@ -764,12 +813,64 @@ mod tests {
         let plain = Context {
             tokens: PREFILL,
             causal_skippable_flops: skippable,
+            tensor_source: Some(TensorSource::Tf32),
             ..Context::default()
         };
         assert_eq!(
             tensor_row(&counted(core, 0), &f, &plain).status,
             Status::Fail
         );
+    }
+
+    #[test]
+    fn the_source_the_work_runs_on_must_be_measured() {
+        // What ncu 2025.3.1 wrote on the H200: bf16 and tf32, no fp16 column. The gate
+        // counted 0 tensor FLOPs and 0 executed on the reported sources.
+        let f = figures(GATE_BF16);
+        assert_eq!(
+            (f.tensor_ops_bf16, f.tensor_ops_fp16, f.tensor_ops_tf32),
+            (Some(0), None, Some(0))
+        );
+        let fp16 = Context {
+            tensor_source: Some(TensorSource::Fp16),
+            ..Context::default()
+        };
+        // An fp16 workload: its GEMMs run on the unmeasured fp16 source, so "0 = 0" says
+        // nothing: not a pass.
+        let row = tensor_row(&counted(0, 1), &f, &fp16);
+        assert_eq!((row.status, row.unavailable), (Status::Fail, true));
+        let note = row.note.unwrap();
+        assert!(note.starts_with("unavailable"), "{note}");
+        assert!(
+            note.contains("sm__ops_path_tensor_src_fp16_dst_fp32.sum"),
+            "{note}"
+        );
+        assert!(note.contains("fp16 operands"), "{note}");
+        // Nor is a layer with counted work a failure of the work: it is not measured.
+        let mlp = HardwareFigures {
+            tensor_ops_fp16: None,
+            ..figures(MLP)
+        };
+        let row = tensor_row(&counted(26_927_431_680, 0), &mlp, &fp16);
+        assert_eq!((row.status, row.unavailable), (Status::Fail, true));
+        assert!(!row.note.unwrap().contains("executed none"));
+        // A bf16 workload with the fp16 column missing: judged as before, the missing
+        // source listed.
+        let row = tensor_row(&counted(0, 1), &f, &bf16());
+        assert_eq!((row.status, row.unavailable), (Status::Pass, false));
+        assert!(row.note.unwrap().contains("fp16 unavailable"));
+        let row = tensor_row(&counted(26_927_431_680, 0), &figures(MLP), &bf16());
+        assert_eq!(row.status, Status::Pass);
+        // Not known which source: every one is required.
+        let row = tensor_row(&counted(0, 1), &f, &Context::default());
+        assert_eq!((row.status, row.unavailable), (Status::Fail, true));
+        assert!(row.note.unwrap().contains("not known"));
+        let all = HardwareFigures {
+            tensor_ops_fp16: Some(0),
+            ..f
+        };
+        let row = tensor_row(&counted(0, 1), &all, &Context::default());
+        assert_eq!(row.status, Status::Pass);
     }
 
     #[test]
