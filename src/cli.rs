@@ -238,14 +238,46 @@ pub fn parse_args<P: clap::Parser>(program: &str) -> P {
         ) {
             e.exit()
         }
-        let help = help_command(&P::command(), program, std::env::args().skip(1));
-        let _ = writeln!(
-            std::io::stderr(),
-            "{}",
-            usage_error_line(program, &help, &e)
-        );
+        // The arguments as text for the help pointer and the message: `args_os`, since
+        // `std::env::args` panics on an argument that is not UTF-8 (the error being shown).
+        let args: Vec<String> = std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let help = help_command(&P::command(), program, args.iter().cloned());
+        let mut line = usage_error_line(program, &help, &e);
+        if e.kind() == ErrorKind::InvalidUtf8 {
+            // Before the pointer to help: what is wrong, then where to read more.
+            let see = format!("; see {help}");
+            let at = line.rfind(&see).unwrap_or(line.len());
+            line.insert_str(
+                at,
+                &format!(": {}", where_not_utf8(std::env::args_os().skip(1))),
+            );
+        }
+        let _ = writeln!(std::io::stderr(), "{line}");
         std::process::exit(2)
     })
+}
+
+/// Which argument is not UTF-8 (clap's error does not say): its place, the option it
+/// follows if any, and how it reads with the invalid bytes replaced by U+FFFD.
+fn where_not_utf8(args: impl Iterator<Item = std::ffi::OsString>) -> String {
+    let args: Vec<std::ffi::OsString> = args.collect();
+    let Some(i) = args.iter().position(|a| a.to_str().is_none()) else {
+        return "every argument must be UTF-8 text".into();
+    };
+    let shown = args[i].to_string_lossy();
+    let after = match i.checked_sub(1).and_then(|p| args[p].to_str()) {
+        Some(option) if option.starts_with('-') && !shown.starts_with('-') => {
+            format!(" (the value of {option})")
+        }
+        _ => String::new(),
+    };
+    format!(
+        "argument {} {shown:?}{after} is not UTF-8 text; give it as UTF-8",
+        i + 1
+    )
 }
 
 /// The command whose `--help` lists the options of the mistaken command line: the

@@ -213,6 +213,24 @@ fn wrong_json_types_and_odd_paths_are_one_line_errors() {
     assert_refused(&analyze(&["--config", &missing]), &["no\\nsuch.json"]);
 }
 
+#[test]
+fn arguments_that_are_not_utf8_are_one_line_errors_naming_them() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let bad = OsStr::from_bytes(b"\xff");
+    let run = |args: &[&OsStr]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelmeter"));
+        no_panic(cmd.args(args).output().expect("the binary runs"))
+    };
+    let (analyze, device) = (OsStr::new("analyze"), OsStr::new("--device"));
+    // A value that is not UTF-8: the option it belongs to is named.
+    let o = run(&[analyze, device, bad]);
+    assert_refused(&o, &["argument 3", "the value of --device", "not UTF-8"]);
+    // A subcommand or a stray argument that is not UTF-8 (std::env::args panicked here).
+    assert_refused(&run(&[bad]), &["unrecognized subcommand"]);
+    assert_refused(&run(&[OsStr::new("--x"), bad, analyze]), &["--x"]);
+}
+
 // Item 9: overflows name the option or config field; a huge decode context is costed.
 
 #[test]
