@@ -43,6 +43,16 @@ fn lower_moe(inputs: &mut Inputs, f: fn(&mut crate::config::MoeConfig)) {
     }
 }
 
+fn mla_value(inputs: &Inputs, f: fn(&crate::mla_config::MlaConfig) -> Option<u64>) -> Option<u64> {
+    inputs.config.mla.as_ref().and_then(f)
+}
+
+fn lower_mla(inputs: &mut Inputs, f: fn(&mut crate::mla_config::MlaConfig)) {
+    if let Some(mla) = inputs.config.mla.as_mut() {
+        f(mla);
+    }
+}
+
 /// The knobs, lowered in this order: where one's lowest value depends on another's
 /// (heads on KV heads, experts on experts per token), the dependency comes first.
 const KNOBS: &[Knob] = &[
@@ -132,6 +142,53 @@ const KNOBS: &[Knob] = &[
         option: false,
         value: |i| moe_value(i, |m| m.n_shared_experts),
         lower: |i| lower_moe(i, |m| m.n_shared_experts = m.n_shared_experts.min(1)),
+    },
+    // MLA (DeepSeek-V2/V3 attention). Lowered values stay valid: d_r even, d_v ≤ d_qk
+    // (the flash form pads values to d_qk) and d_qk a multiple of 8 (the fused SDPA
+    // kernels' head dims), so a probe fails only by overflowing.
+    Knob {
+        name: "q_lora_rank",
+        reference: 1536,
+        option: false,
+        value: |i| mla_value(i, |m| m.q_lora_rank),
+        lower: |i| lower_mla(i, |m| m.q_lora_rank = m.q_lora_rank.map(|_| 1)),
+    },
+    Knob {
+        name: "kv_lora_rank",
+        reference: 512,
+        option: false,
+        value: |i| mla_value(i, |m| Some(m.kv_lora_rank)),
+        lower: |i| lower_mla(i, |m| m.kv_lora_rank = 1),
+    },
+    Knob {
+        name: "v_head_dim",
+        reference: 128,
+        option: false,
+        value: |i| mla_value(i, |m| Some(m.v_head_dim)),
+        lower: |i| lower_mla(i, |m| m.v_head_dim = 1),
+    },
+    Knob {
+        name: "qk_rope_head_dim",
+        reference: 64,
+        option: false,
+        value: |i| mla_value(i, |m| Some(m.qk_rope_head_dim)),
+        lower: |i| lower_mla(i, |m| m.qk_rope_head_dim = 2),
+    },
+    Knob {
+        name: "qk_nope_head_dim",
+        reference: 128,
+        option: false,
+        value: |i| mla_value(i, |m| Some(m.qk_nope_head_dim)),
+        // After d_v and d_r (this order): the least d_n ≥ 1 with d_n + d_r ≥ d_v and a
+        // multiple of 8 (left as it is where that sum would overflow).
+        lower: |i| {
+            lower_mla(i, |m| {
+                let least = m.v_head_dim.max(m.qk_rope_head_dim.saturating_add(1));
+                if let Some(d_qk) = least.checked_next_multiple_of(8) {
+                    m.qk_nope_head_dim = d_qk - m.qk_rope_head_dim;
+                }
+            })
+        },
     },
     Knob {
         name: "--batch",
@@ -331,6 +388,48 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn mla_fields_that_overflow_are_named() {
+        let v2_lite = || ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
+        let with = |f: fn(&mut crate::mla_config::MlaConfig)| {
+            let mut config = v2_lite();
+            f(config.mla.as_mut().unwrap());
+            Inputs {
+                config,
+                workload: Workload::prefill(1, 512).unwrap(),
+                new_tokens: None,
+            }
+        };
+        for (inputs, named) in [
+            (
+                with(|m| m.kv_lora_rank = 1 << 62),
+                "kv_lora_rank = 4611686018427387904",
+            ),
+            (
+                with(|m| m.kv_lora_rank = 1 << 40),
+                "kv_lora_rank = 1099511627776",
+            ),
+            (
+                with(|m| m.q_lora_rank = Some(1 << 63)),
+                "q_lora_rank = 9223372036854775808",
+            ),
+            (
+                with(|m| m.qk_rope_head_dim = 1 << 50),
+                "qk_rope_head_dim = 1125899906842624",
+            ),
+            (
+                with(|m| m.qk_nope_head_dim = 1 << 50),
+                "qk_nope_head_dim = 1125899906842624",
+            ),
+        ] {
+            let e = explained(&inputs);
+            assert!(
+                e.starts_with(&format!("{named} (config deepseek-v2-lite) is too large")),
+                "{named}: {e}"
+            );
+        }
     }
 
     #[test]
