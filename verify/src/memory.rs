@@ -53,12 +53,22 @@ fn input_bytes(plan: &Plan, workload: &Workload, model: bool) -> modelmeter::Res
     Ok(first.saturating_add(positions).saturating_add(mask))
 }
 
-/// The largest need of the plan's layers at `workload`, in bytes, and that layer's name:
-/// weights + peak activations (+ the KV cache a decode step starts from, bounded by the
-/// cache after the step) + the inputs + the device's reserve.
-fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
+/// What the largest layer of a plan needs.
+#[derive(Clone, Debug, Default)]
+struct Need {
+    /// Weights + peak activations (+ the KV cache a decode step starts from, bounded by
+    /// the cache after the step) + the inputs + the device's reserve.
+    bytes: u64,
+    /// The layer's name.
+    layer: String,
+    /// The part no smaller workload removes: the layer's weights and the device's reserve.
+    fixed_bytes: u64,
+}
+
+/// The largest need of the plan's layers at `workload` ([`Need`]).
+fn need(plan: &Plan, workload: &Workload) -> Result<Need, Error> {
     let inputs = input_bytes(plan, workload, false)?;
-    let mut worst = (0u64, String::new());
+    let mut worst = Need::default();
     for kind in &plan.layers {
         let layer = kind.analytic(&plan.config, workload, plan.attention)?;
         let cost = modelmeter::metrics::sums_only(|| layer.cost())?;
@@ -74,8 +84,12 @@ fn need(plan: &Plan, workload: &Workload) -> Result<(u64, String), Error> {
             .saturating_add(cache_before)
             .saturating_add(inputs)
             .saturating_add(device_reserve(plan.device));
-        if bytes > worst.0 {
-            worst = (bytes, kind.name(plan.attention).to_string());
+        if bytes > worst.bytes {
+            worst = Need {
+                bytes,
+                layer: kind.name(plan.attention).to_string(),
+                fixed_bytes: m.weight_bytes.saturating_add(device_reserve(plan.device)),
+            };
         }
     }
     Ok(worst)
@@ -127,29 +141,24 @@ fn smaller(workload: &Workload) -> &'static str {
     }
 }
 
-/// What the plan needs: the largest layer's bytes and name, and why the prefill that
-/// fills a decode step's cache could not be costed, if it could not.
+/// What the plan needs: its largest layer's [`Need`], and why the prefill that fills a
+/// decode step's cache could not be costed, if it could not.
 struct Estimate {
-    bytes: u64,
-    layer: String,
+    need: Need,
     prefill_overflow: Option<String>,
 }
 
 fn estimate_plan(plan: &Plan) -> Result<Estimate, String> {
     let w = &plan.workload;
-    let (bytes, layer) = need(plan, w).map_err(|e| explained(e, plan))?;
     let mut estimate = Estimate {
-        bytes,
-        layer,
+        need: need(plan, w).map_err(|e| explained(e, plan))?,
         prefill_overflow: None,
     };
     // The prefill that fills the cache: its own counts may overflow where the decode
     // step's do not (its attention scores grow with the square of the context).
     if let Some(prefill) = cache_prefill(w) {
         match need(plan, &prefill?) {
-            Ok((bytes, layer)) if bytes > estimate.bytes => {
-                (estimate.bytes, estimate.layer) = (bytes, layer);
-            }
+            Ok(need) if need.bytes > estimate.need.bytes => estimate.need = need,
             Ok(_) => {}
             Err(Error::Model(e)) => estimate.prefill_overflow = Some(e.to_string()),
             Err(e) => return Err(e.to_string()),
@@ -164,7 +173,7 @@ fn estimate_plan(plan: &Plan) -> Result<Estimate, String> {
 /// cache, where that prefill can be costed), with the layer's name. An error, naming the
 /// input to lower, when the plan's own counts overflow 64 bits.
 pub fn estimate(plan: &Plan) -> Result<(u64, String), String> {
-    estimate_plan(plan).map(|e| (e.bytes, e.layer))
+    estimate_plan(plan).map(|e| (e.need.bytes, e.need.layer))
 }
 
 /// Checks that the plan can run on the device: its analytic counts fit in 64 bits (an
@@ -174,7 +183,7 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
     let w = &plan.workload;
     let estimate = estimate_plan(plan)?;
     let fits = match &info.memory_bytes {
-        Ok(available) if estimate.bytes > *available => Err(*available),
+        Ok(available) if estimate.need.bytes > *available => Err(*available),
         Ok(_) => Ok(()),
         Err(why) => {
             // Not silent: the run goes on, and says that nothing was checked.
@@ -189,14 +198,24 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
         } else {
             "about"
         };
+        let need = &estimate.need;
+        // Advice that can help: a smaller workload, unless the weights alone do not fit.
+        let advice = if need.fixed_bytes > available {
+            format!(
+                "its weights and the device reserve alone are {}, so no smaller workload fits: leave {} out (--layers), use a smaller --dtype (bf16 halves fp32's weights) or a device with more free memory",
+                units::bytes(need.fixed_bytes),
+                need.layer
+            )
+        } else {
+            smaller(w).to_string()
+        };
         return Err(format!(
             "the workload ({}) needs {about} {} for {} (weights + peak activations + KV cache + inputs + device reserve, from the analytic model) \
-             but {spec} has {} free; {}",
+             but {spec} has {} free; {advice}",
             w.describe(),
-            units::bytes(estimate.bytes),
-            estimate.layer,
+            units::bytes(need.bytes),
+            need.layer,
             units::bytes(available),
-            smaller(w)
         ));
     }
     if let (Some(why), Phase::Decode { context_len }) = (estimate.prefill_overflow, w.phase) {
@@ -470,6 +489,25 @@ mod tests {
         assert_eq!(
             estimate(&cuda).unwrap().0,
             need + device_reserve(cuda.device)
+        );
+    }
+
+    #[test]
+    fn the_advice_says_when_no_smaller_workload_fits() {
+        let p = plan(64);
+        let need = need(&p, &p.workload).unwrap();
+        assert!(need.fixed_bytes > 0 && need.fixed_bytes < need.bytes);
+        // Room for the weights but not the activations: a smaller workload helps.
+        let e = check(&p, DeviceSpec::Cpu, &device(need.bytes - 1)).unwrap_err();
+        assert!(e.ends_with("lower --batch or --context-len"), "{e}");
+        // Not even for the weights: say so, and what can help instead.
+        let e = check(&p, DeviceSpec::Cpu, &device(need.fixed_bytes - 1)).unwrap_err();
+        assert!(
+            e.contains("weights and the device reserve alone are")
+                && e.contains("no smaller workload fits")
+                && e.contains(&format!("leave {} out (--layers)", need.layer))
+                && !e.contains("lower --batch"),
+            "{e}"
         );
     }
 
