@@ -32,6 +32,16 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
+#[test]
+fn an_argument_that_is_not_utf8_is_a_one_line_error() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verify-decoder"));
+    cmd.arg("--layers").arg(OsStr::from_bytes(b"MoE\xffGate"));
+    let o = no_panic(cmd.output().expect("verify-decoder runs"));
+    common::assert_refused(&o, &["the value of --layers", "not UTF-8"]);
+}
+
 // Item 1: reports go where the path says, and special files are never replaced.
 
 #[test]
