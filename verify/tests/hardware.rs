@@ -11,6 +11,7 @@ use clap::Parser;
 use modelmeter_verify::app::{prepare, report_of, Args};
 use modelmeter_verify::hardware::profile::{self, RunFiles};
 use modelmeter_verify::hardware::ranges::RangeList;
+use modelmeter_verify::hardware::LeftOut;
 use modelmeter_verify::report::{self, Report};
 use serde_json::Value;
 
@@ -179,6 +180,34 @@ fn replay_csv(list: &RangeList, tensor: &[u64], all_pipes: bool) -> String {
     csv
 }
 
+/// `csv` (a synthetic export, every cell quoted) without its SASS instruction columns:
+/// what ncu writes when they were not asked for.
+fn without_sass_columns(csv: &str) -> String {
+    let mut keep: Option<Vec<bool>> = None;
+    let mut out = String::new();
+    for line in csv.lines() {
+        if !line.starts_with('"') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let inner = line
+            .strip_prefix('"')
+            .and_then(|l| l.strip_suffix('"'))
+            .unwrap();
+        let cells: Vec<&str> = inner.split("\",\"").collect();
+        let keep =
+            keep.get_or_insert_with(|| cells.iter().map(|c| !c.contains("__sass_")).collect());
+        let kept: Vec<&str> = cells
+            .iter()
+            .zip(keep.iter())
+            .filter_map(|(c, k)| k.then_some(*c))
+            .collect();
+        out.push_str(&format!("\"{}\"\n", kept.join("\",\"")));
+    }
+    out
+}
+
 fn layer<'a>(json: &'a Value, name: &str) -> &'a Value {
     json["layers"]
         .as_array()
@@ -236,10 +265,21 @@ fn attached_csv(
     list: &RangeList,
     csv: String,
 ) -> (Report, Value) {
+    attached_run(args, ready, list, csv, Vec::new())
+}
+
+/// [`attached_csv`] for a run that left `left_out` out of ncu's command.
+fn attached_run(
+    args: &Args,
+    ready: &modelmeter_verify::app::Ready,
+    list: &RangeList,
+    csv: String,
+    left_out: Vec<LeftOut>,
+) -> (Report, Value) {
     let files = RunFiles {
         csv,
         ranges: list.clone(),
-        left_out: Vec::new(),
+        left_out,
     };
     let mut report = report_of(args, ready);
     profile::attach(
@@ -336,6 +376,31 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
         );
     }
     assert_eq!(row(m, "hw_tensor_flops")["measured"], padded);
+
+    // App-range replay: the SASS instruction metrics were left out of ncu's command, and
+    // the CSV has no column for them. The row and the JSON say why, not "the device lacks
+    // the metric".
+    let left_out = profile::left_out_up_front(profile::NcuReplay::AppRange);
+    let csv = without_sass_columns(&range_replay_csv(&list, &[padded, 0]));
+    let (report, json) = attached_run(&args, &ready, &list, csv, left_out.clone());
+    assert!(report.summary().ok(), "{}", report::to_table(&report));
+    let m = layer(&json, "DeepseekV2MLP");
+    let cuda = row(m, "hw_cuda_core_flops");
+    assert_eq!(cuda["status"], "info");
+    let note = cuda["note"].as_str().unwrap();
+    assert!(
+        note.contains("only in kernel replay, not in app-range replay"),
+        "{note}"
+    );
+    assert!(!note.contains("lacks the metric"), "{note}");
+    let listed = m["hardware"]["figures"]["left_out"].as_array().unwrap();
+    assert_eq!(listed.len(), left_out.len());
+    assert_eq!(listed[0]["metric"], left_out[0].metric.as_str());
+    assert!(listed[0]["why"]
+        .as_str()
+        .unwrap()
+        .contains("--ncu-replay kernel"));
+    assert!(m["hardware"]["figures"]["ffma"].is_null());
 
     // The hardware disagrees: tensor work on the gate, none on the MLP.
     let (report, json) = attach(&[0, 1_000_000]);

@@ -140,9 +140,20 @@ impl TensorSource {
     }
 }
 
+/// A metric the run left out of ncu's command, and why: the figures read from it are
+/// unavailable for that reason (never 0), which the rows' notes and the JSON report say.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LeftOut {
+    /// The metric as ncu names it (`smsp__sass_thread_inst_executed_op_ffma_pred_on.sum`).
+    pub metric: String,
+    /// Why it was left out, in words (the replay mode in which ncu cannot collect it).
+    pub why: String,
+}
+
 /// One range's hardware figures, each summed over the range's rows.
 ///
-/// `None` means ncu gave no value: the metric was not collected (not asked for, or the
+/// `None` means ncu gave no value: the metric was not collected (left out of the run's
+/// command, see [`HardwareFigures::left_out`]; not asked for by whoever ran ncu; or the
 /// device lacks it) or some row had an empty or `n/a` cell. It never means 0.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HardwareFigures {
@@ -177,6 +188,11 @@ pub struct HardwareFigures {
     pub l2_bytes: Option<u64>,
     /// GPU time in nanoseconds, converted with the units row.
     pub time_ns: Option<u64>,
+    /// The metrics the run that measured this range left out of ncu's command, with why
+    /// (empty where the run left none out, or, for a folder read with
+    /// `--hardware-counters-from`, where that is not known). Set by whoever ran ncu;
+    /// [`HardwareFigures::of_range`] reads only the CSV and leaves it empty.
+    pub left_out: Vec<LeftOut>,
 }
 
 /// Units a count may be printed in; anything else (a scaled unit such as `Mbyte`, which
@@ -254,6 +270,7 @@ impl HardwareFigures {
             dram_write_bytes: count(&[metrics::DRAM_WRITE_BYTES], BYTES)?,
             l2_bytes: count(&[metrics::L2_BYTES], BYTES)?,
             time_ns: table.total_nanoseconds(range, metrics::TIME)?,
+            left_out: Vec::new(),
         })
     }
 
@@ -346,6 +363,7 @@ mod tests {
                 dram_write_bytes: Some(581_376),
                 l2_bytes: None,
                 time_ns: Some(67_360),
+                left_out: Vec::new(),
             }
         );
     }

@@ -23,7 +23,7 @@ use super::metrics::NCU_METRICS;
 use super::peaks;
 use super::ranges::{self, AttributedRange, RangeList, RangeRecord, TimeSpan, NCU_CSV_FILE};
 use super::rows::{self, Context, MAX_TILE_ROWS, SMALL_GEMM_ROWS};
-use super::TensorSource;
+use super::{LeftOut, TensorSource};
 use crate::check::Check;
 use crate::compare::worst;
 use crate::plan::Plan;
@@ -173,8 +173,10 @@ pub struct RunFiles {
     pub csv: String,
     /// The child's range list.
     pub ranges: RangeList,
-    /// Metrics ncu could not collect in this run's replay mode (left out, unavailable).
-    pub left_out: Vec<String>,
+    /// Metrics left out of ncu's command in this run's replay mode, with why (their
+    /// figures unavailable); empty for a folder read with `--hardware-counters-from`,
+    /// where what the wrapping command asked for is not known.
+    pub left_out: Vec<LeftOut>,
 }
 
 /// Runs this binary (`exe`, with `args`: the invocation's own arguments) as the profiled
@@ -187,7 +189,8 @@ pub struct RunFiles {
 /// metric it cannot collect in the mode (ncu 2025.3 on an H200: "Metric
 /// smsp__sass_thread_inst_executed_op_dadd_pred_on.sum is not supported in range
 /// replay", written to its log file): such metrics are left out and the run repeated.
-/// [`RunFiles::left_out`] names them all; their figures are unavailable (never 0).
+/// [`RunFiles::left_out`] names them all with why; their figures are unavailable (never
+/// 0), and the rows' notes give that reason.
 pub fn run_under_ncu(
     ncu: &Path,
     exe: &Path,
@@ -197,14 +200,8 @@ pub fn run_under_ncu(
     quiet: bool,
 ) -> Result<RunFiles, String> {
     let mut metrics: Vec<&str> = NCU_METRICS.to_vec();
-    let mut left_out: Vec<String> = Vec::new();
+    let mut left_out = left_out_up_front(replay);
     if !replay.counts_instructions() {
-        left_out.extend(
-            metrics
-                .iter()
-                .filter(|m| is_instruction_metric(m))
-                .map(|m| m.to_string()),
-        );
         metrics.retain(|m| !is_instruction_metric(m));
         if !quiet {
             eprintln!(
@@ -219,6 +216,26 @@ pub fn run_under_ncu(
     Ok(files)
 }
 
+/// The metrics a run in `replay` leaves out of ncu's command before ncu runs, with why:
+/// the SASS instruction metrics outside kernel replay ([`NcuReplay::counts_instructions`]).
+pub fn left_out_up_front(replay: NcuReplay) -> Vec<LeftOut> {
+    if replay.counts_instructions() {
+        return Vec::new();
+    }
+    let why = format!(
+        "ncu counts SASS instructions only in kernel replay, not in {} replay; --ncu-replay kernel measures them",
+        replay.mode()
+    );
+    NCU_METRICS
+        .iter()
+        .filter(|m| is_instruction_metric(m))
+        .map(|m| LeftOut {
+            metric: m.to_string(),
+            why: why.clone(),
+        })
+        .collect()
+}
+
 /// `e` with what ncu said about the run in `dir`: ncu reports its own refusals
 /// (`==ERROR==`, in its log file or on the terminal side of the child's output) and may
 /// still exit 0.
@@ -230,7 +247,8 @@ fn with_ncu_said(e: String, dir: &Path) -> String {
 }
 
 /// One ncu run over the child (`args` plus `--hardware-counters-child dir`) with
-/// `metrics`, repeated without any metric ncu refuses in `replay`; returns those left out.
+/// `metrics`, repeated without any metric ncu refuses in `replay`; returns those left out,
+/// with why.
 fn run_ncu(
     ncu: &Path,
     exe: &Path,
@@ -238,7 +256,7 @@ fn run_ncu(
     dir: &Path,
     replay: NcuReplay,
     mut metrics: Vec<&str>,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<LeftOut>, String> {
     let csv = dir.join(NCU_CSV_FILE);
     let output_path = dir.join("output.txt");
     let mut left_out = Vec::new();
@@ -279,7 +297,14 @@ fn run_ncu(
                 replay.mode()
             );
             metrics.retain(|m| !refused.contains(m));
-            left_out.extend(refused.iter().map(|m| m.to_string()));
+            left_out.extend(refused.iter().map(|m| LeftOut {
+                metric: m.to_string(),
+                why: format!(
+                    "ncu refused it in {} replay: \"not supported in {} replay\"",
+                    replay.mode(),
+                    replay.mode()
+                ),
+            }));
             continue;
         }
         // The child exits 0 or 1 as a verification does; 2 means it refused to start.
@@ -350,13 +375,14 @@ pub fn run_per_layer(
         child.push(layer.into());
         match run_ncu(ncu, exe, &child, &here, NcuReplay::Kernel, metrics.clone()) {
             Ok(left_out) => {
-                metrics.retain(|m| !left_out.iter().any(|l| l == m));
-                for m in left_out {
-                    if !run.left_out.contains(&m) {
-                        run.left_out.push(m);
-                    }
-                }
-                run.add(layer, read_layer(&here, index, layer));
+                metrics.retain(|m| !left_out.iter().any(|l| l.metric == *m));
+                run.left_out.extend(left_out);
+                // This layer's run lacked every metric left out so far.
+                let read = read_layer(&here, index, layer).map(|(device, mut range)| {
+                    range.figures.left_out = run.left_out.clone();
+                    (device, range)
+                });
+                run.add(layer, read);
             }
             Err(e) => run.errors.push((layer.clone(), e)),
         }
@@ -430,8 +456,9 @@ pub struct PerLayerRun {
     pub ranges: Vec<AttributedRange>,
     /// Layers without figures, with why.
     pub errors: Vec<(String, String)>,
-    /// Metrics ncu refused (unavailable).
-    pub left_out: Vec<String>,
+    /// Metrics ncu refused, with why (unavailable), in the order it refused them: each
+    /// left out of that layer's run and every later one's.
+    pub left_out: Vec<LeftOut>,
 }
 
 impl PerLayerRun {
@@ -541,11 +568,16 @@ pub fn read_run(dir: &Path) -> Result<RunFiles, String> {
     })
 }
 
-/// The figures of a run, attributed to its ranges; the error (one line) when ncu's CSV
-/// cannot be read or matched to the ranges.
+/// The figures of a run, attributed to its ranges, each with what the run left out of
+/// ncu's command; the error (one line) when ncu's CSV cannot be read or matched to the
+/// ranges.
 pub fn attributed(files: &RunFiles) -> Result<Vec<AttributedRange>, String> {
     let table = ranges::parse_range_results(&files.csv).map_err(|e| format!("ncu's CSV: {e}"))?;
-    ranges::attribute(&table, &files.ranges).map_err(|e| e.to_string())
+    let mut all = ranges::attribute(&table, &files.ranges).map_err(|e| e.to_string())?;
+    for range in &mut all {
+        range.figures.left_out = files.left_out.clone();
+    }
+    Ok(all)
 }
 
 /// The measured value of an exact row of `result`.

@@ -31,7 +31,7 @@ use modelmeter::conventions::FAST_FP32_MMAS_PER_PRODUCT;
 
 use super::peaks::DevicePeaks;
 use super::ranges::{AttributedRange, RangeRecord, TimeSpan};
-use super::{HardwareFigures, TensorSource};
+use super::{metrics, HardwareFigures, TensorSource};
 use crate::check::Check;
 use crate::compare::{rel_diff, MetricRow, Status};
 
@@ -184,8 +184,33 @@ fn row(
     }
 }
 
-fn unavailable(what: &str) -> String {
-    format!("unavailable: ncu reported no {what} for this range (the device or this ncu lacks the metric; not 0)")
+/// `unavailable: ncu reported no {what} for this range (why; not 0)`. The cause is the
+/// run's own where it left any of `metrics` (the spellings the figure is read from) out
+/// of ncu's command ([`HardwareFigures::left_out`]: the replay mode, say); otherwise the
+/// causes an absent value can have.
+fn unavailable(figures: &HardwareFigures, what: &str, metrics: &[&str]) -> String {
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for left in figures
+        .left_out
+        .iter()
+        .filter(|l| metrics.contains(&l.metric.as_str()))
+    {
+        match groups.iter_mut().find(|(why, _)| *why == left.why) {
+            Some((_, names)) => names.push(&left.metric),
+            None => groups.push((&left.why, vec![&left.metric])),
+        }
+    }
+    let cause = if groups.is_empty() {
+        "ncu's CSV has no value for it: not asked for, or the device or this ncu lacks the metric"
+            .to_string()
+    } else {
+        groups
+            .iter()
+            .map(|(why, names)| format!("left out of the ncu run: {} ({why})", names.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    format!("unavailable: ncu reported no {what} for this range ({cause}; not 0)")
 }
 
 /// The hardware/counted band for the counted tensor FLOPs of a layer in `context`: the
@@ -283,7 +308,11 @@ pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Contex
             c,
             None,
             Status::Fail,
-            unavailable("tensor-pipe counter (sm__ops_path_tensor_src_*), so the tensor-core work cannot be checked"),
+            unavailable(
+                figures,
+                "tensor-pipe counter (sm__ops_path_tensor_src_*)",
+                &TensorSource::ALL.map(TensorSource::metric),
+            ) + ": the tensor-core work cannot be checked",
         );
     };
     let required: &[TensorSource] = match &context.tensor_source {
@@ -308,7 +337,7 @@ pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Contex
             c,
             None,
             Status::Fail,
-            unavailable(&missing.join(", ")) + &why + &by_source(figures),
+            unavailable(figures, &missing.join(", "), &missing) + &why + &by_source(figures),
         );
     }
     let band = band(c, context);
@@ -345,7 +374,11 @@ pub fn cuda_core_row(counted: &Counted, figures: &HardwareFigures, context: &Con
             c,
             None,
             Status::Info,
-            unavailable("FP32 instruction counters (…_op_{ffma,fadd,fmul}_pred_on)"),
+            unavailable(
+                figures,
+                "FP32 instruction counters (…_op_{ffma,fadd,fmul}_pred_on)",
+                &[metrics::FFMA, metrics::FADD, metrics::FMUL].concat(),
+            ),
         );
     };
     let share = context.simt_gemm_flops as f64 / c.max(1) as f64;
@@ -387,8 +420,15 @@ pub fn cuda_core_row(counted: &Counted, figures: &HardwareFigures, context: &Con
 /// The `hw_dram_bytes` and `hw_l2_bytes` rows.
 pub fn byte_rows(counted: &Counted, figures: &HardwareFigures) -> [MetricRow; 2] {
     let c = counted.io_bytes;
-    let one = |metric, hardware: Option<u64>, what: &str, why: &str| match hardware {
-        None => row(metric, c, None, Status::Info, unavailable(what)),
+    let one = |metric, hardware: Option<u64>, what: &str, names: &[&str], why: &str| match hardware
+    {
+        None => row(
+            metric,
+            c,
+            None,
+            Status::Info,
+            unavailable(figures, what, names),
+        ),
         Some(h) => {
             let r = ratio(h, c).map_or("no bytes counted".to_string(), |r| {
                 format!("hardware/counted io_bytes = {r:.4}")
@@ -407,12 +447,14 @@ pub fn byte_rows(counted: &Counted, figures: &HardwareFigures) -> [MetricRow; 2]
             Check::HwDramBytes,
             figures.dram_bytes(),
             "DRAM byte counters (dram__bytes_{read,write}.sum)",
+            &[metrics::DRAM_READ_BYTES, metrics::DRAM_WRITE_BYTES],
             "io_bytes count every op's reads and writes unfused; L2 absorbs small layers' intermediates",
         ),
         one(
             Check::HwL2Bytes,
             figures.l2_bytes,
             "L2 byte counter (lts__t_bytes.sum)",
+            &[metrics::L2_BYTES],
             "every request through L2, including re-reads of tiles that io_bytes count once",
         ),
     ]
@@ -472,7 +514,11 @@ pub fn time_row(
             0,
             None,
             Status::Info,
-            unavailable("GPU time (gpu__time_duration.sum)"),
+            unavailable(
+                figures,
+                "GPU time (gpu__time_duration.sum)",
+                &[metrics::TIME],
+            ),
         );
     };
     let a = achieved(figures);
@@ -871,6 +917,48 @@ mod tests {
         };
         let row = tensor_row(&counted(0, 1), &all, &Context::default());
         assert_eq!(row.status, Status::Pass);
+    }
+
+    #[test]
+    fn an_unavailable_note_gives_the_runs_own_reason() {
+        // App-range replay leaves the SASS instruction metrics out of ncu's command.
+        let left_out =
+            super::super::profile::left_out_up_front(super::super::profile::NcuReplay::AppRange);
+        assert!(!left_out.is_empty());
+        let f = HardwareFigures {
+            ffma: None,
+            fadd: None,
+            fmul: None,
+            cuda_core_flops: None,
+            half_flops: None,
+            double_flops: None,
+            left_out,
+            ..figures(MLP)
+        };
+        let note = cuda_core_row(&counted(0, 10), &f, &bf16()).note.unwrap();
+        assert!(note.starts_with("unavailable"), "{note}");
+        assert!(
+            note.contains(
+                "left out of the ncu run: smsp__sass_thread_inst_executed_op_ffma_pred_on.sum"
+            ),
+            "{note}"
+        );
+        assert!(
+            note.contains("only in kernel replay, not in app-range replay"),
+            "{note}"
+        );
+        assert!(!note.contains("lacks the metric"), "{note}");
+        // One reason, said once for the three metrics it covers.
+        assert_eq!(note.matches("only in kernel replay").count(), 1, "{note}");
+        // A metric the run did not leave out: the causes an absent value can have.
+        let time = time_row(
+            &HardwareFigures { time_ns: None, ..f },
+            None,
+            TimeSpan::RangeElapsed,
+        );
+        let note = time.note.unwrap();
+        assert!(note.contains("not asked for, or the device"), "{note}");
+        assert!(!note.contains("left out"), "{note}");
     }
 
     #[test]
