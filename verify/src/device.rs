@@ -23,7 +23,11 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Parses `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+    /// The largest CUDA device index libtorch can address (`c10::DeviceIndex` is an
+    /// `int8_t`): a larger N would wrap to another device on the way to libtorch.
+    pub const MAX_CUDA_INDEX: usize = i8::MAX as usize;
+
+    /// Parses `cpu`, `cuda` (= `cuda:0`) or `cuda:N` (N up to [`Self::MAX_CUDA_INDEX`]).
     pub fn parse(text: &str) -> Result<DeviceSpec, String> {
         let lower = text.trim().to_ascii_lowercase();
         match lower.as_str() {
@@ -32,9 +36,14 @@ impl DeviceSpec {
             _ => lower
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
+                .filter(|&n| n <= DeviceSpec::MAX_CUDA_INDEX)
                 .map(DeviceSpec::Cuda)
                 .ok_or_else(|| {
-                    format!("--device = {text} is invalid: expected cpu, cuda or cuda:N")
+                    let shown = if text.is_empty() { "\"\"" } else { text };
+                    format!(
+                        "--device = {shown} is invalid: expected cpu, cuda or cuda:N (N from 0 to {})",
+                        DeviceSpec::MAX_CUDA_INDEX
+                    )
                 }),
         }
     }
@@ -86,7 +95,7 @@ impl DeviceSpec {
                         "--device {self}: no CUDA device is visible to libtorch on this machine; \
                          run with --device cpu, or on a machine with an NVIDIA GPU"
                     ))
-                } else if i as i64 >= count {
+                } else if i64::try_from(i).map_or(true, |i| i >= count) {
                     Err(format!(
                         "--device {self}: only {count} CUDA device(s) visible (cuda:0 .. cuda:{})",
                         count - 1
@@ -223,6 +232,18 @@ mod tests {
         );
         assert!(DeviceSpec::parse("cuda:-1").is_err());
         assert!(DeviceSpec::parse("cuda:x").is_err());
+        // Indices libtorch cannot address are refused here, not wrapped to cuda:0 or -1
+        // on the way (c10::DeviceIndex is an int8_t; tch passes a C int).
+        assert_eq!(DeviceSpec::parse("cuda:127"), Ok(DeviceSpec::Cuda(127)));
+        for n in ["128", "256", "9223372036854775808", "18446744073709551615"] {
+            let e = DeviceSpec::parse(&format!("cuda:{n}")).unwrap_err();
+            assert!(
+                e.contains(&format!("cuda:{n}")) && e.contains("N from 0 to 127"),
+                "{e}"
+            );
+        }
+        let e = DeviceSpec::parse("").unwrap_err();
+        assert!(e.starts_with("--device = \"\" is invalid"), "{e}");
     }
 
     #[test]
