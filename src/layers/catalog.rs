@@ -107,7 +107,11 @@ impl LayerId {
                     config.layer_kinds.len(),
                     match kind {
                         MlpKind::Dense => "MoE: first_k_dense_replace = 0",
-                        MlpKind::Moe => "dense: no routed experts",
+                        MlpKind::Moe if config.moe.is_none() => "dense: no routed experts",
+                        // Experts, but no layer is placed on them.
+                        MlpKind::Moe => {
+                            "dense: first_k_dense_replace and moe_layer_freq (or mlp_layer_types) place no MoE layer"
+                        }
                     }
                 )
             })
@@ -116,7 +120,7 @@ impl LayerId {
             LayerId::DecoderDense => first(MlpKind::Dense, "dense"),
             LayerId::DecoderMoe => first(MlpKind::Moe, "MoE"),
             LayerId::MoEGate | LayerId::MoE if config.moe.is_none() => Err(format!(
-                "config {} has no routed experts (n_routed_experts is absent or 0)",
+                "config {} has no routed experts (n_routed_experts is absent, null or 0)",
                 config.name
             )),
             _ => Ok(0),
@@ -205,6 +209,19 @@ mod tests {
         }
         let why = LayerId::MoE.layer_index(&dense).unwrap_err();
         assert!(why.contains("no routed experts"), "{why}");
+        let why = LayerId::DecoderMoe.layer_index(&dense).unwrap_err();
+        assert!(why.contains("all dense: no routed experts"), "{why}");
+        // Experts that no layer uses (first_k_dense_replace ≥ the layer count): the MoE
+        // blocks exist, the decoder layer does not, and the reason is the placement.
+        let mut unplaced = ModelConfig::deepseek_ocr();
+        unplaced.layer_kinds = vec![MlpKind::Dense; 12];
+        assert!(LayerId::MoE.is_in(&unplaced));
+        let why = LayerId::DecoderMoe.layer_index(&unplaced).unwrap_err();
+        assert!(
+            why.contains("first_k_dense_replace and moe_layer_freq")
+                && !why.contains("no routed experts"),
+            "{why}"
+        );
         let w = Workload::prefill(1, 4).unwrap();
         let names: Vec<String> = layers_of(&dense, &w, AttentionImpl::Sdpa)
             .unwrap()
