@@ -465,6 +465,21 @@ fn moe_config(cfg: &Fields) -> Result<Option<MoeConfig>> {
         (None, None) => 0,
     };
     if experts == 0 {
+        // The vendor code builds MoE layers whenever n_routed_experts is set, and an MoE
+        // of no experts cannot route: a written 0 beside experts per token contradicts
+        // itself (null or absent is how a dense model says it).
+        if let (Some(0), Some(k)) = (routed.or(alias), cfg.size("num_experts_per_tok")?) {
+            let key = if routed.is_some() {
+                "n_routed_experts"
+            } else {
+                "num_experts"
+            };
+            return Err(Error::invalid(
+                key,
+                0,
+                &format!("≥ num_experts_per_tok ({k}), or null for a dense model (the vendor code builds MoE layers whenever it is set)"),
+            ));
+        }
         return Ok(None);
     }
     let k = cfg.required_size("num_experts_per_tok")?;
@@ -699,6 +714,21 @@ mod tests {
         let dense = parse(with("n_routed_experts", Value::Null)).unwrap();
         assert!(dense.moe.is_none());
         assert!(dense.layer_kinds.iter().all(|k| *k == MlpKind::Dense));
+        // A written 0 beside experts per token is a contradiction, not a dense model.
+        let e = err(with("n_routed_experts", json!(0)));
+        assert!(
+            e.contains(
+                "n_routed_experts = 0 is invalid: expected ≥ num_experts_per_tok (6), or null"
+            ),
+            "{e}"
+        );
+        let mut alias = without("n_routed_experts");
+        alias["num_experts"] = json!(0);
+        assert!(err(alias).contains("num_experts = 0 is invalid"));
+        // 0 without experts per token still reads as dense.
+        let mut v = with("n_routed_experts", json!(0));
+        v.as_object_mut().unwrap().remove("num_experts_per_tok");
+        assert!(parse(v).unwrap().moe.is_none());
     }
 
     #[test]
