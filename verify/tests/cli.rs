@@ -439,7 +439,14 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         ),
         (vec!["--sweep", "0"], "--sweep = 0"),
         (vec!["--json", "/no/such/dir/r.json"], "/no/such/dir"),
-        (vec!["--json", "/proc/r.json"], "cannot write in /proc"),
+        (
+            vec!["--json", "/proc/r.json"],
+            "cannot write in /proc (",
+        ),
+        (
+            vec!["--json", "/proc/self/status"],
+            "give a path in a folder you can create files in",
+        ),
     ];
     if !modelmeter_reference::cuda_backend::is_available() {
         cases.push((vec!["--device", "cuda:0"], "run with --device cpu"));

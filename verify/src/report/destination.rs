@@ -154,9 +154,16 @@ impl Destination {
             Destination::File(path) => {
                 let dir = folder_of(path);
                 let probe = temporary_name(dir);
+                // Why the folder matters: an existing report is replaced by renaming a
+                // new file over it, never rewritten in place (see `write_atomically`).
                 File::create(&probe)
                     .and_then(|_| fs::remove_file(&probe))
-                    .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
+                    .map_err(|e| {
+                        format!(
+                            "cannot write in {} ({e}): a report is written whole to a new file in its folder and renamed into place; give a path in a folder you can create files in",
+                            dir.display()
+                        )
+                    })
             }
         }
     }
