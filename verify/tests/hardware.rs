@@ -10,7 +10,7 @@ use std::process::Output;
 use clap::Parser;
 use modelmeter_verify::app::{prepare, report_of, Args};
 use modelmeter_verify::hardware::profile::{self, RunFiles};
-use modelmeter_verify::hardware::ranges::RangeList;
+use modelmeter_verify::hardware::ranges::{RangeEntry, RangeList, RangeRecord};
 use modelmeter_verify::hardware::LeftOut;
 use modelmeter_verify::report::{self, Report};
 use serde_json::Value;
@@ -145,8 +145,8 @@ fn without_a_gpu_the_error_says_so_and_ncu_never_runs() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains("fake ncu ran"));
 }
 
-/// One range-replay result row per range of `list`, with the bf16 tensor ops of range i
-/// set to `tensor[i]`, the fp16 and tf32 tensor pipes measured at 0 (every tensor pipe
+/// One range-replay result row per range of `list` (failed layers' included), as many
+/// as `tensor` has values, with the bf16 tensor ops of range i set to `tensor[i]`, the fp16 and tf32 tensor pipes measured at 0 (every tensor pipe
 /// measured), and fixed other figures. The FFMA column is built from the counted
 /// CUDA-core FLOPs, so it checks plumbing, not the counter.
 fn range_replay_csv(list: &RangeList, tensor: &[u64]) -> String {
@@ -170,11 +170,15 @@ fn replay_csv(list: &RangeList, tensor: &[u64], all_pipes: bool) -> String {
          \"ID\",\"Kernel Name\",\"dram__bytes_read.sum\",\"dram__bytes_write.sum\",\"gpu__time_duration.sum\",\"lts__t_bytes.sum\",\"sm__ops_path_tensor_src_bf16_dst_fp32.sum\",{pipes}\"smsp__sass_thread_inst_executed_op_ffma_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fadd_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fmul_pred_on.sum\"\n\
          \"\",\"\",\"byte\",\"byte\",\"ns\",\"byte\",\"\",{pipe_units}\"inst\",\"inst\",\"inst\"\n",
     );
-    for (i, (record, t)) in list.ranges.iter().zip(tensor).enumerate() {
+    for (i, (entry, t)) in list.layers.iter().zip(tensor).enumerate() {
         // Half the CUDA-core FLOPs as FMAs: 2·FFMA = the counted figure.
+        let cuda_core_flops = match entry {
+            RangeEntry::Counted(record) => record.cuda_core_flops,
+            _ => 0,
+        };
         csv.push_str(&format!(
             "\"{i}\",\"range\",\"1,000\",\"24\",\"5,000\",\"4,096\",\"{t}\",{pipe_cells}\"{}\",\"0\",\"0\"\n",
-            record.cuda_core_flops / 2
+            cuda_core_flops / 2
         ));
     }
     csv
@@ -280,6 +284,7 @@ fn attached_run(
         csv,
         ranges: list.clone(),
         left_out,
+        replay: Some(profile::NcuReplay::AppRange),
     };
     let mut report = report_of(args, ready);
     profile::attach(
@@ -308,10 +313,11 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     );
     assert_eq!(child.len(), 2);
     let list = RangeList::read(&tmp.0).expect("written");
-    let names: Vec<&str> = list.ranges.iter().map(|r| r.layer.as_str()).collect();
+    let counted: Vec<&RangeRecord> = list.counted().collect();
+    let names: Vec<&str> = counted.iter().map(|r| r.layer.as_str()).collect();
     assert_eq!(names, ["DeepseekV2MLP", "MoEGate"]);
-    assert!(list.errors.is_empty());
-    let (mlp, gate) = (&list.ranges[0], &list.ranges[1]);
+    assert_eq!(list.layers.len(), 2, "no failed layer");
+    let (mlp, gate) = (counted[0], counted[1]);
     assert!(mlp.tensor_core_flops > 0, "bf16 GEMMs are tensor-core work");
     assert_eq!(
         gate.tensor_core_flops, 0,
@@ -425,6 +431,71 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
 }
 
 #[test]
+fn a_failed_layer_keeps_its_place_among_the_ranges() {
+    // The child: the gate, between the MLP and the norm, fails (a test hook, before its
+    // forward returns: whether its range was opened is not known to the child).
+    let argv = [
+        "verify-decoder",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--dtype",
+        "bf16",
+        "--seq-len",
+        "8",
+        "--layers",
+        "DeepseekV2MLP,MoEGate,DeepseekV2RMSNorm",
+    ];
+    let args = Args::try_parse_from(argv).expect("valid options");
+    let mut ready = prepare(&args).expect("checks out");
+    ready.plan.hooks.fail_layer = Some("MoEGate".into());
+    let tmp = TempDir::new("failed-child");
+    profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
+    let list = RangeList::read(&tmp.0).expect("written");
+    let layers: Vec<&str> = list.layers.iter().map(RangeEntry::layer).collect();
+    assert_eq!(layers, ["DeepseekV2MLP", "MoEGate", "DeepseekV2RMSNorm"]);
+    assert!(
+        matches!(&list.layers[1], RangeEntry::Unknown { error, .. } if error.contains("test hook")),
+        "{:?}",
+        list.layers[1]
+    );
+    let mlp = list.counted().next().unwrap().tensor_core_flops;
+    let padded = mlp + mlp / 80;
+
+    // ncu wrote a row for all three ranges (the gate's opened): the norm gets the third
+    // row (0 tensor ops, a pass), not the gate's (5,000,000: a failure if given to it).
+    let (_, json) = attached(&args, &ready, &list, &[padded, 5_000_000, 0]);
+    let norm = row(layer(&json, "DeepseekV2RMSNorm"), "hw_tensor_flops");
+    assert_eq!(
+        (norm["status"].as_str(), &norm["measured"]),
+        (Some("pass"), &Value::from(0)),
+        "{}",
+        norm["note"]
+    );
+    assert_eq!(layer(&json, "DeepseekV2RMSNorm")["hardware"]["range"], 2);
+    assert_eq!(
+        row(layer(&json, "DeepseekV2MLP"), "hw_tensor_flops")["status"],
+        "pass"
+    );
+    assert!(layer(&json, "MoEGate")["hardware"].is_null());
+
+    // Two rows: the gate opened no range, or opened one while ncu skipped another. Not
+    // settled: no layer gets figures, and each says why.
+    let (report, json) = attached(&args, &ready, &list, &[padded, 0]);
+    assert!(!report.summary().ok());
+    for name in ["DeepseekV2MLP", "DeepseekV2RMSNorm"] {
+        let r = row(layer(&json, name), "hw_tensor_flops");
+        assert_eq!(r["status"], "fail", "{name}");
+        let note = r["note"].as_str().unwrap();
+        assert!(
+            note.contains("MoEGate (") && note.contains("test hook"),
+            "{note}"
+        );
+        assert!(layer(&json, name)["hardware"].is_null());
+    }
+}
+
+#[test]
 fn routed_experts_with_few_rows_make_the_moe_padding_information() {
     // 64 tokens, top-6 of 64 experts: 6 rows per expert on average, every expert's GEMMs
     // far under the 64 rows a tile pads to (run-4 on the H200: 1.23× at S = 512).
@@ -456,8 +527,8 @@ fn routed_experts_with_few_rows_make_the_moe_padding_information() {
     assert_eq!(mlp_context.small_gemm_flops, 0, "64 token rows: not small");
 
     let attach = |factor: (u64, u64)| -> Value {
-        let mut tensor = vec![0; list.ranges.len()];
-        for (i, r) in list.ranges.iter().enumerate() {
+        let mut tensor = vec![0; list.layers.len()];
+        for (i, r) in list.counted().enumerate() {
             tensor[i] = r.tensor_core_flops * factor.0 / factor.1;
         }
         attached(&args, &ready, &list, &tensor).1
@@ -507,9 +578,8 @@ while [ $# -gt 0 ]; do
 done
 [ "$layers_given" = 1 ] || {{ echo "--layers given $layers_given times" >&2; exit 2; }}
 cat > "$dir/ranges.json" <<JSON
-{{"schema": "modelmeter.hardware-ranges/1", "device": "cuda:0",
- "ranges": [{{"layer": "$layer", "tensor_core_flops": 26927431680, "cuda_core_flops": 17530880, "io_bytes": 112623616}}],
- "errors": []}}
+{{"schema": "modelmeter.hardware-ranges/2", "device": "cuda:0",
+ "layers": [{{"range": "counted", "layer": "$layer", "tensor_core_flops": 26927431680, "cuda_core_flops": 17530880, "io_bytes": 112623616}}]}}
 JSON
 if [ "$layer" = MoEGate ]; then
   printf '==PROF== Connected to process 1\n==PROF== Disconnected from process 1\n' > "$log"

@@ -14,7 +14,7 @@ use clap::Parser;
 use modelmeter::Platform;
 use modelmeter_verify::app::{prepare, Args};
 use modelmeter_verify::compare::Status;
-use modelmeter_verify::hardware::profile::{self, RunFiles};
+use modelmeter_verify::hardware::profile::{self, NcuReplay, RunFiles};
 use modelmeter_verify::hardware::ranges::{AttributedRange, RangeList};
 use modelmeter_verify::hardware::rows::{self, Counted};
 use modelmeter_verify::hardware::TensorSource;
@@ -33,7 +33,8 @@ fn recorded(run: &str) -> (Vec<AttributedRange>, HashMap<String, Vec<i64>>) {
     let files = RunFiles {
         csv: std::fs::read_to_string(dir.join("ncu.csv")).unwrap(),
         ranges: RangeList::read(&dir).unwrap(),
-        left_out: Vec::new(),
+        left_out: profile::left_out_up_front(NcuReplay::AppRange),
+        replay: Some(NcuReplay::AppRange),
     };
     let ranges = profile::attributed(&files).expect("one row per range");
     let tokens = std::fs::read_to_string(dir.join("tokens_per_expert.json")).unwrap();

@@ -21,7 +21,9 @@ use modelmeter::Cost;
 
 use super::metrics::NCU_METRICS;
 use super::peaks;
-use super::ranges::{self, AttributedRange, RangeList, RangeRecord, TimeSpan, NCU_CSV_FILE};
+use super::ranges::{
+    self, AttributedRange, RangeEntry, RangeList, RangeRecord, TimeSpan, NCU_CSV_FILE,
+};
 use super::rows::{self, Context, MAX_TILE_ROWS, SMALL_GEMM_ROWS};
 use super::{LeftOut, TensorSource};
 use crate::check::Check;
@@ -177,6 +179,9 @@ pub struct RunFiles {
     /// figures unavailable); empty for a folder read with `--hardware-counters-from`,
     /// where what the wrapping command asked for is not known.
     pub left_out: Vec<LeftOut>,
+    /// The replay mode ncu ran in; `None` for a folder read with
+    /// `--hardware-counters-from` (the wrapping command's is not known).
+    pub replay: Option<NcuReplay>,
 }
 
 /// Runs this binary (`exe`, with `args`: the invocation's own arguments) as the profiled
@@ -213,6 +218,7 @@ pub fn run_under_ncu(
     left_out.extend(run_ncu(ncu, exe, args, dir, replay, metrics)?);
     let mut files = read_run(dir).map_err(|e| with_ncu_said(e, dir))?;
     files.left_out = left_out;
+    files.replay = Some(replay);
     Ok(files)
 }
 
@@ -481,16 +487,16 @@ pub fn kernels_of_layer(
     index: usize,
     layer: &str,
 ) -> Result<AttributedRange, String> {
-    let record = match files.ranges.ranges.as_slice() {
-        [one] if one.layer == layer => one.clone(),
+    let record = match files.ranges.layers.as_slice() {
+        [RangeEntry::Counted(one)] if one.layer == layer => one.clone(),
+        [failed] if failed.layer() == layer => {
+            let why = failed.error().unwrap_or("it did not run");
+            return Err(format!("the profiled run of {layer} failed: {why}"));
+        }
         _ => {
-            let why = files
-                .ranges
-                .errors
-                .iter()
-                .find(|(l, _)| l == layer)
-                .map_or("it did not run", |(_, e)| e.as_str());
-            return Err(format!("the profiled run of {layer} has no range: {why}"));
+            return Err(format!(
+                "the profiled run of {layer} has no range: it did not run"
+            ))
         }
     };
     let no_kernel = || {
@@ -565,6 +571,7 @@ pub fn read_run(dir: &Path) -> Result<RunFiles, String> {
         csv,
         ranges,
         left_out: Vec::new(),
+        replay: None,
     })
 }
 
@@ -573,7 +580,8 @@ pub fn read_run(dir: &Path) -> Result<RunFiles, String> {
 /// ranges.
 pub fn attributed(files: &RunFiles) -> Result<Vec<AttributedRange>, String> {
     let table = ranges::parse_range_results(&files.csv).map_err(|e| format!("ncu's CSV: {e}"))?;
-    let mut all = ranges::attribute(&table, &files.ranges).map_err(|e| e.to_string())?;
+    let mut all =
+        ranges::attribute(&table, &files.ranges, files.replay).map_err(|e| e.to_string())?;
     for range in &mut all {
         range.figures.left_out = files.left_out.clone();
     }
@@ -600,19 +608,41 @@ pub fn record_of(result: &LayerResult) -> Option<RangeRecord> {
     })
 }
 
-/// The child's range list from its layer results, in plan order: a layer that ran is a
-/// range; one that could not run is an error.
+/// Whether the counted forward of `result` returned a run: the runner records the run's
+/// timings only then (`runner::verify_layer`), so a layer that failed with them failed in
+/// judging the run, after its profiler range was opened and closed. Without them it
+/// failed earlier, before the range or inside it: the runner does not say which.
+fn forward_returned(result: &LayerResult) -> bool {
+    result.timings.run != modelmeter_reference::RunTimings::default()
+}
+
+/// The child's range list from its layer results, in plan order (the order of their
+/// ranges): a layer that ran and was judged is [`RangeEntry::Counted`]; one that failed
+/// after its forward returned opened a range ncu has a row for ([`RangeEntry::Failed`]);
+/// one that failed before may or may not have ([`RangeEntry::Unknown`]).
 pub fn range_list(device: String, results: &[LayerResult]) -> RangeList {
-    let mut ranges = Vec::new();
-    let mut errors = Vec::new();
-    for r in results {
-        match (r.error.as_ref(), record_of(r)) {
-            (None, Some(record)) => ranges.push(record),
-            (Some(e), _) => errors.push((r.name.clone(), e.clone())),
-            (None, None) => errors.push((r.name.clone(), "no counted rows".into())),
-        }
-    }
-    RangeList::new(device, ranges, errors)
+    let layers = results
+        .iter()
+        .map(|r| {
+            let layer = r.name.clone();
+            match (r.error.as_ref(), record_of(r)) {
+                (None, Some(record)) => RangeEntry::Counted(record),
+                (None, None) => RangeEntry::Failed {
+                    layer,
+                    error: "no counted rows".into(),
+                },
+                (Some(e), _) if forward_returned(r) => RangeEntry::Failed {
+                    layer,
+                    error: e.clone(),
+                },
+                (Some(e), _) => RangeEntry::Unknown {
+                    layer,
+                    error: e.clone(),
+                },
+            }
+        })
+        .collect();
+    RangeList::new(device, layers)
 }
 
 /// The child: verifies the plan's layers with each counted forward in a profiler range
@@ -854,6 +884,41 @@ mod tests {
         assert_eq!(
             unsupported_in_replay(app),
             vec!["smsp__sass_thread_inst_executed_op_ffma_pred_on.sum"]
+        );
+    }
+
+    #[test]
+    fn the_range_list_keeps_failed_layers_in_their_place() {
+        use crate::compare::Status;
+        let ran = |name: &str, error: Option<&str>| {
+            let mut r = LayerResult::new(name.into(), Status::Error);
+            r.error = error.map(str::to_string);
+            r.timings.run.forward_s = 0.25;
+            r
+        };
+        let judged = ran("Judged", Some("analytic model: routing"));
+        let unjudged = ran("NoRows", None);
+        let mut early = LayerResult::new("Early".into(), Status::Error);
+        early.error = Some("out of memory".into());
+        let list = range_list("cuda:0".into(), &[judged, early, unjudged]);
+        assert_eq!(
+            list.layers,
+            [
+                // Its forward returned: the range was opened and closed.
+                RangeEntry::Failed {
+                    layer: "Judged".into(),
+                    error: "analytic model: routing".into()
+                },
+                // It failed before a run came back: inside the range or before it.
+                RangeEntry::Unknown {
+                    layer: "Early".into(),
+                    error: "out of memory".into()
+                },
+                RangeEntry::Failed {
+                    layer: "NoRows".into(),
+                    error: "no counted rows".into()
+                },
+            ]
         );
     }
 

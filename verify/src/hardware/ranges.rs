@@ -2,18 +2,22 @@
 //!
 //! The profiled child (`--hardware-counters-child DIR`) runs each layer's counted forward
 //! as one `cuProfilerStart`/`cuProfilerStop` range, in plan order, and writes the list of
-//! layers it ran, with what the counter booked in that same forward, to `DIR/ranges.json`
-//! ([`RangeList`]). Under `ncu --replay-mode range` each range is one result row of the
-//! CSV, in the order the ranges ran (ncu's `ID` column). Ranges opened by the profiler API
-//! carry no name a layer could be recognised by, so the rows are attributed by position:
-//! the i-th result row is the i-th range ([`attribute`]); the counts must agree, or
-//! nothing is attributed (a skipped or split range would shift every layer after it).
+//! its layers, with what the counter booked in that same forward or why the layer failed,
+//! to `DIR/ranges.json` ([`RangeList`]). Under ncu's range replay modes (`app-range`, the
+//! default, and `range`) each range is one result row of the CSV, in the order the ranges
+//! ran (ncu's `ID` column). Ranges opened by the profiler API carry no name a layer could
+//! be recognised by, so the rows are attributed by position over every range the child
+//! opened, a failed layer's included (ncu writes a row for it too): the i-th result row is
+//! the i-th range ([`attribute`]), and a failed layer's row is passed over. The counts must
+//! agree, or nothing is attributed (a skipped or split range would shift every layer after
+//! it).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::ncu_csv::{NcuCsv, NcuCsvError, ParseOptions};
+use super::profile::NcuReplay;
 use super::HardwareFigures;
 
 /// The file the child writes in its folder.
@@ -21,7 +25,11 @@ pub const RANGE_LIST_FILE: &str = "ranges.json";
 /// The file ncu writes its CSV to (`--log-file`) in the same folder.
 pub const NCU_CSV_FILE: &str = "ncu.csv";
 /// Schema tag of [`RangeList`].
-pub const RANGE_LIST_SCHEMA: &str = "modelmeter.hardware-ranges/1";
+pub const RANGE_LIST_SCHEMA: &str = "modelmeter.hardware-ranges/2";
+/// Schema tag of the range lists written before failed layers kept their place: `ranges`
+/// held the layers that ran and were judged, `errors` the others, so where a failed layer's
+/// range stood among the others is not recorded. Read where that does not matter.
+pub const RANGE_LIST_SCHEMA_V1: &str = "modelmeter.hardware-ranges/1";
 
 /// One layer the profiled child ran, in range order, with what the counter booked in the
 /// profiled forward.
@@ -37,6 +45,42 @@ pub struct RangeRecord {
     pub io_bytes: u64,
 }
 
+/// One layer of the child's run, in plan order: what became of its profiler range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "range", rename_all = "snake_case")]
+pub enum RangeEntry {
+    /// The counted forward ran in the range and was judged: the range's figures are this
+    /// layer's.
+    Counted(RangeRecord),
+    /// The layer failed after its counted forward returned (judging it, or no counted
+    /// rows): its range was opened and closed, so ncu has a row for it, which is passed
+    /// over.
+    Failed { layer: String, error: String },
+    /// The layer failed before its counted forward returned a run: in building it, the
+    /// warm-up, opening or closing the range, or the counted forward itself. The child
+    /// cannot tell which (the runner reports only the error), so whether ncu has a row for
+    /// it is not known; [`attribute`] matches rows only where the count settles it.
+    Unknown { layer: String, error: String },
+}
+
+impl RangeEntry {
+    /// The layer's report name.
+    pub fn layer(&self) -> &str {
+        match self {
+            RangeEntry::Counted(record) => &record.layer,
+            RangeEntry::Failed { layer, .. } | RangeEntry::Unknown { layer, .. } => layer,
+        }
+    }
+
+    /// Why the layer has no figures to use; `None` for a counted one.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            RangeEntry::Counted(_) => None,
+            RangeEntry::Failed { error, .. } | RangeEntry::Unknown { error, .. } => Some(error),
+        }
+    }
+}
+
 /// What `DIR/ranges.json` holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeList {
@@ -44,22 +88,35 @@ pub struct RangeList {
     pub schema: String,
     /// The device the child ran on (`cuda:0`).
     pub device: String,
-    /// The ranges, in the order they ran.
-    pub ranges: Vec<RangeRecord>,
-    /// Layers the child could not run (no range, or a range whose figures are not used),
-    /// with the cause.
-    pub errors: Vec<(String, String)>,
+    /// Every layer the child ran, in the order their ranges ran (plan order), failed ones
+    /// included.
+    pub layers: Vec<RangeEntry>,
+}
+
+/// A [`RANGE_LIST_SCHEMA_V1`] list as it was written.
+#[derive(Deserialize)]
+struct RangeListV1 {
+    device: String,
+    ranges: Vec<RangeRecord>,
+    errors: Vec<(String, String)>,
 }
 
 impl RangeList {
-    /// A list for `device` with these ranges and errors.
-    pub fn new(device: String, ranges: Vec<RangeRecord>, errors: Vec<(String, String)>) -> Self {
+    /// A list for `device` with these layers, in range order.
+    pub fn new(device: String, layers: Vec<RangeEntry>) -> Self {
         RangeList {
             schema: RANGE_LIST_SCHEMA.to_string(),
             device,
-            ranges,
-            errors,
+            layers,
         }
+    }
+
+    /// The layers whose figures are used, in range order.
+    pub fn counted(&self) -> impl Iterator<Item = &RangeRecord> {
+        self.layers.iter().filter_map(|entry| match entry {
+            RangeEntry::Counted(record) => Some(record),
+            _ => None,
+        })
     }
 
     /// Writes `dir/ranges.json`.
@@ -79,16 +136,44 @@ impl RangeList {
                 path.display()
             )
         })?;
-        let list: RangeList = serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not a range list: {e}", path.display()))?;
-        if list.schema != RANGE_LIST_SCHEMA {
-            return Err(format!(
-                "{} has schema {:?}, expected {RANGE_LIST_SCHEMA:?}",
+        let not_a_list =
+            |e: serde_json::Error| format!("{} is not a range list: {e}", path.display());
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(not_a_list)?;
+        match value.get("schema").and_then(|s| s.as_str()) {
+            Some(RANGE_LIST_SCHEMA) => serde_json::from_value(value).map_err(not_a_list),
+            Some(RANGE_LIST_SCHEMA_V1) => {
+                let old: RangeListV1 = serde_json::from_value(value).map_err(not_a_list)?;
+                RangeList::from_v1(old).map_err(|why| format!("{}: {why}", path.display()))
+            }
+            other => Err(format!(
+                "{} has schema {:?}, expected {RANGE_LIST_SCHEMA:?} (or {RANGE_LIST_SCHEMA_V1:?})",
                 path.display(),
-                list.schema
+                other.unwrap_or("(none)")
+            )),
+        }
+    }
+
+    /// A [`RANGE_LIST_SCHEMA_V1`] list in today's form: its failed layers are
+    /// [`RangeEntry::Unknown`] (whether they opened a range was not recorded). Refused when
+    /// it has both ranges and failed layers, because where the failed layers stood among
+    /// the ranges was not recorded either.
+    fn from_v1(old: RangeListV1) -> Result<RangeList, String> {
+        if !old.ranges.is_empty() && !old.errors.is_empty() {
+            return Err(format!(
+                "written by an older verify-decoder ({RANGE_LIST_SCHEMA_V1}), which did not record where its failed layers' ranges stood ({}): run the profiled child again",
+                old.errors
+                    .iter()
+                    .map(|(layer, error)| format!("{layer}: {error}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ));
         }
-        Ok(list)
+        let counted = old.ranges.into_iter().map(RangeEntry::Counted);
+        let failed = old
+            .errors
+            .into_iter()
+            .map(|(layer, error)| RangeEntry::Unknown { layer, error });
+        Ok(RangeList::new(old.device, counted.chain(failed).collect()))
     }
 }
 
@@ -107,7 +192,8 @@ pub enum TimeSpan {
 /// One layer's range: its record, ncu's name for the range, and the figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttributedRange {
-    /// 0-based position of the range in the run.
+    /// 0-based position of the range among all the ranges of the run (failed layers'
+    /// included).
     pub index: usize,
     /// ncu's `ID` of the result row.
     pub ncu_id: String,
@@ -124,27 +210,79 @@ pub enum AttributionError {
     Csv(#[from] NcuCsvError),
     /// The result rows and the ranges differ in number.
     #[error(
-        "ncu reported {rows} result row(s) for the {ranges} range(s) the run opened, so rows cannot be matched to layers by position{}{}",
-        replay_hint(*.rows, *.ranges),
+        "ncu reported {rows} result row(s) for the {ranges} range(s) the run opened{}, so rows cannot be matched to layers by position{}{}",
+        unknown_ranges(.unknown),
+        .hint,
         ncu_said(.warnings)
     )]
     CountMismatch {
         rows: usize,
+        /// The ranges the run certainly opened (its layers that ran, failed ones included).
         ranges: usize,
+        /// Failed layers that may or may not have opened a range, with why they failed.
+        unknown: Vec<(String, String)>,
+        /// What the mismatch suggests, for the replay mode in use.
+        hint: String,
         /// ncu's `==WARNING==` lines (a range it refused says why there).
         warnings: Vec<String>,
+    },
+    /// The counts agree only if no layer of unknown range opened one, and also if one
+    /// did while ncu skipped another range: which row is which layer is not settled.
+    #[error(
+        "ncu reported {rows} result row(s): as many as the ranges the run certainly opened, but {} failed before its counted forward returned, and whether it opened a range is not known: if it did and ncu skipped another range, every row after would go to the wrong layer, so none is matched (run again without it: --layers)",
+        unknown_layers(.unknown)
+    )]
+    Ambiguous {
+        rows: usize,
+        /// The failed layers of unknown range, with why they failed.
+        unknown: Vec<(String, String)>,
     },
     /// A result row's `ID` is not a number, or the IDs are not in increasing order.
     #[error("line {line}: ncu's ID {id:?} is not a number above the previous row's")]
     BadId { line: usize, id: String },
 }
 
-fn replay_hint(rows: usize, ranges: usize) -> &'static str {
-    if rows > ranges {
-        " (more rows than ranges: kernel replay gives one row per kernel; run ncu with --replay-mode range)"
+/// `DeepseekV2MoE (out of memory), …`
+fn unknown_layers(unknown: &[(String, String)]) -> String {
+    unknown
+        .iter()
+        .map(|(layer, error)| format!("{layer} ({error})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn unknown_ranges(unknown: &[(String, String)]) -> String {
+    if unknown.is_empty() {
+        String::new()
     } else {
-        " (ncu skips a range it cannot replay, e.g. one that allocates device memory)"
+        format!(
+            " (and perhaps one more for each of {}, which failed before its counted forward returned)",
+            unknown_layers(unknown)
+        )
     }
+}
+
+/// What `rows` result rows against `ranges` opened ranges suggest, under `replay` (`None`:
+/// not known, a folder read with `--hardware-counters-from`); `per_kernel`: the rows name
+/// kernels, not `range`.
+fn mismatch_hint(
+    rows: usize,
+    ranges: usize,
+    per_kernel: bool,
+    replay: Option<NcuReplay>,
+) -> String {
+    let hint = if per_kernel {
+        "the rows name kernels, not ranges: ncu ran in kernel replay, one row per kernel; run it with --replay-mode app-range (or range)"
+    } else if rows > ranges {
+        "more range rows than the run opened ranges: are ncu.csv and ranges.json from the same run?"
+    } else {
+        match replay {
+            Some(NcuReplay::Range) => "in range replay ncu skips a range it cannot replay in place, e.g. one that allocates device memory or copies to the host; --ncu-replay app-range replays the whole program instead",
+            Some(NcuReplay::AppRange) => "ncu skipped a range in app-range replay; its warnings below, if any, say why",
+            Some(NcuReplay::Kernel) | None => "ncu skips a range it cannot replay (under --replay-mode range, e.g. one that allocates device memory)",
+        }
+    };
+    format!(" ({hint})")
 }
 
 fn ncu_said(warnings: &[String]) -> String {
@@ -161,28 +299,58 @@ pub fn parse_range_results(text: &str) -> Result<NcuCsv, NcuCsvError> {
 }
 
 /// Attributes the result rows of `table` (parsed by [`parse_range_results`]) to the
-/// ranges of `list`, by position: row i is range i.
+/// layers of `list`, by position over every range the run opened: row i is range i, and a
+/// failed layer's row is passed over. A layer that failed before its counted forward
+/// returned ([`RangeEntry::Unknown`]) counts as a range when the rows say every such layer
+/// opened one; when they are as many as the other ranges, which row is which is not
+/// settled and nothing is attributed. `replay` (`None`: not known) words the hint of a
+/// count that does not match.
 pub fn attribute(
     table: &NcuCsv,
     list: &RangeList,
+    replay: Option<NcuReplay>,
 ) -> Result<Vec<AttributedRange>, AttributionError> {
     let rows = table.rows();
-    if rows.len() != list.ranges.len() {
+    let unknown: Vec<(String, String)> = list
+        .layers
+        .iter()
+        .filter_map(|entry| match entry {
+            RangeEntry::Unknown { layer, error } => Some((layer.clone(), error.clone())),
+            _ => None,
+        })
+        .collect();
+    let opened = list.layers.len() - unknown.len();
+    // Every layer of unknown range opened one: the ranges are all the layers.
+    let ranges = if rows.len() == list.layers.len() {
+        &list.layers
+    } else if rows.len() == opened {
+        return Err(AttributionError::Ambiguous {
+            rows: rows.len(),
+            unknown,
+        });
+    } else {
         let warnings = table
             .notes()
             .iter()
             .filter(|n| n.kind == super::ncu_csv::NoteKind::Warning)
             .map(|n| n.text.clone())
             .collect();
+        let per_kernel = rows.iter().any(|row| {
+            table
+                .cell(row, "Kernel Name")
+                .is_some_and(|c| c.text() != "range")
+        });
         return Err(AttributionError::CountMismatch {
             rows: rows.len(),
-            ranges: list.ranges.len(),
+            ranges: opened,
+            hint: mismatch_hint(rows.len(), opened, per_kernel, replay),
+            unknown,
             warnings,
         });
-    }
+    };
     let mut previous: Option<u64> = None;
     let mut out = Vec::with_capacity(rows.len());
-    for (index, (row, record)) in rows.iter().zip(&list.ranges).enumerate() {
+    for (index, (row, entry)) in rows.iter().zip(ranges).enumerate() {
         let id = row.range().unwrap_or("").to_string();
         let number = super::ncu_csv::whole_number(&id);
         match (number, previous) {
@@ -196,6 +364,10 @@ pub fn attribute(
             }
         }
         previous = number;
+        // A failed layer's row: its figures are no layer's.
+        let RangeEntry::Counted(record) = entry else {
+            continue;
+        };
         let figures = HardwareFigures::of_range(table, Some(&id))?;
         out.push(AttributedRange {
             index,
@@ -237,9 +409,18 @@ mod tests {
     fn list(layers: &[(&str, u64)]) -> RangeList {
         RangeList::new(
             "cuda:0".into(),
-            layers.iter().map(|(l, t)| record(l, *t)).collect(),
-            Vec::new(),
+            layers
+                .iter()
+                .map(|(l, t)| RangeEntry::Counted(record(l, *t)))
+                .collect(),
         )
+    }
+
+    fn attribute(
+        table: &NcuCsv,
+        list: &RangeList,
+    ) -> Result<Vec<AttributedRange>, AttributionError> {
+        super::attribute(table, list, Some(NcuReplay::AppRange))
     }
 
     #[test]
@@ -275,6 +456,7 @@ mod tests {
                 rows: 2,
                 ranges: 3,
                 warnings,
+                ..
             }) => {
                 assert!(warnings.is_empty())
             }
@@ -308,7 +490,8 @@ mod tests {
                 ..
             }
         ));
-        assert!(err.to_string().contains("--replay-mode range"), "{err}");
+        assert!(err.to_string().contains("rows name kernels"), "{err}");
+        assert!(err.to_string().contains("--replay-mode app-range"), "{err}");
     }
 
     #[test]
@@ -328,14 +511,166 @@ mod tests {
         ));
     }
 
+    /// Three ranges with distinct figures: bf16 tensor ops 100, 200, 300.
+    const THREE_RANGES: &str = "\
+\"ID\",\"Kernel Name\",\"gpu__time_duration.sum\",\"sm__ops_path_tensor_src_bf16_dst_fp32.sum\"
+\"\",\"\",\"ns\",\"\"
+\"0\",\"range\",\"10\",\"100\"
+\"1\",\"range\",\"20\",\"200\"
+\"2\",\"range\",\"30\",\"300\"
+";
+
+    fn failed(layer: &str) -> RangeEntry {
+        RangeEntry::Failed {
+            layer: layer.into(),
+            error: "analytic model: routing".into(),
+        }
+    }
+
+    fn unknown(layer: &str) -> RangeEntry {
+        RangeEntry::Unknown {
+            layer: layer.into(),
+            error: "out of memory".into(),
+        }
+    }
+
+    fn with(entries: Vec<RangeEntry>) -> RangeList {
+        RangeList::new("cuda:0".into(), entries)
+    }
+
+    #[test]
+    fn a_failed_layers_row_is_passed_over_not_given_to_the_next() {
+        let table = parse_range_results(THREE_RANGES).expect("parses");
+        // The middle layer failed after its range was opened; ncu recorded it.
+        let list = with(vec![
+            RangeEntry::Counted(record("A", 1)),
+            failed("B"),
+            RangeEntry::Counted(record("C", 1)),
+        ]);
+        let got = attribute(&table, &list).expect("attributed");
+        let seen: Vec<(&str, usize, Option<u64>)> = got
+            .iter()
+            .map(|a| (a.record.layer.as_str(), a.index, a.figures.tensor_ops_bf16))
+            .collect();
+        assert_eq!(seen, [("A", 0, Some(100)), ("C", 2, Some(300))]);
+        // ncu skipped a later range as well: the counts disagree, nothing is attributed
+        // (matched over the layers that were judged, C would get the failed B's row).
+        let two = THREE_RANGES.replacen("\"2\",\"range\",\"30\",\"300\"\n", "", 1);
+        let table2 = parse_range_results(&two).expect("parses");
+        let err = attribute(&table2, &list).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AttributionError::CountMismatch {
+                    rows: 2,
+                    ranges: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("app-range"), "{err}");
+        assert!(!err.to_string().contains("kernel replay"), "{err}");
+        // A layer that failed before its forward returned: with a row for every layer it
+        // opened one, and the next layer still gets its own.
+        let list = with(vec![
+            RangeEntry::Counted(record("A", 1)),
+            unknown("B"),
+            RangeEntry::Counted(record("C", 1)),
+        ]);
+        let got = attribute(&table, &list).expect("attributed");
+        assert_eq!(got[1].record.layer, "C");
+        assert_eq!(got[1].figures.tensor_ops_bf16, Some(300));
+        // With a row for each other layer only, it may have opened none, or one while ncu
+        // skipped another: not settled, nothing attributed, and the message says so.
+        let err = attribute(&table2, &list).unwrap_err();
+        assert!(
+            matches!(err, AttributionError::Ambiguous { rows: 2, .. }),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("B (out of memory)"), "{message}");
+        assert!(message.contains("--layers"), "{message}");
+        // Fewer still: a mismatch that names the layer of unknown range.
+        let one = two.replacen("\"1\",\"range\",\"20\",\"200\"\n", "", 1);
+        let table1 = parse_range_results(&one).expect("parses");
+        let message = attribute(&table1, &list).unwrap_err().to_string();
+        assert!(
+            message.contains("perhaps one more for each of B"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_mismatch_hint_fits_the_replay_mode() {
+        let table = parse_range_results(THREE_RANGES).expect("parses");
+        let four = with(
+            ["A", "B", "C", "D"]
+                .map(|l| RangeEntry::Counted(record(l, 1)))
+                .to_vec(),
+        );
+        let hint = |replay| {
+            super::attribute(&table, &four, replay)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(hint(Some(NcuReplay::Range)).contains("replay in place"));
+        assert!(hint(Some(NcuReplay::AppRange)).contains("skipped a range in app-range replay"));
+        assert!(hint(None).contains("cannot replay"));
+        for replay in [Some(NcuReplay::Range), Some(NcuReplay::AppRange), None] {
+            assert!(!hint(replay).contains("kernel replay"), "{replay:?}");
+        }
+        // More range rows than ranges is no sign of kernel replay either.
+        let two = with(
+            ["A", "B"]
+                .map(|l| RangeEntry::Counted(record(l, 1)))
+                .to_vec(),
+        );
+        let message = super::attribute(&table, &two, Some(NcuReplay::AppRange))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("same run"), "{message}");
+        assert!(!message.contains("kernel replay"), "{message}");
+    }
+
     #[test]
     fn the_range_list_round_trips_and_checks_its_schema() {
         let dir = std::env::temp_dir().join(format!("mm-ranges-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut l = list(&[("DeepseekV2MLP", 5)]);
-        l.errors.push(("MoEGate".into(), "out of memory".into()));
+        l.layers.push(RangeEntry::Failed {
+            layer: "MoEGate".into(),
+            error: "analytic model: no".into(),
+        });
+        l.layers.push(RangeEntry::Unknown {
+            layer: "DeepseekV2MoE".into(),
+            error: "out of memory".into(),
+        });
         l.write(&dir).unwrap();
         assert_eq!(RangeList::read(&dir).unwrap(), l);
+        let text = std::fs::read_to_string(dir.join(RANGE_LIST_FILE)).unwrap();
+        assert!(text.contains("\"range\": \"unknown\""), "{text}");
+        // A list of the first schema: read where the failed layers' places do not matter.
+        let v1 = |ranges: &str, errors: &str| {
+            std::fs::write(
+                dir.join(RANGE_LIST_FILE),
+                format!("{{\"schema\": \"{RANGE_LIST_SCHEMA_V1}\", \"device\": \"cuda:0\", \"ranges\": [{ranges}], \"errors\": [{errors}]}}"),
+            )
+            .unwrap();
+            RangeList::read(&dir)
+        };
+        let mlp = r#"{"layer": "DeepseekV2MLP", "tensor_core_flops": 5, "cuda_core_flops": 1, "io_bytes": 1}"#;
+        assert_eq!(v1(mlp, ""), Ok(list(&[("DeepseekV2MLP", 5)])));
+        let failed = r#"["MoEGate", "out of memory"]"#;
+        assert_eq!(
+            v1("", failed).unwrap().layers,
+            [RangeEntry::Unknown {
+                layer: "MoEGate".into(),
+                error: "out of memory".into()
+            }]
+        );
+        let both = v1(mlp, failed).unwrap_err();
+        assert!(both.contains("did not record where"), "{both}");
         l.schema = "other/1".into();
         l.write(&dir).unwrap();
         assert!(RangeList::read(&dir).unwrap_err().contains("expected"));
