@@ -6,12 +6,15 @@
 //! `ncu --csv --page raw` text ([`ncu_csv`]) and sums them per range into a small typed
 //! [`HardwareFigures`].
 //!
-//! `verify-decoder --hardware-counters` runs the selected layers under `ncu
-//! --replay-mode range`, one range per layer ([`profile`]); the profiled child writes the
-//! order of its ranges ([`ranges`]); the parent attributes ncu's results to layers in that
-//! order and adds the hardware rows beside the counted ones ([`rows`]), with the device's
-//! peaks for a roofline position ([`peaks`]). The parser is tested on real per-kernel
-//! exports from an H200 (`fixtures/ncu-h200/`); see docs/hardware.md.
+//! `verify-decoder --hardware-counters` runs the selected layers under ncu's application
+//! range replay by default (`--replay-mode app-range`; `--ncu-replay range` replays each
+//! range in place), one range per layer, or with `--ncu-replay kernel` one ncu run per
+//! layer that profiles each kernel ([`profile`]); the profiled child writes the order of
+//! its ranges ([`ranges`]); the parent attributes ncu's results to layers in that order
+//! and adds the hardware rows beside the counted ones ([`rows`]), with the device's peaks
+//! for a roofline position ([`peaks`]). The parser is tested on real per-kernel exports
+//! from an H200 (`fixtures/ncu-h200/`) and on its range-mode exports
+//! (`verify/tests/fixtures/h200-2026-11-28-hw/`); see docs/hardware.md.
 
 pub mod ncu_csv;
 pub mod peaks;
@@ -370,7 +373,8 @@ mod tests {
 
     #[test]
     fn gate_and_attention_figures_on_the_h200() {
-        // The README's table, row by row.
+        // Sums computed independently (Python's csv module) from the same files; the bf16
+        // tensor ops and FFMA are those fixtures/ncu-h200/README.md gives.
         for (gate, kernels, dram_read, time_ns) in [
             (GATE_BF16, 7, 6_667_776, 36_992),
             (GATE_FP32, 5, 5_128_960, 27_296),

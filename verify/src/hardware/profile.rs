@@ -3,9 +3,11 @@
 //!
 //! Three roles of one binary:
 //! * **Parent** (`--hardware-counters`): re-executes itself with the same arguments plus
-//!   `--hardware-counters-child DIR` under `ncu --replay-mode range …
-//!   --log-file DIR/ncu.csv` ([`ncu_arguments`]), then verifies the layers itself as
-//!   usual and adds the hardware rows ([`attach`]).
+//!   `--hardware-counters-child DIR` under `ncu --replay-mode app-range …
+//!   --log-file DIR/ncu.csv` (the default; `--ncu-replay range` for `--replay-mode
+//!   range`; [`ncu_arguments`]), or with `--ncu-replay kernel` once per layer under
+//!   `--replay-mode kernel` in `DIR/<i>-<layer>/` ([`run_per_layer`]), then verifies the
+//!   layers itself as usual and adds the hardware rows ([`attach`]).
 //! * **Child** (`--hardware-counters-child DIR`): runs each layer's counted forward as one
 //!   profiler range after a warm-up ([`run_child`]) and writes `DIR/ranges.json`.
 //! * **Reader** (`--hardware-counters-from DIR`): for a child the user wrapped in ncu
