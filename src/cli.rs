@@ -56,8 +56,9 @@ pub struct WorkloadArgs {
     #[arg(long, value_name = "S", value_parser = whole_number::<u64>)]
     pub seq_len: Option<u64>,
     /// prefill (S_q = S_kv = seq-len) or decode (one token after context-len cached ones)
-    #[arg(long, value_name = "PHASE", value_enum, default_value_t = PhaseArg::Prefill)]
-    pub phase: PhaseArg,
+    /// [default: prefill]
+    #[arg(long, value_name = "PHASE", value_enum)]
+    pub phase: Option<PhaseArg>,
     /// Cached tokens before the decode step; the step attends over context-len + 1 keys
     /// [default: 512]
     #[arg(long, value_name = "C", value_parser = whole_number::<u64>)]
@@ -70,12 +71,14 @@ pub struct WorkloadArgs {
     #[arg(long)]
     pub allow_tf32: bool,
     /// Attention core: sdpa (fused, LlamaFlashAttention2) or eager (LlamaAttention)
-    #[arg(long, value_name = "IMPL", value_enum, default_value_t = AttentionImpl::Sdpa)]
-    pub attn: AttentionImpl,
+    /// [default: sdpa]
+    #[arg(long, value_name = "IMPL", value_enum)]
+    pub attn: Option<AttentionImpl>,
     /// MLA configs only: naive (the vendor code: decompressed per-head K/V cache; --attn
     /// picks its core) or absorb (weight-absorbed, latent cache; explicit matmuls)
-    #[arg(long, value_name = "FORM", value_enum, default_value_t = MlaForm::Naive)]
-    pub mla: MlaForm,
+    /// [default: naive]
+    #[arg(long, value_name = "FORM", value_enum)]
+    pub mla: Option<MlaForm>,
 }
 
 impl WorkloadArgs {
@@ -102,7 +105,7 @@ impl WorkloadArgs {
                 })?,
             },
         };
-        if self.mla == MlaForm::Absorb && config.mla.is_none() {
+        if self.mla_form() == MlaForm::Absorb && config.mla.is_none() {
             return Err(Error::invalid(
                 "--mla",
                 "absorb",
@@ -118,7 +121,7 @@ impl WorkloadArgs {
     /// The workload these options describe; `default_dtype` when `--dtype` is absent.
     pub fn workload(&self, default_dtype: Dtype) -> Result<Workload> {
         let batch = self.batch.unwrap_or(DSOCR_STANDARD_V1.batch);
-        let phase = match self.phase {
+        let phase = match self.phase() {
             PhaseArg::Decode => {
                 if self.seq_len.is_some() {
                     return Err(Error::invalid(
@@ -148,12 +151,22 @@ impl WorkloadArgs {
         Ok(Workload::new(batch, phase, dtype)
             .map_err(as_options)?
             .with_tf32(self.allow_tf32)
-            .with_mla(self.mla))
+            .with_mla(self.mla_form()))
     }
 
-    /// The attention implementation.
+    /// The phase asked for (`--phase`, prefill when not given).
+    pub fn phase(&self) -> PhaseArg {
+        self.phase.unwrap_or(PhaseArg::Prefill)
+    }
+
+    /// The attention implementation (`--attn`, sdpa when not given).
     pub fn attention(&self) -> AttentionImpl {
-        self.attn
+        self.attn.unwrap_or(AttentionImpl::Sdpa)
+    }
+
+    /// The MLA form (`--mla`, naive when not given).
+    pub fn mla_form(&self) -> MlaForm {
+        self.mla.unwrap_or(MlaForm::Naive)
     }
 }
 
@@ -425,20 +438,34 @@ mod tests {
 
     #[test]
     fn defaults_are_the_standard_profile_prefill() {
-        let w = WorkloadArgs {
-            phase: PhaseArg::Prefill,
-            attn: AttentionImpl::Sdpa,
-            ..WorkloadArgs::default()
-        }
-        .workload(Dtype::Bf16)
-        .unwrap();
+        use clap::Parser;
+        // As the command line leaves them: nothing given, the documented defaults used.
+        let args = Demo::try_parse_from(["demo"]).unwrap().workload;
+        assert_eq!((args.phase, args.attn, args.mla), (None, None, None));
+        let w = args.workload(Dtype::Bf16).unwrap();
         assert_eq!(w, Workload::prefill(1, 512).unwrap());
+        assert_eq!(args.attention(), AttentionImpl::Sdpa);
+        assert_eq!(w.mla, MlaForm::Naive);
+        // Given, even as the default's own spelling: known to be given.
+        let args = Demo::try_parse_from([
+            "demo", "--phase", "prefill", "--attn", "sdpa", "--mla", "naive",
+        ])
+        .unwrap()
+        .workload;
+        assert_eq!(
+            (args.phase, args.attn, args.mla),
+            (
+                Some(PhaseArg::Prefill),
+                Some(AttentionImpl::Sdpa),
+                Some(MlaForm::Naive)
+            )
+        );
     }
 
     #[test]
     fn phase_specific_flags_are_checked() {
         let args = WorkloadArgs {
-            phase: PhaseArg::Decode,
+            phase: Some(PhaseArg::Decode),
             seq_len: Some(4),
             ..WorkloadArgs::default()
         };
@@ -448,7 +475,7 @@ mod tests {
             .to_string()
             .contains("--context-len"));
         let args = WorkloadArgs {
-            phase: PhaseArg::Prefill,
+            phase: Some(PhaseArg::Prefill),
             context_len: Some(4),
             ..WorkloadArgs::default()
         };
@@ -458,7 +485,7 @@ mod tests {
             .to_string()
             .contains("--phase decode"));
         let args = WorkloadArgs {
-            phase: PhaseArg::Decode,
+            phase: Some(PhaseArg::Decode),
             context_len: Some(9),
             dtype: Some(DtypeArg::Fp32),
             ..WorkloadArgs::default()
@@ -476,7 +503,7 @@ mod tests {
     fn built_in_names_and_missing_files() {
         let args = |config: &str, mla: MlaForm| WorkloadArgs {
             config: Some(PathBuf::from(config)),
-            mla,
+            mla: Some(mla),
             ..WorkloadArgs::default()
         };
         let lite = args("deepseek-v2-lite", MlaForm::Naive)

@@ -102,7 +102,7 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
         .workload
         .workload(Dtype::Bf16)?
         .on(Platform::parse(&args.device)?);
-    if args.new_tokens.is_some() && args.workload.phase != PhaseArg::Prefill {
+    if args.new_tokens.is_some() && args.workload.phase() != PhaseArg::Prefill {
         return Err(modelmeter::Error::invalid(
             "--new-tokens",
             args.new_tokens.unwrap_or_default(),

@@ -774,7 +774,7 @@ fn check_model_options(args: &Args) -> Result<(), String> {
         ),
         (
             "--phase",
-            w.phase != modelmeter::cli::PhaseArg::Prefill,
+            w.phase() != modelmeter::cli::PhaseArg::Prefill,
             "it runs the prefill and then --new-tokens decode steps itself",
         ),
         (
@@ -855,12 +855,15 @@ fn check_sweep_options(args: &Args) -> Result<(), String> {
         ("--batch", w.batch.is_some()),
         ("--seq-len", w.seq_len.is_some()),
         ("--context-len", w.context_len.is_some()),
-        ("--phase", w.phase != modelmeter::cli::PhaseArg::Prefill),
-        ("--attn", w.attn != AttentionImpl::Sdpa),
+        // Refused when given at all, its default spelled out included: a case's own
+        // draw would silently override it.
+        ("--phase", w.phase.is_some()),
+        ("--attn", w.attn.is_some()),
+        ("--mla", w.mla.is_some()),
     ];
     if let Some((option, _)) = fixed.iter().find(|(_, given)| *given) {
         return Err(format!(
-            "{option} does not apply with --sweep (each case draws its own config, batch, phase and attention); \
+            "{option} does not apply with --sweep (each case draws its own config, batch, phase, attention and MLA form); \
              keep --device, --dtype, --allow-tf32, --layers, --seed and --accept-rel-diff"
         ));
     }

@@ -414,6 +414,20 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "--sweep = 18446744073709551615 is invalid",
         ),
         (vec!["--layers", "Nope"], "unknown layer Nope"),
+        // A sweep draws each case's phase, attention and MLA form: given at all, even as
+        // the default's spelling, they would be silently overridden.
+        (
+            vec!["--sweep", "3", "--mla", "naive"],
+            "--mla does not apply with --sweep",
+        ),
+        (
+            vec!["--sweep", "3", "--phase", "prefill"],
+            "--phase does not apply with --sweep",
+        ),
+        (
+            vec!["--sweep", "3", "--attn", "sdpa"],
+            "--attn does not apply with --sweep",
+        ),
         // Usage errors too: one line naming the option (clap's own are several).
         (vec!["--seed", "-1"], "invalid value '-1' for '--seed <N>'"),
         (vec!["--sede", "1"], "a similar argument exists: '--seed'"),
