@@ -97,7 +97,7 @@ pub struct Args {
     pub oracle: Option<String>,
     /// Print where the run's wall time went (before main, setup, per layer: analytic,
     /// build, prepare, forward, compare; reports; peak RSS) on standard error, and add a
-    /// `timings` object to the JSON report
+    /// `timings` object to the JSON report (single-layer runs; not with --model)
     #[arg(long)]
     pub timings: bool,
     /// Add a `host` object with facts that change from run to run (free device memory)
@@ -500,7 +500,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     let tolerance: f64 = args.accept_rel_diff.trim().parse().map_err(|_| {
         anyhow!(
             "--accept-rel-diff = {} is invalid: expected a number in [0, 1) (0.05 = 5%)",
-            args.accept_rel_diff
+            modelmeter::cli::shown_value(&args.accept_rel_diff)
         )
     })?;
     if !tolerance.is_finite() || !(0.0..1.0).contains(&tolerance) {
@@ -781,6 +781,11 @@ fn check_model_options(args: &Args) -> Result<(), String> {
             "--context-len",
             w.context_len.is_some(),
             "the decode steps follow the prefill of --seq-len tokens",
+        ),
+        (
+            "--timings",
+            args.timings,
+            "it times the single-layer runs' phases; time a --model run from outside (time verify-decoder --model …)",
         ),
     ];
     match refused.iter().find(|(_, given, _)| *given) {

@@ -39,9 +39,9 @@ impl DeviceSpec {
                 .filter(|&n| n <= DeviceSpec::MAX_CUDA_INDEX)
                 .map(DeviceSpec::Cuda)
                 .ok_or_else(|| {
-                    let shown = if text.is_empty() { "\"\"" } else { text };
                     format!(
-                        "--device = {shown} is invalid: expected cpu, cuda or cuda:N (N from 0 to {})",
+                        "--device = {} is invalid: expected cpu, cuda or cuda:N (N from 0 to {})",
+                        modelmeter::cli::shown_value(text),
                         DeviceSpec::MAX_CUDA_INDEX
                     )
                 }),

@@ -406,6 +406,11 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "--batch × --seq-len = 18446744073709551615 × 512",
         ),
         (
+            vec!["--accept-rel-diff", ""],
+            "--accept-rel-diff = \"\" is invalid",
+        ),
+        (vec!["--device", ""], "--device = \"\" is invalid"),
+        (
             vec!["--accept-rel-diff", "1"],
             "--accept-rel-diff = 1 is invalid: expected a number in [0, 1)",
         ),

@@ -550,6 +550,8 @@ fn bad_sizes_are_refused_before_anything_runs() {
             vec!["--phase", "decode", "--context-len", "8"],
             "--phase does not apply with --model",
         ),
+        // It timed nothing and said nothing (no table, no JSON timings).
+        (vec!["--timings"], "--timings does not apply with --model"),
     ];
     for (args, needle) in cases {
         let mut all = vec!["--device", "cpu", "--model", "--json", j];
