@@ -115,6 +115,15 @@ impl WorkloadArgs {
                 ),
             ));
         }
+        if let (MlaForm::Absorb, Some(attn)) = (self.mla_form(), self.attn) {
+            // The absorbed form has no attention core to choose: a given --attn would be
+            // reported but change nothing.
+            return Err(Error::invalid(
+                "--attn",
+                format!("{attn:?}").to_lowercase(),
+                "no value with --mla absorb (the weight-absorbed form computes its scores with explicit matmuls; --attn picks the naive form's core)",
+            ));
+        }
         Ok(config)
     }
 

@@ -243,6 +243,21 @@ fn every_built_in_family_config_prints_its_stack_and_a_generation() {
         "{}",
         stderr(&o)
     );
+    // The absorbed form has no attention core: --attn would be reported but change nothing.
+    let o = analyze(&[
+        "--config",
+        "deepseek-v2",
+        "--mla",
+        "absorb",
+        "--attn",
+        "eager",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--attn = eager is invalid: expected no value with --mla absorb"),
+        "{}",
+        stderr(&o)
+    );
     let o = analyze(&["--config", "deepseek-v9"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("built-in name"), "{}", stderr(&o));

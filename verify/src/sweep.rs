@@ -208,16 +208,13 @@ pub fn replay_command(
         Phase::Prefill { seq_len } => format!("--seq-len {seq_len}"),
         Phase::Decode { context_len } => format!("--phase decode --context-len {context_len}"),
     };
-    let attn = match case.attention {
-        AttentionImpl::Sdpa => "sdpa",
-        AttentionImpl::Eager => "eager",
+    // The absorbed form has no attention core to pick (--attn is refused with it).
+    let (attn, mla) = match (w.mla.is_naive(), case.attention) {
+        (true, AttentionImpl::Sdpa) => (" --attn sdpa", ""),
+        (true, AttentionImpl::Eager) => (" --attn eager", ""),
+        (false, _) => ("", " --mla absorb"),
     };
     let tf32 = if w.allow_tf32 { " --allow-tf32" } else { "" };
-    let mla = if w.mla.is_naive() {
-        ""
-    } else {
-        " --mla absorb"
-    };
     let all = crate::plan::applicable_layers(&case.config).len();
     let layers = if layers.is_empty() || layers.len() >= all {
         String::new()
@@ -225,7 +222,7 @@ pub fn replay_command(
         format!(" --layers {}", layers.join(","))
     };
     format!(
-        "{program} --device {device} --config {config_path} --batch {} {phase} --dtype {} --attn {attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}",
+        "{program} --device {device} --config {config_path} --batch {} {phase} --dtype {}{attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}",
         w.batch, w.dtype
     )
 }
@@ -400,6 +397,11 @@ mod tests {
             &[],
         );
         assert!(cmd.contains("--mla absorb"), "{cmd}");
+        // The absorbed form takes no --attn (refused with it): the replay must run.
+        assert!(!cmd.contains("--attn"), "{cmd}");
+        let naive = mla.iter().find(|c| c.workload.mla.is_naive()).unwrap();
+        let cmd = replay_command("verify-decoder", naive, "/tmp/x.json", "cpu", 7, 0.0, &[]);
+        assert!(cmd.contains("--attn ") && !cmd.contains("--mla"), "{cmd}");
     }
 
     #[test]
