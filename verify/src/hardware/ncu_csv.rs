@@ -881,6 +881,48 @@ mod tests {
     }
 
     #[test]
+    fn every_sum_in_the_fixtures_readme_is_what_the_parser_reads() {
+        // fixtures/ncu-h200/README.md is the one place these figures are written: each
+        // row of its table, every column, against the parsed file it names.
+        const README: &str = include_str!("../../../fixtures/ncu-h200/README.md");
+        let number = |cell: &str| -> u64 {
+            let digits: String = cell.chars().filter(char::is_ascii_digit).collect();
+            digits
+                .parse()
+                .unwrap_or_else(|_| panic!("a number: {cell:?}"))
+        };
+        let mut rows = 0;
+        for line in README.lines().filter(|l| l.starts_with("| `ncu_")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let file = cells[1].trim_matches('`');
+            let text = match file {
+                "ncu_mlp_bfloat16.csv" => MLP,
+                "ncu_gate_bfloat16.csv" => GATE_BF16,
+                "ncu_gate_float32.csv" => GATE_FP32,
+                "ncu_attn_bfloat16.csv" => ATTN,
+                other => panic!("the README names {other}, which is not a fixture"),
+            };
+            let t = per_kernel(text);
+            let kernels = t.rows().len() as u64;
+            assert!(cells[2].contains(&format!("({kernels} kernels)")), "{line}");
+            let (ffma, fadd, fmul) = (count(&t, FFMA), count(&t, FADD), count(&t, FMUL));
+            let expected = [
+                count(&t, BF16),
+                ffma,
+                fadd,
+                fmul,
+                Some(2 * ffma.unwrap() + fadd.unwrap() + fmul.unwrap()),
+                count(&t, "dram__bytes_read.sum"),
+                t.total_nanoseconds(None, TIME).unwrap(),
+            ];
+            let written: Vec<Option<u64>> = cells[3..10].iter().map(|c| Some(number(c))).collect();
+            assert_eq!(written, expected, "{file}");
+            rows += 1;
+        }
+        assert_eq!(rows, 4, "one row per fixture");
+    }
+
+    #[test]
     fn fixture_other_sums_and_shape() {
         // Sums computed independently (Python's csv module) from the same files.
         let mlp = per_kernel(MLP);
