@@ -26,12 +26,23 @@ pub enum Error {
     /// The parity check against Hugging Face transformers did not run or did not pass.
     #[error("parity check: {0}")]
     Parity(String),
+    /// The error inside was raised while the layer's profiler range was open
+    /// ([`crate::harness::Prepared::run_in_profiler_range`]: in the counted forward or in
+    /// closing the range), so Nsight Compute has a range, and a result row, for the layer.
+    /// The `--hardware-counters` child lists such a layer as failed in its range rather
+    /// than as one that opened none, so the rows after it keep their layers. On the CPU,
+    /// which has no range, the same point is marked so that this bookkeeping can be
+    /// tested. Shown as the error inside.
+    #[error(transparent)]
+    InProfilerRange(Box<Error>),
 }
 
 impl Error {
-    /// True when libtorch reported an out-of-memory condition.
+    /// True when libtorch reported an out-of-memory condition (also inside a profiler
+    /// range).
     pub fn is_out_of_memory(&self) -> bool {
         match self {
+            Error::InProfilerRange(inner) => inner.is_out_of_memory(),
             Error::Torch(e) => {
                 let text = e.to_string();
                 text.contains("out of memory")
@@ -41,7 +52,50 @@ impl Error {
             _ => false,
         }
     }
+
+    /// True when the error was raised while the layer's profiler range was open (see
+    /// [`Error::InProfilerRange`]); false for one raised before it was opened, or outside
+    /// any range.
+    pub fn opened_profiler_range(&self) -> bool {
+        matches!(self, Error::InProfilerRange(_))
+    }
+
+    /// `self` marked as raised inside an open profiler range (once: an error already
+    /// marked is not wrapped again).
+    pub fn in_profiler_range(self) -> Error {
+        match self {
+            marked @ Error::InProfilerRange(_) => marked,
+            other => Error::InProfilerRange(Box::new(other)),
+        }
+    }
 }
 
 /// Result alias of the reference crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_in_a_profiler_range_reads_as_the_error_inside() {
+        let oom = Error::Torch(tch::TchError::Torch(
+            "CUDA out of memory. Tried to allocate 2.00 GiB".into(),
+        ));
+        let text = oom.to_string();
+        assert!(oom.is_out_of_memory() && !oom.opened_profiler_range());
+        let marked = oom.in_profiler_range().in_profiler_range();
+        assert!(marked.opened_profiler_range());
+        assert!(marked.is_out_of_memory(), "{marked:?}");
+        assert_eq!(marked.to_string(), text);
+        // Marked once: the error inside is the libtorch one, not another mark.
+        assert!(matches!(
+            &marked,
+            Error::InProfilerRange(inner) if matches!(**inner, Error::Torch(_))
+        ));
+        let other = Error::Observer("cannot close the profiler range: x".into());
+        assert!(!other.is_out_of_memory());
+        let other = other.in_profiler_range();
+        assert!(other.opened_profiler_range() && !other.is_out_of_memory());
+    }
+}

@@ -593,13 +593,28 @@ impl Prepared {
 }
 
 impl Prepared {
-    /// [`Prepared::run`] as one range of `ncu --replay-mode range`: one uncounted warm-up
-    /// forward first (on a fork of the KV cache, so the counted call sees the same cache),
-    /// which fills libtorch's caching allocator, cuBLAS workspaces and cuDNN plans, since
-    /// a replayed range may not allocate device memory; then `cuProfilerStart`, the counted
-    /// forward, `cuProfilerStop` (also when the forward failed). On the CPU there is no
-    /// range: the warm-up and the counted forward run the same way, so the bookkeeping can
-    /// be tested without a GPU.
+    /// [`Prepared::run`] as one profiler range of the `--hardware-counters` child under
+    /// Nsight Compute (`--ncu-replay`: application range replay by default, where each
+    /// range is one result row; range replay, the same in place; kernel replay, where the
+    /// range bounds the kernels profiled). One uncounted warm-up forward comes first (on a
+    /// fork of the KV cache, so the counted call sees the same cache): it fills libtorch's
+    /// caching allocator, cuBLAS workspaces and cuDNN plans, so that the range holds only
+    /// the layer's own work (and allocates no device memory, which range replay cannot
+    /// replay in place). Then `cuProfilerStart`, the counted forward, `cuProfilerStop`
+    /// (also when the forward failed).
+    ///
+    /// An error raised once `cuProfilerStart` succeeded (in the counted forward or in
+    /// `cuProfilerStop`) is marked [`Error::InProfilerRange`]: ncu has a range for the
+    /// layer, whose row the child's range list must pass over. One raised before (the
+    /// warm-up, the synchronisation, opening the range) is not: no range was opened.
+    ///
+    /// On the CPU there is no range and no ncu, but the warm-up and the counted forward
+    /// run the same way and an error from the counted forward is marked the same way, so
+    /// the child's bookkeeping takes the path it takes on a GPU and can be tested without
+    /// one. There the mark says where the error was raised, not that a range exists.
+    ///
+    /// A panic unwinds through without closing the range or being marked: the caller
+    /// cannot tell whether it came before the range or inside it.
     pub fn run_in_profiler_range(self) -> Result<LayerRun> {
         ffi::set_tf32_matmul_allowed(self.allow_tf32)?;
         let device = self.inputs.hidden.device();
@@ -615,14 +630,15 @@ impl Prepared {
         if cuda {
             ffi::cuda_profiler_start()?;
         }
+        // From here on the range is open (on the CPU: would be).
         let run = self.run();
         let stopped = if cuda {
             ffi::cuda_profiler_stop()
         } else {
             Ok(())
         };
-        let run = run?;
-        stopped?;
+        let run = run.map_err(Error::in_profiler_range)?;
+        stopped.map_err(Error::in_profiler_range)?;
         Ok(run)
     }
 }
@@ -662,4 +678,54 @@ pub fn run_layer(
     setup: &Setup,
 ) -> Result<LayerRun> {
     Prepared::new(kind, config, workload, attention, setup)?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The norm of DeepSeek-OCR, prefill of 4 tokens, prepared on the CPU.
+    fn norm() -> Prepared {
+        let setup = Setup {
+            device: tch::Device::Cpu,
+            seed: 3,
+        };
+        let workload = Workload::prefill(1, 4).unwrap();
+        let config = ModelConfig::deepseek_ocr();
+        Prepared::new(
+            ModuleKind::RmsNorm,
+            &config,
+            &workload,
+            AttentionImpl::Sdpa,
+            &setup,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_error_in_the_counted_forward_says_the_range_was_open() {
+        let ran = norm().run_in_profiler_range().expect("runs");
+        assert!(ran.counts.total_flops() > 0);
+        // A counted region already open on this thread: the warm-up runs, the counted
+        // forward cannot arm the counter, inside the range.
+        let outer = FlopCounter::start().unwrap();
+        let err = norm().run_in_profiler_range().unwrap_err();
+        drop(outer);
+        assert!(err.opened_profiler_range(), "{err:?}");
+        assert!(err.to_string().contains("already open"), "{err}");
+        // The same failure outside a profiler range is not marked.
+        let outer = FlopCounter::start().unwrap();
+        let plain = norm().run().unwrap_err();
+        drop(outer);
+        assert!(!plain.opened_profiler_range(), "{plain:?}");
+    }
+
+    #[test]
+    fn an_error_before_the_range_does_not_say_it_was_open() {
+        // Inputs of the wrong width: the warm-up forward fails, before the range.
+        let mut prepared = norm();
+        prepared.inputs.hidden = Tensor::zeros([1, 4, 3], (Kind::BFloat16, tch::Device::Cpu));
+        let err = prepared.run_in_profiler_range().unwrap_err();
+        assert!(!err.opened_profiler_range(), "{err:?}");
+    }
 }
