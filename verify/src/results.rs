@@ -36,6 +36,20 @@ pub struct LayerResult {
     /// `--hardware-counters`: the layer's range as Nsight Compute measured it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hardware: Option<crate::hardware::rows::LayerHardware>,
+    /// Run in a profiler range (the `--hardware-counters` child,
+    /// `runner::verify_in_profiler_ranges`): whether the layer's range was opened, so that
+    /// Nsight Compute has a result row for it, which the child's range list records
+    /// (`hardware::profile::range_list`). `Some(true)`: its counted forward returned (a
+    /// failure in judging it came after the range closed) or failed inside the range
+    /// (`modelmeter_reference::Error::opened_profiler_range`); `Some(false)`: it failed
+    /// before the range (the analytic model, the module, a test hook's injected error,
+    /// building or preparing it, the warm-up forward, opening the range); `None`: not
+    /// known (a panic, caught around building, preparing and running the layer alike, so
+    /// it may have come before the range or inside it), or not run in a profiler range. On the CPU, which has no range, the same points are
+    /// told apart (`Prepared::run_in_profiler_range`). Not in reports: the child's
+    /// bookkeeping.
+    #[serde(skip)]
+    pub profiler_range_opened: Option<bool>,
     #[serde(skip)]
     pub seconds: f64,
     /// Where those seconds went (`--timings`).
@@ -45,7 +59,7 @@ pub struct LayerResult {
 
 impl LayerResult {
     /// The layer called `name` with `status`, before anything is measured or compared:
-    /// no error, rows, ops, kernels, routing, hardware figures or time.
+    /// no error, rows, ops, kernels, routing, hardware figures, profiler range or time.
     pub fn new(name: String, status: Status) -> LayerResult {
         LayerResult {
             name,
@@ -58,6 +72,7 @@ impl LayerResult {
             experts_used: None,
             tokens_per_expert: None,
             hardware: None,
+            profiler_range_opened: None,
             seconds: 0.0,
             timings: Default::default(),
         }

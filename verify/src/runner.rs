@@ -20,9 +20,30 @@ use crate::pairing::Pairing;
 use crate::plan::Plan;
 use crate::results::{LayerResult, Progress};
 
-/// How a prepared layer is run under the counter: [`Prepared::run`], or
-/// [`Prepared::run_in_profiler_range`] under Nsight Compute.
-type RunLayer = fn(Prepared) -> modelmeter_reference::Result<LayerRun>;
+/// How a prepared layer is run under the counter.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counting {
+    /// [`Prepared::run`].
+    Plain,
+    /// [`Prepared::run_in_profiler_range`], under Nsight Compute: the results say whether
+    /// each layer's range was opened ([`LayerResult::profiler_range_opened`]).
+    InProfilerRange,
+}
+
+impl Counting {
+    fn run(self, prepared: Prepared) -> modelmeter_reference::Result<LayerRun> {
+        match self {
+            Counting::Plain => prepared.run(),
+            Counting::InProfilerRange => prepared.run_in_profiler_range(),
+        }
+    }
+
+    /// What a result says of its range when the run stopped at a point where the range
+    /// was certainly opened (`true`) or certainly not (`false`): nothing without ranges.
+    fn range_opened(self, opened: bool) -> Option<bool> {
+        (self == Counting::InProfilerRange).then_some(opened)
+    }
+}
 
 /// Verifies every layer of the plan. On the CPU, where drawing weights is most of a
 /// run's time, a module's parameters are handed to the next one that draws the same
@@ -30,17 +51,19 @@ type RunLayer = fn(Prepared) -> modelmeter_reference::Result<LayerRun>;
 /// plan's order). On a GPU the weights are drawn by kernels and each layer builds its own.
 pub fn verify(plan: &Plan, progress: &mut dyn FnMut(Progress)) -> Vec<LayerResult> {
     let share = plan.device == tch::Device::Cpu;
-    verify_with(plan, Prepared::run, share, progress)
+    verify_with(plan, Counting::Plain, share, progress)
 }
 
 /// [`verify`] with each layer's counted forward as one profiler range, after a warm-up
-/// forward (`--hardware-counters-child`, under `ncu --replay-mode range`); every layer
-/// builds its own weights, in the plan's order.
+/// forward (`--hardware-counters-child`, under ncu in the replay mode `--ncu-replay`
+/// chose, application range replay by default; [`Prepared::run_in_profiler_range`]);
+/// every layer builds its own weights, in the plan's order. Each result says whether its
+/// range was opened ([`LayerResult::profiler_range_opened`]).
 pub fn verify_in_profiler_ranges(
     plan: &Plan,
     progress: &mut dyn FnMut(Progress),
 ) -> Vec<LayerResult> {
-    verify_with(plan, Prepared::run_in_profiler_range, false, progress)
+    verify_with(plan, Counting::InProfilerRange, false, progress)
 }
 
 /// The order that lets consecutive layers share parameters: the norm, the gate, the MoE
@@ -65,7 +88,7 @@ pub fn sharing_order(plan: &Plan) -> Vec<usize> {
 
 fn verify_with(
     plan: &Plan,
-    run: RunLayer,
+    run: Counting,
     share: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Vec<LayerResult> {
@@ -116,12 +139,18 @@ fn verify_with(
     results.into_iter().flatten().collect()
 }
 
+/// Verifies one layer. Under [`Counting::InProfilerRange`] the result also says whether
+/// the layer's range was opened ([`LayerResult::profiler_range_opened`]).
 fn verify_layer(
     pairing: Pairing,
     plan: &Plan,
-    run_layer: RunLayer,
+    counting: Counting,
     weights: Option<Rc<WeightCache>>,
 ) -> LayerResult {
+    let before_range = |mut result: LayerResult| {
+        result.profiler_range_opened = counting.range_opened(false);
+        result
+    };
     let name = pairing
         .name_for(&plan.config, plan.workload.mla, plan.attention)
         .to_string();
@@ -132,11 +161,11 @@ fn verify_layer(
     let analytic_s = start.elapsed().as_secs_f64();
     let analytic = match analytic {
         Ok(cost) => cost,
-        Err(e) => return error_result(name, format!("analytic model: {e}")),
+        Err(e) => return before_range(error_result(name, format!("analytic model: {e}"))),
     };
     let module = match pairing.module(&plan.config) {
         Ok(module) => module,
-        Err(why) => return error_result(name, why),
+        Err(why) => return before_range(error_result(name, why)),
     };
     let setup = Setup {
         device: plan.device,
@@ -152,25 +181,37 @@ fn verify_layer(
             &setup,
             weights,
         )?;
-        run_layer(prepared)
+        counting.run(prepared)
     }));
     let compared = Instant::now();
     let mut result = match run {
         Ok(Ok(run)) => {
             let mut result = judge(pairing, plan, name, &analytic, &run);
             result.timings.run = run.timings;
+            // Judged after the range closed.
+            result.profiler_range_opened = counting.range_opened(true);
             result
         }
-        Ok(Err(e)) if e.is_out_of_memory() => {
-            error_result(name, format!("out of memory on {:?}: {e}", plan.device))
+        Ok(Err(e)) => {
+            let opened = counting.range_opened(e.opened_profiler_range());
+            let cause = if e.is_out_of_memory() {
+                format!("out of memory on {:?}: {e}", plan.device)
+            } else {
+                e.to_string()
+            };
+            LayerResult {
+                profiler_range_opened: opened,
+                ..error_result(name, cause)
+            }
         }
-        Ok(Err(e)) => error_result(name, e.to_string()),
         Err(panic) => {
             let message = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
+            // Whether it came before the range or inside it is not known: the range's
+            // field stays `None` (the harness does not close a range a panic left).
             error_result(name, format!("the reference module panicked: {message}"))
         }
     };

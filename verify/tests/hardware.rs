@@ -13,6 +13,7 @@ use modelmeter_verify::hardware::profile::{self, RunFiles};
 use modelmeter_verify::hardware::ranges::{RangeEntry, RangeList, RangeRecord};
 use modelmeter_verify::hardware::LeftOut;
 use modelmeter_verify::report::{self, Report};
+use modelmeter_verify::results::Progress;
 use serde_json::Value;
 
 mod common;
@@ -145,8 +146,8 @@ fn without_a_gpu_the_error_says_so_and_ncu_never_runs() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains("fake ncu ran"));
 }
 
-/// One range-replay result row per range of `list` (failed layers' included), as many
-/// as `tensor` has values, with the bf16 tensor ops of range i set to `tensor[i]`, the fp16 and tf32 tensor pipes measured at 0 (every tensor pipe
+/// One range-replay result row per range of `list` (failed layers' included, and those
+/// of unknown range; a layer that opened none has no row), as many as `tensor` has values, with the bf16 tensor ops of range i set to `tensor[i]`, the fp16 and tf32 tensor pipes measured at 0 (every tensor pipe
 /// measured), and fixed other figures. The FFMA column is built from the counted
 /// CUDA-core FLOPs, so it checks plumbing, not the counter.
 fn range_replay_csv(list: &RangeList, tensor: &[u64]) -> String {
@@ -170,7 +171,11 @@ fn replay_csv(list: &RangeList, tensor: &[u64], all_pipes: bool) -> String {
          \"ID\",\"Kernel Name\",\"dram__bytes_read.sum\",\"dram__bytes_write.sum\",\"gpu__time_duration.sum\",\"lts__t_bytes.sum\",\"sm__ops_path_tensor_src_bf16_dst_fp32.sum\",{pipes}\"smsp__sass_thread_inst_executed_op_ffma_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fadd_pred_on.sum\",\"smsp__sass_thread_inst_executed_op_fmul_pred_on.sum\"\n\
          \"\",\"\",\"byte\",\"byte\",\"ns\",\"byte\",\"\",{pipe_units}\"inst\",\"inst\",\"inst\"\n",
     );
-    for (i, (entry, t)) in list.layers.iter().zip(tensor).enumerate() {
+    let ranges = list
+        .layers
+        .iter()
+        .filter(|e| !matches!(e, RangeEntry::NotOpened { .. }));
+    for (i, (entry, t)) in ranges.zip(tensor).enumerate() {
         // Half the CUDA-core FLOPs as FMAs: 2·FFMA = the counted figure.
         let cuda_core_flops = match entry {
             RangeEntry::Counted(record) => record.cuda_core_flops,
@@ -430,40 +435,87 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     }
 }
 
+/// The options of the failed-layer tests: the gate between the MLP and the norm.
+const GATE_BETWEEN: [&str; 10] = [
+    "verify-decoder",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--dtype",
+    "bf16",
+    "--seq-len",
+    "8",
+    "--layers",
+    "DeepseekV2MLP,MoEGate,DeepseekV2RMSNorm",
+];
+
 #[test]
-fn a_failed_layer_keeps_its_place_among_the_ranges() {
-    // The child: the gate, between the MLP and the norm, fails (a test hook, before its
-    // forward returns: whether its range was opened is not known to the child).
-    let argv = [
-        "verify-decoder",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--dtype",
-        "bf16",
-        "--seq-len",
-        "8",
-        "--layers",
-        "DeepseekV2MLP,MoEGate,DeepseekV2RMSNorm",
-    ];
-    let args = Args::try_parse_from(argv).expect("valid options");
+fn a_layer_that_failed_before_its_range_takes_no_row() {
+    // The child: the gate fails before its range is opened (a test hook's error, raised
+    // before the module is built). The list keeps it in its place, with no range.
+    let args = Args::try_parse_from(GATE_BETWEEN).expect("valid options");
     let mut ready = prepare(&args).expect("checks out");
     ready.plan.hooks.fail_layer = Some("MoEGate".into());
-    let tmp = TempDir::new("failed-child");
+    let tmp = TempDir::new("failed-before-range");
     profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
     let list = RangeList::read(&tmp.0).expect("written");
     let layers: Vec<&str> = list.layers.iter().map(RangeEntry::layer).collect();
     assert_eq!(layers, ["DeepseekV2MLP", "MoEGate", "DeepseekV2RMSNorm"]);
     assert!(
-        matches!(&list.layers[1], RangeEntry::Unknown { error, .. } if error.contains("test hook")),
+        matches!(&list.layers[1], RangeEntry::NotOpened { error, .. } if error.contains("test hook")),
         "{:?}",
         list.layers[1]
     );
     let mlp = list.counted().next().unwrap().tensor_core_flops;
     let padded = mlp + mlp / 80;
 
-    // ncu wrote a row for all three ranges (the gate's opened): the norm gets the third
-    // row (0 tensor ops, a pass), not the gate's (5,000,000: a failure if given to it).
+    // ncu wrote a row for the two ranges opened: each layer gets its own figures (the
+    // norm the second row, 0 tensor ops: a pass), not a verdict of "not settled".
+    let (report, json) = attached(&args, &ready, &list, &[padded, 0]);
+    let norm = row(layer(&json, "DeepseekV2RMSNorm"), "hw_tensor_flops");
+    assert_eq!(
+        (norm["status"].as_str(), &norm["measured"]),
+        (Some("pass"), &Value::from(0)),
+        "{}",
+        norm["note"]
+    );
+    assert_eq!(layer(&json, "DeepseekV2RMSNorm")["hardware"]["range"], 1);
+    let mlp_row = row(layer(&json, "DeepseekV2MLP"), "hw_tensor_flops");
+    assert_eq!(mlp_row["status"], "pass", "{}", mlp_row["note"]);
+    assert_eq!(layer(&json, "DeepseekV2MLP")["hardware"]["range"], 0);
+    // The gate failed in the parent too (the same hook): an error, no figures.
+    assert_eq!(layer(&json, "MoEGate")["status"], "error");
+    assert!(layer(&json, "MoEGate")["hardware"].is_null());
+    assert_eq!(report.summary().error, 1);
+}
+
+#[test]
+fn a_layer_that_failed_inside_its_range_keeps_its_row() {
+    // The child: the gate's counted forward fails inside its range (a counted region is
+    // already open on this thread while the gate runs, so the counter cannot arm).
+    let args = Args::try_parse_from(GATE_BETWEEN).expect("valid options");
+    let ready = prepare(&args).expect("checks out");
+    let mut outer = None;
+    let results =
+        modelmeter_verify::runner::verify_in_profiler_ranges(&ready.plan, &mut |p| match p {
+            Progress::Started {
+                name: "MoEGate", ..
+            } => outer = Some(modelmeter_reference::FlopCounter::start().unwrap()),
+            Progress::Finished { .. } => outer = None,
+            Progress::Started { .. } => {}
+        });
+    let list = profile::range_list("cpu".into(), &results);
+    assert!(
+        matches!(&list.layers[1], RangeEntry::Failed { layer, error } if layer == "MoEGate" && error.contains("already open")),
+        "{:?}",
+        list.layers[1]
+    );
+    assert_eq!(list.counted().count(), 2);
+    let mlp = list.counted().next().unwrap().tensor_core_flops;
+    let padded = mlp + mlp / 80;
+
+    // A row for each of the three ranges: the gate's (5,000,000 tensor ops, a failure if
+    // given to the norm) is passed over, the norm gets the third.
     let (_, json) = attached(&args, &ready, &list, &[padded, 5_000_000, 0]);
     let norm = row(layer(&json, "DeepseekV2RMSNorm"), "hw_tensor_flops");
     assert_eq!(
@@ -473,14 +525,18 @@ fn a_failed_layer_keeps_its_place_among_the_ranges() {
         norm["note"]
     );
     assert_eq!(layer(&json, "DeepseekV2RMSNorm")["hardware"]["range"], 2);
-    assert_eq!(
-        row(layer(&json, "DeepseekV2MLP"), "hw_tensor_flops")["status"],
-        "pass"
+    // The gate ran in the parent: it has no figures, and its row says where to look.
+    let gate = row(layer(&json, "MoEGate"), "hw_tensor_flops");
+    assert_eq!(gate["status"], "fail");
+    assert!(
+        gate["note"].as_str().unwrap().contains("ranges.json"),
+        "{}",
+        gate["note"]
     );
     assert!(layer(&json, "MoEGate")["hardware"].is_null());
 
-    // Two rows: the gate opened no range, or opened one while ncu skipped another. Not
-    // settled: no layer gets figures, and each says why.
+    // Two rows: ncu skipped a range. Nothing is matched (the norm would get the gate's
+    // row), and each layer says why.
     let (report, json) = attached(&args, &ready, &list, &[padded, 0]);
     assert!(!report.summary().ok());
     for name in ["DeepseekV2MLP", "DeepseekV2RMSNorm"] {
@@ -488,7 +544,7 @@ fn a_failed_layer_keeps_its_place_among_the_ranges() {
         assert_eq!(r["status"], "fail", "{name}");
         let note = r["note"].as_str().unwrap();
         assert!(
-            note.contains("MoEGate (") && note.contains("test hook"),
+            note.contains("2 result row(s) for the 3 range(s)"),
             "{note}"
         );
         assert!(layer(&json, name)["hardware"].is_null());

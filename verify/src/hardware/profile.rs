@@ -610,36 +610,29 @@ pub fn record_of(result: &LayerResult) -> Option<RangeRecord> {
     })
 }
 
-/// Whether the counted forward of `result` returned a run: the runner records the run's
-/// timings only then (`runner::verify_layer`), so a layer that failed with them failed in
-/// judging the run, after its profiler range was opened and closed. Without them it
-/// failed earlier, before the range or inside it: the runner does not say which.
-fn forward_returned(result: &LayerResult) -> bool {
-    result.timings.run != modelmeter_reference::RunTimings::default()
-}
-
 /// The child's range list from its layer results, in plan order (the order of their
-/// ranges): a layer that ran and was judged is [`RangeEntry::Counted`]; one that failed
-/// after its forward returned opened a range ncu has a row for ([`RangeEntry::Failed`]);
-/// one that failed before may or may not have ([`RangeEntry::Unknown`]).
+/// ranges), by whether each layer's range was opened
+/// ([`LayerResult::profiler_range_opened`]): a layer that ran and was judged is
+/// [`RangeEntry::Counted`]; one that failed with its range opened (inside it, or in
+/// judging the run) has a row in ncu's CSV ([`RangeEntry::Failed`]); one that failed
+/// before opening it has none ([`RangeEntry::NotOpened`]); one where that is not known
+/// (a panic) may or may not have ([`RangeEntry::Unknown`]).
 pub fn range_list(device: String, results: &[LayerResult]) -> RangeList {
     let layers = results
         .iter()
         .map(|r| {
             let layer = r.name.clone();
-            match (r.error.as_ref(), record_of(r)) {
+            match (r.error.clone(), record_of(r)) {
                 (None, Some(record)) => RangeEntry::Counted(record),
+                // It ran without error: its range was opened and closed.
                 (None, None) => RangeEntry::Failed {
                     layer,
                     error: "no counted rows".into(),
                 },
-                (Some(e), _) if forward_returned(r) => RangeEntry::Failed {
-                    layer,
-                    error: e.clone(),
-                },
-                (Some(e), _) => RangeEntry::Unknown {
-                    layer,
-                    error: e.clone(),
+                (Some(error), _) => match r.profiler_range_opened {
+                    Some(true) => RangeEntry::Failed { layer, error },
+                    Some(false) => RangeEntry::NotOpened { layer, error },
+                    None => RangeEntry::Unknown { layer, error },
                 },
             }
         })
@@ -892,34 +885,36 @@ mod tests {
     #[test]
     fn the_range_list_keeps_failed_layers_in_their_place() {
         use crate::compare::Status;
-        let ran = |name: &str, error: Option<&str>| {
+        let failed = |name: &str, error: &str, opened: Option<bool>| {
             let mut r = LayerResult::new(name.into(), Status::Error);
-            r.error = error.map(str::to_string);
-            r.timings.run.forward_s = 0.25;
+            r.error = Some(error.into());
+            r.profiler_range_opened = opened;
             r
         };
-        let judged = ran("Judged", Some("analytic model: routing"));
-        let unjudged = ran("NoRows", None);
-        let mut early = LayerResult::new("Early".into(), Status::Error);
-        early.error = Some("out of memory".into());
-        let list = range_list("cuda:0".into(), &[judged, early, unjudged]);
+        let judged = failed("Judged", "analytic model: routing", Some(true));
+        let inside = failed("Inside", "out of memory", Some(true));
+        let before = failed("Before", "a test hook made Before fail", Some(false));
+        let panicked = failed("Panicked", "the reference module panicked: x", None);
+        // It ran without error but booked nothing: its range was opened and closed.
+        let unjudged = LayerResult::new("NoRows".into(), Status::Pass);
+        let list = range_list(
+            "cuda:0".into(),
+            &[judged, inside, before, panicked, unjudged],
+        );
+        let entry = |kind: fn(String, String) -> RangeEntry, layer: &str, error: &str| {
+            kind(layer.into(), error.into())
+        };
+        let failed = |layer, error| RangeEntry::Failed { layer, error };
+        let not_opened = |layer, error| RangeEntry::NotOpened { layer, error };
+        let unknown = |layer, error| RangeEntry::Unknown { layer, error };
         assert_eq!(
             list.layers,
             [
-                // Its forward returned: the range was opened and closed.
-                RangeEntry::Failed {
-                    layer: "Judged".into(),
-                    error: "analytic model: routing".into()
-                },
-                // It failed before a run came back: inside the range or before it.
-                RangeEntry::Unknown {
-                    layer: "Early".into(),
-                    error: "out of memory".into()
-                },
-                RangeEntry::Failed {
-                    layer: "NoRows".into(),
-                    error: "no counted rows".into()
-                },
+                entry(failed, "Judged", "analytic model: routing"),
+                entry(failed, "Inside", "out of memory"),
+                entry(not_opened, "Before", "a test hook made Before fail"),
+                entry(unknown, "Panicked", "the reference module panicked: x"),
+                entry(failed, "NoRows", "no counted rows"),
             ]
         );
     }

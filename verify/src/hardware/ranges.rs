@@ -8,9 +8,9 @@
 //! ran (ncu's `ID` column). Ranges opened by the profiler API carry no name a layer could
 //! be recognised by, so the rows are attributed by position over every range the child
 //! opened, a failed layer's included (ncu writes a row for it too): the i-th result row is
-//! the i-th range ([`attribute`]), and a failed layer's row is passed over. The counts must
-//! agree, or nothing is attributed (a skipped or split range would shift every layer after
-//! it).
+//! the i-th range ([`attribute`]), and a failed layer's row is passed over; a layer that
+//! failed before opening its range takes no row. The counts must agree, or nothing is
+//! attributed (a skipped or split range would shift every layer after it).
 
 use std::path::Path;
 
@@ -25,7 +25,12 @@ pub const RANGE_LIST_FILE: &str = "ranges.json";
 /// The file ncu writes its CSV to (`--log-file`) in the same folder.
 pub const NCU_CSV_FILE: &str = "ncu.csv";
 /// Schema tag of [`RangeList`].
-pub const RANGE_LIST_SCHEMA: &str = "modelmeter.hardware-ranges/2";
+pub const RANGE_LIST_SCHEMA: &str = "modelmeter.hardware-ranges/3";
+/// Schema tag of the range lists written before the child knew whether a failed layer had
+/// opened its range: the same entries without [`RangeEntry::NotOpened`] (a layer that
+/// failed before its counted forward returned was [`RangeEntry::Unknown`]). Read as they
+/// are.
+pub const RANGE_LIST_SCHEMA_V2: &str = "modelmeter.hardware-ranges/2";
 /// Schema tag of the range lists written before failed layers kept their place: `ranges`
 /// held the layers that ran and were judged, `errors` the others, so where a failed layer's
 /// range stood among the others is not recorded. Read where that does not matter.
@@ -52,14 +57,19 @@ pub enum RangeEntry {
     /// The counted forward ran in the range and was judged: the range's figures are this
     /// layer's.
     Counted(RangeRecord),
-    /// The layer failed after its counted forward returned (judging it, or no counted
-    /// rows): its range was opened and closed, so ncu has a row for it, which is passed
-    /// over.
+    /// The layer failed after its range was opened: in the counted forward or closing the
+    /// range, or after the forward returned (judging it, or no counted rows). ncu has a
+    /// row for it, which is passed over.
     Failed { layer: String, error: String },
-    /// The layer failed before its counted forward returned a run: in building it, the
-    /// warm-up, opening or closing the range, or the counted forward itself. The child
-    /// cannot tell which (the runner reports only the error), so whether ncu has a row for
-    /// it is not known; [`attribute`] matches rows only where the count settles it.
+    /// The layer failed before its range was opened (the analytic model, building or
+    /// preparing the module, the warm-up forward, opening the range): ncu has no row for
+    /// it. Listed so that reports can say why it has no figures.
+    NotOpened { layer: String, error: String },
+    /// The layer failed where the child cannot tell whether its range was opened (a panic
+    /// while it was built, prepared or run, which may have come before the range or inside
+    /// it; and every layer that failed before its forward returned in a
+    /// [`RANGE_LIST_SCHEMA_V2`] list), so whether ncu has a row for it is not known;
+    /// [`attribute`] matches rows only where the count settles it.
     Unknown { layer: String, error: String },
 }
 
@@ -68,7 +78,9 @@ impl RangeEntry {
     pub fn layer(&self) -> &str {
         match self {
             RangeEntry::Counted(record) => &record.layer,
-            RangeEntry::Failed { layer, .. } | RangeEntry::Unknown { layer, .. } => layer,
+            RangeEntry::Failed { layer, .. }
+            | RangeEntry::NotOpened { layer, .. }
+            | RangeEntry::Unknown { layer, .. } => layer,
         }
     }
 
@@ -76,8 +88,15 @@ impl RangeEntry {
     pub fn error(&self) -> Option<&str> {
         match self {
             RangeEntry::Counted(_) => None,
-            RangeEntry::Failed { error, .. } | RangeEntry::Unknown { error, .. } => Some(error),
+            RangeEntry::Failed { error, .. }
+            | RangeEntry::NotOpened { error, .. }
+            | RangeEntry::Unknown { error, .. } => Some(error),
         }
+    }
+
+    /// True for a layer whose range is certainly among the ranges the run opened.
+    fn opened(&self) -> bool {
+        matches!(self, RangeEntry::Counted(_) | RangeEntry::Failed { .. })
     }
 }
 
@@ -89,7 +108,7 @@ pub struct RangeList {
     /// The device the child ran on (`cuda:0`).
     pub device: String,
     /// Every layer the child ran, in the order their ranges ran (plan order), failed ones
-    /// included.
+    /// included (also those that opened no range).
     pub layers: Vec<RangeEntry>,
 }
 
@@ -141,16 +160,36 @@ impl RangeList {
         let value: serde_json::Value = serde_json::from_str(&text).map_err(not_a_list)?;
         match value.get("schema").and_then(|s| s.as_str()) {
             Some(RANGE_LIST_SCHEMA) => serde_json::from_value(value).map_err(not_a_list),
+            Some(RANGE_LIST_SCHEMA_V2) => {
+                let old: RangeList = serde_json::from_value(value).map_err(not_a_list)?;
+                RangeList::from_v2(old).map_err(|why| format!("{}: {why}", path.display()))
+            }
             Some(RANGE_LIST_SCHEMA_V1) => {
                 let old: RangeListV1 = serde_json::from_value(value).map_err(not_a_list)?;
                 RangeList::from_v1(old).map_err(|why| format!("{}: {why}", path.display()))
             }
             other => Err(format!(
-                "{} has schema {:?}, expected {RANGE_LIST_SCHEMA:?} (or {RANGE_LIST_SCHEMA_V1:?})",
+                "{} has schema {:?}, expected {RANGE_LIST_SCHEMA:?} (or {RANGE_LIST_SCHEMA_V2:?}, {RANGE_LIST_SCHEMA_V1:?})",
                 path.display(),
                 other.unwrap_or("(none)")
             )),
         }
+    }
+
+    /// A [`RANGE_LIST_SCHEMA_V2`] list in today's form: the same entries. Refused when it
+    /// holds a [`RangeEntry::NotOpened`], which that schema did not have.
+    fn from_v2(old: RangeList) -> Result<RangeList, String> {
+        if let Some(entry) = old
+            .layers
+            .iter()
+            .find(|e| matches!(e, RangeEntry::NotOpened { .. }))
+        {
+            return Err(format!(
+                "{RANGE_LIST_SCHEMA_V2} has no \"not_opened\" layers, yet {} is one",
+                entry.layer()
+            ));
+        }
+        Ok(RangeList::new(old.device, old.layers))
     }
 
     /// A [`RANGE_LIST_SCHEMA_V1`] list in today's form: its failed layers are
@@ -193,7 +232,7 @@ pub enum TimeSpan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttributedRange {
     /// 0-based position of the range among all the ranges of the run (failed layers'
-    /// included).
+    /// included; a layer that opened none has no position).
     pub index: usize,
     /// ncu's `ID` of the result row.
     pub ncu_id: String,
@@ -217,7 +256,7 @@ pub enum AttributionError {
     )]
     CountMismatch {
         rows: usize,
-        /// The ranges the run certainly opened (its layers that ran, failed ones included).
+        /// The ranges the run certainly opened (its counted and failed layers).
         ranges: usize,
         /// Failed layers that may or may not have opened a range, with why they failed.
         unknown: Vec<(String, String)>,
@@ -229,7 +268,7 @@ pub enum AttributionError {
     /// The counts agree only if no layer of unknown range opened one, and also if one
     /// did while ncu skipped another range: which row is which layer is not settled.
     #[error(
-        "ncu reported {rows} result row(s): as many as the ranges the run certainly opened, but {} failed before its counted forward returned, and whether it opened a range is not known: if it did and ncu skipped another range, every row after would go to the wrong layer, so none is matched (run again without it: --layers)",
+        "ncu reported {rows} result row(s): as many as the ranges the run certainly opened, but {} failed where the run cannot tell whether it opened a range: if it did and ncu skipped another range, every row after would go to the wrong layer, so none is matched (run again without it: --layers)",
         unknown_layers(.unknown)
     )]
     Ambiguous {
@@ -256,7 +295,7 @@ fn unknown_ranges(unknown: &[(String, String)]) -> String {
         String::new()
     } else {
         format!(
-            " (and perhaps one more for each of {}, which failed before its counted forward returned)",
+            " (and perhaps one more for each of {}, which failed where the run cannot tell whether it opened one)",
             unknown_layers(unknown)
         )
     }
@@ -299,12 +338,13 @@ pub fn parse_range_results(text: &str) -> Result<NcuCsv, NcuCsvError> {
 }
 
 /// Attributes the result rows of `table` (parsed by [`parse_range_results`]) to the
-/// layers of `list`, by position over every range the run opened: row i is range i, and a
-/// failed layer's row is passed over. A layer that failed before its counted forward
-/// returned ([`RangeEntry::Unknown`]) counts as a range when the rows say every such layer
-/// opened one; when they are as many as the other ranges, which row is which is not
-/// settled and nothing is attributed. `replay` (`None`: not known) words the hint of a
-/// count that does not match.
+/// layers of `list`, by position over every range the run opened: row i is range i, a
+/// failed layer's row is passed over, and a layer that opened no range
+/// ([`RangeEntry::NotOpened`]) takes none. A layer of unknown range
+/// ([`RangeEntry::Unknown`]) counts as a range when the rows say every such layer opened
+/// one; when they are as many as the other ranges, which row is which is not settled and
+/// nothing is attributed. `replay` (`None`: not known) words the hint of a count that
+/// does not match.
 pub fn attribute(
     table: &NcuCsv,
     list: &RangeList,
@@ -319,10 +359,14 @@ pub fn attribute(
             _ => None,
         })
         .collect();
-    let opened = list.layers.len() - unknown.len();
-    // Every layer of unknown range opened one: the ranges are all the layers.
-    let ranges = if rows.len() == list.layers.len() {
-        &list.layers
+    let opened = list.layers.iter().filter(|e| e.opened()).count();
+    // Every layer of unknown range opened one: the ranges are those of all the layers
+    // but the ones that opened none.
+    let ranges: Vec<&RangeEntry> = if rows.len() == opened + unknown.len() {
+        list.layers
+            .iter()
+            .filter(|e| !matches!(e, RangeEntry::NotOpened { .. }))
+            .collect()
     } else if rows.len() == opened {
         return Err(AttributionError::Ambiguous {
             rows: rows.len(),
@@ -527,6 +571,13 @@ mod tests {
         }
     }
 
+    fn not_opened(layer: &str) -> RangeEntry {
+        RangeEntry::NotOpened {
+            layer: layer.into(),
+            error: "a test hook made it fail".into(),
+        }
+    }
+
     fn unknown(layer: &str) -> RangeEntry {
         RangeEntry::Unknown {
             layer: layer.into(),
@@ -602,6 +653,66 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_that_opened_no_range_takes_no_row() {
+        // The middle layer failed before its range: ncu has rows for the other two only,
+        // and the last layer gets the second row, its own.
+        let two = THREE_RANGES.replacen("\"2\",\"range\",\"30\",\"300\"\n", "", 1);
+        let table = parse_range_results(&two).expect("parses");
+        let list = with(vec![
+            RangeEntry::Counted(record("A", 1)),
+            not_opened("B"),
+            RangeEntry::Counted(record("C", 1)),
+        ]);
+        let got = attribute(&table, &list).expect("attributed");
+        let seen: Vec<(&str, usize, &str, Option<u64>)> = got
+            .iter()
+            .map(|a| {
+                let id = a.ncu_id.as_str();
+                (
+                    a.record.layer.as_str(),
+                    a.index,
+                    id,
+                    a.figures.tensor_ops_bf16,
+                )
+            })
+            .collect();
+        assert_eq!(seen, [("A", 0, "0", Some(100)), ("C", 1, "1", Some(200))]);
+        // A row for it as well is one too many: not matched, not given to C.
+        let table3 = parse_range_results(THREE_RANGES).expect("parses");
+        let err = attribute(&table3, &list).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AttributionError::CountMismatch {
+                    rows: 3,
+                    ranges: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("same run"), "{err}");
+        // Beside a layer of unknown range: the rows still settle it, counted over the
+        // ranges that may have been opened.
+        let list = with(vec![
+            not_opened("A"),
+            RangeEntry::Counted(record("B", 1)),
+            unknown("C"),
+            RangeEntry::Counted(record("D", 1)),
+        ]);
+        let got = attribute(&table3, &list).expect("attributed");
+        let seen: Vec<(&str, usize, Option<u64>)> = got
+            .iter()
+            .map(|a| (a.record.layer.as_str(), a.index, a.figures.tensor_ops_bf16))
+            .collect();
+        assert_eq!(seen, [("B", 0, Some(100)), ("D", 2, Some(300))]);
+        assert!(matches!(
+            attribute(&parse_range_results(&two).unwrap(), &list),
+            Err(AttributionError::Ambiguous { rows: 2, .. })
+        ));
+    }
+
+    #[test]
     fn the_mismatch_hint_fits_the_replay_mode() {
         let table = parse_range_results(THREE_RANGES).expect("parses");
         let four = with(
@@ -646,10 +757,29 @@ mod tests {
             layer: "DeepseekV2MoE".into(),
             error: "out of memory".into(),
         });
+        l.layers.push(not_opened("DeepseekV2RMSNorm"));
         l.write(&dir).unwrap();
         assert_eq!(RangeList::read(&dir).unwrap(), l);
         let text = std::fs::read_to_string(dir.join(RANGE_LIST_FILE)).unwrap();
         assert!(text.contains("\"range\": \"unknown\""), "{text}");
+        assert!(text.contains("\"range\": \"not_opened\""), "{text}");
+        assert!(text.contains(RANGE_LIST_SCHEMA), "{text}");
+        // A list of the second schema: the same entries, none of them not_opened.
+        let v2 = text.replace(RANGE_LIST_SCHEMA, RANGE_LIST_SCHEMA_V2);
+        std::fs::write(dir.join(RANGE_LIST_FILE), &v2).unwrap();
+        let why = RangeList::read(&dir).unwrap_err();
+        assert!(
+            why.contains("not_opened") && why.contains("DeepseekV2RMSNorm"),
+            "{why}"
+        );
+        let v2 = v2.replacen("not_opened", "unknown", 1);
+        std::fs::write(dir.join(RANGE_LIST_FILE), &v2).unwrap();
+        let read = RangeList::read(&dir).unwrap();
+        assert_eq!(read.schema, RANGE_LIST_SCHEMA);
+        assert_eq!(read.layers[..3], l.layers[..3]);
+        assert!(
+            matches!(&read.layers[3], RangeEntry::Unknown { layer, .. } if layer == "DeepseekV2RMSNorm")
+        );
         // A list of the first schema: read where the failed layers' places do not matter.
         let v1 = |ranges: &str, errors: &str| {
             std::fs::write(
