@@ -198,7 +198,8 @@ pub fn cuda_memory(index: usize) -> Result<(u64, u64)> {
     }
 }
 
-/// `cuProfilerStart()`: opens a range of `ncu --replay-mode range` (csrc/profiler_range.cpp;
+/// `cuProfilerStart()`: opens a profiler range, which `ncu --replay-mode app-range` (the
+/// default of `--hardware-counters`) or `range` profiles as one result (csrc/profiler_range.cpp;
 /// the driver is looked up at run time). Needs a current CUDA context on the calling
 /// thread, which libtorch makes current once it has run work there. Outside Nsight
 /// Compute the call does nothing and succeeds.

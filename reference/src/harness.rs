@@ -630,14 +630,18 @@ impl Prepared {
         if cuda {
             ffi::cuda_profiler_start()?;
         }
-        // From here on the range is open (on the CPU: would be).
-        let run = self.run();
+        // From here on the range is open (on the CPU: would be). A panic in the forward
+        // is held until the range is closed, so that it does not run on into the next
+        // layer's range; then it goes on unwinding to the runner.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
         let stopped = if cuda {
             ffi::cuda_profiler_stop()
         } else {
             Ok(())
         };
-        let run = run.map_err(Error::in_profiler_range)?;
+        let run = run
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .map_err(Error::in_profiler_range)?;
         stopped.map_err(Error::in_profiler_range)?;
         Ok(run)
     }
