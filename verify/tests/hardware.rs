@@ -472,14 +472,7 @@ fn a_layer_that_failed_before_its_range_takes_no_row() {
     // ncu wrote a row for the two ranges opened: each layer gets its own figures (the
     // norm the second row, 0 tensor ops: a pass), not a verdict of "not settled".
     let (report, json) = attached(&args, &ready, &list, &[padded, 0]);
-    let norm = row(layer(&json, "DeepseekV2RMSNorm"), "hw_tensor_flops");
-    assert_eq!(
-        (norm["status"].as_str(), &norm["measured"]),
-        (Some("pass"), &Value::from(0)),
-        "{}",
-        norm["note"]
-    );
-    assert_eq!(layer(&json, "DeepseekV2RMSNorm")["hardware"]["range"], 1);
+    assert_norm_got_its_own_row(&json, 1);
     let mlp_row = row(layer(&json, "DeepseekV2MLP"), "hw_tensor_flops");
     assert_eq!(mlp_row["status"], "pass", "{}", mlp_row["note"]);
     assert_eq!(layer(&json, "DeepseekV2MLP")["hardware"]["range"], 0);
@@ -487,6 +480,19 @@ fn a_layer_that_failed_before_its_range_takes_no_row() {
     assert_eq!(layer(&json, "MoEGate")["status"], "error");
     assert!(layer(&json, "MoEGate")["hardware"].is_null());
     assert_eq!(report.summary().error, 1);
+}
+
+/// The norm's figures came from ncu's row `range` (0 tensor ops: a pass), not another
+/// layer's.
+fn assert_norm_got_its_own_row(json: &Value, range: u64) {
+    let norm = row(layer(json, "DeepseekV2RMSNorm"), "hw_tensor_flops");
+    assert_eq!(
+        (norm["status"].as_str(), &norm["measured"]),
+        (Some("pass"), &Value::from(0)),
+        "{}",
+        norm["note"]
+    );
+    assert_eq!(layer(json, "DeepseekV2RMSNorm")["hardware"]["range"], range);
 }
 
 #[test]
@@ -517,14 +523,7 @@ fn a_layer_that_failed_inside_its_range_keeps_its_row() {
     // A row for each of the three ranges: the gate's (5,000,000 tensor ops, a failure if
     // given to the norm) is passed over, the norm gets the third.
     let (_, json) = attached(&args, &ready, &list, &[padded, 5_000_000, 0]);
-    let norm = row(layer(&json, "DeepseekV2RMSNorm"), "hw_tensor_flops");
-    assert_eq!(
-        (norm["status"].as_str(), &norm["measured"]),
-        (Some("pass"), &Value::from(0)),
-        "{}",
-        norm["note"]
-    );
-    assert_eq!(layer(&json, "DeepseekV2RMSNorm")["hardware"]["range"], 2);
+    assert_norm_got_its_own_row(&json, 2);
     // The gate ran in the parent: it has no figures, and its row says where to look.
     let gate = row(layer(&json, "MoEGate"), "hw_tensor_flops");
     assert_eq!(gate["status"], "fail");
