@@ -278,7 +278,12 @@ fn note_transients(rows: &mut [MetricRow], run: &LayerRun, cuda: bool) {
         }
         if !parts.is_empty() {
             parts.push(format!("peak {} bytes live", a.peak_live_bytes));
-            row.note = Some(parts.join("; "));
+            // After compare()'s own note ("not exact: …" for a row within the tolerance
+            // but unequal), never in its place.
+            row.note = Some(match row.note.take() {
+                Some(n) => format!("{n}; {}", parts.join("; ")),
+                None => parts.join("; "),
+            });
         }
     }
 }

@@ -109,6 +109,22 @@ fn a_peak_off_by_a_byte_passes_within_the_tolerance_and_fails_at_zero() {
 }
 
 #[test]
+fn an_activation_row_off_by_a_byte_says_not_exact_beside_the_scratch_note() {
+    // The gate's allocator sees scratch (wrapped scalars), whose note used to replace the
+    // comparison's "not exact": a pass within the tolerance then looked exact.
+    let args = ["--seq-len", "8", "--layers", "MoEGate"];
+    let (report, j) = run(&args, perturb("MoEGate", "activation_bytes", 1));
+    assert!(report.summary().ok(), "1 byte is within 5 %");
+    let r = row(&j["layers"][0], "activation_bytes");
+    assert_eq!(r["status"], "pass");
+    let note = r["note"].as_str().unwrap();
+    assert!(
+        note.contains("not exact") && note.contains("held no op output"),
+        "{r}"
+    );
+}
+
+#[test]
 fn a_layer_that_cannot_run_is_an_error_and_the_others_still_run() {
     let hooks = TestHooks {
         perturb: None,
