@@ -419,6 +419,15 @@ fn three_layers_of_a_config_with_two_dense_run_two_dense_and_one_moe() {
 }
 
 fn run_model(config: &Path, hooks: TestHooks) -> (ModelReport, String, String) {
+    run_model_within(config, hooks, "0")
+}
+
+/// [`run_model`] at the tolerance `accept_rel_diff`.
+fn run_model_within(
+    config: &Path,
+    hooks: TestHooks,
+    accept_rel_diff: &str,
+) -> (ModelReport, String, String) {
     let argv = [
         "verify-decoder",
         "--device",
@@ -432,7 +441,7 @@ fn run_model(config: &Path, hooks: TestHooks) -> (ModelReport, String, String) {
         "--new-tokens",
         "5",
         "--accept-rel-diff",
-        "0",
+        accept_rel_diff,
     ];
     let args = Args::try_parse_from(argv).expect("valid options");
     let mut ready = prepare(&args).expect("the invocation checks out");
@@ -491,6 +500,31 @@ fn a_mismatch_names_its_layer_and_step() {
     // The same run without the hook passes.
     let (clean, _, _) = run_model(&config, TestHooks::default());
     assert!(clean.ok(), "{}", report::model_table(&clean));
+}
+
+#[test]
+fn a_peak_within_the_tolerance_but_not_exact_is_not_called_exact() {
+    // The peak is judged within the tolerance; a call counted exact has its parts left
+    // out of the report, so an inexact peak must keep its call in view.
+    let dir = TempDir::new("peak");
+    let config = small_config(&dir);
+    let hooks = TestHooks {
+        perturb: Some(Perturbation {
+            layer: "decode[1]/layers.1".into(),
+            metric: "peak_activation_bytes".into(),
+            delta: 1,
+        }),
+        ..TestHooks::default()
+    };
+    let (report, table, _) = run_model_within(&config, hooks, "0.05");
+    assert!(report.ok(), "1 byte is within 5 %: {table}");
+    let step = &report.result.calls[2];
+    assert_eq!(step.call.describe(), "decode step 1");
+    assert!(!step.exact(), "{table}");
+    assert!(
+        table.contains("decode step 1 layers.1") && table.contains("not exact"),
+        "{table}"
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use super::junit::escape;
 use crate::check::{Check, EXACT};
 use crate::compare::{MetricRow, Status, FLOPS_BLIND_SPOT, KNOWN_GAPS};
 use crate::environment::Environment;
-use crate::model::{is_exact, Call, CallResult, ModelResult};
+use crate::model::{is_exact, is_inexact, Call, CallResult, ModelResult};
 use crate::results::LayerResult;
 
 /// Schema tag of a whole-model report.
@@ -140,9 +140,10 @@ fn failing_parts(c: &CallResult) -> impl Iterator<Item = &LayerResult> {
         .filter(|l| !l.status.is_ok() || !is_exact(&l.metrics))
 }
 
-/// A row worth showing in detail: not ok, or an exact row that is not exact.
+/// A row worth showing in detail: not ok, or an exact row (or the peak) that is not
+/// exact.
 fn notable(m: &MetricRow) -> bool {
-    !m.status.is_ok() || (matches!(m.metric, Check::Exact(_)) && m.analytic != m.measured)
+    !m.status.is_ok() || is_inexact(m)
 }
 
 /// The human report.
