@@ -59,7 +59,9 @@ impl KvCache {
         self.keys.as_ref().zip(self.values.as_ref())
     }
 
-    /// Bytes of the keys and values it holds (0 when empty), as allocated.
+    /// Bytes of the keys and values it holds (0 when empty): numel × element size, their
+    /// logical size. A cached view keeps its base's whole storage alive, which this does
+    /// not count (see `LayerRun::kv_cache_bytes`).
     pub fn bytes(&self) -> u64 {
         self.contents().map_or(0, |(k, v)| {
             crate::weights::tensor_bytes(k).saturating_add(crate::weights::tensor_bytes(v))

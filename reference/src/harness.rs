@@ -369,10 +369,13 @@ pub struct LayerRun {
     /// The module's output (the gate: its top-k weights).
     pub output: Tensor,
     pub counts: Counts,
-    /// Bytes of the module's parameters, as allocated.
+    /// Bytes of the module's parameters: numel × element size of each parameter tensor.
     pub weight_bytes: u64,
     /// Bytes of the KV cache the module holds after the forward (the prefill's and this
-    /// call's keys and values), as allocated; 0 without attention.
+    /// call's keys and values): numel × element size of the cached tensors, their logical
+    /// size; 0 without attention. A cached view pins all of its base's storage, which this
+    /// does not see: MLA's eager prefill caches the values as a view of `kv_b_proj`'s
+    /// output (docs/memory.md).
     pub kv_cache_bytes: u64,
     /// MoE only: tokens each routed expert received.
     pub tokens_per_expert: Option<Vec<i64>>,

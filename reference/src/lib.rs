@@ -47,7 +47,7 @@ pub trait Parameters {
     /// Every parameter with its vendor name, relative to the module.
     fn parameters(&self) -> Vec<(String, Tensor)>;
 
-    /// Bytes of all parameters, as allocated (numel × element size).
+    /// Bytes of all parameters: numel × element size of each tensor.
     fn weight_bytes(&self) -> u64 {
         self.parameters()
             .iter()
