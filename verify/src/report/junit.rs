@@ -1,7 +1,9 @@
 //! JUnit XML: one test case per layer and metric, for CI systems that render it.
 //! Known gaps and rows shown for information only (unavailable hardware figures among
 //! them) are skipped test cases; layers that could not run, and checks that could not be
-//! made, are errors.
+//! made, are errors; a passed case keeps its row's note as `<system-out>` ("not exact: …"
+//! for a row within the tolerance but unequal). The `--model` report's JUnit is written
+//! with the same [`Suite`].
 
 use super::Report;
 use crate::compare::{MetricRow, Status};
@@ -31,15 +33,19 @@ enum Outcome {
     Errored,
 }
 
-/// The outcome of row `m` and the body of its `<testcase>`.
-fn case_body(m: &MetricRow, tolerance: f64) -> (Outcome, String) {
-    let note = escape(m.note.as_deref().unwrap_or(""));
-    match m.status {
-        Status::Pass => (Outcome::Passed, String::new()),
+/// The outcome of a check with `status` and the body of its `<testcase>`: `message` says
+/// what was compared (for failures and errors), `note` why (a passed case keeps its note
+/// as `<system-out>`: "not exact: …" for a row within the tolerance but unequal).
+/// `unavailable`: an `Info` row whose figure the device could not give.
+fn case_body(status: Status, unavailable: bool, message: &str, note: &str) -> (Outcome, String) {
+    let note = escape(note);
+    match status {
+        Status::Pass if note.is_empty() => (Outcome::Passed, String::new()),
+        Status::Pass => (Outcome::Passed, format!("<system-out>{note}</system-out>")),
         // Shown for information (a figure no model claims, or one the device could not
         // measure): not a check, so not a passed test either.
         Status::Info => {
-            let what = if m.unavailable {
+            let what = if unavailable {
                 "unavailable"
             } else {
                 "information only"
@@ -55,66 +61,107 @@ fn case_body(m: &MetricRow, tolerance: f64) -> (Outcome, String) {
         ),
         Status::Fail => (
             Outcome::Failed,
-            format!(
-                "<failure message=\"{}\">{note}</failure>",
-                escape(&m.junit_detail(tolerance))
-            ),
+            format!("<failure message=\"{}\">{note}</failure>", escape(message)),
         ),
-        // The check itself could not be made (the oracle had no answer for the layer).
+        // The check itself could not be made (the oracle had no answer for the layer, a
+        // layer or call could not run).
         Status::Error => (
             Outcome::Errored,
-            format!(
-                "<error message=\"{}\">{note}</error>",
-                escape(&m.junit_detail(tolerance))
-            ),
+            format!("<error message=\"{}\">{note}</error>", escape(message)),
         ),
+    }
+}
+
+/// A JUnit suite being written: its test cases and their counts. One place for what a
+/// status becomes in JUnit, for the layer report and the `--model` report.
+#[derive(Debug, Default)]
+pub(super) struct Suite {
+    cases: String,
+    tests: usize,
+    failures: usize,
+    errors: usize,
+    skipped: usize,
+}
+
+impl Suite {
+    /// A test case `name` of `class` for a check with `status` (see [`case_body`]).
+    pub(super) fn case(
+        &mut self,
+        class: &str,
+        name: &str,
+        status: Status,
+        unavailable: bool,
+        message: &str,
+        note: &str,
+    ) {
+        let (outcome, body) = case_body(status, unavailable, message, note);
+        self.tests += 1;
+        match outcome {
+            Outcome::Passed => {}
+            Outcome::Skipped => self.skipped += 1,
+            Outcome::Failed => self.failures += 1,
+            Outcome::Errored => self.errors += 1,
+        }
+        self.cases.push_str(&format!(
+            "    <testcase classname=\"{}\" name=\"{}\">{body}</testcase>\n",
+            escape(class),
+            escape(name)
+        ));
+    }
+
+    /// The test case of metric row `m`.
+    pub(super) fn row(&mut self, class: &str, m: &MetricRow, tolerance: f64) {
+        self.case(
+            class,
+            m.metric.name(),
+            m.status,
+            m.unavailable,
+            &m.junit_detail(tolerance),
+            m.note.as_deref().unwrap_or(""),
+        );
+    }
+
+    /// The XML document: `testsuites` named `verify-decoder` holding one `testsuite`
+    /// named `name`.
+    pub(super) fn document(&self, name: &str) -> String {
+        let Suite {
+            cases,
+            tests,
+            failures,
+            errors,
+            skipped,
+        } = self;
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+             <testsuites name=\"verify-decoder\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n  \
+             <testsuite name=\"{name}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n\
+             {cases}  </testsuite>\n</testsuites>\n"
+        )
     }
 }
 
 /// The report as a JUnit XML document.
 pub fn to_junit(report: &Report) -> String {
-    let mut cases = String::new();
-    let (mut tests, mut failures, mut errors, mut skipped) = (0, 0, 0, 0);
+    let mut suite = Suite::default();
     for case in &report.cases {
         let prefix = case
             .index
             .map(|i| format!("case-{}/", i + 1))
             .unwrap_or_default();
         for layer in &case.layers {
-            let class = escape(&format!("{prefix}{}", layer.name));
+            let class = format!("{prefix}{}", layer.name);
             if let Some(cause) = &layer.error {
                 for metric in crate::check::reported() {
-                    tests += 1;
-                    errors += 1;
-                    cases.push_str(&format!(
-                        "    <testcase classname=\"{class}\" name=\"{metric}\"><error message=\"{}\"/></testcase>\n",
-                        escape(cause)
-                    ));
+                    suite.case(&class, metric.name(), Status::Error, false, cause, "");
                 }
                 continue;
             }
             for m in &layer.metrics {
-                tests += 1;
-                let (outcome, body) = case_body(m, report.tolerance);
-                match outcome {
-                    Outcome::Passed => {}
-                    Outcome::Skipped => skipped += 1,
-                    Outcome::Failed => failures += 1,
-                    Outcome::Errored => errors += 1,
-                }
-                cases.push_str(&format!(
-                    "    <testcase classname=\"{class}\" name=\"{}\">{body}</testcase>\n",
-                    m.metric
-                ));
+                suite.row(&class, m, report.tolerance);
             }
         }
     }
-    format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
-         <testsuites name=\"verify-decoder\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n  \
-         <testsuite name=\"verify-decoder\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n\
-         {cases}  </testsuite>\n</testsuites>\n"
-    )
+    suite.document("verify-decoder")
 }
 
 #[cfg(test)]
@@ -133,9 +180,16 @@ mod tests {
             note: Some("why".into()),
             unavailable,
         };
-        let outcome = |status, unavailable| case_body(&row(status, unavailable), 0.1);
+        let outcome = |status, unavailable| {
+            let m = row(status, unavailable);
+            case_body(m.status, m.unavailable, &m.junit_detail(0.1), "why")
+        };
         assert_eq!(
             outcome(Status::Pass, false),
+            (Outcome::Passed, "<system-out>why</system-out>".into())
+        );
+        assert_eq!(
+            case_body(Status::Pass, false, "", ""),
             (Outcome::Passed, String::new())
         );
         assert_eq!(

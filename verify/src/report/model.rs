@@ -7,7 +7,7 @@ use modelmeter::layers::{attention_class_name, AttentionImpl};
 use modelmeter::{units, ModelConfig, Workload};
 use serde_json::{json, Value};
 
-use super::junit::escape;
+use super::junit::Suite;
 use crate::check::{Check, EXACT};
 use crate::compare::{MetricRow, Status, FLOPS_BLIND_SPOT, KNOWN_GAPS};
 use crate::environment::Environment;
@@ -329,103 +329,46 @@ pub fn model_json(report: &ModelReport) -> Value {
 /// The report as JUnit XML: one test case per phase × metric (and per group of parts),
 /// plus one per failing row of each call that is not exact.
 pub fn model_junit(report: &ModelReport) -> String {
-    let mut cases = String::new();
-    let (mut tests, mut failures, mut errors, mut skipped) = (0, 0, 0, 0);
-    let mut case = |class: &str, name: &str, status: Status, message: String, note: &str| {
-        tests += 1;
-        let body = match status {
-            Status::Info | Status::Pass => String::new(),
-            Status::KnownGap => {
-                skipped += 1;
-                format!("<skipped message=\"known gap: {}\"/>", escape(note))
-            }
-            Status::Fail => {
-                failures += 1;
-                format!(
-                    "<failure message=\"{}\">{}</failure>",
-                    escape(&message),
-                    escape(note)
-                )
-            }
-            Status::Error => {
-                errors += 1;
-                format!("<error message=\"{}\"/>", escape(&message))
-            }
-        };
-        cases.push_str(&format!(
-            "    <testcase classname=\"{}\" name=\"{}\">{body}</testcase>\n",
-            escape(class),
-            escape(name)
-        ));
-    };
-    let detail = |m: &MetricRow| m.junit_detail(report.tolerance);
+    let mut suite = Suite::default();
+    let tolerance = report.tolerance;
     let r = &report.result;
     for p in &r.phases {
         let class = format!("model/{}", p.phase);
         if let Some(cause) = &p.error {
             for metric in crate::check::reported() {
-                case(&class, metric.name(), Status::Error, cause.clone(), "");
+                suite.case(&class, metric.name(), Status::Error, false, cause, "");
             }
             continue;
         }
         for m in &p.metrics {
-            case(
-                &class,
-                m.metric.name(),
-                m.status,
-                detail(m),
-                m.note.as_deref().unwrap_or(""),
-            );
+            suite.row(&class, m, tolerance);
         }
         for g in &p.groups {
             let class = format!("model/{}/{}", p.phase, g.name);
             for m in &g.metrics {
-                case(
-                    &class,
-                    m.metric.name(),
-                    m.status,
-                    detail(m),
-                    m.note.as_deref().unwrap_or(""),
-                );
+                suite.row(&class, m, tolerance);
             }
         }
     }
     for c in r.calls.iter().filter(|c| !c.status.is_ok() || !c.exact()) {
         let class = format!("model/{}", c.call.label());
         if let Some(cause) = &c.error {
-            case(&class, "run", Status::Error, cause.clone(), "");
+            suite.case(&class, "run", Status::Error, false, cause, "");
             continue;
         }
         for m in c.metrics.iter().filter(|m| notable(m)) {
-            case(
-                &format!("{class}/stack"),
-                m.metric.name(),
-                m.status,
-                detail(m),
-                m.note.as_deref().unwrap_or(""),
-            );
+            suite.row(&format!("{class}/stack"), m, tolerance);
         }
         for l in failing_parts(c) {
             let class = format!("{class}/{}", l.name);
             if let Some(cause) = &l.error {
-                case(&class, "run", Status::Error, cause.clone(), "");
+                suite.case(&class, "run", Status::Error, false, cause, "");
                 continue;
             }
             for m in l.metrics.iter().filter(|m| notable(m)) {
-                case(
-                    &class,
-                    m.metric.name(),
-                    m.status,
-                    detail(m),
-                    m.note.as_deref().unwrap_or(""),
-                );
+                suite.row(&class, m, tolerance);
             }
         }
     }
-    format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
-         <testsuites name=\"verify-decoder\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n  \
-         <testsuite name=\"verify-decoder --model\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">\n\
-         {cases}  </testsuite>\n</testsuites>\n"
-    )
+    suite.document("verify-decoder --model")
 }
