@@ -742,9 +742,10 @@ fn generation_step_by_step(g: &Generation) -> GenerationMetrics {
 }
 
 #[test]
-fn a_long_prefill_sets_the_generations_activation_peak() {
-    // The activation footprint of a generation is the largest call's, not the last
-    // call's nor a sum: a 300-token prompt needs more than any of 3 decode steps after it.
+fn a_long_prefill_sets_the_generations_activation_bytes() {
+    // A generation's activation_bytes (each call's sum of allocated op outputs, not a
+    // peak) is the largest call's, not the last call's nor a sum over calls: a 300-token
+    // prompt allocates more than any of 3 decode steps after it.
     for (config, mla) in [
         (ModelConfig::deepseek_ocr(), MlaForm::Naive),
         (
