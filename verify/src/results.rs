@@ -45,9 +45,9 @@ pub struct LayerResult {
     /// before the range (the analytic model, the module, a test hook's injected error,
     /// building or preparing it, the warm-up forward, opening the range); `None`: not
     /// known (a panic, caught around building, preparing and running the layer alike, so
-    /// it may have come before the range or inside it), or not run in a profiler range. On the CPU, which has no range, the same points are
-    /// told apart (`Prepared::run_in_profiler_range`). Not in reports: the child's
-    /// bookkeeping.
+    /// it may have come before the range or inside it), or not run in a profiler range.
+    /// On the CPU, which has no range, the same points are told apart
+    /// (`Prepared::run_in_profiler_range`). Not in reports: the child's bookkeeping.
     #[serde(skip)]
     pub profiler_range_opened: Option<bool>,
     #[serde(skip)]
