@@ -198,3 +198,88 @@ fn hardware_counters_fall_back_to_range_replay_without_the_moe_layers() {
         );
     }
 }
+
+/// Runs scripts/exactness-scan.py on a folder holding `files` (name, JSON text) with a
+/// real Python (the project's .venv, else python3); its exit code and output.
+fn exactness_scan(tag: &str, files: &[(&str, String)]) -> (Option<i32>, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join(".venv/bin/python");
+    let python = if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    };
+    let dir = std::env::temp_dir().join(format!("mm-scan-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let o = Command::new(python)
+        .arg(root.join("scripts/exactness-scan.py"))
+        .arg(&dir)
+        .output()
+        .expect("python runs the scan");
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+fn rows(analytic: u64, measured: u64) -> String {
+    format!(
+        r#"[{{"metric": "io_bytes", "analytic": {analytic}, "measured": {measured}}},
+            {{"metric": "peak_activation_bytes", "analytic": 7, "measured": 7}}]"#
+    )
+}
+
+/// A `--model` report: an exact prefill call, then a decode call whose kept part has
+/// `part` as its rows, and a phase.
+fn model_report(part: &str) -> String {
+    format!(
+        r#"{{"model": {{"calls": [
+            {{"phase": "prefill", "context_len": 0, "metrics": {exact}, "layers": [{{"name": "layers.0", "metrics": {exact}}}]}},
+            {{"phase": "decode", "context_len": 4, "metrics": {exact}, "layers": [{{"name": "layers.1", "metrics": {part}}}]}}],
+          "phases": [{{"phase": "total", "metrics": {exact}, "groups": [{{"name": "norm", "metrics": {exact}}}]}}]}}}}"#,
+        exact = rows(5, 5)
+    )
+}
+
+#[test]
+fn the_exactness_scan_reads_model_reports_and_refuses_unreadable_ones() {
+    // The scan once read only single-layer reports: a --model run's rows, all under
+    // model.calls[].layers[] and model.phases[], were never looked at.
+    let single = format!(
+        r#"{{"layers": [{{"name": "MoEGate", "metrics": {}}}]}}"#,
+        rows(3, 3)
+    );
+    let (code, out) = exactness_scan(
+        "exact",
+        &[
+            ("verify-a.json", single.clone()),
+            ("model-a.json", model_report(&rows(9, 9))),
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("exact rows: 7 of 7"), "{out}");
+    assert!(out.contains("peak rows: 7 of 7 exact"), "{out}");
+
+    let (code, out) = exactness_scan("model", &[("model-a.json", model_report(&rows(9, 8)))]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("INEXACT model-a.json decode C=4 layers.1 io_bytes: analytic 9 measured 8"),
+        "{out}"
+    );
+
+    // A report with nothing the scan can read is a failure, not an empty pass.
+    let (code, out) = exactness_scan(
+        "empty",
+        &[
+            ("verify-a.json", single),
+            ("model-b.json", r#"{"model": {"calls": []}}"#.into()),
+        ],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("NO EXACT ROWS in model-b.json"), "{out}");
+}
