@@ -47,8 +47,12 @@ const CPU_SDPA: &str = "aten::_scaled_dot_product_flash_attention_for_cpu";
 fn assert_oracle_agrees(args: &[&str], blind: bool) {
     let (code, j, stderr) = verify(args);
     assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    // One named layer, or DeepSeek-OCR's seven: an empty list would pass every check below.
+    let layers = j["layers"].as_array().unwrap();
+    let expected = if args.contains(&"--layers") { 1 } else { 7 };
+    assert_eq!(layers.len(), expected, "{args:?}");
     let mut blind_layers = 0;
-    for layer in j["layers"].as_array().unwrap() {
+    for layer in layers {
         let flops = row(layer, "oracle_flops");
         assert_eq!(flops["analytic"], flops["measured"], "{args:?}: {flops}");
         let ran_cpu_sdpa = layer["ops"]

@@ -8,8 +8,12 @@
 //! GPU run.
 //!
 //! The recording predates the fixes it drove (the fused kernels' side outputs, the math
-//! path's mask and `where`, flash's sliced output, the `.cpu()` copy), so it is the
-//! GPU's word, not ours.
+//! path's mask and `where`, flash's sliced output, the `.cpu()` copy). For
+//! `activation_bytes` it is the GPU's word, not ours: the caching allocator's blocks. For
+//! `io_bytes` it is a regression lock only: the recorded figure is the counter's, costed
+//! from the ops the GPU really ran (their shapes, dtypes and aliasing) but by the same
+//! `OpConvention::io_bytes` rule the analytic side uses, so a byte rule wrong at
+//! recording time passes here too (the DRAM/L2 hardware counters are its outside check).
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, ModelConfig, Platform, Workload};
