@@ -201,6 +201,32 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_head_dims_above_256_follow_sdp_utils() {
+        // Never run on a GPU here, so pinned to libtorch 2.11's sdp_utils.cpp: cuDNN and
+        // flash take d ≤ 256 on sm90; the memory-efficient kernel takes half-precision d
+        // with d % 8 == 0 (its alignment), any size; otherwise the math path. Each choice
+        // changes the FLOPs analyze prints (flash pads d; math runs op by op).
+        use SdpaKernel::*;
+        for dtype in [Dtype::Bf16, Dtype::F16] {
+            let cuda = |d, keys| SdpaKernel::select(Platform::Cuda, dtype, d, keys);
+            assert_eq!(cuda(256, 40), Cudnn, "the largest cuDNN head dim");
+            assert_eq!(
+                cuda(256, 1),
+                Flash,
+                "one key: cuDNN refuses, flash takes d ≤ 256"
+            );
+            assert_eq!(cuda(250, 40), Flash, "d % 8 != 0: flash, padded to 256");
+            assert_eq!(cuda(264, 40), Efficient);
+            assert_eq!(cuda(264, 1), Efficient);
+            assert_eq!(cuda(512, 40), Efficient);
+            assert_eq!(cuda(257, 40), Math);
+            assert_eq!(cuda(260, 40), Math, "d % 8 != 0 above 256: no fused kernel");
+        }
+        assert_eq!(Efficient.computed_head_dim(264), 264, "no padding");
+        assert_eq!(Flash.computed_head_dim(250), 256);
+    }
+
+    #[test]
     fn kernel_outputs_follow_what_an_h200_handed_back() {
         let bytes = |ts: &[TensorMeta]| ts.iter().map(|t| t.bytes().unwrap()).sum::<u64>();
         let out = TensorMeta::new(&[1, 10, 512, 128], Dtype::Bf16);
