@@ -1,8 +1,9 @@
 //! The join, op for op, on the CPU (DeepSeek-OCR's MHA layers, and MLA with V2/V3
 //! routing in `mla_and_v3_routing_…`): for every pairing of the registry, the ops the
 //! reference module really dispatched and the op leaves of its analytic layer are the
-//! same multiset of (op, matmul FLOPs, elementwise FLOPs), they move the same bytes per
-//! op name, and the weights agree to the byte. Also: the workload is the one source of the dtype and the TF32 setting.
+//! same multiset of (op, matmul FLOPs, elementwise FLOPs) (the routed experts' ops as
+//! totals per op name, every other op one for one), they move the same bytes per op name,
+//! and the weights agree to the byte. Also: the workload is the one source of the dtype and the TF32 setting.
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, ModelConfig, Platform, Workload};
@@ -29,15 +30,15 @@ fn run(p: Pairing, config: &ModelConfig, w: &Workload, attention: AttentionImpl)
     run
 }
 
-/// (op, matmul FLOPs, elementwise FLOPs) of each FLOP-bearing op, sorted; ops of the same
-/// name merged where the module has routed experts (the analytic side has one MLP over
-/// N·k rows, the measured one MLP per expert that received tokens).
-fn multiset(mut ops: Vec<(String, u64, u64)>, merge: bool) -> Vec<(String, u64, u64)> {
+/// (op, matmul FLOPs, elementwise FLOPs) of an op.
+type OpFlops = (String, u64, u64);
+
+/// `ops` merged by op name (sorted): the routed experts' side, where the analytic layer
+/// has one MLP over N·k rows and the measured module one MLP per expert that received
+/// tokens, so only their totals per op can agree.
+fn merged_by_name(mut ops: Vec<OpFlops>) -> Vec<OpFlops> {
     ops.sort();
-    if !merge {
-        return ops;
-    }
-    let mut merged: Vec<(String, u64, u64)> = Vec::new();
+    let mut merged: Vec<OpFlops> = Vec::new();
     for (name, m, e) in ops {
         match merged.last_mut() {
             Some(last) if last.0 == name => {
@@ -48,6 +49,42 @@ fn multiset(mut ops: Vec<(String, u64, u64)>, merge: bool) -> Vec<(String, u64, 
         }
     }
     merged
+}
+
+/// The FLOP-bearing op leaves of `cost` as [`OpFlops`].
+fn flop_ops(leaves: &[&modelmeter::Cost]) -> Vec<OpFlops> {
+    leaves
+        .iter()
+        .filter(|o| o.metrics.matmul_flops + o.metrics.elementwise_flops > 0)
+        .map(|o| {
+            (
+                o.op.unwrap().to_string(),
+                o.metrics.matmul_flops,
+                o.metrics.elementwise_flops,
+            )
+        })
+        .collect()
+}
+
+/// The op leaves under every routed-experts node of `cost`.
+fn expert_leaves(cost: &modelmeter::Cost) -> Vec<&modelmeter::Cost> {
+    if cost.name == modelmeter::layers::ROUTED_EXPERTS_ROLE {
+        return cost.ops();
+    }
+    cost.children.iter().flat_map(expert_leaves).collect()
+}
+
+/// `all` less one occurrence of each of `some` (a multiset difference); panics when
+/// `some` holds an op `all` lacks.
+fn without(mut all: Vec<OpFlops>, some: &[OpFlops], what: &str) -> Vec<OpFlops> {
+    for op in some {
+        let i = all
+            .iter()
+            .position(|o| o == op)
+            .unwrap_or_else(|| panic!("{what}: {op:?} is not among the ops that ran"));
+        all.swap_remove(i);
+    }
+    all
 }
 
 fn assert_same_ops(p: Pairing, config: &ModelConfig, w: &Workload, attention: AttentionImpl) {
@@ -69,37 +106,36 @@ fn assert_run_matches(
     config: &ModelConfig,
     attention: AttentionImpl,
 ) {
-    let experts = run.kind.has_experts(config);
-    let expected = multiset(
-        analytic
-            .ops()
-            .iter()
-            .filter(|o| o.metrics.matmul_flops + o.metrics.elementwise_flops > 0)
-            .map(|o| {
-                (
-                    o.op.unwrap().to_string(),
-                    o.metrics.matmul_flops,
-                    o.metrics.elementwise_flops,
-                )
-            })
-            .collect(),
-        experts,
+    let name = p.name(attention);
+    let analytic_ops = flop_ops(&analytic.ops());
+    let measured: Vec<OpFlops> = run
+        .counts
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                r.flops.matmul_flops,
+                r.flops.elementwise_flops,
+            )
+        })
+        .collect();
+    // Every op outside the routed experts matches one op that ran, FLOP for FLOP (the
+    // attention's projections, the gate, the shared experts, each on its own); only the
+    // experts' ops are compared as totals per op name.
+    let experts = flop_ops(&expert_leaves(analytic));
+    assert_eq!(
+        experts.is_empty(),
+        !run.kind.has_experts(config),
+        "{name}: routed experts in the analytic tree"
     );
-    let measured = multiset(
-        run.counts
-            .records
-            .iter()
-            .map(|r| {
-                (
-                    r.name.clone(),
-                    r.flops.matmul_flops,
-                    r.flops.elementwise_flops,
-                )
-            })
-            .collect(),
-        experts,
+    let outside = without(analytic_ops, &experts, name);
+    let routed = without(measured, &outside, name);
+    assert_eq!(
+        merged_by_name(routed),
+        merged_by_name(experts),
+        "{name}: the routed experts' ops"
     );
-    assert_eq!(measured, expected, "{}", p.name(attention));
     // Bytes moved, op by op (summed per op name).
     let mut analytic_io: std::collections::BTreeMap<String, u64> = Default::default();
     for o in analytic.ops() {
