@@ -13,7 +13,7 @@ use modelmeter_verify::report::{self, ModelReport};
 use serde_json::Value;
 
 mod common;
-use common::{names, read_json, text, verify, TempDir, EXACT};
+use common::{analytic_ops, measured_ops, names, read_json, text, verify, TempDir, EXACT};
 
 fn rows(v: &Value) -> &Vec<Value> {
     v["metrics"].as_array().unwrap()
@@ -636,33 +636,8 @@ fn embedding_norm_and_head_match_the_analytic_parts_op_for_op() {
                 if matches!(part, StackPart::Layer(_)) {
                     continue; // decoder layers: verify/tests/op_for_op.rs
                 }
-                let mut expected: Vec<(String, u64, u64)> = stack
-                    .part_cost(*part)
-                    .unwrap()
-                    .ops()
-                    .iter()
-                    .filter(|o| o.metrics.matmul_flops + o.metrics.elementwise_flops > 0)
-                    .map(|o| {
-                        let m = &o.metrics;
-                        (
-                            o.op.unwrap().to_string(),
-                            m.matmul_flops,
-                            m.elementwise_flops,
-                        )
-                    })
-                    .collect();
-                let mut got: Vec<(String, u64, u64)> = measured
-                    .counts
-                    .records
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.name.clone(),
-                            r.flops.matmul_flops,
-                            r.flops.elementwise_flops,
-                        )
-                    })
-                    .collect();
+                let mut expected = analytic_ops(&stack.part_cost(*part).unwrap().ops());
+                let mut got = measured_ops(&measured.counts.records);
                 expected.sort();
                 got.sort();
                 assert_eq!(got, expected, "{dtype} {call:?} {part:?}");

@@ -10,6 +10,9 @@ use modelmeter::{Dtype, ModelConfig, Platform, Workload};
 use modelmeter_reference::harness::{run_layer, LayerRun};
 use modelmeter_reference::Setup;
 use modelmeter_verify::pairing::{Pairing, REGISTRY};
+
+mod common;
+use common::{analytic_ops, measured_ops, OpFlops};
 use tch::{Device, Kind};
 
 const SETUP: Setup = Setup {
@@ -30,9 +33,6 @@ fn run(p: Pairing, config: &ModelConfig, w: &Workload, attention: AttentionImpl)
     run
 }
 
-/// (op, matmul FLOPs, elementwise FLOPs) of an op.
-type OpFlops = (String, u64, u64);
-
 /// `ops` merged by op name (sorted): the routed experts' side, where the analytic layer
 /// has one MLP over N·k rows and the measured module one MLP per expert that received
 /// tokens, so only their totals per op can agree.
@@ -49,21 +49,6 @@ fn merged_by_name(mut ops: Vec<OpFlops>) -> Vec<OpFlops> {
         }
     }
     merged
-}
-
-/// The FLOP-bearing op leaves of `cost` as [`OpFlops`].
-fn flop_ops(leaves: &[&modelmeter::Cost]) -> Vec<OpFlops> {
-    leaves
-        .iter()
-        .filter(|o| o.metrics.matmul_flops + o.metrics.elementwise_flops > 0)
-        .map(|o| {
-            (
-                o.op.unwrap().to_string(),
-                o.metrics.matmul_flops,
-                o.metrics.elementwise_flops,
-            )
-        })
-        .collect()
 }
 
 /// The op leaves under every routed-experts node of `cost`.
@@ -107,29 +92,18 @@ fn assert_run_matches(
     attention: AttentionImpl,
 ) {
     let name = p.name(attention);
-    let analytic_ops = flop_ops(&analytic.ops());
-    let measured: Vec<OpFlops> = run
-        .counts
-        .records
-        .iter()
-        .map(|r| {
-            (
-                r.name.clone(),
-                r.flops.matmul_flops,
-                r.flops.elementwise_flops,
-            )
-        })
-        .collect();
+    let all = analytic_ops(&analytic.ops());
+    let measured = measured_ops(&run.counts.records);
     // Every op outside the routed experts matches one op that ran, FLOP for FLOP (the
     // attention's projections, the gate, the shared experts, each on its own); only the
     // experts' ops are compared as totals per op name.
-    let experts = flop_ops(&expert_leaves(analytic));
+    let experts = analytic_ops(&expert_leaves(analytic));
     assert_eq!(
         experts.is_empty(),
         !run.kind.has_experts(config),
         "{name}: routed experts in the analytic tree"
     );
-    let outside = without(analytic_ops, &experts, name);
+    let outside = without(all, &experts, name);
     let routed = without(measured, &outside, name);
     assert_eq!(
         merged_by_name(routed),

@@ -20,6 +20,39 @@ pub const EXACT: [&str; 8] = [
     "kv_cache_bytes",
 ];
 
+/// (op, matmul FLOPs, elementwise FLOPs) of an op: how the op-for-op tests compare an
+/// analytic op list with the ops a reference module dispatched.
+pub type OpFlops = (String, u64, u64);
+
+/// The FLOP-bearing op leaves of an analytic cost tree as [`OpFlops`], in their order.
+pub fn analytic_ops(leaves: &[&modelmeter::Cost]) -> Vec<OpFlops> {
+    leaves
+        .iter()
+        .filter(|o| o.metrics.matmul_flops + o.metrics.elementwise_flops > 0)
+        .map(|o| {
+            (
+                o.op.unwrap().to_string(),
+                o.metrics.matmul_flops,
+                o.metrics.elementwise_flops,
+            )
+        })
+        .collect()
+}
+
+/// The ops a counted forward recorded as [`OpFlops`], in their order.
+pub fn measured_ops(records: &[modelmeter_reference::OpRecord]) -> Vec<OpFlops> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                r.flops.matmul_flops,
+                r.flops.elementwise_flops,
+            )
+        })
+        .collect()
+}
+
 /// The liveness peak's row: within the tolerance by definition, exact on the CPU for
 /// every layer the reference modules release like the vendor code (all of them).
 pub const PEAK: &str = "peak_activation_bytes";
