@@ -28,6 +28,18 @@ pub struct Perturbation {
 }
 
 impl TestHooks {
+    /// Only a perturbation: `delta` added to the analytic `metric` of `layer`.
+    pub fn perturbing(layer: &str, metric: &str, delta: u64) -> TestHooks {
+        TestHooks {
+            perturb: Some(Perturbation {
+                layer: layer.into(),
+                metric: metric.into(),
+                delta,
+            }),
+            ..TestHooks::default()
+        }
+    }
+
     /// The delta added to `layer`'s `metric`, if any.
     pub fn perturbation(&self, layer: &str, metric: &str) -> Option<u64> {
         self.perturb

@@ -6,7 +6,7 @@
 use approx::assert_relative_eq;
 use clap::Parser;
 use modelmeter_verify::app::{prepare, report_of, Args};
-use modelmeter_verify::hooks::{Perturbation, TestHooks};
+use modelmeter_verify::hooks::TestHooks;
 use modelmeter_verify::report::{self, Report};
 use serde_json::Value;
 
@@ -19,18 +19,6 @@ fn run(args: &[&str], hooks: TestHooks) -> (Report, Value) {
     let report = report_of(&args, &ready);
     let json = report::to_json(&report);
     (report, json)
-}
-
-fn perturb(layer: &str, metric: &str, delta: u64) -> TestHooks {
-    TestHooks {
-        perturb: Some(Perturbation {
-            layer: layer.into(),
-            metric: metric.into(),
-            delta,
-        }),
-        fail_layer: None,
-        scaled_matmul: None,
-    }
 }
 
 fn row<'a>(layer: &'a Value, metric: &str) -> &'a Value {
@@ -54,7 +42,7 @@ fn a_perturbed_exact_metric_fails_and_every_report_says_so() {
     ];
     let (clean, _) = run(&args, TestHooks::default());
     assert!(clean.summary().ok());
-    let (report, j) = run(&args, perturb("MoEGate", "matmul_flops", 1));
+    let (report, j) = run(&args, TestHooks::perturbing("MoEGate", "matmul_flops", 1));
     assert!(!report.summary().ok(), "exit code 1");
     let gate = &j["layers"][1];
     assert_eq!(gate["status"], "fail");
@@ -91,7 +79,7 @@ fn a_peak_off_by_a_byte_passes_within_the_tolerance_and_fails_at_zero() {
     assert_eq!(r["analytic"], r["measured"]);
     assert!(r["note"].as_str().unwrap().starts_with("exact"), "{r}");
 
-    let (report, j) = run(&args, perturb("DeepseekV2MLP", peak, 1));
+    let (report, j) = run(&args, TestHooks::perturbing("DeepseekV2MLP", peak, 1));
     assert!(report.summary().ok(), "1 byte is within 5 %");
     let r = row(&j["layers"][0], peak);
     assert_eq!(r["status"], "pass");
@@ -103,7 +91,7 @@ fn a_peak_off_by_a_byte_passes_within_the_tolerance_and_fails_at_zero() {
 
     let mut strict = args.to_vec();
     strict.extend(["--accept-rel-diff", "0"]);
-    let (report, j) = run(&strict, perturb("DeepseekV2MLP", peak, 1));
+    let (report, j) = run(&strict, TestHooks::perturbing("DeepseekV2MLP", peak, 1));
     assert!(!report.summary().ok(), "exit code 1");
     assert_eq!(row(&j["layers"][0], peak)["status"], "fail");
 }
@@ -113,7 +101,10 @@ fn an_activation_row_off_by_a_byte_says_not_exact_beside_the_scratch_note() {
     // The gate's allocator sees scratch (wrapped scalars), whose note used to replace the
     // comparison's "not exact": a pass within the tolerance then looked exact.
     let args = ["--seq-len", "8", "--layers", "MoEGate"];
-    let (report, j) = run(&args, perturb("MoEGate", "activation_bytes", 1));
+    let (report, j) = run(
+        &args,
+        TestHooks::perturbing("MoEGate", "activation_bytes", 1),
+    );
     assert!(report.summary().ok(), "1 byte is within 5 %");
     let r = row(&j["layers"][0], "activation_bytes");
     assert_eq!(r["status"], "pass");
@@ -177,7 +168,7 @@ fn a_flops_row_off_by_anything_but_the_blind_work_fails() {
         assert_eq!(row(layer, "flops")["status"], "known_gap", "{layer}");
     }
     for layer in ["MoEGate", "DeepseekV2RMSNorm", "DeepseekV2MLP"] {
-        let (report, j) = run(&args, perturb(layer, "flops", 1));
+        let (report, j) = run(&args, TestHooks::perturbing(layer, "flops", 1));
         assert!(!report.summary().ok(), "{layer}");
         let l = j["layers"]
             .as_array()
@@ -209,7 +200,10 @@ fn a_wrong_kv_cache_size_fails_its_row() {
     let kv = row(&j["layers"][0], "kv_cache_bytes");
     assert_eq!(kv["status"], "pass");
     assert!(kv["measured"].as_u64().unwrap() > 0);
-    let (report, j) = run(&args, perturb("LlamaFlashAttention2", "kv_cache_bytes", 1));
+    let (report, j) = run(
+        &args,
+        TestHooks::perturbing("LlamaFlashAttention2", "kv_cache_bytes", 1),
+    );
     assert!(!report.summary().ok());
     assert_eq!(row(&j["layers"][0], "kv_cache_bytes")["status"], "fail");
 }
@@ -232,13 +226,13 @@ fn bytes_moved_or_allocated_off_by_one_byte_fail_their_rows() {
         let io = row(&j["layers"][0], "io_bytes");
         assert_eq!(io["status"], "pass", "{io}");
         assert!(io["measured"].as_u64().unwrap() > 0);
-        let (report, j) = run(&args, perturb(layer, "io_bytes", 1));
+        let (report, j) = run(&args, TestHooks::perturbing(layer, "io_bytes", 1));
         assert!(!report.summary().ok());
         assert_eq!(row(&j["layers"][0], "io_bytes")["status"], "fail");
         // The same for the bytes the allocator handed out for op outputs.
         let act = row(&j["layers"][0], "activation_bytes");
         assert_eq!(act["status"], "pass", "{act}");
-        let (report, j) = run(&args, perturb(layer, "activation_bytes", 1));
+        let (report, j) = run(&args, TestHooks::perturbing(layer, "activation_bytes", 1));
         assert!(!report.summary().ok());
         assert_eq!(row(&j["layers"][0], "activation_bytes")["status"], "fail");
     }

@@ -8,7 +8,7 @@ use clap::Parser;
 use modelmeter::layers::{AttentionImpl, Generation};
 use modelmeter::{Dtype, Metric, ModelConfig, Platform};
 use modelmeter_verify::app::{model_report_of, prepare, Args};
-use modelmeter_verify::hooks::{Perturbation, TestHooks};
+use modelmeter_verify::hooks::TestHooks;
 use modelmeter_verify::report::{self, ModelReport};
 use serde_json::Value;
 
@@ -457,14 +457,7 @@ fn run_model_within(
 fn a_mismatch_names_its_layer_and_step() {
     let dir = TempDir::new("hook");
     let config = small_config(&dir);
-    let hooks = TestHooks {
-        perturb: Some(Perturbation {
-            layer: "decode[3]/layers.2".into(),
-            metric: "kv_cache_bytes".into(),
-            delta: 1,
-        }),
-        ..TestHooks::default()
-    };
+    let hooks = TestHooks::perturbing("decode[3]/layers.2", "kv_cache_bytes", 1);
     let (report, table, junit) = run_model(&config, hooks);
     assert!(!report.ok(), "exit code 1");
     let calls = &report.result.calls;
@@ -508,14 +501,7 @@ fn a_peak_within_the_tolerance_but_not_exact_is_not_called_exact() {
     // out of the report, so an inexact peak must keep its call in view.
     let dir = TempDir::new("peak");
     let config = small_config(&dir);
-    let hooks = TestHooks {
-        perturb: Some(Perturbation {
-            layer: "decode[1]/layers.1".into(),
-            metric: "peak_activation_bytes".into(),
-            delta: 1,
-        }),
-        ..TestHooks::default()
-    };
+    let hooks = TestHooks::perturbing("decode[1]/layers.1", "peak_activation_bytes", 1);
     let (report, table, _) = run_model_within(&config, hooks, "0.05");
     assert!(report.ok(), "1 byte is within 5 %: {table}");
     let step = &report.result.calls[2];
