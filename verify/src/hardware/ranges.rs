@@ -585,6 +585,13 @@ mod tests {
         }
     }
 
+    /// Which layer got which row: (layer, row index, its bf16 tensor ops).
+    fn rows_by_layer(got: &[AttributedRange]) -> Vec<(&str, usize, Option<u64>)> {
+        got.iter()
+            .map(|a| (a.record.layer.as_str(), a.index, a.figures.tensor_ops_bf16))
+            .collect()
+    }
+
     fn with(entries: Vec<RangeEntry>) -> RangeList {
         RangeList::new("cuda:0".into(), entries)
     }
@@ -599,11 +606,10 @@ mod tests {
             RangeEntry::Counted(record("C", 1)),
         ]);
         let got = attribute(&table, &list).expect("attributed");
-        let seen: Vec<(&str, usize, Option<u64>)> = got
-            .iter()
-            .map(|a| (a.record.layer.as_str(), a.index, a.figures.tensor_ops_bf16))
-            .collect();
-        assert_eq!(seen, [("A", 0, Some(100)), ("C", 2, Some(300))]);
+        assert_eq!(
+            rows_by_layer(&got),
+            [("A", 0, Some(100)), ("C", 2, Some(300))]
+        );
         // ncu skipped a later range as well: the counts disagree, nothing is attributed
         // (matched over the layers that were judged, C would get the failed B's row).
         let two = THREE_RANGES.replacen("\"2\",\"range\",\"30\",\"300\"\n", "", 1);
@@ -701,11 +707,10 @@ mod tests {
             RangeEntry::Counted(record("D", 1)),
         ]);
         let got = attribute(&table3, &list).expect("attributed");
-        let seen: Vec<(&str, usize, Option<u64>)> = got
-            .iter()
-            .map(|a| (a.record.layer.as_str(), a.index, a.figures.tensor_ops_bf16))
-            .collect();
-        assert_eq!(seen, [("B", 0, Some(100)), ("D", 2, Some(300))]);
+        assert_eq!(
+            rows_by_layer(&got),
+            [("B", 0, Some(100)), ("D", 2, Some(300))]
+        );
         assert!(matches!(
             attribute(&parse_range_results(&two).unwrap(), &list),
             Err(AttributionError::Ambiguous { rows: 2, .. })
