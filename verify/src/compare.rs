@@ -162,6 +162,15 @@ pub struct MetricRow {
 }
 
 impl MetricRow {
+    /// Adds `text` to the row's note, after what it already says (compare()'s "not
+    /// exact: …" for a row within the tolerance but unequal), never in its place.
+    pub fn add_note(&mut self, text: &str) {
+        self.note = Some(match self.note.take() {
+            Some(n) => format!("{n}; {text}"),
+            None => text.to_string(),
+        });
+    }
+
     /// The row's figures for a JUnit message: `analytic A measured M rel_diff R tolerance
     /// T` (`measured unavailable rel_diff —` where nothing was measured; `inf` where
     /// M = 0 < A).

@@ -278,12 +278,7 @@ fn note_transients(rows: &mut [MetricRow], run: &LayerRun, cuda: bool) {
         }
         if !parts.is_empty() {
             parts.push(format!("peak {} bytes live", a.peak_live_bytes));
-            // After compare()'s own note ("not exact: …" for a row within the tolerance
-            // but unequal), never in its place.
-            row.note = Some(match row.note.take() {
-                Some(n) => format!("{n}; {}", parts.join("; ")),
-                None => parts.join("; "),
-            });
+            row.add_note(&parts.join("; "));
         }
     }
 }
@@ -369,10 +364,7 @@ fn note_routing(result: &mut LayerResult, hit: u64, default: &Cost, routed: &Cos
             default.metrics.io_bytes
         );
         debug_assert_eq!(routed.metrics.matmul_flops, default.metrics.matmul_flops);
-        row.note = Some(match row.note.take() {
-            Some(n) => format!("{n}; {routing}"),
-            None => routing,
-        });
+        row.add_note(&routing);
     }
 }
 
@@ -461,10 +453,7 @@ fn note_io_by_op(metrics: &mut [MetricRow], analytic: &Cost, run: &LayerRun) {
         listed.join(", "),
         if differing.len() > 6 { ", …" } else { "" }
     );
-    row.note = Some(match row.note.take() {
-        Some(n) => format!("{n}; {text}"),
-        None => text,
-    });
+    row.add_note(&text);
 }
 
 /// The analytic metrics as the plan's device allocates them: on CUDA the caching
