@@ -787,7 +787,7 @@ fn phase_result(
             .iter_mut()
             .find(|r| r.metric == Check::Exact(modelmeter::Metric::IoBytes))
         {
-            row.note = Some(format!(
+            row.add_note(&format!(
                 "closed form under the measured routing: {unread} bytes of weights of experts that received no tokens are not read"
             ));
         }
