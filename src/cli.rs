@@ -271,23 +271,17 @@ pub fn parse_args<P: clap::Parser>(program: &str) -> P {
         ) {
             e.exit()
         }
-        // The arguments as text for the help pointer and the message: `args_os`, since
-        // `std::env::args` panics on an argument that is not UTF-8 (the error being shown).
-        let args: Vec<String> = std::env::args_os()
-            .skip(1)
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let help = help_command(&P::command(), program, args.iter().cloned());
-        let mut line = usage_error_line(program, &help, &e);
-        if e.kind() == ErrorKind::InvalidUtf8 {
-            // Before the pointer to help: what is wrong, then where to read more.
-            let see = format!("; see {help}");
-            let at = line.rfind(&see).unwrap_or(line.len());
-            line.insert_str(
-                at,
-                &format!(": {}", where_not_utf8(std::env::args_os().skip(1))),
-            );
-        }
+        // `args_os`: `std::env::args` panics on an argument that is not UTF-8 (the very
+        // error being shown).
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let help = help_command(
+            &P::command(),
+            program,
+            args.iter().map(|a| a.to_string_lossy().into_owned()),
+        );
+        // clap's InvalidUtf8 error names no argument: say which.
+        let detail = (e.kind() == ErrorKind::InvalidUtf8).then(|| where_not_utf8(&args));
+        let line = usage_error_line(program, &help, &e, detail.as_deref());
         let _ = writeln!(std::io::stderr(), "{line}");
         std::process::exit(2)
     })
@@ -295,8 +289,7 @@ pub fn parse_args<P: clap::Parser>(program: &str) -> P {
 
 /// Which argument is not UTF-8 (clap's error does not say): its place, the option it
 /// follows if any, and how it reads with the invalid bytes replaced by U+FFFD.
-fn where_not_utf8(args: impl Iterator<Item = std::ffi::OsString>) -> String {
-    let args: Vec<std::ffi::OsString> = args.collect();
+fn where_not_utf8(args: &[std::ffi::OsString]) -> String {
     let Some(i) = args.iter().position(|a| a.to_str().is_none()) else {
         return "every argument must be UTF-8 text".into();
     };
@@ -326,9 +319,10 @@ fn help_command(
     }
 }
 
-/// clap's error `e` as one line: its message, the possible values and tips, and where
-/// help is (`see {help}`; not clap's usage block).
-fn usage_error_line(program: &str, help: &str, e: &clap::Error) -> String {
+/// clap's error `e` as one line: its message, the possible values and tips, `detail`
+/// (what clap's message leaves out) if any, and where help is (`see {help}`; not clap's
+/// usage block).
+fn usage_error_line(program: &str, help: &str, e: &clap::Error, detail: Option<&str>) -> String {
     let rendered = e.render().to_string();
     let mut lines = rendered
         .lines()
@@ -340,6 +334,10 @@ fn usage_error_line(program: &str, help: &str, e: &clap::Error) -> String {
     for line in lines {
         message.push_str("; ");
         message.push_str(line.strip_prefix("tip: ").unwrap_or(line));
+    }
+    if let Some(detail) = detail {
+        message.push_str(": ");
+        message.push_str(detail);
     }
     one_line(&format!("{program}: error: {message}; see {help}"))
 }
@@ -359,7 +357,7 @@ mod tests {
         use clap::Parser;
         let e =
             Demo::try_parse_from(std::iter::once("demo").chain(args.iter().copied())).unwrap_err();
-        usage_error_line("demo", "demo --help", &e)
+        usage_error_line("demo", "demo --help", &e, None)
     }
 
     #[test]
