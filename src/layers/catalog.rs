@@ -28,6 +28,20 @@ pub fn attention_class_name(
     }
 }
 
+/// The attention core `config`'s attention runs as `form` and `attention` ask: `None`
+/// for the absorbed MLA form, which has no core to pick (its scores and weighted sum are
+/// explicit matmuls), `Some(attention)` otherwise. What reports write as `attention`.
+pub fn attention_core(
+    config: &ModelConfig,
+    form: MlaForm,
+    attention: AttentionImpl,
+) -> Option<AttentionImpl> {
+    match (&config.mla, form) {
+        (Some(_), MlaForm::Absorb) => None,
+        _ => Some(attention),
+    }
+}
+
 /// One analytic layer of a DeepSeek-V2 decoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum LayerId {
@@ -173,6 +187,22 @@ pub fn layers_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_absorbed_mla_form_has_no_attention_core() {
+        let mha = ModelConfig::deepseek_ocr();
+        let mla = ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
+        for attention in [AttentionImpl::Sdpa, AttentionImpl::Eager] {
+            for form in [MlaForm::Naive, MlaForm::Absorb] {
+                assert_eq!(attention_core(&mha, form, attention), Some(attention));
+            }
+            assert_eq!(
+                attention_core(&mla, MlaForm::Naive, attention),
+                Some(attention)
+            );
+            assert_eq!(attention_core(&mla, MlaForm::Absorb, attention), None);
+        }
+    }
 
     #[test]
     fn names_round_trip_and_match_the_layers_built() {

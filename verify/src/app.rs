@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use modelmeter::cli::{one_line, whole_number, WorkloadArgs};
-use modelmeter::layers::AttentionImpl;
+use modelmeter::layers::{attention_core, AttentionImpl};
 use modelmeter::workload::DSOCR_STANDARD_V1;
 use modelmeter::{units, Dtype, Platform, Workload};
 
@@ -428,7 +428,8 @@ impl Ready {
     /// The report's environment block for this device and plan.
     pub fn environment(&self) -> Environment {
         let p = &self.plan;
-        let mut env = Environment::collect(self.spec, &self.info, &p.workload, p.attention, p.seed);
+        let attention = attention_core(&p.config, p.workload.mla, p.attention);
+        let mut env = Environment::collect(self.spec, &self.info, &p.workload, attention, p.seed);
         env.include_host_details = self.host_details;
         env.test_hooks = p.hooks.describe();
         env

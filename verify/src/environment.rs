@@ -26,7 +26,9 @@ pub struct Environment {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cudnn_version: Option<String>,
     pub dtype: Dtype,
-    pub attention: AttentionImpl,
+    /// The attention core asked for; `None` (null) for the absorbed MLA form, which has
+    /// none (`modelmeter::layers::attention_core`).
+    pub attention: Option<AttentionImpl>,
     /// The fused attention kernels libtorch dispatched to (the SDPA kernel that ran).
     pub sdpa_kernels: Vec<String>,
     /// Whether libtorch allowed TF32 for fp32 matmuls.
@@ -54,7 +56,7 @@ impl Environment {
         spec: DeviceSpec,
         info: &DeviceInfo,
         workload: &Workload,
-        attention: AttentionImpl,
+        attention: Option<AttentionImpl>,
         seed: u64,
     ) -> Environment {
         let config = ffi::libtorch_config().unwrap_or_default();

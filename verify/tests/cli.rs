@@ -196,6 +196,10 @@ fn decode_and_eager_pass_exactly() {
     assert_exact(&j["layers"]);
 }
 
+fn extra_has_eager(args: &[&str]) -> bool {
+    args.windows(2).any(|w| w == ["--attn", "eager"])
+}
+
 #[test]
 fn mla_configs_verify_exactly_in_both_forms() {
     // DeepSeek-V2-Lite's every layer is checked below; here its attention in both MLA
@@ -227,6 +231,18 @@ fn mla_configs_verify_exactly_in_both_forms() {
         let j = passing_report("mla", &args);
         assert_eq!(j["layers"][0]["name"], name);
         assert_exact(&j["layers"]);
+        // No attention core runs in the absorbed form; elsewhere the one asked for.
+        let core = if name.ends_with("_absorb") {
+            Value::Null
+        } else {
+            Value::from(if extra_has_eager(&args) {
+                "eager"
+            } else {
+                "sdpa"
+            })
+        };
+        assert_eq!(j["attention"], core, "{args:?}");
+        assert_eq!(j["environment"]["attention"], core, "{args:?}");
     }
 }
 
@@ -296,12 +312,13 @@ fn sweep_of_50_passes_with_exact_rows() {
         );
         let mla = !case["config"]["mla"].is_null();
         let absorb = case["workload"]["mla"] == "absorb";
-        let attention = match (mla, absorb, case["attention"].as_str().unwrap()) {
-            (true, true, _) => "DeepseekV2Attention_absorb",
-            (true, false, "sdpa") => "DeepseekV2FlashAttention2",
-            (true, false, "eager") => "DeepseekV2Attention",
-            (false, false, "sdpa") => "LlamaFlashAttention2",
-            (false, false, "eager") => "LlamaAttention",
+        // The absorbed form has no attention core: its `attention` is null.
+        let attention = match (mla, absorb, case["attention"].as_str()) {
+            (true, true, None) => "DeepseekV2Attention_absorb",
+            (true, false, Some("sdpa")) => "DeepseekV2FlashAttention2",
+            (true, false, Some("eager")) => "DeepseekV2Attention",
+            (false, _, Some("sdpa")) => "LlamaFlashAttention2",
+            (false, _, Some("eager")) => "LlamaAttention",
             other => panic!("unexpected case {other:?}: {case}"),
         };
         assert_eq!(

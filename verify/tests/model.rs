@@ -105,6 +105,13 @@ fn mla_models_are_exact_in_every_form() {
             text(&o.stderr)
         );
         let report = read_json(&json);
+        // The absorbed form has no attention core to name: null, not the default sdpa.
+        let core = match form {
+            ["--attn", core] => Value::from(*core),
+            _ => Value::Null,
+        };
+        assert_eq!(report["attention"], core, "{form:?}");
+        assert_eq!(report["environment"]["attention"], core, "{form:?}");
         let model = &report["model"];
         let calls = model["calls"].as_array().unwrap();
         assert_eq!(calls.len(), 4, "{form:?}: the prefill and 3 decode steps");

@@ -1,6 +1,7 @@
 //! `modelmeter.verify/1` JSON (and `modelmeter.verify-sweep/1` for sweeps). Every count
 //! is an exact integer; relative differences are numbers, or null when infinite.
 
+use modelmeter::layers::attention_core;
 use serde_json::{json, Value};
 
 use super::{Case, Report};
@@ -15,7 +16,7 @@ fn case_json(case: &Case) -> Value {
     let mut v = json!({
         "config": case.config,
         "workload": case.workload,
-        "attention": case.attention,
+        "attention": attention_core(&case.config, case.workload.mla, case.attention),
         "layers": case.layers,
         "summary": case.summary,
     });

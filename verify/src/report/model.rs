@@ -3,7 +3,7 @@
 //! exact), `modelmeter.verify-model/1` JSON and JUnit (one case per phase × metric, plus
 //! the failing rows of each call that is not exact).
 
-use modelmeter::layers::{attention_class_name, AttentionImpl};
+use modelmeter::layers::{attention_class_name, attention_core, AttentionImpl};
 use modelmeter::{units, ModelConfig, Workload};
 use serde_json::{json, Value};
 
@@ -313,7 +313,7 @@ pub fn model_json(report: &ModelReport) -> Value {
         "environment": report.environment,
         "config": report.config,
         "workload": report.workload,
-        "attention": report.attention,
+        "attention": attention_core(&report.config, report.workload.mla, report.attention),
         "tolerance": report.tolerance,
         "conventions": modelmeter::conventions::conventions_json(),
         "known_gaps": known_gaps,
