@@ -7,7 +7,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::GenerationMetrics;
 use crate::layers::{
-    attention_class_name, layers_of, AttentionImpl, DeepseekV2Decoder, Generation, Layer,
+    attention_class_name, attention_core, layers_of, AttentionImpl, DeepseekV2Decoder, Generation, Layer,
 };
 use crate::liveness::Peak;
 use crate::metrics::{Cost, Metrics};
@@ -77,7 +77,7 @@ impl AnalyzeReport {
             "schema": ANALYZE_SCHEMA,
             "config": self.config,
             "workload": self.workload,
-            "attention": self.attention,
+            "attention": attention_core(&self.config, self.workload.mla, self.attention),
             "layers": self.layers,
             "stack": self.stack,
         });
@@ -178,6 +178,24 @@ fn breakdown(c: &Cost, level: usize, depth: usize, rows: &mut Vec<Vec<String>>) 
 mod tests {
     use super::*;
     use crate::config::MlpKind;
+    use crate::workload::MlaForm;
+
+    #[test]
+    fn json_names_the_attention_core_only_where_one_runs() {
+        let lite = ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
+        let decode = Workload::decode(1, 16).unwrap();
+        for (config, form, core) in [
+            (&lite, MlaForm::Naive, json!("eager")),
+            (&lite, MlaForm::Absorb, Value::Null),
+            (&ModelConfig::deepseek_ocr(), MlaForm::Naive, json!("eager")),
+        ] {
+            let w = decode.clone().with_mla(form);
+            let j = analyze(config, &w, AttentionImpl::Eager, None)
+                .unwrap()
+                .to_json();
+            assert_eq!(j["attention"], core, "{} {form:?}", config.name);
+        }
+    }
 
     #[test]
     fn json_names_every_layer_and_keeps_integers_exact() {
