@@ -188,9 +188,20 @@ impl ModelConfig {
             source_name: name.to_string(),
             message: "the top level is not a JSON object".to_string(),
         })?;
-        let nested = NESTED_KEYS
+        let mut given = NESTED_KEYS
             .iter()
-            .find_map(|k| root.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
+            .filter_map(|k| root.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
+        let nested = given.next();
+        // Two different language configs: which one the model runs is not ours to guess.
+        if let (Some((first, v)), Some((second, w))) = (nested, given.next()) {
+            if v != w {
+                return Err(Error::invalid(
+                    second,
+                    format!("an object unlike {first}"),
+                    &format!("one nested language config: {first} or {second}, not both"),
+                ));
+            }
+        }
         let obj = match nested {
             None => root,
             Some((_, Value::Object(obj))) => obj,
@@ -701,6 +712,17 @@ mod tests {
             let nested = parse(json!({ "model_type": "deepseek_vl_v2", key: base() })).unwrap();
             assert_eq!(flat, nested, "{key}");
         }
+        // Both nested keys: the same config twice is one config; two different ones are
+        // refused, naming both keys.
+        let both = json!({"language_config": base(), "text_config": base()});
+        assert_eq!(parse(both).unwrap(), flat);
+        let e = err(
+            json!({"language_config": base(), "text_config": with("hidden_size", json!(2560))}),
+        );
+        assert!(
+            e.contains("text_config = an object unlike language_config") && e.contains("not both"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::GenerationMetrics;
 use crate::layers::{
-    attention_class_name, attention_core, layers_of, AttentionImpl, DeepseekV2Decoder, Generation, Layer,
+    attention_class_name, attention_core, layers_of, AttentionImpl, DeepseekV2Decoder, Generation,
+    Layer,
 };
 use crate::liveness::Peak;
 use crate::metrics::{Cost, Metrics};
