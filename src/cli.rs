@@ -208,6 +208,8 @@ fn as_options(e: Error) -> Error {
 /// Writes `text` to standard output and flushes it, without panicking. A reader that
 /// went away (a closed pipe, as in `| head`) is not an error: the output ends quietly, as
 /// in other Unix tools. Any other failure (a full disk) is returned for a one-line error.
+/// (A standard output closed with `>&-` is /dev/null to a Rust program: its runtime
+/// reopens closed standard descriptors there before `main`.)
 pub fn print_stdout(text: &str) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
@@ -263,13 +265,17 @@ where
 pub fn parse_args<P: clap::Parser>(program: &str) -> P {
     P::try_parse().unwrap_or_else(|e| {
         use clap::error::ErrorKind;
-        if matches!(
-            e.kind(),
-            ErrorKind::DisplayHelp
-                | ErrorKind::DisplayVersion
-                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-        ) {
+        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
             e.exit()
+        }
+        if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            // A bare `modelmeter`: one line like every other refusal, not the whole help.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{}",
+                missing_subcommand_line(&P::command(), program)
+            );
+            std::process::exit(2)
         }
         // `args_os`: `std::env::args` panics on an argument that is not UTF-8 (the very
         // error being shown).
@@ -285,6 +291,20 @@ pub fn parse_args<P: clap::Parser>(program: &str) -> P {
         let _ = writeln!(std::io::stderr(), "{line}");
         std::process::exit(2)
     })
+}
+
+/// The one-line refusal of a command line that names no subcommand.
+fn missing_subcommand_line(command: &clap::Command, program: &str) -> String {
+    let names: Vec<&str> = command
+        .get_subcommands()
+        .map(|s| s.get_name())
+        .filter(|name| *name != "help")
+        .collect();
+    format!(
+        "{program}: error: a command is required: {} (e.g. `{program} {}`); see {program} --help",
+        names.join(", "),
+        names.first().copied().unwrap_or("help"),
+    )
 }
 
 /// Which argument is not UTF-8 (clap's error does not say): its place, the option it

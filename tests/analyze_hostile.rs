@@ -231,6 +231,25 @@ fn arguments_that_are_not_utf8_are_one_line_errors_naming_them() {
     assert_refused(&run(&[OsStr::new("--x"), bad, analyze]), &["--x"]);
 }
 
+#[test]
+fn a_bare_command_and_options_that_do_nothing_are_one_line_refusals() {
+    // No subcommand: one line naming the command to give, not the whole help.
+    let o = no_panic(
+        Command::new(env!("CARGO_BIN_EXE_modelmeter"))
+            .output()
+            .expect("the binary runs"),
+    );
+    assert_refused(
+        &o,
+        &["a command is required: analyze", "see modelmeter --help"],
+    );
+    // --depth shapes the tables; the JSON always has the whole tree.
+    assert_refused(
+        &analyze(&["--json", "--depth", "3"]),
+        &["'--json' cannot be used with '--depth <N>'"],
+    );
+}
+
 // Item 9: overflows name the option or config field; a huge decode context is costed.
 
 #[test]

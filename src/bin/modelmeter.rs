@@ -48,8 +48,10 @@ struct AnalyzeArgs {
     /// Print one modelmeter.analyze/1 JSON object instead of tables
     #[arg(long)]
     json: bool,
-    /// Levels of each layer's breakdown in the tables (0: summary only)
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = whole_number::<usize>)]
+    /// Levels of each layer's breakdown in the tables (0: summary only; the JSON always
+    /// has the whole tree)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = whole_number::<usize>,
+          conflicts_with = "json")]
     depth: usize,
 }
 
