@@ -375,10 +375,16 @@ impl Fields<'_> {
         let Some(v) = self.present(key) else {
             return Ok(None);
         };
-        let expected = format!("an integer ≥ {min}");
         match v.as_u64() {
             Some(n) if n >= min => Ok(Some(n)),
-            _ => Err(Error::invalid(key, v, &expected)),
+            // JSON reads a number past 64 bits as a float: say it is too large, not that
+            // it is not an integer.
+            _ if v.as_f64().is_some_and(|x| x >= u64::MAX as f64) => Err(Error::invalid(
+                key,
+                v,
+                &format!("an integer from {min} to {} (it is too large)", u64::MAX),
+            )),
+            _ => Err(Error::invalid(key, v, &format!("an integer ≥ {min}"))),
         }
     }
 
@@ -649,6 +655,19 @@ mod tests {
     /// The validation error of `v`, without the config's name (checked once, below).
     fn err(v: Value) -> String {
         ModelConfig::validated("test", &v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn integers_past_64_bits_are_called_too_large() {
+        // JSON reads 2^64 as a float; the message says what is wrong with it.
+        let e = err(with("hidden_size", json!(18446744073709551616.0)));
+        assert!(
+            e.contains("expected an integer from 1 to 18446744073709551615 (it is too large)"),
+            "{e}"
+        );
+        // A fraction is not an integer, whatever its size.
+        let e = err(with("hidden_size", json!(1280.5)));
+        assert!(e.ends_with("expected an integer ≥ 1"), "{e}");
     }
 
     #[test]

@@ -47,12 +47,12 @@ pub enum Error {
     },
     /// An exact integer metric does not fit in 64 bits.
     #[error(
-        "{what} overflows 64-bit integers; reduce the workload (batch, sequence, context, new tokens) or the model sizes"
+        "{what} would overflow 64-bit integers; reduce the workload (batch, sequence, context, new tokens) or the model sizes"
     )]
     Overflow { what: String },
     /// An [`Error::Overflow`] with the inputs that cause it (see
     /// [`crate::overflow::explain`]): `inputs` names them with their values.
-    #[error("{inputs}: {what} overflows 64-bit integers; lower {names}")]
+    #[error("{inputs}: {what} would overflow 64-bit integers; lower {names}")]
     OverflowFrom {
         inputs: String,
         what: String,

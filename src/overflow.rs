@@ -1,5 +1,5 @@
 //! Which input made an exact count overflow: an overflow deep in a layer ("aten::mm
-//! overflows 64-bit integers") does not say whether `hidden_size`, `--seq-len` or
+//! would overflow 64-bit integers") does not say whether `hidden_size`, `--seq-len` or
 //! `--new-tokens` is to blame. [`explain`] finds out by lowering inputs: it lowers every
 //! size the analysis takes to a small valid value, then raises them back one at a time;
 //! those that cannot be raised without the overflow returning are named. The inputs
@@ -438,6 +438,6 @@ mod tests {
         let e = explain(Error::invalid("x", 1, "y"), &i, |_| true);
         assert_eq!(e.to_string(), "x = 1 is invalid: expected y");
         let e = explain(Error::overflow("z"), &i, |_| true);
-        assert!(e.to_string().starts_with("z overflows"), "{e}");
+        assert!(e.to_string().starts_with("z would overflow"), "{e}");
     }
 }

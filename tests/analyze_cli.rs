@@ -173,7 +173,7 @@ fn bad_input_is_one_line_and_exit_2() {
             &["--batch", "18446744073709551615"],
             "--batch × --seq-len = 18446744073709551615 × 512",
         ),
-        (&["--new-tokens", "18446744073709551615"], "overflows"),
+        (&["--new-tokens", "18446744073709551615"], "would overflow"),
     ];
     for (args, needle) in cases {
         let o = analyze(args);

@@ -294,7 +294,7 @@ fn overflows_name_the_option_or_field() {
     ];
     for (args, start, end) in cases {
         let o = analyze(args);
-        assert_refused(&o, &[start, "overflows 64-bit integers", end]);
+        assert_refused(&o, &[start, "would overflow 64-bit integers", end]);
     }
 }
 

@@ -531,7 +531,10 @@ mod tests {
             ..Metrics::default()
         };
         let e = accumulate(&huge, &later).unwrap_err().to_string();
-        assert!(e.contains("io_bytes") && e.contains("overflows"), "{e}");
+        assert!(
+            e.contains("io_bytes") && e.contains("would overflow"),
+            "{e}"
+        );
         // State is not summed, so state that would overflow if it were is no error.
         let full = Metrics {
             weight_bytes: u64::MAX,
@@ -563,6 +566,10 @@ mod tests {
             attention: AttentionImpl::Sdpa,
             mla: MlaForm::Naive,
         };
-        assert!(g.metrics().unwrap_err().to_string().contains("overflows"));
+        assert!(g
+            .metrics()
+            .unwrap_err()
+            .to_string()
+            .contains("would overflow"));
     }
 }
