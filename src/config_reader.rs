@@ -118,10 +118,24 @@ pub(crate) fn parse(name: &str, text: &[u8]) -> Result<Value> {
         source_name: name.to_string(),
         message,
     };
+    if text.starts_with(b"\xef\xbb\xbf") {
+        return Err(parse_error(
+            "it starts with a UTF-8 byte-order mark, which JSON does not allow; save it without one"
+                .into(),
+        ));
+    }
     match text.iter().find(|b| !b.is_ascii_whitespace()) {
         None => return Err(parse_error("it is empty; expected a JSON object".into())),
         Some(b'{') => {}
-        Some(_) => return Err(parse_error("the top level is not a JSON object".into())),
+        // Valid JSON of another kind, or not JSON at all: say which.
+        Some(_) => {
+            return Err(parse_error(
+                match serde_json::from_slice::<IgnoredAny>(text) {
+                    Ok(_) => "the top level is not a JSON object".into(),
+                    Err(e) => format!("it is not JSON ({e}); expected a JSON object"),
+                },
+            ))
+        }
     }
     let mut de = serde_json::Deserializer::from_slice(text);
     let value = Filtered { nested: true }
@@ -207,7 +221,12 @@ mod tests {
     #[test]
     fn not_an_object_empty_or_oversized_fields_are_errors() {
         for (text, needle) in [
-            (&b"[0, 0]"[..], "not a JSON object"),
+            (&b"[0, 0]"[..], "the top level is not a JSON object"),
+            (
+                b"hello",
+                "it is not JSON (expected value at line 1 column 1)",
+            ),
+            (b"\xef\xbb\xbf{}", "starts with a UTF-8 byte-order mark"),
             (b"  ", "empty"),
             (b"{ nope", "t"),
             (b"{} x", "trailing"),
