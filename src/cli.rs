@@ -232,16 +232,7 @@ pub fn one_line(text: &str) -> String {
     out
 }
 
-/// A value typed on the command line as an error message shows it: quoted when it is
-/// empty or only blanks (`--device = "" is invalid`), which would otherwise vanish
-/// between the `=` and `is`; as typed otherwise.
-pub fn shown_value(text: &str) -> String {
-    if text.trim().is_empty() {
-        format!("{text:?}")
-    } else {
-        text.to_string()
-    }
-}
+pub use crate::error::shown_value;
 
 /// Parses a whole-number option, with an error that says what is valid (clap's own says
 /// only why the text is not a number: "invalid digit found in string").
@@ -472,13 +463,6 @@ mod tests {
             dtype.contains("[possible values: bf16, fp16, fp32]") && !dtype.contains('\n'),
             "{dtype}"
         );
-    }
-
-    #[test]
-    fn blank_values_are_shown_quoted() {
-        assert_eq!(shown_value(""), "\"\"");
-        assert_eq!(shown_value("  "), "\"  \"");
-        assert_eq!(shown_value("cuda:x"), "cuda:x");
     }
 
     #[test]

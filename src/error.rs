@@ -69,7 +69,7 @@ impl Error {
     pub fn invalid(field: &str, value: impl ToString, expected: &str) -> Error {
         Error::Invalid {
             field: field.to_string(),
-            value: abbreviate(value.to_string()),
+            value: abbreviate(shown_value(&value.to_string())),
             expected: expected.to_string(),
         }
     }
@@ -134,6 +134,17 @@ impl Error {
 const MAX_SHOWN_VALUE: usize = 80;
 
 /// `text` when short; else its start, an ellipsis and its length.
+/// A value as an error message shows it: quoted when it is empty or only blanks
+/// (`--device = "" is invalid`), which would otherwise vanish between the `=` and `is`;
+/// as given otherwise.
+pub fn shown_value(text: &str) -> String {
+    if text.trim().is_empty() {
+        format!("{text:?}")
+    } else {
+        text.to_string()
+    }
+}
+
 fn abbreviate(text: String) -> String {
     if text.chars().count() <= MAX_SHOWN_VALUE {
         return text;
@@ -148,6 +159,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blank_values_are_shown_quoted() {
+        assert_eq!(shown_value(""), "\"\"");
+        assert_eq!(shown_value("  "), "\"  \"");
+        assert_eq!(shown_value("cuda:x"), "cuda:x");
+        assert_eq!(
+            Error::invalid("--device", "", "cpu").to_string(),
+            "--device = \"\" is invalid: expected cpu"
+        );
+    }
 
     #[test]
     fn long_values_are_shortened() {

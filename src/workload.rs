@@ -33,19 +33,42 @@ pub enum Platform {
 }
 
 impl Platform {
+    /// The highest CUDA device index a `--device` may name: libtorch's device index is an
+    /// int8 (`c10::DeviceIndex`), so a larger one would wrap to another device.
+    pub const MAX_CUDA_INDEX: u8 = 127;
+
     /// Parses `cuda`, `cuda:N` or `cpu` (the spellings of `--device`).
     pub fn parse(text: &str) -> Result<Platform> {
+        Ok(Platform::parse_device(text)?.0)
+    }
+
+    /// Parses a `--device`: `cpu`, `cuda` (device 0) or `cuda:N`, N in decimal digits
+    /// from 0 to [`Platform::MAX_CUDA_INDEX`]; letter case and blanks around it are
+    /// ignored. The platform and the CUDA device index (0 for the CPU): the one spelling
+    /// rule of both binaries.
+    pub fn parse_device(text: &str) -> Result<(Platform, u8)> {
         let lower = text.trim().to_ascii_lowercase();
+        let index = |n: &str| {
+            n.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| n.parse::<u8>().ok())
+                .flatten()
+                .filter(|&i| i <= Platform::MAX_CUDA_INDEX)
+        };
         match lower.as_str() {
-            "cpu" => Ok(Platform::Cpu),
-            "cuda" => Ok(Platform::Cuda),
-            _ if lower
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<u32>().is_ok()) =>
-            {
-                Ok(Platform::Cuda)
-            }
-            _ => Err(Error::invalid("--device", text, "cuda, cuda:N or cpu")),
+            "cpu" => Ok((Platform::Cpu, 0)),
+            "cuda" => Ok((Platform::Cuda, 0)),
+            _ => match lower.strip_prefix("cuda:").and_then(index) {
+                Some(i) => Ok((Platform::Cuda, i)),
+                None => Err(Error::invalid(
+                    "--device",
+                    text,
+                    &format!(
+                        "cpu, cuda or cuda:N (N from 0 to {})",
+                        Platform::MAX_CUDA_INDEX
+                    ),
+                )),
+            },
         }
     }
 }
@@ -323,6 +346,32 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_spellings_are_one_rule() {
+        for (text, parsed) in [
+            ("cpu", (Platform::Cpu, 0)),
+            (" CPU ", (Platform::Cpu, 0)),
+            ("cuda", (Platform::Cuda, 0)),
+            ("Cuda:1", (Platform::Cuda, 1)),
+            ("cuda:127", (Platform::Cuda, 127)),
+        ] {
+            assert_eq!(Platform::parse_device(text).unwrap(), parsed, "{text:?}");
+        }
+        for text in [
+            "", " ", "tpu", "cuda:", "cuda:+5", "cuda:-1", "cuda:128", "cuda:999", "cuda:x",
+        ] {
+            let e = Platform::parse_device(text).unwrap_err().to_string();
+            assert!(
+                e.ends_with("is invalid: expected cpu, cuda or cuda:N (N from 0 to 127)"),
+                "{text:?}: {e}"
+            );
+        }
+        assert!(Platform::parse_device("")
+            .unwrap_err()
+            .to_string()
+            .starts_with("--device = \"\" is invalid"));
+    }
 
     #[test]
     fn standard_profile_is_batch_1_prefill_512_then_512_tokens() {

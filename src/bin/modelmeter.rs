@@ -38,7 +38,7 @@ enum Command {
 struct AnalyzeArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
-    /// Whose kernels to model: cuda (an NVIDIA GPU, sm80+) or cpu. It picks the fused
+    /// Whose kernels to model: cuda or cuda:N (an NVIDIA GPU, sm80+) or cpu. It picks the fused
     /// attention kernel (head-dim padding, math fallback); engines are always the GPU's
     #[arg(long, value_name = "DEVICE", default_value = "cuda")]
     device: String,

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::process::Command;
 
+use modelmeter::Platform;
 use modelmeter_reference::cuda_backend::Backend;
 use tch::Device;
 
@@ -25,26 +26,13 @@ impl fmt::Display for DeviceSpec {
 impl DeviceSpec {
     /// The largest CUDA device index libtorch can address (`c10::DeviceIndex` is an
     /// `int8_t`): a larger N would wrap to another device on the way to libtorch.
-    pub const MAX_CUDA_INDEX: usize = i8::MAX as usize;
+    pub const MAX_CUDA_INDEX: usize = Platform::MAX_CUDA_INDEX as usize;
 
     /// Parses `cpu`, `cuda` (= `cuda:0`) or `cuda:N` (N up to [`Self::MAX_CUDA_INDEX`]).
     pub fn parse(text: &str) -> Result<DeviceSpec, String> {
-        let lower = text.trim().to_ascii_lowercase();
-        match lower.as_str() {
-            "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" => Ok(DeviceSpec::Cuda(0)),
-            _ => lower
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .filter(|&n| n <= DeviceSpec::MAX_CUDA_INDEX)
-                .map(DeviceSpec::Cuda)
-                .ok_or_else(|| {
-                    format!(
-                        "--device = {} is invalid: expected cpu, cuda or cuda:N (N from 0 to {})",
-                        modelmeter::cli::shown_value(text),
-                        DeviceSpec::MAX_CUDA_INDEX
-                    )
-                }),
+        match Platform::parse_device(text).map_err(|e| e.to_string())? {
+            (Platform::Cpu, _) => Ok(DeviceSpec::Cpu),
+            (Platform::Cuda, index) => Ok(DeviceSpec::Cuda(usize::from(index))),
         }
     }
 
