@@ -30,14 +30,22 @@ fn scaled(value: u64, base: f64, units: &[&str]) -> String {
         v /= base;
         unit += 1;
     }
-    let digits = if v >= 100.0 {
-        1
-    } else if v >= 10.0 {
-        2
-    } else {
-        3
+    // Four significant digits, chosen for the value as it will print: rounding can carry
+    // it into the next decade (99.996 → 100.0) or the next unit (1023.96 KiB → 1.000 MiB).
+    let digits_for = |v: f64| match v {
+        v if v >= 1000.0 => 0,
+        v if v >= 100.0 => 1,
+        v if v >= 10.0 => 2,
+        _ => 3,
     };
-    format!("{v:.digits$} {}", units[unit])
+    let rounded = |v: f64, digits: i32| (v * 10f64.powi(digits)).round() / 10f64.powi(digits);
+    let mut digits = digits_for(rounded(v, digits_for(v)));
+    if rounded(v, digits) >= base && unit + 1 < units.len() {
+        v /= base;
+        unit += 1;
+        digits = digits_for(v);
+    }
+    format!("{v:.prec$} {}", units[unit], prec = digits as usize)
 }
 
 /// A relative difference as a percentage with enough digits to show small ones.
@@ -103,6 +111,13 @@ mod tests {
         assert_eq!(bytes(2560), "2.500 KiB");
         assert_eq!(bytes(52_592_640), "50.16 MiB");
         assert_eq!(bytes(u64::MAX), "16.00 EiB");
+        // Four significant digits after rounding, never five.
+        assert_eq!(bytes(104_857_599), "100.0 MiB");
+        assert_eq!(bytes(1_048_575), "1.000 MiB");
+        assert_eq!(bytes(1_023_000), "999.0 KiB");
+        assert_eq!(bytes(1_040_000), "1016 KiB");
+        assert_eq!(flops(999_960), "1.000 MFLOP");
+        assert_eq!(flops(9_999_600), "10.00 MFLOP");
         assert_eq!(percent(0.0), "0%");
         assert_eq!(percent(0.05), "5.00%");
         assert_eq!(percent(0.000521), "5.21e-2%");
