@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use modelmeter::layers::{AttentionImpl, Generation};
-use modelmeter::{Dtype, Metric, ModelConfig, Platform};
+use modelmeter::{Dtype, Metric, MlaForm, ModelConfig, Phase, Platform};
 use modelmeter_verify::app::{model_report_of, prepare, Args};
 use modelmeter_verify::hooks::TestHooks;
 use modelmeter_verify::report::{self, ModelReport};
+use modelmeter_verify::sweep;
 use serde_json::Value;
 
 mod common;
@@ -150,6 +151,97 @@ fn mla_models_are_exact_in_every_form() {
             assert_eq!(measured(total, "kv_cache_bytes"), 3 * (16 + 4) * 12 * 4);
         }
     }
+}
+
+#[test]
+fn generated_configs_are_exact_as_whole_models() {
+    // The sweep's generator (multi-head and MLA, every routing method, both MLA forms,
+    // head dims the SDPA kernels treat specially, biases, batches of 1 to 3) as whole
+    // models in fp32 and bf16 by turns: a prefill and two decode steps, every part of
+    // every call and every phase exact. MODELMETER_MODEL_SWEEP_CASES sets how many (a
+    // longer campaign by hand); the default few hold multi-head, naive and absorbed MLA.
+    let cases: usize = std::env::var("MODELMETER_MODEL_SWEEP_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(6);
+    let dir = TempDir::new("generated");
+    let base = modelmeter::Workload::prefill(1, 1)
+        .unwrap()
+        .with_dtype(Dtype::F32)
+        .unwrap()
+        .on(Platform::Cpu);
+    let (mut mla, mut absorbed) = (0, 0);
+    for index in 0..cases {
+        let case = sweep::generate(15, index, &base);
+        let dtype = if index % 2 == 0 { "fp32" } else { "bf16" };
+        let config = dir.path(&format!("c{index}.json"));
+        std::fs::write(&config, case.config_json.to_string()).unwrap();
+        let json = dir.path(&format!("m{index}.json"));
+        let prompt = match case.workload.phase {
+            Phase::Prefill { seq_len } => seq_len,
+            Phase::Decode { context_len } => context_len,
+        };
+        let (batch, prompt) = (case.workload.batch.to_string(), prompt.to_string());
+        let mut args = vec![
+            "--device",
+            "cpu",
+            "--config",
+            config.to_str().unwrap(),
+            "--model",
+            "--batch",
+            &batch,
+            "--seq-len",
+            &prompt,
+            "--new-tokens",
+            "2",
+            "--dtype",
+            dtype,
+            "--verbose",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        let absorb = case.config.mla.is_some() && case.workload.mla == MlaForm::Absorb;
+        mla += usize::from(case.config.mla.is_some());
+        absorbed += usize::from(absorb);
+        match (absorb, case.attention) {
+            (true, _) => args.extend(["--mla", "absorb"]),
+            (false, AttentionImpl::Sdpa) => args.extend(["--attn", "sdpa"]),
+            (false, AttentionImpl::Eager) => args.extend(["--attn", "eager"]),
+        }
+        let o = verify(&args);
+        let what = format!("generated case {index} ({args:?})");
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{what}\n{}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+        let model = read_json(&json)["model"].clone();
+        let calls = model["calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 3, "{what}: a prefill and 2 decode steps");
+        for (i, call) in calls.iter().enumerate() {
+            let layers = call["layers"].as_array().unwrap();
+            assert_eq!(
+                layers.len(),
+                5,
+                "{what} call {i}: embed, 2 layers, norm, lm_head"
+            );
+            for layer in layers {
+                assert_exact(&format!("{what} call {i} {}", layer["name"]), layer);
+            }
+        }
+        for phase in model["phases"].as_array().unwrap() {
+            assert_exact(&format!("{what} phase {}", phase["phase"]), phase);
+        }
+    }
+    if cases >= 6 {
+        assert!(
+            absorbed > 0 && mla > absorbed && mla < cases,
+            "{mla} MLA cases ({absorbed} absorbed) of {cases}"
+        );
+    }
+    eprintln!("{cases} generated whole models exact ({mla} MLA, {absorbed} absorbed)");
 }
 
 #[test]
