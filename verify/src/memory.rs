@@ -53,7 +53,7 @@ fn input_bytes(plan: &Plan, workload: &Workload, model: bool) -> modelmeter::Res
     Ok(first.saturating_add(positions).saturating_add(mask))
 }
 
-/// What the largest layer of a plan needs.
+/// What one layer of a plan needs.
 #[derive(Clone, Debug, Default)]
 struct Need {
     /// Weights + peak activations (+ the KV cache a decode step starts from, bounded by
@@ -65,10 +65,10 @@ struct Need {
     fixed_bytes: u64,
 }
 
-/// The largest need of the plan's layers at `workload` ([`Need`]).
-fn need(plan: &Plan, workload: &Workload) -> Result<Need, Error> {
+/// The need of each of the plan's layers at `workload` ([`Need`]), in the plan's order.
+fn needs(plan: &Plan, workload: &Workload) -> Result<Vec<Need>, Error> {
     let inputs = input_bytes(plan, workload, false)?;
-    let mut worst = Need::default();
+    let mut needs = Vec::with_capacity(plan.layers.len());
     for kind in &plan.layers {
         let layer = kind.analytic(&plan.config, workload, plan.attention)?;
         let cost = modelmeter::metrics::sums_only(|| layer.cost())?;
@@ -84,15 +84,13 @@ fn need(plan: &Plan, workload: &Workload) -> Result<Need, Error> {
             .saturating_add(cache_before)
             .saturating_add(inputs)
             .saturating_add(device_reserve(plan.device));
-        if bytes > worst.bytes {
-            worst = Need {
-                bytes,
-                layer: kind.name(plan.attention).to_string(),
-                fixed_bytes: m.weight_bytes.saturating_add(device_reserve(plan.device)),
-            };
-        }
+        needs.push(Need {
+            bytes,
+            layer: kind.name(plan.attention).to_string(),
+            fixed_bytes: m.weight_bytes.saturating_add(device_reserve(plan.device)),
+        });
     }
-    Ok(worst)
+    Ok(needs)
 }
 
 /// The prefill that fills a decode step's KV cache, if the plan is a decode step.
@@ -128,7 +126,7 @@ fn explained(error: Error, plan: &Plan) -> String {
             workload: i.workload.clone(),
             ..plan.clone()
         };
-        need(&probe, &probe.workload).is_err()
+        needs(&probe, &probe.workload).is_err()
     });
     error.to_string()
 }
@@ -141,25 +139,44 @@ fn smaller(workload: &Workload) -> &'static str {
     }
 }
 
-/// What the plan needs: its largest layer's [`Need`], and why the prefill that fills a
-/// decode step's cache could not be costed, if it could not.
+/// What the plan needs: each layer's [`Need`] (for a decode step, the larger of the step's
+/// and the prefill's that fills its cache), and why that prefill could not be costed, if
+/// it could not.
 struct Estimate {
-    need: Need,
+    needs: Vec<Need>,
     prefill_overflow: Option<String>,
+}
+
+impl Estimate {
+    /// The largest need (the first of equals), what a run must have room for.
+    fn worst(&self) -> Need {
+        self.needs.iter().fold(Need::default(), |worst, n| {
+            if n.bytes > worst.bytes {
+                n.clone()
+            } else {
+                worst
+            }
+        })
+    }
 }
 
 fn estimate_plan(plan: &Plan) -> Result<Estimate, String> {
     let w = &plan.workload;
     let mut estimate = Estimate {
-        need: need(plan, w).map_err(|e| explained(e, plan))?,
+        needs: needs(plan, w).map_err(|e| explained(e, plan))?,
         prefill_overflow: None,
     };
     // The prefill that fills the cache: its own counts may overflow where the decode
     // step's do not (its attention scores grow with the square of the context).
     if let Some(prefill) = cache_prefill(w) {
-        match need(plan, &prefill?) {
-            Ok(need) if need.bytes > estimate.need.bytes => estimate.need = need,
-            Ok(_) => {}
+        match needs(plan, &prefill?) {
+            Ok(prefill) => {
+                for (need, prefill) in estimate.needs.iter_mut().zip(prefill) {
+                    if prefill.bytes > need.bytes {
+                        *need = prefill;
+                    }
+                }
+            }
             Err(Error::Model(e)) => estimate.prefill_overflow = Some(e.to_string()),
             Err(e) => return Err(e.to_string()),
         }
@@ -173,7 +190,10 @@ fn estimate_plan(plan: &Plan) -> Result<Estimate, String> {
 /// cache, where that prefill can be costed), with the layer's name. An error, naming the
 /// input to lower, when the plan's own counts overflow 64 bits.
 pub fn estimate(plan: &Plan) -> Result<(u64, String), String> {
-    estimate_plan(plan).map(|e| (e.need.bytes, e.need.layer))
+    estimate_plan(plan).map(|e| {
+        let worst = e.worst();
+        (worst.bytes, worst.layer)
+    })
 }
 
 /// Checks that the plan can run on the device: its analytic counts fit in 64 bits (an
@@ -182,8 +202,9 @@ pub fn estimate(plan: &Plan) -> Result<(u64, String), String> {
 pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), String> {
     let w = &plan.workload;
     let estimate = estimate_plan(plan)?;
+    let need = estimate.worst();
     let fits = match &info.memory_bytes {
-        Ok(available) if estimate.need.bytes > *available => Err(*available),
+        Ok(available) if need.bytes > *available => Err(*available),
         Ok(_) => Ok(()),
         Err(why) => {
             // Not silent: the run goes on, and says that nothing was checked.
@@ -198,16 +219,32 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
         } else {
             "about"
         };
-        let need = &estimate.need;
-        // Advice that can help: a smaller workload, unless the weights alone do not fit.
-        let advice = if need.fixed_bytes > available {
-            format!(
-                "its weights and the device reserve alone are {}, so no smaller workload fits: leave {} out (--layers), use a smaller --dtype (bf16 halves fp32's weights) or a device with more free memory",
-                units::bytes(need.fixed_bytes),
-                need.layer
-            )
-        } else {
+        // Advice that can help: a smaller workload, except for the layers whose weights
+        // alone do not fit, every one of them named (not only the largest, so that one
+        // run says all there is to leave out).
+        let (too_heavy, too_large): (Vec<&Need>, Vec<&Need>) = estimate
+            .needs
+            .iter()
+            .filter(|n| n.bytes > available)
+            .partition(|n| n.fixed_bytes > available);
+        let advice = if too_heavy.is_empty() {
             smaller(w).to_string()
+        } else {
+            let names: Vec<&str> = too_heavy.iter().map(|n| n.layer.as_str()).collect();
+            let sizes: Vec<String> = too_heavy
+                .iter()
+                .map(|n| format!("{} {}", n.layer, units::bytes(n.fixed_bytes)))
+                .collect();
+            let rest: Vec<&str> = too_large.iter().map(|n| n.layer.as_str()).collect();
+            let also = match rest.as_slice() {
+                [] => String::new(),
+                _ => format!("; for {} also {}", rest.join(", "), smaller(w)),
+            };
+            format!(
+                "the weights and the device reserve alone are more than that ({}), so no smaller workload fits: leave {} out (--layers), use a smaller --dtype (bf16 halves fp32's weights) or a device with more free memory{also}",
+                sizes.join(", "),
+                names.join(", "),
+            )
         };
         return Err(format!(
             "the workload ({}) needs {about} {} for {} (weights + peak activations + KV cache + inputs + device reserve, from the analytic model) \
@@ -495,7 +532,7 @@ mod tests {
     #[test]
     fn the_advice_says_when_no_smaller_workload_fits() {
         let p = plan(64);
-        let need = need(&p, &p.workload).unwrap();
+        let need = needs(&p, &p.workload).unwrap().remove(0);
         assert!(need.fixed_bytes > 0 && need.fixed_bytes < need.bytes);
         // Room for the weights but not the activations: a smaller workload helps.
         let e = check(&p, DeviceSpec::Cpu, &device(need.bytes - 1)).unwrap_err();
@@ -503,10 +540,44 @@ mod tests {
         // Not even for the weights: say so, and what can help instead.
         let e = check(&p, DeviceSpec::Cpu, &device(need.fixed_bytes - 1)).unwrap_err();
         assert!(
-            e.contains("weights and the device reserve alone are")
+            e.contains("weights and the device reserve alone are more than that")
                 && e.contains("no smaller workload fits")
                 && e.contains(&format!("leave {} out (--layers)", need.layer))
                 && !e.contains("lower --batch"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_layer_whose_weights_alone_do_not_fit_is_named_at_once() {
+        // DeepSeek-OCR in fp32: the MLP's weights (105 MB) and the MoE's (~900 MB) each
+        // exceed 100 MB; the norm's and the attention's do not, their activations at
+        // S = 4096 do.
+        let p = Plan {
+            config: ModelConfig::deepseek_ocr(),
+            workload: Workload::prefill(1, 4096)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::F32)
+                .unwrap(),
+            layers: [
+                LayerId::Mlp,
+                LayerId::RmsNorm,
+                LayerId::MoE,
+                LayerId::Attention,
+            ]
+            .map(|layer| crate::pairing::Pairing { layer })
+            .to_vec(),
+            attention: AttentionImpl::Eager,
+            ..plan(1)
+        };
+        let e = check(&p, DeviceSpec::Cpu, &device(100_000_000)).unwrap_err();
+        assert!(
+            e.contains("for DeepseekV2MoE")
+                && e.contains("leave DeepseekV2MLP, DeepseekV2MoE out (--layers)")
+                && e.contains("(DeepseekV2MLP 100.3 MiB, DeepseekV2MoE ")
+                && e.ends_with(
+                    "; for DeepseekV2RMSNorm, LlamaAttention also lower --batch or --seq-len"
+                ),
             "{e}"
         );
     }
