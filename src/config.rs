@@ -188,13 +188,31 @@ impl ModelConfig {
             source_name: name.to_string(),
             message: "the top level is not a JSON object".to_string(),
         })?;
-        let mut given = NESTED_KEYS
-            .iter()
-            .filter_map(|k| root.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
-        let nested = given.next();
-        // Two different language configs: which one the model runs is not ours to guess.
-        if let (Some((first, v)), Some((second, w))) = (nested, given.next()) {
-            if v != w {
+        let mut given = Vec::new();
+        for key in NESTED_KEYS {
+            match root.get(key) {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(obj)) => given.push((key, obj)),
+                Some(v) => {
+                    return Err(Error::invalid(
+                        key,
+                        v,
+                        "an object (the language model's nested config)",
+                    ))
+                }
+            }
+        }
+        // Two language configs that differ in a field modelmeter reads: which one the model
+        // runs is not ours to guess. (Fields it never reads may differ: a file's reader
+        // drops them before this point, so a value built in code is judged the same way.)
+        if let [(first, v), (second, w)] = given[..] {
+            let read = |obj: &'_ Map<String, Value>| {
+                obj.iter()
+                    .filter(|(k, v)| FIELDS.contains(&k.as_str()) && !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            };
+            if read(v) != read(w) {
                 return Err(Error::invalid(
                     second,
                     format!("an object unlike {first}"),
@@ -202,17 +220,7 @@ impl ModelConfig {
                 ));
             }
         }
-        let obj = match nested {
-            None => root,
-            Some((_, Value::Object(obj))) => obj,
-            Some((key, v)) => {
-                return Err(Error::invalid(
-                    key,
-                    v,
-                    "an object (the language model's nested config)",
-                ))
-            }
-        };
+        let obj = given.first().map_or(root, |(_, obj)| *obj);
         let cfg = Fields { obj };
 
         let mla = mla_config::mla_config(&cfg)?;
@@ -382,7 +390,7 @@ impl Fields<'_> {
             _ if v.as_f64().is_some_and(|x| x >= u64::MAX as f64) => Err(Error::invalid(
                 key,
                 v,
-                &format!("an integer from {min} to {} (it is too large)", u64::MAX),
+                &format!("an integer ≥ {min}; this one does not fit in 64 bits"),
             )),
             _ => Err(Error::invalid(key, v, &format!("an integer ≥ {min}"))),
         }
@@ -662,7 +670,7 @@ mod tests {
         // JSON reads 2^64 as a float; the message says what is wrong with it.
         let e = err(with("hidden_size", json!(18446744073709551616.0)));
         assert!(
-            e.contains("expected an integer from 1 to 18446744073709551615 (it is too large)"),
+            e.contains("expected an integer ≥ 1; this one does not fit in 64 bits"),
             "{e}"
         );
         // A fraction is not an integer, whatever its size.
@@ -735,6 +743,17 @@ mod tests {
         // refused, naming both keys.
         let both = json!({"language_config": base(), "text_config": base()});
         assert_eq!(parse(both).unwrap(), flat);
+        // Fields modelmeter never reads may differ, as a file's reader would drop them.
+        let mut tagged = base();
+        tagged["architectures"] = json!(["Other"]);
+        let both = json!({"language_config": base(), "text_config": tagged});
+        assert_eq!(parse(both).unwrap(), flat);
+        // A nested key that is not an object is named as such, whichever comes first.
+        let e = err(json!({"language_config": 5, "text_config": base()}));
+        assert!(
+            e.starts_with("language_config = 5 is invalid: expected an object"),
+            "{e}"
+        );
         let e = err(
             json!({"language_config": base(), "text_config": with("hidden_size", json!(2560))}),
         );

@@ -133,7 +133,6 @@ impl Error {
 /// The most characters of a value an error message shows.
 const MAX_SHOWN_VALUE: usize = 80;
 
-/// `text` when short; else its start, an ellipsis and its length.
 /// A value as an error message shows it: quoted when it is empty or only blanks
 /// (`--device = "" is invalid`), which would otherwise vanish between the `=` and `is`;
 /// as given otherwise.
@@ -145,6 +144,7 @@ pub fn shown_value(text: &str) -> String {
     }
 }
 
+/// `text` when short; else its start, an ellipsis and its length.
 fn abbreviate(text: String) -> String {
     if text.chars().count() <= MAX_SHOWN_VALUE {
         return text;

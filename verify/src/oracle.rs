@@ -65,7 +65,8 @@ impl Oracle {
                 python: PathBuf::from(path),
             }),
             _ => Err(format!(
-                "--oracle = {spec} is invalid: expected python or python=PATH (an interpreter with torch 2.11 and transformers)"
+                "--oracle = {} is invalid: expected python or python=PATH (an interpreter with torch 2.11 and transformers)",
+                modelmeter::cli::shown_value(spec)
             )),
         }
     }
