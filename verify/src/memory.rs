@@ -227,8 +227,19 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
             .iter()
             .filter(|n| n.bytes > available)
             .partition(|n| n.fixed_bytes > available);
+        // A smaller dtype helps only where there is one.
+        let dtype = match w.dtype {
+            modelmeter::Dtype::F32 => "a smaller --dtype (bf16 halves fp32's weights) or ",
+            _ => "",
+        };
         let advice = if too_heavy.is_empty() {
             smaller(w).to_string()
+        } else if too_heavy.len() == estimate.needs.len() {
+            // Every layer asked for: leaving them out leaves nothing to run.
+            format!(
+                "the weights and the device reserve alone of every layer asked for are more than that (the smallest {}), so no smaller workload fits: use {dtype}a device with more free memory",
+                units::bytes(too_heavy.iter().map(|n| n.fixed_bytes).min().unwrap_or(0))
+            )
         } else {
             let names: Vec<&str> = too_heavy.iter().map(|n| n.layer.as_str()).collect();
             let sizes: Vec<String> = too_heavy
@@ -241,7 +252,7 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
                 _ => format!("; for {} also {}", rest.join(", "), smaller(w)),
             };
             format!(
-                "the weights and the device reserve alone are more than that ({}), so no smaller workload fits: leave {} out (--layers), use a smaller --dtype (bf16 halves fp32's weights) or a device with more free memory{also}",
+                "the weights and the device reserve alone are more than that ({}), so no smaller workload fits: leave {} out (--layers), use {dtype}a device with more free memory{also}",
                 sizes.join(", "),
                 names.join(", "),
             )
@@ -537,12 +548,13 @@ mod tests {
         // Room for the weights but not the activations: a smaller workload helps.
         let e = check(&p, DeviceSpec::Cpu, &device(need.bytes - 1)).unwrap_err();
         assert!(e.ends_with("lower --batch or --context-len"), "{e}");
-        // Not even for the weights: say so, and what can help instead.
+        // Not even for the weights: say so, and what can help instead (not leaving out
+        // the plan's only layer).
         let e = check(&p, DeviceSpec::Cpu, &device(need.fixed_bytes - 1)).unwrap_err();
         assert!(
-            e.contains("weights and the device reserve alone are more than that")
+            e.contains("weights and the device reserve alone of every layer asked for")
                 && e.contains("no smaller workload fits")
-                && e.contains(&format!("leave {} out (--layers)", need.layer))
+                && !e.contains("--layers")
                 && !e.contains("lower --batch"),
             "{e}"
         );
@@ -578,6 +590,43 @@ mod tests {
                 && e.ends_with(
                     "; for DeepseekV2RMSNorm, LlamaAttention also lower --batch or --seq-len"
                 ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_decode_step_is_judged_by_the_prefill_that_fills_its_cache_layer_by_layer() {
+        // DeepSeek-OCR fp32, a decode step over 8,192 cached tokens: the eager attention's
+        // step needs little, the prefill that fills its cache (S² scores) far more than
+        // the MoE with its weights. Each layer keeps the larger of its two needs.
+        let decode = Plan {
+            config: ModelConfig::deepseek_ocr(),
+            workload: Workload::decode(1, 8192)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::F32)
+                .unwrap(),
+            layers: [LayerId::Attention, LayerId::MoE]
+                .map(|layer| crate::pairing::Pairing { layer })
+                .to_vec(),
+            attention: AttentionImpl::Eager,
+            ..plan(1)
+        };
+        let step = needs(&decode, &decode.workload).unwrap();
+        let prefill = needs(&decode, &cache_prefill(&decode.workload).unwrap().unwrap()).unwrap();
+        let merged = estimate_plan(&decode).unwrap().needs;
+        assert!(
+            prefill[0].bytes > step[0].bytes,
+            "the attention's prefill is larger"
+        );
+        assert_eq!(merged[0].bytes, prefill[0].bytes);
+        assert_eq!(merged[1].bytes, step[1].bytes.max(prefill[1].bytes));
+        // Room for the MoE's weights and the step, not for the attention's prefill: only
+        // the attention is named, with the decode step's advice.
+        let available = merged[1].bytes.max(step[0].bytes);
+        assert!(merged[0].bytes > available);
+        let e = check(&decode, DeviceSpec::Cpu, &device(available)).unwrap_err();
+        assert!(
+            e.contains("for LlamaAttention") && e.ends_with("lower --batch or --context-len"),
             "{e}"
         );
     }
