@@ -14,7 +14,9 @@ use modelmeter_verify::sweep;
 use serde_json::Value;
 
 mod common;
-use common::{analytic_ops, measured_ops, names, read_json, text, verify, TempDir, EXACT};
+use common::{
+    analytic_ops, cases_from_env, measured_ops, names, read_json, text, verify, TempDir, EXACT,
+};
 
 fn rows(v: &Value) -> &Vec<Value> {
     v["metrics"].as_array().unwrap()
@@ -160,10 +162,7 @@ fn generated_configs_are_exact_as_whole_models() {
     // models in fp32 and bf16 by turns: a prefill and two decode steps, every part of
     // every call and every phase exact. MODELMETER_MODEL_SWEEP_CASES sets how many (a
     // longer campaign by hand); the default few hold multi-head, naive and absorbed MLA.
-    let cases: usize = std::env::var("MODELMETER_MODEL_SWEEP_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(6);
+    let cases = cases_from_env("MODELMETER_MODEL_SWEEP_CASES", 6);
     let dir = TempDir::new("generated");
     let base = modelmeter::Workload::prefill(1, 1)
         .unwrap()
@@ -217,21 +216,44 @@ fn generated_configs_are_exact_as_whole_models() {
             text(&o.stdout),
             text(&o.stderr)
         );
-        let model = read_json(&json)["model"].clone();
+        let report = read_json(&json);
+        // The form asked for is the form that ran.
+        // (The workload names its MLA form only when it is not the default, naive.)
+        let form = if absorb {
+            Value::from("absorb")
+        } else {
+            Value::Null
+        };
+        assert_eq!(report["workload"]["mla"], form, "{what}");
+        assert_eq!(report["attention"].is_null(), absorb, "{what}");
+        let model = &report["model"];
         let calls = model["calls"].as_array().unwrap();
         assert_eq!(calls.len(), 3, "{what}: a prefill and 2 decode steps");
         for (i, call) in calls.iter().enumerate() {
-            let layers = call["layers"].as_array().unwrap();
+            let phase = if i == 0 { "prefill" } else { "decode" };
+            assert_eq!(call["phase"], phase, "{what} call {i}");
             assert_eq!(
-                layers.len(),
-                5,
-                "{what} call {i}: embed, 2 layers, norm, lm_head"
+                names(&call["layers"]),
+                [
+                    "embed_tokens",
+                    "layers.0 (DeepseekV2DecoderLayer_dense)",
+                    "layers.1 (DeepseekV2DecoderLayer_moe)",
+                    "norm",
+                    "lm_head",
+                ],
+                "{what} call {i}"
             );
-            for layer in layers {
+            for layer in call["layers"].as_array().unwrap() {
                 assert_exact(&format!("{what} call {i} {}", layer["name"]), layer);
             }
         }
-        for phase in model["phases"].as_array().unwrap() {
+        let phases = model["phases"].as_array().unwrap();
+        let labels: Vec<&str> = phases
+            .iter()
+            .map(|p| p["phase"].as_str().unwrap())
+            .collect();
+        assert_eq!(labels, ["prefill", "decode", "total"], "{what}");
+        for phase in phases {
             assert_exact(&format!("{what} phase {}", phase["phase"]), phase);
         }
     }

@@ -11,14 +11,11 @@ use modelmeter_reference::parity::{export_case, run_parity};
 use modelmeter_verify::sweep;
 
 mod common;
-use common::TempDir;
+use common::{cases_from_env, TempDir};
 
 #[test]
 fn generated_configs_match_transformers() {
-    let cases: usize = std::env::var("MODELMETER_PARITY_SWEEP_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(6);
+    let cases = cases_from_env("MODELMETER_PARITY_SWEEP_CASES", 6);
     let dir = TempDir::new("parity-generated");
     let base = Workload::prefill(1, 1)
         .unwrap()
@@ -64,9 +61,9 @@ fn generated_configs_match_transformers() {
     }
     let results = run_parity(&dirs).unwrap();
     assert_eq!(results.len(), dirs.len());
-    // A case the witness cannot express (a routing no transformers router implements, an
-    // explicit head_dim the HF Llama-style config derives) is rejected with the reason and
-    // counted apart: never a pass. A case it ran must match.
+    // A case the witness cannot express is rejected with the reason and counted apart,
+    // never a pass; the only such cases allowed are routings no transformers router
+    // implements (checked below). A case it ran must match.
     let mut rejected: std::collections::BTreeMap<String, usize> = Default::default();
     let mut failed = Vec::new();
     for (r, what) in results.iter().zip(&described) {

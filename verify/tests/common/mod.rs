@@ -20,6 +20,18 @@ pub const EXACT: [&str; 8] = [
     "kv_cache_bytes",
 ];
 
+/// How many generated cases a campaign test runs: `var` when set (a whole number ≥ 1; any
+/// other value fails the test rather than quietly running the default), else `default`.
+pub fn cases_from_env(var: &str, default: usize) -> usize {
+    match std::env::var(var) {
+        Err(_) => default,
+        Ok(text) => match text.trim().parse() {
+            Ok(n) if n >= 1 => n,
+            _ => panic!("{var} = {text:?} is invalid: expected a whole number ≥ 1"),
+        },
+    }
+}
+
 /// (op, matmul FLOPs, elementwise FLOPs) of an op: how the op-for-op tests compare an
 /// analytic op list with the ops a reference module dispatched.
 pub type OpFlops = (String, u64, u64);
