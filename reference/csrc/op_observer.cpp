@@ -6,12 +6,16 @@
 // src/ffi.rs.
 //
 // Why the callback is global (at::addGlobalCallback), not thread-local: backward ops of
-// the counted forward run on the autograd engine's own threads, which a thread-local
-// callback would never see. The callback is registered only while a region is open and
-// filters by thread itself (the arming thread, and backward nodes whose forward ran there).
+// the counted forward run on the autograd engine's own threads. The callback is
+// registered only while a region is open and filters by thread itself: the arming thread,
+// the backward nodes whose forward ran there, and the engine's evaluation around such a
+// node (where the engine adds up a tensor's gradients, outside any node).
 //
 // Line format, one per op start:
 //   <thread>\t<depth>\t<F|B>\t<name>\t<arg>;<arg>;...\n
+// (B: an autograd frame, a backward node or the engine's evaluation of one: what runs
+// inside is backward work. The evaluation of a node on an engine thread is written when
+// its node starts, just before the node's line: only then is it known to be the region's.)
 // where an arg is N (None or undefined tensor), T<dtype>@<device>[d0,d1,...],
 // i<int>, f<double>, b0|b1, s<hex bytes>, I[<int>,...], B[<0|1>,...], L[<arg>;...]
 // or ?<kind>. When a logged op ends, one more line gives its outputs:
@@ -56,14 +60,26 @@ std::atomic<uint64_t> g_generation{0};
 std::atomic<uint64_t> g_owner{0};
 uint64_t g_started = 0;  // start lines in g_log (guarded by g_mutex)
 constexpr uint64_t kNotLogged = ~uint64_t{0};
+// The name prefix of the autograd engine's frame around each node it evaluates.
+constexpr char kEngineFrame[] = "autograd::engine::evaluate_function";
 
 // Per-thread stack of open ops: whether each belongs to the counted region. Reset when
 // a new region starts (ops left open by an earlier one never get their end callback).
 // Reached through a trivially destructible thread_local pointer and never freed, so a
 // callback that runs while its thread is being torn down never touches a destroyed object.
+struct FrameContext;
+
+// One open RecordFunction frame of a thread: whether it is in the counted region, and for
+// the autograd engine's evaluation of a node not (yet) in it, its context, so that a node
+// of the region starting inside can bring it in.
+struct OpenFrame {
+  bool in;
+  FrameContext* pending_engine;  // non-null: an engine evaluation not in the region
+};
+
 struct ThreadFrames {
   uint64_t generation = ~uint64_t{0};
-  std::vector<char> in_region;
+  std::vector<OpenFrame> in_region;
 };
 thread_local ThreadFrames* t_frames_ptr = nullptr;
 
@@ -79,6 +95,9 @@ struct FrameContext : at::ObserverContext {
   explicit FrameContext(uint64_t g) : generation(g) {}
   uint64_t generation;
   uint64_t line = kNotLogged;  // index of the op's start line, when it was logged
+  // An engine evaluation not in the region when it started: its line, written if a node
+  // of the region starts inside it.
+  std::string pending_line;
   // Storages of the op's tensor inputs, as identities only (never dereferenced, never
   // owned: the caller keeps them alive for the call). The end callback cannot look at
   // the inputs themselves: by then the boxed stack holds the outputs.
@@ -251,17 +270,44 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
       t_frames.in_region.clear();
     }
     const uint64_t owner = g_owner.load();
-    const bool backward = fn.scope() == at::RecordScope::BACKWARD_FUNCTION;
-    const bool parent = !t_frames.in_region.empty() && t_frames.in_region.back();
+    const bool node = fn.scope() == at::RecordScope::BACKWARD_FUNCTION;
+    const bool engine = std::strncmp(fn.name(), kEngineFrame, sizeof(kEngineFrame) - 1) == 0;
+    const bool backward = node || engine;
+    const bool parent = !t_frames.in_region.empty() && t_frames.in_region.back().in;
     // The region is the arming thread plus the backward nodes its forward ops created,
     // which the autograd engine may run on its own threads.
-    const bool in = parent || fn.threadId() == owner || (backward && fn.forwardThreadId() == owner);
+    const bool in = parent || fn.threadId() == owner || (node && fn.forwardThreadId() == owner);
     const size_t depth = t_frames.in_region.size();
-    t_frames.in_region.push_back(in ? 1 : 0);
     auto frame = std::make_unique<FrameContext>(generation);
     FrameContext* frame_ptr = frame.get();
     context = std::move(frame);
-    if (!in || !g_armed.load()) return context;
+    t_frames.in_region.push_back({in, (!in && engine) ? frame_ptr : nullptr});
+    if (!g_armed.load()) return context;
+    if (!in) {
+      // Kept for a node of the region that may start inside (cheap: one per node).
+      if (engine) {
+        std::string& pending = frame_ptr->pending_line;
+        pending = std::to_string(fn.threadId()) + '\t' + std::to_string(depth) + "\tB\t";
+        pending += fn.name();
+        pending += "\t\n";
+      }
+      return context;
+    }
+    // A node of the region inside an engine evaluation that is not: the evaluation is the
+    // region's too (its gradient sums run after the node returns), written now.
+    if (node && !parent && depth > 0) {
+      OpenFrame& outer = t_frames.in_region[depth - 1];
+      if (outer.pending_engine != nullptr) {
+        FrameContext* evaluation = outer.pending_engine;
+        outer.in = true;
+        outer.pending_engine = nullptr;
+        std::lock_guard<std::mutex> lock(g_mutex);
+        if (g_armed.load() && g_generation.load() == evaluation->generation) {
+          g_log.append(evaluation->pending_line.data(), evaluation->pending_line.size());
+          evaluation->line = g_started++;
+        }
+      }
+    }
 
     Line& line = line_buffer();
     append_int(line, static_cast<int64_t>(fn.threadId()));

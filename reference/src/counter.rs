@@ -44,7 +44,8 @@ pub struct FlopCounter;
 
 impl FlopCounter {
     /// Arms the counter for the ops of the calling thread (and the backward they
-    /// create, whatever thread the autograd engine runs it on). Waits while another
+    /// create, whatever thread the autograd engine runs it on: its nodes and the gradient
+    /// sums the engine adds around them). Waits while another
     /// thread has a region open; an error if this thread already has one.
     pub fn start() -> Result<Region> {
         if REGION_OPEN_HERE.with(Cell::get) {
@@ -110,7 +111,8 @@ pub enum Booking {
 pub struct OpRecord {
     pub name: String,
     pub thread: u64,
-    /// Ran inside an autograd node (backward pass).
+    /// Ran inside an autograd node or the engine's evaluation of one (backward pass: the
+    /// node's ops, and the sums of gradients the engine adds outside it).
     pub backward: bool,
     pub device: Option<String>,
     /// Shapes of the tensor arguments, in order.

@@ -192,6 +192,40 @@ fn linear_backward_counts_grad_input_and_grad_weight() {
 }
 
 #[test]
+fn gradient_accumulation_is_counted_as_backward_on_any_thread() {
+    // x feeds two products: the autograd engine adds their gradients for x itself, outside
+    // any backward node (InputBuffer::add inside evaluate_function). Backward called on
+    // another thread (as the engine's device threads run it on a GPU) must count the same.
+    let run = |other_thread: bool| {
+        let x = randn(&[4, 8]).set_requires_grad(true);
+        let loss = ((&x * 2.0) + (&x * 3.0)).sum(Kind::Float);
+        let (_, c) = count(|| {
+            if other_thread {
+                std::thread::spawn(move || loss.backward()).join().unwrap()
+            } else {
+                loss.backward()
+            }
+        });
+        assert!(c.is_complete(), "{:?}", c.errors);
+        c
+    };
+    let (here, there) = (run(false), run(true));
+    for c in [&here, &there] {
+        let adds: Vec<_> = c
+            .records
+            .iter()
+            .filter(|r| r.name.starts_with("aten::add"))
+            .collect();
+        assert!(
+            adds.iter().any(|r| r.flops.elementwise_flops == 32),
+            "the [4, 8] accumulation is counted: {adds:?}"
+        );
+        assert!(c.records.iter().all(|r| r.backward), "{:?}", c.records);
+    }
+    assert_eq!(here.flops, there.flops);
+}
+
+#[test]
 fn elementwise_ops_follow_the_conventions_table() {
     let x = randn(&[6, 10]);
     let y = randn(&[6, 10]);
