@@ -359,8 +359,22 @@ struct ThreadRecorder {
     open_regions: usize,
 }
 
+/// The calling thread's recorder, if a region is open. Its own drop runs only when the
+/// thread exits with a region still open (one leaked with `mem::forget`, or kept in
+/// another thread-local): libtorch's thread-local state the recorder is installed in may
+/// already be destroyed by then, so the recorder is leaked, never stopped from there.
+struct RecorderSlot(RefCell<Option<ThreadRecorder>>);
+
+impl Drop for RecorderSlot {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.get_mut().take() {
+            std::mem::forget(thread);
+        }
+    }
+}
+
 thread_local! {
-    static RECORDER: RefCell<Option<ThreadRecorder>> = const { RefCell::new(None) };
+    static RECORDER: RecorderSlot = const { RecorderSlot(RefCell::new(None)) };
 }
 
 /// An open allocation region on the calling thread; [`AllocationRegion::finish`] returns
@@ -380,7 +394,7 @@ impl AllocationRegion {
     /// start on.
     pub fn start() -> Result<AllocationRegion> {
         RECORDER.with(|cell| {
-            let mut slot = cell.borrow_mut();
+            let mut slot = cell.0.borrow_mut();
             if slot.is_none() {
                 *slot = Some(ThreadRecorder {
                     recorder: AllocRecorder::start()?,
@@ -414,7 +428,7 @@ impl AllocationRegion {
     pub fn finish(mut self) -> Result<Allocations> {
         self.finished = true;
         let read = RECORDER.with(|cell| {
-            let slot = cell.borrow();
+            let slot = cell.0.borrow();
             match slot.as_ref() {
                 Some(t) => t.recorder.read(self.first_event),
                 None => Err(Error::Allocations(
@@ -450,7 +464,7 @@ fn release_region() -> Result<()> {
     // try_with: a region dropped while the thread's locals are torn down finds nothing.
     RECORDER
         .try_with(|cell| {
-            let mut slot = cell.borrow_mut();
+            let mut slot = cell.0.borrow_mut();
             let Some(thread) = slot.as_mut() else {
                 return Ok(());
             };

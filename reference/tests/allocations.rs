@@ -196,6 +196,22 @@ fn a_dropped_region_closes_and_the_next_one_opens() {
 }
 
 #[test]
+fn a_thread_that_exits_with_a_region_left_open_stops_nothing_from_its_teardown() {
+    // A region leaked with mem::forget stays open until its thread exits; by then
+    // libtorch's thread-local state may be gone, so the recorder is left alone (stopping
+    // it there read freed memory under valgrind). Other threads measure on as before.
+    std::thread::spawn(|| {
+        let region = AllocationRegion::start().unwrap();
+        let _t = Tensor::zeros([4], F32);
+        std::mem::forget(region);
+    })
+    .join()
+    .unwrap();
+    let (_u, allocs) = measure(|| Tensor::zeros([8], F32)).unwrap();
+    assert_eq!(allocated(&allocs), [32]);
+}
+
+#[test]
 fn composes_with_the_flop_counter_in_either_order() {
     let (a, b) = (Tensor::ones([8, 16], F32), Tensor::ones([16, 4], F32));
     let _ = a.mm(&b);
