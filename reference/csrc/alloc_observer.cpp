@@ -140,9 +140,29 @@ class AllocationRecorder final : public ProfilerStateBase {
 // (and any thread state captured from it) holds further references.
 struct Handle {
   std::shared_ptr<AllocationRecorder> recorder;
-  // c10's log level before the region (see mmeter_alloc_start).
-  int log_level = 0;
 };
+
+// c10's log level is one process-wide flag, and recorders open on several threads at
+// once: the first to open saves it and raises it, the last to close restores it (each
+// saving and restoring its own left it raised for good when two regions interleaved).
+std::mutex g_log_level_mutex;
+int g_open_recorders = 0;  // guarded by g_log_level_mutex
+int g_saved_log_level = 0;  // guarded by g_log_level_mutex
+
+void raise_log_level() {
+  std::lock_guard<std::mutex> lock(g_log_level_mutex);
+  if (g_open_recorders++ == 0) {
+    g_saved_log_level = FLAGS_caffe2_log_level;
+    if (FLAGS_caffe2_log_level < 2) FLAGS_caffe2_log_level = 2;
+  }
+}
+
+void restore_log_level() {
+  std::lock_guard<std::mutex> lock(g_log_level_mutex);
+  if (g_open_recorders > 0 && --g_open_recorders == 0) {
+    FLAGS_caffe2_log_level = g_saved_log_level;
+  }
+}
 
 void write_error(char* err, size_t len, const char* message) {
   if (err && len) {
@@ -171,8 +191,7 @@ int mmeter_alloc_start(void** recorder, char* err, size_t err_len) {
     // the profiling started …", c10 LOG(WARNING), once per process) when a block from
     // before the region is freed inside it. The region counts those frees itself
     // (pre-region frees), so c10's log level is raised to errors while it is open.
-    handle->log_level = FLAGS_caffe2_log_level;
-    if (FLAGS_caffe2_log_level < 2) FLAGS_caffe2_log_level = 2;
+    raise_log_level();
     *recorder = handle.release();
     return 0;
   } catch (const std::exception& e) {
@@ -228,7 +247,7 @@ int mmeter_alloc_stop(void* recorder, char* err, size_t err_len) {
       return 1;
     }
     handle->recorder->close();
-    FLAGS_caffe2_log_level = handle->log_level;
+    restore_log_level();
     auto* installed = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
     if (installed != handle->recorder.get()) {
       write_error(err, err_len,
