@@ -18,10 +18,14 @@
 #include <dlfcn.h>
 
 #include <cstdio>
+#include <mutex>
 #include <string>
 
 namespace {
 
+// Written at load time and by mmeter_cuda_backend_load, read by any thread asking for the
+// state: every access holds g_mutex.
+std::mutex g_mutex;
 int g_state = 0;
 char g_error[1024] = "";
 
@@ -55,10 +59,22 @@ void load_backend() {
        (why != nullptr ? why : "no message from the loader"));
 }
 
+// Loads the backend (under g_mutex); a failure to build the message is a failure too,
+// never an exception out of this file.
+void load_locked() {
+  try {
+    load_backend();
+  } catch (...) {
+    g_state = -1;
+    std::snprintf(g_error, sizeof g_error, "%s", "loading libtorch_cuda.so failed (out of memory)");
+  }
+}
+
 struct LoadWhereThereIsADriver {
   LoadWhereThereIsADriver() {
     if (dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL) != nullptr) {
-      load_backend();
+      std::lock_guard<std::mutex> lock(g_mutex);
+      load_locked();
     }
   }
 } load_where_there_is_a_driver;
@@ -73,10 +89,12 @@ int report(char* err, size_t err_len) {
 }  // namespace
 
 extern "C" int mmeter_cuda_backend_state(char* err, size_t err_len) {
+  std::lock_guard<std::mutex> lock(g_mutex);
   return report(err, err_len);
 }
 
 extern "C" int mmeter_cuda_backend_load(char* err, size_t err_len) {
-  load_backend();
+  std::lock_guard<std::mutex> lock(g_mutex);
+  load_locked();
   return report(err, err_len);
 }

@@ -442,7 +442,11 @@ int mmeter_observer_start(char* err, size_t err_len) {
   try {
     std::lock_guard<std::mutex> lock(g_mutex);
     if (g_handle != 0) {
-      write_error(err, err_len, "a counted region is already open");
+      write_error(err, err_len,
+                  g_armed.load() ? "a counted region is already open"
+                                 : "the previous region's callback could not be removed "
+                                   "(libtorch refused); a new one would count every op "
+                                   "twice: restart the process");
       return 1;
     }
     g_log.clear();
@@ -480,7 +484,17 @@ int mmeter_observer_stop(char** out, size_t* out_len, char* err, size_t err_len)
     // libtorch: removeCallback takes libtorch's own callback-registry lock, and holding
     // g_mutex around it would order the two locks against callbacks that take g_mutex
     // (on_start's logging) — an avoidable lock-order dependency.
-    if (handle != 0) at::removeCallback(handle);
+    if (handle != 0) {
+      try {
+        at::removeCallback(handle);
+      } catch (...) {
+        // Still registered: keep its handle, so that the next stop removes it (the
+        // callback itself is disarmed and logs nothing meanwhile).
+        std::lock_guard<std::mutex> lock(g_mutex);
+        if (g_handle == 0) g_handle = handle;
+        throw;
+      }
+    }
     std::lock_guard<std::mutex> lock(g_mutex);
     *out = copy_out(g_log, out_len);
     g_log.clear();

@@ -1,4 +1,6 @@
-//! The FFI surface, and the only unsafe code of the crate: the C ABI of
+//! The FFI surface of the observer shims (the crate's other unsafe code: the compiled
+//! weight fill in `draws`, the fill's view of a fresh tensor in `weights`, and the CUDA
+//! backend loader in `cuda_backend`): the C ABI of
 //! `csrc/op_observer.cpp` (declared in `csrc/op_observer.h`) and of
 //! `csrc/alloc_observer.cpp` (`csrc/alloc_observer.h`) and of `csrc/profiler_range.cpp`
 //! (`csrc/profiler_range.h`), wrapped in safe functions that
@@ -154,12 +156,23 @@ pub fn set_tf32_matmul_allowed(allowed: bool) -> Result<()> {
     }
 }
 
+/// `index` as the shim takes it: libtorch's device index is an int8
+/// (`c10::DeviceIndex`), so a larger one would be truncated to another device.
+fn device_index(index: usize) -> Result<c_int> {
+    match u8::try_from(index) {
+        Ok(i) if i <= modelmeter::Platform::MAX_CUDA_INDEX => Ok(c_int::from(i)),
+        _ => Err(Error::Observer(format!(
+            "CUDA device index {index} is out of range: libtorch addresses 0 to {}",
+            modelmeter::Platform::MAX_CUDA_INDEX
+        ))),
+    }
+}
+
 /// Waits until CUDA device `index` has finished all queued work. An asynchronous CUDA
 /// error of that work (a failed kernel) comes back here as an error, so it is charged to
 /// the layer that caused it, not to a later one.
 pub fn cuda_synchronize(index: usize) -> Result<()> {
-    let index = c_int::try_from(index)
-        .map_err(|_| Error::Observer(format!("CUDA device index {index} is out of range")))?;
+    let index = device_index(index)?;
     let mut err = [0 as c_char; ERR_LEN];
     // SAFETY: `err` is a writable buffer of ERR_LEN bytes; the shim catches all exceptions.
     match unsafe { mmeter_cuda_synchronize(index, err.as_mut_ptr(), ERR_LEN) } {
@@ -182,8 +195,7 @@ pub fn synchronize(device: tch::Device) -> Result<()> {
 /// Free and total bytes of CUDA device `index`, as the CUDA runtime reports them (what a
 /// run can still allocate, unlike `nvidia-smi`'s total).
 pub fn cuda_memory(index: usize) -> Result<(u64, u64)> {
-    let index = c_int::try_from(index)
-        .map_err(|_| Error::Observer(format!("CUDA device index {index} is out of range")))?;
+    let index = device_index(index)?;
     let (mut free, mut total) = (0usize, 0usize);
     let mut err = [0 as c_char; ERR_LEN];
     // SAFETY: all pointers point to live locals; the shim catches all exceptions.
@@ -354,6 +366,15 @@ impl Drop for AllocRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_indices_past_libtorchs_int8_are_refused_not_truncated() {
+        assert_eq!(device_index(127).unwrap(), 127);
+        for index in [128, 255, 256, usize::MAX] {
+            let e = device_index(index).unwrap_err().to_string();
+            assert!(e.contains(&format!("{index} is out of range")), "{e}");
+        }
+    }
 
     #[test]
     fn raw_event_layout_matches_the_c_struct() {
