@@ -46,7 +46,8 @@ impl FlopCounter {
     /// Arms the counter for the ops of the calling thread (and the backward they
     /// create, whatever thread the autograd engine runs it on: its nodes and the gradient
     /// sums the engine adds around them). Waits while another
-    /// thread has a region open; an error if this thread already has one.
+    /// thread has a region open (for ever if that region was leaked with `mem::forget`:
+    /// finish or drop every region); an error if this thread already has one.
     pub fn start() -> Result<Region> {
         if REGION_OPEN_HERE.with(Cell::get) {
             return Err(Error::Observer(

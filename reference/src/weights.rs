@@ -99,7 +99,9 @@ fn seeded_affine(seed: u64, name: &str, shape: &[i64], scale: f32, shift: f32) -
     let tensor = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
     if count > 0 {
         // SAFETY: `tensor` was just allocated by libtorch on the CPU, contiguous, fp32,
-        // with `count` elements, and nothing else refers to it while the slice lives.
+        // with `count` elements, and nothing else refers to it while the slice lives. Its
+        // values are uninitialised (`empty`): `fill_normal` only writes them, each once,
+        // and reads none (f32 has no invalid bit patterns either way).
         let values =
             unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, count) };
         crate::draws::fill_normal(stream(seed, name) as u64, values, scale, shift);
