@@ -143,10 +143,12 @@ void note_storage(c10::SmallVector<const void*, 4>& out, const at::Tensor& t) {
 }
 
 // Records a callback failure in the log. Never throws: it runs inside catch handlers.
-void append_error(const char* op, const char* message) noexcept {
+// `generation`: the region the failing op was judged against; an op of an earlier region
+// (still running when this one was armed) reports nothing into this one.
+void append_error(uint64_t generation, const char* op, const char* message) noexcept {
   try {
     std::lock_guard<std::mutex> lock(g_mutex);
-    if (!g_armed.load()) return;
+    if (!g_armed.load() || g_generation.load() != generation) return;
     g_log += "X\t";
     for (const char* p : {op, ": ", message}) {
       for (; *p; ++p) g_log += (*p == '\n' || *p == '\t') ? ' ' : *p;
@@ -262,8 +264,8 @@ void encode(Line& out, const c10::IValue& v) {
 
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   std::unique_ptr<at::ObserverContext> context;
+  const uint64_t generation = g_generation.load();
   try {
-    const uint64_t generation = g_generation.load();
     ThreadFrames& t_frames = frames();
     if (t_frames.generation != generation) {
       t_frames.generation = generation;
@@ -338,9 +340,9 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
       frame_ptr->line = g_started++;
     }
   } catch (const std::exception& e) {
-    append_error(fn.name(), e.what());
+    append_error(generation, fn.name(), e.what());
   } catch (...) {
-    append_error(fn.name(), "unknown exception");
+    append_error(generation, fn.name(), "unknown exception");
   }
   return context;
 }
@@ -406,9 +408,9 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext* context) {
   try {
     log_outputs(fn, *frame);
   } catch (const std::exception& e) {
-    append_error(fn.name(), e.what());
+    append_error(frame->generation, fn.name(), e.what());
   } catch (...) {
-    append_error(fn.name(), "unknown exception while logging outputs");
+    append_error(frame->generation, fn.name(), "unknown exception while logging outputs");
   }
 }
 
