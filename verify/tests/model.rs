@@ -49,6 +49,39 @@ fn assert_exact(what: &str, v: &Value) {
     }
 }
 
+/// A `--model --verbose` report's `model` is a prefill and `steps` decode steps, each
+/// call with exactly `parts` (in order), and the prefill, decode and total phases, every
+/// part of every call and every phase exact.
+fn assert_model_exact(what: &str, model: &Value, steps: usize, parts: &[&str]) {
+    let calls = model["calls"].as_array().unwrap();
+    assert_eq!(
+        calls.len(),
+        1 + steps,
+        "{what}: a prefill and {steps} decode steps"
+    );
+    for (i, call) in calls.iter().enumerate() {
+        let phase = if i == 0 { "prefill" } else { "decode" };
+        assert_eq!(call["phase"], phase, "{what} call {i}");
+        assert_eq!(
+            names(&call["layers"]),
+            parts,
+            "{what} call {i}: --verbose keeps every part"
+        );
+        for layer in call["layers"].as_array().unwrap() {
+            assert_exact(&format!("{what} call {i} {}", layer["name"]), layer);
+        }
+    }
+    let phases = model["phases"].as_array().unwrap();
+    let labels: Vec<&str> = phases
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["prefill", "decode", "total"], "{what}");
+    for phase in phases {
+        assert_exact(&format!("{what} phase {}", phase["phase"]), phase);
+    }
+}
+
 /// A small DeepSeek-V2 config: 4 layers, the first two dense (first_k_dense_replace 2).
 const TWO_DENSE: &str = r#"{"model_type": "deepseek_v2", "hidden_size": 64,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -116,37 +149,19 @@ fn mla_models_are_exact_in_every_form() {
         assert_eq!(report["attention"], core, "{form:?}");
         assert_eq!(report["environment"]["attention"], core, "{form:?}");
         let model = &report["model"];
-        let calls = model["calls"].as_array().unwrap();
-        assert_eq!(calls.len(), 4, "{form:?}: the prefill and 3 decode steps");
-        for (i, call) in calls.iter().enumerate() {
-            let phase = if i == 0 { "prefill" } else { "decode" };
-            assert_eq!(call["phase"], phase, "{form:?} call {i}");
-            let names = names(&call["layers"]);
-            assert_eq!(
-                names,
-                [
-                    "embed_tokens",
-                    "layers.0 (DeepseekV2DecoderLayer_dense)",
-                    "layers.1 (DeepseekV2DecoderLayer_moe)",
-                    "layers.2 (DeepseekV2DecoderLayer_moe)",
-                    "norm",
-                    "lm_head",
-                ],
-                "{form:?} call {i}: --verbose keeps every part"
-            );
-            for layer in call["layers"].as_array().unwrap() {
-                assert_exact(&format!("{form:?} {}", layer["name"]), layer);
-            }
-        }
-        let phases = model["phases"].as_array().unwrap();
-        let labels: Vec<&str> = phases
-            .iter()
-            .map(|p| p["phase"].as_str().unwrap())
-            .collect();
-        assert_eq!(labels, ["prefill", "decode", "total"], "{form:?}");
-        for phase in phases {
-            assert_exact(&format!("{form:?} phase {}", phase["phase"]), phase);
-        }
+        assert_model_exact(
+            &format!("{form:?}"),
+            model,
+            3,
+            &[
+                "embed_tokens",
+                "layers.0 (DeepseekV2DecoderLayer_dense)",
+                "layers.1 (DeepseekV2DecoderLayer_moe)",
+                "layers.2 (DeepseekV2DecoderLayer_moe)",
+                "norm",
+                "lm_head",
+            ],
+        );
         if form == ["--mla", "absorb"] {
             // The latent cache: 3 layers × (r_kv + d_r) × 12 tokens × 4 bytes.
             let total = model["phases"].as_array().unwrap().last().unwrap();
@@ -227,35 +242,18 @@ fn generated_configs_are_exact_as_whole_models() {
         assert_eq!(report["workload"]["mla"], form, "{what}");
         assert_eq!(report["attention"].is_null(), absorb, "{what}");
         let model = &report["model"];
-        let calls = model["calls"].as_array().unwrap();
-        assert_eq!(calls.len(), 3, "{what}: a prefill and 2 decode steps");
-        for (i, call) in calls.iter().enumerate() {
-            let phase = if i == 0 { "prefill" } else { "decode" };
-            assert_eq!(call["phase"], phase, "{what} call {i}");
-            assert_eq!(
-                names(&call["layers"]),
-                [
-                    "embed_tokens",
-                    "layers.0 (DeepseekV2DecoderLayer_dense)",
-                    "layers.1 (DeepseekV2DecoderLayer_moe)",
-                    "norm",
-                    "lm_head",
-                ],
-                "{what} call {i}"
-            );
-            for layer in call["layers"].as_array().unwrap() {
-                assert_exact(&format!("{what} call {i} {}", layer["name"]), layer);
-            }
-        }
-        let phases = model["phases"].as_array().unwrap();
-        let labels: Vec<&str> = phases
-            .iter()
-            .map(|p| p["phase"].as_str().unwrap())
-            .collect();
-        assert_eq!(labels, ["prefill", "decode", "total"], "{what}");
-        for phase in phases {
-            assert_exact(&format!("{what} phase {}", phase["phase"]), phase);
-        }
+        assert_model_exact(
+            &what,
+            model,
+            2,
+            &[
+                "embed_tokens",
+                "layers.0 (DeepseekV2DecoderLayer_dense)",
+                "layers.1 (DeepseekV2DecoderLayer_moe)",
+                "norm",
+                "lm_head",
+            ],
+        );
     }
     if cases >= 6 {
         assert!(
