@@ -56,7 +56,8 @@ pub struct Args {
     /// cpu, cuda or cuda:N [default: cuda:0 when libtorch sees a GPU, else cpu]
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
-    /// Largest accepted |analytic − measured| / |measured| per metric (0.05 = 5%)
+    /// Largest accepted |analytic − measured| / |measured| of the approximate rows, flops
+    /// and peak_activation_bytes (0.05 = 5%); the exact rows must agree to the unit
     #[arg(
         long,
         value_name = "REL",
