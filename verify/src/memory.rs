@@ -196,6 +196,46 @@ pub fn estimate(plan: &Plan) -> Result<(u64, String), String> {
     })
 }
 
+/// What can help when the plan's `needs` exceed `available` bytes: a smaller workload,
+/// except for the layers whose weights alone do not fit, every one of them named (not
+/// only the largest, so that one run says all there is to leave out).
+fn advice(needs: &[Need], available: u64, w: &Workload) -> String {
+    let (too_heavy, too_large): (Vec<&Need>, Vec<&Need>) = needs
+        .iter()
+        .filter(|n| n.bytes > available)
+        .partition(|n| n.fixed_bytes > available);
+    // A smaller dtype helps only where there is one.
+    let dtype = match w.dtype {
+        modelmeter::Dtype::F32 => "a smaller --dtype (bf16 halves fp32's weights) or ",
+        _ => "",
+    };
+    if too_heavy.is_empty() {
+        smaller(w).to_string()
+    } else if too_heavy.len() == needs.len() {
+        // Every layer asked for: leaving them out leaves nothing to run.
+        format!(
+            "the weights and the device reserve alone of every layer asked for are more than that (the smallest {}), so no smaller workload fits: use {dtype}a device with more free memory",
+            units::bytes(too_heavy.iter().map(|n| n.fixed_bytes).min().unwrap_or(0))
+        )
+    } else {
+        let names: Vec<&str> = too_heavy.iter().map(|n| n.layer.as_str()).collect();
+        let sizes: Vec<String> = too_heavy
+            .iter()
+            .map(|n| format!("{} {}", n.layer, units::bytes(n.fixed_bytes)))
+            .collect();
+        let rest: Vec<&str> = too_large.iter().map(|n| n.layer.as_str()).collect();
+        let also = match rest.as_slice() {
+            [] => String::new(),
+            _ => format!("; for {} also {}", rest.join(", "), smaller(w)),
+        };
+        format!(
+            "the weights and the device reserve alone are more than that ({}), so no smaller workload fits: leave {} out (--layers), use {dtype}a device with more free memory{also}",
+            sizes.join(", "),
+            names.join(", "),
+        )
+    }
+}
+
 /// Checks that the plan can run on the device: its analytic counts fit in 64 bits (an
 /// overflow names its cause) and its largest layer fits in free memory. Without a
 /// memory figure for the device, the memory part is skipped with a warning.
@@ -219,44 +259,7 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
         } else {
             "about"
         };
-        // Advice that can help: a smaller workload, except for the layers whose weights
-        // alone do not fit, every one of them named (not only the largest, so that one
-        // run says all there is to leave out).
-        let (too_heavy, too_large): (Vec<&Need>, Vec<&Need>) = estimate
-            .needs
-            .iter()
-            .filter(|n| n.bytes > available)
-            .partition(|n| n.fixed_bytes > available);
-        // A smaller dtype helps only where there is one.
-        let dtype = match w.dtype {
-            modelmeter::Dtype::F32 => "a smaller --dtype (bf16 halves fp32's weights) or ",
-            _ => "",
-        };
-        let advice = if too_heavy.is_empty() {
-            smaller(w).to_string()
-        } else if too_heavy.len() == estimate.needs.len() {
-            // Every layer asked for: leaving them out leaves nothing to run.
-            format!(
-                "the weights and the device reserve alone of every layer asked for are more than that (the smallest {}), so no smaller workload fits: use {dtype}a device with more free memory",
-                units::bytes(too_heavy.iter().map(|n| n.fixed_bytes).min().unwrap_or(0))
-            )
-        } else {
-            let names: Vec<&str> = too_heavy.iter().map(|n| n.layer.as_str()).collect();
-            let sizes: Vec<String> = too_heavy
-                .iter()
-                .map(|n| format!("{} {}", n.layer, units::bytes(n.fixed_bytes)))
-                .collect();
-            let rest: Vec<&str> = too_large.iter().map(|n| n.layer.as_str()).collect();
-            let also = match rest.as_slice() {
-                [] => String::new(),
-                _ => format!("; for {} also {}", rest.join(", "), smaller(w)),
-            };
-            format!(
-                "the weights and the device reserve alone are more than that ({}), so no smaller workload fits: leave {} out (--layers), use {dtype}a device with more free memory{also}",
-                sizes.join(", "),
-                names.join(", "),
-            )
-        };
+        let advice = advice(&estimate.needs, available, w);
         return Err(format!(
             "the workload ({}) needs {about} {} for {} (weights + peak activations + KV cache + inputs + device reserve, from the analytic model) \
              but {spec} has {} free; {advice}",
@@ -440,6 +443,20 @@ mod tests {
         }
     }
 
+    /// DeepSeek-OCR in fp32 at `workload`, with `layers` in `attention`.
+    fn ocr_fp32(workload: Workload, layers: &[LayerId], attention: AttentionImpl) -> Plan {
+        Plan {
+            config: ModelConfig::deepseek_ocr(),
+            workload: workload.with_dtype(modelmeter::Dtype::F32).unwrap(),
+            layers: layers
+                .iter()
+                .map(|&layer| crate::pairing::Pairing { layer })
+                .collect(),
+            attention,
+            ..plan(1)
+        }
+    }
+
     fn device(memory_bytes: u64) -> DeviceInfo {
         DeviceInfo {
             name: "test".into(),
@@ -507,18 +524,11 @@ mod tests {
     fn the_pre_check_counts_the_peak_not_every_allocation() {
         // The dense MLP, B=1, S=512, fp32: its five outputs sum to 4·N·i + N·h elements,
         // but Python frees gate before up_proj runs: the peak is 3·N·i (docs/memory.md).
-        let p = Plan {
-            config: ModelConfig::deepseek_ocr(),
-            workload: Workload::prefill(1, 512)
-                .unwrap()
-                .with_dtype(modelmeter::Dtype::F32)
-                .unwrap(),
-            layers: vec![crate::pairing::Pairing {
-                layer: LayerId::Mlp,
-            }],
-            attention: AttentionImpl::Sdpa,
-            ..plan(1)
-        };
+        let p = ocr_fp32(
+            Workload::prefill(1, 512).unwrap(),
+            &[LayerId::Mlp],
+            AttentionImpl::Sdpa,
+        );
         let (n, h, i) = (512u64, 1280u64, 6848u64);
         let weights = 4 * 3 * h * i;
         // The input [1, 512, 1280] fp32 and the position ids [1, 512] int64.
@@ -565,23 +575,16 @@ mod tests {
         // DeepSeek-OCR in fp32: the MLP's weights (105 MB) and the MoE's (~900 MB) each
         // exceed 100 MB; the norm's and the attention's do not, their activations at
         // S = 4096 do.
-        let p = Plan {
-            config: ModelConfig::deepseek_ocr(),
-            workload: Workload::prefill(1, 4096)
-                .unwrap()
-                .with_dtype(modelmeter::Dtype::F32)
-                .unwrap(),
-            layers: [
+        let p = ocr_fp32(
+            Workload::prefill(1, 4096).unwrap(),
+            &[
                 LayerId::Mlp,
                 LayerId::RmsNorm,
                 LayerId::MoE,
                 LayerId::Attention,
-            ]
-            .map(|layer| crate::pairing::Pairing { layer })
-            .to_vec(),
-            attention: AttentionImpl::Eager,
-            ..plan(1)
-        };
+            ],
+            AttentionImpl::Eager,
+        );
         let e = check(&p, DeviceSpec::Cpu, &device(100_000_000)).unwrap_err();
         assert!(
             e.contains("for DeepseekV2MoE")
@@ -599,18 +602,11 @@ mod tests {
         // DeepSeek-OCR fp32, a decode step over 8,192 cached tokens: the eager attention's
         // step needs little, the prefill that fills its cache (S² scores) far more than
         // the MoE with its weights. Each layer keeps the larger of its two needs.
-        let decode = Plan {
-            config: ModelConfig::deepseek_ocr(),
-            workload: Workload::decode(1, 8192)
-                .unwrap()
-                .with_dtype(modelmeter::Dtype::F32)
-                .unwrap(),
-            layers: [LayerId::Attention, LayerId::MoE]
-                .map(|layer| crate::pairing::Pairing { layer })
-                .to_vec(),
-            attention: AttentionImpl::Eager,
-            ..plan(1)
-        };
+        let decode = ocr_fp32(
+            Workload::decode(1, 8192).unwrap(),
+            &[LayerId::Attention, LayerId::MoE],
+            AttentionImpl::Eager,
+        );
         let step = needs(&decode, &decode.workload).unwrap();
         let prefill = needs(&decode, &cache_prefill(&decode.workload).unwrap().unwrap()).unwrap();
         let merged = estimate_plan(&decode).unwrap().needs;
