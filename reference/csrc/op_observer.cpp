@@ -262,6 +262,16 @@ void encode(Line& out, const c10::IValue& v) {
   }
 }
 
+// The start line up to its arguments: `<thread>\t<depth>\t<F|B>\t<name>\t`.
+void start_line(Line& line, const at::RecordFunction& fn, size_t depth, bool backward) {
+  append_int(line, static_cast<int64_t>(fn.threadId()));
+  line += '\t';
+  append_int(line, static_cast<int64_t>(depth));
+  line += backward ? "\tB\t" : "\tF\t";
+  line += fn.name();
+  line += '\t';
+}
+
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   std::unique_ptr<at::ObserverContext> context;
   const uint64_t generation = g_generation.load();
@@ -288,10 +298,10 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     if (!in) {
       // Kept for a node of the region that may start inside (cheap: one per node).
       if (engine) {
-        std::string& pending = frame_ptr->pending_line;
-        pending = std::to_string(fn.threadId()) + '\t' + std::to_string(depth) + "\tB\t";
-        pending += fn.name();
-        pending += "\t\n";
+        Line& line = line_buffer();
+        start_line(line, fn, depth, true);
+        line += '\n';
+        frame_ptr->pending_line.assign(line.data(), line.size());
       }
       return context;
     }
@@ -312,12 +322,7 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     }
 
     Line& line = line_buffer();
-    append_int(line, static_cast<int64_t>(fn.threadId()));
-    line += '\t';
-    append_int(line, static_cast<int64_t>(depth));
-    line += backward ? "\tB\t" : "\tF\t";
-    line += fn.name();
-    line += '\t';
+    start_line(line, fn, depth, backward);
     if (fn.needsInputs()) {
       auto inputs = fn.inputs();
       for (size_t i = 0; i < inputs.size(); ++i) {
