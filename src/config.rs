@@ -206,12 +206,11 @@ impl ModelConfig {
         // runs is not ours to guess. (Fields it never reads may differ: a file's reader
         // drops them before this point, so a value built in code is judged the same way.)
         if let [(first, v), (second, w)] = given[..] {
-            let read = |obj: &'_ Map<String, Value>| {
+            fn read(obj: &Map<String, Value>) -> std::collections::BTreeMap<&String, &Value> {
                 obj.iter()
                     .filter(|(k, v)| FIELDS.contains(&k.as_str()) && !v.is_null())
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect::<std::collections::BTreeMap<_, _>>()
-            };
+                    .collect()
+            }
             if read(v) != read(w) {
                 return Err(Error::invalid(
                     second,
