@@ -1,15 +1,15 @@
 //! Verification semantics: per metric a status from analytic A and measured M.
 //!
-//! rel_diff = |A − M| / |M| (0 when both are 0). `pass` when rel_diff ≤ tolerance;
-//! `fail` when above, or when M = 0 < A for anything not on the known-gap list;
-//! `known_gap` when M = 0 where the instrumentation is known to be blind; `error` when
-//! the layer could not run. A layer's status is its worst metric.
+//! rel_diff = |A − M| / |M| (0 when both are 0). `pass` when rel_diff ≤ tolerance (an
+//! exact row only when A = M); `fail` when above, or when M = 0 < A; `error` when the
+//! layer could not run. A layer's status is its worst metric.
 //!
-//! The `flops` row ([`compare_flops`]) compares with FlopCounterMode's total, which is
-//! blind to elementwise work (and to attention kernels outside its registry). Beyond the
-//! tolerance it is `known_gap` only when the difference is exactly the analytic work the
-//! counter cannot see and the matmul rows are exact; any other difference is a `fail`.
-//! RMSNorm, measured 0, is the case where that blind work is all of the layer.
+//! `known_gap` has one source, the `flops` row ([`compare_flops`]): it compares with
+//! FlopCounterMode's total, which is blind to elementwise work (and to attention kernels
+//! outside its registry). Beyond the tolerance it is `known_gap` only when the difference
+//! is exactly the analytic work the counter cannot see and the matmul rows are exact; any
+//! other difference is a `fail`. RMSNorm, measured 0, is the case where that blind work is
+//! all of the layer: the same rule, not a name on a list (no row passes by its layer's name).
 
 use serde::Serialize;
 
@@ -46,23 +46,14 @@ impl Status {
     }
 }
 
-/// Where the measurement is known to be blind: (layer, metric, why).
-pub const KNOWN_GAPS: &[(&str, &str, &str)] = &[(
-    "DeepseekV2RMSNorm",
-    "flops",
-    "FlopCounterMode counts no elementwise work, and RMSNorm is only elementwise work",
-)];
-
-/// The reason `layer`'s `metric` is a known gap, if it is one.
-pub fn known_gap(layer: &str, metric: &str) -> Option<&'static str> {
-    KNOWN_GAPS
-        .iter()
-        .find(|(l, m, _)| *l == layer && *m == metric)
-        .map(|(_, _, why)| *why)
-}
-
 /// Why a `flops` row may be a known gap, for the JSON report's list.
 pub const FLOPS_BLIND_SPOT: &str = "FlopCounterMode counts matmuls only, not elementwise work (nor attention kernels outside its registry, such as the CPU SDPA kernel): a flops row beyond the tolerance is known_gap when its difference is exactly the analytic elementwise FLOPs outside such kernels and the matmul rows are exact; any other difference fails";
+
+/// The reports' `known_gaps` list: the rules under which a row may be `known_gap`. There
+/// is one, the `flops` row's, for every layer (`"layer": "*"`).
+pub fn known_gaps_json() -> serde_json::Value {
+    serde_json::json!([{"layer": "*", "metric": "flops", "reason": FLOPS_BLIND_SPOT}])
+}
 
 /// What the FlopCounterMode-compatible counter cannot see in one layer run, from the
 /// analytic model.
@@ -84,7 +75,6 @@ pub struct CounterBlindSpot {
 /// and `matmul_exact` (the matmul row's analytic and measured values are equal), with
 /// a note that says so; any other difference is a `fail`.
 pub fn compare_flops(
-    layer: &str,
     analytic_total: u64,
     measured: u64,
     blind: &CounterBlindSpot,
@@ -92,7 +82,7 @@ pub fn compare_flops(
     tolerance: f64,
 ) -> MetricRow {
     let analytic = analytic_total.saturating_sub(blind.attention_core_flops);
-    let mut row = compare(layer, Check::Flops, analytic, measured, tolerance);
+    let mut row = compare(Check::Flops, analytic, measured, tolerance);
     let core_note = (!blind.kernels.is_empty()).then(|| {
         format!(
             "analytic total less the attention core FlopCounterMode cannot see ({})",
@@ -225,14 +215,10 @@ pub fn rel_diff(analytic: u64, measured: u64) -> Option<f64> {
     }
 }
 
-/// Compares one metric of `layer`.
-pub fn compare(
-    layer: &str,
-    metric: Check,
-    analytic: u64,
-    measured: u64,
-    tolerance: f64,
-) -> MetricRow {
+/// Compares one metric. Measured 0 where the analytic model expects work fails here;
+/// only [`compare_flops`] may call that a known gap, and only for exactly the work the
+/// counter cannot see.
+pub fn compare(metric: Check, analytic: u64, measured: u64, tolerance: f64) -> MetricRow {
     let rel = rel_diff(analytic, measured);
     let (status, note) = match rel {
         // Both sides of an exact metric follow the same conventions: any difference is a
@@ -247,13 +233,10 @@ pub fn compare(
         ),
         Some(r) if r <= tolerance => (Status::Pass, None),
         Some(_) => (Status::Fail, None),
-        None => match known_gap(layer, metric.name()) {
-            Some(why) => (Status::KnownGap, Some(format!("measured 0: {why}"))),
-            None => (
-                Status::Fail,
-                Some("measured 0 where the analytic model expects work".into()),
-            ),
-        },
+        None => (
+            Status::Fail,
+            Some("measured 0 where the analytic model expects work".into()),
+        ),
     };
     MetricRow {
         metric,
@@ -306,48 +289,38 @@ mod tests {
 
     #[test]
     fn statuses_follow_the_design() {
-        assert_eq!(compare("X", FLOPS, 100, 100, 0.0).status, Status::Pass);
-        assert_eq!(compare("X", FLOPS, 0, 0, 0.0).rel_diff, Some(0.0));
-        assert_eq!(compare("X", FLOPS, 104, 100, 0.05).status, Status::Pass);
+        assert_eq!(compare(FLOPS, 100, 100, 0.0).status, Status::Pass);
+        assert_eq!(compare(FLOPS, 0, 0, 0.0).rel_diff, Some(0.0));
+        assert_eq!(compare(FLOPS, 104, 100, 0.05).status, Status::Pass);
         // An exact row fails on any difference, however small against the tolerance, and
         // says by how much; the tolerance is for the approximate rows.
-        let close = compare("X", ELEMENTWISE, 97, 100, 0.05);
+        let close = compare(ELEMENTWISE, 97, 100, 0.05);
         assert_eq!(close.status, Status::Fail);
         assert!(close
             .note
             .unwrap()
             .starts_with("not exact: analytic − measured = −3"));
-        let one = compare("X", ELEMENTWISE, 1_000_001, 1_000_000, 0.5);
+        let one = compare(ELEMENTWISE, 1_000_001, 1_000_000, 0.5);
         assert_eq!(one.status, Status::Fail);
         assert!(one.note.unwrap().contains("+1"));
-        assert_eq!(
-            compare("X", ELEMENTWISE, 100, 100, 0.05).status,
-            Status::Pass
-        );
-        assert_eq!(compare("X", ELEMENTWISE, 100, 100, 0.05).note, None);
-        let peak = compare("X", Check::PeakActivationBytes, 103, 100, 0.05);
+        assert_eq!(compare(ELEMENTWISE, 100, 100, 0.05).status, Status::Pass);
+        assert_eq!(compare(ELEMENTWISE, 100, 100, 0.05).note, None);
+        let peak = compare(Check::PeakActivationBytes, 103, 100, 0.05);
         assert_eq!(
             peak.status,
             Status::Pass,
             "the peak is approximate by nature"
         );
-        assert_eq!(compare("X", FLOPS, 106, 100, 0.05).status, Status::Fail);
-        assert_eq!(compare("X", FLOPS, 94, 100, 0.05).status, Status::Fail);
-        let gap = compare("DeepseekV2RMSNorm", FLOPS, 10, 0, 0.05);
-        assert_eq!((gap.status, gap.rel_diff), (Status::KnownGap, None));
-        assert!(gap.note.unwrap().contains("FlopCounterMode"));
-        assert_eq!(
-            compare("DeepseekV2RMSNorm", ELEMENTWISE, 10, 0, 0.05).status,
-            Status::Fail
-        );
-        assert_eq!(
-            compare("DeepseekV2MLP", FLOPS, 10, 0, 0.05).status,
-            Status::Fail
-        );
-        assert_eq!(
-            compare("DeepseekV2RMSNorm", FLOPS, 0, 0, 0.0).status,
-            Status::Pass
-        );
+        assert_eq!(compare(FLOPS, 106, 100, 0.05).status, Status::Fail);
+        assert_eq!(compare(FLOPS, 94, 100, 0.05).status, Status::Fail);
+        // Measured 0 where work is expected fails, whatever the metric: no row is a known
+        // gap by its layer's name (compare_flops alone decides the counter's blind spot).
+        for metric in [FLOPS, ELEMENTWISE] {
+            let zero = compare(metric, 10, 0, 0.05);
+            assert_eq!((zero.status, zero.rel_diff), (Status::Fail, None));
+            assert!(zero.note.unwrap().starts_with("measured 0 where"));
+        }
+        assert_eq!(compare(FLOPS, 0, 0, 0.0).status, Status::Pass);
     }
 
     fn blind(elementwise_flops: u64) -> CounterBlindSpot {
@@ -360,10 +333,10 @@ mod tests {
     #[test]
     fn a_flops_difference_of_exactly_the_blind_work_is_a_known_gap() {
         // Within the tolerance: pass, whatever the difference.
-        let row = compare_flops("MoEGate", 1050, 1000, &blind(50), true, 0.05);
+        let row = compare_flops(1050, 1000, &blind(50), true, 0.05);
         assert_eq!((row.status, row.note), (Status::Pass, None));
         // Beyond it: known_gap only for exactly the elementwise work, matmul exact.
-        let row = compare_flops("MoEGate", 1060, 1000, &blind(60), true, 0.05);
+        let row = compare_flops(1060, 1000, &blind(60), true, 0.05);
         assert_eq!(row.status, Status::KnownGap);
         assert!(row
             .note
@@ -375,14 +348,7 @@ mod tests {
             (1060, 60, false),
             (900, 60, true),
         ] {
-            let row = compare_flops(
-                "MoEGate",
-                total,
-                1000,
-                &blind(elementwise),
-                matmul_exact,
-                0.05,
-            );
+            let row = compare_flops(total, 1000, &blind(elementwise), matmul_exact, 0.05);
             assert_eq!(
                 row.status,
                 Status::Fail,
@@ -394,11 +360,11 @@ mod tests {
 
     #[test]
     fn rmsnorm_is_the_all_elementwise_case_of_the_same_rule() {
-        let row = compare_flops("DeepseekV2RMSNorm", 4128, 0, &blind(4128), true, 0.05);
+        let row = compare_flops(4128, 0, &blind(4128), true, 0.05);
         assert_eq!((row.status, row.rel_diff), (Status::KnownGap, None));
         assert!(row.note.unwrap().contains("only elementwise work"));
-        // A different amount fails, although RMSNorm is on the measured-0 list.
-        let row = compare_flops("DeepseekV2RMSNorm", 4129, 0, &blind(4128), true, 0.05);
+        // A different amount fails: measured 0 is no pass by itself.
+        let row = compare_flops(4129, 0, &blind(4128), true, 0.05);
         assert_eq!(row.status, Status::Fail);
     }
 
@@ -409,33 +375,33 @@ mod tests {
             attention_core_flops: 500,
             kernels: vec!["aten::_scaled_dot_product_flash_attention_for_cpu".into()],
         };
-        let row = compare_flops("LlamaFlashAttention2", 1600, 1000, &spot, true, 0.05);
+        let row = compare_flops(1600, 1000, &spot, true, 0.05);
         assert_eq!((row.analytic, row.status), (1100, Status::KnownGap));
         let note = row.note.unwrap();
         assert!(
             note.contains("attention core") && note.contains("outside that core"),
             "{note}"
         );
-        let row = compare_flops("LlamaFlashAttention2", 1510, 1000, &spot, true, 0.05);
+        let row = compare_flops(1510, 1000, &spot, true, 0.05);
         assert_eq!((row.status, row.analytic), (Status::Pass, 1010));
     }
 
     #[test]
     fn a_layer_is_its_worst_metric() {
         let rows = [
-            compare("X", ELEMENTWISE, 1, 1, 0.0),
-            compare("DeepseekV2RMSNorm", FLOPS, 1, 0, 0.0),
+            compare(ELEMENTWISE, 1, 1, 0.0),
+            compare_flops(1, 0, &blind(1), true, 0.0),
         ];
         assert_eq!(worst(&rows), Status::KnownGap);
         assert_eq!(worst(&[]), Status::Pass);
-        let mut info = compare("X", ELEMENTWISE, 1, 2, 0.0);
+        let mut info = compare(ELEMENTWISE, 1, 2, 0.0);
         info.status = Status::Info;
         assert_eq!(
             worst(&[info.clone()]),
             Status::Pass,
             "info never decides a layer"
         );
-        assert_eq!(worst(&[info, compare("X", FLOPS, 1, 2, 0.0)]), Status::Fail);
+        assert_eq!(worst(&[info, compare(FLOPS, 1, 2, 0.0)]), Status::Fail);
         assert!(Status::Error > Status::Fail && Status::Fail > Status::KnownGap);
     }
 }

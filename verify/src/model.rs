@@ -391,10 +391,9 @@ impl Sides {
     }
 
     /// The `flops` row and the exact rows.
-    fn rows(&self, name: &str, tolerance: f64) -> Vec<MetricRow> {
+    fn rows(&self, tolerance: f64) -> Vec<MetricRow> {
         let (a, m) = (&self.analytic, &self.measured);
         let mut rows = vec![compare_flops(
-            name,
             a.total_flops().unwrap_or(u64::MAX),
             self.flop_counter_mode,
             &self.blind,
@@ -404,7 +403,6 @@ impl Sides {
         for exact in EXACT {
             let metric = exact.metric;
             rows.push(compare(
-                name,
                 Check::Exact(metric),
                 metric.get(a),
                 metric.get(m),
@@ -483,7 +481,7 @@ fn compare_call(
             "the reference model ran none of the model's parts: nothing was measured to compare"
                 .to_string()
         })?;
-    let metrics = whole.rows("DeepseekV2ForCausalLM", plan.tolerance);
+    let metrics = whole.rows(plan.tolerance);
     let status = worst(&metrics).max(whole.worst);
     let exact = is_exact(&metrics) && layers.iter().all(|l| is_exact(&l.metrics));
     let keep = call == Call::Prefill || !exact || !status.is_ok() || model.verbose;
@@ -781,7 +779,7 @@ fn phase_result(
         // largest call's blocks, each tensor rounded as the calls were compared.
         whole.analytic.activation_bytes = blocks;
     }
-    let mut metrics = whole.rows("DeepseekV2ForCausalLM", plan.tolerance);
+    let mut metrics = whole.rows(plan.tolerance);
     if unread > 0 {
         if let Some(row) = metrics
             .iter_mut()
@@ -812,7 +810,7 @@ fn phase_result(
             continue;
         };
         let name = group.describe(&plan.config);
-        let rows = sides.rows(&name, plan.tolerance);
+        let rows = sides.rows(plan.tolerance);
         groups.push(GroupResult {
             group,
             status: worst(&rows).max(sides.worst),

@@ -288,7 +288,6 @@ fn note_transients(rows: &mut [MetricRow], run: &LayerRun, cuda: bool) {
 /// tolerance; the note says whether it is exact and what the allocator's own peak was,
 /// scratch included.
 pub(crate) fn compare_peak(
-    name: &str,
     hook_name: &str,
     analytic: &Cost,
     run: &LayerRun,
@@ -301,13 +300,7 @@ pub(crate) fn compare_peak(
             .perturbation(hook_name, check.name())
             .unwrap_or(0),
     );
-    let mut row = compare(
-        name,
-        check,
-        peak,
-        run.output_peak_live_bytes,
-        plan.tolerance,
-    );
+    let mut row = compare(check, peak, run.output_peak_live_bytes, plan.tolerance);
     if !run.allocation_errors.is_empty() {
         // A lost free would keep a block live in the replay: the measured peak is unsure.
         row.status = Status::Fail;
@@ -489,7 +482,6 @@ pub(crate) fn compare_run(
         .unwrap_or(u64::MAX)
         .saturating_add(plan.hooks.perturbation(hook_name, "flops").unwrap_or(0));
     let flops = compare_flops(
-        name,
         total,
         c.flops.flop_counter_mode_flops,
         &blind,
@@ -499,14 +491,13 @@ pub(crate) fn compare_run(
     let mut metrics = vec![flops];
     for exact in EXACT {
         metrics.push(compare(
-            name,
             Check::Exact(exact.metric),
             exact.metric.get(&a),
             (exact.measured)(run),
             tolerance,
         ));
     }
-    metrics.push(compare_peak(name, hook_name, analytic, run, plan));
+    metrics.push(compare_peak(hook_name, analytic, run, plan));
     note_transients(&mut metrics, run, plan.device.is_cuda());
     note_io_by_op(&mut metrics, analytic, run);
     if c.ops_without_outputs > 0 {

@@ -5,7 +5,7 @@ use modelmeter::layers::attention_core;
 use serde_json::{json, Value};
 
 use super::{Case, Report};
-use crate::compare::{FLOPS_BLIND_SPOT, KNOWN_GAPS};
+use crate::compare::known_gaps_json;
 
 /// Schema tag of a single verification.
 pub const SCHEMA: &str = "modelmeter.verify/1";
@@ -31,11 +31,7 @@ fn case_json(case: &Case) -> Value {
 
 /// The report as one JSON object.
 pub fn to_json(report: &Report) -> Value {
-    let mut known_gaps: Vec<Value> = KNOWN_GAPS
-        .iter()
-        .map(|(layer, metric, why)| json!({"layer": layer, "metric": metric, "reason": why}))
-        .collect();
-    known_gaps.push(json!({"layer": "*", "metric": "flops", "reason": FLOPS_BLIND_SPOT}));
+    let known_gaps = known_gaps_json();
     let mut v = json!({
         "schema": if report.sweep.is_some() { SWEEP_SCHEMA } else { SCHEMA },
         "environment": report.environment,

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::junit::Suite;
 use crate::check::{Check, EXACT};
-use crate::compare::{MetricRow, Status, FLOPS_BLIND_SPOT, KNOWN_GAPS};
+use crate::compare::{known_gaps_json, MetricRow, Status};
 use crate::environment::Environment;
 use crate::model::{is_exact, is_inexact, Call, CallResult, ModelResult};
 use crate::results::LayerResult;
@@ -303,11 +303,7 @@ pub fn model_table(report: &ModelReport) -> String {
 
 /// The report as one JSON object (`modelmeter.verify-model/1`).
 pub fn model_json(report: &ModelReport) -> Value {
-    let mut known_gaps: Vec<Value> = KNOWN_GAPS
-        .iter()
-        .map(|(layer, metric, why)| json!({"layer": layer, "metric": metric, "reason": why}))
-        .collect();
-    known_gaps.push(json!({"layer": "*", "metric": "flops", "reason": FLOPS_BLIND_SPOT}));
+    let known_gaps = known_gaps_json();
     let mut v = json!({
         "schema": MODEL_SCHEMA,
         "environment": report.environment,
