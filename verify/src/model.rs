@@ -449,6 +449,12 @@ fn compare_call(
 ) -> Result<Measured, String> {
     let analytic_error = |e: modelmeter::Error| format!("analytic model: {e}");
     let workload = call.workload(&plan.workload).map_err(analytic_error)?;
+    // The call's rows sum the parts that ran: a part the reference left out (or ran
+    // twice) would be missing from both sides and pass. The parts must be the stack's.
+    let ran: Vec<StackPart> = run.parts.iter().map(|(part, _)| *part).collect();
+    if let Some(why) = parts_mismatch(&StackPart::all(&plan.config), &ran) {
+        return Err(why);
+    }
     let stack = DeepseekV2Decoder::new(&plan.config, &workload, plan.attention);
     let mut layers = Vec::new();
     let mut parts = Vec::new();
@@ -502,6 +508,51 @@ fn compare_call(
         parts,
         unread_expert_bytes,
     })
+}
+
+/// Why the parts a call `ran` are not the analytic stack's `expected` parts in order, or
+/// `None` when they are: the parts missing, those not in the stack or run again, and
+/// otherwise the order.
+fn parts_mismatch(expected: &[StackPart], ran: &[StackPart]) -> Option<String> {
+    if expected == ran {
+        return None;
+    }
+    if ran.is_empty() {
+        return Some(
+            "the reference model ran none of the model's parts: nothing was measured to compare"
+                .into(),
+        );
+    }
+    let paths = |parts: &mut dyn Iterator<Item = &StackPart>| {
+        parts.map(|p| p.path()).collect::<Vec<_>>().join(", ")
+    };
+    let missing = paths(&mut expected.iter().filter(|p| !ran.contains(p)));
+    let mut seen = Vec::new();
+    let extra = paths(&mut ran.iter().filter(|p| {
+        let again = seen.contains(p);
+        seen.push(*p);
+        again || !expected.contains(p)
+    }));
+    let mut why = Vec::new();
+    if !missing.is_empty() {
+        why.push(format!("did not run {missing}"));
+    }
+    if !extra.is_empty() {
+        why.push(format!(
+            "ran {extra}, which the analytic stack does not have there"
+        ));
+    }
+    if why.is_empty() {
+        why.push(format!(
+            "ran the parts in the order {}, the stack's is {}",
+            paths(&mut ran.iter()),
+            paths(&mut expected.iter())
+        ));
+    }
+    Some(format!(
+        "the reference model {}: the call's rows would compare different parts",
+        why.join(" and ")
+    ))
 }
 
 /// True when every exact row of `rows`, and the peak row, has analytic = measured (a row
@@ -839,6 +890,33 @@ mod tests {
 
     fn prefill(seq_len: u64) -> Workload {
         Workload::prefill(1, seq_len).unwrap()
+    }
+
+    #[test]
+    fn a_call_must_run_the_stacks_parts_in_order() {
+        let c = ModelConfig::deepseek_ocr().first_layers(2).unwrap();
+        let stack = StackPart::all(&c);
+        assert_eq!(parts_mismatch(&stack, &stack), None);
+        let without_head = &stack[..stack.len() - 1];
+        let e = parts_mismatch(&stack, without_head).unwrap();
+        assert!(e.contains("did not run lm_head"), "{e}");
+        let mut twice = stack.clone();
+        twice.insert(2, StackPart::Layer(0));
+        let e = parts_mismatch(&stack, &twice).unwrap();
+        assert!(e.contains("ran layers.0, which the analytic stack"), "{e}");
+        let e =
+            parts_mismatch(&stack, &[stack.clone(), vec![StackPart::Layer(7)]].concat()).unwrap();
+        assert!(e.contains("ran layers.7"), "{e}");
+        let mut swapped = stack.clone();
+        swapped.swap(1, 2);
+        let e = parts_mismatch(&stack, &swapped).unwrap();
+        assert!(
+            e.contains("in the order embed_tokens, layers.1, layers.0"),
+            "{e}"
+        );
+        assert!(parts_mismatch(&stack, &[])
+            .unwrap()
+            .contains("ran none of the model's parts"));
     }
 
     #[test]
