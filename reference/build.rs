@@ -14,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/alloc_observer.cpp");
     println!("cargo:rerun-if-changed=csrc/alloc_observer.h");
     println!("cargo:rerun-if-changed=csrc/sequence.h");
+    println!("cargo:rerun-if-changed=csrc/ffi_export.h");
     println!("cargo:rerun-if-changed=csrc/profiler_range.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler_range.h");
     println!("cargo:rerun-if-changed=csrc/cuda_backend.cpp");

@@ -175,7 +175,7 @@ void write_error(char* err, size_t len, const char* message) {
 
 extern "C" {
 
-int mmeter_alloc_start(void** recorder, char* err, size_t err_len) {
+int mmeter_alloc_start(void** recorder, char* err, size_t err_len) noexcept {
   try {
     *recorder = nullptr;
     if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) {
@@ -203,7 +203,7 @@ int mmeter_alloc_start(void** recorder, char* err, size_t err_len) {
 }
 
 int mmeter_alloc_count(void* recorder, size_t* count, uint64_t* dropped, char* err,
-                       size_t err_len) {
+                       size_t err_len) noexcept {
   try {
     if (recorder == nullptr) {
       write_error(err, err_len, "no allocation recorder");
@@ -220,7 +220,7 @@ int mmeter_alloc_count(void* recorder, size_t* count, uint64_t* dropped, char* e
 }
 
 int mmeter_alloc_read(void* recorder, size_t from, mmeter_alloc_event** out, size_t* out_len,
-                      uint64_t* dropped, char* err, size_t err_len) {
+                      uint64_t* dropped, char* err, size_t err_len) noexcept {
   try {
     if (recorder == nullptr) {
       write_error(err, err_len, "no allocation recorder");
@@ -239,7 +239,7 @@ int mmeter_alloc_read(void* recorder, size_t from, mmeter_alloc_event** out, siz
   return 1;
 }
 
-int mmeter_alloc_stop(void* recorder, char* err, size_t err_len) {
+int mmeter_alloc_stop(void* recorder, char* err, size_t err_len) noexcept {
   std::unique_ptr<Handle> handle(static_cast<Handle*>(recorder));
   try {
     if (!handle) {
@@ -267,6 +267,6 @@ int mmeter_alloc_stop(void* recorder, char* err, size_t err_len) {
   return 1;
 }
 
-void mmeter_alloc_free_events(mmeter_alloc_event* events) { std::free(events); }
+void mmeter_alloc_free_events(mmeter_alloc_event* events) noexcept { std::free(events); }
 
 }  // extern "C"

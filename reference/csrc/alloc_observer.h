@@ -5,6 +5,8 @@
 #ifndef MODELMETER_ALLOC_OBSERVER_H
 #define MODELMETER_ALLOC_OBSERVER_H
 
+#include "ffi_export.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -39,25 +41,25 @@ typedef struct mmeter_alloc_event {
 // PROFILER_STATE debug-info slot. *recorder receives its handle. Fails when that slot is
 // already taken (torch's profiler, or a recorder that was not stopped).
 // 0 on success; else a message in err[err_len].
-int mmeter_alloc_start(void** recorder, char* err, size_t err_len);
+int mmeter_alloc_start(void** recorder, char* err, size_t err_len) MMETER_NOEXCEPT;
 
 // Events recorded so far, and reports lost because memory for them ran out.
 int mmeter_alloc_count(void* recorder, size_t* count, uint64_t* dropped, char* err,
-                       size_t err_len);
+                       size_t err_len) MMETER_NOEXCEPT;
 
 // Copies the events from index `from` on (free *out with mmeter_alloc_free_events) and
 // the number of lost reports so far. 0 on success; else a message in err[err_len].
 int mmeter_alloc_read(void* recorder, size_t from, mmeter_alloc_event** out, size_t* out_len,
-                      uint64_t* dropped, char* err, size_t err_len);
+                      uint64_t* dropped, char* err, size_t err_len) MMETER_NOEXCEPT;
 
 // Stops recording, removes the recorder from the calling thread's slot (it must be the
 // thread that started it, and the recorder must be the innermost debug info there) and
 // releases the handle, which is invalid afterwards even when this fails.
 // 0 on success; else a message in err[err_len].
-int mmeter_alloc_stop(void* recorder, char* err, size_t err_len);
+int mmeter_alloc_stop(void* recorder, char* err, size_t err_len) MMETER_NOEXCEPT;
 
 // Frees an event array the shim returned.
-void mmeter_alloc_free_events(mmeter_alloc_event* events);
+void mmeter_alloc_free_events(mmeter_alloc_event* events) MMETER_NOEXCEPT;
 
 #ifdef __cplusplus
 }

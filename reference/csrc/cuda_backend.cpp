@@ -88,12 +88,12 @@ int report(char* err, size_t err_len) {
 
 }  // namespace
 
-extern "C" int mmeter_cuda_backend_state(char* err, size_t err_len) {
+extern "C" int mmeter_cuda_backend_state(char* err, size_t err_len) noexcept {
   std::lock_guard<std::mutex> lock(g_mutex);
   return report(err, err_len);
 }
 
-extern "C" int mmeter_cuda_backend_load(char* err, size_t err_len) {
+extern "C" int mmeter_cuda_backend_load(char* err, size_t err_len) noexcept {
   std::lock_guard<std::mutex> lock(g_mutex);
   load_locked();
   return report(err, err_len);

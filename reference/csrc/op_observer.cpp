@@ -439,13 +439,13 @@ char* copy_out(const std::string& s, size_t* len) {
 
 extern "C" {
 
-uint64_t mmeter_sequence_next(void) {
+uint64_t mmeter_sequence_next(void) noexcept {
   static std::atomic<uint64_t> clock{0};
   return clock.fetch_add(1) + 1;
 }
 
 // Arms the callback for ops of the calling thread (and its backward). 0 on success.
-int mmeter_observer_start(char* err, size_t err_len) {
+int mmeter_observer_start(char* err, size_t err_len) noexcept {
   try {
     std::lock_guard<std::mutex> lock(g_mutex);
     if (g_handle != 0) {
@@ -478,7 +478,7 @@ int mmeter_observer_start(char* err, size_t err_len) {
 }
 
 // Disarms the callback and hands over the log (free it with mmeter_free). 0 on success.
-int mmeter_observer_stop(char** out, size_t* out_len, char* err, size_t err_len) {
+int mmeter_observer_stop(char** out, size_t* out_len, char* err, size_t err_len) noexcept {
   try {
     at::CallbackHandle handle = 0;
     {
@@ -520,7 +520,7 @@ int mmeter_observer_stop(char** out, size_t* out_len, char* err, size_t err_len)
 }
 
 // libtorch's build configuration (at::show_config()), with its version. Free with mmeter_free.
-char* mmeter_libtorch_config(size_t* out_len) {
+char* mmeter_libtorch_config(size_t* out_len) noexcept {
   try {
     return copy_out(at::show_config(), out_len);
   } catch (...) {
@@ -529,7 +529,7 @@ char* mmeter_libtorch_config(size_t* out_len) {
 }
 
 // Whether fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32).
-int mmeter_tf32_matmul_allowed() {
+int mmeter_tf32_matmul_allowed() noexcept {
   try {
     return at::globalContext().allowTF32CuBLAS() ? 1 : 0;
   } catch (...) {
@@ -538,7 +538,7 @@ int mmeter_tf32_matmul_allowed() {
 }
 
 // Whether fp32 cuDNN convolutions may use TF32 (torch.backends.cudnn.allow_tf32).
-int mmeter_tf32_cudnn_allowed() {
+int mmeter_tf32_cudnn_allowed() noexcept {
   try {
     return at::globalContext().allowTF32CuDNN() ? 1 : 0;
   } catch (...) {
@@ -547,7 +547,7 @@ int mmeter_tf32_cudnn_allowed() {
 }
 
 // Sets the matmul switch; 0 on success.
-int mmeter_set_tf32_matmul_allowed(int allowed) {
+int mmeter_set_tf32_matmul_allowed(int allowed) noexcept {
   try {
     at::globalContext().setAllowTF32CuBLAS(allowed != 0);
     return 0;
@@ -558,7 +558,7 @@ int mmeter_set_tf32_matmul_allowed(int allowed) {
 
 // Waits for all work queued on CUDA device `index` and reports an asynchronous CUDA
 // error (a failed kernel, an illegal address) as an error message. 0 on success.
-int mmeter_cuda_synchronize(int index, char* err, size_t err_len) {
+int mmeter_cuda_synchronize(int index, char* err, size_t err_len) noexcept {
   try {
     at::detail::getCUDAHooks().deviceSynchronize(static_cast<c10::DeviceIndex>(index));
     return 0;
@@ -574,7 +574,7 @@ int mmeter_cuda_synchronize(int index, char* err, size_t err_len) {
 // loaded (cudaMemGetInfo, looked up at run time: the shim needs no CUDA headers).
 // 0 on success.
 int mmeter_cuda_mem_info(int index, size_t* free_bytes, size_t* total_bytes, char* err,
-                     size_t err_len) {
+                     size_t err_len) noexcept {
   try {
     using GetDevice = int (*)(int*);
     using SetDevice = int (*)(int);
@@ -604,6 +604,6 @@ int mmeter_cuda_mem_info(int index, size_t* free_bytes, size_t* total_bytes, cha
   return 1;
 }
 
-void mmeter_free(char* p) { std::free(p); }
+void mmeter_free(char* p) noexcept { std::free(p); }
 
 }  // extern "C"

@@ -61,11 +61,11 @@ int call_driver(const char* name, char* err, size_t err_len) {
 
 extern "C" {
 
-int mmeter_cuda_profiler_start(char* err, size_t err_len) {
+int mmeter_cuda_profiler_start(char* err, size_t err_len) noexcept {
   return call_driver("cuProfilerStart", err, err_len);
 }
 
-int mmeter_cuda_profiler_stop(char* err, size_t err_len) {
+int mmeter_cuda_profiler_stop(char* err, size_t err_len) noexcept {
   return call_driver("cuProfilerStop", err, err_len);
 }
 

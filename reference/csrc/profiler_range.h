@@ -4,6 +4,8 @@
 #ifndef MODELMETER_PROFILER_RANGE_H
 #define MODELMETER_PROFILER_RANGE_H
 
+#include "ffi_export.h"
+
 #include <stddef.h>
 
 #ifdef __cplusplus
@@ -12,10 +14,10 @@ extern "C" {
 
 // cuProfilerStart() on the calling thread's current CUDA context. 0 on success; else a
 // message in err[err_len] (the driver is not loaded, or the call returned an error code).
-int mmeter_cuda_profiler_start(char* err, size_t err_len);
+int mmeter_cuda_profiler_start(char* err, size_t err_len) MMETER_NOEXCEPT;
 
 // cuProfilerStop(); as mmeter_cuda_profiler_start.
-int mmeter_cuda_profiler_stop(char* err, size_t err_len);
+int mmeter_cuda_profiler_stop(char* err, size_t err_len) MMETER_NOEXCEPT;
 
 #ifdef __cplusplus
 }

@@ -5,6 +5,8 @@
 #ifndef MODELMETER_SEQUENCE_H
 #define MODELMETER_SEQUENCE_H
 
+#include "ffi_export.h"
+
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -12,7 +14,7 @@ extern "C" {
 #endif
 
 // The next value of the clock (starts at 1; never 0). Thread-safe, never throws.
-uint64_t mmeter_sequence_next(void);
+uint64_t mmeter_sequence_next(void) MMETER_NOEXCEPT;
 
 #ifdef __cplusplus
 }
