@@ -342,6 +342,15 @@ pub struct OracleResult {
     /// MoE gate cases: whether the selected experts match.
     #[serde(default)]
     pub idx_match: Option<bool>,
+    /// Eager attention cases: whether the causal mask the reference exported has the
+    /// pattern of transformers' own (`create_causal_mask`).
+    #[serde(default)]
+    pub mask_match: Option<bool>,
+    /// MLA decode cases: ‖cache − ref‖/‖ref‖ of transformers' KV cache after the prefill
+    /// against the reference's. `None`: the case has no cache to compare (the key is
+    /// absent); `Some(None)`: the script could not compare it (null).
+    #[serde(default, deserialize_with = "present")]
+    pub cache_rel_err: Option<Option<f64>>,
     /// FlopCounterMode's total.
     #[serde(default)]
     pub fcm_total: Option<u64>,
@@ -350,6 +359,16 @@ pub struct OracleResult {
     pub fcm_ops: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub error: Option<String>,
+}
+
+/// A key that is present, null or not: `Some` of its value (an absent key is serde's
+/// default, `None`), so that a null is told apart from a missing key.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// Runs the parity script in oracle mode with `python` over `dirs` on `device` (`cpu`,

@@ -10,7 +10,9 @@
 //!   (`measured`). Exact or `fail`, never a tolerance; ops that only one side saw, or saw
 //!   with other FLOPs, are named in the note.
 //! - `oracle_output`: ‖out − ref‖/‖ref‖ of the two outputs (as `rel_diff`) within a bound
-//!   for the dtype ([`output_bound`]); for the MoE gate the selected experts must match.
+//!   for the dtype ([`output_bound`]); the script's side checks must agree too: the MoE
+//!   gate's selected experts, the eager causal mask's pattern, an MLA decode step's KV
+//!   cache after the prefill (within the same bound).
 //!
 //! Structural differences between the vendor code the reference mirrors and transformers
 //! are named adjustments in the row's note, never a tolerance: transformers computes the
@@ -175,9 +177,19 @@ pub fn apply(plan: &Plan, results: &mut [LayerResult], oracle: &Oracle) {
         let dtype = plan.workload.dtype.to_string();
         match run_oracle(&oracle.python, &device_name(plan.device), &dtype, &dirs) {
             Ok(answers) => {
-                for ((i, _, adjust), answer) in cases.iter().zip(answers) {
+                for ((i, dir, adjust), answer) in cases.iter().zip(answers) {
                     let result = &mut results[*i];
-                    let rows = rows(result, &answer, plan.workload.dtype, adjust);
+                    // Answers come in the order of the cases; each names its case, so an
+                    // answer is never judged against another layer's counts.
+                    let rows = if Path::new(&answer.case) == dir {
+                        rows(result, &answer, plan.workload.dtype, adjust)
+                    } else {
+                        vec![oracle_error(format!(
+                            "the oracle's answer for {} names case {}: answers out of order",
+                            dir.display(),
+                            answer.case
+                        ))]
+                    };
                     add_rows(result, rows);
                 }
             }
@@ -416,28 +428,64 @@ fn rows(
         unavailable: false,
     };
     let bound = output_bound(dtype);
-    let experts_match = answer.idx_match.unwrap_or(true);
+    let (checked, problems) = side_checks(answer, bound);
+    let mut note = format!(
+        "‖out − ref‖/‖ref‖ = {err:.3e} against the transformers module (bound {bound:e} in {dtype})"
+    );
+    for part in checked.iter().chain(&problems) {
+        note.push_str("; ");
+        note.push_str(part);
+    }
     let output = MetricRow {
         metric: Check::OracleOutput,
         analytic: 0,
         measured: 0,
         rel_diff: Some(err),
-        status: if err <= bound && experts_match {
+        status: if err <= bound && problems.is_empty() {
             Status::Pass
         } else {
             Status::Fail
         },
-        note: Some(format!(
-            "‖out − ref‖/‖ref‖ = {err:.3e} against the transformers module (bound {bound:e} in {dtype}){}",
-            if experts_match {
-                ""
-            } else {
-                "; the selected experts differ"
-            }
-        )),
+        note: Some(note),
         unavailable: false,
     };
     vec![flops, output]
+}
+
+/// What the script checked beside the output, each against transformers' own: the
+/// gate's selected experts (a gate case must say), the eager causal mask's pattern, the
+/// MLA KV cache after the prefill (within `bound`). Returns (what agreed, what did not or
+/// could not be compared); the output row fails on any of the latter.
+fn side_checks(answer: &OracleResult, bound: f64) -> (Vec<String>, Vec<String>) {
+    let (mut checked, mut problems) = (Vec::new(), Vec::new());
+    match (answer.idx_match, answer.module.as_deref()) {
+        (Some(true), _) => checked.push("the selected experts match".to_string()),
+        (Some(false), _) => problems.push("the selected experts differ".to_string()),
+        (None, Some("moe_gate")) => {
+            problems.push("the answer does not say whether the selected experts match".to_string())
+        }
+        (None, _) => {}
+    }
+    match answer.mask_match {
+        Some(true) => checked.push("the causal mask has transformers' pattern".to_string()),
+        Some(false) => problems.push(
+            "the causal mask differs from transformers' own (create_causal_mask)".to_string(),
+        ),
+        None => {}
+    }
+    match answer.cache_rel_err {
+        Some(Some(e)) if e <= bound => checked.push(format!(
+            "KV cache after the prefill {e:.3e} from transformers'"
+        )),
+        Some(Some(e)) => problems.push(format!(
+            "the KV cache after the prefill is {e:.3e} from transformers' (bound {bound:e})"
+        )),
+        Some(None) => {
+            problems.push("the KV cache after the prefill could not be compared".to_string())
+        }
+        None => {}
+    }
+    (checked, problems)
 }
 
 #[cfg(test)]
@@ -498,6 +546,8 @@ mod tests {
             module: None,
             rel_err: Some(0.0),
             idx_match: None,
+            mask_match: None,
+            cache_rel_err: None,
             fcm_total: Some(ops.iter().map(|(_, n)| n).sum()),
             fcm_ops: ops.iter().map(|(op, n)| (op.to_string(), *n)).collect(),
             error: None,
@@ -537,6 +587,55 @@ mod tests {
             rows(&blind, &more, Dtype::F32, &adjust)[0].status,
             Status::Fail
         );
+    }
+
+    #[test]
+    fn the_output_row_fails_on_any_side_check_the_script_made() {
+        let adjust = Adjustments::default();
+        let layer = layer_with(&[("aten::mm", 100, 100)]);
+        let output = |answer: &OracleResult| rows(&layer, answer, Dtype::F32, &adjust)[1].clone();
+        let parsed = |extra: &str| -> OracleResult {
+            serde_json::from_str(&format!(
+                r#"{{"case": "L", "module": "attention", "rel_err": 0.0, "fcm_total": 100,
+                    "fcm_ops": {{"aten::mm": 100}}{extra}}}"#
+            ))
+            .unwrap()
+        };
+        // Nothing beside the output: the row stands on the output alone.
+        assert_eq!(output(&parsed("")).status, Status::Pass);
+        let agreed = output(&parsed(r#", "mask_match": true, "cache_rel_err": 1e-7"#));
+        assert_eq!(agreed.status, Status::Pass);
+        let note = agreed.note.unwrap();
+        assert!(
+            note.contains("transformers' pattern") && note.contains("KV cache"),
+            "{note}"
+        );
+        // A mask of another pattern, a cache off by more than the bound, a cache the
+        // script could not compare (null): each fails, and says which.
+        for (extra, says) in [
+            (r#", "mask_match": false"#, "causal mask differs"),
+            (
+                r#", "cache_rel_err": 0.5"#,
+                "is 5.000e-1 from transformers'",
+            ),
+            (r#", "cache_rel_err": null"#, "could not be compared"),
+            (r#", "idx_match": false"#, "selected experts differ"),
+        ] {
+            let row = output(&parsed(extra));
+            assert_eq!(row.status, Status::Fail, "{extra}");
+            assert!(
+                row.note.as_deref().unwrap().contains(says),
+                "{extra}: {row:?}"
+            );
+        }
+        // A gate's answer must say whether its experts match.
+        let mut gate = parsed("");
+        gate.module = Some("moe_gate".into());
+        let row = output(&gate);
+        assert_eq!(row.status, Status::Fail);
+        assert!(row.note.unwrap().contains("does not say"));
+        gate.idx_match = Some(true);
+        assert_eq!(output(&gate).status, Status::Pass);
     }
 
     #[test]

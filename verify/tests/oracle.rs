@@ -226,3 +226,80 @@ fn an_unusable_interpreter_is_one_line_and_exit_2_before_anything_runs() {
     );
     assert!(out.stdout.is_empty(), "nothing ran");
 }
+
+/// A script whose side checks disagree (the eager mask's pattern, the MLA cache after the
+/// prefill): the output row fails although the outputs agree. A copy of parity.py with
+/// each check's function answering "different" stands in for a transformers that masks
+/// or caches otherwise.
+#[test]
+fn a_mask_or_cache_that_differs_from_transformers_fails_the_output_row() {
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../reference/parity/parity.py"),
+    )
+    .unwrap();
+    let mut broken = script.clone();
+    for (def, answer) in [
+        (
+            "def mask_pattern_check(case_mask, hf_mask, extra):\n",
+            "    return False\n",
+        ),
+        (
+            "def mla_cache_rel_err(att, cache, layer_idx, tensors, form, family):\n",
+            "    return 1.0\n",
+        ),
+    ] {
+        assert!(broken.contains(def), "parity.py no longer has {def}");
+        broken = broken.replacen(def, &format!("{def}{answer}"), 1);
+    }
+    let dir = std::env::temp_dir().join(format!("mm-oracle-broken-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("parity.py");
+    std::fs::write(&path, broken).unwrap();
+    for (args, says) in [
+        (
+            &[
+                "--layers",
+                "LlamaAttention",
+                "--attn",
+                "eager",
+                "--seq-len",
+                "8",
+            ][..],
+            "causal mask differs",
+        ),
+        (
+            &[
+                "--config",
+                "deepseek-v2-lite",
+                "--layers",
+                "DeepseekV2Attention",
+                "--attn",
+                "eager",
+                "--phase",
+                "decode",
+                "--context-len",
+                "4",
+                "--dtype",
+                "fp32",
+            ][..],
+            "KV cache after the prefill is",
+        ),
+    ] {
+        let json = dir.join("r.json");
+        let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
+            .args(["--device", "cpu", "--oracle", "--quiet", "--json"])
+            .arg(&json)
+            .args(args)
+            .env("MODELMETER_PARITY_SCRIPT", &path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let j: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let output = row(&j["layers"][0], "oracle_output");
+        assert_eq!(output["status"], "fail", "{args:?}: {output}");
+        let note = output["note"].as_str().unwrap();
+        assert!(note.contains(says), "{args:?}: {note}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
