@@ -822,7 +822,7 @@ pub fn attach_with_reasons(
             match found {
                 Ok(range) => {
                     let context = context_of(plan, layer);
-                    let here = counted(layer, modelmeter::Metric::TensorCoreFlops);
+                    let here = record_of(layer).map(|r| rows::Counted::of(&r));
                     let (rows, hardware) = rows::layer_rows(range, &context, peaks.as_ref(), here);
                     layer.metrics.extend(rows);
                     layer.hardware = Some(hardware);

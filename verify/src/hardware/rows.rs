@@ -563,23 +563,29 @@ pub fn time_row(
 }
 
 /// All hardware rows of one layer and its `hardware` object. `counted_here` is what this
-/// report's own run counted (tensor-core FLOPs), which should equal the profiled run's.
+/// report's own run counted, which must equal the profiled run's: figures of other work
+/// (another workload, a routing that differed) are not this layer's, and its
+/// `hw_tensor_flops` row fails saying so.
 pub fn layer_rows(
     range: &AttributedRange,
     context: &Context,
     peaks: Option<&DevicePeaks>,
-    counted_here: Option<u64>,
+    counted_here: Option<Counted>,
 ) -> (Vec<MetricRow>, LayerHardware) {
     let counted = Counted::of(&range.record);
     let f = &range.figures;
     let mut tensor = tensor_row(&counted, f, context);
-    if let Some(here) = counted_here.filter(|h| *h != counted.tensor_core_flops) {
-        if let Some(note) = tensor.note.as_mut() {
-            note.push_str(&format!(
-                "; the profiled forward counted {} tensor-core FLOPs, this report's run {here}: the two runs did different work (routing?)",
-                counted.tensor_core_flops
-            ));
-        }
+    if let Some(here) = counted_here.filter(|h| *h != counted) {
+        tensor.status = Status::Fail;
+        tensor.add_note(&format!(
+            "the profiled forward counted {} tensor-core FLOPs, {} CUDA-core FLOPs and {} bytes moved, this report's run {}, {} and {}: the figures are of other work (another workload, or a routing that differed), not this run's",
+            counted.tensor_core_flops,
+            counted.cuda_core_flops,
+            counted.io_bytes,
+            here.tensor_core_flops,
+            here.cuda_core_flops,
+            here.io_bytes
+        ));
     }
     let [dram, l2] = byte_rows(&counted, f);
     let rows = vec![
@@ -662,6 +668,45 @@ mod tests {
         assert_eq!((row.analytic, row.measured), (analytic, 27_262_976_000));
         assert_eq!(row.status, Status::Pass, "{:?}", row.note);
         assert!(row.note.unwrap().contains("hardware/counted = 1.0125"));
+    }
+
+    #[test]
+    fn figures_of_other_work_fail_the_layer() {
+        let analytic = 6 * 512 * 1280 * 6848;
+        let range = AttributedRange {
+            index: 0,
+            ncu_id: "0".into(),
+            record: RangeRecord {
+                layer: "DeepseekV2MLP".into(),
+                tensor_core_flops: analytic,
+                cuda_core_flops: 0,
+                io_bytes: 100_000_000,
+            },
+            figures: figures(MLP),
+            time: TimeSpan::RangeElapsed,
+        };
+        let ctx = Context {
+            tokens: PREFILL,
+            ..bf16()
+        };
+        let tensor = |here: Option<Counted>| layer_rows(&range, &ctx, None, here).0[0].clone();
+        // The same work here as in the profiled forward (or nothing to compare): judged on
+        // the figures.
+        assert_eq!(tensor(Some(counted(analytic, 0))).status, Status::Pass);
+        assert_eq!(tensor(None).status, Status::Pass);
+        // Any counted value that differs: the figures are another run's.
+        for here in [
+            counted(analytic / 64, 0),
+            counted(analytic, 1),
+            Counted {
+                io_bytes: 1,
+                ..counted(analytic, 0)
+            },
+        ] {
+            let row = tensor(Some(here));
+            assert_eq!(row.status, Status::Fail, "{here:?}");
+            assert!(row.note.unwrap().contains("figures are of other work"));
+        }
     }
 
     #[test]
