@@ -347,16 +347,25 @@ fn hardware_figures(
         },
         hardware::Role::Child { .. } => return Err("internal: the child reads no figures".into()),
     };
-    same_device(ready, Some(&files.ranges.device))?;
+    same_run(ready, &files.ranges.device, files.ranges.run.as_ref())?;
     Ok((hardware::attributed(&files), Vec::new()))
 }
 
-/// Refuses figures profiled on another device than this run's.
-fn same_device(ready: &Ready, profiled: Option<&String>) -> Result<(), String> {
-    match profiled.filter(|d| **d != ready.spec.to_string()) {
-        Some(device) => Err(format!(
+/// Refuses figures profiled on another device than this run's, or of another run (its
+/// config, workload, attention or seed: [`hardware::run_identity`]). A range
+/// list written before runs were recorded is judged by its counts alone (a layer whose
+/// counted work differs fails).
+fn same_run(ready: &Ready, device: &str, run: Option<&serde_json::Value>) -> Result<(), String> {
+    if device != ready.spec.to_string() {
+        return Err(format!(
             "the profiled run was on {device}, this run is on {}: give the same --device",
             ready.spec
+        ));
+    }
+    let here = hardware::run_identity(&ready.plan);
+    match run.and_then(|profiled| hardware::run_differences(profiled, &here)) {
+        Some(differences) => Err(format!(
+            "the profiled run is not this run ({differences}): give the options it ran with"
         )),
         None => Ok(()),
     }
@@ -365,7 +374,9 @@ fn same_device(ready: &Ready, profiled: Option<&String>) -> Result<(), String> {
 /// A kernel-replay run's figures: every layer that has them; the layers without say why
 /// (on their row); a run in which no layer has figures is a setup error (exit 2).
 fn per_layer_figures(ready: &Ready, run: hardware::PerLayerRun) -> Result<HardwareRun, String> {
-    same_device(ready, run.device.as_ref())?;
+    if let Some(profiled) = &run.profiled {
+        same_run(ready, &profiled.device, profiled.run.as_ref())?;
+    }
     for (layer, why) in &run.errors {
         eprintln!("hardware counters: {layer}: no figures: {}", one_line(why));
     }

@@ -685,7 +685,10 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
     }
     assert!(!args.contains("DeepseekV2MLP,MoEGate"), "{args}");
     // The MLP: the export's kernels summed (27,262,976,000 bf16 tensor ops on the H200).
-    assert_eq!(run.device.as_deref(), Some("cuda:0"));
+    assert_eq!(
+        run.profiled.as_ref().map(|p| p.device.as_str()),
+        Some("cuda:0")
+    );
     assert_eq!(run.ranges.len(), 1);
     let mlp = &run.ranges[0];
     assert_eq!((mlp.index, mlp.record.layer.as_str()), (0, "DeepseekV2MLP"));

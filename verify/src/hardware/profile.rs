@@ -399,10 +399,25 @@ pub fn run_per_layer(
 }
 
 /// The `index`-th layer's figures from its kernel-replay folder `here`.
-fn read_layer(here: &Path, index: usize, layer: &str) -> Result<(String, AttributedRange), String> {
+fn read_layer(
+    here: &Path,
+    index: usize,
+    layer: &str,
+) -> Result<(Profiled, AttributedRange), String> {
     let files = read_run(here)?;
     let range = kernels_of_layer(&files, index, layer).map_err(|e| with_ncu_said(e, here))?;
-    Ok((files.ranges.device, range))
+    let profiled = Profiled {
+        device: files.ranges.device,
+        run: files.ranges.run,
+    };
+    Ok((profiled, range))
+}
+
+/// Where and what a profiled run ran (its range list's `device` and `run`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profiled {
+    pub device: String,
+    pub run: Option<serde_json::Value>,
 }
 
 /// The per-layer folders in `dir` (`<i>-<layer>/`, as [`layer_dir`] names them), in index
@@ -459,8 +474,9 @@ pub fn read_per_layer(dir: &Path) -> Option<Result<PerLayerRun, String>> {
 /// What a kernel-replay run found, layer by layer.
 #[derive(Debug, Default)]
 pub struct PerLayerRun {
-    /// The device the children ran on (the first that reported one).
-    pub device: Option<String>,
+    /// The device the children ran on and what they ran (the first that reported them;
+    /// a layer whose run differs from it has no figures).
+    pub profiled: Option<Profiled>,
     pub ranges: Vec<AttributedRange>,
     /// Layers without figures, with why.
     pub errors: Vec<(String, String)>,
@@ -470,13 +486,21 @@ pub struct PerLayerRun {
 }
 
 impl PerLayerRun {
-    /// Adds `layer`'s figures (with the device its run was on), or why it has none.
-    fn add(&mut self, layer: &str, read: Result<(String, AttributedRange), String>) {
+    /// Adds `layer`'s figures (with where and what its run ran), or why it has none: also
+    /// when its run is not the first layer's (folders of two runs).
+    fn add(&mut self, layer: &str, read: Result<(Profiled, AttributedRange), String>) {
         match read {
-            Ok((device, range)) => {
-                self.device.get_or_insert(device);
-                self.ranges.push(range);
-            }
+            Ok((profiled, range)) => match &self.profiled {
+                Some(first) if *first != profiled => self.errors.push((
+                    layer.to_string(),
+                    "its folder holds a run of another device or workload than the other layers' (folders of two runs?)"
+                        .into(),
+                )),
+                _ => {
+                    self.profiled.get_or_insert(profiled);
+                    self.ranges.push(range);
+                }
+            },
             Err(e) => self.errors.push((layer.to_string(), e)),
         }
     }
@@ -644,8 +668,56 @@ pub fn range_list(device: String, results: &[LayerResult]) -> RangeList {
 /// and writes the range list to `dir`; returns the layer results for its own table.
 pub fn run_child(plan: &Plan, device: String, dir: &Path) -> Result<Vec<LayerResult>, String> {
     let results = crate::runner::verify_in_profiler_ranges(plan, &mut |_| {});
-    range_list(device, &results).write(dir)?;
+    range_list(device, &results)
+        .of_run(run_identity(plan))
+        .write(dir)?;
     Ok(results)
+}
+
+/// What a profiled run did, as its range list records it: every field of the config the
+/// layers read (not its name, which is how it was given), the workload, the attention
+/// and the seed. Figures are this run's only when its identity is the same.
+pub fn run_identity(plan: &Plan) -> serde_json::Value {
+    let mut config = serde_json::to_value(&plan.config).unwrap_or_default();
+    if let Some(fields) = config.as_object_mut() {
+        fields.remove("name");
+    }
+    serde_json::json!({
+        "config": config,
+        "workload": plan.workload,
+        "attention": plan.attention,
+        "seed": plan.seed,
+    })
+}
+
+/// Why figures profiled as `profiled` are not this run's (`here`, [`run_identity`]):
+/// the fields that differ, each with both values; `None` when the runs are the same.
+pub fn run_differences(profiled: &serde_json::Value, here: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+        match (a, b) {
+            _ if a == b => {}
+            (Value::Object(x), Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let (p, q) = (
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                    );
+                    walk(
+                        &format!("{path}{}{k}", if path.is_empty() { "" } else { "." }),
+                        p,
+                        q,
+                        out,
+                    );
+                }
+            }
+            _ => out.push(format!("{path} {a} there, {b} here")),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", profiled, here, &mut out);
+    (!out.is_empty()).then(|| out.join(", "))
 }
 
 /// Every node of `cost` (itself included).
@@ -838,6 +910,43 @@ pub fn attach_with_reasons(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan(seq_len: u64) -> Plan {
+        Plan {
+            config: modelmeter::ModelConfig::deepseek_ocr(),
+            workload: modelmeter::Workload::prefill(1, seq_len).unwrap(),
+            attention: modelmeter::layers::AttentionImpl::Sdpa,
+            device: tch::Device::Cpu,
+            tolerance: 0.05,
+            layers: Vec::new(),
+            seed: 0,
+            hooks: Default::default(),
+        }
+    }
+
+    #[test]
+    fn figures_of_another_run_are_told_apart_by_what_it_ran() {
+        let here = run_identity(&plan(8));
+        assert_eq!(run_differences(&run_identity(&plan(8)), &here), None);
+        // The config's name is how it was given, not what it is.
+        let mut renamed = plan(8);
+        renamed.config.name = "./configs/ocr.json".into();
+        assert_eq!(run_differences(&run_identity(&renamed), &here), None);
+        let d = run_differences(&run_identity(&plan(512)), &here).unwrap();
+        assert_eq!(d, "workload.seq_len 512 there, 8 here");
+        let mut other = plan(8);
+        other.seed = 7;
+        other.workload = other.workload.with_dtype(modelmeter::Dtype::F16).unwrap();
+        other.config.intermediate_size = 64;
+        let d = run_differences(&run_identity(&other), &here).unwrap();
+        for part in [
+            "config.intermediate_size 64 there, 6848 here",
+            "seed 7 there, 0 here",
+            "workload.dtype \"fp16\" there",
+        ] {
+            assert!(d.contains(part), "{part} in {d}");
+        }
+    }
 
     #[test]
     fn the_ncu_command_asks_for_range_replay_and_every_metric() {

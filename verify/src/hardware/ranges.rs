@@ -110,6 +110,11 @@ pub struct RangeList {
     /// Every layer the child ran, in the order their ranges ran (plan order), failed ones
     /// included (also those that opened no range).
     pub layers: Vec<RangeEntry>,
+    /// What the child ran (`profile::run_identity`: the config's fields, the workload,
+    /// the attention, the seed), so that a reader refuses figures of another run. Absent
+    /// in lists written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<serde_json::Value>,
 }
 
 /// A [`RANGE_LIST_SCHEMA_V1`] list as it was written.
@@ -127,7 +132,14 @@ impl RangeList {
             schema: RANGE_LIST_SCHEMA.to_string(),
             device,
             layers,
+            run: None,
         }
+    }
+
+    /// This list, saying what the child ran (`profile::run_identity`).
+    pub fn of_run(mut self, run: serde_json::Value) -> Self {
+        self.run = Some(run);
+        self
     }
 
     /// The layers whose figures are used, in range order.
@@ -768,6 +780,14 @@ mod tests {
         let text = std::fs::read_to_string(dir.join(RANGE_LIST_FILE)).unwrap();
         assert!(text.contains("\"range\": \"unknown\""), "{text}");
         assert!(text.contains("\"range\": \"not_opened\""), "{text}");
+        // A list without the run's identity (written before it was recorded) reads as
+        // one; with it, the identity comes back as written.
+        assert!(!text.contains("\"run\""), "{text}");
+        let with_run = l.clone().of_run(serde_json::json!({"seed": 7}));
+        with_run.write(&dir).unwrap();
+        let read = RangeList::read(&dir).unwrap();
+        assert_eq!(read.run, Some(serde_json::json!({"seed": 7})));
+        assert_eq!(read, with_run);
         assert!(text.contains(RANGE_LIST_SCHEMA), "{text}");
         // A list of the second schema: the same entries, none of them not_opened.
         let v2 = text.replace(RANGE_LIST_SCHEMA, RANGE_LIST_SCHEMA_V2);
