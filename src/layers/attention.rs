@@ -348,15 +348,12 @@ impl LlamaAttention {
             )),
             AttentionImpl::Eager => None,
         };
-        if let Some(k) = kernel.filter(|k| k.computed_head_dim(self.head_dim) != self.head_dim) {
-            // Flash's output sliced back from the padded head dim: each row keeps the
-            // padded stride, so no layout of more than one row is dense (an H200 copied
-            // it for B = 3, H = 8, one query; docs/results/2026-11-28-h200).
-            return k.writes_bshd(self.head_dim)
-                || w.batch
-                    .saturating_mul(self.heads)
-                    .saturating_mul(w.query_len())
-                    == 1;
+        let rows = w
+            .batch
+            .saturating_mul(self.heads)
+            .saturating_mul(w.query_len());
+        if let Some(dense) = kernel.and_then(|k| k.padded_output_dense(self.head_dim, rows)) {
+            return dense;
         }
         if self.heads == 1 || w.query_len() == 1 {
             return true;

@@ -697,7 +697,7 @@ impl DeepseekV2Attention {
                 core.returns(&[&written[0]]);
                 let [attn_output] =
                     b.call(core.finish(), [&t(&[batch, heads, sq, d_qk], dtype)])?;
-                self.flash_output(b, &attn_output)
+                self.flash_output(b, &attn_output, kernel)
             }
         }
     }
@@ -711,18 +711,26 @@ impl DeepseekV2Attention {
     /// only with one head or one query. With H > 1 the reshape copies (`clone`: unpadded
     /// values over more than one query, padded ones always) and `contiguous` hands the
     /// copy back; with one head the reshape is a view and `contiguous` copies padded
-    /// values unless B = S_q = 1. A copy drops the kernel's output (the reassignment).
-    /// Returns the merged heads.
-    fn flash_output(&self, b: &mut CostBuilder, attn_output: &TensorMeta) -> Result<TensorMeta> {
+    /// values unless B = S_q = 1. An output `kernel` sliced back from a padded head dim
+    /// (CUDA flash, d_qk not a multiple of 8) keeps the padded row stride, so it folds only
+    /// with one row, whatever d_v ([`SdpaKernel::padded_output_dense`]). A copy drops the
+    /// kernel's output (the reassignment). Returns the merged heads.
+    fn flash_output(
+        &self,
+        b: &mut CostBuilder,
+        attn_output: &TensorMeta,
+        kernel: SdpaKernel,
+    ) -> Result<TensorMeta> {
         let w = &self.workload;
         let (batch, heads, sq) = (w.batch, self.heads, w.query_len());
         let (d_v, d_qk) = (self.mla.v_head_dim, self.mla.qk_head_dim()?);
         let out = t(&[batch, sq, heads, d_v], w.dtype);
         let merged = [batch, sq, product("H·d_v", &[heads, d_v])?];
-        let views = if d_v == d_qk {
-            heads == 1 || sq == 1
-        } else {
-            heads == 1 && batch == 1 && sq == 1
+        let rows = batch.saturating_mul(heads).saturating_mul(sq);
+        let views = match kernel.padded_output_dense(d_qk, rows) {
+            Some(dense) => dense,
+            None if d_v == d_qk => heads == 1 || sq == 1,
+            None => rows == 1,
         };
         if views {
             b.returns_input("attn_output.contiguous()", "aten::contiguous")?;
@@ -1055,6 +1063,37 @@ mod tests {
         };
         assert_eq!(stack(MlaForm::Naive), 8 * 276_480);
         assert_eq!(stack(MlaForm::Absorb), 8 * 31_104);
+    }
+
+    #[test]
+    fn a_padded_flash_output_merges_its_heads_by_a_copy() {
+        // CUDA flash pads d_qk = 124 + 64 = 188 to 192 and slices its output back: each row
+        // keeps the padded stride, so one query's 16 heads fold only by a copy, as the
+        // multi-head attention's do (SdpaKernel::padded_output_dense). At 192 nothing is
+        // padded, and one query folds as a view.
+        let w = Workload::decode(1, 16)
+            .unwrap()
+            .with_dtype(Dtype::Bf16)
+            .unwrap()
+            .on(crate::workload::Platform::Cuda);
+        let merge = |nope: u64| {
+            let mut c = builtin("deepseek-v2-lite");
+            let mla = c.mla.as_mut().unwrap();
+            mla.qk_nope_head_dim = nope;
+            mla.v_head_dim = nope + mla.qk_rope_head_dim;
+            let a = DeepseekV2Attention::new(&c, &w, AttentionImpl::Sdpa).unwrap();
+            let cost = a.cost().unwrap();
+            let copy = cost
+                .ops()
+                .into_iter()
+                .find(|o| o.name == "attn_output[..., :v_head_dim].reshape (copy)")
+                .map(|o| o.metrics.io_bytes);
+            assert_eq!(a.metrics().unwrap(), cost.metrics, "the fast path agrees");
+            copy
+        };
+        // [1, 1, 16, 188] bf16 read and written.
+        assert_eq!(merge(124), Some(2 * 16 * 188 * 2));
+        assert_eq!(merge(128), None);
     }
 
     #[test]

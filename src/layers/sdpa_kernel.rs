@@ -99,6 +99,16 @@ impl SdpaKernel {
         }
     }
 
+    /// For an output of `rows` = B·H·S_q query rows that the kernel computed at a padded
+    /// head dim (flash pads `head_dim` to a multiple of 8) and sliced back: each row keeps
+    /// the padded stride, so the output is dense in any layout only with one row (an H200
+    /// copied it for B = 3, H = 8, one query; docs/results/2026-11-28-h200). `None` when
+    /// the kernel does not pad this head dim. The one rule for the Llama and the MLA
+    /// attention's merge of heads.
+    pub fn padded_output_dense(self, head_dim: u64, rows: u64) -> Option<bool> {
+        (self.computed_head_dim(head_dim) != head_dim).then_some(rows == 1)
+    }
+
     /// True when the attention output the kernel hands back, `[B, H, S, d]`, already lies
     /// in memory as `[B, S, H, d]`, so the vendor's `transpose(1, 2).contiguous()` returns
     /// it without a copy: the fused kernels write that layout (measured on the CPU: the
