@@ -77,7 +77,8 @@ pub struct MoeConfig {
     pub num_experts_per_tok: u64,
     /// m: width of each expert MLP.
     pub moe_intermediate_size: u64,
-    /// Shared experts, run as one MLP of width `m · n_shared_experts` (0: none).
+    /// Shared experts, run as one MLP of width `m · n_shared_experts` (0: none, the
+    /// config's field null or absent; an explicit 0 is refused, see `moe_config`).
     pub n_shared_experts: u64,
     /// Renormalise the top-k weights (only when k > 1).
     pub norm_topk_prob: bool,
@@ -519,7 +520,18 @@ fn moe_config(cfg: &Fields) -> Result<Option<MoeConfig>> {
         n_routed_experts: experts,
         num_experts_per_tok: k,
         moe_intermediate_size: cfg.required_size("moe_intermediate_size")?,
-        n_shared_experts: cfg.count("n_shared_experts")?.unwrap_or(0),
+        n_shared_experts: match cfg.count("n_shared_experts")? {
+            // The vendor `DeepseekV2MoE` tests `is not None`: for 0 it builds and runs a
+            // shared MLP of width 0 and adds its (zero) output, ops not modelled here.
+            Some(0) => {
+                return Err(unsupported(
+                    "n_shared_experts",
+                    "0",
+                    "the vendor DeepseekV2MoE runs a zero-width shared MLP for 0 (it tests `is not None`), which is not modelled; leave the field out or null for no shared experts, or give 1 or more",
+                ))
+            }
+            n => n.unwrap_or(0),
+        },
         norm_topk_prob: cfg.boolean("norm_topk_prob")?.unwrap_or(false),
         routed_scaling_factor: cfg.positive_float("routed_scaling_factor")?.unwrap_or(1.0),
         routing,
@@ -692,6 +704,21 @@ mod tests {
             .starts_with("hidden_size is missing from config c.json: "));
         assert!(named(with("hidden_act", json!("gelu")))
             .starts_with("hidden_act = gelu (config c.json) is not supported"));
+        // No shared experts is null or absent; 0 would make the vendor code run a
+        // zero-width shared MLP, which is refused rather than modelled as none.
+        let zero = named(with("n_shared_experts", json!(0)));
+        assert!(
+            zero.starts_with("n_shared_experts = 0 (config c.json) is not supported")
+                && zero.contains("null"),
+            "{zero}"
+        );
+        for none in [
+            with("n_shared_experts", Value::Null),
+            without("n_shared_experts"),
+        ] {
+            let c = ModelConfig::from_json_value("c.json", &none).unwrap();
+            assert_eq!(c.moe.unwrap().n_shared_experts, 0);
+        }
         // The same errors from a config not read from a file say "the config".
         assert!(ModelConfig::deepseek_ocr()
             .mla()

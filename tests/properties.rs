@@ -83,7 +83,9 @@ fn config_json(d: &Dims) -> serde_json::Value {
             "moe_intermediate_size": d.moe_intermediate,
             "n_routed_experts": d.experts,
             "num_experts_per_tok": d.k,
-            "n_shared_experts": d.shared,
+            // No shared experts is null (an explicit 0 is refused: the vendor code would
+            // run a zero-width MLP).
+            "n_shared_experts": (d.shared > 0).then_some(d.shared),
             "num_hidden_layers": d.layers,
             "first_k_dense_replace": 1,
             "vocab_size": 97,

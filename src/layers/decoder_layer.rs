@@ -64,9 +64,11 @@ impl DeepseekV2DecoderLayer {
                 "num_key_value_heads": dims.num_key_value_heads.unwrap_or(dims.num_heads),
                 "intermediate_size": dims.intermediate_size,
                 "moe_intermediate_size": moe_width,
-                "n_routed_experts": dims.num_experts,
-                "num_experts_per_tok": dims.k_active,
-                "n_shared_experts": dims.num_shared_experts,
+                // 0 experts: a dense layer, whose config has no MoE fields; 0 shared
+                // experts: none (null, as the vendor code reads it).
+                "n_routed_experts": (dims.num_experts > 0).then_some(dims.num_experts),
+                "num_experts_per_tok": (dims.num_experts > 0).then_some(dims.k_active),
+                "n_shared_experts": (dims.num_shared_experts > 0).then_some(dims.num_shared_experts),
                 "num_hidden_layers": 1,
                 "first_k_dense_replace": 0,
                 "vocab_size": 1,
@@ -209,6 +211,43 @@ mod tests {
         // The gate (2·N·h·E) and rotary (N·d) matmuls are fp32: not tensor-core work.
         assert_eq!(m.tensor_core_flops, attention + moe);
         assert_eq!(m.matmul_flops, attention + moe + 2 * n * h * e + n * 128);
+    }
+
+    #[test]
+    fn no_experts_is_a_dense_layer_and_no_shared_experts_is_none() {
+        let dims = |num_experts, num_shared_experts| {
+            DeepseekV2DecoderLayer::from_dims(&DecoderLayerDims {
+                hidden_size: 64,
+                num_heads: 4,
+                seq_len: 8,
+                intermediate_size: 96,
+                num_experts,
+                num_shared_experts,
+                moe_intermediate_size: Some(16),
+                ..DecoderLayerDims::default()
+            })
+            .unwrap()
+        };
+        // "0 builds a dense layer": its MLP of width 96, whatever k says.
+        let dense = dims(0, 2);
+        assert_eq!(dense.kind(), MlpKind::Dense);
+        let (n, h) = (8u64, 64u64);
+        let attention = 8 * n * h * h + 4 * 4 * n * n * 16;
+        assert_eq!(
+            dense.metrics().unwrap().tensor_core_flops,
+            attention + 6 * n * h * 96
+        );
+        // No shared experts: the routed ones alone (6 per token, width 16).
+        let routed_only = dims(8, 0);
+        assert_eq!(routed_only.kind(), MlpKind::Moe);
+        assert_eq!(
+            routed_only.metrics().unwrap().tensor_core_flops,
+            attention + 6 * n * 6 * h * 16
+        );
+        assert_eq!(
+            dims(8, 2).metrics().unwrap().tensor_core_flops,
+            attention + 6 * n * 6 * h * 16 + 6 * n * h * 32
+        );
     }
 
     #[test]

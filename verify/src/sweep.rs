@@ -81,7 +81,9 @@ pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
         "moe_intermediate_size": r.range(16, 256),
         "n_routed_experts": experts,
         "num_experts_per_tok": k,
-        "n_shared_experts": r.range(0, 2),
+        // 0 shared experts as the vendor code means none: null (an explicit 0 runs a
+        // zero-width MLP there, which the config reader refuses).
+        "n_shared_experts": Some(r.range(0, 2)).filter(|&n| n > 0),
         "norm_topk_prob": r.chance(3),
         "routed_scaling_factor": 1.0,
         "num_hidden_layers": 2,
