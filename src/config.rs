@@ -3,7 +3,8 @@
 //!
 //! Real checkpoints spell some keys differently; all of these are accepted:
 //! - `n_routed_experts` or `num_experts`;
-//! - `head_dim` explicit, or `hidden_size / num_attention_heads`;
+//! - `head_dim` explicit, or `hidden_size / num_attention_heads` (with MLA,
+//!   `qk_rope_head_dim`, as transformers sets it);
 //! - `first_k_dense_replace` + `moe_layer_freq`, or `mlp_layer_types` (`dense`/`sparse`);
 //! - `num_key_value_heads` absent means equal to `num_attention_heads`;
 //! - the language-model config nested under `language_config` or `text_config`
@@ -245,7 +246,7 @@ impl ModelConfig {
         let intermediate_size = cfg.required_size("intermediate_size")?;
         let vocab_size = cfg.required_size("vocab_size")?;
         let (num_attention_heads, num_key_value_heads, head_dim) =
-            attention_shape(&cfg, hidden_size)?;
+            attention_shape(&cfg, hidden_size, mla.as_ref())?;
         let moe = moe_config(&cfg)?;
         let layer_kinds = layer_kinds(&cfg, num_hidden_layers, moe.is_some())?;
         let rope_scaling = mla_config::rope_scaling(&cfg, mla.is_some())?;
@@ -436,7 +437,15 @@ impl Fields<'_> {
     }
 }
 
-fn attention_shape(cfg: &Fields, hidden_size: u64) -> Result<(u64, u64, u64)> {
+/// Heads, KV heads and the head dim. An MLA config's attention has its own head dims
+/// (`mla`), so its `head_dim` is what transformers' `DeepseekV2Config` makes it,
+/// `qk_rope_head_dim`, unless given: `hidden_size / heads` is not asked to divide or be
+/// even there (the vendor MLA never reads it).
+fn attention_shape(
+    cfg: &Fields,
+    hidden_size: u64,
+    mla: Option<&MlaConfig>,
+) -> Result<(u64, u64, u64)> {
     let heads = cfg.required_size("num_attention_heads")?;
     let kv_heads = cfg.size("num_key_value_heads")?.unwrap_or(heads);
     if heads % kv_heads != 0 {
@@ -453,6 +462,10 @@ fn attention_shape(cfg: &Fields, hidden_size: u64) -> Result<(u64, u64, u64)> {
             format!("a divisor of num_attention_heads ({heads})")
         };
         return Err(Error::invalid("num_key_value_heads", kv_heads, &expected));
+    }
+    if let Some(mla) = mla {
+        let head_dim = cfg.size("head_dim")?.unwrap_or(mla.qk_rope_head_dim);
+        return Ok((heads, kv_heads, head_dim));
     }
     let head_dim = match cfg.size("head_dim")? {
         Some(d) => d,
@@ -998,6 +1011,28 @@ mod tests {
         v["qk_rope_head_dim"] = json!(64);
         v["v_head_dim"] = json!(128);
         v
+    }
+
+    #[test]
+    fn an_mla_configs_head_dim_is_its_rotary_dim_and_hidden_size_need_not_divide() {
+        // The vendor MLA never reads hidden_size / heads; transformers sets head_dim to
+        // qk_rope_head_dim. Sizes a multi-head config would refuse are fine here.
+        // base() has 10 heads: 2045 is no multiple of them, 2050 gives an odd 205.
+        for hidden in [4096, 2045, 2050] {
+            let mut v = mla_base();
+            v["hidden_size"] = json!(hidden);
+            let c = parse(v).unwrap();
+            assert_eq!((c.hidden_size, c.head_dim), (hidden, 64));
+        }
+        let mut v = mla_base();
+        v["head_dim"] = json!(96);
+        assert_eq!(parse(v).unwrap().head_dim, 96, "given: kept");
+        // The same sizes without MLA are refused, as before.
+        let mut v = base();
+        v["hidden_size"] = json!(2045);
+        assert!(err(v.clone()).contains("a multiple of num_attention_heads"));
+        v["hidden_size"] = json!(2050);
+        assert!(err(v).contains("even"));
     }
 
     #[test]
