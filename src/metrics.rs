@@ -215,6 +215,32 @@ impl Cost {
         }
     }
 
+    /// The metrics as the device allocates them: on a GPU `activation_bytes` is the CUDA
+    /// caching allocator's blocks ([`Cost::cuda_activation_bytes`]), what `verify-decoder`
+    /// compares there; elsewhere the tensors' bytes.
+    pub fn metrics_on(&self, cuda: bool) -> Metrics {
+        let mut metrics = self.metrics;
+        if cuda {
+            metrics.activation_bytes = self.cuda_activation_bytes;
+        }
+        metrics
+    }
+
+    /// This node and every node below it as the device allocates them
+    /// ([`Cost::metrics_on`], [`Cost::peak_on`]): what a report for a GPU shows.
+    pub fn on_device(mut self, cuda: bool) -> Cost {
+        if cuda {
+            self.metrics = self.metrics_on(true);
+            self.peak = self.cuda_peak;
+            self.children = self
+                .children
+                .into_iter()
+                .map(|c| c.on_device(true))
+                .collect();
+        }
+        self
+    }
+
     /// The op-call leaves, depth first.
     pub fn ops(&self) -> Vec<&Cost> {
         let mut out = Vec::new();

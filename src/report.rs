@@ -13,7 +13,7 @@ use crate::layers::{
 use crate::liveness::Peak;
 use crate::metrics::{Cost, Metrics};
 use crate::units;
-use crate::workload::{Phase, Workload};
+use crate::workload::{Phase, Platform, Workload};
 
 /// The JSON schema tag of [`AnalyzeReport::to_json`].
 pub const ANALYZE_SCHEMA: &str = "modelmeter.analyze/1";
@@ -39,11 +39,16 @@ pub fn analyze(
     attention: AttentionImpl,
     new_tokens: Option<u64>,
 ) -> Result<AnalyzeReport> {
+    // On a GPU the activation bytes and peaks are the caching allocator's blocks, as
+    // verify-decoder measures them there.
+    let cuda = workload.platform == Platform::Cuda;
     let costs = layers_of(config, workload, attention)?
         .iter()
-        .map(|l| l.cost())
+        .map(|l| Ok(l.cost()?.on_device(cuda)))
         .collect::<Result<Vec<_>>>()?;
-    let stack = DeepseekV2Decoder::new(config, workload, attention).cost()?;
+    let stack = DeepseekV2Decoder::new(config, workload, attention)
+        .cost()?
+        .on_device(cuda);
     let generation = match (new_tokens, workload.phase) {
         (Some(n), Phase::Prefill { seq_len }) => {
             let g = Generation {
@@ -112,7 +117,16 @@ impl AnalyzeReport {
             out.push_str(&units::table(&rows, &RIGHT));
         }
         if let Some((n, g)) = &self.generation {
-            out.push_str(&format!("\ngeneration: prefill + {n} decode steps\n"));
+            // The closed form sums tensors: on a GPU its activations are not rounded to
+            // blocks as the rows above are.
+            let unrounded = if self.workload.platform == Platform::Cuda {
+                " (activations: tensor bytes, not rounded to CUDA blocks)"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "\ngeneration: prefill + {n} decode steps{unrounded}\n"
+            ));
             let rows = vec![
                 header("stage"),
                 row("prefill", &g.prefill, None),
@@ -180,6 +194,37 @@ mod tests {
     use super::*;
     use crate::config::MlpKind;
     use crate::workload::MlaForm;
+
+    #[test]
+    fn on_a_gpu_activations_and_peaks_are_the_allocators_blocks() {
+        let c = ModelConfig::deepseek_ocr();
+        let decode = Workload::decode(1, 512).unwrap();
+        let mut rounded = 0;
+        for platform in [Platform::Cuda, Platform::Cpu] {
+            let w = decode.clone().on(platform);
+            let report = analyze(&c, &w, AttentionImpl::Sdpa, None).unwrap();
+            let built = layers_of(&c, &w, AttentionImpl::Sdpa).unwrap();
+            for (shown, layer) in report.layers.iter().zip(&built) {
+                let cost = layer.cost().unwrap();
+                let cuda = platform == Platform::Cuda;
+                let (bytes, peak) = if cuda {
+                    (cost.cuda_activation_bytes, cost.cuda_peak)
+                } else {
+                    (cost.metrics.activation_bytes, cost.peak)
+                };
+                assert_eq!(shown.metrics.activation_bytes, bytes, "{}", cost.name);
+                assert_eq!(shown.peak, peak, "{}", cost.name);
+                if cuda && bytes != cost.metrics.activation_bytes {
+                    rounded += 1;
+                }
+                // Everything else is the layer's own.
+                let mut same = shown.metrics;
+                same.activation_bytes = cost.metrics.activation_bytes;
+                assert_eq!(same, cost.metrics);
+            }
+        }
+        assert!(rounded > 0, "no layer's blocks differ from its bytes");
+    }
 
     #[test]
     fn json_names_the_attention_core_only_where_one_runs() {

@@ -453,11 +453,7 @@ fn note_io_by_op(metrics: &mut [MetricRow], analytic: &Cost, run: &LayerRun) {
 /// allocator hands out whole blocks, so `activation_bytes` is each tensor's block
 /// ([`Cost::cuda_activation_bytes`]), compared with the blocks it reports.
 pub(crate) fn analytic_on_device(plan: &Plan, analytic: &Cost) -> modelmeter::Metrics {
-    let mut metrics = analytic.metrics;
-    if plan.device.is_cuda() {
-        metrics.activation_bytes = analytic.cuda_activation_bytes;
-    }
-    metrics
+    analytic.metrics_on(plan.device.is_cuda())
 }
 
 fn compare_layer(name: &str, analytic: &Cost, run: &LayerRun, plan: &Plan) -> LayerResult {
