@@ -364,6 +364,27 @@ mod tests {
         workload: WorkloadArgs,
     }
 
+    #[test]
+    fn the_help_states_the_defaults_the_code_uses() {
+        // The help's defaults are written out (the options are `Option`s, so that "not
+        // given" can be told apart); they must say what `workload()` falls back to.
+        use clap::CommandFactory;
+        let cmd = Demo::command();
+        let help = |id: &str| {
+            cmd.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string().replace('\n', " "))
+                .unwrap_or_else(|| panic!("no help for {id}"))
+        };
+        let p = DSOCR_STANDARD_V1;
+        assert!(help("batch").contains(&format!("[default: {}, from {}]", p.batch, p.name)));
+        assert!(help("seq_len").contains(&format!("[default: {}, from {}]", p.prefill_len, p.name)));
+        assert!(help("context_len").contains(&format!("[default: {}]", p.prefill_len)));
+        let w = WorkloadArgs::default().workload(Dtype::Bf16).unwrap();
+        assert_eq!((w.batch, w.query_len()), (p.batch, p.prefill_len));
+    }
+
     fn usage_error(args: &[&str]) -> String {
         use clap::Parser;
         let e =

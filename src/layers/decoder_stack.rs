@@ -321,7 +321,9 @@ mod tests {
     #[test]
     fn layers_costed_once_per_kind_are_the_parts_costed_one_by_one() {
         // The stack costs each kind of decoder layer once and names it per layer; every
-        // child must be what `part_cost` builds for that part alone (tree, sums, peaks).
+        // layer child must be what `part_cost` builds for that part alone (tree, sums,
+        // peaks). The embedding, norm and head children are `part_cost`'s own (the stack
+        // calls it for them): for those the loop checks only the parts' order.
         let lite = ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
         for c in [ModelConfig::deepseek_ocr(), lite] {
             let c = c.first_layers(4).unwrap();
