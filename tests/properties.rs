@@ -26,7 +26,10 @@ struct Dims {
 fn dims() -> impl Strategy<Value = Dims> {
     (
         1u64..=8,
-        prop::sample::select(vec![2u64, 4, 8, 16, 32]),
+        // Head dims across the kernels' boundaries: flash pads 2, 4, 6 and 12 to a multiple
+        // of 8 in bf16/fp16; above 256 it cannot run (264: the efficient kernel; 262: the
+        // math path); fp32's efficient kernel wants d % 4 == 0 (6, 262: the math path).
+        prop::sample::select(vec![2u64, 4, 6, 8, 12, 16, 32, 262, 264]),
         1u64..=64,
         1u64..=96,
         1u64..=48,
@@ -122,22 +125,26 @@ fn family() -> impl Strategy<Value = (Dims, Option<Mla>, Route)> {
                 1u64..=4,
                 any::<prop::sample::Index>(),
                 any::<prop::sample::Index>(),
+                any::<bool>(),
             )
-                .prop_map(|(q_lora_rank, kv_lora_rank, eights, rope_pick, v_pick)| {
-                    // d_qk a multiple of 8, as in every DeepSeek checkpoint (192): the
-                    // domain of the fused SDPA kernels, which the MLA model requires
-                    // (it refuses the math path); d_r even, d_n ≥ 2.
-                    let d_qk = 8 * eights;
-                    let rope = 2 * (1 + rope_pick.index((d_qk / 2 - 1) as usize) as u64);
-                    Mla {
-                        q_lora_rank,
-                        kv_lora_rank,
-                        nope: d_qk - rope,
-                        rope,
-                        // d_v ≤ d_qk: the flash form pads values to d_qk (refuses wider).
-                        v: 1 + v_pick.index(d_qk as usize) as u64,
-                    }
-                }),
+                .prop_map(
+                    |(q_lora_rank, kv_lora_rank, eights, rope_pick, v_pick, pad)| {
+                        // d_qk a multiple of 8, as in every DeepSeek checkpoint (192), or of
+                        // 4 only (CUDA flash pads it in bf16/fp16): the domain of the fused
+                        // SDPA kernels, which the MLA model requires (it refuses the math
+                        // path); d_r even, d_n ≥ 2.
+                        let d_qk = 8 * eights - if pad { 4 } else { 0 };
+                        let rope = 2 * (1 + rope_pick.index((d_qk / 2 - 1) as usize) as u64);
+                        Mla {
+                            q_lora_rank,
+                            kv_lora_rank,
+                            nope: d_qk - rope,
+                            rope,
+                            // d_v ≤ d_qk: the flash form pads values to d_qk (refuses wider).
+                            v: 1 + v_pick.index(d_qk as usize) as u64,
+                        }
+                    },
+                ),
         );
         let experts = d.experts;
         let route = (
@@ -624,14 +631,18 @@ proptest! {
             Phase::Decode { context_len } => (1, context_len + 1),
         };
         let half = matches!(dtype, Dtype::Bf16 | Dtype::F16);
-        // bf16/fp16: flash pads d to a multiple of 8 where cuDNN refuses it (d % 8 != 0,
-        // or a single key); fp32: the efficient kernel (3×TF32 tensor cores) when
-        // d % 4 == 0, else the math path.
-        let computed = if half { d.head_dim.div_ceil(8) * 8 } else { d.head_dim };
+        let hd = d.head_dim;
+        // Written out, not SdpaKernel::select: bf16/fp16 up to d = 256 run fused (cuDNN,
+        // or flash padding d to a multiple of 8 where cuDNN refuses it: d % 8 != 0 or a
+        // single key); above 256 the efficient kernel when d % 8 == 0, else the math
+        // path. fp32: the efficient kernel (3×TF32 tensor cores) when d % 4 == 0, else
+        // the math path.
+        let computed = if half && hd <= 256 { hd.div_ceil(8) * 8 } else { hd };
         let rectangle = 4 * b * d.heads * sq * skv * computed;
         prop_assert_eq!(core_node.metrics.matmul_flops, rectangle);
         let fused = core_node.ops().iter().any(|o| o.op.is_some_and(modelmeter::conventions::is_fused_attention));
-        prop_assert_eq!(fused, half || d.head_dim % 4 == 0);
+        let expect_fused = if half { hd <= 256 || hd % 8 == 0 } else { hd % 4 == 0 };
+        prop_assert_eq!(fused, expect_fused);
         let expected_tensor = if half || d.head_dim % 4 == 0 { rectangle } else { 0 };
         prop_assert_eq!(core_node.metrics.tensor_core_flops, expected_tensor);
     }
