@@ -23,7 +23,8 @@
 //!
 //! On a machine without Rust (the GPU machine: `scripts/build-device-bundle` carries the
 //! built bench as `target/device/bench-verify`), `BENCH_VERIFY_DECODER` names the
-//! `verify-decoder` binary and `BENCH_OUT` the folder the JSON goes to.
+//! `verify-decoder` binary and `BENCH_OUT` the folder the JSON goes to; each
+//! run prints its figures beside the previous run's in that folder.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -441,6 +442,9 @@ fn main() {
         .unwrap_or_else(|| {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")
         });
+    if let Some((previous, old)) = previous_run(&dir, stamp) {
+        print_comparison(&previous, &old, &report);
+    }
     let path = dir.join(format!("verify-{stamp}.json"));
     let written = std::fs::create_dir_all(&dir).and_then(|_| {
         std::fs::write(
@@ -451,5 +455,109 @@ fn main() {
     match written {
         Ok(()) => println!("\nwritten: {}", path.display()),
         Err(e) => eprintln!("\ncould not write {}: {e}", path.display()),
+    }
+}
+
+/// The newest earlier result in `dir` (`verify-<unix time>.json`, before `stamp`) and
+/// what it holds, if any can be read.
+fn previous_run(dir: &std::path::Path, stamp: u64) -> Option<(std::path::PathBuf, Value)> {
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = path.file_name()?.to_str()?;
+            let time: u64 = name
+                .strip_prefix("verify-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()?;
+            (time < stamp).then_some((time, path))
+        })
+        .max()?;
+    let text = std::fs::read_to_string(&newest.1).ok()?;
+    Some((newest.1, serde_json::from_str(&text).ok()?))
+}
+
+/// The figures a later run is compared on: (name, value), those the run measured.
+fn figures(report: &Value) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut take = |name: String, v: &Value| {
+        if let Some(x) = v.as_f64() {
+            out.push((name, x));
+        }
+    };
+    for (key, name) in [
+        ("decoder_layer_per_s", "analytic: one MoE decoder layer /s"),
+        (
+            "decoder_layer_all_threads_per_s",
+            "analytic: … on all threads /s",
+        ),
+        ("sweep_per_s", "analytic: a sweep, new layer each /s"),
+        ("stack_per_s", "analytic: the whole stack /s"),
+        (
+            "generation_512_per_s",
+            "analytic: a 512-token generation /s",
+        ),
+    ] {
+        take(name.into(), &report["analytic"][key]);
+    }
+    let process = &report["process"];
+    take(
+        "process: wall s (median)".into(),
+        &process["wall_s"]["median"],
+    );
+    take("process: peak RSS bytes".into(), &process["peak_rss_bytes"]);
+    for init in ["model", "constructor"] {
+        take(
+            format!("process: ratio to FlopCounterMode ({init} weights)"),
+            &process["flop_counter_mode"][init]["ratio"],
+        );
+    }
+    for layer in report["layers"].as_array().into_iter().flatten() {
+        let name = layer["layer"].as_str().unwrap_or("?");
+        take(
+            format!("{name}: plain ms (median)"),
+            &layer["plain_ms"]["median"],
+        );
+        take(
+            format!("{name}: counted/plain (paired)"),
+            &layer["median_paired_ratio"],
+        );
+    }
+    out
+}
+
+/// Prints each figure both runs have, with its change.
+fn print_comparison(previous: &std::path::Path, old: &Value, new: &Value) {
+    let before: std::collections::BTreeMap<String, f64> = figures(old).into_iter().collect();
+    let rows: Vec<(String, f64, f64)> = figures(new)
+        .into_iter()
+        .filter_map(|(name, now)| before.get(&name).map(|then| (name, *then, now)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "\ncompared with the previous run, {} (a shared VM's speed varies between hours: only runs made together compare closely):",
+        previous.display()
+    );
+    let show = |x: f64| {
+        if x.abs() >= 100.0 {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.3}")
+        }
+    };
+    for (name, then, now) in rows {
+        let change = if then != 0.0 {
+            format!("{:+.1} %", (now / then - 1.0) * 100.0)
+        } else {
+            "—".into()
+        };
+        println!(
+            "  {name:<48} {:>12} → {:>12}  {change}",
+            show(then),
+            show(now)
+        );
     }
 }
