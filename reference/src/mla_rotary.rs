@@ -180,9 +180,11 @@ impl RefDeepseekV2RotaryEmbedding {
         let (low, high) = correction_range(yarn, d, self.base);
         // yarn_linear_ramp_mask(min, max, dim): max += 0.001 when min == max;
         // `linear_func = (torch.arange(dim) - min) / (max - min)`, returns
-        // `torch.clamp(linear_func, 0, 1)`; `.to(float32)` hands it back.
+        // `torch.clamp(linear_func, 0, 1)`. Its `arange` names no device, so the ramp is
+        // made on the host; `.to(device=device, dtype=float32)` copies it to a GPU (on the
+        // CPU it hands the ramp back).
         let ramp = {
-            let steps = Tensor::f_arange(d / 2, f32)?;
+            let steps = Tensor::f_arange(d / 2, (Kind::Float, Device::Cpu))?;
             let shifted = steps.f_sub_scalar(low)?;
             drop(steps);
             let high = if low == high { high + 0.001 } else { high };
@@ -190,8 +192,10 @@ impl RefDeepseekV2RotaryEmbedding {
             drop(shifted);
             linear_func.f_clamp(0.0, 1.0)?
         };
-        let inv_freq_mask = ramp.f_to_kind(Kind::Float)?.f_rsub_scalar(1.0)?;
+        let on_device = ramp.f_to_device_(device, Kind::Float, false, false)?;
         drop(ramp);
+        let inv_freq_mask = on_device.f_rsub_scalar(1.0)?;
+        drop(on_device);
         // `freq_inter * (1 - inv_freq_mask) + freq_extra * inv_freq_mask`.
         let inter = {
             let keep = inv_freq_mask.f_rsub_scalar(1.0)?;

@@ -54,7 +54,7 @@ use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
 use crate::layers::Layer;
 use crate::metrics::{Cost, CostBuilder};
 use crate::mla_config::MlaConfig;
-use crate::workload::{MlaForm, Phase, Workload};
+use crate::workload::{MlaForm, Phase, Platform, Workload};
 
 /// The report names of the MLA attention, by form and implementation.
 pub const MLA_CLASS_NAMES: [&str; 3] = [
@@ -303,11 +303,40 @@ impl DeepseekV2Attention {
                 b.release(&[&reciprocal, &power])?;
             }
             // `yarn_linear_ramp_mask` returns `clamp(linear_func)`, dropping its local
-            // `linear_func`; `.to(float32)` of an fp32 tensor hands it back.
-            let steps = b.copy("ramp: arange(dim // 2)", "aten::arange", [], half.clone())?;
-            let shifted = consume(b, "ramp: - low", "aten::sub", steps)?;
-            let linear_func = consume(b, "ramp: / (high - low)", "aten::div", shifted)?;
-            let ramp = consume(b, "ramp: clamp(0, 1)", "aten::clamp", linear_func)?;
+            // `linear_func`. Its `torch.arange(dim)` names no device: on a GPU its four
+            // ops run on the host (their results take no device memory) and
+            // `.to(device=device, dtype=float32)` copies the ramp over; on the CPU they are
+            // the device's ops and that `.to` hands the ramp back.
+            let ramp = if w.platform == Platform::Cuda {
+                let mut on_host = |role: &str, op: &'static str, input: Option<&TensorMeta>| {
+                    let inputs: Vec<ArgRef<'_>> = input.map(arg).into_iter().collect();
+                    b.op_with_host_outputs(
+                        role,
+                        op,
+                        &inputs,
+                        Vec::new(),
+                        std::slice::from_ref(&half),
+                    )
+                    .map(|_| half.clone())
+                };
+                let steps = on_host("ramp: arange(dim // 2) (host)", "aten::arange", None)?;
+                let shifted = on_host("ramp: - low (host)", "aten::sub", Some(&steps))?;
+                let linear_func =
+                    on_host("ramp: / (high - low) (host)", "aten::div", Some(&shifted))?;
+                let ramp = on_host(
+                    "ramp: clamp(0, 1) (host)",
+                    "aten::clamp",
+                    Some(&linear_func),
+                )?;
+                let [on_device] =
+                    b.op("ramp.to(device)", "aten::to", &[arg(&ramp)], [half.clone()])?;
+                on_device
+            } else {
+                let steps = b.copy("ramp: arange(dim // 2)", "aten::arange", [], half.clone())?;
+                let shifted = consume(b, "ramp: - low", "aten::sub", steps)?;
+                let linear_func = consume(b, "ramp: / (high - low)", "aten::div", shifted)?;
+                consume(b, "ramp: clamp(0, 1)", "aten::clamp", linear_func)?
+            };
             let mask = consume(b, "inv_freq_mask = 1.0 - ramp", "aten::rsub", ramp)?;
             let (freq_extra, freq_inter) = (&freq[0], &freq[1]);
             let keep = f32_op(b, "1 - inv_freq_mask", "aten::rsub", [&mask])?;
