@@ -383,6 +383,12 @@ mod tests {
         assert!(help("context_len").contains(&format!("[default: {}]", p.prefill_len)));
         let w = WorkloadArgs::default().workload(Dtype::Bf16).unwrap();
         assert_eq!((w.batch, w.query_len()), (p.batch, p.prefill_len));
+        let decode = WorkloadArgs {
+            phase: Some(PhaseArg::Decode),
+            ..WorkloadArgs::default()
+        };
+        let w = decode.workload(Dtype::Bf16).unwrap();
+        assert_eq!(w.first_position(), p.prefill_len, "--context-len's default");
     }
 
     fn usage_error(args: &[&str]) -> String {

@@ -356,19 +356,8 @@ fn hardware_figures(
 /// list written before runs were recorded is judged by its counts alone (a layer whose
 /// counted work differs fails).
 fn same_run(ready: &Ready, device: &str, run: Option<&serde_json::Value>) -> Result<(), String> {
-    if device != ready.spec.to_string() {
-        return Err(format!(
-            "the profiled run was on {device}, this run is on {}: give the same --device",
-            ready.spec
-        ));
-    }
     let here = hardware::run_identity(&ready.plan);
-    match run.and_then(|profiled| hardware::run_differences(profiled, &here)) {
-        Some(differences) => Err(format!(
-            "the profiled run is not this run ({differences}): give the options it ran with"
-        )),
-        None => Ok(()),
-    }
+    hardware::check_same_run(&ready.spec.to_string(), &here, device, run)
 }
 
 /// A kernel-replay run's figures: every layer that has them; the layers without say why

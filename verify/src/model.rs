@@ -439,8 +439,9 @@ struct Measured {
 }
 
 /// Compares one measured call, part by part and as a whole. An error (the call's
-/// `error`) when the analytic model fails, or when the call ran no parts: its rows would
-/// be 0 = 0 and pass with nothing measured.
+/// `error`) when the analytic model fails, or when the parts that ran are not the stack's
+/// ([`parts_mismatch`]: none at all would give rows of 0 = 0 that pass with nothing
+/// measured).
 fn compare_call(
     call: Call,
     run: &StepRun,
@@ -483,10 +484,8 @@ fn compare_call(
     }
     let whole = fold(parts.iter().map(|(_, s)| s.clone()), Sides::and)
         .map_err(analytic_error)?
-        .ok_or_else(|| {
-            "the reference model ran none of the model's parts: nothing was measured to compare"
-                .to_string()
-        })?;
+        // parts_mismatch refused a call without parts above.
+        .ok_or_else(|| "internal: no parts to compare after the parts check".to_string())?;
     let metrics = whole.rows(plan.tolerance);
     let status = worst(&metrics).max(whole.worst);
     let exact = is_exact(&metrics) && layers.iter().all(|l| is_exact(&l.metrics));

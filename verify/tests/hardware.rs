@@ -318,6 +318,8 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     );
     assert_eq!(child.len(), 2);
     let list = RangeList::read(&tmp.0).expect("written");
+    // The list says what the child ran, so a reader can refuse another run's figures.
+    assert_eq!(list.run, Some(profile::run_identity(&ready.plan)));
     let counted: Vec<&RangeRecord> = list.counted().collect();
     let names: Vec<&str> = counted.iter().map(|r| r.layer.as_str()).collect();
     assert_eq!(names, ["DeepseekV2MLP", "MoEGate"]);

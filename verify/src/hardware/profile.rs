@@ -390,7 +390,7 @@ pub fn run_per_layer(
                     range.figures.left_out = run.left_out.clone();
                     (device, range)
                 });
-                run.add(layer, read);
+                run.add(layer, &here, read);
             }
             Err(e) => run.errors.push((layer.clone(), e)),
         }
@@ -466,7 +466,7 @@ pub fn read_per_layer(dir: &Path) -> Option<Result<PerLayerRun, String>> {
                 dir.display()
             )));
         }
-        run.add(&layer, read_layer(&here, index, &layer));
+        run.add(&layer, &here, read_layer(&here, index, &layer));
     }
     Some(Ok(run))
 }
@@ -487,15 +487,35 @@ pub struct PerLayerRun {
 
 impl PerLayerRun {
     /// Adds `layer`'s figures (with where and what its run ran), or why it has none: also
-    /// when its run is not the first layer's (folders of two runs).
-    fn add(&mut self, layer: &str, read: Result<(Profiled, AttributedRange), String>) {
+    /// when its run (in `folder`) is not the first layer's (folders of two runs).
+    fn add(
+        &mut self,
+        layer: &str,
+        folder: &Path,
+        read: Result<(Profiled, AttributedRange), String>,
+    ) {
         match read {
             Ok((profiled, range)) => match &self.profiled {
-                Some(first) if *first != profiled => self.errors.push((
-                    layer.to_string(),
-                    "its folder holds a run of another device or workload than the other layers' (folders of two runs?)"
-                        .into(),
-                )),
+                Some(first) if *first != profiled => {
+                    let here = profiled.run.clone().unwrap_or_default();
+                    let why = check_same_run(
+                        &first.device,
+                        first.run.as_ref().unwrap_or(&here),
+                        &profiled.device,
+                        profiled.run.as_ref(),
+                    )
+                    .err()
+                    .unwrap_or_else(|| {
+                        "the first layer's range list records its run, this one's does not".into()
+                    });
+                    self.errors.push((
+                        layer.to_string(),
+                        format!(
+                            "{} holds another run than the first layer's folder (folders of two runs?): {why}",
+                            folder.display()
+                        ),
+                    ))
+                }
                 _ => {
                     self.profiled.get_or_insert(profiled);
                     self.ranges.push(range);
@@ -688,6 +708,28 @@ pub fn run_identity(plan: &Plan) -> serde_json::Value {
         "attention": plan.attention,
         "seed": plan.seed,
     })
+}
+
+/// Refuses figures profiled on `device` with identity `run` for this run (on `here_device`,
+/// [`run_identity`] `here`): another device, or another run (the fields that differ). A
+/// list without an identity (written before it was recorded) is judged by its counts alone.
+pub fn check_same_run(
+    here_device: &str,
+    here: &serde_json::Value,
+    device: &str,
+    run: Option<&serde_json::Value>,
+) -> Result<(), String> {
+    if device != here_device {
+        return Err(format!(
+            "the profiled run was on {device}, this run is on {here_device}: give the same --device"
+        ));
+    }
+    match run.and_then(|profiled| run_differences(profiled, here)) {
+        Some(differences) => Err(format!(
+            "the profiled run is not this run ({differences}): give the options it ran with"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Why figures profiled as `profiled` are not this run's (`here`, [`run_identity`]):
@@ -922,6 +964,59 @@ mod tests {
             seed: 0,
             hooks: Default::default(),
         }
+    }
+
+    #[test]
+    fn another_device_or_run_is_refused_and_an_old_list_is_judged_by_counts() {
+        let here = run_identity(&plan(8));
+        assert_eq!(
+            check_same_run("cuda:0", &here, "cuda:0", Some(&here)),
+            Ok(())
+        );
+        assert_eq!(check_same_run("cuda:0", &here, "cuda:0", None), Ok(()));
+        let e = check_same_run("cuda:0", &here, "cuda:1", Some(&here)).unwrap_err();
+        assert!(e.contains("cuda:1") && e.contains("--device"), "{e}");
+        let other = run_identity(&plan(512));
+        let e = check_same_run("cuda:0", &here, "cuda:0", Some(&other)).unwrap_err();
+        assert!(e.contains("workload.seq_len 512 there, 8 here"), "{e}");
+    }
+
+    #[test]
+    fn a_kernel_replay_folder_of_another_run_gives_its_layer_no_figures() {
+        let table = super::super::ncu_csv::parse(
+            include_str!("../../../fixtures/ncu-h200/ncu_mlp_bfloat16.csv"),
+            &super::super::ncu_csv::ParseOptions::per_kernel(),
+        )
+        .unwrap();
+        let range = |layer: &str| AttributedRange {
+            index: 0,
+            ncu_id: "1 kernels".into(),
+            record: RangeRecord {
+                layer: layer.into(),
+                tensor_core_flops: 1,
+                cuda_core_flops: 0,
+                io_bytes: 1,
+            },
+            figures: super::super::HardwareFigures::of_range(&table, None).unwrap(),
+            time: TimeSpan::Kernels,
+        };
+        let profiled = |seq_len| Profiled {
+            device: "cuda:0".into(),
+            run: Some(run_identity(&plan(seq_len))),
+        };
+        let mut run = PerLayerRun::default();
+        run.add("A", Path::new("run/0-A"), Ok((profiled(8), range("A"))));
+        run.add("B", Path::new("run/1-B"), Ok((profiled(8), range("B"))));
+        run.add("C", Path::new("run/2-C"), Ok((profiled(16), range("C"))));
+        assert_eq!(run.ranges.len(), 2);
+        assert_eq!(run.errors.len(), 1);
+        let (layer, why) = &run.errors[0];
+        assert_eq!(layer, "C");
+        assert!(
+            why.contains("run/2-C holds another run")
+                && why.contains("workload.seq_len 16 there, 8 here"),
+            "{why}"
+        );
     }
 
     #[test]
