@@ -430,16 +430,11 @@ mod tests {
         )
         .unwrap();
         Plan {
-            config,
-            workload: Workload::decode(1, context_len).unwrap(),
             attention: AttentionImpl::Eager,
-            device: tch::Device::Cpu,
-            tolerance: 0.05,
             layers: vec![crate::pairing::Pairing {
                 layer: LayerId::Attention,
             }],
-            seed: 0,
-            hooks: Default::default(),
+            ..Plan::on_cpu(config, Workload::decode(1, context_len).unwrap())
         }
     }
 

@@ -957,16 +957,10 @@ mod tests {
     #[test]
     fn a_call_that_ran_no_parts_is_an_error_not_zero_rows() {
         // No parts measured would fold to all-zero sides whose rows pass 0 = 0.
-        let plan = Plan {
-            config: ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
-            workload: prefill(8),
-            attention: modelmeter::layers::AttentionImpl::Sdpa,
-            device: tch::Device::Cpu,
-            tolerance: 0.05,
-            layers: Vec::new(),
-            seed: 0,
-            hooks: Default::default(),
-        };
+        let plan = Plan::on_cpu(
+            ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
+            prefill(8),
+        );
         let model = ModelPlan {
             num_layers: 2,
             config_layers: 12,

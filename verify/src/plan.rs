@@ -22,6 +22,24 @@ pub struct Plan {
     pub hooks: TestHooks,
 }
 
+#[cfg(test)]
+impl Plan {
+    /// A plan for unit tests: `config` at `workload` on the CPU, SDPA, no layers, the
+    /// default tolerance and seed, no hooks.
+    pub(crate) fn on_cpu(config: ModelConfig, workload: Workload) -> Plan {
+        Plan {
+            config,
+            workload,
+            attention: AttentionImpl::Sdpa,
+            device: Device::Cpu,
+            tolerance: 0.05,
+            layers: Vec::new(),
+            seed: 0,
+            hooks: TestHooks::default(),
+        }
+    }
+}
+
 /// The layers of `config` that the runner can check, in report order.
 pub fn applicable_layers(config: &ModelConfig) -> Vec<Pairing> {
     pairing::present(&REGISTRY, config)

@@ -954,16 +954,10 @@ mod tests {
     use super::*;
 
     fn plan(seq_len: u64) -> Plan {
-        Plan {
-            config: modelmeter::ModelConfig::deepseek_ocr(),
-            workload: modelmeter::Workload::prefill(1, seq_len).unwrap(),
-            attention: modelmeter::layers::AttentionImpl::Sdpa,
-            device: tch::Device::Cpu,
-            tolerance: 0.05,
-            layers: Vec::new(),
-            seed: 0,
-            hooks: Default::default(),
-        }
+        Plan::on_cpu(
+            modelmeter::ModelConfig::deepseek_ocr(),
+            modelmeter::Workload::prefill(1, seq_len).unwrap(),
+        )
     }
 
     #[test]
