@@ -32,10 +32,17 @@ pub fn normal(stream: u64, index: u64) -> f32 {
     (sum as f32 - MEAN) * SCALE
 }
 
-/// Fills `out` with `shift + scale · normal(stream, i)` for i = 0, 1, …, on every core
-/// libtorch may use (at least one): the same values whatever the thread count.
+/// Fills `out` with `shift + scale · normal(stream, i)` for i = 0, 1, …, on as many
+/// threads as libtorch's intra-op pool has (`OMP_NUM_THREADS`, `set_num_threads`; at least
+/// one): the same values whatever the thread count.
 pub fn fill_normal(stream: u64, out: &mut [f32], scale: f32, shift: f32) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
+    fill_normal_with(threads, stream, out, scale, shift)
+}
+
+/// [`fill_normal`] on `threads` threads (at least one).
+fn fill_normal_with(threads: usize, stream: u64, out: &mut [f32], scale: f32, shift: f32) {
+    let threads = threads.max(1);
     // Small tensors are not worth a thread.
     let chunk = out.len().div_ceil(threads).max(1 << 16);
     let fill = move |start: usize, part: &mut [f32]| fill_span(stream, start, part, scale, shift);
@@ -237,6 +244,20 @@ mod tests {
                 });
             }
         }
+    }
+
+    #[test]
+    fn any_thread_count_fills_the_same_values() {
+        // 500,000 values: 1 chunk on one thread, 3 and 7 chunks (each over 65,536) on more,
+        // so every boundary between threads is crossed somewhere.
+        let mut one = vec![0f32; 500_000];
+        fill_normal_with(1, 5, &mut one, 0.5, 1.0);
+        for threads in [0, 3, 7] {
+            let mut many = vec![0f32; 500_000];
+            fill_normal_with(threads, 5, &mut many, 0.5, 1.0);
+            assert!(one == many, "{threads} threads");
+        }
+        assert_eq!(one[499_999], 1.0 + 0.5 * normal(5, 499_999));
     }
 
     #[test]

@@ -75,6 +75,20 @@ fn seeded_affine_on(
     if device == Device::Cpu {
         return seeded_affine(seed, name, shape, scale, shift);
     }
+    seeded_affine_kernels(device, seed, name, shape, scale, shift)
+}
+
+/// [`seeded_affine_on`]'s path off the CPU: the same values drawn by tensor kernels on
+/// `device` (on a GPU a few elementwise kernels instead of a host loop and a copy). Any
+/// device takes it; the tests run it on the CPU against [`seeded_affine`].
+fn seeded_affine_kernels(
+    device: Device,
+    seed: u64,
+    name: &str,
+    shape: &[i64],
+    scale: f32,
+    shift: f32,
+) -> Result<Tensor> {
     let count = element_count(name, shape)? as i64;
     let flat = crate::draws::normal_on(device, stream(seed, name) as u64, count, scale, shift)?;
     Ok(flat.f_view(shape)?)
@@ -339,21 +353,31 @@ mod tests {
 
     #[test]
     fn the_device_path_draws_the_cpu_path_s_values() {
-        // Drawn by tensor kernels (what a GPU runs), here on the CPU: the same tensor as
-        // the CPU loop, for each kind of parameter's scale and shift.
+        // The path a GPU takes (seeded_affine_kernels: tensor kernels), here on the CPU:
+        // the same tensor as the CPU loop, for each kind of parameter's scale and shift,
+        // and the same after the cast to each model dtype (Init::draw's next step).
+        let name = "mlp.experts.7.up_proj.weight";
         for (scale, shift) in [(1.0, 0.0), (0.1, 1.0), (1.0 / 896f32.sqrt(), 0.0)] {
-            let cpu =
-                seeded_affine(3, "mlp.experts.7.up_proj.weight", &[33, 17], scale, shift).unwrap();
-            let kernels = crate::draws::normal_on(
-                Device::Cpu,
-                stream(3, "mlp.experts.7.up_proj.weight") as u64,
-                33 * 17,
-                scale,
-                shift,
-            )
-            .unwrap()
-            .view([33, 17]);
-            assert!(cpu.equal(&kernels));
+            let cpu = seeded_affine(3, name, &[33, 17], scale, shift).unwrap();
+            let kernels =
+                seeded_affine_kernels(Device::Cpu, 3, name, &[33, 17], scale, shift).unwrap();
+            assert_eq!(kernels.size(), [33, 17]);
+            for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+                assert!(cpu.to_kind(kind).equal(&kernels.to_kind(kind)), "{kind:?}");
+            }
         }
+        // Another name or seed draws other values on that path too.
+        let other = seeded_affine_kernels(
+            Device::Cpu,
+            3,
+            "mlp.experts.7.gate_proj.weight",
+            &[33, 17],
+            1.0,
+            0.0,
+        )
+        .unwrap();
+        let base = seeded_affine_kernels(Device::Cpu, 3, name, &[33, 17], 1.0, 0.0).unwrap();
+        let seed = seeded_affine_kernels(Device::Cpu, 4, name, &[33, 17], 1.0, 0.0).unwrap();
+        assert!(!other.equal(&base) && !seed.equal(&base));
     }
 }

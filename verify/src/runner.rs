@@ -601,6 +601,45 @@ mod tests {
     use modelmeter::{ModelConfig, Workload};
 
     #[test]
+    fn sharing_weights_changes_no_count_row_or_routing() {
+        // Every layer of a small multi-head and a small MLA config, run with the weights
+        // handed from module to module (what `verify` does on the CPU) and each building
+        // its own: the same rows (analytic, measured, status, notes), op records and
+        // tokens per expert.
+        let mha = r#"{"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 96, "moe_intermediate_size": 32, "n_routed_experts": 8,
+            "num_experts_per_tok": 2, "n_shared_experts": 1, "num_hidden_layers": 2,
+            "first_k_dense_replace": 1, "vocab_size": 100}"#;
+        let mla = r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
+            "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "n_shared_experts": 1, "num_hidden_layers": 2, "first_k_dense_replace": 1,
+            "vocab_size": 100, "kv_lora_rank": 16, "q_lora_rank": 24,
+            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}"#;
+        for text in [mha, mla] {
+            let config = ModelConfig::from_json_str("small", text).unwrap();
+            let workload = Workload::prefill(1, 8)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::F32)
+                .unwrap()
+                .on(modelmeter::Platform::Cpu);
+            let plan = Plan {
+                layers: crate::plan::applicable_layers(&config),
+                ..Plan::on_cpu(config, workload)
+            };
+            let shared = verify_with(&plan, Counting::Plain, true, &mut |_| {});
+            let own = verify_with(&plan, Counting::Plain, false, &mut |_| {});
+            assert_eq!(shared.len(), 7);
+            for (a, b) in shared.iter().zip(&own) {
+                assert_eq!(a.error, None, "{}", a.name);
+                assert_eq!(
+                    (&a.name, a.status, &a.metrics, &a.ops, &a.tokens_per_expert),
+                    (&b.name, b.status, &b.metrics, &b.ops, &b.tokens_per_expert)
+                );
+            }
+        }
+    }
+
+    #[test]
     fn layers_that_share_weights_run_next_to_each_other() {
         let config = ModelConfig::deepseek_ocr();
         let plan = Plan {
