@@ -410,23 +410,25 @@ mod tests {
     fn the_analytic_fast_path_equals_the_breakdown_on_the_sweeps_cases() {
         // `Layer::metrics()` (no tree, no liveness) against the root of `Layer::cost()`, for
         // every layer of 200 sweep cases (MLA in both forms, every routing method, unusual
-        // head dims), prefill and decode, on both platforms, in each model dtype.
+        // head dims), prefill and decode, on both platforms, in each model dtype. The
+        // generator draws each case's batch and phase (the base gives dtype, TF32 and
+        // platform): both phases must be among them.
         use modelmeter::layers::{layers_of, DeepseekV2Decoder};
         use modelmeter::{Dtype, Phase, Platform};
-        let mut compared = 0;
+        let (mut compared, mut decodes) = (0, 0);
         for (i, dtype) in (0..200).zip([Dtype::F32, Dtype::Bf16, Dtype::F16].iter().cycle()) {
             let platform = if i % 2 == 0 {
                 Platform::Cuda
             } else {
                 Platform::Cpu
             };
-            let phase = if i % 3 == 0 {
-                Phase::Decode { context_len: 9 }
-            } else {
-                Phase::Prefill { seq_len: 5 }
-            };
-            let base = Workload::new(2, phase, *dtype).unwrap().on(platform);
+            let base = Workload::prefill(1, 1)
+                .unwrap()
+                .with_dtype(*dtype)
+                .unwrap()
+                .on(platform);
             let case = generate(11, i, &base);
+            decodes += usize::from(matches!(case.workload.phase, Phase::Decode { .. }));
             let mut layers = layers_of(&case.config, &case.workload, case.attention).unwrap();
             layers.push(Box::new(DeepseekV2Decoder::new(
                 &case.config,
@@ -445,6 +447,7 @@ mod tests {
             }
         }
         assert_eq!(compared, 200 * 8, "seven layers and the stack per case");
+        assert!((1..200).contains(&decodes), "{decodes} of 200 cases decode");
     }
 
     #[test]
