@@ -497,17 +497,23 @@ impl PerLayerRun {
         match read {
             Ok((profiled, range)) => match &self.profiled {
                 Some(first) if *first != profiled => {
-                    let here = profiled.run.clone().unwrap_or_default();
-                    let why = check_same_run(
-                        &first.device,
-                        first.run.as_ref().unwrap_or(&here),
-                        &profiled.device,
-                        profiled.run.as_ref(),
-                    )
-                    .err()
-                    .unwrap_or_else(|| {
-                        "the first layer's range list records its run, this one's does not".into()
-                    });
+                    let why = match (&first.run, &profiled.run) {
+                        (Some(_), None) => {
+                            "its range list does not record its run, the first layer's does".into()
+                        }
+                        (None, Some(_)) => {
+                            "its range list records its run, the first layer's does not".into()
+                        }
+                        // Both or neither recorded: the fields (or the device) that differ.
+                        (first_run, run) => check_same_run(
+                            &first.device,
+                            first_run.as_ref().unwrap_or(&serde_json::Value::Null),
+                            &profiled.device,
+                            run.as_ref(),
+                        )
+                        .err()
+                        .unwrap_or_default(),
+                    };
                     self.errors.push((
                         layer.to_string(),
                         format!(
@@ -1011,6 +1017,26 @@ mod tests {
                 && why.contains("workload.seq_len 16 there, 8 here"),
             "{why}"
         );
+        // A folder whose list records no run beside ones that do (or the reverse) says
+        // which side lacks it.
+        let unrecorded = Profiled {
+            run: None,
+            ..profiled(8)
+        };
+        run.add(
+            "D",
+            Path::new("run/3-D"),
+            Ok((unrecorded.clone(), range("D"))),
+        );
+        assert!(run.errors[1]
+            .1
+            .contains("does not record its run, the first layer's does"));
+        let mut old_first = PerLayerRun::default();
+        old_first.add("A", Path::new("run/0-A"), Ok((unrecorded, range("A"))));
+        old_first.add("B", Path::new("run/1-B"), Ok((profiled(8), range("B"))));
+        assert!(old_first.errors[0]
+            .1
+            .contains("records its run, the first layer's does not"));
     }
 
     #[test]
