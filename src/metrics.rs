@@ -231,7 +231,7 @@ impl Cost {
     pub fn on_device(mut self, cuda: bool) -> Cost {
         if cuda {
             self.metrics = self.metrics_on(true);
-            self.peak = self.cuda_peak;
+            self.peak = *self.peak_on(true);
             self.children = self
                 .children
                 .into_iter()
