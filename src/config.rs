@@ -208,17 +208,43 @@ impl ModelConfig {
         // runs is not ours to guess. (Fields it never reads may differ: a file's reader
         // drops them before this point, so a value built in code is judged the same way.)
         if let [(first, v), (second, w)] = given[..] {
-            fn read(obj: &Map<String, Value>) -> std::collections::BTreeMap<&String, &Value> {
+            let read = |obj: &'_ Map<String, Value>| {
                 obj.iter()
                     .filter(|(k, v)| FIELDS.contains(&k.as_str()) && !v.is_null())
-                    .collect()
-            }
-            if read(v) != read(w) {
+                    .count()
+            };
+            let same = read(v) == read(w)
+                && v.iter()
+                    .filter(|(k, x)| FIELDS.contains(&k.as_str()) && !x.is_null())
+                    .all(|(k, x)| w.get(k).is_some_and(|y| same_json(x, y)));
+            if !same {
                 return Err(Error::invalid(
                     second,
                     format!("an object unlike {first}"),
                     &format!("one nested language config: {first} or {second}, not both"),
                 ));
+            }
+        }
+        // The top level beside a nested config: DeepSeek-OCR's model class reads the
+        // language-model keys from the top level (its published config repeats them there),
+        // transformers' classes read the nested object. Where both state a field modelmeter
+        // reads, they must agree, or the number would be the one model's and not the other's.
+        if let Some((nested, obj)) = given.first() {
+            for (key, top) in root {
+                let Some(inner) = obj.get(key).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                if FIELDS.contains(&key.as_str()) && !top.is_null() && !same_json(top, inner) {
+                    return Err(Error::invalid(
+                        key,
+                        top,
+                        &format!(
+                            "the value of {nested}.{key} ({inner}), or one of the two left out: \
+                             DeepSeek-OCR's model class reads the top level, transformers' the \
+                             nested {nested}, and modelmeter does not guess which one runs"
+                        ),
+                    ));
+                }
             }
         }
         let obj = given.first().map_or(root, |(_, obj)| *obj);
@@ -334,6 +360,29 @@ impl ModelConfig {
 /// The checkpoint dtype: `torch_dtype`, else `dtype`, in the language model's config or at
 /// the top level; bf16 when neither is given. Every one given must be a string; the
 /// first is used.
+/// Whether two JSON values state the same thing: numbers by value (`1`, `1.0` and `1e0`
+/// are one number, as Python reads them), objects key by key, arrays item by item.
+fn same_json(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(i), Some(j)) => i == j,
+            _ => match (x.as_u64(), y.as_u64()) {
+                (Some(i), Some(j)) => i == j,
+                _ => x.as_f64() == y.as_f64(),
+            },
+        },
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
 fn model_dtype(cfg: &Fields, root: &Map<String, Value>) -> Result<Dtype> {
     let mut found = None;
     for key in ["torch_dtype", "dtype"] {
@@ -772,6 +821,46 @@ mod tests {
     }
 
     #[test]
+    fn the_top_level_beside_a_nested_config_must_agree_with_it() {
+        let flat = parse(base()).unwrap();
+        // DeepSeek-OCR's published config repeats the language keys at the top level.
+        let mut copied = base();
+        copied["language_config"] = base();
+        assert_eq!(parse(copied.clone()).unwrap(), flat);
+        // The same number however it is written; fields modelmeter never reads may differ.
+        let mut spelled = copied.clone();
+        spelled["routed_scaling_factor"] = json!(1);
+        spelled["language_config"]["routed_scaling_factor"] = json!(1.0);
+        spelled["rms_norm_eps"] = json!(1e-6);
+        spelled["language_config"]["rms_norm_eps"] = json!(0.000001);
+        spelled["architectures"] = json!(["DeepseekOCRForCausalLM"]);
+        assert_eq!(parse(spelled).unwrap(), flat);
+        // A field the nested object leaves out, or a null one, is not a disagreement.
+        let mut partial = json!({"hidden_size": 1280, "intermediate_size": null});
+        partial["language_config"] = base();
+        assert_eq!(parse(partial).unwrap(), flat);
+        // Two values for one field: refused, naming the field, both values and the fix.
+        for (key, value) in [
+            ("hidden_size", json!(2560)),
+            ("num_experts_per_tok", json!(8)),
+            ("rope_scaling", json!({"type": "yarn", "factor": 32})),
+        ] {
+            let mut differing = copied.clone();
+            differing["language_config"]["rope_scaling"] = json!({"type": "yarn", "factor": 40.0});
+            differing[key] = value.clone();
+            let e = err(differing);
+            assert!(
+                e.starts_with(&format!("{key} = {value} ")) && e.contains("is invalid"),
+                "{e}"
+            );
+            assert!(
+                e.contains(&format!("language_config.{key}")) && e.contains("left out"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn flat_and_nested_forms_agree() {
         let flat = parse(base()).unwrap();
         for key in ["language_config", "text_config"] {
@@ -786,6 +875,10 @@ mod tests {
         let mut tagged = base();
         tagged["architectures"] = json!(["Other"]);
         let both = json!({"language_config": base(), "text_config": tagged});
+        assert_eq!(parse(both).unwrap(), flat);
+        // One number written two ways is one value.
+        let both = json!({"language_config": with("routed_scaling_factor", json!(1)),
+                          "text_config": with("routed_scaling_factor", json!(1.0))});
         assert_eq!(parse(both).unwrap(), flat);
         // A nested key that is not an object is named as such, whichever comes first.
         let e = err(json!({"language_config": 5, "text_config": base()}));
