@@ -234,15 +234,29 @@ pub fn one_line(text: &str) -> String {
 
 pub use crate::error::shown_value;
 
+/// An unsigned integer type an option parses into, with the largest value it holds (for
+/// the message [`whole_number`] gives when a number is too large).
+pub trait WholeNumber:
+    std::str::FromStr<Err = std::num::ParseIntError> + std::fmt::Display
+{
+    /// The largest value of the type.
+    const MAX: Self;
+}
+
+impl WholeNumber for u64 {
+    const MAX: u64 = u64::MAX;
+}
+
+impl WholeNumber for usize {
+    const MAX: usize = usize::MAX;
+}
+
 /// Parses a whole-number option, with an error that says what is valid (clap's own says
 /// only why the text is not a number: "invalid digit found in string").
-pub fn whole_number<T>(text: &str) -> std::result::Result<T, String>
-where
-    T: std::str::FromStr<Err = std::num::ParseIntError>,
-{
+pub fn whole_number<T: WholeNumber>(text: &str) -> std::result::Result<T, String> {
     text.parse::<T>().map_err(|e| match e.kind() {
         std::num::IntErrorKind::PosOverflow => {
-            format!("too large; expected a whole number up to {}", u64::MAX)
+            format!("too large; expected a whole number up to {}", T::MAX)
         }
         _ => "expected a whole number (0, 1, 2, …)".to_string(),
     })
@@ -444,6 +458,24 @@ mod tests {
             usage_error(&["--phase", "decode", "--context-len", "18446744073709551616"]),
             "demo: error: invalid value '18446744073709551616' for '--context-len <C>': \
              too large; expected a whole number up to 18446744073709551615; see demo --help"
+        );
+    }
+
+    #[test]
+    fn too_large_names_the_option_type_s_own_maximum() {
+        let past = |max: u128| (max + 1).to_string();
+        assert_eq!(
+            whole_number::<usize>(&past(usize::MAX as u128)).unwrap_err(),
+            format!("too large; expected a whole number up to {}", usize::MAX)
+        );
+        assert_eq!(
+            whole_number::<u64>(&past(u64::MAX as u128)).unwrap_err(),
+            format!("too large; expected a whole number up to {}", u64::MAX)
+        );
+        assert_eq!(whole_number::<usize>("7"), Ok(7));
+        assert_eq!(
+            whole_number::<u64>("-1").unwrap_err(),
+            "expected a whole number (0, 1, 2, …)"
         );
     }
 
