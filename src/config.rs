@@ -90,6 +90,15 @@ pub struct MoeConfig {
     pub routing: Routing,
 }
 
+impl MoeConfig {
+    /// How a `config.json` states `n` shared experts: `null` for none. An explicit 0 is
+    /// refused (the vendor runs a zero-width shared MLP for it), so code that writes configs
+    /// (generators, tests) spells the count through this.
+    pub fn n_shared_experts_field(n: u64) -> Option<u64> {
+        (n > 0).then_some(n)
+    }
+}
+
 /// A validated DeepSeek-V2-family language-model configuration: multi-head attention
 /// (DeepSeek-OCR) or Multi-head Latent Attention (DeepSeek-V2, V2-Lite, V3).
 #[derive(Clone, Debug, PartialEq, Serialize)]

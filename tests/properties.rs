@@ -4,7 +4,9 @@ use modelmeter::layers::{
     AttentionImpl, DeepseekV2Decoder, DeepseekV2DecoderLayer, DeepseekV2MoE, Generation,
     GenerationMetrics, Layer, LlamaAttention, MoEGate, ATTENTION_CORE_ROLE,
 };
-use modelmeter::{Cost, Dtype, Metrics, MlaForm, MlpKind, ModelConfig, Phase, Platform, Workload};
+use modelmeter::{
+    Cost, Dtype, Metrics, MlaForm, MlpKind, ModelConfig, MoeConfig, Phase, Platform, Workload,
+};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -88,7 +90,7 @@ fn config_json(d: &Dims) -> serde_json::Value {
             "num_experts_per_tok": d.k,
             // No shared experts is null (an explicit 0 is refused: the vendor code would
             // run a zero-width MLP).
-            "n_shared_experts": (d.shared > 0).then_some(d.shared),
+            "n_shared_experts": MoeConfig::n_shared_experts_field(d.shared),
             "num_hidden_layers": d.layers,
             "first_k_dense_replace": 1,
             "vocab_size": 97,

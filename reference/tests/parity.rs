@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{MlaForm, MlpKind, ScoringFunc, TopkMethod};
-use modelmeter::{ModelConfig, Workload};
+use modelmeter::{ModelConfig, MoeConfig, Workload};
 use modelmeter_reference::harness::{ModuleKind, RefModule};
 use modelmeter_reference::parity::{
     export_case, export_edited_case, known_differences, run_parity, ParityResult,
@@ -21,7 +21,7 @@ fn small(kv_heads: u64, bias: bool, norm_topk_prob: bool, shared: u64) -> ModelC
         &json!({
             "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": kv_heads,
             "intermediate_size": 384, "moe_intermediate_size": 96, "n_routed_experts": 8,
-            "num_experts_per_tok": 3, "n_shared_experts": (shared > 0).then_some(shared), "norm_topk_prob": norm_topk_prob,
+            "num_experts_per_tok": 3, "n_shared_experts": MoeConfig::n_shared_experts_field(shared), "norm_topk_prob": norm_topk_prob,
             "num_hidden_layers": 2, "first_k_dense_replace": 1, "vocab_size": 10,
             "attention_bias": bias, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
         }),

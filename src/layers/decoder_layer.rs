@@ -6,7 +6,7 @@
 
 use serde_json::json;
 
-use crate::config::{MlpKind, ModelConfig};
+use crate::config::{MlpKind, ModelConfig, MoeConfig};
 use crate::error::Result;
 use crate::layers::attention::{AttentionImpl, LlamaAttention};
 use crate::layers::mla::DeepseekV2Attention;
@@ -68,7 +68,7 @@ impl DeepseekV2DecoderLayer {
                 // experts: none (null, as the vendor code reads it).
                 "n_routed_experts": (dims.num_experts > 0).then_some(dims.num_experts),
                 "num_experts_per_tok": (dims.num_experts > 0).then_some(dims.k_active),
-                "n_shared_experts": (dims.num_shared_experts > 0).then_some(dims.num_shared_experts),
+                "n_shared_experts": MoeConfig::n_shared_experts_field(dims.num_shared_experts),
                 "num_hidden_layers": 1,
                 "first_k_dense_replace": 0,
                 "vocab_size": 1,

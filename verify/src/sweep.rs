@@ -9,7 +9,7 @@ use crate::report::{self, Case, Report};
 use crate::results::Summary;
 
 use modelmeter::layers::AttentionImpl;
-use modelmeter::{MlaForm, ModelConfig, Phase, Workload};
+use modelmeter::{MlaForm, ModelConfig, MoeConfig, Phase, Workload};
 
 /// splitmix64: a tiny, seedable, dependency-free generator.
 #[derive(Clone, Debug)]
@@ -83,7 +83,7 @@ pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
         "num_experts_per_tok": k,
         // 0 shared experts as the vendor code means none: null (an explicit 0 runs a
         // zero-width MLP there, which the config reader refuses).
-        "n_shared_experts": Some(r.range(0, 2)).filter(|&n| n > 0),
+        "n_shared_experts": MoeConfig::n_shared_experts_field(r.range(0, 2)),
         "norm_topk_prob": r.chance(3),
         "routed_scaling_factor": 1.0,
         "num_hidden_layers": 2,
