@@ -445,7 +445,7 @@ fn main() {
     if let Some((previous, old)) = previous_run(&dir, stamp) {
         print_comparison(&previous, &old, &report);
     }
-    let path = dir.join(format!("verify-{stamp}.json"));
+    let path = dir.join(result_file_name(stamp));
     let written = std::fs::create_dir_all(&dir).and_then(|_| {
         std::fs::write(
             &path,
@@ -458,6 +458,15 @@ fn main() {
     }
 }
 
+/// The name of the result file written at `stamp` (unix seconds): `verify-<stamp>.json`.
+fn result_file_name(stamp: u64) -> String {
+    format!("{RESULT_PREFIX}{stamp}{RESULT_SUFFIX}")
+}
+
+/// The two ends of [`result_file_name`], read back by [`previous_run`].
+const RESULT_PREFIX: &str = "verify-";
+const RESULT_SUFFIX: &str = ".json";
+
 /// The newest earlier result in `dir` (`verify-<unix time>.json`, before `stamp`) and
 /// what it holds, if any can be read.
 fn previous_run(dir: &std::path::Path, stamp: u64) -> Option<(std::path::PathBuf, Value)> {
@@ -467,8 +476,8 @@ fn previous_run(dir: &std::path::Path, stamp: u64) -> Option<(std::path::PathBuf
             let path = e.ok()?.path();
             let name = path.file_name()?.to_str()?;
             let time: u64 = name
-                .strip_prefix("verify-")?
-                .strip_suffix(".json")?
+                .strip_prefix(RESULT_PREFIX)?
+                .strip_suffix(RESULT_SUFFIX)?
                 .parse()
                 .ok()?;
             (time < stamp).then_some((time, path))
