@@ -201,7 +201,15 @@ fn hardware_counters_fall_back_to_range_replay_without_the_moe_layers() {
 
 /// Runs scripts/exactness-scan.py on a folder holding `files` (name, JSON text) with a
 /// real Python (the project's .venv, else python3); its exit code and output.
-fn exactness_scan(tag: &str, files: &[(&str, String)]) -> (Option<i32>, String) {
+/// Runs `scripts/<script>` with the `.venv`'s Python (or `python3`) on `files` written to a
+/// fresh folder, passing the folder (`None`) or the files themselves (`Some(names)`):
+/// (exit code, stdout, stderr).
+fn python_script(
+    script: &str,
+    tag: &str,
+    files: &[(&str, String)],
+    args: Option<&[&str]>,
+) -> (Option<i32>, String, String) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let venv = root.join(".venv/bin/python");
     let python = if venv.exists() {
@@ -209,22 +217,88 @@ fn exactness_scan(tag: &str, files: &[(&str, String)]) -> (Option<i32>, String) 
     } else {
         PathBuf::from("python3")
     };
-    let dir = std::env::temp_dir().join(format!("mm-scan-{tag}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("mm-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for (name, text) in files {
         std::fs::write(dir.join(name), text).unwrap();
     }
-    let o = Command::new(python)
-        .arg(root.join("scripts/exactness-scan.py"))
-        .arg(&dir)
-        .output()
-        .expect("python runs the scan");
+    let mut cmd = Command::new(python);
+    cmd.arg(root.join("scripts").join(script));
+    match args {
+        None => cmd.arg(&dir),
+        Some(names) => cmd.args(names.iter().map(|n| dir.join(n))),
+    };
+    let o = cmd.output().expect("python runs the script");
     let _ = std::fs::remove_dir_all(&dir);
     (
         o.status.code(),
         String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+fn exactness_scan(tag: &str, files: &[(&str, String)]) -> (Option<i32>, String) {
+    let (code, out, _) = python_script("exactness-scan.py", &format!("scan-{tag}"), files, None);
+    (code, out)
+}
+
+/// A verify-decoder report of one MoE layer on `device` with this routing and FLOP rows.
+fn moe_report(device: &str, seed: u64, tokens: &[u64], matmul: u64) -> String {
+    let platform = &device[..device.find(':').unwrap_or(device.len())];
+    format!(
+        r#"{{"environment": {{"device": "{device}", "dtype": "fp32", "seed": {seed},
+              "attention": "sdpa", "tf32_allowed": false}},
+            "config": {{"hidden_size": 64}}, "workload": {{"seq_len": 8, "platform": "{platform}"}},
+            "layers": [{{"name": "DeepseekV2MoE", "tokens_per_expert": {tokens:?},
+              "metrics": [{{"metric": "matmul_flops", "analytic": 1, "measured": {matmul}}},
+                          {{"metric": "io_bytes", "analytic": 1, "measured": {matmul}}}]}}]}}"#
+    )
+}
+
+fn cross_device(tag: &str, a: String, b: String) -> (Option<i32>, String, String) {
+    python_script(
+        "cross-device.py",
+        &format!("cross-{tag}"),
+        &[("a.json", a), ("b.json", b)],
+        Some(&["a.json", "b.json"]),
+    )
+}
+
+#[test]
+fn cross_device_compares_routing_and_flops_of_one_run() {
+    let cuda = moe_report("cuda:0", 0, &[3, 5], 100);
+    let (code, out, err) = cross_device("same", cuda.clone(), moe_report("cpu", 0, &[3, 5], 100));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("2 counts identical between cuda:0 and cpu (seed 0)"),
+        "{out}"
+    );
+    // Bytes may differ between devices (blocks vs tensor bytes); routing and FLOPs may not.
+    let (code, out, err) =
+        cross_device("routing", cuda.clone(), moe_report("cpu", 0, &[4, 4], 100));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("DeepseekV2MoE: tokens_per_expert [3, 5] vs [4, 4]"),
+        "{out}"
+    );
+    let (code, out, _) = cross_device("flops", cuda.clone(), moe_report("cpu", 0, &[3, 5], 101));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("measured matmul_flops 100 vs 101"), "{out}");
+    // Another seed is another run: refused, not compared.
+    let (code, _, err) = cross_device("seed", cuda.clone(), moe_report("cpu", 1, &[3, 5], 100));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("different seed"), "{err}");
+    // Another workload likewise (the platform alone may differ).
+    let longer = moe_report("cpu", 0, &[3, 5], 100).replace("\"seq_len\": 8", "\"seq_len\": 9");
+    let (code, _, err) = cross_device("workload", cuda.clone(), longer);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("different workloads"), "{err}");
+    // Nothing in common is not an identical pair.
+    let other = cuda.replace("DeepseekV2MoE", "DeepseekV2MLP");
+    let (code, _, err) = cross_device("none", cuda, other.replace("tokens_per_expert", "x"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("nothing compared"), "{err}");
 }
 
 fn rows(analytic: u64, measured: u64) -> String {
