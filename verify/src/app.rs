@@ -36,7 +36,9 @@ const EXAMPLES: &str = "Examples:
   verify-decoder --device cpu --quiet --timings    # where the wall time goes, phase by phase
 
 Statuses: pass (rel diff <= tolerance), fail, known_gap (a flops row off by exactly the
-elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's), error
+elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's; with
+--oracle, an oracle_flops row that agrees but cannot witness a kernel outside
+FlopCounterMode's registry), error
 (the layer could not run); info (a --hardware-counters row shown for information only).
 Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
 

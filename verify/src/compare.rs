@@ -4,12 +4,16 @@
 //! exact row only when A = M); `fail` when above, or when M = 0 < A; `error` when the
 //! layer could not run. A layer's status is its worst metric.
 //!
-//! `known_gap` has one source, the `flops` row ([`compare_flops`]): it compares with
-//! FlopCounterMode's total, which is blind to elementwise work (and to attention kernels
-//! outside its registry). Beyond the tolerance it is `known_gap` only when the difference
-//! is exactly the analytic work the counter cannot see and the matmul rows are exact; any
-//! other difference is a `fail`. RMSNorm, measured 0, is the case where that blind work is
-//! all of the layer: the same rule, not a name on a list (no row passes by its layer's name).
+//! `known_gap` has two sources, both blind spots of FlopCounterMode, each listed in the
+//! reports' `known_gaps` ([`known_gaps_json`]). The `flops` row ([`compare_flops`])
+//! compares with FlopCounterMode's total, which is blind to elementwise work (and to
+//! attention kernels outside its registry). Beyond the tolerance it is `known_gap` only
+//! when the difference is exactly the analytic work the counter cannot see and the matmul
+//! rows are exact; any other difference is a `fail`. RMSNorm, measured 0, is the case
+//! where that blind work is all of the layer: the same rule, not a name on a list (no row
+//! passes by its layer's name). With `--oracle`, the `oracle_flops` row is `known_gap` when
+//! torch's count and ours agree op for op but the run had matmul work outside the
+//! registry (the CPU SDPA kernel), which neither count witnesses ([`ORACLE_BLIND_SPOT`]).
 
 use serde::Serialize;
 
@@ -49,10 +53,17 @@ impl Status {
 /// Why a `flops` row may be a known gap, for the JSON report's list.
 pub const FLOPS_BLIND_SPOT: &str = "FlopCounterMode counts matmuls only, not elementwise work (nor attention kernels outside its registry, such as the CPU SDPA kernel): a flops row beyond the tolerance is known_gap when its difference is exactly the analytic elementwise FLOPs outside such kernels and the matmul rows are exact; any other difference fails";
 
-/// The reports' `known_gaps` list: the rules under which a row may be `known_gap`. There
-/// is one, the `flops` row's, for every layer (`"layer": "*"`).
+/// Why an `oracle_flops` row may be a known gap, for the JSON report's list.
+pub const ORACLE_BLIND_SPOT: &str = "torch's FlopCounterMode on the transformers module, like this project's compatible count, counts no matmul work outside its registry (the CPU SDPA kernel): an oracle_flops row whose totals and per-op counts agree is known_gap when the run had such work, which neither count witnesses (the row's note names it); any disagreement fails";
+
+/// The reports' `known_gaps` list: the rules under which a row may be `known_gap`, for
+/// every layer (`"layer": "*"`): the `flops` row's and, with `--oracle`, the
+/// `oracle_flops` row's.
 pub fn known_gaps_json() -> serde_json::Value {
-    serde_json::json!([{"layer": "*", "metric": "flops", "reason": FLOPS_BLIND_SPOT}])
+    serde_json::json!([
+        {"layer": "*", "metric": "flops", "reason": FLOPS_BLIND_SPOT},
+        {"layer": "*", "metric": "oracle_flops", "reason": ORACLE_BLIND_SPOT},
+    ])
 }
 
 /// What the FlopCounterMode-compatible counter cannot see in one layer run, from the
@@ -274,6 +285,29 @@ mod tests {
 
     const FLOPS: Check = Check::Flops;
     const ELEMENTWISE: Check = Check::Exact(Metric::ElementwiseFlops);
+
+    #[test]
+    fn the_known_gaps_list_names_each_row_that_can_be_a_known_gap() {
+        // The two rows whose code may set `Status::KnownGap`: compare_flops here and
+        // oracle::rows (each tested where it is written). A report must list both rules.
+        let list = known_gaps_json();
+        let metrics: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["metric"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            metrics,
+            [Check::Flops.name(), Check::OracleFlops.name()],
+            "{list}"
+        );
+        assert!(list
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["layer"] == "*" && !g["reason"].as_str().unwrap().is_empty()));
+    }
 
     #[test]
     fn rel_diff_edge_cases() {
