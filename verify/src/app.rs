@@ -90,7 +90,8 @@ pub struct Args {
     /// standard output)
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
-    /// Print only the summary line (and errors)
+    /// Print only the summary line, after the cause of each error (a layer, call or row
+    /// that could not run)
     #[arg(long, short)]
     pub quiet: bool,
     /// Also check each layer against an independent witness: transformers' modules run
@@ -413,7 +414,7 @@ fn print_table(args: &Args, report: &Report) -> Result<(), String> {
 /// Prints a report's table as [`print_table`] says.
 fn print_text(args: &Args, mut text: String) -> Result<(), String> {
     if args.quiet {
-        text = format!("{}\n", text.lines().last().unwrap_or_default());
+        text = report::quiet_text(&text);
     }
     let report_on_stdout = [&args.json, &args.junit]
         .into_iter()

@@ -200,6 +200,44 @@ fn a_wrong_formula_shared_by_both_sides_is_caught_only_by_the_oracle() {
 }
 
 #[test]
+fn quiet_still_says_why_the_oracle_could_not_check_a_layer() {
+    // An interpreter that passes the start-up probe, then fails on every layer: each layer
+    // is an error (exit 1), and --quiet prints the cause before the summary line.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("mm-oracle-quiet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let python = dir.join("python");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\nif [ \"$1\" = \"-c\" ]; then echo \"2.11.0 4.46\"; exit 0; fi\n\
+         echo 'boom: the oracle crashed' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
+        .args(["--device", "cpu", "--quiet", "--seq-len", "8"])
+        .args(["--layers", "DeepseekV2RMSNorm"])
+        .arg(format!("--oracle=python={}", python.display()))
+        .output()
+        .expect("verify-decoder runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.last(),
+        Some(&"1 layer: 0 pass, 0 known_gap, 0 fail, 1 error"),
+        "{stdout}"
+    );
+    assert!(
+        lines[0].starts_with(
+            "DeepseekV2RMSNorm oracle_flops: error: the oracle could not check this layer"
+        ) && stdout.contains("boom: the oracle crashed"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn an_unusable_interpreter_is_one_line_and_exit_2_before_anything_runs() {
     for spec in ["python=/no/such/python", "ruby"] {
         let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))

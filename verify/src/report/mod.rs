@@ -19,6 +19,33 @@ pub use write::{check_writable, goes_to_stdout, write_atomically, write_report};
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{ModelConfig, Workload};
 
+/// What separates a table line's subject from the cause of its error: every line that
+/// says why a layer, call, phase or row could not run is written by [`error_note`], so that
+/// [`quiet_text`] finds them.
+const ERROR_MARK: &str = ": error: ";
+
+/// A table line saying that `subject` could not run, and why.
+pub(crate) fn error_note(subject: &str, cause: impl std::fmt::Display) -> String {
+    format!("{subject}{ERROR_MARK}{cause}")
+}
+
+/// A table as `--quiet` prints it: the lines that say why something could not run (from
+/// [`error_note`], or a whole run's `error: …`), then the summary line (the last).
+pub fn quiet_text(table: &str) -> String {
+    let mut out = String::new();
+    let mut lines = table.lines();
+    let last = lines.next_back().unwrap_or_default();
+    for line in lines.map(str::trim) {
+        if line.contains(ERROR_MARK) || line.starts_with("error: ") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(last);
+    out.push('\n');
+    out
+}
+
 use crate::environment::Environment;
 use crate::plan::Plan;
 use crate::results::{LayerResult, Summary};
@@ -80,5 +107,31 @@ impl Report {
             s.merge(&c.summary);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_keeps_each_error_cause_and_the_summary_line() {
+        let table = format!(
+            "device: cpu\n\nlayer  metric  status\nMoEGate  flops  error\n\nnotes:\n  {}\n  \
+             MoEGate flops: 3 FLOPs of elementwise work\n  {}\n\n1 layer: 0 pass, 0 known_gap, 0 fail, 1 error\n",
+            error_note("MoEGate", "out of memory"),
+            error_note("prefill S=6", "the stack could not be built"),
+        );
+        assert_eq!(
+            quiet_text(&table),
+            "MoEGate: error: out of memory\nprefill S=6: error: the stack could not be built\n\
+             1 layer: 0 pass, 0 known_gap, 0 fail, 1 error\n"
+        );
+        // A whole run that could not start: its one cause, then the summary.
+        assert_eq!(
+            quiet_text("model: 2 layers\nerror: no memory\n\n0 calls: 1 error\n"),
+            "error: no memory\n0 calls: 1 error\n"
+        );
+        assert_eq!(quiet_text("7 layers: 7 pass\n"), "7 layers: 7 pass\n");
     }
 }

@@ -119,7 +119,7 @@ fn phase_label(phase: &str, report: &ModelReport) -> String {
 
 fn call_line(c: &CallResult) -> String {
     match &c.error {
-        Some(cause) => format!("{}: error: {cause}", c.call.describe()),
+        Some(cause) => super::error_note(&c.call.describe(), cause),
         None => format!(
             "{} (C={}, {} keys): {} exact, flops {}, {} ({:.2} s)",
             c.call.describe(),
@@ -207,7 +207,7 @@ pub fn model_table(report: &ModelReport) -> String {
                 "-".into(),
                 Status::Error.as_str().into(),
             ]);
-            notes.push(format!("{label}: error: {cause}"));
+            notes.push(super::error_note(&label, cause));
             continue;
         }
         for (i, g) in p.groups.iter().enumerate() {
@@ -273,7 +273,7 @@ pub fn model_table(report: &ModelReport) -> String {
         for l in failing_parts(c) {
             let name = format!("{prefix} {}", l.name);
             match &l.error {
-                Some(cause) => notes.push(format!("{name}: error: {cause}")),
+                Some(cause) => notes.push(super::error_note(&name, cause)),
                 None => detail(&name, &l.metrics, true, &mut detail_rows, &mut notes),
             }
         }

@@ -18,7 +18,7 @@ fn layer_rows(layer: &LayerResult, rows: &mut Vec<Vec<String>>, notes: &mut Vec<
             "-".into(),
             Status::Error.as_str().into(),
         ]);
-        notes.push(format!("{}: error: {cause}", layer.name));
+        notes.push(super::error_note(&layer.name, cause));
         return;
     }
     for (i, m) in layer.metrics.iter().enumerate() {
@@ -36,7 +36,11 @@ fn layer_rows(layer: &LayerResult, rows: &mut Vec<Vec<String>>, notes: &mut Vec<
             m.status.as_str().into(),
         ]);
         if let Some(note) = &m.note {
-            notes.push(format!("{} {}: {note}", layer.name, m.metric));
+            let subject = format!("{} {}", layer.name, m.metric);
+            notes.push(match m.status {
+                Status::Error => super::error_note(&subject, note),
+                _ => format!("{subject}: {note}"),
+            });
         }
     }
 }
