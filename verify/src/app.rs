@@ -73,7 +73,9 @@ pub struct Args {
     /// MoEGate, DeepseekV2MoE, DeepseekV2RMSNorm, DeepseekV2DecoderLayer_dense,
     /// DeepseekV2DecoderLayer_moe, and the attention the run verifies: LlamaFlashAttention2
     /// (LlamaAttention with --attn eager); for MLA configs DeepseekV2FlashAttention2
-    /// (DeepseekV2Attention with --attn eager, DeepseekV2Attention_absorb with --mla absorb)
+    /// (DeepseekV2Attention with --attn eager, DeepseekV2Attention_absorb with --mla absorb);
+    /// with --sweep any of these attention names selects the attention, whose class each
+    /// case draws
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub layers: Vec<String>,
     /// Seed of the random weights and inputs (FLOPs do not depend on it; routing does)

@@ -5,7 +5,7 @@
 //! Nothing else pairs them: the reference crate knows only its modules, the analytic
 //! crate only its layers. Adding a verifiable layer means one [`Pairing`] here.
 
-use modelmeter::layers::{attention_class_name, AttentionImpl, Layer, LayerId};
+use modelmeter::layers::{attention_class_name, AttentionImpl, Layer, LayerId, MLA_CLASS_NAMES};
 use modelmeter::{MlaForm, ModelConfig, Workload};
 use modelmeter_reference::ModuleKind;
 
@@ -119,9 +119,21 @@ pub fn select(
         }
         return Ok(present(registry, config));
     }
+    // A sweep's cases draw their own configs and attentions: there every attention class
+    // names the attention layer, so every one is valid.
     let valid: Vec<&str> = registry
         .iter()
-        .map(|p| p.name_for(config, form, attention))
+        .flat_map(|p| match (any_config, p.layer) {
+            (true, LayerId::Attention) => {
+                let mut all = vec![
+                    AttentionImpl::Sdpa.class_name(),
+                    AttentionImpl::Eager.class_name(),
+                ];
+                all.extend(MLA_CLASS_NAMES);
+                all
+            }
+            _ => vec![p.name_for(config, form, attention)],
+        })
         .collect();
     // Given but empty (`--layers ''`, `--layers A,,B`) is a mistake, not "all layers".
     if names.iter().any(|n| n.trim().is_empty()) {
@@ -139,8 +151,13 @@ pub fn select(
             .find(|p| LayerId::parse(name) == Some(p.layer))
             .ok_or_else(|| {
                 format!(
-                    "--layers: unknown layer {name}; valid: {}",
-                    valid.join(", ")
+                    "--layers: unknown layer {name}; valid: {}{}",
+                    valid.join(", "),
+                    if any_config {
+                        " (in a sweep any attention class selects the attention layer, whose class each case draws)"
+                    } else {
+                        ""
+                    }
                 )
             })?;
         if !any_config {
@@ -338,6 +355,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(all.len(), 6);
+    }
+
+    #[test]
+    fn in_a_sweep_every_attention_class_names_the_attention_layer_and_is_listed() {
+        let c = ModelConfig::deepseek_ocr();
+        let sweep = |names: &[&str]| {
+            select(
+                &REGISTRY,
+                names,
+                &c,
+                MlaForm::Naive,
+                AttentionImpl::Sdpa,
+                true,
+            )
+        };
+        for class in ["LlamaAttention", "DeepseekV2Attention_absorb"] {
+            let picked = sweep(&[class]).unwrap();
+            assert_eq!(
+                picked.iter().map(|p| p.layer).collect::<Vec<_>>(),
+                [LayerId::Attention],
+                "{class}"
+            );
+        }
+        // The error's list is what a sweep accepts (the default config's would omit MLA's).
+        let e = sweep(&["Attention"]).unwrap_err();
+        for class in ["LlamaFlashAttention2", "LlamaAttention"]
+            .into_iter()
+            .chain(MLA_CLASS_NAMES)
+        {
+            assert!(e.contains(class), "{class}: {e}");
+        }
+        assert!(e.contains("whose class each case draws"), "{e}");
+        // Outside a sweep the list is the run's own names, without that remark.
+        let e = select(
+            &REGISTRY,
+            &["Attention"],
+            &c,
+            MlaForm::Naive,
+            AttentionImpl::Sdpa,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            !e.contains("DeepseekV2Attention") && !e.contains("each case"),
+            "{e}"
+        );
     }
 
     #[test]
