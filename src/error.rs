@@ -133,11 +133,13 @@ impl Error {
 /// The most characters of a value an error message shows.
 const MAX_SHOWN_VALUE: usize = 80;
 
-/// A value as an error message shows it: quoted when it is empty or only blanks
-/// (`--device = "" is invalid`), which would otherwise vanish between the `=` and `is`;
-/// as given otherwise.
+/// A value as an error message shows it: quoted, with escapes, when it is empty, starts or
+/// ends with a blank or holds a control character (`--device = "" is invalid`,
+/// `--accept-rel-diff = "1 " is invalid`, `"5\n"`), which would otherwise vanish between
+/// the `=` and `is` or break the one-line message; as given otherwise.
 pub fn shown_value(text: &str) -> String {
-    if text.trim().is_empty() {
+    let hidden = text.trim() != text || text.is_empty() || text.chars().any(char::is_control);
+    if hidden {
         format!("{text:?}")
     } else {
         text.to_string()
@@ -165,6 +167,11 @@ mod tests {
         assert_eq!(shown_value(""), "\"\"");
         assert_eq!(shown_value("  "), "\"  \"");
         assert_eq!(shown_value("cuda:x"), "cuda:x");
+        assert_eq!(shown_value("a b"), "a b", "inner blanks are visible");
+        assert_eq!(shown_value("1 "), "\"1 \"");
+        assert_eq!(shown_value(" 1"), "\" 1\"");
+        assert_eq!(shown_value("5\n"), "\"5\\n\"", "one line");
+        assert_eq!(shown_value("a\tb"), "\"a\\tb\"");
         assert_eq!(
             Error::invalid("--device", "", "cpu").to_string(),
             "--device = \"\" is invalid: expected cpu"

@@ -513,9 +513,11 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     if !tolerance.is_finite() || !(0.0..1.0).contains(&tolerance) {
         bail!(
             "--accept-rel-diff = {} is invalid: expected a number in [0, 1) (0.05 = 5%; at 1 an analytic 0 would pass any measurement)",
-            args.accept_rel_diff
+            modelmeter::cli::shown_value(&args.accept_rel_diff)
         );
     }
+    // -0 is in [0, 1) and means 0: reports and sweep replays say 0, not -0.
+    let tolerance = tolerance + 0.0;
     let reports: Vec<(&str, &std::path::Path)> = [("--json", &args.json), ("--junit", &args.junit)]
         .into_iter()
         .filter_map(|(option, path)| Some((option, path.as_deref()?)))

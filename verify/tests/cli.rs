@@ -359,6 +359,19 @@ fn tolerance_zero_leaves_only_the_exactly_explained_flops_gap() {
         "{stdout}"
     );
     // One FLOP off the blind work fails: verify/tests/hooks.rs.
+
+    // -0 is 0: the report says 0, not -0 (a sweep's replay command is built from it too).
+    let dir = TempDir::new("tolerance-minus-zero");
+    let json = dir.path("r.json");
+    let mut minus_zero = args.to_vec();
+    let last = minus_zero.len() - 1;
+    minus_zero[last] = "-0";
+    minus_zero.extend(["--json", json.to_str().unwrap()]);
+    let o = verify(&minus_zero, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let written = std::fs::read_to_string(&json).unwrap();
+    assert!(written.contains("\"tolerance\": 0.0"), "{written}");
+    assert!(!written.contains("-0.0"), "{written}");
 }
 
 #[test]
@@ -430,6 +443,11 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         (
             vec!["--accept-rel-diff", "1"],
             "--accept-rel-diff = 1 is invalid: expected a number in [0, 1)",
+        ),
+        // A value with a blank at its end is shown quoted, as in the parse error.
+        (
+            vec!["--accept-rel-diff", "1 "],
+            "--accept-rel-diff = \"1 \" is invalid: expected a number in [0, 1)",
         ),
         (
             vec!["--sweep", "18446744073709551615"],
