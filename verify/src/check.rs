@@ -130,6 +130,30 @@ impl Check {
         }
     }
 
+    /// Whether the row's relative difference means something: not for the completeness
+    /// rows, whose two values count different things (ops no rule costs, kernels
+    /// predicted and run), so their `rel_diff` is null and tables show `—`.
+    pub fn is_ratio(self) -> bool {
+        !matches!(self, Check::UncountedOps | Check::AttentionKernel)
+    }
+
+    /// How the row is judged, as JUnit's message says it: within `tolerance` (the rows
+    /// approximate by nature), exactly, or by a rule of its own that its note states.
+    pub fn judged_by(self, tolerance: f64) -> String {
+        match self {
+            Check::Flops | Check::PeakActivationBytes => format!("tolerance {tolerance}"),
+            Check::Exact(_) | Check::OracleFlops => "exact".into(),
+            Check::UncountedOps => "any is a failure".into(),
+            Check::AttentionKernel => "the kernels must be the same".into(),
+            Check::OracleOutput
+            | Check::HwTensorFlops
+            | Check::HwCudaCoreFlops
+            | Check::HwDramBytes
+            | Check::HwL2Bytes
+            | Check::HwTimeNs => "its own bound, in the note".into(),
+        }
+    }
+
     /// What the row's values count.
     pub fn unit(self) -> RowUnit {
         match self {

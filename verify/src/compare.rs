@@ -172,12 +172,15 @@ impl MetricRow {
         });
     }
 
-    /// The row's figures for a JUnit message: `analytic A measured M rel_diff R tolerance
-    /// T` (`measured unavailable rel_diff —` where nothing was measured; `inf` where
-    /// M = 0 < A).
+    /// The row's figures for a JUnit message: `analytic A measured M rel_diff R; judged: J`
+    /// (`measured unavailable rel_diff —` where nothing was measured; `inf` where
+    /// M = 0 < A; `—` for a row that is not a ratio or errored), J saying how the row is
+    /// judged ([`Check::judged_by`]: the tolerance only for the approximate rows).
     pub fn junit_detail(&self, tolerance: f64) -> String {
         let (measured, rel) = if self.unavailable {
             ("unavailable".to_string(), "—".to_string())
+        } else if !self.metric.is_ratio() || self.status == Status::Error {
+            (self.measured.to_string(), "—".to_string())
         } else {
             (
                 self.measured.to_string(),
@@ -185,8 +188,9 @@ impl MetricRow {
             )
         };
         format!(
-            "analytic {} measured {measured} rel_diff {rel} tolerance {tolerance}",
-            self.analytic
+            "analytic {} measured {measured} rel_diff {rel}; judged: {}",
+            self.analytic,
+            self.metric.judged_by(tolerance)
         )
     }
 
@@ -202,7 +206,7 @@ impl MetricRow {
     /// The relative difference as the tables print it (`0.12%`, `inf`; `—` for a row
     /// that could not be measured).
     pub fn rel_text(&self) -> String {
-        if self.status == Status::Error || self.unavailable {
+        if self.status == Status::Error || self.unavailable || !self.metric.is_ratio() {
             return "—".into();
         }
         // The oracle's output row holds ‖out − ref‖/‖ref‖, judged against its own bound
@@ -307,6 +311,45 @@ mod tests {
             .unwrap()
             .iter()
             .all(|g| g["layer"] == "*" && !g["reason"].as_str().unwrap().is_empty()));
+    }
+
+    #[test]
+    fn junit_details_say_how_each_row_is_judged() {
+        let exact = compare(ELEMENTWISE, 10, 10, 0.05);
+        assert_eq!(
+            exact.junit_detail(0.05),
+            "analytic 10 measured 10 rel_diff 0; judged: exact"
+        );
+        let flops = compare(FLOPS, 106, 100, 0.05);
+        assert!(
+            flops
+                .junit_detail(0.05)
+                .ends_with("rel_diff 0.06; judged: tolerance 0.05"),
+            "{}",
+            flops.junit_detail(0.05)
+        );
+        // Completeness rows count different things on each side: no ratio, anywhere.
+        let uncounted = MetricRow {
+            metric: Check::UncountedOps,
+            analytic: 0,
+            measured: 3,
+            rel_diff: None,
+            status: Status::Fail,
+            note: None,
+            unavailable: false,
+        };
+        assert_eq!(uncounted.rel_text(), "—");
+        assert_eq!(
+            uncounted.junit_detail(0.05),
+            "analytic 0 measured 3 rel_diff —; judged: any is a failure"
+        );
+        let output = MetricRow {
+            metric: Check::OracleOutput,
+            ..uncounted
+        };
+        assert!(output
+            .junit_detail(0.05)
+            .ends_with("judged: its own bound, in the note"));
     }
 
     #[test]

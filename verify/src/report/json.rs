@@ -1,5 +1,7 @@
 //! `modelmeter.verify/1` JSON (and `modelmeter.verify-sweep/1` for sweeps). Every count
-//! is an exact integer; relative differences are numbers, or null when infinite.
+//! is an exact integer; relative differences are numbers, or null when infinite (measured
+//! 0 < analytic), when the row is not a ratio (`uncounted_ops`, `attention_kernel`), or
+//! when it has no values (an `error` row, an unavailable measurement).
 
 use modelmeter::layers::attention_core;
 use serde_json::{json, Value};
