@@ -71,16 +71,15 @@ fn case_table(case: &Case, out: &mut String) {
 
 /// The one-line summary of a sweep case.
 pub fn case_line(case: &Case, total: usize) -> String {
-    let status = if case.summary.ok() {
-        "pass"
-    } else {
-        case.layers
-            .iter()
-            .map(|l| l.status)
-            .max()
-            .unwrap_or(Status::Pass)
-            .as_str()
-    };
+    // The worst layer's status, as the case's summary counts it (a case with a known gap
+    // says so, not `pass`).
+    let status = case
+        .layers
+        .iter()
+        .map(|l| l.status)
+        .max()
+        .unwrap_or(Status::Pass)
+        .as_str();
     let c = &case.config;
     let moe = c
         .moe
@@ -121,7 +120,7 @@ pub fn case_line(case: &Case, total: usize) -> String {
         ),
     };
     format!(
-        "[{:>w$}/{total}] {:<5} h={} {attention} i={}{moe} bias={} | {} {}",
+        "[{:>w$}/{total}] {:<9} h={} {attention} i={}{moe} bias={} | {} {}",
         case.index.map_or(0, |i| i + 1),
         status,
         c.hidden_size,
@@ -178,4 +177,40 @@ pub fn to_table(report: &Report) -> String {
     }
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::Summary;
+    use modelmeter::layers::AttentionImpl;
+    use modelmeter::{ModelConfig, Workload};
+
+    #[test]
+    fn a_sweep_case_line_names_its_worst_status() {
+        let case = |statuses: &[Status]| {
+            let layers: Vec<LayerResult> = statuses
+                .iter()
+                .map(|s| LayerResult::new("L".into(), *s))
+                .collect();
+            Case {
+                index: Some(0),
+                config: ModelConfig::deepseek_ocr(),
+                workload: Workload::prefill(1, 8).unwrap(),
+                attention: AttentionImpl::Sdpa,
+                summary: Summary::of(&layers),
+                layers,
+                replay: None,
+            }
+        };
+        let status_of = |statuses: &[Status]| {
+            let line = case_line(&case(statuses), 3);
+            line.split_whitespace().nth(1).unwrap().to_string()
+        };
+        assert_eq!(status_of(&[Status::Pass, Status::Pass]), "pass");
+        // The case's summary counts the known gap: so does its line.
+        assert_eq!(status_of(&[Status::Pass, Status::KnownGap]), "known_gap");
+        assert_eq!(status_of(&[Status::KnownGap, Status::Fail]), "fail");
+        assert_eq!(status_of(&[Status::Error, Status::Fail]), "error");
+    }
 }
