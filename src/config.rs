@@ -234,28 +234,6 @@ impl ModelConfig {
                 ));
             }
         }
-        // The top level beside a nested config: DeepSeek-OCR's model class reads the
-        // language-model keys from the top level (its published config repeats them there),
-        // transformers' classes read the nested object. Where both state a field modelmeter
-        // reads, they must agree, or the number would be the one model's and not the other's.
-        if let Some((nested, obj)) = given.first() {
-            for (key, top) in root {
-                let Some(inner) = obj.get(key).filter(|v| !v.is_null()) else {
-                    continue;
-                };
-                if FIELDS.contains(&key.as_str()) && !top.is_null() && !same_json(top, inner) {
-                    return Err(Error::invalid(
-                        key,
-                        top,
-                        &format!(
-                            "the value of {nested}.{key} ({inner}), or one of the two left out: \
-                             DeepSeek-OCR's model class reads the top level, transformers' the \
-                             nested {nested}, and modelmeter does not guess which one runs"
-                        ),
-                    ));
-                }
-            }
-        }
         let obj = given.first().map_or(root, |(_, obj)| *obj);
         let cfg = Fields { obj };
 
@@ -288,6 +266,30 @@ impl ModelConfig {
         let rope_theta = rope_theta(&cfg)?;
         let rms_norm_eps = cfg.positive_float("rms_norm_eps")?.unwrap_or(1e-6);
         let dtype = model_dtype(&cfg, root)?;
+        // The top level beside a nested config: DeepSeek-OCR's model class reads the
+        // language-model keys from the top level (its published config repeats them there),
+        // transformers' classes read the nested object. Where both state a field modelmeter
+        // reads, they must agree, or the number would be the one model's and not the other's.
+        // (Checked after the fields are read, so that a value of the wrong type is named as
+        // such first.)
+        if let Some((nested, obj)) = given.first() {
+            for (key, top) in root {
+                let Some(inner) = obj.get(key).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                if FIELDS.contains(&key.as_str()) && !top.is_null() && !same_json(top, inner) {
+                    return Err(Error::invalid(
+                        key,
+                        top,
+                        &format!(
+                            "the value of {nested}.{key} ({inner}), or one of the two left out: \
+                             DeepSeek-OCR's model class reads the top level, transformers' the \
+                             nested {nested}, and modelmeter does not guess which one runs"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(ModelConfig {
             name: name.to_string(),
             hidden_size,
@@ -852,10 +854,10 @@ mod tests {
         for (key, value) in [
             ("hidden_size", json!(2560)),
             ("num_experts_per_tok", json!(8)),
-            ("rope_scaling", json!({"type": "yarn", "factor": 32})),
+            ("rope_theta", json!(50000.0)),
         ] {
             let mut differing = copied.clone();
-            differing["language_config"]["rope_scaling"] = json!({"type": "yarn", "factor": 40.0});
+            differing["language_config"]["rope_theta"] = json!(10000);
             differing[key] = value.clone();
             let e = err(differing);
             assert!(

@@ -110,8 +110,10 @@ impl LayerId {
     }
 
     /// The config's layer index this layer runs as: the first decoder layer of its MLP
-    /// kind for the decoder layers, 0 for the others. `Err` with the true reason when the
-    /// config has no such layer.
+    /// kind for the decoder layers and for the modules only one kind has (the dense MLP;
+    /// the gate and the MoE), 0 for the others. `Err` with the true reason when the
+    /// config has no such layer: a module that no decoder layer of the config runs (the
+    /// dense-width MLP of a config whose layers are all MoE) is not the config's.
     pub fn layer_index(self, config: &ModelConfig) -> std::result::Result<u64, String> {
         let first = |kind: MlpKind, what: &str| {
             config.first_layer_of(kind).ok_or_else(|| {
@@ -131,13 +133,13 @@ impl LayerId {
             })
         };
         match self {
-            LayerId::DecoderDense => first(MlpKind::Dense, "dense"),
-            LayerId::DecoderMoe => first(MlpKind::Moe, "MoE"),
+            LayerId::DecoderDense | LayerId::Mlp => first(MlpKind::Dense, "dense"),
             LayerId::MoEGate | LayerId::MoE if config.moe.is_none() => Err(format!(
                 "config {} has no routed experts (n_routed_experts is absent, null or 0)",
                 config.name
             )),
-            _ => Ok(0),
+            LayerId::DecoderMoe | LayerId::MoEGate | LayerId::MoE => first(MlpKind::Moe, "MoE"),
+            LayerId::RmsNorm | LayerId::Attention => Ok(0),
         }
     }
 
@@ -230,6 +232,10 @@ mod tests {
             "{why}"
         );
         assert!(LayerId::MoEGate.is_in(&all_moe));
+        // No layer runs the dense-width MLP: it is not the config's (shared experts are the
+        // MoE's own MLP, of width m · n_shared).
+        let why = LayerId::Mlp.layer_index(&all_moe).unwrap_err();
+        assert!(why.contains("no dense decoder layer"), "{why}");
 
         let mut dense = ModelConfig::deepseek_ocr();
         dense.moe = None;
@@ -241,17 +247,20 @@ mod tests {
         assert!(why.contains("no routed experts"), "{why}");
         let why = LayerId::DecoderMoe.layer_index(&dense).unwrap_err();
         assert!(why.contains("all dense: no routed experts"), "{why}");
-        // Experts that no layer uses (first_k_dense_replace ≥ the layer count): the MoE
-        // blocks exist, the decoder layer does not, and the reason is the placement.
+        // Experts that no layer uses (first_k_dense_replace ≥ the layer count): the vendor
+        // model builds no gate and no MoE, so neither they nor the decoder layer are the
+        // config's, and the reason is the placement.
         let mut unplaced = ModelConfig::deepseek_ocr();
         unplaced.layer_kinds = vec![MlpKind::Dense; 12];
-        assert!(LayerId::MoE.is_in(&unplaced));
-        let why = LayerId::DecoderMoe.layer_index(&unplaced).unwrap_err();
-        assert!(
-            why.contains("first_k_dense_replace and moe_layer_freq")
-                && !why.contains("no routed experts"),
-            "{why}"
-        );
+        for id in [LayerId::MoEGate, LayerId::MoE, LayerId::DecoderMoe] {
+            let why = id.layer_index(&unplaced).unwrap_err();
+            assert!(
+                why.contains("first_k_dense_replace and moe_layer_freq")
+                    && !why.contains("no routed experts"),
+                "{id:?}: {why}"
+            );
+        }
+        assert!(LayerId::Mlp.is_in(&unplaced));
         let w = Workload::prefill(1, 4).unwrap();
         let names: Vec<String> = layers_of(&dense, &w, AttentionImpl::Sdpa)
             .unwrap()
