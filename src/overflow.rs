@@ -258,11 +258,13 @@ pub fn culprits(
     inputs: &Inputs,
     mut fails: impl FnMut(&Inputs) -> bool,
 ) -> Option<Vec<(&'static str, u64, bool)>> {
-    // Only knobs that apply and that lowering changes.
+    // Only knobs that apply and that lowering changes, each lowered after the knobs
+    // before it (its dependencies: heads lowered to KV heads change nothing while the KV
+    // heads are as large, and equal counts are the usual case).
+    let mut low = inputs.clone();
     let knobs: Vec<&Knob> = KNOBS
         .iter()
         .filter(|k| {
-            let mut low = inputs.clone();
             (k.lower)(&mut low);
             (k.value)(inputs).is_some() && (k.value)(inputs) != (k.value)(&low)
         })
@@ -386,6 +388,31 @@ mod tests {
             e.starts_with(
                 "hidden_size = 1000000000000000 (config deepseek-ocr-v1-base) is too large"
             ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn heads_as_many_as_the_kv_heads_are_named_not_the_workload() {
+        // Equal counts (DeepSeek-OCR's, V2's, V3's, and any config without
+        // num_key_value_heads): lowering the heads to the KV heads alone changes nothing,
+        // so both counts are named, never the default --seq-len.
+        let mut i = inputs(Workload::prefill(1, 512).unwrap());
+        i.config.num_attention_heads = 1 << 33;
+        i.config.num_key_value_heads = 1 << 33;
+        let e = explained(&i);
+        assert!(
+            e.starts_with(
+                "num_key_value_heads = 8589934592 and num_attention_heads = 8589934592 \
+                 (config deepseek-ocr-v1-base) are too large"
+            ),
+            "{e}"
+        );
+        // Fewer KV heads: the heads alone.
+        i.config.num_key_value_heads = 1;
+        let e = explained(&i);
+        assert!(
+            e.starts_with("num_attention_heads = 8589934592 (config"),
             "{e}"
         );
     }
