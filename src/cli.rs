@@ -218,21 +218,7 @@ pub fn print_stdout(text: &str) -> std::io::Result<()> {
     }
 }
 
-/// `text` on one line: line breaks and other control characters (from a file name, say)
-/// are written as escapes (`\n`), so an error message stays one line.
-pub fn one_line(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-pub use crate::error::shown_value;
+pub use crate::error::{one_line, shown_value};
 
 /// An unsigned integer type an option parses into, with the largest value it holds (for
 /// the message [`whole_number`] gives when a number is too large).

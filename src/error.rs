@@ -133,6 +133,20 @@ impl Error {
 /// The most characters of a value an error message shows.
 const MAX_SHOWN_VALUE: usize = 80;
 
+/// `text` on one line: line breaks and other control characters (from a file name, say)
+/// are written as escapes (`\n`), so an error message (or a title) stays one line.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A value as an error message shows it: quoted, with escapes, when it is empty, starts or
 /// ends with a blank or holds a control character (`--device = "" is invalid`,
 /// `--accept-rel-diff = "1 " is invalid`, `"5\n"`), which would otherwise vanish between

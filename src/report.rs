@@ -97,10 +97,13 @@ impl AnalyzeReport {
     /// Human tables: one summary row per layer, then each layer's breakdown to `depth`.
     pub fn to_text(&self, depth: usize) -> String {
         let attention = attention_class_name(&self.config, self.workload.mla, self.attention);
+        // The platform picks the engines and the allocator's blocks: the same config and
+        // workload read differently on each, so the title names it.
         let mut out = format!(
-            "modelmeter analyze — {} — {} — attention {attention}\n\n",
-            self.config.name,
+            "modelmeter analyze — {} — {} on {} — attention {attention}\n\n",
+            crate::error::one_line(&self.config.name),
             self.workload.describe(),
+            self.workload.platform,
         );
         let mut rows = vec![header("layer")];
         for c in self.layers.iter().chain(std::iter::once(&self.stack)) {

@@ -265,13 +265,57 @@ fn every_built_in_family_config_prints_its_stack_and_a_generation() {
 
 #[test]
 fn help_shows_examples() {
-    let o = Command::new(env!("CARGO_BIN_EXE_modelmeter"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    // The top level's help and the subcommand's, which every usage error points at.
+    for args in [
+        &["--help"][..],
+        &["analyze", "--help"],
+        &["help", "analyze"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_modelmeter"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}");
+        let text = String::from_utf8(o.stdout).unwrap();
+        assert!(
+            text.contains("Examples:") && text.contains("modelmeter analyze --phase decode"),
+            "{args:?}: {text}"
+        );
+    }
+}
+
+#[test]
+fn the_title_names_the_platform_modelled() {
+    // The same config and workload read differently on each platform (engines, kernels,
+    // allocator blocks): the title says which.
+    for (args, platform) in [(&[][..], "cuda"), (&["--device", "cpu"], "cpu")] {
+        let o = analyze(&[args, &["--depth", "0"]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = String::from_utf8(o.stdout).unwrap();
+        let title = text.lines().next().unwrap();
+        assert!(
+            title.contains(&format!("B=1 prefill S=512 bf16 on {platform} — attention")),
+            "{title}"
+        );
+    }
+    // A config path with a line break stays on the title's one line.
+    let dir = std::env::temp_dir().join(format!("mm-analyze-title-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("a\nb.json");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/deepseek-ocr/config.json"
+        ),
+        &path,
+    )
+    .unwrap();
+    let o = analyze(&["--config", path.to_str().unwrap(), "--depth", "0"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(
-        text.contains("Examples:") && text.contains("modelmeter analyze --phase decode"),
+        text.lines().next().unwrap().contains("a\\nb.json — B=1"),
         "{text}"
     );
 }

@@ -10,17 +10,22 @@ use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
 use modelmeter::{Dtype, Platform};
 
+/// The examples both `modelmeter --help` and `modelmeter analyze --help` end with (every
+/// usage error of `analyze` points at the latter).
+const EXAMPLES: &str = "Examples:
+  modelmeter analyze                                  # DeepSeek-OCR, dsocr-standard-v1 prefill (B=1, S=512, bf16)
+  modelmeter analyze --phase decode --context-len 1024
+  modelmeter analyze --config config.json --batch 4 --seq-len 2048 --json
+  modelmeter analyze --config deepseek-v2-lite --mla absorb --phase decode --context-len 4096
+  modelmeter analyze --new-tokens 512                 # prefill + 512 greedy decode steps
+  modelmeter analyze --device cpu --dtype fp32        # the kernels libtorch runs on a CPU";
+
 #[derive(Parser)]
 #[command(
     name = "modelmeter",
     version,
     about = "Exact analytic FLOPs, bytes and memory of the DeepSeek-V2 decoder (DeepSeek-OCR's language model)",
-    after_help = "Examples:
-  modelmeter analyze                                  # DeepSeek-OCR, dsocr-standard-v1 prefill (B=1, S=512, bf16)
-  modelmeter analyze --phase decode --context-len 1024
-  modelmeter analyze --config config.json --batch 4 --seq-len 2048 --json
-  modelmeter analyze --new-tokens 512                 # prefill + 512 greedy decode steps
-  modelmeter analyze --device cpu --dtype fp32        # the kernels libtorch runs on a CPU"
+    after_help = EXAMPLES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -30,6 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the metrics of every decoder layer and of the whole stack for one workload
+    #[command(after_help = EXAMPLES)]
     Analyze(AnalyzeArgs),
 }
 
