@@ -244,7 +244,7 @@ pub fn whole_number<T: WholeNumber>(text: &str) -> std::result::Result<T, String
         std::num::IntErrorKind::PosOverflow => {
             format!("too large; expected a whole number up to {}", T::MAX)
         }
-        _ => "expected a whole number (0, 1, 2, …)".to_string(),
+        _ => "expected a whole number such as 512 (no minus sign, point or exponent)".to_string(),
     })
 }
 
@@ -461,7 +461,7 @@ mod tests {
         assert_eq!(whole_number::<usize>("7"), Ok(7));
         assert_eq!(
             whole_number::<u64>("-1").unwrap_err(),
-            "expected a whole number (0, 1, 2, …)"
+            "expected a whole number such as 512 (no minus sign, point or exponent)"
         );
     }
 
@@ -489,7 +489,7 @@ mod tests {
         let cases = [
             (
                 &["--seq-len", "-5"][..],
-                "demo: error: invalid value '-5' for '--seq-len <S>': expected a whole number (0, 1, 2, …); see demo --help",
+                "demo: error: invalid value '-5' for '--seq-len <S>': expected a whole number such as 512 (no minus sign, point or exponent); see demo --help",
             ),
             (
                 &["--phase", "sideways"],
