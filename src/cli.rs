@@ -257,7 +257,22 @@ pub fn parse_args<P: clap::Parser>(program: &str) -> P {
     P::try_parse().unwrap_or_else(|e| {
         use clap::error::ErrorKind;
         if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-            e.exit()
+            // As clap prints them, but a help that cannot be written (a full disk) is a
+            // one-line error and exit 1, like any other output; a closed pipe ends quietly.
+            let printed = e.print().and_then(|()| std::io::stdout().flush());
+            match printed {
+                Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "{}",
+                        one_line(&format!(
+                            "{program}: error: cannot write to standard output: {err}"
+                        ))
+                    );
+                    std::process::exit(1)
+                }
+                _ => std::process::exit(0),
+            }
         }
         if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
             // A bare `modelmeter`: one line like every other refusal, not the whole help.

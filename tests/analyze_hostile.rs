@@ -99,6 +99,31 @@ fn a_full_standard_output_is_a_one_line_error() {
 }
 
 #[test]
+fn help_and_version_that_cannot_be_written_are_one_line_errors() {
+    // clap's own printing ignored the failed write and exited 0.
+    for args in [&["analyze", "--help"][..], &["--help"], &["--version"]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let o = no_panic(
+            Command::new(env!("CARGO_BIN_EXE_modelmeter"))
+                .args(args)
+                .stdout(full)
+                .output()
+                .unwrap(),
+        );
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.lines().count() == 1
+                && err.starts_with("modelmeter: error: cannot write to standard output"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_closed_pipe_ends_quietly() {
     for args in [&["--json"][..], &[]] {
         let mut child = command(args)
