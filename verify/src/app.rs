@@ -35,7 +35,7 @@ const EXAMPLES: &str = "Examples:
   verify-decoder --device cuda:0 --hardware-counters --ncu-dir ncu-out   # + Nsight Compute's counters per layer
   verify-decoder --device cpu --quiet --timings    # where the wall time goes, phase by phase
 
-Statuses: pass (rel diff <= tolerance), fail, known_gap (a flops row off by exactly the
+Statuses: pass (flops and peak rows: rel diff <= tolerance; every other row: equal), fail, known_gap (a flops row off by exactly the
 elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's; with
 --oracle, an oracle_flops row that agrees but cannot witness a kernel outside
 FlopCounterMode's registry), error
