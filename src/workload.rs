@@ -260,6 +260,24 @@ impl Workload {
         self.key_len().ok()?.checked_add(new_tokens)
     }
 
+    /// The prefill that fills this decode step's KV cache (`None` for a prefill): the
+    /// same batch, dtype, TF32 switch, platform and MLA form over its C cached tokens (the
+    /// step's measured routing, if any, is its own, not the prefill's). Memory estimates of
+    /// a decode step are judged by it too, since its S² scores may need more.
+    pub fn cache_prefill(&self) -> Option<Result<Workload>> {
+        let Phase::Decode { context_len } = self.phase else {
+            return None;
+        };
+        let phase = Phase::Prefill {
+            seq_len: context_len,
+        };
+        Some(Workload::new(self.batch, phase, self.dtype).map(|w| {
+            w.with_tf32(self.allow_tf32)
+                .on(self.platform)
+                .with_mla(self.mla)
+        }))
+    }
+
     /// Position of the first query token (0 in prefill, `context_len` in decode).
     pub fn first_position(&self) -> u64 {
         match self.phase {
@@ -346,6 +364,29 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_prefill_is_the_decode_step_s_run_over_its_context() {
+        let step = Workload::decode(3, 700)
+            .unwrap()
+            .with_dtype(Dtype::F32)
+            .unwrap()
+            .with_tf32(true)
+            .on(Platform::Cpu)
+            .with_mla(MlaForm::Absorb)
+            .with_expert_rows(vec![1, 2]);
+        // Every field carried but the phase and the step's own routing (a field added
+        // later is carried, or this fails).
+        assert_eq!(
+            step.cache_prefill().unwrap().unwrap(),
+            Workload {
+                phase: Phase::Prefill { seq_len: 700 },
+                expert_rows: None,
+                ..step.clone()
+            }
+        );
+        assert!(Workload::prefill(1, 8).unwrap().cache_prefill().is_none());
+    }
 
     #[test]
     fn device_spellings_are_one_rule() {

@@ -93,21 +93,12 @@ fn needs(plan: &Plan, workload: &Workload) -> Result<Vec<Need>, Error> {
     Ok(needs)
 }
 
-/// The prefill that fills a decode step's KV cache, if the plan is a decode step.
+/// The prefill that fills a decode step's KV cache, if the plan is a decode step
+/// ([`Workload::cache_prefill`]).
 fn cache_prefill(workload: &Workload) -> Option<Result<Workload, String>> {
-    let Phase::Decode { context_len } = workload.phase else {
-        return None;
-    };
-    let prefill = Workload::new(
-        workload.batch,
-        Phase::Prefill {
-            seq_len: context_len,
-        },
-        workload.dtype,
-    )
-    .map(|w| w.with_tf32(workload.allow_tf32).on(workload.platform))
-    .map_err(|e| e.to_string());
-    Some(prefill)
+    workload
+        .cache_prefill()
+        .map(|prefill| prefill.map_err(|e| e.to_string()))
 }
 
 /// `error` with the input that overflowed named, when it is an overflow.
@@ -418,7 +409,7 @@ mod tests {
     use super::*;
     use modelmeter::layers::AttentionImpl;
     use modelmeter::layers::LayerId;
-    use modelmeter::ModelConfig;
+    use modelmeter::{MlaForm, ModelConfig};
 
     /// A tiny attention layer: the decode step's cache stays small while the prefill
     /// that fills it (scores grow with the square of the context) overflows.
@@ -590,6 +581,34 @@ mod tests {
                 ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_absorbed_decode_step_is_judged_by_an_absorbed_prefill() {
+        // The harness fills an absorbed step's cache in the absorbed form, whose prefill
+        // (scores over the latent rank) needs far more than the naive one: the estimate
+        // took the naive prefill and let a run through that the device could not hold.
+        let lite = ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
+        let step = Workload::decode(64, 4000)
+            .unwrap()
+            .on(modelmeter::Platform::Cpu)
+            .with_mla(MlaForm::Absorb);
+        let p = Plan {
+            config: lite,
+            workload: step.clone(),
+            layers: vec![crate::pairing::Pairing {
+                layer: LayerId::Attention,
+            }],
+            attention: AttentionImpl::Sdpa,
+            ..plan(1)
+        };
+        let naive_prefill = Workload {
+            mla: MlaForm::Naive,
+            ..step.cache_prefill().unwrap().unwrap()
+        };
+        let naive = needs(&p, &naive_prefill).unwrap()[0].bytes;
+        let merged = estimate_plan(&p).unwrap().needs[0].bytes;
+        assert!(merged > 10 * naive, "absorbed {merged} vs naive {naive}");
     }
 
     #[test]
