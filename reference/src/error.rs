@@ -3,8 +3,9 @@
 /// Everything that can go wrong while running a reference module under the counter.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// libtorch refused an op (bad shape, out of memory, no such device …).
-    #[error("libtorch: {0}")]
+    /// libtorch refused an op (bad shape, out of memory, no such device …). Shown
+    /// without the C++ backtrace libtorch appends ([`torch_text`]).
+    #[error("libtorch: {}", torch_text(.0))]
     Torch(#[from] tch::TchError),
     /// The op observer could not be armed or read.
     #[error("op observer: {0}")]
@@ -70,12 +71,48 @@ impl Error {
     }
 }
 
+/// What libtorch said, without the C++ backtrace it appends to its messages
+/// (`Exception raised from … (most recent call first):` and one line per frame): dozens of
+/// lines that reports would repeat for every call and phase an error reaches.
+pub fn torch_text(error: &tch::TchError) -> String {
+    without_backtrace(&error.to_string()).to_string()
+}
+
+/// A libtorch message up to its backtrace (see [`torch_text`]).
+pub fn without_backtrace(message: &str) -> &str {
+    match message.find("\nException raised from") {
+        Some(at) => message[..at].trim_end(),
+        None => message,
+    }
+}
+
 /// Result alias of the reference crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn libtorch_messages_are_shown_without_the_backtrace() {
+        let e = Error::Torch(tch::TchError::Torch(
+            "CUDA out of memory. Tried to allocate 2.00 GiB\nGPU 0 has 1 GiB free\n\
+             Exception raised from malloc at c10/cuda/Alloc.cpp:1 (most recent call first):\n\
+             frame #0: c10::Error::Error() + 0x1\nframe #1: at::empty() + 0x2"
+                .into(),
+        ));
+        assert_eq!(
+            e.to_string(),
+            "libtorch: Internal torch error: CUDA out of memory. Tried to allocate 2.00 GiB\n\
+             GPU 0 has 1 GiB free"
+        );
+        assert!(e.is_out_of_memory());
+        let plain = Error::Torch(tch::TchError::Torch("shape '[2]' is invalid".into()));
+        assert_eq!(
+            plain.to_string(),
+            "libtorch: Internal torch error: shape '[2]' is invalid"
+        );
+    }
 
     #[test]
     fn an_error_in_a_profiler_range_reads_as_the_error_inside() {

@@ -267,10 +267,19 @@ fn module_kind(part: StackPart) -> ModuleKind {
     }
 }
 
-/// `error` with the part that raised it named (an out-of-memory error stays one).
+/// `error` with the part that raised it named (an out-of-memory error stays one), once:
+/// libtorch's own prefix is not repeated inside it, nor its backtrace kept.
 fn in_part(error: Error, part: StackPart) -> Error {
     match error {
-        Error::Torch(e) => Error::Torch(tch::TchError::Torch(format!("{}: {e}", part.path()))),
+        Error::Torch(e) => {
+            let text = match &e {
+                tch::TchError::Torch(message) => {
+                    crate::error::without_backtrace(message).to_string()
+                }
+                other => crate::error::torch_text(other),
+            };
+            Error::Torch(tch::TchError::Torch(format!("{}: {text}", part.path())))
+        }
         Error::Observer(e) => Error::Observer(format!("{}: {e}", part.path())),
         other => other,
     }
@@ -279,6 +288,21 @@ fn in_part(error: Error, part: StackPart) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_s_libtorch_error_names_it_once_without_the_backtrace() {
+        let raised = Error::Torch(tch::TchError::Torch(
+            "DefaultCPUAllocator: can't allocate memory\nException raised from f at a.cpp:1 \
+             (most recent call first):\nframe #0: g"
+                .into(),
+        ));
+        let e = in_part(raised, StackPart::Layer(0));
+        assert_eq!(
+            e.to_string(),
+            "libtorch: Internal torch error: layers.0: DefaultCPUAllocator: can't allocate memory"
+        );
+        assert!(e.is_out_of_memory());
+    }
 
     fn tiny() -> ModelConfig {
         ModelConfig::from_json_str(
