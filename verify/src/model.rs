@@ -181,6 +181,24 @@ pub enum PartGroup {
     LmHead,
 }
 
+/// Layer indices in increasing order as runs of consecutive ones: `0-1, 3, 5-7`.
+fn runs(indices: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < indices.len() {
+        let start = indices[i];
+        while i + 1 < indices.len() && indices[i + 1] == indices[i] + 1 {
+            i += 1;
+        }
+        out.push(match indices[i] {
+            end if end == start => format!("{start}"),
+            end => format!("{start}-{end}"),
+        });
+        i += 1;
+    }
+    out.join(", ")
+}
+
 impl PartGroup {
     pub const ALL: [PartGroup; 5] = [
         PartGroup::EmbedTokens,
@@ -214,14 +232,10 @@ impl PartGroup {
             .collect()
     }
 
-    /// `embed_tokens`, `layers 0 (dense)`, `layers 1-11 (MoE)`, `norm`, `lm_head`.
+    /// `embed_tokens`, `layers 0 (dense)`, `layers 1-11 (MoE)`, `norm`, `lm_head`; layers
+    /// that are not consecutive as runs (`layers 0-1, 3 (dense)` with `moe_layer_freq` 2).
     pub fn describe(self, config: &ModelConfig) -> String {
-        let members = self.members(config);
-        let range = match (members.first(), members.last()) {
-            (Some(a), Some(b)) if a == b => format!("{a}"),
-            (Some(a), Some(b)) => format!("{a}-{b}"),
-            _ => String::new(),
-        };
+        let range = runs(&self.members(config));
         match self {
             PartGroup::EmbedTokens => "embed_tokens".into(),
             PartGroup::DenseLayers => format!("layers {range} (dense)"),
@@ -889,6 +903,19 @@ mod tests {
 
     fn prefill(seq_len: u64) -> Workload {
         Workload::prefill(1, seq_len).unwrap()
+    }
+
+    #[test]
+    fn groups_of_layers_that_are_not_consecutive_name_their_runs() {
+        assert_eq!(runs(&[1, 2, 3, 4]), "1-4");
+        assert_eq!(runs(&[0, 1, 3]), "0-1, 3");
+        assert_eq!(runs(&[2]), "2");
+        assert_eq!(runs(&[0, 2, 4, 5]), "0, 2, 4-5");
+        assert_eq!(runs(&[]), "");
+        let mut c = ModelConfig::deepseek_ocr().first_layers(4).unwrap();
+        c.layer_kinds = vec![MlpKind::Dense, MlpKind::Dense, MlpKind::Moe, MlpKind::Dense];
+        assert_eq!(PartGroup::DenseLayers.describe(&c), "layers 0-1, 3 (dense)");
+        assert_eq!(PartGroup::MoeLayers.describe(&c), "layers 2 (MoE)");
     }
 
     #[test]
