@@ -63,6 +63,8 @@ impl KvCache {
     /// logical size. A cached view keeps its base's whole storage alive, which this does
     /// not count (see `LayerRun::kv_cache_bytes`).
     pub fn bytes(&self) -> u64 {
+        // Two tensors this process holds: each is smaller than its address space, so the
+        // sum of the two never reaches 2^64 and saturating never changes it.
         self.contents().map_or(0, |(k, v)| {
             crate::weights::tensor_bytes(k).saturating_add(crate::weights::tensor_bytes(v))
         })

@@ -843,9 +843,7 @@ pub fn model_report_of(args: &Args, ready: &Ready, model: &ModelPlan) -> report:
     bar.finish_and_clear();
     let mut environment = ready.environment();
     for call in &result.calls {
-        for layer in &call.layers {
-            environment.saw_kernels(&layer.attention_kernels);
-        }
+        environment.saw_kernels(&call.attention_kernels);
     }
     report::ModelReport {
         environment,

@@ -166,6 +166,11 @@ pub struct CallResult {
     /// for calls that are not exact, and for all with `--verbose`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<LayerResult>,
+    /// The fused attention kernels libtorch ran in this call, in the order its parts first
+    /// ran them: kept whether or not `layers` is (the report's environment lists them, so
+    /// it must not depend on `--verbose`).
+    #[serde(skip)]
+    pub attention_kernels: Vec<String>,
     #[serde(skip)]
     pub seconds: f64,
 }
@@ -289,15 +294,22 @@ pub struct ModelResult {
 
 impl ModelResult {
     /// The summary line (`12 checks (prefill, 8 decode steps, 3 phase totals): …`).
+    /// Decode steps that did not run (a call before them failed) are said so:
+    /// `(prefill, 0 of 2 decode steps, 3 phase totals)`.
     pub fn summary_line(&self) -> String {
         let decode = self
             .calls
             .iter()
             .filter(|c| matches!(c.call, Call::Decode { .. }))
-            .count();
-        let steps = if decode == 1 { "step" } else { "steps" };
+            .count() as u64;
+        let planned = self.plan.new_tokens;
+        let steps = if planned == 1 { "step" } else { "steps" };
+        let ran = match decode == planned {
+            true => format!("{decode}"),
+            false => format!("{decode} of {planned}"),
+        };
         let what = format!(
-            "(prefill, {decode} decode {steps}, {} phase totals)",
+            "(prefill, {ran} decode {steps}, {} phase totals)",
             self.phases.len()
         );
         self.summary
@@ -373,21 +385,26 @@ impl Sides {
                 kernels.push(k.clone());
             }
         }
+        let add = |what: &str, a: u64, b: u64| modelmeter::checked::sum(what, &[a, b]);
         Ok(Sides {
             analytic: metrics(&self.analytic, &other.analytic)?,
             measured: metrics(&self.measured, &other.measured)?,
-            flop_counter_mode: self
-                .flop_counter_mode
-                .saturating_add(other.flop_counter_mode),
+            flop_counter_mode: add(
+                "FlopCounterMode FLOPs",
+                self.flop_counter_mode,
+                other.flop_counter_mode,
+            )?,
             blind: CounterBlindSpot {
-                elementwise_flops: self
-                    .blind
-                    .elementwise_flops
-                    .saturating_add(other.blind.elementwise_flops),
-                attention_core_flops: self
-                    .blind
-                    .attention_core_flops
-                    .saturating_add(other.blind.attention_core_flops),
+                elementwise_flops: add(
+                    "elementwise FLOPs FlopCounterMode cannot see",
+                    self.blind.elementwise_flops,
+                    other.blind.elementwise_flops,
+                )?,
+                attention_core_flops: add(
+                    "attention-core FLOPs FlopCounterMode cannot see",
+                    self.blind.attention_core_flops,
+                    other.blind.attention_core_flops,
+                )?,
                 kernels,
             },
             worst: self.worst.max(other.worst),
@@ -404,11 +421,12 @@ impl Sides {
         self.combine(later, accumulate)
     }
 
-    /// The `flops` row and the exact rows.
-    fn rows(&self, tolerance: f64) -> Vec<MetricRow> {
+    /// The `flops` row and the exact rows (an analytic total past 64 bits is an error,
+    /// not a row).
+    fn rows(&self, tolerance: f64) -> modelmeter::Result<Vec<MetricRow>> {
         let (a, m) = (&self.analytic, &self.measured);
         let mut rows = vec![compare_flops(
-            a.total_flops().unwrap_or(u64::MAX),
+            a.total_flops()?,
             self.flop_counter_mode,
             &self.blind,
             a.matmul_flops == m.matmul_flops,
@@ -423,7 +441,7 @@ impl Sides {
                 tolerance,
             ));
         }
-        rows
+        Ok(rows)
     }
 }
 
@@ -464,6 +482,17 @@ fn compare_call(
 ) -> Result<Measured, String> {
     let analytic_error = |e: modelmeter::Error| format!("analytic model: {e}");
     let workload = call.workload(&plan.workload).map_err(analytic_error)?;
+    // Counts do not depend on positions, so a reference that restarted or skipped its
+    // rotary positions would pass every row: the call must start where the analytic one
+    // does (S + t for decode step t).
+    if run.first_position != workload.first_position() {
+        return Err(format!(
+            "the reference ran {} from position {}, the analytic model from {}",
+            call.label(),
+            run.first_position,
+            workload.first_position()
+        ));
+    }
     // The call's rows sum the parts that ran: a part the reference left out (or ran
     // twice) would be missing from both sides and pass. The parts must be the stack's.
     let ran: Vec<StackPart> = run.parts.iter().map(|(part, _)| *part).collect();
@@ -482,11 +511,23 @@ fn compare_call(
                 DeepseekV2Decoder::new(&plan.config, &run.routed(&workload), plan.attention)
                     .part_cost(*part)
                     .map_err(analytic_error)?;
-            unread_expert_bytes = unread_expert_bytes.saturating_add(
-                cost.metrics
-                    .io_bytes
-                    .saturating_sub(routed.metrics.io_bytes),
-            );
+            // The even split reads the weights of the most experts a routing can use:
+            // a measured routing reads as many or fewer.
+            let unread = cost
+                .metrics
+                .io_bytes
+                .checked_sub(routed.metrics.io_bytes)
+                .ok_or_else(|| {
+                    format!(
+                        "analytic model: {} reads more bytes under the measured routing ({}) than under the even split ({})",
+                        part.path(),
+                        routed.metrics.io_bytes,
+                        cost.metrics.io_bytes
+                    )
+                })?;
+            unread_expert_bytes =
+                modelmeter::checked::sum("unread expert bytes", &[unread_expert_bytes, unread])
+                    .map_err(analytic_error)?;
             cost = routed;
         }
         let hook_name = format!("{}/{}", call.label(), part.path());
@@ -500,10 +541,16 @@ fn compare_call(
         .map_err(analytic_error)?
         // parts_mismatch refused a call without parts above.
         .ok_or_else(|| "internal: no parts to compare after the parts check".to_string())?;
-    let metrics = whole.rows(plan.tolerance);
+    let metrics = whole.rows(plan.tolerance).map_err(analytic_error)?;
     let status = worst(&metrics).max(whole.worst);
     let exact = is_exact(&metrics) && layers.iter().all(|l| is_exact(&l.metrics));
     let keep = call == Call::Prefill || !exact || !status.is_ok() || model.verbose;
+    let mut attention_kernels: Vec<String> = Vec::new();
+    for kernel in layers.iter().flat_map(|l| &l.attention_kernels) {
+        if !attention_kernels.contains(kernel) {
+            attention_kernels.push(kernel.clone());
+        }
+    }
     if !keep {
         layers.clear();
     }
@@ -516,6 +563,7 @@ fn compare_call(
             error: None,
             metrics,
             layers,
+            attention_kernels,
             seconds: 0.0,
         },
         parts,
@@ -601,6 +649,7 @@ fn error_call(call: Call, workload: &Workload, cause: String) -> CallResult {
         error: Some(cause),
         metrics: Vec::new(),
         layers: Vec::new(),
+        attention_kernels: Vec::new(),
         seconds: 0.0,
     }
 }
@@ -831,19 +880,30 @@ fn phase_result(
     let mut whole = fold(whole_calls, Sides::then)?.unwrap_or_default();
     // The phase row: the generation's closed form, not the sum of analytic calls — under
     // the routing the calls measured (experts that received no tokens read no weights).
-    let unread: u64 = calls
-        .iter()
-        .map(|m| m.unread_expert_bytes)
-        .fold(0, u64::saturating_add);
+    let unread = modelmeter::checked::sum(
+        "unread expert bytes",
+        &calls
+            .iter()
+            .map(|m| m.unread_expert_bytes)
+            .collect::<Vec<_>>(),
+    )?;
     let blocks = whole.analytic.activation_bytes;
     whole.analytic = closed_form;
-    whole.analytic.io_bytes = closed_form.io_bytes.saturating_sub(unread);
+    whole.analytic.io_bytes = closed_form.io_bytes.checked_sub(unread).ok_or_else(|| {
+        modelmeter::Error::op_shape(
+            phase,
+            format!(
+                "the closed form's io_bytes ({}) are fewer than the bytes of experts its calls did not read ({unread})",
+                closed_form.io_bytes
+            ),
+        )
+    })?;
     if plan.device.is_cuda() {
         // The closed form counts tensor bytes; the caching allocator reports blocks: the
         // largest call's blocks, each tensor rounded as the calls were compared.
         whole.analytic.activation_bytes = blocks;
     }
-    let mut metrics = whole.rows(plan.tolerance);
+    let mut metrics = whole.rows(plan.tolerance)?;
     if unread > 0 {
         if let Some(row) = metrics
             .iter_mut()
@@ -874,7 +934,7 @@ fn phase_result(
             continue;
         };
         let name = group.describe(&plan.config);
-        let rows = sides.rows(plan.tolerance);
+        let rows = sides.rows(plan.tolerance)?;
         groups.push(GroupResult {
             group,
             status: worst(&rows).max(sides.worst),
@@ -995,6 +1055,17 @@ mod tests {
             verbose: false,
         };
         for call in [Call::Prefill, Call::Decode { step: 0 }] {
+            // A call at another position than the analytic one's is not compared either.
+            let elsewhere = StepRun {
+                first_position: call.workload(&plan.workload).unwrap().first_position() + 1,
+                parts: Vec::new(),
+                next_tokens: vec![0],
+            };
+            let e = compare_call(call, &elsewhere, &plan, &model).err().unwrap();
+            assert!(
+                e.contains(&format!("the reference ran {} from position", call.label())),
+                "{e}"
+            );
             let run = StepRun {
                 first_position: call.workload(&plan.workload).unwrap().first_position(),
                 parts: Vec::new(),

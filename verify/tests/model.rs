@@ -653,6 +653,16 @@ fn a_step_that_cannot_run_ends_the_generation_as_an_error() {
     let statuses: Vec<&str> = r.phases.iter().map(|p| p.status.as_str()).collect();
     assert_eq!(statuses, ["known_gap", "error", "error"]);
     assert!(table.contains("decode step 2: error"), "{table}");
+    // Of the 5 steps planned 3 were checked: the summary says so.
+    assert!(
+        r.summary_line()
+            .starts_with("7 checks (prefill, 3 of 5 decode steps, 3 phase totals)"),
+        "{}",
+        r.summary_line()
+    );
+    // The kernels the report lists come from every call, kept parts or not.
+    let kernels: Vec<&String> = r.calls.iter().flat_map(|c| &c.attention_kernels).collect();
+    assert!(!kernels.is_empty(), "{:?}", r.calls);
 }
 
 #[test]
