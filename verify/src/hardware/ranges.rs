@@ -291,6 +291,14 @@ pub enum AttributionError {
     /// A result row's `ID` is not a number, or the IDs are not in increasing order.
     #[error("line {line}: ncu's ID {id:?} is not a number above the previous row's")]
     BadId { line: usize, id: String },
+    /// A result row names a kernel, not `range`: an export of kernel replay (one row per
+    /// kernel), whose rows are no layer's range however many there are.
+    #[error("line {line}: ncu's row names the kernel {kernel:?}, not a range{}", mismatch_hint(0, 0, true, *.replay))]
+    KernelRows {
+        line: usize,
+        kernel: String,
+        replay: Option<NcuReplay>,
+    },
 }
 
 /// `DeepseekV2MoE (out of memory), …`
@@ -363,6 +371,19 @@ pub fn attribute(
     replay: Option<NcuReplay>,
 ) -> Result<Vec<AttributedRange>, AttributionError> {
     let rows = table.rows();
+    // Rows of kernels are never ranges, even when they happen to be as many.
+    if let Some((row, kernel)) = rows.iter().find_map(|row| {
+        table
+            .cell(row, "Kernel Name")
+            .filter(|c| c.text() != "range")
+            .map(|c| (row, c.text().to_string()))
+    }) {
+        return Err(AttributionError::KernelRows {
+            line: row.line(),
+            kernel,
+            replay,
+        });
+    }
     let unknown: Vec<(String, String)> = list
         .layers
         .iter()
@@ -391,15 +412,10 @@ pub fn attribute(
             .filter(|n| n.kind == super::ncu_csv::NoteKind::Warning)
             .map(|n| n.text.clone())
             .collect();
-        let per_kernel = rows.iter().any(|row| {
-            table
-                .cell(row, "Kernel Name")
-                .is_some_and(|c| c.text() != "range")
-        });
         return Err(AttributionError::CountMismatch {
             rows: rows.len(),
             ranges: opened,
-            hint: mismatch_hint(rows.len(), opened, per_kernel, replay),
+            hint: mismatch_hint(rows.len(), opened, false, replay),
             unknown,
             warnings,
         });
@@ -538,16 +554,19 @@ mod tests {
         let mlp = include_str!("../../../fixtures/ncu-h200/ncu_mlp_bfloat16.csv");
         let table = parse_range_results(mlp).expect("parses");
         let err = attribute(&table, &list(&[("DeepseekV2MLP", 1)])).unwrap_err();
-        assert!(matches!(
-            err,
-            AttributionError::CountMismatch {
-                rows: 6,
-                ranges: 1,
-                ..
-            }
-        ));
+        assert!(
+            matches!(&err, AttributionError::KernelRows { kernel, .. } if kernel != "range"),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("rows name kernels"), "{err}");
         assert!(err.to_string().contains("--replay-mode app-range"), "{err}");
+        // As many kernel rows as ranges: still no layer's range (they once passed).
+        let six = list(&[("A", 1), ("B", 1), ("C", 1), ("D", 1), ("E", 1), ("F", 1)]);
+        let err = attribute(&table, &six).unwrap_err();
+        assert!(
+            matches!(err, AttributionError::KernelRows { .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
