@@ -660,7 +660,8 @@ fn ncu_tag(line: &str) -> Option<NoteKind> {
 }
 
 /// The header is the first line whose first field is `ID`.
-fn is_header(line: &str) -> bool {
+/// Whether `line` is the header of ncu's table (its first column is `ID`, quoted or not).
+pub(crate) fn is_header(line: &str) -> bool {
     line.starts_with("\"ID\",") || line == "\"ID\"" || line.starts_with("ID,")
 }
 

@@ -556,17 +556,29 @@ pub fn kernels_of_layer(
             "ncu profiled no kernel in {layer}'s range (kernel replay with --profile-from-start off)"
         )
     };
-    // ncu writes no table at all when nothing was profiled.
-    if !files.csv.lines().any(|l| l.starts_with("\"ID\",")) {
+    // ncu writes no table at all when nothing was profiled, or a header alone.
+    if !files.csv.lines().any(super::ncu_csv::is_header) {
         return Err(no_kernel());
     }
     let table = super::ncu_csv::parse(&files.csv, &super::ncu_csv::ParseOptions::per_kernel())
         .map_err(|e| format!("ncu's CSV: {e}"))?;
-    let figures =
-        super::HardwareFigures::of_range(&table, None).map_err(|e| format!("ncu's CSV: {e}"))?;
-    if figures.rows == 0 {
+    if table.rows().is_empty() {
         return Err(no_kernel());
     }
+    // A range-replay export has one row per range: its time is the range's, not its
+    // kernels', and its figures are not this layer's kernels one by one.
+    if let Some(row) = table.rows().iter().find(|row| {
+        table
+            .cell(row, "Kernel Name")
+            .is_some_and(|c| c.text() == "range")
+    }) {
+        return Err(format!(
+            "ncu's CSV: line {}: the row is a range, not a kernel: {layer}'s export is of range replay, not the kernel replay --ncu-replay kernel reads",
+            row.line()
+        ));
+    }
+    let figures =
+        super::HardwareFigures::of_range(&table, None).map_err(|e| format!("ncu's CSV: {e}"))?;
     Ok(AttributedRange {
         index,
         ncu_id: format!("{} kernels", figures.rows),
@@ -979,6 +991,58 @@ mod tests {
         let other = run_identity(&plan(512));
         let e = check_same_run("cuda:0", &here, "cuda:0", Some(&other)).unwrap_err();
         assert!(e.contains("workload.seq_len 512 there, 8 here"), "{e}");
+    }
+
+    #[test]
+    fn a_kernel_replay_export_must_hold_kernels() {
+        let mlp = include_str!("../../../fixtures/ncu-h200/ncu_mlp_bfloat16.csv");
+        let files = |csv: String| RunFiles {
+            csv,
+            ranges: RangeList {
+                schema: super::super::ranges::RANGE_LIST_SCHEMA.into(),
+                device: "cuda:0".into(),
+                layers: vec![RangeEntry::Counted(RangeRecord {
+                    layer: "DeepseekV2MLP".into(),
+                    tensor_core_flops: 1,
+                    cuda_core_flops: 0,
+                    io_bytes: 1,
+                })],
+                run: None,
+            },
+            left_out: Vec::new(),
+            replay: Some(NcuReplay::Kernel),
+        };
+        let read = |csv: String| kernels_of_layer(&files(csv), 0, "DeepseekV2MLP");
+        assert!(read(mlp.to_string()).is_ok());
+        // A header without quotes is ncu's header too.
+        let header = mlp.lines().find(|l| l.starts_with("\"ID\"")).unwrap();
+        let unquoted = mlp.replacen(header, &header.replace('"', ""), 1);
+        let range = read(unquoted).expect("an unquoted header is read");
+        assert_eq!(range.figures.rows, 6);
+        // A header and no rows: no kernel was profiled (not "no row belongs to the range").
+        let header_only: String = mlp
+            .lines()
+            .take_while(|l| !l.starts_with("\"1\"") && !l.starts_with("\"0\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let e = read(header_only).unwrap_err();
+        assert!(e.starts_with("ncu profiled no kernel"), "{e}");
+        // Rows of ranges: a range-replay export, refused (its time is no kernels' time).
+        let mut as_ranges = String::new();
+        for line in mlp.lines() {
+            let mut cells: Vec<&str> = line.split("\",\"").collect();
+            // A result row (its ID a number): its fifth column is the Kernel Name.
+            let is_row = line
+                .strip_prefix('"')
+                .is_some_and(|l| l.starts_with(|c: char| c.is_ascii_digit()));
+            if is_row {
+                cells[4] = "range";
+            }
+            as_ranges.push_str(&cells.join("\",\""));
+            as_ranges.push('\n');
+        }
+        let e = read(as_ranges).unwrap_err();
+        assert!(e.contains("the row is a range, not a kernel"), "{e}");
     }
 
     #[test]
