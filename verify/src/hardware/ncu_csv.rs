@@ -558,9 +558,12 @@ impl NcuCsv {
             Total::Unavailable(_) => Ok(None),
             Total::Real(_) => {
                 let rows = self.range(range)?;
+                // A cell read as real because its whole number is past u64 is an
+                // overflow, not a fraction.
                 let first_fraction = self.rows_of(rows).find_map(|row| {
                     let cell = self.cell(row, metric)?;
-                    matches!(cell.value(), Value::Real(_)).then_some((row, cell))
+                    let fraction = matches!(cell.value(), Value::Real(_)) && !is_whole(cell.text());
+                    fraction.then_some((row, cell))
                 });
                 Err(match first_fraction {
                     Some((row, cell)) => bad_value(row, metric, Some(cell), "a whole number"),
@@ -681,6 +684,14 @@ fn read_records(lines: &[(usize, &str)]) -> Result<Vec<(usize, Vec<String>)>, Nc
             .map(|(number, _)| *number)
             .unwrap_or(0)
     };
+    // A quoted field still open at the end: the file was cut short (the csv reader would
+    // take the rest as one field). Doubled quotes inside a field keep the count even.
+    if joined.matches('"').count() % 2 == 1 {
+        return Err(NcuCsvError::Csv {
+            line: lines.last().map_or(0, |(number, _)| *number),
+            message: "a quoted field is not closed: the file ends inside it (truncated?)".into(),
+        });
+    }
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -711,6 +722,11 @@ pub fn whole_number(text: &str) -> Option<u64> {
         Value::Integer(n) => Some(n),
         _ => None,
     }
+}
+
+/// Whether `text` is a non-negative whole number as ncu prints one, of any size.
+fn is_whole(text: &str) -> bool {
+    Decimal::parse(text.trim()).is_some_and(|d| !d.negative && d.fraction.is_empty())
 }
 
 /// Types a cell: see [`Value`].
@@ -1157,6 +1173,25 @@ mod tests {
     }
 
     #[test]
+    fn a_file_cut_inside_a_quoted_field_is_refused() {
+        let text = synthetic(&[("0", "", "5", "1"), ("1", "", "7", "1")]);
+        let cut = text.trim_end().trim_end_matches('"');
+        let e = parse(cut, &ParseOptions::per_kernel()).unwrap_err();
+        assert!(
+            matches!(&e, NcuCsvError::Csv { message, .. } if message.contains("truncated")),
+            "{e:?}"
+        );
+        // Quotes doubled inside a field are not an open one.
+        let doubled = text
+            .replace("\"0\",", "\"0\",")
+            .replacen(",\"\",", ",\"a \"\"b\"\"\",", 1);
+        assert!(
+            parse(&doubled, &ParseOptions::per_kernel()).is_ok(),
+            "{doubled}"
+        );
+    }
+
+    #[test]
     fn sums_are_checked() {
         let max = "18,446,744,073,709,551,615";
         let text = synthetic(&[("0", "", max, "1"), ("1", "", "1", "1")]);
@@ -1169,6 +1204,24 @@ mod tests {
                 range: None
             })
         );
+        // One count past 64 bits is an overflow, not "not a whole number".
+        let past = "18,446,744,073,709,551,616";
+        let text = synthetic(&[("0", "", past, "1")]);
+        let table = parse(&text, &ParseOptions::per_kernel()).expect("parses");
+        assert_eq!(
+            table.total_count(None, "ops.sum"),
+            Err(NcuCsvError::Overflow {
+                column: "ops.sum".into(),
+                range: None
+            })
+        );
+        // A fraction is still named as one.
+        let text = synthetic(&[("0", "", "5.5", "1")]);
+        let table = parse(&text, &ParseOptions::per_kernel()).expect("parses");
+        assert!(matches!(
+            table.total_count(None, "ops.sum"),
+            Err(NcuCsvError::BadValue { .. })
+        ));
         // Text where a number belongs names the line.
         let text = synthetic(&[("0", "", "5", "1"), ("1", "", "lots", "1")]);
         let table = parse(&text, &ParseOptions::per_kernel()).expect("parses");
