@@ -257,7 +257,7 @@ impl HardwareFigures {
             count(&metrics::DMUL, INSTRUCTIONS)?,
             "2·DFMA + DADD + DMUL",
         )?;
-        Ok(HardwareFigures {
+        let figures = HardwareFigures {
             range: range.map(str::to_string),
             rows,
             tensor_ops_bf16: count(&[metrics::TENSOR_OPS_BF16], PLAIN_COUNT)?,
@@ -274,7 +274,35 @@ impl HardwareFigures {
             l2_bytes: count(&[metrics::L2_BYTES], BYTES)?,
             time_ns: table.total_nanoseconds(range, metrics::TIME)?,
             left_out: Vec::new(),
-        })
+        };
+        // The sums the accessors form ([`HardwareFigures::tensor_ops`], `simt_flops`,
+        // `dram_bytes`) must fit too: figures whose sums would not are refused here, so
+        // that the accessors never saturate into a wrong number.
+        let overflow = |what: &str| NcuCsvError::Overflow {
+            column: what.to_string(),
+            range: range.map(str::to_string),
+        };
+        let sum = |parts: &[Option<u64>]| {
+            parts
+                .iter()
+                .flatten()
+                .try_fold(0u64, |a, b| a.checked_add(*b))
+        };
+        sum(&[
+            figures.tensor_ops_bf16,
+            figures.tensor_ops_fp16,
+            figures.tensor_ops_tf32,
+        ])
+        .ok_or_else(|| overflow("tensor-core operations over their sources"))?;
+        sum(&[
+            figures.cuda_core_flops,
+            figures.half_flops,
+            figures.double_flops,
+        ])
+        .ok_or_else(|| overflow("CUDA-core FLOPs over their precisions"))?;
+        sum(&[figures.dram_read_bytes, figures.dram_write_bytes])
+            .ok_or_else(|| overflow("DRAM bytes read + written"))?;
+        Ok(figures)
     }
 
     /// The tensor-core operations with `source` operands; `None` when ncu gave no value.
@@ -299,6 +327,7 @@ impl HardwareFigures {
         .into_iter()
         .flatten()
         .collect();
+        // of_range refused figures whose sum would not fit: saturating never changes it.
         (!known.is_empty()).then(|| known.iter().fold(0u64, |a, b| a.saturating_add(*b)))
     }
 
@@ -306,6 +335,7 @@ impl HardwareFigures {
     /// known); `None` without the FP32 figure.
     pub fn simt_flops(&self) -> Option<u64> {
         let fp32 = self.cuda_core_flops?;
+        // of_range refused figures whose sum would not fit: saturating never changes it.
         Some(
             [self.half_flops, self.double_flops]
                 .into_iter()
@@ -316,6 +346,7 @@ impl HardwareFigures {
 
     /// DRAM bytes read + written; `None` unless both are known.
     pub fn dram_bytes(&self) -> Option<u64> {
+        // of_range refused figures whose sum would not fit: saturating never changes it.
         Some(self.dram_read_bytes?.saturating_add(self.dram_write_bytes?))
     }
 
@@ -466,6 +497,23 @@ mod tests {
             Err(NcuCsvError::UnknownRange {
                 range: Some("layers.9".into())
             })
+        );
+    }
+
+    #[test]
+    fn sums_over_columns_that_would_overflow_are_refused() {
+        // Each column fits, their sum does not: the accessors would saturate.
+        let near = u64::MAX - 10;
+        let text = format!(
+            "\"ID\",\"Kernel Name\",\"{}\",\"{}\"\n\"\",\"\",\"byte\",\"byte\"\n\"0\",\"k\",\"{near}\",\"100\"\n",
+            metrics::DRAM_READ_BYTES,
+            metrics::DRAM_WRITE_BYTES
+        );
+        let table = parse(&text, &ParseOptions::per_kernel()).expect("parses");
+        let e = HardwareFigures::of_range(&table, None).unwrap_err();
+        assert!(
+            matches!(&e, NcuCsvError::Overflow { column, .. } if column.contains("DRAM")),
+            "{e:?}"
         );
     }
 
