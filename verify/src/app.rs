@@ -348,7 +348,7 @@ fn hardware_figures(
         hardware::Role::Reader { dir } => match hardware::read_per_layer(dir) {
             // A kernel-replay folder (`<i>-<layer>/` per layer).
             Some(run) => return per_layer_figures(ready, run?),
-            None => hardware::read_run(dir)?,
+            None => hardware::read_range_run(dir)?,
         },
         hardware::Role::Child { .. } => return Err("internal: the child reads no figures".into()),
     };

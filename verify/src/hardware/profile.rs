@@ -639,6 +639,21 @@ pub fn read_run(dir: &Path) -> Result<RunFiles, String> {
     })
 }
 
+/// [`read_run`] of a range-replay folder given to `--hardware-counters-from`: a folder
+/// given to read is input, so a CSV that cannot be read (cut short, a row of another
+/// width, a value or unit that is no figure) is refused here (exit 2, nothing written),
+/// not turned into a failing row on every layer. Rows that cannot be matched to the
+/// ranges are judged as in a run of our own (failing rows that say why).
+pub fn read_range_run(dir: &Path) -> Result<RunFiles, String> {
+    let files = read_run(dir)?;
+    let csv_path = dir.join(NCU_CSV_FILE);
+    let unreadable =
+        |e: super::ncu_csv::NcuCsvError| format!("{}: ncu's CSV: {e}", csv_path.display());
+    let table = ranges::parse_range_results(&files.csv).map_err(unreadable)?;
+    super::HardwareFigures::per_range(&table).map_err(unreadable)?;
+    Ok(files)
+}
+
 /// The figures of a run, attributed to its ranges, each with what the run left out of
 /// ncu's command; the error (one line) when ncu's CSV cannot be read or matched to the
 /// ranges.
@@ -991,6 +1006,45 @@ mod tests {
         let other = run_identity(&plan(512));
         let e = check_same_run("cuda:0", &here, "cuda:0", Some(&other)).unwrap_err();
         assert!(e.contains("workload.seq_len 512 there, 8 here"), "{e}");
+    }
+
+    #[test]
+    fn a_folder_to_read_with_an_unreadable_csv_is_refused() {
+        let recorded = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/h200-2026-11-28-hw/bf16-prefill");
+        assert!(read_range_run(&recorded).is_ok());
+        let csv = std::fs::read_to_string(recorded.join(NCU_CSV_FILE)).unwrap();
+        let ranges = std::fs::read_to_string(recorded.join("ranges.json")).unwrap();
+        let dir = std::env::temp_dir().join(format!("mm-read-range-run-{}", std::process::id()));
+        let with_csv = |text: &str| {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("ranges.json"), &ranges).unwrap();
+            std::fs::write(dir.join(NCU_CSV_FILE), text).unwrap();
+            read_range_run(&dir)
+        };
+        // Cut short inside a quoted field; a time in cycles; a row of another width.
+        let cut = &csv.trim_end()[..csv.trim_end().len() - 1];
+        let cycles = csv.replace("\"ns\"", "\"cycle\"");
+        assert_ne!(cycles, csv, "the time's unit is in the export");
+        let last = csv.trim_end().lines().last().unwrap();
+        let narrow = csv.replacen(last, "\"99\",\"range\"", 1);
+        for (what, text) in [
+            ("cut", cut.to_string()),
+            ("cycles", cycles),
+            ("narrow", narrow),
+        ] {
+            let Err(e) = with_csv(&text) else {
+                panic!("{what}: read")
+            };
+            assert!(
+                e.contains(&format!(
+                    "{}: ncu's CSV: ",
+                    dir.join(NCU_CSV_FILE).display()
+                )),
+                "{what}: {e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
