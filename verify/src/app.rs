@@ -337,7 +337,7 @@ fn hardware_figures(
                 if !keep && run.errors.is_empty() {
                     let _ = std::fs::remove_dir_all(dir);
                 }
-                return per_layer_figures(ready, run);
+                return per_layer_figures(ready, run, None);
             }
             let files = hardware::run_under_ncu(ncu, &exe, &own, dir, *replay, args.quiet)?;
             if !keep {
@@ -347,8 +347,13 @@ fn hardware_figures(
         }
         hardware::Role::Reader { dir } => match hardware::read_per_layer(dir) {
             // A kernel-replay folder (`<i>-<layer>/` per layer).
-            Some(run) => return per_layer_figures(ready, run?),
-            None => hardware::read_range_run(dir)?,
+            Some(run) => return per_layer_figures(ready, run?, Some(dir)),
+            None => {
+                let files = hardware::read_range_run(dir)?;
+                let gpus = hardware::profiled_gpus(&files.csv);
+                hardware::check_profiled_on(&gpus, &ready.info.name, dir)?;
+                files
+            }
         },
         hardware::Role::Child { .. } => return Err("internal: the child reads no figures".into()),
     };
@@ -367,7 +372,16 @@ fn same_run(ready: &Ready, device: &str, run: Option<&serde_json::Value>) -> Res
 
 /// A kernel-replay run's figures: every layer that has them; the layers without say why
 /// (on their row); a run in which no layer has figures is a setup error (exit 2).
-fn per_layer_figures(ready: &Ready, run: hardware::PerLayerRun) -> Result<HardwareRun, String> {
+/// `read_from`: the folder given to `--hardware-counters-from`, whose GPU must be this
+/// machine's; `None` for a run of our own (profiled here).
+fn per_layer_figures(
+    ready: &Ready,
+    run: hardware::PerLayerRun,
+    read_from: Option<&std::path::Path>,
+) -> Result<HardwareRun, String> {
+    if let Some(folder) = read_from {
+        hardware::check_profiled_on(&run.gpus, &ready.info.name, folder)?;
+    }
     if let Some(profiled) = &run.profiled {
         same_run(ready, &profiled.device, profiled.run.as_ref())?;
     }

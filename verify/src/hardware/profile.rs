@@ -413,6 +413,40 @@ fn read_layer(
     Ok((profiled, range))
 }
 
+/// The GPUs ncu says it profiled on in `csv` (its `device__attribute_display_name`
+/// column, distinct, in order of first appearance); empty when the export does not say
+/// or cannot be read (reading it is judged elsewhere).
+pub fn profiled_gpus(csv: &str) -> Vec<String> {
+    let Ok(table) = super::ncu_csv::parse(csv, &super::ncu_csv::ParseOptions::per_kernel()) else {
+        return Vec::new();
+    };
+    let mut gpus: Vec<String> = Vec::new();
+    for row in table.rows() {
+        if let Some(cell) = table.cell(row, "device__attribute_display_name") {
+            let name = cell.text().trim();
+            if !name.is_empty() && !gpus.iter().any(|g| g == name) {
+                gpus.push(name.to_string());
+            }
+        }
+    }
+    gpus
+}
+
+/// Refuses figures of a folder read back (`--hardware-counters-from`) that ncu profiled on
+/// another GPU than this machine's `here`: the roofline rows judge them against this GPU's
+/// peaks. Exports that do not name their GPU are not judged.
+pub fn check_profiled_on(gpus: &[String], here: &str, folder: &Path) -> Result<(), String> {
+    match gpus {
+        [] => Ok(()),
+        [one] if one == here => Ok(()),
+        _ => Err(format!(
+            "ncu profiled the figures in {} on {}, and this machine's GPU is {here}: the roofline rows would judge them against this GPU's peaks; read the folder on a machine with that GPU",
+            folder.display(),
+            gpus.join(" and ")
+        )),
+    }
+}
+
 /// Where and what a profiled run ran (its range list's `device` and `run`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Profiled {
@@ -467,6 +501,13 @@ pub fn read_per_layer(dir: &Path) -> Option<Result<PerLayerRun, String>> {
             )));
         }
         run.add(&layer, &here, read_layer(&here, index, &layer));
+        if let Ok(csv) = std::fs::read_to_string(here.join(NCU_CSV_FILE)) {
+            for gpu in profiled_gpus(&csv) {
+                if !run.gpus.contains(&gpu) {
+                    run.gpus.push(gpu);
+                }
+            }
+        }
     }
     Some(Ok(run))
 }
@@ -483,6 +524,8 @@ pub struct PerLayerRun {
     /// Metrics ncu refused, with why (unavailable), in the order it refused them: each
     /// left out of that layer's run and every later one's.
     pub left_out: Vec<LeftOut>,
+    /// The GPUs the layers' exports say ncu profiled on ([`profiled_gpus`]).
+    pub gpus: Vec<String>,
 }
 
 impl PerLayerRun {
@@ -1006,6 +1049,27 @@ mod tests {
         let other = run_identity(&plan(512));
         let e = check_same_run("cuda:0", &here, "cuda:0", Some(&other)).unwrap_err();
         assert!(e.contains("workload.seq_len 512 there, 8 here"), "{e}");
+    }
+
+    #[test]
+    fn figures_profiled_on_another_gpu_are_refused() {
+        let recorded = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/h200-2026-11-28-hw/bf16-prefill");
+        let csv = std::fs::read_to_string(recorded.join(NCU_CSV_FILE)).unwrap();
+        let gpus = profiled_gpus(&csv);
+        assert_eq!(gpus, ["NVIDIA H200"]);
+        assert_eq!(check_profiled_on(&gpus, "NVIDIA H200", &recorded), Ok(()));
+        let e = check_profiled_on(&gpus, "NVIDIA H100 80GB HBM3", &recorded).unwrap_err();
+        assert!(
+            e.contains("on NVIDIA H200, and this machine's GPU is NVIDIA H100 80GB HBM3"),
+            "{e}"
+        );
+        // Rows of two GPUs, or an export that names none.
+        let two = ["NVIDIA H200".to_string(), "NVIDIA H100".to_string()];
+        assert!(check_profiled_on(&two, "NVIDIA H200", &recorded).is_err());
+        assert_eq!(check_profiled_on(&[], "NVIDIA H200", &recorded), Ok(()));
+        let mlp = include_str!("../../../fixtures/ncu-h200/ncu_mlp_bfloat16.csv");
+        assert_eq!(profiled_gpus(mlp), ["NVIDIA H200"]);
     }
 
     #[test]
