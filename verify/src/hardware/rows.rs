@@ -547,6 +547,9 @@ pub fn time_row(
         )),
         (_, None) => note.push_str("; no roofline position: this device's peaks are not in the table (hardware::peaks)"),
     }
+    if bound.as_ref().is_some_and(|r| r.fraction_of_roofline > 1.0) {
+        note.push_str("; above 100 % of the roof is faster than the hardware allows: the time or the counts are not this work's (a wrong unit, another range's figures), or the peaks table (hardware::peaks) is not this GPU's");
+    }
     if span == TimeSpan::RangeElapsed {
         note.push_str("; the time is the profiler range's elapsed time, gaps between kernels and the profiler's own work included, so the rates and the roofline position understate the kernels (--ncu-replay kernel measures the kernels' own time)");
     }
@@ -1073,6 +1076,21 @@ mod tests {
         let unknown = time_row(&f, None, TimeSpan::Kernels);
         assert_eq!(unknown.analytic, 0);
         assert!(unknown.note.unwrap().contains("not in the table"));
+        assert!(!note_says_impossible(&f));
+        // A time shorter than the roof allows (here: a tenth of the bound) is impossible,
+        // and the note says what it suggests.
+        let too_fast = HardwareFigures {
+            time_ns: Some((compute_ns / 10.0) as u64),
+            ..f.clone()
+        };
+        assert!(note_says_impossible(&too_fast));
+    }
+
+    fn note_says_impossible(f: &HardwareFigures) -> bool {
+        time_row(f, Some(&H200_SXM), TimeSpan::Kernels)
+            .note
+            .unwrap()
+            .contains("faster than the hardware allows")
     }
 
     #[test]
