@@ -40,6 +40,11 @@ pub struct RefDeepseekV2DecoderLayer {
 }
 
 impl RefDeepseekV2DecoderLayer {
+    /// Its attention (for state that persists between calls).
+    pub(crate) fn self_attn(&self) -> &SelfAttention {
+        &self.self_attn
+    }
+
     pub(crate) fn new(
         config: &ModelConfig,
         index: u64,

@@ -127,6 +127,16 @@ pub enum RefModule {
 }
 
 impl RefModule {
+    /// The MLA rotary embedding whose tables persist between calls, if the module has
+    /// one (MLA attention, alone or in a decoder layer).
+    fn mla_rotary(&self) -> Option<&crate::mla_rotary::RefDeepseekV2RotaryEmbedding> {
+        match self {
+            RefModule::Attention(attention) => attention.mla_rotary(),
+            RefModule::Decoder(layer) => layer.self_attn().mla_rotary(),
+            _ => None,
+        }
+    }
+
     /// Builds the module of `kind` for `config` with seeded weights in `dtype`; MLA
     /// attention runs in `mla`'s form.
     pub fn build(
@@ -624,9 +634,16 @@ impl Prepared {
         {
             let _no_grad = tch::no_grad_guard();
             let mut cache = self.cache.fork();
+            // The warm-up leaves no state behind: not the KV cache (forked) and not the
+            // MLA rotary tables, which the counted forward would otherwise find built
+            // and skip building (the vendor's first call, and a plain run, build them).
+            let rotary = self.module.mla_rotary().map(|r| (r, r.save()));
             // Dropped at once: its blocks go back to the caching allocator for the
             // counted forward to reuse.
             let _warm = self.module.forward(&self.inputs, &mut cache)?;
+            if let Some((r, state)) = rotary {
+                r.restore(state);
+            }
         }
         ffi::synchronize(device)?;
         let cuda = device.is_cuda();

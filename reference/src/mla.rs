@@ -72,6 +72,11 @@ pub struct RefDeepseekV2Attention {
 }
 
 impl RefDeepseekV2Attention {
+    /// The layer's rotary embedding, whose tables persist between calls.
+    pub(crate) fn rotary(&self) -> &RefDeepseekV2RotaryEmbedding {
+        &self.rotary_emb
+    }
+
     /// The attention of an MLA config, run in `form` with `implementation`.
     pub(crate) fn new(
         config: &ModelConfig,

@@ -43,6 +43,37 @@ pub struct RefDeepseekV2RotaryEmbedding {
     yarn_inv_freq: Mutex<Option<Tensor>>,
 }
 
+/// What a [`RefDeepseekV2RotaryEmbedding`] holds between calls (its tables, the length they
+/// were built for, YaRN's buffer): saved before a call that must leave no trace (a
+/// warm-up) and put back after it.
+#[derive(Debug)]
+pub struct RotaryState {
+    cached: Option<(Tensor, Tensor, i64)>,
+    yarn_inv_freq: Option<Tensor>,
+}
+
+impl RefDeepseekV2RotaryEmbedding {
+    /// The state a call would change: handles on the tables (no copy).
+    pub fn save(&self) -> RotaryState {
+        let shallow = |t: &Tensor| t.shallow_clone();
+        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let yarn = self.yarn_inv_freq.lock().unwrap_or_else(|p| p.into_inner());
+        RotaryState {
+            cached: cached
+                .as_ref()
+                .map(|(c, s, n)| (shallow(c), shallow(s), *n)),
+            yarn_inv_freq: yarn.as_ref().map(shallow),
+        }
+    }
+
+    /// Puts back a state [`RefDeepseekV2RotaryEmbedding::save`] took: the next call
+    /// rebuilds (or not) exactly as it would have before the calls in between.
+    pub fn restore(&self, state: RotaryState) {
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = state.cached;
+        *self.yarn_inv_freq.lock().unwrap_or_else(|p| p.into_inner()) = state.yarn_inv_freq;
+    }
+}
+
 /// What `_set_cos_sin_cache` builds: the tables and, with YaRN, the `inv_freq` buffer.
 struct Tables {
     cos: Tensor,

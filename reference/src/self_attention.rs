@@ -19,6 +19,15 @@ pub enum SelfAttention {
 }
 
 impl SelfAttention {
+    /// The MLA rotary embedding (its tables persist between calls); `None` for
+    /// multi-head attention, whose rotary tables are built in every call.
+    pub(crate) fn mla_rotary(&self) -> Option<&crate::mla_rotary::RefDeepseekV2RotaryEmbedding> {
+        match self {
+            SelfAttention::Mha(_) => None,
+            SelfAttention::Mla(mla) => Some(mla.rotary()),
+        }
+    }
+
     /// MLA when the config has MLA dimensions (run in `form`), else multi-head attention.
     pub(crate) fn new(
         config: &ModelConfig,
