@@ -71,6 +71,23 @@ pub struct RefDeepseekV2Attention {
     form: MlaForm,
 }
 
+/// `dst[...] = src` as Python runs it (`at::indexing::copy_to`): `copy_` when the shapes
+/// are equal; otherwise `src` viewed without its leading 1s and expanded to `dst`'s shape
+/// first (`k_pe` [B, 1, S, d_r] into `key_states[..., d_n:]`), so `copy_` reads it at
+/// `dst`'s size, as the counter then sees it.
+fn setitem(mut dst: Tensor, src: &Tensor) -> Result<()> {
+    if dst.size() == src.size() {
+        dst.f_copy_(src)?;
+        return Ok(());
+    }
+    let stripped: Vec<i64> = src.size().into_iter().skip_while(|&d| d == 1).collect();
+    let expanded = src
+        .f_view(stripped.as_slice())?
+        .f_expand(dst.size(), false)?;
+    dst.f_copy_(&expanded)?;
+    Ok(())
+}
+
 impl RefDeepseekV2Attention {
     /// The layer's rotary embedding, whose tables persist between calls.
     pub(crate) fn rotary(&self) -> &RefDeepseekV2RotaryEmbedding {
@@ -277,8 +294,8 @@ impl RefDeepseekV2Attention {
             // states = k_pe.new_empty(...); states[..., :d_n] = nope; states[..., d_n:] = pe
             let states =
                 k_pe.f_new_empty([b, self.heads, s, d_qk], (k_pe.kind(), k_pe.device()))?;
-            states.f_slice(3, 0, d_n, 1)?.f_copy_(nope)?;
-            states.f_slice(3, d_n, i64::MAX, 1)?.f_copy_(pe)?;
+            setitem(states.f_slice(3, 0, d_n, 1)?, nope)?;
+            setitem(states.f_slice(3, d_n, i64::MAX, 1)?, pe)?;
             Ok(states)
         };
         let query_states = assemble(q_nope, q_pe)?;

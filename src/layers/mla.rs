@@ -576,9 +576,9 @@ impl DeepseekV2Attention {
 
         let states = t(&[batch, heads, sq, d_qk], dtype);
         let mut assembled = Vec::new();
-        for (name, nope_src, pe_src_heads) in [
-            ("query_states", "q_nope", heads),
-            ("key_states", "k_nope", 1),
+        for (name, nope_src, pe_name) in [
+            ("query_states", "q_nope", "q_pe"),
+            ("key_states", "k_nope", "k_pe"),
         ] {
             let empty = b.copy(
                 format_args!("{name} = new_empty"),
@@ -594,13 +594,14 @@ impl DeepseekV2Attention {
                 [&nope, &nope],
                 nope.clone(),
             )?;
-            let pe = t(&[batch, pe_src_heads, sq, d_r], dtype);
+            // `states[..., d_n:] = pe`: Python's setitem views `k_pe` [B, 1, S, d_r]
+            // without its leading 1s and expands it to the slot (`at::indexing::copy_to`),
+            // so `copy_` reads it at the slot's size, H times (views: no bytes).
             let pe_slot = t(&[batch, heads, sq, d_r], dtype);
-            let pe_name = if pe_src_heads == 1 { "k_pe" } else { "q_pe" };
             b.copy(
                 format_args!("{name}[..., d_n:] = {pe_name}"),
                 "aten::copy_",
-                [&pe_slot, &pe],
+                [&pe_slot, &pe_slot],
                 pe_slot.clone(),
             )?;
             assembled.push(empty);
