@@ -88,7 +88,15 @@ impl AnalyzeReport {
             "stack": self.stack,
         });
         if let Some((new_tokens, g)) = &self.generation {
-            v["generation"] = json!({ "new_tokens": new_tokens, "prefill": g.prefill, "decode": g.decode, "total": g.total });
+            // The closed form sums tensors: its activation_bytes are tensor bytes on every
+            // platform, which the object says in-band (the stack's are blocks on CUDA).
+            v["generation"] = json!({
+                "new_tokens": new_tokens,
+                "activation_bytes_are": "tensor_bytes",
+                "prefill": g.prefill,
+                "decode": g.decode,
+                "total": g.total,
+            });
         }
         v["conventions"] = crate::conventions::conventions_json();
         v
@@ -283,6 +291,7 @@ mod tests {
         // That every number of the report is an exact unsigned integer, at every depth,
         // is checked on the CLI's JSON (tests/analyze_cli.rs).
         assert_eq!(j["generation"]["new_tokens"].as_u64(), Some(3));
+        assert_eq!(j["generation"]["activation_bytes_are"], "tensor_bytes");
     }
 
     #[test]
