@@ -27,7 +27,8 @@ pub struct Environment {
     pub cudnn_version: Option<String>,
     pub dtype: Dtype,
     /// The attention core asked for; `None` (null) for the absorbed MLA form, which has
-    /// none (`modelmeter::layers::attention_core`).
+    /// none (`modelmeter::layers::attention_core`), and for a sweep, whose cases each
+    /// draw their own (`cases[].attention`).
     pub attention: Option<AttentionImpl>,
     /// The fused attention kernels libtorch dispatched to (the SDPA kernel that ran).
     pub sdpa_kernels: Vec<String>,

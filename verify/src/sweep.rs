@@ -224,8 +224,10 @@ pub fn replay_command(
         format!(" --layers {}", layers.join(","))
     };
     format!(
-        "{program} --device {device} --config {config_path} --batch {} {phase} --dtype {}{attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}",
-        w.batch, w.dtype
+        "{program} --device {device} --config {} --batch {} {phase} --dtype {}{attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}",
+        shell_word(config_path),
+        w.batch,
+        w.dtype
     )
 }
 
@@ -234,13 +236,20 @@ fn this_program() -> String {
     let path = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "verify-decoder".to_string());
-    if path
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+    shell_word(&path)
+}
+
+/// `text` as one word for a POSIX shell: as it is when it holds only characters no shell
+/// treats specially, else single-quoted (a `'` inside written `'\''`).
+fn shell_word(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,=".contains(c))
     {
-        path
+        text.to_string()
     } else {
-        format!("'{}'", path.replace('\'', r"'\''"))
+        format!("'{}'", text.replace('\'', r"'\''"))
     }
 }
 
@@ -255,6 +264,8 @@ pub fn run(
     mut env: Environment,
     progress: &mut dyn FnMut(&Case, usize),
 ) -> Report {
+    // Each case draws its own attention: none was asked for the sweep as a whole.
+    env.attention = None;
     let mut cases = Vec::new();
     for index in 0..n {
         let generated = generate(base.seed, index, &base.workload);
@@ -472,5 +483,21 @@ mod tests {
             &["MoEGate", "DeepseekV2MLP"],
         );
         assert!(cmd.ends_with("--layers MoEGate,DeepseekV2MLP"), "{cmd}");
+        // A temporary folder with a blank, a quote or a `<` stays one word for the shell.
+        let cmd = replay_command(
+            "verify-decoder",
+            &c,
+            "/tmp/my dir/it's <1>.json",
+            "cpu",
+            1,
+            0.05,
+            &[],
+        );
+        assert!(
+            cmd.contains(r"--config '/tmp/my dir/it'\''s <1>.json' --batch"),
+            "{cmd}"
+        );
+        assert_eq!(shell_word("a/b-c_1.json"), "a/b-c_1.json");
+        assert_eq!(shell_word(""), "''");
     }
 }

@@ -300,6 +300,12 @@ fn sweep_of_50_passes_with_exact_rows() {
     assert!(text(&o.stdout).contains("50 of 50 configurations pass"));
     let j = read_json(&json);
     assert_eq!(j["schema"], "modelmeter.verify-sweep/1");
+    // No attention was asked for the sweep as a whole: each case draws its own.
+    assert!(
+        j["environment"]["attention"].is_null(),
+        "{}",
+        j["environment"]
+    );
     let cases = j["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 50);
     for case in cases {

@@ -271,11 +271,16 @@ fn temporary_name(dir: &Path) -> PathBuf {
 
 /// Writes `text` to the regular file `path` atomically: a temporary file in the same
 /// folder, synced, then renamed over `path` (keeping an existing file's permissions).
-/// On any error the temporary file is removed and `path` is untouched.
+/// The temporary file is created new (never one already there, nor through a symlink
+/// planted at its name in a shared folder such as /tmp). On any later error it is
+/// removed and `path` is untouched.
 pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
     let tmp = temporary_name(folder_of(path));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
     let result = (|| {
-        let mut f = File::create(&tmp)?;
         f.write_all(text.as_bytes())?;
         if let Ok(old) = fs::metadata(path) {
             f.set_permissions(old.permissions())?;
@@ -292,6 +297,35 @@ pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlink_planted_at_the_temporary_name_is_not_written_through() {
+        let dir = temp_dir("planted");
+        let victim = dir.join("victim");
+        fs::write(&victim, "precious").unwrap();
+        // The next temporary names, planted as symlinks to the victim (as another user of
+        // a shared /tmp could): the write must not follow one.
+        let next = temporary_name(&dir);
+        let n: usize = next
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.rsplit('-').next())
+            .and_then(|f| f.strip_suffix(".tmp"))
+            .and_then(|f| f.parse().ok())
+            .unwrap();
+        for k in n + 1..n + 50 {
+            let name = dir.join(format!(".modelmeter-{}-{k}.tmp", std::process::id()));
+            std::os::unix::fs::symlink(&victim, name).unwrap();
+        }
+        let target = dir.join("report.json");
+        let written = write_atomically(&target, "{}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        match written {
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}"),
+            Ok(()) => assert_eq!(fs::read_to_string(&target).unwrap(), "{}"),
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("mm-dest-{tag}-{}", std::process::id()));

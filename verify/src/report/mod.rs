@@ -29,14 +29,32 @@ pub(crate) fn error_note(subject: &str, cause: impl std::fmt::Display) -> String
     format!("{subject}{ERROR_MARK}{cause}")
 }
 
+/// Whether `line` is a sweep case's line (`[ 3/40] fail h=…`, [`case_line`]): a sweep's
+/// table lists only the cases that did not pass.
+fn is_case_line(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(count, _)| {
+            count
+                .trim()
+                .split_once('/')
+                .is_some_and(|(i, n)| i.parse::<u64>().is_ok() && n.parse::<u64>().is_ok())
+        })
+}
+
 /// A table as `--quiet` prints it: the lines that say why something could not run (from
-/// [`error_note`], or a whole run's `error: …`), then the summary line (the last).
+/// [`error_note`], or a whole run's `error: …`), a sweep's failing cases with the commands
+/// that replay them, then the summary line (the last).
 pub fn quiet_text(table: &str) -> String {
     let mut out = String::new();
     let mut lines = table.lines();
     let last = lines.next_back().unwrap_or_default();
     for line in lines.map(str::trim) {
-        if line.contains(ERROR_MARK) || line.starts_with("error: ") {
+        if line.contains(ERROR_MARK)
+            || line.starts_with("error: ")
+            || line.starts_with("replay: ")
+            || is_case_line(line)
+        {
             out.push_str(line);
             out.push('\n');
         }
@@ -133,5 +151,17 @@ mod tests {
             "error: no memory\n0 calls: 1 error\n"
         );
         assert_eq!(quiet_text("7 layers: 7 pass\n"), "7 layers: 7 pass\n");
+        // A sweep: each failing case and its replay, not its rows.
+        let sweep = "device: cpu\n\n[ 3/40] fail  h=64 H=4/4 d=16 i=96 | B=1 prefill S=8\n\
+                     replay: verify-decoder --config '/tmp/c 3.json' --seed 1\n\
+                     layer  metric  status\nMoEGate  flops  fail\n\n\
+                     sweep seed 1: 39 of 40 configurations pass; 280 layers: 279 pass, 0 known_gap, 1 fail, 0 error";
+        assert_eq!(
+            quiet_text(sweep),
+            "[ 3/40] fail  h=64 H=4/4 d=16 i=96 | B=1 prefill S=8\n\
+             replay: verify-decoder --config '/tmp/c 3.json' --seed 1\n\
+             sweep seed 1: 39 of 40 configurations pass; 280 layers: 279 pass, 0 known_gap, 1 fail, 0 error\n"
+        );
+        assert!(!is_case_line("[notes]") && !is_case_line("[1/x] y"));
     }
 }
