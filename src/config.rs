@@ -217,16 +217,14 @@ impl ModelConfig {
         // runs is not ours to guess. (Fields it never reads may differ: a file's reader
         // drops them before this point, so a value built in code is judged the same way.)
         if let [(first, v), (second, w)] = given[..] {
-            let read = |obj: &'_ Map<String, Value>| {
+            let read = |obj: &Map<String, Value>| -> Value {
                 obj.iter()
                     .filter(|(k, v)| FIELDS.contains(&k.as_str()) && !v.is_null())
-                    .count()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Map<String, Value>>()
+                    .into()
             };
-            let same = read(v) == read(w)
-                && v.iter()
-                    .filter(|(k, x)| FIELDS.contains(&k.as_str()) && !x.is_null())
-                    .all(|(k, x)| w.get(k).is_some_and(|y| same_json(x, y)));
-            if !same {
+            if !same_json(&read(v), &read(w)) {
                 return Err(Error::invalid(
                     second,
                     format!("an object unlike {first}"),
@@ -368,9 +366,6 @@ impl ModelConfig {
     }
 }
 
-/// The checkpoint dtype: `torch_dtype`, else `dtype`, in the language model's config or at
-/// the top level; bf16 when neither is given. Every one given must be a string; the
-/// first is used.
 /// Whether two JSON values state the same thing: numbers by value (`1`, `1.0` and `1e0`
 /// are one number, as Python reads them), objects key by key, arrays item by item.
 fn same_json(a: &Value, b: &Value) -> bool {
@@ -394,6 +389,9 @@ fn same_json(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// The checkpoint dtype: `torch_dtype`, else `dtype`, in the language model's config or at
+/// the top level; bf16 when neither is given. Every one given must be a string; the
+/// first is used.
 fn model_dtype(cfg: &Fields, root: &Map<String, Value>) -> Result<Dtype> {
     let mut found = None;
     for key in ["torch_dtype", "dtype"] {
