@@ -28,6 +28,16 @@ pub fn attention_class_name(
     }
 }
 
+/// Every vendor class an attention layer may be: the Llama classes of multi-head attention
+/// (SDPA, eager) and [`MLA_CLASS_NAMES`]. Each names the attention layer
+/// ([`LayerId::parse`]).
+pub fn attention_class_names() -> impl Iterator<Item = &'static str> {
+    [AttentionImpl::Sdpa, AttentionImpl::Eager]
+        .map(AttentionImpl::class_name)
+        .into_iter()
+        .chain(MLA_CLASS_NAMES)
+}
+
 /// The attention core `config`'s attention runs as `form` and `attention` ask: `None`
 /// for the absorbed MLA form, which has no core to pick (its scores and weighted sum are
 /// explicit matmuls), `Some(attention)` otherwise. What reports write as `attention`.
@@ -100,7 +110,7 @@ impl LayerId {
     /// The layer called `name` (any attention class name, MLA's included, selects the
     /// attention).
     pub fn parse(name: &str) -> Option<LayerId> {
-        if MLA_CLASS_NAMES.contains(&name) {
+        if attention_class_names().any(|class| class == name) {
             return Some(LayerId::Attention);
         }
         let attention = [AttentionImpl::Sdpa, AttentionImpl::Eager];

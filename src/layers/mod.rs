@@ -20,7 +20,9 @@ mod sdpa_kernel;
 mod vendor_ops;
 
 pub use attention::{AttentionImpl, LlamaAttention, ATTENTION_CORE_ROLE};
-pub use catalog::{attention_class_name, attention_core, layers_of, LayerId};
+pub use catalog::{
+    attention_class_name, attention_class_names, attention_core, layers_of, LayerId,
+};
 pub use decoder_layer::{DecoderLayerDims, DeepseekV2DecoderLayer};
 pub use decoder_stack::{accumulate, DeepseekV2Decoder, Generation, GenerationMetrics, StackPart};
 pub use mla::{mla_class_name, DeepseekV2Attention, MLA_CLASS_NAMES};

@@ -5,7 +5,9 @@
 //! Nothing else pairs them: the reference crate knows only its modules, the analytic
 //! crate only its layers. Adding a verifiable layer means one [`Pairing`] here.
 
-use modelmeter::layers::{attention_class_name, AttentionImpl, Layer, LayerId, MLA_CLASS_NAMES};
+use modelmeter::layers::{
+    attention_class_name, attention_class_names, AttentionImpl, Layer, LayerId,
+};
 use modelmeter::{MlaForm, ModelConfig, Workload};
 use modelmeter_reference::ModuleKind;
 
@@ -124,14 +126,7 @@ pub fn select(
     let valid: Vec<&str> = registry
         .iter()
         .flat_map(|p| match (any_config, p.layer) {
-            (true, LayerId::Attention) => {
-                let mut all = vec![
-                    AttentionImpl::Sdpa.class_name(),
-                    AttentionImpl::Eager.class_name(),
-                ];
-                all.extend(MLA_CLASS_NAMES);
-                all
-            }
+            (true, LayerId::Attention) => attention_class_names().collect(),
             _ => vec![p.name_for(config, form, attention)],
         })
         .collect();
@@ -382,7 +377,7 @@ mod tests {
         let e = sweep(&["Attention"]).unwrap_err();
         for class in ["LlamaFlashAttention2", "LlamaAttention"]
             .into_iter()
-            .chain(MLA_CLASS_NAMES)
+            .chain(modelmeter::layers::MLA_CLASS_NAMES)
         {
             assert!(e.contains(class), "{class}: {e}");
         }
