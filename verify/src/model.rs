@@ -166,9 +166,9 @@ pub struct CallResult {
     /// for calls that are not exact, and for all with `--verbose`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<LayerResult>,
-    /// The fused attention kernels libtorch ran in this call, in the order its parts first
-    /// ran them: kept whether or not `layers` is (the report's environment lists them, so
-    /// it must not depend on `--verbose`).
+    /// The fused attention kernels libtorch ran in this call, part by part (repeats left
+    /// for `Environment::saw_kernels` to drop): kept whether or not `layers` is (the
+    /// report's environment lists them, so it must not depend on `--verbose`).
     #[serde(skip)]
     pub attention_kernels: Vec<String>,
     #[serde(skip)]
@@ -545,12 +545,10 @@ fn compare_call(
     let status = worst(&metrics).max(whole.worst);
     let exact = is_exact(&metrics) && layers.iter().all(|l| is_exact(&l.metrics));
     let keep = call == Call::Prefill || !exact || !status.is_ok() || model.verbose;
-    let mut attention_kernels: Vec<String> = Vec::new();
-    for kernel in layers.iter().flat_map(|l| &l.attention_kernels) {
-        if !attention_kernels.contains(kernel) {
-            attention_kernels.push(kernel.clone());
-        }
-    }
+    let attention_kernels: Vec<String> = layers
+        .iter()
+        .flat_map(|l| l.attention_kernels.iter().cloned())
+        .collect();
     if !keep {
         layers.clear();
     }
