@@ -348,12 +348,7 @@ fn hardware_figures(
         hardware::Role::Reader { dir } => match hardware::read_per_layer(dir) {
             // A kernel-replay folder (`<i>-<layer>/` per layer).
             Some(run) => return per_layer_figures(ready, run?, Some(dir)),
-            None => {
-                let files = hardware::read_range_run(dir)?;
-                let gpus = hardware::profiled_gpus(&files.csv);
-                hardware::check_profiled_on(&gpus, &ready.info.name, dir)?;
-                files
-            }
+            None => hardware::read_range_run(dir, &ready.info.name)?,
         },
         hardware::Role::Child { .. } => return Err("internal: the child reads no figures".into()),
     };

@@ -417,9 +417,13 @@ fn read_layer(
 /// column, distinct, in order of first appearance); empty when the export does not say
 /// or cannot be read (reading it is judged elsewhere).
 pub fn profiled_gpus(csv: &str) -> Vec<String> {
-    let Ok(table) = super::ncu_csv::parse(csv, &super::ncu_csv::ParseOptions::per_kernel()) else {
-        return Vec::new();
-    };
+    super::ncu_csv::parse(csv, &super::ncu_csv::ParseOptions::per_kernel())
+        .map(|table| gpus_of(&table))
+        .unwrap_or_default()
+}
+
+/// [`profiled_gpus`] of a parsed table.
+fn gpus_of(table: &super::ncu_csv::NcuCsv) -> Vec<String> {
     let mut gpus: Vec<String> = Vec::new();
     for row in table.rows() {
         if let Some(cell) = table.cell(row, "device__attribute_display_name") {
@@ -682,18 +686,20 @@ pub fn read_run(dir: &Path) -> Result<RunFiles, String> {
     })
 }
 
-/// [`read_run`] of a range-replay folder given to `--hardware-counters-from`: a folder
-/// given to read is input, so a CSV that cannot be read (cut short, a row of another
-/// width, a value or unit that is no figure) is refused here (exit 2, nothing written),
-/// not turned into a failing row on every layer. Rows that cannot be matched to the
-/// ranges are judged as in a run of our own (failing rows that say why).
-pub fn read_range_run(dir: &Path) -> Result<RunFiles, String> {
+/// [`read_run`] of a range-replay folder given to `--hardware-counters-from`, read on a
+/// machine whose GPU is `here`: a folder given to read is input, so a CSV that cannot be
+/// read (cut short, a row of another width, a value or unit that is no figure) is refused
+/// here (exit 2, nothing written), not turned into a failing row on every layer, and so
+/// are figures profiled on another GPU ([`check_profiled_on`]). Rows that cannot be
+/// matched to the ranges are judged as in a run of our own (failing rows that say why).
+pub fn read_range_run(dir: &Path, here: &str) -> Result<RunFiles, String> {
     let files = read_run(dir)?;
     let csv_path = dir.join(NCU_CSV_FILE);
     let unreadable =
         |e: super::ncu_csv::NcuCsvError| format!("{}: ncu's CSV: {e}", csv_path.display());
     let table = ranges::parse_range_results(&files.csv).map_err(unreadable)?;
     super::HardwareFigures::per_range(&table).map_err(unreadable)?;
+    check_profiled_on(&gpus_of(&table), here, dir)?;
     Ok(files)
 }
 
@@ -1076,7 +1082,12 @@ mod tests {
     fn a_folder_to_read_with_an_unreadable_csv_is_refused() {
         let recorded = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/h200-2026-11-28-hw/bf16-prefill");
-        assert!(read_range_run(&recorded).is_ok());
+        assert!(read_range_run(&recorded, "NVIDIA H200").is_ok());
+        // Read on another GPU: refused in the same step.
+        let e = read_range_run(&recorded, "NVIDIA H100")
+            .err()
+            .expect("refused");
+        assert!(e.contains("this machine's GPU is NVIDIA H100"), "{e}");
         let csv = std::fs::read_to_string(recorded.join(NCU_CSV_FILE)).unwrap();
         let ranges = std::fs::read_to_string(recorded.join("ranges.json")).unwrap();
         let dir = std::env::temp_dir().join(format!("mm-read-range-run-{}", std::process::id()));
@@ -1084,7 +1095,7 @@ mod tests {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("ranges.json"), &ranges).unwrap();
             std::fs::write(dir.join(NCU_CSV_FILE), text).unwrap();
-            read_range_run(&dir)
+            read_range_run(&dir, "NVIDIA H200")
         };
         // Cut short inside a quoted field; a time in cycles; a row of another width.
         let cut = &csv.trim_end()[..csv.trim_end().len() - 1];
