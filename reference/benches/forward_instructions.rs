@@ -54,10 +54,23 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(2);
+    // A whole number ≥ 1, or exit 2 naming the argument (a typo must not run the default).
+    let count = |i: usize, name: &str, default: u64| -> u64 {
+        let Some(text) = args.get(i) else {
+            return default;
+        };
+        match text.parse() {
+            Ok(v) if v >= 1 => v,
+            _ => {
+                eprintln!("{name} = {text} is invalid: expected a whole number ≥ 1");
+                std::process::exit(2);
+            }
+        }
+    };
+    let n = count(2, "N", 2) as usize;
     // A short prompt makes the forwards cheap and the counter's share large: what a
     // change to the counter's per-op cost is best measured on.
-    let seq_len = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(512);
+    let seq_len = count(3, "S", 512);
     let config = ModelConfig::deepseek_ocr();
     let workload = Workload::prefill(1, seq_len)
         .and_then(|w| w.with_dtype(Dtype::F32))
