@@ -23,9 +23,14 @@
 //!
 //! On a machine without Rust (the GPU machine: `scripts/build-device-bundle` carries the
 //! built bench as `target/device/bench-verify`), `BENCH_VERIFY_DECODER` names the
-//! `verify-decoder` binary and `BENCH_OUT` the folder the JSON goes to; each
-//! run prints its figures beside the previous run's in that folder.
+//! `verify-decoder` binary (by default the release build beside this bench). `BENCH_OUT`
+//! is the folder the JSON goes to (relative to where the command was typed); each run
+//! prints its figures beside the newest earlier run in that folder made on the same device
+//! and thread count. A `BENCH_*` value that is not valid stops the run with exit 2; a
+//! failed whole-process round (either side) is shown with the child's last lines, leaves
+//! no figure and makes the run exit 1, as does a result file that cannot be written.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -34,6 +39,7 @@ use modelmeter::{Dtype, ModelConfig, Platform, Workload};
 use modelmeter_reference::attention::KvCache;
 use modelmeter_reference::harness::{measure, Prepared};
 use modelmeter_reference::Setup;
+use modelmeter_verify::device::DeviceSpec;
 use modelmeter_verify::pairing::REGISTRY;
 use serde_json::{json, Value};
 use tch::Device;
@@ -49,30 +55,113 @@ fn median_and_spread(mut samples: Vec<f64>) -> (f64, f64, f64) {
     (median, samples[0], samples[n - 1])
 }
 
-fn device_and_workload() -> (Device, Workload) {
-    let w = Workload::prefill(1, 512).expect("the default workload is valid");
-    match std::env::var("BENCH_DEVICE").as_deref() {
-        Ok(d) if d.starts_with("cuda") => {
-            let index = d.trim_start_matches("cuda").trim_start_matches(':');
-            let index = index.parse().unwrap_or(0);
-            (Device::Cuda(index), w.on(Platform::Cuda))
-        }
-        _ => (
-            Device::Cpu,
-            w.with_dtype(Dtype::F32)
-                .expect("fp32 is a model dtype")
-                .on(Platform::Cpu),
-        ),
+/// What a run measures, from the `BENCH_*` variables: a value that is not valid stops the
+/// run (exit 2) naming it, instead of measuring a default the user did not ask for.
+struct Options {
+    /// `BENCH_DEVICE`: `cpu` (default), `cuda` or `cuda:N`.
+    device: DeviceSpec,
+    /// `BENCH_ROUNDS`: interleaved rounds per layer (default 7).
+    rounds: usize,
+    /// `BENCH_PROCESS_ROUNDS`: whole-process rounds (default 3).
+    process_rounds: usize,
+    /// `BENCH_PARTS`: which of [`PARTS`] run (all by default).
+    parts: Vec<&'static str>,
+    /// `BENCH_OUT`: the folder of the result files.
+    out: PathBuf,
+}
+
+/// The parts of a run, in the order they run.
+const PARTS: [&str; 3] = ["layers", "analytic", "process"];
+
+impl Options {
+    fn from_env() -> Result<Options, String> {
+        let var = |name: &str| std::env::var(name).ok();
+        let count = |name: &str, default: usize| -> Result<usize, String> {
+            match var(name) {
+                None => Ok(default),
+                Some(text) => text.trim().parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    format!("{name} = {text:?} is invalid: expected a whole number ≥ 1")
+                }),
+            }
+        };
+        let device = match var("BENCH_DEVICE") {
+            None => DeviceSpec::Cpu,
+            // Its message names the command line's option: this is the variable.
+            Some(text) => {
+                DeviceSpec::parse(&text).map_err(|e| e.replacen("--device", "BENCH_DEVICE", 1))?
+            }
+        };
+        let parts = match var("BENCH_PARTS") {
+            None => PARTS.to_vec(),
+            Some(text) => {
+                let mut parts = Vec::new();
+                for part in text.split(',').map(str::trim) {
+                    let known = PARTS.iter().find(|p| **p == part).ok_or_else(|| {
+                        format!(
+                            "BENCH_PARTS: {part:?} is not a part; expected a comma-separated list of {}",
+                            PARTS.join(", ")
+                        )
+                    })?;
+                    parts.push(*known);
+                }
+                parts
+            }
+        };
+        let out = match std::env::var_os("BENCH_OUT") {
+            Some(dir) if dir.is_empty() => {
+                return Err("BENCH_OUT is empty: expected a folder".into())
+            }
+            Some(dir) => invoking_dir().join(dir),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
+        };
+        Ok(Options {
+            device,
+            rounds: count("BENCH_ROUNDS", 7)?,
+            process_rounds: count("BENCH_PROCESS_ROUNDS", 3)?,
+            parts,
+            out,
+        })
     }
+
+    fn wants(&self, part: &str) -> bool {
+        self.parts.contains(&part)
+    }
+
+    /// The libtorch device and the default workload on it (fp32 on the CPU, the model's
+    /// dtype on a GPU).
+    fn device_and_workload(&self) -> (Device, Workload) {
+        let w = Workload::prefill(1, 512).expect("the default workload is valid");
+        match self.device {
+            DeviceSpec::Cuda(index) => (Device::Cuda(index), w.on(Platform::Cuda)),
+            DeviceSpec::Cpu => (
+                Device::Cpu,
+                w.with_dtype(Dtype::F32)
+                    .expect("fp32 is a model dtype")
+                    .on(Platform::Cpu),
+            ),
+        }
+    }
+}
+
+/// The folder the command was typed in: a relative `BENCH_OUT` is relative to it. Cargo
+/// runs a bench in its package's folder (`verify/`) but leaves the shell's `PWD` as it
+/// was; without an absolute `PWD`, the process's own folder.
+fn invoking_dir() -> PathBuf {
+    std::env::var_os("PWD")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute() && d.is_dir())
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_default()
 }
 
 fn sync(device: Device) {
     modelmeter_reference::ffi::synchronize(device).expect("CUDA synchronises");
 }
 
-fn layers(rounds: usize) -> Vec<Value> {
+fn layers(options: &Options) -> Vec<Value> {
+    let rounds = options.rounds;
     let config = ModelConfig::deepseek_ocr();
-    let (device, workload) = device_and_workload();
+    let (device, workload) = options.device_and_workload();
     let setup = Setup { device, seed: 0 };
     let mut out = Vec::new();
     println!(
@@ -242,29 +331,72 @@ fn analytic() -> Value {
            "stack_per_s": stack, "generation_512_per_s": generations})
 }
 
-/// Peak resident memory of terminated children, in bytes (the largest so far; only when
-/// a child did not report its own).
-fn children_peak_rss() -> u64 {
-    // SAFETY: getrusage fills the zeroed struct we pass; no other invariants.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    (usage.ru_maxrss as u64) * 1024
+/// One finished child process: wall seconds, how it ended, the last lines it printed
+/// (to show when it failed), and the JSON it wrote to its `--json` file (if any).
+struct ChildRun {
+    wall_s: f64,
+    status: Result<std::process::ExitStatus, String>,
+    output_tail: String,
+    json: Value,
 }
 
-/// One child process: wall seconds, exit code, and the JSON it wrote to `json` (if any).
-fn time_child(mut command: Command, json: &std::path::Path) -> (f64, Option<i32>, Value) {
+impl ChildRun {
+    fn succeeded(&self) -> bool {
+        self.status.as_ref().is_ok_and(|s| s.success())
+    }
+
+    /// How it ended, for a line of the bench's output: `exit 1`, `signal 9`, or why it
+    /// did not start.
+    fn ending(&self) -> String {
+        match &self.status {
+            Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(s)) {
+                (Some(code), _) => format!("exit {code}"),
+                (None, Some(signal)) => format!("signal {signal}"),
+                (None, None) => "no exit code".into(),
+            },
+            Err(why) => format!("did not start: {why}"),
+        }
+    }
+}
+
+/// Runs `command` to its end, timing it; `json` is the file it was told to write.
+fn time_child(mut command: Command, json: &Path) -> ChildRun {
     let _ = std::fs::remove_file(json);
     let start = Instant::now();
-    let status = command
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    let wall = start.elapsed().as_secs_f64();
-    let written = std::fs::read_to_string(json)
+    let output = command.stdin(std::process::Stdio::null()).output();
+    let wall_s = start.elapsed().as_secs_f64();
+    let (status, output_tail) = match output {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+            (Ok(o.status), tail)
+        }
+        Err(e) => (Err(e.to_string()), String::new()),
+    };
+    let json = std::fs::read_to_string(json)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
-    (wall, status.ok().and_then(|s| s.code()), written)
+    ChildRun {
+        wall_s,
+        status,
+        output_tail,
+        json,
+    }
+}
+
+/// Says that round `round` of `who` failed, with what it printed: its time is no result.
+fn report_failure(who: &str, round: usize, run: &ChildRun) {
+    eprintln!(
+        "  {who}, round {}: {} after {:.2} s; its time is not a result. Its last lines:",
+        round + 1,
+        run.ending(),
+        run.wall_s
+    );
+    for line in run.output_tail.lines() {
+        eprintln!("    {line}");
+    }
 }
 
 /// The FlopCounterMode way's weight initialisations: `model` (transformers' `_init_weights`,
@@ -276,7 +408,7 @@ const BASELINE_INITS: [&str; 2] = ["model", "constructor"];
 
 /// The Python way: transformers' modules under torch's FlopCounterMode
 /// (`scripts/flopcounter-baseline.py`), when the `.venv` has transformers.
-fn python_baseline(root: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+fn python_baseline(root: &Path) -> Option<(PathBuf, PathBuf)> {
     let python = root.join(".venv/bin/python");
     let script = root.join("scripts/flopcounter-baseline.py");
     let has_transformers = Command::new(&python)
@@ -288,28 +420,41 @@ fn python_baseline(root: &std::path::Path) -> Option<(std::path::PathBuf, std::p
     (has_transformers && script.exists()).then_some((python, script))
 }
 
+/// The `verify-decoder` to time: `BENCH_VERIFY_DECODER`, else the one cargo built beside
+/// this bench (`<target>/release/verify-decoder`, wherever `CARGO_TARGET_DIR` puts it;
+/// scripts/bench builds it first, so it is never an older build).
+fn verify_decoder_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("BENCH_VERIFY_DECODER") {
+        return PathBuf::from(path);
+    }
+    // This bench runs as <target>/release/deps/verify-<hash>.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("verify-decoder")))
+        .unwrap_or_else(|| PathBuf::from("verify-decoder"))
+}
+
 /// The whole default `verify-decoder` process (on the CPU, or the `BENCH_DEVICE` GPU),
 /// `rounds` times, interleaved with the Python way when it can run (CPU only): wall time
-/// (median, min–max), peak RSS, and the phases `--timings` reports.
-fn whole_process(rounds: usize) -> Value {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let binary = std::env::var_os("BENCH_VERIFY_DECODER")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target/release/verify-decoder"));
-    let (device, _) = device_and_workload();
-    let (device_arg, where_) = match device {
-        Device::Cuda(i) => (
-            format!("cuda:{i}"),
-            format!("on cuda:{i} (its default dtype)"),
-        ),
-        _ => ("cpu".to_string(), "on the CPU".to_string()),
+/// (median, min–max), peak RSS, and the phases `--timings` reports. A round that fails
+/// (either side) is said, with the child's last lines, and leaves no figure; the second
+/// value is then false.
+fn whole_process(options: &Options) -> (Value, bool) {
+    let rounds = options.process_rounds;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let binary = verify_decoder_binary();
+    let (device, _) = options.device_and_workload();
+    let device_arg = options.device.to_string();
+    let where_ = match options.device {
+        DeviceSpec::Cuda(_) => format!("on {device_arg} (its default dtype)"),
+        DeviceSpec::Cpu => "on the CPU".to_string(),
     };
     if !binary.exists() {
         println!(
             "\nwhole process: skipped ({} not built; scripts/bench builds it)",
             binary.display()
         );
-        return Value::Null;
+        return (Value::Null, true);
     }
     // The ratio target is the CPU's; on a GPU the process time stands alone.
     let python = python_baseline(&root).filter(|_| device == Device::Cpu);
@@ -317,8 +462,8 @@ fn whole_process(rounds: usize) -> Value {
     let _ = std::fs::create_dir_all(&dir);
     let (ours_json, theirs_json) = (dir.join("verify.json"), dir.join("baseline.json"));
     let (mut ours, mut theirs) = (Vec::new(), [Vec::new(), Vec::new()]);
-    let (mut phases, mut baseline_phases, mut exit) =
-        (Value::Null, [Value::Null, Value::Null], None);
+    let mut failed = [false; 1 + BASELINE_INITS.len()];
+    let (mut phases, mut baseline_phases) = (Value::Null, [Value::Null, Value::Null]);
     println!(
         "\nwhole process, the default workload {where_}, {rounds} interleaved rounds{}:",
         if python.is_some() {
@@ -329,35 +474,68 @@ fn whole_process(rounds: usize) -> Value {
             " (no transformers in .venv: the FlopCounterMode way is skipped)"
         }
     );
-    let mut peak_rss = 0;
-    for _ in 0..rounds {
+    // Its own VmHWM, as --timings reports it (RUSAGE_CHILDREN would hold the Python
+    // runs' peaks and the probes'): none when no round reported one.
+    let mut peak_rss: Option<u64> = None;
+    for round in 0..rounds {
         let mut command = Command::new(&binary);
         command.args(["--device", &device_arg, "--quiet", "--timings", "--json"]);
         command.arg(&ours_json);
-        let (wall, code, json) = time_child(command, &ours_json);
-        ours.push(wall);
-        exit = code;
-        phases = json.get("timings").cloned().unwrap_or(Value::Null);
-        // Its own VmHWM (RUSAGE_CHILDREN would also hold the Python runs' peaks).
-        let own_peak = phases.get("peak_rss_bytes").and_then(Value::as_u64);
-        peak_rss = peak_rss.max(own_peak.unwrap_or_else(children_peak_rss));
+        let run = time_child(command, &ours_json);
+        if run.succeeded() {
+            ours.push(run.wall_s);
+            phases = run.json.get("timings").cloned().unwrap_or(Value::Null);
+            if let Some(own) = phases.get("peak_rss_bytes").and_then(Value::as_u64) {
+                peak_rss = Some(peak_rss.map_or(own, |p| p.max(own)));
+            }
+        } else {
+            report_failure("verify-decoder", round, &run);
+            failed[0] = true;
+        }
         if let Some((python, script)) = &python {
             for (i, init) in BASELINE_INITS.iter().enumerate() {
                 let mut command = Command::new(python);
                 command.arg(script).args(["--init", init, "--json"]);
                 command.arg(&theirs_json);
-                let (wall, _, json) = time_child(command, &theirs_json);
-                theirs[i].push(wall);
-                baseline_phases[i] = json;
+                let run = time_child(command, &theirs_json);
+                if run.succeeded() {
+                    theirs[i].push(run.wall_s);
+                    baseline_phases[i] = run.json;
+                } else {
+                    report_failure(
+                        &format!("the FlopCounterMode way (--init {init})"),
+                        round,
+                        &run,
+                    );
+                    failed[1 + i] = true;
+                }
             }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let (om, omin, omax) = median_and_spread(ours);
-    println!(
-        "  verify-decoder           {om:>6.2} s ({omin:.2}–{omax:.2}), peak RSS {} (exit {exit:?})",
-        modelmeter::units::bytes(peak_rss)
-    );
+    // A side with a failed round has no figure: the rounds that ran are not the same runs.
+    if failed[0] {
+        ours.clear();
+    }
+    for (i, side) in theirs.iter_mut().enumerate() {
+        if failed[1 + i] {
+            side.clear();
+        }
+    }
+    let mut out = json!({"device": device_arg, "rounds": rounds});
+    let ours_median = if ours.is_empty() {
+        println!("  verify-decoder           failed (above): no figure");
+        out["failed"] = json!(true);
+        None
+    } else {
+        let (om, omin, omax) = median_and_spread(ours);
+        let rss = peak_rss.map_or("not reported".into(), modelmeter::units::bytes);
+        println!("  verify-decoder           {om:>6.2} s ({omin:.2}–{omax:.2}), peak RSS {rss}");
+        out["wall_s"] = json!({"median": om, "min": omin, "max": omax});
+        out["peak_rss_bytes"] = json!(peak_rss);
+        out["phases"] = phases.clone();
+        Some(om)
+    };
     if let Some(layers) = phases.get("layers").and_then(Value::as_array) {
         let sum = |key: &str| -> f64 {
             layers
@@ -377,84 +555,77 @@ fn whole_process(rounds: usize) -> Value {
             sum("compare_s")
         );
     }
-    let mut out = json!({
-        "device": device_arg,
-        "wall_s": {"median": om, "min": omin, "max": omax},
-        "peak_rss_bytes": peak_rss, "exit": exit, "phases": phases,
-    });
     for (i, init) in BASELINE_INITS.iter().enumerate() {
+        if failed[1 + i] {
+            println!("  FlopCounterMode way, --init {init:<11} failed (above): no figure");
+            out["flop_counter_mode"][init] = json!({"failed": true});
+            continue;
+        }
         if theirs[i].is_empty() {
             continue;
         }
         let (tm, tmin, tmax) = median_and_spread(std::mem::take(&mut theirs[i]));
+        let ratio = ours_median.map(|om| om / tm);
         println!(
-            "  FlopCounterMode way, --init {init:<11} {tm:>6.2} s ({tmin:.2}–{tmax:.2}); verify-decoder / it = {:.3} (target ≤ 0.25)",
-            om / tm
+            "  FlopCounterMode way, --init {init:<11} {tm:>6.2} s ({tmin:.2}–{tmax:.2}); verify-decoder / it = {} (target ≤ 0.25)",
+            ratio.map_or("—".into(), |r| format!("{r:.3}"))
         );
         out["flop_counter_mode"][init] = json!({
             "wall_s": {"median": tm, "min": tmin, "max": tmax},
-            "ratio": om / tm, "report": baseline_phases[i],
+            "ratio": ratio, "report": baseline_phases[i],
         });
     }
-    out
+    (out, !failed.contains(&true))
 }
 
 fn main() {
-    let rounds = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .filter(|r| *r > 0)
-        .unwrap_or(7);
-    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "layers,analytic,process".into());
-    let wants = |part: &str| parts.split(',').any(|p| p.trim() == part);
-    let layers = if wants("layers") {
-        Value::Array(layers(rounds))
+    let options = match Options::from_env() {
+        Ok(options) => options,
+        Err(why) => {
+            eprintln!("bench: {why} (see scripts/bench --help)");
+            std::process::exit(2);
+        }
+    };
+    let layers = if options.wants("layers") {
+        Value::Array(layers(&options))
     } else {
         Value::Null
     };
-    let analytic = if wants("analytic") {
+    let analytic = if options.wants("analytic") {
         analytic()
     } else {
         Value::Null
     };
-    let process = if wants("process") {
-        whole_process(
-            std::env::var("BENCH_PROCESS_ROUNDS")
-                .ok()
-                .and_then(|r| r.parse().ok())
-                .filter(|r| *r > 0)
-                .unwrap_or(3),
-        )
+    let (process, process_ok) = if options.wants("process") {
+        whole_process(&options)
     } else {
-        Value::Null
+        (Value::Null, true)
     };
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let report = json!({
-        "schema": "modelmeter.bench/1", "unix_time": stamp, "rounds": rounds,
-        "threads": tch::get_num_threads(), "layers": layers, "analytic": analytic,
-        "process": process,
+        "schema": "modelmeter.bench/1", "unix_time": stamp, "device": options.device.to_string(),
+        "rounds": options.rounds, "threads": tch::get_num_threads(), "layers": layers,
+        "analytic": analytic, "process": process,
     });
-    let dir = std::env::var_os("BENCH_OUT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")
-        });
-    if let Some((previous, old)) = previous_run(&dir, stamp) {
+    let dir = &options.out;
+    if let Some((previous, old)) = previous_run(dir, stamp, &report) {
         print_comparison(&previous, &old, &report);
     }
     let path = dir.join(result_file_name(stamp));
-    let written = std::fs::create_dir_all(&dir).and_then(|_| {
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&report).unwrap_or_default(),
-        )
-    });
-    match written {
-        Ok(()) => println!("\nwritten: {}", path.display()),
-        Err(e) => eprintln!("\ncould not write {}: {e}", path.display()),
+    let text = serde_json::to_string_pretty(&report).expect("a JSON value serialises");
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|_| modelmeter_verify::report::write_atomically(&path, &text));
+    if let Err(e) = written {
+        eprintln!("\nbench: could not write {}: {e}", path.display());
+        std::process::exit(1);
+    }
+    println!("\nwritten: {}", path.display());
+    if !process_ok {
+        eprintln!("bench: a whole-process round failed (above); its figures are left out");
+        std::process::exit(1);
     }
 }
 
@@ -467,10 +638,12 @@ fn result_file_name(stamp: u64) -> String {
 const RESULT_PREFIX: &str = "verify-";
 const RESULT_SUFFIX: &str = ".json";
 
-/// The newest earlier result in `dir` (`verify-<unix time>.json`, before `stamp`) and
-/// what it holds, if any can be read.
-fn previous_run(dir: &std::path::Path, stamp: u64) -> Option<(std::path::PathBuf, Value)> {
-    let newest = std::fs::read_dir(dir)
+/// The newest earlier result in `dir` (`verify-<unix time>.json`, before `stamp`) that
+/// `report` can be compared with: the same device and thread count (a file from before
+/// the device was recorded counts as a CPU run) and at least one figure in common. A run
+/// of other parts, another device or an unreadable file is passed over, not compared.
+fn previous_run(dir: &Path, stamp: u64, report: &Value) -> Option<(PathBuf, Value)> {
+    let mut earlier: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| {
             let path = e.ok()?.path();
@@ -482,9 +655,18 @@ fn previous_run(dir: &std::path::Path, stamp: u64) -> Option<(std::path::PathBuf
                 .ok()?;
             (time < stamp).then_some((time, path))
         })
-        .max()?;
-    let text = std::fs::read_to_string(&newest.1).ok()?;
-    Some((newest.1, serde_json::from_str(&text).ok()?))
+        .collect();
+    earlier.sort();
+    let device = |r: &Value| r["device"].as_str().unwrap_or("cpu").to_string();
+    let names: std::collections::BTreeSet<String> =
+        figures(report).into_iter().map(|(name, _)| name).collect();
+    earlier.into_iter().rev().find_map(|(_, path)| {
+        let old: Value = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+        let comparable = device(&old) == device(report)
+            && old["threads"] == report["threads"]
+            && figures(&old).iter().any(|(name, _)| names.contains(name));
+        comparable.then_some((path, old))
+    })
 }
 
 /// The figures a later run is compared on: (name, value), those the run measured.
@@ -537,7 +719,7 @@ fn figures(report: &Value) -> Vec<(String, f64)> {
 }
 
 /// Prints each figure both runs have, with its change.
-fn print_comparison(previous: &std::path::Path, old: &Value, new: &Value) {
+fn print_comparison(previous: &Path, old: &Value, new: &Value) {
     let before: std::collections::BTreeMap<String, f64> = figures(old).into_iter().collect();
     let rows: Vec<(String, f64, f64)> = figures(new)
         .into_iter()
