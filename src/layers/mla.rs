@@ -1028,6 +1028,52 @@ mod tests {
         );
     }
 
+    /// YaRN's extra elementwise work, derived from the vendor's `_set_cos_sin_cache` by
+    /// hand (one FLOP per element of each op, the table's only rule for these ops), not
+    /// from the table: the op-for-op tests cost both sides with the table and the oracle
+    /// counts matmuls only, so a wrong rule for an op only YaRN runs passed every test.
+    #[test]
+    fn yarn_rotary_elementwise_flops_by_hand() {
+        let (_, text) = crate::config::BUILTIN_CONFIGS
+            .iter()
+            .find(|(name, _)| *name == "deepseek-v2-lite")
+            .unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(text).unwrap();
+        json.as_object_mut().unwrap().remove("rope_scaling");
+        let plain = ModelConfig::from_json_value("v2-lite without rope_scaling", &json).unwrap();
+        let yarn = builtin("deepseek-v2-lite");
+        for (phase, w) in [
+            ("prefill", Workload::prefill(2, 48).unwrap()),
+            ("decode", Workload::decode(2, 40).unwrap()),
+        ] {
+            for platform in [Platform::Cpu, Platform::Cuda] {
+                let w = w.clone().on(platform);
+                let ew = |config: &ModelConfig| {
+                    DeepseekV2Attention::new(config, &w, AttentionImpl::Eager)
+                        .unwrap()
+                        .metrics()
+                        .unwrap()
+                        .elementwise_flops
+                };
+                // V2-Lite: qk_rope_head_dim 64, so 32 frequencies; the tables cover every
+                // key (48 in prefill, 40 cached + 1 in decode).
+                let (h, d_r, keys) = (32, 64, if phase == "prefill" { 48 } else { 41 });
+                // freq_extra: / dim, base **, reciprocal, * 1.0           4 ops over h
+                // freq_inter: / dim, base **, * factor, reciprocal, * 1.0 5
+                // ramp: - low, / (high - low), clamp (arange costs none)  3
+                // 1.0 - ramp, 1 - mask, inter *, extra *, +              5
+                let inv_freq = (4 + 5 + 3 + 5) * h;
+                // cos * _mscale and sin * _mscale over the [keys, d_r] tables.
+                let mscale = 2 * keys * d_r;
+                assert_eq!(
+                    ew(&yarn) - ew(&plain),
+                    inv_freq + mscale,
+                    "{phase} on {platform:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn v2_lite_decode_step_matches_the_hand_derivation() {
         // docs/deepseek-family.md, "One decode step, B = 1, C = 512".
