@@ -83,12 +83,12 @@ fn unknown_arguments_are_refused() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("usage: device-check"));
 }
 
-/// Runs a copy of device-check (HARDWARE_ONLY=1: the preflight and what follows it) beside
-/// stand-in binaries: `verify_decoder` is the body of a fake `verify-decoder` script; a
-/// fake torch lib folder holds a `libtorch_cuda.so` when `cuda_lib`. Returns the exit code
-/// and the summary.
+/// Runs a copy of device-check (HARDWARE_ONLY=1: the preflight and the hardware-counter
+/// runs) beside stand-in binaries, a stand-in `ncu` among them: `verify_decoder` is the
+/// body of a fake `verify-decoder` script; a fake torch lib folder holds a
+/// `libtorch_cuda.so` when `cuda_lib`. Returns the exit code and the summary.
 fn bundle(tag: &str, verify_decoder: &str, cuda_lib: bool) -> (Option<i32>, String) {
-    bundle_with(tag, verify_decoder, cuda_lib, false)
+    bundle_with(tag, verify_decoder, cuda_lib, true)
 }
 
 /// [`bundle`], with a stand-in `ncu` first on `PATH` when `ncu`.
@@ -356,4 +356,14 @@ fn the_exactness_scan_reads_model_reports_and_refuses_unreadable_ones() {
     );
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("NO EXACT ROWS in model-b.json"), "{out}");
+}
+
+#[test]
+fn hardware_only_without_ncu_checks_nothing_and_is_not_a_pass() {
+    // Every run would be "skipped, ncu not found" and the exactness scan pass on 0 of 0:
+    // the check must fail and say why, though the preflight passed.
+    let (code, summary) = bundle_with("no-ncu", "exit 0", false, false);
+    assert_eq!(code, Some(1), "{summary}");
+    assert!(summary.contains("runs on cuda:0"), "{summary}");
+    assert!(summary.contains("HARDWARE_ONLY=1 without ncu"), "{summary}");
 }
