@@ -327,6 +327,36 @@ mod tests {
         assert_eq!(m.tensor_core_flops, m.matmul_flops - 2 * n * h * e);
     }
 
+    /// The one difference between a GPU and a CPU call, by hand: on a GPU
+    /// `tokens_per_expert.cpu()` copies the E int64 counts to the host (read on the
+    /// device, written in host memory: no device allocation); on the CPU `to` hands its
+    /// input back. The CUDA bytes fixture has no MoE rows and the libtorch tests run on
+    /// the CPU, so without this nothing noticed the copy going missing.
+    #[test]
+    fn on_a_gpu_the_counts_go_to_the_host_and_nothing_else_changes() {
+        for w in [
+            Workload::prefill(1, 512).unwrap(),
+            Workload::decode(3, 40).unwrap(),
+        ] {
+            let cpu = moe(&w.clone().on(Platform::Cpu));
+            let cuda = moe(&w.on(Platform::Cuda));
+            let experts = 64;
+            assert_eq!(
+                cuda.io_bytes - cpu.io_bytes,
+                2 * experts * 8,
+                "read + written"
+            );
+            assert_eq!(
+                Metrics {
+                    io_bytes: cpu.io_bytes,
+                    ..cuda
+                },
+                cpu,
+                "FLOPs and allocations are the platform's own"
+            );
+        }
+    }
+
     #[test]
     fn no_shared_experts_means_no_shared_mlp() {
         let mut c = ModelConfig::deepseek_ocr();
