@@ -589,6 +589,32 @@ mod tests {
         );
     }
 
+    /// The output bounds the README states (1e-5 in fp32, 2e-2 in bf16, 1e-2 in fp16),
+    /// written here rather than read from [`output_bound`]: an error at the bound passes,
+    /// one just above fails. (The other tests only fed an error of 0, so a bound loosened
+    /// 1000 times passed them.)
+    #[test]
+    fn the_output_row_fails_above_the_documented_bound_of_its_dtype() {
+        let adjust = Adjustments::default();
+        let layer = layer_with(&[("aten::mm", 100, 100)]);
+        for (dtype, bound) in [(Dtype::F32, 1e-5), (Dtype::Bf16, 2e-2), (Dtype::F16, 1e-2)] {
+            let status = |err: f64| {
+                let mut answer = torch_counted(&[("aten::mm", 100)]);
+                answer.rel_err = Some(err);
+                rows(&layer, &answer, dtype, &adjust)[1].status
+            };
+            assert_eq!(status(bound), Status::Pass, "{dtype} at its bound");
+            assert_eq!(status(bound * 1.01), Status::Fail, "{dtype} above it");
+        }
+        // A plainly wrong fp32 module (1e-4) is no pass.
+        let mut answer = torch_counted(&[("aten::mm", 100)]);
+        answer.rel_err = Some(1e-4);
+        assert_eq!(
+            rows(&layer, &answer, Dtype::F32, &adjust)[1].status,
+            Status::Fail
+        );
+    }
+
     #[test]
     fn the_output_row_fails_on_any_side_check_the_script_made() {
         let adjust = Adjustments::default();
