@@ -632,7 +632,10 @@ mod tests {
     fn cuda_flash_computes_on_the_padded_head_dim() {
         // Measured on an H200 (docs/results/2026-11-27-h200, verify-d20-bf16): d = 20,
         // H = 4, B = 1, S = 40: the flash kernel booked 614,400 matmul and 38,400
-        // elementwise FLOPs (d padded to 24), the layer 5,530,400 matmul FLOPs.
+        // elementwise FLOPs (d padded to 24), the layer 5,530,400 matmul FLOPs. "Booked":
+        // the counter's costs of the ops the GPU ran, by the same conventions table, so
+        // the op list, the padding and the matmul counts are the GPU's witness here; the
+        // elementwise figure only locks the table's rule.
         let w = Workload::prefill(1, 40).unwrap();
         let c = sdpa_cost(&small(20, 4, 2), &w);
         let core = c.child(ATTENTION_CORE_ROLE).unwrap();
@@ -662,6 +665,7 @@ mod tests {
         // Measured on an H200 (verify-d6-fp32): d = 6, H = 4, B = 1, S = 40, fp32: the
         // layer's matmuls were 2,119,920 FLOPs (3 bmm incl. the rotary table), its
         // elementwise FLOPs 48,000 without `isneginf`, which costs 1 per score (6,400).
+        // As above, the elementwise figures are the table's costs of the ops the GPU ran.
         let w = Workload::prefill(1, 40)
             .unwrap()
             .with_dtype(Dtype::F32)
