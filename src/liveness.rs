@@ -384,5 +384,45 @@ mod tests {
         assert_eq!(three.peak_bytes, 50);
         assert_eq!(three.returned_bytes, 30);
         assert_eq!(p.repeated(0, "expert").unwrap(), Peak::default());
+        // What each call keeps (a KV cache) stays too: under the last call's peak are the
+        // two earlier calls' outputs and caches, 2 · (10 + 4); and all three caches stay.
+        let caching = Peak { kept_bytes: 4, ..p };
+        assert_eq!(
+            caching.repeated(3, "layer").unwrap(),
+            Peak {
+                peak_bytes: 30 + 2 * (10 + 4),
+                returned_bytes: 30,
+                kept_bytes: 12,
+            }
+        );
+    }
+
+    /// A tensor named both kept and returned, or twice, counts once; a named tensor already
+    /// freed counts nothing; a call that never said what it returns returns whatever is
+    /// still live but kept. Sizes by hand.
+    #[test]
+    fn each_allocation_counts_once_and_only_while_live() {
+        let mut l = Liveness::new();
+        let cache = l.allocate([7, 512]).unwrap();
+        let out = l.allocate([3, 512]).unwrap();
+        let freed = l.allocate([100, 512]).unwrap();
+        l.release(Some(freed), || "freed".into()).unwrap();
+        l.keeps([Some(cache)]);
+        l.returns([Some(out), Some(cache), Some(out), Some(freed)]);
+        let ([bytes, blocks], parts) = l.finish();
+        assert_eq!(parts, vec![[3, 512], [0, 0], [0, 0], [0, 0]]);
+        assert_eq!((bytes.kept_bytes, bytes.returned_bytes), (7, 3));
+        assert_eq!((blocks.kept_bytes, blocks.returned_bytes), (512, 512));
+        assert_eq!(bytes.peak_bytes, 110);
+
+        // Returns never said: the live bytes less the kept ones, as one part.
+        let mut l = Liveness::new();
+        let cache = l.allocate([7, 512]).unwrap();
+        let _out = l.allocate([3, 1024]).unwrap();
+        l.keeps([Some(cache)]);
+        let ([bytes, blocks], parts) = l.finish();
+        assert_eq!(parts, vec![[3, 1024]]);
+        assert_eq!((bytes.returned_bytes, blocks.returned_bytes), (3, 1024));
+        assert_eq!((bytes.kept_bytes, blocks.kept_bytes), (7, 512));
     }
 }
