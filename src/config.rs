@@ -1235,8 +1235,13 @@ mod tests {
             (r.topk_method, r.scoring_func, r.n_group, r.topk_group),
             (TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 8, 4)
         );
-        // Greedy reads no groups, whatever the config writes.
+        // Greedy reads no groups, whatever the config writes, but keeps its scoring.
         assert_eq!(routing(with("n_group", json!(8))).n_group, 1);
+        let greedy_sigmoid = routing(with("scoring_func", json!("sigmoid")));
+        assert_eq!(
+            (greedy_sigmoid.topk_method, greedy_sigmoid.scoring_func),
+            (TopkMethod::Greedy, ScoringFunc::Sigmoid)
+        );
         for (key, value, needle) in [
             (
                 "n_group",

@@ -729,6 +729,32 @@ mod tests {
         assert_eq!(c.ops().len(), 3);
     }
 
+    /// `n` calls of a node, each keeping its output (the routed experts of one size): the
+    /// peaks follow [`Peak::repeated`] in bytes and in CUDA blocks, by hand.
+    #[test]
+    fn repeated_nodes_repeat_their_peaks_and_returned_sizes() {
+        let mut b = CostBuilder::new("expert", false);
+        let x = t(&[4, 8], Dtype::F32);
+        let [y] = b
+            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
+            .unwrap();
+        b.returns(&[&y]);
+        let one = b.finish();
+        assert_eq!((one.peak.peak_bytes, one.peak.returned_bytes), (128, 128));
+        let three = one.repeated(3).unwrap();
+        // Under the third call's 128 bytes, the two earlier outputs: 3 · 128 in all.
+        assert_eq!(
+            (three.peak.peak_bytes, three.peak.returned_bytes),
+            (3 * 128, 3 * 128)
+        );
+        assert_eq!(
+            (three.cuda_peak.peak_bytes, three.cuda_peak.returned_bytes),
+            (3 * 512, 3 * 512),
+            "each 128-byte tensor is a 512-byte CUDA block"
+        );
+        assert_eq!(three.metrics.activation_bytes, 3 * 128);
+    }
+
     #[test]
     fn metrics_only_keeps_the_sums_and_how_many_tensors_return() {
         let build = || {

@@ -366,6 +366,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn another_dtype_keeps_tf32_the_platform_and_the_mla_form() {
+        let w = Workload::prefill(2, 8)
+            .unwrap()
+            .with_tf32(true)
+            .on(Platform::Cpu)
+            .with_mla(MlaForm::Absorb)
+            .with_dtype(Dtype::F32)
+            .unwrap();
+        assert_eq!(
+            (w.dtype, w.allow_tf32, w.platform, w.mla),
+            (Dtype::F32, true, Platform::Cpu, MlaForm::Absorb)
+        );
+    }
+
+    #[test]
     fn the_cache_prefill_is_the_decode_step_s_run_over_its_context() {
         let step = Workload::decode(3, 700)
             .unwrap()
