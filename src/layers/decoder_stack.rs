@@ -318,6 +318,38 @@ mod tests {
         assert_eq!(stack.metrics.weight_bytes, params * 2);
     }
 
+    /// What the stack holds under each part, by hand: the embedding's output (the
+    /// vendor's `inputs_embeds`, alive until the forward returns) from the first layer on,
+    /// the previous part's output (the hidden states, freed once the next part returns)
+    /// from the second layer on, and the KV caches of the layers before; every part's peak
+    /// sits on top of that.
+    #[test]
+    fn the_embedding_stays_live_under_every_later_part() {
+        let c = ModelConfig::deepseek_ocr().first_layers(3).unwrap();
+        let w = Workload::prefill(2, 40).unwrap();
+        let stack = DeepseekV2Decoder::new(&c, &w, AttentionImpl::Sdpa)
+            .cost()
+            .unwrap();
+        let hidden = 2 * 40 * 1280 * 2; // [B, S, h] bf16
+        let cache = 2 * hidden; // keys and values: 10 heads of 128, as wide as h
+        let peak = |i: usize| stack.children[i].peak.peak_bytes;
+        // Children: embed_tokens, layers.0 .. layers.2, norm, lm_head.
+        let layers_before = |i: usize| (i.saturating_sub(1)).min(3) as u64;
+        let expected = (0..stack.children.len())
+            .map(|i| {
+                let held = match i {
+                    0 => 0,
+                    1 => hidden,
+                    _ => 2 * hidden,
+                };
+                held + layers_before(i) * cache + peak(i)
+            })
+            .max()
+            .unwrap();
+        assert_eq!(stack.peak.peak_bytes, expected);
+        assert_eq!(stack.peak.kept_bytes, 3 * cache);
+    }
+
     #[test]
     fn layers_costed_once_per_kind_are_the_parts_costed_one_by_one() {
         // The stack costs each kind of decoder layer once and names it per layer; every
