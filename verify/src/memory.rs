@@ -443,6 +443,50 @@ mod tests {
         }
     }
 
+    /// One layer's need, by hand, for an eager decode step of the DeepSeek-OCR attention
+    /// in fp32 (B = 2, C = 30): weights + the layer's peak + the cache the step starts
+    /// from + the harness's inputs (hidden states, position ids, and the additive mask
+    /// over every key: [2, 1, 1, 31] fp32) + no CPU reserve.
+    #[test]
+    fn a_decode_steps_need_adds_its_cache_and_a_mask_over_every_key() {
+        let plan = ocr_fp32(
+            Workload::decode(2, 30).unwrap(),
+            &[LayerId::Attention],
+            AttentionImpl::Eager,
+        );
+        let need = &needs(&plan, &plan.workload).unwrap()[0];
+        let layer = LayerId::Attention
+            .build(&plan.config, &plan.workload, AttentionImpl::Eager)
+            .unwrap()
+            .cost()
+            .unwrap();
+        let (b, rows, keys, h) = (2, 2, 31, 1280);
+        let hidden = rows * h * 4;
+        let positions = rows * 8;
+        let mask = b * keys * 4;
+        // The cache after the step (31 keys) bounds the one it starts from (30).
+        let cache = 2 * b * keys * h * 4;
+        assert_eq!(layer.metrics.kv_cache_bytes, cache);
+        assert_eq!(
+            need.bytes,
+            layer.metrics.weight_bytes + layer.peak.peak_bytes + cache + hidden + positions + mask
+        );
+        assert_eq!(need.fixed_bytes, layer.metrics.weight_bytes);
+    }
+
+    /// Exactly the memory a plan needs is enough; a byte less is not.
+    #[test]
+    fn a_plan_fits_in_exactly_its_need() {
+        let plan = ocr_fp32(
+            Workload::prefill(1, 16).unwrap(),
+            &[LayerId::Mlp],
+            AttentionImpl::Sdpa,
+        );
+        let (need, _) = estimate(&plan).unwrap();
+        assert!(check(&plan, DeviceSpec::Cpu, &device(need)).is_ok());
+        assert!(check(&plan, DeviceSpec::Cpu, &device(need - 1)).is_err());
+    }
+
     fn device(memory_bytes: u64) -> DeviceInfo {
         DeviceInfo {
             name: "test".into(),
