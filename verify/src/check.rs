@@ -226,4 +226,31 @@ mod tests {
             "\"uncounted_ops\""
         );
     }
+
+    /// How each kind of row is judged, as the README's table states it: the flops row and
+    /// the peak within the tolerance, the exact rows and the oracle's count exactly, the
+    /// completeness rows by their own rule and without a ratio.
+    #[test]
+    fn each_row_is_judged_as_documented() {
+        assert_eq!(Check::Flops.judged_by(0.1), "tolerance 0.1");
+        assert_eq!(Check::PeakActivationBytes.judged_by(0.1), "tolerance 0.1");
+        assert_eq!(Check::Exact(Metric::IoBytes).judged_by(0.1), "exact");
+        assert_eq!(Check::OracleFlops.judged_by(0.1), "exact");
+        assert_eq!(Check::UncountedOps.judged_by(0.1), "any is a failure");
+        assert_eq!(
+            Check::AttentionKernel.judged_by(0.1),
+            "the kernels must be the same"
+        );
+        for completeness in [Check::UncountedOps, Check::AttentionKernel] {
+            assert!(!completeness.is_ratio(), "{completeness:?}");
+        }
+        for ratio in [
+            Check::Flops,
+            Check::Exact(Metric::MatmulFlops),
+            Check::PeakActivationBytes,
+            Check::HwTensorFlops,
+        ] {
+            assert!(ratio.is_ratio(), "{ratio:?}");
+        }
+    }
 }
