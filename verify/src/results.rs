@@ -181,5 +181,20 @@ mod tests {
             one.line("layer", "layers"),
             "1 layer: 1 pass, 0 known_gap, 0 fail, 0 error"
         );
+        // Merging (a sweep's cases, a model's phases) adds every count; an error alone
+        // is not ok.
+        let mut all = s;
+        all.merge(&one);
+        all.merge(&s);
+        assert_eq!(
+            all.line("case", "cases"),
+            "7 cases: 3 pass, 2 known_gap, 2 fail, 0 error"
+        );
+        let mut errored = Summary::default();
+        errored.add(Status::Error);
+        assert!(!errored.ok());
+        let mut gap = Summary::default();
+        gap.add(Status::KnownGap);
+        assert!(gap.ok(), "a known gap is no failure");
     }
 }
