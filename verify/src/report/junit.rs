@@ -168,6 +168,27 @@ pub fn to_junit(report: &Report) -> String {
 mod tests {
     use super::*;
 
+    /// The suite's counts are what CI gates on: one of each outcome, counted once each.
+    #[test]
+    fn the_suite_counts_each_outcome() {
+        let mut suite = Suite::default();
+        for (status, unavailable) in [
+            (Status::Pass, false),
+            (Status::Info, false),
+            (Status::KnownGap, false),
+            (Status::Fail, false),
+            (Status::Error, false),
+            (Status::Info, true),
+        ] {
+            suite.case("L", "m", status, unavailable, "message", "note");
+        }
+        let doc = suite.document("verify-decoder");
+        assert!(
+            doc.contains(r#"tests="6" failures="1" errors="1" skipped="3""#),
+            "{doc}"
+        );
+    }
+
     #[test]
     fn only_checked_rows_pass_and_errors_are_errors() {
         use crate::check::Check;
