@@ -353,6 +353,24 @@ mod tests {
         }
     }
 
+    /// A config field and an option named together: the config is named, since one of
+    /// the two lives in it. (The fail predicate is the test's: both sizes must be lowered.)
+    #[test]
+    fn a_field_and_an_option_together_name_the_config() {
+        let mut i = inputs(Workload::prefill(1024, 512).unwrap());
+        i.config.hidden_size = 1 << 20;
+        let e = explain(Error::overflow("x"), &i, |i| {
+            i.workload.batch > 1 || i.config.hidden_size > 1280
+        })
+        .to_string();
+        assert!(
+            e.starts_with(
+                "hidden_size = 1048576 and --batch = 1024 (config deepseek-ocr-v1-base) are too large"
+            ),
+            "{e}"
+        );
+    }
+
     #[test]
     fn the_option_or_field_that_overflows_is_named() {
         let e = explained(&inputs(Workload::prefill(1, 10_000_000_000).unwrap()));

@@ -308,6 +308,14 @@ fn sweep_of_50_passes_with_exact_rows() {
     );
     let cases = j["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 50);
+    // The sweep's summary (what CI gates on) is the sum of its cases' summaries.
+    for key in ["pass", "known_gap", "fail", "error"] {
+        let sum: u64 = cases
+            .iter()
+            .map(|c| c["summary"][key].as_u64().unwrap())
+            .sum();
+        assert_eq!(j["summary"][key], sum, "{key}");
+    }
     for case in cases {
         // Every sweep config has a dense and a MoE decoder layer (first_k_dense_replace
         // = 1 of 2): all seven layers run, the attention's class following the case.
