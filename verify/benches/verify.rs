@@ -461,8 +461,10 @@ fn whole_process(options: &Options) -> (Value, bool) {
     let dir = std::env::temp_dir().join(format!("modelmeter-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let (ours_json, theirs_json) = (dir.join("verify.json"), dir.join("baseline.json"));
-    let (mut ours, mut theirs) = (Vec::new(), [Vec::new(), Vec::new()]);
-    let mut failed = [false; 1 + BASELINE_INITS.len()];
+    // Each side's wall times; `None` once a round of it failed: the rounds that ran are
+    // not the same runs, so that side has no figure.
+    let mut ours: Option<Vec<f64>> = Some(Vec::new());
+    let mut theirs = BASELINE_INITS.map(|_| Some(Vec::<f64>::new()));
     let (mut phases, mut baseline_phases) = (Value::Null, [Value::Null, Value::Null]);
     println!(
         "\nwhole process, the default workload {where_}, {rounds} interleaved rounds{}:",
@@ -483,14 +485,14 @@ fn whole_process(options: &Options) -> (Value, bool) {
         command.arg(&ours_json);
         let run = time_child(command, &ours_json);
         if run.succeeded() {
-            ours.push(run.wall_s);
+            ours.iter_mut().for_each(|times| times.push(run.wall_s));
             phases = run.json.get("timings").cloned().unwrap_or(Value::Null);
             if let Some(own) = phases.get("peak_rss_bytes").and_then(Value::as_u64) {
                 peak_rss = Some(peak_rss.map_or(own, |p| p.max(own)));
             }
         } else {
             report_failure("verify-decoder", round, &run);
-            failed[0] = true;
+            ours = None;
         }
         if let Some((python, script)) = &python {
             for (i, init) in BASELINE_INITS.iter().enumerate() {
@@ -499,7 +501,9 @@ fn whole_process(options: &Options) -> (Value, bool) {
                 command.arg(&theirs_json);
                 let run = time_child(command, &theirs_json);
                 if run.succeeded() {
-                    theirs[i].push(run.wall_s);
+                    theirs[i]
+                        .iter_mut()
+                        .for_each(|times| times.push(run.wall_s));
                     baseline_phases[i] = run.json;
                 } else {
                     report_failure(
@@ -507,27 +511,15 @@ fn whole_process(options: &Options) -> (Value, bool) {
                         round,
                         &run,
                     );
-                    failed[1 + i] = true;
+                    theirs[i] = None;
                 }
             }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    // A side with a failed round has no figure: the rounds that ran are not the same runs.
-    if failed[0] {
-        ours.clear();
-    }
-    for (i, side) in theirs.iter_mut().enumerate() {
-        if failed[1 + i] {
-            side.clear();
-        }
-    }
+    let ok = ours.is_some() && theirs.iter().all(Option::is_some);
     let mut out = json!({"device": device_arg, "rounds": rounds});
-    let ours_median = if ours.is_empty() {
-        println!("  verify-decoder           failed (above): no figure");
-        out["failed"] = json!(true);
-        None
-    } else {
+    let ours_median = if let Some(ours) = ours {
         let (om, omin, omax) = median_and_spread(ours);
         let rss = peak_rss.map_or("not reported".into(), modelmeter::units::bytes);
         println!("  verify-decoder           {om:>6.2} s ({omin:.2}–{omax:.2}), peak RSS {rss}");
@@ -535,6 +527,10 @@ fn whole_process(options: &Options) -> (Value, bool) {
         out["peak_rss_bytes"] = json!(peak_rss);
         out["phases"] = phases.clone();
         Some(om)
+    } else {
+        println!("  verify-decoder           failed (above): no figure");
+        out["failed"] = json!(true);
+        None
     };
     if let Some(layers) = phases.get("layers").and_then(Value::as_array) {
         let sum = |key: &str| -> f64 {
@@ -555,16 +551,16 @@ fn whole_process(options: &Options) -> (Value, bool) {
             sum("compare_s")
         );
     }
-    for (i, init) in BASELINE_INITS.iter().enumerate() {
-        if failed[1 + i] {
+    for (i, (init, times)) in BASELINE_INITS.iter().zip(theirs).enumerate() {
+        let Some(times) = times else {
             println!("  FlopCounterMode way, --init {init:<11} failed (above): no figure");
             out["flop_counter_mode"][init] = json!({"failed": true});
             continue;
-        }
-        if theirs[i].is_empty() {
+        };
+        if times.is_empty() {
             continue;
         }
-        let (tm, tmin, tmax) = median_and_spread(std::mem::take(&mut theirs[i]));
+        let (tm, tmin, tmax) = median_and_spread(times);
         let ratio = ours_median.map(|om| om / tm);
         println!(
             "  FlopCounterMode way, --init {init:<11} {tm:>6.2} s ({tmin:.2}–{tmax:.2}); verify-decoder / it = {} (target ≤ 0.25)",
@@ -575,7 +571,7 @@ fn whole_process(options: &Options) -> (Value, bool) {
             "ratio": ratio, "report": baseline_phases[i],
         });
     }
-    (out, !failed.contains(&true))
+    (out, ok)
 }
 
 fn main() {
