@@ -569,15 +569,57 @@ mod tests {
         let unfused = weights + 4 * (4 * n * i + n * h) + inputs;
         assert!(check(&p, DeviceSpec::Cpu, &device(unfused - 1)).is_ok());
         assert!(check(&p, DeviceSpec::Cpu, &device(need - 1)).is_err());
-        // On CUDA the device's reserve is added to the same peak.
+        // On CUDA the device's reserve, 64 MiB for cuBLAS's and cuDNN's workspaces, is
+        // added to the same peak (every tensor here is a whole number of 512-byte blocks).
         let cuda = Plan {
             device: tch::Device::Cuda(0),
             ..p
         };
-        assert_eq!(
-            estimate(&cuda).unwrap().0,
-            need + device_reserve(cuda.device)
+        assert_eq!(estimate(&cuda).unwrap().0, need + (64 << 20));
+    }
+
+    /// A long generation from a short prompt: its largest call is the last decode step,
+    /// which starts from a cache of S + n − 1 tokens (and writes the last one), not the
+    /// prefill. S = 1, n = 1000, two layers of DeepSeek-OCR in fp32, eager attention.
+    #[test]
+    fn a_long_generations_last_step_bounds_the_models_working_memory() {
+        let p = Plan {
+            config: ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
+            workload: Workload::prefill(1, 1)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::F32)
+                .unwrap(),
+            ..plan(1)
+        };
+        let model = ModelPlan {
+            num_layers: 2,
+            config_layers: 12,
+            new_tokens: 1000,
+            verbose: false,
+        };
+        let need = model_need(&p, &model).unwrap();
+        let cost = |w: &Workload| {
+            modelmeter::metrics::sums_only(|| {
+                DeepseekV2Decoder::new(&p.config, w, p.attention).cost()
+            })
+            .unwrap()
+        };
+        let last = cost(
+            &Workload::decode(1, 999 + 1)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::F32)
+                .unwrap()
+                .on(p.workload.platform),
         );
+        // Two layers' caches after the last step, 1 + 1000 tokens: 2·H·d per token, fp32.
+        let cache = 2 * (2 * 10 * 1001 * 128 * 4);
+        assert_eq!(last.metrics.kv_cache_bytes, cache);
+        assert_eq!(need.kv_cache_bytes, cache);
+        let prefill = cost(&p.workload);
+        assert!(cache + last.peak.peak_bytes > prefill.peak.peak_bytes);
+        // The prompt's ids and positions (int64) and the eager mask [1, 1, 1, 1] fp32.
+        let inputs = 8 + 8 + 4;
+        assert_eq!(need.working_bytes, cache + last.peak.peak_bytes + inputs);
     }
 
     #[test]

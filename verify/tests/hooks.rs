@@ -143,6 +143,24 @@ fn a_layer_that_cannot_run_is_an_error_and_the_others_still_run() {
     assert_eq!(moe["status"], "error");
     assert!(moe["error"].as_str().unwrap().contains("DeepseekV2MoE"));
     assert!(report::to_table(&report).contains("DeepseekV2MoE: error:"));
+    // JUnit: every row the layer would have had is an <error> carrying the cause, and
+    // the suite counts them (what a CI system gates on); the other layers' rows are not.
+    let junit = report::to_junit(&report);
+    let rows = modelmeter_verify::check::reported().count();
+    let moe_errors: Vec<&str> = junit
+        .lines()
+        .filter(|l| l.contains(r#"classname="DeepseekV2MoE""#))
+        .collect();
+    assert_eq!(moe_errors.len(), rows, "{junit}");
+    for line in &moe_errors {
+        assert!(
+            line.contains("<error message=\"")
+                && line.contains("a test hook made DeepseekV2MoE fail"),
+            "{line}"
+        );
+    }
+    assert_eq!(junit.matches("<error ").count(), rows, "{junit}");
+    assert!(junit.contains(&format!(r#" errors="{rows}""#)), "{junit}");
 }
 
 /// A small valid config whose MoEGate `flops` row is off by more than 5 %: exactly its
