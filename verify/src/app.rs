@@ -45,6 +45,22 @@ Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (not
 /// The most configurations one sweep may verify.
 pub const MAX_SWEEP: usize = 100_000;
 
+/// What `--sweep` takes, for its refusals.
+fn sweep_range() -> String {
+    format!("expected a number of configurations in 1 ..= {MAX_SWEEP}")
+}
+
+/// Parses `--sweep`: a number too large for the integer type is refused with the range a
+/// sweep takes, not with the type's maximum.
+fn sweep_count(text: &str) -> Result<usize, String> {
+    whole_number::<usize>(text).map_err(|e| match text.parse::<usize>() {
+        Err(p) if *p.kind() == std::num::IntErrorKind::PosOverflow => {
+            format!("too large; {}", sweep_range())
+        }
+        _ => e,
+    })
+}
+
 /// Command-line options of `verify-decoder`.
 #[derive(Parser, Debug)]
 #[command(
@@ -82,7 +98,7 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = whole_number::<u64>)]
     pub seed: u64,
     /// Verify N random configurations and workloads instead (with --seed)
-    #[arg(long, value_name = "N", value_parser = whole_number::<usize>)]
+    #[arg(long, value_name = "N", value_parser = sweep_count)]
     pub sweep: Option<usize>,
     /// Write the modelmeter.verify/1 JSON report to FILE (- for standard output; the
     /// table then goes to standard error)
@@ -866,9 +882,7 @@ pub fn model_report_of(args: &Args, ready: &Ready, model: &ModelPlan) -> report:
 
 fn check_sweep_options(args: &Args) -> Result<(), String> {
     if let Some(n) = args.sweep.filter(|n| !(1..=MAX_SWEEP).contains(n)) {
-        return Err(format!(
-            "--sweep = {n} is invalid: expected a number of configurations in 1 ..= {MAX_SWEEP}"
-        ));
+        return Err(format!("--sweep = {n} is invalid: {}", sweep_range()));
     }
     let w = &args.workload;
     let fixed = [

@@ -506,6 +506,11 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "has multi-head attention: LlamaFlashAttention2, LlamaAttention",
         ),
         (vec!["--sweep", "0"], "--sweep = 0"),
+        // Too large for any integer: the range a sweep takes, not the type's maximum.
+        (
+            vec!["--sweep", "99999999999999999999"],
+            "too large; expected a number of configurations in 1 ..= 100000",
+        ),
         (vec!["--json", "/no/such/dir/r.json"], "/no/such/dir"),
         (
             vec!["--json", "/proc/r.json"],
