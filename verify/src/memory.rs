@@ -487,6 +487,23 @@ mod tests {
         assert!(check(&plan, DeviceSpec::Cpu, &device(need - 1)).is_err());
     }
 
+    /// Of two layers that need the same, the first in the plan's order is named (the
+    /// refusal names one layer; which one must not depend on how ties are broken today).
+    #[test]
+    fn the_worst_need_is_the_first_of_equals() {
+        let need = |bytes, layer: &str| Need {
+            bytes,
+            layer: layer.into(),
+            fixed_bytes: 0,
+        };
+        let estimate = Estimate {
+            needs: vec![need(3, "a"), need(5, "b"), need(5, "c"), need(4, "d")],
+            prefill_overflow: None,
+        };
+        let worst = estimate.worst();
+        assert_eq!((worst.bytes, worst.layer.as_str()), (5, "b"));
+    }
+
     fn device(memory_bytes: u64) -> DeviceInfo {
         DeviceInfo {
             name: "test".into(),
