@@ -1,6 +1,5 @@
 //! Runs one reference layer the way the verify runner needs it: seeded module and inputs
-//! for a config and workload, the forward call under the FLOP counter, and the analytic
-//! layer it is compared with.
+//! for a config and workload, and the forward call under the FLOP counter.
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, MlaForm, MlpKind, ModelConfig, Phase, Workload};

@@ -1,7 +1,8 @@
 //! # modelmeter-reference
 //!
 //! The measured half of modelmeter: DeepSeek-V2 decoder modules written with `tch`
-//! (libtorch), mirroring the vendor `modeling_deepseekv2.py` of DeepSeek-OCR, run on
+//! (libtorch), mirroring the vendor `modeling_deepseekv2.py` of DeepSeek-OCR (the MLA
+//! modules: DeepSeek-V2/V3's `modeling_deepseek.py`), run on
 //! `cuda:N` or the CPU under a dispatcher-level FLOP counter ([`FlopCounter`]). The
 //! counter costs every op libtorch executes with the conventions table of the analytic
 //! crate, so measured and analytic metrics can be compared exactly.

@@ -1,5 +1,7 @@
 //! The rows `verify-decoder` checks per layer, as one typed list: the approximate
-//! FlopCounterMode-compatible total, the exact metrics, and the two completeness rows.
+//! FlopCounterMode-compatible total, the exact metrics, the activation peak (within the
+//! tolerance), the two completeness rows, and with `--oracle` the witness's two rows
+//! (the `hw_*` rows of `--hardware-counters` are [`crate::hardware`]'s).
 //! The compare loop, the table (units), JSON and JUnit all iterate [`EXACT`] or name a
 //! [`Check`]; adding a verified metric means a [`Metric`] in the analytic crate and an
 //! entry in [`EXACT`] that says where the run measured it.

@@ -7,9 +7,11 @@
 //! The rest is library code, one responsibility a module: the join ([`pairing`]), the
 //! rows ([`check`]) and their statuses ([`compare`]), the plan ([`plan`], with test-only
 //! [`hooks`]), the run loop ([`runner`]), results ([`results`]), the memory pre-check
-//! ([`memory`]) and the CUDA allocator's setting ([`cuda_allocator`]), sweeps ([`sweep`]), the whole-model verification ([`model`], with
-//! [`progress`] bars), reports ([`report`]) and where the time went ([`timings`]). [`hardware`] reads Nsight Compute's
-//! hardware counters.
+//! ([`memory`]) and the CUDA allocator's setting ([`cuda_allocator`]), the device option
+//! and what the device is ([`device`], [`environment`]), sweeps ([`sweep`]), the
+//! whole-model verification ([`model`], with [`progress`] bars), the independent witness
+//! ([`oracle`]), reports ([`report`]) and where the time went ([`timings`]). [`hardware`]
+//! reads Nsight Compute's hardware counters.
 
 /// This crate's `eprint!`: like the standard one, but a failed write to standard error
 /// (`2>/dev/full`, a closed pipe) is ignored instead of panicking, since there is nowhere

@@ -3,16 +3,21 @@
 //! For each layer that ran, the reference module's weights, inputs and output are
 //! exported (as the parity check does, but from the run's device and dtype), and
 //! `reference/parity/parity.py --oracle` loads them into Hugging Face transformers'
-//! DeepSeek-V2 / DeepSeek-OCR text modules on the same device and dtype and runs them
-//! under `torch.utils.flop_counter.FlopCounterMode`. Two rows per layer:
+//! DeepSeek-V2 / DeepSeek-V3 / DeepSeek-OCR text modules on the same device and dtype and
+//! runs them under `torch.utils.flop_counter.FlopCounterMode`. Two rows per layer:
 //! - `oracle_flops`: torch's FlopCounterMode total on the independent module (in the
 //!   `analytic` column) against this project's FlopCounterMode-compatible measured total
 //!   (`measured`). Exact or `fail`, never a tolerance; ops that only one side saw, or saw
-//!   with other FLOPs, are named in the note.
+//!   with other FLOPs, are named in the note. Equal totals are `known_gap`, not `pass`,
+//!   when the run had matmul work outside FlopCounterMode's registry (the CPU SDPA
+//!   kernel), which neither count sees; the note names it.
 //! - `oracle_output`: ‖out − ref‖/‖ref‖ of the two outputs (as `rel_diff`) within a bound
 //!   for the dtype ([`output_bound`]); the script's side checks must agree too: the MoE
 //!   gate's selected experts, the eager causal mask's pattern, an MLA decode step's KV
 //!   cache after the prefill (within the same bound).
+//!
+//! A layer the oracle could not check (the export failed, the script had no answer for
+//! it) gets an `error` row saying why: the witness did not run, which is not a pass.
 //!
 //! Structural differences between the vendor code the reference mirrors and transformers
 //! are named adjustments in the row's note, never a tolerance: transformers computes the

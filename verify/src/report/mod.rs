@@ -43,7 +43,7 @@ fn is_case_line(line: &str) -> bool {
 }
 
 /// A table as `--quiet` prints it: the lines that say why something could not run (from
-/// [`error_note`], or a whole run's `error: …`), a sweep's failing cases with the commands
+/// `error_note`, or a whole run's `error: …`), a sweep's failing cases with the commands
 /// that replay them, then the summary line (the last).
 pub fn quiet_text(table: &str) -> String {
     let mut out = String::new();
