@@ -397,7 +397,9 @@ impl DeepseekV2Attention {
     /// `cos, sin = self.rotary_emb(x, seq_len=L)` and
     /// `apply_rotary_pos_emb(q_pe, k_pe, cos, sin, position_ids)`: the table rows are
     /// gathered by position, each input is de-interleaved (`view(…, d/2, 2)
-    /// .transpose(4, 3).reshape`: a copy) — q, then k, before either is rotated — then
+    /// .transpose(4, 3).reshape`: a copy, except at d = 2, where the transposed `[.., 2, 1]`
+    /// is laid out as `[.., 2]` already — a size-1 dimension has no stride to keep — and
+    /// `reshape` returns a view) — q, then k, before either is rotated — then
     /// `x * cos + rotate_half(x) * sin`. The de-interleaved copies and the gathered rows
     /// are locals of `apply_rotary_pos_emb`, freed when it returns the two embeddings.
     fn apply_rotary(&self, b: &mut CostBuilder) -> Result<(TensorMeta, TensorMeta)> {
@@ -421,12 +423,16 @@ impl DeepseekV2Attention {
         let mut deinterleaved = Vec::new();
         for (name, heads) in [("q_pe", self.heads), ("k_pe", 1)] {
             let x = t(&[batch, heads, s, d_r], dtype);
-            deinterleaved.push(b.copy(
-                format_args!("{name} de-interleave (reshape copy)"),
-                "aten::clone",
-                [&x],
-                x.clone(),
-            )?);
+            deinterleaved.push(if d_r == 2 {
+                x
+            } else {
+                b.copy(
+                    format_args!("{name} de-interleave (reshape copy)"),
+                    "aten::clone",
+                    [&x],
+                    x.clone(),
+                )?
+            });
         }
         let table = cos.viewed_as(&[batch, 1, s, d_r]);
         let q_embed = b.rotary("q_pe", &deinterleaved[0], &table)?;
@@ -888,12 +894,21 @@ impl DeepseekV2Attention {
         }
 
         // `attn_weights = (matmul(q_pe, k_peᵀ) + matmul(q_nope, c_kvᵀ)) * softmax_scale`.
+        // The rotated q_pe is contiguous, except at d_r = 2: there its de-interleave is a
+        // view (`apply_rotary`), and the rotation's elementwise outputs keep the layout of
+        // their first input, q's slice ([B, S, H, d_r]), so it folds like q_nope above.
+        let q_pe_copies = d_r == 2 && folds_copy && sq > 1;
         let mut core = CostBuilder::new(ATTENTION_CORE_ROLE, w.allow_tf32);
         let mut scores = Vec::new();
-        for (role, width, name) in [
-            ("q_pe @ k_peᵀ", d_r, "k_pe"),
-            ("q_nope @ compressed_kvᵀ", r, "compressed_kv"),
+        for (role, width, name, query_copies) in [
+            ("q_pe @ k_peᵀ", d_r, "k_pe", q_pe_copies),
+            ("q_nope @ compressed_kvᵀ", r, "compressed_kv", false),
         ] {
+            let query_copy = core.matmul_copy(
+                "matmul: q_pe.reshape (copy: laid out [B, S, H, d_r])",
+                &t(&[batch, heads, sq, width], dtype),
+                query_copies,
+            )?;
             let copy = core.matmul_copy(
                 format_args!("matmul: {name}ᵀ expanded over heads (copy)"),
                 &t(&[bh, width, skv], dtype),
@@ -903,7 +918,7 @@ impl DeepseekV2Attention {
                 Self::bmm(&mut core, role, bh, sq, width, skv, dtype)?
                     .viewed_as(&[batch, heads, sq, skv]),
             );
-            if let Some(copy) = &copy {
+            for copy in [&query_copy, &copy].into_iter().flatten() {
                 core.release(&[copy])?;
             }
         }

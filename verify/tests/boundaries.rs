@@ -3,7 +3,9 @@
 //! `matmul` folds or copies by which sizes are 1; random sweeps draw these corners rarely
 //! (`--sweep 4000` found the one-token absorbed einsum in 10 of 4,000 cases). Every layer
 //! of a small multi-head and a small MLA config, in every attention form, in fp32 and
-//! bf16, at tolerance 0: each row must agree exactly (known gaps aside).
+//! bf16, at tolerance 0: each row must agree exactly (known gaps aside). The smallest
+//! rotary width, d_r = 2, is a boundary of the config: the vendor's de-interleave
+//! `reshape` is a view there, a copy at every larger width.
 
 use modelmeter::layers::AttentionImpl;
 use modelmeter::{Dtype, MlaForm, ModelConfig, Phase, Platform, Workload};
@@ -13,9 +15,9 @@ use modelmeter_verify::plan::{applicable_layers, Plan};
 use modelmeter_verify::runner;
 use serde_json::json;
 
-/// A small config: multi-head with one head when `!mla`, else MLA with `heads` heads (no
-/// q_lora_rank, V3 routing).
-fn config(mla: bool, heads: u64) -> ModelConfig {
+/// A small config: multi-head with one head when `!mla`, else MLA with `heads` heads and
+/// a rotary width of `d_r` (no q_lora_rank, V3 routing).
+fn config(mla: bool, heads: u64, d_r: u64) -> ModelConfig {
     let mut c = json!({
         "model_type": "deepseek_v2",
         "hidden_size": 128,
@@ -41,7 +43,7 @@ fn config(mla: bool, heads: u64) -> ModelConfig {
             ("num_key_value_heads", json!(heads)),
             ("kv_lora_rank", json!(32)),
             ("qk_nope_head_dim", json!(16)),
-            ("qk_rope_head_dim", json!(8)),
+            ("qk_rope_head_dim", json!(d_r)),
             ("v_head_dim", json!(16)),
             ("scoring_func", json!("sigmoid")),
             ("topk_method", json!("noaux_tc")),
@@ -52,7 +54,7 @@ fn config(mla: bool, heads: u64) -> ModelConfig {
         }
     }
     let name = match mla {
-        true => format!("small MLA, {heads} heads"),
+        true => format!("small MLA, {heads} heads, d_r = {d_r}"),
         false => "small MHA, 1 head".to_string(),
     };
     ModelConfig::from_json_value(&name, &c).unwrap()
@@ -61,8 +63,8 @@ fn config(mla: bool, heads: u64) -> ModelConfig {
 #[test]
 fn one_token_one_key_one_sequence_agree_exactly_in_every_attention_form() {
     let mut failures = Vec::new();
-    for (mla, heads) in [(false, 1), (true, 1), (true, 2)] {
-        let config = config(mla, heads);
+    for (mla, heads, d_r) in [(false, 1, 0), (true, 1, 8), (true, 2, 8), (true, 2, 2)] {
+        let config = config(mla, heads, d_r);
         let forms: &[MlaForm] = if mla {
             &[MlaForm::Naive, MlaForm::Absorb]
         } else {
