@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use std::path::Path;
 
-use crate::config_reader::{self, FIELDS, NESTED_KEYS};
+use crate::config_reader::{self, is_read, LANGUAGE_FIELDS, NESTED_KEYS};
 use crate::dtype::{Dtype, MODEL_DTYPE_SPELLINGS};
 use crate::error::{Error, Result};
 use crate::mla_config::{self, MlaConfig, YarnScaling};
@@ -219,7 +219,7 @@ impl ModelConfig {
         if let [(first, v), (second, w)] = given[..] {
             let read = |obj: &Map<String, Value>| -> Value {
                 obj.iter()
-                    .filter(|(k, v)| FIELDS.contains(&k.as_str()) && !v.is_null())
+                    .filter(|(k, v)| is_read(k) && !v.is_null())
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect::<Map<String, Value>>()
                     .into()
@@ -267,15 +267,33 @@ impl ModelConfig {
         // The top level beside a nested config: DeepSeek-OCR's model class reads the
         // language-model keys from the top level (its published config repeats them there),
         // transformers' classes read the nested object. Where both state a field modelmeter
-        // reads, they must agree, or the number would be the one model's and not the other's.
-        // (Checked after the fields are read, so that a value of the wrong type is named as
-        // such first.)
+        // reads, they must agree, or the number would be the one model's and not the other's;
+        // a field only the top level states is the nested reader's default on one side and
+        // the stated value on the other (the dtype aside: `model_dtype` reads both levels, as
+        // transformers takes a checkpoint's dtype from its top level). (Checked after the
+        // fields are read, so that a value of the wrong type is named as such first.)
         if let Some((nested, obj)) = given.first() {
             for (key, top) in root {
-                let Some(inner) = obj.get(key).filter(|v| !v.is_null()) else {
+                if !LANGUAGE_FIELDS.contains(&key.as_str())
+                    || top.is_null()
+                    || matches!(key.as_str(), "torch_dtype" | "dtype")
+                {
                     continue;
+                }
+                let Some(inner) = obj.get(key).filter(|v| !v.is_null()) else {
+                    return Err(Error::invalid(
+                        key,
+                        top,
+                        &format!(
+                            "no value at the top level unless {nested}.{key} states it too \
+                             ({nested} leaves it out, so it takes its default there): \
+                             DeepSeek-OCR's model class reads the top level, transformers' the \
+                             nested {nested}, and modelmeter does not guess which one runs; \
+                             write it in {nested} as well, or remove it"
+                        ),
+                    ));
                 };
-                if FIELDS.contains(&key.as_str()) && !top.is_null() && !same_json(top, inner) {
+                if !same_json(top, inner) {
                     return Err(Error::invalid(
                         key,
                         top,
@@ -431,8 +449,8 @@ pub(crate) struct Fields<'a> {
 impl Fields<'_> {
     pub(crate) fn present(&self, key: &str) -> Option<&Value> {
         debug_assert!(
-            FIELDS.contains(&key),
-            "{key} must be listed in config_reader::FIELDS, or files will never supply it"
+            is_read(key),
+            "{key} must be listed in config_reader's fields, or files will never supply it"
         );
         self.obj.get(key).filter(|v| !v.is_null())
     }
@@ -867,6 +885,28 @@ mod tests {
                 "{e}"
             );
         }
+        // A field only the top level states: one reader's value, the other's default.
+        // Refused, naming it and the fix; the dtype is read from both levels, and the
+        // rotary scaling's inner keys are read by nobody at the top level.
+        for (key, value) in [
+            ("n_shared_experts", json!(2)),
+            ("rope_theta", json!(50000.0)),
+        ] {
+            let mut top_only = json!({ key: value.clone() });
+            top_only["language_config"] = base();
+            top_only["language_config"][key] = Value::Null;
+            let e = err(top_only);
+            assert!(
+                e.starts_with(&format!("{key} = {value} "))
+                    && e.contains(&format!("unless language_config.{key} states it too"))
+                    && e.contains("write it in language_config as well, or remove it"),
+                "{e}"
+            );
+        }
+        let mut dtype = json!({"torch_dtype": "float32", "beta_fast": 32});
+        dtype["language_config"] = base();
+        dtype["language_config"]["torch_dtype"] = Value::Null;
+        assert_eq!(parse(dtype).unwrap().dtype, Dtype::F32);
     }
 
     #[test]

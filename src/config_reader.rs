@@ -24,8 +24,10 @@ pub const MAX_FIELD_BYTES: usize = 1 << 20;
 /// The keys that hold the language model's config in multimodal checkpoints.
 pub(crate) const NESTED_KEYS: [&str; 2] = ["language_config", "text_config"];
 
-/// The fields [`crate::ModelConfig`] reads; all others are skipped unread.
-pub(crate) const FIELDS: &[&str] = &[
+/// The fields [`crate::ModelConfig`] reads at the language model's level (the top level,
+/// or the nested object of [`NESTED_KEYS`]); with [`ROPE_FIELDS`], what a file's reader
+/// keeps ([`is_read`]): all others are skipped unread.
+pub(crate) const LANGUAGE_FIELDS: &[&str] = &[
     "attention_bias",
     "dtype",
     "first_k_dense_replace",
@@ -63,7 +65,11 @@ pub(crate) const FIELDS: &[&str] = &[
     "use_mla",
     "v_head_dim",
     "vocab_size",
-    // Read inside rope_scaling / rope_parameters (kept whole); harmless at the top level.
+];
+
+/// The fields read inside `rope_scaling` / `rope_parameters` (kept whole); harmless at the
+/// top level, where nothing reads them.
+pub(crate) const ROPE_FIELDS: &[&str] = &[
     "beta_fast",
     "beta_slow",
     "factor",
@@ -73,6 +79,12 @@ pub(crate) const FIELDS: &[&str] = &[
     "rope_type",
     "type",
 ];
+
+/// Whether [`crate::ModelConfig`] reads a field called `key` ([`LANGUAGE_FIELDS`],
+/// [`ROPE_FIELDS`]).
+pub(crate) fn is_read(key: &str) -> bool {
+    LANGUAGE_FIELDS.contains(&key) || ROPE_FIELDS.contains(&key)
+}
 
 /// Reads at most [`MAX_CONFIG_BYTES`] of `path`; a larger file (or an endless device)
 /// is an error that says so.
@@ -111,7 +123,7 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Parses config text into an object holding only [`FIELDS`] (and, filtered the same
+/// Parses config text into an object holding only the fields [`is_read`] keeps (and, filtered the same
 /// way, a nested [`NESTED_KEYS`] object); `name` says where the text came from.
 pub(crate) fn parse(name: &str, text: &[u8]) -> Result<Value> {
     let parse_error = |message: String| Error::Parse {
@@ -170,7 +182,7 @@ impl<'de> Visitor<'de> for Filtered {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let nested = self.nested && NESTED_KEYS.contains(&key.as_str());
-            if !nested && !FIELDS.contains(&key.as_str()) {
+            if !nested && !is_read(&key) {
                 map.next_value::<IgnoredAny>()?;
                 continue;
             }
