@@ -241,6 +241,56 @@ fn a_folder_like_report_path_is_refused_before_anything_runs() {
     );
 }
 
+/// A report file its owner made read-only is refused (exit 2, nothing replaced), as
+/// `> FILE` would refuse it, although renaming over it needs only the folder. Root may
+/// write anything, so as root the run goes through `setpriv` as nobody (in a folder
+/// anyone can write, so that only the file's own protection is at stake).
+#[test]
+fn a_read_only_report_file_is_refused_not_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("read-only");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let report = dir.path("ro.json");
+    std::fs::write(&report, "old").unwrap();
+    std::fs::set_permissions(&report, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let report = report.to_str().unwrap();
+    let mut args = QUICK.to_vec();
+    args.extend(["--quiet", "--json", report]);
+    let mut cmd = if is_root() {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_verify-decoder"))
+            .args(&args);
+        cmd
+    } else {
+        command(&args)
+    };
+    let o = match cmd.output() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipped: running as root and setpriv is not installed ({e})");
+            return;
+        }
+        // Nobody may not reach the binary or libtorch (a checkout under a private home
+        // folder): the loader's or setpriv's exit 126/127, never verify-decoder's own.
+        Ok(o) if is_root() && matches!(o.status.code(), Some(126 | 127)) => {
+            eprintln!(
+                "skipped: nobody cannot run the binary here: {}",
+                text(&o.stderr)
+            );
+            return;
+        }
+        o => no_panic(o.expect("verify-decoder runs")),
+    };
+    assert_refused(&o, "is read-only");
+    assert!(text(&o.stderr).contains("chmod u+w"), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read_to_string(report).unwrap(), "old");
+    assert_eq!(
+        std::fs::read_dir(&dir.0).unwrap().count(),
+        1,
+        "nothing else written"
+    );
+}
+
 // Item 5: the pre-check accepts every name the write accepts.
 
 #[test]

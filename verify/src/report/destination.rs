@@ -7,7 +7,8 @@
 //! - a character device or a FIFO (`/dev/null`, a named pipe, a `/dev/fd/N` pipe from
 //!   process substitution): opened and written directly, never replaced;
 //! - a regular file, or a new path: written whole or not at all (a temporary file beside
-//!   it, then renamed over it);
+//!   it, then renamed over it); an existing file the user may not write (`chmod a-w`) is
+//!   refused, as `> FILE` would refuse it, although the rename could replace it;
 //! - a symlink: followed to its final target, which is then one of the above; the link
 //!   itself is never replaced.
 //!
@@ -152,6 +153,14 @@ impl Destination {
                     .map_err(|e| format!("cannot open for writing: {e}"))
             }
             Destination::File(path) => {
+                // The rename needs only the folder: honour the file's own protection.
+                if let Err(e) = OpenOptions::new().write(true).open(path) {
+                    if e.kind() == io::ErrorKind::PermissionDenied {
+                        return Err(format!(
+                            "is read-only ({e}); make it writable (chmod u+w) or give another path"
+                        ));
+                    }
+                }
                 let dir = folder_of(path);
                 let probe = temporary_name(dir);
                 // Why the folder matters: an existing report is replaced by renaming a
