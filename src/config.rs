@@ -233,7 +233,7 @@ impl ModelConfig {
             }
         }
         let obj = given.first().map_or(root, |(_, obj)| *obj);
-        let cfg = Fields { obj };
+        let cfg = Fields { obj, within: None };
 
         let mla = mla_config::mla_config(&cfg)?;
         let hidden_act = cfg.string("hidden_act")?.unwrap_or_else(|| "silu".into());
@@ -444,9 +444,20 @@ pub(crate) fn unsupported(field: &str, value: &str, reason: &str) -> Error {
 /// Typed access to the fields of one JSON object, with errors that name the field.
 pub(crate) struct Fields<'a> {
     pub(crate) obj: &'a Map<String, Value>,
+    /// The key of the object itself when it is nested (`rope_scaling`), so that an error
+    /// names `rope_scaling.type`, not a `type` the top level does not have.
+    pub(crate) within: Option<&'a str>,
 }
 
 impl Fields<'_> {
+    /// How errors name `key`: with the object's own key in front when it is nested.
+    fn named(&self, key: &str) -> String {
+        match self.within {
+            Some(within) => format!("{within}.{key}"),
+            None => key.to_string(),
+        }
+    }
+
     pub(crate) fn present(&self, key: &str) -> Option<&Value> {
         debug_assert!(
             is_read(key),
@@ -465,11 +476,15 @@ impl Fields<'_> {
             // JSON reads a number past 64 bits as a float: say it is too large, not that
             // it is not an integer.
             _ if v.as_f64().is_some_and(|x| x >= u64::MAX as f64) => Err(Error::invalid(
-                key,
+                &self.named(key),
                 v,
                 &format!("an integer ≥ {min}; this one does not fit in 64 bits"),
             )),
-            _ => Err(Error::invalid(key, v, &format!("an integer ≥ {min}"))),
+            _ => Err(Error::invalid(
+                &self.named(key),
+                v,
+                &format!("an integer ≥ {min}"),
+            )),
         }
     }
 
@@ -483,14 +498,14 @@ impl Fields<'_> {
 
     pub(crate) fn required_size(&self, key: &str) -> Result<u64> {
         self.size(key)?
-            .ok_or_else(|| Error::missing(key, "an integer ≥ 1"))
+            .ok_or_else(|| Error::missing(self.named(key), "an integer ≥ 1"))
     }
 
     pub(crate) fn boolean(&self, key: &str) -> Result<Option<bool>> {
         match self.present(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(Error::invalid(key, v, "true or false")),
+            Some(v) => Err(Error::invalid(&self.named(key), v, "true or false")),
         }
     }
 
@@ -499,7 +514,7 @@ impl Fields<'_> {
             None => Ok(None),
             Some(v) => match v.as_f64() {
                 Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
-                _ => Err(Error::invalid(key, v, "a finite number > 0")),
+                _ => Err(Error::invalid(&self.named(key), v, "a finite number > 0")),
             },
         }
     }
@@ -508,7 +523,7 @@ impl Fields<'_> {
         match self.present(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(Error::invalid(key, v, "a string")),
+            Some(v) => Err(Error::invalid(&self.named(key), v, "a string")),
         }
     }
 }
@@ -692,7 +707,12 @@ fn rope_theta(cfg: &Fields) -> Result<f64> {
         let p = params
             .as_object()
             .ok_or_else(|| Error::invalid("rope_parameters", params, "an object"))?;
-        if let Some(theta) = (Fields { obj: p }).positive_float("rope_theta")? {
+        if let Some(theta) = (Fields {
+            obj: p,
+            within: Some("rope_parameters"),
+        })
+        .positive_float("rope_theta")?
+        {
             return Ok(theta);
         }
     }
@@ -907,6 +927,30 @@ mod tests {
         dtype["language_config"] = base();
         dtype["language_config"]["torch_dtype"] = Value::Null;
         assert_eq!(parse(dtype).unwrap().dtype, Dtype::F32);
+    }
+
+    /// A field inside `rope_scaling` or `rope_parameters` is named with that key: a bare
+    /// `rope_theta` would point at the top level's.
+    #[test]
+    fn a_nested_objects_fields_are_named_with_its_key() {
+        for (key, value, named) in [
+            (
+                "rope_parameters",
+                json!({"rope_type": "default", "rope_theta": -5}),
+                "rope_parameters.rope_theta = -5 ",
+            ),
+            ("rope_scaling", json!({"type": 1}), "rope_scaling.type = 1 "),
+            (
+                "rope_parameters",
+                json!({"rope_type": 7}),
+                "rope_parameters.rope_type = 7 ",
+            ),
+        ] {
+            let mut v = base();
+            v[key] = value;
+            let e = err(v);
+            assert!(e.starts_with(named), "{e}");
+        }
     }
 
     #[test]

@@ -153,7 +153,10 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
     let obj = params
         .as_object()
         .ok_or_else(|| Error::invalid(key, params, "an object"))?;
-    let nested = Fields { obj };
+    let nested = Fields {
+        obj,
+        within: Some(key),
+    };
     let kind = match (nested.string("type")?, nested.string("rope_type")?) {
         (Some(kind), _) | (None, Some(kind)) => kind,
         (None, None) if key == "rope_parameters" => "default".to_string(),
