@@ -296,11 +296,20 @@ pub fn culprits(
 }
 
 /// `error` with the inputs that cause it named, when it is an overflow and lowering
-/// sizes removes it (see [`culprits`]); any other error is returned as it is. `fails`
+/// sizes removes it (see [`culprits`]); a config field a layer cannot take with this
+/// workload (`v_head_dim` wider than SDPA's padded head) is said to come from the config
+/// file, as the config's own checks say; any other error is returned as it is. `fails`
 /// reruns the analysis on other inputs and says whether it still fails.
 pub fn explain(error: Error, inputs: &Inputs, fails: impl FnMut(&Inputs) -> bool) -> Error {
     let Error::Overflow { what } = &error else {
-        return error;
+        return match error {
+            Error::Unsupported { ref field, .. }
+                if crate::config_reader::LANGUAGE_FIELDS.contains(&field.as_str()) =>
+            {
+                error.in_config(&inputs.config.name)
+            }
+            error => error,
+        };
     };
     let Some(named) = culprits(inputs, fails) else {
         return error;
@@ -351,6 +360,25 @@ mod tests {
             workload,
             new_tokens: None,
         }
+    }
+
+    /// A config field a layer refuses at this workload is said to come from the config;
+    /// an option's refusal (the attention) is left as it is.
+    #[test]
+    fn an_unsupported_config_field_names_the_config() {
+        let unsupported = |field: &str| Error::Unsupported {
+            field: field.into(),
+            value: "256".into(),
+            reason: "why".into(),
+        };
+        let i = inputs(Workload::prefill(1, 8).unwrap());
+        let e = explain(unsupported("v_head_dim"), &i, |_| false).to_string();
+        assert!(
+            e.starts_with("v_head_dim = 256 (config deepseek-ocr-v1-base) is not supported"),
+            "{e}"
+        );
+        let e = explain(unsupported("attention"), &i, |_| false).to_string();
+        assert!(e.starts_with("attention = 256 is not supported"), "{e}");
     }
 
     /// A config field and an option named together: the config is named, since one of
