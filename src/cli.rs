@@ -45,8 +45,9 @@ impl From<DtypeArg> for Dtype {
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct WorkloadArgs {
     /// Hugging Face config.json of a DeepSeek-V2-family model, or a built-in name:
-    /// deepseek-ocr-v1-base, deepseek-v2-lite, deepseek-v2, deepseek-v3 [default:
-    /// deepseek-ocr-v1-base, the DeepSeek-OCR language model]
+    /// deepseek-ocr-v1-base, deepseek-v2-lite, deepseek-v2, deepseek-v3 (a name wins over a
+    /// file of that name: write ./NAME for the file) [default: deepseek-ocr-v1-base, the
+    /// DeepSeek-OCR language model]
     #[arg(long, value_name = "FILE|NAME")]
     pub config: Option<PathBuf>,
     /// Sequences per call [default: 1, from dsocr-standard-v1]

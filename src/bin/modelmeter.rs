@@ -15,7 +15,7 @@ use modelmeter::{Dtype, Platform};
 const EXAMPLES: &str = "Examples:
   modelmeter analyze                                  # DeepSeek-OCR, dsocr-standard-v1 prefill (B=1, S=512, bf16)
   modelmeter analyze --phase decode --context-len 1024
-  modelmeter analyze --config config.json --batch 4 --seq-len 2048 --json
+  modelmeter analyze --config path/to/config.json --batch 4 --seq-len 2048 --json
   modelmeter analyze --config deepseek-v2-lite --mla absorb --phase decode --context-len 4096
   modelmeter analyze --new-tokens 512                 # prefill + 512 greedy decode steps
   modelmeter analyze --device cpu --dtype fp32        # the kernels libtorch runs on a CPU";

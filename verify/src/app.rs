@@ -29,7 +29,7 @@ const EXAMPLES: &str = "Examples:
   verify-decoder --device cuda:0 --accept-rel-diff 0.1
   verify-decoder --device cpu --dtype bf16 --seq-len 64 --layers DeepseekV2MoE,MoEGate
   verify-decoder --phase decode --context-len 1024 --attn eager
-  verify-decoder --config config.json --json report.json --junit report.xml
+  verify-decoder --config path/to/config.json --json report.json --junit report.xml
   verify-decoder --sweep 50 --seed 7               # 50 random configs and workloads
   verify-decoder --device cpu --model --num-layers 2 --seq-len 64 --new-tokens 8   # the whole model: prefill + 8 decode steps
   verify-decoder --device cuda:0 --hardware-counters --ncu-dir ncu-out   # + Nsight Compute's counters per layer
@@ -563,6 +563,9 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     .find_map(|(option, given)| given.then_some(option))
     {
         bail!("{option} applies only with --model (the whole-model verification)");
+    }
+    if args.report_host_details && args.json.is_none() {
+        bail!("--report-host-details applies only with --json (it adds a host object to the JSON report; the table shows the free memory already)");
     }
     let hardware_given = check_hardware_options(args).map_err(anyhow::Error::msg)?;
     let oracle = match &args.oracle {

@@ -506,6 +506,10 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "has multi-head attention: LlamaFlashAttention2, LlamaAttention",
         ),
         (vec!["--sweep", "0"], "--sweep = 0"),
+        (
+            vec!["--report-host-details"],
+            "--report-host-details applies only with --json",
+        ),
         // Too large for any integer: the range a sweep takes, not the type's maximum.
         (
             vec!["--sweep", "99999999999999999999"],
@@ -531,6 +535,10 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         }
         if args[0] == "--json" {
             all.clear();
+        }
+        if args[0] == "--report-host-details" {
+            // Refused for want of --json: give none.
+            all = vec!["--device", "cpu"];
         }
         all.extend(&args);
         let o = verify(&all, &[]);
