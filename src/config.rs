@@ -1199,6 +1199,157 @@ mod tests {
         v
     }
 
+    /// What an absent key means, each value derived from the vendor's config class
+    /// (DeepseekV2Config) or modelling code, not from this crate: every layer MoE without
+    /// `first_k_dense_replace` (default 0), bf16 without a dtype, `use_mla: false` wins
+    /// over a set `kv_lora_rank` (the vendor picks the attention class by `use_mla`), and
+    /// YaRN without `mscale_all_dim` leaves the softmax scale alone (the vendor reads 0).
+    #[test]
+    fn absent_keys_take_the_vendors_defaults() {
+        let c = parse(without("first_k_dense_replace")).unwrap();
+        assert!(c.layer_kinds.iter().all(|k| *k == MlpKind::Moe));
+        assert_eq!(parse(without("torch_dtype")).unwrap().dtype, Dtype::Bf16);
+        let mut v = mla_base();
+        v["use_mla"] = json!(false);
+        let c = parse(v).unwrap();
+        assert_eq!((c.mla.is_none(), c.head_dim), (true, 1280 / 10));
+        let mut v = mla_base();
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 40});
+        let yarn = parse(v).unwrap().rope_scaling.unwrap();
+        assert_eq!(
+            (yarn.mscale_all_dim, yarn.softmax_scale_factor()),
+            (0.0, 1.0)
+        );
+        // A value below 1 is kept (nothing clamps it), and 4096 layers is the limit.
+        let c = parse(with("routed_scaling_factor", json!(0.5))).unwrap();
+        assert_eq!(c.moe.unwrap().routed_scaling_factor, 0.5);
+        let c = parse(with("num_hidden_layers", json!(4096))).unwrap();
+        assert_eq!(c.layer_kinds.len(), 4096);
+    }
+
+    /// Which of two spellings wins: transformers 5's `rope_parameters.rope_theta` over the
+    /// top level's `rope_theta`; YaRN from `rope_scaling` even beside a `rope_parameters`
+    /// of the default type.
+    #[test]
+    fn the_newer_spelling_of_a_value_wins_and_yarn_is_kept() {
+        let mut v = with("rope_theta", json!(10000.0));
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500000.0});
+        assert_eq!(parse(v).unwrap().rope_theta, 500000.0);
+        let mut v = mla_base();
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 40});
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 10000.0});
+        assert_eq!(parse(v).unwrap().rope_scaling.unwrap().factor, 40.0);
+    }
+
+    /// Values no model runs with are refused, each naming the field; the vendor or
+    /// transformers would fail or compute nonsense with them (a zero-width query
+    /// projection, `heads % 0`, an activation name transformers does not know in that
+    /// case, a YaRN scaling the vendor's `_init_rope` raises on).
+    #[test]
+    fn values_no_model_runs_with_are_refused_by_name() {
+        let mla = |key: &str, value: Value| {
+            let mut v = mla_base();
+            v[key] = value;
+            v
+        };
+        for (v, starts) in [
+            (with("rms_norm_eps", json!(0)), "rms_norm_eps = 0 "),
+            (
+                with("num_key_value_heads", json!(0)),
+                "num_key_value_heads = 0 ",
+            ),
+            (
+                with("max_position_embeddings", json!(0)),
+                "max_position_embeddings = 0 ",
+            ),
+            (with("hidden_act", json!("SiLU")), "hidden_act = SiLU "),
+            (
+                with("mlp_layer_types", json!("dense")),
+                "mlp_layer_types = \"dense\" ",
+            ),
+            (mla("q_lora_rank", json!(0)), "q_lora_rank = 0 "),
+            (
+                mla("rope_scaling", json!({"type": "yarn", "factor": 0})),
+                "rope_scaling.factor = 0 ",
+            ),
+            (
+                mla(
+                    "rope_scaling",
+                    json!({"type": "yarn", "factor": 40, "beta_slow": -1}),
+                ),
+                "rope_scaling.beta_slow = -1 ",
+            ),
+            (
+                mla("rope_scaling", json!({"type": "default"})),
+                "rope_scaling.type = default ",
+            ),
+            (
+                mla("rope_scaling", json!({"type": "dynamic", "factor": 2})),
+                "rope_scaling.type = dynamic ",
+            ),
+        ] {
+            let e = err(v);
+            assert!(e.starts_with(starts), "{starts}: {e}");
+        }
+        assert!(parse(mla("qk_nope_head_dim", json!(u64::MAX - 1))).is_err());
+        // A V3 router needs both group sizes.
+        let mut v = with("topk_method", json!("noaux_tc"));
+        v["scoring_func"] = json!("sigmoid");
+        v["n_group"] = json!(8);
+        assert!(err(v).contains("topk_group is missing"), "v3 router");
+        // An MLA config's explicit head_dim is taken as written, even odd.
+        assert_eq!(parse(mla("head_dim", json!(97))).unwrap().head_dim, 97);
+    }
+
+    /// The layer pattern: `mlp_layer_types` must agree with whichever of the two rule keys
+    /// is given, and a "sparse" layer needs routed experts.
+    #[test]
+    fn the_layer_pattern_must_be_one_the_model_can_build() {
+        let types = |first: &str| {
+            let mut t = vec![json!(first)];
+            t.extend(std::iter::repeat_n(json!("sparse"), 11));
+            json!(t)
+        };
+        let mut v = without("moe_layer_freq");
+        v["first_k_dense_replace"] = json!(3);
+        v["mlp_layer_types"] = types("dense");
+        assert!(err(v).contains("first_k_dense_replace and moe_layer_freq"));
+        let mut v = without("first_k_dense_replace");
+        v.as_object_mut().unwrap().remove("moe_layer_freq");
+        v["n_routed_experts"] = Value::Null;
+        v["mlp_layer_types"] = types("dense");
+        assert!(err(v).contains("mlp_layer_types[1]"));
+    }
+
+    /// Nested and top-level copies compare whole values: an object or a list with an
+    /// entry more on one side is a disagreement, an explicit null is an absent key, and
+    /// fields modelmeter never reads (`architectures`) may differ, as in DeepSeek-OCR's
+    /// own file read as a value.
+    #[test]
+    fn copies_of_a_config_compare_whole_values() {
+        let mut inner = mla_base();
+        inner["rope_scaling"] = json!({"type": "yarn", "factor": 40, "mscale_all_dim": 0.707});
+        let mut top = mla_base();
+        top["rope_scaling"] = json!({"type": "yarn", "factor": 40});
+        top["language_config"] = inner;
+        assert!(err(top).starts_with("rope_scaling = "));
+        let mut types = vec![json!("dense")];
+        types.extend(std::iter::repeat_n(json!("sparse"), 11));
+        let mut inner = base();
+        inner["mlp_layer_types"] = json!(types);
+        let mut top = base();
+        top["mlp_layer_types"] = json!(["dense"]);
+        top["language_config"] = inner;
+        assert!(err(top).starts_with("mlp_layer_types = "));
+        let mut a = base();
+        a["q_lora_rank"] = Value::Null;
+        let both = json!({"language_config": a, "text_config": base()});
+        assert_eq!(parse(both).unwrap(), parse(base()).unwrap());
+        let v: Value = serde_json::from_str(DEEPSEEK_OCR_CONFIG_JSON).unwrap();
+        let c = ModelConfig::from_json_value(DEEPSEEK_OCR_NAME, &v).unwrap();
+        assert_eq!(c, ModelConfig::deepseek_ocr());
+    }
+
     #[test]
     fn an_mla_configs_head_dim_is_its_rotary_dim_and_hidden_size_need_not_divide() {
         // The vendor MLA never reads hidden_size / heads; transformers sets head_dim to

@@ -277,6 +277,13 @@ mod tests {
         assert!((plain - 0.0721688).abs() < 5e-8, "{plain}");
         assert_eq!(yarn_get_mscale(1.0, 0.707), 1.0, "no extension, no scaling");
         assert_eq!(yarn(0.0).softmax_scale_factor(), 1.0, "mscale_all_dim 0");
+        // Only mscale_all_dim decides whether the softmax is rescaled: mscale 0 beside
+        // mscale_all_dim 0.707 still gives 1.2608038² = 1.5896262.
+        let all_dim_only = YarnScaling {
+            mscale: 0.0,
+            ..yarn(0.707)
+        };
+        assert!((all_dim_only.softmax_scale_factor() - 1.5896262).abs() < 5e-7);
         assert!((yarn_get_mscale(40.0, 0.707) - 1.260804).abs() < 5e-7);
         assert!((yarn_get_mscale(40.0, 1.0) - 1.368888).abs() < 5e-7);
     }

@@ -121,6 +121,12 @@ mod tests {
         assert_eq!(percent(0.0), "0%");
         assert_eq!(percent(0.05), "5.00%");
         assert_eq!(percent(0.000521), "5.21e-2%");
+        // The boundaries of each prefix, and ratios that are not finite.
+        assert_eq!(flops(1000), "1.000 kFLOP");
+        assert_eq!(bytes(1024), "1.000 KiB");
+        assert_eq!(bytes(1_024_000), "1000 KiB");
+        assert_eq!(percent(0.01), "1.00%");
+        assert_eq!(percent(f64::INFINITY), "inf");
     }
 
     #[test]
@@ -133,5 +139,14 @@ mod tests {
             &[false, true],
         );
         assert_eq!(t, "a    bb\n---  --\nccc   d\n");
+        // Columns the alignment list does not reach are left-aligned, and no line ends
+        // in padding.
+        let rows = [
+            vec!["ab".into(), "c".into()],
+            vec!["d".into(), "eee".into()],
+        ];
+        for right in [&[false, false][..], &[]] {
+            assert_eq!(table(&rows, right), "ab  c\n--  ---\nd   eee\n");
+        }
     }
 }

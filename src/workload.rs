@@ -365,6 +365,29 @@ impl Profile {
 mod tests {
     use super::*;
 
+    /// How reports and errors name a workload: each choice that changes the op list is
+    /// shown.
+    #[test]
+    fn a_description_names_what_changes_the_op_list() {
+        let prefill = Workload::prefill(1, 512).unwrap();
+        assert_eq!(prefill.describe(), "B=1 prefill S=512 bf16");
+        assert_eq!(
+            prefill.with_tf32(true).describe(),
+            "B=1 prefill S=512 bf16 tf32"
+        );
+        assert_eq!(
+            Workload::decode(2, 7).unwrap().describe(),
+            "B=2 decode C=7 bf16"
+        );
+        assert_eq!(
+            Workload::decode(1, 5)
+                .unwrap()
+                .with_mla(MlaForm::Absorb)
+                .describe(),
+            "B=1 decode C=5 bf16 mla=absorb"
+        );
+    }
+
     #[test]
     fn another_dtype_keeps_tf32_the_platform_and_the_mla_form() {
         let w = Workload::prefill(2, 8)

@@ -336,6 +336,56 @@ mod tests {
         );
     }
 
+    /// One expert per token: the vendor renormalises only when `top_k > 1`, so
+    /// `norm_topk_prob` adds nothing; the scaling multiply stays. B = 1, S = 4, E = 64:
+    /// softmax 5·E + top-k E per token, and one multiply per token.
+    #[test]
+    fn one_expert_per_token_is_not_renormalised() {
+        let mut c = ModelConfig::deepseek_ocr();
+        let moe = c.moe.as_mut().unwrap();
+        moe.num_experts_per_tok = 1;
+        moe.norm_topk_prob = true;
+        let m = MoEGate::new(&c, &Workload::prefill(1, 4).unwrap())
+            .unwrap()
+            .metrics()
+            .unwrap();
+        assert_eq!(m.elementwise_flops, 4 * (5 * 64 + 64) + 4);
+    }
+
+    /// The group-limited router's `scores.view(N, G, E/G)` reshape copies (`clone`) only
+    /// when both G and E/G exceed 1; with one expert per group it is a view. And its
+    /// group top-k reads the N·G group maxima and writes N·topk_group values and int64
+    /// indices: V2 (G = 8, topk_group 3), N = 4: 4·8·4 + 4·3·(4 + 8) = 272 bytes.
+    #[test]
+    fn group_limited_routing_copies_and_moves_what_its_shapes_say() {
+        let clones = |c: &ModelConfig| -> (usize, Cost) {
+            let cost = MoEGate::new(c, &Workload::prefill(1, 4).unwrap())
+                .unwrap()
+                .cost()
+                .unwrap();
+            let n = cost
+                .ops()
+                .iter()
+                .filter(|o| o.op == Some("aten::clone"))
+                .count();
+            (n, cost)
+        };
+        let v2 = ModelConfig::builtin("deepseek-v2").unwrap().unwrap();
+        let (n, cost) = clones(&v2);
+        assert_eq!(n, 1);
+        let group_topk = cost
+            .ops()
+            .into_iter()
+            .find(|o| o.name.contains("topk(topk_group)"))
+            .expect("the group top-k op");
+        assert_eq!(group_topk.metrics.io_bytes, 4 * 8 * 4 + 4 * 3 * (4 + 8));
+        let mut per_expert = v2;
+        let routing = &mut per_expert.moe.as_mut().unwrap().routing;
+        routing.n_group = 160;
+        routing.topk_group = 8;
+        assert_eq!(clones(&per_expert).0, 0);
+    }
+
     #[test]
     fn v3_router_matches_the_hand_derivation() {
         // docs/deepseek-family.md, "The V3 router": B = 1, S = 512.
