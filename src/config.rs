@@ -407,30 +407,40 @@ fn same_json(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// The checkpoint dtype: `torch_dtype`, else `dtype`, in the language model's config or at
-/// the top level; bf16 when neither is given. Every one given must be a string; the
-/// first is used.
+/// The checkpoint dtype: `torch_dtype` (transformers 4) or `dtype` (transformers 5), in the
+/// language model's config or at the top level; bf16 when none is given. Every one given
+/// must be a valid dtype string, and all must name the same dtype: which spelling or level
+/// a loader reads first is not modelmeter's to guess.
 fn model_dtype(cfg: &Fields, root: &Map<String, Value>) -> Result<Dtype> {
-    let mut found = None;
+    let mut found: Option<(&str, &String, Dtype)> = None;
     for key in ["torch_dtype", "dtype"] {
         let values = [cfg.present(key), root.get(key).filter(|v| !v.is_null())];
         for value in values.into_iter().flatten() {
-            match value {
-                Value::String(text) => found = found.or(Some((key, text))),
-                v => {
+            let Value::String(text) = value else {
+                return Err(Error::invalid(
+                    key,
+                    value,
+                    &format!("a string: {MODEL_DTYPE_SPELLINGS}"),
+                ));
+            };
+            let dtype = Dtype::parse_model(key, text)?;
+            match found {
+                Some((first, first_text, first_dtype)) if first_dtype != dtype => {
                     return Err(Error::invalid(
                         key,
-                        v,
-                        &format!("a string: {MODEL_DTYPE_SPELLINGS}"),
+                        text,
+                        &format!(
+                            "the dtype {first} gives ({first_text}), or one of the two left out: \
+                             modelmeter does not guess which one the model is loaded in"
+                        ),
                     ))
                 }
+                Some(_) => {}
+                None => found = Some((key, text, dtype)),
             }
         }
     }
-    match found {
-        Some((key, text)) => Dtype::parse_model(key, text),
-        None => Ok(Dtype::Bf16),
-    }
+    Ok(found.map_or(Dtype::Bf16, |(_, _, dtype)| dtype))
 }
 
 pub(crate) fn unsupported(field: &str, value: &str, reason: &str) -> Error {
@@ -926,7 +936,17 @@ mod tests {
         let mut dtype = json!({"torch_dtype": "float32", "beta_fast": 32});
         dtype["language_config"] = base();
         dtype["language_config"]["torch_dtype"] = Value::Null;
-        assert_eq!(parse(dtype).unwrap().dtype, Dtype::F32);
+        assert_eq!(parse(dtype.clone()).unwrap().dtype, Dtype::F32);
+        // The dtype given twice: the same dtype however spelled, or refused.
+        dtype["language_config"]["dtype"] = json!("torch.float32");
+        assert_eq!(parse(dtype.clone()).unwrap().dtype, Dtype::F32);
+        dtype["language_config"]["dtype"] = json!("bfloat16");
+        let e = err(dtype);
+        assert!(
+            e.starts_with("dtype = bfloat16 ")
+                && e.contains("the dtype torch_dtype gives (float32)"),
+            "{e}"
+        );
     }
 
     /// A field inside `rope_scaling` or `rope_parameters` is named with that key: a bare
