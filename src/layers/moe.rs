@@ -60,10 +60,11 @@ impl DeepseekV2MoE {
 }
 
 impl DeepseekV2MoE {
-    /// (experts, rows each) of the routed experts that receive tokens, most rows first:
-    /// the measured rows when the workload has them (each > 0, at most E experts, N·k
-    /// rows in all), else the N·k rows spread as evenly as integers allow over
-    /// min(E, N·k) experts.
+    /// (experts, rows each) of the routed experts that receive tokens, in the order they
+    /// run: the measured rows when the workload has them (each > 0, at most E experts, N·k
+    /// rows in all), in expert index order as the vendor loop runs them, neighbours with
+    /// equal rows as one group; else the N·k rows spread as evenly as integers allow over
+    /// min(E, N·k) experts, most rows first.
     fn expert_loads(&self, rows: u64) -> Result<Vec<(u64, u64)>> {
         let experts = self.moe.n_routed_experts;
         let Some(measured) = &self.expert_rows else {
@@ -92,10 +93,8 @@ impl DeepseekV2MoE {
                 ),
             ));
         }
-        let mut sorted = measured.clone();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
         let mut loads: Vec<(u64, u64)> = Vec::new();
-        for r in sorted {
+        for &r in measured {
             match loads.last_mut() {
                 Some((calls, last)) if *last == r => *calls += 1,
                 _ => loads.push((1, r)),
@@ -108,12 +107,11 @@ impl DeepseekV2MoE {
     /// tokens runs the MLP over its own slice and reads its own weights. FLOPs depend only
     /// on the N·k rows; the weight bytes read on how many experts run, and the CUDA
     /// blocks on each expert's rows ([`Workload::expert_rows`]; by default the rows
-    /// spread as evenly as integers allow). Experts with the same rows are one node,
-    /// repeated. The vendor runs the experts in index order, each output kept for the
-    /// `cat`; the groups here run most rows first, so the peak (the last call's on top of
-    /// the outputs before it) can differ from the vendor's order by one expert's
-    /// intermediates — invisible while the combine that follows (N·k·h) dominates, as it
-    /// does when m < h (every shipped config; exact in every sweep).
+    /// spread as evenly as integers allow). Neighbouring experts with the same rows are one
+    /// node, repeated. The experts run in index order, as the vendor's loop runs them,
+    /// each output kept for the `cat`: the peak is an expert's intermediates on top of the
+    /// outputs of the experts before it, so the order matters where those intermediates
+    /// (rows·m) outweigh the combine that follows (N·k·h), as when m > h.
     fn routed_experts(&self, sorted: &TensorMeta, rows: u64) -> Result<Cost> {
         let experts = self.moe.n_routed_experts;
         let loads = self.expert_loads(rows)?;
@@ -426,6 +424,38 @@ mod tests {
                 "{rows:?}"
             );
         }
+    }
+
+    /// The experts run in index order, each output kept for the `cat`, so where an
+    /// expert's intermediates (3·rows·m live at its peak) outweigh the outputs, the peak
+    /// depends on how many rows ran before the busiest expert. A small MoE (h = 16,
+    /// m = 64, E = 4, k = 2, no shared experts), B = 2, S = 1, fp32 on the CPU: with the
+    /// busiest expert last ([1, 1, 2]) the two earlier outputs (2 rows · h · 4 bytes =
+    /// 128 bytes) sit under its peak, with it first ([2, 1, 1]) nothing does. libtorch
+    /// measured 2,096 bytes for the first routing (seed 1 routed [1, 1, 0, 2]).
+    #[test]
+    fn the_experts_peak_follows_their_index_order() {
+        let config = ModelConfig::from_json_str(
+            "small MoE",
+            r#"{"hidden_size": 16, "num_attention_heads": 1, "head_dim": 2,
+                "intermediate_size": 32, "moe_intermediate_size": 64,
+                "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": null,
+                "num_hidden_layers": 2, "first_k_dense_replace": 1, "vocab_size": 100}"#,
+        )
+        .unwrap();
+        let peak = |rows: Vec<u64>| {
+            let w = Workload::prefill(2, 1)
+                .unwrap()
+                .with_dtype(Dtype::F32)
+                .unwrap()
+                .on(Platform::Cpu)
+                .with_expert_rows(rows);
+            let cost = DeepseekV2MoE::new(&config, &w).unwrap().cost().unwrap();
+            cost.peak.peak_bytes
+        };
+        let (last, first) = (peak(vec![1, 1, 2]), peak(vec![2, 1, 1]));
+        assert_eq!(last, 2_096);
+        assert_eq!(last - first, 2 * 16 * 4);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! rotary width, d_r = 2, is a boundary of the config: the vendor's de-interleave
 //! `reshape` is a view there, a copy at every larger width.
 
-use modelmeter::layers::AttentionImpl;
+use modelmeter::layers::{AttentionImpl, LayerId};
 use modelmeter::{Dtype, MlaForm, ModelConfig, Phase, Platform, Workload};
 use modelmeter_verify::compare::Status;
 use modelmeter_verify::hooks::TestHooks;
@@ -121,4 +121,57 @@ fn one_token_one_key_one_sequence_agree_exactly_in_every_attention_form() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// An MoE whose experts' intermediates outweigh their outputs (m = 4·h) and whose busiest
+/// expert runs last in index order (seed 1 routes [1, 1, 0, 2]): the measured peak holds
+/// the earlier experts' outputs under the busiest one's intermediates, as the vendor loop
+/// runs them. Both MoE layers, at tolerance 0.
+#[test]
+fn the_moe_peak_follows_the_experts_index_order() {
+    let config = ModelConfig::from_json_str(
+        "small MoE, m = 4·h",
+        r#"{"hidden_size": 16, "num_attention_heads": 1, "head_dim": 2,
+            "intermediate_size": 32, "moe_intermediate_size": 64,
+            "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": null,
+            "num_hidden_layers": 2, "first_k_dense_replace": 1, "vocab_size": 100}"#,
+    )
+    .unwrap();
+    let layers = applicable_layers(&config)
+        .into_iter()
+        .filter(|p| matches!(p.layer, LayerId::MoE | LayerId::DecoderMoe))
+        .collect::<Vec<_>>();
+    assert_eq!(layers.len(), 2, "the MoE and the MoE decoder layer");
+    let plan = Plan {
+        layers,
+        workload: Workload::new(2, Phase::Prefill { seq_len: 1 }, Dtype::F32)
+            .unwrap()
+            .on(Platform::Cpu),
+        config,
+        attention: AttentionImpl::Sdpa,
+        device: tch::Device::Cpu,
+        tolerance: 0.0,
+        seed: 1,
+        hooks: TestHooks::default(),
+    };
+    for layer in runner::verify(&plan, &mut |_| {}) {
+        assert_eq!(
+            layer.tokens_per_expert.as_deref(),
+            Some(&[1, 1, 0, 2][..]),
+            "{}: the routing this test is about",
+            layer.name
+        );
+        let bad: Vec<String> = layer
+            .metrics
+            .iter()
+            .filter(|r| matches!(r.status, Status::Fail | Status::Error))
+            .map(|r| format!("{:?} {} vs {}", r.metric, r.analytic, r.measured))
+            .collect();
+        assert!(
+            bad.is_empty() && layer.error.is_none(),
+            "{}: {bad:?} {:?}",
+            layer.name,
+            layer.error
+        );
+    }
 }
