@@ -644,13 +644,16 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
         seed: args.seed,
         hooks: TestHooks::default(),
     };
+    // Its refusals say what they are (a workload that does not fit, an overflow, a config
+    // value a layer cannot take): no common label, which would call the latter two a
+    // matter of memory.
     match &model {
-        Some(model) => crate::memory::check_model(&plan, model, spec, &info)
-            .map_err(anyhow::Error::msg)
-            .context("memory pre-check")?,
-        None if args.sweep.is_none() => crate::memory::check(&plan, spec, &info)
-            .map_err(anyhow::Error::msg)
-            .context("memory pre-check")?,
+        Some(model) => {
+            crate::memory::check_model(&plan, model, spec, &info).map_err(anyhow::Error::msg)?
+        }
+        None if args.sweep.is_none() => {
+            crate::memory::check(&plan, spec, &info).map_err(anyhow::Error::msg)?
+        }
         None => {}
     }
     let hardware = hardware_role(args)?;
