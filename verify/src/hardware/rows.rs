@@ -368,20 +368,23 @@ pub fn tensor_row(counted: &Counted, figures: &HardwareFigures, context: &Contex
 /// The `hw_cuda_core_flops` row.
 pub fn cuda_core_row(counted: &Counted, figures: &HardwareFigures, context: &Context) -> MetricRow {
     let c = counted.cuda_core_flops;
-    let Some(h) = figures.simt_flops() else {
-        return row(
-            Check::HwCudaCoreFlops,
-            c,
-            None,
-            Status::Info,
-            unavailable(
-                figures,
-                "FP32 instruction counters (…_op_{ffma,fadd,fmul}_pred_on)",
-                &[metrics::FFMA, metrics::FADD, metrics::FMUL].concat(),
-            ),
-        );
-    };
     let share = context.simt_gemm_flops as f64 / c.max(1) as f64;
+    let checked = c > 0 && share >= SIMT_GEMM_SHARE;
+    let Some(h) = figures.simt_flops() else {
+        let mut note = unavailable(
+            figures,
+            "FP32 instruction counters (…_op_{ffma,fadd,fmul}_pred_on)",
+            &[metrics::FFMA, metrics::FADD, metrics::FMUL].concat(),
+        );
+        if checked {
+            // The one check this row makes is skipped: say so, and how to make it.
+            note.push_str(&format!(
+                "; with them this row would be checked (fp32 GEMMs are {:.1}% of the counted CUDA-core work): --ncu-replay kernel collects them",
+                share * 100.0
+            ));
+        }
+        return row(Check::HwCudaCoreFlops, c, None, Status::Info, note);
+    };
     let mut parts = vec![format!(
         "2·FMA + ADD + MUL thread instructions: FP32 {}",
         figures.cuda_core_flops.unwrap_or(0)
@@ -393,7 +396,7 @@ pub fn cuda_core_row(counted: &Counted, figures: &HardwareFigures, context: &Con
         });
     }
     let breakdown = parts.join(", ");
-    let (status, note) = if c > 0 && share >= SIMT_GEMM_SHARE {
+    let (status, note) = if checked {
         // A decode-sized step pads its SIMT GEMMs to tile rows too.
         let small = if context.tokens < SMALL_GEMM_ROWS {
             c
@@ -732,6 +735,19 @@ mod tests {
         let cuda = cuda_core_row(&counted(0, gemm + 500_000), &f, &ctx);
         assert_eq!((cuda.measured, cuda.status), (85_642_240, Status::Pass));
         assert!(cuda.note.unwrap().contains("the band applies"));
+        // Without SASS instruction counts (application range replay) it is not checked,
+        // and the row says that it would be, and how.
+        let none = HardwareFigures {
+            cuda_core_flops: None,
+            ..f
+        };
+        let cuda = cuda_core_row(&counted(0, gemm + 500_000), &none, &ctx);
+        assert_eq!(cuda.status, Status::Info);
+        let note = cuda.note.unwrap();
+        assert!(
+            note.starts_with("unavailable") && note.contains("--ncu-replay kernel collects them"),
+            "{note}"
+        );
     }
 
     #[test]
