@@ -1303,6 +1303,22 @@ mod tests {
                 mla("rope_scaling", json!({"type": "default"})),
                 "rope_scaling.type = default ",
             ),
+            // The vendor divides by both rotation counts (ZeroDivisionError at 0; a
+            // module built with 0 computed NaN rotary tables).
+            (
+                mla(
+                    "rope_scaling",
+                    json!({"type": "yarn", "factor": 40, "beta_fast": 0}),
+                ),
+                "rope_scaling.beta_fast = 0 ",
+            ),
+            (
+                mla(
+                    "rope_scaling",
+                    json!({"type": "yarn", "factor": 40, "beta_slow": 0}),
+                ),
+                "rope_scaling.beta_slow = 0 ",
+            ),
             (
                 mla("rope_scaling", json!({"type": "dynamic", "factor": 2})),
                 "rope_scaling.type = dynamic ",

@@ -197,11 +197,18 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
             ))
         }
     }
-    let number = |name: &str, default: f64| -> Result<f64> {
+    // `min_exclusive`: the beta values are rotation counts the vendor divides by
+    // (`yarn_find_correction_dim`: ZeroDivisionError at 0); the mscales may be 0.
+    let number = |name: &str, default: f64, min_exclusive: bool| -> Result<f64> {
         match nested.present(name) {
             None => Ok(default),
             Some(v) => match v.as_f64() {
-                Some(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                Some(x) if x.is_finite() && (x > 0.0 || (x == 0.0 && !min_exclusive)) => Ok(x),
+                _ if min_exclusive => Err(Error::invalid(
+                    &field(name),
+                    v,
+                    "a finite number > 0 (a rotation count the vendor divides by)",
+                )),
                 _ => Err(Error::invalid(&field(name), v, "a finite number ≥ 0")),
             },
         }
@@ -231,10 +238,10 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
     Ok(Some(YarnScaling {
         factor,
         original_max_position_embeddings: original,
-        beta_fast: number("beta_fast", 32.0)?,
-        beta_slow: number("beta_slow", 1.0)?,
-        mscale: number("mscale", 1.0)?,
-        mscale_all_dim: number("mscale_all_dim", 0.0)?,
+        beta_fast: number("beta_fast", 32.0, true)?,
+        beta_slow: number("beta_slow", 1.0, true)?,
+        mscale: number("mscale", 1.0, false)?,
+        mscale_all_dim: number("mscale_all_dim", 0.0, false)?,
     }))
 }
 
