@@ -244,6 +244,11 @@ struct Adjustments {
     /// flash form pads the values to d_qk and runs the fused kernel. Named in the note,
     /// not adjusted (reference/parity/README.md, "Values are not padded").
     cpu_mla_sdpa: bool,
+    /// An MLA attention in the weight-absorbed form: transformers has only the
+    /// decompressing form, whose matmuls are other ones, so its FlopCounterMode total is
+    /// no witness of this layer's (the `oracle_flops` row is information only); the
+    /// outputs of the two forms still compare.
+    absorbed: bool,
 }
 
 impl Adjustments {
@@ -256,6 +261,9 @@ impl Adjustments {
                 && plan.workload.mla == modelmeter::MlaForm::Naive
                 && plan.attention == modelmeter::layers::AttentionImpl::Sdpa
                 && plan.device == Device::Cpu,
+            absorbed: runs_attention(pairing)
+                && plan.config.mla.is_some()
+                && plan.workload.mla == modelmeter::MlaForm::Absorb,
         }
     }
 }
@@ -348,12 +356,13 @@ fn rows(
     dtype: Dtype,
     adjust: &Adjustments,
 ) -> Vec<MetricRow> {
-    let (Some(total), Some(err)) = (answer.fcm_total, answer.rel_err) else {
-        let why = answer
-            .error
-            .clone()
-            .unwrap_or_else(|| "no FlopCounterMode total or output error in its answer".into());
-        return vec![oracle_error(why)];
+    if let Some(why) = &answer.error {
+        return vec![oracle_error(why.clone())];
+    }
+    let Some(total) = answer.fcm_total else {
+        return vec![oracle_error(
+            "no FlopCounterMode total in its answer".into(),
+        )];
     };
     let mut ours = measured_fcm_ops(result);
     let mut adjustments = Vec::new();
@@ -402,12 +411,15 @@ fn rows(
             total == measured && differences.is_empty(),
             unwitnessed.is_empty(),
         ) {
+            _ if adjust.absorbed => Status::Info,
             (true, true) => Status::Pass,
             (true, false) => Status::KnownGap,
             (false, _) => Status::Fail,
         },
         note: Some({
-            let mut note = if differences.is_empty() {
+            let mut note = if adjust.absorbed {
+                "information only, not a witness: transformers has no weight-absorbed MLA, so torch's FlopCounterMode total (analytic column) is its decompressing form's matmuls, and this layer ran the absorbed form's (measured); the output row compares the two forms' results".to_string()
+            } else if differences.is_empty() {
                 "analytic column: torch's FlopCounterMode on the transformers module; measured: this project's FlopCounterMode-compatible count".to_string()
             } else {
                 format!(
@@ -433,10 +445,18 @@ fn rows(
         unavailable: false,
     };
     let bound = output_bound(dtype);
-    let (checked, problems) = side_checks(answer, bound);
-    let mut note = format!(
-        "‖out − ref‖/‖ref‖ = {err:.3e} against the transformers module (bound {bound:e} in {dtype})"
-    );
+    let (checked, mut problems) = side_checks(answer, bound);
+    let mut note = match answer.rel_err {
+        Some(err) => format!(
+            "‖out − ref‖/‖ref‖ = {err:.3e} against the transformers module (bound {bound:e} in {dtype})"
+        ),
+        None => {
+            // The script answers null for a ratio that is not finite: an output holding
+            // NaN or inf (or a reference output of norm 0). Never a pass.
+            problems.push("the relative error is not finite: an output holds NaN or inf, or transformers' output is all zeros".to_string());
+            format!("‖out − ref‖/‖ref‖ is not a number against the transformers module (bound {bound:e} in {dtype})")
+        }
+    };
     for part in checked.iter().chain(&problems) {
         note.push_str("; ");
         note.push_str(part);
@@ -445,8 +465,8 @@ fn rows(
         metric: Check::OracleOutput,
         analytic: 0,
         measured: 0,
-        rel_diff: Some(err),
-        status: if err <= bound && problems.is_empty() {
+        rel_diff: answer.rel_err,
+        status: if answer.rel_err.is_some_and(|err| err <= bound) && problems.is_empty() {
             Status::Pass
         } else {
             Status::Fail
@@ -592,6 +612,47 @@ mod tests {
             rows(&blind, &more, Dtype::F32, &adjust)[0].status,
             Status::Fail
         );
+    }
+
+    /// An output the script could not measure a finite error for (a module that computed
+    /// NaN: the script answers null) fails the output row; the FLOP row is still judged.
+    #[test]
+    fn an_output_error_that_is_not_a_number_fails() {
+        let layer = layer_with(&[("aten::mm", 100, 100)]);
+        let mut answer = torch_counted(&[("aten::mm", 100)]);
+        answer.rel_err = None;
+        let [flops, output] = &rows(&layer, &answer, Dtype::F32, &Adjustments::default())[..]
+        else {
+            panic!("two rows")
+        };
+        assert_eq!(flops.status, Status::Pass);
+        assert_eq!((output.status, output.rel_diff), (Status::Fail, None));
+        assert!(output.note.as_deref().unwrap().contains("not finite"));
+    }
+
+    /// The weight-absorbed MLA has no transformers counterpart: its FLOP row is shown for
+    /// information, equal or not, and never passes; the output row is still judged.
+    #[test]
+    fn an_absorbed_layers_flops_are_information_not_a_witness() {
+        let absorbed = Adjustments {
+            absorbed: true,
+            ..Adjustments::default()
+        };
+        let layer = layer_with(&[("aten::bmm", 44, 44), ("aten::mm", 384, 384)]);
+        for torch in [
+            torch_counted(&[("aten::bmm", 12), ("aten::mm", 416)]),
+            torch_counted(&[("aten::bmm", 44), ("aten::mm", 384)]),
+        ] {
+            let [flops, output] = &rows(&layer, &torch, Dtype::F32, &absorbed)[..] else {
+                panic!("two rows")
+            };
+            assert_eq!((flops.status, output.status), (Status::Info, Status::Pass));
+            assert!(flops
+                .note
+                .as_deref()
+                .unwrap()
+                .starts_with("information only, not a witness"));
+        }
     }
 
     /// The output bounds the README states (1e-5 in fp32, 2e-2 in bf16, 1e-2 in fp16),
