@@ -569,15 +569,19 @@ def apply_norm_topk_adapter(router, top_k, norm_topk_prob, rsf, adapters):
     """HF `DeepseekV2TopkRouter` deletes `norm_topk_prob` and always returns
     `topk_scores * routed_scaling_factor`. The vendor MoEGate, when top_k > 1 and
     norm_topk_prob, returns `topk_scores / (sum + 1e-20) * routed_scaling_factor`. We keep HF's
-    logits and indices and recompute only the weights the vendor way, from HF's own softmax."""
+    logits and indices and recompute only the weights the vendor way, from HF's own softmax.
+    With group_limited_greedy both zero the experts outside the chosen groups before the
+    top-k (HF's masked_fill at modeling_deepseek_v2.py:114, the vendor's likewise), so a
+    top-k wider than the chosen groups picks some at weight 0: HF's weight of 0 marks them,
+    and they stay 0 here (an unmasked expert whose softmax is 0 is 0 either way)."""
     if not (top_k > 1 and norm_topk_prob):
         return
     orig = router.forward
 
     def forward(hidden_states):
-        router_logits, _hf_weights, topk_indices = orig(hidden_states)
+        router_logits, hf_weights, topk_indices = orig(hidden_states)
         scores = router_logits.softmax(dim=-1, dtype=torch.float32)
-        topk = scores.gather(-1, topk_indices)
+        topk = scores.gather(-1, topk_indices).masked_fill(hf_weights == 0, 0.0)
         denominator = topk.sum(dim=-1, keepdim=True) + 1e-20
         return router_logits, topk / denominator * rsf, topk_indices
 

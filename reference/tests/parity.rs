@@ -361,6 +361,13 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
     v3_top1.moe.as_mut().unwrap().num_experts_per_tok = 1;
     let mut v2_norm = v2.clone();
     v2_norm.moe.as_mut().unwrap().norm_topk_prob = true;
+    // A top-k wider than the chosen groups (one group of two experts, k > 2): both routers
+    // pick experts outside it at weight 0, which the normalisation must keep at 0.
+    let mut v2_narrow_norm = v2_norm.clone();
+    let moe = v2_narrow_norm.moe.as_mut().unwrap();
+    assert!(moe.num_experts_per_tok > 2 && moe.n_routed_experts % 2 == 0);
+    moe.routing.n_group = moe.n_routed_experts / 2;
+    moe.routing.topk_group = 1;
     let mut v3_plain = v3.clone();
     let m = v3_plain.moe.as_mut().unwrap();
     m.norm_topk_prob = false;
@@ -373,6 +380,7 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
         (&v3_top1, "V3", &["v3_norm_topk_prob_top1"][..]),
         // Transformers' V2 router never normalises.
         (&v2_norm, "V2", &["norm_topk_prob"][..]),
+        (&v2_narrow_norm, "V2", &["norm_topk_prob"][..]),
         (&v3_plain, "V3", &[][..]),
     ] {
         let (gate, moe_class) = match family {
