@@ -232,6 +232,27 @@ impl ModelConfig {
                 ));
             }
         }
+        // A nested config that states none of the fields while the top level does (seen in
+        // re-exported checkpoints: `"language_config": {}`) would be refused for its first
+        // missing field, which the top level has: say what is wrong instead. Which one the
+        // model runs is as ambiguous as below (transformers would take its defaults).
+        if let Some((nested, obj)) = given.first() {
+            let states = |o: &Map<String, Value>| {
+                o.iter()
+                    .any(|(k, v)| LANGUAGE_FIELDS.contains(&k.as_str()) && !v.is_null())
+            };
+            if !states(obj) && states(root) {
+                return Err(Error::invalid(
+                    nested,
+                    "an object with none of the language model's fields",
+                    &format!(
+                        "the language model's config, or no {nested} at all: the top level states \
+                         the fields, but transformers reads {nested} and would take its \
+                         defaults; remove the empty {nested} or fill it"
+                    ),
+                ));
+            }
+        }
         let obj = given.first().map_or(root, |(_, obj)| *obj);
         let cfg = Fields { obj, within: None };
 
@@ -933,6 +954,16 @@ mod tests {
                 "{e}"
             );
         }
+        // An empty nested config beside a top level that states the fields: said as such,
+        // not as a missing hidden_size.
+        let mut empty = base();
+        empty["language_config"] = json!({"architectures": ["DeepseekV2ForCausalLM"]});
+        let e = err(empty);
+        assert!(
+            e.starts_with("language_config = an object with none of the language model's fields")
+                && e.contains("remove the empty language_config or fill it"),
+            "{e}"
+        );
         let mut dtype = json!({"torch_dtype": "float32", "beta_fast": 32});
         dtype["language_config"] = base();
         dtype["language_config"]["torch_dtype"] = Value::Null;
