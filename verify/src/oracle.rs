@@ -256,16 +256,18 @@ impl Adjustments {
         Adjustments {
             rotary_bmm: rotary_matmul_flops(plan, pairing),
             latent_mm: latent_redecompression_flops(plan, pairing),
-            cpu_mla_sdpa: runs_attention(pairing)
-                && plan.config.mla.is_some()
-                && plan.workload.mla == modelmeter::MlaForm::Naive
+            cpu_mla_sdpa: mla_form(plan, pairing) == Some(modelmeter::MlaForm::Naive)
                 && plan.attention == modelmeter::layers::AttentionImpl::Sdpa
                 && plan.device == Device::Cpu,
-            absorbed: runs_attention(pairing)
-                && plan.config.mla.is_some()
-                && plan.workload.mla == modelmeter::MlaForm::Absorb,
+            absorbed: mla_form(plan, pairing) == Some(modelmeter::MlaForm::Absorb),
         }
     }
+}
+
+/// The form of the MLA attention `pairing` runs under `plan`; `None` when it runs none
+/// (a layer without attention, or a multi-head-attention config).
+fn mla_form(plan: &Plan, pairing: crate::pairing::Pairing) -> Option<modelmeter::MlaForm> {
+    (runs_attention(pairing) && plan.config.mla.is_some()).then_some(plan.workload.mla)
 }
 
 /// The layer runs an attention: the attention itself or a decoder layer.
@@ -286,7 +288,7 @@ fn latent_redecompression_flops(plan: &Plan, pairing: crate::pairing::Pairing) -
     else {
         return 0;
     };
-    if !runs_attention(pairing) || plan.workload.mla != modelmeter::MlaForm::Naive {
+    if mla_form(plan, pairing) != Some(modelmeter::MlaForm::Naive) {
         return 0;
     }
     let width = mla.qk_nope_head_dim.saturating_add(mla.v_head_dim);
