@@ -529,11 +529,12 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_model_that_cannot_fit_names_what_to_lower() {
+    /// A `--model` run of DeepSeek-OCR's first two layers in fp32 (eager attention): a
+    /// prompt of `seq_len` tokens, then `new_tokens` generated.
+    fn two_layer_model(seq_len: u64, new_tokens: u64) -> (Plan, ModelPlan) {
         let p = Plan {
             config: ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
-            workload: Workload::prefill(1, 64)
+            workload: Workload::prefill(1, seq_len)
                 .unwrap()
                 .with_dtype(modelmeter::Dtype::F32)
                 .unwrap(),
@@ -542,9 +543,15 @@ mod tests {
         let model = ModelPlan {
             num_layers: 2,
             config_layers: 12,
-            new_tokens: 8,
+            new_tokens,
             verbose: false,
         };
+        (p, model)
+    }
+
+    #[test]
+    fn a_model_that_cannot_fit_names_what_to_lower() {
+        let (p, model) = two_layer_model(64, 8);
         let need = model_need(&p, &model).unwrap();
         // fp32 parameters: embedding + lm_head, a dense and a MoE layer, the final norm.
         let vocab = 4 * 2 * 165_478_400;
@@ -600,20 +607,7 @@ mod tests {
     /// prefill. S = 1, n = 1000, two layers of DeepSeek-OCR in fp32, eager attention.
     #[test]
     fn a_long_generations_last_step_bounds_the_models_working_memory() {
-        let p = Plan {
-            config: ModelConfig::deepseek_ocr().first_layers(2).unwrap(),
-            workload: Workload::prefill(1, 1)
-                .unwrap()
-                .with_dtype(modelmeter::Dtype::F32)
-                .unwrap(),
-            ..plan(1)
-        };
-        let model = ModelPlan {
-            num_layers: 2,
-            config_layers: 12,
-            new_tokens: 1000,
-            verbose: false,
-        };
+        let (p, model) = two_layer_model(1, 1000);
         let need = model_need(&p, &model).unwrap();
         let cost = |w: &Workload| {
             modelmeter::metrics::sums_only(|| {
@@ -622,7 +616,7 @@ mod tests {
             .unwrap()
         };
         let last = cost(
-            &Workload::decode(1, 999 + 1)
+            &Workload::decode(1, 1 + 1000 - 1)
                 .unwrap()
                 .with_dtype(modelmeter::Dtype::F32)
                 .unwrap()
