@@ -47,6 +47,8 @@ pub struct SweepCase {
     pub config: ModelConfig,
     pub workload: Workload,
     pub attention: AttentionImpl,
+    /// The corner the case was moved into, if any ([`Corner`]).
+    pub corner: Option<Corner>,
 }
 
 /// Head dims a sweep draws from half of the time (else 64 or 128): ones that CUDA
@@ -102,12 +104,19 @@ pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
     if mla {
         mla_fields(&mut m, &mut config_json, experts);
     }
+    // Corners the draws above never make: a third of the cases, from a stream of their
+    // own again, so that the other cases stay what they were.
+    let mut c = Rng::new(seed ^ (index as u64).wrapping_mul(0x8bb8_4b93_962e_acc9) ^ 0x636f_726e);
+    let corner = c.chance(3).then(|| corner(&mut c, &mut config_json, mla));
     let config = ModelConfig::from_json_value(
         &format!("sweep seed {seed} case {}", index + 1),
         &config_json,
     )
     .expect("generated configs are valid");
-    let batch = r.range(1, 3);
+    let batch = match corner {
+        Some(Corner::WideBatch) => c.range(4, 8),
+        _ => r.range(1, 3),
+    };
     let phase = if r.chance(2) {
         Phase::Prefill {
             seq_len: r.range(1, 48),
@@ -136,7 +145,74 @@ pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
         config,
         workload,
         attention,
+        corner,
     }
+}
+
+/// A corner [`generate`] moved its case into ([`corner`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Corner {
+    /// MLA only: the narrowest rotary and latent widths (`qk_rope_head_dim` 2, 4 or 6,
+    /// `qk_nope_head_dim` 8 or 24, `kv_lora_rank` 4, 8 or 12): a rotary slice of one pair
+    /// is a view where wider ones are copies, and d_qk is no multiple of 8.
+    NarrowMla,
+    /// A hidden size that is no multiple of 64 (8 to 120 in steps of 8).
+    NarrowHidden,
+    /// Every routed expert chosen for every token (`num_experts_per_tok` = experts, greedy
+    /// routing; at most 8 experts).
+    EveryExpert,
+    /// MLP widths of 1 to 4 (`intermediate_size`, `moe_intermediate_size`): GEMMs of one
+    /// column, expert outputs smaller than their inputs.
+    TinyMlp,
+    /// Batches of 4 to 8 sequences.
+    WideBatch,
+}
+
+/// Moves the case's config into one corner, drawn from `c`; returns which.
+fn corner(c: &mut Rng, cfg: &mut Value, mla: bool) -> Corner {
+    let pick = |c: &mut Rng, xs: &[u64]| xs[c.range(0, xs.len() as u64 - 1) as usize];
+    let corners: &[Corner] = if mla {
+        &[
+            Corner::NarrowMla,
+            Corner::NarrowHidden,
+            Corner::EveryExpert,
+            Corner::TinyMlp,
+            Corner::WideBatch,
+        ]
+    } else {
+        &[
+            Corner::NarrowHidden,
+            Corner::EveryExpert,
+            Corner::TinyMlp,
+            Corner::WideBatch,
+        ]
+    };
+    let chosen = corners[c.range(0, corners.len() as u64 - 1) as usize];
+    match chosen {
+        Corner::NarrowMla => {
+            let d_r = pick(c, &[2, 4, 6]);
+            let d_n = pick(c, &[8, 24]);
+            cfg["qk_rope_head_dim"] = json!(d_r);
+            cfg["qk_nope_head_dim"] = json!(d_n);
+            cfg["v_head_dim"] = json!(pick(c, &[4, 8, 16]).min(d_n + d_r));
+            cfg["kv_lora_rank"] = json!(pick(c, &[4, 8, 12]));
+        }
+        Corner::NarrowHidden => cfg["hidden_size"] = json!(8 * c.range(1, 15)),
+        Corner::EveryExpert => {
+            let experts = c.range(1, 8);
+            cfg["n_routed_experts"] = json!(experts);
+            cfg["num_experts_per_tok"] = json!(experts);
+            cfg["topk_method"] = json!("greedy");
+            cfg["n_group"] = json!(1);
+            cfg["topk_group"] = json!(1);
+        }
+        Corner::TinyMlp => {
+            cfg["intermediate_size"] = json!(c.range(1, 4));
+            cfg["moe_intermediate_size"] = json!(c.range(1, 4));
+        }
+        Corner::WideBatch => {}
+    }
+    chosen
 }
 
 /// Turns the generated multi-head config into an MLA one (DeepSeek-V2/V3 keys): the query
@@ -361,6 +437,51 @@ mod tests {
         assert!(cases
             .iter()
             .all(|c| c.workload.dtype == modelmeter::Dtype::F32));
+    }
+
+    #[test]
+    fn a_third_of_the_cases_sit_in_a_corner_and_every_corner_is_drawn() {
+        let cases: Vec<SweepCase> = (0..200).map(|i| generate(7, i, &fp32())).collect();
+        let cornered = cases.iter().filter(|c| c.corner.is_some()).count();
+        assert!(
+            (40..100).contains(&cornered),
+            "{cornered} cases in a corner"
+        );
+        let moe = |c: &SweepCase| c.config.moe.clone().unwrap();
+        for corner in [
+            Corner::NarrowMla,
+            Corner::NarrowHidden,
+            Corner::EveryExpert,
+            Corner::TinyMlp,
+            Corner::WideBatch,
+        ] {
+            let of: Vec<&SweepCase> = cases.iter().filter(|c| c.corner == Some(corner)).collect();
+            assert!(!of.is_empty(), "no case in {corner:?}");
+            for c in of {
+                let holds = match corner {
+                    Corner::NarrowMla => c
+                        .config
+                        .mla
+                        .as_ref()
+                        .is_some_and(|m| m.qk_rope_head_dim <= 6 && m.kv_lora_rank <= 12),
+                    Corner::NarrowHidden => c.config.hidden_size % 64 != 0,
+                    Corner::EveryExpert => moe(c).num_experts_per_tok == moe(c).n_routed_experts,
+                    Corner::TinyMlp => {
+                        c.config.intermediate_size <= 4 && moe(c).moe_intermediate_size <= 4
+                    }
+                    Corner::WideBatch => c.workload.batch >= 4,
+                };
+                assert!(holds, "case {} is not in {corner:?}", c.index);
+            }
+        }
+        // The one-pair rotary, where the vendor's de-interleave is a view, not a copy.
+        assert!(cases.iter().any(|c| c
+            .config
+            .mla
+            .as_ref()
+            .is_some_and(|m| m.qk_rope_head_dim == 2)));
+        // A single routed expert, chosen for every token.
+        assert!(cases.iter().any(|c| moe(c).n_routed_experts == 1));
     }
 
     #[test]
