@@ -1025,6 +1025,35 @@ pub(crate) fn written_bytes<'t>(
         .try_fold(total, |total, t| sum("io_bytes", &[total, t.bytes()?]))
 }
 
+/// Bytes of the temporary an op allocates inside itself and frees before it returns, where
+/// the conventions know of one; `None` for every other op. `aten::softmax` and
+/// `aten::log_softmax` with a `dtype` (their `.int` overloads, what
+/// `softmax(x, dim, dtype=torch.float32)` dispatches) whose input has another dtype convert
+/// the input first (`input.toType(dtype)` in ATen's `SoftMax.cpp`) and run `_softmax` on
+/// the copy: a temporary the size of the output, live while the op runs. Not an op output,
+/// so neither side of `activation_bytes` or `peak_activation_bytes` counts it, but the
+/// allocator holds it ([`crate::liveness::Peak::allocator_peak_bytes`]). On CUDA an fp16
+/// input converted to fp32 runs `_softmax(half_to_float)` instead, without the copy: the
+/// figure is the CPU's and bf16's, an allowance on the safe side for CUDA fp16.
+pub fn converted_input_bytes<A: AsArg>(
+    op: &str,
+    inputs: &[A],
+    outputs: &[TensorMeta],
+) -> Result<Option<u64>> {
+    if !matches!(op, "aten::softmax" | "aten::log_softmax") {
+        return Ok(None);
+    }
+    let has_dtype = inputs
+        .iter()
+        .any(|a| matches!(a.as_arg(), ArgRef::Other("ScalarType")));
+    match (inputs.first().map(|a| a.as_arg()), outputs.first()) {
+        (Some(ArgRef::Tensor(input)), Some(out)) if has_dtype && input.dtype != out.dtype => {
+            out.bytes().map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// True for an in-place op (`aten::mul_`, `aten::copy_`): by ATen's naming rule its name
 /// ends in `_`, and it returns (and writes) its first argument instead of allocating.
 pub fn is_in_place(op: &str) -> bool {

@@ -10,6 +10,12 @@
 //! output) and keeps (new KV-cache tensors) stays allocated after it. Kernel scratch and
 //! wrapped scalars, which no op list names, are not modelled.
 //!
+//! Beside that peak, [`Peak::allocator_peak_bytes`] adds the temporaries an op allocates
+//! inside itself and frees before it returns, where the conventions name them
+//! ([`crate::conventions::converted_input_bytes`]: `softmax(x, dtype=float32)` of bf16 or
+//! fp16 scores converts them first): not an op output, so outside `peak_activation_bytes`
+//! on both sides, but memory the device must have (the memory pre-check's figure).
+//!
 //! Every size is tracked twice: as the tensor's bytes (the CPU allocator) and as its CUDA
 //! caching-allocator block ([`crate::allocator::cuda_round_size`]).
 
@@ -31,6 +37,12 @@ pub struct Peak {
     pub returned_bytes: u64,
     /// Bytes the call leaves allocated for later calls (new KV-cache tensors).
     pub kept_bytes: u64,
+    /// `peak_bytes` with each op's named temporaries live while it runs (the module docs):
+    /// the high-water mark the allocator sees, kernel scratch and wrapped scalars aside.
+    /// Not in reports: no metric compares it (the `peak_activation_bytes` row's note
+    /// shows it beside the allocator's own peak).
+    #[serde(skip)]
+    pub allocator_peak_bytes: u64,
 }
 
 impl Peak {
@@ -54,6 +66,10 @@ impl Peak {
             peak_bytes: each
                 .checked_mul(n - 1)
                 .and_then(|b| b.checked_add(self.peak_bytes))
+                .ok_or_else(overflow)?,
+            allocator_peak_bytes: each
+                .checked_mul(n - 1)
+                .and_then(|b| b.checked_add(self.allocator_peak_bytes))
                 .ok_or_else(overflow)?,
             returned_bytes: self.returned_bytes.checked_mul(n).ok_or_else(overflow)?,
             kept_bytes: self.kept_bytes.checked_mul(n).ok_or_else(overflow)?,
@@ -126,6 +142,8 @@ pub(crate) struct Liveness {
     returns_said: bool,
     live: Sizes,
     peak: Sizes,
+    /// `peak` with the ops' temporaries ([`Liveness::temporary`]) and the sub-layers'.
+    allocator_peak: Sizes,
     /// Bytes kept by sub-layers (KV cache): live until the end, never released here.
     kept: Sizes,
 }
@@ -175,6 +193,7 @@ impl Liveness {
             returns_said: false,
             live: [0, 0],
             peak: [0, 0],
+            allocator_peak: [0, 0],
             kept: [0, 0],
         }
     }
@@ -183,12 +202,20 @@ impl Liveness {
     pub(crate) fn allocate(&mut self, sizes: Sizes) -> Result<StorageId> {
         self.live = add(self.live, sizes)?;
         self.peak = max(self.peak, self.live);
+        self.allocator_peak = max(self.allocator_peak, self.live);
         let allocations = &mut self.buffers.allocations;
         allocations.push(Allocation { sizes, live: true });
         Ok(StorageId {
             builder: self.builder,
             index: allocations.len() - 1,
         })
+    }
+
+    /// The op that just allocated its outputs also holds a temporary of `sizes` while it
+    /// runs, freed before it returns: it counts in the allocator's peak only.
+    pub(crate) fn temporary(&mut self, sizes: Sizes) -> Result<()> {
+        self.allocator_peak = max(self.allocator_peak, add(self.live, sizes)?);
+        Ok(())
     }
 
     /// Whether `id` is one of this builder's allocations and still live.
@@ -233,6 +260,8 @@ impl Liveness {
     ) -> Result<()> {
         let during = add(self.live, [peak[0].peak_bytes, peak[1].peak_bytes])?;
         self.peak = max(self.peak, during);
+        let allocator = [peak[0].allocator_peak_bytes, peak[1].allocator_peak_bytes];
+        self.allocator_peak = max(self.allocator_peak, add(self.live, allocator)?);
         let kept = [peak[0].kept_bytes, peak[1].kept_bytes];
         self.kept = add(self.kept, kept)?;
         self.live = add(self.live, kept)?;
@@ -299,6 +328,7 @@ impl Liveness {
         let returned = parts.iter().fold([0, 0], |t, s| [t[0] + s[0], t[1] + s[1]]);
         let peaks = [0, 1].map(|i| Peak {
             peak_bytes: self.peak[i],
+            allocator_peak_bytes: self.allocator_peak[i],
             returned_bytes: returned[i],
             kept_bytes: kept[i],
         });
@@ -361,6 +391,7 @@ mod tests {
             peak_bytes: 50,
             returned_bytes: 8,
             kept_bytes: 4,
+            allocator_peak_bytes: 70,
         };
         let mut out = Vec::new();
         l.call([child, child], &[[8, 512]], |s| out.push(s))
@@ -369,8 +400,38 @@ mod tests {
         l.returns(out);
         let ([bytes, _], _) = l.finish();
         assert_eq!(bytes.peak_bytes, 150);
+        assert_eq!(
+            bytes.allocator_peak_bytes, 170,
+            "the child's temporaries too"
+        );
         assert_eq!(bytes.returned_bytes, 8);
         assert_eq!(bytes.kept_bytes, 4, "the child's KV cache stays");
+    }
+
+    /// An op's temporary sits on top of what is live when it runs, its own outputs
+    /// included, and only in the allocator's peak.
+    #[test]
+    fn a_temporary_counts_in_the_allocators_peak_only() {
+        let mut l = Liveness::new();
+        let input = l.allocate([10, 512]).unwrap();
+        let out = l.allocate([40, 512]).unwrap();
+        l.temporary([40, 512]).unwrap();
+        l.release(Some(input), || "input".into()).unwrap();
+        let _cast = l.allocate([20, 512]).unwrap();
+        l.release(Some(out), || "out".into()).unwrap();
+        let ([bytes, blocks], _) = l.finish();
+        assert_eq!(bytes.peak_bytes, 60, "out and its cast");
+        assert_eq!(
+            bytes.allocator_peak_bytes, 90,
+            "input, out and the temporary"
+        );
+        assert_eq!(blocks.allocator_peak_bytes, 3 * 512);
+        // Smaller than what is live later: the peak is the later one.
+        let mut l = Liveness::new();
+        let _a = l.allocate([10, 512]).unwrap();
+        l.temporary([5, 512]).unwrap();
+        let _b = l.allocate([10, 512]).unwrap();
+        assert_eq!(l.finish().0[0].allocator_peak_bytes, 20);
     }
 
     #[test]
@@ -379,9 +440,11 @@ mod tests {
             peak_bytes: 30,
             returned_bytes: 10,
             kept_bytes: 0,
+            allocator_peak_bytes: 45,
         };
         let three = p.repeated(3, "expert").unwrap();
         assert_eq!(three.peak_bytes, 50);
+        assert_eq!(three.allocator_peak_bytes, 65);
         assert_eq!(three.returned_bytes, 30);
         assert_eq!(p.repeated(0, "expert").unwrap(), Peak::default());
         // What each call keeps (a KV cache) stays too: under the last call's peak are the
@@ -393,6 +456,7 @@ mod tests {
                 peak_bytes: 30 + 2 * (10 + 4),
                 returned_bytes: 30,
                 kept_bytes: 12,
+                allocator_peak_bytes: 45 + 2 * (10 + 4),
             }
         );
     }

@@ -7,8 +7,8 @@ use serde::Serialize;
 use crate::allocator::cuda_round_size;
 use crate::checked::sum;
 use crate::conventions::{
-    convention_of_static, is_in_place, written_bytes, ArgRef, OpCost, Rule, StorageId, TensorMeta,
-    Tf32,
+    convention_of_static, converted_input_bytes, is_in_place, written_bytes, ArgRef, OpCost, Rule,
+    StorageId, TensorMeta, Tf32,
 };
 use crate::error::{Error, Result};
 use crate::liveness::{Liveness, Peak};
@@ -462,6 +462,15 @@ impl CostBuilder {
                     Some(liveness) if bytes != 0 => Some(liveness.allocate([bytes, block])?),
                     _ => None,
                 };
+            }
+        }
+        // A temporary the op holds while it runs (its input converted first): the
+        // allocator's peak only.
+        if let Some(liveness) = &mut self.liveness {
+            if let Some(bytes) = converted_input_bytes(op, inputs, outputs)? {
+                let block = cuda_round_size(bytes, 0)
+                    .ok_or_else(|| Error::overflow(format!("the CUDA block of {op}")))?;
+                liveness.temporary([bytes, block])?;
             }
         }
         // Host outputs are written too, but allocate nothing on the device.

@@ -1,7 +1,8 @@
 //! The memory pre-check, before anything runs: by the analytic model, the largest layer
 //! of the plan must fit in the device's free memory: its weights, the peak of its live
-//! activations (the liveness model, [`modelmeter::liveness`]; on CUDA in the caching
-//! allocator's blocks), the KV cache a decode step finds, and the device's reserve
+//! activations with the temporaries ops hold while they run (the liveness model's
+//! allocator peak, [`modelmeter::liveness::Peak::allocator_peak_bytes`]: a bf16 softmax in
+//! fp32 converts its scores first; on CUDA in the caching allocator's blocks), the KV cache a decode step finds, and the device's reserve
 //! ([`device_reserve`]). A decode step's KV cache is filled by an uncounted prefill of
 //! `context_len` tokens that verify-decoder runs first, so that prefill must fit too.
 //!
@@ -73,7 +74,7 @@ fn needs(plan: &Plan, workload: &Workload) -> Result<Vec<Need>, Error> {
         let layer = kind.analytic(&plan.config, workload, plan.attention)?;
         let cost = modelmeter::metrics::sums_only(|| layer.cost())?;
         let m = cost.metrics;
-        let peak = cost.peak_on(plan.device.is_cuda()).peak_bytes;
+        let peak = cost.peak_on(plan.device.is_cuda()).allocator_peak_bytes;
         let cache_before = match workload.phase {
             Phase::Prefill { .. } => 0,
             Phase::Decode { .. } => m.kv_cache_bytes,
@@ -252,7 +253,7 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
         };
         let advice = advice(&estimate.needs, available, w);
         return Err(format!(
-            "the workload ({}) needs {about} {} for {} (weights + peak activations + KV cache + inputs + device reserve, from the analytic model) \
+            "the workload ({}) needs {about} {} for {} (weights + peak activations with the ops' temporaries + KV cache + inputs + device reserve, from the analytic model) \
              but {spec} has {} free; {advice}",
             w.describe(),
             units::bytes(need.bytes),
@@ -311,7 +312,10 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
             let cost = modelmeter::metrics::sums_only(|| {
                 DeepseekV2Decoder::new(&g.config, w, g.attention).cost()
             })?;
-            Ok((cost.peak_on(cuda).peak_bytes, cost.metrics.kv_cache_bytes))
+            Ok((
+                cost.peak_on(cuda).allocator_peak_bytes,
+                cost.metrics.kv_cache_bytes,
+            ))
         };
         let mut working = stack_peak(&prefill)?.0;
         if g.new_tokens > 0 {
@@ -467,11 +471,52 @@ mod tests {
         // The cache after the step (31 keys) bounds the one it starts from (30).
         let cache = 2 * b * keys * h * 4;
         assert_eq!(layer.metrics.kv_cache_bytes, cache);
+        // fp32 scores need no conversion for the fp32 softmax: no temporary.
+        assert_eq!(layer.peak.allocator_peak_bytes, layer.peak.peak_bytes);
         assert_eq!(
             need.bytes,
             layer.metrics.weight_bytes + layer.peak.peak_bytes + cache + hidden + positions + mask
         );
         assert_eq!(need.fixed_bytes, layer.metrics.weight_bytes);
+    }
+
+    /// An eager bf16 prefill's softmax in fp32 converts the scores first: the need holds
+    /// that temporary on top of the op outputs' peak. B = 3, H = 2, S = 1024: at the
+    /// softmax the masked bf16 scores, the fp32 copy and the fp32 probabilities are live
+    /// (2 + 4 + 4 bytes per score) where the outputs' peak, at the cast back, holds 2 + 4
+    /// + 2: 2·B·H·S² bytes more, what the CPU allocator was seen to need beyond the peak.
+    #[test]
+    fn an_eager_bf16_prefill_needs_its_converted_scores() {
+        let config = ModelConfig::from_json_str(
+            "tiny",
+            r#"{"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 100}"#,
+        )
+        .unwrap();
+        let p = Plan {
+            workload: Workload::prefill(3, 1024)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::Bf16)
+                .unwrap(),
+            ..Plan { config, ..plan(1) }
+        };
+        let layer = LayerId::Attention
+            .build(&p.config, &p.workload, AttentionImpl::Eager)
+            .unwrap()
+            .cost()
+            .unwrap();
+        let (b, h, s) = (3, 2, 1024);
+        assert_eq!(
+            layer.peak.allocator_peak_bytes - layer.peak.peak_bytes,
+            2 * b * h * s * s
+        );
+        // The hidden states [3, 1024, 16] bf16, the position ids, the bf16 mask.
+        let inputs = b * s * 16 * 2 + b * s * 8 + b * s * s * 2;
+        let need = &needs(&p, &p.workload).unwrap()[0];
+        assert_eq!(
+            need.bytes,
+            layer.metrics.weight_bytes + layer.peak.allocator_peak_bytes + inputs
+        );
     }
 
     /// Exactly the memory a plan needs is enough; a byte less is not.

@@ -321,8 +321,9 @@ pub(crate) fn compare_peak(
     row.note = Some(match row.note.take() {
         Some(n) => format!("{n}; {exact}"),
         None => format!(
-            "{exact}; op outputs only, the allocator's peak with scratch and wrapped scalars was {} bytes",
-            run.allocations.peak_live_bytes
+            "{exact}; op outputs only, the allocator's peak with scratch and wrapped scalars was {} bytes (modelled with the ops' temporaries: {})",
+            run.allocations.peak_live_bytes,
+            analytic.peak_on(plan.device.is_cuda()).allocator_peak_bytes
         ),
     });
     row
