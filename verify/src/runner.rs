@@ -640,6 +640,120 @@ mod tests {
         }
     }
 
+    /// A real run of a small dense MLP on the CPU in fp32, with its plan and analytic cost.
+    fn small_mlp_run() -> (Plan, Pairing, Cost, LayerRun) {
+        let config = ModelConfig::from_json_str(
+            "small",
+            r#"{"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48,
+                "num_hidden_layers": 1, "vocab_size": 100}"#,
+        )
+        .unwrap();
+        let workload = Workload::prefill(1, 4)
+            .unwrap()
+            .with_dtype(modelmeter::Dtype::F32)
+            .unwrap()
+            .on(modelmeter::Platform::Cpu);
+        let pairing = Pairing {
+            layer: modelmeter::layers::LayerId::Mlp,
+        };
+        let plan = Plan {
+            layers: vec![pairing],
+            ..Plan::on_cpu(config, workload)
+        };
+        let analytic = pairing
+            .analytic(&plan.config, &plan.workload, plan.attention)
+            .unwrap()
+            .cost()
+            .unwrap();
+        let setup = Setup {
+            device: plan.device,
+            seed: plan.seed,
+        };
+        let module = pairing.module(&plan.config).unwrap();
+        let prepared = Prepared::with_weights(
+            module,
+            &plan.config,
+            &plan.workload,
+            plan.attention,
+            &setup,
+            None,
+        )
+        .unwrap();
+        let run = Counting::Plain.run(prepared).unwrap();
+        (plan, pairing, analytic, run)
+    }
+
+    /// What the measured side cannot vouch for fails the layer, whatever the counts say:
+    /// lost allocator reports fail both memory rows, ops the conventions cannot cost add a
+    /// failing `uncounted_ops` row, ops whose outputs went unseen fail `io_bytes`, and a TF32
+    /// switch other than the workload's makes the layer an error. The untouched run passes.
+    #[test]
+    fn a_run_the_measured_side_cannot_vouch_for_never_passes() {
+        let (plan, pairing, analytic, run) = small_mlp_run();
+        let row = |r: &LayerResult, check: Check| {
+            r.metrics
+                .iter()
+                .find(|m| m.metric == check)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {} row: {:?}", check.name(), r.metrics))
+        };
+        let judged = |run: &LayerRun| judge(pairing, &plan, "DeepseekV2MLP".into(), &analytic, run);
+        let clean = judged(&run);
+        assert_eq!(clean.status, Status::Pass, "{:?}", clean.metrics);
+        assert!(clean
+            .metrics
+            .iter()
+            .all(|m| m.metric != Check::UncountedOps));
+
+        let (_, _, _, mut lost) = small_mlp_run();
+        lost.allocation_errors
+            .push("a free of an unknown block".into());
+        let r = judged(&lost);
+        assert_eq!(r.status, Status::Fail);
+        for check in [
+            Check::Exact(modelmeter::Metric::ActivationBytes),
+            Check::PeakActivationBytes,
+        ] {
+            let m = row(&r, check);
+            assert_eq!(m.status, Status::Fail, "{m:?}");
+            assert!(m.note.unwrap().contains("a free of an unknown block"));
+        }
+
+        for (op, error) in [
+            (Some("aten::foo"), None),
+            (None, Some("a record without shapes")),
+        ] {
+            let (_, _, _, mut incomplete) = small_mlp_run();
+            if let Some(op) = op {
+                incomplete.counts.unknown_ops.insert(op.into(), 2);
+            }
+            if let Some(error) = error {
+                incomplete.counts.errors.push(error.into());
+            }
+            let r = judged(&incomplete);
+            assert_eq!(r.status, Status::Fail);
+            let m = row(&r, Check::UncountedOps);
+            assert_eq!((m.status, m.rel_diff), (Status::Fail, None));
+            assert_eq!(m.measured, if op.is_some() { 2 } else { 1 });
+            assert!(m.note.unwrap().contains(op.or(error).unwrap()));
+        }
+
+        let (_, _, _, mut unseen) = small_mlp_run();
+        unseen.counts.ops_without_outputs = 1;
+        let r = judged(&unseen);
+        assert_eq!(r.status, Status::Fail);
+        let m = row(&r, Check::Exact(modelmeter::Metric::IoBytes));
+        assert_eq!(m.analytic, m.measured, "the totals agree, yet it fails");
+        assert_eq!(m.status, Status::Fail);
+        assert!(m.note.unwrap().contains("never reported their outputs"));
+
+        let (_, _, _, mut switched) = small_mlp_run();
+        switched.counts.tf32.matmul = !plan.workload.allow_tf32;
+        let r = judged(&switched);
+        assert_eq!(r.status, Status::Error);
+        assert!(r.error.unwrap().contains("TF32 switch"));
+    }
+
     #[test]
     fn layers_that_share_weights_run_next_to_each_other() {
         let config = ModelConfig::deepseek_ocr();
