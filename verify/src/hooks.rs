@@ -9,7 +9,8 @@
 pub struct TestHooks {
     /// Adds `delta` to the analytic value of `metric` (a metric name, or `flops` for the
     /// flops row's analytic total) of `layer` (with `--model`: a part of one call,
-    /// `decode[3]/layers.2` or `prefill/lm_head`).
+    /// `decode[3]/layers.2` or `prefill/lm_head`, or a phase's closed form,
+    /// `generation/decode`).
     pub perturb: Option<Perturbation>,
     /// Makes this layer fail to run (with `--model`: this call, `prefill` or `decode[2]`).
     pub fail_layer: Option<String>,

@@ -846,7 +846,12 @@ fn phases(
                 return error(stopped.unwrap_or("not every call ran").to_string());
             }
             let closed = match &closed {
-                Ok(g) => pick(g, phase),
+                // Test hooks address a phase's closed form as `generation/decode`.
+                Ok(g) => crate::runner::perturbed(
+                    &plan.hooks,
+                    &format!("generation/{phase}"),
+                    pick(g, phase),
+                ),
                 Err(e) => return error(format!("analytic generation: {e}")),
             };
             match phase_result(plan, phase, &calls, closed) {

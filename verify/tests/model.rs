@@ -600,6 +600,13 @@ fn a_mismatch_names_its_layer_and_step() {
             && table.contains("kv_cache_bytes"),
         "{table}"
     );
+    // The step's line counts 7 of its 8 exact rows equal.
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("decode step 3") && l.contains("7/8")),
+        "{table}"
+    );
     assert!(
         !table.contains("decode step 2 "),
         "exact steps are not listed without --verbose: {table}"
@@ -615,6 +622,36 @@ fn a_mismatch_names_its_layer_and_step() {
     assert!(clean.ok(), "{}", report::model_table(&clean));
 }
 
+/// The phase rows compare the generation's closed form (`Generation::metrics`), not the
+/// sum of the calls' analytic sides: a closed form one FLOP off fails its phase while
+/// every call passes.
+#[test]
+fn a_phase_row_checks_the_closed_form_not_the_calls_sum() {
+    let dir = TempDir::new("closed");
+    let config = small_config(&dir);
+    let hooks = TestHooks::perturbing("generation/decode", "matmul_flops", 1);
+    let (report, table, _) = run_model(&config, hooks);
+    assert!(!report.ok(), "{table}");
+    assert!(report.result.calls.iter().all(|c| c.status.is_ok()));
+    let phases: Vec<(&str, bool)> = report
+        .result
+        .phases
+        .iter()
+        .map(|p| (p.phase, p.status.is_ok()))
+        .collect();
+    assert_eq!(
+        phases,
+        [("prefill", true), ("decode", false), ("total", true)]
+    );
+    let decode = &report.result.phases[1];
+    let row = decode
+        .metrics
+        .iter()
+        .find(|m| m.metric.name() == "matmul_flops")
+        .unwrap();
+    assert_eq!(row.analytic, row.measured + 1, "{table}");
+}
+
 #[test]
 fn a_peak_within_the_tolerance_but_not_exact_is_not_called_exact() {
     // The peak is judged within the tolerance; a call counted exact has its parts left
@@ -622,8 +659,20 @@ fn a_peak_within_the_tolerance_but_not_exact_is_not_called_exact() {
     let dir = TempDir::new("peak");
     let config = small_config(&dir);
     let hooks = TestHooks::perturbing("decode[1]/layers.1", "peak_activation_bytes", 1);
-    let (report, table, _) = run_model_within(&config, hooks, "0.05");
+    let (report, table, junit) = run_model_within(&config, hooks, "0.05");
     assert!(report.ok(), "1 byte is within 5 %: {table}");
+    // JUnit keeps the inexact call's part too, a passing case that says so.
+    let case = junit
+        .split("<testcase ")
+        .find(|c| {
+            c.contains("classname=\"model/decode[1]/layers.1")
+                && c.contains("name=\"peak_activation_bytes\"")
+        })
+        .unwrap_or_else(|| panic!("no case for the inexact peak: {junit}"));
+    assert!(
+        case.contains("not exact") && !case.contains("<failure"),
+        "{case}"
+    );
     let step = &report.result.calls[2];
     assert_eq!(step.call.describe(), "decode step 1");
     assert!(!step.exact(), "{table}");
@@ -641,7 +690,7 @@ fn a_step_that_cannot_run_ends_the_generation_as_an_error() {
         fail_layer: Some("decode[2]".into()),
         ..TestHooks::default()
     };
-    let (report, table, _) = run_model(&config, hooks);
+    let (report, table, junit) = run_model(&config, hooks);
     assert!(!report.ok());
     let r = &report.result;
     assert_eq!(
@@ -649,6 +698,21 @@ fn a_step_that_cannot_run_ends_the_generation_as_an_error() {
         4,
         "prefill, steps 0 and 1, then step 2 fails"
     );
+    // In JUnit a phase that could not be summed is an error on every reported metric
+    // (decode and total), not a failure.
+    let reported = modelmeter_verify::check::reported().count();
+    for phase in ["decode", "total"] {
+        let errors = junit
+            .matches(&format!("classname=\"model/{phase}\" name="))
+            .count();
+        assert_eq!(errors, reported, "{junit}");
+        assert!(
+            junit.contains(&format!(
+                "classname=\"model/{phase}\" name=\"matmul_flops\"><error"
+            )),
+            "{junit}"
+        );
+    }
     assert!(r.calls[3].error.as_deref().unwrap().contains("decode[2]"));
     let statuses: Vec<&str> = r.phases.iter().map(|p| p.status.as_str()).collect();
     assert_eq!(statuses, ["known_gap", "error", "error"]);
