@@ -280,6 +280,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(picked.len(), 2);
+        // A name given twice runs (and counts) once.
+        let picked = select(
+            &REGISTRY,
+            &["MoEGate", "DeepseekV2MLP", "MoEGate"],
+            &builtin("deepseek-v3"),
+            MlaForm::Naive,
+            AttentionImpl::Eager,
+            false,
+        )
+        .unwrap();
+        let names: Vec<&str> = picked
+            .iter()
+            .map(|p| p.name(AttentionImpl::Eager))
+            .collect();
+        assert_eq!(names, ["MoEGate", "DeepseekV2MLP"]);
     }
 
     #[test]

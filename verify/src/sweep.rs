@@ -594,6 +594,17 @@ mod tests {
             "{cmd}"
         );
         assert!(!cmd.contains("--layers"));
+        assert!(
+            cmd.contains(" --accept-rel-diff 0.05") && !cmd.contains("--allow-tf32"),
+            "{cmd}"
+        );
+        // The sweep's tolerance and TF32 setting travel with the replay.
+        let tf32 = generate(1, 0, &fp32().with_tf32(true));
+        let cmd = replay_command("verify-decoder", &tf32, "/tmp/x.json", "cpu", 1, 0.0, &[]);
+        assert!(
+            cmd.contains(" --accept-rel-diff 0 ") && cmd.contains(" --allow-tf32"),
+            "{cmd}"
+        );
         let cmd = replay_command(
             "verify-decoder",
             &c,

@@ -128,6 +128,55 @@ fn an_activation_row_off_by_a_byte_fails_and_says_not_exact_beside_the_scratch_n
     );
 }
 
+/// A sweep whose cases error (a layer that cannot run) or fail (a perturbed row): each
+/// case is listed with its replay, the count says none passed, the JSON keeps the
+/// sweep's tolerance.
+#[test]
+fn a_sweeps_failing_and_errored_cases_are_listed_with_their_replays() {
+    for (hooks, verdict) in [
+        (
+            TestHooks {
+                fail_layer: Some("MoEGate".into()),
+                ..TestHooks::default()
+            },
+            "error",
+        ),
+        (TestHooks::perturbing("MoEGate", "matmul_flops", 1), "fail"),
+    ] {
+        let args = [
+            "--sweep",
+            "2",
+            "--seed",
+            "3",
+            "--layers",
+            "MoEGate",
+            "--accept-rel-diff",
+            "0",
+        ];
+        let (report, j) = run(&args, hooks);
+        assert!(!report.summary().ok());
+        assert_eq!(j["summary"][verdict], 2, "{}", j["summary"]);
+        assert_eq!(j["tolerance"], 0.0);
+        let table = report::to_table(&report);
+        assert!(
+            table.contains("sweep seed 3: 0 of 2 configurations pass"),
+            "{table}"
+        );
+        let replays: Vec<&str> = table
+            .lines()
+            .filter(|l| l.starts_with("replay: "))
+            .collect();
+        assert_eq!(replays.len(), 2, "{table}");
+        for (case, replay) in report.cases.iter().zip(&replays) {
+            assert_eq!(case.replay.as_deref(), replay.strip_prefix("replay: "));
+            assert!(
+                replay.contains(" --accept-rel-diff 0 ") && replay.ends_with(" --layers MoEGate"),
+                "{replay}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_layer_that_cannot_run_is_an_error_and_the_others_still_run() {
     let hooks = TestHooks {
