@@ -618,11 +618,7 @@ mod tests {
             "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}"#;
         for text in [mha, mla] {
             let config = ModelConfig::from_json_str("small", text).unwrap();
-            let workload = Workload::prefill(1, 8)
-                .unwrap()
-                .with_dtype(modelmeter::Dtype::F32)
-                .unwrap()
-                .on(modelmeter::Platform::Cpu);
+            let workload = fp32_prefill_on_cpu(8);
             let plan = Plan {
                 layers: crate::plan::applicable_layers(&config),
                 ..Plan::on_cpu(config, workload)
@@ -640,6 +636,15 @@ mod tests {
         }
     }
 
+    /// One sequence of `seq_len` tokens in fp32 on the CPU.
+    fn fp32_prefill_on_cpu(seq_len: u64) -> Workload {
+        Workload::prefill(1, seq_len)
+            .unwrap()
+            .with_dtype(modelmeter::Dtype::F32)
+            .unwrap()
+            .on(modelmeter::Platform::Cpu)
+    }
+
     /// A real run of a small dense MLP on the CPU in fp32, with its plan and analytic cost.
     fn small_mlp_run() -> (Plan, Pairing, Cost, LayerRun) {
         let config = ModelConfig::from_json_str(
@@ -648,11 +653,7 @@ mod tests {
                 "num_hidden_layers": 1, "vocab_size": 100}"#,
         )
         .unwrap();
-        let workload = Workload::prefill(1, 4)
-            .unwrap()
-            .with_dtype(modelmeter::Dtype::F32)
-            .unwrap()
-            .on(modelmeter::Platform::Cpu);
+        let workload = fp32_prefill_on_cpu(4);
         let pairing = Pairing {
             layer: modelmeter::layers::LayerId::Mlp,
         };
