@@ -156,7 +156,7 @@ pub enum Corner {
     /// `qk_nope_head_dim` 8 or 24, `kv_lora_rank` 4, 8 or 12): a rotary slice of one pair
     /// is a view where wider ones are copies, and d_qk is no multiple of 8.
     NarrowMla,
-    /// A hidden size that is no multiple of 64 (8 to 120 in steps of 8).
+    /// A hidden size that is no multiple of 64 (8 to 120 in steps of 8, 64 left out).
     NarrowHidden,
     /// Every routed expert chosen for every token (`num_experts_per_tok` = experts, greedy
     /// routing; at most 8 experts).
@@ -197,7 +197,11 @@ fn corner(c: &mut Rng, cfg: &mut Value, mla: bool) -> Corner {
             cfg["v_head_dim"] = json!(pick(c, &[4, 8, 16]).min(d_n + d_r));
             cfg["kv_lora_rank"] = json!(pick(c, &[4, 8, 12]));
         }
-        Corner::NarrowHidden => cfg["hidden_size"] = json!(8 * c.range(1, 15)),
+        Corner::NarrowHidden => {
+            // 8 to 120 in steps of 8, 64 left out.
+            let k = c.range(1, 14);
+            cfg["hidden_size"] = json!(8 * (k + u64::from(k >= 8)));
+        }
         Corner::EveryExpert => {
             let experts = c.range(1, 8);
             cfg["n_routed_experts"] = json!(experts);
@@ -472,6 +476,17 @@ mod tests {
                     Corner::WideBatch => c.workload.batch >= 4,
                 };
                 assert!(holds, "case {} is not in {corner:?}", c.index);
+            }
+        }
+        // Every corner holds whatever the seed (`NarrowHidden` once drew 64).
+        for seed in 0..20 {
+            for c in (0..200).map(|i| generate(seed, i, &fp32())) {
+                match c.corner {
+                    Some(Corner::NarrowHidden) => assert_ne!(c.config.hidden_size % 64, 0),
+                    Some(Corner::TinyMlp) => assert!(c.config.intermediate_size <= 4),
+                    Some(Corner::WideBatch) => assert!(c.workload.batch >= 4),
+                    _ => {}
+                }
             }
         }
         // The one-pair rotary, where the vendor's de-interleave is a view, not a copy.
