@@ -1,8 +1,8 @@
 //! The memory pre-check, before anything runs: by the analytic model, the largest layer
 //! of the plan must fit in the device's free memory: its weights, the peak of its live
 //! activations with the temporaries ops hold while they run (the liveness model's
-//! allocator peak, [`modelmeter::liveness::Peak::allocator_peak_bytes`]: a bf16 softmax in
-//! fp32 converts its scores first; on CUDA in the caching allocator's blocks), the KV cache a decode step finds, and the device's reserve
+//! allocator peak, [`modelmeter::liveness::Peak::allocator_peak_bytes`]: a bf16 softmax
+//! in fp32 converts its scores first; on CUDA in the caching allocator's blocks), the KV cache a decode step finds, and the device's reserve
 //! ([`device_reserve`]). A decode step's KV cache is filled by an uncounted prefill of
 //! `context_len` tokens that verify-decoder runs first, so that prefill must fit too.
 //!
@@ -363,7 +363,8 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
 }
 
 /// Checks that a `--model` run fits in the device's free memory: all weights, the largest
-/// call's KV cache and peak activations, the inputs and the device's reserve. A refusal
+/// call's KV cache and peak activations (with the ops' temporaries), the inputs and the
+/// device's reserve. A refusal
 /// names what dominates and the option to lower.
 pub fn check_model(
     plan: &Plan,
@@ -393,7 +394,7 @@ pub fn check_model(
         "lower --new-tokens, --seq-len or --batch".to_string()
     };
     Err(format!(
-        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, the largest call's KV cache, peak activations and inputs {} — the KV cache alone is {} at {} tokens —, device reserve {}; from the analytic model) but {spec} has {} free; {lower}",
+        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, the largest call's KV cache, peak activations with the ops' temporaries and inputs {} — the KV cache alone is {} at {} tokens —, device reserve {}; from the analytic model) but {spec} has {} free; {lower}",
         model.num_layers,
         model.config_layers,
         plan.workload.describe(),
@@ -676,6 +677,45 @@ mod tests {
         // The prompt's ids and positions (int64) and the eager mask [1, 1, 1, 1] fp32.
         let inputs = 8 + 8 + 4;
         assert_eq!(need.working_bytes, cache + last.peak.peak_bytes + inputs);
+    }
+
+    /// In bf16 with eager attention the model's working memory holds the converted
+    /// scores of the largest call's softmax: the stack's allocator peak, not its outputs'.
+    /// Two dense layers of 8 heads and a vocabulary of 100, a prompt of 256 tokens: the
+    /// scores outweigh every other activation.
+    #[test]
+    fn a_bf16_models_working_memory_holds_the_softmaxs_temporaries() {
+        let config = ModelConfig::from_json_str(
+            "eight heads",
+            r#"{"hidden_size": 64, "num_attention_heads": 8, "intermediate_size": 32,
+                "num_hidden_layers": 2, "vocab_size": 100}"#,
+        )
+        .unwrap();
+        let s = 256;
+        let p = Plan {
+            config,
+            workload: Workload::prefill(1, s)
+                .unwrap()
+                .with_dtype(modelmeter::Dtype::Bf16)
+                .unwrap(),
+            ..plan(1)
+        };
+        let model = ModelPlan {
+            num_layers: 2,
+            config_layers: 2,
+            new_tokens: 0,
+            verbose: false,
+        };
+        let need = model_need(&p, &model).unwrap();
+        let stack = modelmeter::metrics::sums_only(|| {
+            DeepseekV2Decoder::new(&p.config, &p.workload, p.attention).cost()
+        })
+        .unwrap();
+        // The fp32 copy of the [1, 8, S, S] scores, less what is freed by then.
+        assert!(stack.peak.allocator_peak_bytes > stack.peak.peak_bytes);
+        // The prompt's ids and positions (int64) and the eager mask [1, 1, S, S] bf16.
+        let inputs = s * 8 + s * 8 + s * s * 2;
+        assert_eq!(need.working_bytes, stack.peak.allocator_peak_bytes + inputs);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! without it was killed by the kernel for want of memory instead of being refused.
 //!
 //! A prefill's high-water mark, as libtorch's CPU allocator reported it during the forward,
-//! must be the modelled one, to the byte but for the wrapped scalars no op list names
-//! (`/ sqrt(d)`: 12 bytes in fp32), for the multi-head and both MLA forms in each dtype.
+//! must be the modelled one: to the byte in bf16 and fp16, and in fp32 but for the wrapped
+//! scalar no op list names (the scores' scale, `/ sqrt(d)` or `* softmax_scale`: at most 12
+//! bytes), for the multi-head and both MLA forms, at these widths (at other small widths the
+//! CPU's reduced-precision GEMMs may add kernel scratch of their own, up to about 1 MiB).
 //! A decode step's reduced-precision matrix-vector products allocate scratch inside their
 //! kernels (not modelled, docs/memory.md): there the model is a lower bound.
 
@@ -95,7 +97,10 @@ fn the_allocator_peak_of_an_eager_attention_is_the_modelled_one() {
                 let scratch = allocator.checked_sub(modelled);
                 match w.phase {
                     Phase::Prefill { .. } => assert!(
-                        scratch.is_some_and(|s| s <= 16),
+                        match dtype {
+                            Dtype::F32 => scratch.is_some_and(|s| s <= 12),
+                            _ => scratch == Some(0),
+                        },
                         "{what}: the allocator's peak {allocator}, modelled {modelled}"
                     ),
                     Phase::Decode { .. } => assert!(
