@@ -671,16 +671,14 @@ mod tests {
             seed: plan.seed,
         };
         let module = pairing.module(&plan.config).unwrap();
-        let prepared = Prepared::with_weights(
+        let run = modelmeter_reference::harness::run_layer(
             module,
             &plan.config,
             &plan.workload,
             plan.attention,
             &setup,
-            None,
         )
         .unwrap();
-        let run = Counting::Plain.run(prepared).unwrap();
         (plan, pairing, analytic, run)
     }
 
