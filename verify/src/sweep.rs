@@ -36,6 +36,11 @@ impl Rng {
     pub fn chance(&mut self, one_in: u64) -> bool {
         self.next_u64() % one_in == 0
     }
+
+    /// One of `xs` (not empty), uniformly.
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.range(0, xs.len() as u64 - 1) as usize]
+    }
 }
 
 /// One generated case.
@@ -61,7 +66,7 @@ pub const UNUSUAL_HEAD_DIMS: [u64; 8] = [6, 20, 36, 40, 96, 160, 192, 256];
 pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
     let mut r = Rng::new(seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f));
     let head_dim = if r.chance(2) {
-        UNUSUAL_HEAD_DIMS[r.range(0, UNUSUAL_HEAD_DIMS.len() as u64 - 1) as usize]
+        r.pick(&UNUSUAL_HEAD_DIMS)
     } else if r.chance(2) {
         64
     } else {
@@ -69,7 +74,7 @@ pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
     };
     let heads = r.range(1, 8);
     let divisors: Vec<u64> = (1..=heads).filter(|d| heads % d == 0).collect();
-    let kv_heads = divisors[r.range(0, divisors.len() as u64 - 1) as usize];
+    let kv_heads = r.pick(&divisors);
     let hidden = 64 * r.range(2, 8);
     let experts = r.range(2, 16);
     let k = r.range(1, experts.min(6));
@@ -168,34 +173,34 @@ pub enum Corner {
     WideBatch,
 }
 
+impl Corner {
+    /// Every corner, [`Corner::NarrowMla`] first.
+    pub const ALL: [Corner; 5] = [
+        Corner::NarrowMla,
+        Corner::NarrowHidden,
+        Corner::EveryExpert,
+        Corner::TinyMlp,
+        Corner::WideBatch,
+    ];
+}
+
 /// Moves the case's config into one corner, drawn from `c`; returns which.
 fn corner(c: &mut Rng, cfg: &mut Value, mla: bool) -> Corner {
-    let pick = |c: &mut Rng, xs: &[u64]| xs[c.range(0, xs.len() as u64 - 1) as usize];
-    let corners: &[Corner] = if mla {
-        &[
-            Corner::NarrowMla,
-            Corner::NarrowHidden,
-            Corner::EveryExpert,
-            Corner::TinyMlp,
-            Corner::WideBatch,
-        ]
+    // NarrowMla, first in the list, only for MLA configs.
+    let corners = if mla {
+        &Corner::ALL[..]
     } else {
-        &[
-            Corner::NarrowHidden,
-            Corner::EveryExpert,
-            Corner::TinyMlp,
-            Corner::WideBatch,
-        ]
+        &Corner::ALL[1..]
     };
-    let chosen = corners[c.range(0, corners.len() as u64 - 1) as usize];
+    let chosen = c.pick(corners);
     match chosen {
         Corner::NarrowMla => {
-            let d_r = pick(c, &[2, 4, 6]);
-            let d_n = pick(c, &[8, 24]);
+            let d_r = c.pick(&[2, 4, 6]);
+            let d_n = c.pick(&[8, 24]);
             cfg["qk_rope_head_dim"] = json!(d_r);
             cfg["qk_nope_head_dim"] = json!(d_n);
-            cfg["v_head_dim"] = json!(pick(c, &[4, 8, 16]).min(d_n + d_r));
-            cfg["kv_lora_rank"] = json!(pick(c, &[4, 8, 12]));
+            cfg["v_head_dim"] = json!(c.pick(&[4, 8, 16]).min(d_n + d_r));
+            cfg["kv_lora_rank"] = json!(c.pick(&[4, 8, 12]));
         }
         Corner::NarrowHidden => {
             // 8 to 120 in steps of 8, 64 left out.
@@ -224,10 +229,9 @@ fn corner(c: &mut Rng, cfg: &mut Value, mla: bool) -> Corner {
 /// `scoring_func`. Head dims are multiples of 8 with d_v ≤ d_qk, which every attention
 /// form and SDPA kernel takes.
 fn mla_fields(m: &mut Rng, cfg: &mut Value, experts: u64) {
-    let pick = |m: &mut Rng, xs: &[u64]| xs[m.range(0, xs.len() as u64 - 1) as usize];
-    let d_n = pick(m, &[16, 32, 64, 128]);
-    let d_r = pick(m, &[8, 16, 32, 64]);
-    let d_v = pick(m, &[8, 16, 32, 64, 128]).min(d_n + d_r);
+    let d_n = m.pick(&[16, 32, 64, 128]);
+    let d_r = m.pick(&[8, 16, 32, 64]);
+    let d_v = m.pick(&[8, 16, 32, 64, 128]).min(d_n + d_r);
     cfg["use_mla"] = json!(true);
     cfg["q_lora_rank"] = if m.chance(2) {
         Value::Null
@@ -253,7 +257,7 @@ fn mla_fields(m: &mut Rng, cfg: &mut Value, experts: u64) {
     let method = m.range(0, 2);
     match (method, groups.is_empty()) {
         (1, false) => {
-            let g = pick(m, &groups);
+            let g = m.pick(&groups);
             cfg["topk_method"] = json!("group_limited_greedy");
             cfg["n_group"] = json!(g);
             cfg["topk_group"] = json!(m.range(1, g));
@@ -261,7 +265,7 @@ fn mla_fields(m: &mut Rng, cfg: &mut Value, experts: u64) {
         (2, _) if experts >= 4 => {
             // noaux_tc: at least 2 experts per group.
             let g: Vec<u64> = (1..=experts / 2).filter(|g| experts % g == 0).collect();
-            let g = pick(m, &g);
+            let g = m.pick(&g);
             cfg["topk_method"] = json!("noaux_tc");
             cfg["n_group"] = json!(g);
             cfg["topk_group"] = json!(m.range(1, g));
@@ -452,13 +456,7 @@ mod tests {
             "{cornered} cases in a corner"
         );
         let moe = |c: &SweepCase| c.config.moe.clone().unwrap();
-        for corner in [
-            Corner::NarrowMla,
-            Corner::NarrowHidden,
-            Corner::EveryExpert,
-            Corner::TinyMlp,
-            Corner::WideBatch,
-        ] {
+        for corner in Corner::ALL {
             let of: Vec<&SweepCase> = cases.iter().filter(|c| c.corner == Some(corner)).collect();
             assert!(!of.is_empty(), "no case in {corner:?}");
             for c in of {
