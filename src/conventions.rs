@@ -1043,11 +1043,9 @@ pub fn converted_input_bytes<A: AsArg>(
     if !matches!(op, "aten::softmax" | "aten::log_softmax") {
         return Ok(None);
     }
-    let has_dtype = inputs
-        .iter()
-        .any(|a| matches!(a.as_arg(), ArgRef::Other("ScalarType")));
+    // Only a `dtype` argument makes the output's dtype differ from the input's.
     match (inputs.first().map(|a| a.as_arg()), outputs.first()) {
-        (Some(ArgRef::Tensor(input)), Some(out)) if has_dtype && input.dtype != out.dtype => {
+        (Some(ArgRef::Tensor(input)), Some(out)) if input.dtype != out.dtype => {
             out.bytes().map(Some)
         }
         _ => Ok(None),

@@ -2,9 +2,10 @@
 //! of the plan must fit in the device's free memory: its weights, the peak of its live
 //! activations with the temporaries ops hold while they run (the liveness model's
 //! allocator peak, [`modelmeter::liveness::Peak::allocator_peak_bytes`]: a bf16 softmax
-//! in fp32 converts its scores first; on CUDA in the caching allocator's blocks), the KV cache a decode step finds, and the device's reserve
-//! ([`device_reserve`]). A decode step's KV cache is filled by an uncounted prefill of
-//! `context_len` tokens that verify-decoder runs first, so that prefill must fit too.
+//! in fp32 converts its scores first; on CUDA in the caching allocator's blocks), the KV
+//! cache a decode step finds, and the device's reserve ([`device_reserve`]). A decode
+//! step's KV cache is filled by an uncounted prefill of `context_len` tokens that
+//! verify-decoder runs first, so that prefill must fit too.
 //!
 //! An overflow names the option or config field that causes it, like `modelmeter
 //! analyze` does ([`modelmeter::overflow::explain`]), so the two tools give the same
