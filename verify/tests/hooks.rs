@@ -167,12 +167,32 @@ fn a_sweeps_failing_and_errored_cases_are_listed_with_their_replays() {
             .filter(|l| l.starts_with("replay: "))
             .collect();
         assert_eq!(replays.len(), 2, "{table}");
+        let junit = report::to_junit(&report);
         for (case, replay) in report.cases.iter().zip(&replays) {
             assert_eq!(case.replay.as_deref(), replay.strip_prefix("replay: "));
             assert!(
                 replay.contains(" --accept-rel-diff 0 ") && replay.ends_with(" --layers MoEGate"),
                 "{replay}"
             );
+            // JUnit: the case's failed or errored rows end with the same command, escaped.
+            let class = format!(r#"classname="case-{}/MoEGate""#, case.index.unwrap() + 1);
+            let tag = if verdict == "fail" {
+                "<failure"
+            } else {
+                "<error"
+            };
+            let failing: Vec<&str> = junit
+                .split("<testcase ")
+                .filter(|c| c.starts_with(&class) && c.contains(tag))
+                .collect();
+            assert!(!failing.is_empty(), "{junit}");
+            let escaped = replay
+                .replace('&', "&amp;")
+                .replace('\'', "&apos;")
+                .replace('"', "&quot;");
+            for c in failing {
+                assert!(c.contains(&escaped), "{c}");
+            }
         }
     }
 }

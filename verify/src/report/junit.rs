@@ -2,7 +2,8 @@
 //! Known gaps and rows shown for information only (unavailable hardware figures among
 //! them) are skipped test cases; layers that could not run, and checks that could not be
 //! made, are errors; a passed case keeps its row's note as `<system-out>` ("not exact: …"
-//! for a row within the tolerance but unequal). The `--model` report's JUnit is written
+//! for a row within the tolerance but unequal); in a sweep, a failing case's failed and
+//! errored rows end with its replay command. The `--model` report's JUnit is written
 //! with the same [`Suite`].
 
 use super::Report;
@@ -111,13 +112,21 @@ impl Suite {
 
     /// The test case of metric row `m`.
     pub(super) fn row(&mut self, class: &str, m: &MetricRow, tolerance: f64) {
+        self.row_replayed(class, m, tolerance, None);
+    }
+
+    /// The test case of metric row `m` of a sweep case that `replay` reruns: a failed or
+    /// errored row's body ends with the command (`replay: …`), as the table's case line
+    /// does, so a CI page that shows only the JUnit still says how to reproduce it.
+    fn row_replayed(&mut self, class: &str, m: &MetricRow, tolerance: f64, replay: Option<&str>) {
+        let note = m.note.as_deref().unwrap_or("");
         self.case(
             class,
             m.metric.name(),
             m.status,
             m.unavailable,
             &m.junit_detail(tolerance),
-            m.note.as_deref().unwrap_or(""),
+            &with_replay(note, m.status, replay),
         );
     }
 
@@ -140,6 +149,21 @@ impl Suite {
     }
 }
 
+/// `note` of a row with `status`, followed by `replay: <command>` when the row failed or
+/// errored and its case has a replay command (sweeps).
+fn with_replay(note: &str, status: Status, replay: Option<&str>) -> String {
+    match replay {
+        Some(cmd) if matches!(status, Status::Fail | Status::Error) => {
+            if note.is_empty() {
+                format!("replay: {cmd}")
+            } else {
+                format!("{note}\nreplay: {cmd}")
+            }
+        }
+        _ => note.to_owned(),
+    }
+}
+
 /// The report as a JUnit XML document.
 pub fn to_junit(report: &Report) -> String {
     let mut suite = Suite::default();
@@ -150,14 +174,16 @@ pub fn to_junit(report: &Report) -> String {
             .unwrap_or_default();
         for layer in &case.layers {
             let class = format!("{prefix}{}", layer.name);
+            let replay = case.replay.as_deref();
             if let Some(cause) = &layer.error {
+                let note = with_replay("", Status::Error, replay);
                 for metric in crate::check::reported() {
-                    suite.case(&class, metric.name(), Status::Error, false, cause, "");
+                    suite.case(&class, metric.name(), Status::Error, false, cause, &note);
                 }
                 continue;
             }
             for m in &layer.metrics {
-                suite.row(&class, m, report.tolerance);
+                suite.row_replayed(&class, m, report.tolerance, replay);
             }
         }
     }
@@ -238,6 +264,24 @@ mod tests {
             errored == Outcome::Errored && body.starts_with("<error"),
             "{body}"
         );
+    }
+
+    /// Only a failed or errored row of a case with a replay carries the command.
+    #[test]
+    fn failing_rows_end_with_their_replay() {
+        let cmd = Some("verify-decoder --config c.json");
+        assert_eq!(
+            with_replay("off by 1", Status::Fail, cmd),
+            "off by 1\nreplay: verify-decoder --config c.json"
+        );
+        assert_eq!(
+            with_replay("", Status::Error, cmd),
+            "replay: verify-decoder --config c.json"
+        );
+        for status in [Status::Pass, Status::Info, Status::KnownGap] {
+            assert_eq!(with_replay("why", status, cmd), "why");
+        }
+        assert_eq!(with_replay("why", Status::Fail, None), "why");
     }
 
     #[test]
