@@ -253,6 +253,9 @@ impl ModelConfig {
                 ));
             }
         }
+        if let Some((nested, obj)) = given.first() {
+            top_level_only(root, nested, obj)?;
+        }
         let obj = given.first().map_or(root, |(_, obj)| *obj);
         let cfg = Fields { obj, within: None };
 
@@ -285,14 +288,10 @@ impl ModelConfig {
         let rope_theta = rope_theta(&cfg)?;
         let rms_norm_eps = cfg.positive_float("rms_norm_eps")?.unwrap_or(1e-6);
         let dtype = model_dtype(&cfg, root)?;
-        // The top level beside a nested config: DeepSeek-OCR's model class reads the
-        // language-model keys from the top level (its published config repeats them there),
-        // transformers' classes read the nested object. Where both state a field modelmeter
-        // reads, they must agree, or the number would be the one model's and not the other's;
-        // a field only the top level states is the nested reader's default on one side and
-        // the stated value on the other (the dtype aside: `model_dtype` reads both levels, as
-        // transformers takes a checkpoint's dtype from its top level). (Checked after the
-        // fields are read, so that a value of the wrong type is named as such first.)
+        // The top level beside a nested config: where both state a field modelmeter reads,
+        // they must agree (checked after the fields are read, so that a value of the wrong
+        // type is named as such first; see `top_level_only` for a field only the top level
+        // states).
         if let Some((nested, obj)) = given.first() {
             for (key, top) in root {
                 if !LANGUAGE_FIELDS.contains(&key.as_str())
@@ -301,29 +300,18 @@ impl ModelConfig {
                 {
                     continue;
                 }
-                let Some(inner) = obj.get(key).filter(|v| !v.is_null()) else {
-                    return Err(Error::invalid(
-                        key,
-                        top,
-                        &format!(
-                            "no value at the top level unless {nested}.{key} states it too \
-                             ({nested} leaves it out, so it takes its default there): \
-                             DeepSeek-OCR's model class reads the top level, transformers' the \
-                             nested {nested}, and modelmeter does not guess which one runs; \
-                             write it in {nested} as well, or remove it"
-                        ),
-                    ));
-                };
-                if !same_json(top, inner) {
-                    return Err(Error::invalid(
-                        key,
-                        top,
-                        &format!(
-                            "the value of {nested}.{key} ({inner}), or one of the two left out: \
-                             DeepSeek-OCR's model class reads the top level, transformers' the \
-                             nested {nested}, and modelmeter does not guess which one runs"
-                        ),
-                    ));
+                if let Some(inner) = obj.get(key).filter(|v| !v.is_null()) {
+                    if !same_json(top, inner) {
+                        return Err(Error::invalid(
+                            key,
+                            top,
+                            &format!(
+                                "the value of {nested}.{key} ({inner}), or one of the two left out: \
+                                 DeepSeek-OCR's model class reads the top level, transformers' the \
+                                 nested {nested}, and modelmeter does not guess which one runs"
+                            ),
+                        ));
+                    }
                 }
             }
         }
@@ -403,6 +391,39 @@ impl ModelConfig {
             )
         })
     }
+}
+
+/// A field modelmeter reads that the top level beside the nested config `nested` (`obj`)
+/// states and the nested one leaves out: DeepSeek-OCR's model class reads the
+/// language-model keys from the top level (its published config repeats them there),
+/// transformers' classes read the nested object, which takes its default for it; the
+/// number would be the one model's and not the other's. Checked before any field is read,
+/// so that a required field the top level alone states is named as such, not as missing
+/// (the dtype aside: `model_dtype` reads both levels, as transformers takes a checkpoint's
+/// dtype from its top level).
+fn top_level_only(root: &Map<String, Value>, nested: &str, obj: &Map<String, Value>) -> Result<()> {
+    for (key, top) in root {
+        if !LANGUAGE_FIELDS.contains(&key.as_str())
+            || top.is_null()
+            || matches!(key.as_str(), "torch_dtype" | "dtype")
+        {
+            continue;
+        }
+        if obj.get(key).is_none_or(Value::is_null) {
+            return Err(Error::invalid(
+                key,
+                top,
+                &format!(
+                    "no value at the top level unless {nested}.{key} states it too \
+                     ({nested} leaves it out, so it takes its default there): \
+                     DeepSeek-OCR's model class reads the top level, transformers' the \
+                     nested {nested}, and modelmeter does not guess which one runs; \
+                     write it in {nested} as well, or remove it"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether two JSON values state the same thing: numbers by value (`1`, `1.0` and `1e0`
@@ -939,13 +960,19 @@ mod tests {
         // A field only the top level states: one reader's value, the other's default.
         // Refused, naming it and the fix; the dtype is read from both levels, and the
         // rotary scaling's inner keys are read by nobody at the top level.
+        // Required fields among them: named as the top level's alone, not as missing.
         for (key, value) in [
             ("n_shared_experts", json!(2)),
             ("rope_theta", json!(50000.0)),
+            ("vocab_size", json!(129280)),
+            ("hidden_size", json!(1280)),
         ] {
             let mut top_only = json!({ key: value.clone() });
             top_only["language_config"] = base();
-            top_only["language_config"][key] = Value::Null;
+            top_only["language_config"]
+                .as_object_mut()
+                .unwrap()
+                .remove(key);
             let e = err(top_only);
             assert!(
                 e.starts_with(&format!("{key} = {value} "))
