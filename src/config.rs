@@ -409,7 +409,7 @@ fn top_level_only(root: &Map<String, Value>, nested: &str, obj: &Map<String, Val
         {
             continue;
         }
-        if obj.get(key).is_none_or(Value::is_null) {
+        if obj.get(key).map_or(true, Value::is_null) {
             return Err(Error::invalid(
                 key,
                 top,

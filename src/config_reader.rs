@@ -150,20 +150,101 @@ pub(crate) fn parse(name: &str, text: &[u8]) -> Result<Value> {
         }
     }
     let mut de = serde_json::Deserializer::from_slice(text);
-    let value = Filtered { nested: true }
-        .deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v))
-        .map_err(|e| parse_error(e.to_string()))?;
+    // Every error comes out placed in `text` (the reader's own messages end with their
+    // line and column, which serde_json reads back as the error's position).
+    let value = Filtered {
+        nested: true,
+        part: text,
+    }
+    .deserialize(&mut de)
+    .and_then(|v| de.end().map(|()| v))
+    .map_err(|e| parse_error(e.to_string()))?;
     Ok(value)
 }
 
-/// A JSON object with only the fields modelmeter reads; `nested` also filters the
-/// language model's nested config.
-struct Filtered {
-    nested: bool,
+/// The message of an error raised by a parser that read `inner` (a part of `outer`),
+/// without its position, and the offset in `outer` where it happened (none if the error
+/// has no position). serde_json ends a placed error's text with ` at line L column C`
+/// (columns from 1, the byte it stopped at) and reads a custom message's such ending
+/// back as its position; the text is all a generic [`MapAccess`] error gives.
+fn split_error(outer: &[u8], inner: &[u8], error: &impl fmt::Display) -> (String, Option<usize>) {
+    let message = error.to_string();
+    let position = message.rsplit_once(" at line ").and_then(|(head, tail)| {
+        let (line, column) = tail.split_once(" column ")?;
+        Some((
+            head,
+            line.parse::<usize>().ok()?,
+            column.parse::<usize>().ok()?,
+        ))
+    });
+    let Some((head, line, column)) = position.filter(|&(_, line, _)| line > 0) else {
+        return (message, None);
+    };
+    let line_start = if line == 1 {
+        0
+    } else {
+        inner
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'\n')
+            .nth(line - 2)
+            .map_or(inner.len(), |(i, _)| i + 1)
+    };
+    let in_inner = (line_start + column.saturating_sub(1)).min(inner.len());
+    let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
+    (head.to_owned(), Some(start + in_inner))
 }
 
-impl<'de> DeserializeSeed<'de> for Filtered {
+/// `message` with the line and column of `offset` in `text` at its end, both from 1 (in
+/// bytes, as serde_json counts them), where it has one.
+fn placed(message: &str, text: &[u8], offset: Option<usize>) -> String {
+    let Some(offset) = offset else {
+        return message.to_owned();
+    };
+    let before = &text[..offset.min(text.len())];
+    let line = 1 + before.iter().filter(|&&b| b == b'\n').count();
+    let start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    format!(
+        "{message} at line {line} column {}",
+        1 + before.len() - start
+    )
+}
+
+/// A JSON object with only the fields modelmeter reads; `nested` also filters the
+/// language model's nested config. `part` is the text this object's parser reads (a
+/// nested object is parsed again from its raw text, a part of its parent's), so that
+/// errors say where they are: each is placed in `part`, and so in the whole file.
+#[derive(Clone, Copy)]
+struct Filtered<'de> {
+    nested: bool,
+    part: &'de [u8],
+}
+
+impl Filtered<'_> {
+    /// The error `e` met reading the value of `key` (a parser error, placed in `part`),
+    /// with the key in front; a `NaN` or `Infinity` where a value was expected is said to
+    /// be one.
+    fn value_error<E: de::Error>(&self, key: &str, e: E) -> E {
+        let (message, at) = split_error(self.part, self.part, &e);
+        let rest = at.map_or(&[][..], |at| &self.part[at..]);
+        let message = match ["NaN", "Infinity"]
+            .into_iter()
+            .find(|word| rest.starts_with(word.as_bytes()))
+        {
+            Some(word) => format!(
+                "{key}: {word} is not a JSON number (JSON has no NaN or Infinity; write a \
+                 finite number)"
+            ),
+            None => format!("{key}: {message}"),
+        };
+        E::custom(placed(&message, self.part, at))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Filtered<'de> {
     type Value = Value;
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
@@ -171,7 +252,7 @@ impl<'de> DeserializeSeed<'de> for Filtered {
     }
 }
 
-impl<'de> Visitor<'de> for Filtered {
+impl<'de> Visitor<'de> for Filtered<'de> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -183,26 +264,121 @@ impl<'de> Visitor<'de> for Filtered {
         while let Some(key) = map.next_key::<String>()? {
             let nested = self.nested && NESTED_KEYS.contains(&key.as_str());
             if !nested && !is_read(&key) {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<IgnoredAny>()
+                    .map_err(|e| self.value_error(&key, e))?;
                 continue;
             }
-            let raw: &'de RawValue = map.next_value()?;
-            let is_object = raw.get().starts_with('{');
-            let value = if nested && is_object {
-                let mut de = serde_json::Deserializer::from_str(raw.get());
-                Filtered { nested: false }
-                    .deserialize(&mut de)
-                    .map_err(|e| de::Error::custom(format!("{key}: {e}")))?
+            let raw: &'de RawValue = map.next_value().map_err(|e| self.value_error(&key, e))?;
+            let raw_text = raw.get().as_bytes();
+            let here = Some(raw_text.as_ptr() as usize - self.part.as_ptr() as usize);
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(placed(
+                    &format!(
+                        "{key} is given twice (a config.json states each field once; Python's \
+                         json would keep the last value without a word): remove one; the second"
+                    ),
+                    self.part,
+                    here,
+                )));
+            }
+            let mut de = serde_json::Deserializer::from_str(raw.get());
+            let value = if nested && raw.get().starts_with('{') {
+                Filtered {
+                    nested: false,
+                    part: raw_text,
+                }
+                .deserialize(&mut de)
             } else if raw.get().len() > MAX_FIELD_BYTES {
-                return Err(de::Error::custom(format!(
-                    "field {key} holds {} bytes of JSON, more than the {} MiB any config.json field needs",
-                    raw.get().len(),
-                    MAX_FIELD_BYTES >> 20
+                return Err(de::Error::custom(placed(
+                    &format!(
+                        "field {key} holds {} bytes of JSON, more than the {} MiB any config.json field needs",
+                        raw.get().len(),
+                        MAX_FIELD_BYTES >> 20
+                    ),
+                    self.part,
+                    here,
                 )));
             } else {
-                serde_json::from_str(raw.get())
-                    .map_err(|e| de::Error::custom(format!("{key}: {e}")))?
+                Strict.deserialize(&mut de)
             };
+            let value = value.map_err(|e| {
+                let (message, at) = split_error(self.part, raw_text, &e);
+                de::Error::custom(placed(&format!("{key}: {message}"), self.part, at))
+            })?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// Any JSON value, built as serde_json builds a [`Value`], but an object that names a
+/// key twice is an error (serde_json keeps the last value silently): the rotary scaling's
+/// objects are read whole.
+#[derive(Clone, Copy)]
+struct Strict;
+
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = Value;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // As serde_json's own `Value`: its parser gives no non-finite number.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(self)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format!(
+                    "{key} is given twice (a config.json states each field once; Python's \
+                     json would keep the last value without a word): remove one"
+                )));
+            }
+            let value = map.next_value_seed(self)?;
             out.insert(key, value);
         }
         Ok(Value::Object(out))
@@ -256,6 +432,65 @@ mod tests {
         assert_eq!(
             parse("t", skipped.as_bytes()).unwrap(),
             serde_json::json!({})
+        );
+    }
+
+    /// Errors say where in the file they are, also inside a field's value (parsed again
+    /// from its own text) and inside the nested config; a NaN or Infinity is named.
+    #[test]
+    fn errors_are_placed_in_the_file() {
+        let err = |text: &str| parse("t", text.as_bytes()).unwrap_err().to_string();
+        for (text, expected) in [
+            (
+                "{\n  \"hidden_size\": 1e400}",
+                "hidden_size: number out of range at line 2 column 22",
+            ),
+            (
+                "{\"x\": 1,\n \"rope_scaling\": {\"type\": \"yarn\",\n  \"factor\": 1e999}}",
+                "rope_scaling: number out of range at line 3 column 17",
+            ),
+            (
+                "{\"language_config\": {\n \"rope_scaling\":\n {\"factor\": -1e999}}}",
+                "language_config: rope_scaling: number out of range at line 3 column 18",
+            ),
+            (
+                "{\n \"hidden_size\": NaN}",
+                "hidden_size: NaN is not a JSON number (JSON has no NaN or Infinity; write a \
+                 finite number) at line 2 column 17",
+            ),
+            (
+                "{\"vision\": [1,\n -Infinity]}",
+                "vision: Infinity is not a JSON number",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+    }
+
+    /// A field named twice is refused (serde_json, and Python's json, keep the last value
+    /// silently), at the top level, in the nested config and in the rotary scaling's
+    /// object; a field modelmeter never reads may repeat.
+    #[test]
+    fn a_field_given_twice_is_an_error() {
+        let err = |text: &str| parse("t", text.as_bytes()).unwrap_err().to_string();
+        let e = err("{\"hidden_size\": 1,\n \"hidden_size\": 2}");
+        assert!(
+            e.contains("hidden_size is given twice") && e.ends_with("at line 2 column 17"),
+            "{e}"
+        );
+        let e = err("{\"language_config\": {\"vocab_size\": 1, \"vocab_size\": 1}}");
+        assert!(
+            e.contains("language_config: vocab_size is given twice"),
+            "{e}"
+        );
+        let e = err("{\"rope_scaling\": {\"factor\": 2, \"factor\": 4}}");
+        assert!(e.contains("rope_scaling: factor is given twice"), "{e}");
+        let e = err("{\"text_config\": {}, \"text_config\": {}}");
+        assert!(e.contains("text_config is given twice"), "{e}");
+        assert_eq!(
+            parse("t", br#"{"id2label": 1, "id2label": 2, "vocab_size": 3}"#).unwrap(),
+            serde_json::json!({"vocab_size": 3})
         );
     }
 

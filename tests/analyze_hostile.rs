@@ -215,7 +215,11 @@ fn wrong_json_types_and_odd_paths_are_one_line_errors() {
     let cases = [
         // The field, its value, the file it is in and what is valid ({path}: the file).
         (
-            fixture_with("\"torch_dtype\": 16"),
+            include_str!("../fixtures/deepseek-ocr/config.json").replacen(
+                "\"torch_dtype\": \"bfloat16\"",
+                "\"torch_dtype\": 16",
+                1,
+            ),
             "torch_dtype = 16 (config {path}) is invalid: expected a string",
         ),
         (

@@ -353,9 +353,9 @@ fn one_path_for_two_roles_is_refused() {
 fn configs_that_are_endless_ill_typed_or_oddly_named_are_refused() {
     let dir = TempDir::new("config");
     let fixture = include_str!("../../fixtures/deepseek-ocr/config.json");
-    let body = fixture.trim_end().strip_suffix('}').unwrap();
     let typed = dir.path("typed.json");
-    std::fs::write(&typed, format!("{body}, \"torch_dtype\": 16}}")).unwrap();
+    let ill_typed = fixture.replacen("\"torch_dtype\": \"bfloat16\"", "\"torch_dtype\": 16", 1);
+    std::fs::write(&typed, ill_typed).unwrap();
     let nested = dir.path("nested.json");
     std::fs::write(&nested, "{\"language_config\": 5}").unwrap();
     let newline = dir.path("a\nb.json");
