@@ -755,6 +755,7 @@ fn layer_kinds(cfg: &Fields, layers: u64, has_moe: bool) -> Result<Vec<MlpKind>>
 /// The rotary base: `rope_parameters.rope_theta` (transformers 5), else `rope_theta`.
 /// Scaled rotary embedding is read by [`mla_config::rope_scaling`].
 fn rope_theta(cfg: &Fields) -> Result<f64> {
+    let top = cfg.positive_float("rope_theta")?;
     if let Some(params) = cfg.present("rope_parameters") {
         let p = params
             .as_object()
@@ -765,10 +766,23 @@ fn rope_theta(cfg: &Fields) -> Result<f64> {
         })
         .positive_float("rope_theta")?
         {
+            // Both stated: the vendor code reads the top level, transformers 5 the
+            // parameters; they must agree.
+            if let Some(top) = top.filter(|&top| top != theta) {
+                return Err(Error::invalid(
+                    "rope_parameters.rope_theta",
+                    theta,
+                    &format!(
+                        "{top}, as rope_theta says, or one of the two left out: the vendor code \
+                         reads rope_theta, transformers 5 rope_parameters, and modelmeter does \
+                         not guess which one runs"
+                    ),
+                ));
+            }
             return Ok(theta);
         }
     }
-    Ok(cfg.positive_float("rope_theta")?.unwrap_or(10_000.0))
+    Ok(top.unwrap_or(10_000.0))
 }
 
 #[cfg(test)]
@@ -1305,18 +1319,52 @@ mod tests {
         assert_eq!(c.layer_kinds.len(), 4096);
     }
 
-    /// Which of two spellings wins: transformers 5's `rope_parameters.rope_theta` over the
-    /// top level's `rope_theta`; YaRN from `rope_scaling` even beside a `rope_parameters`
-    /// of the default type.
+    /// Two spellings of one value: where the vendor code and transformers 5 read the same
+    /// one, it wins (`rope_scaling` beside `rope_parameters`: both take `rope_scaling`);
+    /// where they read different ones and the two differ, the config is refused, naming
+    /// both (the top level's `rope_theta` is the vendor's, `rope_parameters.rope_theta`
+    /// transformers'; `type` is the vendor's, `rope_type` transformers' first).
     #[test]
-    fn the_newer_spelling_of_a_value_wins_and_yarn_is_kept() {
-        let mut v = with("rope_theta", json!(10000.0));
+    fn two_spellings_of_a_value_agree_or_are_refused() {
+        let mut v = with("rope_theta", json!(500000));
         v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500000.0});
         assert_eq!(parse(v).unwrap().rope_theta, 500000.0);
+        let mut v = without("rope_theta");
+        v["rope_parameters"] = json!({"rope_theta": 500000.0});
+        assert_eq!(parse(v).unwrap().rope_theta, 500000.0);
+        let mut v = with("rope_theta", json!(10000.0));
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500000.0});
+        let e = err(v);
+        assert!(
+            e.starts_with("rope_parameters.rope_theta = 500000 ")
+                && e.contains("10000, as rope_theta says"),
+            "{e}"
+        );
+        for (scaling, parameters) in [
+            (
+                json!({"type": "yarn", "factor": 40}),
+                json!({"rope_type": "default"}),
+            ),
+            (
+                json!({"type": "yarn", "factor": 40}),
+                json!({"rope_type": "linear", "factor": 4}),
+            ),
+        ] {
+            let mut v = mla_base();
+            v["rope_scaling"] = scaling;
+            v["rope_parameters"] = parameters;
+            assert_eq!(parse(v).unwrap().rope_scaling.unwrap().factor, 40.0);
+        }
         let mut v = mla_base();
-        v["rope_scaling"] = json!({"type": "yarn", "factor": 40});
-        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 10000.0});
-        assert_eq!(parse(v).unwrap().rope_scaling.unwrap().factor, 40.0);
+        v["rope_scaling"] = json!({"type": "yarn", "rope_type": "yarn", "factor": 40});
+        assert_eq!(parse(v.clone()).unwrap().rope_scaling.unwrap().factor, 40.0);
+        v["rope_scaling"]["rope_type"] = json!("linear");
+        let e = err(v);
+        assert!(
+            e.starts_with("rope_scaling.rope_type = linear ")
+                && e.contains("yarn, as rope_scaling.type says"),
+            "{e}"
+        );
     }
 
     /// Values no model runs with are refused, each naming the field; the vendor or

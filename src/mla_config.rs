@@ -144,6 +144,9 @@ pub(crate) fn mla_config(cfg: &Fields) -> Result<Option<MlaConfig>> {
 
 /// The rotary scaling: `rope_scaling`, or transformers 5's `rope_parameters` when its
 /// `rope_type` is not `default`. Only YaRN is modelled, and only with MLA attention.
+/// Beside each other, `rope_scaling` wins, as in the vendor code (which reads nothing
+/// else) and in transformers 5 (`convert_rope_params_to_dict`: `rope_scaling or
+/// rope_parameters`).
 pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling>> {
     let (key, params) = match (cfg.present("rope_scaling"), cfg.present("rope_parameters")) {
         (Some(v), _) => ("rope_scaling", v),
@@ -158,6 +161,17 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
         within: Some(key),
     };
     let kind = match (nested.string("type")?, nested.string("rope_type")?) {
+        (Some(kind), Some(other)) if kind != other => {
+            return Err(Error::invalid(
+                &format!("{key}.rope_type"),
+                &other,
+                &format!(
+                    "{kind}, as {key}.type says, or one of the two left out: the vendor code \
+                     reads type, transformers rope_type first, and modelmeter does not guess \
+                     which one runs"
+                ),
+            ))
+        }
         (Some(kind), _) | (None, Some(kind)) => kind,
         (None, None) if key == "rope_parameters" => "default".to_string(),
         (None, None) => {
@@ -176,8 +190,8 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
             key,
             &params.to_string(),
             "scaled RoPE is modelled for MLA attention only (DeepseekV2YarnRotaryEmbedding); \
-             the Llama-style attention of use_mla: false configs is modelled with plain \
-             rotary embedding",
+             the Llama-style attention (of configs with use_mla: false, or with neither \
+             use_mla nor kv_lora_rank) is modelled with plain rotary embedding",
         ));
     }
     match kind.as_str() {

@@ -348,7 +348,12 @@ impl DeepseekV2Attention {
             )?;
             b.release(&[&keep])?;
             let extra = f32_op(b, "freq_extra * mask", "aten::mul", [freq_extra, &mask])?;
-            let inv_freq = f32_op(b, "inv_freq = + ", "aten::add", [&inter, &extra])?;
+            let inv_freq = f32_op(
+                b,
+                "inv_freq = freq_inter * (1 - mask) + freq_extra * mask",
+                "aten::add",
+                [&inter, &extra],
+            )?;
             b.release(&[&inter, &extra])?;
             locals.extend(freq);
             locals.push(mask);
