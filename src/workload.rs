@@ -187,7 +187,7 @@ impl Workload {
             return Err(Error::invalid(
                 what,
                 format!("{batch} × {q}"),
-                "a product below 2^64",
+                "a product below 2^64 (the tokens of one forward); lower the batch or the sequence length",
             ));
         }
         if let Phase::Decode {
@@ -490,7 +490,8 @@ mod tests {
         assert!(Workload::new(1, Phase::Prefill { seq_len: 4 }, Dtype::I64).is_err());
         let e = Workload::prefill(u64::MAX, 2).unwrap_err().to_string();
         assert!(
-            e.contains("batch × seq_len = 18446744073709551615 × 2"),
+            e.contains("batch × seq_len = 18446744073709551615 × 2")
+                && e.ends_with("lower the batch or the sequence length"),
             "{e}"
         );
         assert!(Workload::decode(1, u64::MAX).is_err());
