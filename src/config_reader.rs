@@ -230,9 +230,14 @@ impl Filtered<'_> {
     fn value_error<E: de::Error>(&self, key: &str, e: E) -> E {
         let (message, at) = split_error(self.part, self.part, &e);
         let rest = at.map_or(&[][..], |at| &self.part[at..]);
+        // serde_json's words for a value it cannot start (`NaN`, `Infinity`) or a number
+        // it cannot finish (`-Infinity`); other errors at such a word are other mistakes
+        // (a key that is not a string, a missing comma).
+        let no_value = matches!(message.as_str(), "expected value" | "invalid number");
+        let key = shown(key);
         let message = match ["NaN", "Infinity"]
             .into_iter()
-            .find(|word| rest.starts_with(word.as_bytes()))
+            .find(|word| no_value && rest.starts_with(word.as_bytes()))
         {
             Some(word) => format!(
                 "{key}: {word} is not a JSON number (JSON has no NaN or Infinity; write a \
@@ -242,6 +247,26 @@ impl Filtered<'_> {
         };
         E::custom(placed(&message, self.part, at))
     }
+}
+
+/// The longest key an error shows whole, in characters: a key modelmeter does not read
+/// may be anything, up to the file's size.
+const SHOWN_KEY_CHARS: usize = 60;
+
+/// `key` as errors show it: cut after [`SHOWN_KEY_CHARS`] characters, with `…`.
+fn shown(key: &str) -> std::borrow::Cow<'_, str> {
+    match key.char_indices().nth(SHOWN_KEY_CHARS) {
+        Some((end, _)) => format!("{}…", &key[..end]).into(),
+        None => key.into(),
+    }
+}
+
+/// The message for a key given twice: `path` names it (with the objects it is in).
+fn given_twice(path: &str) -> String {
+    format!(
+        "{path} is given twice (a config.json states each field once; Python's json would \
+         keep the last value without a word): remove one; see the second one"
+    )
 }
 
 impl<'de> DeserializeSeed<'de> for Filtered<'de> {
@@ -273,10 +298,7 @@ impl<'de> Visitor<'de> for Filtered<'de> {
             let here = Some(raw_text.as_ptr() as usize - self.part.as_ptr() as usize);
             if out.contains_key(&key) {
                 return Err(de::Error::custom(placed(
-                    &format!(
-                        "{key} is given twice (a config.json states each field once; Python's \
-                         json would keep the last value without a word): remove one; the second"
-                    ),
+                    &given_twice(&key),
                     self.part,
                     here,
                 )));
@@ -299,11 +321,15 @@ impl<'de> Visitor<'de> for Filtered<'de> {
                     here,
                 )));
             } else {
-                Strict.deserialize(&mut de)
+                Strict::default().deserialize(&mut de)
             };
             let value = value.map_err(|e| {
                 let (message, at) = split_error(self.part, raw_text, &e);
-                de::Error::custom(placed(&format!("{key}: {message}"), self.part, at))
+                de::Error::custom(placed(
+                    &format!("{}: {message}", shown(&key)),
+                    self.part,
+                    at,
+                ))
             })?;
             out.insert(key, value);
         }
@@ -313,9 +339,27 @@ impl<'de> Visitor<'de> for Filtered<'de> {
 
 /// Any JSON value, built as serde_json builds a [`Value`], but an object that names a
 /// key twice is an error (serde_json keeps the last value silently): the rotary scaling's
-/// objects are read whole.
-#[derive(Clone, Copy)]
-struct Strict;
+/// objects are read whole. `path` names the value read, from the field's value down
+/// (empty there; `a.b` below), so that a repeated key deep inside is named with the
+/// objects it is in; serde_json places the error after the second key.
+#[derive(Clone, Default)]
+struct Strict {
+    path: String,
+}
+
+impl Strict {
+    /// The reader of the value under `key` of this object.
+    fn child(&self, key: &str) -> Strict {
+        let key = shown(key);
+        Strict {
+            path: if self.path.is_empty() {
+                key.into_owned()
+            } else {
+                format!("{}.{key}", self.path)
+            },
+        }
+    }
+}
 
 impl<'de> DeserializeSeed<'de> for Strict {
     type Value = Value;
@@ -363,7 +407,9 @@ impl<'de> Visitor<'de> for Strict {
 
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::new();
-        while let Some(v) = seq.next_element_seed(self)? {
+        while let Some(v) = seq.next_element_seed(Strict {
+            path: format!("{}[{}]", self.path, out.len()),
+        })? {
             out.push(v);
         }
         Ok(Value::Array(out))
@@ -372,13 +418,11 @@ impl<'de> Visitor<'de> for Strict {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
+            let child = self.child(&key);
             if out.contains_key(&key) {
-                return Err(de::Error::custom(format!(
-                    "{key} is given twice (a config.json states each field once; Python's \
-                     json would keep the last value without a word): remove one"
-                )));
+                return Err(de::Error::custom(given_twice(&child.path)));
             }
-            let value = map.next_value_seed(self)?;
+            let value = map.next_value_seed(child)?;
             out.insert(key, value);
         }
         Ok(Value::Object(out))
@@ -435,59 +479,104 @@ mod tests {
         );
     }
 
+    /// The error of `text`, without the source's name.
+    fn error(text: &str) -> String {
+        let e = parse("t", text.as_bytes()).unwrap_err().to_string();
+        e.strip_prefix("cannot parse config t: ")
+            .unwrap_or_else(|| panic!("{e}"))
+            .to_owned()
+    }
+
+    /// The reader places its own errors by ending their messages with ` at line L
+    /// column C`, which serde_json reads back as the error's position (and then does not
+    /// add the position where the parser stands): pinned here, as the reader relies on it.
+    #[test]
+    fn serde_json_reads_a_custom_messages_position_back() {
+        let e = <serde_json::Error as de::Error>::custom("x at line 3 column 7");
+        assert_eq!(
+            (e.line(), e.column(), e.to_string()),
+            (3, 7, "x at line 3 column 7".into())
+        );
+    }
+
     /// Errors say where in the file they are, also inside a field's value (parsed again
-    /// from its own text) and inside the nested config; a NaN or Infinity is named.
+    /// from its own text) and inside the nested config; a NaN or Infinity is named, where
+    /// it is the error.
     #[test]
     fn errors_are_placed_in_the_file() {
-        let err = |text: &str| parse("t", text.as_bytes()).unwrap_err().to_string();
+        const NAN: &str =
+            "is not a JSON number (JSON has no NaN or Infinity; write a finite number)";
         for (text, expected) in [
             (
                 "{\n  \"hidden_size\": 1e400}",
-                "hidden_size: number out of range at line 2 column 22",
+                "hidden_size: number out of range at line 2 column 22".to_owned(),
             ),
             (
                 "{\"x\": 1,\n \"rope_scaling\": {\"type\": \"yarn\",\n  \"factor\": 1e999}}",
-                "rope_scaling: number out of range at line 3 column 17",
+                "rope_scaling: number out of range at line 3 column 17".to_owned(),
             ),
             (
                 "{\"language_config\": {\n \"rope_scaling\":\n {\"factor\": -1e999}}}",
-                "language_config: rope_scaling: number out of range at line 3 column 18",
+                "language_config: rope_scaling: number out of range at line 3 column 18".to_owned(),
             ),
             (
                 "{\n \"hidden_size\": NaN}",
-                "hidden_size: NaN is not a JSON number (JSON has no NaN or Infinity; write a \
-                 finite number) at line 2 column 17",
+                format!("hidden_size: NaN {NAN} at line 2 column 17"),
             ),
             (
                 "{\"vision\": [1,\n -Infinity]}",
-                "vision: Infinity is not a JSON number",
+                format!("vision: Infinity {NAN} at line 2 column 3"),
+            ),
+            // A word where no value may stand is not said to be a number.
+            (
+                "{\"vision\": [1 NaN]}",
+                "vision: expected `,` or `]` at line 1 column 15".to_owned(),
+            ),
+            (
+                "{\"vision\": {NaN: 1}}",
+                "vision: key must be a string at line 1 column 13".to_owned(),
             ),
         ] {
-            let e = err(text);
-            assert!(e.contains(expected), "{text}: {e}");
+            assert_eq!(error(text), expected, "{text}");
         }
+        // A key that is not read may be anything: errors show its start.
+        let long = "k".repeat(100_000);
+        let e = error(&format!("{{\"{long}\": NaN}}"));
+        assert!(e.starts_with(&format!("{}…: NaN ", "k".repeat(60))), "{e}");
+        assert!(e.len() < 300, "{e}");
     }
 
     /// A field named twice is refused (serde_json, and Python's json, keep the last value
     /// silently), at the top level, in the nested config and in the rotary scaling's
-    /// object; a field modelmeter never reads may repeat.
+    /// object (named with the objects it is in); a field modelmeter never reads may repeat.
     #[test]
     fn a_field_given_twice_is_an_error() {
-        let err = |text: &str| parse("t", text.as_bytes()).unwrap_err().to_string();
-        let e = err("{\"hidden_size\": 1,\n \"hidden_size\": 2}");
-        assert!(
-            e.contains("hidden_size is given twice") && e.ends_with("at line 2 column 17"),
-            "{e}"
-        );
-        let e = err("{\"language_config\": {\"vocab_size\": 1, \"vocab_size\": 1}}");
-        assert!(
-            e.contains("language_config: vocab_size is given twice"),
-            "{e}"
-        );
-        let e = err("{\"rope_scaling\": {\"factor\": 2, \"factor\": 4}}");
-        assert!(e.contains("rope_scaling: factor is given twice"), "{e}");
-        let e = err("{\"text_config\": {}, \"text_config\": {}}");
-        assert!(e.contains("text_config is given twice"), "{e}");
+        let twice = "is given twice (a config.json states each field once; Python's json \
+                     would keep the last value without a word): remove one; see the second one";
+        for (text, expected) in [
+            (
+                "{\"hidden_size\": 1,\n \"hidden_size\": 2}",
+                format!("hidden_size {twice} at line 2 column 17"),
+            ),
+            (
+                "{\"language_config\": {\"vocab_size\": 1, \"vocab_size\": 1}}",
+                format!("language_config: vocab_size {twice} at line 1 column 53"),
+            ),
+            (
+                "{\"rope_scaling\": {\"factor\": 2, \"factor\": 4}}",
+                format!("rope_scaling: factor {twice} at line 1 column 39"),
+            ),
+            (
+                "{\"rope_scaling\": {\"a\": [{\"b\": 1, \"b\": 2}]}}",
+                format!("rope_scaling: a[0].b {twice} at line 1 column 36"),
+            ),
+            (
+                "{\"text_config\": {}, \"text_config\": {}}",
+                format!("text_config {twice} at line 1 column 36"),
+            ),
+        ] {
+            assert_eq!(error(text), expected, "{text}");
+        }
         assert_eq!(
             parse("t", br#"{"id2label": 1, "id2label": 2, "vocab_size": 3}"#).unwrap(),
             serde_json::json!({"vocab_size": 3})

@@ -166,9 +166,9 @@ pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling
                 &format!("{key}.rope_type"),
                 &other,
                 &format!(
-                    "{kind}, as {key}.type says, or one of the two left out: the vendor code \
-                     reads type, transformers rope_type first, and modelmeter does not guess \
-                     which one runs"
+                    "{kind}, as {key}.type says, or one of the two left out: readers differ on \
+                     which one they take (the vendor code rope_scaling.type, transformers \
+                     rope_type first), and modelmeter does not guess"
                 ),
             ))
         }
