@@ -293,13 +293,7 @@ impl ModelConfig {
         // type is named as such first; see `top_level_only` for a field only the top level
         // states).
         if let Some((nested, obj)) = given.first() {
-            for (key, top) in root {
-                if !LANGUAGE_FIELDS.contains(&key.as_str())
-                    || top.is_null()
-                    || matches!(key.as_str(), "torch_dtype" | "dtype")
-                {
-                    continue;
-                }
+            for (key, top) in compared_at_the_top(root) {
                 if let Some(inner) = obj.get(key).filter(|v| !v.is_null()) {
                     if !same_json(top, inner) {
                         return Err(Error::invalid(
@@ -402,13 +396,7 @@ impl ModelConfig {
 /// (the dtype aside: `model_dtype` reads both levels, as transformers takes a checkpoint's
 /// dtype from its top level).
 fn top_level_only(root: &Map<String, Value>, nested: &str, obj: &Map<String, Value>) -> Result<()> {
-    for (key, top) in root {
-        if !LANGUAGE_FIELDS.contains(&key.as_str())
-            || top.is_null()
-            || matches!(key.as_str(), "torch_dtype" | "dtype")
-        {
-            continue;
-        }
+    for (key, top) in compared_at_the_top(root) {
         if obj.get(key).map_or(true, Value::is_null) {
             return Err(Error::invalid(
                 key,
@@ -424,6 +412,16 @@ fn top_level_only(root: &Map<String, Value>, nested: &str, obj: &Map<String, Val
         }
     }
     Ok(())
+}
+
+/// The top level's fields that a nested config must repeat, and agree with: those
+/// modelmeter reads, stated (not null), but the dtype (`model_dtype` reads both levels).
+fn compared_at_the_top(root: &Map<String, Value>) -> impl Iterator<Item = (&String, &Value)> {
+    root.iter().filter(|(key, top)| {
+        LANGUAGE_FIELDS.contains(&key.as_str())
+            && !top.is_null()
+            && !matches!(key.as_str(), "torch_dtype" | "dtype")
+    })
 }
 
 /// Whether two JSON values state the same thing: numbers by value (`1`, `1.0` and `1e0`
@@ -752,37 +750,43 @@ fn layer_kinds(cfg: &Fields, layers: u64, has_moe: bool) -> Result<Vec<MlpKind>>
     Ok(kinds)
 }
 
-/// The rotary base: `rope_parameters.rope_theta` (transformers 5), else `rope_theta`.
+/// The rotary base: `rope_theta`, or the one the rotary parameters transformers 5 reads
+/// state (`rope_scaling` when given, else `rope_parameters`); both stated, they agree.
 /// Scaled rotary embedding is read by [`mla_config::rope_scaling`].
 fn rope_theta(cfg: &Fields) -> Result<f64> {
     let top = cfg.positive_float("rope_theta")?;
-    if let Some(params) = cfg.present("rope_parameters") {
-        let p = params
-            .as_object()
-            .ok_or_else(|| Error::invalid("rope_parameters", params, "an object"))?;
-        if let Some(theta) = (Fields {
-            obj: p,
-            within: Some("rope_parameters"),
-        })
-        .positive_float("rope_theta")?
-        {
-            // Both stated: the vendor code reads the top level, transformers 5 the
-            // parameters; they must agree.
-            if let Some(top) = top.filter(|&top| top != theta) {
-                return Err(Error::invalid(
-                    "rope_parameters.rope_theta",
-                    theta,
-                    &format!(
-                        "{top}, as rope_theta says, or one of the two left out: the vendor code \
-                         reads rope_theta, transformers 5 rope_parameters, and modelmeter does \
-                         not guess which one runs"
-                    ),
-                ));
-            }
-            return Ok(theta);
-        }
+    // transformers 5 takes `rope_scaling`, when given, whole as its rotary parameters
+    // (`rope_scaling or rope_parameters`), and the top level's `rope_theta` where they
+    // state none; the vendor code reads the top level alone.
+    let (key, params) = match (cfg.present("rope_scaling"), cfg.present("rope_parameters")) {
+        (Some(v), _) => ("rope_scaling", v),
+        (None, Some(v)) => ("rope_parameters", v),
+        (None, None) => return Ok(top.unwrap_or(10_000.0)),
+    };
+    let p = params
+        .as_object()
+        .ok_or_else(|| Error::invalid(key, params, "an object"))?;
+    let Some(theta) = (Fields {
+        obj: p,
+        within: Some(key),
+    })
+    .positive_float("rope_theta")?
+    else {
+        return Ok(top.unwrap_or(10_000.0));
+    };
+    // Both stated: they must agree.
+    if let Some(top) = top.filter(|&top| top != theta) {
+        return Err(Error::invalid(
+            &format!("{key}.rope_theta"),
+            theta,
+            &format!(
+                "{top}, as rope_theta says, or one of the two left out: the vendor code reads \
+                 rope_theta, transformers 5 {key}.rope_theta, and modelmeter does not guess \
+                 which one runs"
+            ),
+        ));
     }
-    Ok(top.unwrap_or(10_000.0))
+    Ok(theta)
 }
 
 #[cfg(test)]
@@ -981,19 +985,24 @@ mod tests {
             ("vocab_size", json!(129280)),
             ("hidden_size", json!(1280)),
         ] {
-            let mut top_only = json!({ key: value.clone() });
-            top_only["language_config"] = base();
-            top_only["language_config"]
-                .as_object_mut()
-                .unwrap()
-                .remove(key);
-            let e = err(top_only);
-            assert!(
-                e.starts_with(&format!("{key} = {value} "))
-                    && e.contains(&format!("unless language_config.{key} states it too"))
-                    && e.contains("write it in language_config as well, or remove it"),
-                "{e}"
-            );
+            // The nested config leaves it out, or states null.
+            for removed in [true, false] {
+                let mut top_only = json!({ key: value.clone() });
+                top_only["language_config"] = base();
+                let inner = top_only["language_config"].as_object_mut().unwrap();
+                if removed {
+                    inner.remove(key);
+                } else {
+                    inner.insert(key.into(), Value::Null);
+                }
+                let e = err(top_only);
+                assert!(
+                    e.starts_with(&format!("{key} = {value} "))
+                        && e.contains(&format!("unless language_config.{key} states it too"))
+                        && e.contains("write it in language_config as well, or remove it"),
+                    "{e}"
+                );
+            }
         }
         // An empty nested config beside a top level that states the fields: said as such,
         // not as a missing hidden_size.
@@ -1340,6 +1349,17 @@ mod tests {
                 && e.contains("10000, as rope_theta says"),
             "{e}"
         );
+        // Beside rope_scaling, transformers 5 ignores rope_parameters (its rope_theta too):
+        // no disagreement, the top level's value; a rope_theta inside rope_scaling must
+        // agree with it.
+        let mut v = mla_base();
+        v["rope_theta"] = json!(10000.0);
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 40});
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500000.0});
+        assert_eq!(parse(v.clone()).unwrap().rope_theta, 10000.0);
+        v["rope_scaling"]["rope_theta"] = json!(500000.0);
+        let e = err(v);
+        assert!(e.starts_with("rope_scaling.rope_theta = 500000 "), "{e}");
         for (scaling, parameters) in [
             (
                 json!({"type": "yarn", "factor": 40}),
