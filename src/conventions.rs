@@ -1368,7 +1368,49 @@ fn convolution_flops<A: AsArg>(
     }
     let flops = conv_flop_count(op, &x.shape, &w.shape, &out, transposed)?;
     let bias = match layout.bias.and_then(|i| arg_at(args, i)) {
-        Some(ArgRef::Tensor(_)) if !transposed => product(op, &out)?,
+        Some(ArgRef::Tensor(_)) if transposed => {
+            // 1 per output element, as for a forward convolution: the transposed output
+            // is [N, C_out = w[1]·groups, (in − 1)·stride − 2·pad + dil·(k − 1) +
+            // output_padding + 1 per spatial dim] (output_padding and groups follow the
+            // `transposed` flag in aten::convolution's arguments).
+            let at = layout.transposed.map_or(args.len(), |i| i + 1);
+            let output_padding = expand(ints_at(op, args, at)?, 0);
+            let groups = match arg_at(args, at + 1) {
+                Some(ArgRef::Int(g)) => u64::try_from(g).ok().filter(|&g| g > 0),
+                _ => None,
+            }
+            .ok_or_else(|| Error::op_shape(op, "a transposed convolution's groups"))?;
+            if output_padding.len() != spatial_dims {
+                return Err(Error::op_shape(
+                    op,
+                    "output_padding does not match the input rank",
+                ));
+            }
+            let mut transposed_out = vec![x.shape[0], product(op, &[w.shape[1], groups])?];
+            for i in 0..spatial_dims {
+                let size = (|| -> Option<u64> {
+                    let input = i64::try_from(x.shape[2 + i]).ok()?;
+                    let kernel = i64::try_from(w.shape[2 + i]).ok()?;
+                    let size = input
+                        .checked_sub(1)?
+                        .checked_mul(stride[i])?
+                        .checked_sub(padding[i].checked_mul(2)?)?
+                        .checked_add(dilation[i].checked_mul(kernel.checked_sub(1)?)?)?
+                        .checked_add(output_padding[i])?
+                        .checked_add(1)?;
+                    u64::try_from(size).ok().filter(|&n| n > 0)
+                })()
+                .ok_or_else(|| {
+                    Error::op_shape(
+                        op,
+                        format!("invalid transposed convolution geometry at spatial dim {i}"),
+                    )
+                })?;
+                transposed_out.push(size);
+            }
+            product(op, &transposed_out)?
+        }
+        Some(ArgRef::Tensor(_)) => product(op, &out)?,
         _ => 0,
     };
     Ok((flops, bias, x.dtype))
@@ -1480,6 +1522,19 @@ mod tests {
             &[f32(&[3, 8])],
         );
         assert_eq!(embedding, 96 + 24 + 96);
+        // So do advanced indexing and index_select (the MoE's `x[idxs // k]`).
+        let index = io(
+            "aten::index",
+            &[t(&[1000, 8], Dtype::F32), t(&[3], Dtype::I64)],
+            &[f32(&[3, 8])],
+        );
+        assert_eq!(index, 96 + 24 + 96);
+        let index_select = io(
+            "aten::index_select",
+            &[t(&[1000, 8], Dtype::F32), Arg::Int(0), t(&[3], Dtype::I64)],
+            &[f32(&[3, 8])],
+        );
+        assert_eq!(index_select, 96 + 24 + 96);
         let zeros = io("aten::new_zeros", &[t(&[1000], Dtype::F32)], &[f32(&[4])]);
         assert_eq!(zeros, 16);
         // Views and composites move nothing themselves.
@@ -1487,6 +1542,40 @@ mod tests {
         assert_eq!(io("aten::linear", &[t(&[8], Dtype::F32)], &[f32(&[8])]), 0);
         assert!(is_in_place("aten::mul_") && !is_in_place("aten::_unsafe_view"));
         assert!(!is_in_place("aten::mul"));
+    }
+
+    /// A softmax whose output dtype differs from its input's converts the input first: a
+    /// temporary of the output's size; none when the dtypes match or for other ops.
+    #[test]
+    fn a_converting_softmax_holds_a_temporary_of_its_output_size() {
+        let out = [TensorMeta::new(&[2, 3], Dtype::F32)];
+        let bf16 = [t(&[2, 3], Dtype::Bf16), Arg::Int(-1), Arg::None];
+        assert_eq!(
+            converted_input_bytes("aten::softmax", &bf16, &out).unwrap(),
+            Some(24)
+        );
+        let f32 = [t(&[2, 3], Dtype::F32), Arg::Int(-1), Arg::None];
+        assert_eq!(
+            converted_input_bytes("aten::softmax", &f32, &out).unwrap(),
+            None
+        );
+        assert_eq!(
+            converted_input_bytes("aten::exp", &bf16, &out).unwrap(),
+            None
+        );
+    }
+
+    /// fp8 GEMMs (`_scaled_mm`) run on tensor cores, like bf16 and fp16.
+    #[test]
+    fn fp8_gemms_run_on_tensor_cores() {
+        let c = cost(
+            "aten::_scaled_mm",
+            &[t(&[16, 32], Dtype::F8), t(&[32, 8], Dtype::F8)],
+        );
+        assert_eq!(
+            (c.matmul_flops, c.tensor_core_flops, c.cuda_core_flops),
+            (8192, 8192, 0)
+        );
     }
 
     #[test]
@@ -1643,6 +1732,21 @@ mod tests {
 
     #[test]
     fn attention_is_the_full_rectangle_plus_fused_softmax() {
+        // Keys and values of different lengths (or query and key of different widths)
+        // are no attention: an error, not a count.
+        for (k, v) in [([1, 1, 6, 8], [1, 1, 5, 8]), ([1, 1, 6, 4], [1, 1, 6, 8])] {
+            assert!(convention("aten::_scaled_dot_product_flash_attention")
+                .unwrap()
+                .cost(
+                    &[
+                        t(&[1, 1, 4, 8], Dtype::Bf16),
+                        t(&k, Dtype::Bf16),
+                        t(&v, Dtype::Bf16)
+                    ],
+                    Tf32::matmul(false)
+                )
+                .is_err());
+        }
         let (b, h, s, d) = (1, 10, 512, 128);
         let q = t(&[b, h, s, d], Dtype::Bf16);
         let c = cost(
@@ -1878,6 +1982,61 @@ mod tests {
             2 * fwd.matmul_flops,
             "grad input + grad weight"
         );
+        // FlopCounterMode (torch 2.11) on conv_transpose2d(x [2,8,5,5], w [8,3,3,3],
+        // b [3], stride 2): 21,600, output [2,3,11,11], so 726 bias adds; with groups 2
+        // (x [2,6,5,5], w [6,2,3,3], b [4]): 10,800, output [2,4,11,11]; with padding 1
+        // and output_padding 1: 21,600 again, output [2,3,10,10].
+        let transposed = |x: &[u64], w: &[u64], pad: i64, out_pad: i64, groups: i64| {
+            cost(
+                "aten::convolution",
+                &[
+                    t(x, Dtype::F32),
+                    t(w, Dtype::F32),
+                    t(&[w[1] * groups as u64], Dtype::F32),
+                    Arg::IntList(vec![2, 2]),
+                    Arg::IntList(vec![pad, pad]),
+                    Arg::IntList(vec![1, 1]),
+                    Arg::Bool(true),
+                    Arg::IntList(vec![out_pad, out_pad]),
+                    Arg::Int(groups),
+                ],
+            )
+        };
+        let c = transposed(&[2, 8, 5, 5], &[8, 3, 3, 3], 0, 0, 1);
+        assert_eq!(
+            (c.matmul_flops, c.elementwise_flops),
+            (21_600, 2 * 3 * 11 * 11)
+        );
+        let c = transposed(&[2, 6, 5, 5], &[6, 2, 3, 3], 0, 0, 2);
+        assert_eq!(
+            (c.matmul_flops, c.elementwise_flops),
+            (10_800, 2 * 4 * 11 * 11)
+        );
+        let c = transposed(&[2, 8, 5, 5], &[8, 3, 3, 3], 1, 1, 1);
+        assert_eq!(
+            (c.matmul_flops, c.elementwise_flops),
+            (21_600, 2 * 3 * 10 * 10)
+        );
+        // A strided backward (FlopCounterMode: 27,648 for conv2d(x [2,3,9,9], w [8,3,3,3],
+        // stride 2), grad input and grad weight 13,824 each): the input's spatial size
+        // is not the output's.
+        let strided = cost(
+            "aten::convolution_backward",
+            &[
+                t(&[2, 8, 4, 4], Dtype::F32),
+                t(&[2, 3, 9, 9], Dtype::F32),
+                t(&[8, 3, 3, 3], Dtype::F32),
+                Arg::IntList(vec![8]),
+                Arg::IntList(vec![2, 2]),
+                Arg::IntList(vec![0, 0]),
+                Arg::IntList(vec![1, 1]),
+                Arg::Bool(false),
+                Arg::IntList(vec![0, 0]),
+                Arg::Int(1),
+                Arg::BoolList(vec![true, true, false]),
+            ],
+        );
+        assert_eq!(strided.matmul_flops, 27_648);
     }
 
     #[test]
