@@ -377,10 +377,17 @@ mod tests {
         assert_eq!(bytes.returned_bytes, 5);
         assert!(l.release(Some(a), || "a".into()).is_err(), "released twice");
         l.release(None, || "an input".into()).unwrap();
+        // Another builder with allocations of its own at the same indexes: `b` is not
+        // one of them, and releasing it there neither fails nor frees anything.
         let mut other = Liveness::new();
+        let own = [
+            other.allocate([1, 512]).unwrap(),
+            other.allocate([2, 512]).unwrap(),
+        ];
         assert!(!other.is_live(Some(b)), "another builder's tensor");
         other.release(Some(b), || "b".into()).unwrap();
         assert!(l.is_live(Some(b)), "not freed by another builder");
+        assert!(own.iter().all(|&id| other.is_live(Some(id))));
     }
 
     #[test]
