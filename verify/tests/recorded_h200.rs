@@ -194,3 +194,53 @@ fn the_analytic_cuda_bytes_equal_what_an_h200_measured() {
         wrong.join("\n")
     );
 }
+
+/// The MoE at the default workload in bf16 on the H200 (run-6, `--hardware-counters` with
+/// kernel replay: docs/results/2026-11-28-h200/run-6/hw-kernel-bf16-moe.json), costed under
+/// the routing that run measured: its caching-allocator blocks and their peak are the
+/// GPU's word (the recorded `measured`), which only a GPU witnesses — e.g. that
+/// `tokens_per_expert`'s device tensor is freed once `.cpu()` has copied it (on the CPU
+/// there is no copy to free).
+#[test]
+fn the_moe_under_the_h200_routing_allocates_what_the_h200_measured() {
+    let run: Value = serde_json::from_str(include_str!(
+        "../../docs/results/2026-11-28-h200/run-6/hw-kernel-bf16-moe.json"
+    ))
+    .unwrap();
+    let layer = &run["layers"][0];
+    assert_eq!(layer["name"], "DeepseekV2MoE");
+    assert_eq!(run["workload"]["platform"], "cuda");
+    let rows: Vec<u64> = layer["tokens_per_expert"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .filter(|&n| n > 0)
+        .collect();
+    assert_eq!(rows.iter().sum::<u64>(), 512 * 6, "N·k rows");
+    let workload = workload_of(&run["workload"]).with_expert_rows(rows);
+    let moe = REGISTRY
+        .iter()
+        .find(|p| p.layer == modelmeter::layers::LayerId::MoE)
+        .unwrap();
+    let cost = moe
+        .analytic(&ModelConfig::deepseek_ocr(), &workload, AttentionImpl::Sdpa)
+        .unwrap()
+        .cost()
+        .unwrap();
+    let measured = |metric: &str| {
+        layer["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["metric"] == metric)
+            .unwrap()["measured"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(cost.cuda_activation_bytes, measured("activation_bytes"));
+    assert_eq!(
+        cost.peak_on(true).peak_bytes,
+        measured("peak_activation_bytes")
+    );
+}
