@@ -369,6 +369,8 @@ mod tests {
         let b = l.allocate([20, 512]).unwrap();
         l.release(Some(a), || "a".into()).unwrap();
         let c = l.allocate([5, 512]).unwrap();
+        // Said twice, the last word counts: `b` is freed on return, `c` returned.
+        l.returns([Some(b), Some(c)]);
         l.returns([Some(c)]);
         let ([bytes, blocks], parts) = l.finish();
         assert_eq!(parts, vec![[5, 512]]);
