@@ -443,44 +443,30 @@ mod tests {
                 "num_hidden_layers": 2, "first_k_dense_replace": 1, "vocab_size": 100}"#,
         )
         .unwrap();
-        let peak = |rows: Vec<u64>| {
-            let w = Workload::prefill(2, 1)
-                .unwrap()
-                .with_dtype(Dtype::F32)
-                .unwrap()
-                .on(Platform::Cpu)
-                .with_expert_rows(rows);
-            let cost = DeepseekV2MoE::new(&config, &w).unwrap().cost().unwrap();
-            cost.peak.peak_bytes
-        };
-        let (last, first) = (peak(vec![1, 1, 2]), peak(vec![2, 1, 1]));
-        assert_eq!(last, 2_096);
-        assert_eq!(last - first, 2 * 16 * 4);
-        // Without measured rows, N·k = 6 rows over 4 experts spread as [2, 2, 1, 1]: the
-        // busiest first (the documented convention), which is the smaller peak here.
-        let spread = |batch| {
+        // B sequences of one token, routed as `rows` measured, or by the default spread.
+        let moe = |batch, rows: Option<Vec<u64>>| {
             let w = Workload::prefill(batch, 1)
                 .unwrap()
                 .with_dtype(Dtype::F32)
                 .unwrap()
                 .on(Platform::Cpu);
+            let w = match rows {
+                Some(rows) => w.with_expert_rows(rows),
+                None => w,
+            };
             DeepseekV2MoE::new(&config, &w).unwrap()
         };
-        assert_eq!(spread(3).expert_loads(6).unwrap(), [(2, 2), (2, 1)]);
-        let w3 = |rows| {
-            let w = Workload::prefill(3, 1)
-                .unwrap()
-                .with_dtype(Dtype::F32)
-                .unwrap()
-                .on(Platform::Cpu)
-                .with_expert_rows(rows);
-            let cost = DeepseekV2MoE::new(&config, &w).unwrap().cost().unwrap();
-            cost.peak.peak_bytes
-        };
-        let default = spread(3).cost().unwrap().peak.peak_bytes;
-        assert_eq!(default, w3(vec![2, 2, 1, 1]));
+        let peak = |batch, rows| moe(batch, rows).cost().unwrap().peak.peak_bytes;
+        let (last, first) = (peak(2, Some(vec![1, 1, 2])), peak(2, Some(vec![2, 1, 1])));
+        assert_eq!(last, 2_096);
+        assert_eq!(last - first, 2 * 16 * 4);
+        // Without measured rows, N·k = 6 rows over 4 experts spread as [2, 2, 1, 1]: the
+        // busiest first (the documented convention), which is the smaller peak here.
+        assert_eq!(moe(3, None).expert_loads(6).unwrap(), [(2, 2), (2, 1)]);
+        let default = peak(3, None);
+        assert_eq!(default, peak(3, Some(vec![2, 2, 1, 1])));
         assert!(
-            default < w3(vec![1, 1, 2, 2]),
+            default < peak(3, Some(vec![1, 1, 2, 2])),
             "the order shows in the peak"
         );
     }
