@@ -1961,22 +1961,27 @@ mod tests {
         ];
         let fwd = cost("aten::convolution", &args);
         assert_eq!(fwd.matmul_flops, 2 * 2 * 8 * 3 * 9 * 16 * 16);
-        let bwd = cost(
-            "aten::convolution_backward",
-            &[
-                t(&[2, 8, 16, 16], Dtype::F32),
-                t(&[2, 3, 16, 16], Dtype::F32),
-                t(&[8, 3, 3, 3], Dtype::F32),
-                Arg::IntList(vec![8]),
-                Arg::IntList(vec![1, 1]),
-                Arg::IntList(vec![1, 1]),
-                Arg::IntList(vec![1, 1]),
-                Arg::Bool(false),
-                Arg::IntList(vec![0, 0]),
-                Arg::Int(1),
-                Arg::BoolList(vec![true, true, false]),
-            ],
-        );
+        // convolution_backward of grad_out, x and w [8,3,3,3] (stride, padding), grad input
+        // and grad weight asked for.
+        let backward = |grad: &[u64], x: &[u64], stride: i64, padding: i64| {
+            cost(
+                "aten::convolution_backward",
+                &[
+                    t(grad, Dtype::F32),
+                    t(x, Dtype::F32),
+                    t(&[8, 3, 3, 3], Dtype::F32),
+                    Arg::IntList(vec![8]),
+                    Arg::IntList(vec![stride, stride]),
+                    Arg::IntList(vec![padding, padding]),
+                    Arg::IntList(vec![1, 1]),
+                    Arg::Bool(false),
+                    Arg::IntList(vec![0, 0]),
+                    Arg::Int(1),
+                    Arg::BoolList(vec![true, true, false]),
+                ],
+            )
+        };
+        let bwd = backward(&[2, 8, 16, 16], &[2, 3, 16, 16], 1, 1);
         assert_eq!(
             bwd.matmul_flops,
             2 * fwd.matmul_flops,
@@ -2020,22 +2025,7 @@ mod tests {
         // A strided backward (FlopCounterMode: 27,648 for conv2d(x [2,3,9,9], w [8,3,3,3],
         // stride 2), grad input and grad weight 13,824 each): the input's spatial size
         // is not the output's.
-        let strided = cost(
-            "aten::convolution_backward",
-            &[
-                t(&[2, 8, 4, 4], Dtype::F32),
-                t(&[2, 3, 9, 9], Dtype::F32),
-                t(&[8, 3, 3, 3], Dtype::F32),
-                Arg::IntList(vec![8]),
-                Arg::IntList(vec![2, 2]),
-                Arg::IntList(vec![0, 0]),
-                Arg::IntList(vec![1, 1]),
-                Arg::Bool(false),
-                Arg::IntList(vec![0, 0]),
-                Arg::Int(1),
-                Arg::BoolList(vec![true, true, false]),
-            ],
-        );
+        let strided = backward(&[2, 8, 4, 4], &[2, 3, 9, 9], 2, 0);
         assert_eq!(strided.matmul_flops, 27_648);
     }
 
