@@ -508,6 +508,30 @@ impl Fields<'_> {
         }
     }
 
+    /// The rotary parameters both readers take: `rope_scaling` when given (the vendor
+    /// code reads nothing else; transformers 5 takes `rope_scaling or rope_parameters`),
+    /// else transformers 5's `rope_parameters`. Returns its key, its value and its fields
+    /// (errors name them with the key); `None` without either.
+    pub(crate) fn rotary_parameters(&self) -> Result<Option<(&'static str, &Value, Fields<'_>)>> {
+        let Some((key, params)) = ["rope_scaling", "rope_parameters"]
+            .into_iter()
+            .find_map(|key| self.present(key).map(|v| (key, v)))
+        else {
+            return Ok(None);
+        };
+        let obj = params
+            .as_object()
+            .ok_or_else(|| Error::invalid(key, params, "an object"))?;
+        Ok(Some((
+            key,
+            params,
+            Fields {
+                obj,
+                within: Some(key),
+            },
+        )))
+    }
+
     pub(crate) fn present(&self, key: &str) -> Option<&Value> {
         debug_assert!(
             is_read(key),
@@ -755,23 +779,12 @@ fn layer_kinds(cfg: &Fields, layers: u64, has_moe: bool) -> Result<Vec<MlpKind>>
 /// Scaled rotary embedding is read by [`mla_config::rope_scaling`].
 fn rope_theta(cfg: &Fields) -> Result<f64> {
     let top = cfg.positive_float("rope_theta")?;
-    // transformers 5 takes `rope_scaling`, when given, whole as its rotary parameters
-    // (`rope_scaling or rope_parameters`), and the top level's `rope_theta` where they
-    // state none; the vendor code reads the top level alone.
-    let (key, params) = match (cfg.present("rope_scaling"), cfg.present("rope_parameters")) {
-        (Some(v), _) => ("rope_scaling", v),
-        (None, Some(v)) => ("rope_parameters", v),
-        (None, None) => return Ok(top.unwrap_or(10_000.0)),
+    // transformers 5 takes its rotary parameters' `rope_theta`, and the top level's where
+    // they state none; the vendor code reads the top level alone.
+    let Some((key, _, params)) = cfg.rotary_parameters()? else {
+        return Ok(top.unwrap_or(10_000.0));
     };
-    let p = params
-        .as_object()
-        .ok_or_else(|| Error::invalid(key, params, "an object"))?;
-    let Some(theta) = (Fields {
-        obj: p,
-        within: Some(key),
-    })
-    .positive_float("rope_theta")?
-    else {
+    let Some(theta) = params.positive_float("rope_theta")? else {
         return Ok(top.unwrap_or(10_000.0));
     };
     // Both stated: they must agree.

@@ -303,13 +303,14 @@ impl<'de> Visitor<'de> for Filtered<'de> {
                     here,
                 )));
             }
-            let mut de = serde_json::Deserializer::from_str(raw.get());
+            // The field's own parser, over its raw text (`de` is serde's module here).
+            let mut parser = serde_json::Deserializer::from_str(raw.get());
             let value = if nested && raw.get().starts_with('{') {
                 Filtered {
                     nested: false,
                     part: raw_text,
                 }
-                .deserialize(&mut de)
+                .deserialize(&mut parser)
             } else if raw.get().len() > MAX_FIELD_BYTES {
                 return Err(de::Error::custom(placed(
                     &format!(
@@ -321,7 +322,7 @@ impl<'de> Visitor<'de> for Filtered<'de> {
                     here,
                 )));
             } else {
-                Strict::default().deserialize(&mut de)
+                Strict::default().deserialize(&mut parser)
             };
             let value = value.map_err(|e| {
                 let (message, at) = split_error(self.part, raw_text, &e);

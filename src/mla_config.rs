@@ -148,17 +148,8 @@ pub(crate) fn mla_config(cfg: &Fields) -> Result<Option<MlaConfig>> {
 /// else) and in transformers 5 (`convert_rope_params_to_dict`: `rope_scaling or
 /// rope_parameters`).
 pub(crate) fn rope_scaling(cfg: &Fields, mla: bool) -> Result<Option<YarnScaling>> {
-    let (key, params) = match (cfg.present("rope_scaling"), cfg.present("rope_parameters")) {
-        (Some(v), _) => ("rope_scaling", v),
-        (None, Some(v)) => ("rope_parameters", v),
-        (None, None) => return Ok(None),
-    };
-    let obj = params
-        .as_object()
-        .ok_or_else(|| Error::invalid(key, params, "an object"))?;
-    let nested = Fields {
-        obj,
-        within: Some(key),
+    let Some((key, params, nested)) = cfg.rotary_parameters()? else {
+        return Ok(None);
     };
     let kind = match (nested.string("type")?, nested.string("rope_type")?) {
         (Some(kind), Some(other)) if kind != other => {
