@@ -1386,27 +1386,26 @@ fn convolution_flops<A: AsArg>(
                     "output_padding does not match the input rank",
                 ));
             }
+            let geometry = |i: usize| -> Option<u64> {
+                let input = i64::try_from(x.shape[2 + i]).ok()?;
+                let kernel = i64::try_from(w.shape[2 + i]).ok()?;
+                let size = input
+                    .checked_sub(1)?
+                    .checked_mul(stride[i])?
+                    .checked_sub(padding[i].checked_mul(2)?)?
+                    .checked_add(dilation[i].checked_mul(kernel.checked_sub(1)?)?)?
+                    .checked_add(output_padding[i])?
+                    .checked_add(1)?;
+                u64::try_from(size).ok().filter(|&n| n > 0)
+            };
             let mut transposed_out = vec![x.shape[0], product(op, &[w.shape[1], groups])?];
             for i in 0..spatial_dims {
-                let size = (|| -> Option<u64> {
-                    let input = i64::try_from(x.shape[2 + i]).ok()?;
-                    let kernel = i64::try_from(w.shape[2 + i]).ok()?;
-                    let size = input
-                        .checked_sub(1)?
-                        .checked_mul(stride[i])?
-                        .checked_sub(padding[i].checked_mul(2)?)?
-                        .checked_add(dilation[i].checked_mul(kernel.checked_sub(1)?)?)?
-                        .checked_add(output_padding[i])?
-                        .checked_add(1)?;
-                    u64::try_from(size).ok().filter(|&n| n > 0)
-                })()
-                .ok_or_else(|| {
+                transposed_out.push(geometry(i).ok_or_else(|| {
                     Error::op_shape(
                         op,
                         format!("invalid transposed convolution geometry at spatial dim {i}"),
                     )
-                })?;
-                transposed_out.push(size);
+                })?);
             }
             product(op, &transposed_out)?
         }
