@@ -19,7 +19,6 @@ use crate::workload::Workload;
 pub struct DeepseekV2MLP {
     input: TensorMeta,
     intermediate: u64,
-    instances: u64,
     allow_tf32: bool,
 }
 
@@ -38,16 +37,8 @@ impl DeepseekV2MLP {
         DeepseekV2MLP {
             input,
             intermediate,
-            instances: 1,
             allow_tf32,
         }
-    }
-
-    /// The same work spread over `count` MLPs of identical shape (the routed experts:
-    /// N·k rows in all over E experts); only the parameters are multiplied.
-    pub fn instances(mut self, count: u64) -> DeepseekV2MLP {
-        self.instances = count;
-        self
     }
 
     /// The MLP's cost under another name (`shared_experts`, `experts` …).
@@ -65,10 +56,7 @@ impl DeepseekV2MLP {
         let out = b.linear("down_proj", &prod, hidden, false)?;
         b.release(&[&prod])?;
         b.returns(&[&out]);
-        let params = product(
-            "MLP parameters",
-            &[self.instances, 3, hidden, self.intermediate],
-        )?;
+        let params = product("MLP parameters", &[3, hidden, self.intermediate])?;
         b.weights(bytes_of("MLP weights", params, x.dtype)?)?;
         Ok(b.finish())
     }
