@@ -3,7 +3,9 @@
 use serde_json::Value;
 
 mod common;
-use common::{names, read_json, report_order, text, verify_env as verify, TempDir, EXACT, PEAK};
+use common::{
+    names, read_json, report_order, row, text, verify_env as verify, TempDir, EXACT, PEAK,
+};
 
 /// Runs `verify-decoder` with `args` plus `--json FILE -q`, asserts it exits 0, and
 /// returns the JSON report.
@@ -31,10 +33,7 @@ fn assert_exact(layers: &Value) {
     for layer in layers.as_array().unwrap() {
         let name = layer["name"].as_str().unwrap();
         let rows = layer["metrics"].as_array().unwrap();
-        let analytic = |metric: &str| {
-            let row = rows.iter().find(|m| m["metric"] == metric).unwrap();
-            row["analytic"].as_u64().unwrap()
-        };
+        let analytic = |metric: &str| row(layer, metric)["analytic"].as_u64().unwrap();
         for m in rows {
             let metric = m["metric"].as_str().unwrap();
             if EXACT.contains(&metric) || metric == PEAK {
@@ -171,14 +170,7 @@ fn bf16_on_cpu_splits_engines_exactly() {
     assert_eq!(j["environment"]["dtype"], "bf16");
     assert_exact(&j["layers"]);
     let metric = |layer: usize, name: &str| -> u64 {
-        j["layers"][layer]["metrics"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["metric"] == name)
-            .unwrap()["measured"]
-            .as_u64()
-            .unwrap()
+        row(&j["layers"][layer], name)["measured"].as_u64().unwrap()
     };
     // The MLP's bf16 GEMMs are tensor-core work; the gate's fp32 GEMM is not.
     assert_eq!(metric(0, "tensor_core_flops"), metric(0, "matmul_flops"));

@@ -17,7 +17,7 @@ use modelmeter_verify::results::Progress;
 use serde_json::Value;
 
 mod common;
-use common::{assert_refused, TempDir};
+use common::{assert_refused, row, TempDir};
 
 fn verify(args: &[&str], path: Option<&Path>) -> Output {
     match path {
@@ -224,15 +224,6 @@ fn layer<'a>(json: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|l| l["name"] == name)
         .unwrap_or_else(|| panic!("{name}"))
-}
-
-fn row<'a>(layer: &'a Value, metric: &str) -> &'a Value {
-    layer["metrics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["metric"] == metric)
-        .unwrap_or_else(|| panic!("{metric}"))
 }
 
 /// The profiled child's work on the CPU (no ranges there) for `verify-decoder --device cpu

@@ -10,6 +10,9 @@ use modelmeter_verify::hooks::TestHooks;
 use modelmeter_verify::report::{self, Report};
 use serde_json::Value;
 
+mod common;
+use common::row;
+
 fn run(args: &[&str], hooks: TestHooks) -> (Report, Value) {
     let mut argv = vec!["verify-decoder", "--device", "cpu", "--quiet"];
     argv.extend_from_slice(args);
@@ -19,15 +22,6 @@ fn run(args: &[&str], hooks: TestHooks) -> (Report, Value) {
     let report = report_of(&args, &ready);
     let json = report::to_json(&report);
     (report, json)
-}
-
-fn row<'a>(layer: &'a Value, metric: &str) -> &'a Value {
-    layer["metrics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["metric"] == metric)
-        .unwrap_or_else(|| panic!("no {metric} row in {layer}"))
 }
 
 #[test]

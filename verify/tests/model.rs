@@ -15,18 +15,11 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    analytic_ops, cases_from_env, measured_ops, names, read_json, text, verify, TempDir, EXACT,
+    analytic_ops, cases_from_env, measured_ops, names, read_json, row, text, verify, TempDir, EXACT,
 };
 
 fn rows(v: &Value) -> &Vec<Value> {
     v["metrics"].as_array().unwrap()
-}
-
-fn row<'a>(v: &'a Value, metric: &str) -> &'a Value {
-    rows(v)
-        .iter()
-        .find(|m| m["metric"] == metric)
-        .unwrap_or_else(|| panic!("no {metric} row in {v}"))
 }
 
 fn measured(v: &Value, metric: &str) -> u64 {

@@ -9,6 +9,9 @@ use modelmeter_verify::hooks::TestHooks;
 use modelmeter_verify::report;
 use serde_json::Value;
 
+mod common;
+use common::row;
+
 fn verify(args: &[&str]) -> (Option<i32>, Value, String) {
     let dir = std::env::temp_dir().join(format!("mm-oracle-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -25,15 +28,6 @@ fn verify(args: &[&str]) -> (Option<i32>, Value, String) {
         .unwrap_or(Value::Null);
     let _ = std::fs::remove_file(&json);
     (out.status.code(), j, stderr)
-}
-
-fn row<'a>(layer: &'a Value, metric: &str) -> &'a Value {
-    layer["metrics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["metric"] == metric)
-        .unwrap_or_else(|| panic!("no {metric} row in {}", layer["name"]))
 }
 
 /// The CPU SDPA kernel: matmul work outside FlopCounterMode's registry.

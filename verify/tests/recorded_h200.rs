@@ -28,6 +28,9 @@ use modelmeter::{Dtype, MlaForm, ModelConfig, Platform, Workload};
 use modelmeter_verify::pairing::REGISTRY;
 use serde_json::Value;
 
+mod common;
+use common::row;
+
 const FIXTURE: &str = include_str!("fixtures/h200-2026-11-28-bytes.json");
 
 fn workload_of(v: &Value) -> Workload {
@@ -228,16 +231,7 @@ fn the_moe_under_the_h200_routing_allocates_what_the_h200_measured() {
         .unwrap()
         .cost()
         .unwrap();
-    let measured = |metric: &str| {
-        layer["metrics"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["metric"] == metric)
-            .unwrap()["measured"]
-            .as_u64()
-            .unwrap()
-    };
+    let measured = |metric: &str| row(layer, metric)["measured"].as_u64().unwrap();
     assert_eq!(cost.cuda_activation_bytes, measured("activation_bytes"));
     assert_eq!(
         cost.peak_on(true).peak_bytes,

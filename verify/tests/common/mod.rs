@@ -20,6 +20,17 @@ pub const EXACT: [&str; 8] = [
     "kv_cache_bytes",
 ];
 
+/// The row of `metric` in a report's `layer` (its `metrics` array); a missing row fails
+/// the test, naming the metric and the layer.
+pub fn row<'a>(layer: &'a Value, metric: &str) -> &'a Value {
+    layer["metrics"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no metrics array in {}", layer["name"]))
+        .iter()
+        .find(|m| m["metric"] == metric)
+        .unwrap_or_else(|| panic!("no {metric} row in {}", layer["name"]))
+}
+
 /// How many generated cases a campaign test runs: `var` when set (a whole number ≥ 1; any
 /// other value fails the test rather than quietly running the default), else `default`.
 pub fn cases_from_env(var: &str, default: usize) -> usize {
