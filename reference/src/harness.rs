@@ -40,6 +40,15 @@ pub enum ModuleKind {
 }
 
 impl ModuleKind {
+    /// Whether the module takes position ids: the attention and the decoder layers around
+    /// it, the modules with a KV cache. A decode step of one of them runs after an
+    /// uncounted prefill of `context_len` tokens that fills its cache
+    /// ([`Prepared::new`]); the other modules' decode step is their forward over the new
+    /// token alone.
+    pub fn uses_positions(self) -> bool {
+        matches!(self, ModuleKind::Attention | ModuleKind::DecoderLayer(_))
+    }
+
     /// A short name for messages and parity cases (`decoder_layer[1]`).
     pub fn label(self) -> String {
         match self {
@@ -230,10 +239,6 @@ impl RefModule {
             RefModule::Attention(m) => m.parameters(),
             RefModule::Decoder(m) => m.parameters(),
         }
-    }
-
-    fn uses_positions(&self) -> bool {
-        matches!(self, RefModule::Attention(_) | RefModule::Decoder(_))
     }
 
     /// True when the forward takes the additive causal mask (the eager core, and MLA's
@@ -457,17 +462,19 @@ pub(crate) fn counted<T>(
 }
 
 /// The inputs of the uncounted prefill that fills the KV cache before a decode step of
-/// `module` (the seeded `context` tokens at positions 0 .. context_len), or `None` when
-/// the workload is a prefill or the module has no attention. The same seed gives the
-/// same values, so the parity export can hand them to transformers.
+/// `module`, a `kind` (the seeded `context` tokens at positions 0 .. context_len), or
+/// `None` when the workload is a prefill or the module has no attention
+/// ([`ModuleKind::uses_positions`]). The same seed gives the same values, so the parity
+/// export can hand them to transformers.
 pub(crate) fn context_inputs(
+    kind: ModuleKind,
     module: &RefModule,
     config: &ModelConfig,
     workload: &Workload,
     attention: AttentionImpl,
     setup: &Setup,
 ) -> Result<Option<StepInputs>> {
-    match (workload.phase, module.uses_positions()) {
+    match (workload.phase, kind.uses_positions()) {
         (Phase::Decode { context_len }, true) => Ok(Some(step_inputs(
             config,
             setup,
@@ -532,7 +539,7 @@ impl Prepared {
         let built = Instant::now();
         let eager = module.needs_mask(attention);
         let mut cache = KvCache::new();
-        if let Some(prefill) = context_inputs(&module, config, workload, attention, &setup)? {
+        if let Some(prefill) = context_inputs(kind, &module, config, workload, attention, &setup)? {
             let _no_grad = tch::no_grad_guard();
             let _ = module.forward(&prefill, &mut cache)?;
         }

@@ -111,11 +111,13 @@ fn export_prepared(
     // The tokens whose prefill filled the cache of a decode step: transformers' MLA
     // caches the latent, which the vendor's decompressed keys and values cannot be turned
     // back into, so it prefills its own cache from them.
-    if let Some(context) = context_inputs(&prepared.module, config, workload, attention, setup)? {
+    if let Some(context) =
+        context_inputs(kind, &prepared.module, config, workload, attention, setup)?
+    {
         tensors.push(("context".into(), context.hidden));
         tensors.push(("context_position_ids".into(), context.position_ids));
     }
-    if let RefModule::Attention(_) | RefModule::Decoder(_) = prepared.module {
+    if kind.uses_positions() {
         tensors.push((
             "position_ids".into(),
             prepared.inputs.position_ids.shallow_clone(),

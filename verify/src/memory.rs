@@ -3,9 +3,10 @@
 //! activations with the temporaries ops hold while they run (the liveness model's
 //! allocator peak, [`modelmeter::liveness::Peak::allocator_peak_bytes`]: a bf16 softmax
 //! in fp32 converts its scores first; on CUDA in the caching allocator's blocks), the KV
-//! cache a decode step finds, and the device's reserve ([`device_reserve`]). A decode
-//! step's KV cache is filled by an uncounted prefill of `context_len` tokens that
-//! verify-decoder runs first, so that prefill must fit too.
+//! cache a decode step finds, and the device's reserve ([`device_reserve`]). The decode
+//! step of a layer with a KV cache (the attention and the decoder layers) finds its cache
+//! filled by an uncounted prefill of `context_len` tokens that verify-decoder runs first,
+//! so that prefill must fit too; the other layers run the step alone.
 //!
 //! An overflow names the option or config field that causes it, like `modelmeter
 //! analyze` does ([`modelmeter::overflow::explain`]), so the two tools give the same
@@ -95,6 +96,15 @@ fn needs(plan: &Plan, workload: &Workload) -> Result<Vec<Need>, Error> {
     Ok(needs)
 }
 
+/// Whether the plan's layer `i` runs a decode step after an uncounted prefill that fills
+/// its KV cache ([`modelmeter_reference::ModuleKind::uses_positions`]); a layer whose
+/// module the config lacks never runs.
+fn fills_cache_first(plan: &Plan, i: usize) -> bool {
+    plan.layers[i]
+        .module(&plan.config)
+        .is_ok_and(|kind| kind.uses_positions())
+}
+
 /// The prefill that fills a decode step's KV cache, if the plan is a decode step
 /// ([`Workload::cache_prefill`]).
 fn cache_prefill(workload: &Workload) -> Option<Result<Workload, String>> {
@@ -159,14 +169,25 @@ fn estimate_plan(plan: &Plan) -> Result<Estimate, String> {
         needs: needs(plan, w).map_err(|e| explained(e, plan))?,
         prefill_overflow: None,
     };
-    // The prefill that fills the cache: its own counts may overflow where the decode
-    // step's do not (its attention scores grow with the square of the context).
+    // The prefill that fills the cache of the layers that have one (the others' decode
+    // step runs alone): its own counts may overflow where the decode step's do not (its
+    // attention scores grow with the square of the context).
+    let filled: Vec<usize> = (0..plan.layers.len())
+        .filter(|&i| fills_cache_first(plan, i))
+        .collect();
+    if filled.is_empty() {
+        return Ok(estimate);
+    }
     if let Some(prefill) = cache_prefill(w) {
-        match needs(plan, &prefill?) {
+        let filling = Plan {
+            layers: filled.iter().map(|&i| plan.layers[i]).collect(),
+            ..plan.clone()
+        };
+        match needs(&filling, &prefill?) {
             Ok(prefill) => {
-                for (need, prefill) in estimate.needs.iter_mut().zip(prefill) {
-                    if prefill.bytes > need.bytes {
-                        *need = prefill;
+                for (&i, prefill) in filled.iter().zip(prefill) {
+                    if prefill.bytes > estimate.needs[i].bytes {
+                        estimate.needs[i] = prefill;
                     }
                 }
             }
@@ -812,7 +833,12 @@ mod tests {
             "the attention's prefill is larger"
         );
         assert_eq!(merged[0].bytes, prefill[0].bytes);
-        assert_eq!(merged[1].bytes, step[1].bytes.max(prefill[1].bytes));
+        // The MoE keeps no cache: its step runs alone, no prefill before it.
+        assert!(
+            prefill[1].bytes > step[1].bytes,
+            "a prefill of the MoE is larger"
+        );
+        assert_eq!(merged[1].bytes, step[1].bytes);
         // Room for the MoE's weights and the step, not for the attention's prefill: only
         // the attention is named, with the decode step's advice.
         let available = merged[1].bytes.max(step[0].bytes);
@@ -820,6 +846,35 @@ mod tests {
         let e = check(&decode, DeviceSpec::Cpu, &device(available)).unwrap_err();
         assert!(
             e.contains("for LlamaAttention") && e.ends_with("lower --batch or --context-len"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn layers_without_a_cache_are_not_judged_by_a_prefill_they_do_not_run() {
+        // A decode step over 10¹² cached tokens: costing their prefill overflows (and would
+        // need terabytes), but the MLP and the norm run the step over the new token alone.
+        let alone = ocr_fp32(
+            Workload::decode(1, 1_000_000_000_000).unwrap(),
+            &[LayerId::Mlp, LayerId::RmsNorm],
+            AttentionImpl::Sdpa,
+        );
+        assert!(cache_prefill(&alone.workload).is_some());
+        let step = needs(&alone, &alone.workload).unwrap();
+        let estimate = estimate_plan(&alone).unwrap();
+        assert_eq!(estimate.prefill_overflow, None);
+        let needs: Vec<u64> = estimate.needs.iter().map(|n| n.bytes).collect();
+        assert_eq!(needs, step.iter().map(|n| n.bytes).collect::<Vec<_>>());
+        assert!(check(&alone, DeviceSpec::Cpu, &device(1 << 30)).is_ok());
+        // With the attention, which fills its cache first, the run is refused for it.
+        let with_cache = ocr_fp32(
+            alone.workload.clone(),
+            &[LayerId::Mlp, LayerId::Attention],
+            AttentionImpl::Sdpa,
+        );
+        let e = check(&with_cache, DeviceSpec::Cpu, &device(u64::MAX)).unwrap_err();
+        assert!(
+            e.starts_with("--context-len = 1000000000000 is too large"),
             "{e}"
         );
     }
