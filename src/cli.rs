@@ -369,9 +369,43 @@ fn usage_error_line(program: &str, help: &str, e: &clap::Error, detail: Option<&
     one_line(&format!("{program}: error: {message}; see {help}"))
 }
 
+/// A warning when `workload` (and `new_tokens` decode steps after it) reaches positions
+/// past the config's `max_position_embeddings`: the tools cost (and run) the code at any
+/// length, but the model was not trained for it. `None` within the trained positions.
+pub fn beyond_trained_positions(
+    config: &ModelConfig,
+    workload: &Workload,
+    new_tokens: Option<u64>,
+) -> Option<String> {
+    let max = config.max_position_embeddings?;
+    let positions = workload
+        .positions_reached(new_tokens.unwrap_or(0))
+        .unwrap_or(u64::MAX);
+    (positions > max).then(|| {
+        format!(
+            "the workload reaches {positions} positions, beyond max_position_embeddings = {max} of config {}: the counts are those of the code at that length, which the model was not trained for",
+            config.name
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_past_the_trained_ones_are_warned_of() {
+        let c = ModelConfig::deepseek_ocr();
+        assert_eq!(c.max_position_embeddings, Some(8192));
+        let at = |w: Workload, n| beyond_trained_positions(&c, &w, n);
+        assert_eq!(at(Workload::prefill(1, 8192).unwrap(), None), None);
+        assert_eq!(at(Workload::prefill(1, 8000).unwrap(), Some(192)), None);
+        let w = at(Workload::prefill(1, 8000).unwrap(), Some(193)).unwrap();
+        assert!(w.starts_with("the workload reaches 8193 positions, beyond max_position_embeddings = 8192 of config "), "{w}");
+        // A decode step reaches its cached tokens and itself.
+        assert_eq!(at(Workload::decode(1, 8191).unwrap(), None), None);
+        assert!(at(Workload::decode(1, 8192).unwrap(), None).is_some());
+    }
 
     #[derive(clap::Parser, Debug)]
     #[command(allow_negative_numbers = true)]

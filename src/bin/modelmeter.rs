@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::process::ExitCode;
 
-use modelmeter::cli::{one_line, print_stdout, whole_number, PhaseArg, WorkloadArgs};
+use modelmeter::cli::{
+    beyond_trained_positions, one_line, print_stdout, whole_number, PhaseArg, WorkloadArgs,
+};
 use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
 use modelmeter::{Dtype, Platform};
@@ -83,25 +85,6 @@ fn fail(message: &str, code: u8) -> ExitCode {
         one_line(message)
     );
     ExitCode::from(code)
-}
-
-/// A workload past the config's `max_position_embeddings` is costed (the code runs at
-/// any length), with a warning: the model was not trained for it.
-fn beyond_trained_positions(
-    config: &modelmeter::ModelConfig,
-    workload: &modelmeter::Workload,
-    new_tokens: Option<u64>,
-) -> Option<String> {
-    let max = config.max_position_embeddings?;
-    let positions = workload
-        .positions_reached(new_tokens.unwrap_or(0))
-        .unwrap_or(u64::MAX);
-    (positions > max).then(|| {
-        format!(
-            "the workload reaches {positions} positions, beyond max_position_embeddings = {max} of config {}: the counts are those of the code at that length, which the model was not trained for",
-            config.name
-        )
-    })
 }
 
 fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {

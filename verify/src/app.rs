@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use modelmeter::cli::{one_line, whole_number, WorkloadArgs};
+use modelmeter::cli::{beyond_trained_positions, one_line, whole_number, WorkloadArgs};
 use modelmeter::layers::{attention_core, AttentionImpl};
 use modelmeter::workload::DSOCR_STANDARD_V1;
 use modelmeter::{units, Dtype, Platform, Workload};
@@ -214,6 +214,15 @@ pub fn run(args: &Args) -> ExitCode {
     }
     if let Some(hardware::Role::Child { dir }) = &ready.hardware {
         return run_hardware_child(args, &ready, dir);
+    }
+    // A single run past the trained positions runs (the code runs at any length), with a
+    // warning as `modelmeter analyze` gives; `--model` refuses it, a sweep stays inside (the
+    // hardware-counter child, run above, leaves it to its parent).
+    if ready.model.is_none() && args.sweep.is_none() {
+        let plan = &ready.plan;
+        if let Some(warning) = beyond_trained_positions(&plan.config, &plan.workload, None) {
+            eprintln!("verify-decoder: warning: {}", one_line(&warning));
+        }
     }
     let hardware_run = match &ready.hardware {
         Some(role) => match hardware_figures(args, &ready, role) {

@@ -203,6 +203,39 @@ fn decode_and_eager_pass_exactly() {
     assert_exact(&j["layers"]);
 }
 
+/// A run past the config's trained positions (DeepSeek-OCR: 8,192) runs, with the warning
+/// `modelmeter analyze` gives; a layer without a KV cache runs its decode step alone, so
+/// no prefill of the context is needed (nor judged by the memory check).
+#[test]
+fn a_run_past_the_trained_positions_is_warned_of() {
+    let run = |context: &str| {
+        let args = [
+            "--device",
+            "cpu",
+            "-q",
+            "--layers",
+            "DeepseekV2RMSNorm",
+            "--phase",
+            "decode",
+            "--context-len",
+            context,
+        ];
+        let o = verify(&args, &[]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    assert_eq!(run("8191"), "");
+    let warned = run("8192");
+    assert!(
+        warned.starts_with(
+            "verify-decoder: warning: the workload reaches 8193 positions, beyond max_position_embeddings = 8192"
+        ),
+        "{warned}"
+    );
+    // Far past it: the norm's step over one token, without a prefill of 10¹² tokens.
+    assert!(run("1000000000000").contains("reaches 1000000000001 positions"));
+}
+
 fn extra_has_eager(args: &[&str]) -> bool {
     args.windows(2).any(|w| w == ["--attn", "eager"])
 }
