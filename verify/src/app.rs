@@ -119,7 +119,8 @@ pub struct Args {
     pub oracle: Option<String>,
     /// Print where the run's wall time went (before main, setup, per layer: analytic,
     /// build, prepare, forward, compare; reports; peak RSS) on standard error, and add a
-    /// `timings` object to the JSON report (single-layer runs; not with --model)
+    /// `timings` object to the JSON report (a sweep's rows say their case, `[3]` and
+    /// `case`; not with --model)
     #[arg(long)]
     pub timings: bool,
     /// Add a `host` object with facts that change from run to run (free device memory)
@@ -263,9 +264,10 @@ pub fn run(args: &Args) -> ExitCode {
                     report
                         .cases
                         .iter()
-                        .flat_map(|c| &c.layers)
-                        .map(|l| crate::timings::LayerPhases {
+                        .flat_map(|c| c.layers.iter().map(move |l| (c.index, l)))
+                        .map(|(case, l)| crate::timings::LayerPhases {
                             layer: l.name.clone(),
+                            case,
                             timings: l.timings,
                         })
                         .collect(),

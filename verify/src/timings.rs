@@ -67,6 +67,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerPhases {
     pub layer: String,
+    /// A sweep's case (its `index` in the report's cases, from 0); the table numbers it
+    /// from 1 as the sweep's lines do (`[3] DeepseekV2MLP`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub case: Option<usize>,
     #[serde(flatten)]
     pub timings: LayerTimings,
 }
@@ -124,7 +128,11 @@ impl Phases {
         ));
         let mut sum = LayerTimings::default();
         for l in &self.layers {
-            row(&mut out, &l.layer, &l.timings);
+            let name = match l.case {
+                Some(i) => format!("[{}] {}", i + 1, l.layer),
+                None => l.layer.clone(),
+            };
+            row(&mut out, &name, &l.timings);
             sum.analytic_s += l.timings.analytic_s;
             sum.run.build_s += l.timings.run.build_s;
             sum.run.prepare_s += l.timings.run.prepare_s;
@@ -185,10 +193,12 @@ mod tests {
             layers: vec![
                 LayerPhases {
                     layer: "A".into(),
+                    case: None,
                     timings: t,
                 },
                 LayerPhases {
                     layer: "B".into(),
+                    case: Some(2),
                     timings: t,
                 },
             ],
@@ -197,6 +207,13 @@ mod tests {
         };
         let table = phases.table(1.0);
         assert!(table.contains("all layers"), "{table}");
+        assert!(
+            table.contains("\n  A   ") && table.contains("\n  [3] B   "),
+            "{table}"
+        );
+        let json = phases.to_json();
+        assert_eq!(json["layers"][0].get("case"), None);
+        assert_eq!(json["layers"][1]["case"], 2);
         assert!(table.contains("layers 2.000"), "{table}");
         assert!(table.contains("total 4.00"), "{table}");
     }
