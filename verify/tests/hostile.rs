@@ -382,6 +382,37 @@ fn configs_that_are_endless_ill_typed_or_oddly_named_are_refused() {
     }
 }
 
+/// A config whose file name holds control characters (an escape sequence, a line break)
+/// runs, and the table's header names it escaped on one line, as errors do: the raw
+/// name would drive the terminal or split the line.
+#[test]
+fn a_config_named_with_control_characters_is_shown_escaped_in_the_table() {
+    let dir = TempDir::new("odd-name");
+    let config = dir.str("e\x1b[31mvil\nname.json");
+    std::fs::write(&config, SMALL).unwrap();
+    let o = verify(&[
+        "--device",
+        "cpu",
+        "--config",
+        &config,
+        "--seq-len",
+        "4",
+        "--layers",
+        "DeepseekV2RMSNorm",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let table = text(&o.stdout);
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("config: "))
+        .unwrap_or_else(|| panic!("no config line in {table}"));
+    assert!(
+        header.contains("e\\u{1b}[31mvil\\nname.json, workload: "),
+        "{header}"
+    );
+    assert!(!table.contains('\x1b'), "{table}");
+}
+
 // Item 8: the same seed and inputs give byte-identical reports.
 
 #[test]

@@ -165,7 +165,7 @@ pub fn model_table(report: &ModelReport) -> String {
         .count();
     out.push_str(&format!(
         "model: {}, layers 0-{} of {} ({dense} dense, {} MoE), {}, then {} greedy decode steps, attention: {}\n\n",
-        report.config.name,
+        modelmeter::cli::one_line(&report.config.name),
         r.plan.num_layers.saturating_sub(1),
         r.plan.config_layers,
         r.layer_kinds.len() - dense,

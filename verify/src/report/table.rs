@@ -149,7 +149,7 @@ pub fn to_table(report: &Report) -> String {
             if let Some(case) = report.cases.first() {
                 out.push_str(&format!(
                     "config: {}, workload: {}, attention: {}\n\n",
-                    case.config.name,
+                    modelmeter::cli::one_line(&case.config.name),
                     case.workload.describe(),
                     attention_class_name(&case.config, case.workload.mla, case.attention)
                 ));
