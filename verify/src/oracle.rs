@@ -81,6 +81,23 @@ impl Oracle {
     /// Checks, before anything runs, that the interpreter has torch 2.11, transformers
     /// and safetensors; returns their versions.
     pub fn check(&self) -> Result<String, String> {
+        // The script first: a quick look, where the interpreter's probe takes seconds.
+        let script = modelmeter_reference::parity::script();
+        let missing = if script.as_os_str().is_empty() {
+            Some("is empty (MODELMETER_PARITY_SCRIPT is set to nothing)")
+        } else if script.is_dir() {
+            Some("is a folder, not the script")
+        } else if !script.is_file() {
+            Some("is not there")
+        } else {
+            None
+        };
+        if let Some(missing) = missing {
+            return Err(format!(
+                "--oracle: the parity script {} {missing}; set MODELMETER_PARITY_SCRIPT to reference/parity/parity.py of this source tree (a binary run away from it needs this)",
+                modelmeter::cli::shown_value(&script.to_string_lossy())
+            ));
+        }
         let probe = "import torch, transformers, safetensors; print(torch.__version__, transformers.__version__)";
         let out = Command::new(&self.python)
             .args(["-c", probe])
@@ -91,13 +108,6 @@ impl Oracle {
                     self.python.display()
                 )
             })?;
-        let script = modelmeter_reference::parity::script();
-        if !script.is_file() {
-            return Err(format!(
-                "--oracle: the parity script {} is not there; set MODELMETER_PARITY_SCRIPT to reference/parity/parity.py of this source tree (a binary run away from it needs this)",
-                script.display()
-            ));
-        }
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             return Err(format!(

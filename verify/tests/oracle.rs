@@ -244,19 +244,33 @@ fn an_unusable_interpreter_is_one_line_and_exit_2_before_anything_runs() {
         assert!(stderr.contains("--oracle"), "{stderr}");
         assert!(out.stdout.is_empty(), "nothing ran");
     }
-    // A parity script that is not there is refused before anything runs, too.
-    let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
-        .args(["--device", "cpu", "--layers", "MoEGate", "--oracle"])
-        .env("MODELMETER_PARITY_SCRIPT", "/no/such/parity.py")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.lines().count() == 1 && stderr.contains("/no/such/parity.py is not there"),
-        "{stderr}"
-    );
-    assert!(out.stdout.is_empty(), "nothing ran");
+    // A parity script that is not there (or a folder, or nothing) is refused before
+    // anything runs, too, and before the interpreter is probed.
+    let folder = std::env::temp_dir();
+    for (script, says) in [
+        (
+            "/no/such/parity.py",
+            "/no/such/parity.py is not there".to_string(),
+        ),
+        (
+            folder.to_str().unwrap(),
+            format!("{} is a folder, not the script", folder.display()),
+        ),
+        ("", "script \"\" is empty".to_string()),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
+            .args(["--device", "cpu", "--layers", "MoEGate", "--oracle"])
+            .env("MODELMETER_PARITY_SCRIPT", script)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.lines().count() == 1 && stderr.contains(&says),
+            "{script:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "nothing ran");
+    }
 }
 
 /// A script whose side checks disagree (the eager mask's pattern, the MLA cache after the
