@@ -281,6 +281,12 @@ fn help_shows_examples() {
             text.contains("Examples:") && text.contains("modelmeter analyze --phase decode"),
             "{args:?}: {text}"
         );
+        // Help is wrapped to the terminal: an example line over 80 columns would be split
+        // on an 80-column one, and its second half read as a command of its own.
+        let examples = text.split("Examples:\n").nth(1).unwrap();
+        for line in examples.lines().take_while(|l| !l.is_empty()) {
+            assert!(line.chars().count() <= 80, "{line:?}");
+        }
     }
 }
 

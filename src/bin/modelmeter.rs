@@ -14,13 +14,20 @@ use modelmeter::{Dtype, Platform};
 
 /// The examples both `modelmeter --help` and `modelmeter analyze --help` end with (every
 /// usage error of `analyze` points at the latter).
+///
+/// Help is wrapped to the terminal (clap's `wrap_help`): each example's comment stands on
+/// its own line above it, and no line is longer than 80 columns, so no command is split.
 const EXAMPLES: &str = "Examples:
-  modelmeter analyze                                  # DeepSeek-OCR, dsocr-standard-v1 prefill (B=1, S=512, bf16)
+  # DeepSeek-OCR, the dsocr-standard-v1 prefill (B=1, S=512, bf16)
+  modelmeter analyze
   modelmeter analyze --phase decode --context-len 1024
-  modelmeter analyze --config path/to/config.json --batch 4 --seq-len 2048 --json
-  modelmeter analyze --config deepseek-v2-lite --mla absorb --phase decode --context-len 4096
-  modelmeter analyze --new-tokens 512                 # prefill + 512 greedy decode steps
-  modelmeter analyze --device cpu --dtype fp32        # the kernels libtorch runs on a CPU";
+  modelmeter analyze --config config.json --batch 4 --seq-len 2048 --json
+  modelmeter analyze --config deepseek-v2-lite --mla absorb --phase decode \\
+    --context-len 4096
+  # the prefill and 512 greedy decode steps
+  modelmeter analyze --new-tokens 512
+  # the kernels libtorch runs on a CPU
+  modelmeter analyze --device cpu --dtype fp32";
 
 #[derive(Parser)]
 #[command(

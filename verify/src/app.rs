@@ -24,22 +24,27 @@ use crate::report::{self, Case, Report};
 use crate::results::Progress;
 use crate::{runner, sweep};
 
+/// Help is wrapped to the terminal (clap's `wrap_help`): each example's comment stands on
+/// its own line above it, and no example line is longer than 80 columns, so no command is
+/// split.
 const EXAMPLES: &str = "Examples:
-  verify-decoder                                   # every layer, DeepSeek-OCR, B=1 S=512 (cuda:0 if present, else cpu)
+  # every layer, DeepSeek-OCR, B=1 S=512 (cuda:0 if present, else cpu)
+  verify-decoder
   verify-decoder --device cuda:0 --accept-rel-diff 0.1
-  verify-decoder --device cpu --dtype bf16 --seq-len 64 --layers DeepseekV2MoE,MoEGate
+  verify-decoder --device cpu --dtype bf16 --seq-len 64 --layers DeepseekV2MoE
   verify-decoder --phase decode --context-len 1024 --attn eager
-  verify-decoder --config path/to/config.json --json report.json --junit report.xml
-  verify-decoder --sweep 50 --seed 7               # 50 random configs and workloads
-  verify-decoder --device cpu --model --num-layers 2 --seq-len 64 --new-tokens 8   # the whole model: prefill + 8 decode steps
-  verify-decoder --device cuda:0 --hardware-counters --ncu-dir ncu-out   # + Nsight Compute's counters per layer
-  verify-decoder --device cpu --quiet --timings    # where the wall time goes, phase by phase
+  verify-decoder --config config.json --json report.json --junit report.xml
+  # 50 random configs and workloads
+  verify-decoder --sweep 50 --seed 7
+  # the whole model: a prefill and 8 decode steps
+  verify-decoder --device cpu --model --num-layers 2 --seq-len 64 --new-tokens 8
+  # and Nsight Compute's counters per layer
+  verify-decoder --device cuda:0 --hardware-counters --ncu-dir ncu-out
+  # where the wall time goes, phase by phase
+  verify-decoder --device cpu --quiet --timings
 
-Statuses: pass (flops and peak rows: rel diff <= tolerance; every other row: equal), fail, known_gap (a flops row off by exactly the
-elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's; with
---oracle, an oracle_flops row that agrees but cannot witness a kernel outside
-FlopCounterMode's registry), error
-(the layer could not run); info (a --hardware-counters row shown for information only).
+Statuses: pass (flops and peak rows: rel diff <= tolerance; every other row: equal), fail, known_gap (a flops row off by exactly the elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's; with --oracle, an oracle_flops row that agrees but cannot witness a kernel outside FlopCounterMode's registry), error (the layer could not run); info (a --hardware-counters row shown for information only).
+
 Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
 
 /// The most configurations one sweep may verify.

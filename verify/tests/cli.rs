@@ -603,4 +603,10 @@ fn help_shows_examples_and_statuses() {
         help.contains("known_gap") && help.contains("Exit codes"),
         "{help}"
     );
+    // Help is wrapped to the terminal: an example line over 80 columns would be split
+    // on an 80-column one, and its second half read as a command of its own.
+    let examples = help.split("Examples:\n").nth(1).unwrap();
+    for line in examples.lines().take_while(|l| !l.is_empty()) {
+        assert!(line.chars().count() <= 80, "{line:?}");
+    }
 }
