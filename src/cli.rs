@@ -58,7 +58,7 @@ pub struct WorkloadArgs {
     pub seq_len: Option<u64>,
     /// prefill (S_q = S_kv = seq-len) or decode (one token after context-len cached ones)
     /// [default: prefill]
-    #[arg(long, value_name = "PHASE", value_enum)]
+    #[arg(long, value_name = "PHASE", value_enum, ignore_case = true)]
     pub phase: Option<PhaseArg>,
     /// Cached tokens before the decode step; the step attends over context-len + 1 keys
     /// [default: 512]
@@ -66,19 +66,19 @@ pub struct WorkloadArgs {
     pub context_len: Option<u64>,
     /// Model dtype [default: bf16 (the deployed dtype; modelmeter analyze on either
     /// --device); verify-decoder on the CPU: fp32, which libtorch's CPU GEMMs run natively]
-    #[arg(long, value_name = "DTYPE", value_enum)]
+    #[arg(long, value_name = "DTYPE", value_enum, ignore_case = true)]
     pub dtype: Option<DtypeArg>,
     /// Let fp32 GEMMs use TF32 tensor cores (PyTorch's default is off)
     #[arg(long)]
     pub allow_tf32: bool,
     /// Attention core: sdpa (fused, LlamaFlashAttention2) or eager (LlamaAttention)
     /// [default: sdpa]
-    #[arg(long, value_name = "IMPL", value_enum)]
+    #[arg(long, value_name = "IMPL", value_enum, ignore_case = true)]
     pub attn: Option<AttentionImpl>,
     /// MLA configs only: naive (the vendor code: decompressed per-head K/V cache; --attn
     /// picks its core) or absorb (weight-absorbed, latent cache; explicit matmuls)
     /// [default: naive]
-    #[arg(long, value_name = "FORM", value_enum)]
+    #[arg(long, value_name = "FORM", value_enum, ignore_case = true)]
     pub mla: Option<MlaForm>,
 }
 
@@ -412,6 +412,21 @@ mod tests {
     struct Demo {
         #[command(flatten)]
         workload: WorkloadArgs,
+    }
+
+    #[test]
+    fn choices_are_read_in_any_case_as_devices_are() {
+        use clap::Parser;
+        let d = Demo::try_parse_from([
+            "demo", "--dtype", "BF16", "--phase", "Decode", "--attn", "EAGER", "--mla", "Absorb",
+        ])
+        .unwrap();
+        let w = &d.workload;
+        assert_eq!(w.dtype, Some(DtypeArg::Bf16));
+        assert_eq!(w.phase, Some(PhaseArg::Decode));
+        assert_eq!(w.attn, Some(AttentionImpl::Eager));
+        assert_eq!(w.mla, Some(MlaForm::Absorb));
+        assert!(Demo::try_parse_from(["demo", "--dtype", "bf17"]).is_err());
     }
 
     #[test]
