@@ -168,7 +168,7 @@ pub struct Args {
     /// kernel profiles each kernel, one ncu run per layer (the only mode with SASS
     /// instruction counts, so hw_cuda_core_flops, and kernel-only time; slow for the MoE
     /// layers' hundreds of kernels)
-    #[arg(long, value_name = "MODE", value_enum)]
+    #[arg(long, value_name = "MODE", value_enum, ignore_case = true)]
     pub ncu_replay: Option<hardware::NcuReplay>,
     /// Read the hardware counters from DIR (ncu.csv and ranges.json of a run you wrapped in
     /// ncu yourself, see docs/hardware.md, or a folder --ncu-dir kept) instead of running
