@@ -406,6 +406,38 @@ fn records_carry_shapes_dtypes_device_and_engine() {
     assert_eq!(c.records[0].engine, Booking::Split);
 }
 
+/// The per-op summary a report lists (`Counts::by_op`) and the bytes by op (what a
+/// differing `io_bytes` row is explained with) add every call up, and name each dtype and
+/// device once: three GEMMs, two in fp32 and one in bf16, are one `aten::mm` entry.
+#[test]
+fn the_per_op_summary_adds_every_call_and_names_each_dtype_once() {
+    let a = Tensor::randn([4, 8], (Kind::Float, device()));
+    let b = Tensor::randn([8, 2], (Kind::Float, device()));
+    let (ah, bh) = (a.to_kind(Kind::BFloat16), b.to_kind(Kind::BFloat16));
+    let (_, c) = count(|| (a.mm(&b), a.mm(&b), ah.mm(&bh)));
+    assert_complete(&c);
+    let ops = c.by_op();
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    let mm = &ops[0];
+    assert_eq!((mm.name.as_str(), mm.calls), ("aten::mm", 3));
+    assert_eq!(mm.flops.matmul_flops, 3 * 2 * 4 * 8 * 2);
+    assert_eq!(
+        mm.dtypes,
+        vec![modelmeter::Dtype::F32, modelmeter::Dtype::Bf16]
+    );
+    let want = match device() {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    };
+    assert_eq!(mm.devices, vec![want]);
+    // Each reads [4, 8] and [8, 2] and writes [4, 2]: 56 elements, 4 or 2 bytes each.
+    assert_eq!(
+        c.io_bytes_by_op.get("aten::mm"),
+        Some(&(2 * 56 * 4 + 56 * 2))
+    );
+    assert_eq!(c.io_bytes, 2 * 56 * 4 + 56 * 2);
+}
+
 #[test]
 fn an_op_with_a_long_argument_list_is_read_whole() {
     // 100 tensors of one `cat`: a log line of several kilobytes, far past the observer's
