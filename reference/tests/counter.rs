@@ -406,6 +406,29 @@ fn records_carry_shapes_dtypes_device_and_engine() {
     assert_eq!(c.records[0].engine, Booking::Split);
 }
 
+/// A forward op after a backward in the same region, on the same thread, is forward work:
+/// the backward's nodes have ended by then.
+#[test]
+fn a_forward_op_after_a_backward_in_one_region_is_forward() {
+    let w = randn(&[4, 4]).set_requires_grad(true);
+    let (_, c) = count(|| {
+        w.mm(&w).sum(Kind::Float).backward();
+        let _no_grad = tch::no_grad_guard();
+        w.mm(&w)
+    });
+    assert!(c.is_complete(), "{:?}", c.errors);
+    assert!(c.records.iter().any(|r| r.backward), "{:?}", c.records);
+    let first = c.records.first().unwrap();
+    let last = c.records.last().unwrap();
+    assert_eq!((first.name.as_str(), first.backward), ("aten::mm", false));
+    assert_eq!(
+        (last.name.as_str(), last.backward),
+        ("aten::mm", false),
+        "{:?}",
+        c.records
+    );
+}
+
 /// The per-op summary a report lists (`Counts::by_op`) and the bytes by op (what a
 /// differing `io_bytes` row is explained with) add every call up, and name each dtype and
 /// device once: three GEMMs, two in fp32 and one in bf16, are one `aten::mm` entry.
