@@ -555,6 +555,8 @@ mod tests {
         let d = a.device(tch::Device::Cpu);
         assert_eq!(d.live_at_end_bytes, 0);
         assert_eq!(d.peak_live_bytes, 100);
+        // The free takes off the block's own size (40), not the size the report names.
+        assert_eq!(d.freed_bytes, 40);
         let oom = Allocations::from_events(vec![event(EventKind::OutOfMemory, 0, 1 << 40)]);
         let d = oom.device(tch::Device::Cpu);
         assert_eq!((d.out_of_memory, d.out_of_memory_bytes), (1, 1 << 40));
@@ -584,5 +586,71 @@ mod tests {
         assert_eq!(json["events"][0]["device"], "cpu");
         assert_eq!(MemoryDevice::from_raw(1, 2).to_string(), "cuda:2");
         assert_eq!(MemoryDevice::from_raw(0, -1), MemoryDevice::Cpu);
+    }
+
+    #[test]
+    fn raw_reports_are_classified_by_kind_and_sign() {
+        use crate::ffi::RawAllocEvent;
+        let raw = |kind, bytes| RawAllocEvent {
+            address: 0x10,
+            bytes,
+            kind,
+            device_type: 1,
+            device_index: 0,
+            ..RawAllocEvent::default()
+        };
+        let a = AllocationEvent::from_raw(&raw(0, 512));
+        assert_eq!((a.kind, a.bytes), (EventKind::Allocation, 512));
+        let f = AllocationEvent::from_raw(&raw(0, -512));
+        assert_eq!((f.kind, f.bytes), (EventKind::Free, 512));
+        let oom = AllocationEvent::from_raw(&raw(1, 1 << 30));
+        assert_eq!((oom.kind, oom.bytes), (EventKind::OutOfMemory, 1 << 30));
+        assert_eq!(oom.device, MemoryDevice::Cuda(0));
+    }
+
+    #[test]
+    fn output_footprint_takes_each_outputs_own_allocation_once_and_replays_only_those() {
+        use crate::counter::OutputBlock;
+        let at = |kind, address, bytes, sequence| AllocationEvent {
+            sequence,
+            ..event(kind, address, bytes)
+        };
+        let a = Allocations::from_events(vec![
+            at(A, 0x10, 100, 1), // an earlier tensor at 0x10, freed at 3
+            at(A, 0x20, 7, 2),   // scratch, never an output
+            at(F, 0x10, 100, 3),
+            at(A, 0x10, 40, 4), // output of op 1 (ends at 5)
+            at(A, 0x30, 60, 6), // output of op 2 (ends at 7)
+            at(F, 0x20, 7, 8),
+            at(F, 0x10, 40, 9),
+            at(A, 0x10, 500, 10), // a later tensor at the same address, not an output
+            at(F, 0x10, 500, 11),
+            at(A, 0x40, 80, 12), // output of op 3 (ends at 13)
+        ]);
+        let outputs = [
+            OutputBlock {
+                address: 0x10,
+                ended_at: 5,
+            },
+            OutputBlock {
+                address: 0x30,
+                ended_at: 7,
+            },
+            // A second output in the same block as op 2's (same allocation): once.
+            OutputBlock {
+                address: 0x30,
+                ended_at: 7,
+            },
+            OutputBlock {
+                address: 0x40,
+                ended_at: 13,
+            },
+        ];
+        let f = a.output_footprint(tch::Device::Cpu, &outputs);
+        assert_eq!((f.bytes, f.count), (180, 3));
+        // Live outputs: 40, 40 + 60, 60 (op 1's freed), 60 + 80; the earlier tensor, the
+        // scratch and the later tensor at 0x10 are not outputs, and 0x10's second free
+        // takes nothing off.
+        assert_eq!(f.peak_live_bytes, 140);
     }
 }

@@ -452,4 +452,26 @@ mod tests {
         assert!(c.records[1].backward);
         assert_eq!(c.records[1].thread, 2);
     }
+
+    #[test]
+    fn a_ruled_ops_inner_composite_or_unknown_frame_stays_covered() {
+        // mm (ruled) → matmul (composite) → mul; mm → frobnicate (no rule) → add: both
+        // inner ops run inside the mm's kernel, so only the mm counts.
+        let c = counts(
+            "1\t0\tF\taten::mm\tTFloat@cpu[2,2];TFloat@cpu[2,2]\n\
+             1\t1\tF\taten::matmul\tTFloat@cpu[2,2];TFloat@cpu[2,2]\n\
+             1\t2\tF\taten::mul\tTFloat@cpu[2,2];TFloat@cpu[2,2]\n\
+             1\t1\tF\taten::frobnicate\tTFloat@cpu[2,2]\n\
+             1\t2\tF\taten::add\tTFloat@cpu[2,2];TFloat@cpu[2,2]\n",
+        );
+        assert_eq!(c.records.len(), 1, "{:?}", c.records);
+        assert_eq!((c.flops.matmul_flops, c.flops.elementwise_flops), (16, 0));
+        assert!(c.is_complete(), "{:?}", c.unknown_ops);
+    }
+
+    #[test]
+    fn an_autograd_frame_written_as_forward_is_bookkeeping_not_an_unknown_op() {
+        let c = counts("2\t0\tF\tautograd::engine::evaluate_function: MmBackward0\t\n");
+        assert!(c.is_complete(), "{:?}", c.unknown_ops);
+    }
 }

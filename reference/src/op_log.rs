@@ -509,4 +509,19 @@ mod tests {
         assert_eq!(out.events.len(), 0);
         assert_eq!(out.errors.len(), 2);
     }
+
+    #[test]
+    fn output_lines_must_name_a_started_line_and_end_cleanly() {
+        // Line 1 never started (only line 0 did); trailing text after the outputs; a
+        // trailing comma in an int list.
+        let out = parse(
+            "1\t0\tF\taten::mm\tTFloat@cpu[2,2];TFloat@cpu[2,2]\n\
+             O\t1\t5\tTFloat@cpu[2,2]\n\
+             O\t0\t6\tTFloat@cpu[2,2]x\n\
+             1\t0\tF\taten::view\tTFloat@cpu[4];I[2,2,]\n",
+        );
+        assert_eq!(out.errors.len(), 3, "{:?}", out.errors);
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.events[0].outputs, None);
+    }
 }

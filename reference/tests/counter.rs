@@ -518,3 +518,60 @@ fn bytes_moved_by_real_ops_match_hand_numbers() {
     assert_eq!(c.io_bytes, 64 * 32 * (size + 8));
     assert_complete(&c);
 }
+
+/// The shim encodes `convolution_backward`'s output mask (a bool list) for the rule, which
+/// counts only the gradients asked for; torch's FlopCounterMode (2.11) is the witness:
+/// conv2d([2,3,16,16], [8,3,3,3], padding 1).sum() backward costs 442,368 FLOPs with both
+/// gradients and 221,184 with the weight's alone.
+#[test]
+fn convolution_backward_counts_the_gradients_its_mask_asks_for() {
+    for (input_grad, want) in [(true, 442_368u64), (false, 221_184)] {
+        let x = randn(&[2, 3, 16, 16]).set_requires_grad(input_grad);
+        let w = randn(&[8, 3, 3, 3]).set_requires_grad(true);
+        let loss = x
+            .conv2d::<Tensor>(&w, None, [1, 1], [1, 1], [1, 1], 1)
+            .sum(Kind::Float);
+        let (_, c) = count(|| loss.backward());
+        assert_complete(&c);
+        let conv: Vec<_> = c
+            .records
+            .iter()
+            .filter(|r| r.name == "aten::convolution_backward")
+            .collect();
+        assert_eq!(conv.len(), 1, "{:?}", c.records);
+        assert_eq!(conv[0].flops.matmul_flops, want, "input grad {input_grad}");
+        assert_eq!(c.flops.flop_counter_mode_flops, want);
+    }
+}
+
+/// Two attention calls that pick the same kernel name it once.
+#[test]
+fn two_attention_calls_name_their_kernel_once() {
+    let q = randn(&[1, 2, 8, 16]);
+    let (_, c) = count(|| {
+        let sdpa = |q: &Tensor| {
+            Tensor::scaled_dot_product_attention::<Tensor>(q, q, q, None, 0.0, true, None, false)
+        };
+        (sdpa(&q), sdpa(&q))
+    });
+    assert_eq!(
+        c.attention_kernels().len(),
+        1,
+        "{:?}",
+        c.attention_kernels()
+    );
+}
+
+/// An op that returns a number, not a tensor (`item()`), still reads its input: it hands
+/// nothing back, so its bytes are not those of an alias.
+#[test]
+fn an_op_that_returns_a_scalar_still_reads_its_input() {
+    let s = randn(&[3]).sum(kind());
+    let (_, c) = count(|| s.double_value(&[]));
+    let size = match kind() {
+        Kind::BFloat16 => 2,
+        _ => 4,
+    };
+    let read: u64 = c.io_bytes_by_op.values().sum();
+    assert_eq!(read, size, "{:?}", c.io_bytes_by_op);
+}
