@@ -186,9 +186,8 @@ fn bad_input_is_one_line_and_exit_2() {
 
 #[test]
 fn invalid_config_file_is_refused_with_its_field() {
-    let dir = std::env::temp_dir().join(format!("modelmeter-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("mla.json");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mla.json");
     std::fs::write(&path, r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5, "use_mla": true}"#).unwrap();
     let o = analyze(&["--config", path.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
@@ -198,7 +197,6 @@ fn invalid_config_file_is_refused_with_its_field() {
         "{}",
         stderr(&o)
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -305,9 +303,8 @@ fn the_title_names_the_platform_modelled() {
         );
     }
     // A config path with a line break stays on the title's one line.
-    let dir = std::env::temp_dir().join(format!("mm-analyze-title-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("a\nb.json");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a\nb.json");
     std::fs::copy(
         concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -317,7 +314,6 @@ fn the_title_names_the_platform_modelled() {
     )
     .unwrap();
     let o = analyze(&["--config", path.to_str().unwrap(), "--depth", "0"]);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(

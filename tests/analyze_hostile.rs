@@ -2,7 +2,7 @@
 //! written, oversized and ill-typed configs, and messages that name what is wrong.
 //! Every run checks that nothing panicked.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,27 +45,29 @@ fn assert_refused(o: &Output, needles: &[&str]) {
     assert!(o.stdout.is_empty(), "nothing printed");
 }
 
-struct TempDir(PathBuf);
+/// A fresh folder (the `tempfile` crate's), removed when dropped.
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("mm-analyze-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
+        TempDir(
+            tempfile::Builder::new()
+                .prefix(&format!("mm-analyze-{tag}-"))
+                .tempdir()
+                .unwrap(),
+        )
+    }
+
+    /// The folder itself.
+    fn root(&self) -> &Path {
+        self.0.path()
     }
 
     /// Writes `body` to `name` and returns its path as text.
     fn file(&self, name: &str, body: &str) -> String {
-        let path = self.0.join(name);
+        let path = self.root().join(name);
         std::fs::write(&path, body).unwrap();
         path.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -160,7 +162,7 @@ fn endless_devices_and_huge_files_are_refused_after_a_bounded_read() {
 #[test]
 fn a_folder_given_as_the_config_is_refused_saying_why_once() {
     let dir = TempDir::new("folder");
-    let path = dir.0.to_str().unwrap();
+    let path = dir.root().to_str().unwrap();
     let o = analyze(&["--config", path]);
     assert_refused(
         &o,
@@ -238,7 +240,7 @@ fn wrong_json_types_and_odd_paths_are_one_line_errors() {
     }
     let newline = dir.file("a\nb.json", "{ nope");
     assert_refused(&analyze(&["--config", &newline]), &["a\\nb.json"]);
-    let missing = format!("{}/no\nsuch.json", dir.0.display());
+    let missing = format!("{}/no\nsuch.json", dir.root().display());
     assert_refused(&analyze(&["--config", &missing]), &["no\\nsuch.json"]);
 }
 

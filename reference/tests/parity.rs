@@ -36,18 +36,19 @@ fn ocr_eight_experts() -> ModelConfig {
     c
 }
 
+/// Exported cases in a fresh folder (the `tempfile` crate's), removed when dropped.
 struct Cases {
-    root: PathBuf,
+    root: tempfile::TempDir,
     dirs: Vec<PathBuf>,
 }
 
 impl Cases {
     fn new(tag: &str) -> Cases {
-        let root =
-            std::env::temp_dir().join(format!("modelmeter-parity-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
         Cases {
-            root,
+            root: tempfile::Builder::new()
+                .prefix(&format!("modelmeter-parity-{tag}-"))
+                .tempdir()
+                .unwrap(),
             dirs: Vec::new(),
         }
     }
@@ -59,16 +60,13 @@ impl Cases {
         workload: Workload,
         attention: AttentionImpl,
     ) -> PathBuf {
-        let dir = self.root.join(format!("{:02}-{:?}", self.dirs.len(), kind));
+        let dir = self
+            .root
+            .path()
+            .join(format!("{:02}-{:?}", self.dirs.len(), kind));
         export_case(&dir, kind, config, &workload, attention, 11).unwrap();
         self.dirs.push(dir.clone());
         dir
-    }
-}
-
-impl Drop for Cases {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
@@ -471,7 +469,7 @@ fn the_v3_fill_difference_shows_where_it_is_predicted() {
     // transformers' −inf fill does not: the experts differ on every token, exactly where
     // the script predicts it. (The seeded cases above have no such token.)
     let mut cases = Cases::new("fill");
-    let dir = cases.root.join("gate");
+    let dir = cases.root.path().join("gate");
     export_edited_case(
         &dir,
         ModuleKind::MoEGate,

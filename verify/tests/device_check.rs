@@ -11,11 +11,18 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/device-check")
 }
 
-/// A fake `python3` that prints `lib` for any program (or fails when `lib` is None).
-fn fake_python(tag: &str, lib: Option<&str>) -> PathBuf {
+/// A fresh folder, removed when dropped (even when the test fails first).
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("mm-device-check-")
+        .tempdir()
+        .unwrap()
+}
+
+/// A fake `python3` in `dir` that prints `lib` for any program (or fails when `lib` is
+/// None).
+fn fake_python(dir: &Path, lib: Option<&str>) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("mm-device-check-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("python3");
     let body = match lib {
         Some(lib) => format!("#!/bin/sh\necho '{lib}'\n"),
@@ -45,7 +52,8 @@ fn stdout(o: &Output) -> String {
 
 #[test]
 fn torch_lib_alone_when_nothing_was_set() {
-    let py = fake_python("unset", Some("/opt/torch/lib"));
+    let tmp = temp_dir();
+    let py = fake_python(tmp.path(), Some("/opt/torch/lib"));
     let o = print_library_path(&py, None);
     assert!(o.status.success(), "{o:?}");
     assert_eq!(stdout(&o), "/opt/torch/lib");
@@ -53,7 +61,8 @@ fn torch_lib_alone_when_nothing_was_set() {
 
 #[test]
 fn torch_lib_is_prepended_to_what_the_image_set() {
-    let py = fake_python("set", Some("/opt/torch/lib"));
+    let tmp = temp_dir();
+    let py = fake_python(tmp.path(), Some("/opt/torch/lib"));
     let o = print_library_path(&py, Some("/usr/local/nvidia/lib64:/usr/local/cuda/lib64"));
     assert!(o.status.success(), "{o:?}");
     assert_eq!(
@@ -64,7 +73,8 @@ fn torch_lib_is_prepended_to_what_the_image_set() {
 
 #[test]
 fn a_python_without_torch_is_a_clear_error() {
-    let py = fake_python("missing", None);
+    let tmp = temp_dir();
+    let py = fake_python(tmp.path(), None);
     let o = print_library_path(&py, Some("/usr/local/nvidia/lib64"));
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(stdout(&o).is_empty());
@@ -87,20 +97,15 @@ fn unknown_arguments_are_refused() {
 /// runs) beside stand-in binaries, a stand-in `ncu` among them: `verify_decoder` is the
 /// body of a fake `verify-decoder` script; a fake torch lib folder holds a
 /// `libtorch_cuda.so` when `cuda_lib`. Returns the exit code and the summary.
-fn bundle(tag: &str, verify_decoder: &str, cuda_lib: bool) -> (Option<i32>, String) {
-    bundle_with(tag, verify_decoder, cuda_lib, true)
+fn bundle(verify_decoder: &str, cuda_lib: bool) -> (Option<i32>, String) {
+    bundle_with(verify_decoder, cuda_lib, true)
 }
 
 /// [`bundle`], with a stand-in `ncu` first on `PATH` when `ncu`.
-fn bundle_with(
-    tag: &str,
-    verify_decoder: &str,
-    cuda_lib: bool,
-    ncu: bool,
-) -> (Option<i32>, String) {
+fn bundle_with(verify_decoder: &str, cuda_lib: bool, ncu: bool) -> (Option<i32>, String) {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("mm-bundle-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = temp_dir();
+    let dir = tmp.path();
     let lib = dir.join("torch-lib");
     std::fs::create_dir_all(&lib).unwrap();
     if cuda_lib {
@@ -121,7 +126,7 @@ fn bundle_with(
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let python = fake_python(tag, Some(lib.to_str().unwrap()));
+    let python = fake_python(dir, Some(lib.to_str().unwrap()));
     let out = dir.join("out");
     let mut path = std::env::var("PATH").unwrap_or_default();
     if ncu {
@@ -137,7 +142,6 @@ fn bundle_with(
         .output()
         .expect("bash runs device-check");
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
     (o.status.code(), summary)
 }
 
@@ -146,7 +150,7 @@ const NO_CUDA: &str =
 
 #[test]
 fn a_bundle_run_without_a_working_gpu_is_not_a_pass() {
-    let (code, summary) = bundle("no-gpu", NO_CUDA, true);
+    let (code, summary) = bundle(NO_CUDA, true);
     assert_eq!(code, Some(1), "{summary}");
     assert!(summary.contains("cannot run on cuda:0"), "{summary}");
     assert!(summary.contains("not with LD_PRELOAD"), "{summary}");
@@ -156,7 +160,7 @@ fn a_bundle_run_without_a_working_gpu_is_not_a_pass() {
 fn the_bundle_falls_back_to_preloading_libtorch_cuda() {
     // CUDA works only when libtorch_cuda is preloaded: every later run must get it too.
     let body = format!("[ -n \"$LD_PRELOAD\" ] && exit 0\n{NO_CUDA}");
-    let (code, summary) = bundle("preload", &body, true);
+    let (code, summary) = bundle(&body, true);
     assert_eq!(code, Some(0), "{summary}");
     assert!(
         summary.contains("every run below uses LD_PRELOAD"),
@@ -167,7 +171,7 @@ fn the_bundle_falls_back_to_preloading_libtorch_cuda() {
 
 #[test]
 fn a_bundle_run_with_cuda_working_at_start_up_passes_its_preflight() {
-    let (code, summary) = bundle("gpu", "exit 0", false);
+    let (code, summary) = bundle("exit 0", false);
     assert_eq!(code, Some(0), "{summary}");
     assert!(summary.contains("runs on cuda:0"), "{summary}");
     assert!(!summary.contains("LD_PRELOAD"), "{summary}");
@@ -180,7 +184,7 @@ fn hardware_counters_fall_back_to_range_replay_without_the_moe_layers() {
         *'--ncu-replay range --layers DeepseekV2MLP,MoEGate,'*--hardware-counters*) exit 0 ;;\n\
         *--hardware-counters*) echo 'ncu: Failed to profile'; exit 2 ;;\n\
         esac\nexit 0";
-    let (code, summary) = bundle_with("hw-fallback", body, false, true);
+    let (code, summary) = bundle_with(body, false, true);
     assert_eq!(
         code,
         Some(1),
@@ -199,8 +203,6 @@ fn hardware_counters_fall_back_to_range_replay_without_the_moe_layers() {
     }
 }
 
-/// Runs scripts/exactness-scan.py on a folder holding `files` (name, JSON text) with a
-/// real Python (the project's .venv, else python3); its exit code and output.
 /// Runs `scripts/<script>` with the `.venv`'s Python (or `python3`) on `files` written to a
 /// fresh folder, passing the folder (`None`) or the files themselves (`Some(names)`):
 /// (exit code, stdout, stderr).
@@ -217,20 +219,21 @@ fn python_script(
     } else {
         PathBuf::from("python3")
     };
-    let dir = std::env::temp_dir().join(format!("mm-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("mm-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     for (name, text) in files {
         std::fs::write(dir.join(name), text).unwrap();
     }
     let mut cmd = Command::new(python);
     cmd.arg(root.join("scripts").join(script));
     match args {
-        None => cmd.arg(&dir),
+        None => cmd.arg(dir),
         Some(names) => cmd.args(names.iter().map(|n| dir.join(n))),
     };
     let o = cmd.output().expect("python runs the script");
-    let _ = std::fs::remove_dir_all(&dir);
     (
         o.status.code(),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -362,7 +365,7 @@ fn the_exactness_scan_reads_model_reports_and_refuses_unreadable_ones() {
 fn hardware_only_without_ncu_checks_nothing_and_is_not_a_pass() {
     // Every run would be "skipped, ncu not found" and the exactness scan pass on 0 of 0:
     // the check must fail and say why, though the preflight passed.
-    let (code, summary) = bundle_with("no-ncu", "exit 0", false, false);
+    let (code, summary) = bundle_with("exit 0", false, false);
     assert_eq!(code, Some(1), "{summary}");
     assert!(summary.contains("runs on cuda:0"), "{summary}");
     assert!(summary.contains("HARDWARE_ONLY=1 without ncu"), "{summary}");

@@ -43,7 +43,7 @@ fn fake_ncu(dir: &Path) -> PathBuf {
 #[test]
 fn options_that_cannot_work_are_refused_in_one_line() {
     let tmp = TempDir::new("refusals");
-    let ncu = fake_ncu(&tmp.0);
+    let ncu = fake_ncu(tmp.root());
     let ncu = ncu.to_str().unwrap();
     let cases: [(&[&str], &[&str]); 9] = [
         (
@@ -97,7 +97,7 @@ fn options_that_cannot_work_are_refused_in_one_line() {
 #[test]
 fn without_ncu_on_path_the_error_says_what_to_install_once_the_gpu_is_there() {
     let tmp = TempDir::new("no-ncu");
-    let o = verify(&["--hardware-counters"], Some(&tmp.0));
+    let o = verify(&["--hardware-counters"], Some(tmp.root()));
     if modelmeter_reference::cuda_backend::is_available() {
         assert_refused(&o, &["ncu", "not on PATH", "--ncu PATH"]);
     } else {
@@ -115,8 +115,8 @@ fn without_a_gpu_the_error_says_so_and_ncu_never_runs() {
         return;
     }
     let tmp = TempDir::new("no-gpu");
-    let ncu = fake_ncu(&tmp.0);
-    let o = verify(&["--hardware-counters"], Some(&tmp.0));
+    let ncu = fake_ncu(tmp.root());
+    let o = verify(&["--hardware-counters"], Some(tmp.root()));
     assert_refused(&o, &["needs a CUDA GPU", "sees none", "--device cuda:0"]);
     let o = verify(
         &["--hardware-counters", "--ncu", ncu.to_str().unwrap()],
@@ -125,7 +125,7 @@ fn without_a_gpu_the_error_says_so_and_ncu_never_runs() {
     assert_refused(&o, &["needs a CUDA GPU"]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("fake ncu ran"));
     // The error names the option given, not one the user did not pass.
-    let child = tmp.0.join("child");
+    let child = tmp.root().join("child");
     let o = verify(
         &["--hardware-counters-child", child.to_str().unwrap()],
         None,
@@ -243,7 +243,7 @@ fn child_on_cpu(
     let args = Args::try_parse_from(argv).expect("valid options");
     let ready = prepare(&args).expect("checks out");
     let tmp = TempDir::new(tag);
-    let child = profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
+    let child = profile::run_child(&ready.plan, "cpu".into(), tmp.root()).expect("child runs");
     (args, ready, tmp, child)
 }
 
@@ -308,7 +308,7 @@ fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
         ],
     );
     assert_eq!(child.len(), 2);
-    let list = RangeList::read(&tmp.0).expect("written");
+    let list = RangeList::read(tmp.root()).expect("written");
     // The list says what the child ran, so a reader can refuse another run's figures.
     assert_eq!(list.run, Some(profile::run_identity(&ready.plan)));
     let counted: Vec<&RangeRecord> = list.counted().collect();
@@ -450,8 +450,8 @@ fn a_layer_that_failed_before_its_range_takes_no_row() {
     let mut ready = prepare(&args).expect("checks out");
     ready.plan.hooks.fail_layer = Some("MoEGate".into());
     let tmp = TempDir::new("failed-before-range");
-    profile::run_child(&ready.plan, "cpu".into(), &tmp.0).expect("child runs");
-    let list = RangeList::read(&tmp.0).expect("written");
+    profile::run_child(&ready.plan, "cpu".into(), tmp.root()).expect("child runs");
+    let list = RangeList::read(tmp.root()).expect("written");
     let layers: Vec<&str> = list.layers.iter().map(RangeEntry::layer).collect();
     assert_eq!(layers, ["DeepseekV2MLP", "MoEGate", "DeepseekV2RMSNorm"]);
     assert!(
@@ -558,7 +558,7 @@ fn routed_experts_with_few_rows_make_the_moe_padding_information() {
             "DeepseekV2MoE,DeepseekV2MLP",
         ],
     );
-    let list = RangeList::read(&tmp.0).expect("written");
+    let list = RangeList::read(tmp.root()).expect("written");
 
     let result = child.iter().find(|r| r.name == "DeepseekV2MoE").unwrap();
     let context = profile::context_of(&ready.plan, result);
@@ -643,7 +643,7 @@ fi
 #[test]
 fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
     let tmp = TempDir::new("kernel-replay");
-    let ncu = kernel_replay_ncu(&tmp.0);
+    let ncu = kernel_replay_ncu(tmp.root());
     let own: Vec<std::ffi::OsString> = [
         "--dtype",
         "bf16",
@@ -659,7 +659,7 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
         &ncu,
         Path::new("/bin/true"),
         &own,
-        &tmp.0.join("run"),
+        &tmp.root().join("run"),
         &layers,
         &mut |i, name| seen.push((i, name.to_string())),
     )
@@ -667,7 +667,7 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
     assert_eq!(seen, [(0, "DeepseekV2MLP".into()), (1, "MoEGate".into())]);
     // ncu's options: kernel replay of what runs between the profiler calls, and SASS
     // instruction counts asked for (the point of this mode).
-    let args = std::fs::read_to_string(tmp.0.join("last-args.txt")).unwrap();
+    let args = std::fs::read_to_string(tmp.root().join("last-args.txt")).unwrap();
     for needle in [
         "--profile-from-start off",
         "--replay-mode kernel",
@@ -699,40 +699,40 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
         "{}",
         run.errors[0].1
     );
-    assert!(tmp.0.join("run/0-DeepseekV2MLP/ncu.csv").exists());
+    assert!(tmp.root().join("run/0-DeepseekV2MLP/ncu.csv").exists());
     // `--hardware-counters-from` reads the kept folder the same way.
-    let again = profile::read_per_layer(&tmp.0.join("run"))
+    let again = profile::read_per_layer(&tmp.root().join("run"))
         .expect("a kernel-replay folder")
         .expect("readable");
     assert_eq!(again.ranges, run.ranges);
     assert_eq!(again.errors, run.errors);
     // A range-mode folder (ncu.csv and ranges.json at the top) is not one.
-    assert!(profile::read_per_layer(&tmp.0.join("run/0-DeepseekV2MLP")).is_none());
+    assert!(profile::read_per_layer(&tmp.root().join("run/0-DeepseekV2MLP")).is_none());
     // A second run into the same folder replaces the first one's layer folders: with one
     // layer, only its folder is read.
     let run = profile::run_per_layer(
         &ncu,
         Path::new("/bin/true"),
         &own,
-        &tmp.0.join("run"),
+        &tmp.root().join("run"),
         &layers[..1],
         &mut |_, _| {},
     )
     .expect("ncu ran");
     assert_eq!((run.ranges.len(), run.errors.len()), (1, 0));
-    let again = profile::read_per_layer(&tmp.0.join("run"))
+    let again = profile::read_per_layer(&tmp.root().join("run"))
         .unwrap()
         .unwrap();
     assert_eq!((again.ranges.len(), again.errors.len()), (1, 0));
     // Folders of two runs, or both layouts, are refused rather than mixed.
-    std::fs::create_dir_all(tmp.0.join("run/5-DeepseekV2MLP")).unwrap();
-    let twice = profile::read_per_layer(&tmp.0.join("run"))
+    std::fs::create_dir_all(tmp.root().join("run/5-DeepseekV2MLP")).unwrap();
+    let twice = profile::read_per_layer(&tmp.root().join("run"))
         .unwrap()
         .unwrap_err();
     assert!(twice.contains("DeepseekV2MLP twice"), "{twice}");
-    std::fs::remove_dir_all(tmp.0.join("run/5-DeepseekV2MLP")).unwrap();
-    std::fs::write(tmp.0.join("run/ncu.csv"), "").unwrap();
-    let both = profile::read_per_layer(&tmp.0.join("run"))
+    std::fs::remove_dir_all(tmp.root().join("run/5-DeepseekV2MLP")).unwrap();
+    std::fs::write(tmp.root().join("run/ncu.csv"), "").unwrap();
+    let both = profile::read_per_layer(&tmp.root().join("run"))
         .unwrap()
         .unwrap_err();
     assert!(both.contains("both a range-replay run"), "{both}");

@@ -223,7 +223,7 @@ fn a_closed_pipe_ends_quietly_and_the_reports_are_written() {
 fn a_folder_like_report_path_is_refused_before_anything_runs() {
     let dir = TempDir::new("folder");
     for path in [
-        format!("{}/out.json/", dir.0.display()),
+        format!("{}/out.json/", dir.root().display()),
         "out.json/".to_string(),
     ] {
         let start = Instant::now();
@@ -232,10 +232,10 @@ fn a_folder_like_report_path_is_refused_before_anything_runs() {
         assert!(!text(&o.stderr).contains("[1/"), "no layer ran");
         assert!(start.elapsed() < Duration::from_secs(30));
     }
-    let o = quick(&["--junit", dir.0.to_str().unwrap()]);
+    let o = quick(&["--junit", dir.root().to_str().unwrap()]);
     assert_refused(&o, "is a directory");
     assert_eq!(
-        std::fs::read_dir(&dir.0).unwrap().count(),
+        std::fs::read_dir(dir.root()).unwrap().count(),
         0,
         "nothing written"
     );
@@ -249,7 +249,7 @@ fn a_folder_like_report_path_is_refused_before_anything_runs() {
 fn a_read_only_report_file_is_refused_not_replaced() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new("read-only");
-    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let report = dir.path("ro.json");
     std::fs::write(&report, "old").unwrap();
     std::fs::set_permissions(&report, std::fs::Permissions::from_mode(0o444)).unwrap();
@@ -285,7 +285,7 @@ fn a_read_only_report_file_is_refused_not_replaced() {
     assert!(text(&o.stderr).contains("chmod u+w"), "{}", text(&o.stderr));
     assert_eq!(std::fs::read_to_string(report).unwrap(), "old");
     assert_eq!(
-        std::fs::read_dir(&dir.0).unwrap().count(),
+        std::fs::read_dir(dir.root()).unwrap().count(),
         1,
         "nothing else written"
     );
@@ -302,7 +302,7 @@ fn a_250_byte_report_name_is_written() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert_eq!(read_json(&dir.path(&name))["schema"], "modelmeter.verify/1");
     assert_eq!(
-        std::fs::read_dir(&dir.0).unwrap().count(),
+        std::fs::read_dir(dir.root()).unwrap().count(),
         1,
         "no probe left"
     );

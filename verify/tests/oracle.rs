@@ -10,12 +10,11 @@ use modelmeter_verify::report;
 use serde_json::Value;
 
 mod common;
-use common::row;
+use common::{row, TempDir};
 
 fn verify(args: &[&str]) -> (Option<i32>, Value, String) {
-    let dir = std::env::temp_dir().join(format!("mm-oracle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join(format!("r-{}.json", args.join("_").replace(['/', '-'], "")));
+    let tmp = TempDir::new("oracle");
+    let json = tmp.path("r.json");
     let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
         .args(["--device", "cpu", "--oracle", "--quiet", "--json"])
         .arg(&json)
@@ -26,7 +25,6 @@ fn verify(args: &[&str]) -> (Option<i32>, Value, String) {
     let j = std::fs::read_to_string(&json)
         .map(|t| serde_json::from_str(&t).unwrap())
         .unwrap_or(Value::Null);
-    let _ = std::fs::remove_file(&json);
     (out.status.code(), j, stderr)
 }
 
@@ -198,9 +196,8 @@ fn quiet_still_says_why_the_oracle_could_not_check_a_layer() {
     // An interpreter that passes the start-up probe, then fails on every layer: each layer
     // is an error (exit 1), and --quiet prints the cause before the summary line.
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("mm-oracle-quiet-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let python = dir.join("python");
+    let tmp = TempDir::new("oracle-quiet");
+    let python = tmp.path("python");
     std::fs::write(
         &python,
         "#!/bin/sh\nif [ \"$1\" = \"-c\" ]; then echo \"2.11.0 4.46\"; exit 0; fi\n\
@@ -214,7 +211,6 @@ fn quiet_still_says_why_the_oracle_could_not_check_a_layer() {
         .arg(format!("--oracle=python={}", python.display()))
         .output()
         .expect("verify-decoder runs");
-    let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
@@ -297,9 +293,8 @@ fn a_mask_or_cache_that_differs_from_transformers_fails_the_output_row() {
         assert!(broken.contains(def), "parity.py no longer has {def}");
         broken = broken.replacen(def, &format!("{def}{answer}"), 1);
     }
-    let dir = std::env::temp_dir().join(format!("mm-oracle-broken-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("parity.py");
+    let tmp = TempDir::new("oracle-broken");
+    let path = tmp.path("parity.py");
     std::fs::write(&path, broken).unwrap();
     for (args, says) in [
         (
@@ -331,7 +326,7 @@ fn a_mask_or_cache_that_differs_from_transformers_fails_the_output_row() {
             "KV cache after the prefill is",
         ),
     ] {
-        let json = dir.join("r.json");
+        let json = tmp.path("r.json");
         let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
             .args(["--device", "cpu", "--oracle", "--quiet", "--json"])
             .arg(&json)
@@ -347,5 +342,4 @@ fn a_mask_or_cache_that_differs_from_transformers_fails_the_output_row() {
         let note = output["note"].as_str().unwrap();
         assert!(note.contains(says), "{args:?}: {note}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -156,30 +156,32 @@ pub fn assert_refused(o: &Output, needles: &[&str]) {
     assert!(o.stdout.is_empty(), "nothing ran: {}", text(&o.stdout));
 }
 
-/// A folder removed when dropped.
-pub struct TempDir(pub PathBuf);
+/// A fresh folder (the `tempfile` crate's), removed when dropped, even when a test
+/// fails before its end.
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
-    /// A fresh folder for the test `tag` of this process.
+    /// A fresh folder named after the test `tag`.
     pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("mm-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
+        TempDir(
+            tempfile::Builder::new()
+                .prefix(&format!("mm-test-{tag}-"))
+                .tempdir()
+                .unwrap(),
+        )
+    }
+
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        self.0.path()
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.root().join(name)
     }
 
     pub fn str(&self, name: &str) -> String {
         self.path(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
