@@ -64,8 +64,8 @@ pub struct WorkloadArgs {
     /// [default: 512]
     #[arg(long, value_name = "C", value_parser = whole_number::<u64>)]
     pub context_len: Option<u64>,
-    /// Model dtype [default: bf16 (the deployed dtype; modelmeter analyze on either
-    /// --device); verify-decoder on the CPU: fp32, which libtorch's CPU GEMMs run natively]
+    /// Model dtype [default: bf16, the deployed dtype] (each binary states its own default:
+    /// verify-decoder's depends on the device)
     #[arg(long, value_name = "DTYPE", value_enum, ignore_case = true)]
     pub dtype: Option<DtypeArg>,
     /// Let fp32 GEMMs use TF32 tensor cores (PyTorch's default is off)

@@ -279,6 +279,11 @@ fn help_shows_examples() {
             text.contains("Examples:") && text.contains("modelmeter analyze --phase decode"),
             "{args:?}: {text}"
         );
+        if args != ["--help"] {
+            // --dtype states this binary's default (the option is shared with verify-decoder).
+            assert!(text.contains("bf16, the deployed dtype, on any"), "{text}");
+            assert!(!text.contains("verify-decoder"), "{text}");
+        }
         // Help is wrapped to the terminal: an example line over 80 columns would be split
         // on an 80-column one, and its second half read as a command of its own.
         let examples = text.split("Examples:\n").nth(1).unwrap();

@@ -49,7 +49,10 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-#[command(allow_negative_numbers = true)]
+#[command(
+    allow_negative_numbers = true,
+    mut_arg("dtype", |a| a.help("Model dtype [default: bf16, the deployed dtype, on any --device]"))
+)]
 struct AnalyzeArgs {
     #[command(flatten)]
     workload: WorkloadArgs,

@@ -73,7 +73,10 @@ fn sweep_count(text: &str) -> Result<usize, String> {
     version,
     about = "Verify modelmeter's analytic DeepSeek-V2 decoder layers against reference modules run under a dispatcher-level FLOP counter",
     after_help = EXAMPLES,
-    allow_negative_numbers = true
+    allow_negative_numbers = true,
+    mut_arg("dtype", |a| a.help(
+        "Model dtype [default: bf16 on a GPU; fp32 on the CPU, which libtorch's CPU GEMMs run natively]"
+    ))
 )]
 pub struct Args {
     /// cpu, cuda or cuda:N [default: cuda:0 when libtorch sees a GPU, else cpu]

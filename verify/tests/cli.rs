@@ -603,6 +603,9 @@ fn help_shows_examples_and_statuses() {
         help.contains("known_gap") && help.contains("Exit codes"),
         "{help}"
     );
+    // --dtype states this binary's default (the option is shared with modelmeter analyze).
+    assert!(help.contains("fp32 on the CPU"), "{help}");
+    assert!(!help.contains("modelmeter analyze"), "{help}");
     // Help is wrapped to the terminal: an example line over 80 columns would be split
     // on an 80-column one, and its second half read as a command of its own.
     let examples = help.split("Examples:\n").nth(1).unwrap();
