@@ -200,6 +200,27 @@ pub struct Cost {
 }
 
 impl Cost {
+    /// A node called `name` (running `op` when a leaf) with `metrics`, and nothing else
+    /// yet: no peak, no returned tensors, no children.
+    fn new(
+        name: String,
+        op: Option<&'static str>,
+        metrics: Metrics,
+        cuda_activation_bytes: u64,
+    ) -> Cost {
+        Cost {
+            name,
+            op,
+            metrics,
+            cuda_activation_bytes,
+            peak: Peak::default(),
+            cuda_peak: Peak::default(),
+            returned: Vec::new(),
+            returns: 0,
+            children: Vec::new(),
+        }
+    }
+
     /// How many tensors the call returns (what a caller's [`CostBuilder::call`] expects).
     pub fn returns(&self) -> usize {
         self.returns
@@ -371,17 +392,7 @@ impl CostBuilder {
     pub fn new(name: impl Into<String>, allow_tf32: bool) -> CostBuilder {
         let keep = KEEP.with(|k| k.get());
         CostBuilder {
-            node: Cost {
-                name: name.into(),
-                op: None,
-                metrics: Metrics::default(),
-                cuda_activation_bytes: 0,
-                peak: Peak::default(),
-                cuda_peak: Peak::default(),
-                returned: Vec::new(),
-                returns: 0,
-                children: Vec::new(),
-            },
+            node: Cost::new(name.into(), None, Metrics::default(), 0),
             allow_tf32,
             sums_only: keep != Keep::Tree,
             liveness: (keep != Keep::Metrics).then(Liveness::new),
@@ -507,17 +518,12 @@ impl CostBuilder {
         if self.sums_only {
             return self.add(&metrics, cuda_activation_bytes);
         }
-        self.push(Cost {
-            name: role.to_string(),
-            op: Some(op),
+        self.push(Cost::new(
+            role.to_string(),
+            Some(op),
             metrics,
             cuda_activation_bytes,
-            peak: Peak::default(),
-            cuda_peak: Peak::default(),
-            returned: Vec::new(),
-            returns: 0,
-            children: Vec::new(),
-        })
+        ))
     }
 
     /// Records an op call that hands back its input unchanged (`contiguous()` of a
@@ -529,17 +535,7 @@ impl CostBuilder {
         if self.sums_only {
             return Ok(());
         }
-        self.push(Cost {
-            name: role.to_string(),
-            op: Some(op),
-            metrics: Metrics::default(),
-            cuda_activation_bytes: 0,
-            peak: Peak::default(),
-            cuda_peak: Peak::default(),
-            returned: Vec::new(),
-            returns: 0,
-            children: Vec::new(),
-        })
+        self.push(Cost::new(role.to_string(), Some(op), Metrics::default(), 0))
     }
 
     /// Adds a sub-layer call whose outputs stay allocated until this node returns.
