@@ -158,8 +158,24 @@ pub(crate) fn parse(name: &str, text: &[u8]) -> Result<Value> {
     }
     .deserialize(&mut de)
     .and_then(|v| de.end().map(|()| v))
-    .map_err(|e| parse_error(e.to_string()))?;
+    .map_err(|e| parse_error(parse_message(&e)))?;
     Ok(value)
+}
+
+/// What a parse error says. A file that ends inside its JSON is said to be cut short:
+/// serde_json places that error after the last byte, which after a final line break is
+/// "line L + 1 column 0", a column that no editor shows.
+fn parse_message(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    // Inside a field the reader parses the field's own text again, and the error comes
+    // back as a custom one (category `Data`) with serde_json's words.
+    if !(e.is_eof() || message.contains("EOF while parsing")) {
+        return message;
+    }
+    let what = message
+        .rsplit_once(" at line ")
+        .map_or(message.as_str(), |(head, _)| head);
+    format!("it ends before its JSON object does ({what} at the end of the file); is the file complete?")
 }
 
 /// The message of an error raised by a parser that read `inner` (a part of `outer`),
@@ -462,6 +478,15 @@ mod tests {
             (b"\xef\xbb\xbf{}", "starts with a UTF-8 byte-order mark"),
             (b"  ", "empty"),
             (b"{ nope", "t"),
+            (
+                b"{\"hidden_size\": 12,\n",
+                "it ends before its JSON object does (EOF while parsing a value at the end of \
+                 the file); is the file complete?",
+            ),
+            (
+                b"{\"a\": [1",
+                "(a: EOF while parsing a list at the end of the file)",
+            ),
             (b"{} x", "trailing"),
         ] {
             let e = parse("t", text).unwrap_err().to_string();
