@@ -122,7 +122,8 @@ pub struct Args {
     pub quiet: bool,
     /// Also check each layer against an independent witness: transformers' modules run
     /// under torch's own FlopCounterMode on the same device and dtype, with this Python
-    /// (python = the project's .venv, else python3; or python=PATH)
+    /// (python = the project's .venv, else python3; or python=PATH); with --sweep, each
+    /// case is drawn as transformers can run it (hidden_size = heads · head_dim, its routers)
     #[arg(long, value_name = "python[=PATH]", num_args = 0..=1, default_missing_value = "python")]
     pub oracle: Option<String>,
     /// Print where the run's wall time went (before main, setup, per layer: analytic,
@@ -500,6 +501,7 @@ pub fn report_of(args: &Args, ready: &Ready) -> Report {
                 &ready.plan,
                 &ready.spec.to_string(),
                 n,
+                ready.oracle.as_ref(),
                 ready.environment(),
                 &mut |case, n| {
                     let line = report::case_line(case, n);
@@ -589,9 +591,6 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     let hardware_given = check_hardware_options(args).map_err(anyhow::Error::msg)?;
     let oracle = match &args.oracle {
         Some(spec) => {
-            if args.sweep.is_some() {
-                bail!("--oracle does not apply with --sweep (the transformers modules need head_dim = hidden_size / heads, which sweep configs do not keep); run it on single configs");
-            }
             let oracle = Oracle::parse(spec).map_err(anyhow::Error::msg)?;
             oracle.check().map_err(anyhow::Error::msg)?;
             Some(oracle)
@@ -924,7 +923,7 @@ fn check_sweep_options(args: &Args) -> Result<(), String> {
     if let Some((option, _)) = fixed.iter().find(|(_, given)| *given) {
         return Err(format!(
             "{option} does not apply with --sweep (each case draws its own config, batch, phase, attention and MLA form); \
-             keep --device, --dtype, --allow-tf32, --layers, --seed and --accept-rel-diff"
+             keep --device, --dtype, --allow-tf32, --layers, --seed, --accept-rel-diff and --oracle"
         ));
     }
     Ok(())

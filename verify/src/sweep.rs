@@ -4,12 +4,13 @@
 use serde_json::{json, Value};
 
 use crate::environment::Environment;
+use crate::oracle::Oracle;
 use crate::plan::Plan;
 use crate::report::{self, Case, Report};
 use crate::results::Summary;
 
 use modelmeter::layers::AttentionImpl;
-use modelmeter::{MlaForm, ModelConfig, MoeConfig, Phase, Workload};
+use modelmeter::{MlaForm, ModelConfig, MoeConfig, Phase, Platform, Workload};
 
 /// splitmix64: a tiny, seedable, dependency-free generator.
 #[derive(Clone, Debug)]
@@ -54,6 +55,56 @@ pub struct SweepCase {
     pub attention: AttentionImpl,
     /// The corner the case was moved into, if any ([`Corner`]).
     pub corner: Option<Corner>,
+}
+
+impl SweepCase {
+    /// The case with the shapes Hugging Face transformers' modules can take
+    /// (reference/parity/README.md): their Llama-style attention derives head_dim =
+    /// hidden_size / heads, so a multi-head config keeps its drawn head dim (odd ones
+    /// included) and takes hidden_size = heads · head_dim; an MLA config, which reads
+    /// neither, takes hidden_size rounded down to a multiple of its heads.
+    pub fn for_transformers(mut self) -> SweepCase {
+        let cfg = &mut self.config_json;
+        let heads = self.config.num_attention_heads;
+        let hidden = match self.config.mla {
+            None => {
+                let object = cfg
+                    .as_object_mut()
+                    .expect("a generated config is an object");
+                let head_dim = object.remove("head_dim").and_then(|d| d.as_u64());
+                heads * head_dim.unwrap_or(self.config.head_dim)
+            }
+            Some(_) => heads * (self.config.hidden_size / heads).max(1),
+        };
+        cfg["hidden_size"] = hidden.into();
+        self.config = ModelConfig::from_json_value(&self.config.name, cfg)
+            .expect("a generated config with its hidden size fitted stays valid");
+        self
+    }
+
+    /// [`SweepCase::for_transformers`], and what else the `--oracle` needs to judge every
+    /// layer: transformers routes softmax scores greedily (its V2 router) and sigmoid
+    /// scores by `noaux_tc` (V3) only, so the scoring function follows the drawn top-k
+    /// method; and on the CPU an MLA attention's SDPA core runs eager, since torch's SDPA
+    /// takes its math path there on transformers' unpadded values, which the oracle names
+    /// but does not compare.
+    pub fn for_oracle(self, platform: Platform) -> SweepCase {
+        let mut case = self.for_transformers();
+        if case.config.moe.is_some() {
+            let noaux = case.config_json["topk_method"] == "noaux_tc";
+            case.config_json["scoring_func"] = json!(if noaux { "sigmoid" } else { "softmax" });
+            case.config = ModelConfig::from_json_value(&case.config.name, &case.config_json)
+                .expect("a generated config with its scoring function fitted stays valid");
+        }
+        if case.config.mla.is_some()
+            && case.workload.mla.is_naive()
+            && case.attention == AttentionImpl::Sdpa
+            && platform == Platform::Cpu
+        {
+            case.attention = AttentionImpl::Eager;
+        }
+        case
+    }
 }
 
 /// Head dims a sweep draws from half of the time (else 64 or 128): ones that CUDA
@@ -279,7 +330,9 @@ fn mla_fields(m: &mut Rng, cfg: &mut Value, experts: u64) {
 }
 
 /// The plain command line that reruns a case whose config was written to `config_path`,
-/// with `program` (the running binary: a replay pasted anywhere runs the same build).
+/// with `program` (the running binary: a replay pasted anywhere runs the same build);
+/// with `oracle`, it runs the oracle too, with the same interpreter.
+#[allow(clippy::too_many_arguments)]
 pub fn replay_command(
     program: &str,
     case: &SweepCase,
@@ -288,6 +341,7 @@ pub fn replay_command(
     seed: u64,
     tolerance: f64,
     layers: &[&str],
+    oracle: Option<&Oracle>,
 ) -> String {
     let w = &case.workload;
     let phase = match w.phase {
@@ -307,8 +361,16 @@ pub fn replay_command(
     } else {
         format!(" --layers {}", layers.join(","))
     };
+    let oracle = match oracle {
+        None => String::new(),
+        Some(o) if o.python == crate::oracle::default_python() => " --oracle".to_string(),
+        Some(o) => format!(
+            " --oracle={}",
+            shell_word(&format!("python={}", o.python.display()))
+        ),
+    };
     format!(
-        "{program} --device {device} --config {} --batch {} {phase} --dtype {}{attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}",
+        "{program} --device {device} --config {} --batch {} {phase} --dtype {}{attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}{oracle}",
         shell_word(config_path),
         w.batch,
         w.dtype
@@ -340,11 +402,14 @@ fn shell_word(text: &str) -> String {
 /// Verifies `n` generated cases on the base plan's device, dtype, TF32 setting, layers,
 /// tolerance and seed; `device` is how the replay commands name the device. A failing
 /// case's config is written to the temporary folder and its replay command recorded.
+/// With `oracle`, each case is drawn as transformers can run it
+/// ([`SweepCase::for_oracle`]) and its layers get the oracle's rows too.
 /// `progress` sees each case as it finishes.
 pub fn run(
     base: &Plan,
     device: &str,
     n: usize,
+    oracle: Option<&Oracle>,
     mut env: Environment,
     progress: &mut dyn FnMut(&Case, usize),
 ) -> Report {
@@ -352,14 +417,20 @@ pub fn run(
     env.attention = None;
     let mut cases = Vec::new();
     for index in 0..n {
-        let generated = generate(base.seed, index, &base.workload);
+        let mut generated = generate(base.seed, index, &base.workload);
+        if oracle.is_some() {
+            generated = generated.for_oracle(base.workload.platform);
+        }
         let plan = Plan {
             config: generated.config.clone(),
             workload: generated.workload.clone(),
             attention: generated.attention,
             ..base.clone()
         };
-        let layers = crate::runner::verify(&plan, &mut |_| {});
+        let mut layers = crate::runner::verify(&plan, &mut |_| {});
+        if let Some(oracle) = oracle {
+            crate::oracle::apply(&plan, &mut layers, oracle);
+        }
         let replay = (!Summary::of(&layers).ok()).then(|| {
             let path = std::env::temp_dir().join(format!(
                 "modelmeter-sweep-{}-{}.json",
@@ -390,6 +461,7 @@ pub fn run(
                 base.seed,
                 base.tolerance,
                 &names,
+                oracle,
             )
         });
         let case = Case::of(&plan, layers, Some(index), replay, &mut env);
@@ -413,6 +485,64 @@ mod tests {
             .unwrap()
             .with_dtype(modelmeter::Dtype::F32)
             .unwrap()
+    }
+
+    /// What [`SweepCase::for_oracle`] changes, over many draws: only the hidden size
+    /// (multi-head: heads · the drawn head dim), a scoring function no transformers router
+    /// takes with its top-k method, and an MLA SDPA core on the CPU; the workload never.
+    #[test]
+    fn oracle_cases_are_what_transformers_runs() {
+        use modelmeter::routing::{ScoringFunc, TopkMethod};
+        let (mut routers_fitted, mut cores_fitted) = (0, 0);
+        for i in 0..300 {
+            let drawn = generate(5, i, &fp32().on(Platform::Cpu));
+            let case = drawn.clone().for_oracle(Platform::Cpu);
+            let (c, d) = (&case.config, &drawn.config);
+            assert_eq!(case.workload, drawn.workload);
+            assert_eq!(c.num_attention_heads, d.num_attention_heads);
+            match c.mla {
+                None => {
+                    assert_eq!(c.head_dim, d.head_dim);
+                    assert_eq!(c.hidden_size, c.num_attention_heads * c.head_dim);
+                }
+                Some(_) => assert_eq!(c.hidden_size % c.num_attention_heads, 0),
+            }
+            let (fitted, drawn_moe) = (c.moe.as_ref().unwrap(), d.moe.as_ref().unwrap());
+            let routing = fitted.routing;
+            assert_eq!(routing.topk_method, drawn_moe.routing.topk_method);
+            let v3 = routing.topk_method == TopkMethod::NoauxTc;
+            let scoring = if v3 {
+                ScoringFunc::Sigmoid
+            } else {
+                ScoringFunc::Softmax
+            };
+            assert_eq!(routing.scoring_func, scoring, "case {i}");
+            routers_fitted += usize::from(routing != drawn_moe.routing);
+            let mla_sdpa = c.mla.is_some()
+                && case.workload.mla.is_naive()
+                && drawn.attention == AttentionImpl::Sdpa;
+            let attention = if mla_sdpa {
+                AttentionImpl::Eager
+            } else {
+                drawn.attention
+            };
+            assert_eq!(case.attention, attention, "case {i}");
+            cores_fitted += usize::from(mla_sdpa);
+        }
+        // Both fits happen in such a sweep (and a GPU keeps its SDPA cores).
+        assert!(routers_fitted > 0 && cores_fitted > 0);
+        let mla_sdpa = (0..300)
+            .map(|i| generate(5, i, &fp32().on(Platform::Cuda)))
+            .find(|c| {
+                c.config.mla.is_some()
+                    && c.workload.mla.is_naive()
+                    && c.attention == AttentionImpl::Sdpa
+            })
+            .unwrap();
+        assert_eq!(
+            mla_sdpa.for_oracle(Platform::Cuda).attention,
+            AttentionImpl::Sdpa
+        );
     }
 
     #[test]
@@ -542,12 +672,22 @@ mod tests {
             7,
             0.0,
             &[],
+            None,
         );
         assert!(cmd.contains("--mla absorb"), "{cmd}");
         // The absorbed form takes no --attn (refused with it): the replay must run.
         assert!(!cmd.contains("--attn"), "{cmd}");
         let naive = mla.iter().find(|c| c.workload.mla.is_naive()).unwrap();
-        let cmd = replay_command("verify-decoder", naive, "/tmp/x.json", "cpu", 7, 0.0, &[]);
+        let cmd = replay_command(
+            "verify-decoder",
+            naive,
+            "/tmp/x.json",
+            "cpu",
+            7,
+            0.0,
+            &[],
+            None,
+        );
         assert!(cmd.contains("--attn ") && !cmd.contains("--mla"), "{cmd}");
     }
 
@@ -598,7 +738,16 @@ mod tests {
     #[test]
     fn replay_uses_plain_options() {
         let c = generate(1, 0, &fp32());
-        let cmd = replay_command("verify-decoder", &c, "/tmp/x.json", "cpu", 1, 0.05, &[]);
+        let cmd = replay_command(
+            "verify-decoder",
+            &c,
+            "/tmp/x.json",
+            "cpu",
+            1,
+            0.05,
+            &[],
+            None,
+        );
         assert!(
             cmd.starts_with("verify-decoder --device cpu ")
                 && cmd.contains("--config /tmp/x.json")
@@ -613,7 +762,16 @@ mod tests {
         );
         // The sweep's tolerance and TF32 setting travel with the replay.
         let tf32 = generate(1, 0, &fp32().with_tf32(true));
-        let cmd = replay_command("verify-decoder", &tf32, "/tmp/x.json", "cpu", 1, 0.0, &[]);
+        let cmd = replay_command(
+            "verify-decoder",
+            &tf32,
+            "/tmp/x.json",
+            "cpu",
+            1,
+            0.0,
+            &[],
+            None,
+        );
         assert!(
             cmd.contains(" --accept-rel-diff 0 ") && cmd.contains(" --allow-tf32"),
             "{cmd}"
@@ -626,8 +784,22 @@ mod tests {
             1,
             0.05,
             &["MoEGate", "DeepseekV2MLP"],
+            None,
         );
         assert!(cmd.ends_with("--layers MoEGate,DeepseekV2MLP"), "{cmd}");
+        // With the oracle, the replay runs it with the same interpreter.
+        let python = |path: &str| Oracle {
+            python: path.into(),
+        };
+        let default = python(&crate::oracle::default_python().display().to_string());
+        let cmd = replay_command("v", &c, "/x.json", "cpu", 1, 0.0, &[], Some(&default));
+        assert!(cmd.ends_with(" --oracle"), "{cmd}");
+        let other = python("/opt/my py/bin/python");
+        let cmd = replay_command("v", &c, "/x.json", "cpu", 1, 0.0, &[], Some(&other));
+        assert!(
+            cmd.ends_with(" --oracle='python=/opt/my py/bin/python'"),
+            "{cmd}"
+        );
         // A temporary folder with a blank, a quote or a `<` stays one word for the shell.
         let cmd = replay_command(
             "verify-decoder",
@@ -637,6 +809,7 @@ mod tests {
             1,
             0.05,
             &[],
+            None,
         );
         assert!(
             cmd.contains(r"--config '/tmp/my dir/it'\''s <1>.json' --batch"),

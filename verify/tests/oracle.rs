@@ -97,6 +97,43 @@ fn other_shapes_agree_too() {
     assert_oracle_agrees(&["--dtype", "bf16", "--seq-len", "8", "--batch", "3"], true);
 }
 
+/// The witness on generated configurations: `--sweep N --oracle` draws each case as
+/// transformers can run it. Seed 34's two cases are MLA ones whose draws need both fits:
+/// a sigmoid greedy router (no transformers router: it becomes a softmax one) and an SDPA
+/// core on the CPU (transformers' unpadded values take the math path: it runs eager).
+#[test]
+fn a_sweep_has_the_witness_on_every_generated_case() {
+    let tmp = TempDir::new("oracle-sweep");
+    let json = tmp.path("r.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_verify-decoder"))
+        .args([
+            "--device", "cpu", "--sweep", "2", "--seed", "34", "--oracle",
+        ])
+        .args(["--quiet", "--json"])
+        .arg(&json)
+        .output()
+        .expect("verify-decoder runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let cases = j["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let config = &case["config"];
+        let layers = case["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 7, "{config}");
+        for layer in layers {
+            // Eager attention and matching routers: every row witnessed and exact.
+            let flops = row(layer, "oracle_flops");
+            assert_eq!(flops["status"], "pass", "{config}: {flops}");
+            assert_eq!(flops["analytic"], flops["measured"], "{config}: {flops}");
+            assert_eq!(row(layer, "oracle_output")["status"], "pass", "{config}");
+        }
+        let attention = layers.iter().find(|l| l["name"] == "DeepseekV2Attention");
+        assert!(attention.is_some(), "an MLA attention, run eager: {config}");
+    }
+}
+
 #[test]
 fn mla_and_the_v3_router_have_the_transformers_witness_too() {
     // DeepSeek-V2-Lite's MLA (eager prefill, full size) and DeepSeek-V3's noaux_tc gate:

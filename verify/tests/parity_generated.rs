@@ -5,7 +5,7 @@
 //! checks that the reference modules compute what transformers' do on those same shapes.
 //! MODELMETER_PARITY_SWEEP_CASES sets how many configurations (six in CI).
 
-use modelmeter::{MlpKind, ModelConfig, Platform, Workload};
+use modelmeter::{MlpKind, Platform, Workload};
 use modelmeter_reference::harness::ModuleKind;
 use modelmeter_reference::parity::{export_case, run_parity};
 use modelmeter_verify::sweep;
@@ -25,21 +25,9 @@ fn generated_configs_match_transformers() {
     let mut dirs = Vec::new();
     let mut described = Vec::new();
     for index in 0..cases {
-        let mut case = sweep::generate(15, index, &base);
-        // transformers' configs want hidden_size a multiple of the heads, and its
-        // Llama-style attention derives head_dim = hidden / heads: keep the generated head
-        // dim (odd ones included) and make the hidden size fit; MLA ignores both.
-        let cfg = &mut case.config_json;
-        let heads = cfg["num_attention_heads"].as_u64().unwrap();
-        let hidden = match case.config.mla {
-            None => {
-                let head_dim = cfg.as_object_mut().unwrap().remove("head_dim").unwrap();
-                heads * head_dim.as_u64().unwrap()
-            }
-            Some(_) => heads * (cfg["hidden_size"].as_u64().unwrap() / heads),
-        };
-        cfg["hidden_size"] = hidden.into();
-        case.config = ModelConfig::from_json_value("generated", cfg).unwrap();
+        // The shapes transformers' modules take (the routing as drawn: the cases no
+        // transformers router implements are rejected and counted below).
+        let case = sweep::generate(15, index, &base).for_transformers();
         let c = &case.config;
         let moe_layer = c.first_layer_of(MlpKind::Moe).unwrap();
         let dense_layer = c.first_layer_of(MlpKind::Dense).unwrap();
