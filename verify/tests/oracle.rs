@@ -100,7 +100,7 @@ fn other_shapes_agree_too() {
 /// The witness on generated configurations: `--sweep N --oracle` draws each case as
 /// transformers can run it. Seed 34's two cases are MLA ones whose draws need both fits:
 /// a sigmoid greedy router (no transformers router: it becomes a softmax one) and an SDPA
-/// core on the CPU (transformers' unpadded values take the math path: it runs eager).
+/// core (transformers hands SDPA unpadded values: it runs eager).
 #[test]
 fn a_sweep_has_the_witness_on_every_generated_case() {
     let tmp = TempDir::new("oracle-sweep");
