@@ -85,7 +85,10 @@ impl SweepCase {
     /// [`SweepCase::for_transformers`], and what else the `--oracle` needs to judge every
     /// layer like for like: transformers routes softmax scores greedily (its V2 router)
     /// and sigmoid scores by `noaux_tc` (V3) only, so the scoring function follows the
-    /// drawn top-k method; an MLA attention runs the vendor's naive form, the one
+    /// drawn top-k method, and a `noaux_tc` router keeps groups enough for its top-k (the
+    /// vendor fills the experts of the other groups with 0.0, transformers with −inf: with
+    /// fewer than k experts in the kept groups they pick other ones, reference/parity/
+    /// README.md); an MLA attention runs the vendor's naive form, the one
     /// transformers has (the absorbed form's matmuls are other ones, and its other
     /// roundings, through a MoE layer's top-k in bf16, can pick other experts: an output
     /// 5 % off with nothing wrong), with an eager core: transformers hands SDPA values `d_v`
@@ -93,9 +96,14 @@ impl SweepCase {
     /// not padded"), so the two counts of an SDPA core differ by design.
     pub fn for_oracle(self) -> SweepCase {
         let mut case = self.for_transformers();
-        if case.config.moe.is_some() {
+        if let Some(moe) = &case.config.moe {
             let noaux = case.config_json["topk_method"] == "noaux_tc";
             case.config_json["scoring_func"] = json!(if noaux { "sigmoid" } else { "softmax" });
+            let per_group = moe.n_routed_experts / moe.routing.n_group;
+            let k = moe.num_experts_per_tok;
+            if noaux && moe.routing.topk_group * per_group < k {
+                case.config_json["topk_group"] = json!(k.div_ceil(per_group));
+            }
             case.config = ModelConfig::from_json_value(&case.config.name, &case.config_json)
                 .expect("a generated config with its scoring function fitted stays valid");
         }
@@ -522,6 +530,10 @@ mod tests {
             };
             assert_eq!(routing.scoring_func, scoring, "case {i}");
             routers_fitted += usize::from(routing != drawn_moe.routing);
+            if v3 {
+                let per_group = fitted.n_routed_experts / routing.n_group;
+                assert!(routing.topk_group * per_group >= fitted.num_experts_per_tok);
+            }
             let attention = match c.mla {
                 Some(_) => AttentionImpl::Eager,
                 None => drawn.attention,
@@ -534,6 +546,36 @@ mod tests {
         }
         // Both fits happen in such a sweep.
         assert!(routers_fitted > 0 && cores_fitted > 0);
+        // A noaux_tc router whose kept groups hold fewer than k experts (about one draw in
+        // 600) keeps as many groups as k needs, and nothing else changes.
+        let short = (0..6000)
+            .map(|i| generate(5, i, &fp32()))
+            .find(|c| {
+                let m = c.config.moe.as_ref().unwrap();
+                let r = m.routing;
+                r.topk_method == TopkMethod::NoauxTc
+                    && r.topk_group * (m.n_routed_experts / r.n_group) < m.num_experts_per_tok
+            })
+            .expect("a draw with too few experts in its kept groups");
+        let (drawn, fitted) = (short.config.moe.clone().unwrap(), short.for_oracle());
+        let moe = fitted.config.moe.unwrap();
+        let per_group = moe.n_routed_experts / moe.routing.n_group;
+        assert_eq!(
+            moe.routing.topk_group,
+            moe.num_experts_per_tok.div_ceil(per_group)
+        );
+        assert_eq!(
+            (
+                moe.n_routed_experts,
+                moe.routing.n_group,
+                moe.num_experts_per_tok
+            ),
+            (
+                drawn.n_routed_experts,
+                drawn.routing.n_group,
+                drawn.num_experts_per_tok
+            )
+        );
     }
 
     #[test]
