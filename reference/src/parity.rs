@@ -344,6 +344,14 @@ pub struct OracleResult {
     /// MoE gate cases: whether the selected experts match.
     #[serde(default)]
     pub idx_match: Option<bool>,
+    /// MoE gate cases: on how many tokens they differ.
+    #[serde(default)]
+    pub idx_mismatched_rows: Option<u64>,
+    /// V3 (`noaux_tc`) router cases: the tokens of this input where transformers' fill of
+    /// the experts outside the chosen groups (−inf) can choose other experts than the
+    /// vendor's (0.0) (reference/parity/README.md).
+    #[serde(default)]
+    pub v3_fill_sensitive_rows: Option<u64>,
     /// Eager attention cases: whether the causal mask the reference exported has the
     /// pattern of transformers' own (`create_causal_mask`).
     #[serde(default)]

@@ -497,7 +497,7 @@ fn side_checks(answer: &OracleResult, bound: f64) -> (Vec<String>, Vec<String>) 
     let (mut checked, mut problems) = (Vec::new(), Vec::new());
     match (answer.idx_match, answer.module.as_deref()) {
         (Some(true), _) => checked.push("the selected experts match".to_string()),
-        (Some(false), _) => problems.push("the selected experts differ".to_string()),
+        (Some(false), _) => problems.push(experts_differ(answer)),
         (None, Some("moe_gate")) => {
             problems.push("the answer does not say whether the selected experts match".to_string())
         }
@@ -523,6 +523,24 @@ fn side_checks(answer: &OracleResult, bound: f64) -> (Vec<String>, Vec<String>) 
         None => {}
     }
     (checked, problems)
+}
+
+/// Why a gate's experts differ, as far as the answer says: on how many tokens, and, for a
+/// V3 router, on how many the two routers' fills of the unchosen groups can choose
+/// differently (a known difference of transformers' router, not adjusted: the row fails).
+fn experts_differ(answer: &OracleResult) -> String {
+    let mut text = "the selected experts differ".to_string();
+    let tokens = |n: u64| format!("{n} token{}", if n == 1 { "" } else { "s" });
+    if let Some(rows) = answer.idx_mismatched_rows {
+        text.push_str(&format!(" on {}", tokens(rows)));
+    }
+    if let Some(sensitive) = answer.v3_fill_sensitive_rows.filter(|n| *n > 0) {
+        text.push_str(&format!(
+            "; on {} of this input transformers' V3 router, which fills the experts outside the chosen groups with -inf where the vendor fills 0.0, can choose others (fewer than top_k positive choice scores in the kept groups: reference/parity/README.md)",
+            tokens(sensitive)
+        ));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -583,6 +601,8 @@ mod tests {
             module: None,
             rel_err: Some(0.0),
             idx_match: None,
+            idx_mismatched_rows: None,
+            v3_fill_sensitive_rows: None,
             mask_match: None,
             cache_rel_err: None,
             fcm_total: Some(ops.iter().map(|(_, n)| n).sum()),
@@ -740,6 +760,19 @@ mod tests {
         assert!(row.note.unwrap().contains("does not say"));
         gate.idx_match = Some(true);
         assert_eq!(output(&gate).status, Status::Pass);
+        // Experts that differ where the V3 routers' fills choose differently: said, still
+        // a failure.
+        let mut v3 = parsed(
+            r#", "idx_match": false, "idx_mismatched_rows": 3, "v3_fill_sensitive_rows": 57"#,
+        );
+        v3.module = Some("moe_gate".into());
+        let row = output(&v3);
+        assert_eq!(row.status, Status::Fail);
+        let note = row.note.unwrap();
+        assert!(
+            note.contains("differ on 3 tokens") && note.contains("on 57 tokens of this input"),
+            "{note}"
+        );
     }
 
     #[test]
