@@ -11,7 +11,7 @@ use modelmeter_verify::report::{self, Report};
 use serde_json::Value;
 
 mod common;
-use common::row;
+use common::{row, TempDir};
 
 fn run(args: &[&str], hooks: TestHooks) -> (Report, Value) {
     let mut argv = vec!["verify-decoder", "--device", "cpu", "--quiet"];
@@ -235,9 +235,8 @@ const SMALL: &str = r#"{"hidden_size": 64, "intermediate_size": 128, "moe_interm
 
 #[test]
 fn a_flops_row_off_by_anything_but_the_blind_work_fails() {
-    let dir = std::env::temp_dir().join(format!("mm-hooks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("small.json");
+    let tmp = TempDir::new("hooks");
+    let config = tmp.path("small.json");
     std::fs::write(&config, SMALL).unwrap();
     let args = [
         "--config",
@@ -267,7 +266,6 @@ fn a_flops_row_off_by_anything_but_the_blind_work_fails() {
         assert_eq!(r["status"], "fail", "{layer}: {r}");
         assert!(r["note"].as_str().unwrap().contains("is not the"), "{r}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -1090,7 +1090,8 @@ mod tests {
         assert!(e.contains("this machine's GPU is NVIDIA H100"), "{e}");
         let csv = std::fs::read_to_string(recorded.join(NCU_CSV_FILE)).unwrap();
         let ranges = std::fs::read_to_string(recorded.join("ranges.json")).unwrap();
-        let dir = std::env::temp_dir().join(format!("mm-read-range-run-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let with_csv = |text: &str| {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("ranges.json"), &ranges).unwrap();
@@ -1119,7 +1120,6 @@ mod tests {
                 "{what}: {e}"
             );
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1338,8 +1338,8 @@ mod tests {
 
     #[test]
     fn ncu_is_found_on_path_or_refused_in_one_line() {
-        let dir = std::env::temp_dir().join(format!("mm-find-ncu-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let empty = dir.join("empty");
         std::fs::create_dir_all(&empty).unwrap();
         let err = find_ncu(None, Some(empty.as_os_str())).unwrap_err();
@@ -1361,6 +1361,5 @@ mod tests {
         assert_eq!(find_ncu(Some(&fake), None).unwrap(), fake);
         let err = find_ncu(Some(&empty), None).unwrap_err();
         assert!(err.contains("not an executable file"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -782,8 +782,8 @@ mod tests {
 
     #[test]
     fn the_range_list_round_trips_and_checks_its_schema() {
-        let dir = std::env::temp_dir().join(format!("mm-ranges-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let mut l = list(&[("DeepseekV2MLP", 5)]);
         l.layers.push(RangeEntry::Failed {
             layer: "MoEGate".into(),
@@ -848,7 +848,7 @@ mod tests {
         l.schema = "other/1".into();
         l.write(&dir).unwrap();
         assert!(RangeList::read(&dir).unwrap_err().contains("expected"));
-        std::fs::remove_dir_all(&dir).unwrap();
+        tmp.close().unwrap();
         assert!(RangeList::read(&dir).unwrap_err().contains("cannot read"));
     }
 }

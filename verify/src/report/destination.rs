@@ -309,12 +309,13 @@ mod tests {
 
     #[test]
     fn a_symlink_planted_at_the_temporary_name_is_not_written_through() {
-        let dir = temp_dir("planted");
+        let tmp = temp_dir("planted");
+        let dir = tmp.path();
         let victim = dir.join("victim");
         fs::write(&victim, "precious").unwrap();
         // The next temporary names, planted as symlinks to the victim (as another user of
         // a shared /tmp could): the write must not follow one.
-        let next = temporary_name(&dir);
+        let next = temporary_name(dir);
         let n: usize = next
             .file_name()
             .and_then(|f| f.to_str())
@@ -333,14 +334,14 @@ mod tests {
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}"),
             Ok(()) => assert_eq!(fs::read_to_string(&target).unwrap(), "{}"),
         }
-        let _ = fs::remove_dir_all(&dir);
     }
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mm-dest-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh folder, removed when dropped (even when the test fails first).
+    fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("mm-dest-{tag}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
@@ -367,12 +368,13 @@ mod tests {
 
     #[test]
     fn folders_and_missing_folders_are_refused() {
-        let dir = temp_dir("folders");
+        let tmp = temp_dir("folders");
+        let dir = tmp.path();
         for bad in ["out.json/", "/tmp/.", ".."] {
             let e = Destination::resolve(Path::new(bad)).unwrap_err();
             assert!(e.contains("names a folder"), "{bad}: {e}");
         }
-        assert!(Destination::resolve(&dir)
+        assert!(Destination::resolve(dir)
             .unwrap_err()
             .contains("is a directory"));
         let e = Destination::resolve(&dir.join("nope/r.json")).unwrap_err();
@@ -380,12 +382,12 @@ mod tests {
         assert!(Destination::resolve(Path::new(""))
             .unwrap_err()
             .contains("empty"));
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn symlinks_are_followed_and_never_replaced() {
-        let dir = temp_dir("links");
+        let tmp = temp_dir("links");
+        let dir = tmp.path();
         let target = dir.join("target.json");
         fs::write(&target, "old").unwrap();
         let link = dir.join("link.json");
@@ -413,12 +415,12 @@ mod tests {
         std::os::unix::fs::symlink("b.json", &a).unwrap();
         std::os::unix::fs::symlink("a.json", dir.join("b.json")).unwrap();
         assert!(Destination::resolve(&a).is_err());
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn long_names_that_fit_are_accepted_and_written() {
-        let dir = temp_dir("long");
+        let tmp = temp_dir("long");
+        let dir = tmp.path();
         let name = format!("{}.json", "r".repeat(245));
         assert_eq!(name.len(), 250);
         let d = Destination::resolve(&dir.join(&name)).unwrap();
@@ -427,23 +429,23 @@ mod tests {
         assert_eq!(fs::read_to_string(dir.join(&name)).unwrap(), "{}");
         let too_long = dir.join("r".repeat(256));
         assert!(Destination::resolve(&too_long).is_err());
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn writes_whole_files_and_leaves_no_temporary_file() {
-        let dir = temp_dir("whole");
+        let tmp = temp_dir("whole");
+        let dir = tmp.path();
         let path = dir.join("r.json");
         write_atomically(&path, "{}").unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "{}");
         assert!(write_atomically(&dir.join("nope/r.json"), "x").is_err());
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
-        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 1);
     }
 
     #[test]
     fn one_destination_per_role() {
-        let dir = temp_dir("distinct");
+        let tmp = temp_dir("distinct");
+        let dir = tmp.path();
         let (a, b) = (dir.join("a.json"), dir.join("b.xml"));
         assert!(check_distinct(&[("--json", &a), ("--junit", &b)], None).is_ok());
         let e = check_distinct(&[("--json", &a), ("--junit", &a)], None).unwrap_err();
@@ -464,6 +466,5 @@ mod tests {
         std::os::unix::fs::symlink(&a, &link).unwrap();
         let e = check_distinct(&[("--json", &link)], Some(&a)).unwrap_err();
         assert!(e.contains("--config"), "{e}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -34,26 +34,25 @@ mod tests {
 
     #[test]
     fn writes_whole_files_and_checks_folders() {
-        let dir = std::env::temp_dir().join(format!("mm-write-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("r.json");
         write_report(&path, "{}").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}");
         assert!(check_writable("--json", &path).is_ok());
         let e = check_writable("--json", &dir.join("nope/r.json")).unwrap_err();
         assert!(e.contains("--json") && e.contains("does not exist"), "{e}");
-        assert!(check_writable("--junit", &dir)
+        assert!(check_writable("--junit", dir)
             .unwrap_err()
             .contains("is a directory"));
         let e = check_writable("--json", Path::new("out.json/")).unwrap_err();
         assert!(e.contains("--json out.json/: names a folder"), "{e}");
         assert!(write_report(&dir.join("nope/r.json"), "x").is_err());
         assert_eq!(
-            std::fs::read_dir(&dir).unwrap().count(),
+            std::fs::read_dir(dir).unwrap().count(),
             1,
             "no temporary file left behind"
         );
         assert!(goes_to_stdout(Path::new("-")) && !goes_to_stdout(&path));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
