@@ -337,52 +337,65 @@ fn mla_fields(m: &mut Rng, cfg: &mut Value, experts: u64) {
     }
 }
 
-/// The plain command line that reruns a case whose config was written to `config_path`,
-/// with `program` (the running binary: a replay pasted anywhere runs the same build);
-/// with `oracle`, it runs the oracle too, with the same interpreter.
-#[allow(clippy::too_many_arguments)]
-pub fn replay_command(
-    program: &str,
-    case: &SweepCase,
-    config_path: &str,
-    device: &str,
-    seed: u64,
-    tolerance: f64,
-    layers: &[&str],
-    oracle: Option<&Oracle>,
-) -> String {
-    let w = &case.workload;
-    let phase = match w.phase {
-        Phase::Prefill { seq_len } => format!("--seq-len {seq_len}"),
-        Phase::Decode { context_len } => format!("--phase decode --context-len {context_len}"),
-    };
-    // The absorbed form has no attention core to pick (--attn is refused with it).
-    let (attn, mla) = match (w.mla.is_naive(), case.attention) {
-        (true, AttentionImpl::Sdpa) => (" --attn sdpa", ""),
-        (true, AttentionImpl::Eager) => (" --attn eager", ""),
-        (false, _) => ("", " --mla absorb"),
-    };
-    let tf32 = if w.allow_tf32 { " --allow-tf32" } else { "" };
-    let all = crate::plan::applicable_layers(&case.config).len();
-    let layers = if layers.is_empty() || layers.len() >= all {
-        String::new()
-    } else {
-        format!(" --layers {}", layers.join(","))
-    };
-    let oracle = match oracle {
-        None => String::new(),
-        Some(o) if o.python == crate::oracle::default_python() => " --oracle".to_string(),
-        Some(o) => format!(
-            " --oracle={}",
-            shell_word(&format!("python={}", o.python.display()))
-        ),
-    };
-    format!(
-        "{program} --device {device} --config {} --batch {} {phase} --dtype {}{attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}{oracle}",
-        shell_word(config_path),
-        w.batch,
-        w.dtype
-    )
+/// What every replay command of a sweep shares: the sweep's own options.
+#[derive(Clone, Copy, Debug)]
+pub struct Replay<'a> {
+    /// The binary (the running one: a replay pasted anywhere runs the same build).
+    pub program: &'a str,
+    /// How the command names the device.
+    pub device: &'a str,
+    pub seed: u64,
+    pub tolerance: f64,
+    /// With the oracle, each replay runs it too, with the same interpreter.
+    pub oracle: Option<&'a Oracle>,
+}
+
+impl Replay<'_> {
+    /// The plain command line that reruns `case`, whose config was written to
+    /// `config_path`, on `layers` (every layer the config has when empty or complete).
+    pub fn command(&self, case: &SweepCase, config_path: &str, layers: &[&str]) -> String {
+        let w = &case.workload;
+        let phase = match w.phase {
+            Phase::Prefill { seq_len } => format!("--seq-len {seq_len}"),
+            Phase::Decode { context_len } => {
+                format!("--phase decode --context-len {context_len}")
+            }
+        };
+        // The absorbed form has no attention core to pick (--attn is refused with it).
+        let (attn, mla) = match (w.mla.is_naive(), case.attention) {
+            (true, AttentionImpl::Sdpa) => (" --attn sdpa", ""),
+            (true, AttentionImpl::Eager) => (" --attn eager", ""),
+            (false, _) => ("", " --mla absorb"),
+        };
+        let tf32 = if w.allow_tf32 { " --allow-tf32" } else { "" };
+        let all = crate::plan::applicable_layers(&case.config).len();
+        let layers = if layers.is_empty() || layers.len() >= all {
+            String::new()
+        } else {
+            format!(" --layers {}", layers.join(","))
+        };
+        let oracle = match self.oracle {
+            None => String::new(),
+            Some(o) if o.python == crate::oracle::default_python() => " --oracle".to_string(),
+            Some(o) => format!(
+                " --oracle={}",
+                shell_word(&format!("python={}", o.python.display()))
+            ),
+        };
+        let Replay {
+            program,
+            device,
+            seed,
+            tolerance,
+            ..
+        } = self;
+        format!(
+            "{program} --device {device} --config {} --batch {} {phase} --dtype {}{attn} --seed {seed} --accept-rel-diff {tolerance}{tf32}{mla}{layers}{oracle}",
+            shell_word(config_path),
+            w.batch,
+            w.dtype
+        )
+    }
 }
 
 /// The path of the running binary, quoted for a shell where it needs to be.
@@ -423,6 +436,14 @@ pub fn run(
 ) -> Report {
     // Each case draws its own attention: none was asked for the sweep as a whole.
     env.attention = None;
+    let program = this_program();
+    let replay = Replay {
+        program: &program,
+        device,
+        seed: base.seed,
+        tolerance: base.tolerance,
+        oracle,
+    };
     let mut cases = Vec::new();
     for index in 0..n {
         let mut generated = generate(base.seed, index, &base.workload);
@@ -461,16 +482,7 @@ pub fn run(
                     )
                 })
                 .collect();
-            replay_command(
-                &this_program(),
-                &generated,
-                &shown,
-                device,
-                base.seed,
-                base.tolerance,
-                &names,
-                oracle,
-            )
+            replay.command(&generated, &shown, &names)
         });
         let case = Case::of(&plan, layers, Some(index), replay, &mut env);
         progress(&case, n);
@@ -697,30 +709,19 @@ mod tests {
             .iter()
             .find(|c| c.workload.mla == MlaForm::Absorb)
             .unwrap();
-        let cmd = replay_command(
-            "verify-decoder",
-            absorbed,
-            "/tmp/x.json",
-            "cpu",
-            7,
-            0.0,
-            &[],
-            None,
-        );
+        let replay = Replay {
+            program: "verify-decoder",
+            device: "cpu",
+            seed: 7,
+            tolerance: 0.0,
+            oracle: None,
+        };
+        let cmd = replay.command(absorbed, "/tmp/x.json", &[]);
         assert!(cmd.contains("--mla absorb"), "{cmd}");
         // The absorbed form takes no --attn (refused with it): the replay must run.
         assert!(!cmd.contains("--attn"), "{cmd}");
         let naive = mla.iter().find(|c| c.workload.mla.is_naive()).unwrap();
-        let cmd = replay_command(
-            "verify-decoder",
-            naive,
-            "/tmp/x.json",
-            "cpu",
-            7,
-            0.0,
-            &[],
-            None,
-        );
+        let cmd = replay.command(naive, "/tmp/x.json", &[]);
         assert!(cmd.contains("--attn ") && !cmd.contains("--mla"), "{cmd}");
     }
 
@@ -771,16 +772,14 @@ mod tests {
     #[test]
     fn replay_uses_plain_options() {
         let c = generate(1, 0, &fp32());
-        let cmd = replay_command(
-            "verify-decoder",
-            &c,
-            "/tmp/x.json",
-            "cpu",
-            1,
-            0.05,
-            &[],
-            None,
-        );
+        let replay = Replay {
+            program: "verify-decoder",
+            device: "cpu",
+            seed: 1,
+            tolerance: 0.05,
+            oracle: None,
+        };
+        let cmd = replay.command(&c, "/tmp/x.json", &[]);
         assert!(
             cmd.starts_with("verify-decoder --device cpu ")
                 && cmd.contains("--config /tmp/x.json")
@@ -795,55 +794,36 @@ mod tests {
         );
         // The sweep's tolerance and TF32 setting travel with the replay.
         let tf32 = generate(1, 0, &fp32().with_tf32(true));
-        let cmd = replay_command(
-            "verify-decoder",
-            &tf32,
-            "/tmp/x.json",
-            "cpu",
-            1,
-            0.0,
-            &[],
-            None,
-        );
+        let exact = Replay {
+            tolerance: 0.0,
+            ..replay
+        };
+        let cmd = exact.command(&tf32, "/tmp/x.json", &[]);
         assert!(
             cmd.contains(" --accept-rel-diff 0 ") && cmd.contains(" --allow-tf32"),
             "{cmd}"
         );
-        let cmd = replay_command(
-            "verify-decoder",
-            &c,
-            "/tmp/x.json",
-            "cpu",
-            1,
-            0.05,
-            &["MoEGate", "DeepseekV2MLP"],
-            None,
-        );
+        let cmd = replay.command(&c, "/tmp/x.json", &["MoEGate", "DeepseekV2MLP"]);
         assert!(cmd.ends_with("--layers MoEGate,DeepseekV2MLP"), "{cmd}");
         // With the oracle, the replay runs it with the same interpreter.
         let python = |path: &str| Oracle {
             python: path.into(),
         };
         let default = python(&crate::oracle::default_python().display().to_string());
-        let cmd = replay_command("v", &c, "/x.json", "cpu", 1, 0.0, &[], Some(&default));
+        let with = |oracle| Replay {
+            oracle: Some(oracle),
+            ..replay
+        };
+        let cmd = with(&default).command(&c, "/x.json", &[]);
         assert!(cmd.ends_with(" --oracle"), "{cmd}");
         let other = python("/opt/my py/bin/python");
-        let cmd = replay_command("v", &c, "/x.json", "cpu", 1, 0.0, &[], Some(&other));
+        let cmd = with(&other).command(&c, "/x.json", &[]);
         assert!(
             cmd.ends_with(" --oracle='python=/opt/my py/bin/python'"),
             "{cmd}"
         );
         // A temporary folder with a blank, a quote or a `<` stays one word for the shell.
-        let cmd = replay_command(
-            "verify-decoder",
-            &c,
-            "/tmp/my dir/it's <1>.json",
-            "cpu",
-            1,
-            0.05,
-            &[],
-            None,
-        );
+        let cmd = replay.command(&c, "/tmp/my dir/it's <1>.json", &[]);
         assert!(
             cmd.contains(r"--config '/tmp/my dir/it'\''s <1>.json' --batch"),
             "{cmd}"
