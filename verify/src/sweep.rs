@@ -64,6 +64,12 @@ impl SweepCase {
     /// included) and takes hidden_size = heads · head_dim; an MLA config, which reads
     /// neither, takes hidden_size rounded down to a multiple of its heads.
     pub fn for_transformers(mut self) -> SweepCase {
+        self.fit_hidden_size();
+        self.reread("its hidden size")
+    }
+
+    /// [`SweepCase::for_transformers`]'s change, to the config's JSON only.
+    fn fit_hidden_size(&mut self) {
         let cfg = &mut self.config_json;
         let heads = self.config.num_attention_heads;
         let hidden = match self.config.mla {
@@ -77,8 +83,12 @@ impl SweepCase {
             Some(_) => heads * (self.config.hidden_size / heads).max(1),
         };
         cfg["hidden_size"] = hidden.into();
-        self.config = ModelConfig::from_json_value(&self.config.name, cfg)
-            .expect("a generated config with its hidden size fitted stays valid");
+    }
+
+    /// The case with its config read again from its JSON, after `what` was fitted.
+    fn reread(mut self, what: &str) -> SweepCase {
+        self.config = ModelConfig::from_json_value(&self.config.name, &self.config_json)
+            .unwrap_or_else(|e| panic!("a generated config with {what} fitted stays valid: {e}"));
         self
     }
 
@@ -94,19 +104,19 @@ impl SweepCase {
     /// 5 % off with nothing wrong), with an eager core: transformers hands SDPA values `d_v`
     /// wide where the vendor pads them to `d_qk` (reference/parity/README.md, "Values are
     /// not padded"), so the two counts of an SDPA core differ by design.
-    pub fn for_oracle(self) -> SweepCase {
-        let mut case = self.for_transformers();
-        if let Some(moe) = &case.config.moe {
-            let noaux = case.config_json["topk_method"] == "noaux_tc";
-            case.config_json["scoring_func"] = json!(if noaux { "sigmoid" } else { "softmax" });
+    pub fn for_oracle(mut self) -> SweepCase {
+        self.fit_hidden_size();
+        if let Some(moe) = &self.config.moe {
+            let cfg = &mut self.config_json;
+            let noaux = cfg["topk_method"] == "noaux_tc";
+            cfg["scoring_func"] = json!(if noaux { "sigmoid" } else { "softmax" });
             let per_group = moe.n_routed_experts / moe.routing.n_group;
             let k = moe.num_experts_per_tok;
             if noaux && moe.routing.topk_group * per_group < k {
-                case.config_json["topk_group"] = json!(k.div_ceil(per_group));
+                cfg["topk_group"] = json!(k.div_ceil(per_group));
             }
-            case.config = ModelConfig::from_json_value(&case.config.name, &case.config_json)
-                .expect("a generated config with its scoring function fitted stays valid");
         }
+        let mut case = self.reread("its hidden size and router");
         if case.config.mla.is_some() {
             case.workload = case.workload.with_mla(MlaForm::Naive);
             case.attention = AttentionImpl::Eager;
