@@ -45,7 +45,11 @@ fn fill_normal_with(threads: usize, stream: u64, out: &mut [f32], scale: f32, sh
     let threads = threads.max(1);
     // Small tensors are not worth a thread.
     let chunk = out.len().div_ceil(threads).max(1 << 16);
-    let fill = move |start: usize, part: &mut [f32]| fill_span(stream, start, part, scale, shift);
+    let fill = move |start: usize, part: &mut [f32]| {
+        // Each thread faults in its own part's pages in one call (crate::host_memory).
+        crate::host_memory::prefault(part);
+        fill_span(stream, start, part, scale, shift)
+    };
     if out.len() <= chunk {
         // One chunk: no thread to start (most parameters: biases, norms, one expert's rows).
         return fill(0, out);

@@ -23,6 +23,7 @@ pub mod draws;
 pub mod error;
 pub mod ffi;
 pub mod harness;
+pub mod host_memory;
 pub mod mla;
 pub mod mla_rotary;
 pub mod mlp;
