@@ -389,6 +389,29 @@ pub fn beyond_trained_positions(
     })
 }
 
+/// A warning when the config's router keeps fewer experts after its group step than each
+/// token is routed to ([`crate::routing::Routing::experts_kept`]): the counts are those of
+/// the code, but the routing is not the group-limited one the config describes, and the
+/// vendor code and transformers' V3 router choose different experts there. `None` for a
+/// dense config or a router that keeps enough (every DeepSeek checkpoint).
+pub fn router_keeps_too_few_experts(config: &ModelConfig) -> Option<String> {
+    let moe = config.moe.as_ref()?;
+    let routing = &moe.routing;
+    let kept = routing.experts_kept(moe.n_routed_experts);
+    (kept < moe.num_experts_per_tok).then(|| {
+        format!(
+            "topk_method {} keeps topk_group × n_routed_experts / n_group = {} × {} = {kept} experts per token, fewer than num_experts_per_tok = {} of config {}: the top-k then also picks experts of groups it did not keep (scored 0.0 by the vendor MoEGate, −inf by transformers' V3 router, so the two choose differently); raise topk_group to at least {} for the group-limited routing",
+            routing.topk_method.name(),
+            routing.topk_group,
+            routing.experts_per_group(moe.n_routed_experts),
+            moe.num_experts_per_tok,
+            config.name,
+            moe.num_experts_per_tok
+                .div_ceil(routing.experts_per_group(moe.n_routed_experts).max(1)),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +428,38 @@ mod tests {
         // A decode step reaches its cached tokens and itself.
         assert_eq!(at(Workload::decode(1, 8191).unwrap(), None), None);
         assert!(at(Workload::decode(1, 8192).unwrap(), None).is_some());
+    }
+
+    #[test]
+    fn a_router_keeping_fewer_experts_than_k_is_warned_of() {
+        use crate::routing::{Routing, ScoringFunc, TopkMethod};
+        let mut c = ModelConfig::deepseek_ocr();
+        // Greedy routing keeps every expert; a dense config has no router.
+        assert_eq!(router_keeps_too_few_experts(&c), None);
+        let mut dense = c.clone();
+        dense.moe = None;
+        assert_eq!(router_keeps_too_few_experts(&dense), None);
+        let moe = c.moe.as_mut().unwrap();
+        moe.num_experts_per_tok = 5;
+        // 64 experts in 16 groups of 4: one group keeps 4 < 5, two keep 8.
+        let v3 = |topk_group| Routing {
+            scoring_func: ScoringFunc::Sigmoid,
+            topk_method: TopkMethod::NoauxTc,
+            n_group: 16,
+            topk_group,
+        };
+        moe.routing = v3(2);
+        assert_eq!(router_keeps_too_few_experts(&c), None);
+        c.moe.as_mut().unwrap().routing = v3(1);
+        let w = router_keeps_too_few_experts(&c).unwrap();
+        assert!(
+            w.starts_with("topk_method noaux_tc keeps topk_group × n_routed_experts / n_group = 1 × 4 = 4 experts per token, fewer than num_experts_per_tok = 5 of config "),
+            "{w}"
+        );
+        assert!(
+            w.ends_with("raise topk_group to at least 2 for the group-limited routing"),
+            "{w}"
+        );
     }
 
     #[derive(clap::Parser, Debug)]

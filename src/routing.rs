@@ -89,6 +89,19 @@ impl Routing {
     pub fn experts_per_group(&self, experts: u64) -> u64 {
         experts / self.n_group.max(1)
     }
+
+    /// The experts a token's top-k chooses among after the group step: topk_group groups
+    /// of E / n_group experts (all E when the method uses no groups). Fewer than k makes
+    /// the top-k pick experts of groups it did not keep: the vendor `MoEGate` fills their
+    /// scores with 0.0 and picks among them; transformers' V3 router fills them with −inf.
+    pub fn experts_kept(&self, experts: u64) -> u64 {
+        match self.topk_method {
+            TopkMethod::Greedy => experts,
+            _ => self
+                .topk_group
+                .saturating_mul(self.experts_per_group(experts)),
+        }
+    }
 }
 
 /// Parses and checks the routing keys against `experts` routed experts.

@@ -327,6 +327,42 @@ fn the_title_names_the_platform_modelled() {
     );
 }
 
+/// DeepSeek-OCR's config routing with V3's noaux_tc over 16 groups of 4 experts, keeping
+/// `topk_group` of them for its k = 6.
+fn grouped_router_config(dir: &std::path::Path, topk_group: u64) -> String {
+    let text = include_str!("../fixtures/deepseek-ocr/config.json");
+    let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let lang = &mut v["language_config"];
+    lang["scoring_func"] = "sigmoid".into();
+    lang["topk_method"] = "noaux_tc".into();
+    lang["n_group"] = 16.into();
+    lang["topk_group"] = topk_group.into();
+    let path = dir.join(format!("router-{topk_group}.json"));
+    std::fs::write(&path, v.to_string()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_router_keeping_fewer_experts_than_k_is_costed_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let few = analyze(&["--config", &grouped_router_config(dir.path(), 1)]);
+    assert!(few.status.success(), "{}", stderr(&few));
+    let err = stderr(&few);
+    assert!(
+        err.starts_with("modelmeter: warning: topk_method noaux_tc keeps topk_group × n_routed_experts / n_group = 1 × 4 = 4 experts per token, fewer than num_experts_per_tok = 6")
+            && err.contains("raise topk_group to at least 2")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    // Two groups keep 8 ≥ 6: no warning.
+    let enough = analyze(&["--config", &grouped_router_config(dir.path(), 2)]);
+    assert!(
+        enough.status.success() && stderr(&enough).is_empty(),
+        "{}",
+        stderr(&enough)
+    );
+}
+
 #[test]
 fn workloads_past_the_trained_positions_are_costed_with_a_warning() {
     let o = analyze(&["--seq-len", "8000", "--new-tokens", "500"]);

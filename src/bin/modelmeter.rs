@@ -6,7 +6,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use modelmeter::cli::{
-    beyond_trained_positions, one_line, print_stdout, whole_number, PhaseArg, WorkloadArgs,
+    beyond_trained_positions, one_line, print_stdout, router_keeps_too_few_experts, whole_number,
+    PhaseArg, WorkloadArgs,
 };
 use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
@@ -124,11 +125,15 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
         })
     })?;
     // Said once the counts are known to exist (an overflow is the error instead).
-    if let Some(warning) = beyond_trained_positions(&config, &report.workload, args.new_tokens) {
+    let warnings = [
+        beyond_trained_positions(&config, &report.workload, args.new_tokens),
+        router_keeps_too_few_experts(&config),
+    ];
+    for warning in warnings.iter().flatten() {
         let _ = writeln!(
             std::io::stderr(),
             "modelmeter: warning: {}",
-            one_line(&warning)
+            one_line(warning)
         );
     }
     Ok(if args.json {

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use modelmeter::cli::{beyond_trained_positions, one_line, whole_number, WorkloadArgs};
+use modelmeter::cli::{
+    beyond_trained_positions, one_line, router_keeps_too_few_experts, whole_number, WorkloadArgs,
+};
 use modelmeter::layers::{attention_core, AttentionImpl};
 use modelmeter::workload::DSOCR_STANDARD_V1;
 use modelmeter::{units, Dtype, Platform, Workload};
@@ -231,6 +233,13 @@ pub fn run(args: &Args) -> ExitCode {
     if ready.model.is_none() && args.sweep.is_none() {
         let plan = &ready.plan;
         if let Some(warning) = beyond_trained_positions(&plan.config, &plan.workload, None) {
+            eprintln!("verify-decoder: warning: {}", one_line(&warning));
+        }
+    }
+    // A degenerate router (any run but a sweep, whose generator draws such configs on
+    // purpose: the counts are exact either way).
+    if args.sweep.is_none() {
+        if let Some(warning) = router_keeps_too_few_experts(&ready.plan.config) {
             eprintln!("verify-decoder: warning: {}", one_line(&warning));
         }
     }

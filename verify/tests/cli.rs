@@ -236,6 +236,48 @@ fn a_run_past_the_trained_positions_is_warned_of() {
     assert!(run("1000000000000").contains("reaches 1000000000001 positions"));
 }
 
+/// A config whose noaux_tc router keeps fewer experts than k (16 groups of 4, one kept,
+/// k = 6) verifies exactly, with the warning `modelmeter analyze` gives; two groups kept:
+/// no warning.
+#[test]
+fn a_router_keeping_fewer_experts_than_k_is_warned_of() {
+    let dir = TempDir::new("router");
+    let run = |topk_group: u64| {
+        let mut v: Value =
+            serde_json::from_str(include_str!("../../fixtures/deepseek-ocr/config.json")).unwrap();
+        let lang = &mut v["language_config"];
+        lang["scoring_func"] = "sigmoid".into();
+        lang["topk_method"] = "noaux_tc".into();
+        lang["n_group"] = 16.into();
+        lang["topk_group"] = topk_group.into();
+        let config = dir.str(&format!("router-{topk_group}.json"));
+        std::fs::write(&config, v.to_string()).unwrap();
+        let args = [
+            "--device",
+            "cpu",
+            "-q",
+            "--config",
+            &config,
+            "--layers",
+            "MoEGate",
+            "--seq-len",
+            "64",
+            "--accept-rel-diff",
+            "0",
+        ];
+        let o = verify(&args, &[]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    let warned = run(1);
+    assert!(
+        warned.starts_with("verify-decoder: warning: topk_method noaux_tc keeps topk_group × n_routed_experts / n_group = 1 × 4 = 4 experts per token, fewer than num_experts_per_tok = 6")
+            && warned.lines().count() == 1,
+        "{warned}"
+    );
+    assert_eq!(run(2), "");
+}
+
 fn extra_has_eager(args: &[&str]) -> bool {
     args.windows(2).any(|w| w == ["--attn", "eager"])
 }
