@@ -45,7 +45,7 @@ const EXAMPLES: &str = "Examples:
   # where the wall time goes, phase by phase
   verify-decoder --device cpu --quiet --timings
 
-Statuses: pass (flops and peak rows: rel diff <= tolerance; every other row: equal), fail, known_gap (a flops row off by exactly the elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's; with --oracle, an oracle_flops row that agrees but cannot witness a kernel outside FlopCounterMode's registry), error (the layer could not run); info (a --hardware-counters row shown for information only).
+Statuses: pass (flops and peak rows: rel diff <= tolerance; an --oracle oracle_output row: within its dtype's bound, said in its note; every other row: equal), fail, known_gap (a flops row off by exactly the elementwise work FlopCounterMode cannot see, matmul rows exact: all of RMSNorm's; with --oracle, an oracle_flops row that agrees but cannot witness a kernel outside FlopCounterMode's registry), error (the layer could not run); info (a row shown for information only, not a check: the informational --hardware-counters rows, and the oracle_flops row of an absorbed MLA layer, a form transformers does not have).
 
 Exit codes: 0 all pass/known_gap, 1 any fail or error, 2 bad usage or setup (nothing ran).";
 
