@@ -78,9 +78,16 @@ pub fn torch_text(error: &tch::TchError) -> String {
     without_backtrace(&error.to_string()).to_string()
 }
 
-/// A libtorch message up to its backtrace (see [`torch_text`]).
+/// A libtorch message up to its backtrace (see [`torch_text`]): the backtrace starts with
+/// `Exception raised from …` after a `TORCH_CHECK`, and straight with `frame #0: …` after
+/// a failed `CAFFE_ENFORCE` (the CPU allocator's "can't allocate memory"), whose frames
+/// carry the process's addresses, so that two runs' reports would differ.
 pub fn without_backtrace(message: &str) -> &str {
-    match message.find("\nException raised from") {
+    let at = ["\nException raised from", "\nframe #"]
+        .iter()
+        .filter_map(|marker| message.find(marker))
+        .min();
+    match at {
         Some(at) => message[..at].trim_end(),
         None => message,
     }
@@ -107,6 +114,18 @@ mod tests {
              GPU 0 has 1 GiB free"
         );
         assert!(e.is_out_of_memory());
+        // An enforce failure has its frames without the "Exception raised from" line.
+        let cpu = Error::Torch(tch::TchError::Torch(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1643520000 bytes. Error code 12 (Cannot allocate memory)\n\
+             frame #0: c10::ThrowEnforceNotMet(char const*, int) + 0x6a (0x7fae40d62d6a in libc10.so)\n\
+             frame #1: c10::alloc_cpu(unsigned long) + 0x365 (0x7fae40d4db05 in libc10.so)"
+                .into(),
+        ));
+        assert_eq!(
+            cpu.to_string(),
+            "libtorch: Internal torch error: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1643520000 bytes. Error code 12 (Cannot allocate memory)"
+        );
+        assert!(cpu.is_out_of_memory());
         let plain = Error::Torch(tch::TchError::Torch("shape '[2]' is invalid".into()));
         assert_eq!(
             plain.to_string(),

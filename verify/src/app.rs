@@ -12,7 +12,7 @@ use modelmeter::cli::{
 };
 use modelmeter::layers::{attention_core, AttentionImpl};
 use modelmeter::workload::DSOCR_STANDARD_V1;
-use modelmeter::{units, Dtype, Platform, Workload};
+use modelmeter::{Dtype, Platform, Workload};
 
 use crate::device::{DeviceInfo, DeviceSpec};
 use crate::environment::Environment;
@@ -216,7 +216,7 @@ pub fn run(args: &Args) -> ExitCode {
     if !args.quiet {
         // Free memory is shown here, not in the reports: it changes from run to run.
         let free = match &ready.info.memory_bytes {
-            Ok(bytes) => format!(", {} free", units::bytes(*bytes)),
+            Ok(bytes) => format!(", {}", ready.info.free_text(*bytes)),
             Err(_) => String::new(),
         };
         eprintln!(

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::process::Command;
 
-use modelmeter::Platform;
+use modelmeter::{units, Platform};
 use modelmeter_reference::cuda_backend::Backend;
 use tch::Device;
 
@@ -24,6 +24,16 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// The spec naming the libtorch `device` a plan runs on (only `cpu` and `cuda:N` are
+    /// ever planned: [`DeviceSpec::parse`]); messages and the oracle name it this way,
+    /// not as tch's `Cpu` / `Cuda(0)`.
+    pub fn of(device: Device) -> DeviceSpec {
+        match device {
+            Device::Cuda(i) => DeviceSpec::Cuda(i),
+            _ => DeviceSpec::Cpu,
+        }
+    }
+
     /// The largest CUDA device index libtorch can address (`c10::DeviceIndex` is an
     /// `int8_t`): a larger N would wrap to another device on the way to libtorch.
     pub const MAX_CUDA_INDEX: usize = Platform::MAX_CUDA_INDEX as usize;
@@ -98,16 +108,27 @@ impl DeviceSpec {
     /// The device's name and the memory a run may use, as far as they can be read.
     pub fn describe(self) -> DeviceInfo {
         match self {
-            DeviceSpec::Cpu => DeviceInfo {
-                name: cpu_name().unwrap_or_else(|| std::env::consts::ARCH.to_string()),
-                memory_bytes: cpu_available_memory()
-                    .ok_or_else(|| "MemAvailable could not be read from /proc/meminfo".into()),
-            },
+            DeviceSpec::Cpu => {
+                let available = cpu_available_memory()
+                    .ok_or_else(|| "MemAvailable could not be read from /proc/meminfo".into());
+                // A cgroup or rlimit tighter than the machine's available memory binds.
+                let bound = crate::host_limits::tightest()
+                    .filter(|b| available.as_ref().map_or(true, |a| b.free_bytes < *a));
+                DeviceInfo {
+                    name: cpu_name().unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+                    memory_bytes: match &bound {
+                        Some(b) => Ok(b.free_bytes),
+                        None => available,
+                    },
+                    memory_bound: bound.map(|b| b.what),
+                }
+            }
             DeviceSpec::Cuda(i) => DeviceInfo {
                 name: gpu_name(i).unwrap_or_else(|| "NVIDIA GPU (nvidia-smi unavailable)".into()),
                 memory_bytes: modelmeter_reference::ffi::cuda_memory(i)
                     .map(|(free, _total)| free)
                     .map_err(|e| e.to_string()),
+                memory_bound: None,
             },
         }
     }
@@ -117,9 +138,24 @@ impl DeviceSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceInfo {
     pub name: String,
-    /// Available host memory for the CPU; free memory for a GPU (from the CUDA runtime);
-    /// why it could not be read otherwise.
+    /// Available host memory for the CPU (or what is left under a tighter cgroup or rlimit
+    /// bound, [`crate::host_limits`]); free memory for a GPU (from the CUDA runtime); why
+    /// it could not be read otherwise.
     pub memory_bytes: Result<u64, String>,
+    /// The bound `memory_bytes` is under when it is not the machine's available memory
+    /// ("under its cgroup's memory.max (…)"), for messages.
+    pub memory_bound: Option<String>,
+}
+
+impl DeviceInfo {
+    /// "`N` free", with the bound it is under when there is one: what the memory
+    /// pre-check's refusals say the device has.
+    pub fn free_text(&self, available: u64) -> String {
+        match &self.memory_bound {
+            Some(bound) => format!("{} free {bound}", units::bytes(available)),
+            None => format!("{} free", units::bytes(available)),
+        }
+    }
 }
 
 fn cpu_name() -> Option<String> {

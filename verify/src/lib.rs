@@ -40,6 +40,7 @@ pub mod device;
 pub mod environment;
 pub mod hardware;
 pub mod hooks;
+pub mod host_limits;
 pub mod memory;
 pub mod model;
 pub mod oracle;

@@ -276,11 +276,11 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
         let advice = advice(&estimate.needs, available, w);
         return Err(format!(
             "the workload ({}) needs {about} {} for {} (weights + peak activations with the ops' temporaries + KV cache + inputs + device reserve, from the analytic model) \
-             but {spec} has {} free; {advice}",
+             but {spec} has {}; {advice}",
             w.describe(),
             units::bytes(need.bytes),
             need.layer,
-            units::bytes(available),
+            info.free_text(available),
         ));
     }
     if let (Some(why), Phase::Decode { context_len }) = (estimate.prefill_overflow, w.phase) {
@@ -416,7 +416,7 @@ pub fn check_model(
         "lower --new-tokens, --seq-len or --batch".to_string()
     };
     Err(format!(
-        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, the largest call's KV cache, peak activations with the ops' temporaries and inputs {} — the KV cache alone is {} at {} tokens —, device reserve {}; from the analytic model) but {spec} has {} free; {lower}",
+        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, the largest call's KV cache, peak activations with the ops' temporaries and inputs {} — the KV cache alone is {} at {} tokens —, device reserve {}; from the analytic model) but {spec} has {}; {lower}",
         model.num_layers,
         model.config_layers,
         plan.workload.describe(),
@@ -427,7 +427,7 @@ pub fn check_model(
         units::bytes(need.kv_cache_bytes),
         plan.workload.query_len().saturating_add(model.new_tokens),
         units::bytes(need.reserve_bytes),
-        units::bytes(available),
+        info.free_text(available),
     ))
 }
 
@@ -576,6 +576,7 @@ mod tests {
         DeviceInfo {
             name: "test".into(),
             memory_bytes: Ok(memory_bytes),
+            memory_bound: None,
         }
     }
 

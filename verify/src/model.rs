@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use crate::check::{Check, EXACT};
 use crate::compare::{compare, compare_flops, worst, CounterBlindSpot, MetricRow, Status};
+use crate::device::DeviceSpec;
 use crate::plan::Plan;
 use crate::results::{LayerResult, Summary};
 use crate::runner::{analytic_on_device, compare_run, invisible_to_flop_counter_mode, perturbed};
@@ -727,9 +728,10 @@ pub fn run(plan: &Plan, model: &ModelPlan, progress: &mut dyn FnMut(ModelProgres
                 }
                 compare_call(call, &run, plan, model)
             }
-            (Ok(Err(e)), Ok(_)) if e.is_out_of_memory() => {
-                Err(format!("out of memory on {:?}: {e}", plan.device))
-            }
+            (Ok(Err(e)), Ok(_)) if e.is_out_of_memory() => Err(format!(
+                "out of memory on {}: {e}",
+                DeviceSpec::of(plan.device)
+            )),
             (Ok(Err(e)), Ok(_)) => Err(e.to_string()),
             (Err(panic), Ok(_)) => Err(format!(
                 "the reference model panicked: {}",

@@ -41,6 +41,7 @@ use tch::Device;
 
 use crate::check::Check;
 use crate::compare::{worst, MetricRow, Status};
+use crate::device::DeviceSpec;
 use crate::plan::Plan;
 use crate::results::LayerResult;
 
@@ -145,13 +146,6 @@ pub fn output_bound(dtype: Dtype) -> f64 {
     }
 }
 
-fn device_name(device: Device) -> String {
-    match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    }
-}
-
 /// Runs the oracle for every layer of `results` that ran and adds its two rows (or an
 /// error row when the oracle could not run it); the layer's status is then its worst row.
 pub fn apply(plan: &Plan, results: &mut [LayerResult], oracle: &Oracle) {
@@ -190,7 +184,12 @@ pub fn apply(plan: &Plan, results: &mut [LayerResult], oracle: &Oracle) {
     if !cases.is_empty() {
         let dirs: Vec<PathBuf> = cases.iter().map(|(_, d, _)| d.clone()).collect();
         let dtype = plan.workload.dtype.to_string();
-        match run_oracle(&oracle.python, &device_name(plan.device), &dtype, &dirs) {
+        match run_oracle(
+            &oracle.python,
+            &DeviceSpec::of(plan.device).to_string(),
+            &dtype,
+            &dirs,
+        ) {
             Ok(answers) => {
                 for ((i, dir, adjust), answer) in cases.iter().zip(answers) {
                     let result = &mut results[*i];

@@ -15,6 +15,7 @@ use modelmeter_reference::{Setup, WeightCache};
 
 use crate::check::{Check, EXACT};
 use crate::compare::{compare, compare_flops, worst, CounterBlindSpot, MetricRow, Status};
+use crate::device::DeviceSpec;
 use crate::hooks::TestHooks;
 use crate::pairing::Pairing;
 use crate::plan::Plan;
@@ -195,7 +196,7 @@ fn verify_layer(
         Ok(Err(e)) => {
             let opened = counting.range_opened(e.opened_profiler_range());
             let cause = if e.is_out_of_memory() {
-                format!("out of memory on {:?}: {e}", plan.device)
+                format!("out of memory on {}: {e}", DeviceSpec::of(plan.device))
             } else {
                 e.to_string()
             };

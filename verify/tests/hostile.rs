@@ -602,3 +602,43 @@ fn a_decode_step_with_a_huge_context_is_refused_for_memory_not_as_an_overflow() 
         "{err}"
     );
 }
+
+/// A run that fits the machine's memory but not this process's address-space limit
+/// (`ulimit -v`) is refused up front, the limit named, nothing written; before, the
+/// pre-check read only MemAvailable and the run failed in its forward (exit 1, a
+/// libtorch allocation error). Within the limit the same run passes.
+#[test]
+fn a_run_above_the_address_space_limit_is_refused_naming_it() {
+    let dir = TempDir::new("ulimit");
+    let json = dir.str("r.json");
+    let under_limit = |kib: u64, seq_len: &str| {
+        // The shell sets the soft limit, then becomes the binary.
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -S -v {kib} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_verify-decoder"))
+            // Address space grows with the threads (stacks, glibc's per-thread arenas):
+            // two of each, whatever the machine's cores, so that 3 GB holds a small run.
+            .env("OMP_NUM_THREADS", "2")
+            .env("MALLOC_ARENA_MAX", "2")
+            .args(["--device", "cpu", "-q", "--layers", "DeepseekV2MLP"])
+            .args(["--seq-len", seq_len, "--json", &json])
+            .output()
+            .expect("sh runs");
+        no_panic(o)
+    };
+    // The MLP at 60,000 tokens needs about 5 GiB; 3 GB of address space does not hold it.
+    let o = under_limit(3_000_000, "60000");
+    common::assert_refused(
+        &o,
+        &[
+            "needs about",
+            "free under this process's address-space limit (ulimit -v) of 3072000000 bytes",
+        ],
+    );
+    assert!(!Path::new(&json).exists());
+    // 64 tokens fit under the same limit.
+    let o = under_limit(3_000_000, "64");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(Path::new(&json).exists());
+}
