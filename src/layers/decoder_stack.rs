@@ -204,11 +204,17 @@ pub struct GenerationMetrics {
 }
 
 impl Generation {
-    fn stack(&self, phase: Phase) -> Result<Metrics> {
-        let workload = Workload::new(self.batch, phase, self.dtype)?
+    /// The workload of one call of the generation: its batch, dtype, TF32 setting,
+    /// platform and MLA form, in `phase`.
+    pub fn workload(&self, phase: Phase) -> Result<Workload> {
+        Ok(Workload::new(self.batch, phase, self.dtype)?
             .with_tf32(self.allow_tf32)
             .on(self.platform)
-            .with_mla(self.mla);
+            .with_mla(self.mla))
+    }
+
+    fn stack(&self, phase: Phase) -> Result<Metrics> {
+        let workload = self.workload(phase)?;
         DeepseekV2Decoder::new(&self.config, &workload, self.attention).metrics()
     }
 

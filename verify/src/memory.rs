@@ -328,7 +328,11 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
     let cuda = plan.device.is_cuda();
     let costed = |g: &modelmeter::layers::Generation| -> modelmeter::Result<ModelNeed> {
         let total = g.metrics()?.total;
-        let prefill = plan.workload.clone();
+        // The generation's own prefill, not the plan's: an overflow's probe lowers its
+        // batch and prompt, and the culprit is the input whose lowering makes this succeed.
+        let prefill = g.workload(Phase::Prefill {
+            seq_len: g.prefill_len,
+        })?;
         let stack = DeepseekV2Decoder::new(&g.config, &prefill, g.attention);
         let stack_peak = |w: &Workload| -> modelmeter::Result<(u64, u64)> {
             let cost = modelmeter::metrics::sums_only(|| {
@@ -342,10 +346,7 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
         let mut working = stack_peak(&prefill)?.0;
         if g.new_tokens > 0 {
             let context_len = g.prefill_len.saturating_add(g.new_tokens - 1);
-            let last = Workload::new(g.batch, Phase::Decode { context_len }, g.dtype)?
-                .with_tf32(g.allow_tf32)
-                .on(g.platform)
-                .with_mla(g.mla);
+            let last = g.workload(Phase::Decode { context_len })?;
             // The cache after the step bounds the cache it starts from.
             let (peak, cache) = stack_peak(&last)?;
             working = working.max(cache.saturating_add(peak));

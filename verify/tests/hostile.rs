@@ -557,10 +557,32 @@ fn overflows_name_the_option_or_field_and_empty_layer_lists_are_errors() {
             "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 5}"#,
     )
     .unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["--seq-len", "10000000000"],
             "--seq-len = 10000000000 is too large: ",
+        ),
+        // `--model` names the option too (it blamed vocab_size, or named nothing, while
+        // its probe re-costed the plan's own prompt whatever it lowered).
+        (
+            &["--model", "--batch", "100000000", "--seq-len", "1000"],
+            "--batch = 100000000 is too large: ",
+        ),
+        (
+            &[
+                "--model",
+                "--batch",
+                "100000000",
+                "--seq-len",
+                "1000",
+                "--new-tokens",
+                "0",
+            ],
+            "--batch = 100000000 is too large: ",
+        ),
+        (
+            &["--model", "--num-layers", "1", "--seq-len", "100000000000"],
+            "--seq-len = 100000000000 is too large: ",
         ),
         (
             &["--batch", "100000000000"],
