@@ -400,10 +400,11 @@ pub fn router_keeps_too_few_experts(config: &ModelConfig) -> Option<String> {
     let kept = routing.experts_kept(moe.n_routed_experts);
     (kept < moe.num_experts_per_tok).then(|| {
         format!(
-            "topk_method {} keeps topk_group × n_routed_experts / n_group = {} × {} = {kept} experts per token, fewer than num_experts_per_tok = {} of config {}: the top-k then also picks experts of groups it did not keep (scored 0.0 by the vendor MoEGate, −inf by transformers' V3 router, so the two choose differently); raise topk_group to at least {} for the group-limited routing",
+            "topk_method {} keeps topk_group × n_routed_experts / n_group = {} × {} = {kept} expert{} per token, fewer than num_experts_per_tok = {} of config {}: the top-k then also picks experts of groups it did not keep (scored 0.0 by the vendor MoEGate, −inf by transformers' V3 router, so the two choose differently); raise topk_group to at least {} for the group-limited routing",
             routing.topk_method.name(),
             routing.topk_group,
             routing.experts_per_group(moe.n_routed_experts),
+            if kept == 1 { "" } else { "s" },
             moe.num_experts_per_tok,
             config.name,
             moe.num_experts_per_tok
@@ -458,6 +459,15 @@ mod tests {
         );
         assert!(
             w.ends_with("raise topk_group to at least 2 for the group-limited routing"),
+            "{w}"
+        );
+        // One expert kept: said in the singular.
+        let moe = c.moe.as_mut().unwrap();
+        moe.routing.topk_method = TopkMethod::GroupLimitedGreedy;
+        moe.routing.n_group = 64;
+        let w = router_keeps_too_few_experts(&c).unwrap();
+        assert!(
+            w.contains("= 1 × 1 = 1 expert per token, fewer than"),
             "{w}"
         );
     }
