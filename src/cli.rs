@@ -398,9 +398,14 @@ pub fn router_keeps_too_few_experts(config: &ModelConfig) -> Option<String> {
     let moe = config.moe.as_ref()?;
     let routing = &moe.routing;
     let kept = routing.experts_kept(moe.n_routed_experts);
+    // Only noaux_tc has a transformers router to differ from (the V3 one).
+    let scored = match routing.topk_method {
+        crate::routing::TopkMethod::NoauxTc => "scored 0.0 by the vendor MoEGate and −inf by transformers' V3 router, which can then choose other experts",
+        _ => "scored 0.0 by the vendor MoEGate",
+    };
     (kept < moe.num_experts_per_tok).then(|| {
         format!(
-            "topk_method {} keeps topk_group × n_routed_experts / n_group = {} × {} = {kept} expert{} per token, fewer than num_experts_per_tok = {} of config {}: the top-k then also picks experts of groups it did not keep (scored 0.0 by the vendor MoEGate, −inf by transformers' V3 router, so the two choose differently); raise topk_group to at least {} for the group-limited routing",
+            "topk_method {} keeps topk_group × n_routed_experts / n_group = {} × {} = {kept} expert{} per token, fewer than num_experts_per_tok = {} of config {}: the top-k then also picks experts of groups it did not keep ({scored}); raise topk_group to at least {} for the group-limited routing",
             routing.topk_method.name(),
             routing.topk_group,
             routing.experts_per_group(moe.n_routed_experts),
@@ -458,6 +463,12 @@ mod tests {
             "{w}"
         );
         assert!(
+            w.contains(
+                "−inf by transformers' V3 router, which can then choose other experts); raise"
+            ),
+            "{w}"
+        );
+        assert!(
             w.ends_with("raise topk_group to at least 2 for the group-limited routing"),
             "{w}"
         );
@@ -468,6 +479,10 @@ mod tests {
         let w = router_keeps_too_few_experts(&c).unwrap();
         assert!(
             w.contains("= 1 × 1 = 1 expert per token, fewer than"),
+            "{w}"
+        );
+        assert!(
+            w.contains("(scored 0.0 by the vendor MoEGate); raise"),
             "{w}"
         );
     }

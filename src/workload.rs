@@ -231,7 +231,18 @@ impl Workload {
 
     /// The same workload in another model dtype.
     pub fn with_dtype(self, dtype: Dtype) -> Result<Workload> {
-        Workload::new(self.batch, self.phase, dtype).map(|w| {
+        self.settings_for(self.phase, dtype)
+    }
+
+    /// Another call with this one's batch, dtype, TF32 switch, platform and MLA form, in
+    /// `phase` (measured routing, if any, belongs to this call and is not carried over).
+    pub fn in_phase(&self, phase: Phase) -> Result<Workload> {
+        self.settings_for(phase, self.dtype)
+    }
+
+    /// A workload of `phase` and `dtype` with this one's batch and switches.
+    fn settings_for(&self, phase: Phase, dtype: Dtype) -> Result<Workload> {
+        Workload::new(self.batch, phase, dtype).map(|w| {
             w.with_tf32(self.allow_tf32)
                 .on(self.platform)
                 .with_mla(self.mla)
@@ -268,13 +279,8 @@ impl Workload {
         let Phase::Decode { context_len } = self.phase else {
             return None;
         };
-        let phase = Phase::Prefill {
+        Some(self.in_phase(Phase::Prefill {
             seq_len: context_len,
-        };
-        Some(Workload::new(self.batch, phase, self.dtype).map(|w| {
-            w.with_tf32(self.allow_tf32)
-                .on(self.platform)
-                .with_mla(self.mla)
         }))
     }
 

@@ -47,7 +47,7 @@ fn fill_normal_with(threads: usize, stream: u64, out: &mut [f32], scale: f32, sh
     let chunk = out.len().div_ceil(threads).max(1 << 16);
     let fill = move |start: usize, part: &mut [f32]| {
         // Each thread faults in its own part's pages in one call (crate::host_memory).
-        crate::host_memory::prefault(part);
+        let _populated = crate::host_memory::prefault(part);
         fill_span(stream, start, part, scale, shift)
     };
     if out.len() <= chunk {

@@ -156,6 +156,15 @@ impl DeviceInfo {
             None => format!("{} free", units::bytes(available)),
         }
     }
+
+    /// What a refusal adds to its advice when a cgroup or rlimit bound is what did not
+    /// fit: raising it is the other way out.
+    pub fn raise_hint(&self) -> &'static str {
+        match self.memory_bound {
+            Some(_) => "; or raise that limit",
+            None => "",
+        }
+    }
 }
 
 fn cpu_name() -> Option<String> {

@@ -19,6 +19,11 @@ pub struct Environment {
     /// JSON report has it in a separate `host` object only with `--report-host-details`.
     #[serde(skip)]
     pub device_memory_bytes: Option<u64>,
+    /// The cgroup or rlimit bound `device_memory_bytes` is under, when it is not the
+    /// machine's available memory ([`crate::device::DeviceInfo::memory_bound`]); volatile
+    /// likewise.
+    #[serde(skip)]
+    pub device_memory_bound: Option<String>,
     pub libtorch_version: String,
     /// The CUDA and cuDNN versions libtorch was built with.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -71,6 +76,7 @@ impl Environment {
             device: spec.to_string(),
             device_name: info.name.clone(),
             device_memory_bytes: info.memory_bytes.as_ref().ok().copied(),
+            device_memory_bound: info.memory_bound.clone(),
             libtorch_version: setting("TORCH_VERSION=").unwrap_or_else(|| "unknown".into()),
             cuda_version: setting("CUDA_VERSION="),
             cudnn_version: setting("CUDNN_VERSION="),
@@ -95,7 +101,11 @@ impl Environment {
     /// Facts about the host that change from run to run (free memory), for the JSON
     /// report's separate `host` object.
     pub fn host_details(&self) -> serde_json::Value {
-        serde_json::json!({ "device_memory_bytes": self.device_memory_bytes })
+        let mut host = serde_json::json!({ "device_memory_bytes": self.device_memory_bytes });
+        if let Some(bound) = &self.device_memory_bound {
+            host["device_memory_bound"] = bound.as_str().into();
+        }
+        host
     }
 
     /// Adds the attention kernels seen in a run.

@@ -33,15 +33,21 @@ pub fn tightest() -> Option<Bound> {
 }
 
 /// The bytes left under the memory limit of the cgroup a `/proc/self/cgroup` text names
-/// (and of each cgroup above it, the tightest), with cgroups mounted at `root`: the limit
-/// less what the cgroup uses, not counting its inactive page cache (which the kernel
-/// reclaims before it kills anything). cgroup v2 first, then v1's memory controller.
+/// (and of each cgroup above it up to the mount point, the tightest), with cgroups
+/// mounted at `root`: the limit less what the cgroup uses, not counting its page cache
+/// and reclaimable slab, which the kernel reclaims before it kills anything (as
+/// MemAvailable counts them available). cgroup v2 first, then v1's memory controller.
+/// Inside a cgroup namespace the mount point is the namespace's root: a limit above it
+/// (a pod's, say) is not visible here.
 fn cgroup_bound(root: &Path, proc_cgroup: &str) -> Option<Bound> {
     let mut v2 = None;
     let mut v1 = None;
     for line in proc_cgroup.lines() {
         let mut parts = line.splitn(3, ':');
-        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
         if id == "0" && controllers.is_empty() {
             v2 = Some(path);
         } else if controllers.split(',').any(|c| c == "memory") {
@@ -52,14 +58,19 @@ fn cgroup_bound(root: &Path, proc_cgroup: &str) -> Option<Bound> {
         // The cgroup itself, then each parent up to the mount point.
         let mut dirs = vec![base.clone()];
         let mut dir = base;
+        // A path that leaves the mount point ("/../x" outside a cgroup namespace's root)
+        // is read no further than the mount point.
         for part in path.split('/').filter(|p| !p.is_empty()) {
+            if part == ".." || part == "." {
+                break;
+            }
             dir = dir.join(part);
             dirs.push(dir.clone());
         }
         dirs.reverse();
         dirs
     };
-    let limited = |dirs: Vec<PathBuf>, limit: &str, usage: &str, inactive: &str| {
+    let limited = |dirs: Vec<PathBuf>, limit: &str, usage: &str, reclaimable: &[&str]| {
         dirs.into_iter()
             .filter_map(|dir| {
                 let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
@@ -69,9 +80,11 @@ fn cgroup_bound(root: &Path, proc_cgroup: &str) -> Option<Bound> {
                     return None;
                 }
                 let used: u64 = read(usage)?.trim().parse().ok()?;
-                let cache = read("memory.stat")
-                    .and_then(|stat| stat_value(&stat, inactive))
-                    .unwrap_or(0);
+                let stat = read("memory.stat").unwrap_or_default();
+                let cache = reclaimable
+                    .iter()
+                    .filter_map(|key| stat_value(&stat, key))
+                    .fold(0u64, u64::saturating_add);
                 Some(Bound {
                     free_bytes: max.saturating_sub(used.saturating_sub(cache)),
                     what: format!(
@@ -87,7 +100,7 @@ fn cgroup_bound(root: &Path, proc_cgroup: &str) -> Option<Bound> {
             levels(root.to_path_buf(), path),
             "memory.max",
             "memory.current",
-            "inactive_file",
+            &["active_file", "inactive_file", "slab_reclaimable"],
         ) {
             return Some(bound);
         }
@@ -97,7 +110,7 @@ fn cgroup_bound(root: &Path, proc_cgroup: &str) -> Option<Bound> {
         levels(root.join("memory"), path),
         "memory.limit_in_bytes",
         "memory.usage_in_bytes",
-        "total_inactive_file",
+        &["total_active_file", "total_inactive_file"],
     )
 }
 
@@ -181,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cgroup_v2_limit_is_what_is_left_under_it_less_inactive_cache() {
+    fn a_cgroup_v2_limit_is_what_is_left_under_it_less_reclaimable_memory() {
         let root = tempfile::tempdir().unwrap();
         let job = root.path().join("ci/job");
         write(&job, "memory.max", "4294967296\n");
@@ -189,12 +202,12 @@ mod tests {
         write(
             &job,
             "memory.stat",
-            "anon 805306368\ninactive_file 268435456\nactive_file 0\n",
+            "anon 805306368\ninactive_file 168435456\nactive_file 60000000\nslab_reclaimable 40000000\nslab_unreclaimable 1\n",
         );
         // The parent is unlimited.
         write(&root.path().join("ci"), "memory.max", "max\n");
         let b = cgroup_bound(root.path(), "0::/ci/job\n").unwrap();
-        // 4 GiB − (1 GiB − 256 MiB of inactive cache).
+        // 4 GiB − (1 GiB − 256 MiB of page cache and reclaimable slab).
         assert_eq!(b.free_bytes, 4294967296 - (1073741824 - 268435456));
         assert!(
             b.what.contains("memory.max") && b.what.contains("ci/job"),
@@ -222,7 +235,7 @@ mod tests {
         write(
             &dir,
             "memory.stat",
-            "cache 0\ntotal_inactive_file 73741824\n",
+            "cache 0\ntotal_inactive_file 53741824\ntotal_active_file 20000000\n",
         );
         // v1's "unlimited" is a page-rounded i64::MAX at the root.
         write(
@@ -243,6 +256,19 @@ mod tests {
             "9223372036854771712\n",
         );
         assert_eq!(cgroup_bound(unlimited.path(), text), None);
+    }
+
+    #[test]
+    fn odd_cgroup_lines_and_paths_are_read_no_further_than_the_mount() {
+        let root = tempfile::tempdir().unwrap();
+        write(root.path(), "memory.max", "1000\n");
+        write(root.path(), "memory.current", "400\n");
+        // A malformed line is skipped, not the whole file.
+        let b = cgroup_bound(root.path(), "garbage\n0::/\n").unwrap();
+        assert_eq!(b.free_bytes, 600);
+        // "/../x" stops at the mount point: the root's limit, nothing outside it read.
+        let b = cgroup_bound(root.path(), "0::/../x\n").unwrap();
+        assert_eq!(b.free_bytes, 600);
     }
 
     #[test]

@@ -276,11 +276,12 @@ pub fn check(plan: &Plan, spec: DeviceSpec, info: &DeviceInfo) -> Result<(), Str
         let advice = advice(&estimate.needs, available, w);
         return Err(format!(
             "the workload ({}) needs {about} {} for {} (weights + peak activations with the ops' temporaries + KV cache + inputs + device reserve, from the analytic model) \
-             but {spec} has {}; {advice}",
+             but {spec} has {}; {advice}{}",
             w.describe(),
             units::bytes(need.bytes),
             need.layer,
             info.free_text(available),
+            info.raise_hint(),
         ));
     }
     if let (Some(why), Phase::Decode { context_len }) = (estimate.prefill_overflow, w.phase) {
@@ -417,7 +418,7 @@ pub fn check_model(
         "lower --new-tokens, --seq-len or --batch".to_string()
     };
     Err(format!(
-        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, the largest call's KV cache, peak activations with the ops' temporaries and inputs {} — the KV cache alone is {} at {} tokens —, device reserve {}; from the analytic model) but {spec} has {}; {lower}",
+        "the model ({} of {} layers, {}, {} new tokens) needs about {} (weights {}, the largest call's KV cache, peak activations with the ops' temporaries and inputs {} — the KV cache alone is {} at {} tokens —, device reserve {}; from the analytic model) but {spec} has {}; {lower}{}",
         model.num_layers,
         model.config_layers,
         plan.workload.describe(),
@@ -429,6 +430,7 @@ pub fn check_model(
         plan.workload.query_len().saturating_add(model.new_tokens),
         units::bytes(need.reserve_bytes),
         info.free_text(available),
+        info.raise_hint(),
     ))
 }
 

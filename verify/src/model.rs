@@ -142,10 +142,7 @@ impl Call {
                 )?,
             },
         };
-        Ok(Workload::new(prefill.batch, phase, prefill.dtype)?
-            .with_tf32(prefill.allow_tf32)
-            .on(prefill.platform)
-            .with_mla(prefill.mla))
+        prefill.in_phase(phase)
     }
 }
 
