@@ -645,7 +645,13 @@ fn a_run_above_the_data_limit_is_refused_naming_it() {
             // Thread stacks count: two threads whatever the machine's cores.
             .env("OMP_NUM_THREADS", "2")
             .args(["--device", "cpu", "-q", "--layers", "DeepseekV2MLP"])
-            .args(["--seq-len", seq_len, "--json", &json])
+            .args([
+                "--seq-len",
+                seq_len,
+                "--json",
+                &json,
+                "--report-host-details",
+            ])
             .output()
             .expect("sh runs");
         no_panic(o)
@@ -667,5 +673,11 @@ fn a_run_above_the_data_limit_is_refused_naming_it() {
     assert!(!Path::new(&json).exists());
     let o = under_limit("64");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    assert!(Path::new(&json).exists());
+    // The host details say which bound the free memory they give is under.
+    let host = &read_json(Path::new(&json))["host"];
+    assert!(host["device_memory_bytes"].as_u64().unwrap() < LIMIT_KIB * 1024);
+    if needles.len() > 1 {
+        let bound = host["device_memory_bound"].as_str().unwrap();
+        assert!(bound.contains("data-segment limit (ulimit -d)"), "{bound}");
+    }
 }
