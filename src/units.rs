@@ -55,7 +55,14 @@ pub fn percent(rel: f64) -> String {
     } else if rel.is_infinite() {
         "inf".into()
     } else if rel >= 0.01 {
-        format!("{:.2}%", rel * 100.0)
+        let pct = rel * 100.0;
+        // Below 100 % never reads as 100 % (a tolerance of 0.99999 is not one of 1): as
+        // many more digits as it takes to read below it.
+        (2..=17)
+            .map(|digits| format!("{pct:.digits$}"))
+            .find(|shown| rel >= 1.0 || shown.parse::<f64>().is_ok_and(|v| v < 100.0))
+            .unwrap_or_else(|| format!("{pct}"))
+            + "%"
     } else {
         format!("{:.2e}%", rel * 100.0)
     }
@@ -126,6 +133,11 @@ mod tests {
         assert_eq!(bytes(1024), "1.000 KiB");
         assert_eq!(bytes(1_024_000), "1000 KiB");
         assert_eq!(percent(0.01), "1.00%");
+        // Just below 100 %: enough digits to read below it.
+        assert_eq!(percent(0.99995), "99.995%");
+        assert_eq!(percent(0.9999999999999999), "99.99999999999999%");
+        assert_eq!(percent(0.9999), "99.99%");
+        assert_eq!(percent(1.0), "100.00%");
         assert_eq!(percent(f64::INFINITY), "inf");
     }
 
