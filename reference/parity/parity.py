@@ -66,8 +66,9 @@ IO_KEYS = {
     "past_value",
     "context",
     "context_position_ids",
+    "tokens_per_expert",
 }
-INDEX_KEYS = ("topk_idx", "position_ids", "context_position_ids")
+INDEX_KEYS = ("topk_idx", "position_ids", "context_position_ids", "tokens_per_expert")
 # Anything at or below this in the case's additive mask counts as "masked out".
 MASKED_BELOW = -1.0e4
 
@@ -629,6 +630,39 @@ def apply_v3_router_adapters(router, adapters, extra):
     router.forward = forward
 
 
+def count_routing(router):
+    """Wraps `router.forward` (after its adapters) to count the tokens transformers'
+    router sends to each expert; returns the list each call's counts go to."""
+    orig = router.forward
+    calls = []
+
+    def forward(hidden_states):
+        router_logits, topk_weights, topk_indices = orig(hidden_states)
+        experts = router_logits.shape[-1]
+        calls.append(torch.bincount(topk_indices.flatten().cpu(), minlength=experts))
+        return router_logits, topk_weights, topk_indices
+
+    router.forward = forward
+    return calls
+
+
+def compare_routing(calls, tensors, extra):
+    """`routed_count_mismatched_experts`: on how many experts transformers' router and the
+    reference's gate (the exported `tokens_per_expert`) disagree about the number of tokens
+    routed there, over the counted call. Not part of `ok`: the output comparison is the
+    check; this says why a MoE's output differs when its routing flipped (in bf16 or fp16 a
+    near tie of two experts' scores, rounded differently before the gate, can do that)."""
+    ref = tensors.get("tokens_per_expert")
+    if ref is None:
+        return
+    if len(calls) != 1:
+        raise CaseError(f"internal: the router ran {len(calls)} times in the counted call, not once")
+    hf = calls[0]
+    if tuple(hf.shape) != tuple(ref.shape):
+        raise CaseError(f"HF routes over {hf.shape[0]} experts, the reference over {ref.shape[0]}")
+    extra["routed_count_mismatched_experts"] = int((hf != ref.long()).sum().item())
+
+
 def adapt_router(router, family, cfg, adapters, extra):
     """The named adapters of the family's router (see README)."""
     if family == "v2":
@@ -733,9 +767,11 @@ def run_moe(cfg, tensors, adapters):
     m = place_module(load_module(m, state, Moe.__name__))
     assert m.experts.config._experts_implementation == "eager"
     adapt_router(m.gate, family, cfg, adapters, extra)
+    routed = count_routing(m.gate)
     x = place(need(tensors, "input"))
     with counting():
         out = m(x)
+    compare_routing(routed, tensors, extra)
     return out, need(tensors, "output"), extra
 
 
@@ -837,6 +873,7 @@ def run_decoder_layer(cfg, tensors, adapters, phase, attn):
             tc.routed_scaling_factor,
             adapters,
         )
+    routed = count_routing(m.mlp.gate) if kind == "sparse" else []
     with counting():
         pe = rotary(x, pos)
         out = m(
@@ -848,6 +885,8 @@ def run_decoder_layer(cfg, tensors, adapters, phase, attn):
             position_embeddings=pe,
         )
     check_cache_after(cache, layer_idx, past_len, x.shape[1], tensors)
+    if kind == "sparse":
+        compare_routing(routed, tensors, extra)
     return out, need(tensors, "output"), extra
 
 
@@ -917,9 +956,11 @@ def run_mla(cfg, tensors, adapters, phase, attn, form, family, mlp_kind):
             state = fuse_experts(state, "mlp.", c.n_routed_experts, c.n_shared_experts, c.hidden_size)
     m = place_module(load_module(m, state, what))
     extra["hf_class"] = what
+    routed = []
     if mlp_kind == "sparse":
         assert m.mlp.experts.config._experts_implementation == "eager"
         adapt_router(m.mlp.gate, family, cfg, adapters, extra)
+        routed = count_routing(m.mlp.gate)
     att = m if mlp_kind is None else m.self_attn
     rotary = Rotary(c)
     if ORACLE is not None:
@@ -957,6 +998,7 @@ def run_mla(cfg, tensors, adapters, phase, attn, form, family, mlp_kind):
             adapters.append("mla_latent_cache")
         if "v3_fill_sensitive_rows" in extra:  # count the step's tokens only
             extra["v3_fill_sensitive_rows"] = 0
+        routed.clear()  # likewise
     past_latent = cache.layers[layer_idx].keys.clone() if past_len else None
     mask = create_causal_mask(
         config=c, inputs_embeds=x, attention_mask=None, cache=cache, position_ids=pos, layer_idx=layer_idx
@@ -980,6 +1022,8 @@ def run_mla(cfg, tensors, adapters, phase, attn, form, family, mlp_kind):
         raise CaseError("internal: HF's latent cache was not updated at layer_idx")
     if past_latent is not None and not torch.equal(keys[:, :, :past_len], past_latent):
         raise CaseError("internal: HF's cached latent was altered by the step")
+    if mlp_kind == "sparse":
+        compare_routing(routed, tensors, extra)
     return out, extra
 
 

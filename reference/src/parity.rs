@@ -137,8 +137,13 @@ fn export_prepared(
             tensors.push(("topk_weight".into(), routing.topk_weight));
         }
         _ => {
-            let (output, _) = prepared.forward()?;
+            let (output, tokens_per_expert) = prepared.forward()?;
             tensors.push(("output".into(), output));
+            // An MoE's routing, as the tokens each expert received (the vendor's
+            // `tokens_per_expert`): the script compares transformers' router with it.
+            if let Some(tokens) = tokens_per_expert {
+                tensors.push(("tokens_per_expert".into(), Tensor::from_slice(&tokens)));
+            }
         }
     }
     let tensors: Vec<(String, Tensor)> = tensors
@@ -257,6 +262,10 @@ pub struct ParityResult {
     /// from the vendor's 0.0 fill.
     #[serde(default)]
     pub v3_fill_sensitive_rows: Option<u64>,
+    /// MoE and MoE decoder-layer cases: on how many experts transformers' router and the
+    /// reference's gate disagree about the tokens routed there (0: the same counts).
+    #[serde(default)]
+    pub routed_count_mismatched_experts: Option<u64>,
 }
 
 /// One known difference between transformers and the vendor code, probed on the
@@ -352,6 +361,13 @@ pub struct OracleResult {
     /// vendor's (0.0) (reference/parity/README.md).
     #[serde(default)]
     pub v3_fill_sensitive_rows: Option<u64>,
+    /// MoE and MoE decoder-layer cases: on how many experts transformers' router sent
+    /// another number of tokens than the reference's gate did (the script compares its
+    /// counts with the exported `tokens_per_expert`). Why an output differs, not a check
+    /// of its own: in bf16 or fp16 a near tie of two experts' scores, rounded differently
+    /// before the gate, can send a token elsewhere.
+    #[serde(default)]
+    pub routed_count_mismatched_experts: Option<u64>,
     /// Eager attention cases: whether the causal mask the reference exported has the
     /// pattern of transformers' own (`create_causal_mask`).
     #[serde(default)]

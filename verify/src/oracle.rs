@@ -490,8 +490,10 @@ fn rows(
 
 /// What the script checked beside the output, each against transformers' own: the
 /// gate's selected experts (a gate case must say), the eager causal mask's pattern, the
-/// MLA KV cache after the prefill (within `bound`). Returns (what agreed, what did not or
-/// could not be compared); the output row fails on any of the latter.
+/// MLA KV cache after the prefill (within `bound`). Returns (what agreed or explains the
+/// output, what did not or could not be compared); the output row fails on any of the
+/// latter. A MoE's routing is said among the former whether or not it agrees: it
+/// explains the output's difference, which alone decides the row.
 fn side_checks(answer: &OracleResult, bound: f64) -> (Vec<String>, Vec<String>) {
     let (mut checked, mut problems) = (Vec::new(), Vec::new());
     match (answer.idx_match, answer.module.as_deref()) {
@@ -501,6 +503,18 @@ fn side_checks(answer: &OracleResult, bound: f64) -> (Vec<String>, Vec<String>) 
             problems.push("the answer does not say whether the selected experts match".to_string())
         }
         (None, _) => {}
+    }
+    // Why a MoE's output differs, not a check of its own (the output is): the routing.
+    match answer.routed_count_mismatched_experts {
+        Some(0) => checked.push(
+            "transformers' router sent each expert as many tokens as the reference's gate"
+                .to_string(),
+        ),
+        Some(n) => checked.push(format!(
+            "the routing differs: transformers' router sent {n} expert{} another number of tokens than the reference's gate (in bf16 or fp16 a near tie of two experts' scores, rounded differently before the gate, sends a token elsewhere; the output then differs by whole expert outputs)",
+            if n == 1 { "" } else { "s" }
+        )),
+        None => {}
     }
     match answer.mask_match {
         Some(true) => checked.push("the causal mask has transformers' pattern".to_string()),
@@ -602,6 +616,7 @@ mod tests {
             idx_match: None,
             idx_mismatched_rows: None,
             v3_fill_sensitive_rows: None,
+            routed_count_mismatched_experts: None,
             mask_match: None,
             cache_rel_err: None,
             fcm_total: Some(ops.iter().map(|(_, n)| n).sum()),
@@ -772,6 +787,27 @@ mod tests {
             note.contains("differ on 3 tokens") && note.contains("on 57 tokens of this input"),
             "{note}"
         );
+
+        // A MoE's routing explains its output and never decides the row: the same output
+        // passes with the routing agreeing or not, and fails over the bound either way.
+        for (extra, says) in [
+            (
+                r#", "routed_count_mismatched_experts": 0"#,
+                "as many tokens as the reference's gate",
+            ),
+            (
+                r#", "routed_count_mismatched_experts": 2"#,
+                "the routing differs: transformers' router sent 2 experts another number",
+            ),
+        ] {
+            let mut moe = parsed(extra);
+            moe.module = Some("moe".into());
+            let row = output(&moe);
+            assert_eq!(row.status, Status::Pass, "{extra}");
+            assert!(row.note.as_deref().unwrap().contains(says), "{row:?}");
+            moe.rel_err = Some(0.5);
+            assert_eq!(output(&moe).status, Status::Fail, "{extra}");
+        }
     }
 
     #[test]
