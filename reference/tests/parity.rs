@@ -134,6 +134,13 @@ fn every_module_matches_transformers_in_fp32() {
         assert!(r.ok, "{r:?}");
         assert!(r.rel_err.unwrap() < 1e-5, "{r:?}");
     }
+    // The MoEs (4) and MoE decoder layers (8, 4 of them decode steps): transformers'
+    // router sent every expert the reference gate's number of tokens.
+    let routed: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.routed_count_mismatched_experts)
+        .collect();
+    assert_eq!(routed, vec![0; 12], "{results:?}");
 }
 
 #[test]
@@ -200,6 +207,9 @@ struct Expect {
     both_attention_classes: bool,
     /// V3 router: no token where the −inf and 0.0 fills could choose differently.
     v3_router: bool,
+    /// A MoE or MoE decoder layer: transformers' router sent every expert the reference
+    /// gate's number of tokens (`routed_count_mismatched_experts` = 0); others report none.
+    routed: bool,
 }
 
 fn check(r: &ParityResult, e: &Expect) {
@@ -230,6 +240,8 @@ fn check(r: &ParityResult, e: &Expect) {
     if e.v3_router {
         assert_eq!(r.v3_fill_sensitive_rows, Some(0), "{r:?}");
     }
+    let routed = e.routed.then_some(0);
+    assert_eq!(r.routed_count_mismatched_experts, routed, "{r:?}");
 }
 
 #[test]
@@ -341,6 +353,7 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
         ),
     ] {
         let decoding = matches!(workload.phase, modelmeter::Phase::Decode { .. });
+        let routed = kind == moe(config);
         cases.add(kind, config, workload, attention);
         expect.push(Expect {
             hf_class: Some(class),
@@ -350,6 +363,7 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
                 vec![]
             },
             v3_router,
+            routed,
             ..Expect::default()
         });
     }
@@ -391,6 +405,7 @@ fn mla_attention_and_deepseek_routers_match_transformers_in_fp32() {
                 hf_class: Some(class),
                 adapters: adapters.to_vec(),
                 v3_router: family == "V3",
+                routed: kind == ModuleKind::MoE,
                 ..Expect::default()
             });
         }

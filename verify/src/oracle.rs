@@ -456,7 +456,7 @@ fn rows(
         unavailable: false,
     };
     let bound = output_bound(dtype);
-    let (checked, mut problems) = side_checks(answer, bound);
+    let (checked, mut problems) = side_checks(answer, bound, dtype);
     let mut note = match answer.rel_err {
         Some(err) => format!(
             "‖out − ref‖/‖ref‖ = {err:.3e} against the transformers module (bound {bound:e} in {dtype})"
@@ -494,7 +494,7 @@ fn rows(
 /// output, what did not or could not be compared); the output row fails on any of the
 /// latter. A MoE's routing is said among the former whether or not it agrees: it
 /// explains the output's difference, which alone decides the row.
-fn side_checks(answer: &OracleResult, bound: f64) -> (Vec<String>, Vec<String>) {
+fn side_checks(answer: &OracleResult, bound: f64, dtype: Dtype) -> (Vec<String>, Vec<String>) {
     let (mut checked, mut problems) = (Vec::new(), Vec::new());
     match (answer.idx_match, answer.module.as_deref()) {
         (Some(true), _) => checked.push("the selected experts match".to_string()),
@@ -510,10 +510,21 @@ fn side_checks(answer: &OracleResult, bound: f64) -> (Vec<String>, Vec<String>) 
             "transformers' router sent each expert as many tokens as the reference's gate"
                 .to_string(),
         ),
-        Some(n) => checked.push(format!(
-            "the routing differs: transformers' router sent {n} expert{} another number of tokens than the reference's gate (in bf16 or fp16 a near tie of two experts' scores, rounded differently before the gate, sends a token elsewhere; the output then differs by whole expert outputs)",
-            if n == 1 { "" } else { "s" }
-        )),
+        Some(n) => {
+            // What can send a token elsewhere: the V3 routers' fills of the unchosen
+            // groups where the answer says they can choose differently, else a near tie
+            // rounded differently in a reduced precision; in fp32 without either, nothing
+            // known.
+            let why = match answer.v3_fill_sensitive_rows.filter(|n| *n > 0) {
+                Some(rows) => format!("on {rows} token{} of this input transformers' V3 router, which fills the experts outside the chosen groups with -inf where the vendor fills 0.0, can choose others (reference/parity/README.md)", if rows == 1 { "" } else { "s" }),
+                None if matches!(dtype, Dtype::Bf16 | Dtype::F16) => format!("in {dtype} a near tie of two experts' scores, rounded differently before the gate, sends a token elsewhere"),
+                None => "no known difference explains it".to_string(),
+            };
+            checked.push(format!(
+                "the routing differs: transformers' router sent {n} expert{} another number of tokens than the reference's gate ({why}; the output then differs by whole expert outputs)",
+                if n == 1 { "" } else { "s" }
+            ))
+        }
         None => {}
     }
     match answer.mask_match {
@@ -797,7 +808,11 @@ mod tests {
             ),
             (
                 r#", "routed_count_mismatched_experts": 2"#,
-                "the routing differs: transformers' router sent 2 experts another number",
+                "the routing differs: transformers' router sent 2 experts another number of tokens than the reference's gate (no known difference explains it",
+            ),
+            (
+                r#", "routed_count_mismatched_experts": 1, "v3_fill_sensitive_rows": 4"#,
+                "sent 1 expert another number of tokens than the reference's gate (on 4 tokens of this input transformers' V3 router",
             ),
         ] {
             let mut moe = parsed(extra);
@@ -808,6 +823,15 @@ mod tests {
             moe.rel_err = Some(0.5);
             assert_eq!(output(&moe).status, Status::Fail, "{extra}");
         }
+        // In a reduced precision, a near tie is the named suspect.
+        let mut moe = parsed(r#", "routed_count_mismatched_experts": 3"#);
+        moe.module = Some("moe".into());
+        let row = rows(&layer, &moe, Dtype::Bf16, &adjust)[1].clone();
+        let note = row.note.unwrap();
+        assert!(
+            note.contains("(in bf16 a near tie of two experts' scores"),
+            "{note}"
+        );
     }
 
     #[test]
