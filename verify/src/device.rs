@@ -190,15 +190,7 @@ fn cpu_available_memory() -> Option<u64> {
 
 /// `MemAvailable` of a `/proc/meminfo` text, in bytes.
 fn mem_available(meminfo: &str) -> Option<u64> {
-    let kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
+    crate::host_limits::kib_field(meminfo, "MemAvailable:")?.checked_mul(1024)
 }
 
 /// Name of the i-th visible GPU, from `nvidia-smi` (honours `CUDA_VISIBLE_DEVICES`, as

@@ -114,6 +114,18 @@ fn cgroup_bound(root: &Path, proc_cgroup: &str) -> Option<Bound> {
     )
 }
 
+/// The value in KiB of the `key` line (`Key:   N kB`) of a /proc text such as
+/// `/proc/meminfo` or `/proc/self/status`.
+pub(crate) fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The value of `key` in a cgroup `memory.stat` text (`key value` lines).
 fn stat_value(stat: &str, key: &str) -> Option<u64> {
     stat.lines().find_map(|l| {
@@ -133,26 +145,12 @@ enum Rlimit {
 /// The bytes left under an rlimit: its soft limit less what `/proc/self/status` says the
 /// process holds of what it limits.
 fn rlimit_bound(which: Rlimit, status: &str) -> Option<Bound> {
-    let (limit, held, what) = match which {
-        Rlimit::AddressSpace => (
-            soft_limit(which)?,
-            "VmSize:",
-            "address-space limit (ulimit -v)",
-        ),
-        Rlimit::Data => (
-            soft_limit(which)?,
-            "VmData:",
-            "data-segment limit (ulimit -d)",
-        ),
+    let (held, what) = match which {
+        Rlimit::AddressSpace => ("VmSize:", "address-space limit (ulimit -v)"),
+        Rlimit::Data => ("VmData:", "data-segment limit (ulimit -d)"),
     };
-    let held_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(held))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let limit = soft_limit(which)?;
+    let held_kib = kib_field(status, held)?;
     Some(Bound {
         free_bytes: limit.saturating_sub(held_kib.saturating_mul(1024)),
         what: format!("under this process's {what} of {limit} bytes"),
