@@ -516,13 +516,13 @@ fn side_checks(answer: &OracleResult, bound: f64, dtype: Dtype) -> (Vec<String>,
             // rounded differently in a reduced precision; in fp32 without either, nothing
             // known.
             let why = match answer.v3_fill_sensitive_rows.filter(|n| *n > 0) {
-                Some(rows) => format!("on {rows} token{} of this input transformers' V3 router, which fills the experts outside the chosen groups with -inf where the vendor fills 0.0, can choose others (reference/parity/README.md)", if rows == 1 { "" } else { "s" }),
+                Some(rows) => format!("{} (reference/parity/README.md)", v3_fill_may_differ(rows)),
                 None if matches!(dtype, Dtype::Bf16 | Dtype::F16) => format!("in {dtype} a near tie of two experts' scores, rounded differently before the gate, sends a token elsewhere"),
                 None => "no known difference explains it".to_string(),
             };
             checked.push(format!(
-                "the routing differs: transformers' router sent {n} expert{} another number of tokens than the reference's gate ({why}; the output then differs by whole expert outputs)",
-                if n == 1 { "" } else { "s" }
+                "the routing differs: transformers' router sent {} another number of tokens than the reference's gate ({why}; the output then differs by whole expert outputs)",
+                counted(n, "expert")
             ))
         }
         None => {}
@@ -554,17 +554,30 @@ fn side_checks(answer: &OracleResult, bound: f64, dtype: Dtype) -> (Vec<String>,
 /// differently (a known difference of transformers' router, not adjusted: the row fails).
 fn experts_differ(answer: &OracleResult) -> String {
     let mut text = "the selected experts differ".to_string();
-    let tokens = |n: u64| format!("{n} token{}", if n == 1 { "" } else { "s" });
     if let Some(rows) = answer.idx_mismatched_rows {
-        text.push_str(&format!(" on {}", tokens(rows)));
+        text.push_str(&format!(" on {}", counted(rows, "token")));
     }
     if let Some(sensitive) = answer.v3_fill_sensitive_rows.filter(|n| *n > 0) {
         text.push_str(&format!(
-            "; on {} of this input transformers' V3 router, which fills the experts outside the chosen groups with -inf where the vendor fills 0.0, can choose others (fewer than top_k positive choice scores in the kept groups: reference/parity/README.md)",
-            tokens(sensitive)
+            "; {} (fewer than top_k positive choice scores in the kept groups: reference/parity/README.md)",
+            v3_fill_may_differ(sensitive)
         ));
     }
     text
+}
+
+/// The known difference of transformers' V3 router on `rows` tokens of the input, as the
+/// answer's `v3_fill_sensitive_rows` counts them: said by a gate's row and a MoE's.
+fn v3_fill_may_differ(rows: u64) -> String {
+    format!(
+        "on {} of this input transformers' V3 router, which fills the experts outside the chosen groups with -inf where the vendor fills 0.0, can choose others",
+        counted(rows, "token")
+    )
+}
+
+/// `n` and `noun`, plural unless n is 1 ("1 token", "3 tokens").
+fn counted(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 #[cfg(test)]
