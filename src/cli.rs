@@ -391,8 +391,9 @@ pub fn beyond_trained_positions(
 
 /// A warning when the config's router keeps fewer experts after its group step than each
 /// token is routed to ([`crate::routing::Routing::experts_kept`]): the counts are those of
-/// the code, but the routing is not the group-limited one the config describes, and the
-/// vendor code and transformers' V3 router choose different experts there. `None` for a
+/// the code, but the routing is not the group-limited one the config describes, and for
+/// `noaux_tc` the vendor code and transformers' V3 router can choose different experts
+/// there. `None` for a
 /// dense config or a router that keeps enough (every DeepSeek checkpoint).
 pub fn router_keeps_too_few_experts(config: &ModelConfig) -> Option<String> {
     let moe = config.moe.as_ref()?;

@@ -650,8 +650,8 @@ def compare_routing(calls, tensors, extra):
     """`routed_count_mismatched_experts`: on how many experts transformers' router and the
     reference's gate (the exported `tokens_per_expert`) disagree about the number of tokens
     routed there, over the counted call. Not part of `ok`: the output comparison is the
-    check; this says why a MoE's output differs when its routing flipped (in bf16 or fp16 a
-    near tie of two experts' scores, rounded differently before the gate, can do that)."""
+    check; this says whether the per-expert counts agree (two flips that cancel leave them
+    equal), which explains a MoE output that differs because its routing flipped."""
     ref = tensors.get("tokens_per_expert")
     if ref is None:
         return
