@@ -3,7 +3,6 @@
 //! 1 any fail or error, 2 bad usage or setup (nothing ran).
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
@@ -204,13 +203,15 @@ pub struct Ready {
     pub hardware: Option<hardware::Role>,
 }
 
-/// Parses, checks and runs; never panics on bad input.
-pub fn run(args: &Args) -> ExitCode {
+/// Parses, checks and runs; never panics on bad input. Returns the exit status: 0 every
+/// row passed, 1 a row failed or a report could not be written, 2 bad input or a run that
+/// could not start.
+pub fn run(args: &Args) -> u8 {
     let ready = match prepare(args) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("verify-decoder: error: {}", one_line(&format!("{e:#}")));
-            return ExitCode::from(2);
+            return 2;
         }
     };
     if !args.quiet {
@@ -248,7 +249,7 @@ pub fn run(args: &Args) -> ExitCode {
             Ok(run) => Some(run),
             Err(e) => {
                 eprintln!("verify-decoder: error: {}", one_line(&e));
-                return ExitCode::from(2);
+                return 2;
             }
         },
         None => None,
@@ -316,7 +317,7 @@ pub fn run(args: &Args) -> ExitCode {
         eprintln!("verify-decoder: error: {}", one_line(&message));
         code = 1;
     }
-    ExitCode::from(code)
+    code
 }
 
 /// The figures of a hardware-counter run attributed to layers, or why there are none
@@ -440,7 +441,7 @@ fn per_layer_figures(
 
 /// The profiled child: verifies with each counted forward in a profiler range, writes the
 /// range list, prints its table (which the parent keeps in output.txt).
-fn run_hardware_child(args: &Args, ready: &Ready, dir: &std::path::Path) -> ExitCode {
+fn run_hardware_child(args: &Args, ready: &Ready, dir: &std::path::Path) -> u8 {
     match hardware::run_child(&ready.plan, ready.spec.to_string(), dir) {
         Ok(layers) => {
             let mut env = ready.environment();
@@ -452,11 +453,15 @@ fn run_hardware_child(args: &Args, ready: &Ready, dir: &std::path::Path) -> Exit
                 sweep: None,
             };
             let _ = print_table(args, &report);
-            ExitCode::from(if report.summary().ok() { 0 } else { 1 })
+            if report.summary().ok() {
+                0
+            } else {
+                1
+            }
         }
         Err(e) => {
             eprintln!("verify-decoder: error: {}", one_line(&e));
-            ExitCode::from(2)
+            2
         }
     }
 }

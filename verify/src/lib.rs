@@ -46,6 +46,7 @@ pub mod model;
 pub mod oracle;
 pub mod pairing;
 pub mod plan;
+pub mod process_exit;
 pub mod progress;
 pub mod report;
 pub mod results;

@@ -9,5 +9,7 @@ fn main() -> ExitCode {
     // Before the run allocates: large CPU tensors reused from glibc's heap.
     modelmeter_reference::host_memory::reuse_freed_blocks();
     let args: modelmeter_verify::app::Args = modelmeter::cli::parse_args("verify-decoder");
-    modelmeter_verify::app::run(&args)
+    let status = modelmeter_verify::app::run(&args);
+    // Every result is written: libtorch's teardown would only cost time (see process_exit).
+    modelmeter_verify::process_exit::finish(status)
 }

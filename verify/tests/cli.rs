@@ -655,3 +655,43 @@ fn help_shows_examples_and_statuses() {
         assert!(line.chars().count() <= 80, "{line:?}");
     }
 }
+
+/// `verify-decoder` ends with `_exit`, skipping libtorch's teardown (process_exit), unless
+/// a tool that collects its results in exit handlers is loaded (here LLVM's coverage
+/// runtime, named by `LLVM_PROFILE_FILE`; this build has none, so the variable only picks
+/// the normal exit). Both ends print the same whole table (standard output is flushed
+/// before `_exit`) and return the same status, a refusal's 2 as a pass's 0.
+#[test]
+fn the_quick_exit_prints_and_returns_what_a_normal_exit_does() {
+    let dir = TempDir::new("exit");
+    let profile = dir.str("cov-%p.profraw");
+    let run = |args: &[&str], normal_exit: bool| {
+        let mut cmd = common::command(args);
+        for name in ["CUDA_INJECTION64_PATH", "LLVM_PROFILE_FILE"] {
+            cmd.env_remove(name);
+        }
+        if normal_exit {
+            cmd.env("LLVM_PROFILE_FILE", &profile);
+        }
+        common::no_panic(cmd.output().expect("verify-decoder runs"))
+    };
+    let pass = ["--device", "cpu", "--phase", "decode", "--context-len", "8"];
+    let refused = ["--device", "cpu", "--batch", "0"];
+    for (args, status) in [(&pass[..], 0), (&refused[..], 2)] {
+        let quick = run(args, false);
+        let normal = run(args, true);
+        assert_eq!(
+            quick.status.code(),
+            Some(status),
+            "{args:?}: {}",
+            text(&quick.stderr)
+        );
+        assert_eq!(normal.status.code(), Some(status), "{args:?}");
+        assert_eq!(text(&quick.stdout), text(&normal.stdout), "{args:?}");
+    }
+    let table = text(&run(&pass, false).stdout);
+    assert!(
+        table.ends_with("7 layers: 6 pass, 1 known_gap, 0 fail, 0 error\n"),
+        "{table}"
+    );
+}
