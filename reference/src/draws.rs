@@ -12,19 +12,38 @@
 //! (DeepSeek-OCR's 64 experts, 220 M values: ~0.12 s on both cores, plus the page faults
 //! of first touching 880 MB), against 1.8 s for `randn` and the scaling pass.
 
-/// SplitMix64's finaliser of `stream` and `index`: 64 well-mixed bits.
+/// SplitMix64's increment: its state for index `i + 1` is its state for `i` plus this.
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's state for value `index` of `stream` (before the finaliser).
 #[inline(always)]
-fn mix(stream: u64, index: u64) -> u64 {
-    let mut z = stream.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+fn state(stream: u64, index: u64) -> u64 {
+    stream.wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA))
+}
+
+/// SplitMix64's finaliser of a state: 64 well-mixed bits.
+#[inline(always)]
+fn finalise(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_4d1c_e4e5_b9b1);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
 
+/// SplitMix64's output for `stream` and `index`: 64 well-mixed bits.
+#[inline(always)]
+fn mix(stream: u64, index: u64) -> u64 {
+    finalise(state(stream, index))
+}
+
 /// Value `index` of `stream`: mean 0, variance 1 (to within 2⁻³²).
 #[inline(always)]
 pub fn normal(stream: u64, index: u64) -> f32 {
-    let z = mix(stream, index);
+    irwin_hall(mix(stream, index))
+}
+
+/// The value of 64 mixed bits: four 16-bit uniforms summed, centred and scaled.
+#[inline(always)]
+fn irwin_hall(z: u64) -> f32 {
     let sum = (z & 0xffff) + ((z >> 16) & 0xffff) + ((z >> 32) & 0xffff) + (z >> 48);
     // Each 16-bit uniform k has mean 32767.5 and variance (65536² − 1) / 12.
     const MEAN: f32 = 4.0 * 32_767.5;
@@ -32,32 +51,87 @@ pub fn normal(stream: u64, index: u64) -> f32 {
     (sum as f32 - MEAN) * SCALE
 }
 
+/// One parameter's draw: `out[i] = shift + scale · normal(stream, i)` for i = 0, 1, ….
+#[derive(Debug)]
+pub struct Fill<'a> {
+    pub stream: u64,
+    pub out: &'a mut [f32],
+    pub scale: f32,
+    pub shift: f32,
+}
+
 /// Fills `out` with `shift + scale · normal(stream, i)` for i = 0, 1, …, on as many
 /// threads as libtorch's intra-op pool has (`OMP_NUM_THREADS`, `set_num_threads`; at least
 /// one): the same values whatever the thread count.
 pub fn fill_normal(stream: u64, out: &mut [f32], scale: f32, shift: f32) {
-    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
-    fill_normal_with(threads, stream, out, scale, shift)
+    fill_all(vec![Fill {
+        stream,
+        out,
+        scale,
+        shift,
+    }])
 }
 
-/// [`fill_normal`] on `threads` threads (at least one).
-fn fill_normal_with(threads: usize, stream: u64, out: &mut [f32], scale: f32, shift: f32) {
+/// Draws every fill of `fills` ([`fill_normal`] of each), their values split evenly over
+/// libtorch's intra-op thread count whatever their sizes: a module's many parameters (64
+/// experts × 3 weights) in one pass, with no thread started and joined per parameter.
+pub fn fill_all(fills: Vec<Fill<'_>>) {
+    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
+    fill_all_with(threads, fills)
+}
+
+/// [`fill_all`] on `threads` threads (at least one).
+fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
     let threads = threads.max(1);
-    // Small tensors are not worth a thread.
-    let chunk = out.len().div_ceil(threads).max(1 << 16);
-    let fill = move |start: usize, part: &mut [f32]| {
-        // Each thread faults in its own part's pages in one call (crate::host_memory).
-        let _populated = crate::host_memory::prefault(part);
-        fill_span(stream, start, part, scale, shift)
+    let total: usize = fills.iter().map(|f| f.out.len()).sum();
+    // Small draws are not worth a thread.
+    let share = total.div_ceil(threads).max(1 << 16);
+    // Each thread's work: pieces of fills, (stream, index of the first value, values,
+    // scale, shift), cut where the running count crosses a multiple of `share`.
+    type Piece<'a> = (u64, usize, &'a mut [f32], f32, f32);
+    let mut work: Vec<Vec<Piece<'_>>> = vec![Vec::new()];
+    let mut room = share;
+    for Fill {
+        stream,
+        mut out,
+        scale,
+        shift,
+    } in fills
+    {
+        let mut first = 0;
+        while !out.is_empty() {
+            if room == 0 {
+                work.push(Vec::new());
+                room = share;
+            }
+            let len = room.min(out.len());
+            let (piece, rest) = std::mem::take(&mut out).split_at_mut(len);
+            room -= len;
+            work.last_mut()
+                .expect("work starts with one list")
+                .push((stream, first, piece, scale, shift));
+            first += len;
+            out = rest;
+        }
+    }
+    let run = |pieces: Vec<Piece<'_>>| {
+        for (stream, first, piece, scale, shift) in pieces {
+            // Each thread faults in its own pieces' pages (crate::host_memory).
+            let _populated = crate::host_memory::prefault(piece);
+            fill_span(stream, first, piece, scale, shift)
+        }
     };
-    if out.len() <= chunk {
-        // One chunk: no thread to start (most parameters: biases, norms, one expert's rows).
-        return fill(0, out);
+    let mut lists = work.into_iter();
+    // The first list is this thread's: one thread fewer to start.
+    let mine = lists.next().unwrap_or_default();
+    if lists.len() == 0 {
+        return run(mine);
     }
     std::thread::scope(|scope| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            scope.spawn(move || fill(c * chunk, part));
+        for pieces in lists {
+            scope.spawn(move || run(pieces));
         }
+        run(mine);
     });
 }
 
@@ -81,11 +155,29 @@ fn fill_span(stream: u64, start: usize, out: &mut [f32], scale: f32, shift: f32)
     fill_span_portable(stream, start, out, scale, shift)
 }
 
-/// The loop of [`fill_span`], inlined into each compiled variant.
+/// Values a step of [`fill_span_portable`] draws at once (two 512-bit vectors of states).
+const LANES: usize = 16;
+
+/// The loop of [`fill_span`], inlined into each compiled variant: [`normal`] of each index,
+/// with SplitMix64's first step (a multiply per value) replaced by adding its increment
+/// to each of [`LANES`] running states, the same wrapping sums; ~20 % faster on AVX-512
+/// (docs/performance.md, twenty-first session).
 #[inline(always)]
 fn fill_span_portable(stream: u64, start: usize, out: &mut [f32], scale: f32, shift: f32) {
-    for (i, v) in out.iter_mut().enumerate() {
-        *v = shift + scale * normal(stream, (start + i) as u64);
+    let len = out.len();
+    let mut blocks = out.chunks_exact_mut(LANES);
+    let mut states: [u64; LANES] = std::array::from_fn(|l| state(stream, (start + l) as u64));
+    let step = GOLDEN_GAMMA.wrapping_mul(LANES as u64);
+    for block in &mut blocks {
+        for (v, z) in block.iter_mut().zip(states.iter_mut()) {
+            *v = shift + scale * irwin_hall(finalise(*z));
+            *z = z.wrapping_add(step);
+        }
+    }
+    let rest = blocks.into_remainder();
+    let first = start + (len - rest.len());
+    for (i, v) in rest.iter_mut().enumerate() {
+        *v = shift + scale * normal(stream, (first + i) as u64);
     }
 }
 
@@ -154,7 +246,7 @@ fn normal_in_chunks(
         // One binding reassigned, so each step's int64 tensor is freed as the next exists.
         let mut z = index
             .f_add_scalar(1)?
-            .f_mul_scalar(0x9e37_79b9_7f4a_7c15u64 as i64)?
+            .f_mul_scalar(GOLDEN_GAMMA as i64)?
             .f_add_scalar(stream as i64)?;
         drop(index);
         z = z
@@ -254,14 +346,80 @@ mod tests {
     fn any_thread_count_fills_the_same_values() {
         // 500,000 values: 1 chunk on one thread, 3 and 7 chunks (each over 65,536) on more,
         // so every boundary between threads is crossed somewhere.
+        let fill = |threads: usize, out: &mut [f32]| {
+            let (stream, scale, shift) = (5, 0.5, 1.0);
+            fill_all_with(
+                threads,
+                vec![Fill {
+                    stream,
+                    out,
+                    scale,
+                    shift,
+                }],
+            )
+        };
         let mut one = vec![0f32; 500_000];
-        fill_normal_with(1, 5, &mut one, 0.5, 1.0);
+        fill(1, &mut one);
         for threads in [0, 3, 7] {
             let mut many = vec![0f32; 500_000];
-            fill_normal_with(threads, 5, &mut many, 0.5, 1.0);
+            fill(threads, &mut many);
             assert!(one == many, "{threads} threads");
         }
         assert_eq!(one[499_999], 1.0 + 0.5 * normal(5, 499_999));
+    }
+
+    #[test]
+    fn normal_keeps_the_values_the_recorded_runs_were_drawn_with() {
+        // Bits of `normal` as the H200 fixtures under verify/tests/fixtures were drawn
+        // (the routing they record depends on every weight): a change to the draw, however
+        // equivalent it looks, must keep these.
+        for (stream, index, bits) in [
+            (0x0u64, 0u64, 0x3e90_b891u32),
+            (0x7, 1, 0xbfbc_84ff),
+            (0xfedc_ba98_7654_3211, 1_000_003, 0x3f58_0a1d),
+            (u64::MAX, u64::MAX, 0xbfa9_a72c),
+        ] {
+            assert_eq!(
+                normal(stream, index).to_bits(),
+                bits,
+                "{stream:#x}, {index}"
+            );
+        }
+    }
+
+    #[test]
+    fn many_fills_split_over_threads_draw_each_fill_s_own_values() {
+        // Sizes around the 65,536-value minimum share, an empty one and single values, so
+        // shares end inside fills, at their ends, and span several small ones.
+        let sizes = [70_000usize, 0, 3, 131_072, 1, 200_001, 65_536, 5];
+        let expected: Vec<Vec<u32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                let (stream, scale, shift) = (100 + k as u64, 0.25 * k as f32, k as f32);
+                (0..n)
+                    .map(|i| (shift + scale * normal(stream, i as u64)).to_bits())
+                    .collect()
+            })
+            .collect();
+        for threads in [1, 2, 3, 7, 64] {
+            let mut outs: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![f32::NAN; n]).collect();
+            let fills = outs
+                .iter_mut()
+                .enumerate()
+                .map(|(k, out)| Fill {
+                    stream: 100 + k as u64,
+                    out,
+                    scale: 0.25 * k as f32,
+                    shift: k as f32,
+                })
+                .collect();
+            fill_all_with(threads, fills);
+            for (k, out) in outs.iter().enumerate() {
+                let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                assert!(bits == expected[k], "fill {k} on {threads} threads");
+            }
+        }
     }
 
     #[test]

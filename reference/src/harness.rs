@@ -19,7 +19,7 @@ use crate::moe::RefDeepseekV2MoE;
 use crate::moe_gate::RefMoEGate;
 use crate::rms_norm::RefDeepseekV2RMSNorm;
 use crate::self_attention::SelfAttention;
-use crate::weights::{dim, kind_of, seeded_normal, Init, Setup, WeightCache};
+use crate::weights::{build_then_draw, dim, kind_of, seeded_normal, Init, Setup, WeightCache};
 use crate::Parameters;
 
 /// The reference modules this crate builds. Which analytic layer each is compared with
@@ -170,7 +170,9 @@ impl RefModule {
         cache: Option<Rc<WeightCache>>,
     ) -> Result<RefModule> {
         let init = Init::sharing(setup, dtype, cache)?;
-        RefModule::build_from(kind, config, attention, mla, &init)
+        build_then_draw(&init, |init| {
+            RefModule::build_from(kind, config, attention, mla, init)
+        })
     }
 
     /// Builds `kind` with its parameters named as inside a decoder layer (a standalone

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::harness::{causal_positions, counted, LayerRun, ModuleKind};
 use crate::rms_norm::RefDeepseekV2RMSNorm;
-use crate::weights::{dim, kind_of, seeded_ids, tensor_bytes, Init, Setup};
+use crate::weights::{build_then_draw, dim, kind_of, seeded_ids, tensor_bytes, Init, Setup};
 use crate::{prefixed, Parameters};
 
 /// The vendor `DeepseekV2ForCausalLM` with seeded weights.
@@ -55,36 +55,38 @@ impl RefDeepseekV2ForCausalLM {
         dtype: Dtype,
         setup: &Setup,
     ) -> Result<RefDeepseekV2ForCausalLM> {
-        let root = Init::new(setup, dtype)?;
-        let model = root.sub("model");
-        let vocab = dim(config.vocab_size, "vocab_size")?;
-        let hidden = dim(config.hidden_size, "hidden_size")?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                RefDeepseekV2DecoderLayer::new(
-                    config,
-                    i,
-                    &model.sub("layers").sub(&i.to_string()),
-                    attention,
-                    mla,
-                )
+        // Every CPU fp32 parameter drawn in one pass once all are allocated.
+        build_then_draw(&Init::new(setup, dtype)?, |root| {
+            let model = root.sub("model");
+            let vocab = dim(config.vocab_size, "vocab_size")?;
+            let hidden = dim(config.hidden_size, "hidden_size")?;
+            let layers = (0..config.num_hidden_layers)
+                .map(|i| {
+                    RefDeepseekV2DecoderLayer::new(
+                        config,
+                        i,
+                        &model.sub("layers").sub(&i.to_string()),
+                        attention,
+                        mla,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let lm_head = match config.tie_word_embeddings {
+                true => None,
+                false => Some(root.linear("lm_head.weight", vocab, hidden)?),
+            };
+            Ok(RefDeepseekV2ForCausalLM {
+                embed_tokens: model
+                    .sub("embed_tokens")
+                    .embedding("weight", vocab, hidden)?,
+                layers,
+                norm: RefDeepseekV2RMSNorm::new(config, &model.sub("norm"))?,
+                lm_head,
+                config: config.clone(),
+                attention,
+                dtype,
+                setup: *setup,
             })
-            .collect::<Result<Vec<_>>>()?;
-        let lm_head = match config.tie_word_embeddings {
-            true => None,
-            false => Some(root.linear("lm_head.weight", vocab, hidden)?),
-        };
-        Ok(RefDeepseekV2ForCausalLM {
-            embed_tokens: model
-                .sub("embed_tokens")
-                .embedding("weight", vocab, hidden)?,
-            layers,
-            norm: RefDeepseekV2RMSNorm::new(config, &model.sub("norm"))?,
-            lm_head,
-            config: config.clone(),
-            attention,
-            dtype,
-            setup: *setup,
         })
     }
 

@@ -229,6 +229,8 @@ pub(crate) struct Init {
     prefix: String,
     /// Parameters shared with the modules built before and after this one, if any.
     cache: Option<Rc<WeightCache>>,
+    /// Where CPU fp32 parameters wait to be drawn together ([`build_then_draw`]), if any.
+    pending: Option<Rc<PendingDraws>>,
 }
 
 impl Init {
@@ -239,6 +241,7 @@ impl Init {
             kind: kind_of(dtype)?,
             prefix: String::new(),
             cache: None,
+            pending: None,
         })
     }
 
@@ -262,6 +265,7 @@ impl Init {
             kind: self.kind,
             prefix: format!("{}{name}.", self.prefix),
             cache: self.cache.clone(),
+            pending: self.pending.clone(),
         }
     }
 
@@ -271,6 +275,11 @@ impl Init {
     fn draw(&self, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
         let draw = || -> Result<Tensor> {
+            if let Some(pending) = &self.pending {
+                if self.setup.device == Device::Cpu && self.kind == Kind::Float {
+                    return pending.defer(self.setup.seed, &full, shape, scale, shift);
+                }
+            }
             let t = seeded_affine_on(
                 self.setup.device,
                 self.setup.seed,
@@ -325,6 +334,78 @@ impl Init {
     }
 }
 
+/// CPU fp32 parameters allocated while a module is built and drawn together once it is
+/// ([`build_then_draw`]): one pass over all their values split evenly over the threads
+/// ([`crate::draws::fill_all`]), instead of a threaded fill per parameter, whose start,
+/// join and serial allocation between parameters left the build's two CPUs idle 40 % of
+/// the time (DeepSeek-OCR's 192 expert weights; docs/performance.md, twenty-first
+/// session). The values are [`seeded_affine`]'s, bit for bit.
+#[derive(Debug, Default)]
+pub(crate) struct PendingDraws {
+    /// Each parameter (a shallow clone: it stays allocated) with its stream, scale, shift.
+    waiting: RefCell<Vec<(Tensor, u64, f32, f32)>>,
+}
+
+impl PendingDraws {
+    /// An uninitialised fp32 CPU tensor for the parameter `name`, drawn by
+    /// [`PendingDraws::draw_all`].
+    fn defer(
+        &self,
+        seed: u64,
+        name: &str,
+        shape: &[i64],
+        scale: f32,
+        shift: f32,
+    ) -> Result<Tensor> {
+        element_count(name, shape)?;
+        let tensor = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
+        self.waiting.borrow_mut().push((
+            tensor.shallow_clone(),
+            stream(seed, name) as u64,
+            scale,
+            shift,
+        ));
+        Ok(tensor)
+    }
+
+    /// Draws every parameter deferred so far.
+    fn draw_all(&self) {
+        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+        let fills = waiting
+            .iter()
+            .filter(|(tensor, ..)| tensor.numel() > 0)
+            .map(|(tensor, stream, scale, shift)| crate::draws::Fill {
+                stream: *stream,
+                // SAFETY: each tensor was allocated by `defer` (libtorch, CPU, contiguous,
+                // fp32, `numel` elements), a tensor of its own, so no two slices overlap;
+                // `waiting` keeps it alive until the fill returns, and nothing reads it
+                // before: the module that holds it is handed out only after `draw_all`.
+                // Its values are uninitialised: the fill only writes them, each once.
+                out: unsafe {
+                    std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, tensor.numel())
+                },
+                scale: *scale,
+                shift: *shift,
+            })
+            .collect();
+        crate::draws::fill_all(fills);
+    }
+}
+
+/// Builds a module with `init`'s settings, its CPU fp32 parameters drawn together once
+/// `build` returns (see [`PendingDraws`]); on other devices and dtypes each is drawn as
+/// it is created. The module is never seen with a parameter undrawn.
+pub(crate) fn build_then_draw<T>(init: &Init, build: impl FnOnce(&Init) -> Result<T>) -> Result<T> {
+    let pending = Rc::new(PendingDraws::default());
+    let init = Init {
+        pending: Some(Rc::clone(&pending)),
+        ..init.clone()
+    };
+    let module = build(&init)?;
+    pending.draw_all();
+    Ok(module)
+}
+
 /// `F.linear(x, weight, bias)`.
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(x.f_linear(weight, bias)?)
@@ -339,6 +420,30 @@ pub(crate) fn dim(value: u64, what: &str) -> Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_drawn_together_equal_those_drawn_one_by_one() {
+        use crate::mlp::RefDeepseekV2MLP;
+        use crate::Parameters;
+        // 64 × 3,000 values per weight: each fill is split over threads either way.
+        let setup = Setup {
+            device: Device::Cpu,
+            seed: 3,
+        };
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let init = Init::new(&setup, dtype).unwrap().sub("mlp");
+            let one_by_one = RefDeepseekV2MLP::new(64, 3_000, &init).unwrap();
+            let together =
+                build_then_draw(&init, |init| RefDeepseekV2MLP::new(64, 3_000, init)).unwrap();
+            let (a, b) = (one_by_one.parameters(), together.parameters());
+            assert_eq!(a.len(), 3);
+            for ((name_a, a), (name_b, b)) in a.iter().zip(&b) {
+                assert_eq!(name_a, name_b);
+                assert_eq!(a.kind(), b.kind(), "{name_a}");
+                assert!(a.equal(b), "{name_a} in {dtype:?}");
+            }
+        }
+    }
 
     #[test]
     fn same_name_same_values_other_name_other_values() {
