@@ -11,14 +11,20 @@
 //!
 //! Tools that collect their results in exit handlers still get a normal exit: Nsight
 //! Compute and Nsight Systems (their CUDA injection library, which the hardware-counter
-//! child runs under) and LLVM's coverage runtime (`LLVM_PROFILE_FILE`).
+//! child runs under), LLVM's coverage runtime (`LLVM_PROFILE_FILE`), and any other when
+//! `MODELMETER_EXIT_HANDLERS` is set (gprof's `gmon.out`, heaptrack).
 
 use std::io::Write;
 use std::process::ExitCode;
 
-/// Environment variables whose presence means an exit handler must run: a tool injected
-/// into the process writes its results there.
-pub const EXIT_HANDLERS_NEEDED_BY: [&str; 2] = ["CUDA_INJECTION64_PATH", "LLVM_PROFILE_FILE"];
+/// Environment variables whose presence (non-empty) means the exit handlers must run: a
+/// tool injected into the process writes its results there; the last is the user's own
+/// switch for any tool not recognised by the others.
+pub const EXIT_HANDLERS_NEEDED_BY: [&str; 3] = [
+    "CUDA_INJECTION64_PATH",
+    "LLVM_PROFILE_FILE",
+    "MODELMETER_EXIT_HANDLERS",
+];
 
 /// Whether the process may skip the exit handlers, given how to read an environment
 /// variable (the process's own: [`std::env::var_os`]).
@@ -78,6 +84,10 @@ mod tests {
         assert!(!may_skip_exit_handlers(env(&[(
             "LLVM_PROFILE_FILE",
             "/tmp/cov-%p.profraw"
+        )])));
+        assert!(!may_skip_exit_handlers(env(&[(
+            "MODELMETER_EXIT_HANDLERS",
+            "1"
         )])));
     }
 }

@@ -667,7 +667,7 @@ fn the_quick_exit_prints_and_returns_what_a_normal_exit_does() {
     let profile = dir.str("cov-%p.profraw");
     let run = |args: &[&str], normal_exit: bool| {
         let mut cmd = common::command(args);
-        for name in ["CUDA_INJECTION64_PATH", "LLVM_PROFILE_FILE"] {
+        for name in modelmeter_verify::process_exit::EXIT_HANDLERS_NEEDED_BY {
             cmd.env_remove(name);
         }
         if normal_exit {
