@@ -242,11 +242,29 @@ impl Workload {
 
     /// A workload of `phase` and `dtype` with this one's batch and switches.
     fn settings_for(&self, phase: Phase, dtype: Dtype) -> Result<Workload> {
-        Workload::new(self.batch, phase, dtype).map(|w| {
-            w.with_tf32(self.allow_tf32)
-                .on(self.platform)
-                .with_mla(self.mla)
-        })
+        Workload::with_settings(
+            self.batch,
+            phase,
+            dtype,
+            self.allow_tf32,
+            self.platform,
+            self.mla,
+        )
+    }
+
+    /// A workload with every setting given: [`Workload::new`] then each switch, the one
+    /// place a workload is made from another's settings (or a generation's: the same five
+    /// beside its phase).
+    pub fn with_settings(
+        batch: u64,
+        phase: Phase,
+        dtype: Dtype,
+        allow_tf32: bool,
+        platform: Platform,
+        mla: MlaForm,
+    ) -> Result<Workload> {
+        Workload::new(batch, phase, dtype)
+            .map(|w| w.with_tf32(allow_tf32).on(platform).with_mla(mla))
     }
 
     /// S_q: query positions per sequence in this call.

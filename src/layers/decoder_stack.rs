@@ -207,10 +207,14 @@ impl Generation {
     /// The workload of one call of the generation: its batch, dtype, TF32 setting,
     /// platform and MLA form, in `phase`.
     pub fn workload(&self, phase: Phase) -> Result<Workload> {
-        Ok(Workload::new(self.batch, phase, self.dtype)?
-            .with_tf32(self.allow_tf32)
-            .on(self.platform)
-            .with_mla(self.mla))
+        Workload::with_settings(
+            self.batch,
+            phase,
+            self.dtype,
+            self.allow_tf32,
+            self.platform,
+            self.mla,
+        )
     }
 
     fn stack(&self, phase: Phase) -> Result<Metrics> {
