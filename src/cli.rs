@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::config::ModelConfig;
+use crate::config::{builtin_named, BuiltinConfig, ModelConfig, DEEPSEEK_OCR_NAME};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::AttentionImpl;
@@ -83,28 +83,36 @@ pub struct WorkloadArgs {
 }
 
 impl WorkloadArgs {
+    /// The built-in config these options select: the default without `--config`, or the
+    /// one `--config` names (a built-in name wins over a file of the same name); `None`
+    /// when `--config` names a file.
+    pub fn builtin_selected(&self) -> Option<&'static BuiltinConfig> {
+        match &self.config {
+            None => builtin_named(DEEPSEEK_OCR_NAME),
+            Some(path) => path.to_str().and_then(builtin_named),
+        }
+    }
+
     /// The model config these options name: a built-in name (which wins over a file of
     /// the same name; write `./NAME` for the file) or a `config.json` path. `--mla
     /// absorb` with a multi-head-attention config is an error, not ignored.
     pub fn model_config(&self) -> Result<ModelConfig> {
-        let config = match &self.config {
-            None => ModelConfig::deepseek_ocr(),
-            Some(path) => match path.to_str().and_then(ModelConfig::builtin) {
-                Some(builtin) => builtin?,
-                None => ModelConfig::from_file(path).map_err(|e| match e {
-                    Error::Io { ref cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
-                        Error::invalid(
-                            "--config",
-                            path.display(),
-                            &format!(
-                                "an existing config.json or a built-in name: {}",
-                                ModelConfig::builtin_names()
-                            ),
-                        )
-                    }
-                    e => e,
-                })?,
-            },
+        let config = match (self.builtin_selected(), &self.config) {
+            (Some(builtin), _) => ModelConfig::from_json_str(builtin.name, builtin.json)?,
+            (None, None) => ModelConfig::deepseek_ocr(),
+            (None, Some(path)) => ModelConfig::from_file(path).map_err(|e| match e {
+                Error::Io { ref cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
+                    Error::invalid(
+                        "--config",
+                        path.display(),
+                        &format!(
+                            "an existing config.json or a built-in name: {}",
+                            ModelConfig::builtin_names()
+                        ),
+                    )
+                }
+                e => e,
+            })?,
         };
         if self.mla_form() == MlaForm::Absorb && config.mla.is_none() {
             return Err(Error::invalid(

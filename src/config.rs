@@ -32,29 +32,59 @@ use crate::routing::{self, Routing};
 
 pub use crate::config_reader::{MAX_CONFIG_BYTES, MAX_FIELD_BYTES};
 
-/// The DeepSeek-OCR checkpoint's `config.json` (HF `deepseek-ai/DeepSeek-OCR`).
-pub const DEEPSEEK_OCR_CONFIG_JSON: &str = include_str!("../fixtures/deepseek-ocr/config.json");
+/// A built-in configuration: `--config NAME` selects it.
+#[derive(Clone, Copy, Debug)]
+pub struct BuiltinConfig {
+    pub name: &'static str,
+    /// Its `config.json`, compiled in.
+    pub json: &'static str,
+    /// Where that file was when this crate was built (the crate's `fixtures/`): reports
+    /// must not overwrite it when they run from the source tree.
+    pub source: &'static str,
+}
+
+/// A [`BuiltinConfig`] from the `config.json` in `fixtures/$dir/`, named once for both
+/// its text and its path.
+macro_rules! builtin_config {
+    ($name:expr, $dir:literal) => {
+        BuiltinConfig {
+            name: $name,
+            json: include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/fixtures/",
+                $dir,
+                "/config.json"
+            )),
+            source: concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/fixtures/",
+                $dir,
+                "/config.json"
+            ),
+        }
+    };
+}
+
 /// The name of the built-in default configuration.
 pub const DEEPSEEK_OCR_NAME: &str = "deepseek-ocr-v1-base";
 
 /// The built-in configurations, by name: `--config NAME` selects one. The files are the
 /// language-model `config.json` of each checkpoint, written from its published values
 /// (`fixtures/README.md`).
-pub const BUILTIN_CONFIGS: [(&str, &str); 4] = [
-    (DEEPSEEK_OCR_NAME, DEEPSEEK_OCR_CONFIG_JSON),
-    (
-        "deepseek-v2-lite",
-        include_str!("../fixtures/deepseek-v2-lite/config.json"),
-    ),
-    (
-        "deepseek-v2",
-        include_str!("../fixtures/deepseek-v2/config.json"),
-    ),
-    (
-        "deepseek-v3",
-        include_str!("../fixtures/deepseek-v3/config.json"),
-    ),
+pub const BUILTIN_CONFIGS: [BuiltinConfig; 4] = [
+    builtin_config!(DEEPSEEK_OCR_NAME, "deepseek-ocr"),
+    builtin_config!("deepseek-v2-lite", "deepseek-v2-lite"),
+    builtin_config!("deepseek-v2", "deepseek-v2"),
+    builtin_config!("deepseek-v3", "deepseek-v3"),
 ];
+
+/// The DeepSeek-OCR checkpoint's `config.json` (HF `deepseek-ai/DeepSeek-OCR`).
+pub const DEEPSEEK_OCR_CONFIG_JSON: &str = BUILTIN_CONFIGS[0].json;
+
+/// The built-in configuration called `name`, if any.
+pub fn builtin_named(name: &str) -> Option<&'static BuiltinConfig> {
+    BUILTIN_CONFIGS.iter().find(|b| b.name == name)
+}
 
 /// The most decoder layers a config may have (DeepSeek-V2-family models have tens).
 pub const MAX_LAYERS: u64 = 4096;
@@ -148,15 +178,12 @@ impl ModelConfig {
 
     /// The built-in configuration called `name` (see [`BUILTIN_CONFIGS`]), if any.
     pub fn builtin(name: &str) -> Option<Result<ModelConfig>> {
-        BUILTIN_CONFIGS
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(n, text)| ModelConfig::from_json_str(n, text))
+        builtin_named(name).map(|b| ModelConfig::from_json_str(b.name, b.json))
     }
 
     /// The names of the built-in configurations, comma-separated (for messages).
     pub fn builtin_names() -> String {
-        BUILTIN_CONFIGS.map(|(n, _)| n).join(", ")
+        BUILTIN_CONFIGS.map(|b| b.name).join(", ")
     }
 
     /// The MLA dimensions, or an error saying this config uses multi-head attention.
@@ -191,7 +218,7 @@ impl ModelConfig {
     /// Validates an already parsed `config.json`; an error about a field names the
     /// config (`hidden_size = "1280" (config c.json) is invalid …`).
     pub fn from_json_value(name: &str, value: &Value) -> Result<ModelConfig> {
-        ModelConfig::validated(name, value).map_err(|e| e.in_config(name))
+        ModelConfig::validated(name, value).map_err(|e| null_not_missing(e, value).in_config(name))
     }
 
     fn validated(name: &str, value: &Value) -> Result<ModelConfig> {
@@ -287,7 +314,7 @@ impl ModelConfig {
         let rope_scaling = mla_config::rope_scaling(&cfg, mla.is_some())?;
         let rope_theta = rope_theta(&cfg)?;
         let rms_norm_eps = cfg.positive_float("rms_norm_eps")?.unwrap_or(1e-6);
-        let dtype = model_dtype(&cfg, root)?;
+        let dtype = model_dtype(&cfg, given.first().map(|(nested, _)| &**nested), root)?;
         // The top level beside a nested config: where both state a field modelmeter reads,
         // they must agree (checked after the fields are read, so that a value of the wrong
         // type is named as such first; see `top_level_only` for a field only the top level
@@ -414,6 +441,28 @@ fn top_level_only(root: &Map<String, Value>, nested: &str, obj: &Map<String, Val
     Ok(())
 }
 
+/// A required field the config gives as `null` is named so (`n_group = null … is
+/// invalid`), not as missing: the readers take `null` as not given, as the vendor code's
+/// `getattr(config, key, None)` does, but the user wrote the key.
+fn null_not_missing(e: Error, value: &Value) -> Error {
+    let Error::Missing {
+        field, expected, ..
+    } = &e
+    else {
+        return e;
+    };
+    // The fields are read from the nested language config when there is one.
+    let language = NESTED_KEYS
+        .iter()
+        .find_map(|key| value.get(key).filter(|v| v.is_object()))
+        .unwrap_or(value);
+    let at = field.split('.').try_fold(language, |v, part| v.get(part));
+    match at {
+        Some(Value::Null) => Error::invalid(field, "null", expected),
+        _ => e,
+    }
+}
+
 /// The top level's fields that a nested config must repeat, and agree with: those
 /// modelmeter reads, stated (not null), but the dtype (`model_dtype` reads both levels).
 fn compared_at_the_top(root: &Map<String, Value>) -> impl Iterator<Item = (&String, &Value)> {
@@ -451,11 +500,22 @@ fn same_json(a: &Value, b: &Value) -> bool {
 /// language model's config or at the top level; bf16 when none is given. Every one given
 /// must be a valid dtype string, and all must name the same dtype: which spelling or level
 /// a loader reads first is not modelmeter's to guess.
-fn model_dtype(cfg: &Fields, root: &Map<String, Value>) -> Result<Dtype> {
-    let mut found: Option<(&str, &String, Dtype)> = None;
+///
+/// `nested` is the key of the nested config `cfg` reads (`language_config`), if any: errors
+/// name its fields with it, so that two levels' `torch_dtype` are told apart.
+fn model_dtype(cfg: &Fields, nested: Option<&str>, root: &Map<String, Value>) -> Result<Dtype> {
+    let mut found: Option<(String, &String, Dtype)> = None;
     for key in ["torch_dtype", "dtype"] {
-        let values = [cfg.present(key), root.get(key).filter(|v| !v.is_null())];
-        for value in values.into_iter().flatten() {
+        let in_cfg = match nested {
+            Some(nested) => format!("{nested}.{key}"),
+            None => key.to_string(),
+        };
+        let values = [
+            (in_cfg, cfg.present(key)),
+            (key.to_string(), root.get(key).filter(|v| !v.is_null())),
+        ];
+        for (key, value) in values.into_iter().filter_map(|(k, v)| Some((k, v?))) {
+            let key = key.as_str();
             let Value::String(text) = value else {
                 return Err(Error::invalid(
                     key,
@@ -465,7 +525,7 @@ fn model_dtype(cfg: &Fields, root: &Map<String, Value>) -> Result<Dtype> {
             };
             let dtype = Dtype::parse_model(key, text)?;
             match found {
-                Some((first, first_text, first_dtype)) if first_dtype != dtype => {
+                Some((ref first, first_text, first_dtype)) if first_dtype != dtype => {
                     return Err(Error::invalid(
                         key,
                         text,
@@ -476,7 +536,7 @@ fn model_dtype(cfg: &Fields, root: &Map<String, Value>) -> Result<Dtype> {
                     ))
                 }
                 Some(_) => {}
-                None => found = Some((key, text, dtype)),
+                None => found = Some((key.to_string(), text, dtype)),
             }
         }
     }
@@ -894,6 +954,11 @@ mod tests {
         );
         assert!(named(without("hidden_size"))
             .starts_with("hidden_size is missing from config c.json: "));
+        // Given as null: named so, not as missing, at the top level and in a nested config.
+        assert!(named(with("hidden_size", Value::Null))
+            .starts_with("hidden_size = null (config c.json) is invalid: expected an integer ≥ 1"));
+        let nested = json!({"language_config": with("hidden_size", Value::Null)});
+        assert!(named(nested).starts_with("hidden_size = null (config c.json) is invalid"));
         assert!(named(with("hidden_act", json!("gelu")))
             .starts_with("hidden_act = gelu (config c.json) is not supported"));
         // No shared experts is null or absent; 0 would make the vendor code run a
@@ -1035,10 +1100,19 @@ mod tests {
         dtype["language_config"]["dtype"] = json!("torch.float32");
         assert_eq!(parse(dtype.clone()).unwrap().dtype, Dtype::F32);
         dtype["language_config"]["dtype"] = json!("bfloat16");
+        let e = err(dtype.clone());
+        assert!(
+            e.starts_with("language_config.dtype = bfloat16 ")
+                && e.contains("the dtype torch_dtype gives (float32)"),
+            "{e}"
+        );
+        // The two levels' torch_dtype disagree: each is named by its level.
+        dtype["language_config"]["dtype"] = Value::Null;
+        dtype["language_config"]["torch_dtype"] = json!("bfloat16");
         let e = err(dtype);
         assert!(
-            e.starts_with("dtype = bfloat16 ")
-                && e.contains("the dtype torch_dtype gives (float32)"),
+            e.starts_with("torch_dtype = float32 ")
+                && e.contains("the dtype language_config.torch_dtype gives (bfloat16)"),
             "{e}"
         );
     }

@@ -259,7 +259,7 @@ impl Filtered<'_> {
                 "{key}: {word} is not a JSON number (JSON has no NaN or Infinity; write a \
                  finite number)"
             ),
-            None => format!("{key}: {message}"),
+            None => keyed(&key, &message),
         };
         E::custom(placed(&message, self.part, at))
     }
@@ -274,6 +274,17 @@ fn shown(key: &str) -> std::borrow::Cow<'_, str> {
     match key.char_indices().nth(SHOWN_KEY_CHARS) {
         Some((end, _)) => format!("{}…", &key[..end]).into(),
         None => key.into(),
+    }
+}
+
+/// A parser's `message` about the value of `key` (as [`shown`]), with the key in front;
+/// a number past a 64-bit float's range (`1e400`) is told what fits.
+fn keyed(key: &str, message: &str) -> String {
+    match message {
+        "number out of range" => format!(
+            "{key}: number out of range (beyond a 64-bit float's ±1.8e308; write a finite number)"
+        ),
+        _ => format!("{key}: {message}"),
     }
 }
 
@@ -342,11 +353,7 @@ impl<'de> Visitor<'de> for Filtered<'de> {
             };
             let value = value.map_err(|e| {
                 let (message, at) = split_error(self.part, raw_text, &e);
-                de::Error::custom(placed(
-                    &format!("{}: {message}", shown(&key)),
-                    self.part,
-                    at,
-                ))
+                de::Error::custom(placed(&keyed(&shown(&key), &message), self.part, at))
             })?;
             out.insert(key, value);
         }
@@ -532,18 +539,20 @@ mod tests {
     fn errors_are_placed_in_the_file() {
         const NAN: &str =
             "is not a JSON number (JSON has no NaN or Infinity; write a finite number)";
+        const RANGE: &str =
+            "number out of range (beyond a 64-bit float's ±1.8e308; write a finite number)";
         for (text, expected) in [
             (
                 "{\n  \"hidden_size\": 1e400}",
-                "hidden_size: number out of range at line 2 column 22".to_owned(),
+                format!("hidden_size: {RANGE} at line 2 column 22"),
             ),
             (
                 "{\"x\": 1,\n \"rope_scaling\": {\"type\": \"yarn\",\n  \"factor\": 1e999}}",
-                "rope_scaling: number out of range at line 3 column 17".to_owned(),
+                format!("rope_scaling: {RANGE} at line 3 column 17"),
             ),
             (
                 "{\"language_config\": {\n \"rope_scaling\":\n {\"factor\": -1e999}}}",
-                "language_config: rope_scaling: number out of range at line 3 column 18".to_owned(),
+                format!("language_config: rope_scaling: {RANGE} at line 3 column 18"),
             ),
             (
                 "{\n \"hidden_size\": NaN}",

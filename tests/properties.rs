@@ -816,7 +816,7 @@ fn a_long_prefill_sets_the_generations_activation_bytes() {
 fn generation_closed_form_equals_the_steps_on_the_built_in_configs() {
     // The MLA configs (both forms), the CUDA kernels' choices and TF32, at two prompt
     // lengths: 40 steps each, of which the closed form costs three.
-    for (name, _) in modelmeter::config::BUILTIN_CONFIGS {
+    for modelmeter::config::BuiltinConfig { name, .. } in modelmeter::config::BUILTIN_CONFIGS {
         let config = ModelConfig::builtin(name).unwrap().unwrap();
         for (prefill_len, platform, mla, allow_tf32) in [
             (1, Platform::Cuda, MlaForm::Naive, false),
@@ -851,7 +851,7 @@ fn composites_sum_children_and_every_path_agrees_on_the_built_in_configs() {
     // the MLA configs (both forms), group-limited and noaux_tc routing, both backends'
     // kernels and both attention implementations. Each config is cut after its first MoE
     // layer, so that both kinds of decoder layer are in the stack.
-    for (name, _) in modelmeter::config::BUILTIN_CONFIGS {
+    for modelmeter::config::BuiltinConfig { name, .. } in modelmeter::config::BUILTIN_CONFIGS {
         let full = ModelConfig::builtin(name).unwrap().unwrap();
         let first_moe = full
             .first_layer_of(MlpKind::Moe)

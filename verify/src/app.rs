@@ -576,6 +576,15 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
             modelmeter::cli::shown_value(&args.accept_rel_diff)
         );
     }
+    // A nonzero literal that a 64-bit float rounds to 0 (1e-400) would silently mean an
+    // exact check.
+    let mantissa = args.accept_rel_diff.trim().split(['e', 'E']).next();
+    if tolerance == 0.0 && mantissa.is_some_and(|m| m.bytes().any(|b| (b'1'..=b'9').contains(&b))) {
+        bail!(
+            "--accept-rel-diff = {} is invalid: it rounds to 0 in a 64-bit float; write 0 for an exact check, or a tolerance of at least 1e-300",
+            modelmeter::cli::shown_value(&args.accept_rel_diff)
+        );
+    }
     // -0 is in [0, 1) and means 0: reports and sweep replays say 0, not -0.
     let tolerance = tolerance + 0.0;
     let reports: Vec<(&str, &std::path::Path)> = [("--json", &args.json), ("--junit", &args.junit)]
@@ -585,8 +594,18 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     for (option, path) in &reports {
         report::check_writable(option, path).map_err(anyhow::Error::msg)?;
     }
-    report::check_distinct(&reports, args.workload.config.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let config_file = match args.workload.builtin_selected() {
+        Some(builtin) => Some(report::ConfigFile::Builtin {
+            name: builtin.name,
+            source: std::path::Path::new(builtin.source),
+        }),
+        None => args
+            .workload
+            .config
+            .as_deref()
+            .map(report::ConfigFile::Given),
+    };
+    report::check_distinct(&reports, config_file).map_err(anyhow::Error::msg)?;
     if args.model {
         check_model_options(args).map_err(anyhow::Error::msg)?;
     } else if let Some(option) = [

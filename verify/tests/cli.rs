@@ -500,6 +500,10 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "--accept-rel-diff = inf is invalid",
         ),
         (
+            vec!["--accept-rel-diff", "1e-400"],
+            "--accept-rel-diff = 1e-400 is invalid: it rounds to 0",
+        ),
+        (
             vec!["--config", "/no/such/config.json"],
             "/no/such/config.json",
         ),

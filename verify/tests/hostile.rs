@@ -347,6 +347,71 @@ fn one_path_for_two_roles_is_refused() {
     );
 }
 
+/// The file a built-in config is compiled from is refused as a report path, with the
+/// default config and with the built-in named: a report there would replace a tracked
+/// file of the source tree and, at the next build, the built-in itself.
+#[test]
+fn the_file_of_the_built_in_config_is_not_a_report_path() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/deepseek-ocr/config.json"
+    );
+    let before = std::fs::read(fixture).unwrap();
+    let runs = [
+        quick(&["--json", fixture]),
+        quick(&["--config", "deepseek-ocr-v1-base", "--junit", fixture]),
+    ];
+    // Put the file back before asserting, should a run have replaced it.
+    let after = std::fs::read(fixture).unwrap();
+    if after != before {
+        std::fs::write(fixture, &before).unwrap();
+    }
+    for o in &runs {
+        assert_refused(
+            o,
+            "the file built-in config deepseek-ocr-v1-base is compiled from",
+        );
+    }
+    assert!(after == before, "the built-in's file was replaced");
+}
+
+/// A report over the file standard output (or error) goes to is refused before anything
+/// runs: the report's rename and the run's printing would replace each other
+/// (`--json - --junit r.xml > r.xml` kept only the XML; `--json r.json >> r.json` lost the
+/// table).
+#[test]
+fn a_report_over_the_file_a_stream_goes_to_is_refused() {
+    let dir = TempDir::new("streams");
+    let out = dir.path("out.txt");
+    for (stream, option) in [("standard output", "--junit"), ("standard error", "--json")] {
+        std::fs::write(&out, "kept\n").unwrap();
+        let mut cmd = command(&QUICK);
+        cmd.args([option, out.to_str().unwrap()]);
+        let file = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+        if stream == "standard output" {
+            cmd.stdout(file).stderr(Stdio::piped());
+        } else {
+            cmd.stderr(file).stdout(Stdio::piped());
+        }
+        let o = no_panic(cmd.output().unwrap());
+        assert_eq!(o.status.code(), Some(2), "{stream}");
+        let written = std::fs::read_to_string(&out).unwrap();
+        let message = if stream == "standard output" {
+            text(&o.stderr)
+        } else {
+            written.clone()
+        };
+        assert!(
+            message.contains(&format!("is the file {stream} goes to")),
+            "{stream}: {message}"
+        );
+        assert!(
+            written.starts_with("kept\n"),
+            "{stream}: the file was replaced: {written}"
+        );
+    }
+}
+
 // Items 3, 7 and 9 (config): bounded reads, wrong JSON types, nested configs, odd paths.
 
 #[test]

@@ -17,6 +17,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -228,10 +229,58 @@ impl Destination {
     }
 }
 
+/// The input config a report must not overwrite: the `--config` file, or the source file
+/// of the built-in config the binary was compiled from (when it is on this machine).
+#[derive(Clone, Copy, Debug)]
+pub enum ConfigFile<'a> {
+    /// `--config PATH`.
+    Given(&'a Path),
+    /// The built-in config `name`, compiled from `source`.
+    Builtin { name: &'a str, source: &'a Path },
+}
+
+impl ConfigFile<'_> {
+    fn path(&self) -> &Path {
+        match self {
+            ConfigFile::Given(path) => path,
+            ConfigFile::Builtin { source, .. } => source,
+        }
+    }
+
+    fn described(&self) -> String {
+        match self {
+            ConfigFile::Given(path) => format!("the --config file {}", path.display()),
+            ConfigFile::Builtin { name, source } => format!(
+                "{}, the file built-in config {name} is compiled from",
+                source.display()
+            ),
+        }
+    }
+}
+
 /// Refuses, before anything runs, two reports with one destination (the second would
-/// replace the first) and a report over the input `config` file.
-/// `reports` pairs each report option with its path.
-pub fn check_distinct(reports: &[(&str, &Path)], config: Option<&Path>) -> Result<(), String> {
+/// replace the first), a report over the input config file, and a report over the file
+/// the process's standard output or error goes to (`--junit r.xml > r.xml`: the report
+/// would replace what the run prints there, or the printing would land in a file the
+/// report then replaced). `reports` pairs each report option with its path.
+pub fn check_distinct(
+    reports: &[(&str, &Path)],
+    config: Option<ConfigFile<'_>>,
+) -> Result<(), String> {
+    let streams = [
+        ("standard output", stream_identity(io::stdout().as_fd())),
+        ("standard error", stream_identity(io::stderr().as_fd())),
+    ];
+    check_distinct_from(reports, config, &streams)
+}
+
+/// [`check_distinct`] with the identities of the process's streams given (`None` for a
+/// terminal or another device, which a report cannot replace).
+fn check_distinct_from(
+    reports: &[(&str, &Path)],
+    config: Option<ConfigFile<'_>>,
+    streams: &[(&str, Option<Identity>)],
+) -> Result<(), String> {
     let mut seen: Vec<(&str, &Path, Identity)> = Vec::new();
     for (option, path) in reports {
         let Some(id) = Destination::resolve(path).ok().and_then(|d| d.identity()) else {
@@ -247,19 +296,36 @@ pub fn check_distinct(reports: &[(&str, &Path)], config: Option<&Path>) -> Resul
         seen.push((option, path, id));
     }
     let config_id = config
-        .and_then(|p| fs::metadata(p).ok())
+        .and_then(|c| fs::metadata(c.path()).ok())
         .filter(|m| m.file_type().is_file())
         .map(|m| Identity::Inode(m.dev(), m.ino()));
     if let (Some(config_id), Some(config)) = (config_id, config) {
         if let Some((option, path, _)) = seen.iter().find(|(_, _, i)| *i == config_id) {
             return Err(format!(
-                "{option} {} is the --config file {}: the report would overwrite the model config; give the report another path",
+                "{option} {} is {}: the report would overwrite the model config; give the report another path",
                 path.display(),
-                config.display()
+                config.described()
+            ));
+        }
+    }
+    for (stream, id) in streams {
+        let Some(id) = id else { continue };
+        if let Some((option, path, _)) = seen.iter().find(|(_, _, i)| i == id) {
+            return Err(format!(
+                "{option} {} is the file {stream} goes to, so the report and what the run prints there would replace each other; give the report another path or send {stream} elsewhere",
+                path.display()
             ));
         }
     }
     Ok(())
+}
+
+/// What a process stream is when a report could replace it: a regular file or a FIFO
+/// (a terminal or `/dev/null` cannot be replaced, and any number of writers share it).
+fn stream_identity(fd: BorrowedFd<'_>) -> Option<Identity> {
+    let meta = File::from(fd.try_clone_to_owned().ok()?).metadata().ok()?;
+    let kind = meta.file_type();
+    (kind.is_file() || kind.is_fifo()).then(|| Identity::Inode(meta.dev(), meta.ino()))
 }
 
 /// The folder a file path is in (`.` for a bare name).
@@ -464,7 +530,40 @@ mod tests {
         fs::write(&a, "{}").unwrap();
         let link = dir.join("link.json");
         std::os::unix::fs::symlink(&a, &link).unwrap();
-        let e = check_distinct(&[("--json", &link)], Some(&a)).unwrap_err();
+        let e = check_distinct(&[("--json", &link)], Some(ConfigFile::Given(&a))).unwrap_err();
         assert!(e.contains("--config"), "{e}");
+        let builtin = ConfigFile::Builtin {
+            name: "deepseek-ocr-v1-base",
+            source: &a,
+        };
+        let e = check_distinct(&[("--junit", &link)], Some(builtin)).unwrap_err();
+        assert!(e.contains("built-in config deepseek-ocr-v1-base"), "{e}");
+    }
+
+    #[test]
+    fn a_report_may_not_replace_the_file_a_stream_goes_to() {
+        let tmp = temp_dir("streams");
+        let dir = tmp.path();
+        let out = dir.join("out.txt");
+        fs::write(&out, "").unwrap();
+        let meta = fs::metadata(&out).unwrap();
+        let streams = [
+            (
+                "standard output",
+                Some(Identity::Inode(meta.dev(), meta.ino())),
+            ),
+            ("standard error", None),
+        ];
+        let other = dir.join("r.json");
+        let reports = [("--json", Path::new("-")), ("--junit", out.as_path())];
+        let e = check_distinct_from(&reports, None, &streams).unwrap_err();
+        assert!(
+            e.contains("--junit") && e.contains("the file standard output goes to"),
+            "{e}"
+        );
+        let fine = [("--json", Path::new("-")), ("--junit", other.as_path())];
+        assert!(check_distinct_from(&fine, None, &streams).is_ok());
+        // The process's own streams: under the test harness, never one of these files.
+        assert!(check_distinct(&fine, None).is_ok());
     }
 }

@@ -9,7 +9,7 @@ mod model;
 mod table;
 mod write;
 
-pub use destination::{check_distinct, Destination};
+pub use destination::{check_distinct, ConfigFile, Destination};
 pub use json::{to_json, SCHEMA, SWEEP_SCHEMA};
 pub use junit::to_junit;
 pub use model::{model_json, model_junit, model_table, ModelReport, MODEL_SCHEMA};
