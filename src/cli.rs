@@ -13,7 +13,7 @@ use crate::workload::{MlaForm, Phase, Workload, DSOCR_STANDARD_V1};
 /// `--phase`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum PhaseArg {
-    /// S_q = S_kv = --seq-len.
+    /// The whole prompt at once: S_q = S_kv = --seq-len.
     #[default]
     Prefill,
     /// One token after --context-len cached ones.

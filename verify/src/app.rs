@@ -180,8 +180,9 @@ pub struct Args {
     /// ncu
     #[arg(long, value_name = "DIR")]
     pub hardware_counters_from: Option<PathBuf>,
-    /// Be the profiled run under ncu: each layer's counted forward is one cuProfilerStart/
-    /// Stop range; writes DIR/ranges.json (what --hardware-counters runs under ncu)
+    /// Be the profiled run under ncu: each layer's counted forward is one profiler range
+    /// (cuProfilerStart to cuProfilerStop); writes DIR/ranges.json (what
+    /// --hardware-counters runs under ncu)
     #[arg(long, value_name = "DIR")]
     pub hardware_counters_child: Option<PathBuf>,
 }
