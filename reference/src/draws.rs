@@ -121,17 +121,32 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
             fill_span(stream, first, piece, scale, shift)
         }
     };
-    let mut lists = work.into_iter();
-    // The first list is this thread's: one thread fewer to start.
-    let mine = lists.next().unwrap_or_default();
-    if lists.len() == 0 {
-        return run(mine);
+    if work.len() == 1 {
+        return work.into_iter().for_each(run);
     }
-    std::thread::scope(|scope| {
-        for pieces in lists {
-            scope.spawn(move || run(pieces));
+    // The lists wait in a queue that every thread, this one included, drains: a thread
+    // that cannot be started (a process or memory limit) leaves its share to the others
+    // instead of failing the draw.
+    let threads_wanted = work.len() - 1;
+    let queue = std::sync::Mutex::new(work);
+    let drain = || loop {
+        let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match next {
+            Some(pieces) => run(pieces),
+            None => break,
         }
-        run(mine);
+    };
+    let drain = &drain;
+    std::thread::scope(|scope| {
+        for _ in 0..threads_wanted {
+            if std::thread::Builder::new()
+                .spawn_scoped(scope, drain)
+                .is_err()
+            {
+                break;
+            }
+        }
+        drain();
     });
 }
 

@@ -394,16 +394,25 @@ impl PendingDraws {
 
 /// Builds a module with `init`'s settings, its CPU fp32 parameters drawn together once
 /// `build` returns (see [`PendingDraws`]); on other devices and dtypes each is drawn as
-/// it is created. The module is never seen with a parameter undrawn.
+/// it is created. The module is never seen with a parameter undrawn, and neither is
+/// anything else: the parameters deferred before `build` failed or panicked are drawn
+/// too, since a [`WeightCache`] may already hold them for the next module.
 pub(crate) fn build_then_draw<T>(init: &Init, build: impl FnOnce(&Init) -> Result<T>) -> Result<T> {
-    let pending = Rc::new(PendingDraws::default());
+    /// Draws what is pending however `build` ends (a panic unwinding included).
+    struct DrawOnExit(Rc<PendingDraws>);
+    impl Drop for DrawOnExit {
+        fn drop(&mut self) {
+            self.0.draw_all();
+        }
+    }
+    let pending = DrawOnExit(Rc::new(PendingDraws::default()));
     let init = Init {
-        pending: Some(Rc::clone(&pending)),
+        pending: Some(Rc::clone(&pending.0)),
         ..init.clone()
     };
-    let module = build(&init)?;
-    pending.draw_all();
-    Ok(module)
+    let module = build(&init);
+    drop(pending);
+    module
 }
 
 /// `F.linear(x, weight, bias)`.
@@ -420,6 +429,34 @@ pub(crate) fn dim(value: u64, what: &str) -> Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_deferred_before_a_build_fails_are_drawn_all_the_same() {
+        // A cache may hand a deferred parameter to the next module: it must hold its
+        // values after a build that failed, or panicked, once it had deferred it.
+        let setup = Setup {
+            device: Device::Cpu,
+            seed: 4,
+        };
+        let init = Init::new(&setup, Dtype::F32).unwrap().sub("mlp");
+        let drawn = init.linear("up_proj.weight", 64, 3_000).unwrap();
+        for panics in [false, true] {
+            let kept = RefCell::new(None);
+            let build = || {
+                build_then_draw(&init, |init| -> Result<()> {
+                    *kept.borrow_mut() = Some(init.linear("up_proj.weight", 64, 3_000)?);
+                    if panics {
+                        panic!("a failed build");
+                    }
+                    Err(Error::Model(modelmeter::Error::overflow("a failed build")))
+                })
+            };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build));
+            assert_eq!(outcome.is_err(), panics);
+            let kept = kept.into_inner().expect("the build deferred a parameter");
+            assert!(kept.equal(&drawn), "panics: {panics}");
+        }
+    }
 
     #[test]
     fn parameters_drawn_together_equal_those_drawn_one_by_one() {

@@ -11,8 +11,9 @@
 //!
 //! Tools that collect their results in exit handlers still get a normal exit: Nsight
 //! Compute and Nsight Systems (their CUDA injection library, which the hardware-counter
-//! child runs under), LLVM's coverage runtime (`LLVM_PROFILE_FILE`), and any other when
-//! `MODELMETER_EXIT_HANDLERS` is set (gprof's `gmon.out`, heaptrack).
+//! child runs under), LLVM's coverage runtime where `LLVM_PROFILE_FILE` names its output
+//! (cargo-llvm-cov sets it; a bare `-C instrument-coverage` run does not), and any other
+//! when `MODELMETER_EXIT_HANDLERS` is set (gprof's `gmon.out`, heaptrack).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -43,6 +44,10 @@ pub fn finish(status: u8) -> ExitCode {
     let _ = std::io::stdout().flush();
     if may_skip_exit_handlers(|name| std::env::var_os(name)) {
         let _ = std::io::stderr().flush();
+        // C's stdio buffers too: native code's printf (MKL_VERBOSE, DNNL_VERBOSE lines)
+        // would otherwise lose its last buffer when standard output is a pipe or a file.
+        // SAFETY: fflush(NULL) flushes every open C stream; nothing else runs alongside.
+        unsafe { libc::fflush(std::ptr::null_mut()) };
         // SAFETY: `_exit` only ends the process; no Rust value is used after it, and the
         // caller guarantees nothing left needs its destructor to run.
         unsafe { libc::_exit(i32::from(status)) }

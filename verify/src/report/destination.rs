@@ -320,12 +320,14 @@ fn check_distinct_from(
     Ok(())
 }
 
-/// What a process stream is when a report could replace it: a regular file or a FIFO
-/// (a terminal or `/dev/null` cannot be replaced, and any number of writers share it).
+/// What a process stream is when a report could replace it: a regular file (a report
+/// there is written to a new file renamed over it). A terminal, a device or a pipe is
+/// written in place, like `--json -`, and shares nothing a report could replace.
 fn stream_identity(fd: BorrowedFd<'_>) -> Option<Identity> {
     let meta = File::from(fd.try_clone_to_owned().ok()?).metadata().ok()?;
-    let kind = meta.file_type();
-    (kind.is_file() || kind.is_fifo()).then(|| Identity::Inode(meta.dev(), meta.ino()))
+    meta.file_type()
+        .is_file()
+        .then(|| Identity::Inode(meta.dev(), meta.ino()))
 }
 
 /// The folder a file path is in (`.` for a bare name).
