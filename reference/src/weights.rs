@@ -107,19 +107,12 @@ fn element_count(name: &str, shape: &[i64]) -> Result<usize> {
         })
 }
 
-/// `shift + scale · seeded_normal(seed, name, shape)`, drawn in one pass on the CPU.
+/// `shift + scale · seeded_normal(seed, name, shape)`, drawn in one pass on the CPU: a
+/// [`PendingDraws`] of one parameter, drawn at once.
 fn seeded_affine(seed: u64, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
-    let count = element_count(name, shape)?;
-    let tensor = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
-    if count > 0 {
-        // SAFETY: `tensor` was just allocated by libtorch on the CPU, contiguous, fp32,
-        // with `count` elements, and nothing else refers to it while the slice lives. Its
-        // values are uninitialised (`empty`): `fill_normal` only writes them, each once,
-        // and reads none (f32 has no invalid bit patterns either way).
-        let values =
-            unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, count) };
-        crate::draws::fill_normal(stream(seed, name) as u64, values, scale, shift);
-    }
+    let pending = PendingDraws::default();
+    let tensor = pending.defer(seed, name, shape, scale, shift)?;
+    pending.draw_all();
     Ok(tensor)
 }
 
