@@ -7,9 +7,19 @@ not enough for these rows. The liveness peak passes within the tolerance; how ma
 are exact is printed as evidence, not a gate.
 
 Usage: exactness-scan.py FOLDER    (scripts/device-check runs it on its results)
-Exit status: 0 all exact, 1 an inexact row or an unreadable report.
+Exit status: 0 all exact, 1 an inexact row, an unreadable report or no report at all,
+2 a wrong argument.
 """
 import glob, json, os, sys
+args = sys.argv[1:]
+if args in (["-h"], ["--help"]):
+    print(__doc__.strip())
+    sys.exit(0)
+if len(args) != 1 or not os.path.isdir(args[0]):
+    shown = " ".join(args) if args else "(none)"
+    print(f"exactness-scan: FOLDER = {shown} is invalid: expected one existing folder of verify-decoder JSON reports (see --help)", file=sys.stderr)
+    sys.exit(2)
+folder = args[0]
 EXACT = {"matmul_flops", "elementwise_flops", "tensor_core_flops", "cuda_core_flops", "weight_bytes", "kv_cache_bytes", "io_bytes", "activation_bytes"}
 rows = inexact = 0
 # The liveness peak passes within the tolerance; how many are exact is evidence, not a gate.
@@ -35,10 +45,19 @@ def row_groups(report):
         for group in phase.get("groups", []):
             yield f"phase {phase['phase']} {group['name']}", [], group.get("metrics", [])
 empty = []
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "verify-*.json")) + glob.glob(os.path.join(sys.argv[1], "model-*.json")) + glob.glob(os.path.join(sys.argv[1], "hw-*.json"))):
-    report = json.load(open(path))
+paths = sorted(glob.glob(os.path.join(folder, "verify-*.json")) + glob.glob(os.path.join(folder, "model-*.json")) + glob.glob(os.path.join(folder, "hw-*.json")))
+for path in paths:
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        groups = list(row_groups(report))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        # Unreadable, not JSON, or not a verify-decoder report: it proves nothing.
+        print(f"UNREADABLE {os.path.basename(path)}: {type(e).__name__}: {e}")
+        empty.append(os.path.basename(path))
+        continue
     before = rows
-    for group, kernels, metrics in row_groups(report):
+    for group, kernels, metrics in groups:
         for m in metrics:
             where = f"{os.path.basename(path)} {group}"
             if m["metric"] in EXACT:
@@ -56,6 +75,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "verify-*.json")) + glob.
         empty.append(os.path.basename(path))
 for name in empty:
     print(f"NO EXACT ROWS in {name}: a report the scan cannot read proves nothing")
+if not paths:
+    print(f"NO REPORTS in {folder} (verify-*.json, model-*.json, hw-*.json): nothing was scanned, which proves nothing")
 print(f"peak rows: {peak_exact} of {peaks} exact")
 print(f"exact rows: {rows - inexact} of {rows} equal to the FLOP/byte")
-sys.exit(1 if inexact or empty else 0)
+sys.exit(1 if inexact or empty or not paths else 0)

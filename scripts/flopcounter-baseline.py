@@ -92,6 +92,9 @@ def parse_args(argv):
     a = p.parse_args(argv)
     if a.batch < 1 or a.seq_len < 1:
         p.error("--batch and --seq-len must be at least 1")
+    # Checked before the layers run (minutes), not when the results are written.
+    if a.json is not None and (a.json == "" or os.path.isdir(a.json) or a.json.endswith("/")):
+        p.error(f"--json {a.json!r} is not a file path (a folder, or empty); give a file path")
     return a
 
 

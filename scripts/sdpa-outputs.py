@@ -58,7 +58,14 @@ def case(name, device, dtype, b, h, sq, skv, d, causal):
 
 
 def main():
-    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    args = sys.argv[1:]
+    if args in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
+    if len(args) > 1 or (args and args[0] not in ("cuda", "cpu")):
+        print(f"sdpa-outputs: {' '.join(args)} is invalid: expected one of cuda, cpu, or nothing (cuda) (see --help)", file=sys.stderr)
+        sys.exit(2)
+    device = args[0] if args else "cuda"
     print("torch", torch.__version__, torch.cuda.get_device_name(0) if device == "cuda" else "cpu")
     bf16, fp32 = torch.bfloat16, torch.float32
     case("cudnn prefill", device, bf16, 1, 10, 512, 512, 128, True)
