@@ -40,6 +40,9 @@ def load(path):
 
 
 def main():
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
     if len(sys.argv) != 3:
         refuse("usage: cross-device.py A.json B.json")
     a, b = (load(p) for p in sys.argv[1:])

@@ -82,6 +82,9 @@ def conv_fp32():
 PROBES = {"conv_fp32": conv_fp32, "efficient_fp32": efficient_fp32, "decode_gemm": decode_gemm, "gate_fp32": gate_fp32}
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        sys.exit(0)
     if len(sys.argv) != 2 or sys.argv[1] not in PROBES:
         print(f"usage: device-probe.py {'|'.join(PROBES)}", file=sys.stderr)
         sys.exit(2)
