@@ -295,39 +295,54 @@ fn check_distinct_from(
         }
         seen.push((option, path, id));
     }
-    let config_id = config
-        .and_then(|c| fs::metadata(c.path()).ok())
-        .filter(|m| m.file_type().is_file())
-        .map(|m| Identity::Inode(m.dev(), m.ino()));
-    if let (Some(config_id), Some(config)) = (config_id, config) {
-        if let Some((option, path, _)) = seen.iter().find(|(_, _, i)| *i == config_id) {
-            return Err(format!(
-                "{option} {} is {}: the report would overwrite the model config; give the report another path",
-                path.display(),
-                config.described()
+    // The files a report must not replace, each with what it is and why: the input
+    // config, and the regular files the process's streams go to.
+    let mut kept: Vec<(Identity, String)> = Vec::new();
+    if let Some(config) = config {
+        if let Some(id) = fs::metadata(config.path())
+            .ok()
+            .and_then(|m| file_identity(&m))
+        {
+            kept.push((
+                id,
+                format!(
+                    "{}: the report would overwrite the model config; give the report another path",
+                    config.described()
+                ),
             ));
         }
     }
     for (stream, id) in streams {
-        let Some(id) = id else { continue };
-        if let Some((option, path, _)) = seen.iter().find(|(_, _, i)| i == id) {
-            return Err(format!(
-                "{option} {} is the file {stream} goes to, so the report and what the run prints there would replace each other; give the report another path or send {stream} elsewhere",
-                path.display()
+        if let Some(id) = id {
+            kept.push((
+                id.clone(),
+                format!(
+                    "the file {stream} goes to, so the report and what the run prints there would replace each other; give the report another path or send {stream} elsewhere"
+                ),
             ));
+        }
+    }
+    for (id, what) in &kept {
+        if let Some((option, path, _)) = seen.iter().find(|(_, _, i)| i == id) {
+            return Err(format!("{option} {} is {what}", path.display()));
         }
     }
     Ok(())
 }
 
-/// What a process stream is when a report could replace it: a regular file (a report
-/// there is written to a new file renamed over it). A terminal, a device or a pipe is
-/// written in place, like `--json -`, and shares nothing a report could replace.
-fn stream_identity(fd: BorrowedFd<'_>) -> Option<Identity> {
-    let meta = File::from(fd.try_clone_to_owned().ok()?).metadata().ok()?;
+/// The identity of a regular file, the only kind a report replaces (a report there is
+/// written to a new file renamed over it); `None` for anything else.
+fn file_identity(meta: &fs::Metadata) -> Option<Identity> {
     meta.file_type()
         .is_file()
         .then(|| Identity::Inode(meta.dev(), meta.ino()))
+}
+
+/// What a process stream is when a report could replace it: a regular file. A terminal,
+/// a device or a pipe is written in place, like `--json -`, and shares nothing a report
+/// could replace.
+fn stream_identity(fd: BorrowedFd<'_>) -> Option<Identity> {
+    file_identity(&File::from(fd.try_clone_to_owned().ok()?).metadata().ok()?)
 }
 
 /// The folder a file path is in (`.` for a bare name).
