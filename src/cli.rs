@@ -4,11 +4,18 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::config::{builtin_named, BuiltinConfig, ModelConfig, DEEPSEEK_OCR_NAME};
+use crate::config::{builtin_named, default_builtin, BuiltinConfig, ModelConfig};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::AttentionImpl;
 use crate::workload::{MlaForm, Phase, Workload, DSOCR_STANDARD_V1};
+
+/// Where a model config comes from ([`WorkloadArgs::config_source`]).
+#[derive(Clone, Copy, Debug)]
+pub enum ConfigSource<'a> {
+    Builtin(&'static BuiltinConfig),
+    File(&'a std::path::Path),
+}
 
 /// `--phase`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -83,13 +90,16 @@ pub struct WorkloadArgs {
 }
 
 impl WorkloadArgs {
-    /// The built-in config these options select: the default without `--config`, or the
-    /// one `--config` names (a built-in name wins over a file of the same name); `None`
-    /// when `--config` names a file.
-    pub fn builtin_selected(&self) -> Option<&'static BuiltinConfig> {
+    /// Where the model config comes from: the default built-in without `--config`, the
+    /// built-in `--config` names (a built-in name wins over a file of the same name), or
+    /// the file it names.
+    pub fn config_source(&self) -> ConfigSource<'_> {
         match &self.config {
-            None => builtin_named(DEEPSEEK_OCR_NAME),
-            Some(path) => path.to_str().and_then(builtin_named),
+            None => ConfigSource::Builtin(default_builtin()),
+            Some(path) => match path.to_str().and_then(builtin_named) {
+                Some(builtin) => ConfigSource::Builtin(builtin),
+                None => ConfigSource::File(path),
+            },
         }
     }
 
@@ -97,10 +107,11 @@ impl WorkloadArgs {
     /// the same name; write `./NAME` for the file) or a `config.json` path. `--mla
     /// absorb` with a multi-head-attention config is an error, not ignored.
     pub fn model_config(&self) -> Result<ModelConfig> {
-        let config = match (self.builtin_selected(), &self.config) {
-            (Some(builtin), _) => ModelConfig::from_json_str(builtin.name, builtin.json)?,
-            (None, None) => ModelConfig::deepseek_ocr(),
-            (None, Some(path)) => ModelConfig::from_file(path).map_err(|e| match e {
+        let config = match self.config_source() {
+            ConfigSource::Builtin(builtin) => {
+                ModelConfig::from_json_str(builtin.name, builtin.json)?
+            }
+            ConfigSource::File(path) => ModelConfig::from_file(path).map_err(|e| match e {
                 Error::Io { ref cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
                     Error::invalid(
                         "--config",

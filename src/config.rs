@@ -79,7 +79,12 @@ pub const BUILTIN_CONFIGS: [BuiltinConfig; 4] = [
 ];
 
 /// The DeepSeek-OCR checkpoint's `config.json` (HF `deepseek-ai/DeepSeek-OCR`).
-pub const DEEPSEEK_OCR_CONFIG_JSON: &str = BUILTIN_CONFIGS[0].json;
+pub const DEEPSEEK_OCR_CONFIG_JSON: &str = default_builtin().json;
+
+/// The built-in configuration used without `--config`: DeepSeek-OCR's, the first.
+pub const fn default_builtin() -> &'static BuiltinConfig {
+    &BUILTIN_CONFIGS[0]
+}
 
 /// The built-in configuration called `name`, if any.
 pub fn builtin_named(name: &str) -> Option<&'static BuiltinConfig> {

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use modelmeter::cli::{
-    beyond_trained_positions, one_line, router_keeps_too_few_experts, whole_number, WorkloadArgs,
+    beyond_trained_positions, one_line, router_keeps_too_few_experts, whole_number, ConfigSource,
+    WorkloadArgs,
 };
 use modelmeter::layers::{attention_core, AttentionImpl};
 use modelmeter::workload::DSOCR_STANDARD_V1;
@@ -595,18 +596,14 @@ pub fn prepare(args: &Args) -> anyhow::Result<Ready> {
     for (option, path) in &reports {
         report::check_writable(option, path).map_err(anyhow::Error::msg)?;
     }
-    let config_file = match args.workload.builtin_selected() {
-        Some(builtin) => Some(report::ConfigFile::Builtin {
+    let config_file = match args.workload.config_source() {
+        ConfigSource::Builtin(builtin) => report::ConfigFile::Builtin {
             name: builtin.name,
             source: std::path::Path::new(builtin.source),
-        }),
-        None => args
-            .workload
-            .config
-            .as_deref()
-            .map(report::ConfigFile::Given),
+        },
+        ConfigSource::File(path) => report::ConfigFile::Given(path),
     };
-    report::check_distinct(&reports, config_file).map_err(anyhow::Error::msg)?;
+    report::check_distinct(&reports, Some(config_file)).map_err(anyhow::Error::msg)?;
     if args.model {
         check_model_options(args).map_err(anyhow::Error::msg)?;
     } else if let Some(option) = [
