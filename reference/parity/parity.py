@@ -653,7 +653,7 @@ def compare_routing(calls, tensors, extra):
     check; this says whether the per-expert counts agree (two flips that cancel leave them
     equal), which explains a MoE output that differs because its routing flipped."""
     ref = tensors.get("tokens_per_expert")
-    if ref is None:
+    if ref is None:  # not a MoE: nothing routed
         return
     if len(calls) != 1:
         raise CaseError(f"internal: the router ran {len(calls)} times in the counted call, not once")
@@ -885,8 +885,7 @@ def run_decoder_layer(cfg, tensors, adapters, phase, attn):
             position_embeddings=pe,
         )
     check_cache_after(cache, layer_idx, past_len, x.shape[1], tensors)
-    if kind == "sparse":
-        compare_routing(routed, tensors, extra)
+    compare_routing(routed, tensors, extra)
     return out, need(tensors, "output"), extra
 
 
@@ -1022,8 +1021,7 @@ def run_mla(cfg, tensors, adapters, phase, attn, form, family, mlp_kind):
         raise CaseError("internal: HF's latent cache was not updated at layer_idx")
     if past_latent is not None and not torch.equal(keys[:, :, :past_len], past_latent):
         raise CaseError("internal: HF's cached latent was altered by the step")
-    if mlp_kind == "sparse":
-        compare_routing(routed, tensors, extra)
+    compare_routing(routed, tensors, extra)
     return out, extra
 
 
