@@ -8,6 +8,7 @@ use crate::config::{builtin_named, default_builtin, BuiltinConfig, ModelConfig};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layers::AttentionImpl;
+use crate::sweep::{self, Axis};
 use crate::workload::{MlaForm, Phase, Workload, DSOCR_STANDARD_V1};
 
 /// Where a model config comes from ([`WorkloadArgs::config_source`]).
@@ -90,6 +91,33 @@ pub struct WorkloadArgs {
 }
 
 impl WorkloadArgs {
+    /// These options with each axis of `point` set to its value (a point of a sweep: its
+    /// workload is then [`WorkloadArgs::workload`]'s, with the same checks).
+    pub fn at(&self, point: &[(Axis, u64)]) -> WorkloadArgs {
+        let mut args = self.clone();
+        for &(axis, value) in point {
+            *args.axis_mut(axis) = Some(value);
+        }
+        args
+    }
+
+    /// The value `axis`'s own option (`--batch` …) sets, if given.
+    pub fn sets(&self, axis: Axis) -> Option<u64> {
+        match axis {
+            Axis::Batch => self.batch,
+            Axis::SeqLen => self.seq_len,
+            Axis::ContextLen => self.context_len,
+        }
+    }
+
+    fn axis_mut(&mut self, axis: Axis) -> &mut Option<u64> {
+        match axis {
+            Axis::Batch => &mut self.batch,
+            Axis::SeqLen => &mut self.seq_len,
+            Axis::ContextLen => &mut self.context_len,
+        }
+    }
+
     /// Where the model config comes from: the default built-in without `--config`, the
     /// built-in `--config` names (a built-in name wins over a file of the same name), or
     /// the file it names.
@@ -268,6 +296,129 @@ pub fn whole_number<T: WholeNumber>(text: &str) -> std::result::Result<T, String
     })
 }
 
+/// A progress bar (`indicatif`) of `len` steps on standard error, for long runs (the
+/// configurations of `verify-decoder --sweep`, the points of `modelmeter sweep`): hidden
+/// with `quiet` and when standard error is not a terminal (CI logs get no bar).
+pub fn progress_bar(len: u64, what: &str, quiet: bool) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// Parses a `--vary AXIS=VALUES` option of `modelmeter sweep`: an axis (`batch`,
+/// `seq-len` or `context-len`) and its values, in the order written, as a comma-separated
+/// list of items, each a whole number `N`, a range `START:END` (every value), `START:END:STEP`
+/// or a doubling (any factor) `START:END:*FACTOR`; a range ends at the last value not past
+/// `END`. A value given twice (ranges that overlap) is refused: it would repeat a row.
+pub fn parse_vary(text: &str) -> std::result::Result<(Axis, Vec<u64>), String> {
+    const FORM: &str = "AXIS=VALUES such as seq-len=128:4096:128 or batch=1,2,4 (AXIS: batch, seq-len or context-len; VALUES: comma-separated N, START:END, START:END:STEP or START:END:*FACTOR)";
+    let Some((name, list)) = text.split_once('=') else {
+        return Err(format!("expected {FORM}"));
+    };
+    let axis =
+        Axis::parse(name).ok_or_else(|| format!("unknown axis `{name}`; expected {FORM}"))?;
+    let number = |item: &str, part: &str| {
+        whole_number::<u64>(part).map_err(|e| format!("`{part}` in `{item}`: {e}"))
+    };
+    let mut values: Vec<u64> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for item in list.split(',') {
+        let parts: Vec<&str> = item.split(':').collect();
+        let (start, end, step) = match parts.as_slice() {
+            [""] => return Err(format!("an empty item in `{list}`; expected {FORM}")),
+            [n] => {
+                let n = number(item, n)?;
+                (n, n, Step::Add(1))
+            }
+            [start, end] => (number(item, start)?, number(item, end)?, Step::Add(1)),
+            [start, end, step] => {
+                let step = match step.strip_prefix('*') {
+                    Some(factor) => Step::Times(number(item, factor)?),
+                    None => Step::Add(number(item, step)?),
+                };
+                (number(item, start)?, number(item, end)?, step)
+            }
+            _ => {
+                return Err(format!(
+                    "`{item}` has more than two colons; expected {FORM}"
+                ))
+            }
+        };
+        if start > end {
+            return Err(format!(
+                "`{item}` runs backwards: START {start} is past END {end}"
+            ));
+        }
+        let too_many = |count: u64| {
+            format!(
+                "`{text}` has {count} values or more; a sweep has at most {} points",
+                sweep::MAX_POINTS
+            )
+        };
+        let before = values.len();
+        match step {
+            Step::Add(0) => {
+                return Err(format!(
+                    "`{item}`: a step of 0 never reaches END; expected a step of 1 or more"
+                ))
+            }
+            Step::Add(step) => {
+                let count = (end - start) / step + 1;
+                let total = (before as u64).saturating_add(count);
+                if total > sweep::MAX_POINTS {
+                    return Err(too_many(total));
+                }
+                values.extend((0..count).map(|i| start + i * step));
+            }
+            Step::Times(factor) if factor < 2 => {
+                return Err(format!(
+                    "`{item}`: a factor of {factor} never reaches END; expected *2 or more"
+                ))
+            }
+            Step::Times(_) if start == 0 => {
+                return Err(format!(
+                    "`{item}`: a doubling from 0 stays at 0; start at 1 or more"
+                ))
+            }
+            Step::Times(factor) => {
+                let mut v = start;
+                while v <= end {
+                    values.push(v);
+                    match v.checked_mul(factor) {
+                        Some(next) => v = next,
+                        None => break,
+                    }
+                }
+            }
+        }
+        if let Some(&twice) = values[before..].iter().find(|v| !seen.insert(**v)) {
+            return Err(format!(
+                "{twice} is given twice in `{list}`: each point once"
+            ));
+        }
+    }
+    Ok((axis, values))
+}
+
+/// How a `--vary` range steps.
+enum Step {
+    /// Adds this each time.
+    Add(u64),
+    /// Multiplies by this each time.
+    Times(u64),
+}
+
 /// Parses the command line as `P::parse()` does, except that a usage error (an unknown
 /// option, a value that does not parse) is one line on standard error that names the
 /// option, with clap's tips, and exit code 2, like every other refusal of `program`:
@@ -441,6 +592,66 @@ pub fn router_keeps_too_few_experts(config: &ModelConfig) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quiet_progress_bars_are_hidden() {
+        assert!(progress_bar(10, "steps", true).is_hidden());
+    }
+
+    #[test]
+    fn a_point_sets_each_of_its_axes() {
+        let base = WorkloadArgs {
+            batch: Some(3),
+            ..WorkloadArgs::default()
+        };
+        let at = base.at(&[(Axis::SeqLen, 64), (Axis::ContextLen, 9)]);
+        assert_eq!(Axis::ALL.map(|a| at.sets(a)), [Some(3), Some(64), Some(9)]);
+        assert_eq!(Axis::ALL.map(|a| base.sets(a)), [Some(3), None, None]);
+    }
+
+    #[test]
+    fn vary_lists_ranges_steps_and_doublings_in_the_order_written() {
+        let v = |text| parse_vary(text).unwrap();
+        assert_eq!(v("batch=1,2,4"), (Axis::Batch, vec![1, 2, 4]));
+        assert_eq!(
+            v("seq-len=128:512:128"),
+            (Axis::SeqLen, vec![128, 256, 384, 512])
+        );
+        assert_eq!(v("seq_len=3:5"), (Axis::SeqLen, vec![3, 4, 5]));
+        // A range stops at the last value not past END.
+        assert_eq!(v("context-len=0:10:4"), (Axis::ContextLen, vec![0, 4, 8]));
+        assert_eq!(v("batch=1:100:*4,7"), (Axis::Batch, vec![1, 4, 16, 64, 7]));
+        assert_eq!(v("batch=5:5:*2"), (Axis::Batch, vec![5]));
+        // A doubling that would pass 2^64 stops at the last value that fits.
+        let big = v("context-len=1:18446744073709551615:*2").1;
+        assert_eq!((big.len(), big.last()), (64, Some(&(1u64 << 63))));
+    }
+
+    #[test]
+    fn vary_refuses_what_would_be_an_empty_endless_or_repeated_list() {
+        for (text, says) in [
+            ("batch", "expected AXIS=VALUES"),
+            ("tokens=4", "unknown axis `tokens`"),
+            ("batch=", "an empty item"),
+            ("batch=1,,2", "an empty item"),
+            ("batch=x", "`x` in `x`: expected a whole number"),
+            ("batch=-1", "expected a whole number"),
+            ("batch=8:1", "runs backwards: START 8 is past END 1"),
+            ("batch=1:8:0", "a step of 0"),
+            ("batch=1:8:*1", "a factor of 1"),
+            ("batch=0:8:*2", "a doubling from 0"),
+            ("batch=1:2:3:4", "more than two colons"),
+            ("batch=1:4,4", "4 is given twice"),
+            (
+                "seq-len=1:2000000",
+                "has 2000000 values or more; a sweep has at most 1000000",
+            ),
+            ("seq-len=1:600000,600001:1200000", "at most 1000000"),
+        ] {
+            let e = parse_vary(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
 
     #[test]
     fn positions_past_the_trained_ones_are_warned_of() {

@@ -37,6 +37,7 @@ pub mod overflow;
 pub mod report;
 pub mod routing;
 pub mod shape;
+pub mod sweep;
 pub mod units;
 pub mod workload;
 

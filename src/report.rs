@@ -152,7 +152,7 @@ impl AnalyzeReport {
 
 const RIGHT: [bool; 10] = [false, true, true, true, true, true, true, true, true, true];
 
-fn header(first: &str) -> Vec<String> {
+pub(crate) fn header(first: &str) -> Vec<String> {
     [
         first,
         "matmul",
@@ -171,7 +171,7 @@ fn header(first: &str) -> Vec<String> {
 }
 
 /// One row; `peak` for a layer or sub-layer (op calls and sums have none: `-`).
-fn row(name: &str, m: &Metrics, peak: Option<&Peak>) -> Vec<String> {
+pub(crate) fn row(name: &str, m: &Metrics, peak: Option<&Peak>) -> Vec<String> {
     vec![
         name.to_string(),
         units::flops(m.matmul_flops),

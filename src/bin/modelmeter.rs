@@ -6,12 +6,14 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use modelmeter::cli::{
-    beyond_trained_positions, one_line, print_stdout, router_keeps_too_few_experts, whole_number,
-    PhaseArg, WorkloadArgs,
+    beyond_trained_positions, one_line, parse_vary, print_stdout, router_keeps_too_few_experts,
+    whole_number, PhaseArg, WorkloadArgs,
 };
+use modelmeter::layers::LayerId;
 use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
-use modelmeter::{Dtype, Platform};
+use modelmeter::sweep::{self, point_axes, Axis, SweepReport, Target};
+use modelmeter::{Dtype, Platform, Workload};
 
 /// The examples both `modelmeter --help` and `modelmeter analyze --help` end with (every
 /// usage error of `analyze` points at the latter).
@@ -28,7 +30,29 @@ const EXAMPLES: &str = "Examples:
   # the prefill and 512 greedy decode steps
   modelmeter analyze --new-tokens 512
   # the kernels libtorch runs on a CPU
-  modelmeter analyze --device cpu --dtype fp32";
+  modelmeter analyze --device cpu --dtype fp32
+  # the whole stack at prompt lengths 128, 256 … 8192, as CSV
+  modelmeter sweep --vary seq-len=128:8192:128 --csv";
+
+/// The examples of `modelmeter sweep --help`.
+const SWEEP_EXAMPLES: &str = "Examples:
+  # the whole stack at prompt lengths 128, 256 … 8192, as CSV
+  modelmeter sweep --vary seq-len=128:8192:128 --csv
+  # one MoE layer at batches 1, 2, 4 … 64 and three prompt lengths (21 points)
+  modelmeter sweep --layer DeepseekV2MoE --vary batch=1:64:*2 \\
+    --vary seq-len=512,1024,2048
+  # decode steps over a growing KV cache, as JSON
+  modelmeter sweep --phase decode --vary context-len=1024:32768:1024 --json
+  # DeepSeek-V2-Lite's absorbed MLA, every context length up to 4096
+  modelmeter sweep --config deepseek-v2-lite --mla absorb --phase decode \\
+    --vary context-len=1:4096 --csv > lite.csv
+
+AXIS is batch, seq-len (prefill) or context-len (decode). VALUES is a
+comma-separated list of N, START:END (every value), START:END:STEP or
+START:END:*FACTOR (1:64:*2 is 1, 2, 4 … 64); a range stops at the last value
+not past END. With several --vary the first varies slowest. Each row lists the
+batch and the prompt (prefill) or context (decode) length, then the metrics of
+`modelmeter analyze`'s row for that workload.";
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +71,25 @@ enum Command {
     /// Print the metrics of every decoder layer and of the whole stack for one workload
     #[command(after_help = EXAMPLES)]
     Analyze(AnalyzeArgs),
+    /// Print the metrics of the whole stack, or of one layer, at every point of a grid of
+    /// workloads (batches, prompt or context lengths), on every core
+    #[command(after_help = SWEEP_EXAMPLES)]
+    Sweep(SweepArgs),
+}
+
+/// The `--device` option of both commands.
+#[derive(clap::Args)]
+struct DeviceArg {
+    /// Whose kernels to model: cuda or cuda:N (an NVIDIA GPU, sm80+) or cpu. It picks the fused
+    /// attention kernel (head-dim padding, math fallback); engines are always the GPU's
+    #[arg(long, value_name = "DEVICE", default_value = "cuda")]
+    device: String,
+}
+
+impl DeviceArg {
+    fn platform(&self) -> modelmeter::Result<Platform> {
+        Platform::parse(&self.device)
+    }
 }
 
 #[derive(clap::Args)]
@@ -57,10 +100,8 @@ enum Command {
 struct AnalyzeArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
-    /// Whose kernels to model: cuda or cuda:N (an NVIDIA GPU, sm80+) or cpu. It picks the fused
-    /// attention kernel (head-dim padding, math fallback); engines are always the GPU's
-    #[arg(long, value_name = "DEVICE", default_value = "cuda")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Also report a whole generation: the prefill plus N decode steps
     #[arg(long, value_name = "N", value_parser = whole_number::<u64>)]
     new_tokens: Option<u64>,
@@ -74,10 +115,45 @@ struct AnalyzeArgs {
     depth: usize,
 }
 
+#[derive(clap::Args)]
+#[command(
+    allow_negative_numbers = true,
+    mut_arg("dtype", |a| a.help("Model dtype [default: bf16, the deployed dtype, on any --device]"))
+)]
+struct SweepArgs {
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    #[command(flatten)]
+    device: DeviceArg,
+    /// An axis and its values (see below); repeat it to vary several axes. Without it,
+    /// the one workload the other options name
+    #[arg(long, value_name = "AXIS=VALUES", value_parser = parse_vary)]
+    vary: Vec<(Axis, Vec<u64>)>,
+    /// The layer to sweep, as `modelmeter analyze` names it (DeepseekV2MoE,
+    /// DeepseekV2DecoderLayer_moe …) [default: the whole stack, DeepseekV2ForCausalLM]
+    #[arg(long, value_name = "LAYER")]
+    layer: Option<String>,
+    /// Print CSV (exact integers, one line per point) instead of a table
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
+    /// Print one modelmeter.sweep/1 JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+    /// Threads evaluating points [default: every core]
+    #[arg(long, value_name = "N", value_parser = whole_number::<usize>)]
+    threads: Option<usize>,
+    /// No progress bar (it is drawn only when standard error is a terminal)
+    #[arg(long)]
+    quiet: bool,
+}
+
 fn main() -> ExitCode {
     let cli: Cli = modelmeter::cli::parse_args("modelmeter");
-    let Command::Analyze(args) = cli.command;
-    let text = match run(&args) {
+    let result = match &cli.command {
+        Command::Analyze(args) => run(args),
+        Command::Sweep(args) => run_sweep(args),
+    };
+    let text = match result {
         Ok(text) => text,
         Err(e) => return fail(&format!("{e:#}"), 2),
     };
@@ -103,7 +179,7 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
     let workload = args
         .workload
         .workload(Dtype::Bf16)?
-        .on(Platform::parse(&args.device)?);
+        .on(args.device.platform()?);
     if args.new_tokens.is_some() && args.workload.phase() != PhaseArg::Prefill {
         return Err(modelmeter::Error::invalid(
             "--new-tokens",
@@ -130,11 +206,7 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
         router_keeps_too_few_experts(&config),
     ];
     for warning in warnings.iter().flatten() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "modelmeter: warning: {}",
-            one_line(warning)
-        );
+        warn(warning);
     }
     Ok(if args.json {
         let mut text = serde_json::to_string_pretty(&report.to_json())
@@ -144,4 +216,190 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
     } else {
         report.to_text(args.depth)
     })
+}
+
+/// Prints a warning as one line on standard error (never panicking).
+fn warn(message: &str) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "modelmeter: warning: {}",
+        one_line(message)
+    );
+}
+
+fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
+    let config = args.workload.model_config()?;
+    let platform = args.device.platform()?;
+    let attention = args.workload.attention();
+    // The options as they stand, checked once (every point repeats these checks).
+    let base = args.workload.workload(Dtype::Bf16)?.on(platform);
+    let mut varied: Vec<Axis> = Vec::new();
+    for (axis, _) in &args.vary {
+        let option = format!("--{}", axis.option());
+        if varied.contains(axis) {
+            anyhow::bail!(
+                "--vary {}=… is given twice: list all the values of an axis in one --vary (batch=1,2,4)",
+                axis.option()
+            );
+        }
+        if let Some(value) = args.workload.sets(*axis) {
+            return Err(modelmeter::Error::invalid(
+                &option,
+                value,
+                &format!(
+                    "no value with --vary {}=… (the sweep sets it at each point)",
+                    axis.option()
+                ),
+            )
+            .into());
+        }
+        let axes = point_axes(base.phase);
+        if !axes.contains(axis) {
+            let (phase, fix) = match axis {
+                Axis::ContextLen => ("prefill", "add --phase decode to vary the cached tokens"),
+                _ => ("decode step", "its prompt is the cache: vary context-len"),
+            };
+            anyhow::bail!(
+                "--vary {}=…: {} is not an axis of a {phase} (its axes: {} and {}); {fix}",
+                axis.option(),
+                axis.option(),
+                axes[0].option(),
+                axes[1].option()
+            );
+        }
+        varied.push(*axis);
+    }
+    let target = match &args.layer {
+        None => Target::Stack,
+        Some(name) => parse_target(name, &config, &base, attention)?,
+    };
+    let threads = match args.threads {
+        Some(0) => {
+            return Err(modelmeter::Error::invalid("--threads", 0, "at least 1").into());
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let points = sweep::grid(&args.vary)?;
+    let workloads = points
+        .iter()
+        .map(|point| {
+            args.workload
+                .at(point)
+                .workload(Dtype::Bf16)
+                .map(|w| w.on(platform))
+                .map_err(|e| anyhow::anyhow!("at {}: {e}", describe_point(point)))
+        })
+        .collect::<anyhow::Result<Vec<Workload>>>()?;
+    let bar = modelmeter::cli::progress_bar(workloads.len() as u64, "points", args.quiet);
+    let rows = sweep::evaluate_all(&config, target, &workloads, attention, threads, &|n| {
+        bar.inc(n as u64)
+    });
+    bar.finish_and_clear();
+    let rows = rows.map_err(|(i, e)| {
+        // Name the option or config field that overflowed, as analyze does.
+        let inputs = Inputs {
+            config: config.clone(),
+            workload: workloads[i].clone(),
+            new_tokens: None,
+        };
+        let e = overflow::explain(e, &inputs, |i| {
+            sweep::evaluate(&i.config, target, &i.workload, attention).is_err()
+        });
+        anyhow::anyhow!(
+            "at {} (point {} of {}): {e}",
+            describe_point(&points[i]),
+            i + 1,
+            points.len()
+        )
+    })?;
+    // Said once the counts are known to exist: how many points pass the trained
+    // positions, and the furthest.
+    let past = workloads
+        .iter()
+        .filter(|w| beyond_trained_positions(&config, w, None).is_some())
+        .count();
+    let furthest = workloads
+        .iter()
+        .max_by_key(|w| w.positions_reached(0).unwrap_or(u64::MAX))
+        .and_then(|w| beyond_trained_positions(&config, w, None));
+    let past = furthest
+        .map(|warning| format!("{past} of {} points: furthest, {warning}", workloads.len()));
+    for warning in [past, router_keeps_too_few_experts(&config)]
+        .iter()
+        .flatten()
+    {
+        warn(warning);
+    }
+    let report = SweepReport {
+        target: target.name(&config, &base, attention),
+        config,
+        attention,
+        varied,
+        workloads,
+        rows,
+    };
+    Ok(if args.json {
+        let mut text = serde_json::to_string(&report.json())
+            .context("rendering the modelmeter.sweep/1 JSON")?;
+        text.push('\n');
+        text
+    } else if args.csv {
+        report.to_csv().context("rendering the CSV")?
+    } else {
+        report.to_text()
+    })
+}
+
+/// A point as the command line would set it: `batch=4 seq-len=512`.
+fn describe_point(point: &[(Axis, u64)]) -> String {
+    let parts: Vec<String> = point
+        .iter()
+        .map(|(axis, value)| format!("{}={value}", axis.option()))
+        .collect();
+    if parts.is_empty() {
+        "the workload".to_string()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// The `--layer` named `name`: one of `config`'s layers as analyze names them for this
+/// workload and attention, or the whole stack.
+fn parse_target(
+    name: &str,
+    config: &modelmeter::ModelConfig,
+    workload: &Workload,
+    attention: modelmeter::layers::AttentionImpl,
+) -> modelmeter::Result<Target> {
+    let stack = Target::Stack.name(config, workload, attention);
+    if name == stack {
+        return Ok(Target::Stack);
+    }
+    let named = |id: LayerId| id.name_for(config, workload.mla, attention);
+    let present: Vec<&str> = LayerId::ALL
+        .into_iter()
+        .filter(|id| id.is_in(config))
+        .map(named)
+        .collect();
+    match LayerId::parse(name) {
+        Some(id) if named(id) == name && id.is_in(config) => Ok(Target::Layer(id)),
+        Some(id) if !id.is_in(config) => Err(modelmeter::Error::invalid(
+            "--layer",
+            name,
+            &format!(
+                "a layer the config has ({}): {}",
+                present.join(", "),
+                id.layer_index(config).err().unwrap_or_default()
+            ),
+        )),
+        _ => Err(modelmeter::Error::invalid(
+            "--layer",
+            name,
+            &format!(
+                "one of {} (as this config, --attn and --mla name them) or {stack} (the whole stack, the default)",
+                present.join(", ")
+            ),
+        )),
+    }
 }

@@ -512,7 +512,7 @@ pub fn report_of(args: &Args, ready: &Ready) -> Report {
     match args.sweep {
         Some(n) => {
             let quiet = args.quiet;
-            let bar = crate::progress::bar(n as u64, "configurations", quiet);
+            let bar = modelmeter::cli::progress_bar(n as u64, "configurations", quiet);
             let report = sweep::run(
                 &ready.plan,
                 &ready.spec.to_string(),
@@ -890,7 +890,7 @@ pub fn model_report_of(args: &Args, ready: &Ready, model: &ModelPlan) -> report:
         eprintln!("verify-decoder: warning: test hook {hook} is active: results are altered");
     }
     let quiet = args.quiet;
-    let bar = crate::progress::bar(1 + model.new_tokens, "calls", quiet);
+    let bar = modelmeter::cli::progress_bar(1 + model.new_tokens, "calls", quiet);
     let lines = bar.is_hidden() && !quiet;
     let result = crate::model::run(&ready.plan, model, &mut |p| match p {
         crate::model::ModelProgress::Building => {

@@ -9,7 +9,7 @@
 //! [`hooks`]), the run loop ([`runner`]), results ([`results`]), the memory pre-check
 //! ([`memory`]) and the CUDA allocator's setting ([`cuda_allocator`]), the device option
 //! and what the device is ([`device`], [`environment`]), sweeps ([`sweep`]), the
-//! whole-model verification ([`model`], with [`progress`] bars), the independent witness
+//! whole-model verification ([`model`], with `modelmeter::cli::progress_bar`), the independent witness
 //! ([`oracle`]), reports ([`report`]) and where the time went ([`timings`]). [`hardware`]
 //! reads Nsight Compute's hardware counters.
 
@@ -47,7 +47,6 @@ pub mod oracle;
 pub mod pairing;
 pub mod plan;
 pub mod process_exit;
-pub mod progress;
 pub mod report;
 pub mod results;
 pub mod runner;
