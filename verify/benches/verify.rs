@@ -11,7 +11,9 @@
 //!   counter saw and recorded;
 //! - analytic evaluations per second: one decoder layer's `metrics()` (on one thread and
 //!   on all), the same as a design-space sweep runs it (a new layer for each prompt length
-//!   from 1 to 4,096, built and evaluated), the whole stack, and a 512-token generation;
+//!   from 1 to 4,096, built and evaluated), the whole stack, a 512-token generation, and
+//!   `modelmeter sweep`'s points per second on all threads (one MoE decoder layer, the
+//!   stack; sums and peaks kept, as its rows show them);
 //! - the whole `verify-decoder` process at the default workload (release build), run
 //!   `BENCH_PROCESS_ROUNDS` times (default 3): wall time, peak resident memory, and its
 //!   phases (`--timings`: libtorch loading, setup, module builds, forwards, analytic,
@@ -35,6 +37,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use modelmeter::layers::{AttentionImpl, DeepseekV2Decoder, Generation, Layer, LayerId};
+use modelmeter::sweep::{evaluate_all, Target};
 use modelmeter::{Dtype, ModelConfig, Platform, Workload};
 use modelmeter_reference::attention::KvCache;
 use modelmeter_reference::harness::{measure, Prepared};
@@ -317,6 +320,26 @@ fn analytic() -> Value {
     let generations = per_second(budget, || {
         std::hint::black_box(generation.metrics().expect("finite"));
     });
+    // `modelmeter sweep` as a user runs it: points over every thread, with sums and
+    // peaks kept (what its rows show), prompt lengths 1 to 20,000.
+    let points: Vec<Workload> = (1..=20_000)
+        .map(|s| Workload::prefill(1, s).expect("valid"))
+        .collect();
+    let sweep_command = |target: Target| {
+        let start = Instant::now();
+        let rows = evaluate_all(
+            &config,
+            target,
+            &points,
+            AttentionImpl::Sdpa,
+            threads,
+            &|_| {},
+        )
+        .expect("every point evaluates");
+        rows.len() as f64 / start.elapsed().as_secs_f64()
+    };
+    let sweep_command_layer = sweep_command(Target::Layer(LayerId::DecoderMoe));
+    let sweep_command_stack = sweep_command(Target::Stack);
     println!("\nanalytic evaluations per second:");
     println!("  one MoE decoder layer   {one_layer:>12.0}");
     println!("    … on {threads} threads at once {all_cores:>10.0}");
@@ -325,10 +348,15 @@ fn analytic() -> Value {
     println!("    … on {threads} threads at once {sweep_all:>10.0}");
     println!("  the whole stack         {stack:>12.0}");
     println!("  a 512-token generation  {generations:>12.0}");
+    println!("  modelmeter sweep on {threads} threads (sums and peaks, prompt lengths 1–20,000):");
+    println!("    one MoE decoder layer {sweep_command_layer:>12.0}");
+    println!("    the whole stack       {sweep_command_stack:>12.0}");
     json!({"decoder_layer_per_s": one_layer, "decoder_layer_all_threads_per_s": all_cores,
            "threads": threads, "decoder_layer_cost_tree_per_s": one_layer_tree,
            "sweep_per_s": sweep_one, "sweep_all_threads_per_s": sweep_all,
-           "stack_per_s": stack, "generation_512_per_s": generations})
+           "stack_per_s": stack, "generation_512_per_s": generations,
+           "sweep_command_decoder_layer_per_s": sweep_command_layer,
+           "sweep_command_stack_per_s": sweep_command_stack})
 }
 
 /// One finished child process: wall seconds, how it ended, the last lines it printed
@@ -681,6 +709,14 @@ fn figures(report: &Value) -> Vec<(String, f64)> {
         ),
         ("sweep_per_s", "analytic: a sweep, new layer each /s"),
         ("stack_per_s", "analytic: the whole stack /s"),
+        (
+            "sweep_command_decoder_layer_per_s",
+            "analytic: modelmeter sweep, MoE layer /s",
+        ),
+        (
+            "sweep_command_stack_per_s",
+            "analytic: modelmeter sweep, stack /s",
+        ),
         (
             "generation_512_per_s",
             "analytic: a 512-token generation /s",
