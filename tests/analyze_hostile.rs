@@ -1,5 +1,6 @@
-//! `modelmeter analyze` against hostile inputs (issue 9): an output that cannot be
-//! written, oversized and ill-typed configs, and messages that name what is wrong.
+//! `modelmeter analyze` against hostile inputs (issue 9), and `sweep` where the two share
+//! a path (standard output): an output that cannot be written, oversized and ill-typed
+//! configs, and messages that name what is wrong.
 //! Every run checks that nothing panicked.
 
 use std::path::Path;
@@ -80,15 +81,33 @@ fn fixture_with(extra: &str) -> String {
 
 // Item 2: standard output that cannot be written.
 
+/// `modelmeter sweep` with `args` (it shares analyze's output path).
+fn sweep_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelmeter"));
+    cmd.args(["sweep", "--vary", "seq-len=1:3"]).args(args);
+    cmd
+}
+
 #[test]
 fn a_full_standard_output_is_a_one_line_error() {
-    for json in [false, true] {
+    let runs: [(bool, &[&str]); 5] = [
+        (false, &[]),
+        (false, &["--json"]),
+        (true, &[]),
+        (true, &["--json"]),
+        (true, &["--csv"]),
+    ];
+    for (sweep, args) in runs {
         let full = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/full")
             .unwrap();
-        let args: &[&str] = if json { &["--json"] } else { &[] };
-        let o = no_panic(command(args).stdout(full).output().unwrap());
+        let mut cmd = if sweep {
+            sweep_command(args)
+        } else {
+            command(args)
+        };
+        let o = no_panic(cmd.stdout(full).output().unwrap());
         let err = text(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
@@ -103,7 +122,12 @@ fn a_full_standard_output_is_a_one_line_error() {
 #[test]
 fn help_and_version_that_cannot_be_written_are_one_line_errors() {
     // clap's own printing ignored the failed write and exited 0.
-    for args in [&["analyze", "--help"][..], &["--help"], &["--version"]] {
+    for args in [
+        &["analyze", "--help"][..],
+        &["sweep", "--help"],
+        &["--help"],
+        &["--version"],
+    ] {
         let full = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/full")
@@ -127,8 +151,13 @@ fn help_and_version_that_cannot_be_written_are_one_line_errors() {
 
 #[test]
 fn a_closed_pipe_ends_quietly() {
-    for args in [&["--json"][..], &[]] {
-        let mut child = command(args)
+    for (sweep, args) in [(false, &["--json"][..]), (false, &[]), (true, &["--csv"])] {
+        let mut cmd = if sweep {
+            sweep_command(args)
+        } else {
+            command(args)
+        };
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
