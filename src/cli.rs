@@ -329,7 +329,10 @@ pub fn parse_vary(text: &str) -> std::result::Result<(Axis, Vec<u64>), String> {
     let axis =
         Axis::parse(name).ok_or_else(|| format!("unknown axis `{name}`; expected {FORM}"))?;
     let number = |item: &str, part: &str| {
-        whole_number::<u64>(part).map_err(|e| format!("`{part}` in `{item}`: {e}"))
+        whole_number::<u64>(part).map_err(|e| match part == item {
+            true => format!("`{part}`: {e}"),
+            false => format!("`{part}` in `{item}`: {e}"),
+        })
     };
     let mut values: Vec<u64> = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -360,7 +363,7 @@ pub fn parse_vary(text: &str) -> std::result::Result<(Axis, Vec<u64>), String> {
                 "`{item}` runs backwards: START {start} is past END {end}"
             ));
         }
-        let too_many = |count: u64| {
+        let too_many = |count: u128| {
             format!(
                 "`{text}` has {count} values or more; a sweep has at most {} points",
                 sweep::MAX_POINTS
@@ -374,11 +377,13 @@ pub fn parse_vary(text: &str) -> std::result::Result<(Axis, Vec<u64>), String> {
                 ))
             }
             Step::Add(step) => {
-                let count = (end - start) / step + 1;
-                let total = (before as u64).saturating_add(count);
-                if total > sweep::MAX_POINTS {
+                // `END - START` may be 2^64 − 1: the count, one more, is taken in 128 bits.
+                let count = u128::from((end - start) / step) + 1;
+                let total = before as u128 + count;
+                if total > u128::from(sweep::MAX_POINTS) {
                     return Err(too_many(total));
                 }
+                let count = count as u64; // ≤ MAX_POINTS
                 values.extend((0..count).map(|i| start + i * step));
             }
             Step::Times(factor) if factor < 2 => {
@@ -634,7 +639,12 @@ mod tests {
             ("tokens=4", "unknown axis `tokens`"),
             ("batch=", "an empty item"),
             ("batch=1,,2", "an empty item"),
-            ("batch=x", "`x` in `x`: expected a whole number"),
+            ("batch=x", "`x`: expected a whole number"),
+            ("batch=1:x", "`x` in `1:x`: expected a whole number"),
+            (
+                "batch=0:18446744073709551615",
+                "has 18446744073709551616 values or more",
+            ),
             ("batch=-1", "expected a whole number"),
             ("batch=8:1", "runs backwards: START 8 is past END 1"),
             ("batch=1:8:0", "a step of 0"),

@@ -87,9 +87,16 @@ impl Axis {
 /// prefill or the context length of a decode step. Every row lists them, varied or not,
 /// so that rows of several sweeps can be put together.
 pub fn point_axes(phase: Phase) -> [Axis; 2] {
-    match phase {
-        Phase::Prefill { .. } => [Axis::Batch, Axis::SeqLen],
-        Phase::Decode { .. } => [Axis::Batch, Axis::ContextLen],
+    axes_of(matches!(phase, Phase::Decode { .. }))
+}
+
+/// [`point_axes`] of a decode step (`decode`) or a prefill, before any workload is built
+/// (what the command line's `--phase` says).
+pub fn axes_of(decode: bool) -> [Axis; 2] {
+    if decode {
+        [Axis::Batch, Axis::ContextLen]
+    } else {
+        [Axis::Batch, Axis::SeqLen]
     }
 }
 
@@ -200,7 +207,8 @@ pub fn evaluate(
 /// enough that claiming costs nothing beside the evaluations.
 const CHUNK: usize = 64;
 
-/// Evaluates `target` at every workload on `threads` threads (at least one), calling
+/// Evaluates `target` at every workload on up to `threads` threads (at least one; no
+/// more than there are chunks of points, and fewer where the system starts no more), calling
 /// `progress` with the count of points each finished chunk adds. The rows are in the
 /// order of `workloads`. On failure, the error of the first point (in that order) that
 /// fails, with its index: every point before it is evaluated, whichever thread ran it.
@@ -238,8 +246,12 @@ pub fn evaluate_all(
             done.push((start, rows));
         }
     };
+    let chunk_count = workloads.len().div_ceil(CHUNK);
     let finished: Vec<Done> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..threads.max(1)).map(|_| scope.spawn(work)).collect();
+        // A thread the system cannot start leaves its points to the others.
+        let handles: Vec<_> = (1..threads.clamp(1, chunk_count.max(1)))
+            .map_while(|_| std::thread::Builder::new().spawn_scoped(scope, work).ok())
+            .collect();
         let mut finished = vec![work()];
         for h in handles {
             // A panic is a bug: it goes on as a panic, not as a row.
@@ -298,9 +310,10 @@ impl SweepReport {
     }
 
     /// The `modelmeter.sweep/1` JSON object: the first point's whole workload, then each
-    /// point's axes, metrics and peak; every count an exact integer. Serialized as it is
-    /// written ([`serde_json::to_string`] of this), without a tree of values per point: a
-    /// million points would otherwise hold gigabytes.
+    /// point's axes, metrics and peak, and the conventions (as analyze's); every count an
+    /// exact integer. Serialize it directly ([`serde_json::to_string`] of this): points
+    /// go out one by one, where a tree of JSON values per point would hold gigabytes for
+    /// a million of them.
     pub fn json(&self) -> impl Serialize + '_ {
         let first = self.workloads.first();
         SweepJson {
@@ -312,6 +325,7 @@ impl SweepReport {
             varied: &self.varied,
             first_workload: first,
             points: Points(self),
+            conventions: crate::conventions::conventions_json(),
         }
     }
 
@@ -363,11 +377,12 @@ impl SweepReport {
             attention_class_name(&self.config, w.mla, self.attention)
         });
         let platform = first.map_or(Platform::Cuda, |w| w.platform);
+        let n = self.workloads.len();
         let mut out = format!(
-            "modelmeter sweep — {} — {} on {platform} — attention {attention}\n{} points: {span}\n\n",
+            "modelmeter sweep — {} — {} on {platform} — attention {attention}\n{n} point{}: {span}\n\n",
             crate::error::one_line(&self.config.name),
             self.target,
-            self.workloads.len(),
+            if n == 1 { "" } else { "s" },
         );
         let axes = self.axes();
         let mut header: Vec<String> = axes.iter().map(|a| a.key().to_string()).collect();
@@ -399,6 +414,7 @@ struct SweepJson<'a> {
     varied: &'a [Axis],
     first_workload: Option<&'a Workload>,
     points: Points<'a>,
+    conventions: Value,
 }
 
 /// Every point of a report, serialized one by one.
@@ -582,6 +598,17 @@ mod tests {
         .unwrap();
         assert_eq!(one, four);
         assert_eq!(finished.into_inner(), 300);
+        // No more threads than chunks of points, however many are asked for.
+        let many = evaluate_all(
+            &config,
+            Target::Stack,
+            &workloads[..3],
+            AttentionImpl::Sdpa,
+            usize::MAX,
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(many, one[..3]);
         assert_eq!(
             four[99],
             evaluate(&config, Target::Stack, &workloads[99], AttentionImpl::Sdpa).unwrap()

@@ -201,7 +201,7 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
     let cases: &[(&[&str], &str)] = &[
         (
             &["--vary", "seq-len=0:2"],
-            "at seq-len=0: --seq-len = 0 is invalid",
+            "at seq-len=0 (point 1 of 3): --seq-len = 0 is invalid",
         ),
         (
             &["--vary", "batch=2", "--batch", "2"],
@@ -233,7 +233,7 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         ),
         (
             &["--threads", "0"],
-            "--threads = 0 is invalid: expected at least 1",
+            "--threads = 0 is invalid: expected 1 to 1024",
         ),
         (&["--csv", "--json"], "'--csv' cannot be used with '--json'"),
         (
@@ -242,9 +242,31 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         ),
         (
             &["--vary", "batch=18446744073709551615"],
-            "at batch=18446744073709551615: --batch × --seq-len",
+            "at batch=18446744073709551615 (point 1 of 1): --batch × --seq-len",
         ),
         (&["--device", "tpu"], "tpu"),
+        // A range over every u64 has 2^64 values, not 0 (the count once wrapped: an empty
+        // sweep, exit 0).
+        (
+            &["--vary", "batch=0:18446744073709551615"],
+            "has 18446744073709551616 values or more",
+        ),
+        (&["--threads", "100000"], "--threads = 100000 is invalid: expected 1 to 1024"),
+        (
+            &["--threads", "18446744073709551615"],
+            "expected 1 to 1024 (this machine has",
+        ),
+        // The varied axis is checked first, then each point with the fixed options: the
+        // error names a value the sweep uses, not the axis's default.
+        (
+            &["--batch", "0", "--vary", "batch=1,2"],
+            "--batch = 0 is invalid: expected no value with --vary batch=…",
+        ),
+        (
+            &["--batch", "36028797018963968", "--vary", "seq-len=1,2"],
+            "at seq-len=1 (point 1 of 2): --batch = 36028797018963968",
+        ),
+        (&["--vary", "seq-len=1", "--vary", "seq-len=2"], "(seq-len=1,2,4)"),
     ];
     for (args, needle) in cases {
         let o = modelmeter(&[&["sweep"][..], args].concat());

@@ -12,7 +12,7 @@ use modelmeter::cli::{
 use modelmeter::layers::LayerId;
 use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
-use modelmeter::sweep::{self, point_axes, Axis, SweepReport, Target};
+use modelmeter::sweep::{self, Axis, SweepReport, Target};
 use modelmeter::{Dtype, Platform, Workload};
 
 /// The examples both `modelmeter --help` and `modelmeter analyze --help` end with (every
@@ -42,7 +42,7 @@ const SWEEP_EXAMPLES: &str = "Examples:
   modelmeter sweep --layer DeepseekV2MoE --vary batch=1:64:*2 \\
     --vary seq-len=512,1024,2048
   # decode steps over a growing KV cache, as JSON
-  modelmeter sweep --phase decode --vary context-len=1024:32768:1024 --json
+  modelmeter sweep --phase decode --vary context-len=512:8000:512 --json
   # DeepSeek-V2-Lite's absorbed MLA, every context length up to 4096
   modelmeter sweep --config deepseek-v2-lite --mla absorb --phase decode \\
     --vary context-len=1:4096 --csv > lite.csv
@@ -227,18 +227,21 @@ fn warn(message: &str) {
     );
 }
 
+/// The most threads `--threads` may ask for: far more than cores on any machine this runs
+/// on, far fewer than would exhaust a process's threads or memory.
+const MAX_THREADS: usize = 1024;
+
 fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
     let config = args.workload.model_config()?;
     let platform = args.device.platform()?;
     let attention = args.workload.attention();
-    // The options as they stand, checked once (every point repeats these checks).
-    let base = args.workload.workload(Dtype::Bf16)?.on(platform);
     let mut varied: Vec<Axis> = Vec::new();
     for (axis, _) in &args.vary {
         let option = format!("--{}", axis.option());
         if varied.contains(axis) {
             anyhow::bail!(
-                "--vary {}=… is given twice: list all the values of an axis in one --vary (batch=1,2,4)",
+                "--vary {}=… is given twice: list all the values of an axis in one --vary ({}=1,2,4)",
+                axis.option(),
                 axis.option()
             );
         }
@@ -253,7 +256,7 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
             )
             .into());
         }
-        let axes = point_axes(base.phase);
+        let axes = sweep::axes_of(args.workload.phase() == PhaseArg::Decode);
         if !axes.contains(axis) {
             let (phase, fix) = match axis {
                 Axis::ContextLen => ("prefill", "add --phase decode to vary the cached tokens"),
@@ -269,28 +272,47 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         }
         varied.push(*axis);
     }
-    let target = match &args.layer {
-        None => Target::Stack,
-        Some(name) => parse_target(name, &config, &base, attention)?,
-    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match args.threads {
-        Some(0) => {
-            return Err(modelmeter::Error::invalid("--threads", 0, "at least 1").into());
+        Some(n @ 1..=MAX_THREADS) => n,
+        Some(n) => {
+            return Err(modelmeter::Error::invalid(
+                "--threads",
+                n,
+                &format!("1 to {MAX_THREADS} (this machine has {cores} cores)"),
+            )
+            .into());
         }
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        None => cores,
     };
+    // Each point's workload, with the checks analyze makes of one (the options that do
+    // not vary are checked at the first point).
     let points = sweep::grid(&args.vary)?;
+    let at = |i: usize| {
+        format!(
+            "at {} (point {} of {})",
+            describe_point(&points[i]),
+            i + 1,
+            points.len()
+        )
+    };
     let workloads = points
         .iter()
-        .map(|point| {
+        .enumerate()
+        .map(|(i, point)| {
             args.workload
                 .at(point)
                 .workload(Dtype::Bf16)
                 .map(|w| w.on(platform))
-                .map_err(|e| anyhow::anyhow!("at {}: {e}", describe_point(point)))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", at(i)))
         })
         .collect::<anyhow::Result<Vec<Workload>>>()?;
+    // Every axis has a value, so a grid has a point.
+    let base = workloads.first().context("the sweep has no point")?.clone();
+    let target = match &args.layer {
+        None => Target::Stack,
+        Some(name) => parse_target(name, &config, &base, attention)?,
+    };
     let bar = modelmeter::cli::progress_bar(workloads.len() as u64, "points", args.quiet);
     let rows = sweep::evaluate_all(&config, target, &workloads, attention, threads, &|n| {
         bar.inc(n as u64)
@@ -306,12 +328,7 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         let e = overflow::explain(e, &inputs, |i| {
             sweep::evaluate(&i.config, target, &i.workload, attention).is_err()
         });
-        anyhow::anyhow!(
-            "at {} (point {} of {}): {e}",
-            describe_point(&points[i]),
-            i + 1,
-            points.len()
-        )
+        anyhow::anyhow!("{}: {e}", at(i))
     })?;
     // Said once the counts are known to exist: how many points pass the trained
     // positions, and the furthest.
@@ -388,7 +405,7 @@ fn parse_target(
             "--layer",
             name,
             &format!(
-                "a layer the config has ({}): {}",
+                "a layer the config has ({}, or {stack}): {}",
                 present.join(", "),
                 id.layer_index(config).err().unwrap_or_default()
             ),
