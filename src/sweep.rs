@@ -460,6 +460,24 @@ mod tests {
     use crate::workload::MlaForm;
     use serde_json::json;
 
+    /// The rows of `target` at `workloads` on `threads` threads, every point succeeding.
+    fn rows_of(
+        config: &ModelConfig,
+        target: Target,
+        workloads: &[Workload],
+        threads: usize,
+    ) -> Vec<PointMetrics> {
+        evaluate_all(
+            config,
+            target,
+            workloads,
+            AttentionImpl::Sdpa,
+            threads,
+            &|_| {},
+        )
+        .unwrap()
+    }
+
     fn axis_values(points: &[Vec<(Axis, u64)>]) -> Vec<Vec<u64>> {
         points
             .iter()
@@ -575,15 +593,7 @@ mod tests {
         let workloads: Vec<Workload> = (1..=300)
             .map(|s| Workload::prefill(1, s).unwrap())
             .collect();
-        let one = evaluate_all(
-            &config,
-            Target::Stack,
-            &workloads,
-            AttentionImpl::Sdpa,
-            1,
-            &|_| {},
-        )
-        .unwrap();
+        let one = rows_of(&config, Target::Stack, &workloads, 1);
         let finished = AtomicUsize::new(0);
         let four = evaluate_all(
             &config,
@@ -599,15 +609,7 @@ mod tests {
         assert_eq!(one, four);
         assert_eq!(finished.into_inner(), 300);
         // No more threads than chunks of points, however many are asked for.
-        let many = evaluate_all(
-            &config,
-            Target::Stack,
-            &workloads[..3],
-            AttentionImpl::Sdpa,
-            usize::MAX,
-            &|_| {},
-        )
-        .unwrap();
+        let many = rows_of(&config, Target::Stack, &workloads[..3], usize::MAX);
         assert_eq!(many, one[..3]);
         assert_eq!(
             four[99],
@@ -640,15 +642,7 @@ mod tests {
         let workloads: Vec<Workload> = [(1, 16), (1, 32), (4, 16)]
             .map(|(b, s)| Workload::prefill(b, s).unwrap())
             .to_vec();
-        let rows = evaluate_all(
-            &config,
-            Target::Layer(LayerId::Mlp),
-            &workloads,
-            AttentionImpl::Sdpa,
-            2,
-            &|_| {},
-        )
-        .unwrap();
+        let rows = rows_of(&config, Target::Layer(LayerId::Mlp), &workloads, 2);
         let report = SweepReport {
             config: config.clone(),
             target: "DeepseekV2MLP".into(),
@@ -692,15 +686,7 @@ mod tests {
             Workload::decode(2, 100).unwrap(),
             Workload::decode(2, 200).unwrap(),
         ];
-        let rows = evaluate_all(
-            &config,
-            Target::Stack,
-            &workloads,
-            AttentionImpl::Sdpa,
-            1,
-            &|_| {},
-        )
-        .unwrap();
+        let rows = rows_of(&config, Target::Stack, &workloads, 1);
         let report = SweepReport {
             config,
             target: "DeepseekV2ForCausalLM".into(),
