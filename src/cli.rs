@@ -91,30 +91,36 @@ pub struct WorkloadArgs {
 }
 
 impl WorkloadArgs {
-    /// These options with each axis of `point` set to its value (a point of a sweep: its
-    /// workload is then [`WorkloadArgs::workload`]'s, with the same checks).
+    /// These options with each workload axis of `point` set to its value (a point of a
+    /// sweep: its workload is then [`WorkloadArgs::workload`]'s, with the same checks).
+    /// `new-tokens` is no workload option: the caller takes it from `point`.
     pub fn at(&self, point: &[(Axis, u64)]) -> WorkloadArgs {
         let mut args = self.clone();
         for &(axis, value) in point {
-            *args.axis_mut(axis) = Some(value);
+            if let Some(slot) = args.axis_mut(axis) {
+                *slot = Some(value);
+            }
         }
         args
     }
 
-    /// The value `axis`'s own option (`--batch` …) sets, if given.
+    /// The value `axis`'s own option (`--batch` …) sets, if given (`None` for
+    /// `new-tokens`, which is not one of these options).
     pub fn sets(&self, axis: Axis) -> Option<u64> {
         match axis {
             Axis::Batch => self.batch,
             Axis::SeqLen => self.seq_len,
             Axis::ContextLen => self.context_len,
+            Axis::NewTokens => None,
         }
     }
 
-    fn axis_mut(&mut self, axis: Axis) -> &mut Option<u64> {
+    fn axis_mut(&mut self, axis: Axis) -> Option<&mut Option<u64>> {
         match axis {
-            Axis::Batch => &mut self.batch,
-            Axis::SeqLen => &mut self.seq_len,
-            Axis::ContextLen => &mut self.context_len,
+            Axis::Batch => Some(&mut self.batch),
+            Axis::SeqLen => Some(&mut self.seq_len),
+            Axis::ContextLen => Some(&mut self.context_len),
+            Axis::NewTokens => None,
         }
     }
 
@@ -317,12 +323,12 @@ pub fn progress_bar(len: u64, what: &str, quiet: bool) -> indicatif::ProgressBar
 }
 
 /// Parses a `--vary AXIS=VALUES` option of `modelmeter sweep`: an axis (`batch`,
-/// `seq-len` or `context-len`) and its values, in the order written, as a comma-separated
+/// `seq-len`, `context-len` or `new-tokens`) and its values, in the order written, as a comma-separated
 /// list of items, each a whole number `N`, a range `START:END` (every value), `START:END:STEP`
 /// or a doubling (any factor) `START:END:*FACTOR`; a range ends at the last value not past
 /// `END`. A value given twice (ranges that overlap) is refused: it would repeat a row.
 pub fn parse_vary(text: &str) -> std::result::Result<(Axis, Vec<u64>), String> {
-    const FORM: &str = "AXIS=VALUES such as seq-len=128:4096:128 or batch=1,2,4 (AXIS: batch, seq-len or context-len; VALUES: comma-separated N, START:END, START:END:STEP or START:END:*FACTOR)";
+    const FORM: &str = "AXIS=VALUES such as seq-len=128:4096:128 or batch=1,2,4 (AXIS: batch, seq-len, context-len or new-tokens; VALUES: comma-separated N, START:END, START:END:STEP or START:END:*FACTOR)";
     let Some((name, list)) = text.split_once('=') else {
         return Err(format!("expected {FORM}"));
     };
@@ -609,9 +615,16 @@ mod tests {
             batch: Some(3),
             ..WorkloadArgs::default()
         };
-        let at = base.at(&[(Axis::SeqLen, 64), (Axis::ContextLen, 9)]);
-        assert_eq!(Axis::ALL.map(|a| at.sets(a)), [Some(3), Some(64), Some(9)]);
-        assert_eq!(Axis::ALL.map(|a| base.sets(a)), [Some(3), None, None]);
+        let at = base.at(&[
+            (Axis::SeqLen, 64),
+            (Axis::ContextLen, 9),
+            (Axis::NewTokens, 5),
+        ]);
+        assert_eq!(
+            Axis::ALL.map(|a| at.sets(a)),
+            [Some(3), Some(64), Some(9), None]
+        );
+        assert_eq!(Axis::ALL.map(|a| base.sets(a)), [Some(3), None, None, None]);
     }
 
     #[test]

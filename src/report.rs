@@ -13,7 +13,7 @@ use crate::layers::{
 use crate::liveness::Peak;
 use crate::metrics::{Cost, Metrics};
 use crate::units;
-use crate::workload::{Phase, Platform, Workload};
+use crate::workload::{Platform, Workload};
 
 /// The JSON schema tag of [`AnalyzeReport::to_json`].
 pub const ANALYZE_SCHEMA: &str = "modelmeter.analyze/1";
@@ -49,23 +49,11 @@ pub fn analyze(
     let stack = DeepseekV2Decoder::new(config, workload, attention)
         .cost()?
         .on_device(cuda);
-    let generation = match (new_tokens, workload.phase) {
-        (Some(n), Phase::Prefill { seq_len }) => {
-            let g = Generation {
-                config: config.clone(),
-                batch: workload.batch,
-                prefill_len: seq_len,
-                new_tokens: n,
-                dtype: workload.dtype,
-                allow_tf32: workload.allow_tf32,
-                platform: workload.platform,
-                attention,
-                mla: workload.mla,
-            };
-            Some((n, g.metrics()?))
-        }
-        _ => None,
-    };
+    // A decode step starts no generation: none is reported.
+    let generation = new_tokens
+        .and_then(|n| Generation::after_prefill(config, workload, n, attention))
+        .map(|g| Ok::<_, crate::Error>((g.new_tokens, g.metrics()?)))
+        .transpose()?;
     Ok(AnalyzeReport {
         config: config.clone(),
         workload: workload.clone(),

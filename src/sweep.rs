@@ -1,12 +1,13 @@
-//! Design-space sweeps: the metrics of the whole decoder stack, or of one layer, at every
-//! point of a grid of workloads (`modelmeter sweep`).
+//! Design-space sweeps: the metrics of the whole decoder stack, of one layer, or of a whole
+//! generation, at every point of a grid of workloads (`modelmeter sweep`).
 //!
 //! A point is evaluated as `modelmeter analyze` evaluates its one workload: the same op
 //! lists, with the sums and the liveness kept but not the per-op tree
 //! ([`crate::metrics::sums_only`]), and on a GPU the caching allocator's blocks
-//! ([`Cost::metrics_on`]). So a sweep's row is analyze's row for that workload (a test
-//! checks every layer and the stack, on both platforms). Points are independent: they
-//! are spread over threads, and the rows come back in the grid's order.
+//! ([`Cost::metrics_on`]); a generation is analyze's `--new-tokens` total
+//! ([`Generation::metrics`]). So a sweep's row is analyze's row for that point (tests check
+//! every layer, the stack and generations, on both platforms). Points are independent:
+//! they are spread over threads, and the rows come back in the grid's order.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -15,7 +16,9 @@ use serde_json::Value;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::layers::{attention_class_name, AttentionImpl, DeepseekV2Decoder, Layer, LayerId};
+use crate::layers::{
+    attention_class_name, AttentionImpl, DeepseekV2Decoder, Generation, Layer, LayerId,
+};
 use crate::liveness::Peak;
 use crate::metrics::{sums_only, Cost, Metrics};
 use crate::units;
@@ -29,7 +32,7 @@ pub const SWEEP_SCHEMA: &str = "modelmeter.sweep/1";
 /// is several sweeps.
 pub const MAX_POINTS: u64 = 1_000_000;
 
-/// A workload dimension a sweep varies.
+/// A dimension a sweep varies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Axis {
@@ -39,11 +42,13 @@ pub enum Axis {
     SeqLen,
     /// Cached tokens before a decode step (`--context-len`).
     ContextLen,
+    /// Decode steps after the prefill of a whole generation (`--new-tokens`).
+    NewTokens,
 }
 
 impl Axis {
     /// Every axis, in the order a point's columns list them.
-    pub const ALL: [Axis; 3] = [Axis::Batch, Axis::SeqLen, Axis::ContextLen];
+    pub const ALL: [Axis; 4] = [Axis::Batch, Axis::SeqLen, Axis::ContextLen, Axis::NewTokens];
 
     /// As the command line spells it (`seq-len`): the option that sets it alone is
     /// `--` and this.
@@ -52,6 +57,7 @@ impl Axis {
             Axis::Batch => "batch",
             Axis::SeqLen => "seq-len",
             Axis::ContextLen => "context-len",
+            Axis::NewTokens => "new-tokens",
         }
     }
 
@@ -61,6 +67,7 @@ impl Axis {
             Axis::Batch => "batch",
             Axis::SeqLen => "seq_len",
             Axis::ContextLen => "context_len",
+            Axis::NewTokens => "new_tokens",
         }
     }
 
@@ -71,33 +78,34 @@ impl Axis {
             .find(|a| a.option() == name || a.key() == name)
     }
 
-    /// Its value in `workload`; `None` for the length the phase has not (a prefill's
-    /// context length, a decode step's prompt length).
-    pub fn of(self, workload: &Workload) -> Option<u64> {
-        match (self, workload.phase) {
-            (Axis::Batch, _) => Some(workload.batch),
+    /// Its value at `point`; `None` for what the point has not (a prefill's context
+    /// length, a decode step's prompt length, a single call's new tokens).
+    pub fn of(self, point: &Point) -> Option<u64> {
+        match (self, point.workload.phase) {
+            (Axis::Batch, _) => Some(point.workload.batch),
             (Axis::SeqLen, Phase::Prefill { seq_len }) => Some(seq_len),
             (Axis::ContextLen, Phase::Decode { context_len }) => Some(context_len),
+            (Axis::NewTokens, _) => point.new_tokens,
             _ => None,
         }
     }
 }
 
-/// The axes that identify a point of `phase`: the batch, and the prompt length of a
-/// prefill or the context length of a decode step. Every row lists them, varied or not,
-/// so that rows of several sweeps can be put together.
-pub fn point_axes(phase: Phase) -> [Axis; 2] {
-    axes_of(matches!(phase, Phase::Decode { .. }))
-}
-
-/// [`point_axes`] of a decode step (`decode`) or a prefill, before any workload is built
-/// (what the command line's `--phase` says).
-pub fn axes_of(decode: bool) -> [Axis; 2] {
-    if decode {
-        [Axis::Batch, Axis::ContextLen]
+/// The axes that identify a point: the batch, the prompt length of a prefill or the
+/// context length of a decode step (`decode`), and for a whole generation the new tokens.
+/// Every row lists them, varied or not, so that rows of several sweeps can be put
+/// together.
+pub fn axes_of(decode: bool, generation: bool) -> Vec<Axis> {
+    let length = if decode {
+        Axis::ContextLen
     } else {
-        [Axis::Batch, Axis::SeqLen]
+        Axis::SeqLen
+    };
+    let mut axes = vec![Axis::Batch, length];
+    if generation {
+        axes.push(Axis::NewTokens);
     }
+    axes
 }
 
 /// Every combination of the axes' values, the first axis varying slowest (as nested
@@ -141,6 +149,42 @@ pub fn grid(axes: &[(Axis, Vec<u64>)]) -> Result<Vec<Vec<(Axis, u64)>>> {
     Ok(points)
 }
 
+/// One point of a sweep: a workload, and for a whole generation the decode steps after
+/// its prefill.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Point {
+    pub workload: Workload,
+    /// `Some` for a whole generation ([`Target::Generation`]): the prefill `workload`, then
+    /// this many decode steps.
+    pub new_tokens: Option<u64>,
+}
+
+impl Point {
+    /// A point of one call at `workload`.
+    pub fn call(workload: Workload) -> Point {
+        Point {
+            workload,
+            new_tokens: None,
+        }
+    }
+
+    /// The axes that identify this point ([`axes_of`]).
+    pub fn axes(&self) -> Vec<Axis> {
+        axes_of(
+            matches!(self.workload.phase, Phase::Decode { .. }),
+            self.new_tokens.is_some(),
+        )
+    }
+
+    /// A one-line description (`B=1 prefill S=512 bf16`, `… + 64 new tokens`).
+    pub fn describe(&self) -> String {
+        match self.new_tokens {
+            Some(n) => format!("{} + {n} new tokens", self.workload.describe()),
+            None => self.workload.describe(),
+        }
+    }
+}
+
 /// What a sweep evaluates at each point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -149,6 +193,9 @@ pub enum Target {
     Stack,
     /// One layer, as analyze's row of that layer.
     Layer(LayerId),
+    /// A whole generation, the prefill and the point's new tokens: analyze's
+    /// `--new-tokens` total (activations in tensor bytes, no peak).
+    Generation,
 }
 
 impl Target {
@@ -162,60 +209,81 @@ impl Target {
         match self {
             Target::Stack => DeepseekV2Decoder::new(config, workload, attention).name(),
             Target::Layer(id) => id.name_for(config, workload.mla, attention).to_string(),
+            Target::Generation => format!(
+                "{} generation",
+                DeepseekV2Decoder::new(config, workload, attention).name()
+            ),
         }
     }
-
-    /// The cost of one call at `workload`, with sums only (no per-op tree).
-    fn cost(
-        self,
-        config: &ModelConfig,
-        workload: &Workload,
-        attention: AttentionImpl,
-    ) -> Result<Cost> {
-        sums_only(|| match self {
-            Target::Stack => DeepseekV2Decoder::new(config, workload, attention).cost(),
-            Target::Layer(id) => id.build(config, workload, attention)?.cost(),
-        })
-    }
 }
 
-/// The metrics of one point: analyze's row for its workload.
+/// The metrics of one point: analyze's row for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct PointMetrics {
-    /// On a GPU `activation_bytes` counts the caching allocator's blocks.
+    /// On a GPU `activation_bytes` counts the caching allocator's blocks, except for a
+    /// generation (tensor bytes, as analyze's `generation`).
     pub metrics: Metrics,
-    /// On a GPU in the caching allocator's blocks.
-    pub peak: Peak,
+    /// On a GPU in the caching allocator's blocks; `None` for a generation (whose closed
+    /// form sums the calls without their liveness).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak: Option<Peak>,
 }
 
-/// Evaluates `target` at `workload`.
+/// Evaluates `target` at `point`. A generation needs a prefill point with new tokens, a
+/// single call a point without: any other pairing is an error, never a guessed row.
 pub fn evaluate(
     config: &ModelConfig,
     target: Target,
-    workload: &Workload,
+    point: &Point,
     attention: AttentionImpl,
 ) -> Result<PointMetrics> {
-    let cost = target.cost(config, workload, attention)?;
-    let cuda = workload.platform == Platform::Cuda;
-    Ok(PointMetrics {
-        metrics: cost.metrics_on(cuda),
-        peak: *cost.peak_on(cuda),
-    })
+    let w = &point.workload;
+    let call = |f: &dyn Fn() -> Result<Cost>| -> Result<PointMetrics> {
+        let cost = sums_only(f)?;
+        let cuda = w.platform == Platform::Cuda;
+        Ok(PointMetrics {
+            metrics: cost.metrics_on(cuda),
+            peak: Some(*cost.peak_on(cuda)),
+        })
+    };
+    match (target, point.new_tokens) {
+        (Target::Stack, None) => call(&|| DeepseekV2Decoder::new(config, w, attention).cost()),
+        (Target::Layer(id), None) => call(&|| id.build(config, w, attention)?.cost()),
+        (Target::Generation, Some(n)) => {
+            let g = Generation::after_prefill(config, w, n, attention).ok_or_else(|| {
+                Error::invalid("phase", "decode", "a prefill: a generation starts with one")
+            })?;
+            Ok(PointMetrics {
+                metrics: g.metrics()?.total,
+                peak: None,
+            })
+        }
+        (Target::Generation, None) => Err(Error::invalid(
+            "new_tokens",
+            "none",
+            "the decode steps of the generation",
+        )),
+        (_, Some(n)) => Err(Error::invalid(
+            "new_tokens",
+            n,
+            "none for a single call (a generation is the whole model's)",
+        )),
+    }
 }
 
 /// Points claimed by a thread at a time: few enough that the threads finish together,
 /// enough that claiming costs nothing beside the evaluations.
 const CHUNK: usize = 64;
 
-/// Evaluates `target` at every workload on up to `threads` threads (at least one; no
-/// more than there are chunks of points, and fewer where the system starts no more), calling
+/// Evaluates `target` at every point on up to `threads` threads (at least one; no more
+/// than there are chunks of points, and fewer where the system starts no more), calling
 /// `progress` with the count of points each finished chunk adds. The rows are in the
-/// order of `workloads`. On failure, the error of the first point (in that order) that
+/// order of `points`. On failure, the error of the first point (in that order) that
 /// fails, with its index: every point before it is evaluated, whichever thread ran it.
 pub fn evaluate_all(
     config: &ModelConfig,
     target: Target,
-    workloads: &[Workload],
+    points: &[Point],
     attention: AttentionImpl,
     threads: usize,
     progress: &(dyn Fn(usize) + Sync),
@@ -228,13 +296,13 @@ pub fn evaluate_all(
         let mut done = Vec::new();
         loop {
             let start = next.fetch_add(CHUNK, Ordering::Relaxed);
-            if start >= workloads.len() || start >= first_failure.load(Ordering::Relaxed) {
+            if start >= points.len() || start >= first_failure.load(Ordering::Relaxed) {
                 return (done, None);
             }
-            let end = (start + CHUNK).min(workloads.len());
+            let end = (start + CHUNK).min(points.len());
             let mut rows = Vec::with_capacity(end - start);
-            for (i, w) in workloads.iter().enumerate().take(end).skip(start) {
-                match evaluate(config, target, w, attention) {
+            for (i, point) in points.iter().enumerate().take(end).skip(start) {
+                match evaluate(config, target, point, attention) {
                     Ok(row) => rows.push(row),
                     Err(e) => {
                         first_failure.fetch_min(i, Ordering::Relaxed);
@@ -246,7 +314,7 @@ pub fn evaluate_all(
             done.push((start, rows));
         }
     };
-    let chunk_count = workloads.len().div_ceil(CHUNK);
+    let chunk_count = points.len().div_ceil(CHUNK);
     let finished: Vec<Done> = std::thread::scope(|scope| {
         // A thread the system cannot start leaves its points to the others.
         let handles: Vec<_> = (1..threads.clamp(1, chunk_count.max(1)))
@@ -276,7 +344,7 @@ pub fn evaluate_all(
     Ok(chunks.into_iter().flat_map(|(_, rows)| rows).collect())
 }
 
-/// A finished sweep: every point's workload and metrics, in the grid's order.
+/// A finished sweep: every point and its metrics, in the grid's order.
 #[derive(Clone, Debug)]
 pub struct SweepReport {
     pub config: ModelConfig,
@@ -285,28 +353,30 @@ pub struct SweepReport {
     pub attention: AttentionImpl,
     /// The axes varied, in the order given (the first varies slowest).
     pub varied: Vec<Axis>,
-    pub workloads: Vec<Workload>,
+    pub points: Vec<Point>,
     pub rows: Vec<PointMetrics>,
 }
 
 impl SweepReport {
-    /// The axes each row lists ([`point_axes`]).
-    fn axes(&self) -> [Axis; 2] {
-        point_axes(
-            self.workloads
-                .first()
-                .map_or(Phase::Prefill { seq_len: 0 }, |w| w.phase),
-        )
+    /// The axes each row lists (every point of a sweep has the same phase and kind).
+    fn axes(&self) -> Vec<Axis> {
+        self.points
+            .first()
+            .map_or_else(|| axes_of(false, false), Point::axes)
     }
 
-    /// The points with their values on [`SweepReport::axes`] (every workload of a sweep
-    /// has the same phase, so each has both).
-    fn points(&self) -> impl Iterator<Item = ([u64; 2], &PointMetrics)> {
+    /// Whether the rows are generations (no peak; activations in tensor bytes).
+    fn generations(&self) -> bool {
+        self.axes().contains(&Axis::NewTokens)
+    }
+
+    /// The points with their values on [`SweepReport::axes`].
+    fn entries(&self) -> impl Iterator<Item = (Vec<u64>, &PointMetrics)> {
         let axes = self.axes();
-        self.workloads
-            .iter()
-            .zip(&self.rows)
-            .map(move |(w, row)| (axes.map(|a| a.of(w).unwrap_or_default()), row))
+        self.points.iter().zip(&self.rows).map(move |(p, row)| {
+            let values = axes.iter().map(|a| a.of(p).unwrap_or_default()).collect();
+            (values, row)
+        })
     }
 
     /// The `modelmeter.sweep/1` JSON object: the first point's whole workload, then each
@@ -315,7 +385,7 @@ impl SweepReport {
     /// go out one by one, where a tree of JSON values per point would hold gigabytes for
     /// a million of them.
     pub fn json(&self) -> impl Serialize + '_ {
-        let first = self.workloads.first();
+        let first = self.points.first().map(|p| &p.workload);
         SweepJson {
             schema: SWEEP_SCHEMA,
             config: &self.config,
@@ -324,6 +394,8 @@ impl SweepReport {
                 .and_then(|w| crate::layers::attention_core(&self.config, w.mla, self.attention)),
             varied: &self.varied,
             first_workload: first,
+            // As analyze's `generation` says it: its closed form sums tensors.
+            activation_bytes_are: self.generations().then_some("tensor_bytes"),
             points: Points(self),
             conventions: crate::conventions::conventions_json(),
         }
@@ -335,22 +407,29 @@ impl SweepReport {
     }
 
     /// One line per point, comma-separated, after a header: the point's axes, every
-    /// metric of [`crate::metrics::Metric::ALL`] and `peak_activation_bytes`, as exact integers.
+    /// metric of [`crate::metrics::Metric::ALL`] and (but for generations)
+    /// `peak_activation_bytes`, as exact integers.
     #[cfg(feature = "cli")]
     pub fn to_csv(&self) -> std::result::Result<String, csv::Error> {
+        use crate::metrics::Metric;
         let mut out = csv::Writer::from_writer(Vec::new());
+        let peak: &[&str] = if self.generations() {
+            &[]
+        } else {
+            &["peak_activation_bytes"]
+        };
         let header = self
             .axes()
-            .map(Axis::key)
             .into_iter()
-            .chain(crate::metrics::Metric::ALL.map(crate::metrics::Metric::name))
-            .chain(["peak_activation_bytes"]);
+            .map(Axis::key)
+            .chain(Metric::ALL.map(Metric::name))
+            .chain(peak.iter().copied());
         out.write_record(header)?;
-        for (values, row) in self.points() {
+        for (values, row) in self.entries() {
             let record = values
                 .into_iter()
-                .chain(crate::metrics::Metric::ALL.map(|m| m.get(&row.metrics)))
-                .chain([row.peak.peak_bytes])
+                .chain(Metric::ALL.map(|m| m.get(&row.metrics)))
+                .chain(row.peak.map(|p| p.peak_bytes))
                 .map(|v| v.to_string());
             out.write_record(record)?;
         }
@@ -365,33 +444,37 @@ impl SweepReport {
     /// A table for people: a title, then one row per point (its axes, then the columns
     /// of `modelmeter analyze`, in its units).
     pub fn to_text(&self) -> String {
-        let (first, last) = (self.workloads.first(), self.workloads.last());
+        let (first, last) = (self.points.first(), self.points.last());
         let span = match (first, last) {
-            (Some(f), Some(l)) if self.workloads.len() > 1 => {
+            (Some(f), Some(l)) if self.points.len() > 1 => {
                 format!("{} … {}", f.describe(), l.describe())
             }
             (Some(f), _) => f.describe(),
             _ => String::new(),
         };
-        let attention = first.map_or(self.attention.class_name(), |w| {
+        let workload = first.map(|p| &p.workload);
+        let attention = workload.map_or(self.attention.class_name(), |w| {
             attention_class_name(&self.config, w.mla, self.attention)
         });
-        let platform = first.map_or(Platform::Cuda, |w| w.platform);
-        let n = self.workloads.len();
+        let platform = workload.map_or(Platform::Cuda, |w| w.platform);
+        let n = self.points.len();
         let mut out = format!(
-            "modelmeter sweep — {} — {} on {platform} — attention {attention}\n{n} point{}: {span}\n\n",
+            "modelmeter sweep — {} — {} on {platform} — attention {attention}\n{n} point{}: {span}\n",
             crate::error::one_line(&self.config.name),
             self.target,
             if n == 1 { "" } else { "s" },
         );
-        let axes = self.axes();
-        let mut header: Vec<String> = axes.iter().map(|a| a.key().to_string()).collect();
+        if self.generations() && platform == Platform::Cuda {
+            out.push_str("activations: tensor bytes, not rounded to CUDA blocks\n");
+        }
+        out.push('\n');
+        let mut header: Vec<String> = self.axes().iter().map(|a| a.key().to_string()).collect();
         header.extend(crate::report::header("").into_iter().skip(1));
         let mut rows = vec![header];
-        for (values, row) in self.points() {
+        for (values, row) in self.entries() {
             let mut cells: Vec<String> = values.iter().map(u64::to_string).collect();
             cells.extend(
-                crate::report::row("", &row.metrics, Some(&row.peak))
+                crate::report::row("", &row.metrics, row.peak.as_ref())
                     .into_iter()
                     .skip(1),
             );
@@ -413,6 +496,8 @@ struct SweepJson<'a> {
     attention: Option<AttentionImpl>,
     varied: &'a [Axis],
     first_workload: Option<&'a Workload>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    activation_bytes_are: Option<&'static str>,
     points: Points<'a>,
     conventions: Value,
 }
@@ -428,25 +513,27 @@ impl Serialize for Points<'_> {
         use serde::ser::{SerializeMap, SerializeSeq};
         let axes = self.0.axes();
         let mut seq = serializer.serialize_seq(Some(self.0.rows.len()))?;
-        for (values, row) in self.0.points() {
-            /// One point: its axes, then `metrics` and `peak`.
-            struct Point<'p>([Axis; 2], [u64; 2], &'p PointMetrics);
-            impl Serialize for Point<'_> {
+        for (values, row) in self.0.entries() {
+            /// One point: its axes, then `metrics` and (but for a generation) `peak`.
+            struct Entry<'p>(&'p [Axis], Vec<u64>, &'p PointMetrics);
+            impl Serialize for Entry<'_> {
                 fn serialize<S: serde::Serializer>(
                     &self,
                     serializer: S,
                 ) -> std::result::Result<S::Ok, S::Error> {
-                    let Point(axes, values, row) = self;
-                    let mut map = serializer.serialize_map(Some(4))?;
+                    let Entry(axes, values, row) = self;
+                    let mut map = serializer.serialize_map(None)?;
                     for (axis, value) in axes.iter().zip(values) {
                         map.serialize_entry(axis.key(), value)?;
                     }
                     map.serialize_entry("metrics", &row.metrics)?;
-                    map.serialize_entry("peak", &row.peak)?;
+                    if let Some(peak) = &row.peak {
+                        map.serialize_entry("peak", peak)?;
+                    }
                     map.end()
                 }
             }
-            seq.serialize_element(&Point(axes, values, row))?;
+            seq.serialize_element(&Entry(&axes, values, row))?;
         }
         seq.end()
     }
@@ -460,22 +547,27 @@ mod tests {
     use crate::workload::MlaForm;
     use serde_json::json;
 
-    /// The rows of `target` at `workloads` on `threads` threads, every point succeeding.
+    /// The rows of `target` at `points` on `threads` threads, every point succeeding.
     fn rows_of(
         config: &ModelConfig,
         target: Target,
-        workloads: &[Workload],
+        points: &[Point],
         threads: usize,
     ) -> Vec<PointMetrics> {
         evaluate_all(
             config,
             target,
-            workloads,
+            points,
             AttentionImpl::Sdpa,
             threads,
             &|_| {},
         )
         .unwrap()
+    }
+
+    /// A single call's point at each workload.
+    fn calls(workloads: impl IntoIterator<Item = Workload>) -> Vec<Point> {
+        workloads.into_iter().map(Point::call).collect()
     }
 
     fn axis_values(points: &[Vec<(Axis, u64)>]) -> Vec<Vec<u64>> {
@@ -548,7 +640,8 @@ mod tests {
                     let w = base.clone().on(platform).with_mla(form);
                     let attention = AttentionImpl::Sdpa;
                     let report = analyze(config, &w, attention, None).unwrap();
-                    let stack = evaluate(config, Target::Stack, &w, attention).unwrap();
+                    let point = Point::call(w.clone());
+                    let stack = evaluate(config, Target::Stack, &point, attention).unwrap();
                     assert_eq!(
                         stack.metrics,
                         report.stack.metrics,
@@ -558,14 +651,14 @@ mod tests {
                     );
                     assert_eq!(
                         stack.peak,
-                        report.stack.peak,
+                        Some(report.stack.peak),
                         "{} {}",
                         config.name,
                         w.describe()
                     );
                     let ids = LayerId::ALL.into_iter().filter(|id| id.is_in(config));
                     for (id, shown) in ids.zip(&report.layers) {
-                        let row = evaluate(config, Target::Layer(id), &w, attention).unwrap();
+                        let row = evaluate(config, Target::Layer(id), &point, attention).unwrap();
                         assert_eq!(Target::Layer(id).name(config, &w, attention), shown.name);
                         assert_eq!(
                             row.metrics,
@@ -574,7 +667,13 @@ mod tests {
                             shown.name,
                             w.describe()
                         );
-                        assert_eq!(row.peak, shown.peak, "{} {}", shown.name, w.describe());
+                        assert_eq!(
+                            row.peak,
+                            Some(shown.peak),
+                            "{} {}",
+                            shown.name,
+                            w.describe()
+                        );
                         compared += 1;
                     }
                     assert_eq!(
@@ -587,12 +686,59 @@ mod tests {
         assert!(compared >= 3 * 2 * 2 * 5, "{compared} layer rows compared");
     }
 
+    /// A generation's row is analyze's `--new-tokens` total, on both platforms, for a
+    /// multi-head config and an MLA one; mismatched targets and points are errors.
+    #[test]
+    fn a_generation_point_is_analyzes_generation_total() {
+        let ocr = ModelConfig::deepseek_ocr();
+        let lite = ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
+        for config in [&ocr, &lite] {
+            for platform in [Platform::Cuda, Platform::Cpu] {
+                for (seq_len, new_tokens) in [(5, 0), (33, 7)] {
+                    let w = Workload::prefill(2, seq_len).unwrap().on(platform);
+                    let attention = AttentionImpl::Sdpa;
+                    let report = analyze(config, &w, attention, Some(new_tokens)).unwrap();
+                    let point = Point {
+                        workload: w.clone(),
+                        new_tokens: Some(new_tokens),
+                    };
+                    let row = evaluate(config, Target::Generation, &point, attention).unwrap();
+                    let (n, shown) = report.generation.unwrap();
+                    assert_eq!(n, new_tokens);
+                    assert_eq!(
+                        row.metrics,
+                        shown.total,
+                        "{} {}",
+                        config.name,
+                        point.describe()
+                    );
+                    assert_eq!(row.peak, None);
+                }
+            }
+        }
+        let prefill = Point::call(Workload::prefill(1, 8).unwrap());
+        let generation = Point {
+            new_tokens: Some(4),
+            ..prefill.clone()
+        };
+        let decode = Point {
+            workload: Workload::decode(1, 8).unwrap(),
+            new_tokens: Some(4),
+        };
+        for (target, point, says) in [
+            (Target::Generation, &prefill, "new_tokens = none"),
+            (Target::Stack, &generation, "new_tokens = 4"),
+            (Target::Generation, &decode, "phase = decode"),
+        ] {
+            let e = evaluate(&ocr, target, point, AttentionImpl::Sdpa).unwrap_err();
+            assert!(e.to_string().contains(says), "{target:?}: {e}");
+        }
+    }
+
     #[test]
     fn threads_return_the_rows_in_order_and_report_the_first_failure() {
         let config = ModelConfig::deepseek_ocr();
-        let workloads: Vec<Workload> = (1..=300)
-            .map(|s| Workload::prefill(1, s).unwrap())
-            .collect();
+        let workloads = calls((1..=300).map(|s| Workload::prefill(1, s).unwrap()));
         let one = rows_of(&config, Target::Stack, &workloads, 1);
         let finished = AtomicUsize::new(0);
         let four = evaluate_all(
@@ -618,8 +764,8 @@ mod tests {
         // Points that overflow from index 150 on: the first of them is the one reported,
         // however the threads raced.
         let mut failing = workloads.clone();
-        for w in &mut failing[150..] {
-            w.batch = u64::MAX / 2;
+        for p in &mut failing[150..] {
+            p.workload.batch = u64::MAX / 2;
         }
         for threads in [1, 3, 8] {
             let (at, e) = evaluate_all(
@@ -639,16 +785,15 @@ mod tests {
     #[test]
     fn renderings_list_each_point_with_its_axes_in_order() {
         let config = ModelConfig::deepseek_ocr();
-        let workloads: Vec<Workload> = [(1, 16), (1, 32), (4, 16)]
-            .map(|(b, s)| Workload::prefill(b, s).unwrap())
-            .to_vec();
-        let rows = rows_of(&config, Target::Layer(LayerId::Mlp), &workloads, 2);
+        let points =
+            calls([(1, 16), (1, 32), (4, 16)].map(|(b, s)| Workload::prefill(b, s).unwrap()));
+        let rows = rows_of(&config, Target::Layer(LayerId::Mlp), &points, 2);
         let report = SweepReport {
             config: config.clone(),
             target: "DeepseekV2MLP".into(),
             attention: AttentionImpl::Sdpa,
             varied: vec![Axis::Batch, Axis::SeqLen],
-            workloads: workloads.clone(),
+            points,
             rows: rows.clone(),
         };
         let j = report.to_json();
@@ -662,7 +807,7 @@ mod tests {
         );
         assert_eq!(
             j["points"][0]["peak"]["peak_bytes"].as_u64(),
-            Some(rows[0].peak.peak_bytes)
+            rows[0].peak.map(|p| p.peak_bytes)
         );
         let text = report.to_text();
         assert!(
@@ -682,17 +827,14 @@ mod tests {
     #[test]
     fn csv_has_exact_integers_under_a_header_of_axes_and_metrics() {
         let config = ModelConfig::deepseek_ocr();
-        let workloads = vec![
-            Workload::decode(2, 100).unwrap(),
-            Workload::decode(2, 200).unwrap(),
-        ];
-        let rows = rows_of(&config, Target::Stack, &workloads, 1);
+        let points = calls([100, 200].map(|c| Workload::decode(2, c).unwrap()));
+        let rows = rows_of(&config, Target::Stack, &points, 1);
         let report = SweepReport {
             config,
             target: "DeepseekV2ForCausalLM".into(),
             attention: AttentionImpl::Sdpa,
             varied: vec![Axis::ContextLen],
-            workloads,
+            points,
             rows: rows.clone(),
         };
         let csv = report.to_csv().unwrap();
@@ -705,7 +847,47 @@ mod tests {
         assert_eq!(second[..2], [2, 200]);
         assert_eq!(second[2], rows[1].metrics.matmul_flops);
         assert_eq!(second[9], rows[1].metrics.kv_cache_bytes);
-        assert_eq!(second[10], rows[1].peak.peak_bytes);
+        assert_eq!(Some(second[10]), rows[1].peak.map(|p| p.peak_bytes));
         assert_eq!(lines.len(), 3);
+    }
+
+    /// A generation sweep lists its new tokens and no peak (its closed form has none), and
+    /// says its activations are tensor bytes.
+    #[cfg(feature = "cli")]
+    #[test]
+    fn generation_renderings_list_new_tokens_and_no_peak() {
+        let config = ModelConfig::deepseek_ocr();
+        let points: Vec<Point> = [3, 9]
+            .map(|n| Point {
+                workload: Workload::prefill(1, 16).unwrap(),
+                new_tokens: Some(n),
+            })
+            .to_vec();
+        let rows = rows_of(&config, Target::Generation, &points, 2);
+        let report = SweepReport {
+            config,
+            target: "DeepseekV2ForCausalLM generation".into(),
+            attention: AttentionImpl::Sdpa,
+            varied: vec![Axis::NewTokens],
+            points,
+            rows: rows.clone(),
+        };
+        let csv = report.to_csv().unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "batch,seq_len,new_tokens,matmul_flops,elementwise_flops,tensor_core_flops,cuda_core_flops,io_bytes,weight_bytes,activation_bytes,kv_cache_bytes"
+        );
+        assert!(lines[2].starts_with(&format!("1,16,9,{},", rows[1].metrics.matmul_flops)));
+        let j = report.to_json();
+        assert_eq!(j["activation_bytes_are"], "tensor_bytes");
+        assert_eq!(j["points"][1]["new_tokens"], 9);
+        assert!(j["points"][1].get("peak").is_none());
+        let text = report.to_text();
+        assert!(
+            text.contains("activations: tensor bytes, not rounded to CUDA blocks"),
+            "{text}"
+        );
+        assert!(text.contains("2 points: B=1 prefill S=16 bf16 + 3 new tokens … B=1 prefill S=16 bf16 + 9 new tokens"), "{text}");
     }
 }

@@ -118,6 +118,59 @@ fn rows_are_analyzes_rows_for_each_point() {
     assert_rows_are_analyzes(&header, &rows, decode, "DeepseekV2DecoderLayer_moe", &fixed);
 }
 
+/// A generation's row is `analyze --new-tokens`'s `generation.total`; its columns add the
+/// new tokens and leave out the peak (the closed form has none).
+#[test]
+fn generation_rows_are_analyzes_generation_totals() {
+    let (header, rows) = csv(&[
+        "--vary",
+        "new-tokens=0:10:5",
+        "--vary",
+        "seq-len=9,30",
+        "--batch",
+        "2",
+    ]);
+    assert_eq!(&header[..3], ["batch", "seq_len", "new_tokens"]);
+    assert_eq!(header.len(), 3 + 8);
+    assert!(!header.iter().any(|h| h == "peak_activation_bytes"));
+    let points: Vec<[u64; 3]> = rows.iter().map(|r| [r[0], r[1], r[2]]).collect();
+    assert_eq!(
+        points,
+        [
+            [2, 9, 0],
+            [2, 30, 0],
+            [2, 9, 5],
+            [2, 30, 5],
+            [2, 9, 10],
+            [2, 30, 10]
+        ]
+    );
+    for row in &rows {
+        let o = modelmeter(&[
+            "analyze",
+            "--json",
+            "--batch",
+            "2",
+            "--seq-len",
+            &row[1].to_string(),
+            "--new-tokens",
+            &row[2].to_string(),
+        ]);
+        let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        for (column, value) in header.iter().zip(row).skip(3) {
+            assert_eq!(
+                report["generation"]["total"][column.as_str()].as_u64(),
+                Some(*value),
+                "{row:?} {column}"
+            );
+        }
+    }
+    // --new-tokens alone: every point a generation of that many steps.
+    let (header, rows) = csv(&["--new-tokens", "3", "--vary", "seq-len=4,8"]);
+    assert_eq!(&header[..3], ["batch", "seq_len", "new_tokens"]);
+    assert_eq!(rows.iter().map(|r| r[2]).collect::<Vec<_>>(), [3, 3]);
+}
+
 #[test]
 fn threads_change_nothing_but_the_time() {
     let args = [
@@ -267,6 +320,22 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
             "at seq-len=1 (point 1 of 2): --batch = 36028797018963968",
         ),
         (&["--vary", "seq-len=1", "--vary", "seq-len=2"], "(seq-len=1,2,4)"),
+        (
+            &["--new-tokens", "4", "--phase", "decode"],
+            "a generation starts with a prefill",
+        ),
+        (
+            &["--vary", "new-tokens=4", "--layer", "MoEGate"],
+            "--layer = MoEGate is invalid: expected no value with --new-tokens",
+        ),
+        (
+            &["--new-tokens", "4", "--vary", "new-tokens=1,2"],
+            "--new-tokens = 4 is invalid: expected no value with --vary new-tokens=…",
+        ),
+        (
+            &["--new-tokens", "18446744073709551615"],
+            "lower --new-tokens",
+        ),
     ];
     for (args, needle) in cases {
         let o = modelmeter(&[&["sweep"][..], args].concat());

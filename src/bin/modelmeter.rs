@@ -12,7 +12,7 @@ use modelmeter::cli::{
 use modelmeter::layers::LayerId;
 use modelmeter::overflow::{self, Inputs};
 use modelmeter::report::analyze;
-use modelmeter::sweep::{self, Axis, SweepReport, Target};
+use modelmeter::sweep::{self, Axis, Point, SweepReport, Target};
 use modelmeter::{Dtype, Platform, Workload};
 
 /// The examples both `modelmeter --help` and `modelmeter analyze --help` end with (every
@@ -43,16 +43,19 @@ const SWEEP_EXAMPLES: &str = "Examples:
     --vary seq-len=512,1024,2048
   # decode steps over a growing KV cache, as JSON
   modelmeter sweep --phase decode --vary context-len=512:8000:512 --json
+  # whole generations: 512 new tokens after prompts of 1024 … 7680 tokens
+  modelmeter sweep --new-tokens 512 --vary seq-len=1024:7680:1024 --csv
   # DeepSeek-V2-Lite's absorbed MLA, every context length up to 4096
   modelmeter sweep --config deepseek-v2-lite --mla absorb --phase decode \\
     --vary context-len=1:4096 --csv > lite.csv
 
-AXIS is batch, seq-len (prefill) or context-len (decode). VALUES is a
-comma-separated list of N, START:END (every value), START:END:STEP or
-START:END:*FACTOR (1:64:*2 is 1, 2, 4 … 64); a range stops at the last value
-not past END. With several --vary the first varies slowest. Each row lists the
-batch and the prompt (prefill) or context (decode) length, then the metrics of
-`modelmeter analyze`'s row for that workload.";
+AXIS is batch, seq-len (prefill), context-len (decode) or new-tokens (each point
+a whole generation, as --new-tokens). VALUES is a comma-separated list of N,
+START:END (every value), START:END:STEP or START:END:*FACTOR (1:64:*2 is 1, 2,
+4 … 64); a range stops at the last value not past END. With several --vary the
+first varies slowest. Each row lists the batch, the prompt (prefill) or context
+(decode) length and any new tokens, then the metrics of `modelmeter analyze`'s
+row for that workload (a generation's: analyze's --new-tokens total).";
 
 #[derive(Parser)]
 #[command(
@@ -129,6 +132,10 @@ struct SweepArgs {
     /// the one workload the other options name
     #[arg(long, value_name = "AXIS=VALUES", value_parser = parse_vary)]
     vary: Vec<(Axis, Vec<u64>)>,
+    /// Each point is a whole generation: its prefill, then N decode steps (rows are
+    /// analyze's --new-tokens total; vary N with --vary new-tokens=…)
+    #[arg(long, value_name = "N", value_parser = whole_number::<u64>)]
+    new_tokens: Option<u64>,
     /// The layer to sweep, as `modelmeter analyze` names it (DeepseekV2MoE,
     /// DeepseekV2DecoderLayer_moe …) [default: the whole stack, DeepseekV2ForCausalLM]
     #[arg(long, value_name = "LAYER")]
@@ -235,9 +242,25 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
     let config = args.workload.model_config()?;
     let platform = args.device.platform()?;
     let attention = args.workload.attention();
+    let decode = args.workload.phase() == PhaseArg::Decode;
+    // A whole generation at each point: --new-tokens, or new-tokens varied.
+    let generation =
+        args.new_tokens.is_some() || args.vary.iter().any(|(a, _)| *a == Axis::NewTokens);
+    if generation && decode {
+        anyhow::bail!(
+            "--new-tokens (or --vary new-tokens=…) with --phase decode: a generation starts with a prefill; leave out --phase decode"
+        );
+    }
+    if let (true, Some(layer)) = (generation, &args.layer) {
+        return Err(modelmeter::Error::invalid(
+            "--layer",
+            layer,
+            "no value with --new-tokens or --vary new-tokens=… (a generation is the whole model's: its rows are analyze's generation total)",
+        )
+        .into());
+    }
     let mut varied: Vec<Axis> = Vec::new();
     for (axis, _) in &args.vary {
-        let option = format!("--{}", axis.option());
         if varied.contains(axis) {
             anyhow::bail!(
                 "--vary {}=… is given twice: list all the values of an axis in one --vary ({}=1,2,4)",
@@ -245,9 +268,13 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
                 axis.option()
             );
         }
-        if let Some(value) = args.workload.sets(*axis) {
+        let set_alone = match axis {
+            Axis::NewTokens => args.new_tokens,
+            _ => args.workload.sets(*axis),
+        };
+        if let Some(value) = set_alone {
             return Err(modelmeter::Error::invalid(
-                &option,
+                &format!("--{}", axis.option()),
                 value,
                 &format!(
                     "no value with --vary {}=… (the sweep sets it at each point)",
@@ -256,18 +283,18 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
             )
             .into());
         }
-        let axes = sweep::axes_of(args.workload.phase() == PhaseArg::Decode);
+        let axes = sweep::axes_of(decode, generation);
         if !axes.contains(axis) {
             let (phase, fix) = match axis {
                 Axis::ContextLen => ("prefill", "add --phase decode to vary the cached tokens"),
                 _ => ("decode step", "its prompt is the cache: vary context-len"),
             };
+            let names: Vec<&str> = axes.iter().map(|a| a.option()).collect();
             anyhow::bail!(
-                "--vary {}=…: {} is not an axis of a {phase} (its axes: {} and {}); {fix}",
+                "--vary {}=…: {} is not an axis of a {phase} (its axes: {}); {fix}",
                 axis.option(),
                 axis.option(),
-                axes[0].option(),
-                axes[1].option()
+                names.join(", ")
             );
         }
         varied.push(*axis);
@@ -287,34 +314,45 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
     };
     // Each point's workload, with the checks analyze makes of one (the options that do
     // not vary are checked at the first point).
-    let points = sweep::grid(&args.vary)?;
+    let grid = sweep::grid(&args.vary)?;
     let at = |i: usize| {
         format!(
             "at {} (point {} of {})",
-            describe_point(&points[i]),
+            describe_point(&grid[i]),
             i + 1,
-            points.len()
+            grid.len()
         )
     };
-    let workloads = points
+    let points = grid
         .iter()
         .enumerate()
-        .map(|(i, point)| {
-            args.workload
-                .at(point)
+        .map(|(i, values)| {
+            let workload = args
+                .workload
+                .at(values)
                 .workload(Dtype::Bf16)
                 .map(|w| w.on(platform))
-                .map_err(|e| anyhow::anyhow!("{}: {e}", at(i)))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", at(i)))?;
+            let new_tokens = values
+                .iter()
+                .find(|(a, _)| *a == Axis::NewTokens)
+                .map(|(_, n)| *n)
+                .or(args.new_tokens);
+            Ok(Point {
+                workload,
+                new_tokens,
+            })
         })
-        .collect::<anyhow::Result<Vec<Workload>>>()?;
+        .collect::<anyhow::Result<Vec<Point>>>()?;
     // Every axis has a value, so a grid has a point.
-    let base = workloads.first().context("the sweep has no point")?.clone();
-    let target = match &args.layer {
-        None => Target::Stack,
-        Some(name) => parse_target(name, &config, &base, attention)?,
+    let base = points.first().context("the sweep has no point")?.clone();
+    let target = match (&args.layer, generation) {
+        (_, true) => Target::Generation,
+        (None, false) => Target::Stack,
+        (Some(name), false) => parse_target(name, &config, &base.workload, attention)?,
     };
-    let bar = modelmeter::cli::progress_bar(workloads.len() as u64, "points", args.quiet);
-    let rows = sweep::evaluate_all(&config, target, &workloads, attention, threads, &|n| {
+    let bar = modelmeter::cli::progress_bar(points.len() as u64, "points", args.quiet);
+    let rows = sweep::evaluate_all(&config, target, &points, attention, threads, &|n| {
         bar.inc(n as u64)
     });
     bar.finish_and_clear();
@@ -322,26 +360,32 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         // Name the option or config field that overflowed, as analyze does.
         let inputs = Inputs {
             config: config.clone(),
-            workload: workloads[i].clone(),
-            new_tokens: None,
+            workload: points[i].workload.clone(),
+            new_tokens: points[i].new_tokens,
         };
-        let e = overflow::explain(e, &inputs, |i| {
-            sweep::evaluate(&i.config, target, &i.workload, attention).is_err()
+        let e = overflow::explain(e, &inputs, |inputs| {
+            let point = Point {
+                workload: inputs.workload.clone(),
+                new_tokens: inputs.new_tokens,
+            };
+            sweep::evaluate(&inputs.config, target, &point, attention).is_err()
         });
         anyhow::anyhow!("{}: {e}", at(i))
     })?;
     // Said once the counts are known to exist: how many points pass the trained
     // positions, and the furthest.
-    let past = workloads
+    let beyond = |p: &Point| beyond_trained_positions(&config, &p.workload, p.new_tokens);
+    let past = points.iter().filter(|p| beyond(p).is_some()).count();
+    let furthest = points
         .iter()
-        .filter(|w| beyond_trained_positions(&config, w, None).is_some())
-        .count();
-    let furthest = workloads
-        .iter()
-        .max_by_key(|w| w.positions_reached(0).unwrap_or(u64::MAX))
-        .and_then(|w| beyond_trained_positions(&config, w, None));
-    let past = furthest
-        .map(|warning| format!("{past} of {} points: furthest, {warning}", workloads.len()));
+        .max_by_key(|p| {
+            p.workload
+                .positions_reached(p.new_tokens.unwrap_or(0))
+                .unwrap_or(u64::MAX)
+        })
+        .and_then(beyond);
+    let past =
+        furthest.map(|warning| format!("{past} of {} points: furthest, {warning}", points.len()));
     for warning in [past, router_keeps_too_few_experts(&config)]
         .iter()
         .flatten()
@@ -349,11 +393,11 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         warn(warning);
     }
     let report = SweepReport {
-        target: target.name(&config, &base, attention),
+        target: target.name(&config, &base.workload, attention),
         config,
         attention,
         varied,
-        workloads,
+        points,
         rows,
     };
     Ok(if args.json {

@@ -204,6 +204,31 @@ pub struct GenerationMetrics {
 }
 
 impl Generation {
+    /// The generation that starts with the prefill `prefill` (its batch, prompt, dtype,
+    /// TF32 setting, platform and MLA form) and decodes `new_tokens` more; `None` when
+    /// `prefill` is a decode step (a generation starts with a prefill).
+    pub fn after_prefill(
+        config: &ModelConfig,
+        prefill: &Workload,
+        new_tokens: u64,
+        attention: AttentionImpl,
+    ) -> Option<Generation> {
+        let Phase::Prefill { seq_len } = prefill.phase else {
+            return None;
+        };
+        Some(Generation {
+            config: config.clone(),
+            batch: prefill.batch,
+            prefill_len: seq_len,
+            new_tokens,
+            dtype: prefill.dtype,
+            allow_tf32: prefill.allow_tf32,
+            platform: prefill.platform,
+            attention,
+            mla: prefill.mla,
+        })
+    }
+
     /// The workload of one call of the generation: its batch, dtype, TF32 setting,
     /// platform and MLA form, in `phase`.
     pub fn workload(&self, phase: Phase) -> Result<Workload> {

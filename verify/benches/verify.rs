@@ -37,7 +37,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use modelmeter::layers::{AttentionImpl, DeepseekV2Decoder, Generation, Layer, LayerId};
-use modelmeter::sweep::{evaluate_all, Target};
+use modelmeter::sweep::{evaluate_all, Point, Target};
 use modelmeter::{Dtype, ModelConfig, Platform, Workload};
 use modelmeter_reference::attention::KvCache;
 use modelmeter_reference::harness::{measure, Prepared};
@@ -322,8 +322,8 @@ fn analytic() -> Value {
     });
     // `modelmeter sweep` as a user runs it: points over every thread, with sums and
     // peaks kept (what its rows show), prompt lengths 1 to 20,000.
-    let points: Vec<Workload> = (1..=20_000)
-        .map(|s| Workload::prefill(1, s).expect("valid"))
+    let points: Vec<Point> = (1..=20_000)
+        .map(|s| Point::call(Workload::prefill(1, s).expect("valid")))
         .collect();
     let sweep_command = |target: Target| {
         let start = Instant::now();
