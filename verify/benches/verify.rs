@@ -13,7 +13,7 @@
 //!   on all), the same as a design-space sweep runs it (a new layer for each prompt length
 //!   from 1 to 4,096, built and evaluated), the whole stack, a 512-token generation, and
 //!   `modelmeter sweep`'s points per second on all threads (one MoE decoder layer, the
-//!   stack; sums and peaks kept, as its rows show them);
+//!   stack, a 512-token generation; sums and peaks kept, as its rows show them);
 //! - the whole `verify-decoder` process at the default workload (release build), run
 //!   `BENCH_PROCESS_ROUNDS` times (default 3): wall time, peak resident memory, and its
 //!   phases (`--timings`: libtorch loading, setup, module builds, forwards, analytic,
@@ -321,16 +321,28 @@ fn analytic() -> Value {
         std::hint::black_box(generation.metrics().expect("finite"));
     });
     // `modelmeter sweep` as a user runs it: points over every thread, with sums and
-    // peaks kept (what its rows show), prompt lengths 1 to 20,000.
-    let points: Vec<Point> = (1..=20_000)
+    // peaks kept (what its rows show), prompt lengths 1 to 20,000 (and 512 new tokens
+    // after each for generations).
+    let calls: Vec<Point> = (1..=20_000)
         .map(|s| Point::call(Workload::prefill(1, s).expect("valid")))
         .collect();
+    let generation_points: Vec<Point> = calls
+        .iter()
+        .map(|p| Point {
+            new_tokens: Some(512),
+            ..p.clone()
+        })
+        .collect();
     let sweep_command = |target: Target| {
+        let points = match target {
+            Target::Generation => &generation_points,
+            _ => &calls,
+        };
         let start = Instant::now();
         let rows = evaluate_all(
             &config,
             target,
-            &points,
+            points,
             AttentionImpl::Sdpa,
             threads,
             &|_| {},
@@ -340,6 +352,7 @@ fn analytic() -> Value {
     };
     let sweep_command_layer = sweep_command(Target::Layer(LayerId::DecoderMoe));
     let sweep_command_stack = sweep_command(Target::Stack);
+    let sweep_command_generation = sweep_command(Target::Generation);
     println!("\nanalytic evaluations per second:");
     println!("  one MoE decoder layer   {one_layer:>12.0}");
     println!("    … on {threads} threads at once {all_cores:>10.0}");
@@ -351,12 +364,14 @@ fn analytic() -> Value {
     println!("  modelmeter sweep on {threads} threads (sums and peaks, prompt lengths 1–20,000):");
     println!("    one MoE decoder layer {sweep_command_layer:>12.0}");
     println!("    the whole stack       {sweep_command_stack:>12.0}");
+    println!("    a 512-token generation {sweep_command_generation:>11.0}");
     json!({"decoder_layer_per_s": one_layer, "decoder_layer_all_threads_per_s": all_cores,
            "threads": threads, "decoder_layer_cost_tree_per_s": one_layer_tree,
            "sweep_per_s": sweep_one, "sweep_all_threads_per_s": sweep_all,
            "stack_per_s": stack, "generation_512_per_s": generations,
            "sweep_command_decoder_layer_per_s": sweep_command_layer,
-           "sweep_command_stack_per_s": sweep_command_stack})
+           "sweep_command_stack_per_s": sweep_command_stack,
+           "sweep_command_generation_512_per_s": sweep_command_generation})
 }
 
 /// One finished child process: wall seconds, how it ended, the last lines it printed
@@ -716,6 +731,10 @@ fn figures(report: &Value) -> Vec<(String, f64)> {
         (
             "sweep_command_stack_per_s",
             "analytic: modelmeter sweep, stack /s",
+        ),
+        (
+            "sweep_command_generation_512_per_s",
+            "analytic: modelmeter sweep, 512-token generation /s",
         ),
         (
             "generation_512_per_s",
