@@ -179,6 +179,7 @@ impl Point {
     /// A one-line description (`B=1 prefill S=512 bf16`, `… + 64 new tokens`).
     pub fn describe(&self) -> String {
         match self.new_tokens {
+            Some(1) => format!("{} + 1 new token", self.workload.describe()),
             Some(n) => format!("{} + {n} new tokens", self.workload.describe()),
             None => self.workload.describe(),
         }
@@ -344,7 +345,9 @@ pub fn evaluate_all(
     Ok(chunks.into_iter().flat_map(|(_, rows)| rows).collect())
 }
 
-/// A finished sweep: every point and its metrics, in the grid's order.
+/// A finished sweep: every point and its metrics, in the grid's order. Its points are of
+/// one kind (one phase; all generations or none), as a grid's are: the columns are the
+/// first point's.
 #[derive(Clone, Debug)]
 pub struct SweepReport {
     pub config: ModelConfig,

@@ -322,7 +322,16 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         (&["--vary", "seq-len=1", "--vary", "seq-len=2"], "(seq-len=1,2,4)"),
         (
             &["--new-tokens", "4", "--phase", "decode"],
-            "a generation starts with a prefill",
+            "--new-tokens = 4 is invalid: expected no value with --phase decode (a generation starts with a prefill",
+        ),
+        (
+            &["--vary", "new-tokens=4", "--phase", "decode"],
+            "no new-tokens axis with --phase decode",
+        ),
+        // Not a hint back to --phase decode, which a generation refuses.
+        (
+            &["--vary", "new-tokens=4", "--vary", "context-len=1"],
+            "context-len is not an axis of a generation (its axes: batch, seq-len, new-tokens); its cache grows from its prompt",
         ),
         (
             &["--vary", "new-tokens=4", "--layer", "MoEGate"],

@@ -43,7 +43,7 @@ const SWEEP_EXAMPLES: &str = "Examples:
     --vary seq-len=512,1024,2048
   # decode steps over a growing KV cache, as JSON
   modelmeter sweep --phase decode --vary context-len=512:8000:512 --json
-  # whole generations: 512 new tokens after prompts of 1024 … 7680 tokens
+  # whole generations: 512 new tokens after prompts of 1024, 2048 … 7168 tokens
   modelmeter sweep --new-tokens 512 --vary seq-len=1024:7680:1024 --csv
   # DeepSeek-V2-Lite's absorbed MLA, every context length up to 4096
   modelmeter sweep --config deepseek-v2-lite --mla absorb --phase decode \\
@@ -247,9 +247,20 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
     let generation =
         args.new_tokens.is_some() || args.vary.iter().any(|(a, _)| *a == Axis::NewTokens);
     if generation && decode {
-        anyhow::bail!(
-            "--new-tokens (or --vary new-tokens=…) with --phase decode: a generation starts with a prefill; leave out --phase decode"
-        );
+        // As analyze says it of --new-tokens.
+        let refused = match args.new_tokens {
+            Some(n) => modelmeter::Error::invalid(
+                "--new-tokens",
+                n,
+                "no value with --phase decode (a generation starts with a prefill; leave out --phase decode)",
+            ),
+            None => modelmeter::Error::invalid(
+                "--vary",
+                "new-tokens=…",
+                "no new-tokens axis with --phase decode (a generation starts with a prefill; leave out --phase decode)",
+            ),
+        };
+        return Err(refused.into());
     }
     if let (true, Some(layer)) = (generation, &args.layer) {
         return Err(modelmeter::Error::invalid(
@@ -286,6 +297,10 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         let axes = sweep::axes_of(decode, generation);
         if !axes.contains(axis) {
             let (phase, fix) = match axis {
+                Axis::ContextLen if generation => (
+                    "generation",
+                    "its cache grows from its prompt: vary seq-len (and new-tokens)",
+                ),
                 Axis::ContextLen => ("prefill", "add --phase decode to vary the cached tokens"),
                 _ => ("decode step", "its prompt is the cache: vary context-len"),
             };

@@ -206,7 +206,9 @@ pub struct GenerationMetrics {
 impl Generation {
     /// The generation that starts with the prefill `prefill` (its batch, prompt, dtype,
     /// TF32 setting, platform and MLA form) and decodes `new_tokens` more; `None` when
-    /// `prefill` is a decode step (a generation starts with a prefill).
+    /// `prefill` is a decode step (a generation starts with a prefill). A measured routing
+    /// (`Workload::expert_rows`) is not carried: each call of the generation routes as
+    /// the analytic default does.
     pub fn after_prefill(
         config: &ModelConfig,
         prefill: &Workload,
