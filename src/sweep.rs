@@ -568,6 +568,26 @@ mod tests {
         .unwrap()
     }
 
+    /// The report of `target` at `points` with `varied` axes, as `modelmeter sweep` makes
+    /// it (on `threads` threads, every point succeeding).
+    fn sweep_of(
+        config: &ModelConfig,
+        target: Target,
+        varied: Vec<Axis>,
+        points: Vec<Point>,
+        threads: usize,
+    ) -> SweepReport {
+        let rows = rows_of(config, target, &points, threads);
+        SweepReport {
+            config: config.clone(),
+            target: target.name(config, &points[0].workload, AttentionImpl::Sdpa),
+            attention: AttentionImpl::Sdpa,
+            varied,
+            points,
+            rows,
+        }
+    }
+
     /// A single call's point at each workload.
     fn calls(workloads: impl IntoIterator<Item = Workload>) -> Vec<Point> {
         workloads.into_iter().map(Point::call).collect()
@@ -790,15 +810,14 @@ mod tests {
         let config = ModelConfig::deepseek_ocr();
         let points =
             calls([(1, 16), (1, 32), (4, 16)].map(|(b, s)| Workload::prefill(b, s).unwrap()));
-        let rows = rows_of(&config, Target::Layer(LayerId::Mlp), &points, 2);
-        let report = SweepReport {
-            config: config.clone(),
-            target: "DeepseekV2MLP".into(),
-            attention: AttentionImpl::Sdpa,
-            varied: vec![Axis::Batch, Axis::SeqLen],
+        let report = sweep_of(
+            &config,
+            Target::Layer(LayerId::Mlp),
+            vec![Axis::Batch, Axis::SeqLen],
             points,
-            rows: rows.clone(),
-        };
+            2,
+        );
+        let rows = report.rows.clone();
         let j = report.to_json();
         assert_eq!(j["schema"], SWEEP_SCHEMA);
         assert_eq!(j["varied"], json!(["batch", "seq_len"]));
@@ -831,15 +850,8 @@ mod tests {
     fn csv_has_exact_integers_under_a_header_of_axes_and_metrics() {
         let config = ModelConfig::deepseek_ocr();
         let points = calls([100, 200].map(|c| Workload::decode(2, c).unwrap()));
-        let rows = rows_of(&config, Target::Stack, &points, 1);
-        let report = SweepReport {
-            config,
-            target: "DeepseekV2ForCausalLM".into(),
-            attention: AttentionImpl::Sdpa,
-            varied: vec![Axis::ContextLen],
-            points,
-            rows: rows.clone(),
-        };
+        let report = sweep_of(&config, Target::Stack, vec![Axis::ContextLen], points, 1);
+        let rows = report.rows.clone();
         let csv = report.to_csv().unwrap();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(
@@ -866,15 +878,14 @@ mod tests {
                 new_tokens: Some(n),
             })
             .to_vec();
-        let rows = rows_of(&config, Target::Generation, &points, 2);
-        let report = SweepReport {
-            config,
-            target: "DeepseekV2ForCausalLM generation".into(),
-            attention: AttentionImpl::Sdpa,
-            varied: vec![Axis::NewTokens],
+        let report = sweep_of(
+            &config,
+            Target::Generation,
+            vec![Axis::NewTokens],
             points,
-            rows: rows.clone(),
-        };
+            2,
+        );
+        let rows = report.rows.clone();
         let csv = report.to_csv().unwrap();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(
