@@ -294,11 +294,14 @@ impl WholeNumber for usize {
 /// Parses a whole-number option, with an error that says what is valid (clap's own says
 /// only why the text is not a number: "invalid digit found in string").
 pub fn whole_number<T: WholeNumber>(text: &str) -> std::result::Result<T, String> {
-    text.parse::<T>().map_err(|e| match e.kind() {
+    // Rust's parse takes a leading `+`; the message below promises digits only.
+    let digits = if text.starts_with('+') { "" } else { text };
+    digits.parse::<T>().map_err(|e| match e.kind() {
         std::num::IntErrorKind::PosOverflow => {
             format!("too large; expected a whole number up to {}", T::MAX)
         }
-        _ => "expected a whole number such as 512 (no minus sign, point or exponent)".to_string(),
+        _ => "expected a whole number such as 512 (digits only: no sign, point or exponent)"
+            .to_string(),
     })
 }
 
@@ -659,6 +662,7 @@ mod tests {
                 "has 18446744073709551616 values or more",
             ),
             ("batch=-1", "expected a whole number"),
+            ("batch=+4", "`+4`: expected a whole number"),
             ("batch=8:1", "runs backwards: START 8 is past END 1"),
             ("batch=1:8:0", "a step of 0"),
             ("batch=1:8:*1", "a factor of 1"),
@@ -858,10 +862,13 @@ mod tests {
             format!("too large; expected a whole number up to {}", u64::MAX)
         );
         assert_eq!(whole_number::<usize>("7"), Ok(7));
-        assert_eq!(
-            whole_number::<u64>("-1").unwrap_err(),
-            "expected a whole number such as 512 (no minus sign, point or exponent)"
-        );
+        for signed in ["-1", "+4"] {
+            assert_eq!(
+                whole_number::<u64>(signed).unwrap_err(),
+                "expected a whole number such as 512 (digits only: no sign, point or exponent)",
+                "{signed}"
+            );
+        }
     }
 
     #[test]
@@ -888,7 +895,7 @@ mod tests {
         let cases = [
             (
                 &["--seq-len", "-5"][..],
-                "demo: error: invalid value '-5' for '--seq-len <S>': expected a whole number such as 512 (no minus sign, point or exponent); see demo --help",
+                "demo: error: invalid value '-5' for '--seq-len <S>': expected a whole number such as 512 (digits only: no sign, point or exponent); see demo --help",
             ),
             (
                 &["--phase", "sideways"],
