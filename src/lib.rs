@@ -38,6 +38,7 @@ pub mod report;
 pub mod routing;
 pub mod shape;
 pub mod sweep;
+pub mod threads;
 pub mod units;
 pub mod workload;
 

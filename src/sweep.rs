@@ -315,19 +315,11 @@ pub fn evaluate_all(
             done.push((start, rows));
         }
     };
+    // No more threads than chunks; one the system cannot start leaves its points to the
+    // others, and a panic (a bug) goes on as a panic, not as a row.
     let chunk_count = points.len().div_ceil(CHUNK);
-    let finished: Vec<Done> = std::thread::scope(|scope| {
-        // A thread the system cannot start leaves its points to the others.
-        let handles: Vec<_> = (1..threads.clamp(1, chunk_count.max(1)))
-            .map_while(|_| std::thread::Builder::new().spawn_scoped(scope, work).ok())
-            .collect();
-        let mut finished = vec![work()];
-        for h in handles {
-            // A panic is a bug: it goes on as a panic, not as a row.
-            finished.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-        }
-        finished
-    });
+    let finished: Vec<Done> =
+        crate::threads::on_threads(threads.clamp(1, chunk_count.max(1)) - 1, &work);
     let mut chunks = Vec::new();
     let mut failure: Option<(usize, Error)> = None;
     for (done, failed) in finished {

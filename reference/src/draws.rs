@@ -127,7 +127,7 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
     // The lists wait in a queue that every thread, this one included, drains: a thread
     // that cannot be started (a process or memory limit) leaves its share to the others
     // instead of failing the draw.
-    let threads_wanted = work.len() - 1;
+    let helpers = work.len() - 1;
     let queue = std::sync::Mutex::new(work);
     let drain = || loop {
         let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -136,18 +136,7 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
             None => break,
         }
     };
-    let drain = &drain;
-    std::thread::scope(|scope| {
-        for _ in 0..threads_wanted {
-            if std::thread::Builder::new()
-                .spawn_scoped(scope, drain)
-                .is_err()
-            {
-                break;
-            }
-        }
-        drain();
-    });
+    modelmeter::threads::on_threads(helpers, &drain);
 }
 
 /// `out[i] = shift + scale · normal(stream, start + i)`, compiled for the widest vector
