@@ -294,14 +294,17 @@ impl WholeNumber for usize {
 /// Parses a whole-number option, with an error that says what is valid (clap's own says
 /// only why the text is not a number: "invalid digit found in string").
 pub fn whole_number<T: WholeNumber>(text: &str) -> std::result::Result<T, String> {
-    // Rust's parse takes a leading `+`; the message below promises digits only.
-    let digits = if text.starts_with('+') { "" } else { text };
-    digits.parse::<T>().map_err(|e| match e.kind() {
+    const DIGITS_ONLY: &str =
+        "expected a whole number such as 512 (digits only: no sign, point or exponent)";
+    // Rust's parse takes a leading `+`, which the message rules out.
+    if text.starts_with('+') {
+        return Err(DIGITS_ONLY.to_string());
+    }
+    text.parse::<T>().map_err(|e| match e.kind() {
         std::num::IntErrorKind::PosOverflow => {
             format!("too large; expected a whole number up to {}", T::MAX)
         }
-        _ => "expected a whole number such as 512 (digits only: no sign, point or exponent)"
-            .to_string(),
+        _ => DIGITS_ONLY.to_string(),
     })
 }
 

@@ -50,10 +50,11 @@ pub fn analyze(
         .cost()?
         .on_device(cuda);
     // A decode step starts no generation: none is reported.
-    let generation = new_tokens
-        .and_then(|n| Generation::after_prefill(config, workload, n, attention))
-        .map(|g| Ok::<_, crate::Error>((g.new_tokens, g.metrics()?)))
-        .transpose()?;
+    let generation =
+        match new_tokens.and_then(|n| Generation::after_prefill(config, workload, n, attention)) {
+            Some(g) => Some((g.new_tokens, g.metrics()?)),
+            None => None,
+        };
     Ok(AnalyzeReport {
         config: config.clone(),
         workload: workload.clone(),

@@ -80,6 +80,10 @@ enum Command {
     Sweep(SweepArgs),
 }
 
+/// `--dtype`'s help in both commands: this binary's default (the option is shared with
+/// verify-decoder, whose default depends on the device).
+const DTYPE_HELP: &str = "Model dtype [default: bf16, the deployed dtype, on any --device]";
+
 /// The `--device` option of both commands.
 #[derive(clap::Args)]
 struct DeviceArg {
@@ -98,7 +102,7 @@ impl DeviceArg {
 #[derive(clap::Args)]
 #[command(
     allow_negative_numbers = true,
-    mut_arg("dtype", |a| a.help("Model dtype [default: bf16, the deployed dtype, on any --device]"))
+    mut_arg("dtype", |a| a.help(DTYPE_HELP))
 )]
 struct AnalyzeArgs {
     #[command(flatten)]
@@ -121,7 +125,7 @@ struct AnalyzeArgs {
 #[derive(clap::Args)]
 #[command(
     allow_negative_numbers = true,
-    mut_arg("dtype", |a| a.help("Model dtype [default: bf16, the deployed dtype, on any --device]"))
+    mut_arg("dtype", |a| a.help(DTYPE_HELP))
 )]
 struct SweepArgs {
     #[command(flatten)]
@@ -187,13 +191,8 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
         .workload
         .workload(Dtype::Bf16)?
         .on(args.device.platform()?);
-    if args.new_tokens.is_some() && args.workload.phase() != PhaseArg::Prefill {
-        return Err(modelmeter::Error::invalid(
-            "--new-tokens",
-            args.new_tokens.unwrap_or_default(),
-            "no value with --phase decode (a generation starts with a prefill)",
-        )
-        .into());
+    if let (Some(n), PhaseArg::Decode) = (args.new_tokens, args.workload.phase()) {
+        return Err(new_tokens_with_decode(n).into());
     }
     let attention = args.workload.attention();
     let report = analyze(&config, &workload, attention, args.new_tokens).map_err(|e| {
@@ -225,6 +224,15 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
     })
 }
 
+/// The refusal of `--new-tokens N` with `--phase decode`, in both commands.
+fn new_tokens_with_decode(n: u64) -> modelmeter::Error {
+    modelmeter::Error::invalid(
+        "--new-tokens",
+        n,
+        "no value with --phase decode (a generation starts with a prefill)",
+    )
+}
+
 /// Prints a warning as one line on standard error (never panicking).
 fn warn(message: &str) {
     let _ = writeln!(
@@ -247,13 +255,8 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
     let generation =
         args.new_tokens.is_some() || args.vary.iter().any(|(a, _)| *a == Axis::NewTokens);
     if generation && decode {
-        // As analyze says it of --new-tokens.
         let refused = match args.new_tokens {
-            Some(n) => modelmeter::Error::invalid(
-                "--new-tokens",
-                n,
-                "no value with --phase decode (a generation starts with a prefill; leave out --phase decode)",
-            ),
+            Some(n) => new_tokens_with_decode(n),
             None => modelmeter::Error::invalid(
                 "--vary",
                 "new-tokens=…",
@@ -270,6 +273,7 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         )
         .into());
     }
+    let axes = sweep::axes_of(decode, generation);
     let mut varied: Vec<Axis> = Vec::new();
     for (axis, _) in &args.vary {
         if varied.contains(axis) {
@@ -294,7 +298,6 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
             )
             .into());
         }
-        let axes = sweep::axes_of(decode, generation);
         if !axes.contains(axis) {
             let (phase, fix) = match axis {
                 Axis::ContextLen if generation => (
@@ -360,11 +363,15 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         })
         .collect::<anyhow::Result<Vec<Point>>>()?;
     // Every axis has a value, so a grid has a point.
-    let base = points.first().context("the sweep has no point")?.clone();
+    let base = points
+        .first()
+        .context("the sweep has no point")?
+        .workload
+        .clone();
     let target = match (&args.layer, generation) {
         (_, true) => Target::Generation,
         (None, false) => Target::Stack,
-        (Some(name), false) => parse_target(name, &config, &base.workload, attention)?,
+        (Some(name), false) => parse_target(name, &config, &base, attention)?,
     };
     let bar = modelmeter::cli::progress_bar(points.len() as u64, "points", args.quiet);
     let rows = sweep::evaluate_all(&config, target, &points, attention, threads, &|n| {
@@ -408,7 +415,7 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         warn(warning);
     }
     let report = SweepReport {
-        target: target.name(&config, &base.workload, attention),
+        target: target.name(&config, &base, attention),
         config,
         attention,
         varied,

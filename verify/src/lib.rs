@@ -9,9 +9,9 @@
 //! [`hooks`]), the run loop ([`runner`]), results ([`results`]), the memory pre-check
 //! ([`memory`]) and the CUDA allocator's setting ([`cuda_allocator`]), the device option
 //! and what the device is ([`device`], [`environment`]), sweeps ([`sweep`]), the
-//! whole-model verification ([`model`], with `modelmeter::cli::progress_bar`), the independent witness
-//! ([`oracle`]), reports ([`report`]) and where the time went ([`timings`]). [`hardware`]
-//! reads Nsight Compute's hardware counters.
+//! whole-model verification ([`model`], with `modelmeter::cli::progress_bar`), the
+//! independent witness ([`oracle`]), reports ([`report`]) and where the time went
+//! ([`timings`]). [`hardware`] reads Nsight Compute's hardware counters.
 
 /// This crate's `eprint!`: like the standard one, but a failed write to standard error
 /// (`2>/dev/full`, a closed pipe) is ignored instead of panicking, since there is nowhere
