@@ -8,7 +8,8 @@
 //!   (median and min–max over `BENCH_ROUNDS`, default 7; which runs first alternates by
 //!   round), the ratio of the medians and of the minimums, the median of each round's
 //!   counted/plain pair (back to back, so drift between rounds cancels), and the ops the
-//!   counter saw and recorded;
+//!   counter saw and recorded; `BENCH_BATCH` and `BENCH_SEQ_LEN` give another prefill
+//!   (a GPU kept busier than its host hides more of the counter's host work per op);
 //! - analytic evaluations per second: one decoder layer's `metrics()` (on one thread and
 //!   on all), the same as a design-space sweep runs it (a new layer for each prompt length
 //!   from 1 to 4,096, built and evaluated), the whole stack, a 512-token generation, and
@@ -71,6 +72,11 @@ struct Options {
     parts: Vec<&'static str>,
     /// `BENCH_OUT`: the folder of the result files.
     out: PathBuf,
+    /// `BENCH_BATCH` and `BENCH_SEQ_LEN`: the prefill the layers part runs (default 1
+    /// and 512, the default workload). A larger one keeps a GPU busier than its host, which
+    /// shows how much of the counter's host work per op the kernels hide.
+    batch: u64,
+    seq_len: u64,
 }
 
 /// The parts of a run, in the order they run.
@@ -117,23 +123,33 @@ impl Options {
             Some(dir) => invoking_dir().join(dir),
             None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
         };
-        Ok(Options {
+        let options = Options {
             device,
             rounds: count("BENCH_ROUNDS", 7)?,
             process_rounds: count("BENCH_PROCESS_ROUNDS", 3)?,
             parts,
             out,
-        })
+            batch: count("BENCH_BATCH", 1)? as u64,
+            seq_len: count("BENCH_SEQ_LEN", 512)? as u64,
+        };
+        // The workload's own limits (its size in tokens), named by the variables.
+        Workload::prefill(options.batch, options.seq_len).map_err(|e| {
+            format!(
+                "BENCH_BATCH = {} and BENCH_SEQ_LEN = {} are invalid together: {e}",
+                options.batch, options.seq_len
+            )
+        })?;
+        Ok(options)
     }
 
     fn wants(&self, part: &str) -> bool {
         self.parts.contains(&part)
     }
 
-    /// The libtorch device and the default workload on it (fp32 on the CPU, the model's
-    /// dtype on a GPU).
+    /// The libtorch device and the layers' workload on it (`BENCH_BATCH`, `BENCH_SEQ_LEN`;
+    /// fp32 on the CPU, the model's dtype on a GPU).
     fn device_and_workload(&self) -> (Device, Workload) {
-        let w = Workload::prefill(1, 512).expect("the default workload is valid");
+        let w = Workload::prefill(self.batch, self.seq_len).expect("checked by from_env");
         match self.device {
             DeviceSpec::Cuda(index) => (Device::Cuda(index), w.on(Platform::Cuda)),
             DeviceSpec::Cpu => (
@@ -647,6 +663,7 @@ fn main() {
     let report = json!({
         "schema": "modelmeter.bench/1", "unix_time": stamp, "device": options.device.to_string(),
         "rounds": options.rounds, "threads": tch::get_num_threads(), "layers": layers,
+        "layers_workload": {"batch": options.batch, "seq_len": options.seq_len},
         "analytic": analytic, "process": process,
     });
     let dir = &options.out;
@@ -678,9 +695,10 @@ const RESULT_PREFIX: &str = "verify-";
 const RESULT_SUFFIX: &str = ".json";
 
 /// The newest earlier result in `dir` (`verify-<unix time>.json`, before `stamp`) that
-/// `report` can be compared with: the same device and thread count (a file from before
-/// the device was recorded counts as a CPU run) and at least one figure in common. A run
-/// of other parts, another device or an unreadable file is passed over, not compared.
+/// `report` can be compared with: the same device, thread count and layers' workload (a
+/// file from before the device or the workload was recorded counts as a CPU run of the
+/// default workload) and at least one figure in common. A run of other parts, another
+/// device or workload or an unreadable file is passed over, not compared.
 fn previous_run(dir: &Path, stamp: u64, report: &Value) -> Option<(PathBuf, Value)> {
     let mut earlier: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
         .ok()?
@@ -697,12 +715,20 @@ fn previous_run(dir: &Path, stamp: u64, report: &Value) -> Option<(PathBuf, Valu
         .collect();
     earlier.sort();
     let device = |r: &Value| r["device"].as_str().unwrap_or("cpu").to_string();
+    let workload = |r: &Value| {
+        let w = &r["layers_workload"];
+        (
+            w["batch"].as_u64().unwrap_or(1),
+            w["seq_len"].as_u64().unwrap_or(512),
+        )
+    };
     let names: std::collections::BTreeSet<String> =
         figures(report).into_iter().map(|(name, _)| name).collect();
     earlier.into_iter().rev().find_map(|(_, path)| {
         let old: Value = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
         let comparable = device(&old) == device(report)
             && old["threads"] == report["threads"]
+            && workload(&old) == workload(report)
             && figures(&old).iter().any(|(name, _)| names.contains(name));
         comparable.then_some((path, old))
     })
