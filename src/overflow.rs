@@ -301,6 +301,17 @@ pub fn culprits(
 /// file, as the config's own checks say; any other error is returned as it is. `fails`
 /// reruns the analysis on other inputs and says whether it still fails.
 pub fn explain(error: Error, inputs: &Inputs, fails: impl FnMut(&Inputs) -> bool) -> Error {
+    explain_as(error, inputs, fails, str::to_string)
+}
+
+/// [`explain`], with each input named as `shown_as` spells its name (`--seq-len`,
+/// `hidden_size`): `modelmeter sweep` names an option it varies as `--vary seq-len`.
+pub fn explain_as(
+    error: Error,
+    inputs: &Inputs,
+    fails: impl FnMut(&Inputs) -> bool,
+    shown_as: impl Fn(&'static str) -> String,
+) -> Error {
     let Error::Overflow { what } = &error else {
         return match error {
             Error::Unsupported { ref field, .. }
@@ -316,7 +327,7 @@ pub fn explain(error: Error, inputs: &Inputs, fails: impl FnMut(&Inputs) -> bool
     };
     let shown: Vec<String> = named
         .iter()
-        .map(|(name, value, _)| format!("{name} = {value}"))
+        .map(|(name, value, _)| format!("{} = {value}", shown_as(name)))
         .collect();
     let from_config = named.iter().any(|(_, _, option)| !option);
     let source = if from_config {
@@ -325,7 +336,7 @@ pub fn explain(error: Error, inputs: &Inputs, fails: impl FnMut(&Inputs) -> bool
         String::new()
     };
     let verb = if named.len() == 1 { "is" } else { "are" };
-    let names: Vec<&str> = named.iter().map(|(name, _, _)| *name).collect();
+    let names: Vec<String> = named.iter().map(|(name, _, _)| shown_as(name)).collect();
     Error::OverflowFrom {
         inputs: format!("{}{source} {verb} too large", shown.join(" and ")),
         what: what.clone(),

@@ -254,7 +254,7 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
     let cases: &[(&[&str], &str)] = &[
         (
             &["--vary", "seq-len=0:2"],
-            "at seq-len=0 (point 1 of 3): --seq-len = 0 is invalid",
+            "at seq-len=0 (point 1 of 3): --vary seq-len = 0 is invalid",
         ),
         (
             &["--vary", "batch=2", "--batch", "2"],
@@ -344,6 +344,15 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         (
             &["--new-tokens", "18446744073709551615"],
             "lower --new-tokens",
+        ),
+        // An input the sweep varies is named as its axis, the fixed ones as their options.
+        (
+            &["--vary", "seq-len=1,100000000000"],
+            "at seq-len=100000000000 (point 2 of 2): --vary seq-len = 100000000000 is too large: ",
+        ),
+        (
+            &["--vary", "new-tokens=1,1000000000000000000"],
+            "; lower --vary new-tokens",
         ),
     ];
     for (args, needle) in cases {

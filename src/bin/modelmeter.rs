@@ -333,6 +333,14 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
     // Each point's workload, with the checks analyze makes of one (the options that do
     // not vary are checked at the first point).
     let grid = sweep::grid(&args.vary)?;
+    // An option the sweep varies is named as its --vary axis in a point's error.
+    let shown_as = |name: &str| match varied
+        .iter()
+        .find(|axis| name.strip_prefix("--") == Some(axis.option()))
+    {
+        Some(axis) => format!("--vary {}", axis.option()),
+        None => name.to_string(),
+    };
     let at = |i: usize| {
         format!(
             "at {} (point {} of {})",
@@ -350,7 +358,21 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
                 .at(values)
                 .workload(Dtype::Bf16)
                 .map(|w| w.on(platform))
-                .map_err(|e| anyhow::anyhow!("{}: {e}", at(i)))?;
+                .map_err(|e| {
+                    let e = match e {
+                        modelmeter::Error::Invalid {
+                            field,
+                            value,
+                            expected,
+                        } => modelmeter::Error::Invalid {
+                            field: shown_as(&field),
+                            value,
+                            expected,
+                        },
+                        e => e,
+                    };
+                    anyhow::anyhow!("{}: {e}", at(i))
+                })?;
             let new_tokens = values
                 .iter()
                 .find(|(a, _)| *a == Axis::NewTokens)
@@ -385,13 +407,18 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
             workload: points[i].workload.clone(),
             new_tokens: points[i].new_tokens,
         };
-        let e = overflow::explain(e, &inputs, |inputs| {
-            let point = Point {
-                workload: inputs.workload.clone(),
-                new_tokens: inputs.new_tokens,
-            };
-            sweep::evaluate(&inputs.config, target, &point, attention).is_err()
-        });
+        let e = overflow::explain_as(
+            e,
+            &inputs,
+            |inputs| {
+                let point = Point {
+                    workload: inputs.workload.clone(),
+                    new_tokens: inputs.new_tokens,
+                };
+                sweep::evaluate(&inputs.config, target, &point, attention).is_err()
+            },
+            shown_as,
+        );
         anyhow::anyhow!("{}: {e}", at(i))
     })?;
     // Said once the counts are known to exist: how many points pass the trained
