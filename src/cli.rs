@@ -265,8 +265,16 @@ fn as_options(e: Error) -> Error {
 /// (A standard output closed with `>&-` is /dev/null to a Rust program: its runtime
 /// reopens closed standard descriptors there before `main`.)
 pub fn print_stdout(text: &str) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+    write_stdout(|out| out.write_all(text.as_bytes()))
+}
+
+/// [`print_stdout`] for output written piece by piece (a large sweep's rows, not held as
+/// one text): `write` writes to a buffered standard output, which is flushed after it.
+pub fn write_stdout(
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         result => result,
     }

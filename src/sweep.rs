@@ -9,6 +9,7 @@
 //! every layer, the stack and generations, on both platforms). Points are independent:
 //! they are spread over threads, and the rows come back in the grid's order.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
@@ -406,8 +407,19 @@ impl SweepReport {
     /// `peak_activation_bytes`, as exact integers.
     #[cfg(feature = "cli")]
     pub fn to_csv(&self) -> std::result::Result<String, csv::Error> {
+        let mut bytes = Vec::new();
+        self.write_csv(&mut bytes)?;
+        // Digits, commas and ASCII names only.
+        String::from_utf8(bytes)
+            .map_err(|e| csv::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+    }
+
+    /// [`SweepReport::to_csv`] written to `out` line by line, not held whole (a million
+    /// points are half a gigabyte of CSV).
+    #[cfg(feature = "cli")]
+    pub fn write_csv(&self, out: impl std::io::Write) -> std::result::Result<(), csv::Error> {
         use crate::metrics::Metric;
-        let mut out = csv::Writer::from_writer(Vec::new());
+        let mut out = csv::Writer::from_writer(out);
         let peak: &[&str] = if self.generations() {
             &[]
         } else {
@@ -428,17 +440,23 @@ impl SweepReport {
                 .map(|v| v.to_string());
             out.write_record(record)?;
         }
-        let bytes = out
-            .into_inner()
-            .map_err(|e| csv::Error::from(e.into_error()))?;
-        // Digits, commas and ASCII names only.
-        String::from_utf8(bytes)
-            .map_err(|e| csv::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+        out.flush()?;
+        Ok(())
     }
 
     /// A table for people: a title, then one row per point (its axes, then the columns
     /// of `modelmeter analyze`, in its units).
     pub fn to_text(&self) -> String {
+        let mut bytes = Vec::new();
+        // Writing to memory cannot fail, and every cell is text.
+        let _ = self.write_text(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// [`SweepReport::to_text`] written to `out` row by row: the rows are formatted once
+    /// to measure the columns and again to write them, so that no more than one row's
+    /// text is held at a time (a million points' table is over a gigabyte).
+    pub fn write_text(&self, out: impl std::io::Write) -> std::io::Result<()> {
         let (first, last) = (self.points.first(), self.points.last());
         let span = match (first, last) {
             (Some(f), Some(l)) if self.points.len() > 1 => {
@@ -453,31 +471,39 @@ impl SweepReport {
         });
         let platform = workload.map_or(Platform::Cuda, |w| w.platform);
         let n = self.points.len();
-        let mut out = format!(
+        let mut text = format!(
             "modelmeter sweep — {} — {} on {platform} — attention {attention}\n{n} point{}: {span}\n",
             crate::error::one_line(&self.config.name),
             self.target,
             if n == 1 { "" } else { "s" },
         );
         if self.generations() && platform == Platform::Cuda {
-            out.push_str("activations: tensor bytes, not rounded to CUDA blocks\n");
+            text.push_str("activations: tensor bytes, not rounded to CUDA blocks\n");
         }
-        out.push('\n');
+        text.push('\n');
         let mut header: Vec<String> = self.axes().iter().map(|a| a.key().to_string()).collect();
         header.extend(crate::report::header("").into_iter().skip(1));
-        let mut rows = vec![header];
-        for (values, row) in self.entries() {
+        let cells = |(values, row): (Vec<u64>, &PointMetrics)| -> Vec<String> {
             let mut cells: Vec<String> = values.iter().map(u64::to_string).collect();
             cells.extend(
                 crate::report::row("", &row.metrics, row.peak.as_ref())
                     .into_iter()
                     .skip(1),
             );
-            rows.push(cells);
+            cells
+        };
+        let width =
+            units::column_widths(std::iter::once(header.clone()).chain(self.entries().map(cells)));
+        let right = vec![true; header.len()];
+        units::push_row(&mut text, &header, &width, &right, true);
+        let mut out = std::io::BufWriter::new(out);
+        out.write_all(text.as_bytes())?;
+        for entry in self.entries() {
+            text.clear();
+            units::push_row(&mut text, &cells(entry), &width, &right, false);
+            out.write_all(text.as_bytes())?;
         }
-        let right = vec![true; rows[0].len()];
-        out.push_str(&units::table(&rows, &right));
-        out
+        out.flush()
     }
 }
 

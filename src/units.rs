@@ -71,39 +71,64 @@ pub fn percent(rel: f64) -> String {
 /// Text columns two spaces apart: `rows` of cells, the first row a header underlined
 /// with dashes; column `c` is right-aligned when `right_aligned[c]`, else left-aligned.
 pub fn table(rows: &[Vec<String>], right_aligned: &[bool]) -> String {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let width: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
+    let width = column_widths(rows);
     let mut out = String::new();
     for (i, row) in rows.iter().enumerate() {
-        let cells: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| {
-                let pad = width[c] - cell.chars().count();
-                if right_aligned.get(c).copied().unwrap_or(false) {
-                    format!("{}{cell}", " ".repeat(pad))
-                } else {
-                    format!("{cell}{}", " ".repeat(pad))
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-        if i == 0 {
-            let rule: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
-            out.push_str(&rule.join("  "));
-            out.push('\n');
-        }
+        push_row(&mut out, row, &width, right_aligned, i == 0);
     }
     out
+}
+
+/// The width of each column of a [`table`] of `rows`: its widest cell, in characters.
+/// (A table too long to hold, such as a large sweep's, is measured row by row with this
+/// and written row by row with [`push_row`].)
+pub fn column_widths<R: AsRef<[String]>>(rows: impl IntoIterator<Item = R>) -> Vec<usize> {
+    let mut width: Vec<usize> = Vec::new();
+    for row in rows {
+        for (c, cell) in row.as_ref().iter().enumerate() {
+            let n = cell.chars().count();
+            match width.get_mut(c) {
+                Some(w) => *w = (*w).max(n),
+                None => width.push(n),
+            }
+        }
+    }
+    width
+}
+
+/// Appends one line of a [`table`] whose columns are `width` wide (no padding at its
+/// end), and after the header (`header`) the dashes under it.
+pub fn push_row(
+    out: &mut String,
+    row: &[String],
+    width: &[usize],
+    right_aligned: &[bool],
+    header: bool,
+) {
+    let start = out.len();
+    for (c, cell) in row.iter().enumerate() {
+        if c > 0 {
+            out.push_str("  ");
+        }
+        let pad = width
+            .get(c)
+            .map_or(0, |w| w.saturating_sub(cell.chars().count()));
+        if right_aligned.get(c).copied().unwrap_or(false) {
+            out.extend(std::iter::repeat(' ').take(pad));
+            out.push_str(cell);
+        } else {
+            out.push_str(cell);
+            out.extend(std::iter::repeat(' ').take(pad));
+        }
+    }
+    let kept = out[start..].trim_end().len();
+    out.truncate(start + kept);
+    out.push('\n');
+    if header {
+        let rule: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
+        out.push_str(&rule.join("  "));
+        out.push('\n');
+    }
 }
 
 #[cfg(test)]

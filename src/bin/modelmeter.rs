@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use modelmeter::cli::{
     beyond_trained_positions, one_line, parse_vary, print_stdout, router_keeps_too_few_experts,
-    whole_number, PhaseArg, WorkloadArgs,
+    whole_number, write_stdout, PhaseArg, WorkloadArgs,
 };
 use modelmeter::layers::LayerId;
 use modelmeter::overflow::{self, Inputs};
@@ -164,15 +164,44 @@ fn main() -> ExitCode {
         Command::Analyze(args) => run(args),
         Command::Sweep(args) => run_sweep(args),
     };
-    let text = match result {
-        Ok(text) => text,
+    let output = match result {
+        Ok(output) => output,
         Err(e) => return fail(&format!("{e:#}"), 2),
     };
-    // A closed pipe (`| head`) ends quietly; a full disk is a one-line error.
-    match print_stdout(&text) {
+    // Everything is computed by now: only writing is left. A closed pipe (`| head`) ends
+    // quietly; a full disk is a one-line error.
+    let written = match output {
+        Output::Text(text) => print_stdout(&text),
+        Output::Sweep(report, format) => write_stdout(|out| match format {
+            SweepFormat::Table => report.write_text(out),
+            SweepFormat::Csv => report.write_csv(out).map_err(|e| match e.into_kind() {
+                csv::ErrorKind::Io(e) => e,
+                kind => std::io::Error::other(format!("{kind:?}")),
+            }),
+            SweepFormat::Json => {
+                serde_json::to_writer(&mut *out, &report.json())?;
+                out.write_all(b"\n")
+            }
+        }),
+    };
+    match written {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("cannot write to standard output: {e}"), 1),
     }
+}
+
+/// What a command prints once it has succeeded: a text, or a sweep's rows, written row
+/// by row in its format (a million points do not fit in memory as one text).
+enum Output {
+    Text(String),
+    Sweep(Box<SweepReport>, SweepFormat),
+}
+
+/// How `modelmeter sweep` prints its rows.
+enum SweepFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 /// Prints `message` as one line on standard error (never panicking) and returns `code`.
@@ -185,7 +214,7 @@ fn fail(message: &str, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
+fn run(args: &AnalyzeArgs) -> anyhow::Result<Output> {
     let config = args.workload.model_config()?;
     let workload = args
         .workload
@@ -214,14 +243,14 @@ fn run(args: &AnalyzeArgs) -> anyhow::Result<String> {
     for warning in warnings.iter().flatten() {
         warn(warning);
     }
-    Ok(if args.json {
+    Ok(Output::Text(if args.json {
         let mut text = serde_json::to_string_pretty(&report.to_json())
             .context("rendering the modelmeter.analyze/1 JSON")?;
         text.push('\n');
         text
     } else {
         report.to_text(args.depth)
-    })
+    }))
 }
 
 /// The refusal of `--new-tokens N` with `--phase decode`, in both commands.
@@ -246,7 +275,7 @@ fn warn(message: &str) {
 /// on, far fewer than would exhaust a process's threads or memory.
 const MAX_THREADS: usize = 1024;
 
-fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
+fn run_sweep(args: &SweepArgs) -> anyhow::Result<Output> {
     let config = args.workload.model_config()?;
     let platform = args.device.platform()?;
     let attention = args.workload.attention();
@@ -449,16 +478,14 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<String> {
         points,
         rows,
     };
-    Ok(if args.json {
-        let mut text = serde_json::to_string(&report.json())
-            .context("rendering the modelmeter.sweep/1 JSON")?;
-        text.push('\n');
-        text
+    let format = if args.json {
+        SweepFormat::Json
     } else if args.csv {
-        report.to_csv().context("rendering the CSV")?
+        SweepFormat::Csv
     } else {
-        report.to_text()
-    })
+        SweepFormat::Table
+    };
+    Ok(Output::Sweep(Box::new(report), format))
 }
 
 /// A point as the command line would set it: `batch=4 seq-len=512`.
