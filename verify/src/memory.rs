@@ -320,7 +320,7 @@ impl ModelNeed {
 /// The memory a `--model` run needs, from the analytic generation. An overflow names the
 /// input to lower.
 pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
-    let generation = model.generation(plan);
+    let generation = model.generation(plan)?;
     let inputs = Inputs {
         config: plan.config.clone(),
         workload: plan.workload.clone(),
@@ -373,14 +373,14 @@ pub fn model_need(plan: &Plan, model: &ModelPlan) -> Result<ModelNeed, String> {
     };
     costed(&generation).map_err(|e| {
         overflow::explain(e, &inputs, |i| {
-            let probe = modelmeter::layers::Generation {
-                config: i.config.clone(),
-                prefill_len: i.workload.query_len(),
-                batch: i.workload.batch,
-                new_tokens: i.new_tokens.unwrap_or(0),
-                ..generation.clone()
-            };
-            costed(&probe).is_err()
+            // The inputs with some sizes lowered: still a prefill.
+            modelmeter::layers::Generation::after_prefill(
+                &i.config,
+                &i.workload,
+                i.new_tokens.unwrap_or(0),
+                generation.attention,
+            )
+            .map_or(true, |probe| costed(&probe).is_err())
         })
         .to_string()
     })

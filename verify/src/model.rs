@@ -85,20 +85,19 @@ impl ModelPlan {
         Ok((cut, plan))
     }
 
-    /// The analytic generation of `plan`'s model.
-    pub fn generation(&self, plan: &Plan) -> Generation {
-        let w = &plan.workload;
-        Generation {
-            config: plan.config.clone(),
-            batch: w.batch,
-            prefill_len: w.query_len(),
-            new_tokens: self.new_tokens,
-            dtype: w.dtype,
-            allow_tf32: w.allow_tf32,
-            platform: w.platform,
-            attention: plan.attention,
-            mla: w.mla,
-        }
+    /// The analytic generation of `plan`'s model: its prefill, then the decode steps.
+    /// (Its workload is a prefill, as [`ModelPlan::new`] requires; a decode step is an
+    /// error, not a generation.)
+    pub fn generation(&self, plan: &Plan) -> Result<Generation, String> {
+        Generation::after_prefill(
+            &plan.config,
+            &plan.workload,
+            self.new_tokens,
+            plan.attention,
+        )
+        .ok_or_else(|| {
+            "--model runs a prefill and its decode steps; the workload is a decode step".into()
+        })
     }
 }
 
@@ -821,7 +820,9 @@ fn phases(
     measured: &[Measured],
     stopped: Option<&str>,
 ) -> Vec<PhaseResult> {
-    let closed = model.generation(plan).metrics();
+    let closed = model
+        .generation(plan)
+        .and_then(|g| g.metrics().map_err(|e| e.to_string()));
     let (prefill, decode): (Vec<&Measured>, Vec<&Measured>) = measured
         .iter()
         .partition(|m| m.result.call == Call::Prefill);
