@@ -223,7 +223,7 @@ pub fn generate(seed: u64, index: usize, base: &Workload) -> SweepCase {
     }
 }
 
-/// A corner [`generate`] moved its case into ([`corner`]).
+/// A corner [`generate`] moved its case into (its private `corner` draws it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Corner {
     /// MLA only: the narrowest rotary and latent widths (`qk_rope_head_dim` 2, 4 or 6,
