@@ -663,7 +663,7 @@ fn main() {
     let report = json!({
         "schema": "modelmeter.bench/1", "unix_time": stamp, "device": options.device.to_string(),
         "rounds": options.rounds, "threads": tch::get_num_threads(), "layers": layers,
-        "layers_workload": {"batch": options.batch, "seq_len": options.seq_len},
+        "layers_workload": options.wants("layers").then(|| json!({"batch": options.batch, "seq_len": options.seq_len})),
         "analytic": analytic, "process": process,
     });
     let dir = &options.out;
@@ -695,10 +695,10 @@ const RESULT_PREFIX: &str = "verify-";
 const RESULT_SUFFIX: &str = ".json";
 
 /// The newest earlier result in `dir` (`verify-<unix time>.json`, before `stamp`) that
-/// `report` can be compared with: the same device, thread count and layers' workload (a
-/// file from before the device or the workload was recorded counts as a CPU run of the
-/// default workload) and at least one figure in common. A run of other parts, another
-/// device or workload or an unreadable file is passed over, not compared.
+/// `report` can be compared with: the same device and thread count (a file from before
+/// the device was recorded counts as a CPU run) and at least one figure in common (a
+/// layer's figures name their prefill unless it is the default, [`figures`]). A run of
+/// other parts, another device or an unreadable file is passed over, not compared.
 fn previous_run(dir: &Path, stamp: u64, report: &Value) -> Option<(PathBuf, Value)> {
     let mut earlier: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
         .ok()?
@@ -715,26 +715,21 @@ fn previous_run(dir: &Path, stamp: u64, report: &Value) -> Option<(PathBuf, Valu
         .collect();
     earlier.sort();
     let device = |r: &Value| r["device"].as_str().unwrap_or("cpu").to_string();
-    let workload = |r: &Value| {
-        let w = &r["layers_workload"];
-        (
-            w["batch"].as_u64().unwrap_or(1),
-            w["seq_len"].as_u64().unwrap_or(512),
-        )
-    };
     let names: std::collections::BTreeSet<String> =
         figures(report).into_iter().map(|(name, _)| name).collect();
     earlier.into_iter().rev().find_map(|(_, path)| {
         let old: Value = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
         let comparable = device(&old) == device(report)
             && old["threads"] == report["threads"]
-            && workload(&old) == workload(report)
             && figures(&old).iter().any(|(name, _)| names.contains(name));
         comparable.then_some((path, old))
     })
 }
 
-/// The figures a later run is compared on: (name, value), those the run measured.
+/// The figures a later run is compared on: (name, value), those the run measured. A
+/// layer's figures at another prefill than the default (`BENCH_BATCH`, `BENCH_SEQ_LEN`)
+/// name it (`B=8 S=2048 DeepseekV2MoE: …`), so that they meet only their own kind; a
+/// file from before the prefill was recorded ran the default.
 fn figures(report: &Value) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     let mut take = |name: String, v: &Value| {
@@ -781,8 +776,16 @@ fn figures(report: &Value) -> Vec<(String, f64)> {
             &process["flop_counter_mode"][init]["ratio"],
         );
     }
+    let w = &report["layers_workload"];
+    let prefill = match (
+        w["batch"].as_u64().unwrap_or(1),
+        w["seq_len"].as_u64().unwrap_or(512),
+    ) {
+        (1, 512) => String::new(),
+        (batch, seq_len) => format!("B={batch} S={seq_len} "),
+    };
     for layer in report["layers"].as_array().into_iter().flatten() {
-        let name = layer["layer"].as_str().unwrap_or("?");
+        let name = format!("{prefill}{}", layer["layer"].as_str().unwrap_or("?"));
         take(
             format!("{name}: plain ms (median)"),
             &layer["plain_ms"]["median"],
@@ -823,7 +826,7 @@ fn print_comparison(previous: &Path, old: &Value, new: &Value) {
             "—".into()
         };
         println!(
-            "  {name:<48} {:>12} → {:>12}  {change}",
+            "  {name:<58} {:>12} → {:>12}  {change}",
             show(then),
             show(now)
         );
