@@ -377,9 +377,9 @@ impl SweepReport {
 
     /// The `modelmeter.sweep/1` JSON object: the first point's whole workload, then each
     /// point's axes, metrics and peak, and the conventions (as analyze's); every count an
-    /// exact integer. Serialize it directly ([`serde_json::to_string`] of this): points
-    /// go out one by one, where a tree of JSON values per point would hold gigabytes for
-    /// a million of them.
+    /// exact integer. Serialize it directly (`modelmeter sweep` writes it with
+    /// [`serde_json::to_writer`] to a buffered standard output): points go out one by one,
+    /// where a tree of JSON values per point would hold gigabytes for a million of them.
     pub fn json(&self) -> impl Serialize + '_ {
         let first = self.points.first().map(|p| &p.workload);
         SweepJson {

@@ -295,7 +295,7 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         ),
         (
             &["--vary", "batch=18446744073709551615"],
-            "at batch=18446744073709551615 (point 1 of 1): --batch × --seq-len",
+            "at batch=18446744073709551615 (point 1 of 1): --vary batch × --seq-len = ",
         ),
         (&["--device", "tpu"], "tpu"),
         // A range over every u64 has 2^64 values, not 0 (the count once wrapped: an empty
@@ -353,6 +353,10 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         (
             &["--vary", "new-tokens=1,1000000000000000000"],
             "; lower --vary new-tokens",
+        ),
+        (
+            &["--vary", "seq-len=1,18446744073709551615", "--batch", "2"],
+            "(point 2 of 2): --batch × --vary seq-len = 2 × 18446744073709551615 is invalid",
         ),
     ];
     for (args, needle) in cases {

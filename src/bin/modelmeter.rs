@@ -363,12 +363,21 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<Output> {
     // not vary are checked at the first point).
     let grid = sweep::grid(&args.vary)?;
     // An option the sweep varies is named as its --vary axis in a point's error.
-    let shown_as = |name: &str| match varied
-        .iter()
-        .find(|axis| name.strip_prefix("--") == Some(axis.option()))
-    {
-        Some(axis) => format!("--vary {}", axis.option()),
-        None => name.to_string(),
+    // (Each option of a product: `--batch × --vary seq-len`.)
+    let shown_as = |name: &str| {
+        let parts: Vec<String> = name
+            .split(" × ")
+            .map(|part| {
+                match varied
+                    .iter()
+                    .find(|axis| part.strip_prefix("--") == Some(axis.option()))
+                {
+                    Some(axis) => format!("--vary {}", axis.option()),
+                    None => part.to_string(),
+                }
+            })
+            .collect();
+        parts.join(" × ")
     };
     let at = |i: usize| {
         format!(
