@@ -236,27 +236,15 @@ impl WorkloadArgs {
 /// A workload error as the command line says it: the library names its fields
 /// (`batch = 0`), the user typed options (`--batch = 0`).
 fn as_options(e: Error) -> Error {
-    match e {
-        Error::Invalid {
-            field,
-            value,
-            expected,
-        } => {
-            let field = match field.as_str() {
-                "batch" => "--batch".to_string(),
-                "seq_len" => "--seq-len".to_string(),
-                "context_len" => "--context-len".to_string(),
-                "batch × seq_len" => "--batch × --seq-len".to_string(),
-                _ => field,
-            };
-            Error::Invalid {
-                field,
-                value,
-                expected,
-            }
+    e.with_field_named(|field| {
+        match field {
+            "batch" => "--batch",
+            "seq_len" => "--seq-len",
+            "context_len" => "--context-len",
+            other => other,
         }
-        other => other,
-    }
+        .to_string()
+    })
 }
 
 /// Writes `text` to standard output and flushes it, without panicking. A reader that

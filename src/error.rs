@@ -64,6 +64,28 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error with the field of an [`Error::Invalid`] named as `rename` names it,
+    /// each factor of a product (`batch × seq_len`) on its own: how a front end names what
+    /// the library calls `batch` (`--batch`, `--vary batch`). Any other error as it is.
+    pub fn with_field_named(self, rename: impl Fn(&str) -> String) -> Error {
+        match self {
+            Error::Invalid {
+                field,
+                value,
+                expected,
+            } => Error::Invalid {
+                field: field
+                    .split(" × ")
+                    .map(rename)
+                    .collect::<Vec<_>>()
+                    .join(" × "),
+                value,
+                expected,
+            },
+            other => other,
+        }
+    }
+
     /// Shorthand for [`Error::Invalid`]; a long value (a huge JSON array) is shortened
     /// so that the message stays readable.
     pub fn invalid(field: &str, value: impl ToString, expected: &str) -> Error {

@@ -377,9 +377,9 @@ impl SweepReport {
 
     /// The `modelmeter.sweep/1` JSON object: the first point's whole workload, then each
     /// point's axes, metrics and peak, and the conventions (as analyze's); every count an
-    /// exact integer. Serialize it directly (`modelmeter sweep` writes it with
-    /// [`serde_json::to_writer`] to a buffered standard output): points go out one by one,
-    /// where a tree of JSON values per point would hold gigabytes for a million of them.
+    /// exact integer. Serialize it directly ([`SweepReport::write_json`]): points go out
+    /// one by one, where a tree of JSON values per point would hold gigabytes for a
+    /// million of them.
     pub fn json(&self) -> impl Serialize + '_ {
         let first = self.points.first().map(|p| &p.workload);
         SweepJson {
@@ -402,23 +402,34 @@ impl SweepReport {
         serde_json::to_value(self.json()).unwrap_or(Value::Null)
     }
 
+    /// [`SweepReport::json`] written to `out` on one line, point by point.
+    pub fn write_json(&self, mut out: impl Write) -> std::io::Result<()> {
+        serde_json::to_writer(&mut out, &self.json())?;
+        out.write_all(b"\n")
+    }
+
     /// One line per point, comma-separated, after a header: the point's axes, every
     /// metric of [`crate::metrics::Metric::ALL`] and (but for generations)
     /// `peak_activation_bytes`, as exact integers.
     #[cfg(feature = "cli")]
-    pub fn to_csv(&self) -> std::result::Result<String, csv::Error> {
+    pub fn to_csv(&self) -> std::io::Result<String> {
         let mut bytes = Vec::new();
         self.write_csv(&mut bytes)?;
         // Digits, commas and ASCII names only.
         String::from_utf8(bytes)
-            .map_err(|e| csv::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
     /// [`SweepReport::to_csv`] written to `out` line by line, not held whole (a million
     /// points are half a gigabyte of CSV).
     #[cfg(feature = "cli")]
-    pub fn write_csv(&self, out: impl std::io::Write) -> std::result::Result<(), csv::Error> {
+    pub fn write_csv(&self, out: impl Write) -> std::io::Result<()> {
         use crate::metrics::Metric;
+        // The writer's failures are its output's (a closed pipe, a full disk): said as such.
+        let io = |e: csv::Error| match e.into_kind() {
+            csv::ErrorKind::Io(e) => e,
+            kind => std::io::Error::other(format!("{kind:?}")),
+        };
         let mut out = csv::Writer::from_writer(out);
         let peak: &[&str] = if self.generations() {
             &[]
@@ -431,17 +442,16 @@ impl SweepReport {
             .map(Axis::key)
             .chain(Metric::ALL.map(Metric::name))
             .chain(peak.iter().copied());
-        out.write_record(header)?;
+        out.write_record(header).map_err(io)?;
         for (values, row) in self.entries() {
             let record = values
                 .into_iter()
                 .chain(Metric::ALL.map(|m| m.get(&row.metrics)))
                 .chain(row.peak.map(|p| p.peak_bytes))
                 .map(|v| v.to_string());
-            out.write_record(record)?;
+            out.write_record(record).map_err(io)?;
         }
-        out.flush()?;
-        Ok(())
+        out.flush()
     }
 
     /// A table for people: a title, then one row per point (its axes, then the columns
@@ -456,7 +466,7 @@ impl SweepReport {
     /// [`SweepReport::to_text`] written to `out` row by row: the rows are formatted once
     /// to measure the columns and again to write them, so that no more than one row's
     /// text is held at a time (a million points' table is over a gigabyte).
-    pub fn write_text(&self, out: impl std::io::Write) -> std::io::Result<()> {
+    pub fn write_text(&self, out: impl Write) -> std::io::Result<()> {
         let (first, last) = (self.points.first(), self.points.last());
         let span = match (first, last) {
             (Some(f), Some(l)) if self.points.len() > 1 => {

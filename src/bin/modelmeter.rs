@@ -174,14 +174,8 @@ fn main() -> ExitCode {
         Output::Text(text) => print_stdout(&text),
         Output::Sweep(report, format) => write_stdout(|out| match format {
             SweepFormat::Table => report.write_text(out),
-            SweepFormat::Csv => report.write_csv(out).map_err(|e| match e.into_kind() {
-                csv::ErrorKind::Io(e) => e,
-                kind => std::io::Error::other(format!("{kind:?}")),
-            }),
-            SweepFormat::Json => {
-                serde_json::to_writer(&mut *out, &report.json())?;
-                out.write_all(b"\n")
-            }
+            SweepFormat::Csv => report.write_csv(out),
+            SweepFormat::Json => report.write_json(out),
         }),
     };
     match written {
@@ -363,21 +357,12 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<Output> {
     // not vary are checked at the first point).
     let grid = sweep::grid(&args.vary)?;
     // An option the sweep varies is named as its --vary axis in a point's error.
-    // (Each option of a product: `--batch × --vary seq-len`.)
-    let shown_as = |name: &str| {
-        let parts: Vec<String> = name
-            .split(" × ")
-            .map(|part| {
-                match varied
-                    .iter()
-                    .find(|axis| part.strip_prefix("--") == Some(axis.option()))
-                {
-                    Some(axis) => format!("--vary {}", axis.option()),
-                    None => part.to_string(),
-                }
-            })
-            .collect();
-        parts.join(" × ")
+    let shown_as = |name: &str| match varied
+        .iter()
+        .find(|axis| name.strip_prefix("--") == Some(axis.option()))
+    {
+        Some(axis) => format!("--vary {}", axis.option()),
+        None => name.to_string(),
     };
     let at = |i: usize| {
         format!(
@@ -396,21 +381,7 @@ fn run_sweep(args: &SweepArgs) -> anyhow::Result<Output> {
                 .at(values)
                 .workload(Dtype::Bf16)
                 .map(|w| w.on(platform))
-                .map_err(|e| {
-                    let e = match e {
-                        modelmeter::Error::Invalid {
-                            field,
-                            value,
-                            expected,
-                        } => modelmeter::Error::Invalid {
-                            field: shown_as(&field),
-                            value,
-                            expected,
-                        },
-                        e => e,
-                    };
-                    anyhow::anyhow!("{}: {e}", at(i))
-                })?;
+                .map_err(|e| anyhow::anyhow!("{}: {}", at(i), e.with_field_named(shown_as)))?;
             let new_tokens = values
                 .iter()
                 .find(|(a, _)| *a == Axis::NewTokens)
