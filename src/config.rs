@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use std::path::Path;
 
-use crate::config_reader::{self, is_read, LANGUAGE_FIELDS, NESTED_KEYS};
+use crate::config_reader::{self, is_read, IDENTITY_FIELDS, LANGUAGE_FIELDS, NESTED_KEYS};
 use crate::dtype::{Dtype, MODEL_DTYPE_SPELLINGS};
 use crate::error::{Error, Result};
 use crate::mla_config::{self, MlaConfig, YarnScaling};
@@ -251,7 +251,9 @@ impl ModelConfig {
         if let [(first, v), (second, w)] = given[..] {
             let read = |obj: &Map<String, Value>| -> Value {
                 obj.iter()
-                    .filter(|(k, v)| is_read(k) && !v.is_null())
+                    .filter(|(k, v)| {
+                        is_read(k) && !IDENTITY_FIELDS.contains(&k.as_str()) && !v.is_null()
+                    })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect::<Map<String, Value>>()
                     .into()
@@ -289,6 +291,7 @@ impl ModelConfig {
             top_level_only(root, nested, obj)?;
         }
         let obj = given.first().map_or(root, |(_, obj)| *obj);
+        model_family(root, obj)?;
         let cfg = Fields { obj, within: None };
 
         let mla = mla_config::mla_config(&cfg)?;
@@ -444,6 +447,93 @@ fn top_level_only(root: &Map<String, Value>, nested: &str, obj: &Map<String, Val
         }
     }
     Ok(())
+}
+
+/// The `model_type` of a DeepSeek-V2-family language model (DeepSeek-V2, V2-Lite, V3 and
+/// DeepSeek-OCR's language model; transformers' DeepSeek-OCR-2 text model).
+const LANGUAGE_MODEL_TYPES: [&str; 3] = ["deepseek_v2", "deepseek_v3", "deepseek_ocr2_text"];
+
+/// The `model_type` of a multimodal checkpoint whose language model is one of those
+/// (DeepSeek-OCR and DeepSeek-VL2; DeepSeek-OCR-2).
+const WRAPPER_MODEL_TYPES: [&str; 2] = ["deepseek_vl_v2", "deepseek_ocr2"];
+
+/// Model classes of that family, for a checkpoint whose own `model_type` names it
+/// otherwise (Kimi K2: `kimi_k2`, `DeepseekV3ForCausalLM`).
+const FAMILY_ARCHITECTURES: [&str; 3] = [
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "DeepseekOCRForCausalLM",
+];
+
+/// Refuses a config of another model family, which would otherwise be read field by field
+/// as a DeepSeek-V2 one and give numbers of a model nobody runs (Mixtral's
+/// `num_local_experts` is not a field of this family: its experts would be dropped). The
+/// language level's `model_type` (or, in a multimodal checkpoint, the top level's) must
+/// name the family, or `architectures` one of its classes; a hand-written config that
+/// states neither is taken as it is.
+fn model_family(root: &Map<String, Value>, language: &Map<String, Value>) -> Result<()> {
+    let given =
+        |obj: &Map<String, Value>, key: &str| obj.get(key).filter(|v| !v.is_null()).cloned();
+    let model_type = given(language, "model_type").or_else(|| given(root, "model_type"));
+    let model_type = match model_type {
+        None => None,
+        Some(Value::String(s)) => Some(s),
+        Some(v) => {
+            return Err(Error::invalid(
+                "model_type",
+                &v,
+                "a string naming the model family (deepseek_v2, deepseek_v3 …)",
+            ))
+        }
+    };
+    if model_type
+        .as_deref()
+        .is_some_and(|t| LANGUAGE_MODEL_TYPES.contains(&t) || WRAPPER_MODEL_TYPES.contains(&t))
+    {
+        return Ok(());
+    }
+    let mut architectures = Vec::new();
+    // The top level once, where it is the language level too.
+    let levels = if std::ptr::eq(language, root) {
+        &[language][..]
+    } else {
+        &[language, root][..]
+    };
+    for obj in levels {
+        match given(obj, "architectures") {
+            None => {}
+            Some(Value::Array(items)) => architectures.extend(items),
+            Some(v) => {
+                return Err(Error::invalid(
+                    "architectures",
+                    &v,
+                    "a list of model class names ([\"DeepseekV2ForCausalLM\"] …)",
+                ))
+            }
+        }
+    }
+    let family_class = architectures.iter().any(|a| {
+        a.as_str()
+            .is_some_and(|a| FAMILY_ARCHITECTURES.contains(&a))
+    });
+    if family_class || (model_type.is_none() && architectures.is_empty()) {
+        return Ok(());
+    }
+    let family = format!(
+        "modelmeter models the DeepSeek-V2 family only: model_type {} (or a multimodal {} \
+         whose language_config is one), or architectures naming {}; give such a config",
+        LANGUAGE_MODEL_TYPES.join(", "),
+        WRAPPER_MODEL_TYPES.join(" or "),
+        FAMILY_ARCHITECTURES.join(", ")
+    );
+    Err(match model_type {
+        Some(t) => unsupported("model_type", &format!("{t:?}"), &family),
+        None => unsupported(
+            "architectures",
+            &Value::Array(architectures).to_string(),
+            &family,
+        ),
+    })
 }
 
 /// A required field the config gives as `null` is named so (`n_group = null … is
@@ -931,6 +1021,93 @@ mod tests {
     /// The validation error of `v`, without the config's name (checked once, below).
     fn err(v: Value) -> String {
         ModelConfig::validated("test", &v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn configs_of_other_families_are_refused() {
+        // The family's model types, at the language level or a multimodal top level, and
+        // its classes under another model_type (Kimi K2) are read; so is a config that
+        // names no family at all (hand-written).
+        for (model_type, architectures) in [
+            (json!("deepseek_v2"), json!(null)),
+            (json!("deepseek_v3"), json!(["Other"])),
+            (json!("deepseek_ocr2_text"), json!(null)),
+            (json!("kimi_k2"), json!(["DeepseekV3ForCausalLM"])),
+            (json!(null), json!(null)),
+            (json!(null), json!(["DeepseekV2ForCausalLM"])),
+        ] {
+            let mut v = with("model_type", model_type.clone());
+            v["architectures"] = architectures;
+            assert_eq!(parse(v).unwrap(), parse(base()).unwrap(), "{model_type}");
+        }
+        for wrapper in ["deepseek_vl_v2", "deepseek_ocr2"] {
+            let nested = json!({"model_type": wrapper, "language_config": base()});
+            assert_eq!(parse(nested).unwrap(), parse(base()).unwrap(), "{wrapper}");
+        }
+        // The nested language model's own type decides.
+        let mut other = base();
+        other["model_type"] = json!("llama");
+        let e = err(json!({"model_type": "deepseek_vl_v2", "language_config": other}));
+        assert!(e.starts_with("model_type = \"llama\" is not supported: modelmeter models the DeepSeek-V2 family only"), "{e}");
+        // Another family, or a DeepSeek model of another architecture (V3.2's sparse
+        // attention), by its model_type or, without one, its classes.
+        for (model_type, architectures, named) in [
+            (
+                json!("mixtral"),
+                json!(["MixtralForCausalLM"]),
+                "model_type = \"mixtral\"",
+            ),
+            (
+                json!("deepseek_v32"),
+                json!(["DeepseekV32ForCausalLM"]),
+                "model_type = \"deepseek_v32\"",
+            ),
+            (
+                json!(null),
+                json!(["Qwen2MoeForCausalLM"]),
+                "architectures = [\"Qwen2MoeForCausalLM\"]",
+            ),
+        ] {
+            let mut v = with("model_type", model_type);
+            v["architectures"] = architectures;
+            let e = err(v);
+            assert!(e.starts_with(&format!("{named} is not supported: ")), "{e}");
+            assert!(e.ends_with("give such a config"), "{e}");
+        }
+        let e = err(with("model_type", json!(5)));
+        assert!(
+            e.starts_with("model_type = 5 is invalid: expected a string"),
+            "{e}"
+        );
+        let e = err(with("architectures", json!("DeepseekV2ForCausalLM")));
+        assert!(
+            e.starts_with("architectures = \"DeepseekV2ForCausalLM\" is invalid: expected a list"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mla_dimensions_without_use_mla_or_kv_lora_rank_are_refused() {
+        // The vendor config would default kv_lora_rank to 512 (MLA); modelmeter reads
+        // multi-head attention: which one is meant is asked, not guessed.
+        let mut v = without("use_mla");
+        v["qk_nope_head_dim"] = json!(128);
+        let e = err(v.clone());
+        assert!(
+            e.starts_with(
+                "kv_lora_rank is missing from the config: the config sets qk_nope_head_dim = 128"
+            ),
+            "{e}"
+        );
+        // Either answer is read; DeepSeek-OCR's zeros beside use_mla: false are no question.
+        v["use_mla"] = json!(false);
+        assert!(parse(v.clone()).unwrap().mla.is_none());
+        let mut zeros = without("use_mla");
+        for key in ["qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"] {
+            zeros[key] = json!(0);
+        }
+        zeros["q_lora_rank"] = json!(null);
+        assert!(parse(zeros).unwrap().mla.is_none());
     }
 
     #[test]

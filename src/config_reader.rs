@@ -80,10 +80,15 @@ pub(crate) const ROPE_FIELDS: &[&str] = &[
     "type",
 ];
 
+/// The fields that say which model a config describes (`model_type`, `architectures`):
+/// kept so that a config of another family is refused, not read as a DeepSeek-V2 one;
+/// nothing else reads them, and two nested configs may differ in them.
+pub(crate) const IDENTITY_FIELDS: &[&str] = &["architectures", "model_type"];
+
 /// Whether [`crate::ModelConfig`] reads a field called `key` ([`LANGUAGE_FIELDS`],
-/// [`ROPE_FIELDS`]).
+/// [`ROPE_FIELDS`], [`IDENTITY_FIELDS`]).
 pub(crate) fn is_read(key: &str) -> bool {
-    LANGUAGE_FIELDS.contains(&key) || ROPE_FIELDS.contains(&key)
+    LANGUAGE_FIELDS.contains(&key) || ROPE_FIELDS.contains(&key) || IDENTITY_FIELDS.contains(&key)
 }
 
 /// Reads at most [`MAX_CONFIG_BYTES`] of `path`; a larger file (or an endless device)
@@ -135,6 +140,20 @@ pub(crate) fn parse(name: &str, text: &[u8]) -> Result<Value> {
             "it starts with a UTF-8 byte-order mark, which JSON does not allow; save it without one"
                 .into(),
         ));
+    }
+    // JSON text is UTF-8 (RFC 8259), as Python's reader requires; the parser skips the
+    // fields modelmeter does not read without looking inside their strings, so check the
+    // whole text first and say where it is not.
+    if let Err(e) = std::str::from_utf8(text) {
+        let at = e.valid_up_to();
+        return Err(parse_error(placed(
+            &format!(
+                "it is not UTF-8 text (save it as UTF-8): byte 0x{:02X}",
+                text[at]
+            ),
+            text,
+            Some(at),
+        )));
     }
     match text.iter().find(|b| !b.is_ascii_whitespace()) {
         None => return Err(parse_error("it is empty; expected a JSON object".into())),
@@ -495,6 +514,11 @@ mod tests {
                 "(a: EOF while parsing a list at the end of the file)",
             ),
             (b"{} x", "trailing"),
+            // Not UTF-8, even inside a field that is skipped unread.
+            (
+                b"{\"other\": \"caf\xe9\"}",
+                "it is not UTF-8 text (save it as UTF-8): byte 0xE9 at line 1 column 15",
+            ),
         ] {
             let e = parse("t", text).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");

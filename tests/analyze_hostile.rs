@@ -261,12 +261,37 @@ fn wrong_json_types_and_odd_paths_are_one_line_errors() {
             "[0, 0, 0]".to_string(),
             "the top level is not a JSON object",
         ),
+        // Another family's config (Mixtral's keys), read field by field, would give a
+        // dense model of a quarter of its size: refused by its model_type.
+        (
+            r#"{"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 32000,
+                "num_local_experts": 8, "num_experts_per_tok": 2}"#
+                .to_string(),
+            "model_type = \"mixtral\" (config {path}) is not supported: modelmeter models the \
+             DeepSeek-V2 family only",
+        ),
     ];
     for (i, (body, needle)) in cases.iter().enumerate() {
         let path = dir.file(&format!("c{i}.json"), body);
         let needle = needle.replace("{path}", &path);
         assert_refused(&analyze(&["--config", &path]), &[&needle]);
     }
+    // A byte that is not UTF-8 (Latin-1's é), in a string modelmeter does not otherwise
+    // read: its model_type.
+    let latin1 = dir.root().join("latin1.json");
+    let fixture = include_str!("../fixtures/deepseek-v2-lite/config.json");
+    let mut bytes = fixture
+        .replacen("deepseek_v2", "deepseek?v2", 1)
+        .into_bytes();
+    let at = bytes.iter().position(|&b| b == b'?').expect("the marker");
+    bytes[at] = 0xE9;
+    std::fs::write(&latin1, bytes).expect("writes");
+    assert_refused(
+        &analyze(&["--config", latin1.to_str().expect("a UTF-8 path")]),
+        &["it is not UTF-8 text (save it as UTF-8): byte 0xE9 at line 4 column "],
+    );
     let newline = dir.file("a\nb.json", "{ nope");
     assert_refused(&analyze(&["--config", &newline]), &["a\\nb.json"]);
     let missing = format!("{}/no\nsuch.json", dir.root().display());
