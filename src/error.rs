@@ -160,7 +160,7 @@ const MAX_SHOWN_VALUE: usize = 80;
 pub fn one_line(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
+        if breaks_line(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -169,12 +169,18 @@ pub fn one_line(text: &str) -> String {
     out
 }
 
+/// Whether `c` could break or rewrite a line of a terminal: a control character, or
+/// Unicode's line and paragraph separators (which some terminals show as a new line).
+fn breaks_line(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
 /// A value as an error message shows it: quoted, with escapes, when it is empty, starts or
 /// ends with a blank or holds a control character (`--device = "" is invalid`,
 /// `--accept-rel-diff = "1 " is invalid`, `"5\n"`), which would otherwise vanish between
 /// the `=` and `is` or break the one-line message; as given otherwise.
 pub fn shown_value(text: &str) -> String {
-    let hidden = text.trim() != text || text.is_empty() || text.chars().any(char::is_control);
+    let hidden = text.trim() != text || text.is_empty() || text.chars().any(breaks_line);
     if hidden {
         format!("{text:?}")
     } else {
@@ -208,6 +214,9 @@ mod tests {
         assert_eq!(shown_value(" 1"), "\" 1\"");
         assert_eq!(shown_value("5\n"), "\"5\\n\"", "one line");
         assert_eq!(shown_value("a\tb"), "\"a\\tb\"");
+        // Unicode's line separator is no control character, but breaks a line all the same.
+        assert_eq!(shown_value("a\u{2028}b"), "\"a\\u{2028}b\"");
+        assert_eq!(one_line("a\u{2029}b"), "a\\u{2029}b");
         assert_eq!(
             Error::invalid("--device", "", "cpu").to_string(),
             "--device = \"\" is invalid: expected cpu"
