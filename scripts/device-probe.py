@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Kernels whose engine the conventions table asserts, for Nsight Compute to read.
+r"""Kernels whose engine the conventions table asserts, for Nsight Compute to read.
 
 Usage (on the GPU machine, from scripts/device-check):
     ncu --profile-from-start off --clock-control none --metrics ... --csv --page raw \

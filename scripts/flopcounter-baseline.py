@@ -7,7 +7,8 @@ Usage: flopcounter-baseline.py [--device D] [--dtype T] [--batch B] [--seq-len S
                                [--json FILE]
 
 Example (the default workload, timed as the benchmark times it):
-    /usr/bin/time -f "%e s %M KB" .venv/bin/python scripts/flopcounter-baseline.py --json target/bench/py.json
+    /usr/bin/time -f "%e s %M KB" .venv/bin/python scripts/flopcounter-baseline.py \\
+        --json target/bench/flopcounter-baseline.json
 
 One Python process does what a user with transformers would do for the seven layers that
 `verify-decoder` checks by default (DeepSeek-OCR's language model, B=1, prefill S=512, fp32 on

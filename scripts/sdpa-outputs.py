@@ -66,6 +66,10 @@ def main():
         print(f"sdpa-outputs: {' '.join(args)} is invalid: expected one of cuda, cpu, or nothing (cuda) (see --help)", file=sys.stderr)
         sys.exit(2)
     device = args[0] if args else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("sdpa-outputs: cuda is invalid here: torch sees no CUDA GPU on this machine "
+              "(run it on the GPU machine, or give cpu)", file=sys.stderr)
+        sys.exit(2)
     print("torch", torch.__version__, torch.cuda.get_device_name(0) if device == "cuda" else "cpu")
     bf16, fp32 = torch.bfloat16, torch.float32
     case("cudnn prefill", device, bf16, 1, 10, 512, 512, 128, True)
