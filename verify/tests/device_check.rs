@@ -297,6 +297,24 @@ fn cross_device_compares_routing_and_flops_of_one_run() {
     let (code, _, err) = cross_device("workload", cuda.clone(), longer);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("different workloads"), "{err}");
+    // A built-in config and its file are one config (only the name differs); another
+    // size is another config.
+    let named = |name: &str| {
+        cuda.replace(
+            "\"hidden_size\": 64",
+            &format!("\"name\": \"{name}\", \"hidden_size\": 64"),
+        )
+    };
+    let (code, out, err) = cross_device(
+        "named",
+        named("deepseek-ocr-v1-base"),
+        named("fixtures/deepseek-ocr/config.json").replace("cuda:0", "cpu"),
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let wider = cuda.replace("\"hidden_size\": 64", "\"hidden_size\": 128");
+    let (code, _, err) = cross_device("config", cuda.clone(), wider);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("different configs"), "{err}");
     // Nothing in common is not an identical pair.
     let other = cuda.replace("DeepseekV2MoE", "DeepseekV2MLP");
     let (code, _, err) = cross_device("none", cuda, other.replace("tokens_per_expert", "x"));
