@@ -12,6 +12,8 @@
 //! (DeepSeek-OCR's 64 experts, 220 M values: ~0.12 s on both cores, plus the page faults
 //! of first touching 880 MB), against 1.8 s for `randn` and the scaling pass.
 
+use half::slice::HalfFloatSliceExt;
+
 /// SplitMix64's increment: its state for index `i + 1` is its state for `i` plus this.
 const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
@@ -51,11 +53,56 @@ fn irwin_hall(z: u64) -> f32 {
     (sum as f32 - MEAN) * SCALE
 }
 
-/// One parameter's draw: `out[i] = shift + scale · normal(stream, i)` for i = 0, 1, ….
+/// Where a fill writes: the fp32 values, or each rounded to bf16 or fp16 as libtorch's
+/// casts round (to nearest, ties to even; `half`'s conversions), so that a parameter drawn
+/// in its model dtype holds the bits of the fp32 draw cast by `to_kind`.
+#[derive(Debug)]
+pub enum Out<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [half::bf16]),
+    F16(&'a mut [half::f16]),
+}
+
+impl<'a> Out<'a> {
+    /// How many values it takes.
+    pub fn len(&self) -> usize {
+        match self {
+            Out::F32(v) => v.len(),
+            Out::Bf16(v) => v.len(),
+            Out::F16(v) => v.len(),
+        }
+    }
+
+    /// Whether it takes none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its first `mid` values and the rest.
+    fn split_at(self, mid: usize) -> (Out<'a>, Out<'a>) {
+        match self {
+            Out::F32(v) => {
+                let (a, b) = v.split_at_mut(mid);
+                (Out::F32(a), Out::F32(b))
+            }
+            Out::Bf16(v) => {
+                let (a, b) = v.split_at_mut(mid);
+                (Out::Bf16(a), Out::Bf16(b))
+            }
+            Out::F16(v) => {
+                let (a, b) = v.split_at_mut(mid);
+                (Out::F16(a), Out::F16(b))
+            }
+        }
+    }
+}
+
+/// One parameter's draw: `out[i] = shift + scale · normal(stream, i)` for i = 0, 1, …
+/// (rounded to `out`'s dtype).
 #[derive(Debug)]
 pub struct Fill<'a> {
     pub stream: u64,
-    pub out: &'a mut [f32],
+    pub out: Out<'a>,
     pub scale: f32,
     pub shift: f32,
 }
@@ -66,7 +113,7 @@ pub struct Fill<'a> {
 pub fn fill_normal(stream: u64, out: &mut [f32], scale: f32, shift: f32) {
     fill_all(vec![Fill {
         stream,
-        out,
+        out: Out::F32(out),
         scale,
         shift,
     }])
@@ -88,7 +135,7 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
     let share = total.div_ceil(threads).max(1 << 16);
     // Each thread's work: pieces of fills, (stream, index of the first value, values,
     // scale, shift), cut where the running count crosses a multiple of `share`.
-    type Piece<'a> = (u64, usize, &'a mut [f32], f32, f32);
+    type Piece<'a> = (u64, usize, Out<'a>, f32, f32);
     let mut work: Vec<Vec<Piece<'_>>> = vec![Vec::new()];
     let mut room = share;
     for Fill {
@@ -105,7 +152,7 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
                 room = share;
             }
             let len = room.min(out.len());
-            let (piece, rest) = std::mem::take(&mut out).split_at_mut(len);
+            let (piece, rest) = out.split_at(len);
             room -= len;
             work.last_mut()
                 .expect("work starts with one list")
@@ -117,8 +164,18 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
     let run = |pieces: Vec<Piece<'_>>| {
         for (stream, first, piece, scale, shift) in pieces {
             // Each thread faults in its own pieces' pages (crate::host_memory).
-            let _populated = crate::host_memory::prefault(piece);
-            fill_span(stream, first, piece, scale, shift)
+            match piece {
+                Out::F32(out) => {
+                    let _populated = crate::host_memory::prefault(out);
+                    fill_span(stream, first, out, scale, shift)
+                }
+                Out::Bf16(out) => fill_rounded(stream, first, out, scale, shift, |v, o| {
+                    o.convert_from_f32_slice(v)
+                }),
+                Out::F16(out) => fill_rounded(stream, first, out, scale, shift, |v, o| {
+                    o.convert_from_f32_slice(v)
+                }),
+            }
         }
     };
     if work.len() == 1 {
@@ -137,6 +194,29 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
         }
     };
     modelmeter::threads::on_threads(helpers, &drain);
+}
+
+/// Values a thread draws in fp32 at a time before rounding them into a bf16 or fp16
+/// parameter (64 KiB: in the core's cache).
+const ROUNDED_CHUNK: usize = 1 << 14;
+
+/// [`fill_span`] into a bf16 or fp16 `out`: each chunk of values drawn in fp32 and rounded
+/// by `round` (`half`'s slice conversion, vectorised where the CPU can).
+fn fill_rounded<T>(
+    stream: u64,
+    start: usize,
+    out: &mut [T],
+    scale: f32,
+    shift: f32,
+    round: impl Fn(&[f32], &mut [T]),
+) {
+    let _populated = crate::host_memory::prefault(out);
+    let mut values = vec![0f32; ROUNDED_CHUNK.min(out.len())];
+    for (k, chunk) in out.chunks_mut(ROUNDED_CHUNK).enumerate() {
+        let values = &mut values[..chunk.len()];
+        fill_span(stream, start + k * ROUNDED_CHUNK, values, scale, shift);
+        round(values, chunk);
+    }
 }
 
 /// `out[i] = shift + scale · normal(stream, start + i)`, compiled for the widest vector
@@ -347,6 +427,93 @@ mod tests {
     }
 
     #[test]
+    fn rounded_fills_hold_the_fp32_values_rounded_on_any_thread_count() {
+        // Sizes around the share and the rounding chunk, so that pieces and chunks end
+        // inside each other.
+        let sizes = [70_000usize, 0, 3, ROUNDED_CHUNK + 1, 200_001];
+        let value = |k: usize, i: usize| 0.25 * k as f32 + 0.5 * normal(100 + k as u64, i as u64);
+        for threads in [1, 2, 7] {
+            let mut bf: Vec<Vec<half::bf16>> =
+                sizes.iter().map(|&n| vec![half::bf16::NAN; n]).collect();
+            let mut hf: Vec<Vec<half::f16>> =
+                sizes.iter().map(|&n| vec![half::f16::NAN; n]).collect();
+            let fills = bf
+                .iter_mut()
+                .map(|o| Out::Bf16(o))
+                .chain(hf.iter_mut().map(|o| Out::F16(o)))
+                .enumerate()
+                .map(|(j, out)| {
+                    let k = j % sizes.len();
+                    Fill {
+                        stream: 100 + k as u64,
+                        out,
+                        scale: 0.5,
+                        shift: 0.25 * k as f32,
+                    }
+                })
+                .collect();
+            fill_all_with(threads, fills);
+            for k in 0..sizes.len() {
+                for i in 0..sizes[k] {
+                    let v = value(k, i);
+                    assert_eq!(bf[k][i].to_bits(), half::bf16::from_f32(v).to_bits());
+                    assert_eq!(hf[k][i].to_bits(), half::f16::from_f32(v).to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_rounds_as_libtorch_casts() {
+        // The rounding a deferred bf16/fp16 parameter gets (`half`) against libtorch's
+        // `to_kind`, on values where rounding can go wrong: ties to even either way, just
+        // off a tie, fp16 subnormals and its overflow, bf16's smallest normals, signs, and
+        // the draws' own values.
+        let mut values: Vec<f32> = Vec::new();
+        for base in [1.0f32, 1.5, 3.0, 1e-3, 6e-5, 65_504.0, 1e-38, 3.0e38] {
+            let bits = base.to_bits();
+            for delta in [
+                0u32, 1, 0x0fff, 0x1000, 0x1001, 0x7fff, 0x8000, 0x8001, 0x1_8000,
+            ] {
+                for b in [bits.wrapping_add(delta), bits.wrapping_sub(delta)] {
+                    let v = f32::from_bits(b);
+                    values.extend([v, -v]);
+                }
+            }
+        }
+        values.extend([0.0, -0.0, 65_520.0, 65_519.996, 5.96e-8, 2.98e-8, 1e-45]);
+        values.extend((0..10_000).map(|i| 3.0 * normal(9, i)));
+        let t = tch::Tensor::from_slice(&values);
+        for (kind, rounded) in [
+            (
+                tch::Kind::BFloat16,
+                values
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect::<Vec<f32>>(),
+            ),
+            (
+                tch::Kind::Half,
+                values
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_f32())
+                    .collect(),
+            ),
+        ] {
+            let torch: Vec<f32> =
+                Vec::try_from(t.to_kind(kind).to_kind(tch::Kind::Float)).expect("fp32 values");
+            for ((v, a), b) in values.iter().zip(&rounded).zip(&torch) {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{v:e} ({:#010x}) in {kind:?}",
+                    v.to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn any_thread_count_fills_the_same_values() {
         // 500,000 values: 1 chunk on one thread, 3 and 7 chunks (each over 65,536) on more,
         // so every boundary between threads is crossed somewhere.
@@ -356,7 +523,7 @@ mod tests {
                 threads,
                 vec![Fill {
                     stream,
-                    out,
+                    out: Out::F32(out),
                     scale,
                     shift,
                 }],
@@ -413,7 +580,7 @@ mod tests {
                 .enumerate()
                 .map(|(k, out)| Fill {
                     stream: 100 + k as u64,
-                    out,
+                    out: Out::F32(out),
                     scale: 0.25 * k as f32,
                     shift: k as f32,
                 })

@@ -54,7 +54,7 @@ fn page_size() -> usize {
 /// there is nothing to do for a slice without a whole page. The values in `buf` are
 /// unchanged: pages already present stay as they are, and a fresh anonymous page reads as
 /// zeros either way.
-pub fn prefault(buf: &mut [f32]) -> bool {
+pub fn prefault<T>(buf: &mut [T]) -> bool {
     #[cfg(target_os = "linux")]
     {
         let page = page_size();

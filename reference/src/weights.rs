@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use modelmeter::Dtype;
 use tch::{Device, Kind, Tensor};
 
+use crate::draws::Out;
 use crate::error::{Error, Result};
 
 /// Serialises the reseeding of libtorch's global CPU generator.
@@ -111,7 +112,7 @@ fn element_count(name: &str, shape: &[i64]) -> Result<usize> {
 /// [`PendingDraws`] of one parameter, drawn at once.
 fn seeded_affine(seed: u64, name: &str, shape: &[i64], scale: f32, shift: f32) -> Result<Tensor> {
     let pending = PendingDraws::default();
-    let tensor = pending.defer(seed, name, shape, scale, shift)?;
+    let tensor = pending.defer(seed, name, shape, Kind::Float, scale, shift)?;
     pending.draw_all();
     Ok(tensor)
 }
@@ -222,7 +223,7 @@ pub(crate) struct Init {
     prefix: String,
     /// Parameters shared with the modules built before and after this one, if any.
     cache: Option<Rc<WeightCache>>,
-    /// Where CPU fp32 parameters wait to be drawn together ([`build_then_draw`]), if any.
+    /// Where CPU parameters wait to be drawn together ([`build_then_draw`]), if any.
     pending: Option<Rc<PendingDraws>>,
 }
 
@@ -269,8 +270,8 @@ impl Init {
         let full = format!("{}{name}", self.prefix);
         let draw = || -> Result<Tensor> {
             if let Some(pending) = &self.pending {
-                if self.setup.device == Device::Cpu && self.kind == Kind::Float {
-                    return pending.defer(self.setup.seed, &full, shape, scale, shift);
+                if self.setup.device == Device::Cpu {
+                    return pending.defer(self.setup.seed, &full, shape, self.kind, scale, shift);
                 }
             }
             let t = seeded_affine_on(
@@ -327,12 +328,14 @@ impl Init {
     }
 }
 
-/// CPU fp32 parameters allocated while a module is built and drawn together once it is
+/// CPU parameters allocated while a module is built and drawn together once it is
 /// ([`build_then_draw`]): one pass over all their values split evenly over the threads
 /// ([`crate::draws::fill_all`]), instead of a threaded fill per parameter, whose start,
 /// join and serial allocation between parameters left the build's two CPUs idle 40 % of
 /// the time (DeepSeek-OCR's 192 expert weights; docs/performance.md, twenty-first
-/// session). The values are [`seeded_affine`]'s, bit for bit.
+/// session). A bf16 or fp16 parameter is drawn in its dtype, each value rounded as it is
+/// drawn (no fp32 copy and cast). The values are [`seeded_affine`]'s, cast by `to_kind`
+/// to the parameter's dtype, bit for bit.
 #[derive(Debug, Default)]
 pub(crate) struct PendingDraws {
     /// Each parameter (a shallow clone: it stays allocated) with its stream, scale, shift.
@@ -340,18 +343,26 @@ pub(crate) struct PendingDraws {
 }
 
 impl PendingDraws {
-    /// An uninitialised fp32 CPU tensor for the parameter `name`, drawn by
-    /// [`PendingDraws::draw_all`].
+    /// An uninitialised CPU tensor of `kind` (fp32, bf16 or fp16) for the parameter
+    /// `name`, drawn by [`PendingDraws::draw_all`].
     fn defer(
         &self,
         seed: u64,
         name: &str,
         shape: &[i64],
+        kind: Kind,
         scale: f32,
         shift: f32,
     ) -> Result<Tensor> {
         element_count(name, shape)?;
-        let tensor = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
+        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            return Err(Error::Model(modelmeter::Error::invalid(
+                "parameter dtype",
+                format!("{kind:?}"),
+                "fp32, bf16 or fp16",
+            )));
+        }
+        let tensor = Tensor::f_empty(shape, (kind, Device::Cpu))?;
         self.waiting.borrow_mut().push((
             tensor.shallow_clone(),
             stream(seed, name) as u64,
@@ -367,27 +378,41 @@ impl PendingDraws {
         let fills = waiting
             .iter()
             .filter(|(tensor, ..)| tensor.numel() > 0)
-            .map(|(tensor, stream, scale, shift)| crate::draws::Fill {
-                stream: *stream,
+            .map(|(tensor, stream, scale, shift)| {
+                let (ptr, numel) = (tensor.data_ptr(), tensor.numel());
                 // SAFETY: each tensor was allocated by `defer` (libtorch, CPU, contiguous,
-                // fp32, `numel` elements), a tensor of its own, so no two slices overlap;
-                // `waiting` keeps it alive until the fill returns, and nothing reads it
-                // before: the module that holds it is handed out only after `draw_all`.
-                // Its values are uninitialised: the fill only writes them, each once.
-                out: unsafe {
-                    std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, tensor.numel())
-                },
-                scale: *scale,
-                shift: *shift,
+                // `numel` elements of its kind: fp32, bf16 or fp16, whose layouts `f32`,
+                // `half::bf16` and `half::f16` have), a tensor of its own, so no two slices
+                // overlap; `waiting` keeps it alive until the fill returns, and nothing
+                // reads it before: the module that holds it is handed out only after
+                // `draw_all`. Its values are uninitialised: the fill only writes them, each
+                // once.
+                let out = unsafe {
+                    match tensor.kind() {
+                        Kind::BFloat16 => Out::Bf16(std::slice::from_raw_parts_mut(
+                            ptr as *mut half::bf16,
+                            numel,
+                        )),
+                        Kind::Half => {
+                            Out::F16(std::slice::from_raw_parts_mut(ptr as *mut half::f16, numel))
+                        }
+                        _ => Out::F32(std::slice::from_raw_parts_mut(ptr as *mut f32, numel)),
+                    }
+                };
+                crate::draws::Fill {
+                    stream: *stream,
+                    out,
+                    scale: *scale,
+                    shift: *shift,
+                }
             })
             .collect();
         crate::draws::fill_all(fills);
     }
 }
 
-/// Builds a module with `init`'s settings, its CPU fp32 parameters drawn together once
-/// `build` returns (see [`PendingDraws`]); on other devices and dtypes each is drawn as
-/// it is created. The module is never seen with a parameter undrawn, and neither is
+/// Builds a module with `init`'s settings, its CPU parameters drawn together once `build`
+/// returns (see [`PendingDraws`]); on other devices each is drawn as it is created. The module is never seen with a parameter undrawn, and neither is
 /// anything else: the parameters deferred before `build` failed or panicked are drawn
 /// too, since a [`WeightCache`] may already hold them for the next module.
 pub(crate) fn build_then_draw<T>(init: &Init, build: impl FnOnce(&Init) -> Result<T>) -> Result<T> {
@@ -460,7 +485,9 @@ mod tests {
             device: Device::Cpu,
             seed: 3,
         };
-        for dtype in [Dtype::F32, Dtype::Bf16] {
+        // In bf16 and fp16 one by one is the fp32 draw cast by libtorch (`to_kind`), and
+        // together the values rounded as they are drawn (`half`): the same bits.
+        for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
             let init = Init::new(&setup, dtype).unwrap().sub("mlp");
             let one_by_one = RefDeepseekV2MLP::new(64, 3_000, &init).unwrap();
             let together =
