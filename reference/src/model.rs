@@ -55,7 +55,7 @@ impl RefDeepseekV2ForCausalLM {
         dtype: Dtype,
         setup: &Setup,
     ) -> Result<RefDeepseekV2ForCausalLM> {
-        // Every CPU fp32 parameter drawn in one pass once all are allocated.
+        // Every CPU parameter drawn in one pass once all are allocated.
         build_then_draw(&Init::new(setup, dtype)?, |root| {
             let model = root.sub("model");
             let vocab = dim(config.vocab_size, "vocab_size")?;
