@@ -67,23 +67,15 @@ impl Error {
     /// The same error with the field of an [`Error::Invalid`] named as `rename` names it,
     /// each factor of a product (`batch × seq_len`) on its own: how a front end names what
     /// the library calls `batch` (`--batch`, `--vary batch`). Any other error as it is.
-    pub fn with_field_named(self, rename: impl Fn(&str) -> String) -> Error {
-        match self {
-            Error::Invalid {
-                field,
-                value,
-                expected,
-            } => Error::Invalid {
-                field: field
-                    .split(" × ")
-                    .map(rename)
-                    .collect::<Vec<_>>()
-                    .join(" × "),
-                value,
-                expected,
-            },
-            other => other,
+    pub fn with_field_named(mut self, rename: impl Fn(&str) -> String) -> Error {
+        if let Error::Invalid { field, .. } = &mut self {
+            *field = field
+                .split(" × ")
+                .map(rename)
+                .collect::<Vec<_>>()
+                .join(" × ");
         }
+        self
     }
 
     /// Shorthand for [`Error::Invalid`]; a long value (a huge JSON array) is shortened
@@ -107,35 +99,15 @@ impl Error {
 
     /// The same error, saying it comes from the config called `name` (a path, a built-in
     /// name): a field's value or absence is in the file, not on the command line.
-    pub fn in_config(self, name: &str) -> Error {
-        match self {
-            Error::Invalid {
-                field,
-                value,
-                expected,
-            } => Error::Invalid {
-                field,
-                value: format!("{value} (config {name})"),
-                expected,
-            },
-            Error::Unsupported {
-                field,
-                value,
-                reason,
-            } => Error::Unsupported {
-                field,
-                value: format!("{value} (config {name})"),
-                reason,
-            },
-            Error::Missing {
-                field, expected, ..
-            } => Error::Missing {
-                field,
-                expected,
-                config: format!("config {name}"),
-            },
-            other => other,
+    pub fn in_config(mut self, name: &str) -> Error {
+        match &mut self {
+            Error::Invalid { value, .. } | Error::Unsupported { value, .. } => {
+                value.push_str(&format!(" (config {name})"));
+            }
+            Error::Missing { config, .. } => *config = format!("config {name}"),
+            _ => {}
         }
+        self
     }
 
     /// Shorthand for [`Error::Overflow`].
