@@ -169,12 +169,8 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
                     let _populated = crate::host_memory::prefault(out);
                     fill_span(stream, first, out, scale, shift)
                 }
-                Out::Bf16(out) => fill_rounded(stream, first, out, scale, shift, |v, o| {
-                    o.convert_from_f32_slice(v)
-                }),
-                Out::F16(out) => fill_rounded(stream, first, out, scale, shift, |v, o| {
-                    o.convert_from_f32_slice(v)
-                }),
+                Out::Bf16(out) => fill_rounded(stream, first, out, scale, shift),
+                Out::F16(out) => fill_rounded(stream, first, out, scale, shift),
             }
         }
     };
@@ -201,21 +197,17 @@ fn fill_all_with(threads: usize, fills: Vec<Fill<'_>>) {
 const ROUNDED_CHUNK: usize = 1 << 14;
 
 /// [`fill_span`] into a bf16 or fp16 `out`: each chunk of values drawn in fp32 and rounded
-/// by `round` (`half`'s slice conversion, vectorised where the CPU can).
-fn fill_rounded<T>(
-    stream: u64,
-    start: usize,
-    out: &mut [T],
-    scale: f32,
-    shift: f32,
-    round: impl Fn(&[f32], &mut [T]),
-) {
+/// by `half`'s slice conversion (vectorised where the CPU can).
+fn fill_rounded<T>(stream: u64, start: usize, out: &mut [T], scale: f32, shift: f32)
+where
+    [T]: HalfFloatSliceExt,
+{
     let _populated = crate::host_memory::prefault(out);
     let mut values = vec![0f32; ROUNDED_CHUNK.min(out.len())];
     for (k, chunk) in out.chunks_mut(ROUNDED_CHUNK).enumerate() {
         let values = &mut values[..chunk.len()];
         fill_span(stream, start + k * ROUNDED_CHUNK, values, scale, shift);
-        round(values, chunk);
+        chunk.convert_from_f32_slice(values);
     }
 }
 

@@ -412,9 +412,10 @@ impl PendingDraws {
 }
 
 /// Builds a module with `init`'s settings, its CPU parameters drawn together once `build`
-/// returns (see [`PendingDraws`]); on other devices each is drawn as it is created. The module is never seen with a parameter undrawn, and neither is
-/// anything else: the parameters deferred before `build` failed or panicked are drawn
-/// too, since a [`WeightCache`] may already hold them for the next module.
+/// returns (see [`PendingDraws`]); on other devices each is drawn as it is created. The
+/// module is never seen with a parameter undrawn, and neither is anything else: the
+/// parameters deferred before `build` failed or panicked are drawn too, since a
+/// [`WeightCache`] may already hold them for the next module.
 pub(crate) fn build_then_draw<T>(init: &Init, build: impl FnOnce(&Init) -> Result<T>) -> Result<T> {
     /// Draws what is pending however `build` ends (a panic unwinding included).
     struct DrawOnExit(Rc<PendingDraws>);
