@@ -110,31 +110,34 @@ pub fn softmax_scale(mla: &MlaConfig, rope_scaling: Option<&YarnScaling>) -> Res
 pub(crate) fn mla_config(cfg: &Fields) -> Result<Option<MlaConfig>> {
     let on = match cfg.boolean("use_mla")? {
         Some(on) => on,
-        None => cfg.present("kv_lora_rank").is_some(),
-    };
-    // MLA dimensions without `use_mla` or `kv_lora_rank`: the vendor config would default
-    // to MLA (r_kv = 512) where modelmeter reads multi-head attention; which one was meant
-    // is not ours to guess (DeepSeek-OCR writes `use_mla: false` beside its zeros).
-    if cfg.present("use_mla").is_none() && !on {
-        for key in [
-            "q_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-        ] {
-            if let Some(v) = cfg.present(key).filter(|v| v.as_u64() != Some(0)) {
-                return Err(Error::missing(
-                    "kv_lora_rank",
-                    format!(
-                        "the config sets {key} = {v}, an MLA dimension, without use_mla or \
-                         kv_lora_rank (the vendor config would default to MLA with \
-                         kv_lora_rank = 512, modelmeter to multi-head attention); write \
-                         kv_lora_rank for MLA, or \"use_mla\": false for multi-head attention"
-                    ),
-                ));
+        None if cfg.present("kv_lora_rank").is_some() => true,
+        // MLA dimensions without `use_mla` or `kv_lora_rank`: the vendor config would
+        // default to MLA (r_kv = 512) where modelmeter reads multi-head attention; which
+        // one was meant is not ours to guess (DeepSeek-OCR writes `use_mla: false` beside
+        // its zeros).
+        None => {
+            for key in [
+                "q_lora_rank",
+                "qk_nope_head_dim",
+                "qk_rope_head_dim",
+                "v_head_dim",
+            ] {
+                if let Some(v) = cfg.present(key).filter(|v| v.as_u64() != Some(0)) {
+                    return Err(Error::missing(
+                        "kv_lora_rank",
+                        format!(
+                            "the config sets {key} = {v}, an MLA dimension, without use_mla or \
+                             kv_lora_rank (the vendor config would default to MLA with \
+                             kv_lora_rank = 512, modelmeter to multi-head attention); write \
+                             kv_lora_rank for MLA, or \"use_mla\": false for multi-head \
+                             attention"
+                        ),
+                    ));
+                }
             }
+            false
         }
-    }
+    };
     if !on {
         return Ok(None);
     }
