@@ -342,7 +342,10 @@ mod tests {
 
     #[test]
     fn builder_ids_are_unique_across_threads() {
-        let per_thread = 3 * ID_BLOCK / 2; // each thread crosses a block boundary
+        // A fixed count, not one derived from ID_BLOCK (a block of 0 or 1 ids would make
+        // a derived count vacuous): each thread crosses at least one block boundary.
+        let per_thread: u64 = 100_000;
+        assert!(per_thread > ID_BLOCK, "crosses a block");
         let ids: Vec<u64> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..4)
                 .map(|_| {
@@ -359,6 +362,7 @@ mod tests {
                 .collect()
         });
         let unique: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        assert_eq!(ids.len() as u64, 4 * per_thread);
         assert_eq!(unique.len(), ids.len());
     }
 

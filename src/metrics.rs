@@ -705,6 +705,58 @@ mod tests {
     }
 
     #[test]
+    fn flop_metrics_count_flops_and_the_others_bytes() {
+        for metric in Metric::ALL {
+            // The names are the report's and the JSON's: a FLOP count says so in its name.
+            let flops = metric.name().ends_with("_flops");
+            assert_eq!(metric.unit() == Unit::Flop, flops, "{}", metric.name());
+            assert_eq!(metric.unit() == Unit::Byte, !flops, "{}", metric.name());
+        }
+    }
+
+    #[test]
+    fn total_flops_add_matmul_and_elementwise_only() {
+        let m = Metrics {
+            matmul_flops: 3,
+            elementwise_flops: 4,
+            tensor_core_flops: 100,
+            cuda_core_flops: 200,
+            io_bytes: 1000,
+            ..Metrics::default()
+        };
+        assert_eq!(m.total_flops().unwrap(), 7);
+        let huge = Metrics {
+            matmul_flops: u64::MAX,
+            elementwise_flops: 1,
+            ..Metrics::default()
+        };
+        assert!(
+            huge.total_flops().is_err(),
+            "overflow is an error, not a wrap"
+        );
+    }
+
+    #[test]
+    fn op_leaves_serialize_without_a_peak_and_layers_with_one() {
+        let mut b = CostBuilder::new("layer", false);
+        let x = t(&[4, 8], Dtype::F32);
+        let [y] = b
+            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
+            .unwrap();
+        b.returns(&[&y]);
+        let cost = b.finish();
+        assert!(cost.children[0].peak.is_empty());
+        assert!(!cost.peak.is_empty());
+        let json = serde_json::to_value(&cost).unwrap();
+        assert_eq!(json["peak"]["peak_bytes"], 4 * 8 * 4);
+        assert!(
+            json["children"][0].get("peak").is_none(),
+            "an op leaf has no footprint of its own: {}",
+            json["children"][0]
+        );
+    }
+
+    #[test]
     fn builder_sums_children_and_costs_bytes() {
         let mut b = CostBuilder::new("demo", false);
         let x = t(&[4, 8], Dtype::Bf16);
