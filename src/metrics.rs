@@ -843,6 +843,126 @@ mod tests {
         assert_eq!(lean.peak, Peak::default(), "no liveness kept");
     }
 
+    /// Which allocation holds each output: an op's own (none for an empty tensor), its
+    /// first tensor argument's for a view or an in-place op, none for a composite (its
+    /// inner ops allocate).
+    #[test]
+    fn outputs_are_held_by_the_allocation_they_live_in() {
+        let mut b = CostBuilder::new("demo", false);
+        let x = t(&[4, 8], Dtype::F32);
+        let [y] = b
+            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
+            .unwrap();
+        let live =
+            |b: &CostBuilder, t: &TensorMeta| b.liveness.as_ref().unwrap().is_live(t.storage());
+        assert!(y.storage().is_some() && live(&b, &y));
+        let [v] = b
+            .op(
+                "view",
+                "aten::view",
+                &[ArgRef::Tensor(&y)],
+                [t(&[32], Dtype::F32)],
+            )
+            .unwrap();
+        assert_eq!(v.storage(), y.storage(), "a view lives in its base");
+        let [z] = b
+            .op(
+                "in place",
+                "aten::mul_",
+                &[ArgRef::Tensor(&y), ArgRef::Tensor(&x)],
+                [y.clone()],
+            )
+            .unwrap();
+        assert_eq!(
+            z.storage(),
+            y.storage(),
+            "an in-place op returns its argument"
+        );
+        let [p] = b
+            .op(
+                "pad",
+                "aten::pad",
+                &[ArgRef::Tensor(&y)],
+                [t(&[4, 10], Dtype::F32)],
+            )
+            .unwrap();
+        assert_eq!(p.storage(), None, "a composite's result is its inner ops'");
+        let empty = t(&[0, 8], Dtype::F32);
+        let [e] = b
+            .op(
+                "empty",
+                "aten::silu",
+                &[ArgRef::Tensor(&empty)],
+                [empty.clone()],
+            )
+            .unwrap();
+        assert_eq!(e.storage(), None, "an empty tensor holds no allocation");
+        b.returns(&[&y]);
+        let cost = b.finish();
+        assert_eq!(cost.metrics.activation_bytes, 128, "silu's output only");
+        assert_eq!(cost.returned, vec![[128, 512]]);
+    }
+
+    /// A cast that copied (another dtype) frees its input when the caller drops it; one
+    /// that handed its input back (the same dtype) frees nothing, the result being alive.
+    #[test]
+    fn release_unless_same_frees_only_a_copy() {
+        let mut b = CostBuilder::new("demo", false);
+        let x = t(&[4, 8], Dtype::F32);
+        let [y] = b
+            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
+            .unwrap();
+        let [half] = b
+            .op(
+                "cast",
+                "aten::to",
+                &[ArgRef::Tensor(&y)],
+                [t(&[4, 8], Dtype::Bf16)],
+            )
+            .unwrap();
+        b.release_unless_same(&y, &half).unwrap();
+        let same = y.clone();
+        let live =
+            |b: &CostBuilder, t: &TensorMeta| b.liveness.as_ref().unwrap().is_live(t.storage());
+        assert!(!live(&b, &y), "the fp32 input is freed");
+        assert!(live(&b, &half));
+        b.release_unless_same(&half, &half.clone()).unwrap();
+        assert!(live(&b, &half), "the same tensor is kept");
+        assert!(!live(&b, &same));
+        b.returns(&[&half]);
+        let cost = b.finish();
+        assert_eq!(cost.peak.peak_bytes, 128 + 64, "both while the cast runs");
+        assert_eq!(cost.peak.returned_bytes, 64);
+    }
+
+    /// `contiguous()` of a contiguous tensor: a leaf in the tree that costs nothing, and
+    /// an op the conventions table must know all the same.
+    #[test]
+    fn an_op_returning_its_input_is_a_zero_leaf() {
+        let mut b = CostBuilder::new("demo", false);
+        b.returns_input("contiguous", "aten::contiguous").unwrap();
+        assert!(b.returns_input("made up", "aten::made_up").is_err());
+        let cost = b.finish();
+        assert_eq!(cost.children.len(), 1);
+        assert_eq!(cost.children[0].op, Some("aten::contiguous"));
+        assert_eq!(cost.metrics, Metrics::default());
+    }
+
+    #[test]
+    fn releasing_twice_names_the_tensor() {
+        let mut b = CostBuilder::new("demo layer", false);
+        let x = t(&[4, 8], Dtype::F32);
+        let [y] = b
+            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
+            .unwrap();
+        b.release(&[&y]).unwrap();
+        let err = b.release(&[&y]).unwrap_err().to_string();
+        assert!(
+            err.contains("a [4, 8] fp32 tensor of demo layer") && err.contains("released twice"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn unknown_ops_are_errors_not_zeros() {
         let mut b = CostBuilder::new("demo", false);
