@@ -1577,6 +1577,21 @@ mod tests {
         );
     }
 
+    /// Two descriptions are equal when shape and dtype are, whichever allocation holds
+    /// them (the same tensor before and after a builder allocates it).
+    #[test]
+    fn tensors_are_equal_by_shape_and_dtype_not_storage() {
+        let a = TensorMeta::new(&[3, 5], Dtype::Bf16);
+        let held = a.clone().held_by(Some(StorageId {
+            builder: NonZeroU64::new(7).unwrap(),
+            index: 2,
+        }));
+        assert_eq!(a, held);
+        assert_ne!(a, TensorMeta::new(&[3, 5], Dtype::F32), "another dtype");
+        assert_ne!(a, TensorMeta::new(&[5, 3], Dtype::Bf16), "another shape");
+        assert_ne!(a, TensorMeta::new(&[5, 3], Dtype::F32), "both differ");
+    }
+
     #[test]
     fn tensor_bytes_or_the_reason_there_are_none() {
         assert_eq!(TensorMeta::new(&[3, 5], Dtype::Bf16).bytes().unwrap(), 30);
