@@ -1564,6 +1564,107 @@ mod tests {
         );
     }
 
+    /// Only the memory-efficient attention kernels run fp32 as 3×TF32 whatever the flag
+    /// (CUTLASS's `OpMultiplyAddFastF32`); the flash and cuDNN kernels take no fp32, and
+    /// plain GEMMs follow the TF32 flag.
+    #[test]
+    fn only_the_efficient_attention_kernels_run_fast_fp32() {
+        for op in [
+            "aten::_efficient_attention_forward",
+            "aten::_efficient_attention_backward",
+            "aten::_scaled_dot_product_efficient_attention",
+            "aten::_scaled_dot_product_efficient_attention_backward",
+        ] {
+            assert!(runs_fast_fp32(op), "{op}");
+        }
+        for op in [
+            "aten::mm",
+            "aten::bmm",
+            "aten::_flash_attention_forward",
+            "aten::_scaled_dot_product_flash_attention",
+            "aten::_scaled_dot_product_cudnn_attention",
+            "aten::mul",
+            "aten::made_up",
+        ] {
+            assert!(!runs_fast_fp32(op), "{op}");
+        }
+    }
+
+    /// The scratch table scales the one op it names, on this thread, while its closure
+    /// runs: what the witness tests rely on to plant a wrong rule.
+    #[test]
+    fn a_scaled_matmul_scales_only_its_op_and_only_inside() {
+        let mm = [t(&[4, 8], Dtype::F32), t(&[8, 2], Dtype::F32)];
+        let bmm = [t(&[3, 4, 8], Dtype::F32), t(&[3, 8, 2], Dtype::F32)];
+        let plain = (cost("aten::mm", &mm), cost("aten::bmm", &bmm));
+        assert_eq!((plain.0.matmul_flops, plain.1.matmul_flops), (128, 384));
+        let inside = scratch::with_scaled_matmul("aten::mm", 3, || {
+            let other_thread = std::thread::scope(|s| {
+                s.spawn(|| cost("aten::mm", &mm).matmul_flops)
+                    .join()
+                    .unwrap()
+            });
+            (cost("aten::mm", &mm), cost("aten::bmm", &bmm), other_thread)
+        });
+        assert_eq!(inside.0.matmul_flops, 3 * 128, "the named op");
+        assert_eq!(inside.1, plain.1, "another op");
+        assert_eq!(inside.2, 128, "another thread");
+        assert_eq!(cost("aten::mm", &mm), plain.0, "after the closure");
+        let unwound = std::panic::catch_unwind(|| {
+            scratch::with_scaled_matmul("aten::mm", 5, || panic!("a witness test that fails"))
+        });
+        assert!(unwound.is_err());
+        assert_eq!(cost("aten::mm", &mm), plain.0, "after an unwind too");
+    }
+
+    #[test]
+    fn op_costs_add_field_by_field_and_total_their_flops() {
+        let a = OpCost {
+            matmul_flops: 1,
+            elementwise_flops: 2,
+            flop_counter_mode_flops: 3,
+            tensor_core_flops: 4,
+            cuda_core_flops: 5,
+        };
+        let b = OpCost {
+            matmul_flops: 10,
+            elementwise_flops: 20,
+            flop_counter_mode_flops: 30,
+            tensor_core_flops: 40,
+            cuda_core_flops: 50,
+        };
+        let sum = a.checked_add(&b).unwrap();
+        assert_eq!(
+            sum,
+            OpCost {
+                matmul_flops: 11,
+                elementwise_flops: 22,
+                flop_counter_mode_flops: 33,
+                tensor_core_flops: 44,
+                cuda_core_flops: 55,
+            }
+        );
+        assert_eq!(sum.total(), 33, "matmul + elementwise");
+        for field in 0..5 {
+            let mut huge = OpCost::default();
+            let slot = match field {
+                0 => &mut huge.matmul_flops,
+                1 => &mut huge.elementwise_flops,
+                2 => &mut huge.flop_counter_mode_flops,
+                3 => &mut huge.tensor_core_flops,
+                _ => &mut huge.cuda_core_flops,
+            };
+            *slot = u64::MAX;
+            assert_eq!(huge.checked_add(&b), None, "field {field} overflows");
+        }
+        let saturated = OpCost {
+            matmul_flops: u64::MAX,
+            elementwise_flops: 1,
+            ..OpCost::default()
+        };
+        assert_eq!(saturated.total(), u64::MAX);
+    }
+
     /// fp8 GEMMs (`_scaled_mm`) run on tensor cores, like bf16 and fp16.
     #[test]
     fn fp8_gemms_run_on_tensor_cores() {
