@@ -2191,6 +2191,219 @@ mod tests {
         assert_eq!(c.matmul_flops, 2 * 3 * 8 * 9);
     }
 
+    /// The `[B, S, H, D]` kernels with every size distinct (a decode step: one query
+    /// against a longer cache, value heads narrower than query heads, as in MLA), so that
+    /// reading one operand in another's place changes the count. FlopCounterMode's
+    /// `sdpa_flop_count`: 2·B·H·Sq·Sk·(Dq + Dv); its backward:
+    /// 2·B·H·Sq·Sk·(3·Dq + 2·Dv) (torch 2.11's functions give 2,016 and 5,376 for these
+    /// sizes); the fused kernels' softmax work per score on top.
+    #[test]
+    fn bshd_attention_reads_query_key_and_value_where_they_are() {
+        let (b, sq, sk, h, dq, dv) = (2, 1, 7, 3, 16, 8);
+        let q = t(&[b, sq, h, dq], Dtype::Bf16);
+        let k = t(&[b, sk, h, dq], Dtype::Bf16);
+        let v = t(&[b, sk, h, dv], Dtype::Bf16);
+        let scores = b * h * sq * sk;
+        for op in [
+            "aten::_flash_attention_forward",
+            "aten::_efficient_attention_forward",
+        ] {
+            let c = cost(op, &[q.clone(), k.clone(), v.clone(), Arg::None, Arg::None]);
+            assert_eq!(c.matmul_flops, 2 * scores * (dq + dv), "{op}");
+            assert_eq!(
+                c.elementwise_flops,
+                scores * FUSED_ATTENTION_FORWARD_FLOPS_PER_SCORE,
+                "{op}"
+            );
+        }
+        let grad = t(&[b, sq, h, dv], Dtype::Bf16);
+        for op in [
+            "aten::_flash_attention_backward",
+            "aten::_efficient_attention_backward",
+        ] {
+            let c = cost(op, &[grad.clone(), q.clone(), k.clone(), v.clone()]);
+            assert_eq!(c.matmul_flops, 2 * scores * (3 * dq + 2 * dv), "{op}");
+            assert_eq!(
+                c.elementwise_flops,
+                scores * FUSED_ATTENTION_BACKWARD_FLOPS_PER_SCORE,
+                "{op}"
+            );
+        }
+        // A key narrower than the query, or a value shorter than the key: no attention.
+        let narrow_k = t(&[b, sk, h, dv], Dtype::Bf16);
+        let short_v = t(&[b, sk - 1, h, dv], Dtype::Bf16);
+        let flash = convention("aten::_flash_attention_forward").unwrap();
+        for bad in [[&q, &narrow_k, &v], [&q, &k, &short_v]] {
+            let args = [bad[0].clone(), bad[1].clone(), bad[2].clone()];
+            assert!(flash.cost(&args, Tf32::matmul(false)).is_err());
+        }
+    }
+
+    #[test]
+    fn bmm_operands_must_agree_in_batch_and_inner_size() {
+        let bmm = convention("aten::bmm").unwrap();
+        let a = t(&[3, 4, 8], Dtype::F32);
+        assert!(bmm
+            .cost(&[a.clone(), t(&[3, 8, 2], Dtype::F32)], Tf32::matmul(false))
+            .is_ok());
+        assert!(
+            bmm.cost(&[a.clone(), t(&[2, 8, 2], Dtype::F32)], Tf32::matmul(false))
+                .is_err(),
+            "another batch"
+        );
+        assert!(
+            bmm.cost(&[a, t(&[3, 7, 2], Dtype::F32)], Tf32::matmul(false))
+                .is_err(),
+            "another inner size"
+        );
+    }
+
+    /// A strided forward convolution with a bias, and a 1-D one: FlopCounterMode's
+    /// `conv_flop_count` over the output's spatial size, plus one add per output element.
+    /// The matmul counts are torch 2.11's FlopCounterMode on these calls (13,824, 432, 432).
+    #[test]
+    fn strided_and_one_dimensional_convolutions_follow_flop_counter_mode() {
+        let conv = |x: &[u64], w: &[u64], stride: Vec<i64>, bias: bool| {
+            cost(
+                "aten::convolution",
+                &[
+                    t(x, Dtype::F32),
+                    t(w, Dtype::F32),
+                    if bias {
+                        t(&[w[0]], Dtype::F32)
+                    } else {
+                        Arg::None
+                    },
+                    Arg::IntList(stride),
+                    Arg::IntList(vec![0]),
+                    Arg::IntList(vec![1]),
+                    Arg::Bool(false),
+                    Arg::IntList(vec![0]),
+                    Arg::Int(1),
+                ],
+            )
+        };
+        // conv2d(x [2,3,9,9], w [8,3,3,3], b [8], stride 2): output [2,8,4,4].
+        let c = conv(&[2, 3, 9, 9], &[8, 3, 3, 3], vec![2, 2], true);
+        assert_eq!(
+            (c.matmul_flops, c.elementwise_flops),
+            (13_824, 2 * 8 * 4 * 4)
+        );
+        // conv1d(x [1,3,8], w [4,3,3]): output [1,4,6].
+        let c = conv(&[1, 3, 8], &[4, 3, 3], vec![1], false);
+        assert_eq!(
+            (c.matmul_flops, c.elementwise_flops),
+            (2 * 4 * 3 * 3 * 6, 0)
+        );
+        // A kernel as large as the input: one output position.
+        let c = conv(&[1, 3, 3, 3], &[8, 3, 3, 3], vec![1, 1], false);
+        assert_eq!(c.matmul_flops, 2 * 8 * 3 * 9);
+    }
+
+    #[test]
+    fn more_malformed_convolutions_are_errors_not_panics() {
+        let conv = convention("aten::convolution").unwrap();
+        let forward = |x: &[u64], w: &[u64], stride: Vec<i64>| {
+            vec![
+                t(x, Dtype::F32),
+                t(w, Dtype::F32),
+                Arg::None,
+                Arg::IntList(stride),
+                Arg::IntList(vec![0, 0]),
+                Arg::IntList(vec![1, 1]),
+                Arg::Bool(false),
+                Arg::IntList(vec![0, 0]),
+                Arg::Int(1),
+            ]
+        };
+        for (x, w, stride, why) in [
+            (
+                &[1, 3, 8, 8][..],
+                &[8, 3, 3, 3][..],
+                vec![1, 1, 1],
+                "3 strides, 2 spatial dims",
+            ),
+            (&[1, 3, 8, 8], &[8, 3, 3, 3], vec![0, 0], "stride 0"),
+            (
+                &[1, 3, 2, 2],
+                &[8, 3, 3, 3],
+                vec![2, 2],
+                "a kernel larger than the input",
+            ),
+            (&[3, 8], &[8, 3], vec![], "no spatial dims"),
+        ] {
+            assert!(
+                conv.cost(&forward(x, w, stride), Tf32::matmul(false))
+                    .is_err(),
+                "{why}"
+            );
+        }
+        // Transposed with a bias: groups must be positive, the output non-empty.
+        let transposed = |x: &[u64], w: &[u64], pad: i64, groups: i64| {
+            vec![
+                t(x, Dtype::F32),
+                t(w, Dtype::F32),
+                t(&[w[1]], Dtype::F32),
+                Arg::IntList(vec![1, 1]),
+                Arg::IntList(vec![pad, pad]),
+                Arg::IntList(vec![1, 1]),
+                Arg::Bool(true),
+                Arg::IntList(vec![0, 0]),
+                Arg::Int(groups),
+            ]
+        };
+        let ok = transposed(&[1, 3, 4, 4], &[3, 8, 2, 2], 0, 1);
+        let c = conv.cost(&ok, Tf32::matmul(false)).unwrap();
+        assert_eq!(c.elementwise_flops, 8 * 5 * 5, "output [1,8,5,5]");
+        let groups0 = transposed(&[1, 3, 4, 4], &[3, 8, 2, 2], 0, 0);
+        assert!(
+            conv.cost(&groups0, Tf32::matmul(false)).is_err(),
+            "groups 0"
+        );
+        // (1 − 1)·1 − 2·1 + 1·(2 − 1) + 0 + 1 = 0: an empty output.
+        let empty = transposed(&[1, 3, 1, 1], &[3, 8, 2, 2], 1, 1);
+        assert!(
+            conv.cost(&empty, Tf32::matmul(false)).is_err(),
+            "empty output"
+        );
+        // convolution_backward: an output mask of 3 flags, and shapes of a convolution.
+        let backward = |x: &[u64], mask: Vec<bool>| {
+            vec![
+                t(&[1, 8, 6, 6], Dtype::F32),
+                t(x, Dtype::F32),
+                t(&[8, 3, 3, 3], Dtype::F32),
+                Arg::IntList(vec![8]),
+                Arg::IntList(vec![1, 1]),
+                Arg::IntList(vec![0, 0]),
+                Arg::IntList(vec![1, 1]),
+                Arg::Bool(false),
+                Arg::IntList(vec![0, 0]),
+                Arg::Int(1),
+                Arg::BoolList(mask),
+            ]
+        };
+        let bwd = convention("aten::convolution_backward").unwrap();
+        assert!(bwd
+            .cost(
+                &backward(&[1, 3, 8, 8], vec![true, true, false]),
+                Tf32::matmul(false)
+            )
+            .is_ok());
+        assert!(
+            bwd.cost(
+                &backward(&[1, 3, 8, 8], vec![true, true]),
+                Tf32::matmul(false)
+            )
+            .is_err(),
+            "a mask of 2"
+        );
+        assert!(
+            bwd.cost(&backward(&[3], vec![true, true, true]), Tf32::matmul(false))
+                .is_err(),
+            "a 1-D input"
+        );
+    }
+
     #[test]
     fn efficient_attention_bias_is_not_mistaken_for_varlen() {
         let q = t(&[1, 8, 2, 16], Dtype::F32);
@@ -2245,7 +2458,9 @@ mod tests {
         assert_eq!(row("aten::silu")["flops_per_element"], 4);
         assert_eq!(row("aten::softmax")["flops_per_element"], 5);
         assert_eq!(row("aten::mm")["rule"], "matmul");
+        assert_eq!(row("aten::mm")["formula"], "Mm");
         assert_eq!(row("aten::mm")["flop_counter_mode"], true);
+        assert!(row("aten::silu").get("formula").is_none());
         assert_eq!(
             row("aten::_scaled_dot_product_flash_attention_for_cpu")["flop_counter_mode"],
             false
