@@ -169,6 +169,27 @@ mod tests {
         assert_eq!(Dtype::from_libtorch_name("UInt16").size_bytes(), Some(2));
         assert_eq!(Dtype::from_libtorch_name("Float8_e4m3fn"), Dtype::F8);
         assert_eq!(Dtype::from_libtorch_name("ComplexFloat"), Dtype::Other);
+        // Every name c10::toString(ScalarType) gives for the dtypes modelled, with
+        // c10::elementSize's bytes.
+        for (name, dtype, bytes) in [
+            ("BFloat16", Dtype::Bf16, 2),
+            ("Half", Dtype::F16, 2),
+            ("Float", Dtype::F32, 4),
+            ("Double", Dtype::F64, 8),
+            ("Long", Dtype::I64, 8),
+            ("Int", Dtype::I32, 4),
+            ("Short", Dtype::I16, 2),
+            ("Char", Dtype::I8, 1),
+            ("Byte", Dtype::U8, 1),
+            ("UInt16", Dtype::U16, 2),
+            ("UInt32", Dtype::U32, 4),
+            ("UInt64", Dtype::U64, 8),
+            ("Bool", Dtype::Bool, 1),
+            ("Float8_e5m2", Dtype::F8, 1),
+        ] {
+            assert_eq!(Dtype::from_libtorch_name(name), dtype, "{name}");
+            assert_eq!(dtype.size_bytes(), Some(bytes), "{name}");
+        }
         assert!(!Dtype::I64.is_floating());
         assert!(Dtype::F32.is_floating());
     }
