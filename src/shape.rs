@@ -167,6 +167,15 @@ mod tests {
         assert_eq!(&*l, long.as_slice());
         assert_eq!(l.clone(), l);
         assert_ne!(Shape::new(&[2, 3]), Shape::new(&[2, 3, 1]));
+        // Ones of every rank, inline and on the heap.
+        for rank in [0, 2, Shape::INLINE, Shape::INLINE + 1, 11] {
+            assert_eq!(Shape::ones(rank).as_slice(), vec![1; rank].as_slice());
+        }
+        // The conversions and the comparison with a slice.
+        assert_eq!(Shape::from(&[4u64, 5][..]), Shape::new(&[4, 5]));
+        assert_eq!(Shape::from([4u64, 5, 6]), Shape::new(&[4, 5, 6]));
+        let eq = |dims: &[u64]| <Shape as PartialEq<[u64]>>::eq(&s, dims);
+        assert!(eq(&[2, 3, 4]) && !eq(&[2, 3]) && !eq(&[2, 3, 5]));
     }
 
     #[test]
