@@ -2338,6 +2338,12 @@ mod tests {
                 "{why}"
             );
         }
+        // Three paddings, or three dilations, for two spatial dims.
+        for (list, why) in [(4, "3 paddings"), (5, "3 dilations")] {
+            let mut args = forward(&[1, 3, 8, 8], &[8, 3, 3, 3], vec![1, 1]);
+            args[list] = Arg::IntList(vec![1, 1, 1]);
+            assert!(conv.cost(&args, Tf32::matmul(false)).is_err(), "{why}");
+        }
         // Transposed with a bias: groups must be positive, the output non-empty.
         let transposed = |x: &[u64], w: &[u64], pad: i64, groups: i64| {
             vec![
