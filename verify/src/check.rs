@@ -229,6 +229,33 @@ mod tests {
         );
     }
 
+    /// Each unit as the tables print it, and a row's name as Display writes it.
+    #[test]
+    fn values_show_in_their_rows_unit() {
+        assert_eq!(
+            Check::Exact(Metric::WeightBytes).show(3 << 20),
+            modelmeter::units::bytes(3 << 20)
+        );
+        assert_eq!(
+            Check::Flops.show(1_250_000_000),
+            modelmeter::units::flops(1_250_000_000)
+        );
+        assert_eq!(Check::UncountedOps.show(7), "7");
+        assert_eq!(
+            Check::HwTimeNs.show(1_500),
+            crate::hardware::rows::duration(1_500)
+        );
+        assert_ne!(
+            Check::Flops.show(1_250_000_000),
+            Check::UncountedOps.show(1_250_000_000)
+        );
+        assert_eq!(
+            Check::PeakActivationBytes.to_string(),
+            "peak_activation_bytes"
+        );
+        assert_eq!(format!("{}", Check::Exact(Metric::IoBytes)), "io_bytes");
+    }
+
     /// How each kind of row is judged, as the README's table states it: the flops row and
     /// the peak within the tolerance, the exact rows and the oracle's count exactly, the
     /// completeness rows by their own rule and without a ratio.

@@ -294,6 +294,49 @@ mod tests {
     const FLOPS: Check = Check::Flops;
     const ELEMENTWISE: Check = Check::Exact(Metric::ElementwiseFlops);
 
+    /// What CI treats as success: a pass, a known gap, an information row; never a
+    /// failure or an error.
+    #[test]
+    fn only_pass_known_gap_and_info_are_ok() {
+        let ok: Vec<Status> = [
+            Status::Info,
+            Status::Pass,
+            Status::KnownGap,
+            Status::Fail,
+            Status::Error,
+        ]
+        .into_iter()
+        .filter(|s| s.is_ok())
+        .collect();
+        assert_eq!(ok, [Status::Info, Status::Pass, Status::KnownGap]);
+    }
+
+    /// The tables' rel_diff column: a percentage, `inf` where only M is 0, `—` for an
+    /// errored or unmeasured row or one that is no ratio, and the oracle's output error as
+    /// a plain number.
+    #[test]
+    fn rel_text_shows_each_kind_of_row() {
+        let row =
+            |metric: Check, analytic: u64, measured: u64| compare(metric, analytic, measured, 0.1);
+        assert_eq!(
+            row(FLOPS, 105, 100).rel_text(),
+            modelmeter::units::percent(0.05)
+        );
+        assert_eq!(row(FLOPS, 5, 0).rel_text(), "inf");
+        let mut errored = row(FLOPS, 105, 100);
+        errored.status = Status::Error;
+        assert_eq!(errored.rel_text(), "—");
+        let mut unmeasured = row(FLOPS, 105, 100);
+        unmeasured.unavailable = true;
+        assert_eq!(unmeasured.rel_text(), "—");
+        assert_eq!(row(Check::UncountedOps, 0, 3).rel_text(), "—");
+        let mut oracle = row(Check::OracleOutput, 0, 0);
+        oracle.rel_diff = Some(0.00123);
+        assert_eq!(oracle.rel_text(), "1.23e-3");
+        oracle.rel_diff = None;
+        assert_eq!(oracle.rel_text(), "—");
+    }
+
     #[test]
     fn the_known_gaps_list_names_each_row_that_can_be_a_known_gap() {
         // The two rows whose code may set `Status::KnownGap`: compare_flops here and
