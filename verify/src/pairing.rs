@@ -221,6 +221,63 @@ mod tests {
         ModelConfig::builtin(name).unwrap().unwrap()
     }
 
+    /// What an error says when `--layer` names an attention class the run does not
+    /// verify: the options that make it the run's, or the classes the config has.
+    #[test]
+    fn attention_hints_name_the_options_that_would_run_the_class() {
+        let lite = builtin("deepseek-v2-lite");
+        let ocr = ModelConfig::deepseek_ocr();
+        for (name, config, form, hint) in [
+            (
+                "DeepseekV2Attention",
+                &lite,
+                MlaForm::Naive,
+                "run it with --attn eager",
+            ),
+            (
+                "DeepseekV2FlashAttention2",
+                &lite,
+                MlaForm::Naive,
+                "run it with --attn sdpa",
+            ),
+            (
+                "DeepseekV2FlashAttention2",
+                &lite,
+                MlaForm::Absorb,
+                "run it with --attn sdpa --mla naive",
+            ),
+            (
+                "DeepseekV2Attention_absorb",
+                &lite,
+                MlaForm::Naive,
+                "run it with --mla absorb",
+            ),
+            (
+                "LlamaAttention",
+                &ocr,
+                MlaForm::Naive,
+                "run it with --attn eager",
+            ),
+        ] {
+            assert_eq!(attention_hint(name, config, form), hint, "{name}");
+        }
+        let none = attention_hint("DeepseekV2Attention", &ocr, MlaForm::Naive);
+        assert_eq!(
+            none,
+            format!(
+                "config {} has multi-head attention: LlamaFlashAttention2, LlamaAttention",
+                ocr.name
+            )
+        );
+        let mla = attention_hint("LlamaAttention", &lite, MlaForm::Naive);
+        assert!(
+            mla.ends_with(
+                "has MLA attention: DeepseekV2FlashAttention2, DeepseekV2Attention, DeepseekV2Attention_absorb"
+            ),
+            "{mla}"
+        );
+    }
+
     #[test]
     fn mla_and_v3_routing_configs_pair_every_layer() {
         for name in ["deepseek-v2-lite", "deepseek-v2", "deepseek-v3"] {
