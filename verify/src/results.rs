@@ -164,6 +164,37 @@ pub enum Progress<'a> {
 mod tests {
     use super::*;
 
+    /// The layers' statuses, each counted once where it belongs: a summary of zeros
+    /// would read as a run where nothing failed.
+    #[test]
+    fn a_summary_counts_each_layers_status() {
+        let layers: Vec<LayerResult> = [
+            Status::Pass,
+            Status::Info,
+            Status::KnownGap,
+            Status::Fail,
+            Status::Error,
+            Status::Error,
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, status)| LayerResult::new(format!("layer {i}"), status))
+        .collect();
+        let s = Summary::of(&layers);
+        assert_eq!(
+            s,
+            Summary {
+                pass: 2,
+                known_gap: 1,
+                fail: 1,
+                error: 2
+            }
+        );
+        assert!(!s.ok());
+        let passing = Summary::of(&layers[..3]);
+        assert!(passing.ok() && passing.pass == 2 && passing.known_gap == 1);
+    }
+
     #[test]
     fn summary_counts_and_line() {
         let mut s = Summary::default();
