@@ -193,6 +193,19 @@ mod tests {
         assert!(!s.ok());
         let passing = Summary::of(&layers[..3]);
         assert!(passing.ok() && passing.pass == 2 && passing.known_gap == 1);
+        // Summaries of several runs (a sweep's configurations) add field by field.
+        let mut total = passing;
+        total.merge(&s);
+        assert_eq!(
+            total,
+            Summary {
+                pass: 4,
+                known_gap: 2,
+                fail: 1,
+                error: 2
+            }
+        );
+        assert!(!total.ok());
     }
 
     #[test]
