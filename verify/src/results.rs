@@ -191,6 +191,10 @@ mod tests {
             }
         );
         assert!(!s.ok());
+        assert_eq!(
+            s.line("layer", "layers"),
+            "6 layers: 2 pass, 1 known_gap, 1 fail, 2 error"
+        );
         let passing = Summary::of(&layers[..3]);
         assert!(passing.ok() && passing.pass == 2 && passing.known_gap == 1);
         // Summaries of several runs (a sweep's configurations) add field by field.
