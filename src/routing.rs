@@ -178,3 +178,50 @@ pub(crate) fn routing(cfg: &Fields, experts: u64) -> Result<Routing> {
         topk_group,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ModelConfig, DEEPSEEK_OCR_NAME};
+
+    /// The experts a token's top-k chooses among: all of them for greedy routing, whatever
+    /// groups a config states (the vendor's greedy top-k reads none); the kept groups'
+    /// experts otherwise.
+    #[test]
+    fn greedy_routing_keeps_every_expert_and_grouped_routing_its_groups() {
+        let greedy_with_groups = Routing {
+            n_group: 8,
+            topk_group: 3,
+            ..Routing::GREEDY_SOFTMAX
+        };
+        assert_eq!(greedy_with_groups.experts_kept(64), 64);
+        let grouped = Routing {
+            topk_method: TopkMethod::GroupLimitedGreedy,
+            ..greedy_with_groups
+        };
+        assert_eq!(grouped.experts_per_group(64), 8);
+        assert_eq!(grouped.experts_kept(64), 3 * 8);
+    }
+
+    /// Reports leave the routing out for DeepSeek-OCR's greedy softmax only.
+    #[test]
+    fn reports_state_every_routing_but_greedy_softmax() {
+        assert!(Routing::GREEDY_SOFTMAX.is_greedy_softmax());
+        let sigmoid = Routing {
+            scoring_func: ScoringFunc::Sigmoid,
+            ..Routing::GREEDY_SOFTMAX
+        };
+        assert!(!sigmoid.is_greedy_softmax());
+        for (name, stated) in [
+            (DEEPSEEK_OCR_NAME, false),
+            ("deepseek-v2-lite", false),
+            ("deepseek-v2", true),
+            ("deepseek-v3", true),
+        ] {
+            let config = ModelConfig::builtin(name).unwrap().unwrap();
+            let json = serde_json::to_value(&config).unwrap();
+            assert!(json["moe"].is_object(), "{name}");
+            assert_eq!(json["moe"].get("routing").is_some(), stated, "{name}");
+        }
+    }
+}
