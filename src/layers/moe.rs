@@ -463,6 +463,10 @@ mod tests {
         // Without measured rows, N·k = 6 rows over 4 experts spread as [2, 2, 1, 1]: the
         // busiest first (the documented convention), which is the smaller peak here.
         assert_eq!(moe(3, None).expert_loads(6).unwrap(), [(2, 2), (2, 1)]);
+        // Rows that divide evenly make one group (no "0 ×" group), fewer rows than
+        // experts one group of single rows.
+        assert_eq!(moe(4, None).expert_loads(8).unwrap(), [(4, 2)]);
+        assert_eq!(moe(1, None).expert_loads(2).unwrap(), [(2, 1)]);
         let default = peak(3, None);
         assert_eq!(default, peak(3, Some(vec![2, 2, 1, 1])));
         assert!(
