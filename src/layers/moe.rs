@@ -467,6 +467,11 @@ mod tests {
         // experts one group of single rows.
         assert_eq!(moe(4, None).expert_loads(8).unwrap(), [(4, 2)]);
         assert_eq!(moe(1, None).expert_loads(2).unwrap(), [(2, 1)]);
+        // Measured rows: neighbours with equal rows run as one group, in expert order.
+        let measured = moe(3, Some(vec![2, 2, 1, 1])).expert_loads(6).unwrap();
+        assert_eq!(measured, [(2, 2), (2, 1)]);
+        let measured = moe(3, Some(vec![1, 2, 2, 1])).expert_loads(6).unwrap();
+        assert_eq!(measured, [(1, 1), (2, 2), (1, 1)]);
         let default = peak(3, None);
         assert_eq!(default, peak(3, Some(vec![2, 2, 1, 1])));
         assert!(

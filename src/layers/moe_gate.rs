@@ -297,6 +297,23 @@ fn topk(
 mod tests {
     use super::*;
 
+    /// `topk_weight = scores.gather(1, topk_idx)` is noaux_tc's step only (V3); greedy
+    /// routing takes the top-k values themselves.
+    #[test]
+    fn only_noaux_tc_gathers_its_weights() {
+        let gathers = |c: &ModelConfig| {
+            let gate = MoEGate::new(c, &Workload::prefill(1, 8).unwrap()).unwrap();
+            let cost = gate.cost().unwrap();
+            cost.ops()
+                .iter()
+                .filter(|o| o.op == Some("aten::gather"))
+                .count()
+        };
+        assert_eq!(gathers(&ModelConfig::deepseek_ocr()), 0);
+        let v3 = ModelConfig::builtin("deepseek-v3").unwrap().unwrap();
+        assert_eq!(gathers(&v3), 1);
+    }
+
     #[test]
     fn gate_matches_the_reference_measurement_and_runs_on_cuda_cores() {
         let c = ModelConfig::deepseek_ocr();

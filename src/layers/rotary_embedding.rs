@@ -102,5 +102,13 @@ mod tests {
         assert_eq!(m.matmul_flops, 65_536, "B·S·d, docs/deepseek-ocr.md");
         assert_eq!(m.elementwise_flops, 4 * 512 * 128);
         assert_eq!(m.tensor_core_flops, 0);
+        // The bytes of the frequency table's ops by hand: the bmm reads inv_freq
+        // [1, 64, 1] and the positions [1, 1, 512] and writes freqs [1, 64, 512]; the cat
+        // reads freqs twice (viewed as [1, 512, 64]) and writes emb [1, 512, 128]; fp32.
+        let c = r.cost().unwrap();
+        assert_eq!(c.name, "LlamaRotaryEmbedding");
+        let io = |role: &str| c.child(role).unwrap().metrics.io_bytes;
+        assert_eq!(io("inv_freq @ position_ids"), 4 * (64 + 512 + 64 * 512));
+        assert_eq!(io("cat((freqs, freqs))"), 4 * (2 * 512 * 64 + 512 * 128));
     }
 }
