@@ -704,6 +704,19 @@ mod tests {
         TensorMeta::new(shape, dtype)
     }
 
+    /// `silu(x)` recorded in `b`: an op that allocates an output of `x`'s size.
+    fn silu(b: &mut CostBuilder, x: &TensorMeta) -> TensorMeta {
+        let [y] = b
+            .op("act", "aten::silu", &[ArgRef::Tensor(x)], [x.clone()])
+            .unwrap();
+        y
+    }
+
+    /// Whether `t`'s allocation in `b` is live.
+    fn live(b: &CostBuilder, t: &TensorMeta) -> bool {
+        b.liveness.as_ref().unwrap().is_live(t.storage())
+    }
+
     #[test]
     fn flop_metrics_count_flops_and_the_others_bytes() {
         for metric in Metric::ALL {
@@ -740,9 +753,7 @@ mod tests {
     fn op_leaves_serialize_without_a_peak_and_layers_with_one() {
         let mut b = CostBuilder::new("layer", false);
         let x = t(&[4, 8], Dtype::F32);
-        let [y] = b
-            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
-            .unwrap();
+        let y = silu(&mut b, &x);
         b.returns(&[&y]);
         let cost = b.finish();
         assert!(cost.children[0].peak.is_empty());
@@ -792,9 +803,7 @@ mod tests {
     fn repeated_nodes_repeat_their_peaks_and_returned_sizes() {
         let mut b = CostBuilder::new("expert", false);
         let x = t(&[4, 8], Dtype::F32);
-        let [y] = b
-            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
-            .unwrap();
+        let y = silu(&mut b, &x);
         b.returns(&[&y]);
         let one = b.finish();
         assert_eq!((one.peak.peak_bytes, one.peak.returned_bytes), (128, 128));
@@ -850,11 +859,7 @@ mod tests {
     fn outputs_are_held_by_the_allocation_they_live_in() {
         let mut b = CostBuilder::new("demo", false);
         let x = t(&[4, 8], Dtype::F32);
-        let [y] = b
-            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
-            .unwrap();
-        let live =
-            |b: &CostBuilder, t: &TensorMeta| b.liveness.as_ref().unwrap().is_live(t.storage());
+        let y = silu(&mut b, &x);
         assert!(y.storage().is_some() && live(&b, &y));
         let [v] = b
             .op(
@@ -909,9 +914,7 @@ mod tests {
     fn release_unless_same_frees_only_a_copy() {
         let mut b = CostBuilder::new("demo", false);
         let x = t(&[4, 8], Dtype::F32);
-        let [y] = b
-            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
-            .unwrap();
+        let y = silu(&mut b, &x);
         let [half] = b
             .op(
                 "cast",
@@ -921,14 +924,11 @@ mod tests {
             )
             .unwrap();
         b.release_unless_same(&y, &half).unwrap();
-        let same = y.clone();
-        let live =
-            |b: &CostBuilder, t: &TensorMeta| b.liveness.as_ref().unwrap().is_live(t.storage());
         assert!(!live(&b, &y), "the fp32 input is freed");
         assert!(live(&b, &half));
         b.release_unless_same(&half, &half.clone()).unwrap();
         assert!(live(&b, &half), "the same tensor is kept");
-        assert!(!live(&b, &same));
+        assert!(!live(&b, &y), "the input stays freed");
         b.returns(&[&half]);
         let cost = b.finish();
         assert_eq!(cost.peak.peak_bytes, 128 + 64, "both while the cast runs");
@@ -952,9 +952,7 @@ mod tests {
     fn releasing_twice_names_the_tensor() {
         let mut b = CostBuilder::new("demo layer", false);
         let x = t(&[4, 8], Dtype::F32);
-        let [y] = b
-            .op("act", "aten::silu", &[ArgRef::Tensor(&x)], [x.clone()])
-            .unwrap();
+        let y = silu(&mut b, &x);
         b.release(&[&y]).unwrap();
         let err = b.release(&[&y]).unwrap_err().to_string();
         assert!(
