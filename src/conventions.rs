@@ -1470,6 +1470,31 @@ mod tests {
         Arg::Tensor(TensorMeta::new(shape, dtype))
     }
 
+    /// `aten::convolution_backward`'s arguments for a conv2d with weight [8, 3, 3, 3]
+    /// (bias of 8, dilation 1, groups 1, not transposed): `grad_out`, input `x`, square
+    /// `stride` and `padding`, and which gradients `mask` asks for.
+    fn conv2d_backward_args(
+        grad: &[u64],
+        x: &[u64],
+        stride: i64,
+        padding: i64,
+        mask: Vec<bool>,
+    ) -> Vec<Arg> {
+        vec![
+            t(grad, Dtype::F32),
+            t(x, Dtype::F32),
+            t(&[8, 3, 3, 3], Dtype::F32),
+            Arg::IntList(vec![8]),
+            Arg::IntList(vec![stride, stride]),
+            Arg::IntList(vec![padding, padding]),
+            Arg::IntList(vec![1, 1]),
+            Arg::Bool(false),
+            Arg::IntList(vec![0, 0]),
+            Arg::Int(1),
+            Arg::BoolList(mask),
+        ]
+    }
+
     fn cost(op: &str, args: &[Arg]) -> OpCost {
         convention(op)
             .unwrap_or_else(|| panic!("{op} missing"))
@@ -2081,19 +2106,7 @@ mod tests {
         let backward = |grad: &[u64], x: &[u64], stride: i64, padding: i64| {
             cost(
                 "aten::convolution_backward",
-                &[
-                    t(grad, Dtype::F32),
-                    t(x, Dtype::F32),
-                    t(&[8, 3, 3, 3], Dtype::F32),
-                    Arg::IntList(vec![8]),
-                    Arg::IntList(vec![stride, stride]),
-                    Arg::IntList(vec![padding, padding]),
-                    Arg::IntList(vec![1, 1]),
-                    Arg::Bool(false),
-                    Arg::IntList(vec![0, 0]),
-                    Arg::Int(1),
-                    Arg::BoolList(vec![true, true, false]),
-                ],
+                &conv2d_backward_args(grad, x, stride, padding, vec![true, true, false]),
             )
         };
         let bwd = backward(&[2, 8, 16, 16], &[2, 3, 16, 16], 1, 1);
@@ -2373,21 +2386,7 @@ mod tests {
             "empty output"
         );
         // convolution_backward: an output mask of 3 flags, and shapes of a convolution.
-        let backward = |x: &[u64], mask: Vec<bool>| {
-            vec![
-                t(&[1, 8, 6, 6], Dtype::F32),
-                t(x, Dtype::F32),
-                t(&[8, 3, 3, 3], Dtype::F32),
-                Arg::IntList(vec![8]),
-                Arg::IntList(vec![1, 1]),
-                Arg::IntList(vec![0, 0]),
-                Arg::IntList(vec![1, 1]),
-                Arg::Bool(false),
-                Arg::IntList(vec![0, 0]),
-                Arg::Int(1),
-                Arg::BoolList(mask),
-            ]
-        };
+        let backward = |x: &[u64], mask| conv2d_backward_args(&[1, 8, 6, 6], x, 1, 0, mask);
         let bwd = convention("aten::convolution_backward").unwrap();
         assert!(bwd
             .cost(
