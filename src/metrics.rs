@@ -893,14 +893,7 @@ mod tests {
             .unwrap();
         assert_eq!(p.storage(), None, "a composite's result is its inner ops'");
         let empty = t(&[0, 8], Dtype::F32);
-        let [e] = b
-            .op(
-                "empty",
-                "aten::silu",
-                &[ArgRef::Tensor(&empty)],
-                [empty.clone()],
-            )
-            .unwrap();
+        let e = silu(&mut b, &empty);
         assert_eq!(e.storage(), None, "an empty tensor holds no allocation");
         b.returns(&[&y]);
         let cost = b.finish();
