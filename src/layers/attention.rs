@@ -23,7 +23,7 @@ use crate::checked::{product, sum};
 use crate::config::ModelConfig;
 use crate::conventions::{ArgRef, TensorMeta};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layers::rotary_embedding::LlamaRotaryEmbedding;
 use crate::layers::sdpa_kernel::SdpaKernel;
 use crate::layers::vendor_ops::{arg, bytes_of, t, with_last};
@@ -53,19 +53,6 @@ pub enum AttentionImpl {
 }
 
 impl AttentionImpl {
-    /// Parses `sdpa` or `eager`.
-    pub fn parse(text: &str) -> Result<AttentionImpl> {
-        match text {
-            "sdpa" => Ok(AttentionImpl::Sdpa),
-            "eager" => Ok(AttentionImpl::Eager),
-            _ => Err(Error::invalid(
-                "attention implementation",
-                text,
-                "sdpa or eager",
-            )),
-        }
-    }
-
     /// The vendor class this implementation corresponds to.
     pub fn class_name(self) -> &'static str {
         match self {
