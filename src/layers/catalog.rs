@@ -253,8 +253,15 @@ mod tests {
         for id in [LayerId::MoEGate, LayerId::MoE, LayerId::DecoderMoe] {
             assert!(!id.is_in(&dense), "{id:?}");
         }
-        let why = LayerId::MoE.layer_index(&dense).unwrap_err();
-        assert!(why.contains("no routed experts"), "{why}");
+        // The gate and the MoE are the experts' own modules: the reason is the experts'
+        // absence, not a decoder-layer placement.
+        for id in [LayerId::MoEGate, LayerId::MoE] {
+            let why = id.layer_index(&dense).unwrap_err();
+            assert!(
+                why.contains("has no routed experts (n_routed_experts is absent, null or 0)"),
+                "{id:?}: {why}"
+            );
+        }
         let why = LayerId::DecoderMoe.layer_index(&dense).unwrap_err();
         assert!(why.contains("all dense: no routed experts"), "{why}");
         // Experts that no layer uses (first_k_dense_replace ≥ the layer count): the vendor
