@@ -1190,6 +1190,34 @@ mod tests {
     }
 
     #[test]
+    fn only_the_flash_form_refuses_values_wider_than_the_query_key_head() {
+        // d_v = 256 > d_qk = 128 + 64: DeepseekV2FlashAttention2 pads values to d_qk and
+        // cannot take them; the eager DeepseekV2Attention has no such limit.
+        let mut c = builtin("deepseek-v2-lite");
+        c.mla.as_mut().unwrap().v_head_dim = 256;
+        let w = Workload::prefill(1, 8).unwrap();
+        let e = DeepseekV2Attention::new(&c, &w, AttentionImpl::Sdpa)
+            .unwrap()
+            .cost()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("v_head_dim = 256 is not supported")
+                && e.contains("pads the values to d_qk (192)")
+                && e.ends_with("use --attn eager"),
+            "{e}"
+        );
+        let eager = DeepseekV2Attention::new(&c, &w, AttentionImpl::Eager)
+            .unwrap()
+            .cost()
+            .unwrap();
+        assert_eq!(
+            op_flops(&eager, "attn_weights @ value_states"),
+            2 * 16 * 8 * 8 * 256
+        );
+    }
+
+    #[test]
     fn multi_head_configs_are_refused() {
         let w = Workload::prefill(1, 8).unwrap();
         let e = DeepseekV2Attention::new(&ModelConfig::deepseek_ocr(), &w, AttentionImpl::Sdpa)
