@@ -5,7 +5,6 @@
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelmeter"));
@@ -175,8 +174,9 @@ fn a_closed_pipe_ends_quietly() {
 fn endless_devices_and_huge_files_are_refused_after_a_bounded_read() {
     let dir = TempDir::new("huge");
     let huge = dir.file("huge.json", &" ".repeat(17 << 20));
+    // The refusal names the bound: the read stopped there (on an endless device, it
+    // would never return otherwise).
     for path in ["/dev/zero", "/dev/urandom", huge.as_str()] {
-        let start = Instant::now();
         let o = analyze(&["--config", path]);
         assert_refused(&o, &[path, "larger than 16 MiB"]);
         assert_eq!(
@@ -184,7 +184,6 @@ fn endless_devices_and_huge_files_are_refused_after_a_bounded_read() {
             1,
             "said once"
         );
-        assert!(start.elapsed() < Duration::from_secs(10), "{path}: quick");
     }
 }
 

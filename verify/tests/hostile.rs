@@ -7,7 +7,6 @@ use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -226,11 +225,9 @@ fn a_folder_like_report_path_is_refused_before_anything_runs() {
         format!("{}/out.json/", dir.root().display()),
         "out.json/".to_string(),
     ] {
-        let start = Instant::now();
         let o = quick(&["--json", &path]);
         assert_refused(&o, "names a folder");
         assert!(!text(&o.stderr).contains("[1/"), "no layer ran");
-        assert!(start.elapsed() < Duration::from_secs(30));
     }
     let o = quick(&["--junit", dir.root().to_str().unwrap()]);
     assert_refused(&o, "is a directory");
@@ -440,10 +437,9 @@ fn configs_that_are_endless_ill_typed_or_oddly_named_are_refused() {
         (newline.to_str().unwrap(), "a\\nb.json"),
     ];
     for (config, needle) in cases {
-        let start = Instant::now();
         let o = verify(&["--device", "cpu", "--config", config]);
         assert_refused(&o, &needle.replace("{path}", config));
-        assert!(start.elapsed() < Duration::from_secs(30), "{config}: quick");
+        assert!(!text(&o.stderr).contains("[1/"), "{config}: no layer ran");
     }
 }
 
