@@ -649,4 +649,16 @@ mod tests {
         let e = read(Path::new("/")).unwrap_err().to_string();
         assert!(e.contains("directory"), "{e}");
     }
+
+    #[test]
+    fn a_file_of_exactly_the_bound_is_read_and_one_byte_more_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let bound = usize::try_from(MAX_CONFIG_BYTES).unwrap();
+        std::fs::write(&path, vec![b' '; bound]).unwrap();
+        assert_eq!(read(&path).unwrap().len(), bound);
+        std::fs::write(&path, vec![b' '; bound + 1]).unwrap();
+        let e = read(&path).unwrap_err().to_string();
+        assert!(e.contains("larger than 16 MiB"), "{e}");
+    }
 }
