@@ -143,15 +143,16 @@ fn the_math_path_cuda_falls_back_to_agrees_op_for_op_when_the_cpu_runs_it() {
     // fp32 with head dim 6: no fused CUDA kernel takes it, so CUDA runs
     // `_scaled_dot_product_attention_math` op by op (seen on an H200). The CPU runs the
     // same composite when asked, so the analytic CUDA math path is checked here: grouped
-    // and single KV heads, B = 1 and 2 (whether the heads fold into a bmm as views),
-    // prefill (the causal mask) and decode.
+    // and single KV heads, one head, B = 1 and 2 (whether the heads fold into a bmm as
+    // views: a size-1 head or key dim constrains no stride), prefill (the causal mask),
+    // a one-token prefill and decode.
     use modelmeter::layers::SdpaKernel;
     use modelmeter_reference::attention::with_math_sdpa;
     let attention = REGISTRY
         .into_iter()
         .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
         .unwrap();
-    for (heads, kv_heads) in [(4, 2), (4, 4), (3, 1)] {
+    for (heads, kv_heads) in [(4, 2), (4, 4), (3, 1), (1, 1)] {
         let mut config = ModelConfig::deepseek_ocr();
         config.head_dim = 6;
         config.num_attention_heads = heads;
@@ -159,6 +160,7 @@ fn the_math_path_cuda_falls_back_to_agrees_op_for_op_when_the_cpu_runs_it() {
         for w in [
             Workload::prefill(1, 9).unwrap(),
             Workload::prefill(2, 7).unwrap(),
+            Workload::prefill(2, 1).unwrap(),
             Workload::decode(2, 5).unwrap(),
         ] {
             let w = w.with_dtype(Dtype::F32).unwrap();
