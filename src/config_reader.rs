@@ -494,6 +494,30 @@ mod tests {
     }
 
     #[test]
+    fn kept_values_are_read_as_written() {
+        // Each JSON kind as the field's own parser hands it over: a negative integer is
+        // kept (for validation to name it), not read as absent.
+        let v = parse(
+            "t",
+            br#"{"hidden_size": -64, "vocab_size": 18446744073709551615, "rms_norm_eps": 1e-6,
+                 "torch_dtype": "bf\u0031\u0036", "attention_bias": false,
+                 "rope_scaling": {"type": "yarn", "factor": -2, "extra": [1, null]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "hidden_size": -64,
+                "vocab_size": u64::MAX,
+                "rms_norm_eps": 1e-6,
+                "torch_dtype": "bf16",
+                "attention_bias": false,
+                "rope_scaling": {"type": "yarn", "factor": -2, "extra": [1, null]},
+            })
+        );
+    }
+
+    #[test]
     fn not_an_object_empty_or_oversized_fields_are_errors() {
         for (text, needle) in [
             (&b"[0, 0]"[..], "the top level is not a JSON object"),
