@@ -357,3 +357,27 @@ fn mla_and_v3_routing_agree_op_for_op_naive_and_absorbed() {
         assert_same_ops(p, &v2, &w, AttentionImpl::Sdpa);
     }
 }
+
+#[test]
+fn the_naive_mla_value_copy_agrees_op_for_op_wherever_the_heads_fold() {
+    // The eager naive form's `attn_weights @ value_states` copies the values (a slice of
+    // kv_b_proj's `[B, S, H, d_n + d_v]` output) only where they cannot be viewed as
+    // `[B·H, S, d_v]`: a prefill with B, H and S all above 1. Each case has one of them
+    // at 1, or is a decode step (whose values are the cache's contiguous `cat`).
+    let attention = REGISTRY
+        .into_iter()
+        .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
+        .unwrap();
+    let lite = narrowed("deepseek-v2-lite");
+    let mut one_head = lite.clone();
+    one_head.num_attention_heads = 1;
+    one_head.num_key_value_heads = 1;
+    for (config, w) in [
+        (&lite, Workload::prefill(1, 7).unwrap()),
+        (&lite, Workload::prefill(2, 1).unwrap()),
+        (&lite, Workload::decode(2, 5).unwrap()),
+        (&one_head, Workload::prefill(2, 7).unwrap()),
+    ] {
+        assert_same_ops(attention, config, &w, AttentionImpl::Eager);
+    }
+}
