@@ -359,11 +359,15 @@ fn mla_and_v3_routing_agree_op_for_op_naive_and_absorbed() {
 }
 
 #[test]
-fn the_naive_mla_value_copy_agrees_op_for_op_wherever_the_heads_fold() {
-    // The eager naive form's `attn_weights @ value_states` copies the values (a slice of
-    // kv_b_proj's `[B, S, H, d_n + d_v]` output) only where they cannot be viewed as
-    // `[B·H, S, d_v]`: a prefill with B, H and S all above 1. Each case has one of them
-    // at 1, or is a decode step (whose values are the cache's contiguous `cat`).
+fn the_mla_copies_agree_op_for_op_wherever_the_heads_fold() {
+    // Where the naive form copies rather than views, each decided by sizes of 1:
+    // - the eager form's `attn_weights @ value_states` copies its values (a slice of
+    //   kv_b_proj's `[B, S, H, d_n + d_v]` output) only in a prefill with B, H and S all
+    //   above 1 (a decode step's values are the cache's contiguous `cat`);
+    // - its `transpose(1, 2).contiguous()` copies only with H and S_q above 1;
+    // - the flash form's output merge: values padded to d_qk (d_v < d_qk) fold only
+    //   with one row; unpadded ones (d_v = d_qk) with one head or one query; a copy is a
+    //   `clone` with H > 1, a `contiguous` with one head.
     let attention = REGISTRY
         .into_iter()
         .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
@@ -372,12 +376,23 @@ fn the_naive_mla_value_copy_agrees_op_for_op_wherever_the_heads_fold() {
     let mut one_head = lite.clone();
     one_head.num_attention_heads = 1;
     one_head.num_key_value_heads = 1;
-    for (config, w) in [
-        (&lite, Workload::prefill(1, 7).unwrap()),
-        (&lite, Workload::prefill(2, 1).unwrap()),
-        (&lite, Workload::decode(2, 5).unwrap()),
-        (&one_head, Workload::prefill(2, 7).unwrap()),
+    // d_v = d_qk = 128 + 64: no padding, no slice.
+    let mut unpadded = lite.clone();
+    unpadded.mla.as_mut().unwrap().v_head_dim = 192;
+    let mut unpadded_one_head = one_head.clone();
+    unpadded_one_head.mla.as_mut().unwrap().v_head_dim = 192;
+    let (eager, sdpa) = (AttentionImpl::Eager, AttentionImpl::Sdpa);
+    for (config, w, implementation) in [
+        (&lite, Workload::prefill(1, 7).unwrap(), eager),
+        (&lite, Workload::prefill(2, 1).unwrap(), eager),
+        (&lite, Workload::decode(2, 5).unwrap(), eager),
+        (&one_head, Workload::prefill(2, 7).unwrap(), eager),
+        (&one_head, Workload::prefill(2, 7).unwrap(), sdpa),
+        (&one_head, Workload::decode(1, 5).unwrap(), sdpa),
+        (&unpadded, Workload::prefill(2, 7).unwrap(), sdpa),
+        (&unpadded, Workload::decode(2, 5).unwrap(), sdpa),
+        (&unpadded_one_head, Workload::prefill(2, 7).unwrap(), sdpa),
     ] {
-        assert_same_ops(attention, config, &w, AttentionImpl::Eager);
+        assert_same_ops(attention, config, &w, implementation);
     }
 }
