@@ -553,6 +553,14 @@ mod tests {
         );
         let e = parse("t", huge.as_bytes()).unwrap_err().to_string();
         assert!(e.contains("mlp_layer_types") && e.contains("1 MiB"), "{e}");
+        // The bound itself: a field of exactly MAX_FIELD_BYTES of JSON text is kept, one
+        // byte more is not.
+        let field = |bytes: usize| format!("{{\"mlp_layer_types\": [{}0]}}", " ".repeat(bytes - 3));
+        assert_eq!(
+            parse("t", field(MAX_FIELD_BYTES).as_bytes()).unwrap(),
+            serde_json::json!({"mlp_layer_types": [0]})
+        );
+        assert!(parse("t", field(MAX_FIELD_BYTES + 1).as_bytes()).is_err());
         let skipped = format!("{{\"other\": [{}0]}}", "0,".repeat(MAX_FIELD_BYTES));
         assert_eq!(
             parse("t", skipped.as_bytes()).unwrap(),
