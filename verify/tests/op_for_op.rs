@@ -367,7 +367,10 @@ fn the_mla_copies_agree_op_for_op_wherever_the_heads_fold() {
     // - its `transpose(1, 2).contiguous()` copies only with H and S_q above 1;
     // - the flash form's output merge: values padded to d_qk (d_v < d_qk) fold only
     //   with one row; unpadded ones (d_v = d_qk) with one head or one query; a copy is a
-    //   `clone` with H > 1, a `contiguous` with one head.
+    //   `clone` with H > 1, a `contiguous` with one head;
+    // - the absorbed form's `matmul`s copy the expanded query or latent unless B or H
+    //   is 1, and at d_r = 2 (where de-interleaving q_pe is a view) its rotated q_pe
+    //   too, over more than one query.
     let attention = REGISTRY
         .into_iter()
         .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
@@ -381,7 +384,10 @@ fn the_mla_copies_agree_op_for_op_wherever_the_heads_fold() {
     unpadded.mla.as_mut().unwrap().v_head_dim = 192;
     let mut unpadded_one_head = one_head.clone();
     unpadded_one_head.mla.as_mut().unwrap().v_head_dim = 192;
+    let mut rope_2 = lite.clone();
+    rope_2.mla.as_mut().unwrap().qk_rope_head_dim = 2;
     let (eager, sdpa) = (AttentionImpl::Eager, AttentionImpl::Sdpa);
+    let absorbed = |w: Workload| w.with_mla(modelmeter::MlaForm::Absorb);
     for (config, w, implementation) in [
         (&lite, Workload::prefill(1, 7).unwrap(), eager),
         (&lite, Workload::prefill(2, 1).unwrap(), eager),
@@ -392,6 +398,9 @@ fn the_mla_copies_agree_op_for_op_wherever_the_heads_fold() {
         (&unpadded, Workload::prefill(2, 7).unwrap(), sdpa),
         (&unpadded, Workload::decode(2, 5).unwrap(), sdpa),
         (&unpadded_one_head, Workload::prefill(2, 7).unwrap(), sdpa),
+        (&one_head, absorbed(Workload::prefill(2, 7).unwrap()), eager),
+        (&rope_2, absorbed(Workload::prefill(2, 7).unwrap()), eager),
+        (&rope_2, absorbed(Workload::decode(2, 5).unwrap()), eager),
     ] {
         assert_same_ops(attention, config, &w, implementation);
     }
