@@ -36,6 +36,14 @@ fn run(p: Pairing, config: &ModelConfig, w: &Workload, attention: AttentionImpl)
 /// `ops` merged by op name (sorted): the routed experts' side, where the analytic layer
 /// has one MLP over N·k rows and the measured module one MLP per expert that received
 /// tokens, so only their totals per op can agree.
+/// The attention's pairing (its reference module and analytic layer).
+fn attention_pairing() -> Pairing {
+    REGISTRY
+        .into_iter()
+        .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
+        .unwrap()
+}
+
 fn merged_by_name(mut ops: Vec<OpFlops>) -> Vec<OpFlops> {
     ops.sort();
     let mut merged: Vec<OpFlops> = Vec::new();
@@ -148,10 +156,7 @@ fn the_math_path_cuda_falls_back_to_agrees_op_for_op_when_the_cpu_runs_it() {
     // a one-token prefill and decode.
     use modelmeter::layers::SdpaKernel;
     use modelmeter_reference::attention::with_math_sdpa;
-    let attention = REGISTRY
-        .into_iter()
-        .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
-        .unwrap();
+    let attention = attention_pairing();
     for (heads, kv_heads) in [(4, 2), (4, 4), (3, 1), (1, 1)] {
         let mut config = ModelConfig::deepseek_ocr();
         config.head_dim = 6;
@@ -198,10 +203,7 @@ fn the_kv_cache_held_after_a_decode_step_is_measured_to_the_byte() {
     // 2 · 2 · 10 · 12 · 128 · 2 bytes.
     let config = ModelConfig::deepseek_ocr();
     let w = Workload::decode(2, 11).unwrap().on(Platform::Cpu);
-    let attention = REGISTRY
-        .into_iter()
-        .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
-        .unwrap();
+    let attention = attention_pairing();
     let r = run(attention, &config, &w, AttentionImpl::Sdpa);
     assert_eq!(r.kv_cache_bytes, 2 * 2 * 10 * 12 * 128 * 2);
     let mlp = run(REGISTRY[0], &config, &w, AttentionImpl::Sdpa);
@@ -371,10 +373,7 @@ fn the_mla_copies_agree_op_for_op_wherever_the_heads_fold() {
     // - the absorbed form's `matmul`s copy the expanded query or latent unless B or H
     //   is 1, and at d_r = 2 (where de-interleaving q_pe is a view) its rotated q_pe
     //   too, over more than one query.
-    let attention = REGISTRY
-        .into_iter()
-        .find(|p| p.layer == modelmeter::layers::LayerId::Attention)
-        .unwrap();
+    let attention = attention_pairing();
     let lite = narrowed("deepseek-v2-lite");
     let mut one_head = lite.clone();
     one_head.num_attention_heads = 1;
