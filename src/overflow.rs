@@ -517,6 +517,52 @@ mod tests {
     }
 
     #[test]
+    fn feed_forward_fields_that_overflow_are_named_not_the_layer_count() {
+        // Each overflows inside one decoder layer: the probes run one layer of each kind,
+        // and the count of layers is never the culprit.
+        for (set, named) in [
+            (
+                (|c: &mut ModelConfig| c.intermediate_size = 1 << 50) as fn(&mut ModelConfig),
+                "intermediate_size = 1125899906842624",
+            ),
+            (
+                |c| c.moe.as_mut().unwrap().moe_intermediate_size = 1 << 50,
+                "moe_intermediate_size = 1125899906842624",
+            ),
+            (
+                |c| c.moe.as_mut().unwrap().n_shared_experts = 1 << 50,
+                "n_shared_experts = 1125899906842624",
+            ),
+        ] {
+            let mut i = inputs(Workload::prefill(1, 512).unwrap());
+            set(&mut i.config);
+            let e = explained(&i);
+            assert!(
+                e.starts_with(&format!(
+                    "{named} (config deepseek-ocr-v1-base) is too large"
+                )),
+                "{named}: {e}"
+            );
+            assert!(!e.contains("num_hidden_layers"), "{e}");
+        }
+    }
+
+    #[test]
+    fn of_two_that_each_would_do_the_one_furthest_above_its_typical_value_is_named() {
+        // B = 2^16 and S = 2^24 overflow together; lowering either one is enough. The
+        // batch is 2^16 times its typical 1, the prompt 2^15 times its typical 512: the
+        // batch is named. At B = 2^12, S = 2^30, the prompt.
+        for (batch, seq_len, named) in [
+            (1 << 16, 1 << 24, "--batch = 65536 is too large"),
+            (1 << 12, 1 << 30, "--seq-len = 1073741824 is too large"),
+        ] {
+            let e = explained(&inputs(Workload::prefill(batch, seq_len).unwrap()));
+            assert!(e.starts_with(named), "{e}");
+            assert_eq!(e.matches("too large").count(), 1, "{e}");
+        }
+    }
+
+    #[test]
     fn other_errors_are_left_alone() {
         let i = inputs(Workload::prefill(1, 512).unwrap());
         let e = explain(Error::invalid("x", 1, "y"), &i, |_| true);
