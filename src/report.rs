@@ -320,5 +320,12 @@ mod tests {
         assert!(text.contains("DeepseekV2MoE"));
         assert!(text.contains("26.93 GFLOP"));
         assert!(text.contains("generation: prefill + 2 decode steps"));
+        // Depth 1 adds a table of parts under each layer and the stack; depth 0 is the
+        // summary table alone.
+        let parts = |text: &str| text.matches("\npart ").count();
+        assert_eq!(parts(&text), r.layers.len() + 1, "{text}");
+        assert!(text.contains("\nDeepseekV2MoE\npart "), "{text}");
+        let summary = r.to_text(0);
+        assert_eq!(parts(&summary), 0, "{summary}");
     }
 }
