@@ -319,7 +319,22 @@ mod tests {
         let text = r.to_text(1);
         assert!(text.contains("DeepseekV2MoE"));
         assert!(text.contains("26.93 GFLOP"));
-        assert!(text.contains("generation: prefill + 2 decode steps"));
+        assert!(text.contains(
+            "generation: prefill + 2 decode steps (activations: tensor bytes, not rounded to CUDA blocks)\n"
+        ));
+        assert!(text.contains("\nlayer ") && text.contains(" matmul  elementwise "));
+        let cpu = analyze(
+            &ModelConfig::deepseek_ocr(),
+            &Workload::prefill(1, 512).unwrap().on(Platform::Cpu),
+            AttentionImpl::Sdpa,
+            Some(2),
+        )
+        .unwrap()
+        .to_text(0);
+        assert!(
+            cpu.contains("generation: prefill + 2 decode steps\n"),
+            "{cpu}"
+        );
         // Depth 1 adds a table of parts under each layer and the stack; depth 0 is the
         // summary table alone.
         let parts = |text: &str| text.matches("\npart ").count();
