@@ -335,12 +335,18 @@ mod tests {
             cpu.contains("generation: prefill + 2 decode steps\n"),
             "{cpu}"
         );
-        // Depth 1 adds a table of parts under each layer and the stack; depth 0 is the
-        // summary table alone.
+        // Depth 1 adds a table of parts under each layer and the stack (the MLP's own
+        // ops among them); depth 0 is the summary table alone.
         let parts = |text: &str| text.matches("\npart ").count();
         assert_eq!(parts(&text), r.layers.len() + 1, "{text}");
         assert!(text.contains("\nDeepseekV2MoE\npart "), "{text}");
         let summary = r.to_text(0);
         assert_eq!(parts(&summary), 0, "{summary}");
+        // Depth 2 opens each part once more, indented under it (the dense decoder
+        // layer's MLP, its projections); depth 1 does not.
+        let nested = "\n  gate_proj [aten::mm] ";
+        assert!(r.to_text(2).contains(nested));
+        assert!(!text.contains(nested), "{text}");
+        assert!(text.contains("\ngate_proj [aten::mm] "), "{text}");
     }
 }
