@@ -1833,6 +1833,33 @@ mod tests {
     }
 
     #[test]
+    fn yarn_mscales_may_be_zero_and_rotation_counts_may_not() {
+        let yarn = |extra: Value| {
+            let mut v = mla_base();
+            let mut scaling = json!({"type": "yarn", "factor": 40});
+            for (k, x) in extra.as_object().unwrap() {
+                scaling[k] = x.clone();
+            }
+            v["rope_scaling"] = scaling;
+            v
+        };
+        let y = parse(yarn(json!({"mscale": 0, "mscale_all_dim": 0})))
+            .unwrap()
+            .rope_scaling
+            .unwrap();
+        assert_eq!((y.mscale, y.mscale_all_dim), (0.0, 0.0));
+        assert_eq!(
+            err(yarn(json!({"beta_fast": 0}))),
+            "rope_scaling.beta_fast = 0 is invalid: expected a finite number > 0 (a rotation \
+             count the vendor divides by)"
+        );
+        assert_eq!(
+            err(yarn(json!({"mscale": -1}))),
+            "rope_scaling.mscale = -1 is invalid: expected a finite number ≥ 0"
+        );
+    }
+
+    #[test]
     fn yarn_is_read_for_mla_and_refused_for_mha() {
         let mut v = mla_base();
         v["rope_scaling"] = json!({"type": "yarn", "factor": 40, "mscale_all_dim": 0.707});
