@@ -33,9 +33,6 @@ fn run(p: Pairing, config: &ModelConfig, w: &Workload, attention: AttentionImpl)
     run
 }
 
-/// `ops` merged by op name (sorted): the routed experts' side, where the analytic layer
-/// has one MLP over N·k rows and the measured module one MLP per expert that received
-/// tokens, so only their totals per op can agree.
 /// The attention's pairing (its reference module and analytic layer).
 fn attention_pairing() -> Pairing {
     REGISTRY
@@ -44,6 +41,9 @@ fn attention_pairing() -> Pairing {
         .unwrap()
 }
 
+/// `ops` merged by op name (sorted): the routed experts' side, where the analytic layer
+/// has one MLP over N·k rows and the measured module one MLP per expert that received
+/// tokens, so only their totals per op can agree.
 fn merged_by_name(mut ops: Vec<OpFlops>) -> Vec<OpFlops> {
     ops.sort();
     let mut merged: Vec<OpFlops> = Vec::new();
