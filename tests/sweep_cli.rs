@@ -229,6 +229,15 @@ fn json_and_table_list_every_point() {
         2,
         "{text}"
     );
+    // Calls, not generations: no note on unrounded activations.
+    assert!(!text.contains("activations: tensor bytes"), "{text}");
+    // One point is named alone, not as a span.
+    let o = modelmeter(&["sweep", "--vary", "seq-len=64"]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("\n1 point: B=1 prefill S=64 bf16\n"),
+        "{text}"
+    );
     // Without --vary: the one workload the options name.
     let (_, rows) = csv(&["--batch", "2", "--seq-len", "8"]);
     assert_eq!(
