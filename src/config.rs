@@ -1569,6 +1569,13 @@ mod tests {
         v
     }
 
+    /// [`mla_base`] with `key` set to `value`.
+    fn mla_with(key: &str, value: Value) -> Value {
+        let mut v = mla_base();
+        v[key] = value;
+        v
+    }
+
     /// What an absent key means, each value derived from the vendor's config class
     /// (DeepseekV2Config) or modelling code, not from this crate: every layer MoE without
     /// `first_k_dense_replace` (default 0), bf16 without a dtype, `use_mla: false` wins
@@ -1662,11 +1669,6 @@ mod tests {
     /// case, a YaRN scaling the vendor's `_init_rope` raises on).
     #[test]
     fn values_no_model_runs_with_are_refused_by_name() {
-        let mla = |key: &str, value: Value| {
-            let mut v = mla_base();
-            v[key] = value;
-            v
-        };
         for (v, starts) in [
             (with("rms_norm_eps", json!(0)), "rms_norm_eps = 0 "),
             (
@@ -1682,54 +1684,54 @@ mod tests {
                 with("mlp_layer_types", json!("dense")),
                 "mlp_layer_types = \"dense\" ",
             ),
-            (mla("q_lora_rank", json!(0)), "q_lora_rank = 0 "),
+            (mla_with("q_lora_rank", json!(0)), "q_lora_rank = 0 "),
             (
-                mla("rope_scaling", json!({"type": "yarn", "factor": 0})),
+                mla_with("rope_scaling", json!({"type": "yarn", "factor": 0})),
                 "rope_scaling.factor = 0 ",
             ),
             (
-                mla(
+                mla_with(
                     "rope_scaling",
                     json!({"type": "yarn", "factor": 40, "beta_slow": -1}),
                 ),
                 "rope_scaling.beta_slow = -1 ",
             ),
             (
-                mla("rope_scaling", json!({"type": "default"})),
+                mla_with("rope_scaling", json!({"type": "default"})),
                 "rope_scaling.type = default ",
             ),
             // The vendor divides by both rotation counts (ZeroDivisionError at 0; a
             // module built with 0 computed NaN rotary tables).
             (
-                mla(
+                mla_with(
                     "rope_scaling",
                     json!({"type": "yarn", "factor": 40, "beta_fast": 0}),
                 ),
                 "rope_scaling.beta_fast = 0 ",
             ),
             (
-                mla(
+                mla_with(
                     "rope_scaling",
                     json!({"type": "yarn", "factor": 40, "beta_slow": 0}),
                 ),
                 "rope_scaling.beta_slow = 0 ",
             ),
             (
-                mla("rope_scaling", json!({"type": "dynamic", "factor": 2})),
+                mla_with("rope_scaling", json!({"type": "dynamic", "factor": 2})),
                 "rope_scaling.type = dynamic ",
             ),
         ] {
             let e = err(v);
             assert!(e.starts_with(starts), "{starts}: {e}");
         }
-        assert!(parse(mla("qk_nope_head_dim", json!(u64::MAX - 1))).is_err());
+        assert!(parse(mla_with("qk_nope_head_dim", json!(u64::MAX - 1))).is_err());
         // A V3 router needs both group sizes.
         let mut v = with("topk_method", json!("noaux_tc"));
         v["scoring_func"] = json!("sigmoid");
         v["n_group"] = json!(8);
         assert!(err(v).contains("topk_group is missing"), "v3 router");
         // An MLA config's explicit head_dim is taken as written, even odd.
-        assert_eq!(parse(mla("head_dim", json!(97))).unwrap().head_dim, 97);
+        assert_eq!(parse(mla_with("head_dim", json!(97))).unwrap().head_dim, 97);
     }
 
     /// The layer pattern: `mlp_layer_types` must agree with whichever of the two rule keys
@@ -1834,27 +1836,21 @@ mod tests {
 
     #[test]
     fn yarn_mscales_may_be_zero_and_rotation_counts_may_not() {
-        let yarn = |extra: Value| {
-            let mut v = mla_base();
-            let mut scaling = json!({"type": "yarn", "factor": 40});
-            for (k, x) in extra.as_object().unwrap() {
-                scaling[k] = x.clone();
-            }
-            v["rope_scaling"] = scaling;
-            v
-        };
-        let y = parse(yarn(json!({"mscale": 0, "mscale_all_dim": 0})))
-            .unwrap()
-            .rope_scaling
-            .unwrap();
+        let yarn = |scaling: Value| mla_with("rope_scaling", scaling);
+        let y = parse(yarn(
+            json!({"type": "yarn", "factor": 40, "mscale": 0, "mscale_all_dim": 0}),
+        ))
+        .unwrap()
+        .rope_scaling
+        .unwrap();
         assert_eq!((y.mscale, y.mscale_all_dim), (0.0, 0.0));
         assert_eq!(
-            err(yarn(json!({"beta_fast": 0}))),
+            err(yarn(json!({"type": "yarn", "factor": 40, "beta_fast": 0}))),
             "rope_scaling.beta_fast = 0 is invalid: expected a finite number > 0 (a rotation \
              count the vendor divides by)"
         );
         assert_eq!(
-            err(yarn(json!({"mscale": -1}))),
+            err(yarn(json!({"type": "yarn", "factor": 40, "mscale": -1}))),
             "rope_scaling.mscale = -1 is invalid: expected a finite number ≥ 0"
         );
     }
