@@ -228,11 +228,12 @@ impl Liveness {
     /// The allocation `id` is freed now. A tensor this builder did not allocate (the
     /// layer's input, a cast that changed nothing, a tensor of no builder) is not its to
     /// free and is skipped; releasing an allocation twice is a modelling mistake, an
-    /// error naming the layer and the tensor that `what()` returns.
+    /// error naming `layer` and the tensor `tensor()` describes.
     pub(crate) fn release(
         &mut self,
         id: Option<StorageId>,
-        what: impl FnOnce() -> (String, String),
+        layer: &str,
+        tensor: impl FnOnce() -> String,
     ) -> Result<()> {
         let Some(id) = id.filter(|id| id.builder == self.builder) else {
             return Ok(());
@@ -242,10 +243,7 @@ impl Liveness {
             .allocations
             .get_mut(id.index)
             .filter(|a| a.live)
-            .ok_or_else(|| {
-                let (layer, tensor) = what();
-                Error::op_shape(&layer, format!("{tensor} is released twice"))
-            })?;
+            .ok_or_else(|| Error::op_shape(layer, format!("{} is released twice", tensor())))?;
         a.live = false;
         self.live = [self.live[0] - a.sizes[0], self.live[1] - a.sizes[1]];
         Ok(())
@@ -374,7 +372,7 @@ mod tests {
         let mut l = Liveness::new();
         let a = l.allocate([10, 512]).unwrap();
         let b = l.allocate([20, 512]).unwrap();
-        l.release(Some(a), || ("L".into(), "a".into())).unwrap();
+        l.release(Some(a), "L", || "a".into()).unwrap();
         let c = l.allocate([5, 512]).unwrap();
         // Said twice, the last word counts: `b` is freed on return, `c` returned.
         l.returns([Some(b), Some(c)]);
@@ -385,10 +383,10 @@ mod tests {
         assert_eq!(blocks.peak_bytes, 1024);
         assert_eq!(bytes.returned_bytes, 5);
         assert!(
-            l.release(Some(a), || ("L".into(), "a".into())).is_err(),
+            l.release(Some(a), "L", || "a".into()).is_err(),
             "released twice"
         );
-        l.release(None, || ("L".into(), "an input".into())).unwrap();
+        l.release(None, "L", || "an input".into()).unwrap();
         // Another builder with allocations of its own at the same indexes: `b` is not
         // one of them, and releasing it there neither fails nor frees anything.
         let mut other = Liveness::new();
@@ -397,7 +395,7 @@ mod tests {
             other.allocate([2, 512]).unwrap(),
         ];
         assert!(!other.is_live(Some(b)), "another builder's tensor");
-        other.release(Some(b), || ("L".into(), "b".into())).unwrap();
+        other.release(Some(b), "L", || "b".into()).unwrap();
         assert!(l.is_live(Some(b)), "not freed by another builder");
         assert!(own.iter().all(|&id| other.is_live(Some(id))));
     }
@@ -435,10 +433,9 @@ mod tests {
         let input = l.allocate([10, 512]).unwrap();
         let out = l.allocate([40, 512]).unwrap();
         l.temporary([40, 512]).unwrap();
-        l.release(Some(input), || ("L".into(), "input".into()))
-            .unwrap();
+        l.release(Some(input), "L", || "input".into()).unwrap();
         let _cast = l.allocate([20, 512]).unwrap();
-        l.release(Some(out), || ("L".into(), "out".into())).unwrap();
+        l.release(Some(out), "L", || "out".into()).unwrap();
         let ([bytes, blocks], _) = l.finish();
         assert_eq!(bytes.peak_bytes, 60, "out and its cast");
         assert_eq!(
@@ -490,8 +487,7 @@ mod tests {
         let cache = l.allocate([7, 512]).unwrap();
         let out = l.allocate([3, 512]).unwrap();
         let freed = l.allocate([100, 512]).unwrap();
-        l.release(Some(freed), || ("L".into(), "freed".into()))
-            .unwrap();
+        l.release(Some(freed), "L", || "freed".into()).unwrap();
         l.keeps([Some(cache)]);
         l.returns([Some(out), Some(cache), Some(out), Some(freed)]);
         let ([bytes, blocks], parts) = l.finish();

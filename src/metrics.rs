@@ -612,8 +612,7 @@ impl CostBuilder {
             return Ok(());
         };
         for t in tensors {
-            let name = &self.node.name;
-            liveness.release(t.storage(), || (name.clone(), describe(t)))?;
+            liveness.release(t.storage(), &self.node.name, || describe(t))?;
         }
         Ok(())
     }
