@@ -560,7 +560,10 @@ mod tests {
             parse("t", field(MAX_FIELD_BYTES).as_bytes()).unwrap(),
             serde_json::json!({"mlp_layer_types": [0]})
         );
-        assert!(parse("t", field(MAX_FIELD_BYTES + 1).as_bytes()).is_err());
+        let e = parse("t", field(MAX_FIELD_BYTES + 1).as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mlp_layer_types") && e.contains("1 MiB"), "{e}");
         let skipped = format!("{{\"other\": [{}0]}}", "0,".repeat(MAX_FIELD_BYTES));
         assert_eq!(
             parse("t", skipped.as_bytes()).unwrap(),
