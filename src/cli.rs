@@ -645,6 +645,12 @@ mod tests {
         // A doubling that would pass 2^64 stops at the last value that fits.
         let big = v("context-len=1:18446744073709551615:*2").1;
         assert_eq!((big.len(), big.last()), (64, Some(&(1u64 << 63))));
+        // As many values as a sweep takes points, and no more.
+        let most = v("seq-len=1:1000000").1;
+        assert_eq!(most.len() as u64, sweep::MAX_POINTS);
+        assert!(parse_vary("seq-len=1:1000001")
+            .unwrap_err()
+            .contains("has 1000001 values or more; a sweep has at most 1000000 points"));
     }
 
     #[test]
@@ -714,6 +720,10 @@ mod tests {
         moe.routing = v3(2);
         assert_eq!(router_keeps_too_few_experts(&c), None);
         c.moe.as_mut().unwrap().routing = v3(1);
+        // One group keeps exactly k = 4: enough.
+        c.moe.as_mut().unwrap().num_experts_per_tok = 4;
+        assert_eq!(router_keeps_too_few_experts(&c), None);
+        c.moe.as_mut().unwrap().num_experts_per_tok = 5;
         let w = router_keeps_too_few_experts(&c).unwrap();
         assert!(
             w.starts_with("topk_method noaux_tc keeps topk_group × n_routed_experts / n_group = 1 × 4 = 4 experts per token, fewer than num_experts_per_tok = 5 of config "),
@@ -938,6 +948,14 @@ mod tests {
                 Some(AttentionImpl::Sdpa),
                 Some(MlaForm::Naive)
             )
+        );
+        // Given otherwise: what the accessors return, not the defaults.
+        let args = Demo::try_parse_from(["demo", "--attn", "eager", "--mla", "absorb"])
+            .unwrap()
+            .workload;
+        assert_eq!(
+            (args.attention(), args.mla_form()),
+            (AttentionImpl::Eager, MlaForm::Absorb)
         );
     }
 

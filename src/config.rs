@@ -1364,8 +1364,16 @@ mod tests {
         v["num_experts"] = json!(64);
         assert_eq!(parse(v).unwrap().moe, parse(base()).unwrap().moe);
         let mut both = base();
+        both["num_experts"] = json!(64);
+        assert_eq!(
+            parse(both.clone()).unwrap().moe,
+            parse(base()).unwrap().moe,
+            "both spellings may be given when they agree"
+        );
         both["num_experts"] = json!(32);
-        assert!(err(both).contains("num_experts"));
+        assert!(err(both).starts_with(
+            "num_experts = 32 is invalid: expected the same value as n_routed_experts (64)"
+        ));
         let dense = parse(with("n_routed_experts", Value::Null)).unwrap();
         assert!(dense.moe.is_none());
         assert!(dense.layer_kinds.iter().all(|k| *k == MlpKind::Dense));
@@ -1734,6 +1742,30 @@ mod tests {
         assert_eq!(parse(mla_with("head_dim", json!(97))).unwrap().head_dim, 97);
     }
 
+    /// Numbers compare by value at every width: two integers that one f64 cannot tell
+    /// apart (2^53 + 1 and 2^53; beyond i64, u64::MAX and u64::MAX − 1) still differ, and
+    /// items of lists and objects compare as numbers too (`[1]` and `[1.0]` agree).
+    #[test]
+    fn same_json_compares_numbers_exactly_at_every_width() {
+        let same = |a: Value, b: Value| same_json(&a, &b);
+        assert!(same(json!(1), json!(1.0)));
+        assert!(!same(
+            json!(9_007_199_254_740_993u64),
+            json!(9_007_199_254_740_992u64)
+        ));
+        assert!(!same(
+            json!(-9_007_199_254_740_993i64),
+            json!(-9_007_199_254_740_992i64)
+        ));
+        assert!(same(json!(u64::MAX), json!(u64::MAX)));
+        assert!(!same(json!(u64::MAX), json!(u64::MAX - 1)));
+        assert!(same(json!([1, {"a": 2}]), json!([1.0, {"a": 2.0}])));
+        assert!(!same(json!([1, 2]), json!([1, 3])));
+        assert!(!same(json!([1]), json!([1, 1])));
+        assert!(same(json!({"factor": 40}), json!({"factor": 40.0})));
+        assert!(!same(json!("1"), json!(1)));
+    }
+
     /// The layer pattern: `mlp_layer_types` must agree with whichever of the two rule keys
     /// is given, and a "sparse" layer needs routed experts.
     #[test]
@@ -1751,7 +1783,11 @@ mod tests {
         v.as_object_mut().unwrap().remove("moe_layer_freq");
         v["n_routed_experts"] = Value::Null;
         v["mlp_layer_types"] = types("dense");
-        assert!(err(v).contains("mlp_layer_types[1]"));
+        let e = err(v);
+        assert!(
+            e.starts_with("mlp_layer_types[1] = \"sparse\" is invalid: expected \"dense\" (this config has no routed experts)"),
+            "{e}"
+        );
     }
 
     /// Nested and top-level copies compare whole values: an object or a list with an

@@ -166,6 +166,20 @@ fn a_closed_pipe_ends_quietly() {
         assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
         assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
     }
+    // Help and the version too (clap prints them; a full disk is an error, a closed pipe
+    // is not).
+    for args in [&["--help"][..], &["sweep", "--help"], &["--version"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_modelmeter"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = no_panic(child.wait_with_output().unwrap());
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o.stderr));
+        assert!(o.stderr.is_empty(), "{args:?}: {}", text(&o.stderr));
+    }
 }
 
 // Item 3: config files are read up to a bound, and parsed without huge values.
@@ -313,6 +327,16 @@ fn arguments_that_are_not_utf8_are_one_line_errors_naming_them() {
     // A subcommand or a stray argument that is not UTF-8 (std::env::args panicked here).
     assert_refused(&run(&[bad]), &["unrecognized subcommand"]);
     assert_refused(&run(&[OsStr::new("--x"), bad, analyze]), &["--x"]);
+    // An option written with its value (`--device=…`) is not the value of the flag before
+    // it.
+    let joined = OsStr::from_bytes(b"--device=\xff");
+    let o = run(&[analyze, OsStr::new("--json"), joined]);
+    assert_refused(&o, &["argument 3 \"--device=\u{fffd}\" is not UTF-8"]);
+    assert!(
+        !text(&o.stderr).contains("the value of"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
