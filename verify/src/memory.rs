@@ -636,9 +636,15 @@ mod tests {
         assert_eq!(need.kv_cache_bytes, 2 * (2 * 10 * 72 * 128 * 4));
         let cpu = DeviceSpec::Cpu;
         assert!(check_model(&p, &model, cpu, &device(need.total())).is_ok());
+        // Each advice from one byte below its bound; at the bound itself, the next.
         for (available, advice) in [
             (need.total() - 1, "lower --new-tokens, --seq-len or --batch"),
+            (
+                need.weight_bytes,
+                "lower --new-tokens, --seq-len or --batch",
+            ),
             (need.weight_bytes - 1, "lower --num-layers"),
+            (vocab, "lower --num-layers"),
             (vocab - 1, "no --num-layers fits"),
         ] {
             let e = check_model(&p, &model, cpu, &device(available)).unwrap_err();
@@ -880,6 +886,82 @@ mod tests {
         assert!(
             e.starts_with("--context-len = 1000000000000 is too large"),
             "{e}"
+        );
+    }
+
+    /// A need of `bytes`, of which `fixed` are weights and reserve, for `layer`.
+    fn need(layer: &str, bytes: u64, fixed: u64) -> Need {
+        Need {
+            bytes,
+            layer: layer.into(),
+            fixed_bytes: fixed,
+        }
+    }
+
+    #[test]
+    fn the_advice_draws_its_lines_at_exactly_the_free_memory() {
+        let bf16 = Workload::prefill(1, 8).unwrap();
+        let fp32 = bf16.clone().with_dtype(modelmeter::Dtype::F32).unwrap();
+        // Weights of exactly the free memory fit: a smaller workload helps.
+        assert_eq!(
+            advice(&[need("a", 20, 10)], 10, &bf16),
+            "lower --batch or --seq-len"
+        );
+        // A layer needing exactly the free memory is not named among those that do not
+        // fit; one layer left out, none left to lower.
+        let needs = [need("a", 10, 5), need("b", 20, 15), need("c", 3, 1)];
+        assert_eq!(
+            advice(&needs, 10, &bf16),
+            "the weights and the device reserve alone are more than that (b 15 B), so no smaller workload fits: leave b out (--layers), use a device with more free memory"
+        );
+        // In fp32, a smaller dtype helps too.
+        assert!(advice(&needs, 10, &fp32)
+            .contains("use a smaller --dtype (bf16 halves fp32's weights) or a device"));
+        assert!(advice(&[need("b", 20, 15)], 10, &fp32).ends_with(
+            "use a smaller --dtype (bf16 halves fp32's weights) or a device with more free memory"
+        ));
+    }
+
+    #[test]
+    fn an_overflow_of_the_plan_names_the_option_to_lower() {
+        // 2^31 × 2^31 = 2^62 rows: the tiny attention's projections overflow 64 bits; the
+        // probes find that a shorter prompt alone would fit.
+        let huge = Plan {
+            workload: Workload::prefill(1 << 31, 1 << 31).unwrap(),
+            ..plan(1)
+        };
+        let e = estimate(&huge).unwrap_err();
+        assert!(
+            e.starts_with("--seq-len = 2147483648 is too large: ")
+                && e.ends_with("lower --seq-len"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn each_layer_that_fills_its_cache_is_judged_by_its_own_prefill() {
+        // The MLP runs before the attention and needs more at the prefill's length: the
+        // attention's need must be its own prefill's, not the MLP's.
+        let p = ocr_fp32(
+            Workload::decode(1, 512).unwrap(),
+            &[LayerId::Mlp, LayerId::Attention],
+            AttentionImpl::Sdpa,
+        );
+        let prefill = p.workload.cache_prefill().unwrap().unwrap();
+        let filled = needs(&p, &prefill).unwrap();
+        assert!(
+            filled[0].bytes > filled[1].bytes,
+            "the MLP's prefill is larger"
+        );
+        let estimate = estimate_plan(&p).unwrap();
+        let step = needs(&p, &p.workload).unwrap();
+        assert_eq!(
+            estimate.needs[0].bytes, step[0].bytes,
+            "the MLP runs the step alone"
+        );
+        assert_eq!(
+            (estimate.needs[1].layer.as_str(), estimate.needs[1].bytes),
+            (filled[1].layer.as_str(), filled[1].bytes.max(step[1].bytes))
         );
     }
 

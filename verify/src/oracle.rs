@@ -597,6 +597,17 @@ mod tests {
     }
 
     #[test]
+    fn the_default_interpreter_is_the_venvs_or_python3() {
+        let python = default_python();
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+        if venv.exists() {
+            assert_eq!(python, venv);
+        } else {
+            assert_eq!(python, PathBuf::from("python3"));
+        }
+    }
+
+    #[test]
     fn a_missing_interpreter_is_a_clear_error() {
         let e = Oracle {
             python: PathBuf::from("/no/such/python"),
@@ -607,6 +618,35 @@ mod tests {
             e.contains("/no/such/python") && e.contains("setup-libtorch"),
             "{e}"
         );
+    }
+
+    /// An interpreter is judged by what its probe prints: a failing one cannot import,
+    /// one that prints another torch version is refused for it, torch 2.11 passes.
+    #[test]
+    fn the_interpreter_is_judged_by_its_probe() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir =
+            std::env::temp_dir().join(format!("modelmeter-oracle-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = |name: &str, prints: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\necho '{prints}'\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            Oracle { python: path }.check()
+        };
+        let e = Oracle {
+            python: PathBuf::from("/bin/false"),
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.contains("/bin/false cannot import torch"), "{e}");
+        let e = fake("old", "2.10.0 4.57.0").unwrap_err();
+        assert!(
+            e.contains("has torch 2.10.0 4.57.0; the oracle needs torch 2.11"),
+            "{e}"
+        );
+        assert_eq!(fake("ok", "2.11.0 5.24.0"), Ok("2.11.0 5.24.0".to_string()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A layer whose counted ops are `ops` (name, matmul FLOPs, FlopCounterMode FLOPs).
@@ -857,5 +897,189 @@ mod tests {
             ["aten::bmm only here (4)", "aten::addmm only in torch (2)"]
         );
         assert!(op_differences(&ours, &ours).is_empty());
+        let more = BTreeMap::from([("aten::mm".to_string(), 11), ("aten::bmm".to_string(), 4)]);
+        assert_eq!(
+            op_differences(&ours, &more),
+            ["aten::mm 10 here, 11 in torch"]
+        );
+    }
+
+    /// The flop row of `layer` against `torch` with `adjust`: its status and note.
+    fn flop_row(
+        layer: &LayerResult,
+        torch: &OracleResult,
+        adjust: &Adjustments,
+    ) -> (Status, String) {
+        let row = rows(layer, torch, Dtype::F32, adjust).remove(0);
+        (row.status, row.note.unwrap())
+    }
+
+    /// Equal totals of other ops are no agreement; the adjustments move exactly the FLOPs
+    /// they name, and a row without one says nothing of any.
+    #[test]
+    fn the_flop_row_adjusts_by_exactly_the_named_amounts() {
+        let none = Adjustments::default();
+        // The same total spent by other ops: a failure naming both.
+        let (status, note) = flop_row(
+            &layer_with(&[("aten::mm", 100, 100)]),
+            &torch_counted(&[("aten::bmm", 100)]),
+            &none,
+        );
+        assert_eq!(status, Status::Fail);
+        assert!(
+            note.contains("aten::mm only here (100); aten::bmm only in torch (100)"),
+            "{note}"
+        );
+        // No adjustment: no aten::mm of 0 appears, and the note names none.
+        let bmm_only = layer_with(&[("aten::bmm", 60, 60)]);
+        let (status, note) = flop_row(&bmm_only, &torch_counted(&[("aten::bmm", 60)]), &none);
+        assert_eq!(status, Status::Pass);
+        assert!(!note.contains("adjusted"), "{note}");
+        // transformers' MLA re-decompression: +latent_mm aten::mm here.
+        let latent = Adjustments {
+            latent_mm: 50,
+            ..none
+        };
+        let mm = layer_with(&[("aten::mm", 100, 100)]);
+        let (status, note) = flop_row(&mm, &torch_counted(&[("aten::mm", 150)]), &latent);
+        assert_eq!(status, Status::Pass, "{note}");
+        assert!(note.contains("adjusted: +50 aten::mm FLOPs here"), "{note}");
+        assert_eq!(
+            flop_row(&mm, &torch_counted(&[("aten::mm", 100)]), &latent).0,
+            Status::Fail
+        );
+        // The rotary-angle matmul transformers computes elementwise: −rotary_bmm here, and
+        // a bmm left at zero is no op at all.
+        let rotary = |rotary_bmm| Adjustments { rotary_bmm, ..none };
+        let (status, note) = flop_row(&bmm_only, &torch_counted(&[("aten::bmm", 20)]), &rotary(40));
+        assert_eq!(status, Status::Pass, "{note}");
+        assert!(
+            note.contains("adjusted: −40 aten::bmm FLOPs here"),
+            "{note}"
+        );
+        let both = layer_with(&[("aten::bmm", 40, 40), ("aten::mm", 100, 100)]);
+        let (status, note) = flop_row(&both, &torch_counted(&[("aten::mm", 100)]), &rotary(40));
+        assert_eq!(status, Status::Pass, "{note}");
+    }
+
+    /// The CPU MLA SDPA note explains a disagreement; with none, it is not said.
+    #[test]
+    fn the_cpu_mla_sdpa_note_comes_only_with_a_disagreement() {
+        let cpu_mla_sdpa = Adjustments {
+            cpu_mla_sdpa: true,
+            ..Adjustments::default()
+        };
+        let layer = layer_with(&[("aten::mm", 100, 100)]);
+        let expected = "expected with --attn sdpa on the CPU for MLA";
+        let (status, note) = flop_row(&layer, &torch_counted(&[("aten::mm", 100)]), &cpu_mla_sdpa);
+        assert_eq!(status, Status::Pass);
+        assert!(!note.contains(expected), "{note}");
+        let (status, note) = flop_row(
+            &layer,
+            &torch_counted(&[("aten::mm", 60), ("aten::bmm", 40)]),
+            &cpu_mla_sdpa,
+        );
+        assert_eq!(status, Status::Fail);
+        assert!(note.contains(expected), "{note}");
+    }
+
+    /// No token sensitive to the V3 fills is none: `Some(0)` is said like `None`.
+    #[test]
+    fn zero_v3_fill_sensitive_tokens_are_not_a_suspect() {
+        let parsed = |extra: &str| -> OracleResult {
+            serde_json::from_str(&format!(
+                r#"{{"case": "L", "module": "moe_gate", "rel_err": 0.0, "fcm_total": 100,
+                    "fcm_ops": {{"aten::mm": 100}}, "v3_fill_sensitive_rows": 0{extra}}}"#
+            ))
+            .unwrap()
+        };
+        let layer = layer_with(&[("aten::mm", 100, 100)]);
+        let note = |answer: &OracleResult| {
+            rows(&layer, answer, Dtype::Bf16, &Adjustments::default())[1]
+                .note
+                .clone()
+                .unwrap()
+        };
+        let gate = note(&parsed(r#", "idx_match": false, "idx_mismatched_rows": 1"#));
+        assert!(
+            gate.contains("differ on 1 token") && !gate.contains("V3 router"),
+            "{gate}"
+        );
+        let moe = note(&parsed(r#", "routed_count_mismatched_experts": 2"#));
+        assert!(moe.contains("(in bf16 a near tie"), "{moe}");
+    }
+
+    /// What a plan's layer is adjusted by, by hand: DeepSeek-OCR's rotary-angle matmul
+    /// (B·d·S: its `[d/2, 1] @ [1, S]` per batch row, 2 FLOPs a product) in every layer that
+    /// runs an attention; DeepSeek-V2-Lite's MLA re-decompression at a decode step in the
+    /// naive form (2·B·C·r_kv·H·(d_n + d_v)); the CPU SDPA note; the absorbed form.
+    #[test]
+    fn each_layers_adjustments_are_those_of_its_attention() {
+        use crate::pairing::Pairing;
+        use modelmeter::layers::{AttentionImpl, LayerId};
+        use modelmeter::{MlaForm, ModelConfig, Workload};
+        let of = |plan: &Plan, layer| Adjustments::of(plan, Pairing { layer });
+        let ocr = Plan::on_cpu(
+            ModelConfig::deepseek_ocr(),
+            Workload::prefill(1, 512).unwrap(),
+        );
+        for layer in [
+            LayerId::Attention,
+            LayerId::DecoderDense,
+            LayerId::DecoderMoe,
+        ] {
+            assert_eq!(
+                of(&ocr, layer),
+                Adjustments {
+                    rotary_bmm: 128 * 512,
+                    ..Adjustments::default()
+                },
+                "{layer:?}"
+            );
+        }
+        for layer in [
+            LayerId::Mlp,
+            LayerId::MoE,
+            LayerId::MoEGate,
+            LayerId::RmsNorm,
+        ] {
+            assert_eq!(of(&ocr, layer), Adjustments::default(), "{layer:?}");
+        }
+        let lite = ModelConfig::builtin("deepseek-v2-lite").unwrap().unwrap();
+        let mla = lite.mla.clone().unwrap();
+        let step = Plan::on_cpu(lite.clone(), Workload::decode(2, 100).unwrap());
+        let latent = 2
+            * 2
+            * 100
+            * mla.kv_lora_rank
+            * lite.num_attention_heads
+            * (mla.qk_nope_head_dim + mla.v_head_dim);
+        assert_eq!(latent, 2 * 2 * 100 * 512 * 16 * 256);
+        let naive = of(&step, LayerId::Attention);
+        assert_eq!(
+            (naive.latent_mm, naive.cpu_mla_sdpa, naive.absorbed),
+            (latent, true, false)
+        );
+        assert_eq!(of(&step, LayerId::Mlp), Adjustments::default());
+        // Eager, or on a GPU: no CPU SDPA note.
+        let eager = Plan {
+            attention: AttentionImpl::Eager,
+            ..step.clone()
+        };
+        assert!(!of(&eager, LayerId::Attention).cpu_mla_sdpa);
+        let cuda = Plan {
+            device: Device::Cuda(0),
+            ..step.clone()
+        };
+        assert!(!of(&cuda, LayerId::Attention).cpu_mla_sdpa);
+        // A prefill re-decompresses nothing; the absorbed form is information only.
+        let prefill = Plan::on_cpu(lite.clone(), Workload::prefill(2, 100).unwrap());
+        assert_eq!(of(&prefill, LayerId::DecoderMoe).latent_mm, 0);
+        let absorbed = Plan {
+            workload: step.workload.clone().with_mla(MlaForm::Absorb),
+            ..step.clone()
+        };
+        let a = of(&absorbed, LayerId::Attention);
+        assert_eq!((a.latent_mm, a.cpu_mla_sdpa, a.absorbed), (0, false, true));
     }
 }

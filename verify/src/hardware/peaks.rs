@@ -117,6 +117,33 @@ mod tests {
         assert_eq!(of_device("cpu"), None);
     }
 
+    /// Each figure as its source prints it (TFLOP/s with sparsity for the tensor cores,
+    /// dense FP32 TFLOP/s, HBM TB/s), written out here rather than read from the table.
+    #[test]
+    fn the_figures_are_the_sources_own() {
+        for (p, sparse_16bit, sparse_tf32, fp32, hbm) in [
+            (H100_SXM, 1979.0, 989.0, 67.0, 3.35),
+            (H100_PCIE, 1513.0, 756.0, 51.0, 2.0),
+            (H100_NVL, 1671.0, 835.0, 60.0, 3.9),
+            (H200_SXM, 1979.0, 989.0, 67.0, 4.8),
+            (H200_NVL, 1671.0, 835.0, 60.0, 4.8),
+        ] {
+            let tera = |x: f64| x / 1e12;
+            approx::assert_relative_eq!(
+                tera(2.0 * p.tensor_16bit_flops_per_s),
+                sparse_16bit,
+                max_relative = 1e-12
+            );
+            approx::assert_relative_eq!(
+                tera(2.0 * p.tensor_tf32_flops_per_s),
+                sparse_tf32,
+                max_relative = 1e-12
+            );
+            approx::assert_relative_eq!(tera(p.fp32_flops_per_s), fp32, max_relative = 1e-12);
+            approx::assert_relative_eq!(tera(p.dram_bytes_per_s), hbm, max_relative = 1e-12);
+        }
+    }
+
     #[test]
     fn the_tables_are_consistent() {
         for p in [H100_SXM, H100_PCIE, H100_NVL, H200_SXM, H200_NVL] {
