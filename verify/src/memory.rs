@@ -939,6 +939,17 @@ mod tests {
     }
 
     #[test]
+    fn an_overflow_of_the_config_names_its_field() {
+        let mut huge = plan(1);
+        huge.config.hidden_size = 1 << 62;
+        let e = estimate(&huge).unwrap_err();
+        assert_eq!(
+            e,
+            "hidden_size = 4611686018427387904 (config tiny) is too large: aten::mm would overflow 64-bit integers; lower hidden_size"
+        );
+    }
+
+    #[test]
     fn each_layer_that_fills_its_cache_is_judged_by_its_own_prefill() {
         // The MLP runs before the attention and needs more at the prefill's length: the
         // attention's need must be its own prefill's, not the MLP's.

@@ -469,6 +469,29 @@ mod tests {
 \"1\",\"4242\",\"verify-decoder\",\"127.0.0.1\",\"range\",\"1\",\"\",\"6,667,776\",\"12,288\",\"36,992\",\"20,000,000\",\"0\",\"0\",\"0\",\"638,976\",\"42,237,952\",\"527,360\",\"n/a\"
 ";
 
+    #[test]
+    fn an_entry_says_why_it_has_no_figures() {
+        let why = |entry: RangeEntry| entry.error().map(str::to_string);
+        assert_eq!(why(RangeEntry::Counted(record("L", 1))), None);
+        for entry in [
+            RangeEntry::Failed {
+                layer: "L".into(),
+                error: "judged: 2 rows".into(),
+            },
+            RangeEntry::NotOpened {
+                layer: "L".into(),
+                error: "judged: 2 rows".into(),
+            },
+            RangeEntry::Unknown {
+                layer: "L".into(),
+                error: "judged: 2 rows".into(),
+            },
+        ] {
+            assert_eq!(entry.layer(), "L");
+            assert_eq!(why(entry), Some("judged: 2 rows".to_string()));
+        }
+    }
+
     fn record(layer: &str, tensor: u64) -> RangeRecord {
         RangeRecord {
             layer: layer.into(),

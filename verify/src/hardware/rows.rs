@@ -673,7 +673,172 @@ mod tests {
         let row = tensor_row(&counted(analytic, 0), &figures(MLP), &ctx);
         assert_eq!((row.analytic, row.measured), (analytic, 27_262_976_000));
         assert_eq!(row.status, Status::Pass, "{:?}", row.note);
-        assert!(row.note.unwrap().contains("hardware/counted = 1.0125"));
+        let note = row.note.unwrap();
+        assert!(note.contains("hardware/counted = 1.0125"), "{note}");
+        // No causal or fp32 efficient-attention work: neither allowance is mentioned.
+        assert!(
+            !note.contains("masked causal") && !note.contains("3xTF32"),
+            "{note}"
+        );
+    }
+
+    /// The informational rows give hardware/counted, or say nothing was counted (never
+    /// a ratio over 0).
+    #[test]
+    fn informational_rows_give_the_ratio_or_say_nothing_was_counted() {
+        let f = figures(MLP);
+        // DRAM 88,595,456 + 581,376 bytes against 100,000,000 counted.
+        let [dram, _] = byte_rows(&counted(0, 0), &f);
+        let note = dram.note.unwrap();
+        assert!(
+            note.starts_with("informational, hardware/counted io_bytes = 0.8918: "),
+            "{note}"
+        );
+        let nothing = Counted {
+            io_bytes: 0,
+            ..counted(0, 0)
+        };
+        // (This export has no L2 figure: that row is unavailable.)
+        let [dram, _] = byte_rows(&nothing, &f);
+        let note = dram.note.unwrap();
+        assert!(
+            note.starts_with("informational, no bytes counted: "),
+            "{note}"
+        );
+        let gate = figures(GATE_BF16);
+        let cuda = cuda_core_row(&counted(0, 100_000_000), &gate, &bf16());
+        let note = cuda.note.unwrap();
+        assert!(
+            note.starts_with("informational, hardware/counted = 0.8564: "),
+            "{note}"
+        );
+        let cuda = cuda_core_row(&counted(0, 0), &gate, &bf16());
+        let note = cuda.note.unwrap();
+        assert!(
+            note.starts_with("informational, no CUDA-core FLOPs counted: "),
+            "{note}"
+        );
+    }
+
+    /// The CUDA-core row is judged only where fp32 GEMMs are most of its counted work;
+    /// a step of fewer than SMALL_GEMM_ROWS tokens pads them, so above the band it informs.
+    #[test]
+    fn the_cuda_core_row_is_checked_only_where_fp32_gemms_dominate() {
+        let gate = figures(GATE_BF16); // 85,642,240 FP32 FLOPs executed
+        let row = |c: u64, simt: u64, tokens: u64| {
+            let ctx = Context {
+                tokens,
+                simt_gemm_flops: simt,
+                ..bf16()
+            };
+            cuda_core_row(&counted(0, c), &gate, &ctx)
+        };
+        // Half of it GEMMs: informational, whatever the ratio.
+        let half = row(100_000_000, 50_000_000, PREFILL);
+        assert_eq!(half.status, Status::Info);
+        assert!(half.note.unwrap().starts_with("informational"));
+        // All of it, and the hardware executed 1.71× that: fails at a prefill...
+        let above = row(50_000_000, 50_000_000, PREFILL);
+        assert_eq!(above.status, Status::Fail, "{:?}", above.note);
+        assert!(above.note.unwrap().contains("the band applies"));
+        // ...and from SMALL_GEMM_ROWS tokens up; below it, the padding informs.
+        assert_eq!(
+            row(50_000_000, 50_000_000, SMALL_GEMM_ROWS).status,
+            Status::Fail
+        );
+        let small = row(50_000_000, 50_000_000, SMALL_GEMM_ROWS - 1);
+        assert_eq!(small.status, Status::Info);
+        assert!(small
+            .note
+            .unwrap()
+            .contains("which the hardware pads to its tile rows"));
+        assert_eq!(row(50_000_000, 50_000_000, 1).status, Status::Info);
+    }
+
+    /// A ratio exactly at what padding every small GEMM explains is information; above it,
+    /// a failure.
+    #[test]
+    fn padding_explains_up_to_and_including_its_bound() {
+        // Counted 2, all of it small; padded to tiles at most 4, so 1.25 × 4 / 2 = 2.5.
+        let at = banded("x", 2, 5, (0.9, 1.25), 2, Some(4));
+        assert_eq!(at.0, Status::Info, "{}", at.1);
+        assert!(
+            at.1.contains("(padding to 256-row tiles allows up to 2.5000)"),
+            "{}",
+            at.1
+        );
+        let over = banded("x", 2, 6, (0.9, 1.25), 2, Some(4));
+        assert_eq!(over.0, Status::Fail, "{}", over.1);
+        assert!(over.1.contains("allows at most 2.5000"), "{}", over.1);
+    }
+
+    /// Every pipe at its own peak on the H200: each term below is 1 µs of work.
+    #[test]
+    fn the_roofline_sums_every_pipe_at_its_own_peak() {
+        let f = HardwareFigures {
+            tensor_ops_bf16: Some(989_500_000),
+            tensor_ops_fp16: Some(989_500_000),
+            tensor_ops_tf32: Some(494_500_000),
+            cuda_core_flops: Some(67_000_000),
+            half_flops: None,
+            double_flops: None,
+            dram_read_bytes: Some(4_800_000),
+            dram_write_bytes: Some(0),
+            time_ns: Some(8_000),
+            ..figures(MLP)
+        };
+        let r = roofline(&f, &H200_SXM).unwrap();
+        assert!((r.bound_ns - 4_000.0).abs() < 1e-6, "{}", r.bound_ns);
+        assert_eq!(r.limiter, "compute");
+        assert!((r.fraction_of_roofline - 0.5).abs() < 1e-12);
+        // Ten times the DRAM traffic: 10 µs of it, memory-bound.
+        let memory = HardwareFigures {
+            dram_read_bytes: Some(48_000_000),
+            ..f.clone()
+        };
+        let r = roofline(&memory, &H200_SXM).unwrap();
+        assert!((r.bound_ns - 10_000.0).abs() < 1e-6, "{}", r.bound_ns);
+        assert_eq!(r.limiter, "memory");
+        // A time of 0 is no time: no rates and no roofline position.
+        let instant = HardwareFigures {
+            time_ns: Some(0),
+            ..f
+        };
+        let a = achieved(&instant);
+        assert_eq!((a.tensor_flops_per_s, a.dram_bytes_per_s), (None, None));
+        assert_eq!(roofline(&instant, &H200_SXM), None);
+    }
+
+    /// Exactly on the roof is possible; only above it is the note's warning given.
+    #[test]
+    fn a_range_exactly_on_the_roof_is_not_called_impossible() {
+        let on_roof = HardwareFigures {
+            tensor_ops_bf16: Some(0),
+            tensor_ops_fp16: Some(0),
+            tensor_ops_tf32: Some(0),
+            cuda_core_flops: Some(0),
+            half_flops: None,
+            double_flops: None,
+            dram_read_bytes: Some(4_800),
+            dram_write_bytes: Some(0),
+            time_ns: Some(1),
+            ..figures(MLP)
+        };
+        assert_eq!(
+            roofline(&on_roof, &H200_SXM).unwrap().fraction_of_roofline,
+            1.0
+        );
+        assert!(!note_says_impossible(&on_roof));
+        let row = time_row(&on_roof, Some(&H200_SXM), TimeSpan::Kernels);
+        assert!(row
+            .note
+            .unwrap()
+            .starts_with("achieved 0.00 TFLOP/s tensor, 0.00 TFLOP/s CUDA-core, 4.80 TB/s DRAM, "));
+        let faster = HardwareFigures {
+            dram_read_bytes: Some(4_801),
+            ..on_roof
+        };
+        assert!(note_says_impossible(&faster));
     }
 
     #[test]
