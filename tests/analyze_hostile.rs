@@ -150,12 +150,8 @@ fn help_and_version_that_cannot_be_written_are_one_line_errors() {
 
 #[test]
 fn a_closed_pipe_ends_quietly() {
-    for (sweep, args) in [(false, &["--json"][..]), (false, &[]), (true, &["--csv"])] {
-        let mut cmd = if sweep {
-            sweep_command(args)
-        } else {
-            command(args)
-        };
+    // The command's standard output closed before it writes: exit 0, nothing said.
+    let closed = |mut cmd: Command, what: &str| {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -163,22 +159,23 @@ fn a_closed_pipe_ends_quietly() {
             .unwrap();
         drop(child.stdout.take());
         let o = no_panic(child.wait_with_output().unwrap());
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-        assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
+        assert_eq!(o.status.code(), Some(0), "{what}: {}", text(&o.stderr));
+        assert!(o.stderr.is_empty(), "{what}: {}", text(&o.stderr));
+    };
+    for (sweep, args) in [(false, &["--json"][..]), (false, &[]), (true, &["--csv"])] {
+        let cmd = if sweep {
+            sweep_command(args)
+        } else {
+            command(args)
+        };
+        closed(cmd, &format!("{args:?}"));
     }
     // Help and the version too (clap prints them; a full disk is an error, a closed pipe
     // is not).
     for args in [&["--help"][..], &["sweep", "--help"], &["--version"]] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_modelmeter"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let o = no_panic(child.wait_with_output().unwrap());
-        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o.stderr));
-        assert!(o.stderr.is_empty(), "{args:?}: {}", text(&o.stderr));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelmeter"));
+        cmd.args(args);
+        closed(cmd, &format!("{args:?}"));
     }
 }
 
