@@ -562,13 +562,13 @@ mod tests {
     /// refusal names one layer; which one must not depend on how ties are broken today).
     #[test]
     fn the_worst_need_is_the_first_of_equals() {
-        let need = |bytes, layer: &str| Need {
-            bytes,
-            layer: layer.into(),
-            fixed_bytes: 0,
-        };
         let estimate = Estimate {
-            needs: vec![need(3, "a"), need(5, "b"), need(5, "c"), need(4, "d")],
+            needs: vec![
+                need("a", 3, 0),
+                need("b", 5, 0),
+                need("c", 5, 0),
+                need("d", 4, 0),
+            ],
             prefill_overflow: None,
         };
         let worst = estimate.worst();

@@ -625,11 +625,9 @@ mod tests {
     #[test]
     fn the_interpreter_is_judged_by_its_probe() {
         use std::os::unix::fs::PermissionsExt;
-        let dir =
-            std::env::temp_dir().join(format!("modelmeter-oracle-probe-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
         let fake = |name: &str, prints: &str| {
-            let path = dir.join(name);
+            let path = dir.path().join(name);
             std::fs::write(&path, format!("#!/bin/sh\necho '{prints}'\n")).unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
             Oracle { python: path }.check()
@@ -646,7 +644,6 @@ mod tests {
             "{e}"
         );
         assert_eq!(fake("ok", "2.11.0 5.24.0"), Ok("2.11.0 5.24.0".to_string()));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A layer whose counted ops are `ops` (name, matmul FLOPs, FlopCounterMode FLOPs).

@@ -772,21 +772,32 @@ mod tests {
         assert!(over.1.contains("allows at most 2.5000"), "{}", over.1);
     }
 
+    /// Figures of every pipe: `[bf16, fp16, tf32]` tensor ops, `simt` FP32 FLOPs (no
+    /// FP16 or FP64), `dram` bytes read (none written), over `time_ns`.
+    fn pipes(tensor: [u64; 3], simt: u64, dram: u64, time_ns: u64) -> HardwareFigures {
+        HardwareFigures {
+            tensor_ops_bf16: Some(tensor[0]),
+            tensor_ops_fp16: Some(tensor[1]),
+            tensor_ops_tf32: Some(tensor[2]),
+            cuda_core_flops: Some(simt),
+            half_flops: None,
+            double_flops: None,
+            dram_read_bytes: Some(dram),
+            dram_write_bytes: Some(0),
+            time_ns: Some(time_ns),
+            ..figures(MLP)
+        }
+    }
+
     /// Every pipe at its own peak on the H200: each term below is 1 µs of work.
     #[test]
     fn the_roofline_sums_every_pipe_at_its_own_peak() {
-        let f = HardwareFigures {
-            tensor_ops_bf16: Some(989_500_000),
-            tensor_ops_fp16: Some(989_500_000),
-            tensor_ops_tf32: Some(494_500_000),
-            cuda_core_flops: Some(67_000_000),
-            half_flops: None,
-            double_flops: None,
-            dram_read_bytes: Some(4_800_000),
-            dram_write_bytes: Some(0),
-            time_ns: Some(8_000),
-            ..figures(MLP)
-        };
+        let f = pipes(
+            [989_500_000, 989_500_000, 494_500_000],
+            67_000_000,
+            4_800_000,
+            8_000,
+        );
         let r = roofline(&f, &H200_SXM).unwrap();
         assert!((r.bound_ns - 4_000.0).abs() < 1e-6, "{}", r.bound_ns);
         assert_eq!(r.limiter, "compute");
@@ -812,18 +823,7 @@ mod tests {
     /// Exactly on the roof is possible; only above it is the note's warning given.
     #[test]
     fn a_range_exactly_on_the_roof_is_not_called_impossible() {
-        let on_roof = HardwareFigures {
-            tensor_ops_bf16: Some(0),
-            tensor_ops_fp16: Some(0),
-            tensor_ops_tf32: Some(0),
-            cuda_core_flops: Some(0),
-            half_flops: None,
-            double_flops: None,
-            dram_read_bytes: Some(4_800),
-            dram_write_bytes: Some(0),
-            time_ns: Some(1),
-            ..figures(MLP)
-        };
+        let on_roof = pipes([0; 3], 0, 4_800, 1);
         assert_eq!(
             roofline(&on_roof, &H200_SXM).unwrap().fraction_of_roofline,
             1.0
