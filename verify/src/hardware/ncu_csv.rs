@@ -1250,6 +1250,59 @@ mod tests {
     }
 
     #[test]
+    fn sums_and_cells_past_f64_and_the_range_in_messages() {
+        // Two fractional cells whose sum is past f64's range: an overflow, not infinity.
+        let huge = format!("{}.5", "9".repeat(308));
+        let text = synthetic(&[("0", "", &huge, "1"), ("1", "", &huge, "1")]);
+        let table = parse(&text, &ParseOptions::per_kernel()).expect("parses");
+        assert_eq!(
+            table.total(None, "ops.sum"),
+            Err(NcuCsvError::Overflow {
+                column: "ops.sum".into(),
+                range: None
+            })
+        );
+        // One cell already past f64's range is not a number at all.
+        for past in [format!("{}.5", "9".repeat(400)), "9".repeat(400)] {
+            assert_eq!(classify(&past), Value::Text, "{past}");
+        }
+        // Messages name the range, or say there is none.
+        let overflow = |range: Option<&str>| NcuCsvError::Overflow {
+            column: "ops.sum".into(),
+            range: range.map(String::from),
+        };
+        assert_eq!(
+            overflow(Some("layer.0")).to_string(),
+            "the sum of \"ops.sum\" over the range \"layer.0\" overflows"
+        );
+        assert_eq!(
+            overflow(None).to_string(),
+            "the sum of \"ops.sum\" over the range (no range) overflows"
+        );
+        let unknown = NcuCsvError::UnknownRange {
+            range: Some("layer.9".into()),
+        };
+        assert_eq!(
+            unknown.to_string(),
+            "no row belongs to the range \"layer.9\""
+        );
+    }
+
+    #[test]
+    fn only_upper_case_tags_are_ncus_lines() {
+        assert_eq!(ncu_tag("==PROF== Connected"), Some(NoteKind::Prof));
+        assert_eq!(ncu_tag("==INFO== x"), Some(NoteKind::OtherNcu));
+        // A program may print lines that look almost like ncu's: they are its own.
+        for program in ["==prof== x", "==Prof== x", "==== x", "==PROF x", "PROF== x"] {
+            assert_eq!(ncu_tag(program), None, "{program}");
+        }
+        let text = format!("==error== not ncu's\n{}", synthetic(&[("0", "", "5", "1")]));
+        let table =
+            parse(&text, &ParseOptions::per_kernel()).expect("a program's line is no error");
+        assert_eq!(table.notes()[0].kind, NoteKind::Program);
+    }
+
+    #[test]
     fn durations_convert_with_the_units_row() {
         for (unit, cell, ns) in [
             ("ns", "6,560", 6_560),

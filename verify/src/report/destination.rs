@@ -468,6 +468,22 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_file_name_goes_in_the_working_folder() {
+        // `--json r.json`: the folder is `.`, which exists, not the empty path, which does
+        // not (the report would be refused as "folder  does not exist").
+        assert_eq!(folder_of(Path::new("r.json")), Path::new("."));
+        assert_eq!(folder_of(Path::new("/r.json")), Path::new("/"));
+        assert_eq!(folder_of(Path::new("a/r.json")), Path::new("a"));
+        let name = Path::new("modelmeter-bare-name-that-does-not-exist.json");
+        assert!(!name.exists());
+        assert_eq!(
+            Destination::resolve(name),
+            Ok(Destination::File(name.to_path_buf()))
+        );
+        assert!(!name.exists(), "resolving creates nothing");
+    }
+
+    #[test]
     fn symlinks_are_followed_and_never_replaced() {
         let tmp = temp_dir("links");
         let dir = tmp.path();
