@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use modelmeter::layers::{AttentionImpl, Generation};
-use modelmeter::{Dtype, Metric, MlaForm, ModelConfig, Phase, Platform};
+use modelmeter::{Dtype, Metric, MlaForm, MlpKind, ModelConfig, Phase, Platform};
 use modelmeter_verify::app::{model_report_of, prepare, Args};
 use modelmeter_verify::hooks::TestHooks;
 use modelmeter_verify::report::{self, ModelReport};
@@ -817,4 +817,217 @@ fn embedding_norm_and_head_match_the_analytic_parts_op_for_op() {
             }
         }
     }
+}
+
+/// The rows of the table in `text` whose header starts with `first`: each as the
+/// subject in its first column (carried down from the row above where the cell is
+/// empty) and its other cells (columns are two or more spaces apart).
+fn table_rows(text: &str, first: &str) -> Vec<(String, Vec<String>)> {
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{first}  ")))
+        .skip(2);
+    let mut rows = Vec::new();
+    let mut subject = String::new();
+    for line in lines
+        .by_ref()
+        .take_while(|l| !l.is_empty() && !l.starts_with('('))
+    {
+        let mut cells: Vec<String> = line
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect();
+        if !line.starts_with(' ') {
+            subject = cells.remove(0);
+        }
+        rows.push((subject.clone(), cells));
+    }
+    rows
+}
+
+/// The indented lines of the section after `heading` (`calls:`, `notes:`).
+fn section<'a>(text: &'a str, heading: &str) -> Vec<&'a str> {
+    text.lines()
+        .skip_while(|l| *l != heading)
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(str::trim)
+        .collect()
+}
+
+/// The whole-model table shows what the report holds: each phase's label, each group's
+/// and the stack's measured values and statuses in the compact table; in the detail
+/// table the total in full, and otherwise only the rows that are not ok or not exact; in
+/// `calls:` the prefill and the calls that are not exact. Three runs: a clean one, one
+/// call's part one byte off, and the decode phase's closed form one FLOP off.
+#[test]
+fn the_model_table_shows_what_the_report_holds() {
+    use modelmeter_verify::check::Check;
+    let dir = TempDir::new("table");
+    let config = small_config(&dir);
+    let total_rows = |report: &ModelReport| -> Vec<(String, String)> {
+        report.result.phases[2]
+            .metrics
+            .iter()
+            .map(|m| {
+                (
+                    "total (closed form vs Σ calls)".into(),
+                    m.metric.name().into(),
+                )
+            })
+            .collect()
+    };
+    let detail = |table: &str| -> Vec<(String, String)> {
+        table_rows(table, "check")
+            .into_iter()
+            .map(|(subject, cells)| (subject, cells[0].clone()))
+            .collect()
+    };
+    let named = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+
+    let (report, table, _) = run_model(&config, TestHooks::default());
+    assert!(
+        table.contains("layers 0-3 of 4 (2 dense, 2 MoE)"),
+        "{table}"
+    );
+    // Unequal counts, so that the two cannot trade places.
+    let mut uneven = report.clone();
+    uneven.result.layer_kinds = vec![MlpKind::Dense, MlpKind::Moe, MlpKind::Moe, MlpKind::Moe];
+    assert!(report::model_table(&uneven).contains("of 4 (1 dense, 3 MoE)"));
+    // The compact table, cell by cell, from the report's rows.
+    let compact = |rows: &[modelmeter_verify::compare::MetricRow]| -> Vec<String> {
+        let measured = |metric: Metric| {
+            let row = rows
+                .iter()
+                .find(|r| r.metric == Check::Exact(metric))
+                .unwrap();
+            row.metric.show(row.measured)
+        };
+        let exact = rows
+            .iter()
+            .filter(|r| matches!(r.metric, Check::Exact(_)) && r.analytic == r.measured)
+            .count();
+        let flops = rows.iter().find(|r| r.metric == Check::Flops).unwrap();
+        vec![
+            measured(Metric::MatmulFlops),
+            measured(Metric::ElementwiseFlops),
+            measured(Metric::WeightBytes),
+            measured(Metric::KvCacheBytes),
+            format!("{exact}/{}", EXACT.len()),
+            flops.status.as_str().into(),
+        ]
+    };
+    let mut expected = Vec::new();
+    for (p, label) in report
+        .result
+        .phases
+        .iter()
+        .zip(["prefill S=6", "decode x5", "total"])
+    {
+        let parts = p
+            .groups
+            .iter()
+            .map(|g| (g.name.clone(), &g.metrics, g.status));
+        for (part, rows, status) in parts.chain([("stack".into(), &p.metrics, p.status)]) {
+            let mut cells = vec![part];
+            cells.extend(compact(rows));
+            cells.push(status.as_str().into());
+            expected.push((label.to_string(), cells));
+        }
+    }
+    assert_eq!(table_rows(&table, "phase"), expected, "{table}");
+    // All exact: the total in full, its notes, and nothing else; the prefill's call
+    // line only.
+    assert_eq!(detail(&table), total_rows(&report), "{table}");
+    let total_notes: Vec<String> = report.result.phases[2]
+        .metrics
+        .iter()
+        .filter_map(|m| {
+            let note = m.note.as_ref()?;
+            Some(format!(
+                "total (closed form vs Σ calls) {}: {note}",
+                m.metric
+            ))
+        })
+        .collect();
+    assert!(
+        !total_notes.is_empty(),
+        "the total's flops row has its note"
+    );
+    assert_eq!(section(&table, "notes:"), total_notes, "{table}");
+    let calls = section(&table, "calls:");
+    assert_eq!(calls.len(), 1, "{table}");
+    assert!(
+        calls[0].starts_with("prefill (C=0, 6 keys): 8/8 exact, flops pass, known_gap ("),
+        "{table}"
+    );
+
+    // One part of one decode step a byte off: that step's stack and part, the failing
+    // row only, with its note; the other steps stay out of view.
+    let hooks = TestHooks::perturbing("decode[3]/layers.2", "kv_cache_bytes", 1);
+    let (report, table, _) = run_model(&config, hooks);
+    let mut want = total_rows(&report);
+    want.extend(named(&[
+        ("decode step 3 stack", "kv_cache_bytes"),
+        (
+            "decode step 3 layers.2 (DeepseekV2DecoderLayer_moe)",
+            "kv_cache_bytes",
+        ),
+    ]));
+    assert_eq!(detail(&table), want, "{table}");
+    let calls = section(&table, "calls:");
+    assert_eq!(calls.len(), 2, "{table}");
+    assert!(
+        calls[1].starts_with("decode step 3 (C=9, 10 keys): 7/8 exact, flops pass, fail ("),
+        "{table}"
+    );
+    let step_notes: Vec<&str> = section(&table, "notes:")
+        .into_iter()
+        .filter(|n| n.starts_with("decode step 3"))
+        .collect();
+    assert_eq!(step_notes.len(), 2, "{table}");
+    assert!(step_notes
+        .iter()
+        .all(|n| n.contains("kv_cache_bytes: not exact")));
+
+    // The decode phase's closed form a FLOP off: that phase's failing row before the
+    // total; no call is listed but the prefill.
+    let hooks = TestHooks::perturbing("generation/decode", "matmul_flops", 1);
+    let (report, table, _) = run_model(&config, hooks);
+    let mut want = named(&[("decode (closed form vs Σ calls)", "matmul_flops")]);
+    want.extend(total_rows(&report));
+    assert_eq!(detail(&table), want, "{table}");
+    assert_eq!(section(&table, "calls:").len(), 1, "{table}");
+}
+
+/// A call whose exact rows all agree but one part's flops row fails (beyond the
+/// tolerance) is not settled: that row is a JUnit failure, and the table lists the call
+/// (its stack's own flops row passes).
+#[test]
+fn a_call_failing_only_its_flops_row_is_a_junit_failure() {
+    let dir = TempDir::new("flops");
+    let config = small_config(&dir);
+    let hooks = TestHooks::perturbing("decode[3]/layers.2", "flops", 1_000_000_000);
+    let (report, table, junit) = run_model(&config, hooks);
+    assert!(!report.ok(), "{table}");
+    let step = &report.result.calls[4];
+    assert_eq!(step.call.describe(), "decode step 3");
+    assert!(step.exact() && !step.status.is_ok(), "{table}");
+    assert!(
+        junit.contains(
+            "classname=\"model/decode[3]/layers.2 (DeepseekV2DecoderLayer_moe)\" name=\"flops\"><failure"
+        ),
+        "{junit}"
+    );
+    assert!(
+        table.contains("decode step 3 (C=9, 10 keys): 8/8 exact, flops pass, fail ("),
+        "{table}"
+    );
 }

@@ -187,6 +187,123 @@ mod tests {
     use modelmeter::{ModelConfig, Workload};
 
     #[test]
+    fn a_layer_is_named_on_its_first_row_and_an_errored_row_note_is_an_error() {
+        use crate::check::Check;
+        use crate::compare::{compare, MetricRow};
+        let mut layer = LayerResult::new("MoEGate".into(), Status::Error);
+        let mut first = compare(Check::Exact(modelmeter::Metric::MatmulFlops), 10, 10, 0.05);
+        first.note = Some("counted by hand".into());
+        layer.metrics = vec![
+            first,
+            MetricRow {
+                metric: Check::Flops,
+                analytic: 5,
+                measured: 0,
+                rel_diff: None,
+                status: Status::Error,
+                note: Some("the counter stopped".into()),
+                unavailable: false,
+            },
+        ];
+        let mut failed = LayerResult::new("DeepseekV2MLP".into(), Status::Error);
+        failed.error = Some("out of memory".into());
+        let layers = vec![layer, failed];
+        let case = Case {
+            index: None,
+            config: ModelConfig::deepseek_ocr(),
+            workload: Workload::prefill(1, 8).unwrap(),
+            attention: AttentionImpl::Sdpa,
+            summary: Summary::of(&layers),
+            layers,
+            replay: None,
+        };
+        let mut out = String::new();
+        case_table(&case, &mut out);
+        let lines: Vec<&str> = out.lines().collect();
+        // The header, its dashes, then each row: the layer's name on its first only.
+        assert!(
+            lines[2].starts_with("MoEGate  ") && lines[2].contains("matmul_flops"),
+            "{out}"
+        );
+        assert!(
+            lines[3].starts_with("  ") && lines[3].contains("flops"),
+            "{out}"
+        );
+        assert!(lines[4].starts_with("DeepseekV2MLP  "), "{out}");
+        let notes: Vec<&str> = out
+            .lines()
+            .skip_while(|l| *l != "notes:")
+            .skip(1)
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            notes,
+            [
+                "MoEGate matmul_flops: counted by hand",
+                "MoEGate flops: error: the counter stopped",
+                "DeepseekV2MLP: error: out of memory",
+            ],
+            "{out}"
+        );
+        // `--quiet` keeps the causes of both errors, not the other note.
+        let quiet = super::super::quiet_text(&format!("{out}\n1 layer: 1 error\n"));
+        assert_eq!(
+            quiet,
+            "MoEGate flops: error: the counter stopped\nDeepseekV2MLP: error: out of memory\n\
+             1 layer: 1 error\n"
+        );
+    }
+
+    #[test]
+    fn a_sweep_counts_its_passing_cases_and_shows_the_failing_one() {
+        use crate::device::{DeviceInfo, DeviceSpec};
+        use crate::environment::Environment;
+        let workload = Workload::prefill(1, 8).unwrap();
+        let case = |index: usize, status: Status| {
+            let layers = vec![LayerResult::new("MoEGate".into(), status)];
+            Case {
+                index: Some(index),
+                config: ModelConfig::deepseek_ocr(),
+                workload: workload.clone(),
+                attention: AttentionImpl::Sdpa,
+                summary: Summary::of(&layers),
+                layers,
+                replay: Some(format!("verify-decoder --case {index}")),
+            }
+        };
+        let info = DeviceInfo {
+            name: "test".into(),
+            memory_bytes: Ok(1 << 30),
+            memory_bound: None,
+        };
+        let report = Report {
+            environment: Environment::collect(DeviceSpec::Cpu, &info, &workload, None, 7),
+            tolerance: 0.1,
+            cases: vec![
+                case(0, Status::Pass),
+                case(1, Status::Fail),
+                case(2, Status::Pass),
+            ],
+            sweep: Some((7, 3)),
+        };
+        let table = to_table(&report);
+        let last = table.lines().last().unwrap();
+        assert!(
+            last.starts_with("sweep seed 7: 2 of 3 configurations pass; 3 layers: 2 pass"),
+            "{table}"
+        );
+        assert!(table.contains("\n[2/3] fail "), "{table}");
+        assert!(
+            table.contains("replay: verify-decoder --case 1\n"),
+            "{table}"
+        );
+        assert!(
+            !table.contains("--case 0") && !table.contains("--case 2"),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn a_sweep_case_line_names_its_worst_status() {
         let case = |statuses: &[Status]| {
             let layers: Vec<LayerResult> = statuses
