@@ -1019,3 +1019,27 @@ fn write_rendered(
         Err(failed.join("; "))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_count_past_the_integer_type_names_the_range_a_sweep_takes() {
+        assert_eq!(sweep_count("40"), Ok(40));
+        assert_eq!(
+            sweep_count(&"1".repeat(30)),
+            Err(format!(
+                "too large; expected a number of configurations in 1 ..= {MAX_SWEEP}"
+            ))
+        );
+        // Other malformed counts keep the whole-number message.
+        for bad in ["4.5", "-3", "+3", "many"] {
+            let e = sweep_count(bad).unwrap_err();
+            assert!(
+                e.contains("digits only") && !e.contains("too large"),
+                "{bad}: {e}"
+            );
+        }
+    }
+}
