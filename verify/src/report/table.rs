@@ -186,6 +186,19 @@ mod tests {
     use modelmeter::layers::AttentionImpl;
     use modelmeter::{ModelConfig, Workload};
 
+    /// A DeepSeek-OCR prefill case (B = 1, S = 8) with these layers.
+    fn case_of(layers: Vec<LayerResult>, index: Option<usize>, replay: Option<String>) -> Case {
+        Case {
+            index,
+            config: ModelConfig::deepseek_ocr(),
+            workload: Workload::prefill(1, 8).unwrap(),
+            attention: AttentionImpl::Sdpa,
+            summary: Summary::of(&layers),
+            layers,
+            replay,
+        }
+    }
+
     #[test]
     fn a_layer_is_named_on_its_first_row_and_an_errored_row_note_is_an_error() {
         use crate::check::Check;
@@ -207,16 +220,7 @@ mod tests {
         ];
         let mut failed = LayerResult::new("DeepseekV2MLP".into(), Status::Error);
         failed.error = Some("out of memory".into());
-        let layers = vec![layer, failed];
-        let case = Case {
-            index: None,
-            config: ModelConfig::deepseek_ocr(),
-            workload: Workload::prefill(1, 8).unwrap(),
-            attention: AttentionImpl::Sdpa,
-            summary: Summary::of(&layers),
-            layers,
-            replay: None,
-        };
+        let case = case_of(vec![layer, failed], None, None);
         let mut out = String::new();
         case_table(&case, &mut out);
         let lines: Vec<&str> = out.lines().collect();
@@ -258,18 +262,13 @@ mod tests {
     fn a_sweep_counts_its_passing_cases_and_shows_the_failing_one() {
         use crate::device::{DeviceInfo, DeviceSpec};
         use crate::environment::Environment;
-        let workload = Workload::prefill(1, 8).unwrap();
         let case = |index: usize, status: Status| {
             let layers = vec![LayerResult::new("MoEGate".into(), status)];
-            Case {
-                index: Some(index),
-                config: ModelConfig::deepseek_ocr(),
-                workload: workload.clone(),
-                attention: AttentionImpl::Sdpa,
-                summary: Summary::of(&layers),
+            case_of(
                 layers,
-                replay: Some(format!("verify-decoder --case {index}")),
-            }
+                Some(index),
+                Some(format!("verify-decoder --case {index}")),
+            )
         };
         let info = DeviceInfo {
             name: "test".into(),
@@ -277,7 +276,13 @@ mod tests {
             memory_bound: None,
         };
         let report = Report {
-            environment: Environment::collect(DeviceSpec::Cpu, &info, &workload, None, 7),
+            environment: Environment::collect(
+                DeviceSpec::Cpu,
+                &info,
+                &Workload::prefill(1, 8).unwrap(),
+                None,
+                7,
+            ),
             tolerance: 0.1,
             cases: vec![
                 case(0, Status::Pass),
@@ -310,15 +315,7 @@ mod tests {
                 .iter()
                 .map(|s| LayerResult::new("L".into(), *s))
                 .collect();
-            Case {
-                index: Some(0),
-                config: ModelConfig::deepseek_ocr(),
-                workload: Workload::prefill(1, 8).unwrap(),
-                attention: AttentionImpl::Sdpa,
-                summary: Summary::of(&layers),
-                layers,
-                replay: None,
-            }
+            case_of(layers, Some(0), None)
         };
         let status_of = |statuses: &[Status]| {
             let line = case_line(&case(statuses), 3);
