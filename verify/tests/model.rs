@@ -823,16 +823,14 @@ fn embedding_norm_and_head_match_the_analytic_parts_op_for_op() {
 /// subject in its first column (carried down from the row above where the cell is
 /// empty) and its other cells (columns are two or more spaces apart).
 fn table_rows(text: &str, first: &str) -> Vec<(String, Vec<String>)> {
-    let mut lines = text
+    let lines = text
         .lines()
         .skip_while(|l| !l.starts_with(&format!("{first}  ")))
-        .skip(2);
+        .skip(2)
+        .take_while(|l| !l.is_empty() && !l.starts_with('('));
     let mut rows = Vec::new();
     let mut subject = String::new();
-    for line in lines
-        .by_ref()
-        .take_while(|l| !l.is_empty() && !l.starts_with('('))
-    {
+    for line in lines {
         let mut cells: Vec<String> = line
             .split("  ")
             .map(str::trim)
