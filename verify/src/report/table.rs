@@ -250,7 +250,7 @@ mod tests {
             "{out}"
         );
         // `--quiet` keeps the causes of both errors, not the other note.
-        let quiet = super::super::quiet_text(&format!("{out}\n1 layer: 1 error\n"));
+        let quiet = crate::report::quiet_text(&format!("{out}\n1 layer: 1 error\n"));
         assert_eq!(
             quiet,
             "MoEGate flops: error: the counter stopped\nDeepseekV2MLP: error: out of memory\n\
