@@ -10,7 +10,8 @@ pub struct TestHooks {
     /// Adds `delta` to the analytic value of `metric` (a metric name, or `flops` for the
     /// flops row's analytic total) of `layer` (with `--model`: a part of one call,
     /// `decode[3]/layers.2` or `prefill/lm_head`, or a phase's closed form,
-    /// `generation/decode`).
+    /// `generation/decode`). A part's delta reaches every row that sums that part: its
+    /// call's stack and its group of parts in the phase rows.
     pub perturb: Option<Perturbation>,
     /// Makes this layer fail to run (with `--model`: this call, `prefill` or `decode[2]`).
     pub fail_layer: Option<String>,

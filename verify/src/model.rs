@@ -337,6 +337,10 @@ struct Sides {
     blind: CounterBlindSpot,
     /// The worst status of the parts summed in.
     worst: Status,
+    /// A test hook's delta to the analytic FLOP total (a `flops` perturbation of a part
+    /// or a phase, [`crate::hooks::TestHooks::perturb`]); 0 outside tests. Summed like
+    /// the FLOPs, so a part's reaches every row that includes that part.
+    hooked_flops: u64,
 }
 
 impl Default for Sides {
@@ -347,6 +351,7 @@ impl Default for Sides {
             flop_counter_mode: 0,
             blind: CounterBlindSpot::default(),
             worst: Status::Pass,
+            hooked_flops: 0,
         }
     }
 }
@@ -357,6 +362,7 @@ impl Sides {
         run: &LayerRun,
         blind: CounterBlindSpot,
         status: Status,
+        hooked_flops: u64,
     ) -> Sides {
         let mut measured = Metrics::default();
         for exact in EXACT {
@@ -368,6 +374,7 @@ impl Sides {
             flop_counter_mode: run.counts.flops.flop_counter_mode_flops,
             blind,
             worst: status,
+            hooked_flops,
         }
     }
 
@@ -405,6 +412,7 @@ impl Sides {
                 kernels,
             },
             worst: self.worst.max(other.worst),
+            hooked_flops: self.hooked_flops.saturating_add(other.hooked_flops),
         })
     }
 
@@ -423,7 +431,7 @@ impl Sides {
     fn rows(&self, tolerance: f64) -> modelmeter::Result<Vec<MetricRow>> {
         let (a, m) = (&self.analytic, &self.measured);
         let mut rows = vec![compare_flops(
-            a.total_flops()?,
+            a.total_flops()?.saturating_add(self.hooked_flops),
             self.flop_counter_mode,
             &self.blind,
             a.matmul_flops == m.matmul_flops,
@@ -531,7 +539,9 @@ fn compare_call(
         let result = compare_run(&cost.name, &hook_name, &cost, run, plan);
         let analytic = perturbed(&plan.hooks, &hook_name, analytic_on_device(plan, &cost));
         let blind = invisible_to_flop_counter_mode(&cost, analytic.elementwise_flops, run);
-        parts.push((*part, Sides::of_part(analytic, run, blind, result.status)));
+        let hooked_flops = plan.hooks.perturbation(&hook_name, "flops").unwrap_or(0);
+        let sides = Sides::of_part(analytic, run, blind, result.status, hooked_flops);
+        parts.push((*part, sides));
         layers.push(result);
     }
     let whole = fold(parts.iter().map(|(_, s)| s.clone()), Sides::and)
@@ -892,6 +902,11 @@ fn phase_result(
     )?;
     let blocks = whole.analytic.activation_bytes;
     whole.analytic = closed_form;
+    // The closed form replaces the parts' analytic sides, their hooks' deltas with them.
+    whole.hooked_flops = plan
+        .hooks
+        .perturbation(&format!("generation/{phase}"), "flops")
+        .unwrap_or(0);
     whole.analytic.io_bytes = closed_form.io_bytes.checked_sub(unread).ok_or_else(|| {
         modelmeter::Error::op_shape(
             phase,

@@ -1003,8 +1003,11 @@ fn the_model_table_shows_what_the_report_holds() {
 }
 
 /// A call whose exact rows all agree but one part's flops row fails (beyond the
-/// tolerance) is not settled: that row is a JUnit failure, and the table lists the call
-/// (its stack's own flops row passes).
+/// tolerance) is not settled: that row is a JUnit failure, and the table lists the call.
+/// The part's analytic total is in its call's stack and in its group of parts in the
+/// decode and total phases, whose flops rows fail with it (the phases' own rows compare
+/// the closed form, which the hook leaves alone); the detail table shows each such row,
+/// though every exact row agrees.
 #[test]
 fn a_call_failing_only_its_flops_row_is_a_junit_failure() {
     let dir = TempDir::new("flops");
@@ -1022,7 +1025,79 @@ fn a_call_failing_only_its_flops_row_is_a_junit_failure() {
         "{junit}"
     );
     assert!(
-        table.contains("decode step 3 (C=9, 10 keys): 8/8 exact, flops pass, fail ("),
+        table.contains("decode step 3 (C=9, 10 keys): 8/8 exact, flops fail, fail ("),
         "{table}"
+    );
+    let flops_row = |rows: &[modelmeter_verify::compare::MetricRow]| {
+        let failing: Vec<&str> = rows
+            .iter()
+            .filter(|r| !r.status.is_ok())
+            .map(|r| r.metric.name())
+            .collect();
+        assert_eq!(failing, ["flops"], "{table}");
+        assert!(rows.iter().skip(1).all(|r| r.analytic == r.measured));
+    };
+    flops_row(&step.metrics);
+    let moe = "layers 2-3 (MoE)";
+    for (i, phase) in report.result.phases.iter().enumerate() {
+        assert!(phase.status.is_ok() == (i == 0), "{table}");
+        for g in &phase.groups {
+            if i > 0 && g.name == moe {
+                assert!(!g.status.is_ok(), "{table}");
+                flops_row(&g.metrics);
+            } else {
+                assert!(g.status.is_ok(), "{}: {table}", g.name);
+            }
+        }
+    }
+    let detail: Vec<(String, String)> = table_rows(&table, "check")
+        .into_iter()
+        .filter(|(subject, _)| !subject.starts_with("total (closed form"))
+        .map(|(subject, cells)| (subject, cells[0].clone()))
+        .collect();
+    let want: Vec<(String, String)> = [
+        format!("decode {moe}"),
+        format!("total {moe}"),
+        "decode step 3 stack".into(),
+        "decode step 3 layers.2 (DeepseekV2DecoderLayer_moe)".into(),
+    ]
+    .into_iter()
+    .map(|subject| (subject, "flops".to_string()))
+    .collect();
+    assert_eq!(detail, want, "{table}");
+}
+
+/// A phase whose closed form fails only its flops row (every exact row agrees, every
+/// call passes) fails, and the detail table shows that row.
+#[test]
+fn a_phase_failing_only_its_flops_row_is_shown() {
+    let dir = TempDir::new("phase-flops");
+    let config = small_config(&dir);
+    let hooks = TestHooks::perturbing("generation/decode", "flops", 1_000_000_000);
+    let (report, table, junit) = run_model(&config, hooks);
+    assert!(!report.ok(), "{table}");
+    assert!(report.result.calls.iter().all(|c| c.status.is_ok()));
+    let decode = &report.result.phases[1];
+    let failing: Vec<&str> = decode
+        .metrics
+        .iter()
+        .filter(|r| !r.status.is_ok())
+        .map(|r| r.metric.name())
+        .collect();
+    assert_eq!(failing, ["flops"], "{table}");
+    assert!(decode.groups.iter().all(|g| g.status.is_ok()), "{table}");
+    let decode_rows: Vec<String> = table_rows(&table, "check")
+        .into_iter()
+        .filter(|(subject, _)| subject.starts_with("decode"))
+        .map(|(subject, cells)| format!("{subject}: {}", cells[0]))
+        .collect();
+    assert_eq!(
+        decode_rows,
+        ["decode (closed form vs Σ calls): flops"],
+        "{table}"
+    );
+    assert!(
+        junit.contains("classname=\"model/decode\" name=\"flops\"><failure"),
+        "{junit}"
     );
 }
