@@ -127,19 +127,27 @@ impl AnalyzeReport {
             out.push_str(&format!(
                 "\ngeneration: prefill + {n} decode steps{unrounded}\n"
             ));
-            let rows = vec![
+            let mut rows = vec![
                 header("stage"),
                 row("prefill", &g.prefill, None),
                 row("decode (all steps)", &g.decode, None),
                 row("total", &g.total, None),
             ];
-            out.push_str(&units::table(&rows, &RIGHT));
+            // The closed form has no peak (nor has it in the JSON): no column for one.
+            for r in &mut rows {
+                r.remove(PEAK_COLUMN);
+            }
+            out.push_str(&units::table(&rows, &RIGHT[..RIGHT.len() - 1]));
         }
         out
     }
 }
 
 const RIGHT: [bool; 10] = [false, true, true, true, true, true, true, true, true, true];
+
+/// Where `peak act.` is in [`header`] and [`row`] (a table of generations, which have no
+/// peak, leaves it out).
+pub(crate) const PEAK_COLUMN: usize = 8;
 
 pub(crate) fn header(first: &str) -> Vec<String> {
     [
@@ -335,6 +343,13 @@ mod tests {
             cpu.contains("generation: prefill + 2 decode steps\n"),
             "{cpu}"
         );
+        // The layers have a peak column; the generation, which has no peak, has none.
+        let (layers, generation) = cpu.split_once("generation:").unwrap();
+        assert!(layers.contains("activations  peak act."), "{cpu}");
+        let stage = generation.lines().find(|l| l.starts_with("stage")).unwrap();
+        assert!(stage.ends_with("activations   KV cache"), "{cpu}");
+        let total = generation.lines().find(|l| l.starts_with("total")).unwrap();
+        assert!(!total.contains(" - "), "{cpu}");
         // Depth 1 adds a table of parts under each layer and the stack (the MLP's own
         // ops among them); depth 0 is the summary table alone.
         let parts = |text: &str| text.matches("\npart ").count();

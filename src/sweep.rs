@@ -491,15 +491,24 @@ impl SweepReport {
             text.push_str("activations: tensor bytes, not rounded to CUDA blocks\n");
         }
         text.push('\n');
+        // analyze's columns, less its first (the name); a generation has no peak (nor has
+        // it in the CSV and the JSON), so its table has no column for one.
+        let generations = self.generations();
+        let metric_columns = |mut columns: Vec<String>| {
+            if generations {
+                columns.remove(crate::report::PEAK_COLUMN);
+            }
+            columns.into_iter().skip(1)
+        };
         let mut header: Vec<String> = self.axes().iter().map(|a| a.key().to_string()).collect();
-        header.extend(crate::report::header("").into_iter().skip(1));
+        header.extend(metric_columns(crate::report::header("")));
         let cells = |(values, row): (Vec<u64>, &PointMetrics)| -> Vec<String> {
             let mut cells: Vec<String> = values.iter().map(u64::to_string).collect();
-            cells.extend(
-                crate::report::row("", &row.metrics, row.peak.as_ref())
-                    .into_iter()
-                    .skip(1),
-            );
+            cells.extend(metric_columns(crate::report::row(
+                "",
+                &row.metrics,
+                row.peak.as_ref(),
+            )));
             cells
         };
         let width =
@@ -871,6 +880,9 @@ mod tests {
             3,
             "{text}"
         );
+        // A layer's points have their peak, after the activations.
+        let header = text.lines().find(|l| l.contains("seq_len")).unwrap();
+        assert!(header.contains("activations  peak act."), "{text}");
     }
 
     #[cfg(feature = "cli")]
@@ -931,5 +943,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("2 points: B=1 prefill S=16 bf16 + 3 new tokens … B=1 prefill S=16 bf16 + 9 new tokens"), "{text}");
+        // Nor has the table a peak column (one of dashes before).
+        let header = text.lines().find(|l| l.contains("new_tokens")).unwrap();
+        assert!(
+            header.contains("activations") && !header.contains("peak"),
+            "{text}"
+        );
+        let last = text.lines().last().unwrap();
+        assert_eq!(last.split_whitespace().count(), 3 + 8 * 2, "{text}");
+        assert!(!last.contains(" - "), "{text}");
     }
 }
