@@ -756,9 +756,6 @@ pub fn run(plan: &Plan, model: &ModelPlan, progress: &mut dyn FnMut(ModelProgres
             }
         };
         call_result.seconds = start.elapsed().as_secs_f64();
-        if let Some(last) = measured.last_mut().filter(|m| m.result.call == call) {
-            last.result.seconds = call_result.seconds;
-        }
         progress(ModelProgress::Call {
             done: index + 1,
             total,
@@ -1005,6 +1002,55 @@ mod tests {
         c.layer_kinds = vec![MlpKind::Dense, MlpKind::Dense, MlpKind::Moe, MlpKind::Dense];
         assert_eq!(PartGroup::DenseLayers.describe(&c), "layers 0-1, 3 (dense)");
         assert_eq!(PartGroup::MoeLayers.describe(&c), "layers 2 (MoE)");
+    }
+
+    /// A panic's message, whichever of the two types `panic!` gives it.
+    #[test]
+    fn a_panic_is_told_by_its_message() {
+        let caught = |f: fn()| {
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let payload = std::panic::catch_unwind(f).unwrap_err();
+            std::panic::set_hook(hook);
+            panic_text(payload)
+        };
+        assert_eq!(caught(|| panic!("a literal")), "a literal");
+        assert_eq!(caught(|| panic!("{} formatted", 2)), "2 formatted");
+        assert_eq!(caught(|| std::panic::panic_any(7_u8)), "unknown panic");
+    }
+
+    /// A model that could not be built or prompted: every phase it plans is an error with
+    /// the cause (no decode phase without new tokens), and the summary counts them.
+    #[test]
+    fn a_model_that_never_ran_has_every_planned_phase_in_error() {
+        for (new_tokens, phases) in [
+            (0, vec!["prefill", "total"]),
+            (1, vec!["prefill", "decode", "total"]),
+            (3, vec!["prefill", "decode", "total"]),
+        ] {
+            let result = ModelResult {
+                plan: ModelPlan {
+                    num_layers: 1,
+                    config_layers: 1,
+                    new_tokens,
+                    verbose: false,
+                },
+                layer_kinds: vec![MlpKind::Dense],
+                error: None,
+                phases: Vec::new(),
+                calls: Vec::new(),
+                tokens: Vec::new(),
+                summary: Summary::default(),
+            };
+            let r = failed(result, "no libtorch".into());
+            assert_eq!(r.error.as_deref(), Some("no libtorch"));
+            let names: Vec<&str> = r.phases.iter().map(|p| p.phase).collect();
+            assert_eq!(names, phases, "{new_tokens} new tokens");
+            assert!(r.phases.iter().all(|p| p.status == Status::Error
+                && p.error.as_deref() == Some("no libtorch")
+                && p.calls == 0));
+            assert_eq!((r.summary.error, r.summary.pass), (phases.len(), 0));
+        }
     }
 
     #[test]

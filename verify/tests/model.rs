@@ -530,6 +530,42 @@ fn three_layers_of_a_config_with_two_dense_run_two_dense_and_one_moe() {
     }
 }
 
+/// Without `--quiet` and with standard error not a terminal, the progress is a line when
+/// the model is built, then one for the first and the last call, each counted `[k/N]`
+/// of the prefill and every decode step.
+#[test]
+fn progress_lines_count_the_calls() {
+    let dir = TempDir::new("progress");
+    let config = small_config(&dir);
+    let o = verify(&[
+        "--device",
+        "cpu",
+        "--model",
+        "--config",
+        config.to_str().unwrap(),
+        "--seq-len",
+        "6",
+        "--new-tokens",
+        "5",
+    ]);
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    let progress: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("model:") || l.starts_with('['))
+        .collect();
+    assert_eq!(progress.len(), 3, "{stderr}");
+    assert_eq!(progress[0], "model: building the reference model ...");
+    assert!(
+        progress[1].starts_with("[1/6] prefill known_gap ("),
+        "{stderr}"
+    );
+    assert!(
+        progress[2].starts_with("[6/6] decode step 4 known_gap ("),
+        "{stderr}"
+    );
+}
+
 /// A `--model` run at the default tolerance (0.05): exact rows must still be equal.
 fn run_model(config: &Path, hooks: TestHooks) -> (ModelReport, String, String) {
     run_model_within(config, hooks, "0.05")
@@ -706,7 +742,12 @@ fn a_step_that_cannot_run_ends_the_generation_as_an_error() {
             "{junit}"
         );
     }
-    assert!(r.calls[3].error.as_deref().unwrap().contains("decode[2]"));
+    // The cause as the hook gave it (not called out of memory, as an allocation that
+    // failed would be).
+    assert_eq!(
+        r.calls[3].error.as_deref(),
+        Some("op observer: a test hook made decode[2] fail")
+    );
     let statuses: Vec<&str> = r.phases.iter().map(|p| p.status.as_str()).collect();
     assert_eq!(statuses, ["known_gap", "error", "error"]);
     assert!(table.contains("decode step 2: error"), "{table}");
