@@ -50,6 +50,12 @@ impl TestHooks {
             .map(|p| p.delta)
     }
 
+    /// The delta added to the analytic total of `layer`'s flops row (0 without one).
+    pub fn flops_delta(&self, layer: &str) -> u64 {
+        self.perturbation(layer, crate::check::Check::Flops.name())
+            .unwrap_or(0)
+    }
+
     /// An error when this hook makes `layer` fail.
     pub fn injected_error(&self, layer: &str) -> modelmeter_reference::Result<()> {
         match &self.fail_layer {
@@ -97,6 +103,12 @@ mod tests {
         };
         assert_eq!(hooks.perturbation("MoEGate", "matmul_flops"), Some(1));
         assert_eq!(hooks.perturbation("MoEGate", "flops"), None);
+        assert_eq!(hooks.flops_delta("MoEGate"), 0);
+        let flops = TestHooks::perturbing("MoEGate", "flops", 5);
+        assert_eq!(
+            (flops.flops_delta("MoEGate"), flops.flops_delta("MLP")),
+            (5, 0)
+        );
         assert_eq!(hooks.perturbation("DeepseekV2MLP", "matmul_flops"), None);
         assert!(hooks.injected_error("DeepseekV2MoE").is_err());
         assert!(hooks.injected_error("MoEGate").is_ok());

@@ -539,7 +539,7 @@ fn compare_call(
         let result = compare_run(&cost.name, &hook_name, &cost, run, plan);
         let analytic = perturbed(&plan.hooks, &hook_name, analytic_on_device(plan, &cost));
         let blind = invisible_to_flop_counter_mode(&cost, analytic.elementwise_flops, run);
-        let hooked_flops = plan.hooks.perturbation(&hook_name, "flops").unwrap_or(0);
+        let hooked_flops = plan.hooks.flops_delta(&hook_name);
         let sides = Sides::of_part(analytic, run, blind, result.status, hooked_flops);
         parts.push((*part, sides));
         layers.push(result);
@@ -900,10 +900,7 @@ fn phase_result(
     let blocks = whole.analytic.activation_bytes;
     whole.analytic = closed_form;
     // The closed form replaces the parts' analytic sides, their hooks' deltas with them.
-    whole.hooked_flops = plan
-        .hooks
-        .perturbation(&format!("generation/{phase}"), "flops")
-        .unwrap_or(0);
+    whole.hooked_flops = plan.hooks.flops_delta(&format!("generation/{phase}"));
     whole.analytic.io_bytes = closed_form.io_bytes.checked_sub(unread).ok_or_else(|| {
         modelmeter::Error::op_shape(
             phase,

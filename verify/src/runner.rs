@@ -478,7 +478,7 @@ pub(crate) fn compare_run(
     let total = a
         .total_flops()
         .unwrap_or(u64::MAX)
-        .saturating_add(plan.hooks.perturbation(hook_name, "flops").unwrap_or(0));
+        .saturating_add(plan.hooks.flops_delta(hook_name));
     let flops = compare_flops(
         total,
         c.flops.flop_counter_mode_flops,

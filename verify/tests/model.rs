@@ -651,17 +651,24 @@ fn a_mismatch_names_its_layer_and_step() {
     assert!(clean.ok(), "{}", report::model_table(&clean));
 }
 
+/// A `--model` run of the small config with `delta` added to the decode phase's closed
+/// form of `metric`: it fails, though every call passes.
+fn decode_closed_form_off(metric: &str, delta: u64) -> (ModelReport, String, String) {
+    let dir = TempDir::new("closed");
+    let config = small_config(&dir);
+    let hooks = TestHooks::perturbing("generation/decode", metric, delta);
+    let (report, table, junit) = run_model(&config, hooks);
+    assert!(!report.ok(), "{table}");
+    assert!(report.result.calls.iter().all(|c| c.status.is_ok()));
+    (report, table, junit)
+}
+
 /// The phase rows compare the generation's closed form (`Generation::metrics`), not the
 /// sum of the calls' analytic sides: a closed form one FLOP off fails its phase while
 /// every call passes.
 #[test]
 fn a_phase_row_checks_the_closed_form_not_the_calls_sum() {
-    let dir = TempDir::new("closed");
-    let config = small_config(&dir);
-    let hooks = TestHooks::perturbing("generation/decode", "matmul_flops", 1);
-    let (report, table, _) = run_model(&config, hooks);
-    assert!(!report.ok(), "{table}");
-    assert!(report.result.calls.iter().all(|c| c.status.is_ok()));
+    let (report, table, _) = decode_closed_form_off("matmul_flops", 1);
     let phases: Vec<(&str, bool)> = report
         .result
         .phases
@@ -1112,12 +1119,7 @@ fn a_call_failing_only_its_flops_row_is_a_junit_failure() {
 /// call passes) fails, and the detail table shows that row.
 #[test]
 fn a_phase_failing_only_its_flops_row_is_shown() {
-    let dir = TempDir::new("phase-flops");
-    let config = small_config(&dir);
-    let hooks = TestHooks::perturbing("generation/decode", "flops", 1_000_000_000);
-    let (report, table, junit) = run_model(&config, hooks);
-    assert!(!report.ok(), "{table}");
-    assert!(report.result.calls.iter().all(|c| c.status.is_ok()));
+    let (report, table, junit) = decode_closed_form_off("flops", 1_000_000_000);
     let decode = &report.result.phases[1];
     let failing: Vec<&str> = decode
         .metrics
