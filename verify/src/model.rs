@@ -85,6 +85,17 @@ impl ModelPlan {
         Ok((cut, plan))
     }
 
+    /// The phases a run of this plan reports, with the forward calls each holds: the
+    /// prefill, the decode steps (none without new tokens) and the total.
+    pub fn phases(&self) -> Vec<(&'static str, u64)> {
+        let mut phases = vec![("prefill", 1)];
+        if self.new_tokens > 0 {
+            phases.push(("decode", self.new_tokens));
+        }
+        phases.push(("total", 1 + self.new_tokens));
+        phases
+    }
+
     /// The analytic generation of `plan`'s model: its prefill, then the decode steps.
     /// (Its workload is a prefill, as [`ModelPlan::new`] requires; a decode step is an
     /// error, not a generation.)
@@ -781,14 +792,11 @@ fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
 
 /// `result` with nothing run: every phase an error with `cause`.
 fn failed(mut result: ModelResult, cause: String) -> ModelResult {
-    let names: &[&'static str] = if result.plan.new_tokens > 0 {
-        &["prefill", "decode", "total"]
-    } else {
-        &["prefill", "total"]
-    };
-    result.phases = names
-        .iter()
-        .map(|phase| PhaseResult {
+    result.phases = result
+        .plan
+        .phases()
+        .into_iter()
+        .map(|(phase, _)| PhaseResult {
             phase,
             calls: 0,
             status: Status::Error,
@@ -803,21 +811,12 @@ fn failed(mut result: ModelResult, cause: String) -> ModelResult {
 }
 
 fn summarise(result: &ModelResult) -> Summary {
-    let statuses = result
+    result
         .calls
         .iter()
         .map(|c| c.status)
-        .chain(result.phases.iter().map(|p| p.status));
-    let mut s = Summary::default();
-    for status in statuses {
-        match status {
-            Status::Info | Status::Pass => s.pass += 1,
-            Status::KnownGap => s.known_gap += 1,
-            Status::Fail => s.fail += 1,
-            Status::Error => s.error += 1,
-        }
-    }
-    s
+        .chain(result.phases.iter().map(|p| p.status))
+        .collect()
 }
 
 /// The phase results: closed form against measured sums, and per group of parts.
@@ -830,17 +829,18 @@ fn phases(
     let closed = model
         .generation(plan)
         .and_then(|g| g.metrics().map_err(|e| e.to_string()));
-    let (prefill, decode): (Vec<&Measured>, Vec<&Measured>) = measured
-        .iter()
-        .partition(|m| m.result.call == Call::Prefill);
-    let mut out = vec![("prefill", prefill.clone(), 1u64)];
-    if model.new_tokens > 0 {
-        out.push(("decode", decode.clone(), model.new_tokens));
-    }
-    let all: Vec<&Measured> = measured.iter().collect();
-    out.push(("total", all, 1 + model.new_tokens));
-    out.into_iter()
-        .map(|(phase, calls, expected)| {
+    model
+        .phases()
+        .into_iter()
+        .map(|(phase, expected)| {
+            let calls: Vec<&Measured> = measured
+                .iter()
+                .filter(|m| match phase {
+                    "prefill" => m.result.call == Call::Prefill,
+                    "decode" => m.result.call != Call::Prefill,
+                    _ => true,
+                })
+                .collect();
             let error = |cause: String| PhaseResult {
                 phase,
                 calls: calls.len() as u64,
@@ -1048,6 +1048,23 @@ mod tests {
                 && p.calls == 0));
             assert_eq!((r.summary.error, r.summary.pass), (phases.len(), 0));
         }
+    }
+
+    /// Each phase expects its calls: one prefill, `--new-tokens` decode steps (no decode
+    /// phase without them), and both in the total.
+    #[test]
+    fn a_plan_reports_its_prefill_its_decode_steps_and_their_total() {
+        let plan = |new_tokens| ModelPlan {
+            num_layers: 1,
+            config_layers: 1,
+            new_tokens,
+            verbose: false,
+        };
+        assert_eq!(plan(0).phases(), [("prefill", 1), ("total", 1)]);
+        assert_eq!(
+            plan(5).phases(),
+            [("prefill", 1), ("decode", 5), ("total", 6)]
+        );
     }
 
     #[test]

@@ -101,14 +101,22 @@ pub struct Summary {
     pub error: usize,
 }
 
+/// Counts statuses, as [`Summary::of`] counts layers' and the whole-model run its
+/// calls' and phases'.
+impl FromIterator<Status> for Summary {
+    fn from_iter<I: IntoIterator<Item = Status>>(statuses: I) -> Summary {
+        let mut s = Summary::default();
+        for status in statuses {
+            s.add(status);
+        }
+        s
+    }
+}
+
 impl Summary {
     /// Counts the statuses of `layers`.
     pub fn of(layers: &[LayerResult]) -> Summary {
-        let mut s = Summary::default();
-        for l in layers {
-            s.add(l.status);
-        }
-        s
+        layers.iter().map(|l| l.status).collect()
     }
 
     fn add(&mut self, status: Status) {

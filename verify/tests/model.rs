@@ -155,6 +155,19 @@ fn mla_models_are_exact_in_every_form() {
                 "lm_head",
             ],
         );
+        // A phase's flops row names the kernels FlopCounterMode cannot see, gathered from
+        // every layer of every call, each once: the CPU SDPA kernel under --attn sdpa.
+        let sdpa = "aten::_scaled_dot_product_flash_attention_for_cpu";
+        for phase in model["phases"].as_array().unwrap() {
+            let note = row(phase, "flops")["note"].as_str().unwrap_or("");
+            let named = note.matches(sdpa).count();
+            assert_eq!(
+                named,
+                usize::from(form == ["--attn", "sdpa"]),
+                "{form:?} {}: {note}",
+                phase["phase"]
+            );
+        }
         if form == ["--mla", "absorb"] {
             // The latent cache: 3 layers × (r_kv + d_r) × 12 tokens × 4 bytes.
             let total = model["phases"].as_array().unwrap().last().unwrap();
@@ -420,6 +433,26 @@ fn ci_command_is_exact_per_part_per_step_and_in_total() {
         measured(&phases[2], "matmul_flops"),
         generation.total.matmul_flops
     );
+    // A phase's io_bytes row says how many bytes of unread experts its closed form left
+    // out (a model of dense layers only has none: `a_dense_model_has_no_unread_experts`).
+    for (p, phase_unread) in phases.iter().zip([
+        unread[0],
+        unread[1..].iter().sum(),
+        unread.iter().sum::<u64>(),
+    ]) {
+        let note = row(p, "io_bytes")["note"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let said = format!("{phase_unread} bytes of weights of experts that received no tokens");
+        assert_eq!(
+            note.contains(&said),
+            phase_unread > 0,
+            "{}: {note}",
+            p["phase"]
+        );
+        assert_eq!(note.contains("received no tokens"), phase_unread > 0);
+    }
 
     // JUnit: one case per phase and group × row (flops + 6 exact), none failing.
     let xml = std::fs::read_to_string(&junit).unwrap();
@@ -446,6 +479,44 @@ fn small_config(dir: &TempDir) -> PathBuf {
     let path = dir.path("two-dense.json");
     std::fs::write(&path, TWO_DENSE).unwrap();
     path
+}
+
+/// Without MoE layers no weight goes unread: each phase's io_bytes row is the closed
+/// form's, with no note of unread experts (not one saying 0 bytes).
+#[test]
+fn a_dense_model_has_no_unread_experts() {
+    let dir = TempDir::new("dense-only");
+    let config = small_config(&dir);
+    let json = dir.path("m.json");
+    let o = verify(&[
+        "--device",
+        "cpu",
+        "--model",
+        "--config",
+        config.to_str().unwrap(),
+        "--num-layers",
+        "2",
+        "--seq-len",
+        "5",
+        "--new-tokens",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let j = read_json(&json);
+    assert_eq!(
+        j["model"]["layer_kinds"],
+        serde_json::json!(["dense", "dense"])
+    );
+    let phases = j["model"]["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 3);
+    for p in phases {
+        assert_exact("phase", p);
+        let io = row(p, "io_bytes");
+        assert!(io.get("note").is_none(), "{}: {io}", p["phase"]);
+    }
 }
 
 #[test]
