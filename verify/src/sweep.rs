@@ -517,6 +517,30 @@ mod tests {
             .unwrap()
     }
 
+    /// The generator is splitmix64: seed 0's first outputs are the reference
+    /// implementation's (Vigna, `splitmix64.c`), so a sweep's cases are the ones its seed
+    /// names on any build. `range` covers both ends and nothing outside.
+    #[test]
+    fn the_generator_is_splitmix64() {
+        let mut r = Rng::new(0);
+        let first: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
+        assert_eq!(
+            first,
+            [
+                0xe220_a839_7b1d_cdaf,
+                0x6e78_9e6a_a1b9_65f4,
+                0x06c4_5d18_8009_454f
+            ]
+        );
+        let mut r = Rng::new(7);
+        let drawn: Vec<u64> = (0..200).map(|_| r.range(3, 6)).collect();
+        for v in 3..=6 {
+            assert!(drawn.contains(&v), "{v} never drawn");
+        }
+        assert!(drawn.iter().all(|v| (3..=6).contains(v)));
+        assert_eq!(Rng::new(9).range(4, 4), 4);
+    }
+
     /// What [`SweepCase::for_oracle`] changes, over many draws: only the hidden size
     /// (multi-head: heads · the drawn head dim), a scoring function no transformers router
     /// takes with its top-k method, and an MLA attention's form and core; the workload's
@@ -539,7 +563,12 @@ mod tests {
                     assert_eq!(c.head_dim, d.head_dim);
                     assert_eq!(c.hidden_size, c.num_attention_heads * c.head_dim);
                 }
-                Some(_) => assert_eq!(c.hidden_size % c.num_attention_heads, 0),
+                // Rounded down to a multiple of the heads, never below one per head.
+                Some(_) => assert_eq!(
+                    c.hidden_size,
+                    c.num_attention_heads * (d.hidden_size / c.num_attention_heads).max(1),
+                    "case {i}"
+                ),
             }
             let (fitted, drawn_moe) = (c.moe.as_ref().unwrap(), d.moe.as_ref().unwrap());
             let routing = fitted.routing;
@@ -552,9 +581,19 @@ mod tests {
             };
             assert_eq!(routing.scoring_func, scoring, "case {i}");
             routers_fitted += usize::from(routing != drawn_moe.routing);
+            // Only a noaux_tc router whose kept groups hold fewer than k experts keeps
+            // more groups: as many as k needs.
+            let per_group = fitted.n_routed_experts / routing.n_group;
+            let drawn_group = drawn_moe.routing.topk_group;
+            let k = fitted.num_experts_per_tok;
+            let group = if v3 && drawn_group * per_group < k {
+                k.div_ceil(per_group)
+            } else {
+                drawn_group
+            };
+            assert_eq!(routing.topk_group, group, "case {i}");
             if v3 {
-                let per_group = fitted.n_routed_experts / routing.n_group;
-                assert!(routing.topk_group * per_group >= fitted.num_experts_per_tok);
+                assert!(routing.topk_group * per_group >= k);
             }
             let attention = match c.mla {
                 Some(_) => AttentionImpl::Eager,
@@ -570,34 +609,41 @@ mod tests {
         assert!(routers_fitted > 0 && cores_fitted > 0);
         // A noaux_tc router whose kept groups hold fewer than k experts (about one draw in
         // 600) keeps as many groups as k needs, and nothing else changes.
-        let short = (0..6000)
+        // Every such draw in 6,000, one kept group short by a single expert among them
+        // (topk_group 1, k = experts per group + 1).
+        let short: Vec<SweepCase> = (0..6000)
             .map(|i| generate(5, i, &fp32()))
-            .find(|c| {
+            .filter(|c| {
                 let m = c.config.moe.as_ref().unwrap();
                 let r = m.routing;
                 r.topk_method == TopkMethod::NoauxTc
                     && r.topk_group * (m.n_routed_experts / r.n_group) < m.num_experts_per_tok
             })
-            .expect("a draw with too few experts in its kept groups");
-        let (drawn, fitted) = (short.config.moe.clone().unwrap(), short.for_oracle());
-        let moe = fitted.config.moe.unwrap();
-        let per_group = moe.n_routed_experts / moe.routing.n_group;
-        assert_eq!(
-            moe.routing.topk_group,
-            moe.num_experts_per_tok.div_ceil(per_group)
-        );
-        assert_eq!(
-            (
-                moe.n_routed_experts,
-                moe.routing.n_group,
-                moe.num_experts_per_tok
-            ),
-            (
-                drawn.n_routed_experts,
-                drawn.routing.n_group,
-                drawn.num_experts_per_tok
-            )
-        );
+            .collect();
+        let mut one_short = false;
+        for case in short {
+            let (drawn, fitted) = (case.config.moe.clone().unwrap(), case.for_oracle());
+            let moe = fitted.config.moe.unwrap();
+            let per_group = moe.n_routed_experts / moe.routing.n_group;
+            one_short |= drawn.routing.topk_group == 1 && moe.num_experts_per_tok == per_group + 1;
+            assert_eq!(
+                moe.routing.topk_group,
+                moe.num_experts_per_tok.div_ceil(per_group)
+            );
+            assert_eq!(
+                (
+                    moe.n_routed_experts,
+                    moe.routing.n_group,
+                    moe.num_experts_per_tok
+                ),
+                (
+                    drawn.n_routed_experts,
+                    drawn.routing.n_group,
+                    drawn.num_experts_per_tok
+                )
+            );
+        }
+        assert!(one_short, "no draw short by one expert");
     }
 
     #[test]
@@ -621,6 +667,21 @@ mod tests {
             );
         }
         assert_ne!(generate(8, 13, &fp32()).config_json, cases[13].config_json);
+        // Outside the corners, the drawn sizes stay in their ranges: a hidden size of
+        // 128 ..= 512 in steps of 64, 1 ..= 8 heads, 2 ..= 16 experts, 1 ..= 6 of them
+        // per token.
+        for c in cases.iter().filter(|c| c.corner.is_none()) {
+            let (cfg, moe) = (&c.config, c.config.moe.as_ref().unwrap());
+            assert!(
+                cfg.hidden_size % 64 == 0 && (128..=512).contains(&cfg.hidden_size),
+                "case {}: hidden_size {}",
+                c.index,
+                cfg.hidden_size
+            );
+            assert!((1..=8).contains(&cfg.num_attention_heads));
+            assert!((2..=16).contains(&moe.n_routed_experts));
+            assert!((1..=moe.n_routed_experts.min(6)).contains(&moe.num_experts_per_tok));
+        }
         for d in UNUSUAL_HEAD_DIMS.into_iter().chain([64, 128]) {
             assert!(
                 cases.iter().any(|c| c.config.head_dim == d),
@@ -777,6 +838,15 @@ mod tests {
         }
         assert_eq!(compared, 200 * 8, "seven layers and the stack per case");
         assert!((1..200).contains(&decodes), "{decodes} of 200 cases decode");
+    }
+
+    /// A replay command runs the binary that ran the sweep: here, this test binary (its
+    /// path needs no quoting).
+    #[test]
+    fn a_replay_names_the_running_binary() {
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(this_program(), exe.display().to_string());
+        assert!(std::path::Path::new(&this_program()).is_file());
     }
 
     #[test]

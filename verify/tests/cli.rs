@@ -424,6 +424,31 @@ fn sweep_of_50_passes_with_exact_rows() {
             case["index"]
         );
         assert_exact(&case["layers"]);
+        // Each case runs its own draw (`sweep::generate`): its batch, phase and attention
+        // core, not the sweep's base ones.
+        let index = case["index"].as_u64().unwrap() as usize;
+        let base = modelmeter::Workload::prefill(1, 512)
+            .unwrap()
+            .with_dtype(modelmeter::Dtype::F32)
+            .unwrap();
+        let drawn = modelmeter_verify::sweep::generate(3, index, &base);
+        let w = &case["workload"];
+        assert_eq!(w["batch"], drawn.workload.batch, "case {index}");
+        let (phase, len) = match drawn.workload.phase {
+            modelmeter::Phase::Prefill { seq_len } => ("prefill", ("seq_len", seq_len)),
+            modelmeter::Phase::Decode { context_len } => ("decode", ("context_len", context_len)),
+        };
+        assert_eq!(
+            (&w["phase"], &w[len.0]),
+            (&Value::from(phase), &Value::from(len.1))
+        );
+        if !case["attention"].is_null() {
+            assert_eq!(
+                case["attention"],
+                serde_json::to_value(drawn.attention).unwrap(),
+                "case {index}"
+            );
+        }
     }
 }
 
