@@ -1256,6 +1256,44 @@ mod tests {
         }
     }
 
+    /// A run's files go to a folder of its own under the system's temporary folder,
+    /// named after the process, created (not into the working directory).
+    #[test]
+    fn a_run_gets_its_own_temporary_folder() {
+        let dir = temporary_dir().unwrap();
+        assert!(dir.is_dir(), "{}", dir.display());
+        assert_eq!(
+            dir,
+            std::env::temp_dir().join(format!("modelmeter-ncu-{}", std::process::id()))
+        );
+        // Empty unless another test of this process is using it.
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// Only kernel replay counts SASS instructions: the range modes leave exactly those
+    /// metrics out up front, each saying which mode measures it; kernel replay none.
+    #[test]
+    fn only_kernel_replay_counts_sass_instructions() {
+        assert!(NcuReplay::Kernel.counts_instructions());
+        assert!(left_out_up_front(NcuReplay::Kernel).is_empty());
+        let sass: Vec<&str> = NCU_METRICS
+            .iter()
+            .copied()
+            .filter(|m| is_instruction_metric(m))
+            .collect();
+        assert!(!sass.is_empty());
+        for replay in [NcuReplay::AppRange, NcuReplay::Range] {
+            assert!(!replay.counts_instructions());
+            let left_out = left_out_up_front(replay);
+            let metrics: Vec<&str> = left_out.iter().map(|l| l.metric.as_str()).collect();
+            assert_eq!(metrics, sass, "{replay:?}");
+            assert!(left_out.iter().all(|l| l.why.contains(&format!(
+                "not in {} replay; --ncu-replay kernel measures them",
+                replay.mode()
+            ))));
+        }
+    }
+
     #[test]
     fn the_ncu_command_asks_for_range_replay_and_every_metric() {
         let args = ncu_arguments(Path::new("/out/ncu.csv"), &NCU_METRICS, NcuReplay::Range);
