@@ -398,6 +398,11 @@ fn sweep_of_50_passes_with_exact_rows() {
             .sum();
         assert_eq!(j["summary"][key], sum, "{key}");
     }
+    // The sweep's base: the default workload on the CPU in fp32 (a case draws the rest).
+    let base = modelmeter::Workload::prefill(1, 512)
+        .unwrap()
+        .with_dtype(modelmeter::Dtype::F32)
+        .unwrap();
     for case in cases {
         // Every sweep config has a dense and a MoE decoder layer (first_k_dense_replace
         // = 1 of 2): all seven layers run, the attention's class following the case.
@@ -427,10 +432,6 @@ fn sweep_of_50_passes_with_exact_rows() {
         // Each case runs its own draw (`sweep::generate`): its batch, phase and attention
         // core, not the sweep's base ones.
         let index = case["index"].as_u64().unwrap() as usize;
-        let base = modelmeter::Workload::prefill(1, 512)
-            .unwrap()
-            .with_dtype(modelmeter::Dtype::F32)
-            .unwrap();
         let drawn = modelmeter_verify::sweep::generate(3, index, &base);
         let w = &case["workload"];
         assert_eq!(w["batch"], drawn.workload.batch, "case {index}");

@@ -481,31 +481,32 @@ fn small_config(dir: &TempDir) -> PathBuf {
     path
 }
 
-/// Without MoE layers no weight goes unread: each phase's io_bytes row is the closed
-/// form's, with no note of unread experts (not one saying 0 bytes).
-#[test]
-fn a_dense_model_has_no_unread_experts() {
-    let dir = TempDir::new("dense-only");
+/// `verify-decoder --device cpu --model --quiet` on [`TWO_DENSE`] with `args`: its stdout
+/// and its JSON report (the run must exit 0).
+fn quiet_small_model(args: &[&str]) -> (String, Value) {
+    let dir = TempDir::new("small-model");
     let config = small_config(&dir);
     let json = dir.path("m.json");
-    let o = verify(&[
+    let mut argv = vec![
         "--device",
         "cpu",
         "--model",
         "--config",
         config.to_str().unwrap(),
-        "--num-layers",
-        "2",
-        "--seq-len",
-        "5",
-        "--new-tokens",
-        "2",
-        "--json",
-        json.to_str().unwrap(),
-        "-q",
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let j = read_json(&json);
+    ];
+    argv.extend_from_slice(args);
+    argv.extend(["--json", json.to_str().unwrap(), "-q"]);
+    let o = verify(&argv);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", text(&o.stderr));
+    (stdout, read_json(&json))
+}
+
+/// Without MoE layers no weight goes unread: each phase's io_bytes row is the closed
+/// form's, with no note of unread experts (not one saying 0 bytes).
+#[test]
+fn a_dense_model_has_no_unread_experts() {
+    let (_, j) = quiet_small_model(&["--num-layers", "2", "--seq-len", "5", "--new-tokens", "2"]);
     assert_eq!(
         j["model"]["layer_kinds"],
         serde_json::json!(["dense", "dense"])
@@ -521,15 +522,7 @@ fn a_dense_model_has_no_unread_experts() {
 
 #[test]
 fn three_layers_of_a_config_with_two_dense_run_two_dense_and_one_moe() {
-    let dir = TempDir::new("dense");
-    let config = small_config(&dir);
-    let json = dir.path("m.json");
-    let o = verify(&[
-        "--device",
-        "cpu",
-        "--model",
-        "--config",
-        config.to_str().unwrap(),
+    let (stdout, j) = quiet_small_model(&[
         "--num-layers",
         "3",
         "--seq-len",
@@ -540,14 +533,8 @@ fn three_layers_of_a_config_with_two_dense_run_two_dense_and_one_moe() {
         "2",
         "--attn",
         "eager",
-        "--json",
-        json.to_str().unwrap(),
-        "-q",
     ]);
-    let stdout = text(&o.stdout);
-    assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", text(&o.stderr));
     assert_eq!(stdout.lines().count(), 1, "--quiet: the summary line only");
-    let j = read_json(&json);
     assert_eq!(
         j["model"]["layer_kinds"],
         serde_json::json!(["dense", "dense", "moe"])
