@@ -738,6 +738,124 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
     assert!(both.contains("both a range-replay run"), "{both}");
 }
 
+/// A stand-in for ncu in a range replay mode: records each command line (a line of
+/// `calls.txt` beside it), then answers from files beside it. With `refuse` there, a
+/// command that asks for `dram__bytes_write.sum` is refused the way ncu 2025.3 refuses a
+/// metric it cannot collect in the mode; with `range-fails` there, it fails the way ncu does
+/// when a range cannot be replayed in place. Otherwise it writes `csv.txt` as its CSV and
+/// `ranges.json` as the child's range list.
+fn range_replay_ncu(dir: &Path) -> PathBuf {
+    ncu_script(
+        dir,
+        r#"#!/bin/sh
+here=$(dirname "$0")
+echo "$@" >> "$here/calls.txt"
+log=""; child=""; metrics=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --log-file) log=$2; shift ;;
+    --metrics) metrics=$2; shift ;;
+    --hardware-counters-child) child=$2; shift ;;
+  esac
+  shift
+done
+case ",$metrics," in
+  *,dram__bytes_write.sum,*)
+    if [ -f "$here/refuse" ]; then
+      echo '==ERROR== Metric dram__bytes_write.sum is not supported in range replay.' > "$log"
+      exit 1
+    fi ;;
+esac
+if [ -f "$here/range-fails" ]; then
+  echo '==ERROR== Failed to profile "range" in process 1' > "$log"
+  exit 1
+fi
+cp "$here/csv.txt" "$log"
+cp "$here/ranges.json" "$child/ranges.json"
+"#,
+    )
+}
+
+#[test]
+fn range_replay_asks_for_no_sass_metric_and_runs_again_without_a_refused_one() {
+    // A real range list (the MLP's child on the CPU) and a CSV without SASS columns.
+    let (_args, _ready, child, _results) = child_on_cpu(
+        "range-list",
+        &[
+            "--dtype",
+            "bf16",
+            "--seq-len",
+            "8",
+            "--layers",
+            "DeepseekV2MLP",
+        ],
+    );
+    let list = RangeList::read(child.root()).expect("written");
+    let tmp = TempDir::new("range-replay");
+    let ncu = range_replay_ncu(tmp.root());
+    let csv = without_sass_columns(&range_replay_csv(&list, &[1]));
+    std::fs::write(tmp.path("csv.txt"), &csv).unwrap();
+    std::fs::copy(child.path("ranges.json"), tmp.path("ranges.json")).unwrap();
+    let own: Vec<std::ffi::OsString> = vec!["--quiet".into()];
+    let run = |replay, folder: &str| {
+        let _ = std::fs::remove_file(tmp.path("calls.txt"));
+        let dir = tmp.path(folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        let result = profile::run_under_ncu(&ncu, Path::new("/bin/true"), &own, &dir, replay, true);
+        let calls = std::fs::read_to_string(tmp.path("calls.txt")).unwrap_or_default();
+        (
+            result,
+            calls.lines().map(str::to_string).collect::<Vec<_>>(),
+        )
+    };
+    let sass = |line: &str| line.contains("__sass_");
+
+    // Range replay: one ncu run, asked for the bytes and tensor pipes but no SASS
+    // instruction metric (ncu counts those in kernel replay only); they are left out with
+    // why, and the files are the run's.
+    let (files, calls) = run(profile::NcuReplay::Range, "clean");
+    let files = files.expect("ncu ran");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].contains("--replay-mode range"), "{}", calls[0]);
+    assert!(calls[0].contains("dram__bytes_read.sum"), "{}", calls[0]);
+    assert!(!sass(&calls[0]), "{}", calls[0]);
+    let left: Vec<&str> = files.left_out.iter().map(|l| l.metric.as_str()).collect();
+    assert!(!left.is_empty() && left.iter().all(|m| sass(m)), "{left:?}");
+    assert!(files.left_out[0].why.contains("--ncu-replay kernel"));
+    assert_eq!(files.csv, csv);
+    assert_eq!(files.ranges, list);
+    assert_eq!(files.replay, Some(profile::NcuReplay::Range));
+
+    // A metric ncu refuses in the mode: the run is repeated without it, and it is left out
+    // with ncu's reason.
+    std::fs::write(tmp.path("refuse"), "").unwrap();
+    let (files, calls) = run(profile::NcuReplay::AppRange, "refused");
+    let files = files.expect("ncu ran again");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].contains("dram__bytes_write.sum"), "{}", calls[0]);
+    assert!(!calls[1].contains("dram__bytes_write.sum"), "{}", calls[1]);
+    assert!(calls[1].contains("dram__bytes_read.sum"), "{}", calls[1]);
+    let refused: Vec<&LeftOut> = files.left_out.iter().filter(|l| !sass(&l.metric)).collect();
+    assert_eq!(refused.len(), 1, "{:?}", files.left_out);
+    assert_eq!(refused[0].metric, "dram__bytes_write.sum");
+    assert!(
+        refused[0].why.contains("refused it in app-range replay"),
+        "{}",
+        refused[0].why
+    );
+    std::fs::remove_file(tmp.path("refuse")).unwrap();
+
+    // A range ncu cannot replay in place: range replay says to use app-range; in
+    // app-range replay that message is not the answer (the run's own error is).
+    std::fs::write(tmp.path("range-fails"), "").unwrap();
+    let (range, _) = run(profile::NcuReplay::Range, "no-range");
+    let range = range.err().expect("refused");
+    assert!(range.contains("--ncu-replay app-range"), "{range}");
+    let (app, _) = run(profile::NcuReplay::AppRange, "no-app-range");
+    let app = app.err().expect("no ranges were written");
+    assert!(!app.contains("--ncu-replay app-range"), "{app}");
+}
+
 #[test]
 fn the_layers_option_is_dropped_in_both_spellings() {
     let args: Vec<std::ffi::OsString> = [
