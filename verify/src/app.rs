@@ -1042,4 +1042,128 @@ mod tests {
             );
         }
     }
+
+    /// `check_hardware_options` of `verify-decoder` with `options`.
+    fn hardware_options(options: &[&str]) -> Result<Option<&'static str>, String> {
+        let argv = std::iter::once("verify-decoder").chain(options.iter().copied());
+        check_hardware_options(&Args::try_parse_from(argv).expect("parses"))
+    }
+
+    /// Each refusal of the hardware-counter options, and what each role accepts, checked
+    /// here without a GPU or ncu (the binary's tests reach most of them only through a
+    /// process each). The child marker is not set in tests.
+    #[test]
+    fn hardware_counter_options_are_refused_where_they_cannot_work() {
+        let folder = std::env::temp_dir();
+        let folder = folder.to_str().expect("a UTF-8 temporary folder");
+        let missing = format!("{folder}/modelmeter-no-such-folder-{}", std::process::id());
+        let refused = |options: &[&str], says: &str| match hardware_options(options) {
+            Err(e) => assert!(e.contains(says), "{options:?}: {e}"),
+            Ok(role) => panic!("{options:?} accepted as {role:?}"),
+        };
+        // Accepted: each role alone, and ncu's own options with the run that runs ncu.
+        assert_eq!(hardware_options(&[]), Ok(None));
+        for (options, first) in [
+            (&["--hardware-counters"][..], "--hardware-counters"),
+            (
+                &["--hardware-counters", "--ncu", "/bin/true"],
+                "--hardware-counters",
+            ),
+            (
+                &[
+                    "--hardware-counters",
+                    "--ncu-replay",
+                    "kernel",
+                    "--ncu-dir",
+                    folder,
+                ],
+                "--hardware-counters",
+            ),
+            (
+                &["--hardware-counters-from", folder],
+                "--hardware-counters-from",
+            ),
+            (
+                &["--hardware-counters-child", &missing],
+                "--hardware-counters-child",
+            ),
+        ] {
+            assert_eq!(hardware_options(options), Ok(Some(first)), "{options:?}");
+        }
+        // ncu's options without a run that runs ncu.
+        for option in ["--ncu", "--ncu-dir", "--ncu-replay"] {
+            let value = if option == "--ncu-replay" {
+                "kernel"
+            } else {
+                folder
+            };
+            refused(
+                &[option, value],
+                &format!("{option} applies only with --hardware-counters"),
+            );
+            refused(
+                &["--hardware-counters-from", folder, option, value],
+                &format!("{option} applies only with --hardware-counters (which runs ncu)"),
+            );
+        }
+        // Two roles at once, and options a profile cannot take.
+        refused(
+            &["--hardware-counters", "--hardware-counters-child", folder],
+            "is what --hardware-counters runs under ncu: give one",
+        );
+        refused(
+            &["--hardware-counters", "--hardware-counters-from", folder],
+            "reads a run made without it: give one",
+        );
+        refused(
+            &["--hardware-counters", "--sweep", "3"],
+            "--hardware-counters does not apply with --sweep",
+        );
+        refused(
+            &["--hardware-counters-from", folder, "--model"],
+            "--hardware-counters-from does not apply with --model",
+        );
+        refused(
+            &["--hardware-counters", "--device", "cpu"],
+            "does not apply with --device cpu",
+        );
+        // An explicit ncu that is not there, and a folder to read that is not one.
+        refused(&["--hardware-counters", "--ncu", &missing], &missing);
+        refused(&["--hardware-counters-from", &missing], "is not a folder");
+    }
+
+    /// The role an invocation plays, from options already checked.
+    #[test]
+    fn the_hardware_role_follows_the_option_given() {
+        let role = |options: &[&str]| {
+            let argv = std::iter::once("verify-decoder").chain(options.iter().copied());
+            hardware_role(&Args::try_parse_from(argv).expect("parses")).expect("a role")
+        };
+        assert!(role(&[]).is_none());
+        let folder = std::env::temp_dir();
+        let folder_str = folder.to_str().expect("a UTF-8 temporary folder");
+        assert!(matches!(
+            role(&["--hardware-counters-from", folder_str]),
+            Some(hardware::Role::Reader { dir }) if dir == folder
+        ));
+        assert!(matches!(
+            role(&["--hardware-counters-child", folder_str]),
+            Some(hardware::Role::Child { dir }) if dir == folder
+        ));
+        let parent = role(&[
+            "--hardware-counters",
+            "--ncu",
+            "/bin/true",
+            "--ncu-dir",
+            folder_str,
+        ]);
+        assert!(
+            matches!(
+                &parent,
+                Some(hardware::Role::Parent { ncu, dir, keep: true, .. })
+                    if ncu.as_path() == std::path::Path::new("/bin/true") && dir == &folder
+            ),
+            "{parent:?}"
+        );
+    }
 }
