@@ -1024,6 +1024,12 @@ fn write_rendered(
 mod tests {
     use super::*;
 
+    /// The options of `verify-decoder` with `options`.
+    fn args(options: &[&str]) -> Args {
+        let argv = std::iter::once("verify-decoder").chain(options.iter().copied());
+        Args::try_parse_from(argv).expect("parses")
+    }
+
     #[test]
     fn a_sweep_count_past_the_integer_type_names_the_range_a_sweep_takes() {
         assert_eq!(sweep_count("40"), Ok(40));
@@ -1045,8 +1051,7 @@ mod tests {
 
     /// `check_hardware_options` of `verify-decoder` with `options`.
     fn hardware_options(options: &[&str]) -> Result<Option<&'static str>, String> {
-        let argv = std::iter::once("verify-decoder").chain(options.iter().copied());
-        check_hardware_options(&Args::try_parse_from(argv).expect("parses"))
+        check_hardware_options(&args(options))
     }
 
     /// Each refusal of the hardware-counter options, and what each role accepts, checked
@@ -1135,10 +1140,7 @@ mod tests {
     /// The role an invocation plays, from options already checked.
     #[test]
     fn the_hardware_role_follows_the_option_given() {
-        let role = |options: &[&str]| {
-            let argv = std::iter::once("verify-decoder").chain(options.iter().copied());
-            hardware_role(&Args::try_parse_from(argv).expect("parses")).expect("a role")
-        };
+        let role = |options: &[&str]| hardware_role(&args(options)).expect("a role");
         assert!(role(&[]).is_none());
         let folder = std::env::temp_dir();
         let folder_str = folder.to_str().expect("a UTF-8 temporary folder");
@@ -1165,5 +1167,91 @@ mod tests {
             ),
             "{parent:?}"
         );
+    }
+
+    /// `--model` takes the workload's size, the device and dtype and its own options;
+    /// each option that picks layers, a phase or another run is refused by name.
+    #[test]
+    fn model_runs_refuse_each_option_that_does_not_apply_by_name() {
+        let accepted = [
+            "--model",
+            "--num-layers",
+            "2",
+            "--new-tokens",
+            "3",
+            "--seq-len",
+            "8",
+            "--batch",
+            "2",
+            "--dtype",
+            "bf16",
+            "--phase",
+            "prefill",
+            "--verbose",
+        ];
+        assert_eq!(check_model_options(&args(&accepted)), Ok(()));
+        for (option, value) in [
+            ("--sweep", Some("3")),
+            ("--oracle", None),
+            ("--layers", Some("DeepseekV2MLP")),
+            ("--phase", Some("decode")),
+            ("--context-len", Some("16")),
+            ("--timings", None),
+        ] {
+            let mut options = vec!["--model", option];
+            options.extend(value);
+            let e = check_model_options(&args(&options)).expect_err(option);
+            assert!(
+                e.starts_with(&format!("{option} does not apply with --model: ")),
+                "{option}: {e}"
+            );
+        }
+    }
+
+    /// `--sweep` draws each case's config and workload: every option it would override is
+    /// refused when given at all (a default spelled out included), the others kept.
+    #[test]
+    fn sweeps_refuse_each_option_a_case_draws_by_name() {
+        let accepted = [
+            "--sweep",
+            "3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--allow-tf32",
+            "--layers",
+            "DeepseekV2MLP",
+            "--seed",
+            "7",
+            "--accept-rel-diff",
+            "0.2",
+            "--oracle",
+        ];
+        assert_eq!(check_sweep_options(&args(&accepted)), Ok(()));
+        assert_eq!(check_sweep_options(&args(&[])), Ok(()));
+        for (option, value) in [
+            ("--config", "deepseek-ocr"),
+            ("--batch", "1"),
+            ("--seq-len", "8"),
+            ("--context-len", "8"),
+            ("--phase", "prefill"),
+            ("--attn", "sdpa"),
+            ("--mla", "naive"),
+        ] {
+            let e = check_sweep_options(&args(&["--sweep", "3", option, value])).expect_err(option);
+            assert!(
+                e.starts_with(&format!("{option} does not apply with --sweep")),
+                "{option}: {e}"
+            );
+        }
+        // The count's own range: 0 parses as a number, and is refused with the range.
+        for n in ["0", &(MAX_SWEEP + 1).to_string()] {
+            let e = check_sweep_options(&args(&["--sweep", n])).expect_err(n);
+            assert_eq!(e, format!("--sweep = {n} is invalid: {}", sweep_range()));
+        }
+        assert_eq!(check_sweep_options(&args(&["--sweep", "1"])), Ok(()));
+        let most = MAX_SWEEP.to_string();
+        assert_eq!(check_sweep_options(&args(&["--sweep", &most])), Ok(()));
     }
 }
