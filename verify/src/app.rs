@@ -1254,4 +1254,76 @@ mod tests {
         let most = MAX_SWEEP.to_string();
         assert_eq!(check_sweep_options(&args(&["--sweep", &most])), Ok(()));
     }
+
+    /// `prepare`'s refusals before anything runs, each naming the value: the tolerance
+    /// (not a number, out of [0, 1), a nonzero literal that rounds to 0), options of other
+    /// runs, and a workload that cannot fit in memory; and the tolerances it takes.
+    #[test]
+    fn prepare_refuses_bad_options_by_name_and_takes_good_ones() {
+        let refused = |options: &[&str], says: &str| match prepare(&args(options)) {
+            Err(e) => assert!(e.to_string().contains(says), "{options:?}: {e}"),
+            Ok(_) => panic!("{options:?} accepted"),
+        };
+        let tolerance = |rel: &str| {
+            let ready = prepare(&args(&[
+                "--device",
+                "cpu",
+                "--layers",
+                "MoEGate",
+                "--accept-rel-diff",
+                rel,
+            ]));
+            ready.expect(rel).plan.tolerance
+        };
+        for bad in ["x", "1", "1.5", "-0.1", "nan", "inf"] {
+            refused(
+                &["--device", "cpu", "--accept-rel-diff", bad],
+                &format!("--accept-rel-diff = {bad} is invalid: expected a number in [0, 1)"),
+            );
+        }
+        refused(
+            &["--device", "cpu", "--accept-rel-diff", "1e-400"],
+            "--accept-rel-diff = 1e-400 is invalid: it rounds to 0",
+        );
+        assert_eq!(tolerance("0.1"), 0.1);
+        assert_eq!(tolerance(" 0.25 "), 0.25);
+        assert_eq!(tolerance("0e-400"), 0.0);
+        // -0 is 0, spelled without its sign in reports.
+        let zero = tolerance("-0");
+        assert!(zero == 0.0 && zero.is_sign_positive(), "{zero}");
+        for option in ["--num-layers", "--new-tokens"] {
+            refused(
+                &["--device", "cpu", option, "2"],
+                &format!("{option} applies only with --model"),
+            );
+        }
+        refused(
+            &["--device", "cpu", "--verbose"],
+            "--verbose applies only with --model",
+        );
+        refused(
+            &["--device", "cpu", "--report-host-details"],
+            "--report-host-details applies only with --json",
+        );
+        // The memory pre-check of a single run.
+        refused(
+            &[
+                "--device",
+                "cpu",
+                "--phase",
+                "decode",
+                "--context-len",
+                "100000000",
+            ],
+            "(B=1 decode C=100000000 fp32) needs at least",
+        );
+        // A hardware-counter run on a machine whose default device is the CPU.
+        if DeviceSpec::default_choice().0 == DeviceSpec::Cpu {
+            let folder = std::env::temp_dir();
+            refused(
+                &["--hardware-counters-from", folder.to_str().expect("UTF-8")],
+                "--hardware-counters-from needs a CUDA GPU",
+            );
+        }
+    }
 }
