@@ -741,7 +741,8 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
 /// A stand-in for ncu in a range replay mode: records each command line (a line of
 /// `calls.txt` beside it), then answers from files beside it. With `refuse` there, a
 /// command that asks for `dram__bytes_write.sum` is refused the way ncu 2025.3 refuses a
-/// metric it cannot collect in the mode; with `range-fails` there, it fails the way ncu does
+/// metric it cannot collect in the mode, and with `refuse-all` there every metric it is
+/// asked for; with `range-fails` there, it fails the way ncu does
 /// when a range cannot be replayed in place. Otherwise it writes `csv.txt` as its CSV and
 /// `ranges.json` as the child's range list.
 fn range_replay_ncu(dir: &Path) -> PathBuf {
@@ -766,6 +767,12 @@ case ",$metrics," in
       exit 1
     fi ;;
 esac
+if [ -f "$here/refuse-all" ] && [ -n "$metrics" ]; then
+  echo "$metrics" | tr ',' '\n' | while read -r m; do
+    echo "==ERROR== Metric $m is not supported in range replay."
+  done > "$log"
+  exit 1
+fi
 if [ -f "$here/range-fails" ]; then
   echo '==ERROR== Failed to profile "range" in process 1' > "$log"
   exit 1
@@ -844,6 +851,16 @@ fn range_replay_asks_for_no_sass_metric_and_runs_again_without_a_refused_one() {
         refused[0].why
     );
     std::fs::remove_file(tmp.path("refuse")).unwrap();
+    // Every metric refused: no run without any metric, but ncu's refusal as the error.
+    std::fs::write(tmp.path("refuse-all"), "").unwrap();
+    let (all, calls) = run(profile::NcuReplay::Range, "all-refused");
+    let all = all.err().expect("nothing to collect");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        all.contains("ncu said: ==ERROR== Metric") && all.contains("not supported in range replay"),
+        "{all}"
+    );
+    std::fs::remove_file(tmp.path("refuse-all")).unwrap();
 
     // A range ncu cannot replay in place: range replay says to use app-range; in
     // app-range replay that message is not the answer (the run's own error is).
@@ -854,6 +871,10 @@ fn range_replay_asks_for_no_sass_metric_and_runs_again_without_a_refused_one() {
     let (app, _) = run(profile::NcuReplay::AppRange, "no-app-range");
     let app = app.err().expect("no ranges were written");
     assert!(!app.contains("--ncu-replay app-range"), "{app}");
+    assert!(
+        app.contains("ncu said: ==ERROR== Failed to profile \"range\""),
+        "{app}"
+    );
 }
 
 #[test]
