@@ -607,6 +607,7 @@ fn routed_experts_with_few_rows_make_the_moe_padding_information() {
 /// A stand-in for ncu in kernel replay: records its options, writes the child's range
 /// list for the one layer named by `--layers`, and as "ncu's CSV" the real per-kernel
 /// export of the H200's MLP (`fixtures/ncu-h200`), or, for the gate, no kernel at all.
+/// With `refuse` beside it, it refuses `dram__bytes_write.sum` as ncu refuses a metric.
 fn kernel_replay_ncu(dir: &Path) -> PathBuf {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fixtures/ncu-h200/ncu_mlp_bfloat16.csv")
@@ -614,17 +615,26 @@ fn kernel_replay_ncu(dir: &Path) -> PathBuf {
         .unwrap();
     let script = format!(
         r#"#!/bin/sh
-log=""; layer=""; dir=""; layers_given=0
-echo "$@" > "$(dirname "$0")/last-args.txt"
+log=""; layer=""; dir=""; layers_given=0; metrics=""
+here=$(dirname "$0")
+echo "$@" > "$here/last-args.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
     --log-file) log=$2; shift ;;
+    --metrics) metrics=$2; shift ;;
     --layers) layer=$2; layers_given=$((layers_given + 1)); shift ;;
     --hardware-counters-child) dir=$2; shift ;;
   esac
   shift
 done
 [ "$layers_given" = 1 ] || {{ echo "--layers given $layers_given times" >&2; exit 2; }}
+case ",$metrics," in
+  *,dram__bytes_write.sum,*)
+    if [ -f "$here/refuse" ]; then
+      echo '==ERROR== Metric dram__bytes_write.sum is not supported in kernel replay.' > "$log"
+      exit 1
+    fi ;;
+esac
 cat > "$dir/ranges.json" <<JSON
 {{"schema": "modelmeter.hardware-ranges/2", "device": "cuda:0",
  "layers": [{{"range": "counted", "layer": "$layer", "tensor_core_flops": 26927431680, "cuda_core_flops": 17530880, "io_bytes": 112623616}}]}}
@@ -736,13 +746,51 @@ fn kernel_replay_runs_one_layer_per_ncu_run_and_sums_its_kernels() {
         .unwrap()
         .unwrap_err();
     assert!(both.contains("both a range-replay run"), "{both}");
+    std::fs::remove_file(tmp.root().join("run/ncu.csv")).unwrap();
+
+    // The failed layer first, with a metric ncu refuses: refused in the first layer's run,
+    // it is left out of the next layer's, and the folder reads back with the failed layer
+    // before the one with figures (not as a layer given twice).
+    std::fs::write(tmp.root().join("refuse"), "").unwrap();
+    let reversed = [layers[1].clone(), layers[0].clone()];
+    let run = profile::run_per_layer(
+        &ncu,
+        Path::new("/bin/true"),
+        &own,
+        &tmp.root().join("run"),
+        &reversed,
+        &mut |_, _| {},
+    )
+    .expect("ncu ran");
+    let last = std::fs::read_to_string(tmp.root().join("last-args.txt")).unwrap();
+    assert!(last.contains("--layers DeepseekV2MLP"), "{last}");
+    assert!(!last.contains("dram__bytes_write.sum"), "{last}");
+    assert!(last.contains("dram__bytes_read.sum"), "{last}");
+    let refused: Vec<&str> = run.left_out.iter().map(|l| l.metric.as_str()).collect();
+    assert_eq!(refused, ["dram__bytes_write.sum"]);
+    assert_eq!((run.ranges.len(), run.errors.len()), (1, 1));
+    assert_eq!(run.ranges[0].figures.left_out, run.left_out);
+    let again = profile::read_per_layer(&tmp.root().join("run"))
+        .expect("a kernel-replay folder")
+        .expect("readable: each layer once");
+    assert_eq!((again.ranges.len(), again.errors.len()), (1, 1));
+    assert_eq!(again.errors[0].0, "MoEGate");
+    // The GPU the export names, once.
+    assert_eq!(again.gpus, ["NVIDIA H200"]);
+    // A failed layer's folder twice is refused like a layer with figures twice.
+    std::fs::create_dir_all(tmp.root().join("run/7-MoEGate")).unwrap();
+    let twice = profile::read_per_layer(&tmp.root().join("run"))
+        .unwrap()
+        .unwrap_err();
+    assert!(twice.contains("MoEGate twice"), "{twice}");
 }
 
 /// A stand-in for ncu in a range replay mode: records each command line (a line of
 /// `calls.txt` beside it), then answers from files beside it. With `refuse` there, a
 /// command that asks for `dram__bytes_write.sum` is refused the way ncu 2025.3 refuses a
 /// metric it cannot collect in the mode, and with `refuse-all` there every metric it is
-/// asked for; with `range-fails` there, it fails the way ncu does
+/// asked for; with `child-refuses` there, it ends as a child that refused its options
+/// does (exit 2, the refusal on its output); with `range-fails` there, it fails the way ncu does
 /// when a range cannot be replayed in place. Otherwise it writes `csv.txt` as its CSV and
 /// `ranges.json` as the child's range list.
 fn range_replay_ncu(dir: &Path) -> PathBuf {
@@ -772,6 +820,10 @@ if [ -f "$here/refuse-all" ] && [ -n "$metrics" ]; then
     echo "==ERROR== Metric $m is not supported in range replay."
   done > "$log"
   exit 1
+fi
+if [ -f "$here/child-refuses" ]; then
+  printf 'verify-decoder: --bad = 3 is invalid\n\n'
+  exit 2
 fi
 if [ -f "$here/range-fails" ]; then
   echo '==ERROR== Failed to profile "range" in process 1' > "$log"
@@ -861,6 +913,17 @@ fn range_replay_asks_for_no_sass_metric_and_runs_again_without_a_refused_one() {
         "{all}"
     );
     std::fs::remove_file(tmp.path("refuse-all")).unwrap();
+    // A child that refused to start: the error ends with its last words.
+    std::fs::write(tmp.path("child-refuses"), "").unwrap();
+    let (refusal, _) = run(profile::NcuReplay::Range, "child-refused");
+    let refusal = refusal.err().expect("exit 2");
+    assert!(
+        refusal.contains(
+            "ended with exit status: 2: verify-decoder: --bad = 3 is invalid (all output in "
+        ),
+        "{refusal}"
+    );
+    std::fs::remove_file(tmp.path("child-refuses")).unwrap();
 
     // A range ncu cannot replay in place: range replay says to use app-range; in
     // app-range replay that message is not the answer (the run's own error is).

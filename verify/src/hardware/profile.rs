@@ -1174,6 +1174,56 @@ mod tests {
         assert!(e.contains("the row is a range, not a kernel"), "{e}");
     }
 
+    /// A layer's kernel-replay folder answers for that layer only: its range list must
+    /// hold the one layer asked for, counted (its figures) or failed (its error).
+    #[test]
+    fn a_layer_folder_answers_only_for_its_own_layer() {
+        let mlp = include_str!("../../../fixtures/ncu-h200/ncu_mlp_bfloat16.csv");
+        let files = |layers: Vec<RangeEntry>| RunFiles {
+            csv: mlp.to_string(),
+            ranges: RangeList {
+                schema: super::super::ranges::RANGE_LIST_SCHEMA.into(),
+                device: "cuda:0".into(),
+                layers,
+                run: None,
+            },
+            left_out: Vec::new(),
+            replay: Some(NcuReplay::Kernel),
+        };
+        let counted = |layer: &str| {
+            RangeEntry::Counted(RangeRecord {
+                layer: layer.into(),
+                tensor_core_flops: 1,
+                cuda_core_flops: 0,
+                io_bytes: 1,
+            })
+        };
+        let failed = RangeEntry::Failed {
+            layer: "MoEGate".into(),
+            error: "boom".into(),
+        };
+        let read = |layers, layer| kernels_of_layer(&files(layers), 0, layer);
+        let no_range = "the profiled run of DeepseekV2MLP has no range: it did not run";
+        let range = read(vec![counted("DeepseekV2MLP")], "DeepseekV2MLP").expect("its own");
+        assert_eq!(range.record.layer, "DeepseekV2MLP");
+        assert_eq!(
+            read(vec![counted("MoEGate")], "DeepseekV2MLP").unwrap_err(),
+            no_range
+        );
+        assert_eq!(
+            read(vec![failed.clone()], "MoEGate").unwrap_err(),
+            "the profiled run of MoEGate failed: boom"
+        );
+        assert_eq!(
+            read(vec![failed.clone()], "DeepseekV2MLP").unwrap_err(),
+            no_range
+        );
+        assert_eq!(
+            read(vec![counted("DeepseekV2MLP"), failed], "DeepseekV2MLP").unwrap_err(),
+            no_range
+        );
+    }
+
     #[test]
     fn a_kernel_replay_folder_of_another_run_gives_its_layer_no_figures() {
         let table = super::super::ncu_csv::parse(
