@@ -1174,6 +1174,57 @@ mod tests {
         assert!(e.contains("the row is a range, not a kernel"), "{e}");
     }
 
+    /// Fast fp32 (3xTF32) is the memory-efficient kernel's fp32 work only: the same
+    /// kernel in bf16 (a head dimension above flash's and cuDNN's 256) runs plain bf16 MMAs.
+    #[test]
+    fn only_fp32_work_of_a_fast_fp32_kernel_counts_as_fast_fp32() {
+        let config = modelmeter::ModelConfig::from_json_str(
+            "d264",
+            r#"{"hidden_size": 528, "num_attention_heads": 2, "intermediate_size": 64,
+                "num_hidden_layers": 1, "vocab_size": 100}"#,
+        )
+        .unwrap();
+        let context = |dtype| {
+            let w = modelmeter::Workload::prefill(1, 64)
+                .unwrap()
+                .with_dtype(dtype)
+                .unwrap()
+                .on(modelmeter::Platform::Cuda);
+            let plan = Plan {
+                layers: vec![crate::pairing::Pairing {
+                    layer: modelmeter::layers::LayerId::Attention,
+                }],
+                ..Plan::on_cpu(config.clone(), w)
+            };
+            let name = plan.layers[0].name_for(&plan.config, plan.workload.mla, plan.attention);
+            context_of(
+                &plan,
+                &LayerResult::new(name.into(), crate::compare::Status::Pass),
+            )
+        };
+        // Core QKᵀ and PV: 4·B·H·S²·d, (S − 1)/(2S) of it above the diagonal.
+        let core = 4 * 2 * 64 * 64 * 264u64;
+        let masked = core * 63 / 128;
+        let bf16 = context(modelmeter::Dtype::Bf16);
+        assert_eq!(
+            (
+                bf16.causal_skippable_flops,
+                bf16.fast_f32_flops,
+                bf16.fast_f32_skippable_flops
+            ),
+            (masked, 0, 0)
+        );
+        let fp32 = context(modelmeter::Dtype::F32);
+        assert_eq!(
+            (
+                fp32.causal_skippable_flops,
+                fp32.fast_f32_flops,
+                fp32.fast_f32_skippable_flops
+            ),
+            (masked, core, masked)
+        );
+    }
+
     /// A layer's kernel-replay folder answers for that layer only: its range list must
     /// hold the one layer asked for, counted (its figures) or failed (its error).
     #[test]
