@@ -1176,20 +1176,18 @@ mod tests {
 
     /// Fast fp32 (3xTF32) is the memory-efficient kernel's fp32 work only: the same
     /// kernel in bf16 (a head dimension above flash's and cuDNN's 256) runs plain bf16 MMAs.
+    /// The attention core's products are small GEMMs when a sequence has fewer query rows
+    /// than a tile, however many tokens the batch holds (a decode step at B = 64).
     #[test]
-    fn only_fp32_work_of_a_fast_fp32_kernel_counts_as_fast_fp32() {
+    fn fast_fp32_and_small_gemms_of_the_attention_core() {
         let config = modelmeter::ModelConfig::from_json_str(
             "d264",
             r#"{"hidden_size": 528, "num_attention_heads": 2, "intermediate_size": 64,
                 "num_hidden_layers": 1, "vocab_size": 100}"#,
         )
         .unwrap();
-        let context = |dtype| {
-            let w = modelmeter::Workload::prefill(1, 64)
-                .unwrap()
-                .with_dtype(dtype)
-                .unwrap()
-                .on(modelmeter::Platform::Cuda);
+        let context = |w: modelmeter::Workload, dtype| {
+            let w = w.with_dtype(dtype).unwrap().on(modelmeter::Platform::Cuda);
             let plan = Plan {
                 layers: vec![crate::pairing::Pairing {
                     layer: modelmeter::layers::LayerId::Attention,
@@ -1202,10 +1200,11 @@ mod tests {
                 &LayerResult::new(name.into(), crate::compare::Status::Pass),
             )
         };
+        let prefill = || modelmeter::Workload::prefill(1, 64).unwrap();
         // Core QKᵀ and PV: 4·B·H·S²·d, (S − 1)/(2S) of it above the diagonal.
         let core = 4 * 2 * 64 * 64 * 264u64;
         let masked = core * 63 / 128;
-        let bf16 = context(modelmeter::Dtype::Bf16);
+        let bf16 = context(prefill(), modelmeter::Dtype::Bf16);
         assert_eq!(
             (
                 bf16.causal_skippable_flops,
@@ -1214,7 +1213,12 @@ mod tests {
             ),
             (masked, 0, 0)
         );
-        let fp32 = context(modelmeter::Dtype::F32);
+        // 64 query rows: a full tile, no small GEMM.
+        assert_eq!(
+            (bf16.small_gemm_flops, bf16.small_gemm_ceiling_flops),
+            (0, Some(0))
+        );
+        let fp32 = context(prefill(), modelmeter::Dtype::F32);
         assert_eq!(
             (
                 fp32.causal_skippable_flops,
@@ -1222,6 +1226,17 @@ mod tests {
                 fp32.fast_f32_skippable_flops
             ),
             (masked, core, masked)
+        );
+        // One query row per sequence over 64 keys, 64 sequences: 64 tokens, yet each
+        // product of the core has one row.
+        let decode = context(
+            modelmeter::Workload::decode(64, 63).unwrap(),
+            modelmeter::Dtype::Bf16,
+        );
+        assert_eq!(decode.tokens, 64);
+        assert_eq!(
+            (decode.small_gemm_flops, decode.small_gemm_ceiling_flops),
+            (4 * 64 * 2 * 64 * 264, None)
         );
     }
 
