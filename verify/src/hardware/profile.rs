@@ -1240,6 +1240,56 @@ mod tests {
         );
     }
 
+    /// The routed experts' small-GEMM share: by the measured rows per expert where the
+    /// run has them (experts with 1 ..= 63 rows; empty experts and full tiles are not
+    /// small), otherwise all or nothing by the average expert's rows, N·k / E, against a
+    /// tile's 64.
+    #[test]
+    fn small_expert_share_counts_experts_with_fewer_rows_than_a_tile() {
+        let moe = modelmeter::ModelConfig::from_json_str(
+            "moe",
+            r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
+                "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                "n_shared_experts": 1, "num_hidden_layers": 2, "first_k_dense_replace": 1,
+                "vocab_size": 100}"#,
+        )
+        .unwrap();
+        let plan_at = |seq_len| {
+            Plan::on_cpu(
+                moe.clone(),
+                modelmeter::Workload::prefill(1, seq_len).unwrap(),
+            )
+        };
+        let plan = plan_at(8);
+        // Measured: 337 rows in all, 10 + 63 of them in two small experts (each padded to
+        // 256 rows at most); the empty expert and those with 64 and 200 rows are not small.
+        let rows = [0, 10, 63, 64, 200];
+        assert_eq!(
+            small_expert_share(337_000, Some(&rows), &plan),
+            (73_000, Some(512_000))
+        );
+        assert_eq!(small_expert_share(0, Some(&rows), &plan), (0, Some(0)));
+        assert_eq!(small_expert_share(5, Some(&[0, 0]), &plan), (0, Some(0)));
+        // Not measured: N·k = 255 · 2 rows over 8 experts is under 64 each on average (all
+        // of it, no bound); 256 · 2 is 64 each (none).
+        assert_eq!(
+            small_expert_share(1_000, None, &plan_at(255)),
+            (1_000, None)
+        );
+        assert_eq!(small_expert_share(1_000, None, &plan_at(256)), (0, Some(0)));
+        // No routed experts in the config.
+        let dense = Plan::on_cpu(
+            modelmeter::ModelConfig::from_json_str(
+                "dense",
+                r#"{"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48,
+                    "num_hidden_layers": 1, "vocab_size": 100}"#,
+            )
+            .unwrap(),
+            modelmeter::Workload::prefill(1, 8).unwrap(),
+        );
+        assert_eq!(small_expert_share(1_000, None, &dense), (0, Some(0)));
+    }
+
     /// A layer's kernel-replay folder answers for that layer only: its range list must
     /// hold the one layer asked for, counted (its figures) or failed (its error).
     #[test]
