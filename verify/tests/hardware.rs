@@ -442,6 +442,55 @@ const GATE_BETWEEN: [&str; 10] = [
     "DeepseekV2MLP,MoEGate,DeepseekV2RMSNorm",
 ];
 
+/// A layer without figures in a kernel-replay run says why where the run knows (its own
+/// ncu run's error), and only that layer; another layer without figures gets the general
+/// reason.
+#[test]
+fn a_layer_without_figures_says_why_where_the_run_knows() {
+    let (args, ready, _tmp, _child) = child_on_cpu(
+        "reasons",
+        &[
+            "--dtype",
+            "bf16",
+            "--seq-len",
+            "8",
+            "--layers",
+            "DeepseekV2MLP,MoEGate",
+        ],
+    );
+    let mut report = report_of(&args, &ready);
+    let reasons = [(
+        "MoEGate".to_string(),
+        "ncu profiled no kernel in its run".to_string(),
+    )];
+    profile::attach_with_reasons(
+        &mut report,
+        &ready.plan,
+        &Ok(Vec::new()),
+        &reasons,
+        "NVIDIA H200",
+    );
+    let json = report::to_json(&report);
+    let note = |name: &str| {
+        row(layer(&json, name), "hw_tensor_flops")["note"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        note("MoEGate"),
+        "no hardware figures for this layer: ncu profiled no kernel in its run"
+    );
+    assert!(
+        note("DeepseekV2MLP").contains("(why: its error in ranges.json)"),
+        "{}",
+        note("DeepseekV2MLP")
+    );
+    for name in ["MoEGate", "DeepseekV2MLP"] {
+        assert_eq!(layer(&json, name)["status"], "fail", "{name}");
+    }
+}
+
 #[test]
 fn a_layer_that_failed_before_its_range_takes_no_row() {
     // The child: the gate fails before its range is opened (a test hook's error, raised
