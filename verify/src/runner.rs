@@ -755,6 +755,116 @@ mod tests {
     }
 
     #[test]
+    fn only_a_run_in_profiler_ranges_says_whether_its_range_opened() {
+        for opened in [false, true] {
+            assert_eq!(Counting::Plain.range_opened(opened), None);
+            assert_eq!(Counting::InProfilerRange.range_opened(opened), Some(opened));
+        }
+    }
+
+    /// The notes a judged row carries, each from what the run saw: the flops row explained
+    /// by the blind elementwise work (no caveat), the peak exact or by how much not, the
+    /// allocator's transient bytes only when there are any, and where `io_bytes` differs,
+    /// by op; and the result keeps the run's op list.
+    #[test]
+    fn the_notes_of_a_judged_layer_follow_what_its_run_saw() {
+        let (plan, pairing, analytic, run) = small_mlp_run();
+        let judged = |run: &LayerRun| judge(pairing, &plan, "DeepseekV2MLP".into(), &analytic, run);
+        let note = |r: &LayerResult, check: Check| {
+            r.metrics
+                .iter()
+                .find(|m| m.metric == check)
+                .unwrap_or_else(|| panic!("no {} row", check.name()))
+                .note
+                .clone()
+                .unwrap_or_default()
+        };
+        let activation = Check::Exact(modelmeter::Metric::ActivationBytes);
+        let io = Check::Exact(modelmeter::Metric::IoBytes);
+
+        let clean = judged(&run);
+        assert_eq!(clean.status, Status::Pass);
+        assert_eq!(clean.ops, run.counts.by_op());
+        assert!(!clean.ops.is_empty());
+        assert!(
+            !note(&clean, Check::Flops).contains("within the tolerance, but"),
+            "{}",
+            note(&clean, Check::Flops)
+        );
+        assert!(note(&clean, Check::PeakActivationBytes).starts_with("exact; "));
+        assert_eq!(note(&clean, io), "");
+
+        // The allocator saw exactly the op outputs: nothing to say on the CPU.
+        let (_, _, _, mut none) = small_mlp_run();
+        none.allocations.allocated_bytes = none.output_allocated_bytes;
+        assert_eq!(note(&judged(&none), activation), "");
+        let (_, _, _, mut scratch) = small_mlp_run();
+        scratch.allocations.allocated_bytes = scratch.output_allocated_bytes + 100;
+        let n = note(&judged(&scratch), activation);
+        assert!(
+            n.starts_with("the allocator also saw 100 bytes in blocks that held no op output")
+                && n.contains("; peak "),
+            "{n}"
+        );
+
+        // A measured peak 8 bytes above the analytic one.
+        let (_, _, _, mut higher) = small_mlp_run();
+        higher.output_peak_live_bytes += 8;
+        let peak = analytic.peak_on(false).peak_bytes;
+        let n = note(&judged(&higher), Check::PeakActivationBytes);
+        assert!(
+            n.starts_with(&format!(
+                "not exact: analytic {peak} bytes, measured {}",
+                peak + 8
+            )),
+            "{n}"
+        );
+
+        // 10 bytes more measured on one op: its row names that op alone.
+        let (_, _, _, mut more) = small_mlp_run();
+        more.counts.io_bytes += 10;
+        let (op, bytes) = more
+            .counts
+            .io_bytes_by_op
+            .iter_mut()
+            .max_by_key(|(_, bytes)| **bytes)
+            .expect("an op moved bytes");
+        *bytes += 10;
+        let (op, measured) = (op.clone(), *bytes);
+        let n = note(&judged(&more), io);
+        assert!(
+            n.ends_with(&format!(
+                "; bytes by op, analytic vs measured: {op} {} vs {measured}",
+                measured - 10
+            )),
+            "{n}"
+        );
+    }
+
+    /// What the result keeps of the run besides its rows: the attention kernels it ran,
+    /// the unknown ops, and the routing (experts hit, tokens per expert).
+    #[test]
+    fn a_compared_run_keeps_its_kernels_unknown_ops_and_routing() {
+        let config = ModelConfig::deepseek_ocr();
+        let w = Workload::prefill(1, 16).unwrap();
+        let plan = Plan::on_cpu(config.clone(), w.clone());
+        let cost = modelmeter::layers::LayerId::Attention
+            .build(&config, &w, AttentionImpl::Sdpa)
+            .unwrap()
+            .cost()
+            .unwrap();
+        let kernel = "aten::_scaled_dot_product_flash_attention_for_cpu";
+        let mut run = run_with_kernel(kernel);
+        run.counts.unknown_ops.insert("aten::foo".into(), 3);
+        run.tokens_per_expert = Some(vec![0, 3, 1]);
+        let r = compare_run("L", "L", &cost, &run, &plan);
+        assert_eq!(r.attention_kernels, [kernel]);
+        assert_eq!(r.unknown_ops.get("aten::foo"), Some(&3));
+        assert_eq!(r.experts_used, Some(2));
+        assert_eq!(r.tokens_per_expert, Some(vec![0, 3, 1]));
+    }
+
+    #[test]
     fn layers_that_share_weights_run_next_to_each_other() {
         let config = ModelConfig::deepseek_ocr();
         let plan = Plan {
