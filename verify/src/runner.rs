@@ -864,6 +864,50 @@ mod tests {
         assert_eq!(r.tokens_per_expert, Some(vec![0, 3, 1]));
     }
 
+    /// A MoE layer's bytes are costed under the routing its run measured (each expert
+    /// that received tokens reads its own weights), and the `io_bytes` row says so, with
+    /// what the default model (every routing slot a new expert) would have said.
+    #[test]
+    fn a_moe_layer_is_judged_under_the_routing_it_measured() {
+        let config = ModelConfig::from_json_str(
+            "small",
+            r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
+                "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                "n_shared_experts": 1, "num_hidden_layers": 2, "first_k_dense_replace": 1,
+                "vocab_size": 100}"#,
+        )
+        .unwrap();
+        let plan = Plan {
+            layers: vec![Pairing {
+                layer: modelmeter::layers::LayerId::MoE,
+            }],
+            ..Plan::on_cpu(config, fp32_prefill_on_cpu(4))
+        };
+        let results = verify_with(&plan, Counting::Plain, false, &mut |_| {});
+        let r = &results[0];
+        assert_eq!(r.status, Status::Pass, "{:?}", r.metrics);
+        // 4 tokens × 2 slots over 8 experts: seed 0 leaves some expert without tokens.
+        let hit = r.experts_used.expect("routed");
+        assert!(hit < 8, "{hit}");
+        let io = r
+            .metrics
+            .iter()
+            .find(|m| m.metric == Check::Exact(modelmeter::Metric::IoBytes))
+            .unwrap();
+        assert_eq!(io.analytic, io.measured);
+        let note = io.note.clone().unwrap_or_default();
+        assert!(
+            note.starts_with(&format!(
+                "analytic with the measured routing, {hit} experts receiving tokens"
+            )) && note.contains("min(E, N·k) experts, says "),
+            "{note}"
+        );
+        for other in r.metrics.iter().filter(|m| m.metric != io.metric) {
+            let n = other.note.as_deref().unwrap_or_default();
+            assert!(!n.contains("measured routing"), "{n}");
+        }
+    }
+
     #[test]
     fn layers_that_share_weights_run_next_to_each_other() {
         let config = ModelConfig::deepseek_ocr();
