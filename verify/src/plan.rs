@@ -22,6 +22,20 @@ pub struct Plan {
     pub hooks: TestHooks,
 }
 
+/// A small MoE config for unit tests: two layers (the first dense), four heads over two
+/// KV heads, eight routed experts with two per token and one shared expert.
+#[cfg(test)]
+pub(crate) fn small_moe_config() -> ModelConfig {
+    ModelConfig::from_json_str(
+        "small",
+        r#"{"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 96, "moe_intermediate_size": 32, "n_routed_experts": 8,
+            "num_experts_per_tok": 2, "n_shared_experts": 1, "num_hidden_layers": 2,
+            "first_k_dense_replace": 1, "vocab_size": 100}"#,
+    )
+    .expect("a valid config")
+}
+
 #[cfg(test)]
 impl Plan {
     /// A plan for unit tests: `config` at `workload` on the CPU, SDPA, no layers, the

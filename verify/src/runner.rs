@@ -608,17 +608,13 @@ mod tests {
         // handed from module to module (what `verify` does on the CPU) and each building
         // its own: the same rows (analytic, measured, status, notes), op records and
         // tokens per expert.
-        let mha = r#"{"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "intermediate_size": 96, "moe_intermediate_size": 32, "n_routed_experts": 8,
-            "num_experts_per_tok": 2, "n_shared_experts": 1, "num_hidden_layers": 2,
-            "first_k_dense_replace": 1, "vocab_size": 100}"#;
         let mla = r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
             "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
             "n_shared_experts": 1, "num_hidden_layers": 2, "first_k_dense_replace": 1,
             "vocab_size": 100, "kv_lora_rank": 16, "q_lora_rank": 24,
             "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}"#;
-        for text in [mha, mla] {
-            let config = ModelConfig::from_json_str("small", text).unwrap();
+        let mla = ModelConfig::from_json_str("small", mla).unwrap();
+        for config in [crate::plan::small_moe_config(), mla] {
             let workload = fp32_prefill_on_cpu(8);
             let plan = Plan {
                 layers: crate::plan::applicable_layers(&config),
@@ -869,14 +865,7 @@ mod tests {
     /// what the default model (every routing slot a new expert) would have said.
     #[test]
     fn a_moe_layer_is_judged_under_the_routing_it_measured() {
-        let config = ModelConfig::from_json_str(
-            "small",
-            r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
-                "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
-                "n_shared_experts": 1, "num_hidden_layers": 2, "first_k_dense_replace": 1,
-                "vocab_size": 100}"#,
-        )
-        .unwrap();
+        let config = crate::plan::small_moe_config();
         let plan = Plan {
             layers: vec![Pairing {
                 layer: modelmeter::layers::LayerId::MoE,

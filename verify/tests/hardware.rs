@@ -293,20 +293,20 @@ fn attached_run(
     (report, json)
 }
 
+/// The options of the child runs that profile the MLP and the gate, in bf16 at S = 8.
+const MLP_AND_GATE: [&str; 6] = [
+    "--dtype",
+    "bf16",
+    "--seq-len",
+    "8",
+    "--layers",
+    "DeepseekV2MLP,MoEGate",
+];
+
 #[test]
 fn a_profiled_run_is_attributed_to_its_layers_on_cpu() {
     // The child: each counted forward after a warm-up (no range on CPU), the list written.
-    let (args, ready, tmp, child) = child_on_cpu(
-        "child",
-        &[
-            "--dtype",
-            "bf16",
-            "--seq-len",
-            "8",
-            "--layers",
-            "DeepseekV2MLP,MoEGate",
-        ],
-    );
+    let (args, ready, tmp, child) = child_on_cpu("child", &MLP_AND_GATE);
     assert_eq!(child.len(), 2);
     let list = RangeList::read(tmp.root()).expect("written");
     // The list says what the child ran, so a reader can refuse another run's figures.
@@ -447,17 +447,7 @@ const GATE_BETWEEN: [&str; 10] = [
 /// reason.
 #[test]
 fn a_layer_without_figures_says_why_where_the_run_knows() {
-    let (args, ready, _tmp, _child) = child_on_cpu(
-        "reasons",
-        &[
-            "--dtype",
-            "bf16",
-            "--seq-len",
-            "8",
-            "--layers",
-            "DeepseekV2MLP,MoEGate",
-        ],
-    );
+    let (args, ready, _tmp, _child) = child_on_cpu("reasons", &MLP_AND_GATE);
     let mut report = report_of(&args, &ready);
     let reasons = [(
         "MoEGate".to_string(),

@@ -1246,14 +1246,7 @@ mod tests {
     /// tile's 64.
     #[test]
     fn small_expert_share_counts_experts_with_fewer_rows_than_a_tile() {
-        let moe = modelmeter::ModelConfig::from_json_str(
-            "moe",
-            r#"{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96,
-                "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
-                "n_shared_experts": 1, "num_hidden_layers": 2, "first_k_dense_replace": 1,
-                "vocab_size": 100}"#,
-        )
-        .unwrap();
+        let moe = crate::plan::small_moe_config();
         let plan_at = |seq_len| {
             Plan::on_cpu(
                 moe.clone(),
