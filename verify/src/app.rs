@@ -387,7 +387,13 @@ fn hardware_figures(
                 }
                 return per_layer_figures(ready, run, None);
             }
-            let files = hardware::run_under_ncu(ncu, &exe, &own, dir, *replay, args.quiet)?;
+            if !args.quiet && !replay.counts_instructions() {
+                eprintln!(
+                    "hardware counters: ncu counts SASS instructions only in kernel replay, so hw_cuda_core_flops is unavailable in {} replay (--ncu-replay kernel measures it)",
+                    replay.mode()
+                );
+            }
+            let files = hardware::run_under_ncu(ncu, &exe, &own, dir, *replay)?;
             if !keep {
                 let _ = std::fs::remove_dir_all(dir);
             }

@@ -899,7 +899,7 @@ fn range_replay_asks_for_no_sass_metric_and_runs_again_without_a_refused_one() {
         let _ = std::fs::remove_file(tmp.path("calls.txt"));
         let dir = tmp.path(folder);
         std::fs::create_dir_all(&dir).unwrap();
-        let result = profile::run_under_ncu(&ncu, Path::new("/bin/true"), &own, &dir, replay, true);
+        let result = profile::run_under_ncu(&ncu, Path::new("/bin/true"), &own, &dir, replay);
         let calls = std::fs::read_to_string(tmp.path("calls.txt")).unwrap_or_default();
         (
             result,

@@ -197,25 +197,19 @@ pub struct RunFiles {
 /// smsp__sass_thread_inst_executed_op_dadd_pred_on.sum is not supported in range
 /// replay", written to its log file): such metrics are left out and the run repeated.
 /// [`RunFiles::left_out`] names them all with why; their figures are unavailable (never
-/// 0), and the rows' notes give that reason.
+/// 0), and the rows' notes give that reason. Prints nothing: what a person is told
+/// before the run starts is the binary's to say.
 pub fn run_under_ncu(
     ncu: &Path,
     exe: &Path,
     args: &[OsString],
     dir: &Path,
     replay: NcuReplay,
-    quiet: bool,
 ) -> Result<RunFiles, String> {
     let mut metrics: Vec<&str> = NCU_METRICS.to_vec();
     let mut left_out = left_out_up_front(replay);
     if !replay.counts_instructions() {
         metrics.retain(|m| !is_instruction_metric(m));
-        if !quiet {
-            eprintln!(
-            "hardware counters: ncu counts SASS instructions only in kernel replay, so hw_cuda_core_flops is unavailable in {} replay (--ncu-replay kernel measures it)",
-            replay.mode()
-        );
-        }
     }
     left_out.extend(run_ncu(ncu, exe, args, dir, replay, metrics)?);
     let mut files = read_run(dir).map_err(|e| with_ncu_said(e, dir))?;
