@@ -1560,8 +1560,7 @@ mod tests {
             ),
             (None, 512, 128, 64, 128)
         );
-        let mut v = mla_base();
-        v["q_lora_rank"] = json!(1536);
+        let v = mla_with("q_lora_rank", json!(1536));
         assert_eq!(parse(v).unwrap().mla.unwrap().q_lora_rank, Some(1536));
     }
 
@@ -1594,12 +1593,10 @@ mod tests {
         let c = parse(without("first_k_dense_replace")).unwrap();
         assert!(c.layer_kinds.iter().all(|k| *k == MlpKind::Moe));
         assert_eq!(parse(without("torch_dtype")).unwrap().dtype, Dtype::Bf16);
-        let mut v = mla_base();
-        v["use_mla"] = json!(false);
+        let v = mla_with("use_mla", json!(false));
         let c = parse(v).unwrap();
         assert_eq!((c.mla.is_none(), c.head_dim), (true, 1280 / 10));
-        let mut v = mla_base();
-        v["rope_scaling"] = json!({"type": "yarn", "factor": 40});
+        let v = mla_with("rope_scaling", json!({"type": "yarn", "factor": 40}));
         let yarn = parse(v).unwrap().rope_scaling.unwrap();
         assert_eq!(
             (yarn.mscale_all_dim, yarn.softmax_scale_factor()),
@@ -1636,8 +1633,7 @@ mod tests {
         // Beside rope_scaling, transformers 5 ignores rope_parameters (its rope_theta too):
         // no disagreement, the top level's value; a rope_theta inside rope_scaling must
         // agree with it.
-        let mut v = mla_base();
-        v["rope_theta"] = json!(10000.0);
+        let mut v = mla_with("rope_theta", json!(10000.0));
         v["rope_scaling"] = json!({"type": "yarn", "factor": 40});
         v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500000.0});
         assert_eq!(parse(v.clone()).unwrap().rope_theta, 10000.0);
@@ -1654,13 +1650,14 @@ mod tests {
                 json!({"rope_type": "linear", "factor": 4}),
             ),
         ] {
-            let mut v = mla_base();
-            v["rope_scaling"] = scaling;
+            let mut v = mla_with("rope_scaling", scaling);
             v["rope_parameters"] = parameters;
             assert_eq!(parse(v).unwrap().rope_scaling.unwrap().factor, 40.0);
         }
-        let mut v = mla_base();
-        v["rope_scaling"] = json!({"type": "yarn", "rope_type": "yarn", "factor": 40});
+        let mut v = mla_with(
+            "rope_scaling",
+            json!({"type": "yarn", "rope_type": "yarn", "factor": 40}),
+        );
         assert_eq!(parse(v.clone()).unwrap().rope_scaling.unwrap().factor, 40.0);
         v["rope_scaling"]["rope_type"] = json!("linear");
         let e = err(v);
@@ -1825,13 +1822,11 @@ mod tests {
         // qk_rope_head_dim. Sizes a multi-head config would refuse are fine here.
         // base() has 10 heads: 2045 is no multiple of them, 2050 gives an odd 205.
         for hidden in [4096, 2045, 2050] {
-            let mut v = mla_base();
-            v["hidden_size"] = json!(hidden);
+            let v = mla_with("hidden_size", json!(hidden));
             let c = parse(v).unwrap();
             assert_eq!((c.hidden_size, c.head_dim), (hidden, 64));
         }
-        let mut v = mla_base();
-        v["head_dim"] = json!(96);
+        let v = mla_with("head_dim", json!(96));
         assert_eq!(parse(v).unwrap().head_dim, 96, "given: kept");
         // The same sizes without MLA are refused, as before.
         let mut v = base();
@@ -1861,11 +1856,9 @@ mod tests {
                 "{e}"
             );
         }
-        let mut v = mla_base();
-        v["q_lora_rank"] = json!("big");
+        let v = mla_with("q_lora_rank", json!("big"));
         assert!(err(v).contains("q_lora_rank = \"big\" is invalid"));
-        let mut v = mla_base();
-        v["qk_rope_head_dim"] = json!(63);
+        let v = mla_with("qk_rope_head_dim", json!(63));
         assert!(err(v).contains("even"));
         assert!(err(with("use_mla", json!("yes"))).contains("use_mla = \"yes\" is invalid"));
     }
@@ -1893,8 +1886,10 @@ mod tests {
 
     #[test]
     fn yarn_is_read_for_mla_and_refused_for_mha() {
-        let mut v = mla_base();
-        v["rope_scaling"] = json!({"type": "yarn", "factor": 40, "mscale_all_dim": 0.707});
+        let v = mla_with(
+            "rope_scaling",
+            json!({"type": "yarn", "factor": 40, "mscale_all_dim": 0.707}),
+        );
         let y = parse(v).unwrap().rope_scaling.unwrap();
         assert_eq!((y.factor, y.mscale_all_dim), (40.0, 0.707));
         assert_eq!(
@@ -1907,8 +1902,10 @@ mod tests {
             (4096, 32.0, 1.0, 1.0),
             "the vendor's defaults"
         );
-        let mut v = mla_base();
-        v["rope_parameters"] = json!({"rope_type": "yarn", "factor": 4, "rope_theta": 5e5});
+        let v = mla_with(
+            "rope_parameters",
+            json!({"rope_type": "yarn", "factor": 4, "rope_theta": 5e5}),
+        );
         let c = parse(v).unwrap();
         assert_eq!((c.rope_scaling.unwrap().factor, c.rope_theta), (4.0, 5e5));
         for (scaling, needle) in [
@@ -1936,8 +1933,7 @@ mod tests {
             ),
             (json!(3), "rope_scaling = 3 is invalid: expected an object"),
         ] {
-            let mut v = mla_base();
-            v["rope_scaling"] = scaling;
+            let v = mla_with("rope_scaling", scaling);
             let e = err(v);
             assert!(e.contains(needle), "{e}");
         }
