@@ -4,7 +4,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    names, read_json, report_order, row, text, verify_env as verify, TempDir, EXACT, PEAK,
+    assert_quiet, names, read_json, report_order, row, text, verify_env as verify, TempDir, EXACT,
+    PEAK,
 };
 
 /// Runs `verify-decoder` with `args` plus `--json FILE -q`, asserts it exits 0, and
@@ -22,6 +23,7 @@ fn passing_report(tag: &str, args: &[&str]) -> Value {
         text(&o.stdout),
         text(&o.stderr)
     );
+    assert_quiet(&text(&o.stderr));
     read_json(&json)
 }
 

@@ -15,7 +15,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    analytic_ops, cases_from_env, measured_ops, names, read_json, row, text, verify, TempDir, EXACT,
+    analytic_ops, assert_quiet, cases_from_env, measured_ops, names, read_json, row, text, verify,
+    TempDir, EXACT,
 };
 
 fn rows(v: &Value) -> &Vec<Value> {
@@ -127,12 +128,18 @@ fn mla_models_are_exact_in_every_form() {
         args.extend_from_slice(form);
         let o = verify(&args);
         let stdout = text(&o.stdout);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{form:?}\n{stdout}\n{}",
-            text(&o.stderr)
-        );
+        let stderr = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{form:?}\n{stdout}\n{stderr}");
+        // Standard error is not a terminal: --verbose gives a progress line for every
+        // call, not only the first and the last.
+        let calls: Vec<&str> = stderr.lines().filter(|l| l.starts_with('[')).collect();
+        assert_eq!(calls.len(), 4, "{form:?}: {stderr}");
+        for (i, line) in calls.iter().enumerate() {
+            assert!(
+                line.starts_with(&format!("[{}/4] ", i + 1)),
+                "{form:?}: {stderr}"
+            );
+        }
         let report = read_json(&json);
         // The absorbed form has no attention core to name: null, not the default sdpa.
         let core = match form {
@@ -499,6 +506,7 @@ fn quiet_small_model(args: &[&str]) -> (String, Value) {
     let o = verify(&argv);
     let stdout = text(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", text(&o.stderr));
+    assert_quiet(&text(&o.stderr));
     (stdout, read_json(&json))
 }
 

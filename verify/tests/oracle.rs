@@ -10,7 +10,7 @@ use modelmeter_verify::report;
 use serde_json::Value;
 
 mod common;
-use common::{row, TempDir};
+use common::{assert_quiet, row, TempDir};
 
 fn verify(args: &[&str]) -> (Option<i32>, Value, String) {
     let tmp = TempDir::new("oracle");
@@ -39,6 +39,7 @@ const CPU_SDPA: &str = "aten::_scaled_dot_product_flash_attention_for_cpu";
 fn assert_oracle_agrees(args: &[&str], blind: bool) {
     let (code, j, stderr) = verify(args);
     assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    assert_quiet(&stderr);
     // One named layer, or DeepSeek-OCR's seven: an empty list would pass every check below.
     let layers = j["layers"].as_array().unwrap();
     let expected = if args.contains(&"--layers") { 1 } else { 7 };

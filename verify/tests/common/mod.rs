@@ -144,6 +144,16 @@ pub fn no_panic(o: Output) -> Output {
     o
 }
 
+/// What `--quiet` leaves on standard error in a run that passed: warnings only (no
+/// progress line, no device line, no oracle timing), each one line.
+pub fn assert_quiet(err: &str) {
+    assert!(
+        err.lines()
+            .all(|l| l.starts_with("verify-decoder: warning: ")),
+        "--quiet printed more than warnings: {err}"
+    );
+}
+
 /// A refusal: exit 2, one line on standard error that contains every needle, nothing on
 /// standard output (no layer ran).
 pub fn assert_refused(o: &Output, needles: &[&str]) {
