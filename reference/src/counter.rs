@@ -424,6 +424,46 @@ mod tests {
         assert_eq!(c.ops_without_outputs, 1);
     }
 
+    /// Only an output the op allocated is an output block (with the clock at the op's
+    /// end): not an input handed back, not an in-place op's `self`.
+    #[test]
+    fn output_blocks_are_the_blocks_an_op_allocated() {
+        let c = counts(
+            "1\t0\tF\taten::mul\tTFloat@cpu[4];TFloat@cpu[4]\n\
+             O\t0\t5\tTFloat@cpu[4]#1f0\n\
+             1\t0\tF\taten::to\tTFloat@cpu[4];i6\n\
+             O\t1\t6\t=TFloat@cpu[4]#100\n\
+             1\t0\tF\taten::mul_\tTFloat@cpu[4];TFloat@cpu[4]\n\
+             O\t2\t7\t=TFloat@cpu[4]#1f0\n",
+        );
+        assert_eq!(
+            c.output_blocks,
+            [OutputBlock {
+                address: 0x1f0,
+                ended_at: 5
+            }]
+        );
+    }
+
+    /// The region's counts keep libtorch's TF32 switches as they were and every error the
+    /// observer wrote (an `X` line): such counts are not complete.
+    #[test]
+    fn the_counts_keep_the_switches_and_the_observers_errors() {
+        let tf32 = Tf32 {
+            matmul: true,
+            cudnn: false,
+        };
+        let log = op_log::parse(
+            "1\t0\tF\taten::mul\tTFloat@cpu[4];TFloat@cpu[4]\n\
+             X\taten::mm: boom\n",
+        );
+        let c = Counts::from_log(&log, tf32);
+        assert_eq!(c.tf32, tf32);
+        assert_eq!(c.errors, ["aten::mm: boom"]);
+        assert_eq!((c.events_seen, c.flops.elementwise_flops), (1, 4));
+        assert!(!c.is_complete());
+    }
+
     #[test]
     fn unknown_ops_are_listed_unless_covered() {
         let c = counts(

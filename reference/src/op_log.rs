@@ -463,6 +463,12 @@ mod tests {
         // The bad start line and the O line naming a line that never started are errors;
         // the O line of the bad start line is not reported twice.
         assert_eq!(out.errors.len(), 2, "{:?}", out.errors);
+        assert!(out.errors[0].ends_with("aten::bad\tT?"), "{:?}", out.errors);
+        assert!(
+            out.errors[1].ends_with("O\t9\t10\tTFloat@cpu[1]"),
+            "{:?}",
+            out.errors
+        );
         let mul = &out.events[0];
         assert_eq!(
             mul.output_tensors(),
@@ -480,6 +486,22 @@ mod tests {
             ]
         );
         assert_eq!(parse("1\t0\tF\taten::mm\t\n").events[0].outputs, None);
+    }
+
+    /// An op that returns a list of tensors (`split`, `unbind`): each tensor of the list is
+    /// an output, with the list's aliasing.
+    #[test]
+    fn tensors_inside_an_output_list_are_outputs() {
+        let out = parse(
+            "1\t0\tF\taten::split\tTFloat@cpu[4,2];i2;i0\n\
+             O\t0\t3\tL[TFloat@cpu[2,2];TFloat@cpu[2,2]]\n",
+        );
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let half = TensorMeta::new(&[2, 2], Dtype::F32);
+        assert_eq!(
+            out.events[0].output_tensors(),
+            vec![(&half, false), (&half, false)]
+        );
     }
 
     #[test]
