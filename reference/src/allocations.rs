@@ -527,6 +527,42 @@ mod tests {
         assert_eq!(a.device(tch::Device::Cuda(0)), DeviceAllocations::default());
     }
 
+    /// A free of a region's own block takes its size off the net level too: a later
+    /// allocation's net peak stands on what is left.
+    #[test]
+    fn the_net_peak_after_a_free_counts_from_what_is_left() {
+        let a = Allocations::from_events(vec![
+            event(A, 0x10, 100),
+            event(A, 0x20, 50),
+            event(F, 0x10, 100),
+            event(A, 0x30, 200),
+        ]);
+        let d = a.device(tch::Device::Cpu);
+        // Net and live alike: 100, 150, 50, 250.
+        assert_eq!((d.peak_net_bytes, d.peak_live_bytes), (250, 250));
+    }
+
+    /// A device without an index is reported with index -1 (c10's `Device`): `of` names
+    /// MPS and Vulkan devices as the allocator's reports do.
+    #[test]
+    fn devices_without_an_index_match_the_allocators_reports() {
+        assert_eq!(
+            MemoryDevice::of(tch::Device::Mps),
+            MemoryDevice::from_raw(13, -1)
+        );
+        assert_eq!(
+            MemoryDevice::of(tch::Device::Vulkan),
+            MemoryDevice::from_raw(10, -1)
+        );
+    }
+
+    /// Dropping a region unfinished closes it: the thread's profiler slot is free again.
+    #[test]
+    fn a_dropped_region_gives_the_slot_back() {
+        drop(AllocationRegion::start().unwrap());
+        AllocRecorder::start().unwrap().stop().unwrap();
+    }
+
     #[test]
     fn peaks_are_per_device_and_net_peak_counts_room_made() {
         let mut cuda = event(A, 0x10, 512);
@@ -552,6 +588,7 @@ mod tests {
             event(F, 0x10, 41),
         ]);
         assert_eq!(a.errors.len(), 2, "{:?}", a.errors);
+        assert!(!a.is_complete(), "inconsistent reports are not complete");
         let d = a.device(tch::Device::Cpu);
         assert_eq!(d.live_at_end_bytes, 0);
         assert_eq!(d.peak_live_bytes, 100);
