@@ -504,6 +504,95 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_is_fnv_1a_of_the_name_over_the_seeded_basis_halved() {
+        // Published FNV-1a 64-bit test vectors (seed 0 leaves the offset basis as it is),
+        // shifted right once so the stream is a non-negative i64.
+        for (name, fnv) in [
+            ("", 0xcbf2_9ce4_8422_2325u64),
+            ("a", 0xaf63_dc4c_8601_ec8c),
+            ("foobar", 0x8594_4171_f739_67e8),
+        ] {
+            assert_eq!(stream(0, name), (fnv >> 1) as i64, "{name:?}");
+        }
+        // Every seed gives its parameter its own stream (the seed is mixed in, not
+        // masked by the basis's bits).
+        let streams: HashSet<i64> = (0..4096)
+            .map(|seed| stream(seed, "mlp.up_proj.weight"))
+            .collect();
+        assert_eq!(streams.len(), 4096);
+    }
+
+    #[test]
+    fn each_kind_of_parameter_has_its_scale() {
+        // The activations keep unit scale through the layers because a linear weight's
+        // standard deviation is 1/√in; biases are small, norm weights near 1.
+        let setup = Setup {
+            device: Device::Cpu,
+            seed: 5,
+        };
+        let init = Init::new(&setup, Dtype::F32).unwrap().sub("m");
+        let moments = |t: &Tensor| {
+            (
+                t.mean(Kind::Double).double_value(&[]),
+                t.std(true).double_value(&[]),
+            )
+        };
+        let (mean, std) = moments(&init.linear("w", 256, 1_024).unwrap());
+        assert!(mean.abs() < 1e-3, "linear mean {mean}");
+        approx::assert_relative_eq!(std, 1.0 / 32.0, max_relative = 0.02);
+        let (mean, std) = moments(&init.embedding("e", 256, 1_024).unwrap());
+        assert!(mean.abs() < 0.01, "embedding mean {mean}");
+        approx::assert_relative_eq!(std, 1.0, max_relative = 0.02);
+        let bias = init.bias("b", 100_000).unwrap();
+        assert_eq!(bias.size(), [100_000]);
+        let (mean, std) = moments(&bias);
+        assert!(mean.abs() < 0.01, "bias mean {mean}");
+        approx::assert_relative_eq!(std, 0.1, max_relative = 0.02);
+        let (mean, std) = moments(&init.norm("n", 100_000).unwrap());
+        approx::assert_relative_eq!(mean, 1.0, max_relative = 0.01);
+        approx::assert_relative_eq!(std, 0.1, max_relative = 0.02);
+    }
+
+    #[test]
+    fn a_module_s_cpu_parameters_wait_for_the_build_to_end_and_empty_ones_are_skipped() {
+        // While a module is built on the CPU its parameters are only allocated (drawn
+        // together afterwards, PendingDraws); a parameter with no elements has no
+        // memory to fill and is passed over (its data pointer may be null).
+        let setup = Setup {
+            device: Device::Cpu,
+            seed: 6,
+        };
+        let init = Init::new(&setup, Dtype::Bf16).unwrap().sub("m");
+        let (weight, empty) = build_then_draw(&init, |init| {
+            let weight = init.linear("w", 8, 16)?;
+            let empty = init.linear("none", 0, 16)?;
+            let pending = init.pending.as_ref().expect("the build defers its draws");
+            assert_eq!(pending.waiting.borrow().len(), 2);
+            Ok((weight, empty))
+        })
+        .unwrap();
+        assert!(weight.equal(&init.linear("w", 8, 16).unwrap()));
+        assert_eq!(empty.size(), [0, 16]);
+    }
+
+    #[test]
+    fn a_finished_module_keeps_only_what_it_used_and_the_next_may_draw() {
+        let setup = Setup {
+            device: Device::Cpu,
+            seed: 2,
+        };
+        let cache = Rc::new(WeightCache::new());
+        let init = Init::sharing(&setup, Dtype::F32, Some(Rc::clone(&cache))).unwrap();
+        let _kept = init.linear("kept", 4, 4).unwrap();
+        let _dropped = init.linear("dropped", 4, 4).unwrap();
+        cache.finish_module(|name| name == "kept");
+        assert_eq!(cache.kept_bytes(), 4 * 4 * 4);
+        // The next module uses nothing it was kept: nothing stays after it.
+        cache.finish_module(|_| true);
+        assert_eq!(cache.kept_bytes(), 0);
+    }
+
+    #[test]
     fn same_name_same_values_other_name_other_values() {
         let a = seeded_normal(7, "mlp.gate_proj.weight", &[4, 4]).unwrap();
         let b = seeded_normal(7, "mlp.gate_proj.weight", &[4, 4]).unwrap();
